@@ -1,0 +1,3 @@
+//! The packet-capture node agent.
+
+pub mod ebpf;

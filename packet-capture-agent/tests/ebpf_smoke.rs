@@ -1,0 +1,48 @@
+//! The embedded eBPF object loads on this kernel, attaches to both TC hooks
+//! of a veth, sees real traffic, and leaves nothing behind when detached.
+
+use std::process::Command;
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use packet_capture_agent::ebpf::Kernel;
+use packet_capture_test_support::{Netns, VethPair, netns::run, privileged};
+
+/// Names of the programs on the TCX hooks of `iface`, as the kernel reports
+/// them (bpftool 7.1 predates TCX and does not list them).
+fn tc_programs(iface: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
+        let (_, programs) = SchedClassifier::query_tcx(iface, hook).expect("query TCX");
+        names.extend(
+            programs
+                .iter()
+                .map(|p| p.name_as_str().unwrap_or("?").to_owned()),
+        );
+    }
+    names
+}
+
+#[test]
+fn loads_attaches_sees_traffic_and_detaches() {
+    if !privileged("loads_attaches_sees_traffic_and_detaches") {
+        return;
+    }
+    let left = Netns::new("pcl");
+    let right = Netns::new("pcr");
+    let veth = VethPair::new(&left, &["10.99.0.1/24"], &right, &["10.99.0.2/24"]);
+    left.enter();
+
+    let mut kernel = Kernel::load().expect("the verifier accepts the programs");
+    kernel.attach(&veth.a).expect("attach to the veth");
+    assert_eq!(tc_programs(&veth.a), ["tc_ingress", "tc_egress"]);
+
+    let before = kernel.packets_seen().unwrap();
+    run(Command::new("ping").args(["-c", "3", "-i", "0.2", "-W", "2", "10.99.0.2"]));
+    // Three requests out and three replies in, plus whatever ARP/ND the
+    // kernel sent: at least six.
+    let seen = kernel.packets_seen().unwrap() - before;
+    assert!(seen >= 6, "the programs saw {seen} packets");
+
+    kernel.detach(&veth.a);
+    assert_eq!(tc_programs(&veth.a), Vec::<String>::new());
+}

@@ -1,0 +1,116 @@
+//! The kernel/user-space ABI: map layouts and the ring-buffer record header.
+//!
+//! Every struct is `#[repr(C)]` with explicit padding so that the eBPF program
+//! and the agent agree byte for byte.
+
+/// Number of concurrent captures one attached program serves. A capture owns
+/// one slot; a packet carries a bit mask of the slots that matched it.
+pub const MAX_SLOTS: usize = 64;
+
+/// Largest number of packet bytes the kernel copies into one record.
+pub const MAX_SNAPLEN: u32 = 262_144;
+
+/// Default snaplen, as tcpdump's.
+pub const DEFAULT_SNAPLEN: u32 = MAX_SNAPLEN;
+
+/// Size of the ring buffer shared by all captures, in bytes (a power of two
+/// multiple of the page size). The agent may resize it at load time.
+pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
+
+/// Direction of a packet relative to the interface it was seen on.
+pub const DIRECTION_INGRESS: u8 = 0;
+pub const DIRECTION_EGRESS: u8 = 1;
+
+/// What the record's bytes start with.
+pub const LINK_ETHERNET: u8 = 0;
+/// The interface has no link-layer header (tun, wireguard, ipip): the bytes
+/// start at the IP header.
+pub const LINK_RAW_IP: u8 = 1;
+
+/// Index into the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Packets the programs looked at.
+    pub const SEEN: u32 = 0;
+    /// Packets that matched at least one slot.
+    pub const MATCHED: u32 = 1;
+    /// Matched packets that could not be written to the ring buffer (full).
+    pub const RING_LOST: u32 = 2;
+    /// Matched packets whose bytes could not be read from the skb.
+    pub const LOAD_FAILED: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// Header of one ring-buffer record; `cap_len` packet bytes follow it.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct RecordHeader {
+    /// Slots whose IP and port sets matched this packet.
+    pub slot_mask: u64,
+    /// `bpf_ktime_get_ns()` when the packet was seen (CLOCK_MONOTONIC).
+    pub ktime_ns: u64,
+    pub ifindex: u32,
+    /// Length of the packet on the wire (`skb->len`).
+    pub orig_len: u32,
+    /// Bytes that follow this header.
+    pub cap_len: u32,
+    pub direction: u8,
+    /// [`LINK_ETHERNET`] or [`LINK_RAW_IP`].
+    pub link: u8,
+    pub _pad: [u8; 2],
+}
+
+pub const RECORD_HEADER_LEN: usize = core::mem::size_of::<RecordHeader>();
+
+/// Capture-wide settings, one element of the `SETTINGS` array.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Settings {
+    /// Slots that hold a running capture.
+    pub active: u64,
+    /// Active slots without IP targets: they match any address.
+    pub any_ip: u64,
+    /// Active slots without port targets: they match any port, and packets
+    /// that carry none.
+    pub any_port: u64,
+    /// Largest snaplen among the active slots: what the kernel copies.
+    pub snaplen: u32,
+    pub _pad: u32,
+}
+
+/// Key of the IPv4 LPM trie (`prefix_len` counts bits of `addr`).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Ipv4Key {
+    pub prefix_len: u32,
+    pub addr: [u8; 4],
+}
+
+/// Key of the IPv6 LPM trie.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Ipv6Key {
+    pub prefix_len: u32,
+    pub addr: [u8; 16],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `#[repr(C)]` data with explicit padding and no pointers.
+    unsafe impl aya::Pod for super::RecordHeader {}
+    unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::Ipv4Key {}
+    unsafe impl aya::Pod for super::Ipv6Key {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(RECORD_HEADER_LEN, 32);
+        assert_eq!(core::mem::size_of::<Settings>(), 32);
+        assert_eq!(core::mem::size_of::<Ipv4Key>(), 8);
+        assert_eq!(core::mem::size_of::<Ipv6Key>(), 20);
+    }
+}

@@ -1,0 +1,263 @@
+//! The `PacketCaptureConfig` custom resource (`networking.packet.io/v1`,
+//! cluster-scoped). `cargo xtask crdgen` writes its YAML from these types.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::abi::MAX_SNAPLEN;
+
+pub const GROUP: &str = "networking.packet.io";
+pub const VERSION: &str = "v1";
+pub const KIND: &str = "PacketCaptureConfig";
+pub const PLURAL: &str = "packetcaptureconfigs";
+/// `<plural>.<group>`, as RBAC and the CRD object name spell it.
+pub const RESOURCE: &str = "packetcaptureconfigs.networking.packet.io";
+
+/// What `output_file` says for stdout captures, which write no file.
+pub const STDOUT_OUTPUT_FILE: &str = "Packet capture logs are in stdout format";
+
+/// Limits that keep the CEL rules cheap and a spec readable.
+pub const MAX_TARGET_IPS: usize = 256;
+pub const MAX_TARGET_PORTS: usize = 256;
+pub const MAX_PODS: usize = 256;
+pub const MAX_FILTER_LEN: usize = 4096;
+
+pub const DEFAULT_DURATION: u32 = 60;
+pub const DEFAULT_MAX_PACKETS: u32 = 1000;
+
+/// What to capture, for how long, and how to write it.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "networking.packet.io",
+    version = "v1",
+    kind = "PacketCaptureConfig",
+    plural = "packetcaptureconfigs",
+    singular = "packetcaptureconfig",
+    shortname = "pcc",
+    category = "all",
+    doc = "Captures packets on the cluster's nodes, selected by IP, CIDR, pod, port and a tcpdump filter",
+    status = "PacketCaptureConfigStatus",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Nodes", type_ = "integer", json_path = ".status.nodes"),
+    printcolumn(name = "Packets", type_ = "integer", json_path = ".status.packets"),
+    printcolumn(name = "Dropped", type_ = "integer", json_path = ".status.dropped", priority = 1),
+    printcolumn(name = "Format", type_ = "string", json_path = ".spec.outputFormat", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new(
+        "(has(self.spec.targetIPs) && size(self.spec.targetIPs) > 0) || (has(self.spec.podSelector) && size(self.spec.podSelector.pods) > 0)"
+    ).message("spec: at least one of targetIPs or podSelector.pods must be given").field_path(".spec")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PacketCaptureConfigSpec {
+    /// IP addresses or CIDRs (IPv4 or IPv6) whose packets to capture, as
+    /// source or destination.
+    #[serde(default, rename = "targetIPs", skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(max = 64)))]
+    #[x_kube(validation = Rule::new("self.all(t, isIP(t) || (isCIDR(t) && string(cidr(t).masked()) == t))").message("each entry must be an IP address or a CIDR without host bits, such as 10.0.0.1, 10.0.0.0/24 or fd00::/64"))]
+    pub target_ips: Vec<String>,
+
+    /// Pods whose traffic to capture; resolved to their IPs and nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<PodSelector>,
+
+    /// TCP, UDP or SCTP ports to capture, as source or destination; empty
+    /// means every port (and packets without one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(range(min = 1, max = 65535)))]
+    pub target_ports: Vec<u16>,
+
+    /// How long to capture, in seconds.
+    #[serde(default = "default_duration")]
+    #[schemars(range(min = 1))]
+    pub duration: u32,
+
+    /// Stop after this many packets on a node.
+    #[serde(default = "default_max_packets")]
+    #[schemars(range(min = 1))]
+    pub max_packets: u32,
+
+    /// pcap, pcapng, text, or stdout (one `PACKET:` line per packet in the
+    /// agent's log, no file).
+    #[serde(default)]
+    pub output_format: OutputFormat,
+
+    /// Additional tcpdump filter expression, ANDed with the targets.
+    #[serde(default)]
+    #[schemars(length(max = 4096))]
+    pub filter: String,
+
+    /// Bytes of each packet to keep (default 262144, as tcpdump's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 262144))]
+    pub snaplen: Option<u32>,
+}
+
+fn default_duration() -> u32 {
+    DEFAULT_DURATION
+}
+
+fn default_max_packets() -> u32 {
+    DEFAULT_MAX_PACKETS
+}
+
+impl Default for PacketCaptureConfigSpec {
+    fn default() -> Self {
+        Self {
+            target_ips: Vec::new(),
+            pod_selector: None,
+            target_ports: Vec::new(),
+            duration: DEFAULT_DURATION,
+            max_packets: DEFAULT_MAX_PACKETS,
+            output_format: OutputFormat::default(),
+            filter: String::new(),
+            snaplen: None,
+        }
+    }
+}
+
+impl PacketCaptureConfigSpec {
+    /// The snaplen this spec asks for, or the default.
+    pub fn snaplen_or_default(&self) -> u32 {
+        self.snaplen.unwrap_or(MAX_SNAPLEN)
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+pub struct PodSelector {
+    #[schemars(length(max = 256))]
+    pub pods: Vec<PodRef>,
+}
+
+#[derive(
+    Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, KubeSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct PodRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub pod_name: String,
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    #[default]
+    Pcap,
+    Pcapng,
+    Text,
+    Stdout,
+}
+
+impl OutputFormat {
+    pub const ALL: [OutputFormat; 4] = [Self::Pcap, Self::Pcapng, Self::Text, Self::Stdout];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pcap => "pcap",
+            Self::Pcapng => "pcapng",
+            Self::Text => "text",
+            Self::Stdout => "stdout",
+        }
+    }
+
+    /// Extension of the files this format writes; `None` for stdout.
+    pub fn extension(self) -> Option<&'static str> {
+        match self {
+            Self::Pcap => Some("pcap"),
+            Self::Pcapng => Some("pcapng"),
+            Self::Text => Some("txt"),
+            Self::Stdout => None,
+        }
+    }
+}
+
+impl std::fmt::Display for OutputFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for OutputFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not an output format (pcap, pcapng, text or stdout)"))
+    }
+}
+
+/// Where a capture is in its life: Starting, Running, then Completed or Failed.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    Starting,
+    Running,
+    Completed,
+    Failed,
+}
+
+impl Phase {
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed)
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PacketCaptureConfigStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// What is happening, or what went wrong, in a sentence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// When the first node started capturing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    /// When the last node finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// Number of nodes the capture runs on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<u32>,
+    /// Packets written on all nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packets: Option<u64>,
+    /// Packets matched but not written on all nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<u64>,
+    /// One entry per node, keyed by the node's IP.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub capture_files: BTreeMap<String, NodeCapture>,
+}
+
+/// A node's part of a capture: its state, file and counters.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+pub struct NodeCapture {
+    /// starting, running, completed, failed or stopped.
+    pub status: String,
+    /// Path of the capture file on the node.
+    pub output_file: String,
+    /// Size of the capture file in bytes.
+    pub file_size: u64,
+    /// The node's name.
+    #[serde(default)]
+    pub node: String,
+    #[serde(default)]
+    pub packets: u64,
+    #[serde(default)]
+    pub dropped: u64,
+    /// Why the capture on this node ended, or what went wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}

@@ -1,0 +1,13 @@
+//! Types shared by the three sides of packet-capture.
+//!
+//! [`abi`] is the contract between the eBPF programs and the agent and is
+//! `no_std`; everything else (the `PacketCaptureConfig` custom resource, its
+//! validation, the capture spec the agent accepts) needs the `user` feature.
+#![cfg_attr(not(feature = "user"), no_std)]
+
+pub mod abi;
+
+#[cfg(feature = "user")]
+pub mod crd;
+#[cfg(feature = "user")]
+pub mod validate;

@@ -1,0 +1,361 @@
+//! Validation of capture specs, with one message per offending field.
+//!
+//! The CRD schema (OpenAPI + CEL) and the webhook reject the same specs the
+//! functions here reject; the agent applies them to every request it gets.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::abi::MAX_SNAPLEN;
+use crate::crd::{
+    MAX_FILTER_LEN, MAX_PODS, MAX_TARGET_IPS, MAX_TARGET_PORTS, PacketCaptureConfigSpec,
+};
+
+/// One problem with one field, e.g. `spec.targetPorts[2]: 0 is not a port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// The field's path in the spec, as a user writes it (`spec.targetIPs[0]`).
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Every problem found in a spec.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<FieldError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects field errors under a path prefix (`spec` for the CRD, empty for
+/// the agent's request body).
+#[derive(Debug, Default)]
+pub struct Validator {
+    prefix: &'static str,
+    errors: Vec<FieldError>,
+}
+
+impl Validator {
+    pub fn new(prefix: &'static str) -> Self {
+        Self {
+            prefix,
+            errors: Vec::new(),
+        }
+    }
+
+    pub fn error(&mut self, field: impl fmt::Display, message: impl Into<String>) {
+        let field = if self.prefix.is_empty() {
+            field.to_string()
+        } else {
+            format!("{}.{field}", self.prefix)
+        };
+        self.errors.push(FieldError {
+            field,
+            message: message.into(),
+        });
+    }
+
+    /// Checks `targetIPs` and returns the parsed networks.
+    pub fn target_ips(&mut self, ips: &[String]) -> Vec<IpNet> {
+        if ips.len() > MAX_TARGET_IPS {
+            self.error(
+                "targetIPs",
+                format!(
+                    "{} entries, at most {MAX_TARGET_IPS} are allowed",
+                    ips.len()
+                ),
+            );
+        }
+        let mut nets = Vec::with_capacity(ips.len());
+        for (i, ip) in ips.iter().enumerate() {
+            match parse_target(ip) {
+                Ok(net) => nets.push(net),
+                Err(msg) => self.error(format_args!("targetIPs[{i}]"), msg),
+            }
+        }
+        nets
+    }
+
+    pub fn target_ports(&mut self, ports: &[i64]) {
+        if ports.len() > MAX_TARGET_PORTS {
+            self.error(
+                "targetPorts",
+                format!(
+                    "{} entries, at most {MAX_TARGET_PORTS} are allowed",
+                    ports.len()
+                ),
+            );
+        }
+        for (i, &port) in ports.iter().enumerate() {
+            if !(1..=65535).contains(&port) {
+                self.error(
+                    format_args!("targetPorts[{i}]"),
+                    format!("{port} is not a port number (1-65535)"),
+                );
+            }
+        }
+    }
+
+    pub fn at_least_one(&mut self, field: &str, value: i64) {
+        if value < 1 {
+            self.error(field, format!("must be at least 1, got {value}"));
+        }
+    }
+
+    pub fn filter(&mut self, filter: &str) {
+        if filter.len() > MAX_FILTER_LEN {
+            self.error(
+                "filter",
+                format!(
+                    "{} bytes long, at most {MAX_FILTER_LEN} are allowed",
+                    filter.len()
+                ),
+            );
+        }
+        if filter.contains('\0') {
+            self.error("filter", "must not contain a NUL character");
+        }
+    }
+
+    pub fn snaplen(&mut self, snaplen: Option<i64>) {
+        if let Some(s) = snaplen
+            && !(1..=i64::from(MAX_SNAPLEN)).contains(&s)
+        {
+            self.error("snaplen", format!("{s} is out of range (1-{MAX_SNAPLEN})"));
+        }
+    }
+
+    pub fn finish(self) -> Result<(), ValidationErrors> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationErrors(self.errors))
+        }
+    }
+}
+
+/// Parses one `targetIPs` entry: an address (a host route) or a CIDR whose
+/// host bits are zero, as tcpdump's `net` demands.
+pub fn parse_target(s: &str) -> Result<IpNet, String> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    match s.parse::<IpNet>() {
+        Ok(net) if net.trunc() == net => Ok(net),
+        Ok(net) => Err(format!(
+            "{s:?} has host bits set; the network is {}",
+            net.trunc()
+        )),
+        Err(_) => Err(format!(
+            "{s:?} is not an IP address or CIDR (such as 10.0.0.1, 10.0.0.0/24 or fd00::/64)"
+        )),
+    }
+}
+
+/// Checks a Kubernetes object name (RFC 1123 subdomain, `max` bytes).
+fn dns_name_problem(name: &str, max: usize, dots: bool) -> Option<String> {
+    if name.is_empty() {
+        return Some("must not be empty".into());
+    }
+    if name.len() > max {
+        return Some(format!("{name:?} is longer than {max} characters"));
+    }
+    let ok_char =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (dots && c == '.');
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let first = name.chars().next().is_some_and(alnum);
+    let last = name.chars().last().is_some_and(alnum);
+    if !(first && last && name.chars().all(ok_char)) {
+        return Some(format!(
+            "{name:?} is not a valid name (lowercase letters, digits{} and '-', starting and ending with a letter or digit)",
+            if dots { ", '.'" } else { "" }
+        ));
+    }
+    None
+}
+
+impl PacketCaptureConfigSpec {
+    /// Checks everything the schema checks, with a message per field.
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut v = Validator::new("spec");
+        let pods = self.pod_selector.as_ref().map_or(&[][..], |s| &s.pods[..]);
+        if self.target_ips.is_empty() && pods.is_empty() {
+            v.error(
+                "targetIPs",
+                "at least one of targetIPs or podSelector.pods must be given",
+            );
+        }
+        v.target_ips(&self.target_ips);
+        if pods.len() > MAX_PODS {
+            v.error(
+                "podSelector.pods",
+                format!("{} entries, at most {MAX_PODS} are allowed", pods.len()),
+            );
+        }
+        for (i, pod) in pods.iter().enumerate() {
+            if let Some(p) = dns_name_problem(&pod.pod_name, 253, true) {
+                v.error(format_args!("podSelector.pods[{i}].podName"), p);
+            }
+            if let Some(p) = dns_name_problem(&pod.namespace, 63, false) {
+                v.error(format_args!("podSelector.pods[{i}].namespace"), p);
+            }
+        }
+        let ports: Vec<i64> = self.target_ports.iter().map(|&p| i64::from(p)).collect();
+        v.target_ports(&ports);
+        v.at_least_one("duration", self.duration.into());
+        v.at_least_one("maxPackets", self.max_packets.into());
+        v.filter(&self.filter);
+        v.snaplen(self.snaplen.map(i64::from));
+        v.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{OutputFormat, PacketCaptureConfig, PodRef, PodSelector};
+
+    fn spec_with_ips(ips: &[&str]) -> PacketCaptureConfigSpec {
+        PacketCaptureConfigSpec {
+            target_ips: ips.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn messages(spec: &PacketCaptureConfigSpec) -> Vec<String> {
+        match spec.validate() {
+            Ok(()) => vec![],
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn accepts_addresses_and_cidrs_of_both_families() {
+        let spec = spec_with_ips(&[
+            "10.0.0.1",
+            "10.0.0.0/24",
+            "fd00::1",
+            "fd00::/64",
+            "0.0.0.0/0",
+        ]);
+        assert_eq!(messages(&spec), Vec::<String>::new());
+    }
+
+    #[test]
+    fn rejects_bad_ips_naming_the_entry() {
+        let spec = spec_with_ips(&["10.0.0.1", "10.0.0.300", "10.0.0.1/24", "fd00::/129", ""]);
+        let m = messages(&spec);
+        assert_eq!(m.len(), 4, "{m:?}");
+        assert!(
+            m[0].starts_with("spec.targetIPs[1]: \"10.0.0.300\" is not an IP"),
+            "{m:?}"
+        );
+        assert!(
+            m[1].contains("spec.targetIPs[2]") && m[1].contains("10.0.0.0/24"),
+            "{m:?}"
+        );
+        assert!(m[2].starts_with("spec.targetIPs[3]"), "{m:?}");
+        assert!(m[3].starts_with("spec.targetIPs[4]"), "{m:?}");
+    }
+
+    #[test]
+    fn needs_targets() {
+        let m = messages(&PacketCaptureConfigSpec::default());
+        assert_eq!(
+            m,
+            ["spec.targetIPs: at least one of targetIPs or podSelector.pods must be given"]
+        );
+        let empty_selector = PacketCaptureConfigSpec {
+            pod_selector: Some(PodSelector::default()),
+            ..Default::default()
+        };
+        assert_eq!(messages(&empty_selector).len(), 1);
+    }
+
+    #[test]
+    fn pods_alone_are_enough_and_their_names_are_checked() {
+        let mut spec = PacketCaptureConfigSpec {
+            pod_selector: Some(PodSelector {
+                pods: vec![PodRef {
+                    pod_name: "web-0".into(),
+                    namespace: "default".into(),
+                }],
+            }),
+            ..Default::default()
+        };
+        assert!(spec.validate().is_ok());
+        spec.pod_selector.as_mut().unwrap().pods.push(PodRef {
+            pod_name: "Bad_Name".into(),
+            namespace: "".into(),
+        });
+        let m = messages(&spec);
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert!(m[0].starts_with("spec.podSelector.pods[1].podName: \"Bad_Name\""));
+        assert_eq!(
+            m[1],
+            "spec.podSelector.pods[1].namespace: must not be empty"
+        );
+    }
+
+    #[test]
+    fn ports_durations_and_limits() {
+        let spec = PacketCaptureConfigSpec {
+            target_ports: vec![80, 0, 65535],
+            duration: 0,
+            max_packets: 0,
+            snaplen: Some(MAX_SNAPLEN + 1),
+            ..spec_with_ips(&["10.0.0.1"])
+        };
+        assert_eq!(
+            messages(&spec),
+            [
+                "spec.targetPorts[1]: 0 is not a port number (1-65535)",
+                "spec.duration: must be at least 1, got 0",
+                "spec.maxPackets: must be at least 1, got 0",
+                "spec.snaplen: 262145 is out of range (1-262144)",
+            ]
+        );
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let pcc: PacketCaptureConfig = serde_yaml::from_str(
+            "apiVersion: networking.packet.io/v1\nkind: PacketCaptureConfig\nmetadata: {name: x}\nspec: {targetIPs: [10.0.0.1]}\n",
+        )
+        .unwrap();
+        assert_eq!(pcc.spec.duration, 60);
+        assert_eq!(pcc.spec.max_packets, 1000);
+        assert_eq!(pcc.spec.output_format, OutputFormat::Pcap);
+        assert_eq!(pcc.spec.filter, "");
+        assert_eq!(pcc.spec.target_ports, Vec::<u16>::new());
+        assert_eq!(pcc.spec.snaplen_or_default(), MAX_SNAPLEN);
+    }
+
+    #[test]
+    fn unknown_output_format_is_rejected_by_name() {
+        let err = serde_yaml::from_str::<PacketCaptureConfigSpec>(
+            "targetIPs: [10.0.0.1]\noutputFormat: json\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("json"), "{err}");
+        assert_eq!("pcapng".parse::<OutputFormat>(), Ok(OutputFormat::Pcapng));
+        assert!("PCAP".parse::<OutputFormat>().is_err());
+    }
+}

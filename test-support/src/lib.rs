@@ -1,0 +1,52 @@
+//! What the privileged tests share: a guard for the prerequisites, network
+//! namespaces joined by veth pairs, and commands run inside them.
+//!
+//! Every namespace and link is named after the test process, and removed on
+//! drop, so a failed test leaves nothing behind and tests can run side by side.
+
+pub mod netns;
+
+pub use netns::{Netns, VethPair};
+
+/// Checks that the test can use root, BPF and network namespaces.
+///
+/// In CI (`CI=true`) a missing prerequisite fails the test. On a developer
+/// machine the test is skipped with a line that says so, and `false` tells
+/// the caller to return.
+#[must_use]
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let tools = ["ip", "tcpdump", "tshark", "ping"]
+        .iter()
+        .filter(|t| !on_path(t))
+        .copied()
+        .collect::<Vec<_>>();
+    let problem = match (root, tools.is_empty()) {
+        (true, true) => return true,
+        (false, _) => "needs root (CAP_BPF, CAP_NET_ADMIN, network namespaces)".to_string(),
+        (true, false) => format!("needs {} on PATH (`make setup`)", tools.join(", ")),
+    };
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{test}: {problem}");
+    }
+    eprintln!("SKIPPED {test}: {problem} (this is a failure when CI=true)");
+    false
+}
+
+/// Whether `tool` is an executable on PATH.
+pub fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+}
+
+/// A short name unique to this process and call: `<prefix><pid>x<n>`, short
+/// enough for an interface name (15 bytes).
+pub fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let name = format!("{prefix}{}x{n}", std::process::id());
+    assert!(name.len() <= 15, "name {name} is too long for an interface");
+    name
+}

@@ -1,0 +1,123 @@
+//! `cargo xtask setup`: installs what a fresh Debian machine lacks to build
+//! and test the project, and skips what is there. Run as root (apt).
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::util::{output, root, run, step};
+
+/// Debian packages, each with why it is needed.
+const PACKAGES: &[(&str, &str)] = &[
+    ("llvm-22-dev", "bpf-linker links eBPF programs with LLVM 22"),
+    (
+        "libpcap-dev",
+        "the agent compiles tcpdump filters and runs its fallback backend with libpcap",
+    ),
+    ("pkg-config", "finding libpcap"),
+    ("iproute2", "network namespaces and veth pairs in tests"),
+    ("iputils-ping", "traffic in tests"),
+    ("tcpdump", "the oracle the capture tests compare against"),
+    ("tshark", "reads every file the agent writes in tests"),
+    ("bpftool", "inspecting loaded programs"),
+    ("curl", "REST calls in tests and the README"),
+    ("netcat-openbsd", "TCP and UDP traffic in tests"),
+    ("openssl", "certificates of the local control plane"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13";
+
+pub fn install() -> anyhow::Result<()> {
+    apt_packages()?;
+    rust_components()?;
+    ebpf_toolchain()?;
+    bpf_linker()?;
+    step("setup complete");
+    Ok(())
+}
+
+fn installed(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_ok_and(|s| s.contains("install ok installed"))
+}
+
+fn apt_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| !installed(p))
+        .collect();
+    if missing.is_empty() {
+        step("Debian packages: all present");
+        return Ok(());
+    }
+    for (p, why) in PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+        step(format!("installing {p}: {why}"));
+    }
+    let apt = |args: &[&str]| {
+        run(Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    apt(&["update", "-q"]).context("apt-get update failed (are you root?)")?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(&missing);
+    apt(&args).with_context(|| format!("could not install {}", missing.join(" ")))?;
+    let still: Vec<&str> = missing.into_iter().filter(|p| !installed(p)).collect();
+    if !still.is_empty() {
+        bail!(
+            "these packages are still missing after apt-get: {}",
+            still.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn rust_components() -> anyhow::Result<()> {
+    let have = output(Command::new("rustup").args(["component", "list", "--installed"]))?;
+    for component in ["clippy", "rustfmt"] {
+        if have.lines().any(|l| l.starts_with(component)) {
+            continue;
+        }
+        step(format!("rustup component add {component}"));
+        run(Command::new("rustup").args(["component", "add", component]))
+            .with_context(|| format!("could not install the {component} component"))?;
+    }
+    Ok(())
+}
+
+/// The toolchain pinned in packet-capture-ebpf/rust-toolchain.toml, with the
+/// components it lists; rustup skips what is installed.
+fn ebpf_toolchain() -> anyhow::Result<()> {
+    step("eBPF toolchain pinned in packet-capture-ebpf/rust-toolchain.toml");
+    run(Command::new("rustup")
+        .args(["toolchain", "install"])
+        .current_dir(root().join("packet-capture-ebpf"))
+        // cargo sets RUSTUP_TOOLCHAIN for xtask; the file must decide.
+        .env_remove("RUSTUP_TOOLCHAIN"))
+    .context("could not install the pinned eBPF toolchain and its components")
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let current = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if current.contains(&format!(" {BPF_LINKER_VERSION}.")) {
+        step(format!("{}: present", current.trim()));
+        return Ok(());
+    }
+    step(format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against Debian's LLVM 22 (a few minutes)"
+    ));
+    run(Command::new(env!("CARGO"))
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            &format!("^{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
+    .context("could not build bpf-linker (needs llvm-22-dev)")
+}
