@@ -1,3 +1,12 @@
-//! The packet-capture node agent.
+//! The packet-capture node agent: captures packets on this node's
+//! interfaces with eBPF (or libpcap) and serves the agent API.
 
+pub mod capture;
+pub mod civil;
+pub mod config;
 pub mod ebpf;
+pub mod files;
+pub mod filter;
+pub mod logging;
+pub mod netlink;
+pub mod writer;

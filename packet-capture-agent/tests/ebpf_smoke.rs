@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use packet_capture_agent::ebpf::Kernel;
+use packet_capture_agent::ebpf::{Kernel, LinkKind};
 use packet_capture_test_support::{Netns, VethPair, netns::run, privileged};
 
 /// Names of the programs on the TCX hooks of `iface`, as the kernel reports
@@ -32,8 +32,10 @@ fn loads_attaches_sees_traffic_and_detaches() {
     let veth = VethPair::new(&left, &["10.99.0.1/24"], &right, &["10.99.0.2/24"]);
     left.enter();
 
-    let mut kernel = Kernel::load().expect("the verifier accepts the programs");
-    kernel.attach(&veth.a).expect("attach to the veth");
+    let (mut kernel, _ring) = Kernel::load(1 << 20).expect("the verifier accepts the programs");
+    kernel
+        .attach(&veth.a, LinkKind::Ethernet)
+        .expect("attach to the veth");
     assert_eq!(tc_programs(&veth.a), ["tc_ingress", "tc_egress"]);
 
     let before = kernel.packets_seen().unwrap();

@@ -14,8 +14,18 @@ pub const MAX_SNAPLEN: u32 = 262_144;
 pub const DEFAULT_SNAPLEN: u32 = MAX_SNAPLEN;
 
 /// Size of the ring buffer shared by all captures, in bytes (a power of two
-/// multiple of the page size). The agent may resize it at load time.
+/// multiple of the page size). The agent sizes it at load time.
 pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
+
+/// Bytes of the per-CPU staging buffer a record is built in: a header and
+/// the largest copy.
+pub const SCRATCH_LEN: usize = RECORD_HEADER_LEN + MAX_SNAPLEN as usize;
+
+/// Entries of the port map: one per port number.
+pub const PORT_ENTRIES: u32 = 65_536;
+
+/// Entries of each LPM trie: enough for every slot's targets.
+pub const MAX_PREFIXES: u32 = 16_384;
 
 /// Direction of a packet relative to the interface it was seen on.
 pub const DIRECTION_INGRESS: u8 = 0;
@@ -53,10 +63,19 @@ pub struct RecordHeader {
     pub orig_len: u32,
     /// Bytes that follow this header.
     pub cap_len: u32,
+    /// The VLAN tag the device took off the frame (`skb->vlan_tci`), valid
+    /// when `vlan_present` is 1; the agent puts it back, as libpcap does.
+    pub vlan_tci: u16,
+    pub vlan_proto: u16,
+    /// `skb->protocol` (the EtherType of what follows the link header), in
+    /// host byte order: what a synthesized Ethernet header says for
+    /// [`LINK_RAW_IP`] records.
+    pub protocol: u16,
+    pub vlan_present: u8,
     pub direction: u8,
     /// [`LINK_ETHERNET`] or [`LINK_RAW_IP`].
     pub link: u8,
-    pub _pad: [u8; 2],
+    pub _pad: [u8; 3],
 }
 
 pub const RECORD_HEADER_LEN: usize = core::mem::size_of::<RecordHeader>();
@@ -74,7 +93,9 @@ pub struct Settings {
     pub any_port: u64,
     /// Largest snaplen among the active slots: what the kernel copies.
     pub snaplen: u32,
-    pub _pad: u32,
+    /// Wake the reader only once this many bytes wait in the ring (it also
+    /// polls on a short timer), so a busy ring costs one wake-up per batch.
+    pub wakeup_bytes: u32,
 }
 
 /// Key of the IPv4 LPM trie (`prefix_len` counts bits of `addr`).
@@ -108,7 +129,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(RECORD_HEADER_LEN, 32);
+        assert_eq!(RECORD_HEADER_LEN, 40);
         assert_eq!(core::mem::size_of::<Settings>(), 32);
         assert_eq!(core::mem::size_of::<Ipv4Key>(), 8);
         assert_eq!(core::mem::size_of::<Ipv6Key>(), 20);

@@ -1,34 +1,391 @@
+//! TC classifiers that select packets for the capture agent.
+//!
+//! One program pair serves every capture: each capture owns a slot, and the
+//! maps say which slots want which addresses and ports. A packet that matches
+//! at least one slot is copied (up to the largest snaplen) into the ring
+//! buffer with the mask of the slots it matched; the agent does the rest.
+//! The programs never change what happens to a packet.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::TC_ACT_PIPE,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{classifier, map},
-    maps::PerCpuArray,
+    maps::{Array, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::TcContext,
 };
-use packet_capture_common::abi::counter;
+use packet_capture_common::abi::{
+    DEFAULT_RING_BYTES, DIRECTION_EGRESS, DIRECTION_INGRESS, LINK_ETHERNET, LINK_RAW_IP,
+    MAX_PREFIXES, MAX_SLOTS, MAX_SNAPLEN, PORT_ENTRIES, RECORD_HEADER_LEN, RecordHeader,
+    SCRATCH_LEN, Settings, counter,
+};
+
+/// Neither pass nor drop: let the next program or filter decide, as if this
+/// one were not there. (`TC_ACT_PIPE` would end a TCX chain and skip the
+/// filters after it; `TC_ACT_UNSPEC` is TCX's "next".)
+const TC_ACT_UNSPEC: i32 = -1;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_RARP: u16 = 0x8035;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_SCTP: u8 = 132;
+/// IPv6 extension headers walked to find the transport header.
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_DSTOPTS: u8 = 60;
+const MAX_VLAN_TAGS: usize = 2;
+const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+#[map]
+static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// IPv4 prefix -> slots whose targets contain it (the agent folds the slots
+/// of every shorter prefix into each entry, so the longest match is enough).
+#[map]
+static IPV4: LpmTrie<[u8; 4], u64> =
+    LpmTrie::with_max_entries(MAX_PREFIXES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+#[map]
+static IPV6: LpmTrie<[u8; 16], u64> =
+    LpmTrie::with_max_entries(MAX_PREFIXES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Port number -> slots that target it.
+#[map]
+static PORTS: Array<u64> = Array::with_max_entries(PORT_ENTRIES, 0);
+
+#[map]
+static RECORDS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+/// One staging buffer per CPU (the agent sets the entry count). A per-CPU
+/// array cannot hold values this large; TC programs do not migrate or nest
+/// on a CPU, so indexing by CPU is as safe.
+#[map]
+static SCRATCH: Array<[u8; SCRATCH_LEN]> = Array::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
+/// Per slot: matched packets the ring buffer had no room for.
+#[map]
+static SLOT_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SLOTS as u32, 0);
+
 #[classifier]
-pub fn tc_ingress(_ctx: TcContext) -> i32 {
-    count(counter::SEEN);
-    TC_ACT_PIPE
+pub fn tc_ingress(ctx: TcContext) -> i32 {
+    capture(&ctx, DIRECTION_INGRESS, LINK_ETHERNET);
+    TC_ACT_UNSPEC
 }
 
 #[classifier]
-pub fn tc_egress(_ctx: TcContext) -> i32 {
+pub fn tc_egress(ctx: TcContext) -> i32 {
+    capture(&ctx, DIRECTION_EGRESS, LINK_ETHERNET);
+    TC_ACT_UNSPEC
+}
+
+/// For interfaces without a link-layer header (tun, wireguard, ipip).
+#[classifier]
+pub fn tc_ingress_l3(ctx: TcContext) -> i32 {
+    capture(&ctx, DIRECTION_INGRESS, LINK_RAW_IP);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn tc_egress_l3(ctx: TcContext) -> i32 {
+    capture(&ctx, DIRECTION_EGRESS, LINK_RAW_IP);
+    TC_ACT_UNSPEC
+}
+
+/// Addresses and ports found in a packet.
+struct Selectors {
+    /// Slots whose IP targets match (or who have none).
+    ip: u64,
+    /// Source and destination ports, when the packet is the first (or only)
+    /// fragment of TCP, UDP or SCTP.
+    ports: Option<(u16, u16)>,
+}
+
+#[inline(always)]
+fn capture(ctx: &TcContext, direction: u8, link: u8) {
     count(counter::SEEN);
-    TC_ACT_PIPE
+    let Some(settings) = SETTINGS.get(0) else {
+        return;
+    };
+    if settings.active == 0 {
+        return;
+    }
+    let selectors = if link == LINK_ETHERNET {
+        parse_ethernet(ctx, settings.any_ip)
+    } else {
+        // Without a link header, skb->protocol says what the bytes are.
+        let proto = u16::from_be(ctx.skb.protocol() as u16);
+        parse_network(ctx, proto, 0, settings.any_ip)
+    };
+    let port_match = match selectors.ports {
+        Some((src, dst)) => settings.any_port | port_slots(src) | port_slots(dst),
+        None => settings.any_port,
+    };
+    let mask = settings.active & selectors.ip & port_match;
+    if mask == 0 {
+        return;
+    }
+    count(counter::MATCHED);
+    emit(ctx, mask, direction, link, settings);
+}
+
+/// Copies the packet into the ring buffer behind a header.
+#[inline(always)]
+fn emit(ctx: &TcContext, mask: u64, direction: u8, link: u8, settings: &Settings) {
+    // SAFETY: a helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let Some(scratch) = SCRATCH.get_ptr_mut(cpu) else {
+        return;
+    };
+    let orig_len = ctx.len();
+    let mut cap_len = orig_len;
+    if cap_len > settings.snaplen {
+        cap_len = settings.snaplen;
+    }
+    if cap_len > MAX_SNAPLEN {
+        cap_len = MAX_SNAPLEN;
+    }
+    if cap_len == 0 {
+        return;
+    }
+    let skb = ctx.skb.skb;
+    // SAFETY: the TC context points at a valid __sk_buff.
+    let (ifindex, vlan_present, vlan_tci, vlan_proto, protocol) = unsafe {
+        (
+            (*skb).ifindex,
+            (*skb).vlan_present as u8,
+            (*skb).vlan_tci as u16,
+            u16::from_be((*skb).vlan_proto as u16),
+            u16::from_be((*skb).protocol as u16),
+        )
+    };
+    let header = RecordHeader {
+        slot_mask: mask,
+        // SAFETY: a helper without arguments.
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        ifindex,
+        orig_len,
+        cap_len,
+        vlan_tci,
+        vlan_proto,
+        protocol,
+        vlan_present,
+        direction,
+        link,
+        _pad: [0; 3],
+    };
+    let base = scratch.cast::<u8>();
+    // SAFETY: scratch holds SCRATCH_LEN bytes and the header fits; the copy
+    // is bounded by MAX_SNAPLEN above, which the verifier checks too.
+    unsafe {
+        base.cast::<RecordHeader>().write_unaligned(header);
+        let data = base.add(RECORD_HEADER_LEN);
+        // The verifier must see 1..=MAX_SNAPLEN on the very register passed
+        // to the helper; a volatile read keeps LLVM from dropping the check
+        // as redundant with the clamps above.
+        let len = core::ptr::read_volatile(&cap_len);
+        if len == 0 || len > MAX_SNAPLEN {
+            return;
+        }
+        if bpf_skb_load_bytes(skb.cast(), 0, data.cast(), len) != 0 {
+            count(counter::LOAD_FAILED);
+            return;
+        }
+        let record = core::slice::from_raw_parts(base, RECORD_HEADER_LEN + len as usize);
+        // Batch wake-ups: the reader also polls on a short timer.
+        let flags = if RECORDS.query(BPF_RB_AVAIL_DATA as u64) >= u64::from(settings.wakeup_bytes) {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        };
+        if RECORDS.output::<[u8]>(record, flags as u64).is_err() {
+            count(counter::RING_LOST);
+            count_lost(mask);
+        }
+    }
+}
+
+#[inline(always)]
+fn parse_ethernet(ctx: &TcContext, any_ip: u64) -> Selectors {
+    let mut offset = ETH_HLEN;
+    let Ok(mut proto) = ctx.load::<u16>(12).map(u16::from_be) else {
+        return no_match(any_ip);
+    };
+    // VLAN tags still in the frame (802.1ad outer, 802.1Q inner).
+    for _ in 0..MAX_VLAN_TAGS {
+        if proto != ETH_P_8021Q && proto != ETH_P_8021AD {
+            break;
+        }
+        let Ok(inner) = ctx.load::<u16>(offset + 2).map(u16::from_be) else {
+            return no_match(any_ip);
+        };
+        proto = inner;
+        offset += 4;
+    }
+    parse_network(ctx, proto, offset, any_ip)
+}
+
+#[inline(always)]
+fn parse_network(ctx: &TcContext, proto: u16, offset: usize, any_ip: u64) -> Selectors {
+    match proto {
+        ETH_P_IP => parse_ipv4(ctx, offset, any_ip),
+        ETH_P_IPV6 => parse_ipv6(ctx, offset, any_ip),
+        // libpcap's `host`/`net` match ARP's sender and target addresses.
+        ETH_P_ARP | ETH_P_RARP => {
+            let spa = ctx.load::<[u8; 4]>(offset + 14);
+            let tpa = ctx.load::<[u8; 4]>(offset + 24);
+            match (spa, tpa) {
+                (Ok(s), Ok(t)) => Selectors {
+                    ip: any_ip | ipv4_slots(s) | ipv4_slots(t),
+                    ports: None,
+                },
+                _ => no_match(any_ip),
+            }
+        }
+        _ => no_match(any_ip),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext, offset: usize, any_ip: u64) -> Selectors {
+    let Ok(first) = ctx.load::<u8>(offset) else {
+        return no_match(any_ip);
+    };
+    let header_len = usize::from(first & 0x0f) * 4;
+    if first >> 4 != 4 || header_len < 20 {
+        return no_match(any_ip);
+    }
+    let (Ok(frag), Ok(protocol), Ok(src), Ok(dst)) = (
+        ctx.load::<u16>(offset + 6).map(u16::from_be),
+        ctx.load::<u8>(offset + 9),
+        ctx.load::<[u8; 4]>(offset + 12),
+        ctx.load::<[u8; 4]>(offset + 16),
+    ) else {
+        return no_match(any_ip);
+    };
+    let ip = any_ip | ipv4_slots(src) | ipv4_slots(dst);
+    // Only the first fragment carries the transport header.
+    let ports = if frag & 0x1fff == 0 {
+        transport_ports(ctx, protocol, offset + header_len)
+    } else {
+        None
+    };
+    Selectors { ip, ports }
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext, offset: usize, any_ip: u64) -> Selectors {
+    let (Ok(mut next), Ok(src), Ok(dst)) = (
+        ctx.load::<u8>(offset + 6),
+        ctx.load::<[u8; 16]>(offset + 8),
+        ctx.load::<[u8; 16]>(offset + 24),
+    ) else {
+        return no_match(any_ip);
+    };
+    let ip = any_ip | ipv6_slots(src) | ipv6_slots(dst);
+    let mut at = offset + 40;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let (Ok(n), Ok(len)) = (ctx.load::<u8>(at), ctx.load::<u8>(at + 1)) else {
+                    return Selectors { ip, ports: None };
+                };
+                next = n;
+                at += (usize::from(len) + 1) * 8;
+            }
+            IPPROTO_AH => {
+                let (Ok(n), Ok(len)) = (ctx.load::<u8>(at), ctx.load::<u8>(at + 1)) else {
+                    return Selectors { ip, ports: None };
+                };
+                next = n;
+                at += (usize::from(len) + 2) * 4;
+            }
+            IPPROTO_FRAGMENT => {
+                let (Ok(n), Ok(frag)) = (ctx.load::<u8>(at), ctx.load::<u16>(at + 2)) else {
+                    return Selectors { ip, ports: None };
+                };
+                if u16::from_be(frag) & 0xfff8 != 0 {
+                    return Selectors { ip, ports: None };
+                }
+                next = n;
+                at += 8;
+            }
+            _ => break,
+        }
+    }
+    Selectors {
+        ip,
+        ports: transport_ports(ctx, next, at),
+    }
+}
+
+#[inline(always)]
+fn transport_ports(ctx: &TcContext, protocol: u8, offset: usize) -> Option<(u16, u16)> {
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP && protocol != IPPROTO_SCTP {
+        return None;
+    }
+    let ports = ctx.load::<[u8; 4]>(offset).ok()?;
+    Some((
+        u16::from_be_bytes([ports[0], ports[1]]),
+        u16::from_be_bytes([ports[2], ports[3]]),
+    ))
+}
+
+#[inline(always)]
+fn no_match(any_ip: u64) -> Selectors {
+    Selectors {
+        ip: any_ip,
+        ports: None,
+    }
+}
+
+#[inline(always)]
+fn ipv4_slots(addr: [u8; 4]) -> u64 {
+    IPV4.get(Key::new(32, addr)).copied().unwrap_or(0)
+}
+
+#[inline(always)]
+fn ipv6_slots(addr: [u8; 16]) -> u64 {
+    IPV6.get(Key::new(128, addr)).copied().unwrap_or(0)
+}
+
+#[inline(always)]
+fn port_slots(port: u16) -> u64 {
+    PORTS.get(u32::from(port)).copied().unwrap_or(0)
 }
 
 #[inline(always)]
 fn count(index: u32) {
     if let Some(c) = COUNTERS.get_ptr_mut(index) {
-        // SAFETY: a per-CPU slot is only touched by the program on this CPU.
+        // SAFETY: a per-CPU slot is only touched by programs on this CPU.
         unsafe { *c += 1 };
+    }
+}
+
+/// Charges a lost packet to every slot that wanted it.
+#[inline(always)]
+fn count_lost(mask: u64) {
+    for slot in 0..MAX_SLOTS as u32 {
+        if mask >> slot == 0 {
+            break;
+        }
+        if (mask >> slot) & 1 == 1
+            && let Some(c) = SLOT_LOST.get_ptr_mut(slot)
+        {
+            // SAFETY: as in `count`.
+            unsafe { *c += 1 };
+        }
     }
 }
 

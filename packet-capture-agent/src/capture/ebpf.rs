@@ -1,0 +1,381 @@
+//! The eBPF backend: one ring-buffer reader thread serves every capture.
+//!
+//! The kernel marks each record with the slots it matched; the reader hands
+//! the frame to each slot's sink. Slots are handed out least recently used
+//! first, so a record still in flight for an ended capture cannot reach the
+//! next one.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsRawFd;
+use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::time::Duration;
+
+use aya::maps::{MapData, RingBuf};
+use packet_capture_common::abi::{
+    DIRECTION_INGRESS, LINK_RAW_IP, MAX_SLOTS, RECORD_HEADER_LEN, RecordHeader, counter,
+};
+
+use super::Ended;
+use super::sink::{EndReason, Sink};
+use crate::ebpf::{Kernel, LinkKind, SlotTargets};
+use crate::writer::{Direction, Meta};
+
+/// How long records may wait in the ring before the reader looks (the
+/// programs only wake it for a full batch).
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+pub enum Command {
+    Add {
+        slot: usize,
+        sink: Box<Sink>,
+    },
+    /// End a capture; the kernel no longer selects for its slot.
+    Remove {
+        slot: usize,
+        reason: EndReason,
+    },
+    /// Forget a capture that never started, and its file.
+    Discard {
+        slot: usize,
+    },
+    Names(HashMap<u32, String>),
+    Shutdown,
+}
+
+pub struct EbpfBackend {
+    kernel: Mutex<Kernel>,
+    commands: Sender<Command>,
+    free: Mutex<VecDeque<usize>>,
+    reader: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl EbpfBackend {
+    /// Starts the reader; ended sinks are reported on `ended`.
+    pub fn start(
+        kernel: Kernel,
+        ring: RingBuf<MapData>,
+        ended: tokio::sync::mpsc::UnboundedSender<Ended>,
+    ) -> std::io::Result<Self> {
+        let (commands, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::Builder::new()
+            .name("ring-reader".into())
+            .spawn(move || Reader::new(ring, rx, ended).run())?;
+        Ok(Self {
+            kernel: Mutex::new(kernel),
+            commands,
+            free: Mutex::new((0..MAX_SLOTS).collect()),
+            reader: Mutex::new(Some(reader)),
+        })
+    }
+
+    pub fn kernel(&self) -> std::sync::MutexGuard<'_, Kernel> {
+        self.kernel.lock().expect("kernel lock")
+    }
+
+    pub fn attach(&self, iface: &str, kind: LinkKind) -> Result<(), crate::ebpf::Error> {
+        self.kernel().attach(iface, kind)
+    }
+
+    pub fn forget(&self, iface: &str) {
+        self.kernel().forget(iface);
+    }
+
+    pub fn set_names(&self, names: HashMap<u32, String>) {
+        let _ = self.commands.send(Command::Names(names));
+    }
+
+    /// Installs `sink` and makes the kernel select `targets` for it; returns
+    /// the slot and the slot's loss counter at the start.
+    pub fn add(&self, targets: SlotTargets, sink: Sink) -> Result<(usize, u64), String> {
+        let slot = self
+            .free
+            .lock()
+            .expect("free slots")
+            .pop_front()
+            .ok_or_else(|| format!("the agent runs {MAX_SLOTS} captures already"))?;
+        let mut kernel = self.kernel();
+        let baseline = kernel.slot_lost(slot).unwrap_or(0);
+        // The sink is in place before the kernel selects anything for it.
+        let _ = self.commands.send(Command::Add {
+            slot,
+            sink: Box::new(sink),
+        });
+        if let Err(e) = kernel.set_slot(slot, targets) {
+            let _ = kernel.clear_slot(slot);
+            let _ = self.commands.send(Command::Discard { slot });
+            self.free.lock().expect("free slots").push_back(slot);
+            return Err(format!("programming the kernel maps: {e}"));
+        }
+        Ok((slot, baseline))
+    }
+
+    /// Ends the capture in `slot`: the kernel stops selecting first, then
+    /// the reader finishes the sink after what is already in the ring.
+    pub fn remove(&self, slot: usize, reason: EndReason) {
+        self.release(slot);
+        let _ = self.commands.send(Command::Remove { slot, reason });
+    }
+
+    /// Frees a slot whose sink has ended.
+    pub fn release(&self, slot: usize) {
+        if let Err(e) = self.kernel().clear_slot(slot) {
+            tracing::error!(slot, error = %e, "clearing a capture slot");
+        }
+        let mut free = self.free.lock().expect("free slots");
+        if !free.contains(&slot) {
+            free.push_back(slot);
+        }
+    }
+
+    /// Packets `slot` lost in the ring buffer since `baseline`.
+    pub fn lost(&self, slot: usize, baseline: u64) -> u64 {
+        self.kernel()
+            .slot_lost(slot)
+            .unwrap_or(baseline)
+            .saturating_sub(baseline)
+    }
+
+    /// Matched packets the ring had no room for, for every capture.
+    pub fn ring_lost(&self) -> u64 {
+        self.kernel().counter(counter::RING_LOST).unwrap_or(0)
+    }
+
+    pub fn interfaces(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.kernel().attached().map(str::to_owned).collect();
+        names.sort();
+        names
+    }
+
+    /// Stops the reader (captures must have ended) and waits for it.
+    pub fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown);
+        if let Some(reader) = self.reader.lock().expect("reader").take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+struct Reader {
+    ring: RingBuf<MapData>,
+    commands: Receiver<Command>,
+    ended: tokio::sync::mpsc::UnboundedSender<Ended>,
+    sinks: Vec<Option<Sink>>,
+    names: HashMap<u32, String>,
+    /// Where frames are rebuilt (a VLAN tag put back, an Ethernet header
+    /// added), reused for every packet.
+    frame: Vec<u8>,
+}
+
+impl Reader {
+    fn new(
+        ring: RingBuf<MapData>,
+        commands: Receiver<Command>,
+        ended: tokio::sync::mpsc::UnboundedSender<Ended>,
+    ) -> Self {
+        Self {
+            ring,
+            commands,
+            ended,
+            sinks: (0..MAX_SLOTS).map(|_| None).collect(),
+            names: HashMap::new(),
+            frame: Vec::with_capacity(packet_capture_common::abi::MAX_SNAPLEN as usize + 18),
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            if self.sinks.iter().all(Option::is_none) {
+                // Nothing to read for: sleep until told otherwise.
+                match self.commands.recv_timeout(Duration::from_secs(1)) {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            return;
+                        }
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+                // Records of ended captures may still be in the ring.
+                self.drain();
+                continue;
+            }
+            wait_readable(self.ring.as_raw_fd(), POLL_INTERVAL);
+            self.drain();
+            for slot in 0..MAX_SLOTS {
+                if let Some(sink) = self.sinks[slot].as_mut()
+                    && let Err(reason) = sink.flush()
+                {
+                    self.end(slot, reason);
+                }
+            }
+            loop {
+                match self.commands.try_recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            return;
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            }
+        }
+    }
+
+    /// Returns false when the reader must stop.
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Add { slot, sink } => self.sinks[slot] = Some(*sink),
+            Command::Remove { slot, reason } => {
+                // What the kernel selected before the slot was cleared
+                // belongs to the capture.
+                self.drain();
+                self.end(slot, reason);
+            }
+            Command::Discard { slot } => {
+                if let Some(sink) = self.sinks[slot].take() {
+                    sink.abandon();
+                }
+            }
+            Command::Names(names) => self.names = names,
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    fn end(&mut self, slot: usize, reason: EndReason) {
+        if let Some(sink) = self.sinks[slot].take() {
+            let id = sink.id.clone();
+            let finished = sink.finish(reason);
+            let _ = self.ended.send(Ended {
+                id,
+                slot: Some(slot),
+                finished,
+            });
+        }
+    }
+
+    fn drain(&mut self) {
+        let offset = realtime_offset_ns();
+        while let Some(item) = self.ring.next() {
+            if item.len() < RECORD_HEADER_LEN {
+                continue;
+            }
+            // SAFETY: the programs write a RecordHeader at the start of
+            // every record; read_unaligned copes with any alignment.
+            let header: RecordHeader =
+                unsafe { item.as_ptr().cast::<RecordHeader>().read_unaligned() };
+            let end = (RECORD_HEADER_LEN + header.cap_len as usize).min(item.len());
+            let data = &item[RECORD_HEADER_LEN..end];
+            let (frame, orig_len) = rebuild(&header, data, &mut self.frame);
+            let meta = Meta {
+                unix_ns: header.ktime_ns.wrapping_add_signed(offset),
+                ifindex: header.ifindex,
+                direction: if header.direction == DIRECTION_INGRESS {
+                    Direction::In
+                } else {
+                    Direction::Out
+                },
+                orig_len,
+            };
+            let mut mask = header.slot_mask;
+            while mask != 0 {
+                let slot = mask.trailing_zeros() as usize;
+                mask &= mask - 1;
+                if let Some(sink) = self.sinks[slot].as_mut()
+                    && let Some(reason) = sink.offer(&meta, frame, &self.names)
+                {
+                    let sink = self.sinks[slot].take().expect("just used");
+                    let id = sink.id.clone();
+                    let _ = self.ended.send(Ended {
+                        id,
+                        slot: Some(slot),
+                        finished: sink.finish(reason),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The frame as libpcap would show it: the VLAN tag the device took off put
+/// back, and an Ethernet header in front of link-less (raw IP) packets.
+fn rebuild<'a>(header: &RecordHeader, data: &'a [u8], buf: &'a mut Vec<u8>) -> (&'a [u8], u32) {
+    if header.link == LINK_RAW_IP {
+        buf.clear();
+        buf.extend_from_slice(&[0; 12]);
+        buf.extend_from_slice(&header.protocol.to_be_bytes());
+        buf.extend_from_slice(data);
+        return (buf, header.orig_len + 14);
+    }
+    if header.vlan_present != 0 && data.len() >= 12 {
+        buf.clear();
+        buf.extend_from_slice(&data[..12]);
+        buf.extend_from_slice(&header.vlan_proto.to_be_bytes());
+        buf.extend_from_slice(&header.vlan_tci.to_be_bytes());
+        buf.extend_from_slice(&data[12..]);
+        return (buf, header.orig_len + 4);
+    }
+    (data, header.orig_len)
+}
+
+/// CLOCK_REALTIME minus CLOCK_MONOTONIC, to turn `bpf_ktime_get_ns` into
+/// wall-clock time (read per batch, so clock steps are followed).
+fn realtime_offset_ns() -> i64 {
+    let read = |clock| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into the timespec we pass.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+    };
+    read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
+}
+
+/// Waits until `fd` is readable or `timeout` passes.
+pub fn wait_readable(fd: i32, timeout: Duration) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_get_their_vlan_tag_and_link_header_back() {
+        let data: Vec<u8> = (0..20).collect();
+        let mut buf = Vec::new();
+        let tagged = RecordHeader {
+            vlan_present: 1,
+            vlan_proto: 0x8100,
+            vlan_tci: 0x0064,
+            orig_len: 100,
+            ..Default::default()
+        };
+        let (frame, len) = rebuild(&tagged, &data, &mut buf);
+        assert_eq!(len, 104);
+        assert_eq!(&frame[..12], &data[..12]);
+        assert_eq!(&frame[12..16], &[0x81, 0x00, 0x00, 0x64]);
+        assert_eq!(&frame[16..], &data[12..]);
+
+        let raw = RecordHeader {
+            link: LINK_RAW_IP,
+            protocol: 0x86dd,
+            orig_len: 20,
+            ..Default::default()
+        };
+        let (frame, len) = rebuild(&raw, &data, &mut buf);
+        assert_eq!(len, 34);
+        assert_eq!(&frame[12..14], &[0x86, 0xdd]);
+        assert_eq!(&frame[14..], &data[..]);
+    }
+}

@@ -1,0 +1,218 @@
+//! Where one capture's packets go: its filter, its limits, its writer.
+//!
+//! A sink lives on the thread that reads packets and is called once per
+//! packet that matched the capture's targets, without allocating.
+
+use std::io::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::files::{Full, Output};
+use crate::filter::Filter;
+use crate::writer::{Encoder, InterfaceNames, Meta};
+
+/// Counters a capture publishes while it runs.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Packets written (or logged).
+    pub packets: AtomicU64,
+    /// Packets that matched the targets but not the filter.
+    pub filtered: AtomicU64,
+    /// Packets lost in user space (a failed write).
+    pub dropped: AtomicU64,
+    /// Bytes of the capture file so far.
+    pub bytes: AtomicU64,
+}
+
+/// Why a capture ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndReason {
+    MaxPackets(u64),
+    Duration(u64),
+    FileSize(u64),
+    Stopped,
+    Shutdown,
+    Error(String),
+}
+
+impl EndReason {
+    /// The sentence a status carries.
+    pub fn message(&self) -> String {
+        match self {
+            Self::MaxPackets(n) => format!("reached maxPackets ({n})"),
+            Self::Duration(s) => format!("duration of {s}s elapsed"),
+            Self::FileSize(bytes) => format!(
+                "stopped at the file size limit (MAX_CAPTURE_FILE_SIZE_MB, {} bytes)",
+                bytes
+            ),
+            Self::Stopped => "stopped by request".into(),
+            Self::Shutdown => "stopped: the agent is shutting down".into(),
+            Self::Error(e) => e.clone(),
+        }
+    }
+}
+
+pub enum Destination {
+    File(Output),
+    /// `PACKET:` lines on the agent's standard output.
+    Stdout(Vec<u8>),
+}
+
+/// What a sink leaves behind when it ends.
+#[derive(Debug)]
+pub struct Finished {
+    pub reason: EndReason,
+    /// The complete file and its size, for file captures.
+    pub file: Option<(std::path::PathBuf, u64)>,
+}
+
+pub struct Sink {
+    pub id: String,
+    filter: Option<Filter>,
+    snaplen: usize,
+    max_packets: u64,
+    encoder: Encoder,
+    destination: Destination,
+    counters: Arc<Counters>,
+    packets: u64,
+    /// Packets gathered in the output buffer, not yet in the file.
+    buffered: u64,
+}
+
+impl Sink {
+    pub fn new(
+        id: String,
+        filter: Option<Filter>,
+        snaplen: u32,
+        max_packets: u64,
+        encoder: Encoder,
+        mut destination: Destination,
+        counters: Arc<Counters>,
+    ) -> Self {
+        if let Destination::File(output) = &mut destination {
+            // A new, empty file always has room for its header.
+            let _ = output.append(|b| encoder.file_header(b));
+            counters.bytes.store(output.size(), Ordering::Relaxed);
+        }
+        Self {
+            id,
+            filter,
+            snaplen: snaplen as usize,
+            max_packets,
+            encoder,
+            destination,
+            counters,
+            packets: 0,
+            buffered: 0,
+        }
+    }
+
+    /// Takes one packet; returns why the capture must end, if it must.
+    pub fn offer(
+        &mut self,
+        meta: &Meta,
+        frame: &[u8],
+        names: &impl InterfaceNames,
+    ) -> Option<EndReason> {
+        if let Some(filter) = &self.filter
+            && !filter.matches(frame, meta.orig_len)
+        {
+            self.counters.filtered.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let kept = &frame[..frame.len().min(self.snaplen)];
+        match &mut self.destination {
+            Destination::File(output) => {
+                let encoder = &mut self.encoder;
+                if output.append(|b| encoder.encode(b, meta, kept, names)) == Err(Full) {
+                    return Some(EndReason::FileSize(output.size()));
+                }
+                self.counters.bytes.store(output.size(), Ordering::Relaxed);
+                self.buffered += 1;
+            }
+            Destination::Stdout(buf) => self.encoder.encode(buf, meta, kept, names),
+        }
+        self.packets += 1;
+        self.counters.packets.store(self.packets, Ordering::Relaxed);
+        if self.packets >= self.max_packets {
+            return Some(EndReason::MaxPackets(self.max_packets));
+        }
+        match &self.destination {
+            Destination::File(output) if output.wants_flush() => self.flush().err(),
+            _ => None,
+        }
+    }
+
+    /// Writes what has gathered. A failed write loses the buffered packets
+    /// (counted as dropped) and ends the capture; the file keeps its whole
+    /// records.
+    pub fn flush(&mut self) -> Result<(), EndReason> {
+        match &mut self.destination {
+            Destination::File(output) => match output.flush() {
+                Ok(()) => {
+                    self.buffered = 0;
+                    Ok(())
+                }
+                Err(e) => {
+                    let message = format!(
+                        "writing {}: {e}; the file ends at the last whole packet",
+                        output.final_path().display()
+                    );
+                    self.lose_buffered();
+                    Err(EndReason::Error(message))
+                }
+            },
+            Destination::Stdout(buf) => {
+                if !buf.is_empty() {
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(buf).and_then(|()| out.flush());
+                    buf.clear();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn lose_buffered(&mut self) {
+        self.packets -= self.buffered;
+        self.counters.packets.store(self.packets, Ordering::Relaxed);
+        self.counters
+            .dropped
+            .fetch_add(self.buffered, Ordering::Relaxed);
+        self.buffered = 0;
+    }
+
+    /// Drops a capture that never started, with its unfinished file.
+    pub fn abandon(self) {
+        if let Destination::File(output) = self.destination {
+            output.abandon();
+        }
+    }
+
+    /// Ends the capture: the rest is written and the file gets its name.
+    pub fn finish(mut self, reason: EndReason) -> Finished {
+        let reason = match self.flush() {
+            Err(e) if !matches!(reason, EndReason::Error(_)) => e,
+            _ => reason,
+        };
+        match self.destination {
+            Destination::File(output) => {
+                let path = output.final_path().to_path_buf();
+                match output.commit() {
+                    Ok((path, size)) => {
+                        self.counters.bytes.store(size, Ordering::Relaxed);
+                        Finished {
+                            reason,
+                            file: Some((path, size)),
+                        }
+                    }
+                    Err(e) => Finished {
+                        reason: EndReason::Error(format!("finishing {}: {e}", path.display())),
+                        file: None,
+                    },
+                }
+            }
+            Destination::Stdout(_) => Finished { reason, file: None },
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! The agent's settings: command-line flags, each with the environment
+//! variable (ConfigMap key) of the same meaning. A malformed value stops the
+//! agent at start with a message that names the key.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::capture::BackendChoice;
+use crate::files::Compression;
+use crate::logging::LogLevel;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "packet-capture-agent",
+    version,
+    about = "Captures packets on this node for packet-capture"
+)]
+pub struct Config {
+    /// Port of the API (gRPC and REST on one listener).
+    #[arg(
+        long = "port",
+        env = "AGENT_PORT",
+        value_name = "AGENT_PORT",
+        default_value_t = 8080
+    )]
+    pub port: u16,
+
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "AGENT_BIND_ADDRESS",
+        value_name = "AGENT_BIND_ADDRESS",
+        default_value = "0.0.0.0"
+    )]
+    pub bind_address: std::net::IpAddr,
+
+    /// Where capture files are written.
+    #[arg(
+        long,
+        env = "CAPTURE_DIR",
+        value_name = "CAPTURE_DIR",
+        default_value = "/var/lib/packet-captures"
+    )]
+    pub capture_dir: PathBuf,
+
+    /// This node's name (the downward API sets it); the host name if unset.
+    #[arg(long, env = "NODE_NAME", value_name = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Capture files kept on this node; the oldest go first.
+    #[arg(long, env = "MAX_CAPTURE_FILES", value_name = "MAX_CAPTURE_FILES", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_capture_files: u64,
+
+    /// A capture stops before its file grows past this many MiB.
+    #[arg(long, env = "MAX_CAPTURE_FILE_SIZE_MB", value_name = "MAX_CAPTURE_FILE_SIZE_MB", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub max_capture_file_size_mb: u64,
+
+    /// DEBUG, INFO, WARNING or ERROR.
+    #[arg(
+        long,
+        env = "LOG_LEVEL",
+        value_name = "LOG_LEVEL",
+        default_value = "INFO"
+    )]
+    pub log_level: LogLevel,
+
+    /// How completed files are compressed: gzip or zstd.
+    #[arg(
+        long,
+        env = "COMPRESSION",
+        value_name = "COMPRESSION",
+        default_value = "gzip"
+    )]
+    pub compression: Compression,
+
+    /// Capture backend: auto (eBPF, libpcap if eBPF cannot load), ebpf, pcap.
+    #[arg(long, env = "CAPTURE_BACKEND", value_name = "CAPTURE_BACKEND", value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+
+    /// Ring buffer between the kernel and the agent, in MiB (a power of two).
+    #[arg(long, env = "RING_BUFFER_MB", value_name = "RING_BUFFER_MB", default_value_t = 8,
+          value_parser = parse_ring_mb)]
+    pub ring_buffer_mb: u32,
+
+    /// Serve the API without authentication (for local use without a cluster).
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+
+    /// Audience a caller's token must have (TokenReview).
+    #[arg(
+        long,
+        env = "TOKEN_AUDIENCE",
+        value_name = "TOKEN_AUDIENCE",
+        default_value = "packet-capture-agent"
+    )]
+    pub token_audience: String,
+}
+
+fn parse_ring_mb(s: &str) -> Result<u32, String> {
+    let mb: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if !mb.is_power_of_two() || mb > 1024 {
+        return Err(format!("{mb} is not a power of two between 1 and 1024"));
+    }
+    Ok(mb)
+}
+
+impl Config {
+    pub fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "unknown".into())
+        })
+    }
+
+    pub fn max_file_bytes(&self) -> u64 {
+        self.max_capture_file_size_mb * 1024 * 1024
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        Config::try_parse_from(std::iter::once("agent").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.capture_dir, PathBuf::from("/var/lib/packet-captures"));
+        assert_eq!(c.max_capture_files, 5);
+        assert_eq!(c.max_file_bytes(), 10 * 1024 * 1024);
+        assert_eq!(c.log_level, LogLevel::Info);
+        assert_eq!(c.compression, Compression::Gzip);
+        assert!(!c.insecure_no_auth);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        for (args, key) in [
+            (&["--port", "http"][..], "AGENT_PORT"),
+            (&["--max-capture-files", "0"][..], "MAX_CAPTURE_FILES"),
+            (
+                &["--max-capture-file-size-mb=-3"][..],
+                "MAX_CAPTURE_FILE_SIZE_MB",
+            ),
+            (&["--log-level", "LOUD"][..], "LOG_LEVEL"),
+            (&["--compression", "rar"][..], "COMPRESSION"),
+            (&["--ring-buffer-mb", "3"][..], "RING_BUFFER_MB"),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(key), "{args:?}: {err}");
+        }
+    }
+}

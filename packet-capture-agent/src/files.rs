@@ -1,0 +1,599 @@
+//! The capture directory: files are written under a hidden temporary name
+//! and renamed when whole; completed files are compressed, except the
+//! newest; at most `max_files` are kept; downloads only ever open regular
+//! files directly inside the directory.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::writer;
+
+/// Suffix of files still being written.
+const PARTIAL: &str = ".partial";
+/// Mode of capture files: owner read-write, group read.
+const FILE_MODE: u32 = 0o640;
+/// Extensions of the files captures write.
+const PLAIN_EXTENSIONS: [&str; 3] = ["pcap", "pcapng", "txt"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Gzip => "gz",
+            Self::Zstd => "zst",
+        }
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "gzip" => Ok(Self::Gzip),
+            "zstd" => Ok(Self::Zstd),
+            other => Err(format!("{other:?} is not a compression (gzip or zstd)")),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{0:?} is not a capture file name")]
+    BadName(String),
+    #[error("no capture file {0:?}")]
+    NotFound(String),
+    #[error("{name:?}: {source}")]
+    Io {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A file in the capture directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileEntry {
+    pub name: String,
+    pub size: u64,
+    pub modified: SystemTime,
+}
+
+#[derive(Debug)]
+pub struct CaptureDir {
+    dir: PathBuf,
+    max_files: usize,
+    compression: Compression,
+}
+
+/// Whether `name` may name a file of the capture directory: one path
+/// component, not hidden (temporary files are), printable.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+}
+
+impl CaptureDir {
+    pub fn new(
+        dir: impl Into<PathBuf>,
+        max_files: usize,
+        compression: Compression,
+    ) -> io::Result<Self> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir)?;
+        Ok(Self {
+            dir,
+            max_files,
+            compression,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Starts `<name>-<YYYYmmdd-HHMMSS>.<ext>` under a temporary name. A
+    /// name taken in the same second gets `-1`, `-2`, … appended.
+    pub fn create(
+        &self,
+        name: &str,
+        extension: &str,
+        unix_secs: i64,
+        limit: u64,
+    ) -> io::Result<Output> {
+        if !valid_name(name) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{name:?} cannot be used in a file name"),
+            ));
+        }
+        let stamp = crate::civil::file_stamp(unix_secs);
+        for n in 0.. {
+            let file_name = match n {
+                0 => format!("{name}-{stamp}.{extension}"),
+                n => format!("{name}-{stamp}-{n}.{extension}"),
+            };
+            let final_path = self.dir.join(&file_name);
+            if self.taken(&file_name) {
+                continue;
+            }
+            let temp = self.dir.join(format!(".{file_name}{PARTIAL}"));
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(FILE_MODE)
+                .open(&temp)
+            {
+                Ok(file) => {
+                    return Ok(Output {
+                        file,
+                        temp,
+                        final_path,
+                        buf: Vec::with_capacity(FLUSH_BYTES * 2),
+                        written: 0,
+                        limit,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the name counter is unbounded")
+    }
+
+    /// Whether a completed file of that name exists, plain or compressed.
+    fn taken(&self, file_name: &str) -> bool {
+        [
+            String::new(),
+            format!(".{}", Compression::Gzip.extension()),
+            format!(".{}", Compression::Zstd.extension()),
+        ]
+        .iter()
+        .any(|suffix| self.dir.join(format!("{file_name}{suffix}")).exists())
+    }
+
+    /// At start: temporary files left by an interrupted capture become whole
+    /// files cut at their last whole record, or go; half-written compressed
+    /// copies go (their plain file is still there). Returns what was kept.
+    pub fn recover(&self) -> io::Result<Vec<PathBuf>> {
+        let mut kept = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            let Some(final_name) = file_name
+                .strip_prefix('.')
+                .and_then(|n| n.strip_suffix(PARTIAL))
+            else {
+                continue;
+            };
+            let temp = entry.path();
+            let final_path = self.dir.join(final_name);
+            let whole = whole_length(&temp, final_name)?;
+            match whole {
+                Some(len) if !final_path.exists() => {
+                    let file = OpenOptions::new().write(true).open(&temp)?;
+                    file.set_len(len)?;
+                    file.sync_all()?;
+                    fs::rename(&temp, &final_path)?;
+                    tracing::info!(file = %final_path.display(), bytes = len, "recovered an interrupted capture file");
+                    kept.push(final_path);
+                }
+                _ => {
+                    fs::remove_file(&temp)?;
+                    tracing::info!(file = %temp.display(), "removed an unfinished file");
+                }
+            }
+        }
+        Ok(kept)
+    }
+
+    /// Completed files (plain and compressed), oldest first.
+    fn completed(&self) -> io::Result<Vec<(PathBuf, FileEntry)>> {
+        let mut files = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !valid_name(&name) {
+                continue;
+            }
+            let meta = entry.metadata()?;
+            if !meta.is_file() {
+                continue;
+            }
+            files.push((
+                entry.path(),
+                FileEntry {
+                    name,
+                    size: meta.len(),
+                    modified: meta.modified()?,
+                },
+            ));
+        }
+        files.sort_by(|a, b| (a.1.modified, &a.1.name).cmp(&(b.1.modified, &b.1.name)));
+        Ok(files)
+    }
+
+    /// Capture files, newest first.
+    pub fn list(&self) -> io::Result<Vec<FileEntry>> {
+        let mut files: Vec<FileEntry> = self.completed()?.into_iter().map(|(_, e)| e).collect();
+        files.reverse();
+        Ok(files)
+    }
+
+    /// Opens a file for download: a valid name of a regular file directly in
+    /// the directory, never through a symbolic link.
+    pub fn open(&self, name: &str) -> Result<(File, u64), FileError> {
+        if !valid_name(name) {
+            return Err(FileError::BadName(name.to_owned()));
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(self.dir.join(name))
+            .map_err(|source| match source.kind() {
+                io::ErrorKind::NotFound => FileError::NotFound(name.to_owned()),
+                _ if source.raw_os_error() == Some(libc::ELOOP) => {
+                    FileError::NotFound(name.to_owned())
+                }
+                _ => FileError::Io {
+                    name: name.to_owned(),
+                    source,
+                },
+            })?;
+        let meta = file.metadata().map_err(|source| FileError::Io {
+            name: name.to_owned(),
+            source,
+        })?;
+        if !meta.is_file() {
+            return Err(FileError::NotFound(name.to_owned()));
+        }
+        Ok((file, meta.size()))
+    }
+
+    /// Compresses every completed plain file but the newest, then removes
+    /// the oldest files beyond `max_files`. Meant for a low-priority thread.
+    pub fn maintain(&self) -> io::Result<()> {
+        let files = self.completed()?;
+        let plain: Vec<&PathBuf> = files
+            .iter()
+            .filter(|(p, _)| is_plain(p))
+            .map(|(p, _)| p)
+            .collect();
+        if let Some((_, older)) = plain.split_last() {
+            for path in older {
+                if let Err(e) = self.compress(path) {
+                    tracing::warn!(file = %path.display(), error = %e, "compressing a capture file failed");
+                }
+            }
+        }
+        let files = self.completed()?;
+        let excess = files.len().saturating_sub(self.max_files);
+        for (path, _) in files.iter().take(excess) {
+            fs::remove_file(path)?;
+            tracing::info!(file = %path.display(), max_files = self.max_files, "removed an old capture file");
+        }
+        Ok(())
+    }
+
+    fn compress(&self, path: &Path) -> io::Result<PathBuf> {
+        let file_name = path
+            .file_name()
+            .expect("listed files have names")
+            .to_string_lossy();
+        let compressed_name = format!("{file_name}.{}", self.compression.extension());
+        let target = self.dir.join(&compressed_name);
+        let temp = self.dir.join(format!(".{compressed_name}{PARTIAL}"));
+        let mut input = File::open(path)?;
+        let modified = input.metadata()?.modified()?;
+        let out = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(FILE_MODE)
+            .open(&temp)?;
+        let result = (|| -> io::Result<File> {
+            match self.compression {
+                Compression::Gzip => {
+                    let mut enc = flate2::write::GzEncoder::new(out, flate2::Compression::fast());
+                    io::copy(&mut input, &mut enc)?;
+                    enc.finish()
+                }
+                Compression::Zstd => {
+                    let mut enc = zstd::Encoder::new(out, 1)?;
+                    io::copy(&mut input, &mut enc)?;
+                    enc.finish()
+                }
+            }
+        })();
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => {
+                let _ = fs::remove_file(&temp);
+                return Err(e);
+            }
+        };
+        out.sync_all()?;
+        // The compressed copy keeps the capture's time, so age ordering holds.
+        out.set_modified(modified)?;
+        fs::rename(&temp, &target)?;
+        fs::remove_file(path)?;
+        Ok(target)
+    }
+}
+
+fn is_plain(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| PLAIN_EXTENSIONS.contains(&e))
+}
+
+/// The length of the whole records at the start of an unfinished file, by
+/// its format; `None` when nothing usable is there.
+fn whole_length(path: &Path, final_name: &str) -> io::Result<Option<u64>> {
+    let extension = final_name.rsplit('.').next().unwrap_or_default();
+    if !PLAIN_EXTENSIONS.contains(&extension) {
+        return Ok(None);
+    }
+    let mut bytes = Vec::new();
+    File::open(path)?.read_to_end(&mut bytes)?;
+    let whole = match extension {
+        "pcap" => writer::pcap_whole_prefix(&bytes),
+        "pcapng" => writer::pcapng_whole_prefix(&bytes),
+        _ => bytes.iter().rposition(|&b| b == b'\n').map(|i| i + 1),
+    };
+    Ok(whole.filter(|&n| n > 0).map(|n| n as u64))
+}
+
+/// Bytes gathered before they are written: whole records only reach the file.
+const FLUSH_BYTES: usize = 256 * 1024;
+
+/// A capture file being written.
+#[derive(Debug)]
+pub struct Output {
+    file: File,
+    temp: PathBuf,
+    final_path: PathBuf,
+    buf: Vec<u8>,
+    /// Bytes in the file, all of them whole records.
+    written: u64,
+    /// The file may not grow beyond this many bytes.
+    limit: u64,
+}
+
+/// The record would take the file past its size limit.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Full;
+
+impl Output {
+    /// Where the file will be once complete.
+    pub fn final_path(&self) -> &Path {
+        &self.final_path
+    }
+
+    /// Bytes written or waiting to be.
+    pub fn size(&self) -> u64 {
+        self.written + self.buf.len() as u64
+    }
+
+    /// Appends one record built by `encode`; refuses it whole if it would
+    /// take the file past the limit. The caller flushes (see [`Output::pending`]).
+    pub fn append(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<(), Full> {
+        let before = self.buf.len();
+        encode(&mut self.buf);
+        if self.written + self.buf.len() as u64 > self.limit {
+            self.buf.truncate(before);
+            return Err(Full);
+        }
+        Ok(())
+    }
+
+    /// Writes the gathered records. On failure the file is cut back to its
+    /// last whole record, so it stays readable.
+    pub fn flush(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        match self.file.write_all(&self.buf) {
+            Ok(()) => {
+                self.written += self.buf.len() as u64;
+                self.buf.clear();
+                Ok(())
+            }
+            Err(e) => {
+                self.buf.clear();
+                let _ = self.file.set_len(self.written);
+                Err(e)
+            }
+        }
+    }
+
+    /// Bytes gathered but not yet written (lost if the flush fails).
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether enough has gathered to be worth a write.
+    pub fn wants_flush(&self) -> bool {
+        self.buf.len() >= FLUSH_BYTES
+    }
+
+    /// Removes the unfinished file.
+    pub fn abandon(self) {
+        let _ = fs::remove_file(&self.temp);
+    }
+
+    /// Writes what remains and gives the file its final name.
+    pub fn commit(mut self) -> io::Result<(PathBuf, u64)> {
+        let flushed = self.flush();
+        self.file.sync_data()?;
+        fs::rename(&self.temp, &self.final_path)?;
+        flushed.map(|()| (self.final_path, self.written))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writer::{Direction, Encoder, Meta};
+    use packet_capture_common::crd::OutputFormat;
+    use std::collections::HashMap;
+    use std::os::unix::fs::symlink;
+
+    fn dir() -> (tempfile::TempDir, CaptureDir) {
+        let t = tempfile::tempdir().unwrap();
+        let d = CaptureDir::new(t.path(), 3, Compression::Gzip).unwrap();
+        (t, d)
+    }
+
+    fn pcap_with(n: usize) -> Vec<u8> {
+        let mut enc = Encoder::new(OutputFormat::Pcap, 262_144);
+        let mut out = Vec::new();
+        enc.file_header(&mut out);
+        let meta = Meta {
+            unix_ns: 1,
+            ifindex: 1,
+            direction: Direction::In,
+            orig_len: 60,
+        };
+        for _ in 0..n {
+            enc.encode(&mut out, &meta, &[0u8; 60], &HashMap::new());
+        }
+        out
+    }
+
+    #[test]
+    fn names_are_one_plain_component() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../x",
+            "/etc/passwd",
+            "a/b",
+            ".hidden.pcap.partial",
+            "x%2f..",
+            "a\0b",
+        ] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+        assert!(valid_name("web-20231201-143022.pcap.gz"));
+    }
+
+    #[test]
+    fn files_appear_only_when_whole() {
+        let (_t, d) = dir();
+        let mut out = d.create("cap", "pcap", 1_701_441_022, u64::MAX).unwrap();
+        out.append(|b| b.extend_from_slice(&pcap_with(1))).unwrap();
+        assert_eq!(d.list().unwrap(), []);
+        let (path, size) = out.commit().unwrap();
+        assert_eq!(path.file_name().unwrap(), "cap-20231201-143022.pcap");
+        let listed = d.list().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].size, size);
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o640);
+        // The same name in the same second does not clobber it.
+        let again = d.create("cap", "pcap", 1_701_441_022, u64::MAX).unwrap();
+        assert_eq!(
+            again.final_path().file_name().unwrap(),
+            "cap-20231201-143022-1.pcap"
+        );
+    }
+
+    #[test]
+    fn the_limit_refuses_whole_records() {
+        let (_t, d) = dir();
+        let mut out = d.create("cap", "pcap", 0, 100).unwrap();
+        out.append(|b| b.extend_from_slice(&[0; 60])).unwrap();
+        assert_eq!(out.append(|b| b.extend_from_slice(&[0; 60])), Err(Full));
+        assert_eq!(out.size(), 60);
+    }
+
+    #[test]
+    fn recovery_cuts_at_the_last_whole_record() {
+        let (_t, d) = dir();
+        let mut bytes = pcap_with(3);
+        bytes.truncate(bytes.len() - 10);
+        fs::write(d.path().join(".cut-20231201-143022.pcap.partial"), &bytes).unwrap();
+        fs::write(
+            d.path().join(".empty-20231201-143022.pcap.partial"),
+            b"\xd4\xc3",
+        )
+        .unwrap();
+        fs::write(d.path().join(".x-20231201-143022.pcap.gz.partial"), b"junk").unwrap();
+        let kept = d.recover().unwrap();
+        assert_eq!(kept.len(), 1);
+        let recovered = fs::read(&kept[0]).unwrap();
+        assert_eq!(recovered, pcap_with(2));
+        let names: Vec<String> = d.list().unwrap().into_iter().map(|e| e.name).collect();
+        assert_eq!(names, ["cut-20231201-143022.pcap"]);
+        assert_eq!(
+            fs::read_dir(d.path()).unwrap().count(),
+            1,
+            "temporary files are gone"
+        );
+    }
+
+    #[test]
+    fn maintain_compresses_all_but_the_newest_and_keeps_max_files() {
+        let (_t, d) = dir();
+        for i in 0..5 {
+            let mut out = d
+                .create(&format!("c{i}"), "pcap", 1_000 + i, u64::MAX)
+                .unwrap();
+            out.append(|b| b.extend_from_slice(&pcap_with(10))).unwrap();
+            let (path, _) = out.commit().unwrap();
+            let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000 + i as u64);
+            File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        d.maintain().unwrap();
+        let names: Vec<String> = d.list().unwrap().into_iter().map(|e| e.name).collect();
+        assert_eq!(
+            names,
+            [
+                "c4-19700101-001644.pcap",
+                "c3-19700101-001643.pcap.gz",
+                "c2-19700101-001642.pcap.gz",
+            ]
+        );
+        let mut gz = flate2::read::GzDecoder::new(File::open(d.path().join(&names[1])).unwrap());
+        let mut plain = Vec::new();
+        gz.read_to_end(&mut plain).unwrap();
+        assert_eq!(plain, pcap_with(10));
+    }
+
+    #[test]
+    fn open_refuses_anything_but_a_regular_file_inside() {
+        let (t, d) = dir();
+        fs::write(t.path().join("ok.pcap"), b"x").unwrap();
+        symlink("/etc/passwd", t.path().join("link.pcap")).unwrap();
+        fs::create_dir(t.path().join("sub.pcap")).unwrap();
+        assert_eq!(d.open("ok.pcap").unwrap().1, 1);
+        for (name, want) in [
+            ("link.pcap", "no capture file"),
+            ("sub.pcap", "no capture file"),
+            ("../ok.pcap", "is not a capture file name"),
+            ("/etc/passwd", "is not a capture file name"),
+            ("missing.pcap", "no capture file"),
+        ] {
+            let err = d.open(name).unwrap_err().to_string();
+            assert!(err.contains(want), "{name}: {err}");
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! tcpdump filter expressions, compiled by libpcap and run on captured
+//! frames in user space.
+
+use std::fmt::Write as _;
+
+use ipnet::IpNet;
+
+/// One classic BPF instruction, as libpcap lays it out (`struct bpf_insn`).
+#[repr(C)]
+struct BpfInsn {
+    code: u16,
+    jt: u8,
+    jf: u8,
+    k: u32,
+}
+
+unsafe extern "C" {
+    /// libpcap's classic BPF interpreter: runs `pc` on `buflen` bytes of a
+    /// packet that was `wirelen` bytes long; non-zero means "accept".
+    fn bpf_filter(pc: *const BpfInsn, pkt: *const u8, wirelen: u32, buflen: u32) -> u32;
+}
+
+/// A compiled tcpdump expression for Ethernet frames.
+pub struct Filter {
+    program: pcap::BpfProgram,
+    expression: String,
+}
+
+impl std::fmt::Debug for Filter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Filter")
+            .field("expression", &self.expression)
+            .finish()
+    }
+}
+
+impl Filter {
+    /// Compiles `expression` as tcpdump would for an Ethernet interface; the
+    /// error is libpcap's message.
+    pub fn compile(expression: &str) -> Result<Self, String> {
+        let dead = pcap::Capture::dead(pcap::Linktype::ETHERNET).map_err(|e| e.to_string())?;
+        let program = dead.compile(expression, true).map_err(|e| match e {
+            pcap::Error::PcapError(msg) => msg,
+            other => other.to_string(),
+        })?;
+        Ok(Self {
+            program,
+            expression: expression.to_owned(),
+        })
+    }
+
+    pub fn expression(&self) -> &str {
+        &self.expression
+    }
+
+    /// Whether the frame passes; `data` may be shorter than `wire_len`.
+    pub fn matches(&self, data: &[u8], wire_len: u32) -> bool {
+        let insns = self.program.get_instructions();
+        if insns.is_empty() {
+            return true;
+        }
+        // SAFETY: pcap::BpfInstruction is a transparent `struct bpf_insn`,
+        // the program outlives the call, and bpf_filter checks every load
+        // against `buflen`.
+        unsafe {
+            bpf_filter(
+                insns.as_ptr().cast::<BpfInsn>(),
+                data.as_ptr(),
+                wire_len,
+                data.len() as u32,
+            ) != 0
+        }
+    }
+}
+
+/// The tcpdump expression that selects what a capture asks for:
+/// `(host a or net b) and (port x or port y) and (filter)`, each part left
+/// out when it is empty.
+pub fn selection_expression(targets: &[IpNet], ports: &[u16], filter: &str) -> String {
+    let mut parts = Vec::new();
+    if !targets.is_empty() {
+        let mut hosts = String::new();
+        for (i, net) in targets.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " or " };
+            if net.prefix_len() == net.max_prefix_len() {
+                let _ = write!(hosts, "{sep}host {}", net.addr());
+            } else {
+                let _ = write!(hosts, "{sep}net {net}");
+            }
+        }
+        parts.push(format!("({hosts})"));
+    }
+    if !ports.is_empty() {
+        let list: Vec<String> = ports.iter().map(|p| format!("port {p}")).collect();
+        parts.push(format!("({})", list.join(" or ")));
+    }
+    if !filter.trim().is_empty() {
+        parts.push(format!("({filter})"));
+    }
+    parts.join(" and ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn syntax_errors_carry_libpcaps_message() {
+        let err = Filter::compile("tcp and and").unwrap_err();
+        assert!(err.contains("syntax error"), "{err}");
+        let err = Filter::compile("port 99999").unwrap_err();
+        assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
+    fn runs_on_frames_with_the_wire_length() {
+        let mut frame = vec![0u8; 60];
+        frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        frame[14] = 0x45;
+        frame[23] = 17; // UDP
+        let udp = Filter::compile("udp").unwrap();
+        let tcp = Filter::compile("tcp").unwrap();
+        assert!(udp.matches(&frame, 60));
+        assert!(!tcp.matches(&frame, 60));
+        let long = Filter::compile("greater 1000").unwrap();
+        assert!(
+            long.matches(&frame, 1500),
+            "uses the wire length, not the bytes kept"
+        );
+        assert!(!long.matches(&frame, 60));
+        assert!(Filter::compile("").unwrap().matches(&frame, 60));
+    }
+
+    #[test]
+    fn selection_expressions() {
+        let targets: Vec<IpNet> = ["10.0.0.1/32", "10.1.0.0/16", "fd00::1/128"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(
+            selection_expression(&targets, &[80, 443], "tcp"),
+            "(host 10.0.0.1 or net 10.1.0.0/16 or host fd00::1) and (port 80 or port 443) and (tcp)"
+        );
+        assert_eq!(selection_expression(&[], &[], " "), "");
+        let e = selection_expression(&targets, &[53], "udp");
+        Filter::compile(&e).expect("libpcap accepts what we generate");
+    }
+}
