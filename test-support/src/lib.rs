@@ -4,9 +4,12 @@
 //! Every namespace and link is named after the test process, and removed on
 //! drop, so a failed test leaves nothing behind and tests can run side by side.
 
+pub mod capfile;
 pub mod netns;
+pub mod tcpdump;
 
 pub use netns::{Netns, VethPair};
+pub use tcpdump::Tcpdump;
 
 /// Checks that the test can use root, BPF and network namespaces.
 ///

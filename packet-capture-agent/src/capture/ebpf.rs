@@ -6,9 +6,9 @@
 //! next one.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
@@ -26,9 +26,11 @@ use crate::writer::{Direction, Meta};
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 pub enum Command {
+    /// Install a sink; the reader answers on `installed` once it is in place.
     Add {
         slot: usize,
         sink: Box<Sink>,
+        installed: std::sync::mpsc::SyncSender<()>,
     },
     /// End a capture; the kernel no longer selects for its slot.
     Remove {
@@ -43,9 +45,25 @@ pub enum Command {
     Shutdown,
 }
 
+/// The reader's command queue, with an eventfd that wakes it at once.
+struct Commands {
+    queue: Sender<Command>,
+    wake: OwnedFd,
+}
+
+impl Commands {
+    fn send(&self, cmd: Command) {
+        if self.queue.send(cmd).is_ok() {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writing 8 bytes to our eventfd.
+            unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        }
+    }
+}
+
 pub struct EbpfBackend {
     kernel: Mutex<Kernel>,
-    commands: Sender<Command>,
+    commands: Commands,
     free: Mutex<VecDeque<usize>>,
     reader: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -57,13 +75,21 @@ impl EbpfBackend {
         ring: RingBuf<MapData>,
         ended: tokio::sync::mpsc::UnboundedSender<Ended>,
     ) -> std::io::Result<Self> {
-        let (commands, rx) = std::sync::mpsc::channel();
+        let (queue, rx) = std::sync::mpsc::channel();
+        // SAFETY: eventfd(2) returns a new descriptor, owned right away.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nobody else owns.
+        let wake = unsafe { OwnedFd::from_raw_fd(raw) };
+        let woken = wake.try_clone()?;
         let reader = std::thread::Builder::new()
             .name("ring-reader".into())
-            .spawn(move || Reader::new(ring, rx, ended).run())?;
+            .spawn(move || Reader::new(ring, rx, woken, ended).run())?;
         Ok(Self {
             kernel: Mutex::new(kernel),
-            commands,
+            commands: Commands { queue, wake },
             free: Mutex::new((0..MAX_SLOTS).collect()),
             reader: Mutex::new(Some(reader)),
         })
@@ -82,7 +108,7 @@ impl EbpfBackend {
     }
 
     pub fn set_names(&self, names: HashMap<u32, String>) {
-        let _ = self.commands.send(Command::Names(names));
+        self.commands.send(Command::Names(names));
     }
 
     /// Installs `sink` and makes the kernel select `targets` for it; returns
@@ -94,16 +120,23 @@ impl EbpfBackend {
             .expect("free slots")
             .pop_front()
             .ok_or_else(|| format!("the agent runs {MAX_SLOTS} captures already"))?;
-        let mut kernel = self.kernel();
-        let baseline = kernel.slot_lost(slot).unwrap_or(0);
-        // The sink is in place before the kernel selects anything for it.
-        let _ = self.commands.send(Command::Add {
+        // The sink is in place before the kernel selects anything for it,
+        // so no record can reach the reader ahead of its sink.
+        let (installed, done) = std::sync::mpsc::sync_channel(1);
+        self.commands.send(Command::Add {
             slot,
             sink: Box::new(sink),
+            installed,
         });
+        if done.recv().is_err() {
+            self.free.lock().expect("free slots").push_back(slot);
+            return Err("the ring-buffer reader has stopped".into());
+        }
+        let mut kernel = self.kernel();
+        let baseline = kernel.slot_lost(slot).unwrap_or(0);
         if let Err(e) = kernel.set_slot(slot, targets) {
             let _ = kernel.clear_slot(slot);
-            let _ = self.commands.send(Command::Discard { slot });
+            self.commands.send(Command::Discard { slot });
             self.free.lock().expect("free slots").push_back(slot);
             return Err(format!("programming the kernel maps: {e}"));
         }
@@ -114,7 +147,7 @@ impl EbpfBackend {
     /// the reader finishes the sink after what is already in the ring.
     pub fn remove(&self, slot: usize, reason: EndReason) {
         self.release(slot);
-        let _ = self.commands.send(Command::Remove { slot, reason });
+        self.commands.send(Command::Remove { slot, reason });
     }
 
     /// Frees a slot whose sink has ended.
@@ -149,7 +182,7 @@ impl EbpfBackend {
 
     /// Stops the reader (captures must have ended) and waits for it.
     pub fn shutdown(&self) {
-        let _ = self.commands.send(Command::Shutdown);
+        self.commands.send(Command::Shutdown);
         if let Some(reader) = self.reader.lock().expect("reader").take() {
             let _ = reader.join();
         }
@@ -159,6 +192,8 @@ impl EbpfBackend {
 struct Reader {
     ring: RingBuf<MapData>,
     commands: Receiver<Command>,
+    /// Readable when commands wait.
+    woken: OwnedFd,
     ended: tokio::sync::mpsc::UnboundedSender<Ended>,
     sinks: Vec<Option<Sink>>,
     names: HashMap<u32, String>,
@@ -171,11 +206,13 @@ impl Reader {
     fn new(
         ring: RingBuf<MapData>,
         commands: Receiver<Command>,
+        woken: OwnedFd,
         ended: tokio::sync::mpsc::UnboundedSender<Ended>,
     ) -> Self {
         Self {
             ring,
             commands,
+            woken,
             ended,
             sinks: (0..MAX_SLOTS).map(|_| None).collect(),
             names: HashMap::new(),
@@ -185,30 +222,25 @@ impl Reader {
 
     fn run(mut self) {
         loop {
-            if self.sinks.iter().all(Option::is_none) {
-                // Nothing to read for: sleep until told otherwise.
-                match self.commands.recv_timeout(Duration::from_secs(1)) {
-                    Ok(cmd) => {
-                        if !self.handle(cmd) {
-                            return;
-                        }
-                    }
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => return,
-                }
-                // Records of ended captures may still be in the ring.
-                self.drain();
-                continue;
-            }
-            wait_readable(self.ring.as_raw_fd(), POLL_INTERVAL);
-            self.drain();
-            for slot in 0..MAX_SLOTS {
-                if let Some(sink) = self.sinks[slot].as_mut()
-                    && let Err(reason) = sink.flush()
-                {
-                    self.end(slot, reason);
-                }
-            }
+            // With captures running, records may wait in the ring without a
+            // wake-up (they come in batches): look every POLL_INTERVAL.
+            let active = self.sinks.iter().any(Option::is_some);
+            let timeout = if active {
+                POLL_INTERVAL
+            } else {
+                Duration::from_secs(1)
+            };
+            wait_readable(&[self.ring.as_raw_fd(), self.woken.as_raw_fd()], timeout);
+            let mut count = [0u8; 8];
+            // SAFETY: reading the eventfd's counter into 8 bytes we own.
+            unsafe {
+                libc::read(
+                    self.woken.as_raw_fd(),
+                    count.as_mut_ptr().cast(),
+                    count.len(),
+                )
+            };
+            // Commands first: a sink must be in place before its records.
             loop {
                 match self.commands.try_recv() {
                     Ok(cmd) => {
@@ -220,13 +252,28 @@ impl Reader {
                     Err(TryRecvError::Disconnected) => return,
                 }
             }
+            self.drain();
+            for slot in 0..MAX_SLOTS {
+                if let Some(sink) = self.sinks[slot].as_mut()
+                    && let Err(reason) = sink.flush()
+                {
+                    self.end(slot, reason);
+                }
+            }
         }
     }
 
     /// Returns false when the reader must stop.
     fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
-            Command::Add { slot, sink } => self.sinks[slot] = Some(*sink),
+            Command::Add {
+                slot,
+                sink,
+                installed,
+            } => {
+                self.sinks[slot] = Some(*sink);
+                let _ = installed.send(());
+            }
             Command::Remove { slot, reason } => {
                 // What the kernel selected before the slot was cleared
                 // belongs to the capture.
@@ -335,15 +382,24 @@ fn realtime_offset_ns() -> i64 {
     read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
 }
 
-/// Waits until `fd` is readable or `timeout` passes.
-pub fn wait_readable(fd: i32, timeout: Duration) {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
+/// Waits until one of `fds` is readable or `timeout` passes.
+pub fn wait_readable(fds: &[RawFd], timeout: Duration) {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: a valid array of pollfd of the length given.
+    unsafe {
+        libc::poll(
+            pfds.as_mut_ptr(),
+            pfds.len() as libc::nfds_t,
+            timeout.as_millis() as i32,
+        )
     };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
 }
 
 #[cfg(test)]

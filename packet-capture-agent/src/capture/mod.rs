@@ -182,6 +182,8 @@ struct Capture {
 
 struct Inner {
     config: EngineConfig,
+    /// The runtime the engine started on, for its timers.
+    runtime: tokio::runtime::Handle,
     backend: Backend,
     captures: Mutex<BTreeMap<String, Arc<Capture>>>,
     maintain: std::sync::mpsc::Sender<()>,
@@ -207,6 +209,7 @@ impl Engine {
         let maintain = spawn_maintenance(config.files.clone())?;
         let inner = Arc::new(Inner {
             config,
+            runtime: tokio::runtime::Handle::current(),
             backend,
             captures: Mutex::new(BTreeMap::new()),
             maintain,
@@ -355,7 +358,7 @@ impl Engine {
         let engine = self.clone();
         let id = req.id.clone();
         let duration = spec.duration;
-        *capture.timer.lock().expect("timer") = Some(tokio::spawn(async move {
+        *capture.timer.lock().expect("timer") = Some(self.inner.runtime.spawn(async move {
             tokio::time::sleep(duration).await;
             engine.end(&id, EndReason::Duration(duration.as_secs()));
         }));

@@ -54,6 +54,17 @@ struct Handle {
     /// The link carries no Ethernet header (DLT_RAW): one is put in front.
     raw_ip: bool,
     cap: pcap::Capture<pcap::Active>,
+    /// Packets read from the socket.
+    read: u64,
+}
+
+impl Handle {
+    /// Whether every packet the kernel queued on the socket has been read.
+    fn caught_up(&mut self) -> bool {
+        self.cap.stats().map_or(true, |s| {
+            self.read >= u64::from(s.received.saturating_sub(s.dropped))
+        })
+    }
 }
 
 fn open(link: &Link, direction: Direction, selection: &Selection) -> Result<Handle, String> {
@@ -92,6 +103,7 @@ fn open(link: &Link, direction: Direction, selection: &Selection) -> Result<Hand
         direction,
         raw_ip,
         cap,
+        read: 0,
     })
 }
 
@@ -194,7 +206,8 @@ impl PcapBackend {
             ended: self.ended.clone(),
             kernel_drops: kernel_drops.clone(),
             closed_drops: 0,
-            frame: Vec::new(),
+            arena: Vec::new(),
+            batch: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("pcap-{id}"))
@@ -233,7 +246,15 @@ struct Worker {
     kernel_drops: Arc<AtomicU64>,
     /// Drops of sockets already closed.
     closed_drops: u64,
-    frame: Vec<u8>,
+    /// One round's packets, copied out of the sockets to be put in order.
+    arena: Vec<u8>,
+    batch: Vec<Queued>,
+}
+
+/// A packet of the current round: its metadata and its bytes in the arena.
+struct Queued {
+    meta: Meta,
+    range: std::ops::Range<usize>,
 }
 
 impl Worker {
@@ -276,19 +297,42 @@ impl Worker {
                 Ok(Command::Link(link)) => self.add_link(&link),
                 Ok(Command::LinkGone(index)) => self.drop_link(index),
                 Ok(Command::Names(names)) => self.names = names,
-                Ok(Command::Stop(reason)) => {
-                    // What the sockets already hold belongs to the capture.
-                    let reason = self.read_all().unwrap_or(reason);
-                    return Some(Some(reason));
-                }
+                Ok(Command::Stop(reason)) => return Some(Some(self.read_rest().unwrap_or(reason))),
                 Err(TryRecvError::Empty) => return Some(None),
                 Err(TryRecvError::Disconnected) => return None,
             }
         }
     }
 
+    /// Reads until every socket has handed over what its kernel side
+    /// queued: what arrived before the stop belongs to the capture.
+    fn read_rest(&mut self) -> Option<EndReason> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            if let Some(reason) = self.read_all() {
+                return Some(reason);
+            }
+            if self.handles.iter_mut().all(Handle::caught_up)
+                || std::time::Instant::now() > deadline
+            {
+                return None;
+            }
+            super::ebpf::wait_readable(&self.fds(), Duration::from_millis(5));
+        }
+    }
+
+    fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.handles
+            .iter()
+            .map(|h| std::os::fd::AsRawFd::as_raw_fd(&h.cap))
+            .collect()
+    }
+
+    /// Reads what every socket holds and hands it to the sink in time
+    /// order (each socket sees one interface and one direction).
     fn read_all(&mut self) -> Option<EndReason> {
-        let sink = self.sink.as_mut()?;
+        self.batch.clear();
+        self.arena.clear();
         let mut gone = Vec::new();
         for (i, h) in self.handles.iter_mut().enumerate() {
             loop {
@@ -301,39 +345,44 @@ impl Worker {
                         break;
                     }
                 };
-                let ts = packet.header.ts;
+                h.read += 1;
+                let start = self.arena.len();
                 let mut orig_len = packet.header.len;
-                let frame = if h.raw_ip {
+                if h.raw_ip {
+                    // No link header on this interface: put an Ethernet one in front.
                     let ethertype: u16 = match packet.data.first().map(|b| b >> 4) {
                         Some(6) => 0x86dd,
                         _ => 0x0800,
                     };
-                    self.frame.clear();
-                    self.frame.extend_from_slice(&[0; 12]);
-                    self.frame.extend_from_slice(&ethertype.to_be_bytes());
-                    self.frame.extend_from_slice(packet.data);
+                    self.arena.extend_from_slice(&[0; 12]);
+                    self.arena.extend_from_slice(&ethertype.to_be_bytes());
                     orig_len += 14;
-                    &self.frame[..]
-                } else {
-                    packet.data
-                };
-                let meta = Meta {
-                    // With nanosecond precision libpcap puts nanoseconds in tv_usec.
-                    unix_ns: ts.tv_sec as u64 * 1_000_000_000 + ts.tv_usec as u64,
-                    ifindex: h.ifindex,
-                    direction: h.direction,
-                    orig_len,
-                };
-                if let Some(reason) = sink.offer(&meta, frame, &self.names) {
-                    return Some(reason);
                 }
+                self.arena.extend_from_slice(packet.data);
+                let ts = packet.header.ts;
+                self.batch.push(Queued {
+                    meta: Meta {
+                        // With nanosecond precision libpcap puts nanoseconds in tv_usec.
+                        unix_ns: ts.tv_sec as u64 * 1_000_000_000 + ts.tv_usec as u64,
+                        ifindex: h.ifindex,
+                        direction: h.direction,
+                        orig_len,
+                    },
+                    range: start..self.arena.len(),
+                });
             }
         }
-        let flushed = sink.flush().err();
         for i in gone.into_iter().rev() {
             self.close(i);
         }
-        flushed
+        let sink = self.sink.as_mut()?;
+        self.batch.sort_by_key(|q| q.meta.unix_ns);
+        for q in &self.batch {
+            if let Some(reason) = sink.offer(&q.meta, &self.arena[q.range.clone()], &self.names) {
+                return Some(reason);
+            }
+        }
+        sink.flush().err()
     }
 
     fn add_link(&mut self, link: &Link) {
