@@ -100,6 +100,16 @@ pub fn selection_expression(targets: &[IpNet], ports: &[u16], filter: &str) -> S
     parts.join(" and ")
 }
 
+/// `expression` for frames with up to two VLAN tags too, as the eBPF
+/// programs match targets through tags: libpcap only looks past a tag after
+/// `vlan`, which shifts the offsets of what follows.
+pub fn through_vlans(expression: &str) -> String {
+    if expression.trim().is_empty() {
+        return String::new();
+    }
+    format!("({expression}) or (vlan and (({expression}) or (vlan and ({expression}))))")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,5 +154,7 @@ mod tests {
         assert_eq!(selection_expression(&[], &[], " "), "");
         let e = selection_expression(&targets, &[53], "udp");
         Filter::compile(&e).expect("libpcap accepts what we generate");
+        Filter::compile(&through_vlans(&e)).expect("and its VLAN form");
+        assert_eq!(through_vlans(""), "");
     }
 }

@@ -324,13 +324,15 @@ impl Engine {
                 Loss::Slot { slot, baseline }
             }
             Backend::Pcap(b) => {
-                let expression = selection_expression(&spec.targets, &spec.ports, &spec.filter);
+                // The kernel selects by targets and ports (through VLAN tags,
+                // as the eBPF programs do); the filter runs on the frames as
+                // written, alike on both backends.
                 let selection = pcap::Selection {
-                    expression,
-                    snaplen: spec.snaplen,
+                    expression: selection_expression(&spec.targets, &spec.ports, ""),
+                    snaplen: spec.snaplen.max(if filter.is_some() { FILTER_LOOKAHEAD } else { 0 }),
                 };
                 let drops = b
-                    .start(&req.id, selection, make_sink(destination, None))
+                    .start(&req.id, selection, make_sink(destination, filter))
                     .map_err(StartError::Unavailable)?;
                 Loss::Socket(drops)
             }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use super::Ended;
 use super::sink::{EndReason, Sink};
+use crate::filter::through_vlans;
 use crate::netlink::Link;
 use crate::writer::{Direction, Meta};
 
@@ -35,7 +36,7 @@ struct Running {
 /// What a capture's sockets select and keep.
 #[derive(Clone)]
 pub struct Selection {
-    /// The whole tcpdump expression (targets, ports, filter).
+    /// The tcpdump expression of the targets and ports.
     pub expression: String,
     pub snaplen: u32,
 }
@@ -95,8 +96,14 @@ fn open(link: &Link, direction: Direction, selection: &Selection) -> Result<Hand
             ));
         }
     };
+    // Ethernet frames may carry VLAN tags; link-less packets cannot.
+    let expression = if raw_ip {
+        selection.expression.clone()
+    } else {
+        through_vlans(&selection.expression)
+    };
     let mut cap = cap;
-    cap.filter(&selection.expression, true).map_err(fail)?;
+    cap.filter(&expression, true).map_err(fail)?;
     Ok(Handle {
         ifindex: link.index,
         name: link.name.clone(),
