@@ -257,6 +257,25 @@ impl Kernel {
         }
     }
 
+    /// (program, instructions the verifier processed, translated bytes) of
+    /// each program, to keep an eye on what a change costs.
+    pub fn program_sizes(&self) -> Vec<(String, u32, u32)> {
+        let mut sizes: Vec<(String, u32, u32)> = self
+            .ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some((
+                    name.to_owned(),
+                    info.verified_instruction_count().unwrap_or(0),
+                    info.size_translated().unwrap_or(0),
+                ))
+            })
+            .collect();
+        sizes.sort();
+        sizes
+    }
+
     /// Detaches from every interface (on older kernels the netlink filters
     /// would outlive the process otherwise).
     pub fn detach_all(&mut self) {

@@ -167,7 +167,11 @@ impl Options {
 
 /// Runs `body` with an engine in the lab's node namespace, writing to
 /// `<lab dir>/captures`.
-fn with_engine(lab: &Lab, options: Options, body: impl FnOnce(&Engine, &tokio::runtime::Runtime) + Send) {
+fn with_engine(
+    lab: &Lab,
+    options: Options,
+    body: impl FnOnce(&Engine, &tokio::runtime::Runtime) + Send,
+) {
     let Options {
         backend,
         ring_bytes,
@@ -318,7 +322,9 @@ fn each_backend(test: &str, scenario: impl Fn(&Lab, &Engine, &tokio::runtime::Ru
     }
     for backend in [BackendChoice::Ebpf, BackendChoice::Pcap] {
         let lab = Lab::new();
-        with_engine(&lab, Options::with(backend), |engine, rt| scenario(&lab, engine, rt));
+        with_engine(&lab, Options::with(backend), |engine, rt| {
+            scenario(&lab, engine, rt)
+        });
     }
 }
 
@@ -602,7 +608,10 @@ fn ring_buffer_losses_are_counted_exactly() {
         assert_eq!(theirs.len(), 5_000);
         let ours = capfile::read(Path::new(&ended.output_file));
         assert_eq!(ended.packets as usize, ours.len());
-        assert!(ended.dropped > 0, "the ring never overflowed; the test proves nothing");
+        assert!(
+            ended.dropped > 0,
+            "the ring never overflowed; the test proves nothing"
+        );
         assert_eq!(
             ended.dropped as usize,
             theirs.len() - ours.len(),
@@ -640,28 +649,39 @@ fn ended(engine: &Engine, rt: &tokio::runtime::Runtime, id: &str) -> CaptureStat
 
 #[test]
 fn vlan_tags_are_kept_as_libpcap_shows_them() {
-    each_backend("vlan_tags_are_kept_as_libpcap_shows_them", |lab, engine, rt| {
-        // The kernel takes the outer tag off received frames before TC sees
-        // them; the capture must put it back, and find IP behind the rest.
-        for (target, tags, expression) in [
-            ("10.96.0.2", &[(0x8100, 100)][..], "vlan 100 and host 10.96.0.2"),
-            (
-                "10.95.0.2",
-                &[(0x88a8, 200), (0x8100, 300)][..],
-                "vlan 200 and vlan 300 and host 10.95.0.2",
-            ),
-        ] {
-            let oracle = lab.file(&format!("{}.pcap", unique_name("td")));
-            let dump = Tcpdump::start(&lab.node, &lab.veth.a, expression, 262_144, &oracle);
-            let status = start(engine, spec(&[target], &[], ""));
-            let frame = tagged_udp(tags, target.parse().unwrap(), "10.0.0.1".parse().unwrap());
-            send_frames(&lab.peer, &lab.veth.b, &frame, 5);
-            let ended = stop(engine, rt, &status.id);
-            let (theirs, _) = dump.finish();
-            assert_eq!(theirs.len(), 5, "{expression}");
-            assert_same(&capfile::read(Path::new(&ended.output_file)), &theirs, expression);
-        }
-    });
+    each_backend(
+        "vlan_tags_are_kept_as_libpcap_shows_them",
+        |lab, engine, rt| {
+            // The kernel takes the outer tag off received frames before TC sees
+            // them; the capture must put it back, and find IP behind the rest.
+            for (target, tags, expression) in [
+                (
+                    "10.96.0.2",
+                    &[(0x8100, 100)][..],
+                    "vlan 100 and host 10.96.0.2",
+                ),
+                (
+                    "10.95.0.2",
+                    &[(0x88a8, 200), (0x8100, 300)][..],
+                    "vlan 200 and vlan 300 and host 10.95.0.2",
+                ),
+            ] {
+                let oracle = lab.file(&format!("{}.pcap", unique_name("td")));
+                let dump = Tcpdump::start(&lab.node, &lab.veth.a, expression, 262_144, &oracle);
+                let status = start(engine, spec(&[target], &[], ""));
+                let frame = tagged_udp(tags, target.parse().unwrap(), "10.0.0.1".parse().unwrap());
+                send_frames(&lab.peer, &lab.veth.b, &frame, 5);
+                let ended = stop(engine, rt, &status.id);
+                let (theirs, _) = dump.finish();
+                assert_eq!(theirs.len(), 5, "{expression}");
+                assert_same(
+                    &capfile::read(Path::new(&ended.output_file)),
+                    &theirs,
+                    expression,
+                );
+            }
+        },
+    );
 }
 
 /// An Ethernet frame with VLAN `tags` (TPID, VID) around a UDP datagram.
@@ -701,7 +721,11 @@ fn send_frames(ns: &Netns, iface: &str, frame: &[u8], count: usize) {
                 let ifindex = libc::if_nametoindex(name.as_ptr());
                 assert!(ifindex > 0, "no {iface}");
                 let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-                assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+                assert!(
+                    fd >= 0,
+                    "packet socket: {}",
+                    std::io::Error::last_os_error()
+                );
                 let mut addr: libc::sockaddr_ll = std::mem::zeroed();
                 addr.sll_family = libc::AF_PACKET as u16;
                 addr.sll_ifindex = ifindex as i32;
@@ -715,7 +739,12 @@ fn send_frames(ns: &Netns, iface: &str, frame: &[u8], count: usize) {
                         (&raw const addr).cast(),
                         std::mem::size_of::<libc::sockaddr_ll>() as u32,
                     );
-                    assert_eq!(n as usize, frame.len(), "{}", std::io::Error::last_os_error());
+                    assert_eq!(
+                        n as usize,
+                        frame.len(),
+                        "{}",
+                        std::io::Error::last_os_error()
+                    );
                 }
                 libc::close(fd);
             }
@@ -741,10 +770,18 @@ impl TunResponder {
             let name = device;
             let file = std::fs::File::open(format!("/run/netns/{ns_name}")).unwrap();
             // SAFETY: entering a namespace changes this thread only.
-            assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            assert_eq!(
+                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
             // SAFETY: open(2) of the tun device; the fd is owned at once.
-            let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-            assert!(fd >= 0, "open /dev/net/tun: {}", std::io::Error::last_os_error());
+            let fd =
+                unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+            assert!(
+                fd >= 0,
+                "open /dev/net/tun: {}",
+                std::io::Error::last_os_error()
+            );
             // SAFETY: fd is new and ours.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             let mut ifreq = [0u8; 40];
@@ -828,37 +865,49 @@ fn checksum(bytes: &[u8]) -> u16 {
 
 #[test]
 fn link_less_interfaces_get_an_ethernet_header() {
-    each_backend("link_less_interfaces_get_an_ethernet_header", |lab, engine, rt| {
-        let _tun = TunResponder::start(&lab.node, "pctun0", "10.94.0.1/24");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !engine.interfaces().iter().any(|i| i == "pctun0") {
-            assert!(Instant::now() < deadline, "pctun0 never attached");
-            std::thread::yield_now();
-        }
-        let oracle = lab.file("tun.pcap");
-        let dump = Tcpdump::start(&lab.node, "pctun0", "host 10.94.0.2", 262_144, &oracle);
-        let status = start(engine, spec(&["10.94.0.2"], &[], ""));
-        lab.ping("10.94.0.2", 3, 56);
-        let ended = stop(engine, rt, &status.id);
-        let (theirs, _) = dump.finish();
-        assert_eq!(theirs.len(), 6);
-        assert!(theirs.iter().all(|p| p.link_type == 101), "tcpdump sees raw IP on a tun");
-        let ours = capfile::read(Path::new(&ended.output_file));
-        assert_eq!(capfile::tshark_count(Path::new(&ended.output_file)), ours.len());
-        // Ours: the same IP packets behind an Ethernet header that says IPv4.
-        let unwrapped: Vec<Packet> = ours
-            .iter()
-            .map(|p| {
-                assert_eq!(&p.data[..14], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x08, 0x00]);
-                Packet {
-                    orig_len: p.orig_len - 14,
-                    data: p.data[14..].to_vec(),
-                    ..p.clone()
-                }
-            })
-            .collect();
-        assert_same(&unwrapped, &theirs, "tun");
-    });
+    each_backend(
+        "link_less_interfaces_get_an_ethernet_header",
+        |lab, engine, rt| {
+            let _tun = TunResponder::start(&lab.node, "pctun0", "10.94.0.1/24");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !engine.interfaces().iter().any(|i| i == "pctun0") {
+                assert!(Instant::now() < deadline, "pctun0 never attached");
+                std::thread::yield_now();
+            }
+            let oracle = lab.file("tun.pcap");
+            let dump = Tcpdump::start(&lab.node, "pctun0", "host 10.94.0.2", 262_144, &oracle);
+            let status = start(engine, spec(&["10.94.0.2"], &[], ""));
+            lab.ping("10.94.0.2", 3, 56);
+            let ended = stop(engine, rt, &status.id);
+            let (theirs, _) = dump.finish();
+            assert_eq!(theirs.len(), 6);
+            assert!(
+                theirs.iter().all(|p| p.link_type == 101),
+                "tcpdump sees raw IP on a tun"
+            );
+            let ours = capfile::read(Path::new(&ended.output_file));
+            assert_eq!(
+                capfile::tshark_count(Path::new(&ended.output_file)),
+                ours.len()
+            );
+            // Ours: the same IP packets behind an Ethernet header that says IPv4.
+            let unwrapped: Vec<Packet> = ours
+                .iter()
+                .map(|p| {
+                    assert_eq!(
+                        &p.data[..14],
+                        &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x08, 0x00]
+                    );
+                    Packet {
+                        orig_len: p.orig_len - 14,
+                        data: p.data[14..].to_vec(),
+                        ..p.clone()
+                    }
+                })
+                .collect();
+            assert_same(&unwrapped, &theirs, "tun");
+        },
+    );
 }
 
 #[test]
@@ -877,13 +926,22 @@ fn the_file_size_limit_stops_before_it_is_exceeded() {
             lab.ping(PEER_V4, 5, 1000);
             let ended = ended(engine, rt, &status.id);
             assert_eq!(ended.state, State::Completed, "{ended:?}");
-            assert!(ended.message.contains("MAX_CAPTURE_FILE_SIZE_MB"), "{}", ended.message);
-            let size = std::fs::metadata(capfile::locate(Path::new(&ended.output_file))).unwrap().len();
+            assert!(
+                ended.message.contains("MAX_CAPTURE_FILE_SIZE_MB"),
+                "{}",
+                ended.message
+            );
+            let size = std::fs::metadata(capfile::locate(Path::new(&ended.output_file)))
+                .unwrap()
+                .len();
             assert!(size <= 5000 && size > 5000 - 1100, "{size} bytes");
             assert_eq!(ended.file_size, size);
             let packets = capfile::tshark_count(Path::new(&ended.output_file));
             assert_eq!(packets as u64, ended.packets);
-            assert_eq!(packets, 4, "24 + 4 x 1058 bytes fit in 5000, a fifth does not");
+            assert_eq!(
+                packets, 4,
+                "24 + 4 x 1058 bytes fit in 5000, a fifth does not"
+            );
         });
     }
 }
@@ -896,7 +954,9 @@ fn a_full_disk_fails_the_capture_and_keeps_the_file_readable() {
     let lab = Lab::new();
     std::fs::create_dir_all(lab.captures()).unwrap();
     let mount = lab.captures();
-    run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=384k", "tmpfs"]).arg(&mount));
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=384k", "tmpfs"])
+        .arg(&mount));
     struct Unmount(PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
@@ -909,9 +969,16 @@ fn a_full_disk_fails_the_capture_and_keeps_the_file_readable() {
         flood(&lab.peer, NODE_V4, 7777, 2_000);
         let ended = stop(engine, rt, &status.id);
         assert_eq!(ended.state, State::Failed, "{ended:?}");
-        assert!(ended.message.contains("No space left on device"), "{}", ended.message);
+        assert!(
+            ended.message.contains("No space left on device"),
+            "{}",
+            ended.message
+        );
         let in_file = capfile::tshark_count(Path::new(&ended.output_file));
-        assert_eq!(in_file as u64, ended.packets, "the status counts what the file holds");
+        assert_eq!(
+            in_file as u64, ended.packets,
+            "the status counts what the file holds"
+        );
         assert!(in_file > 0 && ended.dropped > 0, "{ended:?}");
     });
 }

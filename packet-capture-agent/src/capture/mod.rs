@@ -329,7 +329,11 @@ impl Engine {
                 // written, alike on both backends.
                 let selection = pcap::Selection {
                     expression: selection_expression(&spec.targets, &spec.ports, ""),
-                    snaplen: spec.snaplen.max(if filter.is_some() { FILTER_LOOKAHEAD } else { 0 }),
+                    snaplen: spec.snaplen.max(if filter.is_some() {
+                        FILTER_LOOKAHEAD
+                    } else {
+                        0
+                    }),
                 };
                 let drops = b
                     .start(&req.id, selection, make_sink(destination, filter))
@@ -653,6 +657,9 @@ fn load_backend(
     };
     let ebpf = || -> anyhow::Result<Backend> {
         let (kernel, ring) = Kernel::load(ring_bytes)?;
+        for (program, verified, bytes) in kernel.program_sizes() {
+            tracing::debug!(program, verified, bytes, "eBPF program loaded");
+        }
         let backend = ebpf::EbpfBackend::start(kernel, ring, ended.clone())?;
         Ok(Backend::Ebpf(Box::new(backend)))
     };
