@@ -807,8 +807,8 @@ impl TunResponder {
             }
         });
         rx.recv().expect("tun device ready");
-        ns.ip(&["addr", "add", addr, "dev", &name]);
-        ns.ip(&["link", "set", &name, "up"]);
+        ns.ip(&["addr", "add", addr, "dev", name]);
+        ns.ip(&["link", "set", name, "up"]);
         Self {
             stop,
             thread: Some(thread),
