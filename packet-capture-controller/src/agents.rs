@@ -323,6 +323,29 @@ impl AgentPool {
         }
     }
 
+    /// A unary call retried with `backoff` on transient failures.
+    async fn retrying<T, R, F, Fut>(
+        &self,
+        ep: &AgentEndpoint,
+        method: &'static str,
+        msg: T,
+        backoff: &Backoff,
+        call: F,
+    ) -> Result<R, Status>
+    where
+        T: Clone,
+        F: Fn(AgentClient<Channel>, Request<T>) -> Fut,
+        Fut: Future<Output = Result<Response<R>, Status>>,
+    {
+        backoff
+            .retry(
+                || self.unary(ep, method, msg.clone(), &call),
+                retryable,
+                |_, _, _| async {},
+            )
+            .await
+    }
+
     pub async fn get(
         &self,
         ep: &AgentEndpoint,
@@ -330,17 +353,10 @@ impl AgentPool {
         backoff: &Backoff,
     ) -> Result<Capture, Status> {
         let req = GetCaptureRequest { id: id.into() };
-        backoff
-            .retry(
-                || {
-                    self.unary(ep, "GetCapture", req.clone(), |mut c, r| async move {
-                        c.get_capture(r).await
-                    })
-                },
-                retryable,
-                |_, _, _| async {},
-            )
-            .await
+        self.retrying(ep, "GetCapture", req, backoff, |mut c, r| async move {
+            c.get_capture(r).await
+        })
+        .await
     }
 
     pub async fn stop(
@@ -350,17 +366,10 @@ impl AgentPool {
         backoff: &Backoff,
     ) -> Result<Capture, Status> {
         let req = StopCaptureRequest { id: id.into() };
-        backoff
-            .retry(
-                || {
-                    self.unary(ep, "StopCapture", req.clone(), |mut c, r| async move {
-                        c.stop_capture(r).await
-                    })
-                },
-                retryable,
-                |_, _, _| async {},
-            )
-            .await
+        self.retrying(ep, "StopCapture", req, backoff, |mut c, r| async move {
+            c.stop_capture(r).await
+        })
+        .await
     }
 
     pub async fn list(
@@ -368,21 +377,12 @@ impl AgentPool {
         ep: &AgentEndpoint,
         backoff: &Backoff,
     ) -> Result<Vec<Capture>, Status> {
-        backoff
-            .retry(
-                || {
-                    self.unary(
-                        ep,
-                        "ListCaptures",
-                        ListCapturesRequest {},
-                        |mut c, r| async move { c.list_captures(r).await },
-                    )
-                },
-                retryable,
-                |_, _, _| async {},
-            )
-            .await
-            .map(|r| r.captures)
+        let req = ListCapturesRequest {};
+        self.retrying(ep, "ListCaptures", req, backoff, |mut c, r| async move {
+            c.list_captures(r).await
+        })
+        .await
+        .map(|r| r.captures)
     }
 
     /// Stops every unfinished capture on the agent whose id starts with
@@ -421,7 +421,7 @@ impl AgentPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::targets::test_objects::{node, pod, store_of};
+    use crate::test_objects::{agent_pod, node, pod, store_of};
     use std::io::Write;
 
     fn settings(token_file: PathBuf) -> PoolSettings {
@@ -434,27 +434,24 @@ mod tests {
         }
     }
 
-    fn agent_pod(name: &str, node: &str, ip: &str, host_network: bool) -> Pod {
-        let mut p = pod("kube-system", name, node, &[ip]);
-        p.metadata.labels = Some([("app".to_string(), "packet-capture-agent".to_string())].into());
-        p.spec.as_mut().unwrap().host_network = Some(host_network);
-        p
-    }
-
     #[test]
     fn agents_are_found_from_their_pods_and_nodes() {
-        let (pods, _w1) = store_of(vec![
-            agent_pod("agent-a", "n1", "192.168.0.1", true),
-            agent_pod("agent-b", "n2", "10.244.2.9", false),
+        let pods = store_of(vec![
+            agent_pod("n1", "192.168.0.1"),
+            {
+                let mut p = agent_pod("n2", "10.244.2.9");
+                p.spec.as_mut().unwrap().host_network = Some(false);
+                p
+            },
             pod("kube-system", "other", "n3", &["10.244.3.3"]),
             {
-                let mut p = agent_pod("agent-c", "n3", "fd00::3", true);
+                let mut p = agent_pod("n3", "fd00::3");
                 p.status.as_mut().unwrap().phase = Some("Pending".into());
                 p
             },
-            agent_pod("agent-d", "n4", "fd00::4", true),
+            agent_pod("n4", "fd00::4"),
         ]);
-        let (nodes, _w2) = store_of(vec![node("n1", "192.168.0.1"), node("n2", "192.168.0.2")]);
+        let nodes = store_of(vec![node("n1", "192.168.0.1"), node("n2", "192.168.0.2")]);
         let pool = AgentPool::new(pods, nodes, settings("/nonexistent".into()), Arc::default());
         let eps = pool.endpoints();
         assert_eq!(eps.keys().collect::<Vec<_>>(), ["n1", "n2", "n4"]);

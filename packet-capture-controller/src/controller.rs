@@ -79,6 +79,58 @@ pub struct Context {
     pub timing: Timing,
 }
 
+/// What a [`Context`] is made of besides the client and caches.
+pub struct ContextSettings {
+    pub pool: PoolSettings,
+    /// Where the results ConfigMaps go.
+    pub namespace: String,
+    /// This replica's name in Events.
+    pub identity: String,
+    pub timing: Timing,
+}
+
+impl Context {
+    /// A context, and the reconcile requests its tracker makes (for
+    /// `Controller::reconcile_on`).
+    pub fn new(
+        client: Client,
+        pods: Store<Pod>,
+        nodes: Store<Node>,
+        settings: ContextSettings,
+        metrics: Arc<Metrics>,
+    ) -> (
+        Arc<Self>,
+        mpsc::UnboundedReceiver<ObjectRef<PacketCaptureConfig>>,
+    ) {
+        let agents = Arc::new(AgentPool::new(
+            pods.clone(),
+            nodes.clone(),
+            settings.pool,
+            metrics.clone(),
+        ));
+        let (trigger, triggers) = mpsc::unbounded();
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: CONTROLLER_NAME.into(),
+                instance: Some(settings.identity),
+            },
+        );
+        let ctx = Self {
+            client,
+            recorder,
+            pods,
+            nodes,
+            agents,
+            tracker: Tracker::new(trigger),
+            metrics,
+            namespace: settings.namespace,
+            timing: settings.timing,
+        };
+        (Arc::new(ctx), triggers)
+    }
+}
+
 /// The agent capture id of one node: uid, generation and a stable hash of
 /// the node's targets, so a restart or a repeated reconcile asks for the
 /// same capture, and new targets on a node make a new capture.
@@ -735,36 +787,20 @@ pub async fn run(settings: &Settings, client: Client, metrics: Arc<Metrics>) -> 
         }
     }));
 
-    let agents = Arc::new(AgentPool::new(
-        pods.clone(),
-        nodes.clone(),
-        PoolSettings {
+    let settings_for_ctx = ContextSettings {
+        pool: PoolSettings {
             namespace: settings.namespace.clone(),
             selector: settings.agent_selector.clone(),
             port,
             token_file: settings.agent_token_file.clone(),
             timeout: settings.agent_timeout(),
         },
-        metrics.clone(),
-    ));
-    let (trigger, triggers) = mpsc::unbounded();
-    let ctx = Arc::new(Context {
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: CONTROLLER_NAME.into(),
-                instance: Some(settings.identity()),
-            },
-        ),
-        client: client.clone(),
-        pods,
-        nodes,
-        agents: agents.clone(),
-        tracker: Tracker::new(trigger),
-        metrics,
         namespace: settings.namespace.clone(),
+        identity: settings.identity(),
         timing: Timing::default(),
-    });
+    };
+    let (ctx, triggers) = Context::new(client.clone(), pods, nodes, settings_for_ctx, metrics);
+    let agents = ctx.agents.clone();
     tracing::info!(agent_port = port, namespace = %settings.namespace, "controller starting");
     let controller = Controller::new(
         Api::<PacketCaptureConfig>::all(client),

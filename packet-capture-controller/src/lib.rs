@@ -24,6 +24,8 @@ pub mod metrics;
 pub mod results;
 pub mod status;
 pub mod targets;
+#[cfg(test)]
+mod test_objects;
 pub mod tracker;
 pub mod webhook;
 

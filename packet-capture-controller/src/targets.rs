@@ -203,72 +203,9 @@ pub fn spec_mentions_pod(spec: &PacketCaptureConfigSpec, pod: &Pod) -> bool {
 }
 
 #[cfg(test)]
-pub(crate) mod test_objects {
-    //! Small builders for Pods and Nodes as the API server returns them.
-    use k8s_openapi::api::core::v1::{
-        Node, NodeAddress, NodeStatus, Pod, PodIP, PodSpec, PodStatus,
-    };
-    use kube::api::ObjectMeta;
-    use kube::runtime::reflector::{Store, store};
-    use kube::runtime::watcher;
-
-    pub fn pod(ns: &str, name: &str, node: &str, ips: &[&str]) -> Pod {
-        Pod {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                namespace: Some(ns.into()),
-                uid: Some(format!("uid-{ns}-{name}")),
-                ..Default::default()
-            },
-            spec: Some(PodSpec {
-                node_name: Some(node.into()),
-                ..Default::default()
-            }),
-            status: Some(PodStatus {
-                phase: Some("Running".into()),
-                pod_ip: ips.first().map(|s| s.to_string()),
-                pod_ips: Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect()),
-                ..Default::default()
-            }),
-        }
-    }
-
-    pub fn node(name: &str, ip: &str) -> Node {
-        Node {
-            metadata: ObjectMeta {
-                name: Some(name.into()),
-                ..Default::default()
-            },
-            status: Some(NodeStatus {
-                addresses: Some(vec![NodeAddress {
-                    type_: "InternalIP".into(),
-                    address: ip.into(),
-                }]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    /// A store holding `objects`, marked ready.
-    pub fn store_of<K>(objects: Vec<K>) -> (Store<K>, kube::runtime::reflector::store::Writer<K>)
-    where
-        K: kube::Resource<DynamicType = ()> + Clone + 'static,
-    {
-        let (reader, mut writer) = store();
-        writer.apply_watcher_event(&watcher::Event::Init);
-        for o in objects {
-            writer.apply_watcher_event(&watcher::Event::InitApply(o));
-        }
-        writer.apply_watcher_event(&watcher::Event::InitDone);
-        (reader, writer)
-    }
-}
-
-#[cfg(test)]
 mod tests {
-    use super::test_objects::*;
     use super::*;
+    use crate::test_objects::*;
     use packet_capture_common::crd::PodSelector;
 
     fn spec(ips: &[&str], pods: &[(&str, &str)]) -> PacketCaptureConfigSpec {
@@ -288,12 +225,11 @@ mod tests {
     }
 
     fn fixture() -> (Store<Pod>, Store<Node>, BTreeSet<String>) {
-        let (pods, w1) = store_of(vec![
+        let pods = store_of(vec![
             pod("default", "web", "n1", &["10.1.1.5", "fd00:1::5"]),
             pod("shop", "db", "n2", &["10.1.2.7"]),
         ]);
-        let (nodes, w2) = store_of(vec![node("n1", "192.168.0.1"), node("n2", "192.168.0.2")]);
-        std::mem::forget((w1, w2));
+        let nodes = store_of(vec![node("n1", "192.168.0.1"), node("n2", "192.168.0.2")]);
         let agents = ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect();
         (pods, nodes, agents)
     }
@@ -365,7 +301,7 @@ mod tests {
     #[test]
     fn missing_and_not_running_pods_are_named() {
         let (pods, nodes, agents) = fixture();
-        let (pending, _w) = store_of(vec![{
+        let pending = store_of(vec![{
             let mut p = pod("default", "late", "n1", &[]);
             p.status.as_mut().unwrap().phase = Some("Pending".into());
             p

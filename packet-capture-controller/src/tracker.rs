@@ -249,18 +249,23 @@ impl Tracker {
     /// watches, and returns them.
     pub fn take_other_generations(&self, uid: &str, generation: i64) -> Vec<NodeProgress> {
         let mut map = self.lock();
-        match map.get(uid) {
-            Some(t) if t.generation != generation => map
-                .remove(uid)
-                .map(|mut t| {
-                    std::mem::take(&mut t.nodes)
-                        .into_values()
-                        .map(|n| n.progress.clone())
-                        .collect()
-                })
-                .unwrap_or_default(),
-            _ => Vec::new(),
+        if map.get(uid).is_some_and(|t| t.generation != generation) {
+            Self::drain(map.remove(uid))
+        } else {
+            Vec::new()
         }
+    }
+
+    /// The nodes of a removed track (their watches end as they drop).
+    fn drain(track: Option<CrTrack>) -> Vec<NodeProgress> {
+        track
+            .map(|mut t| {
+                std::mem::take(&mut t.nodes)
+                    .into_values()
+                    .map(|n| n.progress.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Records a node's progress (replacing any earlier capture of the node,
@@ -285,22 +290,15 @@ impl Tracker {
     /// Forgets one node (its watch ends) and returns what was known.
     pub fn remove_node(&self, uid: &str, node: &str) -> Option<NodeProgress> {
         let mut map = self.lock();
-        let mut track = map.get_mut(uid)?.nodes.remove(node)?;
-        track.task.take().map(|t| t.abort());
+        // Dropping the track ends its watch.
+        let track = map.get_mut(uid)?.nodes.remove(node)?;
         Some(track.progress.clone())
     }
 
     /// Forgets a capture entirely (its watches end) and returns its nodes.
     pub fn forget(&self, uid: &str) -> Vec<NodeProgress> {
-        self.lock()
-            .remove(uid)
-            .map(|mut t| {
-                std::mem::take(&mut t.nodes)
-                    .into_values()
-                    .map(|n| n.progress.clone())
-                    .collect()
-            })
-            .unwrap_or_default()
+        let track = self.lock().remove(uid);
+        Self::drain(track)
     }
 
     /// True the first time `key` is announced for this generation (so an

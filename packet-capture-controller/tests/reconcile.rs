@@ -12,12 +12,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use packet_capture_common::crd::{
-    OutputFormat, PacketCaptureConfig, PacketCaptureConfigSpec, PacketCaptureConfigStatus, PodRef,
-    PodSelector, STDOUT_OUTPUT_FILE,
+    OutputFormat, PacketCaptureConfig, PacketCaptureConfigSpec, PacketCaptureConfigStatus,
+    STDOUT_OUTPUT_FILE,
 };
 use packet_capture_controller::controller::reconcile;
 use packet_capture_controller::status::COMPLETED_MESSAGE;
 use serde_json::Value;
+use support::apiserver::Seen;
 use support::*;
 
 /// Runs one reconcile while the test answers its API requests.
@@ -38,7 +39,7 @@ fn json(pcc: &PacketCaptureConfig) -> Value {
 /// The status the controller applied, and the object with it.
 fn applied(
     pcc: &PacketCaptureConfig,
-    seen: &support::apiserver::Seen,
+    seen: &Seen,
 ) -> (PacketCaptureConfigStatus, PacketCaptureConfig) {
     let status: PacketCaptureConfigStatus =
         serde_json::from_value(seen.body["status"].clone()).unwrap();
@@ -49,6 +50,27 @@ fn applied(
     (status, next)
 }
 
+/// One reconcile that publishes `events` (in order), then applies the
+/// status: the events, the status and the object with it.
+async fn reconcile_seen(
+    fx: &mut Fixture,
+    pcc: &PacketCaptureConfig,
+    events: &[&str],
+) -> (Vec<Seen>, PacketCaptureConfigStatus, PacketCaptureConfig) {
+    let task = spawn_reconcile(fx, pcc);
+    let mut seen_events = Vec::new();
+    for reason in events {
+        seen_events.push(fx.api.event(reason).await);
+    }
+    let seen = fx
+        .api
+        .status_apply(&pcc.metadata.name.clone().unwrap(), &json(pcc))
+        .await;
+    task.await.unwrap();
+    let (status, next) = applied(pcc, &seen);
+    (seen_events, status, next)
+}
+
 /// Drives a fresh capture to Running: the node Started events (in node
 /// order), then the status.
 async fn start(
@@ -56,16 +78,8 @@ async fn start(
     pcc: &PacketCaptureConfig,
     events: &[&str],
 ) -> (PacketCaptureConfigStatus, PacketCaptureConfig) {
-    let task = spawn_reconcile(fx, pcc);
-    for reason in events {
-        fx.api.event(reason).await;
-    }
-    let seen = fx
-        .api
-        .status_apply(&pcc.metadata.name.clone().unwrap(), &json(pcc))
-        .await;
-    task.await.unwrap();
-    applied(pcc, &seen)
+    let (_, status, next) = reconcile_seen(fx, pcc, events).await;
+    (status, next)
 }
 
 /// Reconciles an ended capture: ConfigMap, final event, status.
@@ -76,12 +90,10 @@ async fn finish(
 ) -> (PacketCaptureConfigStatus, Value) {
     let name = pcc.metadata.name.clone().unwrap();
     let task = spawn_reconcile(fx, pcc);
-    let mut iter = events.iter();
-    // Node events come before the results.
+    // Node events come before the results, the final event after them.
     let (before, last) = events.split_at(events.len() - 1);
     for reason in before {
         fx.api.event(reason).await;
-        iter.next();
     }
     let cm = fx
         .api
@@ -154,10 +166,7 @@ async fn ip_capture_runs_on_every_agent_node_and_completes_when_all_are_done() {
     while !fx.ctx.tracker.nodes(&uid, 1)["n1"].state.is_final() {
         futures::StreamExt::next(&mut fx.triggers).await;
     }
-    let task = spawn_reconcile(&fx, &pcc);
-    let seen = fx.api.status_apply("ips", &json(&pcc)).await;
-    task.await.unwrap();
-    let (status, pcc) = applied(&pcc, &seen);
+    let (status, pcc) = start(&mut fx, &pcc, &[]).await;
     assert_eq!(
         status.phase,
         Some(packet_capture_common::crd::Phase::Running)
@@ -223,18 +232,7 @@ async fn pods_are_captured_on_their_own_nodes_with_all_their_ips() {
     ];
     let mut fx = Fixture::new(&[up("n1"), up("n2"), up("n3")], pods).await;
     let spec = PacketCaptureConfigSpec {
-        pod_selector: Some(PodSelector {
-            pods: vec![
-                PodRef {
-                    pod_name: "web".into(),
-                    namespace: "default".into(),
-                },
-                PodRef {
-                    pod_name: "db".into(),
-                    namespace: "shop".into(),
-                },
-            ],
-        }),
+        pod_selector: selector(&[("default", "web"), ("shop", "db")]),
         target_ips: vec!["10.2.0.7".into(), "192.0.2.1".into()],
         target_ports: vec![80],
         ..Default::default()
@@ -266,18 +264,7 @@ async fn a_missing_pod_fails_the_capture_naming_it() {
     )
     .await;
     let spec = PacketCaptureConfigSpec {
-        pod_selector: Some(PodSelector {
-            pods: vec![
-                PodRef {
-                    pod_name: "web".into(),
-                    namespace: "default".into(),
-                },
-                PodRef {
-                    pod_name: "ghost".into(),
-                    namespace: "default".into(),
-                },
-            ],
-        }),
+        pod_selector: selector(&[("default", "web"), ("default", "ghost")]),
         ..Default::default()
     };
     let pcc = pcc("ghost", spec);
@@ -307,20 +294,10 @@ async fn failed_starts_are_retried_and_announced_once() {
     let mut fx = Fixture::new(&[up("n1")], vec![]).await;
     fx.agent("n1").fail_starts(2);
     let pcc = pcc("retry", ip_spec(&["10.0.0.1"]));
-    let task = spawn_reconcile(&fx, &pcc);
-    let ev = fx.api.event("Retrying").await;
-    assert!(
-        ev.body["note"].as_str().unwrap().contains("node n1"),
-        "{}",
-        ev.body
-    );
-    fx.api.event("Started").await;
-    let seen = fx.api.status_apply("retry", &json(&pcc)).await;
-    task.await.unwrap();
-    assert_eq!(
-        applied(&pcc, &seen).0.capture_files["127.0.0.2"].status,
-        "running"
-    );
+    let (events, status, _) = reconcile_seen(&mut fx, &pcc, &["Retrying", "Started"]).await;
+    let note = events[0].body["note"].as_str().unwrap();
+    assert!(note.contains("node n1"), "{note}");
+    assert_eq!(status.capture_files["127.0.0.2"].status, "running");
     let starts = fx
         .agent("n1")
         .calls()
@@ -335,21 +312,10 @@ async fn failed_starts_are_retried_and_announced_once() {
 async fn an_agent_that_never_answers_fails_only_its_node() {
     let mut fx = Fixture::new(&[up("n1"), down("n2")], vec![]).await;
     let pcc = pcc("half", ip_spec(&["10.0.0.1"]));
-    let task = spawn_reconcile(&fx, &pcc);
-    fx.api.event("Retrying").await;
-    fx.api.event("Started").await;
-    let ev = fx.api.event("AgentUnreachable").await;
-    assert!(
-        ev.body["note"]
-            .as_str()
-            .unwrap()
-            .starts_with("node n2: agent on node n2"),
-        "{}",
-        ev.body
-    );
-    let seen = fx.api.status_apply("half", &json(&pcc)).await;
-    task.await.unwrap();
-    let (status, pcc) = applied(&pcc, &seen);
+    let (events, status, pcc) =
+        reconcile_seen(&mut fx, &pcc, &["Retrying", "Started", "AgentUnreachable"]).await;
+    let note = events[2].body["note"].as_str().unwrap();
+    assert!(note.starts_with("node n2: agent on node n2"), "{note}");
     assert_eq!(
         status.phase,
         Some(packet_capture_common::crd::Phase::Running)
@@ -509,13 +475,8 @@ async fn deleting_stops_the_captures_then_releases_the_finalizer() {
 async fn an_unreachable_agent_does_not_block_deletion() {
     let mut fx = Fixture::new(&[up("n1"), down("n2")], vec![]).await;
     let pcc = pcc("stuck", ip_spec(&["10.0.0.1"]));
-    let task = spawn_reconcile(&fx, &pcc);
-    for reason in ["Retrying", "Started", "AgentUnreachable"] {
-        fx.api.event(reason).await;
-    }
-    let seen = fx.api.status_apply("stuck", &json(&pcc)).await;
-    task.await.unwrap();
-    let (_, mut pcc) = applied(&pcc, &seen);
+    let (_, _, mut pcc) =
+        reconcile_seen(&mut fx, &pcc, &["Retrying", "Started", "AgentUnreachable"]).await;
     pcc.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
 
     let task = spawn_reconcile(&fx, &pcc);

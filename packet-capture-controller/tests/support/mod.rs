@@ -5,89 +5,30 @@
 
 pub mod agent;
 pub mod apiserver;
+#[path = "../../src/test_objects.rs"]
+mod test_objects;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::channel::mpsc;
-use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus, Pod, PodIP, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Client;
-use kube::api::ObjectMeta;
-use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store, store};
-use kube::runtime::watcher;
-use packet_capture_common::crd::{PacketCaptureConfig, PacketCaptureConfigSpec};
-use packet_capture_controller::agents::{AgentPool, PoolSettings};
+use kube::runtime::reflector::ObjectRef;
+use packet_capture_common::crd::{
+    PacketCaptureConfig, PacketCaptureConfigSpec, PodRef, PodSelector,
+};
+use packet_capture_controller::agents::PoolSettings;
 use packet_capture_controller::backoff::Backoff;
 use packet_capture_controller::config::parse_selector;
 use packet_capture_controller::consts::FINALIZER;
-use packet_capture_controller::controller::{Context, Timing};
+use packet_capture_controller::controller::{Context, ContextSettings, Timing};
 use packet_capture_controller::metrics::Metrics;
-use packet_capture_controller::tracker::Tracker;
 
 pub use agent::FakeAgent;
 pub use apiserver::ApiServer;
 
-pub const NS: &str = "kube-system";
-
-pub fn pod(ns: &str, name: &str, node: &str, ips: &[&str]) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(ns.into()),
-            ..Default::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(node.into()),
-            ..Default::default()
-        }),
-        status: Some(PodStatus {
-            phase: Some("Running".into()),
-            pod_ip: ips.first().map(|s| s.to_string()),
-            pod_ips: Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect()),
-            ..Default::default()
-        }),
-    }
-}
-
-pub fn agent_pod(node: &str, ip: &str) -> Pod {
-    let mut p = pod(NS, &format!("agent-{node}"), node, &[ip]);
-    p.metadata.labels = Some([("app".to_string(), "packet-capture-agent".to_string())].into());
-    p.spec.as_mut().unwrap().host_network = Some(true);
-    p
-}
-
-pub fn node(name: &str, ip: &str) -> Node {
-    Node {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
-        status: Some(NodeStatus {
-            addresses: Some(vec![NodeAddress {
-                type_: "InternalIP".into(),
-                address: ip.into(),
-            }]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-pub fn store_of<K>(objects: Vec<K>) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + 'static,
-{
-    let (reader, mut writer) = store();
-    writer.apply_watcher_event(&watcher::Event::Init);
-    for o in objects {
-        writer.apply_watcher_event(&watcher::Event::InitApply(o));
-    }
-    writer.apply_watcher_event(&watcher::Event::InitDone);
-    // The reader only stays ready while its writer lives.
-    std::mem::forget(writer);
-    reader
-}
+pub use test_objects::*;
 
 /// A `PacketCaptureConfig` as the API server returns it, finalizer added.
 pub fn pcc(name: &str, spec: PacketCaptureConfigSpec) -> PacketCaptureConfig {
@@ -97,6 +38,19 @@ pub fn pcc(name: &str, spec: PacketCaptureConfigSpec) -> PacketCaptureConfig {
     p.metadata.resource_version = Some("1".into());
     p.metadata.finalizers = Some(vec![FINALIZER.into()]);
     p
+}
+
+/// `podSelector` of `(namespace, name)` pairs.
+pub fn selector(pods: &[(&str, &str)]) -> Option<PodSelector> {
+    Some(PodSelector {
+        pods: pods
+            .iter()
+            .map(|(ns, name)| PodRef {
+                namespace: ns.to_string(),
+                pod_name: name.to_string(),
+            })
+            .collect(),
+    })
 }
 
 pub fn ip_spec(ips: &[&str]) -> PacketCaptureConfigSpec {
@@ -180,37 +134,19 @@ impl Fixture {
         let (pod_list, node_list) = (pods.clone(), nodes.clone());
         let pods = store_of(pods);
         let nodes = store_of(nodes);
-        let metrics = Arc::new(Metrics::new());
-        let pool = AgentPool::new(
-            pods.clone(),
-            nodes.clone(),
-            PoolSettings {
+        let settings = ContextSettings {
+            pool: PoolSettings {
                 namespace: NS.into(),
                 selector: parse_selector("app=packet-capture-agent").unwrap(),
                 port,
                 token_file: "/nonexistent/token".into(),
                 timeout: Duration::from_secs(5),
             },
-            metrics.clone(),
-        );
-        let (tx, triggers) = mpsc::unbounded();
-        let ctx = Arc::new(Context {
-            recorder: Recorder::new(
-                client.clone(),
-                Reporter {
-                    controller: "packet-capture-controller".into(),
-                    instance: Some("test".into()),
-                },
-            ),
-            client,
-            pods,
-            nodes,
-            agents: Arc::new(pool),
-            tracker: Tracker::new(tx),
-            metrics,
             namespace: NS.into(),
+            identity: "test".into(),
             timing: fast_timing(),
-        });
+        };
+        let (ctx, triggers) = Context::new(client, pods, nodes, settings, Arc::new(Metrics::new()));
         Self {
             ctx,
             api: ApiServer::new(handle),
