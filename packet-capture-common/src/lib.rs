@@ -10,4 +10,6 @@ pub mod abi;
 #[cfg(feature = "user")]
 pub mod crd;
 #[cfg(feature = "user")]
+pub mod logging;
+#[cfg(feature = "user")]
 pub mod validate;

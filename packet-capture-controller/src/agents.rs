@@ -1,0 +1,485 @@
+//! The agents: found from the DaemonSet's pods, one cached gRPC client per
+//! node, a bearer token re-read when its file changes, and calls that retry
+//! with backoff.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::runtime::reflector::{ObjectRef, Store};
+use packet_capture_proto::v1::agent_client::AgentClient;
+use packet_capture_proto::v1::{
+    Capture, CaptureState, GetCaptureRequest, ListCapturesRequest, StartCaptureRequest,
+    StopCaptureRequest, WatchCaptureRequest,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::backoff::Backoff;
+use crate::config::LabelSelector;
+use crate::metrics::Metrics;
+use crate::targets::internal_ip;
+
+/// Where the agent of one node answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentEndpoint {
+    /// The node's name.
+    pub node: String,
+    /// The node's InternalIP (the key of `status.captureFiles`).
+    pub node_ip: String,
+    /// `http://<address>:<port>`.
+    pub uri: String,
+}
+
+/// The bearer token, read from a file and re-read when the file changes
+/// (kubelet rotates projected service-account tokens in place).
+pub struct TokenFile {
+    path: PathBuf,
+    cached: Mutex<Option<(SystemTime, String)>>,
+}
+
+impl TokenFile {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// The current token; `None` when the file does not exist or is empty.
+    pub fn get(&self) -> Option<String> {
+        let modified = std::fs::metadata(&self.path).and_then(|m| m.modified());
+        let Ok(modified) = modified else {
+            tracing::debug!(path = %self.path.display(), "no agent token file; calling without a token");
+            return None;
+        };
+        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, token)) = cached.as_ref()
+            && *at == modified
+        {
+            return Some(token.clone());
+        }
+        match std::fs::read_to_string(&self.path) {
+            Ok(t) if !t.trim().is_empty() => {
+                let token = t.trim().to_string();
+                *cached = Some((modified, token.clone()));
+                Some(token)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), "reading the agent token: {e}");
+                None
+            }
+        }
+    }
+}
+
+/// Whether a failed call is worth trying again.
+pub fn retryable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Aborted
+            | Code::ResourceExhausted
+            | Code::Unauthenticated
+            | Code::Cancelled
+    )
+}
+
+/// Whether an agent's capture state is one it will not leave.
+pub fn is_final(state: i32) -> bool {
+    matches!(
+        CaptureState::try_from(state),
+        Ok(CaptureState::Completed | CaptureState::Failed | CaptureState::Stopped)
+    )
+}
+
+/// How the pool reaches agents.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub namespace: String,
+    pub selector: LabelSelector,
+    pub port: u16,
+    pub token_file: PathBuf,
+    pub timeout: Duration,
+}
+
+/// The agents and a gRPC client for each.
+pub struct AgentPool {
+    pods: Store<Pod>,
+    nodes: Store<Node>,
+    settings: PoolSettings,
+    token: TokenFile,
+    clients: Mutex<HashMap<String, (String, AgentClient<Channel>)>>,
+    metrics: Arc<Metrics>,
+}
+
+impl AgentPool {
+    /// `pods` holds the agent pods (it may hold others: they are filtered by
+    /// namespace and labels).
+    pub fn new(
+        pods: Store<Pod>,
+        nodes: Store<Node>,
+        settings: PoolSettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let token = TokenFile::new(settings.token_file.clone());
+        Self {
+            pods,
+            nodes,
+            settings,
+            token,
+            clients: Mutex::default(),
+            metrics,
+        }
+    }
+
+    pub fn settings(&self) -> &PoolSettings {
+        &self.settings
+    }
+
+    /// Whether a pod is one of the agents.
+    pub fn is_agent_pod(&self, pod: &Pod) -> bool {
+        pod.metadata.namespace.as_deref() == Some(self.settings.namespace.as_str())
+            && self.settings.selector.matches(pod.metadata.labels.as_ref())
+    }
+
+    /// The InternalIP of a node, else its name.
+    pub fn node_ip(&self, node: &str) -> String {
+        self.nodes
+            .get(&ObjectRef::new(node))
+            .and_then(|n| internal_ip(&n))
+            .unwrap_or_else(|| node.to_string())
+    }
+
+    /// The agents of all nodes, keyed by node name: running, not deleting
+    /// agent pods; host-network pods are reached at their pod IP, others at
+    /// their node's InternalIP (the DaemonSet's hostPort).
+    pub fn endpoints(&self) -> BTreeMap<String, AgentEndpoint> {
+        let mut pods: Vec<Arc<Pod>> = self.pods.state_filter(|p| {
+            self.is_agent_pod(p)
+                && p.metadata.deletion_timestamp.is_none()
+                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+        });
+        // The newest pod of a node wins (a DaemonSet rolling update).
+        pods.sort_by(|a, b| {
+            a.metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0)
+                .cmp(&b.metadata.creation_timestamp.as_ref().map(|t| t.0))
+        });
+        let mut out = BTreeMap::new();
+        for pod in pods {
+            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+                continue;
+            };
+            let host_network = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false);
+            let pod_ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
+            let node_ip = self
+                .nodes
+                .get(&ObjectRef::new(&node))
+                .and_then(|n| internal_ip(&n));
+            let address = if host_network {
+                pod_ip.clone().or_else(|| node_ip.clone())
+            } else {
+                node_ip.clone().or_else(|| pod_ip.clone())
+            };
+            let Some(address) = address else {
+                continue;
+            };
+            let host = if address.contains(':') {
+                format!("[{address}]")
+            } else {
+                address.clone()
+            };
+            out.insert(
+                node.clone(),
+                AgentEndpoint {
+                    node_ip: node_ip.unwrap_or(address),
+                    uri: format!("http://{host}:{}", self.settings.port),
+                    node,
+                },
+            );
+        }
+        // Drop the clients of agents that are gone.
+        self.lock_clients()
+            .retain(|node, (uri, _)| out.get(node).is_some_and(|e| e.uri == *uri));
+        out
+    }
+
+    pub fn endpoint(&self, node: &str) -> Option<AgentEndpoint> {
+        self.endpoints().remove(node)
+    }
+
+    fn lock_clients(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (String, AgentClient<Channel>)>> {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The cached client of an agent, rebuilt when its address changes.
+    fn client(&self, ep: &AgentEndpoint) -> Result<AgentClient<Channel>, Status> {
+        let mut clients = self.lock_clients();
+        if let Some((uri, client)) = clients.get(&ep.node)
+            && *uri == ep.uri
+        {
+            return Ok(client.clone());
+        }
+        let channel = Endpoint::from_shared(ep.uri.clone())
+            .map_err(|e| Status::invalid_argument(format!("agent address {}: {e}", ep.uri)))?
+            .connect_timeout(self.settings.timeout)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(self.settings.timeout)
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        let client = AgentClient::new(channel);
+        clients.insert(ep.node.clone(), (ep.uri.clone(), client.clone()));
+        Ok(client)
+    }
+
+    /// A request with the bearer token.
+    fn request<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        if let Some(token) = self.token.get() {
+            match format!("Bearer {token}").parse() {
+                Ok(v) => {
+                    req.metadata_mut().insert("authorization", v);
+                }
+                Err(_) => tracing::warn!("the agent token is not a valid header value"),
+            }
+        }
+        req
+    }
+
+    /// One unary call, with the timeout and the latency metric.
+    async fn unary<T, R, F, Fut>(
+        &self,
+        ep: &AgentEndpoint,
+        method: &'static str,
+        msg: T,
+        call: F,
+    ) -> Result<R, Status>
+    where
+        F: FnOnce(AgentClient<Channel>, Request<T>) -> Fut,
+        Fut: Future<Output = Result<Response<R>, Status>>,
+    {
+        let client = self.client(ep)?;
+        let started = tokio::time::Instant::now();
+        let out = match tokio::time::timeout(self.settings.timeout, call(client, self.request(msg)))
+            .await
+        {
+            Ok(r) => r.map(Response::into_inner),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "no answer within {:?}",
+                self.settings.timeout
+            ))),
+        };
+        self.metrics
+            .agent_call(method, out.is_ok(), started.elapsed());
+        if let Err(s) = &out {
+            tracing::debug!(node = %ep.node, method, "agent call failed: {}", s.message());
+        }
+        out
+    }
+
+    /// Starts a capture, retrying transient failures. An existing capture
+    /// with the same id (started earlier, perhaps with a different remaining
+    /// duration) is returned as it is.
+    pub async fn start<R>(
+        &self,
+        ep: &AgentEndpoint,
+        req: StartCaptureRequest,
+        backoff: &Backoff,
+        on_retry: impl FnMut(u32, Duration, &Status) -> R,
+    ) -> Result<Capture, Status>
+    where
+        R: Future<Output = ()>,
+    {
+        let id = req.id.clone();
+        let out = backoff
+            .retry(
+                || {
+                    self.unary(ep, "StartCapture", req.clone(), |mut c, r| async move {
+                        c.start_capture(r).await
+                    })
+                },
+                retryable,
+                on_retry,
+            )
+            .await;
+        match out {
+            Err(s) if s.code() == Code::AlreadyExists => self.get(ep, &id, backoff).await,
+            other => other,
+        }
+    }
+
+    /// A unary call retried with `backoff` on transient failures.
+    async fn retrying<T, R, F, Fut>(
+        &self,
+        ep: &AgentEndpoint,
+        method: &'static str,
+        msg: T,
+        backoff: &Backoff,
+        call: F,
+    ) -> Result<R, Status>
+    where
+        T: Clone,
+        F: Fn(AgentClient<Channel>, Request<T>) -> Fut,
+        Fut: Future<Output = Result<Response<R>, Status>>,
+    {
+        backoff
+            .retry(
+                || self.unary(ep, method, msg.clone(), &call),
+                retryable,
+                |_, _, _| async {},
+            )
+            .await
+    }
+
+    pub async fn get(
+        &self,
+        ep: &AgentEndpoint,
+        id: &str,
+        backoff: &Backoff,
+    ) -> Result<Capture, Status> {
+        let req = GetCaptureRequest { id: id.into() };
+        self.retrying(ep, "GetCapture", req, backoff, |mut c, r| async move {
+            c.get_capture(r).await
+        })
+        .await
+    }
+
+    pub async fn stop(
+        &self,
+        ep: &AgentEndpoint,
+        id: &str,
+        backoff: &Backoff,
+    ) -> Result<Capture, Status> {
+        let req = StopCaptureRequest { id: id.into() };
+        self.retrying(ep, "StopCapture", req, backoff, |mut c, r| async move {
+            c.stop_capture(r).await
+        })
+        .await
+    }
+
+    pub async fn list(
+        &self,
+        ep: &AgentEndpoint,
+        backoff: &Backoff,
+    ) -> Result<Vec<Capture>, Status> {
+        let req = ListCapturesRequest {};
+        self.retrying(ep, "ListCaptures", req, backoff, |mut c, r| async move {
+            c.list_captures(r).await
+        })
+        .await
+        .map(|r| r.captures)
+    }
+
+    /// Stops every unfinished capture on the agent whose id starts with
+    /// `prefix`, except `keep`; returns the ids it stopped.
+    pub async fn sweep(
+        &self,
+        ep: &AgentEndpoint,
+        prefix: &str,
+        keep: Option<&str>,
+        backoff: &Backoff,
+    ) -> Result<Vec<String>, Status> {
+        let mut stopped = Vec::new();
+        for c in self.list(ep, backoff).await? {
+            if c.id.starts_with(prefix) && Some(c.id.as_str()) != keep && !is_final(c.state) {
+                match self.stop(ep, &c.id, backoff).await {
+                    Ok(_) => stopped.push(c.id),
+                    // Ended or forgotten meanwhile: nothing to stop.
+                    Err(s) if s.code() == Code::NotFound => {}
+                    Err(s) => return Err(s),
+                }
+            }
+        }
+        Ok(stopped)
+    }
+
+    /// Opens a `WatchCapture` stream (the timeout covers the opening only).
+    pub async fn watch(&self, ep: &AgentEndpoint, id: &str) -> Result<Streaming<Capture>, Status> {
+        let req = WatchCaptureRequest { id: id.into() };
+        self.unary(ep, "WatchCapture", req, |mut c, r| async move {
+            c.watch_capture(r).await
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_objects::{agent_pod, node, pod, store_of};
+    use std::io::Write;
+
+    fn settings(token_file: PathBuf) -> PoolSettings {
+        PoolSettings {
+            namespace: "kube-system".into(),
+            selector: crate::config::parse_selector("app=packet-capture-agent").unwrap(),
+            port: 8080,
+            token_file,
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn agents_are_found_from_their_pods_and_nodes() {
+        let pods = store_of(vec![
+            agent_pod("n1", "192.168.0.1"),
+            {
+                let mut p = agent_pod("n2", "10.244.2.9");
+                p.spec.as_mut().unwrap().host_network = Some(false);
+                p
+            },
+            pod("kube-system", "other", "n3", &["10.244.3.3"]),
+            {
+                let mut p = agent_pod("n3", "fd00::3");
+                p.status.as_mut().unwrap().phase = Some("Pending".into());
+                p
+            },
+            agent_pod("n4", "fd00::4"),
+        ]);
+        let nodes = store_of(vec![node("n1", "192.168.0.1"), node("n2", "192.168.0.2")]);
+        let pool = AgentPool::new(pods, nodes, settings("/nonexistent".into()), Arc::default());
+        let eps = pool.endpoints();
+        assert_eq!(eps.keys().collect::<Vec<_>>(), ["n1", "n2", "n4"]);
+        assert_eq!(eps["n1"].uri, "http://192.168.0.1:8080");
+        assert_eq!(eps["n2"].uri, "http://192.168.0.2:8080");
+        assert_eq!(eps["n2"].node_ip, "192.168.0.2");
+        assert_eq!(eps["n4"].uri, "http://[fd00::4]:8080");
+        assert_eq!(eps["n4"].node_ip, "fd00::4");
+        assert_eq!(pool.node_ip("n1"), "192.168.0.1");
+        assert_eq!(pool.node_ip("n9"), "n9");
+    }
+
+    #[test]
+    fn the_token_is_reread_when_the_file_changes() {
+        let dir = std::env::temp_dir().join(format!("pcc-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        let token = TokenFile::new(&path);
+        assert_eq!(token.get(), None);
+        std::fs::write(&path, "first\n").unwrap();
+        assert_eq!(token.get().as_deref(), Some("first"));
+        // Rotation writes a new file; make its mtime differ for coarse clocks.
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(b"second").unwrap();
+        f.set_modified(SystemTime::now() + Duration::from_secs(5))
+            .unwrap();
+        drop(f);
+        assert_eq!(token.get().as_deref(), Some("second"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,219 @@
+//! Command-line flags (each with an environment variable) and the values read
+//! from the `packet-capture-config` ConfigMap.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{Api, Client};
+use packet_capture_common::logging::LogLevel;
+
+use crate::{Error, Result};
+
+pub const DEFAULT_AGENT_PORT: u16 = 8080;
+
+/// The controller's settings.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "packet-capture-controller", version, about)]
+pub struct Settings {
+    /// Namespace of the agent pods, the results ConfigMaps, the ConfigMap
+    /// with the settings and the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    pub namespace: String,
+
+    /// ConfigMap (in --namespace) with AGENT_PORT; flags and environment win.
+    #[arg(long, env = "CONFIG_MAP", default_value = "packet-capture-config")]
+    pub config_map: String,
+
+    /// Port of the agents' API [default: the ConfigMap's AGENT_PORT, else 8080].
+    #[arg(long, env = "AGENT_PORT")]
+    pub agent_port: Option<u16>,
+
+    /// Labels of the agent DaemonSet's pods (`key=value[,key=value]`).
+    #[arg(long, env = "AGENT_SELECTOR", default_value = "app=packet-capture-agent", value_parser = parse_selector)]
+    pub agent_selector: LabelSelector,
+
+    /// Bearer token for the agents (a projected service-account token with
+    /// the audience packet-capture-agent); re-read when it changes. Without
+    /// the file the agents are called without a token.
+    #[arg(
+        long,
+        env = "AGENT_TOKEN_FILE",
+        default_value = "/var/run/secrets/packet-capture/token"
+    )]
+    pub agent_token_file: PathBuf,
+
+    /// Timeout of one call to an agent, in seconds.
+    #[arg(long, env = "AGENT_TIMEOUT_SECONDS", default_value_t = 10)]
+    pub agent_timeout_seconds: u64,
+
+    /// Port of the validating webhook (HTTPS).
+    #[arg(long, env = "WEBHOOK_PORT", default_value_t = 8443)]
+    pub webhook_port: u16,
+
+    /// Directory with tls.crt and tls.key for the webhook; reloaded when they change.
+    #[arg(long, env = "WEBHOOK_CERT_DIR", default_value = "/etc/webhook/certs")]
+    pub webhook_cert_dir: PathBuf,
+
+    /// Do not serve the webhook (when it is not registered with the API server).
+    #[arg(long, env = "DISABLE_WEBHOOK")]
+    pub disable_webhook: bool,
+
+    /// Port of /metrics, /healthz and /readyz (HTTP).
+    #[arg(long, env = "METRICS_PORT", default_value_t = 8081)]
+    pub metrics_port: u16,
+
+    /// Act only while holding the Lease packet-capture-controller in --namespace.
+    #[arg(long, env = "LEADER_ELECTION")]
+    pub leader_election: bool,
+
+    /// How long a Lease holder that stops renewing keeps it, in seconds.
+    #[arg(long, env = "LEASE_DURATION_SECONDS", default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+
+    /// This replica's name in the Lease [default: the host name].
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+
+    /// DEBUG, INFO, WARNING or ERROR; third-party crates log at WARN unless DEBUG.
+    #[arg(long, env = "LOG_LEVEL", default_value = "INFO")]
+    pub log_level: LogLevel,
+}
+
+impl Settings {
+    pub fn agent_timeout(&self) -> Duration {
+        Duration::from_secs(self.agent_timeout_seconds.max(1))
+    }
+
+    pub fn lease_duration(&self) -> Duration {
+        Duration::from_secs(self.lease_duration_seconds.max(2))
+    }
+
+    pub fn identity(&self) -> String {
+        self.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "controller".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+
+    /// The agents' port: the flag or environment, else the ConfigMap's
+    /// `AGENT_PORT`, else 8080.
+    pub async fn agent_port(&self, client: &Client) -> Result<u16> {
+        if let Some(port) = self.agent_port {
+            return Ok(port);
+        }
+        let api: Api<ConfigMap> = Api::namespaced(client.clone(), &self.namespace);
+        let data = api
+            .get_opt(&self.config_map)
+            .await?
+            .and_then(|cm| cm.data)
+            .unwrap_or_default();
+        port_from(&data, &format!("{}/{}", self.namespace, self.config_map))
+    }
+}
+
+/// `AGENT_PORT` from a ConfigMap's data; 8080 when absent.
+pub fn port_from(data: &BTreeMap<String, String>, config_map: &str) -> Result<u16> {
+    match data.get("AGENT_PORT") {
+        None => Ok(DEFAULT_AGENT_PORT),
+        Some(v) => v
+            .trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| Error::Config {
+                config_map: config_map.to_string(),
+                key: "AGENT_PORT",
+                message: format!("{v:?} is not a port number (1-65535)"),
+            }),
+    }
+}
+
+/// An equality-based label selector, `key=value[,key=value]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelSelector(pub BTreeMap<String, String>);
+
+impl LabelSelector {
+    pub fn matches(&self, labels: Option<&BTreeMap<String, String>>) -> bool {
+        self.0
+            .iter()
+            .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+    }
+}
+
+impl std::fmt::Display for LabelSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+pub fn parse_selector(s: &str) -> Result<LabelSelector, String> {
+    let mut labels = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                labels.insert(k.trim().to_string(), v.trim().to_string());
+            }
+            _ => {
+                return Err(format!(
+                    "{part:?} is not key=value (only equality selectors are supported)"
+                ));
+            }
+        }
+    }
+    if labels.is_empty() {
+        return Err("the agent selector must name at least one label".into());
+    }
+    Ok(LabelSelector(labels))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_have_the_documented_defaults() {
+        let s = Settings::try_parse_from(["packet-capture-controller"]).unwrap();
+        assert_eq!(s.namespace, "kube-system");
+        assert_eq!(s.config_map, "packet-capture-config");
+        assert_eq!(s.agent_selector.to_string(), "app=packet-capture-agent");
+        assert_eq!(s.webhook_port, 8443);
+        assert_eq!(s.metrics_port, 8081);
+        assert!(!s.leader_election);
+        assert_eq!(s.log_level, LogLevel::Info);
+    }
+
+    #[test]
+    fn agent_port_comes_from_the_config_map_with_a_clear_error() {
+        let mut data = BTreeMap::new();
+        assert_eq!(port_from(&data, "ns/cm").unwrap(), 8080);
+        data.insert("AGENT_PORT".to_string(), "9090".to_string());
+        assert_eq!(port_from(&data, "ns/cm").unwrap(), 9090);
+        data.insert("AGENT_PORT".to_string(), "http".to_string());
+        let err = port_from(&data, "kube-system/packet-capture-config")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "ConfigMap kube-system/packet-capture-config: AGENT_PORT: \"http\" is not a port number (1-65535)"
+        );
+    }
+
+    #[test]
+    fn selectors_parse_and_match() {
+        let sel = parse_selector("app=packet-capture-agent, tier=node").unwrap();
+        let mut labels = BTreeMap::new();
+        labels.insert("app".to_string(), "packet-capture-agent".to_string());
+        assert!(!sel.matches(Some(&labels)));
+        labels.insert("tier".to_string(), "node".to_string());
+        assert!(sel.matches(Some(&labels)));
+        assert!(!sel.matches(None));
+        assert!(parse_selector("app in (a,b)").is_err());
+        assert!(parse_selector("").is_err());
+    }
+}

@@ -1,0 +1,19 @@
+//! Names the controller writes into the cluster.
+
+/// The finalizer on every `PacketCaptureConfig` the controller has seen.
+pub const FINALIZER: &str = "networking.packet.io/stop-captures";
+
+/// The field manager of the status and the results ConfigMaps.
+pub const FIELD_MANAGER: &str = "packet-capture-controller";
+
+/// The reporting controller of Events, and the Lease's name.
+pub const CONTROLLER_NAME: &str = "packet-capture-controller";
+
+/// Results ConfigMaps are named `<prefix><PacketCaptureConfig name>`.
+pub const RESULTS_PREFIX: &str = "packet-capture-results-";
+
+/// Label on results ConfigMaps naming their capture.
+pub const CAPTURE_LABEL: &str = "networking.packet.io/capture";
+
+/// The condition summarising a capture.
+pub const READY_CONDITION: &str = "Ready";

@@ -1,0 +1,278 @@
+//! The status from the nodes' progress: phase, message, condition, times and
+//! counters, with `captureFiles` keyed by node IP in the seed's shape.
+//!
+//! Phases: `Starting` until a node runs, `Running` while any node captures,
+//! and once every node has ended `Completed` if none failed, else `Failed`
+//! (the failed nodes are named in the message and in their entries; the
+//! others keep their files and counts).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use packet_capture_common::crd::{OutputFormat, PacketCaptureConfigStatus, Phase};
+
+use crate::consts::READY_CONDITION;
+use crate::tracker::{NodeProgress, NodeState};
+
+/// The message of a capture that completed everywhere (the seed's words).
+pub const COMPLETED_MESSAGE: &str = "Packet capture completed on all nodes";
+
+/// A phase with its message and the reason of the Ready condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub phase: Phase,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Outcome {
+    pub fn failed(reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            phase: Phase::Failed,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// The phase the nodes add up to.
+pub fn summarize(nodes: &BTreeMap<String, NodeProgress>) -> Outcome {
+    let n = nodes.len();
+    let count = |s: NodeState| nodes.values().filter(|p| p.state == s).count();
+    let running = count(NodeState::Running);
+    let ended = nodes.values().filter(|p| p.state.is_final()).count();
+    if n == 0 {
+        return Outcome {
+            phase: Phase::Starting,
+            reason: "Starting",
+            message: "resolving the targets".into(),
+        };
+    }
+    if ended < n {
+        let mut message = if running > 0 {
+            format!("capturing on {running} of {n} node{}", plural(n))
+        } else {
+            format!("starting the capture on {n} node{}", plural(n))
+        };
+        if ended > 0 {
+            message.push_str(&format!(", {ended} ended"));
+        }
+        let (phase, reason) = if running > 0 || ended > 0 {
+            (Phase::Running, "Running")
+        } else {
+            (Phase::Starting, "Starting")
+        };
+        return Outcome {
+            phase,
+            reason,
+            message,
+        };
+    }
+    let failed: Vec<&NodeProgress> = nodes
+        .values()
+        .filter(|p| p.state == NodeState::Failed)
+        .collect();
+    if failed.is_empty() {
+        return Outcome {
+            phase: Phase::Completed,
+            reason: "Completed",
+            message: COMPLETED_MESSAGE.into(),
+        };
+    }
+    let reasons: Vec<String> = failed
+        .iter()
+        .map(|p| {
+            format!(
+                "node {}: {}",
+                p.node,
+                p.message.as_deref().unwrap_or("failed")
+            )
+        })
+        .collect();
+    let reason = if failed.iter().all(|p| p.unreachable) {
+        "AgentUnreachable"
+    } else {
+        "NodeFailed"
+    };
+    Outcome::failed(
+        reason,
+        format!(
+            "capture failed on {} of {n} node{} ({}); {} node{} completed",
+            failed.len(),
+            plural(n),
+            reasons.join("; "),
+            n - failed.len(),
+            plural(n - failed.len()),
+        ),
+    )
+}
+
+/// The previous status, if it describes `generation`.
+pub fn same_generation(
+    prev: Option<&PacketCaptureConfigStatus>,
+    generation: i64,
+) -> Option<&PacketCaptureConfigStatus> {
+    prev.filter(|s| s.observed_generation == Some(generation))
+}
+
+fn ready_condition(
+    prev: Option<&PacketCaptureConfigStatus>,
+    generation: i64,
+    outcome: &Outcome,
+    now: Timestamp,
+) -> Condition {
+    let status = if outcome.phase == Phase::Completed {
+        "True"
+    } else {
+        "False"
+    };
+    let since = prev
+        .into_iter()
+        .flat_map(|s| s.conditions.iter())
+        .find(|c| c.type_ == READY_CONDITION && c.status == status && c.reason == outcome.reason)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    Condition {
+        type_: READY_CONDITION.into(),
+        status: status.into(),
+        reason: outcome.reason.into(),
+        message: outcome.message.clone(),
+        observed_generation: Some(generation),
+        last_transition_time: since,
+    }
+}
+
+/// The whole status of `generation`.
+pub fn build(
+    prev: Option<&PacketCaptureConfigStatus>,
+    generation: i64,
+    nodes: &BTreeMap<String, NodeProgress>,
+    format: OutputFormat,
+    outcome: &Outcome,
+    now: Timestamp,
+) -> PacketCaptureConfigStatus {
+    let same = same_generation(prev, generation);
+    let start_time = if nodes.is_empty() {
+        None
+    } else {
+        same.and_then(|s| s.start_time.clone())
+            .or_else(|| nodes.values().filter_map(|p| p.start_time).min().map(Time))
+            .or(Some(Time(now)))
+    };
+    let completion_time = if outcome.phase.is_final() {
+        same.filter(|s| s.phase.is_some_and(Phase::is_final))
+            .and_then(|s| s.completion_time.clone())
+            .or_else(|| nodes.values().filter_map(|p| p.end_time).max().map(Time))
+            .or(Some(Time(now)))
+    } else {
+        None
+    };
+    PacketCaptureConfigStatus {
+        phase: Some(outcome.phase),
+        message: Some(outcome.message.clone()),
+        observed_generation: Some(generation),
+        conditions: vec![ready_condition(prev, generation, outcome, now)],
+        start_time,
+        completion_time,
+        nodes: Some(nodes.len() as u32),
+        packets: Some(nodes.values().map(|p| p.packets).sum()),
+        dropped: Some(nodes.values().map(|p| p.dropped).sum()),
+        capture_files: nodes
+            .values()
+            .map(|p| (p.node_ip.clone(), p.to_status(format)))
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use packet_capture_common::crd::STDOUT_OUTPUT_FILE;
+
+    fn node(name: &str, state: NodeState, packets: u64) -> (String, NodeProgress) {
+        let mut p = NodeProgress::new(name, &format!("192.168.0.{}", name.len()), "id");
+        p.state = state;
+        p.packets = packets;
+        p.output_file = format!("/var/lib/packet-captures/x-{name}.pcap");
+        p.file_size = 100;
+        (name.to_string(), p)
+    }
+
+    fn nodes(list: &[(&str, NodeState)]) -> BTreeMap<String, NodeProgress> {
+        list.iter().map(|(n, s)| node(n, *s, 5)).collect()
+    }
+
+    #[test]
+    fn phases_follow_the_nodes() {
+        use NodeState::*;
+        let phase = |l: &[(&str, NodeState)]| summarize(&nodes(l)).phase;
+        assert_eq!(phase(&[("a", Starting), ("bb", Starting)]), Phase::Starting);
+        assert_eq!(phase(&[("a", Running), ("bb", Starting)]), Phase::Running);
+        assert_eq!(phase(&[("a", Completed), ("bb", Running)]), Phase::Running);
+        assert_eq!(
+            phase(&[("a", Completed), ("bb", Stopped)]),
+            Phase::Completed
+        );
+        let o = summarize(&nodes(&[("a", Completed), ("bb", Failed)]));
+        assert_eq!(o.phase, Phase::Failed);
+        assert_eq!(o.reason, "NodeFailed");
+        assert_eq!(
+            o.message,
+            "capture failed on 1 of 2 nodes (node bb: failed); 1 node completed"
+        );
+        assert_eq!(
+            summarize(&nodes(&[("a", Completed)])).message,
+            COMPLETED_MESSAGE
+        );
+    }
+
+    #[test]
+    fn status_has_the_seed_shape_and_totals() {
+        use NodeState::*;
+        let n = nodes(&[("a", Completed), ("bb", Completed)]);
+        let o = summarize(&n);
+        let now = Timestamp::now();
+        let s = build(None, 3, &n, OutputFormat::Pcap, &o, now);
+        assert_eq!(s.phase, Some(Phase::Completed));
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!(s.nodes, Some(2));
+        assert_eq!(s.packets, Some(10));
+        assert_eq!(s.completion_time, Some(Time(now)));
+        let entry = &s.capture_files["192.168.0.1"];
+        assert_eq!(entry.status, "completed");
+        assert_eq!(entry.node, "a");
+        assert_eq!(entry.file_size, 100);
+        assert_eq!(s.conditions[0].status, "True");
+        let json = serde_json::to_value(&s).unwrap();
+        let e = &json["captureFiles"]["192.168.0.2"];
+        assert_eq!(e["output_file"], "/var/lib/packet-captures/x-bb.pcap");
+        assert_eq!(e["file_size"], 100);
+
+        let stdout = build(None, 3, &n, OutputFormat::Stdout, &o, now);
+        let e = &stdout.capture_files["192.168.0.1"];
+        assert_eq!(
+            (e.output_file.as_str(), e.file_size),
+            (STDOUT_OUTPUT_FILE, 0)
+        );
+    }
+
+    #[test]
+    fn times_and_transitions_are_kept_across_reconciles() {
+        use NodeState::*;
+        let t0 = Timestamp::from_second(1_700_000_000).unwrap();
+        let t1 = Timestamp::from_second(1_700_000_100).unwrap();
+        let n = nodes(&[("a", Running)]);
+        let first = build(None, 1, &n, OutputFormat::Pcap, &summarize(&n), t0);
+        let again = build(Some(&first), 1, &n, OutputFormat::Pcap, &summarize(&n), t1);
+        assert_eq!(again.start_time, Some(Time(t0)));
+        assert_eq!(again.conditions[0].last_transition_time, Time(t0));
+        // A new generation starts afresh.
+        let next = build(Some(&first), 2, &n, OutputFormat::Pcap, &summarize(&n), t1);
+        assert_eq!(next.start_time, Some(Time(t1)));
+    }
+}

@@ -1,0 +1,336 @@
+//! An in-process `packetcapture.v1.Agent` with the documented semantics
+//! (idempotent StartCapture, WatchCapture ending after the final state),
+//! whose captures the test ends, and which can be made to fail.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use futures::Stream;
+use packet_capture_proto::v1::agent_server::{Agent, AgentServer};
+use packet_capture_proto::v1::{
+    Capture, CaptureState, DownloadFileRequest, FileChunk, GetCaptureRequest, HealthRequest,
+    HealthResponse, ListCapturesRequest, ListCapturesResponse, ListFilesRequest, ListFilesResponse,
+    StartCaptureRequest, StopCaptureRequest, WatchCaptureRequest,
+};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+
+#[derive(Default)]
+struct State {
+    captures: BTreeMap<String, (StartCaptureRequest, watch::Sender<Capture>)>,
+    calls: Vec<String>,
+    fail_starts: u32,
+    down: bool,
+}
+
+/// A fake agent on one node.
+#[derive(Clone)]
+pub struct FakeAgent {
+    node: String,
+    state: Arc<Mutex<State>>,
+    /// Flips to true when the agent "dies": open watches fail.
+    dead: watch::Sender<bool>,
+}
+
+fn is_final(state: i32) -> bool {
+    matches!(
+        CaptureState::try_from(state),
+        Ok(CaptureState::Completed | CaptureState::Failed | CaptureState::Stopped)
+    )
+}
+
+fn now() -> prost_types::Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    prost_types::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+impl FakeAgent {
+    fn new(node: &str) -> Self {
+        Self {
+            node: node.into(),
+            state: Arc::default(),
+            dead: watch::channel(false).0,
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap()
+    }
+
+    /// The calls received, as `Method id`.
+    pub fn calls(&self) -> Vec<String> {
+        self.lock().calls.clone()
+    }
+
+    /// The ids of the captures it holds, and their requests.
+    pub fn captures(&self) -> BTreeMap<String, (StartCaptureRequest, Capture)> {
+        self.lock()
+            .captures
+            .iter()
+            .map(|(id, (req, tx))| (id.clone(), (req.clone(), tx.borrow().clone())))
+            .collect()
+    }
+
+    /// The only capture, or a panic.
+    pub fn only_capture(&self) -> (StartCaptureRequest, Capture) {
+        let caps = self.captures();
+        assert_eq!(
+            caps.len(),
+            1,
+            "captures on {}: {:?}",
+            self.node,
+            caps.keys()
+        );
+        caps.into_values().next().unwrap()
+    }
+
+    /// The next `n` StartCapture calls fail with UNAVAILABLE.
+    pub fn fail_starts(&self, n: u32) {
+        self.lock().fail_starts = n;
+    }
+
+    /// Ends a capture as its duration would, with `packets` written.
+    pub fn complete(&self, id: &str, packets: u64) {
+        let state = self.lock();
+        let (req, tx) = state.captures.get(id).expect("no such capture");
+        let ext = if req.spec.as_ref().is_some_and(|s| s.output_format == 4) {
+            ""
+        } else {
+            ".pcap"
+        };
+        let file = format!("/var/lib/packet-captures/{}-20240101-000000{ext}", req.name);
+        tx.send_modify(|c| {
+            c.state = CaptureState::Completed as i32;
+            c.packets = packets;
+            c.file_size = if ext.is_empty() {
+                0
+            } else {
+                24 + packets * 100
+            };
+            c.output_file = file;
+            c.message = "duration reached".into();
+            c.end_time = Some(now());
+        });
+    }
+
+    /// The agent stops answering: open watches fail, calls are UNAVAILABLE.
+    pub fn kill(&self) {
+        self.lock().down = true;
+        self.dead.send_replace(true);
+    }
+
+    fn check_up(&self, call: String) -> Result<(), Status> {
+        let mut state = self.lock();
+        state.calls.push(call);
+        if state.down {
+            return Err(Status::unavailable("connection refused"));
+        }
+        Ok(())
+    }
+
+    fn get(&self, id: &str) -> Result<Capture, Status> {
+        self.lock()
+            .captures
+            .get(id)
+            .map(|(_, tx)| tx.borrow().clone())
+            .ok_or_else(|| Status::not_found(format!("no capture {id}")))
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agent for FakeAgent {
+    type WatchCaptureStream = BoxStream<Capture>;
+    type DownloadFileStream = BoxStream<FileChunk>;
+
+    async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        Ok(Response::new(HealthResponse {
+            backend: "ebpf".into(),
+            version: "test".into(),
+            interfaces: vec!["eth0".into()],
+            node_name: self.node.clone(),
+        }))
+    }
+
+    async fn start_capture(
+        &self,
+        req: Request<StartCaptureRequest>,
+    ) -> Result<Response<Capture>, Status> {
+        let req = req.into_inner();
+        self.check_up(format!("StartCapture {}", req.id))?;
+        let mut state = self.lock();
+        if state.fail_starts > 0 {
+            state.fail_starts -= 1;
+            return Err(Status::unavailable("not ready yet"));
+        }
+        if let Some((existing, tx)) = state.captures.get(&req.id) {
+            if existing.spec != req.spec {
+                return Err(Status::already_exists(format!(
+                    "capture {} has another spec",
+                    req.id
+                )));
+            }
+            return Ok(Response::new(tx.borrow().clone()));
+        }
+        let capture = Capture {
+            id: req.id.clone(),
+            name: req.name.clone(),
+            spec: req.spec.clone(),
+            state: CaptureState::Running as i32,
+            start_time: Some(now()),
+            node_name: self.node.clone(),
+            ..Default::default()
+        };
+        let (tx, _) = watch::channel(capture.clone());
+        state.captures.insert(req.id.clone(), (req, tx));
+        Ok(Response::new(capture))
+    }
+
+    async fn stop_capture(
+        &self,
+        req: Request<StopCaptureRequest>,
+    ) -> Result<Response<Capture>, Status> {
+        let id = req.into_inner().id;
+        self.check_up(format!("StopCapture {id}"))?;
+        let state = self.lock();
+        let (_, tx) = state
+            .captures
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("no capture {id}")))?;
+        tx.send_if_modified(|c| {
+            if is_final(c.state) {
+                return false;
+            }
+            c.state = CaptureState::Stopped as i32;
+            c.message = "stopped".into();
+            c.end_time = Some(now());
+            true
+        });
+        Ok(Response::new(tx.borrow().clone()))
+    }
+
+    async fn get_capture(
+        &self,
+        req: Request<GetCaptureRequest>,
+    ) -> Result<Response<Capture>, Status> {
+        let id = req.into_inner().id;
+        self.check_up(format!("GetCapture {id}"))?;
+        self.get(&id).map(Response::new)
+    }
+
+    async fn list_captures(
+        &self,
+        _: Request<ListCapturesRequest>,
+    ) -> Result<Response<ListCapturesResponse>, Status> {
+        self.check_up("ListCaptures".into())?;
+        Ok(Response::new(ListCapturesResponse {
+            captures: self.captures().into_values().map(|(_, c)| c).collect(),
+        }))
+    }
+
+    async fn watch_capture(
+        &self,
+        req: Request<WatchCaptureRequest>,
+    ) -> Result<Response<Self::WatchCaptureStream>, Status> {
+        let id = req.into_inner().id;
+        self.check_up(format!("WatchCapture {id}"))?;
+        let rx = {
+            let state = self.lock();
+            let (_, tx) = state
+                .captures
+                .get(&id)
+                .ok_or_else(|| Status::not_found(format!("no capture {id}")))?;
+            tx.subscribe()
+        };
+        let dead = self.dead.subscribe();
+        // The capture now, then on every change; ends after the final state,
+        // or fails when the agent dies.
+        let stream = futures::stream::unfold(
+            (rx, dead, true, false),
+            |(mut rx, mut dead, first, done)| async move {
+                if done {
+                    return None;
+                }
+                if !first {
+                    let died = tokio::select! {
+                        changed = rx.changed() => {
+                            if changed.is_err() {
+                                return None;
+                            }
+                            false
+                        }
+                        _ = dead.wait_for(|d| *d) => true,
+                    };
+                    if died {
+                        return Some((
+                            Err(Status::unavailable("agent died")),
+                            (rx, dead, false, true),
+                        ));
+                    }
+                }
+                let c = rx.borrow_and_update().clone();
+                let fin = is_final(c.state);
+                Some((Ok(c), (rx, dead, false, fin)))
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_files(
+        &self,
+        _: Request<ListFilesRequest>,
+    ) -> Result<Response<ListFilesResponse>, Status> {
+        Ok(Response::new(ListFilesResponse::default()))
+    }
+
+    async fn download_file(
+        &self,
+        req: Request<DownloadFileRequest>,
+    ) -> Result<Response<Self::DownloadFileStream>, Status> {
+        Err(Status::not_found(format!(
+            "no file {}",
+            req.into_inner().name
+        )))
+    }
+}
+
+/// Serves one fake agent per `(node, ip)`, all on one port.
+pub async fn serve_all(nodes: &[(&str, &str)]) -> (u16, Vec<FakeAgent>) {
+    'port: loop {
+        // Any free port on the first address, then the same on the others.
+        let first = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = first.local_addr().unwrap().port();
+        drop(first);
+        let mut listeners = Vec::new();
+        for (_, ip) in nodes {
+            match TcpListener::bind((*ip, port)).await {
+                Ok(l) => listeners.push(l),
+                Err(_) => continue 'port,
+            }
+        }
+        let mut agents = Vec::new();
+        for ((node, _), listener) in nodes.iter().zip(listeners) {
+            let agent = FakeAgent::new(node);
+            let server = Server::builder()
+                .add_service(AgentServer::new(agent.clone()))
+                .serve_with_incoming(TcpIncoming::from(listener));
+            tokio::spawn(server);
+            agents.push(agent);
+        }
+        return (port, agents);
+    }
+}
