@@ -10,6 +10,7 @@ mod cross;
 mod ebpf;
 #[cfg(test)]
 mod examples;
+mod makefile;
 mod manifests;
 mod setup;
 mod util;
