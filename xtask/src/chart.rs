@@ -70,33 +70,37 @@ pub(crate) mod tests {
             .unwrap_or_default()
     }
 
+    /// The entry named `name` of the list `list` (containers, env, volumes).
+    fn named<'a>(list: &'a Value, name: &str, what: &str) -> &'a Value {
+        list.as_sequence()
+            .and_then(|l| l.iter().find(|e| e["name"].as_str() == Some(name)))
+            .unwrap_or_else(|| panic!("no {what} {name}"))
+    }
+
     fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
-        workload["spec"]["template"]["spec"]["containers"]
-            .as_sequence()
-            .and_then(|c| c.iter().find(|c| c["name"].as_str() == Some(name)))
-            .unwrap_or_else(|| panic!("no container {name}"))
+        named(
+            &workload["spec"]["template"]["spec"]["containers"],
+            name,
+            "container",
+        )
     }
 
     fn env<'a>(container: &'a Value, name: &str) -> &'a Value {
-        container["env"]
-            .as_sequence()
-            .and_then(|e| e.iter().find(|e| e["name"].as_str() == Some(name)))
-            .unwrap_or_else(|| panic!("no env {name}"))
+        named(&container["env"], name, "env")
     }
 
     fn volume<'a>(workload: &'a Value, name: &str) -> &'a Value {
-        workload["spec"]["template"]["spec"]["volumes"]
-            .as_sequence()
-            .and_then(|v| v.iter().find(|v| v["name"].as_str() == Some(name)))
-            .unwrap_or_else(|| panic!("no volume {name}"))
+        named(
+            &workload["spec"]["template"]["spec"]["volumes"],
+            name,
+            "volume",
+        )
     }
 
     fn mount_path<'a>(container: &'a Value, volume: &str) -> &'a str {
-        container["volumeMounts"]
-            .as_sequence()
-            .and_then(|m| m.iter().find(|m| m["name"].as_str() == Some(volume)))
-            .and_then(|m| m["mountPath"].as_str())
-            .unwrap_or_else(|| panic!("volume {volume} is not mounted"))
+        named(&container["volumeMounts"], volume, "mount of volume")["mountPath"]
+            .as_str()
+            .expect("a mountPath")
     }
 
     fn rules(role: &Value) -> BTreeSet<(String, String, String)> {

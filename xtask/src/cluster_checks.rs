@@ -226,6 +226,10 @@ const fn sub(mut question: Question, subresource: &'static str) -> Question {
 const CTL: &str = "packet-capture-controller";
 const AGENT: &str = "packet-capture-agent";
 const PCC: &str = "packetcaptureconfigs.networking.packet.io";
+const TOKENS: &str = "tokenreviews.authentication.k8s.io";
+const ACCESS: &str = "subjectaccessreviews.authorization.k8s.io";
+const LEASES: &str = "leases.coordination.k8s.io";
+const CRDS: &str = "customresourcedefinitions.apiextensions.k8s.io";
 const NS: Option<&str> = Some(NAMESPACE);
 const OTHER: Option<&str> = Some("default");
 
@@ -250,51 +254,21 @@ pub const QUESTIONS: &[Question] = &[
     q(CTL, "list", "namespaces", None, false),
     q(CTL, "create", "events", OTHER, true),
     q(CTL, "create", "events.events.k8s.io", OTHER, true),
-    q(
-        CTL,
-        "create",
-        "tokenreviews.authentication.k8s.io",
-        None,
-        true,
-    ),
-    q(
-        CTL,
-        "create",
-        "subjectaccessreviews.authorization.k8s.io",
-        None,
-        true,
-    ),
+    q(CTL, "create", TOKENS, None, true),
+    q(CTL, "create", ACCESS, None, true),
     q(CTL, "create", "configmaps", NS, true),
     q(CTL, "delete", "configmaps", NS, true),
     q(CTL, "get", "configmaps", OTHER, false),
-    q(CTL, "create", "leases.coordination.k8s.io", NS, true),
-    q(CTL, "update", "leases.coordination.k8s.io", NS, true),
-    q(CTL, "delete", "leases.coordination.k8s.io", NS, false),
-    q(CTL, "get", "leases.coordination.k8s.io", OTHER, false),
+    q(CTL, "create", LEASES, NS, true),
+    q(CTL, "update", LEASES, NS, true),
+    q(CTL, "delete", LEASES, NS, false),
+    q(CTL, "get", LEASES, OTHER, false),
     q(CTL, "get", "secrets", NS, false),
     q(CTL, "list", "secrets", None, false),
     q(CTL, "create", "deployments.apps", NS, false),
-    q(
-        CTL,
-        "get",
-        "customresourcedefinitions.apiextensions.k8s.io",
-        None,
-        false,
-    ),
-    q(
-        AGENT,
-        "create",
-        "tokenreviews.authentication.k8s.io",
-        None,
-        true,
-    ),
-    q(
-        AGENT,
-        "create",
-        "subjectaccessreviews.authorization.k8s.io",
-        None,
-        true,
-    ),
+    q(CTL, "get", CRDS, None, false),
+    q(AGENT, "create", TOKENS, None, true),
+    q(AGENT, "create", ACCESS, None, true),
     q(AGENT, "get", "secrets", NS, false),
     q(AGENT, "list", "secrets", None, false),
     q(AGENT, "get", "pods", OTHER, false),

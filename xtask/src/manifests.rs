@@ -10,7 +10,7 @@ use std::process::Command;
 use anyhow::{Context as _, bail};
 use packet_capture_common::crd::PacketCaptureConfig;
 
-use crate::util::{HELM_VERSION, helm, output, root, step};
+use crate::util::{HELM_VERSION, helm, output, root, step, sync_generated};
 
 /// The chart, relative to the workspace root.
 pub const CHART: &str = "charts/packet-capture";
@@ -117,31 +117,13 @@ pub fn run(check: bool) -> anyhow::Result<()> {
             version.trim()
         ));
     }
-    let mut stale = Vec::new();
-    for (rel, contents) in generate(&helm)? {
-        let path = root().join(rel);
-        if fs::read_to_string(&path).is_ok_and(|current| current == contents) {
-            continue;
-        }
-        if check {
-            stale.push(rel);
-        } else {
-            fs::create_dir_all(path.parent().expect("manifests are in a directory"))?;
-            fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
-            step(format!("wrote {rel}"));
-        }
-    }
     check_example(&root().join(SAMPLE))?;
-    if !stale.is_empty() {
-        bail!(
-            "{} differ from the chart; run `cargo xtask manifests` (or `make manifests`) and commit",
-            stale.join(", ")
-        );
-    }
-    if check {
-        step("manifests/ matches the chart");
-    }
-    Ok(())
+    sync_generated(
+        generate(&helm)?,
+        check,
+        "the chart",
+        "cargo xtask manifests",
+    )
 }
 
 #[cfg(test)]

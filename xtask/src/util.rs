@@ -89,3 +89,39 @@ pub fn on_path(tool: &str) -> Option<PathBuf> {
         .map(|dir| dir.join(tool))
         .find(|p| p.is_file())
 }
+
+/// Brings each generated file (path relative to the root, contents) up to
+/// date; with `check`, fails naming the files that differ from `source` and
+/// the `command` that regenerates them.
+pub fn sync_generated<'a>(
+    files: impl IntoIterator<Item = (&'a str, String)>,
+    check: bool,
+    source: &str,
+    command: &str,
+) -> anyhow::Result<()> {
+    let mut stale = Vec::new();
+    for (rel, contents) in files {
+        let path = root().join(rel);
+        if std::fs::read_to_string(&path).is_ok_and(|current| current == contents) {
+            continue;
+        }
+        if check {
+            stale.push(rel);
+        } else {
+            std::fs::create_dir_all(path.parent().expect("a file is in a directory"))?;
+            std::fs::write(&path, contents)
+                .with_context(|| format!("writing {}", path.display()))?;
+            step(format!("wrote {rel}"));
+        }
+    }
+    if !stale.is_empty() {
+        bail!(
+            "{} differ from {source}; run `{command}` and commit",
+            stale.join(", ")
+        );
+    }
+    if check {
+        step(format!("up to date with {source}"));
+    }
+    Ok(())
+}
