@@ -592,6 +592,15 @@ pub(crate) mod tests {
             format!("{err:#}").contains("needs webhook.caBundle"),
             "{err:#}"
         );
+        // values.schema.json names the value and what it may be.
+        for (set, names) in [
+            ("webhook.failurePolicy=Maybe", "/webhook/failurePolicy"),
+            ("config.logLevel=TRACE", "/config/logLevel"),
+            ("agent.backend=xdp", "/agent/backend"),
+        ] {
+            let err = render(&helm, &["--set", set]).unwrap_err();
+            assert!(format!("{err:#}").contains(names), "{set}: {err:#}");
+        }
     }
 
     #[test]
