@@ -16,6 +16,7 @@ PLATFORMS ?= linux/amd64,linux/arm64
 # --push uploads the multi-arch images; use `--load PLATFORMS=linux/amd64` for a local image.
 IMAGE_OUTPUT ?= --push
 SOURCE ?= https://github.com/packet-capture/packet-capture
+REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 # logs-*: lines per pod, and FOLLOW=1 to follow.
 TAIL ?= 200
 FOLLOW ?=
@@ -69,7 +70,7 @@ cross-check: ## Cross-compile the agent and controller for arm64 and check the b
 images: ## Build (and push) the multi-arch images: IMAGE_REGISTRY, TAG, PLATFORMS, IMAGE_OUTPUT
 	for component in agent controller; do \
 		docker buildx build --platform $(PLATFORMS) --target $$component \
-			--build-arg VERSION=$(TAG) --build-arg SOURCE=$(SOURCE) \
+			--build-arg VERSION=$(TAG) --build-arg SOURCE=$(SOURCE) --build-arg REVISION=$(REVISION) \
 			--tag $(IMAGE_REGISTRY)/packet-capture-$$component:$(TAG) \
 			$(IMAGE_OUTPUT) . ; \
 	done
