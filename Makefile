@@ -1,11 +1,31 @@
 # packet-capture: build, test and operate. `make help` lists the targets.
+#
+# The operating targets (deploy, status, logs-*, restart, destroy) use the
+# current kubectl context; KUBECTL="kubectl --context other" picks another.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 CARGO ?= cargo
+KUBECTL ?= kubectl
+# Namespace the controller and the agents run in (the manifests' is kube-system).
+NAMESPACE ?= kube-system
+# Images: <IMAGE_REGISTRY>/packet-capture-{agent,controller}:<TAG>.
+IMAGE_REGISTRY ?= ghcr.io/packet-capture
+TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+PLATFORMS ?= linux/amd64,linux/arm64
+# --push uploads the multi-arch images; use `--load PLATFORMS=linux/amd64` for a local image.
+IMAGE_OUTPUT ?= --push
+SOURCE ?= https://github.com/packet-capture/packet-capture
+REVISION ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+# logs-*: lines per pod, and FOLLOW=1 to follow.
+TAIL ?= 200
+FOLLOW ?=
+# How long destroy waits for the controller to finish deleting captures.
+TIMEOUT ?= 120s
 # The eBPF crate is built for the BPF target by the agent's build script; lint
 # it there with the pinned toolchain.
 EBPF_CLIPPY := cd packet-capture-ebpf && $(CARGO) clippy --release --target bpfel-unknown-none -Z build-std=core -- -D warnings
+CRD := packetcaptureconfigs.networking.packet.io
 
 .DEFAULT_GOAL := help
 
@@ -22,16 +42,86 @@ build: ## Build every binary (release)
 	$(CARGO) build --release --workspace
 
 .PHONY: lint
-lint: ## cargo fmt --check, clippy -D warnings (user space and eBPF), CRD drift
+lint: ## cargo fmt --check, clippy -D warnings (user space and eBPF), CRD and manifests drift
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --exclude packet-capture-ebpf --all-targets -- -D warnings
 	$(EBPF_CLIPPY)
 	$(CARGO) xtask crdgen --check
+	$(CARGO) xtask manifests --check
 
 .PHONY: test
-test: setup lint ## Set up, then run every test (as root: the tests use BPF and network namespaces)
+test: setup lint ## Set up, then run every test (as root: the tests use BPF and network namespaces), then cross-build arm64
 	$(CARGO) test --workspace --exclude packet-capture-ebpf --no-fail-fast
+	$(CARGO) xtask cross-check
 
 .PHONY: demo
 demo: setup ## Set up, start a local control plane with simulated nodes, run a capture, show it
 	$(CARGO) xtask demo
+
+.PHONY: manifests
+manifests: ## Render the Helm chart into manifests/ (commit the result)
+	$(CARGO) xtask manifests
+
+.PHONY: cross-check
+cross-check: ## Cross-compile the agent and controller for arm64 and check the binaries
+	$(CARGO) xtask cross-check
+
+.PHONY: images
+images: ## Build (and push) the multi-arch images: IMAGE_REGISTRY, TAG, PLATFORMS, IMAGE_OUTPUT
+	for component in agent controller; do \
+		docker buildx build --platform $(PLATFORMS) --target $$component \
+			--build-arg VERSION=$(TAG) --build-arg SOURCE=$(SOURCE) --build-arg REVISION=$(REVISION) \
+			--tag $(IMAGE_REGISTRY)/packet-capture-$$component:$(TAG) \
+			$(IMAGE_OUTPUT) . ; \
+	done
+
+.PHONY: deploy
+deploy: ## Install with kubectl in the README's order (the webhook only if cert-manager is installed)
+	$(KUBECTL) apply -f crd/packet_capture_config_crd.yaml
+	$(KUBECTL) wait --for=condition=Established --timeout=60s crd/$(CRD)
+	$(KUBECTL) apply -f manifests/rbac.yaml
+	$(KUBECTL) apply -f manifests/config.yaml
+	$(KUBECTL) apply -f manifests/controller/deployment.yaml
+	$(KUBECTL) apply -f manifests/agent/daemonset.yaml
+	@if $(KUBECTL) api-resources --api-group=cert-manager.io -o name | grep -q '^certificates\.'; then \
+		echo "$(KUBECTL) apply -f manifests/webhook.yaml"; \
+		$(KUBECTL) apply -f manifests/webhook.yaml; \
+	else \
+		echo "cert-manager is not installed: skipped manifests/webhook.yaml (install cert-manager, then apply it)"; \
+	fi
+
+.PHONY: status
+status: ## Show the controller, the agents, their pods and the captures
+	$(KUBECTL) get deployment/packet-capture-controller daemonset/packet-capture-agent -n $(NAMESPACE) -o wide
+	$(KUBECTL) get pods -n $(NAMESPACE) -l 'app in (packet-capture-controller,packet-capture-agent)' -o wide
+	$(KUBECTL) get packetcaptureconfigs
+
+.PHONY: logs-controller
+logs-controller: ## Logs of the controller pods (TAIL=n lines, FOLLOW=1 to follow)
+	$(KUBECTL) logs -n $(NAMESPACE) -l app=packet-capture-controller --prefix --tail=$(TAIL) $(if $(FOLLOW),--follow)
+
+.PHONY: logs-agent
+logs-agent: ## Logs of every agent pod (TAIL=n lines, FOLLOW=1 to follow)
+	$(KUBECTL) logs -n $(NAMESPACE) -l app=packet-capture-agent --prefix --tail=$(TAIL) --max-log-requests=1000 $(if $(FOLLOW),--follow)
+
+.PHONY: restart
+restart: ## Restart the controller and the agents (they re-read the ConfigMap)
+	$(KUBECTL) rollout restart deployment/packet-capture-controller daemonset/packet-capture-agent -n $(NAMESPACE)
+
+.PHONY: destroy
+destroy: ## Delete every capture, then everything deploy installed, in reverse order
+	@if $(KUBECTL) get crd $(CRD) >/dev/null 2>&1; then \
+		echo "$(KUBECTL) delete packetcaptureconfigs --all --timeout=$(TIMEOUT)"; \
+		$(KUBECTL) delete packetcaptureconfigs --all --timeout=$(TIMEOUT); \
+	fi
+	$(KUBECTL) delete validatingwebhookconfiguration/packet-capture-webhook --ignore-not-found
+	$(KUBECTL) delete -n $(NAMESPACE) service/packet-capture-webhook secret/packet-capture-webhook-tls --ignore-not-found
+	@if $(KUBECTL) api-resources --api-group=cert-manager.io -o name | grep -q '^certificates\.'; then \
+		echo "$(KUBECTL) delete -n $(NAMESPACE) certificate/packet-capture-webhook issuer/packet-capture-selfsigned --ignore-not-found"; \
+		$(KUBECTL) delete -n $(NAMESPACE) certificate/packet-capture-webhook issuer/packet-capture-selfsigned --ignore-not-found; \
+	fi
+	$(KUBECTL) delete --ignore-not-found -f manifests/agent/daemonset.yaml
+	$(KUBECTL) delete --ignore-not-found -f manifests/controller/deployment.yaml
+	$(KUBECTL) delete --ignore-not-found -f manifests/config.yaml
+	$(KUBECTL) delete --ignore-not-found -f manifests/rbac.yaml
+	$(KUBECTL) delete --ignore-not-found -f crd/packet_capture_config_crd.yaml

@@ -1,12 +1,9 @@
 //! `cargo xtask crdgen`: the CRD YAML comes from the Rust types.
 
-use std::fs;
-
-use anyhow::{Context as _, bail};
 use kube::CustomResourceExt;
 use packet_capture_common::crd::PacketCaptureConfig;
 
-use crate::util::{root, step};
+use crate::util::sync_generated;
 
 /// Where the generated CRD is committed: the seed's path and the chart's.
 pub const CRD_PATHS: [&str; 2] = [
@@ -23,31 +20,12 @@ pub fn yaml() -> anyhow::Result<String> {
 
 pub fn run(check: bool) -> anyhow::Result<()> {
     let yaml = yaml()?;
-    let mut stale = Vec::new();
-    for rel in CRD_PATHS {
-        let path = root().join(rel);
-        let current = fs::read_to_string(&path).unwrap_or_default();
-        if current == yaml {
-            continue;
-        }
-        if check {
-            stale.push(rel);
-        } else {
-            fs::create_dir_all(path.parent().expect("path has a parent"))?;
-            fs::write(&path, &yaml).with_context(|| format!("writing {}", path.display()))?;
-            step(format!("wrote {rel}"));
-        }
-    }
-    if !stale.is_empty() {
-        bail!(
-            "{} differ from the CRD generated from the Rust types; run `cargo xtask crdgen` and commit",
-            stale.join(" and ")
-        );
-    }
-    if check {
-        step("CRD YAML is up to date");
-    }
-    Ok(())
+    sync_generated(
+        CRD_PATHS.map(|rel| (rel, yaml.clone())),
+        check,
+        "the CRD generated from the Rust types",
+        "cargo xtask crdgen",
+    )
 }
 
 #[cfg(test)]

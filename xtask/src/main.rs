@@ -1,8 +1,17 @@
 //! `cargo xtask <task>`: the project's chores, in Rust so they run wherever
 //! cargo does.
 
+#[cfg(test)]
+mod chart;
+#[cfg(test)]
+mod cluster_checks;
 mod crdgen;
+mod cross;
 mod ebpf;
+#[cfg(test)]
+mod examples;
+mod makefile;
+mod manifests;
 mod setup;
 mod util;
 
@@ -27,6 +36,20 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
+    /// Render the Helm chart into manifests/ (the paths of the README's
+    /// `kubectl apply` sequence) and check manifests/sample-config.yaml.
+    Manifests {
+        /// Fail if the committed manifests differ from the chart.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Cross-compile the agent and controller for arm64 (the arm64 images'
+    /// binaries) and check the architecture of what was built.
+    CrossCheck {
+        /// Build with the release profile, as the images do.
+        #[arg(long)]
+        release: bool,
+    },
     /// Run the whole system on a local control plane and show a capture.
     Demo,
 }
@@ -36,6 +59,8 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::install(),
         Task::BuildEbpf => ebpf::build(),
         Task::Crdgen { check } => crdgen::run(check),
+        Task::Manifests { check } => manifests::run(check),
+        Task::CrossCheck { release } => cross::run(release),
         Task::Demo => anyhow::bail!(
             "the demo needs the local control plane (`cargo xtask cluster`) and the controller, \
              which are not part of this checkout yet; `make test` runs what exists"

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::util::{output, root, run, step};
+use crate::util::{HELM_VERSION, cached_helm, output, root, run, step};
 
 /// Debian packages, each with why it is needed.
 const PACKAGES: &[(&str, &str)] = &[
@@ -23,15 +23,36 @@ const PACKAGES: &[(&str, &str)] = &[
     ("curl", "REST calls in tests and the README"),
     ("netcat-openbsd", "TCP and UDP traffic in tests"),
     ("openssl", "certificates of the local control plane"),
+    (
+        "gcc-aarch64-linux-gnu",
+        "cross-linking the arm64 agent and controller (`cargo xtask cross-check`)",
+    ),
+    (
+        "libc6-dev-arm64-cross",
+        "the arm64 C library the cross-linker links against",
+    ),
+    (
+        "libpcap0.8-dev:arm64",
+        "libpcap for the arm64 agent and controller (needs the arm64 architecture in dpkg)",
+    ),
 ];
+
+/// The foreign architecture whose packages cross-compiling needs.
+const FOREIGN_ARCH: &str = "arm64";
+
+/// Rust targets besides the host's: the arm64 images' binaries.
+const RUST_TARGETS: &[&str] = &["aarch64-unknown-linux-gnu"];
 
 const BPF_LINKER_VERSION: &str = "0.13";
 
 pub fn install() -> anyhow::Result<()> {
+    foreign_architecture()?;
     apt_packages()?;
     rust_components()?;
+    rust_targets()?;
     ebpf_toolchain()?;
     bpf_linker()?;
+    helm()?;
     step("setup complete");
     Ok(())
 }
@@ -71,6 +92,61 @@ fn apt_packages() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `dpkg --add-architecture arm64`, so that apt can install arm64 libraries
+/// next to the host's.
+fn foreign_architecture() -> anyhow::Result<()> {
+    let have = output(Command::new("dpkg").arg("--print-foreign-architectures"))?;
+    if have.lines().any(|a| a.trim() == FOREIGN_ARCH) {
+        return Ok(());
+    }
+    step(format!(
+        "dpkg --add-architecture {FOREIGN_ARCH}: arm64 libraries for cross-compiling"
+    ));
+    run(Command::new("dpkg").args(["--add-architecture", FOREIGN_ARCH]))
+        .context("dpkg --add-architecture failed (are you root?)")
+}
+
+fn rust_targets() -> anyhow::Result<()> {
+    let have = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    for target in RUST_TARGETS {
+        if have.lines().any(|l| l.trim() == *target) {
+            continue;
+        }
+        step(format!(
+            "rustup target add {target}: the arm64 images' binaries"
+        ));
+        run(Command::new("rustup").args(["target", "add", target]))
+            .with_context(|| format!("could not add the {target} target"))?;
+    }
+    Ok(())
+}
+
+/// Helm, built with `go install` into the cache: renders the chart into
+/// manifests/ and is used by the chart's tests. A stamp beside it records the
+/// version (a `go install`ed helm reports only its minor version).
+fn helm() -> anyhow::Result<()> {
+    let helm = cached_helm()?;
+    let bin = helm.parent().expect("helm's path has a directory");
+    let stamp = bin.join(".version");
+    if helm.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|v| v.trim() == HELM_VERSION) {
+        step(format!("helm {HELM_VERSION}: present"));
+        return Ok(());
+    }
+    step(format!(
+        "building helm {HELM_VERSION} with go install into {} (a few minutes)",
+        helm.display()
+    ));
+    std::fs::create_dir_all(bin).with_context(|| format!("creating {}", bin.display()))?;
+    run(Command::new("go")
+        .args([
+            "install",
+            &format!("helm.sh/helm/v3/cmd/helm@{HELM_VERSION}"),
+        ])
+        .env("GOBIN", bin))
+    .context("could not build helm (needs Go on PATH and the Go module proxy)")?;
+    std::fs::write(&stamp, HELM_VERSION).with_context(|| format!("writing {}", stamp.display()))
 }
 
 fn rust_components() -> anyhow::Result<()> {

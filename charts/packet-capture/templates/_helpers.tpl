@@ -1,0 +1,59 @@
+{{/* Namespace of every namespaced object. */}}
+{{- define "packet-capture.namespace" -}}
+{{- .Values.namespace | default .Release.Namespace -}}
+{{- end }}
+
+{{/* Labels every object carries. */}}
+{{- define "packet-capture.labels" -}}
+app.kubernetes.io/name: packet-capture
+{{ include "packet-capture.commonLabels" . }}
+{{- end }}
+
+{{/* The labels that are not in a selector. */}}
+{{- define "packet-capture.commonLabels" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: packet-capture
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version | replace "+" "_" }}
+{{- end }}
+
+{{/* Selector of the controller's pods (immutable). */}}
+{{- define "packet-capture.controller.selector" -}}
+app: packet-capture-controller
+app.kubernetes.io/name: packet-capture
+{{- end }}
+
+{{/* Selector of the agents' pods (immutable); the controller finds agents by app=packet-capture-agent. */}}
+{{- define "packet-capture.agent.selector" -}}
+app: packet-capture-agent
+app.kubernetes.io/name: packet-capture
+{{- end }}
+
+{{- define "packet-capture.controller.labels" -}}
+{{ include "packet-capture.commonLabels" . }}
+{{ include "packet-capture.controller.selector" . }}
+app.kubernetes.io/component: controller
+{{- end }}
+
+{{- define "packet-capture.agent.labels" -}}
+{{ include "packet-capture.commonLabels" . }}
+{{ include "packet-capture.agent.selector" . }}
+app.kubernetes.io/component: agent
+{{- end }}
+
+{{- define "packet-capture.webhook.labels" -}}
+{{ include "packet-capture.labels" . }}
+app.kubernetes.io/component: webhook
+{{- end }}
+
+{{/* <registry>/<repository>:<tag>; call with (dict "root" $ "image" .Values.agent.image). */}}
+{{- define "packet-capture.image" -}}
+{{- $tag := .image.tag | default .root.Values.image.tag | default .root.Chart.AppVersion -}}
+{{- printf "%s/%s:%s" (trimSuffix "/" .root.Values.image.registry) .image.repository $tag -}}
+{{- end }}
+
+{{/* The webhook's certificate: cert-manager's Certificate name. */}}
+{{- define "packet-capture.webhook.certificate" -}}
+packet-capture-webhook
+{{- end }}

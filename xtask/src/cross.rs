@@ -1,0 +1,253 @@
+//! `cargo xtask cross-check`: the arm64 images' binaries are cross-compiled
+//! here with Debian's cross toolchain (there is no Docker engine to build the
+//! images), and what comes out is checked: aarch64 executables, and the eBPF
+//! object they embed is little-endian BPF (the kernel's byte order on both
+//! amd64 and arm64).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, bail, ensure};
+
+use crate::util::{output, root, step};
+
+/// The Rust target of the arm64 images.
+pub const TARGET: &str = "aarch64-unknown-linux-gnu";
+
+/// The binaries the images ship. Each one whose package is in the workspace
+/// must build for [`TARGET`].
+pub const BINARIES: [&str; 2] = ["packet-capture-agent", "packet-capture-controller"];
+
+/// Not built for the target: the eBPF programs (the agent's build script
+/// builds them for bpfel) and this host-only tool.
+const EXCLUDED: [&str; 2] = ["packet-capture-ebpf", "xtask"];
+
+/// How cargo, cc and pkg-config reach Debian's aarch64 toolchain and the
+/// arm64 libpcap (`cargo xtask setup` installs both). The Dockerfile sets the
+/// same variables.
+pub const ENV: [(&str, &str); 4] = [
+    (
+        "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
+        "aarch64-linux-gnu-gcc",
+    ),
+    ("CC_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-gcc"),
+    ("AR_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-ar"),
+    (
+        "PKG_CONFIG_aarch64_unknown_linux_gnu",
+        "aarch64-linux-gnu-pkg-config",
+    ),
+];
+
+const EM_AARCH64: u16 = 183;
+const EM_BPF: u16 = 247;
+
+/// The parts of an ELF header that say what it runs on.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ElfId {
+    pub bits64: bool,
+    pub little_endian: bool,
+    pub machine: u16,
+}
+
+pub fn elf_id(path: &Path) -> anyhow::Result<ElfId> {
+    let mut header = [0u8; 20];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .with_context(|| format!("reading the ELF header of {}", path.display()))?;
+    ensure!(
+        header[..4] == *b"\x7fELF",
+        "{} is not an ELF file",
+        path.display()
+    );
+    let little_endian = header[5] == 1;
+    let machine = [header[18], header[19]];
+    Ok(ElfId {
+        bits64: header[4] == 2,
+        little_endian,
+        machine: if little_endian {
+            u16::from_le_bytes(machine)
+        } else {
+            u16::from_be_bytes(machine)
+        },
+    })
+}
+
+/// Names of the workspace's packages.
+fn workspace_packages() -> anyhow::Result<Vec<String>> {
+    let meta = output(Command::new(env!("CARGO")).current_dir(root()).args([
+        "metadata",
+        "--no-deps",
+        "--format-version",
+        "1",
+    ]))?;
+    let meta: serde_json::Value = serde_json::from_str(&meta).context("cargo metadata output")?;
+    Ok(meta["packages"]
+        .as_array()
+        .context("cargo metadata has no packages")?
+        .iter()
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// What a cross build produced.
+#[derive(Debug, Default)]
+pub struct Built {
+    /// Executable name -> path.
+    pub executables: BTreeMap<String, PathBuf>,
+    /// The eBPF object the agent embeds, when the agent was built.
+    pub ebpf_object: Option<PathBuf>,
+}
+
+/// `cargo build --target aarch64-unknown-linux-gnu` of every binary in the
+/// workspace but the excluded ones.
+pub fn build(release: bool) -> anyhow::Result<Built> {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(root())
+        .args(["build", "--target", TARGET, "--workspace", "--bins"])
+        .args(EXCLUDED.iter().flat_map(|p| ["--exclude", p]))
+        .arg("--message-format=json-render-diagnostics")
+        .envs(ENV)
+        .stderr(Stdio::inherit());
+    if release {
+        cmd.arg("--release");
+    }
+    step(format!("{cmd:?}"));
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "cross-compiling for {TARGET} failed ({}); `cargo xtask setup` installs the target, \
+             gcc-aarch64-linux-gnu and libpcap0.8-dev:arm64",
+            out.status
+        );
+    }
+    let mut built = Built::default();
+    for message in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    {
+        match message["reason"].as_str() {
+            Some("compiler-artifact") => {
+                if let (Some(name), Some(exe)) = (
+                    message["target"]["name"].as_str(),
+                    message["executable"].as_str(),
+                ) {
+                    built.executables.insert(name.to_owned(), exe.into());
+                }
+            }
+            Some("build-script-executed")
+                if message["package_id"]
+                    .as_str()
+                    .is_some_and(|id| id.contains("packet-capture-agent")) =>
+            {
+                built.ebpf_object = message["out_dir"]
+                    .as_str()
+                    .map(|dir| Path::new(dir).join("packet-capture"));
+            }
+            _ => {}
+        }
+    }
+    Ok(built)
+}
+
+/// Checks that each expected binary was built for aarch64 and that the eBPF
+/// object is bpfel; returns what it checked, one line each.
+pub fn verify(built: &Built, packages: &[String]) -> anyhow::Result<Vec<String>> {
+    let mut report = Vec::new();
+    for bin in BINARIES {
+        if !packages.iter().any(|p| p == bin) {
+            report.push(format!("{bin}: not in this workspace, nothing to build"));
+            continue;
+        }
+        let path = built
+            .executables
+            .get(bin)
+            .with_context(|| format!("cargo built no {bin} executable for {TARGET}"))?;
+        let id = elf_id(path)?;
+        ensure!(
+            id == ElfId {
+                bits64: true,
+                little_endian: true,
+                machine: EM_AARCH64
+            },
+            "{} is {id:?}, not a 64-bit little-endian aarch64 executable",
+            path.display()
+        );
+        report.push(format!("{bin}: aarch64 ELF at {}", path.display()));
+    }
+    if packages.iter().any(|p| p == "packet-capture-agent") {
+        let object = built
+            .ebpf_object
+            .as_ref()
+            .context("cargo did not report the agent's build script output (the eBPF object)")?;
+        let id = elf_id(object)?;
+        ensure!(
+            id.machine == EM_BPF && id.little_endian,
+            "{} is {id:?}, not little-endian BPF (bpfel)",
+            object.display()
+        );
+        report.push(format!("eBPF object: bpfel ELF at {}", object.display()));
+    }
+    Ok(report)
+}
+
+pub fn run(release: bool) -> anyhow::Result<()> {
+    let packages = workspace_packages()?;
+    let built = build(release)?;
+    for line in verify(&built, &packages)? {
+        step(line);
+    }
+    step(format!("the arm64 binaries build for {TARGET}"));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_machine_of_an_elf_file() {
+        // The test binary itself: an x86-64 or aarch64 little-endian ELF.
+        let me = std::env::current_exe().unwrap();
+        let id = elf_id(&me).unwrap();
+        assert!(id.bits64 && id.little_endian);
+        let expected = if cfg!(target_arch = "x86_64") {
+            62
+        } else {
+            EM_AARCH64
+        };
+        assert_eq!(id.machine, expected);
+        assert!(
+            elf_id(
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("Cargo.toml")
+                    .as_path()
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_missing_or_foreign_binary_fails_the_check() {
+        let packages = vec!["packet-capture-controller".to_owned()];
+        let err = verify(&Built::default(), &packages).unwrap_err();
+        assert!(
+            err.to_string().contains("packet-capture-controller"),
+            "{err}"
+        );
+
+        let mut built = Built::default();
+        built.executables.insert(
+            "packet-capture-controller".into(),
+            std::env::current_exe().unwrap(),
+        );
+        let err = verify(&built, &packages).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not a 64-bit little-endian aarch64"),
+            "{err}"
+        );
+    }
+}
