@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use packet_capture_agent::ebpf::Kernel;
+use packet_capture_agent::ebpf::{Kernel, LinkKind};
 use packet_capture_test_support::{on_path, privileged};
 
 /// The capability set a child runs with, as `CAP_A,CAP_B`.
@@ -87,9 +87,9 @@ fn child_loads_and_attaches() {
         have, want,
         "effective capabilities {have:#x}, expected {want:#x} ({caps})"
     );
-    let mut kernel = Kernel::load().unwrap_or_else(|e| panic!("LOAD FAILED: {e:?}"));
+    let (mut kernel, _ring) = Kernel::load(1 << 16).unwrap_or_else(|e| panic!("LOAD FAILED: {e:?}"));
     kernel
-        .attach("lo")
+        .attach("lo", LinkKind::Loopback)
         .unwrap_or_else(|e| panic!("ATTACH FAILED: {e:?}"));
     assert_eq!(kernel.attached().collect::<Vec<_>>(), ["lo"]);
     println!("CHILD OK with {caps}");
