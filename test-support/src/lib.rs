@@ -4,8 +4,11 @@
 //! Every namespace and link is named after the test process, and removed on
 //! drop, so a failed test leaves nothing behind and tests can run side by side.
 
+pub mod agent;
 pub mod netns;
+pub mod tools;
 
+pub use agent::AgentProcess;
 pub use netns::{Netns, VethPair};
 
 /// Checks that the test can use root, BPF and network namespaces.
