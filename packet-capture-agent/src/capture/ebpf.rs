@@ -201,14 +201,8 @@ impl Reader {
                 continue;
             }
             wait_readable(self.ring.as_raw_fd(), POLL_INTERVAL);
-            self.drain();
-            for slot in 0..MAX_SLOTS {
-                if let Some(sink) = self.sinks[slot].as_mut()
-                    && let Err(reason) = sink.flush()
-                {
-                    self.end(slot, reason);
-                }
-            }
+            // Commands first: a sink added while waiting must be in place
+            // before the records the kernel already selected for it.
             loop {
                 match self.commands.try_recv() {
                     Ok(cmd) => {
@@ -218,6 +212,14 @@ impl Reader {
                     }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => return,
+                }
+            }
+            self.drain();
+            for slot in 0..MAX_SLOTS {
+                if let Some(sink) = self.sinks[slot].as_mut()
+                    && let Err(reason) = sink.flush()
+                {
+                    self.end(slot, reason);
                 }
             }
         }
