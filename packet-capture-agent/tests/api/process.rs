@@ -129,3 +129,15 @@ async fn sigterm_finishes_files_and_exits_within_10s() {
         assert!(attached.is_empty(), "left attached: {attached:?}");
     }
 }
+
+#[test]
+fn sigint_stops_the_agent_cleanly() {
+    if !privileged("sigint_stops_the_agent_cleanly") {
+        return;
+    }
+    let node = Node::new();
+    let mut agent = node.agent(&["--insecure-no-auth"], &[]);
+    let status = agent.signal_and_wait(libc::SIGINT);
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    assert!(agent.log().contains("SIGINT"), "{}", agent.log());
+}
