@@ -1,6 +1,7 @@
 //! The packet-capture node agent: captures packets on this node's
 //! interfaces with eBPF (or libpcap) and serves the agent API.
 
+pub mod api;
 pub mod capture;
 pub mod civil;
 pub mod config;

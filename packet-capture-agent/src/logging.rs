@@ -45,11 +45,14 @@ impl LogLevel {
         d
     }
 
-    /// Installs the global subscriber (logs go to stderr).
+    /// Installs the global subscriber (logs go to stderr, coloured only on
+    /// a terminal).
     pub fn init(self, our_crates: &[&str]) {
+        use std::io::IsTerminal as _;
         tracing_subscriber::fmt()
             .with_env_filter(EnvFilter::new(self.directives(our_crates)))
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
             .init();
     }
 }

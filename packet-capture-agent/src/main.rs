@@ -1,15 +1,58 @@
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser as _;
+use packet_capture_agent::api::{self, Api, Authorizer};
 use packet_capture_agent::capture::{Engine, EngineConfig};
 use packet_capture_agent::config::Config;
 use packet_capture_agent::files::CaptureDir;
+use tokio::signal::unix::{SignalKind, signal};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Time the captures get to finish their files on SIGTERM, and then the
+/// connections still open; together under the 10 s a pod is given.
+const ENGINE_STOP: Duration = Duration::from_secs(7);
+const DRAIN: Duration = Duration::from_secs(2);
+
+fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     config.log_level.init(&["packet_capture_agent"]);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(run(config));
+    // Blocking work still running (a download's read) must not hold up exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    // Signals are caught from the start, so that an early SIGTERM still
+    // means a clean stop.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let authorizer = if config.insecure_no_auth {
+        tracing::warn!(
+            "INSECURE: --insecure-no-auth is set: anyone who can reach port {} can start captures and download capture files; use it only for local work without a cluster",
+            config.port
+        );
+        None
+    } else {
+        Some(
+            Authorizer::infer(config.token_audience.clone())
+                .await
+                .context(
+                    "the API checks callers with the cluster's TokenReview and SubjectAccessReview, \
+                     and no Kubernetes access was found (KUBECONFIG or in-cluster); \
+                     --insecure-no-auth runs without authentication",
+                )?,
+        )
+    };
+    let address = SocketAddr::new(config.bind_address, config.port);
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("AGENT_PORT {}: listening on {address}", config.port))?;
     let files = CaptureDir::new(
         &config.capture_dir,
         config.max_capture_files as usize,
@@ -24,8 +67,39 @@ async fn main() -> anyhow::Result<()> {
         ring_bytes: config.ring_buffer_mb << 20,
     })
     .await?;
-    tracing::info!(backend = engine.backend(), interfaces = ?engine.interfaces(), "agent ready");
-    tokio::signal::ctrl_c().await?;
-    engine.shutdown().await;
+    let router = api::router(Api::new(engine.clone(), authorizer));
+    tracing::info!(
+        backend = engine.backend(),
+        interfaces = ?engine.interfaces(),
+        node = engine.node_name(),
+        "listening on {}",
+        listener.local_addr()?
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(api::serve(listener, router, async {
+        let _ = stop_rx.await;
+    }));
+    let signal = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
+    tracing::info!(
+        signal,
+        "shutting down: no new connections, stopping captures"
+    );
+    let _ = stop_tx.send(());
+    if tokio::time::timeout(ENGINE_STOP, engine.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("captures did not finish in time");
+    }
+    match tokio::time::timeout(DRAIN, server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "serving the API"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "the API server task"),
+        Err(_) => tracing::info!("closing the connections still open"),
+    }
+    tracing::info!("stopped");
     Ok(())
 }

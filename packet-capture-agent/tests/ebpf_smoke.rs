@@ -3,24 +3,12 @@
 
 use std::process::Command;
 
-use aya::programs::{SchedClassifier, TcAttachType};
 use packet_capture_agent::ebpf::{Kernel, LinkKind};
 use packet_capture_test_support::{Netns, VethPair, netns::run, privileged};
+use tc::tc_programs;
 
-/// Names of the programs on the TCX hooks of `iface`, as the kernel reports
-/// them (bpftool 7.1 predates TCX and does not list them).
-fn tc_programs(iface: &str) -> Vec<String> {
-    let mut names = Vec::new();
-    for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
-        let (_, programs) = SchedClassifier::query_tcx(iface, hook).expect("query TCX");
-        names.extend(
-            programs
-                .iter()
-                .map(|p| p.name_as_str().unwrap_or("?").to_owned()),
-        );
-    }
-    names
-}
+#[path = "api/common/tc.rs"]
+mod tc;
 
 #[test]
 fn loads_attaches_sees_traffic_and_detaches() {

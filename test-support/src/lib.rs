@@ -4,10 +4,13 @@
 //! Every namespace and link is named after the test process, and removed on
 //! drop, so a failed test leaves nothing behind and tests can run side by side.
 
+pub mod agent;
 pub mod capfile;
 pub mod netns;
 pub mod tcpdump;
+pub mod tools;
 
+pub use agent::AgentProcess;
 pub use netns::{Netns, VethPair};
 pub use tcpdump::Tcpdump;
 

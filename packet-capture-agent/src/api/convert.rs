@@ -1,0 +1,431 @@
+//! The one translation between the transports and the engine: REST bodies
+//! and gRPC messages become an [`Unchecked`] request, validated once into
+//! the engine's [`StartRequest`]; engine statuses become JSON or protobuf.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipnet::IpNet;
+use packet_capture_common::abi::MAX_SNAPLEN;
+use packet_capture_common::crd::{DEFAULT_DURATION, DEFAULT_MAX_PACKETS, OutputFormat};
+use packet_capture_common::validate::{ValidationErrors, Validator};
+use packet_capture_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+use crate::capture::{CaptureSpec, CaptureStatus, StartRequest, State};
+use crate::files::FileEntry;
+
+/// Longest capture id or name (they end up in file names).
+pub const MAX_ID_LEN: usize = 200;
+
+/// A start request as a caller sent it: the body of `POST /api/v1/captures`
+/// with the CRD's field names and defaults, or a `StartCaptureRequest`.
+/// Numbers are wide so that a negative or huge value gets a message naming
+/// its field rather than a parse error.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Unchecked {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default, rename = "targetIPs")]
+    pub target_ips: Vec<String>,
+    #[serde(default)]
+    pub target_ports: Vec<i64>,
+    #[serde(default = "default_duration")]
+    pub duration: i64,
+    #[serde(default = "default_max_packets")]
+    pub max_packets: i64,
+    #[serde(default)]
+    pub output_format: OutputFormat,
+    #[serde(default)]
+    pub filter: String,
+    #[serde(default)]
+    pub snaplen: Option<i64>,
+}
+
+fn default_duration() -> i64 {
+    DEFAULT_DURATION.into()
+}
+
+fn default_max_packets() -> i64 {
+    DEFAULT_MAX_PACKETS.into()
+}
+
+/// Checks a capture id or name: it becomes part of file names, so only
+/// lowercase letters, digits, '.', '-' and '_', not starting with '.'.
+fn safe_name(v: &mut Validator, field: &str, value: &str) {
+    let problem = if value.is_empty() {
+        Some("must not be empty".to_owned())
+    } else if value.len() > MAX_ID_LEN {
+        Some(format!("longer than {MAX_ID_LEN} characters"))
+    } else if value.starts_with('.') {
+        Some(format!("{value:?} must not start with '.'"))
+    } else if !value
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_'))
+    {
+        Some(format!(
+            "{value:?} may only contain lowercase letters, digits, '.', '-' and '_'"
+        ))
+    } else {
+        None
+    };
+    if let Some(p) = problem {
+        v.error(field, p);
+    }
+}
+
+/// A count the CRD holds in 32 bits: at least 1, at most `u32::MAX`.
+fn count(v: &mut Validator, field: &str, value: i64) -> u32 {
+    v.at_least_one(field, value);
+    match u32::try_from(value) {
+        Ok(n) => n,
+        Err(_) if value > 0 => {
+            v.error(field, format!("must be at most {}, got {value}", u32::MAX));
+            0
+        }
+        Err(_) => 0,
+    }
+}
+
+impl Unchecked {
+    /// Every check the API makes before the engine sees the request (the
+    /// engine then compiles the filter).
+    pub fn validate(self) -> Result<StartRequest, ValidationErrors> {
+        let mut v = Validator::new("");
+        safe_name(&mut v, "id", &self.id);
+        let name = match self.name {
+            Some(n) if !n.is_empty() => {
+                safe_name(&mut v, "name", &n);
+                n
+            }
+            _ => self.id.clone(),
+        };
+        let targets = v.target_ips(&self.target_ips);
+        v.target_ports(&self.target_ports);
+        let duration = count(&mut v, "duration", self.duration);
+        let max_packets = count(&mut v, "maxPackets", self.max_packets);
+        v.filter(&self.filter);
+        v.snaplen(self.snaplen);
+        v.finish()?;
+        Ok(StartRequest {
+            id: self.id,
+            name,
+            spec: CaptureSpec {
+                targets,
+                ports: self
+                    .target_ports
+                    .iter()
+                    .filter_map(|&p| u16::try_from(p).ok())
+                    .collect(),
+                duration: Duration::from_secs(duration.into()),
+                max_packets: max_packets.into(),
+                format: self.output_format,
+                filter: self.filter,
+                snaplen: self
+                    .snaplen
+                    .and_then(|s| u32::try_from(s).ok())
+                    .unwrap_or(MAX_SNAPLEN),
+            },
+        })
+    }
+}
+
+impl TryFrom<pb::StartCaptureRequest> for Unchecked {
+    type Error = ValidationErrors;
+
+    fn try_from(req: pb::StartCaptureRequest) -> Result<Self, Self::Error> {
+        let mut v = Validator::new("");
+        let Some(spec) = req.spec else {
+            v.error("spec", "is required");
+            return Err(v.finish().expect_err("an error was recorded"));
+        };
+        let output_format = match pb::OutputFormat::try_from(spec.output_format) {
+            Ok(pb::OutputFormat::Unspecified | pb::OutputFormat::Pcap) => OutputFormat::Pcap,
+            Ok(pb::OutputFormat::Pcapng) => OutputFormat::Pcapng,
+            Ok(pb::OutputFormat::Text) => OutputFormat::Text,
+            Ok(pb::OutputFormat::Stdout) => OutputFormat::Stdout,
+            Err(_) => {
+                v.error(
+                    "outputFormat",
+                    format!("{} is not an output format", spec.output_format),
+                );
+                OutputFormat::Pcap
+            }
+        };
+        v.finish()?;
+        Ok(Self {
+            id: req.id,
+            name: Some(req.name),
+            target_ips: spec.target_ips,
+            target_ports: spec.target_ports.into_iter().map(i64::from).collect(),
+            duration: spec.duration_seconds.into(),
+            max_packets: spec.max_packets.into(),
+            output_format,
+            filter: spec.filter,
+            snaplen: (spec.snaplen != 0).then_some(spec.snaplen.into()),
+        })
+    }
+}
+
+/// A target as a user writes it: a bare address for a host, else a CIDR.
+fn target_string(net: &IpNet) -> String {
+    if net.prefix_len() == net.max_prefix_len() {
+        net.addr().to_string()
+    } else {
+        net.to_string()
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let ns = t
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos()
+        .min(u128::from(u64::MAX)) as u64;
+    let mut s = String::with_capacity(32);
+    crate::civil::write_rfc3339(&mut s, ns).expect("writing to a String");
+    s
+}
+
+/// A capture's spec in the request's vocabulary.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpecJson {
+    #[serde(rename = "targetIPs")]
+    pub target_ips: Vec<String>,
+    pub target_ports: Vec<u16>,
+    pub duration: u64,
+    pub max_packets: u64,
+    pub output_format: OutputFormat,
+    pub filter: String,
+    pub snaplen: u32,
+}
+
+/// A capture as the REST API returns it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaptureJson {
+    pub id: String,
+    pub name: String,
+    pub status: State,
+    pub packets: u64,
+    pub dropped: u64,
+    pub filtered: u64,
+    pub output_file: String,
+    pub file_size: u64,
+    pub message: String,
+    pub start_time: String,
+    pub end_time: Option<String>,
+    pub node: String,
+    pub spec: SpecJson,
+}
+
+impl From<&CaptureSpec> for SpecJson {
+    fn from(s: &CaptureSpec) -> Self {
+        Self {
+            target_ips: s.targets.iter().map(target_string).collect(),
+            target_ports: s.ports.clone(),
+            duration: s.duration.as_secs(),
+            max_packets: s.max_packets,
+            output_format: s.format,
+            filter: s.filter.clone(),
+            snaplen: s.snaplen,
+        }
+    }
+}
+
+impl From<CaptureStatus> for CaptureJson {
+    fn from(s: CaptureStatus) -> Self {
+        Self {
+            spec: SpecJson::from(&s.spec),
+            id: s.id,
+            name: s.name,
+            status: s.state,
+            packets: s.packets,
+            dropped: s.dropped,
+            filtered: s.filtered,
+            output_file: s.output_file,
+            file_size: s.file_size,
+            message: s.message,
+            start_time: rfc3339(s.start_time),
+            end_time: s.end_time.map(rfc3339),
+            node: s.node_name,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FileJson {
+    pub name: String,
+    pub size: u64,
+    pub modified: String,
+}
+
+impl From<FileEntry> for FileJson {
+    fn from(f: FileEntry) -> Self {
+        Self {
+            name: f.name,
+            size: f.size,
+            modified: rfc3339(f.modified),
+        }
+    }
+}
+
+fn pb_state(s: State) -> pb::CaptureState {
+    match s {
+        State::Starting => pb::CaptureState::Starting,
+        State::Running => pb::CaptureState::Running,
+        State::Completed => pb::CaptureState::Completed,
+        State::Failed => pb::CaptureState::Failed,
+        State::Stopped => pb::CaptureState::Stopped,
+    }
+}
+
+fn pb_format(f: OutputFormat) -> pb::OutputFormat {
+    match f {
+        OutputFormat::Pcap => pb::OutputFormat::Pcap,
+        OutputFormat::Pcapng => pb::OutputFormat::Pcapng,
+        OutputFormat::Text => pb::OutputFormat::Text,
+        OutputFormat::Stdout => pb::OutputFormat::Stdout,
+    }
+}
+
+impl From<&CaptureSpec> for pb::CaptureSpec {
+    fn from(s: &CaptureSpec) -> Self {
+        let saturate = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        Self {
+            target_ips: s.targets.iter().map(target_string).collect(),
+            target_ports: s.ports.iter().map(|&p| p.into()).collect(),
+            duration_seconds: saturate(s.duration.as_secs()),
+            max_packets: saturate(s.max_packets),
+            output_format: pb_format(s.format).into(),
+            filter: s.filter.clone(),
+            snaplen: s.snaplen,
+        }
+    }
+}
+
+impl From<CaptureStatus> for pb::Capture {
+    fn from(s: CaptureStatus) -> Self {
+        Self {
+            spec: Some(pb::CaptureSpec::from(&s.spec)),
+            id: s.id,
+            name: s.name,
+            state: pb_state(s.state).into(),
+            packets: s.packets,
+            dropped: s.dropped,
+            filtered: s.filtered,
+            output_file: s.output_file,
+            file_size: s.file_size,
+            message: s.message,
+            start_time: Some(s.start_time.into()),
+            end_time: s.end_time.map(Into::into),
+            node_name: s.node_name,
+        }
+    }
+}
+
+impl From<FileEntry> for pb::FileInfo {
+    fn from(f: FileEntry) -> Self {
+        Self {
+            name: f.name,
+            size: f.size,
+            modified: Some(f.modified.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(json: &str) -> Unchecked {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn problems(json: &str) -> String {
+        body(json).validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_the_crds() {
+        let req = body(r#"{"id":"c1"}"#).validate().unwrap();
+        assert_eq!(req.name, "c1");
+        assert_eq!(req.spec.duration, Duration::from_secs(60));
+        assert_eq!(req.spec.max_packets, 1000);
+        assert_eq!(req.spec.format, OutputFormat::Pcap);
+        assert_eq!(req.spec.filter, "");
+        assert_eq!(req.spec.snaplen, MAX_SNAPLEN);
+        assert!(req.spec.targets.is_empty() && req.spec.ports.is_empty());
+    }
+
+    #[test]
+    fn every_problem_names_its_field() {
+        assert_eq!(
+            problems(
+                r#"{"id":"a/x","name":"Big","targetIPs":["10.0.0.1","10.0.0.300"],"targetPorts":[80,0],"duration":-1,"maxPackets":5000000000,"snaplen":0}"#
+            ),
+            "id: \"a/x\" may only contain lowercase letters, digits, '.', '-' and '_'; \
+             name: \"Big\" may only contain lowercase letters, digits, '.', '-' and '_'; \
+             targetIPs[1]: \"10.0.0.300\" is not an IP address or CIDR (such as 10.0.0.1, 10.0.0.0/24 or fd00::/64); \
+             targetPorts[1]: 0 is not a port number (1-65535); \
+             duration: must be at least 1, got -1; \
+             maxPackets: must be at most 4294967295, got 5000000000; \
+             snaplen: 0 is out of range (1-262144)"
+        );
+        assert_eq!(problems(r#"{"id":""}"#), "id: must not be empty");
+        assert_eq!(
+            problems(r#"{"id":".hidden"}"#),
+            "id: \".hidden\" must not start with '.'"
+        );
+        assert!(problems(&format!(r#"{{"id":"{}"}}"#, "a".repeat(201))).starts_with("id: longer"));
+    }
+
+    #[test]
+    fn grpc_and_rest_meet_in_the_same_request() {
+        let rest = body(
+            r#"{"id":"c1","targetIPs":["10.0.0.1"],"targetPorts":[53],"duration":5,"maxPackets":10,"outputFormat":"pcapng","filter":"udp"}"#,
+        );
+        let grpc = Unchecked::try_from(pb::StartCaptureRequest {
+            id: "c1".into(),
+            name: String::new(),
+            spec: Some(pb::CaptureSpec {
+                target_ips: vec!["10.0.0.1".into()],
+                target_ports: vec![53],
+                duration_seconds: 5,
+                max_packets: 10,
+                output_format: pb::OutputFormat::Pcapng.into(),
+                filter: "udp".into(),
+                snaplen: 0,
+            }),
+        })
+        .unwrap();
+        let (rest, grpc) = (rest.validate().unwrap(), grpc.validate().unwrap());
+        assert_eq!(
+            (&rest.id, &rest.name, &rest.spec),
+            (&grpc.id, &grpc.name, &grpc.spec)
+        );
+        assert_eq!(pb::CaptureSpec::from(&rest.spec).target_ips, ["10.0.0.1"]);
+    }
+
+    #[test]
+    fn grpc_without_spec_or_with_an_unknown_format_is_refused() {
+        let err = Unchecked::try_from(pb::StartCaptureRequest {
+            id: "c1".into(),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "spec: is required");
+        let err = Unchecked::try_from(pb::StartCaptureRequest {
+            id: "c1".into(),
+            name: String::new(),
+            spec: Some(pb::CaptureSpec {
+                output_format: 42,
+                ..Default::default()
+            }),
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "outputFormat: 42 is not an output format");
+    }
+}

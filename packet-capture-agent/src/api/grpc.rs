@@ -1,0 +1,121 @@
+//! `packetcapture.v1.Agent` over gRPC, with the REST shim's semantics.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt as _};
+use packet_capture_proto::v1 as pb;
+use pb::agent_server::{Agent, AgentServer};
+use tonic::{Request, Response, Status};
+
+use super::convert::Unchecked;
+use super::{Api, ApiError, MAX_BODY_BYTES};
+
+pub fn server(api: Api) -> AgentServer<AgentService> {
+    AgentServer::new(AgentService { api }).max_decoding_message_size(MAX_BODY_BYTES)
+}
+
+pub struct AgentService {
+    api: Api,
+}
+
+type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn health(
+        &self,
+        _: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        let engine = &self.api.engine;
+        Ok(Response::new(pb::HealthResponse {
+            backend: engine.backend().to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            interfaces: engine.interfaces(),
+            node_name: engine.node_name().to_owned(),
+        }))
+    }
+
+    async fn start_capture(
+        &self,
+        req: Request<pb::StartCaptureRequest>,
+    ) -> Result<Response<pb::Capture>, Status> {
+        let req = Unchecked::try_from(req.into_inner()).map_err(ApiError::from)?;
+        let (status, _) = self.api.start(req)?;
+        Ok(Response::new(status.into()))
+    }
+
+    async fn stop_capture(
+        &self,
+        req: Request<pb::StopCaptureRequest>,
+    ) -> Result<Response<pb::Capture>, Status> {
+        let status = self.api.stop(&req.into_inner().id).await?;
+        Ok(Response::new(status.into()))
+    }
+
+    async fn get_capture(
+        &self,
+        req: Request<pb::GetCaptureRequest>,
+    ) -> Result<Response<pb::Capture>, Status> {
+        Ok(Response::new(self.api.get(&req.into_inner().id)?.into()))
+    }
+
+    async fn list_captures(
+        &self,
+        _: Request<pb::ListCapturesRequest>,
+    ) -> Result<Response<pb::ListCapturesResponse>, Status> {
+        Ok(Response::new(pb::ListCapturesResponse {
+            captures: self.api.engine.list().into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    type WatchCaptureStream = Streamed<pb::Capture>;
+
+    async fn watch_capture(
+        &self,
+        req: Request<pb::WatchCaptureRequest>,
+    ) -> Result<Response<Self::WatchCaptureStream>, Status> {
+        let id = req.into_inner().id;
+        let rx = self
+            .api
+            .engine
+            .watch(&id)
+            .ok_or_else(|| ApiError::capture_not_found(&id))?;
+        // The status now, then each change; the final state ends the stream.
+        let updates = futures::stream::unfold(Some((rx, true)), |state| async move {
+            let (mut rx, first) = state?;
+            if !first && rx.changed().await.is_err() {
+                return None;
+            }
+            let status = rx.borrow_and_update().clone();
+            let next = (!status.state.is_final()).then_some((rx, false));
+            Some((Ok(pb::Capture::from(status)), next))
+        });
+        Ok(Response::new(Box::pin(updates)))
+    }
+
+    async fn list_files(
+        &self,
+        _: Request<pb::ListFilesRequest>,
+    ) -> Result<Response<pb::ListFilesResponse>, Status> {
+        Ok(Response::new(pb::ListFilesResponse {
+            files: self.api.files()?.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    type DownloadFileStream = Streamed<pb::FileChunk>;
+
+    async fn download_file(
+        &self,
+        req: Request<pb::DownloadFileRequest>,
+    ) -> Result<Response<Self::DownloadFileStream>, Status> {
+        let name = req.into_inner().name;
+        let (chunks, _) = self.api.download(&name)?;
+        let chunks = chunks.map(move |c| match c {
+            Ok(data) => Ok(pb::FileChunk {
+                data: data.to_vec(),
+            }),
+            Err(e) => Err(Status::internal(format!("reading {name:?}: {e}"))),
+        });
+        Ok(Response::new(Box::pin(chunks)))
+    }
+}

@@ -1,0 +1,188 @@
+//! `/metrics`: the engine's numbers, read at each scrape, and API requests,
+//! in the OpenMetrics text format Prometheus reads.
+
+use std::fmt;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use crate::capture::{CaptureStatus, Engine, State};
+
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Every metric's name starts with this.
+pub const PREFIX: &str = "packet_capture_agent";
+
+const STATES: [State; 5] = [
+    State::Starting,
+    State::Running,
+    State::Completed,
+    State::Failed,
+    State::Stopped,
+];
+
+fn state_name(s: State) -> &'static str {
+    match s {
+        State::Starting => "starting",
+        State::Running => "running",
+        State::Completed => "completed",
+        State::Failed => "failed",
+        State::Stopped => "stopped",
+    }
+}
+
+type RequestLabels = [(&'static str, String); 3];
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new(engine: Engine) -> Self {
+        let mut registry = Registry::with_prefix(PREFIX);
+        registry.register_collector(Box::new(EngineCollector(engine)));
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "api_requests",
+            "API requests by transport, route and status (HTTP status, or the gRPC status sent with the response headers)",
+            requests.clone(),
+        );
+        Self { registry, requests }
+    }
+
+    pub fn request(&self, transport: &str, route: String, code: String) {
+        self.requests
+            .get_or_create(&[
+                ("transport", transport.to_owned()),
+                ("route", route),
+                ("code", code),
+            ])
+            .inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+}
+
+struct EngineCollector(Engine);
+
+impl fmt::Debug for EngineCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("EngineCollector")
+    }
+}
+
+/// One metric with a sample per label set.
+fn family<L: EncodeLabelSet, M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric_type: MetricType,
+    samples: impl IntoIterator<Item = (L, M)>,
+) -> fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (labels, value) in samples {
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// A metric without labels.
+fn single(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: impl EncodeMetric,
+) -> fmt::Result {
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+fn per_capture<'a, M: EncodeMetric>(
+    captures: &'a [CaptureStatus],
+    value: impl Fn(&CaptureStatus) -> M + 'a,
+) -> impl Iterator<Item = ([(&'static str, &'a str); 2], M)> + 'a {
+    captures
+        .iter()
+        .map(move |c| ([("id", c.id.as_str()), ("name", c.name.as_str())], value(c)))
+}
+
+impl Collector for EngineCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let engine = &self.0;
+        let captures = engine.list();
+        let stats = engine.stats();
+        single(
+            &mut encoder,
+            "build",
+            "The agent's version",
+            Info::new([("version", env!("CARGO_PKG_VERSION"))]),
+        )?;
+        single(
+            &mut encoder,
+            "backend",
+            "The capture backend in use: ebpf or pcap",
+            Info::new([("backend", engine.backend())]),
+        )?;
+        single(
+            &mut encoder,
+            "interfaces",
+            "Interfaces being captured on",
+            ConstGauge::new(stats.interfaces as i64),
+        )?;
+        single(
+            &mut encoder,
+            "ring_lost_records",
+            "Records the kernel could not put in the ring buffer because it was full",
+            ConstCounter::new(stats.ring_lost),
+        )?;
+        family(
+            &mut encoder,
+            "captures",
+            "Captures known to the agent by state",
+            MetricType::Gauge,
+            STATES.map(|s| {
+                let n = captures.iter().filter(|c| c.state == s).count();
+                ([("state", state_name(s))], ConstGauge::new(n as i64))
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "capture_packets",
+            "Packets a capture wrote",
+            MetricType::Counter,
+            per_capture(&captures, |c| ConstCounter::new(c.packets)),
+        )?;
+        family(
+            &mut encoder,
+            "capture_dropped",
+            "Packets a capture matched but could not write",
+            MetricType::Counter,
+            per_capture(&captures, |c| ConstCounter::new(c.dropped)),
+        )?;
+        family(
+            &mut encoder,
+            "capture_filtered",
+            "Packets that matched a capture's targets but not its filter",
+            MetricType::Counter,
+            per_capture(&captures, |c| ConstCounter::new(c.filtered)),
+        )?;
+        family(
+            &mut encoder,
+            "capture_file_bytes",
+            "Bytes written to a capture's file (its compressed size once compressed)",
+            MetricType::Gauge,
+            per_capture(&captures, |c| ConstGauge::new(c.file_size as i64)),
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,210 @@
+//! The agent API: gRPC (`packetcapture.v1.Agent`, the standard health
+//! service, server reflection) and the REST shim, on one listener.
+//!
+//! Both transports go through [`Api`]: one conversion ([`convert`]), one
+//! validation, one set of errors ([`ApiError`]). Authentication and request
+//! counting sit in front of every route ([`gate`]).
+
+pub mod auth;
+pub mod convert;
+pub mod error;
+pub mod grpc;
+pub mod metrics;
+pub mod rest;
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use http::header;
+use tokio::io::AsyncReadExt as _;
+
+use crate::capture::{CaptureStatus, Engine};
+use crate::files::FileEntry;
+pub use auth::Authorizer;
+use auth::{Access, bearer_token};
+use convert::Unchecked;
+pub use error::ApiError;
+use metrics::Metrics;
+
+/// Bytes per chunk of a download, REST and gRPC.
+pub const CHUNK_BYTES: usize = 64 * 1024;
+/// Largest request body (REST) or message (gRPC) the API accepts.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// What every request handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct Api {
+    pub engine: Engine,
+    /// `None`: no authentication (`--insecure-no-auth`).
+    pub auth: Option<Arc<Authorizer>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Api {
+    pub fn new(engine: Engine, auth: Option<Authorizer>) -> Self {
+        Self {
+            metrics: Arc::new(Metrics::new(engine.clone())),
+            engine,
+            auth: auth.map(Arc::new),
+        }
+    }
+
+    /// Validates and starts a capture; `true` when it is new, `false` when
+    /// the same capture was already there.
+    pub fn start(&self, req: Unchecked) -> Result<(CaptureStatus, bool), ApiError> {
+        let req = req.validate()?;
+        let existed = self.engine.get(&req.id).is_some();
+        let status = self.engine.start_capture(req)?;
+        Ok((status, !existed))
+    }
+
+    pub async fn stop(&self, id: &str) -> Result<CaptureStatus, ApiError> {
+        self.engine
+            .stop_capture(id)
+            .await
+            .ok_or_else(|| ApiError::capture_not_found(id))
+    }
+
+    pub fn get(&self, id: &str) -> Result<CaptureStatus, ApiError> {
+        self.engine
+            .get(id)
+            .ok_or_else(|| ApiError::capture_not_found(id))
+    }
+
+    pub fn files(&self) -> Result<Vec<FileEntry>, ApiError> {
+        self.engine
+            .files()
+            .list()
+            .map_err(|e| ApiError::Internal(format!("listing the capture directory: {e}")))
+    }
+
+    /// A capture file's bytes in chunks, and its size.
+    pub fn download(
+        &self,
+        name: &str,
+    ) -> Result<(impl Stream<Item = io::Result<Bytes>> + Send + 'static, u64), ApiError> {
+        let (file, size) = self.engine.files().open(name)?;
+        Ok((chunks(tokio::fs::File::from_std(file)), size))
+    }
+}
+
+/// Reads a file in chunks of [`CHUNK_BYTES`] (the last one shorter).
+fn chunks(file: tokio::fs::File) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+    futures::stream::try_unfold(file, |mut file| async move {
+        let mut buf = vec![0; CHUNK_BYTES];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match file.read(&mut buf[filled..]).await? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        if filled == 0 {
+            return Ok(None);
+        }
+        buf.truncate(filled);
+        Ok(Some((Bytes::from(buf), file)))
+    })
+}
+
+/// The whole API as one router: REST routes, then the gRPC services added
+/// to the same router, behind the gate.
+pub fn router(api: Api) -> Router {
+    let health = {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        // Serving as long as the process runs: the engine is up before the
+        // listener opens.
+        drop(reporter);
+        service
+    };
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(packet_capture_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // v1 for current clients, v1alpha for older ones (grpcurl tries both).
+    let reflection_v1 = reflection()
+        .build_v1()
+        .expect("the embedded descriptor sets are valid");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .expect("the embedded descriptor sets are valid");
+    let routes = tonic::service::Routes::from(rest::routes().with_state(api.clone()))
+        .add_service(grpc::server(api.clone()))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    routes
+        .into_axum_router()
+        .layer(axum::middleware::from_fn_with_state(api, gate))
+}
+
+/// Serves the router on the listener until `shutdown` completes; then stops
+/// accepting and lets requests in progress finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn is_grpc(req: &Request) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+/// In front of every route: checks the caller's right to the call and
+/// counts the request.
+async fn gate(State(api): State<Api>, req: Request, next: Next) -> Response {
+    let grpc = is_grpc(&req);
+    let path = req.uri().path().to_owned();
+    let route = match req.extensions().get::<MatchedPath>() {
+        Some(m) if grpc => auth::grpc_route(&path, m.as_str()),
+        Some(m) => m.as_str().to_owned(),
+        None => "unmatched".to_owned(),
+    };
+    let response = match (auth::access(req.method(), &path), &api.auth) {
+        (Access::Verb(verb), Some(authorizer)) => {
+            match authorizer
+                .authorize(bearer_token(req.headers()), verb)
+                .await
+            {
+                Ok(()) => next.run(req).await,
+                Err(e) => {
+                    tracing::info!(path, verb = verb.as_str(), error = %e, "request refused");
+                    if grpc {
+                        e.into_grpc_response()
+                    } else {
+                        e.into_response()
+                    }
+                }
+            }
+        }
+        _ => next.run(req).await,
+    };
+    let code = if grpc {
+        response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("0")
+            .to_owned()
+    } else {
+        response.status().as_u16().to_string()
+    };
+    api.metrics
+        .request(if grpc { "grpc" } else { "rest" }, route, code);
+    response
+}

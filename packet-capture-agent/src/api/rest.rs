@@ -1,0 +1,233 @@
+//! The REST shim: the same calls as gRPC for people and scripts, with the
+//! CRD's field names and JSON errors `{"error": "<field>: <problem>"}`.
+//! `docs/agent-api.yaml` documents it.
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+
+use super::convert::{CaptureJson, FileJson, Unchecked};
+use super::{Api, ApiError, MAX_BODY_BYTES};
+
+pub fn routes() -> Router<Api> {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/captures", get(list_captures).post(start_capture))
+        .route(
+            "/api/v1/captures/{id}",
+            get(get_capture).delete(stop_capture),
+        )
+        .route("/api/v1/files", get(list_files))
+        .route("/api/v1/files/{name}", get(download_file))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
+async fn not_found(req: axum::extract::Request) -> Response {
+    if super::is_grpc(&req) {
+        return tonic::Status::unimplemented(format!("no method {}", req.uri().path()))
+            .into_http::<Body>();
+    }
+    ApiError::NotFound(format!("path: no route {}", req.uri().path())).into_response()
+}
+
+async fn method_not_allowed(req: axum::extract::Request) -> Response {
+    let mut response = ApiError::Invalid(format!(
+        "method: {} is not allowed on {}",
+        req.method(),
+        req.uri().path()
+    ))
+    .into_response();
+    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    response
+}
+
+#[derive(Serialize)]
+struct HealthJson {
+    status: &'static str,
+    backend: &'static str,
+    version: &'static str,
+    node: String,
+    interfaces: Vec<String>,
+}
+
+async fn health(State(api): State<Api>) -> Json<HealthJson> {
+    Json(HealthJson {
+        status: "ok",
+        backend: api.engine.backend(),
+        version: env!("CARGO_PKG_VERSION"),
+        node: api.engine.node_name().to_owned(),
+        interfaces: api.engine.interfaces(),
+    })
+}
+
+async fn metrics(State(api): State<Api>) -> Response {
+    (
+        [(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)],
+        api.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Parses a start request; a problem names the JSON path it is at.
+pub fn parse_start(body: &[u8]) -> Result<Unchecked, ApiError> {
+    // serde would also take an array of the fields in order.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::Invalid("body: must be a JSON object".into()));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let parsed: Unchecked = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
+        let path = e.path().to_string();
+        // "." is the document, "?" a place serde could not name.
+        let field = if path == "." || path == "?" {
+            "body"
+        } else {
+            &path
+        };
+        ApiError::Invalid(format!("{field}: {}", e.inner()))
+    })?;
+    de.end()
+        .map_err(|e| ApiError::Invalid(format!("body: {e}")))?;
+    Ok(parsed)
+}
+
+async fn start_capture(
+    State(api): State<Api>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|r| match r.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::TooLarge(format!("body: larger than {MAX_BODY_BYTES} bytes"))
+        }
+        _ => ApiError::Invalid(format!("body: {}", r.body_text())),
+    })?;
+    let (status, created) = api.start(parse_start(&body)?)?;
+    let code = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((code, Json(CaptureJson::from(status))).into_response())
+}
+
+#[derive(Serialize)]
+struct CapturesJson {
+    captures: Vec<CaptureJson>,
+}
+
+async fn list_captures(State(api): State<Api>) -> Json<CapturesJson> {
+    Json(CapturesJson {
+        captures: api.engine.list().into_iter().map(Into::into).collect(),
+    })
+}
+
+/// A path parameter, or a JSON error naming it.
+fn param(field: &str, p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    p.map(|Path(v)| v)
+        .map_err(|r| ApiError::Invalid(format!("{field}: {}", r.body_text())))
+}
+
+async fn get_capture(
+    State(api): State<Api>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<CaptureJson>, ApiError> {
+    Ok(Json(api.get(&param("id", id)?)?.into()))
+}
+
+async fn stop_capture(
+    State(api): State<Api>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<CaptureJson>, ApiError> {
+    Ok(Json(api.stop(&param("id", id)?).await?.into()))
+}
+
+#[derive(Serialize)]
+struct FilesJson {
+    files: Vec<FileJson>,
+}
+
+async fn list_files(State(api): State<Api>) -> Result<Json<FilesJson>, ApiError> {
+    Ok(Json(FilesJson {
+        files: api.files()?.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// The media type of a capture file, by its extension.
+pub fn content_type(name: &str) -> &'static str {
+    match name.rsplit('.').next() {
+        Some("pcap") => "application/vnd.tcpdump.pcap",
+        Some("pcapng") => "application/x-pcapng",
+        Some("txt") => "text/plain; charset=utf-8",
+        Some("gz") => "application/gzip",
+        Some("zst") => "application/zstd",
+        _ => "application/octet-stream",
+    }
+}
+
+async fn download_file(
+    State(api): State<Api>,
+    name: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let name = param("name", name)?;
+    let (chunks, size) = api.download(&name)?;
+    let mut response = Body::from_stream(chunks).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type(&name)),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    // Valid names are plain ASCII without quotes.
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+        headers.insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problem(body: &str) -> String {
+        parse_start(body.as_bytes()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parse_errors_name_the_field() {
+        assert!(
+            problem(r#"{"id":"a","targetPorts":["x"]}"#)
+                .starts_with("targetPorts[0]: invalid type")
+        );
+        assert!(problem(r#"{"id":"a","duration":1.5}"#).starts_with("duration: invalid type"));
+        assert!(
+            problem(r#"{"id":"a","outputFormat":"json"}"#)
+                .starts_with("outputFormat: unknown variant `json`")
+        );
+        let unknown = problem(r#"{"id":"a","colour":"red"}"#);
+        assert!(unknown.contains("unknown field `colour`"), "{unknown}");
+        let eof = problem(r#"{"id":"a""#);
+        assert!(eof.starts_with("body: EOF while parsing"), "{eof}");
+        assert!(problem(r#"{"id":"a"} x"#).starts_with("body: trailing"));
+        assert_eq!(problem("[]"), "body: must be a JSON object");
+        assert_eq!(problem(""), "body: must be a JSON object");
+    }
+
+    #[test]
+    fn content_types_follow_the_extension() {
+        assert_eq!(
+            content_type("a-20260101-000000.pcap"),
+            "application/vnd.tcpdump.pcap"
+        );
+        assert_eq!(content_type("a.pcapng"), "application/x-pcapng");
+        assert_eq!(content_type("a.txt.gz"), "application/gzip");
+        assert_eq!(content_type("a.pcap.zst"), "application/zstd");
+        assert!(content_type("a.txt").starts_with("text/plain"));
+    }
+}

@@ -1,0 +1,265 @@
+//! docs/agent-api.yaml against a running agent: every documented route,
+//! method and response is produced by a request here, and answers with the
+//! documented status, media type and required fields.
+
+use std::collections::BTreeSet;
+
+use packet_capture_test_support::privileged;
+use serde_json::Value;
+
+use crate::common::apiserver::{FakeApiServer, Identity};
+use crate::common::{Node, Rest};
+
+const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/agent-api.yaml");
+
+/// One request: who sends it, what, and the documented response it must get.
+struct Case {
+    method: &'static str,
+    /// The documented path template.
+    template: &'static str,
+    /// The path as sent.
+    path: String,
+    token: Option<&'static str>,
+    body: Option<String>,
+    status: u16,
+}
+
+fn case(
+    method: &'static str,
+    template: &'static str,
+    path: &str,
+    token: Option<&'static str>,
+    status: u16,
+) -> Case {
+    Case {
+        method,
+        template,
+        path: path.to_owned(),
+        token,
+        body: None,
+        status,
+    }
+}
+
+fn with_body(mut c: Case, body: &str) -> Case {
+    c.body = Some(body.to_owned());
+    c
+}
+
+/// Follows a `$ref` within the document.
+fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
+    match v.get("$ref").and_then(Value::as_str) {
+        Some(r) => {
+            let pointer = r.strip_prefix('#').expect("a local reference");
+            resolve(
+                doc,
+                doc.pointer(pointer).unwrap_or_else(|| panic!("no {r}")),
+            )
+        }
+        None => v,
+    }
+}
+
+/// Checks `value` against the schema's type, required fields, properties,
+/// items and enum; returns the problems found.
+fn check(doc: &Value, schema: &Value, value: &Value, at: &str, problems: &mut Vec<String>) {
+    let schema = resolve(doc, schema);
+    if value.is_null() && schema["nullable"] == true {
+        return;
+    }
+    let ok = match schema["type"].as_str() {
+        Some("object") => value.is_object(),
+        Some("array") => value.is_array(),
+        Some("string") => value.is_string(),
+        Some("integer") => value.is_i64() || value.is_u64(),
+        Some("boolean") => value.is_boolean(),
+        Some(other) => panic!("schema type {other} at {at}"),
+        None => true,
+    };
+    if !ok {
+        problems.push(format!("{at}: {value} is not of type {}", schema["type"]));
+        return;
+    }
+    if let Some(allowed) = schema["enum"].as_array()
+        && !allowed.contains(value)
+    {
+        problems.push(format!("{at}: {value} is not one of {allowed:?}"));
+    }
+    for field in schema["required"].as_array().into_iter().flatten() {
+        let field = field.as_str().unwrap();
+        if value.get(field).is_none() {
+            problems.push(format!("{at}: required field {field} is missing"));
+        }
+    }
+    if let Some(props) = schema["properties"].as_object() {
+        for (name, prop) in props {
+            if let Some(v) = value.get(name) {
+                check(doc, prop, v, &format!("{at}.{name}"), problems);
+            }
+        }
+    }
+    if let (Some(items), Some(values)) = (schema.get("items"), value.as_array()) {
+        for (i, v) in values.iter().enumerate() {
+            check(doc, items, v, &format!("{at}[{i}]"), problems);
+        }
+    }
+}
+
+fn media_type(content_type: &str) -> &str {
+    content_type.split(';').next().unwrap_or_default().trim()
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_the_agent() {
+    if !privileged("the_openapi_document_describes_the_agent") {
+        return;
+    }
+    let doc: Value = serde_yaml::from_str(&std::fs::read_to_string(DOC).unwrap()).unwrap();
+    let node = Node::new();
+    let server = FakeApiServer::start(
+        &node.left,
+        vec![
+            Identity {
+                token: "writer",
+                username: "writer",
+                uid: "1",
+                groups: &[],
+                audience: "packet-capture-agent",
+                verbs: &["get", "update"],
+            },
+            Identity {
+                token: "nobody",
+                username: "nobody",
+                uid: "2",
+                groups: &[],
+                audience: "packet-capture-agent",
+                verbs: &[],
+            },
+        ],
+    );
+    let config_dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.kubeconfig(config_dir.path());
+    let agent = node.agent(&[], &[("KUBECONFIG", kubeconfig.to_str().unwrap())]);
+    let rest = Rest::new(&agent).with_token(Some("writer"));
+    let w = Some("writer");
+    let n = Some("nobody");
+    let start = r#"{"id":"doc-1","duration":1,"outputFormat":"text"}"#;
+    let captures = "/api/v1/captures";
+    let capture = "/api/v1/captures/{id}";
+    let files = "/api/v1/files";
+    let file = "/api/v1/files/{name}";
+
+    let mut cases = vec![
+        case("get", "/health", "/health", None, 200),
+        case("get", "/metrics", "/metrics", None, 200),
+        with_body(case("post", captures, captures, w, 201), start),
+        with_body(case("post", captures, captures, w, 200), start),
+        with_body(
+            case("post", captures, captures, w, 400),
+            r#"{"id":"doc-2","duration":-1}"#,
+        ),
+        with_body(case("post", captures, captures, None, 401), start),
+        with_body(case("post", captures, captures, n, 403), start),
+        with_body(
+            case("post", captures, captures, w, 409),
+            r#"{"id":"doc-1","duration":2}"#,
+        ),
+        with_body(
+            case("post", captures, captures, w, 413),
+            &format!(r#"{{"id":"doc-3","filter":"{}"}}"#, "x".repeat(70_000)),
+        ),
+        case("get", captures, captures, w, 200),
+        case("get", captures, captures, None, 401),
+        case("get", captures, captures, n, 403),
+        case("get", capture, "/api/v1/captures/doc-1", w, 200),
+        case("get", capture, "/api/v1/captures/doc-1", None, 401),
+        case("get", capture, "/api/v1/captures/doc-1", n, 403),
+        case("get", capture, "/api/v1/captures/nope", w, 404),
+        case("delete", capture, "/api/v1/captures/doc-1", w, 200),
+        case("delete", capture, "/api/v1/captures/doc-1", None, 401),
+        case("delete", capture, "/api/v1/captures/doc-1", n, 403),
+        case("delete", capture, "/api/v1/captures/nope", w, 404),
+        case("get", files, files, w, 200),
+        case("get", files, files, None, 401),
+        case("get", files, files, n, 403),
+        // {name} of the 200 case is filled in once the capture has a file.
+        case("get", file, "", w, 200),
+        case("get", file, "/api/v1/files/%2Fetc%2Fpasswd", w, 400),
+        case("get", file, "/api/v1/files/x.pcap", None, 401),
+        case("get", file, "/api/v1/files/x.pcap", n, 403),
+        case("get", file, "/api/v1/files/missing.pcap", w, 404),
+        // Last: without its capture directory the node cannot start captures.
+        with_body(
+            case("post", captures, captures, w, 503),
+            r#"{"id":"doc-4"}"#,
+        ),
+    ];
+
+    // The cases cover exactly what the document lists.
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            if method == "parameters" {
+                continue;
+            }
+            for status in op["responses"].as_object().unwrap().keys() {
+                documented.insert((method.clone(), path.clone(), status.parse::<u16>().unwrap()));
+            }
+        }
+    }
+    let covered: BTreeSet<_> = cases
+        .iter()
+        .map(|c| (c.method.to_owned(), c.template.to_owned(), c.status))
+        .collect();
+    assert_eq!(
+        documented, covered,
+        "documented responses and test cases differ"
+    );
+
+    for case in &mut cases {
+        if case.template == file && case.status == 200 {
+            let done = rest.ended("doc-1").await;
+            let output = done["output_file"].as_str().unwrap();
+            case.path = format!("/api/v1/files/{}", output.rsplit('/').next().unwrap());
+        }
+        if case.status == 503 {
+            std::fs::remove_dir_all(node.dir.path()).unwrap();
+        }
+        let method: reqwest::Method = case.method.to_uppercase().parse().unwrap();
+        let mut req = rest.with_token(case.token).request(method, &case.path);
+        if let Some(b) = &case.body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.clone());
+        }
+        let r = req.send().await.unwrap();
+        let what = format!("{} {} ({:?})", case.method, case.path, case.token);
+        assert_eq!(r.status().as_u16(), case.status, "{what}");
+        let op = &doc["paths"][case.template][case.method];
+        let response = resolve(&doc, &op["responses"][case.status.to_string()]);
+        let content_type = r.headers()["content-type"].to_str().unwrap().to_owned();
+        let media = media_type(&content_type);
+        let content = response["content"].as_object().unwrap();
+        let documented = content
+            .get(media)
+            .unwrap_or_else(|| panic!("{what}: {media} is not documented ({:?})", content.keys()));
+        for header in response["headers"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(h, _)| h)
+        {
+            assert!(
+                r.headers().contains_key(header.as_str()),
+                "{what}: no {header} header"
+            );
+        }
+        let body = r.bytes().await.unwrap();
+        if media == "application/json" {
+            let value: Value = serde_json::from_slice(&body).unwrap();
+            let mut problems = Vec::new();
+            check(&doc, &documented["schema"], &value, "body", &mut problems);
+            assert!(problems.is_empty(), "{what}: {problems:?}\n{value}");
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The agent as a process: bad configuration stops it at start with a
+//! message naming the key; SIGTERM finishes the files, detaches and exits
+//! 0 within 10 s.
+
+use std::time::{Duration, Instant};
+
+use packet_capture_test_support::agent::run_to_exit;
+use packet_capture_test_support::privileged;
+use serde_json::json;
+
+use crate::common::{AGENT, Node, Rest, tshark};
+
+#[test]
+fn bad_configuration_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let capture_dir = dir.path().to_str().unwrap();
+    let not_a_dir = file.to_str().unwrap();
+    let base = ["--insecure-no-auth", "--port", "0"];
+    for (env, key) in [
+        (("AGENT_PORT", "http"), "AGENT_PORT"),
+        (("AGENT_PORT", "70000"), "AGENT_PORT"),
+        (("MAX_CAPTURE_FILES", "0"), "MAX_CAPTURE_FILES"),
+        (("MAX_CAPTURE_FILES", "many"), "MAX_CAPTURE_FILES"),
+        (
+            ("MAX_CAPTURE_FILE_SIZE_MB", "-1"),
+            "MAX_CAPTURE_FILE_SIZE_MB",
+        ),
+        (("LOG_LEVEL", "LOUD"), "LOG_LEVEL"),
+        (("COMPRESSION", "rar"), "COMPRESSION"),
+        (("CAPTURE_BACKEND", "dpdk"), "CAPTURE_BACKEND"),
+        (("CAPTURE_DIR", not_a_dir), "CAPTURE_DIR"),
+    ] {
+        // AGENT_PORT is tested through the environment, so without --port.
+        let args: &[&str] = if key == "AGENT_PORT" {
+            &base[..1]
+        } else {
+            &base
+        };
+        let mut envs = vec![env];
+        if key != "CAPTURE_DIR" {
+            envs.push(("CAPTURE_DIR", capture_dir));
+        }
+        let (status, stderr) = run_to_exit(AGENT, args, &envs);
+        assert!(!status.success(), "{env:?} was accepted");
+        assert!(stderr.contains(key), "{env:?}: {stderr}");
+        assert!(!stderr.contains("listening on"), "{env:?}: {stderr}");
+    }
+    // Flags are checked the same way.
+    let (status, stderr) = run_to_exit(AGENT, &["--max-capture-files", "0"], &[]);
+    assert_eq!(status.code(), Some(2));
+    assert!(stderr.contains("MAX_CAPTURE_FILES"), "{stderr}");
+    // Without --insecure-no-auth the agent needs Kubernetes access.
+    let (status, stderr) = run_to_exit(
+        AGENT,
+        &["--port", "0", "--capture-dir", capture_dir],
+        &[("KUBECONFIG", dir.path().join("missing").to_str().unwrap())],
+    );
+    assert!(!status.success());
+    assert!(stderr.contains("--insecure-no-auth"), "{stderr}");
+    assert!(stderr.contains("KUBECONFIG"), "{stderr}");
+}
+
+#[tokio::test]
+async fn sigterm_finishes_files_and_exits_within_10s() {
+    if !privileged("sigterm_finishes_files_and_exits_within_10s") {
+        return;
+    }
+    let node = Node::new();
+    let mut agent = node.agent(&["--insecure-no-auth"], &[]);
+    let c = Rest::new(&agent);
+    let health = c.json("/health").await;
+    for (id, format) in [("term-1", "pcap"), ("term-2", "pcapng")] {
+        let r = c
+            .post(
+                "/api/v1/captures",
+                &json!({"id": id, "duration": 600, "outputFormat": format, "filter": "icmp"}),
+            )
+            .await;
+        assert_eq!(r.status(), 201);
+    }
+    // SIGTERM right after the traffic: what the kernel selected is still
+    // written, and the files are whole.
+    node.ping(3);
+
+    let started = Instant::now();
+    let status = agent.signal_and_wait(libc::SIGTERM);
+    let took = started.elapsed();
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+
+    // Each capture's file is whole (tshark reads every packet) and under its
+    // final name; nothing half-written is left.
+    let all: Vec<String> = std::fs::read_dir(node.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    // (A compressed copy being made at exit may be left hidden; the next
+    // start removes it. Capture files are never left half-written.)
+    let (hidden, names): (Vec<&String>, Vec<&String>) =
+        all.iter().partition(|n| n.starts_with('.'));
+    assert_eq!(names.len(), 2, "{all:?}");
+    assert!(
+        hidden
+            .iter()
+            .all(|n| n.ends_with(".gz.partial") || n.ends_with(".zst.partial")),
+        "{all:?}"
+    );
+    for name in &names {
+        let path = node.dir.path().join(name);
+        let packets = if name.ends_with(".gz") {
+            let plain = tempfile::NamedTempFile::new().unwrap();
+            let out = std::process::Command::new("gzip")
+                .args(["-dc"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            std::fs::write(plain.path(), out.stdout).unwrap();
+            tshark(plain.path(), &["icmp.type"])
+        } else {
+            tshark(&path, &["icmp.type"])
+        };
+        assert_eq!(packets.len(), 6, "{name}: {packets:?}");
+    }
+    assert!(agent.log().contains("SIGTERM"));
+    if health["backend"] == "ebpf" {
+        let attached = crate::common::tc::tc_programs(&node.veth.a);
+        assert!(attached.is_empty(), "left attached: {attached:?}");
+    }
+}
+
+#[test]
+fn sigint_stops_the_agent_cleanly() {
+    if !privileged("sigint_stops_the_agent_cleanly") {
+        return;
+    }
+    let node = Node::new();
+    let mut agent = node.agent(&["--insecure-no-auth"], &[]);
+    let status = agent.signal_and_wait(libc::SIGINT);
+    assert_eq!(status.code(), Some(0), "{}", agent.log());
+    assert!(agent.log().contains("SIGINT"), "{}", agent.log());
+}

@@ -1,0 +1,351 @@
+//! The REST shim with an HTTP client, against a running agent with real
+//! traffic between two namespaces.
+
+use packet_capture_test_support::privileged;
+use serde_json::json;
+
+use crate::common::{Node, RIGHT_IP, Rest, json_of, tshark};
+
+#[tokio::test]
+async fn rest_capture_end_to_end() {
+    if !privileged("rest_capture_end_to_end") {
+        return;
+    }
+    let node = Node::new();
+    let agent = node.agent(&["--insecure-no-auth"], &[]);
+    let c = Rest::new(&agent);
+
+    let health = c.json("/health").await;
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(health["node"], "test-node");
+    let backend = health["backend"].as_str().unwrap().to_owned();
+    assert!(["ebpf", "pcap"].contains(&backend.as_str()), "{health}");
+    let interfaces: Vec<&str> = health["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_str().unwrap())
+        .collect();
+    assert!(interfaces.contains(&node.veth.a.as_str()), "{health}");
+
+    let body = json!({
+        "id": "ping-1", "targetIPs": [RIGHT_IP], "duration": 30, "maxPackets": 6,
+        "outputFormat": "pcap", "filter": "icmp"
+    });
+    let r = c.post("/api/v1/captures", &body).await;
+    assert_eq!(r.status(), 201);
+    let started = json_of(r).await;
+    assert_eq!(started["id"], "ping-1");
+    assert_eq!(started["name"], "ping-1", "the name defaults to the id");
+    assert_eq!(started["status"], "running");
+    assert_eq!(started["node"], "test-node");
+    assert_eq!(
+        started["spec"],
+        json!({"targetIPs": [RIGHT_IP], "targetPorts": [], "duration": 30, "maxPackets": 6,
+               "outputFormat": "pcap", "filter": "icmp", "snaplen": 262144})
+    );
+    for field in ["packets", "dropped", "filtered", "file_size"] {
+        assert!(started[field].is_u64(), "{field} in {started}");
+    }
+    assert!(started["start_time"].as_str().unwrap().ends_with('Z'));
+    assert!(started["end_time"].is_null());
+
+    // The same request again: the same capture, 200.
+    let r = c.post("/api/v1/captures", &body).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(json_of(r).await["start_time"], started["start_time"]);
+    // Another spec or name under the id: 409.
+    for other in [
+        json!({"id": "ping-1", "targetIPs": [RIGHT_IP], "duration": 30, "maxPackets": 7, "filter": "icmp"}),
+        json!({"id": "ping-1", "name": "other", "targetIPs": [RIGHT_IP], "duration": 30, "maxPackets": 6, "filter": "icmp"}),
+    ] {
+        let r = c.post("/api/v1/captures", &other).await;
+        assert_eq!(r.status(), 409);
+        let err = json_of(r).await;
+        assert!(err["error"].as_str().unwrap().starts_with("id: "), "{err}");
+    }
+
+    // Three requests and three replies end the capture at maxPackets.
+    node.ping(3);
+    let done = c.ended("ping-1").await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["packets"], 6, "{done}");
+    assert!(
+        done["message"].as_str().unwrap().contains("maxPackets"),
+        "{done}"
+    );
+    assert!(done["end_time"].as_str().unwrap().ends_with('Z'));
+
+    let list = c.json("/api/v1/captures").await;
+    assert_eq!(list["captures"].as_array().unwrap().len(), 1);
+    assert_eq!(list["captures"][0]["id"], "ping-1");
+
+    // The file: listed, downloaded byte for byte, readable by tshark.
+    let output = std::path::PathBuf::from(done["output_file"].as_str().unwrap());
+    let name = output.file_name().unwrap().to_str().unwrap().to_owned();
+    assert!(
+        name.starts_with("ping-1-") && name.ends_with(".pcap"),
+        "{name}"
+    );
+    let files = c.json("/api/v1/files").await;
+    assert_eq!(files["files"][0]["name"], name.as_str(), "{files}");
+    assert_eq!(files["files"][0]["size"], done["file_size"], "{files}");
+    assert!(
+        files["files"][0]["modified"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    let r = c.get(&format!("/api/v1/files/{name}")).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/vnd.tcpdump.pcap");
+    assert_eq!(
+        r.headers()["content-disposition"],
+        format!("attachment; filename=\"{name}\"").as_str()
+    );
+    let bytes = r.bytes().await.unwrap();
+    assert_eq!(bytes, std::fs::read(node.dir.path().join(&name)).unwrap());
+    let copy = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(copy.path(), &bytes).unwrap();
+    let packets = tshark(copy.path(), &["ip.src", "ip.dst", "icmp.type"]);
+    assert_eq!(packets.len(), 6, "{packets:?}");
+    let left = crate::common::LEFT_IP;
+    assert_eq!(
+        packets
+            .iter()
+            .filter(|p| **p == format!("{left}\t{RIGHT_IP}\t8"))
+            .count(),
+        3,
+        "{packets:?}"
+    );
+
+    // Metrics tell the same story.
+    let r = c.get("/metrics").await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let metrics = r.text().await.unwrap();
+    for line in [
+        format!(
+            "packet_capture_agent_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        ),
+        format!("packet_capture_agent_backend_info{{backend=\"{backend}\"}} 1"),
+        format!("packet_capture_agent_interfaces {}", interfaces.len()),
+        "packet_capture_agent_captures{state=\"completed\"} 1".into(),
+        "packet_capture_agent_captures{state=\"running\"} 0".into(),
+        "packet_capture_agent_capture_packets_total{id=\"ping-1\",name=\"ping-1\"} 6".into(),
+        "packet_capture_agent_capture_dropped_total{id=\"ping-1\",name=\"ping-1\"} 0".into(),
+        "packet_capture_agent_capture_filtered_total{id=\"ping-1\",name=\"ping-1\"} ".into(),
+        format!(
+            "packet_capture_agent_capture_file_bytes{{id=\"ping-1\",name=\"ping-1\"}} {}",
+            bytes.len()
+        ),
+        "packet_capture_agent_ring_lost_records_total ".into(),
+        "packet_capture_agent_api_requests_total{transport=\"rest\",route=\"/api/v1/captures\",code=\"201\"} 1".into(),
+        "packet_capture_agent_api_requests_total{transport=\"rest\",route=\"/api/v1/captures\",code=\"409\"} 2".into(),
+    ] {
+        assert!(metrics.contains(&line), "{line:?} not in\n{metrics}");
+    }
+
+    // Stopping an ended capture returns it as it is; unknown ids are 404.
+    let r = c.delete("/api/v1/captures/ping-1").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(json_of(r).await["status"], "completed");
+    for r in [
+        c.get("/api/v1/captures/nope").await,
+        c.delete("/api/v1/captures/nope").await,
+    ] {
+        assert_eq!(r.status(), 404);
+        assert!(
+            json_of(r).await["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("id: ")
+        );
+    }
+
+    // A running capture stops on DELETE, its file finished.
+    let r = c
+        .post(
+            "/api/v1/captures",
+            &json!({"id": "long-1", "duration": 600, "outputFormat": "pcapng"}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    node.ping(2);
+    let r = c.delete("/api/v1/captures/long-1").await;
+    assert_eq!(r.status(), 200);
+    let stopped = json_of(r).await;
+    assert_eq!(stopped["status"], "stopped", "{stopped}");
+    assert_eq!(stopped["message"], "stopped by request");
+    let file = std::path::Path::new(stopped["output_file"].as_str().unwrap());
+    assert!(file.extension().unwrap() == "pcapng", "{stopped}");
+    let read = tshark(file, &["frame.number"]);
+    assert_eq!(read.len() as u64, stopped["packets"].as_u64().unwrap());
+    assert!(read.len() >= 4, "{read:?}");
+}
+
+#[tokio::test]
+async fn rest_bad_input_is_refused_and_starts_nothing() {
+    if !privileged("rest_bad_input_is_refused_and_starts_nothing") {
+        return;
+    }
+    let node = Node::new();
+    let agent = node.agent(&["--insecure-no-auth"], &[]);
+    let c = Rest::new(&agent);
+    let huge = format!(r#"{{"id":"a","filter":"{}"}}"#, "x".repeat(70_000));
+    let long_filter = format!(r#"{{"id":"a","filter":"{}"}}"#, "x".repeat(5_000));
+    let long_id = format!(r#"{{"id":"{}"}}"#, "a".repeat(201));
+    let cases: Vec<(&str, u16, &str)> = vec![
+        ("{", 400, "body: EOF"),
+        ("", 400, "body: must be a JSON object"),
+        ("not json", 400, "body: must be a JSON object"),
+        ("[1, 2]", 400, "body: must be a JSON object"),
+        ("{]", 400, "body: "),
+        (r#"{"id":"a"} {}"#, 400, "body: trailing"),
+        (
+            r#"{"id":"a","colour":"red"}"#,
+            400,
+            "unknown field `colour`",
+        ),
+        (
+            r#"{"id":"a","duration":-5}"#,
+            400,
+            "duration: must be at least 1, got -5",
+        ),
+        (
+            r#"{"id":"a","duration":0}"#,
+            400,
+            "duration: must be at least 1, got 0",
+        ),
+        (
+            r#"{"id":"a","duration":99999999999}"#,
+            400,
+            "duration: must be at most",
+        ),
+        (
+            r#"{"id":"a","duration":"60"}"#,
+            400,
+            "duration: invalid type",
+        ),
+        (
+            r#"{"id":"a","duration":1.5}"#,
+            400,
+            "duration: invalid type",
+        ),
+        (
+            r#"{"id":"a","maxPackets":-1}"#,
+            400,
+            "maxPackets: must be at least 1",
+        ),
+        (
+            r#"{"id":"a","targetPorts":[-1]}"#,
+            400,
+            "targetPorts[0]: -1 is not a port",
+        ),
+        (
+            r#"{"id":"a","targetPorts":[80,70000]}"#,
+            400,
+            "targetPorts[1]: 70000 is not a port",
+        ),
+        (
+            r#"{"id":"a","targetPorts":"80"}"#,
+            400,
+            "targetPorts: invalid type",
+        ),
+        (
+            r#"{"id":"a","targetIPs":["10.0.0.1","10.0.0.256"]}"#,
+            400,
+            "targetIPs[1]: \"10.0.0.256\"",
+        ),
+        (
+            r#"{"id":"a","targetIPs":["10.0.0.1/24"]}"#,
+            400,
+            "targetIPs[0]: \"10.0.0.1/24\" has host bits",
+        ),
+        (
+            r#"{"id":"a","targetIPs":[7]}"#,
+            400,
+            "targetIPs[0]: invalid type",
+        ),
+        (r#"{"id":"a","filter":"tcp port"}"#, 400, "filter: "),
+        (
+            r#"{"id":"a","filter":"no such primitive"}"#,
+            400,
+            "filter: ",
+        ),
+        (
+            r#"{"id":"a","outputFormat":"json"}"#,
+            400,
+            "outputFormat: unknown variant `json`",
+        ),
+        (
+            r#"{"id":"a","snaplen":0}"#,
+            400,
+            "snaplen: 0 is out of range",
+        ),
+        (
+            r#"{"id":"a","snaplen":262145}"#,
+            400,
+            "snaplen: 262145 is out of range",
+        ),
+        (r#"{}"#, 400, "id: must not be empty"),
+        (r#"{"id":"../../etc/x"}"#, 400, "id: "),
+        (r#"{"id":"a/b"}"#, 400, "id: "),
+        (r#"{"id":"Caps"}"#, 400, "id: "),
+        (
+            r#"{"id":".hidden"}"#,
+            400,
+            "id: \".hidden\" must not start with '.'",
+        ),
+        (r#"{"id":"ok","name":"../x"}"#, 400, "name: "),
+        (long_id.as_str(), 400, "id: longer than 200 characters"),
+        (long_filter.as_str(), 400, "filter: 5000 bytes long"),
+        (huge.as_str(), 413, "body: larger than 65536 bytes"),
+    ];
+    for (body, status, error) in cases {
+        let r = c
+            .request(reqwest::Method::POST, "/api/v1/captures")
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let short: String = body.chars().take(80).collect();
+        assert_eq!(r.status(), status, "{short}");
+        let err = json_of(r).await;
+        let message = err["error"].as_str().unwrap();
+        assert!(
+            message.starts_with(error) || (error.starts_with("unknown") && message.contains(error)),
+            "{short}: {message}"
+        );
+    }
+    // Methods a route does not have: 405, JSON too.
+    let r = c
+        .request(reqwest::Method::PUT, "/api/v1/captures")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert!(
+        json_of(r).await["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("method: ")
+    );
+    let r = c.get("/api/v2/nothing").await;
+    assert_eq!(r.status(), 404);
+    json_of(r).await;
+
+    // Nothing was started, no file was made.
+    let list = c.json("/api/v1/captures").await;
+    assert_eq!(list, json!({"captures": []}));
+    let left: Vec<_> = std::fs::read_dir(node.dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
