@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, MapData, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         tc::{self, SchedClassifierLinkId, TcAttachOptions},
@@ -112,7 +112,7 @@ pub struct Kernel {
     ipv6: LpmTrie<MapData, [u8; 16], u64>,
     ports: Array<MapData, u64>,
     counters: PerCpuArray<MapData, u64>,
-    slot_lost: PerCpuArray<MapData, u64>,
+    lost_by_mask: PerCpuHashMap<MapData, u64, u64>,
     slots: HashMap<usize, SlotTargets>,
     /// What the maps hold now, so updates only touch what changed.
     prefixes: HashMap<IpNet, u64>,
@@ -154,7 +154,7 @@ impl Kernel {
             ipv6: take(&mut ebpf, "IPV6")?,
             ports: take(&mut ebpf, "PORTS")?,
             counters: take(&mut ebpf, "COUNTERS")?,
-            slot_lost: take(&mut ebpf, "SLOT_LOST")?,
+            lost_by_mask: take(&mut ebpf, "LOST_BY_MASK")?,
             ebpf,
             attached: HashMap::new(),
             slots: HashMap::new(),
@@ -401,11 +401,15 @@ impl Kernel {
     /// Packets `slot` matched that the ring buffer had no room for, since
     /// the agent started (callers keep a baseline per capture).
     pub fn slot_lost(&self, slot: usize) -> Result<u64, Error> {
-        let values = self
-            .slot_lost
-            .get(&(slot as u32), 0)
-            .map_err(map_err("SLOT_LOST"))?;
-        Ok(values.iter().sum())
+        let bit = 1u64 << slot;
+        let mut lost = 0;
+        for entry in self.lost_by_mask.iter() {
+            let (mask, values) = entry.map_err(map_err("LOST_BY_MASK"))?;
+            if mask & bit != 0 {
+                lost += values.iter().sum::<u64>();
+            }
+        }
+        Ok(lost)
     }
 }
 

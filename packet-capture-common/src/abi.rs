@@ -27,6 +27,9 @@ pub const PORT_ENTRIES: u32 = 65_536;
 /// Entries of each LPM trie: enough for every slot's targets.
 pub const MAX_PREFIXES: u32 = 16_384;
 
+/// Distinct slot masks whose losses are counted apart.
+pub const LOST_MASKS: u32 = 4096;
+
 /// Direction of a packet relative to the interface it was seen on.
 pub const DIRECTION_INGRESS: u8 = 0;
 pub const DIRECTION_EGRESS: u8 = 1;
@@ -47,7 +50,10 @@ pub mod counter {
     pub const RING_LOST: u32 = 2;
     /// Matched packets whose bytes could not be read from the skb.
     pub const LOAD_FAILED: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Lost packets whose slot mask found no room in `LOST_BY_MASK`: in
+    /// RING_LOST, but charged to no capture.
+    pub const LOST_UNATTRIBUTED: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Header of one ring-buffer record; `cap_len` packet bytes follow it.

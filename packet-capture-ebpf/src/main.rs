@@ -12,12 +12,12 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{classifier, map},
-    maps::{Array, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::TcContext,
 };
 use packet_capture_common::abi::{
     DEFAULT_RING_BYTES, DIRECTION_EGRESS, DIRECTION_INGRESS, LINK_ETHERNET, LINK_RAW_IP,
-    MAX_PREFIXES, MAX_SLOTS, MAX_SNAPLEN, PORT_ENTRIES, RECORD_HEADER_LEN, RecordHeader,
+    LOST_MASKS, MAX_PREFIXES, MAX_SNAPLEN, PORT_ENTRIES, RECORD_HEADER_LEN, RecordHeader,
     SCRATCH_LEN, Settings, counter,
 };
 
@@ -74,9 +74,11 @@ static SCRATCH: Array<[u8; SCRATCH_LEN]> = Array::with_max_entries(1, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// Per slot: matched packets the ring buffer had no room for.
+/// Matched packets the ring buffer had no room for, by the mask of slots
+/// that wanted them (user space charges each slot its share). A map keyed
+/// by mask keeps the program free of a per-slot loop.
 #[map]
-static SLOT_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SLOTS as u32, 0);
+static LOST_BY_MASK: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(LOST_MASKS, 0);
 
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
@@ -170,26 +172,36 @@ fn emit(ctx: &TcContext, mask: u64, direction: u8, link: u8, settings: &Settings
             u16::from_be((*skb).protocol as u16),
         )
     };
-    let header = RecordHeader {
-        slot_mask: mask,
-        // SAFETY: a helper without arguments.
-        ktime_ns: unsafe { bpf_ktime_get_ns() },
-        ifindex,
-        orig_len,
-        cap_len,
-        vlan_tci,
-        vlan_proto,
-        protocol,
-        vlan_present,
-        direction,
-        link,
-        _pad: [0; 3],
-    };
     let base = scratch.cast::<u8>();
+    let header = scratch.cast::<RecordHeader>();
     // SAFETY: scratch holds SCRATCH_LEN bytes and the header fits; the copy
-    // is bounded by MAX_SNAPLEN above, which the verifier checks too.
+    // is bounded by MAX_SNAPLEN below, which the verifier checks too.
     unsafe {
-        base.cast::<RecordHeader>().write_unaligned(header);
+        // One volatile store per field: LLVM would merge plain stores of
+        // zeros into a memset, a byte loop whose variable pointer arithmetic
+        // the verifier refuses without CAP_PERFMON.
+        macro_rules! store {
+            ($($field:ident = $value:expr),* $(,)?) => {
+                $(core::ptr::addr_of_mut!((*header).$field).write_volatile($value);)*
+            };
+        }
+        store!(
+            slot_mask = mask,
+            ktime_ns = bpf_ktime_get_ns(),
+            ifindex = ifindex,
+            orig_len = orig_len,
+            cap_len = cap_len,
+            vlan_tci = vlan_tci,
+            vlan_proto = vlan_proto,
+            protocol = protocol,
+            vlan_present = vlan_present,
+            direction = direction,
+            link = link,
+        );
+        let pad = core::ptr::addr_of_mut!((*header)._pad).cast::<u8>();
+        for i in 0..3 {
+            pad.add(i).write_volatile(0);
+        }
         let data = base.add(RECORD_HEADER_LEN);
         // The verifier must see 1..=MAX_SNAPLEN on the very register passed
         // to the helper; a volatile read keeps LLVM from dropping the check
@@ -373,19 +385,18 @@ fn count(index: u32) {
     }
 }
 
-/// Charges a lost packet to every slot that wanted it.
+/// Records a lost packet under the mask of the slots that wanted it.
 #[inline(always)]
 fn count_lost(mask: u64) {
-    for slot in 0..MAX_SLOTS as u32 {
-        if mask >> slot == 0 {
-            break;
-        }
-        if (mask >> slot) & 1 == 1
-            && let Some(c) = SLOT_LOST.get_ptr_mut(slot)
-        {
-            // SAFETY: as in `count`.
-            unsafe { *c += 1 };
-        }
+    if let Some(c) = LOST_BY_MASK.get_ptr_mut(&mask) {
+        // SAFETY: a per-CPU value is only touched by programs on this CPU.
+        unsafe { *c += 1 };
+        return;
+    }
+    // A new mask: this CPU starts at one, the others at zero. When the
+    // map is full the loss still shows in RING_LOST, unattributed.
+    if LOST_BY_MASK.insert(&mask, &1, 0).is_err() {
+        count(counter::LOST_UNATTRIBUTED);
     }
 }
 

@@ -87,7 +87,8 @@ fn child_loads_and_attaches() {
         have, want,
         "effective capabilities {have:#x}, expected {want:#x} ({caps})"
     );
-    let (mut kernel, _ring) = Kernel::load(1 << 16).unwrap_or_else(|e| panic!("LOAD FAILED: {e:?}"));
+    let (mut kernel, _ring) =
+        Kernel::load(1 << 16).unwrap_or_else(|e| panic!("LOAD FAILED: {e:?}"));
     kernel
         .attach("lo", LinkKind::Loopback)
         .unwrap_or_else(|e| panic!("ATTACH FAILED: {e:?}"));
