@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: the project's chores, in Rust so they run wherever
 //! cargo does.
 
+mod cluster;
 mod crdgen;
 mod ebpf;
 mod setup;
@@ -27,6 +28,9 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
+    /// A local control plane with simulated nodes: up, down, status.
+    #[command(subcommand)]
+    Cluster(cluster::Command),
     /// Run the whole system on a local control plane and show a capture.
     Demo,
 }
@@ -36,9 +40,10 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::install(),
         Task::BuildEbpf => ebpf::build(),
         Task::Crdgen { check } => crdgen::run(check),
+        Task::Cluster(command) => cluster::run(command),
         Task::Demo => anyhow::bail!(
-            "the demo needs the local control plane (`cargo xtask cluster`) and the controller, \
-             which are not part of this checkout yet; `make test` runs what exists"
+            "the demo needs the controller, which is not part of this checkout yet; \
+             `cargo xtask cluster up` starts the local control plane alone"
         ),
     }
 }

@@ -5,6 +5,8 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
+use packet_capture_test_support::cluster::build;
+
 use crate::util::{output, root, run, step};
 
 /// Debian packages, each with why it is needed.
@@ -32,6 +34,7 @@ pub fn install() -> anyhow::Result<()> {
     rust_components()?;
     ebpf_toolchain()?;
     bpf_linker()?;
+    go_toolchain()?;
     step("setup complete");
     Ok(())
 }
@@ -120,4 +123,28 @@ fn bpf_linker() -> anyhow::Result<()> {
         ])
         .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
     .context("could not build bpf-linker (needs llvm-22-dev)")
+}
+
+/// The local control plane (tests, `cargo xtask cluster`) is built from Go
+/// modules on first use; setup only checks that a new enough Go is there
+/// (Debian's golang is too old; the machine image ships a current one).
+fn go_toolchain() -> anyhow::Result<()> {
+    let (major, minor) = build::MIN_GO;
+    let Some(go) = build::find_go() else {
+        bail!(
+            "Go {major}.{minor} or newer is needed to build the local control plane \
+             (kube-apiserver, etcd) and was not found on PATH or in /usr/local/go/bin"
+        );
+    };
+    let version = output(Command::new(&go).arg("version"))?;
+    match build::go_version(&version) {
+        Some(v) if v >= build::MIN_GO => {
+            step(format!("{}: present", version.trim()));
+            Ok(())
+        }
+        _ => bail!(
+            "{} is too old: the local control plane needs Go {major}.{minor} or newer",
+            version.trim()
+        ),
+    }
 }
