@@ -57,7 +57,7 @@ pub struct PacketCaptureConfigSpec {
     /// source or destination.
     #[serde(default, rename = "targetIPs", skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256), inner(length(max = 64)))]
-    #[x_kube(validation = Rule::new("self.all(t, isIP(t) || (isCIDR(t) && string(cidr(t).masked()) == t))").message("each entry must be an IP address or a CIDR without host bits, such as 10.0.0.1, 10.0.0.0/24 or fd00::/64"))]
+    #[x_kube(validation = Rule::new("self.all(t, isIP(t) || (isCIDR(t) && cidr(t).masked() == cidr(t)))").message("each entry must be an IP address or a CIDR without host bits, such as 10.0.0.1, 10.0.0.0/24 or fd00::/64"))]
     pub target_ips: Vec<String>,
 
     /// Pods whose traffic to capture; resolved to their IPs and nodes.
@@ -88,6 +88,7 @@ pub struct PacketCaptureConfigSpec {
     /// Additional tcpdump filter expression, ANDed with the targets.
     #[serde(default)]
     #[schemars(length(max = 4096))]
+    #[x_kube(validation = Rule::new("!self.contains('\\u0000')").message("must not contain a NUL character"))]
     pub filter: String,
 
     /// Bytes of each packet to keep (default 262144, as tcpdump's).
@@ -137,9 +138,19 @@ pub struct PodSelector {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PodRef {
-    #[schemars(length(min = 1, max = 253))]
+    /// The pod's name: lowercase letters, digits, '-' and '.', starting and
+    /// ending with a letter or digit.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub pod_name: String,
-    #[schemars(length(min = 1, max = 63))]
+    /// The pod's namespace: lowercase letters, digits and '-', starting and
+    /// ending with a letter or digit.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub namespace: String,
 }
 

@@ -151,21 +151,39 @@ impl Validator {
 }
 
 /// Parses one `targetIPs` entry: an address (a host route) or a CIDR whose
-/// host bits are zero, as tcpdump's `net` demands.
+/// host bits are zero, as tcpdump's `net` demands. Like the CRD's CEL rule
+/// (Kubernetes' `isIP`/`isCIDR`), it refuses IPv4-mapped IPv6 addresses and
+/// prefix lengths written with leading zeros.
 pub fn parse_target(s: &str) -> Result<IpNet, String> {
-    if let Ok(ip) = s.parse::<IpAddr>() {
-        return Ok(IpNet::from(ip));
+    let not_an_ip = || {
+        format!("{s:?} is not an IP address or CIDR (such as 10.0.0.1, 10.0.0.0/24 or fd00::/64)")
+    };
+    let net = match s.parse::<IpAddr>() {
+        Ok(ip) => IpNet::from(ip),
+        Err(_) => match s.parse::<IpNet>() {
+            Ok(net)
+                if s.rsplit_once('/')
+                    .is_some_and(|(_, len)| len == net.prefix_len().to_string()) =>
+            {
+                net
+            }
+            _ => return Err(not_an_ip()),
+        },
+    };
+    if let IpNet::V6(v6) = net
+        && v6.addr().to_ipv4_mapped().is_some()
+    {
+        return Err(format!(
+            "{s:?} is an IPv4-mapped IPv6 address; give the IPv4 address or network instead"
+        ));
     }
-    match s.parse::<IpNet>() {
-        Ok(net) if net.trunc() == net => Ok(net),
-        Ok(net) => Err(format!(
+    if net.trunc() != net {
+        return Err(format!(
             "{s:?} has host bits set; the network is {}",
             net.trunc()
-        )),
-        Err(_) => Err(format!(
-            "{s:?} is not an IP address or CIDR (such as 10.0.0.1, 10.0.0.0/24 or fd00::/64)"
-        )),
+        ));
     }
+    Ok(net)
 }
 
 /// Checks a Kubernetes object name (RFC 1123 subdomain, `max` bytes).
@@ -253,8 +271,27 @@ mod tests {
             "fd00::1",
             "fd00::/64",
             "0.0.0.0/0",
+            "FD00:0::/64",
+            "10.0.0.1/32",
         ]);
         assert_eq!(messages(&spec), Vec::<String>::new());
+    }
+
+    #[test]
+    fn rejects_what_kubernetes_cel_rejects() {
+        for bad in [
+            "::ffff:10.0.0.1",
+            "::ffff:0:0/96",
+            "10.0.0.0/08",
+            "fe80::1%eth0",
+        ] {
+            assert!(parse_target(bad).is_err(), "{bad}");
+        }
+        assert!(
+            parse_target("::ffff:10.0.0.1")
+                .unwrap_err()
+                .contains("IPv4-mapped")
+        );
     }
 
     #[test]

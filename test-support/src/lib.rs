@@ -1,11 +1,13 @@
 //! What the privileged tests share: a guard for the prerequisites, network
-//! namespaces joined by veth pairs, and commands run inside them.
+//! namespaces joined by veth pairs, commands run inside them, and a local
+//! Kubernetes control plane with simulated nodes and pods ([`cluster`]).
 //!
 //! Every namespace and link is named after the test process, and removed on
 //! drop, so a failed test leaves nothing behind and tests can run side by side.
 
 pub mod agent;
 pub mod capfile;
+pub mod cluster;
 pub mod netns;
 pub mod tcpdump;
 pub mod tools;

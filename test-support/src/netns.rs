@@ -19,6 +19,13 @@ pub fn run(cmd: &mut Command) -> Output {
     out
 }
 
+/// A command that runs inside the network namespace called `netns`.
+pub fn command_in(netns: &str, program: &str) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", netns, program]);
+    cmd
+}
+
 /// A network namespace (`ip netns add`), deleted on drop.
 pub struct Netns {
     name: String,
@@ -40,9 +47,7 @@ impl Netns {
 
     /// A command that runs inside the namespace.
     pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program]);
-        cmd
+        command_in(&self.name, program)
     }
 
     /// Runs `ip <args>` inside the namespace.

@@ -4,6 +4,7 @@
 //! operations work against the current context. Each takes the kubeconfig of
 //! a disposable cluster and the tools' paths.
 
+use packet_capture_test_support::cluster::{Cluster, Lifetime};
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
@@ -497,37 +498,41 @@ pub fn check_helm_install(t: &Tools) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The tools and kubeconfig, or None (after saying why) when there is no
-/// cluster to test against; in CI a missing cluster fails.
+/// The local control plane's kubeconfig and tools, or None (after saying
+/// why) when the test cannot run here; in CI that fails the test.
 fn test_tools(test: &str) -> Option<Tools> {
-    let problem = match std::env::var_os("PACKET_CAPTURE_TEST_KUBECONFIG") {
-        None => {
-            "needs PACKET_CAPTURE_TEST_KUBECONFIG (a disposable cluster's kubeconfig)".to_owned()
-        }
-        Some(kubeconfig) => {
-            let tool = |name: &str, var: &str| {
-                std::env::var_os(var)
-                    .map(PathBuf::from)
-                    .or_else(|| crate::util::on_path(name))
-            };
-            match (tool("kubectl", "KUBECTL"), crate::util::helm().ok()) {
-                (Some(kubectl), Some(helm)) => {
-                    return Some(Tools {
-                        kubeconfig: kubeconfig.into(),
-                        kubectl,
-                        helm,
-                    });
-                }
-                _ => "needs kubectl (KUBECTL or PATH) and helm (HELM, PATH or `cargo xtask setup`)"
-                    .to_owned(),
-            }
-        }
-    };
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("{test}: {problem}");
+    let cluster = runtime().block_on(Cluster::for_test(test))?;
+    Some(Tools::of(cluster))
+}
+
+/// A control plane of the test's own, for checks that need a cluster
+/// nobody else has touched, with its tools; None as for [`test_tools`].
+fn fresh_cluster(test: &str) -> Option<(Cluster, Tools)> {
+    if !packet_capture_test_support::privileged(test) {
+        return None;
     }
-    eprintln!("SKIPPED {test}: {problem} (this is a failure when CI=true)");
-    None
+    let name = format!("f{}", std::process::id());
+    let cluster = runtime()
+        .block_on(Cluster::start(&name, Lifetime::Process))
+        .unwrap_or_else(|e| panic!("{test}: the local control plane did not start: {e}"));
+    let tools = Tools::of(&cluster);
+    Some((cluster, tools))
+}
+
+/// The runtime the control planes' clients live on: the process's.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| tokio::runtime::Runtime::new().expect("a tokio runtime"))
+}
+
+impl Tools {
+    fn of(cluster: &Cluster) -> Self {
+        Self {
+            kubeconfig: cluster.kubeconfig(),
+            kubectl: cluster.bin_dir().join("kubectl"),
+            helm: cluster.bin_dir().join("helm"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -540,7 +545,6 @@ mod tests {
     static CLUSTER: Mutex<()> = Mutex::new(());
 
     #[test]
-    #[ignore = "needs a kube-apiserver: set PACKET_CAPTURE_TEST_KUBECONFIG, or wire to the test-support cluster"]
     fn chart_manifests_and_examples_pass_server_side_validation() {
         let Some(t) = test_tools("chart_manifests_and_examples_pass_server_side_validation") else {
             return;
@@ -552,7 +556,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs a kube-apiserver with RBAC: set PACKET_CAPTURE_TEST_KUBECONFIG, or wire to the test-support cluster"]
     fn service_accounts_can_do_what_they_need_and_nothing_more() {
         let Some(t) = test_tools("service_accounts_can_do_what_they_need_and_nothing_more") else {
             return;
@@ -563,7 +566,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs a kube-apiserver: set PACKET_CAPTURE_TEST_KUBECONFIG, or wire to the test-support cluster"]
     fn make_targets_operate_the_installation() {
         let Some(t) = test_tools("make_targets_operate_the_installation") else {
             return;
@@ -573,12 +575,12 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs a kube-apiserver: set PACKET_CAPTURE_TEST_KUBECONFIG, or wire to the test-support cluster"]
     fn helm_installs_and_uninstalls_as_the_readme_says() {
-        let Some(t) = test_tools("helm_installs_and_uninstalls_as_the_readme_says") else {
+        // On a cluster of its own: a fresh one, as the README's reader has.
+        let Some((_cluster, t)) = fresh_cluster("helm_installs_and_uninstalls_as_the_readme_says")
+        else {
             return;
         };
-        let _one = CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
         check_helm_install(&t).unwrap_or_else(|e| panic!("{e:#}"));
     }
 }

@@ -3,6 +3,7 @@
 
 #[cfg(test)]
 mod chart;
+mod cluster;
 #[cfg(test)]
 mod cluster_checks;
 mod crdgen;
@@ -50,6 +51,9 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
+    /// A local control plane with simulated nodes: up, down, status.
+    #[command(subcommand)]
+    Cluster(cluster::Command),
     /// Run the whole system on a local control plane and show a capture.
     Demo,
 }
@@ -61,9 +65,10 @@ fn main() -> anyhow::Result<()> {
         Task::Crdgen { check } => crdgen::run(check),
         Task::Manifests { check } => manifests::run(check),
         Task::CrossCheck { release } => cross::run(release),
+        Task::Cluster(command) => cluster::run(command),
         Task::Demo => anyhow::bail!(
-            "the demo needs the local control plane (`cargo xtask cluster`) and the controller, \
-             which are not part of this checkout yet; `make test` runs what exists"
+            "the demo needs the controller, which is not part of this checkout yet; \
+             `cargo xtask cluster up` starts the local control plane alone"
         ),
     }
 }

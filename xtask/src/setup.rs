@@ -5,7 +5,9 @@ use std::process::Command;
 
 use anyhow::{Context as _, bail};
 
-use crate::util::{HELM_VERSION, cached_helm, output, root, run, step};
+use packet_capture_test_support::cluster::build;
+
+use crate::util::{HELM_VERSION, output, root, run, step};
 
 /// Debian packages, each with why it is needed.
 const PACKAGES: &[(&str, &str)] = &[
@@ -52,7 +54,8 @@ pub fn install() -> anyhow::Result<()> {
     rust_targets()?;
     ebpf_toolchain()?;
     bpf_linker()?;
-    helm()?;
+    go_toolchain()?;
+    control_plane_binaries()?;
     step("setup complete");
     Ok(())
 }
@@ -123,30 +126,15 @@ fn rust_targets() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Helm, built with `go install` into the cache: renders the chart into
-/// manifests/ and is used by the chart's tests. A stamp beside it records the
-/// version (a `go install`ed helm reports only its minor version).
-fn helm() -> anyhow::Result<()> {
-    let helm = cached_helm()?;
-    let bin = helm.parent().expect("helm's path has a directory");
-    let stamp = bin.join(".version");
-    if helm.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|v| v.trim() == HELM_VERSION) {
-        step(format!("helm {HELM_VERSION}: present"));
-        return Ok(());
-    }
+/// kube-apiserver, kube-controller-manager, kubectl, etcd and helm, built
+/// from Go modules into the cache (minutes the first time, nothing after).
+fn control_plane_binaries() -> anyhow::Result<()> {
+    let binaries = build::ensure().context("could not build the local control plane's binaries")?;
     step(format!(
-        "building helm {HELM_VERSION} with go install into {} (a few minutes)",
-        helm.display()
+        "control plane binaries and helm {HELM_VERSION}: {}",
+        binaries.dir().display()
     ));
-    std::fs::create_dir_all(bin).with_context(|| format!("creating {}", bin.display()))?;
-    run(Command::new("go")
-        .args([
-            "install",
-            &format!("helm.sh/helm/v3/cmd/helm@{HELM_VERSION}"),
-        ])
-        .env("GOBIN", bin))
-    .context("could not build helm (needs Go on PATH and the Go module proxy)")?;
-    std::fs::write(&stamp, HELM_VERSION).with_context(|| format!("writing {}", stamp.display()))
+    Ok(())
 }
 
 fn rust_components() -> anyhow::Result<()> {
@@ -196,4 +184,28 @@ fn bpf_linker() -> anyhow::Result<()> {
         ])
         .env("LLVM_PREFIX", "/usr/lib/llvm-22"))
     .context("could not build bpf-linker (needs llvm-22-dev)")
+}
+
+/// The local control plane (tests, `cargo xtask cluster`) is built from Go
+/// modules on first use; setup only checks that a new enough Go is there
+/// (Debian's golang is too old; the machine image ships a current one).
+fn go_toolchain() -> anyhow::Result<()> {
+    let (major, minor) = build::MIN_GO;
+    let Some(go) = build::find_go() else {
+        bail!(
+            "Go {major}.{minor} or newer is needed to build the local control plane \
+             (kube-apiserver, etcd) and was not found on PATH or in /usr/local/go/bin"
+        );
+    };
+    let version = output(Command::new(&go).arg("version"))?;
+    match build::go_version(&version) {
+        Some(v) if v >= build::MIN_GO => {
+            step(format!("{}: present", version.trim()));
+            Ok(())
+        }
+        _ => bail!(
+            "{} is too old: the local control plane needs Go {major}.{minor} or newer",
+            version.trim()
+        ),
+    }
 }

@@ -40,54 +40,15 @@ pub fn step(msg: impl std::fmt::Display) {
     eprintln!("==> {msg}");
 }
 
-/// `$XDG_CACHE_HOME/packet-capture` or `~/.cache/packet-capture`: where
-/// built tools are kept between runs.
-pub fn cache_root() -> anyhow::Result<PathBuf> {
-    let base = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
-        Some(dir) => PathBuf::from(dir),
-        None => std::env::var_os("HOME")
-            .map(|home| PathBuf::from(home).join(".cache"))
-            .context("neither XDG_CACHE_HOME nor HOME is set")?,
-    };
-    Ok(base.join("packet-capture"))
-}
+pub use packet_capture_test_support::cluster::build::HELM_VERSION;
 
-/// The Helm version `cargo xtask setup` builds; `cargo xtask manifests`
-/// renders the committed manifests with it.
-pub const HELM_VERSION: &str = "v3.20.2";
-
-/// Where `cargo xtask setup` installs Helm.
-pub fn cached_helm() -> anyhow::Result<PathBuf> {
-    Ok(cache_root()?
-        .join(format!("helm-{HELM_VERSION}"))
-        .join("helm"))
-}
-
-/// The `helm` to use: `$HELM`, else `helm` on PATH, else the one
-/// `cargo xtask setup` built.
+/// The `helm` to use: `$HELM`, else the one built for the local control
+/// plane (`cargo xtask setup` builds it).
 pub fn helm() -> anyhow::Result<PathBuf> {
     if let Some(helm) = std::env::var_os("HELM").filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(helm));
     }
-    if let Some(helm) = on_path("helm") {
-        return Ok(helm);
-    }
-    let cached = cached_helm()?;
-    if cached.is_file() {
-        return Ok(cached);
-    }
-    bail!(
-        "helm not found: set HELM, put helm on PATH, or run `cargo xtask setup` (builds Helm {HELM_VERSION} into {})",
-        cached.display()
-    )
-}
-
-/// The executable `tool` on PATH, if any.
-pub fn on_path(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(tool))
-        .find(|p| p.is_file())
+    Ok(packet_capture_test_support::cluster::build::ensure()?.path("helm"))
 }
 
 /// Brings each generated file (path relative to the root, contents) up to

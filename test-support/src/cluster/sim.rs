@@ -1,0 +1,745 @@
+//! Simulated nodes, pods and agents: the harness's kubelet.
+//!
+//! Objects are created and their status patched the way a kubelet does it
+//! (field manager `kubelet`), and the network behind them is real. In a
+//! [`Lifetime::Process`] cluster everything here is removed on drop; in a
+//! detached one it stays until `cargo xtask cluster down`.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+use crate::netns::command_in;
+
+use super::network::Plan;
+use super::process::{Proc, Spawn};
+use super::state::{NodeRecord, PodRecord};
+use super::{
+    AGENT_SERVICE_ACCOUNT, COMPONENT_NAMESPACE, Error, Inner, KUBERNETES_VERSION, Lifetime, Result,
+    checked_output, command_output,
+};
+
+const FIELD_MANAGER: &str = "kubelet";
+/// The images the Pod objects name (nothing pulls them).
+const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.10";
+const AGENT_IMAGE: &str = "packet-capture-agent:dev";
+/// The label the controller finds agent pods by.
+pub const AGENT_LABEL: (&str, &str) = ("app", "packet-capture-agent");
+
+fn now() -> Value {
+    serde_json::to_value(Time(k8s_openapi::jiff::Timestamp::now())).expect("a time serialises")
+}
+
+fn post_params() -> PostParams {
+    PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    }
+}
+
+fn patch_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    }
+}
+
+/// A simulated node: a network namespace on the node network and a Ready
+/// Node object.
+pub struct SimNode {
+    cluster: Arc<Inner>,
+    name: String,
+    index: u8,
+    netns: String,
+}
+
+impl SimNode {
+    pub(super) async fn create(cluster: &Arc<Inner>, prefix: &str) -> Result<Self> {
+        let name = cluster.unique_name(prefix);
+        let netns = format!("pc-{}-{name}", cluster.name);
+        let (node, made) = {
+            let _net = cluster
+                .network
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut index = 0;
+            let mut others = Vec::new();
+            cluster.record(|s| {
+                index = (1..=Plan::MAX_NODES)
+                    .find(|i| s.nodes.iter().all(|n| n.index != *i))
+                    .unwrap_or(0);
+                others = s.nodes.iter().map(|n| (n.index, n.netns.clone())).collect();
+                if index != 0 {
+                    s.nodes.push(NodeRecord {
+                        name: name.clone(),
+                        index,
+                        netns: netns.clone(),
+                    });
+                }
+            });
+            if index == 0 {
+                return Err(Error::Network(format!(
+                    "a cluster holds at most {} nodes",
+                    Plan::MAX_NODES
+                )));
+            }
+            let node = Self {
+                cluster: Arc::clone(cluster),
+                name,
+                index,
+                netns,
+            };
+            let made = cluster.plan.create_node(index, &node.netns, &others);
+            (node, made)
+        };
+        // Dropping `node` (after the lock is released) removes what was made.
+        made?;
+        node.register().await?;
+        Ok(node)
+    }
+
+    /// The Node object, then its status, as a kubelet registers a node.
+    async fn register(&self) -> Result<()> {
+        let plan = self.cluster.plan;
+        let nodes: Api<Node> = Api::all(self.cluster.client()?);
+        let object: Node = serde_json::from_value(json!({
+            "metadata": {
+                "name": self.name,
+                "labels": {
+                    "kubernetes.io/hostname": self.name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": arch(),
+                    "beta.kubernetes.io/os": "linux",
+                    "beta.kubernetes.io/arch": arch(),
+                },
+                "annotations": {
+                    "node.alpha.kubernetes.io/ttl": "0",
+                    "volumes.kubernetes.io/controller-managed-attach-detach": "true",
+                },
+            },
+            "spec": {
+                "podCIDR": plan.pod_cidr_v4(self.index),
+                "podCIDRs": [plan.pod_cidr_v4(self.index), plan.pod_cidr_v6(self.index)],
+            },
+        }))
+        .expect("a valid Node");
+        nodes.create(&post_params(), &object).await?;
+        let now = now();
+        let condition = |kind: &str, status: &str, reason: &str, message: &str| {
+            json!({
+                "type": kind, "status": status, "reason": reason, "message": message,
+                "lastHeartbeatTime": now, "lastTransitionTime": now,
+            })
+        };
+        let resources = json!({
+            "cpu": std::thread::available_parallelism().map_or(1, |n| n.get()).to_string(),
+            "memory": format!("{}Ki", mem_total_kib()),
+            "ephemeral-storage": "10Gi",
+            "pods": "110",
+        });
+        let status = json!({
+            "status": {
+                "addresses": [
+                    {"type": "InternalIP", "address": self.ip().to_string()},
+                    {"type": "InternalIP", "address": self.ipv6().to_string()},
+                    {"type": "Hostname", "address": self.name},
+                ],
+                "conditions": [
+                    condition("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+                    condition("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+                    condition("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+                    condition("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+                ],
+                "capacity": resources,
+                "allocatable": resources,
+                "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+                "nodeInfo": {
+                    "machineID": read_trimmed("/etc/machine-id"),
+                    "systemUUID": read_trimmed("/proc/sys/kernel/random/boot_id"),
+                    "bootID": read_trimmed("/proc/sys/kernel/random/boot_id"),
+                    "kernelVersion": read_trimmed("/proc/sys/kernel/osrelease"),
+                    "osImage": os_image(),
+                    "containerRuntimeVersion": "netns://simulated",
+                    "kubeletVersion": KUBERNETES_VERSION,
+                    "operatingSystem": "linux",
+                    "architecture": arch(),
+                },
+            }
+        });
+        nodes
+            .patch_status(&self.name, &patch_params(), &Patch::Merge(&status))
+            .await?;
+        Ok(())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The node's InternalIP (its address on the node network).
+    pub fn ip(&self) -> Ipv4Addr {
+        self.cluster.plan.node_v4(self.index)
+    }
+
+    pub fn ipv6(&self) -> Ipv6Addr {
+        self.cluster.plan.node_v6(self.index)
+    }
+
+    /// The node's pod CIDRs, IPv4 then IPv6.
+    pub fn pod_cidrs(&self) -> [String; 2] {
+        let plan = self.cluster.plan;
+        [plan.pod_cidr_v4(self.index), plan.pod_cidr_v6(self.index)]
+    }
+
+    /// The node's network namespace (`eth0` on the node network, `cni0`
+    /// towards its pods).
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    /// A command that runs in the node's network namespace.
+    pub fn command(&self, program: &str) -> Command {
+        command_in(&self.netns, program)
+    }
+
+    /// A pod on this node in `namespace`: a network namespace linked to the
+    /// node, and a Pod object Running and Ready with its IPs.
+    pub async fn add_pod(&self, namespace: &str, name: &str) -> Result<SimPod> {
+        self.cluster.default_service_account(namespace).await?;
+        let pod = SimPod::create(self, namespace, name)?;
+        let pods: Api<Pod> = Api::namespaced(self.cluster.client()?, namespace);
+        let object: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": namespace, "labels": {"app": name}},
+            "spec": {
+                "nodeName": self.name,
+                "containers": [{"name": "main", "image": PAUSE_IMAGE}],
+            },
+        }))
+        .expect("a valid Pod");
+        pods.create(&post_params(), &object).await?;
+        let ips = [pod.ip().to_string(), pod.ipv6().to_string()];
+        patch_running(&pods, name, self, &ips, ("main", PAUSE_IMAGE)).await?;
+        Ok(pod)
+    }
+
+    /// Starts the agent in this node's network namespace (as a hostNetwork
+    /// DaemonSet pod would run), waits until it logs that it listens, and
+    /// registers its Pod in kube-system, labelled `app=packet-capture-agent`,
+    /// Running with the node's IP.
+    pub async fn start_agent(&self, options: &AgentOptions) -> Result<SimAgent> {
+        let inner = &self.cluster;
+        let pod_name = format!("packet-capture-agent-{}", self.name);
+        let capture_dir = inner.dir.join("captures").join(&self.name);
+        std::fs::create_dir_all(&capture_dir).map_err(|e| Error::io(&capture_dir, e))?;
+        let log = inner.dir.join(format!("logs/agent-{}.log", self.name));
+        let pods: Api<Pod> = Api::namespaced(inner.client()?, COMPONENT_NAMESPACE);
+        let object: Pod = serde_json::from_value(json!({
+            "metadata": {
+                "name": pod_name,
+                "namespace": COMPONENT_NAMESPACE,
+                "labels": {AGENT_LABEL.0: AGENT_LABEL.1},
+            },
+            "spec": {
+                "nodeName": self.name,
+                "hostNetwork": true,
+                "serviceAccountName": AGENT_SERVICE_ACCOUNT,
+                "containers": [{
+                    "name": "agent",
+                    "image": AGENT_IMAGE,
+                    "ports": [{"name": "api", "containerPort": options.port, "hostPort": options.port, "protocol": "TCP"}],
+                }],
+            },
+        }))
+        .expect("a valid Pod");
+        pods.create(&post_params(), &object).await?;
+
+        let mut cmd = Command::new(&options.binary);
+        cmd.arg("--port")
+            .arg(options.port.to_string())
+            .arg("--capture-dir")
+            .arg(&capture_dir)
+            .arg("--node-name")
+            .arg(&self.name)
+            .env(
+                "KUBECONFIG",
+                inner.service_account_kubeconfig(AGENT_SERVICE_ACCOUNT),
+            )
+            .env("NO_COLOR", "1");
+        if options.insecure_no_auth {
+            cmd.arg("--insecure-no-auth");
+        }
+        cmd.args(&options.args);
+        cmd.envs(options.env.iter().map(|(k, v)| (k, v)));
+        let child = Spawn {
+            cmd,
+            lifetime: inner.lifetime,
+            netns: Some(&self.netns),
+            log: &log,
+            pipe_stderr: false,
+        }
+        .start()?;
+        let proc = Proc::of(&format!("agent-{}", self.name), &child);
+        inner.record(|s| s.processes.push(proc.clone()));
+        let mut agent = SimAgent {
+            cluster: Arc::clone(inner),
+            pod: pod_name.clone(),
+            child: Some(child),
+            proc,
+            endpoint: SocketAddr::new(IpAddr::V4(self.ip()), options.port),
+            log,
+            capture_dir,
+        };
+        agent
+            .wait_listening(options.port, options.ready_timeout)
+            .await?;
+        let ips = [self.ip().to_string(), self.ipv6().to_string()];
+        patch_running(&pods, &pod_name, self, &ips, ("agent", AGENT_IMAGE)).await?;
+        if inner.lifetime == Lifetime::Detached {
+            // Its own session keeps it; `cluster down` stops it.
+            agent.child = None;
+        }
+        Ok(agent)
+    }
+}
+
+impl Drop for SimNode {
+    fn drop(&mut self) {
+        let inner = &self.cluster;
+        if inner.lifetime == Lifetime::Detached {
+            return;
+        }
+        let _ = command_output(inner.kubectl().args([
+            "delete",
+            "node",
+            &self.name,
+            "--wait=false",
+            "--ignore-not-found",
+        ]));
+        let _net = inner
+            .network
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut others = Vec::new();
+        inner.record(|s| {
+            s.nodes.retain(|n| n.index != self.index);
+            others = s.nodes.iter().map(|n| (n.index, n.netns.clone())).collect();
+        });
+        inner.plan.delete_node(self.index, &self.netns, &others);
+    }
+}
+
+/// Patches a pod's status as a kubelet does once its container runs.
+async fn patch_running(
+    pods: &Api<Pod>,
+    name: &str,
+    node: &SimNode,
+    ips: &[String],
+    (container, image): (&str, &str),
+) -> Result<()> {
+    let now = now();
+    let condition = |kind: &str| json!({"type": kind, "status": "True", "lastTransitionTime": now});
+    let status = json!({
+        "status": {
+            "phase": "Running",
+            "conditions": [
+                condition("PodReadyToStartContainers"),
+                condition("Initialized"),
+                condition("Ready"),
+                condition("ContainersReady"),
+                condition("PodScheduled"),
+            ],
+            "hostIP": node.ip().to_string(),
+            "hostIPs": [{"ip": node.ip().to_string()}, {"ip": node.ipv6().to_string()}],
+            "podIP": ips[0],
+            "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>(),
+            "startTime": now,
+            "containerStatuses": [{
+                "name": container,
+                "ready": true,
+                "started": true,
+                "restartCount": 0,
+                "image": image,
+                "imageID": "",
+                "containerID": format!("netns://{}/{name}", node.netns),
+                "state": {"running": {"startedAt": now}},
+            }],
+        }
+    });
+    pods.patch_status(name, &patch_params(), &Patch::Merge(&status))
+        .await?;
+    Ok(())
+}
+
+/// A simulated pod: a network namespace behind its node, and a Running
+/// Pod object.
+pub struct SimPod {
+    cluster: Arc<Inner>,
+    namespace: String,
+    name: String,
+    node: String,
+    node_index: u8,
+    index: u8,
+    netns: String,
+}
+
+impl SimPod {
+    fn create(node: &SimNode, namespace: &str, name: &str) -> Result<Self> {
+        let inner = &node.cluster;
+        let net = inner
+            .network
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut netns = format!("pc-{}-{namespace}.{name}", inner.name);
+        let mut index = 0;
+        inner.record(|s| {
+            index = (Plan::FIRST_POD..=Plan::LAST_POD)
+                .find(|k| s.pods.iter().all(|p| p.node != node.name || p.index != *k))
+                .unwrap_or(0);
+            if netns.len() > 200 {
+                netns = format!("pc-{}-{}-p{index}", inner.name, node.name);
+            }
+            if index != 0 {
+                s.pods.push(PodRecord {
+                    namespace: namespace.to_string(),
+                    name: name.to_string(),
+                    node: node.name.clone(),
+                    index,
+                    netns: netns.clone(),
+                });
+            }
+        });
+        if index == 0 {
+            return Err(Error::Network(format!(
+                "node {} holds no more pods",
+                node.name
+            )));
+        }
+        let made = inner
+            .plan
+            .create_pod(node.index, &node.netns, index, &netns);
+        drop(net);
+        let pod = Self {
+            cluster: Arc::clone(inner),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            node: node.name.clone(),
+            node_index: node.index,
+            index,
+            netns,
+        };
+        // On error, dropping `pod` removes what was made.
+        made.map(|()| pod)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.node
+    }
+
+    /// The pod's IPv4 address (its `podIP`).
+    pub fn ip(&self) -> Ipv4Addr {
+        self.cluster.plan.pod_v4(self.node_index, self.index)
+    }
+
+    pub fn ipv6(&self) -> Ipv6Addr {
+        self.cluster.plan.pod_v6(self.node_index, self.index)
+    }
+
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    /// A command that runs in the pod's network namespace.
+    pub fn command(&self, program: &str) -> Command {
+        command_in(&self.netns, program)
+    }
+
+    /// Runs `args` in the pod; fails unless it exits 0.
+    pub fn exec(&self, args: &[&str]) -> Result<Output> {
+        let (program, rest) = args
+            .split_first()
+            .ok_or_else(|| Error::Process("exec needs a program".into()))?;
+        checked_output(self.command(program).args(rest))
+    }
+
+    /// `count` pings to `to`, 0.2 s apart; fails if any goes unanswered.
+    pub fn ping(&self, to: IpAddr, count: u32) -> Result<()> {
+        let count = count.to_string();
+        let to = to.to_string();
+        self.exec(&["ping", "-n", "-c", &count, "-i", "0.2", "-W", "2", &to])
+            .map(drop)
+    }
+}
+
+impl Drop for SimPod {
+    fn drop(&mut self) {
+        let inner = &self.cluster;
+        if inner.lifetime == Lifetime::Detached {
+            return;
+        }
+        force_delete_pods(inner, &self.namespace, &[&self.name]);
+        let _net = inner
+            .network
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        super::state::delete_netns(&self.netns);
+        inner.record(|s| s.pods.retain(|p| p.netns != self.netns));
+    }
+}
+
+/// Deletes pods at once (`--all` when `names` is empty): there is no kubelet
+/// to confirm a graceful deletion.
+fn force_delete_pods(inner: &Inner, namespace: &str, names: &[&str]) {
+    let mut cmd = inner.kubectl();
+    cmd.args([
+        "delete",
+        "pod",
+        "-n",
+        namespace,
+        "--grace-period=0",
+        "--force",
+    ])
+    .args(["--wait=false", "--ignore-not-found"]);
+    if names.is_empty() {
+        cmd.arg("--all");
+    } else {
+        cmd.args(names);
+    }
+    let _ = command_output(&mut cmd);
+}
+
+/// How to start an agent on a node.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// The `packet-capture-agent` binary.
+    pub binary: PathBuf,
+    /// `--port` (AGENT_PORT).
+    pub port: u16,
+    /// `--insecure-no-auth`; otherwise the agent authenticates callers with
+    /// the agent service account's kubeconfig (KUBECONFIG).
+    pub insecure_no_auth: bool,
+    /// More arguments, after the ones above.
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// How long to wait for `listening on 0.0.0.0:<port>`.
+    pub ready_timeout: Duration,
+}
+
+impl AgentOptions {
+    pub fn new(binary: impl Into<PathBuf>) -> Self {
+        Self {
+            binary: binary.into(),
+            port: 8080,
+            insecure_no_auth: false,
+            args: Vec::new(),
+            env: Vec::new(),
+            ready_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// An agent process on a simulated node, and its Pod object.
+pub struct SimAgent {
+    cluster: Arc<Inner>,
+    pod: String,
+    child: Option<Child>,
+    proc: Proc,
+    endpoint: SocketAddr,
+    log: PathBuf,
+    capture_dir: PathBuf,
+}
+
+impl SimAgent {
+    /// `<node IP>:<port>`, where the controller reaches it.
+    pub fn endpoint(&self) -> SocketAddr {
+        self.endpoint
+    }
+
+    /// `http://<node IP>:<port>` for REST calls.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.endpoint)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid
+    }
+
+    pub fn pod_name(&self) -> &str {
+        &self.pod
+    }
+
+    /// The agent's stdout and stderr.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its `--capture-dir`.
+    pub fn capture_dir(&self) -> &Path {
+        &self.capture_dir
+    }
+
+    /// Polls the log for the line the agent writes when it accepts
+    /// connections (a log file offers no event), failing early if it exits.
+    async fn wait_listening(&mut self, port: u16, timeout: Duration) -> Result<()> {
+        let marker = format!("listening on 0.0.0.0:{port}");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if strip_ansi(&self.log()).contains(&marker) {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Err(Error::Process(format!(
+                    "the agent exited ({status}) before listening; its log:\n{}",
+                    super::build::tail(&self.log(), 30)
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Timeout(format!(
+                    "the agent did not log {marker:?} within {timeout:?}; its log:\n{}",
+                    super::build::tail(&self.log(), 30)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, then waits up to 10 s for the agent to finish its files and
+    /// exit (SIGKILL after that); returns how it exited.
+    pub fn stop(mut self) -> Result<ExitStatus> {
+        let status = self.terminate();
+        status.ok_or_else(|| Error::Process("the agent is not a child of this process".into()))
+    }
+
+    fn terminate(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        self.proc.stop(Duration::from_secs(10));
+        let status = child.wait().ok();
+        let inner = &self.cluster;
+        force_delete_pods(inner, COMPONENT_NAMESPACE, &[&self.pod]);
+        inner.record(|s| s.processes.retain(|p| *p != self.proc));
+        status
+    }
+}
+
+impl Drop for SimAgent {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// A namespace for one test, deleted with its pods on drop.
+pub struct TestNamespace {
+    cluster: Arc<Inner>,
+    name: String,
+}
+
+impl TestNamespace {
+    pub(super) fn new(cluster: &Arc<Inner>, name: String) -> Self {
+        Self {
+            cluster: Arc::clone(cluster),
+            name,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let inner = &self.cluster;
+        if inner.lifetime == Lifetime::Detached {
+            return;
+        }
+        force_delete_pods(inner, &self.name, &[]);
+        let _ = command_output(inner.kubectl().args([
+            "delete",
+            "namespace",
+            &self.name,
+            "--wait=false",
+            "--ignore-not-found",
+        ]));
+    }
+}
+
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn os_image() -> String {
+    read_trimmed("/etc/os-release")
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|v| v.trim_matches('"').to_string())
+        .unwrap_or_else(|| "Linux".into())
+}
+
+fn mem_total_kib() -> u64 {
+    read_trimmed("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_ansi;
+
+    #[test]
+    fn colour_codes_do_not_hide_the_listening_line() {
+        let line = "\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m listening on 0.0.0.0:8080";
+        assert!(strip_ansi(line).ends_with("INFO listening on 0.0.0.0:8080"));
+    }
+}
