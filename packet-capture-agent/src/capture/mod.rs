@@ -668,7 +668,12 @@ fn load_backend(
         BackendChoice::Ebpf => ebpf(),
         BackendChoice::Pcap => Ok(pcap()),
         BackendChoice::Auto => ebpf().or_else(|e| {
-            tracing::warn!(error = %e, "the eBPF programs cannot be loaded; capturing with libpcap instead");
+            // The whole chain: the cause (a missing capability, a verifier
+            // refusal) is at its end.
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "the eBPF programs cannot be loaded; capturing with libpcap instead"
+            );
             Ok(pcap())
         }),
     }

@@ -4,6 +4,7 @@
 //! privileged tests run the agent in network namespaces with real traffic.
 
 mod auth;
+mod capabilities;
 mod common;
 mod files;
 mod grpc;
