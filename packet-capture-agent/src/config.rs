@@ -8,7 +8,7 @@ use clap::Parser;
 
 use crate::capture::BackendChoice;
 use crate::files::Compression;
-use crate::logging::LogLevel;
+use packet_capture_common::logging::LogLevel;
 
 #[derive(Debug, Clone, Parser)]
 #[command(

@@ -8,6 +8,5 @@ pub mod config;
 pub mod ebpf;
 pub mod files;
 pub mod filter;
-pub mod logging;
 pub mod netlink;
 pub mod writer;

@@ -17,7 +17,7 @@ const DRAIN: Duration = Duration::from_secs(2);
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    config.log_level.init(&["packet_capture_agent"]);
+    packet_capture_common::logging::init(config.log_level).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

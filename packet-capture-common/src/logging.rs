@@ -69,13 +69,16 @@ impl fmt::Display for LogLevel {
     }
 }
 
-/// Installs the global subscriber: human-readable lines on stderr.
+/// Installs the global subscriber: human-readable lines on stderr, coloured
+/// only on a terminal (not in `kubectl logs`).
 ///
 /// Returns an error when a subscriber is already installed (a second call).
 pub fn init(level: LogLevel) -> Result<(), String> {
+    use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
         .with_env_filter(level.filter())
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init()
         .map_err(|e| e.to_string())
 }
