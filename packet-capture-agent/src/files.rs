@@ -402,14 +402,20 @@ impl Output {
     /// Writes the gathered records. On failure the file is cut back to its
     /// last whole record, so it stays readable.
     pub fn flush(&mut self) -> io::Result<()> {
+        self.flush_counted().map(drop)
+    }
+
+    /// [`Output::flush`], returning how many bytes reached the file.
+    pub fn flush_counted(&mut self) -> io::Result<u64> {
         if self.buf.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         match self.file.write_all(&self.buf) {
             Ok(()) => {
-                self.written += self.buf.len() as u64;
+                let bytes = self.buf.len() as u64;
+                self.written += bytes;
                 self.buf.clear();
-                Ok(())
+                Ok(bytes)
             }
             Err(e) => {
                 self.buf.clear();

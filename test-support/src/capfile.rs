@@ -203,3 +203,38 @@ pub fn tshark_count(path: &Path) -> usize {
     );
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
+
+/// Checks that `tcpdump -r` reads a pcap file without a complaint and
+/// returns how many packets it printed (through a pipe, as for tshark).
+pub fn tcpdump_count(path: &Path) -> usize {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let bytes = bytes(path);
+    let mut child = Command::new("tcpdump")
+        .args(["-n", "-r", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting tcpdump");
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(&bytes)
+        .expect("feeding tcpdump");
+    let out = child.wait_with_output().expect("tcpdump");
+    // tcpdump names the file it reads on stderr; anything else is a problem.
+    let stderr: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.starts_with("reading from file"))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        out.status.success() && stderr.is_empty(),
+        "tcpdump could not read {}: {}",
+        path.display(),
+        stderr.join("\n")
+    );
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}

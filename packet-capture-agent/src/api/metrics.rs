@@ -141,6 +141,12 @@ impl Collector for EngineCollector {
         )?;
         single(
             &mut encoder,
+            "written_bytes",
+            "Bytes written to capture files since the agent started",
+            ConstCounter::new(stats.bytes_written),
+        )?;
+        single(
+            &mut encoder,
             "ring_lost_records",
             "Records the kernel could not put in the ring buffer because it was full",
             ConstCounter::new(stats.ring_lost),

@@ -126,6 +126,8 @@ pub struct EngineConfig {
 pub struct EngineStats {
     pub ring_lost: u64,
     pub interfaces: usize,
+    /// Bytes written to capture files since the agent started.
+    pub bytes_written: u64,
 }
 
 /// A sink that ended, reported by a backend.
@@ -187,6 +189,8 @@ struct Inner {
     backend: Backend,
     captures: Mutex<BTreeMap<String, Arc<Capture>>>,
     maintain: std::sync::mpsc::Sender<()>,
+    /// Bytes written to capture files, by every sink.
+    bytes_written: Arc<AtomicU64>,
 }
 
 /// The capture engine. Cheap to clone; all clones share one engine.
@@ -213,6 +217,7 @@ impl Engine {
             backend,
             captures: Mutex::new(BTreeMap::new()),
             maintain,
+            bytes_written: Arc::default(),
         });
         let engine = Self { inner };
         engine.watch_links().await?;
@@ -247,6 +252,7 @@ impl Engine {
                 Backend::Pcap(_) => 0,
             },
             interfaces: self.interfaces().len(),
+            bytes_written: self.inner.bytes_written.load(Ordering::Relaxed),
         }
     }
 
@@ -298,6 +304,7 @@ impl Engine {
         let make_sink = |destination, filter| {
             Sink::new(
                 req.id.clone(),
+                self.inner.bytes_written.clone(),
                 filter,
                 spec.snaplen,
                 spec.max_packets,

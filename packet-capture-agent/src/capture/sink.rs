@@ -68,6 +68,8 @@ pub struct Finished {
 
 pub struct Sink {
     pub id: String,
+    /// Bytes this agent has written to capture files, all captures together.
+    written: Arc<AtomicU64>,
     filter: Option<Filter>,
     snaplen: usize,
     max_packets: u64,
@@ -80,8 +82,10 @@ pub struct Sink {
 }
 
 impl Sink {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: String,
+        written: Arc<AtomicU64>,
         filter: Option<Filter>,
         snaplen: u32,
         max_packets: u64,
@@ -96,6 +100,7 @@ impl Sink {
         }
         Self {
             id,
+            written,
             filter,
             snaplen: snaplen as usize,
             max_packets,
@@ -148,8 +153,9 @@ impl Sink {
     /// records.
     pub fn flush(&mut self) -> Result<(), EndReason> {
         match &mut self.destination {
-            Destination::File(output) => match output.flush() {
-                Ok(()) => {
+            Destination::File(output) => match output.flush_counted() {
+                Ok(bytes) => {
+                    self.written.fetch_add(bytes, Ordering::Relaxed);
                     self.buffered = 0;
                     Ok(())
                 }

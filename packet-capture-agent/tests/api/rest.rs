@@ -147,6 +147,8 @@ async fn rest_capture_end_to_end() {
             bytes.len()
         ),
         "packet_capture_agent_ring_lost_records_total ".into(),
+        // One capture so far: every byte written is its file's.
+        format!("packet_capture_agent_written_bytes_total {}", bytes.len()),
         "packet_capture_agent_api_requests_total{transport=\"rest\",route=\"/api/v1/captures\",code=\"201\"} 1".into(),
         "packet_capture_agent_api_requests_total{transport=\"rest\",route=\"/api/v1/captures\",code=\"409\"} 2".into(),
     ] {
