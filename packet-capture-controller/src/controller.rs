@@ -410,6 +410,23 @@ impl<'a> Pass<'a> {
             }
         }
 
+        if !started && !starts.is_empty() {
+            // Say that the capture is being started before the agents are
+            // called (with their retries, that can take a while).
+            let pending: BTreeMap<String, NodeProgress> = starts
+                .iter()
+                .map(|s| {
+                    let ip = endpoints
+                        .get(&s.node)
+                        .map_or_else(|| agents.node_ip(&s.node), |e| e.node_ip.clone());
+                    (s.node.clone(), NodeProgress::new(&s.node, &ip, &s.id))
+                })
+                .collect();
+            let outcome = status::summarize(&pending);
+            self.patch_status(&self.status_for(&pending, &outcome))
+                .await?;
+        }
+
         let duration = self.duration_for_new_nodes(started, &tracked);
         let progress = futures::future::join_all(
             starts
