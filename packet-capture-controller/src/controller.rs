@@ -819,10 +819,12 @@ pub async fn run(settings: &Settings, client: Client, metrics: Arc<Metrics>) -> 
     let (ctx, triggers) = Context::new(client.clone(), pods, nodes, settings_for_ctx, metrics);
     let agents = ctx.agents.clone();
     tracing::info!(agent_port = port, namespace = %settings.namespace, "controller starting");
-    let controller = Controller::new(
-        Api::<PacketCaptureConfig>::all(client),
-        watcher::Config::default(),
-    );
+    let mut watched = watcher::Config::default();
+    if let Some(selector) = &settings.capture_selector {
+        tracing::info!(%selector, "only PacketCaptureConfigs with these labels");
+        watched = watched.labels(&selector.to_string());
+    }
+    let controller = Controller::new(Api::<PacketCaptureConfig>::all(client), watched);
     let store = controller.store();
     controller
         .watches_stream(pod_stream, move |pod| affected(&store, &agents, &pod))
