@@ -515,6 +515,7 @@ impl Drop for Inner {
             {
                 reap(child);
             }
+            state::remove_root_if_empty();
         }
     }
 }
@@ -817,5 +818,6 @@ pub fn down(name: &str) -> Result<bool> {
         Ok(state) => state::teardown(&dir, &state, Duration::from_secs(10)),
         Err(_) => std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?,
     }
+    state::remove_root_if_empty();
     Ok(true)
 }
