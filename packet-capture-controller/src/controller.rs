@@ -428,13 +428,14 @@ impl<'a> Pass<'a> {
         }
 
         let duration = self.duration_for_new_nodes(started, &tracked);
-        let progress = futures::future::join_all(
-            starts
-                .iter()
-                .map(|s| self.start_node(s, endpoints.get(&s.node), duration)),
-        )
-        .await;
-        for p in progress {
+        // Each node is followed as soon as its start has answered, not once
+        // every node has (a node whose start is retried would otherwise
+        // leave the others' progress unseen meanwhile).
+        let mut progress: futures::stream::FuturesUnordered<_> = starts
+            .iter()
+            .map(|s| self.start_node(s, endpoints.get(&s.node), duration))
+            .collect();
+        while let Some(p) = progress.next().await {
             let node = p.node.clone();
             tracker.set(&self.uid, self.generation, p);
             if let Some(ep) = endpoints.get(&node) {

@@ -163,6 +163,9 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// A ping that runs until dropped.
+pub struct Pinging(#[allow(dead_code)] tokio::process::Child);
+
 /// A packet as tshark decodes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Packet {
@@ -481,10 +484,9 @@ impl World {
         packets
     }
 
-    /// Creates the capture, waits until it runs on `nodes` nodes, and
-    /// sends five pings from pod 0 to pod 1; the created resource and its
-    /// name.
-    pub async fn capture_pings(
+    /// Creates the capture and waits until it runs on `nodes` nodes; the
+    /// created resource and its name.
+    pub async fn start_capture(
         &self,
         spec: PacketCaptureConfigSpec,
         nodes: usize,
@@ -492,8 +494,20 @@ impl World {
         let pcc = self.create(spec).await;
         let name = pcc.name_any();
         self.until_running_on(&name, 1, nodes).await;
-        self.ping(0, 1, 5).await;
         (pcc, name)
+    }
+
+    /// Pod `from` pings pod `to` every 0.2 s until the guard drops.
+    pub fn pinging(&self, from: usize, to: usize) -> Pinging {
+        let mut cmd = tokio::process::Command::from(self.pods[from].command("ping"));
+        let child = cmd
+            .args(["-n", "-q", "-i", "0.2"])
+            .arg(self.pods[to].ip().to_string())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting ping");
+        Pinging(child)
     }
 
     /// Node `node`'s entry in the status.
@@ -534,10 +548,24 @@ impl World {
 impl Drop for World {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            let log = self.controller.log();
+            let notable: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    [" WARN ", " ERROR ", "agent call failed", "stopped earlier"]
+                        .iter()
+                        .any(|w| l.contains(w))
+                })
+                .collect();
+            eprintln!(
+                "--- world {}: the controller's warnings and failed agent calls ---\n{}",
+                self.id,
+                tail(&notable.join("\n"), 40)
+            );
             eprintln!(
                 "--- world {}: the controller's log (end) ---\n{}",
                 self.id,
-                tail(&self.controller.log(), 60)
+                tail(&log, 30)
             );
             for agent in &self.agents {
                 eprintln!(
