@@ -35,6 +35,12 @@ pub struct Settings {
     #[arg(long, env = "AGENT_SELECTOR", default_value = "app=packet-capture-agent", value_parser = parse_selector)]
     pub agent_selector: LabelSelector,
 
+    /// Only PacketCaptureConfigs with these labels (`key=value[,key=value]`)
+    /// [default: all]; for more than one controller in a cluster, each with
+    /// its own captures and (--agent-selector) agents.
+    #[arg(long, env = "CAPTURE_SELECTOR", value_parser = parse_selector)]
+    pub capture_selector: Option<LabelSelector>,
+
     /// Bearer token for the agents (a projected service-account token with
     /// the audience packet-capture-agent); re-read when it changes. Without
     /// the file the agents are called without a token.
@@ -182,6 +188,7 @@ mod tests {
         assert_eq!(s.namespace, "kube-system");
         assert_eq!(s.config_map, "packet-capture-config");
         assert_eq!(s.agent_selector.to_string(), "app=packet-capture-agent");
+        assert_eq!(s.capture_selector, None);
         assert_eq!(s.webhook_port, 8443);
         assert_eq!(s.metrics_port, 8081);
         assert!(!s.leader_election);

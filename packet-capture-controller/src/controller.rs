@@ -410,14 +410,32 @@ impl<'a> Pass<'a> {
             }
         }
 
-        let duration = self.duration_for_new_nodes(started, &tracked);
-        let progress = futures::future::join_all(
-            starts
+        if !started && !starts.is_empty() {
+            // Say that the capture is being started before the agents are
+            // called (with their retries, that can take a while).
+            let pending: BTreeMap<String, NodeProgress> = starts
                 .iter()
-                .map(|s| self.start_node(s, endpoints.get(&s.node), duration)),
-        )
-        .await;
-        for p in progress {
+                .map(|s| {
+                    let ip = endpoints
+                        .get(&s.node)
+                        .map_or_else(|| agents.node_ip(&s.node), |e| e.node_ip.clone());
+                    (s.node.clone(), NodeProgress::new(&s.node, &ip, &s.id))
+                })
+                .collect();
+            let outcome = status::summarize(&pending);
+            self.patch_status(&self.status_for(&pending, &outcome))
+                .await?;
+        }
+
+        let duration = self.duration_for_new_nodes(started, &tracked);
+        // Each node is followed as soon as its start has answered, not once
+        // every node has (a node whose start is retried would otherwise
+        // leave the others' progress unseen meanwhile).
+        let mut progress: futures::stream::FuturesUnordered<_> = starts
+            .iter()
+            .map(|s| self.start_node(s, endpoints.get(&s.node), duration))
+            .collect();
+        while let Some(p) = progress.next().await {
             let node = p.node.clone();
             tracker.set(&self.uid, self.generation, p);
             if let Some(ep) = endpoints.get(&node) {
@@ -802,10 +820,12 @@ pub async fn run(settings: &Settings, client: Client, metrics: Arc<Metrics>) -> 
     let (ctx, triggers) = Context::new(client.clone(), pods, nodes, settings_for_ctx, metrics);
     let agents = ctx.agents.clone();
     tracing::info!(agent_port = port, namespace = %settings.namespace, "controller starting");
-    let controller = Controller::new(
-        Api::<PacketCaptureConfig>::all(client),
-        watcher::Config::default(),
-    );
+    let mut watched = watcher::Config::default();
+    if let Some(selector) = &settings.capture_selector {
+        tracing::info!(%selector, "only PacketCaptureConfigs with these labels");
+        watched = watched.labels(&selector.to_string());
+    }
+    let controller = Controller::new(Api::<PacketCaptureConfig>::all(client), watched);
     let store = controller.store();
     controller
         .watches_stream(pod_stream, move |pod| affected(&store, &agents, &pod))

@@ -157,7 +157,8 @@ pub fn build(
     now: Timestamp,
 ) -> PacketCaptureConfigStatus {
     let same = same_generation(prev, generation);
-    let start_time = if nodes.is_empty() {
+    // Set once a node has started (or failed to).
+    let start_time = if nodes.values().all(|p| p.state == NodeState::Starting) {
         None
     } else {
         same.and_then(|s| s.start_time.clone())

@@ -51,13 +51,34 @@ fn applied(
 }
 
 /// One reconcile that publishes `events` (in order), then applies the
-/// status: the events, the status and the object with it.
+/// status: the events, the status and the object with it. A generation's
+/// first reconcile applies a Starting status before it calls the agents.
 async fn reconcile_seen(
     fx: &mut Fixture,
     pcc: &PacketCaptureConfig,
     events: &[&str],
 ) -> (Vec<Seen>, PacketCaptureConfigStatus, PacketCaptureConfig) {
     let task = spawn_reconcile(fx, pcc);
+    let observed = pcc.status.as_ref().and_then(|s| s.observed_generation);
+    if observed != pcc.metadata.generation {
+        let name = pcc.metadata.name.clone().unwrap();
+        let seen = fx.api.status_apply(&name, &json(pcc)).await;
+        let (starting, _) = applied(pcc, &seen);
+        assert_eq!(
+            starting.phase,
+            Some(packet_capture_common::crd::Phase::Starting)
+        );
+        assert_eq!(starting.observed_generation, pcc.metadata.generation);
+        assert_eq!(starting.start_time, None);
+        assert!(
+            !starting.capture_files.is_empty()
+                && starting
+                    .capture_files
+                    .values()
+                    .all(|e| e.status == "starting"),
+            "{starting:?}"
+        );
+    }
     let mut seen_events = Vec::new();
     for reason in events {
         seen_events.push(fx.api.event(reason).await);

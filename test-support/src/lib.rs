@@ -58,3 +58,59 @@ pub fn unique_name(prefix: &str) -> String {
     assert!(name.len() <= 15, "name {name} is too long for an interface");
     name
 }
+
+/// A binary of another package of the workspace, as cargo built it beside
+/// the running test (`target/<profile>/<name>`); a test only gets its own
+/// package's binaries from `CARGO_BIN_EXE_<name>`. `cargo test --workspace`
+/// builds every package's binaries before it runs a test; to test one
+/// package, build the other first (`cargo build -p <package>`). Panics
+/// with that command when the binary is missing or older than a file in
+/// `sources` (directories relative to the workspace root), so a test never
+/// runs a stale build.
+pub fn workspace_binary(name: &str, package: &str, sources: &[&str]) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test>-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("a test binary in target/<profile>/deps");
+    let binary = profile_dir.join(name);
+    let build = format!("cargo build -p {package}");
+    let built = std::fs::metadata(&binary)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("{} is missing: run `{build}` first", binary.display()));
+    let root = cluster::workspace_root();
+    for dir in sources {
+        if let Some((path, _)) = newest_file(&root.join(dir)).filter(|(_, t)| *t > built) {
+            panic!(
+                "{} is older than {}: run `{build}` first",
+                binary.display(),
+                path.display()
+            );
+        }
+    }
+    binary
+}
+
+/// The most recently modified file under `dir`.
+fn newest_file(dir: &std::path::Path) -> Option<(std::path::PathBuf, std::time::SystemTime)> {
+    let mut newest: Option<(std::path::PathBuf, std::time::SystemTime)> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let candidate = if path.is_dir() {
+            newest_file(&path)
+        } else {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .map(|t| (path, t))
+        };
+        if let Some(c) = candidate
+            && newest.as_ref().is_none_or(|n| c.1 > n.1)
+        {
+            newest = Some(c);
+        }
+    }
+    newest
+}

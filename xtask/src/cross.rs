@@ -8,11 +8,11 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use anyhow::{Context as _, bail, ensure};
 
-use crate::util::{output, root, step};
+use crate::util::{cargo, output, step};
 
 /// The Rust target of the arm64 images.
 pub const TARGET: &str = "aarch64-unknown-linux-gnu";
@@ -77,12 +77,7 @@ pub fn elf_id(path: &Path) -> anyhow::Result<ElfId> {
 
 /// Names of the workspace's packages.
 fn workspace_packages() -> anyhow::Result<Vec<String>> {
-    let meta = output(Command::new(env!("CARGO")).current_dir(root()).args([
-        "metadata",
-        "--no-deps",
-        "--format-version",
-        "1",
-    ]))?;
+    let meta = output(cargo().args(["metadata", "--no-deps", "--format-version", "1"]))?;
     let meta: serde_json::Value = serde_json::from_str(&meta).context("cargo metadata output")?;
     Ok(meta["packages"]
         .as_array()
@@ -104,9 +99,8 @@ pub struct Built {
 /// `cargo build --target aarch64-unknown-linux-gnu` of every binary in the
 /// workspace but the excluded ones.
 pub fn build(release: bool) -> anyhow::Result<Built> {
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.current_dir(root())
-        .args(["build", "--target", TARGET, "--workspace", "--bins"])
+    let mut cmd = cargo();
+    cmd.args(["build", "--target", TARGET, "--workspace", "--bins"])
         .args(EXCLUDED.iter().flat_map(|p| ["--exclude", p]))
         .arg("--message-format=json-render-diagnostics")
         .envs(ENV)

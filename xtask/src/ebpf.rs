@@ -1,15 +1,13 @@
 //! `cargo xtask build-ebpf`: the agent's build script builds the object; this
 //! runs it and reports where the object is.
 
-use std::process::Command;
-
 use anyhow::{Context as _, bail};
 
-use crate::util::{output, root, step};
+use crate::util::{cargo, output, step};
 
 pub fn build() -> anyhow::Result<()> {
     step("building packet-capture-agent's build script (compiles the eBPF programs)");
-    let out = output(Command::new(env!("CARGO")).current_dir(root()).args([
+    let out = output(cargo().args([
         "build",
         "--release",
         "--package",

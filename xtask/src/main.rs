@@ -8,6 +8,7 @@ mod cluster;
 mod cluster_checks;
 mod crdgen;
 mod cross;
+mod demo;
 mod ebpf;
 #[cfg(test)]
 mod examples;
@@ -66,9 +67,6 @@ fn main() -> anyhow::Result<()> {
         Task::Manifests { check } => manifests::run(check),
         Task::CrossCheck { release } => cross::run(release),
         Task::Cluster(command) => cluster::run(command),
-        Task::Demo => anyhow::bail!(
-            "the demo needs the controller, which is not part of this checkout yet; \
-             `cargo xtask cluster up` starts the local control plane alone"
-        ),
+        Task::Demo => demo::run_demo(),
     }
 }

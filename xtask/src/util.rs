@@ -13,6 +13,31 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
+/// cargo, in the workspace root, without the variables `cargo run` set for
+/// xtask itself (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...): build scripts
+/// that read them (ring's) would otherwise see them change between this
+/// build and a plain `cargo build`, and each would rebuild what the other
+/// built.
+pub fn cargo() -> Command {
+    const SET_BY_CARGO_RUN: [&str; 6] = [
+        "CARGO_MANIFEST_",
+        "CARGO_PKG_",
+        "CARGO_CRATE_",
+        "CARGO_BIN_",
+        "CARGO_PRIMARY_PACKAGE",
+        "OUT_DIR",
+    ];
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(root());
+    for (key, _) in std::env::vars_os() {
+        let name = key.to_string_lossy();
+        if SET_BY_CARGO_RUN.iter().any(|p| name.starts_with(p)) {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd
+}
+
 /// Runs a command, inheriting stdio; fails naming the command.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;

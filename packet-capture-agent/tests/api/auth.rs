@@ -1,13 +1,20 @@
-//! Authentication and authorization through the cluster's review APIs,
-//! here against a TokenReview / SubjectAccessReview endpoint the test
-//! serves, which also checks what the agent asks: the audience, the verb
-//! per call, the user as the TokenReview returned it.
+//! Authentication and authorization through the cluster's review APIs:
+//! against a TokenReview / SubjectAccessReview endpoint the test serves,
+//! which also checks what the agent asks (the audience, the verb per call,
+//! the user as the TokenReview returned it), and against the local control
+//! plane's kube-apiserver with real service-account tokens and the
+//! project's RBAC.
 
+use packet_capture_test_support::cluster::{
+    AgentOptions, COMPONENT_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, Cluster,
+};
 use packet_capture_test_support::privileged;
 use serde_json::Value;
 
-use crate::common::Node;
 use crate::common::apiserver::{FakeApiServer, Identity, Tokens, check_auth};
+use crate::common::{AGENT, Node};
+
+const AUDIENCE: &str = "packet-capture-agent";
 
 fn identity(
     token: &'static str,
@@ -58,7 +65,8 @@ async fn auth_against_a_token_review_endpoint() {
         nobody: "nobody-token".into(),
         wrong_audience: "apiserver-token".into(),
     };
-    let agent = check_auth(&node, &kubeconfig, &tokens).await;
+    let agent = node.agent(&[], &[("KUBECONFIG", kubeconfig.to_str().unwrap())]);
+    check_auth(&agent.url(), &tokens).await;
     drop(agent);
 
     let requests = server.requests();
@@ -127,4 +135,74 @@ async fn auth_against_a_token_review_endpoint() {
             "{s}"
         );
     }
+}
+
+/// Deletes a cluster-scoped binding on drop, even when the test fails.
+struct Binding<'a>(&'a Cluster, String);
+
+impl Drop for Binding<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kubectl_run(&[
+            "delete",
+            "clusterrolebinding",
+            &self.1,
+            "--ignore-not-found",
+        ]);
+    }
+}
+
+/// The agent on a simulated node, with the agent service account's
+/// kubeconfig and the project's RBAC, asks the real apiserver: the
+/// controller's service account (allowed by manifests/rbac.yaml) starts and
+/// stops, an account bound to packet-capture-viewer reads, an account
+/// without a binding gets 403, no token and a token for the apiserver's
+/// own audience get 401.
+#[tokio::test]
+async fn auth_against_the_local_control_plane() {
+    let Some(cluster) = Cluster::for_test("auth_against_the_local_control_plane").await else {
+        return;
+    };
+    cluster
+        .apply(&["manifests/rbac.yaml"])
+        .await
+        .expect("applying manifests/rbac.yaml");
+    let ns = cluster.namespace("auth").await.unwrap();
+    let binding = Binding(cluster, format!("packet-capture-viewer-{}", ns.name()));
+    cluster
+        .kubectl_async(&[
+            "create",
+            "clusterrolebinding",
+            &binding.1,
+            "--clusterrole=packet-capture-viewer",
+            &format!("--serviceaccount={}:reader", ns.name()),
+        ])
+        .await
+        .expect("binding the viewer role");
+    let controller = (COMPONENT_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT);
+    let mut issued = Vec::new();
+    for ((namespace, account), audiences) in [
+        (controller, &[AUDIENCE][..]),
+        ((ns.name(), "reader"), &[AUDIENCE]),
+        ((ns.name(), "nobody"), &[AUDIENCE]),
+        // The apiserver's own audience.
+        (controller, &[]),
+    ] {
+        let token = cluster.token_for(namespace, account, audiences).await;
+        issued.push(token.unwrap_or_else(|e| panic!("a token for {namespace}/{account}: {e}")));
+    }
+    let [writer, reader, nobody, wrong_audience] = <[String; 4]>::try_from(issued).unwrap();
+    let tokens = Tokens {
+        writer,
+        reader,
+        nobody,
+        wrong_audience,
+    };
+    let node = cluster.add_node("auth").await.unwrap();
+    let agent = node
+        .start_agent(&AgentOptions::new(AGENT))
+        .await
+        .expect("the agent on a simulated node");
+    check_auth(&agent.url(), &tokens).await;
+    let log = agent.log();
+    assert!(!log.contains("ERROR"), "{log}");
 }

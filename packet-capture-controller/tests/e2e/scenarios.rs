@@ -1,437 +1,632 @@
-//! End-to-end scenarios: a real kube-apiserver, real agents in simulated
-//! nodes (network namespaces), the real controller binary, real traffic.
+//! End-to-end scenarios: the local control plane's real kube-apiserver with
+//! the project's CRD, RBAC and ConfigMap applied as an install applies them,
+//! real agents in simulated nodes authenticating every call (TokenReview and
+//! SubjectAccessReview against the apiserver), the real controller binary
+//! under its service account's kubeconfig with a token for the agents'
+//! audience, and real traffic between simulated pods on different nodes.
 //!
-//! Not yet a test target: it needs `packet_capture_test_support::cluster`
-//! and the agent binary. To wire it, add to this crate's Cargo.toml
-//!
-//! ```toml
-//! [[test]]
-//! name = "e2e"
-//! path = "tests/e2e/scenarios.rs"
-//!
-//! [dev-dependencies]
-//! packet-capture-test-support.workspace = true
-//! ```
-//!
-//! What it expects of the cluster module (as sketched in the contracts):
-//! `Cluster::shared()`, `cluster.client()`, `cluster.kubeconfig()` (a path),
-//! `cluster.add_node(name) -> SimNode` with `node.name()` and
-//! `node.internal_ip()`, `node.add_pod(ns, name) -> SimPod` with `pod.ip()`
-//! and `pod.exec(&[..]) -> std::process::Output`,
-//! `node.start_agent(&[args]) -> SimAgent` (the real agent in the node's
-//! namespace, a pod labelled app=packet-capture-agent in kube-system, on
-//! `--port`) with `agent.kill()` (SIGKILL), and
-//! `cluster.token_for(service_account, audience) -> String`. The controller
-//! runs as a process in the host namespace, which reaches the nodes' IPs.
+//! Each scenario runs in its own world (see `world.rs`) in the test binary's
+//! shared cluster, so they run side by side. Every scenario that captures
+//! downloads the files through the agents' DownloadFile and reads them with
+//! tshark. Run as root (`cargo test -p packet-capture-controller --test
+//! e2e`, after `cargo build -p packet-capture-agent`).
 
-use std::io::Write;
-use std::process::{Child, Command, Stdio};
+mod world;
+
 use std::time::Duration;
 
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    RuleWithOperations, ValidatingWebhook, ValidatingWebhookConfiguration, WebhookClientConfig,
+};
+use k8s_openapi::api::core::v1::{ConfigMap, Event};
+use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, ResourceExt};
 use packet_capture_common::crd::{
     OutputFormat, PacketCaptureConfig, PacketCaptureConfigSpec, Phase, PodRef, PodSelector,
     STDOUT_OUTPUT_FILE,
 };
-use packet_capture_proto::v1::agent_client::AgentClient;
-use packet_capture_proto::v1::{CaptureState, DownloadFileRequest, ListCapturesRequest};
-use packet_capture_test_support::cluster::{Cluster, SimAgent, SimNode, SimPod};
-use packet_capture_test_support::{privileged, unique_name};
+use packet_capture_proto::v1::CaptureState;
+use packet_capture_test_support::cluster::{COMPONENT_NAMESPACE, SimPod};
+use packet_capture_test_support::unique_name;
+use serde_json::json;
 
-const AGENT_PORT: u16 = 18080;
-const AUDIENCE: &str = "packet-capture-agent";
+use world::{Setup, TWO_NODES, WORLD_LABEL, World};
 
-/// The controller binary, run against the shared cluster.
-struct ControllerProcess {
-    child: Child,
-}
+const COMPLETED: &str = "Packet capture completed on all nodes";
 
-impl ControllerProcess {
-    fn start(cluster: &Cluster, token_file: &std::path::Path) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_packet-capture-controller"))
-            .env("KUBECONFIG", cluster.kubeconfig())
-            .args(["--namespace", "kube-system", "--disable-webhook"])
-            .args(["--agent-port", &AGENT_PORT.to_string()])
-            .arg("--agent-token-file")
-            .arg(token_file)
-            .args(["--metrics-port", "0", "--log-level", "DEBUG"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("starting the controller");
-        Self { child }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ControllerProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A cluster with two simulated nodes, an agent on each, a pod on each, and
-/// the controller.
-struct World {
-    cluster: &'static Cluster,
-    client: Client,
-    nodes: Vec<SimNode>,
-    agents: Vec<SimAgent>,
-    pods: Vec<SimPod>,
-    token: String,
-    token_file: tempfile_path::TempPath,
-    controller: ControllerProcess,
-}
-
-mod tempfile_path {
-    /// A file removed on drop.
-    pub struct TempPath(pub std::path::PathBuf);
-    impl Drop for TempPath {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-}
-
-impl World {
-    async fn new() -> Self {
-        let cluster = Cluster::shared();
-        let client = cluster.client();
-        let ns = unique_name("e2e");
-        let mut nodes = Vec::new();
-        let mut agents = Vec::new();
-        let mut pods = Vec::new();
-        for i in 0..2 {
-            let node = cluster.add_node(&unique_name(&format!("n{i}")));
-            agents.push(node.start_agent(&["--port", &AGENT_PORT.to_string()]));
-            pods.push(node.add_pod(&ns, &format!("pod{i}")));
-            nodes.push(node);
-        }
-        let token = cluster.token_for("packet-capture-controller", AUDIENCE);
-        let path = std::env::temp_dir().join(unique_name("tok"));
-        std::fs::File::create(&path)
-            .and_then(|mut f| f.write_all(token.as_bytes()))
-            .unwrap();
-        let token_file = tempfile_path::TempPath(path);
-        let controller = ControllerProcess::start(cluster, &token_file.0);
-        Self {
-            cluster,
-            client,
-            nodes,
-            agents,
-            pods,
-            token,
-            token_file,
-            controller,
-        }
-    }
-
-    fn api(&self) -> Api<PacketCaptureConfig> {
-        Api::all(self.client.clone())
-    }
-
-    async fn create(&self, spec: PacketCaptureConfigSpec) -> PacketCaptureConfig {
-        let pcc = PacketCaptureConfig::new(&unique_name("cap"), spec);
-        self.api().create(&PostParams::default(), &pcc).await.unwrap()
-    }
-
-    /// Waits (on watch events) until the capture's status satisfies `cond`.
-    async fn until(&self, name: &str, what: &str, cond: impl Fn(&PacketCaptureConfig) -> bool) -> PacketCaptureConfig {
-        let wait = await_condition(self.api(), name, move |p: Option<&PacketCaptureConfig>| p.is_some_and(&cond));
-        tokio::time::timeout(Duration::from_secs(180), wait)
-            .await
-            .unwrap_or_else(|_| panic!("{name}: timed out waiting for {what}"))
-            .unwrap()
-            .unwrap()
-    }
-
-    async fn until_phase(&self, name: &str, phase: Phase) -> PacketCaptureConfig {
-        self.until(name, &format!("{phase:?}"), move |p| {
-            p.status.as_ref().and_then(|s| s.phase) == Some(phase)
-        })
-        .await
-    }
-
-    fn ping(&self, from: usize, to: usize, count: u32) {
-        let out = self.pods[from].exec(&["ping", "-c", &count.to_string(), "-i", "0.2", &self.pods[to].ip()]);
-        assert!(out.status.success(), "ping: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    async fn agent(&self, node: usize) -> AgentClient<tonic::transport::Channel> {
-        let uri = format!("http://{}:{AGENT_PORT}", self.nodes[node].internal_ip());
-        AgentClient::connect(uri).await.unwrap()
-    }
-
-    fn authed<T>(&self, msg: T) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(msg);
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {}", self.token).parse().unwrap());
-        r
-    }
-
-    /// The captures of a resource on a node.
-    async fn captures_of(&self, node: usize, uid: &str) -> Vec<packet_capture_proto::v1::Capture> {
-        let mut c = self.agent(node).await;
-        let list = c.list_captures(self.authed(ListCapturesRequest {})).await.unwrap().into_inner();
-        list.captures.into_iter().filter(|c| c.id.starts_with(uid)).collect()
-    }
-
-    /// Downloads a node's capture file and has tshark decode it: one line
-    /// `src dst proto` per packet.
-    async fn packets_in(&self, node: usize, output_file: &str) -> Vec<String> {
-        let name = output_file.rsplit('/').next().unwrap().to_string();
-        let mut c = self.agent(node).await;
-        let mut stream = c
-            .download_file(self.authed(DownloadFileRequest { name: name.clone() }))
-            .await
-            .unwrap()
-            .into_inner();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            bytes.extend(chunk.unwrap().data);
-        }
-        let path = std::env::temp_dir().join(format!("{}-{name}", unique_name("dl")));
-        std::fs::write(&path, &bytes).unwrap();
-        let out = Command::new("tshark")
-            .args(["-n", "-r"])
-            .arg(&path)
-            .args(["-T", "fields", "-e", "ip.src", "-e", "ip.dst", "-e", "_ws.col.Protocol"])
-            .output()
-            .unwrap();
-        let _ = std::fs::remove_file(&path);
-        assert!(out.status.success(), "tshark: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
-    }
-
-    /// Every node entry of the status has a file with ICMP between pod 0 and pod 1.
-    async fn assert_files_have_the_pings(&self, pcc: &PacketCaptureConfig) {
-        let status = pcc.status.as_ref().unwrap();
-        let (a, b) = (self.pods[0].ip(), self.pods[1].ip());
-        for (i, node) in self.nodes.iter().enumerate() {
-            let entry = &status.capture_files[&node.internal_ip()];
-            assert_eq!(entry.node, node.name());
-            assert!(entry.file_size > 0, "{entry:?}");
-            let lines = self.packets_in(i, &entry.output_file).await;
-            assert!(entry.packets as usize >= lines.len().min(1));
-            let icmp = lines
-                .iter()
-                .filter(|l| l.contains("ICMP") && l.contains(&a) && l.contains(&b))
-                .count();
-            assert!(icmp >= 2, "node {}: {lines:?}", node.name());
-        }
-    }
-}
-
-fn pods_spec(refs: &[&SimPod]) -> Option<PodSelector> {
+fn pods_spec(pods: &[&SimPod]) -> Option<PodSelector> {
     Some(PodSelector {
-        pods: refs
+        pods: pods
             .iter()
-            .map(|p| PodRef { pod_name: p.name().to_string(), namespace: p.namespace().to_string() })
+            .map(|p| PodRef {
+                pod_name: p.name().to_string(),
+                namespace: p.namespace().to_string(),
+            })
             .collect(),
     })
 }
 
-fn short(duration: u32) -> PacketCaptureConfigSpec {
-    PacketCaptureConfigSpec { duration, max_packets: 10_000, ..Default::default() }
+/// Packets a counted capture writes on each node: two pings and their
+/// replies as they cross a node's three interfaces.
+const PACKETS: u32 = 12;
+
+/// A capture that ends on each node when it has written [`PACKETS`]
+/// packets (the pings go on until then), so that nodes whose captures
+/// start a little apart still capture the same pings.
+fn counted() -> PacketCaptureConfigSpec {
+    PacketCaptureConfigSpec {
+        duration: 120,
+        max_packets: PACKETS,
+        ..Default::default()
+    }
 }
 
-/// The /16 holding an IPv4 address, as a CIDR (not a single known address,
-/// so it goes to every node).
-fn net16(ip: &str) -> String {
-    let o: Vec<&str> = ip.split('.').collect();
-    format!("{}.{}.0.0/16", o[0], o[1])
+/// A capture that ends after `duration` seconds (not by its packet count).
+fn lasting(duration: u32) -> PacketCaptureConfigSpec {
+    PacketCaptureConfigSpec {
+        duration,
+        max_packets: 100_000,
+        ..Default::default()
+    }
+}
+
+/// The /16 of an IPv4 address: a CIDR, not a known address, so it goes to
+/// every node with an agent.
+fn net16(ip: std::net::Ipv4Addr) -> String {
+    let [a, b, ..] = ip.octets();
+    format!("{a}.{b}.0.0/16")
+}
+
+/// The reasons of the Events about a resource.
+async fn event_reasons(w: &World, uid: &str) -> Vec<String> {
+    let events: Api<Event> = Api::all(w.client.clone());
+    let list = events
+        .list(&ListParams::default().fields(&format!("involvedObject.uid={uid}")))
+        .await
+        .expect("listing events");
+    list.items.into_iter().filter_map(|e| e.reason).collect()
 }
 
 #[tokio::test]
 async fn ip_capture_runs_on_all_nodes() {
-    if !privileged("ip_capture_runs_on_all_nodes") {
+    let Some(w) = World::start("ip_capture_runs_on_all_nodes", TWO_NODES).await else {
         return;
-    }
-    let w = World::new().await;
-    let pcc = w.create(PacketCaptureConfigSpec { target_ips: vec![net16(&w.pods[0].ip())], ..short(4) }).await;
-    w.until_phase(&pcc.name_any(), Phase::Running).await;
-    w.ping(0, 1, 5);
-    let done = w.until_phase(&pcc.name_any(), Phase::Completed).await;
-    assert_eq!(done.status.as_ref().unwrap().nodes, Some(2));
-    w.assert_files_have_the_pings(&done).await;
-    let cm: Api<ConfigMap> = Api::namespaced(w.client.clone(), "kube-system");
-    let results = cm.get(&format!("packet-capture-results-{}", pcc.name_any())).await.unwrap();
-    assert_eq!(results.data.unwrap()["phase"], "Completed");
+    };
+    // The node network's /16 holds the controller's and the apiserver's
+    // traffic with the agents too: the filter keeps the pings.
+    let spec = PacketCaptureConfigSpec {
+        target_ips: vec![net16(w.pods[0].ip())],
+        filter: "icmp".into(),
+        ..counted()
+    };
+    let (pcc, name) = w.start_capture(spec, 2).await;
+    let pinging = w.pinging(0, 1);
+    let done = w.until_phase(&name, Phase::Completed).await;
+    drop(pinging);
+    let status = done.status.as_ref().unwrap();
+    assert_eq!(status.nodes, Some(2));
+    assert_eq!(status.packets, Some(2 * u64::from(PACKETS)));
+    assert_eq!(status.message.as_deref(), Some(COMPLETED));
+    assert!(status.start_time.is_some() && status.completion_time.is_some());
+    w.assert_all_completed_with_pings(status).await;
+
+    let results: Api<ConfigMap> = Api::namespaced(w.client.clone(), COMPONENT_NAMESPACE);
+    let results = results
+        .get(&format!("packet-capture-results-{name}"))
+        .await
+        .expect("the results ConfigMap");
+    let data = results.data.unwrap();
+    assert_eq!(
+        (data["phase"].as_str(), data["nodes"].as_str()),
+        ("Completed", "2")
+    );
+    let reasons = event_reasons(&w, &World::uid(&pcc)).await;
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "Started").count(),
+        2,
+        "{reasons:?}"
+    );
+    assert!(reasons.contains(&"Completed".to_string()), "{reasons:?}");
 }
 
 #[tokio::test]
 async fn pod_capture_runs_on_the_two_pods_nodes() {
-    if !privileged("pod_capture_runs_on_the_two_pods_nodes") {
+    let Some(w) = World::start("pod_capture_runs_on_the_two_pods_nodes", TWO_NODES).await else {
         return;
-    }
-    let w = World::new().await;
-    let pcc = w
-        .create(PacketCaptureConfigSpec { pod_selector: pods_spec(&[&w.pods[0], &w.pods[1]]), ..short(4) })
+    };
+    let spec = PacketCaptureConfigSpec {
+        pod_selector: pods_spec(&[&w.pods[0], &w.pods[1]]),
+        ..counted()
+    };
+    let (_, name) = w.start_capture(spec, 2).await;
+    let pinging = w.pinging(0, 1);
+    let done = w.until_phase(&name, Phase::Completed).await;
+    drop(pinging);
+    let per_node = w
+        .assert_all_completed_with_pings(done.status.as_ref().unwrap())
         .await;
-    w.until_phase(&pcc.name_any(), Phase::Running).await;
-    w.ping(0, 1, 5);
-    let done = w.until_phase(&pcc.name_any(), Phase::Completed).await;
-    w.assert_files_have_the_pings(&done).await;
+    let pod_ips: Vec<String> = w.pods.iter().map(|p| p.ip().to_string()).collect();
+    for (i, packets) in per_node.iter().enumerate() {
+        // Only the pods' traffic (IPv6 packets have no ip.src).
+        let others: Vec<_> = packets
+            .iter()
+            .filter(|p| !p.src.is_empty())
+            .filter(|p| !pod_ips.contains(&p.src) && !pod_ips.contains(&p.dst))
+            .collect();
+        assert!(others.is_empty(), "node {i}: {others:?}");
+    }
 }
 
 #[tokio::test]
 async fn combined_pods_and_addresses() {
-    if !privileged("combined_pods_and_addresses") {
+    let Some(w) = World::start("combined_pods_and_addresses", TWO_NODES).await else {
         return;
-    }
-    let w = World::new().await;
-    // Pod 1's address is known: it goes to node 1 only, pod 0 to node 0.
+    };
+    // Pod 1's address is a known pod IP: it goes to pod 1's node only, and
+    // pod 0 (both its addresses) to pod 0's node.
     let pcc = w
         .create(PacketCaptureConfigSpec {
             pod_selector: pods_spec(&[&w.pods[0]]),
-            target_ips: vec![w.pods[1].ip()],
-            ..short(4)
+            target_ips: vec![w.pods[1].ip().to_string()],
+            ..counted()
         })
         .await;
-    w.until_phase(&pcc.name_any(), Phase::Running).await;
-    for (i, _) in w.nodes.iter().enumerate() {
-        let caps = w.captures_of(i, &pcc.uid().unwrap()).await;
-        assert_eq!(caps.len(), 1);
-        assert_eq!(caps[0].spec.as_ref().unwrap().target_ips, [w.pods[i].ip()]);
+    let name = pcc.name_any();
+    w.until_running_on(&name, 1, 2).await;
+    let uid = World::uid(&pcc);
+    let expected = [
+        vec![w.pods[0].ip().to_string(), w.pods[0].ipv6().to_string()],
+        vec![w.pods[1].ip().to_string()],
+    ];
+    for (i, want) in expected.iter().enumerate() {
+        let captures = w.captures_of(i, &uid).await;
+        assert_eq!(captures.len(), 1, "node {i}: {captures:?}");
+        let mut targets = captures[0].spec.as_ref().unwrap().target_ips.clone();
+        targets.sort();
+        let mut want = want.clone();
+        want.sort();
+        assert_eq!(targets, want, "node {i}");
     }
-    w.ping(0, 1, 5);
-    let done = w.until_phase(&pcc.name_any(), Phase::Completed).await;
-    w.assert_files_have_the_pings(&done).await;
+    let pinging = w.pinging(0, 1);
+    let done = w.until_phase(&name, Phase::Completed).await;
+    drop(pinging);
+    w.assert_all_completed_with_pings(done.status.as_ref().unwrap())
+        .await;
 }
 
 #[tokio::test]
-async fn stdout_format_reports_the_seed_text() {
-    if !privileged("stdout_format_reports_the_seed_text") {
+async fn stdout_format_logs_packet_lines() {
+    let Some(w) = World::start("stdout_format_logs_packet_lines", TWO_NODES).await else {
         return;
-    }
-    let w = World::new().await;
-    let pcc = w
-        .create(PacketCaptureConfigSpec {
-            pod_selector: pods_spec(&[&w.pods[0]]),
-            output_format: OutputFormat::Stdout,
-            ..short(4)
-        })
-        .await;
-    w.until_phase(&pcc.name_any(), Phase::Running).await;
-    w.ping(0, 1, 5);
-    let done = w.until_phase(&pcc.name_any(), Phase::Completed).await;
+    };
+    let spec = PacketCaptureConfigSpec {
+        pod_selector: pods_spec(&[&w.pods[0]]),
+        output_format: OutputFormat::Stdout,
+        ..counted()
+    };
+    let (_, name) = w.start_capture(spec, 1).await;
+    let pinging = w.pinging(0, 1);
+    let done = w.until_phase(&name, Phase::Completed).await;
+    drop(pinging);
     let status = done.status.unwrap();
-    let entry = &status.capture_files[&w.nodes[0].internal_ip()];
-    assert_eq!((entry.output_file.as_str(), entry.file_size), (STDOUT_OUTPUT_FILE, 0));
-    assert!(entry.packets >= 2, "{entry:?}");
+    assert_eq!(status.nodes, Some(1));
+    let entry = w.entry(&status, 0);
+    assert_eq!(
+        (entry.output_file.as_str(), entry.file_size),
+        (STDOUT_OUTPUT_FILE, 0)
+    );
+    assert_eq!(entry.packets, u64::from(PACKETS), "{entry:?}");
+    let (a, b) = (w.pods[0].ip(), w.pods[1].ip());
+    let log = w.agents[0].log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("PACKET: ")).collect();
+    assert_eq!(lines.len(), PACKETS as usize, "{lines:#?}");
+    for want in [
+        format!("{a} > {b}: ICMP echo request"),
+        format!("{b} > {a}: ICMP echo reply"),
+    ] {
+        assert!(
+            lines.iter().any(|l| l.contains(&want)),
+            "no {want:?} in {lines:#?}"
+        );
+    }
+    assert!(
+        !w.agents[1].log().contains("PACKET: "),
+        "the other node captured"
+    );
 }
 
 #[tokio::test]
 async fn a_missing_pod_fails_naming_it() {
-    if !privileged("a_missing_pod_fails_naming_it") {
+    let Some(w) = World::start("a_missing_pod_fails_naming_it", TWO_NODES).await else {
         return;
-    }
-    let w = World::new().await;
+    };
     let pcc = w
         .create(PacketCaptureConfigSpec {
-            pod_selector: Some(PodSelector { pods: vec![PodRef { pod_name: "ghost".into(), namespace: "default".into() }] }),
-            ..short(4)
+            pod_selector: Some(PodSelector {
+                pods: vec![PodRef {
+                    pod_name: "ghost".into(),
+                    namespace: w.namespace.name().into(),
+                }],
+            }),
+            ..lasting(4)
         })
         .await;
     let failed = w.until_phase(&pcc.name_any(), Phase::Failed).await;
-    assert_eq!(failed.status.unwrap().message.as_deref(), Some("pod default/ghost not found"));
+    assert_eq!(
+        failed.status.unwrap().message,
+        Some(format!("pod {}/ghost not found", w.namespace.name()))
+    );
+    let uid = World::uid(&pcc);
+    for i in 0..2 {
+        assert!(w.captures_of(i, &uid).await.is_empty(), "node {i} captures");
+    }
+    let reasons = event_reasons(&w, &uid).await;
+    assert!(reasons.contains(&"PodNotFound".to_string()), "{reasons:?}");
 }
 
 #[tokio::test]
 async fn an_agent_killed_mid_capture_fails_its_node_only() {
-    if !privileged("an_agent_killed_mid_capture_fails_its_node_only") {
+    let Some(mut w) =
+        World::start("an_agent_killed_mid_capture_fails_its_node_only", TWO_NODES).await
+    else {
         return;
-    }
-    let w = World::new().await;
-    let pcc = w.create(PacketCaptureConfigSpec { target_ips: vec![net16(&w.pods[0].ip())], ..short(8) }).await;
-    w.until_phase(&pcc.name_any(), Phase::Running).await;
-    w.ping(0, 1, 5);
-    w.agents[1].kill();
-    let done = w.until_phase(&pcc.name_any(), Phase::Failed).await;
+    };
+    let spec = PacketCaptureConfigSpec {
+        target_ips: vec![net16(w.pods[0].ip())],
+        filter: "icmp".into(),
+        ..counted()
+    };
+    let (_, name) = w.start_capture(spec, 2).await;
+    w.agents[1].kill().expect("killing the agent");
+    let pinging = w.pinging(0, 1);
+    let done = w.until_phase(&name, Phase::Failed).await;
+    drop(pinging);
     let status = done.status.unwrap();
-    assert_eq!(status.capture_files[&w.nodes[1].internal_ip()].status, "failed");
-    let ok = &status.capture_files[&w.nodes[0].internal_ip()];
-    assert_eq!(ok.status, "completed");
-    let lines = w.packets_in(0, &ok.output_file).await;
-    assert!(lines.iter().any(|l| l.contains("ICMP")), "{lines:?}");
+    let lost = w.entry(&status, 1);
+    assert_eq!(lost.status, "failed", "{lost:?}");
+    let why = lost.message.as_deref().unwrap_or_default();
+    assert!(why.contains("lost contact with the agent"), "{why}");
+    let ok = w.entry(&status, 0);
+    assert_eq!(ok.status, "completed", "{ok:?}");
+    let message = status.message.as_deref().unwrap_or_default();
+    assert!(
+        message.contains("capture failed on 1 of 2 nodes") && message.contains("1 node completed"),
+        "{message}"
+    );
+    w.assert_pings_in(0, &ok.output_file, 0, 1).await;
 }
 
 #[tokio::test]
 async fn a_controller_restart_mid_capture_does_not_duplicate() {
-    if !privileged("a_controller_restart_mid_capture_does_not_duplicate") {
+    let Some(mut w) = World::start(
+        "a_controller_restart_mid_capture_does_not_duplicate",
+        TWO_NODES,
+    )
+    .await
+    else {
         return;
-    }
-    let mut w = World::new().await;
-    let pcc = w.create(PacketCaptureConfigSpec { pod_selector: pods_spec(&[&w.pods[0], &w.pods[1]]), ..short(8) }).await;
-    w.until_phase(&pcc.name_any(), Phase::Running).await;
+    };
+    let pcc = w
+        .create(PacketCaptureConfigSpec {
+            pod_selector: pods_spec(&[&w.pods[0], &w.pods[1]]),
+            ..counted()
+        })
+        .await;
+    let name = pcc.name_any();
+    let uid = World::uid(&pcc);
+    let running = w.until_running_on(&name, 1, 2).await;
+    let ids: Vec<String> = {
+        let mut ids = Vec::new();
+        for i in 0..2 {
+            ids.extend(w.captures_of(i, &uid).await.into_iter().map(|c| c.id));
+        }
+        ids
+    };
     w.controller.kill();
-    w.controller = ControllerProcess::start(w.cluster, &w.token_file.0);
-    w.ping(0, 1, 5);
-    let done = w.until_phase(&pcc.name_any(), Phase::Completed).await;
-    for i in 0..2 {
-        assert_eq!(w.captures_of(i, &pcc.uid().unwrap()).await.len(), 1, "node {i}");
+    w.controller.restart();
+    let pinging = w.pinging(0, 1);
+    let done = w.until_phase(&name, Phase::Completed).await;
+    drop(pinging);
+    let status = done.status.unwrap();
+    assert_eq!(status.start_time, running.status.unwrap().start_time);
+    for (i, id) in ids.iter().enumerate() {
+        let captures = w.captures_of(i, &uid).await;
+        assert_eq!(captures.len(), 1, "node {i}: {captures:?}");
+        assert_eq!(&captures[0].id, id, "node {i}");
+        assert_eq!(captures[0].state, CaptureState::Completed as i32);
     }
-    w.assert_files_have_the_pings(&done).await;
+    w.assert_all_completed_with_pings(&status).await;
 }
 
 #[tokio::test]
 async fn deleting_mid_capture_stops_and_finalizes() {
-    if !privileged("deleting_mid_capture_stops_and_finalizes") {
+    let Some(w) = World::start("deleting_mid_capture_stops_and_finalizes", TWO_NODES).await else {
         return;
-    }
-    let w = World::new().await;
-    let pcc = w.create(PacketCaptureConfigSpec { pod_selector: pods_spec(&[&w.pods[0], &w.pods[1]]), ..short(300) }).await;
-    let running = w
-        .until(&pcc.name_any(), "packets on both nodes", |p| {
-            p.status.as_ref().is_some_and(|s| s.phase == Some(Phase::Running))
-        })
-        .await;
-    w.ping(0, 1, 5);
-    let uid = running.uid().unwrap();
-    w.api().delete(&pcc.name_any(), &DeleteParams::default()).await.unwrap();
-    let gone = await_condition(w.api(), &pcc.name_any(), conditions::is_deleted(&uid));
-    tokio::time::timeout(Duration::from_secs(60), gone).await.unwrap().unwrap();
+    };
+    let spec = PacketCaptureConfigSpec {
+        pod_selector: pods_spec(&[&w.pods[0], &w.pods[1]]),
+        ..lasting(600)
+    };
+    let (pcc, name) = w.start_capture(spec, 2).await;
+    w.ping(0, 1, 5).await;
+    let uid = World::uid(&pcc);
+    w.api()
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("deleting the capture");
+    let gone = await_condition(w.api(), &name, conditions::is_deleted(&uid));
+    tokio::time::timeout(Duration::from_secs(60), gone)
+        .await
+        .expect("the finalizer was not removed within 60 s")
+        .expect("watching the deletion");
     for i in 0..2 {
-        let caps = w.captures_of(i, &uid).await;
-        assert_eq!(caps.len(), 1);
-        assert_eq!(caps[0].state, CaptureState::Stopped as i32, "node {i}");
-        let lines = w.packets_in(i, &caps[0].output_file).await;
-        assert!(lines.iter().any(|l| l.contains("ICMP")), "node {i}: {lines:?}");
+        let captures = w.captures_of(i, &uid).await;
+        assert_eq!(captures.len(), 1, "node {i}: {captures:?}");
+        let c = &captures[0];
+        assert_eq!(c.state, CaptureState::Stopped as i32, "node {i}: {c:?}");
+        assert!(!c.output_file.is_empty() && c.file_size > 0, "{c:?}");
+        w.assert_pings_in(i, &c.output_file, 0, 1).await;
     }
+    let reasons = event_reasons(&w, &uid).await;
+    assert!(reasons.contains(&"Stopped".to_string()), "{reasons:?}");
 }
 
 #[tokio::test]
 async fn editing_the_spec_mid_capture_restarts_it() {
-    if !privileged("editing_the_spec_mid_capture_restarts_it") {
+    let Some(w) = World::start("editing_the_spec_mid_capture_restarts_it", TWO_NODES).await else {
         return;
-    }
-    let w = World::new().await;
-    let pcc = w.create(PacketCaptureConfigSpec { pod_selector: pods_spec(&[&w.pods[0]]), ..short(300) }).await;
-    w.until_phase(&pcc.name_any(), Phase::Running).await;
-    let patch = serde_json::json!({"spec": {"duration": 4, "targetPorts": []}});
-    w.api().patch(&pcc.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
-    let running2 = w
-        .until(&pcc.name_any(), "generation 2 running", |p| {
-            p.status.as_ref().is_some_and(|s| s.observed_generation == Some(2) && s.phase == Some(Phase::Running))
+    };
+    let pcc = w
+        .create(PacketCaptureConfigSpec {
+            pod_selector: pods_spec(&[&w.pods[0]]),
+            ..lasting(600)
         })
         .await;
-    w.ping(0, 1, 5);
-    let done = w.until_phase(&pcc.name_any(), Phase::Completed).await;
-    assert_eq!(done.status.as_ref().unwrap().observed_generation, Some(2));
-    let caps = w.captures_of(0, &running2.uid().unwrap()).await;
-    assert_eq!(caps.len(), 2);
-    let old = caps.iter().find(|c| c.id.contains("-g1-")).unwrap();
-    let new = caps.iter().find(|c| c.id.contains("-g2-")).unwrap();
-    assert_eq!(old.state, CaptureState::Stopped as i32);
-    assert_eq!(new.state, CaptureState::Completed as i32);
-    let entry = &done.status.unwrap().capture_files[&w.nodes[0].internal_ip()];
-    let lines = w.packets_in(0, &entry.output_file).await;
-    assert!(lines.iter().any(|l| l.contains("ICMP")), "{lines:?}");
+    let name = pcc.name_any();
+    let uid = World::uid(&pcc);
+    w.until_running_on(&name, 1, 1).await;
+    // Both pods now, and a packet count instead of minutes.
+    let both = pods_spec(&[&w.pods[0], &w.pods[1]]);
+    let patch = json!({"spec": {"maxPackets": PACKETS, "podSelector": both}});
+    w.api()
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("editing the spec");
+    w.until_running_on(&name, 2, 2).await;
+    let pinging = w.pinging(0, 1);
+    let done = w.until_phase(&name, Phase::Completed).await;
+    drop(pinging);
+    let status = done.status.unwrap();
+    assert_eq!(status.observed_generation, Some(2));
+    let node0 = w.captures_of(0, &uid).await;
+    assert_eq!(node0.len(), 2, "{node0:?}");
+    let old = node0.iter().find(|c| c.id.contains("-g1-")).unwrap();
+    let new = node0.iter().find(|c| c.id.contains("-g2-")).unwrap();
+    assert_eq!(old.state, CaptureState::Stopped as i32, "{old:?}");
+    assert_eq!(new.state, CaptureState::Completed as i32, "{new:?}");
+    assert_eq!(new.spec.as_ref().unwrap().max_packets, PACKETS);
+    let node1 = w.captures_of(1, &uid).await;
+    assert_eq!(node1.len(), 1, "{node1:?}");
+    assert!(node1[0].id.contains("-g2-"), "{node1:?}");
+    w.assert_all_completed_with_pings(&status).await;
+}
+
+/// Runs `kubectl delete <args> --ignore-not-found` on drop.
+struct Deletes<'a>(&'a World, Vec<Vec<String>>);
+
+impl Drop for Deletes<'_> {
+    fn drop(&mut self) {
+        for args in &self.1 {
+            let _ = self
+                .0
+                .cluster
+                .kubectl()
+                .arg("delete")
+                .args(args)
+                .arg("--ignore-not-found")
+                .output();
+        }
+    }
+}
+
+/// `kubectl apply -f -` of `object`: whether it succeeded, and what it said.
+async fn kubectl_apply(w: &World, object: &serde_json::Value) -> (bool, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = tokio::process::Command::from(w.cluster.kubectl());
+    let mut child = cmd
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting kubectl");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(object.to_string().as_bytes())
+        .await
+        .unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn the_webhook_rejects_bad_specs_naming_the_field() {
+    let setup = Setup {
+        nodes: 0,
+        webhook: true,
+    };
+    let Some(w) = World::start("the_webhook_rejects_bad_specs_naming_the_field", setup).await
+    else {
+        return;
+    };
+    let webhook = w.webhook.as_ref().unwrap();
+    let registration = format!("packet-capture-webhook-{}", w.id);
+    let mut cleanup = Deletes(
+        &w,
+        vec![vec![
+            "validatingwebhookconfiguration".into(),
+            registration.clone(),
+        ]],
+    );
+    // Registered as the chart registers it, but by URL on the host (no
+    // Service routes here) and only for this world's objects.
+    let hook = ValidatingWebhookConfiguration {
+        metadata: ObjectMeta {
+            name: Some(registration.clone()),
+            ..Default::default()
+        },
+        webhooks: Some(vec![ValidatingWebhook {
+            name: "validate.packetcaptureconfigs.networking.packet.io".into(),
+            admission_review_versions: vec!["v1".into()],
+            side_effects: "None".into(),
+            failure_policy: Some("Fail".into()),
+            match_policy: Some("Equivalent".into()),
+            timeout_seconds: Some(10),
+            client_config: WebhookClientConfig {
+                url: Some(format!(
+                    "https://{}:{}/validate",
+                    w.cluster.host_ip(),
+                    webhook.port
+                )),
+                ca_bundle: Some(ByteString(webhook.ca.clone())),
+                service: None,
+            },
+            object_selector: Some(
+                serde_json::from_value(json!({"matchLabels": {WORLD_LABEL: w.id}})).unwrap(),
+            ),
+            rules: Some(vec![RuleWithOperations {
+                api_groups: Some(vec!["networking.packet.io".into()]),
+                api_versions: Some(vec!["v1".into()]),
+                operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
+                resources: Some(vec!["packetcaptureconfigs".into()]),
+                scope: Some("Cluster".into()),
+            }]),
+            ..Default::default()
+        }]),
+    };
+    Api::<ValidatingWebhookConfiguration>::all(w.client.clone())
+        .create(&PostParams::default(), &hook)
+        .await
+        .expect("registering the webhook");
+
+    let object = |spec: serde_json::Value| {
+        json!({
+            "apiVersion": "networking.packet.io/v1",
+            "kind": "PacketCaptureConfig",
+            "metadata": {"name": unique_name("hook"), "labels": {WORLD_LABEL: w.id}},
+            "spec": spec,
+        })
+    };
+    let bad_filter = object(json!({"targetIPs": ["10.0.0.1"], "filter": "tcp port eighty"}));
+    let expected =
+        "denied the request: spec.filter: \"tcp port eighty\" is not a valid tcpdump filter";
+    // The apiserver picks a new registration up from its informer: until
+    // then the object would pass unchecked. Dry runs until it is in force
+    // (there is no event for that).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let dry_run = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    let typed: PacketCaptureConfig = serde_json::from_value(bad_filter.clone()).unwrap();
+    loop {
+        match w.api().create(&dry_run, &typed).await {
+            Err(kube::Error::Api(s)) if s.message.contains("admission webhook") => break,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "the webhook is not called: {other:?}\n{}",
+                w.controller.log()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let (ok, said) = kubectl_apply(&w, &bad_filter).await;
+    assert!(!ok && said.contains(expected), "{said}");
+
+    let missing = format!("{}-gone", w.namespace.name());
+    let (ok, said) = kubectl_apply(
+        &w,
+        &object(json!({"podSelector": {"pods": [{"podName": "web", "namespace": missing}]}})),
+    )
+    .await;
+    let expected =
+        format!("spec.podSelector.pods[0].namespace: namespace \"{missing}\" does not exist");
+    assert!(!ok && said.contains(&expected), "{said}");
+
+    let good = object(json!({"targetIPs": ["10.0.0.1"], "filter": "tcp port 80"}));
+    let (ok, said) = kubectl_apply(&w, &good).await;
+    assert!(ok, "{said}");
+
+    // A user who may create captures but not see the pods of a namespace
+    // may not capture there.
+    let ns = w.namespace.name();
+    let creator = w
+        .cluster
+        .token_for(ns, "creator", &[])
+        .await
+        .expect("a token for the creator");
+    let binding = format!("packet-capture-editor-{}", w.id);
+    cleanup
+        .1
+        .push(vec!["clusterrolebinding".into(), binding.clone()]);
+    w.cluster
+        .kubectl_async(&[
+            "create",
+            "clusterrolebinding",
+            &binding,
+            "--clusterrole=packet-capture-editor",
+            &format!("--serviceaccount={ns}:creator"),
+        ])
+        .await
+        .expect("binding the editor role");
+    let mut config = w.cluster.config();
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(creator.into()),
+        ..Default::default()
+    };
+    let as_creator: Api<PacketCaptureConfig> =
+        Api::all(kube::Client::try_from(config).expect("a client for the creator"));
+    let capture = w.capture(PacketCaptureConfigSpec {
+        pod_selector: Some(PodSelector {
+            pods: vec![PodRef {
+                pod_name: "web".into(),
+                namespace: ns.into(),
+            }],
+        }),
+        ..lasting(5)
+    });
+    let user = format!("system:serviceaccount:{ns}:creator");
+    let expected = format!(
+        "spec.podSelector.pods[0].namespace: user \"{user}\" may not get pods in namespace \"{ns}\""
+    );
+    match as_creator.create(&dry_run, &capture).await {
+        Err(kube::Error::Api(s)) => assert!(s.message.contains(&expected), "{s:?}"),
+        other => panic!("a capture in a namespace its creator cannot see: {other:?}"),
+    }
+    w.cluster
+        .kubectl_async(&[
+            "create",
+            "rolebinding",
+            "creator-views",
+            "-n",
+            ns,
+            "--clusterrole=view",
+            &format!("--serviceaccount={ns}:creator"),
+        ])
+        .await
+        .expect("letting the creator view the namespace");
+    as_creator
+        .create(&dry_run, &capture)
+        .await
+        .expect("the creator may capture in a namespace it can see");
+    drop(cleanup);
 }

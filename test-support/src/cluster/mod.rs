@@ -43,7 +43,7 @@ use tokio::sync::OnceCell;
 
 pub use build::{Binaries, ETCD_VERSION, HELM_VERSION, KUBERNETES_VERSION};
 pub use control::SERVICE_ACCOUNT_ISSUER;
-pub use sim::{AgentOptions, SimAgent, SimNode, SimPod, TestNamespace};
+pub use sim::{AgentOptions, ClusterProcess, SimAgent, SimNode, SimPod, TestNamespace};
 
 use network::Plan;
 use pki::Pki;
@@ -308,6 +308,17 @@ impl Cluster {
         Ok(guard)
     }
 
+    /// Starts `cmd` on the host, outside the nodes (as the controller runs),
+    /// with stdout and stderr appended to `logs/<role>.log`, as a process of
+    /// this cluster: recorded in its state, stopped on drop or with the
+    /// cluster, even when this process dies first.
+    pub fn start_process(&self, role: &str, cmd: Command) -> Result<ClusterProcess> {
+        let log = self.inner.dir.join(format!("logs/{role}.log"));
+        let mut process = ClusterProcess::spawn(&self.inner, role, cmd, None, log)?;
+        process.detach_if_detached();
+        Ok(process)
+    }
+
     /// A token of `namespace/service_account` (created if missing) for the
     /// given audiences (none: the apiserver's), from the TokenRequest API.
     pub async fn token_for(
@@ -324,27 +335,51 @@ impl Cluster {
     /// Applies the committed CRD (`crd/packet_capture_config_crd.yaml`) and
     /// waits until it is established. Idempotent.
     pub async fn install_crd(&self) -> Result<()> {
-        let crd = workspace_root().join("crd/packet_capture_config_crd.yaml");
-        let crd = crd.display().to_string();
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
-            command_output(inner.kubectl().args([
-                "apply",
-                "--server-side",
-                "--force-conflicts",
-                "-f",
-                &crd,
-            ]))?;
-            command_output(inner.kubectl().args([
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                "crd/packetcaptureconfigs.networking.packet.io",
-            ]))
-        })
+        self.apply(&["crd/packet_capture_config_crd.yaml"]).await?;
+        self.kubectl_async(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/packetcaptureconfigs.networking.packet.io",
+        ])
         .await
-        .map_err(|e| Error::Process(format!("kubectl task: {e}")))?
         .map(drop)
+    }
+
+    /// Applies files of the checkout (paths relative to the workspace root,
+    /// e.g. `manifests/rbac.yaml`) with server-side apply, as an install
+    /// would. Idempotent, and safe to run from several tests at once.
+    pub async fn apply(&self, files: &[&str]) -> Result<()> {
+        let root = workspace_root();
+        let mut args = vec!["apply", "--server-side", "--force-conflicts"];
+        let paths: Vec<String> = files
+            .iter()
+            .map(|f| root.join(f).display().to_string())
+            .collect();
+        for path in &paths {
+            args.extend(["-f", path]);
+        }
+        self.kubectl_async(&args).await.map(drop)
+    }
+
+    /// Runs kubectl with `args` off the async runtime; its stdout.
+    pub async fn kubectl_async(&self, args: &[&str]) -> Result<String> {
+        let inner = Arc::clone(&self.inner);
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        tokio::task::spawn_blocking(move || command_output(inner.kubectl().args(&args)))
+            .await
+            .map_err(|e| Error::Process(format!("kubectl task: {e}")))?
+    }
+
+    /// `tls.crt` and `tls.key` in `dir`: a serving certificate for `ips`
+    /// signed by the cluster's CA, which the apiserver can be told to trust
+    /// (a webhook on the host address). Returns the CA certificate (PEM),
+    /// a webhook configuration's `caBundle`.
+    pub fn serving_certificate(&self, dir: &Path, ips: &[IpAddr]) -> Result<Vec<u8>> {
+        let pki = Pki::open(&self.inner.dir.join("pki"));
+        pki.serving(dir, ips)?;
+        let ca = pki.path("ca.crt");
+        std::fs::read(&ca).map_err(|e| Error::io(&ca, e))
     }
 }
 
@@ -515,6 +550,7 @@ impl Drop for Inner {
             {
                 reap(child);
             }
+            state::remove_root_if_empty();
         }
     }
 }
@@ -817,5 +853,6 @@ pub fn down(name: &str) -> Result<bool> {
         Ok(state) => state::teardown(&dir, &state, Duration::from_secs(10)),
         Err(_) => std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?,
     }
+    state::remove_root_if_empty();
     Ok(true)
 }

@@ -103,11 +103,44 @@ impl Pki {
         self.path(file).display().to_string()
     }
 
+    /// The files generated earlier in `dir`.
+    pub fn open(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// `tls.key` and `tls.crt` in `dir`: a serving certificate for `ips`
+    /// signed by the CA.
+    pub fn serving(&self, dir: &Path, ips: &[IpAddr]) -> Result<()> {
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let san: Vec<String> = ips.iter().map(|ip| format!("IP:{ip}")).collect();
+        let (key, crt) = (dir.join("tls.key"), dir.join("tls.crt"));
+        self.cert_at(
+            (&key.display().to_string(), &crt.display().to_string()),
+            "server",
+            "/CN=packet-capture-local-serving",
+            Some(&san.join(",")),
+        )
+    }
+
     /// `<name>.key` and `<name>.crt` with the extensions of `section`,
     /// signed by the CA (or self-signed for the CA itself).
     fn cert(&self, name: &str, section: &str, subject: &str, san: Option<&str>) -> Result<()> {
         let key = self.str(&format!("{name}.key"));
         let crt = self.str(&format!("{name}.crt"));
+        self.cert_at((&key, &crt), section, subject, san)
+    }
+
+    /// A key and certificate at the paths `(key, crt)`, signed by the CA
+    /// unless they are the CA's own.
+    fn cert_at(
+        &self,
+        (key, crt): (&str, &str),
+        section: &str,
+        subject: &str,
+        san: Option<&str>,
+    ) -> Result<()> {
         let config = self.str("openssl.cnf");
         let (ca_crt, ca_key) = (self.str("ca.crt"), self.str("ca.key"));
         let mut args = vec![
@@ -124,15 +157,15 @@ impl Pki {
             "ec_paramgen_curve:prime256v1",
             "-nodes",
             "-keyout",
-            &key,
+            key,
             "-out",
-            &crt,
+            crt,
             "-days",
             DAYS,
             "-subj",
             subject,
         ];
-        if name != "ca" {
+        if crt != ca_crt {
             args.extend(["-CA", &ca_crt, "-CAkey", &ca_key]);
         }
         let san = san.map(|s| format!("subjectAltName={s}"));

@@ -1,10 +1,12 @@
 //! Starting, recognising and stopping the cluster's processes.
 //!
 //! A process of a [`Lifetime::Process`] cluster gets `PR_SET_PDEATHSIG`, so
-//! the kernel kills it when the harness dies, however it dies. The signal
-//! follows the *thread* that forked, so every such process is forked by one
-//! thread that lives as long as the process. A [`Lifetime::Detached`]
-//! process starts its own session and outlives the command that started it.
+//! the kernel kills it when the harness dies, however it dies, and a process
+//! group of its own, so that a Ctrl-C meant for the harness does not reach
+//! it. The signal follows the *thread* that forked, so every such process
+//! is forked by one thread that lives as long as the process. A
+//! [`Lifetime::Detached`] process starts its own session and outlives the
+//! command that started it.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -148,6 +150,12 @@ impl Spawn<'_> {
                 match lifetime {
                     Lifetime::Process => {
                         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        // Its own process group: a Ctrl-C in the terminal
+                        // reaches the owner, which tears the cluster down in
+                        // order, not etcd and the apiserver under it.
+                        if libc::setpgid(0, 0) != 0 {
                             return Err(std::io::Error::last_os_error());
                         }
                     }

@@ -240,11 +240,16 @@ impl SimNode {
         std::fs::create_dir_all(&capture_dir).map_err(|e| Error::io(&capture_dir, e))?;
         let log = inner.dir.join(format!("logs/agent-{}.log", self.name));
         let pods: Api<Pod> = Api::namespaced(inner.client()?, COMPONENT_NAMESPACE);
+        let mut labels = serde_json::Map::new();
+        labels.insert(AGENT_LABEL.0.into(), AGENT_LABEL.1.into());
+        for (k, v) in &options.labels {
+            labels.insert(k.clone(), v.clone().into());
+        }
         let object: Pod = serde_json::from_value(json!({
             "metadata": {
                 "name": pod_name,
                 "namespace": COMPONENT_NAMESPACE,
-                "labels": {AGENT_LABEL.0: AGENT_LABEL.1},
+                "labels": labels,
             },
             "spec": {
                 "nodeName": self.name,
@@ -277,23 +282,25 @@ impl SimNode {
         }
         cmd.args(&options.args);
         cmd.envs(options.env.iter().map(|(k, v)| (k, v)));
-        let child = Spawn {
+        let process = ClusterProcess::spawn(
+            inner,
+            &format!("agent-{}", self.name),
             cmd,
-            lifetime: inner.lifetime,
-            netns: Some(&self.netns),
-            log: &log,
-            pipe_stderr: false,
-        }
-        .start()?;
-        let proc = Proc::of(&format!("agent-{}", self.name), &child);
-        inner.record(|s| s.processes.push(proc.clone()));
-        let mut agent = SimAgent {
-            cluster: Arc::clone(inner),
-            pod: pod_name.clone(),
-            child: Some(child),
-            proc,
-            endpoint: SocketAddr::new(IpAddr::V4(self.ip()), options.port),
+            Some(&self.netns),
             log,
+        );
+        let process = match process {
+            Ok(p) => p,
+            Err(e) => {
+                force_delete_pods(inner, COMPONENT_NAMESPACE, &[&pod_name]);
+                return Err(e);
+            }
+        };
+        let mut agent = SimAgent {
+            pod: pod_name.clone(),
+            pod_exists: true,
+            process,
+            endpoint: SocketAddr::new(IpAddr::V4(self.ip()), options.port),
             capture_dir,
         };
         agent
@@ -301,10 +308,7 @@ impl SimNode {
             .await?;
         let ips = [self.ip().to_string(), self.ipv6().to_string()];
         patch_running(&pods, &pod_name, self, &ips, ("agent", AGENT_IMAGE)).await?;
-        if inner.lifetime == Lifetime::Detached {
-            // Its own session keeps it; `cluster down` stops it.
-            agent.child = None;
-        }
+        agent.process.detach_if_detached();
         Ok(agent)
     }
 }
@@ -534,6 +538,9 @@ pub struct AgentOptions {
     pub insecure_no_auth: bool,
     /// More arguments, after the ones above.
     pub args: Vec<String>,
+    /// Labels of its Pod besides `app=packet-capture-agent` (a controller's
+    /// `--agent-selector` can then pick these agents out).
+    pub labels: Vec<(String, String)>,
     pub env: Vec<(String, String)>,
     /// How long to wait for `listening on 0.0.0.0:<port>`.
     pub ready_timeout: Duration,
@@ -546,20 +553,126 @@ impl AgentOptions {
             port: 8080,
             insecure_no_auth: false,
             args: Vec::new(),
+            labels: Vec::new(),
             env: Vec::new(),
             ready_timeout: Duration::from_secs(60),
         }
     }
 }
 
-/// An agent process on a simulated node, and its Pod object.
-pub struct SimAgent {
+/// A process the cluster started and recorded in its state, so that the
+/// cluster's teardown (or `cargo xtask cluster down`) stops it if its owner
+/// does not. In a [`Lifetime::Process`] cluster it gets the parent-death
+/// signal and is stopped on drop; in a detached one it runs in its own
+/// session until `cluster down`.
+pub struct ClusterProcess {
     cluster: Arc<Inner>,
-    pod: String,
     child: Option<Child>,
     proc: Proc,
-    endpoint: SocketAddr,
     log: PathBuf,
+}
+
+impl ClusterProcess {
+    /// Starts `cmd` (in `netns`, or on the host) with stdout and stderr
+    /// appended to `log`, recorded under `role`.
+    pub(super) fn spawn(
+        cluster: &Arc<Inner>,
+        role: &str,
+        cmd: Command,
+        netns: Option<&str>,
+        log: PathBuf,
+    ) -> Result<Self> {
+        let child = Spawn {
+            cmd,
+            lifetime: cluster.lifetime,
+            netns,
+            log: &log,
+            pipe_stderr: false,
+        }
+        .start()?;
+        let proc = Proc::of(role, &child);
+        cluster.record(|s| s.processes.push(proc.clone()));
+        Ok(Self {
+            cluster: Arc::clone(cluster),
+            child: Some(child),
+            proc,
+            log,
+        })
+    }
+
+    /// A detached cluster's process is left to its own session.
+    pub(super) fn detach_if_detached(&mut self) {
+        if self.cluster.lifetime == Lifetime::Detached {
+            self.child = None;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid
+    }
+
+    /// Its stdout and stderr.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// How it exited, once it has; `None` while it runs (and for a process
+    /// that is not a child of this one).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// SIGTERM, then waits up to 10 s for it to exit (SIGKILL after that);
+    /// returns how it exited.
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        self.end(Duration::from_secs(10))
+    }
+
+    /// SIGKILL, as a crash: it cleans nothing up. Returns how it exited.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        self.end(Duration::ZERO)
+    }
+
+    /// Ends the process (SIGTERM with `grace`, then SIGKILL; no grace: at
+    /// once) and forgets it.
+    fn end(&mut self, grace: Duration) -> Result<ExitStatus> {
+        let mut child = self.child.take().ok_or_else(|| {
+            Error::Process(format!(
+                "{} (pid {}) is not a running child of this process",
+                self.proc.role, self.proc.pid
+            ))
+        })?;
+        self.proc.stop(grace);
+        let status = child
+            .wait()
+            .map_err(|e| Error::Process(format!("waiting for {}: {e}", self.proc.role)));
+        self.cluster
+            .record(|s| s.processes.retain(|p| *p != self.proc));
+        status
+    }
+}
+
+impl Drop for ClusterProcess {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// An agent process on a simulated node, and its Pod object.
+pub struct SimAgent {
+    pod: String,
+    /// Until `stop` or drop deletes it.
+    pod_exists: bool,
+    process: ClusterProcess,
+    endpoint: SocketAddr,
     capture_dir: PathBuf,
 }
 
@@ -575,7 +688,7 @@ impl SimAgent {
     }
 
     pub fn pid(&self) -> u32 {
-        self.proc.pid
+        self.process.pid()
     }
 
     pub fn pod_name(&self) -> &str {
@@ -584,11 +697,11 @@ impl SimAgent {
 
     /// The agent's stdout and stderr.
     pub fn log_path(&self) -> &Path {
-        &self.log
+        self.process.log_path()
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log()
     }
 
     /// Its `--capture-dir`.
@@ -605,11 +718,7 @@ impl SimAgent {
             if strip_ansi(&self.log()).contains(&marker) {
                 return Ok(());
             }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.process.exited() {
                 return Err(Error::Process(format!(
                     "the agent exited ({status}) before listening; its log:\n{}",
                     super::build::tail(&self.log(), 30)
@@ -626,26 +735,34 @@ impl SimAgent {
     }
 
     /// SIGTERM, then waits up to 10 s for the agent to finish its files and
-    /// exit (SIGKILL after that); returns how it exited.
+    /// exit (SIGKILL after that); returns how it exited. Its Pod goes too.
     pub fn stop(mut self) -> Result<ExitStatus> {
-        let status = self.terminate();
-        status.ok_or_else(|| Error::Process("the agent is not a child of this process".into()))
+        let status = self.process.stop();
+        self.delete_pod();
+        status
     }
 
-    fn terminate(&mut self) -> Option<ExitStatus> {
-        let mut child = self.child.take()?;
-        self.proc.stop(Duration::from_secs(10));
-        let status = child.wait().ok();
-        let inner = &self.cluster;
-        force_delete_pods(inner, COMPONENT_NAMESPACE, &[&self.pod]);
-        inner.record(|s| s.processes.retain(|p| *p != self.proc));
-        status
+    /// SIGKILL, as when the agent crashes or is OOM-killed: it finishes
+    /// nothing, and its Pod stays as it was (no kubelet notices), so the
+    /// agent just stops answering. Returns how it exited.
+    pub fn kill(&mut self) -> Result<ExitStatus> {
+        self.process.kill()
+    }
+
+    fn delete_pod(&mut self) {
+        if std::mem::take(&mut self.pod_exists) {
+            force_delete_pods(&self.process.cluster, COMPONENT_NAMESPACE, &[&self.pod]);
+        }
     }
 }
 
 impl Drop for SimAgent {
     fn drop(&mut self) {
-        self.terminate();
+        if self.process.cluster.lifetime == Lifetime::Detached {
+            return;
+        }
+        let _ = self.process.end(Duration::from_secs(10));
+        self.delete_pod();
     }
 }
 

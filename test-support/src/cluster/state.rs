@@ -180,6 +180,16 @@ pub fn teardown(dir: &Path, state: &State, grace: Duration) {
     let _ = fs::remove_dir_all(dir);
 }
 
+/// Removes the state root once the last cluster of the checkout is gone,
+/// so nothing is left behind (under the allocation lock, so that no start
+/// is creating a cluster in it meanwhile).
+pub fn remove_root_if_empty() {
+    if let Ok(_lock) = AllocationLock::take() {
+        // Fails, as it should, while the root holds a cluster.
+        let _ = fs::remove_dir(state_root());
+    }
+}
+
 pub fn delete_netns(name: &str) {
     let _ = Command::new("ip").args(["netns", "del", name]).output();
 }
@@ -217,10 +227,14 @@ extern "C" fn at_exit() {
         // Someone holds it while the process exits: leave it to the next start.
         Err(TryLockError::WouldBlock) => return,
     };
+    let any = !dirs.is_empty();
     for dir in dirs {
         if let Ok(state) = State::load(&dir) {
             teardown(&dir, &state, Duration::ZERO);
         }
+    }
+    if any {
+        remove_root_if_empty();
     }
 }
 

@@ -44,11 +44,12 @@ pub struct UpArgs {
     pub pods: usize,
 }
 
-/// A started cluster with its nodes and pods.
+/// A started cluster with its nodes and pods (dropped in this order: the
+/// pods, their nodes, the control plane).
 pub struct Running {
-    pub cluster: Cluster,
-    pub nodes: Vec<SimNode>,
     pub pods: Vec<SimPod>,
+    pub nodes: Vec<SimNode>,
+    pub cluster: Cluster,
 }
 
 /// Starts a cluster with `nodes` nodes and `pods` pods in [`POD_NAMESPACE`],

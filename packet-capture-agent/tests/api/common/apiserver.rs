@@ -11,10 +11,10 @@ use axum::extract::State;
 use axum::routing::post;
 use http::{HeaderMap, StatusCode};
 use packet_capture_proto::v1 as pb;
-use packet_capture_test_support::{AgentProcess, Netns};
+use packet_capture_test_support::Netns;
 use serde_json::{Value, json};
 
-use super::{Node, Rest, grpc, with_token};
+use super::{Rest, grpc_at, with_token};
 
 /// The credential the agent itself must present to the fake apiserver.
 pub const AGENT_CREDENTIAL: &str = "agent-credential";
@@ -31,12 +31,12 @@ pub struct Tokens {
     pub wrong_audience: String,
 }
 
-/// Starts the agent with `kubeconfig` and checks who may do what over REST
-/// and gRPC: 401 without or with a refused token, 403 without the right,
-/// success with it; health and metrics open.
-pub async fn check_auth(node: &Node, kubeconfig: &Path, tokens: &Tokens) -> AgentProcess {
-    let agent = node.agent(&[], &[("KUBECONFIG", kubeconfig.to_str().unwrap())]);
-    let rest = Rest::new(&agent);
+/// Checks who may do what over REST and gRPC on the agent at `url` (which
+/// authenticates with a cluster's review APIs): 401 without or with a
+/// refused token, 403 without the right, success with it; health and
+/// metrics open.
+pub async fn check_auth(url: &str, tokens: &Tokens) {
+    let rest = Rest::at(url);
     let body = json!({"id": "auth-1", "duration": 30, "targetIPs": ["10.77.0.2"]});
     let (get, post, delete) = (
         reqwest::Method::GET,
@@ -101,11 +101,11 @@ pub async fn check_auth(node: &Node, kubeconfig: &Path, tokens: &Tokens) -> Agen
     }
 
     // gRPC: the same decisions as status codes.
-    let mut c = grpc(&agent).await;
+    let mut c = grpc_at(url).await;
     let h = c.health(with_token(pb::HealthRequest {}, None)).await;
     assert!(h.is_ok(), "Health is open: {h:?}");
     let mut health = tonic_health::pb::health_client::HealthClient::new(
-        tonic::transport::Channel::from_shared(agent.url())
+        tonic::transport::Channel::from_shared(url.to_owned())
             .unwrap()
             .connect()
             .await
@@ -170,7 +170,6 @@ pub async fn check_auth(node: &Node, kubeconfig: &Path, tokens: &Tokens) -> Agen
         writer,
     );
     c.stop_capture(stop).await.expect("writer stops");
-    agent
 }
 
 /// An identity the fake apiserver knows.

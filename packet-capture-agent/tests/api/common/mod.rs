@@ -97,9 +97,14 @@ pub struct Rest {
 
 impl Rest {
     pub fn new(agent: &AgentProcess) -> Self {
+        Self::at(&agent.url())
+    }
+
+    /// The API of the agent at `url` (`http://<address>:<port>`).
+    pub fn at(url: &str) -> Self {
         Self {
             client: http(),
-            base: agent.url(),
+            base: url.to_owned(),
             token: None,
         }
     }
@@ -175,7 +180,11 @@ pub async fn json_of(r: reqwest::Response) -> serde_json::Value {
 }
 
 pub async fn grpc(agent: &AgentProcess) -> AgentClient<Channel> {
-    AgentClient::connect(agent.url())
+    grpc_at(&agent.url()).await
+}
+
+pub async fn grpc_at(url: &str) -> AgentClient<Channel> {
+    AgentClient::connect(url.to_owned())
         .await
         .expect("connecting to the agent over gRPC")
 }

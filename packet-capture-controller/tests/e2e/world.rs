@@ -1,0 +1,580 @@
+//! One scenario's world in the shared local control plane: a namespace,
+//! simulated nodes each with a pod and a real agent (authenticating its
+//! callers against the apiserver), and the real controller binary under its
+//! service account. The controller sees only the world's captures and agents
+//! (`--capture-selector` and `--agent-selector` on the world's label), so
+//! worlds run side by side in one cluster.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::api::PostParams;
+use kube::runtime::wait::await_condition;
+use kube::{Api, Client, ResourceExt};
+use packet_capture_common::crd::{
+    NodeCapture, PacketCaptureConfig, PacketCaptureConfigSpec, PacketCaptureConfigStatus, Phase,
+};
+use packet_capture_proto::v1::agent_client::AgentClient;
+use packet_capture_proto::v1::{
+    Capture, DownloadFileRequest, ListCapturesRequest, ListFilesRequest,
+};
+use packet_capture_test_support::cluster::{
+    AgentOptions, COMPONENT_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, Cluster, ClusterProcess,
+    SimAgent, SimNode, SimPod, TestNamespace,
+};
+use packet_capture_test_support::{unique_name, workspace_binary};
+use tokio::sync::OnceCell;
+use tonic::transport::Channel;
+
+/// The label that ties captures and agents to their world's controller.
+pub const WORLD_LABEL: &str = "e2e.packet.io/world";
+/// The audience of the controller's token for the agents.
+pub const AUDIENCE: &str = "packet-capture-agent";
+/// Longest wait for one status change.
+const WAIT: Duration = Duration::from_secs(90);
+
+/// What a world holds besides its controller.
+#[derive(Clone, Copy)]
+pub struct Setup {
+    /// Nodes, each with an agent and one pod (`pod-<i>`).
+    pub nodes: usize,
+    /// Serve the validating webhook (on a free port of the host).
+    pub webhook: bool,
+}
+
+pub const TWO_NODES: Setup = Setup {
+    nodes: 2,
+    webhook: false,
+};
+
+/// The agent binary (another package's, so not in `CARGO_BIN_EXE_*`).
+fn agent_binary() -> PathBuf {
+    workspace_binary(
+        "packet-capture-agent",
+        "packet-capture-agent",
+        &[
+            "packet-capture-agent/src",
+            "packet-capture-ebpf/src",
+            "packet-capture-common/src",
+            "proto",
+        ],
+    )
+}
+
+/// Once per test binary, as `make deploy` begins: the CRD, then the RBAC
+/// (so the agents may review tokens and the controller may act) and the
+/// settings ConfigMap (the controller reads AGENT_PORT from it).
+async fn install(cluster: &Cluster) {
+    static INSTALLED: OnceCell<()> = OnceCell::const_new();
+    INSTALLED
+        .get_or_init(|| async {
+            cluster.install_crd().await.expect("installing the CRD");
+            cluster
+                .apply(&["manifests/rbac.yaml", "manifests/config.yaml"])
+                .await
+                .expect("applying manifests/rbac.yaml and manifests/config.yaml");
+        })
+        .await;
+}
+
+/// A port nothing listens on now (the controller binds it on all addresses).
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv6Addr::UNSPECIFIED, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The controller binary under the controller service account's
+/// kubeconfig, on the host, as a process of the cluster.
+pub struct Controller {
+    cluster: &'static Cluster,
+    role: String,
+    args: Vec<String>,
+    process: Option<ClusterProcess>,
+}
+
+impl Controller {
+    fn start(cluster: &'static Cluster, role: String, args: Vec<String>) -> Self {
+        let mut c = Self {
+            cluster,
+            role,
+            args,
+            process: None,
+        };
+        c.restart();
+        c
+    }
+
+    /// Starts it (again, after [`Controller::kill`]); it appends to its log.
+    pub fn restart(&mut self) {
+        assert!(self.process.is_none(), "the controller already runs");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_packet-capture-controller"));
+        cmd.env(
+            "KUBECONFIG",
+            self.cluster
+                .service_account_kubeconfig(CONTROLLER_SERVICE_ACCOUNT),
+        )
+        .env("NO_COLOR", "1")
+        .args(&self.args);
+        let process = self
+            .cluster
+            .start_process(&self.role, cmd)
+            .expect("starting the controller");
+        self.process = Some(process);
+    }
+
+    /// SIGKILL, as a crash or an evicted pod: it cleans nothing up.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill().expect("killing the controller");
+        }
+    }
+
+    pub fn log(&self) -> String {
+        let path = self.cluster.dir().join(format!("logs/{}.log", self.role));
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
+    /// Waits until `addr` accepts connections (a listener offers no event to
+    /// another process), failing early with the log if the controller exits.
+    fn wait_listening(&mut self, addr: SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
+            if let Some(status) = self.process.as_mut().and_then(ClusterProcess::exited) {
+                panic!("the controller exited ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the controller does not listen on {addr}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A ping that runs until dropped.
+pub struct Pinging(#[allow(dead_code)] tokio::process::Child);
+
+/// A packet as tshark decodes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet {
+    pub src: String,
+    pub dst: String,
+    /// 8 echo request, 0 echo reply; empty for other packets.
+    pub icmp_type: String,
+}
+
+/// Where a world's controller serves the webhook.
+pub struct Webhook {
+    pub port: u16,
+    /// The CA that signed its certificate (PEM), for the `caBundle`.
+    pub ca: Vec<u8>,
+}
+
+pub struct World {
+    pub cluster: &'static Cluster,
+    pub client: Client,
+    /// The value of [`WORLD_LABEL`] on its captures and agents.
+    pub id: String,
+    pub token: String,
+    pub webhook: Option<Webhook>,
+    // Dropped in this order: the controller stops acting before the agents
+    // stop, the agents before their nodes go.
+    pub controller: Controller,
+    pub agents: Vec<SimAgent>,
+    pub pods: Vec<SimPod>,
+    pub nodes: Vec<SimNode>,
+    pub namespace: TestNamespace,
+}
+
+impl World {
+    /// The world for `test`, or `None` when the test cannot run here (no
+    /// root or tools, outside CI).
+    pub async fn start(test: &str, setup: Setup) -> Option<Self> {
+        let cluster = Cluster::for_test(test).await?;
+        install(cluster).await;
+        let client = cluster.client().expect("an admin client");
+        let id = unique_name("w");
+        let dir = cluster.dir().join("e2e").join(&id);
+        std::fs::create_dir_all(&dir).expect("the world's directory");
+        let namespace = cluster.namespace("e2e").await.expect("a namespace");
+        let options = AgentOptions {
+            labels: vec![(WORLD_LABEL.into(), id.clone())],
+            ..AgentOptions::new(agent_binary())
+        };
+        let (mut nodes, mut pods, mut agents) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..setup.nodes {
+            let node = cluster.add_node("e2e").await.expect("a node");
+            let pod = node.add_pod(namespace.name(), &format!("pod-{i}")).await;
+            pods.push(pod.expect("a pod"));
+            agents.push(node.start_agent(&options).await.expect("an agent"));
+            nodes.push(node);
+        }
+
+        // The controller's projected token for the agents, and its own
+        // service account's kubeconfig for the API.
+        let token = cluster
+            .token_for(COMPONENT_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, &[AUDIENCE])
+            .await
+            .expect("the controller's token for the agents");
+        let token_file = dir.join("agent-token");
+        std::fs::write(&token_file, &token).expect("writing the token");
+        let selector = format!("{WORLD_LABEL}={id}");
+        let mut args: Vec<String> = vec![
+            "--capture-selector".into(),
+            selector.clone(),
+            "--agent-selector".into(),
+            format!("app=packet-capture-agent,{selector}"),
+            "--agent-token-file".into(),
+            token_file.display().to_string(),
+            "--metrics-port".into(),
+            free_port().to_string(),
+            "--identity".into(),
+            id.clone(),
+            "--log-level".into(),
+            "DEBUG".into(),
+        ];
+        let webhook = setup.webhook.then(|| {
+            let certs = dir.join("webhook");
+            let ca = cluster
+                .serving_certificate(&certs, &[IpAddr::V4(cluster.host_ip())])
+                .expect("the webhook's certificate");
+            let port = free_port();
+            args.extend([
+                "--webhook-port".into(),
+                port.to_string(),
+                "--webhook-cert-dir".into(),
+                certs.display().to_string(),
+            ]);
+            Webhook { port, ca }
+        });
+        if webhook.is_none() {
+            args.push("--disable-webhook".into());
+        }
+        let mut controller = Controller::start(cluster, format!("controller-{id}"), args);
+        if let Some(hook) = &webhook {
+            controller.wait_listening(SocketAddr::new(IpAddr::V4(cluster.host_ip()), hook.port));
+        }
+        Some(Self {
+            cluster,
+            client,
+            id,
+            token,
+            webhook,
+            controller,
+            agents,
+            pods,
+            nodes,
+            namespace,
+        })
+    }
+
+    pub fn api(&self) -> Api<PacketCaptureConfig> {
+        Api::all(self.client.clone())
+    }
+
+    /// A capture of this world (labelled for its controller).
+    pub fn capture(&self, spec: PacketCaptureConfigSpec) -> PacketCaptureConfig {
+        let mut pcc = PacketCaptureConfig::new(&unique_name("cap"), spec);
+        pcc.metadata.labels = Some([(WORLD_LABEL.to_string(), self.id.clone())].into());
+        pcc
+    }
+
+    pub async fn create(&self, spec: PacketCaptureConfigSpec) -> PacketCaptureConfig {
+        self.api()
+            .create(&PostParams::default(), &self.capture(spec))
+            .await
+            .expect("creating the PacketCaptureConfig")
+    }
+
+    /// Waits (on watch events) until the resource satisfies `cond`.
+    pub async fn until(
+        &self,
+        name: &str,
+        what: &str,
+        cond: impl Fn(&PacketCaptureConfig) -> bool + Send + 'static,
+    ) -> PacketCaptureConfig {
+        let wait = await_condition(self.api(), name, move |p: Option<&PacketCaptureConfig>| {
+            p.is_some_and(&cond)
+        });
+        match tokio::time::timeout(WAIT, wait).await {
+            Ok(Ok(Some(p))) => p,
+            Ok(Ok(None)) => panic!("{name} is gone while waiting for {what}"),
+            Ok(Err(e)) => panic!("watching {name}: {e}"),
+            Err(_) => {
+                let now = self.api().get_opt(name).await.ok().flatten();
+                panic!(
+                    "{name}: no {what} within {WAIT:?}; status: {:#?}",
+                    now.and_then(|p| p.status)
+                )
+            }
+        }
+    }
+
+    pub async fn until_phase(&self, name: &str, phase: Phase) -> PacketCaptureConfig {
+        self.until(name, &format!("phase {phase:?}"), move |p| {
+            p.status.as_ref().and_then(|s| s.phase) == Some(phase)
+        })
+        .await
+    }
+
+    /// Waits until the status of `generation` shows the capture running on
+    /// `nodes` nodes (so traffic from now on is captured everywhere).
+    pub async fn until_running_on(
+        &self,
+        name: &str,
+        generation: i64,
+        nodes: usize,
+    ) -> PacketCaptureConfig {
+        self.until(
+            name,
+            &format!("generation {generation} running on {nodes} nodes"),
+            move |p| {
+                p.status.as_ref().is_some_and(|s| {
+                    s.observed_generation == Some(generation)
+                        && s.capture_files.len() == nodes
+                        && s.capture_files.values().all(|e| e.status == "running")
+                })
+            },
+        )
+        .await
+    }
+
+    /// `count` pings from pod `from` to pod `to`, all answered.
+    pub async fn ping(&self, from: usize, to: usize, count: u32) {
+        let mut cmd = tokio::process::Command::from(self.pods[from].command("ping"));
+        let out = cmd
+            .args(["-n", "-c", &count.to_string(), "-i", "0.2", "-W", "2"])
+            .arg(self.pods[to].ip().to_string())
+            .output()
+            .await
+            .expect("running ping");
+        assert!(
+            out.status.success(),
+            "ping from pod {from} to pod {to}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A gRPC client of node `node`'s agent, at the address the controller uses.
+    pub async fn agent(&self, node: usize) -> AgentClient<Channel> {
+        let uri = format!("http://{}", self.agents[node].endpoint());
+        AgentClient::connect(uri)
+            .await
+            .expect("connecting to the agent")
+    }
+
+    /// A request with the controller's token.
+    pub fn authed<T>(&self, message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        let value = format!("Bearer {}", self.token).parse().expect("a header");
+        r.metadata_mut().insert("authorization", value);
+        r
+    }
+
+    /// The captures of a resource (by uid) on a node's agent.
+    pub async fn captures_of(&self, node: usize, uid: &str) -> Vec<Capture> {
+        let list = self
+            .agent(node)
+            .await
+            .list_captures(self.authed(ListCapturesRequest {}))
+            .await
+            .expect("ListCaptures")
+            .into_inner();
+        list.captures
+            .into_iter()
+            .filter(|c| c.id.starts_with(uid))
+            .collect()
+    }
+
+    /// Downloads the file a capture wrote on `node` (or its compressed
+    /// copy) through DownloadFile, and decodes its packets with tshark.
+    pub async fn packets_in(&self, node: usize, output_file: &str) -> Vec<Packet> {
+        let name = Path::new(output_file)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_else(|| panic!("no file name in {output_file:?}"));
+        let mut agent = self.agent(node).await;
+        let files = agent
+            .list_files(self.authed(ListFilesRequest {}))
+            .await
+            .expect("ListFiles")
+            .into_inner()
+            .files;
+        let file = files
+            .iter()
+            .find(|f| f.name == name || f.name.starts_with(&format!("{name}.")))
+            .unwrap_or_else(|| panic!("node {node} lists no {name}: {files:?}"))
+            .name
+            .clone();
+        let mut stream = agent
+            .download_file(self.authed(DownloadFileRequest { name: file.clone() }))
+            .await
+            .expect("DownloadFile")
+            .into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            bytes.extend(chunk.expect("a chunk of the file").data);
+        }
+        let path = self
+            .cluster
+            .dir()
+            .join("e2e")
+            .join(&self.id)
+            .join(format!("node{node}-{file}"));
+        std::fs::write(&path, &bytes).expect("writing the download");
+        let out = Command::new("tshark")
+            .args(["-n", "-r"])
+            .arg(&path)
+            .args(["-T", "fields", "-E", "separator=,"])
+            .args(["-e", "ip.src", "-e", "ip.dst", "-e", "icmp.type"])
+            .output()
+            .expect("running tshark");
+        assert!(
+            out.status.success(),
+            "tshark cannot read {file} of node {node}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                let mut f = l.split(',').map(str::to_string);
+                let mut next = || f.next().unwrap_or_default();
+                Packet {
+                    src: next(),
+                    dst: next(),
+                    icmp_type: next(),
+                }
+            })
+            .collect()
+    }
+
+    /// The file of a capture on `node` holds an echo request from pod `a`
+    /// to pod `b` and its reply; returns all its packets.
+    pub async fn assert_pings_in(
+        &self,
+        node: usize,
+        output_file: &str,
+        a: usize,
+        b: usize,
+    ) -> Vec<Packet> {
+        let packets = self.packets_in(node, output_file).await;
+        let (a, b) = (self.pods[a].ip().to_string(), self.pods[b].ip().to_string());
+        let has = |src: &str, dst: &str, icmp: &str| {
+            packets
+                .iter()
+                .any(|p| p.src == src && p.dst == dst && p.icmp_type == icmp)
+        };
+        assert!(
+            has(&a, &b, "8") && has(&b, &a, "0"),
+            "node {node}: no echo request {a} > {b} and reply in {output_file}: {packets:?}"
+        );
+        packets
+    }
+
+    /// Creates the capture and waits until it runs on `nodes` nodes; the
+    /// created resource and its name.
+    pub async fn start_capture(
+        &self,
+        spec: PacketCaptureConfigSpec,
+        nodes: usize,
+    ) -> (PacketCaptureConfig, String) {
+        let pcc = self.create(spec).await;
+        let name = pcc.name_any();
+        self.until_running_on(&name, 1, nodes).await;
+        (pcc, name)
+    }
+
+    /// Pod `from` pings pod `to` every 0.2 s until the guard drops.
+    pub fn pinging(&self, from: usize, to: usize) -> Pinging {
+        let mut cmd = tokio::process::Command::from(self.pods[from].command("ping"));
+        let child = cmd
+            .args(["-n", "-q", "-i", "0.2"])
+            .arg(self.pods[to].ip().to_string())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting ping");
+        Pinging(child)
+    }
+
+    /// Node `node`'s entry in the status.
+    pub fn entry<'s>(&self, status: &'s PacketCaptureConfigStatus, node: usize) -> &'s NodeCapture {
+        let ip = self.nodes[node].ip().to_string();
+        status
+            .capture_files
+            .get(&ip)
+            .unwrap_or_else(|| panic!("no entry for node {node} ({ip}) in {status:#?}"))
+    }
+
+    /// Every node's capture completed, and its file holds pod 0's pings
+    /// of pod 1 and their replies; the packets of each node.
+    pub async fn assert_all_completed_with_pings(
+        &self,
+        status: &PacketCaptureConfigStatus,
+    ) -> Vec<Vec<Packet>> {
+        let mut all = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let entry = self.entry(status, i);
+            assert_eq!(
+                (entry.node.as_str(), entry.status.as_str()),
+                (node.name(), "completed"),
+                "{entry:?}"
+            );
+            assert!(entry.file_size > 0 && entry.packets > 0, "{entry:?}");
+            all.push(self.assert_pings_in(i, &entry.output_file, 0, 1).await);
+        }
+        all
+    }
+
+    /// The uid of a resource.
+    pub fn uid(pcc: &PacketCaptureConfig) -> String {
+        pcc.uid().expect("a stored resource has a uid")
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.controller.log();
+            let notable: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    [" WARN ", " ERROR ", "agent call failed", "stopped earlier"]
+                        .iter()
+                        .any(|w| l.contains(w))
+                })
+                .collect();
+            eprintln!(
+                "--- world {}: the controller's warnings and failed agent calls ---\n{}",
+                self.id,
+                tail(&notable.join("\n"), 40)
+            );
+            eprintln!(
+                "--- world {}: the controller's log (end) ---\n{}",
+                self.id,
+                tail(&log, 30)
+            );
+            for agent in &self.agents {
+                eprintln!(
+                    "--- the agent {} (end of {}) ---\n{}",
+                    agent.pod_name(),
+                    agent.log_path().display(),
+                    tail(&agent.log(), 30)
+                );
+            }
+        }
+    }
+}
