@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: the project's chores, in Rust so they run wherever
 //! cargo does.
 
+mod bench;
 #[cfg(test)]
 mod chart;
 mod cluster;
@@ -56,6 +57,9 @@ enum Task {
     Cluster(cluster::Command),
     /// Run the whole system on a local control plane and show a capture.
     Demo,
+    /// Measure the agent against tcpdump on the same traffic (as root);
+    /// `--out docs/benchmarks.md` writes the report and its plots.
+    Bench(bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         Task::Manifests { check } => manifests::run(check),
         Task::CrossCheck { release } => cross::run(release),
         Task::Cluster(command) => cluster::run(command),
+        Task::Bench(args) => bench::run_cli(args),
         Task::Demo => anyhow::bail!(
             "the demo needs the controller, which is not part of this checkout yet; \
              `cargo xtask cluster up` starts the local control plane alone"
