@@ -440,14 +440,14 @@ fn count(index: u32) {
 /// Records a lost packet under the mask of the slots that wanted it.
 #[inline(always)]
 fn count_lost(mask: u64) {
-    if let Some(c) = LOST_BY_MASK.get_ptr_mut(&mask) {
+    if let Some(c) = LOST_BY_MASK.get_ptr_mut(mask) {
         // SAFETY: a per-CPU value is only touched by programs on this CPU.
         unsafe { *c += 1 };
         return;
     }
     // A new mask: this CPU starts at one, the others at zero. When the
     // map is full the loss still shows in RING_LOST, unattributed.
-    if LOST_BY_MASK.insert(&mask, &1, 0).is_err() {
+    if LOST_BY_MASK.insert(mask, 1, 0).is_err() {
         count(counter::LOST_UNATTRIBUTED);
     }
 }
