@@ -31,6 +31,9 @@ use generator::Sent;
 use procstat::SystemCpu;
 use topology::{SENDER_IP, Topology, UDP_PORT};
 
+/// What follows this line in the report is kept when it is written again.
+const NOTES_MARKER: &str = "<!-- notes: kept when cargo xtask bench writes this file again -->";
+
 /// Snaplen of both capturers: tcpdump's default, and the agent's.
 pub const SNAPLEN: u32 = 262_144;
 
@@ -269,7 +272,15 @@ pub fn run_cli(args: Args) -> anyhow::Result<()> {
         Some(out) => {
             let dir = out.parent().unwrap_or(Path::new("."));
             let plots = report::plots(&report, dir)?;
-            let text = report::markdown(&report, &plots);
+            let mut text = report::markdown(&report, &plots);
+            // Notes written by hand below the marker survive a new run.
+            if let Some(notes) = std::fs::read_to_string(out)
+                .ok()
+                .and_then(|old| old.find(NOTES_MARKER).map(|at| old[at..].to_owned()))
+            {
+                text.push('\n');
+                text.push_str(&notes);
+            }
             std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
             let json = out.with_extension("json");
             std::fs::write(&json, serde_json::to_string_pretty(&report)? + "\n")
