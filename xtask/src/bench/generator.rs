@@ -33,11 +33,12 @@ pub struct Flow {
 }
 
 /// How fast to send.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Rate {
     /// Packets per second, paced.
     Pps(u64),
     /// As fast as the generator goes.
+    #[default]
     Max,
 }
 

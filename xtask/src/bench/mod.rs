@@ -22,7 +22,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::util::{root, step};
 use capture::{Agent, AgentCapture, AgentSettings, Ended, Tcpdump};
@@ -57,10 +57,47 @@ pub struct Args {
     /// packet-capture-agent` builds it.
     #[arg(long)]
     agent: Option<PathBuf>,
+    /// Only these rates (frames/s, or `max`), e.g. `--rates 300000,max`.
+    #[arg(long, value_delimiter = ',', value_parser = parse_rate)]
+    rates: Option<Vec<Rate>>,
+    /// Only these frame sizes in bytes, e.g. `--sizes 1442`.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u16).range(60..=1514))]
+    sizes: Option<Vec<u16>>,
+    /// Only these modes: none, tcpdump, agent, both.
+    #[arg(long, value_delimiter = ',', value_parser = parse_mode)]
+    modes: Option<Vec<Mode>>,
+    /// Skip the TCP bulk run and the compression timing.
+    #[arg(long)]
+    udp_only: bool,
+    /// Run nothing: write the report (`--out`) again from the results a run
+    /// saved (the `.json` beside its report).
+    #[arg(long, requires = "out", conflicts_with_all = ["quick", "agent"])]
+    from_json: Option<PathBuf>,
+}
+
+fn parse_rate(s: &str) -> Result<Rate, String> {
+    if s == "max" {
+        return Ok(Rate::Max);
+    }
+    let pps = match s.strip_suffix('k') {
+        Some(k) => k.parse::<u64>().map(|k| k * 1000),
+        None => s.parse::<u64>(),
+    };
+    pps.ok()
+        .filter(|&p| p > 0)
+        .map(Rate::Pps)
+        .ok_or_else(|| format!("{s:?} is not a rate (frames per second, 25k, or max)"))
+}
+
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    Mode::ALL
+        .into_iter()
+        .find(|m| format!("{m:?}").eq_ignore_ascii_case(s))
+        .ok_or_else(|| format!("{s:?} is not a mode (none, tcpdump, agent, both)"))
 }
 
 /// What is captured in a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Mode {
     None,
     Tcpdump,
@@ -159,7 +196,7 @@ fn default_work_dir() -> PathBuf {
 }
 
 /// One capturer's results in one run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Measured {
     /// Distinct sequence numbers in its file.
     pub captured: u64,
@@ -192,7 +229,7 @@ impl Measured {
 }
 
 /// One run: a frame size, a rate, a mode, a repetition.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Run {
     pub size: usize,
     pub rate: String,
@@ -219,7 +256,7 @@ pub struct Run {
 }
 
 /// The machine and the software the numbers came from.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Environment {
     pub cpu_model: String,
     pub cores: usize,
@@ -235,7 +272,7 @@ pub struct Environment {
     pub generator_cpu: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub environment: Environment,
     pub duration_secs: f64,
@@ -248,6 +285,16 @@ pub struct Report {
 }
 
 pub fn run_cli(args: Args) -> anyhow::Result<()> {
+    if let Some(json) = &args.from_json {
+        let text = std::fs::read_to_string(json)
+            .with_context(|| format!("reading {}", json.display()))?;
+        let mut report: Report =
+            serde_json::from_str(&text).with_context(|| format!("{}", json.display()))?;
+        for run in &mut report.runs {
+            run.rate_kind = parse_rate(&run.rate)?;
+        }
+        return write_report(&report, args.out.as_deref());
+    }
     let agent = match args.agent {
         Some(path) => path,
         None => build_agent(true)?,
@@ -263,43 +310,56 @@ pub fn run_cli(args: Args) -> anyhow::Result<()> {
     if let Some(r) = args.repetitions {
         config.repetitions = r.max(1);
     }
+    if let Some(rates) = args.rates {
+        config.rates = rates;
+    }
+    if let Some(sizes) = args.sizes {
+        config.sizes = sizes.into_iter().map(usize::from).collect();
+    }
+    if let Some(modes) = args.modes {
+        config.modes = modes;
+    }
+    if args.udp_only {
+        config.tcp = None;
+        config.compression = false;
+    }
     let command = std::iter::once("cargo xtask".to_owned())
         .chain(std::env::args().skip(1))
         .collect::<Vec<_>>()
         .join(" ");
     let report = run(&config, &command)?;
-    let text = match &args.out {
-        Some(out) => {
-            let dir = out.parent().unwrap_or(Path::new("."));
-            let plots = report::plots(&report, dir)?;
-            let mut text = report::markdown(&report, &plots);
-            // Notes written by hand below the marker survive a new run.
-            if let Some(notes) = std::fs::read_to_string(out)
-                .ok()
-                .and_then(|old| old.find(NOTES_MARKER).map(|at| old[at..].to_owned()))
-            {
-                text.push('\n');
-                text.push_str(&notes);
-            }
-            std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
-            let json = out.with_extension("json");
-            std::fs::write(&json, serde_json::to_string_pretty(&report)? + "\n")
-                .with_context(|| format!("writing {}", json.display()))?;
-            step(format!(
-                "wrote {}, {} and {} plots",
-                out.display(),
-                json.display(),
-                plots.len()
-            ));
-            text
-        }
-        None => report::markdown(&report, &[]),
+    write_report(&report, args.out.as_deref())
+}
+
+/// Writes the report, its plots and its results (JSON) beside `out`, or the
+/// report to stdout.
+fn write_report(report: &Report, out: Option<&Path>) -> anyhow::Result<()> {
+    let Some(out) = out else {
+        println!("{}", report::markdown(report, &[]));
+        return Ok(());
     };
-    if args.out.is_none() {
-        println!("{text}");
-    } else {
-        println!("{}", report::targets_section(&report));
+    let dir = out.parent().unwrap_or(Path::new("."));
+    let plots = report::plots(report, dir)?;
+    let mut text = report::markdown(report, &plots);
+    // Notes written by hand below the marker survive a new run.
+    if let Some(notes) = std::fs::read_to_string(out)
+        .ok()
+        .and_then(|old| old.find(NOTES_MARKER).map(|at| old[at..].to_owned()))
+    {
+        text.push('\n');
+        text.push_str(&notes);
     }
+    std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
+    let json = out.with_extension("json");
+    std::fs::write(&json, serde_json::to_string_pretty(report)? + "\n")
+        .with_context(|| format!("writing {}", json.display()))?;
+    step(format!(
+        "wrote {}, {} and {} plots",
+        out.display(),
+        json.display(),
+        plots.len()
+    ));
+    println!("{}", report::targets_section(report));
     Ok(())
 }
 
@@ -346,6 +406,8 @@ impl Drop for WorkDir {
 /// Runs the benchmark and returns its results.
 pub fn run(config: &Config, command: &str) -> anyhow::Result<Report> {
     let load_before = procstat::loadavg();
+    // The commit as it is when the measurement starts.
+    let started_env = environment();
     std::fs::create_dir_all(&config.work_dir)
         .with_context(|| format!("creating {}", config.work_dir.display()))?;
     let work = WorkDir(config.work_dir.clone());
@@ -408,7 +470,7 @@ pub fn run(config: &Config, command: &str) -> anyhow::Result<Report> {
         load_after: procstat::loadavg(),
         command: command.to_owned(),
         generator_cpu,
-        ..environment()
+        ..started_env
     };
     Ok(Report {
         environment,

@@ -77,7 +77,7 @@ pub fn sequences(path: &Path, port: u16, sent: u64) -> anyhow::Result<Sequences>
 }
 
 /// The lengths of a TCP capture's frames.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Lengths {
     pub frames: u64,
     /// Sum of the lengths on the wire.

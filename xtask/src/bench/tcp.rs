@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 
 use anyhow::{Context as _, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::capture::{Agent, AgentCapture, AgentSettings, Tcpdump};
 use super::pcapfile::{self, Lengths};
@@ -37,14 +37,14 @@ impl Default for TcpConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Side {
     pub lengths: Lengths,
     pub reported_drops: u64,
     pub valid: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TcpResult {
     pub seconds: u64,
     pub bitrate: String,
