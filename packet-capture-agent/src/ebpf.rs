@@ -36,8 +36,6 @@ pub enum Error {
     },
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
-    #[error("listing CPUs: {0}")]
-    Cpus(std::io::Error),
 }
 
 /// Which programs an interface gets.
@@ -137,9 +135,7 @@ impl Kernel {
     /// `ring_bytes` (a power of two, at least a page), and returns them with
     /// the ring buffer the reader takes.
     pub fn load(ring_bytes: u32) -> Result<(Self, RingBuf<MapData>), Error> {
-        let scratch_entries = possible_cpus().map_err(Error::Cpus)?;
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries("SCRATCH", scratch_entries)
             .map_max_entries("RECORDS", ring_bytes)
             .load(OBJECT)?;
         for name in ["tc_ingress", "tc_egress", "tc_ingress_l3", "tc_egress_l3"] {
@@ -413,23 +409,6 @@ impl Kernel {
     }
 }
 
-/// How many CPU ids the kernel may use (`bpf_get_smp_processor_id` is below
-/// it), from `/sys/devices/system/cpu/possible` ("0-3,6").
-fn possible_cpus() -> std::io::Result<u32> {
-    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
-    Ok(parse_cpu_list(&text).unwrap_or(1))
-}
-
-fn parse_cpu_list(text: &str) -> Option<u32> {
-    text.trim()
-        .split(',')
-        .map(|part| part.rsplit('-').next()?.parse::<u32>().ok())
-        .collect::<Option<Vec<u32>>>()?
-        .into_iter()
-        .max()
-        .map(|highest| highest + 1)
-}
-
 /// For every prefix of every slot, the slots whose networks contain it: the
 /// longest-prefix match in the kernel then yields every slot that wants an
 /// address, not only the one with the most specific network.
@@ -485,14 +464,6 @@ mod tests {
         assert_eq!(get("192.168.0.0/24"), 0b100000);
         assert_eq!(get("fd00::/16"), 0b1);
         assert_eq!(masks.len(), 5);
-    }
-
-    #[test]
-    fn cpu_lists() {
-        assert_eq!(parse_cpu_list("0-1\n"), Some(2));
-        assert_eq!(parse_cpu_list("0-3,6"), Some(7));
-        assert_eq!(parse_cpu_list("0"), Some(1));
-        assert_eq!(parse_cpu_list("x"), None);
     }
 
     #[test]

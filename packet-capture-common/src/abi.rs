@@ -17,10 +17,6 @@ pub const DEFAULT_SNAPLEN: u32 = MAX_SNAPLEN;
 /// multiple of the page size). The agent sizes it at load time.
 pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
 
-/// Bytes of the per-CPU staging buffer a record is built in: a header and
-/// the largest copy.
-pub const SCRATCH_LEN: usize = RECORD_HEADER_LEN + MAX_SNAPLEN as usize;
-
 /// Entries of the port map: one per port number.
 pub const PORT_ENTRIES: u32 = 65_536;
 

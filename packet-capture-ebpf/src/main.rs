@@ -10,15 +10,15 @@
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_skb_load_bytes},
+    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{classifier, map},
     maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::TcContext,
 };
 use packet_capture_common::abi::{
     DEFAULT_RING_BYTES, DIRECTION_EGRESS, DIRECTION_INGRESS, LINK_ETHERNET, LINK_RAW_IP,
-    LOST_MASKS, MAX_PREFIXES, MAX_SNAPLEN, PORT_ENTRIES, RECORD_HEADER_LEN, RecordHeader,
-    SCRATCH_LEN, Settings, counter,
+    LOST_MASKS, MAX_PREFIXES, MAX_SNAPLEN, PORT_ENTRIES, RECORD_HEADER_LEN, RecordHeader, Settings,
+    counter,
 };
 
 /// Neither pass nor drop: let the next program or filter decide, as if this
@@ -64,12 +64,6 @@ static PORTS: Array<u64> = Array::with_max_entries(PORT_ENTRIES, 0);
 
 #[map]
 static RECORDS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
-
-/// One staging buffer per CPU (the agent sets the entry count). A per-CPU
-/// array cannot hold values this large; TC programs do not migrate or nest
-/// on a CPU, so indexing by CPU is as safe.
-#[map]
-static SCRATCH: Array<[u8; SCRATCH_LEN]> = Array::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
@@ -142,14 +136,26 @@ fn capture(ctx: &TcContext, direction: u8, link: u8) {
     emit(ctx, mask, direction, link, settings);
 }
 
+/// What a record says besides the packet's bytes and the skb's fields.
+#[derive(Clone, Copy)]
+struct Record {
+    mask: u64,
+    orig_len: u32,
+    cap_len: u32,
+    wakeup_bytes: u32,
+    direction: u8,
+    link: u8,
+}
+
 /// Copies the packet into the ring buffer behind a header.
+///
+/// The record is reserved in the ring at the smallest of a set of sizes
+/// that holds it (`bpf_ringbuf_reserve` needs a size the verifier knows),
+/// and the packet is copied once, from the skb straight into the ring. The
+/// sizes fit common frames closely: 1536 tunnels' 1442-byte frames, 1600 full
+/// 1514-byte Ethernet frames, 9088 jumbo frames, 65664 GSO/GRO super-frames.
 #[inline(always)]
 fn emit(ctx: &TcContext, mask: u64, direction: u8, link: u8, settings: &Settings) {
-    // SAFETY: a helper without arguments.
-    let cpu = unsafe { bpf_get_smp_processor_id() };
-    let Some(scratch) = SCRATCH.get_ptr_mut(cpu) else {
-        return;
-    };
     let orig_len = ctx.len();
     let mut cap_len = orig_len;
     if cap_len > settings.snaplen {
@@ -161,6 +167,38 @@ fn emit(ctx: &TcContext, mask: u64, direction: u8, link: u8, settings: &Settings
     if cap_len == 0 {
         return;
     }
+    let record = Record {
+        mask,
+        orig_len,
+        cap_len,
+        wakeup_bytes: settings.wakeup_bytes,
+        direction,
+        link,
+    };
+    let need = RECORD_HEADER_LEN as u32 + cap_len;
+    macro_rules! by_size {
+        ($($size:literal),+ $(,)?) => {
+            $(if need <= $size {
+                emit_in::<$size>(ctx, &record);
+                return;
+            })+
+        };
+    }
+    // The last holds a header and MAX_SNAPLEN bytes.
+    by_size!(
+        128, 256, 512, 1024, 1536, 1600, 2048, 4096, 9088, 16384, 32768, 65664, 131136, 262184,
+    );
+}
+
+/// Reserves an `N`-byte record, writes the header and copies the packet
+/// into it, and submits it (or counts it lost when the ring is full).
+#[inline(always)]
+fn emit_in<const N: usize>(ctx: &TcContext, r: &Record) {
+    let Some(mut entry) = RECORDS.reserve_bytes(N, 0) else {
+        count(counter::RING_LOST);
+        count_lost(r.mask);
+        return;
+    };
     let skb = ctx.skb.skb;
     // SAFETY: the TC context points at a valid __sk_buff.
     let (ifindex, vlan_present, vlan_tci, vlan_proto, protocol) = unsafe {
@@ -172,11 +210,12 @@ fn emit(ctx: &TcContext, mask: u64, direction: u8, link: u8, settings: &Settings
             u16::from_be((*skb).protocol as u16),
         )
     };
-    let base = scratch.cast::<u8>();
-    let header = scratch.cast::<RecordHeader>();
-    // SAFETY: scratch holds SCRATCH_LEN bytes and the header fits; the copy
-    // is bounded by MAX_SNAPLEN below, which the verifier checks too.
-    unsafe {
+    let base = entry.as_mut_ptr();
+    let header = base.cast::<RecordHeader>();
+    // SAFETY: the reservation holds N >= 128 bytes, 8-aligned, so the
+    // header fits; the copy is bounded by N - RECORD_HEADER_LEN below, which
+    // the verifier checks too.
+    let copied = unsafe {
         // One volatile store per field: LLVM would merge plain stores of
         // zeros into a memset, a byte loop whose variable pointer arithmetic
         // the verifier refuses without CAP_PERFMON.
@@ -186,46 +225,59 @@ fn emit(ctx: &TcContext, mask: u64, direction: u8, link: u8, settings: &Settings
             };
         }
         store!(
-            slot_mask = mask,
+            slot_mask = r.mask,
             ktime_ns = bpf_ktime_get_ns(),
             ifindex = ifindex,
-            orig_len = orig_len,
-            cap_len = cap_len,
+            orig_len = r.orig_len,
+            cap_len = r.cap_len,
             vlan_tci = vlan_tci,
             vlan_proto = vlan_proto,
             protocol = protocol,
             vlan_present = vlan_present,
-            direction = direction,
-            link = link,
+            direction = r.direction,
+            link = r.link,
         );
         let pad = core::ptr::addr_of_mut!((*header)._pad).cast::<u8>();
         for i in 0..3 {
             pad.add(i).write_volatile(0);
         }
         let data = base.add(RECORD_HEADER_LEN);
-        // The verifier must see 1..=MAX_SNAPLEN on the very register passed
-        // to the helper; a volatile read keeps LLVM from dropping the check
-        // as redundant with the clamps above.
-        let len = core::ptr::read_volatile(&cap_len);
-        if len == 0 || len > MAX_SNAPLEN {
-            return;
-        }
-        if bpf_skb_load_bytes(skb.cast(), 0, data.cast(), len) != 0 {
-            count(counter::LOAD_FAILED);
-            return;
-        }
-        let record = core::slice::from_raw_parts(base, RECORD_HEADER_LEN + len as usize);
-        // Batch wake-ups: the reader also polls on a short timer.
-        let flags = if RECORDS.query(BPF_RB_AVAIL_DATA as u64) >= u64::from(settings.wakeup_bytes) {
-            BPF_RB_FORCE_WAKEUP
+        // The verifier must see 1..=N - RECORD_HEADER_LEN on the very
+        // register passed to the helper. A volatile read keeps LLVM from
+        // dropping the checks as redundant with the bucket choice, and a
+        // volatile 8-byte round trip through the stack (which the verifier
+        // follows, bounds and all) between the two checks keeps LLVM from
+        // folding them into one subtract-and-compare that bounds another
+        // register.
+        let len = u64::from(core::ptr::read_volatile(&r.cap_len));
+        if len > (N - RECORD_HEADER_LEN) as u64 {
+            false
         } else {
-            BPF_RB_NO_WAKEUP
-        };
-        if RECORDS.output::<[u8]>(record, flags as u64).is_err() {
-            count(counter::RING_LOST);
-            count_lost(mask);
+            let mut spill: u64 = 0;
+            core::ptr::write_volatile(&mut spill, len);
+            let len = core::ptr::read_volatile(&spill);
+            if len == 0 {
+                false
+            } else if bpf_skb_load_bytes(skb.cast(), 0, data.cast(), len as u32) != 0 {
+                count(counter::LOAD_FAILED);
+                count_lost(r.mask);
+                false
+            } else {
+                true
+            }
         }
+    };
+    if !copied {
+        entry.discard(BPF_RB_NO_WAKEUP as u64);
+        return;
     }
+    // Batch wake-ups: the reader also polls on a short timer.
+    let flags = if RECORDS.query(BPF_RB_AVAIL_DATA as u64) >= u64::from(r.wakeup_bytes) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags as u64);
 }
 
 #[inline(always)]
@@ -388,14 +440,14 @@ fn count(index: u32) {
 /// Records a lost packet under the mask of the slots that wanted it.
 #[inline(always)]
 fn count_lost(mask: u64) {
-    if let Some(c) = LOST_BY_MASK.get_ptr_mut(&mask) {
+    if let Some(c) = LOST_BY_MASK.get_ptr_mut(mask) {
         // SAFETY: a per-CPU value is only touched by programs on this CPU.
         unsafe { *c += 1 };
         return;
     }
     // A new mask: this CPU starts at one, the others at zero. When the
     // map is full the loss still shows in RING_LOST, unattributed.
-    if LOST_BY_MASK.insert(&mask, &1, 0).is_err() {
+    if LOST_BY_MASK.insert(mask, 1, 0).is_err() {
         count(counter::LOST_UNATTRIBUTED);
     }
 }

@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: the project's chores, in Rust so they run wherever
 //! cargo does.
 
+mod bench;
 #[cfg(test)]
 mod chart;
 mod cluster;
@@ -57,6 +58,9 @@ enum Task {
     Cluster(cluster::Command),
     /// Run the whole system on a local control plane and show a capture.
     Demo,
+    /// Measure the agent against tcpdump on the same traffic (as root);
+    /// `--out docs/benchmarks.md` writes the report and its plots.
+    Bench(bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,5 +72,6 @@ fn main() -> anyhow::Result<()> {
         Task::CrossCheck { release } => cross::run(release),
         Task::Cluster(command) => cluster::run(command),
         Task::Demo => demo::run_demo(),
+        Task::Bench(args) => bench::run_cli(args),
     }
 }

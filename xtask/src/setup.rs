@@ -22,6 +22,22 @@ const PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "the oracle the capture tests compare against"),
     ("tshark", "reads every file the agent writes in tests"),
     ("bpftool", "inspecting loaded programs"),
+    (
+        "iperf3",
+        "TCP bulk traffic in `cargo xtask bench` (GSO/GRO super-frames)",
+    ),
+    (
+        "ethtool",
+        "turning veth offloads on for the benchmark's TCP run",
+    ),
+    (
+        "zstd",
+        "checking zstd-compressed capture files (`zstd -t`) in the benchmark",
+    ),
+    (
+        "fonts-dejavu-core",
+        "the font of the benchmark's plots (docs/bench-*.png)",
+    ),
     ("curl", "REST calls in tests and the README"),
     ("netcat-openbsd", "TCP and UDP traffic in tests"),
     ("openssl", "certificates of the local control plane"),

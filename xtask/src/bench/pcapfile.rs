@@ -1,0 +1,144 @@
+//! Reading the capture files back: a streaming pcap reader (files reach
+//! gigabytes), the unique sequence numbers of the generator's frames, and
+//! the lengths of the TCP run's frames.
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+
+/// Calls `each(orig_len, data)` for every record of a little-endian pcap
+/// file (micro- or nanosecond); returns the file's snaplen.
+pub fn for_each(path: &Path, mut each: impl FnMut(u32, &[u8])) -> anyhow::Result<u32> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut r = BufReader::with_capacity(1 << 20, file);
+    let mut header = [0u8; 24];
+    r.read_exact(&mut header)
+        .with_context(|| format!("{}: no pcap header", path.display()))?;
+    let magic = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+    if magic != 0xa1b2_c3d4 && magic != 0xa1b2_3c4d {
+        bail!(
+            "{}: not a little-endian pcap file ({magic:#x})",
+            path.display()
+        );
+    }
+    let snaplen = u32::from_le_bytes(header[16..20].try_into().expect("4 bytes"));
+    let mut record = [0u8; 16];
+    let mut data = vec![0u8; 1 << 18];
+    loop {
+        match r.read_exact(&mut record) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(snaplen),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+        let cap = u32::from_le_bytes(record[8..12].try_into().expect("4 bytes")) as usize;
+        let orig = u32::from_le_bytes(record[12..16].try_into().expect("4 bytes"));
+        if cap > data.len() {
+            data.resize(cap, 0);
+        }
+        r.read_exact(&mut data[..cap])
+            .with_context(|| format!("{}: a record cut short", path.display()))?;
+        each(orig, &data[..cap]);
+    }
+}
+
+/// What a file holds of the generator's frames.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sequences {
+    /// Records of the flow.
+    pub records: u64,
+    /// Distinct sequence numbers among them.
+    pub unique: u64,
+    /// Sequence numbers the generator never used (must be 0).
+    pub out_of_range: u64,
+}
+
+/// Counts the distinct sequence numbers below `sent` in frames to `port`.
+pub fn sequences(path: &Path, port: u16, sent: u64) -> anyhow::Result<Sequences> {
+    let mut seen = vec![0u64; (sent as usize).div_ceil(64) + 1];
+    let mut s = Sequences::default();
+    for_each(path, |_, frame| {
+        let Some(seq) = super::generator::sequence(frame, port) else {
+            return;
+        };
+        s.records += 1;
+        if seq >= sent {
+            s.out_of_range += 1;
+            return;
+        }
+        let (word, bit) = ((seq / 64) as usize, seq % 64);
+        if seen[word] & (1 << bit) == 0 {
+            seen[word] |= 1 << bit;
+            s.unique += 1;
+        }
+    })?;
+    Ok(s)
+}
+
+/// The lengths of a TCP capture's frames.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Lengths {
+    pub frames: u64,
+    /// Sum of the lengths on the wire.
+    pub bytes: u64,
+    /// Frames longer than the MTU plus the Ethernet header.
+    pub super_frames: u64,
+    pub max_len: u32,
+    /// Frames whose captured length differs from the length on the wire.
+    pub cut: u64,
+}
+
+pub fn lengths(path: &Path, mtu: u32) -> anyhow::Result<Lengths> {
+    let mut l = Lengths::default();
+    for_each(path, |orig, data| {
+        l.frames += 1;
+        l.bytes += u64::from(orig);
+        if orig > mtu + 14 {
+            l.super_frames += 1;
+        }
+        l.max_len = l.max_len.max(orig);
+        if data.len() as u32 != orig {
+            l.cut += 1;
+        }
+    })?;
+    Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_distinct_sequence_numbers() {
+        let flow = super::super::generator::Flow {
+            iface: "x".into(),
+            src_mac: [0; 6],
+            dst_mac: [0; 6],
+            src_ip: std::net::Ipv4Addr::new(10, 0, 0, 1),
+            dst_ip: std::net::Ipv4Addr::new(10, 0, 0, 2),
+            dst_port: 7,
+        };
+        let template = super::super::generator::frame(&flow, 60, 0);
+        let mut file = Vec::new();
+        file.extend_from_slice(&0xa1b2_3c4du32.to_le_bytes());
+        file.extend_from_slice(&[2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        file.extend_from_slice(&262_144u32.to_le_bytes());
+        file.extend_from_slice(&1u32.to_le_bytes());
+        for seq in [0u64, 1, 1, 5, 99] {
+            let mut f = template.clone();
+            f[42..50].copy_from_slice(&seq.to_be_bytes());
+            file.extend_from_slice(&[0; 8]);
+            file.extend_from_slice(&60u32.to_le_bytes());
+            file.extend_from_slice(&60u32.to_le_bytes());
+            file.extend_from_slice(&f);
+        }
+        let dir = std::env::temp_dir().join(format!("bench-seq-{}", std::process::id()));
+        std::fs::write(&dir, &file).unwrap();
+        let s = sequences(&dir, 7, 10).unwrap();
+        let l = lengths(&dir, 1500).unwrap();
+        std::fs::remove_file(&dir).unwrap();
+        assert_eq!((s.records, s.unique, s.out_of_range), (5, 3, 1));
+        assert_eq!((l.frames, l.bytes, l.cut, l.super_frames), (5, 300, 0, 0));
+    }
+}

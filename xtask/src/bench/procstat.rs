@@ -1,0 +1,143 @@
+//! What the kernel says about processes and CPUs: CPU time, peak memory,
+//! BPF map memory.
+
+use std::collections::HashMap;
+
+use anyhow::{Context as _, bail};
+
+/// Clock ticks per second of `/proc` times.
+pub fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// A process's user + system CPU time, in seconds (all its threads).
+pub fn process_cpu(pid: u32) -> anyhow::Result<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let after = text
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("/proc/<pid>/stat without a command")?;
+    // Fields from the state on (field 3): utime is field 14, stime 15.
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| -> anyhow::Result<u64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .with_context(|| format!("/proc/{pid}/stat field {}", i + 3))
+    };
+    Ok((tick(11)? + tick(12)?) as f64 / ticks_per_second())
+}
+
+/// Peak resident set size (VmHWM), in bytes.
+pub fn peak_rss(pid: u32) -> anyhow::Result<u64> {
+    status_bytes(pid, "VmHWM:")
+}
+
+/// Resident set size now (VmRSS), in bytes.
+pub fn rss(pid: u32) -> anyhow::Result<u64> {
+    status_bytes(pid, "VmRSS:")
+}
+
+fn status_bytes(pid: u32, key: &str) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(key))
+        .with_context(|| format!("no {key} in /proc/{pid}/status"))?;
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("{key} value"))?;
+    Ok(kib * 1024)
+}
+
+/// Memory of the BPF maps a process holds descriptors of (the `memlock`
+/// of each distinct map in `/proc/<pid>/fdinfo`), in bytes.
+pub fn bpf_map_memory(pid: u32) -> anyhow::Result<u64> {
+    let mut maps: HashMap<u64, u64> = HashMap::new();
+    let dir = format!("/proc/{pid}/fdinfo");
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
+        let Ok(text) = std::fs::read_to_string(entry?.path()) else {
+            continue; // closed meanwhile
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if !text.lines().any(|l| l.starts_with("map_type:")) {
+            continue;
+        }
+        if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) {
+            maps.insert(id, memlock);
+        }
+    }
+    Ok(maps.values().sum())
+}
+
+/// System-wide CPU time from the `cpu` line of `/proc/stat`, in seconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemCpu {
+    /// Everything but idle and iowait (user, nice, system, irq, softirq, steal).
+    pub busy: f64,
+    pub softirq: f64,
+}
+
+impl SystemCpu {
+    pub fn read() -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("cpu "))
+            .context("no cpu line in /proc/stat")?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|n| n.parse().unwrap_or(0))
+            .collect();
+        if v.len() < 8 {
+            bail!("short cpu line in /proc/stat: {line}");
+        }
+        let t = ticks_per_second();
+        // user nice system idle iowait irq softirq steal (guest is in user).
+        let busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
+        Ok(Self {
+            busy: busy as f64 / t,
+            softirq: v[6] as f64 / t,
+        })
+    }
+
+    pub fn since(self, before: Self) -> Self {
+        Self {
+            busy: self.busy - before.busy,
+            softirq: self.softirq - before.softirq,
+        }
+    }
+}
+
+/// `/proc/loadavg`'s first three numbers.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id();
+        assert!(process_cpu(me).unwrap() >= 0.0);
+        assert!(peak_rss(me).unwrap() >= rss(me).unwrap());
+        assert_eq!(bpf_map_memory(me).unwrap(), 0);
+        let a = SystemCpu::read().unwrap();
+        assert!(a.busy > 0.0);
+    }
+}
