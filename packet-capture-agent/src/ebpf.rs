@@ -136,6 +136,10 @@ impl Kernel {
     /// the ring buffer the reader takes.
     pub fn load(ring_bytes: u32) -> Result<(Self, RingBuf<MapData>), Error> {
         let mut ebpf = EbpfLoader::new()
+            // The programs read only the skb and its context, which need no
+            // CO-RE relocation: skip parsing the kernel's BTF, which costs
+            // megabytes of memory at start and fails on kernels without it.
+            .btf(None)
             .map_max_entries("RECORDS", ring_bytes)
             .load(OBJECT)?;
         for name in ["tc_ingress", "tc_egress", "tc_ingress_l3", "tc_egress_l3"] {

@@ -23,7 +23,7 @@ use crate::writer::{Direction, Meta};
 
 /// How long records may wait in the ring before the reader looks (the
 /// programs only wake it for a full batch).
-const POLL_INTERVAL: Duration = Duration::from_millis(10);
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 pub enum Command {
     /// Install a sink; the reader answers on `installed` once it is in place.
