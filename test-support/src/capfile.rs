@@ -172,69 +172,60 @@ fn read_pcapng(b: &[u8]) -> Vec<Packet> {
 /// many packets it counted. The bytes go through a pipe, so the agent may
 /// compress the file meanwhile.
 pub fn tshark_count(path: &Path) -> usize {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let bytes = bytes(path);
-    let mut child = Command::new("tshark")
-        .args(["-n", "-r", "-", "-T", "fields", "-e", "frame.number"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting tshark");
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(&bytes)
-        .expect("feeding tshark");
-    let out = child.wait_with_output().expect("tshark");
     // tshark warns about running as root; anything else is about the file.
-    let stderr: Vec<String> = String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .filter(|l| !l.contains("could be dangerous"))
-        .map(str::to_owned)
-        .collect();
-    assert!(
-        out.status.success() && stderr.is_empty(),
-        "tshark could not read {}: {}",
-        path.display(),
-        stderr.join("\n")
-    );
-    String::from_utf8_lossy(&out.stdout).lines().count()
+    count_read_by(
+        "tshark",
+        &["-n", "-r", "-", "-T", "fields", "-e", "frame.number"],
+        |l| l.contains("could be dangerous"),
+        path,
+    )
 }
 
 /// Checks that `tcpdump -r` reads a pcap file without a complaint and
 /// returns how many packets it printed (through a pipe, as for tshark).
 pub fn tcpdump_count(path: &Path) -> usize {
+    // tcpdump names the file it reads on stderr; anything else is a problem.
+    count_read_by(
+        "tcpdump",
+        &["-n", "-r", "-"],
+        |l| l.starts_with("reading from file"),
+        path,
+    )
+}
+
+/// Feeds the file to `tool args` and returns how many lines it printed,
+/// failing if it exits with an error or says anything on stderr besides
+/// what `expected` accepts.
+fn count_read_by(tool: &str, args: &[&str], expected: fn(&str) -> bool, path: &Path) -> usize {
     use std::io::Write;
     use std::process::{Command, Stdio};
     let bytes = bytes(path);
-    let mut child = Command::new("tcpdump")
-        .args(["-n", "-r", "-"])
+    let mut child = Command::new(tool)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("starting tcpdump");
+        .unwrap_or_else(|e| panic!("starting {tool}: {e}"));
     child
         .stdin
         .take()
         .expect("piped")
         .write_all(&bytes)
-        .expect("feeding tcpdump");
-    let out = child.wait_with_output().expect("tcpdump");
-    // tcpdump names the file it reads on stderr; anything else is a problem.
-    let stderr: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .unwrap_or_else(|e| panic!("feeding {tool}: {e}"));
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("waiting for {tool}: {e}"));
+    let complaints: Vec<&str> = std::str::from_utf8(&out.stderr)
+        .unwrap_or("(not UTF-8)")
         .lines()
-        .filter(|l| !l.starts_with("reading from file"))
-        .map(str::to_owned)
+        .filter(|l| !expected(l))
         .collect();
     assert!(
-        out.status.success() && stderr.is_empty(),
-        "tcpdump could not read {}: {}",
+        out.status.success() && complaints.is_empty(),
+        "{tool} could not read {}: {}",
         path.display(),
-        stderr.join("\n")
+        complaints.join("\n")
     );
     String::from_utf8_lossy(&out.stdout).lines().count()
 }

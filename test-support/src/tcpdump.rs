@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use crate::Netns;
 use crate::capfile::{self, Packet};
 
-/// How long tcpdump may take to start or to catch up.
-const PATIENCE: Duration = Duration::from_secs(20);
+/// How long tcpdump may take to start, to report or to exit.
+const PATIENCE: Duration = Duration::from_secs(30);
 
-/// A running tcpdump writing to a file.
+/// A running tcpdump writing to a file, with its stderr read line by line.
 pub struct Tcpdump {
     child: Child,
     stderr: Receiver<String>,
@@ -29,25 +29,44 @@ pub struct Counts {
 }
 
 impl Tcpdump {
-    /// Starts `tcpdump -i <iface> <expression>` in `ns` with `snaplen`,
-    /// writing every packet to `file` as it comes, and returns once it
-    /// listens.
+    /// The oracle: `tcpdump -i <iface> <expression>` in `ns` with `snaplen`,
+    /// nanosecond timestamps, writing every packet to `file` as it comes;
+    /// returns once it listens.
     pub fn start(ns: &Netns, iface: &str, expression: &str, snaplen: u32, file: &Path) -> Self {
+        let snaplen = snaplen.to_string();
+        let options = [
+            "-U",
+            "--immediate-mode",
+            "-B",
+            "65536",
+            "--time-stamp-precision=nano",
+            "-s",
+            &snaplen,
+        ];
+        Self::spawn(ns, iface, &options, expression, file).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `tcpdump -i <iface> -n <options> -w <file> <expression>` in `ns`,
+    /// once it says it listens.
+    pub fn spawn(
+        ns: &Netns,
+        iface: &str,
+        options: &[&str],
+        expression: &str,
+        file: &Path,
+    ) -> Result<Self, String> {
         let mut child = ns
             .command("tcpdump")
-            .args(["-i", iface, "-n", "-U", "--immediate-mode", "-B", "65536"])
-            .args([
-                "--time-stamp-precision=nano",
-                "-s",
-                &snaplen.to_string(),
-                "-w",
-            ])
+            .args(["-i", iface, "-n"])
+            .args(options)
+            .arg("-w")
             .arg(file)
             .arg(expression)
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("starting tcpdump");
+            .map_err(|e| format!("starting tcpdump: {e}"))?;
         let stderr = child.stderr.take().expect("piped stderr");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -62,9 +81,19 @@ impl Tcpdump {
             stderr: rx,
             file: file.to_path_buf(),
         };
-        dump.wait_for_line(|l| l.contains("listening on"))
-            .unwrap_or_else(|| panic!("tcpdump did not start listening on {iface}"));
-        dump
+        match dump.wait_for_line(|l| l.contains("listening on")) {
+            Some(_) => Ok(dump),
+            None => Err(format!("tcpdump did not start listening on {iface}")),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The file it writes.
+    pub fn file(&self) -> &Path {
+        &self.file
     }
 
     fn wait_for_line(&mut self, want: impl Fn(&str) -> bool) -> Option<String> {
@@ -84,13 +113,40 @@ impl Tcpdump {
         unsafe { libc::kill(self.child.id() as i32, signal) };
     }
 
-    /// Asks tcpdump for its counters (SIGUSR1).
-    pub fn counts(&mut self) -> Counts {
+    /// Asks tcpdump for its counters (SIGUSR1); `None` if it does not answer.
+    pub fn counts(&mut self) -> Option<Counts> {
         self.signal(libc::SIGUSR1);
-        let line = self
-            .wait_for_line(|l| l.contains("packets received by filter"))
-            .expect("tcpdump reports its counters on SIGUSR1");
-        parse_counts(&line)
+        let line = self.wait_for_line(|l| l.contains("packets received by filter"))?;
+        Counts::parse(&[line.as_str()])
+    }
+
+    /// Stops it (SIGINT) and returns its final counters.
+    pub fn stop(mut self) -> Result<Counts, String> {
+        self.signal(libc::SIGINT);
+        let mut lines = Vec::new();
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => lines.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err("tcpdump did not exit on SIGINT".into());
+                }
+            }
+        }
+        let status = self
+            .child
+            .wait()
+            .map_err(|e| format!("waiting for tcpdump: {e}"))?;
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        match Counts::parse(&refs) {
+            Some(counts) if status.success() => Ok(counts),
+            _ => Err(format!(
+                "tcpdump exited with {status}: {}",
+                lines.join(" / ")
+            )),
+        }
     }
 
     /// Waits until tcpdump has written every packet its socket received,
@@ -98,42 +154,48 @@ impl Tcpdump {
     pub fn finish(mut self) -> (Vec<Packet>, Counts) {
         let deadline = Instant::now() + PATIENCE;
         let counts = loop {
-            let c = self.counts();
+            let c = self
+                .counts()
+                .expect("tcpdump reports its counters on SIGUSR1");
             if c.captured == c.received || Instant::now() > deadline {
                 break c;
             }
         };
-        self.signal(libc::SIGINT);
-        let status = self.child.wait().expect("waiting for tcpdump");
-        assert!(status.success(), "tcpdump exited with {status}");
-        (capfile::read(&self.file), counts)
+        let file = self.file.clone();
+        self.stop().unwrap_or_else(|e| panic!("{e}"));
+        (capfile::read(&file), counts)
     }
 }
 
 impl Drop for Tcpdump {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
-/// "tcpdump: 6 packets captured, 12 packets received by filter, 0 packets dropped by kernel"
-fn parse_counts(line: &str) -> Counts {
-    let number_before = |word: &str| -> u64 {
-        let at = line
-            .find(word)
-            .unwrap_or_else(|| panic!("no {word:?} in {line:?}"));
-        line[..at]
-            .split(|c: char| !c.is_ascii_digit())
-            .rfind(|s| !s.is_empty())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no count before {word:?} in {line:?}"))
-    };
-    Counts {
-        captured: number_before("captured"),
-        received: number_before("received by filter"),
-        dropped: number_before("dropped by kernel"),
+impl Counts {
+    /// From tcpdump's report: one line on SIGUSR1, three lines at exit
+    /// ("6 packets captured", "12 packets received by filter", "0 packets
+    /// dropped by kernel"); the last mention of each counts.
+    pub fn parse(lines: &[&str]) -> Option<Self> {
+        let find = |word: &str| lines.iter().rev().find_map(|l| number_before(l, word));
+        Some(Self {
+            captured: find("captured")?,
+            received: find("received by filter")?,
+            dropped: find("dropped by kernel")?,
+        })
     }
+}
+
+fn number_before(line: &str, word: &str) -> Option<u64> {
+    let at = line.find(word)?;
+    line[..at]
+        .split(|c: char| !c.is_ascii_digit())
+        .rfind(|s| !s.is_empty())
+        .and_then(|n| n.parse().ok())
 }
 
 #[cfg(test)]
@@ -142,9 +204,10 @@ mod tests {
 
     #[test]
     fn parses_tcpdumps_counters() {
-        let c = parse_counts(
+        let c = Counts::parse(&[
             "tcpdump: 6 packets captured, 12 packets received by filter, 3 packets dropped by kernel",
-        );
+        ])
+        .unwrap();
         assert_eq!(
             c,
             Counts {
@@ -153,9 +216,12 @@ mod tests {
                 dropped: 3
             }
         );
-        let one = parse_counts(
-            "tcpdump: 1 packet captured, 1 packet received by filter, 0 packets dropped by kernel",
-        );
+        let one = Counts::parse(&[
+            "1 packet captured",
+            "1 packet received by filter",
+            "0 packets dropped by kernel",
+        ])
+        .unwrap();
         assert_eq!(
             one,
             Counts {

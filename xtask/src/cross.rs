@@ -8,11 +8,10 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
-use anyhow::{Context as _, bail, ensure};
+use anyhow::{Context as _, ensure};
 
-use crate::util::{cargo, output, step};
+use crate::util::{cargo, cargo_build, output, step};
 
 /// The Rust target of the arm64 images.
 pub const TARGET: &str = "aarch64-unknown-linux-gnu";
@@ -102,26 +101,18 @@ pub fn build(release: bool) -> anyhow::Result<Built> {
     let mut cmd = cargo();
     cmd.args(["build", "--target", TARGET, "--workspace", "--bins"])
         .args(EXCLUDED.iter().flat_map(|p| ["--exclude", p]))
-        .arg("--message-format=json-render-diagnostics")
-        .envs(ENV)
-        .stderr(Stdio::inherit());
+        .envs(ENV);
     if release {
         cmd.arg("--release");
     }
-    step(format!("{cmd:?}"));
-    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "cross-compiling for {TARGET} failed ({}); `cargo xtask setup` installs the target, \
-             gcc-aarch64-linux-gnu and libpcap0.8-dev:arm64",
-            out.status
-        );
-    }
+    let messages = cargo_build(&mut cmd).with_context(|| {
+        format!(
+            "cross-compiling for {TARGET}; `cargo xtask setup` installs the target, \
+             gcc-aarch64-linux-gnu and libpcap0.8-dev:arm64"
+        )
+    })?;
     let mut built = Built::default();
-    for message in String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-    {
+    for message in messages {
         match message["reason"].as_str() {
             Some("compiler-artifact") => {
                 if let (Some(name), Some(exe)) = (

@@ -1,7 +1,7 @@
 //! Paths and process helpers shared by the tasks.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
 
@@ -36,6 +36,22 @@ pub fn cargo() -> Command {
         }
     }
     cmd
+}
+
+/// Runs `cmd`, a `cargo build`, with its diagnostics rendered on stderr, and
+/// returns cargo's JSON messages (artifacts, build scripts).
+pub fn cargo_build(cmd: &mut Command) -> anyhow::Result<Vec<serde_json::Value>> {
+    cmd.arg("--message-format=json-render-diagnostics")
+        .stderr(Stdio::inherit());
+    step(format!("{cmd:?}"));
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("cargo build failed ({})", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
 }
 
 /// Runs a command, inheriting stdio; fails naming the command.

@@ -1,10 +1,7 @@
 //! The two capturers as the benchmark drives them: tcpdump writing a file,
 //! and the agent binary with a capture started and stopped over REST.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -13,7 +10,7 @@ use packet_capture_test_support::{AgentProcess, Netns};
 use super::procstat;
 use crate::util::output;
 
-/// How long tcpdump may take to start, to catch up, or to exit.
+/// How long tcpdump may take to catch up.
 const PATIENCE: Duration = Duration::from_secs(30);
 /// Between two requests for tcpdump's counters while it catches up.
 const COUNTER_POLL: Duration = Duration::from_millis(20);
@@ -35,11 +32,9 @@ pub struct Ended {
     pub map_memory: u64,
 }
 
-/// `tcpdump -i <iface> -w <file> -s <snaplen> -B <KiB> udp port <p>`.
+/// `tcpdump -i <iface> -w <file> -s <snaplen> -B <KiB> <expression>`.
 pub struct Tcpdump {
-    child: Child,
-    stderr: Receiver<String>,
-    file: PathBuf,
+    dump: packet_capture_test_support::Tcpdump,
     cpu_start: f64,
 }
 
@@ -52,39 +47,19 @@ impl Tcpdump {
         buffer_kib: u32,
         file: &Path,
     ) -> anyhow::Result<Self> {
-        let mut child = ns
-            .command("tcpdump")
-            .args(["-i", iface, "-n", "-Z", "root", "-w"])
-            .arg(file)
-            .args(["-s", &snaplen.to_string(), "-B", &buffer_kib.to_string()])
-            .arg(expression)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting tcpdump")?;
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut dump = Self {
-            child,
-            stderr: rx,
-            file: file.to_path_buf(),
+        let (snaplen, buffer_kib) = (snaplen.to_string(), buffer_kib.to_string());
+        let options = ["-Z", "root", "-s", &snaplen, "-B", &buffer_kib];
+        let dump =
+            packet_capture_test_support::Tcpdump::spawn(ns, iface, &options, expression, file)
+                .map_err(anyhow::Error::msg)?;
+        Ok(Self {
+            dump,
             cpu_start: 0.0,
-        };
-        dump.wait_for_line(|l| l.contains("listening on"))
-            .with_context(|| format!("tcpdump did not start listening on {iface}"))?;
-        Ok(dump)
+        })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.dump.pid()
     }
 
     /// Marks the start of the measured window.
@@ -93,33 +68,16 @@ impl Tcpdump {
         Ok(())
     }
 
-    fn wait_for_line(&mut self, want: impl Fn(&str) -> bool) -> anyhow::Result<String> {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stderr.recv_timeout(left) {
-                Ok(line) if want(&line) => return Ok(line),
-                Ok(_) => continue,
-                Err(RecvTimeoutError::Timeout) => bail!("tcpdump said nothing in {PATIENCE:?}"),
-                Err(RecvTimeoutError::Disconnected) => bail!("tcpdump exited"),
-            }
-        }
-    }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, signal) };
-    }
-
     /// Waits until tcpdump has handled every packet its socket took
     /// (captured + dropped = received, from its SIGUSR1 report), then stops
     /// it with SIGINT and reads its final counters.
     pub fn finish(mut self) -> anyhow::Result<Ended> {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            self.signal(libc::SIGUSR1);
-            let line = self.wait_for_line(|l| l.contains("received by filter"))?;
-            let c = Counts::parse(&[line.as_str()])?;
+            let c = self
+                .dump
+                .counts()
+                .context("tcpdump did not report its counters on SIGUSR1")?;
             if c.captured + c.dropped >= c.received || Instant::now() > deadline {
                 break;
             }
@@ -127,30 +85,15 @@ impl Tcpdump {
             // block on a timer): ask again shortly.
             std::thread::sleep(COUNTER_POLL);
         }
-        let cpu = procstat::process_cpu(self.pid())? - self.cpu_start;
-        let peak_rss = procstat::peak_rss(self.pid())?;
-        let rss = procstat::rss(self.pid())?;
-        let map_memory = procstat::bpf_map_memory(self.pid())?;
-        self.signal(libc::SIGINT);
-        let mut lines = Vec::new();
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.stderr.recv_timeout(left) {
-                Ok(line) => lines.push(line),
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => bail!("tcpdump did not exit on SIGINT"),
-            }
-        }
-        let status = self.child.wait().context("waiting for tcpdump")?;
-        if !status.success() {
-            bail!("tcpdump exited with {status}: {}", lines.join("\n"));
-        }
-        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
-        let counts = Counts::parse(&refs)
-            .with_context(|| format!("tcpdump's final counters: {}", lines.join(" / ")))?;
+        let pid = self.pid();
+        let cpu = procstat::process_cpu(pid)? - self.cpu_start;
+        let peak_rss = procstat::peak_rss(pid)?;
+        let rss = procstat::rss(pid)?;
+        let map_memory = procstat::bpf_map_memory(pid)?;
+        let file = self.dump.file().to_path_buf();
+        let counts = self.dump.stop().map_err(anyhow::Error::msg)?;
         Ok(Ended {
-            file: self.file.clone(),
+            file,
             packets: counts.captured,
             dropped: counts.dropped,
             cpu,
@@ -159,48 +102,6 @@ impl Tcpdump {
             map_memory,
         })
     }
-}
-
-impl Drop for Tcpdump {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// tcpdump's counters: one line on SIGUSR1, three lines at exit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counts {
-    pub captured: u64,
-    pub received: u64,
-    pub dropped: u64,
-}
-
-impl Counts {
-    pub fn parse(lines: &[&str]) -> anyhow::Result<Self> {
-        let find = |word: &str| -> anyhow::Result<u64> {
-            lines
-                .iter()
-                .rev()
-                .find_map(|l| number_before(l, word))
-                .with_context(|| format!("no {word:?} in tcpdump's report"))
-        };
-        Ok(Self {
-            captured: find("captured")?,
-            received: find("received by filter")?,
-            dropped: find("dropped by kernel")?,
-        })
-    }
-}
-
-fn number_before(line: &str, word: &str) -> Option<u64> {
-    let at = line.find(word)?;
-    line[..at]
-        .split(|c: char| !c.is_ascii_digit())
-        .rfind(|s| !s.is_empty())
-        .and_then(|n| n.parse().ok())
 }
 
 /// The agent's settings for a run.
@@ -344,26 +245,5 @@ impl Agent {
             bail!("the agent exited with {exit}: {}", self.process.log());
         }
         Ok(ended)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_tcpdumps_reports() {
-        let one = Counts::parse(&[
-            "tcpdump: 6 packets captured, 12 packets received by filter, 3 packets dropped by kernel",
-        ])
-        .unwrap();
-        assert_eq!((one.captured, one.received, one.dropped), (6, 12, 3));
-        let three = Counts::parse(&[
-            "1 packet captured",
-            "1 packet received by filter",
-            "0 packets dropped by kernel",
-        ])
-        .unwrap();
-        assert_eq!((three.captured, three.received, three.dropped), (1, 1, 0));
     }
 }

@@ -21,10 +21,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::util::{root, step};
+use crate::util::{cargo, cargo_build, root, step};
 use capture::{Agent, AgentCapture, AgentSettings, Ended, Tcpdump};
 pub use generator::Rate;
 use generator::Sent;
@@ -365,28 +365,20 @@ fn write_report(report: &Report, out: Option<&Path>) -> anyhow::Result<()> {
 
 /// Builds the agent (`release` or the dev profile) and returns its path.
 pub fn build_agent(release: bool) -> anyhow::Result<PathBuf> {
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.current_dir(root())
-        .args([
-            "build",
-            "-p",
-            "packet-capture-agent",
-            "--bin",
-            "packet-capture-agent",
-        ])
-        .arg("--message-format=json-render-diagnostics")
-        .stderr(Stdio::inherit());
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "-p",
+        "packet-capture-agent",
+        "--bin",
+        "packet-capture-agent",
+    ]);
     if release {
         cmd.arg("--release");
     }
-    step(format!("{cmd:?}"));
-    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("building the agent failed ({})", out.status);
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    cargo_build(&mut cmd)
+        .context("building the agent")?
+        .iter()
         .filter(|m| {
             m["reason"] == "compiler-artifact" && m["target"]["name"] == "packet-capture-agent"
         })
@@ -601,14 +593,7 @@ fn run_one(
 /// Reads back what a capturer wrote: distinct sequence numbers (and tshark's
 /// verdict, in parallel).
 fn measure(end: &Ended, offered: u64, numbers: u64) -> anyhow::Result<Measured> {
-    let tshark = Command::new("tshark")
-        .args(["-n", "-q", "-r"])
-        .arg(&end.file)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting tshark")?;
+    let tshark = tshark_reading(&end.file)?;
     let seq = pcapfile::sequences(&end.file, UDP_PORT, numbers)?;
     let (valid, problem) = tshark_verdict(tshark)?;
     let file_bytes = std::fs::metadata(&end.file)?.len();
@@ -626,6 +611,19 @@ fn measure(end: &Ended, offered: u64, numbers: u64) -> anyhow::Result<Measured> 
         valid,
         problem,
     })
+}
+
+/// Starts `tshark -r <file>`, which reads it while the caller does other
+/// work; [`tshark_verdict`] waits for its answer.
+pub fn tshark_reading(file: &Path) -> anyhow::Result<std::process::Child> {
+    Command::new("tshark")
+        .args(["-n", "-q", "-r"])
+        .arg(file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting tshark")
 }
 
 /// Waits for `tshark -r`: valid when it exits 0 and says nothing but its

@@ -135,7 +135,9 @@ mod tests {
     fn reads_this_process() {
         let me = std::process::id();
         assert!(process_cpu(me).unwrap() >= 0.0);
-        assert!(peak_rss(me).unwrap() >= rss(me).unwrap());
+        // The high-water mark never falls, so it holds the RSS read before it.
+        let now = rss(me).unwrap();
+        assert!(peak_rss(me).unwrap() >= now);
         assert_eq!(bpf_map_memory(me).unwrap(), 0);
         let a = SystemCpu::read().unwrap();
         assert!(a.busy > 0.0);

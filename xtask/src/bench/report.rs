@@ -572,11 +572,7 @@ pub fn targets_section(report: &Report) -> String {
         "1. Where tcpdump drops nothing, the agent drops nothing: {} ({} cells{}).",
         mark(zero_misses.is_empty()),
         zero_cells.len(),
-        if zero_misses.is_empty() {
-            String::new()
-        } else {
-            format!("; missed at {}", zero_misses.join("; "))
-        }
+        listed("; missed at ", &zero_misses)
     );
     let _ = writeln!(
         o,
@@ -587,22 +583,14 @@ pub fn targets_section(report: &Report) -> String {
             mark(tenth_misses.is_empty()).to_owned()
         },
         tenth.len(),
-        if tenth_misses.is_empty() {
-            String::new()
-        } else {
-            format!("; missed at {}", tenth_misses.join("; "))
-        }
+        listed("; missed at ", &tenth_misses)
     );
     let _ = writeln!(
         o,
         "3. CPU per captured packet (process) no higher than tcpdump's: {} ({} cells{}).",
         mark(cpu_misses.is_empty()),
         cpu_cells,
-        if cpu_misses.is_empty() {
-            String::new()
-        } else {
-            format!("; higher at {}", cpu_misses.join("; "))
-        }
+        listed("; higher at ", &cpu_misses)
     );
     // (size, agent's tax, tcpdump's tax) where both ran at "max".
     let pairs: Vec<(usize, f64, f64)> = sizes(report)
@@ -910,4 +898,13 @@ fn cpu_plot(report: &Report, path: &Path) -> anyhow::Result<()> {
             ),
         ],
     )
+}
+
+/// `prefix` and the items joined by "; ", or nothing when there are none.
+fn listed(prefix: &str, items: &[String]) -> String {
+    if items.is_empty() {
+        String::new()
+    } else {
+        format!("{prefix}{}", items.join("; "))
+    }
 }

@@ -126,14 +126,7 @@ pub fn run(tcp: &TcpConfig, config: &Config, topo: &Topology) -> anyhow::Result<
     let tcpdump_end = tcpdump.finish()?;
     let mtu = topo.mtu()?;
     let side = |end: &super::capture::Ended| -> anyhow::Result<Side> {
-        let tshark = std::process::Command::new("tshark")
-            .args(["-n", "-q", "-r"])
-            .arg(&end.file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting tshark")?;
+        let tshark = super::tshark_reading(&end.file)?;
         let lengths = pcapfile::lengths(&end.file, mtu)?;
         let (valid, _) = super::tshark_verdict(tshark)?;
         Ok(Side {
