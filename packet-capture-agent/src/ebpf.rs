@@ -135,10 +135,9 @@ impl Kernel {
     /// `ring_bytes` (a power of two, at least a page), and returns them with
     /// the ring buffer the reader takes.
     pub fn load(ring_bytes: u32) -> Result<(Self, RingBuf<MapData>), Error> {
+        // The programs read only the skb and its context, which need no
+        // CO-RE relocation against the kernel's BTF.
         let mut ebpf = EbpfLoader::new()
-            // The programs read only the skb and its context, which need no
-            // CO-RE relocation: skip parsing the kernel's BTF, which costs
-            // megabytes of memory at start and fails on kernels without it.
             .btf(None)
             .map_max_entries("RECORDS", ring_bytes)
             .load(OBJECT)?;
@@ -147,6 +146,11 @@ impl Kernel {
                 .load()
                 .map_err(|source| Error::Program { name, source })?;
         }
+        // `EbpfLoader::new` parsed the kernel's BTF (megabytes) and the
+        // loader has dropped it: hand the freed heap back to the system
+        // rather than keep it resident for the agent's lifetime.
+        // SAFETY: malloc_trim only releases free memory of glibc's heap.
+        unsafe { libc::malloc_trim(0) };
         let ring = take(&mut ebpf, "RECORDS")?;
         let kernel = Self {
             settings: take(&mut ebpf, "SETTINGS")?,

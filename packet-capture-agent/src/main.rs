@@ -34,8 +34,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let authorizer = if config.insecure_no_auth {
         tracing::warn!(
-            "INSECURE: --insecure-no-auth is set: anyone who can reach port {} can start captures and download capture files; use it only for local work without a cluster",
-            config.port
+            "INSECURE: --insecure-no-auth is set: anyone who can reach the agent's port can start captures and download capture files; use it only for local work without a cluster"
         );
         None
     } else {
