@@ -61,13 +61,19 @@ impl State {
         serde_json::from_str(&text).map_err(|e| Error::Process(format!("{}: {e}", path.display())))
     }
 
-    /// Writes the state atomically (a new file renamed over the old one).
+    /// Writes the state atomically (a new file renamed over the old one),
+    /// and its copy in the machine-wide [registry].
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let path = dir.join(STATE_FILE);
-        let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
         let text = serde_json::to_string_pretty(self).expect("the state serialises");
-        fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+        write_atomically(&dir.join(STATE_FILE), &text)?;
+        let entry = Registered {
+            dir: dir.to_path_buf(),
+            state: self.clone(),
+        };
+        let text = serde_json::to_string_pretty(&entry).expect("the entry serialises");
+        let registry = registry();
+        fs::create_dir_all(&registry).map_err(|e| Error::io(&registry, e))?;
+        write_atomically(&registry_entry(dir), &text)
     }
 
     pub fn plan(&self) -> Plan {
@@ -78,6 +84,38 @@ impl State {
     fn abandoned(&self) -> bool {
         !self.detached && self.owner.as_ref().is_none_or(|o| !o.alive())
     }
+}
+
+/// A new file renamed over `path`, so that a reader sees the old or the new.
+fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// A cluster's entry in the [registry]: its state and where its state
+/// directory is.
+#[derive(Serialize, Deserialize)]
+struct Registered {
+    dir: PathBuf,
+    state: State,
+}
+
+/// Machine-wide, one entry per cluster of any checkout: a start in one
+/// checkout also removes what a killed run of another left, even when that
+/// checkout has been deleted since.
+fn registry() -> PathBuf {
+    std::env::temp_dir().join("packet-capture-clusters")
+}
+
+fn registry_entry(dir: &Path) -> PathBuf {
+    let key: String = dir
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    registry().join(format!("{key}.json"))
 }
 
 /// Where the state directories live: `.cluster/` in the workspace.
@@ -125,6 +163,7 @@ pub fn allocate(
             }
         }
     }
+    remove_abandoned_elsewhere();
     let dir = root.join(name);
     if dir.exists() {
         return Err(Error::Process(format!(
@@ -161,6 +200,31 @@ pub fn allocate(
     Ok((dir, state))
 }
 
+/// Removes the clusters of other checkouts whose owning process has ended
+/// (those of this checkout are gone already, and their entries with them).
+fn remove_abandoned_elsewhere() {
+    let Ok(entries) = fs::read_dir(registry()) else {
+        return;
+    };
+    for path in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let entry = fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| serde_json::from_str::<Registered>(&text).ok());
+        match entry {
+            Some(entry) if entry.state.abandoned() => {
+                teardown(&entry.dir, &entry.state, Duration::ZERO);
+            }
+            Some(_) => {}
+            None => {
+                let _ = fs::remove_file(&path);
+            }
+        }
+    }
+}
+
 /// Stops every process, removes every namespace and link of a cluster, then
 /// its state directory. Best effort: it goes on past what is already gone.
 /// Agents get `grace` to finish their files after SIGTERM; the control plane
@@ -178,6 +242,7 @@ pub fn teardown(dir: &Path, state: &State, grace: Duration) {
     }
     state.plan().delete_bridge();
     let _ = fs::remove_dir_all(dir);
+    let _ = fs::remove_file(registry_entry(dir));
 }
 
 /// Removes the state root once the last cluster of the checkout is gone,
@@ -296,15 +361,40 @@ mod tests {
         kept.save(&kept_dir).unwrap();
         let partial = root.join("partial");
         fs::create_dir_all(&partial).unwrap();
+        // A crashed run of another checkout, deleted since: only the
+        // registry knows of it.
+        let other_netns = format!("{netns}-other");
+        super::super::network::ip(None, &["netns", "add", &other_netns]).unwrap();
+        let other_checkout = root.with_extension("other");
+        let other_dir = other_checkout.join("crashed");
+        fs::create_dir_all(&other_dir).unwrap();
+        State {
+            name: "crashed".into(),
+            slot,
+            owner: crashed.owner.clone(),
+            nodes: vec![NodeRecord {
+                name: "n-1".into(),
+                index: 1,
+                netns: other_netns.clone(),
+            }],
+            ..State::default()
+        }
+        .save(&other_dir)
+        .unwrap();
+        fs::remove_dir_all(&other_checkout).unwrap();
 
         let (dir, state) = allocate(&lock, &root, "fresh", false).unwrap();
         assert!(!crashed_dir.exists(), "the crashed cluster's state is left");
         assert!(!partial.exists(), "the unrecorded directory is left");
-        assert!(
-            !Path::new("/run/netns").join(&netns).exists(),
-            "{netns} is left"
-        );
         assert!(!left.alive(), "the crashed cluster's process still runs");
+        for gone in [&netns, &other_netns] {
+            assert!(
+                !Path::new("/run/netns").join(gone).exists(),
+                "{gone} is left"
+            );
+        }
+        assert!(!registry_entry(&crashed_dir).exists());
+        assert!(!registry_entry(&other_dir).exists());
         left_running.wait().unwrap();
         assert!(kept_dir.exists(), "a detached cluster was removed");
         assert_ne!(state.slot, slot, "the detached cluster's slot was reused");
@@ -312,6 +402,9 @@ mod tests {
         assert_eq!(state.owner.as_ref().unwrap().pid, std::process::id());
         // Our own cluster is alive: a second start under its name fails.
         assert!(allocate(&lock, &root, "fresh", false).is_err());
+        teardown(&dir, &state, Duration::ZERO);
+        teardown(&kept_dir, &kept, Duration::ZERO);
+        assert!(!registry_entry(&kept_dir).exists());
         fs::remove_dir_all(&root).unwrap();
     }
 }
