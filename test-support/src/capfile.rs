@@ -116,19 +116,9 @@ fn read_pcapng(b: &[u8]) -> Vec<Packet> {
         match kind {
             1 => {
                 let link_type = u16_at(body, 0);
-                let mut name = String::new();
-                let mut opt = 8;
-                while opt + 4 <= body.len() {
-                    let code = u16_at(body, opt);
-                    let olen = usize::from(u16_at(body, opt + 2));
-                    if code == 0 {
-                        break;
-                    }
-                    if code == 2 {
-                        name = String::from_utf8_lossy(&body[opt + 4..opt + 4 + olen]).into_owned();
-                    }
-                    opt += 4 + olen.div_ceil(4) * 4;
-                }
+                let name = option(body, 8, 2)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
                 interfaces.push((name, link_type));
             }
             6 => {
@@ -137,19 +127,8 @@ fn read_pcapng(b: &[u8]) -> Vec<Packet> {
                 let cap = u32_at(body, 12) as usize;
                 let orig_len = u32_at(body, 16);
                 let data = body[20..20 + cap].to_vec();
-                let mut direction = 0;
-                let mut opt = 20 + cap.div_ceil(4) * 4;
-                while opt + 4 <= body.len() {
-                    let code = u16_at(body, opt);
-                    let olen = usize::from(u16_at(body, opt + 2));
-                    if code == 0 {
-                        break;
-                    }
-                    if code == 2 {
-                        direction = (u32_at(body, opt + 4) & 3) as u8;
-                    }
-                    opt += 4 + olen.div_ceil(4) * 4;
-                }
+                let direction = option(body, 20 + cap.div_ceil(4) * 4, 2)
+                    .map_or(0, |v| (u32_at(v, 0) & 3) as u8);
                 let (interface, link_type) = interfaces[iface].clone();
                 packets.push(Packet {
                     orig_len,
@@ -166,6 +145,23 @@ fn read_pcapng(b: &[u8]) -> Vec<Packet> {
     }
     assert_eq!(at, b.len(), "trailing bytes in a pcapng file");
     packets
+}
+
+/// The value of option `code` among a block body's options from `at` on
+/// (pcapng: code and length, 16 bits each, the value padded to 32 bits).
+fn option(body: &[u8], mut at: usize, code: u16) -> Option<&[u8]> {
+    while at + 4 <= body.len() {
+        let this = u16_at(body, at);
+        let len = usize::from(u16_at(body, at + 2));
+        if this == 0 {
+            break;
+        }
+        if this == code {
+            return Some(&body[at + 4..at + 4 + len]);
+        }
+        at += 4 + len.div_ceil(4) * 4;
+    }
+    None
 }
 
 /// Checks that tshark reads the file without a complaint and returns how

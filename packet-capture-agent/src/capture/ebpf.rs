@@ -6,7 +6,7 @@
 //! next one.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::time::Duration;
@@ -16,8 +16,8 @@ use packet_capture_common::abi::{
     DIRECTION_INGRESS, LINK_RAW_IP, MAX_SLOTS, RECORD_HEADER_LEN, RecordHeader, counter,
 };
 
-use super::Ended;
 use super::sink::{EndReason, Sink};
+use super::{Ended, wait_readable};
 use crate::ebpf::{Kernel, LinkKind, SlotTargets};
 use crate::writer::{Direction, Meta};
 
@@ -380,26 +380,6 @@ fn realtime_offset_ns() -> i64 {
         ts.tv_sec * 1_000_000_000 + ts.tv_nsec
     };
     read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
-}
-
-/// Waits until one of `fds` is readable or `timeout` passes.
-pub fn wait_readable(fds: &[RawFd], timeout: Duration) {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    // SAFETY: a valid array of pollfd of the length given.
-    unsafe {
-        libc::poll(
-            pfds.as_mut_ptr(),
-            pfds.len() as libc::nfds_t,
-            timeout.as_millis() as i32,
-        )
-    };
 }
 
 #[cfg(test)]

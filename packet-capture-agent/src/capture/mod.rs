@@ -765,3 +765,23 @@ fn prune_ended(captures: &mut BTreeMap<String, Arc<Capture>>) {
         captures.remove(&id);
     }
 }
+
+/// Waits until one of `fds` is readable or `timeout` passes.
+pub(crate) fn wait_readable(fds: &[std::os::fd::RawFd], timeout: Duration) {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: a valid array of pollfd of the length given.
+    unsafe {
+        libc::poll(
+            pfds.as_mut_ptr(),
+            pfds.len() as libc::nfds_t,
+            timeout.as_millis() as i32,
+        )
+    };
+}

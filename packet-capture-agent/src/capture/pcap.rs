@@ -278,23 +278,7 @@ impl Worker {
     /// One round: wait, read every socket, obey commands. `None` when the
     /// command channel is gone; `Some(Some(reason))` when the capture ends.
     fn step(&mut self) -> Option<Option<EndReason>> {
-        let mut fds: Vec<libc::pollfd> = self
-            .handles
-            .iter()
-            .map(|h| libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&h.cap),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        // SAFETY: fds is a valid array of pollfd of the length given.
-        unsafe {
-            libc::poll(
-                fds.as_mut_ptr(),
-                fds.len() as libc::nfds_t,
-                POLL_INTERVAL.as_millis() as i32,
-            )
-        };
+        super::wait_readable(&self.fds(), POLL_INTERVAL);
         if let Some(reason) = self.read_all() {
             return Some(Some(reason));
         }
@@ -324,7 +308,7 @@ impl Worker {
             {
                 return None;
             }
-            super::ebpf::wait_readable(&self.fds(), Duration::from_millis(5));
+            super::wait_readable(&self.fds(), Duration::from_millis(5));
         }
     }
 

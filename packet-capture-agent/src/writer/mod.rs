@@ -8,7 +8,7 @@ mod pcap;
 mod pcapng;
 
 use std::collections::HashMap;
-use std::io::Write as _;
+use std::fmt::Write as _;
 
 use packet_capture_common::crd::OutputFormat;
 
@@ -98,17 +98,26 @@ impl Encoder {
     }
 }
 
-/// `<time> <interface> <In|Out> <what tcpdump -n would print>\n`.
+/// `<time> <interface> <In|Out> <what tcpdump -n would print>\n`, written
+/// straight into `out` (no allocation per packet).
 fn text_line(out: &mut Vec<u8>, meta: &Meta, data: &[u8], names: &impl InterfaceNames) {
-    let mut line = String::with_capacity(160);
-    let _ = crate::civil::write_rfc3339(&mut line, meta.unix_ns);
     let dir = match meta.direction {
         Direction::In => "In ",
         Direction::Out => "Out",
     };
-    let _ = write!(out, "{line} {} {dir} ", names.name(meta.ifindex));
-    line.clear();
-    let _ = describe(&mut line, data, meta.orig_len);
-    out.extend_from_slice(line.as_bytes());
+    let mut text = Utf8Sink(out);
+    let _ = crate::civil::write_rfc3339(&mut text, meta.unix_ns);
+    let _ = write!(text, " {} {dir} ", names.name(meta.ifindex));
+    let _ = describe(&mut text, data, meta.orig_len);
     out.push(b'\n');
+}
+
+/// Text formatted into a byte buffer.
+struct Utf8Sink<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for Utf8Sink<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
 }
