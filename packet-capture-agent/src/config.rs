@@ -99,10 +99,18 @@ pub struct Config {
     pub token_audience: String,
 }
 
-fn parse_ring_mb(s: &str) -> Result<u32, String> {
-    let mb: u32 = s.parse().map_err(|e| format!("{e}"))?;
+#[derive(Debug, thiserror::Error)]
+pub enum RingSizeError {
+    #[error(transparent)]
+    NotANumber(#[from] std::num::ParseIntError),
+    #[error("{0} is not a power of two between 1 and 1024")]
+    OutOfRange(u32),
+}
+
+fn parse_ring_mb(s: &str) -> Result<u32, RingSizeError> {
+    let mb: u32 = s.parse()?;
     if !mb.is_power_of_two() || mb > 1024 {
-        return Err(format!("{mb} is not a power of two between 1 and 1024"));
+        return Err(RingSizeError::OutOfRange(mb));
     }
     Ok(mb)
 }

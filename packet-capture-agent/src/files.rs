@@ -1,13 +1,17 @@
 //! The capture directory: files are written under a hidden temporary name
 //! and renamed when whole; completed files are compressed, except the
-//! newest; at most `max_files` are kept; downloads only ever open regular
-//! files directly inside the directory.
+//! newest, on a low-priority thread ([`CaptureDir::spawn_maintenance`]); at
+//! most `max_files` are kept; a finished file is found under its name as it
+//! is now, plain or compressed ([`CaptureDir::current`]); downloads only
+//! ever open regular files directly inside the directory.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, SystemTime};
 
 use crate::writer;
 
@@ -17,6 +21,8 @@ const PARTIAL: &str = ".partial";
 const FILE_MODE: u32 = 0o640;
 /// Extensions of the files captures write.
 const PLAIN_EXTENSIONS: [&str; 3] = ["pcap", "pcapng", "txt"];
+/// How often maintenance runs when no capture ends.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -25,6 +31,8 @@ pub enum Compression {
 }
 
 impl Compression {
+    pub const ALL: [Compression; 2] = [Self::Gzip, Self::Zstd];
+
     pub fn extension(self) -> &'static str {
         match self {
             Self::Gzip => "gz",
@@ -33,14 +41,18 @@ impl Compression {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a compression (gzip or zstd)")]
+pub struct UnknownCompression(String);
+
 impl std::str::FromStr for Compression {
-    type Err = String;
+    type Err = UnknownCompression;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "gzip" => Ok(Self::Gzip),
             "zstd" => Ok(Self::Zstd),
-            other => Err(format!("{other:?} is not a compression (gzip or zstd)")),
+            other => Err(UnknownCompression(other.to_owned())),
         }
     }
 }
@@ -120,13 +132,15 @@ impl CaptureDir {
             ));
         }
         let stamp = crate::civil::file_stamp(unix_secs);
-        for n in 0.. {
+        let mut n = 0u64;
+        loop {
             let file_name = match n {
                 0 => format!("{name}-{stamp}.{extension}"),
                 n => format!("{name}-{stamp}-{n}.{extension}"),
             };
+            n += 1;
             let final_path = self.dir.join(&file_name);
-            if self.taken(&file_name) {
+            if self.on_disk(&file_name).is_some() {
                 continue;
             }
             let temp = self.dir.join(format!(".{file_name}{PARTIAL}"));
@@ -150,18 +164,31 @@ impl CaptureDir {
                 Err(e) => return Err(e),
             }
         }
-        unreachable!("the name counter is unbounded")
     }
 
-    /// Whether a completed file of that name exists, plain or compressed.
-    fn taken(&self, file_name: &str) -> bool {
-        [
-            String::new(),
-            format!(".{}", Compression::Gzip.extension()),
-            format!(".{}", Compression::Zstd.extension()),
-        ]
-        .iter()
-        .any(|suffix| self.dir.join(format!("{file_name}{suffix}")).exists())
+    /// The completed file written as `file_name`, as it is on disk now:
+    /// plain, or compressed by maintenance (whatever the compression was
+    /// when it ran). Its path and size.
+    fn on_disk(&self, file_name: &str) -> Option<(PathBuf, u64)> {
+        let plain = std::iter::once(file_name.to_owned());
+        let compressed = Compression::ALL
+            .iter()
+            .map(|c| format!("{file_name}.{}", c.extension()));
+        plain.chain(compressed).find_map(|name| {
+            let path = self.dir.join(name);
+            fs::metadata(&path).ok().map(|m| (path, m.len()))
+        })
+    }
+
+    /// A finished capture file as it is now: after compression its name
+    /// ends in `.gz` or `.zst` and its size is the compressed size. A file
+    /// no longer there (removed beyond `max_files`) keeps what it was.
+    pub fn current(&self, finished: &Path, size: u64) -> (PathBuf, u64) {
+        finished
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| self.on_disk(n))
+            .unwrap_or_else(|| (finished.to_path_buf(), size))
     }
 
     /// At start: temporary files left by an interrupted capture become whole
@@ -262,6 +289,35 @@ impl CaptureDir {
         Ok((file, meta.size()))
     }
 
+    /// Runs [`CaptureDir::maintain`] on a thread of the lowest priority:
+    /// now, whenever [`Maintenance::poke`] asks, and every minute. The
+    /// thread ends when the [`Maintenance`] is dropped.
+    pub fn spawn_maintenance(self: &Arc<Self>) -> io::Result<Maintenance> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dir = self.clone();
+        std::thread::Builder::new()
+            .name("files".into())
+            .spawn(move || dir.maintain_on_request(&rx))?;
+        Ok(Maintenance { poke: tx })
+    }
+
+    fn maintain_on_request(&self, requests: &Receiver<()>) {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: changes this thread's policy only.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+            tracing::debug!(error = %io::Error::last_os_error(), "SCHED_IDLE");
+        }
+        loop {
+            if let Err(e) = self.maintain() {
+                tracing::warn!(error = %e, "capture file maintenance");
+            }
+            match requests.recv_timeout(MAINTENANCE_INTERVAL) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
     /// Compresses every completed plain file but the newest, then removes
     /// the oldest files beyond `max_files`. Meant for a low-priority thread.
     pub fn maintain(&self) -> io::Result<()> {
@@ -288,10 +344,7 @@ impl CaptureDir {
     }
 
     fn compress(&self, path: &Path) -> io::Result<PathBuf> {
-        let file_name = path
-            .file_name()
-            .expect("listed files have names")
-            .to_string_lossy();
+        let file_name = path.file_name().unwrap_or_default().to_string_lossy();
         let compressed_name = format!("{file_name}.{}", self.compression.extension());
         let target = self.dir.join(&compressed_name);
         let temp = self.dir.join(format!(".{compressed_name}{PARTIAL}"));
@@ -330,6 +383,18 @@ impl CaptureDir {
         fs::rename(&temp, &target)?;
         fs::remove_file(path)?;
         Ok(target)
+    }
+}
+
+/// Asks the maintenance thread for a run, e.g. after a capture ended.
+#[derive(Debug)]
+pub struct Maintenance {
+    poke: Sender<()>,
+}
+
+impl Maintenance {
+    pub fn poke(&self) {
+        let _ = self.poke.send(());
     }
 }
 
@@ -582,6 +647,45 @@ mod tests {
         let mut plain = Vec::new();
         gz.read_to_end(&mut plain).unwrap();
         assert_eq!(plain, pcap_with(10));
+    }
+
+    #[test]
+    fn a_finished_file_is_found_as_it_is_now() {
+        let (_t, d) = dir();
+        let older = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000);
+        let mut out = d.create("a", "pcap", 1_000, u64::MAX).unwrap();
+        out.append(|b| b.extend_from_slice(&pcap_with(50))).unwrap();
+        let (path, size) = out.commit().unwrap();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(older)
+            .unwrap();
+        assert_eq!(d.current(&path, size), (path.clone(), size));
+
+        // A newer file: maintenance compresses the first one.
+        let mut newer = d.create("b", "pcap", 2_000, u64::MAX).unwrap();
+        newer
+            .append(|b| b.extend_from_slice(&pcap_with(1)))
+            .unwrap();
+        newer.commit().unwrap();
+        d.maintain().unwrap();
+        let gz = d.path().join("a-19700101-001640.pcap.gz");
+        let gz_size = fs::metadata(&gz).unwrap().len();
+        assert!(gz_size < size, "{gz_size} compressed, {size} plain");
+        assert_eq!(d.current(&path, size), (gz.clone(), gz_size));
+        // The compressed file still holds the name against a new capture.
+        let again = d.create("a", "pcap", 1_000, u64::MAX).unwrap();
+        assert_eq!(
+            again.final_path().file_name().unwrap(),
+            "a-19700101-001640-1.pcap"
+        );
+        again.abandon();
+
+        // Gone altogether: the status keeps what it last knew.
+        fs::remove_file(&gz).unwrap();
+        assert_eq!(d.current(&path, size), (path.clone(), size));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use ipnet::IpNet;
+pub use packet_capture_common::filter::FilterError;
 
 /// One classic BPF instruction, as libpcap lays it out (`struct bpf_insn`).
 #[repr(C)]
@@ -35,16 +36,10 @@ impl std::fmt::Debug for Filter {
 }
 
 impl Filter {
-    /// Compiles `expression` as tcpdump would for an Ethernet interface; the
-    /// error is libpcap's message.
-    pub fn compile(expression: &str) -> Result<Self, String> {
-        let dead = pcap::Capture::dead(pcap::Linktype::ETHERNET).map_err(|e| e.to_string())?;
-        let program = dead.compile(expression, true).map_err(|e| match e {
-            pcap::Error::PcapError(msg) => msg,
-            other => other.to_string(),
-        })?;
+    /// Compiles `expression` as tcpdump would for an Ethernet interface.
+    pub fn compile(expression: &str) -> Result<Self, FilterError> {
         Ok(Self {
-            program,
+            program: packet_capture_common::filter::compile(expression)?,
             expression: expression.to_owned(),
         })
     }
@@ -116,9 +111,9 @@ mod tests {
 
     #[test]
     fn syntax_errors_carry_libpcaps_message() {
-        let err = Filter::compile("tcp and and").unwrap_err();
+        let err = Filter::compile("tcp and and").unwrap_err().to_string();
         assert!(err.contains("syntax error"), "{err}");
-        let err = Filter::compile("port 99999").unwrap_err();
+        let err = Filter::compile("port 99999").unwrap_err().to_string();
         assert!(err.contains("port"), "{err}");
     }
 

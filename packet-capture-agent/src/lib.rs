@@ -9,4 +9,5 @@ pub mod ebpf;
 pub mod files;
 pub mod filter;
 pub mod netlink;
+pub mod sync;
 pub mod writer;

@@ -138,9 +138,9 @@ impl AsRawFd for LinkWatcher {
 /// Link events in a buffer of netlink messages.
 fn parse(mut buf: &[u8]) -> Vec<LinkEvent> {
     let mut events = Vec::new();
-    while buf.len() >= NLMSG_HDR {
-        let len = u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes")) as usize;
-        let kind = u16::from_ne_bytes(buf[4..6].try_into().expect("2 bytes"));
+    while let [l0, l1, l2, l3, k0, k1, ..] = *buf {
+        let len = u32::from_ne_bytes([l0, l1, l2, l3]) as usize;
+        let kind = u16::from_ne_bytes([k0, k1]);
         if len < NLMSG_HDR || len > buf.len() {
             break;
         }

@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use packet_capture_agent::capture::{
-    BackendChoice, CaptureSpec, CaptureStatus, Engine, EngineConfig, StartRequest, State,
+    BackendChoice, CaptureSpec, CaptureStatus, Engine, EngineConfig, StartError, StartRequest,
 };
 use packet_capture_agent::files::{CaptureDir, Compression};
 use packet_capture_agent::filter::selection_expression;
-use packet_capture_common::crd::OutputFormat;
+use packet_capture_common::abi::MAX_SLOTS;
+use packet_capture_common::crd::{CaptureState, OutputFormat};
 use packet_capture_test_support::capfile::{self, Packet};
 use packet_capture_test_support::netns::run;
 use packet_capture_test_support::{Netns, Tcpdump, VethPair, privileged, unique_name};
@@ -495,7 +496,7 @@ fn max_packets_is_exact() {
             })
             .expect("ends by itself")
             .unwrap();
-        assert_eq!(ended.state, State::Completed, "{ended:?}");
+        assert_eq!(ended.state, CaptureState::Completed, "{ended:?}");
         assert_eq!(ended.message, "reached maxPackets (5)");
         assert_eq!(ended.packets, 5);
         assert_eq!(capfile::read(Path::new(&ended.output_file)).len(), 5);
@@ -518,7 +519,7 @@ fn duration_ends_the_capture_on_time() {
             took >= Duration::from_secs(1) && took < Duration::from_secs(2),
             "took {took:?}"
         );
-        assert_eq!(ended.state, State::Completed);
+        assert_eq!(ended.state, CaptureState::Completed);
         assert_eq!(ended.message, "duration of 1s elapsed");
         assert_eq!(capfile::tshark_count(Path::new(&ended.output_file)), 0);
     });
@@ -577,6 +578,93 @@ fn pcapng_and_text_files() {
             "{}",
             lines[1]
         );
+    });
+}
+
+#[test]
+fn the_status_names_the_file_as_it_is_on_disk_after_compression() {
+    each_backend(
+        "the_status_names_the_file_as_it_is_on_disk_after_compression",
+        |lab, engine, rt| {
+            let first = start(engine, spec(&[PEER_V4], &[], "icmp"));
+            lab.ping(PEER_V4, 2, 56);
+            let first = stop(engine, rt, &first.id);
+            assert!(first.output_file.ends_with(".pcap"), "{first:?}");
+            // Maintenance keeps the newest file plain: once a second capture
+            // has ended, the first one is compressed.
+            let second = start(engine, spec(&[PEER_V4], &[], "icmp"));
+            stop(engine, rt, &second.id);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let now = loop {
+                let status = engine.get(&first.id).expect("the capture is kept");
+                if status.output_file.ends_with(".gz") {
+                    break status;
+                }
+                assert!(Instant::now() < deadline, "never compressed: {status:?}");
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            assert_eq!(now.output_file, format!("{}.gz", first.output_file));
+            assert!(!Path::new(&first.output_file).exists());
+            let on_disk = std::fs::metadata(&now.output_file).unwrap().len();
+            assert_eq!(now.file_size, on_disk, "the compressed size");
+            assert_ne!(now.file_size, first.file_size);
+            assert_eq!(
+                capfile::read(Path::new(&now.output_file)).len() as u64,
+                first.packets
+            );
+            let listed = engine.list();
+            let listed = listed.iter().find(|s| s.id == first.id).unwrap();
+            assert_eq!(
+                (&listed.output_file, listed.file_size),
+                (&now.output_file, on_disk)
+            );
+        },
+    );
+}
+
+#[test]
+fn ebpf_slots_come_back_however_captures_end() {
+    if !privileged("ebpf_slots_come_back_however_captures_end") {
+        return;
+    }
+    let lab = Lab::new();
+    with_engine(&lab, Options::with(BackendChoice::Ebpf), |engine, rt| {
+        let fill = || -> Vec<String> {
+            (0..MAX_SLOTS)
+                .map(|_| start(engine, spec(&[OTHER_V4], &[], "")).id)
+                .collect()
+        };
+        let refused = || {
+            let id = unique_name("cap");
+            let err = engine
+                .start_capture(StartRequest {
+                    id: id.clone(),
+                    name: id,
+                    spec: spec(&[OTHER_V4], &[], ""),
+                })
+                .expect_err("every slot is held");
+            assert!(
+                matches!(&err, StartError::Unavailable(m) if m.contains("captures already")),
+                "{err:?}"
+            );
+        };
+        let held = fill();
+        refused();
+        // Stopped captures give their slots back.
+        for id in &held {
+            stop(engine, rt, id);
+        }
+        // So does one that ends by itself.
+        let mut s = spec(&[PEER_V4], &[], "icmp");
+        s.max_packets = 1;
+        let own = start(engine, s);
+        lab.ping(PEER_V4, 1, 56);
+        assert_eq!(ended(engine, rt, &own.id).state, CaptureState::Completed);
+        let held = fill();
+        refused();
+        for id in &held {
+            stop(engine, rt, id);
+        }
     });
 }
 
@@ -925,7 +1013,7 @@ fn the_file_size_limit_stops_before_it_is_exceeded() {
             let status = start(engine, spec(&[PEER_V4], &[], "icmp"));
             lab.ping(PEER_V4, 5, 1000);
             let ended = ended(engine, rt, &status.id);
-            assert_eq!(ended.state, State::Completed, "{ended:?}");
+            assert_eq!(ended.state, CaptureState::Completed, "{ended:?}");
             assert!(
                 ended.message.contains("MAX_CAPTURE_FILE_SIZE_MB"),
                 "{}",
@@ -968,7 +1056,7 @@ fn a_full_disk_fails_the_capture_and_keeps_the_file_readable() {
         let status = start(engine, spec(&[PEER_V4], &[7777], ""));
         flood(&lab.peer, NODE_V4, 7777, 2_000);
         let ended = stop(engine, rt, &status.id);
-        assert_eq!(ended.state, State::Failed, "{ended:?}");
+        assert_eq!(ended.state, CaptureState::Failed, "{ended:?}");
         assert!(
             ended.message.contains("No space left on device"),
             "{}",

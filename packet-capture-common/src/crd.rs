@@ -204,6 +204,66 @@ impl std::str::FromStr for OutputFormat {
     }
 }
 
+/// A node capture's life, as the agent reports it and as
+/// `status.captureFiles[*].status` spells it: starting, then running, then
+/// completed (its duration, packet or size limit), failed, or stopped (asked
+/// to stop, or the agent shut down).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureState {
+    Starting,
+    Running,
+    Completed,
+    Failed,
+    Stopped,
+}
+
+impl CaptureState {
+    pub const ALL: [CaptureState; 5] = [
+        Self::Starting,
+        Self::Running,
+        Self::Completed,
+        Self::Failed,
+        Self::Stopped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Stopped => "stopped",
+        }
+    }
+
+    /// Whether the capture has ended (nothing changes after this).
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Stopped)
+    }
+}
+
+impl std::fmt::Display for CaptureState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for CaptureState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "{s:?} is not a capture state (starting, running, completed, failed or stopped)"
+                )
+            })
+    }
+}
+
 /// Where a capture is in its life: Starting, Running, then Completed or Failed.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum Phase {
@@ -253,10 +313,9 @@ pub struct PacketCaptureConfigStatus {
 }
 
 /// A node's part of a capture: its state, file and counters.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 pub struct NodeCapture {
-    /// starting, running, completed, failed or stopped.
-    pub status: String,
+    pub status: CaptureState,
     /// Path of the capture file on the node.
     pub output_file: String,
     /// Size of the capture file in bytes.

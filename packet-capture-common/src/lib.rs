@@ -2,13 +2,16 @@
 //!
 //! [`abi`] is the contract between the eBPF programs and the agent and is
 //! `no_std`; everything else (the `PacketCaptureConfig` custom resource, its
-//! validation, the capture spec the agent accepts) needs the `user` feature.
+//! validation, the capture spec the agent accepts) needs the `user` feature,
+//! and [`filter`] (libpcap) the `filter` feature.
 #![cfg_attr(not(feature = "user"), no_std)]
 
 pub mod abi;
 
 #[cfg(feature = "user")]
 pub mod crd;
+#[cfg(feature = "filter")]
+pub mod filter;
 #[cfg(feature = "user")]
 pub mod logging;
 #[cfg(feature = "user")]

@@ -1,24 +1,8 @@
 //! `cargo xtask <task>`: the project's chores, in Rust so they run wherever
 //! cargo does.
 
-mod bench;
-#[cfg(test)]
-mod chart;
-mod cluster;
-#[cfg(test)]
-mod cluster_checks;
-mod crdgen;
-mod cross;
-mod demo;
-mod ebpf;
-#[cfg(test)]
-mod examples;
-mod makefile;
-mod manifests;
-mod setup;
-mod util;
-
 use clap::{Parser, Subcommand};
+use xtask::{bench, cluster, crdgen, cross, demo, ebpf, manifests, setup};
 
 #[derive(Parser)]
 #[command(about = "packet-capture project tasks")]

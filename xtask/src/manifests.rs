@@ -125,24 +125,3 @@ pub fn run(check: bool) -> anyhow::Result<()> {
         "cargo xtask manifests",
     )
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn committed_manifests_match_the_chart() {
-        run(true).expect("run `cargo xtask manifests` and commit the result");
-    }
-
-    #[test]
-    fn documents_are_split_by_their_template() {
-        let rendered = "---\n# Source: packet-capture/templates/a.yaml\nkind: A\n---\n\
-                        # Source: packet-capture/templates/b/c.yaml\nkind: C\n---\n\
-                        # Source: packet-capture/templates/a.yaml\nkind: A2\n";
-        let docs = by_template(rendered).unwrap();
-        assert_eq!(docs["a.yaml"], ["kind: A", "kind: A2"]);
-        assert_eq!(docs["b/c.yaml"], ["kind: C"]);
-        assert!(by_template("---\nkind: Orphan\n").is_err());
-    }
-}

@@ -17,6 +17,7 @@ use kube::api::PostParams;
 use packet_capture_common::crd::{GROUP, PLURAL, RESOURCE};
 
 use super::ApiError;
+use crate::sync::lock;
 
 /// How long a decision is reused.
 pub const CACHE_TTL: Duration = Duration::from_secs(30);
@@ -135,7 +136,7 @@ impl Authorizer {
             )
         })?;
         let key = (token.to_owned(), verb);
-        if let Some((at, decision)) = self.cache.lock().expect("auth cache").get(&key)
+        if let Some((at, decision)) = lock(&self.cache).get(&key)
             && at.elapsed() < CACHE_TTL
         {
             return decision.clone();
@@ -143,7 +144,7 @@ impl Authorizer {
         let decision = self.review(token, verb).await;
         // A cluster that could not answer is asked again next time.
         if !matches!(decision, Err(ApiError::Unavailable(_))) {
-            let mut cache = self.cache.lock().expect("auth cache");
+            let mut cache = lock(&self.cache);
             if cache.len() >= CACHE_ENTRIES {
                 cache.retain(|_, (at, _)| at.elapsed() < CACHE_TTL);
                 if cache.len() >= CACHE_ENTRIES {

@@ -6,12 +6,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use packet_capture_common::abi::MAX_SNAPLEN;
-use packet_capture_common::crd::{DEFAULT_DURATION, DEFAULT_MAX_PACKETS, OutputFormat};
-use packet_capture_common::validate::{ValidationErrors, Validator};
+use packet_capture_common::crd::{
+    CaptureState, DEFAULT_DURATION, DEFAULT_MAX_PACKETS, OutputFormat,
+};
+use packet_capture_common::validate::{FieldError, ValidationErrors, Validator};
 use packet_capture_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
-use crate::capture::{CaptureSpec, CaptureStatus, StartRequest, State};
+use crate::capture::{CaptureSpec, CaptureStatus, StartRequest};
 use crate::files::FileEntry;
 
 /// Longest capture id or name (they end up in file names).
@@ -136,25 +138,18 @@ impl TryFrom<pb::StartCaptureRequest> for Unchecked {
     type Error = ValidationErrors;
 
     fn try_from(req: pb::StartCaptureRequest) -> Result<Self, Self::Error> {
-        let mut v = Validator::new("");
         let Some(spec) = req.spec else {
-            v.error("spec", "is required");
-            return Err(v.finish().expect_err("an error was recorded"));
+            return Err(ValidationErrors(vec![FieldError {
+                field: "spec".into(),
+                message: "is required".into(),
+            }]));
         };
-        let output_format = match pb::OutputFormat::try_from(spec.output_format) {
-            Ok(pb::OutputFormat::Unspecified | pb::OutputFormat::Pcap) => OutputFormat::Pcap,
-            Ok(pb::OutputFormat::Pcapng) => OutputFormat::Pcapng,
-            Ok(pb::OutputFormat::Text) => OutputFormat::Text,
-            Ok(pb::OutputFormat::Stdout) => OutputFormat::Stdout,
-            Err(_) => {
-                v.error(
-                    "outputFormat",
-                    format!("{} is not an output format", spec.output_format),
-                );
-                OutputFormat::Pcap
-            }
-        };
-        v.finish()?;
+        let output_format = spec.format().map_err(|e| {
+            ValidationErrors(vec![FieldError {
+                field: "outputFormat".into(),
+                message: e.to_string(),
+            }])
+        })?;
         Ok(Self {
             id: req.id,
             name: Some(req.name),
@@ -185,7 +180,8 @@ fn rfc3339(t: SystemTime) -> String {
         .as_nanos()
         .min(u128::from(u64::MAX)) as u64;
     let mut s = String::with_capacity(32);
-    crate::civil::write_rfc3339(&mut s, ns).expect("writing to a String");
+    // Writing to a String cannot fail.
+    let _ = crate::civil::write_rfc3339(&mut s, ns);
     s
 }
 
@@ -208,7 +204,7 @@ pub struct SpecJson {
 pub struct CaptureJson {
     pub id: String,
     pub name: String,
-    pub status: State,
+    pub status: CaptureState,
     pub packets: u64,
     pub dropped: u64,
     pub filtered: u64,
@@ -272,25 +268,6 @@ impl From<FileEntry> for FileJson {
     }
 }
 
-fn pb_state(s: State) -> pb::CaptureState {
-    match s {
-        State::Starting => pb::CaptureState::Starting,
-        State::Running => pb::CaptureState::Running,
-        State::Completed => pb::CaptureState::Completed,
-        State::Failed => pb::CaptureState::Failed,
-        State::Stopped => pb::CaptureState::Stopped,
-    }
-}
-
-fn pb_format(f: OutputFormat) -> pb::OutputFormat {
-    match f {
-        OutputFormat::Pcap => pb::OutputFormat::Pcap,
-        OutputFormat::Pcapng => pb::OutputFormat::Pcapng,
-        OutputFormat::Text => pb::OutputFormat::Text,
-        OutputFormat::Stdout => pb::OutputFormat::Stdout,
-    }
-}
-
 impl From<&CaptureSpec> for pb::CaptureSpec {
     fn from(s: &CaptureSpec) -> Self {
         let saturate = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
@@ -299,7 +276,7 @@ impl From<&CaptureSpec> for pb::CaptureSpec {
             target_ports: s.ports.iter().map(|&p| p.into()).collect(),
             duration_seconds: saturate(s.duration.as_secs()),
             max_packets: saturate(s.max_packets),
-            output_format: pb_format(s.format).into(),
+            output_format: pb::OutputFormat::from(s.format).into(),
             filter: s.filter.clone(),
             snaplen: s.snaplen,
         }
@@ -312,7 +289,7 @@ impl From<CaptureStatus> for pb::Capture {
             spec: Some(pb::CaptureSpec::from(&s.spec)),
             id: s.id,
             name: s.name,
-            state: pb_state(s.state).into(),
+            state: pb::CaptureState::from(s.state).into(),
             packets: s.packets,
             dropped: s.dropped,
             filtered: s.filtered,
@@ -426,6 +403,9 @@ mod tests {
             }),
         })
         .unwrap_err();
-        assert_eq!(err.to_string(), "outputFormat: 42 is not an output format");
+        assert_eq!(
+            err.to_string(),
+            "outputFormat: 42 is not a known output format"
+        );
     }
 }

@@ -12,29 +12,13 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
-use crate::capture::{CaptureStatus, Engine, State};
+use packet_capture_common::crd::CaptureState;
+
+use crate::capture::{CaptureStatus, Engine};
 
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// Every metric's name starts with this.
 pub const PREFIX: &str = "packet_capture_agent";
-
-const STATES: [State; 5] = [
-    State::Starting,
-    State::Running,
-    State::Completed,
-    State::Failed,
-    State::Stopped,
-];
-
-fn state_name(s: State) -> &'static str {
-    match s {
-        State::Starting => "starting",
-        State::Running => "running",
-        State::Completed => "completed",
-        State::Failed => "failed",
-        State::Stopped => "stopped",
-    }
-}
 
 type RequestLabels = [(&'static str, String); 3];
 
@@ -68,8 +52,11 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String");
+        // A String takes every write, and the collectors only fail when a
+        // write does.
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "encoding the metrics");
+        }
         out
     }
 }
@@ -156,9 +143,9 @@ impl Collector for EngineCollector {
             "captures",
             "Captures known to the agent by state",
             MetricType::Gauge,
-            STATES.map(|s| {
+            CaptureState::ALL.map(|s| {
                 let n = captures.iter().filter(|c| c.state == s).count();
-                ([("state", state_name(s))], ConstGauge::new(n as i64))
+                ([("state", s.as_str())], ConstGauge::new(n as i64))
             }),
         )?;
         family(

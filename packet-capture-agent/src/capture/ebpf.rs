@@ -7,8 +7,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::Mutex;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
@@ -16,16 +16,19 @@ use packet_capture_common::abi::{
     DIRECTION_INGRESS, LINK_RAW_IP, MAX_SLOTS, RECORD_HEADER_LEN, RecordHeader, counter,
 };
 
+use super::backend::{Backend, BackendError, Ended, EndedTx, Running, Selection};
+use super::poll::wait_readable;
 use super::sink::{EndReason, Sink};
-use super::{Ended, wait_readable};
 use crate::ebpf::{Kernel, LinkKind, SlotTargets};
+use crate::netlink::Link;
+use crate::sync::lock;
 use crate::writer::{Direction, Meta};
 
 /// How long records may wait in the ring before the reader looks (the
 /// programs only wake it for a full batch).
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
-pub enum Command {
+enum Command {
     /// Install a sink; the reader answers on `installed` once it is in place.
     Add {
         slot: usize,
@@ -61,131 +64,196 @@ impl Commands {
     }
 }
 
-pub struct EbpfBackend {
+/// What the backend and its captures' handles share.
+struct Shared {
     kernel: Mutex<Kernel>,
     commands: Commands,
+    /// Slots no capture holds, least recently used first.
     free: Mutex<VecDeque<usize>>,
+}
+
+impl Shared {
+    fn kernel(&self) -> MutexGuard<'_, Kernel> {
+        lock(&self.kernel)
+    }
+
+    /// Makes the kernel stop selecting for `slot`; clearing a clear slot
+    /// does nothing.
+    fn deselect(&self, slot: usize) {
+        if let Err(e) = self.kernel().clear_slot(slot) {
+            tracing::error!(slot, error = %e, "clearing a capture slot");
+        }
+    }
+}
+
+pub struct EbpfBackend {
+    shared: Arc<Shared>,
     reader: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl EbpfBackend {
-    /// Starts the reader; ended sinks are reported on `ended`.
-    pub fn start(
-        kernel: Kernel,
-        ring: RingBuf<MapData>,
-        ended: tokio::sync::mpsc::UnboundedSender<Ended>,
-    ) -> std::io::Result<Self> {
+    /// Loads the programs with a ring of `ring_bytes` and starts the reader;
+    /// ended sinks are reported on `ended`.
+    pub fn load(ring_bytes: u32, ended: EndedTx) -> Result<Self, BackendError> {
+        let (kernel, ring) = Kernel::load(ring_bytes)?;
+        for (program, verified, bytes) in kernel.program_sizes() {
+            tracing::debug!(program, verified, bytes, "eBPF program loaded");
+        }
         let (queue, rx) = std::sync::mpsc::channel();
         // SAFETY: eventfd(2) returns a new descriptor, owned right away.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if raw < 0 {
-            return Err(std::io::Error::last_os_error());
+            return Err(BackendError::Reader(std::io::Error::last_os_error()));
         }
         // SAFETY: a fresh descriptor nobody else owns.
         let wake = unsafe { OwnedFd::from_raw_fd(raw) };
-        let woken = wake.try_clone()?;
+        let woken = wake.try_clone().map_err(BackendError::Reader)?;
         let reader = std::thread::Builder::new()
             .name("ring-reader".into())
-            .spawn(move || Reader::new(ring, rx, woken, ended).run())?;
+            .spawn(move || Reader::new(ring, rx, woken, ended).run())
+            .map_err(BackendError::Reader)?;
         Ok(Self {
-            kernel: Mutex::new(kernel),
-            commands: Commands { queue, wake },
-            free: Mutex::new((0..MAX_SLOTS).collect()),
+            shared: Arc::new(Shared {
+                kernel: Mutex::new(kernel),
+                commands: Commands { queue, wake },
+                free: Mutex::new((0..MAX_SLOTS).collect()),
+            }),
             reader: Mutex::new(Some(reader)),
         })
     }
+}
 
-    pub fn kernel(&self) -> std::sync::MutexGuard<'_, Kernel> {
-        self.kernel.lock().expect("kernel lock")
+impl Backend for EbpfBackend {
+    fn name(&self) -> &'static str {
+        "ebpf"
     }
 
-    pub fn attach(&self, iface: &str, kind: LinkKind) -> Result<(), crate::ebpf::Error> {
-        self.kernel().attach(iface, kind)
+    fn interfaces(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.shared.kernel().attached().map(str::to_owned).collect();
+        names.sort();
+        names
     }
 
-    pub fn forget(&self, iface: &str) {
-        self.kernel().forget(iface);
+    fn link_up(&self, link: &Link) {
+        let kind = LinkKind::from_arphrd(link.arphrd);
+        match self.shared.kernel().attach(&link.name, kind) {
+            Ok(()) => tracing::info!(iface = link.name, "attached"),
+            Err(e) => {
+                tracing::warn!(iface = link.name, error = %e, "cannot capture on this interface")
+            }
+        }
     }
 
-    pub fn set_names(&self, names: HashMap<u32, String>) {
-        self.commands.send(Command::Names(names));
+    fn link_gone(&self, name: &str, _index: u32) {
+        self.shared.kernel().forget(name);
     }
 
-    /// Installs `sink` and makes the kernel select `targets` for it; returns
-    /// the slot and the slot's loss counter at the start.
-    pub fn add(&self, targets: SlotTargets, sink: Sink) -> Result<(usize, u64), String> {
-        let slot = self
-            .free
-            .lock()
-            .expect("free slots")
+    fn set_names(&self, names: HashMap<u32, String>) {
+        self.shared.commands.send(Command::Names(names));
+    }
+
+    /// Takes a free slot, installs `sink` in the reader, then makes the
+    /// kernel select for the slot.
+    fn add(
+        &self,
+        _id: &str,
+        selection: &Selection,
+        sink: Sink,
+    ) -> Result<Box<dyn Running>, BackendError> {
+        let slot = lock(&self.shared.free)
             .pop_front()
-            .ok_or_else(|| format!("the agent runs {MAX_SLOTS} captures already"))?;
+            .ok_or(BackendError::Full(MAX_SLOTS))?;
+        // From here the handle owns the slot: any early return drops it,
+        // which gives the slot back.
+        let mut handle = SlotCapture {
+            shared: self.shared.clone(),
+            slot,
+            baseline: 0,
+        };
         // The sink is in place before the kernel selects anything for it,
         // so no record can reach the reader ahead of its sink.
         let (installed, done) = std::sync::mpsc::sync_channel(1);
-        self.commands.send(Command::Add {
+        self.shared.commands.send(Command::Add {
             slot,
             sink: Box::new(sink),
             installed,
         });
         if done.recv().is_err() {
-            self.free.lock().expect("free slots").push_back(slot);
-            return Err("the ring-buffer reader has stopped".into());
+            return Err(BackendError::ReaderStopped);
         }
-        let mut kernel = self.kernel();
-        let baseline = kernel.slot_lost(slot).unwrap_or(0);
+        let targets = SlotTargets {
+            nets: selection.targets.clone(),
+            ports: selection.ports.clone(),
+            copy_len: selection.copy_len,
+        };
+        let mut kernel = self.shared.kernel();
+        handle.baseline = kernel.slot_lost(slot).unwrap_or(0);
         if let Err(e) = kernel.set_slot(slot, targets) {
-            let _ = kernel.clear_slot(slot);
-            self.commands.send(Command::Discard { slot });
-            self.free.lock().expect("free slots").push_back(slot);
-            return Err(format!("programming the kernel maps: {e}"));
+            drop(kernel);
+            self.shared.commands.send(Command::Discard { slot });
+            return Err(BackendError::Maps(e));
         }
-        Ok((slot, baseline))
+        Ok(Box::new(handle))
     }
 
-    /// Ends the capture in `slot`: the kernel stops selecting first, then
-    /// the reader finishes the sink after what is already in the ring.
-    pub fn remove(&self, slot: usize, reason: EndReason) {
-        self.release(slot);
-        self.commands.send(Command::Remove { slot, reason });
+    fn ring_lost(&self) -> u64 {
+        self.shared
+            .kernel()
+            .counter(counter::RING_LOST)
+            .unwrap_or(0)
     }
 
-    /// Frees a slot whose sink has ended.
-    pub fn release(&self, slot: usize) {
-        if let Err(e) = self.kernel().clear_slot(slot) {
-            tracing::error!(slot, error = %e, "clearing a capture slot");
-        }
-        let mut free = self.free.lock().expect("free slots");
-        if !free.contains(&slot) {
-            free.push_back(slot);
-        }
-    }
-
-    /// Packets `slot` lost in the ring buffer since `baseline`.
-    pub fn lost(&self, slot: usize, baseline: u64) -> u64 {
-        self.kernel()
-            .slot_lost(slot)
-            .unwrap_or(baseline)
-            .saturating_sub(baseline)
-    }
-
-    /// Matched packets the ring had no room for, for every capture.
-    pub fn ring_lost(&self) -> u64 {
-        self.kernel().counter(counter::RING_LOST).unwrap_or(0)
-    }
-
-    pub fn interfaces(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.kernel().attached().map(str::to_owned).collect();
-        names.sort();
-        names
-    }
-
-    /// Stops the reader (captures must have ended) and waits for it.
-    pub fn shutdown(&self) {
-        self.commands.send(Command::Shutdown);
-        if let Some(reader) = self.reader.lock().expect("reader").take() {
+    /// Stops the reader (captures must have ended), waits for it, and
+    /// detaches the programs from every interface.
+    fn shutdown(&self) {
+        self.shared.commands.send(Command::Shutdown);
+        if let Some(reader) = lock(&self.reader).take() {
             let _ = reader.join();
         }
+        self.shared.kernel().detach_all();
+    }
+}
+
+/// A capture's hold on its slot.
+///
+/// The slot goes back to the free list in one place only: when this handle
+/// is dropped, which the engine does once the reader has reported the sink
+/// ended (and `add` does on failure). By then the reader holds no sink for
+/// the slot, so the next capture to get it starts clean.
+struct SlotCapture {
+    shared: Arc<Shared>,
+    slot: usize,
+    /// The slot's loss counter when the capture started.
+    baseline: u64,
+}
+
+impl Running for SlotCapture {
+    fn lost(&self) -> u64 {
+        self.shared
+            .kernel()
+            .slot_lost(self.slot)
+            .unwrap_or(self.baseline)
+            .saturating_sub(self.baseline)
+    }
+
+    /// The kernel stops selecting first, then the reader finishes the sink
+    /// after what is already in the ring.
+    fn end(&self, reason: EndReason) {
+        self.shared.deselect(self.slot);
+        self.shared.commands.send(Command::Remove {
+            slot: self.slot,
+            reason,
+        });
+    }
+}
+
+impl Drop for SlotCapture {
+    fn drop(&mut self) {
+        // A sink still installed (a handle dropped while its capture runs)
+        // is finished before the slot can be handed out again; the reader
+        // takes commands in order, so this reaches it before any new Add.
+        self.end(EndReason::Stopped);
+        lock(&self.shared.free).push_back(self.slot);
     }
 }
 
@@ -194,7 +262,7 @@ struct Reader {
     commands: Receiver<Command>,
     /// Readable when commands wait.
     woken: OwnedFd,
-    ended: tokio::sync::mpsc::UnboundedSender<Ended>,
+    ended: EndedTx,
     sinks: Vec<Option<Sink>>,
     names: HashMap<u32, String>,
     /// Where frames are rebuilt (a VLAN tag put back, an Ethernet header
@@ -207,7 +275,7 @@ impl Reader {
         ring: RingBuf<MapData>,
         commands: Receiver<Command>,
         woken: OwnedFd,
-        ended: tokio::sync::mpsc::UnboundedSender<Ended>,
+        ended: EndedTx,
     ) -> Self {
         Self {
             ring,
@@ -257,7 +325,7 @@ impl Reader {
                 if let Some(sink) = self.sinks[slot].as_mut()
                     && let Err(reason) = sink.flush()
                 {
-                    self.end(slot, reason);
+                    finish(&mut self.sinks[slot], &self.ended, reason);
                 }
             }
         }
@@ -278,7 +346,7 @@ impl Reader {
                 // What the kernel selected before the slot was cleared
                 // belongs to the capture.
                 self.drain();
-                self.end(slot, reason);
+                finish(&mut self.sinks[slot], &self.ended, reason);
             }
             Command::Discard { slot } => {
                 if let Some(sink) = self.sinks[slot].take() {
@@ -289,18 +357,6 @@ impl Reader {
             Command::Shutdown => return false,
         }
         true
-    }
-
-    fn end(&mut self, slot: usize, reason: EndReason) {
-        if let Some(sink) = self.sinks[slot].take() {
-            let id = sink.id.clone();
-            let finished = sink.finish(reason);
-            let _ = self.ended.send(Ended {
-                id,
-                slot: Some(slot),
-                finished,
-            });
-        }
     }
 
     fn drain(&mut self) {
@@ -333,16 +389,19 @@ impl Reader {
                 if let Some(sink) = self.sinks[slot].as_mut()
                     && let Some(reason) = sink.offer(&meta, frame, &self.names)
                 {
-                    let sink = self.sinks[slot].take().expect("just used");
-                    let id = sink.id.clone();
-                    let _ = self.ended.send(Ended {
-                        id,
-                        slot: Some(slot),
-                        finished: sink.finish(reason),
-                    });
+                    finish(&mut self.sinks[slot], &self.ended, reason);
                 }
             }
         }
+    }
+}
+
+/// Finishes the sink in `place`, if there is one, and reports it ended.
+fn finish(place: &mut Option<Sink>, ended: &EndedTx, reason: EndReason) {
+    if let Some(sink) = place.take() {
+        let id = sink.id.clone();
+        let finished = sink.finish(reason);
+        let _ = ended.send(Ended { id, finished });
     }
 }
 

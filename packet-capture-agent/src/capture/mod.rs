@@ -1,11 +1,23 @@
 //! The capture engine: captures by id, their lifecycle and status, on the
 //! eBPF backend or the libpcap fallback.
+//!
+//! The engine never looks at which backend it runs on:
+//!
+//! - [`backend`]: what the engine asks of a backend, and the handle each
+//!   running capture gets; `ebpf` (one ring-buffer reader for every capture)
+//!   and `pcap` (a thread and sockets per capture) implement it.
+//! - [`links`]: the thread that follows the interfaces for the backend.
+//! - [`sink`]: one capture's filter, limits and writer, on the reading thread.
+//! - `poll`: the wait both backends' reading threads share.
 
+pub mod backend;
 mod ebpf;
+pub mod links;
 mod pcap;
+mod poll;
 pub mod sink;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,16 +25,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use packet_capture_common::abi::DEFAULT_RING_BYTES;
-use packet_capture_common::crd::{OutputFormat, STDOUT_OUTPUT_FILE};
-use serde::Serialize;
+use packet_capture_common::crd::{CaptureState, OutputFormat, STDOUT_OUTPUT_FILE};
 use tokio::sync::{mpsc, watch};
 
-use crate::ebpf::{Kernel, LinkKind, SlotTargets};
-use crate::files::CaptureDir;
-use crate::filter::{Filter, selection_expression};
-use crate::netlink::{LinkEvent, LinkWatcher};
+use crate::files::{CaptureDir, Maintenance};
+use crate::filter::Filter;
+use crate::sync::lock;
 use crate::writer::Encoder;
+use backend::{Backend, BackendError, Ended, Running, Selection};
+use links::LinksError;
 use sink::{Counters, Destination, EndReason, Sink};
+
+pub use pcap::OpenError;
 
 /// Bytes the kernel copies at least when a capture has a filter, so that
 /// filters looking past a small snaplen still see what they test.
@@ -56,29 +70,13 @@ pub struct StartRequest {
     pub spec: CaptureSpec,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum State {
-    Starting,
-    Running,
-    Completed,
-    Failed,
-    Stopped,
-}
-
-impl State {
-    pub fn is_final(self) -> bool {
-        matches!(self, Self::Completed | Self::Failed | Self::Stopped)
-    }
-}
-
 /// A capture as the API reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaptureStatus {
     pub id: String,
     pub name: String,
     pub spec: CaptureSpec,
-    pub state: State,
+    pub state: CaptureState,
     pub packets: u64,
     pub dropped: u64,
     pub filtered: u64,
@@ -101,6 +99,19 @@ pub enum StartError {
     /// The node cannot run it now (all slots used, disk, backend).
     #[error("{0}")]
     Unavailable(String),
+}
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("recovering the capture directory: {0}")]
+    Recover(#[source] std::io::Error),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("starting the file maintenance thread: {0}")]
+    Maintenance(#[source] std::io::Error),
+    #[error(transparent)]
+    Links(#[from] LinksError),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -130,36 +141,8 @@ pub struct EngineStats {
     pub bytes_written: u64,
 }
 
-/// A sink that ended, reported by a backend.
-pub struct Ended {
-    pub id: String,
-    /// The eBPF slot it held.
-    pub slot: Option<usize>,
-    pub finished: sink::Finished,
-}
-
-enum Backend {
-    Ebpf(Box<ebpf::EbpfBackend>),
-    Pcap(pcap::PcapBackend),
-}
-
-impl Backend {
-    fn name(&self) -> &'static str {
-        match self {
-            Self::Ebpf(_) => "ebpf",
-            Self::Pcap(_) => "pcap",
-        }
-    }
-}
-
-/// How a capture's kernel-side losses are read.
-enum Loss {
-    Slot { slot: usize, baseline: u64 },
-    Socket(Arc<AtomicU64>),
-}
-
 struct Life {
-    state: State,
+    state: CaptureState,
     message: String,
     end_time: Option<SystemTime>,
     /// Losses frozen when the capture ended.
@@ -176,7 +159,9 @@ struct Capture {
     /// Where the file will be once complete; None for stdout.
     output_file: Option<PathBuf>,
     counters: Arc<Counters>,
-    loss: Loss,
+    /// The backend's handle while the capture runs. Dropped once the end is
+    /// recorded, which is when the backend takes back what the capture held.
+    running: Mutex<Option<Box<dyn Running>>>,
     life: Mutex<Life>,
     status: watch::Sender<CaptureStatus>,
     timer: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -186,9 +171,9 @@ struct Inner {
     config: EngineConfig,
     /// The runtime the engine started on, for its timers.
     runtime: tokio::runtime::Handle,
-    backend: Backend,
+    backend: Arc<dyn Backend>,
     captures: Mutex<BTreeMap<String, Arc<Capture>>>,
-    maintain: std::sync::mpsc::Sender<()>,
+    maintenance: Maintenance,
     /// Bytes written to capture files, by every sink.
     bytes_written: Arc<AtomicU64>,
 }
@@ -202,25 +187,28 @@ pub struct Engine {
 impl Engine {
     /// Loads the backend, attaches to every interface, recovers files left
     /// by an interrupted run, and starts the background work.
-    pub async fn start(config: EngineConfig) -> anyhow::Result<Self> {
-        let recovered = config.files.recover()?;
+    pub async fn start(config: EngineConfig) -> Result<Self, EngineError> {
+        let recovered = config.files.recover().map_err(EngineError::Recover)?;
         if !recovered.is_empty() {
             tracing::info!(files = recovered.len(), "recovered capture files");
         }
         let (ended_tx, ended_rx) = mpsc::unbounded_channel();
         let backend = load_backend(&config, ended_tx)?;
         tracing::info!(backend = backend.name(), "capture backend ready");
-        let maintain = spawn_maintenance(config.files.clone())?;
+        let maintenance = config
+            .files
+            .spawn_maintenance()
+            .map_err(EngineError::Maintenance)?;
+        links::follow(backend.clone()).await?;
         let inner = Arc::new(Inner {
             config,
             runtime: tokio::runtime::Handle::current(),
             backend,
             captures: Mutex::new(BTreeMap::new()),
-            maintain,
+            maintenance,
             bytes_written: Arc::default(),
         });
         let engine = Self { inner };
-        engine.watch_links().await?;
         tokio::spawn(engine.clone().follow_ended(ended_rx));
         tokio::spawn(engine.clone().publish_progress());
         Ok(engine)
@@ -239,18 +227,12 @@ impl Engine {
     }
 
     pub fn interfaces(&self) -> Vec<String> {
-        match &self.inner.backend {
-            Backend::Ebpf(b) => b.interfaces(),
-            Backend::Pcap(b) => b.interfaces(),
-        }
+        self.inner.backend.interfaces()
     }
 
     pub fn stats(&self) -> EngineStats {
         EngineStats {
-            ring_lost: match &self.inner.backend {
-                Backend::Ebpf(b) => b.ring_lost(),
-                Backend::Pcap(_) => 0,
-            },
+            ring_lost: self.inner.backend.ring_lost(),
             interfaces: self.interfaces().len(),
             bytes_written: self.inner.bytes_written.load(Ordering::Relaxed),
         }
@@ -266,7 +248,7 @@ impl Engine {
                     .map_err(|e| StartError::Invalid(format!("filter: {e}")))?,
             )
         };
-        let mut captures = self.inner.captures.lock().expect("captures");
+        let mut captures = lock(&self.inner.captures);
         if let Some(existing) = captures.get(&req.id) {
             if existing.name == req.name && existing.spec == req.spec {
                 return Ok(self.snapshot(existing));
@@ -301,53 +283,30 @@ impl Engine {
             Destination::File(o) => Some(o.final_path().to_path_buf()),
             Destination::Stdout(_) => None,
         };
-        let make_sink = |destination, filter| {
-            Sink::new(
-                req.id.clone(),
-                self.inner.bytes_written.clone(),
-                filter,
-                spec.snaplen,
-                spec.max_packets,
-                Encoder::new(spec.format, spec.snaplen),
-                destination,
-                counters.clone(),
-            )
+        let selection = Selection {
+            targets: spec.targets.clone(),
+            ports: spec.ports.clone(),
+            copy_len: if filter.is_some() {
+                spec.snaplen.max(FILTER_LOOKAHEAD)
+            } else {
+                spec.snaplen
+            },
         };
-        let loss = match &self.inner.backend {
-            Backend::Ebpf(b) => {
-                let copy_len = if filter.is_some() {
-                    spec.snaplen.max(FILTER_LOOKAHEAD)
-                } else {
-                    spec.snaplen
-                };
-                let targets = SlotTargets {
-                    nets: spec.targets.clone(),
-                    ports: spec.ports.clone(),
-                    copy_len,
-                };
-                let (slot, baseline) = b
-                    .add(targets, make_sink(destination, filter))
-                    .map_err(StartError::Unavailable)?;
-                Loss::Slot { slot, baseline }
-            }
-            Backend::Pcap(b) => {
-                // The kernel selects by targets and ports (through VLAN tags,
-                // as the eBPF programs do); the filter runs on the frames as
-                // written, alike on both backends.
-                let selection = pcap::Selection {
-                    expression: selection_expression(&spec.targets, &spec.ports, ""),
-                    snaplen: spec.snaplen.max(if filter.is_some() {
-                        FILTER_LOOKAHEAD
-                    } else {
-                        0
-                    }),
-                };
-                let drops = b
-                    .start(&req.id, selection, make_sink(destination, filter))
-                    .map_err(StartError::Unavailable)?;
-                Loss::Socket(drops)
-            }
-        };
+        let sink = Sink::new(
+            req.id.clone(),
+            self.inner.bytes_written.clone(),
+            filter,
+            spec.snaplen,
+            spec.max_packets,
+            Encoder::new(spec.format, spec.snaplen),
+            destination,
+            counters.clone(),
+        );
+        let running = self
+            .inner
+            .backend
+            .add(&req.id, &selection, sink)
+            .map_err(|e| StartError::Unavailable(e.to_string()))?;
         let capture = Arc::new(Capture {
             id: req.id.clone(),
             name: req.name.clone(),
@@ -355,9 +314,9 @@ impl Engine {
             start_time,
             output_file,
             counters,
-            loss,
+            running: Mutex::new(Some(running)),
             life: Mutex::new(Life {
-                state: State::Running,
+                state: CaptureState::Running,
                 message: "capturing".into(),
                 end_time: None,
                 dropped: None,
@@ -371,7 +330,7 @@ impl Engine {
         let engine = self.clone();
         let id = req.id.clone();
         let duration = spec.duration;
-        *capture.timer.lock().expect("timer") = Some(self.inner.runtime.spawn(async move {
+        *lock(&capture.timer) = Some(self.inner.runtime.spawn(async move {
             tokio::time::sleep(duration).await;
             engine.end(&id, EndReason::Duration(duration.as_secs()));
         }));
@@ -402,13 +361,11 @@ impl Engine {
         let Some(capture) = self.capture(id) else {
             return;
         };
-        if capture.life.lock().expect("life").state.is_final() {
+        if lock(&capture.life).state.is_final() {
             return;
         }
-        match (&self.inner.backend, &capture.loss) {
-            (Backend::Ebpf(b), Loss::Slot { slot, .. }) => b.remove(*slot, reason),
-            (Backend::Pcap(b), _) => b.stop(id, reason),
-            (Backend::Ebpf(_), Loss::Socket(_)) => unreachable!("eBPF captures have slots"),
+        if let Some(running) = lock(&capture.running).as_ref() {
+            running.end(reason);
         }
     }
 
@@ -417,14 +374,7 @@ impl Engine {
     }
 
     pub fn list(&self) -> Vec<CaptureStatus> {
-        let captures: Vec<Arc<Capture>> = self
-            .inner
-            .captures
-            .lock()
-            .expect("captures")
-            .values()
-            .cloned()
-            .collect();
+        let captures: Vec<Arc<Capture>> = lock(&self.inner.captures).values().cloned().collect();
         captures.iter().map(|c| self.snapshot(c)).collect()
     }
 
@@ -452,26 +402,21 @@ impl Engine {
             }
         }
         let _ = tokio::time::timeout(STOP_TIMEOUT, futures::future::join_all(waits)).await;
-        if let Backend::Ebpf(b) = &self.inner.backend {
-            b.shutdown();
-            b.kernel().detach_all();
-        }
+        self.inner.backend.shutdown();
     }
 
     fn capture(&self, id: &str) -> Option<Arc<Capture>> {
-        self.inner
-            .captures
-            .lock()
-            .expect("captures")
-            .get(id)
-            .cloned()
+        lock(&self.inner.captures).get(id).cloned()
     }
 
     fn snapshot(&self, c: &Capture) -> CaptureStatus {
-        let life = c.life.lock().expect("life");
+        let life = lock(&c.life);
         let dropped = life.dropped.unwrap_or_else(|| self.lost_now(c));
         let (output_file, file_size) = match (&life.file, &c.output_file) {
-            (Some((path, size)), _) => current_file(path, *size),
+            (Some((path, size)), _) => {
+                let (path, size) = self.inner.config.files.current(path, *size);
+                (path.display().to_string(), size)
+            }
             (None, Some(path)) => (
                 path.display().to_string(),
                 c.counters.bytes.load(Ordering::Relaxed),
@@ -497,52 +442,44 @@ impl Engine {
 
     /// Packets the capture lost so far: in the kernel and in user space.
     fn lost_now(&self, c: &Capture) -> u64 {
-        let kernel = match (&self.inner.backend, &c.loss) {
-            (Backend::Ebpf(b), Loss::Slot { slot, baseline }) => b.lost(*slot, *baseline),
-            (_, Loss::Socket(drops)) => drops.load(Ordering::Relaxed),
-            (Backend::Pcap(_), Loss::Slot { .. }) => 0,
-        };
+        let kernel = lock(&c.running).as_ref().map_or(0, |r| r.lost());
         kernel + c.counters.dropped.load(Ordering::Relaxed)
     }
 
     async fn follow_ended(self, mut ended: mpsc::UnboundedReceiver<Ended>) {
         while let Some(e) = ended.recv().await {
-            match &self.inner.backend {
-                Backend::Ebpf(b) => {
-                    if let Some(slot) = e.slot {
-                        b.release(slot);
-                    }
-                }
-                Backend::Pcap(b) => b.reap(&e.id),
-            }
             let Some(capture) = self.capture(&e.id) else {
                 continue;
             };
-            if let Some(timer) = capture.timer.lock().expect("timer").take() {
+            if let Some(timer) = lock(&capture.timer).take() {
                 timer.abort();
             }
             let dropped = self.lost_now(&capture);
             let (state, message) = match &e.finished.reason {
                 EndReason::MaxPackets(_) | EndReason::Duration(_) | EndReason::FileSize(_) => {
-                    (State::Completed, e.finished.reason.message())
+                    (CaptureState::Completed, e.finished.reason.message())
                 }
                 EndReason::Stopped | EndReason::Shutdown => {
-                    (State::Stopped, e.finished.reason.message())
+                    (CaptureState::Stopped, e.finished.reason.message())
                 }
-                EndReason::Error(msg) => (State::Failed, msg.clone()),
+                EndReason::Error(msg) => (CaptureState::Failed, msg.clone()),
             };
             {
-                let mut life = capture.life.lock().expect("life");
+                let mut life = lock(&capture.life);
                 life.state = state;
                 life.message = message;
                 life.end_time = Some(SystemTime::now());
                 life.dropped = Some(dropped);
                 life.file = e.finished.file;
             }
+            // The losses are frozen above; now the backend takes back what
+            // the capture held (for eBPF, its slot), outside the lock.
+            let running = lock(&capture.running).take();
+            drop(running);
             let status = self.snapshot(&capture);
             tracing::info!(
                 capture = status.id,
-                state = ?status.state,
+                state = %status.state,
                 packets = status.packets,
                 dropped = status.dropped,
                 file = status.output_file,
@@ -550,7 +487,7 @@ impl Engine {
                 "capture ended"
             );
             capture.status.send_replace(status);
-            let _ = self.inner.maintain.send(());
+            self.inner.maintenance.poke();
         }
     }
 
@@ -558,13 +495,9 @@ impl Engine {
         let mut tick = tokio::time::interval(STATUS_INTERVAL);
         loop {
             tick.tick().await;
-            let running: Vec<Arc<Capture>> = self
-                .inner
-                .captures
-                .lock()
-                .expect("captures")
+            let running: Vec<Arc<Capture>> = lock(&self.inner.captures)
                 .values()
-                .filter(|c| !c.life.lock().expect("life").state.is_final())
+                .filter(|c| !lock(&c.life).state.is_final())
                 .cloned()
                 .collect();
             for c in running {
@@ -577,100 +510,24 @@ impl Engine {
             }
         }
     }
-
-    /// Follows the interfaces of the namespace on a thread of its own, and
-    /// returns once every existing interface is attached.
-    async fn watch_links(&self) -> anyhow::Result<()> {
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let engine = self.clone();
-        let mut watcher = LinkWatcher::new()?;
-        std::thread::Builder::new()
-            .name("links".into())
-            .spawn(move || {
-                let mut names: HashMap<u32, String> = HashMap::new();
-                let mut ready = Some(ready_tx);
-                loop {
-                    let events = match watcher.next_events() {
-                        Ok(e) => e,
-                        Err(e) => {
-                            tracing::error!(error = %e, "reading interface changes stopped");
-                            return;
-                        }
-                    };
-                    for event in events {
-                        match event {
-                            LinkEvent::Up(link) => {
-                                if names.get(&link.index) != Some(&link.name) {
-                                    if let Some(old) = names.insert(link.index, link.name.clone()) {
-                                        engine.link_gone(&old, link.index);
-                                    }
-                                    engine.link_up(&link);
-                                }
-                            }
-                            LinkEvent::Gone(link) => {
-                                names.remove(&link.index);
-                                engine.link_gone(&link.name, link.index);
-                            }
-                            LinkEvent::DumpDone => {
-                                if let Some(tx) = ready.take() {
-                                    let _ = tx.send(());
-                                }
-                            }
-                        }
-                    }
-                    match &engine.inner.backend {
-                        Backend::Ebpf(b) => b.set_names(names.clone()),
-                        Backend::Pcap(b) => b.set_names(names.clone()),
-                    }
-                }
-            })?;
-        ready_rx
-            .await
-            .map_err(|_| anyhow::anyhow!("listing the network interfaces failed"))
-    }
-
-    fn link_up(&self, link: &crate::netlink::Link) {
-        match &self.inner.backend {
-            Backend::Ebpf(b) => match b.attach(&link.name, LinkKind::from_arphrd(link.arphrd)) {
-                Ok(()) => tracing::info!(iface = link.name, "attached"),
-                Err(e) => {
-                    tracing::warn!(iface = link.name, error = %e, "cannot capture on this interface")
-                }
-            },
-            Backend::Pcap(b) => {
-                b.link_up(link.clone());
-                tracing::info!(iface = link.name, "capturing with libpcap");
-            }
-        }
-    }
-
-    fn link_gone(&self, name: &str, index: u32) {
-        match &self.inner.backend {
-            Backend::Ebpf(b) => b.forget(name),
-            Backend::Pcap(b) => b.link_gone(index),
-        }
-        tracing::info!(iface = name, "interface gone");
-    }
 }
 
 fn load_backend(
     config: &EngineConfig,
-    ended: mpsc::UnboundedSender<Ended>,
-) -> anyhow::Result<Backend> {
+    ended: backend::EndedTx,
+) -> Result<Arc<dyn Backend>, BackendError> {
     let ring_bytes = if config.ring_bytes == 0 {
         DEFAULT_RING_BYTES
     } else {
         config.ring_bytes
     };
-    let ebpf = || -> anyhow::Result<Backend> {
-        let (kernel, ring) = Kernel::load(ring_bytes)?;
-        for (program, verified, bytes) in kernel.program_sizes() {
-            tracing::debug!(program, verified, bytes, "eBPF program loaded");
-        }
-        let backend = ebpf::EbpfBackend::start(kernel, ring, ended.clone())?;
-        Ok(Backend::Ebpf(Box::new(backend)))
+    let ebpf = || -> Result<Arc<dyn Backend>, BackendError> {
+        Ok(Arc::new(ebpf::EbpfBackend::load(
+            ring_bytes,
+            ended.clone(),
+        )?))
     };
-    let pcap = || Backend::Pcap(pcap::PcapBackend::new(ended.clone()));
+    let pcap = || -> Arc<dyn Backend> { Arc::new(pcap::PcapBackend::new(ended.clone())) };
     match config.backend {
         BackendChoice::Ebpf => ebpf(),
         BackendChoice::Pcap => Ok(pcap()),
@@ -678,7 +535,7 @@ fn load_backend(
             // The whole chain: the cause (a missing capability, a verifier
             // refusal) is at its end.
             tracing::warn!(
-                error = format!("{e:#}"),
+                error = error_chain(&e),
                 "the eBPF programs cannot be loaded; capturing with libpcap instead"
             );
             Ok(pcap())
@@ -686,45 +543,20 @@ fn load_backend(
     }
 }
 
-/// Compression and clean-up on a thread of the lowest priority: now, after
-/// each capture ends, and every 60 seconds.
-fn spawn_maintenance(files: Arc<CaptureDir>) -> std::io::Result<std::sync::mpsc::Sender<()>> {
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    std::thread::Builder::new()
-        .name("files".into())
-        .spawn(move || {
-            let param = libc::sched_param { sched_priority: 0 };
-            // SAFETY: changes this thread's policy only.
-            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
-                tracing::debug!(error = %std::io::Error::last_os_error(), "SCHED_IDLE");
-            }
-            loop {
-                if let Err(e) = files.maintain() {
-                    tracing::warn!(error = %e, "capture file maintenance");
-                }
-                match rx.recv_timeout(Duration::from_secs(60)) {
-                    Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                }
-            }
-        })?;
-    Ok(tx)
-}
-
-/// The file as it is now: compressed by maintenance, or as it was written.
-fn current_file(path: &std::path::Path, size: u64) -> (String, u64) {
-    if path.exists() {
-        return (path.display().to_string(), size);
-    }
-    for ext in ["gz", "zst"] {
-        let mut compressed = path.as_os_str().to_owned();
-        compressed.push(format!(".{ext}"));
-        let compressed = PathBuf::from(compressed);
-        if let Ok(meta) = std::fs::metadata(&compressed) {
-            return (compressed.display().to_string(), meta.len());
+/// An error and its causes on one line, each cause once: errors here often
+/// repeat their source's words in their own message.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
         }
+        cause = c.source();
     }
-    (path.display().to_string(), size)
+    line
 }
 
 fn placeholder_status(req: &StartRequest, start_time: SystemTime) -> CaptureStatus {
@@ -732,7 +564,7 @@ fn placeholder_status(req: &StartRequest, start_time: SystemTime) -> CaptureStat
         id: req.id.clone(),
         name: req.name.clone(),
         spec: req.spec.clone(),
-        state: State::Starting,
+        state: CaptureState::Starting,
         packets: 0,
         dropped: 0,
         filtered: 0,
@@ -750,7 +582,7 @@ fn prune_ended(captures: &mut BTreeMap<String, Arc<Capture>>) {
     let mut ended: Vec<(SystemTime, String)> = captures
         .values()
         .filter_map(|c| {
-            let life = c.life.lock().expect("life");
+            let life = lock(&c.life);
             life.state
                 .is_final()
                 .then(|| (life.end_time.unwrap_or(c.start_time), c.id.clone()))
@@ -764,24 +596,4 @@ fn prune_ended(captures: &mut BTreeMap<String, Arc<Capture>>) {
     for (_, id) in ended.into_iter().take(excess) {
         captures.remove(&id);
     }
-}
-
-/// Waits until one of `fds` is readable or `timeout` passes.
-pub(crate) fn wait_readable(fds: &[std::os::fd::RawFd], timeout: Duration) {
-    let mut pfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    // SAFETY: a valid array of pollfd of the length given.
-    unsafe {
-        libc::poll(
-            pfds.as_mut_ptr(),
-            pfds.len() as libc::nfds_t,
-            timeout.as_millis() as i32,
-        )
-    };
 }

@@ -8,10 +8,12 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::Ended;
+use super::backend::{Backend, BackendError, Ended, EndedTx, Running, Selection};
+use super::poll::wait_readable;
 use super::sink::{EndReason, Sink};
-use crate::filter::through_vlans;
+use crate::filter::{selection_expression, through_vlans};
 use crate::netlink::Link;
+use crate::sync::lock;
 use crate::writer::{Direction, Meta};
 
 /// How long a capture thread waits for packets before it looks at its
@@ -28,24 +30,38 @@ enum Command {
     Stop(EndReason),
 }
 
-struct Running {
-    commands: Sender<Command>,
-    thread: std::thread::JoinHandle<()>,
+/// What a capture's sockets select and keep.
+struct SocketFilter {
+    /// The tcpdump expression of the targets and ports.
+    expression: String,
+    snaplen: u32,
 }
 
-/// What a capture's sockets select and keep.
-#[derive(Clone)]
-pub struct Selection {
-    /// The tcpdump expression of the targets and ports.
-    pub expression: String,
-    pub snaplen: u32,
+/// An interface a capture could not open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{iface} ({direction:?}): {source}")]
+    Pcap {
+        iface: String,
+        direction: Direction,
+        #[source]
+        source: pcap::Error,
+    },
+    #[error("{iface}: link type {linktype:?} is not supported")]
+    LinkType {
+        iface: String,
+        linktype: pcap::Linktype,
+    },
 }
 
 pub struct PcapBackend {
     links: Mutex<HashMap<u32, Link>>,
     names: Mutex<HashMap<u32, String>>,
-    captures: Mutex<HashMap<String, Running>>,
-    ended: tokio::sync::mpsc::UnboundedSender<Ended>,
+    /// The command queues of the capture threads. A thread that has ended
+    /// dropped its end of the queue, and leaves the list at the next
+    /// broadcast.
+    captures: Mutex<Vec<Sender<Command>>>,
+    ended: EndedTx,
 }
 
 struct Handle {
@@ -68,11 +84,15 @@ impl Handle {
     }
 }
 
-fn open(link: &Link, direction: Direction, selection: &Selection) -> Result<Handle, String> {
-    let fail = |e: pcap::Error| format!("{} ({direction:?}): {e}", link.name);
+fn open(link: &Link, direction: Direction, filter: &SocketFilter) -> Result<Handle, OpenError> {
+    let fail = |source: pcap::Error| OpenError::Pcap {
+        iface: link.name.clone(),
+        direction,
+        source,
+    };
     let cap = pcap::Capture::from_device(link.name.as_str())
         .map_err(fail)?
-        .snaplen(selection.snaplen.min(i32::MAX as u32) as i32)
+        .snaplen(filter.snaplen.min(i32::MAX as u32) as i32)
         .promisc(false)
         .immediate_mode(true)
         .buffer_size(BUFFER_BYTES)
@@ -89,18 +109,18 @@ fn open(link: &Link, direction: Direction, selection: &Selection) -> Result<Hand
     let raw_ip = match cap.get_datalink() {
         pcap::Linktype::ETHERNET => false,
         pcap::Linktype(12 | 101) => true,
-        other => {
-            return Err(format!(
-                "{}: link type {other:?} is not supported",
-                link.name
-            ));
+        linktype => {
+            return Err(OpenError::LinkType {
+                iface: link.name.clone(),
+                linktype,
+            });
         }
     };
     // Ethernet frames may carry VLAN tags; link-less packets cannot.
     let expression = if raw_ip {
-        selection.expression.clone()
+        filter.expression.clone()
     } else {
-        through_vlans(&selection.expression)
+        through_vlans(&filter.expression)
     };
     let mut cap = cap;
     cap.filter(&expression, true).map_err(fail)?;
@@ -115,73 +135,73 @@ fn open(link: &Link, direction: Direction, selection: &Selection) -> Result<Hand
 }
 
 impl PcapBackend {
-    pub fn new(ended: tokio::sync::mpsc::UnboundedSender<Ended>) -> Self {
+    pub fn new(ended: EndedTx) -> Self {
         Self {
             links: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
-            captures: Mutex::new(HashMap::new()),
+            captures: Mutex::new(Vec::new()),
             ended,
         }
     }
 
     fn broadcast(&self, make: impl Fn() -> Command) {
-        for running in self.captures.lock().expect("captures").values() {
-            let _ = running.commands.send(make());
-        }
+        lock(&self.captures).retain(|commands| commands.send(make()).is_ok());
+    }
+}
+
+impl Backend for PcapBackend {
+    fn name(&self) -> &'static str {
+        "pcap"
     }
 
-    pub fn link_up(&self, link: Link) {
-        self.links
-            .lock()
-            .expect("links")
-            .insert(link.index, link.clone());
-        self.broadcast(|| Command::Link(link.clone()));
-    }
-
-    pub fn link_gone(&self, index: u32) {
-        self.links.lock().expect("links").remove(&index);
-        self.broadcast(|| Command::LinkGone(index));
-    }
-
-    pub fn set_names(&self, names: HashMap<u32, String>) {
-        *self.names.lock().expect("names") = names.clone();
-        self.broadcast(|| Command::Names(names.clone()));
-    }
-
-    pub fn interfaces(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .links
-            .lock()
-            .expect("links")
-            .values()
-            .map(|l| l.name.clone())
-            .collect();
+    fn interfaces(&self) -> Vec<String> {
+        let mut names: Vec<String> = lock(&self.links).values().map(|l| l.name.clone()).collect();
         names.sort();
         names
     }
 
+    fn link_up(&self, link: &Link) {
+        lock(&self.links).insert(link.index, link.clone());
+        self.broadcast(|| Command::Link(link.clone()));
+        tracing::info!(iface = link.name, "capturing with libpcap");
+    }
+
+    fn link_gone(&self, _name: &str, index: u32) {
+        lock(&self.links).remove(&index);
+        self.broadcast(|| Command::LinkGone(index));
+    }
+
+    fn set_names(&self, names: HashMap<u32, String>) {
+        *lock(&self.names) = names.clone();
+        self.broadcast(|| Command::Names(names.clone()));
+    }
+
     /// Opens sockets on every interface and starts the capture's thread.
-    /// Returns the counter of packets the kernel dropped for it. Fails if no
-    /// interface could be opened (no CAP_NET_RAW, or the selection does not
-    /// compile), starting nothing.
-    pub fn start(
+    /// The kernel selects by targets and ports (through VLAN tags, as the
+    /// eBPF programs do); the capture's filter runs on the frames as
+    /// written, alike on both backends. Fails if no interface could be
+    /// opened (no CAP_NET_RAW, or the selection does not compile).
+    fn add(
         &self,
         id: &str,
-        selection: Selection,
+        selection: &Selection,
         sink: Sink,
-    ) -> Result<Arc<AtomicU64>, String> {
-        let links: Vec<Link> = self
-            .links
-            .lock()
-            .expect("links")
-            .values()
-            .cloned()
-            .collect();
+    ) -> Result<Box<dyn Running>, BackendError> {
+        let filter = SocketFilter {
+            expression: selection_expression(&selection.targets, &selection.ports, ""),
+            snaplen: selection.copy_len,
+        };
+        let (commands, rx) = std::sync::mpsc::channel();
+        // Listed before the interfaces are read: an interface that comes
+        // later reaches the thread as a command, one that came earlier is
+        // in the list (and one in both is opened once).
+        lock(&self.captures).push(commands.clone());
+        let links: Vec<Link> = lock(&self.links).values().cloned().collect();
         let mut handles = Vec::new();
         let mut errors = Vec::new();
         for link in &links {
             for direction in [Direction::In, Direction::Out] {
-                match open(link, direction, &selection) {
+                match open(link, direction, &filter) {
                     Ok(h) => handles.push(h),
                     Err(e) => errors.push(e),
                 }
@@ -189,25 +209,17 @@ impl PcapBackend {
         }
         if handles.is_empty() {
             sink.abandon();
-            return Err(format!(
-                "libpcap could not open any interface: {}",
-                if errors.is_empty() {
-                    "there are none".to_string()
-                } else {
-                    errors.join("; ")
-                }
-            ));
+            return Err(BackendError::NoInterface(errors));
         }
         for e in &errors {
             tracing::warn!(capture = id, error = %e, "interface left out of the capture");
         }
         let kernel_drops = Arc::new(AtomicU64::new(0));
-        let (commands, rx) = std::sync::mpsc::channel();
         let worker = Worker {
             id: id.to_owned(),
-            selection,
+            filter,
             handles,
-            names: self.names.lock().expect("names").clone(),
+            names: lock(&self.names).clone(),
             sink: Some(sink),
             commands: rx,
             ended: self.ended.clone(),
@@ -219,37 +231,57 @@ impl PcapBackend {
         let thread = std::thread::Builder::new()
             .name(format!("pcap-{id}"))
             .spawn(move || worker.run())
-            .map_err(|e| format!("starting the capture thread: {e}"))?;
-        self.captures
-            .lock()
-            .expect("captures")
-            .insert(id.to_owned(), Running { commands, thread });
-        Ok(kernel_drops)
+            .map_err(BackendError::Thread)?;
+        Ok(Box::new(ThreadCapture {
+            commands,
+            thread: Some(thread),
+            kernel_drops,
+        }))
     }
 
-    /// Ends a capture; its thread reports through `ended`.
-    pub fn stop(&self, id: &str, reason: EndReason) {
-        if let Some(running) = self.captures.lock().expect("captures").get(id) {
-            let _ = running.commands.send(Command::Stop(reason));
-        }
+    /// Nothing to stop: each capture's thread ends with its capture.
+    fn shutdown(&self) {}
+}
+
+/// A capture's thread. Dropping the handle stops the capture if it still
+/// runs and waits for the thread to exit.
+struct ThreadCapture {
+    commands: Sender<Command>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Packets the kernel dropped on the capture's sockets.
+    kernel_drops: Arc<AtomicU64>,
+}
+
+impl Running for ThreadCapture {
+    fn lost(&self) -> u64 {
+        self.kernel_drops.load(Ordering::Relaxed)
     }
 
-    /// Forgets a capture whose thread has ended.
-    pub fn reap(&self, id: &str) {
-        if let Some(running) = self.captures.lock().expect("captures").remove(id) {
-            let _ = running.thread.join();
+    fn end(&self, reason: EndReason) {
+        let _ = self.commands.send(Command::Stop(reason));
+    }
+}
+
+impl Drop for ThreadCapture {
+    fn drop(&mut self) {
+        // The engine drops the handle once the thread has reported the end,
+        // so the stop finds the queue closed and the join only waits for the
+        // thread's last steps; a handle dropped earlier stops the capture.
+        self.end(EndReason::Stopped);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
 
 struct Worker {
     id: String,
-    selection: Selection,
+    filter: SocketFilter,
     handles: Vec<Handle>,
     names: HashMap<u32, String>,
     sink: Option<Sink>,
     commands: Receiver<Command>,
-    ended: tokio::sync::mpsc::UnboundedSender<Ended>,
+    ended: EndedTx,
     kernel_drops: Arc<AtomicU64>,
     /// Drops of sockets already closed.
     closed_drops: u64,
@@ -278,7 +310,7 @@ impl Worker {
     /// One round: wait, read every socket, obey commands. `None` when the
     /// command channel is gone; `Some(Some(reason))` when the capture ends.
     fn step(&mut self) -> Option<Option<EndReason>> {
-        super::wait_readable(&self.fds(), POLL_INTERVAL);
+        wait_readable(&self.fds(), POLL_INTERVAL);
         if let Some(reason) = self.read_all() {
             return Some(Some(reason));
         }
@@ -308,7 +340,7 @@ impl Worker {
             {
                 return None;
             }
-            super::wait_readable(&self.fds(), Duration::from_millis(5));
+            wait_readable(&self.fds(), Duration::from_millis(5));
         }
     }
 
@@ -381,7 +413,7 @@ impl Worker {
             return;
         }
         for direction in [Direction::In, Direction::Out] {
-            match open(link, direction, &self.selection) {
+            match open(link, direction, &self.filter) {
                 Ok(h) => self.handles.push(h),
                 Err(e) => {
                     tracing::warn!(capture = self.id, error = %e, "interface left out of the capture")
@@ -416,7 +448,6 @@ impl Worker {
         if let Some(sink) = self.sink.take() {
             let _ = self.ended.send(Ended {
                 id: self.id.clone(),
-                slot: None,
                 finished: sink.finish(reason),
             });
         }

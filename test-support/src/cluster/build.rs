@@ -27,7 +27,20 @@ pub const ETCD_VERSION: &str = "v3.6.5";
 /// Helm 3 built against the same Kubernetes minor.
 pub const HELM_VERSION: &str = "v3.20.2";
 
-const KUBERNETES_COMMANDS: [&str; 3] = ["kube-apiserver", "kube-controller-manager", "kubectl"];
+/// The control plane, and what a real node runs (`--real-node`): kubelet,
+/// the scheduler that places the chart's Deployment, and kube-proxy for
+/// Service addresses such as the in-cluster `kubernetes` one.
+const KUBERNETES_COMMANDS: [&str; 6] = [
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kubectl",
+    "kubelet",
+    "kube-scheduler",
+    "kube-proxy",
+];
+/// The sandbox ("pause") program of a real node's pods, compiled from the
+/// C source in the kubernetes module (`build/pause/linux/pause.c`).
+pub const PAUSE: &str = "pause";
 const ETCD_MAIN: &str = "package main
 
 import (
@@ -56,14 +69,16 @@ impl Binaries {
     }
 
     /// Every binary and the version it must be built at.
-    pub fn wanted() -> [(&'static str, &'static str); 5] {
-        [
-            ("kube-apiserver", KUBERNETES_VERSION),
-            ("kube-controller-manager", KUBERNETES_VERSION),
-            ("kubectl", KUBERNETES_VERSION),
-            ("etcd", ETCD_VERSION),
-            ("helm", HELM_VERSION),
-        ]
+    pub fn wanted() -> Vec<(&'static str, &'static str)> {
+        KUBERNETES_COMMANDS
+            .iter()
+            .map(|c| (*c, KUBERNETES_VERSION))
+            .chain([
+                (PAUSE, KUBERNETES_VERSION),
+                ("etcd", ETCD_VERSION),
+                ("helm", HELM_VERSION),
+            ])
+            .collect()
     }
 
     fn missing(&self) -> Vec<&'static str> {
@@ -203,8 +218,9 @@ impl GoBuild {
 
     fn kubernetes_and_etcd(&self, binaries: &Binaries) -> Result<()> {
         step(format!(
-            "building kube-apiserver, kube-controller-manager, kubectl {KUBERNETES_VERSION} and \
-             etcd {ETCD_VERSION} from Go modules (first time only: about ten minutes; log: {})",
+            "building {} {KUBERNETES_VERSION}, pause and etcd {ETCD_VERSION} from Go modules \
+             (first time only: about fifteen minutes; log: {})",
+            KUBERNETES_COMMANDS.join(", "),
             self.log.display()
         ));
         let etcd_dir = self.src.join("cmd/etcd");
@@ -237,7 +253,34 @@ impl GoBuild {
         for name in KUBERNETES_COMMANDS {
             install(&out, binaries, name, KUBERNETES_VERSION)?;
         }
+        self.pause(&out)?;
+        install(&out, binaries, PAUSE, KUBERNETES_VERSION)?;
         install(&out, binaries, "etcd", ETCD_VERSION)
+    }
+
+    /// The pause program, static, from the kubernetes module's own source.
+    fn pause(&self, out: &Path) -> Result<()> {
+        let dir = self.run(
+            "go list k8s.io/kubernetes",
+            &["list", "-m", "-f", "{{.Dir}}", "k8s.io/kubernetes"],
+            &[],
+        )?;
+        let source = Path::new(dir.trim()).join("build/pause/linux/pause.c");
+        let version = format!("-DVERSION={KUBERNETES_VERSION}");
+        let output = Command::new("cc")
+            .args(["-Os", "-static", "-Wall", &version, "-o"])
+            .arg(out.join(PAUSE))
+            .arg(&source)
+            .output()
+            .map_err(|e| Error::Build(format!("running cc for {}: {e}", source.display())))?;
+        if !output.status.success() {
+            return Err(Error::Build(format!(
+                "compiling {} failed: {}",
+                source.display(),
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
+        Ok(())
     }
 
     /// The wrapper's go.mod: kubernetes and etcd at the pinned versions, and

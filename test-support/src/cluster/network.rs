@@ -194,7 +194,7 @@ impl Plan {
     /// Removes node `node`: its namespace (and so its links) and the routes
     /// to its pods on the other nodes and the host.
     pub fn delete_node(&self, node: u8, netns: &str, others: &[(u8, String)]) {
-        super::state::delete_netns(netns);
+        delete_netns(netns);
         for (_, other_ns) in others {
             self.unroute(Some(other_ns), node);
         }
@@ -279,6 +279,12 @@ pub fn ip(netns: Option<&str>, args: &[&str]) -> Result<()> {
 
 fn run(cmd: &mut Command) -> Result<()> {
     super::checked_output(cmd).map(drop)
+}
+
+/// Deletes a network namespace, and so every link in it; a namespace that
+/// is already gone is not an error (teardown runs after partial starts).
+pub fn delete_netns(name: &str) {
+    let _ = Command::new("ip").args(["netns", "del", name]).output();
 }
 
 #[cfg(test)]

@@ -500,7 +500,7 @@ impl Drop for SimPod {
             .network
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        super::state::delete_netns(&self.netns);
+        super::network::delete_netns(&self.netns);
         inner.record(|s| s.pods.retain(|p| p.netns != self.netns));
     }
 }

@@ -4,13 +4,12 @@
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Mutex, Once, TryLockError};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::network::Plan;
+use super::network::{Plan, delete_netns};
 use super::process::{Proc, start_time};
 use super::{Error, Result};
 
@@ -253,10 +252,6 @@ pub fn remove_root_if_empty() {
         // Fails, as it should, while the root holds a cluster.
         let _ = fs::remove_dir(state_root());
     }
-}
-
-pub fn delete_netns(name: &str) {
-    let _ = Command::new("ip").args(["netns", "del", name]).output();
 }
 
 static OWNED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());

@@ -3,44 +3,23 @@
 //! the lengths of the TCP run's frames.
 
 use std::fs::File;
-use std::io::{BufReader, Read};
 use std::path::Path;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
-/// Calls `each(orig_len, data)` for every record of a little-endian pcap
-/// file (micro- or nanosecond); returns the file's snaplen.
+/// Calls `each(orig_len, data)` for every record of a pcap file (micro- or
+/// nanosecond, either byte order), streamed with pcap-file; returns the
+/// file's snaplen.
 pub fn for_each(path: &Path, mut each: impl FnMut(u32, &[u8])) -> anyhow::Result<u32> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut r = BufReader::with_capacity(1 << 20, file);
-    let mut header = [0u8; 24];
-    r.read_exact(&mut header)
-        .with_context(|| format!("{}: no pcap header", path.display()))?;
-    let magic = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
-    if magic != 0xa1b2_c3d4 && magic != 0xa1b2_3c4d {
-        bail!(
-            "{}: not a little-endian pcap file ({magic:#x})",
-            path.display()
-        );
+    let mut reader = pcap_file::pcap::PcapReader::with_capacity(file, 1 << 20)
+        .with_context(|| format!("{}: not a pcap file", path.display()))?;
+    let snaplen = reader.header().snaplen;
+    while let Some(packet) = reader.next_packet() {
+        let packet = packet.with_context(|| format!("reading {}", path.display()))?;
+        each(packet.orig_len(), packet.data());
     }
-    let snaplen = u32::from_le_bytes(header[16..20].try_into().expect("4 bytes"));
-    let mut record = [0u8; 16];
-    let mut data = vec![0u8; 1 << 18];
-    loop {
-        match r.read_exact(&mut record) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(snaplen),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        }
-        let cap = u32::from_le_bytes(record[8..12].try_into().expect("4 bytes")) as usize;
-        let orig = u32::from_le_bytes(record[12..16].try_into().expect("4 bytes"));
-        if cap > data.len() {
-            data.resize(cap, 0);
-        }
-        r.read_exact(&mut data[..cap])
-            .with_context(|| format!("{}: a record cut short", path.display()))?;
-        each(orig, &data[..cap]);
-    }
+    Ok(snaplen)
 }
 
 /// What a file holds of the generator's frames.
@@ -120,19 +99,19 @@ mod tests {
             dst_port: 7,
         };
         let template = super::super::generator::frame(&flow, 60, 0);
-        let mut file = Vec::new();
-        file.extend_from_slice(&0xa1b2_3c4du32.to_le_bytes());
-        file.extend_from_slice(&[2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-        file.extend_from_slice(&262_144u32.to_le_bytes());
-        file.extend_from_slice(&1u32.to_le_bytes());
+        let header = pcap_file::pcap::PcapHeader {
+            ts_resolution: pcap_file::pcap::PcapTsResolution::NanoSecond,
+            ..Default::default()
+        };
+        let mut writer = pcap_file::pcap::PcapWriter::with_header(Vec::new(), header).unwrap();
         for seq in [0u64, 1, 1, 5, 99] {
             let mut f = template.clone();
             f[42..50].copy_from_slice(&seq.to_be_bytes());
-            file.extend_from_slice(&[0; 8]);
-            file.extend_from_slice(&60u32.to_le_bytes());
-            file.extend_from_slice(&60u32.to_le_bytes());
-            file.extend_from_slice(&f);
+            let packet =
+                pcap_file::pcap::PcapPacket::new(std::time::Duration::ZERO, 60, &f).unwrap();
+            writer.write_packet(&packet).unwrap();
         }
+        let file = writer.into_inner();
         let dir = std::env::temp_dir().join(format!("bench-seq-{}", std::process::id()));
         std::fs::write(&dir, &file).unwrap();
         let s = sequences(&dir, 7, 10).unwrap();

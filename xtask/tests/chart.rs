@@ -1,0 +1,630 @@
+//! The chart's promises, read from what `helm template` renders: least
+//! privilege, the wiring between objects, what each value changes.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use serde_yaml::Value;
+use xtask::chart::*;
+use xtask::util::helm;
+
+/// The helm to test with; in CI a missing helm fails the test.
+fn helm_or_fail() -> PathBuf {
+    helm().expect("the chart tests need helm")
+}
+
+fn get<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    find(docs, kind, name).unwrap_or_else(|| panic!("no {kind} {name} rendered"))
+}
+
+fn strs(v: &Value) -> Vec<&str> {
+    v.as_sequence()
+        .map(|s| s.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+/// The entry named `name` of the list `list` (containers, env, volumes).
+fn named<'a>(list: &'a Value, name: &str, what: &str) -> &'a Value {
+    list.as_sequence()
+        .and_then(|l| l.iter().find(|e| e["name"].as_str() == Some(name)))
+        .unwrap_or_else(|| panic!("no {what} {name}"))
+}
+
+fn container<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    named(
+        &workload["spec"]["template"]["spec"]["containers"],
+        name,
+        "container",
+    )
+}
+
+fn env<'a>(container: &'a Value, name: &str) -> &'a Value {
+    named(&container["env"], name, "env")
+}
+
+fn volume<'a>(workload: &'a Value, name: &str) -> &'a Value {
+    named(
+        &workload["spec"]["template"]["spec"]["volumes"],
+        name,
+        "volume",
+    )
+}
+
+fn mount_path<'a>(container: &'a Value, volume: &str) -> &'a str {
+    named(&container["volumeMounts"], volume, "mount of volume")["mountPath"]
+        .as_str()
+        .expect("a mountPath")
+}
+
+fn rules(role: &Value) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_sequence().expect("rules") {
+        for group in strs(&rule["apiGroups"]) {
+            for resource in strs(&rule["resources"]) {
+                for verb in strs(&rule["verbs"]) {
+                    out.insert((group.to_owned(), resource.to_owned(), verb.to_owned()));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn grants(table: &[(&str, &[&str], &[&str])]) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for (group, resources, verbs) in table {
+        for resource in *resources {
+            for verb in *verbs {
+                out.insert((group.to_string(), resource.to_string(), verb.to_string()));
+            }
+        }
+    }
+    out
+}
+
+fn labels_match(selector: &Value, labels: &Value) {
+    let selector = selector.as_mapping().expect("a selector");
+    assert!(!selector.is_empty(), "empty selector");
+    for (k, v) in selector {
+        assert_eq!(
+            &labels[k], v,
+            "label {k:?} of the selector is not on the pods"
+        );
+    }
+}
+
+#[test]
+fn lint_is_clean_with_default_and_non_default_values() {
+    let helm = helm_or_fail();
+    for args in [&[][..], &["-f", NON_DEFAULT_VALUES][..]] {
+        let out = lint(&helm, args).unwrap_or_else(|e| panic!("helm lint {args:?}: {e}"));
+        assert!(out.contains("0 chart(s) failed"), "{out}");
+        assert!(
+            !out.contains("[WARNING]") && !out.contains("[ERROR]"),
+            "{out}"
+        );
+    }
+}
+
+#[test]
+fn default_values_render_the_documented_install() {
+    let docs = render(&helm_or_fail(), &[]).unwrap();
+    for doc in &docs {
+        let kind = doc["kind"].as_str().unwrap();
+        let cluster_scoped = kind.starts_with("Cluster") || kind.starts_with("Validating");
+        if !cluster_scoped {
+            assert_eq!(
+                doc["metadata"]["namespace"].as_str(),
+                Some("kube-system"),
+                "{kind}"
+            );
+        }
+        let labels = &doc["metadata"]["labels"];
+        assert_eq!(
+            labels["app.kubernetes.io/name"].as_str(),
+            Some("packet-capture"),
+            "{kind}"
+        );
+        assert_eq!(
+            labels["app.kubernetes.io/part-of"].as_str(),
+            Some("packet-capture")
+        );
+    }
+
+    let config = get(&docs, "ConfigMap", "packet-capture-config");
+    let data = config["data"].as_mapping().unwrap();
+    let want = [
+        ("MAX_CAPTURE_FILES", "5"),
+        ("MAX_CAPTURE_FILE_SIZE_MB", "10"),
+        ("LOG_LEVEL", "INFO"),
+        ("AGENT_PORT", "8080"),
+    ];
+    assert_eq!(data.len(), want.len(), "{data:?}");
+    for (key, value) in want {
+        assert_eq!(config["data"][key].as_str(), Some(value), "{key}");
+    }
+
+    // The controller: two replicas with leader election, locked down,
+    // a token for the agents and the webhook's certificate mounted.
+    let deploy = get(&docs, "Deployment", "packet-capture-controller");
+    assert_eq!(deploy["spec"]["replicas"].as_u64(), Some(2));
+    let pod = &deploy["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["serviceAccountName"].as_str(),
+        Some("packet-capture-controller")
+    );
+    assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"].as_str(),
+        Some("RuntimeDefault")
+    );
+    let c = container(deploy, "controller");
+    assert_eq!(
+        c["image"].as_str(),
+        Some("ghcr.io/packet-capture/packet-capture-controller:0.1.0")
+    );
+    let args = strs(&c["args"]);
+    for arg in [
+        "--leader-election",
+        "--agent-token-file=/var/run/secrets/packet-capture/token",
+        "--webhook-cert-dir=/etc/webhook/certs",
+        "--webhook-port=8443",
+        "--metrics-port=8081",
+        "--config-map=packet-capture-config",
+        "--agent-selector=app=packet-capture-agent",
+    ] {
+        assert!(args.contains(&arg), "controller args {args:?} lack {arg}");
+    }
+    let sc = &c["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
+    assert_eq!(strs(&sc["capabilities"]["drop"]), ["ALL"]);
+    assert!(sc["capabilities"]["add"].is_null());
+    assert_eq!(
+        c["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/healthz")
+    );
+    assert_eq!(
+        c["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/readyz")
+    );
+    assert_eq!(
+        c["envFrom"][0]["configMapRef"]["name"].as_str(),
+        Some("packet-capture-config")
+    );
+    assert_eq!(
+        env(c, "POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        Some("metadata.namespace")
+    );
+    let token = &volume(deploy, "agent-token")["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(token["audience"].as_str(), Some("packet-capture-agent"));
+    assert_eq!(
+        format!(
+            "{}/{}",
+            mount_path(c, "agent-token"),
+            token["path"].as_str().unwrap()
+        ),
+        "/var/run/secrets/packet-capture/token"
+    );
+    assert_eq!(mount_path(c, "webhook-certs"), "/etc/webhook/certs");
+    assert!(get(&docs, "PodDisruptionBudget", "packet-capture-controller").is_mapping());
+
+    // The agent: every Linux node, host network, capabilities instead
+    // of privileged, the capture directory and bpffs from the host.
+    let ds = get(&docs, "DaemonSet", "packet-capture-agent");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["serviceAccountName"].as_str(),
+        Some("packet-capture-agent")
+    );
+    assert_eq!(pod["hostNetwork"].as_bool(), Some(true));
+    assert_eq!(pod["dnsPolicy"].as_str(), Some("ClusterFirstWithHostNet"));
+    assert_eq!(
+        pod["nodeSelector"]["kubernetes.io/os"].as_str(),
+        Some("linux")
+    );
+    let tolerations = pod["tolerations"].as_sequence().unwrap();
+    assert_eq!(tolerations.len(), 1);
+    assert_eq!(tolerations[0]["operator"].as_str(), Some("Exists"));
+    assert!(tolerations[0]["key"].is_null() && tolerations[0]["effect"].is_null());
+    assert_eq!(
+        ds["spec"]["template"]["metadata"]["labels"]["app"].as_str(),
+        Some("packet-capture-agent")
+    );
+    let a = container(ds, "agent");
+    assert_eq!(
+        a["image"].as_str(),
+        Some("ghcr.io/packet-capture/packet-capture-agent:0.1.0")
+    );
+    let sc = &a["securityContext"];
+    assert_eq!(sc["privileged"].as_bool(), Some(false));
+    assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
+    assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(sc["runAsUser"].as_u64(), Some(0));
+    assert_eq!(
+        sc["seccompProfile"]["type"].as_str(),
+        Some("RuntimeDefault")
+    );
+    assert_eq!(strs(&sc["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(
+        strs(&sc["capabilities"]["add"]),
+        ["BPF", "NET_ADMIN", "NET_RAW"]
+    );
+    assert_eq!(
+        env(a, "NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        Some("spec.nodeName")
+    );
+    assert_eq!(
+        env(a, "CAPTURE_DIR")["value"].as_str(),
+        Some("/var/lib/packet-captures")
+    );
+    assert_eq!(
+        a["envFrom"][0]["configMapRef"]["name"].as_str(),
+        Some("packet-capture-config")
+    );
+    assert_eq!(
+        a["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/health")
+    );
+    assert_eq!(a["readinessProbe"]["httpGet"]["port"].as_u64(), Some(8080));
+    assert_eq!(a["ports"][0]["containerPort"].as_u64(), Some(8080));
+    assert_eq!(
+        volume(ds, "captures")["hostPath"]["path"].as_str(),
+        Some("/var/lib/packet-captures")
+    );
+    assert_eq!(mount_path(a, "captures"), "/var/lib/packet-captures");
+    assert_eq!(
+        volume(ds, "bpffs")["hostPath"]["path"].as_str(),
+        Some("/sys/fs/bpf")
+    );
+    assert_eq!(mount_path(a, "bpffs"), "/sys/fs/bpf");
+
+    // The webhook: cert-manager issues the certificate and injects its CA.
+    let vwc = get(
+        &docs,
+        "ValidatingWebhookConfiguration",
+        "packet-capture-webhook",
+    );
+    let hook = &vwc["webhooks"][0];
+    assert_eq!(hook["failurePolicy"].as_str(), Some("Fail"));
+    assert_eq!(strs(&hook["rules"][0]["operations"]), ["CREATE", "UPDATE"]);
+    assert_eq!(
+        strs(&hook["rules"][0]["resources"]),
+        ["packetcaptureconfigs"]
+    );
+    assert_eq!(
+        strs(&hook["rules"][0]["apiGroups"]),
+        ["networking.packet.io"]
+    );
+    assert!(hook["clientConfig"]["caBundle"].is_null());
+    assert_eq!(
+        vwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].as_str(),
+        Some("kube-system/packet-capture-webhook")
+    );
+    assert!(get(&docs, "Issuer", "packet-capture-selfsigned")["spec"]["selfSigned"].is_mapping());
+    assert!(find(&docs, "ServiceMonitor", "packet-capture-controller").is_none());
+}
+
+/// The objects refer to each other by name, port and label; each
+/// reference must land.
+fn assert_wired(docs: &[Value], ns: &str) {
+    let deploy = get(docs, "Deployment", "packet-capture-controller");
+    let ds = get(docs, "DaemonSet", "packet-capture-agent");
+    let controller_pods = &deploy["spec"]["template"]["metadata"]["labels"];
+    let agent_pods = &ds["spec"]["template"]["metadata"]["labels"];
+    labels_match(&deploy["spec"]["selector"]["matchLabels"], controller_pods);
+    labels_match(&ds["spec"]["selector"]["matchLabels"], agent_pods);
+    let c = container(deploy, "controller");
+    let port_names: Vec<&str> = c["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    for (svc, pods) in [
+        ("packet-capture-controller-metrics", controller_pods),
+        ("packet-capture-agent", agent_pods),
+    ] {
+        labels_match(&get(docs, "Service", svc)["spec"]["selector"], pods);
+    }
+    assert!(port_names.contains(&"http-metrics"));
+    for sa in ["packet-capture-controller", "packet-capture-agent"] {
+        assert!(find(docs, "ServiceAccount", sa).is_some(), "{sa}");
+        let binding = get(docs, "ClusterRoleBinding", sa);
+        assert_eq!(binding["subjects"][0]["name"].as_str(), Some(sa));
+        assert_eq!(binding["subjects"][0]["namespace"].as_str(), Some(ns));
+        assert!(
+            find(
+                docs,
+                "ClusterRole",
+                binding["roleRef"]["name"].as_str().unwrap()
+            )
+            .is_some()
+        );
+    }
+    let binding = get(docs, "RoleBinding", "packet-capture-controller");
+    assert_eq!(binding["subjects"][0]["namespace"].as_str(), Some(ns));
+    assert!(find(docs, "Role", "packet-capture-controller").is_some());
+
+    if let Some(vwc) = find(
+        docs,
+        "ValidatingWebhookConfiguration",
+        "packet-capture-webhook",
+    ) {
+        let svc = get(docs, "Service", "packet-capture-webhook");
+        labels_match(&svc["spec"]["selector"], controller_pods);
+        let target = svc["spec"]["ports"][0]["targetPort"].as_str().unwrap();
+        assert!(
+            port_names.contains(&target),
+            "webhook Service targets {target}"
+        );
+        let client = &vwc["webhooks"][0]["clientConfig"]["service"];
+        assert_eq!(client["name"].as_str(), Some("packet-capture-webhook"));
+        assert_eq!(client["namespace"].as_str(), Some(ns));
+        assert_eq!(client["port"], svc["spec"]["ports"][0]["port"]);
+        let secret = volume(deploy, "webhook-certs")["secret"]["secretName"]
+            .as_str()
+            .unwrap();
+        if let Some(cert) = find(docs, "Certificate", "packet-capture-webhook") {
+            assert_eq!(cert["spec"]["secretName"].as_str(), Some(secret));
+            assert!(
+                strs(&cert["spec"]["dnsNames"])
+                    .contains(&format!("packet-capture-webhook.{ns}.svc").as_str())
+            );
+            let issuer = cert["spec"]["issuerRef"]["name"].as_str().unwrap();
+            assert!(find(docs, "Issuer", issuer).is_some(), "no Issuer {issuer}");
+            assert_eq!(
+                vwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].as_str(),
+                Some(format!("{ns}/packet-capture-webhook").as_str())
+            );
+        } else {
+            assert!(
+                vwc["webhooks"][0]["clientConfig"]["caBundle"]
+                    .as_str()
+                    .is_some_and(|b| !b.is_empty())
+            );
+        }
+    }
+}
+
+#[test]
+fn objects_refer_to_each_other_correctly() {
+    let helm = helm_or_fail();
+    assert_wired(&render(&helm, &[]).unwrap(), "kube-system");
+    assert_wired(
+        &render(&helm, &["-f", NON_DEFAULT_VALUES]).unwrap(),
+        "packet-capture",
+    );
+    assert_wired(
+        &render(&helm, &["--set", "namespace=", "--namespace", "capture"]).unwrap(),
+        "capture",
+    );
+}
+
+#[test]
+fn non_default_values_are_honoured() {
+    let docs = render(&helm_or_fail(), &["-f", NON_DEFAULT_VALUES]).unwrap();
+    let config = get(&docs, "ConfigMap", "packet-capture-config");
+    for (key, value) in [
+        ("MAX_CAPTURE_FILES", "20"),
+        ("MAX_CAPTURE_FILE_SIZE_MB", "100"),
+        ("LOG_LEVEL", "DEBUG"),
+        ("AGENT_PORT", "9090"),
+    ] {
+        assert_eq!(config["data"][key].as_str(), Some(value), "{key}");
+    }
+    assert_eq!(
+        config["metadata"]["namespace"].as_str(),
+        Some("packet-capture")
+    );
+
+    let deploy = get(&docs, "Deployment", "packet-capture-controller");
+    assert_eq!(deploy["spec"]["replicas"].as_u64(), Some(1));
+    let c = container(deploy, "controller");
+    assert_eq!(
+        c["image"].as_str(),
+        Some("registry.example.com/net/packet-capture-controller:v9.9.9-controller")
+    );
+    assert_eq!(c["imagePullPolicy"].as_str(), Some("Always"));
+    let args = strs(&c["args"]);
+    assert!(!args.contains(&"--leader-election"), "{args:?}");
+    assert!(args.contains(&"--metrics-port=9091") && args.contains(&"--webhook-port=9443"));
+    assert!(args.contains(&"--log-format=json"));
+    assert_eq!(
+        volume(deploy, "webhook-certs")["secret"]["secretName"].as_str(),
+        Some("my-webhook-tls")
+    );
+    let pod = &deploy["spec"]["template"]["spec"];
+    assert_eq!(pod["imagePullSecrets"][0]["name"].as_str(), Some("regcred"));
+    assert_eq!(
+        pod["priorityClassName"].as_str(),
+        Some("system-cluster-critical")
+    );
+    assert!(
+        pod["affinity"]["nodeAffinity"].is_mapping()
+            && pod["affinity"]["podAntiAffinity"].is_null()
+    );
+    assert!(find(&docs, "PodDisruptionBudget", "packet-capture-controller").is_none());
+    assert_eq!(
+        volume(deploy, "agent-token")["projected"]["sources"][0]["serviceAccountToken"]["audience"]
+            .as_str(),
+        Some("captures.example.com")
+    );
+
+    let ds = get(&docs, "DaemonSet", "packet-capture-agent");
+    let a = container(ds, "agent");
+    assert_eq!(
+        a["image"].as_str(),
+        Some("registry.example.com/net/packet-capture-agent:v9.9.9")
+    );
+    let sc = &a["securityContext"];
+    assert_eq!(sc["privileged"].as_bool(), Some(true));
+    assert!(sc["capabilities"].is_null() && sc["allowPrivilegeEscalation"].is_null());
+    assert_eq!(sc["seccompProfile"]["type"].as_str(), Some("Unconfined"));
+    for (name, value) in [
+        ("CAPTURE_DIR", "/data/packet-captures"),
+        ("CAPTURE_BACKEND", "ebpf"),
+        ("COMPRESSION", "zstd"),
+        ("TOKEN_AUDIENCE", "captures.example.com"),
+    ] {
+        assert_eq!(env(a, name)["value"].as_str(), Some(value), "{name}");
+    }
+    assert_eq!(strs(&a["args"]), ["--max-capture-files=20"]);
+    assert_eq!(a["ports"][0]["containerPort"].as_u64(), Some(9090));
+    assert_eq!(a["livenessProbe"]["httpGet"]["port"].as_u64(), Some(9090));
+    assert_eq!(
+        volume(ds, "captures")["hostPath"]["path"].as_str(),
+        Some("/data/packet-captures")
+    );
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["tolerations"][0]["key"].as_str(), Some("dedicated"));
+    assert_eq!(pod["terminationGracePeriodSeconds"].as_u64(), Some(30));
+
+    let vwc = get(
+        &docs,
+        "ValidatingWebhookConfiguration",
+        "packet-capture-webhook",
+    );
+    let hook = &vwc["webhooks"][0];
+    assert_eq!(hook["failurePolicy"].as_str(), Some("Ignore"));
+    assert_eq!(hook["timeoutSeconds"].as_u64(), Some(5));
+    assert_eq!(
+        hook["clientConfig"]["service"]["path"].as_str(),
+        Some("/validate-pcc")
+    );
+    assert!(
+        hook["clientConfig"]["caBundle"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("LS0t"))
+    );
+    assert!(vwc["metadata"]["annotations"].is_null());
+    assert!(find(&docs, "Certificate", "packet-capture-webhook").is_none());
+    assert!(find(&docs, "ClusterRole", "packet-capture-viewer").is_none());
+    for name in ["packet-capture-controller", "packet-capture-agent"] {
+        let sm = get(&docs, "ServiceMonitor", name);
+        assert_eq!(
+            sm["metadata"]["labels"]["release"].as_str(),
+            Some("prometheus")
+        );
+        assert_eq!(sm["spec"]["endpoints"][0]["interval"].as_str(), Some("15s"));
+    }
+}
+
+#[test]
+fn disabling_the_webhook_drops_its_objects() {
+    let docs = render(&helm_or_fail(), &["--set", "webhook.enabled=false"]).unwrap();
+    for kind in ["ValidatingWebhookConfiguration", "Certificate", "Issuer"] {
+        assert!(
+            !docs.iter().any(|d| d["kind"].as_str() == Some(kind)),
+            "{kind} rendered"
+        );
+    }
+    assert!(find(&docs, "Service", "packet-capture-webhook").is_none());
+    assert_eq!(
+        volume(
+            get(&docs, "Deployment", "packet-capture-controller"),
+            "webhook-certs"
+        )["secret"]["optional"]
+            .as_bool(),
+        Some(true)
+    );
+}
+
+#[test]
+fn contradictory_values_fail_with_a_clear_message() {
+    let helm = helm_or_fail();
+    let err = render(&helm, &["--set", "controller.leaderElection=false"]).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("controller.replicas > 1 needs controller.leaderElection"),
+        "{err:#}"
+    );
+    let err = render(&helm, &["--set", "certManager.enabled=false"]).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("needs webhook.caBundle"),
+        "{err:#}"
+    );
+    // values.schema.json names the value and what it may be.
+    for (set, names) in [
+        ("webhook.failurePolicy=Maybe", "/webhook/failurePolicy"),
+        ("config.logLevel=TRACE", "/config/logLevel"),
+        ("agent.backend=xdp", "/agent/backend"),
+    ] {
+        let err = render(&helm, &["--set", set]).unwrap_err();
+        assert!(format!("{err:#}").contains(names), "{set}: {err:#}");
+    }
+}
+
+#[test]
+fn each_account_gets_exactly_the_access_it_uses() {
+    let docs = render(&helm_or_fail(), &[]).unwrap();
+    const PCC: &str = "networking.packet.io";
+    let controller: &[(&str, &[&str], &[&str])] = &[
+        (
+            PCC,
+            &["packetcaptureconfigs"],
+            &["get", "list", "watch", "patch", "update"],
+        ),
+        (
+            PCC,
+            &["packetcaptureconfigs/status"],
+            &["get", "patch", "update"],
+        ),
+        (PCC, &["packetcaptureconfigs/finalizers"], &["update"]),
+        ("", &["pods", "nodes"], &["get", "list", "watch"]),
+        ("", &["namespaces"], &["get"]),
+        ("", &["events"], &["create", "patch"]),
+        ("events.k8s.io", &["events"], &["create", "patch"]),
+        ("authentication.k8s.io", &["tokenreviews"], &["create"]),
+        (
+            "authorization.k8s.io",
+            &["subjectaccessreviews"],
+            &["create"],
+        ),
+    ];
+    assert_eq!(
+        rules(get(&docs, "ClusterRole", "packet-capture-controller")),
+        grants(controller)
+    );
+    let in_namespace: &[(&str, &[&str], &[&str])] = &[
+        (
+            "",
+            &["configmaps"],
+            &[
+                "get", "list", "watch", "create", "update", "patch", "delete",
+            ],
+        ),
+        (
+            "coordination.k8s.io",
+            &["leases"],
+            &["get", "create", "update", "patch"],
+        ),
+    ];
+    assert_eq!(
+        rules(get(&docs, "Role", "packet-capture-controller")),
+        grants(in_namespace)
+    );
+    let agent: &[(&str, &[&str], &[&str])] = &[
+        ("authentication.k8s.io", &["tokenreviews"], &["create"]),
+        (
+            "authorization.k8s.io",
+            &["subjectaccessreviews"],
+            &["create"],
+        ),
+    ];
+    assert_eq!(
+        rules(get(&docs, "ClusterRole", "packet-capture-agent")),
+        grants(agent)
+    );
+    // No account is bound to anything else, and nothing uses a wildcard.
+    for doc in &docs {
+        let kind = doc["kind"].as_str().unwrap();
+        if kind == "ClusterRoleBinding" || kind == "RoleBinding" {
+            assert_eq!(doc["roleRef"]["name"], doc["metadata"]["name"], "{kind}");
+        }
+        if kind == "ClusterRole" || kind == "Role" {
+            for (g, r, v) in rules(doc) {
+                assert!(g != "*" && r != "*" && v != "*", "{kind} grants a wildcard");
+            }
+        }
+    }
+}
