@@ -10,10 +10,11 @@ use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::reflector::{ObjectRef, Store};
+use packet_capture_common::crd::CaptureState;
 use packet_capture_proto::v1::agent_client::AgentClient;
 use packet_capture_proto::v1::{
-    Capture, CaptureState, GetCaptureRequest, ListCapturesRequest, StartCaptureRequest,
-    StopCaptureRequest, WatchCaptureRequest,
+    Capture, GetCaptureRequest, ListCapturesRequest, StartCaptureRequest, StopCaptureRequest,
+    WatchCaptureRequest,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -91,14 +92,6 @@ pub fn retryable(status: &Status) -> bool {
     )
 }
 
-/// Whether an agent's capture state is one it will not leave.
-pub fn is_final(state: i32) -> bool {
-    matches!(
-        CaptureState::try_from(state),
-        Ok(CaptureState::Completed | CaptureState::Failed | CaptureState::Stopped)
-    )
-}
-
 /// How the pool reaches agents.
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
@@ -107,6 +100,16 @@ pub struct PoolSettings {
     pub port: u16,
     pub token_file: PathBuf,
     pub timeout: Duration,
+}
+
+impl PoolSettings {
+    /// Where agents are looked for, as "no agent" messages say it.
+    pub fn no_agent(&self) -> String {
+        format!(
+            "no running pod labelled {} in namespace {}",
+            self.selector, self.namespace
+        )
+    }
 }
 
 /// The agents and a gRPC client for each.
@@ -396,7 +399,10 @@ impl AgentPool {
     ) -> Result<Vec<String>, Status> {
         let mut stopped = Vec::new();
         for c in self.list(ep, backoff).await? {
-            if c.id.starts_with(prefix) && Some(c.id.as_str()) != keep && !is_final(c.state) {
+            // A state this build does not know is taken as unfinished: stopping
+            // a capture that has ended does no harm.
+            let ended = c.capture_state().is_ok_and(CaptureState::is_final);
+            if c.id.starts_with(prefix) && Some(c.id.as_str()) != keep && !ended {
                 match self.stop(ep, &c.id, backoff).await {
                     Ok(_) => stopped.push(c.id),
                     // Ended or forgotten meanwhile: nothing to stop.

@@ -1,5 +1,5 @@
-//! Command-line flags (each with an environment variable) and the values read
-//! from the `packet-capture-config` ConfigMap.
+//! Command-line flags (each with an environment variable), the values read
+//! from the `packet-capture-config` ConfigMap, and the retry and time limits.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -10,9 +10,37 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{Api, Client};
 use packet_capture_common::logging::LogLevel;
 
-use crate::{Error, Result};
+use crate::backoff::Backoff;
+use crate::error::{Error, Result};
 
 pub const DEFAULT_AGENT_PORT: u16 = 8080;
+
+/// Retry and time limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// StartCapture (and GetCapture) calls.
+    pub start: Backoff,
+    /// StopCapture and ListCaptures calls (also on delete).
+    pub stop: Backoff,
+    /// Reconnecting a broken WatchCapture stream.
+    pub watch: Backoff,
+    /// How long after `startTime + duration` a node that has not ended fails.
+    pub grace: Duration,
+    /// Requeue after a failed reconcile.
+    pub error_requeue: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            start: Backoff::new(Duration::from_millis(500), Duration::from_secs(8), 5),
+            stop: Backoff::new(Duration::from_millis(500), Duration::from_secs(4), 3),
+            watch: Backoff::new(Duration::from_secs(1), Duration::from_secs(10), 5),
+            grace: Duration::from_secs(60),
+            error_requeue: Duration::from_secs(10),
+        }
+    }
+}
 
 /// The controller's settings.
 #[derive(Parser, Debug, Clone)]

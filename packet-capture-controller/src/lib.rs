@@ -2,25 +2,46 @@
 //! captures on the nodes' agents, reports their progress in the status, and
 //! serves the validating webhook.
 //!
-//! | module | role |
-//! |---|---|
-//! | [`controller`] | `reconcile` inside the finalizer, the `Controller` and its watches |
-//! | [`targets`] | pods and addresses to a per-node list of target IPs |
-//! | [`agents`] | agent discovery, one gRPC client per agent, bearer token, retries |
-//! | [`tracker`] | one `WatchCapture` task per node capture, feeding the status |
-//! | [`status`] | phase, message, conditions and counters from the nodes' progress |
-//! | [`results`] | the results ConfigMap written when a capture ends |
-//! | [`webhook`] | the validating admission webhook over TLS |
-//! | [`leader`] | Lease-based leader election |
-//! | [`metrics`] | Prometheus metrics and the `/metrics` `/healthz` `/readyz` server |
+//! The modules are layered: a module uses only modules of a lower layer
+//! (the `layering` test reads this table and checks every `crate::` path).
+//!
+//! | layer | module | role |
+//! |---|---|---|
+//! | 0 | `test_objects` | Pods, Nodes and caches for the tests |
+//! | 1 | [`error`] | the error type |
+//! | 1 | [`consts`] | names the controller writes into the cluster |
+//! | 1 | [`backoff`] | capped, jittered exponential backoff |
+//! | 1 | [`targets`] | pods and addresses to a per-node list of target IPs |
+//! | 1 | [`node`] | one node's progress, and the rules of its outcome |
+//! | 2 | [`config`] | flags, the settings ConfigMap, retry and time limits |
+//! | 2 | [`metrics`] | Prometheus metrics and the `/metrics` `/healthz` `/readyz` server |
+//! | 2 | [`status`] | phase, message, conditions and counters from the nodes' progress |
+//! | 2 | [`results`] | the results ConfigMap written when a capture ends |
+//! | 2 | [`events`] | Events, each announcement once per generation |
+//! | 2 | [`webhook`] | the validating admission webhook over TLS |
+//! | 2 | [`leader`] | Lease-based leader election |
+//! | 3 | [`agents`] | agent discovery, one gRPC client per agent, bearer token, retries |
+//! | 4 | [`tracker`] | one `WatchCapture` task per node capture, feeding the status |
+//! | 4 | [`plan`] | what a reconcile does, decided without calling anyone |
+//! | 5 | [`act`] | the agent calls a plan asks for, recorded in the tracker |
+//! | 5 | [`report`] | status, Events and results ConfigMap of a reconcile |
+//! | 6 | [`controller`] | `reconcile` inside the finalizer, the `Controller` and its watches |
+//! | 7 | [`app`] | the process: health, webhook, leader election, controller |
 
+pub mod act;
 pub mod agents;
+pub mod app;
 pub mod backoff;
 pub mod config;
 pub mod consts;
 pub mod controller;
+pub mod error;
+pub mod events;
 pub mod leader;
 pub mod metrics;
+pub mod node;
+pub mod plan;
+pub mod report;
 pub mod results;
 pub mod status;
 pub mod targets;
@@ -29,152 +50,96 @@ mod test_objects;
 pub mod tracker;
 pub mod webhook;
 
-use std::path::PathBuf;
+pub use app::run;
+pub use error::{Error, Result};
 
-/// Everything that can go wrong in the controller.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[source] kube::Error),
+#[cfg(test)]
+mod layering {
+    use std::collections::{BTreeMap, BTreeSet};
 
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
-
-    #[error("{kind} has no {field}")]
-    MissingField {
-        kind: &'static str,
-        field: &'static str,
-    },
-
-    #[error(
-        "the PacketCaptureConfig CRD ({0}) is not installed: kubectl apply -f crd/packet_capture_config_crd.yaml"
-    )]
-    CrdMissing(&'static str),
-
-    #[error("ConfigMap {config_map}: {key}: {message}")]
-    Config {
-        config_map: String,
-        key: &'static str,
-        message: String,
-    },
-
-    #[error("reading {}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-
-    #[error("TLS certificate in {}: {message}", dir.display())]
-    Certificate { dir: PathBuf, message: String },
-
-    #[error("serving {what}: {source}")]
-    Serve {
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-
-    #[error("serialising {what}: {source}")]
-    Json {
-        what: &'static str,
-        #[source]
-        source: serde_json::Error,
-    },
-
-    #[error("leader election lost: {0}")]
-    LeadershipLost(String),
-}
-
-impl Error {
-    /// A short, bounded label for the failures metric.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            Self::Kube(_) => "kube",
-            Self::Finalizer(e) => match &**e {
-                kube::runtime::finalizer::Error::ApplyFailed(inner)
-                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.metric_label(),
-                _ => "finalizer",
-            },
-            Self::MissingField { .. } => "missing_field",
-            Self::CrdMissing(_) => "crd_missing",
-            Self::Config { .. } => "config",
-            Self::Io { .. } => "io",
-            Self::Certificate { .. } => "certificate",
-            Self::Serve { .. } => "serve",
-            Self::Json { .. } => "json",
-            Self::LeadershipLost(_) => "leadership",
-        }
+    /// Each module's layer, from the table above.
+    fn layers() -> BTreeMap<String, u32> {
+        include_str!("lib.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("//! | "))
+            .filter_map(|row| {
+                let mut cells = row.split(" | ");
+                let layer = cells.next()?.parse().ok()?;
+                let module = cells.next()?.trim_matches(['[', ']', '`']);
+                Some((module.to_string(), layer))
+            })
+            .collect()
     }
-}
 
-impl From<kube::Error> for Error {
-    fn from(e: kube::Error) -> Self {
-        Self::Kube(e)
-    }
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Runs everything: health and metrics, the webhook (on every replica), and
-/// the controller (on the leader only when leader election is on).
-pub async fn run(settings: config::Settings) -> Result<()> {
-    use std::net::{Ipv6Addr, SocketAddr};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    let client = kube::Client::try_default().await?;
-    controller::check_crd(&client).await?;
-    let metrics = Arc::new(metrics::Metrics::new());
-    let ready = Arc::new(AtomicBool::new(false));
-    let any = |port| SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
-    let health = metrics::serve(
-        any(settings.metrics_port),
-        metrics::Health {
-            metrics: metrics.clone(),
-            ready: ready.clone(),
-        },
-    );
-    let webhook = async {
-        if settings.disable_webhook {
-            tracing::info!("webhook disabled");
-            return std::future::pending().await;
-        }
-        let server = webhook::WebhookServer::bind(
-            any(settings.webhook_port),
-            &settings.webhook_cert_dir,
-            client.clone(),
-        )
-        .await?;
-        ready.store(true, Ordering::Relaxed);
-        server.run().await
-    };
-    if settings.disable_webhook {
-        ready.store(true, Ordering::Relaxed);
-    }
-    let work = async {
-        if !settings.leader_election {
-            return controller::run(&settings, client.clone(), metrics.clone()).await;
-        }
-        let elector = leader::LeaderElector::new(
-            client.clone(),
-            &settings.namespace,
-            consts::CONTROLLER_NAME,
-            &settings.identity(),
-            settings.lease_duration(),
-        );
-        elector.acquire().await;
-        tokio::select! {
-            r = controller::run(&settings, client.clone(), metrics.clone()) => {
-                elector.release().await;
-                r
+    /// The modules a source file names through `crate::`, including those
+    /// in `use crate::{a, b::c}` groups.
+    fn uses(source: &str) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for (i, _) in source.match_indices("crate::") {
+            let rest = &source[i + "crate::".len()..];
+            if let Some(group) = rest.strip_prefix('{') {
+                let group = &group[..group.find('}').unwrap_or(group.len())];
+                out.extend(group.split(',').filter_map(first_segment));
+            } else if let Some(module) = first_segment(rest) {
+                out.insert(module);
             }
-            lost = elector.hold() => Err(lost),
         }
-    };
-    tokio::select! {
-        r = work => r,
-        r = health => r,
-        r = webhook => r,
+        out
+    }
+
+    fn first_segment(path: &str) -> Option<String> {
+        let name: String = path
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        // `crate::Error` and the like are re-exports of `error`.
+        match name.chars().next() {
+            Some(c) if c.is_uppercase() => Some("error".into()),
+            Some(_) => Some(name),
+            None => None,
+        }
+    }
+
+    #[test]
+    fn no_module_uses_one_of_its_layer_or_above() {
+        let layers = layers();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let module = path.file_stem().unwrap().to_str().unwrap().to_string();
+            if ["lib", "main"].contains(&module.as_str()) {
+                continue;
+            }
+            let layer = *layers
+                .get(&module)
+                .unwrap_or_else(|| panic!("{module} is not in the table of lib.rs"));
+            let source = std::fs::read_to_string(&path).unwrap();
+            for used in uses(&source) {
+                let below = layers
+                    .get(&used)
+                    .unwrap_or_else(|| panic!("{module} uses {used}, which is not in the table"));
+                assert!(
+                    *below < layer,
+                    "{module} (layer {layer}) uses {used} (layer {below})"
+                );
+            }
+            checked += 1;
+        }
+        assert_eq!(
+            checked,
+            layers.len(),
+            "every module in the table has a file"
+        );
+    }
+
+    #[test]
+    fn paths_are_read_as_the_compiler_reads_them() {
+        let found = uses("use crate::a::X;\nuse crate::{b, c::D};\nlet e = crate::Error::Io;");
+        assert_eq!(
+            found.into_iter().collect::<Vec<_>>(),
+            ["a", "b", "c", "error"]
+        );
     }
 }

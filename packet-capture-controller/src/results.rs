@@ -10,7 +10,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use packet_capture_common::crd::{PacketCaptureConfig, PacketCaptureConfigStatus};
 
 use crate::consts::{CAPTURE_LABEL, FIELD_MANAGER, RESULTS_PREFIX};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// The results ConfigMap's name (at most 253 characters).
 pub fn config_map_name(capture: &str) -> String {
@@ -139,7 +139,7 @@ pub async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use packet_capture_common::crd::{NodeCapture, PacketCaptureConfigSpec, Phase};
+    use packet_capture_common::crd::{CaptureState, NodeCapture, PacketCaptureConfigSpec, Phase};
 
     #[test]
     fn names_fit() {
@@ -165,7 +165,7 @@ mod tests {
             capture_files: BTreeMap::from([(
                 "192.168.0.1".to_string(),
                 NodeCapture {
-                    status: "completed".into(),
+                    status: CaptureState::Completed,
                     output_file: "/var/lib/packet-captures/web-1.pcap".into(),
                     file_size: 512,
                     node: "n1".into(),

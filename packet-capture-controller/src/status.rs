@@ -1,19 +1,21 @@
 //! The status from the nodes' progress: phase, message, condition, times and
 //! counters, with `captureFiles` keyed by node IP in the seed's shape.
 //!
-//! Phases: `Starting` until a node runs, `Running` while any node captures,
-//! and once every node has ended `Completed` if none failed, else `Failed`
-//! (the failed nodes are named in the message and in their entries; the
-//! others keep their files and counts).
+//! Phases: `Starting` until a node runs, `Running` while any node has not
+//! ended, and once every node has ended `Completed` if none failed, else
+//! `Failed` (the failed nodes are named in the message and in their entries;
+//! the others keep their files and counts). A node the controller stopped
+//! (`stopped`) has ended without failing; every way a capture can end
+//! without being asked to is a failed node (see [`crate::node`]).
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use packet_capture_common::crd::{OutputFormat, PacketCaptureConfigStatus, Phase};
+use packet_capture_common::crd::{CaptureState, OutputFormat, PacketCaptureConfigStatus, Phase};
 
 use crate::consts::READY_CONDITION;
-use crate::tracker::{NodeProgress, NodeState};
+use crate::node::NodeProgress;
 
 /// The message of a capture that completed everywhere (the seed's words).
 pub const COMPLETED_MESSAGE: &str = "Packet capture completed on all nodes";
@@ -40,11 +42,11 @@ fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
 }
 
-/// The phase the nodes add up to.
+/// The phase the nodes add up to (the rule above).
 pub fn summarize(nodes: &BTreeMap<String, NodeProgress>) -> Outcome {
     let n = nodes.len();
-    let count = |s: NodeState| nodes.values().filter(|p| p.state == s).count();
-    let running = count(NodeState::Running);
+    let count = |s: CaptureState| nodes.values().filter(|p| p.state == s).count();
+    let running = count(CaptureState::Running);
     let ended = nodes.values().filter(|p| p.state.is_final()).count();
     if n == 0 {
         return Outcome {
@@ -75,7 +77,7 @@ pub fn summarize(nodes: &BTreeMap<String, NodeProgress>) -> Outcome {
     }
     let failed: Vec<&NodeProgress> = nodes
         .values()
-        .filter(|p| p.state == NodeState::Failed)
+        .filter(|p| p.state == CaptureState::Failed)
         .collect();
     if failed.is_empty() {
         return Outcome {
@@ -110,6 +112,13 @@ pub fn summarize(nodes: &BTreeMap<String, NodeProgress>) -> Outcome {
             plural(n - failed.len()),
         ),
     )
+}
+
+/// The final phase of `generation`, if the status says it has ended.
+pub fn final_phase(prev: Option<&PacketCaptureConfigStatus>, generation: i64) -> Option<Phase> {
+    same_generation(prev, generation)
+        .and_then(|s| s.phase)
+        .filter(|p| p.is_final())
 }
 
 /// The previous status, if it describes `generation`.
@@ -158,7 +167,7 @@ pub fn build(
 ) -> PacketCaptureConfigStatus {
     let same = same_generation(prev, generation);
     // Set once a node has started (or failed to).
-    let start_time = if nodes.values().all(|p| p.state == NodeState::Starting) {
+    let start_time = if nodes.values().all(|p| p.state == CaptureState::Starting) {
         None
     } else {
         same.and_then(|s| s.start_time.clone())
@@ -195,7 +204,7 @@ mod tests {
     use super::*;
     use packet_capture_common::crd::STDOUT_OUTPUT_FILE;
 
-    fn node(name: &str, state: NodeState, packets: u64) -> (String, NodeProgress) {
+    fn node(name: &str, state: CaptureState, packets: u64) -> (String, NodeProgress) {
         let mut p = NodeProgress::new(name, &format!("192.168.0.{}", name.len()), "id");
         p.state = state;
         p.packets = packets;
@@ -204,14 +213,14 @@ mod tests {
         (name.to_string(), p)
     }
 
-    fn nodes(list: &[(&str, NodeState)]) -> BTreeMap<String, NodeProgress> {
+    fn nodes(list: &[(&str, CaptureState)]) -> BTreeMap<String, NodeProgress> {
         list.iter().map(|(n, s)| node(n, *s, 5)).collect()
     }
 
     #[test]
     fn phases_follow_the_nodes() {
-        use NodeState::*;
-        let phase = |l: &[(&str, NodeState)]| summarize(&nodes(l)).phase;
+        use CaptureState::*;
+        let phase = |l: &[(&str, CaptureState)]| summarize(&nodes(l)).phase;
         assert_eq!(phase(&[("a", Starting), ("bb", Starting)]), Phase::Starting);
         assert_eq!(phase(&[("a", Running), ("bb", Starting)]), Phase::Running);
         assert_eq!(phase(&[("a", Completed), ("bb", Running)]), Phase::Running);
@@ -233,8 +242,30 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_node_fails_the_capture_once_every_node_has_ended() {
+        use CaptureState::*;
+        let phase = |l: &[(&str, CaptureState)]| summarize(&nodes(l)).phase;
+        // Decided when the last node ends; until then the others go on.
+        assert_eq!(phase(&[("a", Failed), ("bb", Running)]), Phase::Running);
+        assert_eq!(phase(&[("a", Failed), ("bb", Starting)]), Phase::Running);
+        assert_eq!(phase(&[("a", Failed), ("bb", Stopped)]), Phase::Failed);
+        assert_eq!(phase(&[("a", Failed), ("bb", Failed)]), Phase::Failed);
+        // Stopped by the controller: ended, not failed.
+        assert_eq!(phase(&[("a", Stopped), ("bb", Stopped)]), Phase::Completed);
+        let unreachable = {
+            let mut n = nodes(&[("a", Failed), ("bb", Completed)]);
+            n.get_mut("a").unwrap().unreachable = true;
+            summarize(&n)
+        };
+        assert_eq!(
+            (unreachable.phase, unreachable.reason),
+            (Phase::Failed, "AgentUnreachable")
+        );
+    }
+
+    #[test]
     fn status_has_the_seed_shape_and_totals() {
-        use NodeState::*;
+        use CaptureState::*;
         let n = nodes(&[("a", Completed), ("bb", Completed)]);
         let o = summarize(&n);
         let now = Timestamp::now();
@@ -245,7 +276,7 @@ mod tests {
         assert_eq!(s.packets, Some(10));
         assert_eq!(s.completion_time, Some(Time(now)));
         let entry = &s.capture_files["192.168.0.1"];
-        assert_eq!(entry.status, "completed");
+        assert_eq!(entry.status, CaptureState::Completed);
         assert_eq!(entry.node, "a");
         assert_eq!(entry.file_size, 100);
         assert_eq!(s.conditions[0].status, "True");
@@ -264,7 +295,7 @@ mod tests {
 
     #[test]
     fn times_and_transitions_are_kept_across_reconciles() {
-        use NodeState::*;
+        use CaptureState::*;
         let t0 = Timestamp::from_second(1_700_000_000).unwrap();
         let t1 = Timestamp::from_second(1_700_000_100).unwrap();
         let n = nodes(&[("a", Running)]);

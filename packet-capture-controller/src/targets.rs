@@ -29,7 +29,7 @@ impl std::fmt::Display for PodProblem {
 
 /// Per node name, the sorted target addresses and CIDRs to capture there.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Plan {
+pub struct Targets {
     pub nodes: BTreeMap<String, Vec<String>>,
     pub problems: Vec<PodProblem>,
 }
@@ -110,14 +110,14 @@ pub fn resolve(
     pods: &Store<Pod>,
     nodes: &Store<Node>,
     agent_nodes: &BTreeSet<String>,
-) -> Plan {
-    let mut plan = Plan::default();
+) -> Targets {
+    let mut out = Targets::default();
     let mut targets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let pod_refs = spec.pod_selector.iter().flat_map(|s| s.pods.iter());
     for r in pod_refs {
         match resolve_pod(pods, r) {
             Ok((node, ips)) => targets.entry(node).or_default().extend(ips),
-            Err(reason) => plan.problems.push(PodProblem {
+            Err(reason) => out.problems.push(PodProblem {
                 pod: r.clone(),
                 reason,
             }),
@@ -151,11 +151,11 @@ pub fn resolve(
             }
         }
     }
-    plan.nodes = targets
+    out.nodes = targets
         .into_iter()
         .map(|(node, ips)| (node, ips.into_iter().collect()))
         .collect();
-    plan
+    out
 }
 
 /// Which node each known address lives on: node InternalIPs, and the IPs of
@@ -234,8 +234,9 @@ mod tests {
         (pods, nodes, agents)
     }
 
-    fn nodes_of(plan: &Plan) -> Vec<(&str, Vec<&str>)> {
-        plan.nodes
+    fn nodes_of(resolved: &Targets) -> Vec<(&str, Vec<&str>)> {
+        resolved
+            .nodes
             .iter()
             .map(|(n, t)| (n.as_str(), t.iter().map(String::as_str).collect()))
             .collect()
@@ -244,15 +245,15 @@ mod tests {
     #[test]
     fn pods_go_to_their_nodes_with_all_their_ips() {
         let (pods, nodes, agents) = fixture();
-        let plan = resolve(
+        let resolved = resolve(
             &spec(&[], &[("default", "web"), ("shop", "db")]),
             &pods,
             &nodes,
             &agents,
         );
-        assert!(plan.problems.is_empty());
+        assert!(resolved.problems.is_empty());
         assert_eq!(
-            nodes_of(&plan),
+            nodes_of(&resolved),
             [
                 ("n1", vec!["10.1.1.5", "fd00:1::5"]),
                 ("n2", vec!["10.1.2.7"])
@@ -263,14 +264,14 @@ mod tests {
     #[test]
     fn addresses_go_everywhere_unless_a_pod_or_node_owns_them() {
         let (pods, nodes, agents) = fixture();
-        let plan = resolve(
+        let resolved = resolve(
             &spec(&["10.9.0.0/16", "10.1.2.7", "192.168.0.1"], &[]),
             &pods,
             &nodes,
             &agents,
         );
         assert_eq!(
-            nodes_of(&plan),
+            nodes_of(&resolved),
             [
                 ("n1", vec!["10.9.0.0/16", "192.168.0.1"]),
                 ("n2", vec!["10.1.2.7", "10.9.0.0/16"]),
@@ -282,14 +283,14 @@ mod tests {
     #[test]
     fn combined_specs_merge_per_node() {
         let (pods, nodes, agents) = fixture();
-        let plan = resolve(
+        let resolved = resolve(
             &spec(&["172.16.0.9"], &[("default", "web")]),
             &pods,
             &nodes,
             &agents,
         );
         assert_eq!(
-            nodes_of(&plan),
+            nodes_of(&resolved),
             [
                 ("n1", vec!["10.1.1.5", "172.16.0.9", "fd00:1::5"]),
                 ("n2", vec!["172.16.0.9"]),
@@ -306,23 +307,26 @@ mod tests {
             p.status.as_mut().unwrap().phase = Some("Pending".into());
             p
         }]);
-        let plan = resolve(
+        let resolved = resolve(
             &spec(&[], &[("default", "gone"), ("default", "web")]),
             &pods,
             &nodes,
             &agents,
         );
-        assert_eq!(plan.problems.len(), 1);
-        assert_eq!(plan.problems[0].to_string(), "pod default/gone not found");
-        assert_eq!(plan.nodes.len(), 1);
-        let plan = resolve(
+        assert_eq!(resolved.problems.len(), 1);
+        assert_eq!(
+            resolved.problems[0].to_string(),
+            "pod default/gone not found"
+        );
+        assert_eq!(resolved.nodes.len(), 1);
+        let resolved = resolve(
             &spec(&[], &[("default", "late")]),
             &pending,
             &nodes,
             &agents,
         );
         assert_eq!(
-            plan.problems[0].to_string(),
+            resolved.problems[0].to_string(),
             "pod default/late is Pending, not Running"
         );
     }

@@ -12,8 +12,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use packet_capture_common::crd::{
-    OutputFormat, PacketCaptureConfig, PacketCaptureConfigSpec, PacketCaptureConfigStatus,
-    STDOUT_OUTPUT_FILE,
+    CaptureState, OutputFormat, PacketCaptureConfig, PacketCaptureConfigSpec,
+    PacketCaptureConfigStatus, STDOUT_OUTPUT_FILE,
 };
 use packet_capture_controller::controller::reconcile;
 use packet_capture_controller::status::COMPLETED_MESSAGE;
@@ -75,7 +75,7 @@ async fn reconcile_seen(
                 && starting
                     .capture_files
                     .values()
-                    .all(|e| e.status == "starting"),
+                    .all(|e| e.status == CaptureState::Starting),
             "{starting:?}"
         );
     }
@@ -169,7 +169,10 @@ async fn ip_capture_runs_on_every_agent_node_and_completes_when_all_are_done() {
     let keys: Vec<&String> = status.capture_files.keys().collect();
     assert_eq!(keys, ["127.0.0.2", "127.0.0.3"]);
     assert_eq!(status.capture_files["127.0.0.2"].node, "n1");
-    assert_eq!(status.capture_files["127.0.0.2"].status, "running");
+    assert_eq!(
+        status.capture_files["127.0.0.2"].status,
+        CaptureState::Running
+    );
 
     let (req1, cap1) = fx.agent("n1").only_capture();
     let (req2, cap2) = fx.agent("n2").only_capture();
@@ -192,7 +195,10 @@ async fn ip_capture_runs_on_every_agent_node_and_completes_when_all_are_done() {
         status.phase,
         Some(packet_capture_common::crd::Phase::Running)
     );
-    assert_eq!(status.capture_files["127.0.0.2"].status, "completed");
+    assert_eq!(
+        status.capture_files["127.0.0.2"].status,
+        CaptureState::Completed
+    );
     assert_eq!(status.capture_files["127.0.0.2"].packets, 5);
 
     fx.agent("n2").complete(&cap2.id, 7);
@@ -318,7 +324,10 @@ async fn failed_starts_are_retried_and_announced_once() {
     let (events, status, _) = reconcile_seen(&mut fx, &pcc, &["Retrying", "Started"]).await;
     let note = events[0].body["note"].as_str().unwrap();
     assert!(note.contains("node n1"), "{note}");
-    assert_eq!(status.capture_files["127.0.0.2"].status, "running");
+    assert_eq!(
+        status.capture_files["127.0.0.2"].status,
+        CaptureState::Running
+    );
     let starts = fx
         .agent("n1")
         .calls()
@@ -341,8 +350,14 @@ async fn an_agent_that_never_answers_fails_only_its_node() {
         status.phase,
         Some(packet_capture_common::crd::Phase::Running)
     );
-    assert_eq!(status.capture_files["127.0.0.3"].status, "failed");
-    assert_eq!(status.capture_files["127.0.0.2"].status, "running");
+    assert_eq!(
+        status.capture_files["127.0.0.3"].status,
+        CaptureState::Failed
+    );
+    assert_eq!(
+        status.capture_files["127.0.0.2"].status,
+        CaptureState::Running
+    );
 
     let (_, cap) = fx.agent("n1").only_capture();
     fx.agent("n1").complete(&cap.id, 3);
@@ -363,18 +378,44 @@ async fn an_agent_that_never_answers_fails_only_its_node() {
     assert_eq!(cm["data"]["phase"], "Failed");
 }
 
-#[tokio::test]
-async fn an_agent_that_dies_mid_capture_fails_its_node_and_the_rest_complete() {
+/// A capture on n1 and n2 during which `lose` takes n2's agent away, and
+/// n1 completes with 4 packets: the final status (after n2's Event
+/// `reason` and the `Failed` one), the results ConfigMap, and the fixture.
+async fn lose_n2_mid_capture(
+    name: &str,
+    lose: impl FnOnce(&FakeAgent),
+    reason: &str,
+) -> (PacketCaptureConfigStatus, Value, Fixture) {
     let mut fx = Fixture::new(&[up("n1"), up("n2")], vec![]).await;
-    let pcc = pcc("dies", ip_spec(&["10.0.0.1"]));
+    let pcc = pcc(name, ip_spec(&["10.0.0.1"]));
     let (_, pcc) = start(&mut fx, &pcc, &["Started", "Started"]).await;
-    fx.agent("n2").kill();
+    lose(fx.agent("n2"));
     let (_, cap) = fx.agent("n1").only_capture();
     fx.agent("n1").complete(&cap.id, 4);
     fx.until_nodes_end(&pcc).await;
-    let (status, _) = finish(&mut fx, &pcc, &["AgentUnreachable", "Failed"]).await;
+    let (status, cm) = finish(&mut fx, &pcc, &[reason, "Failed"]).await;
+    assert_eq!(
+        status.capture_files["127.0.0.3"].status,
+        CaptureState::Failed
+    );
+    assert_eq!(
+        status.capture_files["127.0.0.2"].status,
+        CaptureState::Completed
+    );
+    assert_eq!(status.packets, Some(4));
+    assert_eq!(
+        status.phase,
+        Some(packet_capture_common::crd::Phase::Failed)
+    );
+    assert_eq!(status.conditions[0].reason, reason);
+    assert_eq!(cm["data"]["phase"], "Failed");
+    (status, cm, fx)
+}
+
+#[tokio::test]
+async fn an_agent_that_dies_mid_capture_fails_its_node_and_the_rest_complete() {
+    let (status, _, _) = lose_n2_mid_capture("dies", FakeAgent::kill, "AgentUnreachable").await;
     let n2 = &status.capture_files["127.0.0.3"];
-    assert_eq!(n2.status, "failed");
     assert!(
         n2.message
             .as_deref()
@@ -382,8 +423,44 @@ async fn an_agent_that_dies_mid_capture_fails_its_node_and_the_rest_complete() {
             .starts_with("lost contact with the agent on node n2"),
         "{n2:?}"
     );
-    assert_eq!(status.capture_files["127.0.0.2"].status, "completed");
-    assert_eq!(status.packets, Some(4));
+}
+
+#[tokio::test]
+async fn an_agent_that_shuts_down_mid_capture_fails_its_node() {
+    // As on SIGTERM: the agent ends its captures `stopped`, unasked.
+    let (status, _, fx) = lose_n2_mid_capture("shutdown", FakeAgent::shut_down, "NodeFailed").await;
+    assert_eq!(
+        status.capture_files["127.0.0.3"].message.as_deref(),
+        Some(
+            "the agent on node n2 ended the capture without being asked (it shut down or restarted): stopped: the agent is shutting down"
+        )
+    );
+    let calls = fx.agent("n2").calls();
+    assert!(
+        !calls.iter().any(|c| c.starts_with("StopCapture")),
+        "the controller asked for no stop: {calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_state_the_controller_does_not_know_fails_the_node_naming_it() {
+    let mut fx = Fixture::new(&[up("n1")], vec![]).await;
+    let pcc = pcc("unknown", ip_spec(&["10.0.0.1"]));
+    let (_, pcc) = start(&mut fx, &pcc, &["Started"]).await;
+    let (_, cap) = fx.agent("n1").only_capture();
+    fx.agent("n1").report_state(&cap.id, 42);
+    fx.until_nodes_end(&pcc).await;
+    let (status, _) = finish(&mut fx, &pcc, &["NodeFailed", "Failed"]).await;
+    let n1 = &status.capture_files["127.0.0.2"];
+    assert_eq!(n1.status, CaptureState::Failed);
+    assert_eq!(
+        n1.message.as_deref(),
+        Some("the agent on node n1 reported capture state 42, which this controller does not know")
+    );
+    assert_eq!(
+        status.phase,
+        Some(packet_capture_common::crd::Phase::Failed)
+    );
 }
 
 #[tokio::test]
@@ -429,17 +506,11 @@ async fn a_spec_change_stops_the_old_capture_and_starts_a_new_one() {
     assert_eq!(status.observed_generation, Some(2));
     let caps = fx.agent("n1").captures();
     assert_eq!(caps.len(), 2);
-    assert_eq!(
-        caps[&old.id].1.state,
-        packet_capture_proto::v1::CaptureState::Stopped as i32
-    );
+    assert_eq!(caps[&old.id].1.capture_state(), Ok(CaptureState::Stopped));
     let new = caps.values().find(|(_, c)| c.id != old.id).unwrap();
     assert!(new.1.id.starts_with("uid-edit-g2-"), "{}", new.1.id);
     assert_eq!(new.0.spec.as_ref().unwrap().target_ips, ["10.0.0.2"]);
-    assert_eq!(
-        new.1.state,
-        packet_capture_proto::v1::CaptureState::Running as i32
-    );
+    assert_eq!(new.1.capture_state(), Ok(CaptureState::Running));
 }
 
 #[tokio::test]
@@ -484,11 +555,7 @@ async fn deleting_stops_the_captures_then_releases_the_finalizer() {
     task.await.unwrap();
     for node in ["n1", "n2"] {
         let (_, c) = fx.agent(node).only_capture();
-        assert_eq!(
-            c.state,
-            packet_capture_proto::v1::CaptureState::Stopped as i32,
-            "{node}"
-        );
+        assert_eq!(c.capture_state(), Ok(CaptureState::Stopped), "{node}");
     }
 }
 
@@ -512,8 +579,5 @@ async fn an_unreachable_agent_does_not_block_deletion() {
     fx.api.finalizer_patch("stuck", &json(&pcc)).await;
     task.await.unwrap();
     let (_, c) = fx.agent("n1").only_capture();
-    assert_eq!(
-        c.state,
-        packet_capture_proto::v1::CaptureState::Stopped as i32
-    );
+    assert_eq!(c.capture_state(), Ok(CaptureState::Stopped));
 }

@@ -24,10 +24,9 @@ use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostPa
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, ResourceExt};
 use packet_capture_common::crd::{
-    OutputFormat, PacketCaptureConfig, PacketCaptureConfigSpec, Phase, PodRef, PodSelector,
-    STDOUT_OUTPUT_FILE,
+    CaptureState, OutputFormat, PacketCaptureConfig, PacketCaptureConfigSpec,
+    PacketCaptureConfigStatus, Phase, PodRef, PodSelector, STDOUT_OUTPUT_FILE,
 };
-use packet_capture_proto::v1::CaptureState;
 use packet_capture_test_support::cluster::{COMPONENT_NAMESPACE, SimPod};
 use packet_capture_test_support::unique_name;
 use serde_json::json;
@@ -266,36 +265,83 @@ async fn a_missing_pod_fails_naming_it() {
     assert!(reasons.contains(&"PodNotFound".to_string()), "{reasons:?}");
 }
 
-#[tokio::test]
-async fn an_agent_killed_mid_capture_fails_its_node_only() {
-    let Some(mut w) =
-        World::start("an_agent_killed_mid_capture_fails_its_node_only", TWO_NODES).await
-    else {
-        return;
-    };
+/// A capture on two nodes during which `lose` takes node 1's agent away:
+/// the capture fails on node 1 only, for `reason`, and node 0 completes
+/// with the pings. The world and the final status.
+async fn lose_an_agent_mid_capture(
+    test: &str,
+    lose: impl FnOnce(&mut World),
+    reason: &str,
+) -> Option<(World, PacketCaptureConfigStatus)> {
+    let mut w = World::start(test, TWO_NODES).await?;
     let spec = PacketCaptureConfigSpec {
         target_ips: vec![net16(w.pods[0].ip())],
         filter: "icmp".into(),
         ..counted()
     };
-    let (_, name) = w.start_capture(spec, 2).await;
-    w.agents[1].kill().expect("killing the agent");
+    let (pcc, name) = w.start_capture(spec, 2).await;
+    lose(&mut w);
     let pinging = w.pinging(0, 1);
     let done = w.until_phase(&name, Phase::Failed).await;
     drop(pinging);
     let status = done.status.unwrap();
     let lost = w.entry(&status, 1);
-    assert_eq!(lost.status, "failed", "{lost:?}");
-    let why = lost.message.as_deref().unwrap_or_default();
-    assert!(why.contains("lost contact with the agent"), "{why}");
+    assert_eq!(lost.status, CaptureState::Failed, "{lost:?}");
     let ok = w.entry(&status, 0);
-    assert_eq!(ok.status, "completed", "{ok:?}");
+    assert_eq!(ok.status, CaptureState::Completed, "{ok:?}");
     let message = status.message.as_deref().unwrap_or_default();
     assert!(
         message.contains("capture failed on 1 of 2 nodes") && message.contains("1 node completed"),
         "{message}"
     );
+    assert_eq!(status.conditions[0].reason, reason);
+    let reasons = event_reasons(&w, &World::uid(&pcc)).await;
+    for r in [reason, "Failed"] {
+        assert!(reasons.contains(&r.to_string()), "{reasons:?}");
+    }
     w.assert_pings_in(0, &ok.output_file, 0, 1).await;
+    Some((w, status))
+}
+
+#[tokio::test]
+async fn an_agent_killed_mid_capture_fails_its_node_only() {
+    let Some((w, status)) = lose_an_agent_mid_capture(
+        "an_agent_killed_mid_capture_fails_its_node_only",
+        |w| {
+            w.agents[1].kill().expect("killing the agent");
+        },
+        "AgentUnreachable",
+    )
+    .await
+    else {
+        return;
+    };
+    let why = w.entry(&status, 1).message.as_deref().unwrap_or_default();
+    assert!(why.contains("lost contact with the agent"), "{why}");
+}
+
+#[tokio::test]
+async fn an_agent_stopped_mid_capture_fails_its_node() {
+    // SIGTERM, as when the agent's pod is deleted: the agent ends its
+    // captures `stopped`, which the controller did not ask for.
+    let Some((w, status)) = lose_an_agent_mid_capture(
+        "an_agent_stopped_mid_capture_fails_its_node",
+        |w| {
+            let exit = w.agents.remove(1).stop().expect("stopping the agent");
+            assert!(exit.success(), "the agent did not stop cleanly: {exit}");
+        },
+        "NodeFailed",
+    )
+    .await
+    else {
+        return;
+    };
+    let why = w.entry(&status, 1).message.as_deref().unwrap_or_default();
+    let expected = format!(
+        "the agent on node {} ended the capture without being asked",
+        w.nodes[1].name()
+    );
+    assert!(why.starts_with(&expected), "{why}");
 }
 
 #[tokio::test]
@@ -335,7 +381,7 @@ async fn a_controller_restart_mid_capture_does_not_duplicate() {
         let captures = w.captures_of(i, &uid).await;
         assert_eq!(captures.len(), 1, "node {i}: {captures:?}");
         assert_eq!(&captures[0].id, id, "node {i}");
-        assert_eq!(captures[0].state, CaptureState::Completed as i32);
+        assert_eq!(captures[0].capture_state(), Ok(CaptureState::Completed));
     }
     w.assert_all_completed_with_pings(&status).await;
 }
@@ -365,7 +411,11 @@ async fn deleting_mid_capture_stops_and_finalizes() {
         let captures = w.captures_of(i, &uid).await;
         assert_eq!(captures.len(), 1, "node {i}: {captures:?}");
         let c = &captures[0];
-        assert_eq!(c.state, CaptureState::Stopped as i32, "node {i}: {c:?}");
+        assert_eq!(
+            c.capture_state(),
+            Ok(CaptureState::Stopped),
+            "node {i}: {c:?}"
+        );
         assert!(!c.output_file.is_empty() && c.file_size > 0, "{c:?}");
         w.assert_pings_in(i, &c.output_file, 0, 1).await;
     }
@@ -404,8 +454,8 @@ async fn editing_the_spec_mid_capture_restarts_it() {
     assert_eq!(node0.len(), 2, "{node0:?}");
     let old = node0.iter().find(|c| c.id.contains("-g1-")).unwrap();
     let new = node0.iter().find(|c| c.id.contains("-g2-")).unwrap();
-    assert_eq!(old.state, CaptureState::Stopped as i32, "{old:?}");
-    assert_eq!(new.state, CaptureState::Completed as i32, "{new:?}");
+    assert_eq!(old.capture_state(), Ok(CaptureState::Stopped), "{old:?}");
+    assert_eq!(new.capture_state(), Ok(CaptureState::Completed), "{new:?}");
     assert_eq!(new.spec.as_ref().unwrap().max_packets, PACKETS);
     let node1 = w.captures_of(1, &uid).await;
     assert_eq!(node1.len(), 1, "{node1:?}");

@@ -15,7 +15,8 @@ use kube::api::PostParams;
 use kube::runtime::wait::await_condition;
 use kube::{Api, Client, ResourceExt};
 use packet_capture_common::crd::{
-    NodeCapture, PacketCaptureConfig, PacketCaptureConfigSpec, PacketCaptureConfigStatus, Phase,
+    CaptureState, NodeCapture, PacketCaptureConfig, PacketCaptureConfigSpec,
+    PacketCaptureConfigStatus, Phase,
 };
 use packet_capture_proto::v1::agent_client::AgentClient;
 use packet_capture_proto::v1::{
@@ -344,7 +345,9 @@ impl World {
                 p.status.as_ref().is_some_and(|s| {
                     s.observed_generation == Some(generation)
                         && s.capture_files.len() == nodes
-                        && s.capture_files.values().all(|e| e.status == "running")
+                        && s.capture_files
+                            .values()
+                            .all(|e| e.status == CaptureState::Running)
                 })
             },
         )
@@ -529,8 +532,8 @@ impl World {
         for (i, node) in self.nodes.iter().enumerate() {
             let entry = self.entry(status, i);
             assert_eq!(
-                (entry.node.as_str(), entry.status.as_str()),
-                (node.name(), "completed"),
+                (entry.node.as_str(), entry.status),
+                (node.name(), CaptureState::Completed),
                 "{entry:?}"
             );
             assert!(entry.file_size > 0 && entry.packets > 0, "{entry:?}");

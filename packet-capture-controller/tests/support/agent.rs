@@ -36,11 +36,23 @@ pub struct FakeAgent {
     dead: watch::Sender<bool>,
 }
 
-fn is_final(state: i32) -> bool {
-    matches!(
-        CaptureState::try_from(state),
-        Ok(CaptureState::Completed | CaptureState::Failed | CaptureState::Stopped)
-    )
+/// Whether the capture has ended (a state this build does not know has not).
+fn ended(c: &Capture) -> bool {
+    c.capture_state()
+        .is_ok_and(packet_capture_common::crd::CaptureState::is_final)
+}
+
+/// Ends a capture `stopped`, unless it has ended.
+fn stop(tx: &watch::Sender<Capture>, message: &str) {
+    tx.send_if_modified(|c| {
+        if ended(c) {
+            return false;
+        }
+        c.state = CaptureState::Stopped as i32;
+        c.message = message.into();
+        c.end_time = Some(now());
+        true
+    });
 }
 
 fn now() -> prost_types::Timestamp {
@@ -106,11 +118,11 @@ impl FakeAgent {
     pub fn complete(&self, id: &str, packets: u64) {
         let state = self.lock();
         let (req, tx) = state.captures.get(id).expect("no such capture");
-        let ext = if req.spec.as_ref().is_some_and(|s| s.output_format == 4) {
-            ""
-        } else {
-            ".pcap"
-        };
+        let stdout = req
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.format() == Ok(packet_capture_common::crd::OutputFormat::Stdout));
+        let ext = if stdout { "" } else { ".pcap" };
         let file = format!("/var/lib/packet-captures/{}-20240101-000000{ext}", req.name);
         tx.send_modify(|c| {
             c.state = CaptureState::Completed as i32;
@@ -124,6 +136,24 @@ impl FakeAgent {
             c.message = "duration reached".into();
             c.end_time = Some(now());
         });
+    }
+
+    /// Reports a capture state value no build knows.
+    pub fn report_state(&self, id: &str, state: i32) {
+        let agent = self.lock();
+        let (_, tx) = agent.captures.get(id).expect("no such capture");
+        tx.send_modify(|c| c.state = state);
+    }
+
+    /// Shuts down as on SIGTERM: every unfinished capture ends `stopped`
+    /// (which its watches report before they end), then the agent stops
+    /// answering.
+    pub fn shut_down(&self) {
+        let mut state = self.lock();
+        for (_, tx) in state.captures.values() {
+            stop(tx, "stopped: the agent is shutting down");
+        }
+        state.down = true;
     }
 
     /// The agent stops answering: open watches fail, calls are UNAVAILABLE.
@@ -211,15 +241,7 @@ impl Agent for FakeAgent {
             .captures
             .get(&id)
             .ok_or_else(|| Status::not_found(format!("no capture {id}")))?;
-        tx.send_if_modified(|c| {
-            if is_final(c.state) {
-                return false;
-            }
-            c.state = CaptureState::Stopped as i32;
-            c.message = "stopped".into();
-            c.end_time = Some(now());
-            true
-        });
+        stop(tx, "stopped by request");
         Ok(Response::new(tx.borrow().clone()))
     }
 
@@ -283,7 +305,7 @@ impl Agent for FakeAgent {
                     }
                 }
                 let c = rx.borrow_and_update().clone();
-                let fin = is_final(c.state);
+                let fin = ended(&c);
                 Some((Ok(c), (rx, dead, false, fin)))
             },
         );

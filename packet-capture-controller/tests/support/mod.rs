@@ -20,9 +20,10 @@ use packet_capture_common::crd::{
 };
 use packet_capture_controller::agents::PoolSettings;
 use packet_capture_controller::backoff::Backoff;
+use packet_capture_controller::config::Timing;
 use packet_capture_controller::config::parse_selector;
 use packet_capture_controller::consts::FINALIZER;
-use packet_capture_controller::controller::{Context, ContextSettings, Timing};
+use packet_capture_controller::controller::{Context, ContextSettings};
 use packet_capture_controller::metrics::Metrics;
 
 pub use agent::FakeAgent;

@@ -1,0 +1,221 @@
+//! Carries a [`Plan`](crate::plan::Plan) out: the gRPC calls to the agents
+//! (through the [`AgentPool`], with its retries), their results recorded in
+//! the [`Tracker`], and a `WatchCapture` follow for each node that started.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
+use packet_capture_proto::v1::{CaptureSpec, OutputFormat, StartCaptureRequest};
+use tonic::Status;
+
+use crate::agents::{AgentPool, retryable};
+use crate::config::Timing;
+use crate::events::Events;
+use crate::node::NodeProgress;
+use crate::plan::{Clear, Resource, Start, Stop, capture_prefix};
+use crate::tracker::Tracker;
+
+/// The agent calls of one reconcile of one resource.
+pub struct Act<'a> {
+    pub resource: Resource<'a>,
+    pub pool: &'a Arc<AgentPool>,
+    pub tracker: &'a Tracker,
+    pub events: &'a Events,
+    pub timing: &'a Timing,
+}
+
+impl Act<'_> {
+    /// Drops the tracker's nodes of earlier generations (their watches end).
+    pub fn forget_earlier(&self) {
+        self.tracker
+            .forget_other_generations(self.resource.uid, self.resource.generation);
+    }
+
+    /// Stops every unfinished capture of the resource on each node, all
+    /// nodes at once; returns the nodes where that failed, and why.
+    pub async fn clear(&self, nodes: &[Clear]) -> Vec<(String, String)> {
+        let prefix = capture_prefix(self.resource.uid);
+        let results = futures::future::join_all(nodes.iter().map(|c| {
+            let prefix = &prefix;
+            async move {
+                let out = match &c.endpoint {
+                    Some(ep) => self
+                        .pool
+                        .sweep(ep, prefix, None, &self.timing.stop)
+                        .await
+                        .map_err(|e| {
+                            format!("agent at {} did not answer: {}", ep.uri, e.message())
+                        }),
+                    None => Err("no agent runs on the node".to_string()),
+                };
+                (c.node.clone(), out)
+            }
+        }))
+        .await;
+        results
+            .into_iter()
+            .filter_map(|(node, r)| r.err().map(|e| (node, e)))
+            .collect()
+    }
+
+    /// Stops node captures the controller no longer wants; each ends
+    /// `stopped`, with the reason.
+    pub async fn stop(&self, stops: &[Stop]) {
+        let Resource {
+            uid, generation, ..
+        } = self.resource;
+        for s in stops {
+            let node = &s.progress.node;
+            // Forgetting the node first ends its watch, so the agent's
+            // `stopped` is not taken for one nobody asked for.
+            let mut ended = self
+                .tracker
+                .remove_node(uid, node)
+                .unwrap_or_else(|| s.progress.clone());
+            let mut answer = None;
+            if let Some(ep) = &s.endpoint {
+                match self
+                    .pool
+                    .stop(ep, &s.progress.capture_id, &self.timing.stop)
+                    .await
+                {
+                    Ok(c) => answer = Some(c),
+                    Err(e) => tracing::warn!(
+                        %node,
+                        "stopping {}: {}",
+                        s.progress.capture_id,
+                        e.message()
+                    ),
+                }
+            }
+            ended.stopped(answer.as_ref(), s.reason, Timestamp::now());
+            self.tracker.set(uid, generation, ended);
+        }
+    }
+
+    /// Records node outcomes decided without an agent call.
+    pub fn record(&self, nodes: &[NodeProgress]) {
+        for p in nodes {
+            self.tracker
+                .set(self.resource.uid, self.resource.generation, p.clone());
+        }
+    }
+
+    /// Starts the node captures, all at once; each node is recorded and
+    /// followed as soon as its start has answered, not once every node has
+    /// (a node whose start is retried would otherwise leave the others'
+    /// progress unseen meanwhile).
+    pub async fn start(&self, starts: &[Start]) {
+        let Resource {
+            pcc,
+            uid,
+            generation,
+        } = self.resource;
+        let mut answered: FuturesUnordered<_> = starts
+            .iter()
+            .map(|s| async move { (s, self.start_one(s).await) })
+            .collect();
+        while let Some((s, progress)) = answered.next().await {
+            self.tracker.set(uid, generation, progress);
+            self.tracker.follow(
+                ObjectRef::from_obj(pcc),
+                uid,
+                generation,
+                self.pool.clone(),
+                self.timing.watch,
+                s.endpoint.clone(),
+            );
+        }
+    }
+
+    /// Starts one node's capture (after sweeping the node if asked); the
+    /// node as its agent answered.
+    async fn start_one(&self, s: &Start) -> NodeProgress {
+        let ep = &s.endpoint;
+        let node = s.progress.node.as_str();
+        if s.sweep {
+            match self
+                .pool
+                .sweep(
+                    ep,
+                    &capture_prefix(self.resource.uid),
+                    Some(&s.progress.capture_id),
+                    &self.timing.stop,
+                )
+                .await
+            {
+                Ok(stopped) if !stopped.is_empty() => {
+                    tracing::info!(%node, "stopped earlier captures {stopped:?}")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(%node, "listing earlier captures: {}", e.message()),
+            }
+        }
+        let req = StartCaptureRequest {
+            id: s.progress.capture_id.clone(),
+            name: self.resource.name(),
+            spec: Some(capture_spec(self.resource, &s.targets, s.duration)),
+        };
+        let pcc = self.resource.pcc;
+        let result = self
+            .pool
+            .start(
+                ep,
+                req,
+                &self.timing.start,
+                |retry, delay, status: &Status| {
+                    let note = format!(
+                        "starting the capture on node {node} failed ({}); retrying in {:.1}s",
+                        status.message(),
+                        delay.as_secs_f64()
+                    );
+                    async move {
+                        if retry == 0 {
+                            self.events
+                                .publish(pcc, Some(node), EventType::Warning, "Retrying", note)
+                                .await;
+                        }
+                    }
+                },
+            )
+            .await;
+        let mut progress = s.progress.clone();
+        let now = Timestamp::now();
+        match result {
+            Ok(c) => progress.update(&c, now),
+            Err(e) if retryable(&e) => progress.fail(
+                format!(
+                    "agent on node {node} ({}) unreachable: {}",
+                    ep.uri,
+                    e.message()
+                ),
+                true,
+                now,
+            ),
+            Err(e) => progress.fail(
+                format!("agent on node {node} refused the capture: {}", e.message()),
+                false,
+                now,
+            ),
+        }
+        progress
+    }
+}
+
+/// What a node's agent is asked to capture.
+fn capture_spec(resource: Resource, targets: &[String], duration: u32) -> CaptureSpec {
+    let spec = resource.spec();
+    CaptureSpec {
+        target_ips: targets.to_vec(),
+        target_ports: spec.target_ports.iter().map(|&p| u32::from(p)).collect(),
+        duration_seconds: duration,
+        max_packets: spec.max_packets,
+        output_format: OutputFormat::from(spec.output_format).into(),
+        filter: spec.filter.clone(),
+        snaplen: spec.snaplen.unwrap_or(0),
+    }
+}

@@ -1,0 +1,286 @@
+//! One node's part of a capture, and the rules that turn what its agent
+//! reports (or fails to report) into the node's outcome.
+//!
+//! A node ends `completed` or `failed` as its agent says, `stopped` only when
+//! the controller asked for the stop, and `failed` whenever the capture ended
+//! in a way nobody asked for: the agent ended it on its own (it shut down or
+//! restarted), forgot it, stopped answering, went away, or reported a state
+//! this controller does not know.
+
+use k8s_openapi::jiff::Timestamp;
+use packet_capture_common::crd::{CaptureState, NodeCapture, OutputFormat, STDOUT_OUTPUT_FILE};
+use packet_capture_proto::v1::Capture;
+
+/// One node's part of a capture.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeProgress {
+    pub node: String,
+    pub node_ip: String,
+    pub capture_id: String,
+    pub state: CaptureState,
+    pub packets: u64,
+    pub dropped: u64,
+    pub output_file: String,
+    pub file_size: u64,
+    pub message: Option<String>,
+    pub start_time: Option<Timestamp>,
+    pub end_time: Option<Timestamp>,
+    /// The node failed because its agent did not answer or is gone.
+    pub unreachable: bool,
+}
+
+fn timestamp(t: Option<&prost_types::Timestamp>) -> Option<Timestamp> {
+    let t = t?;
+    Timestamp::new(t.seconds, t.nanos).ok()
+}
+
+impl NodeProgress {
+    /// A node whose capture is about to be started.
+    pub fn new(node: &str, node_ip: &str, capture_id: &str) -> Self {
+        Self {
+            node: node.to_string(),
+            node_ip: node_ip.to_string(),
+            capture_id: capture_id.to_string(),
+            state: CaptureState::Starting,
+            packets: 0,
+            dropped: 0,
+            output_file: String::new(),
+            file_size: 0,
+            message: None,
+            start_time: None,
+            end_time: None,
+            unreachable: false,
+        }
+    }
+
+    /// Marks the node failed (keeping what it captured).
+    pub fn fail(&mut self, message: impl Into<String>, unreachable: bool, now: Timestamp) {
+        self.state = CaptureState::Failed;
+        self.message = Some(message.into());
+        self.unreachable = unreachable;
+        self.end_time.get_or_insert(now);
+    }
+
+    /// Takes the agent's counters, file and times, not its state.
+    fn take_counts(&mut self, c: &Capture) {
+        self.packets = c.packets;
+        self.dropped = c.dropped;
+        self.output_file = c.output_file.clone();
+        self.file_size = c.file_size;
+        self.message = (!c.message.is_empty()).then(|| c.message.clone());
+        if let Some(t) = timestamp(c.start_time.as_ref()) {
+            self.start_time = Some(t);
+        }
+        if let Some(t) = timestamp(c.end_time.as_ref()) {
+            self.end_time = Some(t);
+        }
+    }
+
+    /// Takes the agent's view of a capture the controller has not asked to
+    /// stop (a StartCapture answer or a WatchCapture message). `stopped` then
+    /// means that the agent ended it on its own, as it does when it shuts
+    /// down: the node fails, as it does on a state this build does not know.
+    pub fn update(&mut self, c: &Capture, now: Timestamp) {
+        self.take_counts(c);
+        match c.capture_state() {
+            Ok(CaptureState::Stopped) => {
+                let said = self
+                    .message
+                    .as_deref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default();
+                self.fail(
+                    format!(
+                        "the agent on node {} ended the capture without being asked (it shut down or restarted){said}",
+                        self.node
+                    ),
+                    false,
+                    now,
+                );
+            }
+            Ok(state) => self.state = state,
+            Err(unknown) => self.fail(
+                format!(
+                    "the agent on node {} reported capture state {}, which this controller does not know",
+                    self.node, unknown.value
+                ),
+                false,
+                now,
+            ),
+        }
+        if self.state.is_final() {
+            self.end_time.get_or_insert(now);
+        }
+    }
+
+    /// The node after the controller stopped its capture because `why`;
+    /// `answer` is the agent's StopCapture answer, if it gave one.
+    pub fn stopped(&mut self, answer: Option<&Capture>, why: &str, now: Timestamp) {
+        if let Some(c) = answer {
+            self.take_counts(c);
+        }
+        self.state = CaptureState::Stopped;
+        self.message = Some(format!("stopped because {why}"));
+        self.end_time.get_or_insert(now);
+    }
+
+    /// What the status said about a node (after a controller restart).
+    pub fn from_status(node_ip: &str, entry: &NodeCapture, capture_id: &str) -> Self {
+        Self {
+            state: entry.status,
+            packets: entry.packets,
+            dropped: entry.dropped,
+            output_file: entry.output_file.clone(),
+            file_size: entry.file_size,
+            message: entry.message.clone(),
+            ..Self::new(&entry.node, node_ip, capture_id)
+        }
+    }
+
+    /// The node's entry in `status.captureFiles`.
+    pub fn to_status(&self, format: OutputFormat) -> NodeCapture {
+        let (output_file, file_size) = if format == OutputFormat::Stdout {
+            (STDOUT_OUTPUT_FILE.to_string(), 0)
+        } else {
+            (self.output_file.clone(), self.file_size)
+        };
+        NodeCapture {
+            status: self.state,
+            output_file,
+            file_size,
+            node: self.node.clone(),
+            packets: self.packets,
+            dropped: self.dropped,
+            message: self.message.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use packet_capture_proto::v1;
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + s).unwrap()
+    }
+
+    fn report(state: i32, message: &str) -> Capture {
+        Capture {
+            id: "id".into(),
+            state,
+            packets: 5,
+            file_size: 524,
+            output_file: "/var/lib/packet-captures/x.pcap".into(),
+            message: message.into(),
+            ..Default::default()
+        }
+    }
+
+    fn after(state: i32, message: &str) -> NodeProgress {
+        let mut p = NodeProgress::new("n1", "192.168.0.1", "id");
+        p.update(&report(state, message), t(9));
+        p
+    }
+
+    #[test]
+    fn the_agents_states_are_taken_as_they_are() {
+        for (wire, state) in [
+            (v1::CaptureState::Starting, CaptureState::Starting),
+            (v1::CaptureState::Running, CaptureState::Running),
+            (v1::CaptureState::Completed, CaptureState::Completed),
+            (v1::CaptureState::Failed, CaptureState::Failed),
+        ] {
+            let p = after(wire as i32, "reached maxPackets (5)");
+            assert_eq!(p.state, state);
+            assert_eq!((p.packets, p.file_size), (5, 524));
+            assert_eq!(p.message.as_deref(), Some("reached maxPackets (5)"));
+            assert_eq!(p.end_time.is_some(), state.is_final(), "{state}");
+        }
+    }
+
+    #[test]
+    fn a_stop_nobody_asked_for_fails_the_node_saying_so() {
+        let p = after(
+            v1::CaptureState::Stopped as i32,
+            "stopped: the agent is shutting down",
+        );
+        assert_eq!(p.state, CaptureState::Failed);
+        assert!(!p.unreachable);
+        assert_eq!(
+            p.message.as_deref(),
+            Some(
+                "the agent on node n1 ended the capture without being asked (it shut down or restarted): stopped: the agent is shutting down"
+            )
+        );
+        // What it wrote until then is kept.
+        assert_eq!((p.packets, p.end_time), (5, Some(t(9))));
+        let quiet = after(v1::CaptureState::Stopped as i32, "");
+        assert!(
+            quiet
+                .message
+                .as_deref()
+                .unwrap()
+                .ends_with("(it shut down or restarted)")
+        );
+    }
+
+    #[test]
+    fn an_unknown_state_fails_the_node_naming_the_value() {
+        for value in [0, 42] {
+            let p = after(value, "");
+            assert_eq!(p.state, CaptureState::Failed);
+            assert_eq!(
+                p.message.unwrap(),
+                format!(
+                    "the agent on node n1 reported capture state {value}, which this controller does not know"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn a_stop_the_controller_asked_for_stays_stopped() {
+        let mut p = NodeProgress::new("n1", "192.168.0.1", "id");
+        p.update(&report(v1::CaptureState::Running as i32, ""), t(1));
+        p.stopped(
+            Some(&report(
+                v1::CaptureState::Stopped as i32,
+                "stopped by request",
+            )),
+            "it is no longer a target",
+            t(5),
+        );
+        assert_eq!(p.state, CaptureState::Stopped);
+        assert_eq!(
+            p.message.as_deref(),
+            Some("stopped because it is no longer a target")
+        );
+        assert_eq!((p.packets, p.end_time), (5, Some(t(5))));
+        // Unanswered (the agent is gone): stopped all the same.
+        let mut gone = NodeProgress::new("n2", "192.168.0.2", "id");
+        gone.stopped(None, "its targets changed", t(6));
+        assert_eq!(gone.state, CaptureState::Stopped);
+    }
+
+    #[test]
+    fn status_entries_go_both_ways() {
+        let mut p = after(
+            v1::CaptureState::Completed as i32,
+            "duration of 60s elapsed",
+        );
+        p.dropped = 1;
+        let entry = p.to_status(OutputFormat::Pcap);
+        assert_eq!(entry.status, CaptureState::Completed);
+        let back = NodeProgress::from_status("192.168.0.1", &entry, "id");
+        assert_eq!(
+            (back.state, back.packets, back.dropped, back.message),
+            (p.state, 5, 1, p.message.clone())
+        );
+        let stdout = p.to_status(OutputFormat::Stdout);
+        assert_eq!(
+            (stdout.output_file.as_str(), stdout.file_size),
+            (STDOUT_OUTPUT_FILE, 0)
+        );
+    }
+}

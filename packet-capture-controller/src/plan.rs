@@ -1,0 +1,918 @@
+//! What one reconcile does, decided without calling anyone: from the
+//! resource, its targets and the agents as the caches show them, the
+//! tracker's nodes and the previous status, which captures to start, stop,
+//! adopt or forget, and which nodes fail. `act` carries the plan out and
+//! `report` writes what came of it.
+//!
+//! Capture ids are derived from the uid, the generation and a node's
+//! targets, so a repeated reconcile or a restarted controller plans the same
+//! starts, and the agents' idempotent StartCapture makes them harmless.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::ResourceExt;
+use packet_capture_common::crd::{
+    PacketCaptureConfig, PacketCaptureConfigSpec, PacketCaptureConfigStatus, Phase,
+};
+
+use crate::agents::AgentEndpoint;
+use crate::error::{Error, Result};
+use crate::node::NodeProgress;
+use crate::status::{self, Outcome};
+use crate::targets::Targets;
+
+/// How long to wait for news when no deadline is known or it has passed.
+const IDLE_REQUEUE: Duration = Duration::from_secs(30);
+
+/// The `PacketCaptureConfig` being reconciled, with its uid and generation.
+#[derive(Debug, Clone, Copy)]
+pub struct Resource<'a> {
+    pub pcc: &'a PacketCaptureConfig,
+    pub uid: &'a str,
+    pub generation: i64,
+}
+
+impl<'a> Resource<'a> {
+    pub fn new(pcc: &'a PacketCaptureConfig) -> Result<Self> {
+        let uid = pcc.metadata.uid.as_deref().ok_or(Error::MissingField {
+            kind: "PacketCaptureConfig",
+            field: "metadata.uid",
+        })?;
+        Ok(Self {
+            pcc,
+            uid,
+            generation: pcc.metadata.generation.unwrap_or_default(),
+        })
+    }
+
+    pub fn name(&self) -> String {
+        self.pcc.name_any()
+    }
+
+    pub fn spec(&self) -> &'a PacketCaptureConfigSpec {
+        &self.pcc.spec
+    }
+
+    /// The status as the resource carries it (of any generation).
+    pub fn previous(&self) -> Option<&'a PacketCaptureConfigStatus> {
+        self.pcc.status.as_ref()
+    }
+
+    /// The status, if it describes this generation.
+    pub fn same_generation(&self) -> Option<&'a PacketCaptureConfigStatus> {
+        status::same_generation(self.previous(), self.generation)
+    }
+}
+
+/// The agent capture id of one node: uid, generation and a stable hash of
+/// the node's targets, so a restart or a repeated reconcile asks for the
+/// same capture, and new targets on a node make a new capture.
+pub fn capture_id(uid: &str, generation: i64, targets: &[String]) -> String {
+    // FNV-1a: stable across builds, unlike std's hasher.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in targets.join(",").bytes() {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{uid}-g{generation}-{:08x}", hash as u32)
+}
+
+/// The prefix of every capture id of a `PacketCaptureConfig`.
+pub fn capture_prefix(uid: &str) -> String {
+    format!("{uid}-g")
+}
+
+/// What a plan is made from.
+pub struct Inputs<'a> {
+    pub resource: Resource<'a>,
+    /// Each node's targets, and the target pods that could not be resolved.
+    pub targets: &'a Targets,
+    /// The running agents, by node.
+    pub agents: &'a BTreeMap<String, AgentEndpoint>,
+    /// The address that keys each target node's status entry.
+    pub node_ips: &'a BTreeMap<String, String>,
+    /// The tracker's nodes of this generation.
+    pub tracked: &'a BTreeMap<String, NodeProgress>,
+    /// The tracker's nodes of earlier generations.
+    pub earlier: &'a [NodeProgress],
+    /// Where agents are looked for, for "no agent" messages.
+    pub no_agent: &'a str,
+    /// How long after `startTime + duration` an unfinished node fails.
+    pub grace: Duration,
+    pub now: Timestamp,
+}
+
+/// A node where every capture of the resource is to be stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Clear {
+    pub node: String,
+    pub endpoint: Option<AgentEndpoint>,
+}
+
+/// A node capture the controller stops.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stop {
+    pub progress: NodeProgress,
+    pub endpoint: Option<AgentEndpoint>,
+    /// Completes "stopped because ...".
+    pub reason: &'static str,
+}
+
+/// A node capture to start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Start {
+    /// The node, its address and capture id, `starting`.
+    pub progress: NodeProgress,
+    pub endpoint: AgentEndpoint,
+    pub targets: Vec<String>,
+    /// Stop the resource's other captures on the node first (earlier
+    /// generations, or captures started before a controller restart).
+    pub sweep: bool,
+    /// Seconds to capture.
+    pub duration: u32,
+}
+
+/// The node work of a generation under way.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Run {
+    pub stops: Vec<Stop>,
+    /// The generation's first nodes, all `starting`: written to the status
+    /// before the agents are called (their retries can take a while).
+    pub starting: Option<BTreeMap<String, NodeProgress>>,
+    /// Node outcomes known without asking an agent: adopted from the
+    /// status, failed for want of an agent, or past the deadline.
+    pub record: Vec<NodeProgress>,
+    pub starts: Vec<Start>,
+    /// When to look again if no agent reports anything (the deadline).
+    pub requeue: Duration,
+}
+
+/// What follows the clearing of earlier generations.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    /// The status says this generation has ended: nothing to do.
+    Ended(Phase),
+    /// The generation fails before anything started (`PodNotFound`,
+    /// `NoAgents`).
+    Fail(Outcome),
+    /// Node work, then the status from the tracker.
+    Run(Run),
+}
+
+/// One reconcile's decisions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// Drop the tracker's nodes of earlier generations (their watches end).
+    pub forget_earlier: bool,
+    /// Nodes that ran an earlier generation and have no part in this one
+    /// (those that do are swept before their start instead).
+    pub clear: Vec<Clear>,
+    pub next: Next,
+}
+
+/// Decides one reconcile.
+pub fn plan(i: &Inputs) -> Plan {
+    if let Some(phase) = status::final_phase(i.resource.previous(), i.resource.generation) {
+        return Plan {
+            forget_earlier: false,
+            clear: Vec::new(),
+            next: Next::Ended(phase),
+        };
+    }
+    let same = i.resource.same_generation();
+    // What earlier generations ran, in this process or before it.
+    let mut earlier: BTreeSet<&str> = i
+        .earlier
+        .iter()
+        .filter(|p| !p.state.is_final())
+        .map(|p| p.node.as_str())
+        .collect();
+    if same.is_none()
+        && let Some(prev) = i.resource.previous()
+    {
+        earlier.extend(prev.capture_files.values().map(|e| e.node.as_str()));
+    }
+    let clear = earlier
+        .into_iter()
+        .filter(|n| !i.targets.nodes.contains_key(*n))
+        .map(|n| Clear {
+            node: n.to_string(),
+            endpoint: i.agents.get(n).cloned(),
+        })
+        .collect();
+    Plan {
+        forget_earlier: !i.earlier.is_empty(),
+        clear,
+        next: next(i, same),
+    }
+}
+
+fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
+    let recorded = same.map(|s| &s.capture_files);
+    let started = !i.tracked.is_empty() || recorded.is_some_and(|r| !r.is_empty());
+    if !started {
+        // A capture is a bounded act: it does not wait for its targets.
+        if !i.targets.problems.is_empty() {
+            let names: Vec<String> = i.targets.problems.iter().map(ToString::to_string).collect();
+            return Next::Fail(Outcome::failed("PodNotFound", names.join("; ")));
+        }
+        if i.targets.nodes.is_empty() {
+            return Next::Fail(Outcome::failed(
+                "NoAgents",
+                format!("no agent to capture on: {}", i.no_agent),
+            ));
+        }
+    }
+    let spec = i.resource.spec();
+    let start_time = same
+        .and_then(|s| s.start_time.as_ref().map(|t| t.0))
+        .or_else(|| i.tracked.values().filter_map(|p| p.start_time).min());
+    let limit = SignedDuration::from_secs(i64::from(spec.duration))
+        + SignedDuration::try_from(i.grace).unwrap_or(SignedDuration::ZERO);
+    let mut run = Run::default();
+
+    if let Some(start) = start_time
+        && i.now >= start + limit
+    {
+        // The agents should have ended every node by now: those that have
+        // not fail, and nothing more starts.
+        for p in i.tracked.values().filter(|p| !p.state.is_final()) {
+            let mut p = p.clone();
+            p.fail(
+                format!(
+                    "no end reported by the agent within {}s of the start (duration {}s)",
+                    limit.as_secs(),
+                    spec.duration
+                ),
+                false,
+                i.now,
+            );
+            run.record.push(p);
+        }
+        run.requeue = IDLE_REQUEUE;
+        return Next::Run(run);
+    }
+
+    // The nodes to start: (the node, starting; its targets; sweep first).
+    let mut new_nodes: Vec<(NodeProgress, Vec<String>, bool)> = Vec::new();
+    for (node, targets) in &i.targets.nodes {
+        let id = capture_id(i.resource.uid, i.resource.generation, targets);
+        let ip = i.node_ips.get(node).map_or(node.as_str(), String::as_str);
+        match i.tracked.get(node) {
+            // Running as wanted, or ended (an ended node is not restarted).
+            Some(p) if p.capture_id == id || p.state.is_final() => {}
+            Some(p) => {
+                run.stops.push(Stop {
+                    progress: p.clone(),
+                    endpoint: i.agents.get(node).cloned(),
+                    reason: "its targets changed",
+                });
+                new_nodes.push((NodeProgress::new(node, ip, &id), targets.clone(), false));
+            }
+            None => match recorded.and_then(|r| r.get(ip)) {
+                // Ended before a controller restart: kept as it was.
+                Some(entry) if entry.status.is_final() => {
+                    run.record.push(NodeProgress::from_status(ip, entry, &id));
+                }
+                _ => new_nodes.push((NodeProgress::new(node, ip, &id), targets.clone(), true)),
+            },
+        }
+    }
+    for (node, p) in i.tracked {
+        if i.targets.nodes.contains_key(node) || p.state.is_final() {
+            continue;
+        }
+        match i.agents.get(node) {
+            Some(ep) => run.stops.push(Stop {
+                progress: p.clone(),
+                endpoint: Some(ep.clone()),
+                reason: "it is no longer a target",
+            }),
+            // With its agent gone the capture can neither be stopped nor
+            // followed: how it ended is unknown.
+            None => {
+                let mut p = p.clone();
+                p.fail(
+                    format!(
+                        "the agent on node {node} went away before the capture ended (its pod is gone or not running)"
+                    ),
+                    true,
+                    i.now,
+                );
+                run.record.push(p);
+            }
+        }
+    }
+
+    // Full duration for the first nodes; what is left of it for nodes that
+    // join later (a target pod that moved).
+    let duration = match start_time {
+        Some(start) if started => {
+            let elapsed = i.now.duration_since(start).as_secs().max(0);
+            u32::try_from((i64::from(spec.duration) - elapsed).max(1)).unwrap_or(1)
+        }
+        _ => spec.duration,
+    };
+    if !started && !new_nodes.is_empty() {
+        run.starting = Some(
+            new_nodes
+                .iter()
+                .map(|(p, _, _)| (p.node.clone(), p.clone()))
+                .collect(),
+        );
+    }
+    for (mut progress, targets, sweep) in new_nodes {
+        match i.agents.get(&progress.node) {
+            Some(ep) => run.starts.push(Start {
+                progress,
+                endpoint: ep.clone(),
+                targets,
+                sweep,
+                duration,
+            }),
+            None => {
+                let message = format!("no agent on node {}: {}", progress.node, i.no_agent);
+                progress.fail(message, true, i.now);
+                run.record.push(progress);
+            }
+        }
+    }
+
+    // Nodes starting now start the clock if nothing has yet.
+    let start = start_time.or((!run.starts.is_empty()).then_some(i.now));
+    run.requeue = start
+        .map(|s| s + limit)
+        .filter(|deadline| i.now < *deadline)
+        .and_then(|deadline| Duration::try_from(deadline.duration_since(i.now)).ok())
+        .map_or(IDLE_REQUEUE, |d| d.max(Duration::from_secs(1)));
+    Next::Run(run)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use packet_capture_common::crd::{CaptureState, OutputFormat, PodRef};
+
+    use crate::targets::PodProblem;
+
+    use CaptureState::{Completed, Failed, Running, Starting};
+
+    const UID: &str = "u";
+    /// The generation reconciled; the earlier one is 1.
+    const GENERATION: i64 = 2;
+    const NO_AGENT: &str =
+        "no running pod labelled app=packet-capture-agent in namespace kube-system";
+    const TARGET: &[&str] = &["10.0.0.1"];
+    const OTHER: &[&str] = &["10.0.0.9"];
+
+    fn t0() -> Timestamp {
+        Timestamp::from_second(1_700_000_000).unwrap()
+    }
+
+    fn at(seconds: i64) -> Timestamp {
+        t0() + SignedDuration::from_secs(seconds)
+    }
+
+    fn ip(node: &str) -> String {
+        format!("192.168.0.{}", &node[1..])
+    }
+
+    fn strings(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A node of `generation` capturing `targets`, started at t0 unless
+    /// still starting.
+    fn progress(
+        node: &str,
+        generation: i64,
+        state: CaptureState,
+        targets: &[&str],
+    ) -> NodeProgress {
+        let id = capture_id(UID, generation, &strings(targets));
+        let mut p = NodeProgress::new(node, &ip(node), &id);
+        p.state = state;
+        p.start_time = (state != Starting).then(t0);
+        p
+    }
+
+    /// What the resource's status says: nothing, an earlier generation's
+    /// nodes, or this generation's phase and nodes.
+    #[derive(Clone, Copy)]
+    enum Was {
+        Nothing,
+        Earlier(&'static [&'static str]),
+        Same(Phase, &'static [(&'static str, CaptureState)]),
+    }
+
+    struct Case {
+        name: &'static str,
+        /// Target nodes, each capturing [`TARGET`].
+        targets: &'static [&'static str],
+        /// Target pods that cannot be resolved.
+        missing: &'static [&'static str],
+        /// Nodes with a running agent.
+        agents: &'static [&'static str],
+        /// This generation's nodes in the tracker, with their targets.
+        tracked: &'static [(&'static str, CaptureState, &'static [&'static str])],
+        /// Earlier generations' nodes in the tracker.
+        earlier: &'static [(&'static str, CaptureState)],
+        status: Was,
+        /// Seconds since t0 (the start, when anything started).
+        now: i64,
+        want: Want,
+    }
+
+    const CASE: Case = Case {
+        name: "",
+        targets: &[],
+        missing: &[],
+        agents: &[],
+        tracked: &[],
+        earlier: &[],
+        status: Was::Nothing,
+        now: 0,
+        want: WANT,
+    };
+
+    /// A plan, spelled for comparison.
+    #[derive(Debug, PartialEq)]
+    struct Want {
+        next: &'static str,
+        forget: bool,
+        clear: &'static [&'static str],
+        stops: &'static [&'static str],
+        starting: &'static [&'static str],
+        record: &'static [&'static str],
+        starts: &'static [&'static str],
+        requeue: u64,
+    }
+
+    const WANT: Want = Want {
+        next: "run",
+        forget: false,
+        clear: &[],
+        stops: &[],
+        starting: &[],
+        record: &[],
+        starts: &[],
+        requeue: 0,
+    };
+
+    /// The plan's spelling: owned, as [`Want`]'s fields read.
+    #[derive(Debug, PartialEq)]
+    struct Got {
+        next: String,
+        forget: bool,
+        clear: Vec<String>,
+        stops: Vec<String>,
+        starting: Vec<String>,
+        record: Vec<String>,
+        starts: Vec<String>,
+        requeue: u64,
+    }
+
+    impl Got {
+        fn of(plan: Plan) -> Self {
+            let mut got = Got {
+                next: String::new(),
+                forget: plan.forget_earlier,
+                clear: plan.clear.iter().map(|c| c.node.clone()).collect(),
+                stops: Vec::new(),
+                starting: Vec::new(),
+                record: Vec::new(),
+                starts: Vec::new(),
+                requeue: 0,
+            };
+            match plan.next {
+                Next::Ended(phase) => got.next = format!("ended {phase:?}"),
+                Next::Fail(o) => got.next = format!("fail {}: {}", o.reason, o.message),
+                Next::Run(run) => {
+                    got.next = "run".into();
+                    got.stops = run
+                        .stops
+                        .iter()
+                        .map(|s| format!("{}: {}", s.progress.node, s.reason))
+                        .collect();
+                    got.starting = run.starting.into_iter().flatten().map(|(n, _)| n).collect();
+                    got.record = run
+                        .record
+                        .iter()
+                        .map(|p| match &p.message {
+                            Some(m) => format!("{} {}: {m}", p.node, p.state),
+                            None => format!("{} {}", p.node, p.state),
+                        })
+                        .collect();
+                    got.starts = run
+                        .starts
+                        .iter()
+                        .map(|s| {
+                            let sweep = if s.sweep { " sweep" } else { "" };
+                            format!("{} {}s{sweep}", s.progress.node, s.duration)
+                        })
+                        .collect();
+                    got.requeue = run.requeue.as_secs();
+                }
+            }
+            got
+        }
+
+        fn want(w: &Want) -> Self {
+            let own = |l: &[&str]| strings(l);
+            Got {
+                next: w.next.to_string(),
+                forget: w.forget,
+                clear: own(w.clear),
+                stops: own(w.stops),
+                starting: own(w.starting),
+                record: own(w.record),
+                starts: own(w.starts),
+                requeue: w.requeue,
+            }
+        }
+    }
+
+    fn resource_of(case: &Case) -> PacketCaptureConfig {
+        let mut pcc = PacketCaptureConfig::new(
+            "cap",
+            PacketCaptureConfigSpec {
+                target_ips: strings(TARGET),
+                duration: 60,
+                output_format: OutputFormat::Pcap,
+                ..Default::default()
+            },
+        );
+        pcc.metadata.uid = Some(UID.into());
+        pcc.metadata.generation = Some(GENERATION);
+        let entry = |node: &str, state| {
+            let p = progress(node, 1, state, TARGET);
+            (p.node_ip.clone(), p.to_status(OutputFormat::Pcap))
+        };
+        pcc.status = match case.status {
+            Was::Nothing => None,
+            Was::Earlier(nodes) => Some(PacketCaptureConfigStatus {
+                observed_generation: Some(GENERATION - 1),
+                phase: Some(Phase::Running),
+                capture_files: nodes.iter().map(|n| entry(n, Running)).collect(),
+                ..Default::default()
+            }),
+            Was::Same(phase, nodes) => Some(PacketCaptureConfigStatus {
+                observed_generation: Some(GENERATION),
+                phase: Some(phase),
+                start_time: Some(Time(t0())),
+                capture_files: nodes.iter().map(|(n, s)| entry(n, *s)).collect(),
+                ..Default::default()
+            }),
+        };
+        pcc
+    }
+
+    fn run(case: &Case) -> Got {
+        let pcc = resource_of(case);
+        let targets = Targets {
+            nodes: case
+                .targets
+                .iter()
+                .map(|n| (n.to_string(), strings(TARGET)))
+                .collect(),
+            problems: case
+                .missing
+                .iter()
+                .map(|name| PodProblem {
+                    pod: PodRef {
+                        pod_name: name.to_string(),
+                        namespace: "default".into(),
+                    },
+                    reason: "not found".into(),
+                })
+                .collect(),
+        };
+        let agents = case
+            .agents
+            .iter()
+            .map(|n| {
+                let ep = AgentEndpoint {
+                    node: n.to_string(),
+                    node_ip: ip(n),
+                    uri: format!("http://{}:8080", ip(n)),
+                };
+                (n.to_string(), ep)
+            })
+            .collect();
+        let node_ips = case
+            .targets
+            .iter()
+            .map(|n| (n.to_string(), ip(n)))
+            .collect();
+        let tracked = case
+            .tracked
+            .iter()
+            .map(|(n, s, t)| (n.to_string(), progress(n, GENERATION, *s, t)))
+            .collect();
+        let earlier: Vec<NodeProgress> = case
+            .earlier
+            .iter()
+            .map(|(n, s)| progress(n, 1, *s, TARGET))
+            .collect();
+        let plan = plan(&Inputs {
+            resource: Resource::new(&pcc).unwrap(),
+            targets: &targets,
+            agents: &agents,
+            node_ips: &node_ips,
+            tracked: &tracked,
+            earlier: &earlier,
+            no_agent: NO_AGENT,
+            grace: Duration::from_secs(60),
+            now: at(case.now),
+        });
+        Got::of(plan)
+    }
+
+    #[test]
+    fn every_branch_plans_as_documented() {
+        let cases = [
+            Case {
+                name: "the first pass starts every node, announcing them as starting",
+                targets: &["n1", "n2"],
+                agents: &["n1", "n2"],
+                want: Want {
+                    starting: &["n1", "n2"],
+                    starts: &["n1 60s sweep", "n2 60s sweep"],
+                    requeue: 120,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a repeated pass with the same tracker starts nothing",
+                targets: &["n1", "n2"],
+                agents: &["n1", "n2"],
+                tracked: &[("n1", Running, TARGET), ("n2", Starting, TARGET)],
+                now: 10,
+                want: Want {
+                    requeue: 110,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "new targets on a node stop its capture and start another for what is left",
+                targets: &["n1"],
+                agents: &["n1"],
+                tracked: &[("n1", Running, OTHER)],
+                now: 10,
+                want: Want {
+                    stops: &["n1: its targets changed"],
+                    starts: &["n1 50s"],
+                    requeue: 110,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a node whose capture ended is not restarted, even with new targets",
+                targets: &["n1"],
+                agents: &["n1"],
+                tracked: &[("n1", Completed, OTHER)],
+                now: 10,
+                want: Want {
+                    requeue: 110,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a node that is no longer a target is stopped",
+                targets: &["n1"],
+                agents: &["n1", "n2"],
+                tracked: &[("n1", Running, TARGET), ("n2", Running, TARGET)],
+                now: 10,
+                want: Want {
+                    stops: &["n2: it is no longer a target"],
+                    requeue: 110,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a node whose agent went away mid-capture fails",
+                targets: &["n1"],
+                agents: &["n1"],
+                tracked: &[("n1", Running, TARGET), ("n2", Running, TARGET)],
+                now: 10,
+                want: Want {
+                    record: &[
+                        "n2 failed: the agent on node n2 went away before the capture ended (its pod is gone or not running)",
+                    ],
+                    requeue: 110,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "after a controller restart, nodes that had ended are adopted, not started",
+                targets: &["n1", "n2"],
+                agents: &["n1", "n2"],
+                status: Was::Same(Phase::Running, &[("n1", Completed), ("n2", Failed)]),
+                now: 10,
+                want: Want {
+                    record: &["n1 completed", "n2 failed"],
+                    requeue: 110,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "after a controller restart, running nodes are started again (idempotently)",
+                targets: &["n1", "n2"],
+                agents: &["n1", "n2"],
+                status: Was::Same(Phase::Running, &[("n1", Completed), ("n2", Running)]),
+                now: 10,
+                want: Want {
+                    record: &["n1 completed"],
+                    starts: &["n2 50s sweep"],
+                    requeue: 110,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a new generation forgets the old one and clears its nodes that have no part in the new",
+                targets: &["n1", "n2"],
+                agents: &["n1", "n2", "n3"],
+                earlier: &[("n1", Running), ("n3", Running), ("n4", Completed)],
+                status: Was::Earlier(&["n1", "n3", "n5"]),
+                want: Want {
+                    forget: true,
+                    clear: &["n3", "n5"],
+                    starting: &["n1", "n2"],
+                    starts: &["n1 60s sweep", "n2 60s sweep"],
+                    requeue: 120,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a missing pod fails the generation before anything starts",
+                targets: &["n1"],
+                missing: &["ghost", "gone"],
+                agents: &["n1"],
+                want: Want {
+                    next: "fail PodNotFound: pod default/ghost not found; pod default/gone not found",
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "no agent at all fails the generation, after clearing the earlier one",
+                earlier: &[("n1", Running)],
+                want: Want {
+                    next: "fail NoAgents: no agent to capture on: no running pod labelled app=packet-capture-agent in namespace kube-system",
+                    forget: true,
+                    clear: &["n1"],
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a target pod gone once the capture runs changes nothing",
+                targets: &["n1"],
+                missing: &["web"],
+                agents: &["n1"],
+                tracked: &[("n1", Running, TARGET)],
+                now: 10,
+                want: Want {
+                    requeue: 110,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a node that joins late gets what is left of the duration",
+                targets: &["n1", "n2"],
+                agents: &["n1", "n2"],
+                tracked: &[("n1", Running, TARGET)],
+                now: 20,
+                want: Want {
+                    starts: &["n2 40s sweep"],
+                    requeue: 100,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a node that joins after the duration gets a second",
+                targets: &["n1", "n2"],
+                agents: &["n1", "n2"],
+                tracked: &[("n1", Running, TARGET)],
+                now: 90,
+                want: Want {
+                    starts: &["n2 1s sweep"],
+                    requeue: 30,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a target node without an agent fails; the others start",
+                targets: &["n1", "n2"],
+                agents: &["n1"],
+                want: Want {
+                    starting: &["n1", "n2"],
+                    record: &[
+                        "n2 failed: no agent on node n2: no running pod labelled app=packet-capture-agent in namespace kube-system",
+                    ],
+                    starts: &["n1 60s sweep"],
+                    requeue: 120,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "past the deadline unfinished nodes fail and nothing starts",
+                targets: &["n1", "n2", "n3"],
+                agents: &["n1", "n2", "n3"],
+                tracked: &[("n1", Running, TARGET), ("n2", Completed, TARGET)],
+                now: 121,
+                want: Want {
+                    record: &[
+                        "n1 failed: no end reported by the agent within 120s of the start (duration 60s)",
+                    ],
+                    requeue: 30,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "an ended generation plans nothing",
+                targets: &["n1"],
+                agents: &["n1"],
+                earlier: &[("n2", Running)],
+                status: Was::Same(Phase::Completed, &[("n1", Completed)]),
+                want: Want {
+                    next: "ended Completed",
+                    ..WANT
+                },
+                ..CASE
+            },
+        ];
+        for case in &cases {
+            assert_eq!(run(case), Got::want(&case.want), "{}", case.name);
+        }
+    }
+
+    #[test]
+    fn starts_carry_the_node_its_address_and_its_capture() {
+        let case = Case {
+            targets: &["n1"],
+            agents: &["n1"],
+            ..CASE
+        };
+        let pcc = resource_of(&case);
+        let targets = Targets {
+            nodes: BTreeMap::from([("n1".to_string(), strings(TARGET))]),
+            problems: Vec::new(),
+        };
+        let ep = AgentEndpoint {
+            node: "n1".into(),
+            node_ip: ip("n1"),
+            uri: "http://192.168.0.1:8080".into(),
+        };
+        let agents = BTreeMap::from([("n1".to_string(), ep.clone())]);
+        let plan = plan(&Inputs {
+            resource: Resource::new(&pcc).unwrap(),
+            targets: &targets,
+            agents: &agents,
+            node_ips: &BTreeMap::from([("n1".to_string(), ip("n1"))]),
+            tracked: &BTreeMap::new(),
+            earlier: &[],
+            no_agent: NO_AGENT,
+            grace: Duration::from_secs(60),
+            now: t0(),
+        });
+        let Next::Run(run) = plan.next else {
+            panic!("{plan:?}")
+        };
+        let start = &run.starts[0];
+        assert_eq!(start.endpoint, ep);
+        assert_eq!(start.targets, strings(TARGET));
+        assert_eq!(
+            start.progress,
+            NodeProgress::new("n1", "192.168.0.1", &capture_id(UID, 2, &strings(TARGET)))
+        );
+        assert_eq!(run.starting.unwrap()["n1"], start.progress);
+    }
+
+    #[test]
+    fn capture_ids_follow_uid_generation_and_targets() {
+        let a = capture_id("u", 1, &strings(&["10.0.0.1"]));
+        assert!(a.starts_with(&capture_prefix("u")), "{a}");
+        assert!(a.starts_with("u-g1-"), "{a}");
+        assert_eq!(a, capture_id("u", 1, &strings(&["10.0.0.1"])));
+        assert_ne!(a, capture_id("u", 2, &strings(&["10.0.0.1"])));
+        assert_ne!(a, capture_id("u", 1, &strings(&["10.0.0.2"])));
+    }
+}
