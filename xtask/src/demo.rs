@@ -135,7 +135,7 @@ impl Demo {
 }
 
 async fn demo(binaries: &Binaries) -> anyhow::Result<()> {
-    let running = up(NAME, Lifetime::Process, 2, 0).await?;
+    let running = up(NAME, Lifetime::Process, 2, 0, 0).await?;
     let mut demo = Demo {
         traffic: None,
         controller: None,

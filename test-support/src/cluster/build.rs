@@ -81,6 +81,71 @@ impl Binaries {
             .collect()
     }
 
+    /// An OCI archive of the pods' sandbox image ([`super::PAUSE_IMAGE`]):
+    /// the pause program alone, as the upstream image is, made once next to
+    /// the binaries (no registry is needed for a real node).
+    pub fn pause_image(&self) -> Result<PathBuf> {
+        let archive = self.dir.join(format!("pause-{KUBERNETES_VERSION}.oci.tar"));
+        if archive.is_file() {
+            return Ok(archive);
+        }
+        let layout = self.dir.join(".pause-image");
+        let _ = fs::remove_dir_all(&layout);
+        let blobs = layout.join("blobs/sha256");
+        fs::create_dir_all(&blobs).map_err(|e| Error::io(&blobs, e))?;
+        let layer = layout.join("layer.tar");
+        super::checked_output(
+            Command::new("tar")
+                .args(["--create", "--owner=0", "--group=0", "--numeric-owner"])
+                .args(["--mtime=@0", "--mode=0755", "--file"])
+                .arg(&layer)
+                .arg("--directory")
+                .arg(&self.dir)
+                .arg(PAUSE),
+        )?;
+        let layer_bytes = fs::read(&layer).map_err(|e| Error::io(&layer, e))?;
+        fs::remove_file(&layer).map_err(|e| Error::io(&layer, e))?;
+        let layer = blob(&blobs, &layer_bytes)?;
+        let config = serde_json::json!({
+            "architecture": super::sim::arch(),
+            "os": "linux",
+            "config": {"Entrypoint": ["/pause"], "User": "65535:65535"},
+            "rootfs": {"type": "layers", "diff_ids": [layer.0]},
+        });
+        let config = blob(&blobs, config.to_string().as_bytes())?;
+        let descriptor = |media: &str, (digest, size): &(String, usize)| serde_json::json!({"mediaType": media, "digest": digest, "size": size});
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": descriptor("application/vnd.oci.image.config.v1+json", &config),
+            "layers": [descriptor("application/vnd.oci.image.layer.v1.tar", &layer)],
+        });
+        let manifest = blob(&blobs, manifest.to_string().as_bytes())?;
+        let mut entry = descriptor("application/vnd.oci.image.manifest.v1+json", &manifest);
+        entry["annotations"] = serde_json::json!({
+            "io.containerd.image.name": super::PAUSE_IMAGE,
+            "org.opencontainers.image.ref.name": super::PAUSE_IMAGE,
+        });
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [entry]});
+        write(&layout.join("index.json"), &index.to_string())?;
+        write(
+            &layout.join("oci-layout"),
+            r#"{"imageLayoutVersion":"1.0.0"}"#,
+        )?;
+        let partial = archive.with_extension("tar.part");
+        super::checked_output(
+            Command::new("tar")
+                .args(["--create", "--file"])
+                .arg(&partial)
+                .arg("--directory")
+                .arg(&layout)
+                .args(["oci-layout", "index.json", "blobs"]),
+        )?;
+        fs::rename(&partial, &archive).map_err(|e| Error::io(&archive, e))?;
+        let _ = fs::remove_dir_all(&layout);
+        Ok(archive)
+    }
+
     fn missing(&self) -> Vec<&'static str> {
         Self::wanted()
             .into_iter()
@@ -425,6 +490,18 @@ fn install(out: &Path, binaries: &Binaries, name: &str, version: &str) -> Result
     let to = binaries.path(name);
     fs::rename(&from, &to).map_err(|e| Error::io(&from, e))?;
     write(&binaries.stamp(name), version)
+}
+
+/// Writes `bytes` as a content-addressed blob; its digest and size.
+fn blob(dir: &Path, bytes: &[u8]) -> Result<(String, usize)> {
+    use sha2::Digest as _;
+    let hex: String = sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let path = dir.join(&hex);
+    fs::write(&path, bytes).map_err(|e| Error::io(&path, e))?;
+    Ok((format!("sha256:{hex}"), bytes.len()))
 }
 
 /// The last `n` lines of a log.

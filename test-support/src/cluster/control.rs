@@ -23,6 +23,11 @@ const CONTROLLERS: &str = "namespace-controller,garbage-collector-controller,\
 serviceaccount-controller,serviceaccount-token-controller,\
 root-ca-certificate-publisher-controller,pod-garbage-collector-controller,\
 clusterrole-aggregation-controller";
+/// Added when real nodes run pods: the chart's Deployment and DaemonSet, and
+/// the endpoints behind its Services (the apiserver reaches the webhook
+/// through them).
+const WORKLOAD_CONTROLLERS: &str = "deployment-controller,replicaset-controller,\
+daemonset-controller,endpoints-controller,endpointslice-controller";
 
 /// A port nobody listens on now.
 pub fn free_port(ip: IpAddr) -> Result<u16> {
@@ -92,7 +97,19 @@ impl Starter {
             .arg(file("service-account-key-file", "sa.pub"))
             .arg(file("service-account-signing-key-file", "sa.key"))
             .arg(format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"))
+            // Logs and exec of real nodes' pods: the apiserver calls their
+            // kubelets as a client of the cluster's CA.
+            .arg(file(
+                "kubelet-client-certificate",
+                "apiserver-kubelet-client.crt",
+            ))
+            .arg(file("kubelet-client-key", "apiserver-kubelet-client.key"))
             .args([
+                // Webhooks and aggregated APIs by their Service's endpoints:
+                // the apiserver runs on the host, where no kube-proxy is.
+                "--enable-aggregator-routing=true",
+                // Kubelets by address: node names are not in any DNS here.
+                "--kubelet-preferred-address-types=InternalIP",
                 "--authorization-mode=Node,RBAC",
                 "--service-cluster-ip-range=10.96.0.0/16",
                 "--allow-privileged=true",
@@ -102,7 +119,17 @@ impl Starter {
         self.start("kube-apiserver", cmd)
     }
 
-    pub fn controller_manager(&self, pki: &Pki, kubeconfig: &Path) -> Result<Child> {
+    pub fn controller_manager(
+        &self,
+        pki: &Pki,
+        kubeconfig: &Path,
+        workloads: bool,
+    ) -> Result<Child> {
+        let controllers = if workloads {
+            format!("{CONTROLLERS},{WORKLOAD_CONTROLLERS}")
+        } else {
+            CONTROLLERS.to_string()
+        };
         let mut cmd = self.command("kube-controller-manager");
         cmd.arg("--kubeconfig")
             .arg(kubeconfig)
@@ -111,7 +138,7 @@ impl Starter {
                 pki.str("sa.key")
             ))
             .arg(format!("--root-ca-file={}", pki.str("ca.crt")))
-            .arg(format!("--controllers={CONTROLLERS}"))
+            .arg(format!("--controllers={controllers}"))
             .args([
                 "--secure-port=0",
                 "--leader-elect=false",
@@ -122,5 +149,20 @@ impl Starter {
                 "--v=1",
             ]);
         self.start("kube-controller-manager", cmd)
+    }
+
+    /// kube-scheduler, for the pods of real nodes; no leader election, no
+    /// serving port.
+    pub fn scheduler(&self, kubeconfig: &Path) -> Result<Child> {
+        let mut cmd = self.command("kube-scheduler");
+        for flag in [
+            "kubeconfig",
+            "authentication-kubeconfig",
+            "authorization-kubeconfig",
+        ] {
+            cmd.arg(format!("--{flag}={}", kubeconfig.display()));
+        }
+        cmd.args(["--leader-elect=false", "--secure-port=0", "--v=1"]);
+        self.start("kube-scheduler", cmd)
     }
 }

@@ -25,6 +25,7 @@ mod control;
 mod network;
 mod pki;
 mod process;
+mod real;
 mod sim;
 mod state;
 
@@ -43,6 +44,7 @@ use tokio::sync::OnceCell;
 
 pub use build::{Binaries, ETCD_VERSION, HELM_VERSION, KUBERNETES_VERSION};
 pub use control::SERVICE_ACCOUNT_ISSUER;
+pub use real::{CRI_NAMESPACE, PAUSE_IMAGE, RealNode};
 pub use sim::{AgentOptions, ClusterProcess, SimAgent, SimNode, SimPod, TestNamespace};
 
 use network::Plan;
@@ -59,6 +61,8 @@ pub const AGENT_SERVICE_ACCOUNT: &str = "packet-capture-agent";
 pub const HELM_RELEASE: &str = "packet-capture";
 const COMPONENT_TOKEN_SECONDS: i64 = 365 * 24 * 3600;
 const ADMIN_KUBECONFIG: &str = "admin.kubeconfig";
+/// The role of the cluster's kube-scheduler in its state.
+const SCHEDULER: &str = "kube-scheduler";
 
 /// What can go wrong while starting or driving the local cluster.
 #[derive(Debug, thiserror::Error)]
@@ -156,14 +160,26 @@ impl Cluster {
     /// Builds the binaries if needed (cached), then starts a control plane
     /// named `name` (unique among running clusters of this checkout).
     pub async fn start(name: &str, lifetime: Lifetime) -> Result<Self> {
+        Self::start_with(name, lifetime, false).await
+    }
+
+    /// [`Cluster::start`] with the workload controllers (Deployments,
+    /// ReplicaSets, DaemonSets, endpoints) running, as [`RealNode`]s need:
+    /// on a cluster of simulated nodes alone their pods would never run.
+    pub async fn start_with_workloads(name: &str, lifetime: Lifetime) -> Result<Self> {
+        Self::start_with(name, lifetime, true).await
+    }
+
+    async fn start_with(name: &str, lifetime: Lifetime, workloads: bool) -> Result<Self> {
         let binaries = tokio::task::spawn_blocking(build::ensure)
             .await
             .map_err(|e| Error::Build(format!("the build task failed: {e}")))??;
         let detached = lifetime == Lifetime::Detached;
-        let (dir, state) = {
+        let (dir, mut state) = {
             let lock = state::AllocationLock::take()?;
             state::allocate(&lock, &state::state_root(), name, detached)?
         };
+        state.workloads = workloads;
         if !detached {
             state::remove_at_exit(&dir);
         }
@@ -286,6 +302,14 @@ impl Cluster {
     /// object named `<prefix>-<n>` with its InternalIPs and pod CIDRs.
     pub async fn add_node(&self, prefix: &str) -> Result<SimNode> {
         SimNode::create(&self.inner, prefix).await
+    }
+
+    /// A node run by kubelet, containerd and kube-proxy in a network
+    /// namespace on the node network, registered and Ready, named
+    /// `<prefix>-<n>`; the cluster must have been started with
+    /// [`Cluster::start_with_workloads`].
+    pub async fn add_real_node(&self, prefix: &str) -> Result<RealNode> {
+        RealNode::create(&self.inner, prefix).await
     }
 
     /// A namespace `<prefix>-<pid>-<n>` with its `default` service account,
@@ -411,6 +435,122 @@ impl Inner {
         if let Err(e) = state.save(&self.dir) {
             eprintln!("warning: could not record the cluster state: {e}");
         }
+    }
+
+    /// A free node index and the network of a node named `<prefix>-<n>`:
+    /// its namespace on the bridge, its pod bridge, the routes between it
+    /// and every other node, recorded in the state.
+    fn add_node_network(&self, prefix: &str, real: bool) -> Result<state::NodeRecord> {
+        let name = self.unique_name(prefix);
+        let netns = format!("pc-{}-{name}", self.name);
+        let _net = self
+            .network
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut record = None;
+        let mut others = Vec::new();
+        self.record(|s| {
+            let free = (1..=Plan::MAX_NODES).find(|i| s.nodes.iter().all(|n| n.index != *i));
+            others = s.nodes.iter().map(|n| (n.index, n.netns.clone())).collect();
+            if let Some(index) = free {
+                let node = state::NodeRecord {
+                    name: name.clone(),
+                    index,
+                    netns: netns.clone(),
+                    real,
+                };
+                s.nodes.push(node.clone());
+                record = Some(node);
+            }
+        });
+        let record = record.ok_or_else(|| {
+            Error::Network(format!("a cluster holds at most {} nodes", Plan::MAX_NODES))
+        })?;
+        if let Err(e) = self.plan.create_node(record.index, &netns, &others) {
+            drop(_net);
+            self.remove_node(&record);
+            return Err(e);
+        }
+        Ok(record)
+    }
+
+    /// Removes a node: its Node object, for a real node its processes and
+    /// what they made, its network, and its record.
+    fn remove_node(&self, node: &state::NodeRecord) {
+        let _ = command_output(self.kubectl().args([
+            "delete",
+            "node",
+            &node.name,
+            "--wait=false",
+            "--ignore-not-found",
+        ]));
+        if node.real {
+            let prefix = format!("{}/", node.name);
+            let mut stopped = Vec::new();
+            self.record(|s| {
+                stopped = s
+                    .processes
+                    .iter()
+                    .filter(|p| p.role.starts_with(&prefix))
+                    .cloned()
+                    .collect();
+                s.processes.retain(|p| !p.role.starts_with(&prefix));
+            });
+            // The kubelet first, so that it restarts nothing; then the rest.
+            for p in stopped.iter().rev() {
+                p.stop(Duration::from_secs(5));
+            }
+            real::Layout::of(&self.dir, &self.name, &node.name).remove();
+        }
+        let _net = self
+            .network
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut others = Vec::new();
+        self.record(|s| {
+            s.nodes.retain(|n| n.index != node.index);
+            others = s.nodes.iter().map(|n| (n.index, n.netns.clone())).collect();
+        });
+        self.plan.delete_node(node.index, &node.netns, &others);
+    }
+
+    /// Records a process started for the cluster (stopped with it, even
+    /// after a crash of this process) and keeps its handle to reap it.
+    fn keep_child(&self, proc: Proc, child: Child) {
+        self.record(|s| s.processes.push(proc));
+        if self.lifetime == Lifetime::Process {
+            self.children
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(child);
+        }
+    }
+
+    /// Starts the cluster's kube-scheduler unless it runs: real nodes get
+    /// the pods of Deployments and DaemonSets through it.
+    fn ensure_scheduler(&self, pki: &Pki) -> Result<()> {
+        if self
+            .state()
+            .processes
+            .iter()
+            .any(|p| p.role == SCHEDULER && p.alive())
+        {
+            return Ok(());
+        }
+        let server = self.state().server.clone();
+        let kubeconfig = self.dir.join("kube-scheduler.kubeconfig");
+        write(
+            &kubeconfig,
+            &pki.cert_kubeconfig(&server, "system:kube-scheduler", "scheduler"),
+        )?;
+        let starter = control::Starter {
+            binaries: self.binaries.clone(),
+            dir: self.dir.clone(),
+            lifetime: self.lifetime,
+        };
+        let child = starter.scheduler(&kubeconfig)?;
+        self.keep_child(Proc::of(SCHEDULER, &child), child);
+        Ok(())
     }
 
     /// `<prefix>-<n>`, n counting up for the life of the cluster.
@@ -640,7 +780,7 @@ impl Boot {
         let client = kube::Client::try_from(config.clone())?;
         self.wait_ready(&client).await?;
 
-        let kcm = starter.controller_manager(&pki, &kcm_config)?;
+        let kcm = starter.controller_manager(&pki, &kcm_config, self.state.workloads)?;
         self.keep("kube-controller-manager", kcm)?;
 
         for sa in [CONTROLLER_SERVICE_ACCOUNT, AGENT_SERVICE_ACCOUNT] {

@@ -72,6 +72,11 @@ impl Plan {
         )
     }
 
+    /// Every node's and every pod's IPv4 address.
+    pub fn node_network_v4(&self) -> String {
+        format!("10.{}.0.0/16", self.octet())
+    }
+
     pub fn pod_cidr_v4(&self, node: u8) -> String {
         format!("10.{}.{node}.0/24", self.octet())
     }

@@ -75,6 +75,13 @@ impl Pki {
             "/CN=system:kube-controller-manager",
             None,
         )?;
+        pki.cert("scheduler", "client", "/CN=system:kube-scheduler", None)?;
+        pki.cert(
+            "apiserver-kubelet-client",
+            "client",
+            "/O=system:masters/CN=kube-apiserver-kubelet-client",
+            None,
+        )?;
         openssl(&[
             "genpkey",
             "-algorithm",
@@ -175,12 +182,33 @@ impl Pki {
         openssl(&args)
     }
 
-    /// A kubeconfig that authenticates with a client certificate.
+    /// `<dir>/<name>.key` and `<dir>/<name>.crt`, signed by the CA, with
+    /// the extensions of `section` (`server` or `client`).
+    pub fn issue(
+        &self,
+        dir: &Path,
+        name: &str,
+        section: &str,
+        subject: &str,
+        san: Option<&str>,
+    ) -> Result<()> {
+        let key = dir.join(format!("{name}.key")).display().to_string();
+        let crt = dir.join(format!("{name}.crt")).display().to_string();
+        self.cert_at((&key, &crt), section, subject, san)
+    }
+
+    /// A kubeconfig that authenticates with the CA's client certificate
+    /// `<name>` of this directory.
     pub fn cert_kubeconfig(&self, server: &str, user: &str, cert: &str) -> String {
+        self.cert_kubeconfig_at(server, user, &self.path(cert))
+    }
+
+    /// A kubeconfig that authenticates with `<cert>.crt` and `<cert>.key`.
+    pub fn cert_kubeconfig_at(&self, server: &str, user: &str, cert: &Path) -> String {
         let auth = format!(
-            "client-certificate: {}\n    client-key: {}",
-            self.str(&format!("{cert}.crt")),
-            self.str(&format!("{cert}.key"))
+            "client-certificate: {}.crt\n    client-key: {}.key",
+            cert.display(),
+            cert.display()
         );
         self.kubeconfig(server, user, &auth)
     }

@@ -62,45 +62,14 @@ pub struct SimNode {
 
 impl SimNode {
     pub(super) async fn create(cluster: &Arc<Inner>, prefix: &str) -> Result<Self> {
-        let name = cluster.unique_name(prefix);
-        let netns = format!("pc-{}-{name}", cluster.name);
-        let (node, made) = {
-            let _net = cluster
-                .network
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let mut index = 0;
-            let mut others = Vec::new();
-            cluster.record(|s| {
-                index = (1..=Plan::MAX_NODES)
-                    .find(|i| s.nodes.iter().all(|n| n.index != *i))
-                    .unwrap_or(0);
-                others = s.nodes.iter().map(|n| (n.index, n.netns.clone())).collect();
-                if index != 0 {
-                    s.nodes.push(NodeRecord {
-                        name: name.clone(),
-                        index,
-                        netns: netns.clone(),
-                    });
-                }
-            });
-            if index == 0 {
-                return Err(Error::Network(format!(
-                    "a cluster holds at most {} nodes",
-                    Plan::MAX_NODES
-                )));
-            }
-            let node = Self {
-                cluster: Arc::clone(cluster),
-                name,
-                index,
-                netns,
-            };
-            let made = cluster.plan.create_node(index, &node.netns, &others);
-            (node, made)
+        let record = cluster.add_node_network(prefix, false)?;
+        let node = Self {
+            cluster: Arc::clone(cluster),
+            name: record.name.clone(),
+            index: record.index,
+            netns: record.netns.clone(),
         };
-        // Dropping `node` (after the lock is released) removes what was made.
-        made?;
+        // Dropping `node` removes what was made.
         node.register().await?;
         Ok(node)
     }
@@ -315,27 +284,14 @@ impl SimNode {
 
 impl Drop for SimNode {
     fn drop(&mut self) {
-        let inner = &self.cluster;
-        if inner.lifetime == Lifetime::Detached {
-            return;
+        if self.cluster.lifetime == Lifetime::Process {
+            self.cluster.remove_node(&NodeRecord {
+                name: self.name.clone(),
+                index: self.index,
+                netns: self.netns.clone(),
+                real: false,
+            });
         }
-        let _ = command_output(inner.kubectl().args([
-            "delete",
-            "node",
-            &self.name,
-            "--wait=false",
-            "--ignore-not-found",
-        ]));
-        let _net = inner
-            .network
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut others = Vec::new();
-        inner.record(|s| {
-            s.nodes.retain(|n| n.index != self.index);
-            others = s.nodes.iter().map(|n| (n.index, n.netns.clone())).collect();
-        });
-        inner.plan.delete_node(self.index, &self.netns, &others);
     }
 }
 
@@ -820,7 +776,7 @@ fn strip_ansi(text: &str) -> String {
     out
 }
 
-fn arch() -> &'static str {
+pub(super) fn arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",

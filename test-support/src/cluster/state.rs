@@ -32,6 +32,10 @@ pub struct State {
     pub nodes: Vec<NodeRecord>,
     #[serde(default)]
     pub pods: Vec<PodRecord>,
+    /// Started with the workload controllers and the scheduler's rights,
+    /// so that real nodes can run the pods of Deployments and DaemonSets.
+    #[serde(default)]
+    pub workloads: bool,
     /// The last `n` of the names made by `unique_name`.
     #[serde(default)]
     pub next_name: u32,
@@ -42,6 +46,10 @@ pub struct NodeRecord {
     pub name: String,
     pub index: u8,
     pub netns: String,
+    /// Run by kubelet and containerd (what they made is found from the
+    /// node's name: [`super::real::Layout`]).
+    #[serde(default)]
+    pub real: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -237,6 +245,9 @@ pub fn teardown(dir: &Path, state: &State, grace: Duration) {
         delete_netns(&pod.netns);
     }
     for node in &state.nodes {
+        if node.real {
+            super::real::Layout::of(dir, &state.name, &node.name).remove();
+        }
         delete_netns(&node.netns);
     }
     state.plan().delete_bridge();
@@ -339,6 +350,7 @@ mod tests {
                 name: "n-1".into(),
                 index: 1,
                 netns: netns.clone(),
+                real: false,
             }],
             ..State::default()
         };
@@ -371,6 +383,7 @@ mod tests {
                 name: "n-1".into(),
                 index: 1,
                 netns: other_netns.clone(),
+                real: false,
             }],
             ..State::default()
         }

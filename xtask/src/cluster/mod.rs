@@ -4,7 +4,7 @@
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
-use packet_capture_test_support::cluster::{self, Cluster, Lifetime, SimNode, SimPod};
+use packet_capture_test_support::cluster::{self, Cluster, Lifetime, RealNode, SimNode, SimPod};
 
 use crate::util::step;
 
@@ -42,6 +42,12 @@ pub struct UpArgs {
     /// over the nodes in turn.
     #[arg(long, default_value_t = 0)]
     pub pods: usize,
+    /// Also a real node (real-1): kubelet, containerd with the CNI bridge
+    /// and kube-proxy, with the scheduler and the workload controllers, so
+    /// that Deployments and DaemonSets run pods from images
+    /// (`cargo xtask images --load` imports ours).
+    #[arg(long)]
+    pub real_node: bool,
 }
 
 /// A started cluster with its nodes and pods (dropped in this order: the
@@ -49,18 +55,20 @@ pub struct UpArgs {
 pub struct Running {
     pub pods: Vec<SimPod>,
     pub nodes: Vec<SimNode>,
+    pub real_nodes: Vec<RealNode>,
     pub cluster: Cluster,
 }
 
-/// Starts a cluster with `nodes` nodes and `pods` pods in [`POD_NAMESPACE`],
-/// the pods spread over the nodes in turn. With [`Lifetime::Process`] it is
-/// removed when the caller drops it or exits (the demo); with
-/// [`Lifetime::Detached`] it runs until [`down`].
+/// Starts a cluster with `nodes` simulated nodes, `pods` pods in
+/// [`POD_NAMESPACE`] spread over them in turn, and `real_nodes` real ones.
+/// With [`Lifetime::Process`] it is removed when the caller drops it or
+/// exits (the demo); with [`Lifetime::Detached`] it runs until [`down`].
 pub async fn up(
     name: &str,
     lifetime: Lifetime,
     nodes: usize,
     pods: usize,
+    real_nodes: usize,
 ) -> anyhow::Result<Running> {
     if pods > 0 && nodes == 0 {
         bail!("pods need at least one node");
@@ -69,19 +77,33 @@ pub async fn up(
         "starting the local control plane {name} (Kubernetes {})",
         cluster::KUBERNETES_VERSION
     ));
-    let cluster = Cluster::start(name, lifetime)
-        .await
-        .with_context(|| format!("starting the local control plane {name}"))?;
+    let started = if real_nodes > 0 {
+        Cluster::start_with_workloads(name, lifetime).await
+    } else {
+        Cluster::start(name, lifetime).await
+    };
+    let cluster = started.with_context(|| format!("starting the local control plane {name}"))?;
     step(format!("apiserver at {}", cluster.server()));
     let mut running = Running {
         cluster,
         nodes: Vec::new(),
+        real_nodes: Vec::new(),
         pods: Vec::new(),
     };
     for _ in 0..nodes {
         let node = running.cluster.add_node("node").await?;
         step(format!("node {} at {}", node.name(), node.ip()));
         running.nodes.push(node);
+    }
+    for _ in 0..real_nodes {
+        let node = running.cluster.add_real_node("real").await?;
+        step(format!(
+            "real node {} at {} (kubelet, containerd at {})",
+            node.name(),
+            node.ip(),
+            node.containerd_socket().display()
+        ));
+        running.real_nodes.push(node);
     }
     for i in 0..pods {
         let node = &running.nodes[i % nodes];
@@ -138,7 +160,13 @@ pub fn run(command: Command) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let running = runtime.block_on(up(name, Lifetime::Detached, args.nodes, args.pods))?;
+            let running = runtime.block_on(up(
+                name,
+                Lifetime::Detached,
+                args.nodes,
+                args.pods,
+                usize::from(args.real_node),
+            ))?;
             step(format!(
                 "kubectl and helm are in {}; `cargo xtask cluster down{}` stops it",
                 running.cluster.bin_dir().display(),
