@@ -97,6 +97,22 @@ pub struct Config {
         default_value = "packet-capture-agent"
     )]
     pub token_audience: String,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Asks the agent running with these settings for its health
+    /// (`GET /health` on AGENT_PORT) and exits 0 when it answers 200: the
+    /// probe and the troubleshooting check inside the container, which has
+    /// no curl, reading the port from the same ConfigMap as the agent.
+    Health {
+        /// How long to wait for the answer, in seconds.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +143,17 @@ impl Config {
     pub fn max_file_bytes(&self) -> u64 {
         self.max_capture_file_size_mb * 1024 * 1024
     }
+
+    /// Where a client on this host reaches the API: the bind address, or
+    /// loopback when the agent listens on every address.
+    pub fn local_address(&self) -> std::net::SocketAddr {
+        let ip = match self.bind_address {
+            std::net::IpAddr::V4(a) if a.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(a) if a.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+            ip => ip,
+        };
+        std::net::SocketAddr::new(ip, self.port)
+    }
 }
 
 #[cfg(test)]
@@ -148,6 +175,15 @@ mod tests {
         assert_eq!(c.log_level, LogLevel::Info);
         assert_eq!(c.compression, Compression::Gzip);
         assert!(!c.insecure_no_auth);
+    }
+
+    #[test]
+    fn health_asks_the_address_the_agent_listens_on() {
+        let c = parse(&["--port", "9000", "health"]).unwrap();
+        assert!(matches!(c.command, Some(Command::Health { timeout: 5 })));
+        assert_eq!(c.local_address().to_string(), "127.0.0.1:9000");
+        let c = parse(&["--bind-address", "10.0.0.7", "health"]).unwrap();
+        assert_eq!(c.local_address().to_string(), "10.0.0.7:8080");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use packet_capture_agent::api::{self, Api, Authorizer};
 use packet_capture_agent::capture::{Engine, EngineConfig};
-use packet_capture_agent::config::Config;
+use packet_capture_agent::config::{Command, Config};
 use packet_capture_agent::files::CaptureDir;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -17,6 +17,9 @@ const DRAIN: Duration = Duration::from_secs(2);
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
+    if let Some(Command::Health { timeout }) = config.command {
+        return health(config.local_address(), Duration::from_secs(timeout));
+    }
     packet_capture_common::logging::init(config.log_level).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -100,5 +103,31 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Err(_) => tracing::info!("closing the connections still open"),
     }
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// `GET /health` of the agent at `address` with a plain HTTP/1.1 request
+/// (the image has no curl); prints the answer and fails unless it is 200.
+fn health(address: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect_timeout(&address, timeout)
+        .with_context(|| format!("connecting to the agent at {address}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET /health HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .with_context(|| format!("reading the answer of {address}"))?;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head.lines().next().unwrap_or_default();
+    println!("{}", body.trim());
+    anyhow::ensure!(
+        status.split_whitespace().nth(1) == Some("200"),
+        "the agent at {address} answered {status:?}"
+    );
     Ok(())
 }

@@ -141,3 +141,32 @@ fn sigint_stops_the_agent_cleanly() {
     assert_eq!(status.code(), Some(0), "{}", agent.log());
     assert!(agent.log().contains("SIGINT"), "{}", agent.log());
 }
+
+#[test]
+fn health_subcommand_asks_the_running_agent() {
+    if !privileged("health_subcommand_asks_the_running_agent") {
+        return;
+    }
+    let node = Node::new();
+    let agent = node.agent(&["--insecure-no-auth"], &[]);
+    let port = agent.port().to_string();
+    // As the probe runs it: the port from AGENT_PORT, as the agent reads it.
+    let out = std::process::Command::new(AGENT)
+        .arg("health")
+        .env("AGENT_PORT", &port)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let health: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(health["node"], "test-node", "{health}");
+    drop(agent);
+    // Nothing listens there any more: a failure that says where it asked.
+    let (status, stderr) = run_to_exit(AGENT, &["--port", &port, "health"], &[]);
+    assert!(!status.success());
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+}
