@@ -3,44 +3,45 @@
 
 use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::Settings;
 use crate::error::Result;
-use crate::{consts, controller, leader, metrics, webhook};
+use crate::{certs, consts, controller, leader, metrics, webhook};
 
 /// Runs everything: health and metrics, the webhook (on every replica), and
-/// the controller (on the leader only when leader election is on).
+/// the controller (on the leader only when leader election is on). A
+/// missing webhook certificate ends nothing: the webhook waits for it.
 pub async fn run(settings: Settings) -> Result<()> {
     let client = kube::Client::try_default().await?;
     controller::check_crd(&client).await?;
     let metrics = Arc::new(metrics::Metrics::new());
-    let ready = Arc::new(AtomicBool::new(false));
+    let status = Arc::new(metrics::Status::default());
     let any = |port| SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
     let health = metrics::serve(
         any(settings.metrics_port),
         metrics::Health {
             metrics: metrics.clone(),
-            ready: ready.clone(),
+            status: status.clone(),
         },
     );
     let webhook = async {
         if settings.disable_webhook {
-            tracing::info!("webhook disabled");
+            let line = "disabled (--disable-webhook): PacketCaptureConfigs are checked by the CRD's schema only";
+            tracing::info!("webhook {line}");
+            status.set("webhook", line);
             return std::future::pending().await;
         }
-        let server = webhook::WebhookServer::bind(
-            any(settings.webhook_port),
-            &settings.webhook_cert_dir,
-            client.clone(),
-        )
-        .await?;
-        ready.store(true, Ordering::Relaxed);
-        server.run().await
+        let slot = Arc::new(webhook::ServingCert::default());
+        // Bound at once, so that a port in use is reported at start; TLS
+        // handshakes fail until `certs` provides a certificate.
+        let server =
+            webhook::WebhookServer::bind(any(settings.webhook_port), slot.clone(), client.clone())
+                .await?;
+        tokio::select! {
+            r = server.run() => r,
+            never = certs::provide(&settings, client.clone(), slot, status.clone(), metrics.clone()) => match never {},
+        }
     };
-    if settings.disable_webhook {
-        ready.store(true, Ordering::Relaxed);
-    }
     let work = async {
         if !settings.leader_election {
             return controller::run(&settings, client.clone(), metrics.clone()).await;

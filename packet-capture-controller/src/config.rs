@@ -12,8 +12,28 @@ use packet_capture_common::logging::LogLevel;
 
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
+use crate::pki::Name;
 
 pub const DEFAULT_AGENT_PORT: u16 = 8080;
+
+/// Where the webhook's serving certificate comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CertSource {
+    /// tls.crt and tls.key in --webhook-cert-dir (e.g. a mounted Secret).
+    Dir,
+    /// The Secret --webhook-cert-secret, written by cert-manager.
+    CertManager,
+    /// The Secret --webhook-cert-secret, written by you.
+    Secret,
+    /// The controller's own CA (Secret --ca-secret) issues the certificate
+    /// into --webhook-cert-secret, renews both, and fills in the caBundle of
+    /// --webhook-configuration.
+    SelfManaged,
+}
+
+fn parse_name(s: &str) -> Result<Name, String> {
+    s.parse()
+}
 
 /// Retry and time limits.
 #[derive(Debug, Clone, Copy)]
@@ -87,11 +107,58 @@ pub struct Settings {
     #[arg(long, env = "WEBHOOK_PORT", default_value_t = 8443)]
     pub webhook_port: u16,
 
-    /// Directory with tls.crt and tls.key for the webhook; reloaded when they change.
+    /// Where the webhook's serving certificate comes from (see
+    /// docs/controller.md); until there is one the webhook refuses TLS
+    /// handshakes and everything else runs.
+    #[arg(long, env = "WEBHOOK_CERTS", value_enum, default_value_t = CertSource::Dir)]
+    pub webhook_certs: CertSource,
+
+    /// With --webhook-certs=dir: the directory with tls.crt and tls.key,
+    /// checked every few seconds.
     #[arg(long, env = "WEBHOOK_CERT_DIR", default_value = "/etc/webhook/certs")]
     pub webhook_cert_dir: PathBuf,
 
-    /// Do not serve the webhook (when it is not registered with the API server).
+    /// The Secret (in --namespace) with the webhook's tls.crt and tls.key:
+    /// read and watched through the API, written by cert-manager, by you,
+    /// or (self-managed) by the controller.
+    #[arg(
+        long,
+        env = "WEBHOOK_CERT_SECRET",
+        default_value = "packet-capture-webhook-tls"
+    )]
+    pub webhook_cert_secret: String,
+
+    /// With --webhook-certs=self-managed: the Secret (in --namespace) that
+    /// keeps the controller's CA.
+    #[arg(long, env = "CA_SECRET", default_value = "packet-capture-ca")]
+    pub ca_secret: String,
+
+    /// With --webhook-certs=self-managed: the webhook's Service (in
+    /// --namespace), whose DNS names the certificate is for.
+    #[arg(
+        long,
+        env = "WEBHOOK_SERVICE",
+        default_value = "packet-capture-webhook"
+    )]
+    pub webhook_service: String,
+
+    /// With --webhook-certs=self-managed: more names (DNS names or IP
+    /// addresses, comma-separated) for the certificate, for a webhook
+    /// registered by URL rather than by Service.
+    #[arg(long, env = "WEBHOOK_EXTRA_NAMES", value_delimiter = ',', value_parser = parse_name)]
+    pub webhook_extra_names: Vec<Name>,
+
+    /// With --webhook-certs=self-managed: the ValidatingWebhookConfiguration
+    /// whose caBundle the controller fills in and keeps filled in.
+    #[arg(
+        long,
+        env = "WEBHOOK_CONFIGURATION",
+        default_value = "packet-capture-webhook"
+    )]
+    pub webhook_configuration: String,
+
+    /// Do not serve the webhook at all (when it is not registered with the
+    /// API server); the CRD's schema alone then checks PacketCaptureConfigs.
     #[arg(long, env = "DISABLE_WEBHOOK")]
     pub disable_webhook: bool,
 
@@ -218,9 +285,47 @@ mod tests {
         assert_eq!(s.agent_selector.to_string(), "app=packet-capture-agent");
         assert_eq!(s.capture_selector, None);
         assert_eq!(s.webhook_port, 8443);
+        assert_eq!(s.webhook_certs, CertSource::Dir);
+        assert_eq!(s.webhook_cert_secret, "packet-capture-webhook-tls");
+        assert_eq!(s.ca_secret, "packet-capture-ca");
+        assert_eq!(s.webhook_service, "packet-capture-webhook");
+        assert_eq!(s.webhook_configuration, "packet-capture-webhook");
+        assert!(s.webhook_extra_names.is_empty());
         assert_eq!(s.metrics_port, 8081);
         assert!(!s.leader_election);
         assert_eq!(s.log_level, LogLevel::Info);
+    }
+
+    #[test]
+    fn the_certificate_source_and_extra_names_parse() {
+        let s = Settings::try_parse_from([
+            "packet-capture-controller",
+            "--webhook-certs=self-managed",
+            "--webhook-extra-names=10.100.0.1,webhook.example.com",
+        ])
+        .unwrap();
+        assert_eq!(s.webhook_certs, CertSource::SelfManaged);
+        assert_eq!(
+            s.webhook_extra_names,
+            [
+                Name::Ip("10.100.0.1".parse().unwrap()),
+                Name::Dns("webhook.example.com".into())
+            ]
+        );
+        for mode in ["dir", "cert-manager", "secret"] {
+            Settings::try_parse_from(["packet-capture-controller", "--webhook-certs", mode])
+                .unwrap();
+        }
+        let err = Settings::try_parse_from([
+            "packet-capture-controller",
+            "--webhook-extra-names=bad name",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("neither an IP address nor a DNS name"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -6,6 +6,10 @@ pub const FINALIZER: &str = "networking.packet.io/stop-captures";
 /// The field manager of the status and the results ConfigMaps.
 pub const FIELD_MANAGER: &str = "packet-capture-controller";
 
+/// The label naming the controller on what it creates (results ConfigMaps,
+/// the Secrets of its own CA and certificates).
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+
 /// The reporting controller of Events, and the Lease's name.
 pub const CONTROLLER_NAME: &str = "packet-capture-controller";
 

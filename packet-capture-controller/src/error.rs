@@ -36,8 +36,8 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    #[error("TLS certificate in {}: {message}", dir.display())]
-    Certificate { dir: PathBuf, message: String },
+    #[error("TLS certificate ({what}): {message}")]
+    Certificate { what: String, message: String },
 
     #[error("serving {what}: {source}")]
     Serve {
@@ -83,6 +83,12 @@ impl From<kube::Error> for Error {
     fn from(e: kube::Error) -> Self {
         Self::Kube(e)
     }
+}
+
+/// A write that lost a race: the object was created or changed by someone
+/// else since it was read.
+pub fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -18,7 +18,7 @@ use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client, ResourceExt};
 use tokio::time::Instant;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, is_conflict};
 
 pub struct LeaderElector {
     api: Api<Lease>,
@@ -27,10 +27,6 @@ pub struct LeaderElector {
     duration: Duration,
     /// The Lease record last seen and when this replica first saw it.
     observed: Mutex<Option<(String, Instant)>>,
-}
-
-fn conflict(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == 409)
 }
 
 impl LeaderElector {
@@ -99,7 +95,7 @@ impl LeaderElector {
             };
             return match self.api.create(&PostParams::default(), &lease).await {
                 Ok(_) => Ok(true),
-                Err(e) if conflict(&e) => Ok(false),
+                Err(e) if is_conflict(&e) => Ok(false),
                 Err(e) => Err(e.into()),
             };
         };
@@ -136,7 +132,7 @@ impl LeaderElector {
                     Some((l.resource_version().unwrap_or_default(), Instant::now()));
                 Ok(true)
             }
-            Err(e) if conflict(&e) => Ok(false),
+            Err(e) if is_conflict(&e) => Ok(false),
             Err(e) => Err(e.into()),
         }
     }

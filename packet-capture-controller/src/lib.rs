@@ -13,6 +13,7 @@
 //! | 1 | [`backoff`] | capped, jittered exponential backoff |
 //! | 1 | [`targets`] | pods and addresses to a per-node list of target IPs |
 //! | 1 | [`node`] | one node's progress, and the rules of its outcome |
+//! | 1 | [`pki`] | X.509: a CA, the certificates it issues, when to replace them |
 //! | 2 | [`config`] | flags, the settings ConfigMap, retry and time limits |
 //! | 2 | [`metrics`] | Prometheus metrics and the `/metrics` `/healthz` `/readyz` server |
 //! | 2 | [`status`] | phase, message, conditions and counters from the nodes' progress |
@@ -20,6 +21,8 @@
 //! | 2 | [`events`] | Events, each announcement once per generation |
 //! | 2 | [`webhook`] | the validating admission webhook over TLS |
 //! | 2 | [`leader`] | Lease-based leader election |
+//! | 2 | [`issuer`] | the controller's own CA in a Secret, issuing certificates into Secrets |
+//! | 3 | [`certs`] | the webhook's serving certificate: files, a Secret, or self-managed |
 //! | 3 | [`agents`] | agent discovery, one gRPC client per agent, bearer token, retries |
 //! | 4 | [`tracker`] | one `WatchCapture` task per node capture, feeding the status |
 //! | 4 | [`plan`] | what a reconcile does, decided without calling anyone |
@@ -32,14 +35,17 @@ pub mod act;
 pub mod agents;
 pub mod app;
 pub mod backoff;
+pub mod certs;
 pub mod config;
 pub mod consts;
 pub mod controller;
 pub mod error;
 pub mod events;
+pub mod issuer;
 pub mod leader;
 pub mod metrics;
 pub mod node;
+pub mod pki;
 pub mod plan;
 pub mod report;
 pub mod results;

@@ -1,12 +1,11 @@
 //! Prometheus metrics, and the HTTP server for `/metrics`, `/healthz` and
 //! `/readyz`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::State;
@@ -53,6 +52,7 @@ pub struct Metrics {
     failures: Family<ReasonLabel, Counter>,
     captures: Family<PhaseLabel, Gauge>,
     agent_calls: HistogramFamily,
+    webhook_certificate: Gauge,
     phases: Mutex<HashMap<String, Phase>>,
 }
 
@@ -69,6 +69,7 @@ impl Metrics {
         let failures = Family::<ReasonLabel, Counter>::default();
         let captures = Family::<PhaseLabel, Gauge>::default();
         let agent_calls = HistogramFamily::new_with_constructor(call_histogram);
+        let webhook_certificate = Gauge::default();
         registry.register(
             "reconciles",
             "Reconciliations of PacketCaptureConfigs",
@@ -90,12 +91,19 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             agent_calls.clone(),
         );
+        registry.register_with_unit(
+            "webhook_certificate_expiration_timestamp",
+            "End of the webhook's serving certificate (Unix time); 0 while it has none",
+            prometheus_client::registry::Unit::Seconds,
+            webhook_certificate.clone(),
+        );
         let metrics = Self {
             registry,
             reconciles,
             failures,
             captures,
             agent_calls,
+            webhook_certificate,
             phases: Mutex::default(),
         };
         // Every phase is exported from the start, at 0.
@@ -144,6 +152,14 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// The end of the certificate the webhook presents (None: it has none).
+    pub fn webhook_certificate(&self, not_after: Option<SystemTime>) {
+        let seconds = not_after
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.webhook_certificate.set(seconds);
+    }
+
     /// The OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -153,13 +169,43 @@ impl Metrics {
     }
 }
 
+/// What each part of the process is doing, one line per part (e.g.
+/// `webhook: waiting for Secret ...`), shown by `/readyz`.
+#[derive(Debug, Default)]
+pub struct Status(Mutex<BTreeMap<&'static str, String>>);
+
+impl Status {
+    pub fn set(&self, part: &'static str, line: impl Into<String>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(part, line.into());
+    }
+
+    pub fn get(&self, part: &str) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(part)
+            .cloned()
+    }
+
+    /// `part: line`, one per line.
+    pub fn text(&self) -> String {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(part, line)| format!("{part}: {line}\n"))
+            .collect()
+    }
+}
+
 /// What the health endpoints report.
 #[derive(Clone)]
 pub struct Health {
     pub metrics: Arc<Metrics>,
-    /// Set once the process serves what it should (webhook certificate
-    /// loaded, caches filled when leading).
-    pub ready: Arc<AtomicBool>,
+    pub status: Arc<Status>,
 }
 
 pub fn router(health: Health) -> Router {
@@ -180,12 +226,14 @@ async fn metrics(State(h): State<Health>) -> impl IntoResponse {
     )
 }
 
+/// Ready as soon as the process serves: a replica that waits for the
+/// webhook's certificate still reconciles captures, and keeping it out of
+/// the Service would change nothing for the webhook (the API server's call
+/// fails either way) while holding back rollouts and, through the
+/// PodDisruptionBudget, node drains, for as long as the certificate is
+/// missing. The body says what each part is doing.
 async fn readyz(State(h): State<Health>) -> impl IntoResponse {
-    if h.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-    }
+    (StatusCode::OK, format!("ok\n{}", h.status.text()))
 }
 
 /// Serves the health endpoints until the process ends.
@@ -243,5 +291,19 @@ mod tests {
         );
         m.set_phase("b", None);
         assert!(m.encode().contains("captures{phase=\"Running\"} 0"));
+        let expiry = "packet_capture_controller_webhook_certificate_expiration_timestamp_seconds";
+        assert!(m.encode().contains(&format!("{expiry} 0")));
+        m.webhook_certificate(Some(UNIX_EPOCH + Duration::from_secs(1_893_456_000)));
+        assert!(m.encode().contains(&format!("{expiry} 1893456000")));
+    }
+
+    #[test]
+    fn the_status_has_a_line_per_part() {
+        let s = Status::default();
+        s.set("webhook", "waiting");
+        s.set("controller", "leading");
+        s.set("webhook", "serving");
+        assert_eq!(s.text(), "controller: leading\nwebhook: serving\n");
+        assert_eq!(s.get("webhook").as_deref(), Some("serving"));
     }
 }

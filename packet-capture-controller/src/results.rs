@@ -9,7 +9,7 @@ use kube::api::{ObjectMeta, Patch, PatchParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use packet_capture_common::crd::{PacketCaptureConfig, PacketCaptureConfigStatus};
 
-use crate::consts::{CAPTURE_LABEL, FIELD_MANAGER, RESULTS_PREFIX};
+use crate::consts::{CAPTURE_LABEL, FIELD_MANAGER, MANAGED_BY_LABEL, RESULTS_PREFIX};
 use crate::error::{Error, Result};
 
 /// The results ConfigMap's name (at most 253 characters).
@@ -87,10 +87,7 @@ pub fn config_map(
             name: Some(config_map_name(&name)),
             namespace: Some(namespace.into()),
             labels: Some(BTreeMap::from([
-                (
-                    "app.kubernetes.io/managed-by".to_string(),
-                    FIELD_MANAGER.to_string(),
-                ),
+                (MANAGED_BY_LABEL.to_string(), FIELD_MANAGER.to_string()),
                 (CAPTURE_LABEL.to_string(), label_value(&name)),
             ])),
             owner_references: Some(vec![owner]),

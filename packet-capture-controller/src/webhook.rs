@@ -4,15 +4,12 @@
 //! `filter` compiles with libpcap, the namespaces of `podSelector.pods`
 //! exist, and the requesting user may `get` pods in each of them (a
 //! SubjectAccessReview), so a capture cannot reach traffic its creator cannot
-//! see. Every message names its field. The certificate (`tls.crt`,
-//! `tls.key`, e.g. a cert-manager Secret mounted as a volume) is reloaded
-//! when its files change.
+//! see. Every message names its field. The certificate it presents is
+//! whatever [`ServingCert`] holds at the handshake; `certs` keeps it there.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::sync::{Arc, RwLock};
 
 use axum::extract::State;
 use axum::routing::post;
@@ -176,78 +173,42 @@ pub fn router(client: Client) -> Router {
         .with_state(client)
 }
 
-type Stamp = (Option<SystemTime>, Option<SystemTime>);
+/// The certificate the webhook presents. Empty until a source (see
+/// `certs`) provides one: a TLS handshake before that fails, which the API
+/// server counts as a failed call (the webhook's `failurePolicy` decides).
+#[derive(Debug, Default)]
+pub struct ServingCert(RwLock<Option<Arc<CertifiedKey>>>);
 
-/// The webhook's certificate, re-read when `tls.crt` or `tls.key` change.
-#[derive(Debug)]
-pub struct CertReloader {
-    dir: PathBuf,
-    current: Mutex<(Stamp, Arc<CertifiedKey>)>,
-}
-
-impl CertReloader {
-    /// Loads the certificate; fails if it cannot be read.
-    pub fn load(dir: &Path) -> Result<Self> {
-        let stamp = Self::stamp(dir);
-        let key = Self::read(dir).map_err(|message| Error::Certificate {
-            dir: dir.to_path_buf(),
-            message,
-        })?;
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            current: Mutex::new((stamp, Arc::new(key))),
-        })
+impl ServingCert {
+    /// Presents `key` from the next handshake on.
+    pub fn set(&self, key: CertifiedKey) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(key));
     }
 
-    fn stamp(dir: &Path) -> Stamp {
-        let m = |f: &str| {
-            std::fs::metadata(dir.join(f))
-                .and_then(|m| m.modified())
-                .ok()
-        };
-        (m("tls.crt"), m("tls.key"))
-    }
-
-    fn read(dir: &Path) -> Result<CertifiedKey, String> {
-        let crt = std::fs::read(dir.join("tls.crt")).map_err(|e| format!("tls.crt: {e}"))?;
-        let key = std::fs::read(dir.join("tls.key")).map_err(|e| format!("tls.key: {e}"))?;
-        let chain = CertificateDer::pem_slice_iter(&crt)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("tls.crt: {e}"))?;
-        if chain.is_empty() {
-            return Err("tls.crt: no certificate in the file".into());
-        }
-        let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| format!("tls.key: {e}"))?;
-        let signer = rustls::crypto::ring::sign::any_supported_type(&key)
-            .map_err(|e| format!("tls.key: {e}"))?;
-        Ok(CertifiedKey::new(chain, signer))
-    }
-
-    /// The certificate to present, reloading it first if its files changed
-    /// (a broken new certificate is reported and the old one kept).
-    pub fn current(&self) -> Arc<CertifiedKey> {
-        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        let stamp = Self::stamp(&self.dir);
-        if stamp != current.0 {
-            match Self::read(&self.dir) {
-                Ok(key) => {
-                    tracing::info!(dir = %self.dir.display(), "webhook certificate reloaded");
-                    *current = (stamp, Arc::new(key));
-                }
-                Err(e) => {
-                    tracing::warn!(dir = %self.dir.display(), "keeping the old webhook certificate: {e}");
-                    current.0 = stamp;
-                }
-            }
-        }
-        current.1.clone()
+    pub fn is_set(&self) -> bool {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).is_some()
     }
 }
 
-impl ResolvesServerCert for CertReloader {
+impl ResolvesServerCert for ServingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current())
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
+}
+
+/// The key to present from `tls.crt` (the certificate, then any chain) and
+/// `tls.key`, both PEM; refused when the key is not the certificate's (as a
+/// Secret volume caught between two versions can have it).
+pub fn certified_key(crt: &[u8], key: &[u8]) -> Result<CertifiedKey, String> {
+    let chain = CertificateDer::pem_slice_iter(crt)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("tls.crt: {e}"))?;
+    if chain.is_empty() {
+        return Err("tls.crt: no certificate in it".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("tls.key: {e}"))?;
+    CertifiedKey::from_der(chain, key, &rustls::crypto::ring::default_provider())
+        .map_err(|e| format!("tls.crt and tls.key: {e}"))
 }
 
 /// The bound webhook server.
@@ -258,15 +219,14 @@ pub struct WebhookServer {
 }
 
 impl WebhookServer {
-    /// Loads the certificate from `cert_dir` and binds `addr`.
-    pub async fn bind(addr: SocketAddr, cert_dir: &Path, client: Client) -> Result<Self> {
-        let certs = Arc::new(CertReloader::load(cert_dir)?);
+    /// Binds `addr`; the certificate comes from `certs` at each handshake.
+    pub async fn bind(addr: SocketAddr, certs: Arc<ServingCert>, client: Client) -> Result<Self> {
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::Certificate {
-            dir: cert_dir.to_path_buf(),
+            what: "TLS configuration".into(),
             message: e.to_string(),
         })?
         .with_no_client_auth()
@@ -327,6 +287,24 @@ impl WebhookServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pair_is_presented_only_when_the_key_is_the_certificates() {
+        let now = std::time::SystemTime::now();
+        let day = std::time::Duration::from_secs(86_400);
+        let ca = crate::pki::new_ca("test-ca", now, day).unwrap();
+        let names = ["webhook.example".parse().unwrap()];
+        let a = crate::pki::issue(&ca, &names, now, day).unwrap();
+        let b = crate::pki::issue(&ca, &names, now, day).unwrap();
+        let slot = ServingCert::default();
+        assert!(!slot.is_set());
+        slot.set(certified_key(a.cert.as_bytes(), a.key.as_bytes()).unwrap());
+        assert!(slot.is_set());
+        let err = certified_key(a.cert.as_bytes(), b.key.as_bytes()).unwrap_err();
+        assert!(err.starts_with("tls.crt and tls.key: "), "{err}");
+        let err = certified_key(b"", a.key.as_bytes()).unwrap_err();
+        assert_eq!(err, "tls.crt: no certificate in it");
+    }
 
     #[test]
     fn libpcap_judges_the_filter() {

@@ -231,6 +231,13 @@ const TOKENS: &str = "tokenreviews.authentication.k8s.io";
 const ACCESS: &str = "subjectaccessreviews.authorization.k8s.io";
 const LEASES: &str = "leases.coordination.k8s.io";
 const CRDS: &str = "customresourcedefinitions.apiextensions.k8s.io";
+const VWCS: &str = "validatingwebhookconfigurations.admissionregistration.k8s.io";
+/// The webhook's certificate (cert-manager writes it with the default
+/// values), and the controller's own CA (self-managed certificates only).
+const CERT_SECRET: &str = "secrets/packet-capture-webhook-tls";
+const CA_SECRET: &str = "secrets/packet-capture-ca";
+const WEBHOOK_CONFIGURATION: &str =
+    "validatingwebhookconfigurations.admissionregistration.k8s.io/packet-capture-webhook";
 const NS: Option<&str> = Some(NAMESPACE);
 const OTHER: Option<&str> = Some("default");
 
@@ -266,6 +273,18 @@ pub const QUESTIONS: &[Question] = &[
     q(CTL, "get", LEASES, OTHER, false),
     q(CTL, "get", "secrets", NS, false),
     q(CTL, "list", "secrets", None, false),
+    // The webhook's certificate by name only: read and watched, not written.
+    q(CTL, "get", CERT_SECRET, NS, true),
+    q(CTL, "list", CERT_SECRET, NS, true),
+    q(CTL, "watch", CERT_SECRET, NS, true),
+    q(CTL, "update", CERT_SECRET, NS, false),
+    q(CTL, "delete", CERT_SECRET, NS, false),
+    q(CTL, "get", CERT_SECRET, OTHER, false),
+    q(CTL, "get", CA_SECRET, NS, false),
+    q(CTL, "create", "secrets", NS, false),
+    q(CTL, "get", WEBHOOK_CONFIGURATION, None, false),
+    q(CTL, "patch", WEBHOOK_CONFIGURATION, None, false),
+    q(CTL, "patch", VWCS, None, false),
     q(CTL, "create", "deployments.apps", NS, false),
     q(CTL, "get", CRDS, None, false),
     q(AGENT, "create", TOKENS, None, true),

@@ -56,13 +56,27 @@ fn mount_path<'a>(container: &'a Value, volume: &str) -> &'a str {
         .expect("a mountPath")
 }
 
-fn rules(role: &Value) -> BTreeSet<(String, String, String)> {
+/// One thing a role allows: API group, resource, verb, and the names it is
+/// limited to (empty: any).
+type Grant = (String, String, String, Vec<String>);
+
+fn rules(role: &Value) -> BTreeSet<Grant> {
     let mut out = BTreeSet::new();
     for rule in role["rules"].as_sequence().expect("rules") {
+        let mut names: Vec<String> = strs(&rule["resourceNames"])
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        names.sort();
         for group in strs(&rule["apiGroups"]) {
             for resource in strs(&rule["resources"]) {
                 for verb in strs(&rule["verbs"]) {
-                    out.insert((group.to_owned(), resource.to_owned(), verb.to_owned()));
+                    out.insert((
+                        group.to_owned(),
+                        resource.to_owned(),
+                        verb.to_owned(),
+                        names.clone(),
+                    ));
                 }
             }
         }
@@ -70,16 +84,45 @@ fn rules(role: &Value) -> BTreeSet<(String, String, String)> {
     out
 }
 
-fn grants(table: &[(&str, &[&str], &[&str])]) -> BTreeSet<(String, String, String)> {
+/// Grants on any name.
+fn grants(table: &[(&str, &[&str], &[&str])]) -> BTreeSet<Grant> {
+    named_grants(
+        &table
+            .iter()
+            .map(|(g, r, v)| (*g, *r, *v, &[][..]))
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// API group, resources, verbs and the names they are limited to (empty: any).
+type NamedRule<'a> = (&'a str, &'a [&'a str], &'a [&'a str], &'a [&'a str]);
+
+/// Grants limited to the names given (empty: any).
+fn named_grants(table: &[NamedRule]) -> BTreeSet<Grant> {
     let mut out = BTreeSet::new();
-    for (group, resources, verbs) in table {
+    for (group, resources, verbs, names) in table {
+        let mut names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        names.sort();
         for resource in *resources {
             for verb in *verbs {
-                out.insert((group.to_string(), resource.to_string(), verb.to_string()));
+                out.insert((
+                    group.to_string(),
+                    resource.to_string(),
+                    verb.to_string(),
+                    names.clone(),
+                ));
             }
         }
     }
     out
+}
+
+/// The value of the controller's `--<flag>=` argument.
+fn flag<'a>(deploy: &'a Value, flag: &str) -> Option<&'a str> {
+    let prefix = format!("--{flag}=");
+    strs(&container(deploy, "controller")["args"])
+        .into_iter()
+        .find_map(|a| a.strip_prefix(&prefix))
 }
 
 fn labels_match(selector: &Value, labels: &Value) {
@@ -96,7 +139,14 @@ fn labels_match(selector: &Value, labels: &Value) {
 #[test]
 fn lint_is_clean_with_default_and_non_default_values() {
     let helm = helm_or_fail();
-    for args in [&[][..], &["-f", NON_DEFAULT_VALUES][..]] {
+    // And each way of getting the webhook's certificate the defaults and
+    // the non-default values leave out: self-managed, and none at all.
+    for args in [
+        &[][..],
+        &["-f", NON_DEFAULT_VALUES][..],
+        &["--set", "certManager.enabled=false"][..],
+        &["--set", "webhook.enabled=false"][..],
+    ] {
         let out = lint(&helm, args).unwrap_or_else(|e| panic!("helm lint {args:?}: {e}"));
         assert!(out.contains("0 chart(s) failed"), "{out}");
         assert!(
@@ -144,8 +194,9 @@ fn default_values_render_the_documented_install() {
         assert_eq!(config["data"][key].as_str(), Some(value), "{key}");
     }
 
-    // The controller: two replicas with leader election, locked down,
-    // a token for the agents and the webhook's certificate mounted.
+    // The controller: two replicas with leader election, locked down, a
+    // token for the agents, and the webhook's certificate from
+    // cert-manager's Secret, read through the API (no volume to wait for).
     let deploy = get(&docs, "Deployment", "packet-capture-controller");
     assert_eq!(deploy["spec"]["replicas"].as_u64(), Some(2));
     let pod = &deploy["spec"]["template"]["spec"];
@@ -167,7 +218,8 @@ fn default_values_render_the_documented_install() {
     for arg in [
         "--leader-election",
         "--agent-token-file=/var/run/secrets/packet-capture/token",
-        "--webhook-cert-dir=/etc/webhook/certs",
+        "--webhook-certs=cert-manager",
+        "--webhook-cert-secret=packet-capture-webhook-tls",
         "--webhook-port=8443",
         "--metrics-port=8081",
         "--config-map=packet-capture-config",
@@ -206,7 +258,16 @@ fn default_values_render_the_documented_install() {
         ),
         "/var/run/secrets/packet-capture/token"
     );
-    assert_eq!(mount_path(c, "webhook-certs"), "/etc/webhook/certs");
+    assert!(!args.contains(&"--disable-webhook"), "{args:?}");
+    let volumes = &deploy["spec"]["template"]["spec"]["volumes"];
+    assert!(
+        volumes
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .all(|v| v["secret"].is_null()),
+        "no Secret volume: {volumes:?}"
+    );
     assert!(get(&docs, "PodDisruptionBudget", "packet-capture-controller").is_mapping());
 
     // The agent: every Linux node, host network, capabilities instead
@@ -362,9 +423,17 @@ fn assert_wired(docs: &[Value], ns: &str) {
         assert_eq!(client["name"].as_str(), Some("packet-capture-webhook"));
         assert_eq!(client["namespace"].as_str(), Some(ns));
         assert_eq!(client["port"], svc["spec"]["ports"][0]["port"]);
-        let secret = volume(deploy, "webhook-certs")["secret"]["secretName"]
-            .as_str()
-            .unwrap();
+        let secret = flag(deploy, "webhook-cert-secret").expect("--webhook-cert-secret");
+        let role = get(docs, "Role", "packet-capture-controller");
+        assert!(
+            rules(role).contains(&(
+                String::new(),
+                "secrets".into(),
+                "watch".into(),
+                named_names(secret, flag(deploy, "ca-secret"))
+            )),
+            "the controller may not watch its certificate's Secret {secret}"
+        );
         if let Some(cert) = find(docs, "Certificate", "packet-capture-webhook") {
             assert_eq!(cert["spec"]["secretName"].as_str(), Some(secret));
             assert!(
@@ -377,7 +446,19 @@ fn assert_wired(docs: &[Value], ns: &str) {
                 vwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].as_str(),
                 Some(format!("{ns}/packet-capture-webhook").as_str())
             );
+            assert_eq!(flag(deploy, "webhook-certs"), Some("cert-manager"));
+        } else if flag(deploy, "webhook-certs") == Some("self-managed") {
+            // The controller fills in the caBundle of this configuration
+            // with the CA it keeps, and issues for this Service.
+            assert!(vwc["webhooks"][0]["clientConfig"]["caBundle"].is_null());
+            assert_eq!(
+                flag(deploy, "webhook-configuration"),
+                vwc["metadata"]["name"].as_str()
+            );
+            assert_eq!(flag(deploy, "webhook-service"), client["name"].as_str());
+            assert_eq!(flag(deploy, "ca-secret"), Some("packet-capture-ca"));
         } else {
+            assert_eq!(flag(deploy, "webhook-certs"), Some("secret"));
             assert!(
                 vwc["webhooks"][0]["clientConfig"]["caBundle"]
                     .as_str()
@@ -385,6 +466,17 @@ fn assert_wired(docs: &[Value], ns: &str) {
             );
         }
     }
+}
+
+/// The names the controller's Secret rule is limited to: the certificate's
+/// Secret, and the CA's when it keeps one.
+fn named_names(secret: &str, ca: Option<&str>) -> Vec<String> {
+    let mut names: Vec<String> = std::iter::once(secret)
+        .chain(ca)
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names
 }
 
 #[test]
@@ -398,6 +490,10 @@ fn objects_refer_to_each_other_correctly() {
     assert_wired(
         &render(&helm, &["--set", "namespace=", "--namespace", "capture"]).unwrap(),
         "capture",
+    );
+    assert_wired(
+        &render(&helm, &["--set", "certManager.enabled=false"]).unwrap(),
+        "kube-system",
     );
 }
 
@@ -430,10 +526,8 @@ fn non_default_values_are_honoured() {
     assert!(!args.contains(&"--leader-election"), "{args:?}");
     assert!(args.contains(&"--metrics-port=9091") && args.contains(&"--webhook-port=9443"));
     assert!(args.contains(&"--log-format=json"));
-    assert_eq!(
-        volume(deploy, "webhook-certs")["secret"]["secretName"].as_str(),
-        Some("my-webhook-tls")
-    );
+    assert_eq!(flag(deploy, "webhook-cert-secret"), Some("my-webhook-tls"));
+    assert_eq!(flag(deploy, "webhook-certs"), Some("secret"));
     let pod = &deploy["spec"]["template"]["spec"];
     assert_eq!(pod["imagePullSecrets"][0]["name"].as_str(), Some("regcred"));
     assert_eq!(
@@ -520,13 +614,82 @@ fn disabling_the_webhook_drops_its_objects() {
         );
     }
     assert!(find(&docs, "Service", "packet-capture-webhook").is_none());
+    // The controller is told, so it serves no webhook and says so, rather
+    // than waiting for a certificate nobody issues.
+    let deploy = get(&docs, "Deployment", "packet-capture-controller");
+    let c = container(deploy, "controller");
+    let args = strs(&c["args"]);
+    assert!(args.contains(&"--disable-webhook"), "{args:?}");
+    assert!(flag(deploy, "webhook-certs").is_none(), "{args:?}");
+    let ports: Vec<&str> = c["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(ports, ["http-metrics"]);
+    // And it may touch no Secret and no webhook configuration.
+    let granted: Vec<Grant> = rules(get(&docs, "Role", "packet-capture-controller"))
+        .into_iter()
+        .chain(rules(get(
+            &docs,
+            "ClusterRole",
+            "packet-capture-controller",
+        )))
+        .filter(|(_, r, _, _)| r == "secrets" || r == "validatingwebhookconfigurations")
+        .collect();
+    assert!(granted.is_empty(), "{granted:?}");
+}
+
+#[test]
+fn without_cert_manager_or_a_ca_bundle_the_controller_issues_the_certificate() {
+    let docs = render(&helm_or_fail(), &["--set", "certManager.enabled=false"]).unwrap();
+    for kind in ["Certificate", "Issuer"] {
+        assert!(
+            !docs.iter().any(|d| d["kind"].as_str() == Some(kind)),
+            "{kind} rendered"
+        );
+    }
+    let deploy = get(&docs, "Deployment", "packet-capture-controller");
+    assert_eq!(flag(deploy, "webhook-certs"), Some("self-managed"));
     assert_eq!(
-        volume(
-            get(&docs, "Deployment", "packet-capture-controller"),
-            "webhook-certs"
-        )["secret"]["optional"]
-            .as_bool(),
-        Some(true)
+        flag(deploy, "webhook-cert-secret"),
+        Some("packet-capture-webhook-tls")
+    );
+    let vwc = get(
+        &docs,
+        "ValidatingWebhookConfiguration",
+        "packet-capture-webhook",
+    );
+    assert!(vwc["metadata"]["annotations"].is_null());
+    assert!(vwc["webhooks"][0]["clientConfig"]["caBundle"].is_null());
+    const NAMES: &[&str] = &["packet-capture-webhook-tls", "packet-capture-ca"];
+    let in_namespace = rules(get(&docs, "Role", "packet-capture-controller"));
+    let secrets: BTreeSet<Grant> = in_namespace
+        .into_iter()
+        .filter(|(_, r, _, _)| r == "secrets")
+        .collect();
+    // Read, watch and replace by name; create, which Kubernetes cannot
+    // limit by name, unnamed; never delete, patch or list them all.
+    assert_eq!(
+        secrets,
+        named_grants(&[
+            ("", &["secrets"], &["get", "list", "watch", "update"], NAMES),
+            ("", &["secrets"], &["create"], &[]),
+        ])
+    );
+    let cluster: BTreeSet<Grant> = rules(get(&docs, "ClusterRole", "packet-capture-controller"))
+        .into_iter()
+        .filter(|(_, r, _, _)| r == "validatingwebhookconfigurations")
+        .collect();
+    assert_eq!(
+        cluster,
+        named_grants(&[(
+            "admissionregistration.k8s.io",
+            &["validatingwebhookconfigurations"],
+            &["get", "list", "watch", "patch"],
+            &["packet-capture-webhook"],
+        )])
     );
 }
 
@@ -538,14 +701,18 @@ fn contradictory_values_fail_with_a_clear_message() {
         format!("{err:#}").contains("controller.replicas > 1 needs controller.leaderElection"),
         "{err:#}"
     );
-    let err = render(&helm, &["--set", "certManager.enabled=false"]).unwrap_err();
-    assert!(
-        format!("{err:#}").contains("needs webhook.caBundle"),
-        "{err:#}"
-    );
     // values.schema.json names the value and what it may be.
     for (set, names) in [
         ("webhook.failurePolicy=Maybe", "/webhook/failurePolicy"),
+        // PEM where its base64 belongs.
+        (
+            "webhook.caBundle=-----BEGIN CERTIFICATE-----",
+            "/webhook/caBundle",
+        ),
+        (
+            "webhook.certSecretName=Webhook_TLS",
+            "/webhook/certSecretName",
+        ),
         ("config.logLevel=TRACE", "/config/logLevel"),
         ("agent.backend=xdp", "/agent/backend"),
     ] {
@@ -599,9 +766,16 @@ fn each_account_gets_exactly_the_access_it_uses() {
             &["get", "create", "update", "patch"],
         ),
     ];
+    // cert-manager's Secret, read and watched by name (never written).
+    let certificate = named_grants(&[(
+        "",
+        &["secrets"],
+        &["get", "list", "watch"],
+        &["packet-capture-webhook-tls"],
+    )]);
     assert_eq!(
         rules(get(&docs, "Role", "packet-capture-controller")),
-        grants(in_namespace)
+        &grants(in_namespace) | &certificate
     );
     let agent: &[(&str, &[&str], &[&str])] = &[
         ("authentication.k8s.io", &["tokenreviews"], &["create"]),
@@ -622,7 +796,7 @@ fn each_account_gets_exactly_the_access_it_uses() {
             assert_eq!(doc["roleRef"]["name"], doc["metadata"]["name"], "{kind}");
         }
         if kind == "ClusterRole" || kind == "Role" {
-            for (g, r, v) in rules(doc) {
+            for (g, r, v, _) in rules(doc) {
                 assert!(g != "*" && r != "*" && v != "*", "{kind} grants a wildcard");
             }
         }

@@ -53,6 +53,24 @@ app.kubernetes.io/component: webhook
 {{- printf "%s/%s:%s" (trimSuffix "/" .root.Values.image.registry) .image.repository $tag -}}
 {{- end }}
 
+{{/* Where the controller gets the webhook's serving certificate (its
+--webhook-certs): cert-manager's Secret, the user's Secret (webhook.caBundle
+given), or its own CA (neither). */}}
+{{- define "packet-capture.webhook.certs" -}}
+{{- if .Values.certManager.enabled -}}
+cert-manager
+{{- else if .Values.webhook.caBundle -}}
+secret
+{{- else -}}
+self-managed
+{{- end -}}
+{{- end }}
+
+{{/* The Secret of the controller's own CA (self-managed certificates). */}}
+{{- define "packet-capture.caSecret" -}}
+packet-capture-ca
+{{- end }}
+
 {{/* The webhook's certificate: cert-manager's Certificate name. */}}
 {{- define "packet-capture.webhook.certificate" -}}
 packet-capture-webhook

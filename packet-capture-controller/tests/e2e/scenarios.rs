@@ -13,13 +13,15 @@
 
 mod world;
 
-use std::time::Duration;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     RuleWithOperations, ValidatingWebhook, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
-use k8s_openapi::api::core::v1::{ConfigMap, Event};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret};
 use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, ResourceExt};
@@ -27,13 +29,20 @@ use packet_capture_common::crd::{
     CaptureState, OutputFormat, PacketCaptureConfig, PacketCaptureConfigSpec,
     PacketCaptureConfigStatus, Phase, PodRef, PodSelector, STDOUT_OUTPUT_FILE,
 };
-use packet_capture_test_support::cluster::{COMPONENT_NAMESPACE, SimPod};
+use packet_capture_controller::{issuer, pki};
+use packet_capture_test_support::cluster::{COMPONENT_NAMESPACE, Cluster, SimPod};
 use packet_capture_test_support::unique_name;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
 
-use world::{Setup, TWO_NODES, WORLD_LABEL, World};
+use world::{
+    CA_SECRET, CERT_SECRET, Certs, Setup, TWO_NODES, WEBHOOK_CONFIGURATION, WORLD_LABEL, World,
+};
 
 const COMPLETED: &str = "Packet capture completed on all nodes";
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
 
 fn pods_spec(pods: &[&SimPod]) -> Option<PodSelector> {
     Some(PodSelector {
@@ -507,30 +516,18 @@ async fn kubectl_apply(w: &World, object: &serde_json::Value) -> (bool, String) 
     (out.status.success(), text)
 }
 
-#[tokio::test]
-async fn the_webhook_rejects_bad_specs_naming_the_field() {
-    let setup = Setup {
-        nodes: 0,
-        webhook: true,
-    };
-    let Some(w) = World::start("the_webhook_rejects_bad_specs_naming_the_field", setup).await
-    else {
-        return;
-    };
-    let webhook = w.webhook.as_ref().unwrap();
-    let registration = format!("packet-capture-webhook-{}", w.id);
-    let mut cleanup = Deletes(
-        &w,
-        vec![vec![
-            "validatingwebhookconfiguration".into(),
-            registration.clone(),
-        ]],
-    );
-    // Registered as the chart registers it, but by URL on the host (no
-    // Service routes here) and only for this world's objects.
-    let hook = ValidatingWebhookConfiguration {
+/// The webhook registered as the chart registers it, but by URL on the host
+/// (no Service routes here) and only for this world's objects; `ca_bundle`
+/// None leaves the caBundle to the controller.
+fn registration(
+    w: &World,
+    name: &str,
+    ca_bundle: Option<Vec<u8>>,
+) -> ValidatingWebhookConfiguration {
+    let port = w.webhook.as_ref().expect("a world with the webhook").port;
+    ValidatingWebhookConfiguration {
         metadata: ObjectMeta {
-            name: Some(registration.clone()),
+            name: Some(name.into()),
             ..Default::default()
         },
         webhooks: Some(vec![ValidatingWebhook {
@@ -541,12 +538,8 @@ async fn the_webhook_rejects_bad_specs_naming_the_field() {
             match_policy: Some("Equivalent".into()),
             timeout_seconds: Some(10),
             client_config: WebhookClientConfig {
-                url: Some(format!(
-                    "https://{}:{}/validate",
-                    w.cluster.host_ip(),
-                    webhook.port
-                )),
-                ca_bundle: Some(ByteString(webhook.ca.clone())),
+                url: Some(format!("https://{}:{port}/validate", w.cluster.host_ip())),
+                ca_bundle: ca_bundle.map(ByteString),
                 service: None,
             },
             object_selector: Some(
@@ -561,58 +554,106 @@ async fn the_webhook_rejects_bad_specs_naming_the_field() {
             }]),
             ..Default::default()
         }]),
-    };
+    }
+}
+
+async fn register(w: &World, hook: &ValidatingWebhookConfiguration) {
     Api::<ValidatingWebhookConfiguration>::all(w.client.clone())
-        .create(&PostParams::default(), &hook)
+        .create(&PostParams::default(), hook)
         .await
         .expect("registering the webhook");
+}
 
-    let object = |spec: serde_json::Value| {
-        json!({
-            "apiVersion": "networking.packet.io/v1",
-            "kind": "PacketCaptureConfig",
-            "metadata": {"name": unique_name("hook"), "labels": {WORLD_LABEL: w.id}},
-            "spec": spec,
-        })
-    };
-    let bad_filter = object(json!({"targetIPs": ["10.0.0.1"], "filter": "tcp port eighty"}));
-    let expected =
-        "denied the request: spec.filter: \"tcp port eighty\" is not a valid tcpdump filter";
-    // The apiserver picks a new registration up from its informer: until
-    // then the object would pass unchecked. Dry runs until it is in force
-    // (there is no event for that).
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let dry_run = PostParams {
+/// A PacketCaptureConfig of this world, as JSON.
+fn object(w: &World, spec: serde_json::Value) -> serde_json::Value {
+    json!({
+        "apiVersion": "networking.packet.io/v1",
+        "kind": "PacketCaptureConfig",
+        "metadata": {"name": unique_name("hook"), "labels": {WORLD_LABEL: w.id}},
+        "spec": spec,
+    })
+}
+
+fn bad_filter(w: &World) -> serde_json::Value {
+    object(
+        w,
+        json!({"targetIPs": ["10.0.0.1"], "filter": "tcp port eighty"}),
+    )
+}
+
+/// What the API server says when the webhook denies [`bad_filter`].
+const BAD_FILTER_DENIED: &str =
+    "denied the request: spec.filter: \"tcp port eighty\" is not a valid tcpdump filter";
+
+fn dry_run() -> PostParams {
+    PostParams {
         dry_run: true,
         ..Default::default()
-    };
-    let typed: PacketCaptureConfig = serde_json::from_value(bad_filter.clone()).unwrap();
+    }
+}
+
+/// Waits until the API server calls the world's webhook and it denies a
+/// bad filter, naming the field. The API server picks a registration or a
+/// new caBundle up from its informer, and the webhook may still wait for
+/// its certificate; neither sends an event, so dry runs until then.
+async fn until_the_webhook_denies(w: &World) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let typed: PacketCaptureConfig = serde_json::from_value(bad_filter(w)).unwrap();
     loop {
-        match w.api().create(&dry_run, &typed).await {
-            Err(kube::Error::Api(s)) if s.message.contains("admission webhook") => break,
+        match w.api().create(&dry_run(), &typed).await {
+            Err(kube::Error::Api(s)) if s.message.contains(BAD_FILTER_DENIED) => return,
             other => assert!(
                 std::time::Instant::now() < deadline,
-                "the webhook is not called: {other:?}\n{}",
+                "the webhook does not deny a bad filter: {other:?}\n{}",
                 w.controller.log()
             ),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
 
-    let (ok, said) = kubectl_apply(&w, &bad_filter).await;
-    assert!(!ok && said.contains(expected), "{said}");
+#[tokio::test]
+async fn the_webhook_rejects_bad_specs_naming_the_field() {
+    let setup = Setup {
+        nodes: 0,
+        webhook: Certs::Dir,
+    };
+    let Some(w) = World::start("the_webhook_rejects_bad_specs_naming_the_field", setup).await
+    else {
+        return;
+    };
+    let registration_name = format!("packet-capture-webhook-{}", w.id);
+    let mut cleanup = Deletes(
+        &w,
+        vec![vec![
+            "validatingwebhookconfiguration".into(),
+            registration_name.clone(),
+        ]],
+    );
+    let ca = w.webhook.as_ref().and_then(|h| h.ca.clone());
+    register(&w, &registration(&w, &registration_name, ca)).await;
+    until_the_webhook_denies(&w).await;
+
+    let (ok, said) = kubectl_apply(&w, &bad_filter(&w)).await;
+    assert!(!ok && said.contains(BAD_FILTER_DENIED), "{said}");
 
     let missing = format!("{}-gone", w.namespace.name());
     let (ok, said) = kubectl_apply(
         &w,
-        &object(json!({"podSelector": {"pods": [{"podName": "web", "namespace": missing}]}})),
+        &object(
+            &w,
+            json!({"podSelector": {"pods": [{"podName": "web", "namespace": missing}]}}),
+        ),
     )
     .await;
     let expected =
         format!("spec.podSelector.pods[0].namespace: namespace \"{missing}\" does not exist");
     assert!(!ok && said.contains(&expected), "{said}");
 
-    let good = object(json!({"targetIPs": ["10.0.0.1"], "filter": "tcp port 80"}));
+    let good = object(
+        &w,
+        json!({"targetIPs": ["10.0.0.1"], "filter": "tcp port 80"}),
+    );
     let (ok, said) = kubectl_apply(&w, &good).await;
     assert!(ok, "{said}");
 
@@ -658,7 +699,7 @@ async fn the_webhook_rejects_bad_specs_naming_the_field() {
     let expected = format!(
         "spec.podSelector.pods[0].namespace: user \"{user}\" may not get pods in namespace \"{ns}\""
     );
-    match as_creator.create(&dry_run, &capture).await {
+    match as_creator.create(&dry_run(), &capture).await {
         Err(kube::Error::Api(s)) => assert!(s.message.contains(&expected), "{s:?}"),
         other => panic!("a capture in a namespace its creator cannot see: {other:?}"),
     }
@@ -675,8 +716,343 @@ async fn the_webhook_rejects_bad_specs_naming_the_field() {
         .await
         .expect("letting the creator view the namespace");
     as_creator
-        .create(&dry_run, &capture)
+        .create(&dry_run(), &capture)
         .await
         .expect("the creator may capture in a namespace it can see");
     drop(cleanup);
+}
+
+/// A Secret's key as text.
+fn secret_text(secret: &Secret, key: &str) -> String {
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .unwrap_or_else(|| panic!("no {key} in {:?}", secret.metadata.name));
+    String::from_utf8(bytes.0.clone()).expect("PEM is text")
+}
+
+/// Waits (on watch events) until the caBundle of [`WEBHOOK_CONFIGURATION`]
+/// satisfies `cond`; returns it.
+async fn until_ca_bundle(
+    w: &World,
+    what: &str,
+    cond: impl Fn(&str) -> bool + Send + 'static,
+) -> String {
+    let api: Api<ValidatingWebhookConfiguration> = Api::all(w.client.clone());
+    let bundle_of = |c: &ValidatingWebhookConfiguration| {
+        let hook = c.webhooks.as_ref()?.first()?;
+        let bytes = hook.client_config.ca_bundle.as_ref()?;
+        String::from_utf8(bytes.0.clone()).ok()
+    };
+    let wait = await_condition(
+        api,
+        WEBHOOK_CONFIGURATION,
+        move |c: Option<&ValidatingWebhookConfiguration>| {
+            c.and_then(bundle_of).is_some_and(|b| cond(&b))
+        },
+    );
+    match tokio::time::timeout(Duration::from_secs(60), wait).await {
+        Ok(Ok(Some(c))) => bundle_of(&c).expect("a caBundle"),
+        other => panic!("no caBundle {what}: {other:?}\n{}", w.controller.log()),
+    }
+}
+
+/// The certificate the world's webhook presents to a client that trusts
+/// only `roots` (PEM) and checks the host address against its names.
+async fn presented_certificate(w: &World, roots: &str) -> Result<Vec<u8>, String> {
+    let mut store = rustls::RootCertStore::empty();
+    for der in CertificateDer::pem_slice_iter(roots.as_bytes()) {
+        store
+            .add(der.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    let host = IpAddr::V4(w.cluster.host_ip());
+    let port = w.webhook.as_ref().expect("a world with the webhook").port;
+    let tcp = tokio::net::TcpStream::connect((host, port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::IpAddress(host.into()), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let presented = tls.get_ref().1.peer_certificates().unwrap_or_default();
+    presented
+        .first()
+        .map(|c| c.to_vec())
+        .ok_or_else(|| "no certificate presented".into())
+}
+
+#[tokio::test]
+async fn self_managed_certificates_are_issued_trusted_renewed_and_kept_trusted() {
+    let setup = Setup {
+        nodes: 0,
+        webhook: Certs::SelfManaged,
+    };
+    let Some(mut w) = World::start(
+        "self_managed_certificates_are_issued_trusted_renewed_and_kept_trusted",
+        setup,
+    )
+    .await
+    else {
+        return;
+    };
+    // The configuration as the chart installs it in this mode: no caBundle.
+    register(&w, &registration(&w, WEBHOOK_CONFIGURATION, None)).await;
+    let bundle = until_ca_bundle(&w, "filled in", |b| !b.is_empty()).await;
+
+    // The CA and the certificate it issued, in the chart's Secrets.
+    let secrets: Api<Secret> = Api::namespaced(w.client.clone(), COMPONENT_NAMESPACE);
+    let ca = secrets.get(CA_SECRET).await.expect("the CA's Secret");
+    assert!(pki::inspect(&secret_text(&ca, "tls.crt")).unwrap().is_ca);
+    assert_eq!(bundle, secret_text(&ca, "ca.crt"), "the bundle is the CA's");
+    let cert = secrets
+        .get(CERT_SECRET)
+        .await
+        .expect("the certificate's Secret");
+    let mut names = pki::service_names("packet-capture-webhook", COMPONENT_NAMESPACE);
+    names.push(pki::Name::Ip(IpAddr::V4(w.cluster.host_ip())));
+    names.sort();
+    assert_eq!(
+        pki::inspect(&secret_text(&cert, "tls.crt")).unwrap().names,
+        names
+    );
+    let pair = issuer::keyed_cert(&cert).expect("tls.crt and tls.key");
+    let now = SystemTime::now();
+    assert!(
+        matches!(
+            pki::leaf_due(Some(&pair), &bundle, &names, now, DAY),
+            pki::Due::At(_)
+        ),
+        "the certificate is not signed by the bundle's CA"
+    );
+
+    // The API server trusts it and calls the webhook.
+    until_the_webhook_denies(&w).await;
+    let (ok, said) = kubectl_apply(&w, &bad_filter(&w)).await;
+    assert!(!ok && said.contains(BAD_FILTER_DENIED), "{said}");
+
+    // A caBundle something resets is filled in again.
+    let stranger = pki::new_ca("someone-else", now, DAY).unwrap();
+    let reset = json!({"webhooks": [{
+        "name": "validate.packetcaptureconfigs.networking.packet.io",
+        "clientConfig": {"caBundle": ByteString(stranger.cert.into_bytes())},
+    }]});
+    Api::<ValidatingWebhookConfiguration>::all(w.client.clone())
+        .patch(
+            WEBHOOK_CONFIGURATION,
+            &PatchParams::default(),
+            &Patch::Strategic(reset),
+        )
+        .await
+        .expect("resetting the caBundle");
+    let want = bundle.clone();
+    let refilled = until_ca_bundle(&w, "filled in again", move |b| b == want).await;
+    assert_eq!(refilled, bundle);
+
+    // A certificate close to its end (here: one day left, as if issued
+    // 364 days ago) is renewed, and the webhook presents the new one.
+    let authority = issuer::keyed_cert(&ca).expect("the CA's tls.crt and tls.key");
+    let old = pki::issue(&authority, &names, now - 364 * DAY, 365 * DAY).unwrap();
+    let old_data = json!({"data": {
+        "tls.crt": ByteString(old.cert.clone().into_bytes()),
+        "tls.key": ByteString(old.key.clone().into_bytes()),
+    }});
+    secrets
+        .patch(
+            CERT_SECRET,
+            &PatchParams::default(),
+            &Patch::Merge(old_data),
+        )
+        .await
+        .expect("putting an old certificate in place");
+    let renewed = await_condition(secrets.clone(), CERT_SECRET, move |s: Option<&Secret>| {
+        s.and_then(|s| pki::inspect(&secret_text(s, "tls.crt")).ok())
+            .is_some_and(|i| i.not_after > now + 300 * DAY)
+    });
+    let renewed = match tokio::time::timeout(Duration::from_secs(60), renewed).await {
+        Ok(Ok(Some(s))) => secret_text(&s, "tls.crt"),
+        other => panic!("not renewed: {other:?}\n{}", w.controller.log()),
+    };
+    let want = CertificateDer::from_pem_slice(renewed.as_bytes())
+        .unwrap()
+        .to_vec();
+    // Another process presents it: no event to wait for, so handshakes
+    // until then.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let presented = presented_certificate(&w, &bundle).await;
+        if presented.as_ref() == Ok(&want) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed certificate is not presented: {presented:?}\n{}",
+            w.controller.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    until_the_webhook_denies(&w).await;
+    w.controller.assert_running();
+    // Its watches of the Secrets and the configuration, which the RBAC
+    // allows by name only, never failed.
+    let log = w.controller.log();
+    let failed: Vec<&str> = log.lines().filter(|l| l.contains("watching ")).collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+}
+
+#[tokio::test]
+async fn without_its_certificate_the_controller_runs_and_serves_once_it_appears() {
+    let setup = Setup {
+        nodes: 2,
+        webhook: Certs::CertManager,
+    };
+    let Some(mut w) = World::start(
+        "without_its_certificate_the_controller_runs_and_serves_once_it_appears",
+        setup,
+    )
+    .await
+    else {
+        return;
+    };
+    // It says what it waits for, in /readyz (ready: the pod stays in its
+    // Service and rollouts go on) and in its log.
+    let waiting = format!("there is no Secret {COMPONENT_NAMESPACE}/{CERT_SECRET}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let readyz = loop {
+        let readyz = w.readyz().await;
+        if readyz.contains(&waiting) {
+            break readyz;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz does not say what the webhook waits for: {readyz}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        readyz.starts_with("HTTP/1.0 200") || readyz.starts_with("HTTP/1.1 200"),
+        "{readyz}"
+    );
+    assert!(readyz.contains("webhook: not serving yet"), "{readyz}");
+    assert!(
+        w.controller.log().contains(&waiting),
+        "{}",
+        w.controller.log()
+    );
+
+    // And it reconciles meanwhile: a capture runs to its end.
+    let spec = PacketCaptureConfigSpec {
+        pod_selector: pods_spec(&[&w.pods[0], &w.pods[1]]),
+        ..counted()
+    };
+    let (_, name) = w.start_capture(spec, 2).await;
+    let pinging = w.pinging(0, 1);
+    let done = w.until_phase(&name, Phase::Completed).await;
+    drop(pinging);
+    w.assert_all_completed_with_pings(done.status.as_ref().unwrap())
+        .await;
+    w.controller.assert_running();
+
+    // cert-manager writes the Secret (here a certificate for the host
+    // address from the cluster's CA): the webhook serves from then on.
+    let dir = w.cluster.dir().join("e2e").join(&w.id).join("issued");
+    let ca = w
+        .cluster
+        .serving_certificate(&dir, &[IpAddr::V4(w.cluster.host_ip())])
+        .expect("a serving certificate");
+    let read = |f: &str| ByteString(std::fs::read(dir.join(f)).expect("the issued files"));
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(CERT_SECRET.into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(
+            [
+                ("tls.crt".into(), read("tls.crt")),
+                ("tls.key".into(), read("tls.key")),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(w.client.clone(), COMPONENT_NAMESPACE)
+        .create(&PostParams::default(), &secret)
+        .await
+        .expect("writing the Secret as cert-manager would");
+    let registration_name = format!("packet-capture-webhook-{}", w.id);
+    let _cleanup = Deletes(
+        &w,
+        vec![vec![
+            "validatingwebhookconfiguration".into(),
+            registration_name.clone(),
+        ]],
+    );
+    register(&w, &registration(&w, &registration_name, Some(ca))).await;
+    until_the_webhook_denies(&w).await;
+    let serving = format!(
+        "webhook: serving, with the certificate from Secret {COMPONENT_NAMESPACE}/{CERT_SECRET}"
+    );
+    let readyz = w.readyz().await;
+    assert!(readyz.contains(&serving), "{readyz}");
+}
+
+#[tokio::test]
+async fn replicas_issuing_at_once_agree_on_one_ca_and_one_certificate() {
+    let test = "replicas_issuing_at_once_agree_on_one_ca_and_one_certificate";
+    let Some(cluster) = Cluster::for_test(test).await else {
+        return;
+    };
+    // Fresh Secrets in a namespace of the test's own, as several replicas
+    // starting together find them; an admin client (the RBAC is the other
+    // scenarios' business).
+    let namespace = cluster.namespace("issuer").await.expect("a namespace");
+    let client = cluster.client().expect("an admin client");
+    let ca_secret = unique_name("ca");
+    let cert_secret = unique_name("tls");
+    let names = pki::service_names("packet-capture-webhook", namespace.name());
+    let replica = || async {
+        let issuer = issuer::Issuer::new(
+            client.clone(),
+            namespace.name(),
+            &ca_secret,
+            pki::Lifetimes::default(),
+        );
+        let now = SystemTime::now();
+        let (authority, ca) = issuer.authority(now).await.expect("the CA");
+        let cert = issuer
+            .certificate(&authority, &cert_secret, &names, now)
+            .await
+            .expect("the certificate");
+        (authority, ca.written.is_some(), cert.written.is_some())
+    };
+    let results = futures::future::join_all((0..4).map(|_| replica())).await;
+    let first = &results[0].0;
+    assert!(
+        results.iter().all(|(a, _, _)| a == first),
+        "the replicas ended with different CAs"
+    );
+    let wrote = |pick: fn(&(pki::Authority, bool, bool)) -> bool| {
+        results.iter().filter(|r| pick(r)).count()
+    };
+    assert_eq!(wrote(|r| r.1), 1, "one replica creates the CA");
+    assert_eq!(wrote(|r| r.2), 1, "one replica issues the certificate");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace.name());
+    let stored = secrets
+        .get(&cert_secret)
+        .await
+        .expect("the certificate's Secret");
+    let pair = issuer::keyed_cert(&stored).expect("tls.crt and tls.key");
+    assert!(matches!(
+        pki::leaf_due(Some(&pair), &first.bundle, &names, SystemTime::now(), DAY),
+        pki::Due::At(_)
+    ));
 }

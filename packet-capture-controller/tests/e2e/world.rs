@@ -24,10 +24,11 @@ use packet_capture_proto::v1::{
 };
 use packet_capture_test_support::cluster::{
     AgentOptions, COMPONENT_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, Cluster, ClusterProcess,
-    SimAgent, SimNode, SimPod, TestNamespace,
+    KUBERNETES_VERSION, SimAgent, SimNode, SimPod, TestNamespace, workspace_root,
 };
 use packet_capture_test_support::{unique_name, workspace_binary};
-use tokio::sync::OnceCell;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Mutex, MutexGuard, OnceCell};
 use tonic::transport::Channel;
 
 /// The label that ties captures and agents to their world's controller.
@@ -42,14 +43,101 @@ const WAIT: Duration = Duration::from_secs(90);
 pub struct Setup {
     /// Nodes, each with an agent and one pod (`pod-<i>`).
     pub nodes: usize,
-    /// Serve the validating webhook (on a free port of the host).
-    pub webhook: bool,
+    /// Whether and how the controller serves the validating webhook (on a
+    /// free port of the host).
+    pub webhook: Certs,
+}
+
+/// Where the world's controller gets the webhook's certificate.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Certs {
+    /// No webhook (`--disable-webhook`).
+    Off,
+    /// A certificate for the host address from the cluster's CA, in
+    /// `--webhook-cert-dir`.
+    Dir,
+    /// `--webhook-certs=cert-manager`, and no Secret yet: the test writes it
+    /// as cert-manager would.
+    CertManager,
+    /// `--webhook-certs=self-managed`, under the RBAC the chart gives that
+    /// mode, with the host address among the certificate's names.
+    SelfManaged,
 }
 
 pub const TWO_NODES: Setup = Setup {
     nodes: 2,
-    webhook: false,
+    webhook: Certs::Off,
 };
+
+/// The names the chart gives the webhook's Secrets and configuration, in
+/// [`COMPONENT_NAMESPACE`]. The controller's RBAC allows these names alone,
+/// so the worlds that use them take turns ([`CHART_NAMES`]).
+pub const CERT_SECRET: &str = "packet-capture-webhook-tls";
+pub const CA_SECRET: &str = "packet-capture-ca";
+pub const WEBHOOK_CONFIGURATION: &str = "packet-capture-webhook";
+static CHART_NAMES: Mutex<()> = Mutex::const_new(());
+
+/// `kubectl delete` of everything named [`CERT_SECRET`], [`CA_SECRET`] and
+/// [`WEBHOOK_CONFIGURATION`], so that a world starts without them.
+fn clear_chart_names(cluster: &Cluster) -> Result<(), String> {
+    for args in [
+        &[
+            "delete",
+            "secret",
+            CERT_SECRET,
+            CA_SECRET,
+            "-n",
+            COMPONENT_NAMESPACE,
+            "--ignore-not-found",
+        ][..],
+        &[
+            "delete",
+            "validatingwebhookconfiguration",
+            WEBHOOK_CONFIGURATION,
+            "--ignore-not-found",
+        ][..],
+    ] {
+        cluster
+            .kubectl_run(args)
+            .map_err(|e| format!("kubectl {}: {e}", args.join(" ")))?;
+    }
+    Ok(())
+}
+
+/// Once per test binary, for self-managed certificates: the chart's RBAC
+/// rendered as `helm install --set certManager.enabled=false` renders it
+/// (the controller's own Secrets and its webhook configuration, by name).
+/// It only adds to what [`install`] applied.
+async fn install_self_managed_rbac(cluster: &Cluster) {
+    static INSTALLED: OnceCell<()> = OnceCell::const_new();
+    INSTALLED
+        .get_or_init(|| async {
+            let mut helm = tokio::process::Command::from(cluster.helm());
+            let out = helm
+                .current_dir(workspace_root())
+                .args(["template", "packet-capture", "charts/packet-capture"])
+                .args(["--namespace", COMPONENT_NAMESPACE])
+                .args(["--kube-version", KUBERNETES_VERSION])
+                .args(["--set", "certManager.enabled=false"])
+                .args(["--show-only", "templates/rbac.yaml"])
+                .output()
+                .await
+                .expect("running helm template");
+            assert!(
+                out.status.success(),
+                "helm template: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let path = cluster.dir().join("rbac-self-managed.yaml");
+            std::fs::write(&path, &out.stdout).expect("writing the rendered RBAC");
+            let path = path.display().to_string();
+            cluster
+                .kubectl_async(&["apply", "--server-side", "--force-conflicts", "-f", &path])
+                .await
+                .expect("applying the self-managed RBAC");
+        })
+        .await;
+}
 
 /// The agent binary (another package's, so not in `CARGO_BIN_EXE_*`).
 fn agent_binary() -> PathBuf {
@@ -140,14 +228,19 @@ impl Controller {
         std::fs::read_to_string(path).unwrap_or_default()
     }
 
+    /// Fails, with its log, if the controller has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.process.as_mut().and_then(ClusterProcess::exited) {
+            panic!("the controller exited ({status}):\n{}", self.log());
+        }
+    }
+
     /// Waits until `addr` accepts connections (a listener offers no event to
     /// another process), failing early with the log if the controller exits.
     fn wait_listening(&mut self, addr: SocketAddr) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
-            if let Some(status) = self.process.as_mut().and_then(ClusterProcess::exited) {
-                panic!("the controller exited ({status}):\n{}", self.log());
-            }
+            self.assert_running();
             assert!(
                 Instant::now() < deadline,
                 "the controller does not listen on {addr}:\n{}",
@@ -179,8 +272,9 @@ pub struct Packet {
 /// Where a world's controller serves the webhook.
 pub struct Webhook {
     pub port: u16,
-    /// The CA that signed its certificate (PEM), for the `caBundle`.
-    pub ca: Vec<u8>,
+    /// With [`Certs::Dir`]: the CA that signed its certificate (PEM), for
+    /// the `caBundle`.
+    pub ca: Option<Vec<u8>>,
 }
 
 pub struct World {
@@ -190,6 +284,8 @@ pub struct World {
     pub id: String,
     pub token: String,
     pub webhook: Option<Webhook>,
+    /// The controller's `/metrics`, `/healthz` and `/readyz` port.
+    pub metrics_port: u16,
     // Dropped in this order: the controller stops acting before the agents
     // stop, the agents before their nodes go.
     pub controller: Controller,
@@ -197,6 +293,9 @@ pub struct World {
     pub pods: Vec<SimPod>,
     pub nodes: Vec<SimNode>,
     pub namespace: TestNamespace,
+    /// Held while the world may use the chart's names (last: released when
+    /// everything else is gone).
+    chart_names: Option<MutexGuard<'static, ()>>,
 }
 
 impl World {
@@ -205,6 +304,17 @@ impl World {
     pub async fn start(test: &str, setup: Setup) -> Option<Self> {
         let cluster = Cluster::for_test(test).await?;
         install(cluster).await;
+        let chart_names = match setup.webhook {
+            Certs::CertManager | Certs::SelfManaged => {
+                let guard = CHART_NAMES.lock().await;
+                clear_chart_names(cluster).expect("removing what an earlier world left");
+                Some(guard)
+            }
+            Certs::Off | Certs::Dir => None,
+        };
+        if setup.webhook == Certs::SelfManaged {
+            install_self_managed_rbac(cluster).await;
+        }
         let client = cluster.client().expect("an admin client");
         let id = unique_name("w");
         let dir = cluster.dir().join("e2e").join(&id);
@@ -232,6 +342,7 @@ impl World {
         let token_file = dir.join("agent-token");
         std::fs::write(&token_file, &token).expect("writing the token");
         let selector = format!("{WORLD_LABEL}={id}");
+        let metrics_port = free_port();
         let mut args: Vec<String> = vec![
             "--capture-selector".into(),
             selector.clone(),
@@ -240,29 +351,45 @@ impl World {
             "--agent-token-file".into(),
             token_file.display().to_string(),
             "--metrics-port".into(),
-            free_port().to_string(),
+            metrics_port.to_string(),
             "--identity".into(),
             id.clone(),
             "--log-level".into(),
             "DEBUG".into(),
         ];
-        let webhook = setup.webhook.then(|| {
-            let certs = dir.join("webhook");
-            let ca = cluster
-                .serving_certificate(&certs, &[IpAddr::V4(cluster.host_ip())])
-                .expect("the webhook's certificate");
-            let port = free_port();
-            args.extend([
-                "--webhook-port".into(),
-                port.to_string(),
-                "--webhook-cert-dir".into(),
-                certs.display().to_string(),
-            ]);
-            Webhook { port, ca }
-        });
-        if webhook.is_none() {
-            args.push("--disable-webhook".into());
-        }
+        let port = free_port();
+        let webhook_args = |mode: &str| {
+            ["--webhook-port", &port.to_string(), "--webhook-certs", mode].map(String::from)
+        };
+        let webhook = match setup.webhook {
+            Certs::Off => {
+                args.push("--disable-webhook".into());
+                None
+            }
+            Certs::Dir => {
+                let certs = dir.join("webhook");
+                let ca = cluster
+                    .serving_certificate(&certs, &[IpAddr::V4(cluster.host_ip())])
+                    .expect("the webhook's certificate");
+                args.extend(webhook_args("dir"));
+                args.extend(["--webhook-cert-dir".into(), certs.display().to_string()]);
+                Some(Webhook { port, ca: Some(ca) })
+            }
+            Certs::CertManager => {
+                args.extend(webhook_args("cert-manager"));
+                Some(Webhook { port, ca: None })
+            }
+            Certs::SelfManaged => {
+                args.extend(webhook_args("self-managed"));
+                // Registered by URL on the host address (no Service routes
+                // here), so that is a name of the certificate too.
+                args.extend([
+                    "--webhook-extra-names".into(),
+                    cluster.host_ip().to_string(),
+                ]);
+                Some(Webhook { port, ca: None })
+            }
+        };
         let mut controller = Controller::start(cluster, format!("controller-{id}"), args);
         if let Some(hook) = &webhook {
             controller.wait_listening(SocketAddr::new(IpAddr::V4(cluster.host_ip()), hook.port));
@@ -273,12 +400,31 @@ impl World {
             id,
             token,
             webhook,
+            metrics_port,
             controller,
             agents,
             pods,
             nodes,
             namespace,
+            chart_names,
         })
+    }
+
+    /// The controller's `/readyz` (status line and body).
+    pub async fn readyz(&self) -> String {
+        let mut stream = tokio::net::TcpStream::connect((Ipv6Addr::LOCALHOST, self.metrics_port))
+            .await
+            .expect("connecting to the controller's metrics port");
+        stream
+            .write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .await
+            .expect("asking /readyz");
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .await
+            .expect("reading /readyz");
+        answer
     }
 
     pub fn api(&self) -> Api<PacketCaptureConfig> {
@@ -550,6 +696,14 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
+        if self.chart_names.is_some() {
+            // The controller first: a self-managed one would issue again
+            // what is deleted under it.
+            self.controller.kill();
+            if let Err(e) = clear_chart_names(self.cluster) {
+                eprintln!("world {}: {e}", self.id);
+            }
+        }
         if std::thread::panicking() {
             let log = self.controller.log();
             let notable: Vec<&str> = log
