@@ -181,6 +181,22 @@ pub struct Settings {
     /// DEBUG, INFO, WARNING or ERROR; third-party crates log at WARN unless DEBUG.
     #[arg(long, env = "LOG_LEVEL", default_value = "INFO")]
     pub log_level: LogLevel,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Deletes every PacketCaptureConfig (those of --capture-selector),
+    /// waits while the running controller stops them on the agents, and
+    /// removes the finalizer of any still there at the deadline: the chart's
+    /// pre-delete hook, so that uninstalling leaves no capture stuck.
+    DeleteCaptures {
+        /// How long to wait for the controller, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout_seconds: u64,
+    },
 }
 
 impl Settings {

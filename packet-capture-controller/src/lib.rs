@@ -21,6 +21,7 @@
 //! | 2 | [`events`] | Events, each announcement once per generation |
 //! | 2 | [`webhook`] | the validating admission webhook over TLS |
 //! | 2 | [`leader`] | Lease-based leader election |
+//! | 2 | [`uninstall`] | deleting every capture before the chart goes (a Helm pre-delete hook) |
 //! | 2 | [`issuer`] | the controller's own CA in a Secret, issuing certificates into Secrets |
 //! | 3 | [`certs`] | the webhook's serving certificate: files, a Secret, or self-managed |
 //! | 3 | [`agents`] | agent discovery, one gRPC client per agent, bearer token, retries |
@@ -54,6 +55,7 @@ pub mod targets;
 #[cfg(test)]
 mod test_objects;
 pub mod tracker;
+pub mod uninstall;
 pub mod webhook;
 
 pub use app::run;

@@ -74,7 +74,9 @@ pub fn by_template(rendered: &str) -> anyhow::Result<BTreeMap<String, Vec<String
 
 /// Every generated manifest: (path relative to the root, contents).
 pub fn generate(helm: &Path) -> anyhow::Result<Vec<(&'static str, String)>> {
-    let rendered = template(helm, &["--namespace", NAMESPACE])?;
+    // Helm hooks (the uninstall job) belong to Helm's install and uninstall;
+    // a kubectl install deletes its captures with `make destroy` instead.
+    let rendered = template(helm, &["--namespace", NAMESPACE, "--no-hooks"])?;
     let mut docs = by_template(&rendered)?;
     let mut files = Vec::new();
     for (source, dest) in FILES {

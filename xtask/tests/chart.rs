@@ -271,7 +271,8 @@ fn default_values_render_the_documented_install() {
     assert!(get(&docs, "PodDisruptionBudget", "packet-capture-controller").is_mapping());
 
     // The agent: every Linux node, host network, capabilities instead
-    // of privileged, the capture directory and bpffs from the host.
+    // of privileged, the capture directory from the host and nothing else
+    // (the programs are not pinned: no bpffs).
     let ds = get(&docs, "DaemonSet", "packet-capture-agent");
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(
@@ -323,22 +324,28 @@ fn default_values_render_the_documented_install() {
         a["envFrom"][0]["configMapRef"]["name"].as_str(),
         Some("packet-capture-config")
     );
-    assert_eq!(
-        a["livenessProbe"]["httpGet"]["path"].as_str(),
-        Some("/health")
-    );
-    assert_eq!(a["readinessProbe"]["httpGet"]["port"].as_u64(), Some(8080));
+    // The probes ask the agent on the port of its ConfigMap (AGENT_PORT),
+    // whatever the chart rendered.
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(
+            strs(&a[probe]["exec"]["command"]),
+            ["packet-capture-agent", "health"],
+            "{probe}"
+        );
+    }
     assert_eq!(a["ports"][0]["containerPort"].as_u64(), Some(8080));
     assert_eq!(
         volume(ds, "captures")["hostPath"]["path"].as_str(),
         Some("/var/lib/packet-captures")
     );
     assert_eq!(mount_path(a, "captures"), "/var/lib/packet-captures");
-    assert_eq!(
-        volume(ds, "bpffs")["hostPath"]["path"].as_str(),
-        Some("/sys/fs/bpf")
+    let volumes = pod["volumes"].as_sequence().unwrap();
+    assert!(
+        volumes
+            .iter()
+            .all(|v| v["hostPath"]["path"].as_str() != Some("/sys/fs/bpf")),
+        "the agent mounts no bpffs"
     );
-    assert_eq!(mount_path(a, "bpffs"), "/sys/fs/bpf");
 
     // The webhook: cert-manager issues the certificate and injects its CA.
     let vwc = get(
@@ -565,7 +572,11 @@ fn non_default_values_are_honoured() {
     }
     assert_eq!(strs(&a["args"]), ["--max-capture-files=20"]);
     assert_eq!(a["ports"][0]["containerPort"].as_u64(), Some(9090));
-    assert_eq!(a["livenessProbe"]["httpGet"]["port"].as_u64(), Some(9090));
+    assert_eq!(
+        config["data"]["AGENT_PORT"].as_str(),
+        Some("9090"),
+        "the probes read the port from here"
+    );
     assert_eq!(
         volume(ds, "captures")["hostPath"]["path"].as_str(),
         Some("/data/packet-captures")
@@ -801,4 +812,65 @@ fn each_account_gets_exactly_the_access_it_uses() {
             }
         }
     }
+}
+
+#[test]
+fn uninstall_deletes_the_captures_first() {
+    let helm = helm_or_fail();
+    let docs = render(&helm, &[]).unwrap();
+    let job = get(&docs, "Job", "packet-capture-uninstall");
+    assert_eq!(
+        job["metadata"]["annotations"]["helm.sh/hook"].as_str(),
+        Some("pre-delete")
+    );
+    let c = container(job, "delete-captures");
+    assert_eq!(
+        strs(&c["args"]),
+        ["delete-captures", "--timeout-seconds=60"]
+    );
+    assert_eq!(
+        c["image"].as_str(),
+        container(
+            get(&docs, "Deployment", "packet-capture-controller"),
+            "controller"
+        )["image"]
+            .as_str()
+    );
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["serviceAccountName"].as_str(),
+        Some("packet-capture-uninstall")
+    );
+    assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(strs(&c["securityContext"]["capabilities"]["drop"]), ["ALL"]);
+    // Its account may do to captures what the job does, and nothing else.
+    let role = get(&docs, "ClusterRole", "packet-capture-uninstall");
+    let rules = role["rules"].as_sequence().unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(strs(&rules[0]["resources"]), ["packetcaptureconfigs"]);
+    assert_eq!(
+        strs(&rules[0]["verbs"]),
+        ["get", "list", "watch", "delete", "patch"]
+    );
+    // Every object of the hook is the hook's, gone after it succeeded.
+    for (kind, name) in [
+        ("ServiceAccount", "packet-capture-uninstall"),
+        ("ClusterRole", "packet-capture-uninstall"),
+        ("ClusterRoleBinding", "packet-capture-uninstall"),
+        ("Job", "packet-capture-uninstall"),
+    ] {
+        let annotations = &get(&docs, kind, name)["metadata"]["annotations"];
+        assert_eq!(
+            annotations["helm.sh/hook"].as_str(),
+            Some("pre-delete"),
+            "{kind}"
+        );
+        assert_eq!(
+            annotations["helm.sh/hook-delete-policy"].as_str(),
+            Some("before-hook-creation,hook-succeeded"),
+            "{kind}"
+        );
+    }
+    let off = render(&helm, &["--set", "uninstall.deleteCaptures=false"]).unwrap();
+    assert!(find(&off, "Job", "packet-capture-uninstall").is_none());
 }

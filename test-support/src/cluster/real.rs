@@ -242,6 +242,18 @@ impl RealNode {
         import(&self.containerd_socket(), archive)
     }
 
+    /// Gives an image of the node's containerd a second name, as a pull of
+    /// the same image under that name would.
+    pub fn tag_image(&self, from: &str, to: &str) -> Result<()> {
+        checked_output(
+            Command::new("ctr")
+                .arg("--address")
+                .arg(self.containerd_socket())
+                .args(["-n", CRI_NAMESPACE, "images", "tag", "--force", from, to]),
+        )
+        .map(drop)
+    }
+
     fn layout(&self) -> Layout {
         Layout::of(&self.cluster.dir, &self.cluster.name, self.name())
     }
