@@ -1,19 +1,31 @@
 //! The eBPF programs from user space: loading them, attaching them to the TC
-//! hooks of interfaces, and keeping their maps in step with the captures.
+//! hooks of interfaces, keeping their maps in step with the captures, and
+//! forwarding what they log (aya-log) to `tracing`.
 
 use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::thread::JoinHandle;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        RingBuf, lpm_trie::Key,
+    },
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         tc::{self, SchedClassifierLinkId, TcAttachOptions},
     },
     util::KernelVersion,
 };
+use aya_log::EbpfLogger;
 use ipnet::IpNet;
 use packet_capture_common::abi::{MAX_SLOTS, Settings, counter};
+
+/// The `tracing` target of what the programs log. Their lines are debug
+/// (and lost records warnings), and the programs log only while the agent
+/// logs this target at DEBUG: with `LOG_LEVEL=DEBUG`.
+pub const KERNEL_LOG_TARGET: &str = "packet_capture_agent::ebpf::kernel";
 
 /// The object `build.rs` compiled from `packet-capture-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/packet-capture"));
@@ -36,6 +48,12 @@ pub enum Error {
     },
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
+    #[error("reading the eBPF programs' logs: {0}")]
+    Log(#[from] aya_log::Error),
+    #[error("starting the eBPF log thread: {0}")]
+    LogThread(#[source] std::io::Error),
+    #[error("counting the CPUs: {0}")]
+    Cpus(#[source] std::io::Error),
 }
 
 /// Which programs an interface gets.
@@ -111,6 +129,14 @@ pub struct Kernel {
     ports: Array<MapData, u64>,
     counters: PerCpuArray<MapData, u64>,
     lost_by_mask: PerCpuHashMap<MapData, u64, u64>,
+    /// The programs' `.bss`: `DIAGNOSTICS`, their only mutable global.
+    diagnostics: Array<MapData, u64>,
+    /// The hooks that have said they run, and the diagnostics' per-CPU
+    /// notes: emptied when diagnostics are switched on.
+    hooks_seen: BpfHashMap<MapData, u32, u8>,
+    diag_state: PerCpuArray<MapData, u64>,
+    /// Forwards the programs' log records while the kernel is loaded.
+    _logs: KernelLogs,
     slots: HashMap<usize, SlotTargets>,
     /// What the maps hold now, so updates only touch what changed.
     prefixes: HashMap<IpNet, u64>,
@@ -152,13 +178,17 @@ impl Kernel {
         // SAFETY: malloc_trim only releases free memory of glibc's heap.
         unsafe { libc::malloc_trim(0) };
         let ring = take(&mut ebpf, "RECORDS")?;
-        let kernel = Self {
+        let mut kernel = Self {
             settings: take(&mut ebpf, "SETTINGS")?,
             ipv4: take(&mut ebpf, "IPV4")?,
             ipv6: take(&mut ebpf, "IPV6")?,
             ports: take(&mut ebpf, "PORTS")?,
             counters: take(&mut ebpf, "COUNTERS")?,
             lost_by_mask: take(&mut ebpf, "LOST_BY_MASK")?,
+            diagnostics: take(&mut ebpf, ".bss")?,
+            hooks_seen: take(&mut ebpf, "HOOKS_SEEN")?,
+            diag_state: take(&mut ebpf, "DIAG_STATE")?,
+            _logs: KernelLogs::start(&mut ebpf)?,
             ebpf,
             attached: HashMap::new(),
             slots: HashMap::new(),
@@ -166,7 +196,39 @@ impl Kernel {
             port_masks: HashMap::new(),
             wakeup_bytes: ring_bytes / 16,
         };
+        // Whoever loads the programs decides by its own log filter.
+        kernel.set_diagnostics(kernel_debug_enabled())?;
         Ok((kernel, ring))
+    }
+
+    /// Switches the programs' diagnostics on or off, at once and for every
+    /// interface, without reloading or detaching anything. Switched on, they
+    /// start afresh: each hook says again that it runs, and losses count
+    /// from then.
+    pub fn set_diagnostics(&mut self, on: bool) -> Result<(), Error> {
+        if on {
+            let seen: Vec<u32> = self.hooks_seen.keys().filter_map(Result::ok).collect();
+            for key in seen {
+                // Gone already: an LRU entry the kernel evicted meanwhile.
+                let _ = self.hooks_seen.remove(&key);
+            }
+            // The per-CPU notes of the programs, zero meaning "nothing yet".
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Cpus(e))?;
+            for index in 0..self.diag_state.len() {
+                let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(Error::Cpus)?;
+                self.diag_state
+                    .set(index, zeros, 0)
+                    .map_err(map_err("DIAG_STATE"))?;
+            }
+        }
+        self.diagnostics
+            .set(0, u64::from(on), 0)
+            .map_err(map_err(".bss"))
+    }
+
+    /// Whether the programs' diagnostics are on.
+    pub fn diagnostics(&self) -> Result<bool, Error> {
+        Ok(self.diagnostics.get(&0, 0).map_err(map_err(".bss"))? != 0)
     }
 
     /// Attaches the program pair for `kind` to `iface`. Ingress goes first
@@ -417,6 +479,143 @@ impl Kernel {
     }
 }
 
+/// Whether the subscriber current here logs the programs' DEBUG lines.
+/// Asked of the subscriber itself: `tracing::enabled!` answers from caches
+/// shared by every subscriber of the process, which threads with
+/// subscribers of their own (tests) can leave stale for a moment.
+fn kernel_debug_enabled() -> bool {
+    use tracing::callsite::Callsite as _;
+    let callsite = tracing::callsite! {
+        name: "kernel diagnostics",
+        kind: tracing::metadata::Kind::EVENT,
+        target: KERNEL_LOG_TARGET,
+        level: tracing::Level::DEBUG,
+        fields: []
+    };
+    tracing::dispatcher::get_default(|d| d.enabled(callsite.metadata()))
+}
+
+/// The thread that forwards the programs' aya-log records to `tracing`,
+/// stopped (after a last read) when dropped.
+struct KernelLogs {
+    stop: OwnedFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl KernelLogs {
+    /// Takes the programs' log ring buffer. The thread logs through the
+    /// subscriber that is current here, so a test's subscriber hears it.
+    fn start(ebpf: &mut Ebpf) -> Result<Self, Error> {
+        let mut logger = EbpfLogger::init_with_logger(ebpf, Forward)?;
+        // SAFETY: eventfd(2) returns a new descriptor, owned right away.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if raw < 0 {
+            return Err(Error::LogThread(std::io::Error::last_os_error()));
+        }
+        // SAFETY: a fresh descriptor nobody else owns.
+        let stop = unsafe { OwnedFd::from_raw_fd(raw) };
+        let stopped = stop.try_clone().map_err(Error::LogThread)?;
+        let dispatch = tracing::dispatcher::get_default(Clone::clone);
+        let thread = std::thread::Builder::new()
+            .name("ebpf-log".into())
+            .spawn(move || {
+                tracing::dispatcher::with_default(&dispatch, || {
+                    loop {
+                        let mut fds =
+                            [logger.as_raw_fd(), stopped.as_raw_fd()].map(|fd| libc::pollfd {
+                                fd,
+                                events: libc::POLLIN,
+                                revents: 0,
+                            });
+                        // SAFETY: a valid array of pollfd of the length given.
+                        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+                        logger.flush();
+                        if fds[1].revents != 0 {
+                            return;
+                        }
+                    }
+                })
+            })
+            .map_err(Error::LogThread)?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for KernelLogs {
+    fn drop(&mut self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes to our eventfd.
+        unsafe { libc::write(self.stop.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Turns an aya-log record into a `tracing` event: the record's target is
+/// the program's name, and a message that starts with `ifindex=N ` (as the
+/// programs write them) gets the interface's name.
+struct Forward;
+
+impl log::Log for Forward {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let text = record.args().to_string();
+        let (ifindex, message) = split_ifindex(&text);
+        let iface = ifindex.and_then(interface_name);
+        let program = record.target();
+        macro_rules! forward {
+            ($level:expr) => {
+                tracing::event!(
+                    target: KERNEL_LOG_TARGET,
+                    $level,
+                    program,
+                    iface = iface.as_deref(),
+                    ifindex,
+                    "{message}"
+                )
+            };
+        }
+        match record.level() {
+            log::Level::Error => forward!(tracing::Level::ERROR),
+            log::Level::Warn => forward!(tracing::Level::WARN),
+            log::Level::Info => forward!(tracing::Level::INFO),
+            log::Level::Debug => forward!(tracing::Level::DEBUG),
+            log::Level::Trace => forward!(tracing::Level::TRACE),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// `ifindex=N rest` as (N, rest); any other text as (None, text).
+fn split_ifindex(text: &str) -> (Option<u32>, &str) {
+    text.strip_prefix("ifindex=")
+        .and_then(|rest| rest.split_once(' '))
+        .and_then(|(n, rest)| Some((Some(n.parse().ok()?), rest)))
+        .unwrap_or((None, text))
+}
+
+/// The name of interface `index` in this thread's network namespace (the
+/// one the programs were attached in); `None` once it is gone.
+fn interface_name(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes, NUL included.
+    let name = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
 /// For every prefix of every slot, the slots whose networks contain it: the
 /// longest-prefix match in the kernel then yields every slot that wants an
 /// address, not only the one with the most specific network.
@@ -472,6 +671,18 @@ mod tests {
         assert_eq!(get("192.168.0.0/24"), 0b100000);
         assert_eq!(get("fd00::/16"), 0b1);
         assert_eq!(masks.len(), 5);
+    }
+
+    #[test]
+    fn kernel_messages_name_their_interface() {
+        assert_eq!(
+            split_ifindex("ifindex=7 program running"),
+            (Some(7), "program running")
+        );
+        assert_eq!(split_ifindex("ifindex=x y"), (None, "ifindex=x y"));
+        assert_eq!(split_ifindex("no index"), (None, "no index"));
+        assert_eq!(interface_name(1).as_deref(), Some("lo"));
+        assert_eq!(interface_name(u32::MAX), None);
     }
 
     #[test]

@@ -131,7 +131,7 @@ impl CaptureDir {
                 format!("{name:?} cannot be used in a file name"),
             ));
         }
-        let stamp = crate::civil::file_stamp(unix_secs);
+        let stamp = file_stamp(unix_secs)?;
         let mut n = 0u64;
         loop {
             let file_name = match n {
@@ -421,6 +421,21 @@ fn whole_length(path: &Path, final_name: &str) -> io::Result<Option<u64>> {
     Ok(whole.filter(|&n| n > 0).map(|n| n as u64))
 }
 
+/// `YYYYmmdd-HHMMSS` in UTC, as capture file names carry it.
+fn file_stamp(unix_secs: i64) -> io::Result<String> {
+    let t = time::OffsetDateTime::from_unix_timestamp(unix_secs)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    Ok(format!(
+        "{:04}{:02}{:02}-{:02}{:02}{:02}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    ))
+}
+
 /// Bytes gathered before they are written: whole records only reach the file.
 const FLUSH_BYTES: usize = 256 * 1024;
 
@@ -539,9 +554,20 @@ mod tests {
             orig_len: 60,
         };
         for _ in 0..n {
-            enc.encode(&mut out, &meta, &[0u8; 60], &HashMap::new());
+            enc.encode(&mut out, &meta, &[0u8; 60], &HashMap::new())
+                .unwrap();
         }
         out
+    }
+
+    #[test]
+    fn file_names_carry_the_utc_time() {
+        assert_eq!(file_stamp(0).unwrap(), "19700101-000000");
+        assert_eq!(file_stamp(1_701_441_022).unwrap(), "20231201-143022");
+        // A leap day and the end of a century that is not a leap year.
+        assert_eq!(file_stamp(951_782_400).unwrap(), "20000229-000000");
+        assert_eq!(file_stamp(4_107_542_399).unwrap(), "21000228-235959");
+        assert!(file_stamp(i64::MAX).is_err());
     }
 
     #[test]

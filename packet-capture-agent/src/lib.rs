@@ -3,7 +3,6 @@
 
 pub mod api;
 pub mod capture;
-pub mod civil;
 pub mod config;
 pub mod ebpf;
 pub mod files;

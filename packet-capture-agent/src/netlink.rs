@@ -1,21 +1,24 @@
-//! The interfaces of this network namespace, and the ones that come and go,
-//! from rtnetlink (`RTM_NEWLINK`/`RTM_DELLINK`).
+//! The interfaces of this network namespace, and the ones that come and go:
+//! a blocking rtnetlink socket (`netlink-sys`) subscribed to link changes,
+//! whose messages `netlink-packet-route` decodes.
+//!
+//! The socket blocks its own thread (see `capture::links`), so no async
+//! runtime is involved.
 
+use std::collections::{HashMap, HashSet};
 use std::io;
-use std::mem::size_of;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-const NETLINK_ROUTE: i32 = 0;
-const RTMGRP_LINK: u32 = 1;
-const RTM_NEWLINK: u16 = 16;
-const RTM_DELLINK: u16 = 17;
-const RTM_GETLINK: u16 = 18;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_DUMP: u16 = 0x300;
-const IFLA_IFNAME: u16 = 3;
-const NLMSG_HDR: usize = 16;
-const IFINFOMSG: usize = 16;
+use netlink_packet_core::{
+    Emitable as _, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkMessage, NetlinkPayload,
+    NlasIterator, ParseableParametrized as _,
+};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::link::{LinkAttribute, LinkHeader, LinkMessage};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+/// Room for one datagram: the kernel sends dumps in pieces of at most 32 KiB
+/// and notifications of a page.
+const RECV_BUFFER: usize = 64 * 1024;
 
 /// An interface as rtnetlink describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,15 +34,30 @@ pub enum LinkEvent {
     /// A new interface, or news of one already known (the caller ignores
     /// what it has already handled).
     Up(Link),
+    /// An interface was deleted, or moved to another network namespace
+    /// (the kernel says both with `RTM_DELLINK`); or, after notifications
+    /// were lost, a listing no longer showed it.
     Gone(Link),
-    /// Every interface that existed at the start has been reported.
+    /// Every interface that existed when the listing was asked for has been
+    /// reported: the first time after [`LinkWatcher::new`], and again after
+    /// each listing asked for because notifications were lost.
     DumpDone,
 }
 
 /// A rtnetlink socket subscribed to link changes.
 pub struct LinkWatcher {
-    fd: OwnedFd,
+    socket: Socket,
     buf: Vec<u8>,
+    /// A listing was asked for and its end has not arrived yet.
+    dumping: bool,
+    /// Notifications were lost: the interfaces must be listed again.
+    resync: bool,
+    /// The interfaces reported up and not gone, by index.
+    known: HashMap<u32, Link>,
+    /// Indexes reported up since the last listing was asked for. A listing
+    /// names every interface, so at its end a known index missing here is
+    /// gone, even if the notification that said so was among those lost.
+    confirmed: HashSet<u32>,
 }
 
 impl LinkWatcher {
@@ -47,181 +65,213 @@ impl LinkWatcher {
     /// later changes arrive through [`LinkWatcher::next_events`], so no
     /// interface created in between is missed.
     pub fn new() -> io::Result<Self> {
-        // SAFETY: plain socket(2); the fd is owned right away.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                NETLINK_ROUTE,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a new, valid descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: sockaddr_nl is plain data; zero is a valid start.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as u16;
-        addr.nl_groups = RTMGRP_LINK;
-        // SAFETY: addr is a valid sockaddr_nl of the size given.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&raw const addr).cast(),
-                size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let watcher = Self {
-            fd,
-            buf: vec![0; 64 * 1024],
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        socket.bind(&SocketAddr::new(0, libc::RTMGRP_LINK as u32))?;
+        let mut watcher = Self {
+            socket,
+            buf: Vec::with_capacity(RECV_BUFFER),
+            dumping: false,
+            resync: false,
+            known: HashMap::new(),
+            confirmed: HashSet::new(),
         };
         watcher.request_dump()?;
         Ok(watcher)
     }
 
-    fn request_dump(&self) -> io::Result<()> {
-        let mut msg = [0u8; NLMSG_HDR + IFINFOMSG];
-        let len = msg.len() as u32;
-        msg[0..4].copy_from_slice(&len.to_ne_bytes());
-        msg[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
-        msg[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-        msg[8..12].copy_from_slice(&1u32.to_ne_bytes());
-        msg[NLMSG_HDR] = libc::AF_UNSPEC as u8;
-        // SAFETY: sending a buffer we own to our socket.
-        let n = unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
+    fn request_dump(&mut self) -> io::Result<()> {
+        let mut msg = NetlinkMessage::from(RouteNetlinkMessage::GetLink(LinkMessage::default()));
+        msg.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        msg.finalize();
+        let mut bytes = vec![0; msg.buffer_len()];
+        msg.serialize(&mut bytes);
+        self.socket.send(&bytes, 0)?;
+        self.dumping = true;
+        self.confirmed.clear();
         Ok(())
     }
 
     /// Blocks until rtnetlink says something, then returns the link events in it.
+    ///
+    /// When the kernel reports lost notifications (`ENOBUFS`), every
+    /// interface is listed again, which the caller sees end with another
+    /// [`LinkEvent::DumpDone`]. The listing is asked for only once the
+    /// socket's queue is empty: until then the kernel keeps dropping
+    /// notifications without saying so again, and a listing already past an
+    /// interface would miss its change. (A listing still under way is read
+    /// to its end first: the kernel runs one at a time per socket.)
     pub fn next_events(&mut self) -> io::Result<Vec<LinkEvent>> {
         loop {
-            // SAFETY: receiving into a buffer we own, within its length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    self.buf.as_mut_ptr().cast(),
-                    self.buf.len(),
-                    0,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
+            let draining = self.resync && !self.dumping;
+            let flags = if draining { libc::MSG_DONTWAIT } else { 0 };
+            self.buf.clear();
+            if let Err(e) = self.socket.recv(&mut self.buf, flags) {
                 match e.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    // The kernel dropped notifications: ask for the whole
-                    // list again rather than miss an interface.
-                    Some(libc::ENOBUFS) => {
+                    Some(libc::EINTR) => {}
+                    Some(libc::ENOBUFS) => self.resync = true,
+                    Some(libc::EAGAIN) if draining => {
+                        self.resync = false;
                         self.request_dump()?;
-                        continue;
                     }
                     _ => return Err(e),
                 }
+                continue;
             }
-            return Ok(parse(&self.buf[..n as usize]));
+            let parsed = parse(&self.buf)?;
+            return Ok(self.follow(parsed));
         }
     }
-}
 
-impl AsRawFd for LinkWatcher {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.fd.as_raw_fd()
-    }
-}
-
-/// Link events in a buffer of netlink messages.
-fn parse(mut buf: &[u8]) -> Vec<LinkEvent> {
-    let mut events = Vec::new();
-    while let [l0, l1, l2, l3, k0, k1, ..] = *buf {
-        let len = u32::from_ne_bytes([l0, l1, l2, l3]) as usize;
-        let kind = u16::from_ne_bytes([k0, k1]);
-        if len < NLMSG_HDR || len > buf.len() {
-            break;
-        }
-        let body = &buf[NLMSG_HDR..len];
-        match kind {
-            RTM_NEWLINK | RTM_DELLINK => {
-                if let Some(link) = parse_link(body) {
-                    events.push(if kind == RTM_NEWLINK {
-                        LinkEvent::Up(link)
-                    } else {
-                        LinkEvent::Gone(link)
-                    });
+    /// Keeps track of the interfaces `events` report, and adds a departure
+    /// before the end of a listing for each known interface it did not
+    /// name.
+    fn follow(&mut self, events: Vec<LinkEvent>) -> Vec<LinkEvent> {
+        let mut out = Vec::with_capacity(events.len());
+        for event in events {
+            match &event {
+                LinkEvent::Up(link) => {
+                    self.known.insert(link.index, link.clone());
+                    self.confirmed.insert(link.index);
+                }
+                LinkEvent::Gone(link) => {
+                    self.known.remove(&link.index);
+                }
+                LinkEvent::DumpDone => {
+                    self.dumping = false;
+                    let confirmed = &self.confirmed;
+                    let stale: Vec<u32> = self
+                        .known
+                        .keys()
+                        .filter(|index| !confirmed.contains(index))
+                        .copied()
+                        .collect();
+                    for index in stale {
+                        if let Some(link) = self.known.remove(&index) {
+                            out.push(LinkEvent::Gone(link));
+                        }
+                    }
                 }
             }
-            NLMSG_DONE => events.push(LinkEvent::DumpDone),
-            // Acknowledgements and other messages.
-            _ => {}
+            out.push(event);
         }
-        buf = buf.get((len + 3) & !3..).unwrap_or_default();
+        out
     }
-    events
 }
 
-fn parse_link(body: &[u8]) -> Option<Link> {
-    let info = body.get(..IFINFOMSG)?;
-    let arphrd = u16::from_ne_bytes(info[2..4].try_into().ok()?);
-    let index = i32::from_ne_bytes(info[4..8].try_into().ok()?);
-    let mut attrs = &body[IFINFOMSG..];
-    let mut name = None;
-    while attrs.len() >= 4 {
-        let len = usize::from(u16::from_ne_bytes(attrs[0..2].try_into().ok()?));
-        let kind = u16::from_ne_bytes(attrs[2..4].try_into().ok()?);
-        if len < 4 || len > attrs.len() {
-            break;
-        }
-        if kind == IFLA_IFNAME {
-            let raw = &attrs[4..len];
-            let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-            name = Some(String::from_utf8_lossy(&raw[..end]).into_owned());
-        }
-        let next = (len + 3) & !3;
-        attrs = attrs.get(next..).unwrap_or_default();
+impl std::os::fd::AsRawFd for LinkWatcher {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.socket.as_raw_fd()
     }
+}
+
+/// Link events in a datagram of netlink messages. An error message (the
+/// kernel refusing the listing) is an error.
+fn parse(mut buf: &[u8]) -> io::Result<Vec<LinkEvent>> {
+    let mut events = Vec::new();
+    while let Ok(frame) = NetlinkBuffer::new_checked(buf) {
+        let len = frame.length() as usize;
+        let event = match NetlinkMessage::<RouteNetlinkMessage>::deserialize(buf) {
+            Ok(msg) => match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
+                    link(&m.header, m.attributes).map(LinkEvent::Up)
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => {
+                    link(&m.header, m.attributes).map(LinkEvent::Gone)
+                }
+                NetlinkPayload::Done(_) => Some(LinkEvent::DumpDone),
+                NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                // Acknowledgements and other messages.
+                _ => None,
+            },
+            Err(e) => {
+                let event = lenient(frame.message_type(), frame.payload());
+                tracing::debug!(error = %e, ?event, "an interface message decoded leniently");
+                event
+            }
+        };
+        events.extend(event);
+        // Messages are aligned to four bytes within a datagram.
+        buf = buf.get((len + 3) & !3..).unwrap_or_default();
+    }
+    Ok(events)
+}
+
+/// A link message netlink-packet-route cannot decode whole (a kernel newer
+/// than the crate may send an attribute it misreads): each attribute is
+/// decoded on its own and those that fail are skipped, so an interface is
+/// never missed for the sake of an attribute the agent does not use.
+fn lenient(message_type: u16, payload: &[u8]) -> Option<LinkEvent> {
+    let header = LinkHeader::parse(payload).ok()?;
+    let attributes = NlasIterator::new(payload.get(header.buffer_len()..)?)
+        .filter_map(Result::ok)
+        .filter_map(|nla| LinkAttribute::parse_with_param(&nla, header.interface_family).ok())
+        .collect();
+    let link = link(&header, attributes)?;
+    match message_type {
+        libc::RTM_NEWLINK => Some(LinkEvent::Up(link)),
+        libc::RTM_DELLINK => Some(LinkEvent::Gone(link)),
+        _ => None,
+    }
+}
+
+fn link(header: &LinkHeader, attributes: Vec<LinkAttribute>) -> Option<Link> {
+    let name = attributes.into_iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name),
+        _ => None,
+    })?;
     Some(Link {
-        index: u32::try_from(index).ok()?,
-        name: name?,
-        arphrd,
+        index: header.index,
+        name,
+        arphrd: header.link_layer_type.into(),
     })
 }
 
 #[cfg(test)]
 mod tests {
+    use netlink_packet_core::{DoneMessage, NetlinkHeader};
+    use netlink_packet_route::link::LinkLayerType;
+
     use super::*;
 
-    fn message(kind: u16, index: i32, arphrd: u16, name: &str) -> Vec<u8> {
-        let mut attr = Vec::new();
-        let alen = 4 + name.len() + 1;
-        attr.extend_from_slice(&(alen as u16).to_ne_bytes());
-        attr.extend_from_slice(&IFLA_IFNAME.to_ne_bytes());
-        attr.extend_from_slice(name.as_bytes());
-        attr.push(0);
-        attr.resize((attr.len() + 3) & !3, 0);
-        let mut info = vec![0u8; IFINFOMSG];
-        info[2..4].copy_from_slice(&arphrd.to_ne_bytes());
-        info[4..8].copy_from_slice(&index.to_ne_bytes());
-        let len = NLMSG_HDR + info.len() + attr.len();
-        let mut msg = Vec::new();
-        msg.extend_from_slice(&(len as u32).to_ne_bytes());
-        msg.extend_from_slice(&kind.to_ne_bytes());
-        msg.extend_from_slice(&[0; 10]);
-        msg.extend(info);
-        msg.extend(attr);
-        msg
+    /// A datagram of `messages` as the kernel would send it.
+    fn datagram(messages: Vec<NetlinkPayload<RouteNetlinkMessage>>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for payload in messages {
+            let mut msg = NetlinkMessage::new(NetlinkHeader::default(), payload);
+            msg.finalize();
+            let mut bytes = vec![0; msg.buffer_len()];
+            msg.serialize(&mut bytes);
+            bytes.resize((bytes.len() + 3) & !3, 0);
+            out.extend(bytes);
+        }
+        out
+    }
+
+    fn link_message(index: u32, arphrd: LinkLayerType, name: &str) -> LinkMessage {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        m.header.link_layer_type = arphrd;
+        m.attributes.push(LinkAttribute::IfName(name.into()));
+        m
     }
 
     #[test]
-    fn parses_new_and_deleted_links() {
-        let mut buf = message(RTM_NEWLINK, 3, 1, "eth0");
-        buf.extend(message(RTM_DELLINK, 7, 65534, "wg0"));
+    fn decodes_new_and_deleted_links_and_the_end_of_a_listing() {
+        let buf = datagram(vec![
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link_message(
+                3,
+                LinkLayerType::Ether,
+                "eth0",
+            ))),
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link_message(
+                7,
+                LinkLayerType::None,
+                "wg0",
+            ))),
+            NetlinkPayload::Done(DoneMessage::default()),
+        ]);
         assert_eq!(
-            parse(&buf),
+            parse(&buf).unwrap(),
             [
                 LinkEvent::Up(Link {
                     index: 3,
@@ -233,9 +283,73 @@ mod tests {
                     name: "wg0".into(),
                     arphrd: 65534
                 }),
+                LinkEvent::DumpDone,
             ]
         );
-        assert_eq!(parse(&buf[..10]), []);
+        // A cut datagram yields what is whole in it.
+        assert_eq!(parse(&buf[..10]).unwrap(), []);
+    }
+
+    #[test]
+    fn an_attribute_the_crate_cannot_decode_does_not_hide_the_interface() {
+        let mut buf = datagram(vec![NetlinkPayload::InnerMessage(
+            RouteNetlinkMessage::NewLink(link_message(9, LinkLayerType::Ether, "eth9")),
+        )]);
+        // IFLA_MTU (4) must hold four bytes; one with two fails the strict
+        // decoding of the whole message.
+        let bad_mtu = [6u8, 0, 4, 0, 0xdc, 0x05, 0, 0];
+        buf.extend_from_slice(&bad_mtu);
+        let len = buf.len() as u32;
+        buf[..4].copy_from_slice(&len.to_ne_bytes());
+        assert!(NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf).is_err());
+        assert_eq!(
+            parse(&buf).unwrap(),
+            [LinkEvent::Up(Link {
+                index: 9,
+                name: "eth9".into(),
+                arphrd: 1
+            })]
+        );
+    }
+
+    #[test]
+    fn a_refusal_is_an_error() {
+        let mut refusal = netlink_packet_core::ErrorMessage::default();
+        refusal.code = std::num::NonZeroI32::new(-libc::EPERM);
+        let buf = datagram(vec![NetlinkPayload::Error(refusal)]);
+        let err = parse(&buf).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+    }
+
+    #[test]
+    fn a_listing_after_lost_notifications_says_what_went_meanwhile() {
+        let mut w = LinkWatcher::new().unwrap();
+        let link = |index, name: &str| Link {
+            index,
+            name: name.into(),
+            arphrd: 1,
+        };
+        let first = vec![
+            LinkEvent::Up(link(2, "eth0")),
+            LinkEvent::Up(link(3, "eth1")),
+            LinkEvent::DumpDone,
+        ];
+        assert_eq!(w.follow(first.clone()), first);
+        // A notification, then lost ones (eth1 deleted, eth2 come and
+        // gone), then the listing asked for again: eth1 is not in it.
+        assert_eq!(
+            w.follow(vec![LinkEvent::Up(link(2, "wan0"))]),
+            [LinkEvent::Up(link(2, "wan0"))]
+        );
+        w.request_dump().unwrap();
+        assert_eq!(
+            w.follow(vec![LinkEvent::Up(link(2, "wan0")), LinkEvent::DumpDone]),
+            [
+                LinkEvent::Up(link(2, "wan0")),
+                LinkEvent::Gone(link(3, "eth1")),
+                LinkEvent::DumpDone
+            ]
+        );
     }
 
     #[test]

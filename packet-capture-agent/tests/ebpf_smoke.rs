@@ -1,14 +1,23 @@
 //! The embedded eBPF object loads on this kernel, attaches to both TC hooks
-//! of a veth, sees real traffic, and leaves nothing behind when detached.
+//! of a veth, sees real traffic, and leaves nothing behind when detached;
+//! its diagnostics reach `tracing` with `LOG_LEVEL=DEBUG`, and only then.
 
 use std::process::Command;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
-use packet_capture_agent::ebpf::{Kernel, LinkKind};
+use packet_capture_agent::ebpf::{KERNEL_LOG_TARGET, Kernel, LinkKind, SlotTargets};
+use packet_capture_common::abi::counter;
+use packet_capture_common::logging::LogLevel;
 use packet_capture_test_support::{Netns, VethPair, netns::run, privileged};
+use packet_socket::{PacketSocket, short_ipv4_frame};
 use tc::tc_programs;
 
 #[path = "api/common/tc.rs"]
 mod tc;
+
+#[path = "api/common/packet_socket.rs"]
+mod packet_socket;
 
 #[test]
 fn loads_attaches_sees_traffic_and_detaches() {
@@ -89,4 +98,192 @@ fn other_programs_on_the_hooks_are_left_alone() {
         String::from_utf8_lossy(&qdiscs.stdout).contains("clsact"),
         "the clsact qdisc stays"
     );
+}
+
+/// What a `tracing` subscriber wrote, line by line, for a test to wait on.
+#[derive(Clone, Default)]
+struct Written(Arc<(Mutex<String>, Condvar)>);
+
+impl std::io::Write for Written {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let (text, changed) = &*self.0;
+        text.lock().unwrap().push_str(&String::from_utf8_lossy(buf));
+        changed.notify_all();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Written {
+    type Writer = Self;
+
+    fn make_writer(&'a self) -> Self {
+        self.clone()
+    }
+}
+
+impl Written {
+    /// Installs, for this thread, the agent's subscriber for `level` writing
+    /// here (the kernel's log thread takes it over when the programs load).
+    fn install(&self, level: LogLevel) -> tracing::subscriber::DefaultGuard {
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(level.filter())
+            .with_writer(self.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    /// The lines from the programs.
+    fn kernel_lines(&self) -> Vec<String> {
+        let text = self.0.0.lock().unwrap();
+        text.lines()
+            .filter(|l| l.contains(KERNEL_LOG_TARGET))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits until a line from the programs contains every one of `parts`.
+    fn wait_for(&self, parts: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (text, changed) = &*self.0;
+        let mut guard = text.lock().unwrap();
+        loop {
+            if let Some(line) = guard
+                .lines()
+                .find(|l| l.contains(KERNEL_LOG_TARGET) && parts.iter().all(|p| l.contains(p)))
+            {
+                return line.to_owned();
+            }
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| panic!("no line with {parts:?} in:\n{guard}"));
+            guard = changed.wait_timeout(guard, left).unwrap().0;
+        }
+    }
+}
+
+/// A capture slot that takes every packet whole.
+fn everything() -> SlotTargets {
+    SlotTargets {
+        nets: Vec::new(),
+        ports: Vec::new(),
+        copy_len: 262_144,
+    }
+}
+
+/// With the agent's DEBUG filter the programs say where they run, which
+/// frames are too short to parse and which records the ring had no room
+/// for, each line with its program and interface; switched off, they say
+/// nothing, and switched on again they start afresh, all without reloading.
+#[test]
+fn diagnostics_with_log_level_debug() {
+    if !privileged("diagnostics_with_log_level_debug") {
+        return;
+    }
+    let left = Netns::new("pcl");
+    let right = Netns::new("pcr");
+    let veth = VethPair::new(&left, &["10.99.0.1/24"], &right, &["10.99.0.2/24"]);
+    left.enter();
+    let written = Written::default();
+    let _subscriber = written.install(LogLevel::Debug);
+
+    // One page of ring, never read: it fills after a few records.
+    let (mut kernel, _ring) = Kernel::load(4096).unwrap();
+    assert!(kernel.diagnostics().unwrap(), "DEBUG switches them on");
+    kernel.attach(&veth.a, LinkKind::Ethernet).unwrap();
+    kernel.set_slot(0, everything()).unwrap();
+    let iface = format!("iface=\"{}\"", veth.a);
+
+    run(Command::new("ping").args(["-c", "2", "-i", "0.2", "-W", "2", "10.99.0.2"]));
+    written.wait_for(&["program running", "program=\"tc_egress\"", &iface]);
+    written.wait_for(&["program running", "program=\"tc_ingress\"", &iface]);
+
+    let socket = PacketSocket::open(&veth.a, 0x0800);
+    socket.send(&short_ipv4_frame(24));
+    written.wait_for(&[
+        "DEBUG",
+        "frame too short to parse: 24 bytes where its headers need 34 (protocol 0x800)",
+        "program=\"tc_egress\"",
+        &iface,
+    ]);
+
+    // Frames until the ring is full and some are lost; the next frame on a
+    // CPU that lost some reports them (a send runs the egress program on
+    // the sending CPU).
+    let lost_before = kernel.counter(counter::RING_LOST).unwrap();
+    for _ in 0..200 {
+        socket.send(&short_ipv4_frame(30));
+    }
+    assert!(kernel.counter(counter::RING_LOST).unwrap() > lost_before);
+    let line = written.wait_for(&["WARN", "records lost on this CPU since the last report"]);
+    assert!(
+        !line.contains("iface="),
+        "losses belong to no interface: {line}"
+    );
+
+    // Off: nothing, whatever happens. On again: the lines start afresh. The
+    // ring of log records keeps their order, so once the line about the
+    // frame sent after the switch is there, any line about the frame sent
+    // before it would be there too.
+    kernel.set_diagnostics(false).unwrap();
+    assert!(!kernel.diagnostics().unwrap());
+    socket.send(&short_ipv4_frame(25));
+    kernel.set_diagnostics(true).unwrap();
+    socket.send(&short_ipv4_frame(26));
+    written.wait_for(&["frame too short to parse: 26 bytes"]);
+    let lines = written.kernel_lines();
+    // What an operator sees (docs/capture.md quotes these).
+    for line in &lines {
+        eprintln!("{line}");
+    }
+    assert!(
+        !lines.iter().any(|l| l.contains("25 bytes")),
+        "logged while off: {lines:#?}"
+    );
+    let running = lines
+        .iter()
+        .filter(|l| l.contains("program running") && l.contains("tc_egress"))
+        .count();
+    assert_eq!(running, 2, "the hook says again that it runs: {lines:#?}");
+}
+
+/// Without DEBUG the programs keep quiet: no line even about records lost
+/// (a warning, which the INFO filter would show), until a test switches
+/// them on.
+#[test]
+fn no_diagnostics_without_log_level_debug() {
+    if !privileged("no_diagnostics_without_log_level_debug") {
+        return;
+    }
+    let left = Netns::new("pcl");
+    let right = Netns::new("pcr");
+    let veth = VethPair::new(&left, &["10.99.0.1/24"], &right, &["10.99.0.2/24"]);
+    left.enter();
+    let written = Written::default();
+    let _subscriber = written.install(LogLevel::Info);
+
+    let (mut kernel, _ring) = Kernel::load(4096).unwrap();
+    assert!(!kernel.diagnostics().unwrap(), "off unless DEBUG");
+    kernel.attach(&veth.a, LinkKind::Ethernet).unwrap();
+    kernel.set_slot(0, everything()).unwrap();
+    let socket = PacketSocket::open(&veth.a, 0x0800);
+    for _ in 0..200 {
+        socket.send(&short_ipv4_frame(24));
+    }
+    let lost = kernel.counter(counter::RING_LOST).unwrap();
+    assert!(lost > 0, "the ring filled");
+
+    // Switched on, the next losses are reported (from the second packet on
+    // a CPU: the first takes the counters as they are): the first line.
+    kernel.set_diagnostics(true).unwrap();
+    for _ in 0..20 {
+        socket.send(&short_ipv4_frame(24));
+    }
+    written.wait_for(&["records lost on this CPU since the last report"]);
+    let lines = written.kernel_lines();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
 }

@@ -5,16 +5,27 @@
 //! at least one slot is copied (up to the largest snaplen) into the ring
 //! buffer with the mask of the slots it matched; the agent does the rest.
 //! The programs never change what happens to a packet.
+//!
+//! Diagnostics (aya-log) say what an operator needs when captures look
+//! empty: that a program runs on an interface, frames too short to parse,
+//! records lost. They are off unless the agent sets [`DIAGNOSTICS`], which
+//! it does while its log level is DEBUG. Off, they cost the packets of a
+//! running capture one load and one branch, and the others nothing. Every
+//! line is logged from one place, at the end of a packet ([`diagnose`]):
+//! the paths that find something to say only leave a note in per-CPU
+//! memory, so the verifier walks the logging code once, not once for each
+//! of the many paths that reach it.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{classifier, map},
-    maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
+    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
     programs::TcContext,
 };
+use aya_log_ebpf::{debug, warn};
 use packet_capture_common::abi::{
     DEFAULT_RING_BYTES, DIRECTION_EGRESS, DIRECTION_INGRESS, LINK_ETHERNET, LINK_RAW_IP,
     LOST_MASKS, MAX_PREFIXES, MAX_SNAPLEN, PORT_ENTRIES, RECORD_HEADER_LEN, RecordHeader, Settings,
@@ -44,9 +55,53 @@ const IPPROTO_AH: u8 = 51;
 const IPPROTO_DSTOPTS: u8 = 60;
 const MAX_VLAN_TAGS: usize = 2;
 const MAX_IPV6_EXT_HEADERS: usize = 8;
+/// Smallest lengths of the headers parsed: what a frame must hold.
+const ARP_LEN: usize = 28;
+const IPV4_MIN_LEN: usize = 20;
+const IPV6_LEN: usize = 40;
+
+/// What `DIAG_STATE` holds, per CPU, by index. The agent zeroes it all when
+/// it switches diagnostics on.
+mod diag {
+    /// `bpf_ktime_get_ns` before which no other short frame is logged.
+    pub const NEXT_SHORT_NS: u32 = 0;
+    /// The same for lost records; 0 until the first packet after the
+    /// switch, which takes the loss counters as they are then.
+    pub const NEXT_LOST_NS: u32 = 1;
+    /// The CPU's lost records (ring full, unreadable) already reported.
+    pub const REPORTED_RING_FULL: u32 = 2;
+    pub const REPORTED_UNREADABLE: u32 = 3;
+    /// Bytes the headers of this packet needed when it was shorter, set
+    /// by the parser and taken by [`super::diagnose`]; 0: none.
+    pub const SHORT_NEEDED: u32 = 4;
+    pub const ENTRIES: u32 = 5;
+}
+/// Lines of one kind (short frames, lost records) are logged at most
+/// once a second per CPU: a flood says so, not once a packet.
+const DIAG_INTERVAL_NS: u64 = 1_000_000_000;
+/// Hooks remembered as having said that they run.
+const HOOKS_SEEN_ENTRIES: u32 = 4096;
 
 #[map]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// Non-zero while the agent wants diagnostics (its log level is DEBUG).
+/// A mutable global lives in the object's `.bss` map, which the agent
+/// writes at any time; reading it is one load from an address the
+/// verifier resolved, not a map lookup. (A `static mut` read with a
+/// volatile load: the BPF backend cannot select an atomic load.)
+#[unsafe(no_mangle)]
+static mut DIAGNOSTICS: u64 = 0;
+
+/// (ifindex, direction) of the hooks that have said they run since
+/// diagnostics were switched on (the agent empties it then). LRU: an
+/// interface that comes later still gets its line when the map is full.
+#[map]
+static HOOKS_SEEN: LruHashMap<u32, u8> = LruHashMap::with_max_entries(HOOKS_SEEN_ENTRIES, 0);
+
+/// The diagnostics' per-CPU notes (see [`diag`]).
+#[map]
+static DIAG_STATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(diag::ENTRIES, 0);
 
 /// IPv4 prefix -> slots whose targets contain it (the agent folds the slots
 /// of every shorter prefix into each entry, so the longest match is enough).
@@ -74,28 +129,65 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 #[map]
 static LOST_BY_MASK: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(LOST_MASKS, 0);
 
+/// What sets one program apart from the others, known when it is compiled.
+trait Hook {
+    /// The program's name: the target of its log records.
+    const NAME: &'static str;
+    const DIRECTION: u8;
+    const LINK: u8;
+}
+
+struct Ingress;
+struct Egress;
+struct IngressL3;
+struct EgressL3;
+
+impl Hook for Ingress {
+    const NAME: &'static str = "tc_ingress";
+    const DIRECTION: u8 = DIRECTION_INGRESS;
+    const LINK: u8 = LINK_ETHERNET;
+}
+
+impl Hook for Egress {
+    const NAME: &'static str = "tc_egress";
+    const DIRECTION: u8 = DIRECTION_EGRESS;
+    const LINK: u8 = LINK_ETHERNET;
+}
+
+impl Hook for IngressL3 {
+    const NAME: &'static str = "tc_ingress_l3";
+    const DIRECTION: u8 = DIRECTION_INGRESS;
+    const LINK: u8 = LINK_RAW_IP;
+}
+
+impl Hook for EgressL3 {
+    const NAME: &'static str = "tc_egress_l3";
+    const DIRECTION: u8 = DIRECTION_EGRESS;
+    const LINK: u8 = LINK_RAW_IP;
+}
+
 #[classifier]
 pub fn tc_ingress(ctx: TcContext) -> i32 {
-    capture(&ctx, DIRECTION_INGRESS, LINK_ETHERNET);
+    capture::<Ingress>(&ctx);
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn tc_egress(ctx: TcContext) -> i32 {
-    capture(&ctx, DIRECTION_EGRESS, LINK_ETHERNET);
+    capture::<Egress>(&ctx);
     TC_ACT_UNSPEC
 }
 
 /// For interfaces without a link-layer header (tun, wireguard, ipip).
 #[classifier]
 pub fn tc_ingress_l3(ctx: TcContext) -> i32 {
-    capture(&ctx, DIRECTION_INGRESS, LINK_RAW_IP);
+    capture::<IngressL3>(&ctx);
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn tc_egress_l3(ctx: TcContext) -> i32 {
-    capture(&ctx, DIRECTION_EGRESS, LINK_RAW_IP);
+    capture::<EgressL3>(&ctx);
     TC_ACT_UNSPEC
 }
 
@@ -109,7 +201,7 @@ struct Selectors {
 }
 
 #[inline(always)]
-fn capture(ctx: &TcContext, direction: u8, link: u8) {
+fn capture<H: Hook>(ctx: &TcContext) {
     count(counter::SEEN);
     let Some(settings) = SETTINGS.get(0) else {
         return;
@@ -117,7 +209,7 @@ fn capture(ctx: &TcContext, direction: u8, link: u8) {
     if settings.active == 0 {
         return;
     }
-    let selectors = if link == LINK_ETHERNET {
+    let selectors = if H::LINK == LINK_ETHERNET {
         parse_ethernet(ctx, settings.any_ip)
     } else {
         // Without a link header, skb->protocol says what the bytes are.
@@ -129,11 +221,13 @@ fn capture(ctx: &TcContext, direction: u8, link: u8) {
         None => settings.any_port,
     };
     let mask = settings.active & selectors.ip & port_match;
-    if mask == 0 {
-        return;
+    if mask != 0 {
+        count(counter::MATCHED);
+        emit(ctx, mask, H::DIRECTION, H::LINK, settings);
     }
-    count(counter::MATCHED);
-    emit(ctx, mask, direction, link, settings);
+    if diagnostics() {
+        diagnose::<H>(ctx);
+    }
 }
 
 /// What a record says besides the packet's bytes and the skb's fields.
@@ -284,6 +378,7 @@ fn emit_in<const N: usize>(ctx: &TcContext, r: &Record) {
 fn parse_ethernet(ctx: &TcContext, any_ip: u64) -> Selectors {
     let mut offset = ETH_HLEN;
     let Ok(mut proto) = ctx.load::<u16>(12).map(u16::from_be) else {
+        too_short(ETH_HLEN);
         return no_match(any_ip);
     };
     // VLAN tags still in the frame (802.1ad outer, 802.1Q inner).
@@ -292,6 +387,7 @@ fn parse_ethernet(ctx: &TcContext, any_ip: u64) -> Selectors {
             break;
         }
         let Ok(inner) = ctx.load::<u16>(offset + 2).map(u16::from_be) else {
+            too_short(offset + 4);
             return no_match(any_ip);
         };
         proto = inner;
@@ -314,7 +410,10 @@ fn parse_network(ctx: &TcContext, proto: u16, offset: usize, any_ip: u64) -> Sel
                     ip: any_ip | ipv4_slots(s) | ipv4_slots(t),
                     ports: None,
                 },
-                _ => no_match(any_ip),
+                _ => {
+                    too_short(offset + ARP_LEN);
+                    no_match(any_ip)
+                }
             }
         }
         _ => no_match(any_ip),
@@ -324,6 +423,7 @@ fn parse_network(ctx: &TcContext, proto: u16, offset: usize, any_ip: u64) -> Sel
 #[inline(always)]
 fn parse_ipv4(ctx: &TcContext, offset: usize, any_ip: u64) -> Selectors {
     let Ok(first) = ctx.load::<u8>(offset) else {
+        too_short(offset + IPV4_MIN_LEN);
         return no_match(any_ip);
     };
     let header_len = usize::from(first & 0x0f) * 4;
@@ -336,6 +436,7 @@ fn parse_ipv4(ctx: &TcContext, offset: usize, any_ip: u64) -> Selectors {
         ctx.load::<[u8; 4]>(offset + 12),
         ctx.load::<[u8; 4]>(offset + 16),
     ) else {
+        too_short(offset + IPV4_MIN_LEN);
         return no_match(any_ip);
     };
     let ip = any_ip | ipv4_slots(src) | ipv4_slots(dst);
@@ -355,6 +456,7 @@ fn parse_ipv6(ctx: &TcContext, offset: usize, any_ip: u64) -> Selectors {
         ctx.load::<[u8; 16]>(offset + 8),
         ctx.load::<[u8; 16]>(offset + 24),
     ) else {
+        too_short(offset + IPV6_LEN);
         return no_match(any_ip);
     };
     let ip = any_ip | ipv6_slots(src) | ipv6_slots(dst);
@@ -363,6 +465,7 @@ fn parse_ipv6(ctx: &TcContext, offset: usize, any_ip: u64) -> Selectors {
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
                 let (Ok(n), Ok(len)) = (ctx.load::<u8>(at), ctx.load::<u8>(at + 1)) else {
+                    too_short(at + 2);
                     return Selectors { ip, ports: None };
                 };
                 next = n;
@@ -370,6 +473,7 @@ fn parse_ipv6(ctx: &TcContext, offset: usize, any_ip: u64) -> Selectors {
             }
             IPPROTO_AH => {
                 let (Ok(n), Ok(len)) = (ctx.load::<u8>(at), ctx.load::<u8>(at + 1)) else {
+                    too_short(at + 2);
                     return Selectors { ip, ports: None };
                 };
                 next = n;
@@ -377,6 +481,7 @@ fn parse_ipv6(ctx: &TcContext, offset: usize, any_ip: u64) -> Selectors {
             }
             IPPROTO_FRAGMENT => {
                 let (Ok(n), Ok(frag)) = (ctx.load::<u8>(at), ctx.load::<u16>(at + 2)) else {
+                    too_short(at + 4);
                     return Selectors { ip, ports: None };
                 };
                 if u16::from_be(frag) & 0xfff8 != 0 {
@@ -399,7 +504,10 @@ fn transport_ports(ctx: &TcContext, protocol: u8, offset: usize) -> Option<(u16,
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP && protocol != IPPROTO_SCTP {
         return None;
     }
-    let ports = ctx.load::<[u8; 4]>(offset).ok()?;
+    let Ok(ports) = ctx.load::<[u8; 4]>(offset) else {
+        too_short(offset + 4);
+        return None;
+    };
     Some((
         u16::from_be_bytes([ports[0], ports[1]]),
         u16::from_be_bytes([ports[2], ports[3]]),
@@ -427,6 +535,153 @@ fn ipv6_slots(addr: [u8; 16]) -> u64 {
 #[inline(always)]
 fn port_slots(port: u16) -> u64 {
     PORTS.get(u32::from(port)).copied().unwrap_or(0)
+}
+
+/// Logs what this packet had to say, and what the CPU's loss counters
+/// say since the last line about them.
+///
+/// Every map lookup comes first, before any line: without CAP_PERFMON the
+/// verifier refuses a map key written over a stack slot where a pointer was
+/// spilled, and the logging code spills many. (The capabilities test loads
+/// the programs with the chart's capabilities, which have no CAP_PERFMON.)
+/// Inlined: as functions of their own (BPF subprograms) this code and the
+/// lines cost the verifier twice the instructions of the whole program.
+#[inline(always)]
+fn diagnose<H: Hook>(ctx: &TcContext) {
+    let (
+        Some(short_needed),
+        Some(next_short),
+        Some(next_lost),
+        Some(full_seen),
+        Some(unreadable_seen),
+        Some(full),
+        Some(unreadable),
+    ) = (
+        DIAG_STATE.get_ptr_mut(diag::SHORT_NEEDED),
+        DIAG_STATE.get_ptr_mut(diag::NEXT_SHORT_NS),
+        DIAG_STATE.get_ptr_mut(diag::NEXT_LOST_NS),
+        DIAG_STATE.get_ptr_mut(diag::REPORTED_RING_FULL),
+        DIAG_STATE.get_ptr_mut(diag::REPORTED_UNREADABLE),
+        COUNTERS.get_ptr(counter::RING_LOST),
+        COUNTERS.get_ptr(counter::LOAD_FAILED),
+    )
+    else {
+        return;
+    };
+    let hook = (ifindex(ctx) << 1) | u32::from(H::DIRECTION);
+    // Looked up before inserting: an LRU insert takes a free element even
+    // when the key is there, which would churn the map on every packet.
+    // Only the CPU whose insert creates the entry says so.
+    if HOOKS_SEEN.get_ptr(hook).is_none() && HOOKS_SEEN.insert(hook, 1, BPF_NOEXIST as u64).is_ok()
+    {
+        log_running::<H>(ctx);
+    }
+    // SAFETY: per-CPU values, only touched by programs on this CPU.
+    unsafe {
+        let short = core::mem::replace(&mut *short_needed, 0);
+        if short != 0 && unless_too_soon(&mut *next_short) {
+            log_too_short::<H>(ctx, short);
+        }
+        let (full, unreadable) = (*full, *unreadable);
+        if *next_lost == 0 {
+            // The first packet since diagnostics were switched on: what
+            // was lost before is not news. (1: the next line may come at
+            // once.)
+            (*full_seen, *unreadable_seen, *next_lost) = (full, unreadable, 1);
+        } else if (full, unreadable) != (*full_seen, *unreadable_seen)
+            && unless_too_soon(&mut *next_lost)
+        {
+            log_lost::<H>(ctx, full - *full_seen, unreadable - *unreadable_seen);
+            (*full_seen, *unreadable_seen) = (full, unreadable);
+        }
+    }
+}
+
+/// That the program runs on this interface: said once per hook, from the
+/// first packet a running capture could see there.
+#[inline(always)]
+fn log_running<H: Hook>(ctx: &TcContext) {
+    debug!(
+        ctx,
+        target: H::NAME,
+        "ifindex={} program running: first packet since diagnostics were switched on",
+        ifindex(ctx)
+    );
+}
+
+#[inline(always)]
+fn log_too_short<H: Hook>(ctx: &TcContext, needed: u64) {
+    debug!(
+        ctx,
+        target: H::NAME,
+        "ifindex={} frame too short to parse: {} bytes where its headers need {} (protocol 0x{:x})",
+        ifindex(ctx),
+        ctx.len(),
+        needed,
+        u16::from_be(ctx.skb.protocol() as u16)
+    );
+}
+
+/// Losses belong to the ring buffer, not to an interface: the line names
+/// none.
+#[inline(always)]
+fn log_lost<H: Hook>(ctx: &TcContext, ring_full: u64, unreadable: u64) {
+    warn!(
+        ctx,
+        target: H::NAME,
+        "records lost on this CPU since the last report: {} with the ring buffer full, {} unreadable",
+        ring_full,
+        unreadable
+    );
+}
+
+/// Whether a line may be logged now, given the time `next` before which
+/// none may; if so, the next waits [`DIAG_INTERVAL_NS`].
+#[inline(always)]
+fn unless_too_soon(next: &mut u64) -> bool {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now < *next {
+        return false;
+    }
+    *next = now + DIAG_INTERVAL_NS;
+    true
+}
+
+/// Whether the agent wants diagnostics now.
+#[inline(always)]
+fn diagnostics() -> bool {
+    // SAFETY: an aligned u64 that only the agent writes, through the map;
+    // a stale read only delays a switch by a packet.
+    unsafe { core::ptr::read_volatile(&raw const DIAGNOSTICS) != 0 }
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the TC context points at a valid __sk_buff.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// Notes, when diagnostics are on, that this frame ends before the
+/// `needed` bytes of the headers that would give its addresses or ports,
+/// so that only captures without targets and ports can match it.
+#[inline(always)]
+fn too_short(needed: usize) {
+    if diagnostics() {
+        note_too_short(needed as u64);
+    }
+}
+
+/// A function of its own (a BPF subprogram, with a stack frame of its own)
+/// so that its map key is never written where the parser spilled a pointer
+/// (see [`diagnose`]); it is a few instructions, cheap to verify at each of
+/// its call sites.
+#[inline(never)]
+fn note_too_short(needed: u64) {
+    if let Some(note) = DIAG_STATE.get_ptr_mut(diag::SHORT_NEEDED) {
+        // SAFETY: a per-CPU value, only touched by programs on this CPU.
+        unsafe { *note = needed };
+    }
 }
 
 #[inline(always)]

@@ -181,7 +181,7 @@ fn rfc3339(t: SystemTime) -> String {
         .min(u128::from(u64::MAX)) as u64;
     let mut s = String::with_capacity(32);
     // Writing to a String cannot fail.
-    let _ = crate::civil::write_rfc3339(&mut s, ns);
+    let _ = crate::writer::write_rfc3339(&mut s, ns);
     s
 }
 

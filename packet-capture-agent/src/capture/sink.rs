@@ -79,6 +79,9 @@ pub struct Sink {
     packets: u64,
     /// Packets gathered in the output buffer, not yet in the file.
     buffered: u64,
+    /// Whether a packet the encoder refused was logged (once per capture:
+    /// the same cause would refuse every packet after it).
+    refusal_logged: bool,
 }
 
 impl Sink {
@@ -89,7 +92,7 @@ impl Sink {
         filter: Option<Filter>,
         snaplen: u32,
         max_packets: u64,
-        encoder: Encoder,
+        mut encoder: Encoder,
         mut destination: Destination,
         counters: Arc<Counters>,
     ) -> Self {
@@ -109,6 +112,7 @@ impl Sink {
             counters,
             packets: 0,
             buffered: 0,
+            refusal_logged: false,
         }
     }
 
@@ -126,16 +130,29 @@ impl Sink {
             return None;
         }
         let kept = &frame[..frame.len().min(self.snaplen)];
-        match &mut self.destination {
+        let encoded = match &mut self.destination {
             Destination::File(output) => {
                 let encoder = &mut self.encoder;
-                if output.append(|b| encoder.encode(b, meta, kept, names)) == Err(Full) {
+                let mut encoded = Ok(());
+                if output.append(|b| encoded = encoder.encode(b, meta, kept, names)) == Err(Full) {
                     return Some(EndReason::FileSize(output.size()));
                 }
                 self.counters.bytes.store(output.size(), Ordering::Relaxed);
-                self.buffered += 1;
+                if encoded.is_ok() {
+                    self.buffered += 1;
+                }
+                encoded
             }
             Destination::Stdout(buf) => self.encoder.encode(buf, meta, kept, names),
+        };
+        if let Err(e) = encoded {
+            // Nothing of the packet was written: it is lost, and counted so.
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            if !self.refusal_logged {
+                self.refusal_logged = true;
+                tracing::warn!(capture = %self.id, "{e}");
+            }
+            return None;
         }
         self.packets += 1;
         self.counters.packets.store(self.packets, Ordering::Relaxed);

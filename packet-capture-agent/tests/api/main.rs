@@ -6,6 +6,7 @@
 mod auth;
 mod capabilities;
 mod common;
+mod diagnostics;
 mod files;
 mod grpc;
 mod openapi;
