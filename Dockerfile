@@ -10,9 +10,16 @@
 # target platform with Debian's cross toolchain and that platform's libpcap
 # (`cargo xtask cross-check` does the same for arm64 without Docker). The eBPF
 # programs are compiled for bpfel: the kernel's byte order on amd64 and arm64.
+#
+# BINARIES=prebuilt takes the binaries built outside the image instead, from
+# the build context `bin` (<arch>/packet-capture-{agent,controller}):
+# `cargo xtask images` builds them on the host and runs buildah with
+# `--build-arg BINARIES=prebuilt --build-context bin=target/images/bin`.
+# The builder stage is then not built.
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
+ARG BINARIES=builder
 
 FROM --platform=$BUILDPLATFORM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS builder
 ARG BUILDARCH
@@ -61,11 +68,26 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && mkdir -p /out \
  && cp "target/$target/release/packet-capture-agent" "target/$target/release/packet-capture-controller" /out/
 
+# Binaries built outside the image, one directory per architecture.
+FROM scratch AS prebuilt
+ARG TARGETARCH
+COPY --from=bin ${TARGETARCH}/packet-capture-agent ${TARGETARCH}/packet-capture-controller /out/
+
+# Where the images take the binaries from: the builder or prebuilt. (The
+# WORKDIR gives the stage an instruction: buildah 1.28 leaves a stage that
+# has none mounted after the build.)
+FROM ${BINARIES} AS binaries
+WORKDIR /out
+
 # The runtime: Debian slim with libpcap (both binaries link it dynamically).
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libpcap0.8 ca-certificates \
  && rm -rf /var/lib/apt/lists/*
+
+# What both images say about themselves. (A stage of its own: `cargo xtask
+# images` keeps the runtime cached and rebuilds this with each version.)
+FROM runtime AS labelled
 ARG VERSION=0.1.0
 ARG SOURCE=https://github.com/packet-capture/packet-capture
 ARG REVISION=unknown
@@ -77,19 +99,19 @@ LABEL org.opencontainers.image.version="${VERSION}" \
 
 # The node agent. It runs as root (uid 0) so that it can write the capture
 # directory on the host, with only the capabilities the DaemonSet grants.
-FROM runtime AS agent
+FROM labelled AS agent
 LABEL org.opencontainers.image.title="packet-capture-agent" \
       org.opencontainers.image.description="Captures packets on a node with eBPF (libpcap fallback) and serves the agent API"
-COPY --from=builder /out/packet-capture-agent /usr/local/bin/packet-capture-agent
+COPY --from=binaries /out/packet-capture-agent /usr/local/bin/packet-capture-agent
 USER 0:0
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/packet-capture-agent"]
 
 # The controller, as an unprivileged user.
-FROM runtime AS controller
+FROM labelled AS controller
 LABEL org.opencontainers.image.title="packet-capture-controller" \
       org.opencontainers.image.description="Reconciles PacketCaptureConfigs, drives the agents and serves the validating webhook"
-COPY --from=builder /out/packet-capture-controller /usr/local/bin/packet-capture-controller
+COPY --from=binaries /out/packet-capture-controller /usr/local/bin/packet-capture-controller
 USER 65532:65532
 EXPOSE 8443 8081
 ENTRYPOINT ["/usr/local/bin/packet-capture-controller"]

@@ -75,6 +75,10 @@ images: ## Build (and push) the multi-arch images: IMAGE_REGISTRY, TAG, PLATFORM
 			$(IMAGE_OUTPUT) . ; \
 	done
 
+.PHONY: images-local
+images-local: ## Build both images here with buildah, no Docker (cargo xtask images; IMAGE_REGISTRY, TAG; LOAD=1 imports into containerd)
+	$(CARGO) xtask images $(if $(LOAD),--load)
+
 .PHONY: deploy
 deploy: ## Install with kubectl in the README's order (the webhook only if cert-manager is installed)
 	$(KUBECTL) apply -f crd/packet_capture_config_crd.yaml

@@ -11,6 +11,7 @@ pub mod cross;
 pub mod demo;
 pub mod ebpf;
 pub mod examples;
+pub mod images;
 pub mod manifests;
 pub mod setup;
 pub mod util;

@@ -2,7 +2,7 @@
 //! cargo does.
 
 use clap::{Parser, Subcommand};
-use xtask::{bench, cluster, crdgen, cross, demo, ebpf, manifests, setup};
+use xtask::{bench, cluster, crdgen, cross, demo, ebpf, images, manifests, setup};
 
 #[derive(Parser)]
 #[command(about = "packet-capture project tasks")]
@@ -37,6 +37,10 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
+    /// Build the agent and controller images from the Dockerfile with
+    /// buildah (no Docker) into OCI archives under target/images/, for
+    /// linux/amd64 and linux/arm64; `--load` imports them into containerd.
+    Images(images::Args),
     /// A local control plane with simulated nodes: up, down, status.
     #[command(subcommand)]
     Cluster(cluster::Command),
@@ -54,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         Task::Crdgen { check } => crdgen::run(check),
         Task::Manifests { check } => manifests::run(check),
         Task::CrossCheck { release } => cross::run(release),
+        Task::Images(args) => images::run_cli(args),
         Task::Cluster(command) => cluster::run(command),
         Task::Demo => demo::run_demo(),
         Task::Bench(args) => bench::run_cli(args),

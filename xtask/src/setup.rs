@@ -53,6 +53,31 @@ const PACKAGES: &[(&str, &str)] = &[
         "libpcap0.8-dev:arm64",
         "libpcap for the arm64 agent and controller (needs the arm64 architecture in dpkg)",
     ),
+    (
+        "buildah",
+        "builds the images from the Dockerfile without Docker (`cargo xtask images`)",
+    ),
+    (
+        "mmdebstrap",
+        "makes the images' Debian base here when no registry answers",
+    ),
+    (
+        "arch-test",
+        "mmdebstrap checks with it that arm64 programs run (under QEMU)",
+    ),
+    (
+        "qemu-user-static",
+        "runs arm64 programs: the arm64 images' RUN steps and their --version check",
+    ),
+    (
+        "containerd",
+        "the node's container runtime; `cargo xtask images --load` imports into it",
+    ),
+    ("runc", "the OCI runtime containerd starts containers with"),
+    (
+        "containernetworking-plugins",
+        "pod networking (CNI) for the node's containerd",
+    ),
 ];
 
 /// The foreign architecture whose packages cross-compiling needs.

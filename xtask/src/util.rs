@@ -38,6 +38,16 @@ pub fn cargo() -> Command {
     cmd
 }
 
+/// cargo's target directory: `$CARGO_TARGET_DIR`, else `target/` in the root.
+pub fn target_dir() -> anyhow::Result<PathBuf> {
+    let meta = output(cargo().args(["metadata", "--no-deps", "--format-version", "1"]))?;
+    let meta: serde_json::Value = serde_json::from_str(&meta).context("cargo metadata output")?;
+    meta["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("cargo metadata has no target_directory")
+}
+
 /// Runs `cmd`, a `cargo build`, with its diagnostics rendered on stderr, and
 /// returns cargo's JSON messages (artifacts, build scripts).
 pub fn cargo_build(cmd: &mut Command) -> anyhow::Result<Vec<serde_json::Value>> {
