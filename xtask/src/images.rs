@@ -17,6 +17,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context as _, bail, ensure};
+use packet_capture_test_support::cluster::import_image;
 use packet_capture_test_support::{on_path, tools::cache_dir};
 
 use crate::cross;
@@ -315,11 +316,7 @@ pub fn load(images: &[Image], containerd: &Path) -> anyhow::Result<()> {
             image.name,
             containerd.display()
         ));
-        run(Command::new("ctr")
-            .arg("--address")
-            .arg(containerd)
-            .args(["-n", "k8s.io", "images", "import"])
-            .arg(&image.archive))?;
+        import_image(containerd, &image.archive)?;
     }
     Ok(())
 }

@@ -44,7 +44,7 @@ use tokio::sync::OnceCell;
 
 pub use build::{Binaries, ETCD_VERSION, HELM_VERSION, KUBERNETES_VERSION};
 pub use control::SERVICE_ACCOUNT_ISSUER;
-pub use real::{CRI_NAMESPACE, PAUSE_IMAGE, RealNode};
+pub use real::{CRI_NAMESPACE, PAUSE_IMAGE, RealNode, import_image};
 pub use sim::{AgentOptions, ClusterProcess, SimAgent, SimNode, SimPod, TestNamespace};
 
 use network::Plan;

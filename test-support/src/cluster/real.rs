@@ -239,7 +239,7 @@ impl RealNode {
     /// Imports an OCI archive (one image or a multi-platform index) into
     /// the node's containerd, as `ctr -n k8s.io images import` does.
     pub fn import_image(&self, archive: &Path) -> Result<()> {
-        import(&self.containerd_socket(), archive)
+        import_image(&self.containerd_socket(), archive)
     }
 
     /// Gives an image of the node's containerd a second name, as a pull of
@@ -449,13 +449,15 @@ impl Drop for RealNode {
     }
 }
 
-/// `ctr -n k8s.io images import` into the containerd at `socket`.
-pub fn import(socket: &Path, archive: &Path) -> Result<()> {
+/// `ctr -n k8s.io images import` of an OCI archive into the containerd at
+/// `socket`: the CRI then has the image under its name (the host's
+/// platform unpacked).
+pub fn import_image(socket: &Path, archive: &Path) -> Result<()> {
     checked_output(
         Command::new("ctr")
             .arg("--address")
             .arg(socket)
-            .args(["-n", CRI_NAMESPACE, "images", "import", "--all-platforms"])
+            .args(["-n", CRI_NAMESPACE, "images", "import"])
             .arg(archive),
     )
     .map(drop)
