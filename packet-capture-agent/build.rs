@@ -7,7 +7,11 @@ use std::{fs, path::Path};
 use anyhow::{Context as _, anyhow};
 
 fn main() -> anyhow::Result<()> {
-    let ebpf_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packet-capture-ebpf");
+    // Read at run time: the compiled build script is shared by every checkout
+    // that uses the same target directory, so a path baked in at compile time
+    // would build another checkout's programs.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
+    let ebpf_dir = Path::new(&manifest_dir).join("../packet-capture-ebpf");
     let toolchain_file = ebpf_dir.join("rust-toolchain.toml");
     println!("cargo:rerun-if-changed={}", toolchain_file.display());
     let toolchain = pinned_toolchain(

@@ -36,17 +36,22 @@ pub const DEFAULT_REGISTRY: &str = "localhost/packet-capture";
 pub const DEBIAN_RELEASE: &str = "bookworm";
 pub const BASE_IMAGE: &str = "docker.io/library/debian:bookworm-slim";
 
-/// containerd's own default socket (`--load`).
-pub const CONTAINERD_ADDRESS: &str = "/run/containerd/containerd.sock";
-
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// Also import the images into containerd's k8s.io namespace (the CRI's).
+    /// Also import the images (and the base image the tests' pods run) into
+    /// containerd's k8s.io namespace (the CRI's) of every real node of the
+    /// local cluster `--cluster`, or of the containerd at
+    /// `--containerd-address`.
     #[arg(long)]
     pub load: bool,
-    /// containerd's socket, for --load.
-    #[arg(long, default_value = CONTAINERD_ADDRESS)]
-    pub containerd_address: PathBuf,
+    /// The local cluster whose real nodes `--load` imports into
+    /// (`cargo xtask cluster up --real-node`).
+    #[arg(long, default_value = crate::cluster::DEFAULT_NAME)]
+    pub cluster: String,
+    /// A containerd socket to import into instead of the cluster's nodes,
+    /// e.g. /run/containerd/containerd.sock.
+    #[arg(long)]
+    pub containerd_address: Option<PathBuf>,
     /// The platforms of each image.
     #[arg(long, value_delimiter = ',', default_value = "linux/amd64,linux/arm64")]
     pub platforms: Vec<String>,
@@ -66,7 +71,8 @@ impl Default for Args {
     fn default() -> Self {
         Args {
             load: false,
-            containerd_address: CONTAINERD_ADDRESS.into(),
+            cluster: crate::cluster::DEFAULT_NAME.into(),
+            containerd_address: None,
             platforms: vec!["linux/amd64".into(), "linux/arm64".into()],
             registry: DEFAULT_REGISTRY.into(),
             tag: env!("CARGO_PKG_VERSION").into(),
@@ -298,13 +304,36 @@ pub fn run_cli(args: Args) -> anyhow::Result<()> {
         }
     }
     if args.load {
-        load(&images, &args.containerd_address)?;
+        for socket in load_targets(&args)? {
+            load(&images, &socket)?;
+            load_base(&socket)?;
+        }
     }
     step(format!(
         "images built in {:.0} s",
         start.elapsed().as_secs_f64()
     ));
     Ok(())
+}
+
+/// The containerd sockets `--load` imports into.
+fn load_targets(args: &Args) -> anyhow::Result<Vec<PathBuf>> {
+    if let Some(socket) = &args.containerd_address {
+        return Ok(vec![socket.clone()]);
+    }
+    let name = &args.cluster;
+    let status = packet_capture_test_support::cluster::status(name)?.with_context(|| {
+        format!(
+            "--load: there is no local cluster {name}; start one with \
+             `cargo xtask cluster up --name {name} --real-node`, or name a containerd \
+             with --containerd-address"
+        )
+    })?;
+    ensure!(
+        !status.containerd_sockets.is_empty(),
+        "--load: the local cluster {name} has no real node (`cargo xtask cluster up --real-node`)"
+    );
+    Ok(status.containerd_sockets)
 }
 
 /// `ctr -n k8s.io images import` of each archive: the CRI then has the

@@ -1,16 +1,13 @@
 //! Paths and process helpers shared by the tasks.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
 
-/// The workspace root (xtask's parent).
+/// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the workspace")
-        .to_path_buf()
+    packet_capture_test_support::cluster::workspace_root()
 }
 
 /// cargo, in the workspace root, without the variables `cargo run` set for

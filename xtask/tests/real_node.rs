@@ -1,17 +1,541 @@
-//! Real nodes of the local control plane as users meet them: `cargo xtask
-//! cluster up --real-node`, and `cluster down` after a crashed run.
+//! The chart as users run it: the images built here, `helm install` onto a
+//! real node (kubelet, containerd, kube-proxy) of the local control plane,
+//! the controller and the agents as real pods, a capture of two real pods
+//! end to end, then the operations of a running installation (upgrade, an
+//! agent restarted mid-capture, uninstall with a capture running) and the
+//! kubectl install without cert-manager.
 
 use std::path::Path;
 use std::process::Command;
 
-use packet_capture_test_support::privileged;
+use packet_capture_test_support::cluster::{
+    COMPONENT_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, Cluster, Lifetime, RealNode,
+};
+use packet_capture_test_support::{capfile, privileged};
 use serde_json::{Value, json};
+use xtask::images::{self, Image};
+use xtask::util::root;
 
+const RELEASE: &str = "packet-capture";
+const NS: &str = COMPONENT_NAMESPACE;
+/// Where the test's own pods run.
+const APP_NS: &str = "default";
 const WAIT: &str = "--timeout=180s";
+
+/// A started cluster with one real node and the images in its containerd.
+struct World {
+    node: RealNode,
+    cluster: Cluster,
+    images: Vec<Image>,
+}
+
+impl World {
+    async fn start(name: &str) -> Self {
+        let images = tokio::task::spawn_blocking(|| images::build(&images::Args::default()))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("building the images: {e:#}"));
+        let cluster = Cluster::start_with_workloads(name, Lifetime::Process)
+            .await
+            .unwrap_or_else(|e| panic!("the local control plane did not start: {e}"));
+        let node = cluster
+            .add_real_node("real")
+            .await
+            .unwrap_or_else(|e| panic!("the real node did not start: {e}"));
+        images::load(&images, &node.containerd_socket()).unwrap();
+        images::load_base(&node.containerd_socket()).unwrap();
+        Self {
+            node,
+            cluster,
+            images,
+        }
+    }
+
+    /// kubectl with the admin kubeconfig; fails the test unless it succeeds.
+    fn kubectl(&self, args: &[&str]) -> String {
+        output(self.cluster.kubectl().args(args).current_dir(root()))
+    }
+
+    fn kubectl_stdin(&self, args: &[&str], stdin: &Value) -> String {
+        use std::io::Write as _;
+        let mut child = self
+            .cluster
+            .kubectl()
+            .args(args)
+            .current_dir(root())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn apply(&self, object: &Value) {
+        self.kubectl_stdin(&["apply", "-f", "-"], object);
+    }
+
+    /// helm on the release's namespace, as the README installs it.
+    fn helm(&self, args: &[&str]) -> String {
+        output(
+            self.cluster
+                .helm()
+                .args(args)
+                .args(["--namespace", NS])
+                .current_dir(root()),
+        )
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_str(&self.kubectl(&all)).unwrap()
+    }
+
+    /// The registry the images were built for (`<registry>/<name>:<tag>`).
+    fn registry(&self) -> String {
+        let name = &self.images[0].name;
+        let repo = name.rsplit_once(':').map_or(name.as_str(), |(r, _)| r);
+        repo.rsplit_once('/').map_or("", |(r, _)| r).to_string()
+    }
+
+    /// Waits until the controller and the agents run and are Ready.
+    fn wait_installed(&self) {
+        self.kubectl(&[
+            "rollout",
+            "status",
+            "-n",
+            NS,
+            "deployment/packet-capture-controller",
+            WAIT,
+        ]);
+        self.kubectl(&[
+            "rollout",
+            "status",
+            "-n",
+            NS,
+            "daemonset/packet-capture-agent",
+            WAIT,
+        ]);
+    }
+
+    /// A pod of the base image on the real node running `script`.
+    fn pod(&self, name: &str, script: &str) -> String {
+        self.apply(&json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": APP_NS, "labels": {"app": name}},
+            "spec": {
+                "nodeName": self.node.name(),
+                "terminationGracePeriodSeconds": 0,
+                "containers": [{
+                    "name": name,
+                    "image": images::BASE_IMAGE,
+                    "imagePullPolicy": "Never",
+                    "command": ["bash", "-c", script],
+                }],
+            },
+        }));
+        self.kubectl(&[
+            "wait",
+            "-n",
+            APP_NS,
+            "--for=condition=Ready",
+            &format!("pod/{name}"),
+            WAIT,
+        ]);
+        self.kubectl(&[
+            "get",
+            "pod",
+            "-n",
+            APP_NS,
+            name,
+            "-o",
+            "jsonpath={.status.podIP}",
+        ])
+    }
+
+    fn capture(&self, name: &str, max_packets: u32, duration: u32) {
+        self.apply(&json!({
+            "apiVersion": "networking.packet.io/v1",
+            "kind": "PacketCaptureConfig",
+            "metadata": {"name": name},
+            "spec": {
+                "podSelector": {"pods": [
+                    {"podName": "client", "namespace": APP_NS},
+                    {"podName": "server", "namespace": APP_NS},
+                ]},
+                "duration": duration,
+                "maxPackets": max_packets,
+                "outputFormat": "pcapng",
+                "filter": "tcp",
+            },
+        }));
+    }
+
+    /// The capture once its phase is `phase`; on a timeout the test fails
+    /// with the capture and the components' logs, which say why.
+    fn wait_phase(&self, capture: &str, phase: &str) -> Value {
+        let waited = self
+            .cluster
+            .kubectl()
+            .args([
+                "wait",
+                &format!("--for=jsonpath={{.status.phase}}={phase}"),
+                &format!("packetcaptureconfig/{capture}"),
+                WAIT,
+            ])
+            .output()
+            .unwrap();
+        let now = self.json(&["get", "packetcaptureconfig", capture]);
+        if !waited.status.success() {
+            let logs = |app: &str| {
+                let out = self
+                    .cluster
+                    .kubectl()
+                    .args(["logs", "-n", NS, "-l", &format!("app={app}"), "--tail=40"])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            };
+            panic!(
+                "{capture} did not reach {phase}: {}\n{now:#}\ncontroller:\n{}\nagent:\n{}",
+                String::from_utf8_lossy(&waited.stderr),
+                logs("packet-capture-controller"),
+                logs("packet-capture-agent"),
+            );
+        }
+        now
+    }
+
+    /// A file of this node's agent, downloaded through its API with a token
+    /// of the controller's service account, as the README shows.
+    async fn download(&self, file_name: &str, to: &Path) {
+        let token = self
+            .cluster
+            .token_for(NS, CONTROLLER_SERVICE_ACCOUNT, &["packet-capture-agent"])
+            .await
+            .unwrap();
+        let url = format!("http://{}:8080/api/v1/files/{file_name}", self.node.ip());
+        let response = reqwest::Client::new()
+            .get(&url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "GET {url}");
+        std::fs::write(to, response.bytes().await.unwrap()).unwrap();
+    }
+
+    /// The uids of the controller's and the agents' pods, leaving out those
+    /// being deleted.
+    fn component_pods(&self) -> Vec<String> {
+        let pods = self.json(&[
+            "get",
+            "pods",
+            "-n",
+            NS,
+            "-l",
+            "app in (packet-capture-controller,packet-capture-agent)",
+        ]);
+        pods["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+            .map(|p| p["metadata"]["uid"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// The agent pod's name on the real node.
+    fn agent_pod(&self) -> String {
+        self.kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            NS,
+            "-l",
+            "app=packet-capture-agent",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ])
+    }
+}
 
 /// Runs a command that must succeed; its stdout.
 fn output(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&packet_capture_test_support::netns::run(cmd).stdout).into_owned()
+}
+
+/// The pod's containers' security contexts are the chart's: no privilege,
+/// capabilities only, a read-only root file system.
+fn assert_least_privilege(pod: &Value, capabilities: &[&str]) {
+    for c in pod["spec"]["containers"].as_array().unwrap() {
+        let sc = &c["securityContext"];
+        assert_ne!(sc["privileged"], true, "{sc}");
+        assert_eq!(sc["readOnlyRootFilesystem"], true, "{sc}");
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{sc}");
+        assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{sc}");
+        let added: Vec<&str> = sc["capabilities"]["add"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        assert_eq!(added, capabilities, "{sc}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn helm_install_on_a_real_node_captures_real_pods() {
+    if !privileged("helm_install_on_a_real_node_captures_real_pods") {
+        return;
+    }
+    let world = World::start(&format!("rn{}", std::process::id())).await;
+    let registry = world.registry();
+
+    // Installed as the README says, without cert-manager.
+    world.helm(&[
+        "install",
+        RELEASE,
+        "charts/packet-capture",
+        "--set",
+        &format!("image.registry={registry}"),
+        "--set",
+        "image.pullPolicy=Never",
+        "--set",
+        "certManager.enabled=false",
+    ]);
+    world.wait_installed();
+
+    let pods = world.json(&[
+        "get",
+        "pods",
+        "-n",
+        NS,
+        "-l",
+        "app=packet-capture-controller",
+    ]);
+    let controllers = pods["items"].as_array().unwrap();
+    assert_eq!(controllers.len(), 2, "two controller replicas");
+    for pod in controllers {
+        assert_least_privilege(pod, &[]);
+    }
+    let lease = world.json(&["get", "lease", "-n", NS, "packet-capture-controller"]);
+    let holder = lease["spec"]["holderIdentity"].as_str().unwrap_or_default();
+    assert!(
+        controllers
+            .iter()
+            .any(|p| p["metadata"]["name"].as_str() == Some(holder)),
+        "the lease is held by {holder:?}, not one of the controller pods"
+    );
+    let agent = world.json(&["get", "pod", "-n", NS, &world.agent_pod()]);
+    assert_least_privilege(&agent, &["BPF", "NET_ADMIN", "NET_RAW"]);
+
+    // The agent loaded its eBPF programs inside the container; checked as
+    // the README's troubleshooting does, from inside, without curl.
+    let health = world.kubectl(&[
+        "exec",
+        "-n",
+        NS,
+        &world.agent_pod(),
+        "--",
+        "packet-capture-agent",
+        "health",
+    ]);
+    let health: Value = serde_json::from_str(health.trim()).unwrap();
+    assert_eq!(health["backend"], "ebpf", "{health}");
+    assert_eq!(health["node"], world.node.name(), "{health}");
+
+    // Two real pods, the client connecting to the server until the capture
+    // has its packets (a closed port: each try is a SYN and a RST).
+    let server = world.pod("server", "exec sleep infinity");
+    let client = world.pod(
+        "client",
+        &format!("while true; do (exec 3<>/dev/tcp/{server}/7) 2>/dev/null; sleep 0.1; done"),
+    );
+    world.capture("pods", 20, 120);
+    let done = world.wait_phase("pods", "Completed");
+    let entry = done["status"]["captureFiles"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .clone();
+    assert_eq!(entry["status"], "completed", "{done}");
+    assert_eq!(entry["node"], world.node.name(), "{done}");
+    let file = entry["output_file"].as_str().unwrap();
+    let file_name = Path::new(file).file_name().unwrap().to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join(file_name);
+    world.download(file_name, &local).await;
+    assert_eq!(capfile::read(&local).len(), 20, "{done}");
+    let addresses = tshark_addresses(&local);
+    assert_eq!(addresses.len(), 20);
+    for (src, dst) in &addresses {
+        let between = (src == &client && dst == &server) || (src == &server && dst == &client);
+        assert!(
+            between,
+            "{src} -> {dst} is not between {client} and {server}"
+        );
+    }
+
+    // The webhook, served with the controller's own certificate through its
+    // Service, refuses a bad spec with the field named.
+    let refused = world
+        .cluster
+        .kubectl()
+        .args(["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            let bad = json!({
+                "apiVersion": "networking.packet.io/v1",
+                "kind": "PacketCaptureConfig",
+                "metadata": {"name": "bad"},
+                "spec": {"targetIPs": ["10.0.0.1"], "filter": "tcp port eighty"},
+            });
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(bad.to_string().as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "a bad filter was accepted");
+    assert!(
+        stderr.contains("denied the request: spec.filter"),
+        "{stderr}"
+    );
+
+    // Day 2: the logs of the agents, as the README's troubleshooting reads them.
+    let logs = world.kubectl(&["logs", "-n", NS, "-l", "app=packet-capture-agent"]);
+    assert!(logs.contains("listening on"), "{logs}");
+    world.kubectl(&["delete", "packetcaptureconfig", "pods"]);
+
+    // An agent restarted mid-capture (a rollout, a crash): its node fails
+    // and says why; the capture is never reported as a success.
+    world.capture("restarted", 1_000_000, 600);
+    world.wait_phase("restarted", "Running");
+    world.kubectl(&["delete", "pod", "-n", NS, &world.agent_pod(), "--wait=true"]);
+    let failed = world.wait_phase("restarted", "Failed");
+    let entry = failed["status"]["captureFiles"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .clone();
+    assert_eq!(entry["status"], "failed", "{failed}");
+    let message = entry["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("without being asked") || message.contains("no longer knows"),
+        "{message}"
+    );
+    world.wait_installed();
+    world.kubectl(&["delete", "packetcaptureconfig", "restarted"]);
+
+    // `helm upgrade` with a changed value rolls the pods.
+    let before = world.component_pods();
+    world.helm(&[
+        "upgrade",
+        RELEASE,
+        "charts/packet-capture",
+        "--reuse-values",
+        "--set",
+        "config.logLevel=DEBUG",
+    ]);
+    world.wait_installed();
+    let after = world.component_pods();
+    for uid in &before {
+        assert!(
+            !after.contains(uid),
+            "pod {uid} was not replaced by the upgrade"
+        );
+    }
+
+    // `helm uninstall` with a capture running leaves nothing stuck on the
+    // finalizer: the hook deletes the capture while the controller runs.
+    world.capture("running", 1_000_000, 600);
+    world.wait_phase("running", "Running");
+    world.helm(&["uninstall", RELEASE, "--wait", WAIT]);
+    let left = world.kubectl(&["get", "packetcaptureconfigs", "-o", "name"]);
+    assert_eq!(left.trim(), "", "captures left after uninstall");
+    let workloads = world.kubectl(&["get", "deployments,daemonsets,jobs", "-n", NS, "-o", "name"]);
+    assert_eq!(workloads.trim(), "", "left after uninstall");
+
+    // The kubectl install without cert-manager (no webhook.yaml), with the
+    // images under the names the manifests use, and the Makefile's
+    // operations on it.
+    for image in &world.images {
+        let manifest_name = image.name.replacen(&registry, "ghcr.io/packet-capture", 1);
+        world.node.tag_image(&image.name, &manifest_name).unwrap();
+    }
+    let make = |target: &str| {
+        output(
+            Command::new("make")
+                .current_dir(root())
+                .args(["--no-print-directory", target])
+                .arg(format!(
+                    "KUBECTL={}",
+                    world.cluster.bin_dir().join("kubectl").display()
+                ))
+                .env("KUBECONFIG", world.cluster.kubeconfig()),
+        )
+    };
+    let deployed = make("deploy");
+    assert!(
+        deployed.contains("cert-manager is not installed"),
+        "{deployed}"
+    );
+    world.wait_installed();
+    world.capture("kubectl", 10, 120);
+    world.wait_phase("kubectl", "Completed");
+    let status = make("status");
+    assert!(
+        status.contains("packet-capture-agent") && status.contains("kubectl"),
+        "{status}"
+    );
+    assert!(make("logs-controller").contains("controller starting"));
+    assert!(make("logs-agent").contains("listening on"));
+    make("restart");
+    world.wait_installed();
+    make("destroy");
+    let left = world.kubectl(&["get", "crd", "-o", "name"]);
+    assert!(!left.contains("packetcaptureconfigs"), "{left}");
+}
+
+/// The IPv4 source and destination of every packet of a capture file, as
+/// tshark reads them.
+fn tshark_addresses(file: &Path) -> Vec<(String, String)> {
+    let fields = output(
+        Command::new("tshark")
+            .args(["-n", "-r"])
+            .arg(file)
+            .args(["-T", "fields", "-e", "ip.src", "-e", "ip.dst"]),
+    );
+    fields
+        .lines()
+        .map(|l| {
+            let (src, dst) = l.split_once('\t').unwrap_or((l, ""));
+            (src.to_string(), dst.to_string())
+        })
+        .collect()
 }
 
 /// `cargo xtask cluster up --real-node`, a pod on the real node, then every

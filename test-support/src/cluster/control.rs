@@ -23,11 +23,11 @@ const CONTROLLERS: &str = "namespace-controller,garbage-collector-controller,\
 serviceaccount-controller,serviceaccount-token-controller,\
 root-ca-certificate-publisher-controller,pod-garbage-collector-controller,\
 clusterrole-aggregation-controller";
-/// Added when real nodes run pods: the chart's Deployment and DaemonSet, and
-/// the endpoints behind its Services (the apiserver reaches the webhook
-/// through them).
+/// Added when real nodes run pods: the chart's Deployment, DaemonSet and
+/// uninstall Job, and the endpoints behind its Services (the apiserver
+/// reaches the webhook through them).
 const WORKLOAD_CONTROLLERS: &str = "deployment-controller,replicaset-controller,\
-daemonset-controller,endpoints-controller,endpointslice-controller";
+daemonset-controller,job-controller,endpoints-controller,endpointslice-controller";
 
 /// A port nobody listens on now.
 pub fn free_port(ip: IpAddr) -> Result<u16> {
@@ -111,11 +111,12 @@ impl Starter {
                 // Kubelets by address: node names are not in any DNS here.
                 "--kubelet-preferred-address-types=InternalIP",
                 "--authorization-mode=Node,RBAC",
-                "--service-cluster-ip-range=10.96.0.0/16",
-                "--allow-privileged=true",
-                "--profiling=false",
-                "--v=1",
-            ]);
+            ])
+            .arg(format!(
+                "--service-cluster-ip-range={}",
+                super::network::SERVICE_CIDR_V4
+            ))
+            .args(["--allow-privileged=true", "--profiling=false", "--v=1"]);
         self.start("kube-apiserver", cmd)
     }
 

@@ -700,11 +700,17 @@ fn reap(mut child: Child) {
     let _ = child.wait();
 }
 
-/// The workspace root (test-support's parent).
+/// The workspace root: the parent of the running crate's directory (every
+/// crate is one level below the root). Cargo sets `CARGO_MANIFEST_DIR` when
+/// it runs a test or `cargo run`; it is read at run time because a binary
+/// built in one checkout is reused by another that shares the target
+/// directory, and a path fixed at compile time would name the first one.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    crate_dir
         .parent()
-        .expect("test-support lives in the workspace")
+        .expect("every crate lives in the workspace")
         .to_path_buf()
 }
 
@@ -895,6 +901,8 @@ pub struct Status {
     pub nodes: Vec<(String, Ipv4Addr, String)>,
     /// namespace/name, node, IPv4 address, network namespace.
     pub pods: Vec<(String, String, Ipv4Addr, String)>,
+    /// The containerd socket of each real node.
+    pub containerd_sockets: Vec<PathBuf>,
 }
 
 impl Status {
@@ -953,7 +961,6 @@ pub fn status(name: &str) -> Result<Option<Status>> {
     };
     Ok(Some(Status {
         name: state.name.clone(),
-        dir,
         server: state.server.clone(),
         detached: state.detached,
         owner: state.owner.as_ref().map(|o| (o.pid, o.alive())),
@@ -979,6 +986,13 @@ pub fn status(name: &str) -> Result<Option<Status>> {
                 )
             })
             .collect(),
+        containerd_sockets: state
+            .nodes
+            .iter()
+            .filter(|n| n.real)
+            .map(|n| real::Layout::of(&dir, &state.name, &n.name).containerd_socket())
+            .collect(),
+        dir,
     }))
 }
 

@@ -21,6 +21,9 @@ use std::process::Command;
 
 use super::Result;
 
+/// The Services' cluster IPs (the apiserver's `--service-cluster-ip-range`).
+pub const SERVICE_CIDR_V4: &str = "10.96.0.0/16";
+
 /// The addresses and names of one cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Plan {
@@ -194,6 +197,18 @@ impl Plan {
             self.route(Some(other_ns), node)?;
         }
         self.route(None, node)
+    }
+
+    /// A route for the Services' addresses in a real node's namespace, to
+    /// the host as a node's default route would: a connection from the node
+    /// itself (a hostNetwork pod such as the agent reaching the `kubernetes`
+    /// Service) needs one before kube-proxy's OUTPUT rules rewrite it.
+    pub fn route_services(&self, netns: &str) -> Result<()> {
+        let via = self.gateway_v4().to_string();
+        ip(
+            Some(netns),
+            &["route", "replace", SERVICE_CIDR_V4, "via", &via],
+        )
     }
 
     /// Removes node `node`: its namespace (and so its links) and the routes

@@ -267,6 +267,7 @@ impl RealNode {
         }
         create_cgroup(&layout.cgroup)?;
         let plan = self.cluster.plan;
+        plan.route_services(self.netns())?;
         let pki = Pki::open(&self.cluster.dir.join("pki"));
         let server = self.cluster.state().server.clone();
         let name = self.name();

@@ -81,11 +81,13 @@ impl SimNode {
         let object: Node = serde_json::from_value(json!({
             "metadata": {
                 "name": self.name,
+                // No kubernetes.io/os: nothing runs a simulated node's pods,
+                // and the chart's DaemonSet and Deployment select
+                // `kubernetes.io/os: linux`, so beside real nodes their pods
+                // go only where a kubelet starts them.
                 "labels": {
                     "kubernetes.io/hostname": self.name,
-                    "kubernetes.io/os": "linux",
                     "kubernetes.io/arch": arch(),
-                    "beta.kubernetes.io/os": "linux",
                     "beta.kubernetes.io/arch": arch(),
                 },
                 "annotations": {

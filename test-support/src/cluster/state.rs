@@ -127,10 +127,7 @@ fn registry_entry(dir: &Path) -> PathBuf {
 
 /// Where the state directories live: `.cluster/` in the workspace.
 pub fn state_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("test-support lives in the workspace")
-        .join(".cluster")
+    super::workspace_root().join(".cluster")
 }
 
 /// Holds the machine-wide lock under which clusters pick their addresses.
