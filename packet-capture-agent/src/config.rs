@@ -67,6 +67,20 @@ pub struct Config {
     )]
     pub log_level: LogLevel,
 
+    /// Namespace of the ConfigMap whose LOG_LEVEL the agent applies while it
+    /// runs (the DaemonSet sets it); unset, LOG_LEVEL is read at start only.
+    #[arg(long, env = "POD_NAMESPACE", value_name = "POD_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// That ConfigMap, in --namespace.
+    #[arg(
+        long,
+        env = "CONFIG_MAP",
+        value_name = "CONFIG_MAP",
+        default_value = "packet-capture-config"
+    )]
+    pub config_map: String,
+
     /// How completed files are compressed: gzip or zstd.
     #[arg(
         long,

@@ -196,9 +196,19 @@ impl Kernel {
             port_masks: HashMap::new(),
             wakeup_bytes: ring_bytes / 16,
         };
-        // Whoever loads the programs decides by its own log filter.
-        kernel.set_diagnostics(kernel_debug_enabled())?;
+        kernel.follow_log_level()?;
         Ok((kernel, ring))
+    }
+
+    /// Switches the programs' diagnostics on when this process logs
+    /// [`KERNEL_LOG_TARGET`] at DEBUG, off otherwise (by the log filter of
+    /// whoever calls: the agent's, or a test's); whether they are on now.
+    pub fn follow_log_level(&mut self) -> Result<bool, Error> {
+        let on = kernel_debug_enabled();
+        if on != self.diagnostics()? {
+            self.set_diagnostics(on)?;
+        }
+        Ok(on)
     }
 
     /// Switches the programs' diagnostics on or off, at once and for every

@@ -8,6 +8,7 @@ use packet_capture_agent::api::{self, Api, Authorizer};
 use packet_capture_agent::capture::{Engine, EngineConfig};
 use packet_capture_agent::config::{Command, Config};
 use packet_capture_agent::files::CaptureDir;
+use packet_capture_common::logging::{LogControl, follow_config_map};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Time the captures get to finish their files on SIGTERM, and then the
@@ -20,17 +21,17 @@ fn main() -> anyhow::Result<()> {
     if let Some(Command::Health { timeout }) = config.command {
         return health(config.local_address(), Duration::from_secs(timeout));
     }
-    packet_capture_common::logging::init(config.log_level).map_err(anyhow::Error::msg)?;
+    let log = packet_capture_common::logging::init(config.log_level).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let result = runtime.block_on(run(config));
+    let result = runtime.block_on(run(config, log));
     // Blocking work still running (a download's read) must not hold up exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
     // Signals are caught from the start, so that an early SIGTERM still
     // means a clean stop.
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -69,6 +70,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ring_bytes: config.ring_buffer_mb << 20,
     })
     .await?;
+    // LOG_LEVEL edited in the ConfigMap applies without a restart, to the
+    // agent's lines and to the eBPF programs' diagnostics alike.
+    if let (Some(namespace), Some(authorizer)) = (config.namespace.clone(), &authorizer) {
+        let (client, name, engine) = (
+            authorizer.client(),
+            config.config_map.clone(),
+            engine.clone(),
+        );
+        tokio::spawn(async move {
+            follow_config_map(client, &namespace, &name, log, |_| {
+                engine.log_level_changed()
+            })
+            .await
+        });
+    }
     let router = api::router(Api::new(engine.clone(), authorizer));
     tracing::info!(
         backend = engine.backend(),

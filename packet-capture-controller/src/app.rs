@@ -4,6 +4,8 @@
 use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
+use packet_capture_common::logging::{LogControl, follow_config_map};
+
 use crate::config::Settings;
 use crate::error::Result;
 use crate::{certs, consts, controller, leader, metrics, webhook};
@@ -11,8 +13,17 @@ use crate::{certs, consts, controller, leader, metrics, webhook};
 /// Runs everything: health and metrics, the webhook (on every replica), and
 /// the controller (on the leader only when leader election is on). A
 /// missing webhook certificate ends nothing: the webhook waits for it.
-pub async fn run(settings: Settings) -> Result<()> {
+pub async fn run(settings: Settings, log: LogControl) -> Result<()> {
     let client = kube::Client::try_default().await?;
+    // LOG_LEVEL edited in the ConfigMap applies without a restart.
+    tokio::spawn({
+        let (client, namespace, name) = (
+            client.clone(),
+            settings.namespace.clone(),
+            settings.config_map.clone(),
+        );
+        async move { follow_config_map(client, &namespace, &name, log, |_| {}).await }
+    });
     controller::check_crd(&client).await?;
     let metrics = Arc::new(metrics::Metrics::new());
     let status = Arc::new(metrics::Status::default());

@@ -4,7 +4,7 @@ use packet_capture_controller::config::{Command, Settings};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::parse();
-    packet_capture_common::logging::init(settings.log_level).map_err(anyhow::Error::msg)?;
+    let log = packet_capture_common::logging::init(settings.log_level).map_err(anyhow::Error::msg)?;
     if let Some(Command::DeleteCaptures { timeout_seconds }) = settings.command {
         let client = kube::Client::try_default().await?;
         let selector = settings
@@ -17,6 +17,6 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(deleted, "no capture is left");
         return Ok(());
     }
-    packet_capture_controller::run(settings).await?;
+    packet_capture_controller::run(settings, log).await?;
     Ok(())
 }

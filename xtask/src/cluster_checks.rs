@@ -236,6 +236,7 @@ const VWCS: &str = "validatingwebhookconfigurations.admissionregistration.k8s.io
 /// values), and the controller's own CA (self-managed certificates only).
 const CERT_SECRET: &str = "secrets/packet-capture-webhook-tls";
 const CA_SECRET: &str = "secrets/packet-capture-ca";
+const SETTINGS: &str = "configmaps/packet-capture-config";
 const WEBHOOK_CONFIGURATION: &str =
     "validatingwebhookconfigurations.admissionregistration.k8s.io/packet-capture-webhook";
 const NS: Option<&str> = Some(NAMESPACE);
@@ -296,6 +297,11 @@ pub const QUESTIONS: &[Question] = &[
     q(AGENT, "get", "nodes", None, false),
     q(AGENT, "get", PCC, None, false),
     q(AGENT, "get", "configmaps", NS, false),
+    // The settings ConfigMap by name, for LOG_LEVEL while the agents run.
+    q(AGENT, "get", SETTINGS, NS, true),
+    q(AGENT, "watch", SETTINGS, NS, true),
+    q(AGENT, "update", SETTINGS, NS, false),
+    q(AGENT, "get", SETTINGS, OTHER, false),
     q(AGENT, "create", "events", NS, false),
 ];
 

@@ -800,6 +800,16 @@ fn each_account_gets_exactly_the_access_it_uses() {
         rules(get(&docs, "ClusterRole", "packet-capture-agent")),
         grants(agent)
     );
+    // The settings ConfigMap by name, for LOG_LEVEL while the agents run.
+    assert_eq!(
+        rules(get(&docs, "Role", "packet-capture-agent")),
+        named_grants(&[(
+            "",
+            &["configmaps"],
+            &["get", "list", "watch"],
+            &["packet-capture-config"],
+        )])
+    );
     // No account is bound to anything else, and nothing uses a wildcard.
     for doc in &docs {
         let kind = doc["kind"].as_str().unwrap();

@@ -239,6 +239,32 @@ impl World {
         std::fs::write(to, response.bytes().await.unwrap()).unwrap();
     }
 
+    /// `kubectl logs -f` of a pod in the release's namespace.
+    fn follow_logs(&self, pod: &str) -> Logs {
+        let mut child = self
+            .cluster
+            .kubectl()
+            .args(["logs", "-f", "-n", NS, pod])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Logs {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
     /// The uids of the controller's and the agents' pods, leaving out those
     /// being deleted.
     fn component_pods(&self) -> Vec<String> {
@@ -271,6 +297,41 @@ impl World {
             "-o",
             "jsonpath={.items[0].metadata.name}",
         ])
+    }
+}
+
+/// A pod's log as it is written.
+struct Logs {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Logs {
+    /// Reads on until a line contains `needle`; fails the test with what
+    /// was read when none does within a minute.
+    fn until(&mut self, needle: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let found = line.contains(needle);
+                    self.seen.push(line);
+                    if found {
+                        return;
+                    }
+                }
+                Err(_) => panic!("no log line with {needle:?}:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+}
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -432,6 +493,39 @@ async fn helm_install_on_a_real_node_captures_real_pods() {
     // and says why; the capture is never reported as a success.
     world.capture("restarted", 1_000_000, 600);
     world.wait_phase("restarted", "Running");
+
+    // LOG_LEVEL=DEBUG edited in the ConfigMap reaches the running agent and
+    // its eBPF programs without a restart or a reload of the capture.
+    let agent_uid = world.kubectl(&[
+        "get",
+        "pod",
+        "-n",
+        NS,
+        &world.agent_pod(),
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
+    let mut logs = world.follow_logs(&world.agent_pod());
+    world.kubectl(&[
+        "patch",
+        "configmap",
+        "-n",
+        NS,
+        "packet-capture-config",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"LOG_LEVEL":"DEBUG"}}"#,
+    ]);
+    logs.until("eBPF programs' diagnostics on");
+    logs.until("program running: first packet since diagnostics were switched on");
+    let now = world.json(&["get", "pod", "-n", NS, &world.agent_pod()]);
+    assert_eq!(now["metadata"]["uid"], agent_uid.as_str());
+    assert_eq!(now["status"]["containerStatuses"][0]["restartCount"], 0);
+    assert_eq!(
+        world.json(&["get", "packetcaptureconfig", "restarted"])["status"]["phase"],
+        "Running"
+    );
+    drop(logs);
     world.kubectl(&["delete", "pod", "-n", NS, &world.agent_pod(), "--wait=true"]);
     let failed = world.wait_phase("restarted", "Failed");
     let entry = failed["status"]["captureFiles"]

@@ -128,6 +128,11 @@ impl Authorizer {
         Ok(Self::new(kube::Client::try_default().await?, audience))
     }
 
+    /// The client it asks the API server with.
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
     /// Whether the bearer of `token` may do what `verb` covers.
     pub async fn authorize(&self, token: Option<&str>, verb: Verb) -> Decision {
         let token = token.ok_or_else(|| {

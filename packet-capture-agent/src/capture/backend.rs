@@ -63,6 +63,10 @@ pub trait Backend: Send + Sync {
         sink: Sink,
     ) -> Result<Box<dyn Running>, BackendError>;
 
+    /// The log level changed: kernel-side diagnostics follow it (on at
+    /// DEBUG) without reloading anything.
+    fn log_level_changed(&self) {}
+
     /// Matched records the kernel had no room for, all captures together.
     fn ring_lost(&self) -> u64 {
         0

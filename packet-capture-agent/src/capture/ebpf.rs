@@ -196,6 +196,16 @@ impl Backend for EbpfBackend {
         Ok(Box::new(handle))
     }
 
+    fn log_level_changed(&self) {
+        match self.shared.kernel().follow_log_level() {
+            Ok(on) => tracing::info!(
+                "eBPF programs' diagnostics {}",
+                if on { "on" } else { "off" }
+            ),
+            Err(e) => tracing::warn!("switching the eBPF programs' diagnostics: {e}"),
+        }
+    }
+
     fn ring_lost(&self) -> u64 {
         self.shared
             .kernel()

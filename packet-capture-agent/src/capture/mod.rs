@@ -230,6 +230,11 @@ impl Engine {
         self.inner.backend.interfaces()
     }
 
+    /// The process's log level changed (see `logging::follow_config_map`).
+    pub fn log_level_changed(&self) {
+        self.inner.backend.log_level_changed();
+    }
+
     pub fn stats(&self) -> EngineStats {
         EngineStats {
             ring_lost: self.inner.backend.ring_lost(),
