@@ -171,7 +171,10 @@ pub async fn follow_config_map(
                 Ok(false) => {}
                 Err(e) => tracing::warn!("{e}"),
             },
-            Err(e) => tracing::warn!("ConfigMap {namespace}/{name}: {e}; the level stays {}", control.level()),
+            Err(e) => tracing::warn!(
+                "ConfigMap {namespace}/{name}: {e}; the level stays {}",
+                control.level()
+            ),
         }
     }
 }

@@ -237,6 +237,7 @@ const VWCS: &str = "validatingwebhookconfigurations.admissionregistration.k8s.io
 const CERT_SECRET: &str = "secrets/packet-capture-webhook-tls";
 const CA_SECRET: &str = "secrets/packet-capture-ca";
 const SETTINGS: &str = "configmaps/packet-capture-config";
+const LEASE: &str = "leases.coordination.k8s.io/packet-capture-controller";
 const WEBHOOK_CONFIGURATION: &str =
     "validatingwebhookconfigurations.admissionregistration.k8s.io/packet-capture-webhook";
 const NS: Option<&str> = Some(NAMESPACE);
@@ -263,14 +264,21 @@ pub const QUESTIONS: &[Question] = &[
     q(CTL, "list", "namespaces", None, false),
     q(CTL, "create", "events", OTHER, true),
     q(CTL, "create", "events.events.k8s.io", OTHER, true),
-    q(CTL, "create", TOKENS, None, true),
+    q(CTL, "create", TOKENS, None, false),
     q(CTL, "create", ACCESS, None, true),
+    // Results ConfigMaps written by apply; its settings read by name only.
     q(CTL, "create", "configmaps", NS, true),
-    q(CTL, "delete", "configmaps", NS, true),
+    q(CTL, "patch", "configmaps", NS, true),
+    q(CTL, "get", "configmaps", NS, false),
+    q(CTL, "delete", "configmaps", NS, false),
+    q(CTL, "get", SETTINGS, NS, true),
+    q(CTL, "watch", SETTINGS, NS, true),
     q(CTL, "get", "configmaps", OTHER, false),
+    // Its Lease by name.
     q(CTL, "create", LEASES, NS, true),
-    q(CTL, "update", LEASES, NS, true),
-    q(CTL, "delete", LEASES, NS, false),
+    q(CTL, "update", LEASE, NS, true),
+    q(CTL, "update", LEASES, NS, false),
+    q(CTL, "delete", LEASE, NS, false),
     q(CTL, "get", LEASES, OTHER, false),
     q(CTL, "get", "secrets", NS, false),
     q(CTL, "list", "secrets", None, false),

@@ -752,7 +752,6 @@ fn each_account_gets_exactly_the_access_it_uses() {
         ("", &["namespaces"], &["get"]),
         ("", &["events"], &["create", "patch"]),
         ("events.k8s.io", &["events"], &["create", "patch"]),
-        ("authentication.k8s.io", &["tokenreviews"], &["create"]),
         (
             "authorization.k8s.io",
             &["subjectaccessreviews"],
@@ -763,30 +762,37 @@ fn each_account_gets_exactly_the_access_it_uses() {
         rules(get(&docs, "ClusterRole", "packet-capture-controller")),
         grants(controller)
     );
+    // The results ConfigMaps (any name: create and apply), the Lease's
+    // first creation.
     let in_namespace: &[(&str, &[&str], &[&str])] = &[
+        ("", &["configmaps"], &["create", "patch"]),
+        ("coordination.k8s.io", &["leases"], &["create"]),
+    ];
+    // By name: its settings, its Lease, and cert-manager's Secret, read and
+    // watched (never written).
+    let named = named_grants(&[
         (
             "",
             &["configmaps"],
-            &[
-                "get", "list", "watch", "create", "update", "patch", "delete",
-            ],
+            &["get", "list", "watch"],
+            &["packet-capture-config"],
         ),
         (
             "coordination.k8s.io",
             &["leases"],
-            &["get", "create", "update", "patch"],
+            &["get", "update"],
+            &["packet-capture-controller"],
         ),
-    ];
-    // cert-manager's Secret, read and watched by name (never written).
-    let certificate = named_grants(&[(
-        "",
-        &["secrets"],
-        &["get", "list", "watch"],
-        &["packet-capture-webhook-tls"],
-    )]);
+        (
+            "",
+            &["secrets"],
+            &["get", "list", "watch"],
+            &["packet-capture-webhook-tls"],
+        ),
+    ]);
     assert_eq!(
         rules(get(&docs, "Role", "packet-capture-controller")),
-        &grants(in_namespace) | &certificate
+        &grants(in_namespace) | &named
     );
     let agent: &[(&str, &[&str], &[&str])] = &[
         ("authentication.k8s.io", &["tokenreviews"], &["create"]),
