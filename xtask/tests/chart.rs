@@ -831,6 +831,24 @@ fn each_account_gets_exactly_the_access_it_uses() {
 }
 
 #[test]
+fn net_raw_only_for_the_libpcap_backend() {
+    let helm = helm_or_fail();
+    for (backend, expected) in [
+        ("auto", &["BPF", "NET_ADMIN", "NET_RAW"][..]),
+        ("pcap", &["BPF", "NET_ADMIN", "NET_RAW"][..]),
+        ("ebpf", &["BPF", "NET_ADMIN"][..]),
+    ] {
+        let docs = render(&helm, &["--set", &format!("agent.backend={backend}")]).unwrap();
+        let agent = container(get(&docs, "DaemonSet", "packet-capture-agent"), "agent");
+        assert_eq!(
+            strs(&agent["securityContext"]["capabilities"]["add"]),
+            expected,
+            "backend {backend}"
+        );
+    }
+}
+
+#[test]
 fn uninstall_deletes_the_captures_first() {
     let helm = helm_or_fail();
     let docs = render(&helm, &[]).unwrap();
