@@ -21,7 +21,7 @@ use super::poll::wait_readable;
 use super::sink::{EndReason, Sink};
 use crate::ebpf::{Kernel, LinkKind, SlotTargets};
 use crate::netlink::Link;
-use crate::sync::lock;
+use crate::sync::{lock, spawn_essential};
 use crate::writer::{Direction, Meta};
 
 /// How long records may wait in the ring before the reader looks (the
@@ -108,10 +108,10 @@ impl EbpfBackend {
         // SAFETY: a fresh descriptor nobody else owns.
         let wake = unsafe { OwnedFd::from_raw_fd(raw) };
         let woken = wake.try_clone().map_err(BackendError::Reader)?;
-        let reader = std::thread::Builder::new()
-            .name("ring-reader".into())
-            .spawn(move || Reader::new(ring, rx, woken, ended).run())
-            .map_err(BackendError::Reader)?;
+        let reader = spawn_essential("ring-reader".into(), move || {
+            Reader::new(ring, rx, woken, ended).run()
+        })
+        .map_err(BackendError::Reader)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 kernel: Mutex::new(kernel),

@@ -9,6 +9,7 @@ use tokio::sync::oneshot;
 
 use super::backend::Backend;
 use crate::netlink::{LinkEvent, LinkWatcher};
+use crate::sync::spawn_essential;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinksError {
@@ -25,10 +26,10 @@ pub enum LinksError {
 pub async fn follow(backend: Arc<dyn Backend>) -> Result<(), LinksError> {
     let watcher = LinkWatcher::new().map_err(LinksError::Subscribe)?;
     let (ready_tx, ready_rx) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("links".into())
-        .spawn(move || run(watcher, backend.as_ref(), ready_tx))
-        .map_err(LinksError::Thread)?;
+    spawn_essential("links".into(), move || {
+        run(watcher, backend.as_ref(), ready_tx)
+    })
+    .map_err(LinksError::Thread)?;
     match ready_rx.await {
         Ok(result) => result.map_err(LinksError::Listing),
         Err(_) => Err(LinksError::Listing(io::Error::other(

@@ -13,7 +13,7 @@ use super::poll::wait_readable;
 use super::sink::{EndReason, Sink};
 use crate::filter::{selection_expression, through_vlans};
 use crate::netlink::Link;
-use crate::sync::lock;
+use crate::sync::{lock, spawn_essential};
 use crate::writer::{Direction, Meta};
 
 /// How long a capture thread waits for packets before it looks at its
@@ -228,9 +228,7 @@ impl Backend for PcapBackend {
             arena: Vec::new(),
             batch: Vec::new(),
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("pcap-{id}"))
-            .spawn(move || worker.run())
+        let thread = spawn_essential(format!("pcap-{id}"), move || worker.run())
             .map_err(BackendError::Thread)?;
         Ok(Box::new(ThreadCapture {
             commands,
