@@ -36,10 +36,21 @@ impl std::fmt::Debug for Filter {
 }
 
 impl Filter {
-    /// Compiles `expression` as tcpdump would for an Ethernet interface.
+    /// Compiles `expression` as tcpdump would for an Ethernet interface
+    /// (names refused, see `packet_capture_common::filter`). Blocks: async
+    /// callers use [`Filter::compile_async`].
     pub fn compile(expression: &str) -> Result<Self, FilterError> {
         Ok(Self {
             program: packet_capture_common::filter::compile(expression)?,
+            expression: expression.to_owned(),
+        })
+    }
+
+    /// [`Filter::compile`] on tokio's blocking pool, within
+    /// `packet_capture_common::filter::COMPILE_TIMEOUT`.
+    pub async fn compile_async(expression: &str) -> Result<Self, FilterError> {
+        Ok(Self {
+            program: packet_capture_common::filter::compile_async(expression).await?,
             expression: expression.to_owned(),
         })
     }

@@ -35,15 +35,17 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::error::{Error, Result};
 
-/// What is wrong with a spec on its own: the common validation and the filter.
-pub fn spec_problems(spec: &PacketCaptureConfigSpec) -> Vec<String> {
+/// What is wrong with a spec on its own: the common validation and the
+/// filter (compiled off the async threads, within a time limit; names
+/// refused before libpcap sees them).
+pub async fn spec_problems(spec: &PacketCaptureConfigSpec) -> Vec<String> {
     let mut problems: Vec<String> = match spec.validate() {
         Ok(()) => Vec::new(),
         Err(errors) => errors.0.iter().map(ToString::to_string).collect(),
     };
     if !spec.filter.trim().is_empty()
         && !problems.iter().any(|p| p.starts_with("spec.filter"))
-        && let Err(e) = packet_capture_common::filter::compile(&spec.filter)
+        && let Err(e) = packet_capture_common::filter::compile_async(&spec.filter).await
     {
         problems.push(format!(
             "spec.filter: {:?} is not a valid tcpdump filter: {e}",
@@ -136,7 +138,7 @@ pub async fn review_problems(
         Ok(p) => p,
         Err(e) => return vec![format!("spec: {e}")],
     };
-    let mut problems = spec_problems(&pcc.spec);
+    let mut problems = spec_problems(&pcc.spec).await;
     problems.extend(namespace_problems(client, &pcc.spec, &req.user_info).await);
     problems
 }
@@ -306,29 +308,52 @@ mod tests {
         assert_eq!(err, "tls.crt: no certificate in it");
     }
 
-    #[test]
-    fn libpcap_judges_the_filter() {
-        let spec = PacketCaptureConfigSpec {
-            target_ips: vec!["10.0.0.1".into()],
-            filter: "tcp and (port 80".into(),
-            ..Default::default()
-        };
-        let p = spec_problems(&spec);
-        assert_eq!(p.len(), 1, "{p:?}");
-        assert!(
-            p[0].starts_with("spec.filter: \"tcp and (port 80\" is not a valid tcpdump filter"),
-            "{p:?}"
-        );
+    #[tokio::test]
+    async fn libpcap_judges_the_filter() {
+        // (filter, the problem or its start)
+        for (filter, want) in [
+            ("tcp port 5432", None),
+            ("ip proto \\tcp and host 10.0.0.1", None),
+            (
+                "tcp and (port 80",
+                Some("spec.filter: \"tcp and (port 80\" is not a valid tcpdump filter: "),
+            ),
+            (
+                "host db.example.com",
+                Some(
+                    "spec.filter: \"host db.example.com\" is not a valid tcpdump filter: \"db.example.com\" is a host name, \
+                     which libpcap would resolve (DNS, /etc/hosts): use an IP address or a CIDR",
+                ),
+            ),
+            (
+                "tcp port 80 or http",
+                Some(
+                    "spec.filter: \"tcp port 80 or http\" is not a valid tcpdump filter: \"http\" is a service name, \
+                     which libpcap would look up in /etc/services: use the port number",
+                ),
+            ),
+        ] {
+            let spec = PacketCaptureConfigSpec {
+                target_ips: vec!["10.0.0.1".into()],
+                filter: filter.into(),
+                ..Default::default()
+            };
+            let p = spec_problems(&spec).await;
+            match want {
+                None => assert!(p.is_empty(), "{filter:?}: {p:?}"),
+                Some(want) => assert!(p.len() == 1 && p[0].starts_with(want), "{filter:?}: {p:?}"),
+            }
+        }
     }
 
-    #[test]
-    fn the_common_validation_applies() {
+    #[tokio::test]
+    async fn the_common_validation_applies() {
         let spec = PacketCaptureConfigSpec {
             target_ips: vec!["10.0.0.300".into()],
             duration: 0,
             ..Default::default()
         };
-        let p = spec_problems(&spec);
+        let p = spec_problems(&spec).await;
         assert!(p[0].starts_with("spec.targetIPs[0]"), "{p:?}");
         assert_eq!(p[1], "spec.duration: must be at least 1, got 0");
     }

@@ -1,6 +1,7 @@
 //! The admission webhook's checks against a mock API server: libpcap judges
-//! the filter, target namespaces must exist, and the requesting user must be
-//! allowed to get pods there (SubjectAccessReview).
+//! the filter (names refused before it sees them), target namespaces must
+//! exist, and the requesting user must be allowed to get pods there
+//! (SubjectAccessReview).
 
 mod support;
 
@@ -136,7 +137,9 @@ async fn bad_filters_missing_namespaces_and_forbidden_ones_are_named() {
         "{message}"
     );
     assert!(
-        parts[1].starts_with("spec.filter: \"tcp port http-ish\" is not a valid tcpdump filter"),
+        parts[1].starts_with(
+            "spec.filter: \"tcp port http-ish\" is not a valid tcpdump filter: \"http-ish\" is a service name"
+        ),
         "{message}"
     );
     assert_eq!(

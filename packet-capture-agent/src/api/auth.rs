@@ -1,10 +1,20 @@
 //! Who may call what: a bearer token checked with the cluster's TokenReview
 //! (for this agent's audience), then a SubjectAccessReview for the verb the
-//! call needs on `packetcaptureconfigs.networking.packet.io`. Decisions are
-//! kept for a short while so that a busy caller costs two reviews per
-//! [`CACHE_TTL`], not two per request.
+//! call needs on `packetcaptureconfigs.networking.packet.io`. Verdicts on
+//! tokens the cluster authenticated are kept for a short while so that a
+//! busy caller costs two reviews per [`CACHE_TTL`], not two per request.
+//!
+//! Whoever reaches the port can send tokens, so each step is bounded: an
+//! `authorization` value over [`MAX_AUTHORIZATION_BYTES`] is refused unread;
+//! the cache holds the tokens' SHA-256, never the tokens, [`CACHE_ENTRIES`]
+//! at most (least recently used out first), and never a refused token; each
+//! review gives up after [`REVIEW_TIMEOUT`]; and a source address whose
+//! tokens were refused [`MAX_FAILURES`] times within [`FAILURE_WINDOW`] gets
+//! 429 (gRPC `RESOURCE_EXHAUSTED`) without a review for [`BLOCK_FOR`]
+//! (`FailureLimiter`, which remembers [`LIMITED_SOURCES`] addresses).
 
-use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -14,15 +24,32 @@ use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
 use kube::api::PostParams;
+use lru::LruCache;
 use packet_capture_common::crd::{GROUP, PLURAL, RESOURCE};
+use sha2::{Digest as _, Sha256};
 
 use super::ApiError;
 use crate::sync::lock;
 
-/// How long a decision is reused.
+/// How long a verdict is reused.
 pub const CACHE_TTL: Duration = Duration::from_secs(30);
-/// Decisions kept at most (tokens are large; callers are few).
+/// Verdicts kept at most (callers are few: the controller and operators).
 pub const CACHE_ENTRIES: usize = 1024;
+/// The longest `authorization` header (gRPC: metadata) looked at. A
+/// service account token is about 1 KiB.
+pub const MAX_AUTHORIZATION_BYTES: usize = 8 * 1024;
+/// How long a TokenReview or SubjectAccessReview may take.
+pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
+/// Refused tokens from one source address within [`FAILURE_WINDOW`] after
+/// which it is refused without a review. Above the few a client with a
+/// stale token sends before it gives up.
+pub const MAX_FAILURES: u32 = 32;
+/// The window [`MAX_FAILURES`] is counted in.
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// How long a source that reached [`MAX_FAILURES`] is refused.
+pub const BLOCK_FOR: Duration = Duration::from_secs(60);
+/// Source addresses the limiter remembers at most.
+pub const LIMITED_SOURCES: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Verb {
@@ -108,10 +135,175 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 
 type Decision = Result<(), ApiError>;
 
+/// A token's cache key: its SHA-256, so that the cache keeps no credential.
+type TokenHash = [u8; 32];
+
+fn token_hash(token: &str) -> TokenHash {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// Verdicts on authenticated tokens, by the token's hash and the verb; the
+/// least recently used goes first when full, and each expires after `ttl`.
+struct VerdictCache {
+    ttl: Duration,
+    entries: LruCache<(TokenHash, Verb), (Instant, Decision)>,
+}
+
+impl VerdictCache {
+    fn new(capacity: usize, ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: LruCache::new(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN)),
+        }
+    }
+
+    fn get(&mut self, key: &(TokenHash, Verb), now: Instant) -> Option<Decision> {
+        let (at, decision) = self.entries.get(key)?;
+        if now.saturating_duration_since(*at) < self.ttl {
+            return Some(decision.clone());
+        }
+        self.entries.pop(key);
+        None
+    }
+
+    fn put(&mut self, key: (TokenHash, Verb), decision: Decision, now: Instant) {
+        self.entries.put(key, (now, decision));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+/// One source address's record: refusals in the current window, reviews
+/// under way, and the end of its block.
+#[derive(Debug, Clone, Copy)]
+struct Strikes {
+    since: Instant,
+    failures: u32,
+    reviewing: u32,
+    blocked_until: Option<Instant>,
+}
+
+/// Refused tokens per source address. A source gets at most
+/// `max_failures` reviews that could fail per `window` (reviews under way
+/// count, so that concurrent requests cannot overshoot); once that many were
+/// refused it waits `block`. The addresses seen least recently are
+/// forgotten beyond `capacity`.
+struct FailureLimiter {
+    max_failures: u32,
+    window: Duration,
+    block: Duration,
+    sources: Mutex<LruCache<IpAddr, Strikes>>,
+}
+
+impl FailureLimiter {
+    fn new(max_failures: u32, window: Duration, block: Duration, capacity: usize) -> Self {
+        Self {
+            max_failures: max_failures.max(1),
+            window,
+            block,
+            sources: Mutex::new(LruCache::new(
+                NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN),
+            )),
+        }
+    }
+
+    /// A review for `source` may start now (and counts as under way until
+    /// [`Self::end`]), or the time until one may.
+    fn admit(&self, source: IpAddr, now: Instant) -> Result<(), Duration> {
+        let mut sources = lock(&self.sources);
+        let s = sources.get_or_insert_mut(source, || Strikes {
+            since: now,
+            failures: 0,
+            reviewing: 0,
+            blocked_until: None,
+        });
+        if let Some(until) = s.blocked_until {
+            if now < until {
+                return Err(until - now);
+            }
+            s.blocked_until = None;
+            s.since = now;
+            s.failures = 0;
+        }
+        if now.saturating_duration_since(s.since) >= self.window {
+            s.since = now;
+            s.failures = 0;
+        }
+        if s.failures + s.reviewing >= self.max_failures {
+            // The reviews under way may each be refused: wait for them.
+            return Err(Duration::from_secs(1));
+        }
+        s.reviewing += 1;
+        Ok(())
+    }
+
+    /// A review admitted for `source` ended; `refused`: the cluster refused
+    /// the token. True when this refusal starts a block.
+    fn end(&self, source: IpAddr, refused: bool, now: Instant) -> bool {
+        let mut sources = lock(&self.sources);
+        // Forgotten meanwhile (capacity): nothing to count against.
+        let Some(s) = sources.peek_mut(&source) else {
+            return false;
+        };
+        s.reviewing = s.reviewing.saturating_sub(1);
+        if !refused || s.blocked_until.is_some() {
+            return false;
+        }
+        if now.saturating_duration_since(s.since) >= self.window {
+            s.since = now;
+            s.failures = 0;
+        }
+        s.failures += 1;
+        if s.failures < self.max_failures {
+            return false;
+        }
+        s.blocked_until = Some(now + self.block);
+        true
+    }
+
+    #[cfg(test)]
+    fn sources(&self) -> usize {
+        lock(&self.sources).len()
+    }
+}
+
+/// A review counted as under way for its source until it ends (also when
+/// the request is dropped half way, e.g. the client went away).
+struct Admitted<'a> {
+    limiter: &'a FailureLimiter,
+    source: IpAddr,
+    ended: bool,
+}
+
+impl Admitted<'_> {
+    fn end(mut self, refused: bool) -> bool {
+        self.ended = true;
+        self.limiter.end(self.source, refused, Instant::now())
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.limiter.end(self.source, false, Instant::now());
+        }
+    }
+}
+
+/// The address a request came from, for the limiter: IPv4-mapped IPv6
+/// addresses as IPv4; unknown (no connection information) as `::`.
+pub fn source_address(peer: Option<IpAddr>) -> IpAddr {
+    peer.map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), |ip| ip.to_canonical())
+}
+
 pub struct Authorizer {
     client: kube::Client,
     audience: String,
-    cache: Mutex<HashMap<(String, Verb), (Instant, Decision)>>,
+    cache: Mutex<VerdictCache>,
+    limiter: FailureLimiter,
 }
 
 impl Authorizer {
@@ -119,7 +311,8 @@ impl Authorizer {
         Self {
             client,
             audience: audience.into(),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(VerdictCache::new(CACHE_ENTRIES, CACHE_TTL)),
+            limiter: FailureLimiter::new(MAX_FAILURES, FAILURE_WINDOW, BLOCK_FOR, LIMITED_SOURCES),
         }
     }
 
@@ -133,39 +326,91 @@ impl Authorizer {
         self.client.clone()
     }
 
-    /// Whether the bearer of `token` may do what `verb` covers.
-    pub async fn authorize(&self, token: Option<&str>, verb: Verb) -> Decision {
-        let token = token.ok_or_else(|| {
+    /// Whether the bearer of the request's token (from `headers`, sent from
+    /// `source`, see [`source_address`]) may do what `verb` covers.
+    pub async fn authorize(&self, headers: &HeaderMap, source: IpAddr, verb: Verb) -> Decision {
+        if let Some(value) = headers.get(header::AUTHORIZATION)
+            && value.len() > MAX_AUTHORIZATION_BYTES
+        {
+            return Err(ApiError::Unauthenticated(format!(
+                "authorization: the header is {} bytes long, at most {MAX_AUTHORIZATION_BYTES} are accepted",
+                value.len()
+            )));
+        }
+        let token = bearer_token(headers).ok_or_else(|| {
             ApiError::Unauthenticated(
                 "authorization: a bearer token is required (authorization: Bearer <token>)".into(),
             )
         })?;
-        let key = (token.to_owned(), verb);
-        if let Some((at, decision)) = lock(&self.cache).get(&key)
-            && at.elapsed() < CACHE_TTL
-        {
-            return decision.clone();
+        let key = (token_hash(token), verb);
+        // A token the cluster accepted is answered from the cache, also
+        // while its source is blocked for others' refused tokens.
+        if let Some(decision) = lock(&self.cache).get(&key, Instant::now()) {
+            return decision;
         }
-        let decision = self.review(token, verb).await;
-        // A cluster that could not answer is asked again next time.
-        if !matches!(decision, Err(ApiError::Unavailable(_))) {
-            let mut cache = lock(&self.cache);
-            if cache.len() >= CACHE_ENTRIES {
-                cache.retain(|_, (at, _)| at.elapsed() < CACHE_TTL);
-                if cache.len() >= CACHE_ENTRIES {
-                    cache.clear();
-                }
+        let admitted = match self.limiter.admit(source, Instant::now()) {
+            Ok(()) => Admitted {
+                limiter: &self.limiter,
+                source,
+                ended: false,
+            },
+            Err(wait) => {
+                let retry_after = wait.as_secs().max(1);
+                return Err(ApiError::RateLimited {
+                    message: format!(
+                        "authorization: too many refused tokens from {source}; try again in {retry_after} s"
+                    ),
+                    retry_after,
+                });
             }
-            cache.insert(key, (Instant::now(), decision.clone()));
+        };
+        let decision = self.review(token, verb).await;
+        // Verdicts on tokens the cluster authenticated are kept; a refused
+        // token is not (it would let anyone fill the cache), nor is a
+        // cluster that could not answer (asked again next time).
+        if matches!(decision, Ok(()) | Err(ApiError::Forbidden(_))) {
+            lock(&self.cache).put(key, decision.clone(), Instant::now());
+        }
+        if admitted.end(matches!(decision, Err(ApiError::Unauthenticated(_)))) {
+            tracing::warn!(
+                %source,
+                "{MAX_FAILURES} tokens from this address were refused within {FAILURE_WINDOW:?}: \
+                 refusing its unknown tokens without a review for {BLOCK_FOR:?}"
+            );
         }
         decision
     }
 
+    /// Creates `object` (a review) with the API server, within
+    /// [`REVIEW_TIMEOUT`].
+    async fn create<K>(&self, what: &str, object: &K) -> Result<K, ApiError>
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + std::fmt::Debug
+            + serde::Serialize
+            + serde::de::DeserializeOwned,
+    {
+        let api = kube::Api::<K>::all(self.client.clone());
+        match tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), object)).await
+        {
+            Ok(Ok(created)) => Ok(created),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "{what} failed");
+                Err(ApiError::Unavailable(format!(
+                    "authorization: the {what} failed: {e}"
+                )))
+            }
+            Err(_) => {
+                tracing::warn!("{what} took longer than {REVIEW_TIMEOUT:?}");
+                Err(ApiError::Unavailable(format!(
+                    "authorization: the {what} took longer than {REVIEW_TIMEOUT:?}"
+                )))
+            }
+        }
+    }
+
     async fn review(&self, token: &str, verb: Verb) -> Decision {
-        let unavailable = |what: &str, e: kube::Error| {
-            tracing::warn!(error = %e, "{what} failed");
-            ApiError::Unavailable(format!("authorization: the {what} failed: {e}"))
-        };
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),
@@ -173,10 +418,7 @@ impl Authorizer {
             },
             ..Default::default()
         };
-        let review = kube::Api::<TokenReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| unavailable("TokenReview", e))?;
+        let review = self.create("TokenReview", &review).await?;
         let status = review.status.unwrap_or_default();
         if status.authenticated != Some(true) {
             let why = status.error.unwrap_or_else(|| "not authenticated".into());
@@ -214,10 +456,7 @@ impl Authorizer {
             },
             ..Default::default()
         };
-        let access = kube::Api::<SubjectAccessReview>::all(self.client.clone())
-            .create(&PostParams::default(), &access)
-            .await
-            .map_err(|e| unavailable("SubjectAccessReview", e))?;
+        let access = self.create("SubjectAccessReview", &access).await?;
         let status = access.status.unwrap_or_default();
         if status.allowed {
             return Ok(());
@@ -298,6 +537,419 @@ mod tests {
                 "/packetcapture.v1.Agent/{*rest}"
             ),
             "/packetcapture.v1.Agent/unknown"
+        );
+    }
+
+    fn at(t0: Instant, secs: u64) -> Instant {
+        t0 + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn tokens_are_keyed_by_their_sha256() {
+        assert_eq!(
+            token_hash("abc"),
+            [
+                0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea, 0x41, 0x41, 0x40, 0xde, 0x5d, 0xae,
+                0x22, 0x23, 0xb0, 0x03, 0x61, 0xa3, 0x96, 0x17, 0x7a, 0x9c, 0xb4, 0x10, 0xff, 0x61,
+                0xf2, 0x00, 0x15, 0xad
+            ]
+        );
+    }
+
+    #[test]
+    fn verdicts_expire_and_the_least_recently_used_goes_first() {
+        enum Op {
+            Put(&'static str, Verb, u64),
+            /// Expected to be there, or not.
+            Get(&'static str, Verb, u64, bool),
+        }
+        use Op::{Get, Put};
+        use Verb::{Get as G, Update as U};
+        // A cache of two verdicts reused for 30 s.
+        for (what, script) in [
+            (
+                "reused within the TTL",
+                vec![Put("a", G, 0), Get("a", G, 29, true)],
+            ),
+            (
+                "not at the TTL",
+                vec![Put("a", G, 0), Get("a", G, 30, false)],
+            ),
+            (
+                "an expired verdict is dropped",
+                vec![
+                    Put("a", G, 0),
+                    Get("a", G, 31, false),
+                    Get("a", G, 1, false),
+                ],
+            ),
+            (
+                "verbs are apart",
+                vec![Put("a", G, 0), Get("a", U, 1, false)],
+            ),
+            (
+                "tokens are apart",
+                vec![Put("a", G, 0), Get("b", G, 1, false)],
+            ),
+            (
+                "full: the least recently used goes",
+                vec![
+                    Put("a", G, 0),
+                    Put("b", G, 1),
+                    Get("a", G, 2, true),
+                    Put("c", G, 3),
+                    Get("b", G, 4, false),
+                    Get("a", G, 4, true),
+                    Get("c", G, 4, true),
+                ],
+            ),
+        ] {
+            let t0 = Instant::now();
+            let mut cache = VerdictCache::new(2, Duration::from_secs(30));
+            for (i, op) in script.into_iter().enumerate() {
+                match op {
+                    Put(token, verb, t) => cache.put((token_hash(token), verb), Ok(()), at(t0, t)),
+                    Get(token, verb, t, there) => assert_eq!(
+                        cache.get(&(token_hash(token), verb), at(t0, t)).is_some(),
+                        there,
+                        "{what}: step {i}"
+                    ),
+                }
+                assert!(cache.len() <= 2, "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn refused_tokens_are_limited_per_source() {
+        enum Op {
+            /// Source, time, and Ok or the seconds to wait.
+            Admit(u8, u64, Result<(), u64>),
+            /// Source, refused, time, and whether a block starts.
+            End(u8, bool, u64, bool),
+        }
+        use Op::{Admit, End};
+        let ip = |n: u8| IpAddr::from([10, 0, 0, n]);
+        // At most 3 refusals per 10 s, then 20 s of waiting; 2 sources.
+        for (what, script) in [
+            (
+                "refusals up to the limit, then a wait until the block ends",
+                vec![
+                    Admit(1, 0, Ok(())),
+                    End(1, true, 0, false),
+                    Admit(1, 1, Ok(())),
+                    End(1, true, 1, false),
+                    Admit(1, 2, Ok(())),
+                    End(1, true, 2, true),
+                    Admit(1, 3, Err(19)),
+                    Admit(1, 21, Err(1)),
+                    Admit(1, 22, Ok(())),
+                ],
+            ),
+            (
+                "accepted tokens do not count",
+                vec![
+                    Admit(1, 0, Ok(())),
+                    End(1, false, 0, false),
+                    Admit(1, 1, Ok(())),
+                    End(1, false, 1, false),
+                    Admit(1, 2, Ok(())),
+                    End(1, false, 2, false),
+                    Admit(1, 3, Ok(())),
+                ],
+            ),
+            (
+                "refusals of an earlier window are forgotten",
+                vec![
+                    Admit(1, 0, Ok(())),
+                    End(1, true, 0, false),
+                    Admit(1, 1, Ok(())),
+                    End(1, true, 1, false),
+                    Admit(1, 11, Ok(())),
+                    End(1, true, 11, false),
+                    Admit(1, 12, Ok(())),
+                    End(1, true, 12, false),
+                    Admit(1, 13, Ok(())),
+                    End(1, true, 13, true),
+                ],
+            ),
+            (
+                "reviews under way count",
+                vec![
+                    Admit(1, 0, Ok(())),
+                    Admit(1, 0, Ok(())),
+                    Admit(1, 0, Ok(())),
+                    Admit(1, 0, Err(1)),
+                    End(1, false, 1, false),
+                    Admit(1, 1, Ok(())),
+                ],
+            ),
+            (
+                "sources are apart",
+                vec![
+                    Admit(1, 0, Ok(())),
+                    End(1, true, 0, false),
+                    Admit(1, 0, Ok(())),
+                    End(1, true, 0, false),
+                    Admit(1, 0, Ok(())),
+                    End(1, true, 0, true),
+                    Admit(1, 1, Err(19)),
+                    Admit(2, 1, Ok(())),
+                ],
+            ),
+            (
+                "beyond the capacity the least recently seen source is forgotten",
+                vec![
+                    Admit(1, 0, Ok(())),
+                    End(1, true, 0, false),
+                    Admit(1, 0, Ok(())),
+                    End(1, true, 0, false),
+                    Admit(1, 0, Ok(())),
+                    End(1, true, 0, true),
+                    Admit(2, 1, Ok(())),
+                    Admit(3, 1, Ok(())),
+                    Admit(1, 1, Ok(())),
+                    // 1 ended a review of the record that was forgotten.
+                    End(1, true, 1, false),
+                ],
+            ),
+        ] {
+            let t0 = Instant::now();
+            let limiter =
+                FailureLimiter::new(3, Duration::from_secs(10), Duration::from_secs(20), 2);
+            for (i, op) in script.into_iter().enumerate() {
+                match op {
+                    Admit(n, t, want) => assert_eq!(
+                        limiter.admit(ip(n), at(t0, t)).map_err(|d| d.as_secs()),
+                        want,
+                        "{what}: step {i}"
+                    ),
+                    End(n, refused, t, blocks) => assert_eq!(
+                        limiter.end(ip(n), refused, at(t0, t)),
+                        blocks,
+                        "{what}: step {i}"
+                    ),
+                }
+                assert!(limiter.sources() <= 2, "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn sources_are_canonical() {
+        for (peer, want) in [
+            (Some("10.1.2.3"), "10.1.2.3"),
+            (Some("::ffff:10.1.2.3"), "10.1.2.3"),
+            (Some("fd00::1"), "fd00::1"),
+            (None, "::"),
+        ] {
+            let peer = peer.map(|p| p.parse::<IpAddr>().unwrap());
+            assert_eq!(source_address(peer).to_string(), want, "{peer:?}");
+        }
+    }
+
+    /// A cluster whose TokenReview authenticates the tokens `good-*` (user
+    /// "u", audience "agent") and whose SubjectAccessReview allows `get`
+    /// only; it counts the TokenReviews. With `hang` it never answers.
+    fn cluster(hang: bool) -> (kube::Client, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let reviews = Arc::new(AtomicUsize::new(0));
+        let counted = reviews.clone();
+        let service = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            let counted = counted.clone();
+            async move {
+                if hang {
+                    std::future::pending::<()>().await;
+                }
+                let path = req.uri().path().to_owned();
+                let body = req.into_body().collect_bytes().await.unwrap();
+                let mut answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                answer["status"] = if path.ends_with("/tokenreviews") {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let token = answer["spec"]["token"].as_str().unwrap_or_default();
+                    if token.starts_with("good-") {
+                        serde_json::json!({"authenticated": true, "audiences": ["agent"], "user": {"username": "u"}})
+                    } else {
+                        serde_json::json!({"authenticated": false, "error": "invalid bearer token"})
+                    }
+                } else {
+                    serde_json::json!({"allowed": answer["spec"]["resourceAttributes"]["verb"] == "get"})
+                };
+                let answer = serde_json::to_vec(&answer).unwrap();
+                Ok::<_, std::convert::Infallible>(
+                    http::Response::builder()
+                        .status(201)
+                        .header(header::CONTENT_TYPE, "application/json")
+                        .body(kube::client::Body::from(answer))
+                        .unwrap(),
+                )
+            }
+        });
+        (kube::Client::new(service, "default"), reviews)
+    }
+
+    fn bearer(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        h
+    }
+
+    fn reviews(counter: &std::sync::atomic::AtomicUsize) -> usize {
+        counter.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn a_header_over_8_kib_is_refused_unread() {
+        let (client, counter) = cluster(false);
+        let authorizer = Authorizer::new(client, "agent");
+        let source = IpAddr::from([10, 0, 0, 1]);
+        let token = |header_len: usize| format!("good-{}", "x".repeat(header_len - 12));
+        let at_limit = authorizer
+            .authorize(&bearer(&token(MAX_AUTHORIZATION_BYTES)), source, Verb::Get)
+            .await;
+        assert_eq!(at_limit, Ok(()));
+        assert_eq!(reviews(&counter), 1);
+        let over = authorizer
+            .authorize(
+                &bearer(&token(MAX_AUTHORIZATION_BYTES + 1)),
+                source,
+                Verb::Get,
+            )
+            .await;
+        assert_eq!(
+            over,
+            Err(ApiError::Unauthenticated(
+                "authorization: the header is 8193 bytes long, at most 8192 are accepted".into()
+            ))
+        );
+        assert_eq!(reviews(&counter), 1, "no review");
+        assert_eq!(lock(&authorizer.cache).len(), 1, "nothing cached");
+    }
+
+    #[tokio::test]
+    async fn refused_tokens_are_not_cached_and_block_their_source() {
+        let (client, counter) = cluster(false);
+        let authorizer = Authorizer::new(client, "agent");
+        let (attacker, other) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        // Known before: its verdict is cached.
+        assert_eq!(
+            authorizer
+                .authorize(&bearer("good-known"), attacker, Verb::Get)
+                .await,
+            Ok(())
+        );
+        for i in 0..MAX_FAILURES {
+            let d = authorizer
+                .authorize(&bearer(&format!("bogus-{i}")), attacker, Verb::Get)
+                .await;
+            assert!(matches!(d, Err(ApiError::Unauthenticated(_))), "{i}: {d:?}");
+        }
+        let reviewed = reviews(&counter);
+        assert_eq!(reviewed, 1 + MAX_FAILURES as usize);
+        assert_eq!(lock(&authorizer.cache).len(), 1, "refusals are not cached");
+        for token in ["bogus-again", "good-new"] {
+            let d = authorizer
+                .authorize(&bearer(token), attacker, Verb::Get)
+                .await;
+            let Err(ApiError::RateLimited {
+                message,
+                retry_after,
+            }) = d
+            else {
+                panic!("{token}: {d:?}");
+            };
+            assert_eq!(
+                message,
+                format!(
+                    "authorization: too many refused tokens from 10.0.0.1; try again in {retry_after} s"
+                )
+            );
+            assert!((BLOCK_FOR.as_secs() - 5..=BLOCK_FOR.as_secs()).contains(&retry_after));
+        }
+        assert_eq!(reviews(&counter), reviewed, "no review while blocked");
+        assert_eq!(
+            authorizer
+                .authorize(&bearer("good-known"), attacker, Verb::Get)
+                .await,
+            Ok(()),
+            "a cached token still passes"
+        );
+        assert!(matches!(
+            authorizer
+                .authorize(&bearer("bogus-x"), other, Verb::Get)
+                .await,
+            Err(ApiError::Unauthenticated(_))
+        ));
+        assert_eq!(
+            reviews(&counter),
+            reviewed + 1,
+            "other sources are reviewed"
+        );
+    }
+
+    #[tokio::test]
+    async fn verdicts_on_authenticated_tokens_are_cached() {
+        let (client, counter) = cluster(false);
+        let authorizer = Authorizer::new(client, "agent");
+        let source = IpAddr::from([10, 0, 0, 1]);
+        for (verb, want, reviewed) in [
+            (Verb::Get, Ok(()), 1),
+            (Verb::Get, Ok(()), 1),
+            (
+                Verb::Update,
+                Err(ApiError::Forbidden(
+                    "authorization: \"u\" may not update packetcaptureconfigs.networking.packet.io"
+                        .into(),
+                )),
+                2,
+            ),
+            (
+                Verb::Update,
+                Err(ApiError::Forbidden(
+                    "authorization: \"u\" may not update packetcaptureconfigs.networking.packet.io"
+                        .into(),
+                )),
+                2,
+            ),
+        ] {
+            let d = authorizer.authorize(&bearer("good-1"), source, verb).await;
+            assert_eq!(d, want, "{verb:?}");
+            assert_eq!(reviews(&counter), reviewed, "{verb:?}");
+        }
+        let cache = lock(&authorizer.cache);
+        assert!(cache.entries.contains(&(token_hash("good-1"), Verb::Get)));
+        assert!(
+            cache
+                .entries
+                .contains(&(token_hash("good-1"), Verb::Update))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_review_that_does_not_answer_is_unavailable() {
+        let (client, _) = cluster(true);
+        let authorizer = Authorizer::new(client, "agent");
+        let source = IpAddr::from([10, 0, 0, 1]);
+        let started = tokio::time::Instant::now();
+        let d = authorizer
+            .authorize(&bearer("good-1"), source, Verb::Get)
+            .await;
+        assert_eq!(
+            d,
+            Err(ApiError::Unavailable(
+                "authorization: the TokenReview took longer than 5s".into()
+            ))
+        );
+        assert_eq!(started.elapsed(), REVIEW_TIMEOUT);
+        assert_eq!(lock(&authorizer.cache).len(), 0, "not cached");
+        assert_eq!(
+            authorizer.limiter.admit(source, Instant::now()),
+            Ok(()),
+            "not counted as refused, and no longer under way"
         );
     }
 }

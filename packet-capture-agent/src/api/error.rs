@@ -28,6 +28,10 @@ pub enum ApiError {
     /// The caller may not do this.
     #[error("{0}")]
     Forbidden(String),
+    /// Too many refused tokens came from the caller's address; it may try
+    /// again after `retry_after` seconds.
+    #[error("{message}")]
+    RateLimited { message: String, retry_after: u64 },
     /// The node (or the cluster, for authentication) cannot serve it now.
     #[error("{0}")]
     Unavailable(String),
@@ -44,6 +48,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -57,6 +62,7 @@ impl ApiError {
             Self::NotFound(_) => tonic::Code::NotFound,
             Self::Unauthenticated(_) => tonic::Code::Unauthenticated,
             Self::Forbidden(_) => tonic::Code::PermissionDenied,
+            Self::RateLimited { .. } => tonic::Code::ResourceExhausted,
             Self::Unavailable(_) => tonic::Code::Unavailable,
             Self::Internal(_) => tonic::Code::Internal,
         }
@@ -76,6 +82,10 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let retry_after = match &self {
+            Self::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        };
         let mut response = (
             status,
             Json(serde_json::json!({ "error": self.to_string() })),
@@ -85,6 +95,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

@@ -40,7 +40,7 @@ impl Agent for AgentService {
         req: Request<pb::StartCaptureRequest>,
     ) -> Result<Response<pb::Capture>, Status> {
         let req = Unchecked::try_from(req.into_inner()).map_err(ApiError::from)?;
-        let (status, _) = self.api.start(req)?;
+        let (status, _) = self.api.start(req).await?;
         Ok(Response::new(status.into()))
     }
 

@@ -14,11 +14,12 @@ pub mod rest;
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
@@ -27,8 +28,8 @@ use tokio::io::AsyncReadExt as _;
 
 use crate::capture::{CaptureStatus, Engine};
 use crate::files::FileEntry;
+use auth::Access;
 pub use auth::Authorizer;
-use auth::{Access, bearer_token};
 use convert::Unchecked;
 pub use error::ApiError;
 use metrics::Metrics;
@@ -58,10 +59,10 @@ impl Api {
 
     /// Validates and starts a capture; `true` when it is new, `false` when
     /// the same capture was already there.
-    pub fn start(&self, req: Unchecked) -> Result<(CaptureStatus, bool), ApiError> {
+    pub async fn start(&self, req: Unchecked) -> Result<(CaptureStatus, bool), ApiError> {
         let req = req.validate()?;
         let existed = self.engine.get(&req.id).is_some();
-        let status = self.engine.start_capture(req)?;
+        let status = self.engine.start_capture_async(req).await?;
         Ok((status, !existed))
     }
 
@@ -147,15 +148,19 @@ pub fn router(api: Api) -> Router {
 }
 
 /// Serves the router on the listener until `shutdown` completes; then stops
-/// accepting and lets requests in progress finish.
+/// accepting and lets requests in progress finish. Each request knows its
+/// peer's address (the authorizer limits refused tokens per address).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 fn is_grpc(req: &Request) -> bool {
@@ -177,13 +182,23 @@ async fn gate(State(api): State<Api>, req: Request, next: Next) -> Response {
     };
     let response = match (auth::access(req.method(), &path), &api.auth) {
         (Access::Verb(verb), Some(authorizer)) => {
+            let peer = req
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip());
             match authorizer
-                .authorize(bearer_token(req.headers()), verb)
+                .authorize(req.headers(), auth::source_address(peer), verb)
                 .await
             {
                 Ok(()) => next.run(req).await,
                 Err(e) => {
-                    tracing::info!(path, verb = verb.as_str(), error = %e, "request refused");
+                    // A blocked source's requests are many: the block
+                    // itself is logged once, when it starts.
+                    if matches!(e, ApiError::RateLimited { .. }) {
+                        tracing::debug!(path, verb = verb.as_str(), error = %e, "request refused");
+                    } else {
+                        tracing::info!(path, verb = verb.as_str(), error = %e, "request refused");
+                    }
                     if grpc {
                         e.into_grpc_response()
                     } else {

@@ -108,7 +108,7 @@ async fn start_capture(
         }
         _ => ApiError::Invalid(format!("body: {}", r.body_text())),
     })?;
-    let (status, created) = api.start(parse_start(&body)?)?;
+    let (status, created) = api.start(parse_start(&body)?).await?;
     let code = if created {
         StatusCode::CREATED
     } else {

@@ -178,6 +178,14 @@ struct Inner {
     bytes_written: Arc<AtomicU64>,
 }
 
+fn has_filter(req: &StartRequest) -> bool {
+    !req.spec.filter.trim().is_empty()
+}
+
+fn filter_error(e: crate::filter::FilterError) -> StartError {
+    StartError::Invalid(format!("filter: {e}"))
+}
+
 /// The capture engine. Cheap to clone; all clones share one engine.
 #[derive(Clone)]
 pub struct Engine {
@@ -244,15 +252,40 @@ impl Engine {
     }
 
     /// Starts a capture, or returns the one with the same id and request.
+    /// Compiles the filter on the calling thread: async code uses
+    /// [`Engine::start_capture_async`].
     pub fn start_capture(&self, req: StartRequest) -> Result<CaptureStatus, StartError> {
-        let filter = if req.spec.filter.trim().is_empty() {
-            None
+        let filter = if has_filter(&req) {
+            Some(Filter::compile(&req.spec.filter).map_err(filter_error)?)
         } else {
-            Some(
-                Filter::compile(&req.spec.filter)
-                    .map_err(|e| StartError::Invalid(format!("filter: {e}")))?,
-            )
+            None
         };
+        self.start_filtered(req, filter)
+    }
+
+    /// [`Engine::start_capture`] with the filter compiled on tokio's
+    /// blocking pool, within a time limit.
+    pub async fn start_capture_async(
+        &self,
+        req: StartRequest,
+    ) -> Result<CaptureStatus, StartError> {
+        let filter = if has_filter(&req) {
+            Some(
+                Filter::compile_async(&req.spec.filter)
+                    .await
+                    .map_err(filter_error)?,
+            )
+        } else {
+            None
+        };
+        self.start_filtered(req, filter)
+    }
+
+    fn start_filtered(
+        &self,
+        req: StartRequest,
+        filter: Option<Filter>,
+    ) -> Result<CaptureStatus, StartError> {
         let mut captures = lock(&self.inner.captures);
         if let Some(existing) = captures.get(&req.id) {
             if existing.name == req.name && existing.spec == req.spec {

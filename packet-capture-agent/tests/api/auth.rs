@@ -5,6 +5,13 @@
 //! plane's kube-apiserver with real service-account tokens and the
 //! project's RBAC.
 
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use packet_capture_agent::api::auth::{
+    BLOCK_FOR, CACHE_TTL, MAX_AUTHORIZATION_BYTES, MAX_FAILURES,
+};
+use packet_capture_proto::v1 as pb;
 use packet_capture_test_support::cluster::{
     AgentOptions, COMPONENT_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, Cluster,
 };
@@ -12,7 +19,7 @@ use packet_capture_test_support::privileged;
 use serde_json::Value;
 
 use crate::common::apiserver::{FakeApiServer, Identity, Tokens, check_auth};
-use crate::common::{AGENT, Node};
+use crate::common::{AGENT, Node, Rest, grpc_at, with_token};
 
 const AUDIENCE: &str = "packet-capture-agent";
 
@@ -83,8 +90,9 @@ async fn auth_against_a_token_review_endpoint() {
             "{r}"
         );
     }
-    // Decisions are cached: one TokenReview per token and verb, though the
-    // reader listed several times over REST and gRPC.
+    // Verdicts on accepted tokens are cached: one TokenReview per token and
+    // verb, though the reader listed several times over REST and gRPC. A
+    // refused token is not: one review per request (5 REST, 3 gRPC).
     let reviewed = |token: &str| {
         reviews
             .iter()
@@ -93,7 +101,7 @@ async fn auth_against_a_token_review_endpoint() {
     };
     assert_eq!(reviewed("reader-token"), 2, "one for get, one for update");
     assert_eq!(reviewed("writer-token"), 2);
-    assert_eq!(reviewed("garbage"), 2);
+    assert_eq!(reviewed("garbage"), 8);
 
     let access: Vec<&Value> = requests
         .iter()
@@ -205,4 +213,179 @@ async fn auth_against_the_local_control_plane() {
     check_auth(&agent.url(), &tokens).await;
     let log = agent.log();
     assert!(!log.contains("ERROR"), "{log}");
+}
+
+/// Resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"));
+    kib * 1024
+}
+
+/// 10,000 requests with distinct bogus tokens of 4 KiB each, 8 at a time:
+/// the agent reviews and refuses (401) the first [`MAX_FAILURES`], then
+/// refuses the rest from that address without a TokenReview (429 with
+/// Retry-After; gRPC RESOURCE_EXHAUSTED), keeps none of them (its RSS grows
+/// by less than 20 MiB), keeps answering /health, and still lets in a caller
+/// whose token it accepted before. A header over 8 KiB is refused (401)
+/// without a review.
+#[tokio::test]
+async fn a_flood_of_bogus_tokens_costs_neither_memory_nor_reviews() {
+    if !privileged("a_flood_of_bogus_tokens_costs_neither_memory_nor_reviews") {
+        return;
+    }
+    let node = Node::new();
+    let server = FakeApiServer::start(
+        &node.left,
+        vec![identity(
+            "writer-token",
+            "system:serviceaccount:kube-system:packet-capture-controller",
+            AUDIENCE,
+            &["get", "update"],
+        )],
+    );
+    let config_dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.kubeconfig(config_dir.path());
+    let agent = node.agent(&[], &[("KUBECONFIG", kubeconfig.to_str().unwrap())]);
+    let rest = Rest::at(&agent.url());
+    let writer = rest.with_token(Some("writer-token"));
+    assert_eq!(writer.get("/api/v1/captures").await.status(), 200);
+    let token_reviews = || {
+        server
+            .requests()
+            .iter()
+            .filter(|(kind, _)| kind == "TokenReview")
+            .count()
+    };
+    assert_eq!(token_reviews(), 1);
+    let before = rss(agent.pid());
+
+    const REQUESTS: usize = 10_000;
+    let started = Instant::now();
+    let flooding = std::cell::Cell::new(true);
+    // /health all along, each answered within a second.
+    let health = async {
+        let mut answered = 0;
+        while flooding.get() {
+            let asked = Instant::now();
+            assert_eq!(rest.get("/health").await.status(), 200);
+            assert!(
+                asked.elapsed() < Duration::from_secs(1),
+                "{:?}",
+                asked.elapsed()
+            );
+            answered += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        answered
+    };
+    let flood = async {
+        let statuses: Vec<(u16, Option<String>, String)> = futures::stream::iter(0..REQUESTS)
+            .map(|i| {
+                let caller = rest.with_token(Some(&format!("bogus-{i:05}-{}", "x".repeat(4096))));
+                async move {
+                    let r = caller.get("/api/v1/captures").await;
+                    let retry_after = r
+                        .headers()
+                        .get("retry-after")
+                        .map(|v| v.to_str().unwrap().to_owned());
+                    let status = r.status().as_u16();
+                    let body: serde_json::Value = r.json().await.unwrap();
+                    (
+                        status,
+                        retry_after,
+                        body["error"].as_str().unwrap().to_owned(),
+                    )
+                }
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        flooding.set(false);
+        statuses
+    };
+    let (statuses, health_checks) = tokio::join!(flood, health);
+    let elapsed = started.elapsed();
+    assert!(health_checks > 0);
+    let grown = rss(agent.pid()).saturating_sub(before);
+    eprintln!(
+        "{REQUESTS} bogus tokens in {elapsed:?}; RSS grew by {} KiB; {} TokenReviews",
+        grown / 1024,
+        token_reviews() - 1
+    );
+    assert!(
+        elapsed < CACHE_TTL - Duration::from_secs(5),
+        "{REQUESTS} refusals took {elapsed:?}"
+    );
+    assert!(grown < 20 << 20, "RSS grew by {grown} bytes");
+
+    let refused = statuses.iter().filter(|(s, ..)| *s == 401).count();
+    let limited: Vec<_> = statuses.iter().filter(|(s, ..)| *s == 429).collect();
+    assert_eq!(refused + limited.len(), REQUESTS, "401 or 429 only");
+    // The block outlasts the flood: the reviews are the first refusals.
+    assert!(elapsed < BLOCK_FOR);
+    assert_eq!(refused, MAX_FAILURES as usize);
+    assert_eq!(token_reviews(), 1 + MAX_FAILURES as usize);
+    for (status, retry_after, error) in &statuses {
+        if *status == 401 {
+            assert_eq!(
+                error,
+                "authorization: the token was refused: invalid bearer token"
+            );
+        } else {
+            let seconds: u64 = retry_after.as_deref().unwrap().parse().unwrap();
+            assert!((1..=BLOCK_FOR.as_secs()).contains(&seconds), "{seconds}");
+            assert!(
+                error.starts_with(
+                    "authorization: too many refused tokens from 127.0.0.1; try again in "
+                ),
+                "{error}"
+            );
+        }
+    }
+
+    // Still blocked: no review, over REST and gRPC. The header limit comes
+    // first; a token accepted before the flood still works.
+    let huge = "x".repeat(MAX_AUTHORIZATION_BYTES);
+    let r = rest.with_token(Some(&huge)).get("/api/v1/captures").await;
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["error"],
+        format!(
+            "authorization: the header is {} bytes long, at most {MAX_AUTHORIZATION_BYTES} are accepted",
+            MAX_AUTHORIZATION_BYTES + 7
+        )
+    );
+    assert_eq!(writer.get("/api/v1/captures").await.status(), 200);
+    let mut c = grpc_at(&agent.url()).await;
+    let list = |token: &str| with_token(pb::ListCapturesRequest {}, Some(token));
+    let code = |r: Result<tonic::Response<pb::ListCapturesResponse>, tonic::Status>| {
+        r.map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code())
+    };
+    assert_eq!(
+        code(c.list_captures(list("bogus-grpc")).await),
+        tonic::Code::ResourceExhausted
+    );
+    assert_eq!(
+        code(c.list_captures(list(&huge)).await),
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(
+        code(c.list_captures(list("writer-token")).await),
+        tonic::Code::Ok
+    );
+    assert_eq!(token_reviews(), 1 + MAX_FAILURES as usize);
+    assert_eq!(rest.get("/health").await.status(), 200);
+    let log = agent.log();
+    assert_eq!(
+        log.matches("refusing its unknown tokens without a review")
+            .count(),
+        1,
+        "{log}"
+    );
 }
