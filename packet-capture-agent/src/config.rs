@@ -8,7 +8,9 @@ use clap::Parser;
 
 use crate::capture::BackendChoice;
 use crate::files::Compression;
+use packet_capture_common::abi::MAX_SLOTS;
 use packet_capture_common::logging::LogLevel;
+use packet_capture_common::validate::CaptureLimits;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -57,6 +59,24 @@ pub struct Config {
     #[arg(long, env = "MAX_CAPTURE_FILE_SIZE_MB", value_name = "MAX_CAPTURE_FILE_SIZE_MB", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     pub max_capture_file_size_mb: u64,
+
+    /// The longest capture this agent runs, in seconds.
+    #[arg(long, env = "MAX_CAPTURE_DURATION", value_name = "MAX_CAPTURE_DURATION",
+          default_value_t = CaptureLimits::DEFAULT_MAX_DURATION,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_capture_duration: u32,
+
+    /// The largest maxPackets this agent accepts.
+    #[arg(long, env = "MAX_CAPTURE_PACKETS", value_name = "MAX_CAPTURE_PACKETS",
+          default_value_t = CaptureLimits::DEFAULT_MAX_PACKETS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_capture_packets: u32,
+
+    /// Captures this agent runs at once; a start beyond it is refused.
+    #[arg(long, env = "MAX_CONCURRENT_CAPTURES", value_name = "MAX_CONCURRENT_CAPTURES",
+          default_value_t = 16,
+          value_parser = clap::value_parser!(u16).range(1..=MAX_SLOTS as i64))]
+    pub max_concurrent_captures: u16,
 
     /// DEBUG, INFO, WARNING or ERROR.
     #[arg(
@@ -156,6 +176,13 @@ impl Config {
 
     pub fn max_file_bytes(&self) -> u64 {
         self.max_capture_file_size_mb * 1024 * 1024
+    }
+
+    pub fn limits(&self) -> CaptureLimits {
+        CaptureLimits {
+            max_duration: self.max_capture_duration,
+            max_packets: self.max_capture_packets,
+        }
     }
 
     /// Where a client on this host reaches the API: the bind address, or

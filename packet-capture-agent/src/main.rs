@@ -66,6 +66,8 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         node_name: config.node_name(),
         files: Arc::new(files),
         max_file_bytes: config.max_file_bytes(),
+        limits: config.limits(),
+        max_running: config.max_concurrent_captures.into(),
         backend: config.backend,
         ring_bytes: config.ring_buffer_mb << 20,
     })

@@ -14,6 +14,7 @@ use packet_capture_agent::files::{CaptureDir, Compression};
 use packet_capture_agent::filter::selection_expression;
 use packet_capture_common::abi::MAX_SLOTS;
 use packet_capture_common::crd::{CaptureState, OutputFormat};
+use packet_capture_common::validate::CaptureLimits;
 use packet_capture_test_support::capfile::{self, Packet};
 use packet_capture_test_support::netns::run;
 use packet_capture_test_support::{Netns, Tcpdump, VethPair, privileged, unique_name};
@@ -194,6 +195,8 @@ fn with_engine(
                     node_name: "node-a".into(),
                     files: Arc::new(files),
                     max_file_bytes,
+                    limits: CaptureLimits::default(),
+                    max_running: MAX_SLOTS,
                     backend,
                     ring_bytes,
                 }))

@@ -150,6 +150,65 @@ impl Validator {
     }
 }
 
+/// Ceilings the cluster's administrator sets for every capture, as the
+/// ConfigMap keys `MAX_CAPTURE_DURATION` (seconds) and `MAX_CAPTURE_PACKETS`.
+/// The webhook checks them at admission, and each agent again when a capture
+/// starts, which is what holds when the webhook is off or the agent is
+/// called directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaptureLimits {
+    pub max_duration: u32,
+    pub max_packets: u32,
+}
+
+impl CaptureLimits {
+    pub const DEFAULT_MAX_DURATION: u32 = 86_400;
+    pub const DEFAULT_MAX_PACKETS: u32 = 10_000_000;
+
+    /// The problems of a capture's `duration` (seconds) and `maxPackets`,
+    /// each naming the field (under `prefix`) and the key that sets the
+    /// ceiling.
+    pub fn check(
+        &self,
+        prefix: &'static str,
+        duration: u64,
+        max_packets: u64,
+    ) -> Result<(), ValidationErrors> {
+        let mut v = Validator::new(prefix);
+        for (field, value, ceiling, key) in [
+            (
+                "duration",
+                duration,
+                self.max_duration,
+                "MAX_CAPTURE_DURATION",
+            ),
+            (
+                "maxPackets",
+                max_packets,
+                self.max_packets,
+                "MAX_CAPTURE_PACKETS",
+            ),
+        ] {
+            if value > u64::from(ceiling) {
+                v.error(
+                    field,
+                    format!("{value} is over this cluster's limit of {ceiling} ({key})"),
+                );
+            }
+        }
+        v.finish()
+    }
+}
+
+impl Default for CaptureLimits {
+    fn default() -> Self {
+        Self {
+            max_duration: Self::DEFAULT_MAX_DURATION,
+            max_packets: Self::DEFAULT_MAX_PACKETS,
+        }
+    }
+}
+
 /// Parses one `targetIPs` entry: an address (a host route) or a CIDR whose
 /// host bits are zero, as tcpdump's `net` demands. Like the CRD's CEL rule
 /// (Kubernetes' `isIP`/`isCIDR`), it refuses IPv4-mapped IPv6 addresses and
@@ -248,6 +307,24 @@ impl PacketCaptureConfigSpec {
 mod tests {
     use super::*;
     use crate::crd::{OutputFormat, PacketCaptureConfig, PodRef, PodSelector};
+
+    #[test]
+    fn limits_name_the_field_and_the_key() {
+        let limits = CaptureLimits {
+            max_duration: 60,
+            max_packets: 100,
+        };
+        assert_eq!(limits.check("spec", 60, 100), Ok(()));
+        assert_eq!(
+            limits.check("spec", 61, 101).unwrap_err().to_string(),
+            "spec.duration: 61 is over this cluster's limit of 60 (MAX_CAPTURE_DURATION); \
+             spec.maxPackets: 101 is over this cluster's limit of 100 (MAX_CAPTURE_PACKETS)"
+        );
+        assert_eq!(
+            limits.check("", 1, 1_000).unwrap_err().to_string(),
+            "maxPackets: 1000 is over this cluster's limit of 100 (MAX_CAPTURE_PACKETS)"
+        );
+    }
 
     fn spec_with_ips(ips: &[&str]) -> PacketCaptureConfigSpec {
         PacketCaptureConfigSpec {

@@ -45,9 +45,13 @@ pub async fn run(settings: Settings, log: LogControl) -> Result<()> {
         let slot = Arc::new(webhook::ServingCert::default());
         // Bound at once, so that a port in use is reported at start; TLS
         // handshakes fail until `certs` provides a certificate.
-        let server =
-            webhook::WebhookServer::bind(any(settings.webhook_port), slot.clone(), client.clone())
-                .await?;
+        let server = webhook::WebhookServer::bind(
+            any(settings.webhook_port),
+            slot.clone(),
+            client.clone(),
+            settings.limits(),
+        )
+        .await?;
         tokio::select! {
             r = server.run() => r,
             never = certs::provide(&settings, client.clone(), slot, status.clone(), metrics.clone()) => match never {},

@@ -9,6 +9,7 @@ use clap::Parser;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{Api, Client};
 use packet_capture_common::logging::LogLevel;
+use packet_capture_common::validate::CaptureLimits;
 
 use crate::backoff::Backoff;
 use crate::error::{Error, Result};
@@ -98,6 +99,17 @@ pub struct Settings {
         default_value = "/var/run/secrets/packet-capture/token"
     )]
     pub agent_token_file: PathBuf,
+
+    /// The longest capture the webhook admits, in seconds (the agents
+    /// check their own copy of the same ConfigMap key).
+    #[arg(long, env = "MAX_CAPTURE_DURATION", default_value_t = CaptureLimits::DEFAULT_MAX_DURATION,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_capture_duration: u32,
+
+    /// The largest maxPackets the webhook admits.
+    #[arg(long, env = "MAX_CAPTURE_PACKETS", default_value_t = CaptureLimits::DEFAULT_MAX_PACKETS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_capture_packets: u32,
 
     /// Timeout of one call to an agent, in seconds.
     #[arg(long, env = "AGENT_TIMEOUT_SECONDS", default_value_t = 10)]
@@ -206,6 +218,13 @@ impl Settings {
 
     pub fn lease_duration(&self) -> Duration {
         Duration::from_secs(self.lease_duration_seconds.max(2))
+    }
+
+    pub fn limits(&self) -> CaptureLimits {
+        CaptureLimits {
+            max_duration: self.max_capture_duration,
+            max_packets: self.max_capture_packets,
+        }
     }
 
     pub fn identity(&self) -> String {

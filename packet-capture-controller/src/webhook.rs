@@ -26,6 +26,7 @@ use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::{Api, Client};
 use packet_capture_common::crd::{PacketCaptureConfig, PacketCaptureConfigSpec};
+use packet_capture_common::validate::CaptureLimits;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -38,11 +39,16 @@ use crate::error::{Error, Result};
 /// What is wrong with a spec on its own: the common validation and the
 /// filter (compiled off the async threads, within a time limit; names
 /// refused before libpcap sees them).
-pub async fn spec_problems(spec: &PacketCaptureConfigSpec) -> Vec<String> {
-    let mut problems: Vec<String> = match spec.validate() {
-        Ok(()) => Vec::new(),
-        Err(errors) => errors.0.iter().map(ToString::to_string).collect(),
-    };
+pub async fn spec_problems(spec: &PacketCaptureConfigSpec, limits: &CaptureLimits) -> Vec<String> {
+    let checks = [
+        spec.validate(),
+        limits.check("spec", spec.duration.into(), spec.max_packets.into()),
+    ];
+    let mut problems: Vec<String> = checks
+        .iter()
+        .filter_map(|c| c.as_ref().err())
+        .flat_map(|errors| errors.0.iter().map(ToString::to_string))
+        .collect();
     if !spec.filter.trim().is_empty()
         && !problems.iter().any(|p| p.starts_with("spec.filter"))
         && let Err(e) = packet_capture_common::filter::compile_async(&spec.filter).await
@@ -125,6 +131,7 @@ pub async fn namespace_problems(
 /// Everything wrong with an admission request's object.
 pub async fn review_problems(
     client: &Client,
+    limits: &CaptureLimits,
     req: &AdmissionRequest<DynamicObject>,
 ) -> Vec<String> {
     if !matches!(req.operation, Operation::Create | Operation::Update) {
@@ -138,7 +145,7 @@ pub async fn review_problems(
         Ok(p) => p,
         Err(e) => return vec![format!("spec: {e}")],
     };
-    let mut problems = spec_problems(&pcc.spec).await;
+    let mut problems = spec_problems(&pcc.spec, limits).await;
     problems.extend(namespace_problems(client, &pcc.spec, &req.user_info).await);
     problems
 }
@@ -146,13 +153,14 @@ pub async fn review_problems(
 /// Answers one AdmissionReview.
 pub async fn review(
     client: &Client,
+    limits: &CaptureLimits,
     review: AdmissionReview<DynamicObject>,
 ) -> AdmissionReview<DynamicObject> {
     let req: AdmissionRequest<DynamicObject> = match review.try_into() {
         Ok(r) => r,
         Err(e) => return AdmissionResponse::invalid(e.to_string()).into_review(),
     };
-    let problems = review_problems(client, &req).await;
+    let problems = review_problems(client, limits, &req).await;
     let resp = AdmissionResponse::from(&req);
     if problems.is_empty() {
         resp.into_review()
@@ -163,16 +171,16 @@ pub async fn review(
 }
 
 async fn validate(
-    State(client): State<Client>,
+    State((client, limits)): State<(Client, CaptureLimits)>,
     Json(body): Json<AdmissionReview<DynamicObject>>,
 ) -> Json<AdmissionReview<DynamicObject>> {
-    Json(review(&client, body).await)
+    Json(review(&client, &limits, body).await)
 }
 
-pub fn router(client: Client) -> Router {
+pub fn router(client: Client, limits: CaptureLimits) -> Router {
     Router::new()
         .route("/validate", post(validate))
-        .with_state(client)
+        .with_state((client, limits))
 }
 
 /// The certificate the webhook presents. Empty until a source (see
@@ -222,7 +230,12 @@ pub struct WebhookServer {
 
 impl WebhookServer {
     /// Binds `addr`; the certificate comes from `certs` at each handshake.
-    pub async fn bind(addr: SocketAddr, certs: Arc<ServingCert>, client: Client) -> Result<Self> {
+    pub async fn bind(
+        addr: SocketAddr,
+        certs: Arc<ServingCert>,
+        client: Client,
+        limits: CaptureLimits,
+    ) -> Result<Self> {
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -243,7 +256,7 @@ impl WebhookServer {
         Ok(Self {
             listener,
             acceptor: TlsAcceptor::from(Arc::new(config)),
-            router: router(client),
+            router: router(client, limits),
         })
     }
 
@@ -338,7 +351,7 @@ mod tests {
                 filter: filter.into(),
                 ..Default::default()
             };
-            let p = spec_problems(&spec).await;
+            let p = spec_problems(&spec, &CaptureLimits::default()).await;
             match want {
                 None => assert!(p.is_empty(), "{filter:?}: {p:?}"),
                 Some(want) => assert!(p.len() == 1 && p[0].starts_with(want), "{filter:?}: {p:?}"),
@@ -353,7 +366,7 @@ mod tests {
             duration: 0,
             ..Default::default()
         };
-        let p = spec_problems(&spec).await;
+        let p = spec_problems(&spec, &CaptureLimits::default()).await;
         assert!(p[0].starts_with("spec.targetIPs[0]"), "{p:?}");
         assert_eq!(p[1], "spec.duration: must be at least 1, got 0");
     }

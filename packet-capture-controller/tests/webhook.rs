@@ -8,6 +8,7 @@ mod support;
 use kube::Client;
 use kube::core::DynamicObject;
 use kube::core::admission::AdmissionReview;
+use packet_capture_common::validate::CaptureLimits;
 use packet_capture_controller::webhook::review;
 use serde_json::{Value, json};
 use support::ApiServer;
@@ -52,6 +53,7 @@ async fn a_good_spec_is_allowed_after_namespace_and_access_checks() {
     let task = tokio::spawn(async move {
         review(
             &client,
+            &CaptureLimits::default(),
             admission(json!({
                 "podSelector": {"pods": [
                     {"podName": "web", "namespace": "shop"},
@@ -96,6 +98,7 @@ async fn bad_filters_missing_namespaces_and_forbidden_ones_are_named() {
     let task = tokio::spawn(async move {
         review(
             &client,
+            &CaptureLimits::default(),
             admission(json!({
                 "targetIPs": ["10.0.0.0/33"],
                 "podSelector": {"pods": [
@@ -157,6 +160,7 @@ async fn an_object_that_does_not_parse_is_denied_with_the_field() {
     let (client, _api) = mock();
     let r = review(
         &client,
+        &CaptureLimits::default(),
         admission(json!({"targetIPs": ["10.0.0.1"], "outputFormat": "json"})),
     )
     .await;
@@ -166,4 +170,35 @@ async fn an_object_that_does_not_parse_is_denied_with_the_field() {
         message.starts_with("spec: ") && message.contains("json"),
         "{message}"
     );
+}
+
+#[tokio::test]
+async fn captures_over_the_clusters_limits_are_denied_with_the_key() {
+    let (client, _api) = mock();
+    let limits = CaptureLimits {
+        max_duration: 600,
+        max_packets: 5_000,
+    };
+    let over = review(
+        &client,
+        &limits,
+        admission(json!({"targetIPs": ["10.0.0.1"], "duration": 601, "maxPackets": 5_001})),
+    )
+    .await;
+    assert_eq!(
+        verdict(&over),
+        (
+            false,
+            "spec.duration: 601 is over this cluster's limit of 600 (MAX_CAPTURE_DURATION); \
+             spec.maxPackets: 5001 is over this cluster's limit of 5000 (MAX_CAPTURE_PACKETS)"
+                .to_string()
+        )
+    );
+    let at = review(
+        &client,
+        &limits,
+        admission(json!({"targetIPs": ["10.0.0.1"], "duration": 600, "maxPackets": 5_000})),
+    )
+    .await;
+    assert_eq!(verdict(&at), (true, String::new()));
 }

@@ -188,6 +188,9 @@ fn default_values_render_the_documented_install() {
         ("MAX_CAPTURE_FILE_SIZE_MB", "10"),
         ("LOG_LEVEL", "INFO"),
         ("AGENT_PORT", "8080"),
+        ("MAX_CAPTURE_DURATION", "86400"),
+        ("MAX_CAPTURE_PACKETS", "10000000"),
+        ("MAX_CONCURRENT_CAPTURES", "16"),
     ];
     assert_eq!(data.len(), want.len(), "{data:?}");
     for (key, value) in want {
@@ -513,6 +516,9 @@ fn non_default_values_are_honoured() {
         ("MAX_CAPTURE_FILE_SIZE_MB", "100"),
         ("LOG_LEVEL", "DEBUG"),
         ("AGENT_PORT", "9090"),
+        ("MAX_CAPTURE_DURATION", "3600"),
+        ("MAX_CAPTURE_PACKETS", "50000"),
+        ("MAX_CONCURRENT_CAPTURES", "4"),
     ] {
         assert_eq!(config["data"][key].as_str(), Some(value), "{key}");
     }

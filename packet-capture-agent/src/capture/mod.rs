@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ipnet::IpNet;
 use packet_capture_common::abi::DEFAULT_RING_BYTES;
 use packet_capture_common::crd::{CaptureState, OutputFormat, STDOUT_OUTPUT_FILE};
+use packet_capture_common::validate::CaptureLimits;
 use tokio::sync::{mpsc, watch};
 
 use crate::files::{CaptureDir, Maintenance};
@@ -127,6 +128,10 @@ pub struct EngineConfig {
     pub files: Arc<CaptureDir>,
     /// A capture file stops growing before it exceeds this.
     pub max_file_bytes: u64,
+    /// The ceilings of each capture's duration and packet count.
+    pub limits: CaptureLimits,
+    /// Captures running at once; a start beyond it is refused.
+    pub max_running: usize,
     pub backend: BackendChoice,
     /// Ring buffer shared by all captures (eBPF backend).
     pub ring_bytes: u32,
@@ -286,6 +291,12 @@ impl Engine {
         req: StartRequest,
         filter: Option<Filter>,
     ) -> Result<CaptureStatus, StartError> {
+        let spec = &req.spec;
+        let config = &self.inner.config;
+        config
+            .limits
+            .check("", spec.duration.as_secs(), spec.max_packets)
+            .map_err(|e| StartError::Invalid(e.to_string()))?;
         let mut captures = lock(&self.inner.captures);
         if let Some(existing) = captures.get(&req.id) {
             if existing.name == req.name && existing.spec == req.spec {
@@ -296,7 +307,15 @@ impl Engine {
                 req.id
             )));
         }
-        let spec = &req.spec;
+        let running = captures
+            .values()
+            .filter(|c| lock(&c.life).state == CaptureState::Running)
+            .count();
+        if running >= config.max_running {
+            return Err(StartError::Unavailable(format!(
+                "this node runs {running} captures, its limit (MAX_CONCURRENT_CAPTURES)"
+            )));
+        }
         let start_time = SystemTime::now();
         let counters = Arc::new(Counters::default());
         let destination = match spec.format.extension() {

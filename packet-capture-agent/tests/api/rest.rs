@@ -351,3 +351,54 @@ async fn rest_bad_input_is_refused_and_starts_nothing() {
     let left: Vec<_> = std::fs::read_dir(node.dir.path()).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// The ceilings of the ConfigMap keys MAX_CAPTURE_DURATION,
+/// MAX_CAPTURE_PACKETS and MAX_CONCURRENT_CAPTURES hold for every caller,
+/// with the field and the key named.
+#[tokio::test]
+async fn the_configured_limits_hold_and_are_named() {
+    if !privileged("the_configured_limits_hold_and_are_named") {
+        return;
+    }
+    let node = Node::new();
+    let agent = node.agent(
+        &["--insecure-no-auth"],
+        &[
+            ("MAX_CAPTURE_DURATION", "60"),
+            ("MAX_CAPTURE_PACKETS", "100"),
+            ("MAX_CONCURRENT_CAPTURES", "1"),
+        ],
+    );
+    let c = Rest::new(&agent);
+    for (body, error) in [
+        (
+            json!({"id": "long", "duration": 61, "maxPackets": 100}),
+            "duration: 61 is over this cluster's limit of 60 (MAX_CAPTURE_DURATION)",
+        ),
+        (
+            json!({"id": "many", "duration": 60, "maxPackets": 101}),
+            "maxPackets: 101 is over this cluster's limit of 100 (MAX_CAPTURE_PACKETS)",
+        ),
+    ] {
+        let r = c.post("/api/v1/captures", &body).await;
+        assert_eq!(r.status(), 400, "{body}");
+        assert_eq!(json_of(r).await["error"], error);
+    }
+    let within = |id: &str| json!({"id": id, "duration": 60, "maxPackets": 100});
+    assert_eq!(
+        c.post("/api/v1/captures", &within("one")).await.status(),
+        201
+    );
+    let r = c.post("/api/v1/captures", &within("two")).await;
+    assert_eq!(r.status(), 503);
+    assert_eq!(
+        json_of(r).await["error"],
+        "this node runs 1 captures, its limit (MAX_CONCURRENT_CAPTURES)"
+    );
+    // Once the first has ended there is room again.
+    assert_eq!(c.delete("/api/v1/captures/one").await.status(), 200);
+    assert_eq!(
+        c.post("/api/v1/captures", &within("two")).await.status(),
+        201
+    );
+}
