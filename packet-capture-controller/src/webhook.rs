@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::routing::post;
@@ -221,6 +222,13 @@ pub fn certified_key(crt: &[u8], key: &[u8]) -> Result<CertifiedKey, String> {
         .map_err(|e| format!("tls.crt and tls.key: {e}"))
 }
 
+/// Connections the webhook serves at once (the API server keeps a few open);
+/// more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 128;
+/// A client has this long for its TLS handshake, and then for each request
+/// head, so idle or slow connections do not hold a slot for ever.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The bound webhook server.
 pub struct WebhookServer {
     listener: TcpListener,
@@ -270,30 +278,44 @@ impl WebhookServer {
             "webhook on https://{}/validate",
             self.local_addr().map(|a| a.to_string()).unwrap_or_default()
         );
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
+            // The semaphore is never closed.
+            let slot = slots.clone().acquire_owned().await.ok();
             let (tcp, peer) = match self.listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
+                    // Out of descriptors and the like: wait a little rather
+                    // than spin on the error.
                     tracing::warn!("webhook accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
             let acceptor = self.acceptor.clone();
             let service = TowerToHyperService::new(self.router.clone());
             tokio::spawn(async move {
-                let tls = match acceptor.accept(tcp).await {
-                    Ok(t) => t,
-                    Err(e) => {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
                         tracing::debug!(%peer, "webhook TLS handshake: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "webhook TLS handshake: not done within {HANDSHAKE_TIMEOUT:?}");
                         return;
                     }
                 };
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HANDSHAKE_TIMEOUT)
                     .serve_connection(TokioIo::new(tls), service)
                     .await
                 {
                     tracing::debug!(%peer, "webhook connection: {e}");
                 }
+                drop(slot);
             });
         }
     }

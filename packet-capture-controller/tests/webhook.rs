@@ -202,3 +202,34 @@ async fn captures_over_the_clusters_limits_are_denied_with_the_key() {
     .await;
     assert_eq!(verdict(&at), (true, String::new()));
 }
+
+/// A client that connects and never starts its TLS handshake is dropped once
+/// the handshake timeout has passed, so idle connections cannot pile up.
+#[tokio::test]
+async fn a_handshake_that_never_comes_is_cut_off() {
+    use packet_capture_controller::webhook::{HANDSHAKE_TIMEOUT, ServingCert, WebhookServer};
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncReadExt as _;
+
+    let (client, _api) = mock();
+    let server = WebhookServer::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        std::sync::Arc::new(ServingCert::default()),
+        client,
+        CaptureLimits::default(),
+    )
+    .await
+    .unwrap();
+    let address = server.local_addr().unwrap();
+    tokio::spawn(server.run());
+    let mut idle = tokio::net::TcpStream::connect(address).await.unwrap();
+    let connected = Instant::now();
+    let mut read = Vec::new();
+    let closed = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT + Duration::from_secs(5),
+        idle.read_to_end(&mut read),
+    )
+    .await;
+    assert!(closed.is_ok(), "still open {:?} later", connected.elapsed());
+    assert!(connected.elapsed() >= HANDSHAKE_TIMEOUT - Duration::from_secs(1));
+}

@@ -16,6 +16,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -147,20 +148,82 @@ pub fn router(api: Api) -> Router {
         .layer(axum::middleware::from_fn_with_state(api, gate))
 }
 
+/// Connections served at once; more wait in the listen backlog until one
+/// ends, so a flood of idle connections cannot take the agent's memory or
+/// its file descriptors.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A client has this long to send a request's head (HTTP/1.1), so idle or
+/// slow connections do not hold a slot for ever.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// gRPC streams at once on one HTTP/2 connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
 /// Serves the router on the listener until `shutdown` completes; then stops
-/// accepting and lets requests in progress finish. Each request knows its
-/// peer's address (the authorizer limits refused tokens per address).
+/// accepting and lets requests in progress finish. HTTP/1.1 (REST) and
+/// HTTP/2 (gRPC) on one port, at most [`MAX_CONNECTIONS`] connections.
+/// Each request knows its peer's address (the authorizer limits refused
+/// tokens per address).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+    use tower::ServiceExt as _;
+
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    http.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (slot, (tcp, peer)) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = async {
+                // The semaphore is never closed.
+                let slot = slots.clone().acquire_owned().await.ok();
+                (slot, listener.accept().await)
+            } => match accepted {
+                (slot, Ok(connection)) => (slot, connection),
+                (_, Err(e)) => {
+                    // Out of descriptors and the like: wait a little
+                    // rather than spin on the error.
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let service =
+            router
+                .clone()
+                .map_request(move |mut req: http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    req
+                });
+        let service = hyper_util::service::TowerToHyperService::new(service);
+        let connection = http
+            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, "connection: {e}");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 fn is_grpc(req: &Request) -> bool {

@@ -170,3 +170,43 @@ fn health_subcommand_asks_the_running_agent() {
     assert!(!status.success());
     assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
 }
+
+/// A connection that never finishes its request head is closed once the
+/// header timeout has passed, and the agent serves others meanwhile.
+#[tokio::test]
+async fn a_request_head_that_never_ends_is_cut_off() {
+    use packet_capture_agent::api::HEADER_READ_TIMEOUT;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    if !privileged("a_request_head_that_never_ends_is_cut_off") {
+        return;
+    }
+    let node = Node::new();
+    let agent = node.agent(&["--insecure-no-auth"], &[]);
+    let rest = Rest::new(&agent);
+    rest.json("/health").await;
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", agent.port()))
+        .await
+        .unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: agent\r\n")
+        .await
+        .unwrap();
+    let sent = Instant::now();
+    assert_eq!(rest.get("/health").await.status(), 200);
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(
+        HEADER_READ_TIMEOUT + Duration::from_secs(5),
+        slow.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the connection is still open {:?} after its partial head",
+        sent.elapsed()
+    );
+    assert!(
+        sent.elapsed() >= HEADER_READ_TIMEOUT - Duration::from_secs(1),
+        "closed after {:?}, before the header timeout",
+        sent.elapsed()
+    );
+}
