@@ -155,6 +155,7 @@ struct Options {
     backend: BackendChoice,
     ring_bytes: u32,
     max_file_bytes: u64,
+    max_running: usize,
 }
 
 impl Options {
@@ -163,6 +164,7 @@ impl Options {
             backend,
             ring_bytes: 0,
             max_file_bytes: 64 << 20,
+            max_running: MAX_SLOTS,
         }
     }
 }
@@ -176,6 +178,7 @@ fn with_engine(
 ) {
     let Options {
         backend,
+        max_running,
         ring_bytes,
         max_file_bytes,
     } = options;
@@ -196,7 +199,7 @@ fn with_engine(
                     files: Arc::new(files),
                     max_file_bytes,
                     limits: CaptureLimits::default(),
-                    max_running: MAX_SLOTS,
+                    max_running,
                     backend,
                     ring_bytes,
                 }))
@@ -645,7 +648,12 @@ fn ebpf_slots_come_back_however_captures_end() {
         return;
     }
     let lab = Lab::new();
-    with_engine(&lab, Options::with(BackendChoice::Ebpf), |engine, rt| {
+    // Above the slots, so that the backend is what refuses.
+    let options = Options {
+        max_running: MAX_SLOTS + 1,
+        ..Options::with(BackendChoice::Ebpf)
+    };
+    with_engine(&lab, options, |engine, rt| {
         let fill = || -> Vec<String> {
             (0..MAX_SLOTS)
                 .map(|_| start(engine, spec(&[OTHER_V4], &[], "")).id)

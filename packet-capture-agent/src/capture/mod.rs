@@ -17,7 +17,7 @@ mod pcap;
 mod poll;
 pub mod sink;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -178,6 +178,10 @@ struct Inner {
     runtime: tokio::runtime::Handle,
     backend: Arc<dyn Backend>,
     captures: Mutex<BTreeMap<String, Arc<Capture>>>,
+    /// Ids of captures being started: their file is being made and the
+    /// backend set up without the `captures` lock held (those can block).
+    /// Taken only while holding `captures`.
+    starting: Mutex<BTreeSet<String>>,
     maintenance: Maintenance,
     /// Bytes written to capture files, by every sink.
     bytes_written: Arc<AtomicU64>,
@@ -189,6 +193,19 @@ fn has_filter(req: &StartRequest) -> bool {
 
 fn filter_error(e: crate::filter::FilterError) -> StartError {
     StartError::Invalid(format!("filter: {e}"))
+}
+
+/// An id in [`Inner::starting`], taken out when the start has ended, either
+/// way (the capture is in `captures` by then, or it failed).
+struct Reservation<'a> {
+    starting: &'a Mutex<BTreeSet<String>>,
+    id: &'a str,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        lock(self.starting).remove(self.id);
+    }
 }
 
 /// The capture engine. Cheap to clone; all clones share one engine.
@@ -218,6 +235,7 @@ impl Engine {
             runtime: tokio::runtime::Handle::current(),
             backend,
             captures: Mutex::new(BTreeMap::new()),
+            starting: Mutex::new(BTreeSet::new()),
             maintenance,
             bytes_written: Arc::default(),
         });
@@ -297,25 +315,40 @@ impl Engine {
             .limits
             .check("", spec.duration.as_secs(), spec.max_packets)
             .map_err(|e| StartError::Invalid(e.to_string()))?;
-        let mut captures = lock(&self.inner.captures);
-        if let Some(existing) = captures.get(&req.id) {
-            if existing.name == req.name && existing.spec == req.spec {
-                return Ok(self.snapshot(existing));
+        let reserved = {
+            let captures = lock(&self.inner.captures);
+            if let Some(existing) = captures.get(&req.id) {
+                if existing.name == req.name && existing.spec == req.spec {
+                    return Ok(self.snapshot(existing));
+                }
+                return Err(StartError::Conflict(format!(
+                    "capture {:?} exists with a different name or spec",
+                    req.id
+                )));
             }
-            return Err(StartError::Conflict(format!(
-                "capture {:?} exists with a different name or spec",
-                req.id
-            )));
-        }
-        let running = captures
-            .values()
-            .filter(|c| lock(&c.life).state == CaptureState::Running)
-            .count();
-        if running >= config.max_running {
-            return Err(StartError::Unavailable(format!(
-                "this node runs {running} captures, its limit (MAX_CONCURRENT_CAPTURES)"
-            )));
-        }
+            let mut starting = lock(&self.inner.starting);
+            if starting.contains(&req.id) {
+                return Err(StartError::Unavailable(format!(
+                    "capture {:?} is being started by another request",
+                    req.id
+                )));
+            }
+            let running = starting.len()
+                + captures
+                    .values()
+                    .filter(|c| lock(&c.life).state == CaptureState::Running)
+                    .count();
+            if running >= config.max_running {
+                return Err(StartError::Unavailable(format!(
+                    "this node runs {running} captures, its limit (MAX_CONCURRENT_CAPTURES)"
+                )));
+            }
+            starting.insert(req.id.clone());
+            Reservation {
+                starting: &self.inner.starting,
+                id: &req.id,
+            }
+        };
         let start_time = SystemTime::now();
         let counters = Arc::new(Counters::default());
         let destination = match spec.format.extension() {
@@ -391,7 +424,10 @@ impl Engine {
             tokio::time::sleep(duration).await;
             engine.end(&id, EndReason::Duration(duration.as_secs()));
         }));
+        let mut captures = lock(&self.inner.captures);
         captures.insert(req.id.clone(), capture);
+        // Under the same lock, so that no start counts it twice.
+        drop(reserved);
         prune_ended(&mut captures);
         tracing::info!(
             capture = req.id,
