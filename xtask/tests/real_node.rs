@@ -430,13 +430,7 @@ async fn helm_install_on_a_real_node_captures_real_pods() {
     );
     world.capture("pods", 20, 120);
     let done = world.wait_phase("pods", "Completed");
-    let entry = done["status"]["captureFiles"]
-        .as_object()
-        .unwrap()
-        .values()
-        .next()
-        .unwrap()
-        .clone();
+    let entry = only_node(&done);
     assert_eq!(entry["status"], "completed", "{done}");
     assert_eq!(entry["node"], world.node.name(), "{done}");
     let file = entry["output_file"].as_str().unwrap();
@@ -531,13 +525,7 @@ async fn helm_install_on_a_real_node_captures_real_pods() {
     drop(logs);
     world.kubectl(&["delete", "pod", "-n", NS, &world.agent_pod(), "--wait=true"]);
     let failed = world.wait_phase("restarted", "Failed");
-    let entry = failed["status"]["captureFiles"]
-        .as_object()
-        .unwrap()
-        .values()
-        .next()
-        .unwrap()
-        .clone();
+    let entry = only_node(&failed);
     assert_eq!(entry["status"], "failed", "{failed}");
     let message = entry["message"].as_str().unwrap_or_default();
     assert!(
@@ -615,6 +603,13 @@ async fn helm_install_on_a_real_node_captures_real_pods() {
     make("destroy");
     let left = world.kubectl(&["get", "crd", "-o", "name"]);
     assert!(!left.contains("packetcaptureconfigs"), "{left}");
+}
+
+/// The one `status.captureFiles` entry of a capture on the real node.
+fn only_node(capture: &Value) -> Value {
+    let entries = capture["status"]["captureFiles"].as_object().unwrap();
+    assert_eq!(entries.len(), 1, "{capture}");
+    entries.values().next().unwrap().clone()
 }
 
 /// The IPv4 source and destination of every packet of a capture file, as
