@@ -150,6 +150,9 @@ impl Agent {
                 &ring,
                 "--max-capture-file-size-mb",
                 "1048576",
+                // The capture is stopped by the harness, never by a count.
+                "--max-capture-packets",
+                "4294967295",
                 "--backend",
                 "ebpf",
                 "--node-name",

@@ -694,7 +694,8 @@ again from saved results without running anything.
   (`-B 2048`) against the agent's `--ring-buffer-mb 2`.
 - **The agent**: the release binary, started per run in the receiver's
   namespace with `--insecure-no-auth --port 0 --capture-dir <tmpfs dir>
-  --ring-buffer-mb 2 --max-capture-file-size-mb 1048576`; the capture is
+  --ring-buffer-mb 2 --max-capture-file-size-mb 1048576
+  --max-capture-packets 4294967295`; the capture is
   started with `POST /api/v1/captures` (targetIPs = the sender's address,
   targetPorts = 9000, maxPackets 4294967295, snaplen 262144, pcap) and
   stopped with `DELETE /api/v1/captures/bench`, whose answer gives
