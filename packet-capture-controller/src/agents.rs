@@ -22,6 +22,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use crate::backoff::Backoff;
 use crate::config::LabelSelector;
 use crate::metrics::Metrics;
+use crate::slots::{CallSlots, Priority};
 use crate::targets::internal_ip;
 
 /// Where the agent of one node answers.
@@ -100,6 +101,8 @@ pub struct PoolSettings {
     pub port: u16,
     pub token_file: PathBuf,
     pub timeout: Duration,
+    /// Agent calls in flight at most (see [`CallSlots`]).
+    pub concurrency: usize,
 }
 
 impl PoolSettings {
@@ -119,6 +122,7 @@ pub struct AgentPool {
     settings: PoolSettings,
     token: TokenFile,
     clients: Mutex<HashMap<String, (String, AgentClient<Channel>)>>,
+    slots: CallSlots,
     metrics: Arc<Metrics>,
 }
 
@@ -135,6 +139,7 @@ impl AgentPool {
         Self {
             pods,
             nodes,
+            slots: CallSlots::new(settings.concurrency),
             settings,
             token,
             clients: Mutex::default(),
@@ -277,6 +282,14 @@ impl AgentPool {
         Fut: Future<Output = Result<Response<R>, Status>>,
     {
         let client = self.client(ep)?;
+        // Held for the call only, not while a retry waits; the timeout
+        // starts once the call has its slot.
+        let priority = if method == "StartCapture" {
+            Priority::Start
+        } else {
+            Priority::Urgent
+        };
+        let _slot = self.slots.acquire(priority).await;
         let started = tokio::time::Instant::now();
         let out = match tokio::time::timeout(self.settings.timeout, call(client, self.request(msg)))
             .await
@@ -437,6 +450,7 @@ mod tests {
             port: 8080,
             token_file,
             timeout: Duration::from_secs(1),
+            concurrency: 4,
         }
     }
 

@@ -115,6 +115,12 @@ pub struct Settings {
     #[arg(long, env = "AGENT_TIMEOUT_SECONDS", default_value_t = 10)]
     pub agent_timeout_seconds: u64,
 
+    /// Agent calls in flight at most, over all agents; waiting calls that
+    /// stop or read captures go before those that start them.
+    #[arg(long, env = "AGENT_CONCURRENCY", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub agent_concurrency: u16,
+
     /// Port of the validating webhook (HTTPS).
     #[arg(long, env = "WEBHOOK_PORT", default_value_t = 8443)]
     pub webhook_port: u16,

@@ -306,6 +306,7 @@ pub async fn run(settings: &Settings, client: Client, metrics: Arc<Metrics>) -> 
             port,
             token_file: settings.agent_token_file.clone(),
             timeout: settings.agent_timeout(),
+            concurrency: settings.agent_concurrency.into(),
         },
         namespace: settings.namespace.clone(),
         identity: settings.identity(),

@@ -14,6 +14,7 @@
 //! | 1 | [`targets`] | pods and addresses to a per-node list of target IPs |
 //! | 1 | [`node`] | one node's progress, and the rules of its outcome |
 //! | 1 | [`pki`] | X.509: a CA, the certificates it issues, when to replace them |
+//! | 1 | [`slots`] | a bound on agent calls in flight, stops before starts |
 //! | 2 | [`config`] | flags, the settings ConfigMap, retry and time limits |
 //! | 2 | [`metrics`] | Prometheus metrics and the `/metrics` `/healthz` `/readyz` server |
 //! | 2 | [`status`] | phase, message, conditions and counters from the nodes' progress |
@@ -50,6 +51,7 @@ pub mod pki;
 pub mod plan;
 pub mod report;
 pub mod results;
+pub mod slots;
 pub mod status;
 pub mod targets;
 #[cfg(test)]

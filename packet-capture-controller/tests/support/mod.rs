@@ -142,6 +142,7 @@ impl Fixture {
                 port,
                 token_file: "/nonexistent/token".into(),
                 timeout: Duration::from_secs(5),
+                concurrency: 8,
             },
             namespace: NS.into(),
             identity: "test".into(),
