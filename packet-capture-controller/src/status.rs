@@ -17,6 +17,11 @@ use packet_capture_common::crd::{CaptureState, OutputFormat, PacketCaptureConfig
 use crate::consts::READY_CONDITION;
 use crate::node::NodeProgress;
 
+/// Failed nodes the message names at most; the others are in their
+/// `captureFiles` entries (the message and the condition stay a sentence
+/// when thousands of nodes fail).
+pub const MESSAGE_NODES: usize = 10;
+
 /// The message of a capture that completed everywhere (the seed's words).
 pub const COMPLETED_MESSAGE: &str = "Packet capture completed on all nodes";
 
@@ -86,8 +91,9 @@ pub fn summarize(nodes: &BTreeMap<String, NodeProgress>) -> Outcome {
             message: COMPLETED_MESSAGE.into(),
         };
     }
-    let reasons: Vec<String> = failed
+    let mut reasons: Vec<String> = failed
         .iter()
+        .take(MESSAGE_NODES)
         .map(|p| {
             format!(
                 "node {}: {}",
@@ -96,6 +102,12 @@ pub fn summarize(nodes: &BTreeMap<String, NodeProgress>) -> Outcome {
             )
         })
         .collect();
+    if failed.len() > MESSAGE_NODES {
+        reasons.push(format!(
+            "and {} more, in captureFiles",
+            failed.len() - MESSAGE_NODES
+        ));
+    }
     let reason = if failed.iter().all(|p| p.unreachable) {
         "AgentUnreachable"
     } else {
@@ -239,6 +251,24 @@ mod tests {
             summarize(&nodes(&[("a", Completed)])).message,
             COMPLETED_MESSAGE
         );
+    }
+
+    #[test]
+    fn the_message_names_a_bounded_number_of_failed_nodes() {
+        let many: Vec<(String, NodeProgress)> = (0..5_000)
+            .map(|i| node(&format!("n{i:04}"), CaptureState::Failed, 0))
+            .collect();
+        let outcome = summarize(&many.into_iter().collect());
+        assert_eq!(outcome.phase, Phase::Failed);
+        assert_eq!(outcome.message.matches("node n").count(), MESSAGE_NODES);
+        assert!(
+            outcome
+                .message
+                .contains("; and 4990 more, in captureFiles); 0 nodes completed"),
+            "{}",
+            outcome.message
+        );
+        assert!(outcome.message.len() < 2_000, "{}", outcome.message.len());
     }
 
     #[test]
