@@ -503,6 +503,12 @@ async fn helm_install_on_a_real_node_captures_real_pods() {
         "jsonpath={.metadata.uid}",
     ]);
     let mut logs = world.follow_logs(&world.agent_pod());
+    let leader = world.json(&["get", "lease", "-n", NS, "packet-capture-controller"]);
+    let leader = leader["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut controller_logs = world.follow_logs(&leader);
     world.kubectl(&[
         "patch",
         "configmap",
@@ -515,6 +521,8 @@ async fn helm_install_on_a_real_node_captures_real_pods() {
     ]);
     logs.until("eBPF programs' diagnostics on");
     logs.until("program running: first packet since diagnostics were switched on");
+    // The controller follows the same key.
+    controller_logs.until("log level DEBUG (LOG_LEVEL of ConfigMap");
     let now = world.json(&["get", "pod", "-n", NS, &world.agent_pod()]);
     assert_eq!(now["metadata"]["uid"], agent_uid.as_str());
     assert_eq!(now["status"]["containerStatuses"][0]["restartCount"], 0);
@@ -522,7 +530,7 @@ async fn helm_install_on_a_real_node_captures_real_pods() {
         world.json(&["get", "packetcaptureconfig", "restarted"])["status"]["phase"],
         "Running"
     );
-    drop(logs);
+    drop((logs, controller_logs));
     world.kubectl(&["delete", "pod", "-n", NS, &world.agent_pod(), "--wait=true"]);
     let failed = world.wait_phase("restarted", "Failed");
     let entry = only_node(&failed);
