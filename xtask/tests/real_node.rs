@@ -56,7 +56,9 @@ impl World {
         output(self.cluster.kubectl().args(args).current_dir(root()))
     }
 
-    fn kubectl_stdin(&self, args: &[&str], stdin: &Value) -> String {
+    /// kubectl with `stdin` as its standard input; its output, whatever
+    /// its exit status.
+    fn kubectl_piped(&self, args: &[&str], stdin: &Value) -> std::process::Output {
         use std::io::Write as _;
         let mut child = self
             .cluster
@@ -74,17 +76,16 @@ impl World {
             .unwrap()
             .write_all(stdin.to_string().as_bytes())
             .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        child.wait_with_output().unwrap()
     }
 
     fn apply(&self, object: &Value) {
-        self.kubectl_stdin(&["apply", "-f", "-"], object);
+        let out = self.kubectl_piped(&["apply", "-f", "-"], object);
+        assert!(
+            out.status.success(),
+            "kubectl apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// helm on the release's namespace, as the README installs it.
@@ -451,29 +452,15 @@ async fn helm_install_on_a_real_node_captures_real_pods() {
 
     // The webhook, served with the controller's own certificate through its
     // Service, refuses a bad spec with the field named.
-    let refused = world
-        .cluster
-        .kubectl()
-        .args(["apply", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write as _;
-            let bad = json!({
-                "apiVersion": "networking.packet.io/v1",
-                "kind": "PacketCaptureConfig",
-                "metadata": {"name": "bad"},
-                "spec": {"targetIPs": ["10.0.0.1"], "filter": "tcp port eighty"},
-            });
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(bad.to_string().as_bytes())?;
-            child.wait_with_output()
-        })
-        .unwrap();
+    let refused = world.kubectl_piped(
+        &["apply", "-f", "-"],
+        &json!({
+            "apiVersion": "networking.packet.io/v1",
+            "kind": "PacketCaptureConfig",
+            "metadata": {"name": "bad"},
+            "spec": {"targetIPs": ["10.0.0.1"], "filter": "tcp port eighty"},
+        }),
+    );
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "a bad filter was accepted");
     assert!(
