@@ -97,6 +97,38 @@ pub fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
 }
 
+/// The capture a file of the directory belongs to: the `<name>` of
+/// `<name>-<YYYYmmdd-HHMMSS>[-<n>].<ext>[.<compression>]`, as
+/// [`CaptureDir::create`] and maintenance name them. `None` for any other
+/// name. Access to a file is access to its capture's files.
+pub fn capture_of(file_name: &str) -> Option<&str> {
+    fn digits(s: &str, n: usize) -> bool {
+        s.len() == n && s.bytes().all(|b| b.is_ascii_digit())
+    }
+    fn stamped(s: &str) -> Option<&str> {
+        let (s, time) = s.rsplit_once('-')?;
+        let (name, date) = s.rsplit_once('-')?;
+        (digits(date, 8) && digits(time, 6) && !name.is_empty()).then_some(name)
+    }
+    let mut rest = file_name;
+    if let Some((base, ext)) = rest.rsplit_once('.')
+        && Compression::ALL.iter().any(|c| c.extension() == ext)
+    {
+        rest = base;
+    }
+    let (base, ext) = rest.rsplit_once('.')?;
+    if !PLAIN_EXTENSIONS.contains(&ext) {
+        return None;
+    }
+    // `-<n>` only follows a whole stamp: try the stamp at the end first.
+    stamped(base).or_else(|| {
+        let (stamp, n) = base.rsplit_once('-')?;
+        (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| stamped(stamp))
+            .flatten()
+    })
+}
+
 impl CaptureDir {
     pub fn new(
         dir: impl Into<PathBuf>,
@@ -568,6 +600,39 @@ mod tests {
         assert_eq!(file_stamp(951_782_400).unwrap(), "20000229-000000");
         assert_eq!(file_stamp(4_107_542_399).unwrap(), "21000228-235959");
         assert!(file_stamp(i64::MAX).is_err());
+    }
+
+    #[test]
+    fn files_name_their_capture() {
+        let (_tmp, d) = dir();
+        for name in ["cap", "a-20231201-143022", "web.v2_x", "7"] {
+            for ext in PLAIN_EXTENSIONS {
+                let first = d.create(name, ext, 1_701_441_022, 1 << 20).unwrap();
+                let second = d.create(name, ext, 1_701_441_022, 1 << 20).unwrap();
+                for out in [&first, &second] {
+                    let file = out.final_path().file_name().unwrap().to_str().unwrap();
+                    assert_eq!(capture_of(file), Some(name), "{file}");
+                    for c in Compression::ALL {
+                        let compressed = format!("{file}.{}", c.extension());
+                        assert_eq!(capture_of(&compressed), Some(name), "{compressed}");
+                    }
+                }
+            }
+        }
+        for other in [
+            "cap.pcap",
+            "cap-20231201.pcap",
+            "cap-20231201-143022.bin",
+            "cap-20231201-143022.pcap.xz",
+            "-20231201-143022.pcap",
+            "cap-2023120-143022.pcap",
+            "cap-20231201-143022-.pcap",
+            "cap-20231201-143022-x.pcap",
+            "cap-20231201-143022.gz",
+            "",
+        ] {
+            assert_eq!(capture_of(other), None, "{other}");
+        }
     }
 
     #[test]

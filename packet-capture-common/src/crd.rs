@@ -16,6 +16,11 @@ pub const KIND: &str = "PacketCaptureConfig";
 pub const PLURAL: &str = "packetcaptureconfigs";
 /// `<plural>.<group>`, as RBAC and the CRD object name spell it.
 pub const RESOURCE: &str = "packetcaptureconfigs.networking.packet.io";
+/// The subresource that RBAC rules name to allow reading a capture's files
+/// from the agents (`packetcaptureconfigs/files`, verb `get`, by the
+/// capture's name). The API server serves no such path; only the agents ask
+/// for it.
+pub const FILES_SUBRESOURCE: &str = "files";
 
 /// What `output_file` says for stdout captures, which write no file.
 pub const STDOUT_OUTPUT_FILE: &str = "Packet capture logs are in stdout format";

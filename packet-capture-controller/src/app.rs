@@ -48,8 +48,7 @@ pub async fn run(settings: Settings, log: LogControl) -> Result<()> {
         let server = webhook::WebhookServer::bind(
             any(settings.webhook_port),
             slot.clone(),
-            client.clone(),
-            settings.limits(),
+            webhook::Admission::new(client.clone(), settings.limits(), settings.identity()),
         )
         .await?;
         tokio::select! {

@@ -20,11 +20,12 @@
 //! | 2 | [`status`] | phase, message, conditions and counters from the nodes' progress |
 //! | 2 | [`results`] | the results ConfigMap written when a capture ends |
 //! | 2 | [`events`] | Events, each announcement once per generation |
-//! | 2 | [`webhook`] | the validating admission webhook over TLS |
+//! | 2 | [`access`] | whose traffic a capture's creator may capture |
+//! | 3 | [`webhook`] | the validating admission webhook over TLS |
 //! | 2 | [`leader`] | Lease-based leader election |
 //! | 2 | [`uninstall`] | deleting every capture before the chart goes (a Helm pre-delete hook) |
 //! | 2 | [`issuer`] | the controller's own CA in a Secret, issuing certificates into Secrets |
-//! | 3 | [`certs`] | the webhook's serving certificate: files, a Secret, or self-managed |
+//! | 4 | [`certs`] | the webhook's serving certificate: files, a Secret, or self-managed |
 //! | 3 | [`agents`] | agent discovery, one gRPC client per agent, bearer token, retries |
 //! | 4 | [`tracker`] | one `WatchCapture` task per node capture, feeding the status |
 //! | 4 | [`plan`] | what a reconcile does, decided without calling anyone |
@@ -33,6 +34,7 @@
 //! | 6 | [`controller`] | `reconcile` inside the finalizer, the `Controller` and its watches |
 //! | 7 | [`app`] | the process: health, webhook, leader election, controller |
 
+pub mod access;
 pub mod act;
 pub mod agents;
 pub mod app;

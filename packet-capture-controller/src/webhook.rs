@@ -2,9 +2,10 @@
 //!
 //! It applies what the CRD schema checks plus what a schema cannot: the
 //! `filter` compiles with libpcap, the namespaces of `podSelector.pods`
-//! exist, and the requesting user may `get` pods in each of them (a
-//! SubjectAccessReview), so a capture cannot reach traffic its creator cannot
-//! see. Every message names its field. The certificate it presents is
+//! exist, and the requesting user may capture every target ([`access`]:
+//! SubjectAccessReviews for the verb `capture` on pods), on create and on
+//! an update that changes the spec. Every message names its field; who was
+//! allowed what is logged and published as an Event on the capture. The certificate it presents is
 //! whatever [`ServingCert`] holds at the handshake; `certs` keeps it there.
 
 use std::collections::BTreeMap;
@@ -17,14 +18,10 @@ use axum::routing::post;
 use axum::{Json, Router};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
-use k8s_openapi::api::authentication::v1::UserInfo;
-use k8s_openapi::api::authorization::v1::{
-    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
-};
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::PostParams;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::runtime::events::EventType;
 use kube::{Api, Client};
 use packet_capture_common::crd::{PacketCaptureConfig, PacketCaptureConfigSpec};
 use packet_capture_common::validate::CaptureLimits;
@@ -35,7 +32,9 @@ use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::access;
 use crate::error::{Error, Result};
+use crate::events::Events;
 
 /// What is wrong with a spec on its own: the common validation and the
 /// filter (compiled off the async threads, within a time limit; names
@@ -76,112 +75,155 @@ fn target_namespaces(spec: &PacketCaptureConfigSpec) -> BTreeMap<String, usize> 
     out
 }
 
-/// Namespaces that do not exist, or whose pods `user` may not get.
-pub async fn namespace_problems(
-    client: &Client,
-    spec: &PacketCaptureConfigSpec,
-    user: &UserInfo,
-) -> Vec<String> {
+/// Namespaces of `podSelector.pods` that do not exist.
+async fn missing_namespaces(client: &Client, spec: &PacketCaptureConfigSpec) -> Vec<String> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let reviews: Api<SubjectAccessReview> = Api::all(client.clone());
-    let who = user.username.as_deref().unwrap_or("(anonymous)");
     let mut problems = Vec::new();
     for (ns, i) in target_namespaces(spec) {
         let field = format!("spec.podSelector.pods[{i}].namespace");
         match namespaces.get_opt(&ns).await {
             Ok(Some(_)) => {}
-            Ok(None) => {
-                problems.push(format!("{field}: namespace {ns:?} does not exist"));
-                continue;
-            }
-            Err(e) => {
-                problems.push(format!("{field}: could not look up namespace {ns:?}: {e}"));
-                continue;
-            }
+            Ok(None) => problems.push(format!("{field}: namespace {ns:?} does not exist")),
+            Err(e) => problems.push(format!("{field}: could not look up namespace {ns:?}: {e}")),
         }
-        let review = SubjectAccessReview {
-            spec: SubjectAccessReviewSpec {
-                user: user.username.clone(),
-                groups: user.groups.clone(),
-                uid: user.uid.clone(),
-                extra: user.extra.clone(),
-                resource_attributes: Some(ResourceAttributes {
-                    namespace: Some(ns.clone()),
-                    verb: Some("get".into()),
-                    group: Some(String::new()),
-                    resource: Some("pods".into()),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-            ..Default::default()
+    }
+    problems
+}
+
+/// The webhook's checks, with what they need: the API server, the
+/// cluster's limits, and where to record who was allowed what.
+#[derive(Clone)]
+pub struct Admission {
+    client: Client,
+    limits: CaptureLimits,
+    events: Arc<Events>,
+}
+
+/// What the webhook found about one request.
+#[derive(Debug, Default)]
+pub struct Findings {
+    /// Everything wrong, each naming its field; empty when allowed.
+    pub problems: Vec<String>,
+    /// The targets' verdict, when they were checked (a create, or an
+    /// update that changes the spec).
+    pub access: Option<access::Verdict>,
+}
+
+impl Admission {
+    /// Events are reported by `identity` (this replica).
+    pub fn new(client: Client, limits: CaptureLimits, identity: String) -> Self {
+        Self {
+            events: Arc::new(Events::new(client.clone(), identity)),
+            client,
+            limits,
+        }
+    }
+
+    /// Everything wrong with an admission request's object. A spec that is
+    /// wrong on its own is not looked into further; an update that leaves
+    /// the spec as it was captures nothing new, so its targets are not
+    /// authorized again (the controller's own updates, labels, finalizers).
+    pub async fn findings(&self, req: &AdmissionRequest<DynamicObject>) -> Findings {
+        let mut found = Findings::default();
+        if !matches!(req.operation, Operation::Create | Operation::Update) {
+            return found;
+        }
+        let Some(pcc) = &req.object else {
+            found
+                .problems
+                .push("object: missing from the admission request".into());
+            return found;
         };
-        match reviews.create(&PostParams::default(), &review).await {
-            Ok(r) if r.status.as_ref().is_some_and(|s| s.allowed) => {}
-            Ok(_) => problems.push(format!(
-                "{field}: user {who:?} may not get pods in namespace {ns:?}, so may not capture their traffic"
-            )),
-            Err(e) => problems.push(format!(
-                "{field}: could not check whether user {who:?} may get pods in namespace {ns:?}: {e}"
-            )),
+        let pcc = match parse(pcc) {
+            Ok(p) => p,
+            Err(e) => {
+                found.problems.push(format!("spec: {e}"));
+                return found;
+            }
+        };
+        found.problems = spec_problems(&pcc.spec, &self.limits).await;
+        let unchanged = req
+            .old_object
+            .as_ref()
+            .and_then(|old| parse(old).ok())
+            .is_some_and(|old| old.spec == pcc.spec);
+        if !found.problems.is_empty() || (req.operation == Operation::Update && unchanged) {
+            return found;
         }
+        found.problems = missing_namespaces(&self.client, &pcc.spec).await;
+        let holders = match access::holders(&self.client, &pcc.spec).await {
+            Ok(h) => h,
+            Err(e) => {
+                found.problems.push(format!(
+                    "spec: could not look up the pods and nodes of the targets: {e}"
+                ));
+                return found;
+            }
+        };
+        let needs = access::needs(&pcc.spec, &holders);
+        let verdict = access::check(&self.client, &req.user_info, &needs).await;
+        found.problems.extend(verdict.problems.iter().cloned());
+        found.access = Some(verdict);
+        found
     }
-    problems
-}
 
-/// Everything wrong with an admission request's object.
-pub async fn review_problems(
-    client: &Client,
-    limits: &CaptureLimits,
-    req: &AdmissionRequest<DynamicObject>,
-) -> Vec<String> {
-    if !matches!(req.operation, Operation::Create | Operation::Update) {
-        return Vec::new();
-    }
-    let Some(obj) = &req.object else {
-        return vec!["object: missing from the admission request".into()];
-    };
-    let pcc: PacketCaptureConfig = match serde_json::to_value(obj).and_then(serde_json::from_value)
-    {
-        Ok(p) => p,
-        Err(e) => return vec![format!("spec: {e}")],
-    };
-    let mut problems = spec_problems(&pcc.spec, limits).await;
-    problems.extend(namespace_problems(client, &pcc.spec, &req.user_info).await);
-    problems
-}
-
-/// Answers one AdmissionReview.
-pub async fn review(
-    client: &Client,
-    limits: &CaptureLimits,
-    review: AdmissionReview<DynamicObject>,
-) -> AdmissionReview<DynamicObject> {
-    let req: AdmissionRequest<DynamicObject> = match review.try_into() {
-        Ok(r) => r,
-        Err(e) => return AdmissionResponse::invalid(e.to_string()).into_review(),
-    };
-    let problems = review_problems(client, limits, &req).await;
-    let resp = AdmissionResponse::from(&req);
-    if problems.is_empty() {
+    /// Answers one AdmissionReview. An allowed capture whose targets were
+    /// checked gets an Event saying who was allowed to capture what (not
+    /// for dry runs), published without holding up the answer.
+    pub async fn review(
+        &self,
+        review: AdmissionReview<DynamicObject>,
+    ) -> AdmissionReview<DynamicObject> {
+        let req: AdmissionRequest<DynamicObject> = match review.try_into() {
+            Ok(r) => r,
+            Err(e) => return AdmissionResponse::invalid(e.to_string()).into_review(),
+        };
+        let found = self.findings(&req).await;
+        let resp = AdmissionResponse::from(&req);
+        if !found.problems.is_empty() {
+            tracing::info!(name = %req.name, "rejected: {}", found.problems.join("; "));
+            return resp.deny(found.problems.join("; ")).into_review();
+        }
+        if let (Some(verdict), Some(obj), false) = (&found.access, &req.object, req.dry_run)
+            && let Ok(pcc) = parse(obj)
+        {
+            let who = req
+                .user_info
+                .username
+                .clone()
+                .unwrap_or_else(|| "(anonymous)".into());
+            let scopes: Vec<String> = verdict.granted.iter().map(ToString::to_string).collect();
+            let note = format!(
+                "user {who:?} may capture pods in {}, which covers every target",
+                scopes.join(", ")
+            );
+            tracing::info!(name = %req.name, "{note}");
+            let events = self.events.clone();
+            tokio::spawn(async move {
+                events
+                    .publish(&pcc, None, EventType::Normal, "TargetsAuthorized", note)
+                    .await;
+            });
+        }
         resp.into_review()
-    } else {
-        tracing::info!(name = %req.name, "rejected: {}", problems.join("; "));
-        resp.deny(problems.join("; ")).into_review()
     }
+}
+
+fn parse(obj: &DynamicObject) -> std::result::Result<PacketCaptureConfig, serde_json::Error> {
+    serde_json::to_value(obj).and_then(serde_json::from_value)
 }
 
 async fn validate(
-    State((client, limits)): State<(Client, CaptureLimits)>,
+    State(admission): State<Admission>,
     Json(body): Json<AdmissionReview<DynamicObject>>,
 ) -> Json<AdmissionReview<DynamicObject>> {
-    Json(review(&client, &limits, body).await)
+    Json(admission.review(body).await)
 }
 
-pub fn router(client: Client, limits: CaptureLimits) -> Router {
+pub fn router(admission: Admission) -> Router {
     Router::new()
         .route("/validate", post(validate))
-        .with_state((client, limits))
+        .with_state(admission)
 }
 
 /// The certificate the webhook presents. Empty until a source (see
@@ -241,8 +283,7 @@ impl WebhookServer {
     pub async fn bind(
         addr: SocketAddr,
         certs: Arc<ServingCert>,
-        client: Client,
-        limits: CaptureLimits,
+        admission: Admission,
     ) -> Result<Self> {
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
@@ -264,7 +305,7 @@ impl WebhookServer {
         Ok(Self {
             listener,
             acceptor: TlsAcceptor::from(Arc::new(config)),
-            router: router(client, limits),
+            router: router(admission),
         })
     }
 

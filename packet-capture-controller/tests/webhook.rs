@@ -1,7 +1,8 @@
 //! The admission webhook's checks against a mock API server: libpcap judges
 //! the filter (names refused before it sees them), target namespaces must
-//! exist, and the requesting user must be allowed to get pods there
-//! (SubjectAccessReview).
+//! exist, and the requesting user must be allowed to capture each target
+//! (SubjectAccessReviews for `capture` on pods, per namespace or in every
+//! namespace).
 
 mod support;
 
@@ -9,11 +10,11 @@ use kube::Client;
 use kube::core::DynamicObject;
 use kube::core::admission::AdmissionReview;
 use packet_capture_common::validate::CaptureLimits;
-use packet_capture_controller::webhook::review;
+use packet_capture_controller::webhook::Admission;
 use serde_json::{Value, json};
 use support::ApiServer;
 
-fn admission(spec: Value) -> AdmissionReview<DynamicObject> {
+fn admission_of(spec: Value) -> AdmissionReview<DynamicObject> {
     serde_json::from_value(json!({
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
@@ -27,7 +28,7 @@ fn admission(spec: Value) -> AdmissionReview<DynamicObject> {
             "object": {
                 "apiVersion": "networking.packet.io/v1",
                 "kind": "PacketCaptureConfig",
-                "metadata": {"name": "cap"},
+                "metadata": {"name": "cap", "uid": "7d6c1f4e-cap"},
                 "spec": spec,
             },
             "dryRun": false,
@@ -36,9 +37,17 @@ fn admission(spec: Value) -> AdmissionReview<DynamicObject> {
     .unwrap()
 }
 
-fn mock() -> (Client, ApiServer) {
+fn mock() -> (Admission, ApiServer) {
+    mock_with(CaptureLimits::default())
+}
+
+fn mock_with(limits: CaptureLimits) -> (Admission, ApiServer) {
     let (service, handle) = tower_test::mock::pair();
-    (Client::new(service, "default"), ApiServer::new(handle))
+    let client = Client::new(service, "default");
+    (
+        Admission::new(client, limits, "webhook-test".into()),
+        ApiServer::new(handle),
+    )
 }
 
 fn verdict(r: &AdmissionReview<DynamicObject>) -> (bool, String) {
@@ -47,30 +56,43 @@ fn verdict(r: &AdmissionReview<DynamicObject>) -> (bool, String) {
     (resp.allowed, resp.result.message.clone())
 }
 
-#[tokio::test]
-async fn a_good_spec_is_allowed_after_namespace_and_access_checks() {
-    let (client, mut api) = mock();
-    let task = tokio::spawn(async move {
-        review(
-            &client,
-            &CaptureLimits::default(),
-            admission(json!({
-                "podSelector": {"pods": [
-                    {"podName": "web", "namespace": "shop"},
-                    {"podName": "db", "namespace": "shop"},
-                ]},
-                "filter": "tcp port 5432",
-            })),
-        )
-        .await
-    });
-    api.answer(
-        "GET",
-        "/api/v1/namespaces/shop",
-        200,
-        |_| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}}),
+fn not_found(what: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{what} not found")})
+}
+
+fn namespace(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+}
+
+fn pod(ns: &str, name: &str, ip: &str, host_network: bool) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": ns, "name": name},
+        "spec": {"containers": [], "hostNetwork": host_network, "nodeName": "node-1"},
+        "status": {"podIP": ip, "podIPs": [{"ip": ip}]},
+    })
+}
+
+fn list(kind: &str, items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": kind, "metadata": {}, "items": items})
+}
+
+/// One node, 192.168.1.10, with the pod CIDR 10.244.1.0/24.
+fn nodes() -> Value {
+    list(
+        "NodeList",
+        vec![json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-1"},
+            "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.10"}]},
+        })],
     )
-    .await;
+}
+
+/// Answers the next SubjectAccessReview with `allowed`, returning what
+/// it asked.
+async fn access_review(api: &mut ApiServer, allowed: bool) -> Value {
     let sar = api
         .answer(
             "POST",
@@ -78,60 +100,76 @@ async fn a_good_spec_is_allowed_after_namespace_and_access_checks() {
             201,
             |seen| {
                 let mut r = seen.body.clone();
-                r["status"] = json!({"allowed": true});
+                r["status"] = json!({"allowed": allowed});
                 r
             },
         )
         .await;
-    assert_eq!(sar.body["spec"]["user"], "alice");
-    assert_eq!(sar.body["spec"]["groups"], json!(["devs"]));
+    sar.body["spec"].clone()
+}
+
+#[tokio::test]
+async fn a_good_spec_is_allowed_after_namespace_and_capture_checks() {
+    let (admission, mut api) = mock();
+    let task = tokio::spawn(async move {
+        admission
+            .review(admission_of(json!({
+                "podSelector": {"pods": [
+                    {"podName": "web", "namespace": "shop"},
+                    {"podName": "db", "namespace": "shop"},
+                ]},
+                "filter": "tcp port 5432",
+            })))
+            .await
+    });
+    api.answer("GET", "/api/v1/namespaces/shop", 200, |_| namespace("shop"))
+        .await;
+    api.answer("GET", "/api/v1/namespaces/shop/pods/web", 200, |_| {
+        pod("shop", "web", "10.244.1.5", false)
+    })
+    .await;
+    api.answer("GET", "/api/v1/namespaces/shop/pods/db", 404, |_| {
+        not_found("pods \"db\"")
+    })
+    .await;
+    let sar = access_review(&mut api, true).await;
+    assert_eq!(sar["user"], "alice");
+    assert_eq!(sar["groups"], json!(["devs"]));
     assert_eq!(
-        sar.body["spec"]["resourceAttributes"],
-        json!({"namespace": "shop", "verb": "get", "group": "", "resource": "pods"})
+        sar["resourceAttributes"],
+        json!({"namespace": "shop", "verb": "capture", "group": "", "resource": "pods"})
     );
     assert_eq!(verdict(&task.await.unwrap()), (true, String::new()));
+    // Who was allowed what, as an Event on the capture.
+    let event = api
+        .answer(
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/default/events",
+            201,
+            |seen| seen.body.clone(),
+        )
+        .await;
+    assert_eq!(event.body["reason"], "TargetsAuthorized");
+    assert_eq!(event.body["regarding"]["name"], "cap");
+    assert_eq!(
+        event.body["note"],
+        "user \"alice\" may capture pods in namespace \"shop\", which covers every target"
+    );
 }
 
 #[tokio::test]
 async fn bad_filters_missing_namespaces_and_forbidden_ones_are_named() {
-    let (client, mut api) = mock();
+    let (admission, mut api) = mock();
+    let bad = admission.clone();
     let task = tokio::spawn(async move {
-        review(
-            &client,
-            &CaptureLimits::default(),
-            admission(json!({
-                "targetIPs": ["10.0.0.0/33"],
-                "podSelector": {"pods": [
-                    {"podName": "web", "namespace": "gone"},
-                    {"podName": "db", "namespace": "secret"},
-                ]},
-                "filter": "tcp port http-ish",
-            })),
-        )
+        bad.review(admission_of(json!({
+            "targetIPs": ["10.0.0.0/33"],
+            "podSelector": {"pods": [{"podName": "web", "namespace": "gone"}]},
+            "filter": "tcp port http-ish",
+        })))
         .await
     });
-    api.answer("GET", "/api/v1/namespaces/gone", 404, |_| {
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "namespaces \"gone\" not found"})
-    })
-    .await;
-    api.answer(
-        "GET",
-        "/api/v1/namespaces/secret",
-        200,
-        |_| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "secret"}}),
-    )
-    .await;
-    api.answer(
-        "POST",
-        "/apis/authorization.k8s.io/v1/subjectaccessreviews",
-        201,
-        |seen| {
-            let mut r = seen.body.clone();
-            r["status"] = json!({"allowed": false});
-            r
-        },
-    )
-    .await;
+    // A spec wrong on its own is not looked into further: no request.
     let (allowed, message) = verdict(&task.await.unwrap());
     assert!(!allowed);
     let parts: Vec<&str> = message.split("; ").collect();
@@ -145,25 +183,93 @@ async fn bad_filters_missing_namespaces_and_forbidden_ones_are_named() {
         ),
         "{message}"
     );
-    assert_eq!(
-        parts[2],
-        "spec.podSelector.pods[0].namespace: namespace \"gone\" does not exist"
+    assert_eq!(parts.len(), 2, "{message}");
+
+    let task = tokio::spawn(async move {
+        admission
+            .review(admission_of(json!({
+                "targetIPs": ["10.244.1.5", "0.0.0.0/0"],
+                "podSelector": {"pods": [
+                    {"podName": "web", "namespace": "gone"},
+                    {"podName": "db", "namespace": "secret"},
+                ]},
+            })))
+            .await
+    });
+    api.answer("GET", "/api/v1/namespaces/gone", 404, |_| {
+        not_found("namespaces \"gone\"")
+    })
+    .await;
+    api.answer("GET", "/api/v1/namespaces/secret", 200, |_| {
+        namespace("secret")
+    })
+    .await;
+    api.answer("GET", "/api/v1/namespaces/gone/pods/web", 404, |_| {
+        not_found("pods \"web\"")
+    })
+    .await;
+    api.answer("GET", "/api/v1/namespaces/secret/pods/db", 200, |_| {
+        pod("secret", "db", "10.244.1.6", false)
+    })
+    .await;
+    api.answer("GET", "/api/v1/nodes", 200, |_| nodes()).await;
+    let on_node = api
+        .answer("GET", "/api/v1/pods", 200, |_| {
+            list("PodList", vec![pod("shop", "web", "10.244.1.5", false)])
+        })
+        .await;
+    assert!(
+        on_node.uri.contains("fieldSelector=spec.nodeName%3Dnode-1"),
+        "the pods of the node whose pod CIDR holds the address: {}",
+        on_node.uri
     );
+    let cluster = access_review(&mut api, false).await;
     assert_eq!(
-        parts[3],
-        "spec.podSelector.pods[1].namespace: user \"alice\" may not get pods in namespace \"secret\", so may not capture their traffic"
+        cluster["resourceAttributes"],
+        json!({"verb": "capture", "group": "", "resource": "pods"}),
+        "every namespace"
+    );
+    for ns in ["gone", "secret", "shop"] {
+        let sar = access_review(&mut api, ns == "shop").await;
+        assert_eq!(sar["resourceAttributes"]["namespace"], ns);
+    }
+    let (allowed, message) = verdict(&task.await.unwrap());
+    assert!(!allowed);
+    assert_eq!(
+        message.split("; ").collect::<Vec<_>>(),
+        [
+            "spec.podSelector.pods[0].namespace: namespace \"gone\" does not exist",
+            "spec.targetIPs[1]: 0.0.0.0/0 covers 192.168.1.10, an address of node node-1, \
+             so capturing it needs \"capture\" on pods in every namespace, which user \"alice\" does not have",
+            "spec.podSelector.pods[0]: pod gone/web: user \"alice\" may not \"capture\" pods in namespace \"gone\"",
+            "spec.podSelector.pods[1]: pod secret/db: user \"alice\" may not \"capture\" pods in namespace \"secret\"",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_update_that_keeps_the_spec_is_not_authorized_again() {
+    let (admission, _api) = mock();
+    let spec = json!({"targetIPs": ["0.0.0.0/0"]});
+    let mut review = admission_of(spec.clone());
+    let request = review.request.as_mut().unwrap();
+    request.operation = kube::core::admission::Operation::Update;
+    request.old_object = request.object.clone();
+    // No request reaches the API server (the mock would never answer).
+    assert_eq!(
+        verdict(&admission.review(review).await),
+        (true, String::new())
     );
 }
 
 #[tokio::test]
 async fn an_object_that_does_not_parse_is_denied_with_the_field() {
-    let (client, _api) = mock();
-    let r = review(
-        &client,
-        &CaptureLimits::default(),
-        admission(json!({"targetIPs": ["10.0.0.1"], "outputFormat": "json"})),
-    )
-    .await;
+    let (admission, _api) = mock();
+    let r = admission
+        .review(admission_of(
+            json!({"targetIPs": ["10.0.0.1"], "outputFormat": "json"}),
+        ))
+        .await;
     let (allowed, message) = verdict(&r);
     assert!(!allowed);
     assert!(
@@ -174,17 +280,15 @@ async fn an_object_that_does_not_parse_is_denied_with_the_field() {
 
 #[tokio::test]
 async fn captures_over_the_clusters_limits_are_denied_with_the_key() {
-    let (client, _api) = mock();
-    let limits = CaptureLimits {
+    let (admission, _api) = mock_with(CaptureLimits {
         max_duration: 600,
         max_packets: 5_000,
-    };
-    let over = review(
-        &client,
-        &limits,
-        admission(json!({"targetIPs": ["10.0.0.1"], "duration": 601, "maxPackets": 5_001})),
-    )
-    .await;
+    });
+    let over = admission
+        .review(admission_of(
+            json!({"targetIPs": ["10.0.0.1"], "duration": 601, "maxPackets": 5_001}),
+        ))
+        .await;
     assert_eq!(
         verdict(&over),
         (
@@ -194,13 +298,6 @@ async fn captures_over_the_clusters_limits_are_denied_with_the_key() {
                 .to_string()
         )
     );
-    let at = review(
-        &client,
-        &limits,
-        admission(json!({"targetIPs": ["10.0.0.1"], "duration": 600, "maxPackets": 5_000})),
-    )
-    .await;
-    assert_eq!(verdict(&at), (true, String::new()));
 }
 
 /// A client that connects and never starts its TLS handshake is dropped once
@@ -211,12 +308,11 @@ async fn a_handshake_that_never_comes_is_cut_off() {
     use std::time::{Duration, Instant};
     use tokio::io::AsyncReadExt as _;
 
-    let (client, _api) = mock();
+    let (admission, _api) = mock();
     let server = WebhookServer::bind(
         "127.0.0.1:0".parse().unwrap(),
         std::sync::Arc::new(ServingCert::default()),
-        client,
-        CaptureLimits::default(),
+        admission,
     )
     .await
     .unwrap();

@@ -256,6 +256,10 @@ pub const QUESTIONS: &[Question] = &[
     q(CTL, "delete", PCC, None, false),
     q(CTL, "list", "pods", None, true),
     q(CTL, "watch", "pods", None, true),
+    // Capturing any pod's traffic: the agents require it to start one.
+    q(CTL, "capture", "pods", None, true),
+    // Reading captured files is for people, not for the controller.
+    sub(q(CTL, "get", PCC, None, false), "files"),
     q(CTL, "get", "nodes", None, true),
     q(CTL, "create", "pods", OTHER, false),
     q(CTL, "delete", "pods", OTHER, false),
@@ -304,6 +308,8 @@ pub const QUESTIONS: &[Question] = &[
     q(AGENT, "list", "pods", None, false),
     q(AGENT, "get", "nodes", None, false),
     q(AGENT, "get", PCC, None, false),
+    q(AGENT, "capture", "pods", None, false),
+    sub(q(AGENT, "get", PCC, None, false), "files"),
     q(AGENT, "get", "configmaps", NS, false),
     // The settings ConfigMap by name, for LOG_LEVEL while the agents run.
     q(AGENT, "get", SETTINGS, NS, true),

@@ -337,6 +337,10 @@ impl Table {
 
 /// Downloads the first node's file through its agent's REST API, with a
 /// token as an operator would get one, and summarises it with tshark.
+/// The account the demo downloads with: it may read captures and their
+/// files (packet-capture-viewer), nothing else.
+const READER: &str = "capture-reader";
+
 async fn show_a_file(demo: &Demo) -> anyhow::Result<()> {
     let api: Api<PacketCaptureConfig> = Api::all(demo.cluster().client()?);
     let status = api.get(CAPTURE).await?.status.unwrap_or_default();
@@ -351,15 +355,29 @@ async fn show_a_file(demo: &Demo) -> anyhow::Result<()> {
         .with_context(|| format!("no file name in {:?}", entry.output_file))?
         .to_string();
     step(format!(
-        "{name}, downloaded from the agent on {} with a token of the controller's service account",
+        "{name}, downloaded from the agent on {} by an account bound to packet-capture-viewer",
         node.name()
     ));
+    let reader = format!("--serviceaccount=default:{READER}");
+    for args in [
+        &["create", "serviceaccount", READER, "-n", "default"][..],
+        &[
+            "create",
+            "clusterrolebinding",
+            READER,
+            "--clusterrole=packet-capture-viewer",
+            &reader,
+        ],
+    ] {
+        println!("$ kubectl {}", args.join(" "));
+        demo.cluster().kubectl_async(args).await?;
+    }
     let token_args = [
-        "-n",
-        COMPONENT_NAMESPACE,
         "create",
         "token",
-        CONTROLLER_SERVICE_ACCOUNT,
+        READER,
+        "-n",
+        "default",
         "--audience",
         AUDIENCE,
     ];

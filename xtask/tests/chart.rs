@@ -755,6 +755,7 @@ fn each_account_gets_exactly_the_access_it_uses() {
         ),
         (PCC, &["packetcaptureconfigs/finalizers"], &["update"]),
         ("", &["pods", "nodes"], &["get", "list", "watch"]),
+        ("", &["pods"], &["capture"]),
         ("", &["namespaces"], &["get"]),
         ("", &["events"], &["create", "patch"]),
         ("events.k8s.io", &["events"], &["create", "patch"]),
@@ -821,6 +822,41 @@ fn each_account_gets_exactly_the_access_it_uses() {
             &["get", "list", "watch"],
             &["packet-capture-config"],
         )])
+    );
+    // The roles for people: reading captures and every capture's files;
+    // also changing captures; capturing pods' traffic, apart.
+    let viewer: &[(&str, &[&str], &[&str])] = &[
+        (PCC, &["packetcaptureconfigs"], &["get", "list", "watch"]),
+        (PCC, &["packetcaptureconfigs/files"], &["get"]),
+    ];
+    assert_eq!(
+        rules(get(&docs, "ClusterRole", "packet-capture-viewer")),
+        grants(viewer)
+    );
+    let editor: &[(&str, &[&str], &[&str])] = &[
+        (
+            PCC,
+            &["packetcaptureconfigs"],
+            &[
+                "get",
+                "list",
+                "watch",
+                "create",
+                "update",
+                "patch",
+                "delete",
+                "deletecollection",
+            ],
+        ),
+        (PCC, &["packetcaptureconfigs/files"], &["get"]),
+    ];
+    assert_eq!(
+        rules(get(&docs, "ClusterRole", "packet-capture-editor")),
+        grants(editor)
+    );
+    assert_eq!(
+        rules(get(&docs, "ClusterRole", "packet-capture-capturer")),
+        grants(&[("", &["pods"], &["capture"])])
     );
     // No account is bound to anything else, and nothing uses a wildcard.
     for doc in &docs {

@@ -221,21 +221,53 @@ impl World {
         now
     }
 
-    /// A file of this node's agent, downloaded through its API with a token
-    /// of the controller's service account, as the README shows.
+    /// A file of this node's agent, downloaded through its API by an
+    /// account bound to packet-capture-viewer, as the README shows; the
+    /// controller's own account may not read files.
     async fn download(&self, file_name: &str, to: &Path) {
-        let token = self
+        let url = format!("http://{}:8080/api/v1/files/{file_name}", self.node.ip());
+        let controller = self
             .cluster
             .token_for(NS, CONTROLLER_SERVICE_ACCOUNT, &["packet-capture-agent"])
             .await
             .unwrap();
-        let url = format!("http://{}:8080/api/v1/files/{file_name}", self.node.ip());
-        let response = reqwest::Client::new()
+        let refused = reqwest::Client::new()
             .get(&url)
-            .bearer_auth(token)
+            .bearer_auth(controller)
             .send()
             .await
             .unwrap();
+        assert_eq!(refused.status(), 403, "GET {url} as the controller");
+        self.cluster
+            .kubectl_async(&[
+                "create",
+                "clusterrolebinding",
+                "capture-reader",
+                "--clusterrole=packet-capture-viewer",
+                "--serviceaccount=default:capture-reader",
+            ])
+            .await
+            .unwrap();
+        let token = self
+            .cluster
+            .token_for("default", "capture-reader", &["packet-capture-agent"])
+            .await
+            .unwrap();
+        // A new binding reaches the API server's authorizer a moment later,
+        // and the agent keeps a refusal for its cache's lifetime (30 s).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let response = loop {
+            let response = reqwest::Client::new()
+                .get(&url)
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            if response.status() != 403 || std::time::Instant::now() > deadline {
+                break response;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        };
         assert_eq!(response.status(), 200, "GET {url}");
         std::fs::write(to, response.bytes().await.unwrap()).unwrap();
     }

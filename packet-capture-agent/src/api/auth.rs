@@ -13,19 +13,20 @@
 //! 429 (gRPC `RESOURCE_EXHAUSTED`) without a review for [`BLOCK_FOR`]
 //! (`FailureLimiter`, which remembers [`LIMITED_SOURCES`] addresses).
 
+use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroUsize;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, Method, header};
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use http::{HeaderMap, header};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInfo};
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
 use kube::api::PostParams;
 use lru::LruCache;
-use packet_capture_common::crd::{GROUP, PLURAL, RESOURCE};
+use packet_capture_common::crd::{FILES_SUBRESOURCE, GROUP, PLURAL, RESOURCE};
 use sha2::{Digest as _, Sha256};
 
 use super::ApiError;
@@ -51,28 +52,104 @@ pub const BLOCK_FOR: Duration = Duration::from_secs(60);
 /// Source addresses the limiter remembers at most.
 pub const LIMITED_SOURCES: usize = 4096;
 
+/// What a permission is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Verb {
-    /// Reading captures and files.
-    Get,
-    /// Starting and stopping captures.
-    Update,
+pub enum Resource {
+    /// `packetcaptureconfigs.networking.packet.io`: the captures.
+    Captures,
+    /// `packetcaptureconfigs.networking.packet.io/files`: a capture's files.
+    CaptureFiles,
+    /// `pods` (core): whose traffic may be captured, verb `capture`.
+    Pods,
 }
 
-impl Verb {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Get => "get",
-            Self::Update => "update",
+/// A permission a call needs, as a SubjectAccessReview asks it. `name`
+/// `None` asks for every object (a rule without `resourceNames`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Permission {
+    pub verb: &'static str,
+    pub resource: Resource,
+    pub name: Option<String>,
+}
+
+impl Permission {
+    /// `verb` on every capture.
+    pub fn captures(verb: &'static str) -> Self {
+        Self {
+            verb,
+            resource: Resource::Captures,
+            name: None,
+        }
+    }
+
+    /// `verb` on the capture `name`.
+    pub fn capture(verb: &'static str, name: &str) -> Self {
+        Self {
+            name: Some(name.to_owned()),
+            ..Self::captures(verb)
+        }
+    }
+
+    /// Reading the files of the capture `name`, or of every capture.
+    pub fn files(name: Option<&str>) -> Self {
+        Self {
+            verb: "get",
+            resource: Resource::CaptureFiles,
+            name: name.map(str::to_owned),
+        }
+    }
+
+    /// Capturing any pod's or node's traffic: `capture` on pods in every
+    /// namespace. The agent sees only addresses, not whose they are, so a
+    /// capture started on it directly needs this; a PacketCaptureConfig's
+    /// targets are checked one by one by the webhook.
+    pub fn capture_traffic() -> Self {
+        Self {
+            verb: "capture",
+            resource: Resource::Pods,
+            name: None,
+        }
+    }
+
+    fn attributes(&self) -> ResourceAttributes {
+        let (group, resource, subresource) = match self.resource {
+            Resource::Captures => (GROUP, PLURAL, None),
+            Resource::CaptureFiles => (GROUP, PLURAL, Some(FILES_SUBRESOURCE)),
+            Resource::Pods => ("", "pods", None),
+        };
+        ResourceAttributes {
+            group: Some(group.into()),
+            resource: Some(resource.into()),
+            subresource: subresource.map(Into::into),
+            name: self.name.clone(),
+            verb: Some(self.verb.into()),
+            ..Default::default()
         }
     }
 }
 
-/// What a request needs.
+impl std::fmt::Display for Permission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.resource {
+            Resource::Captures => write!(f, "{} {RESOURCE}", self.verb)?,
+            Resource::CaptureFiles => write!(f, "{} {RESOURCE}/{FILES_SUBRESOURCE}", self.verb)?,
+            Resource::Pods => return write!(f, "{} pods in every namespace", self.verb),
+        }
+        match &self.name {
+            Some(name) => write!(f, " named {name:?}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What a request needs before its handler runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
+    /// Nothing: health, metrics, gRPC health and reflection.
     Open,
-    Verb(Verb),
+    /// A token the cluster authenticates; the handler then asks for the
+    /// [`Permission`] of what it touches.
+    Authenticated,
 }
 
 const AGENT_SERVICE: &str = "/packetcapture.v1.Agent/";
@@ -80,13 +157,13 @@ const AGENT_SERVICE: &str = "/packetcapture.v1.Agent/";
 /// The methods of `packetcapture.v1.Agent` and what each needs.
 const AGENT_METHODS: [(&str, Access); 8] = [
     ("Health", Access::Open),
-    ("StartCapture", Access::Verb(Verb::Update)),
-    ("StopCapture", Access::Verb(Verb::Update)),
-    ("GetCapture", Access::Verb(Verb::Get)),
-    ("ListCaptures", Access::Verb(Verb::Get)),
-    ("WatchCapture", Access::Verb(Verb::Get)),
-    ("ListFiles", Access::Verb(Verb::Get)),
-    ("DownloadFile", Access::Verb(Verb::Get)),
+    ("StartCapture", Access::Authenticated),
+    ("StopCapture", Access::Authenticated),
+    ("GetCapture", Access::Authenticated),
+    ("ListCaptures", Access::Authenticated),
+    ("WatchCapture", Access::Authenticated),
+    ("ListFiles", Access::Authenticated),
+    ("DownloadFile", Access::Authenticated),
 ];
 
 fn agent_method(path: &str) -> Option<(&'static str, Access)> {
@@ -97,21 +174,19 @@ fn agent_method(path: &str) -> Option<(&'static str, Access)> {
             .find(|(m, _)| *m == method)
             .copied()
             // Unknown methods of the service: closed, like the known ones.
-            .unwrap_or(("unknown", Access::Verb(Verb::Get))),
+            .unwrap_or(("unknown", Access::Authenticated)),
     )
 }
 
-/// What a request needs, from its method and path. The health and metrics
-/// endpoints, gRPC health and reflection are open; the capture and file
-/// calls need `update` (start, stop) or `get` (everything else).
-pub fn access(method: &Method, path: &str) -> Access {
+/// What a request needs, from its path. The health and metrics endpoints,
+/// gRPC health and reflection are open; the capture and file calls need an
+/// authenticated caller.
+pub fn access(path: &str) -> Access {
     if let Some((_, access)) = agent_method(path) {
         return access;
     }
     if path == "/api" || path.starts_with("/api/") {
-        let changes = (*method == Method::POST && path == "/api/v1/captures")
-            || (*method == Method::DELETE && path.starts_with("/api/v1/captures/"));
-        return Access::Verb(if changes { Verb::Update } else { Verb::Get });
+        return Access::Authenticated;
     }
     Access::Open
 }
@@ -142,14 +217,14 @@ fn token_hash(token: &str) -> TokenHash {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// Verdicts on authenticated tokens, by the token's hash and the verb; the
-/// least recently used goes first when full, and each expires after `ttl`.
-struct VerdictCache {
+/// Entries that expire `ttl` after they were put, at most `capacity` of
+/// them (the least recently used goes first).
+struct TtlCache<K: Hash + Eq, V> {
     ttl: Duration,
-    entries: LruCache<(TokenHash, Verb), (Instant, Decision)>,
+    entries: LruCache<K, (Instant, V)>,
 }
 
-impl VerdictCache {
+impl<K: Hash + Eq, V: Clone> TtlCache<K, V> {
     fn new(capacity: usize, ttl: Duration) -> Self {
         Self {
             ttl,
@@ -157,17 +232,17 @@ impl VerdictCache {
         }
     }
 
-    fn get(&mut self, key: &(TokenHash, Verb), now: Instant) -> Option<Decision> {
-        let (at, decision) = self.entries.get(key)?;
+    fn get(&mut self, key: &K, now: Instant) -> Option<V> {
+        let (at, value) = self.entries.get(key)?;
         if now.saturating_duration_since(*at) < self.ttl {
-            return Some(decision.clone());
+            return Some(value.clone());
         }
         self.entries.pop(key);
         None
     }
 
-    fn put(&mut self, key: (TokenHash, Verb), decision: Decision, now: Instant) {
-        self.entries.put(key, (now, decision));
+    fn put(&mut self, key: K, value: V, now: Instant) {
+        self.entries.put(key, (now, value));
     }
 
     #[cfg(test)]
@@ -299,10 +374,36 @@ pub fn source_address(peer: Option<IpAddr>) -> IpAddr {
     peer.map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), |ip| ip.to_canonical())
 }
 
+/// A caller the cluster authenticated: who, and (as the caches' key) the
+/// SHA-256 of the token.
+#[derive(Debug)]
+pub struct User {
+    token: TokenHash,
+    info: UserInfo,
+}
+
+impl User {
+    pub fn name(&self) -> &str {
+        self.info.username.as_deref().unwrap_or("(unnamed)")
+    }
+}
+
+/// Who calls: a user the cluster authenticated, or anyone when the agent
+/// runs without authentication (`--insecure-no-auth`). Put in each
+/// authenticated request's extensions by the gate.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    Anyone,
+    User(Arc<User>),
+}
+
 pub struct Authorizer {
     client: kube::Client,
     audience: String,
-    cache: Mutex<VerdictCache>,
+    /// Users of the tokens the cluster authenticated.
+    users: Mutex<TtlCache<TokenHash, Arc<User>>>,
+    /// Verdicts on permissions of authenticated users.
+    verdicts: Mutex<TtlCache<(TokenHash, Permission), Decision>>,
     limiter: FailureLimiter,
 }
 
@@ -311,7 +412,8 @@ impl Authorizer {
         Self {
             client,
             audience: audience.into(),
-            cache: Mutex::new(VerdictCache::new(CACHE_ENTRIES, CACHE_TTL)),
+            users: Mutex::new(TtlCache::new(CACHE_ENTRIES, CACHE_TTL)),
+            verdicts: Mutex::new(TtlCache::new(CACHE_ENTRIES, CACHE_TTL)),
             limiter: FailureLimiter::new(MAX_FAILURES, FAILURE_WINDOW, BLOCK_FOR, LIMITED_SOURCES),
         }
     }
@@ -326,9 +428,14 @@ impl Authorizer {
         self.client.clone()
     }
 
-    /// Whether the bearer of the request's token (from `headers`, sent from
-    /// `source`, see [`source_address`]) may do what `verb` covers.
-    pub async fn authorize(&self, headers: &HeaderMap, source: IpAddr, verb: Verb) -> Decision {
+    /// The user of the request's token (from `headers`, sent from
+    /// `source`, see [`source_address`]), as the cluster authenticates it
+    /// for this agent's audience.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        source: IpAddr,
+    ) -> Result<Arc<User>, ApiError> {
         if let Some(value) = headers.get(header::AUTHORIZATION)
             && value.len() > MAX_AUTHORIZATION_BYTES
         {
@@ -342,11 +449,11 @@ impl Authorizer {
                 "authorization: a bearer token is required (authorization: Bearer <token>)".into(),
             )
         })?;
-        let key = (token_hash(token), verb);
+        let hash = token_hash(token);
         // A token the cluster accepted is answered from the cache, also
         // while its source is blocked for others' refused tokens.
-        if let Some(decision) = lock(&self.cache).get(&key, Instant::now()) {
-            return decision;
+        if let Some(user) = lock(&self.users).get(&hash, Instant::now()) {
+            return Ok(user);
         }
         let admitted = match self.limiter.admit(source, Instant::now()) {
             Ok(()) => Admitted {
@@ -364,19 +471,35 @@ impl Authorizer {
                 });
             }
         };
-        let decision = self.review(token, verb).await;
-        // Verdicts on tokens the cluster authenticated are kept; a refused
+        let reviewed = self.token_review(token).await;
+        // Users of tokens the cluster authenticated are kept; a refused
         // token is not (it would let anyone fill the cache), nor is a
         // cluster that could not answer (asked again next time).
-        if matches!(decision, Ok(()) | Err(ApiError::Forbidden(_))) {
-            lock(&self.cache).put(key, decision.clone(), Instant::now());
-        }
-        if admitted.end(matches!(decision, Err(ApiError::Unauthenticated(_)))) {
+        let reviewed = reviewed.map(|info| {
+            let user = Arc::new(User { token: hash, info });
+            lock(&self.users).put(hash, user.clone(), Instant::now());
+            user
+        });
+        if admitted.end(matches!(reviewed, Err(ApiError::Unauthenticated(_)))) {
             tracing::warn!(
                 %source,
                 "{MAX_FAILURES} tokens from this address were refused within {FAILURE_WINDOW:?}: \
                  refusing its unknown tokens without a review for {BLOCK_FOR:?}"
             );
+        }
+        reviewed
+    }
+
+    /// Whether `user` has `permission` (a SubjectAccessReview; verdicts
+    /// are kept for [`CACHE_TTL`]).
+    pub async fn authorize(&self, user: &User, permission: &Permission) -> Decision {
+        let key = (user.token, permission.clone());
+        if let Some(decision) = lock(&self.verdicts).get(&key, Instant::now()) {
+            return decision;
+        }
+        let decision = self.access_review(user, permission).await;
+        if matches!(decision, Ok(()) | Err(ApiError::Forbidden(_))) {
+            lock(&self.verdicts).put(key, decision.clone(), Instant::now());
         }
         decision
     }
@@ -410,7 +533,7 @@ impl Authorizer {
         }
     }
 
-    async fn review(&self, token: &str, verb: Verb) -> Decision {
+    async fn token_review(&self, token: &str) -> Result<UserInfo, ApiError> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),
@@ -438,20 +561,18 @@ impl Authorizer {
                 self.audience
             )));
         }
-        let user = status.user.unwrap_or_default();
-        let username = user.username.clone().unwrap_or_default();
+        Ok(status.user.unwrap_or_default())
+    }
+
+    async fn access_review(&self, user: &User, permission: &Permission) -> Decision {
+        let info = &user.info;
         let access = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
-                user: user.username,
-                groups: user.groups,
-                uid: user.uid,
-                extra: user.extra,
-                resource_attributes: Some(ResourceAttributes {
-                    group: Some(GROUP.into()),
-                    resource: Some(PLURAL.into()),
-                    verb: Some(verb.as_str().into()),
-                    ..Default::default()
-                }),
+                user: info.username.clone(),
+                groups: info.groups.clone(),
+                uid: info.uid.clone(),
+                extra: info.extra.clone(),
+                resource_attributes: Some(permission.attributes()),
                 ..Default::default()
             },
             ..Default::default()
@@ -467,8 +588,8 @@ impl Authorizer {
             .map(|r| format!(" ({r})"))
             .unwrap_or_default();
         Err(ApiError::Forbidden(format!(
-            "authorization: {username:?} may not {} {RESOURCE}{reason}",
-            verb.as_str()
+            "authorization: {:?} may not {permission}{reason}",
+            user.name()
         )))
     }
 }
@@ -479,32 +600,64 @@ mod tests {
 
     #[test]
     fn what_each_call_needs() {
-        let get = Access::Verb(Verb::Get);
-        let update = Access::Verb(Verb::Update);
-        for (method, path, want) in [
-            (Method::GET, "/health", Access::Open),
-            (Method::GET, "/metrics", Access::Open),
-            (Method::POST, "/api/v1/captures", update),
-            (Method::GET, "/api/v1/captures", get),
-            (Method::GET, "/api/v1/captures/x", get),
-            (Method::DELETE, "/api/v1/captures/x", update),
-            (Method::GET, "/api/v1/files", get),
-            (Method::GET, "/api/v1/files/x.pcap", get),
-            (Method::PUT, "/api/v1/other", get),
-            (Method::POST, "/packetcapture.v1.Agent/Health", Access::Open),
-            (Method::POST, "/packetcapture.v1.Agent/StartCapture", update),
-            (Method::POST, "/packetcapture.v1.Agent/StopCapture", update),
-            (Method::POST, "/packetcapture.v1.Agent/WatchCapture", get),
-            (Method::POST, "/packetcapture.v1.Agent/DownloadFile", get),
-            (Method::POST, "/packetcapture.v1.Agent/Nope", get),
-            (Method::POST, "/grpc.health.v1.Health/Check", Access::Open),
+        use Access::{Authenticated as A, Open as O};
+        for (path, want) in [
+            ("/health", O),
+            ("/metrics", O),
+            ("/api/v1/captures", A),
+            ("/api/v1/captures/x", A),
+            ("/api/v1/files", A),
+            ("/api/v1/files/x.pcap", A),
+            ("/api/v1/other", A),
+            ("/api", A),
+            ("/packetcapture.v1.Agent/Health", O),
+            ("/packetcapture.v1.Agent/StartCapture", A),
+            ("/packetcapture.v1.Agent/StopCapture", A),
+            ("/packetcapture.v1.Agent/WatchCapture", A),
+            ("/packetcapture.v1.Agent/DownloadFile", A),
+            ("/packetcapture.v1.Agent/Nope", A),
+            ("/grpc.health.v1.Health/Check", O),
             (
-                Method::POST,
                 "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-                Access::Open,
+                O,
             ),
         ] {
-            assert_eq!(access(&method, path), want, "{method} {path}");
+            assert_eq!(access(path), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn permissions_ask_what_rbac_rules_name() {
+        let attrs = |p: &Permission| serde_json::to_value(p.attributes()).unwrap();
+        for (permission, sar, said) in [
+            (
+                Permission::captures("list"),
+                serde_json::json!({"group": "networking.packet.io", "resource": "packetcaptureconfigs", "verb": "list"}),
+                "list packetcaptureconfigs.networking.packet.io",
+            ),
+            (
+                Permission::capture("update", "web"),
+                serde_json::json!({"group": "networking.packet.io", "resource": "packetcaptureconfigs", "verb": "update", "name": "web"}),
+                "update packetcaptureconfigs.networking.packet.io named \"web\"",
+            ),
+            (
+                Permission::files(Some("web")),
+                serde_json::json!({"group": "networking.packet.io", "resource": "packetcaptureconfigs", "subresource": "files", "verb": "get", "name": "web"}),
+                "get packetcaptureconfigs.networking.packet.io/files named \"web\"",
+            ),
+            (
+                Permission::files(None),
+                serde_json::json!({"group": "networking.packet.io", "resource": "packetcaptureconfigs", "subresource": "files", "verb": "get"}),
+                "get packetcaptureconfigs.networking.packet.io/files",
+            ),
+            (
+                Permission::capture_traffic(),
+                serde_json::json!({"group": "", "resource": "pods", "verb": "capture"}),
+                "capture pods in every namespace",
+            ),
+        ] {
+            assert_eq!(attrs(&permission), sar, "{said}");
+            assert_eq!(permission.to_string(), said);
         }
     }
 
@@ -559,56 +712,56 @@ mod tests {
     #[test]
     fn verdicts_expire_and_the_least_recently_used_goes_first() {
         enum Op {
-            Put(&'static str, Verb, u64),
+            Put(&'static str, &'static str, u64),
             /// Expected to be there, or not.
-            Get(&'static str, Verb, u64, bool),
+            Get(&'static str, &'static str, u64, bool),
         }
         use Op::{Get, Put};
-        use Verb::{Get as G, Update as U};
+        let (g, u) = ("get", "update");
         // A cache of two verdicts reused for 30 s.
         for (what, script) in [
             (
                 "reused within the TTL",
-                vec![Put("a", G, 0), Get("a", G, 29, true)],
+                vec![Put("a", g, 0), Get("a", g, 29, true)],
             ),
             (
                 "not at the TTL",
-                vec![Put("a", G, 0), Get("a", G, 30, false)],
+                vec![Put("a", g, 0), Get("a", g, 30, false)],
             ),
             (
                 "an expired verdict is dropped",
                 vec![
-                    Put("a", G, 0),
-                    Get("a", G, 31, false),
-                    Get("a", G, 1, false),
+                    Put("a", g, 0),
+                    Get("a", g, 31, false),
+                    Get("a", g, 1, false),
                 ],
             ),
             (
                 "verbs are apart",
-                vec![Put("a", G, 0), Get("a", U, 1, false)],
+                vec![Put("a", g, 0), Get("a", u, 1, false)],
             ),
             (
                 "tokens are apart",
-                vec![Put("a", G, 0), Get("b", G, 1, false)],
+                vec![Put("a", g, 0), Get("b", g, 1, false)],
             ),
             (
                 "full: the least recently used goes",
                 vec![
-                    Put("a", G, 0),
-                    Put("b", G, 1),
-                    Get("a", G, 2, true),
-                    Put("c", G, 3),
-                    Get("b", G, 4, false),
-                    Get("a", G, 4, true),
-                    Get("c", G, 4, true),
+                    Put("a", g, 0),
+                    Put("b", g, 1),
+                    Get("a", g, 2, true),
+                    Put("c", g, 3),
+                    Get("b", g, 4, false),
+                    Get("a", g, 4, true),
+                    Get("c", g, 4, true),
                 ],
             ),
         ] {
             let t0 = Instant::now();
-            let mut cache = VerdictCache::new(2, Duration::from_secs(30));
+            let mut cache = TtlCache::new(2, Duration::from_secs(30));
             for (i, op) in script.into_iter().enumerate() {
                 match op {
-                    Put(token, verb, t) => cache.put((token_hash(token), verb), Ok(()), at(t0, t)),
+                    Put(token, verb, t) => cache.put((token_hash(token), verb), (), at(t0, t)),
                     Get(token, verb, t, there) => assert_eq!(
                         cache.get(&(token_hash(token), verb), at(t0, t)).is_some(),
                         there,
@@ -750,7 +903,7 @@ mod tests {
 
     /// A cluster whose TokenReview authenticates the tokens `good-*` (user
     /// "u", audience "agent") and whose SubjectAccessReview allows `get`
-    /// only; it counts the TokenReviews. With `hang` it never answers.
+    /// only; it counts the reviews. With `hang` it never answers.
     fn cluster(hang: bool) -> (kube::Client, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicUsize, Ordering};
@@ -765,8 +918,8 @@ mod tests {
                 let path = req.uri().path().to_owned();
                 let body = req.into_body().collect_bytes().await.unwrap();
                 let mut answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                counted.fetch_add(1, Ordering::SeqCst);
                 answer["status"] = if path.ends_with("/tokenreviews") {
-                    counted.fetch_add(1, Ordering::SeqCst);
                     let token = answer["spec"]["token"].as_str().unwrap_or_default();
                     if token.starts_with("good-") {
                         serde_json::json!({"authenticated": true, "audiences": ["agent"], "user": {"username": "u"}})
@@ -802,24 +955,24 @@ mod tests {
         counter.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Authenticates `token`, dropping who it is.
+    async fn authenticate(authorizer: &Authorizer, token: &str, source: IpAddr) -> Decision {
+        authorizer
+            .authenticate(&bearer(token), source)
+            .await
+            .map(|_| ())
+    }
+
     #[tokio::test]
     async fn a_header_over_8_kib_is_refused_unread() {
         let (client, counter) = cluster(false);
         let authorizer = Authorizer::new(client, "agent");
         let source = IpAddr::from([10, 0, 0, 1]);
         let token = |header_len: usize| format!("good-{}", "x".repeat(header_len - 12));
-        let at_limit = authorizer
-            .authorize(&bearer(&token(MAX_AUTHORIZATION_BYTES)), source, Verb::Get)
-            .await;
+        let at_limit = authenticate(&authorizer, &token(MAX_AUTHORIZATION_BYTES), source).await;
         assert_eq!(at_limit, Ok(()));
         assert_eq!(reviews(&counter), 1);
-        let over = authorizer
-            .authorize(
-                &bearer(&token(MAX_AUTHORIZATION_BYTES + 1)),
-                source,
-                Verb::Get,
-            )
-            .await;
+        let over = authenticate(&authorizer, &token(MAX_AUTHORIZATION_BYTES + 1), source).await;
         assert_eq!(
             over,
             Err(ApiError::Unauthenticated(
@@ -827,7 +980,7 @@ mod tests {
             ))
         );
         assert_eq!(reviews(&counter), 1, "no review");
-        assert_eq!(lock(&authorizer.cache).len(), 1, "nothing cached");
+        assert_eq!(lock(&authorizer.users).len(), 1, "nothing cached");
     }
 
     #[tokio::test]
@@ -835,26 +988,20 @@ mod tests {
         let (client, counter) = cluster(false);
         let authorizer = Authorizer::new(client, "agent");
         let (attacker, other) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
-        // Known before: its verdict is cached.
+        // Known before: its user is cached.
         assert_eq!(
-            authorizer
-                .authorize(&bearer("good-known"), attacker, Verb::Get)
-                .await,
+            authenticate(&authorizer, "good-known", attacker).await,
             Ok(())
         );
         for i in 0..MAX_FAILURES {
-            let d = authorizer
-                .authorize(&bearer(&format!("bogus-{i}")), attacker, Verb::Get)
-                .await;
+            let d = authenticate(&authorizer, &format!("bogus-{i}"), attacker).await;
             assert!(matches!(d, Err(ApiError::Unauthenticated(_))), "{i}: {d:?}");
         }
         let reviewed = reviews(&counter);
         assert_eq!(reviewed, 1 + MAX_FAILURES as usize);
-        assert_eq!(lock(&authorizer.cache).len(), 1, "refusals are not cached");
+        assert_eq!(lock(&authorizer.users).len(), 1, "refusals are not cached");
         for token in ["bogus-again", "good-new"] {
-            let d = authorizer
-                .authorize(&bearer(token), attacker, Verb::Get)
-                .await;
+            let d = authenticate(&authorizer, token, attacker).await;
             let Err(ApiError::RateLimited {
                 message,
                 retry_after,
@@ -872,16 +1019,12 @@ mod tests {
         }
         assert_eq!(reviews(&counter), reviewed, "no review while blocked");
         assert_eq!(
-            authorizer
-                .authorize(&bearer("good-known"), attacker, Verb::Get)
-                .await,
+            authenticate(&authorizer, "good-known", attacker).await,
             Ok(()),
             "a cached token still passes"
         );
         assert!(matches!(
-            authorizer
-                .authorize(&bearer("bogus-x"), other, Verb::Get)
-                .await,
+            authenticate(&authorizer, "bogus-x", other).await,
             Err(ApiError::Unauthenticated(_))
         ));
         assert_eq!(
@@ -892,41 +1035,49 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn verdicts_on_authenticated_tokens_are_cached() {
+    async fn users_and_verdicts_are_cached() {
         let (client, counter) = cluster(false);
         let authorizer = Authorizer::new(client, "agent");
         let source = IpAddr::from([10, 0, 0, 1]);
-        for (verb, want, reviewed) in [
-            (Verb::Get, Ok(()), 1),
-            (Verb::Get, Ok(()), 1),
-            (
-                Verb::Update,
-                Err(ApiError::Forbidden(
-                    "authorization: \"u\" may not update packetcaptureconfigs.networking.packet.io"
-                        .into(),
-                )),
-                2,
-            ),
-            (
-                Verb::Update,
-                Err(ApiError::Forbidden(
-                    "authorization: \"u\" may not update packetcaptureconfigs.networking.packet.io"
-                        .into(),
-                )),
-                2,
-            ),
-        ] {
-            let d = authorizer.authorize(&bearer("good-1"), source, verb).await;
-            assert_eq!(d, want, "{verb:?}");
-            assert_eq!(reviews(&counter), reviewed, "{verb:?}");
-        }
-        let cache = lock(&authorizer.cache);
-        assert!(cache.entries.contains(&(token_hash("good-1"), Verb::Get)));
-        assert!(
-            cache
-                .entries
-                .contains(&(token_hash("good-1"), Verb::Update))
+        let denied = |p: &str| {
+            Err(ApiError::Forbidden(format!(
+                "authorization: \"u\" may not {p}"
+            )))
+        };
+        let (get, update, files) = (
+            Permission::captures("get"),
+            Permission::capture("update", "web"),
+            Permission::files(Some("web")),
         );
+        for (permission, want, reviewed) in [
+            (&get, Ok(()), 2),
+            (&get, Ok(()), 2),
+            (
+                &update,
+                denied("update packetcaptureconfigs.networking.packet.io named \"web\""),
+                3,
+            ),
+            (
+                &update,
+                denied("update packetcaptureconfigs.networking.packet.io named \"web\""),
+                3,
+            ),
+            (&files, Ok(()), 4),
+        ] {
+            let user = authorizer
+                .authenticate(&bearer("good-1"), source)
+                .await
+                .unwrap();
+            let d = authorizer.authorize(&user, permission).await;
+            assert_eq!(d, want, "{permission}");
+            assert_eq!(
+                reviews(&counter),
+                reviewed,
+                "{permission}: one TokenReview, then SubjectAccessReviews"
+            );
+        }
+        assert_eq!(lock(&authorizer.users).len(), 1);
+        assert_eq!(lock(&authorizer.verdicts).len(), 3);
     }
 
     #[tokio::test(start_paused = true)]
@@ -935,9 +1086,7 @@ mod tests {
         let authorizer = Authorizer::new(client, "agent");
         let source = IpAddr::from([10, 0, 0, 1]);
         let started = tokio::time::Instant::now();
-        let d = authorizer
-            .authorize(&bearer("good-1"), source, Verb::Get)
-            .await;
+        let d = authenticate(&authorizer, "good-1", source).await;
         assert_eq!(
             d,
             Err(ApiError::Unavailable(
@@ -945,7 +1094,7 @@ mod tests {
             ))
         );
         assert_eq!(started.elapsed(), REVIEW_TIMEOUT);
-        assert_eq!(lock(&authorizer.cache).len(), 0, "not cached");
+        assert_eq!(lock(&authorizer.users).len(), 0, "not cached");
         assert_eq!(
             authorizer.limiter.admit(source, Instant::now()),
             Ok(()),

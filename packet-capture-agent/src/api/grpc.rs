@@ -8,7 +8,7 @@ use pb::agent_server::{Agent, AgentServer};
 use tonic::{Request, Response, Status};
 
 use super::convert::Unchecked;
-use super::{Api, ApiError, MAX_BODY_BYTES};
+use super::{Api, ApiError, Caller, MAX_BODY_BYTES};
 
 pub fn server(api: Api) -> AgentServer<AgentService> {
     AgentServer::new(AgentService { api }).max_decoding_message_size(MAX_BODY_BYTES)
@@ -16,6 +16,14 @@ pub fn server(api: Api) -> AgentServer<AgentService> {
 
 pub struct AgentService {
     api: Api,
+}
+
+/// The caller the gate put in the request's extensions.
+fn caller_of<T>(req: &Request<T>) -> Result<Caller, ApiError> {
+    req.extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| ApiError::Unauthenticated("authorization: no caller".into()))
 }
 
 type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -39,8 +47,9 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::StartCaptureRequest>,
     ) -> Result<Response<pb::Capture>, Status> {
+        let caller = caller_of(&req)?;
         let req = Unchecked::try_from(req.into_inner()).map_err(ApiError::from)?;
-        let (status, _) = self.api.start(req).await?;
+        let (status, _) = self.api.start(&caller, req).await?;
         Ok(Response::new(status.into()))
     }
 
@@ -48,7 +57,8 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::StopCaptureRequest>,
     ) -> Result<Response<pb::Capture>, Status> {
-        let status = self.api.stop(&req.into_inner().id).await?;
+        let caller = caller_of(&req)?;
+        let status = self.api.stop(&caller, &req.into_inner().id).await?;
         Ok(Response::new(status.into()))
     }
 
@@ -56,15 +66,18 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::GetCaptureRequest>,
     ) -> Result<Response<pb::Capture>, Status> {
-        Ok(Response::new(self.api.get(&req.into_inner().id)?.into()))
+        let caller = caller_of(&req)?;
+        let status = self.api.get(&caller, &req.into_inner().id).await?;
+        Ok(Response::new(status.into()))
     }
 
     async fn list_captures(
         &self,
-        _: Request<pb::ListCapturesRequest>,
+        req: Request<pb::ListCapturesRequest>,
     ) -> Result<Response<pb::ListCapturesResponse>, Status> {
+        let captures = self.api.list(&caller_of(&req)?).await?;
         Ok(Response::new(pb::ListCapturesResponse {
-            captures: self.api.engine.list().into_iter().map(Into::into).collect(),
+            captures: captures.into_iter().map(Into::into).collect(),
         }))
     }
 
@@ -74,12 +87,8 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::WatchCaptureRequest>,
     ) -> Result<Response<Self::WatchCaptureStream>, Status> {
-        let id = req.into_inner().id;
-        let rx = self
-            .api
-            .engine
-            .watch(&id)
-            .ok_or_else(|| ApiError::capture_not_found(&id))?;
+        let caller = caller_of(&req)?;
+        let rx = self.api.watch(&caller, &req.into_inner().id).await?;
         // The status now, then each change; the final state ends the stream.
         let updates = futures::stream::unfold(Some((rx, true)), |state| async move {
             let (mut rx, first) = state?;
@@ -95,10 +104,11 @@ impl Agent for AgentService {
 
     async fn list_files(
         &self,
-        _: Request<pb::ListFilesRequest>,
+        req: Request<pb::ListFilesRequest>,
     ) -> Result<Response<pb::ListFilesResponse>, Status> {
+        let files = self.api.files(&caller_of(&req)?).await?;
         Ok(Response::new(pb::ListFilesResponse {
-            files: self.api.files()?.into_iter().map(Into::into).collect(),
+            files: files.into_iter().map(Into::into).collect(),
         }))
     }
 
@@ -108,8 +118,9 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::DownloadFileRequest>,
     ) -> Result<Response<Self::DownloadFileStream>, Status> {
+        let caller = caller_of(&req)?;
         let name = req.into_inner().name;
-        let (chunks, _) = self.api.download(&name)?;
+        let (chunks, _) = self.api.download(&caller, &name).await?;
         let chunks = chunks.map(move |c| match c {
             Ok(data) => Ok(pb::FileChunk {
                 data: data.to_vec(),

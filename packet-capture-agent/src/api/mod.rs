@@ -12,6 +12,7 @@ pub mod grpc;
 pub mod metrics;
 pub mod rest;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -28,9 +29,9 @@ use http::header;
 use tokio::io::AsyncReadExt as _;
 
 use crate::capture::{CaptureStatus, Engine};
-use crate::files::FileEntry;
-use auth::Access;
-pub use auth::Authorizer;
+use crate::files::{self, FileEntry};
+use auth::{Access, Permission};
+pub use auth::{Authorizer, Caller};
 use convert::Unchecked;
 pub use error::ApiError;
 use metrics::Metrics;
@@ -58,40 +59,143 @@ impl Api {
         }
     }
 
+    /// Whether `caller` has `permission`; everyone has every permission
+    /// when authentication is off.
+    pub async fn permit(&self, caller: &Caller, permission: &Permission) -> Result<(), ApiError> {
+        match (caller, &self.auth) {
+            (Caller::User(user), Some(auth)) => auth.authorize(user, permission).await,
+            (Caller::Anyone, None) => Ok(()),
+            (Caller::User(_), None) | (Caller::Anyone, Some(_)) => Err(ApiError::Unauthenticated(
+                format!("authorization: {permission} needs an authenticated caller"),
+            )),
+        }
+    }
+
+    /// The capture `id` when `caller` may `verb` it (by its name). An id
+    /// that is not there is reported only to a caller who may `verb` every
+    /// capture: others learn nothing from asking.
+    async fn capture(
+        &self,
+        caller: &Caller,
+        verb: &'static str,
+        id: &str,
+    ) -> Result<CaptureStatus, ApiError> {
+        match self.engine.get(id) {
+            Some(status) => {
+                self.permit(caller, &Permission::capture(verb, &status.name))
+                    .await?;
+                Ok(status)
+            }
+            None => {
+                self.permit(caller, &Permission::captures(verb)).await?;
+                Err(ApiError::capture_not_found(id))
+            }
+        }
+    }
+
     /// Validates and starts a capture; `true` when it is new, `false` when
-    /// the same capture was already there.
-    pub async fn start(&self, req: Unchecked) -> Result<(CaptureStatus, bool), ApiError> {
+    /// the same capture was already there. Needs `update` on the capture's
+    /// name and the cluster-wide [`Permission::capture_traffic`].
+    pub async fn start(
+        &self,
+        caller: &Caller,
+        req: Unchecked,
+    ) -> Result<(CaptureStatus, bool), ApiError> {
         let req = req.validate()?;
+        self.permit(caller, &Permission::capture("update", &req.name))
+            .await?;
+        self.permit(caller, &Permission::capture_traffic()).await?;
         let existed = self.engine.get(&req.id).is_some();
         let status = self.engine.start_capture_async(req).await?;
         Ok((status, !existed))
     }
 
-    pub async fn stop(&self, id: &str) -> Result<CaptureStatus, ApiError> {
+    pub async fn stop(&self, caller: &Caller, id: &str) -> Result<CaptureStatus, ApiError> {
+        self.capture(caller, "update", id).await?;
         self.engine
             .stop_capture(id)
             .await
             .ok_or_else(|| ApiError::capture_not_found(id))
     }
 
-    pub fn get(&self, id: &str) -> Result<CaptureStatus, ApiError> {
+    pub async fn get(&self, caller: &Caller, id: &str) -> Result<CaptureStatus, ApiError> {
+        self.capture(caller, "get", id).await
+    }
+
+    /// A capture's status now and each change after, until it ends.
+    pub async fn watch(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<tokio::sync::watch::Receiver<CaptureStatus>, ApiError> {
+        self.capture(caller, "get", id).await?;
         self.engine
-            .get(id)
+            .watch(id)
             .ok_or_else(|| ApiError::capture_not_found(id))
     }
 
-    pub fn files(&self) -> Result<Vec<FileEntry>, ApiError> {
-        self.engine
-            .files()
-            .list()
-            .map_err(|e| ApiError::Internal(format!("listing the capture directory: {e}")))
+    pub async fn list(&self, caller: &Caller) -> Result<Vec<CaptureStatus>, ApiError> {
+        self.permit(caller, &Permission::captures("list")).await?;
+        Ok(self.engine.list())
     }
 
-    /// A capture file's bytes in chunks, and its size.
-    pub fn download(
+    /// The files `caller` may read: with `list` on captures (which shows
+    /// they exist), the files of each capture whose files it may `get`.
+    pub async fn files(&self, caller: &Caller) -> Result<Vec<FileEntry>, ApiError> {
+        self.permit(caller, &Permission::captures("list")).await?;
+        let files = self
+            .engine
+            .files()
+            .list()
+            .map_err(|e| ApiError::Internal(format!("listing the capture directory: {e}")))?;
+        match self.permit(caller, &Permission::files(None)).await {
+            Ok(()) => return Ok(files),
+            Err(ApiError::Forbidden(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let mut readable = HashMap::new();
+        let mut shown = Vec::new();
+        for file in files {
+            let Some(capture) = files::capture_of(&file.name) else {
+                continue;
+            };
+            let allowed = match readable.get(capture) {
+                Some(&allowed) => allowed,
+                None => {
+                    let allowed = match self.permit(caller, &Permission::files(Some(capture))).await
+                    {
+                        Ok(()) => true,
+                        Err(ApiError::Forbidden(_)) => false,
+                        Err(e) => return Err(e),
+                    };
+                    readable.insert(capture.to_owned(), allowed);
+                    allowed
+                }
+            };
+            if allowed {
+                shown.push(file);
+            }
+        }
+        Ok(shown)
+    }
+
+    /// A capture file's bytes in chunks, and its size, when `caller` may
+    /// `get` the files of the file's capture (see [`files::capture_of`]).
+    pub async fn download(
         &self,
+        caller: &Caller,
         name: &str,
     ) -> Result<(impl Stream<Item = io::Result<Bytes>> + Send + 'static, u64), ApiError> {
+        if !files::valid_name(name) {
+            return Err(files::FileError::BadName(name.to_owned()).into());
+        }
+        // A name no capture writes is reported only to a caller who may
+        // read every capture's files, as with unknown capture ids.
+        let capture = files::capture_of(name);
+        self.permit(caller, &Permission::files(capture)).await?;
+        if capture.is_none() {
+            return Err(files::FileError::NotFound(name.to_owned()).into());
+        }
         let (file, size) = self.engine.files().open(name)?;
         Ok((chunks(tokio::fs::File::from_std(file)), size))
     }
@@ -235,7 +339,7 @@ fn is_grpc(req: &Request) -> bool {
 
 /// In front of every route: checks the caller's right to the call and
 /// counts the request.
-async fn gate(State(api): State<Api>, req: Request, next: Next) -> Response {
+async fn gate(State(api): State<Api>, mut req: Request, next: Next) -> Response {
     let grpc = is_grpc(&req);
     let path = req.uri().path().to_owned();
     let route = match req.extensions().get::<MatchedPath>() {
@@ -243,24 +347,27 @@ async fn gate(State(api): State<Api>, req: Request, next: Next) -> Response {
         Some(m) => m.as_str().to_owned(),
         None => "unmatched".to_owned(),
     };
-    let response = match (auth::access(req.method(), &path), &api.auth) {
-        (Access::Verb(verb), Some(authorizer)) => {
+    let response = match (auth::access(&path), &api.auth) {
+        (Access::Authenticated, Some(authorizer)) => {
             let peer = req
                 .extensions()
                 .get::<ConnectInfo<SocketAddr>>()
                 .map(|c| c.0.ip());
             match authorizer
-                .authorize(req.headers(), auth::source_address(peer), verb)
+                .authenticate(req.headers(), auth::source_address(peer))
                 .await
             {
-                Ok(()) => next.run(req).await,
+                Ok(user) => {
+                    req.extensions_mut().insert(Caller::User(user));
+                    next.run(req).await
+                }
                 Err(e) => {
                     // A blocked source's requests are many: the block
                     // itself is logged once, when it starts.
                     if matches!(e, ApiError::RateLimited { .. }) {
-                        tracing::debug!(path, verb = verb.as_str(), error = %e, "request refused");
+                        tracing::debug!(path, error = %e, "request refused");
                     } else {
-                        tracing::info!(path, verb = verb.as_str(), error = %e, "request refused");
+                        tracing::info!(path, error = %e, "request refused");
                     }
                     if grpc {
                         e.into_grpc_response()
@@ -270,7 +377,12 @@ async fn gate(State(api): State<Api>, req: Request, next: Next) -> Response {
                 }
             }
         }
-        _ => next.run(req).await,
+        (_, None) => {
+            req.extensions_mut().insert(Caller::Anyone);
+            next.run(req).await
+        }
+        // Open routes get no caller: a handler that asks for one fails.
+        (Access::Open, Some(_)) => next.run(req).await,
     };
     let code = if grpc {
         response

@@ -7,12 +7,12 @@ use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 
 use super::convert::{CaptureJson, FileJson, Unchecked};
-use super::{Api, ApiError, MAX_BODY_BYTES};
+use super::{Api, ApiError, Caller, MAX_BODY_BYTES};
 
 pub fn routes() -> Router<Api> {
     Router::new()
@@ -100,6 +100,7 @@ pub fn parse_start(body: &[u8]) -> Result<Unchecked, ApiError> {
 
 async fn start_capture(
     State(api): State<Api>,
+    caller: Option<Extension<Caller>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|r| match r.status() {
@@ -108,7 +109,7 @@ async fn start_capture(
         }
         _ => ApiError::Invalid(format!("body: {}", r.body_text())),
     })?;
-    let (status, created) = api.start(parse_start(&body)?).await?;
+    let (status, created) = api.start(&caller_of(caller)?, parse_start(&body)?).await?;
     let code = if created {
         StatusCode::CREATED
     } else {
@@ -122,10 +123,21 @@ struct CapturesJson {
     captures: Vec<CaptureJson>,
 }
 
-async fn list_captures(State(api): State<Api>) -> Json<CapturesJson> {
-    Json(CapturesJson {
-        captures: api.engine.list().into_iter().map(Into::into).collect(),
-    })
+async fn list_captures(
+    State(api): State<Api>,
+    caller: Option<Extension<Caller>>,
+) -> Result<Json<CapturesJson>, ApiError> {
+    let captures = api.list(&caller_of(caller)?).await?;
+    Ok(Json(CapturesJson {
+        captures: captures.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// The caller the gate put in the request.
+fn caller_of(caller: Option<Extension<Caller>>) -> Result<Caller, ApiError> {
+    caller
+        .map(|Extension(c)| c)
+        .ok_or_else(|| ApiError::Unauthenticated("authorization: no caller".into()))
 }
 
 /// A path parameter, or a JSON error naming it.
@@ -136,16 +148,26 @@ fn param(field: &str, p: Result<Path<String>, PathRejection>) -> Result<String, 
 
 async fn get_capture(
     State(api): State<Api>,
+    caller: Option<Extension<Caller>>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<CaptureJson>, ApiError> {
-    Ok(Json(api.get(&param("id", id)?)?.into()))
+    Ok(Json(
+        api.get(&caller_of(caller)?, &param("id", id)?)
+            .await?
+            .into(),
+    ))
 }
 
 async fn stop_capture(
     State(api): State<Api>,
+    caller: Option<Extension<Caller>>,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<CaptureJson>, ApiError> {
-    Ok(Json(api.stop(&param("id", id)?).await?.into()))
+    Ok(Json(
+        api.stop(&caller_of(caller)?, &param("id", id)?)
+            .await?
+            .into(),
+    ))
 }
 
 #[derive(Serialize)]
@@ -153,9 +175,13 @@ struct FilesJson {
     files: Vec<FileJson>,
 }
 
-async fn list_files(State(api): State<Api>) -> Result<Json<FilesJson>, ApiError> {
+async fn list_files(
+    State(api): State<Api>,
+    caller: Option<Extension<Caller>>,
+) -> Result<Json<FilesJson>, ApiError> {
+    let files = api.files(&caller_of(caller)?).await?;
     Ok(Json(FilesJson {
-        files: api.files()?.into_iter().map(Into::into).collect(),
+        files: files.into_iter().map(Into::into).collect(),
     }))
 }
 
@@ -173,10 +199,11 @@ pub fn content_type(name: &str) -> &'static str {
 
 async fn download_file(
     State(api): State<Api>,
+    caller: Option<Extension<Caller>>,
     name: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let name = param("name", name)?;
-    let (chunks, size) = api.download(&name)?;
+    let (chunks, size) = api.download(&caller_of(caller)?, &name).await?;
     let mut response = Body::from_stream(chunks).into_response();
     let headers = response.headers_mut();
     headers.insert(

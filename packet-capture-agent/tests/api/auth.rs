@@ -18,7 +18,10 @@ use packet_capture_test_support::cluster::{
 use packet_capture_test_support::privileged;
 use serde_json::Value;
 
-use crate::common::apiserver::{FakeApiServer, Identity, Tokens, check_auth};
+use crate::common::apiserver::{
+    EDITOR_RULES, FakeApiServer, Identity, NAMED_READER_RULES, READER_RULES, Tokens, WRITER_RULES,
+    check_auth,
+};
 use crate::common::{AGENT, Node, Rest, grpc_at, with_token};
 
 const AUDIENCE: &str = "packet-capture-agent";
@@ -27,7 +30,7 @@ fn identity(
     token: &'static str,
     username: &'static str,
     audience: &'static str,
-    verbs: &'static [&'static str],
+    rules: &'static [&'static str],
 ) -> Identity {
     Identity {
         token,
@@ -35,7 +38,7 @@ fn identity(
         uid: "0b7f6c1e-uid",
         groups: &["system:serviceaccounts", "system:authenticated"],
         audience,
-        verbs,
+        rules,
     }
 }
 
@@ -51,16 +54,18 @@ async fn auth_against_a_token_review_endpoint() {
             identity(
                 "writer-token",
                 "system:serviceaccount:kube-system:packet-capture-controller",
-                "packet-capture-agent",
-                &["get", "update"],
+                AUDIENCE,
+                WRITER_RULES,
             ),
-            identity("reader-token", "reader", "packet-capture-agent", &["get"]),
-            identity("nobody-token", "nobody", "packet-capture-agent", &[]),
+            identity("reader-token", "reader", AUDIENCE, READER_RULES),
+            identity("editor-token", "editor", AUDIENCE, EDITOR_RULES),
+            identity("named-token", "named", AUDIENCE, NAMED_READER_RULES),
+            identity("nobody-token", "nobody", AUDIENCE, &[]),
             identity(
                 "apiserver-token",
                 "writer-elsewhere",
                 "https://kubernetes.default.svc",
-                &["get", "update"],
+                WRITER_RULES,
             ),
         ],
     );
@@ -69,6 +74,8 @@ async fn auth_against_a_token_review_endpoint() {
     let tokens = Tokens {
         writer: "writer-token".into(),
         reader: "reader-token".into(),
+        editor: "editor-token".into(),
+        named_reader: "named-token".into(),
         nobody: "nobody-token".into(),
         wrong_audience: "apiserver-token".into(),
     };
@@ -90,17 +97,23 @@ async fn auth_against_a_token_review_endpoint() {
             "{r}"
         );
     }
-    // Verdicts on accepted tokens are cached: one TokenReview per token and
-    // verb, though the reader listed several times over REST and gRPC. A
-    // refused token is not: one review per request (5 REST, 3 gRPC).
+    // Users of accepted tokens are cached: one TokenReview per token,
+    // though each called many times over REST and gRPC. A refused token is
+    // not: one review per request (5 REST, 3 gRPC).
     let reviewed = |token: &str| {
         reviews
             .iter()
             .filter(|r| r["spec"]["token"] == token)
             .count()
     };
-    assert_eq!(reviewed("reader-token"), 2, "one for get, one for update");
-    assert_eq!(reviewed("writer-token"), 2);
+    for token in [
+        "reader-token",
+        "writer-token",
+        "editor-token",
+        "named-token",
+    ] {
+        assert_eq!(reviewed(token), 1, "{token}");
+    }
     assert_eq!(reviewed("garbage"), 8);
 
     let access: Vec<&Value> = requests
@@ -108,29 +121,62 @@ async fn auth_against_a_token_review_endpoint() {
         .filter(|(kind, _)| kind == "SubjectAccessReview")
         .map(|(_, body)| &body["spec"])
         .collect();
-    let verbs_of = |user: &str| {
-        let mut v: Vec<&str> = access
+    // What each user was asked for: "<verb> <resource>[/<sub>][:<name>]".
+    let asked = |user: &str| {
+        let mut v: Vec<String> = access
             .iter()
             .filter(|s| s["user"] == user)
-            .map(|s| s["resourceAttributes"]["verb"].as_str().unwrap())
+            .map(|s| {
+                let a = &s["resourceAttributes"];
+                let sub = a["subresource"]
+                    .as_str()
+                    .map(|s| format!("/{s}"))
+                    .unwrap_or_default();
+                let name = a["name"]
+                    .as_str()
+                    .map(|n| format!(":{n}"))
+                    .unwrap_or_default();
+                format!(
+                    "{} {}{sub}{name}",
+                    a["verb"].as_str().unwrap(),
+                    a["resource"].as_str().unwrap()
+                )
+            })
             .collect();
         v.sort();
+        v.dedup();
         v
     };
-    assert_eq!(verbs_of("reader"), ["get", "update"]);
-    assert_eq!(verbs_of("nobody"), ["get", "update"]);
     assert_eq!(
-        verbs_of("system:serviceaccount:kube-system:packet-capture-controller"),
-        ["get", "update"]
+        asked("named"),
+        [
+            "get packetcaptureconfigs/files",
+            "get packetcaptureconfigs/files:auth-1",
+            "get packetcaptureconfigs/files:auth-3",
+            "get packetcaptureconfigs:auth-1",
+            "list packetcaptureconfigs",
+        ]
+    );
+    assert_eq!(
+        asked("nobody"),
+        [
+            "get packetcaptureconfigs/files:auth-1",
+            "list packetcaptureconfigs",
+            "update packetcaptureconfigs",
+            "update packetcaptureconfigs:auth-1",
+            "update packetcaptureconfigs:auth-2",
+        ]
     );
     assert!(
-        verbs_of("writer-elsewhere").is_empty(),
+        asked("editor").contains(&"capture pods".to_owned()),
+        "{:?}",
+        asked("editor")
+    );
+    assert!(
+        asked("writer-elsewhere").is_empty(),
         "refused tokens get no access review"
     );
     for s in &access {
-        let attrs = &s["resourceAttributes"];
-        assert_eq!(attrs["group"], "networking.packet.io", "{s}");
-        assert_eq!(attrs["resource"], "packetcaptureconfigs", "{s}");
         assert_eq!(s["uid"], "0b7f6c1e-uid", "{s}");
         assert_eq!(
             s["groups"],
@@ -145,26 +191,27 @@ async fn auth_against_a_token_review_endpoint() {
     }
 }
 
-/// Deletes a cluster-scoped binding on drop, even when the test fails.
-struct Binding<'a>(&'a Cluster, String);
+/// Deletes a cluster-scoped object (kind, name) on drop, even when the
+/// test fails.
+struct Cleanup<'a>(&'a Cluster, Vec<String>);
 
-impl Drop for Binding<'_> {
+impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
-        let _ = self.0.kubectl_run(&[
-            "delete",
-            "clusterrolebinding",
-            &self.1,
-            "--ignore-not-found",
-        ]);
+        let mut args = vec!["delete"];
+        args.extend(self.1.iter().map(String::as_str));
+        args.push("--ignore-not-found");
+        let _ = self.0.kubectl_run(&args);
     }
 }
 
 /// The agent on a simulated node, with the agent service account's
 /// kubeconfig and the project's RBAC, asks the real apiserver: the
 /// controller's service account (allowed by manifests/rbac.yaml) starts and
-/// stops, an account bound to packet-capture-viewer reads, an account
-/// without a binding gets 403, no token and a token for the apiserver's
-/// own audience get 401.
+/// stops; an account bound to packet-capture-viewer reads everything; one
+/// bound to packet-capture-editor stops but may not start (no `capture`);
+/// one allowed the files of `auth-1` by name sees and downloads those only;
+/// an account without a binding gets 403; no token and a token for the
+/// apiserver's own audience get 401.
 #[tokio::test]
 async fn auth_against_the_local_control_plane() {
     let Some(cluster) = Cluster::for_test("auth_against_the_local_control_plane").await else {
@@ -175,22 +222,50 @@ async fn auth_against_the_local_control_plane() {
         .await
         .expect("applying manifests/rbac.yaml");
     let ns = cluster.namespace("auth").await.unwrap();
-    let binding = Binding(cluster, format!("packet-capture-viewer-{}", ns.name()));
+    // The named reader: which captures there are, and the files of auth-1.
+    let named_role = format!("packet-capture-auth-1-files-{}", ns.name());
+    let role = serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": named_role},
+        "rules": [
+            {"apiGroups": ["networking.packet.io"], "resources": ["packetcaptureconfigs"], "verbs": ["list"]},
+            {"apiGroups": ["networking.packet.io"], "resources": ["packetcaptureconfigs", "packetcaptureconfigs/files"], "resourceNames": ["auth-1"], "verbs": ["get"]},
+        ],
+    });
+    let role_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(role_file.path(), role.to_string()).unwrap();
     cluster
-        .kubectl_async(&[
-            "create",
-            "clusterrolebinding",
-            &binding.1,
-            "--clusterrole=packet-capture-viewer",
-            &format!("--serviceaccount={}:reader", ns.name()),
-        ])
+        .kubectl_async(&["apply", "-f", role_file.path().to_str().unwrap()])
         .await
-        .expect("binding the viewer role");
+        .expect("the named reader's role");
+    let _named_role = Cleanup(cluster, vec!["clusterrole".into(), named_role.clone()]);
+    let mut bindings = Vec::new();
+    for (role, account) in [
+        ("packet-capture-viewer", "reader"),
+        ("packet-capture-editor", "editor"),
+        (named_role.as_str(), "named"),
+    ] {
+        let binding = format!("{role}-{}-{account}", ns.name());
+        cluster
+            .kubectl_async(&[
+                "create",
+                "clusterrolebinding",
+                &binding,
+                &format!("--clusterrole={role}"),
+                &format!("--serviceaccount={}:{account}", ns.name()),
+            ])
+            .await
+            .unwrap_or_else(|e| panic!("binding {role}: {e}"));
+        bindings.push(Cleanup(cluster, vec!["clusterrolebinding".into(), binding]));
+    }
     let controller = (COMPONENT_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT);
     let mut issued = Vec::new();
     for ((namespace, account), audiences) in [
         (controller, &[AUDIENCE][..]),
         ((ns.name(), "reader"), &[AUDIENCE]),
+        ((ns.name(), "editor"), &[AUDIENCE]),
+        ((ns.name(), "named"), &[AUDIENCE]),
         ((ns.name(), "nobody"), &[AUDIENCE]),
         // The apiserver's own audience.
         (controller, &[]),
@@ -198,10 +273,13 @@ async fn auth_against_the_local_control_plane() {
         let token = cluster.token_for(namespace, account, audiences).await;
         issued.push(token.unwrap_or_else(|e| panic!("a token for {namespace}/{account}: {e}")));
     }
-    let [writer, reader, nobody, wrong_audience] = <[String; 4]>::try_from(issued).unwrap();
+    let [writer, reader, editor, named_reader, nobody, wrong_audience] =
+        <[String; 6]>::try_from(issued).unwrap();
     let tokens = Tokens {
         writer,
         reader,
+        editor,
+        named_reader,
         nobody,
         wrong_audience,
     };
@@ -246,7 +324,7 @@ async fn a_flood_of_bogus_tokens_costs_neither_memory_nor_reviews() {
             "writer-token",
             "system:serviceaccount:kube-system:packet-capture-controller",
             AUDIENCE,
-            &["get", "update"],
+            WRITER_RULES,
         )],
     );
     let config_dir = tempfile::tempdir().unwrap();

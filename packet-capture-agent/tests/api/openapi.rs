@@ -125,7 +125,13 @@ async fn the_openapi_document_describes_the_agent() {
                 uid: "1",
                 groups: &[],
                 audience: "packet-capture-agent",
-                verbs: &["get", "update"],
+                rules: &[
+                    "get packetcaptureconfigs",
+                    "list packetcaptureconfigs",
+                    "update packetcaptureconfigs",
+                    "capture pods",
+                    "get packetcaptureconfigs/files",
+                ],
             },
             Identity {
                 token: "nobody",
@@ -133,7 +139,7 @@ async fn the_openapi_document_describes_the_agent() {
                 uid: "2",
                 groups: &[],
                 audience: "packet-capture-agent",
-                verbs: &[],
+                rules: &[],
             },
         ],
     );

@@ -615,7 +615,7 @@ async fn until_the_webhook_denies(w: &World) {
 #[tokio::test]
 async fn the_webhook_rejects_bad_specs_naming_the_field() {
     let setup = Setup {
-        nodes: 0,
+        nodes: 1,
         webhook: Certs::Dir,
     };
     let Some(w) = World::start("the_webhook_rejects_bad_specs_naming_the_field", setup).await
@@ -657,25 +657,31 @@ async fn the_webhook_rejects_bad_specs_naming_the_field() {
     let (ok, said) = kubectl_apply(&w, &good).await;
     assert!(ok, "{said}");
 
-    // A user who may create captures but not see the pods of a namespace
-    // may not capture there.
+    // Who may capture what: a user who may create captures (editor)
+    // captures a pod only with "capture" on pods in its namespace, and a
+    // node's address or a wide range only with it in every namespace.
     let ns = w.namespace.name();
     let creator = w
         .cluster
         .token_for(ns, "creator", &[])
         .await
         .expect("a token for the creator");
-    let binding = format!("packet-capture-editor-{}", w.id);
-    cleanup
-        .1
-        .push(vec!["clusterrolebinding".into(), binding.clone()]);
+    let user = format!("system:serviceaccount:{ns}:creator");
+    let subject = format!("--serviceaccount={ns}:creator");
+    let cluster_capturer = format!("packet-capture-capturer-{}", w.id);
+    let editor = format!("packet-capture-editor-{}", w.id);
+    for binding in [&editor, &cluster_capturer] {
+        cleanup
+            .1
+            .push(vec!["clusterrolebinding".into(), binding.clone()]);
+    }
     w.cluster
         .kubectl_async(&[
             "create",
             "clusterrolebinding",
-            &binding,
+            &editor,
             "--clusterrole=packet-capture-editor",
-            &format!("--serviceaccount={ns}:creator"),
+            &subject,
         ])
         .await
         .expect("binding the editor role");
@@ -686,23 +692,56 @@ async fn the_webhook_rejects_bad_specs_naming_the_field() {
     };
     let as_creator: Api<PacketCaptureConfig> =
         Api::all(kube::Client::try_from(config).expect("a client for the creator"));
-    let capture = w.capture(PacketCaptureConfigSpec {
-        pod_selector: Some(PodSelector {
-            pods: vec![PodRef {
-                pod_name: "web".into(),
-                namespace: ns.into(),
-            }],
-        }),
-        ..lasting(5)
-    });
-    let user = format!("system:serviceaccount:{ns}:creator");
-    let expected = format!(
-        "spec.podSelector.pods[0].namespace: user \"{user}\" may not get pods in namespace \"{ns}\""
+    let pod = &w.pods[0];
+    let spec_of = |targets: serde_json::Value| {
+        let mut c: PacketCaptureConfig = serde_json::from_value(object(&w, targets)).unwrap();
+        c.spec.duration = 5;
+        c
+    };
+    let of_pod =
+        spec_of(json!({"podSelector": {"pods": [{"podName": pod.name(), "namespace": ns}]}}));
+    let of_pod_ip = spec_of(json!({"targetIPs": [pod.ip().to_string()]}));
+    let node_ip = w.nodes[0].ip().to_string();
+    let of_node = spec_of(json!({"targetIPs": [node_ip]}));
+    let of_all = spec_of(json!({"targetIPs": ["0.0.0.0/0"]}));
+    let pod_refused = format!(
+        "spec.podSelector.pods[0]: pod {ns}/{}: user \"{user}\" may not \"capture\" pods in namespace \"{ns}\"",
+        pod.name()
     );
-    match as_creator.create(&dry_run(), &capture).await {
-        Err(kube::Error::Api(s)) => assert!(s.message.contains(&expected), "{s:?}"),
-        other => panic!("a capture in a namespace its creator cannot see: {other:?}"),
-    }
+    let everywhere = format!(
+        "so capturing it needs \"capture\" on pods in every namespace, which user \"{user}\" does not have"
+    );
+    let node_refused = format!(
+        "spec.targetIPs[0]: {node_ip} covers {node_ip}, an address of node {}, {everywhere}",
+        w.nodes[0].name()
+    );
+    let all_refused = "spec.targetIPs[0]: 0.0.0.0/0 covers ";
+    let refused = |capture: &PacketCaptureConfig, expected: &str| {
+        let (as_creator, capture, expected) =
+            (as_creator.clone(), capture.clone(), expected.to_owned());
+        async move {
+            match as_creator.create(&dry_run(), &capture).await {
+                Err(kube::Error::Api(s)) => {
+                    assert!(s.message.contains(&expected), "{expected}\n{s:?}")
+                }
+                other => panic!("{:?} allowed: {other:?}", capture.spec),
+            }
+        }
+    };
+    refused(&of_pod, &pod_refused).await;
+    refused(
+        &of_pod_ip,
+        &pod_refused.replace(
+            &format!("spec.podSelector.pods[0]: pod {ns}/{}", pod.name()),
+            &format!(
+                "spec.targetIPs[0]: {} is the address of pod {ns}/{}",
+                pod.ip(),
+                pod.name()
+            ),
+        ),
+    )
+    .await;
+    // Seeing pods is not capturing them.
     w.cluster
         .kubectl_async(&[
             "create",
@@ -711,15 +750,116 @@ async fn the_webhook_rejects_bad_specs_naming_the_field() {
             "-n",
             ns,
             "--clusterrole=view",
-            &format!("--serviceaccount={ns}:creator"),
+            &subject,
         ])
         .await
         .expect("letting the creator view the namespace");
-    as_creator
-        .create(&dry_run(), &capture)
+    w.cluster
+        .kubectl_async(&[
+            "create",
+            "rolebinding",
+            "creator-captures",
+            "-n",
+            ns,
+            "--clusterrole=packet-capture-capturer",
+            &subject,
+        ])
         .await
-        .expect("the creator may capture in a namespace it can see");
+        .expect("letting the creator capture in the namespace");
+    // RBAC takes a moment to reach the authorizer, and says nothing when
+    // it has: dry runs until the pod's capture is allowed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Err(e) = as_creator.create(&dry_run(), &of_pod).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "capture in its namespace still refused: {e:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    as_creator
+        .create(&dry_run(), &of_pod_ip)
+        .await
+        .expect("the creator may capture its pod's address");
+    refused(&of_node, &node_refused).await;
+    refused(&of_all, all_refused).await;
+    refused(&of_all, &everywhere).await;
+
+    // Created for real: an Event says who was allowed what; an update that
+    // widens the targets is checked again.
+    let created = as_creator
+        .create(&PostParams::default(), &of_pod)
+        .await
+        .expect("the creator's capture of its pod");
+    let uid = World::uid(&created);
+    let events: Api<Event> = Api::all(w.client.clone());
+    let authorized = until_event(&events, &uid, "TargetsAuthorized").await;
+    assert_eq!(
+        authorized.message.as_deref(),
+        Some(
+            format!(
+                "user \"{user}\" may capture pods in namespace \"{ns}\", which covers every target"
+            )
+            .as_str()
+        ),
+    );
+    let widen = json!({"spec": {"targetIPs": ["0.0.0.0/0"], "podSelector": null}});
+    match as_creator
+        .patch(
+            &created.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&widen),
+        )
+        .await
+    {
+        Err(kube::Error::Api(s)) => assert!(s.message.contains(all_refused), "{s:?}"),
+        other => panic!("widened to every address: {other:?}"),
+    }
+    as_creator
+        .delete(&created.name_any(), &Default::default())
+        .await
+        .expect("the creator deletes its capture");
+
+    w.cluster
+        .kubectl_async(&[
+            "create",
+            "clusterrolebinding",
+            &cluster_capturer,
+            "--clusterrole=packet-capture-capturer",
+            &subject,
+        ])
+        .await
+        .expect("letting the creator capture everywhere");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Err(e) = as_creator.create(&dry_run(), &of_all).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "capture of 0.0.0.0/0 still refused: {e:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    as_creator
+        .create(&dry_run(), &of_node)
+        .await
+        .expect("the creator may capture a node's address");
     drop(cleanup);
+}
+
+/// The Event with `reason` about the object `uid`, once there (watched).
+async fn until_event(events: &Api<Event>, uid: &str, reason: &str) -> Event {
+    use futures::TryStreamExt as _;
+    use kube::runtime::WatchStreamExt as _;
+    let config =
+        kube::runtime::watcher::Config::default().fields(&format!("involvedObject.uid={uid}"));
+    let mut matching = std::pin::pin!(
+        kube::runtime::watcher(events.clone(), config)
+            .applied_objects()
+            .try_filter(|e| futures::future::ready(e.reason.as_deref() == Some(reason)))
+    );
+    let found = matching.try_next();
+    match tokio::time::timeout(Duration::from_secs(30), found).await {
+        Ok(Ok(Some(event))) => event,
+        other => panic!("no {reason} Event for {uid}: {other:?}"),
+    }
 }
 
 /// A Secret's key as text.

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
@@ -19,12 +20,45 @@ use super::{Rest, grpc_at, with_token};
 /// The credential the agent itself must present to the fake apiserver.
 pub const AGENT_CREDENTIAL: &str = "agent-credential";
 
+/// What the controller may do on the agents: read, start and stop any
+/// capture, and capture any traffic (as manifests/rbac.yaml grants it).
+pub const WRITER_RULES: &[&str] = &[
+    "get packetcaptureconfigs",
+    "list packetcaptureconfigs",
+    "update packetcaptureconfigs",
+    "capture pods",
+];
+/// packet-capture-viewer: read every capture and its files.
+pub const READER_RULES: &[&str] = &[
+    "get packetcaptureconfigs",
+    "list packetcaptureconfigs",
+    "get packetcaptureconfigs/files",
+];
+/// packet-capture-editor without `capture`: may change captures, may not
+/// capture traffic by calling an agent.
+pub const EDITOR_RULES: &[&str] = &[
+    "get packetcaptureconfigs",
+    "list packetcaptureconfigs",
+    "update packetcaptureconfigs",
+    "get packetcaptureconfigs/files",
+];
+/// May see which captures there are, and read the files of `auth-1` only.
+pub const NAMED_READER_RULES: &[&str] = &[
+    "list packetcaptureconfigs",
+    "get packetcaptureconfigs:auth-1",
+    "get packetcaptureconfigs/files:auth-1",
+];
+
 /// Callers for [`check_auth`].
 pub struct Tokens {
-    /// May `get` and `update` packetcaptureconfigs.
+    /// [`WRITER_RULES`].
     pub writer: String,
-    /// May `get` only.
+    /// [`READER_RULES`].
     pub reader: String,
+    /// [`EDITOR_RULES`].
+    pub editor: String,
+    /// [`NAMED_READER_RULES`].
+    pub named_reader: String,
     /// Authenticated, with no right on packetcaptureconfigs.
     pub nobody: String,
     /// Valid for another audience only.
@@ -34,10 +68,10 @@ pub struct Tokens {
 /// Checks who may do what over REST and gRPC on the agent at `url` (which
 /// authenticates with a cluster's review APIs): 401 without or with a
 /// refused token, 403 without the right, success with it; health and
-/// metrics open.
+/// metrics open; files only to whom may read their capture's.
 pub async fn check_auth(url: &str, tokens: &Tokens) {
     let rest = Rest::at(url);
-    let body = json!({"id": "auth-1", "duration": 30, "targetIPs": ["10.77.0.2"]});
+    let body = |id: &str| json!({"id": id, "duration": 30, "targetIPs": ["10.77.0.2"]});
     let (get, post, delete) = (
         reqwest::Method::GET,
         reqwest::Method::POST,
@@ -50,6 +84,8 @@ pub async fn check_auth(url: &str, tokens: &Tokens) {
     );
     let reader = Some(tokens.reader.as_str());
     let writer = Some(tokens.writer.as_str());
+    let editor = Some(tokens.editor.as_str());
+    let named = Some(tokens.named_reader.as_str());
     // (caller, method, path, status), in order.
     let mut steps = vec![
         (None, get.clone(), "/health", 200),
@@ -64,7 +100,7 @@ pub async fn check_auth(url: &str, tokens: &Tokens) {
         for (method, path) in [
             (get.clone(), captures),
             (get.clone(), files),
-            (get.clone(), "/api/v1/files/x.pcap"),
+            (get.clone(), "/api/v1/files/auth-1-20240101-000000.pcap"),
             (delete.clone(), capture),
             (post.clone(), captures),
         ] {
@@ -76,17 +112,20 @@ pub async fn check_auth(url: &str, tokens: &Tokens) {
         (reader, get.clone(), captures, 200),
         (reader, get.clone(), files, 200),
         (reader, post.clone(), captures, 403),
+        // Changing captures is not capturing traffic.
+        (editor, post.clone(), captures, 403),
         // The writer starts, reads and stops.
         (writer, post.clone(), captures, 201),
         (reader, get.clone(), capture, 200),
         (writer, get.clone(), capture, 200),
+        (named, get.clone(), capture, 200),
         (reader, delete.clone(), capture, 403),
-        (writer, delete.clone(), capture, 200),
+        (editor, delete.clone(), capture, 200),
     ]);
     for (token, method, path, status) in steps {
         let mut req = rest.with_token(token).request(method.clone(), path);
         if method == post {
-            req = req.json(&body);
+            req = req.json(&body("auth-1"));
         }
         let r = req.send().await.unwrap();
         assert_eq!(r.status(), status, "{method} {path} with {token:?}");
@@ -97,6 +136,86 @@ pub async fn check_auth(url: &str, tokens: &Tokens) {
             let err: Value = r.json().await.unwrap();
             let message = err["error"].as_str().unwrap();
             assert!(message.starts_with("authorization: "), "{err}");
+        }
+    }
+    let r = rest
+        .with_token(editor)
+        .post(captures, &body("auth-1"))
+        .await;
+    let err: Value = r.json().await.unwrap();
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .ends_with("may not capture pods in every namespace"),
+        "the refusal names the permission: {err}"
+    );
+
+    // Files belong to their capture: a second capture's file is listed and
+    // served only to whom may read that capture's files.
+    let started = rest
+        .with_token(writer)
+        .post(captures, &body("auth-3"))
+        .await;
+    assert_eq!(started.status(), 201);
+    let stopped = rest
+        .with_token(writer)
+        .delete("/api/v1/captures/auth-3")
+        .await;
+    assert_eq!(stopped.status(), 200);
+    let listed = async |token: Option<&str>| {
+        let r = rest.with_token(token).get(files).await;
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.unwrap();
+        let mut names: Vec<String> = body["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["name"].as_str().unwrap().to_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    // Maintenance compresses every file but the newest once auth-3 ended;
+    // names are stable once auth-1's is compressed.
+    let all = super::eventually(
+        "auth-1's file compressed",
+        Duration::from_secs(30),
+        async || {
+            let names = listed(reader).await;
+            names
+                .iter()
+                .any(|n| n.starts_with("auth-1-") && (n.ends_with(".gz") || n.ends_with(".zst")))
+                .then_some(names)
+        },
+    )
+    .await;
+    let of = |capture: &str| {
+        all.iter()
+            .find(|n| n.starts_with(&format!("{capture}-")))
+            .unwrap_or_else(|| panic!("a file of {capture} in {all:?}"))
+            .clone()
+    };
+    let (first, third) = (of("auth-1"), of("auth-3"));
+    assert_eq!(listed(named).await, std::slice::from_ref(&first));
+    for (token, file, status) in [
+        (named, &first, 200),
+        (named, &third, 403),
+        (reader, &third, 200),
+        (editor, &first, 200),
+    ] {
+        let r = rest
+            .with_token(token)
+            .get(&format!("/api/v1/files/{file}"))
+            .await;
+        assert_eq!(r.status(), status, "{file} with {token:?}");
+        if status == 403 {
+            let err: Value = r.json().await.unwrap();
+            assert_eq!(
+                err["error"].as_str().unwrap().split(" may not ").nth(1),
+                Some("get packetcaptureconfigs.networking.packet.io/files named \"auth-3\""),
+                "{err}"
+            );
         }
     }
 
@@ -135,6 +254,14 @@ pub async fn check_auth(url: &str, tokens: &Tokens) {
             token,
         )
     };
+    let download = |name: &str, token: Option<&str>| {
+        with_token(
+            pb::DownloadFileRequest {
+                name: name.to_owned(),
+            },
+            token,
+        )
+    };
     for (token, code) in [
         (None, tonic::Code::Unauthenticated),
         (Some("garbage"), tonic::Code::Unauthenticated),
@@ -149,19 +276,44 @@ pub async fn check_auth(url: &str, tokens: &Tokens) {
             c.start_capture(start(token)).await.unwrap_err().code(),
             code
         );
-        let download = with_token(
-            pb::DownloadFileRequest {
-                name: "x.pcap".into(),
-            },
-            token,
+        assert_eq!(
+            c.download_file(download(&first, token))
+                .await
+                .unwrap_err()
+                .code(),
+            code
         );
-        assert_eq!(c.download_file(download).await.unwrap_err().code(), code);
     }
-    c.list_captures(list(reader)).await.expect("reader lists");
     assert_eq!(
-        c.start_capture(start(reader)).await.unwrap_err().code(),
+        c.download_file(download(&third, named))
+            .await
+            .unwrap_err()
+            .code(),
         tonic::Code::PermissionDenied
     );
+    let mut chunks = c
+        .download_file(download(&first, named))
+        .await
+        .expect("the named reader downloads its capture's file")
+        .into_inner();
+    assert!(chunks.message().await.unwrap().is_some());
+    let files = c
+        .list_files(with_token(pb::ListFilesRequest {}, named))
+        .await
+        .unwrap()
+        .into_inner()
+        .files;
+    assert_eq!(
+        files.iter().map(|f| f.name.clone()).collect::<Vec<_>>(),
+        std::slice::from_ref(&first)
+    );
+    c.list_captures(list(reader)).await.expect("reader lists");
+    for token in [reader, editor] {
+        assert_eq!(
+            c.start_capture(start(token)).await.unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+    }
     c.start_capture(start(writer)).await.expect("writer starts");
     let stop = with_token(
         pb::StopCaptureRequest {
@@ -179,8 +331,9 @@ pub struct Identity {
     pub uid: &'static str,
     pub groups: &'static [&'static str],
     pub audience: &'static str,
-    /// Verbs allowed on packetcaptureconfigs.networking.packet.io.
-    pub verbs: &'static [&'static str],
+    /// What it may do, as RBAC would allow it: `"<verb> <resource>[/<subresource>][:<name>]"`,
+    /// e.g. `"capture pods"`, `"get packetcaptureconfigs/files:auth-1"`.
+    pub rules: &'static [&'static str],
 }
 
 #[derive(Clone)]
@@ -334,6 +487,31 @@ async fn token_review(
     })))
 }
 
+/// Whether `rule` (see [`Identity::rules`]) allows what `attrs` (a
+/// SubjectAccessReview's resourceAttributes) ask, as RBAC decides: a rule
+/// without a name allows every name, one with a name only that name.
+fn allows(rule: &str, attrs: &Value) -> bool {
+    let (verb, what) = rule.split_once(' ').unwrap();
+    let (what, name) = match what.split_once(':') {
+        Some((what, name)) => (what, Some(name)),
+        None => (what, None),
+    };
+    let (resource, subresource) = match what.split_once('/') {
+        Some((r, s)) => (r, s),
+        None => (what, ""),
+    };
+    let group = if resource == "pods" {
+        ""
+    } else {
+        "networking.packet.io"
+    };
+    attrs["verb"] == verb
+        && attrs["group"].as_str().unwrap_or_default() == group
+        && attrs["resource"] == resource
+        && attrs["subresource"].as_str().unwrap_or_default() == subresource
+        && name.is_none_or(|n| attrs["name"] == n)
+}
+
 async fn access_review(
     State(fake): State<Fake>,
     headers: HeaderMap,
@@ -342,12 +520,10 @@ async fn access_review(
     receive(&fake, &headers, "SubjectAccessReview", &body)?;
     let spec = &body["spec"];
     let attrs = &spec["resourceAttributes"];
-    let allowed = fake.identities.iter().any(|i| {
-        spec["user"] == i.username
-            && attrs["group"] == "networking.packet.io"
-            && attrs["resource"] == "packetcaptureconfigs"
-            && i.verbs.iter().any(|v| attrs["verb"] == *v)
-    });
+    let allowed = fake
+        .identities
+        .iter()
+        .any(|i| spec["user"] == i.username && i.rules.iter().any(|rule| allows(rule, attrs)));
     Ok(Json(json!({
         "apiVersion": "authorization.k8s.io/v1",
         "kind": "SubjectAccessReview",
