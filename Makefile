@@ -7,8 +7,10 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 CARGO ?= cargo
 KUBECTL ?= kubectl
-# Namespace the controller and the agents run in (the manifests' is kube-system).
-NAMESPACE ?= kube-system
+# Namespace the controller and the agents run in: the manifests' (and the
+# chart's default, the release namespace, as the README installs it); set it
+# for a Helm release elsewhere, e.g. NAMESPACE=kube-system.
+NAMESPACE ?= packet-capture
 # Images: <IMAGE_REGISTRY>/packet-capture-{agent,controller}:<TAG>.
 IMAGE_REGISTRY ?= ghcr.io/packet-capture
 TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
@@ -81,18 +83,19 @@ images-local: ## Build both images here with buildah, no Docker (cargo xtask ima
 	$(CARGO) xtask images $(if $(LOAD),--load)
 
 .PHONY: deploy
-deploy: ## Install with kubectl in the README's order (the webhook only if cert-manager is installed)
+deploy: ## Install with kubectl in the README's order (the webhook and the agents' cert-manager CA only if cert-manager is installed)
 	$(KUBECTL) apply -f crd/packet_capture_config_crd.yaml
 	$(KUBECTL) wait --for=condition=Established --timeout=60s crd/$(CRD)
+	$(KUBECTL) apply -f manifests/00-namespace.yaml
 	$(KUBECTL) apply -f manifests/rbac.yaml
 	$(KUBECTL) apply -f manifests/config.yaml
 	$(KUBECTL) apply -f manifests/controller/deployment.yaml
 	$(KUBECTL) apply -f manifests/agent/daemonset.yaml
 	@if $(KUBECTL) api-resources --api-group=cert-manager.io -o name | grep -q '^certificates\.'; then \
-		echo "$(KUBECTL) apply -f manifests/webhook.yaml"; \
-		$(KUBECTL) apply -f manifests/webhook.yaml; \
+		echo "$(KUBECTL) apply -f manifests/webhook.yaml -f manifests/agent/ca.yaml"; \
+		$(KUBECTL) apply -f manifests/webhook.yaml -f manifests/agent/ca.yaml; \
 	else \
-		echo "cert-manager is not installed: skipped manifests/webhook.yaml (install cert-manager, then apply it)"; \
+		echo "cert-manager is not installed: skipped manifests/webhook.yaml and manifests/agent/ca.yaml (install cert-manager, then apply them); the controller signs the agents' certificates with its own CA"; \
 	fi
 
 .PHONY: status
@@ -113,8 +116,10 @@ logs-agent: ## Logs of every agent pod (TAIL=n lines, FOLLOW=1 to follow)
 restart: ## Restart the controller and the agents (they re-read the ConfigMap)
 	$(KUBECTL) rollout restart deployment/packet-capture-controller daemonset/packet-capture-agent -n $(NAMESPACE)
 
+# The namespace goes last of what is in it; deleting it also removes what the
+# controller made there (results ConfigMaps, its Lease, its Secrets).
 .PHONY: destroy
-destroy: ## Delete every capture, then everything deploy installed, in reverse order
+destroy: ## Delete every capture, then everything deploy installed (its namespace too), in reverse order
 	@if $(KUBECTL) get crd $(CRD) >/dev/null 2>&1; then \
 		echo "$(KUBECTL) delete packetcaptureconfigs --all --timeout=$(TIMEOUT)"; \
 		$(KUBECTL) delete packetcaptureconfigs --all --timeout=$(TIMEOUT); \
@@ -129,4 +134,5 @@ destroy: ## Delete every capture, then everything deploy installed, in reverse o
 	$(KUBECTL) delete --ignore-not-found -f manifests/controller/deployment.yaml
 	$(KUBECTL) delete --ignore-not-found -f manifests/config.yaml
 	$(KUBECTL) delete --ignore-not-found -f manifests/rbac.yaml
+	$(KUBECTL) delete --ignore-not-found --timeout=$(TIMEOUT) -f manifests/00-namespace.yaml
 	$(KUBECTL) delete --ignore-not-found -f crd/packet_capture_config_crd.yaml

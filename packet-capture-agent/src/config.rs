@@ -2,11 +2,13 @@
 //! variable (ConfigMap key) of the same meaning. A malformed value stops the
 //! agent at start with a message that names the key.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::Parser;
 
 use crate::capture::BackendChoice;
+use crate::ebpf::TcAttach;
 use crate::files::Compression;
 use packet_capture_common::abi::MAX_SLOTS;
 use packet_capture_common::logging::LogLevel;
@@ -28,14 +30,41 @@ pub struct Config {
     )]
     pub port: u16,
 
-    /// Address to listen on.
+    /// Address to listen on: by default the node's (NODE_IP), else
+    /// 127.0.0.1. Never every address unless asked (0.0.0.0 or ::).
+    #[arg(long, env = "AGENT_BIND_ADDRESS", value_name = "AGENT_BIND_ADDRESS")]
+    pub bind_address: Option<IpAddr>,
+
+    /// This node's address (the downward API sets it from status.hostIP):
+    /// where the agent listens, and what its serving certificate names.
+    #[arg(long, env = "NODE_IP", value_name = "NODE_IP")]
+    pub node_ip: Option<IpAddr>,
+
+    /// The API's serving certificate (PEM, then any chain), read again
+    /// when it changes; with TLS_KEY_FILE. Unset: the agent asks the
+    /// cluster for one (a CertificateSigningRequest the controller signs).
     #[arg(
         long,
-        env = "AGENT_BIND_ADDRESS",
-        value_name = "AGENT_BIND_ADDRESS",
-        default_value = "0.0.0.0"
+        env = "TLS_CERT_FILE",
+        value_name = "TLS_CERT_FILE",
+        requires = "tls_key_file"
     )]
-    pub bind_address: std::net::IpAddr,
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// The private key of TLS_CERT_FILE (PEM).
+    #[arg(
+        long,
+        env = "TLS_KEY_FILE",
+        value_name = "TLS_KEY_FILE",
+        requires = "tls_cert_file"
+    )]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// Serve the API without TLS. Refused unless the agent listens on a
+    /// loopback address: tokens and capture files must not cross a network
+    /// in clear.
+    #[arg(long, conflicts_with = "tls_cert_file")]
+    pub insecure_plaintext: bool,
 
     /// Where capture files are written.
     #[arg(
@@ -114,6 +143,13 @@ pub struct Config {
     #[arg(long, env = "CAPTURE_BACKEND", value_name = "CAPTURE_BACKEND", value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
 
+    /// How the eBPF programs attach to interfaces: auto (TCX where the kernel
+    /// has it, from 6.6), tcx, or netlink (a clsact qdisc and tc filters,
+    /// as before TCX). For testing and troubleshooting; auto is right.
+    #[arg(long, env = "TC_ATTACH", value_name = "TC_ATTACH", value_enum,
+          default_value_t = TcAttach::Auto, hide = true)]
+    pub tc_attach: TcAttach,
+
     /// Ring buffer between the kernel and the agent, in MiB (a power of two).
     #[arg(long, env = "RING_BUFFER_MB", value_name = "RING_BUFFER_MB", default_value_t = 8,
           value_parser = parse_ring_mb)]
@@ -147,6 +183,17 @@ pub enum Command {
         #[arg(long, default_value_t = 5)]
         timeout: u64,
     },
+}
+
+/// How the API is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Serving {
+    /// Plain HTTP, on a loopback address only.
+    Plaintext,
+    /// TLS with a certificate from files.
+    Files { cert: PathBuf, key: PathBuf },
+    /// TLS with a certificate the cluster signs for these addresses.
+    Cluster { addresses: Vec<IpAddr> },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,15 +232,56 @@ impl Config {
         }
     }
 
-    /// Where a client on this host reaches the API: the bind address, or
+    /// Where the API listens: AGENT_BIND_ADDRESS, else the node's
+    /// address, else loopback.
+    pub fn listen_address(&self) -> SocketAddr {
+        let ip = self
+            .bind_address
+            .or(self.node_ip)
+            .unwrap_or(Ipv4Addr::LOCALHOST.into());
+        SocketAddr::new(ip, self.port)
+    }
+
+    /// Where a client on this host reaches the API: the listen address, or
     /// loopback when the agent listens on every address.
-    pub fn local_address(&self) -> std::net::SocketAddr {
-        let ip = match self.bind_address {
-            std::net::IpAddr::V4(a) if a.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
-            std::net::IpAddr::V6(a) if a.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+    pub fn local_address(&self) -> SocketAddr {
+        let ip = match self.listen_address().ip() {
+            IpAddr::V4(a) if a.is_unspecified() => Ipv4Addr::LOCALHOST.into(),
+            IpAddr::V6(a) if a.is_unspecified() => Ipv6Addr::LOCALHOST.into(),
             ip => ip,
         };
-        std::net::SocketAddr::new(ip, self.port)
+        SocketAddr::new(ip, self.port)
+    }
+
+    /// How the API is served, or what is wrong with the settings for it.
+    pub fn serving(&self) -> Result<Serving, String> {
+        let listen = self.listen_address().ip();
+        if self.insecure_plaintext {
+            if !listen.is_loopback() {
+                return Err(format!(
+                    "AGENT_BIND_ADDRESS: --insecure-plaintext serves the API without TLS, which is \
+                     refused unless the agent listens on a loopback address, not {listen}"
+                ));
+            }
+            return Ok(Serving::Plaintext);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert_file, &self.tls_key_file) {
+            return Ok(Serving::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            });
+        }
+        let node_ip = self.node_ip.ok_or_else(|| {
+            "NODE_IP: the agent asks the cluster for a certificate naming its node's address; \
+             set NODE_IP (the DaemonSet sets it from status.hostIP), or give \
+             TLS_CERT_FILE and TLS_KEY_FILE"
+                .to_owned()
+        })?;
+        let mut addresses = vec![node_ip];
+        if !listen.is_unspecified() && !listen.is_loopback() && listen != node_ip {
+            addresses.push(listen);
+        }
+        Ok(Serving::Cluster { addresses })
     }
 }
 
@@ -215,7 +303,65 @@ mod tests {
         assert_eq!(c.max_file_bytes(), 10 * 1024 * 1024);
         assert_eq!(c.log_level, LogLevel::Info);
         assert_eq!(c.compression, Compression::Gzip);
+        assert_eq!(c.tc_attach, TcAttach::Auto);
         assert!(!c.insecure_no_auth);
+        assert_eq!(c.listen_address().to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn the_api_is_served_over_tls_on_the_nodes_address() {
+        let c = parse(&["--node-ip", "10.0.0.7"]).unwrap();
+        assert_eq!(c.listen_address().to_string(), "10.0.0.7:8080");
+        let node: IpAddr = "10.0.0.7".parse().unwrap();
+        assert_eq!(
+            c.serving(),
+            Ok(Serving::Cluster {
+                addresses: vec![node]
+            })
+        );
+        let c = parse(&["--node-ip", "10.0.0.7", "--bind-address", "10.0.0.8"]).unwrap();
+        assert_eq!(
+            c.serving(),
+            Ok(Serving::Cluster {
+                addresses: vec![node, "10.0.0.8".parse().unwrap()]
+            })
+        );
+        let c = parse(&["--tls-cert-file", "c.pem", "--tls-key-file", "k.pem"]).unwrap();
+        assert_eq!(
+            c.serving(),
+            Ok(Serving::Files {
+                cert: "c.pem".into(),
+                key: "k.pem".into()
+            })
+        );
+        for args in [
+            &["--insecure-plaintext"][..],
+            &["--insecure-plaintext", "--bind-address", "::1"],
+        ] {
+            assert_eq!(
+                parse(args).unwrap().serving(),
+                Ok(Serving::Plaintext),
+                "{args:?}"
+            );
+        }
+        for (args, key) in [
+            (
+                &["--insecure-plaintext", "--node-ip", "10.0.0.7"][..],
+                "AGENT_BIND_ADDRESS",
+            ),
+            (
+                &["--insecure-plaintext", "--bind-address", "0.0.0.0"],
+                "AGENT_BIND_ADDRESS",
+            ),
+            (&[], "NODE_IP"),
+        ] {
+            let err = parse(args).unwrap().serving().unwrap_err();
+            assert!(err.starts_with(key), "{args:?}: {err}");
+        }
+        assert!(
+            parse(&["--tls-cert-file", "c.pem"]).is_err(),
+            "the key is required"
+        );
     }
 
     #[test]
@@ -225,6 +371,8 @@ mod tests {
         assert_eq!(c.local_address().to_string(), "127.0.0.1:9000");
         let c = parse(&["--bind-address", "10.0.0.7", "health"]).unwrap();
         assert_eq!(c.local_address().to_string(), "10.0.0.7:8080");
+        let c = parse(&["--bind-address", "0.0.0.0", "health"]).unwrap();
+        assert_eq!(c.local_address().to_string(), "127.0.0.1:8080");
     }
 
     #[test]
@@ -239,6 +387,7 @@ mod tests {
             (&["--log-level", "LOUD"][..], "LOG_LEVEL"),
             (&["--compression", "rar"][..], "COMPRESSION"),
             (&["--ring-buffer-mb", "3"][..], "RING_BUFFER_MB"),
+            (&["--tc-attach", "xdp"][..], "TC_ATTACH"),
         ] {
             let err = parse(args).unwrap_err();
             assert!(err.contains(key), "{args:?}: {err}");

@@ -3,6 +3,7 @@
 //! forwarding what they log (aya-log) to `tracing`.
 
 use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::thread::JoinHandle;
 
@@ -14,18 +15,50 @@ use aya::{
     },
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
-        tc::{self, SchedClassifierLinkId, TcAttachOptions},
+        links::Link as _,
+        tc::{self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
     },
     util::KernelVersion,
 };
 use aya_log::EbpfLogger;
 use ipnet::IpNet;
-use packet_capture_common::abi::{MAX_SLOTS, Settings, counter};
+use packet_capture_common::abi::{API_V4, API_V6, MAX_SLOTS, Settings, counter};
 
 /// The `tracing` target of what the programs log. Their lines are debug
 /// (and lost records warnings), and the programs log only while the agent
 /// logs this target at DEBUG: with `LOG_LEVEL=DEBUG`.
 pub const KERNEL_LOG_TARGET: &str = "packet_capture_agent::ebpf::kernel";
+
+/// The handle of every netlink tc filter the agent adds ("pcap" in ASCII).
+/// With one of our programs' names, it tells a filter an earlier agent left
+/// from another tool's program that happens to have the same name.
+const FILTER_HANDLE: u32 = 0x7063_6170;
+
+/// Every program's name, as netlink tc filters carry it.
+const PROGRAMS: [&str; 4] = ["tc_ingress", "tc_egress", "tc_ingress_l3", "tc_egress_l3"];
+
+/// How the programs are attached to the TC hooks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttach {
+    /// TCX where the kernel has it (6.6 and later), netlink filters before.
+    #[default]
+    Auto,
+    /// TCX links, which close with the agent's process.
+    Tcx,
+    /// A clsact qdisc and netlink tc filters, which outlive the process
+    /// unless it removes them.
+    Netlink,
+}
+
+impl TcAttach {
+    fn tcx(self) -> bool {
+        match self {
+            Self::Auto => KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)),
+            Self::Tcx => true,
+            Self::Netlink => false,
+        }
+    }
+}
 
 /// The object `build.rs` compiled from `packet-capture-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/packet-capture"));
@@ -142,6 +175,10 @@ pub struct Kernel {
     prefixes: HashMap<IpNet, u64>,
     port_masks: HashMap<u16, u64>,
     wakeup_bytes: u32,
+    /// Attach with TCX links rather than netlink filters.
+    tcx: bool,
+    /// The agent API's address: its TCP is never captured.
+    own_api: Option<SocketAddr>,
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
@@ -167,7 +204,7 @@ impl Kernel {
             .btf(None)
             .map_max_entries("RECORDS", ring_bytes)
             .load(OBJECT)?;
-        for name in ["tc_ingress", "tc_egress", "tc_ingress_l3", "tc_egress_l3"] {
+        for name in PROGRAMS {
             classifier(&mut ebpf, name)?
                 .load()
                 .map_err(|source| Error::Program { name, source })?;
@@ -195,6 +232,8 @@ impl Kernel {
             prefixes: HashMap::new(),
             port_masks: HashMap::new(),
             wakeup_bytes: ring_bytes / 16,
+            tcx: TcAttach::Auto.tcx(),
+            own_api: None,
         };
         kernel.follow_log_level()?;
         Ok((kernel, ring))
@@ -241,16 +280,32 @@ impl Kernel {
         Ok(self.diagnostics.get(&0, 0).map_err(map_err(".bss"))? != 0)
     }
 
+    /// How later attachments are made ([`TcAttach::Auto`] after `load`).
+    pub fn set_tc_attach(&mut self, mode: TcAttach) {
+        self.tcx = mode.tcx();
+    }
+
+    /// The agent API's address, whose TCP the programs never capture
+    /// (none after `load`; an unspecified address excludes nothing).
+    pub fn set_own_api(&mut self, api: Option<SocketAddr>) -> Result<(), Error> {
+        self.own_api = api.filter(|a| !a.ip().is_unspecified());
+        self.write_settings()
+    }
+
     /// Attaches the program pair for `kind` to `iface`. Ingress goes first
     /// in the chain and egress last, where tcpdump's taps are, so both see
     /// what tcpdump sees; the programs never change a packet's fate.
+    ///
+    /// Netlink filters an earlier agent left on `iface` go first, whatever
+    /// the attach mode now (see [`remove_stale_filters`]).
     pub fn attach(&mut self, iface: &str, kind: LinkKind) -> Result<(), Error> {
         if self.attached.get(iface).is_some_and(|a| a.kind == kind) {
             return Ok(());
         }
         self.detach(iface);
+        remove_stale_filters(iface);
         let (ingress_name, egress_name) = kind.programs();
-        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let tcx = self.tcx;
         if !tcx {
             // Before TCX the hooks need a clsact qdisc; an existing one is shared.
             if let Err(e) = tc::qdisc_add_clsact(iface)
@@ -264,11 +319,15 @@ impl Kernel {
         }
         let attach = |ebpf: &mut Ebpf, name: &'static str, hook, order| {
             let program = classifier(ebpf, name)?;
-            let result = if tcx {
-                program.attach_with_options(iface, hook, TcAttachOptions::TcxOrder(order))
+            let options = if tcx {
+                TcAttachOptions::TcxOrder(order)
             } else {
-                program.attach(iface, hook)
+                TcAttachOptions::Netlink(NlOptions {
+                    handle: FILTER_HANDLE.into(),
+                    ..Default::default()
+                })
             };
+            let result = program.attach_with_options(iface, hook, options);
             result.map_err(|source| Error::Program { name, source })
         };
         let ingress = attach(
@@ -388,6 +447,19 @@ impl Kernel {
             wakeup_bytes: self.wakeup_bytes,
             ..Default::default()
         };
+        if let Some(api) = self.own_api {
+            s.api_port = api.port();
+            match api.ip() {
+                IpAddr::V4(v4) => {
+                    s.api_v4 = v4.octets();
+                    s.api_family = API_V4;
+                }
+                IpAddr::V6(v6) => {
+                    s.api_v6 = v6.octets();
+                    s.api_family = API_V6;
+                }
+            }
+        }
         for (&slot, t) in &self.slots {
             let bit = 1u64 << slot;
             s.active |= bit;
@@ -624,6 +696,164 @@ fn interface_name(index: u32) -> Option<String> {
     // SAFETY: on success the buffer holds a NUL-terminated name.
     let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
     Some(name.to_string_lossy().into_owned())
+}
+
+/// Removes the netlink tc filters of ours an earlier agent left on `iface`.
+///
+/// TCX links close with the process that made them; netlink filters stay
+/// until someone deletes them. An agent killed before it could detach
+/// (SIGKILL, the OOM killer) leaves its programs running on every packet,
+/// copying what its captures selected into a ring nobody reads, one more
+/// set after each such death. An agent is alone on its network namespace's
+/// hooks (one per node), so a filter of ours it has not attached itself is
+/// one of those. Failures are only logged: a filter left behind costs time
+/// and memory, not correctness.
+pub fn remove_stale_filters(iface: &str) {
+    for (hook, parent, label) in [
+        (TcAttachType::Ingress, CLSACT_INGRESS, "ingress"),
+        (TcAttachType::Egress, CLSACT_EGRESS, "egress"),
+    ] {
+        let filters = match bpf_filters(iface, parent) {
+            Ok(filters) => filters,
+            Err(e) => {
+                // The interface went meanwhile, or the agent lacks
+                // CAP_NET_ADMIN: attaching fails too, and says so.
+                tracing::debug!(iface, hook = label, error = %e, "listing tc filters");
+                continue;
+            }
+        };
+        let ours = filters
+            .into_iter()
+            .filter(|f| f.handle == FILTER_HANDLE && PROGRAMS.contains(&f.name.as_str()));
+        for filter in ours {
+            let handle = FILTER_HANDLE.into();
+            let removed =
+                match SchedClassifierLink::attached(iface, hook, filter.priority, handle, None) {
+                    Ok(link) => link.detach().map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+            match removed {
+                Ok(()) => tracing::info!(
+                    iface,
+                    hook = label,
+                    program = filter.name,
+                    priority = filter.priority,
+                    "removed a tc filter an earlier agent left attached"
+                ),
+                Err(error) => tracing::warn!(
+                    iface,
+                    hook = label,
+                    program = filter.name,
+                    priority = filter.priority,
+                    error,
+                    "cannot remove a tc filter an earlier agent left attached"
+                ),
+            }
+        }
+    }
+}
+
+/// The clsact qdisc's ingress and egress hooks, as tc parents.
+const CLSACT_INGRESS: u32 = 0xFFFF_FFF2;
+const CLSACT_EGRESS: u32 = 0xFFFF_FFF3;
+
+/// A netlink tc filter that runs a BPF program.
+struct BpfFilter {
+    priority: u16,
+    handle: u32,
+    /// The program's name, as the filter carries it.
+    name: String,
+}
+
+/// The BPF filters under `parent` (a clsact hook) of `iface`; none when the
+/// interface has no clsact qdisc.
+fn bpf_filters(iface: &str, parent: u32) -> std::io::Result<Vec<BpfFilter>> {
+    use netlink_packet_core::{
+        NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer, NetlinkMessage,
+    };
+    use netlink_packet_route::{RouteNetlinkMessage, tc::TcMessage};
+
+    let name = std::ffi::CString::new(iface)?;
+    // SAFETY: a NUL-terminated name; the call only reads it.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut request = TcMessage::default();
+    request.header.index = index as i32;
+    request.header.parent = parent.into();
+    let mut msg = NetlinkMessage::from(RouteNetlinkMessage::GetTrafficFilter(request));
+    msg.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    msg.finalize();
+    let mut bytes = vec![0; msg.buffer_len()];
+    msg.serialize(&mut bytes);
+    let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.send(&bytes, 0)?;
+    let mut filters = Vec::new();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        buf.clear();
+        socket.recv(&mut buf, 0)?;
+        let mut rest = &buf[..];
+        while let Ok(frame) = NetlinkBuffer::new_checked(rest) {
+            match frame.message_type() {
+                // Both start with the status: 0, or a negative errno.
+                NLMSG_DONE | NLMSG_ERROR => {
+                    let status = frame
+                        .payload()
+                        .first_chunk()
+                        .map_or(0, |b| i32::from_ne_bytes(*b));
+                    if status < 0 {
+                        return Err(std::io::Error::from_raw_os_error(-status));
+                    }
+                    if frame.message_type() == NLMSG_DONE {
+                        return Ok(filters);
+                    }
+                }
+                libc::RTM_NEWTFILTER => filters.extend(bpf_filter(frame.payload())),
+                _ => {}
+            }
+            // Messages are aligned to four bytes within a datagram.
+            rest = rest
+                .get((frame.length() as usize + 3) & !3..)
+                .unwrap_or_default();
+        }
+    }
+}
+
+/// A filter message's priority, handle and program name, if it runs a BPF
+/// program. Decoded attribute by attribute, so that one the crate does not
+/// know (a newer kernel's) cannot hide the filter.
+fn bpf_filter(payload: &[u8]) -> Option<BpfFilter> {
+    use netlink_packet_core::{Emitable as _, NlasIterator, Parseable as _};
+    use netlink_packet_route::tc::{TcFilterBpfOption, TcHeader};
+    const TCA_KIND: u16 = 1;
+    const TCA_OPTIONS: u16 = 2;
+
+    let header = TcHeader::parse(payload).ok()?;
+    let mut bpf = false;
+    let mut name = None;
+    for nla in NlasIterator::new(payload.get(header.buffer_len()..)?).flatten() {
+        match nla.kind() {
+            TCA_KIND => bpf = nla.value() == b"bpf\0",
+            TCA_OPTIONS => {
+                name = NlasIterator::new(nla.value()).flatten().find_map(|o| {
+                    match TcFilterBpfOption::parse(&o) {
+                        Ok(TcFilterBpfOption::ProgName(n)) => Some(n),
+                        _ => None,
+                    }
+                })
+            }
+            _ => {}
+        }
+    }
+    Some(BpfFilter {
+        // The priority is the upper half of `tcm_info`.
+        priority: (header.info >> 16) as u16,
+        handle: header.handle.into(),
+        name: name.filter(|_| bpf)?,
+    })
 }
 
 /// For every prefix of every slot, the slots whose networks contain it: the

@@ -106,6 +106,20 @@ pub fn selection_expression(targets: &[IpNet], ports: &[u16], filter: &str) -> S
     parts.join(" and ")
 }
 
+/// `expression` (empty: everything) without the TCP of the agent's own API
+/// at `api`, as the eBPF programs leave it out.
+pub fn without_own_api(expression: &str, api: std::net::SocketAddr) -> String {
+    let (ip, port) = (api.ip(), api.port());
+    let own = format!(
+        "not (tcp and ((src host {ip} and src port {port}) or (dst host {ip} and dst port {port})))"
+    );
+    if expression.trim().is_empty() {
+        own
+    } else {
+        format!("({expression}) and {own}")
+    }
+}
+
 /// `expression` for frames with up to two VLAN tags too, as the eBPF
 /// programs match targets through tags: libpcap only looks past a tag after
 /// `vlan`, which shifts the offsets of what follows.

@@ -9,4 +9,5 @@ pub mod files;
 pub mod filter;
 pub mod netlink;
 pub mod sync;
+pub mod tls;
 pub mod writer;

@@ -6,9 +6,11 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use packet_capture_agent::api::{self, Api, Authorizer};
 use packet_capture_agent::capture::{Engine, EngineConfig};
-use packet_capture_agent::config::{Command, Config};
+use packet_capture_agent::config::{Command, Config, Serving};
 use packet_capture_agent::files::CaptureDir;
+use packet_capture_agent::tls;
 use packet_capture_common::logging::{LogControl, follow_config_map};
+use packet_capture_common::tls::ServingCert;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Time the captures get to finish their files on SIGTERM, and then the
@@ -18,20 +20,22 @@ const DRAIN: Duration = Duration::from_secs(2);
 
 fn main() -> anyhow::Result<()> {
     let config = Config::parse();
+    let serving = config.serving().map_err(anyhow::Error::msg)?;
     if let Some(Command::Health { timeout }) = config.command {
-        return health(config.local_address(), Duration::from_secs(timeout));
+        let tls = serving != Serving::Plaintext;
+        return health(config.local_address(), tls, Duration::from_secs(timeout));
     }
     let log = packet_capture_common::logging::init(config.log_level).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let result = runtime.block_on(run(config, log));
+    let result = runtime.block_on(run(config, serving, log));
     // Blocking work still running (a download's read) must not hold up exit.
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
 }
 
-async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
+async fn run(config: Config, serving: Serving, log: LogControl) -> anyhow::Result<()> {
     // Signals are caught from the start, so that an early SIGTERM still
     // means a clean stop.
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -52,10 +56,45 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
                 )?,
         )
     };
-    let address = SocketAddr::new(config.bind_address, config.port);
+    let address = config.listen_address();
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .with_context(|| format!("AGENT_PORT {}: listening on {address}", config.port))?;
+    let source = match serving {
+        Serving::Plaintext => None,
+        Serving::Files { cert, key } => Some(tls::Source::Files { cert, key }),
+        Serving::Cluster { addresses } => {
+            let client = match &authorizer {
+                Some(a) => a.client(),
+                None => kube::Client::try_default().await.context(
+                    "the agent asks the cluster for its serving certificate, and no Kubernetes \
+                     access was found (KUBECONFIG or in-cluster); give TLS_CERT_FILE and TLS_KEY_FILE",
+                )?,
+            };
+            Some(tls::Source::Cluster {
+                client,
+                node: config.node_name(),
+                addresses,
+            })
+        }
+    };
+    let cert = Arc::new(ServingCert::default());
+    let (acceptor, certificate_failed) = match source {
+        None => {
+            tracing::warn!(
+                "INSECURE: --insecure-plaintext is set: the API is served without TLS on {address}"
+            );
+            (None, None)
+        }
+        Some(source) => {
+            let config = tls::server_config(cert.clone()).context("the TLS configuration")?;
+            let task = tokio::spawn(tls::keep_current(source, cert.clone()));
+            (
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+                Some(task),
+            )
+        }
+    };
     let files = CaptureDir::new(
         &config.capture_dir,
         config.max_capture_files as usize,
@@ -70,6 +109,8 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         max_running: config.max_concurrent_captures.into(),
         backend: config.backend,
         ring_bytes: config.ring_buffer_mb << 20,
+        tc_attach: config.tc_attach,
+        own_api: Some(address),
     })
     .await?;
     // LOG_LEVEL edited in the ConfigMap applies without a restart, to the
@@ -96,12 +137,28 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         listener.local_addr()?
     );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(api::serve(listener, router, async {
+    let server = tokio::spawn(api::serve(listener, router, acceptor, async {
         let _ = stop_rx.await;
     }));
+    // Certificate files that are unusable at start end the agent, as any
+    // bad setting does.
+    let certificate = async {
+        match certificate_failed {
+            Some(task) => match task.await {
+                Ok(Err(e)) => anyhow::anyhow!("TLS_CERT_FILE, TLS_KEY_FILE: {e}"),
+                Err(e) => anyhow::anyhow!("the serving certificate task: {e}"),
+            },
+            None => std::future::pending().await,
+        }
+    };
+    let mut failure = None;
     let signal = tokio::select! {
         _ = sigterm.recv() => "SIGTERM",
         _ = sigint.recv() => "SIGINT",
+        e = certificate => {
+            failure = Some(e);
+            "a failure"
+        }
     };
     tracing::info!(
         signal,
@@ -121,25 +178,48 @@ async fn run(config: Config, log: LogControl) -> anyhow::Result<()> {
         Err(_) => tracing::info!("closing the connections still open"),
     }
     tracing::info!("stopped");
-    Ok(())
+    failure.map_or(Ok(()), Err)
 }
 
-/// `GET /health` of the agent at `address` with a plain HTTP/1.1 request
-/// (the image has no curl); prints the answer and fails unless it is 200.
-fn health(address: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect_timeout(&address, timeout)
+/// `GET /health` of the agent at `address` with an HTTP/1.1 request (the
+/// image has no curl), over TLS when the agent serves TLS; prints the
+/// answer and fails unless it is 200. The agent's certificate is not
+/// verified: this asks the agent of this host whether it answers, and
+/// sends nothing secret.
+fn health(address: SocketAddr, tls: bool, timeout: Duration) -> anyhow::Result<()> {
+    let mut tcp = std::net::TcpStream::connect_timeout(&address, timeout)
         .with_context(|| format!("connecting to the agent at {address}"))?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
+    tcp.set_read_timeout(Some(timeout))?;
+    tcp.set_write_timeout(Some(timeout))?;
+    let mut session;
+    let stream: &mut dyn ReadWrite = if tls {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate))
+        .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::from(address.ip());
+        let connection = rustls::ClientConnection::new(Arc::new(config), name)?;
+        session = rustls::StreamOwned::new(connection, tcp);
+        &mut session
+    } else {
+        &mut tcp
+    };
     write!(
         stream,
         "GET /health HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
     )?;
-    let mut answer = String::new();
-    stream
-        .read_to_string(&mut answer)
-        .with_context(|| format!("reading the answer of {address}"))?;
+    let mut answer = Vec::new();
+    // A server may close a TLS connection without close_notify after the
+    // answer; what was read is the answer.
+    if let Err(e) = stream.read_to_end(&mut answer)
+        && answer.is_empty()
+    {
+        return Err(e).with_context(|| format!("reading the answer of {address}"));
+    }
+    let answer = String::from_utf8_lossy(&answer);
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
     let status = head.lines().next().unwrap_or_default();
     println!("{}", body.trim());
@@ -148,4 +228,58 @@ fn health(address: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
         "the agent at {address} answered {status:?}"
     );
     Ok(())
+}
+
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
+/// Accepts any certificate: for [`health`] only.
+#[derive(Debug)]
+struct AnyCertificate;
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }

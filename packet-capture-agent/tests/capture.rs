@@ -156,6 +156,7 @@ struct Options {
     ring_bytes: u32,
     max_file_bytes: u64,
     max_running: usize,
+    own_api: Option<std::net::SocketAddr>,
 }
 
 impl Options {
@@ -165,6 +166,7 @@ impl Options {
             ring_bytes: 0,
             max_file_bytes: 64 << 20,
             max_running: MAX_SLOTS,
+            own_api: None,
         }
     }
 }
@@ -181,6 +183,7 @@ fn with_engine(
         max_running,
         ring_bytes,
         max_file_bytes,
+        own_api,
     } = options;
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -202,6 +205,8 @@ fn with_engine(
                     max_running,
                     backend,
                     ring_bytes,
+                    tc_attach: Default::default(),
+                    own_api,
                 }))
                 .expect("engine starts");
             assert_eq!(
@@ -299,8 +304,20 @@ fn compare(
     traffic: impl FnOnce(),
 ) {
     let expression = selection_expression(&spec.targets, &spec.ports, &spec.filter);
+    compare_with(lab, engine, rt, spec, &expression, traffic);
+}
+
+/// [`compare`] with tcpdump running `expression`.
+fn compare_with(
+    lab: &Lab,
+    engine: &Engine,
+    rt: &tokio::runtime::Runtime,
+    spec: CaptureSpec,
+    expression: &str,
+    traffic: impl FnOnce(),
+) {
     let oracle = lab.file(&format!("{}.pcap", unique_name("td")));
-    let dump = Tcpdump::start(&lab.node, &lab.veth.a, &expression, spec.snaplen, &oracle);
+    let dump = Tcpdump::start(&lab.node, &lab.veth.a, expression, spec.snaplen, &oracle);
     let status = start(engine, spec);
     traffic();
     let ended = stop(engine, rt, &status.id);
@@ -310,7 +327,7 @@ fn compare(
         "tcpdump dropped packets; the comparison would be unfair"
     );
     let ours = capfile::read(Path::new(&ended.output_file));
-    assert_same(&ours, &theirs, &expression);
+    assert_same(&ours, &theirs, expression);
     assert_eq!(
         ended.packets as usize,
         ours.len(),
@@ -347,6 +364,35 @@ fn ip_targets_v4_and_v6() {
             lab.tcp_transfer(PEER_V4, 9090);
         });
     });
+}
+
+/// The agent's own API connections (TCP to or from its address and port)
+/// are left out of every capture, in the kernel: a capture of that address
+/// gets all its other traffic, as tcpdump shows it without them.
+#[test]
+fn the_agents_own_api_is_never_captured() {
+    let test = "the_agents_own_api_is_never_captured";
+    if !privileged(test) {
+        return;
+    }
+    let api: std::net::SocketAddr = format!("{PEER_V4}:9191").parse().unwrap();
+    for backend in [BackendChoice::Ebpf, BackendChoice::Pcap] {
+        let lab = Lab::new();
+        let options = Options {
+            own_api: Some(api),
+            ..Options::with(backend)
+        };
+        with_engine(&lab, options, |engine, rt| {
+            let spec = spec(&[PEER_V4], &[], "");
+            let selection = selection_expression(&spec.targets, &spec.ports, "");
+            let expression = packet_capture_agent::filter::without_own_api(&selection, api);
+            compare_with(&lab, engine, rt, spec, &expression, || {
+                lab.tcp_transfer(PEER_V4, 9191);
+                lab.tcp_transfer(PEER_V4, 9090);
+                lab.ping(PEER_V4, 2, 56);
+            });
+        });
+    }
 }
 
 #[test]

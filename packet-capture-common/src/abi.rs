@@ -98,7 +98,22 @@ pub struct Settings {
     /// Wake the reader only once this many bytes wait in the ring (it also
     /// polls on a short timer), so a busy ring costs one wake-up per batch.
     pub wakeup_bytes: u32,
+    /// The agent API's IPv6 address (with `api_family` [`API_V6`]).
+    pub api_v6: [u8; 16],
+    /// The agent API's IPv4 address (with `api_family` [`API_V4`]).
+    pub api_v4: [u8; 4],
+    /// The agent API's TCP port; 0: none. TCP to or from the API's address
+    /// and port is never captured.
+    pub api_port: u16,
+    /// [`API_V4`], [`API_V6`], or 0 for none.
+    pub api_family: u8,
+    pub _pad: u8,
 }
+
+/// `Settings::api_family` of an IPv4 API address.
+pub const API_V4: u8 = 4;
+/// `Settings::api_family` of an IPv6 API address.
+pub const API_V6: u8 = 6;
 
 /// Key of the IPv4 LPM trie (`prefix_len` counts bits of `addr`).
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -132,7 +147,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(RECORD_HEADER_LEN, 40);
-        assert_eq!(core::mem::size_of::<Settings>(), 32);
+        assert_eq!(core::mem::size_of::<Settings>(), 56);
         assert_eq!(core::mem::size_of::<Ipv4Key>(), 8);
         assert_eq!(core::mem::size_of::<Ipv6Key>(), 20);
     }

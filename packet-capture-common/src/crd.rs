@@ -21,6 +21,9 @@ pub const RESOURCE: &str = "packetcaptureconfigs.networking.packet.io";
 /// capture's name). The API server serves no such path; only the agents ask
 /// for it.
 pub const FILES_SUBRESOURCE: &str = "files";
+/// The signer of the agents' serving certificates: the agents ask for
+/// theirs with CertificateSigningRequests for it, the controller signs.
+pub const AGENT_SIGNER: &str = "networking.packet.io/agent-serving";
 
 /// What `output_file` says for stdout captures, which write no file.
 pub const STDOUT_OUTPUT_FILE: &str = "Packet capture logs are in stdout format";

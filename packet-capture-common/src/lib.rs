@@ -3,7 +3,7 @@
 //! [`abi`] is the contract between the eBPF programs and the agent and is
 //! `no_std`; everything else (the `PacketCaptureConfig` custom resource, its
 //! validation, the capture spec the agent accepts) needs the `user` feature,
-//! and [`filter`] (libpcap) the `filter` feature.
+//! [`filter`] (libpcap) the `filter` feature, and [`tls`] the `tls` feature.
 #![cfg_attr(not(feature = "user"), no_std)]
 
 pub mod abi;
@@ -14,5 +14,7 @@ pub mod crd;
 pub mod filter;
 #[cfg(feature = "user")]
 pub mod logging;
+#[cfg(feature = "tls")]
+pub mod tls;
 #[cfg(feature = "user")]
 pub mod validate;

@@ -16,7 +16,7 @@ use packet_capture_proto::v1::{
     Capture, GetCaptureRequest, ListCapturesRequest, StartCaptureRequest, StopCaptureRequest,
     WatchCaptureRequest,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::backoff::Backoff;
@@ -25,6 +25,9 @@ use crate::metrics::Metrics;
 use crate::slots::{CallSlots, Priority};
 use crate::targets::internal_ip;
 
+/// A client of one agent: its URI and the CAs it trusts, as built.
+type Cached = (String, Option<String>, AgentClient<Channel>);
+
 /// Where the agent of one node answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentEndpoint {
@@ -32,7 +35,7 @@ pub struct AgentEndpoint {
     pub node: String,
     /// The node's InternalIP (the key of `status.captureFiles`).
     pub node_ip: String,
-    /// `http://<address>:<port>`.
+    /// `https://<address>:<port>` (`http://` without TLS).
     pub uri: String,
 }
 
@@ -93,6 +96,44 @@ pub fn retryable(status: &Status) -> bool {
     )
 }
 
+/// The CA bundle (PEM) the controller trusts for the agents' serving
+/// certificates; empty until the CA is known (see `agent_certs`).
+#[derive(Debug)]
+pub struct TrustedCas(tokio::sync::watch::Sender<Option<String>>);
+
+impl Default for TrustedCas {
+    fn default() -> Self {
+        Self(tokio::sync::watch::channel(None).0)
+    }
+}
+
+impl TrustedCas {
+    pub fn set(&self, bundle: String) {
+        self.0.send_replace(Some(bundle));
+    }
+
+    pub fn get(&self) -> Option<String> {
+        self.0.borrow().clone()
+    }
+
+    /// Returns once the CAs are known.
+    pub async fn known(&self) {
+        let mut rx = self.0.subscribe();
+        // The sender lives in self: the wait ends only with a value.
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+}
+
+/// How the agents' API is reached.
+#[derive(Debug, Clone)]
+pub enum AgentTls {
+    /// TLS, verifying the agent's certificate (for the node's address)
+    /// with these CAs.
+    Verified(Arc<TrustedCas>),
+    /// Plain HTTP (`--insecure-agent-plaintext`, agents on loopback).
+    Plaintext,
+}
+
 /// How the pool reaches agents.
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
@@ -103,6 +144,7 @@ pub struct PoolSettings {
     pub timeout: Duration,
     /// Agent calls in flight at most (see [`CallSlots`]).
     pub concurrency: usize,
+    pub tls: AgentTls,
 }
 
 impl PoolSettings {
@@ -121,7 +163,7 @@ pub struct AgentPool {
     nodes: Store<Node>,
     settings: PoolSettings,
     token: TokenFile,
-    clients: Mutex<HashMap<String, (String, AgentClient<Channel>)>>,
+    clients: Mutex<HashMap<String, Cached>>,
     slots: CallSlots,
     metrics: Arc<Metrics>,
 }
@@ -182,6 +224,10 @@ impl AgentPool {
                 .map(|t| t.0)
                 .cmp(&b.metadata.creation_timestamp.as_ref().map(|t| t.0))
         });
+        let scheme = match self.settings.tls {
+            AgentTls::Verified(_) => "https",
+            AgentTls::Plaintext => "http",
+        };
         let mut out = BTreeMap::new();
         for pod in pods {
             let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
@@ -214,14 +260,14 @@ impl AgentPool {
                 node.clone(),
                 AgentEndpoint {
                     node_ip: node_ip.unwrap_or(address),
-                    uri: format!("http://{host}:{}", self.settings.port),
+                    uri: format!("{scheme}://{host}:{}", self.settings.port),
                     node,
                 },
             );
         }
         // Drop the clients of agents that are gone.
         self.lock_clients()
-            .retain(|node, (uri, _)| out.get(node).is_some_and(|e| e.uri == *uri));
+            .retain(|node, (uri, ..)| out.get(node).is_some_and(|e| e.uri == *uri));
         out
     }
 
@@ -229,29 +275,44 @@ impl AgentPool {
         self.endpoints().remove(node)
     }
 
-    fn lock_clients(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, (String, AgentClient<Channel>)>> {
+    fn lock_clients(&self) -> std::sync::MutexGuard<'_, HashMap<String, Cached>> {
         self.clients.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The cached client of an agent, rebuilt when its address changes.
+    /// The cached client of an agent, rebuilt when its address or the
+    /// trusted CAs change.
     fn client(&self, ep: &AgentEndpoint) -> Result<AgentClient<Channel>, Status> {
+        let trusted = match &self.settings.tls {
+            AgentTls::Verified(cas) => Some(cas.get().ok_or_else(|| {
+                Status::unavailable(
+                    "the agents' CA is not known yet: their certificates cannot be verified",
+                )
+            })?),
+            AgentTls::Plaintext => None,
+        };
         let mut clients = self.lock_clients();
-        if let Some((uri, client)) = clients.get(&ep.node)
+        if let Some((uri, cas, client)) = clients.get(&ep.node)
             && *uri == ep.uri
+            && *cas == trusted
         {
             return Ok(client.clone());
         }
-        let channel = Endpoint::from_shared(ep.uri.clone())
-            .map_err(|e| Status::invalid_argument(format!("agent address {}: {e}", ep.uri)))?
+        let mut endpoint = Endpoint::from_shared(ep.uri.clone())
+            .map_err(|e| Status::invalid_argument(format!("agent address {}: {e}", ep.uri)))?;
+        if let Some(cas) = &trusted {
+            let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(cas));
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| Status::internal(format!("TLS for {}: {e}", ep.uri)))?;
+        }
+        let channel = endpoint
             .connect_timeout(self.settings.timeout)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(self.settings.timeout)
             .keep_alive_while_idle(true)
             .connect_lazy();
         let client = AgentClient::new(channel);
-        clients.insert(ep.node.clone(), (ep.uri.clone(), client.clone()));
+        clients.insert(ep.node.clone(), (ep.uri.clone(), trusted, client.clone()));
         Ok(client)
     }
 
@@ -451,6 +512,7 @@ mod tests {
             token_file,
             timeout: Duration::from_secs(1),
             concurrency: 4,
+            tls: AgentTls::Plaintext,
         }
     }
 

@@ -68,8 +68,10 @@ impl Default for Timing {
 #[command(name = "packet-capture-controller", version, about)]
 pub struct Settings {
     /// Namespace of the agent pods, the results ConfigMaps, the ConfigMap
-    /// with the settings and the leader-election Lease.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-system")]
+    /// with the settings and the leader-election Lease: the controller's own
+    /// (the Deployment sets POD_NAMESPACE from the downward API); the default
+    /// is the chart's and the manifests'.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "packet-capture")]
     pub namespace: String,
 
     /// ConfigMap (in --namespace) with AGENT_PORT; flags and environment win.
@@ -121,6 +123,42 @@ pub struct Settings {
           value_parser = clap::value_parser!(u16).range(1..))]
     pub agent_concurrency: u16,
 
+    /// The CA of the agents' serving certificates, which the controller
+    /// signs (CertificateSigningRequests for networking.packet.io/agent-serving)
+    /// and verifies when it calls them: self-managed (its own CA, in
+    /// --ca-secret, created and renewed by it) or secret (a CA that
+    /// cert-manager or you keep in --agent-ca-secret, and the controller's
+    /// own while that Secret is missing).
+    #[arg(long, env = "AGENT_CA", value_enum, default_value_t = AgentCa::SelfManaged)]
+    pub agent_ca: AgentCa,
+    /// With --agent-ca=secret: the Secret (in --namespace) with the CA's
+    /// tls.crt, tls.key and ca.crt.
+    #[arg(
+        long,
+        env = "AGENT_CA_SECRET",
+        default_value = "packet-capture-agent-ca"
+    )]
+    pub agent_ca_secret: String,
+    /// The ConfigMap (in --namespace) where the controller publishes the
+    /// agents' CA bundle (ca.crt, no key) for clients such as grpcurl.
+    #[arg(
+        long,
+        env = "AGENT_CA_CONFIG_MAP",
+        default_value = "packet-capture-agent-ca"
+    )]
+    pub agent_ca_config_map: String,
+    /// The agents' service account (in --namespace): only its pods get
+    /// serving certificates, each for its own node.
+    #[arg(
+        long,
+        env = "AGENT_SERVICE_ACCOUNT",
+        default_value = "packet-capture-agent"
+    )]
+    pub agent_service_account: String,
+    /// Call the agents over plain HTTP, without TLS and without signing
+    /// their certificates: for agents listening on loopback only.
+    #[arg(long)]
+    pub insecure_agent_plaintext: bool,
     /// Port of the validating webhook (HTTPS).
     #[arg(long, env = "WEBHOOK_PORT", default_value_t = 8443)]
     pub webhook_port: u16,
@@ -202,6 +240,13 @@ pub struct Settings {
 
     #[command(subcommand)]
     pub command: Option<Command>,
+}
+
+/// Where the agents' CA comes from.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentCa {
+    SelfManaged,
+    Secret,
 }
 
 #[derive(clap::Subcommand, Debug, Clone)]
@@ -321,7 +366,7 @@ mod tests {
     #[test]
     fn flags_have_the_documented_defaults() {
         let s = Settings::try_parse_from(["packet-capture-controller"]).unwrap();
-        assert_eq!(s.namespace, "kube-system");
+        assert_eq!(s.namespace, "packet-capture");
         assert_eq!(s.config_map, "packet-capture-config");
         assert_eq!(s.agent_selector.to_string(), "app=packet-capture-agent");
         assert_eq!(s.capture_selector, None);
@@ -376,12 +421,12 @@ mod tests {
         data.insert("AGENT_PORT".to_string(), "9090".to_string());
         assert_eq!(port_from(&data, "ns/cm").unwrap(), 9090);
         data.insert("AGENT_PORT".to_string(), "http".to_string());
-        let err = port_from(&data, "kube-system/packet-capture-config")
+        let err = port_from(&data, "packet-capture/packet-capture-config")
             .unwrap_err()
             .to_string();
         assert_eq!(
             err,
-            "ConfigMap kube-system/packet-capture-config: AGENT_PORT: \"http\" is not a port number (1-65535)"
+            "ConfigMap packet-capture/packet-capture-config: AGENT_PORT: \"http\" is not a port number (1-65535)"
         );
     }
 

@@ -21,8 +21,9 @@ use kube::{Api, Client, ResourceExt};
 use packet_capture_common::crd::PacketCaptureConfig;
 
 use crate::act::Act;
-use crate::agents::{AgentPool, PoolSettings};
-use crate::config::{Settings, Timing};
+use crate::agent_certs;
+use crate::agents::{AgentPool, AgentTls, PoolSettings, TrustedCas};
+use crate::config::{AgentCa, Settings, Timing};
 use crate::consts::FINALIZER;
 use crate::error::{Error, Result};
 use crate::events::Events;
@@ -299,6 +300,33 @@ pub async fn run(settings: &Settings, client: Client, metrics: Arc<Metrics>) -> 
         }
     }));
 
+    let tls = if settings.insecure_agent_plaintext {
+        tracing::warn!(
+            "INSECURE: --insecure-agent-plaintext is set: the agents are called over plain HTTP"
+        );
+        AgentTls::Plaintext
+    } else {
+        let trust = Arc::new(TrustedCas::default());
+        let ca = match settings.agent_ca {
+            AgentCa::SelfManaged => agent_certs::CaSource::SelfManaged {
+                secret: settings.ca_secret.clone(),
+            },
+            AgentCa::Secret => agent_certs::CaSource::Kept {
+                kept: settings.agent_ca_secret.clone(),
+                own: settings.ca_secret.clone(),
+            },
+        };
+        let signer = agent_certs::Settings {
+            namespace: settings.namespace.clone(),
+            service_account: settings.agent_service_account.clone(),
+            ca,
+            bundle_config_map: settings.agent_ca_config_map.clone(),
+        };
+        tokio::spawn(agent_certs::run(client.clone(), signer, trust.clone()));
+        // No agent can be called before its certificate can be verified.
+        trust.known().await;
+        AgentTls::Verified(trust)
+    };
     let settings_for_ctx = ContextSettings {
         pool: PoolSettings {
             namespace: settings.namespace.clone(),
@@ -307,6 +335,7 @@ pub async fn run(settings: &Settings, client: Client, metrics: Arc<Metrics>) -> 
             token_file: settings.agent_token_file.clone(),
             timeout: settings.agent_timeout(),
             concurrency: settings.agent_concurrency.into(),
+            tls,
         },
         namespace: settings.namespace.clone(),
         identity: settings.identity(),

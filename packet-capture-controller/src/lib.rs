@@ -27,6 +27,7 @@
 //! | 2 | [`issuer`] | the controller's own CA in a Secret, issuing certificates into Secrets |
 //! | 4 | [`certs`] | the webhook's serving certificate: files, a Secret, or self-managed |
 //! | 3 | [`agents`] | agent discovery, one gRPC client per agent, bearer token, retries |
+//! | 4 | [`agent_certs`] | signing the agents' serving certificates, trusting their CA |
 //! | 4 | [`tracker`] | one `WatchCapture` task per node capture, feeding the status |
 //! | 4 | [`plan`] | what a reconcile does, decided without calling anyone |
 //! | 5 | [`act`] | the agent calls a plan asks for, recorded in the tracker |
@@ -36,6 +37,7 @@
 
 pub mod access;
 pub mod act;
+pub mod agent_certs;
 pub mod agents;
 pub mod app;
 pub mod backoff;

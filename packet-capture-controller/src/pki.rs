@@ -14,8 +14,9 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+    SanType,
 };
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -281,24 +282,29 @@ pub fn new_ca(common_name: &str, now: SystemTime, lifetime: Duration) -> Result<
     })
 }
 
-/// A serving certificate for `names` signed by `ca`, valid from `now` for
-/// `lifetime` but never past the CA's end.
-pub fn issue(
-    ca: &KeyedCert,
-    names: &[Name],
-    now: SystemTime,
-    lifetime: Duration,
-) -> Result<KeyedCert, String> {
-    let Some(first) = names.first() else {
-        return Err("a certificate needs at least one name".into());
-    };
+/// The CA as rcgen signs with it, and when it ends.
+fn signer(ca: &KeyedCert) -> Result<(Issuer<'static, KeyPair>, SystemTime), String> {
     let ca_info = inspect(&ca.cert).map_err(|e| format!("the CA: {e}"))?;
     let ca_key = KeyPair::from_pem(&ca.key).map_err(|e| format!("the CA's key: {e}"))?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert, ca_key)
         .map_err(|e| format!("the CA's certificate: {e}"))?;
+    Ok((issuer, ca_info.not_after))
+}
+
+/// What a serving certificate for `names` says, valid from `now` for
+/// `lifetime` but never past `ca_end`.
+fn leaf_params(
+    names: &[Name],
+    now: SystemTime,
+    lifetime: Duration,
+    ca_end: SystemTime,
+) -> Result<CertificateParams, String> {
+    let Some(first) = names.first() else {
+        return Err("a certificate needs at least one name".into());
+    };
     let mut p = CertificateParams::new(names.iter().map(Name::to_string).collect::<Vec<_>>())
         .map_err(|e| format!("names {names:?}: {e}"))?;
-    let validity = params(now, (now + lifetime).min(ca_info.not_after));
+    let validity = params(now, (now + lifetime).min(ca_end));
     p.not_before = validity.not_before;
     p.not_after = validity.not_after;
     let mut dn = DistinguishedName::new();
@@ -308,6 +314,19 @@ pub fn issue(
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     p.use_authority_key_identifier_extension = true;
+    Ok(p)
+}
+
+/// A serving certificate for `names` signed by `ca`, valid from `now` for
+/// `lifetime` but never past the CA's end.
+pub fn issue(
+    ca: &KeyedCert,
+    names: &[Name],
+    now: SystemTime,
+    lifetime: Duration,
+) -> Result<KeyedCert, String> {
+    let (issuer, ca_end) = signer(ca)?;
+    let p = leaf_params(names, now, lifetime, ca_end)?;
     let key = KeyPair::generate().map_err(|e| format!("generating a key: {e}"))?;
     let cert = p
         .signed_by(&key, &issuer)
@@ -316,6 +335,50 @@ pub fn issue(
         cert: cert.pem(),
         key: key.serialize_pem(),
     })
+}
+
+/// A PKCS#10 request whose signature holds: the names it asks for (DNS
+/// names and IP addresses, sorted; other kinds are an error) and the key.
+pub struct Request {
+    pub names: Vec<Name>,
+    request: CertificateSigningRequestParams,
+}
+
+/// Reads a PEM certificate request and checks its signature.
+pub fn read_request(pem: &str) -> Result<Request, String> {
+    let request = CertificateSigningRequestParams::from_pem(pem)
+        .map_err(|e| format!("not a valid certificate request: {e}"))?;
+    let mut names = Vec::new();
+    for san in &request.params.subject_alt_names {
+        names.push(match san {
+            SanType::DnsName(dns) => Name::Dns(dns.as_str().to_ascii_lowercase()),
+            SanType::IpAddress(ip) => Name::Ip(*ip),
+            other => return Err(format!("it asks for a name of another kind: {other:?}")),
+        });
+    }
+    names.sort();
+    Ok(Request { names, request })
+}
+
+/// A serving certificate for `request`'s key and exactly `names` (what was
+/// checked, not what the request says besides), signed by `ca`, valid from
+/// `now` for `lifetime` but never past the CA's end; PEM.
+pub fn sign_request(
+    ca: &KeyedCert,
+    request: &Request,
+    names: &[Name],
+    now: SystemTime,
+    lifetime: Duration,
+) -> Result<String, String> {
+    let (issuer, ca_end) = signer(ca)?;
+    let signed = CertificateSigningRequestParams {
+        params: leaf_params(names, now, lifetime, ca_end)?,
+        public_key: request.request.public_key.clone(),
+    };
+    let cert = signed
+        .signed_by(&issuer)
+        .map_err(|e| format!("signing the certificate: {e}"))?;
+    Ok(cert.pem())
 }
 
 /// When a stored CA must be replaced: now when it is missing, unreadable,
@@ -404,6 +467,22 @@ pub fn pruned(authority: &Authority, now: SystemTime) -> Option<String> {
         }
     }
     Some(bundle)
+}
+
+/// The CAs to trust: `authority`'s CA first, then every other CA of its
+/// bundle and of `earlier` (a bundle trusted before) that has not expired,
+/// each once. Certificates a replaced CA signed stay trusted until they
+/// are renewed or the CA expires.
+pub fn trusted(authority: &Authority, earlier: &str, now: SystemTime) -> String {
+    let mut bundle: String = pem_blocks(&authority.ca.cert).concat();
+    for source in [authority.bundle.as_str(), earlier] {
+        for block in unexpired(source, now) {
+            if !bundle.contains(block.trim()) {
+                bundle.push_str(&block);
+            }
+        }
+    }
+    bundle
 }
 
 /// Whether a CA of `bundle` valid at `now` signed `cert`.

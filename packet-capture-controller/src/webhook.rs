@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -24,11 +24,9 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview
 use kube::runtime::events::EventType;
 use kube::{Api, Client};
 use packet_capture_common::crd::{PacketCaptureConfig, PacketCaptureConfigSpec};
+use packet_capture_common::tls;
+pub use packet_capture_common::tls::{ServingCert, certified_key};
 use packet_capture_common::validate::CaptureLimits;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -226,44 +224,6 @@ pub fn router(admission: Admission) -> Router {
         .with_state(admission)
 }
 
-/// The certificate the webhook presents. Empty until a source (see
-/// `certs`) provides one: a TLS handshake before that fails, which the API
-/// server counts as a failed call (the webhook's `failurePolicy` decides).
-#[derive(Debug, Default)]
-pub struct ServingCert(RwLock<Option<Arc<CertifiedKey>>>);
-
-impl ServingCert {
-    /// Presents `key` from the next handshake on.
-    pub fn set(&self, key: CertifiedKey) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(key));
-    }
-
-    pub fn is_set(&self) -> bool {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).is_some()
-    }
-}
-
-impl ResolvesServerCert for ServingCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-/// The key to present from `tls.crt` (the certificate, then any chain) and
-/// `tls.key`, both PEM; refused when the key is not the certificate's (as a
-/// Secret volume caught between two versions can have it).
-pub fn certified_key(crt: &[u8], key: &[u8]) -> Result<CertifiedKey, String> {
-    let chain = CertificateDer::pem_slice_iter(crt)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("tls.crt: {e}"))?;
-    if chain.is_empty() {
-        return Err("tls.crt: no certificate in it".into());
-    }
-    let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("tls.key: {e}"))?;
-    CertifiedKey::from_der(chain, key, &rustls::crypto::ring::default_provider())
-        .map_err(|e| format!("tls.crt and tls.key: {e}"))
-}
-
 /// Connections the webhook serves at once (the API server keeps a few open);
 /// more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 128;
@@ -285,17 +245,10 @@ impl WebhookServer {
         certs: Arc<ServingCert>,
         admission: Admission,
     ) -> Result<Self> {
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Certificate {
+        let config = tls::server_config(certs, &[b"http/1.1"]).map_err(|e| Error::Certificate {
             what: "TLS configuration".into(),
             message: e.to_string(),
-        })?
-        .with_no_client_auth()
-        .with_cert_resolver(certs);
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        })?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| Error::Serve {

@@ -27,9 +27,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use packet_capture_common::abi::{
-    DEFAULT_RING_BYTES, DIRECTION_EGRESS, DIRECTION_INGRESS, LINK_ETHERNET, LINK_RAW_IP,
-    LOST_MASKS, MAX_PREFIXES, MAX_SNAPLEN, PORT_ENTRIES, RECORD_HEADER_LEN, RecordHeader, Settings,
-    counter,
+    API_V4, API_V6, DEFAULT_RING_BYTES, DIRECTION_EGRESS, DIRECTION_INGRESS, LINK_ETHERNET,
+    LINK_RAW_IP, LOST_MASKS, MAX_PREFIXES, MAX_SNAPLEN, PORT_ENTRIES, RECORD_HEADER_LEN,
+    RecordHeader, Settings, counter,
 };
 
 /// Neither pass nor drop: let the next program or filter decide, as if this
@@ -210,11 +210,11 @@ fn capture<H: Hook>(ctx: &TcContext) {
         return;
     }
     let selectors = if H::LINK == LINK_ETHERNET {
-        parse_ethernet(ctx, settings.any_ip)
+        parse_ethernet(ctx, settings)
     } else {
         // Without a link header, skb->protocol says what the bytes are.
         let proto = u16::from_be(ctx.skb.protocol() as u16);
-        parse_network(ctx, proto, 0, settings.any_ip)
+        parse_network(ctx, proto, 0, settings)
     };
     let port_match = match selectors.ports {
         Some((src, dst)) => settings.any_port | port_slots(src) | port_slots(dst),
@@ -375,11 +375,11 @@ fn emit_in<const N: usize>(ctx: &TcContext, r: &Record) {
 }
 
 #[inline(always)]
-fn parse_ethernet(ctx: &TcContext, any_ip: u64) -> Selectors {
+fn parse_ethernet(ctx: &TcContext, settings: &Settings) -> Selectors {
     let mut offset = ETH_HLEN;
     let Ok(mut proto) = ctx.load::<u16>(12).map(u16::from_be) else {
         too_short(ETH_HLEN);
-        return no_match(any_ip);
+        return no_match(settings.any_ip);
     };
     // VLAN tags still in the frame (802.1ad outer, 802.1Q inner).
     for _ in 0..MAX_VLAN_TAGS {
@@ -388,47 +388,47 @@ fn parse_ethernet(ctx: &TcContext, any_ip: u64) -> Selectors {
         }
         let Ok(inner) = ctx.load::<u16>(offset + 2).map(u16::from_be) else {
             too_short(offset + 4);
-            return no_match(any_ip);
+            return no_match(settings.any_ip);
         };
         proto = inner;
         offset += 4;
     }
-    parse_network(ctx, proto, offset, any_ip)
+    parse_network(ctx, proto, offset, settings)
 }
 
 #[inline(always)]
-fn parse_network(ctx: &TcContext, proto: u16, offset: usize, any_ip: u64) -> Selectors {
+fn parse_network(ctx: &TcContext, proto: u16, offset: usize, settings: &Settings) -> Selectors {
     match proto {
-        ETH_P_IP => parse_ipv4(ctx, offset, any_ip),
-        ETH_P_IPV6 => parse_ipv6(ctx, offset, any_ip),
+        ETH_P_IP => parse_ipv4(ctx, offset, settings),
+        ETH_P_IPV6 => parse_ipv6(ctx, offset, settings),
         // libpcap's `host`/`net` match ARP's sender and target addresses.
         ETH_P_ARP | ETH_P_RARP => {
             let spa = ctx.load::<[u8; 4]>(offset + 14);
             let tpa = ctx.load::<[u8; 4]>(offset + 24);
             match (spa, tpa) {
                 (Ok(s), Ok(t)) => Selectors {
-                    ip: any_ip | ipv4_slots(s) | ipv4_slots(t),
+                    ip: settings.any_ip | ipv4_slots(s) | ipv4_slots(t),
                     ports: None,
                 },
                 _ => {
                     too_short(offset + ARP_LEN);
-                    no_match(any_ip)
+                    no_match(settings.any_ip)
                 }
             }
         }
-        _ => no_match(any_ip),
+        _ => no_match(settings.any_ip),
     }
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &TcContext, offset: usize, any_ip: u64) -> Selectors {
+fn parse_ipv4(ctx: &TcContext, offset: usize, settings: &Settings) -> Selectors {
     let Ok(first) = ctx.load::<u8>(offset) else {
         too_short(offset + IPV4_MIN_LEN);
-        return no_match(any_ip);
+        return no_match(settings.any_ip);
     };
     let header_len = usize::from(first & 0x0f) * 4;
     if first >> 4 != 4 || header_len < 20 {
-        return no_match(any_ip);
+        return no_match(settings.any_ip);
     }
     let (Ok(frag), Ok(protocol), Ok(src), Ok(dst)) = (
         ctx.load::<u16>(offset + 6).map(u16::from_be),
@@ -437,29 +437,42 @@ fn parse_ipv4(ctx: &TcContext, offset: usize, any_ip: u64) -> Selectors {
         ctx.load::<[u8; 4]>(offset + 16),
     ) else {
         too_short(offset + IPV4_MIN_LEN);
-        return no_match(any_ip);
+        return no_match(settings.any_ip);
     };
-    let ip = any_ip | ipv4_slots(src) | ipv4_slots(dst);
+    let ip = settings.any_ip | ipv4_slots(src) | ipv4_slots(dst);
     // Only the first fragment carries the transport header.
     let ports = if frag & 0x1fff == 0 {
         transport_ports(ctx, protocol, offset + header_len)
     } else {
         None
     };
+    if protocol == IPPROTO_TCP
+        && settings.api_family == API_V4
+        && let Some((sport, dport)) = ports
+        && own_api(
+            settings.api_port,
+            sport,
+            dport,
+            src == settings.api_v4,
+            dst == settings.api_v4,
+        )
+    {
+        return no_match(0);
+    }
     Selectors { ip, ports }
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &TcContext, offset: usize, any_ip: u64) -> Selectors {
+fn parse_ipv6(ctx: &TcContext, offset: usize, settings: &Settings) -> Selectors {
     let (Ok(mut next), Ok(src), Ok(dst)) = (
         ctx.load::<u8>(offset + 6),
         ctx.load::<[u8; 16]>(offset + 8),
         ctx.load::<[u8; 16]>(offset + 24),
     ) else {
         too_short(offset + IPV6_LEN);
-        return no_match(any_ip);
+        return no_match(settings.any_ip);
     };
-    let ip = any_ip | ipv6_slots(src) | ipv6_slots(dst);
+    let ip = settings.any_ip | ipv6_slots(src) | ipv6_slots(dst);
     let mut at = offset + 40;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
@@ -493,10 +506,30 @@ fn parse_ipv6(ctx: &TcContext, offset: usize, any_ip: u64) -> Selectors {
             _ => break,
         }
     }
-    Selectors {
-        ip,
-        ports: transport_ports(ctx, next, at),
+    let ports = transport_ports(ctx, next, at);
+    if next == IPPROTO_TCP
+        && settings.api_family == API_V6
+        && let Some((sport, dport)) = ports
+        && own_api(
+            settings.api_port,
+            sport,
+            dport,
+            src == settings.api_v6,
+            dst == settings.api_v6,
+        )
+    {
+        return no_match(0);
     }
+    Selectors { ip, ports }
+}
+
+/// Whether a TCP segment is one of the agent's own API connections: to or
+/// from its listening address and port. Those are never captured, whatever
+/// the targets (a capture of the node or of the controller would otherwise
+/// record the agent's traffic with its callers).
+#[inline(always)]
+fn own_api(api_port: u16, sport: u16, dport: u16, from_api: bool, to_api: bool) -> bool {
+    (from_api && sport == api_port) || (to_api && dport == api_port)
 }
 
 #[inline(always)]

@@ -125,11 +125,11 @@ pub fn validate_server_side(t: &Tools) -> anyhow::Result<Vec<String>> {
     let served = served(t)?;
     let mut skipped = Vec::new();
     for (label, args, namespace) in [
-        ("default values", &[][..], NAMESPACE),
+        ("default values", &["--namespace", NAMESPACE][..], NAMESPACE),
         (
             "non-default values",
             &["-f", NON_DEFAULT_VALUES][..],
-            "packet-capture",
+            "capture-system",
         ),
     ] {
         // Namespaced objects can only be dry-run into a namespace that exists.
@@ -148,8 +148,11 @@ pub fn validate_server_side(t: &Tools) -> anyhow::Result<Vec<String>> {
     for (_, file) in FILES {
         let docs = documents(&std::fs::read_to_string(root().join(file))?)?;
         let (yaml, left_out) = servable(&docs, &served)?;
-        t.ok(&["apply", "--dry-run=server", "-f", "-"], Some(&yaml))
-            .with_context(|| file.to_owned())?;
+        // A manifest of cert-manager's objects only has nothing left here.
+        if !yaml.is_empty() {
+            t.ok(&["apply", "--dry-run=server", "-f", "-"], Some(&yaml))
+                .with_context(|| file.to_owned())?;
+        }
         skipped.extend(left_out);
     }
     let mut captures = vec![root().join(SAMPLE)];
@@ -236,12 +239,18 @@ const VWCS: &str = "validatingwebhookconfigurations.admissionregistration.k8s.io
 /// values), and the controller's own CA (self-managed certificates only).
 const CERT_SECRET: &str = "secrets/packet-capture-webhook-tls";
 const CA_SECRET: &str = "secrets/packet-capture-ca";
+/// The agents' CA that cert-manager keeps.
+const AGENT_CA_SECRET: &str = "secrets/packet-capture-agent-ca";
+const CSRS: &str = "certificatesigningrequests.certificates.k8s.io";
 const SETTINGS: &str = "configmaps/packet-capture-config";
 const LEASE: &str = "leases.coordination.k8s.io/packet-capture-controller";
 const WEBHOOK_CONFIGURATION: &str =
     "validatingwebhookconfigurations.admissionregistration.k8s.io/packet-capture-webhook";
 const NS: Option<&str> = Some(NAMESPACE);
 const OTHER: Option<&str> = Some("default");
+/// Where the chart used to install: the controller's rules on any name
+/// (create ConfigMaps, Secrets, Leases) must not reach it.
+const KUBE_SYSTEM: Option<&str> = Some("kube-system");
 
 /// What each account may and may not do.
 pub const QUESTIONS: &[Question] = &[
@@ -278,6 +287,8 @@ pub const QUESTIONS: &[Question] = &[
     q(CTL, "get", SETTINGS, NS, true),
     q(CTL, "watch", SETTINGS, NS, true),
     q(CTL, "get", "configmaps", OTHER, false),
+    q(CTL, "create", "configmaps", KUBE_SYSTEM, false),
+    q(CTL, "patch", "configmaps", KUBE_SYSTEM, false),
     // Its Lease by name.
     q(CTL, "create", LEASES, NS, true),
     q(CTL, "update", LEASE, NS, true),
@@ -293,8 +304,22 @@ pub const QUESTIONS: &[Question] = &[
     q(CTL, "update", CERT_SECRET, NS, false),
     q(CTL, "delete", CERT_SECRET, NS, false),
     q(CTL, "get", CERT_SECRET, OTHER, false),
-    q(CTL, "get", CA_SECRET, NS, false),
-    q(CTL, "create", "secrets", NS, false),
+    // Its own CA by name, which signs the agents' certificates.
+    q(CTL, "get", CA_SECRET, NS, true),
+    q(CTL, "update", CA_SECRET, NS, true),
+    q(CTL, "delete", CA_SECRET, NS, false),
+    q(CTL, "get", AGENT_CA_SECRET, NS, true),
+    q(CTL, "update", AGENT_CA_SECRET, NS, false),
+    // The agents' certificate requests: read and decided, never made.
+    q(CTL, "watch", CSRS, None, true),
+    sub(q(CTL, "update", CSRS, None, true), "approval"),
+    sub(q(CTL, "update", CSRS, None, true), "status"),
+    q(CTL, "create", CSRS, None, false),
+    q(CTL, "delete", CSRS, None, false),
+    // Its own CA when missing (create cannot be limited to a name).
+    q(CTL, "create", "secrets", NS, true),
+    q(CTL, "create", "secrets", KUBE_SYSTEM, false),
+    q(CTL, "create", LEASES, KUBE_SYSTEM, false),
     q(CTL, "get", WEBHOOK_CONFIGURATION, None, false),
     q(CTL, "patch", WEBHOOK_CONFIGURATION, None, false),
     q(CTL, "patch", VWCS, None, false),
@@ -308,6 +333,12 @@ pub const QUESTIONS: &[Question] = &[
     q(AGENT, "list", "pods", None, false),
     q(AGENT, "get", "nodes", None, false),
     q(AGENT, "get", PCC, None, false),
+    // Its own certificate request: made and watched, never decided.
+    q(AGENT, "create", CSRS, None, true),
+    q(AGENT, "watch", CSRS, None, true),
+    sub(q(AGENT, "update", CSRS, None, false), "approval"),
+    sub(q(AGENT, "update", CSRS, None, false), "status"),
+    q(AGENT, "delete", CSRS, None, false),
     q(AGENT, "capture", "pods", None, false),
     sub(q(AGENT, "get", PCC, None, false), "files"),
     q(AGENT, "get", "configmaps", NS, false),
@@ -319,14 +350,18 @@ pub const QUESTIONS: &[Question] = &[
     q(AGENT, "create", "events", NS, false),
 ];
 
-/// Installs the CRD, applies manifests/rbac.yaml and asks every
-/// [`QUESTIONS`] entry (the server must authorize with RBAC); returns
-/// the answers that were wrong (empty when all are right).
+/// Installs the CRD, applies the manifests' namespace and
+/// manifests/rbac.yaml and asks every [`QUESTIONS`] entry (the server must
+/// authorize with RBAC); returns the answers that were wrong (empty when all
+/// are right).
 pub fn check_rbac(t: &Tools) -> anyhow::Result<Vec<String>> {
     // Without the CRD, kubectl cannot map packetcaptureconfigs to its group
     // and every answer about it is "no".
     install_crd(t)?;
-    t.ok(&["apply", "-f", FILES[0].1], None)?;
+    // FILES is in install order: the namespace, then the RBAC.
+    for (_, file) in &FILES[..2] {
+        t.ok(&["apply", "-f", file], None)?;
+    }
     let mut wrong = Vec::new();
     for question in QUESTIONS {
         let user = format!(
@@ -474,6 +509,7 @@ pub fn check_make_targets(t: &Tools) -> anyhow::Result<()> {
         ("serviceaccount/packet-capture-agent", true),
         ("clusterrole/packet-capture-controller", false),
         ("crd/packetcaptureconfigs.networking.packet.io", false),
+        (&format!("namespace/{NAMESPACE}"), false),
     ] {
         ensure!(
             !exists(t, resource, namespaced)?,
@@ -486,7 +522,7 @@ pub fn check_make_targets(t: &Tools) -> anyhow::Result<()> {
 }
 
 /// The README's Helm install, then its uninstall: `helm install` (the webhook
-/// only when cert-manager's API is served), a capture applied, `helm
+/// and cert-manager's objects only when cert-manager's API is served), a capture applied, `helm
 /// uninstall`, the CRD deleted by hand as the README says.
 pub fn check_helm_install(t: &Tools) -> anyhow::Result<()> {
     let helm = |args: &[&str]| {
@@ -499,18 +535,26 @@ pub fn check_helm_install(t: &Tools) -> anyhow::Result<()> {
     };
     let cert_manager = served(t)?.iter().any(|v| v.starts_with("cert-manager.io/"));
     let webhook = format!("webhook.enabled={cert_manager}");
+    let with_cert_manager = format!("certManager.enabled={cert_manager}");
     let notes = helm(&[
         "install",
         RELEASE,
         CHART,
         "--namespace",
         NAMESPACE,
+        "--create-namespace",
         "--set",
         &webhook,
+        "--set",
+        &with_cert_manager,
     ])?;
     ensure!(
         notes.contains("STATUS: deployed") && notes.contains("kubectl get pcc"),
         "helm install printed no NOTES:\n{notes}"
+    );
+    ensure!(
+        notes.contains(&format!("installed in namespace {NAMESPACE}.")),
+        "helm install did not install into its release namespace:\n{notes}"
     );
     for (resource, namespaced) in [
         ("crd/packetcaptureconfigs.networking.packet.io", false),

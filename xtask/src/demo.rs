@@ -12,12 +12,12 @@ use anyhow::{Context as _, bail};
 use kube::Api;
 use packet_capture_common::crd::PacketCaptureConfig;
 use packet_capture_test_support::cluster::{
-    AgentOptions, COMPONENT_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, Cluster, ClusterProcess,
-    Lifetime, SimAgent,
+    AGENT_CA_CONFIG_MAP, AgentOptions, COMPONENT_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, Cluster,
+    ClusterProcess, Lifetime, SimAgent,
 };
 
 use crate::cluster::{Running, up};
-use crate::manifests::SAMPLE;
+use crate::manifests::{FILES, SAMPLE};
 use crate::util::{cargo, output, root, run, step};
 
 /// The demo's cluster (its state is `.cluster/demo/`).
@@ -28,9 +28,11 @@ const PODS: [(&str, usize); 3] = [("frontend", 0), ("backend", 1), ("cache", 1)]
 const POD_NAMESPACE: &str = "default";
 /// What manifests/sample-config.yaml creates.
 const CAPTURE: &str = "sample-capture";
-/// The install's manifests, in the README's order after the CRD (the
-/// workloads are not applied: there is no kubelet; the demo runs them).
-const INSTALL: [&str; 2] = ["manifests/rbac.yaml", "manifests/config.yaml"];
+/// How many of the install's manifests ([`FILES`], in the README's order
+/// after the CRD) the demo applies: the namespace, the RBAC and the
+/// settings. The workloads are not applied (there is no kubelet); the demo
+/// runs them.
+const INSTALL: usize = 3;
 const CRD: &str = "crd/packet_capture_config_crd.yaml";
 const AUDIENCE: &str = "packet-capture-agent";
 /// Longest wait for the capture to end.
@@ -154,7 +156,7 @@ async fn demo(binaries: &Binaries) -> anyhow::Result<()> {
         demo.running.pods.push(pod);
     }
 
-    step("installing as the README does: the CRD, the RBAC, the settings");
+    step("installing as the README does: the CRD, the namespace, the RBAC, the settings");
     demo.kubectl(&["apply", "-f", CRD]).await?;
     demo.cluster()
         .kubectl_async(&[
@@ -164,7 +166,7 @@ async fn demo(binaries: &Binaries) -> anyhow::Result<()> {
             "crd/packetcaptureconfigs.networking.packet.io",
         ])
         .await?;
-    for manifest in INSTALL {
+    for (_, manifest) in &FILES[..INSTALL] {
         demo.kubectl(&["apply", "-f", manifest]).await?;
     }
 
@@ -200,9 +202,15 @@ async fn demo(binaries: &Binaries) -> anyhow::Result<()> {
             .service_account_kubeconfig(CONTROLLER_SERVICE_ACCOUNT),
     )
     .env("NO_COLOR", "1")
+    // What the Deployment sets from the downward API: where its settings,
+    // its agents and its results ConfigMaps are.
+    .env("POD_NAMESPACE", COMPONENT_NAMESPACE)
     .arg("--agent-token-file")
     .arg(&token_file)
     .args(["--metrics-port", &free_port()?.to_string()])
+    // The agents' CA that the cluster keeps as cert-manager would: the
+    // controller signs each agent's certificate with it.
+    .args(["--agent-ca", "secret"])
     // The webhook needs a certificate and a registration (cert-manager in
     // a real cluster); the CRD's schema still checks every spec.
     .arg("--disable-webhook");
@@ -383,12 +391,25 @@ async fn show_a_file(demo: &Demo) -> anyhow::Result<()> {
     ];
     println!("$ TOKEN=$(kubectl {})", token_args.join(" "));
     let token = demo.cluster().kubectl_async(&token_args).await?;
+    // The agents serve TLS with certificates the controller signed; the
+    // CAs to trust are published in a ConfigMap.
+    println!(
+        "$ kubectl -n {COMPONENT_NAMESPACE} get configmap {AGENT_CA_CONFIG_MAP} -o jsonpath='{{.data.ca\\.crt}}' > agents-ca.crt"
+    );
+    let ca = demo.cluster().agent_ca(Duration::from_secs(60)).await?;
+    let ca_file = demo.cluster().dir().join("agents-ca.crt");
+    std::fs::write(&ca_file, ca).with_context(|| format!("writing {}", ca_file.display()))?;
     let url = format!("{}/api/v1/files/{name}", demo.agents[0].url());
     let file = demo.cluster().dir().join(&name);
-    println!("$ curl -sf -H \"authorization: Bearer $TOKEN\" {url} -o {name}");
+    println!(
+        "$ curl -sf --cacert agents-ca.crt -H \"authorization: Bearer $TOKEN\" {url} -o {name}"
+    );
     let header = format!("authorization: Bearer {}", token.trim());
     let mut curl = tokio::process::Command::new("curl");
-    curl.args(["-sSf", "-H", &header, &url, "-o"]).arg(&file);
+    curl.args(["-sSf", "--cacert"])
+        .arg(&ca_file)
+        .args(["-H", &header, &url, "-o"])
+        .arg(&file);
     let out = curl.output().await.context("running curl")?;
     if !out.status.success() {
         bail!(

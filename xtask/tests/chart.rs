@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use serde_yaml::Value;
 use xtask::chart::*;
-use xtask::util::helm;
+use xtask::manifests::{FILES, NAMESPACE, generate};
+use xtask::util::{helm, root};
 
 /// The helm to test with; in CI a missing helm fails the test.
 fn helm_or_fail() -> PathBuf {
@@ -156,16 +157,25 @@ fn lint_is_clean_with_default_and_non_default_values() {
     }
 }
 
+/// Kinds the chart renders that live outside any namespace.
+fn cluster_scoped(kind: &str) -> bool {
+    kind.starts_with("Cluster") || kind.starts_with("Validating") || kind == "Namespace"
+}
+
 #[test]
 fn default_values_render_the_documented_install() {
-    let docs = render(&helm_or_fail(), &[]).unwrap();
+    // As the README installs it: `--namespace packet-capture`.
+    let docs = render(&helm_or_fail(), &["--namespace", NAMESPACE]).unwrap();
+    assert!(
+        find(&docs, "Namespace", NAMESPACE).is_none(),
+        "helm install --create-namespace makes it"
+    );
     for doc in &docs {
         let kind = doc["kind"].as_str().unwrap();
-        let cluster_scoped = kind.starts_with("Cluster") || kind.starts_with("Validating");
-        if !cluster_scoped {
+        if !cluster_scoped(kind) {
             assert_eq!(
                 doc["metadata"]["namespace"].as_str(),
-                Some("kube-system"),
+                Some(NAMESPACE),
                 "{kind}"
             );
         }
@@ -370,7 +380,7 @@ fn default_values_render_the_documented_install() {
     assert!(hook["clientConfig"]["caBundle"].is_null());
     assert_eq!(
         vwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].as_str(),
-        Some("kube-system/packet-capture-webhook")
+        Some(format!("{NAMESPACE}/packet-capture-webhook").as_str())
     );
     assert!(get(&docs, "Issuer", "packet-capture-selfsigned")["spec"]["selfSigned"].is_mapping());
     assert!(find(&docs, "ServiceMonitor", "packet-capture-controller").is_none());
@@ -435,12 +445,16 @@ fn assert_wired(docs: &[Value], ns: &str) {
         assert_eq!(client["port"], svc["spec"]["ports"][0]["port"]);
         let secret = flag(deploy, "webhook-cert-secret").expect("--webhook-cert-secret");
         let role = get(docs, "Role", "packet-capture-controller");
+        // The CA is the webhook's too when the controller issues its
+        // certificate.
+        let ca = flag(deploy, "ca-secret")
+            .filter(|_| flag(deploy, "webhook-certs") == Some("self-managed"));
         assert!(
             rules(role).contains(&(
                 String::new(),
                 "secrets".into(),
                 "watch".into(),
-                named_names(secret, flag(deploy, "ca-secret"))
+                named_names(secret, ca)
             )),
             "the controller may not watch its certificate's Secret {secret}"
         );
@@ -492,19 +506,166 @@ fn named_names(secret: &str, ca: Option<&str>) -> Vec<String> {
 #[test]
 fn objects_refer_to_each_other_correctly() {
     let helm = helm_or_fail();
-    assert_wired(&render(&helm, &[]).unwrap(), "kube-system");
+    assert_wired(
+        &render(&helm, &["--namespace", NAMESPACE]).unwrap(),
+        NAMESPACE,
+    );
     assert_wired(
         &render(&helm, &["-f", NON_DEFAULT_VALUES]).unwrap(),
-        "packet-capture",
+        "capture-system",
     );
     assert_wired(
-        &render(&helm, &["--set", "namespace=", "--namespace", "capture"]).unwrap(),
-        "capture",
-    );
-    assert_wired(
-        &render(&helm, &["--set", "certManager.enabled=false"]).unwrap(),
+        &render(&helm, &["--set", "namespace=kube-system"]).unwrap(),
         "kube-system",
     );
+    assert_wired(
+        &render(
+            &helm,
+            &[
+                "--namespace",
+                NAMESPACE,
+                "--set",
+                "certManager.enabled=false",
+            ],
+        )
+        .unwrap(),
+        NAMESPACE,
+    );
+}
+
+/// Every namespace `doc` names: its own and, wherever it refers to one,
+/// its subjects', the Service it calls, the namespaces it selects, the
+/// `<namespace>/<name>` of cert-manager's CA injection, and the namespace in
+/// the webhook's DNS names.
+fn namespaces_named(doc: &Value, out: &mut BTreeSet<String>) {
+    match doc {
+        Value::Mapping(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    (Some("namespace"), Value::String(ns)) => {
+                        out.insert(ns.clone());
+                    }
+                    (Some("matchNames"), names) => {
+                        out.extend(strs(names).into_iter().map(str::to_owned));
+                    }
+                    (Some("cert-manager.io/inject-ca-from"), Value::String(r)) => {
+                        let (ns, _) = r.split_once('/').expect("<namespace>/<name>");
+                        out.insert(ns.to_owned());
+                    }
+                    _ => namespaces_named(v, out),
+                }
+            }
+        }
+        Value::Sequence(items) => items.iter().for_each(|v| namespaces_named(v, out)),
+        Value::String(s) => {
+            if let Some(rest) = s.strip_prefix("packet-capture-webhook.") {
+                out.insert(rest.split('.').next().unwrap_or_default().to_owned());
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn every_namespaced_object_goes_to_the_release_namespace_or_the_one_named() {
+    let helm = helm_or_fail();
+    // Every optional object too: the Namespace, the ServiceMonitors, the
+    // uninstall hook (helm template renders hooks), and the webhook's
+    // certificate from cert-manager or from the controller.
+    const ALL: [&str; 4] = [
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        "createNamespace=true",
+    ];
+    for (args, want) in [
+        // The release namespace, as the README installs it.
+        (&["--namespace", NAMESPACE][..], NAMESPACE),
+        // helm template's release namespace when none is given.
+        (&[][..], "default"),
+        // The seed's layout, either way.
+        (&["--namespace", "kube-system"][..], "kube-system"),
+        (&["--set", "namespace=kube-system"][..], "kube-system"),
+        (
+            &["--namespace", NAMESPACE, "--set", "namespace=kube-system"][..],
+            "kube-system",
+        ),
+    ] {
+        for certs in ["certManager.enabled=true", "certManager.enabled=false"] {
+            let mut all = args.to_vec();
+            all.extend(ALL);
+            all.extend(["--set", certs]);
+            let docs = render(&helm, &all).unwrap();
+            let mut kinds = BTreeSet::new();
+            let mut named = BTreeSet::new();
+            for doc in &docs {
+                let kind = doc["kind"].as_str().unwrap();
+                let name = doc["metadata"]["name"].as_str().unwrap();
+                if cluster_scoped(kind) {
+                    assert!(doc["metadata"]["namespace"].is_null(), "{kind} {name}");
+                } else {
+                    assert_eq!(
+                        doc["metadata"]["namespace"].as_str(),
+                        Some(want),
+                        "{kind} {name} with {all:?}"
+                    );
+                }
+                if kind == "Namespace" {
+                    named.insert(name.to_owned());
+                }
+                namespaces_named(doc, &mut named);
+                kinds.insert(kind);
+            }
+            assert_eq!(named, BTreeSet::from([want.to_owned()]), "{all:?}");
+            for kind in [
+                "Namespace",
+                "RoleBinding",
+                "ClusterRoleBinding",
+                "ServiceMonitor",
+                "Job",
+                "ValidatingWebhookConfiguration",
+            ] {
+                assert!(kinds.contains(kind), "no {kind} with {all:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_manifests_make_their_namespace_first_and_install_into_it() {
+    let files = generate(&helm_or_fail()).unwrap();
+    let (first, text) = &files[0];
+    assert_eq!(*first, FILES[0].1);
+    let docs = documents(text).unwrap();
+    assert_eq!(docs.len(), 1, "{first}");
+    let ns = get(&docs, "Namespace", NAMESPACE);
+    assert_eq!(
+        ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"].as_str(),
+        Some("privileged"),
+        "the agent's namespace must admit it where Pod Security is enforced"
+    );
+    for (file, text) in &files[1..] {
+        for doc in documents(text).unwrap() {
+            let kind = doc["kind"].as_str().unwrap();
+            assert!(kind != "Namespace", "{file}");
+            if !cluster_scoped(kind) {
+                assert_eq!(
+                    doc["metadata"]["namespace"].as_str(),
+                    Some(NAMESPACE),
+                    "{file}: {kind}"
+                );
+            }
+        }
+    }
+    // kubectl applies a directory in the order of its file names.
+    let first_name = first.strip_prefix("manifests/").unwrap();
+    for entry in std::fs::read_dir(root().join("manifests")).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            name.as_str() >= first_name,
+            "manifests/{name} sorts before {first}: `kubectl apply -f manifests/` would apply it first"
+        );
+    }
 }
 
 #[test]
@@ -524,7 +685,12 @@ fn non_default_values_are_honoured() {
     }
     assert_eq!(
         config["metadata"]["namespace"].as_str(),
-        Some("packet-capture")
+        Some("capture-system")
+    );
+    assert!(
+        get(&docs, "Namespace", "capture-system")["metadata"]["labels"]
+            ["pod-security.kubernetes.io/enforce"]
+            .is_string()
     );
 
     let deploy = get(&docs, "Deployment", "packet-capture-controller");
@@ -624,10 +790,24 @@ fn non_default_values_are_honoured() {
 #[test]
 fn disabling_the_webhook_drops_its_objects() {
     let docs = render(&helm_or_fail(), &["--set", "webhook.enabled=false"]).unwrap();
-    for kind in ["ValidatingWebhookConfiguration", "Certificate", "Issuer"] {
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["kind"].as_str() == Some("ValidatingWebhookConfiguration")),
+        "ValidatingWebhookConfiguration rendered"
+    );
+    // cert-manager's objects are the agents' CA only.
+    for kind in ["Certificate", "Issuer"] {
+        let names: Vec<&str> = docs
+            .iter()
+            .filter(|d| d["kind"].as_str() == Some(kind))
+            .filter_map(|d| d["metadata"]["name"].as_str())
+            .collect();
         assert!(
-            !docs.iter().any(|d| d["kind"].as_str() == Some(kind)),
-            "{kind} rendered"
+            names
+                .iter()
+                .all(|n| n.starts_with("packet-capture-agent-ca")),
+            "{kind}: {names:?}"
         );
     }
     assert!(find(&docs, "Service", "packet-capture-webhook").is_none());
@@ -645,7 +825,8 @@ fn disabling_the_webhook_drops_its_objects() {
         .filter_map(|p| p["name"].as_str())
         .collect();
     assert_eq!(ports, ["http-metrics"]);
-    // And it may touch no Secret and no webhook configuration.
+    // And it may touch no Secret but the agents' CAs, and no webhook
+    // configuration.
     let granted: Vec<Grant> = rules(get(&docs, "Role", "packet-capture-controller"))
         .into_iter()
         .chain(rules(get(
@@ -654,6 +835,18 @@ fn disabling_the_webhook_drops_its_objects() {
             "packet-capture-controller",
         )))
         .filter(|(_, r, _, _)| r == "secrets" || r == "validatingwebhookconfigurations")
+        .filter(|(_, _, verb, names)| {
+            // The agents' CA: cert-manager's, and the controller's own
+            // (created when missing).
+            let agents_ca = if names.is_empty() {
+                verb == "create"
+            } else {
+                names
+                    .iter()
+                    .all(|n| n == "packet-capture-ca" || n == "packet-capture-agent-ca")
+            };
+            !agents_ca
+        })
         .collect();
     assert!(granted.is_empty(), "{granted:?}");
 }
@@ -693,6 +886,8 @@ fn without_cert_manager_or_a_ca_bundle_the_controller_issues_the_certificate() {
         named_grants(&[
             ("", &["secrets"], &["get", "list", "watch", "update"], NAMES),
             ("", &["secrets"], &["create"], &[]),
+            // The same CA signs the agents' certificates.
+            ("", &["secrets"], &["get", "update"], &["packet-capture-ca"]),
         ])
     );
     let cluster: BTreeSet<Grant> = rules(get(&docs, "ClusterRole", "packet-capture-controller"))
@@ -764,19 +959,44 @@ fn each_account_gets_exactly_the_access_it_uses() {
             &["subjectaccessreviews"],
             &["create"],
         ),
+        // The agents' certificate requests, decided and signed.
+        (
+            "certificates.k8s.io",
+            &["certificatesigningrequests"],
+            &["get", "list", "watch"],
+        ),
+        (
+            "certificates.k8s.io",
+            &[
+                "certificatesigningrequests/approval",
+                "certificatesigningrequests/status",
+            ],
+            &["update", "patch"],
+        ),
     ];
+    // As the signer of the agents' certificates only.
+    let signer = named_grants(&[(
+        "certificates.k8s.io",
+        &["signers"],
+        &["approve", "sign"],
+        &["networking.packet.io/agent-serving"],
+    )]);
     assert_eq!(
         rules(get(&docs, "ClusterRole", "packet-capture-controller")),
-        grants(controller)
+        &grants(controller) | &signer
     );
     // The results ConfigMaps (any name: create and apply), the Lease's
     // first creation.
     let in_namespace: &[(&str, &[&str], &[&str])] = &[
         ("", &["configmaps"], &["create", "patch"]),
         ("coordination.k8s.io", &["leases"], &["create"]),
+        // Its own CA, until cert-manager's is there (create cannot be
+        // limited to a name).
+        ("", &["secrets"], &["create"]),
     ];
-    // By name: its settings, its Lease, and cert-manager's Secret, read and
-    // watched (never written).
+    // By name: its settings, its Lease, cert-manager's Secrets (the
+    // webhook's certificate read and watched, the agents' CA read; never
+    // written), its own CA and the agents' CA bundle it publishes.
     let named = named_grants(&[
         (
             "",
@@ -784,6 +1004,9 @@ fn each_account_gets_exactly_the_access_it_uses() {
             &["get", "list", "watch"],
             &["packet-capture-config"],
         ),
+        ("", &["configmaps"], &["get"], &["packet-capture-agent-ca"]),
+        ("", &["secrets"], &["get"], &["packet-capture-agent-ca"]),
+        ("", &["secrets"], &["get", "update"], &["packet-capture-ca"]),
         (
             "coordination.k8s.io",
             &["leases"],
@@ -807,6 +1030,12 @@ fn each_account_gets_exactly_the_access_it_uses() {
             "authorization.k8s.io",
             &["subjectaccessreviews"],
             &["create"],
+        ),
+        // Its serving certificate's request, watched until signed.
+        (
+            "certificates.k8s.io",
+            &["certificatesigningrequests"],
+            &["create", "get", "list", "watch"],
         ),
     ];
     assert_eq!(

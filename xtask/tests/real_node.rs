@@ -225,13 +225,14 @@ impl World {
     /// account bound to packet-capture-viewer, as the README shows; the
     /// controller's own account may not read files.
     async fn download(&self, file_name: &str, to: &Path) {
-        let url = format!("http://{}:8080/api/v1/files/{file_name}", self.node.ip());
+        let url = format!("https://{}:8080/api/v1/files/{file_name}", self.node.ip());
+        let client = self.agent_client().await;
         let controller = self
             .cluster
             .token_for(NS, CONTROLLER_SERVICE_ACCOUNT, &["packet-capture-agent"])
             .await
             .unwrap();
-        let refused = reqwest::Client::new()
+        let refused = client
             .get(&url)
             .bearer_auth(controller)
             .send()
@@ -257,12 +258,7 @@ impl World {
         // and the agent keeps a refusal for its cache's lifetime (30 s).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         let response = loop {
-            let response = reqwest::Client::new()
-                .get(&url)
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap();
+            let response = client.get(&url).bearer_auth(&token).send().await.unwrap();
             if response.status() != 403 || std::time::Instant::now() > deadline {
                 break response;
             }
@@ -270,6 +266,25 @@ impl World {
         };
         assert_eq!(response.status(), 200, "GET {url}");
         std::fs::write(to, response.bytes().await.unwrap()).unwrap();
+    }
+
+    /// The CAs the controller publishes for the agents' certificates (PEM).
+    async fn agent_ca(&self) -> String {
+        self.cluster
+            .agent_ca(std::time::Duration::from_secs(120))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// An HTTPS client that trusts only the agents' CAs.
+    async fn agent_client(&self) -> reqwest::Client {
+        let ca = self.agent_ca().await;
+        reqwest::Client::builder()
+            .no_proxy()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+            .build()
+            .unwrap()
     }
 
     /// `kubectl logs -f` of a pod in the release's namespace.
@@ -401,11 +416,14 @@ async fn helm_install_on_a_real_node_captures_real_pods() {
     let world = World::start(&format!("rn{}", std::process::id())).await;
     let registry = world.registry();
 
-    // Installed as the README says, without cert-manager.
+    // Installed as the README says, without cert-manager: into a namespace
+    // of its own (the cluster made it already, for the service accounts
+    // the simulated components use, so --create-namespace finds it).
     world.helm(&[
         "install",
         RELEASE,
         "charts/packet-capture",
+        "--create-namespace",
         "--set",
         &format!("image.registry={registry}"),
         "--set",
@@ -481,6 +499,56 @@ async fn helm_install_on_a_real_node_captures_real_pods() {
             "{src} -> {dst} is not between {client} and {server}"
         );
     }
+
+    // The agent's port speaks TLS only, with a certificate for the node
+    // that the agents' CA signed: grpcurl verifies it with the published
+    // CA, and a pod on the node that speaks plain HTTP gets no answer. The
+    // agent listens on the node's address and nowhere else.
+    let node_ip = world.node.ip().to_string();
+    let ca_file = dir.path().join("agents-ca.crt");
+    std::fs::write(&ca_file, world.agent_ca().await).unwrap();
+    let grpcurl = output(
+        Command::new(packet_capture_test_support::tools::grpcurl())
+            .arg("-cacert")
+            .arg(&ca_file)
+            .arg(format!("{node_ip}:8080"))
+            .arg("packetcapture.v1.Agent/Health"),
+    );
+    let grpc_health: Value = serde_json::from_str(&grpcurl).unwrap();
+    assert_eq!(grpc_health["nodeName"], world.node.name(), "{grpcurl}");
+    let probe = world.pod(
+        "scanner",
+        &format!(
+            "exec 3<>/dev/tcp/{node_ip}/8080; printf 'GET /health HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' >&3; \
+             head -c 5 <&3 > /tmp/answer; echo done > /tmp/asked; exec sleep infinity"
+        ),
+    );
+    assert!(!probe.is_empty());
+    let answer = world.kubectl(&[
+        "exec",
+        "-n",
+        APP_NS,
+        "scanner",
+        "--",
+        "bash",
+        "-c",
+        "while [ ! -e /tmp/asked ]; do sleep 0.1; done; cat /tmp/answer",
+    ]);
+    assert!(
+        !answer.starts_with("HTTP/"),
+        "plain HTTP on the agent's port was answered: {answer:?}"
+    );
+    let listening =
+        output(Command::new("ip").args(["netns", "exec", world.node.netns(), "ss", "-Hltnp"]));
+    let agent_sockets: Vec<&str> = listening
+        .lines()
+        .filter(|l| l.contains("packet-captur"))
+        .collect();
+    assert_eq!(agent_sockets.len(), 1, "{listening}");
+    assert!(
+        agent_sockets[0].contains(&format!("{node_ip}:8080")),
+        "{listening}"
+    );
 
     // The webhook, served with the controller's own certificate through its
     // Service, refuses a bad spec with the field named.

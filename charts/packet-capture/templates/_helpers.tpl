@@ -1,4 +1,4 @@
-{{/* Namespace of every namespaced object. */}}
+{{/* Namespace of every namespaced object: the release's unless .Values.namespace names one. */}}
 {{- define "packet-capture.namespace" -}}
 {{- .Values.namespace | default .Release.Namespace -}}
 {{- end }}
@@ -60,6 +60,17 @@ given), or its own CA (neither). */}}
 {{- if .Values.certManager.enabled -}}
 cert-manager
 {{- else if .Values.webhook.caBundle -}}
+secret
+{{- else -}}
+self-managed
+{{- end -}}
+{{- end }}
+
+{{/* Where the agents' CA comes from (the controller's --agent-ca): a CA
+cert-manager keeps in the Secret packet-capture-agent-ca, or the
+controller's own. */}}
+{{- define "packet-capture.agentCa" -}}
+{{- if .Values.certManager.enabled -}}
 secret
 {{- else -}}
 self-managed

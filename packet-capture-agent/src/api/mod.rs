@@ -264,12 +264,14 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
 /// Serves the router on the listener until `shutdown` completes; then stops
 /// accepting and lets requests in progress finish. HTTP/1.1 (REST) and
-/// HTTP/2 (gRPC) on one port, at most [`MAX_CONNECTIONS`] connections.
-/// Each request knows its peer's address (the authorizer limits refused
-/// tokens per address).
+/// HTTP/2 (gRPC) on one port, over TLS when `tls` is given (a client has
+/// [`HEADER_READ_TIMEOUT`] for its handshake), at most [`MAX_CONNECTIONS`]
+/// connections. Each request knows its peer's address (the authorizer
+/// limits refused tokens per address).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -314,12 +316,28 @@ pub async fn serve(
                     req
                 });
         let service = hyper_util::service::TowerToHyperService::new(service);
-        let connection = http
-            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let (http, tls, watcher) = (http.clone(), tls.clone(), graceful.watcher());
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let served = match tls {
+                None => {
+                    let connection =
+                        http.serve_connection_with_upgrades(TokioIo::new(tcp), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+                Some(tls) => match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(tcp)).await
+                {
+                    Ok(Ok(stream)) => {
+                        let connection =
+                            http.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        watcher.watch(connection.into_owned()).await
+                    }
+                    Ok(Err(e)) => Err(format!("TLS handshake: {e}").into()),
+                    Err(_) => {
+                        Err(format!("no TLS handshake within {HEADER_READ_TIMEOUT:?}").into())
+                    }
+                },
+            };
+            if let Err(e) = served {
                 tracing::debug!(%peer, "connection: {e}");
             }
             drop(slot);

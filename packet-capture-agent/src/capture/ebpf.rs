@@ -19,7 +19,7 @@ use packet_capture_common::abi::{
 use super::backend::{Backend, BackendError, Ended, EndedTx, Running, Selection};
 use super::poll::wait_readable;
 use super::sink::{EndReason, Sink};
-use crate::ebpf::{Kernel, LinkKind, SlotTargets};
+use crate::ebpf::{Kernel, LinkKind, SlotTargets, TcAttach};
 use crate::netlink::Link;
 use crate::sync::{lock, spawn_essential};
 use crate::writer::{Direction, Meta};
@@ -28,6 +28,15 @@ use crate::writer::{Direction, Meta};
 /// programs only wake it for a full batch).
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Records the reader hands out before it looks at its commands again:
+/// under a flood that refills the ring as fast as it is read, a start or a
+/// stop waits for one batch, not for the flood to end.
+const BATCH: usize = 4096;
+
+/// Bytes the kernel puts before each record in the ring, which also keeps
+/// records 8-byte aligned (`BPF_RINGBUF_HDR_SZ`).
+const RING_RECORD_HEADER: u64 = 8;
+
 enum Command {
     /// Install a sink; the reader answers on `installed` once it is in place.
     Add {
@@ -35,7 +44,8 @@ enum Command {
         sink: Box<Sink>,
         installed: std::sync::mpsc::SyncSender<()>,
     },
-    /// End a capture; the kernel no longer selects for its slot.
+    /// End a capture once what the kernel selected for it has been read;
+    /// the kernel no longer selects for its slot.
     Remove {
         slot: usize,
         reason: EndReason,
@@ -93,9 +103,17 @@ pub struct EbpfBackend {
 
 impl EbpfBackend {
     /// Loads the programs with a ring of `ring_bytes` and starts the reader;
-    /// ended sinks are reported on `ended`.
-    pub fn load(ring_bytes: u32, ended: EndedTx) -> Result<Self, BackendError> {
-        let (kernel, ring) = Kernel::load(ring_bytes)?;
+    /// interfaces get the programs as `tc_attach` says, and ended sinks are
+    /// reported on `ended`.
+    pub fn load(
+        ring_bytes: u32,
+        tc_attach: TcAttach,
+        own_api: Option<std::net::SocketAddr>,
+        ended: EndedTx,
+    ) -> Result<Self, BackendError> {
+        let (mut kernel, ring) = Kernel::load(ring_bytes)?;
+        kernel.set_tc_attach(tc_attach);
+        kernel.set_own_api(own_api)?;
         for (program, verified, bytes) in kernel.program_sizes() {
             tracing::debug!(program, verified, bytes, "eBPF program loaded");
         }
@@ -109,7 +127,7 @@ impl EbpfBackend {
         let wake = unsafe { OwnedFd::from_raw_fd(raw) };
         let woken = wake.try_clone().map_err(BackendError::Reader)?;
         let reader = spawn_essential("ring-reader".into(), move || {
-            Reader::new(ring, rx, woken, ended).run()
+            Reader::new(ring, ring_bytes, rx, woken, ended).run()
         })
         .map_err(BackendError::Reader)?;
         Ok(Self {
@@ -217,7 +235,9 @@ impl Backend for EbpfBackend {
     /// detaches the programs from every interface.
     fn shutdown(&self) {
         self.shared.commands.send(Command::Shutdown);
-        if let Some(reader) = lock(&self.reader).take() {
+        // Taken out first: the lock is not held while the reader finishes.
+        let reader = lock(&self.reader).take();
+        if let Some(reader) = reader {
             let _ = reader.join();
         }
         self.shared.kernel().detach_all();
@@ -267,13 +287,28 @@ impl Drop for SlotCapture {
     }
 }
 
+/// A capture asked to end whose records may still be in the ring.
+struct Ending {
+    reason: EndReason,
+    /// [`Reader::consumed`] past which none of them can be left.
+    until: u64,
+}
+
 struct Reader {
     ring: RingBuf<MapData>,
+    /// The ring's size: at most this many bytes of records wait in it.
+    ring_bytes: u64,
+    /// Bytes of records taken from the ring since the reader started (as
+    /// the kernel lays them out; discarded records, which the reader never
+    /// sees, are not counted, so this only ever lags behind).
+    consumed: u64,
     commands: Receiver<Command>,
     /// Readable when commands wait.
     woken: OwnedFd,
     ended: EndedTx,
     sinks: Vec<Option<Sink>>,
+    /// By slot: the end asked for a sink still installed.
+    ending: Vec<Option<Ending>>,
     names: HashMap<u32, String>,
     /// Where frames are rebuilt (a VLAN tag put back, an Ethernet header
     /// added), reused for every packet.
@@ -283,32 +318,43 @@ struct Reader {
 impl Reader {
     fn new(
         ring: RingBuf<MapData>,
+        ring_bytes: u32,
         commands: Receiver<Command>,
         woken: OwnedFd,
         ended: EndedTx,
     ) -> Self {
         Self {
             ring,
+            ring_bytes: ring_bytes.into(),
+            consumed: 0,
             commands,
             woken,
             ended,
             sinks: (0..MAX_SLOTS).map(|_| None).collect(),
+            ending: (0..MAX_SLOTS).map(|_| None).collect(),
             names: HashMap::new(),
             frame: Vec::with_capacity(packet_capture_common::abi::MAX_SNAPLEN as usize + 18),
         }
     }
 
+    /// Takes the commands, then a batch of records, in turn: a busy ring
+    /// delays a command by one batch at most.
     fn run(mut self) {
+        let mut emptied = true;
         loop {
-            // With captures running, records may wait in the ring without a
-            // wake-up (they come in batches): look every POLL_INTERVAL.
-            let active = self.sinks.iter().any(Option::is_some);
-            let timeout = if active {
-                POLL_INTERVAL
-            } else {
-                Duration::from_secs(1)
-            };
-            wait_readable(&[self.ring.as_raw_fd(), self.woken.as_raw_fd()], timeout);
+            // A ring that still held records after the last batch is read
+            // on at once. Otherwise, with captures running, records may
+            // wait in the ring without a wake-up (they come in batches):
+            // look every POLL_INTERVAL.
+            if emptied {
+                let active = self.sinks.iter().any(Option::is_some);
+                let timeout = if active {
+                    POLL_INTERVAL
+                } else {
+                    Duration::from_secs(1)
+                };
+                wait_readable(&[self.ring.as_raw_fd(), self.woken.as_raw_fd()], timeout);
+            }
             let mut count = [0u8; 8];
             // SAFETY: reading the eventfd's counter into 8 bytes we own.
             unsafe {
@@ -330,8 +376,14 @@ impl Reader {
                     Err(TryRecvError::Disconnected) => return,
                 }
             }
-            self.drain();
+            emptied = self.drain();
             for slot in 0..MAX_SLOTS {
+                let due = self.ending[slot]
+                    .as_ref()
+                    .is_some_and(|e| emptied || self.consumed >= e.until);
+                if due && let Some(e) = self.ending[slot].take() {
+                    finish(&mut self.sinks[slot], &self.ended, e.reason);
+                }
                 if let Some(sink) = self.sinks[slot].as_mut()
                     && let Err(reason) = sink.flush()
                 {
@@ -349,14 +401,25 @@ impl Reader {
                 sink,
                 installed,
             } => {
+                // A slot is handed out again only once its last sink has
+                // ended and been reported, so an end still waiting here was
+                // for that sink, which ended otherwise (a limit, an error).
+                self.ending[slot] = None;
                 self.sinks[slot] = Some(*sink);
                 let _ = installed.send(());
             }
             Command::Remove { slot, reason } => {
                 // What the kernel selected before the slot was cleared
-                // belongs to the capture.
-                self.drain();
-                finish(&mut self.sinks[slot], &self.ended, reason);
+                // belongs to the capture. It is all in the ring now, behind
+                // at most a ring's worth of bytes: the sink ends once the
+                // reader has read that much more, or found the ring empty,
+                // while other captures go on starting and stopping.
+                if self.sinks[slot].is_some() && self.ending[slot].is_none() {
+                    self.ending[slot] = Some(Ending {
+                        reason,
+                        until: self.consumed + self.ring_bytes,
+                    });
+                }
             }
             Command::Discard { slot } => {
                 if let Some(sink) = self.sinks[slot].take() {
@@ -369,9 +432,15 @@ impl Reader {
         true
     }
 
-    fn drain(&mut self) {
+    /// Hands at most [`BATCH`] records to their sinks; whether the ring ran
+    /// empty.
+    fn drain(&mut self) -> bool {
         let offset = realtime_offset_ns();
-        while let Some(item) = self.ring.next() {
+        for _ in 0..BATCH {
+            let Some(item) = self.ring.next() else {
+                return true;
+            };
+            self.consumed += (RING_RECORD_HEADER + item.len() as u64).next_multiple_of(8);
             if item.len() < RECORD_HEADER_LEN {
                 continue;
             }
@@ -403,6 +472,7 @@ impl Reader {
                 }
             }
         }
+        false
     }
 }
 

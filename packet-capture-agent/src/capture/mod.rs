@@ -29,6 +29,7 @@ use packet_capture_common::crd::{CaptureState, OutputFormat, STDOUT_OUTPUT_FILE}
 use packet_capture_common::validate::CaptureLimits;
 use tokio::sync::{mpsc, watch};
 
+use crate::ebpf::TcAttach;
 use crate::files::{CaptureDir, Maintenance};
 use crate::filter::Filter;
 use crate::sync::lock;
@@ -135,6 +136,10 @@ pub struct EngineConfig {
     pub backend: BackendChoice,
     /// Ring buffer shared by all captures (eBPF backend).
     pub ring_bytes: u32,
+    /// How the eBPF programs are attached to the interfaces.
+    pub tc_attach: TcAttach,
+    /// The agent API's address: TCP to or from it is never captured.
+    pub own_api: Option<std::net::SocketAddr>,
 }
 
 /// Engine-wide numbers for metrics.
@@ -319,7 +324,11 @@ impl Engine {
             let captures = lock(&self.inner.captures);
             if let Some(existing) = captures.get(&req.id) {
                 if existing.name == req.name && existing.spec == req.spec {
-                    return Ok(self.snapshot(existing));
+                    // Not under the lock every request takes: a snapshot
+                    // asks the backend for the capture's losses.
+                    let existing = existing.clone();
+                    drop(captures);
+                    return Ok(self.snapshot(&existing));
                 }
                 return Err(StartError::Conflict(format!(
                     "capture {:?} exists with a different name or spec",
@@ -503,8 +512,12 @@ impl Engine {
     }
 
     fn snapshot(&self, c: &Capture) -> CaptureStatus {
+        // The backend is asked before `life` is locked: starts lock `life`
+        // while they hold `captures`, and must not wait on the backend. An
+        // end recorded meanwhile has frozen the losses, and those win.
+        let lost = self.lost_now(c);
         let life = lock(&c.life);
-        let dropped = life.dropped.unwrap_or_else(|| self.lost_now(c));
+        let dropped = life.dropped.unwrap_or(lost);
         let (output_file, file_size) = match (&life.file, &c.output_file) {
             (Some((path, size)), _) => {
                 let (path, size) = self.inner.config.files.current(path, *size);
@@ -617,10 +630,13 @@ fn load_backend(
     let ebpf = || -> Result<Arc<dyn Backend>, BackendError> {
         Ok(Arc::new(ebpf::EbpfBackend::load(
             ring_bytes,
+            config.tc_attach,
+            config.own_api,
             ended.clone(),
         )?))
     };
-    let pcap = || -> Arc<dyn Backend> { Arc::new(pcap::PcapBackend::new(ended.clone())) };
+    let pcap =
+        || -> Arc<dyn Backend> { Arc::new(pcap::PcapBackend::new(config.own_api, ended.clone())) };
     match config.backend {
         BackendChoice::Ebpf => ebpf(),
         BackendChoice::Pcap => Ok(pcap()),

@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::backend::{Backend, BackendError, Ended, EndedTx, Running, Selection};
 use super::poll::wait_readable;
 use super::sink::{EndReason, Sink};
-use crate::filter::{selection_expression, through_vlans};
+use crate::filter::{selection_expression, through_vlans, without_own_api};
 use crate::netlink::Link;
 use crate::sync::{lock, spawn_essential};
 use crate::writer::{Direction, Meta};
@@ -62,6 +62,8 @@ pub struct PcapBackend {
     /// broadcast.
     captures: Mutex<Vec<Sender<Command>>>,
     ended: EndedTx,
+    /// The agent API's address: its TCP is left out of every capture.
+    own_api: Option<std::net::SocketAddr>,
 }
 
 struct Handle {
@@ -135,12 +137,13 @@ fn open(link: &Link, direction: Direction, filter: &SocketFilter) -> Result<Hand
 }
 
 impl PcapBackend {
-    pub fn new(ended: EndedTx) -> Self {
+    pub fn new(own_api: Option<std::net::SocketAddr>, ended: EndedTx) -> Self {
         Self {
             links: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
             captures: Mutex::new(Vec::new()),
             ended,
+            own_api: own_api.filter(|a| !a.ip().is_unspecified()),
         }
     }
 
@@ -187,8 +190,12 @@ impl Backend for PcapBackend {
         selection: &Selection,
         sink: Sink,
     ) -> Result<Box<dyn Running>, BackendError> {
+        let mut expression = selection_expression(&selection.targets, &selection.ports, "");
+        if let Some(api) = self.own_api {
+            expression = without_own_api(&expression, api);
+        }
         let filter = SocketFilter {
-            expression: selection_expression(&selection.targets, &selection.ports, ""),
+            expression,
             snaplen: selection.copy_len,
         };
         let (commands, rx) = std::sync::mpsc::channel();

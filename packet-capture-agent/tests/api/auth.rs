@@ -5,6 +5,7 @@
 //! plane's kube-apiserver with real service-account tokens and the
 //! project's RBAC.
 
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
@@ -13,7 +14,7 @@ use packet_capture_agent::api::auth::{
 };
 use packet_capture_proto::v1 as pb;
 use packet_capture_test_support::cluster::{
-    AgentOptions, COMPONENT_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, Cluster,
+    AgentOptions, AgentTls, COMPONENT_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, Cluster,
 };
 use packet_capture_test_support::privileged;
 use serde_json::Value;
@@ -25,6 +26,10 @@ use crate::common::apiserver::{
 use crate::common::{AGENT, Node, Rest, grpc_at, with_token};
 
 const AUDIENCE: &str = "packet-capture-agent";
+/// The controller's service account as the API server names it.
+static CONTROLLER_USER: LazyLock<String> = LazyLock::new(|| {
+    format!("system:serviceaccount:{COMPONENT_NAMESPACE}:{CONTROLLER_SERVICE_ACCOUNT}")
+});
 
 fn identity(
     token: &'static str,
@@ -53,7 +58,7 @@ async fn auth_against_a_token_review_endpoint() {
         vec![
             identity(
                 "writer-token",
-                "system:serviceaccount:kube-system:packet-capture-controller",
+                CONTROLLER_USER.as_str(),
                 AUDIENCE,
                 WRITER_RULES,
             ),
@@ -80,7 +85,7 @@ async fn auth_against_a_token_review_endpoint() {
         wrong_audience: "apiserver-token".into(),
     };
     let agent = node.agent(&[], &[("KUBECONFIG", kubeconfig.to_str().unwrap())]);
-    check_auth(&agent.url(), &tokens).await;
+    check_auth(&agent.url(), None, &tokens).await;
     drop(agent);
 
     let requests = server.requests();
@@ -284,11 +289,18 @@ async fn auth_against_the_local_control_plane() {
         wrong_audience,
     };
     let node = cluster.add_node("auth").await.unwrap();
+    // No controller signs certificates here: the agent serves one the
+    // test cluster's CA signed.
+    let options = AgentOptions {
+        tls: AgentTls::ClusterCa,
+        ..AgentOptions::new(AGENT)
+    };
     let agent = node
-        .start_agent(&AgentOptions::new(AGENT))
+        .start_agent(&options)
         .await
         .expect("the agent on a simulated node");
-    check_auth(&agent.url(), &tokens).await;
+    let ca = cluster.ca().expect("the cluster's CA");
+    check_auth(&agent.url(), Some(&ca), &tokens).await;
     let log = agent.log();
     assert!(!log.contains("ERROR"), "{log}");
 }
@@ -322,7 +334,7 @@ async fn a_flood_of_bogus_tokens_costs_neither_memory_nor_reviews() {
         &node.left,
         vec![identity(
             "writer-token",
-            "system:serviceaccount:kube-system:packet-capture-controller",
+            CONTROLLER_USER.as_str(),
             AUDIENCE,
             WRITER_RULES,
         )],

@@ -48,6 +48,7 @@ fn agent_with(node: &Node, caps: &[&str]) -> AgentProcess {
         "--ring-buffer-mb",
         "1",
         "--insecure-no-auth",
+        "--insecure-plaintext",
     ];
     AgentProcess::spawn(&node.left, "setpriv", &args, &[])
 }

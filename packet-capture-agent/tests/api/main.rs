@@ -12,3 +12,4 @@ mod grpc;
 mod openapi;
 mod process;
 mod rest;
+mod tls;

@@ -17,7 +17,7 @@ fn bad_configuration_names_the_key() {
     std::fs::write(&file, b"").unwrap();
     let capture_dir = dir.path().to_str().unwrap();
     let not_a_dir = file.to_str().unwrap();
-    let base = ["--insecure-no-auth", "--port", "0"];
+    let base = ["--insecure-no-auth", "--port", "0", "--insecure-plaintext"];
     for (env, key) in [
         (("AGENT_PORT", "http"), "AGENT_PORT"),
         (("AGENT_PORT", "70000"), "AGENT_PORT"),
@@ -33,8 +33,9 @@ fn bad_configuration_names_the_key() {
         (("CAPTURE_DIR", not_a_dir), "CAPTURE_DIR"),
     ] {
         // AGENT_PORT is tested through the environment, so without --port.
+        let without_port = [base[0], base[3]];
         let args: &[&str] = if key == "AGENT_PORT" {
-            &base[..1]
+            &without_port
         } else {
             &base
         };
@@ -51,10 +52,46 @@ fn bad_configuration_names_the_key() {
     let (status, stderr) = run_to_exit(AGENT, &["--max-capture-files", "0"], &[]);
     assert_eq!(status.code(), Some(2));
     assert!(stderr.contains("MAX_CAPTURE_FILES"), "{stderr}");
+    // How the API is served: TLS unless plain HTTP is asked for, and then
+    // on loopback only; a certificate from the cluster needs the node's
+    // address; certificate files must be usable.
+    for (args, key) in [
+        (
+            &["--insecure-plaintext", "--bind-address", "10.1.2.3"][..],
+            "AGENT_BIND_ADDRESS",
+        ),
+        (
+            &["--insecure-plaintext", "--node-ip", "10.1.2.3"],
+            "AGENT_BIND_ADDRESS",
+        ),
+        (&[], "NODE_IP"),
+        (
+            &["--tls-cert-file", not_a_dir, "--tls-key-file", not_a_dir],
+            "TLS_CERT_FILE",
+        ),
+    ] {
+        let mut all = vec![
+            "--insecure-no-auth",
+            "--port",
+            "0",
+            "--capture-dir",
+            capture_dir,
+        ];
+        all.extend_from_slice(args);
+        let (status, stderr) = run_to_exit(AGENT, &all, &[]);
+        assert!(!status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(key), "{args:?}: {stderr}");
+    }
     // Without --insecure-no-auth the agent needs Kubernetes access.
     let (status, stderr) = run_to_exit(
         AGENT,
-        &["--port", "0", "--capture-dir", capture_dir],
+        &[
+            "--port",
+            "0",
+            "--capture-dir",
+            capture_dir,
+            "--insecure-plaintext",
+        ],
         &[("KUBECONFIG", dir.path().join("missing").to_str().unwrap())],
     );
     assert!(!status.success());
@@ -152,7 +189,7 @@ fn health_subcommand_asks_the_running_agent() {
     let port = agent.port().to_string();
     // As the probe runs it: the port from AGENT_PORT, as the agent reads it.
     let out = std::process::Command::new(AGENT)
-        .arg("health")
+        .args(["--insecure-plaintext", "health"])
         .env("AGENT_PORT", &port)
         .output()
         .unwrap();
@@ -166,7 +203,11 @@ fn health_subcommand_asks_the_running_agent() {
     assert_eq!(health["node"], "test-node", "{health}");
     drop(agent);
     // Nothing listens there any more: a failure that says where it asked.
-    let (status, stderr) = run_to_exit(AGENT, &["--port", &port, "health"], &[]);
+    let (status, stderr) = run_to_exit(
+        AGENT,
+        &["--port", &port, "--insecure-plaintext", "health"],
+        &[],
+    );
     assert!(!status.success());
     assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
 }

@@ -29,7 +29,7 @@ use packet_capture_test_support::cluster::{
 use packet_capture_test_support::{unique_name, workspace_binary};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, MutexGuard, OnceCell};
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// The label that ties captures and agents to their world's controller.
 pub const WORLD_LABEL: &str = "e2e.packet.io/world";
@@ -153,21 +153,55 @@ fn agent_binary() -> PathBuf {
     )
 }
 
-/// Once per test binary, as `make deploy` begins: the CRD, then the RBAC
-/// (so the agents may review tokens and the controller may act) and the
-/// settings ConfigMap (the controller reads AGENT_PORT from it).
+/// Once per test binary, as `make deploy` begins: the CRD, the namespace
+/// (the cluster made it already, for the components' service accounts),
+/// then the RBAC (so the agents may review tokens and the controller may
+/// act) and the settings ConfigMap (the controller reads AGENT_PORT from it).
 async fn install(cluster: &Cluster) {
     static INSTALLED: OnceCell<()> = OnceCell::const_new();
     INSTALLED
         .get_or_init(|| async {
             cluster.install_crd().await.expect("installing the CRD");
+            let manifests = [
+                "manifests/00-namespace.yaml",
+                "manifests/rbac.yaml",
+                "manifests/config.yaml",
+            ];
             cluster
-                .apply(&["manifests/rbac.yaml", "manifests/config.yaml"])
+                .apply(&manifests)
                 .await
-                .expect("applying manifests/rbac.yaml and manifests/config.yaml");
+                .unwrap_or_else(|e| panic!("applying {manifests:?}: {e}"));
+            // The account the tests read capture files with, as a person
+            // would: the controller's own may not.
+            for args in [
+                &[
+                    "create",
+                    "serviceaccount",
+                    READER,
+                    "-n",
+                    COMPONENT_NAMESPACE,
+                ][..],
+                &[
+                    "create",
+                    "clusterrolebinding",
+                    READER,
+                    "--clusterrole=packet-capture-viewer",
+                    &format!("--serviceaccount={COMPONENT_NAMESPACE}:{READER}"),
+                ],
+            ] {
+                if let Err(e) = cluster.kubectl_async(args).await
+                    && !e.to_string().contains("AlreadyExists")
+                {
+                    panic!("kubectl {args:?}: {e}");
+                }
+            }
         })
         .await;
 }
+
+/// The service account, bound to packet-capture-viewer, that the tests
+/// download capture files with.
+const READER: &str = "e2e-capture-reader";
 
 /// A port nothing listens on now (the controller binds it on all addresses).
 pub fn free_port() -> u16 {
@@ -208,6 +242,8 @@ impl Controller {
                 .service_account_kubeconfig(CONTROLLER_SERVICE_ACCOUNT),
         )
         .env("NO_COLOR", "1")
+        // As the Deployment sets it from the downward API.
+        .env("POD_NAMESPACE", COMPONENT_NAMESPACE)
         .args(&self.args);
         let process = self
             .cluster
@@ -257,6 +293,14 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// `message` with `authorization: Bearer <token>`.
+fn with_token<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    let value = format!("Bearer {token}").parse().expect("a header");
+    r.metadata_mut().insert("authorization", value);
+    r
+}
+
 /// A ping that runs until dropped.
 pub struct Pinging(#[allow(dead_code)] tokio::process::Child);
 
@@ -282,7 +326,10 @@ pub struct World {
     pub client: Client,
     /// The value of [`WORLD_LABEL`] on its captures and agents.
     pub id: String,
+    /// The controller's token for the agents.
     pub token: String,
+    /// A packet-capture-viewer's token for the agents (files).
+    pub reader_token: String,
     pub webhook: Option<Webhook>,
     /// The controller's `/metrics`, `/healthz` and `/readyz` port.
     pub metrics_port: u16,
@@ -341,6 +388,10 @@ impl World {
             .expect("the controller's token for the agents");
         let token_file = dir.join("agent-token");
         std::fs::write(&token_file, &token).expect("writing the token");
+        let reader_token = cluster
+            .token_for(COMPONENT_NAMESPACE, READER, &[AUDIENCE])
+            .await
+            .expect("a token of the reader");
         let selector = format!("{WORLD_LABEL}={id}");
         let metrics_port = free_port();
         let mut args: Vec<String> = vec![
@@ -354,6 +405,11 @@ impl World {
             metrics_port.to_string(),
             "--identity".into(),
             id.clone(),
+            // The agents' certificates are signed with the controller's own
+            // CA (packet-capture-ca), which every world's RBAC allows, with
+            // cert-manager's rules or with the self-managed ones.
+            "--agent-ca".into(),
+            "self-managed".into(),
             "--log-level".into(),
             "DEBUG".into(),
         ];
@@ -399,6 +455,7 @@ impl World {
             client,
             id,
             token,
+            reader_token,
             webhook,
             metrics_port,
             controller,
@@ -517,20 +574,31 @@ impl World {
         );
     }
 
-    /// A gRPC client of node `node`'s agent, at the address the controller uses.
+    /// A gRPC client of node `node`'s agent, at the address the controller
+    /// uses, verifying its certificate with the CAs the controller
+    /// publishes.
     pub async fn agent(&self, node: usize) -> AgentClient<Channel> {
-        let uri = format!("http://{}", self.agents[node].endpoint());
-        AgentClient::connect(uri)
+        let ca = self
+            .cluster
+            .agent_ca(Duration::from_secs(60))
             .await
-            .expect("connecting to the agent")
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.controller.log()));
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+        let endpoint = Endpoint::from_shared(format!("https://{}", self.agents[node].endpoint()))
+            .expect("an agent URI")
+            .tls_config(tls)
+            .expect("TLS for the agent");
+        AgentClient::new(endpoint.connect().await.expect("connecting to the agent"))
     }
 
     /// A request with the controller's token.
     pub fn authed<T>(&self, message: T) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(message);
-        let value = format!("Bearer {}", self.token).parse().expect("a header");
-        r.metadata_mut().insert("authorization", value);
-        r
+        with_token(message, &self.token)
+    }
+
+    /// A request with the reader's token (capture files).
+    pub fn as_reader<T>(&self, message: T) -> tonic::Request<T> {
+        with_token(message, &self.reader_token)
     }
 
     /// The captures of a resource (by uid) on a node's agent.
@@ -557,7 +625,7 @@ impl World {
             .unwrap_or_else(|| panic!("no file name in {output_file:?}"));
         let mut agent = self.agent(node).await;
         let files = agent
-            .list_files(self.authed(ListFilesRequest {}))
+            .list_files(self.as_reader(ListFilesRequest {}))
             .await
             .expect("ListFiles")
             .into_inner()
@@ -569,7 +637,7 @@ impl World {
             .name
             .clone();
         let mut stream = agent
-            .download_file(self.authed(DownloadFileRequest { name: file.clone() }))
+            .download_file(self.as_reader(DownloadFileRequest { name: file.clone() }))
             .await
             .expect("DownloadFile")
             .into_inner();

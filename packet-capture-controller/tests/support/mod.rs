@@ -18,7 +18,7 @@ use kube::runtime::reflector::ObjectRef;
 use packet_capture_common::crd::{
     PacketCaptureConfig, PacketCaptureConfigSpec, PodRef, PodSelector,
 };
-use packet_capture_controller::agents::PoolSettings;
+use packet_capture_controller::agents::{AgentTls, PoolSettings};
 use packet_capture_controller::backoff::Backoff;
 use packet_capture_controller::config::Timing;
 use packet_capture_controller::config::parse_selector;
@@ -143,6 +143,9 @@ impl Fixture {
                 token_file: "/nonexistent/token".into(),
                 timeout: Duration::from_secs(5),
                 concurrency: 8,
+                // The fake agents serve plain gRPC; TLS to real agents is
+                // covered by the end-to-end tests.
+                tls: AgentTls::Plaintext,
             },
             namespace: NS.into(),
             identity: "test".into(),

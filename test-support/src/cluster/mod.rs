@@ -35,8 +35,9 @@ use std::process::{Child, Command};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, ServiceAccount};
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::wait::await_condition;
@@ -45,17 +46,26 @@ use tokio::sync::OnceCell;
 pub use build::{Binaries, ETCD_VERSION, HELM_VERSION, KUBERNETES_VERSION};
 pub use control::SERVICE_ACCOUNT_ISSUER;
 pub use real::{CRI_NAMESPACE, PAUSE_IMAGE, RealNode, import_image};
-pub use sim::{AgentOptions, ClusterProcess, SimAgent, SimNode, SimPod, TestNamespace};
+pub use sim::{AgentOptions, AgentTls, ClusterProcess, SimAgent, SimNode, SimPod, TestNamespace};
 
 use network::Plan;
 use pki::Pki;
 use process::Proc;
 use state::State;
 
-/// The namespace of the components' service accounts.
-pub const COMPONENT_NAMESPACE: &str = "kube-system";
+/// The namespace of the controller and the agents, and so of their service
+/// accounts: the one the chart and the manifests install into by default
+/// (`helm install --namespace packet-capture --create-namespace`). The
+/// cluster creates it at start, as the install would, so that the
+/// components' kubeconfigs exist before anything is installed.
+pub const COMPONENT_NAMESPACE: &str = "packet-capture";
 /// The service accounts that get a kubeconfig of their own.
 pub const CONTROLLER_SERVICE_ACCOUNT: &str = "packet-capture-controller";
+/// Where a controller publishes the CAs of the agents' certificates (in
+/// [`COMPONENT_NAMESPACE`]).
+pub const AGENT_CA_CONFIG_MAP: &str = "packet-capture-agent-ca";
+/// The agents' CA (in [`COMPONENT_NAMESPACE`]), made when the cluster starts.
+pub const AGENT_CA_SECRET: &str = "packet-capture-agent-ca";
 pub const AGENT_SERVICE_ACCOUNT: &str = "packet-capture-agent";
 /// The Helm release name the README installs the chart as.
 pub const HELM_RELEASE: &str = "packet-capture";
@@ -235,7 +245,7 @@ impl Cluster {
         self.inner.dir.join(ADMIN_KUBECONFIG)
     }
 
-    /// The kubeconfig of a component's service account in kube-system
+    /// The kubeconfig of a component's service account in [`COMPONENT_NAMESPACE`]
     /// ([`CONTROLLER_SERVICE_ACCOUNT`] or [`AGENT_SERVICE_ACCOUNT`]). The
     /// account has only the rights the project's RBAC manifests give it.
     pub fn service_account_kubeconfig(&self, service_account: &str) -> PathBuf {
@@ -399,10 +409,39 @@ impl Cluster {
     /// signed by the cluster's CA, which the apiserver can be told to trust
     /// (a webhook on the host address). Returns the CA certificate (PEM),
     /// a webhook configuration's `caBundle`.
+    /// The CAs the controller publishes for the agents' certificates (the
+    /// ConfigMap [`AGENT_CA_CONFIG_MAP`]), once a controller has published
+    /// them; PEM.
+    pub async fn agent_ca(&self, timeout: Duration) -> Result<String> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client()?, COMPONENT_NAMESPACE);
+        let published = await_condition(api, AGENT_CA_CONFIG_MAP, |cm: Option<&ConfigMap>| {
+            cm.and_then(|c| c.data.as_ref()?.get("ca.crt")).is_some()
+        });
+        match tokio::time::timeout(timeout, published).await {
+            Ok(Ok(Some(cm))) => Ok(cm
+                .data
+                .and_then(|mut d| d.remove("ca.crt"))
+                .unwrap_or_default()),
+            Ok(Ok(None)) => Err(Error::Process(format!("{AGENT_CA_CONFIG_MAP} went away"))),
+            Ok(Err(e)) => Err(Error::Process(format!(
+                "watching {AGENT_CA_CONFIG_MAP}: {e}"
+            ))),
+            Err(_) => Err(Error::Process(format!(
+                "no controller published {AGENT_CA_CONFIG_MAP} within {timeout:?}"
+            ))),
+        }
+    }
+
     pub fn serving_certificate(&self, dir: &Path, ips: &[IpAddr]) -> Result<Vec<u8>> {
         let pki = Pki::open(&self.inner.dir.join("pki"));
         pki.serving(dir, ips)?;
-        let ca = pki.path("ca.crt");
+        self.ca()
+    }
+
+    /// The cluster's CA (PEM): what signed the apiserver's certificate and
+    /// [`Cluster::serving_certificate`]'s.
+    pub fn ca(&self) -> Result<Vec<u8>> {
+        let ca = Pki::open(&self.inner.dir.join("pki")).path("ca.crt");
         std::fs::read(&ca).map_err(|e| Error::io(&ca, e))
     }
 }
@@ -420,6 +459,28 @@ impl Inner {
 
     fn service_account_kubeconfig(&self, service_account: &str) -> PathBuf {
         self.dir.join(format!("{service_account}.kubeconfig"))
+    }
+
+    /// A kubeconfig for `pod` (in [`COMPONENT_NAMESPACE`]) as its service
+    /// account, with a token bound to the pod, as the kubelet gives a pod:
+    /// `<pod>.kubeconfig` in the cluster's directory.
+    async fn pod_kubeconfig(&self, service_account: &str, pod: &Pod) -> Result<PathBuf> {
+        let token = issue_token(
+            self.client()?,
+            COMPONENT_NAMESPACE,
+            service_account,
+            &[],
+            COMPONENT_TOKEN_SECONDS,
+            Some(pod),
+        )
+        .await?;
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let path = self.dir.join(format!("{name}.kubeconfig"));
+        let user = format!("system:serviceaccount:{COMPONENT_NAMESPACE}:{service_account}");
+        let pki = Pki::open(&self.dir.join("pki"));
+        let server = self.config.cluster_url.to_string();
+        write(&path, &pki.token_kubeconfig(&server, &user, &token))?;
+        Ok(path)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -586,6 +647,7 @@ impl Inner {
             service_account,
             audiences,
             seconds,
+            None,
         )
         .await
     }
@@ -614,6 +676,54 @@ async fn default_service_account(
     }
 }
 
+/// Creates `namespace` unless it exists.
+/// The agents' CA in the Secret [`AGENT_CA_SECRET`] (tls.crt, tls.key,
+/// ca.crt), as the chart has cert-manager keep it: a controller run with
+/// `--agent-ca=secret` signs the agents' certificates with it.
+async fn agent_ca_secret(client: kube::Client, dir: &Path) -> Result<()> {
+    let ca = Pki::new_ca(dir, "/CN=packet-capture-local-agents-ca")?;
+    let read = |file: &str| {
+        let path = ca.path(file);
+        std::fs::read(&path).map_err(|e| Error::io(&path, e))
+    };
+    let (crt, key) = (read("ca.crt")?, read("ca.key")?);
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(AGENT_CA_SECRET.into()),
+            ..Default::default()
+        },
+        data: Some(
+            [
+                ("tls.crt".to_string(), ByteString(crt.clone())),
+                ("tls.key".to_string(), ByteString(key)),
+                ("ca.crt".to_string(), ByteString(crt)),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    let secrets: Api<Secret> = Api::namespaced(client, COMPONENT_NAMESPACE);
+    match secrets.create(&PostParams::default(), &secret).await {
+        Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(()),
+        other => other.map(drop).map_err(Into::into),
+    }
+}
+
+async fn create_namespace(client: kube::Client, namespace: &str) -> Result<()> {
+    let namespaces: Api<Namespace> = Api::all(client);
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(namespace.to_string()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match namespaces.create(&PostParams::default(), &ns).await {
+        Err(kube::Error::Api(s)) if s.is_already_exists() => Ok(()),
+        other => other.map(drop).map_err(Into::into),
+    }
+}
+
 /// A token of `namespace/service_account` (created if missing) from the
 /// TokenRequest API.
 async fn issue_token(
@@ -622,6 +732,7 @@ async fn issue_token(
     service_account: &str,
     audiences: &[&str],
     seconds: i64,
+    bound_to: Option<&Pod>,
 ) -> Result<String> {
     let sas: Api<ServiceAccount> = Api::namespaced(client, namespace);
     // Marked as the chart's release would mark them, so that `helm install`
@@ -662,7 +773,14 @@ async fn issue_token(
         spec: TokenRequestSpec {
             audiences: audiences.iter().map(|a| a.to_string()).collect(),
             expiration_seconds: Some(seconds),
-            bound_object_ref: None,
+            // A pod's token names the pod (as the kubelet's projected
+            // tokens do): the API server puts it in the user's `extra`.
+            bound_object_ref: bound_to.map(|pod| BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
         },
         ..Default::default()
     };
@@ -789,6 +907,7 @@ impl Boot {
         let kcm = starter.controller_manager(&pki, &kcm_config, self.state.workloads)?;
         self.keep("kube-controller-manager", kcm)?;
 
+        create_namespace(client.clone(), COMPONENT_NAMESPACE).await?;
         for sa in [CONTROLLER_SERVICE_ACCOUNT, AGENT_SERVICE_ACCOUNT] {
             let token = issue_token(
                 client.clone(),
@@ -796,12 +915,14 @@ impl Boot {
                 sa,
                 &[],
                 COMPONENT_TOKEN_SECONDS,
+                None,
             )
             .await?;
             let path = self.dir.join(format!("{sa}.kubeconfig"));
             let user = format!("system:serviceaccount:{COMPONENT_NAMESPACE}:{sa}");
             write(&path, &pki.token_kubeconfig(&server, &user, &token))?;
         }
+        agent_ca_secret(client.clone(), &self.dir.join("pki/agents")).await?;
         self.wait_controller_manager(&client).await?;
         Ok(config)
     }

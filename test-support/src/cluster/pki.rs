@@ -102,6 +102,19 @@ impl Pki {
         Ok(pki)
     }
 
+    /// A CA of its own in `dir` (`ca.crt`, `ca.key`), apart from the
+    /// cluster's: the agents' CA, as cert-manager would keep it.
+    pub fn new_ca(dir: &Path, subject: &str) -> Result<Self> {
+        fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let pki = Self {
+            dir: dir.to_path_buf(),
+        };
+        let config = pki.path("openssl.cnf");
+        fs::write(&config, OPENSSL_CONFIG).map_err(|e| Error::io(&config, e))?;
+        pki.cert("ca", "ca", subject, None)?;
+        Ok(pki)
+    }
+
     pub fn path(&self, file: &str) -> PathBuf {
         self.dir.join(file)
     }

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use crate::netns::command_in;
 
 use super::network::Plan;
+use super::pki::Pki;
 use super::process::{Proc, Spawn};
 use super::state::{NodeRecord, PodRecord};
 use super::{
@@ -202,8 +203,8 @@ impl SimNode {
 
     /// Starts the agent in this node's network namespace (as a hostNetwork
     /// DaemonSet pod would run), waits until it logs that it listens, and
-    /// registers its Pod in kube-system, labelled `app=packet-capture-agent`,
-    /// Running with the node's IP.
+    /// registers its Pod in [`COMPONENT_NAMESPACE`], labelled
+    /// `app=packet-capture-agent`, Running with the node's IP.
     pub async fn start_agent(&self, options: &AgentOptions) -> Result<SimAgent> {
         let inner = &self.cluster;
         let pod_name = format!("packet-capture-agent-{}", self.name);
@@ -234,7 +235,13 @@ impl SimNode {
             },
         }))
         .expect("a valid Pod");
-        pods.create(&post_params(), &object).await?;
+        let created = pods.create(&post_params(), &object).await?;
+        // The pod's own token, as the kubelet mounts it: the controller
+        // signs the agent's serving certificate only for the node of the
+        // pod the token names.
+        let kubeconfig = inner
+            .pod_kubeconfig(AGENT_SERVICE_ACCOUNT, &created)
+            .await?;
 
         let mut cmd = Command::new(&options.binary);
         cmd.arg("--port")
@@ -243,11 +250,21 @@ impl SimNode {
             .arg(&capture_dir)
             .arg("--node-name")
             .arg(&self.name)
-            .env(
-                "KUBECONFIG",
-                inner.service_account_kubeconfig(AGENT_SERVICE_ACCOUNT),
-            )
+            // As the DaemonSet sets it from status.hostIP: the agent listens
+            // there, and its certificate names it.
+            .arg("--node-ip")
+            .arg(self.ip().to_string())
+            .env("KUBECONFIG", &kubeconfig)
             .env("NO_COLOR", "1");
+        if options.tls == AgentTls::ClusterCa {
+            let certs = inner.dir.join("agent-tls").join(&self.name);
+            let pki = Pki::open(&inner.dir.join("pki"));
+            pki.serving(&certs, &[IpAddr::V4(self.ip())])?;
+            cmd.arg("--tls-cert-file")
+                .arg(certs.join("tls.crt"))
+                .arg("--tls-key-file")
+                .arg(certs.join("tls.key"));
+        }
         if options.insecure_no_auth {
             cmd.arg("--insecure-no-auth");
         }
@@ -275,7 +292,7 @@ impl SimNode {
             capture_dir,
         };
         agent
-            .wait_listening(options.port, options.ready_timeout)
+            .wait_listening(self.ip(), options.port, options.ready_timeout)
             .await?;
         let ips = [self.ip().to_string(), self.ipv6().to_string()];
         patch_running(&pods, &pod_name, self, &ips, ("agent", AGENT_IMAGE)).await?;
@@ -500,8 +517,23 @@ pub struct AgentOptions {
     /// `--agent-selector` can then pick these agents out).
     pub labels: Vec<(String, String)>,
     pub env: Vec<(String, String)>,
-    /// How long to wait for `listening on 0.0.0.0:<port>`.
+    /// How long to wait for `listening on <node IP>:<port>`.
     pub ready_timeout: Duration,
+    /// Whose certificate the agent serves.
+    pub tls: AgentTls,
+}
+
+/// Whose serving certificate a simulated agent presents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AgentTls {
+    /// One it asks the cluster for, as in a real cluster: a controller
+    /// must run to sign it (its CA: [`Cluster::agent_ca`](super::Cluster::agent_ca)).
+    #[default]
+    Signed,
+    /// One the test cluster's own CA signed, from files (for tests without
+    /// a controller; the CA is what
+    /// [`Cluster::serving_certificate`](super::Cluster::serving_certificate) returns).
+    ClusterCa,
 }
 
 impl AgentOptions {
@@ -514,6 +546,7 @@ impl AgentOptions {
             labels: Vec::new(),
             env: Vec::new(),
             ready_timeout: Duration::from_secs(60),
+            tls: AgentTls::Signed,
         }
     }
 }
@@ -640,9 +673,10 @@ impl SimAgent {
         self.endpoint
     }
 
-    /// `http://<node IP>:<port>` for REST calls.
+    /// `https://<node IP>:<port>` for REST calls (the agent serves TLS;
+    /// see [`AgentTls`] for whose CA signed its certificate).
     pub fn url(&self) -> String {
-        format!("http://{}", self.endpoint)
+        format!("https://{}", self.endpoint)
     }
 
     pub fn pid(&self) -> u32 {
@@ -669,8 +703,8 @@ impl SimAgent {
 
     /// Polls the log for the line the agent writes when it accepts
     /// connections (a log file offers no event), failing early if it exits.
-    async fn wait_listening(&mut self, port: u16, timeout: Duration) -> Result<()> {
-        let marker = format!("listening on 0.0.0.0:{port}");
+    async fn wait_listening(&mut self, ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<()> {
+        let marker = format!("listening on {ip}:{port}");
         let deadline = Instant::now() + timeout;
         loop {
             if strip_ansi(&self.log()).contains(&marker) {

@@ -140,6 +140,7 @@ impl Agent {
             &binary,
             &[
                 "--insecure-no-auth",
+                "--insecure-plaintext",
                 "--port",
                 "0",
                 "--bind-address",

@@ -693,7 +693,7 @@ again from saved results without running anything.
   default and the agent's) and equal memory: tcpdump's default 2 MiB buffer
   (`-B 2048`) against the agent's `--ring-buffer-mb 2`.
 - **The agent**: the release binary, started per run in the receiver's
-  namespace with `--insecure-no-auth --port 0 --capture-dir <tmpfs dir>
+  namespace with `--insecure-no-auth --insecure-plaintext --port 0 --capture-dir <tmpfs dir>
   --ring-buffer-mb 2 --max-capture-file-size-mb 1048576
   --max-capture-packets 4294967295`; the capture is
   started with `POST /api/v1/captures` (targetIPs = the sender's address,

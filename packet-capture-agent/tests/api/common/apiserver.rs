@@ -15,7 +15,9 @@ use packet_capture_proto::v1 as pb;
 use packet_capture_test_support::Netns;
 use serde_json::{Value, json};
 
-use super::{Rest, grpc_at, with_token};
+use packet_capture_proto::v1::agent_client::AgentClient;
+
+use super::{Rest, channel, with_token};
 
 /// The credential the agent itself must present to the fake apiserver.
 pub const AGENT_CREDENTIAL: &str = "agent-credential";
@@ -69,8 +71,8 @@ pub struct Tokens {
 /// authenticates with a cluster's review APIs): 401 without or with a
 /// refused token, 403 without the right, success with it; health and
 /// metrics open; files only to whom may read their capture's.
-pub async fn check_auth(url: &str, tokens: &Tokens) {
-    let rest = Rest::at(url);
+pub async fn check_auth(url: &str, ca: Option<&[u8]>, tokens: &Tokens) {
+    let rest = Rest::trusting(url, ca);
     let body = |id: &str| json!({"id": id, "duration": 30, "targetIPs": ["10.77.0.2"]});
     let (get, post, delete) = (
         reqwest::Method::GET,
@@ -220,16 +222,10 @@ pub async fn check_auth(url: &str, tokens: &Tokens) {
     }
 
     // gRPC: the same decisions as status codes.
-    let mut c = grpc_at(url).await;
+    let mut c = AgentClient::new(channel(url, ca).await);
     let h = c.health(with_token(pb::HealthRequest {}, None)).await;
     assert!(h.is_ok(), "Health is open: {h:?}");
-    let mut health = tonic_health::pb::health_client::HealthClient::new(
-        tonic::transport::Channel::from_shared(url.to_owned())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(url, ca).await);
     let served = health
         .check(tonic_health::pb::HealthCheckRequest::default())
         .await

@@ -51,7 +51,8 @@ impl Node {
     }
 
     /// The agent with the test's capture directory and `args` (e.g.
-    /// `--insecure-no-auth`), and `envs`.
+    /// `--insecure-no-auth`), and `envs`; on 127.0.0.1, over plain HTTP
+    /// unless `args` give TLS certificate files.
     pub fn agent(&self, args: &[&str], envs: &[(&str, &str)]) -> AgentProcess {
         let dir = self.dir.path().to_str().expect("a UTF-8 path");
         let mut all = vec![
@@ -62,6 +63,10 @@ impl Node {
             "--ring-buffer-mb",
             "1",
         ];
+        // Plain HTTP on 127.0.0.1 unless the test serves TLS.
+        if !args.iter().any(|a| a.starts_with("--tls-")) {
+            all.push("--insecure-plaintext");
+        }
         all.extend_from_slice(args);
         AgentProcess::spawn(&self.left, AGENT, &all, envs)
     }
@@ -81,10 +86,18 @@ impl Node {
 }
 
 pub fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("an HTTP client")
+    http_trusting(None)
+}
+
+/// An HTTP client that trusts only `ca` (PEM) for HTTPS, when given.
+pub fn http_trusting(ca: Option<&[u8]>) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder().no_proxy();
+    if let Some(ca) = ca {
+        builder = builder
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca).expect("a PEM CA"));
+    }
+    builder.build().expect("an HTTP client")
 }
 
 /// One caller of an agent's REST API (with a bearer token or without).
@@ -102,8 +115,14 @@ impl Rest {
 
     /// The API of the agent at `url` (`http://<address>:<port>`).
     pub fn at(url: &str) -> Self {
+        Self::trusting(url, None)
+    }
+
+    /// The API of the agent at `url`, over HTTPS verified with `ca` when
+    /// given.
+    pub fn trusting(url: &str, ca: Option<&[u8]>) -> Self {
         Self {
-            client: http(),
+            client: http_trusting(ca),
             base: url.to_owned(),
             token: None,
         }
@@ -184,7 +203,19 @@ pub async fn grpc(agent: &AgentProcess) -> AgentClient<Channel> {
 }
 
 pub async fn grpc_at(url: &str) -> AgentClient<Channel> {
-    AgentClient::connect(url.to_owned())
+    AgentClient::new(channel(url, None).await)
+}
+
+/// A gRPC channel to `url`, over TLS verified with `ca` when given.
+pub async fn channel(url: &str, ca: Option<&[u8]>) -> Channel {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned()).expect("a URI");
+    if let Some(ca) = ca {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        endpoint = endpoint.tls_config(tls).expect("TLS settings");
+    }
+    endpoint
+        .connect()
         .await
         .expect("connecting to the agent over gRPC")
 }

@@ -1,0 +1,166 @@
+//! The agent with netlink tc filters (as on kernels before TCX, chosen here
+//! with `--tc-attach netlink`): filters a killed agent left are replaced,
+//! not doubled, when the next one starts; a capture then records each
+//! packet once; and SIGTERM leaves no filter behind.
+
+use std::path::Path;
+
+use packet_capture_test_support::capfile;
+use packet_capture_test_support::netns::run;
+use packet_capture_test_support::{AgentProcess, Netns, VethPair, privileged};
+use serde_json::{Value, json};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_packet-capture-agent");
+
+/// (program name, program id) of each BPF filter on `hook` (`ingress` or
+/// `egress`) of `dev`, as `tc` lists them.
+fn filters(ns: &Netns, dev: &str, hook: &str) -> Vec<(String, String)> {
+    let out = run(ns.command("tc").args(["filter", "show", "dev", dev, hook]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let after = |key| {
+                let at = words.iter().position(|w| *w == key)?;
+                words.get(at + 1).map(|w| w.to_string())
+            };
+            Some((after("name")?, after("id")?))
+        })
+        .collect()
+}
+
+fn names(filters: &[(String, String)]) -> Vec<&str> {
+    filters.iter().map(|(name, _)| name.as_str()).collect()
+}
+
+/// The agent's REST API, from a thread inside its namespace.
+struct Rest {
+    client: reqwest::Client,
+    base: String,
+}
+
+impl Rest {
+    fn new(agent: &AgentProcess) -> Self {
+        Self {
+            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+            base: agent.url(),
+        }
+    }
+
+    async fn start(&self, id: &str) {
+        let r = self
+            .client
+            .post(format!("{}/api/v1/captures", self.base))
+            .json(&json!({"id": id, "duration": 600, "outputFormat": "pcap", "filter": "icmp"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    }
+
+    async fn stop(&self, id: &str) -> Value {
+        let r = self
+            .client
+            .delete(format!("{}/api/v1/captures/{id}", self.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+}
+
+/// The ICMP types tshark reads in a capture file, in order.
+fn icmp_types(file: &Path) -> Vec<String> {
+    let out = run(std::process::Command::new("tshark")
+        .arg("-r")
+        .arg(capfile::locate(file))
+        .args(["-T", "fields", "-e", "icmp.type"]));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn filters_a_killed_agent_left_are_replaced_and_sigterm_removes_them() {
+    if !privileged("filters_a_killed_agent_left_are_replaced_and_sigterm_removes_them") {
+        return;
+    }
+    let node = Netns::new("tnn");
+    let peer = Netns::new("tnp");
+    let veth = VethPair::new(&node, &["10.96.0.1/24"], &peer, &["10.96.0.2/24"]);
+    // The test's sockets reach the agent on 127.0.0.1 of its namespace.
+    node.enter();
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--insecure-no-auth",
+        "--insecure-plaintext",
+        "--capture-dir",
+        dir.path().to_str().unwrap(),
+        "--ring-buffer-mb",
+        "1",
+        "--tc-attach",
+        "netlink",
+    ];
+    // Each hook of the veth and loopback's way in, one filter each.
+    let ours = || {
+        [
+            filters(&node, &veth.a, "ingress"),
+            filters(&node, &veth.a, "egress"),
+            filters(&node, "lo", "ingress"),
+        ]
+    };
+    let expected = [vec!["tc_ingress"], vec!["tc_egress"], vec!["tc_ingress"]];
+
+    let mut first = AgentProcess::spawn(&node, AGENT, &args, &[]);
+    let attached = ours();
+    assert_eq!(attached.each_ref().map(|f| names(f)), expected);
+    // A capture runs when the agent dies: its slot stays active in the
+    // programs it leaves behind.
+    Rest::new(&first).start("before-kill").await;
+    first.signal_and_wait(libc::SIGKILL);
+    let left = ours();
+    assert_eq!(left, attached, "the filters outlive a killed agent");
+
+    let mut second = AgentProcess::spawn(&node, AGENT, &args, &[]);
+    let now = ours();
+    assert_eq!(now.each_ref().map(|f| names(f)), expected, "one copy each");
+    for (before, after) in left.iter().zip(&now) {
+        assert_ne!(before[0].1, after[0].1, "the old program was replaced");
+    }
+
+    let log = second.log();
+    for (iface, hook) in [
+        (veth.a.as_str(), "ingress"),
+        (veth.a.as_str(), "egress"),
+        ("lo", "ingress"),
+    ] {
+        assert!(
+            log.lines().any(|l| l.contains("removed a tc filter")
+                && l.contains(&format!("iface=\"{iface}\""))
+                && l.contains(&format!("hook=\"{hook}\""))),
+            "no removal logged for {iface} {hook}:\n{log}"
+        );
+    }
+    // Each packet once: five echo requests out, five replies in.
+    let rest = Rest::new(&second);
+    rest.start("after-restart").await;
+    run(node
+        .command("ping")
+        .args(["-c", "5", "-i", "0.1", "-W", "2", "10.96.0.2"]));
+    let status = rest.stop("after-restart").await;
+    assert_eq!(status["status"], "stopped", "{status}");
+    assert_eq!(status["packets"], 10, "{status}");
+    let file = Path::new(status["output_file"].as_str().unwrap());
+    let mut types = icmp_types(file);
+    types.sort();
+    assert_eq!(
+        types,
+        ["0"; 5].into_iter().chain(["8"; 5]).collect::<Vec<_>>()
+    );
+
+    let exit = second.signal_and_wait(libc::SIGTERM);
+    assert_eq!(exit.code(), Some(0), "{}", second.log());
+    assert_eq!(ours(), [vec![], vec![], vec![]], "SIGTERM leaves no filter");
+}
