@@ -298,7 +298,7 @@ pub async fn check(client: &Client, user: &UserInfo, needs: &Needs) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use packet_capture_common::crd::{PodRef, PodSelector};
+    use crate::test_objects::spec_of;
 
     fn pod(ns: &str, name: &str, ips: &[&str], host_network: bool) -> Pod {
         serde_json::from_value(serde_json::json!({
@@ -310,19 +310,7 @@ mod tests {
     }
 
     fn spec(pods: &[(&str, &str)], ips: &[&str]) -> PacketCaptureConfigSpec {
-        PacketCaptureConfigSpec {
-            target_ips: ips.iter().map(|s| s.to_string()).collect(),
-            pod_selector: (!pods.is_empty()).then(|| PodSelector {
-                pods: pods
-                    .iter()
-                    .map(|(ns, name)| PodRef {
-                        namespace: ns.to_string(),
-                        pod_name: name.to_string(),
-                    })
-                    .collect(),
-            }),
-            ..Default::default()
-        }
+        spec_of(ips, pods)
     }
 
     #[test]

@@ -206,22 +206,9 @@ pub fn spec_mentions_pod(spec: &PacketCaptureConfigSpec, pod: &Pod) -> bool {
 mod tests {
     use super::*;
     use crate::test_objects::*;
-    use packet_capture_common::crd::PodSelector;
 
     fn spec(ips: &[&str], pods: &[(&str, &str)]) -> PacketCaptureConfigSpec {
-        PacketCaptureConfigSpec {
-            target_ips: ips.iter().map(|s| s.to_string()).collect(),
-            pod_selector: (!pods.is_empty()).then(|| PodSelector {
-                pods: pods
-                    .iter()
-                    .map(|(ns, n)| PodRef {
-                        namespace: ns.to_string(),
-                        pod_name: n.to_string(),
-                    })
-                    .collect(),
-            }),
-            ..Default::default()
-        }
+        spec_of(ips, pods)
     }
 
     fn fixture() -> (Store<Pod>, Store<Node>, BTreeSet<String>) {

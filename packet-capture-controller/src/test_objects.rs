@@ -7,6 +7,7 @@ use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus, Pod, PodIP, PodS
 use kube::api::ObjectMeta;
 use kube::runtime::reflector::{Store, store};
 use kube::runtime::watcher;
+use packet_capture_common::crd::{PacketCaptureConfigSpec, PodRef, PodSelector};
 
 /// Where the agents and the settings live.
 pub const NS: &str = "kube-system";
@@ -41,6 +42,23 @@ pub fn agent_pod(node: &str, ip: &str) -> Pod {
         spec.host_network = Some(true);
     }
     p
+}
+
+/// A spec capturing `ips` and the pods `(namespace, name)`.
+pub fn spec_of(ips: &[&str], pods: &[(&str, &str)]) -> PacketCaptureConfigSpec {
+    PacketCaptureConfigSpec {
+        target_ips: ips.iter().map(|s| s.to_string()).collect(),
+        pod_selector: (!pods.is_empty()).then(|| PodSelector {
+            pods: pods
+                .iter()
+                .map(|(ns, name)| PodRef {
+                    namespace: ns.to_string(),
+                    pod_name: name.to_string(),
+                })
+                .collect(),
+        }),
+        ..Default::default()
+    }
 }
 
 /// A node with one InternalIP.
