@@ -171,13 +171,13 @@ async fn demo(binaries: &Binaries) -> anyhow::Result<()> {
     }
 
     step(
-        "an agent on each node, as the DaemonSet runs it: host network, the agent service account",
+        "an agent on each node, as the DaemonSet runs it: host network, its pod's token, TLS on the node's address",
     );
     let options = AgentOptions::new(&binaries.agent);
     for node in &demo.running.nodes {
         let agent = node.start_agent(&options).await?;
         step(format!(
-            "agent on {} listens on {} (log {})",
+            "agent on {} listens on https://{} once the controller signs its certificate (log {})",
             node.name(),
             agent.endpoint(),
             relative(agent.log_path())
@@ -186,7 +186,7 @@ async fn demo(binaries: &Binaries) -> anyhow::Result<()> {
     }
 
     step(
-        "the controller, as the Deployment runs it: the controller service account, a token for the agents",
+        "the controller, as the Deployment runs it: the controller service account, a token for the agents, the signer of their certificates",
     );
     let token = demo
         .cluster()
