@@ -175,17 +175,10 @@ async fn authority(client: &Client, settings: &Settings) -> crate::Result<Author
         CaSource::Kept { kept, own } => {
             let api: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
             if let Some(stored) = api.get_opt(kept).await? {
-                let ca = issuer::keyed_cert(&stored).ok_or_else(|| crate::Error::Certificate {
+                return issuer::authority_of(&stored).ok_or_else(|| crate::Error::Certificate {
                     what: format!("the agents' CA in Secret {}/{kept}", settings.namespace),
                     message: "no tls.crt and tls.key".into(),
-                })?;
-                let bundle = stored
-                    .data
-                    .as_ref()
-                    .and_then(|d| d.get(BUNDLE_KEY))
-                    .and_then(|b| String::from_utf8(b.0.clone()).ok())
-                    .unwrap_or_else(|| ca.cert.clone());
-                return Ok(Authority { ca, bundle });
+                });
             }
             own
         }

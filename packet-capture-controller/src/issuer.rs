@@ -58,7 +58,9 @@ pub fn keyed_cert(secret: &Secret) -> Option<KeyedCert> {
     })
 }
 
-fn authority_of(secret: &Secret) -> Option<Authority> {
+/// The CA and its bundle in a Secret (`tls.crt`, `tls.key`, `ca.crt`; the
+/// bundle is the CA alone when `ca.crt` is missing).
+pub fn authority_of(secret: &Secret) -> Option<Authority> {
     let ca = keyed_cert(secret)?;
     let bundle = text(secret, BUNDLE_KEY).unwrap_or_else(|| ca.cert.clone());
     Some(Authority { ca, bundle })

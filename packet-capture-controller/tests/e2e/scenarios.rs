@@ -766,16 +766,12 @@ async fn the_webhook_rejects_bad_specs_naming_the_field() {
         ])
         .await
         .expect("letting the creator capture in the namespace");
-    // RBAC takes a moment to reach the authorizer, and says nothing when
-    // it has: dry runs until the pod's capture is allowed.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while let Err(e) = as_creator.create(&dry_run(), &of_pod).await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "capture in its namespace still refused: {e:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_admitted(
+        &as_creator,
+        &of_pod,
+        "capture in its namespace still refused",
+    )
+    .await;
     as_creator
         .create(&dry_run(), &of_pod_ip)
         .await
@@ -829,19 +825,22 @@ async fn the_webhook_rejects_bad_specs_naming_the_field() {
         ])
         .await
         .expect("letting the creator capture everywhere");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while let Err(e) = as_creator.create(&dry_run(), &of_all).await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "capture of 0.0.0.0/0 still refused: {e:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_admitted(&as_creator, &of_all, "capture of 0.0.0.0/0 still refused").await;
     as_creator
         .create(&dry_run(), &of_node)
         .await
         .expect("the creator may capture a node's address");
     drop(cleanup);
+}
+
+/// Dry runs of `capture` until the API server admits it: a new binding
+/// takes a moment to reach the authorizer, and says nothing when it has.
+async fn until_admitted(api: &Api<PacketCaptureConfig>, capture: &PacketCaptureConfig, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Err(e) = api.create(&dry_run(), capture).await {
+        assert!(std::time::Instant::now() < deadline, "{what}: {e:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// The Event with `reason` about the object `uid`, once there (watched).
