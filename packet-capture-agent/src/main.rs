@@ -57,9 +57,6 @@ async fn run(config: Config, serving: Serving, log: LogControl) -> anyhow::Resul
         )
     };
     let address = config.listen_address();
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
-        .with_context(|| format!("AGENT_PORT {}: listening on {address}", config.port))?;
     let source = match serving {
         Serving::Plaintext => None,
         Serving::Files { cert, key } => Some(tls::Source::Files { cert, key }),
@@ -88,13 +85,27 @@ async fn run(config: Config, serving: Serving, log: LogControl) -> anyhow::Resul
         }
         Some(source) => {
             let config = tls::server_config(cert.clone()).context("the TLS configuration")?;
-            let task = tokio::spawn(tls::keep_current(source, cert.clone()));
+            let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+            let task = tokio::spawn(tls::keep_current(source, cert.clone(), first_tx));
+            // The port opens only once there is a certificate: until then a
+            // client's connection is refused, and it tries again later.
+            tracing::info!("waiting for the serving certificate before serving the API");
+            tokio::select! {
+                first = first_rx => if first.is_err() {
+                    return Err(certificate_failure(task).await);
+                },
+                _ = sigterm.recv() => return Ok(()),
+                _ = sigint.recv() => return Ok(()),
+            }
             (
                 Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
                 Some(task),
             )
         }
     };
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("AGENT_PORT {}: listening on {address}", config.port))?;
     let files = CaptureDir::new(
         &config.capture_dir,
         config.max_capture_files as usize,
@@ -144,10 +155,7 @@ async fn run(config: Config, serving: Serving, log: LogControl) -> anyhow::Resul
     // bad setting does.
     let certificate = async {
         match certificate_failed {
-            Some(task) => match task.await {
-                Ok(Err(e)) => anyhow::anyhow!("TLS_CERT_FILE, TLS_KEY_FILE: {e}"),
-                Err(e) => anyhow::anyhow!("the serving certificate task: {e}"),
-            },
+            Some(task) => certificate_failure(task).await,
             None => std::future::pending().await,
         }
     };
@@ -179,6 +187,17 @@ async fn run(config: Config, serving: Serving, log: LogControl) -> anyhow::Resul
     }
     tracing::info!("stopped");
     failure.map_or(Ok(()), Err)
+}
+
+/// Why the task keeping the serving certificate ended: it returns only for
+/// certificate files unusable at start.
+async fn certificate_failure(
+    task: tokio::task::JoinHandle<Result<std::convert::Infallible, tls::TlsError>>,
+) -> anyhow::Error {
+    match task.await {
+        Ok(Err(e)) => anyhow::anyhow!("TLS_CERT_FILE, TLS_KEY_FILE: {e}"),
+        Err(e) => anyhow::anyhow!("the serving certificate task: {e}"),
+    }
 }
 
 /// `GET /health` of the agent at `address` with an HTTP/1.1 request (the

@@ -208,12 +208,17 @@ fn verdict(csr: &CertificateSigningRequest) -> Result<Option<Result<Vec<u8>, Str
         .map(|c| Ok(c.0.clone())))
 }
 
-/// Puts a certificate from `source` into `slot` and keeps it current:
-/// replaced when due (files: when they changed), retried with backoff on
-/// failure (TLS handshakes fail until there is one; afterwards the one in
-/// place serves meanwhile). Returns only when the files are unusable at
-/// start, a mistake to report rather than wait out.
-pub async fn keep_current(source: Source, slot: Arc<ServingCert>) -> Result<Infallible, TlsError> {
+/// Puts a certificate from `source` into `slot`, says so on `first`, and
+/// keeps it current: replaced when due (files: when they changed), retried
+/// with backoff on failure (before the first one the API is not served;
+/// afterwards the one in place serves meanwhile). Returns only when the
+/// files are unusable at start, a mistake to report rather than wait out.
+pub async fn keep_current(
+    source: Source,
+    slot: Arc<ServingCert>,
+    first: tokio::sync::oneshot::Sender<()>,
+) -> Result<Infallible, TlsError> {
+    let mut first = Some(first);
     let files = matches!(source, Source::Files { .. });
     let mut due = SystemTime::now();
     let mut stamp = None;
@@ -234,6 +239,9 @@ pub async fn keep_current(source: Source, slot: Arc<ServingCert>) -> Result<Infa
                     tracing::info!("serving certificate replaced");
                 }
                 slot.set(next.key);
+                if let Some(first) = first.take() {
+                    let _ = first.send(());
+                }
                 due = next.renew_at;
                 stamp = seen;
                 wait = Duration::from_secs(1);
@@ -246,7 +254,7 @@ pub async fn keep_current(source: Source, slot: Arc<ServingCert>) -> Result<Infa
                     );
                 } else {
                     tracing::warn!(
-                        "no serving certificate yet (TLS handshakes fail until there is one): {e}"
+                        "no serving certificate yet (the API is served once there is one): {e}"
                     );
                 }
                 due = SystemTime::now() + wait;

@@ -175,9 +175,9 @@ async fn demo(binaries: &Binaries) -> anyhow::Result<()> {
     );
     let options = AgentOptions::new(&binaries.agent);
     for node in &demo.running.nodes {
-        let agent = node.start_agent(&options).await?;
+        let agent = node.launch_agent(&options).await?;
         step(format!(
-            "agent on {} listens on https://{} once the controller signs its certificate (log {})",
+            "agent on {} asked for its certificate; it serves https://{} once the controller signs it (log {})",
             node.name(),
             agent.endpoint(),
             relative(agent.log_path())
@@ -220,6 +220,10 @@ async fn demo(binaries: &Binaries) -> anyhow::Result<()> {
         relative(controller.log_path())
     ));
     demo.controller = Some(controller);
+    for agent in &mut demo.agents {
+        agent.until_serving().await?;
+    }
+    step("every agent serves with the certificate the controller signed");
 
     step("the sample capture: the traffic of pods default/frontend and default/backend");
     let mut table = Table::watch(demo.cluster()).await?;

@@ -1,11 +1,13 @@
 //! The API over TLS with a certificate from files: REST and gRPC verify the
 //! agent's certificate with its CA, plain HTTP to the port gets no answer,
-//! and the `health` subcommand (the probes) speaks TLS.
+//! and the `health` subcommand (the probes) speaks TLS. Without a
+//! certificate the port stays closed.
 
 use std::io::{Read as _, Write as _};
 use std::time::Duration;
 
 use packet_capture_proto::v1 as pb;
+use packet_capture_test_support::cluster::{AgentOptions, Cluster};
 use packet_capture_test_support::privileged;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
 
@@ -131,4 +133,34 @@ async fn the_api_is_served_over_tls_only() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("test-node"));
     let log = agent.log();
     assert!(!log.contains("INSECURE: --insecure-plaintext"), "{log}");
+}
+
+/// An agent that asks the cluster for its certificate opens its port only
+/// once it has one: with no controller to sign the request, a client is
+/// refused the connection (and tries again), never let in to a handshake
+/// that fails.
+#[tokio::test]
+async fn without_its_certificate_the_port_stays_closed() {
+    let Some(cluster) = Cluster::for_test("without_its_certificate_the_port_stays_closed").await
+    else {
+        return;
+    };
+    let node = cluster.add_node("nocert").await.unwrap();
+    let mut agent = node
+        .launch_agent(&AgentOptions::new(AGENT))
+        .await
+        .expect("the agent on a simulated node");
+    agent
+        .until_logged(
+            "waiting for the serving certificate",
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("the agent waiting for its certificate");
+    let refused = tokio::net::TcpStream::connect(agent.endpoint())
+        .await
+        .expect_err("the port is closed without a certificate");
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    let log = agent.log();
+    assert!(!log.contains("listening on"), "{log}");
 }

@@ -376,7 +376,7 @@ impl World {
             let node = cluster.add_node("e2e").await.expect("a node");
             let pod = node.add_pod(namespace.name(), &format!("pod-{i}")).await;
             pods.push(pod.expect("a pod"));
-            agents.push(node.start_agent(&options).await.expect("an agent"));
+            agents.push(node.launch_agent(&options).await.expect("an agent"));
             nodes.push(node);
         }
 
@@ -449,6 +449,10 @@ impl World {
         let mut controller = Controller::start(cluster, format!("controller-{id}"), args);
         if let Some(hook) = &webhook {
             controller.wait_listening(SocketAddr::new(IpAddr::V4(cluster.host_ip()), hook.port));
+        }
+        // The agents serve once the controller has signed their certificates.
+        for agent in &mut agents {
+            agent.until_serving().await.expect("an agent serving");
         }
         Some(Self {
             cluster,

@@ -197,15 +197,26 @@ impl SimNode {
         .expect("a valid Pod");
         pods.create(&post_params(), &object).await?;
         let ips = [pod.ip().to_string(), pod.ipv6().to_string()];
-        patch_running(&pods, name, self, &ips, ("main", PAUSE_IMAGE)).await?;
+        let running = running_status(self, name, &ips, ("main", PAUSE_IMAGE));
+        pods.patch_status(name, &patch_params(), &Patch::Merge(&running))
+            .await?;
         Ok(pod)
     }
 
-    /// Starts the agent in this node's network namespace (as a hostNetwork
-    /// DaemonSet pod would run), waits until it logs that it listens, and
-    /// registers its Pod in [`COMPONENT_NAMESPACE`], labelled
-    /// `app=packet-capture-agent`, Running with the node's IP.
+    /// [`launch_agent`](Self::launch_agent), then waits until it serves.
+    /// With [`AgentTls::Signed`] a controller must be running to sign its
+    /// certificate.
     pub async fn start_agent(&self, options: &AgentOptions) -> Result<SimAgent> {
+        let mut agent = self.launch_agent(options).await?;
+        agent.until_serving().await?;
+        Ok(agent)
+    }
+
+    /// Starts the agent in this node's network namespace (as a hostNetwork
+    /// DaemonSet pod would run) with its Pod in [`COMPONENT_NAMESPACE`],
+    /// labelled `app=packet-capture-agent`; the Pod shows Running with the
+    /// node's IP only once [`SimAgent::until_serving`] has seen it serve.
+    pub async fn launch_agent(&self, options: &AgentOptions) -> Result<SimAgent> {
         let inner = &self.cluster;
         let pod_name = format!("packet-capture-agent-{}", self.name);
         let capture_dir = inner.dir.join("captures").join(&self.name);
@@ -284,20 +295,19 @@ impl SimNode {
                 return Err(e);
             }
         };
-        let mut agent = SimAgent {
+        let ips = [self.ip().to_string(), self.ipv6().to_string()];
+        Ok(SimAgent {
             pod: pod_name.clone(),
             pod_exists: true,
             process,
             endpoint: SocketAddr::new(IpAddr::V4(self.ip()), options.port),
             capture_dir,
-        };
-        agent
-            .wait_listening(self.ip(), options.port, options.ready_timeout)
-            .await?;
-        let ips = [self.ip().to_string(), self.ipv6().to_string()];
-        patch_running(&pods, &pod_name, self, &ips, ("agent", AGENT_IMAGE)).await?;
-        agent.process.detach_if_detached();
-        Ok(agent)
+            running: Some((
+                pods,
+                running_status(self, &pod_name, &ips, ("agent", AGENT_IMAGE)),
+            )),
+            ready_timeout: options.ready_timeout,
+        })
     }
 }
 
@@ -314,17 +324,17 @@ impl Drop for SimNode {
     }
 }
 
-/// Patches a pod's status as a kubelet does once its container runs.
-async fn patch_running(
-    pods: &Api<Pod>,
-    name: &str,
+/// A pod's status as a kubelet writes it once its container runs and is
+/// ready.
+fn running_status(
     node: &SimNode,
+    name: &str,
     ips: &[String],
     (container, image): (&str, &str),
-) -> Result<()> {
+) -> serde_json::Value {
     let now = now();
     let condition = |kind: &str| json!({"type": kind, "status": "True", "lastTransitionTime": now});
-    let status = json!({
+    json!({
         "status": {
             "phase": "Running",
             "conditions": [
@@ -350,10 +360,7 @@ async fn patch_running(
                 "state": {"running": {"startedAt": now}},
             }],
         }
-    });
-    pods.patch_status(name, &patch_params(), &Patch::Merge(&status))
-        .await?;
-    Ok(())
+    })
 }
 
 /// A simulated pod: a network namespace behind its node, and a Running
@@ -517,7 +524,8 @@ pub struct AgentOptions {
     /// `--agent-selector` can then pick these agents out).
     pub labels: Vec<(String, String)>,
     pub env: Vec<(String, String)>,
-    /// How long to wait for `listening on <node IP>:<port>`.
+    /// How long [`SimAgent::until_serving`] waits for `listening on <node
+    /// IP>:<port>`.
     pub ready_timeout: Duration,
     /// Whose certificate the agent serves.
     pub tls: AgentTls,
@@ -665,9 +673,29 @@ pub struct SimAgent {
     process: ClusterProcess,
     endpoint: SocketAddr,
     capture_dir: PathBuf,
+    /// Its Pod's Running status, patched in once the agent serves.
+    running: Option<(Api<Pod>, serde_json::Value)>,
+    ready_timeout: Duration,
 }
 
 impl SimAgent {
+    /// Waits until the agent serves, which it says once it has its
+    /// certificate (up to [`AgentOptions::ready_timeout`]), then marks its
+    /// Pod Running and ready, as a kubelet does once the startup probe
+    /// passes: a controller calls it from then on.
+    pub async fn until_serving(&mut self) -> Result<()> {
+        let Some((pods, status)) = self.running.take() else {
+            return Ok(());
+        };
+        let endpoint = self.endpoint;
+        let marker = format!("listening on {endpoint}");
+        self.until_logged(&marker, self.ready_timeout).await?;
+        pods.patch_status(&self.pod, &patch_params(), &Patch::Merge(&status))
+            .await?;
+        self.process.detach_if_detached();
+        Ok(())
+    }
+
     /// `<node IP>:<port>`, where the controller reaches it.
     pub fn endpoint(&self) -> SocketAddr {
         self.endpoint
@@ -701,10 +729,9 @@ impl SimAgent {
         &self.capture_dir
     }
 
-    /// Polls the log for the line the agent writes when it accepts
-    /// connections (a log file offers no event), failing early if it exits.
-    async fn wait_listening(&mut self, ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<()> {
-        let marker = format!("listening on {ip}:{port}");
+    /// Polls the log (a log file offers no event) until a line contains
+    /// `marker`, failing early if the agent exits.
+    pub async fn until_logged(&mut self, marker: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             if strip_ansi(&self.log()).contains(&marker) {
@@ -712,7 +739,7 @@ impl SimAgent {
             }
             if let Some(status) = self.process.exited() {
                 return Err(Error::Process(format!(
-                    "the agent exited ({status}) before listening; its log:\n{}",
+                    "the agent exited ({status}) before it logged {marker:?}; its log:\n{}",
                     super::build::tail(&self.log(), 30)
                 )));
             }
