@@ -25,6 +25,11 @@ pub const FILES_SUBRESOURCE: &str = "files";
 /// theirs with CertificateSigningRequests for it, the controller signs.
 pub const AGENT_SIGNER: &str = "networking.packet.io/agent-serving";
 
+/// The annotation naming who asked for a capture: the user who created it
+/// or last changed its spec, set by the controller's mutating webhook. The
+/// per-requester limit counts captures by it.
+pub const REQUESTED_BY: &str = "networking.packet.io/requested-by";
+
 /// What `output_file` says for stdout captures, which write no file.
 pub const STDOUT_OUTPUT_FILE: &str = "Packet capture logs are in stdout format";
 

@@ -48,7 +48,8 @@ pub async fn run(settings: Settings, log: LogControl) -> Result<()> {
         let server = webhook::WebhookServer::bind(
             any(settings.webhook_port),
             slot.clone(),
-            webhook::Admission::new(client.clone(), settings.limits(), settings.identity()),
+            webhook::Admission::new(client.clone(), settings.limits(), settings.identity())
+                .with_max_per_requester(settings.max_captures_per_requester),
         )
         .await?;
         tokio::select! {

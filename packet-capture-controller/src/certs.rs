@@ -10,8 +10,9 @@
 //! - `self-managed`: the controller's own [`Issuer`] keeps a CA in
 //!   `--ca-secret` and the certificate in `--webhook-cert-secret`, renewing
 //!   both in time; the certificate is served from its Secret as with
-//!   `secret`, and the `caBundle` of `--webhook-configuration` is filled in
-//!   and kept filled in.
+//!   `secret`, and the `caBundle` of the Validating- and
+//!   MutatingWebhookConfiguration `--webhook-configuration` is filled in and
+//!   kept filled in.
 //!
 //! None of them ends the process. While there is no certificate the webhook
 //! refuses TLS handshakes (so the API server's call fails, and the webhook's
@@ -27,7 +28,9 @@ use std::time::{Duration, SystemTime};
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
+};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
@@ -287,8 +290,10 @@ async fn keep_issued(settings: &Settings, client: Client, reporter: &Reporter) {
     );
     let mut names = pki::service_names(&settings.webhook_service, ns);
     names.extend(settings.webhook_extra_names.iter().cloned());
-    let configurations: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let secrets: Api<Secret> = Api::namespaced(client, ns);
+    let configuration = &settings.webhook_configuration;
     let mut changes = futures::stream::select_all([
         wakes(
             watch_named(secrets.clone(), &settings.ca_secret),
@@ -299,16 +304,18 @@ async fn keep_issued(settings: &Settings, client: Client, reporter: &Reporter) {
             format!("Secret {ns}/{}", settings.webhook_cert_secret),
         ),
         wakes(
-            watch_named(configurations.clone(), &settings.webhook_configuration),
-            format!(
-                "ValidatingWebhookConfiguration {}",
-                settings.webhook_configuration
-            ),
+            watch_named(validating.clone(), configuration),
+            format!("ValidatingWebhookConfiguration {configuration}"),
+        ),
+        wakes(
+            watch_named(mutating.clone(), configuration),
+            format!("MutatingWebhookConfiguration {configuration}"),
         ),
     ]);
     let target = Target {
         issuer: &issuer,
-        configurations: &configurations,
+        validating: &validating,
+        mutating: &mutating,
         settings,
         names: &names,
     };
@@ -346,7 +353,8 @@ async fn keep_issued(settings: &Settings, client: Client, reporter: &Reporter) {
 /// What the self-managed issuer keeps.
 struct Target<'a> {
     issuer: &'a Issuer,
-    configurations: &'a Api<ValidatingWebhookConfiguration>,
+    validating: &'a Api<ValidatingWebhookConfiguration>,
+    mutating: &'a Api<MutatingWebhookConfiguration>,
     settings: &'a Settings,
     names: &'a [Name],
 }
@@ -361,13 +369,12 @@ impl Target<'_> {
         if let Some(why) = &ca.written {
             tracing::info!("Secret {}/{}: {why}", s.namespace, s.ca_secret);
         }
-        let bundle = fill_ca_bundle(
-            self.configurations,
-            &s.webhook_configuration,
-            &authority.bundle,
-        )
-        .await?;
-        reporter.status.set("caBundle", bundle);
+        let name = &s.webhook_configuration;
+        let validating = fill_ca_bundle(self.validating, name, &authority.bundle).await?;
+        let mutating = fill_ca_bundle(self.mutating, name, &authority.bundle).await?;
+        reporter
+            .status
+            .set("caBundle", format!("{validating}; {mutating}"));
         let leaf = self
             .issuer
             .certificate(&authority, &s.webhook_cert_secret, self.names, now)
@@ -379,26 +386,46 @@ impl Target<'_> {
     }
 }
 
+/// A webhook configuration whose caBundles the controller fills in.
+trait WebhookConfiguration:
+    Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug
+{
+    /// Each webhook's name and client configuration.
+    fn client_configs(&self) -> Vec<(&str, &WebhookClientConfig)>;
+}
+
+impl WebhookConfiguration for ValidatingWebhookConfiguration {
+    fn client_configs(&self) -> Vec<(&str, &WebhookClientConfig)> {
+        let hooks = self.webhooks.iter().flatten();
+        hooks.map(|w| (w.name.as_str(), &w.client_config)).collect()
+    }
+}
+
+impl WebhookConfiguration for MutatingWebhookConfiguration {
+    fn client_configs(&self) -> Vec<(&str, &WebhookClientConfig)> {
+        let hooks = self.webhooks.iter().flatten();
+        hooks.map(|w| (w.name.as_str(), &w.client_config)).collect()
+    }
+}
+
 /// Sets the caBundle of every webhook of the configuration `name` to
 /// `bundle` where it differs; what the configuration looks like now.
-async fn fill_ca_bundle(
-    api: &Api<ValidatingWebhookConfiguration>,
+async fn fill_ca_bundle<K: WebhookConfiguration>(
+    api: &Api<K>,
     name: &str,
     bundle: &str,
 ) -> Result<String> {
+    let kind = K::kind(&());
     let Some(configuration) = api.get_opt(name).await? else {
         return Ok(format!(
-            "no ValidatingWebhookConfiguration {name}: the API server does not call the webhook"
+            "no {kind} {name}: the API server does not call the webhook"
         ));
     };
     let stale: Vec<&str> = configuration
-        .webhooks
-        .iter()
-        .flatten()
-        .filter(|w| {
-            w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()) != Some(bundle.as_bytes())
-        })
-        .map(|w| w.name.as_str())
+        .client_configs()
+        .into_iter()
+        .filter(|(_, c)| c.ca_bundle.as_ref().map(|b| b.0.as_slice()) != Some(bundle.as_bytes()))
+        .map(|(w, _)| w)
         .collect();
     if !stale.is_empty() {
         let ca_bundle = ByteString(bundle.as_bytes().to_vec());
@@ -411,12 +438,7 @@ async fn fill_ca_bundle(
         });
         api.patch(name, &PatchParams::default(), &Patch::Strategic(patch))
             .await?;
-        tracing::info!(
-            "ValidatingWebhookConfiguration {name}: caBundle filled in for {}",
-            stale.join(", ")
-        );
+        tracing::info!("{kind} {name}: caBundle filled in for {}", stale.join(", "));
     }
-    Ok(format!(
-        "ValidatingWebhookConfiguration {name} trusts the controller's CA"
-    ))
+    Ok(format!("{kind} {name} trusts the controller's CA"))
 }

@@ -113,6 +113,12 @@ pub struct Settings {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_capture_packets: u32,
 
+    /// Captures one requester (the user who created a capture or last
+    /// changed its spec) may have that have not ended; the webhook refuses
+    /// one more. 0: no limit.
+    #[arg(long, env = "MAX_CAPTURES_PER_REQUESTER", default_value_t = 10)]
+    pub max_captures_per_requester: u32,
+
     /// Timeout of one call to an agent, in seconds.
     #[arg(long, env = "AGENT_TIMEOUT_SECONDS", default_value_t = 10)]
     pub agent_timeout_seconds: u64,

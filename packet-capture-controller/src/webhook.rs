@@ -1,12 +1,18 @@
-//! The validating admission webhook (`POST /validate`, HTTPS).
+//! The admission webhooks (HTTPS): `POST /mutate` and `POST /validate`.
 //!
-//! It applies what the CRD schema checks plus what a schema cannot: the
-//! `filter` compiles with libpcap, the namespaces of `podSelector.pods`
-//! exist, and the requesting user may capture every target ([`access`]:
-//! SubjectAccessReviews for the verb `capture` on pods), on create and on
-//! an update that changes the spec. Every message names its field; who was
-//! allowed what is logged and published as an Event on the capture. The certificate it presents is
-//! whatever [`ServingCert`] holds at the handshake; `certs` keeps it there.
+//! The mutating one records who asked for a capture: the annotation
+//! [`REQUESTED_BY`] becomes the requesting user on a create or a change of
+//! the spec, and stays what it was on any other update.
+//!
+//! The validating one applies what the CRD schema checks plus what a schema
+//! cannot: the `filter` compiles with libpcap, the namespaces of
+//! `podSelector.pods` exist, the requesting user may capture every target
+//! ([`access`]: SubjectAccessReviews for the verb `capture` on pods), and
+//! has fewer than `MAX_CAPTURES_PER_REQUESTER` other captures that have not
+//! ended, on create and on an update that changes the spec. Every message
+//! names its field; who was allowed what is logged and published as an
+//! Event on the capture. The certificate both present is whatever
+//! [`ServingCert`] holds at the handshake; `certs` keeps it there.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,14 +25,16 @@ use axum::{Json, Router};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use k8s_openapi::api::core::v1::Namespace;
+use kube::api::ListParams;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::runtime::events::EventType;
-use kube::{Api, Client};
-use packet_capture_common::crd::{PacketCaptureConfig, PacketCaptureConfigSpec};
+use kube::{Api, Client, ResourceExt as _};
+use packet_capture_common::crd::{PacketCaptureConfig, PacketCaptureConfigSpec, REQUESTED_BY};
 use packet_capture_common::tls;
 pub use packet_capture_common::tls::{ServingCert, certified_key};
 use packet_capture_common::validate::CaptureLimits;
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -94,7 +102,42 @@ async fn missing_namespaces(client: &Client, spec: &PacketCaptureConfigSpec) -> 
 pub struct Admission {
     client: Client,
     limits: CaptureLimits,
+    /// Captures one requester may have that have not ended; 0: no limit.
+    max_per_requester: u32,
     events: Arc<Events>,
+}
+
+/// Whether `req` asks for a capture: a create, or an update that changes
+/// the spec (anything else captures nothing new).
+fn asks_for_capture(req: &AdmissionRequest<DynamicObject>) -> bool {
+    let spec = |o: &DynamicObject| o.data.get("spec").cloned();
+    match req.operation {
+        Operation::Create => true,
+        Operation::Update => req.object.as_ref().map(spec) != req.old_object.as_ref().map(spec),
+        _ => false,
+    }
+}
+
+/// The requester recorded on `obj`, if any.
+fn requester_of(obj: &DynamicObject) -> Option<&str> {
+    obj.annotations().get(REQUESTED_BY).map(String::as_str)
+}
+
+/// The JSON patch that makes `obj`'s [`REQUESTED_BY`] annotation `want`
+/// (removed for `None`); `None` when it already is.
+fn requester_patch(obj: &DynamicObject, want: Option<&str>) -> Option<json_patch::Patch> {
+    if requester_of(obj) == want {
+        return None;
+    }
+    let path = format!("/metadata/annotations/{}", REQUESTED_BY.replace('/', "~1"));
+    let op = match (want, obj.metadata.annotations.is_some()) {
+        (None, _) => json!({"op": "remove", "path": path}),
+        (Some(who), true) => json!({"op": "add", "path": path, "value": who}),
+        (Some(who), false) => {
+            json!({"op": "add", "path": "/metadata/annotations", "value": {REQUESTED_BY: who}})
+        }
+    };
+    Some(serde_json::from_value(json!([op])).expect("a JSON patch"))
 }
 
 /// What the webhook found about one request.
@@ -108,19 +151,103 @@ pub struct Findings {
 }
 
 impl Admission {
-    /// Events are reported by `identity` (this replica).
+    /// Events are reported by `identity` (this replica). No limit per
+    /// requester until [`Self::with_max_per_requester`].
     pub fn new(client: Client, limits: CaptureLimits, identity: String) -> Self {
         Self {
             events: Arc::new(Events::new(client.clone(), identity)),
             client,
             limits,
+            max_per_requester: 0,
         }
+    }
+
+    /// At most `max` captures per requester that have not ended (0: no
+    /// limit).
+    pub fn with_max_per_requester(self, max: u32) -> Self {
+        Self {
+            max_per_requester: max,
+            ..self
+        }
+    }
+
+    /// Answers one mutating AdmissionReview: the requesting user becomes
+    /// the capture's requester when it asks for a capture; any other update
+    /// keeps the requester it had (an edit of the annotation is undone).
+    pub fn mutate(&self, review: AdmissionReview<DynamicObject>) -> AdmissionReview<DynamicObject> {
+        let req: AdmissionRequest<DynamicObject> = match review.try_into() {
+            Ok(r) => r,
+            Err(e) => return AdmissionResponse::invalid(e.to_string()).into_review(),
+        };
+        let resp = AdmissionResponse::from(&req);
+        let Some(obj) = &req.object else {
+            return resp.into_review();
+        };
+        let want = if asks_for_capture(&req) {
+            req.user_info.username.as_deref()
+        } else {
+            req.old_object.as_ref().and_then(requester_of)
+        };
+        match requester_patch(obj, want) {
+            None => resp.into_review(),
+            Some(patch) => match resp.with_patch(patch) {
+                Ok(r) => r.into_review(),
+                Err(e) => AdmissionResponse::invalid(e.to_string()).into_review(),
+            },
+        }
+    }
+
+    /// Why `user` may not ask for one more capture than `name`: they have
+    /// `max_per_requester` others that have not ended.
+    async fn requester_problem(&self, user: &str, name: &str) -> Option<String> {
+        let max = self.max_per_requester as usize;
+        if max == 0 {
+            return None;
+        }
+        let api: Api<PacketCaptureConfig> = Api::all(self.client.clone());
+        let all = match api.list(&ListParams::default()).await {
+            Ok(l) => l.items,
+            Err(e) => {
+                return Some(format!(
+                    "metadata.annotations[{REQUESTED_BY}]: could not count the captures of {user:?}: {e}"
+                ));
+            }
+        };
+        let open: Vec<String> = all
+            .iter()
+            .filter(|p| {
+                p.name_any() != name
+                    && p.metadata.deletion_timestamp.is_none()
+                    && p.annotations().get(REQUESTED_BY).map(String::as_str) == Some(user)
+                    && !p
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.phase)
+                        .is_some_and(|ph| ph.is_final())
+            })
+            .map(|p| p.name_any())
+            .collect();
+        if open.len() < max {
+            return None;
+        }
+        const SHOWN: usize = 5;
+        let mut names = open[..open.len().min(SHOWN)].join(", ");
+        if open.len() > SHOWN {
+            names.push_str(&format!(" and {} more", open.len() - SHOWN));
+        }
+        Some(format!(
+            "metadata.annotations[{REQUESTED_BY}]: user {user:?} already has {} captures that \
+             have not ended ({names}), the most one requester may have \
+             (MAX_CAPTURES_PER_REQUESTER={max}); delete one or wait for one to end",
+            open.len()
+        ))
     }
 
     /// Everything wrong with an admission request's object. A spec that is
     /// wrong on its own is not looked into further; an update that leaves
-    /// the spec as it was captures nothing new, so its targets are not
-    /// authorized again (the controller's own updates, labels, finalizers).
+    /// the spec as it was captures nothing new, so its targets and its
+    /// requester are not checked again (the controller's own updates,
+    /// labels, finalizers).
     pub async fn findings(&self, req: &AdmissionRequest<DynamicObject>) -> Findings {
         let mut found = Findings::default();
         if !matches!(req.operation, Operation::Create | Operation::Update) {
@@ -140,15 +267,26 @@ impl Admission {
             }
         };
         found.problems = spec_problems(&pcc.spec, &self.limits).await;
-        let unchanged = req
-            .old_object
-            .as_ref()
-            .and_then(|old| parse(old).ok())
-            .is_some_and(|old| old.spec == pcc.spec);
-        if !found.problems.is_empty() || (req.operation == Operation::Update && unchanged) {
+        if !found.problems.is_empty() || !asks_for_capture(req) {
+            return found;
+        }
+        // The mutating webhook recorded the requester; a capture whose
+        // annotation names someone else would be counted against them.
+        let user = req.user_info.username.as_deref().unwrap_or_default();
+        let recorded = pcc.annotations().get(REQUESTED_BY).map(String::as_str);
+        if recorded != Some(user) {
+            let recorded = recorded.map_or("missing".into(), |r| format!("{r:?}"));
+            found.problems.push(format!(
+                "metadata.annotations[{REQUESTED_BY}]: is {recorded}, not the requesting user \
+                 {user:?}; the mutating webhook sets it (is the MutatingWebhookConfiguration \
+                 packet-capture-webhook registered?)"
+            ));
             return found;
         }
         found.problems = missing_namespaces(&self.client, &pcc.spec).await;
+        found
+            .problems
+            .extend(self.requester_problem(user, &pcc.name_any()).await);
         let holders = match access::holders(&self.client, &pcc.spec).await {
             Ok(h) => h,
             Err(e) => {
@@ -218,9 +356,17 @@ async fn validate(
     Json(admission.review(body).await)
 }
 
+async fn mutate(
+    State(admission): State<Admission>,
+    Json(body): Json<AdmissionReview<DynamicObject>>,
+) -> Json<AdmissionReview<DynamicObject>> {
+    Json(admission.mutate(body))
+}
+
 pub fn router(admission: Admission) -> Router {
     Router::new()
         .route("/validate", post(validate))
+        .route("/mutate", post(mutate))
         .with_state(admission)
 }
 
@@ -269,7 +415,7 @@ impl WebhookServer {
     /// Serves until the process ends.
     pub async fn run(self) -> Result<()> {
         tracing::info!(
-            "webhook on https://{}/validate",
+            "webhook on https://{}/validate and /mutate",
             self.local_addr().map(|a| a.to_string()).unwrap_or_default()
         );
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));

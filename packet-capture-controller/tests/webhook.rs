@@ -1,14 +1,16 @@
-//! The admission webhook's checks against a mock API server: libpcap judges
-//! the filter (names refused before it sees them), target namespaces must
-//! exist, and the requesting user must be allowed to capture each target
+//! The admission webhooks against a mock API server: libpcap judges the
+//! filter (names refused before it sees them), target namespaces must
+//! exist, the requesting user must be allowed to capture each target
 //! (SubjectAccessReviews for `capture` on pods, per namespace or in every
-//! namespace).
+//! namespace) and stay within the captures per requester, which the
+//! mutating webhook records.
 
 mod support;
 
 use kube::Client;
 use kube::core::DynamicObject;
 use kube::core::admission::AdmissionReview;
+use packet_capture_common::crd::REQUESTED_BY;
 use packet_capture_common::validate::CaptureLimits;
 use packet_capture_controller::webhook::Admission;
 use serde_json::{Value, json};
@@ -28,7 +30,12 @@ fn admission_of(spec: Value) -> AdmissionReview<DynamicObject> {
             "object": {
                 "apiVersion": "networking.packet.io/v1",
                 "kind": "PacketCaptureConfig",
-                "metadata": {"name": "cap", "uid": "7d6c1f4e-cap"},
+                "metadata": {
+                    "name": "cap",
+                    "uid": "7d6c1f4e-cap",
+                    // As the mutating webhook left it.
+                    "annotations": {REQUESTED_BY: "alice"},
+                },
                 "spec": spec,
             },
             "dryRun": false,
@@ -328,4 +335,197 @@ async fn a_handshake_that_never_comes_is_cut_off() {
     .await;
     assert!(closed.is_ok(), "still open {:?} later", connected.elapsed());
     assert!(connected.elapsed() >= HANDSHAKE_TIMEOUT - Duration::from_secs(1));
+}
+
+/// The request of [`admission_of`] as `user`, an update from `old_spec`
+/// (with `old_requester`) when given.
+fn request_of(
+    spec: Value,
+    user: &str,
+    annotations: Option<Value>,
+    old: Option<(Value, &str)>,
+) -> AdmissionReview<DynamicObject> {
+    let mut review = serde_json::to_value(admission_of(spec)).unwrap();
+    let request = &mut review["request"];
+    request["userInfo"]["username"] = user.into();
+    match annotations {
+        Some(a) => request["object"]["metadata"]["annotations"] = a,
+        None => {
+            request["object"]["metadata"]
+                .as_object_mut()
+                .unwrap()
+                .remove("annotations");
+        }
+    }
+    if let Some((old_spec, old_requester)) = old {
+        request["operation"] = "UPDATE".into();
+        let mut old = request["object"].clone();
+        old["spec"] = old_spec;
+        old["metadata"]["annotations"] = json!({REQUESTED_BY: old_requester});
+        request["oldObject"] = old;
+    }
+    serde_json::from_value(review).unwrap()
+}
+
+/// The object after the mutating webhook's patch.
+fn mutated(admission: &Admission, review: AdmissionReview<DynamicObject>) -> Value {
+    let mut object = serde_json::to_value(review.request.as_ref().unwrap().object.clone()).unwrap();
+    let answer = admission.mutate(review);
+    let resp = answer.response.unwrap();
+    assert!(resp.allowed);
+    if let Some(patch) = &resp.patch {
+        let patch: json_patch::Patch = serde_json::from_slice(patch).unwrap();
+        json_patch::patch(&mut object, &patch).unwrap();
+    }
+    object
+}
+
+#[tokio::test]
+async fn the_requester_is_whoever_asks_for_the_capture() {
+    let (admission, _api) = mock();
+    let spec = json!({"targetIPs": ["10.0.0.1"]});
+    let wider = json!({"targetIPs": ["10.0.0.0/24"]});
+    let requester = |object: &Value| {
+        object["metadata"]["annotations"][REQUESTED_BY]
+            .as_str()
+            .map(String::from)
+    };
+    // A create: the requesting user, with or without other annotations, and
+    // whatever the creator wrote there.
+    for annotations in [
+        None,
+        Some(json!({"team": "net"})),
+        Some(json!({REQUESTED_BY: "bob"})),
+    ] {
+        let object = mutated(
+            &admission,
+            request_of(spec.clone(), "alice", annotations.clone(), None),
+        );
+        assert_eq!(
+            requester(&object).as_deref(),
+            Some("alice"),
+            "{annotations:?}"
+        );
+        if annotations.is_some_and(|a| a.get("team").is_some()) {
+            assert_eq!(object["metadata"]["annotations"]["team"], "net");
+        }
+    }
+    // An update that keeps the spec keeps the requester, even when it
+    // removes or rewrites the annotation.
+    for annotations in [None, Some(json!({REQUESTED_BY: "carol"})), Some(json!({}))] {
+        let update = request_of(
+            spec.clone(),
+            "carol",
+            annotations,
+            Some((spec.clone(), "alice")),
+        );
+        assert_eq!(
+            requester(&mutated(&admission, update)).as_deref(),
+            Some("alice")
+        );
+    }
+    // One that changes the spec asks for a new capture: its user requests it.
+    let update = request_of(
+        wider,
+        "carol",
+        Some(json!({REQUESTED_BY: "alice"})),
+        Some((spec, "alice")),
+    );
+    assert_eq!(
+        requester(&mutated(&admission, update)).as_deref(),
+        Some("carol")
+    );
+}
+
+#[tokio::test]
+async fn a_requester_other_than_the_user_is_refused() {
+    let (admission, _api) = mock();
+    let review = request_of(
+        json!({"targetIPs": ["10.0.0.1"]}),
+        "alice",
+        Some(json!({REQUESTED_BY: "bob"})),
+        None,
+    );
+    let (allowed, message) = verdict(&admission.review(review).await);
+    assert!(!allowed);
+    assert_eq!(
+        message,
+        format!(
+            "metadata.annotations[{REQUESTED_BY}]: is \"bob\", not the requesting user \"alice\"; \
+             the mutating webhook sets it (is the MutatingWebhookConfiguration packet-capture-webhook registered?)"
+        )
+    );
+}
+
+/// A capture named `name` requested by `who`, in `phase` (None: no status
+/// yet), being deleted or not.
+fn capture(name: &str, who: &str, phase: Option<&str>, deleting: bool) -> Value {
+    let mut c = json!({
+        "apiVersion": "networking.packet.io/v1", "kind": "PacketCaptureConfig",
+        "metadata": {"name": name, "annotations": {REQUESTED_BY: who}},
+        "spec": {"targetIPs": ["10.0.0.1"]},
+    });
+    if let Some(phase) = phase {
+        c["status"] = json!({"phase": phase});
+    }
+    if deleting {
+        c["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:00Z".into();
+        c["metadata"]["finalizers"] = json!(["networking.packet.io/finalizer"]);
+    }
+    c
+}
+
+#[tokio::test]
+async fn one_capture_over_the_requesters_limit_is_refused_naming_them() {
+    for (limit, allowed) in [(2, false), (3, true)] {
+        let (admission, mut api) = mock();
+        let admission = admission.with_max_per_requester(limit);
+        let task = tokio::spawn(async move {
+            admission
+                .review(admission_of(
+                    json!({"podSelector": {"pods": [{"podName": "web", "namespace": "shop"}]}}),
+                ))
+                .await
+        });
+        api.answer("GET", "/api/v1/namespaces/shop", 200, |_| namespace("shop"))
+            .await;
+        // Counted: alice's captures that have not ended, other than this one.
+        api.answer(
+            "GET",
+            "/apis/networking.packet.io/v1/packetcaptureconfigs",
+            200,
+            |_| {
+                list(
+                    "PacketCaptureConfigList",
+                    vec![
+                        capture("new", "alice", None, false),
+                        capture("running", "alice", Some("Running"), false),
+                        capture("done", "alice", Some("Completed"), false),
+                        capture("failed", "alice", Some("Failed"), false),
+                        capture("gone", "alice", Some("Running"), true),
+                        capture("bobs", "bob", Some("Running"), false),
+                        capture("cap", "alice", Some("Running"), false),
+                    ],
+                )
+            },
+        )
+        .await;
+        api.answer("GET", "/api/v1/namespaces/shop/pods/web", 200, |_| {
+            pod("shop", "web", "10.244.1.5", false)
+        })
+        .await;
+        access_review(&mut api, true).await;
+        let (was_allowed, message) = verdict(&task.await.unwrap());
+        assert_eq!(was_allowed, allowed, "{message}");
+        if !allowed {
+            assert_eq!(
+                message,
+                format!(
+                    "metadata.annotations[{REQUESTED_BY}]: user \"alice\" already has 2 captures that \
+                     have not ended (new, running), the most one requester may have \
+                     (MAX_CAPTURES_PER_REQUESTER=2); delete one or wait for one to end"
+                )
+            );
+        }
+    }
 }

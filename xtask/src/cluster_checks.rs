@@ -235,6 +235,7 @@ const ACCESS: &str = "subjectaccessreviews.authorization.k8s.io";
 const LEASES: &str = "leases.coordination.k8s.io";
 const CRDS: &str = "customresourcedefinitions.apiextensions.k8s.io";
 const VWCS: &str = "validatingwebhookconfigurations.admissionregistration.k8s.io";
+const MWCS: &str = "mutatingwebhookconfigurations.admissionregistration.k8s.io";
 /// The webhook's certificate (cert-manager writes it with the default
 /// values), and the controller's own CA (self-managed certificates only).
 const CERT_SECRET: &str = "secrets/packet-capture-webhook-tls";
@@ -323,6 +324,7 @@ pub const QUESTIONS: &[Question] = &[
     q(CTL, "get", WEBHOOK_CONFIGURATION, None, false),
     q(CTL, "patch", WEBHOOK_CONFIGURATION, None, false),
     q(CTL, "patch", VWCS, None, false),
+    q(CTL, "patch", MWCS, None, false),
     q(CTL, "create", "deployments.apps", NS, false),
     q(CTL, "get", CRDS, None, false),
     q(AGENT, "create", TOKENS, None, true),

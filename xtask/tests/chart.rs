@@ -159,7 +159,7 @@ fn lint_is_clean_with_default_and_non_default_values() {
 
 /// Kinds the chart renders that live outside any namespace.
 fn cluster_scoped(kind: &str) -> bool {
-    kind.starts_with("Cluster") || kind.starts_with("Validating") || kind == "Namespace"
+    kind.starts_with("Cluster") || kind.ends_with("WebhookConfiguration") || kind == "Namespace"
 }
 
 #[test]
@@ -201,6 +201,7 @@ fn default_values_render_the_documented_install() {
         ("MAX_CAPTURE_DURATION", "86400"),
         ("MAX_CAPTURE_PACKETS", "10000000"),
         ("MAX_CONCURRENT_CAPTURES", "16"),
+        ("MAX_CAPTURES_PER_REQUESTER", "10"),
     ];
     assert_eq!(data.len(), want.len(), "{data:?}");
     for (key, value) in want {
@@ -382,6 +383,29 @@ fn default_values_render_the_documented_install() {
         vwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"].as_str(),
         Some(format!("{NAMESPACE}/packet-capture-webhook").as_str())
     );
+    // The mutating webhook (the requester annotation): the same service,
+    // rules, policy and CA, on /mutate.
+    let mwc = get(
+        &docs,
+        "MutatingWebhookConfiguration",
+        "packet-capture-webhook",
+    );
+    let mutating = &mwc["webhooks"][0];
+    assert_eq!(
+        mutating["clientConfig"]["service"]["path"].as_str(),
+        Some("/mutate")
+    );
+    for same in ["failurePolicy", "rules", "sideEffects", "timeoutSeconds"] {
+        assert_eq!(mutating[same], hook[same], "{same}");
+    }
+    assert_eq!(
+        mutating["clientConfig"]["service"]["name"],
+        hook["clientConfig"]["service"]["name"]
+    );
+    assert_eq!(
+        mwc["metadata"]["annotations"],
+        vwc["metadata"]["annotations"]
+    );
     assert!(get(&docs, "Issuer", "packet-capture-selfsigned")["spec"]["selfSigned"].is_mapping());
     assert!(find(&docs, "ServiceMonitor", "packet-capture-controller").is_none());
 }
@@ -443,6 +467,15 @@ fn assert_wired(docs: &[Value], ns: &str) {
         assert_eq!(client["name"].as_str(), Some("packet-capture-webhook"));
         assert_eq!(client["namespace"].as_str(), Some(ns));
         assert_eq!(client["port"], svc["spec"]["ports"][0]["port"]);
+        let mwc = get(
+            docs,
+            "MutatingWebhookConfiguration",
+            "packet-capture-webhook",
+        );
+        let mutating = &mwc["webhooks"][0]["clientConfig"]["service"];
+        for same in ["name", "namespace", "port"] {
+            assert_eq!(mutating[same], client[same], "{same}");
+        }
         let secret = flag(deploy, "webhook-cert-secret").expect("--webhook-cert-secret");
         let role = get(docs, "Role", "packet-capture-controller");
         // The CA is the webhook's too when the controller issues its
@@ -624,6 +657,7 @@ fn every_namespaced_object_goes_to_the_release_namespace_or_the_one_named() {
                 "ServiceMonitor",
                 "Job",
                 "ValidatingWebhookConfiguration",
+                "MutatingWebhookConfiguration",
             ] {
                 assert!(kinds.contains(kind), "no {kind} with {all:?}");
             }
@@ -680,6 +714,7 @@ fn non_default_values_are_honoured() {
         ("MAX_CAPTURE_DURATION", "3600"),
         ("MAX_CAPTURE_PACKETS", "50000"),
         ("MAX_CONCURRENT_CAPTURES", "4"),
+        ("MAX_CAPTURES_PER_REQUESTER", "3"),
     ] {
         assert_eq!(config["data"][key].as_str(), Some(value), "{key}");
     }
@@ -767,7 +802,7 @@ fn non_default_values_are_honoured() {
     assert_eq!(hook["timeoutSeconds"].as_u64(), Some(5));
     assert_eq!(
         hook["clientConfig"]["service"]["path"].as_str(),
-        Some("/validate-pcc")
+        Some("/validate")
     );
     assert!(
         hook["clientConfig"]["caBundle"]
@@ -775,6 +810,19 @@ fn non_default_values_are_honoured() {
             .is_some_and(|b| b.starts_with("LS0t"))
     );
     assert!(vwc["metadata"]["annotations"].is_null());
+    let mwc = get(
+        &docs,
+        "MutatingWebhookConfiguration",
+        "packet-capture-webhook",
+    );
+    let mutating = &mwc["webhooks"][0];
+    for same in ["failurePolicy", "timeoutSeconds"] {
+        assert_eq!(mutating[same], hook[same], "{same}");
+    }
+    assert_eq!(
+        mutating["clientConfig"]["caBundle"],
+        hook["clientConfig"]["caBundle"]
+    );
     assert!(find(&docs, "Certificate", "packet-capture-webhook").is_none());
     assert!(find(&docs, "ClusterRole", "packet-capture-viewer").is_none());
     for name in ["packet-capture-controller", "packet-capture-agent"] {
@@ -790,12 +838,15 @@ fn non_default_values_are_honoured() {
 #[test]
 fn disabling_the_webhook_drops_its_objects() {
     let docs = render(&helm_or_fail(), &["--set", "webhook.enabled=false"]).unwrap();
-    assert!(
-        !docs
-            .iter()
-            .any(|d| d["kind"].as_str() == Some("ValidatingWebhookConfiguration")),
-        "ValidatingWebhookConfiguration rendered"
-    );
+    for kind in [
+        "ValidatingWebhookConfiguration",
+        "MutatingWebhookConfiguration",
+    ] {
+        assert!(
+            !docs.iter().any(|d| d["kind"].as_str() == Some(kind)),
+            "{kind} rendered"
+        );
+    }
     // cert-manager's objects are the agents' CA only.
     for kind in ["Certificate", "Issuer"] {
         let names: Vec<&str> = docs
@@ -834,7 +885,7 @@ fn disabling_the_webhook_drops_its_objects() {
             "ClusterRole",
             "packet-capture-controller",
         )))
-        .filter(|(_, r, _, _)| r == "secrets" || r == "validatingwebhookconfigurations")
+        .filter(|(_, r, _, _)| r == "secrets" || r.ends_with("webhookconfigurations"))
         .filter(|(_, _, verb, names)| {
             // The agents' CA: cert-manager's, and the controller's own
             // (created when missing).
@@ -873,6 +924,13 @@ fn without_cert_manager_or_a_ca_bundle_the_controller_issues_the_certificate() {
     );
     assert!(vwc["metadata"]["annotations"].is_null());
     assert!(vwc["webhooks"][0]["clientConfig"]["caBundle"].is_null());
+    let mwc = get(
+        &docs,
+        "MutatingWebhookConfiguration",
+        "packet-capture-webhook",
+    );
+    assert!(mwc["metadata"]["annotations"].is_null());
+    assert!(mwc["webhooks"][0]["clientConfig"]["caBundle"].is_null());
     const NAMES: &[&str] = &["packet-capture-webhook-tls", "packet-capture-ca"];
     let in_namespace = rules(get(&docs, "Role", "packet-capture-controller"));
     let secrets: BTreeSet<Grant> = in_namespace
@@ -892,13 +950,16 @@ fn without_cert_manager_or_a_ca_bundle_the_controller_issues_the_certificate() {
     );
     let cluster: BTreeSet<Grant> = rules(get(&docs, "ClusterRole", "packet-capture-controller"))
         .into_iter()
-        .filter(|(_, r, _, _)| r == "validatingwebhookconfigurations")
+        .filter(|(_, r, _, _)| r.ends_with("webhookconfigurations"))
         .collect();
     assert_eq!(
         cluster,
         named_grants(&[(
             "admissionregistration.k8s.io",
-            &["validatingwebhookconfigurations"],
+            &[
+                "validatingwebhookconfigurations",
+                "mutatingwebhookconfigurations",
+            ],
             &["get", "list", "watch", "patch"],
             &["packet-capture-webhook"],
         )])

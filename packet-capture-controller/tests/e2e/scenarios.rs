@@ -19,7 +19,8 @@ use std::time::{Duration, SystemTime};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
-    RuleWithOperations, ValidatingWebhook, ValidatingWebhookConfiguration, WebhookClientConfig,
+    MutatingWebhookConfiguration, RuleWithOperations, ValidatingWebhook,
+    ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret};
 use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
@@ -27,7 +28,7 @@ use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, ResourceExt};
 use packet_capture_common::crd::{
     CaptureState, OutputFormat, PacketCaptureConfig, PacketCaptureConfigSpec,
-    PacketCaptureConfigStatus, Phase, PodRef, PodSelector, STDOUT_OUTPUT_FILE,
+    PacketCaptureConfigStatus, Phase, PodRef, PodSelector, REQUESTED_BY, STDOUT_OUTPUT_FILE,
 };
 use packet_capture_controller::{issuer, pki};
 use packet_capture_test_support::cluster::{COMPONENT_NAMESPACE, Cluster, SimPod};
@@ -37,7 +38,8 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
 
 use world::{
-    CA_SECRET, CERT_SECRET, Certs, Setup, TWO_NODES, WEBHOOK_CONFIGURATION, WORLD_LABEL, World,
+    CA_SECRET, CERT_SECRET, Certs, MAX_PER_REQUESTER, Setup, TWO_NODES, WEBHOOK_CONFIGURATION,
+    WORLD_LABEL, World,
 };
 
 const COMPLETED: &str = "Packet capture completed on all nodes";
@@ -473,14 +475,13 @@ async fn editing_the_spec_mid_capture_restarts_it() {
 }
 
 /// Runs `kubectl delete <args> --ignore-not-found` on drop.
-struct Deletes<'a>(&'a World, Vec<Vec<String>>);
+struct Deletes(&'static Cluster, Vec<Vec<String>>);
 
-impl Drop for Deletes<'_> {
+impl Drop for Deletes {
     fn drop(&mut self) {
         for args in &self.1 {
             let _ = self
                 .0
-                .cluster
                 .kubectl()
                 .arg("delete")
                 .args(args)
@@ -557,11 +558,40 @@ fn registration(
     }
 }
 
-async fn register(w: &World, hook: &ValidatingWebhookConfiguration) {
+/// Registers the world's webhooks under `name` as the chart does: the
+/// validating [`registration`] and a mutating one like it on `/mutate`
+/// (the requester annotation). They are deleted when the returned guard
+/// drops.
+async fn register(w: &World, name: &str, ca_bundle: Option<Vec<u8>>) -> Deletes {
+    let validating = registration(w, name, ca_bundle);
+    let mut mutating = serde_json::to_value(&validating).unwrap();
+    mutating["kind"] = "MutatingWebhookConfiguration".into();
+    let hook = &mut mutating["webhooks"][0];
+    hook["name"] = "requester.packetcaptureconfigs.networking.packet.io".into();
+    let url = hook["clientConfig"]["url"]
+        .as_str()
+        .unwrap()
+        .replace("/validate", "/mutate");
+    hook["clientConfig"]["url"] = url.into();
+    let mutating: MutatingWebhookConfiguration = serde_json::from_value(mutating).unwrap();
+    let guard = Deletes(
+        w.cluster,
+        [
+            "validatingwebhookconfiguration",
+            "mutatingwebhookconfiguration",
+        ]
+        .map(|kind| vec![kind.to_string(), name.to_string()])
+        .into(),
+    );
+    Api::<MutatingWebhookConfiguration>::all(w.client.clone())
+        .create(&PostParams::default(), &mutating)
+        .await
+        .expect("registering the mutating webhook");
     Api::<ValidatingWebhookConfiguration>::all(w.client.clone())
-        .create(&PostParams::default(), hook)
+        .create(&PostParams::default(), &validating)
         .await
         .expect("registering the webhook");
+    guard
 }
 
 /// A PacketCaptureConfig of this world, as JSON.
@@ -623,15 +653,8 @@ async fn the_webhook_rejects_bad_specs_naming_the_field() {
         return;
     };
     let registration_name = format!("packet-capture-webhook-{}", w.id);
-    let mut cleanup = Deletes(
-        &w,
-        vec![vec![
-            "validatingwebhookconfiguration".into(),
-            registration_name.clone(),
-        ]],
-    );
     let ca = w.webhook.as_ref().and_then(|h| h.ca.clone());
-    register(&w, &registration(&w, &registration_name, ca)).await;
+    let mut cleanup = register(&w, &registration_name, ca).await;
     until_the_webhook_denies(&w).await;
 
     let (ok, said) = kubectl_apply(&w, &bad_filter(&w)).await;
@@ -780,12 +803,19 @@ async fn the_webhook_rejects_bad_specs_naming_the_field() {
     refused(&of_all, all_refused).await;
     refused(&of_all, &everywhere).await;
 
-    // Created for real: an Event says who was allowed what; an update that
-    // widens the targets is checked again.
+    // Created for real: the capture records its requester (whatever the
+    // creator wrote there), an Event says who was allowed what; an update
+    // that widens the targets is checked again.
+    let mut forged = of_pod.clone();
+    forged.spec.duration = 600;
+    forged
+        .annotations_mut()
+        .insert(REQUESTED_BY.into(), "someone-else".into());
     let created = as_creator
-        .create(&PostParams::default(), &of_pod)
+        .create(&PostParams::default(), &forged)
         .await
         .expect("the creator's capture of its pod");
+    assert_eq!(created.annotations().get(REQUESTED_BY), Some(&user));
     let uid = World::uid(&created);
     let events: Api<Event> = Api::all(w.client.clone());
     let authorized = until_event(&events, &uid, "TargetsAuthorized").await;
@@ -810,10 +840,62 @@ async fn the_webhook_rejects_bad_specs_naming_the_field() {
         Err(kube::Error::Api(s)) => assert!(s.message.contains(all_refused), "{s:?}"),
         other => panic!("widened to every address: {other:?}"),
     }
+    // An edit of the requester by someone else is undone.
+    let relabel = json!({"metadata": {"annotations": {REQUESTED_BY: "someone-else"}}});
+    let relabelled = w
+        .api()
+        .patch(
+            &created.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&relabel),
+        )
+        .await
+        .expect("an admin's edit of the annotations");
+    assert_eq!(relabelled.annotations().get(REQUESTED_BY), Some(&user));
+
+    // At most MAX_PER_REQUESTER captures that have not ended per requester:
+    // one more is refused, naming them and the key, until one is gone.
+    let mut others = Vec::new();
+    for _ in 1..MAX_PER_REQUESTER {
+        let mut other = of_pod.clone();
+        other.metadata.name = Some(unique_name("hook"));
+        other.spec.duration = 600;
+        let other = as_creator
+            .create(&PostParams::default(), &other)
+            .await
+            .expect("a capture within the creator's limit");
+        others.push(other.name_any());
+    }
+    let mut one_more = of_pod.clone();
+    one_more.metadata.name = Some(unique_name("hook"));
+    let over =
+        format!("user \"{user}\" already has {MAX_PER_REQUESTER} captures that have not ended");
+    match as_creator.create(&PostParams::default(), &one_more).await {
+        Err(kube::Error::Api(s)) => {
+            assert!(s.message.contains(&over), "{s:?}");
+            assert!(s.message.contains(&created.name_any()), "{s:?}");
+            let key = format!("(MAX_CAPTURES_PER_REQUESTER={MAX_PER_REQUESTER})");
+            assert!(s.message.contains(&key), "{s:?}");
+        }
+        other => panic!("one capture over the limit created: {other:?}"),
+    }
+    // Someone else's captures do not count against the creator's.
+    let (ok, said) = kubectl_apply(&w, &object(&w, json!({"targetIPs": ["10.0.0.2"]}))).await;
+    assert!(ok, "{said}");
     as_creator
         .delete(&created.name_any(), &Default::default())
         .await
         .expect("the creator deletes its capture");
+    as_creator
+        .create(&dry_run(), &one_more)
+        .await
+        .expect("one more once a capture is gone");
+    for name in others {
+        as_creator
+            .delete(&name, &Default::default())
+            .await
+            .expect("the creator deletes its captures");
+    }
 
     w.cluster
         .kubectl_async(&[
@@ -944,7 +1026,7 @@ async fn self_managed_certificates_are_issued_trusted_renewed_and_kept_trusted()
         return;
     };
     // The configuration as the chart installs it in this mode: no caBundle.
-    register(&w, &registration(&w, WEBHOOK_CONFIGURATION, None)).await;
+    let _registered = register(&w, WEBHOOK_CONFIGURATION, None).await;
     let bundle = until_ca_bundle(&w, "filled in", |b| !b.is_empty()).await;
 
     // The CA and the certificate it issued, in the chart's Secrets.
@@ -952,10 +1034,27 @@ async fn self_managed_certificates_are_issued_trusted_renewed_and_kept_trusted()
     let ca = secrets.get(CA_SECRET).await.expect("the CA's Secret");
     assert!(pki::inspect(&secret_text(&ca, "tls.crt")).unwrap().is_ca);
     assert_eq!(bundle, secret_text(&ca, "ca.crt"), "the bundle is the CA's");
-    let cert = secrets
-        .get(CERT_SECRET)
+    // Issued once the API server trusts its CA.
+    let issued = await_condition(secrets.clone(), CERT_SECRET, |s: Option<&Secret>| {
+        s.is_some()
+    });
+    let cert = tokio::time::timeout(Duration::from_secs(30), issued)
         .await
+        .expect("the certificate's Secret within 30 s")
+        .expect("watching the certificate's Secret")
         .expect("the certificate's Secret");
+    // The mutating webhook's configuration trusts the same CA.
+    let mutating = Api::<MutatingWebhookConfiguration>::all(w.client.clone())
+        .get(WEBHOOK_CONFIGURATION)
+        .await
+        .expect("the MutatingWebhookConfiguration");
+    let hooks = mutating.webhooks.unwrap_or_default();
+    let mutating_bundle = hooks[0]
+        .client_config
+        .ca_bundle
+        .as_ref()
+        .map(|b| b.0.clone());
+    assert_eq!(mutating_bundle, Some(bundle.clone().into_bytes()));
     let mut names = pki::service_names("packet-capture-webhook", COMPONENT_NAMESPACE);
     names.push(pki::Name::Ip(IpAddr::V4(w.cluster.host_ip())));
     names.sort();
@@ -1128,14 +1227,7 @@ async fn without_its_certificate_the_controller_runs_and_serves_once_it_appears(
         .await
         .expect("writing the Secret as cert-manager would");
     let registration_name = format!("packet-capture-webhook-{}", w.id);
-    let _cleanup = Deletes(
-        &w,
-        vec![vec![
-            "validatingwebhookconfiguration".into(),
-            registration_name.clone(),
-        ]],
-    );
-    register(&w, &registration(&w, &registration_name, Some(ca))).await;
+    let _registered = register(&w, &registration_name, Some(ca)).await;
     until_the_webhook_denies(&w).await;
     let serving = format!(
         "webhook: serving, with the certificate from Secret {COMPONENT_NAMESPACE}/{CERT_SECRET}"

@@ -75,6 +75,9 @@ pub const TWO_NODES: Setup = Setup {
 pub const CERT_SECRET: &str = "packet-capture-webhook-tls";
 pub const CA_SECRET: &str = "packet-capture-ca";
 pub const WEBHOOK_CONFIGURATION: &str = "packet-capture-webhook";
+/// Every world's controller admits this many captures per requester that
+/// have not ended.
+pub const MAX_PER_REQUESTER: u32 = 2;
 static CHART_NAMES: Mutex<()> = Mutex::const_new(());
 
 /// `kubectl delete` of everything named [`CERT_SECRET`], [`CA_SECRET`] and
@@ -92,7 +95,7 @@ fn clear_chart_names(cluster: &Cluster) -> Result<(), String> {
         ][..],
         &[
             "delete",
-            "validatingwebhookconfiguration",
+            "validatingwebhookconfiguration,mutatingwebhookconfiguration",
             WEBHOOK_CONFIGURATION,
             "--ignore-not-found",
         ][..],
@@ -410,6 +413,8 @@ impl World {
             // cert-manager's rules or with the self-managed ones.
             "--agent-ca".into(),
             "self-managed".into(),
+            "--max-captures-per-requester".into(),
+            MAX_PER_REQUESTER.to_string(),
             "--log-level".into(),
             "DEBUG".into(),
         ];

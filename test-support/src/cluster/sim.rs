@@ -734,7 +734,7 @@ impl SimAgent {
     pub async fn until_logged(&mut self, marker: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            if strip_ansi(&self.log()).contains(&marker) {
+            if strip_ansi(&self.log()).contains(marker) {
                 return Ok(());
             }
             if let Some(status) = self.process.exited() {
