@@ -23,6 +23,7 @@ use aya::{
 use aya_log::EbpfLogger;
 use ipnet::IpNet;
 use packet_capture_common::abi::{API_V4, API_V6, MAX_SLOTS, Settings, counter};
+use packet_capture_common::crd::TargetDirection;
 
 /// The `tracing` target of what the programs log. Their lines are debug
 /// (and lost records warnings), and the programs log only while the agent
@@ -133,6 +134,9 @@ pub struct SlotTargets {
     pub nets: Vec<IpNet>,
     /// Ports; empty: any port.
     pub ports: Vec<u16>,
+    /// Whether an address in `nets` must be the destination, the source,
+    /// or either.
+    pub direction: TargetDirection,
     /// Bytes the kernel must copy for this slot.
     pub copy_len: u32,
 }
@@ -465,6 +469,11 @@ impl Kernel {
             s.active |= bit;
             if t.nets.is_empty() {
                 s.any_ip |= bit;
+            }
+            match t.direction {
+                TargetDirection::Both => {}
+                TargetDirection::Ingress => s.ingress_only |= bit,
+                TargetDirection::Egress => s.egress_only |= bit,
             }
             if t.ports.is_empty() {
                 s.any_port |= bit;

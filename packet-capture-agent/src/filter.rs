@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use ipnet::IpNet;
+use packet_capture_common::crd::TargetDirection;
 pub use packet_capture_common::filter::FilterError;
 
 /// One classic BPF instruction, as libpcap lays it out (`struct bpf_insn`).
@@ -81,17 +82,28 @@ impl Filter {
 
 /// The tcpdump expression that selects what a capture asks for:
 /// `(host a or net b) and (port x or port y) and (filter)`, each part left
-/// out when it is empty.
-pub fn selection_expression(targets: &[IpNet], ports: &[u16], filter: &str) -> String {
+/// out when it is empty; `dst host`, `dst net` for packets to the targets
+/// (ingress), `src ...` for packets from them (egress).
+pub fn selection_expression(
+    targets: &[IpNet],
+    ports: &[u16],
+    direction: TargetDirection,
+    filter: &str,
+) -> String {
     let mut parts = Vec::new();
     if !targets.is_empty() {
+        let qualifier = match direction {
+            TargetDirection::Both => "",
+            TargetDirection::Ingress => "dst ",
+            TargetDirection::Egress => "src ",
+        };
         let mut hosts = String::new();
         for (i, net) in targets.iter().enumerate() {
             let sep = if i == 0 { "" } else { " or " };
             if net.prefix_len() == net.max_prefix_len() {
-                let _ = write!(hosts, "{sep}host {}", net.addr());
+                let _ = write!(hosts, "{sep}{qualifier}host {}", net.addr());
             } else {
-                let _ = write!(hosts, "{sep}net {net}");
+                let _ = write!(hosts, "{sep}{qualifier}net {net}");
             }
         }
         parts.push(format!("({hosts})"));
@@ -168,13 +180,26 @@ mod tests {
             .map(|s| s.parse().unwrap())
             .collect();
         assert_eq!(
-            selection_expression(&targets, &[80, 443], "tcp"),
+            selection_expression(&targets, &[80, 443], TargetDirection::Both, "tcp"),
             "(host 10.0.0.1 or net 10.1.0.0/16 or host fd00::1) and (port 80 or port 443) and (tcp)"
         );
-        assert_eq!(selection_expression(&[], &[], " "), "");
-        let e = selection_expression(&targets, &[53], "udp");
-        Filter::compile(&e).expect("libpcap accepts what we generate");
-        Filter::compile(&through_vlans(&e)).expect("and its VLAN form");
+        assert_eq!(
+            selection_expression(&targets[..2], &[], TargetDirection::Ingress, ""),
+            "(dst host 10.0.0.1 or dst net 10.1.0.0/16)"
+        );
+        assert_eq!(
+            selection_expression(&targets[2..], &[], TargetDirection::Egress, ""),
+            "(src host fd00::1)"
+        );
+        assert_eq!(
+            selection_expression(&[], &[], TargetDirection::Egress, " "),
+            ""
+        );
+        for direction in TargetDirection::ALL {
+            let e = selection_expression(&targets, &[53], direction, "udp");
+            Filter::compile(&e).expect("libpcap accepts what we generate");
+            Filter::compile(&through_vlans(&e)).expect("and its VLAN form");
+        }
         assert_eq!(through_vlans(""), "");
     }
 }

@@ -13,7 +13,7 @@ use packet_capture_agent::capture::{
 use packet_capture_agent::files::{CaptureDir, Compression};
 use packet_capture_agent::filter::selection_expression;
 use packet_capture_common::abi::MAX_SLOTS;
-use packet_capture_common::crd::{CaptureState, OutputFormat};
+use packet_capture_common::crd::{CaptureState, OutputFormat, TargetDirection};
 use packet_capture_common::validate::CaptureLimits;
 use packet_capture_test_support::capfile::{self, Packet};
 use packet_capture_test_support::netns::run;
@@ -236,6 +236,7 @@ fn spec(targets: &[&str], ports: &[u16], filter: &str) -> CaptureSpec {
         format: OutputFormat::Pcap,
         filter: filter.into(),
         snaplen: 262_144,
+        direction: TargetDirection::Both,
     }
 }
 
@@ -303,7 +304,7 @@ fn compare(
     spec: CaptureSpec,
     traffic: impl FnOnce(),
 ) {
-    let expression = selection_expression(&spec.targets, &spec.ports, &spec.filter);
+    let expression = selection_expression(&spec.targets, &spec.ports, spec.direction, &spec.filter);
     compare_with(lab, engine, rt, spec, &expression, traffic);
 }
 
@@ -384,7 +385,7 @@ fn the_agents_own_api_is_never_captured() {
         };
         with_engine(&lab, options, |engine, rt| {
             let spec = spec(&[PEER_V4], &[], "");
-            let selection = selection_expression(&spec.targets, &spec.ports, "");
+            let selection = selection_expression(&spec.targets, &spec.ports, spec.direction, "");
             let expression = packet_capture_agent::filter::without_own_api(&selection, api);
             compare_with(&lab, engine, rt, spec, &expression, || {
                 lab.tcp_transfer(PEER_V4, 9191);
@@ -458,6 +459,47 @@ fn custom_filter_combined_with_targets_and_ports() {
     );
 }
 
+/// Three captures of the same targets at once, one per direction: each
+/// gets what tcpdump's `host`, `dst host` or `src host` gets (ARP too), and
+/// the directions split the packets between them.
+#[test]
+fn direction_keeps_packets_to_or_from_the_targets() {
+    each_backend(
+        "direction_keeps_packets_to_or_from_the_targets",
+        |lab, engine, rt| {
+            let mut dumps = Vec::new();
+            for direction in TargetDirection::ALL {
+                let s = CaptureSpec {
+                    direction,
+                    ..spec(&[PEER_V4, PEER_V6], &[], "")
+                };
+                let expression = selection_expression(&s.targets, &s.ports, s.direction, "");
+                let file = lab.file(&format!("{}.pcap", unique_name("td")));
+                let dump = Tcpdump::start(&lab.node, &lab.veth.a, &expression, s.snaplen, &file);
+                dumps.push((dump, start(engine, s).id, expression));
+            }
+            lab.ping(PEER_V4, 3, 56);
+            lab.ping(PEER_V6, 2, 56);
+            lab.ping(OTHER_V4, 2, 56);
+            lab.udp(PEER_V4, 5353);
+            lab.tcp_transfer(PEER_V4, 9090);
+            let mut counts = Vec::new();
+            for (dump, id, expression) in dumps {
+                let ended = stop(engine, rt, &id);
+                let (theirs, _) = dump.finish();
+                let ours = capfile::read(Path::new(&ended.output_file));
+                assert_same(&ours, &theirs, &expression);
+                counts.push(ours.len());
+            }
+            let [both, ingress, egress] = counts[..] else {
+                unreachable!()
+            };
+            assert!(ingress > 0 && egress > 0, "{counts:?}");
+            assert_eq!(both, ingress + egress, "{counts:?}");
+        },
+    );
+}
+
 #[test]
 fn overlapping_captures_each_get_their_packets() {
     each_backend(
@@ -468,7 +510,7 @@ fn overlapping_captures_each_get_their_packets() {
             let mut dumps = Vec::new();
             let mut ids = Vec::new();
             for s in [by_host, by_port] {
-                let expression = selection_expression(&s.targets, &s.ports, &s.filter);
+                let expression = selection_expression(&s.targets, &s.ports, s.direction, &s.filter);
                 let file = lab.file(&format!("{}.pcap", unique_name("td")));
                 dumps.push(Tcpdump::start(
                     &lab.node,

@@ -169,9 +169,8 @@ impl Written {
 /// A capture slot that takes every packet whole.
 fn everything() -> SlotTargets {
     SlotTargets {
-        nets: Vec::new(),
-        ports: Vec::new(),
         copy_len: 262_144,
+        ..SlotTargets::default()
     }
 }
 

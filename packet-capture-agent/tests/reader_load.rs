@@ -14,7 +14,7 @@ use packet_capture_agent::capture::{
 };
 use packet_capture_agent::files::{CaptureDir, Compression};
 use packet_capture_common::abi::MAX_SLOTS;
-use packet_capture_common::crd::OutputFormat;
+use packet_capture_common::crd::{OutputFormat, TargetDirection};
 use packet_capture_common::validate::{CaptureLimits, parse_target};
 use packet_capture_test_support::capfile;
 use packet_capture_test_support::netns::run;
@@ -83,6 +83,7 @@ fn request(id: &str, filter: &str, format: OutputFormat) -> StartRequest {
             filter: filter.into(),
             // Headers only: the files of a flood stay small.
             snaplen: 64,
+            direction: TargetDirection::Both,
         },
     }
 }

@@ -93,6 +93,10 @@ pub struct Settings {
     /// Active slots without port targets: they match any port, and packets
     /// that carry none.
     pub any_port: u64,
+    /// Slots whose targets must be the destination (packets to them).
+    pub ingress_only: u64,
+    /// Slots whose targets must be the source (packets from them).
+    pub egress_only: u64,
     /// Largest snaplen among the active slots: what the kernel copies.
     pub snaplen: u32,
     /// Wake the reader only once this many bytes wait in the ring (it also

@@ -108,6 +108,12 @@ pub struct PacketCaptureConfigSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 262144))]
     pub snaplen: Option<u32>,
+
+    /// Which packets of the targets: both (the default), ingress (those a
+    /// target receives: a target address is the destination) or egress
+    /// (those a target sends: a target address is the source).
+    #[serde(default)]
+    pub direction: TargetDirection,
 }
 
 fn default_duration() -> u32 {
@@ -129,6 +135,7 @@ impl Default for PacketCaptureConfigSpec {
             output_format: OutputFormat::default(),
             filter: String::new(),
             snaplen: None,
+            direction: TargetDirection::default(),
         }
     }
 }
@@ -165,6 +172,31 @@ pub struct PodRef {
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     )]
     pub namespace: String,
+}
+
+/// Which packets of the targets a capture keeps, relative to the targets.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetDirection {
+    /// Sent and received.
+    #[default]
+    Both,
+    /// Received: a target address is the destination.
+    Ingress,
+    /// Sent: a target address is the source.
+    Egress,
+}
+
+impl TargetDirection {
+    pub const ALL: [TargetDirection; 3] = [Self::Both, Self::Ingress, Self::Egress];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Both => "both",
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]

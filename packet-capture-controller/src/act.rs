@@ -9,7 +9,7 @@ use futures::stream::FuturesUnordered;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
-use packet_capture_proto::v1::{CaptureSpec, OutputFormat, StartCaptureRequest};
+use packet_capture_proto::v1::{CaptureSpec, Direction, OutputFormat, StartCaptureRequest};
 use tonic::Status;
 
 use crate::agents::{AgentPool, retryable};
@@ -217,5 +217,6 @@ fn capture_spec(resource: Resource, targets: &[String], duration: u32) -> Captur
         output_format: OutputFormat::from(spec.output_format).into(),
         filter: spec.filter.clone(),
         snaplen: spec.snaplen.unwrap_or(0),
+        direction: Direction::from(spec.direction).into(),
     }
 }

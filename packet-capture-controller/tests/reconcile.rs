@@ -13,7 +13,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use packet_capture_common::crd::{
     CaptureState, OutputFormat, PacketCaptureConfig, PacketCaptureConfigSpec,
-    PacketCaptureConfigStatus, STDOUT_OUTPUT_FILE,
+    PacketCaptureConfigStatus, STDOUT_OUTPUT_FILE, TargetDirection,
 };
 use packet_capture_controller::controller::reconcile;
 use packet_capture_controller::status::COMPLETED_MESSAGE;
@@ -262,6 +262,7 @@ async fn pods_are_captured_on_their_own_nodes_with_all_their_ips() {
         pod_selector: selector(&[("default", "web"), ("shop", "db")]),
         target_ips: vec!["10.2.0.7".into(), "192.0.2.1".into()],
         target_ports: vec![80],
+        direction: TargetDirection::Egress,
         ..Default::default()
     };
     let pcc = pcc("pods", spec);
@@ -279,6 +280,10 @@ async fn pods_are_captured_on_their_own_nodes_with_all_their_ips() {
     let s2 = r2.spec.unwrap();
     assert_eq!(s2.target_ips, ["10.2.0.7", "192.0.2.1"]);
     assert_eq!(s2.target_ports, [80]);
+    assert_eq!(
+        s2.direction,
+        packet_capture_proto::v1::Direction::Egress as i32
+    );
     assert_eq!(r3.spec.unwrap().target_ips, ["192.0.2.1"]);
     assert_ne!(r1.id, r3.id, "other targets, other id");
 }

@@ -406,8 +406,9 @@ fn parse_network(ctx: &TcContext, proto: u16, offset: usize, settings: &Settings
             let spa = ctx.load::<[u8; 4]>(offset + 14);
             let tpa = ctx.load::<[u8; 4]>(offset + 24);
             match (spa, tpa) {
+                // As libpcap's `src host` and `dst host` do for ARP.
                 (Ok(s), Ok(t)) => Selectors {
-                    ip: settings.any_ip | ipv4_slots(s) | ipv4_slots(t),
+                    ip: settings.any_ip | by_direction(settings, ipv4_slots(s), ipv4_slots(t)),
                     ports: None,
                 },
                 _ => {
@@ -439,7 +440,7 @@ fn parse_ipv4(ctx: &TcContext, offset: usize, settings: &Settings) -> Selectors 
         too_short(offset + IPV4_MIN_LEN);
         return no_match(settings.any_ip);
     };
-    let ip = settings.any_ip | ipv4_slots(src) | ipv4_slots(dst);
+    let ip = settings.any_ip | by_direction(settings, ipv4_slots(src), ipv4_slots(dst));
     // Only the first fragment carries the transport header.
     let ports = if frag & 0x1fff == 0 {
         transport_ports(ctx, protocol, offset + header_len)
@@ -472,7 +473,7 @@ fn parse_ipv6(ctx: &TcContext, offset: usize, settings: &Settings) -> Selectors 
         too_short(offset + IPV6_LEN);
         return no_match(settings.any_ip);
     };
-    let ip = settings.any_ip | ipv6_slots(src) | ipv6_slots(dst);
+    let ip = settings.any_ip | by_direction(settings, ipv6_slots(src), ipv6_slots(dst));
     let mut at = offset + 40;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
@@ -545,6 +546,15 @@ fn transport_ports(ctx: &TcContext, protocol: u8, offset: usize) -> Option<(u16,
         u16::from_be_bytes([ports[0], ports[1]]),
         u16::from_be_bytes([ports[2], ports[3]]),
     ))
+}
+
+/// The slots a packet matches by address, given the slots its source and
+/// its destination match: a slot that wants packets to its targets only
+/// (ingress) matches by the destination, one that wants packets from them
+/// (egress) by the source.
+#[inline(always)]
+fn by_direction(settings: &Settings, from: u64, to: u64) -> u64 {
+    (from & !settings.ingress_only) | (to & !settings.egress_only)
 }
 
 #[inline(always)]

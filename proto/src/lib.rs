@@ -1,8 +1,9 @@
 //! The controller-to-agent gRPC contract, generated from
 //! `packetcapture/v1/agent.proto`, and the one translation between its enums
-//! and the project's own [`CaptureState`] and [`OutputFormat`].
+//! and the project's own [`CaptureState`], [`OutputFormat`] and
+//! [`TargetDirection`].
 
-use packet_capture_common::crd::{CaptureState, OutputFormat};
+use packet_capture_common::crd::{CaptureState, OutputFormat, TargetDirection};
 
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
@@ -76,6 +77,26 @@ impl From<v1::OutputFormat> for OutputFormat {
     }
 }
 
+impl From<TargetDirection> for v1::Direction {
+    fn from(d: TargetDirection) -> Self {
+        match d {
+            TargetDirection::Both => Self::Both,
+            TargetDirection::Ingress => Self::Ingress,
+            TargetDirection::Egress => Self::Egress,
+        }
+    }
+}
+
+impl From<v1::Direction> for TargetDirection {
+    fn from(d: v1::Direction) -> Self {
+        match d {
+            v1::Direction::Both => Self::Both,
+            v1::Direction::Ingress => Self::Ingress,
+            v1::Direction::Egress => Self::Egress,
+        }
+    }
+}
+
 impl v1::Capture {
     /// The capture's state; a value this build does not know is an error.
     pub fn capture_state(&self) -> Result<CaptureState, UnknownValue> {
@@ -96,6 +117,16 @@ impl v1::CaptureSpec {
             .map_err(|_| UnknownValue {
                 what: "output format",
                 value: self.output_format,
+            })
+    }
+
+    /// The spec's direction; a value this build does not know is an error.
+    pub fn target_direction(&self) -> Result<TargetDirection, UnknownValue> {
+        v1::Direction::try_from(self.direction)
+            .map(TargetDirection::from)
+            .map_err(|_| UnknownValue {
+                what: "direction",
+                value: self.direction,
             })
     }
 }
@@ -119,6 +150,13 @@ mod tests {
                 ..Default::default()
             };
             assert_eq!(wire.format(), Ok(f));
+        }
+        for d in TargetDirection::ALL {
+            let wire = v1::CaptureSpec {
+                direction: v1::Direction::from(d).into(),
+                ..Default::default()
+            };
+            assert_eq!(wire.target_direction(), Ok(d));
         }
     }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ipnet::IpNet;
 use packet_capture_common::abi::MAX_SNAPLEN;
 use packet_capture_common::crd::{
-    CaptureState, DEFAULT_DURATION, DEFAULT_MAX_PACKETS, OutputFormat,
+    CaptureState, DEFAULT_DURATION, DEFAULT_MAX_PACKETS, OutputFormat, TargetDirection,
 };
 use packet_capture_common::validate::{FieldError, ValidationErrors, Validator};
 use packet_capture_proto::v1 as pb;
@@ -44,6 +44,8 @@ pub struct Unchecked {
     pub filter: String,
     #[serde(default)]
     pub snaplen: Option<i64>,
+    #[serde(default)]
+    pub direction: TargetDirection,
 }
 
 fn default_duration() -> i64 {
@@ -110,6 +112,15 @@ impl Unchecked {
         let max_packets = count(&mut v, "maxPackets", self.max_packets);
         v.filter(&self.filter);
         v.snaplen(self.snaplen);
+        if self.direction != TargetDirection::Both && targets.is_empty() {
+            v.error(
+                "direction",
+                format!(
+                    "{} is relative to targetIPs, and there are none",
+                    self.direction.as_str()
+                ),
+            );
+        }
         v.finish()?;
         Ok(StartRequest {
             id: self.id,
@@ -129,6 +140,7 @@ impl Unchecked {
                     .snaplen
                     .and_then(|s| u32::try_from(s).ok())
                     .unwrap_or(MAX_SNAPLEN),
+                direction: self.direction,
             },
         })
     }
@@ -144,12 +156,16 @@ impl TryFrom<pb::StartCaptureRequest> for Unchecked {
                 message: "is required".into(),
             }]));
         };
-        let output_format = spec.format().map_err(|e| {
+        let unknown = |field: &str, e: packet_capture_proto::UnknownValue| {
             ValidationErrors(vec![FieldError {
-                field: "outputFormat".into(),
+                field: field.into(),
                 message: e.to_string(),
             }])
-        })?;
+        };
+        let output_format = spec.format().map_err(|e| unknown("outputFormat", e))?;
+        let direction = spec
+            .target_direction()
+            .map_err(|e| unknown("direction", e))?;
         Ok(Self {
             id: req.id,
             name: Some(req.name),
@@ -160,6 +176,7 @@ impl TryFrom<pb::StartCaptureRequest> for Unchecked {
             output_format,
             filter: spec.filter,
             snaplen: (spec.snaplen != 0).then_some(spec.snaplen.into()),
+            direction,
         })
     }
 }
@@ -197,6 +214,7 @@ pub struct SpecJson {
     pub output_format: OutputFormat,
     pub filter: String,
     pub snaplen: u32,
+    pub direction: TargetDirection,
 }
 
 /// A capture as the REST API returns it.
@@ -227,6 +245,7 @@ impl From<&CaptureSpec> for SpecJson {
             output_format: s.format,
             filter: s.filter.clone(),
             snaplen: s.snaplen,
+            direction: s.direction,
         }
     }
 }
@@ -279,6 +298,7 @@ impl From<&CaptureSpec> for pb::CaptureSpec {
             output_format: pb::OutputFormat::from(s.format).into(),
             filter: s.filter.clone(),
             snaplen: s.snaplen,
+            direction: pb::Direction::from(s.direction).into(),
         }
     }
 }
@@ -362,7 +382,7 @@ mod tests {
     #[test]
     fn grpc_and_rest_meet_in_the_same_request() {
         let rest = body(
-            r#"{"id":"c1","targetIPs":["10.0.0.1"],"targetPorts":[53],"duration":5,"maxPackets":10,"outputFormat":"pcapng","filter":"udp"}"#,
+            r#"{"id":"c1","targetIPs":["10.0.0.1"],"targetPorts":[53],"duration":5,"maxPackets":10,"outputFormat":"pcapng","filter":"udp","direction":"egress"}"#,
         );
         let grpc = Unchecked::try_from(pb::StartCaptureRequest {
             id: "c1".into(),
@@ -375,6 +395,7 @@ mod tests {
                 output_format: pb::OutputFormat::Pcapng.into(),
                 filter: "udp".into(),
                 snaplen: 0,
+                direction: pb::Direction::Egress.into(),
             }),
         })
         .unwrap();
@@ -383,7 +404,19 @@ mod tests {
             (&rest.id, &rest.name, &rest.spec),
             (&grpc.id, &grpc.name, &grpc.spec)
         );
-        assert_eq!(pb::CaptureSpec::from(&rest.spec).target_ips, ["10.0.0.1"]);
+        assert_eq!(rest.spec.direction, TargetDirection::Egress);
+        let back = pb::CaptureSpec::from(&rest.spec);
+        assert_eq!(back.target_ips, ["10.0.0.1"]);
+        assert_eq!(back.direction, pb::Direction::Egress as i32);
+    }
+
+    #[test]
+    fn a_direction_needs_targets() {
+        assert_eq!(
+            problems(r#"{"id":"c1","direction":"ingress"}"#),
+            "direction: ingress is relative to targetIPs, and there are none"
+        );
+        assert!(body(r#"{"id":"c1","direction":"both"}"#).validate().is_ok());
     }
 
     #[test]
@@ -407,5 +440,15 @@ mod tests {
             err.to_string(),
             "outputFormat: 42 is not a known output format"
         );
+        let err = Unchecked::try_from(pb::StartCaptureRequest {
+            id: "c1".into(),
+            name: String::new(),
+            spec: Some(pb::CaptureSpec {
+                direction: 7,
+                ..Default::default()
+            }),
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "direction: 7 is not a known direction");
     }
 }

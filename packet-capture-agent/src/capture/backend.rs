@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 
 use ipnet::IpNet;
+use packet_capture_common::crd::TargetDirection;
 
 use super::sink::{EndReason, Finished, Sink};
 use crate::netlink::Link;
@@ -22,6 +23,8 @@ pub struct Selection {
     pub targets: Vec<IpNet>,
     /// Empty: any port.
     pub ports: Vec<u16>,
+    /// Whether a target must be the destination, the source, or either.
+    pub direction: TargetDirection,
     /// Bytes of each packet to copy: the snaplen, or more when the capture
     /// has a filter that may look further.
     pub copy_len: u32,

@@ -202,6 +202,7 @@ impl Backend for EbpfBackend {
         let targets = SlotTargets {
             nets: selection.targets.clone(),
             ports: selection.ports.clone(),
+            direction: selection.direction,
             copy_len: selection.copy_len,
         };
         let mut kernel = self.shared.kernel();

@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use packet_capture_common::abi::DEFAULT_RING_BYTES;
-use packet_capture_common::crd::{CaptureState, OutputFormat, STDOUT_OUTPUT_FILE};
+use packet_capture_common::crd::{CaptureState, OutputFormat, STDOUT_OUTPUT_FILE, TargetDirection};
 use packet_capture_common::validate::CaptureLimits;
 use tokio::sync::{mpsc, watch};
 
@@ -62,6 +62,8 @@ pub struct CaptureSpec {
     pub format: OutputFormat,
     pub filter: String,
     pub snaplen: u32,
+    /// Packets to a target, from one, or both.
+    pub direction: TargetDirection,
 }
 
 #[derive(Debug, Clone)]
@@ -385,6 +387,7 @@ impl Engine {
         let selection = Selection {
             targets: spec.targets.clone(),
             ports: spec.ports.clone(),
+            direction: spec.direction,
             copy_len: if filter.is_some() {
                 spec.snaplen.max(FILTER_LOOKAHEAD)
             } else {

@@ -190,7 +190,12 @@ impl Backend for PcapBackend {
         selection: &Selection,
         sink: Sink,
     ) -> Result<Box<dyn Running>, BackendError> {
-        let mut expression = selection_expression(&selection.targets, &selection.ports, "");
+        let mut expression = selection_expression(
+            &selection.targets,
+            &selection.ports,
+            selection.direction,
+            "",
+        );
         if let Some(api) = self.own_api {
             expression = without_own_api(&expression, api);
         }

@@ -18,7 +18,7 @@ fn ping_capture(id: &str, max_packets: u32) -> pb::StartCaptureRequest {
             max_packets,
             output_format: pb::OutputFormat::Pcapng.into(),
             filter: "icmp".into(),
-            snaplen: 0,
+            ..Default::default()
         }),
     }
 }
