@@ -669,6 +669,22 @@ fn pcapng_and_text_files() {
             .collect();
         directions.sort();
         assert_eq!(directions, [1, 1, 1, 2, 2, 2], "inbound 1, outbound 2");
+        // Each interface is described with its node; the section says what
+        // the capture is.
+        let rows = tshark_fields(Path::new(&ng.output_file), &["frame.interface_description"]);
+        assert!(rows.iter().all(|row| row[0] == ["node node-a"]), "{rows:?}");
+        // (The file may have been compressed meanwhile.)
+        let plain = lab.file("plain.pcapng");
+        std::fs::write(&plain, capfile::bytes(Path::new(&ng.output_file))).unwrap();
+        let info = run(Command::new("capinfos").args(["-k", "-a"]).arg(&plain));
+        let info = String::from_utf8_lossy(&info.stdout);
+        let comment = format!(
+            "capture {} on node node-a by packet-capture {}; filter: icmp; \
+             selects: (host {PEER_V4}) and (icmp)",
+            ng.name,
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(info.contains(&comment), "{info}");
 
         let lines = String::from_utf8(capfile::bytes(Path::new(&text.output_file))).unwrap();
         let lines: Vec<&str> = lines.lines().collect();

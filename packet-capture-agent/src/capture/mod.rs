@@ -31,9 +31,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::ebpf::TcAttach;
 use crate::files::{CaptureDir, Maintenance};
-use crate::filter::Filter;
+use crate::filter::{Filter, selection_expression};
 use crate::sync::lock;
-use crate::writer::Encoder;
+use crate::writer::{Encoder, Origin};
 use backend::{Backend, BackendError, Ended, Running, Selection};
 use links::LinksError;
 use sink::{Counters, Destination, EndReason, Sink};
@@ -192,6 +192,23 @@ struct Inner {
     maintenance: Maintenance,
     /// Bytes written to capture files, by every sink.
     bytes_written: Arc<AtomicU64>,
+}
+
+/// A pcapng file's section comment: the capture, its node, the agent, the
+/// filter, and all it selects as a tcpdump expression.
+fn describe_capture(name: &str, node: &str, spec: &CaptureSpec) -> String {
+    let filter = spec.filter.trim();
+    let selects = selection_expression(&spec.targets, &spec.ports, spec.direction, filter);
+    format!(
+        "capture {name} on node {node} by packet-capture {}; filter: {}; selects: {}",
+        env!("CARGO_PKG_VERSION"),
+        if filter.is_empty() { "none" } else { filter },
+        if selects.is_empty() {
+            "everything"
+        } else {
+            &selects
+        },
+    )
 }
 
 fn has_filter(req: &StartRequest) -> bool {
@@ -400,7 +417,10 @@ impl Engine {
             filter,
             spec.snaplen,
             spec.max_packets,
-            Encoder::new(spec.format, spec.snaplen),
+            Encoder::new(spec.format, spec.snaplen).with_origin(Origin {
+                node: self.inner.config.node_name.clone(),
+                comment: describe_capture(&req.name, &self.inner.config.node_name, spec),
+            }),
             destination,
             counters.clone(),
         );

@@ -28,6 +28,7 @@ use pcap_file::pcap::{PcapHeader, PcapParser, PcapTsResolution};
 use pcap_file::pcapng::blocks::interface_description::{
     InterfaceDescriptionBlock, InterfaceDescriptionOption, InterfaceTsResolution,
 };
+use pcap_file::pcapng::blocks::opt_common::CommonOption;
 use pcap_file::pcapng::blocks::section_header::{SectionHeaderBlock, SectionHeaderOption};
 use pcap_file::pcapng::{Block, PcapNgBlock, PcapNgParser, PcapNgState};
 use pcap_file::{DataLink, Endianness};
@@ -70,10 +71,21 @@ impl InterfaceNames for HashMap<u32, String> {
 #[error("packet not written: pcap cannot hold a time past 2106")]
 pub struct Unencodable;
 
+/// Where a pcapng file comes from, as the file says it: in the section
+/// header's comment and in each interface's description.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    /// The node the interfaces are on.
+    pub node: String,
+    /// What the capture is (its name, its filter, the agent's version).
+    pub comment: String,
+}
+
 /// Encodes packets in one output format.
 pub struct Encoder {
     format: OutputFormat,
     snaplen: u32,
+    origin: Origin,
     pcapng: Pcapng,
 }
 
@@ -96,12 +108,18 @@ impl Encoder {
         Self {
             format,
             snaplen,
+            origin: Origin::default(),
             // Empty, and allocating nothing until a pcapng file starts.
             pcapng: Pcapng {
                 state: PcapNgState::default(),
                 ids: HashMap::new(),
             },
         }
+    }
+
+    /// pcapng files say where they come from.
+    pub fn with_origin(self, origin: Origin) -> Self {
+        Self { origin, ..self }
     }
 
     /// The bytes a file starts with.
@@ -129,9 +147,19 @@ impl Encoder {
                     minor_version: 0,
                     // Unknown: the file is written as packets come.
                     section_length: -1,
-                    options: vec![SectionHeaderOption::UserApplication(Cow::Borrowed(
-                        concat!("packet-capture ", env!("CARGO_PKG_VERSION")),
-                    ))],
+                    options: [
+                        Some(SectionHeaderOption::UserApplication(Cow::Borrowed(
+                            concat!("packet-capture ", env!("CARGO_PKG_VERSION")),
+                        ))),
+                        (!self.origin.comment.is_empty()).then(|| {
+                            SectionHeaderOption::Common(CommonOption::Comment(Cow::Borrowed(
+                                &self.origin.comment,
+                            )))
+                        }),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
                 }
                 .into_block();
                 self.pcapng.write(out, &section).expect(VEC_WRITES);
@@ -154,9 +182,13 @@ impl Encoder {
             OutputFormat::Pcapng => {
                 let id = match self.pcapng.ids.get(&meta.ifindex) {
                     Some(&id) => id,
-                    None => self
-                        .pcapng
-                        .add_interface(out, meta.ifindex, names, self.snaplen),
+                    None => self.pcapng.add_interface(
+                        out,
+                        meta.ifindex,
+                        names,
+                        self.snaplen,
+                        &self.origin.node,
+                    ),
                 };
                 enhanced_packet(out, id, meta, data);
             }
@@ -184,7 +216,8 @@ impl Pcapng {
     }
 
     /// Writes the interface block of an interface seen for the first time
-    /// (interfaces may appear mid-capture) and returns its id.
+    /// (interfaces may appear mid-capture), described as being on `node`,
+    /// and returns its id.
     #[cold]
     fn add_interface(
         &mut self,
@@ -192,15 +225,22 @@ impl Pcapng {
         ifindex: u32,
         names: &impl InterfaceNames,
         snaplen: u32,
+        node: &str,
     ) -> u32 {
+        let mut options = vec![
+            InterfaceDescriptionOption::IfName(Cow::Borrowed(names.name(ifindex))),
+            // What enhanced_packet writes in.
+            InterfaceDescriptionOption::IfTsResol(InterfaceTsResolution::NANO),
+        ];
+        if !node.is_empty() {
+            options.push(InterfaceDescriptionOption::IfDescription(Cow::Owned(
+                format!("node {node}"),
+            )));
+        }
         let block = InterfaceDescriptionBlock {
             linktype: DataLink::ETHERNET,
             snaplen,
-            options: vec![
-                InterfaceDescriptionOption::IfName(Cow::Borrowed(names.name(ifindex))),
-                // What enhanced_packet writes in.
-                InterfaceDescriptionOption::IfTsResol(InterfaceTsResolution::NANO),
-            ],
+            options,
         }
         .into_block();
         self.write(out, &block).expect(VEC_WRITES);
