@@ -84,6 +84,7 @@ fn request(id: &str, filter: &str, format: OutputFormat) -> StartRequest {
             // Headers only: the files of a flood stay small.
             snaplen: 64,
             direction: TargetDirection::Both,
+            keep_copies: false,
         },
     }
 }

@@ -114,6 +114,12 @@ pub struct PacketCaptureConfigSpec {
     /// (those a target sends: a target address is the source).
     #[serde(default)]
     pub direction: TargetDirection,
+
+    /// Record a packet at every interface of the node it crosses (a pod's
+    /// veth, a bridge, eth0), as `tcpdump -i any` does. false (the
+    /// default): once per node, where it is seen first.
+    #[serde(default)]
+    pub keep_copies: bool,
 }
 
 fn default_duration() -> u32 {
@@ -136,6 +142,7 @@ impl Default for PacketCaptureConfigSpec {
             filter: String::new(),
             snaplen: None,
             direction: TargetDirection::default(),
+            keep_copies: false,
         }
     }
 }

@@ -218,5 +218,6 @@ fn capture_spec(resource: Resource, targets: &[String], duration: u32) -> Captur
         filter: spec.filter.clone(),
         snaplen: spec.snaplen.unwrap_or(0),
         direction: Direction::from(spec.direction).into(),
+        keep_copies: spec.keep_copies,
     }
 }

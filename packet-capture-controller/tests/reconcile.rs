@@ -263,6 +263,7 @@ async fn pods_are_captured_on_their_own_nodes_with_all_their_ips() {
         target_ips: vec!["10.2.0.7".into(), "192.0.2.1".into()],
         target_ports: vec![80],
         direction: TargetDirection::Egress,
+        keep_copies: true,
         ..Default::default()
     };
     let pcc = pcc("pods", spec);
@@ -284,6 +285,7 @@ async fn pods_are_captured_on_their_own_nodes_with_all_their_ips() {
         s2.direction,
         packet_capture_proto::v1::Direction::Egress as i32
     );
+    assert!(s2.keep_copies);
     assert_eq!(r3.spec.unwrap().target_ips, ["192.0.2.1"]);
     assert_ne!(r1.id, r3.id, "other targets, other id");
 }

@@ -433,7 +433,7 @@ async fn show_a_file(demo: &Demo) -> anyhow::Result<()> {
     }
     if lines.len() > 8 {
         println!(
-            "... {} packets in all (each one as it crossed the pod's veth, the node's cni0 bridge and eth0)",
+            "... {} packets in all (each once, where the node first saw it; keepCopies: true records it at the pod's veth, the cni0 bridge and eth0 too)",
             lines.len()
         );
     }

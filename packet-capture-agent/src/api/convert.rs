@@ -46,6 +46,8 @@ pub struct Unchecked {
     pub snaplen: Option<i64>,
     #[serde(default)]
     pub direction: TargetDirection,
+    #[serde(default)]
+    pub keep_copies: bool,
 }
 
 fn default_duration() -> i64 {
@@ -141,6 +143,7 @@ impl Unchecked {
                     .and_then(|s| u32::try_from(s).ok())
                     .unwrap_or(MAX_SNAPLEN),
                 direction: self.direction,
+                keep_copies: self.keep_copies,
             },
         })
     }
@@ -177,6 +180,7 @@ impl TryFrom<pb::StartCaptureRequest> for Unchecked {
             filter: spec.filter,
             snaplen: (spec.snaplen != 0).then_some(spec.snaplen.into()),
             direction,
+            keep_copies: spec.keep_copies,
         })
     }
 }
@@ -215,6 +219,7 @@ pub struct SpecJson {
     pub filter: String,
     pub snaplen: u32,
     pub direction: TargetDirection,
+    pub keep_copies: bool,
 }
 
 /// A capture as the REST API returns it.
@@ -246,6 +251,7 @@ impl From<&CaptureSpec> for SpecJson {
             filter: s.filter.clone(),
             snaplen: s.snaplen,
             direction: s.direction,
+            keep_copies: s.keep_copies,
         }
     }
 }
@@ -299,6 +305,7 @@ impl From<&CaptureSpec> for pb::CaptureSpec {
             filter: s.filter.clone(),
             snaplen: s.snaplen,
             direction: pb::Direction::from(s.direction).into(),
+            keep_copies: s.keep_copies,
         }
     }
 }
@@ -382,7 +389,7 @@ mod tests {
     #[test]
     fn grpc_and_rest_meet_in_the_same_request() {
         let rest = body(
-            r#"{"id":"c1","targetIPs":["10.0.0.1"],"targetPorts":[53],"duration":5,"maxPackets":10,"outputFormat":"pcapng","filter":"udp","direction":"egress"}"#,
+            r#"{"id":"c1","targetIPs":["10.0.0.1"],"targetPorts":[53],"duration":5,"maxPackets":10,"outputFormat":"pcapng","filter":"udp","direction":"egress","keepCopies":true}"#,
         );
         let grpc = Unchecked::try_from(pb::StartCaptureRequest {
             id: "c1".into(),
@@ -396,6 +403,7 @@ mod tests {
                 filter: "udp".into(),
                 snaplen: 0,
                 direction: pb::Direction::Egress.into(),
+                keep_copies: true,
             }),
         })
         .unwrap();
@@ -405,6 +413,7 @@ mod tests {
             (&grpc.id, &grpc.name, &grpc.spec)
         );
         assert_eq!(rest.spec.direction, TargetDirection::Egress);
+        assert!(rest.spec.keep_copies);
         let back = pb::CaptureSpec::from(&rest.spec);
         assert_eq!(back.target_ips, ["10.0.0.1"]);
         assert_eq!(back.direction, pb::Direction::Egress as i32);

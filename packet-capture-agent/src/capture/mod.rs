@@ -11,6 +11,7 @@
 //! - `poll`: the wait both backends' reading threads share.
 
 pub mod backend;
+mod copies;
 mod ebpf;
 pub mod links;
 mod pcap;
@@ -35,6 +36,7 @@ use crate::filter::{Filter, selection_expression};
 use crate::sync::lock;
 use crate::writer::{Encoder, Origin};
 use backend::{Backend, BackendError, Ended, Running, Selection};
+use copies::Copies;
 use links::LinksError;
 use sink::{Counters, Destination, EndReason, Sink};
 
@@ -64,6 +66,9 @@ pub struct CaptureSpec {
     pub snaplen: u32,
     /// Packets to a target, from one, or both.
     pub direction: TargetDirection,
+    /// Every copy of a packet (one per interface it crosses); false: the
+    /// first.
+    pub keep_copies: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -415,6 +420,7 @@ impl Engine {
             req.id.clone(),
             self.inner.bytes_written.clone(),
             filter,
+            (!spec.keep_copies).then(Copies::default),
             spec.snaplen,
             spec.max_packets,
             Encoder::new(spec.format, spec.snaplen).with_origin(Origin {

@@ -7,6 +7,7 @@ use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::copies::Copies;
 use crate::files::{Full, Output};
 use crate::filter::Filter;
 use crate::writer::{Encoder, InterfaceNames, Meta};
@@ -71,6 +72,9 @@ pub struct Sink {
     /// Bytes this agent has written to capture files, all captures together.
     written: Arc<AtomicU64>,
     filter: Option<Filter>,
+    /// The packets seen lately, to leave out their copies on other
+    /// interfaces; `None` keeps every copy.
+    copies: Option<Copies>,
     snaplen: usize,
     max_packets: u64,
     encoder: Encoder,
@@ -90,6 +94,7 @@ impl Sink {
         id: String,
         written: Arc<AtomicU64>,
         filter: Option<Filter>,
+        copies: Option<Copies>,
         snaplen: u32,
         max_packets: u64,
         mut encoder: Encoder,
@@ -105,6 +110,7 @@ impl Sink {
             id,
             written,
             filter,
+            copies,
             snaplen: snaplen as usize,
             max_packets,
             encoder,
@@ -127,6 +133,13 @@ impl Sink {
             && !filter.matches(frame, meta.orig_len)
         {
             self.counters.filtered.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        // Among the packets the filter keeps: a copy of one that matched at
+        // another interface is left out.
+        if let Some(copies) = &mut self.copies
+            && copies.is_copy(meta, frame)
+        {
             return None;
         }
         let kept = &frame[..frame.len().min(self.snaplen)];

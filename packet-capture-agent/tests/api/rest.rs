@@ -43,7 +43,7 @@ async fn rest_capture_end_to_end() {
     assert_eq!(
         started["spec"],
         json!({"targetIPs": [RIGHT_IP], "targetPorts": [], "duration": 30, "maxPackets": 6,
-               "outputFormat": "pcap", "filter": "icmp", "snaplen": 262144, "direction": "both"})
+               "outputFormat": "pcap", "filter": "icmp", "snaplen": 262144, "direction": "both", "keepCopies": false})
     );
     for field in ["packets", "dropped", "filtered", "file_size"] {
         assert!(started[field].is_u64(), "{field} in {started}");
