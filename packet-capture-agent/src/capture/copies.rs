@@ -32,22 +32,14 @@ struct Sighting {
     place: Place,
 }
 
-/// The packets one capture has seen lately.
-#[derive(Debug)]
+/// The packets one capture has seen lately. It grows with the traffic, up
+/// to [`CAPACITY`] sightings (under a megabyte), and stays that size.
+#[derive(Debug, Default)]
 pub struct Copies {
     seen: HashMap<u64, Sighting>,
     /// (when, identity) in the order sightings were recorded, to forget
     /// them; an entry whose sighting was renewed since is skipped.
     order: VecDeque<(u64, u64)>,
-}
-
-impl Default for Copies {
-    fn default() -> Self {
-        Self {
-            seen: HashMap::with_capacity(CAPACITY),
-            order: VecDeque::with_capacity(CAPACITY),
-        }
-    }
 }
 
 impl Copies {
