@@ -151,7 +151,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(RECORD_HEADER_LEN, 40);
-        assert_eq!(core::mem::size_of::<Settings>(), 56);
+        assert_eq!(core::mem::size_of::<Settings>(), 72);
         assert_eq!(core::mem::size_of::<Ipv4Key>(), 8);
         assert_eq!(core::mem::size_of::<Ipv6Key>(), 20);
     }
