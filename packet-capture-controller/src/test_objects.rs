@@ -44,19 +44,24 @@ pub fn agent_pod(node: &str, ip: &str) -> Pod {
     p
 }
 
+/// `podSelector` of `(namespace, name)` pairs; none for no pairs.
+pub fn selector(pods: &[(&str, &str)]) -> Option<PodSelector> {
+    (!pods.is_empty()).then(|| PodSelector {
+        pods: pods
+            .iter()
+            .map(|(ns, name)| PodRef {
+                namespace: ns.to_string(),
+                pod_name: name.to_string(),
+            })
+            .collect(),
+    })
+}
+
 /// A spec capturing `ips` and the pods `(namespace, name)`.
 pub fn spec_of(ips: &[&str], pods: &[(&str, &str)]) -> PacketCaptureConfigSpec {
     PacketCaptureConfigSpec {
         target_ips: ips.iter().map(|s| s.to_string()).collect(),
-        pod_selector: (!pods.is_empty()).then(|| PodSelector {
-            pods: pods
-                .iter()
-                .map(|(ns, name)| PodRef {
-                    namespace: ns.to_string(),
-                    pod_name: name.to_string(),
-                })
-                .collect(),
-        }),
+        pod_selector: selector(pods),
         ..Default::default()
     }
 }

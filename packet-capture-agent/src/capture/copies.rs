@@ -9,7 +9,9 @@
 //! real repeat (a retransmission, a datagram an application sent twice) and
 //! is kept; so is one seen again after the window.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::writer::{Direction, Meta};
 
@@ -36,7 +38,7 @@ struct Sighting {
 /// to [`CAPACITY`] sightings (under a megabyte), and stays that size.
 #[derive(Debug, Default)]
 pub struct Copies {
-    seen: HashMap<u64, Sighting>,
+    seen: HashMap<u64, Sighting, BuildHasherDefault<Prehashed>>,
     /// (when, identity) in the order sightings were recorded, to forget
     /// them; an entry whose sighting was renewed since is skipped.
     order: VecDeque<(u64, u64)>,
@@ -55,13 +57,19 @@ impl Copies {
             ifindex: meta.ifindex,
             direction: meta.direction,
         };
-        if let Some(first) = self.seen.get(&id)
-            && first.place != place
-            && now.saturating_sub(first.at_ns) < WINDOW_NS
-        {
-            return true;
+        let sighting = Sighting { at_ns: now, place };
+        match self.seen.entry(id) {
+            Entry::Occupied(first)
+                if first.get().place != place
+                    && now.saturating_sub(first.get().at_ns) < WINDOW_NS =>
+            {
+                return true;
+            }
+            Entry::Occupied(mut first) => *first.get_mut() = sighting,
+            Entry::Vacant(slot) => {
+                slot.insert(sighting);
+            }
         }
-        self.seen.insert(id, Sighting { at_ns: now, place });
         self.order.push_back((now, id));
         false
     }
@@ -74,8 +82,10 @@ impl Copies {
                 break;
             }
             self.order.pop_front();
-            if self.seen.get(&id).is_some_and(|s| s.at_ns == at) {
-                self.seen.remove(&id);
+            if let Entry::Occupied(s) = self.seen.entry(id)
+                && s.get().at_ns == at
+            {
+                s.remove();
             }
         }
     }
@@ -140,6 +150,24 @@ pub fn identity(frame: &[u8]) -> Option<u64> {
         _ => return None,
     }
     Some(hash.0)
+}
+
+/// The map's hasher: an [`identity`] is a hash already, used as it is.
+#[derive(Debug, Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("only u64 keys")
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id;
+    }
 }
 
 /// Up to 8 bytes of `packet` from `start`.

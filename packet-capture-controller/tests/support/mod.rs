@@ -15,9 +15,7 @@ use futures::channel::mpsc;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::Client;
 use kube::runtime::reflector::ObjectRef;
-use packet_capture_common::crd::{
-    PacketCaptureConfig, PacketCaptureConfigSpec, PodRef, PodSelector,
-};
+use packet_capture_common::crd::{PacketCaptureConfig, PacketCaptureConfigSpec};
 use packet_capture_controller::agents::{AgentTls, PoolSettings};
 use packet_capture_controller::backoff::Backoff;
 use packet_capture_controller::config::Timing;
@@ -39,19 +37,6 @@ pub fn pcc(name: &str, spec: PacketCaptureConfigSpec) -> PacketCaptureConfig {
     p.metadata.resource_version = Some("1".into());
     p.metadata.finalizers = Some(vec![FINALIZER.into()]);
     p
-}
-
-/// `podSelector` of `(namespace, name)` pairs.
-pub fn selector(pods: &[(&str, &str)]) -> Option<PodSelector> {
-    Some(PodSelector {
-        pods: pods
-            .iter()
-            .map(|(ns, name)| PodRef {
-                namespace: ns.to_string(),
-                pod_name: name.to_string(),
-            })
-            .collect(),
-    })
 }
 
 pub fn ip_spec(ips: &[&str]) -> PacketCaptureConfigSpec {
