@@ -130,8 +130,10 @@ impl LinkKind {
 /// What one capture slot selects in the kernel.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlotTargets {
-    /// Addresses and networks; empty: any address.
+    /// Addresses and networks; empty: any address, unless `only_nets`.
     pub nets: Vec<IpNet>,
+    /// Only `nets`: none selects nothing.
+    pub only_nets: bool,
     /// Ports; empty: any port.
     pub ports: Vec<u16>,
     /// Whether an address in `nets` must be the destination, the source,
@@ -467,7 +469,7 @@ impl Kernel {
         for (&slot, t) in &self.slots {
             let bit = 1u64 << slot;
             s.active |= bit;
-            if t.nets.is_empty() {
+            if t.nets.is_empty() && !t.only_nets {
                 s.any_ip |= bit;
             }
             match t.direction {

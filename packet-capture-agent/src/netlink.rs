@@ -7,12 +7,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
+use std::net::IpAddr;
 
 use netlink_packet_core::{
     Emitable as _, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkMessage, NetlinkPayload,
     NlasIterator, ParseableParametrized as _,
 };
 use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkHeader, LinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -224,6 +226,93 @@ fn link(header: &LinkHeader, attributes: Vec<LinkAttribute>) -> Option<Link> {
         name,
         arphrd: header.link_layer_type.into(),
     })
+}
+
+/// The addresses on the other end of interface `ifindex` when it is one end
+/// of a pair reaching into another network namespace (a pod's veth): what
+/// the pod's own interface holds. Empty for any other interface.
+///
+/// The other namespace is read through its id in this one
+/// (`IFA_TARGET_NETNSID`, strict checking): no entering it, no privilege
+/// beyond CAP_NET_ADMIN here.
+pub fn peer_addresses(ifindex: u32) -> io::Result<Vec<IpAddr>> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.set_netlink_get_strict_chk(true)?;
+    let mut get = LinkMessage::default();
+    get.header.index = ifindex;
+    let (mut peer, mut netns) = (None, None);
+    for message in ask(&socket, RouteNetlinkMessage::GetLink(get), false)? {
+        if let RouteNetlinkMessage::NewLink(m) = message {
+            for a in m.attributes {
+                match a {
+                    LinkAttribute::Link(index) => peer = Some(index),
+                    LinkAttribute::LinkNetNsId(id) => netns = Some(id),
+                    _ => {}
+                }
+            }
+        }
+    }
+    let (Some(peer), Some(netns)) = (peer, netns) else {
+        return Ok(Vec::new());
+    };
+    let mut addresses = AddressMessage::default();
+    addresses.header.index = peer;
+    addresses
+        .attributes
+        .push(AddressAttribute::TargetNetNsId(netns));
+    let mut out = Vec::new();
+    for message in ask(&socket, RouteNetlinkMessage::GetAddress(addresses), true)? {
+        if let RouteNetlinkMessage::NewAddress(m) = message
+            && m.header.index == peer
+        {
+            out.extend(m.attributes.into_iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(ip),
+                _ => None,
+            }));
+        }
+    }
+    Ok(out)
+}
+
+/// Sends one request (a listing with `dump`) and returns the answers.
+fn ask(
+    socket: &Socket,
+    request: RouteNetlinkMessage,
+    dump: bool,
+) -> io::Result<Vec<RouteNetlinkMessage>> {
+    let mut msg = NetlinkMessage::from(request);
+    msg.header.flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
+    msg.finalize();
+    let mut bytes = vec![0; msg.buffer_len()];
+    msg.serialize(&mut bytes);
+    socket.send(&bytes, 0)?;
+    let mut answers = Vec::new();
+    let mut buf = Vec::with_capacity(RECV_BUFFER);
+    loop {
+        buf.clear();
+        socket.recv(&mut buf, 0)?;
+        let mut rest = &buf[..];
+        while let Ok(frame) = NetlinkBuffer::new_checked(rest) {
+            let len = frame.length() as usize;
+            match NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest) {
+                Ok(m) => match m.payload {
+                    NetlinkPayload::InnerMessage(inner) => {
+                        answers.push(inner);
+                        if !dump {
+                            return Ok(answers);
+                        }
+                    }
+                    NetlinkPayload::Done(_) => return Ok(answers),
+                    NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                    _ => {}
+                },
+                // An answer the crate cannot decode is of no use here.
+                Err(e) => tracing::debug!(error = %e, "an rtnetlink answer left out"),
+            }
+            rest = rest.get((len + 3) & !3..).unwrap_or_default();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -2,19 +2,21 @@
 //! namespaces, on both backends: for every scenario our file must hold the
 //! packets tcpdump captured with the equivalent expression, byte for byte.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use packet_capture_agent::capture::{
-    BackendChoice, CaptureSpec, CaptureStatus, Engine, EngineConfig, StartError, StartRequest,
+    BackendChoice, CaptureSpec, CaptureStatus, Engine, EngineConfig, SetTargetsError, StartError,
+    StartRequest, TargetPod,
 };
 use packet_capture_agent::files::{CaptureDir, Compression};
 use packet_capture_agent::filter::selection_expression;
 use packet_capture_common::abi::MAX_SLOTS;
 use packet_capture_common::crd::{CaptureState, OutputFormat, TargetDirection};
-use packet_capture_common::validate::CaptureLimits;
+use packet_capture_common::validate::{CaptureLimits, parse_target};
 use packet_capture_test_support::capfile::{self, Packet};
 use packet_capture_test_support::netns::run;
 use packet_capture_test_support::{Netns, Tcpdump, VethPair, privileged, unique_name};
@@ -235,6 +237,8 @@ fn spec(targets: &[&str], ports: &[u16], filter: &str) -> CaptureSpec {
         snaplen: 262_144,
         direction: TargetDirection::Both,
         keep_copies: false,
+        only_targets: false,
+        pods: Vec::new(),
     }
 }
 
@@ -498,6 +502,73 @@ fn direction_keeps_packets_to_or_from_the_targets() {
     );
 }
 
+/// ICMP echo requests per destination and replies per source, of the
+/// IPv4 frames in `packets`.
+fn echoes(packets: &[Packet]) -> (HashMap<String, usize>, HashMap<String, usize>) {
+    let (mut requests, mut replies) = (HashMap::new(), HashMap::new());
+    for p in packets {
+        let d = &p.data;
+        // Ethernet, IPv4 without options, ICMP.
+        if d.len() < 35 || d[12..14] != [0x08, 0x00] || d[14] != 0x45 || d[23] != 1 {
+            continue;
+        }
+        let addr = |at: usize| std::net::Ipv4Addr::new(d[at], d[at + 1], d[at + 2], d[at + 3]);
+        match d[34] {
+            8 => *requests.entry(addr(30).to_string()).or_default() += 1,
+            0 => *replies.entry(addr(26).to_string()).or_default() += 1,
+            _ => {}
+        }
+    }
+    (requests, replies)
+}
+
+/// A capture's targets change while it runs: each address is captured
+/// exactly while it is a target, a target kept across the changes loses
+/// nothing (a ping flood to it runs through them), and no target at all
+/// selects nothing.
+#[test]
+fn targets_change_in_place_without_a_gap() {
+    each_backend(
+        "targets_change_in_place_without_a_gap",
+        |lab, engine, rt| {
+            let id = start(engine, spec(&[PEER_V4], &[], "")).id;
+            let set = |targets: &[&str]| {
+                let nets = targets.iter().map(|t| parse_target(t).unwrap()).collect();
+                let status = engine
+                    .set_targets(&id, nets, Vec::new())
+                    .expect("targets set");
+                assert!(status.spec.only_targets, "{status:?}");
+            };
+            let mut flood = lab
+                .node
+                .command("ping")
+                .args(["-c", "300", "-i", "0.01", "-W", "2", PEER_V4])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            lab.ping(OTHER_V4, 2, 56);
+            set(&[PEER_V4, OTHER_V4]);
+            lab.ping(OTHER_V4, 3, 56);
+            set(&[PEER_V4]);
+            lab.ping(OTHER_V4, 4, 56);
+            assert!(flood.wait().unwrap().success(), "the flood went unanswered");
+            set(&[]);
+            lab.ping(PEER_V4, 2, 56);
+            lab.ping(OTHER_V4, 2, 56);
+            let ended = stop(engine, rt, &id);
+            let (requests, replies) = echoes(&capfile::read(Path::new(&ended.output_file)));
+            let want: HashMap<String, usize> =
+                [(PEER_V4.to_string(), 300), (OTHER_V4.to_string(), 3)].into();
+            assert_eq!((requests, replies), (want.clone(), want), "{ended:?}");
+            let after = engine.set_targets(&id, Vec::new(), Vec::new());
+            assert!(
+                matches!(after, Err(SetTargetsError::Ended)),
+                "an ended capture keeps its targets: {after:?}"
+            );
+        },
+    );
+}
+
 #[test]
 fn overlapping_captures_each_get_their_packets() {
     each_backend(
@@ -631,6 +702,11 @@ fn pcapng_and_text_files() {
     each_backend("pcapng_and_text_files", |lab, engine, rt| {
         let mut ng = spec(&[PEER_V4], &[], "icmp");
         ng.format = OutputFormat::Pcapng;
+        // The peer, as a target pod: the node's end of the veth is its.
+        ng.pods = vec![TargetPod {
+            name: "lab/peer".into(),
+            ips: vec![PEER_V4.parse().unwrap()],
+        }];
         let mut text = spec(&[PEER_V4], &[], "icmp");
         text.format = OutputFormat::Text;
         let ng = start(engine, ng);
@@ -667,10 +743,15 @@ fn pcapng_and_text_files() {
             .collect();
         directions.sort();
         assert_eq!(directions, [1, 1, 1, 2, 2, 2], "inbound 1, outbound 2");
-        // Each interface is described with its node; the section says what
-        // the capture is.
+        // Each interface is described with its node and, the veth whose
+        // other end holds a target pod's address, with the pod; the section
+        // says what the capture is.
         let rows = tshark_fields(Path::new(&ng.output_file), &["frame.interface_description"]);
-        assert!(rows.iter().all(|row| row[0] == ["node node-a"]), "{rows:?}");
+        assert!(
+            rows.iter()
+                .all(|row| row[0] == ["pod lab/peer on node node-a"]),
+            "{rows:?}"
+        );
         // (The file may have been compressed meanwhile.)
         let plain = lab.file("plain.pcapng");
         std::fs::write(&plain, capfile::bytes(Path::new(&ng.output_file))).unwrap();

@@ -85,6 +85,8 @@ fn request(id: &str, filter: &str, format: OutputFormat) -> StartRequest {
             snaplen: 64,
             direction: TargetDirection::Both,
             keep_copies: false,
+            only_targets: false,
+            pods: Vec::new(),
         },
     }
 }

@@ -61,8 +61,8 @@ pub const DEFAULT_MAX_PACKETS: u32 = 1000;
     printcolumn(name = "Format", type_ = "string", json_path = ".spec.outputFormat", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new(
-        "(has(self.spec.targetIPs) && size(self.spec.targetIPs) > 0) || (has(self.spec.podSelector) && size(self.spec.podSelector.pods) > 0)"
-    ).message("spec: at least one of targetIPs or podSelector.pods must be given").field_path(".spec")
+        "(has(self.spec.targetIPs) && size(self.spec.targetIPs) > 0) || (has(self.spec.podSelector) && ((has(self.spec.podSelector.pods) && size(self.spec.podSelector.pods) > 0) || (has(self.spec.podSelector.matchLabels) && size(self.spec.podSelector.matchLabels) > 0) || (has(self.spec.podSelector.matchExpressions) && size(self.spec.podSelector.matchExpressions) > 0) || has(self.spec.podSelector.namespaceSelector)))"
+    ).message("spec: at least one of targetIPs, podSelector.pods or a podSelector label or namespace selector must be given").field_path(".spec")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PacketCaptureConfigSpec {
@@ -73,9 +73,15 @@ pub struct PacketCaptureConfigSpec {
     #[x_kube(validation = Rule::new("self.all(t, isIP(t) || (isCIDR(t) && cidr(t).masked() == cidr(t)))").message("each entry must be an IP address or a CIDR without host bits, such as 10.0.0.1, 10.0.0.0/24 or fd00::/64"))]
     pub target_ips: Vec<String>,
 
-    /// Pods whose traffic to capture; resolved to their IPs and nodes.
+    /// Pods whose traffic to capture, by name and by labels; resolved to
+    /// their IPs and nodes, and followed while the capture runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_selector: Option<PodSelector>,
+
+    /// Limits the nodes the capture runs on to those whose labels match;
+    /// absent: every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
 
     /// TCP, UDP or SCTP ports to capture, as source or destination; empty
     /// means every port (and packets without one).
@@ -135,6 +141,7 @@ impl Default for PacketCaptureConfigSpec {
         Self {
             target_ips: Vec::new(),
             pod_selector: None,
+            node_selector: None,
             target_ports: Vec::new(),
             duration: DEFAULT_DURATION,
             max_packets: DEFAULT_MAX_PACKETS,
@@ -154,10 +161,118 @@ impl PacketCaptureConfigSpec {
     }
 }
 
+/// The pods to capture: those listed in `pods`, and those that the label
+/// selector (`matchLabels`, `matchExpressions`) and `namespaceSelector`
+/// select. Selection by labels is on when any of the three is given; then a
+/// pod is selected when its labels match and its namespace's labels match
+/// `namespaceSelector` (absent: every namespace).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct PodSelector {
+    /// Pods by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub pods: Vec<PodRef>,
+    /// Pods whose labels have these values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(length(max = 64))]
+    pub match_labels: BTreeMap<String, String>,
+    /// Pods whose labels meet every requirement.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub match_expressions: Vec<LabelRequirement>,
+    /// Pods in the namespaces whose labels match. The label
+    /// `kubernetes.io/metadata.name` selects namespaces by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+}
+
+impl PodSelector {
+    /// Whether pods are also selected by labels (not only by name).
+    pub fn by_labels(&self) -> bool {
+        !self.match_labels.is_empty()
+            || !self.match_expressions.is_empty()
+            || self.namespace_selector.is_some()
+    }
+
+    /// The label part of the selector, for the pods' own labels.
+    pub fn labels(&self) -> LabelSelector {
+        LabelSelector {
+            match_labels: self.match_labels.clone(),
+            match_expressions: self.match_expressions.clone(),
+        }
+    }
+}
+
+/// A Kubernetes label selector: every `matchLabels` entry and every
+/// `matchExpressions` requirement must hold; an empty one matches all.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LabelSelector {
+    /// Labels that must have these values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(length(max = 64))]
+    pub match_labels: BTreeMap<String, String>,
+    /// Requirements that must all hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub match_expressions: Vec<LabelRequirement>,
+}
+
+impl LabelSelector {
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| r.matches(labels))
+    }
+}
+
+/// One requirement on a label: `In` and `NotIn` a list of values (at least
+/// one), `Exists` and `DoesNotExist` without values.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[x_kube(validation = Rule::new("(self.operator == 'In' || self.operator == 'NotIn') ? (has(self.values) && size(self.values) > 0) : (!has(self.values) || size(self.values) == 0)").message("In and NotIn need values; Exists and DoesNotExist take none"))]
+pub struct LabelRequirement {
+    /// The label's key, e.g. `app.kubernetes.io/name`.
+    #[schemars(length(min = 1, max = 317))]
+    pub key: String,
+    /// In, NotIn, Exists or DoesNotExist.
+    pub operator: LabelOperator,
+    /// The values for In and NotIn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(length(max = 63)))]
+    pub values: Vec<String>,
+}
+
+impl LabelRequirement {
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        let value = labels.get(&self.key);
+        match self.operator {
+            LabelOperator::In => value.is_some_and(|v| self.values.contains(v)),
+            LabelOperator::NotIn => value.is_none_or(|v| !self.values.contains(v)),
+            LabelOperator::Exists => value.is_some(),
+            LabelOperator::DoesNotExist => value.is_none(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum LabelOperator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+impl LabelOperator {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::In => "In",
+            Self::NotIn => "NotIn",
+            Self::Exists => "Exists",
+            Self::DoesNotExist => "DoesNotExist",
+        }
+    }
 }
 
 #[derive(
@@ -382,4 +497,83 @@ pub struct NodeCapture {
     /// Why the capture on this node ended, or what went wrong.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The target pods selected on this node now (`namespace/name`),
+    /// while the capture runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pods: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_selectors_match_as_kubernetes_does() {
+        let labels: BTreeMap<String, String> = [
+            ("app".into(), "web".into()),
+            ("tier".into(), "front".into()),
+        ]
+        .into();
+        let requirement = |key: &str, operator, values: &[&str]| LabelRequirement {
+            key: key.into(),
+            operator,
+            values: values.iter().map(|v| v.to_string()).collect(),
+        };
+        let selector =
+            |labels: &[(&str, &str)], expressions: Vec<LabelRequirement>| LabelSelector {
+                match_labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                match_expressions: expressions,
+            };
+        use LabelOperator::*;
+        let cases = [
+            (selector(&[], vec![]), true),
+            (selector(&[("app", "web")], vec![]), true),
+            (selector(&[("app", "db")], vec![]), false),
+            (selector(&[("app", "web"), ("zone", "a")], vec![]), false),
+            (
+                selector(&[], vec![requirement("tier", In, &["front", "back"])]),
+                true,
+            ),
+            (
+                selector(&[], vec![requirement("tier", In, &["back"])]),
+                false,
+            ),
+            (selector(&[], vec![requirement("zone", In, &["a"])]), false),
+            (
+                selector(&[], vec![requirement("tier", NotIn, &["back"])]),
+                true,
+            ),
+            (
+                selector(&[], vec![requirement("tier", NotIn, &["front"])]),
+                false,
+            ),
+            (
+                selector(&[], vec![requirement("zone", NotIn, &["a"])]),
+                true,
+            ),
+            (selector(&[], vec![requirement("app", Exists, &[])]), true),
+            (selector(&[], vec![requirement("zone", Exists, &[])]), false),
+            (
+                selector(&[], vec![requirement("zone", DoesNotExist, &[])]),
+                true,
+            ),
+            (
+                selector(&[], vec![requirement("app", DoesNotExist, &[])]),
+                false,
+            ),
+            (
+                selector(
+                    &[("app", "web")],
+                    vec![requirement("app", DoesNotExist, &[])],
+                ),
+                false,
+            ),
+        ];
+        for (i, (s, want)) in cases.iter().enumerate() {
+            assert_eq!(s.matches(&labels), *want, "case {i}: {s:?}");
+        }
+    }
 }

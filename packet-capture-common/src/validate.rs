@@ -10,7 +10,8 @@ use ipnet::IpNet;
 
 use crate::abi::MAX_SNAPLEN;
 use crate::crd::{
-    MAX_FILTER_LEN, MAX_PODS, MAX_TARGET_IPS, MAX_TARGET_PORTS, PacketCaptureConfigSpec,
+    LabelOperator, LabelRequirement, LabelSelector, MAX_FILTER_LEN, MAX_PODS, MAX_TARGET_IPS,
+    MAX_TARGET_PORTS, PacketCaptureConfigSpec,
 };
 
 /// One problem with one field, e.g. `spec.targetPorts[2]: 0 is not a port`.
@@ -267,16 +268,104 @@ fn dns_name_problem(name: &str, max: usize, dots: bool) -> Option<String> {
     None
 }
 
+/// Checks a label value: at most 63 characters, alphanumerics with '-',
+/// '_' and '.' inside; empty is allowed.
+fn label_value_problem(value: &str) -> Option<String> {
+    let inner = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    let ends = value.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && value.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if value.is_empty() || (value.len() <= 63 && ends && value.chars().all(inner)) {
+        return None;
+    }
+    Some(format!(
+        "{value:?} is not a label value (at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit)"
+    ))
+}
+
+/// Checks a label key: an optional DNS-subdomain prefix and '/', then a
+/// name as a label value, not empty.
+fn label_key_problem(key: &str) -> Option<String> {
+    let (prefix, name) = key
+        .rsplit_once('/')
+        .map_or((None, key), |(p, n)| (Some(p), n));
+    if let Some(p) = prefix.and_then(|p| dns_name_problem(p, 253, true)) {
+        return Some(format!("the prefix of {key:?}: {p}"));
+    }
+    if name.is_empty() {
+        return Some(format!("{key:?} has no name"));
+    }
+    label_value_problem(name).map(|_| {
+        format!("{key:?} is not a label key (an optional DNS prefix and '/', then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit)")
+    })
+}
+
+impl Validator {
+    /// Checks `matchLabels` and `matchExpressions` under `field`.
+    pub fn labels(
+        &mut self,
+        field: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+        expressions: &[LabelRequirement],
+    ) {
+        for (key, value) in labels {
+            if let Some(p) = label_key_problem(key) {
+                self.error(format_args!("{field}.matchLabels"), p);
+            }
+            if let Some(p) = label_value_problem(value) {
+                self.error(format_args!("{field}.matchLabels[{key}]"), p);
+            }
+        }
+        for (i, r) in expressions.iter().enumerate() {
+            let at = format!("{field}.matchExpressions[{i}]");
+            if let Some(p) = label_key_problem(&r.key) {
+                self.error(format_args!("{at}.key"), p);
+            }
+            let needs_values = matches!(r.operator, LabelOperator::In | LabelOperator::NotIn);
+            if needs_values && r.values.is_empty() {
+                self.error(
+                    format_args!("{at}.values"),
+                    format!("{} needs at least one value", r.operator.as_str()),
+                );
+            }
+            if !needs_values && !r.values.is_empty() {
+                self.error(
+                    format_args!("{at}.values"),
+                    format!("{} takes no values", r.operator.as_str()),
+                );
+            }
+            for (j, value) in r.values.iter().enumerate() {
+                if let Some(p) = label_value_problem(value) {
+                    self.error(format_args!("{at}.values[{j}]"), p);
+                }
+            }
+        }
+    }
+
+    fn selector(&mut self, field: &str, selector: &LabelSelector) {
+        self.labels(field, &selector.match_labels, &selector.match_expressions);
+    }
+}
+
 impl PacketCaptureConfigSpec {
     /// Checks everything the schema checks, with a message per field.
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut v = Validator::new("spec");
         let pods = self.pod_selector.as_ref().map_or(&[][..], |s| &s.pods[..]);
-        if self.target_ips.is_empty() && pods.is_empty() {
+        let by_labels = self.pod_selector.as_ref().is_some_and(|s| s.by_labels());
+        if self.target_ips.is_empty() && pods.is_empty() && !by_labels {
             v.error(
                 "targetIPs",
-                "at least one of targetIPs or podSelector.pods must be given",
+                "at least one of targetIPs, podSelector.pods or a podSelector label or namespace selector must be given",
             );
+        }
+        if let Some(s) = &self.pod_selector {
+            v.labels("podSelector", &s.match_labels, &s.match_expressions);
+            if let Some(ns) = &s.namespace_selector {
+                v.selector("podSelector.namespaceSelector", ns);
+            }
+        }
+        if let Some(nodes) = &self.node_selector {
+            v.selector("nodeSelector", nodes);
         }
         v.target_ips(&self.target_ips);
         if pods.len() > MAX_PODS {
@@ -393,7 +482,9 @@ mod tests {
         let m = messages(&PacketCaptureConfigSpec::default());
         assert_eq!(
             m,
-            ["spec.targetIPs: at least one of targetIPs or podSelector.pods must be given"]
+            [
+                "spec.targetIPs: at least one of targetIPs, podSelector.pods or a podSelector label or namespace selector must be given"
+            ]
         );
         let empty_selector = PacketCaptureConfigSpec {
             pod_selector: Some(PodSelector::default()),
@@ -410,6 +501,7 @@ mod tests {
                     pod_name: "web-0".into(),
                     namespace: "default".into(),
                 }],
+                ..Default::default()
             }),
             ..Default::default()
         };
@@ -424,6 +516,54 @@ mod tests {
         assert_eq!(
             m[1],
             "spec.podSelector.pods[1].namespace: must not be empty"
+        );
+    }
+
+    #[test]
+    fn label_selectors_alone_are_enough_and_are_checked() {
+        let requirement = |key: &str, operator, values: &[&str]| LabelRequirement {
+            key: key.into(),
+            operator,
+            values: values.iter().map(|v| v.to_string()).collect(),
+        };
+        let mut spec = PacketCaptureConfigSpec {
+            pod_selector: Some(PodSelector {
+                match_labels: [("app.kubernetes.io/name".into(), "web".into())].into(),
+                match_expressions: vec![requirement("tier", LabelOperator::In, &["a", "b"])],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(spec.validate().is_ok());
+        let only_namespaces = PacketCaptureConfigSpec {
+            pod_selector: Some(PodSelector {
+                namespace_selector: Some(LabelSelector::default()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(only_namespaces.validate().is_ok());
+
+        let selector = spec.pod_selector.as_mut().unwrap();
+        selector.match_labels.insert("bad key!".into(), "-x".into());
+        selector.match_expressions = vec![
+            requirement("tier", LabelOperator::In, &[]),
+            requirement("tier", LabelOperator::Exists, &["a"]),
+        ];
+        spec.node_selector = Some(LabelSelector {
+            match_expressions: vec![requirement("zone", LabelOperator::NotIn, &["a b"])],
+            ..Default::default()
+        });
+        let m = messages(&spec);
+        assert_eq!(
+            m,
+            [
+                "spec.podSelector.matchLabels: \"bad key!\" is not a label key (an optional DNS prefix and '/', then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit)",
+                "spec.podSelector.matchLabels[bad key!]: \"-x\" is not a label value (at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit)",
+                "spec.podSelector.matchExpressions[0].values: In needs at least one value",
+                "spec.podSelector.matchExpressions[1].values: Exists takes no values",
+                "spec.nodeSelector.matchExpressions[0].values[0]: \"a b\" is not a label value (at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit)",
+            ]
         );
     }
 

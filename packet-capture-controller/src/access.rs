@@ -12,7 +12,7 @@
 //! [`needs`] works out the permissions from the spec and what the cluster
 //! holds, without calling anyone; [`check`] asks the API server.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -24,7 +24,7 @@ use k8s_openapi::api::authorization::v1::{
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use packet_capture_common::crd::PacketCaptureConfigSpec;
+use packet_capture_common::crd::{LabelOperator, LabelSelector, PacketCaptureConfigSpec};
 use packet_capture_common::validate::parse_target;
 
 use crate::targets::pod_ips;
@@ -94,6 +94,23 @@ pub fn needs(spec: &PacketCaptureConfigSpec, holders: &Holders) -> Needs {
             namespace(&mut out, &target.namespace, field, format!("pod {name}"));
         }
     }
+    if let Some(selector) = spec.pod_selector.as_ref().filter(|s| s.by_labels()) {
+        let field = "spec.podSelector".to_owned();
+        match pinned_namespaces(selector.namespace_selector.as_ref()) {
+            Some(names) => {
+                for ns in names {
+                    let why = format!("it selects pods by labels in namespace {ns}");
+                    namespace(&mut out, &ns, field.clone(), why);
+                }
+            }
+            None => out.cluster.push((
+                field,
+                format!(
+                    "it selects pods by labels in any namespace, now or to come (name the namespaces with namespaceSelector {NAMESPACE_NAME} In [...])"
+                ),
+            )),
+        }
+    }
     for (i, target) in spec.target_ips.iter().enumerate() {
         let field = format!("spec.targetIPs[{i}]");
         // The CRD's schema and the webhook's validation refuse bad entries.
@@ -133,6 +150,32 @@ pub fn needs(spec: &PacketCaptureConfigSpec, holders: &Holders) -> Needs {
         }
     }
     out
+}
+
+/// The label the API server gives every namespace: its name.
+const NAMESPACE_NAME: &str = "kubernetes.io/metadata.name";
+
+/// The namespaces a namespace selector can ever select, when it names them
+/// by [`NAMESPACE_NAME`] (which nobody can change); `None` when any
+/// namespace may match, now or later.
+fn pinned_namespaces(selector: Option<&LabelSelector>) -> Option<BTreeSet<String>> {
+    let selector = selector?;
+    let mut pinned: Option<BTreeSet<String>> = None;
+    let mut narrow = |names: BTreeSet<String>| {
+        pinned = Some(match pinned.take() {
+            Some(p) => p.intersection(&names).cloned().collect(),
+            None => names,
+        });
+    };
+    if let Some(name) = selector.match_labels.get(NAMESPACE_NAME) {
+        narrow(BTreeSet::from([name.clone()]));
+    }
+    for r in &selector.match_expressions {
+        if r.key == NAMESPACE_NAME && r.operator == LabelOperator::In {
+            narrow(r.values.iter().cloned().collect());
+        }
+    }
+    pinned
 }
 
 /// Every address of a node, as its status lists them.
@@ -299,6 +342,7 @@ pub async fn check(client: &Client, user: &UserInfo, needs: &Needs) -> Verdict {
 mod tests {
     use super::*;
     use crate::test_objects::spec_of;
+    use packet_capture_common::crd::{LabelRequirement, PodSelector};
 
     fn pod(ns: &str, name: &str, ips: &[&str], host_network: bool) -> Pod {
         serde_json::from_value(serde_json::json!({
@@ -439,8 +483,53 @@ mod tests {
                     cluster: vec![],
                 },
             ),
+            (
+                "labels in namespaces named by their name label: those namespaces",
+                labels(Some(LabelSelector {
+                    match_labels: [(NAMESPACE_NAME.to_string(), "team-a".to_string())].into(),
+                    match_expressions: vec![LabelRequirement {
+                        key: NAMESPACE_NAME.into(),
+                        operator: LabelOperator::In,
+                        values: vec!["team-a".into(), "team-b".into()],
+                    }],
+                })),
+                Needs {
+                    namespaces: ns(&[(
+                        "team-a",
+                        "spec.podSelector",
+                        "it selects pods by labels in namespace team-a",
+                    )]),
+                    cluster: vec![],
+                },
+            ),
+            (
+                "labels in any namespace, or in namespaces chosen by other labels: the cluster",
+                labels(Some(LabelSelector {
+                    match_labels: [("team".to_string(), "a".to_string())].into(),
+                    ..Default::default()
+                })),
+                Needs {
+                    namespaces: BTreeMap::new(),
+                    cluster: cluster(&[(
+                        "spec.podSelector",
+                        "it selects pods by labels in any namespace, now or to come (name the namespaces with namespaceSelector kubernetes.io/metadata.name In [...])",
+                    )]),
+                },
+            ),
         ] {
             assert_eq!(needs(&spec, &holders), want, "{what}");
+        }
+        assert_eq!(needs(&labels(None), &holders).cluster.len(), 1);
+    }
+
+    fn labels(namespaces: Option<LabelSelector>) -> PacketCaptureConfigSpec {
+        PacketCaptureConfigSpec {
+            pod_selector: Some(PodSelector {
+                match_labels: [("app".to_string(), "web".to_string())].into(),
+                namespace_selector: namespaces,
+                ..Default::default()
+            }),
+            ..Default::default()
         }
     }
 }

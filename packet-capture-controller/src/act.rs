@@ -9,14 +9,17 @@ use futures::stream::FuturesUnordered;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
-use packet_capture_proto::v1::{CaptureSpec, Direction, OutputFormat, StartCaptureRequest};
+use packet_capture_proto::v1::{
+    CaptureSpec, Direction, OutputFormat, StartCaptureRequest, TargetPod,
+};
 use tonic::Status;
 
 use crate::agents::{AgentPool, retryable};
 use crate::config::Timing;
 use crate::events::Events;
 use crate::node::NodeProgress;
-use crate::plan::{Clear, Resource, Start, Stop, capture_prefix};
+use crate::plan::{Clear, Resource, Retarget, Start, capture_prefix};
+use crate::targets::SelectedPod;
 use crate::tracker::Tracker;
 
 /// The agent calls of one reconcile of one resource.
@@ -62,38 +65,45 @@ impl Act<'_> {
             .collect()
     }
 
-    /// Stops node captures the controller no longer wants; each ends
-    /// `stopped`, with the reason.
-    pub async fn stop(&self, stops: &[Stop]) {
+    /// Gives running node captures their new targets, all nodes at once.
+    /// A node whose agent does not take them keeps its old ones (and the
+    /// next reconcile tries again); its watch reports whatever else
+    /// happens to it.
+    pub async fn retarget(&self, retargets: &[Retarget]) {
         let Resource {
             uid, generation, ..
         } = self.resource;
-        for s in stops {
-            let node = &s.progress.node;
-            // Forgetting the node first ends its watch, so the agent's
-            // `stopped` is not taken for one nobody asked for.
-            let mut ended = self
-                .tracker
-                .remove_node(uid, node)
-                .unwrap_or_else(|| s.progress.clone());
-            let mut answer = None;
-            if let Some(ep) = &s.endpoint {
-                match self
-                    .pool
-                    .stop(ep, &s.progress.capture_id, &self.timing.stop)
-                    .await
-                {
-                    Ok(c) => answer = Some(c),
-                    Err(e) => tracing::warn!(
-                        %node,
-                        "stopping {}: {}",
-                        s.progress.capture_id,
-                        e.message()
-                    ),
+        let results = futures::future::join_all(retargets.iter().map(|r| async move {
+            let id = &r.progress.capture_id;
+            let out = self
+                .pool
+                .set_targets(
+                    &r.endpoint,
+                    id,
+                    &r.targets,
+                    &target_pods(&r.pods),
+                    &self.timing.stop,
+                )
+                .await;
+            (r, out)
+        }))
+        .await;
+        for (r, out) in results {
+            let node = &r.progress.node;
+            match out {
+                Ok(c) => {
+                    tracing::info!(%node, targets = ?r.targets, "capture targets changed");
+                    let mut p = r.progress.clone();
+                    p.update(&c, Timestamp::now());
+                    self.tracker.set(uid, generation, p);
                 }
+                Err(e) => tracing::warn!(
+                    %node,
+                    "setting the targets of {}: {}",
+                    r.progress.capture_id,
+                    e.message()
+                ),
             }
-            ended.stopped(answer.as_ref(), s.reason, Timestamp::now());
-            self.tracker.set(uid, generation, ended);
         }
     }
 
@@ -158,7 +168,7 @@ impl Act<'_> {
         let req = StartCaptureRequest {
             id: s.progress.capture_id.clone(),
             name: self.resource.name(),
-            spec: Some(capture_spec(self.resource, &s.targets, s.duration)),
+            spec: Some(capture_spec(self.resource, s)),
         };
         let pcc = self.resource.pcc;
         let result = self
@@ -206,18 +216,35 @@ impl Act<'_> {
     }
 }
 
+/// The target pods as the agent API spells them.
+fn target_pods(pods: &[SelectedPod]) -> Vec<TargetPod> {
+    pods.iter()
+        .map(|p| {
+            let (namespace, name) = p.name.split_once('/').unwrap_or(("", &p.name));
+            TargetPod {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                ips: p.ips.clone(),
+            }
+        })
+        .collect()
+}
+
 /// What a node's agent is asked to capture.
-fn capture_spec(resource: Resource, targets: &[String], duration: u32) -> CaptureSpec {
+fn capture_spec(resource: Resource, start: &Start) -> CaptureSpec {
     let spec = resource.spec();
     CaptureSpec {
-        target_ips: targets.to_vec(),
+        target_ips: start.targets.clone(),
+        pods: target_pods(&start.pods),
         target_ports: spec.target_ports.iter().map(|&p| u32::from(p)).collect(),
-        duration_seconds: duration,
+        duration_seconds: start.duration,
         max_packets: spec.max_packets,
         output_format: OutputFormat::from(spec.output_format).into(),
         filter: spec.filter.clone(),
         snaplen: spec.snaplen.unwrap_or(0),
         direction: Direction::from(spec.direction).into(),
         keep_copies: spec.keep_copies,
+        // What the controller resolved, even when that is nothing yet.
+        only_targets: true,
     }
 }

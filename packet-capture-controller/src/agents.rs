@@ -13,8 +13,8 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use packet_capture_common::crd::CaptureState;
 use packet_capture_proto::v1::agent_client::AgentClient;
 use packet_capture_proto::v1::{
-    Capture, GetCaptureRequest, ListCapturesRequest, StartCaptureRequest, StopCaptureRequest,
-    WatchCaptureRequest,
+    Capture, GetCaptureRequest, ListCapturesRequest, SetTargetsRequest, StartCaptureRequest,
+    StopCaptureRequest, TargetPod, WatchCaptureRequest,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -432,6 +432,25 @@ impl AgentPool {
         let req = GetCaptureRequest { id: id.into() };
         self.retrying(ep, "GetCapture", req, backoff, |mut c, r| async move {
             c.get_capture(r).await
+        })
+        .await
+    }
+
+    pub async fn set_targets(
+        &self,
+        ep: &AgentEndpoint,
+        id: &str,
+        targets: &[String],
+        pods: &[TargetPod],
+        backoff: &Backoff,
+    ) -> Result<Capture, Status> {
+        let req = SetTargetsRequest {
+            id: id.into(),
+            target_ips: targets.to_vec(),
+            pods: pods.to_vec(),
+        };
+        self.retrying(ep, "SetTargets", req, backoff, |mut c, r| async move {
+            c.set_targets(r).await
         })
         .await
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use futures::channel::mpsc;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -31,16 +31,15 @@ use crate::metrics::Metrics;
 use crate::plan::{self, Clear, Inputs, Next, Resource};
 use crate::report::Report;
 use crate::status;
-use crate::targets;
+use crate::targets::{self, Caches};
 use crate::tracker::Tracker;
 
 /// Everything reconcile needs.
 pub struct Context {
     pub client: Client,
     pub events: Events,
-    /// All pods (targets and agents).
-    pub pods: Store<Pod>,
-    pub nodes: Store<Node>,
+    /// All pods (targets and agents), nodes and namespaces.
+    pub caches: Caches,
     pub agents: Arc<AgentPool>,
     pub tracker: Arc<Tracker>,
     pub metrics: Arc<Metrics>,
@@ -64,8 +63,7 @@ impl Context {
     /// `Controller::reconcile_on`).
     pub fn new(
         client: Client,
-        pods: Store<Pod>,
-        nodes: Store<Node>,
+        caches: Caches,
         settings: ContextSettings,
         metrics: Arc<Metrics>,
     ) -> (
@@ -73,8 +71,8 @@ impl Context {
         mpsc::UnboundedReceiver<ObjectRef<PacketCaptureConfig>>,
     ) {
         let agents = Arc::new(AgentPool::new(
-            pods.clone(),
-            nodes.clone(),
+            caches.pods.clone(),
+            caches.nodes.clone(),
             settings.pool,
             metrics.clone(),
         ));
@@ -82,8 +80,7 @@ impl Context {
         let ctx = Self {
             events: Events::new(client.clone(), settings.identity),
             client,
-            pods,
-            nodes,
+            caches,
             agents,
             tracker: Tracker::new(trigger),
             metrics,
@@ -124,8 +121,9 @@ pub fn is_done(pcc: &PacketCaptureConfig) -> bool {
 pub async fn reconcile(pcc: Arc<PacketCaptureConfig>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconciled();
     // Until the caches are filled every pod would look missing.
-    let _ = ctx.pods.wait_until_ready().await;
-    let _ = ctx.nodes.wait_until_ready().await;
+    let _ = ctx.caches.pods.wait_until_ready().await;
+    let _ = ctx.caches.nodes.wait_until_ready().await;
+    let _ = ctx.caches.namespaces.wait_until_ready().await;
     let api: Api<PacketCaptureConfig> = Api::all(ctx.client.clone());
     finalizer(&api, FINALIZER, pcc, |event| async {
         match event {
@@ -152,12 +150,7 @@ async fn apply(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
         generation,
     } = resource;
     let endpoints = ctx.agents.endpoints();
-    let targets = targets::resolve(
-        &pcc.spec,
-        &ctx.pods,
-        &ctx.nodes,
-        &endpoints.keys().cloned().collect(),
-    );
+    let targets = targets::resolve(&pcc.spec, &ctx.caches, &endpoints.keys().cloned().collect());
     // Status entries are keyed by the address the node's start reports.
     let node_ips: BTreeMap<String, String> = targets
         .nodes
@@ -205,7 +198,7 @@ async fn apply(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
             if !targets.problems.is_empty() {
                 tracing::info!(name = %resource.name(), "targets gone during the capture: {:?}", targets.problems);
             }
-            act.stop(&run.stops).await;
+            act.retarget(&run.retargets).await;
             if let Some(nodes) = &run.starting {
                 report.starting(nodes).await?;
             }
@@ -250,18 +243,45 @@ async fn cleanup(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
 }
 
 /// The captures a pod change concerns: all unfinished ones for an agent
-/// pod, else those that name the pod or its IPs.
+/// pod, else those that select the pod (by name, labels or address) and
+/// those that capture one of its addresses now (a pod that stopped
+/// matching, or was deleted).
 pub fn affected(
     store: &Store<PacketCaptureConfig>,
-    agents: &AgentPool,
+    ctx: &Context,
     pod: &Pod,
 ) -> Vec<ObjectRef<PacketCaptureConfig>> {
-    let agent = agents.is_agent_pod(pod);
+    let agent = ctx.agents.is_agent_pod(pod);
+    let ips = targets::pod_ips(pod);
     store
         .state()
         .iter()
         .filter(|p| !is_done(p))
-        .filter(|p| agent || targets::spec_mentions_pod(&p.spec, pod))
+        .filter(|p| {
+            agent
+                || targets::spec_mentions_pod(&p.spec, pod, &ctx.caches)
+                || p.uid()
+                    .is_some_and(|uid| ctx.tracker.captures_any(&uid, &ips))
+        })
+        .map(|p| ObjectRef::from_obj(&**p))
+        .collect()
+}
+
+/// The captures a namespace change concerns: the unfinished ones that
+/// select pods by namespace labels.
+fn affected_by_namespace(
+    store: &Store<PacketCaptureConfig>,
+) -> Vec<ObjectRef<PacketCaptureConfig>> {
+    store
+        .state()
+        .iter()
+        .filter(|p| !is_done(p))
+        .filter(|p| {
+            p.spec
+                .pod_selector
+                .as_ref()
+                .is_some_and(|s| s.namespace_selector.is_some())
+        })
         .map(|p| ObjectRef::from_obj(&**p))
         .collect()
 }
@@ -299,6 +319,16 @@ pub async fn run(settings: &Settings, client: Client, metrics: Arc<Metrics>) -> 
             tracing::warn!("watching nodes: {e}");
         }
     }));
+    let (namespaces, namespace_writer) = reflector::store();
+    let namespace_stream = reflector::reflector(
+        namespace_writer,
+        watcher(
+            Api::<Namespace>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
 
     let tls = if settings.insecure_agent_plaintext {
         tracing::warn!(
@@ -341,8 +371,13 @@ pub async fn run(settings: &Settings, client: Client, metrics: Arc<Metrics>) -> 
         identity: settings.identity(),
         timing: Timing::default(),
     };
-    let (ctx, triggers) = Context::new(client.clone(), pods, nodes, settings_for_ctx, metrics);
-    let agents = ctx.agents.clone();
+    let caches = Caches {
+        pods,
+        nodes,
+        namespaces,
+    };
+    let (ctx, triggers) = Context::new(client.clone(), caches, settings_for_ctx, metrics);
+    let for_pods = ctx.clone();
     tracing::info!(agent_port = port, namespace = %settings.namespace, "controller starting");
     let mut watched = watcher::Config::default();
     if let Some(selector) = &settings.capture_selector {
@@ -351,8 +386,12 @@ pub async fn run(settings: &Settings, client: Client, metrics: Arc<Metrics>) -> 
     }
     let controller = Controller::new(Api::<PacketCaptureConfig>::all(client), watched);
     let store = controller.store();
+    let namespace_store = store.clone();
     controller
-        .watches_stream(pod_stream, move |pod| affected(&store, &agents, &pod))
+        .watches_stream(pod_stream, move |pod| affected(&store, &for_pods, &pod))
+        .watches_stream(namespace_stream, move |_| {
+            affected_by_namespace(&namespace_store)
+        })
         .reconcile_on(triggers)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)

@@ -11,6 +11,10 @@ use k8s_openapi::jiff::Timestamp;
 use packet_capture_common::crd::{CaptureState, NodeCapture, OutputFormat, STDOUT_OUTPUT_FILE};
 use packet_capture_proto::v1::Capture;
 
+/// At most this many pod names per node in the status; the rest are
+/// counted.
+pub const MAX_LISTED_PODS: usize = 16;
+
 /// One node's part of a capture.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeProgress {
@@ -27,6 +31,12 @@ pub struct NodeProgress {
     pub end_time: Option<Timestamp>,
     /// The node failed because its agent did not answer or is gone.
     pub unreachable: bool,
+    /// The addresses the agent's capture selects, as it last reported them
+    /// (unknown, so empty, until it has answered).
+    pub targets: Vec<String>,
+    /// The target pods on the node (`namespace/name`), as the agent last
+    /// reported them (as planned until it has answered).
+    pub pods: Vec<String>,
 }
 
 fn timestamp(t: Option<&prost_types::Timestamp>) -> Option<Timestamp> {
@@ -50,6 +60,8 @@ impl NodeProgress {
             start_time: None,
             end_time: None,
             unreachable: false,
+            targets: Vec::new(),
+            pods: Vec::new(),
         }
     }
 
@@ -73,6 +85,14 @@ impl NodeProgress {
         }
         if let Some(t) = timestamp(c.end_time.as_ref()) {
             self.end_time = Some(t);
+        }
+        if let Some(spec) = &c.spec {
+            self.targets = spec.target_ips.clone();
+            self.pods = spec
+                .pods
+                .iter()
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .collect();
         }
     }
 
@@ -113,17 +133,6 @@ impl NodeProgress {
         }
     }
 
-    /// The node after the controller stopped its capture because `why`;
-    /// `answer` is the agent's StopCapture answer, if it gave one.
-    pub fn stopped(&mut self, answer: Option<&Capture>, why: &str, now: Timestamp) {
-        if let Some(c) = answer {
-            self.take_counts(c);
-        }
-        self.state = CaptureState::Stopped;
-        self.message = Some(format!("stopped because {why}"));
-        self.end_time.get_or_insert(now);
-    }
-
     /// What the status said about a node (after a controller restart).
     pub fn from_status(node_ip: &str, entry: &NodeCapture, capture_id: &str) -> Self {
         Self {
@@ -133,6 +142,7 @@ impl NodeProgress {
             output_file: entry.output_file.clone(),
             file_size: entry.file_size,
             message: entry.message.clone(),
+            pods: entry.pods.clone(),
             ..Self::new(&entry.node, node_ip, capture_id)
         }
     }
@@ -152,8 +162,18 @@ impl NodeProgress {
             packets: self.packets,
             dropped: self.dropped,
             message: self.message.clone(),
+            pods: listed(&self.pods),
         }
     }
+}
+
+/// At most [`MAX_LISTED_PODS`] names, then how many more there are.
+fn listed(pods: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = pods.iter().take(MAX_LISTED_PODS).cloned().collect();
+    if pods.len() > MAX_LISTED_PODS {
+        out.push(format!("and {} more", pods.len() - MAX_LISTED_PODS));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -237,30 +257,6 @@ mod tests {
                 )
             );
         }
-    }
-
-    #[test]
-    fn a_stop_the_controller_asked_for_stays_stopped() {
-        let mut p = NodeProgress::new("n1", "192.168.0.1", "id");
-        p.update(&report(v1::CaptureState::Running as i32, ""), t(1));
-        p.stopped(
-            Some(&report(
-                v1::CaptureState::Stopped as i32,
-                "stopped by request",
-            )),
-            "it is no longer a target",
-            t(5),
-        );
-        assert_eq!(p.state, CaptureState::Stopped);
-        assert_eq!(
-            p.message.as_deref(),
-            Some("stopped because it is no longer a target")
-        );
-        assert_eq!((p.packets, p.end_time), (5, Some(t(5))));
-        // Unanswered (the agent is gone): stopped all the same.
-        let mut gone = NodeProgress::new("n2", "192.168.0.2", "id");
-        gone.stopped(None, "its targets changed", t(6));
-        assert_eq!(gone.state, CaptureState::Stopped);
     }
 
     #[test]

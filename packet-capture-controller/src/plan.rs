@@ -4,9 +4,10 @@
 //! adopt or forget, and which nodes fail. `act` carries the plan out and
 //! `report` writes what came of it.
 //!
-//! Capture ids are derived from the uid, the generation and a node's
-//! targets, so a repeated reconcile or a restarted controller plans the same
-//! starts, and the agents' idempotent StartCapture makes them harmless.
+//! Capture ids are derived from the uid and the generation, so a repeated
+//! reconcile or a restarted controller plans the same starts, and the
+//! agents' idempotent StartCapture makes them harmless. A node's targets
+//! follow its pods in place (SetTargets), without a new capture.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -16,12 +17,13 @@ use kube::ResourceExt;
 use packet_capture_common::crd::{
     PacketCaptureConfig, PacketCaptureConfigSpec, PacketCaptureConfigStatus, Phase,
 };
+use packet_capture_common::validate::parse_target;
 
 use crate::agents::AgentEndpoint;
 use crate::error::{Error, Result};
 use crate::node::NodeProgress;
 use crate::status::{self, Outcome};
-use crate::targets::Targets;
+use crate::targets::{SelectedPod, Targets};
 
 /// How long to wait for news when no deadline is known or it has passed.
 const IDLE_REQUEUE: Duration = Duration::from_secs(30);
@@ -66,17 +68,27 @@ impl<'a> Resource<'a> {
     }
 }
 
-/// The agent capture id of one node: uid, generation and a stable hash of
-/// the node's targets, so a restart or a repeated reconcile asks for the
-/// same capture, and new targets on a node make a new capture.
-pub fn capture_id(uid: &str, generation: i64, targets: &[String]) -> String {
-    // FNV-1a: stable across builds, unlike std's hasher.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in targets.join(",").bytes() {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{uid}-g{generation}-{:08x}", hash as u32)
+/// The agent capture id of a generation on a node, so a restart or a
+/// repeated reconcile asks for the same capture. New targets on a node do
+/// not make a new capture: its targets change in place (SetTargets).
+pub fn capture_id(uid: &str, generation: i64) -> String {
+    format!("{uid}-g{generation}")
+}
+
+/// The names of `pods`, as a node's progress lists them.
+fn names(pods: &[SelectedPod]) -> Vec<String> {
+    pods.iter().map(|p| p.name.clone()).collect()
+}
+
+/// Whether two target lists select the same addresses (the agent spells a
+/// single address without its prefix length, and IPv6 canonically).
+fn same_targets(a: &[String], b: &[String]) -> bool {
+    let set = |l: &[String]| -> BTreeSet<String> {
+        l.iter()
+            .map(|t| parse_target(t).map_or_else(|_| t.clone(), |n| n.to_string()))
+            .collect()
+    };
+    set(a) == set(b)
 }
 
 /// The prefix of every capture id of a `PacketCaptureConfig`.
@@ -111,13 +123,15 @@ pub struct Clear {
     pub endpoint: Option<AgentEndpoint>,
 }
 
-/// A node capture the controller stops.
+/// A running node capture whose targets change, in place.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Stop {
+pub struct Retarget {
     pub progress: NodeProgress,
-    pub endpoint: Option<AgentEndpoint>,
-    /// Completes "stopped because ...".
-    pub reason: &'static str,
+    pub endpoint: AgentEndpoint,
+    /// What it selects from now on; empty: nothing (its pods are gone).
+    pub targets: Vec<String>,
+    /// The target pods on the node now.
+    pub pods: Vec<SelectedPod>,
 }
 
 /// A node capture to start.
@@ -127,6 +141,8 @@ pub struct Start {
     pub progress: NodeProgress,
     pub endpoint: AgentEndpoint,
     pub targets: Vec<String>,
+    /// The target pods on the node.
+    pub pods: Vec<SelectedPod>,
     /// Stop the resource's other captures on the node first (earlier
     /// generations, or captures started before a controller restart).
     pub sweep: bool,
@@ -137,7 +153,7 @@ pub struct Start {
 /// The node work of a generation under way.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Run {
-    pub stops: Vec<Stop>,
+    pub retargets: Vec<Retarget>,
     /// The generation's first nodes, all `starting`: written to the status
     /// before the agents are called (their retries can take a while).
     pub starting: Option<BTreeMap<String, NodeProgress>>,
@@ -155,7 +171,7 @@ pub enum Next {
     /// The status says this generation has ended: nothing to do.
     Ended(Phase),
     /// The generation fails before anything started (`PodNotFound`,
-    /// `NoAgents`).
+    /// `NoPodsSelected`, `NoAgents`).
     Fail(Outcome),
     /// Node work, then the status from the tracker.
     Run(Run),
@@ -218,6 +234,23 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
             let names: Vec<String> = i.targets.problems.iter().map(ToString::to_string).collect();
             return Next::Fail(Outcome::failed("PodNotFound", names.join("; ")));
         }
+        let by_labels = i
+            .resource
+            .spec()
+            .pod_selector
+            .as_ref()
+            .is_some_and(|s| s.by_labels());
+        if i.targets.nodes.is_empty() && by_labels {
+            let nodes = if i.resource.spec().node_selector.is_some() {
+                " on the nodes spec.nodeSelector selects"
+            } else {
+                ""
+            };
+            return Next::Fail(Outcome::failed(
+                "NoPodsSelected",
+                format!("no running pod matches spec.podSelector{nodes}"),
+            ));
+        }
         if i.targets.nodes.is_empty() {
             return Next::Fail(Outcome::failed(
                 "NoAgents",
@@ -255,28 +288,39 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
         return Next::Run(run);
     }
 
-    // The nodes to start: (the node, starting; its targets; sweep first).
-    let mut new_nodes: Vec<(NodeProgress, Vec<String>, bool)> = Vec::new();
+    // The nodes to start: (the node, starting; its targets and pods; sweep
+    // first).
+    let id = capture_id(i.resource.uid, i.resource.generation);
+    let mut new_nodes: Vec<(NodeProgress, Vec<String>, Vec<SelectedPod>, bool)> = Vec::new();
+    let no_pods = Vec::new();
     for (node, targets) in &i.targets.nodes {
-        let id = capture_id(i.resource.uid, i.resource.generation, targets);
         let ip = i.node_ips.get(node).map_or(node.as_str(), String::as_str);
+        let pods = i.targets.pods.get(node).unwrap_or(&no_pods);
         match i.tracked.get(node) {
-            // Running as wanted, or ended (an ended node is not restarted).
-            Some(p) if p.capture_id == id || p.state.is_final() => {}
+            // An ended node is not restarted.
+            Some(p) if p.state.is_final() => {}
             Some(p) => {
-                run.stops.push(Stop {
-                    progress: p.clone(),
-                    endpoint: i.agents.get(node).cloned(),
-                    reason: "its targets changed",
-                });
-                new_nodes.push((NodeProgress::new(node, ip, &id), targets.clone(), false));
+                if let Some(ep) = i.agents.get(node)
+                    && (!same_targets(&p.targets, targets) || p.pods != names(pods))
+                {
+                    run.retargets.push(Retarget {
+                        progress: p.clone(),
+                        endpoint: ep.clone(),
+                        targets: targets.clone(),
+                        pods: pods.clone(),
+                    });
+                }
             }
             None => match recorded.and_then(|r| r.get(ip)) {
                 // Ended before a controller restart: kept as it was.
                 Some(entry) if entry.status.is_final() => {
                     run.record.push(NodeProgress::from_status(ip, entry, &id));
                 }
-                _ => new_nodes.push((NodeProgress::new(node, ip, &id), targets.clone(), true)),
+                _ => {
+                    let mut p = NodeProgress::new(node, ip, &id);
+                    p.pods = names(pods);
+                    new_nodes.push((p, targets.clone(), pods.clone(), true));
+                }
             },
         }
     }
@@ -285,11 +329,18 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
             continue;
         }
         match i.agents.get(node) {
-            Some(ep) => run.stops.push(Stop {
-                progress: p.clone(),
-                endpoint: Some(ep.clone()),
-                reason: "it is no longer a target",
-            }),
+            // Its pods are gone from the node (for now): it selects nothing
+            // until one comes back.
+            Some(ep) => {
+                if !p.targets.is_empty() || !p.pods.is_empty() {
+                    run.retargets.push(Retarget {
+                        progress: p.clone(),
+                        endpoint: ep.clone(),
+                        targets: Vec::new(),
+                        pods: Vec::new(),
+                    });
+                }
+            }
             // With its agent gone the capture can neither be stopped nor
             // followed: how it ended is unknown.
             None => {
@@ -319,16 +370,17 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
         run.starting = Some(
             new_nodes
                 .iter()
-                .map(|(p, _, _)| (p.node.clone(), p.clone()))
+                .map(|(p, ..)| (p.node.clone(), p.clone()))
                 .collect(),
         );
     }
-    for (mut progress, targets, sweep) in new_nodes {
+    for (mut progress, targets, pods, sweep) in new_nodes {
         match i.agents.get(&progress.node) {
             Some(ep) => run.starts.push(Start {
                 progress,
                 endpoint: ep.clone(),
                 targets,
+                pods,
                 sweep,
                 duration,
             }),
@@ -392,8 +444,9 @@ mod tests {
         state: CaptureState,
         targets: &[&str],
     ) -> NodeProgress {
-        let id = capture_id(UID, generation, &strings(targets));
+        let id = capture_id(UID, generation);
         let mut p = NodeProgress::new(node, &ip(node), &id);
+        p.targets = strings(targets);
         p.state = state;
         p.start_time = (state != Starting).then(t0);
         p
@@ -444,7 +497,7 @@ mod tests {
         next: &'static str,
         forget: bool,
         clear: &'static [&'static str],
-        stops: &'static [&'static str],
+        retargets: &'static [&'static str],
         starting: &'static [&'static str],
         record: &'static [&'static str],
         starts: &'static [&'static str],
@@ -455,7 +508,7 @@ mod tests {
         next: "run",
         forget: false,
         clear: &[],
-        stops: &[],
+        retargets: &[],
         starting: &[],
         record: &[],
         starts: &[],
@@ -468,7 +521,7 @@ mod tests {
         next: String,
         forget: bool,
         clear: Vec<String>,
-        stops: Vec<String>,
+        retargets: Vec<String>,
         starting: Vec<String>,
         record: Vec<String>,
         starts: Vec<String>,
@@ -481,7 +534,7 @@ mod tests {
                 next: String::new(),
                 forget: plan.forget_earlier,
                 clear: plan.clear.iter().map(|c| c.node.clone()).collect(),
-                stops: Vec::new(),
+                retargets: Vec::new(),
                 starting: Vec::new(),
                 record: Vec::new(),
                 starts: Vec::new(),
@@ -492,10 +545,13 @@ mod tests {
                 Next::Fail(o) => got.next = format!("fail {}: {}", o.reason, o.message),
                 Next::Run(run) => {
                     got.next = "run".into();
-                    got.stops = run
-                        .stops
+                    got.retargets = run
+                        .retargets
                         .iter()
-                        .map(|s| format!("{}: {}", s.progress.node, s.reason))
+                        .map(|r| match &r.targets[..] {
+                            [] => format!("{} -> nothing", r.progress.node),
+                            t => format!("{} -> {}", r.progress.node, t.join(",")),
+                        })
                         .collect();
                     got.starting = run.starting.into_iter().flatten().map(|(n, _)| n).collect();
                     got.record = run
@@ -526,7 +582,7 @@ mod tests {
                 next: w.next.to_string(),
                 forget: w.forget,
                 clear: own(w.clear),
-                stops: own(w.stops),
+                retargets: own(w.retargets),
                 starting: own(w.starting),
                 record: own(w.record),
                 starts: own(w.starts),
@@ -578,6 +634,7 @@ mod tests {
                 .iter()
                 .map(|n| (n.to_string(), strings(TARGET)))
                 .collect(),
+            pods: BTreeMap::new(),
             problems: case
                 .missing
                 .iter()
@@ -659,14 +716,13 @@ mod tests {
                 ..CASE
             },
             Case {
-                name: "new targets on a node stop its capture and start another for what is left",
+                name: "new targets on a node change its capture in place",
                 targets: &["n1"],
                 agents: &["n1"],
                 tracked: &[("n1", Running, OTHER)],
                 now: 10,
                 want: Want {
-                    stops: &["n1: its targets changed"],
-                    starts: &["n1 50s"],
+                    retargets: &["n1 -> 10.0.0.1"],
                     requeue: 110,
                     ..WANT
                 },
@@ -685,13 +741,17 @@ mod tests {
                 ..CASE
             },
             Case {
-                name: "a node that is no longer a target is stopped",
+                name: "a node that is no longer a target goes on selecting nothing, until its pods come back",
                 targets: &["n1"],
-                agents: &["n1", "n2"],
-                tracked: &[("n1", Running, TARGET), ("n2", Running, TARGET)],
+                agents: &["n1", "n2", "n3"],
+                tracked: &[
+                    ("n1", Running, TARGET),
+                    ("n2", Running, TARGET),
+                    ("n3", Running, &[]),
+                ],
                 now: 10,
                 want: Want {
-                    stops: &["n2: it is no longer a target"],
+                    retargets: &["n2 -> nothing"],
                     requeue: 110,
                     ..WANT
                 },
@@ -874,6 +934,13 @@ mod tests {
         let pcc = resource_of(&case);
         let targets = Targets {
             nodes: BTreeMap::from([("n1".to_string(), strings(TARGET))]),
+            pods: BTreeMap::from([(
+                "n1".to_string(),
+                vec![SelectedPod {
+                    name: "default/web".into(),
+                    ips: strings(TARGET),
+                }],
+            )]),
             problems: Vec::new(),
         };
         let ep = AgentEndpoint {
@@ -899,20 +966,29 @@ mod tests {
         let start = &run.starts[0];
         assert_eq!(start.endpoint, ep);
         assert_eq!(start.targets, strings(TARGET));
-        assert_eq!(
-            start.progress,
-            NodeProgress::new("n1", "192.168.0.1", &capture_id(UID, 2, &strings(TARGET)))
-        );
+        let mut starting = NodeProgress::new("n1", "192.168.0.1", &capture_id(UID, 2));
+        starting.pods = strings(&["default/web"]);
+        assert_eq!(start.progress, starting);
         assert_eq!(run.starting.unwrap()["n1"], start.progress);
     }
 
     #[test]
-    fn capture_ids_follow_uid_generation_and_targets() {
-        let a = capture_id("u", 1, &strings(&["10.0.0.1"]));
+    fn capture_ids_follow_uid_and_generation() {
+        let a = capture_id("u", 1);
         assert!(a.starts_with(&capture_prefix("u")), "{a}");
-        assert!(a.starts_with("u-g1-"), "{a}");
-        assert_eq!(a, capture_id("u", 1, &strings(&["10.0.0.1"])));
-        assert_ne!(a, capture_id("u", 2, &strings(&["10.0.0.1"])));
-        assert_ne!(a, capture_id("u", 1, &strings(&["10.0.0.2"])));
+        assert_eq!(a, "u-g1");
+        assert_ne!(a, capture_id("u", 2));
+    }
+
+    #[test]
+    fn targets_compare_as_addresses() {
+        let same = |a: &[&str], b: &[&str]| same_targets(&strings(a), &strings(b));
+        assert!(same(
+            &["10.0.0.1", "fd00:0::1"],
+            &["fd00::1", "10.0.0.1/32"]
+        ));
+        assert!(same(&[], &[]));
+        assert!(!same(&["10.0.0.1"], &["10.0.0.2"]));
+        assert!(!same(&["10.0.0.0/24"], &[]));
     }
 }

@@ -169,6 +169,7 @@ mod tests {
                     packets: 7,
                     dropped: 0,
                     message: None,
+                    pods: Vec::new(),
                 },
             )]),
             ..Default::default()

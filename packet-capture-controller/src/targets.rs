@@ -1,13 +1,19 @@
-//! Which nodes capture what: `podSelector` pods become their IPs on their
-//! nodes; `targetIPs` go to every node with an agent, except a single address
-//! that is a known pod IP or node InternalIP, which goes only to that node.
+//! Which nodes capture what: `podSelector` pods (by name, and by labels
+//! and namespace labels) become their IPs on their nodes; `targetIPs` go to
+//! every node with an agent, except a single address that is a known pod IP
+//! or node InternalIP, which goes only to that node; `nodeSelector` leaves
+//! out the nodes whose labels do not match.
+//!
+//! Resolved again on every reconcile, so a running capture follows its pods
+//! as they come, go and change labels.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::runtime::reflector::Store;
-use packet_capture_common::crd::{PacketCaptureConfigSpec, PodRef};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::ResourceExt;
+use kube::runtime::reflector::{ObjectRef, Store};
+use packet_capture_common::crd::{PacketCaptureConfigSpec, PodRef, PodSelector};
 use packet_capture_common::validate::parse_target;
 
 /// A target pod that cannot be captured (yet), and why, naming it.
@@ -27,11 +33,54 @@ impl std::fmt::Display for PodProblem {
     }
 }
 
-/// Per node name, the sorted target addresses and CIDRs to capture there.
+/// Per node name, the sorted target addresses and CIDRs to capture there,
+/// and the target pods there.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Targets {
     pub nodes: BTreeMap<String, Vec<String>>,
+    /// The selected pods on each node, sorted by name.
+    pub pods: BTreeMap<String, Vec<SelectedPod>>,
     pub problems: Vec<PodProblem>,
+}
+
+/// A target pod on its node.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SelectedPod {
+    /// `namespace/name`.
+    pub name: String,
+    /// The addresses captured for it.
+    pub ips: Vec<String>,
+}
+
+/// The caches targets are resolved against.
+#[derive(Clone)]
+pub struct Caches {
+    pub pods: Store<Pod>,
+    pub nodes: Store<Node>,
+    pub namespaces: Store<Namespace>,
+}
+
+impl Caches {
+    fn node_labels(&self, name: &str) -> BTreeMap<String, String> {
+        self.nodes
+            .get(&ObjectRef::new(name))
+            .map(|n| n.labels().clone())
+            .unwrap_or_default()
+    }
+
+    fn namespace_labels(&self, name: &str) -> BTreeMap<String, String> {
+        let mut labels = self
+            .namespaces
+            .get(&ObjectRef::new(name))
+            .map(|n| n.labels().clone())
+            .unwrap_or_default();
+        // Set by the API server on every namespace; also here for a
+        // namespace the cache has not seen yet.
+        labels
+            .entry("kubernetes.io/metadata.name".into())
+            .or_insert_with(|| name.to_owned());
+        labels
+    }
 }
 
 /// Every IP of a pod (v4 and v6), from `status.podIPs`, else `status.podIP`.
@@ -79,27 +128,47 @@ fn pod_phase(pod: &Pod) -> &str {
         .unwrap_or("Unknown")
 }
 
-/// Resolves one pod reference to its node and IPs.
-fn resolve_pod(pods: &Store<Pod>, r: &PodRef) -> Result<(String, Vec<String>), String> {
-    let key = kube::runtime::reflector::ObjectRef::new(&r.pod_name).within(&r.namespace);
-    let Some(pod) = pods.get(&key) else {
-        return Err("not found".into());
-    };
+fn host_network(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false)
+}
+
+fn pod_name(pod: &Pod) -> String {
+    format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
+}
+
+/// A pod's node and IPs if its traffic can be captured now: running, not
+/// being deleted (its IP may already be free), scheduled, with an IP.
+fn capturable(pod: &Pod) -> Result<(String, Vec<String>), String> {
     if pod.metadata.deletion_timestamp.is_some() {
         return Err("is being deleted".into());
     }
-    let phase = pod_phase(&pod);
+    let phase = pod_phase(pod);
     if phase != "Running" {
         return Err(format!("is {phase}, not Running"));
     }
     let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
         return Err("is not scheduled to a node".into());
     };
-    let ips = pod_ips(&pod);
+    let ips = pod_ips(pod);
     if ips.is_empty() {
         return Err("has no IP address yet".into());
     }
     Ok((node, ips))
+}
+
+/// Whether the selector's labels (and namespace labels) select `pod`.
+/// Host-network pods are never selected by labels: their address is their
+/// node's, and capturing it would capture the node (name them instead).
+pub fn selects_by_labels(selector: &PodSelector, pod: &Pod, caches: &Caches) -> bool {
+    selector.by_labels()
+        && !host_network(pod)
+        && selector.labels().matches(pod.labels())
+        && selector.namespace_selector.as_ref().is_none_or(|ns| {
+            ns.matches(&caches.namespace_labels(&pod.namespace().unwrap_or_default()))
+        })
 }
 
 /// Computes the per-node targets of `spec`. `agent_nodes` are the nodes with
@@ -107,25 +176,64 @@ fn resolve_pod(pods: &Store<Pod>, r: &PodRef) -> Result<(String, Vec<String>), S
 /// fails with "no agent").
 pub fn resolve(
     spec: &PacketCaptureConfigSpec,
-    pods: &Store<Pod>,
-    nodes: &Store<Node>,
+    caches: &Caches,
     agent_nodes: &BTreeSet<String>,
 ) -> Targets {
+    let allowed = |node: &str| {
+        spec.node_selector
+            .as_ref()
+            .is_none_or(|s| s.matches(&caches.node_labels(node)))
+    };
     let mut out = Targets::default();
     let mut targets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let pod_refs = spec.pod_selector.iter().flat_map(|s| s.pods.iter());
-    for r in pod_refs {
-        match resolve_pod(pods, r) {
-            Ok((node, ips)) => targets.entry(node).or_default().extend(ips),
-            Err(reason) => out.problems.push(PodProblem {
-                pod: r.clone(),
-                reason,
-            }),
+    let mut pods: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+    if let Some(selector) = &spec.pod_selector {
+        let mut selected: Vec<(String, String, Vec<String>)> = Vec::new();
+        for r in &selector.pods {
+            let key = ObjectRef::new(&r.pod_name).within(&r.namespace);
+            let found = caches.pods.get(&key).ok_or_else(|| "not found".to_owned());
+            match found.and_then(|pod| capturable(&pod)) {
+                Ok((node, _)) if !allowed(&node) => out.problems.push(PodProblem {
+                    pod: r.clone(),
+                    reason: format!("is on node {node}, which spec.nodeSelector leaves out"),
+                }),
+                Ok((node, ips)) => {
+                    selected.push((node, format!("{}/{}", r.namespace, r.pod_name), ips))
+                }
+                Err(reason) => out.problems.push(PodProblem {
+                    pod: r.clone(),
+                    reason,
+                }),
+            }
+        }
+        if selector.by_labels() {
+            for pod in caches.pods.state() {
+                if !selects_by_labels(selector, &pod, caches) {
+                    continue;
+                }
+                if let Ok((node, ips)) = capturable(&pod)
+                    && allowed(&node)
+                {
+                    selected.push((node, pod_name(&pod), ips));
+                }
+            }
+        }
+        let shared = shared_addresses(&caches.pods);
+        for (node, name, ips) in selected {
+            // An address that another live pod also reports is not known to
+            // be this pod's (one of them is stale): it is left out rather
+            // than risk capturing a pod nobody selected.
+            let own: Vec<String> = ips.into_iter().filter(|ip| !shared.contains(ip)).collect();
+            targets
+                .entry(node.clone())
+                .or_default()
+                .extend(own.iter().cloned());
+            pods.entry(node).or_default().insert(name, own);
         }
     }
 
     if !spec.target_ips.is_empty() {
-        let owners = address_owners(pods, nodes);
+        let owners = address_owners(&caches.pods, &caches.nodes);
         for entry in &spec.target_ips {
             // The webhook and the schema reject what does not parse; here an
             // entry that does not is matched as is on every node.
@@ -133,21 +241,15 @@ pub fn resolve(
                 .ok()
                 .filter(|net| net.prefix_len() == net.max_prefix_len())
                 .map(|net| net.addr());
-            match single.and_then(|ip| owners.get(&ip)) {
-                Some(node) => {
-                    targets
-                        .entry(node.clone())
-                        .or_default()
-                        .insert(entry.clone());
-                }
-                None => {
-                    for node in agent_nodes {
-                        targets
-                            .entry(node.clone())
-                            .or_default()
-                            .insert(entry.clone());
-                    }
-                }
+            let nodes: Vec<&String> = match single.and_then(|ip| owners.get(&ip)) {
+                Some(node) => vec![node],
+                None => agent_nodes.iter().collect(),
+            };
+            for node in nodes.into_iter().filter(|n| allowed(n)) {
+                targets
+                    .entry(node.clone())
+                    .or_default()
+                    .insert(entry.clone());
             }
         }
     }
@@ -155,7 +257,35 @@ pub fn resolve(
         .into_iter()
         .map(|(node, ips)| (node, ips.into_iter().collect()))
         .collect();
+    out.pods = pods
+        .into_iter()
+        .map(|(node, names)| {
+            let list = names
+                .into_iter()
+                .map(|(name, ips)| SelectedPod { name, ips })
+                .collect();
+            (node, list)
+        })
+        .collect();
     out
+}
+
+/// Addresses that more than one pod that may hold an address (not
+/// finished, not host-network) reports.
+fn shared_addresses(pods: &Store<Pod>) -> BTreeSet<String> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for pod in pods.state() {
+        if host_network(&pod) || matches!(pod_phase(&pod), "Succeeded" | "Failed") {
+            continue;
+        }
+        for ip in pod_ips(&pod) {
+            *seen.entry(ip).or_default() += 1;
+        }
+    }
+    seen.into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(ip, _)| ip)
+        .collect()
 }
 
 /// Which node each known address lives on: node InternalIPs, and the IPs of
@@ -188,16 +318,22 @@ fn address_owners(pods: &Store<Pod>, nodes: &Store<Node>) -> HashMap<IpAddr, Str
     owners
 }
 
-/// Whether a pod is one of `spec`'s targets, by reference or by address.
-pub fn spec_mentions_pod(spec: &PacketCaptureConfigSpec, pod: &Pod) -> bool {
+/// Whether a pod is one of `spec`'s targets: by name, by labels, or by
+/// address.
+pub fn spec_mentions_pod(spec: &PacketCaptureConfigSpec, pod: &Pod, caches: &Caches) -> bool {
     let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
     let name = pod.metadata.name.as_deref().unwrap_or_default();
-    let by_ref = spec
+    let by_name = spec
         .pod_selector
         .iter()
         .flat_map(|s| s.pods.iter())
         .any(|r| r.namespace == ns && r.pod_name == name);
-    by_ref
+    let by_labels = spec
+        .pod_selector
+        .as_ref()
+        .is_some_and(|s| selects_by_labels(s, pod, caches));
+    by_name
+        || by_labels
         || (!spec.target_ips.is_empty()
             && pod_ips(pod).iter().any(|ip| spec.target_ips.contains(ip)))
 }
@@ -206,19 +342,44 @@ pub fn spec_mentions_pod(spec: &PacketCaptureConfigSpec, pod: &Pod) -> bool {
 mod tests {
     use super::*;
     use crate::test_objects::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use packet_capture_common::crd::LabelSelector;
 
     fn spec(ips: &[&str], pods: &[(&str, &str)]) -> PacketCaptureConfigSpec {
         spec_of(ips, pods)
     }
 
-    fn fixture() -> (Store<Pod>, Store<Node>, BTreeSet<String>) {
-        let pods = store_of(vec![
+    fn caches(pods: Vec<Pod>) -> Caches {
+        let mut n1 = node("n1", "192.168.0.1");
+        n1.metadata.labels = Some([("zone".to_string(), "a".to_string())].into());
+        let mut shop = Namespace::default();
+        shop.metadata.name = Some("shop".into());
+        shop.metadata.labels = Some([("team".to_string(), "shop".to_string())].into());
+        Caches {
+            pods: store_of(pods),
+            nodes: store_of(vec![n1, node("n2", "192.168.0.2")]),
+            namespaces: store_of(vec![shop]),
+        }
+    }
+
+    fn fixture() -> (Caches, BTreeSet<String>) {
+        let caches = caches(vec![
             pod("default", "web", "n1", &["10.1.1.5", "fd00:1::5"]),
             pod("shop", "db", "n2", &["10.1.2.7"]),
         ]);
-        let nodes = store_of(vec![node("n1", "192.168.0.1"), node("n2", "192.168.0.2")]);
         let agents = ["n1", "n2", "n3"].iter().map(|s| s.to_string()).collect();
-        (pods, nodes, agents)
+        (caches, agents)
+    }
+
+    fn labelled(ns: &str, name: &str, node: &str, ip: &str, labels: &[(&str, &str)]) -> Pod {
+        let mut p = pod(ns, name, node, &[ip]);
+        p.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        p
     }
 
     fn nodes_of(resolved: &Targets) -> Vec<(&str, Vec<&str>)> {
@@ -231,11 +392,10 @@ mod tests {
 
     #[test]
     fn pods_go_to_their_nodes_with_all_their_ips() {
-        let (pods, nodes, agents) = fixture();
+        let (caches, agents) = fixture();
         let resolved = resolve(
             &spec(&[], &[("default", "web"), ("shop", "db")]),
-            &pods,
-            &nodes,
+            &caches,
             &agents,
         );
         assert!(resolved.problems.is_empty());
@@ -250,11 +410,10 @@ mod tests {
 
     #[test]
     fn addresses_go_everywhere_unless_a_pod_or_node_owns_them() {
-        let (pods, nodes, agents) = fixture();
+        let (caches, agents) = fixture();
         let resolved = resolve(
             &spec(&["10.9.0.0/16", "10.1.2.7", "192.168.0.1"], &[]),
-            &pods,
-            &nodes,
+            &caches,
             &agents,
         );
         assert_eq!(
@@ -269,11 +428,10 @@ mod tests {
 
     #[test]
     fn combined_specs_merge_per_node() {
-        let (pods, nodes, agents) = fixture();
+        let (caches, agents) = fixture();
         let resolved = resolve(
             &spec(&["172.16.0.9"], &[("default", "web")]),
-            &pods,
-            &nodes,
+            &caches,
             &agents,
         );
         assert_eq!(
@@ -288,16 +446,15 @@ mod tests {
 
     #[test]
     fn missing_and_not_running_pods_are_named() {
-        let (pods, nodes, agents) = fixture();
-        let pending = store_of(vec![{
+        let (caches_now, agents) = fixture();
+        let pending = caches(vec![{
             let mut p = pod("default", "late", "n1", &[]);
             p.status.as_mut().unwrap().phase = Some("Pending".into());
             p
         }]);
         let resolved = resolve(
             &spec(&[], &[("default", "gone"), ("default", "web")]),
-            &pods,
-            &nodes,
+            &caches_now,
             &agents,
         );
         assert_eq!(resolved.problems.len(), 1);
@@ -306,12 +463,7 @@ mod tests {
             "pod default/gone not found"
         );
         assert_eq!(resolved.nodes.len(), 1);
-        let resolved = resolve(
-            &spec(&[], &[("default", "late")]),
-            &pending,
-            &nodes,
-            &agents,
-        );
+        let resolved = resolve(&spec(&[], &[("default", "late")]), &pending, &agents);
         assert_eq!(
             resolved.problems[0].to_string(),
             "pod default/late is Pending, not Running"
@@ -319,13 +471,162 @@ mod tests {
     }
 
     #[test]
-    fn pods_are_matched_by_reference_or_address() {
-        let web = pod("default", "web", "n1", &["10.1.1.5"]);
-        assert!(spec_mentions_pod(&spec(&[], &[("default", "web")]), &web));
-        assert!(spec_mentions_pod(&spec(&["10.1.1.5"], &[]), &web));
+    fn pods_are_matched_by_reference_labels_or_address() {
+        let (caches, _) = fixture();
+        let web = labelled("default", "web", "n1", "10.1.1.5", &[("app", "web")]);
+        assert!(spec_mentions_pod(
+            &spec(&[], &[("default", "web")]),
+            &web,
+            &caches
+        ));
+        assert!(spec_mentions_pod(&spec(&["10.1.1.5"], &[]), &web, &caches));
+        assert!(spec_mentions_pod(
+            &by_labels(&[("app", "web")], None),
+            &web,
+            &caches
+        ));
         assert!(!spec_mentions_pod(
             &spec(&["10.1.1.6"], &[("shop", "web")]),
-            &web
+            &web,
+            &caches
         ));
+        assert!(!spec_mentions_pod(
+            &by_labels(&[("app", "db")], None),
+            &web,
+            &caches
+        ));
+    }
+
+    fn by_labels(
+        labels: &[(&str, &str)],
+        namespaces: Option<LabelSelector>,
+    ) -> PacketCaptureConfigSpec {
+        PacketCaptureConfigSpec {
+            pod_selector: Some(PodSelector {
+                match_labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                namespace_selector: namespaces,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn labels_select_running_pods_of_the_selected_namespaces_and_nodes() {
+        let gone = {
+            let mut p = labelled("default", "web-old", "n2", "10.1.2.9", &[("app", "web")]);
+            p.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+            p
+        };
+        let host = {
+            let mut p = labelled(
+                "default",
+                "web-host",
+                "n2",
+                "192.168.0.2",
+                &[("app", "web")],
+            );
+            p.spec.as_mut().unwrap().host_network = Some(true);
+            p
+        };
+        let caches = caches(vec![
+            labelled("default", "web-1", "n1", "10.1.1.5", &[("app", "web")]),
+            labelled("shop", "web-2", "n2", "10.1.2.7", &[("app", "web")]),
+            labelled("shop", "db", "n2", "10.1.2.8", &[("app", "db")]),
+            gone,
+            host,
+        ]);
+        let agents = ["n1", "n2"].iter().map(|s| s.to_string()).collect();
+        let web = by_labels(&[("app", "web")], None);
+        let resolved = resolve(&web, &caches, &agents);
+        assert_eq!(
+            nodes_of(&resolved),
+            [("n1", vec!["10.1.1.5"]), ("n2", vec!["10.1.2.7"])]
+        );
+        let selected = |name: &str, ip: &str| SelectedPod {
+            name: name.into(),
+            ips: vec![ip.into()],
+        };
+        assert_eq!(
+            resolved.pods,
+            BTreeMap::from([
+                (
+                    "n1".to_string(),
+                    vec![selected("default/web-1", "10.1.1.5")]
+                ),
+                ("n2".to_string(), vec![selected("shop/web-2", "10.1.2.7")]),
+            ])
+        );
+        let team = LabelSelector {
+            match_labels: [("team".to_string(), "shop".to_string())].into(),
+            ..Default::default()
+        };
+        let in_shop = resolve(&by_labels(&[("app", "web")], Some(team)), &caches, &agents);
+        assert_eq!(nodes_of(&in_shop), [("n2", vec!["10.1.2.7"])]);
+        let by_name = LabelSelector {
+            match_labels: [(
+                "kubernetes.io/metadata.name".to_string(),
+                "default".to_string(),
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let in_default = resolve(&by_labels(&[], Some(by_name)), &caches, &agents);
+        assert_eq!(nodes_of(&in_default), [("n1", vec!["10.1.1.5"])]);
+
+        let zone_a = PacketCaptureConfigSpec {
+            node_selector: Some(LabelSelector {
+                match_labels: [("zone".to_string(), "a".to_string())].into(),
+                ..Default::default()
+            }),
+            ..web.clone()
+        };
+        assert_eq!(
+            nodes_of(&resolve(&zone_a, &caches, &agents)),
+            [("n1", vec!["10.1.1.5"])]
+        );
+        let cidr_in_zone_a = PacketCaptureConfigSpec {
+            target_ips: vec!["10.9.0.0/16".into()],
+            pod_selector: None,
+            ..zone_a
+        };
+        assert_eq!(
+            nodes_of(&resolve(&cidr_in_zone_a, &caches, &agents)),
+            [("n1", vec!["10.9.0.0/16"])]
+        );
+    }
+
+    #[test]
+    fn an_address_two_pods_report_is_left_out() {
+        // web-1 was deleted and its address given to web-3 before the
+        // cache saw the deletion: neither pod is known to hold it.
+        let caches = caches(vec![
+            labelled("default", "web-1", "n1", "10.1.1.5", &[("app", "web")]),
+            labelled("default", "other", "n1", "10.1.1.5", &[("app", "other")]),
+            labelled("default", "web-2", "n1", "10.1.1.6", &[("app", "web")]),
+        ]);
+        let agents = ["n1"].iter().map(|s| s.to_string()).collect();
+        let resolved = resolve(&by_labels(&[("app", "web")], None), &caches, &agents);
+        assert_eq!(nodes_of(&resolved), [("n1", vec!["10.1.1.6"])]);
+    }
+
+    #[test]
+    fn a_named_pod_on_a_node_left_out_is_a_problem() {
+        let (caches, agents) = fixture();
+        let spec = PacketCaptureConfigSpec {
+            node_selector: Some(LabelSelector {
+                match_labels: [("zone".to_string(), "a".to_string())].into(),
+                ..Default::default()
+            }),
+            ..spec(&[], &[("shop", "db")])
+        };
+        let resolved = resolve(&spec, &caches, &agents);
+        assert_eq!(
+            resolved.problems[0].to_string(),
+            "pod shop/db is on node n2, which spec.nodeSelector leaves out"
+        );
     }
 }

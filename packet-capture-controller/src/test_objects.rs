@@ -54,6 +54,7 @@ pub fn selector(pods: &[(&str, &str)]) -> Option<PodSelector> {
                 pod_name: name.to_string(),
             })
             .collect(),
+        ..Default::default()
     })
 }
 

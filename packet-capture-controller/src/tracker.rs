@@ -77,6 +77,16 @@ impl Tracker {
             .unwrap_or_default()
     }
 
+    /// Whether a node capture of `uid` selects any of `ips` now.
+    pub fn captures_any(&self, uid: &str, ips: &[String]) -> bool {
+        !ips.is_empty()
+            && self.lock().get(uid).is_some_and(|t| {
+                t.nodes
+                    .values()
+                    .any(|n| n.progress.targets.iter().any(|t| ips.contains(t)))
+            })
+    }
+
     /// The nodes of any generation but `generation`.
     pub fn other_generations(&self, uid: &str, generation: i64) -> Vec<NodeProgress> {
         self.lock()

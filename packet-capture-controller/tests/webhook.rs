@@ -255,6 +255,54 @@ async fn bad_filters_missing_namespaces_and_forbidden_ones_are_named() {
 }
 
 #[tokio::test]
+async fn pods_selected_by_labels_need_capture_where_they_may_be() {
+    // In namespaces named by their name label: capture there.
+    let (admission, mut api) = mock();
+    let task = tokio::spawn(async move {
+        admission
+            .review(admission_of(json!({
+                "podSelector": {
+                    "matchLabels": {"app": "web"},
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "shop"}},
+                },
+            })))
+            .await
+    });
+    let sar = access_review(&mut api, true).await;
+    assert_eq!(
+        sar["resourceAttributes"],
+        json!({"namespace": "shop", "verb": "capture", "group": "", "resource": "pods"})
+    );
+    assert_eq!(verdict(&task.await.unwrap()), (true, String::new()));
+
+    // Anywhere (namespaces chosen by labels anyone may set): every namespace.
+    let (admission, mut api) = mock();
+    let task = tokio::spawn(async move {
+        admission
+            .review(admission_of(json!({
+                "podSelector": {
+                    "matchExpressions": [{"key": "app", "operator": "Exists"}],
+                    "namespaceSelector": {"matchLabels": {"team": "shop"}},
+                },
+            })))
+            .await
+    });
+    let sar = access_review(&mut api, false).await;
+    assert_eq!(
+        sar["resourceAttributes"],
+        json!({"verb": "capture", "group": "", "resource": "pods"})
+    );
+    let (allowed, message) = verdict(&task.await.unwrap());
+    assert!(!allowed);
+    assert_eq!(
+        message,
+        "spec.podSelector: it selects pods by labels in any namespace, now or to come (name the \
+         namespaces with namespaceSelector kubernetes.io/metadata.name In [...]), so capturing it \
+         needs \"capture\" on pods in every namespace, which user \"alice\" does not have"
+    );
+}
+
+#[tokio::test]
 async fn an_update_that_keeps_the_spec_is_not_authorized_again() {
     let (admission, _api) = mock();
     let spec = json!({"targetIPs": ["0.0.0.0/0"]});

@@ -78,11 +78,11 @@ async fn packet_capture_config_gets_defaults_and_the_server_rejects_bad_specs() 
     let rejected = [
         (
             json!({}),
-            "at least one of targetIPs or podSelector.pods must be given",
+            "at least one of targetIPs, podSelector.pods or a podSelector label or namespace selector must be given",
         ),
         (
             json!({"podSelector": {"pods": []}}),
-            "at least one of targetIPs or podSelector.pods must be given",
+            "at least one of targetIPs, podSelector.pods or a podSelector label or namespace selector must be given",
         ),
         (
             json!({"targetIPs": ["10.0.0.1"], "targetPorts": [0]}),
@@ -140,6 +140,22 @@ async fn packet_capture_config_gets_defaults_and_the_server_rejects_bad_specs() 
             json!({"podSelector": {"pods": [{"podName": "web", "namespace": "a.b"}]}}),
             "spec.podSelector.pods[0].namespace",
         ),
+        (
+            json!({"podSelector": {"matchLabels": {}}}),
+            "at least one of targetIPs, podSelector.pods or a podSelector label or namespace selector must be given",
+        ),
+        (
+            json!({"podSelector": {"matchExpressions": [{"key": "app", "operator": "In"}]}}),
+            "In and NotIn need values; Exists and DoesNotExist take none",
+        ),
+        (
+            json!({"podSelector": {"matchExpressions": [{"key": "app", "operator": "Equals", "values": ["a"]}]}}),
+            "Unsupported value: \"Equals\"",
+        ),
+        (
+            json!({"targetIPs": ["10.0.0.1"], "nodeSelector": {"matchExpressions": [{"key": "zone", "operator": "Exists", "values": ["a"]}]}}),
+            "In and NotIn need values; Exists and DoesNotExist take none",
+        ),
     ];
     for (i, (spec, expected)) in rejected.iter().enumerate() {
         let obj = pcc(&format!("bad-{i}"), spec.clone());
@@ -166,6 +182,16 @@ async fn packet_capture_config_gets_defaults_and_the_server_rejects_bad_specs() 
         json!({"targetIPs": ["192.168.1.10"], "targetPorts": [1, 80, 65535], "duration": 1, "maxPackets": 1}),
         json!({"podSelector": {"pods": [{"podName": "web-0.x", "namespace": "default"}]}, "outputFormat": "pcapng"}),
         json!({"targetIPs": ["10.1.2.3"], "outputFormat": "stdout", "filter": "tcp port 80", "snaplen": 96}),
+        json!({
+            "podSelector": {
+                "matchLabels": {"app": "web"},
+                "matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["db"]}],
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "shop"}},
+            },
+            "nodeSelector": {"matchExpressions": [{"key": "kubernetes.io/os", "operator": "Exists"}]},
+            "direction": "ingress",
+        }),
+        json!({"podSelector": {"namespaceSelector": {}}}),
     ];
     for (i, spec) in accepted.iter().enumerate() {
         let obj = pcc(&format!("good-{i}"), spec.clone());

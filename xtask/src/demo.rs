@@ -421,10 +421,17 @@ async fn show_a_file(demo: &Demo) -> anyhow::Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    println!("$ tshark -n -r {name}");
+    // Wireshark's columns, with where each packet was seen and which way.
+    let columns = r#"gui.column.format:"No.","%m","Time","%t","Interface","%Cus:frame.interface_name","Direction","%Cus:frame.packet_flags_direction","Source","%s","Destination","%d","Protocol","%p","Info","%i""#;
+    println!("$ tshark -n -r {name} -o '{columns}'");
     let path = file.clone();
     let summary = tokio::task::spawn_blocking(move || {
-        output(Command::new("tshark").args(["-n", "-r"]).arg(&path))
+        output(
+            Command::new("tshark")
+                .args(["-n", "-r"])
+                .arg(&path)
+                .args(["-o", columns]),
+        )
     })
     .await??;
     let lines: Vec<&str> = summary.lines().collect();

@@ -5,13 +5,14 @@ use std::path::PathBuf;
 use crate::util::root;
 
 /// The examples, by resource name; each is `examples/<name>.yaml`.
-pub const EXAMPLES: [&str; 6] = [
+pub const EXAMPLES: [&str; 7] = [
     "ip-capture",
     "pod-capture",
     "combined-capture",
     "realtime-capture",
     "custom-filter-capture",
     "high-volume-capture",
+    "label-capture",
 ];
 
 pub fn path(name: &str) -> PathBuf {

@@ -53,6 +53,10 @@ fn examples_show_what_their_names_say() {
     let high = load("high-volume-capture");
     assert_eq!(high.target_ips, ["10.0.0.0/24"]);
     assert_eq!(high.duration, 1800);
+    let labels = load("label-capture");
+    let selector = labels.pod_selector.unwrap();
+    assert!(selector.by_labels() && selector.pods.is_empty());
+    assert!(labels.node_selector.is_some() && labels.target_ips.is_empty());
 }
 
 #[test]

@@ -13,7 +13,7 @@ use packet_capture_common::validate::{FieldError, ValidationErrors, Validator};
 use packet_capture_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
-use crate::capture::{CaptureSpec, CaptureStatus, StartRequest};
+use crate::capture::{CaptureSpec, CaptureStatus, StartRequest, TargetPod};
 use crate::files::FileEntry;
 
 /// Longest capture id or name (they end up in file names).
@@ -48,7 +48,85 @@ pub struct Unchecked {
     pub direction: TargetDirection,
     #[serde(default)]
     pub keep_copies: bool,
+    #[serde(default)]
+    pub only_targets: bool,
+    #[serde(default)]
+    pub pods: Vec<UncheckedPod>,
 }
+
+/// A target pod as a caller sent it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UncheckedPod {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub ips: Vec<String>,
+}
+
+impl From<pb::TargetPod> for UncheckedPod {
+    fn from(p: pb::TargetPod) -> Self {
+        Self {
+            namespace: p.namespace,
+            name: p.name,
+            ips: p.ips,
+        }
+    }
+}
+
+impl From<&TargetPod> for pb::TargetPod {
+    fn from(p: &TargetPod) -> Self {
+        let (namespace, name) = p.name.split_once('/').unwrap_or(("", &p.name));
+        Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            ips: p.ips.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+/// Checks target pods: names of at most 253 characters, addresses that
+/// parse.
+fn target_pods(v: &mut Validator, pods: &[UncheckedPod]) -> Vec<TargetPod> {
+    if pods.len() > MAX_TARGET_PODS {
+        v.error(
+            "pods",
+            format!(
+                "{} entries, at most {MAX_TARGET_PODS} are allowed",
+                pods.len()
+            ),
+        );
+    }
+    let mut out = Vec::new();
+    for (i, p) in pods.iter().enumerate() {
+        for (field, value) in [("namespace", &p.namespace), ("name", &p.name)] {
+            if value.is_empty() || value.len() > 253 {
+                v.error(
+                    format_args!("pods[{i}].{field}"),
+                    "must have 1 to 253 characters",
+                );
+            }
+        }
+        let mut ips = Vec::new();
+        for (j, ip) in p.ips.iter().enumerate() {
+            match ip.parse() {
+                Ok(ip) => ips.push(ip),
+                Err(_) => v.error(
+                    format_args!("pods[{i}].ips[{j}]"),
+                    format!("{ip:?} is not an IP address"),
+                ),
+            }
+        }
+        out.push(TargetPod {
+            name: format!("{}/{}", p.namespace, p.name),
+            ips,
+        });
+    }
+    out
+}
+
+/// Most target pods one request may name.
+const MAX_TARGET_PODS: usize = 4096;
 
 fn default_duration() -> i64 {
     DEFAULT_DURATION.into()
@@ -109,12 +187,13 @@ impl Unchecked {
             _ => self.id.clone(),
         };
         let targets = v.target_ips(&self.target_ips);
+        let pods = target_pods(&mut v, &self.pods);
         v.target_ports(&self.target_ports);
         let duration = count(&mut v, "duration", self.duration);
         let max_packets = count(&mut v, "maxPackets", self.max_packets);
         v.filter(&self.filter);
         v.snaplen(self.snaplen);
-        if self.direction != TargetDirection::Both && targets.is_empty() {
+        if self.direction != TargetDirection::Both && targets.is_empty() && !self.only_targets {
             v.error(
                 "direction",
                 format!(
@@ -129,6 +208,8 @@ impl Unchecked {
             name,
             spec: CaptureSpec {
                 targets,
+                only_targets: self.only_targets,
+                pods,
                 ports: self
                     .target_ports
                     .iter()
@@ -181,7 +262,30 @@ impl TryFrom<pb::StartCaptureRequest> for Unchecked {
             snaplen: (spec.snaplen != 0).then_some(spec.snaplen.into()),
             direction,
             keep_copies: spec.keep_copies,
+            only_targets: spec.only_targets,
+            pods: spec.pods.into_iter().map(Into::into).collect(),
         })
+    }
+}
+
+/// The body of `PUT /api/v1/captures/{id}/targets`, or the targets of a
+/// `SetTargetsRequest`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UncheckedTargets {
+    #[serde(rename = "targetIPs")]
+    pub target_ips: Vec<String>,
+    #[serde(default)]
+    pub pods: Vec<UncheckedPod>,
+}
+
+impl UncheckedTargets {
+    pub fn validate(&self) -> Result<(Vec<IpNet>, Vec<TargetPod>), ValidationErrors> {
+        let mut v = Validator::new("");
+        let targets = v.target_ips(&self.target_ips);
+        let pods = target_pods(&mut v, &self.pods);
+        v.finish()?;
+        Ok((targets, pods))
     }
 }
 
@@ -220,6 +324,8 @@ pub struct SpecJson {
     pub snaplen: u32,
     pub direction: TargetDirection,
     pub keep_copies: bool,
+    pub only_targets: bool,
+    pub pods: Vec<UncheckedPod>,
 }
 
 /// A capture as the REST API returns it.
@@ -252,6 +358,12 @@ impl From<&CaptureSpec> for SpecJson {
             snaplen: s.snaplen,
             direction: s.direction,
             keep_copies: s.keep_copies,
+            only_targets: s.only_targets,
+            pods: s
+                .pods
+                .iter()
+                .map(|p| UncheckedPod::from(pb::TargetPod::from(p)))
+                .collect(),
         }
     }
 }
@@ -306,6 +418,8 @@ impl From<&CaptureSpec> for pb::CaptureSpec {
             snaplen: s.snaplen,
             direction: pb::Direction::from(s.direction).into(),
             keep_copies: s.keep_copies,
+            only_targets: s.only_targets,
+            pods: s.pods.iter().map(Into::into).collect(),
         }
     }
 }
@@ -389,7 +503,7 @@ mod tests {
     #[test]
     fn grpc_and_rest_meet_in_the_same_request() {
         let rest = body(
-            r#"{"id":"c1","targetIPs":["10.0.0.1"],"targetPorts":[53],"duration":5,"maxPackets":10,"outputFormat":"pcapng","filter":"udp","direction":"egress","keepCopies":true}"#,
+            r#"{"id":"c1","targetIPs":["10.0.0.1"],"targetPorts":[53],"duration":5,"maxPackets":10,"outputFormat":"pcapng","filter":"udp","direction":"egress","keepCopies":true,"onlyTargets":true,"pods":[{"namespace":"shop","name":"web-0","ips":["10.0.0.1"]}]}"#,
         );
         let grpc = Unchecked::try_from(pb::StartCaptureRequest {
             id: "c1".into(),
@@ -404,6 +518,12 @@ mod tests {
                 snaplen: 0,
                 direction: pb::Direction::Egress.into(),
                 keep_copies: true,
+                only_targets: true,
+                pods: vec![pb::TargetPod {
+                    namespace: "shop".into(),
+                    name: "web-0".into(),
+                    ips: vec!["10.0.0.1".into()],
+                }],
             }),
         })
         .unwrap();

@@ -22,6 +22,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     NotFound(String),
+    /// The capture is not in a state that allows it (it has ended).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// No bearer token, or one the cluster does not accept.
     #[error("{0}")]
     Unauthenticated(String),
@@ -46,6 +49,7 @@ impl ApiError {
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::FailedPrecondition(_) => StatusCode::CONFLICT,
             Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -60,6 +64,7 @@ impl ApiError {
             Self::TooLarge(_) => tonic::Code::ResourceExhausted,
             Self::Conflict(_) => tonic::Code::AlreadyExists,
             Self::NotFound(_) => tonic::Code::NotFound,
+            Self::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             Self::Unauthenticated(_) => tonic::Code::Unauthenticated,
             Self::Forbidden(_) => tonic::Code::PermissionDenied,
             Self::RateLimited { .. } => tonic::Code::ResourceExhausted,

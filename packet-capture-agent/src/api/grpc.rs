@@ -7,7 +7,7 @@ use packet_capture_proto::v1 as pb;
 use pb::agent_server::{Agent, AgentServer};
 use tonic::{Request, Response, Status};
 
-use super::convert::Unchecked;
+use super::convert::{Unchecked, UncheckedTargets};
 use super::{Api, ApiError, Caller, MAX_BODY_BYTES};
 
 pub fn server(api: Api) -> AgentServer<AgentService> {
@@ -59,6 +59,20 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::Capture>, Status> {
         let caller = caller_of(&req)?;
         let status = self.api.stop(&caller, &req.into_inner().id).await?;
+        Ok(Response::new(status.into()))
+    }
+
+    async fn set_targets(
+        &self,
+        req: Request<pb::SetTargetsRequest>,
+    ) -> Result<Response<pb::Capture>, Status> {
+        let caller = caller_of(&req)?;
+        let req = req.into_inner();
+        let targets = UncheckedTargets {
+            target_ips: req.target_ips,
+            pods: req.pods.into_iter().map(Into::into).collect(),
+        };
+        let status = self.api.set_targets(&caller, &req.id, targets).await?;
         Ok(Response::new(status.into()))
     }
 

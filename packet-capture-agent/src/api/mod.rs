@@ -28,11 +28,11 @@ use futures::Stream;
 use http::header;
 use tokio::io::AsyncReadExt as _;
 
-use crate::capture::{CaptureStatus, Engine};
+use crate::capture::{CaptureStatus, Engine, SetTargetsError};
 use crate::files::{self, FileEntry};
 use auth::{Access, Permission};
 pub use auth::{Authorizer, Caller};
-use convert::Unchecked;
+use convert::{Unchecked, UncheckedTargets};
 pub use error::ApiError;
 use metrics::Metrics;
 
@@ -108,6 +108,32 @@ impl Api {
         let existed = self.engine.get(&req.id).is_some();
         let status = self.engine.start_capture_async(req).await?;
         Ok((status, !existed))
+    }
+
+    /// Replaces a running capture's targets. Needs what [`Api::start`]
+    /// needs.
+    pub async fn set_targets(
+        &self,
+        caller: &Caller,
+        id: &str,
+        targets: UncheckedTargets,
+    ) -> Result<CaptureStatus, ApiError> {
+        let (targets, pods) = targets.validate()?;
+        let capture = self.capture(caller, "update", id).await?;
+        self.permit(caller, &Permission::capture_traffic()).await?;
+        // A libpcap capture takes the targets at its thread's next round.
+        let engine = self.engine.clone();
+        let id_owned = capture.id.clone();
+        tokio::task::spawn_blocking(move || engine.set_targets(&id_owned, targets, pods))
+            .await
+            .map_err(|e| ApiError::Internal(format!("setting the targets: {e}")))?
+            .map_err(|e| match e {
+                SetTargetsError::NotFound => ApiError::capture_not_found(id),
+                SetTargetsError::Ended => ApiError::FailedPrecondition(format!(
+                    "id: capture {id:?} has ended; its targets cannot change"
+                )),
+                SetTargetsError::Backend(m) => ApiError::Unavailable(m),
+            })
     }
 
     pub async fn stop(&self, caller: &Caller, id: &str) -> Result<CaptureStatus, ApiError> {

@@ -6,12 +6,12 @@ use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 use axum::{Extension, Json, Router};
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 
-use super::convert::{CaptureJson, FileJson, Unchecked};
+use super::convert::{CaptureJson, FileJson, Unchecked, UncheckedTargets};
 use super::{Api, ApiError, Caller, MAX_BODY_BYTES};
 
 pub fn routes() -> Router<Api> {
@@ -23,6 +23,7 @@ pub fn routes() -> Router<Api> {
             "/api/v1/captures/{id}",
             get(get_capture).delete(stop_capture),
         )
+        .route("/api/v1/captures/{id}/targets", put(set_targets))
         .route("/api/v1/files", get(list_files))
         .route("/api/v1/files/{name}", get(download_file))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -103,12 +104,7 @@ async fn start_capture(
     caller: Option<Extension<Caller>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body.map_err(|r| match r.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::TooLarge(format!("body: larger than {MAX_BODY_BYTES} bytes"))
-        }
-        _ => ApiError::Invalid(format!("body: {}", r.body_text())),
-    })?;
+    let body = body_bytes(body)?;
     let (status, created) = api.start(&caller_of(caller)?, parse_start(&body)?).await?;
     let code = if created {
         StatusCode::CREATED
@@ -116,6 +112,16 @@ async fn start_capture(
         StatusCode::OK
     };
     Ok((code, Json(CaptureJson::from(status))).into_response())
+}
+
+/// A request body, or an error naming the body.
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|r| match r.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::TooLarge(format!("body: larger than {MAX_BODY_BYTES} bytes"))
+        }
+        _ => ApiError::Invalid(format!("body: {}", r.body_text())),
+    })
 }
 
 #[derive(Serialize)]
@@ -153,6 +159,21 @@ async fn get_capture(
 ) -> Result<Json<CaptureJson>, ApiError> {
     Ok(Json(
         api.get(&caller_of(caller)?, &param("id", id)?)
+            .await?
+            .into(),
+    ))
+}
+
+async fn set_targets(
+    State(api): State<Api>,
+    caller: Option<Extension<Caller>>,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<CaptureJson>, ApiError> {
+    let targets: UncheckedTargets = serde_json::from_slice(&body_bytes(body)?)
+        .map_err(|e| ApiError::Invalid(format!("body: {e}")))?;
+    Ok(Json(
+        api.set_targets(&caller_of(caller)?, &param("id", id)?, targets)
             .await?
             .into(),
     ))

@@ -19,8 +19,10 @@ use crate::netlink::Link;
 /// kernel must hand over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Selection {
-    /// Empty: any address.
+    /// Empty: any address, unless `only_targets`.
     pub targets: Vec<IpNet>,
+    /// Only `targets`: none selects nothing.
+    pub only_targets: bool,
     /// Empty: any port.
     pub ports: Vec<u16>,
     /// Whether a target must be the destination, the source, or either.
@@ -28,6 +30,13 @@ pub struct Selection {
     /// Bytes of each packet to copy: the snaplen, or more when the capture
     /// has a filter that may look further.
     pub copy_len: u32,
+}
+
+impl Selection {
+    /// Whether the capture selects every address.
+    pub fn any_address(&self) -> bool {
+        self.targets.is_empty() && !self.only_targets
+    }
 }
 
 /// A sink that ended, reported by a backend.
@@ -86,6 +95,10 @@ pub trait Backend: Send + Sync {
 pub trait Running: Send + Sync {
     /// Packets the kernel lost for this capture since it started.
     fn lost(&self) -> u64;
+
+    /// Makes the capture select `selection` from now on, without a gap for
+    /// what both the old and the new selection select.
+    fn retarget(&self, selection: &Selection) -> Result<(), BackendError>;
 
     /// Asks the capture to end: what the kernel selected before is written,
     /// then the sink is finished and reported as [`Ended`].

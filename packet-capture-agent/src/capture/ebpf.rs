@@ -199,15 +199,9 @@ impl Backend for EbpfBackend {
         if done.recv().is_err() {
             return Err(BackendError::ReaderStopped);
         }
-        let targets = SlotTargets {
-            nets: selection.targets.clone(),
-            ports: selection.ports.clone(),
-            direction: selection.direction,
-            copy_len: selection.copy_len,
-        };
         let mut kernel = self.shared.kernel();
         handle.baseline = kernel.slot_lost(slot).unwrap_or(0);
-        if let Err(e) = kernel.set_slot(slot, targets) {
+        if let Err(e) = kernel.set_slot(slot, slot_targets(selection)) {
             drop(kernel);
             self.shared.commands.send(Command::Discard { slot });
             return Err(BackendError::Maps(e));
@@ -245,6 +239,16 @@ impl Backend for EbpfBackend {
     }
 }
 
+fn slot_targets(selection: &Selection) -> SlotTargets {
+    SlotTargets {
+        nets: selection.targets.clone(),
+        only_nets: selection.only_targets,
+        ports: selection.ports.clone(),
+        direction: selection.direction,
+        copy_len: selection.copy_len,
+    }
+}
+
 /// A capture's hold on its slot.
 ///
 /// The slot goes back to the free list in one place only: when this handle
@@ -265,6 +269,15 @@ impl Running for SlotCapture {
             .slot_lost(self.slot)
             .unwrap_or(self.baseline)
             .saturating_sub(self.baseline)
+    }
+
+    /// The maps change in place: an address in both the old and the new
+    /// targets keeps its entry, so none of its packets is missed.
+    fn retarget(&self, selection: &Selection) -> Result<(), BackendError> {
+        self.shared
+            .kernel()
+            .set_slot(self.slot, slot_targets(selection))
+            .map_err(BackendError::Maps)
     }
 
     /// The kernel stops selecting first, then the reader finishes the sink

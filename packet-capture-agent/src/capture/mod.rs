@@ -15,6 +15,7 @@ mod copies;
 mod ebpf;
 pub mod links;
 mod pcap;
+mod pods;
 mod poll;
 pub mod sink;
 
@@ -38,9 +39,11 @@ use crate::writer::{Encoder, Origin};
 use backend::{Backend, BackendError, Ended, Running, Selection};
 use copies::Copies;
 use links::LinksError;
+use pods::PodInterfaces;
 use sink::{Counters, Destination, EndReason, Sink};
 
 pub use pcap::OpenError;
+pub use pods::TargetPod;
 
 /// Bytes the kernel copies at least when a capture has a filter, so that
 /// filters looking past a small snaplen still see what they test.
@@ -55,8 +58,13 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// What to capture, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaptureSpec {
-    /// Empty: any address.
+    /// Empty: any address, unless `only_targets`.
     pub targets: Vec<IpNet>,
+    /// Only `targets`, even when there are none (then nothing): the
+    /// targets of a pod selector, which [`Engine::set_targets`] follows.
+    pub only_targets: bool,
+    /// The pods among the targets, to name their interfaces.
+    pub pods: Vec<TargetPod>,
     /// Empty: any port.
     pub ports: Vec<u16>,
     pub duration: Duration,
@@ -108,6 +116,16 @@ pub enum StartError {
     /// The node cannot run it now (all slots used, disk, backend).
     #[error("{0}")]
     Unavailable(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetTargetsError {
+    #[error("no such capture")]
+    NotFound,
+    #[error("the capture has ended")]
+    Ended,
+    #[error("{0}")]
+    Backend(String),
 }
 
 /// Why the engine could not start.
@@ -171,7 +189,10 @@ struct Life {
 struct Capture {
     id: String,
     name: String,
-    spec: CaptureSpec,
+    /// As started, with the targets of the last [`Engine::set_targets`].
+    spec: Mutex<CaptureSpec>,
+    /// The target pods, for the file's interface descriptions.
+    pods: Arc<PodInterfaces>,
     start_time: SystemTime,
     /// Where the file will be once complete; None for stdout.
     output_file: Option<PathBuf>,
@@ -218,6 +239,22 @@ fn describe_capture(name: &str, node: &str, spec: &CaptureSpec) -> String {
 
 fn has_filter(req: &StartRequest) -> bool {
     !req.spec.filter.trim().is_empty()
+}
+
+/// What the kernel selects for `spec`, and how much of each packet it
+/// copies: the snaplen, or more when the filter may look further.
+fn selection(spec: &CaptureSpec) -> Selection {
+    Selection {
+        targets: spec.targets.clone(),
+        only_targets: spec.only_targets,
+        ports: spec.ports.clone(),
+        direction: spec.direction,
+        copy_len: if spec.filter.trim().is_empty() {
+            spec.snaplen
+        } else {
+            spec.snaplen.max(FILTER_LOOKAHEAD)
+        },
+    }
 }
 
 fn filter_error(e: crate::filter::FilterError) -> StartError {
@@ -347,7 +384,7 @@ impl Engine {
         let reserved = {
             let captures = lock(&self.inner.captures);
             if let Some(existing) = captures.get(&req.id) {
-                if existing.name == req.name && existing.spec == req.spec {
+                if existing.name == req.name && *lock(&existing.spec) == req.spec {
                     // Not under the lock every request takes: a snapshot
                     // asks the backend for the capture's losses.
                     let existing = existing.clone();
@@ -406,16 +443,8 @@ impl Engine {
             Destination::File(o) => Some(o.final_path().to_path_buf()),
             Destination::Stdout(_) => None,
         };
-        let selection = Selection {
-            targets: spec.targets.clone(),
-            ports: spec.ports.clone(),
-            direction: spec.direction,
-            copy_len: if filter.is_some() {
-                spec.snaplen.max(FILTER_LOOKAHEAD)
-            } else {
-                spec.snaplen
-            },
-        };
+        let selection = selection(spec);
+        let pods = Arc::new(PodInterfaces::new(spec.pods.clone()));
         let sink = Sink::new(
             req.id.clone(),
             self.inner.bytes_written.clone(),
@@ -426,6 +455,7 @@ impl Engine {
             Encoder::new(spec.format, spec.snaplen).with_origin(Origin {
                 node: self.inner.config.node_name.clone(),
                 comment: describe_capture(&req.name, &self.inner.config.node_name, spec),
+                owners: Some(pods.clone()),
             }),
             destination,
             counters.clone(),
@@ -438,7 +468,8 @@ impl Engine {
         let capture = Arc::new(Capture {
             id: req.id.clone(),
             name: req.name.clone(),
-            spec: req.spec.clone(),
+            spec: Mutex::new(req.spec.clone()),
+            pods,
             start_time,
             output_file,
             counters,
@@ -476,6 +507,44 @@ impl Engine {
             filter = spec.filter,
             "capture started"
         );
+        Ok(status)
+    }
+
+    /// Makes a running capture select `targets` (and only them) from now
+    /// on, in place: its file, counters and other targets go on. `pods`
+    /// are the target pods among them.
+    pub fn set_targets(
+        &self,
+        id: &str,
+        targets: Vec<IpNet>,
+        pods: Vec<TargetPod>,
+    ) -> Result<CaptureStatus, SetTargetsError> {
+        let capture = self.capture(id).ok_or(SetTargetsError::NotFound)?;
+        {
+            // Under the handle's lock, as `end` is: a capture that ended is
+            // not made to select again.
+            let running = lock(&capture.running);
+            let running = match running.as_ref() {
+                Some(r) if !lock(&capture.life).state.is_final() => r,
+                _ => return Err(SetTargetsError::Ended),
+            };
+            let mut spec = lock(&capture.spec).clone();
+            spec.targets = targets;
+            spec.only_targets = true;
+            spec.pods = pods;
+            running
+                .retarget(&selection(&spec))
+                .map_err(|e| SetTargetsError::Backend(e.to_string()))?;
+            tracing::info!(
+                capture = id,
+                targets = spec.targets.len(),
+                "capture targets set"
+            );
+            capture.pods.set(spec.pods.clone());
+            *lock(&capture.spec) = spec;
+        }
+        let status = self.snapshot(&capture);
+        capture.status.send_replace(status.clone());
         Ok(status)
     }
 
@@ -561,7 +630,7 @@ impl Engine {
         CaptureStatus {
             id: c.id.clone(),
             name: c.name.clone(),
-            spec: c.spec.clone(),
+            spec: lock(&c.spec).clone(),
             state: life.state,
             packets: c.counters.packets.load(Ordering::Relaxed),
             dropped,

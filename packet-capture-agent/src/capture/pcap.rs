@@ -27,6 +27,9 @@ enum Command {
     Link(Link),
     LinkGone(u32),
     Names(HashMap<u32, String>),
+    /// New targets; the thread says on the channel when the sockets have
+    /// them.
+    Retarget(SocketFilter, std::sync::mpsc::SyncSender<()>),
     Stop(EndReason),
 }
 
@@ -35,6 +38,41 @@ struct SocketFilter {
     /// The tcpdump expression of the targets and ports.
     expression: String,
     snaplen: u32,
+}
+
+/// An expression no packet matches (none is shorter than 0 bytes).
+const NOTHING: &str = "less 0";
+
+impl SocketFilter {
+    fn new(selection: &Selection, own_api: Option<std::net::SocketAddr>) -> Self {
+        let mut expression = if !selection.any_address() && selection.targets.is_empty() {
+            NOTHING.to_owned()
+        } else {
+            selection_expression(
+                &selection.targets,
+                &selection.ports,
+                selection.direction,
+                "",
+            )
+        };
+        if let Some(api) = own_api {
+            expression = without_own_api(&expression, api);
+        }
+        Self {
+            expression,
+            snaplen: selection.copy_len,
+        }
+    }
+
+    /// The expression for a socket: Ethernet frames may carry VLAN tags,
+    /// link-less packets cannot.
+    fn for_link(&self, raw_ip: bool) -> String {
+        if raw_ip {
+            self.expression.clone()
+        } else {
+            through_vlans(&self.expression)
+        }
+    }
 }
 
 /// An interface a capture could not open.
@@ -118,14 +156,8 @@ fn open(link: &Link, direction: Direction, filter: &SocketFilter) -> Result<Hand
             });
         }
     };
-    // Ethernet frames may carry VLAN tags; link-less packets cannot.
-    let expression = if raw_ip {
-        filter.expression.clone()
-    } else {
-        through_vlans(&filter.expression)
-    };
     let mut cap = cap;
-    cap.filter(&expression, true).map_err(fail)?;
+    cap.filter(&filter.for_link(raw_ip), true).map_err(fail)?;
     Ok(Handle {
         ifindex: link.index,
         name: link.name.clone(),
@@ -190,19 +222,7 @@ impl Backend for PcapBackend {
         selection: &Selection,
         sink: Sink,
     ) -> Result<Box<dyn Running>, BackendError> {
-        let mut expression = selection_expression(
-            &selection.targets,
-            &selection.ports,
-            selection.direction,
-            "",
-        );
-        if let Some(api) = self.own_api {
-            expression = without_own_api(&expression, api);
-        }
-        let filter = SocketFilter {
-            expression,
-            snaplen: selection.copy_len,
-        };
+        let filter = SocketFilter::new(selection, self.own_api);
         let (commands, rx) = std::sync::mpsc::channel();
         // Listed before the interfaces are read: an interface that comes
         // later reaches the thread as a command, one that came earlier is
@@ -243,6 +263,7 @@ impl Backend for PcapBackend {
         let thread = spawn_essential(format!("pcap-{id}"), move || worker.run())
             .map_err(BackendError::Thread)?;
         Ok(Box::new(ThreadCapture {
+            own_api: self.own_api,
             commands,
             thread: Some(thread),
             kernel_drops,
@@ -256,6 +277,7 @@ impl Backend for PcapBackend {
 /// A capture's thread. Dropping the handle stops the capture if it still
 /// runs and waits for the thread to exit.
 struct ThreadCapture {
+    own_api: Option<std::net::SocketAddr>,
     commands: Sender<Command>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Packets the kernel dropped on the capture's sockets.
@@ -265,6 +287,17 @@ struct ThreadCapture {
 impl Running for ThreadCapture {
     fn lost(&self) -> u64 {
         self.kernel_drops.load(Ordering::Relaxed)
+    }
+
+    /// Returns once the capture's thread has given every socket the new
+    /// filter (at its next round, within [`POLL_INTERVAL`]).
+    fn retarget(&self, selection: &Selection) -> Result<(), BackendError> {
+        let filter = SocketFilter::new(selection, self.own_api);
+        let (done, applied) = std::sync::mpsc::sync_channel(1);
+        self.commands
+            .send(Command::Retarget(filter, done))
+            .map_err(|_| BackendError::ReaderStopped)?;
+        applied.recv().map_err(|_| BackendError::ReaderStopped)
     }
 
     fn end(&self, reason: EndReason) {
@@ -330,6 +363,13 @@ impl Worker {
                 Ok(Command::Link(link)) => self.add_link(&link),
                 Ok(Command::LinkGone(index)) => self.drop_link(index),
                 Ok(Command::Names(names)) => self.names = names,
+                Ok(Command::Retarget(filter, done)) => {
+                    let ended = self.retarget(filter);
+                    let _ = done.send(());
+                    if let Some(reason) = ended {
+                        return Some(Some(reason));
+                    }
+                }
                 Ok(Command::Stop(reason)) => return Some(Some(self.read_rest().unwrap_or(reason))),
                 Err(TryRecvError::Empty) => return Some(None),
                 Err(TryRecvError::Disconnected) => return None,
@@ -416,6 +456,22 @@ impl Worker {
             }
         }
         sink.flush().err()
+    }
+
+    /// Reads what the sockets hold first (libpcap drops what is queued on
+    /// a socket when its filter changes), then gives each the new filter;
+    /// interfaces opened later get it too.
+    fn retarget(&mut self, filter: SocketFilter) -> Option<EndReason> {
+        if let Some(reason) = self.read_all() {
+            return Some(reason);
+        }
+        for h in &mut self.handles {
+            if let Err(e) = h.cap.filter(&filter.for_link(h.raw_ip), true) {
+                tracing::warn!(capture = self.id, iface = h.name, error = %e, "setting the new targets");
+            }
+        }
+        self.filter = filter;
+        None
     }
 
     fn add_link(&mut self, link: &Link) {

@@ -79,6 +79,14 @@ pub struct Origin {
     pub node: String,
     /// What the capture is (its name, its filter, the agent's version).
     pub comment: String,
+    /// Who an interface belongs to (a target pod), if anyone.
+    pub owners: Option<std::sync::Arc<dyn InterfaceOwners>>,
+}
+
+/// Says whose an interface is, for its description: `pod <ns>/<name>` for
+/// the host end of a target pod's veth. Asked once per interface and file.
+pub trait InterfaceOwners: Send + Sync + std::fmt::Debug {
+    fn owner(&self, ifindex: u32) -> Option<String>;
 }
 
 /// Encodes packets in one output format.
@@ -187,7 +195,7 @@ impl Encoder {
                         meta.ifindex,
                         names,
                         self.snaplen,
-                        &self.origin.node,
+                        &self.origin,
                     ),
                 };
                 enhanced_packet(out, id, meta, data);
@@ -216,8 +224,8 @@ impl Pcapng {
     }
 
     /// Writes the interface block of an interface seen for the first time
-    /// (interfaces may appear mid-capture), described as being on `node`,
-    /// and returns its id.
+    /// (interfaces may appear mid-capture), described as being on the
+    /// origin's node and, when it is one, a target pod's; returns its id.
     #[cold]
     fn add_interface(
         &mut self,
@@ -225,17 +233,22 @@ impl Pcapng {
         ifindex: u32,
         names: &impl InterfaceNames,
         snaplen: u32,
-        node: &str,
+        origin: &Origin,
     ) -> u32 {
         let mut options = vec![
             InterfaceDescriptionOption::IfName(Cow::Borrowed(names.name(ifindex))),
             // What enhanced_packet writes in.
             InterfaceDescriptionOption::IfTsResol(InterfaceTsResolution::NANO),
         ];
-        if !node.is_empty() {
-            options.push(InterfaceDescriptionOption::IfDescription(Cow::Owned(
-                format!("node {node}"),
-            )));
+        let owner = origin.owners.as_ref().and_then(|o| o.owner(ifindex));
+        let description = match (origin.node.as_str(), owner) {
+            ("", None) => None,
+            ("", Some(owner)) => Some(owner),
+            (node, None) => Some(format!("node {node}")),
+            (node, Some(owner)) => Some(format!("{owner} on node {node}")),
+        };
+        if let Some(d) = description {
+            options.push(InterfaceDescriptionOption::IfDescription(Cow::Owned(d)));
         }
         let block = InterfaceDescriptionBlock {
             linktype: DataLink::ETHERNET,

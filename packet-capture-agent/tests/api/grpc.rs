@@ -113,6 +113,38 @@ async fn grpc_capture_watch_and_download() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].id, "watch-1");
 
+    // New targets, in place; bad ones name the entry and change nothing.
+    let targets = |id: &str, ips: &[&str]| pb::SetTargetsRequest {
+        id: id.into(),
+        target_ips: ips.iter().map(|s| s.to_string()).collect(),
+        pods: vec![pb::TargetPod {
+            namespace: "lab".into(),
+            name: "right".into(),
+            ips: ips.iter().map(|s| s.to_string()).collect(),
+        }],
+    };
+    let err = c
+        .set_targets(targets("watch-1", &[RIGHT_IP, "10.0.0.0/8x"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("targetIPs[1]: "), "{err:?}");
+    let retargeted = c
+        .set_targets(targets("watch-1", &[RIGHT_IP]))
+        .await
+        .unwrap()
+        .into_inner();
+    let spec = retargeted.spec.unwrap();
+    assert!(
+        spec.only_targets && spec.target_ips == [RIGHT_IP],
+        "{spec:?}"
+    );
+    assert_eq!(spec.pods[0].name, "right", "{spec:?}");
+    assert_eq!(
+        retargeted.start_time, started.start_time,
+        "the same capture"
+    );
+
     // Watch: the state now, progress, the final state, then the end.
     let mut updates = c
         .watch_capture(pb::WatchCaptureRequest {
@@ -157,7 +189,10 @@ async fn grpc_capture_watch_and_download() {
         pb::CaptureState::Completed,
         "an ended capture stays as it is"
     );
+    let err = c.set_targets(targets("watch-1", &[])).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     for err in [
+        c.set_targets(targets("nope", &[])).await.unwrap_err(),
         c.get_capture(pb::GetCaptureRequest { id: "nope".into() })
             .await
             .unwrap_err(),

@@ -152,6 +152,8 @@ async fn the_openapi_document_describes_the_agent() {
     let start = r#"{"id":"doc-1","duration":1,"outputFormat":"text"}"#;
     let captures = "/api/v1/captures";
     let capture = "/api/v1/captures/{id}";
+    let targets = "/api/v1/captures/{id}/targets";
+    let retarget = r#"{"targetIPs":["10.0.0.1"]}"#;
     let files = "/api/v1/files";
     let file = "/api/v1/files/{name}";
 
@@ -181,7 +183,36 @@ async fn the_openapi_document_describes_the_agent() {
         case("get", capture, "/api/v1/captures/doc-1", None, 401),
         case("get", capture, "/api/v1/captures/doc-1", n, 403),
         case("get", capture, "/api/v1/captures/nope", w, 404),
+        // A capture that outlasts the test, for new targets.
+        with_body(
+            case("post", captures, captures, w, 201),
+            r#"{"id":"doc-5","duration":600,"targetIPs":["10.0.0.2"]}"#,
+        ),
+        with_body(
+            case("put", targets, "/api/v1/captures/doc-5/targets", w, 200),
+            retarget,
+        ),
+        with_body(
+            case("put", targets, "/api/v1/captures/doc-5/targets", w, 400),
+            r#"{"targetIPs":["10.0.0.1/33"]}"#,
+        ),
+        with_body(
+            case("put", targets, "/api/v1/captures/doc-5/targets", None, 401),
+            retarget,
+        ),
+        with_body(
+            case("put", targets, "/api/v1/captures/doc-5/targets", n, 403),
+            retarget,
+        ),
+        with_body(
+            case("put", targets, "/api/v1/captures/nope/targets", w, 404),
+            retarget,
+        ),
         case("delete", capture, "/api/v1/captures/doc-1", w, 200),
+        with_body(
+            case("put", targets, "/api/v1/captures/doc-1/targets", w, 409),
+            retarget,
+        ),
         case("delete", capture, "/api/v1/captures/doc-1", None, 401),
         case("delete", capture, "/api/v1/captures/doc-1", n, 403),
         case("delete", capture, "/api/v1/captures/nope", w, 404),

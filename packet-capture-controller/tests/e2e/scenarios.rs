@@ -27,7 +27,7 @@ use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostPa
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, ResourceExt};
 use packet_capture_common::crd::{
-    CaptureState, OutputFormat, PacketCaptureConfig, PacketCaptureConfigSpec,
+    CaptureState, LabelSelector, OutputFormat, PacketCaptureConfig, PacketCaptureConfigSpec,
     PacketCaptureConfigStatus, Phase, PodRef, PodSelector, REQUESTED_BY, STDOUT_OUTPUT_FILE,
 };
 use packet_capture_controller::{issuer, pki};
@@ -55,6 +55,7 @@ fn pods_spec(pods: &[&SimPod]) -> Option<PodSelector> {
                 namespace: p.namespace().to_string(),
             })
             .collect(),
+        ..Default::default()
     })
 }
 
@@ -259,6 +260,7 @@ async fn a_missing_pod_fails_naming_it() {
                     pod_name: "ghost".into(),
                     namespace: w.namespace.name().into(),
                 }],
+                ..Default::default()
             }),
             ..lasting(4)
         })
@@ -463,15 +465,187 @@ async fn editing_the_spec_mid_capture_restarts_it() {
     assert_eq!(status.observed_generation, Some(2));
     let node0 = w.captures_of(0, &uid).await;
     assert_eq!(node0.len(), 2, "{node0:?}");
-    let old = node0.iter().find(|c| c.id.contains("-g1-")).unwrap();
-    let new = node0.iter().find(|c| c.id.contains("-g2-")).unwrap();
+    let old = node0.iter().find(|c| c.id.ends_with("-g1")).unwrap();
+    let new = node0.iter().find(|c| c.id.ends_with("-g2")).unwrap();
     assert_eq!(old.capture_state(), Ok(CaptureState::Stopped), "{old:?}");
     assert_eq!(new.capture_state(), Ok(CaptureState::Completed), "{new:?}");
     assert_eq!(new.spec.as_ref().unwrap().max_packets, PACKETS);
     let node1 = w.captures_of(1, &uid).await;
     assert_eq!(node1.len(), 1, "{node1:?}");
-    assert!(node1[0].id.contains("-g2-"), "{node1:?}");
+    assert!(node1[0].id.ends_with("-g2"), "{node1:?}");
     w.assert_all_completed_with_pings(&status).await;
+}
+
+/// How soon a running capture must follow a pod that starts or stops
+/// matching its selector.
+const FOLLOW_WITHIN: Duration = Duration::from_secs(2);
+
+/// Waits until node `node`'s entry lists exactly `pods` while it runs, and
+/// fails unless that took at most [`FOLLOW_WITHIN`] from `since`.
+async fn until_following(
+    w: &World,
+    name: &str,
+    node: usize,
+    pods: Vec<String>,
+    since: std::time::Instant,
+) {
+    let ip = w.nodes[node].ip().to_string();
+    let want = pods.clone();
+    w.until(
+        name,
+        &format!("node {node} capturing pods {pods:?}"),
+        move |p| {
+            p.status.as_ref().is_some_and(|s| {
+                s.capture_files
+                    .get(&ip)
+                    .is_some_and(|e| e.status == CaptureState::Running && e.pods == want)
+            })
+        },
+    )
+    .await;
+    let took = since.elapsed();
+    assert!(
+        took <= FOLLOW_WITHIN,
+        "node {node} followed pods {pods:?} after {took:?}, more than {FOLLOW_WITHIN:?}"
+    );
+}
+
+/// Pings from `from` to `to`, all answered.
+async fn ping_between(from: &SimPod, to: &SimPod, count: u32) {
+    let mut cmd = tokio::process::Command::from(from.command("ping"));
+    let out = cmd
+        .args(["-n", "-c", &count.to_string(), "-i", "0.2", "-W", "2"])
+        .arg(to.ip().to_string())
+        .output()
+        .await
+        .expect("running ping");
+    assert!(
+        out.status.success(),
+        "ping {} -> {}: {out:?}",
+        from.name(),
+        to.name()
+    );
+}
+
+/// A capture selecting pods by labels follows them while it runs: a pod
+/// that starts matching is captured on its node (a node that had no
+/// capture starts one), one deleted stops being captured, and its address,
+/// handed to a pod that does not match, is not captured. Every change
+/// reaches the agents in place within [`FOLLOW_WITHIN`]. The pcapng files
+/// name each pod's interface.
+#[tokio::test]
+async fn a_label_selector_follows_pods_as_they_come_and_go() {
+    let Some(w) = World::start(
+        "a_label_selector_follows_pods_as_they_come_and_go",
+        TWO_NODES,
+    )
+    .await
+    else {
+        return;
+    };
+    let ns = w.namespace.name().to_string();
+    let web = [("tier", "web")];
+    let web_a = w.nodes[0]
+        .add_labelled_pod(&ns, "web-a", &web)
+        .await
+        .expect("pod web-a");
+    let spec = PacketCaptureConfigSpec {
+        pod_selector: Some(PodSelector {
+            match_labels: [("tier".to_string(), "web".to_string())].into(),
+            namespace_selector: Some(LabelSelector {
+                match_labels: [("kubernetes.io/metadata.name".to_string(), ns.clone())].into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        output_format: OutputFormat::Pcapng,
+        ..lasting(600)
+    };
+    let (pcc, name) = w.start_capture(spec, 1).await;
+    let uid = World::uid(&pcc);
+    until_following(
+        &w,
+        &name,
+        0,
+        vec![format!("{ns}/web-a")],
+        std::time::Instant::now(),
+    )
+    .await;
+    ping_between(&w.pods[1], &web_a, 3).await;
+
+    // Scaled up: a pod on the other node.
+    let since = std::time::Instant::now();
+    let web_b = w.nodes[1]
+        .add_labelled_pod(&ns, "web-b", &web)
+        .await
+        .expect("pod web-b");
+    until_following(&w, &name, 1, vec![format!("{ns}/web-b")], since).await;
+    ping_between(&w.pods[0], &web_b, 3).await;
+
+    // Scaled down, and the address handed to a pod that does not match.
+    let reused = web_a.ip();
+    let since = std::time::Instant::now();
+    drop(web_a);
+    until_following(&w, &name, 0, Vec::new(), since).await;
+    let other = w.nodes[0]
+        .add_labelled_pod(&ns, "other", &[("tier", "db")])
+        .await
+        .expect("pod other");
+    assert_eq!(
+        other.ip(),
+        reused,
+        "the simulated CNI hands the address out again"
+    );
+    ping_between(&w.pods[1], &other, 4).await;
+
+    w.api()
+        .delete(&name, &DeleteParams::default())
+        .await
+        .expect("deleting the capture");
+    let gone = await_condition(w.api(), &name, conditions::is_deleted(&uid));
+    tokio::time::timeout(Duration::from_secs(60), gone)
+        .await
+        .expect("the finalizer was not removed within 60 s")
+        .expect("watching the deletion");
+    let requests_to = |packets: &[world::Packet], ip: String| {
+        packets
+            .iter()
+            .filter(|p| p.dst == ip && p.icmp_type == "8")
+            .count()
+    };
+    for (node, pod, ip, pings) in [(0, "web-a", reused, 3), (1, "web-b", web_b.ip(), 3)] {
+        let captures = w.captures_of(node, &uid).await;
+        assert_eq!(
+            captures.len(),
+            1,
+            "one capture, retargeted in place: {captures:?}"
+        );
+        let file = &captures[0].output_file;
+        let packets = w.packets_in(node, file).await;
+        assert_eq!(
+            requests_to(&packets, ip.to_string()),
+            pings,
+            "node {node}: {pod}'s pings, and none of a pod that got its address later: {packets:?}"
+        );
+        let described = tshark_fields(&w.download(node, file).await, "frame.interface_description");
+        let want = format!("pod {ns}/{pod} on node {}", w.nodes[node].name());
+        assert!(described.contains(&want), "node {node}: {described:?}");
+    }
+}
+
+/// The distinct values of one tshark field in a file.
+fn tshark_fields(path: &std::path::Path, field: &str) -> std::collections::BTreeSet<String> {
+    let out = std::process::Command::new("tshark")
+        .args(["-n", "-r"])
+        .arg(path)
+        .args(["-T", "fields", "-e", field])
+        .output()
+        .expect("running tshark");
+    assert!(out.status.success(), "tshark: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Runs `kubectl delete <args> --ignore-not-found` on drop.

@@ -626,8 +626,8 @@ impl World {
     }
 
     /// Downloads the file a capture wrote on `node` (or its compressed
-    /// copy) through DownloadFile, and decodes its packets with tshark.
-    pub async fn packets_in(&self, node: usize, output_file: &str) -> Vec<Packet> {
+    /// copy) through DownloadFile; where it is now.
+    pub async fn download(&self, node: usize, output_file: &str) -> PathBuf {
         let name = Path::new(output_file)
             .file_name()
             .and_then(|n| n.to_str())
@@ -661,6 +661,13 @@ impl World {
             .join(&self.id)
             .join(format!("node{node}-{file}"));
         std::fs::write(&path, &bytes).expect("writing the download");
+        path
+    }
+
+    /// [`download`](Self::download)s a capture's file and decodes its
+    /// packets with tshark.
+    pub async fn packets_in(&self, node: usize, output_file: &str) -> Vec<Packet> {
+        let path = self.download(node, output_file).await;
         let out = Command::new("tshark")
             .args(["-n", "-r"])
             .arg(&path)
@@ -670,7 +677,8 @@ impl World {
             .expect("running tshark");
         assert!(
             out.status.success(),
-            "tshark cannot read {file} of node {node}: {}",
+            "tshark cannot read {} of node {node}: {}",
+            path.display(),
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout)

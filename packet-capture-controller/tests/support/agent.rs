@@ -11,7 +11,7 @@ use packet_capture_proto::v1::agent_server::{Agent, AgentServer};
 use packet_capture_proto::v1::{
     Capture, CaptureState, DownloadFileRequest, FileChunk, GetCaptureRequest, HealthRequest,
     HealthResponse, ListCapturesRequest, ListCapturesResponse, ListFilesRequest, ListFilesResponse,
-    StartCaptureRequest, StopCaptureRequest, WatchCaptureRequest,
+    SetTargetsRequest, StartCaptureRequest, StopCaptureRequest, WatchCaptureRequest,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -242,6 +242,30 @@ impl Agent for FakeAgent {
             .get(&id)
             .ok_or_else(|| Status::not_found(format!("no capture {id}")))?;
         stop(tx, "stopped by request");
+        Ok(Response::new(tx.borrow().clone()))
+    }
+
+    async fn set_targets(
+        &self,
+        req: Request<SetTargetsRequest>,
+    ) -> Result<Response<Capture>, Status> {
+        let req = req.into_inner();
+        self.check_up(format!("SetTargets {} {:?}", req.id, req.target_ips))?;
+        let state = self.lock();
+        let (_, tx) = state
+            .captures
+            .get(&req.id)
+            .ok_or_else(|| Status::not_found(format!("no capture {}", req.id)))?;
+        if ended(&tx.borrow()) {
+            return Err(Status::failed_precondition("the capture has ended"));
+        }
+        tx.send_modify(|c| {
+            if let Some(spec) = c.spec.as_mut() {
+                spec.target_ips = req.target_ips.clone();
+                spec.pods = req.pods.clone();
+                spec.only_targets = true;
+            }
+        });
         Ok(Response::new(tx.borrow().clone()))
     }
 

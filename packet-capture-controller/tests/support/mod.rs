@@ -23,6 +23,7 @@ use packet_capture_controller::config::parse_selector;
 use packet_capture_controller::consts::FINALIZER;
 use packet_capture_controller::controller::{Context, ContextSettings};
 use packet_capture_controller::metrics::Metrics;
+use packet_capture_controller::targets::Caches;
 
 pub use agent::FakeAgent;
 pub use apiserver::ApiServer;
@@ -136,7 +137,12 @@ impl Fixture {
             identity: "test".into(),
             timing: fast_timing(),
         };
-        let (ctx, triggers) = Context::new(client, pods, nodes, settings, Arc::new(Metrics::new()));
+        let caches = Caches {
+            pods,
+            nodes,
+            namespaces: store_of(Vec::new()),
+        };
+        let (ctx, triggers) = Context::new(client, caches, settings, Arc::new(Metrics::new()));
         Self {
             ctx,
             api: ApiServer::new(handle),

@@ -182,13 +182,31 @@ impl SimNode {
     }
 
     /// A pod on this node in `namespace`: a network namespace linked to the
-    /// node, and a Pod object Running and Ready with its IPs.
+    /// node, and a Pod object Running and Ready with its IPs, labelled
+    /// `app=<name>`.
     pub async fn add_pod(&self, namespace: &str, name: &str) -> Result<SimPod> {
+        self.add_labelled_pod(namespace, name, &[("app", name)])
+            .await
+    }
+
+    /// [`add_pod`](Self::add_pod) with these labels. Its addresses are the
+    /// first free ones of the node: those of the last pod removed, if any
+    /// (as a CNI hands them out again).
+    pub async fn add_labelled_pod(
+        &self,
+        namespace: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<SimPod> {
         self.cluster.default_service_account(namespace).await?;
         let pod = SimPod::create(self, namespace, name)?;
         let pods: Api<Pod> = Api::namespaced(self.cluster.client()?, namespace);
+        let labels: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
         let object: Pod = serde_json::from_value(json!({
-            "metadata": {"name": name, "namespace": namespace, "labels": {"app": name}},
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
             "spec": {
                 "nodeName": self.name,
                 "containers": [{"name": "main", "image": PAUSE_IMAGE}],
