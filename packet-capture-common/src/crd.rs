@@ -173,14 +173,9 @@ pub struct PodSelector {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub pods: Vec<PodRef>,
-    /// Pods whose labels have these values.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(length(max = 64))]
-    pub match_labels: BTreeMap<String, String>,
-    /// Pods whose labels meet every requirement.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
-    pub match_expressions: Vec<LabelRequirement>,
+    /// The pods' own labels (`matchLabels`, `matchExpressions`).
+    #[serde(flatten)]
+    pub labels: LabelSelector,
     /// Pods in the namespaces whose labels match. The label
     /// `kubernetes.io/metadata.name` selects namespaces by name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -190,17 +185,9 @@ pub struct PodSelector {
 impl PodSelector {
     /// Whether pods are also selected by labels (not only by name).
     pub fn by_labels(&self) -> bool {
-        !self.match_labels.is_empty()
-            || !self.match_expressions.is_empty()
+        !self.labels.match_labels.is_empty()
+            || !self.labels.match_expressions.is_empty()
             || self.namespace_selector.is_some()
-    }
-
-    /// The label part of the selector, for the pods' own labels.
-    pub fn labels(&self) -> LabelSelector {
-        LabelSelector {
-            match_labels: self.match_labels.clone(),
-            match_expressions: self.match_expressions.clone(),
-        }
     }
 }
 
@@ -474,9 +461,18 @@ pub struct PacketCaptureConfigStatus {
     /// Packets matched but not written on all nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dropped: Option<u64>,
-    /// One entry per node, keyed by the node's IP.
+    /// One entry per node, keyed by the node's IP. On more than 100 nodes,
+    /// only the nodes that need attention (failed, or not ended past the
+    /// duration); the results ConfigMaps list every node.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub capture_files: BTreeMap<String, NodeCapture>,
+    /// How many nodes are in each state (starting, running, completed,
+    /// failed, stopped).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_states: BTreeMap<String, u32>,
+    /// Nodes that captureFiles leaves out (more than 100 nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture_files_omitted: Option<u32>,
 }
 
 /// A node's part of a capture: its state, file and counters.

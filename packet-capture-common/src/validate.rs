@@ -10,8 +10,8 @@ use ipnet::IpNet;
 
 use crate::abi::MAX_SNAPLEN;
 use crate::crd::{
-    LabelOperator, LabelRequirement, LabelSelector, MAX_FILTER_LEN, MAX_PODS, MAX_TARGET_IPS,
-    MAX_TARGET_PORTS, PacketCaptureConfigSpec,
+    LabelOperator, LabelSelector, MAX_FILTER_LEN, MAX_PODS, MAX_TARGET_IPS, MAX_TARGET_PORTS,
+    PacketCaptureConfigSpec,
 };
 
 /// One problem with one field, e.g. `spec.targetPorts[2]: 0 is not a port`.
@@ -300,14 +300,10 @@ fn label_key_problem(key: &str) -> Option<String> {
 }
 
 impl Validator {
-    /// Checks `matchLabels` and `matchExpressions` under `field`.
-    pub fn labels(
-        &mut self,
-        field: &str,
-        labels: &std::collections::BTreeMap<String, String>,
-        expressions: &[LabelRequirement],
-    ) {
-        for (key, value) in labels {
+    /// Checks a label selector's `matchLabels` and `matchExpressions`
+    /// under `field`.
+    pub fn selector(&mut self, field: &str, selector: &LabelSelector) {
+        for (key, value) in &selector.match_labels {
             if let Some(p) = label_key_problem(key) {
                 self.error(format_args!("{field}.matchLabels"), p);
             }
@@ -315,7 +311,7 @@ impl Validator {
                 self.error(format_args!("{field}.matchLabels[{key}]"), p);
             }
         }
-        for (i, r) in expressions.iter().enumerate() {
+        for (i, r) in selector.match_expressions.iter().enumerate() {
             let at = format!("{field}.matchExpressions[{i}]");
             if let Some(p) = label_key_problem(&r.key) {
                 self.error(format_args!("{at}.key"), p);
@@ -340,10 +336,6 @@ impl Validator {
             }
         }
     }
-
-    fn selector(&mut self, field: &str, selector: &LabelSelector) {
-        self.labels(field, &selector.match_labels, &selector.match_expressions);
-    }
 }
 
 impl PacketCaptureConfigSpec {
@@ -359,7 +351,7 @@ impl PacketCaptureConfigSpec {
             );
         }
         if let Some(s) = &self.pod_selector {
-            v.labels("podSelector", &s.match_labels, &s.match_expressions);
+            v.selector("podSelector", &s.labels);
             if let Some(ns) = &s.namespace_selector {
                 v.selector("podSelector.namespaceSelector", ns);
             }
@@ -395,7 +387,7 @@ impl PacketCaptureConfigSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{OutputFormat, PacketCaptureConfig, PodRef, PodSelector};
+    use crate::crd::{LabelRequirement, OutputFormat, PacketCaptureConfig, PodRef, PodSelector};
 
     #[test]
     fn limits_name_the_field_and_the_key() {
@@ -528,8 +520,10 @@ mod tests {
         };
         let mut spec = PacketCaptureConfigSpec {
             pod_selector: Some(PodSelector {
-                match_labels: [("app.kubernetes.io/name".into(), "web".into())].into(),
-                match_expressions: vec![requirement("tier", LabelOperator::In, &["a", "b"])],
+                labels: LabelSelector {
+                    match_labels: [("app.kubernetes.io/name".into(), "web".into())].into(),
+                    match_expressions: vec![requirement("tier", LabelOperator::In, &["a", "b"])],
+                },
                 ..Default::default()
             }),
             ..Default::default()
@@ -544,7 +538,7 @@ mod tests {
         };
         assert!(only_namespaces.validate().is_ok());
 
-        let selector = spec.pod_selector.as_mut().unwrap();
+        let selector = &mut spec.pod_selector.as_mut().unwrap().labels;
         selector.match_labels.insert("bad key!".into(), "-x".into());
         selector.match_expressions = vec![
             requirement("tier", LabelOperator::In, &[]),

@@ -525,7 +525,10 @@ mod tests {
     fn labels(namespaces: Option<LabelSelector>) -> PacketCaptureConfigSpec {
         PacketCaptureConfigSpec {
             pod_selector: Some(PodSelector {
-                match_labels: [("app".to_string(), "web".to_string())].into(),
+                labels: LabelSelector {
+                    match_labels: [("app".to_string(), "web".to_string())].into(),
+                    ..Default::default()
+                },
                 namespace_selector: namespaces,
                 ..Default::default()
             }),

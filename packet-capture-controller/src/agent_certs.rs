@@ -331,9 +331,14 @@ fn status_patch(status: &CertificateSigningRequestStatus) -> serde_json::Value {
     })
 }
 
+/// Requests decided at once: every agent of a large cluster asks when it
+/// starts (a DaemonSet rollout), and each decision is a few API calls.
+const DECIDING_AT_ONCE: usize = 16;
+
 /// Keeps the CA current (trusted in `trust`, published for clients) and
-/// decides every request for [`AGENT_SIGNER`] as it comes. Runs on the
-/// leader; errors are logged and retried.
+/// decides every request for [`AGENT_SIGNER`] as it comes, up to
+/// [`DECIDING_AT_ONCE`] at a time. Runs on the leader; errors are logged
+/// and retried.
 pub async fn run(client: Client, settings: Settings, trust: Arc<TrustedCas>) -> Infallible {
     let requests: Api<CertificateSigningRequest> = Api::all(client.clone());
     let config = watcher::Config::default().fields(&format!("spec.signerName={AGENT_SIGNER}"));
@@ -342,7 +347,8 @@ pub async fn run(client: Client, settings: Settings, trust: Arc<TrustedCas>) -> 
             .default_backoff()
             .applied_objects()
     );
-    let mut current: Option<(Authority, SystemTime)> = None;
+    let mut current: Option<(Arc<Authority>, SystemTime)> = None;
+    let mut deciding = futures::stream::FuturesUnordered::new();
     loop {
         let fresh = current
             .as_ref()
@@ -364,7 +370,7 @@ pub async fn run(client: Client, settings: Settings, trust: Arc<TrustedCas>) -> 
                         );
                     }
                     trust.set(bundle);
-                    current = Some((a, SystemTime::now()));
+                    current = Some((Arc::new(a), SystemTime::now()));
                 }
                 Err(e) => {
                     tracing::warn!("the agents' CA: {e}");
@@ -376,19 +382,26 @@ pub async fn run(client: Client, settings: Settings, trust: Arc<TrustedCas>) -> 
         let Some((authority, _)) = &current else {
             continue;
         };
-        let next = tokio::time::timeout(CA_RECHECK, stream.next()).await;
-        match next {
-            Ok(Some(Ok(csr))) if pending(&csr) => {
-                if let Err(e) = decide(&client, &settings, authority, &csr).await {
-                    tracing::warn!(
-                        request = csr.name_any(),
-                        "deciding a certificate request: {e}"
-                    );
+        tokio::select! {
+            next = stream.next(), if deciding.len() < DECIDING_AT_ONCE => match next {
+                Some(Ok(csr)) if pending(&csr) => {
+                    let (client, settings, authority) =
+                        (client.clone(), settings.clone(), authority.clone());
+                    deciding.push(async move {
+                        if let Err(e) = decide(&client, &settings, &authority, &csr).await {
+                            tracing::warn!(
+                                request = csr.name_any(),
+                                "deciding a certificate request: {e}"
+                            );
+                        }
+                    });
                 }
-            }
-            Ok(Some(Err(e))) => tracing::warn!("watching certificate requests: {e}"),
-            Ok(None) => tokio::time::sleep(Duration::from_secs(1)).await,
-            _ => {}
+                Some(Err(e)) => tracing::warn!("watching certificate requests: {e}"),
+                None => tokio::time::sleep(Duration::from_secs(1)).await,
+                _ => {}
+            },
+            Some(()) = deciding.next() => {}
+            () = tokio::time::sleep(CA_RECHECK) => {}
         }
     }
 }

@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::events::Events;
 use crate::metrics::Metrics;
 use crate::plan::{self, Clear, Inputs, Next, Resource};
-use crate::report::Report;
+use crate::report::{Report, StatusWrites};
 use crate::status;
 use crate::targets::{self, Caches};
 use crate::tracker::Tracker;
@@ -43,6 +43,7 @@ pub struct Context {
     pub agents: Arc<AgentPool>,
     pub tracker: Arc<Tracker>,
     pub metrics: Arc<Metrics>,
+    pub status_writes: StatusWrites,
     /// Where the results ConfigMaps go.
     pub namespace: String,
     pub timing: Timing,
@@ -84,6 +85,7 @@ impl Context {
             agents,
             tracker: Tracker::new(trigger),
             metrics,
+            status_writes: StatusWrites::default(),
             namespace: settings.namespace,
             timing: settings.timing,
         };
@@ -106,6 +108,7 @@ impl Context {
             client: &self.client,
             events: &self.events,
             metrics: &self.metrics,
+            writes: &self.status_writes,
             namespace: &self.namespace,
         }
     }
@@ -204,11 +207,11 @@ async fn apply(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
             }
             act.record(&run.record);
             act.start(&run.starts).await;
-            let phase = report.progress(&ctx.tracker.nodes(uid, generation)).await?;
+            let (phase, deferred) = report.progress(&ctx.tracker.nodes(uid, generation)).await?;
             Ok(if phase.is_final() {
                 Action::await_change()
             } else {
-                Action::requeue(run.requeue)
+                Action::requeue(deferred.map_or(run.requeue, |d| d.min(run.requeue)))
             })
         }
     }

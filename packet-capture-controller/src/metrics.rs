@@ -49,6 +49,7 @@ fn call_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     reconciles: Counter,
+    status_writes: Counter,
     failures: Family<ReasonLabel, Counter>,
     captures: Family<PhaseLabel, Gauge>,
     agent_calls: HistogramFamily,
@@ -66,6 +67,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("packet_capture_controller");
         let reconciles = Counter::default();
+        let status_writes = Counter::default();
         let failures = Family::<ReasonLabel, Counter>::default();
         let captures = Family::<PhaseLabel, Gauge>::default();
         let agent_calls = HistogramFamily::new_with_constructor(call_histogram);
@@ -74,6 +76,11 @@ impl Metrics {
             "reconciles",
             "Reconciliations of PacketCaptureConfigs",
             reconciles.clone(),
+        );
+        registry.register(
+            "status_writes",
+            "Status writes of PacketCaptureConfigs",
+            status_writes.clone(),
         );
         registry.register(
             "reconcile_failures",
@@ -100,6 +107,7 @@ impl Metrics {
         let metrics = Self {
             registry,
             reconciles,
+            status_writes,
             failures,
             captures,
             agent_calls,
@@ -113,6 +121,10 @@ impl Metrics {
 
     pub fn reconciled(&self) {
         self.reconciles.inc();
+    }
+
+    pub fn status_written(&self) {
+        self.status_writes.inc();
     }
 
     pub fn reconcile_failed(&self, err: &Error) {

@@ -1,8 +1,10 @@
 //! Tells what came of a reconcile: the status (server-side apply, only when
-//! it changed), the Events, the results ConfigMap of an ended generation,
-//! and the phase metric.
+//! it changed, and counter updates at most once a second), the Events, the
+//! results ConfigMaps of an ended generation, and the phase metric.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -19,7 +21,38 @@ use crate::metrics::Metrics;
 use crate::node::NodeProgress;
 use crate::plan::Resource;
 use crate::results;
-use crate::status::{self, Outcome};
+use crate::status::{self, MAX_STATUS_NODES, Outcome};
+
+/// How often a running capture's status may be written for its counters
+/// alone (a transition is written at once): with an agent reporting each
+/// node about once a second, a capture on many nodes would otherwise be
+/// written many times a second.
+pub const COUNTER_WRITES_EVERY: Duration = Duration::from_secs(1);
+
+/// When each capture's status was last written, by uid.
+#[derive(Debug, Default)]
+pub struct StatusWrites(Mutex<HashMap<String, Instant>>);
+
+impl StatusWrites {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How long until a counter update of `uid` may be written; `None`:
+    /// now.
+    fn wait(&self, uid: &str) -> Option<Duration> {
+        let last = *self.lock().get(uid)?;
+        COUNTER_WRITES_EVERY.checked_sub(last.elapsed())
+    }
+
+    fn written(&self, uid: &str) {
+        self.lock().insert(uid.to_owned(), Instant::now());
+    }
+
+    pub fn forget(&self, uid: &str) {
+        self.lock().remove(uid);
+    }
+}
 
 /// The reports of one reconcile of one resource.
 pub struct Report<'a> {
@@ -27,6 +60,7 @@ pub struct Report<'a> {
     pub client: &'a Client,
     pub events: &'a Events,
     pub metrics: &'a Metrics,
+    pub writes: &'a StatusWrites,
     /// Where the results ConfigMaps go.
     pub namespace: &'a str,
 }
@@ -41,7 +75,7 @@ impl Report<'_> {
             self.resource.previous(),
             self.resource.generation,
             nodes,
-            self.resource.spec().output_format,
+            self.resource.spec(),
             outcome,
             Timestamp::now(),
         )
@@ -64,6 +98,8 @@ impl Report<'_> {
             &Patch::Apply(body),
         )
         .await?;
+        self.metrics.status_written();
+        self.writes.written(self.resource.uid);
         Ok(())
     }
 
@@ -96,14 +132,26 @@ impl Report<'_> {
     }
 
     /// The nodes' progress: their Events, and once every node has ended
-    /// the results ConfigMap (before the final status, so a final status
-    /// always has its ConfigMap) and the final Event. Returns the phase.
-    pub async fn progress(&self, nodes: &BTreeMap<String, NodeProgress>) -> Result<Phase> {
+    /// the results ConfigMaps (before the final status, so a final status
+    /// always has its ConfigMaps) and the final Event. Returns the phase,
+    /// and when to look again if news of counters alone waits its turn
+    /// ([`COUNTER_WRITES_EVERY`]).
+    pub async fn progress(
+        &self,
+        nodes: &BTreeMap<String, NodeProgress>,
+    ) -> Result<(Phase, Option<Duration>)> {
         let outcome = status::summarize(nodes);
         let new = self.status(nodes, &outcome);
         self.announce_nodes(nodes).await;
+        if status::only_counters_moved(self.resource.previous(), &new)
+            && let Some(wait) = self.writes.wait(self.resource.uid)
+        {
+            self.metrics.set_phase(self.resource.uid, new.phase);
+            return Ok((outcome.phase, Some(wait)));
+        }
         if outcome.phase.is_final() {
-            results::publish(self.client, self.resource.pcc, &new, self.namespace).await?;
+            let every = status::entries(nodes, self.resource.spec().output_format);
+            results::publish(self.client, self.resource.pcc, &new, &every, self.namespace).await?;
             let (type_, reason) = if outcome.phase == Phase::Completed {
                 (EventType::Normal, "Completed")
             } else {
@@ -113,17 +161,32 @@ impl Report<'_> {
                 .await;
         }
         self.patch(&new).await?;
-        Ok(outcome.phase)
+        Ok((outcome.phase, None))
     }
 
     /// Events for nodes that started or failed, once each: the status tells
-    /// what an earlier controller process announced already.
+    /// what an earlier controller process announced already. Beyond
+    /// [`MAX_STATUS_NODES`] nodes one `Started` tells of them all (thousands
+    /// of Events would tell nobody anything), once the first runs.
     async fn announce_nodes(&self, nodes: &BTreeMap<String, NodeProgress>) {
-        let recorded = self.resource.same_generation().map(|s| &s.capture_files);
+        let same = self.resource.same_generation();
+        let recorded = same.map(|s| &s.capture_files);
+        if nodes.len() > MAX_STATUS_NODES {
+            let running = nodes
+                .values()
+                .filter(|p| p.state == CaptureState::Running)
+                .count();
+            let started_before = same.is_some_and(|s| s.start_time.is_some());
+            if running > 0 && !started_before {
+                let note = format!("capturing on {running} of {} nodes", nodes.len());
+                self.announce(None, EventType::Normal, "Started", note)
+                    .await;
+            }
+        }
         for p in nodes.values() {
             let before = recorded.and_then(|r| r.get(&p.node_ip));
             let failed = p.state == CaptureState::Failed;
-            if before.is_none() && !failed {
+            if nodes.len() <= MAX_STATUS_NODES && before.is_none() && !failed {
                 self.announce(
                     Some(&p.node),
                     EventType::Normal,
@@ -179,6 +242,7 @@ impl Report<'_> {
                 .await;
         }
         self.events.forget(self.resource.uid);
+        self.writes.forget(self.resource.uid);
         self.metrics.set_phase(self.resource.uid, None);
     }
 }

@@ -1,25 +1,42 @@
-//! The ConfigMap that records a capture's results once it has ended:
+//! The ConfigMaps that record a capture's results once it has ended:
 //! `packet-capture-results-<name>` in the controller's namespace, owned by
-//! the `PacketCaptureConfig` (so it goes when the capture goes).
+//! the `PacketCaptureConfig` (so they go when the capture goes), with every
+//! node's entry; beyond [`SHARD_NODES`] nodes the entries go on in
+//! `packet-capture-results-<name>-2`, `-3`, ...
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{ObjectMeta, Patch, PatchParams};
 use kube::{Api, Client, Resource, ResourceExt};
-use packet_capture_common::crd::{PacketCaptureConfig, PacketCaptureConfigStatus};
+use packet_capture_common::crd::{NodeCapture, PacketCaptureConfig, PacketCaptureConfigStatus};
 
 use crate::consts::{CAPTURE_LABEL, FIELD_MANAGER, MANAGED_BY_LABEL, RESULTS_PREFIX};
 use crate::error::{Error, Result};
 
+/// Nodes per results ConfigMap: each node is there twice (its JSON entry
+/// and a line), about 550 bytes, so a ConfigMap stays well under the 1 MiB
+/// the API server accepts.
+pub const SHARD_NODES: usize = 1000;
+
 /// The results ConfigMap's name (at most 253 characters).
 pub fn config_map_name(capture: &str) -> String {
+    shard_name(capture, 1)
+}
+
+/// The name of the `shard`th results ConfigMap (1: the first, unsuffixed).
+fn shard_name(capture: &str, shard: usize) -> String {
+    let suffix = if shard == 1 {
+        String::new()
+    } else {
+        format!("-{shard}")
+    };
     let mut name = format!("{RESULTS_PREFIX}{capture}");
-    name.truncate(253);
+    name.truncate(253 - suffix.len());
     while name.ends_with(['-', '.']) {
         name.pop();
     }
-    name
+    name + &suffix
 }
 
 fn json<T: serde::Serialize>(what: &'static str, v: &T) -> Result<String> {
@@ -30,72 +47,85 @@ fn rfc3339(t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>) -> 
     t.map(|t| t.0.to_string()).unwrap_or_default()
 }
 
-/// The ConfigMap for a capture that ended with `status`.
-pub fn config_map(
+/// The ConfigMaps for a capture that ended with `status`, whose nodes'
+/// entries are `nodes` (all of them: the status may list fewer).
+pub fn config_maps(
     pcc: &PacketCaptureConfig,
     status: &PacketCaptureConfigStatus,
+    nodes: &BTreeMap<String, NodeCapture>,
     namespace: &str,
-) -> Result<ConfigMap> {
+) -> Result<Vec<ConfigMap>> {
     let name = pcc.name_any();
-    let mut data = BTreeMap::new();
-    data.insert("name".into(), name.clone());
-    data.insert("uid".into(), pcc.uid().unwrap_or_default());
-    data.insert(
-        "generation".into(),
-        pcc.metadata.generation.unwrap_or_default().to_string(),
-    );
-    data.insert(
-        "phase".into(),
-        status.phase.map(|p| format!("{p:?}")).unwrap_or_default(),
-    );
-    data.insert("message".into(), status.message.clone().unwrap_or_default());
-    data.insert("startTime".into(), rfc3339(status.start_time.as_ref()));
-    data.insert(
-        "completionTime".into(),
-        rfc3339(status.completion_time.as_ref()),
-    );
-    data.insert("nodes".into(), status.nodes.unwrap_or_default().to_string());
-    data.insert(
-        "packets".into(),
-        status.packets.unwrap_or_default().to_string(),
-    );
-    data.insert(
-        "dropped".into(),
-        status.dropped.unwrap_or_default().to_string(),
-    );
-    data.insert("spec.json".into(), json("spec", &pcc.spec)?);
-    data.insert(
-        "captureFiles.json".into(),
-        json("captureFiles", &status.capture_files)?,
-    );
-    // One line per node, for people and shell scripts.
-    let mut files = String::from("# nodeIP node status packets dropped file_size output_file\n");
-    for (ip, n) in &status.capture_files {
-        files.push_str(&format!(
-            "{ip} {} {} {} {} {} {}\n",
-            n.node, n.status, n.packets, n.dropped, n.file_size, n.output_file
-        ));
-    }
-    data.insert("files".into(), files);
-
     let owner = pcc.controller_owner_ref(&()).ok_or(Error::MissingField {
         kind: "PacketCaptureConfig",
         field: "metadata.uid",
     })?;
-    Ok(ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(config_map_name(&name)),
-            namespace: Some(namespace.into()),
-            labels: Some(BTreeMap::from([
-                (MANAGED_BY_LABEL.to_string(), FIELD_MANAGER.to_string()),
-                (CAPTURE_LABEL.to_string(), label_value(&name)),
-            ])),
-            owner_references: Some(vec![owner]),
+    let entries: Vec<(&String, &NodeCapture)> = nodes.iter().collect();
+    let shards: Vec<&[(&String, &NodeCapture)]> = if entries.is_empty() {
+        vec![&[]]
+    } else {
+        entries.chunks(SHARD_NODES).collect()
+    };
+    let mut out = Vec::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let mut data = BTreeMap::new();
+        if i == 0 {
+            data.insert("name".into(), name.clone());
+            data.insert("uid".into(), pcc.uid().unwrap_or_default());
+            data.insert(
+                "generation".into(),
+                pcc.metadata.generation.unwrap_or_default().to_string(),
+            );
+            data.insert(
+                "phase".into(),
+                status.phase.map(|p| format!("{p:?}")).unwrap_or_default(),
+            );
+            data.insert("message".into(), status.message.clone().unwrap_or_default());
+            data.insert("startTime".into(), rfc3339(status.start_time.as_ref()));
+            data.insert(
+                "completionTime".into(),
+                rfc3339(status.completion_time.as_ref()),
+            );
+            data.insert("nodes".into(), status.nodes.unwrap_or_default().to_string());
+            data.insert(
+                "packets".into(),
+                status.packets.unwrap_or_default().to_string(),
+            );
+            data.insert(
+                "dropped".into(),
+                status.dropped.unwrap_or_default().to_string(),
+            );
+            data.insert("spec.json".into(), json("spec", &pcc.spec)?);
+        }
+        data.insert("shard".into(), format!("{} of {}", i + 1, shards.len()));
+        let part: BTreeMap<&String, &NodeCapture> = shard.iter().copied().collect();
+        data.insert("captureFiles.json".into(), json("captureFiles", &part)?);
+        // One line per node, for people and shell scripts.
+        let mut files =
+            String::from("# nodeIP node status packets dropped file_size output_file\n");
+        for (ip, n) in shard.iter() {
+            files.push_str(&format!(
+                "{ip} {} {} {} {} {} {}\n",
+                n.node, n.status, n.packets, n.dropped, n.file_size, n.output_file
+            ));
+        }
+        data.insert("files".into(), files);
+        out.push(ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(shard_name(&name, i + 1)),
+                namespace: Some(namespace.into()),
+                labels: Some(BTreeMap::from([
+                    (MANAGED_BY_LABEL.to_string(), FIELD_MANAGER.to_string()),
+                    (CAPTURE_LABEL.to_string(), label_value(&name)),
+                ])),
+                owner_references: Some(vec![owner.clone()]),
+                ..Default::default()
+            },
+            data: Some(data),
             ..Default::default()
-        },
-        data: Some(data),
-        ..Default::default()
-    })
+        });
+    }
+    Ok(out)
 }
 
 /// A label value (at most 63 characters, alphanumeric at both ends).
@@ -107,36 +137,38 @@ fn label_value(s: &str) -> String {
     v
 }
 
-/// Writes (server-side apply) the results ConfigMap.
+/// Writes (server-side apply) the results ConfigMaps.
 pub async fn publish(
     client: &Client,
     pcc: &PacketCaptureConfig,
     status: &PacketCaptureConfigStatus,
+    nodes: &BTreeMap<String, NodeCapture>,
     namespace: &str,
 ) -> Result<()> {
-    let mut cm = config_map(pcc, status, namespace)?;
-    cm.meta_mut().managed_fields = None;
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let name = cm.name_any();
-    let body = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": cm.metadata,
-        "data": cm.data,
-    });
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(body),
-    )
-    .await?;
+    for mut cm in config_maps(pcc, status, nodes, namespace)? {
+        cm.meta_mut().managed_fields = None;
+        let name = cm.name_any();
+        let body = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": cm.metadata,
+            "data": cm.data,
+        });
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(body),
+        )
+        .await?;
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use packet_capture_common::crd::{CaptureState, NodeCapture, PacketCaptureConfigSpec, Phase};
+    use packet_capture_common::crd::{CaptureState, PacketCaptureConfigSpec, Phase};
 
     #[test]
     fn names_fit() {
@@ -174,7 +206,9 @@ mod tests {
             )]),
             ..Default::default()
         };
-        let cm = config_map(&pcc, &status, "kube-system").unwrap();
+        let cms = config_maps(&pcc, &status, &status.capture_files, "kube-system").unwrap();
+        assert_eq!(cms.len(), 1);
+        let cm = cms.into_iter().next().unwrap();
         assert_eq!(
             cm.metadata.name.as_deref(),
             Some("packet-capture-results-web")
@@ -195,5 +229,58 @@ mod tests {
             data["files"]
                 .contains("192.168.0.1 n1 completed 7 0 512 /var/lib/packet-captures/web-1.pcap")
         );
+        assert_eq!(data["shard"], "1 of 1");
+    }
+
+    #[test]
+    fn thousands_of_nodes_are_sharded_and_each_part_fits() {
+        let mut pcc = PacketCaptureConfig::new("wide", PacketCaptureConfigSpec::default());
+        pcc.metadata.uid = Some("u-2".into());
+        let nodes: BTreeMap<String, NodeCapture> = (0..2500)
+            .map(|i| {
+                let entry = NodeCapture {
+                    status: CaptureState::Completed,
+                    output_file: format!(
+                        "/var/lib/packet-captures/wide-20261201-120000-{i}.pcap.gz"
+                    ),
+                    file_size: 1 << 30,
+                    node: format!("node-with-a-long-name-{i:05}.eu-west-1.compute.internal"),
+                    packets: 10_000_000,
+                    dropped: 0,
+                    message: Some("duration of 60s elapsed".into()),
+                    pods: vec!["a-namespace/a-pod-name-0123456789".into(); 3],
+                };
+                (
+                    format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256),
+                    entry,
+                )
+            })
+            .collect();
+        let status = PacketCaptureConfigStatus {
+            nodes: Some(2500),
+            ..Default::default()
+        };
+        let cms = config_maps(&pcc, &status, &nodes, "ns").unwrap();
+        let names: Vec<_> = cms
+            .iter()
+            .map(|c| c.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "packet-capture-results-wide",
+                "packet-capture-results-wide-2",
+                "packet-capture-results-wide-3"
+            ]
+        );
+        let mut listed = 0;
+        for cm in &cms {
+            let data = cm.data.as_ref().unwrap();
+            let size: usize = data.iter().map(|(k, v)| k.len() + v.len()).sum();
+            assert!(size < 900 * 1024, "{:?}: {size} bytes", cm.metadata.name);
+            listed += data["files"].lines().count() - 1;
+        }
+        assert_eq!(listed, 2500, "every node, once");
+        assert_eq!(cms[2].data.as_ref().unwrap()["shard"], "3 of 3");
     }
 }

@@ -11,8 +11,11 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use k8s_openapi::jiff::Timestamp;
-use packet_capture_common::crd::{CaptureState, OutputFormat, PacketCaptureConfigStatus, Phase};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use packet_capture_common::crd::{
+    CaptureState, NodeCapture, OutputFormat, PacketCaptureConfigSpec, PacketCaptureConfigStatus,
+    Phase,
+};
 
 use crate::consts::READY_CONDITION;
 use crate::node::NodeProgress;
@@ -21,6 +24,13 @@ use crate::node::NodeProgress;
 /// `captureFiles` entries (the message and the condition stay a sentence
 /// when thousands of nodes fail).
 pub const MESSAGE_NODES: usize = 10;
+
+/// Nodes `captureFiles` lists in full. A capture on more nodes lists only
+/// the nodes that need attention (failed, or not ended past the duration),
+/// at most this many, and counts all of them in `nodeStates`: each entry is
+/// about 300 bytes, and an object of thousands would near the API server's
+/// limit. The results ConfigMaps list every node.
+pub const MAX_STATUS_NODES: usize = 100;
 
 /// The message of a capture that completed everywhere (the seed's words).
 pub const COMPLETED_MESSAGE: &str = "Packet capture completed on all nodes";
@@ -168,12 +178,47 @@ fn ready_condition(
     }
 }
 
+/// Every node's `captureFiles` entry, keyed by its address.
+pub fn entries(
+    nodes: &BTreeMap<String, NodeProgress>,
+    format: OutputFormat,
+) -> BTreeMap<String, NodeCapture> {
+    nodes
+        .values()
+        .map(|p| (p.node_ip.clone(), p.to_status(format)))
+        .collect()
+}
+
+/// Whether `new` differs from `prev` only in its counters (packets, drops,
+/// file sizes and names): such news is written at most once a second,
+/// while a transition (a phase, a node's state or message, the nodes
+/// themselves) is written at once.
+pub fn only_counters_moved(
+    prev: Option<&PacketCaptureConfigStatus>,
+    new: &PacketCaptureConfigStatus,
+) -> bool {
+    let Some(prev) = prev else {
+        return false;
+    };
+    let without_counters = |s: &PacketCaptureConfigStatus| {
+        let mut s = s.clone();
+        s.packets = None;
+        s.dropped = None;
+        for e in s.capture_files.values_mut() {
+            (e.packets, e.dropped, e.file_size) = (0, 0, 0);
+            e.output_file.clear();
+        }
+        s
+    };
+    without_counters(prev) == without_counters(new)
+}
+
 /// The whole status of `generation`.
 pub fn build(
     prev: Option<&PacketCaptureConfigStatus>,
     generation: i64,
     nodes: &BTreeMap<String, NodeProgress>,
-    format: OutputFormat,
+    spec: &PacketCaptureConfigSpec,
     outcome: &Outcome,
     now: Timestamp,
 ) -> PacketCaptureConfigStatus {
@@ -194,6 +239,25 @@ pub fn build(
     } else {
         None
     };
+    let capture_files = if nodes.len() <= MAX_STATUS_NODES {
+        entries(nodes, spec.output_format)
+    } else {
+        let deadline = start_time
+            .as_ref()
+            .map(|t| t.0 + SignedDuration::from_secs(spec.duration.into()));
+        let late = |p: &NodeProgress| !p.state.is_final() && deadline.is_some_and(|d| now > d);
+        nodes
+            .values()
+            .filter(|p| p.state == CaptureState::Failed || late(p))
+            .take(MAX_STATUS_NODES)
+            .map(|p| (p.node_ip.clone(), p.to_status(spec.output_format)))
+            .collect()
+    };
+    let mut node_states = BTreeMap::new();
+    for p in nodes.values() {
+        *node_states.entry(p.state.to_string()).or_default() += 1;
+    }
+    let omitted = nodes.len() - capture_files.len();
     PacketCaptureConfigStatus {
         phase: Some(outcome.phase),
         message: Some(outcome.message.clone()),
@@ -204,10 +268,9 @@ pub fn build(
         nodes: Some(nodes.len() as u32),
         packets: Some(nodes.values().map(|p| p.packets).sum()),
         dropped: Some(nodes.values().map(|p| p.dropped).sum()),
-        capture_files: nodes
-            .values()
-            .map(|p| (p.node_ip.clone(), p.to_status(format)))
-            .collect(),
+        capture_files,
+        node_states,
+        capture_files_omitted: (omitted > 0).then_some(omitted as u32),
     }
 }
 
@@ -299,7 +362,7 @@ mod tests {
         let n = nodes(&[("a", Completed), ("bb", Completed)]);
         let o = summarize(&n);
         let now = Timestamp::now();
-        let s = build(None, 3, &n, OutputFormat::Pcap, &o, now);
+        let s = build(None, 3, &n, &spec(OutputFormat::Pcap), &o, now);
         assert_eq!(s.phase, Some(Phase::Completed));
         assert_eq!(s.observed_generation, Some(3));
         assert_eq!(s.nodes, Some(2));
@@ -315,7 +378,7 @@ mod tests {
         assert_eq!(e["output_file"], "/var/lib/packet-captures/x-bb.pcap");
         assert_eq!(e["file_size"], 100);
 
-        let stdout = build(None, 3, &n, OutputFormat::Stdout, &o, now);
+        let stdout = build(None, 3, &n, &spec(OutputFormat::Stdout), &o, now);
         let e = &stdout.capture_files["192.168.0.1"];
         assert_eq!(
             (e.output_file.as_str(), e.file_size),
@@ -329,12 +392,80 @@ mod tests {
         let t0 = Timestamp::from_second(1_700_000_000).unwrap();
         let t1 = Timestamp::from_second(1_700_000_100).unwrap();
         let n = nodes(&[("a", Running)]);
-        let first = build(None, 1, &n, OutputFormat::Pcap, &summarize(&n), t0);
-        let again = build(Some(&first), 1, &n, OutputFormat::Pcap, &summarize(&n), t1);
+        let pcap = spec(OutputFormat::Pcap);
+        let first = build(None, 1, &n, &pcap, &summarize(&n), t0);
+        let again = build(Some(&first), 1, &n, &pcap, &summarize(&n), t1);
         assert_eq!(again.start_time, Some(Time(t0)));
         assert_eq!(again.conditions[0].last_transition_time, Time(t0));
         // A new generation starts afresh.
-        let next = build(Some(&first), 2, &n, OutputFormat::Pcap, &summarize(&n), t1);
+        let next = build(Some(&first), 2, &n, &pcap, &summarize(&n), t1);
         assert_eq!(next.start_time, Some(Time(t1)));
+    }
+
+    fn spec(output_format: OutputFormat) -> PacketCaptureConfigSpec {
+        PacketCaptureConfigSpec {
+            output_format,
+            duration: 60,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_large_capture_lists_the_nodes_that_need_attention_and_counts_all() {
+        use CaptureState::*;
+        let t0 = Timestamp::from_second(1_700_000_000).unwrap();
+        let n: BTreeMap<String, NodeProgress> = (0..250)
+            .map(|i| {
+                let name = format!("n{i}");
+                let mut p =
+                    NodeProgress::new(&name, &format!("10.0.{}.{}", i / 250, i % 250), "id");
+                p.state = if i < 3 { Failed } else { Running };
+                p.start_time = Some(t0);
+                (name, p)
+            })
+            .collect();
+        let pcap = spec(OutputFormat::Pcap);
+        let o = summarize(&n);
+        let s = build(None, 1, &n, &pcap, &o, t0 + SignedDuration::from_secs(10));
+        assert_eq!(s.capture_files.len(), 3, "the failed nodes");
+        assert_eq!(s.capture_files_omitted, Some(247));
+        assert_eq!(
+            s.node_states,
+            BTreeMap::from([("failed".into(), 3), ("running".into(), 247)])
+        );
+        assert_eq!(s.nodes, Some(250));
+        // Past the duration, the nodes still running need attention too,
+        // up to the bound.
+        let late = build(
+            Some(&s),
+            1,
+            &n,
+            &pcap,
+            &o,
+            t0 + SignedDuration::from_secs(61),
+        );
+        assert_eq!(late.capture_files.len(), MAX_STATUS_NODES);
+        // At the bound, every node is listed, in the seed's shape.
+        let n: BTreeMap<String, NodeProgress> = n.into_iter().take(MAX_STATUS_NODES).collect();
+        let small = build(None, 1, &n, &pcap, &summarize(&n), t0);
+        assert_eq!(small.capture_files.len(), MAX_STATUS_NODES);
+        assert_eq!(small.capture_files_omitted, None);
+    }
+
+    #[test]
+    fn counters_are_not_transitions() {
+        use CaptureState::*;
+        let t0 = Timestamp::from_second(1_700_000_000).unwrap();
+        let pcap = spec(OutputFormat::Pcap);
+        let mut n = nodes(&[("a", Running), ("bb", Running)]);
+        let first = build(None, 1, &n, &pcap, &summarize(&n), t0);
+        assert!(!only_counters_moved(None, &first));
+        n.get_mut("a").unwrap().packets += 10;
+        n.get_mut("a").unwrap().file_size += 1000;
+        let more = build(Some(&first), 1, &n, &pcap, &summarize(&n), t0);
+        assert!(only_counters_moved(Some(&first), &more));
+        n.get_mut("bb").unwrap().state = Completed;
+        let ended = build(Some(&more), 1, &n, &pcap, &summarize(&n), t0);
+        assert!(!only_counters_moved(Some(&more), &ended));
     }
 }

@@ -165,7 +165,7 @@ fn capturable(pod: &Pod) -> Result<(String, Vec<String>), String> {
 pub fn selects_by_labels(selector: &PodSelector, pod: &Pod, caches: &Caches) -> bool {
     selector.by_labels()
         && !host_network(pod)
-        && selector.labels().matches(pod.labels())
+        && selector.labels.matches(pod.labels())
         && selector.namespace_selector.as_ref().is_none_or(|ns| {
             ns.matches(&caches.namespace_labels(&pod.namespace().unwrap_or_default()))
         })
@@ -503,10 +503,13 @@ mod tests {
     ) -> PacketCaptureConfigSpec {
         PacketCaptureConfigSpec {
             pod_selector: Some(PodSelector {
-                match_labels: labels
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
+                labels: LabelSelector {
+                    match_labels: labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    ..Default::default()
+                },
                 namespace_selector: namespaces,
                 ..Default::default()
             }),

@@ -18,7 +18,7 @@ use packet_capture_test_support::cluster::{
 
 use crate::cluster::{Running, up};
 use crate::manifests::{FILES, SAMPLE};
-use crate::util::{cargo, output, root, run, step};
+use crate::util::{cargo, output, root, run, step, target_dir};
 
 /// The demo's cluster (its state is `.cluster/demo/`).
 const NAME: &str = "demo";
@@ -44,7 +44,8 @@ pub fn run_demo() -> anyhow::Result<()> {
     if std::fs::metadata("/proc/self").map(|m| m.uid())? != 0 {
         bail!("the demo needs root: network namespaces, a bridge, BPF (sudo make demo)");
     }
-    let binaries = build()?;
+    // With the profile xtask itself was built with.
+    let binaries = build(!cfg!(debug_assertions))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -72,15 +73,13 @@ async fn interrupted() -> &'static str {
     }
 }
 
-struct Binaries {
-    agent: PathBuf,
-    controller: PathBuf,
+pub(crate) struct Binaries {
+    pub agent: PathBuf,
+    pub controller: PathBuf,
 }
 
-/// Builds the agent and the controller with the profile xtask itself was
-/// built with.
-fn build() -> anyhow::Result<Binaries> {
-    let release = !cfg!(debug_assertions);
+/// Builds the agent and the controller, optimized or not.
+pub(crate) fn build(release: bool) -> anyhow::Result<Binaries> {
     step(format!(
         "building the agent and the controller (minutes the first time): \
          cargo build --quiet{} -p packet-capture-agent -p packet-capture-controller",
@@ -101,11 +100,7 @@ fn build() -> anyhow::Result<Binaries> {
         cmd.arg("--release");
     }
     run(&mut cmd)?;
-    let dir = std::env::current_exe()
-        .context("the path of xtask")?
-        .parent()
-        .context("xtask's directory")?
-        .to_path_buf();
+    let dir = target_dir()?.join(if release { "release" } else { "debug" });
     Ok(Binaries {
         agent: dir.join("packet-capture-agent"),
         controller: dir.join("packet-capture-controller"),
@@ -157,18 +152,7 @@ async fn demo(binaries: &Binaries) -> anyhow::Result<()> {
     }
 
     step("installing as the README does: the CRD, the namespace, the RBAC, the settings");
-    demo.kubectl(&["apply", "-f", CRD]).await?;
-    demo.cluster()
-        .kubectl_async(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/packetcaptureconfigs.networking.packet.io",
-        ])
-        .await?;
-    for (_, manifest) in &FILES[..INSTALL] {
-        demo.kubectl(&["apply", "-f", manifest]).await?;
-    }
+    install(demo.cluster(), true).await?;
 
     step(
         "an agent on each node, as the DaemonSet runs it: host network, its pod's token, TLS on the node's address",
@@ -188,32 +172,7 @@ async fn demo(binaries: &Binaries) -> anyhow::Result<()> {
     step(
         "the controller, as the Deployment runs it: the controller service account, a token for the agents, the signer of their certificates",
     );
-    let token = demo
-        .cluster()
-        .token_for(COMPONENT_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, &[AUDIENCE])
-        .await?;
-    let token_file = demo.cluster().dir().join("agent-token");
-    std::fs::write(&token_file, &token)
-        .with_context(|| format!("writing {}", token_file.display()))?;
-    let mut cmd = Command::new(&binaries.controller);
-    cmd.env(
-        "KUBECONFIG",
-        demo.cluster()
-            .service_account_kubeconfig(CONTROLLER_SERVICE_ACCOUNT),
-    )
-    .env("NO_COLOR", "1")
-    // What the Deployment sets from the downward API: where its settings,
-    // its agents and its results ConfigMaps are.
-    .env("POD_NAMESPACE", COMPONENT_NAMESPACE)
-    .arg("--agent-token-file")
-    .arg(&token_file)
-    .args(["--metrics-port", &free_port()?.to_string()])
-    // The agents' CA that the cluster keeps as cert-manager would: the
-    // controller signs each agent's certificate with it.
-    .args(["--agent-ca", "secret"])
-    // The webhook needs a certificate and a registration (cert-manager in
-    // a real cluster); the CRD's schema still checks every spec.
-    .arg("--disable-webhook");
+    let cmd = controller_command(demo.cluster(), &binaries.controller).await?;
     let controller = demo.cluster().start_process("controller", cmd)?;
     step(format!(
         "controller running (log {})",
@@ -283,6 +242,70 @@ async fn demo(binaries: &Binaries) -> anyhow::Result<()> {
     drop(demo);
     step("done: the cluster, its namespaces and processes are gone");
     Ok(())
+}
+
+/// Applies the CRD (and waits until it is served), then the namespace, the
+/// RBAC and the settings, as the README's kubectl install does; `echo`
+/// prints each command.
+pub(crate) async fn install(cluster: &Cluster, echo: bool) -> anyhow::Result<()> {
+    let apply = |file: &'static str| async move {
+        if echo {
+            println!("$ kubectl apply -f {file}");
+        }
+        let out = cluster.kubectl_async(&["apply", "-f", file]).await?;
+        if echo {
+            print!("{out}");
+        }
+        anyhow::Ok(())
+    };
+    apply(CRD).await?;
+    cluster
+        .kubectl_async(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/packetcaptureconfigs.networking.packet.io",
+        ])
+        .await?;
+    for (_, manifest) in &FILES[..INSTALL] {
+        apply(manifest).await?;
+    }
+    Ok(())
+}
+
+/// The controller as the Deployment runs it: the controller service
+/// account, a token for the agents, the signer of their certificates
+/// (without the webhook, which needs a registration); more arguments may
+/// follow.
+pub(crate) async fn controller_command(
+    cluster: &Cluster,
+    binary: &Path,
+) -> anyhow::Result<Command> {
+    let token = cluster
+        .token_for(COMPONENT_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, &[AUDIENCE])
+        .await?;
+    let token_file = cluster.dir().join("agent-token");
+    std::fs::write(&token_file, &token)
+        .with_context(|| format!("writing {}", token_file.display()))?;
+    let mut cmd = Command::new(binary);
+    cmd.env(
+        "KUBECONFIG",
+        cluster.service_account_kubeconfig(CONTROLLER_SERVICE_ACCOUNT),
+    )
+    .env("NO_COLOR", "1")
+    // What the Deployment sets from the downward API: where its settings,
+    // its agents and its results ConfigMaps are.
+    .env("POD_NAMESPACE", COMPONENT_NAMESPACE)
+    .arg("--agent-token-file")
+    .arg(&token_file)
+    .args(["--metrics-port", &free_port()?.to_string()])
+    // The agents' CA that the cluster keeps as cert-manager would: the
+    // controller signs each agent's certificate with it.
+    .args(["--agent-ca", "secret"])
+    // The webhook needs a certificate and a registration (cert-manager in
+    // a real cluster); the CRD's schema still checks every spec.
+    .arg("--disable-webhook");
+    Ok(cmd)
 }
 
 /// `kubectl get packetcaptureconfigs --watch`: a table row at every change.
@@ -455,7 +478,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// `path` relative to the checkout, when it is inside it.
-fn relative(path: &Path) -> String {
+pub(crate) fn relative(path: &Path) -> String {
     let root = root();
     path.strip_prefix(&root)
         .unwrap_or(path)

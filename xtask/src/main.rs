@@ -48,7 +48,8 @@ enum Task {
     Demo,
     /// Measure the agent against tcpdump on the same traffic (as root);
     /// `--out docs/benchmarks.md` writes the report and its plots.
-    Bench(bench::Args),
+    /// `bench controller` measures the controller on many nodes.
+    Bench(bench::Cli),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,6 +62,6 @@ fn main() -> anyhow::Result<()> {
         Task::Images(args) => images::run_cli(args),
         Task::Cluster(command) => cluster::run(command),
         Task::Demo => demo::run_demo(),
-        Task::Bench(args) => bench::run_cli(args),
+        Task::Bench(cli) => bench::run_command(cli),
     }
 }

@@ -1012,7 +1012,7 @@ fn each_account_gets_exactly_the_access_it_uses() {
         (PCC, &["packetcaptureconfigs/finalizers"], &["update"]),
         ("", &["pods", "nodes"], &["get", "list", "watch"]),
         ("", &["pods"], &["capture"]),
-        ("", &["namespaces"], &["get"]),
+        ("", &["namespaces"], &["get", "list", "watch"]),
         ("", &["events"], &["create", "patch"]),
         ("events.k8s.io", &["events"], &["create", "patch"]),
         (

@@ -43,7 +43,8 @@ async fn rest_capture_end_to_end() {
     assert_eq!(
         started["spec"],
         json!({"targetIPs": [RIGHT_IP], "targetPorts": [], "duration": 30, "maxPackets": 6,
-               "outputFormat": "pcap", "filter": "icmp", "snaplen": 262144, "direction": "both", "keepCopies": false})
+               "outputFormat": "pcap", "filter": "icmp", "snaplen": 262144, "direction": "both", "keepCopies": false,
+               "onlyTargets": false, "pods": []})
     );
     for field in ["packets", "dropped", "filtered", "file_size"] {
         assert!(started[field].is_u64(), "{field} in {started}");

@@ -23,8 +23,8 @@ use k8s_openapi::api::admissionregistration::v1::{
     ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret};
-use kube::api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
+use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::wait::await_condition;
 use kube::{Api, ResourceExt};
 use packet_capture_common::crd::{
     CaptureState, LabelSelector, OutputFormat, PacketCaptureConfig, PacketCaptureConfigSpec,
@@ -140,6 +140,69 @@ async fn ip_capture_runs_on_all_nodes() {
         "{reasons:?}"
     );
     assert!(reasons.contains(&"Completed".to_string()), "{reasons:?}");
+}
+
+/// Nodes of the widest end-to-end capture.
+const FIFTY: usize = 50;
+
+/// A capture of the node network on fifty nodes, each with its real agent:
+/// every node runs it once and completes; the status lists them all (below
+/// the bound where it lists only the nodes that need attention), and the
+/// controller wrote it far less often than the agents reported (counters
+/// at most once a second, plus the transitions).
+#[tokio::test]
+async fn a_capture_on_fifty_nodes_starts_once_on_each_and_completes() {
+    let setup = Setup {
+        nodes: FIFTY,
+        ..TWO_NODES
+    };
+    let Some(w) = World::start(
+        "a_capture_on_fifty_nodes_starts_once_on_each_and_completes",
+        setup,
+    )
+    .await
+    else {
+        return;
+    };
+    let duration = 10;
+    let spec = PacketCaptureConfigSpec {
+        target_ips: vec![net16(w.pods[0].ip())],
+        filter: "icmp".into(),
+        ..lasting(duration)
+    };
+    let (pcc, name) = w.start_capture(spec, FIFTY).await;
+    let pinging = w.pinging(0, 1);
+    let done = w.until_phase(&name, Phase::Completed).await;
+    drop(pinging);
+    let status = done.status.unwrap();
+    assert_eq!(status.nodes, Some(FIFTY as u32));
+    assert_eq!(
+        status.capture_files.len(),
+        FIFTY,
+        "every node, in the seed's shape"
+    );
+    assert_eq!(status.capture_files_omitted, None);
+    assert_eq!(
+        status.node_states,
+        [("completed".to_string(), FIFTY as u32)].into()
+    );
+    let uid = World::uid(&pcc);
+    for i in 0..FIFTY {
+        let captures = w.captures_of(i, &uid).await;
+        assert_eq!(captures.len(), 1, "node {i}: {captures:?}");
+    }
+    w.assert_pings_in(0, &w.entry(&status, 0).output_file, 0, 1)
+        .await;
+    let metrics = w.metrics_port_get("/metrics").await;
+    let writes: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("packet_capture_controller_status_writes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no status write count in {metrics}"));
+    // Each node starting, running and completing is a transition; the
+    // counters of fifty nodes reporting every second add one a second.
+    let bound = 3 * FIFTY as u64 + u64::from(duration) + 10;
+    assert!(writes <= bound, "{writes} status writes, more than {bound}");
 }
 
 #[tokio::test]
@@ -411,15 +474,7 @@ async fn deleting_mid_capture_stops_and_finalizes() {
     let (pcc, name) = w.start_capture(spec, 2).await;
     w.ping(0, 1, 5).await;
     let uid = World::uid(&pcc);
-    w.api()
-        .delete(&name, &DeleteParams::default())
-        .await
-        .expect("deleting the capture");
-    let gone = await_condition(w.api(), &name, conditions::is_deleted(&uid));
-    tokio::time::timeout(Duration::from_secs(60), gone)
-        .await
-        .expect("the finalizer was not removed within 60 s")
-        .expect("watching the deletion");
+    w.delete_capture(&name, &uid).await;
     for i in 0..2 {
         let captures = w.captures_of(i, &uid).await;
         assert_eq!(captures.len(), 1, "node {i}: {captures:?}");
@@ -510,11 +565,13 @@ async fn until_following(
     );
 }
 
-/// Pings from `from` to `to`, all answered.
+/// Pings from `from` to `to` until `count` are answered (within 10 s: a
+/// pod that got a departed pod's address is reached once the neighbours
+/// have learnt its new link address).
 async fn ping_between(from: &SimPod, to: &SimPod, count: u32) {
     let mut cmd = tokio::process::Command::from(from.command("ping"));
     let out = cmd
-        .args(["-n", "-c", &count.to_string(), "-i", "0.2", "-W", "2"])
+        .args(["-n", "-c", &count.to_string(), "-i", "0.2", "-w", "10"])
         .arg(to.ip().to_string())
         .output()
         .await
@@ -551,7 +608,10 @@ async fn a_label_selector_follows_pods_as_they_come_and_go() {
         .expect("pod web-a");
     let spec = PacketCaptureConfigSpec {
         pod_selector: Some(PodSelector {
-            match_labels: [("tier".to_string(), "web".to_string())].into(),
+            labels: LabelSelector {
+                match_labels: [("tier".to_string(), "web".to_string())].into(),
+                ..Default::default()
+            },
             namespace_selector: Some(LabelSelector {
                 match_labels: [("kubernetes.io/metadata.name".to_string(), ns.clone())].into(),
                 ..Default::default()
@@ -598,15 +658,7 @@ async fn a_label_selector_follows_pods_as_they_come_and_go() {
     );
     ping_between(&w.pods[1], &other, 4).await;
 
-    w.api()
-        .delete(&name, &DeleteParams::default())
-        .await
-        .expect("deleting the capture");
-    let gone = await_condition(w.api(), &name, conditions::is_deleted(&uid));
-    tokio::time::timeout(Duration::from_secs(60), gone)
-        .await
-        .expect("the finalizer was not removed within 60 s")
-        .expect("watching the deletion");
+    w.delete_capture(&name, &uid).await;
     let requests_to = |packets: &[world::Packet], ip: String| {
         packets
             .iter()

@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::api::PostParams;
-use kube::runtime::wait::await_condition;
+use kube::api::{DeleteParams, PostParams};
+use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client, ResourceExt};
 use packet_capture_common::crd::{
     CaptureState, NodeCapture, PacketCaptureConfig, PacketCaptureConfigSpec,
@@ -478,18 +478,24 @@ impl World {
 
     /// The controller's `/readyz` (status line and body).
     pub async fn readyz(&self) -> String {
+        self.metrics_port_get("/readyz").await
+    }
+
+    /// A GET of `path` on the controller's metrics port: the status line,
+    /// the headers and the body.
+    pub async fn metrics_port_get(&self, path: &str) -> String {
         let mut stream = tokio::net::TcpStream::connect((Ipv6Addr::LOCALHOST, self.metrics_port))
             .await
             .expect("connecting to the controller's metrics port");
         stream
-            .write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
             .await
-            .expect("asking /readyz");
+            .unwrap_or_else(|e| panic!("asking {path}: {e}"));
         let mut answer = String::new();
         stream
             .read_to_string(&mut answer)
             .await
-            .expect("reading /readyz");
+            .unwrap_or_else(|e| panic!("reading {path}: {e}"));
         answer
     }
 
@@ -771,6 +777,20 @@ impl World {
             all.push(self.assert_pings_in(i, &entry.output_file, 0, 1).await);
         }
         all
+    }
+
+    /// Deletes capture `name` and waits until it is gone (its finalizer
+    /// released once the agents stopped it).
+    pub async fn delete_capture(&self, name: &str, uid: &str) {
+        self.api()
+            .delete(name, &DeleteParams::default())
+            .await
+            .expect("deleting the capture");
+        let gone = await_condition(self.api(), name, conditions::is_deleted(uid));
+        tokio::time::timeout(Duration::from_secs(60), gone)
+            .await
+            .expect("the finalizer was not removed within 60 s")
+            .expect("watching the deletion");
     }
 
     /// The uid of a resource.

@@ -244,7 +244,16 @@ impl Plan {
         let gw4 = self.pod_v4(node, 1).to_string();
         let gw6 = self.pod_v6(node, 1).to_string();
         ip(ns, &["route", "add", "default", "via", &gw4])?;
-        ip(ns, &["-6", "route", "add", "default", "via", &gw6])
+        ip(ns, &["-6", "route", "add", "default", "via", &gw6])?;
+        // The addresses may be a departed pod's: the node forgets that
+        // pod's link address, as a CNI's gratuitous ARP makes it do, rather
+        // than sending to it until the entry goes stale.
+        let (a4, a6) = (
+            self.pod_v4(node, pod).to_string(),
+            self.pod_v6(node, pod).to_string(),
+        );
+        ip(node_ns, &["neigh", "flush", "to", &a4])?;
+        ip(node_ns, &["-6", "neigh", "flush", "to", &a6])
     }
 
     fn route(&self, netns: Option<&str>, to: u8) -> Result<()> {

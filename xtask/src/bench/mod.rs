@@ -10,10 +10,12 @@
 
 mod capture;
 mod compress;
+pub mod controller;
 mod generator;
 mod pcapfile;
 mod procstat;
 mod report;
+mod stand_in;
 mod tcp;
 mod topology;
 
@@ -36,6 +38,31 @@ const NOTES_MARKER: &str = "<!-- notes: kept when cargo xtask bench writes this 
 
 /// Snaplen of both capturers: tcpdump's default, and the agent's.
 pub const SNAPLEN: u32 = 262_144;
+
+/// `cargo xtask bench [controller]`.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    what: Option<What>,
+    #[command(flatten)]
+    capture: Args,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum What {
+    /// The controller driving one capture on many nodes of the local
+    /// control plane, each running the real agent (as root).
+    Controller(controller::Args),
+}
+
+/// Runs the benchmark the command line asks for.
+pub fn run_command(cli: Cli) -> anyhow::Result<()> {
+    match cli.what {
+        Some(What::Controller(args)) => controller::run_cli(args),
+        None => run_cli(cli.capture),
+    }
+}
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -284,7 +311,7 @@ pub struct Report {
     pub compression: Vec<compress::Compressed>,
 }
 
-pub fn run_cli(args: Args) -> anyhow::Result<()> {
+fn run_cli(args: Args) -> anyhow::Result<()> {
     if let Some(json) = &args.from_json {
         let text =
             std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
