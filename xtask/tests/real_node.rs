@@ -112,7 +112,10 @@ impl World {
         repo.rsplit_once('/').map_or("", |(r, _)| r).to_string()
     }
 
-    /// Waits until the controller and the agents run and are Ready.
+    /// Waits until the controller and the agents run and are Ready, and
+    /// the API server admits a capture (a registered webhook answers
+    /// through its Service once the node routes the Service to the new
+    /// pod, which may lag its readiness).
     fn wait_installed(&self) {
         self.kubectl(&[
             "rollout",
@@ -130,6 +133,24 @@ impl World {
             "daemonset/packet-capture-agent",
             WAIT,
         ]);
+        let probe = json!({
+            "apiVersion": "networking.packet.io/v1",
+            "kind": "PacketCaptureConfig",
+            "metadata": {"name": "admission-probe"},
+            "spec": {"targetIPs": ["10.0.0.1"]},
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let out = self.kubectl_piped(&["apply", "--dry-run=server", "-f", "-"], &probe);
+            if out.status.success() {
+                return;
+            }
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains("failed calling webhook") && std::time::Instant::now() < deadline,
+                "a capture is not admitted: {stderr}"
+            );
+        }
     }
 
     /// A pod of the base image on the real node running `script`.
