@@ -123,8 +123,7 @@ impl Api {
         self.permit(caller, &Permission::capture_traffic()).await?;
         // A libpcap capture takes the targets at its thread's next round.
         let engine = self.engine.clone();
-        let id_owned = capture.id.clone();
-        tokio::task::spawn_blocking(move || engine.set_targets(&id_owned, targets, pods))
+        tokio::task::spawn_blocking(move || engine.set_targets(&capture.id, targets, pods))
             .await
             .map_err(|e| ApiError::Internal(format!("setting the targets: {e}")))?
             .map_err(|e| match e {

@@ -189,10 +189,9 @@ struct Life {
 struct Capture {
     id: String,
     name: String,
-    /// As started, with the targets of the last [`Engine::set_targets`].
-    spec: Mutex<CaptureSpec>,
-    /// The target pods, for the file's interface descriptions.
-    pods: Arc<PodInterfaces>,
+    /// As started, with the targets of the last [`Engine::set_targets`];
+    /// the file's interface descriptions read its pods.
+    spec: Arc<Mutex<CaptureSpec>>,
     start_time: SystemTime,
     /// Where the file will be once complete; None for stdout.
     output_file: Option<PathBuf>,
@@ -444,7 +443,7 @@ impl Engine {
             Destination::Stdout(_) => None,
         };
         let selection = selection(spec);
-        let pods = Arc::new(PodInterfaces::new(spec.pods.clone()));
+        let live_spec = Arc::new(Mutex::new(req.spec.clone()));
         let sink = Sink::new(
             req.id.clone(),
             self.inner.bytes_written.clone(),
@@ -455,7 +454,7 @@ impl Engine {
             Encoder::new(spec.format, spec.snaplen).with_origin(Origin {
                 node: self.inner.config.node_name.clone(),
                 comment: describe_capture(&req.name, &self.inner.config.node_name, spec),
-                owners: Some(pods.clone()),
+                owners: Some(Arc::new(PodInterfaces(live_spec.clone()))),
             }),
             destination,
             counters.clone(),
@@ -468,8 +467,7 @@ impl Engine {
         let capture = Arc::new(Capture {
             id: req.id.clone(),
             name: req.name.clone(),
-            spec: Mutex::new(req.spec.clone()),
-            pods,
+            spec: live_spec,
             start_time,
             output_file,
             counters,
@@ -540,7 +538,6 @@ impl Engine {
                 targets = spec.targets.len(),
                 "capture targets set"
             );
-            capture.pods.set(spec.pods.clone());
             *lock(&capture.spec) = spec;
         }
         let status = self.snapshot(&capture);

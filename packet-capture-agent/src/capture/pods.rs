@@ -3,8 +3,9 @@
 //! pod's addresses. pcapng interface blocks name the pod.
 
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use super::CaptureSpec;
 use crate::netlink::peer_addresses;
 use crate::sync::lock;
 use crate::writer::InterfaceOwners;
@@ -17,28 +18,14 @@ pub struct TargetPod {
     pub ips: Vec<IpAddr>,
 }
 
-/// The target pods of a running capture, as the last start or SetTargets
-/// gave them.
-#[derive(Debug, Default)]
-pub struct PodInterfaces {
-    pods: Mutex<Vec<TargetPod>>,
-}
-
-impl PodInterfaces {
-    pub fn new(pods: Vec<TargetPod>) -> Self {
-        Self {
-            pods: Mutex::new(pods),
-        }
-    }
-
-    pub fn set(&self, pods: Vec<TargetPod>) {
-        *lock(&self.pods) = pods;
-    }
-}
+/// The interfaces of a running capture's target pods, as its spec names
+/// them (the last start or SetTargets).
+#[derive(Debug)]
+pub struct PodInterfaces(pub Arc<Mutex<CaptureSpec>>);
 
 impl InterfaceOwners for PodInterfaces {
     fn owner(&self, ifindex: u32) -> Option<String> {
-        let pods = lock(&self.pods).clone();
+        let pods = lock(&self.0).pods.clone();
         if pods.is_empty() {
             return None;
         }
