@@ -150,6 +150,12 @@ pub struct Config {
           default_value_t = TcAttach::Auto, hide = true)]
     pub tc_attach: TcAttach,
 
+    /// Run every capture's filter in user space, on what the kernel
+    /// selected by targets and ports, as before filters ran in the kernel.
+    /// For measuring what the kernel path saves; off is right.
+    #[arg(long, env = "FILTERS_IN_USER_SPACE", hide = true)]
+    pub filters_in_user_space: bool,
+
     /// Ring buffer between the kernel and the agent, in MiB (a power of two).
     #[arg(long, env = "RING_BUFFER_MB", value_name = "RING_BUFFER_MB", default_value_t = 8,
           value_parser = parse_ring_mb)]

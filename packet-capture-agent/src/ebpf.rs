@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::thread::JoinHandle;
 
 use aya::{
@@ -22,7 +22,13 @@ use aya::{
 };
 use aya_log::EbpfLogger;
 use ipnet::IpNet;
-use packet_capture_common::abi::{API_V4, API_V6, MAX_SLOTS, Settings, counter};
+use packet_capture_common::abi::{
+    API_V4, API_V6, DIRECTION_EGRESS, DIRECTION_INGRESS, LINK_ETHERNET, LINK_RAW_IP, MAX_SLOTS,
+    Settings, counter, filter_program, resume_program,
+};
+
+use crate::filter::{Filter, FilterPlace};
+use crate::kernel_filter::{self, Access, Ending, Program};
 use packet_capture_common::crd::TargetDirection;
 
 /// The `tracing` target of what the programs log. Their lines are debug
@@ -37,6 +43,15 @@ const FILTER_HANDLE: u32 = 0x7063_6170;
 
 /// Every program's name, as netlink tc filters carry it.
 const PROGRAMS: [&str; 4] = ["tc_ingress", "tc_egress", "tc_ingress_l3", "tc_egress_l3"];
+
+/// The programs the captures' filters go back to, by (direction, link):
+/// never attached, only reached by tail call.
+const RESUME_PROGRAMS: [(&str, u8, u8); 4] = [
+    ("tc_ingress_resume", DIRECTION_INGRESS, LINK_ETHERNET),
+    ("tc_egress_resume", DIRECTION_EGRESS, LINK_ETHERNET),
+    ("tc_ingress_l3_resume", DIRECTION_INGRESS, LINK_RAW_IP),
+    ("tc_egress_l3_resume", DIRECTION_EGRESS, LINK_RAW_IP),
+];
 
 /// How the programs are attached to the TC hooks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -88,6 +103,15 @@ pub enum Error {
     LogThread(#[source] std::io::Error),
     #[error("counting the CPUs: {0}")]
     Cpus(#[source] std::io::Error),
+    #[error("eBPF program array FILTER_PROGRAMS: {0}")]
+    ProgramArray(#[source] std::io::Error),
+}
+
+/// A capture's filters in the kernel, by link type: held while they are in
+/// the program array.
+#[derive(Default)]
+struct SlotFilters {
+    programs: [Option<Program>; 2],
 }
 
 /// Which programs an interface gets.
@@ -174,6 +198,13 @@ pub struct Kernel {
     /// notes: emptied when diagnostics are switched on.
     hooks_seen: BpfHashMap<MapData, u32, u8>,
     diag_state: PerCpuArray<MapData, u64>,
+    /// The program array of the captures' filters (and the resume
+    /// programs), and their per-CPU state: translated filters name both.
+    filter_programs: MapData,
+    filter_state: MapData,
+    filters: HashMap<usize, SlotFilters>,
+    /// Packets each slot's filter rejected in the kernel.
+    filtered: PerCpuArray<MapData, u64>,
     /// Forwards the programs' log records while the kernel is loaded.
     _logs: KernelLogs,
     slots: HashMap<usize, SlotTargets>,
@@ -195,6 +226,15 @@ where
     T::try_from(map).map_err(|source| Error::Map { name, source })
 }
 
+/// The untyped map `name`, for what aya has no typed access to.
+fn take_data(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, Error> {
+    use aya::maps::Map;
+    match ebpf.take_map(name).ok_or(Error::Missing(name))? {
+        Map::ProgramArray(data) | Map::PerCpuArray(data) => Ok(data),
+        _ => Err(Error::Missing(name)),
+    }
+}
+
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
     move |source| Error::Map { name, source }
 }
@@ -210,10 +250,26 @@ impl Kernel {
             .btf(None)
             .map_max_entries("RECORDS", ring_bytes)
             .load(OBJECT)?;
-        for name in PROGRAMS {
+        for name in PROGRAMS
+            .into_iter()
+            .chain(RESUME_PROGRAMS.map(|(name, ..)| name))
+        {
             classifier(&mut ebpf, name)?
                 .load()
                 .map_err(|source| Error::Program { name, source })?;
+        }
+        let filter_programs = take_data(&mut ebpf, "FILTER_PROGRAMS")?;
+        for (name, direction, link) in RESUME_PROGRAMS {
+            let program = classifier(&mut ebpf, name)?;
+            let fd = program
+                .fd()
+                .map_err(|source| Error::Program { name, source })?;
+            kernel_filter::set_program_array(
+                filter_programs.fd().as_fd(),
+                resume_program(direction, link),
+                Some(fd.as_fd()),
+            )
+            .map_err(Error::ProgramArray)?;
         }
         // `EbpfLoader::new` parsed the kernel's BTF (megabytes) and the
         // loader has dropped it: hand the freed heap back to the system
@@ -231,6 +287,10 @@ impl Kernel {
             diagnostics: take(&mut ebpf, ".bss")?,
             hooks_seen: take(&mut ebpf, "HOOKS_SEEN")?,
             diag_state: take(&mut ebpf, "DIAG_STATE")?,
+            filter_programs,
+            filter_state: take_data(&mut ebpf, "FILTER_STATE")?,
+            filters: HashMap::new(),
+            filtered: take(&mut ebpf, "FILTERED")?,
             _logs: KernelLogs::start(&mut ebpf)?,
             ebpf,
             attached: HashMap::new(),
@@ -439,13 +499,89 @@ impl Kernel {
         self.write_settings()
     }
 
-    /// Stops `slot` from selecting anything: inactive first, then the maps.
+    /// Stops `slot` from selecting anything: inactive first, then the maps
+    /// and its filters.
     pub fn clear_slot(&mut self, slot: usize) -> Result<(), Error> {
         if self.slots.remove(&slot).is_none() {
-            return Ok(());
+            return self.clear_filter(slot);
         }
         self.write_settings()?;
-        self.sync_maps()
+        self.sync_maps()?;
+        self.clear_filter(slot)
+    }
+
+    /// Runs `filter` in the kernel for `slot`, for the frames of each link
+    /// type it translates for; it takes effect with [`Kernel::set_slot`].
+    /// Says where it runs: what does not translate or load runs in user
+    /// space (the capture's sink always has the filter).
+    pub fn set_filter(&mut self, slot: usize, filter: &Filter) -> FilterPlace {
+        let mut filters = SlotFilters::default();
+        let mut user_space = Vec::new();
+        for (link, name) in [(LINK_ETHERNET, "Ethernet"), (LINK_RAW_IP, "raw IP")] {
+            let loaded = filter
+                .classic(link)
+                .map_err(|e| e.to_string())
+                .and_then(|classic| {
+                    let ending = Ending::TailCall {
+                        state: self.filter_state.fd().as_fd(),
+                        programs: self.filter_programs.fd().as_fd(),
+                    };
+                    let name = format!("filter_{slot}");
+                    // The fastest translation this process may load.
+                    let mut refused = None;
+                    let mut loaded = None;
+                    for access in Access::PREFERRED {
+                        let insns = kernel_filter::translate(classic, ending, access)
+                            .map_err(|e| e.to_string())?;
+                        match kernel_filter::load_program(&insns, &name) {
+                            Ok(program) => {
+                                loaded = Some(program);
+                                break;
+                            }
+                            Err(e) => refused = Some(e),
+                        }
+                    }
+                    let program = loaded.ok_or_else(|| {
+                        format!("the kernel refused it: {}", refused.expect("one attempt"))
+                    })?;
+                    kernel_filter::set_program_array(
+                        self.filter_programs.fd().as_fd(),
+                        filter_program(slot as u32, link),
+                        Some(program.fd()),
+                    )
+                    .map_err(|e| format!("FILTER_PROGRAMS: {e}"))?;
+                    Ok(program)
+                });
+            match loaded {
+                Ok(program) => filters.programs[usize::from(link)] = Some(program),
+                Err(e) => user_space.push(format!("{name} frames: {e}")),
+            }
+        }
+        self.filters.insert(slot, filters);
+        if user_space.is_empty() {
+            FilterPlace::Kernel
+        } else {
+            FilterPlace::UserSpace(user_space.join("; "))
+        }
+    }
+
+    /// Takes `slot`'s filters out of the kernel (after its settings no
+    /// longer name them).
+    fn clear_filter(&mut self, slot: usize) -> Result<(), Error> {
+        let Some(filters) = self.filters.remove(&slot) else {
+            return Ok(());
+        };
+        for (link, program) in filters.programs.iter().enumerate() {
+            if program.is_some() {
+                kernel_filter::set_program_array(
+                    self.filter_programs.fd().as_fd(),
+                    filter_program(slot as u32, link as u8),
+                    None,
+                )
+                .map_err(Error::ProgramArray)?;
+            }
+        }
+        Ok(())
     }
 
     fn write_settings(&mut self) -> Result<(), Error> {
@@ -479,6 +615,13 @@ impl Kernel {
             }
             if t.ports.is_empty() {
                 s.any_port |= bit;
+            }
+            if let Some(filters) = self.filters.get(&slot) {
+                for (link, program) in filters.programs.iter().enumerate() {
+                    if program.is_some() {
+                        s.kernel_filter[link] |= bit;
+                    }
+                }
             }
             s.snaplen = s.snaplen.max(t.copy_len);
         }
@@ -555,6 +698,16 @@ impl Kernel {
     /// Packets the programs have looked at.
     pub fn packets_seen(&self) -> Result<u64, Error> {
         self.counter(counter::SEEN)
+    }
+
+    /// Packets `slot`'s filter rejected in the kernel since the agent
+    /// started (callers keep a baseline per capture).
+    pub fn slot_filtered(&self, slot: usize) -> Result<u64, Error> {
+        let values = self
+            .filtered
+            .get(&(slot as u32), 0)
+            .map_err(map_err("FILTERED"))?;
+        Ok(values.iter().sum())
     }
 
     /// Packets `slot` matched that the ring buffer had no room for, since

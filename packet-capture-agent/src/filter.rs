@@ -1,30 +1,62 @@
-//! tcpdump filter expressions, compiled by libpcap and run on captured
-//! frames in user space.
+//! tcpdump filter expressions, compiled by libpcap: run on captured frames
+//! in user space, and handed to the kernel (see `kernel_filter`).
 
 use std::fmt::Write as _;
 
 use ipnet::IpNet;
+use packet_capture_common::abi::LINK_RAW_IP;
 use packet_capture_common::crd::TargetDirection;
 pub use packet_capture_common::filter::FilterError;
 
 /// One classic BPF instruction, as libpcap lays it out (`struct bpf_insn`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
-struct BpfInsn {
-    code: u16,
-    jt: u8,
-    jf: u8,
-    k: u32,
+pub struct ClassicInsn {
+    pub code: u16,
+    pub jt: u8,
+    pub jf: u8,
+    pub k: u32,
 }
 
 unsafe extern "C" {
-    /// libpcap's classic BPF interpreter: runs `pc` on `buflen` bytes of a
-    /// packet that was `wirelen` bytes long; non-zero means "accept".
-    fn bpf_filter(pc: *const BpfInsn, pkt: *const u8, wirelen: u32, buflen: u32) -> u32;
+    /// libpcap's classic BPF interpreter (what `pcap_offline_filter`
+    /// runs): runs `pc` on `buflen` bytes of a packet that was `wirelen`
+    /// bytes long; non-zero means "accept".
+    fn bpf_filter(pc: *const ClassicInsn, pkt: *const u8, wirelen: u32, buflen: u32) -> u32;
 }
 
-/// A compiled tcpdump expression for Ethernet frames.
+/// What libpcap on Linux calls interfaces whose frames start at the IP
+/// header (tun, wireguard): `DLT_RAW` is 12 here (`Linktype::RAW`, 101, is
+/// its number in files, which `pcap_compile` does not take).
+const DLT_RAW: pcap::Linktype = pcap::Linktype(12);
+
+/// Where a capture's filter runs, as its status says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterPlace {
+    /// In the kernel for frames of every link type: what it rejects never
+    /// reaches user space.
+    Kernel,
+    /// In user space, for the frames and the reason given (the kernel
+    /// runs it for the others).
+    UserSpace(String),
+}
+
+impl FilterPlace {
+    /// What the capture's status says: `kernel`, or `user space (why)`.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Kernel => "kernel".into(),
+            Self::UserSpace(why) => format!("user space ({why})"),
+        }
+    }
+}
+
+/// A compiled tcpdump expression: for Ethernet frames (what user space
+/// runs, on frames rebuilt with an Ethernet header), and for frames that
+/// start at the IP header, if libpcap compiles it for those.
 pub struct Filter {
     program: pcap::BpfProgram,
+    raw_ip: Result<pcap::BpfProgram, FilterError>,
     expression: String,
 }
 
@@ -43,6 +75,7 @@ impl Filter {
     pub fn compile(expression: &str) -> Result<Self, FilterError> {
         Ok(Self {
             program: packet_capture_common::filter::compile(expression)?,
+            raw_ip: packet_capture_common::filter::compile_for(expression, DLT_RAW),
             expression: expression.to_owned(),
         })
     }
@@ -50,8 +83,11 @@ impl Filter {
     /// [`Filter::compile`] on tokio's blocking pool, within
     /// `packet_capture_common::filter::COMPILE_TIMEOUT`.
     pub async fn compile_async(expression: &str) -> Result<Self, FilterError> {
+        let program = packet_capture_common::filter::compile_async(expression).await?;
+        let raw_ip = packet_capture_common::filter::compile_async_for(expression, DLT_RAW).await;
         Ok(Self {
-            program: packet_capture_common::filter::compile_async(expression).await?,
+            program,
+            raw_ip,
             expression: expression.to_owned(),
         })
     }
@@ -60,24 +96,39 @@ impl Filter {
         &self.expression
     }
 
-    /// Whether the frame passes; `data` may be shorter than `wire_len`.
-    pub fn matches(&self, data: &[u8], wire_len: u32) -> bool {
-        let insns = self.program.get_instructions();
-        if insns.is_empty() {
-            return true;
-        }
-        // SAFETY: pcap::BpfInstruction is a transparent `struct bpf_insn`,
-        // the program outlives the call, and bpf_filter checks every load
-        // against `buflen`.
-        unsafe {
-            bpf_filter(
-                insns.as_ptr().cast::<BpfInsn>(),
-                data.as_ptr(),
-                wire_len,
-                data.len() as u32,
-            ) != 0
+    /// The classic program for frames of `link` (`LINK_ETHERNET`,
+    /// `LINK_RAW_IP`), or why libpcap has none.
+    pub fn classic(&self, link: u8) -> Result<&[ClassicInsn], &FilterError> {
+        if link == LINK_RAW_IP {
+            self.raw_ip.as_ref().map(instructions)
+        } else {
+            Ok(instructions(&self.program))
         }
     }
+
+    /// Whether the frame passes; `data` may be shorter than `wire_len`.
+    pub fn matches(&self, data: &[u8], wire_len: u32) -> bool {
+        run_classic(instructions(&self.program), data, wire_len)
+    }
+}
+
+fn instructions(program: &pcap::BpfProgram) -> &[ClassicInsn] {
+    let insns = program.get_instructions();
+    // SAFETY: pcap::BpfInstruction is a transparent `struct bpf_insn`, laid
+    // out as ClassicInsn, and lives as long as the program.
+    unsafe { std::slice::from_raw_parts(insns.as_ptr().cast::<ClassicInsn>(), insns.len()) }
+}
+
+/// Runs a classic program with libpcap's interpreter (as
+/// `pcap_offline_filter` does); `data` may be shorter than `wire_len`. An
+/// empty program accepts everything.
+pub fn run_classic(insns: &[ClassicInsn], data: &[u8], wire_len: u32) -> bool {
+    if insns.is_empty() {
+        return true;
+    }
+    // SAFETY: the program outlives the call, and bpf_filter checks every
+    // load against `buflen`.
+    unsafe { bpf_filter(insns.as_ptr(), data.as_ptr(), wire_len, data.len() as u32) != 0 }
 }
 
 /// The tcpdump expression that selects what a capture asks for:

@@ -7,6 +7,7 @@ pub mod config;
 pub mod ebpf;
 pub mod files;
 pub mod filter;
+pub mod kernel_filter;
 pub mod netlink;
 pub mod sync;
 pub mod tls;

@@ -121,6 +121,7 @@ async fn run(config: Config, serving: Serving, log: LogControl) -> anyhow::Resul
         backend: config.backend,
         ring_bytes: config.ring_buffer_mb << 20,
         tc_attach: config.tc_attach,
+        kernel_filters: !config.filters_in_user_space,
         own_api: Some(address),
     })
     .await?;

@@ -205,6 +205,7 @@ fn with_engine(
                     backend,
                     ring_bytes,
                     tc_attach: Default::default(),
+                    kernel_filters: true,
                     own_api,
                 }))
                 .expect("engine starts");
@@ -459,6 +460,49 @@ fn custom_filter_combined_with_targets_and_ports() {
             );
         },
     );
+}
+
+/// On the eBPF backend a capture's filter runs in the kernel: what it
+/// rejects is counted there and never reaches user space (the libpcap
+/// backend runs it on what its sockets read). Either way the file is what
+/// tcpdump writes with the same expression, the rejected packets are
+/// counted, and the status says where the filter ran.
+#[test]
+fn filters_run_in_the_kernel() {
+    each_backend("filters_run_in_the_kernel", |lab, engine, rt| {
+        let s = spec(&[PEER_V4], &[], "udp and greater 1000");
+        let filtered = selection_expression(&s.targets, &s.ports, s.direction, &s.filter);
+        let selected = selection_expression(&s.targets, &s.ports, s.direction, "");
+        let dumps = [&filtered, &selected].map(|expression| {
+            let file = lab.file(&format!("{}.pcap", unique_name("td")));
+            Tcpdump::start(&lab.node, &lab.veth.a, expression, s.snaplen, &file)
+        });
+        let status = start(engine, s);
+        // Few enough for the libpcap backend's sockets to keep them all.
+        flood(&lab.node, PEER_V4, 7000, 100);
+        lab.ping(PEER_V4, 3, 1400);
+        lab.udp(PEER_V4, 7001);
+        let ended = stop(engine, rt, &status.id);
+        let [kept, all] = dumps.map(|d| {
+            let (packets, counts) = d.finish();
+            assert_eq!(counts.dropped, 0, "tcpdump dropped packets");
+            packets
+        });
+        let ours = capfile::read(Path::new(&ended.output_file));
+        assert_same(&ours, &kept, &filtered);
+        assert!(ours.len() >= 100, "{} packets", ours.len());
+        assert_eq!(ended.filtered as usize, all.len() - kept.len(), "{ended:?}");
+        if engine.backend() == "ebpf" {
+            assert_eq!(ended.filter_path, "kernel");
+            assert_eq!(ended.filtered_in_kernel, ended.filtered, "{ended:?}");
+        } else {
+            assert!(ended.filter_path.starts_with("user space ("), "{ended:?}");
+            assert_eq!(ended.filtered_in_kernel, 0);
+        }
+        let unfiltered = start(engine, spec(&[PEER_V4], &[], ""));
+        assert_eq!(unfiltered.filter_path, "", "no filter, no path");
+        stop(engine, rt, &unfiltered.id);
+    });
 }
 
 /// Three captures of the same targets at once, one per direction: each

@@ -148,6 +148,7 @@ fn under_flood(node: &Netns, peer: &Netns, dir: &Path) {
             backend: BackendChoice::Ebpf,
             ring_bytes: 8 << 20,
             tc_attach: Default::default(),
+            kernel_filters: true,
             own_api: None,
         }))
         .expect("engine starts");

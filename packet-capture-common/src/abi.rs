@@ -78,6 +78,9 @@ pub struct RecordHeader {
     /// [`LINK_ETHERNET`] or [`LINK_RAW_IP`].
     pub link: u8,
     pub _pad: [u8; 3],
+    /// Slots of `slot_mask` whose filter the kernel ran (and the packet
+    /// passed): user space does not run it again.
+    pub kernel_filtered: u64,
 }
 
 pub const RECORD_HEADER_LEN: usize = core::mem::size_of::<RecordHeader>();
@@ -97,6 +100,10 @@ pub struct Settings {
     pub ingress_only: u64,
     /// Slots whose targets must be the source (packets from them).
     pub egress_only: u64,
+    /// Slots whose filter runs in the kernel, by link type ([`LINK_ETHERNET`],
+    /// [`LINK_RAW_IP`]): their program is in `FILTER_PROGRAMS` at
+    /// [`filter_program`].
+    pub kernel_filter: [u64; 2],
     /// Largest snaplen among the active slots: what the kernel copies.
     pub snaplen: u32,
     /// Wake the reader only once this many bytes wait in the ring (it also
@@ -112,6 +119,44 @@ pub struct Settings {
     /// [`API_V4`], [`API_V6`], or 0 for none.
     pub api_family: u8,
     pub _pad: u8,
+}
+
+/// Entries of the `FILTER_PROGRAMS` program array: a filter per slot and
+/// link type, then the resume program of each hook.
+pub const FILTER_PROGRAM_ENTRIES: u32 = MAX_SLOTS as u32 * 2 + RESUME_PROGRAMS;
+
+/// Resume programs: one per hook (ingress, egress) and link type.
+pub const RESUME_PROGRAMS: u32 = 4;
+
+/// Index of a slot's filter for frames of `link` in `FILTER_PROGRAMS`.
+pub const fn filter_program(slot: u32, link: u8) -> u32 {
+    slot * 2 + link as u32
+}
+
+/// Index of the resume program of a hook in `FILTER_PROGRAMS`.
+pub const fn resume_program(direction: u8, link: u8) -> u32 {
+    MAX_SLOTS as u32 * 2 + direction as u32 * 2 + link as u32
+}
+
+/// Where a packet stands while the captures' filters run in the kernel,
+/// one tail call after another: one per CPU (a TC program runs to its end,
+/// tail calls included, on one CPU before the next packet's starts there).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct FilterState {
+    /// Slots that still want the packet.
+    pub mask: u64,
+    /// Slots whose filter has yet to run.
+    pub pending: u64,
+    /// Slots whose filter ran.
+    pub kernel_filtered: u64,
+    /// The slot whose filter runs now.
+    pub current: u32,
+    /// What that filter said: 0 rejects.
+    pub verdict: u32,
+    /// Where the filter goes back to: the hook's resume program.
+    pub resume: u32,
+    pub _pad: u32,
 }
 
 /// `Settings::api_family` of an IPv4 API address.
@@ -140,6 +185,7 @@ mod pod {
     // SAFETY: plain `#[repr(C)]` data with explicit padding and no pointers.
     unsafe impl aya::Pod for super::RecordHeader {}
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::FilterState {}
     unsafe impl aya::Pod for super::Ipv4Key {}
     unsafe impl aya::Pod for super::Ipv6Key {}
 }
@@ -150,8 +196,9 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(RECORD_HEADER_LEN, 40);
-        assert_eq!(core::mem::size_of::<Settings>(), 72);
+        assert_eq!(RECORD_HEADER_LEN, 48);
+        assert_eq!(core::mem::size_of::<Settings>(), 88);
+        assert_eq!(core::mem::size_of::<FilterState>(), 40);
         assert_eq!(core::mem::size_of::<Ipv4Key>(), 8);
         assert_eq!(core::mem::size_of::<Ipv6Key>(), 20);
     }

@@ -475,6 +475,10 @@ pub struct PacketCaptureConfigStatus {
     pub capture_files_omitted: Option<u32>,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// A node's part of a capture: its state, file and counters.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 pub struct NodeCapture {
@@ -490,6 +494,13 @@ pub struct NodeCapture {
     pub packets: u64,
     #[serde(default)]
     pub dropped: u64,
+    /// Packets that matched the targets and ports but not `filter`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub filtered: u64,
+    /// Where `filter` runs on this node: `kernel` (what it rejects never
+    /// leaves the kernel), or `user space (why)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter_path: Option<String>,
     /// Why the capture on this node ended, or what went wrong.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

@@ -103,8 +103,17 @@ impl From<pcap::Error> for FilterError {
 /// the optimiser on, after [`without_names`]. Blocks: async callers use
 /// [`compile_async`].
 pub fn compile(expression: &str) -> Result<pcap::BpfProgram, FilterError> {
+    compile_for(expression, pcap::Linktype::ETHERNET)
+}
+
+/// [`compile`] for interfaces of another link type (`RAW`: frames that
+/// start at the IP header).
+pub fn compile_for(
+    expression: &str,
+    link: pcap::Linktype,
+) -> Result<pcap::BpfProgram, FilterError> {
     let expression = without_names(expression)?;
-    let dead = pcap::Capture::dead(pcap::Linktype::ETHERNET)?;
+    let dead = pcap::Capture::dead(link)?;
     Ok(dead.compile(&expression, true)?)
 }
 
@@ -112,6 +121,14 @@ pub fn compile(expression: &str) -> Result<pcap::BpfProgram, FilterError> {
 /// [`COMPILE_TIMEOUT`].
 pub async fn compile_async(expression: &str) -> Result<pcap::BpfProgram, FilterError> {
     compile_within(expression, COMPILE_TIMEOUT).await
+}
+
+/// [`compile_for`] as [`compile_async`] runs [`compile`].
+pub async fn compile_async_for(
+    expression: &str,
+    link: pcap::Linktype,
+) -> Result<pcap::BpfProgram, FilterError> {
+    compile_within_for(expression, link, COMPILE_TIMEOUT).await
 }
 
 static COMPILES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(CONCURRENT_COMPILES);
@@ -124,6 +141,14 @@ pub async fn compile_within(
     expression: &str,
     limit: Duration,
 ) -> Result<pcap::BpfProgram, FilterError> {
+    compile_within_for(expression, pcap::Linktype::ETHERNET, limit).await
+}
+
+async fn compile_within_for(
+    expression: &str,
+    link: pcap::Linktype,
+    limit: Duration,
+) -> Result<pcap::BpfProgram, FilterError> {
     let expression = expression.to_owned();
     let compiled = async move {
         let slot = COMPILES
@@ -131,7 +156,7 @@ pub async fn compile_within(
             .await
             .map_err(|e| FilterError::Libpcap(e.to_string()))?;
         tokio::task::spawn_blocking(move || {
-            let compiled = compile(&expression);
+            let compiled = compile_for(&expression, link);
             drop(slot);
             compiled
         })

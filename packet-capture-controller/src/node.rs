@@ -24,6 +24,9 @@ pub struct NodeProgress {
     pub state: CaptureState,
     pub packets: u64,
     pub dropped: u64,
+    pub filtered: u64,
+    /// Where the capture's filter runs, as the agent says.
+    pub filter_path: Option<String>,
     pub output_file: String,
     pub file_size: u64,
     pub message: Option<String>,
@@ -54,6 +57,8 @@ impl NodeProgress {
             state: CaptureState::Starting,
             packets: 0,
             dropped: 0,
+            filtered: 0,
+            filter_path: None,
             output_file: String::new(),
             file_size: 0,
             message: None,
@@ -77,6 +82,8 @@ impl NodeProgress {
     fn take_counts(&mut self, c: &Capture) {
         self.packets = c.packets;
         self.dropped = c.dropped;
+        self.filtered = c.filtered;
+        self.filter_path = (!c.filter_path.is_empty()).then(|| c.filter_path.clone());
         self.output_file = c.output_file.clone();
         self.file_size = c.file_size;
         self.message = (!c.message.is_empty()).then(|| c.message.clone());
@@ -139,6 +146,8 @@ impl NodeProgress {
             state: entry.status,
             packets: entry.packets,
             dropped: entry.dropped,
+            filtered: entry.filtered,
+            filter_path: entry.filter_path.clone(),
             output_file: entry.output_file.clone(),
             file_size: entry.file_size,
             message: entry.message.clone(),
@@ -161,6 +170,8 @@ impl NodeProgress {
             node: self.node.clone(),
             packets: self.packets,
             dropped: self.dropped,
+            filtered: self.filtered,
+            filter_path: self.filter_path.clone(),
             message: self.message.clone(),
             pods: listed(&self.pods),
         }

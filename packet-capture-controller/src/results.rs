@@ -200,6 +200,8 @@ mod tests {
                     node: "n1".into(),
                     packets: 7,
                     dropped: 0,
+                    filtered: 0,
+                    filter_path: None,
                     message: None,
                     pods: Vec::new(),
                 },
@@ -247,6 +249,8 @@ mod tests {
                     node: format!("node-with-a-long-name-{i:05}.eu-west-1.compute.internal"),
                     packets: 10_000_000,
                     dropped: 0,
+                    filtered: 1_000_000,
+                    filter_path: Some("kernel".into()),
                     message: Some("duration of 60s elapsed".into()),
                     pods: vec!["a-namespace/a-pod-name-0123456789".into(); 3],
                 };

@@ -205,7 +205,7 @@ pub fn only_counters_moved(
         s.packets = None;
         s.dropped = None;
         for e in s.capture_files.values_mut() {
-            (e.packets, e.dropped, e.file_size) = (0, 0, 0);
+            (e.packets, e.dropped, e.filtered, e.file_size) = (0, 0, 0, 0);
             e.output_file.clear();
         }
         s

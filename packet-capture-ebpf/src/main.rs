@@ -6,6 +6,13 @@
 //! buffer with the mask of the slots it matched; the agent does the rest.
 //! The programs never change what happens to a packet.
 //!
+//! A capture whose tcpdump filter the agent could translate has it run
+//! here too, before a record is reserved: the filter is a program of its
+//! own (see the agent's `kernel_filter`), reached by tail call from the
+//! hook's program with the packet's state in per-CPU memory, and it goes
+//! back by tail call to the hook's resume program with its verdict. The
+//! resume program runs the next capture's filter, or writes the record.
+//!
 //! Diagnostics (aya-log) say what an operator needs when captures look
 //! empty: that a program runs on an interface, frames too short to parse,
 //! records lost. They are off unless the agent sets [`DIAGNOSTICS`], which
@@ -22,14 +29,18 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{classifier, map},
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf,
+        lpm_trie::Key,
+    },
     programs::TcContext,
 };
 use aya_log_ebpf::{debug, warn};
 use packet_capture_common::abi::{
-    API_V4, API_V6, DEFAULT_RING_BYTES, DIRECTION_EGRESS, DIRECTION_INGRESS, LINK_ETHERNET,
-    LINK_RAW_IP, LOST_MASKS, MAX_PREFIXES, MAX_SNAPLEN, PORT_ENTRIES, RECORD_HEADER_LEN,
-    RecordHeader, Settings, counter,
+    API_V4, API_V6, DEFAULT_RING_BYTES, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    FILTER_PROGRAM_ENTRIES, FilterState, LINK_ETHERNET, LINK_RAW_IP, LOST_MASKS, MAX_PREFIXES,
+    MAX_SLOTS, MAX_SNAPLEN, PORT_ENTRIES, RECORD_HEADER_LEN, RecordHeader, Settings, counter,
+    filter_program, resume_program,
 };
 
 /// Neither pass nor drop: let the next program or filter decide, as if this
@@ -120,6 +131,20 @@ static PORTS: Array<u64> = Array::with_max_entries(PORT_ENTRIES, 0);
 #[map]
 static RECORDS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
+/// The captures' filters and the hooks' resume programs (see
+/// [`filter_program`] and [`resume_program`]), set by the agent.
+#[map]
+static FILTER_PROGRAMS: ProgramArray = ProgramArray::with_max_entries(FILTER_PROGRAM_ENTRIES, 0);
+
+/// The packet whose filters run now, on this CPU.
+#[map]
+static FILTER_STATE: PerCpuArray<FilterState> = PerCpuArray::with_max_entries(1, 0);
+
+/// Packets each slot's filter rejected in the kernel (user space keeps a
+/// baseline per capture, as for losses).
+#[map]
+static FILTERED: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SLOTS as u32, 0);
+
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
@@ -191,6 +216,31 @@ pub fn tc_egress_l3(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// Where a capture's filter goes back to, one per hook program.
+#[classifier]
+pub fn tc_ingress_resume(ctx: TcContext) -> i32 {
+    resume::<Ingress>(&ctx);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn tc_egress_resume(ctx: TcContext) -> i32 {
+    resume::<Egress>(&ctx);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn tc_ingress_l3_resume(ctx: TcContext) -> i32 {
+    resume::<IngressL3>(&ctx);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn tc_egress_l3_resume(ctx: TcContext) -> i32 {
+    resume::<EgressL3>(&ctx);
+    TC_ACT_UNSPEC
+}
+
 /// Addresses and ports found in a packet.
 struct Selectors {
     /// Slots whose IP targets match (or who have none).
@@ -223,17 +273,133 @@ fn capture<H: Hook>(ctx: &TcContext) {
     let mask = settings.active & selectors.ip & port_match;
     if mask != 0 {
         count(counter::MATCHED);
-        emit(ctx, mask, H::DIRECTION, H::LINK, settings);
+        dispatch::<H>(ctx, mask, settings);
     }
     if diagnostics() {
         diagnose::<H>(ctx);
     }
 }
 
+/// Runs the kernel filters of the slots in `mask` that have one (by tail
+/// call: the last resume program writes the record and diagnoses), or
+/// writes the record now.
+#[inline(always)]
+fn dispatch<H: Hook>(ctx: &TcContext, mask: u64, settings: &Settings) {
+    let filters = mask
+        & if H::LINK == LINK_ETHERNET {
+            settings.kernel_filter[LINK_ETHERNET as usize]
+        } else {
+            settings.kernel_filter[LINK_RAW_IP as usize]
+        };
+    // A tag the device took off the frame is not in the bytes the filter
+    // reads (libpcap tests it where it was): user space decides, on the
+    // frame with its tag put back.
+    if filters != 0
+        && !vlan_offloaded(ctx)
+        && let Some(state) = FILTER_STATE.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU memory, only touched by programs on this CPU.
+        unsafe {
+            *state = FilterState {
+                mask,
+                pending: filters,
+                resume: resume_program(H::DIRECTION, H::LINK),
+                ..FilterState::default()
+            };
+        }
+        next_filter::<H>(ctx, state);
+    }
+    // No filter in the kernel for these slots (or it could not be reached).
+    emit(ctx, mask, 0, H::DIRECTION, H::LINK, settings);
+}
+
+/// After a capture's filter: takes its verdict, then runs the next
+/// filter or writes the record for the slots that still want the packet.
+#[inline(always)]
+fn resume<H: Hook>(ctx: &TcContext) {
+    let (Some(settings), Some(state)) = (SETTINGS.get(0), FILTER_STATE.get_ptr_mut(0)) else {
+        return;
+    };
+    // SAFETY: per-CPU memory, only touched by programs on this CPU.
+    let (mask, filtered) = unsafe {
+        let s = &mut *state;
+        let bit = 1u64 << (s.current & 63);
+        if s.verdict == 0 {
+            s.mask &= !bit;
+            if let Some(c) = FILTERED.get_ptr_mut(s.current) {
+                *c += 1;
+            }
+        }
+        s.kernel_filtered |= bit;
+        next_filter::<H>(ctx, state);
+        (s.mask, s.kernel_filtered)
+    };
+    if mask != 0 {
+        emit(ctx, mask, filtered, H::DIRECTION, H::LINK, settings);
+    }
+    // The packet's last program: the hook's diagnostics run here.
+    if diagnostics() {
+        diagnose::<H>(ctx);
+    }
+}
+
+/// Tail-calls the filter of the next pending slot; returns only when none
+/// is pending or its program is gone (a capture ending): the slots left
+/// are then filtered in user space.
+#[inline(always)]
+fn next_filter<H: Hook>(ctx: &TcContext, state: *mut FilterState) {
+    // SAFETY: per-CPU memory, only touched by programs on this CPU.
+    let s = unsafe { &mut *state };
+    let pending = s.pending;
+    if pending == 0 {
+        return;
+    }
+    let bit = pending & pending.wrapping_neg();
+    s.pending = pending & !bit;
+    let slot = bit_index(bit);
+    s.current = slot;
+    s.verdict = 1;
+    // SAFETY: the programs in the array are our filters, which come back
+    // to the resume program of this hook.
+    unsafe { FILTER_PROGRAMS.tail_call(ctx, filter_program(slot, H::LINK)) };
+}
+
+/// The index of the one bit set in `bit` (no count-trailing-zeros in BPF).
+#[inline(always)]
+fn bit_index(bit: u64) -> u32 {
+    let mut index = 0;
+    if bit & 0xffff_ffff_0000_0000 != 0 {
+        index += 32;
+    }
+    if bit & 0xffff_0000_ffff_0000 != 0 {
+        index += 16;
+    }
+    if bit & 0xff00_ff00_ff00_ff00 != 0 {
+        index += 8;
+    }
+    if bit & 0xf0f0_f0f0_f0f0_f0f0 != 0 {
+        index += 4;
+    }
+    if bit & 0xcccc_cccc_cccc_cccc != 0 {
+        index += 2;
+    }
+    if bit & 0xaaaa_aaaa_aaaa_aaaa != 0 {
+        index += 1;
+    }
+    index
+}
+
+#[inline(always)]
+fn vlan_offloaded(ctx: &TcContext) -> bool {
+    // SAFETY: the TC context points at a valid __sk_buff.
+    unsafe { (*ctx.skb.skb).vlan_present != 0 }
+}
+
 /// What a record says besides the packet's bytes and the skb's fields.
 #[derive(Clone, Copy)]
 struct Record {
     mask: u64,
+    kernel_filtered: u64,
     orig_len: u32,
     cap_len: u32,
     wakeup_bytes: u32,
@@ -249,7 +415,14 @@ struct Record {
 /// sizes fit common frames closely: 1536 tunnels' 1442-byte frames, 1600 full
 /// 1514-byte Ethernet frames, 9088 jumbo frames, 65664 GSO/GRO super-frames.
 #[inline(always)]
-fn emit(ctx: &TcContext, mask: u64, direction: u8, link: u8, settings: &Settings) {
+fn emit(
+    ctx: &TcContext,
+    mask: u64,
+    kernel_filtered: u64,
+    direction: u8,
+    link: u8,
+    settings: &Settings,
+) {
     let orig_len = ctx.len();
     let mut cap_len = orig_len;
     if cap_len > settings.snaplen {
@@ -263,6 +436,7 @@ fn emit(ctx: &TcContext, mask: u64, direction: u8, link: u8, settings: &Settings
     }
     let record = Record {
         mask,
+        kernel_filtered,
         orig_len,
         cap_len,
         wakeup_bytes: settings.wakeup_bytes,
@@ -280,7 +454,7 @@ fn emit(ctx: &TcContext, mask: u64, direction: u8, link: u8, settings: &Settings
     }
     // The last holds a header and MAX_SNAPLEN bytes.
     by_size!(
-        128, 256, 512, 1024, 1536, 1600, 2048, 4096, 9088, 16384, 32768, 65664, 131136, 262184,
+        128, 256, 512, 1024, 1536, 1600, 2048, 4096, 9088, 16384, 32768, 65664, 131136, 262192,
     );
 }
 
@@ -330,6 +504,7 @@ fn emit_in<const N: usize>(ctx: &TcContext, r: &Record) {
             vlan_present = vlan_present,
             direction = r.direction,
             link = r.link,
+            kernel_filtered = r.kernel_filtered,
         );
         let pad = core::ptr::addr_of_mut!((*header)._pad).cast::<u8>();
         for i in 0..3 {

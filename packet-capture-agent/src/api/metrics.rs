@@ -171,6 +171,27 @@ impl Collector for EngineCollector {
         )?;
         family(
             &mut encoder,
+            "capture_filtered_in_kernel",
+            "Of those, the packets the filter rejected in the kernel (they never reached the agent)",
+            MetricType::Counter,
+            per_capture(&captures, |c| ConstCounter::new(c.filtered_in_kernel)),
+        )?;
+        let with_filter: Vec<CaptureStatus> = captures
+            .iter()
+            .filter(|c| !c.filter_path.is_empty())
+            .cloned()
+            .collect();
+        family(
+            &mut encoder,
+            "capture_filter_in_kernel",
+            "1 when the capture's filter runs in the kernel for every link type, 0 when user space runs it for some (see the capture's filter_path)",
+            MetricType::Gauge,
+            per_capture(&with_filter, |c| {
+                ConstGauge::new(i64::from(c.filter_path == "kernel"))
+            }),
+        )?;
+        family(
+            &mut encoder,
             "capture_file_bytes",
             "Bytes written to a capture's file (its compressed size once compressed)",
             MetricType::Gauge,

@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use packet_capture_common::crd::TargetDirection;
 
 use super::sink::{EndReason, Finished, Sink};
+use crate::filter::FilterPlace;
 use crate::netlink::Link;
 
 /// What a capture selects in the kernel and how much of each packet the
@@ -95,6 +96,15 @@ pub trait Backend: Send + Sync {
 pub trait Running: Send + Sync {
     /// Packets the kernel lost for this capture since it started.
     fn lost(&self) -> u64;
+
+    /// Where the capture's filter runs; `None` without a filter.
+    fn filter_place(&self) -> Option<FilterPlace>;
+
+    /// Packets the capture's filter rejected in the kernel (the sink
+    /// counts those it rejects itself).
+    fn filtered_in_kernel(&self) -> u64 {
+        0
+    }
 
     /// Makes the capture select `selection` from now on, without a gap for
     /// what both the old and the new selection select.

@@ -20,6 +20,7 @@ use super::backend::{Backend, BackendError, Ended, EndedTx, Running, Selection};
 use super::poll::wait_readable;
 use super::sink::{EndReason, Sink};
 use crate::ebpf::{Kernel, LinkKind, SlotTargets, TcAttach};
+use crate::filter::FilterPlace;
 use crate::netlink::Link;
 use crate::sync::{lock, spawn_essential};
 use crate::writer::{Direction, Meta};
@@ -80,6 +81,8 @@ struct Shared {
     commands: Commands,
     /// Slots no capture holds, least recently used first.
     free: Mutex<VecDeque<usize>>,
+    /// Whether captures' filters run in the kernel.
+    kernel_filters: bool,
 }
 
 impl Shared {
@@ -108,6 +111,7 @@ impl EbpfBackend {
     pub fn load(
         ring_bytes: u32,
         tc_attach: TcAttach,
+        kernel_filters: bool,
         own_api: Option<std::net::SocketAddr>,
         ended: EndedTx,
     ) -> Result<Self, BackendError> {
@@ -135,6 +139,7 @@ impl EbpfBackend {
                 kernel: Mutex::new(kernel),
                 commands: Commands { queue, wake },
                 free: Mutex::new((0..MAX_SLOTS).collect()),
+                kernel_filters,
             }),
             reader: Mutex::new(Some(reader)),
         })
@@ -187,7 +192,18 @@ impl Backend for EbpfBackend {
             shared: self.shared.clone(),
             slot,
             baseline: 0,
+            filtered_baseline: 0,
+            filter_place: None,
         };
+        // The filter goes into the kernel before the slot is active: its
+        // first packets are filtered there too.
+        if let Some(filter) = sink.filter() {
+            handle.filter_place = Some(if self.shared.kernel_filters {
+                self.shared.kernel().set_filter(slot, filter)
+            } else {
+                FilterPlace::UserSpace("--filters-in-user-space is set".into())
+            });
+        }
         // The sink is in place before the kernel selects anything for it,
         // so no record can reach the reader ahead of its sink.
         let (installed, done) = std::sync::mpsc::sync_channel(1);
@@ -201,6 +217,7 @@ impl Backend for EbpfBackend {
         }
         let mut kernel = self.shared.kernel();
         handle.baseline = kernel.slot_lost(slot).unwrap_or(0);
+        handle.filtered_baseline = kernel.slot_filtered(slot).unwrap_or(0);
         if let Err(e) = kernel.set_slot(slot, slot_targets(selection)) {
             drop(kernel);
             self.shared.commands.send(Command::Discard { slot });
@@ -260,6 +277,9 @@ struct SlotCapture {
     slot: usize,
     /// The slot's loss counter when the capture started.
     baseline: u64,
+    /// The slot's count of packets its filter rejected, then.
+    filtered_baseline: u64,
+    filter_place: Option<FilterPlace>,
 }
 
 impl Running for SlotCapture {
@@ -269,6 +289,18 @@ impl Running for SlotCapture {
             .slot_lost(self.slot)
             .unwrap_or(self.baseline)
             .saturating_sub(self.baseline)
+    }
+
+    fn filter_place(&self) -> Option<FilterPlace> {
+        self.filter_place.clone()
+    }
+
+    fn filtered_in_kernel(&self) -> u64 {
+        self.shared
+            .kernel()
+            .slot_filtered(self.slot)
+            .unwrap_or(self.filtered_baseline)
+            .saturating_sub(self.filtered_baseline)
     }
 
     /// The maps change in place: an address in both the old and the new
@@ -478,9 +510,10 @@ impl Reader {
             let mut mask = header.slot_mask;
             while mask != 0 {
                 let slot = mask.trailing_zeros() as usize;
+                let filtered_in_kernel = header.kernel_filtered & (1 << slot) != 0;
                 mask &= mask - 1;
                 if let Some(sink) = self.sinks[slot].as_mut()
-                    && let Some(reason) = sink.offer(&meta, frame, &self.names)
+                    && let Some(reason) = sink.offer(&meta, frame, &self.names, filtered_in_kernel)
                 {
                     finish(&mut self.sinks[slot], &self.ended, reason);
                 }

@@ -97,6 +97,12 @@ pub struct CaptureStatus {
     pub packets: u64,
     pub dropped: u64,
     pub filtered: u64,
+    /// Of those, the packets the kernel rejected: they never reached user
+    /// space.
+    pub filtered_in_kernel: u64,
+    /// Where the filter runs: `kernel`, `user space (why)`; empty without
+    /// a filter.
+    pub filter_path: String,
     pub output_file: String,
     pub file_size: u64,
     pub message: String,
@@ -163,6 +169,9 @@ pub struct EngineConfig {
     pub ring_bytes: u32,
     /// How the eBPF programs are attached to the interfaces.
     pub tc_attach: TcAttach,
+    /// Whether the eBPF backend runs the captures' filters in the kernel
+    /// (`--filters-in-user-space` turns it off, to measure the difference).
+    pub kernel_filters: bool,
     /// The agent API's address: TCP to or from it is never captured.
     pub own_api: Option<std::net::SocketAddr>,
 }
@@ -196,6 +205,8 @@ struct Capture {
     /// Where the file will be once complete; None for stdout.
     output_file: Option<PathBuf>,
     counters: Arc<Counters>,
+    /// Where its filter runs ([`CaptureStatus::filter_path`]).
+    filter_path: String,
     /// The backend's handle while the capture runs. Dropped once the end is
     /// recorded, which is when the backend takes back what the capture held.
     running: Mutex<Option<Box<dyn Running>>>,
@@ -471,6 +482,10 @@ impl Engine {
             start_time,
             output_file,
             counters,
+            filter_path: running
+                .filter_place()
+                .map(|p| p.describe())
+                .unwrap_or_default(),
             running: Mutex::new(Some(running)),
             life: Mutex::new(Life {
                 state: CaptureState::Running,
@@ -611,6 +626,7 @@ impl Engine {
         // while they hold `captures`, and must not wait on the backend. An
         // end recorded meanwhile has frozen the losses, and those win.
         let lost = self.lost_now(c);
+        let (filtered_in_kernel, filtered) = self.filtered_now(c);
         let life = lock(&c.life);
         let dropped = life.dropped.unwrap_or(lost);
         let (output_file, file_size) = match (&life.file, &c.output_file) {
@@ -631,7 +647,9 @@ impl Engine {
             state: life.state,
             packets: c.counters.packets.load(Ordering::Relaxed),
             dropped,
-            filtered: c.counters.filtered.load(Ordering::Relaxed),
+            filtered,
+            filtered_in_kernel,
+            filter_path: c.filter_path.clone(),
             output_file,
             file_size,
             message: life.message.clone(),
@@ -639,6 +657,18 @@ impl Engine {
             end_time: life.end_time,
             node_name: self.inner.config.node_name.clone(),
         }
+    }
+
+    /// Packets the capture's filter rejected so far in the kernel (the
+    /// backend's count until the capture ends, when
+    /// [`Engine::follow_ended`] keeps it), and in all.
+    fn filtered_now(&self, c: &Capture) -> (u64, u64) {
+        let running = lock(&c.running);
+        let kernel = match running.as_ref() {
+            Some(r) => r.filtered_in_kernel(),
+            None => c.counters.filtered_in_kernel.load(Ordering::Relaxed),
+        };
+        (kernel, kernel + c.counters.filtered.load(Ordering::Relaxed))
     }
 
     /// Packets the capture lost so far: in the kernel and in user space.
@@ -675,7 +705,17 @@ impl Engine {
             }
             // The losses are frozen above; now the backend takes back what
             // the capture held (for eBPF, its slot), outside the lock.
-            let running = lock(&capture.running).take();
+            let running = {
+                let mut running = lock(&capture.running);
+                if let Some(r) = running.as_ref() {
+                    let kernel = r.filtered_in_kernel();
+                    capture
+                        .counters
+                        .filtered_in_kernel
+                        .store(kernel, Ordering::Relaxed);
+                }
+                running.take()
+            };
             drop(running);
             let status = self.snapshot(&capture);
             tracing::info!(
@@ -726,6 +766,7 @@ fn load_backend(
         Ok(Arc::new(ebpf::EbpfBackend::load(
             ring_bytes,
             config.tc_attach,
+            config.kernel_filters,
             config.own_api,
             ended.clone(),
         )?))
@@ -772,6 +813,8 @@ fn placeholder_status(req: &StartRequest, start_time: SystemTime) -> CaptureStat
         packets: 0,
         dropped: 0,
         filtered: 0,
+        filtered_in_kernel: 0,
+        filter_path: String::new(),
         output_file: String::new(),
         file_size: 0,
         message: String::new(),

@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::backend::{Backend, BackendError, Ended, EndedTx, Running, Selection};
 use super::poll::wait_readable;
 use super::sink::{EndReason, Sink};
-use crate::filter::{selection_expression, through_vlans, without_own_api};
+use crate::filter::{FilterPlace, selection_expression, through_vlans, without_own_api};
 use crate::netlink::Link;
 use crate::sync::{lock, spawn_essential};
 use crate::writer::{Direction, Meta};
@@ -223,6 +223,7 @@ impl Backend for PcapBackend {
         sink: Sink,
     ) -> Result<Box<dyn Running>, BackendError> {
         let filter = SocketFilter::new(selection, self.own_api);
+        let has_filter = sink.filter().is_some();
         let (commands, rx) = std::sync::mpsc::channel();
         // Listed before the interfaces are read: an interface that comes
         // later reaches the thread as a command, one that came earlier is
@@ -264,6 +265,7 @@ impl Backend for PcapBackend {
             .map_err(BackendError::Thread)?;
         Ok(Box::new(ThreadCapture {
             own_api: self.own_api,
+            has_filter,
             commands,
             thread: Some(thread),
             kernel_drops,
@@ -278,6 +280,8 @@ impl Backend for PcapBackend {
 /// runs and waits for the thread to exit.
 struct ThreadCapture {
     own_api: Option<std::net::SocketAddr>,
+    /// Whether the capture has a filter (run on the frames read).
+    has_filter: bool,
     commands: Sender<Command>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Packets the kernel dropped on the capture's sockets.
@@ -287,6 +291,16 @@ struct ThreadCapture {
 impl Running for ThreadCapture {
     fn lost(&self) -> u64 {
         self.kernel_drops.load(Ordering::Relaxed)
+    }
+
+    /// The sockets' kernel filter selects the targets and ports; the
+    /// capture's filter runs on what they deliver.
+    fn filter_place(&self) -> Option<FilterPlace> {
+        self.has_filter.then(|| {
+            FilterPlace::UserSpace(
+                "the libpcap backend runs it on the frames its sockets read".into(),
+            )
+        })
     }
 
     /// Returns once the capture's thread has given every socket the new
@@ -451,7 +465,8 @@ impl Worker {
         let sink = self.sink.as_mut()?;
         self.batch.sort_by_key(|q| q.meta.unix_ns);
         for q in &self.batch {
-            if let Some(reason) = sink.offer(&q.meta, &self.arena[q.range.clone()], &self.names) {
+            let frame = &self.arena[q.range.clone()];
+            if let Some(reason) = sink.offer(&q.meta, frame, &self.names, false) {
                 return Some(reason);
             }
         }

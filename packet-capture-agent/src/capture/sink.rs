@@ -17,8 +17,11 @@ use crate::writer::{Encoder, InterfaceNames, Meta};
 pub struct Counters {
     /// Packets written (or logged).
     pub packets: AtomicU64,
-    /// Packets that matched the targets but not the filter.
+    /// Packets that matched the targets but not the filter, in user space.
     pub filtered: AtomicU64,
+    /// Those the filter rejected in the kernel, once the capture ended
+    /// (the backend counts them while it runs).
+    pub filtered_in_kernel: AtomicU64,
     /// Packets lost in user space (a failed write).
     pub dropped: AtomicU64,
     /// Bytes of the capture file so far.
@@ -122,14 +125,22 @@ impl Sink {
         }
     }
 
-    /// Takes one packet; returns why the capture must end, if it must.
+    /// The capture's filter, which the backend may run in the kernel too.
+    pub fn filter(&self) -> Option<&Filter> {
+        self.filter.as_ref()
+    }
+
+    /// Takes one packet (which passed the filter already if
+    /// `filtered_in_kernel`); returns why the capture must end, if it must.
     pub fn offer(
         &mut self,
         meta: &Meta,
         frame: &[u8],
         names: &impl InterfaceNames,
+        filtered_in_kernel: bool,
     ) -> Option<EndReason> {
-        if let Some(filter) = &self.filter
+        if !filtered_in_kernel
+            && let Some(filter) = &self.filter
             && !filter.matches(frame, meta.orig_len)
         {
             self.counters.filtered.fetch_add(1, Ordering::Relaxed);

@@ -72,6 +72,12 @@ async fn rest_capture_end_to_end() {
     let done = c.ended("ping-1").await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["packets"], 6, "{done}");
+    let filter_path = done["filter_path"].as_str().unwrap();
+    if backend == "ebpf" {
+        assert_eq!(filter_path, "kernel", "{done}");
+    } else {
+        assert!(filter_path.starts_with("user space ("), "{done}");
+    }
     assert!(
         done["message"].as_str().unwrap().contains("maxPackets"),
         "{done}"
@@ -143,6 +149,13 @@ async fn rest_capture_end_to_end() {
         "packet_capture_agent_capture_packets_total{id=\"ping-1\",name=\"ping-1\"} 6".into(),
         "packet_capture_agent_capture_dropped_total{id=\"ping-1\",name=\"ping-1\"} 0".into(),
         "packet_capture_agent_capture_filtered_total{id=\"ping-1\",name=\"ping-1\"} ".into(),
+        "packet_capture_agent_capture_filtered_in_kernel_total{id=\"ping-1\",name=\"ping-1\"} "
+            .into(),
+        // The eBPF backend runs the filter in the kernel, libpcap's in user space.
+        format!(
+            "packet_capture_agent_capture_filter_in_kernel{{id=\"ping-1\",name=\"ping-1\"}} {}",
+            u8::from(backend == "ebpf")
+        ),
         format!(
             "packet_capture_agent_capture_file_bytes{{id=\"ping-1\",name=\"ping-1\"}} {}",
             bytes.len()

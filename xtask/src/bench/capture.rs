@@ -109,13 +109,19 @@ impl Tcpdump {
 pub struct AgentSettings {
     pub binary: PathBuf,
     pub ring_mb: u32,
+    /// `--filters-in-user-space`: the filter runs after the ring, as
+    /// before the kernel ran it.
+    pub filters_in_user_space: bool,
 }
 
 /// A capture to ask the agent for.
 #[derive(Debug, Clone)]
 pub struct AgentCapture {
     pub target_ip: String,
-    pub port: u16,
+    /// None: any port.
+    pub port: Option<u16>,
+    /// A tcpdump expression; empty: none.
+    pub filter: String,
     pub snaplen: u32,
     /// Longer than the run: the run stops it.
     pub duration_secs: u64,
@@ -135,30 +141,39 @@ impl Agent {
         let binary = settings.binary.to_str().context("agent path")?.to_owned();
         let dir_arg = dir.to_str().context("capture dir")?.to_owned();
         let ring = settings.ring_mb.to_string();
+        let user_space: &[&str] = if settings.filters_in_user_space {
+            &["--filters-in-user-space"]
+        } else {
+            &[]
+        };
         let process = AgentProcess::spawn(
             ns,
             &binary,
             &[
-                "--insecure-no-auth",
-                "--insecure-plaintext",
-                "--port",
-                "0",
-                "--bind-address",
-                "127.0.0.1",
-                "--capture-dir",
-                &dir_arg,
-                "--ring-buffer-mb",
-                &ring,
-                "--max-capture-file-size-mb",
-                "1048576",
-                // The capture is stopped by the harness, never by a count.
-                "--max-capture-packets",
-                "4294967295",
-                "--backend",
-                "ebpf",
-                "--node-name",
-                "bench",
-            ],
+                user_space,
+                &[
+                    "--insecure-no-auth",
+                    "--insecure-plaintext",
+                    "--port",
+                    "0",
+                    "--bind-address",
+                    "127.0.0.1",
+                    "--capture-dir",
+                    &dir_arg,
+                    "--ring-buffer-mb",
+                    &ring,
+                    "--max-capture-file-size-mb",
+                    "1048576",
+                    // The capture is stopped by the harness, never by a count.
+                    "--max-capture-packets",
+                    "4294967295",
+                    "--backend",
+                    "ebpf",
+                    "--node-name",
+                    "bench",
+                ],
+            ]
+            .concat(),
             &[],
         );
         Ok(Self {
@@ -200,7 +215,8 @@ impl Agent {
         let body = serde_json::json!({
             "id": self.id,
             "targetIPs": [c.target_ip],
-            "targetPorts": [c.port],
+            "targetPorts": c.port.into_iter().collect::<Vec<_>>(),
+            "filter": c.filter,
             "duration": c.duration_secs,
             "maxPackets": u32::MAX,
             "outputFormat": "pcap",
@@ -221,7 +237,7 @@ impl Agent {
 
     /// `DELETE /api/v1/captures/{id}` (it returns once the file is whole),
     /// then the agent's numbers, then SIGTERM.
-    pub fn finish(mut self) -> anyhow::Result<Ended> {
+    pub fn finish(self) -> anyhow::Result<Ended> {
         let status = self.call("DELETE", &format!("/api/v1/captures/{}", self.id), None)?;
         if status["status"] != "stopped" {
             bail!("the capture did not stop cleanly: {status}");
@@ -244,10 +260,21 @@ impl Agent {
             rss,
             map_memory,
         };
+        self.stop()?;
+        Ok(ended)
+    }
+
+    /// CPU seconds since [`Agent::mark`].
+    pub fn cpu(&self) -> anyhow::Result<f64> {
+        Ok(procstat::process_cpu(self.pid())? - self.cpu_start)
+    }
+
+    /// SIGTERM, and a clean exit.
+    pub fn stop(mut self) -> anyhow::Result<()> {
         let exit = self.process.signal_and_wait(libc::SIGTERM);
         if !exit.success() {
             bail!("the agent exited with {exit}: {}", self.process.log());
         }
-        Ok(ended)
+        Ok(())
     }
 }

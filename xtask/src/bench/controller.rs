@@ -14,7 +14,7 @@
 //! started again). `--out docs/benchmarks.md` replaces the report's section
 //! for the kind of run.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, bail, ensure};
@@ -30,8 +30,8 @@ use packet_capture_test_support::cluster::{
 };
 use serde_json::json;
 
-use super::procstat;
 use super::stand_in::{self, StandIns};
+use super::{procstat, replace_section};
 use crate::cluster::up;
 use crate::demo::{self, relative};
 use crate::util::step;
@@ -529,23 +529,4 @@ fn markdown(m: &Measured, args: &Args) -> String {
         duration = args.duration,
         rows = rows.join("\n"),
     )
-}
-
-/// Puts `section` in place of the report's section between the markers
-/// (appended when it has none).
-fn replace_section(
-    out: &Path,
-    (begin, end): &(String, String),
-    section: &str,
-) -> anyhow::Result<()> {
-    let old = std::fs::read_to_string(out).unwrap_or_default();
-    let new = match (old.find(begin.as_str()), old.find(end.as_str())) {
-        (Some(a), Some(b)) if a < b => {
-            let rest = old[b + end.len()..].trim_start_matches('\n');
-            let gap = if rest.is_empty() { "" } else { "\n" };
-            format!("{}{section}{gap}{rest}", &old[..a])
-        }
-        _ => format!("{old}\n{section}"),
-    };
-    std::fs::write(out, new).with_context(|| format!("writing {}", out.display()))
 }

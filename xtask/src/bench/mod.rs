@@ -11,6 +11,7 @@
 mod capture;
 mod compress;
 pub mod controller;
+mod filters;
 mod generator;
 mod pcapfile;
 mod procstat;
@@ -54,12 +55,16 @@ enum What {
     /// The controller driving one capture on many nodes of the local
     /// control plane, each running the real agent (as root).
     Controller(controller::Args),
+    /// What capturing costs for the packets it does not keep (a rejecting
+    /// filter, another host's capture, no capture), against tcpdump.
+    Filters(filters::Args),
 }
 
 /// Runs the benchmark the command line asks for.
 pub fn run_command(cli: Cli) -> anyhow::Result<()> {
     match cli.what {
         Some(What::Controller(args)) => controller::run_cli(args),
+        Some(What::Filters(args)) => filters::run_cli(args),
         None => run_cli(cli.capture),
     }
 }
@@ -192,6 +197,7 @@ impl Config {
             agent: AgentSettings {
                 binary: agent,
                 ring_mb: 2,
+                filters_in_user_space: false,
             },
             tcpdump_buffer_kib: 2048,
             tcp: Some(tcp::TcpConfig::default()),
@@ -541,7 +547,8 @@ fn run_one(
         let a = Agent::start(&topo.receiver, &config.agent, &dir.join("agent"))?;
         a.start_capture(&AgentCapture {
             target_ip: SENDER_IP.to_string(),
-            port: UDP_PORT,
+            port: Some(UDP_PORT),
+            filter: String::new(),
             snaplen: SNAPLEN,
             duration_secs: config.duration.as_secs() + 600,
         })?;
@@ -712,6 +719,25 @@ fn environment() -> Environment {
         iperf3: run("iperf3", &["--version"]),
         ..Default::default()
     }
+}
+
+/// Puts `section` in place of the report's section between the markers
+/// (appended when it has none).
+pub(super) fn replace_section(
+    out: &Path,
+    (begin, end): &(String, String),
+    section: &str,
+) -> anyhow::Result<()> {
+    let old = std::fs::read_to_string(out).unwrap_or_default();
+    let new = match (old.find(begin.as_str()), old.find(end.as_str())) {
+        (Some(a), Some(b)) if a < b => {
+            let rest = old[b + end.len()..].trim_start_matches('\n');
+            let gap = if rest.is_empty() { "" } else { "\n" };
+            format!("{}{section}{gap}{rest}", &old[..a])
+        }
+        _ => format!("{old}\n{section}"),
+    };
+    std::fs::write(out, new).with_context(|| format!("writing {}", out.display()))
 }
 
 #[cfg(test)]

@@ -96,7 +96,8 @@ pub fn run(tcp: &TcpConfig, config: &Config, topo: &Topology) -> anyhow::Result<
     )?;
     agent.start_capture(&AgentCapture {
         target_ip: SENDER_IP.to_string(),
-        port: IPERF_PORT,
+        port: Some(IPERF_PORT),
+        filter: String::new(),
         snaplen: SNAPLEN,
         duration_secs: tcp.seconds + 600,
     })?;

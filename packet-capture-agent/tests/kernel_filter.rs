@@ -1,0 +1,574 @@
+//! The kernel runs a capture's tcpdump filter exactly as libpcap does: each
+//! expression, compiled by libpcap and translated to eBPF, is loaded into
+//! this kernel and run on every frame of a corpus (`BPF_PROG_TEST_RUN`), and
+//! its verdict must equal `pcap_offline_filter`'s on the same frame, for
+//! Ethernet frames and for frames that start at the IP header, with loads
+//! read directly, directly at constant offsets only, and through
+//! `bpf_skb_load_bytes`.
+
+use packet_capture_agent::filter::ClassicInsn;
+use packet_capture_agent::kernel_filter::{Access, Ending, load_program, translate};
+use packet_capture_test_support::privileged;
+
+#[repr(C)]
+struct BpfProgram {
+    len: u32,
+    insns: *const ClassicInsn,
+}
+
+#[repr(C)]
+struct PktHdr {
+    ts: libc::timeval,
+    caplen: u32,
+    len: u32,
+}
+
+unsafe extern "C" {
+    fn pcap_offline_filter(prog: *const BpfProgram, hdr: *const PktHdr, pkt: *const u8) -> i32;
+}
+
+/// libpcap's verdict on a whole frame.
+fn libpcap_accepts(insns: &[ClassicInsn], frame: &[u8]) -> bool {
+    let prog = BpfProgram {
+        len: insns.len() as u32,
+        insns: insns.as_ptr(),
+    };
+    let hdr = PktHdr {
+        ts: libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        },
+        caplen: frame.len() as u32,
+        len: frame.len() as u32,
+    };
+    // SAFETY: the program and frame outlive the call; libpcap bounds every
+    // load by caplen.
+    unsafe { pcap_offline_filter(&prog, &hdr, frame.as_ptr()) != 0 }
+}
+
+const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+const V4_A: [u8; 4] = [10, 0, 0, 1];
+const V4_B: [u8; 4] = [10, 0, 1, 2];
+const V4_C: [u8; 4] = [192, 168, 7, 9];
+const V6_A: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const V6_B: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+const V6_MCAST: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 2];
+
+fn ethernet(dst: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    [&dst[..], &MAC_A, &ethertype.to_be_bytes(), payload].concat()
+}
+
+/// `payload` behind VLAN tags (outer first), as the wire carries them.
+fn tagged(tags: &[(u16, u16)], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut frame = [&MAC_B[..], &MAC_A].concat();
+    for &(tpid, vid) in tags {
+        frame.extend_from_slice(&tpid.to_be_bytes());
+        frame.extend_from_slice(&vid.to_be_bytes());
+    }
+    frame.extend_from_slice(&ethertype.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+fn ipv4_with(
+    proto: u8,
+    src: [u8; 4],
+    dst: [u8; 4],
+    frag: u16,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    let header_len = 20 + options.len();
+    let total = (header_len + payload.len()) as u16;
+    let mut p = vec![0x40 | (header_len / 4) as u8, 0];
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0x12, 0x34]);
+    p.extend_from_slice(&frag.to_be_bytes());
+    p.extend_from_slice(&[64, proto, 0, 0]);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(options);
+    p.extend_from_slice(payload);
+    p
+}
+
+fn ipv4(proto: u8, src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+    ipv4_with(proto, src, dst, 0x4000, &[], payload)
+}
+
+fn ipv6(next: u8, src: [u8; 16], dst: [u8; 16], payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[next, 64]);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// An IPv6 extension header of 8 bytes (hop-by-hop, routing, destination
+/// options) before `rest`.
+fn ext6(next: u8, rest: &[u8]) -> Vec<u8> {
+    [&[next, 0, 1, 4, 0, 0, 0, 0][..], rest].concat()
+}
+
+fn frag6(next: u8, offset: u16, more: bool, rest: &[u8]) -> Vec<u8> {
+    let field = (offset << 3) | u16::from(more);
+    [&[next, 0][..], &field.to_be_bytes(), &[0, 0, 0, 7], rest].concat()
+}
+
+fn tcp(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    s.extend_from_slice(payload);
+    s
+}
+
+fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    s.extend_from_slice(&[0, 0]);
+    s.extend_from_slice(payload);
+    s
+}
+
+fn icmp(kind: u8, code: u8) -> Vec<u8> {
+    vec![kind, code, 0, 0, 0, 1, 0, 1, b'p', b'i', b'n', b'g']
+}
+
+fn arp(op: u16, spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
+    let mut p = vec![0, 1, 0x08, 0, 6, 4];
+    p.extend_from_slice(&op.to_be_bytes());
+    p.extend_from_slice(&MAC_A);
+    p.extend_from_slice(&spa);
+    p.extend_from_slice(&[0; 6]);
+    p.extend_from_slice(&tpa);
+    p
+}
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const ICMP: u8 = 1;
+const ICMP6: u8 = 58;
+const SCTP: u8 = 132;
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const PSH: u8 = 0x08;
+const FIN: u8 = 0x01;
+const RST: u8 = 0x04;
+
+/// IP packets (what raw-IP interfaces carry), by name.
+fn ip_packets() -> Vec<(String, Vec<u8>)> {
+    let payload: Vec<u8> = (0..200u16).map(|i| i as u8).collect();
+    let flood = vec![0x5au8; 1442 - 14 - 20 - 8];
+    let big = vec![0x33u8; 2100];
+    let sctp = [&80u16.to_be_bytes()[..], &9999u16.to_be_bytes(), &[0; 8]].concat();
+    let packets = vec![
+        (
+            "v4 tcp syn",
+            ipv4(TCP, V4_A, V4_B, &tcp(40000, 80, SYN, &[])),
+        ),
+        (
+            "v4 tcp syn-ack",
+            ipv4(TCP, V4_B, V4_A, &tcp(80, 40000, SYN | ACK, &[])),
+        ),
+        (
+            "v4 tcp psh data",
+            ipv4(TCP, V4_A, V4_B, &tcp(40000, 443, PSH | ACK, &payload)),
+        ),
+        (
+            "v4 tcp fin",
+            ipv4(TCP, V4_A, V4_C, &tcp(22, 5000, FIN | ACK, &[])),
+        ),
+        (
+            "v4 tcp rst",
+            ipv4(TCP, V4_C, V4_A, &tcp(8080, 1023, RST, &[])),
+        ),
+        (
+            "v4 udp dns",
+            ipv4(UDP, V4_A, V4_C, &udp(5353, 53, &payload[..40])),
+        ),
+        (
+            "v4 udp flood 1442",
+            ipv4(UDP, V4_A, V4_B, &udp(9, 9, &flood)),
+        ),
+        ("v4 udp big", ipv4(UDP, V4_B, V4_A, &udp(4789, 6081, &big))),
+        ("v4 icmp echo", ipv4(ICMP, V4_A, V4_B, &icmp(8, 0))),
+        ("v4 icmp unreachable", ipv4(ICMP, V4_B, V4_A, &icmp(3, 1))),
+        ("v4 sctp", ipv4(SCTP, V4_A, V4_B, &sctp)),
+        (
+            "v4 first fragment",
+            ipv4_with(UDP, V4_A, V4_B, 0x2000, &[], &udp(1000, 53, &payload)),
+        ),
+        (
+            "v4 later fragment",
+            ipv4_with(UDP, V4_A, V4_B, 0x0010, &[], &payload[..64]),
+        ),
+        (
+            "v4 options",
+            ipv4_with(TCP, V4_A, V4_B, 0, &[1, 1, 1, 0], &tcp(1234, 80, SYN, &[])),
+        ),
+        (
+            "v4 broadcast udp",
+            ipv4(UDP, V4_A, [255; 4], &udp(68, 67, &payload[..30])),
+        ),
+        (
+            "v4 multicast",
+            ipv4(UDP, V4_A, [224, 0, 0, 251], &udp(5353, 5353, &[])),
+        ),
+        (
+            "v6 tcp syn",
+            ipv6(TCP, V6_A, V6_B, &tcp(40000, 80, SYN, &[])),
+        ),
+        (
+            "v6 tcp data",
+            ipv6(TCP, V6_B, V6_A, &tcp(443, 40001, ACK | PSH, &payload)),
+        ),
+        (
+            "v6 udp",
+            ipv6(UDP, V6_A, V6_B, &udp(53, 33333, &payload[..50])),
+        ),
+        ("v6 icmp6 echo", ipv6(ICMP6, V6_A, V6_B, &icmp(128, 0))),
+        (
+            "v6 neighbour solicitation",
+            ipv6(ICMP6, V6_A, V6_MCAST, &icmp(135, 0)),
+        ),
+        (
+            "v6 hop-by-hop then tcp",
+            ipv6(0, V6_A, V6_B, &ext6(TCP, &tcp(1000, 80, SYN, &[]))),
+        ),
+        (
+            "v6 routing and dstopts then udp",
+            ipv6(
+                43,
+                V6_A,
+                V6_B,
+                &ext6(60, &ext6(UDP, &udp(7, 53, &[1, 2, 3]))),
+            ),
+        ),
+        (
+            "v6 first fragment",
+            ipv6(
+                44,
+                V6_A,
+                V6_B,
+                &frag6(UDP, 0, true, &udp(999, 53, &payload)),
+            ),
+        ),
+        (
+            "v6 later fragment",
+            ipv6(44, V6_A, V6_B, &frag6(UDP, 100, false, &payload[..40])),
+        ),
+        ("v6 sctp", ipv6(SCTP, V6_B, V6_A, &sctp)),
+    ];
+    packets
+        .into_iter()
+        .map(|(name, p)| (name.to_owned(), p))
+        .collect()
+}
+
+/// Ethernet frames, by name: each IP packet plain, VLAN-tagged and
+/// double-tagged, ARP, other EtherTypes, and frames cut short.
+fn ethernet_frames(packets: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
+    let mut frames = Vec::new();
+    for (name, p) in packets {
+        let ethertype = if p[0] >> 4 == 4 { 0x0800 } else { 0x86dd };
+        frames.push((name.clone(), ethernet(MAC_B, ethertype, p)));
+        if name.contains("tcp") || name.contains("udp dns") || name.contains("icmp6") {
+            frames.push((
+                format!("802.1Q 100 {name}"),
+                tagged(&[(0x8100, 100)], ethertype, p),
+            ));
+            frames.push((
+                format!("802.1ad 7 / 802.1Q 200 {name}"),
+                tagged(&[(0x88a8, 7), (0x8100, 200)], ethertype, p),
+            ));
+        }
+    }
+    let whole = frames.clone();
+    for (name, frame) in whole.iter().step_by(2) {
+        // The kernel's test run refuses an untagged IP frame cut inside
+        // its IP header (the TC hooks never see one: the device drops it).
+        let shortest = match u16::from_be_bytes([frame[12], frame[13]]) {
+            0x0800 => 34,
+            0x86dd => 54,
+            _ => 15,
+        };
+        for cut in [15, 20, 30, 38, 42, 50, 58, 66] {
+            if cut >= shortest && cut < frame.len() {
+                frames.push((format!("{name} cut to {cut}"), frame[..cut].to_vec()));
+            }
+        }
+    }
+    frames.push((
+        "arp request".into(),
+        ethernet([0xff; 6], 0x0806, &arp(1, V4_A, V4_B)),
+    ));
+    frames.push((
+        "arp reply".into(),
+        ethernet(MAC_A, 0x0806, &arp(2, V4_B, V4_A)),
+    ));
+    frames.push((
+        "802.1Q arp".into(),
+        tagged(&[(0x8100, 100)], 0x0806, &arp(1, V4_C, V4_A)),
+    ));
+    frames.push((
+        "lldp".into(),
+        ethernet([0x01, 0x80, 0xc2, 0, 0, 0x0e], 0x88cc, &[0; 46]),
+    ));
+    frames.push(("ethernet only".into(), ethernet(MAC_B, 0x0800, &[])));
+    frames
+}
+
+/// Expressions chosen for what they exercise, then combinations of
+/// primitives with `not`, `and` and `or`.
+fn expressions() -> Vec<String> {
+    let hand_picked = [
+        "",
+        "tcp",
+        "udp",
+        "icmp",
+        "icmp6",
+        "ip",
+        "ip6",
+        "arp",
+        "sctp",
+        "vlan",
+        "vlan 100",
+        "vlan 200",
+        "vlan and tcp",
+        "vlan 100 and tcp port 80",
+        "vlan and vlan 200 and ip",
+        "vlan and vlan and udp port 53",
+        "ether proto 0x0800",
+        "ether proto 0x86dd",
+        "ether proto 0x88cc",
+        "ether host 02:00:00:00:00:0a",
+        "ether dst 02:00:00:00:00:0b",
+        "ether broadcast",
+        "ether multicast",
+        "ether[0] & 1 != 0",
+        "ip broadcast",
+        "ip multicast",
+        "ip6 multicast",
+        "host 10.0.0.1",
+        "src host 10.0.0.1",
+        "dst host 10.0.1.2",
+        "host fd00::1",
+        "dst host fd00::2",
+        "net 10.0.0.0/16",
+        "net 10.0.0.0/24",
+        "src net 192.168.0.0/16",
+        "dst net 10.0.1.0/24",
+        "net fd00::/64",
+        "net fd00::/127",
+        "port 80",
+        "src port 40000",
+        "dst port 53",
+        "tcp port 443",
+        "udp port 53",
+        "portrange 1-1023",
+        "tcp portrange 8000-8100",
+        "udp dst portrange 50-60",
+        "sctp port 80",
+        "greater 1000",
+        "less 100",
+        "greater 2000",
+        "udp and greater 2000",
+        "len >= 1442",
+        "len == 60",
+        "tcp[13] & 2 != 0",
+        "tcp[13] == 0x12",
+        "tcp[tcpflags] & tcp-syn != 0",
+        "tcp[tcpflags] & (tcp-syn|tcp-fin) != 0",
+        "tcp[tcpflags] & tcp-rst != 0",
+        "tcp[tcpflags] == tcp-syn",
+        "tcp[tcpflags] & (tcp-syn|tcp-ack) == (tcp-syn|tcp-ack)",
+        "tcp[12] >> 4 > 5",
+        "tcp[0:2] == 80 or tcp[2:2] == 80",
+        "tcp[((tcp[12:1] & 0xf0) >> 2):4] = 0x00010203",
+        "ip[6:2] & 0x1fff != 0",
+        "ip[6] & 0x20 != 0",
+        "ip[0] & 0xf != 5",
+        "ip[8] == 64",
+        "ip[2:2] > 500",
+        "ip[9] == 17",
+        "ip6[6] == 58",
+        "ip6[40] == 128",
+        "icmp[icmptype] == icmp-echo",
+        "icmp[icmptype] != icmp-echo and icmp[icmptype] != icmp-echoreply",
+        "icmp6[icmp6type] == icmp6-neighborsolicit",
+        "icmp6 and ip6[40] == 135",
+        "udp[8:2] == 0x0001",
+        "udp[4:2] > 100",
+        "ip proto 17",
+        "ip6 proto 58",
+        "ip protochain 6",
+        "ip6 protochain 6",
+        "ip6 protochain 17",
+        "proto 132",
+        "ip and not tcp",
+        "not ip and not ip6",
+        "not arp",
+        "tcp and (port 80 or port 443) and not icmp",
+        "(tcp or udp) and not port 22",
+        "host 10.0.0.1 and (tcp[tcpflags] & tcp-syn != 0)",
+        "(src net 10.0.0.0/8 and dst port 80) or (ip6 and udp)",
+        "not (host 10.0.0.1 or host fd00::1)",
+        "arp or (icmp and not vlan)",
+        "ether[12:2] == 0x0800 and ip[9] == 6",
+        "ip[0] << ip[1] != 0",
+        "tcp[0] >> tcp[1] == 0",
+        "ip[2:2] / 2 > 100",
+        "ip[2:2] % 7 == 3",
+        "ip[2:2] - 20 > 28",
+        "ip[2:2] * 3 > 1000",
+        "ip[8] ^ 0xff == 191",
+        "ip[1] | 3 == 3",
+        "ether[len - 1] == 0x33",
+        "ip[2:2] / ip[1] > 0",
+    ];
+    let primitives = [
+        "tcp",
+        "udp",
+        "icmp",
+        "ip6",
+        "arp",
+        "vlan",
+        "port 80",
+        "port 53",
+        "host 10.0.0.1",
+        "host fd00::2",
+        "net 10.0.0.0/16",
+        "greater 500",
+        "less 80",
+        "tcp[tcpflags] & tcp-syn != 0",
+        "ip[6:2] & 0x3fff != 0",
+        "portrange 1000-50000",
+        "ether broadcast",
+        "icmp6",
+    ];
+    let mut all: Vec<String> = hand_picked.iter().map(|s| s.to_string()).collect();
+    for p in primitives {
+        all.push(format!("not {p}"));
+    }
+    for (i, a) in primitives.iter().enumerate() {
+        for b in &primitives[i + 1..] {
+            all.push(format!("{a} and {b}"));
+            all.push(format!("{a} or not {b}"));
+        }
+    }
+    for (i, a) in primitives.iter().enumerate().step_by(3) {
+        let b = primitives[(i + 5) % primitives.len()];
+        let c = primitives[(i + 11) % primitives.len()];
+        all.push(format!("({a} or {b}) and not {c}"));
+        all.push(format!("not ({a} and {b}) or {c}"));
+    }
+    all
+}
+
+#[test]
+fn kernel_verdicts_equal_libpcaps() {
+    if !privileged("kernel_verdicts_equal_libpcaps") {
+        return;
+    }
+    let packets = ip_packets();
+    let frames = ethernet_frames(&packets);
+    let expressions = expressions();
+    assert!(
+        expressions.len() >= 300,
+        "{} expressions",
+        expressions.len()
+    );
+    let mut compared = 0usize;
+    let mut compiled = 0usize;
+    let mut raw_ip_compiled = 0usize;
+    let mut mismatches = Vec::new();
+    let mut verdicts = std::collections::HashSet::new();
+    let mut untranslatable = std::collections::BTreeSet::new();
+    for expression in &expressions {
+        let ethernet = match packet_capture_agent::filter::Filter::compile(expression) {
+            Ok(filter) => filter,
+            // Combinations such as `tcp and udp`, which the agent refuses.
+            Err(e) if e.to_string().contains("rejects all packets") => continue,
+            Err(e) => panic!("{expression:?}: {e}"),
+        };
+        compiled += 1;
+        for (link, corpus) in [(0u8, &frames), (1u8, &packets)] {
+            let Ok(classic) = ethernet.classic(link) else {
+                continue;
+            };
+            raw_ip_compiled += usize::from(link == 1);
+            for access in [Access::Direct, Access::ConstantOffsets, Access::Helper] {
+                let insns = match translate(classic, Ending::Return, access) {
+                    Ok(insns) => insns,
+                    Err(e) => {
+                        untranslatable.insert(format!("{expression:?}: {e}"));
+                        continue;
+                    }
+                };
+                let program = load_program(&insns, "filter_test")
+                    .unwrap_or_else(|e| panic!("{expression:?} ({access:?}): {e}"));
+                // The kernel's test run needs more than an Ethernet header.
+                for (name, frame) in corpus.iter().filter(|(_, f)| f.len() > 14) {
+                    let kernel = program.test_run(frame).unwrap_or_else(|e| {
+                        panic!("BPF_PROG_TEST_RUN on {name} ({} bytes): {e}", frame.len())
+                    }) != 0;
+                    let libpcap = libpcap_accepts(classic, frame);
+                    compared += 1;
+                    verdicts.insert((expression.as_str(), libpcap));
+                    if kernel != libpcap {
+                        mismatches.push(format!(
+                            "{expression:?} on {name} (link {link}, {access:?}): kernel {kernel}, libpcap {libpcap}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(compiled >= 300, "{compiled} expressions compiled");
+    eprintln!(
+        "{compiled} expressions ({raw_ip_compiled} also for raw IP), {} Ethernet frames, {} IP packets: {compared} verdicts compared",
+        frames.len(),
+        packets.len()
+    );
+    // libpcap loops (jumps back) for `protochain`, which classic BPF in a
+    // kernel cannot; everything else runs in the kernel.
+    let unexpected: Vec<&String> = untranslatable
+        .iter()
+        .filter(|e| !e.contains("protochain"))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "no kernel translation: {unexpected:#?}"
+    );
+    assert!(!untranslatable.is_empty(), "protochain jumps back");
+    assert!(
+        mismatches.is_empty(),
+        "{} verdicts differ:\n{}",
+        mismatches.len(),
+        mismatches
+            .iter()
+            .take(30)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // The corpus must make most expressions both accept and reject
+    // something, or the comparison proves little.
+    let both = expressions
+        .iter()
+        .filter(|e| {
+            verdicts.contains(&(e.as_str(), true)) && verdicts.contains(&(e.as_str(), false))
+        })
+        .count();
+    assert!(
+        both * 10 >= compiled * 8,
+        "only {both} of {compiled} expressions both accept and reject a frame of the corpus"
+    );
+}
