@@ -23,8 +23,8 @@ use aya::{
 use aya_log::EbpfLogger;
 use ipnet::IpNet;
 use packet_capture_common::abi::{
-    API_V4, API_V6, DIRECTION_EGRESS, DIRECTION_INGRESS, LINK_ETHERNET, LINK_RAW_IP, MAX_SLOTS,
-    Settings, counter, filter_program, resume_program,
+    API_V4, API_V6, DIRECTION_EGRESS, DIRECTION_INGRESS, LINK_ETHERNET, LINK_RAW_IP, LOOKUP_EXACT,
+    LOOKUP_NONE, LOOKUP_PREFIX, MAX_SLOTS, Settings, counter, filter_program, resume_program,
 };
 
 use crate::filter::{Filter, FilterPlace};
@@ -189,6 +189,9 @@ pub struct Kernel {
     settings: Array<MapData, Settings>,
     ipv4: LpmTrie<MapData, [u8; 4], u64>,
     ipv6: LpmTrie<MapData, [u8; 16], u64>,
+    /// The whole addresses of the tries, for the hash lookups.
+    ipv4_hosts: BpfHashMap<MapData, [u8; 4], u64>,
+    ipv6_hosts: BpfHashMap<MapData, [u8; 16], u64>,
     ports: Array<MapData, u64>,
     counters: PerCpuArray<MapData, u64>,
     lost_by_mask: PerCpuHashMap<MapData, u64, u64>,
@@ -281,6 +284,8 @@ impl Kernel {
             settings: take(&mut ebpf, "SETTINGS")?,
             ipv4: take(&mut ebpf, "IPV4")?,
             ipv6: take(&mut ebpf, "IPV6")?,
+            ipv4_hosts: take(&mut ebpf, "IPV4_HOSTS")?,
+            ipv6_hosts: take(&mut ebpf, "IPV6_HOSTS")?,
             ports: take(&mut ebpf, "PORTS")?,
             counters: take(&mut ebpf, "COUNTERS")?,
             lost_by_mask: take(&mut ebpf, "LOST_BY_MASK")?,
@@ -507,6 +512,8 @@ impl Kernel {
         }
         self.write_settings()?;
         self.sync_maps()?;
+        // Again, now that the maps say which lookups the slots left need.
+        self.write_settings()?;
         self.clear_filter(slot)
     }
 
@@ -625,43 +632,59 @@ impl Kernel {
             }
             s.snaplen = s.snaplen.max(t.copy_len);
         }
+        (s.v4_lookup, s.v6_lookup) = lookups(self.prefixes.keys());
         self.settings.set(0, s, 0).map_err(map_err("SETTINGS"))
     }
 
-    /// Brings the LPM tries and the port array in line with the slots.
+    /// Brings the LPM tries, the hosts maps and the port array in line with
+    /// the slots.
     fn sync_maps(&mut self) -> Result<(), Error> {
         let prefixes = prefix_masks(self.slots.iter().map(|(&s, t)| (s, &t.nets[..])));
         for (net, &mask) in &prefixes {
             if self.prefixes.get(net) == Some(&mask) {
                 continue;
             }
+            let whole = net.prefix_len() == net.max_prefix_len();
             match net {
-                IpNet::V4(n) => self
-                    .ipv4
-                    .insert(
-                        &Key::new(u32::from(n.prefix_len()), n.addr().octets()),
-                        mask,
-                        0,
-                    )
-                    .map_err(map_err("IPV4"))?,
-                IpNet::V6(n) => self
-                    .ipv6
-                    .insert(
-                        &Key::new(u32::from(n.prefix_len()), n.addr().octets()),
-                        mask,
-                        0,
-                    )
-                    .map_err(map_err("IPV6"))?,
+                IpNet::V4(n) => {
+                    let addr = n.addr().octets();
+                    let key = Key::new(u32::from(n.prefix_len()), addr);
+                    self.ipv4.insert(&key, mask, 0).map_err(map_err("IPV4"))?;
+                    if whole {
+                        let hosts = &mut self.ipv4_hosts;
+                        hosts.insert(addr, mask, 0).map_err(map_err("IPV4_HOSTS"))?;
+                    }
+                }
+                IpNet::V6(n) => {
+                    let addr = n.addr().octets();
+                    let key = Key::new(u32::from(n.prefix_len()), addr);
+                    self.ipv6.insert(&key, mask, 0).map_err(map_err("IPV6"))?;
+                    if whole {
+                        let hosts = &mut self.ipv6_hosts;
+                        hosts.insert(addr, mask, 0).map_err(map_err("IPV6_HOSTS"))?;
+                    }
+                }
             }
         }
         for net in self.prefixes.keys().filter(|n| !prefixes.contains_key(n)) {
+            let whole = net.prefix_len() == net.max_prefix_len();
             let removed = match net {
-                IpNet::V4(n) => self
-                    .ipv4
-                    .remove(&Key::new(u32::from(n.prefix_len()), n.addr().octets())),
-                IpNet::V6(n) => self
-                    .ipv6
-                    .remove(&Key::new(u32::from(n.prefix_len()), n.addr().octets())),
+                IpNet::V4(n) => {
+                    let addr = n.addr().octets();
+                    let key = Key::new(u32::from(n.prefix_len()), addr);
+                    self.ipv4.remove(&key).and_then(|()| match whole {
+                        true => self.ipv4_hosts.remove(&addr),
+                        false => Ok(()),
+                    })
+                }
+                IpNet::V6(n) => {
+                    let addr = n.addr().octets();
+                    let key = Key::new(u32::from(n.prefix_len()), addr);
+                    self.ipv6.remove(&key).and_then(|()| match whole {
+                        true => self.ipv6_hosts.remove(&addr),
+                        false => Ok(()),
+                    })
+                }
             };
             removed.map_err(map_err("IPV4/IPV6"))?;
         }
@@ -723,6 +746,27 @@ impl Kernel {
         }
         Ok(lost)
     }
+}
+
+/// How the programs look up each family's addresses, given every prefix
+/// the maps hold: by hash while all are whole addresses, by trie once one
+/// is a network.
+fn lookups<'a>(prefixes: impl Iterator<Item = &'a IpNet>) -> (u8, u8) {
+    let (mut v4, mut v6) = (LOOKUP_NONE, LOOKUP_NONE);
+    for net in prefixes {
+        let lookup = if net.prefix_len() == net.max_prefix_len() {
+            LOOKUP_EXACT
+        } else {
+            LOOKUP_PREFIX
+        };
+        let family = if net.addr().is_ipv4() {
+            &mut v4
+        } else {
+            &mut v6
+        };
+        *family = (*family).max(lookup);
+    }
+    (v4, v6)
 }
 
 /// Whether the subscriber current here logs the programs' DEBUG lines.
@@ -1075,6 +1119,21 @@ mod tests {
         assert_eq!(get("192.168.0.0/24"), 0b100000);
         assert_eq!(get("fd00::/16"), 0b1);
         assert_eq!(masks.len(), 5);
+    }
+
+    #[test]
+    fn whole_addresses_are_looked_up_by_hash_until_a_network_comes() {
+        let of = |s: &[&str]| lookups(nets(s).iter());
+        assert_eq!(of(&[]), (LOOKUP_NONE, LOOKUP_NONE));
+        assert_eq!(
+            of(&["10.0.0.1/32", "10.0.0.2/32"]),
+            (LOOKUP_EXACT, LOOKUP_NONE)
+        );
+        assert_eq!(
+            of(&["10.0.0.1/32", "10.1.0.0/16", "fd00::1/128"]),
+            (LOOKUP_PREFIX, LOOKUP_EXACT)
+        );
+        assert_eq!(of(&["fd00::/64"]), (LOOKUP_NONE, LOOKUP_PREFIX));
     }
 
     #[test]

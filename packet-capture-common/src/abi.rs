@@ -118,8 +118,20 @@ pub struct Settings {
     pub api_port: u16,
     /// [`API_V4`], [`API_V6`], or 0 for none.
     pub api_family: u8,
-    pub _pad: u8,
+    /// How addresses of each family are looked up: [`LOOKUP_NONE`],
+    /// [`LOOKUP_EXACT`] or [`LOOKUP_PREFIX`].
+    pub v4_lookup: u8,
+    pub v6_lookup: u8,
+    pub _pad: [u8; 7],
 }
+
+/// No slot targets an address of the family: nothing to look up.
+pub const LOOKUP_NONE: u8 = 0;
+/// The slots target whole addresses only (/32, /128): a hash lookup
+/// (`IPV4_HOSTS`, `IPV6_HOSTS`), cheaper than the trie's.
+pub const LOOKUP_EXACT: u8 = 1;
+/// Some slot targets a network: the longest-prefix-match trie.
+pub const LOOKUP_PREFIX: u8 = 2;
 
 /// Entries of the `FILTER_PROGRAMS` program array: a filter per slot and
 /// link type, then the resume program of each hook.
@@ -197,7 +209,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(RECORD_HEADER_LEN, 48);
-        assert_eq!(core::mem::size_of::<Settings>(), 88);
+        assert_eq!(core::mem::size_of::<Settings>(), 96);
         assert_eq!(core::mem::size_of::<FilterState>(), 40);
         assert_eq!(core::mem::size_of::<Ipv4Key>(), 8);
         assert_eq!(core::mem::size_of::<Ipv6Key>(), 20);

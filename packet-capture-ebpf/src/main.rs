@@ -30,7 +30,7 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{classifier, map},
     maps::{
-        Array, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf,
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, ProgramArray, RingBuf,
         lpm_trie::Key,
     },
     programs::TcContext,
@@ -38,9 +38,9 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use packet_capture_common::abi::{
     API_V4, API_V6, DEFAULT_RING_BYTES, DIRECTION_EGRESS, DIRECTION_INGRESS,
-    FILTER_PROGRAM_ENTRIES, FilterState, LINK_ETHERNET, LINK_RAW_IP, LOST_MASKS, MAX_PREFIXES,
-    MAX_SLOTS, MAX_SNAPLEN, PORT_ENTRIES, RECORD_HEADER_LEN, RecordHeader, Settings, counter,
-    filter_program, resume_program,
+    FILTER_PROGRAM_ENTRIES, FilterState, LINK_ETHERNET, LINK_RAW_IP, LOOKUP_EXACT, LOOKUP_PREFIX,
+    LOST_MASKS, MAX_PREFIXES, MAX_SLOTS, MAX_SNAPLEN, PORT_ENTRIES, RECORD_HEADER_LEN,
+    RecordHeader, Settings, counter, filter_program, resume_program,
 };
 
 /// Neither pass nor drop: let the next program or filter decide, as if this
@@ -123,6 +123,16 @@ static IPV4: LpmTrie<[u8; 4], u64> =
 #[map]
 static IPV6: LpmTrie<[u8; 16], u64> =
     LpmTrie::with_max_entries(MAX_PREFIXES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Whole addresses -> slots that target them: looked up instead of the
+/// tries while no slot targets a network ([`LOOKUP_EXACT`]).
+#[map]
+static IPV4_HOSTS: HashMap<[u8; 4], u64> =
+    HashMap::with_max_entries(MAX_PREFIXES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+#[map]
+static IPV6_HOSTS: HashMap<[u8; 16], u64> =
+    HashMap::with_max_entries(MAX_PREFIXES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 /// Port number -> slots that target it.
 #[map]
@@ -267,8 +277,11 @@ fn capture<H: Hook>(ctx: &TcContext) {
         parse_network(ctx, proto, 0, settings)
     };
     let port_match = match selectors.ports {
-        Some((src, dst)) => settings.any_port | port_slots(src) | port_slots(dst),
-        None => settings.any_port,
+        // Without a capture of ports, nothing to look up.
+        Some((src, dst)) if settings.any_port != settings.active => {
+            settings.any_port | port_slots(src) | port_slots(dst)
+        }
+        _ => settings.any_port,
     };
     let mask = settings.active & selectors.ip & port_match;
     if mask != 0 {
@@ -549,8 +562,29 @@ fn emit_in<const N: usize>(ctx: &TcContext, r: &Record) {
     entry.submit(flags as u64);
 }
 
+/// Bytes of the common frame, untagged IPv4 without options: the Ethernet
+/// header, the IP header and the ports.
+const COMMON_HEAD: usize = ETH_HLEN + IPV4_MIN_LEN + 4;
+
 #[inline(always)]
 fn parse_ethernet(ctx: &TcContext, settings: &Settings) -> Selectors {
+    // The common frame costs one helper call (each costs about as much as
+    // the parsing): every field it needs, read at once.
+    if let Ok(head) = ctx.load::<[u8; COMMON_HEAD]>(0)
+        && head[12] == 0x08
+        && head[13] == 0x00
+        && head[ETH_HLEN] == 0x45
+    {
+        // SAFETY: the IP header and the 4 bytes after it are inside `head`.
+        let (ip, after) = unsafe {
+            let at = head.as_ptr().add(ETH_HLEN);
+            (
+                *at.cast::<[u8; IPV4_MIN_LEN]>(),
+                *at.add(IPV4_MIN_LEN).cast::<[u8; 4]>(),
+            )
+        };
+        return ipv4_selectors(ctx, &ip, ETH_HLEN, Some(after), settings);
+    }
     let mut offset = ETH_HLEN;
     let Ok(mut proto) = ctx.load::<u16>(12).map(u16::from_be) else {
         too_short(ETH_HLEN);
@@ -583,7 +617,8 @@ fn parse_network(ctx: &TcContext, proto: u16, offset: usize, settings: &Settings
             match (spa, tpa) {
                 // As libpcap's `src host` and `dst host` do for ARP.
                 (Ok(s), Ok(t)) => Selectors {
-                    ip: settings.any_ip | by_direction(settings, ipv4_slots(s), ipv4_slots(t)),
+                    ip: settings.any_ip
+                        | by_direction(settings, ipv4_slots(settings, s), ipv4_slots(settings, t)),
                     ports: None,
                 },
                 _ => {
@@ -598,29 +633,48 @@ fn parse_network(ctx: &TcContext, proto: u16, offset: usize, settings: &Settings
 
 #[inline(always)]
 fn parse_ipv4(ctx: &TcContext, offset: usize, settings: &Settings) -> Selectors {
-    let Ok(first) = ctx.load::<u8>(offset) else {
+    let Ok(header) = ctx.load::<[u8; IPV4_MIN_LEN]>(offset) else {
         too_short(offset + IPV4_MIN_LEN);
         return no_match(settings.any_ip);
     };
-    let header_len = usize::from(first & 0x0f) * 4;
-    if first >> 4 != 4 || header_len < 20 {
+    ipv4_selectors(ctx, &header, offset, None, settings)
+}
+
+/// What an IPv4 packet at `offset` selects, given the first 20 bytes of its
+/// header and, when the caller read them, the 4 bytes after those (its
+/// ports, when the header has no options).
+#[inline(always)]
+fn ipv4_selectors(
+    ctx: &TcContext,
+    header: &[u8; IPV4_MIN_LEN],
+    offset: usize,
+    after: Option<[u8; 4]>,
+    settings: &Settings,
+) -> Selectors {
+    let header_len = usize::from(header[0] & 0x0f) * 4;
+    if header[0] >> 4 != 4 || header_len < IPV4_MIN_LEN {
         return no_match(settings.any_ip);
     }
-    let (Ok(frag), Ok(protocol), Ok(src), Ok(dst)) = (
-        ctx.load::<u16>(offset + 6).map(u16::from_be),
-        ctx.load::<u8>(offset + 9),
-        ctx.load::<[u8; 4]>(offset + 12),
-        ctx.load::<[u8; 4]>(offset + 16),
-    ) else {
-        too_short(offset + IPV4_MIN_LEN);
-        return no_match(settings.any_ip);
-    };
-    let ip = settings.any_ip | by_direction(settings, ipv4_slots(src), ipv4_slots(dst));
+    let frag = u16::from_be_bytes([header[6], header[7]]);
+    let protocol = header[9];
+    let src = [header[12], header[13], header[14], header[15]];
+    let dst = [header[16], header[17], header[18], header[19]];
+    let ip = settings.any_ip
+        | by_direction(
+            settings,
+            ipv4_slots(settings, src),
+            ipv4_slots(settings, dst),
+        );
     // Only the first fragment carries the transport header.
-    let ports = if frag & 0x1fff == 0 {
-        transport_ports(ctx, protocol, offset + header_len)
-    } else {
-        None
+    let ports = match after {
+        _ if frag & 0x1fff != 0 => None,
+        Some(p) if header_len == IPV4_MIN_LEN => carries_ports(protocol).then(|| {
+            (
+                u16::from_be_bytes([p[0], p[1]]),
+                u16::from_be_bytes([p[2], p[3]]),
+            )
+        }),
+        _ => transport_ports(ctx, protocol, offset + header_len),
     };
     if protocol == IPPROTO_TCP
         && settings.api_family == API_V4
@@ -640,15 +694,24 @@ fn parse_ipv4(ctx: &TcContext, offset: usize, settings: &Settings) -> Selectors 
 
 #[inline(always)]
 fn parse_ipv6(ctx: &TcContext, offset: usize, settings: &Settings) -> Selectors {
-    let (Ok(mut next), Ok(src), Ok(dst)) = (
-        ctx.load::<u8>(offset + 6),
-        ctx.load::<[u8; 16]>(offset + 8),
-        ctx.load::<[u8; 16]>(offset + 24),
-    ) else {
+    let Ok(header) = ctx.load::<[u8; IPV6_LEN]>(offset) else {
         too_short(offset + IPV6_LEN);
         return no_match(settings.any_ip);
     };
-    let ip = settings.any_ip | by_direction(settings, ipv6_slots(src), ipv6_slots(dst));
+    let mut next = header[6];
+    // SAFETY: both addresses are inside the 40-byte header.
+    let (src, dst) = unsafe {
+        (
+            *header.as_ptr().add(8).cast::<[u8; 16]>(),
+            *header.as_ptr().add(24).cast::<[u8; 16]>(),
+        )
+    };
+    let ip = settings.any_ip
+        | by_direction(
+            settings,
+            ipv6_slots(settings, src),
+            ipv6_slots(settings, dst),
+        );
     let mut at = offset + 40;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match next {
@@ -708,9 +771,15 @@ fn own_api(api_port: u16, sport: u16, dport: u16, from_api: bool, to_api: bool) 
     (from_api && sport == api_port) || (to_api && dport == api_port)
 }
 
+/// Whether `protocol`'s header starts with source and destination ports.
+#[inline(always)]
+fn carries_ports(protocol: u8) -> bool {
+    protocol == IPPROTO_TCP || protocol == IPPROTO_UDP || protocol == IPPROTO_SCTP
+}
+
 #[inline(always)]
 fn transport_ports(ctx: &TcContext, protocol: u8, offset: usize) -> Option<(u16, u16)> {
-    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP && protocol != IPPROTO_SCTP {
+    if !carries_ports(protocol) {
         return None;
     }
     let Ok(ports) = ctx.load::<[u8; 4]>(offset) else {
@@ -741,13 +810,23 @@ fn no_match(any_ip: u64) -> Selectors {
 }
 
 #[inline(always)]
-fn ipv4_slots(addr: [u8; 4]) -> u64 {
-    IPV4.get(Key::new(32, addr)).copied().unwrap_or(0)
+fn ipv4_slots(settings: &Settings, addr: [u8; 4]) -> u64 {
+    match settings.v4_lookup {
+        // SAFETY: a copy of the value is taken at once.
+        LOOKUP_EXACT => unsafe { IPV4_HOSTS.get(addr) }.copied().unwrap_or(0),
+        LOOKUP_PREFIX => IPV4.get(Key::new(32, addr)).copied().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 #[inline(always)]
-fn ipv6_slots(addr: [u8; 16]) -> u64 {
-    IPV6.get(Key::new(128, addr)).copied().unwrap_or(0)
+fn ipv6_slots(settings: &Settings, addr: [u8; 16]) -> u64 {
+    match settings.v6_lookup {
+        // SAFETY: a copy of the value is taken at once.
+        LOOKUP_EXACT => unsafe { IPV6_HOSTS.get(addr) }.copied().unwrap_or(0),
+        LOOKUP_PREFIX => IPV6.get(Key::new(128, addr)).copied().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 #[inline(always)]
