@@ -641,52 +641,18 @@ impl Kernel {
     fn sync_maps(&mut self) -> Result<(), Error> {
         let prefixes = prefix_masks(self.slots.iter().map(|(&s, t)| (s, &t.nets[..])));
         for (net, &mask) in &prefixes {
-            if self.prefixes.get(net) == Some(&mask) {
-                continue;
-            }
-            let whole = net.prefix_len() == net.max_prefix_len();
-            match net {
-                IpNet::V4(n) => {
-                    let addr = n.addr().octets();
-                    let key = Key::new(u32::from(n.prefix_len()), addr);
-                    self.ipv4.insert(&key, mask, 0).map_err(map_err("IPV4"))?;
-                    if whole {
-                        let hosts = &mut self.ipv4_hosts;
-                        hosts.insert(addr, mask, 0).map_err(map_err("IPV4_HOSTS"))?;
-                    }
-                }
-                IpNet::V6(n) => {
-                    let addr = n.addr().octets();
-                    let key = Key::new(u32::from(n.prefix_len()), addr);
-                    self.ipv6.insert(&key, mask, 0).map_err(map_err("IPV6"))?;
-                    if whole {
-                        let hosts = &mut self.ipv6_hosts;
-                        hosts.insert(addr, mask, 0).map_err(map_err("IPV6_HOSTS"))?;
-                    }
-                }
+            if self.prefixes.get(net) != Some(&mask) {
+                self.put_prefix(net, Some(mask))?;
             }
         }
-        for net in self.prefixes.keys().filter(|n| !prefixes.contains_key(n)) {
-            let whole = net.prefix_len() == net.max_prefix_len();
-            let removed = match net {
-                IpNet::V4(n) => {
-                    let addr = n.addr().octets();
-                    let key = Key::new(u32::from(n.prefix_len()), addr);
-                    self.ipv4.remove(&key).and_then(|()| match whole {
-                        true => self.ipv4_hosts.remove(&addr),
-                        false => Ok(()),
-                    })
-                }
-                IpNet::V6(n) => {
-                    let addr = n.addr().octets();
-                    let key = Key::new(u32::from(n.prefix_len()), addr);
-                    self.ipv6.remove(&key).and_then(|()| match whole {
-                        true => self.ipv6_hosts.remove(&addr),
-                        false => Ok(()),
-                    })
-                }
-            };
-            removed.map_err(map_err("IPV4/IPV6"))?;
+        let gone: Vec<IpNet> = self
+            .prefixes
+            .keys()
+            .filter(|n| !prefixes.contains_key(n))
+            .copied()
+            .collect();
+        for net in &gone {
+            self.put_prefix(net, None)?;
         }
         self.prefixes = prefixes;
 
@@ -710,6 +676,29 @@ impl Kernel {
         }
         self.port_masks = ports;
         Ok(())
+    }
+
+    /// Sets the slots of `net` in its family's trie (and hosts map, for a
+    /// whole address), or removes it (`None`).
+    fn put_prefix(&mut self, net: &IpNet, mask: Option<u64>) -> Result<(), Error> {
+        match net {
+            IpNet::V4(n) => put_prefix(
+                &mut self.ipv4,
+                &mut self.ipv4_hosts,
+                n.addr().octets(),
+                n.prefix_len(),
+                mask,
+            )
+            .map_err(map_err("IPV4")),
+            IpNet::V6(n) => put_prefix(
+                &mut self.ipv6,
+                &mut self.ipv6_hosts,
+                n.addr().octets(),
+                n.prefix_len(),
+                mask,
+            )
+            .map_err(map_err("IPV6")),
+        }
     }
 
     /// One of the programs' counters, summed over CPUs.
@@ -746,6 +735,33 @@ impl Kernel {
         }
         Ok(lost)
     }
+}
+
+/// [`Kernel::put_prefix`] for one family's maps (addresses of `N` bytes).
+fn put_prefix<const N: usize>(
+    trie: &mut LpmTrie<MapData, [u8; N], u64>,
+    hosts: &mut BpfHashMap<MapData, [u8; N], u64>,
+    addr: [u8; N],
+    prefix_len: u8,
+    mask: Option<u64>,
+) -> Result<(), aya::maps::MapError> {
+    let key = Key::new(u32::from(prefix_len), addr);
+    let whole = usize::from(prefix_len) == N * 8;
+    match mask {
+        Some(mask) => {
+            trie.insert(&key, mask, 0)?;
+            if whole {
+                hosts.insert(addr, mask, 0)?;
+            }
+        }
+        None => {
+            trie.remove(&key)?;
+            if whole {
+                hosts.remove(&addr)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How the programs look up each family's addresses, given every prefix

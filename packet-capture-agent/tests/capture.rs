@@ -478,8 +478,10 @@ fn filters_run_in_the_kernel() {
             Tcpdump::start(&lab.node, &lab.veth.a, expression, s.snaplen, &file)
         });
         let status = start(engine, s);
-        // Few enough for the libpcap backend's sockets to keep them all.
-        flood(&lab.node, PEER_V4, 7000, 60);
+        // Fewer than the libpcap backend's socket ring holds at once (its
+        // frames are sized for 64 KiB offloaded packets: 2 MiB holds about
+        // 30), so a busy machine cannot make it drop some.
+        flood(&lab.node, PEER_V4, 7000, 20);
         lab.ping(PEER_V4, 3, 1400);
         lab.udp(PEER_V4, 7001);
         let ended = stop(engine, rt, &status.id);
@@ -490,7 +492,7 @@ fn filters_run_in_the_kernel() {
         });
         let ours = capfile::read(Path::new(&ended.output_file));
         assert_same(&ours, &kept, &filtered);
-        assert!(ours.len() >= 60, "{} packets", ours.len());
+        assert!(ours.len() >= 20, "{} packets", ours.len());
         assert_eq!(ended.filtered as usize, all.len() - kept.len(), "{ended:?}");
         if engine.backend() == "ebpf" {
             assert_eq!(ended.filter_path, "kernel");
