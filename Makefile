@@ -124,7 +124,7 @@ destroy: ## Delete every capture, then everything deploy installed (its namespac
 		echo "$(KUBECTL) delete packetcaptureconfigs --all --timeout=$(TIMEOUT)"; \
 		$(KUBECTL) delete packetcaptureconfigs --all --timeout=$(TIMEOUT); \
 	fi
-	$(KUBECTL) delete validatingwebhookconfiguration/packet-capture-webhook mutatingwebhookconfiguration/packet-capture-webhook --ignore-not-found
+	$(KUBECTL) delete validatingwebhookconfiguration/packet-capture-webhook mutatingwebhookconfiguration/packet-capture-webhook apiservice/v1.pcap.packet.io --ignore-not-found
 	$(KUBECTL) delete -n $(NAMESPACE) service/packet-capture-webhook secret/packet-capture-webhook-tls --ignore-not-found
 	@if $(KUBECTL) api-resources --api-group=cert-manager.io -o name | grep -q '^certificates\.'; then \
 		echo "$(KUBECTL) delete -n $(NAMESPACE) certificate/packet-capture-webhook issuer/packet-capture-selfsigned --ignore-not-found"; \

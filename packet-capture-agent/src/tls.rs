@@ -276,5 +276,5 @@ fn file_stamp(source: &Source) -> Option<(SystemTime, SystemTime)> {
 /// The TLS configuration of the agent API: HTTP/2 (gRPC) and HTTP/1.1
 /// (REST) on one port.
 pub fn server_config(slot: Arc<ServingCert>) -> Result<rustls::ServerConfig, rustls::Error> {
-    packet_capture_common::tls::server_config(slot, &[b"h2", b"http/1.1"])
+    packet_capture_common::tls::server_config(slot, &[b"h2", b"http/1.1"], None)
 }

@@ -21,9 +21,31 @@ pub const RESOURCE: &str = "packetcaptureconfigs.networking.packet.io";
 /// capture's name). The API server serves no such path; only the agents ask
 /// for it.
 pub const FILES_SUBRESOURCE: &str = "files";
+/// The verb on `packetcaptureconfigs/files` that lets a caller of the
+/// agents (the controller's aggregated API) read for the users it names in
+/// the `ON_BEHALF_OF_*` headers: the agents then check those users'
+/// permissions, not the caller's.
+pub const RELAY_VERB: &str = "relay";
+/// Who a relayed agent call is for: the user's name, each of its groups
+/// (one header each), its uid.
+pub const ON_BEHALF_OF_USER: &str = "packet-capture-on-behalf-of-user";
+pub const ON_BEHALF_OF_GROUP: &str = "packet-capture-on-behalf-of-group";
+pub const ON_BEHALF_OF_UID: &str = "packet-capture-on-behalf-of-uid";
 /// The signer of the agents' serving certificates: the agents ask for
 /// theirs with CertificateSigningRequests for it, the controller signs.
 pub const AGENT_SIGNER: &str = "networking.packet.io/agent-serving";
+
+/// The annotation that ends a running capture now (`kubectl pcap stop`):
+/// the controller stops it on every node and it completes, keeping its
+/// status and files. Its value says who asked and when; only its presence
+/// counts. Unlike a change of the spec, it does not start the capture
+/// again.
+pub const STOP_REQUESTED: &str = "networking.packet.io/stop-requested";
+
+/// The message of a node capture that ended because a caller allowed to
+/// (the controller, for [`STOP_REQUESTED`] or a deletion) asked its agent
+/// to stop it, as opposed to the agent ending it on its own.
+pub const STOPPED_BY_REQUEST: &str = "stopped by request";
 
 /// The annotation naming who asked for a capture: the user who created it
 /// or last changed its spec, set by the controller's mutating webhook. The

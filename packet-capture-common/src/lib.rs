@@ -14,6 +14,8 @@ pub mod crd;
 pub mod filter;
 #[cfg(feature = "user")]
 pub mod logging;
+#[cfg(feature = "user")]
+pub mod pcapng;
 #[cfg(feature = "tls")]
 pub mod tls;
 #[cfg(feature = "user")]

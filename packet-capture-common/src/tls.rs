@@ -50,13 +50,24 @@ pub fn certified_key(crt: &[u8], key: &[u8]) -> Result<CertifiedKey, String> {
 pub fn server_config(
     cert: Arc<ServingCert>,
     alpn: &[&[u8]],
+    clients: Option<Arc<rustls::RootCertStore>>,
 ) -> Result<rustls::ServerConfig, rustls::Error> {
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_cert_resolver(cert);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match clients {
+        None => builder.with_no_client_auth(),
+        // A client certificate is asked for and, when one is sent, must be
+        // signed by `clients`; a client without one is served too (the
+        // caller decides what it may do).
+        Some(roots) => builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?,
+        ),
+    };
+    let mut config = builder.with_cert_resolver(cert);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }

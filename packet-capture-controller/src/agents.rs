@@ -8,13 +8,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use k8s_openapi::api::authentication::v1::UserInfo;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::reflector::{ObjectRef, Store};
-use packet_capture_common::crd::CaptureState;
+use packet_capture_common::crd::{
+    CaptureState, ON_BEHALF_OF_GROUP, ON_BEHALF_OF_UID, ON_BEHALF_OF_USER,
+};
 use packet_capture_proto::v1::agent_client::AgentClient;
 use packet_capture_proto::v1::{
-    Capture, GetCaptureRequest, ListCapturesRequest, SetTargetsRequest, StartCaptureRequest,
-    StopCaptureRequest, TargetPod, WatchCaptureRequest,
+    Capture, DownloadFileRequest, FileChunk, FileInfo, GetCaptureRequest, ListCapturesRequest,
+    ListFilesRequest, PacketBatch, SetTargetsRequest, StartCaptureRequest, StopCaptureRequest,
+    StreamPacketsRequest, TargetPod, WatchCaptureRequest,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -342,6 +346,99 @@ impl AgentPool {
         F: FnOnce(AgentClient<Channel>, Request<T>) -> Fut,
         Fut: Future<Output = Result<Response<R>, Status>>,
     {
+        self.call_for(ep, method, self.request(msg), call).await
+    }
+
+    /// A call that reads for `user` (the agent checks `user`'s permissions:
+    /// see `RELAY_VERB`); the timeout covers the opening of a stream only.
+    async fn relayed<T, R, F, Fut>(
+        &self,
+        ep: &AgentEndpoint,
+        method: &'static str,
+        msg: T,
+        user: &UserInfo,
+        call: F,
+    ) -> Result<R, Status>
+    where
+        F: FnOnce(AgentClient<Channel>, Request<T>) -> Fut,
+        Fut: Future<Output = Result<Response<R>, Status>>,
+    {
+        let mut req = self.request(msg);
+        let metadata = req.metadata_mut();
+        let value = |v: &str| {
+            v.parse()
+                .map_err(|_| Status::invalid_argument(format!("user {v:?}: not a header value")))
+        };
+        metadata.insert(
+            ON_BEHALF_OF_USER,
+            value(user.username.as_deref().unwrap_or_default())?,
+        );
+        for group in user.groups.iter().flatten() {
+            metadata.append(ON_BEHALF_OF_GROUP, value(group)?);
+        }
+        if let Some(uid) = &user.uid {
+            metadata.insert(ON_BEHALF_OF_UID, value(uid)?);
+        }
+        self.call_for(ep, method, req, call).await
+    }
+
+    /// Lists the agent's files that `user` may read.
+    pub async fn files_for(
+        &self,
+        ep: &AgentEndpoint,
+        user: &UserInfo,
+    ) -> Result<Vec<FileInfo>, Status> {
+        self.relayed(
+            ep,
+            "ListFiles",
+            ListFilesRequest {},
+            user,
+            |mut c, r| async move { c.list_files(r).await },
+        )
+        .await
+        .map(|r| r.files)
+    }
+
+    /// Opens the download of a file, for `user`.
+    pub async fn download_for(
+        &self,
+        ep: &AgentEndpoint,
+        name: &str,
+        user: &UserInfo,
+    ) -> Result<Streaming<FileChunk>, Status> {
+        let req = DownloadFileRequest { name: name.into() };
+        self.relayed(ep, "DownloadFile", req, user, |mut c, r| async move {
+            c.download_file(r).await
+        })
+        .await
+    }
+
+    /// Opens the live packets of capture `id`, for `user`.
+    pub async fn packets_for(
+        &self,
+        ep: &AgentEndpoint,
+        id: &str,
+        user: &UserInfo,
+    ) -> Result<Streaming<PacketBatch>, Status> {
+        let req = StreamPacketsRequest { id: id.into() };
+        self.relayed(ep, "StreamPackets", req, user, |mut c, r| async move {
+            c.stream_packets(r).await
+        })
+        .await
+    }
+
+    /// `call` with a prepared request, the timeout and the latency metric.
+    async fn call_for<T, R, F, Fut>(
+        &self,
+        ep: &AgentEndpoint,
+        method: &'static str,
+        req: Request<T>,
+        call: F,
+    ) -> Result<R, Status>
+    where
+        F: FnOnce(AgentClient<Channel>, Request<T>) -> Fut,
+        Fut: Future<Output = Result<Response<R>, Status>>,
+    {
         let client = self.client(ep)?;
         // Held for the call only, not while a retry waits; the timeout
         // starts once the call has its slot.
@@ -352,9 +449,7 @@ impl AgentPool {
         };
         let _slot = self.slots.acquire(priority).await;
         let started = tokio::time::Instant::now();
-        let out = match tokio::time::timeout(self.settings.timeout, call(client, self.request(msg)))
-            .await
-        {
+        let out = match tokio::time::timeout(self.settings.timeout, call(client, req)).await {
             Ok(r) => r.map(Response::into_inner),
             Err(_) => Err(Status::deadline_exceeded(format!(
                 "no answer within {:?}",

@@ -8,7 +8,7 @@ use packet_capture_common::logging::{LogControl, follow_config_map};
 
 use crate::config::Settings;
 use crate::error::Result;
-use crate::{certs, consts, controller, leader, metrics, webhook};
+use crate::{aggregated, certs, consts, controller, leader, metrics, webhook};
 
 /// Runs everything: health and metrics, the webhook (on every replica), and
 /// the controller (on the leader only when leader election is on). A
@@ -43,18 +43,28 @@ pub async fn run(settings: Settings, log: LogControl) -> Result<()> {
             return std::future::pending().await;
         }
         let slot = Arc::new(webhook::ServingCert::default());
+        let admission =
+            webhook::Admission::new(client.clone(), settings.limits(), settings.identity())
+                .with_max_per_requester(settings.max_captures_per_requester);
+        // The aggregated API on the same server: its requests come from the
+        // API server's front proxy, whose client certificates it checks.
+        let (cas, cas_now) = tokio::sync::watch::channel(None);
+        let (headers, headers_now) = tokio::sync::watch::channel(Default::default());
+        let relay = aggregated::Relay {
+            client: client.clone(),
+            agents: aggregated::agents(&settings, client.clone(), metrics.clone()).await?,
+            headers: headers_now,
+        };
+        let router = webhook::router(admission).merge(aggregated::router(relay));
         // Bound at once, so that a port in use is reported at start; TLS
         // handshakes fail until `certs` provides a certificate.
-        let server = webhook::WebhookServer::bind(
-            any(settings.webhook_port),
-            slot.clone(),
-            webhook::Admission::new(client.clone(), settings.limits(), settings.identity())
-                .with_max_per_requester(settings.max_captures_per_requester),
-        )
-        .await?;
+        let server =
+            webhook::WebhookServer::bind(any(settings.webhook_port), slot.clone(), router, cas_now)
+                .await?;
         tokio::select! {
             r = server.run() => r,
             never = certs::provide(&settings, client.clone(), slot, status.clone(), metrics.clone()) => match never {},
+            never = aggregated::follow_front_proxy(client.clone(), cas, headers) => match never {},
         }
     };
     let work = async {

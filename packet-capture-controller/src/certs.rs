@@ -32,6 +32,7 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
@@ -41,6 +42,7 @@ use serde_json::json;
 
 use crate::backoff::Backoff;
 use crate::config::{CertSource, Settings};
+use crate::consts::API_SERVICE;
 use crate::error::Result;
 use crate::issuer::{self, Issuer};
 use crate::metrics::{Metrics, Status};
@@ -292,6 +294,7 @@ async fn keep_issued(settings: &Settings, client: Client, reporter: &Reporter) {
     names.extend(settings.webhook_extra_names.iter().cloned());
     let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
     let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let api_service: Api<APIService> = Api::all(client.clone());
     let secrets: Api<Secret> = Api::namespaced(client, ns);
     let configuration = &settings.webhook_configuration;
     let mut changes = futures::stream::select_all([
@@ -311,11 +314,16 @@ async fn keep_issued(settings: &Settings, client: Client, reporter: &Reporter) {
             watch_named(mutating.clone(), configuration),
             format!("MutatingWebhookConfiguration {configuration}"),
         ),
+        wakes(
+            watch_named(api_service.clone(), API_SERVICE),
+            format!("APIService {API_SERVICE}"),
+        ),
     ]);
     let target = Target {
         issuer: &issuer,
         validating: &validating,
         mutating: &mutating,
+        api_service: &api_service,
         settings,
         names: &names,
     };
@@ -355,6 +363,7 @@ struct Target<'a> {
     issuer: &'a Issuer,
     validating: &'a Api<ValidatingWebhookConfiguration>,
     mutating: &'a Api<MutatingWebhookConfiguration>,
+    api_service: &'a Api<APIService>,
     settings: &'a Settings,
     names: &'a [Name],
 }
@@ -372,9 +381,11 @@ impl Target<'_> {
         let name = &s.webhook_configuration;
         let validating = fill_ca_bundle(self.validating, name, &authority.bundle).await?;
         let mutating = fill_ca_bundle(self.mutating, name, &authority.bundle).await?;
-        reporter
-            .status
-            .set("caBundle", format!("{validating}; {mutating}"));
+        let api_service = fill_api_service_ca_bundle(self.api_service, &authority.bundle).await?;
+        reporter.status.set(
+            "caBundle",
+            format!("{validating}; {mutating}; {api_service}"),
+        );
         let leaf = self
             .issuer
             .certificate(&authority, &s.webhook_cert_secret, self.names, now)
@@ -384,6 +395,30 @@ impl Target<'_> {
         }
         Ok(ca.due.min(leaf.due))
     }
+}
+
+/// Sets the caBundle of the aggregated API's APIService to `bundle` where
+/// it differs (the API server calls the same server as the webhooks).
+async fn fill_api_service_ca_bundle(api: &Api<APIService>, bundle: &str) -> Result<String> {
+    let Some(service) = api.get_opt(API_SERVICE).await? else {
+        return Ok(format!(
+            "no APIService {API_SERVICE}: the aggregated API is not served"
+        ));
+    };
+    let current = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.ca_bundle.as_ref())
+        .map(|b| b.0.as_slice());
+    if current != Some(bundle.as_bytes()) {
+        let patch = json!({"spec": {"caBundle": ByteString(bundle.as_bytes().to_vec())}});
+        api.patch(API_SERVICE, &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
+        tracing::info!("APIService {API_SERVICE}: caBundle filled in");
+    }
+    Ok(format!(
+        "APIService {API_SERVICE} trusts the controller's CA"
+    ))
 }
 
 /// A webhook configuration whose caBundles the controller fills in.

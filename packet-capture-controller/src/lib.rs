@@ -31,6 +31,7 @@
 //! | 4 | [`tracker`] | one `WatchCapture` task per node capture, feeding the status |
 //! | 4 | [`plan`] | what a reconcile does, decided without calling anyone |
 //! | 5 | [`act`] | the agent calls a plan asks for, recorded in the tracker |
+//! | 5 | [`aggregated`] | the aggregated API `pcap.packet.io`: files and live packets through the API server |
 //! | 5 | [`report`] | status, Events and results ConfigMap of a reconcile |
 //! | 6 | [`controller`] | `reconcile` inside the finalizer, the `Controller` and its watches |
 //! | 7 | [`app`] | the process: health, webhook, leader election, controller |
@@ -39,6 +40,7 @@ pub mod access;
 pub mod act;
 pub mod agent_certs;
 pub mod agents;
+pub mod aggregated;
 pub mod app;
 pub mod backoff;
 pub mod certs;

@@ -8,7 +8,9 @@
 //! this controller does not know.
 
 use k8s_openapi::jiff::Timestamp;
-use packet_capture_common::crd::{CaptureState, NodeCapture, OutputFormat, STDOUT_OUTPUT_FILE};
+use packet_capture_common::crd::{
+    CaptureState, NodeCapture, OutputFormat, STDOUT_OUTPUT_FILE, STOPPED_BY_REQUEST,
+};
 use packet_capture_proto::v1::Capture;
 
 /// At most this many pod names per node in the status; the rest are
@@ -103,13 +105,17 @@ impl NodeProgress {
         }
     }
 
-    /// Takes the agent's view of a capture the controller has not asked to
-    /// stop (a StartCapture answer or a WatchCapture message). `stopped` then
-    /// means that the agent ended it on its own, as it does when it shuts
-    /// down: the node fails, as it does on a state this build does not know.
+    /// Takes the agent's view of a capture (a StartCapture answer or a
+    /// WatchCapture message). `stopped` by request (the controller's, for
+    /// a stop annotation) ends the node; otherwise the agent ended it on
+    /// its own, as it does when it shuts down: the node fails, as it does
+    /// on a state this build does not know.
     pub fn update(&mut self, c: &Capture, now: Timestamp) {
         self.take_counts(c);
         match c.capture_state() {
+            Ok(CaptureState::Stopped) if c.message == STOPPED_BY_REQUEST => {
+                self.state = CaptureState::Stopped;
+            }
             Ok(CaptureState::Stopped) => {
                 let said = self
                     .message

@@ -15,7 +15,8 @@ use std::time::Duration;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 use packet_capture_common::crd::{
-    PacketCaptureConfig, PacketCaptureConfigSpec, PacketCaptureConfigStatus, Phase,
+    CaptureState, PacketCaptureConfig, PacketCaptureConfigSpec, PacketCaptureConfigStatus, Phase,
+    STOP_REQUESTED, STOPPED_BY_REQUEST,
 };
 use packet_capture_common::validate::parse_target;
 
@@ -65,6 +66,12 @@ impl<'a> Resource<'a> {
     /// The status, if it describes this generation.
     pub fn same_generation(&self) -> Option<&'a PacketCaptureConfigStatus> {
         status::same_generation(self.previous(), self.generation)
+    }
+
+    /// Whether someone asked for the capture to end now
+    /// ([`STOP_REQUESTED`]).
+    pub fn stop_requested(&self) -> bool {
+        self.pcc.annotations().contains_key(STOP_REQUESTED)
     }
 }
 
@@ -197,6 +204,9 @@ pub fn plan(i: &Inputs) -> Plan {
             next: Next::Ended(phase),
         };
     }
+    if i.resource.stop_requested() {
+        return stop(i);
+    }
     let same = i.resource.same_generation();
     // What earlier generations ran, in this process or before it.
     let mut earlier: BTreeSet<&str> = i
@@ -222,6 +232,73 @@ pub fn plan(i: &Inputs) -> Plan {
         forget_earlier: !i.earlier.is_empty(),
         clear,
         next: next(i, same),
+    }
+}
+
+/// Stopped by request: every node that runs the resource (any generation)
+/// stops now and nothing starts; the nodes' watches report them stopped,
+/// which completes the capture. Nodes the tracker does not follow (listed
+/// by the status before a controller restart) are recorded stopped, those
+/// whose agent is gone failed, as in [`next`].
+fn stop(i: &Inputs) -> Plan {
+    let same = i.resource.same_generation();
+    let id = capture_id(i.resource.uid, i.resource.generation);
+    let mut run = Run {
+        requeue: IDLE_REQUEUE,
+        ..Run::default()
+    };
+    let mut nodes: BTreeSet<&str> = i
+        .earlier
+        .iter()
+        .filter(|p| !p.state.is_final())
+        .map(|p| p.node.as_str())
+        .collect();
+    for p in i.tracked.values().filter(|p| !p.state.is_final()) {
+        nodes.insert(&p.node);
+        if !i.agents.contains_key(&p.node) {
+            let mut p = p.clone();
+            p.fail(
+                format!(
+                    "the agent on node {} went away before the capture ended",
+                    p.node
+                ),
+                true,
+                i.now,
+            );
+            run.record.push(p);
+        }
+    }
+    let recorded = same.map(|s| &s.capture_files);
+    for entry in recorded.into_iter().flat_map(|r| r.iter()) {
+        let (ip, entry) = entry;
+        nodes.insert(&entry.node);
+        if !entry.status.is_final() && !i.tracked.contains_key(&entry.node) {
+            let mut p = NodeProgress::from_status(ip, entry, &id);
+            p.state = CaptureState::Stopped;
+            p.message = Some(STOPPED_BY_REQUEST.into());
+            p.end_time = Some(i.now);
+            run.record.push(p);
+        }
+    }
+    let clear = nodes
+        .into_iter()
+        .map(|n| Clear {
+            node: n.to_string(),
+            endpoint: i.agents.get(n).cloned(),
+        })
+        .collect();
+    let started = !i.tracked.is_empty() || recorded.is_some_and(|r| !r.is_empty());
+    Plan {
+        forget_earlier: !i.earlier.is_empty(),
+        clear,
+        next: if started {
+            Next::Run(run)
+        } else {
+            Next::Fail(Outcome::failed(
+                "Stopped",
+                format!("stopped by request ({STOP_REQUESTED}) before it started on any node"),
+            ))
+        },
     }
 }
 
@@ -476,6 +553,8 @@ mod tests {
         status: Was,
         /// Seconds since t0 (the start, when anything started).
         now: i64,
+        /// The resource carries the stop annotation.
+        stop: bool,
         want: Want,
     }
 
@@ -488,6 +567,7 @@ mod tests {
         earlier: &[],
         status: Was::Nothing,
         now: 0,
+        stop: false,
         want: WANT,
     };
 
@@ -603,6 +683,15 @@ mod tests {
         );
         pcc.metadata.uid = Some(UID.into());
         pcc.metadata.generation = Some(GENERATION);
+        if case.stop {
+            pcc.metadata.annotations = Some(
+                [(
+                    STOP_REQUESTED.to_string(),
+                    "2023-11-14T22:14:00Z".to_string(),
+                )]
+                .into(),
+            );
+        }
         let entry = |node: &str, state| {
             let p = progress(node, 1, state, TARGET);
             (p.node_ip.clone(), p.to_status(OutputFormat::Pcap))
@@ -902,6 +991,53 @@ mod tests {
                         "n1 failed: no end reported by the agent within 120s of the start (duration 60s)",
                     ],
                     requeue: 30,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a stop request stops every node and starts none, not even a new target",
+                targets: &["n1", "n2"],
+                agents: &["n1", "n2"],
+                tracked: &[("n1", Running, TARGET)],
+                status: Was::Same(Phase::Running, &[("n1", Running)]),
+                stop: true,
+                now: 10,
+                want: Want {
+                    clear: &["n1"],
+                    requeue: 30,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a stop request records a node the tracker does not follow as stopped, and fails one whose agent is gone",
+                targets: &["n1", "n2"],
+                agents: &["n1"],
+                tracked: &[("n2", Running, TARGET)],
+                earlier: &[("n3", Running)],
+                status: Was::Same(Phase::Running, &[("n1", Running), ("n2", Running)]),
+                stop: true,
+                now: 10,
+                want: Want {
+                    forget: true,
+                    clear: &["n1", "n2", "n3"],
+                    record: &[
+                        "n2 failed: the agent on node n2 went away before the capture ended",
+                        "n1 stopped: stopped by request",
+                    ],
+                    requeue: 30,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a stop request before any node started ends the capture",
+                targets: &["n1"],
+                agents: &["n1"],
+                stop: true,
+                want: Want {
+                    next: "fail Stopped: stopped by request (networking.packet.io/stop-requested) before it started on any node",
                     ..WANT
                 },
                 ..CASE

@@ -36,7 +36,9 @@ pub use packet_capture_common::tls::{ServingCert, certified_key};
 use packet_capture_common::validate::CaptureLimits;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt as _;
 
 use crate::access;
 use crate::error::{Error, Result};
@@ -377,24 +379,39 @@ pub const MAX_CONNECTIONS: usize = 128;
 /// head, so idle or slow connections do not hold a slot for ever.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The bound webhook server.
+/// The CAs whose client certificates the server accepts, and the names
+/// such a certificate may carry: the API server's front proxy, which calls
+/// the aggregated API as a client of these CAs and says who the user is in
+/// headers (only a connection it made may be believed).
+#[derive(Debug, Clone)]
+pub struct ClientCas {
+    pub roots: Arc<rustls::RootCertStore>,
+    /// Common names accepted; empty: any certificate the CAs signed.
+    pub allowed_names: Vec<String>,
+}
+
+/// In each request's extensions: the common name of the client certificate
+/// of its connection, when [`ClientCas`] signed it and allows the name.
+#[derive(Debug, Clone, Default)]
+pub struct VerifiedClient(pub Option<String>);
+
+/// The bound HTTPS server of the webhooks and the aggregated API.
 pub struct WebhookServer {
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    certs: Arc<ServingCert>,
     router: Router,
+    clients: watch::Receiver<Option<ClientCas>>,
 }
 
 impl WebhookServer {
-    /// Binds `addr`; the certificate comes from `certs` at each handshake.
+    /// Binds `addr`; the certificate comes from `certs` at each handshake,
+    /// client certificates are checked against what `clients` holds then.
     pub async fn bind(
         addr: SocketAddr,
         certs: Arc<ServingCert>,
-        admission: Admission,
+        router: Router,
+        clients: watch::Receiver<Option<ClientCas>>,
     ) -> Result<Self> {
-        let config = tls::server_config(certs, &[b"http/1.1"]).map_err(|e| Error::Certificate {
-            what: "TLS configuration".into(),
-            message: e.to_string(),
-        })?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| Error::Serve {
@@ -403,8 +420,9 @@ impl WebhookServer {
             })?;
         Ok(Self {
             listener,
-            acceptor: TlsAcceptor::from(Arc::new(config)),
-            router: router(admission),
+            certs,
+            router,
+            clients,
         })
     }
 
@@ -412,13 +430,28 @@ impl WebhookServer {
         self.listener.local_addr().ok()
     }
 
+    fn acceptor(&self, clients: Option<&ClientCas>) -> Result<TlsAcceptor> {
+        let config = tls::server_config(
+            self.certs.clone(),
+            &[b"http/1.1"],
+            clients.map(|c| c.roots.clone()),
+        )
+        .map_err(|e| Error::Certificate {
+            what: "TLS configuration".into(),
+            message: e.to_string(),
+        })?;
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+
     /// Serves until the process ends.
-    pub async fn run(self) -> Result<()> {
+    pub async fn run(mut self) -> Result<()> {
         tracing::info!(
             "webhook on https://{}/validate and /mutate",
             self.local_addr().map(|a| a.to_string()).unwrap_or_default()
         );
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let mut clients = self.clients.borrow_and_update().clone();
+        let mut acceptor = self.acceptor(clients.as_ref())?;
         loop {
             // The semaphore is never closed.
             let slot = slots.clone().acquire_owned().await.ok();
@@ -432,8 +465,12 @@ impl WebhookServer {
                     continue;
                 }
             };
-            let acceptor = self.acceptor.clone();
-            let service = TowerToHyperService::new(self.router.clone());
+            if self.clients.has_changed().unwrap_or(false) {
+                clients = self.clients.borrow_and_update().clone();
+                acceptor = self.acceptor(clients.as_ref())?;
+            }
+            let (acceptor, clients, router) =
+                (acceptor.clone(), clients.clone(), self.router.clone());
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
                 {
@@ -447,6 +484,24 @@ impl WebhookServer {
                         return;
                     }
                 };
+                let verified = VerifiedClient(
+                    tls.get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|chain| chain.first())
+                        .and_then(|cert| common_name(cert))
+                        .filter(|name| {
+                            clients.as_ref().is_some_and(|c| {
+                                c.allowed_names.is_empty() || c.allowed_names.contains(name)
+                            })
+                        }),
+                );
+                let service = TowerToHyperService::new(router.map_request(
+                    move |mut req: http::Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(verified.clone());
+                        req
+                    },
+                ));
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
                     .header_read_timeout(HANDSHAKE_TIMEOUT)
@@ -459,6 +514,19 @@ impl WebhookServer {
             });
         }
     }
+}
+
+/// The subject common name of a DER certificate.
+fn common_name(cert: &rustls::pki_types::CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let name = parsed
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_owned();
+    Some(name)
 }
 
 #[cfg(test)]

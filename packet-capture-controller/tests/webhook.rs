@@ -364,10 +364,12 @@ async fn a_handshake_that_never_comes_is_cut_off() {
     use tokio::io::AsyncReadExt as _;
 
     let (admission, _api) = mock();
+    let (_cas, clients) = tokio::sync::watch::channel(None);
     let server = WebhookServer::bind(
         "127.0.0.1:0".parse().unwrap(),
         std::sync::Arc::new(ServingCert::default()),
-        admission,
+        packet_capture_controller::webhook::router(admission),
+        clients,
     )
     .await
     .unwrap();

@@ -244,6 +244,8 @@ const CA_SECRET: &str = "secrets/packet-capture-ca";
 const AGENT_CA_SECRET: &str = "secrets/packet-capture-agent-ca";
 const CSRS: &str = "certificatesigningrequests.certificates.k8s.io";
 const SETTINGS: &str = "configmaps/packet-capture-config";
+const AUTHENTICATION_CONFIG: &str = "configmaps/extension-apiserver-authentication";
+const AGENT_CA_BUNDLE: &str = "configmaps/packet-capture-agent-ca";
 const LEASE: &str = "leases.coordination.k8s.io/packet-capture-controller";
 const WEBHOOK_CONFIGURATION: &str =
     "validatingwebhookconfigurations.admissionregistration.k8s.io/packet-capture-webhook";
@@ -268,8 +270,12 @@ pub const QUESTIONS: &[Question] = &[
     q(CTL, "watch", "pods", None, true),
     // Capturing any pod's traffic: the agents require it to start one.
     q(CTL, "capture", "pods", None, true),
-    // Reading captured files is for people, not for the controller.
+    // Reading captured files is for people, not for the controller: it
+    // only relays reads for the users the API server names (the agents
+    // then decide by those users' permissions).
     sub(q(CTL, "get", PCC, None, false), "files"),
+    sub(q(CTL, "relay", PCC, None, true), "files"),
+    sub(q(AGENT, "relay", PCC, None, false), "files"),
     q(CTL, "get", "nodes", None, true),
     q(CTL, "create", "pods", OTHER, false),
     q(CTL, "delete", "pods", OTHER, false),
@@ -292,6 +298,14 @@ pub const QUESTIONS: &[Question] = &[
     q(CTL, "get", "configmaps", OTHER, false),
     q(CTL, "create", "configmaps", KUBE_SYSTEM, false),
     q(CTL, "patch", "configmaps", KUBE_SYSTEM, false),
+    // How the API server says who calls the aggregated API, by name (the
+    // API server's own role for it); no other ConfigMap there.
+    q(CTL, "get", AUTHENTICATION_CONFIG, KUBE_SYSTEM, true),
+    q(CTL, "watch", AUTHENTICATION_CONFIG, KUBE_SYSTEM, true),
+    q(CTL, "get", SETTINGS, KUBE_SYSTEM, false),
+    // The agents' CA bundle, followed by every replica's aggregated API.
+    q(CTL, "watch", AGENT_CA_BUNDLE, NS, true),
+    q(CTL, "update", AGENT_CA_BUNDLE, NS, false),
     // Its Lease by name.
     q(CTL, "create", LEASES, NS, true),
     q(CTL, "update", LEASE, NS, true),

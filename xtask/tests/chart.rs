@@ -158,8 +158,16 @@ fn lint_is_clean_with_default_and_non_default_values() {
 }
 
 /// Kinds the chart renders that live outside any namespace.
+/// The one namespaced object outside the release's namespace: the
+/// controller's binding to the API server's role for its ConfigMap in
+/// kube-system (how it names users of the aggregated API).
+const AUTHENTICATION_READER: &str = "packet-capture-controller-authentication-reader";
+
 fn cluster_scoped(kind: &str) -> bool {
-    kind.starts_with("Cluster") || kind.ends_with("WebhookConfiguration") || kind == "Namespace"
+    kind.starts_with("Cluster")
+        || kind.ends_with("WebhookConfiguration")
+        || kind == "Namespace"
+        || kind == "APIService"
 }
 
 #[test]
@@ -172,7 +180,7 @@ fn default_values_render_the_documented_install() {
     );
     for doc in &docs {
         let kind = doc["kind"].as_str().unwrap();
-        if !cluster_scoped(kind) {
+        if !cluster_scoped(kind) && doc["metadata"]["name"] != AUTHENTICATION_READER {
             assert_eq!(
                 doc["metadata"]["namespace"].as_str(),
                 Some(NAMESPACE),
@@ -636,6 +644,9 @@ fn every_namespaced_object_goes_to_the_release_namespace_or_the_one_named() {
                 let name = doc["metadata"]["name"].as_str().unwrap();
                 if cluster_scoped(kind) {
                     assert!(doc["metadata"]["namespace"].is_null(), "{kind} {name}");
+                } else if name == AUTHENTICATION_READER {
+                    // Where the API server keeps the ConfigMap it reads.
+                    assert_eq!(doc["metadata"]["namespace"], "kube-system");
                 } else {
                     assert_eq!(
                         doc["metadata"]["namespace"].as_str(),
@@ -646,7 +657,9 @@ fn every_namespaced_object_goes_to_the_release_namespace_or_the_one_named() {
                 if kind == "Namespace" {
                     named.insert(name.to_owned());
                 }
-                namespaces_named(doc, &mut named);
+                if name != AUTHENTICATION_READER {
+                    namespaces_named(doc, &mut named);
+                }
                 kinds.insert(kind);
             }
             assert_eq!(named, BTreeSet::from([want.to_owned()]), "{all:?}");
@@ -964,6 +977,24 @@ fn without_cert_manager_or_a_ca_bundle_the_controller_issues_the_certificate() {
             &["packet-capture-webhook"],
         )])
     );
+    // The aggregated API's APIService: its caBundle too, by name.
+    let api_service: BTreeSet<Grant> =
+        rules(get(&docs, "ClusterRole", "packet-capture-controller"))
+            .into_iter()
+            .filter(|(_, r, _, _)| r == "apiservices")
+            .collect();
+    assert_eq!(
+        api_service,
+        named_grants(&[(
+            "apiregistration.k8s.io",
+            &["apiservices"],
+            &["get", "list", "watch", "patch"],
+            &["v1.pcap.packet.io"],
+        )])
+    );
+    let apis = get(&docs, "APIService", "v1.pcap.packet.io");
+    assert!(apis["spec"]["caBundle"].is_null());
+    assert_eq!(apis["spec"]["service"]["name"], "packet-capture-webhook");
 }
 
 #[test]
@@ -1010,6 +1041,8 @@ fn each_account_gets_exactly_the_access_it_uses() {
             &["get", "patch", "update"],
         ),
         (PCC, &["packetcaptureconfigs/finalizers"], &["update"]),
+        // Reads relayed for users by the aggregated API.
+        (PCC, &["packetcaptureconfigs/files"], &["relay"]),
         ("", &["pods", "nodes"], &["get", "list", "watch"]),
         ("", &["pods"], &["capture"]),
         ("", &["namespaces"], &["get", "list", "watch"]),
@@ -1065,7 +1098,12 @@ fn each_account_gets_exactly_the_access_it_uses() {
             &["get", "list", "watch"],
             &["packet-capture-config"],
         ),
-        ("", &["configmaps"], &["get"], &["packet-capture-agent-ca"]),
+        (
+            "",
+            &["configmaps"],
+            &["get", "list", "watch"],
+            &["packet-capture-agent-ca"],
+        ),
         ("", &["secrets"], &["get"], &["packet-capture-agent-ca"]),
         ("", &["secrets"], &["get", "update"], &["packet-capture-ca"]),
         (
@@ -1115,9 +1153,16 @@ fn each_account_gets_exactly_the_access_it_uses() {
     );
     // The roles for people: reading captures and every capture's files;
     // also changing captures; capturing pods' traffic, apart.
+    // The same files and live packets through the API server.
+    const PCAP: (&str, &[&str], &[&str]) = (
+        "pcap.packet.io",
+        &["captures/files", "captures/packets"],
+        &["get"],
+    );
     let viewer: &[(&str, &[&str], &[&str])] = &[
         (PCC, &["packetcaptureconfigs"], &["get", "list", "watch"]),
         (PCC, &["packetcaptureconfigs/files"], &["get"]),
+        PCAP,
     ];
     assert_eq!(
         rules(get(&docs, "ClusterRole", "packet-capture-viewer")),
@@ -1139,6 +1184,7 @@ fn each_account_gets_exactly_the_access_it_uses() {
             ],
         ),
         (PCC, &["packetcaptureconfigs/files"], &["get"]),
+        PCAP,
     ];
     assert_eq!(
         rules(get(&docs, "ClusterRole", "packet-capture-editor")),
@@ -1148,10 +1194,18 @@ fn each_account_gets_exactly_the_access_it_uses() {
         rules(get(&docs, "ClusterRole", "packet-capture-capturer")),
         grants(&[("", &["pods"], &["capture"])])
     );
+    // The controller reads how the API server names users (for the
+    // aggregated API) with the API server's own role for that ConfigMap.
+    let reader = get(&docs, "RoleBinding", AUTHENTICATION_READER);
+    assert_eq!(reader["metadata"]["namespace"], "kube-system");
+    assert_eq!(
+        reader["roleRef"]["name"],
+        "extension-apiserver-authentication-reader"
+    );
     // No account is bound to anything else, and nothing uses a wildcard.
     for doc in &docs {
         let kind = doc["kind"].as_str().unwrap();
-        if kind == "ClusterRoleBinding" || kind == "RoleBinding" {
+        if (kind == "ClusterRoleBinding" || kind == "RoleBinding") && doc != reader {
             assert_eq!(doc["roleRef"]["name"], doc["metadata"]["name"], "{kind}");
         }
         if kind == "ClusterRole" || kind == "Role" {

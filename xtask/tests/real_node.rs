@@ -11,7 +11,7 @@ use std::process::Command;
 use packet_capture_test_support::cluster::{
     COMPONENT_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, Cluster, Lifetime, RealNode,
 };
-use packet_capture_test_support::{capfile, privileged};
+use packet_capture_test_support::{capfile, privileged, workspace_binary};
 use serde_json::{Value, json};
 use xtask::images::{self, Image};
 use xtask::util::root;
@@ -289,6 +289,35 @@ impl World {
         std::fs::write(to, response.bytes().await.unwrap()).unwrap();
     }
 
+    /// `kubectl pcap fetch capture -o to` as the reader [`download`] made
+    /// (bound to packet-capture-viewer), with nothing but the API server.
+    async fn fetch(&self, capture: &str, to: &Path) {
+        let kubeconfig = self
+            .cluster
+            .user_kubeconfig("default", "capture-reader")
+            .await
+            .unwrap();
+        // Available once the controller has filled in its caBundle.
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Available",
+            "apiservice/v1.pcap.packet.io",
+            WAIT,
+        ]);
+        let plugin = workspace_binary(
+            "kubectl-pcap",
+            "kubectl-pcap",
+            &["kubectl-pcap/src", "packet-capture-common/src"],
+        );
+        output(
+            Command::new(plugin)
+                .arg("--kubeconfig")
+                .arg(kubeconfig)
+                .args(["fetch", capture, "-o"])
+                .arg(to),
+        );
+    }
+
     /// The CAs the controller publishes for the agents' certificates (PEM).
     async fn agent_ca(&self) -> String {
         self.cluster
@@ -511,6 +540,34 @@ async fn helm_install_on_a_real_node_captures_real_pods() {
     let local = dir.path().join(file_name);
     world.download(file_name, &local).await;
     assert_eq!(capfile::read(&local).len(), 20, "{done}");
+    // The same packets through the API server alone, as `kubectl pcap
+    // fetch` gets them for the same reader from the controller's
+    // aggregated API (the chart's APIService, the caBundle the controller
+    // filled in), and as mergecap merges the node's file.
+    let merged = dir.path().join("fetched.pcapng");
+    world.fetch("pods", &merged).await;
+    let expected = dir.path().join("mergecap.pcapng");
+    output(
+        Command::new("mergecap")
+            .arg("-w")
+            .arg(&expected)
+            .arg(&local),
+    );
+    let key = |p: &capfile::Packet| (p.time_ns, p.data.clone(), p.orig_len);
+    let fetched: Vec<_> = capfile::read(&merged).iter().map(key).collect();
+    assert_eq!(
+        fetched,
+        capfile::read(&expected).iter().map(key).collect::<Vec<_>>()
+    );
+    for packet in capfile::read(&merged) {
+        assert!(
+            packet
+                .interface
+                .starts_with(&format!("{}/", world.node.name())),
+            "interface {:?} is not named node/iface",
+            packet.interface
+        );
+    }
     let addresses = tshark_addresses(&local);
     assert_eq!(addresses.len(), 20);
     for (src, dst) in &addresses {

@@ -26,7 +26,10 @@ use k8s_openapi::api::authorization::v1::{
 };
 use kube::api::PostParams;
 use lru::LruCache;
-use packet_capture_common::crd::{FILES_SUBRESOURCE, GROUP, PLURAL, RESOURCE};
+use packet_capture_common::crd::{
+    FILES_SUBRESOURCE, GROUP, ON_BEHALF_OF_GROUP, ON_BEHALF_OF_UID, ON_BEHALF_OF_USER, PLURAL,
+    RELAY_VERB, RESOURCE,
+};
 use sha2::{Digest as _, Sha256};
 
 use super::ApiError;
@@ -99,6 +102,19 @@ impl Permission {
         }
     }
 
+    /// Reading for the users a call names ([`Authorizer::on_behalf`]).
+    pub fn relay() -> Self {
+        Self {
+            verb: RELAY_VERB,
+            ..Self::files(None)
+        }
+    }
+
+    /// Whether the permission only reads.
+    pub fn reads(&self) -> bool {
+        matches!(self.verb, "get" | "list")
+    }
+
     /// Capturing any pod's or node's traffic: `capture` on pods in every
     /// namespace. The agent sees only addresses, not whose they are, so a
     /// capture started on it directly needs this; a PacketCaptureConfig's
@@ -155,7 +171,7 @@ pub enum Access {
 const AGENT_SERVICE: &str = "/packetcapture.v1.Agent/";
 
 /// The methods of `packetcapture.v1.Agent` and what each needs.
-const AGENT_METHODS: [(&str, Access); 8] = [
+const AGENT_METHODS: [(&str, Access); 9] = [
     ("Health", Access::Open),
     ("StartCapture", Access::Authenticated),
     ("StopCapture", Access::Authenticated),
@@ -164,6 +180,7 @@ const AGENT_METHODS: [(&str, Access); 8] = [
     ("WatchCapture", Access::Authenticated),
     ("ListFiles", Access::Authenticated),
     ("DownloadFile", Access::Authenticated),
+    ("StreamPackets", Access::Authenticated),
 ];
 
 fn agent_method(path: &str) -> Option<(&'static str, Access)> {
@@ -380,11 +397,17 @@ pub fn source_address(peer: Option<IpAddr>) -> IpAddr {
 pub struct User {
     token: TokenHash,
     info: UserInfo,
+    /// The caller who relays this user's call, if the call is relayed.
+    relayed_by: Option<String>,
 }
 
 impl User {
     pub fn name(&self) -> &str {
         self.info.username.as_deref().unwrap_or("(unnamed)")
+    }
+
+    pub fn relayed_by(&self) -> Option<&str> {
+        self.relayed_by.as_deref()
     }
 }
 
@@ -476,7 +499,11 @@ impl Authorizer {
         // token is not (it would let anyone fill the cache), nor is a
         // cluster that could not answer (asked again next time).
         let reviewed = reviewed.map(|info| {
-            let user = Arc::new(User { token: hash, info });
+            let user = Arc::new(User {
+                token: hash,
+                info,
+                relayed_by: None,
+            });
             lock(&self.users).put(hash, user.clone(), Instant::now());
             user
         });
@@ -488,6 +515,59 @@ impl Authorizer {
             );
         }
         reviewed
+    }
+
+    /// The user a relayed call is for, when the request names one in the
+    /// `ON_BEHALF_OF_*` headers and `caller` may relay
+    /// ([`Permission::relay`]); else `caller` itself. Everything the call
+    /// does is then decided by that user's permissions.
+    pub async fn on_behalf(
+        &self,
+        caller: Arc<User>,
+        headers: &HeaderMap,
+    ) -> Result<Arc<User>, ApiError> {
+        let Some(name) = headers.get(ON_BEHALF_OF_USER) else {
+            return Ok(caller);
+        };
+        let text = |v: &http::HeaderValue, header: &str| {
+            v.to_str()
+                .map(str::to_owned)
+                .map_err(|_| ApiError::Invalid(format!("{header}: not a valid header value")))
+        };
+        let name = text(name, ON_BEHALF_OF_USER)?;
+        if name.is_empty() {
+            return Err(ApiError::Invalid(format!("{ON_BEHALF_OF_USER}: empty")));
+        }
+        self.authorize(&caller, &Permission::relay()).await?;
+        let groups = headers
+            .get_all(ON_BEHALF_OF_GROUP)
+            .iter()
+            .map(|v| text(v, ON_BEHALF_OF_GROUP))
+            .collect::<Result<Vec<_>, _>>()?;
+        let uid = headers
+            .get(ON_BEHALF_OF_UID)
+            .map(|v| text(v, ON_BEHALF_OF_UID))
+            .transpose()?;
+        // Verdicts are cached per relaying token and user.
+        let mut key = Sha256::new();
+        key.update(caller.token);
+        for part in std::iter::once(&name)
+            .chain(uid.iter())
+            .chain(groups.iter())
+        {
+            key.update((part.len() as u64).to_le_bytes());
+            key.update(part.as_bytes());
+        }
+        Ok(Arc::new(User {
+            token: key.finalize().into(),
+            info: UserInfo {
+                username: Some(name),
+                groups: Some(groups),
+                uid,
+                extra: None,
+            },
+            relayed_by: Some(caller.name().to_owned()),
+        }))
     }
 
     /// Whether `user` has `permission` (a SubjectAccessReview; verdicts

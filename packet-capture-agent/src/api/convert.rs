@@ -447,6 +447,29 @@ impl From<CaptureStatus> for pb::Capture {
     }
 }
 
+impl From<super::Batch> for pb::PacketBatch {
+    fn from(batch: super::Batch) -> Self {
+        use crate::writer::Direction;
+        Self {
+            packets: batch
+                .packets
+                .iter()
+                .map(|p| pb::StreamedPacket {
+                    unix_nanos: p.meta.unix_ns,
+                    interface: p.interface.to_string(),
+                    direction: match p.meta.direction {
+                        Direction::In => pb::PacketDirection::In,
+                        Direction::Out => pb::PacketDirection::Out,
+                    } as i32,
+                    original_length: p.meta.orig_len,
+                    data: p.data.to_vec(),
+                })
+                .collect(),
+            lost: batch.lost,
+        }
+    }
+}
+
 impl From<FileEntry> for pb::FileInfo {
     fn from(f: FileEntry) -> Self {
         Self {

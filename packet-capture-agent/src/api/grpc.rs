@@ -143,4 +143,19 @@ impl Agent for AgentService {
         });
         Ok(Response::new(Box::pin(chunks)))
     }
+
+    type StreamPacketsStream = Streamed<pb::PacketBatch>;
+
+    async fn stream_packets(
+        &self,
+        req: Request<pb::StreamPacketsRequest>,
+    ) -> Result<Response<Self::StreamPacketsStream>, Status> {
+        let caller = caller_of(&req)?;
+        let live = self.api.stream(&caller, &req.into_inner().id).await?;
+        let batches = self
+            .api
+            .batches(live.packets)
+            .map(|batch| Ok(pb::PacketBatch::from(batch)));
+        Ok(Response::new(Box::pin(batches)))
+    }
 }

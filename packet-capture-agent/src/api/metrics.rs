@@ -25,6 +25,7 @@ type RequestLabels = [(&'static str, String); 3];
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    stream_lost: Counter,
 }
 
 impl Metrics {
@@ -37,7 +38,23 @@ impl Metrics {
             "API requests by transport, route and status (HTTP status, or the gRPC status sent with the response headers)",
             requests.clone(),
         );
-        Self { registry, requests }
+        let stream_lost = Counter::default();
+        registry.register(
+            "stream_lost_packets",
+            "Packets live readers (StreamPackets, /api/v1/captures/{id}/packets) lost because they read too slowly; the capture files have them",
+            stream_lost.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            stream_lost,
+        }
+    }
+
+    pub fn stream_lost(&self, packets: u64) {
+        if packets > 0 {
+            self.stream_lost.inc_by(packets);
+        }
     }
 
     pub fn request(&self, transport: &str, route: String, code: String) {

@@ -28,7 +28,7 @@ use futures::Stream;
 use http::header;
 use tokio::io::AsyncReadExt as _;
 
-use crate::capture::{CaptureStatus, Engine, SetTargetsError};
+use crate::capture::{CaptureStatus, Engine, LiveStream, SetTargetsError, Tapped};
 use crate::files::{self, FileEntry};
 use auth::{Access, Permission};
 pub use auth::{Authorizer, Caller};
@@ -63,6 +63,13 @@ impl Api {
     /// when authentication is off.
     pub async fn permit(&self, caller: &Caller, permission: &Permission) -> Result<(), ApiError> {
         match (caller, &self.auth) {
+            (Caller::User(user), Some(_)) if !permission.reads() && user.relayed_by().is_some() => {
+                Err(ApiError::Forbidden(format!(
+                    "authorization: {permission}: calls relayed for {:?} by {:?} may only read",
+                    user.name(),
+                    user.relayed_by().unwrap_or_default()
+                )))
+            }
             (Caller::User(user), Some(auth)) => auth.authorize(user, permission).await,
             (Caller::Anyone, None) => Ok(()),
             (Caller::User(_), None) | (Caller::Anyone, Some(_)) => Err(ApiError::Unauthenticated(
@@ -223,6 +230,88 @@ impl Api {
         }
         let (file, size) = self.engine.files().open(name)?;
         Ok((chunks(tokio::fs::File::from_std(file)), size))
+    }
+}
+
+/// Packets a live reader gets at once, at most: one gRPC message or one
+/// write of the REST stream.
+const BATCH_PACKETS: usize = 256;
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// Packets of a live stream, as they come, and how many the reader lost
+/// before them.
+pub struct Batch {
+    pub packets: Vec<Arc<Tapped>>,
+    pub lost: u64,
+}
+
+impl Api {
+    /// The packets the running capture `id` records from now on, for
+    /// `caller` if it may read the capture's files.
+    pub async fn stream(&self, caller: &Caller, id: &str) -> Result<LiveStream, ApiError> {
+        let status = self.capture(caller, "get", id).await?;
+        self.permit(caller, &Permission::files(Some(&status.name)))
+            .await?;
+        match self.engine.stream(id) {
+            Some(Ok(stream)) => Ok(stream),
+            Some(Err(state)) => Err(ApiError::FailedPrecondition(format!(
+                "id: capture {id:?} has ended ({state}); its packets are in its file"
+            ))),
+            None => Err(ApiError::capture_not_found(id)),
+        }
+    }
+
+    /// A live stream's packets in batches of what has gathered (waiting
+    /// only when nothing has), until the capture ends. Losses are counted
+    /// in the metrics as well as in the batch that follows them.
+    pub fn batches(
+        &self,
+        packets: tokio::sync::broadcast::Receiver<Arc<Tapped>>,
+    ) -> impl Stream<Item = Batch> + Send + 'static {
+        use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+        let metrics = self.metrics.clone();
+        futures::stream::unfold(Some(packets), move |packets| {
+            let metrics = metrics.clone();
+            async move {
+                let mut packets = packets?;
+                let mut batch = Batch {
+                    packets: Vec::new(),
+                    lost: 0,
+                };
+                let mut ended = false;
+                // Wait for the first, then take what is there.
+                loop {
+                    match packets.recv().await {
+                        Ok(p) => {
+                            batch.packets.push(p);
+                            break;
+                        }
+                        Err(RecvError::Lagged(n)) => batch.lost += n,
+                        Err(RecvError::Closed) => {
+                            ended = true;
+                            break;
+                        }
+                    }
+                }
+                let mut bytes = 0;
+                while !ended && batch.packets.len() < BATCH_PACKETS && bytes < BATCH_BYTES {
+                    match packets.try_recv() {
+                        Ok(p) => {
+                            bytes += p.data.len();
+                            batch.packets.push(p);
+                        }
+                        Err(TryRecvError::Lagged(n)) => batch.lost += n,
+                        Err(TryRecvError::Closed) => ended = true,
+                        Err(TryRecvError::Empty) => break,
+                    }
+                }
+                metrics.stream_lost(batch.lost);
+                if ended && batch.packets.is_empty() && batch.lost == 0 {
+                    return None;
+                }
+                Some((batch, (!ended).then_some(packets)))
+            }
+        })
     }
 }
 
@@ -396,10 +485,14 @@ async fn gate(State(api): State<Api>, mut req: Request, next: Next) -> Response 
                 .extensions()
                 .get::<ConnectInfo<SocketAddr>>()
                 .map(|c| c.0.ip());
-            match authorizer
+            let user = match authorizer
                 .authenticate(req.headers(), auth::source_address(peer))
                 .await
             {
+                Ok(user) => authorizer.on_behalf(user, req.headers()).await,
+                Err(e) => Err(e),
+            };
+            match user {
                 Ok(user) => {
                     req.extensions_mut().insert(Caller::User(user));
                     next.run(req).await

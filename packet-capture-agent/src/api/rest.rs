@@ -24,6 +24,7 @@ pub fn routes() -> Router<Api> {
             get(get_capture).delete(stop_capture),
         )
         .route("/api/v1/captures/{id}/targets", put(set_targets))
+        .route("/api/v1/captures/{id}/packets", get(stream_packets))
         .route("/api/v1/files", get(list_files))
         .route("/api/v1/files/{name}", get(download_file))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -237,6 +238,45 @@ async fn download_file(
         headers.insert(header::CONTENT_DISPOSITION, v);
     }
     Ok(response)
+}
+
+/// The packets a running capture records from now on, as one pcapng
+/// stream (`tshark -r -`, `wireshark -k -i -`), written as they come; it
+/// ends with the capture. Packets this reader lost for reading too slowly
+/// are counted in the next packet's `epb_dropcount`.
+async fn stream_packets(
+    State(api): State<Api>,
+    caller: Option<Extension<Caller>>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    use futures::StreamExt as _;
+    use packet_capture_common::crd::OutputFormat;
+    use std::collections::HashMap;
+
+    let live = api.stream(&caller_of(caller)?, &param("id", id)?).await?;
+    let mut encoder =
+        crate::writer::Encoder::new(OutputFormat::Pcapng, live.snaplen).with_origin(live.origin);
+    let mut header = Vec::new();
+    encoder.file_header(&mut header);
+    let mut names = HashMap::<u32, String>::new();
+    let packets = api.batches(live.packets).map(move |batch| {
+        let mut out = Vec::new();
+        encoder.lost(batch.lost);
+        for packet in &batch.packets {
+            names
+                .entry(packet.meta.ifindex)
+                .or_insert_with(|| packet.interface.to_string());
+            // pcapng holds any time: nothing is refused.
+            let _ = encoder.encode(&mut out, &packet.meta, &packet.data, &names);
+        }
+        Ok::<_, std::convert::Infallible>(Bytes::from(out))
+    });
+    let body = futures::stream::once(async { Ok(Bytes::from(header)) }).chain(packets);
+    Ok((
+        [(header::CONTENT_TYPE, content_type("live.pcapng"))],
+        Body::from_stream(body),
+    )
+        .into_response())
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ use ipnet::IpNet;
 use packet_capture_common::abi::DEFAULT_RING_BYTES;
 use packet_capture_common::crd::{CaptureState, OutputFormat, STDOUT_OUTPUT_FILE, TargetDirection};
 use packet_capture_common::validate::CaptureLimits;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::ebpf::TcAttach;
 use crate::files::{CaptureDir, Maintenance};
@@ -40,7 +40,8 @@ use backend::{Backend, BackendError, Ended, Running, Selection};
 use copies::Copies;
 use links::LinksError;
 use pods::PodInterfaces;
-use sink::{Counters, Destination, EndReason, Sink};
+pub use sink::Tapped;
+use sink::{Counters, Destination, EndReason, Sink, TAP_PACKETS};
 
 pub use pcap::OpenError;
 pub use pods::TargetPod;
@@ -109,6 +110,15 @@ pub struct CaptureStatus {
     pub start_time: SystemTime,
     pub end_time: Option<SystemTime>,
     pub node_name: String,
+}
+
+/// A reader's view of a running capture ([`Engine::stream`]).
+pub struct LiveStream {
+    /// Ends when the capture does; a reader that falls behind by
+    /// [`TAP_PACKETS`] is told how many it lost.
+    pub packets: broadcast::Receiver<Arc<Tapped>>,
+    pub origin: Origin,
+    pub snaplen: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +215,13 @@ struct Capture {
     /// Where the file will be once complete; None for stdout.
     output_file: Option<PathBuf>,
     counters: Arc<Counters>,
+    /// Live readers subscribe here while the sink, which holds the only
+    /// strong sender, lives: its end ends their streams.
+    tap: broadcast::WeakSender<Arc<Tapped>>,
+    /// What its pcapng file says of where it comes from; live streams say
+    /// the same.
+    origin: Origin,
+    snaplen: u32,
     /// Where its filter runs ([`CaptureStatus::filter_path`]).
     filter_path: String,
     /// The backend's handle while the capture runs. Dropped once the end is
@@ -455,6 +472,13 @@ impl Engine {
         };
         let selection = selection(spec);
         let live_spec = Arc::new(Mutex::new(req.spec.clone()));
+        let origin = Origin {
+            node: self.inner.config.node_name.clone(),
+            comment: describe_capture(&req.name, &self.inner.config.node_name, spec),
+            owners: Some(Arc::new(PodInterfaces(live_spec.clone()))),
+        };
+        let (tap, _) = broadcast::channel(TAP_PACKETS);
+        let weak_tap = tap.downgrade();
         let sink = Sink::new(
             req.id.clone(),
             self.inner.bytes_written.clone(),
@@ -462,13 +486,10 @@ impl Engine {
             (!spec.keep_copies).then(Copies::default),
             spec.snaplen,
             spec.max_packets,
-            Encoder::new(spec.format, spec.snaplen).with_origin(Origin {
-                node: self.inner.config.node_name.clone(),
-                comment: describe_capture(&req.name, &self.inner.config.node_name, spec),
-                owners: Some(Arc::new(PodInterfaces(live_spec.clone()))),
-            }),
+            Encoder::new(spec.format, spec.snaplen).with_origin(origin.clone()),
             destination,
             counters.clone(),
+            tap,
         );
         let running = self
             .inner
@@ -482,6 +503,9 @@ impl Engine {
             start_time,
             output_file,
             counters,
+            tap: weak_tap,
+            origin,
+            snaplen: spec.snaplen,
             filter_path: running
                 .filter_place()
                 .map(|p| p.describe())
@@ -588,6 +612,22 @@ impl Engine {
     pub fn list(&self) -> Vec<CaptureStatus> {
         let captures: Vec<Arc<Capture>> = lock(&self.inner.captures).values().cloned().collect();
         captures.iter().map(|c| self.snapshot(c)).collect()
+    }
+
+    /// The packets the running capture `id` records from now on, and how
+    /// to describe them; `None` when there is no such capture, `Some(Err)`
+    /// when it has ended.
+    pub fn stream(&self, id: &str) -> Option<Result<LiveStream, CaptureState>> {
+        let capture = self.capture(id)?;
+        let state = lock(&capture.life).state;
+        Some(match capture.tap.upgrade().filter(|_| !state.is_final()) {
+            Some(tap) => Ok(LiveStream {
+                packets: tap.subscribe(),
+                origin: capture.origin.clone(),
+                snaplen: capture.snaplen,
+            }),
+            None => Err(state),
+        })
     }
 
     /// The capture's status now and whenever it changes.

@@ -7,6 +7,8 @@ use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use tokio::sync::broadcast;
+
 use super::copies::Copies;
 use crate::files::{Full, Output};
 use crate::filter::Filter;
@@ -49,12 +51,25 @@ impl EndReason {
                 "stopped at the file size limit (MAX_CAPTURE_FILE_SIZE_MB, {} bytes)",
                 bytes
             ),
-            Self::Stopped => "stopped by request".into(),
+            Self::Stopped => packet_capture_common::crd::STOPPED_BY_REQUEST.into(),
             Self::Shutdown => "stopped: the agent is shutting down".into(),
             Self::Error(e) => e.clone(),
         }
     }
 }
+
+/// A recorded packet, for live readers ([`crate::capture::Engine::stream`]).
+#[derive(Debug)]
+pub struct Tapped {
+    pub meta: Meta,
+    pub interface: Arc<str>,
+    pub data: Box<[u8]>,
+}
+
+/// Packets held for live readers of one capture: a reader this far behind
+/// loses the oldest. Bounds a capture's memory for readers at this many
+/// snaplen-long packets.
+pub const TAP_PACKETS: usize = 1024;
 
 pub enum Destination {
     File(Output),
@@ -83,6 +98,8 @@ pub struct Sink {
     encoder: Encoder,
     destination: Destination,
     counters: Arc<Counters>,
+    /// Live readers' channel: sending never waits, a slow reader loses.
+    tap: broadcast::Sender<Arc<Tapped>>,
     packets: u64,
     /// Packets gathered in the output buffer, not yet in the file.
     buffered: u64,
@@ -103,6 +120,7 @@ impl Sink {
         mut encoder: Encoder,
         mut destination: Destination,
         counters: Arc<Counters>,
+        tap: broadcast::Sender<Arc<Tapped>>,
     ) -> Self {
         if let Destination::File(output) = &mut destination {
             // A new, empty file always has room for its header.
@@ -119,6 +137,7 @@ impl Sink {
             encoder,
             destination,
             counters,
+            tap,
             packets: 0,
             buffered: 0,
             refusal_logged: false,
@@ -180,6 +199,14 @@ impl Sink {
         }
         self.packets += 1;
         self.counters.packets.store(self.packets, Ordering::Relaxed);
+        if self.tap.receiver_count() > 0 {
+            // Fails only when the last reader left in between.
+            let _ = self.tap.send(Arc::new(Tapped {
+                meta: *meta,
+                interface: names.name(meta.ifindex).into(),
+                data: kept.into(),
+            }));
+        }
         if self.packets >= self.max_packets {
             return Some(EndReason::MaxPackets(self.max_packets));
         }

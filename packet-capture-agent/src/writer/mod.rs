@@ -24,6 +24,7 @@ use std::fmt::Write as _;
 
 use byteorder::LittleEndian;
 use packet_capture_common::crd::OutputFormat;
+use packet_capture_common::pcapng;
 use pcap_file::pcap::{PcapHeader, PcapParser, PcapTsResolution};
 use pcap_file::pcapng::blocks::interface_description::{
     InterfaceDescriptionBlock, InterfaceDescriptionOption, InterfaceTsResolution,
@@ -95,6 +96,9 @@ pub struct Encoder {
     snaplen: u32,
     origin: Origin,
     pcapng: Pcapng,
+    /// Packets lost just before the next one, which says so (pcapng's
+    /// `epb_dropcount`); only live streams lose packets this way.
+    lost: u64,
 }
 
 /// What a pcapng file needs carried from block to block.
@@ -122,7 +126,14 @@ impl Encoder {
                 state: PcapNgState::default(),
                 ids: HashMap::new(),
             },
+            lost: 0,
         }
+    }
+
+    /// `n` packets were lost before the next one: pcapng records it in the
+    /// next packet's block.
+    pub fn lost(&mut self, n: u64) {
+        self.lost += n;
     }
 
     /// pcapng files say where they come from.
@@ -198,7 +209,7 @@ impl Encoder {
                         &self.origin,
                     ),
                 };
-                enhanced_packet(out, id, meta, data);
+                enhanced_packet(out, id, meta, data, std::mem::take(&mut self.lost));
             }
             OutputFormat::Text => text_line(out, meta, data, names),
             OutputFormat::Stdout => {
@@ -265,46 +276,26 @@ impl Pcapng {
 
 /// An enhanced packet block, little-endian with a nanosecond timestamp (as
 /// the section header and the interface blocks say), with the direction in
-/// epb_flags.
+/// epb_flags, and the packets lost before it in epb_dropcount when any were.
 ///
-/// Written here rather than by pcap-file's block encoder, which made the
+/// Written by hand rather than by pcap-file's block encoder, which made the
 /// pcapng writer five times slower (docs/capture.md, "Writer throughput"):
 /// it encodes every block twice (once into `io::sink()` to learn its
 /// length), writes each field through `io::Write`, converts the timestamp
 /// through u128 arithmetic, and takes the options as a `Vec`. The tests read
 /// these blocks back with pcap-file's reader and with tshark.
-fn enhanced_packet(out: &mut Vec<u8>, interface_id: u32, meta: &Meta, data: &[u8]) {
-    const EPB: u32 = 6;
-    const EPB_FLAGS: u16 = 2;
-    const OPT_ENDOFOPT: u16 = 0;
-    let pad = (4 - data.len() % 4) % 4;
-    // Header, body, data and its padding, epb_flags (4 + 4), end of
-    // options (4), trailing length.
-    let total = (8 + 20 + data.len() + pad + 8 + 4 + 4) as u32;
-    let flags: u32 = match meta.direction {
-        Direction::In => 1,
-        Direction::Out => 2,
-    };
-    out.reserve(total as usize);
-    for word in [
-        EPB,
-        total,
-        interface_id,
-        (meta.unix_ns >> 32) as u32,
-        meta.unix_ns as u32,
-        data.len() as u32,
-        meta.orig_len.max(data.len() as u32),
-    ] {
-        out.extend_from_slice(&word.to_le_bytes());
-    }
-    out.extend_from_slice(data);
-    out.extend_from_slice(&[0; 3][..pad]);
-    out.extend_from_slice(&EPB_FLAGS.to_le_bytes());
-    out.extend_from_slice(&4u16.to_le_bytes());
-    out.extend_from_slice(&flags.to_le_bytes());
-    out.extend_from_slice(&OPT_ENDOFOPT.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out.extend_from_slice(&total.to_le_bytes());
+fn enhanced_packet(out: &mut Vec<u8>, interface_id: u32, meta: &Meta, data: &[u8], lost: u64) {
+    pcapng::enhanced_packet(
+        out,
+        &pcapng::Packet {
+            interface_id,
+            unix_ns: meta.unix_ns,
+            inbound: Some(meta.direction == Direction::In),
+            orig_len: meta.orig_len,
+            data,
+            lost,
+        },
+    );
 }
 
 /// One pcap record (little-endian, nanoseconds, as the file header says).

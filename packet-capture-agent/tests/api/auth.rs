@@ -301,8 +301,87 @@ async fn auth_against_the_local_control_plane() {
         .expect("the agent on a simulated node");
     let ca = cluster.ca().expect("the cluster's CA");
     check_auth(&agent.url(), Some(&ca), &tokens).await;
+    check_relay(&agent.url(), &ca, &tokens, ns.name()).await;
     let log = agent.log();
     assert!(!log.contains("ERROR"), "{log}");
+}
+
+/// Calls relayed for a user (the controller's aggregated API): decided by
+/// the user's permissions, only by a caller that may `relay`, and only
+/// reads.
+async fn check_relay(url: &str, ca: &[u8], tokens: &Tokens, namespace: &str) {
+    use packet_capture_common::crd::{ON_BEHALF_OF_GROUP, ON_BEHALF_OF_USER};
+    let rest = Rest::trusting(url, Some(ca));
+    let files = rest
+        .with_token(Some(&tokens.reader))
+        .get("/api/v1/files")
+        .await
+        .json::<Value>()
+        .await
+        .unwrap();
+    let file = files["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .find(|n| n.starts_with("auth-1-"))
+        .expect("a file of auth-1")
+        .to_owned();
+    let account = |name: &str| format!("system:serviceaccount:{namespace}:{name}");
+    let relayed = |token: &str, user: &str, method: reqwest::Method, path: &str| {
+        rest.with_token(Some(token))
+            .request(method, path)
+            .header(ON_BEHALF_OF_USER, user)
+            .header(ON_BEHALF_OF_GROUP, "system:serviceaccounts")
+            .header(ON_BEHALF_OF_GROUP, "system:authenticated")
+            .send()
+    };
+    let download = format!("/api/v1/files/{file}");
+    let get = reqwest::Method::GET;
+    // The controller relays for the reader: the reader's permission decides.
+    let r = relayed(&tokens.writer, &account("reader"), get.clone(), &download)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(!r.bytes().await.unwrap().is_empty());
+    // For an account without the permission: refused, naming that account.
+    let r = relayed(&tokens.writer, &account("nobody"), get.clone(), &download)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let err: Value = r.json().await.unwrap();
+    assert!(
+        err["error"].as_str().unwrap().contains(&account("nobody")),
+        "{err}"
+    );
+    // A caller that may read but not relay cannot speak for others.
+    let r = relayed(&tokens.reader, &account("editor"), get.clone(), &download)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let err: Value = r.json().await.unwrap();
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("relay packetcaptureconfigs.networking.packet.io/files"),
+        "{err}"
+    );
+    // Relayed calls only read, whoever they are for.
+    let r = relayed(
+        &tokens.writer,
+        &account("editor"),
+        reqwest::Method::DELETE,
+        "/api/v1/captures/auth-1",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+    let err: Value = r.json().await.unwrap();
+    assert!(
+        err["error"].as_str().unwrap().contains("may only read"),
+        "{err}"
+    );
 }
 
 /// Resident memory of process `pid`, in bytes.

@@ -12,4 +12,5 @@ mod grpc;
 mod openapi;
 mod process;
 mod rest;
+mod stream;
 mod tls;

@@ -156,6 +156,7 @@ async fn the_openapi_document_describes_the_agent() {
     let retarget = r#"{"targetIPs":["10.0.0.1"]}"#;
     let files = "/api/v1/files";
     let file = "/api/v1/files/{name}";
+    let packets = "/api/v1/captures/{id}/packets";
 
     let mut cases = vec![
         case("get", "/health", "/health", None, 200),
@@ -183,6 +184,12 @@ async fn the_openapi_document_describes_the_agent() {
         case("get", capture, "/api/v1/captures/doc-1", None, 401),
         case("get", capture, "/api/v1/captures/doc-1", n, 403),
         case("get", capture, "/api/v1/captures/nope", w, 404),
+        case("get", packets, "/api/v1/captures/nope/packets", w, 404),
+        case("get", packets, "/api/v1/captures/doc-1/packets", None, 401),
+        case("get", packets, "/api/v1/captures/doc-1/packets", n, 403),
+        case("get", packets, "/api/v1/captures/doc-1/packets", w, 409),
+        // Started just before, for two seconds: the stream ends with it.
+        case("get", packets, "/api/v1/captures/doc-6/packets", w, 200),
         // A capture that outlasts the test, for new targets.
         with_body(
             case("post", captures, captures, w, 201),
@@ -258,6 +265,15 @@ async fn the_openapi_document_describes_the_agent() {
             let done = rest.ended("doc-1").await;
             let output = done["output_file"].as_str().unwrap();
             case.path = format!("/api/v1/files/{}", output.rsplit('/').next().unwrap());
+        }
+        if case.template == packets {
+            rest.ended("doc-1").await;
+        }
+        if case.template == packets && case.status == 200 {
+            let started = rest
+                .post(captures, &serde_json::json!({"id": "doc-6", "duration": 2}))
+                .await;
+            assert_eq!(started.status(), 201);
         }
         if case.status == 503 {
             std::fs::remove_dir_all(node.dir.path()).unwrap();

@@ -11,6 +11,7 @@
 //! tshark. Run as root (`cargo test -p packet-capture-controller --test
 //! e2e`, after `cargo build -p packet-capture-agent`).
 
+mod kubectl_pcap;
 mod world;
 
 use std::net::IpAddr;
@@ -1430,7 +1431,7 @@ async fn without_its_certificate_the_controller_runs_and_serves_once_it_appears(
     let dir = w.cluster.dir().join("e2e").join(&w.id).join("issued");
     let ca = w
         .cluster
-        .serving_certificate(&dir, &[IpAddr::V4(w.cluster.host_ip())])
+        .serving_certificate(&dir, &[IpAddr::V4(w.cluster.host_ip())], &[])
         .expect("a serving certificate");
     let read = |f: &str| ByteString(std::fs::read(dir.join(f)).expect("the issued files"));
     let secret = Secret {

@@ -204,7 +204,7 @@ async fn install(cluster: &Cluster) {
 
 /// The service account, bound to packet-capture-viewer, that the tests
 /// download capture files with.
-const READER: &str = "e2e-capture-reader";
+pub const READER: &str = "e2e-capture-reader";
 
 /// A port nothing listens on now (the controller binds it on all addresses).
 pub fn free_port() -> u16 {
@@ -430,7 +430,12 @@ impl World {
             Certs::Dir => {
                 let certs = dir.join("webhook");
                 let ca = cluster
-                    .serving_certificate(&certs, &[IpAddr::V4(cluster.host_ip())])
+                    .serving_certificate(
+                        &certs,
+                        &[IpAddr::V4(cluster.host_ip())],
+                        // The Service the aggregated API is registered with.
+                        &[&format!("packet-capture-webhook.{COMPONENT_NAMESPACE}.svc")],
+                    )
                     .expect("the webhook's certificate");
                 args.extend(webhook_args("dir"));
                 args.extend(["--webhook-cert-dir".into(), certs.display().to_string()]);

@@ -186,6 +186,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 impl Agent for FakeAgent {
     type WatchCaptureStream = BoxStream<Capture>;
     type DownloadFileStream = BoxStream<FileChunk>;
+    type StreamPacketsStream = BoxStream<packet_capture_proto::v1::PacketBatch>;
 
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
         Ok(Response::new(HealthResponse {
@@ -351,6 +352,14 @@ impl Agent for FakeAgent {
             "no file {}",
             req.into_inner().name
         )))
+    }
+
+    /// The fake captures nothing.
+    async fn stream_packets(
+        &self,
+        req: Request<packet_capture_proto::v1::StreamPacketsRequest>,
+    ) -> Result<Response<Self::StreamPacketsStream>, Status> {
+        Err(Status::not_found(req.into_inner().id))
     }
 }
 

@@ -104,6 +104,17 @@ impl Starter {
                 "apiserver-kubelet-client.crt",
             ))
             .arg(file("kubelet-client-key", "apiserver-kubelet-client.key"))
+            // Aggregated APIs: the front proxy's client certificate, and
+            // the headers that say who the user is.
+            .arg(file("requestheader-client-ca-file", "front-proxy/ca.crt"))
+            .arg(file("proxy-client-cert-file", "front-proxy-client.crt"))
+            .arg(file("proxy-client-key-file", "front-proxy-client.key"))
+            .args([
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            ])
             .args([
                 // Webhooks and aggregated APIs by their Service's endpoints:
                 // the apiserver runs on the host, where no kube-proxy is.

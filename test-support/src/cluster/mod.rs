@@ -366,6 +366,25 @@ impl Cluster {
             .await
     }
 
+    /// A kubeconfig with nothing but the API server's address, the
+    /// cluster's CA and a token of `service_account` for the API server:
+    /// what a user of the cluster has. Written beside the cluster's files.
+    pub async fn user_kubeconfig(&self, namespace: &str, service_account: &str) -> Result<PathBuf> {
+        let token = self.token_for(namespace, service_account, &[]).await?;
+        let dir = self.inner.dir.join("users");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let ca = Pki::open(&self.inner.dir.join("pki")).path("ca.crt");
+        let config = serde_json::json!({
+            "apiVersion": "v1", "kind": "Config", "current-context": "user",
+            "clusters": [{"name": "local", "cluster": {"server": self.server(), "certificate-authority": ca}}],
+            "users": [{"name": service_account, "user": {"token": token}}],
+            "contexts": [{"name": "user", "context": {"cluster": "local", "user": service_account}}],
+        });
+        let path = dir.join(format!("{namespace}-{service_account}.kubeconfig"));
+        std::fs::write(&path, config.to_string()).map_err(|e| Error::io(&path, e))?;
+        Ok(path)
+    }
+
     /// Applies the committed CRD (`crd/packet_capture_config_crd.yaml`) and
     /// waits until it is established. Idempotent.
     pub async fn install_crd(&self) -> Result<()> {
@@ -432,9 +451,68 @@ impl Cluster {
         }
     }
 
-    pub fn serving_certificate(&self, dir: &Path, ips: &[IpAddr]) -> Result<Vec<u8>> {
+    /// A network namespace on the node network whose firewall lets out
+    /// nothing but connections to the API server's address and port: where
+    /// a user outside the cluster stands. At most four at once per cluster
+    /// (the node network's addresses after the last node's).
+    pub fn api_only_netns(&self) -> Result<crate::netns::Netns> {
+        use std::sync::atomic::{AtomicU8, Ordering};
+        static NEXT: AtomicU8 = AtomicU8::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        if n >= 4 {
+            return Err(Error::Process("at most four API-only namespaces".into()));
+        }
+        let url = &self.inner.config.cluster_url;
+        let host = url.host().map(|h| h.to_string()).unwrap_or_default();
+        let port = url.port_u16().unwrap_or(443).to_string();
+        let gateway = self.inner.plan.gateway_v4().octets();
+        let address = format!(
+            "{}.{}.{}.{}/24",
+            gateway[0],
+            gateway[1],
+            gateway[2],
+            11 + network::Plan::MAX_NODES + n
+        );
+        let ns = crate::netns::Netns::new("pcapi");
+        let outer = crate::unique_name("vapi");
+        let run = |cmd: &mut Command| crate::netns::run(cmd);
+        run(Command::new("ip").args([
+            "link",
+            "add",
+            &outer,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ]));
+        run(Command::new("ip").args([
+            "link",
+            "set",
+            &outer,
+            "master",
+            &self.inner.plan.bridge(),
+            "up",
+        ]));
+        ns.ip(&["addr", "add", &address, "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        for rule in [
+            vec!["-A", "OUTPUT", "-o", "lo", "-j", "ACCEPT"],
+            vec![
+                "-A", "OUTPUT", "-p", "tcp", "-d", &host, "--dport", &port, "-j", "ACCEPT",
+            ],
+            vec!["-A", "OUTPUT", "-j", "REJECT"],
+        ] {
+            run(ns.command("iptables").args(&rule));
+        }
+        Ok(ns)
+    }
+
+    pub fn serving_certificate(&self, dir: &Path, ips: &[IpAddr], dns: &[&str]) -> Result<Vec<u8>> {
         let pki = Pki::open(&self.inner.dir.join("pki"));
-        pki.serving(dir, ips)?;
+        pki.serving(dir, ips, dns)?;
         self.ca()
     }
 

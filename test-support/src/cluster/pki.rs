@@ -76,6 +76,20 @@ impl Pki {
             None,
         )?;
         pki.cert("scheduler", "client", "/CN=system:kube-scheduler", None)?;
+        // The front proxy: the apiserver calls aggregated APIs as this
+        // client of a CA of its own (as kubeadm sets it up), naming the user
+        // in headers that only a client of that CA is believed.
+        let front = Self::new_ca(
+            &dir.join("front-proxy"),
+            "/CN=packet-capture-local-front-proxy-ca",
+        )?;
+        front.issue(
+            dir,
+            "front-proxy-client",
+            "client",
+            "/CN=front-proxy-client",
+            None,
+        )?;
         pki.cert(
             "apiserver-kubelet-client",
             "client",
@@ -131,10 +145,11 @@ impl Pki {
     }
 
     /// `tls.key` and `tls.crt` in `dir`: a serving certificate for `ips`
-    /// signed by the CA.
-    pub fn serving(&self, dir: &Path, ips: &[IpAddr]) -> Result<()> {
+    /// and the DNS names `dns`, signed by the CA.
+    pub fn serving(&self, dir: &Path, ips: &[IpAddr], dns: &[&str]) -> Result<()> {
         fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let san: Vec<String> = ips.iter().map(|ip| format!("IP:{ip}")).collect();
+        let mut san: Vec<String> = ips.iter().map(|ip| format!("IP:{ip}")).collect();
+        san.extend(dns.iter().map(|name| format!("DNS:{name}")));
         let (key, crt) = (dir.join("tls.key"), dir.join("tls.crt"));
         self.cert_at(
             (&key.display().to_string(), &crt.display().to_string()),

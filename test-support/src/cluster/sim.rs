@@ -288,7 +288,7 @@ impl SimNode {
         if options.tls == AgentTls::ClusterCa {
             let certs = inner.dir.join("agent-tls").join(&self.name);
             let pki = Pki::open(&inner.dir.join("pki"));
-            pki.serving(&certs, &[IpAddr::V4(self.ip())])?;
+            pki.serving(&certs, &[IpAddr::V4(self.ip())], &[])?;
             cmd.arg("--tls-cert-file")
                 .arg(certs.join("tls.crt"))
                 .arg("--tls-key-file")

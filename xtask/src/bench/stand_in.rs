@@ -99,6 +99,7 @@ type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 impl Agent for StandIns {
     type WatchCaptureStream = Streamed<pb::Capture>;
     type DownloadFileStream = Streamed<pb::FileChunk>;
+    type StreamPacketsStream = Streamed<pb::PacketBatch>;
 
     async fn health(
         &self,
@@ -179,7 +180,7 @@ impl Agent for StandIns {
         tx.send_modify(|c| {
             if c.state == pb::CaptureState::Running as i32 {
                 c.state = pb::CaptureState::Stopped.into();
-                c.message = "stopped by request".into();
+                c.message = packet_capture_common::crd::STOPPED_BY_REQUEST.into();
                 c.end_time = Some(now());
             }
         });
@@ -239,5 +240,13 @@ impl Agent for StandIns {
         req: Request<pb::DownloadFileRequest>,
     ) -> Result<Response<Self::DownloadFileStream>, Status> {
         Err(Status::not_found(req.into_inner().name))
+    }
+
+    /// Stand-ins capture nothing.
+    async fn stream_packets(
+        &self,
+        req: Request<pb::StreamPacketsRequest>,
+    ) -> Result<Response<Self::StreamPacketsStream>, Status> {
+        Err(Status::not_found(req.into_inner().id))
     }
 }

@@ -1,0 +1,552 @@
+//! Talking to the cluster: the controller's aggregated API
+//! (`pcap.packet.io/v1`), and what the API server's refusals mean for the
+//! user.
+//!
+//! The aggregated API is reached through the API server with the kube
+//! client's raw requests, so the kubeconfig's credentials apply and the API
+//! server checks `captures/files` and `captures/packets` before the
+//! controller checks `packetcaptureconfigs/files` for the capture. The
+//! functions that turn a response into a message take the error, not the
+//! client, so they are tested without a cluster.
+
+use std::io;
+use std::pin::Pin;
+
+use futures::{AsyncBufRead, AsyncBufReadExt};
+use kube::Client;
+use kube::core::Status;
+use packet_capture_common::crd::{FILES_SUBRESOURCE, GROUP as CRD_GROUP, PLURAL, RESOURCE};
+use serde::Deserialize;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+/// The aggregated API's group and version.
+pub const GROUP: &str = "pcap.packet.io";
+pub const VERSION: &str = "v1";
+/// The APIService that registers the group with the API server.
+pub const API_SERVICE: &str = "v1.pcap.packet.io";
+
+/// `GET .../captures/{name}/files`: each node's files of a capture.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct FileList {
+    pub capture: String,
+    #[serde(default)]
+    pub nodes: Vec<NodeFiles>,
+}
+
+/// One node's files, or why the controller could not ask the node.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct NodeFiles {
+    pub node: String,
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub files: Vec<FileEntry>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    /// Bytes as stored on the node (compressed, for `.gz` and `.zst`).
+    pub size: u64,
+    /// RFC 3339.
+    #[serde(default)]
+    pub modified: String,
+}
+
+/// Which endpoint of the aggregated API a request is for; each is its own
+/// subresource in RBAC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// `captures/files`: listing and downloading (`fetch`).
+    Files,
+    /// `captures/packets`: the live stream (`stream`).
+    Packets,
+}
+
+impl Access {
+    /// The resource RBAC rules name, `captures/files` or `captures/packets`.
+    pub fn resource(self) -> &'static str {
+        match self {
+            Self::Files => "captures/files",
+            Self::Packets => "captures/packets",
+        }
+    }
+}
+
+/// Whether a file name from the API can name a local file: one plain
+/// component (letters, digits, `.`, `-`, `_`), not hidden, as the agents
+/// name their files; anything else could reach outside the download
+/// directory.
+pub fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+}
+
+/// A response body, read as it arrives.
+pub type ByteStream = Pin<Box<dyn AsyncBufRead + Send>>;
+
+/// Percent-encodes one path segment (anything but RFC 3986's unreserved
+/// characters), so a name can never reach another path.
+pub fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn capture_path(capture: &str) -> String {
+    format!("/apis/{GROUP}/{VERSION}/captures/{}", segment(capture))
+}
+
+/// The path that lists a capture's files.
+pub fn files_path(capture: &str) -> String {
+    format!("{}/files", capture_path(capture))
+}
+
+/// The path of one file of one node.
+pub fn file_path(capture: &str, node: &str, file: &str) -> String {
+    format!(
+        "{}/files/{}/{}",
+        capture_path(capture),
+        segment(node),
+        segment(file)
+    )
+}
+
+/// The path of the live, merged pcapng stream.
+pub fn packets_path(capture: &str) -> String {
+    format!("{}/packets", capture_path(capture))
+}
+
+fn get(path: String, accept: &str) -> Result<http::Request<Vec<u8>>, kube::Error> {
+    http::Request::get(path)
+        .header(http::header::ACCEPT, accept)
+        .body(Vec::new())
+        .map_err(kube::Error::HttpError)
+}
+
+/// Lists each node's files of `capture`.
+pub async fn list_files(client: &Client, capture: &str) -> Result<FileList, kube::Error> {
+    client
+        .request(get(files_path(capture), "application/json")?)
+        .await
+}
+
+/// Opens one stored file (its bytes as the node keeps them).
+pub async fn open_file(
+    client: &Client,
+    capture: &str,
+    node: &str,
+    file: &str,
+) -> Result<ByteStream, kube::Error> {
+    let body = client
+        .request_stream(get(
+            file_path(capture, node, file),
+            "application/octet-stream",
+        )?)
+        .await?;
+    Ok(Box::pin(body))
+}
+
+/// Opens the live pcapng stream of `capture`, which ends when the capture
+/// has ended on every node.
+pub async fn open_packets(client: &Client, capture: &str) -> Result<ByteStream, kube::Error> {
+    let body = client
+        .request_stream(get(packets_path(capture), "application/vnd.tcpdump.pcap")?)
+        .await?;
+    Ok(Box::pin(body))
+}
+
+/// What went wrong with a request to the aggregated API, for the user: a
+/// refusal names the permission missing, a missing or unready API says so.
+pub fn explain_access(err: &kube::Error, capture: &str, access: Access) -> String {
+    let kube::Error::Api(status) = err else {
+        return format!("cannot reach the API server: {err}");
+    };
+    let message = status_message(status);
+    match status.code {
+        // The controller's own check names what is missing
+        // (packetcaptureconfigs/files for the capture): as it is.
+        403 if message.contains(PLURAL) => message,
+        403 => format!(
+            "{message}\n\
+             needs RBAC: `get` on `{}` in API group `{GROUP}` (checked by the API server), \
+             and `get` on `{PLURAL}/{FILES_SUBRESOURCE}` in API group `{CRD_GROUP}` for \
+             capture {capture:?} (checked by the controller)",
+            access.resource()
+        ),
+        // The controller knows the group but not the capture.
+        404 if message.contains(&format!("\"{capture}\"")) => message,
+        404 | 503 => format!(
+            "{message}\n\
+             the aggregated API {GROUP}/{VERSION} is not available: it is not installed \
+             (APIService {API_SERVICE}) or the controller that serves it is not running \
+             (kubectl get apiservice {API_SERVICE})"
+        ),
+        _ => message,
+    }
+}
+
+/// What went wrong with a request for `packetcaptureconfigs`, for the user:
+/// the API server's or the webhook's message (which names the field), with
+/// the RBAC verbs a refusal needs (`["list", "watch"]` for a watch).
+pub fn explain_crd(err: &kube::Error, verbs: &[&str]) -> String {
+    let kube::Error::Api(status) = err else {
+        return format!("cannot reach the API server: {err}");
+    };
+    let message = status_message(status);
+    let named = status.details.as_ref().is_some_and(|d| !d.name.is_empty());
+    match status.code {
+        403 => format!(
+            "{message}\n\
+             needs RBAC: `{}` on `{RESOURCE}` (cluster-scoped: a ClusterRole and a \
+             ClusterRoleBinding)",
+            verbs.join("` and `")
+        ),
+        404 if !named => format!(
+            "{message}\n\
+             the PacketCaptureConfig CRD ({RESOURCE}) is not installed in this cluster"
+        ),
+        _ => message,
+    }
+}
+
+/// The status's message, or its reason and code when it has none.
+fn status_message(status: &Status) -> String {
+    if status.message.is_empty() {
+        format!("{} ({})", status.reason, status.code)
+    } else {
+        status.message.clone()
+    }
+}
+
+/// Where a copy failed: reading the response, or writing the output (a
+/// closed pipe is not an error of the transfer).
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("reading the response: {0}")]
+    Read(#[source] io::Error),
+    #[error("writing: {0}")]
+    Write(#[source] io::Error),
+}
+
+/// Copies a response body to `to` chunk by chunk as it arrives, flushing
+/// after each when `flush_each` (a live stream, so a reader downstream sees
+/// each packet as it comes); returns the bytes copied.
+pub async fn copy_chunks<W: AsyncWrite + Unpin>(
+    mut from: impl AsyncBufRead + Unpin,
+    to: &mut W,
+    flush_each: bool,
+) -> Result<u64, CopyError> {
+    let mut total = 0u64;
+    loop {
+        let chunk = from.fill_buf().await.map_err(CopyError::Read)?;
+        if chunk.is_empty() {
+            break;
+        }
+        let n = chunk.len();
+        to.write_all(chunk).await.map_err(CopyError::Write)?;
+        if flush_each {
+            to.flush().await.map_err(CopyError::Write)?;
+        }
+        from.consume_unpin(n);
+        total += n as u64;
+    }
+    to.flush().await.map_err(CopyError::Write)?;
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::TryStreamExt;
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+    use std::task::{Context, Poll};
+
+    fn api_error(code: u16, reason: &str, message: &str) -> kube::Error {
+        kube::Error::Api(Status::failure(message, reason).with_code(code).boxed())
+    }
+
+    #[test]
+    fn paths_encode_each_segment() {
+        assert_eq!(
+            files_path("web"),
+            "/apis/pcap.packet.io/v1/captures/web/files"
+        );
+        assert_eq!(
+            file_path("web", "worker-1", "web-20250101-120000.pcap.gz"),
+            "/apis/pcap.packet.io/v1/captures/web/files/worker-1/web-20250101-120000.pcap.gz"
+        );
+        assert_eq!(
+            file_path("web", "a/b", "../x y"),
+            "/apis/pcap.packet.io/v1/captures/web/files/a%2Fb/..%2Fx%20y"
+        );
+        assert_eq!(
+            packets_path("web"),
+            "/apis/pcap.packet.io/v1/captures/web/packets"
+        );
+    }
+
+    #[test]
+    fn only_plain_file_names_are_written() {
+        assert!(is_plain_file_name("web-20250101-120000.pcapng.zst"));
+        for bad in ["", ".", "..", "../x", "a/b", ".hidden", "a b", "a\\b"] {
+            assert!(!is_plain_file_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_file_list_reads_with_and_without_errors() {
+        let list: FileList = serde_json::from_str(
+            r#"{"capture":"web","nodes":[
+                {"node":"worker-1","address":"10.0.1.100","files":[
+                    {"name":"web-20250101-120000.pcapng.gz","size":123,"modified":"2025-01-01T12:01:00Z"}]},
+                {"node":"worker-2","address":"10.0.1.101","error":"agent unreachable"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(list.capture, "web");
+        assert_eq!(list.nodes[0].files[0].size, 123);
+        assert_eq!(list.nodes[0].error, None);
+        assert!(list.nodes[1].files.is_empty());
+        assert_eq!(list.nodes[1].error.as_deref(), Some("agent unreachable"));
+    }
+
+    #[test]
+    fn refusals_name_the_permission() {
+        let server = api_error(
+            403,
+            "Forbidden",
+            r#"captures.pcap.packet.io "web" is forbidden: User "alice" cannot get resource "captures/files" in API group "pcap.packet.io" at the cluster scope"#,
+        );
+        let m = explain_access(&server, "web", Access::Files);
+        assert!(
+            m.starts_with("captures.pcap.packet.io \"web\" is forbidden"),
+            "{m}"
+        );
+        assert!(
+            m.contains("`get` on `captures/files` in API group `pcap.packet.io`"),
+            "{m}"
+        );
+        assert!(m.contains("`packetcaptureconfigs/files`"), "{m}");
+        let m = explain_access(&server, "web", Access::Packets);
+        assert!(m.contains("`get` on `captures/packets`"), "{m}");
+
+        let controller = api_error(
+            403,
+            "Forbidden",
+            r#"User "alice" may not get packetcaptureconfigs/files "web" in networking.packet.io"#,
+        );
+        assert_eq!(
+            explain_access(&controller, "web", Access::Files),
+            r#"User "alice" may not get packetcaptureconfigs/files "web" in networking.packet.io"#
+        );
+
+        let crd = api_error(
+            403,
+            "Forbidden",
+            "packetcaptureconfigs.networking.packet.io is forbidden: User \"alice\" cannot create resource",
+        );
+        let m = explain_crd(&crd, &["create"]);
+        assert!(
+            m.contains("needs RBAC: `create` on `packetcaptureconfigs.networking.packet.io`"),
+            "{m}"
+        );
+        let m = explain_crd(&crd, &["list", "watch"]);
+        assert!(m.contains("needs RBAC: `list` and `watch` on"), "{m}");
+    }
+
+    #[test]
+    fn a_missing_api_is_told_apart_from_a_missing_capture() {
+        for (code, message) in [
+            (503, "service unavailable"),
+            (404, "the server could not find the requested resource"),
+        ] {
+            let m = explain_access(&api_error(code, "", message), "web", Access::Files);
+            assert!(m.starts_with(message), "{m}");
+            assert!(m.contains("not installed"), "{m}");
+            assert!(m.contains("not running"), "{m}");
+        }
+        let missing = api_error(404, "NotFound", r#"capture "web" not found"#);
+        assert_eq!(
+            explain_access(&missing, "web", Access::Files),
+            r#"capture "web" not found"#
+        );
+
+        let no_crd = api_error(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
+        assert!(explain_crd(&no_crd, &["get"]).contains("CRD"));
+        let named: Status = serde_json::from_str(
+            r#"{"kind":"Status","status":"Failure","code":404,"reason":"NotFound",
+                "message":"packetcaptureconfigs.networking.packet.io \"web\" not found",
+                "details":{"name":"web","group":"networking.packet.io","kind":"packetcaptureconfigs"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            explain_crd(&kube::Error::Api(named.boxed()), &["get"]),
+            r#"packetcaptureconfigs.networking.packet.io "web" not found"#
+        );
+    }
+
+    #[test]
+    fn webhook_refusals_are_shown_as_they_are() {
+        let m = r#"admission webhook "validate.networking.packet.io" denied the request: spec.targetIPs[0]: "x" is not an IP address or CIDR"#;
+        assert_eq!(
+            explain_crd(&api_error(400, "BadRequest", m), &["create"]),
+            m
+        );
+    }
+
+    /// Records what was written and where each flush fell.
+    #[derive(Default)]
+    struct Recorder {
+        data: Vec<u8>,
+        flushed_at: Vec<usize>,
+        broken: bool,
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.broken {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            self.data.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let at = self.data.len();
+            self.flushed_at.push(at);
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn chunks(parts: &[&'static [u8]]) -> impl AsyncBufRead + Unpin {
+        futures::stream::iter(parts.iter().map(|p| Ok::<_, io::Error>(p.to_vec())))
+            .into_async_read()
+    }
+
+    #[tokio::test]
+    async fn a_stream_is_flushed_at_every_chunk() {
+        let mut out = Recorder::default();
+        let n = copy_chunks(chunks(&[b"abc", b"de", b"f"]), &mut out, true)
+            .await
+            .unwrap();
+        assert_eq!(n, 6);
+        assert_eq!(out.data, b"abcdef");
+        assert_eq!(out.flushed_at, [3, 5, 6, 6]);
+
+        let mut out = Recorder::default();
+        copy_chunks(chunks(&[b"abc", b"de"]), &mut out, false)
+            .await
+            .unwrap();
+        assert_eq!(out.flushed_at, [5]);
+    }
+
+    #[tokio::test]
+    async fn a_closed_output_is_a_write_error_and_a_broken_body_a_read_error() {
+        let mut out = Recorder {
+            broken: true,
+            ..Default::default()
+        };
+        match copy_chunks(chunks(&[b"abc"]), &mut out, true).await {
+            Err(CopyError::Write(e)) => assert_eq!(e.kind(), io::ErrorKind::BrokenPipe),
+            other => panic!("{other:?}"),
+        }
+        let broken = futures::stream::iter([
+            Ok(b"abc".to_vec()),
+            Err(io::Error::other("connection reset")),
+        ])
+        .into_async_read();
+        let mut out = Recorder::default();
+        assert!(matches!(
+            copy_chunks(broken, &mut out, true).await,
+            Err(CopyError::Read(_))
+        ));
+        assert_eq!(out.data, b"abc");
+    }
+
+    /// A client whose API server answers the one request it gets with
+    /// `status` and `body`, after checking the request's path.
+    fn answering(path: &'static str, status: StatusCode, body: &'static str) -> Client {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        tokio::spawn(async move {
+            let (request, send) = handle.next_request().await.expect("a request");
+            assert_eq!(request.method(), http::Method::GET);
+            assert_eq!(request.uri().path(), path);
+            send.send_response(
+                Response::builder()
+                    .status(status)
+                    .body(Body::from(body.as_bytes().to_vec()))
+                    .unwrap(),
+            );
+        });
+        Client::new(service, "default")
+    }
+
+    #[tokio::test]
+    async fn files_are_listed_and_refusals_come_back_as_statuses() {
+        let client = answering(
+            "/apis/pcap.packet.io/v1/captures/web/files",
+            StatusCode::OK,
+            r#"{"capture":"web","nodes":[{"node":"n1","address":"10.0.0.1","files":[]}]}"#,
+        );
+        let list = list_files(&client, "web").await.unwrap();
+        assert_eq!(list.nodes[0].node, "n1");
+
+        let client = answering(
+            "/apis/pcap.packet.io/v1/captures/web/files",
+            StatusCode::FORBIDDEN,
+            r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"captures.pcap.packet.io \"web\" is forbidden: User \"bob\" cannot get resource \"captures/files\" in API group \"pcap.packet.io\"","reason":"Forbidden","code":403}"#,
+        );
+        let err = list_files(&client, "web").await.unwrap_err();
+        let m = explain_access(&err, "web", Access::Files);
+        assert!(m.contains("User \"bob\""), "{m}");
+        assert!(m.contains("needs RBAC: `get` on `captures/files`"), "{m}");
+
+        let client = answering(
+            "/apis/pcap.packet.io/v1/captures/web/packets",
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service unavailable\n",
+        );
+        let Err(err) = open_packets(&client, "web").await else {
+            panic!("a 503 was taken for a stream");
+        };
+        assert!(explain_access(&err, "web", Access::Packets).contains("not available"));
+    }
+
+    #[tokio::test]
+    async fn a_file_is_read_as_it_is_stored() {
+        let client = answering(
+            "/apis/pcap.packet.io/v1/captures/web/files/n1/web-20250101-120000.pcap.gz",
+            StatusCode::OK,
+            "\x1f\u{8b}bytes",
+        );
+        let body = open_file(&client, "web", "n1", "web-20250101-120000.pcap.gz")
+            .await
+            .unwrap();
+        let mut out = Recorder::default();
+        copy_chunks(body, &mut out, false).await.unwrap();
+        assert_eq!(out.data, "\x1f\u{8b}bytes".as_bytes());
+    }
+}

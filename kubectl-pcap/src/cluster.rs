@@ -1,0 +1,183 @@
+//! The flags kubectl has for every command, the client they make, and the
+//! signals that end a command early.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::watcher;
+use kube::{Api, Client, Config};
+use kubectl_pcap::api::explain_crd;
+use kubectl_pcap::spec::parse_duration;
+use packet_capture_common::crd::PacketCaptureConfig;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+#[derive(Args, Debug)]
+pub struct Global {
+    /// The kubeconfig file (default: $KUBECONFIG, or ~/.kube/config, or the
+    /// pod's service account)
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        help_heading = "Global options"
+    )]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// The kubeconfig context to use
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAME",
+        help_heading = "Global options"
+    )]
+    pub context: Option<String>,
+
+    /// The namespace of `--pod NAME` and of `--selector` (default: the
+    /// context's)
+    #[arg(
+        short = 'n',
+        long,
+        global = true,
+        value_name = "NAMESPACE",
+        help_heading = "Global options"
+    )]
+    pub namespace: Option<String>,
+
+    /// How long to wait for the API server on each read before giving up
+    /// (1s, 2m, 3h; a stream of packets counts its quiet gaps); 0 waits
+    /// forever
+    #[arg(
+        long,
+        global = true,
+        value_name = "DURATION",
+        default_value = "0",
+        value_parser = parse_timeout,
+        help_heading = "Global options"
+    )]
+    pub request_timeout: Duration,
+}
+
+/// kubectl's `--request-timeout`: a duration, `0` for none.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let number = s.strip_suffix('s').unwrap_or(s);
+    if !number.is_empty() && number.bytes().all(|b| b == b'0') {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(s).map(|secs| Duration::from_secs(secs.into()))
+}
+
+/// A client and the namespace that completes pod names.
+pub struct Cluster {
+    pub client: Client,
+    pub namespace: String,
+}
+
+impl Cluster {
+    /// Captures are cluster-scoped.
+    pub fn captures(&self) -> Api<PacketCaptureConfig> {
+        Api::all(self.client.clone())
+    }
+}
+
+impl Global {
+    /// The client the kubeconfig (or the pod's service account) describes.
+    /// Nothing is sent until a command asks.
+    pub async fn connect(&self) -> Result<Cluster> {
+        let options = KubeConfigOptions {
+            context: self.context.clone(),
+            ..Default::default()
+        };
+        let mut config = match (&self.kubeconfig, &self.context) {
+            (Some(path), _) => {
+                let kubeconfig = Kubeconfig::read_from(path)
+                    .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
+                Config::from_custom_kubeconfig(kubeconfig, &options).await?
+            }
+            (None, Some(_)) => Config::from_kubeconfig(&options).await?,
+            (None, None) => Config::infer().await?,
+        };
+        let timeout = (!self.request_timeout.is_zero()).then_some(self.request_timeout);
+        config.read_timeout = timeout;
+        config.write_timeout = timeout;
+        let namespace = self
+            .namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone());
+        let client = Client::try_from(config).context("making the Kubernetes client")?;
+        Ok(Cluster { client, namespace })
+    }
+}
+
+/// A watch that failed, explained with the RBAC it needs.
+pub fn watch_error(e: watcher::Error) -> anyhow::Error {
+    let e = match e {
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => e,
+        watcher::Error::WatchError(status) => kube::Error::Api(status),
+        other => return anyhow::Error::new(other),
+    };
+    anyhow::anyhow!(explain_crd(&e, &["list", "watch"]))
+}
+
+/// How a command was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGINT: Ctrl-C.
+    Interrupt,
+    /// SIGTERM.
+    Terminate,
+}
+
+impl Stop {
+    /// The exit status of a process ended by this signal, as a shell
+    /// reports it.
+    pub fn status(self) -> u8 {
+        match self {
+            Self::Interrupt => 130,
+            Self::Terminate => 143,
+        }
+    }
+}
+
+/// SIGINT and SIGTERM, caught from creation on: a signal that arrives
+/// while a command is between steps is seen at its next wait.
+pub struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    pub fn new() -> Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("catching SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("catching SIGTERM")?,
+        })
+    }
+
+    pub async fn recv(&mut self) -> Stop {
+        tokio::select! {
+            _ = self.interrupt.recv() => Stop::Interrupt,
+            _ = self.terminate.recv() => Stop::Terminate,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_zero_timeout_waits_forever() {
+        assert_eq!(parse_timeout("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_timeout("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_timeout("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_timeout("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_timeout("").is_err());
+        assert!(parse_timeout("s").is_err());
+        assert!(parse_timeout("soon").is_err());
+    }
+}

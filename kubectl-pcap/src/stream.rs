@@ -1,0 +1,121 @@
+//! `stream`: the live pcapng of a capture on stdout, each chunk flushed as
+//! it arrives, so `kubectl pcap stream web | tshark -r -` shows packets as
+//! they are captured.
+//!
+//! With target flags instead of a name, it creates a capture for the
+//! stream and deletes it when the stream ends, on Ctrl-C or SIGTERM, and
+//! when stdout is closed (the reader downstream quit); a capture it did not
+//! create is never deleted.
+
+use std::io;
+use std::process::ExitCode;
+
+use anyhow::{Result, anyhow};
+use clap::Args;
+use kube::api::{DeleteParams, PostParams};
+use kubectl_pcap::api::{self, Access, CopyError, explain_access, explain_crd};
+use kubectl_pcap::spec::TargetArgs;
+use packet_capture_common::crd::{PacketCaptureConfig, Phase};
+
+use crate::capture::wait_for;
+use crate::cluster::{Cluster, Signals, Stop};
+
+/// How long a capture made for a stream runs unless `--duration` says.
+const DEFAULT_DURATION: u32 = 300;
+
+#[derive(Args, Debug)]
+pub struct StreamArgs {
+    /// An existing capture to stream; without it, the target flags create
+    /// one (pcap-stream-<random>, 5m unless --duration) for the stream
+    #[arg(conflicts_with_all = [
+        "pods", "selector", "all_namespaces", "namespace_selector", "ips", "ports",
+        "filter", "duration", "max_packets", "format", "snaplen", "direction", "keep_copies",
+    ])]
+    pub name: Option<String>,
+
+    #[command(flatten)]
+    pub target: TargetArgs,
+}
+
+pub async fn stream(cluster: &Cluster, args: StreamArgs) -> Result<ExitCode> {
+    let mut signals = Signals::new()?;
+    let api = cluster.captures();
+    let (name, created) = match args.name {
+        Some(name) => (name, false),
+        None => {
+            let spec = args
+                .target
+                .to_spec(&cluster.namespace, Some(DEFAULT_DURATION))?;
+            let name = format!("pcap-stream-{}", suffix());
+            api.create(
+                &PostParams::default(),
+                &PacketCaptureConfig::new(&name, spec),
+            )
+            .await
+            .map_err(|e| anyhow!(explain_crd(&e, &["create"])))?;
+            eprintln!("created capture {name}; it is deleted when the stream ends");
+            (name, true)
+        }
+    };
+
+    let outcome = tokio::select! {
+        r = follow(cluster, &name, created) => Ok(r),
+        stop = signals.recv() => Err(stop),
+    };
+
+    if created {
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => eprintln!("deleted capture {name}"),
+            // Someone else deleted it already.
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                return Err(anyhow!(
+                    "{}\ncapture {name} was not deleted: delete it with `kubectl delete pcc {name}`",
+                    explain_crd(&e, &["delete"])
+                ));
+            }
+        }
+    }
+    match outcome {
+        Ok(Ok(())) | Err(Stop::Interrupt) => Ok(ExitCode::SUCCESS),
+        Ok(Err(e)) => Err(e),
+        Err(stop) => Ok(ExitCode::from(stop.status())),
+    }
+}
+
+/// Waits until the capture has started (one just created, by this command
+/// or right before it, is still starting), then copies its stream to
+/// stdout until the capture has ended on every node or stdout is closed
+/// (the reader downstream quit, which ends the stream as Ctrl-C does).
+async fn follow(cluster: &Cluster, name: &str, created: bool) -> Result<()> {
+    match wait_for(&cluster.captures(), name, |p| p != Phase::Starting).await {
+        Ok(pcc) => {
+            if pcc.status.as_ref().and_then(|s| s.phase) == Some(Phase::Failed) {
+                let message = pcc.status.and_then(|s| s.message).unwrap_or_default();
+                return Err(anyhow!("capture {name} failed: {message}"));
+            }
+        }
+        Err(e) if created => return Err(e),
+        // A reader who may not watch the capture: the stream itself says
+        // whether it runs.
+        Err(_) => {}
+    }
+    let body = api::open_packets(&cluster.client, name)
+        .await
+        .map_err(|e| anyhow!(explain_access(&e, name, Access::Packets)))?;
+    let mut stdout = tokio::io::stdout();
+    match api::copy_chunks(body, &mut stdout, true).await {
+        Ok(_) => Ok(()),
+        Err(CopyError::Write(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(anyhow!("streaming capture {name}: {e}")),
+    }
+}
+
+/// Five random lowercase letters and digits: a name that does not clash
+/// with another stream's.
+fn suffix() -> String {
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    (0..5)
+        .map(|_| CHARS[fastrand::usize(..CHARS.len())] as char)
+        .collect()
+}

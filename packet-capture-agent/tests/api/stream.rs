@@ -1,0 +1,160 @@
+//! Live packets of a running capture: the REST pcapng stream that tshark
+//! reads as it comes, gRPC `StreamPackets`, and a reader too slow for the
+//! traffic, which loses packets from its stream (counted) while the file
+//! gets every one.
+
+use packet_capture_proto::v1 as pb;
+use packet_capture_test_support::netns::run;
+use packet_capture_test_support::privileged;
+use serde_json::json;
+
+use crate::common::{Node, RIGHT_IP, Rest, eventually, grpc, json_of, tshark};
+
+/// The packet blocks in a pcapng stream so far.
+fn packets_in(stream: &[u8]) -> usize {
+    use pcap_file::pcapng::{Block, PcapNgParser};
+    let Ok((mut rest, mut parser)) = PcapNgParser::new(stream) else {
+        return 0;
+    };
+    let mut n = 0;
+    while let Ok((after, block)) = parser.next_block(rest) {
+        n += usize::from(matches!(block, Block::EnhancedPacket(_)));
+        rest = after;
+    }
+    n
+}
+
+#[tokio::test]
+async fn running_captures_stream_their_packets_live() {
+    if !privileged("running_captures_stream_their_packets_live") {
+        return;
+    }
+    let node = Node::new();
+    let agent = node.agent(&["--insecure-no-auth"], &[]);
+    let rest = Rest::new(&agent);
+    let started = rest
+        .post(
+            "/api/v1/captures",
+            &json!({"id": "live-1", "targetIPs": [RIGHT_IP], "duration": 60, "filter": "icmp", "outputFormat": "pcap"}),
+        )
+        .await;
+    assert_eq!(started.status(), 201);
+
+    // REST: pcapng as packets come, whatever format the file has.
+    let response = rest.get("/api/v1/captures/live-1/packets").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/x-pcapng");
+    let mut body = response;
+    // gRPC: the same packets, as messages.
+    let mut c = grpc(&agent).await;
+    let mut batches = c
+        .stream_packets(pb::StreamPacketsRequest {
+            id: "live-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    node.ping(3);
+    let mut bytes = Vec::new();
+    while packets_in(&bytes) < 6 {
+        bytes.extend(body.chunk().await.unwrap().expect("more of the stream"));
+    }
+    let mut streamed = Vec::new();
+    while streamed.len() < 6 {
+        let batch = batches.message().await.unwrap().expect("a batch");
+        assert_eq!(batch.lost, 0);
+        streamed.extend(batch.packets);
+    }
+    assert!(
+        streamed
+            .iter()
+            .all(|p| p.interface == node.veth.a && !p.data.is_empty())
+    );
+    assert_eq!(
+        streamed
+            .iter()
+            .filter(|p| p.direction() == pb::PacketDirection::Out)
+            .count(),
+        3
+    );
+    // What was streamed so far is a pcapng file tshark reads.
+    let file = node.dir.path().join("streamed.pcapng");
+    std::fs::write(&file, &bytes).unwrap();
+    let read = tshark(&file, &["frame.interface_name", "icmp.type"]);
+    assert_eq!(read.len(), 6, "{read:?}");
+    assert!(read[0].starts_with(&node.veth.a), "{read:?}");
+
+    // Stopping the capture ends both streams.
+    rest.delete("/api/v1/captures/live-1").await;
+    while body.chunk().await.unwrap().is_some() {}
+    while batches.message().await.unwrap().is_some() {}
+    // An ended capture has no live packets: its file has them.
+    let ended = rest.get("/api/v1/captures/live-1/packets").await;
+    assert_eq!(ended.status(), 409);
+    let err = json_of(ended).await;
+    assert!(
+        err["error"].as_str().unwrap().contains("has ended"),
+        "{err}"
+    );
+    assert_eq!(
+        rest.get("/api/v1/captures/nope/packets").await.status(),
+        404
+    );
+}
+
+#[tokio::test]
+async fn a_slow_reader_loses_packets_from_its_stream_not_from_the_file() {
+    if !privileged("a_slow_reader_loses_packets_from_its_stream_not_from_the_file") {
+        return;
+    }
+    let node = Node::new();
+    let agent = node.agent(&["--insecure-no-auth"], &[]);
+    let rest = Rest::new(&agent);
+    let started = rest
+        .post(
+            "/api/v1/captures",
+            &json!({"id": "slow-1", "targetIPs": [RIGHT_IP], "duration": 60, "maxPackets": 100000, "filter": "icmp"}),
+        )
+        .await;
+    assert_eq!(started.status(), 201);
+    let mut c = grpc(&agent).await;
+    let mut batches = c
+        .stream_packets(pb::StreamPacketsRequest {
+            id: "slow-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // A reader that reads nothing while 6000 full-size packets (8.6 MB)
+    // pass, at a pace the test agent's 1 MiB ring keeps up with.
+    run(node
+        .left
+        .command("ping")
+        .args(["-q", "-i", "0.002", "-s", "1400", "-c", "3000", RIGHT_IP]));
+    let status = eventually(
+        "the flood in the file",
+        std::time::Duration::from_secs(30),
+        async || {
+            let status = json_of(rest.get("/api/v1/captures/slow-1").await).await;
+            (status["packets"].as_u64() == Some(6000)).then_some(status)
+        },
+    )
+    .await;
+    assert_eq!(status["dropped"], 0, "{status}");
+    rest.delete("/api/v1/captures/slow-1").await;
+    // Now read: fewer packets than were captured, and the rest counted.
+    let (mut received, mut lost) = (0u64, 0u64);
+    while let Some(batch) = batches.message().await.unwrap() {
+        received += batch.packets.len() as u64;
+        lost += batch.lost;
+    }
+    assert!(lost > 0, "the reader lost nothing: {received} received");
+    assert_eq!(received + lost, 6000, "received {received}, lost {lost}");
+    let metrics = rest.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "packet_capture_agent_stream_lost_packets_total {lost}"
+        )),
+        "{metrics}"
+    );
+}

@@ -1,0 +1,773 @@
+//! The aggregated API `pcap.packet.io/v1`: a capture's files and its live
+//! packets from every node, for users who can reach nothing but the API
+//! server (`kubectl pcap`, `kubectl get --raw`).
+//!
+//! The API server authenticates the user, checks that it may `get`
+//! `captures/files` or `captures/packets` of this group, and relays the
+//! request here over TLS as a client of its front-proxy CA, naming the user
+//! in headers (`X-Remote-User`, `X-Remote-Group`, `X-Remote-Extra-*`, as its
+//! ConfigMap `kube-system/extension-apiserver-authentication` says). Only a
+//! connection with such a certificate is believed. The user's own
+//! permission then decides: `get` on `packetcaptureconfigs/files` named as
+//! the capture (a SubjectAccessReview here, for a clear refusal at once),
+//! and each agent asks again for the same user, since the controller calls
+//! it as a relay (`packet_capture_common::crd::RELAY_VERB`): the controller's account reads nothing
+//! by itself.
+//!
+//! - `GET captures/{name}/files`: every node's files of the capture;
+//! - `GET captures/{name}/files/{node}/{file}`: one file, as stored;
+//! - `GET captures/{name}/packets`: one live pcapng stream of what every
+//!   node records from now on, interfaces named `node/iface`, until the
+//!   capture ends everywhere. A reader slower than the capture loses
+//!   packets (counted in `epb_dropcount`), never slowing the capture.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::{StreamExt as _, TryStreamExt as _};
+use k8s_openapi::api::authentication::v1::UserInfo;
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::PostParams;
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Api, Client, ResourceExt as _};
+use packet_capture_common::crd::{FILES_SUBRESOURCE, PLURAL, PacketCaptureConfig, RESOURCE};
+use packet_capture_common::pcapng;
+use packet_capture_proto::v1::{PacketBatch, PacketDirection};
+use rustls::pki_types::pem::PemObject as _;
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+use tonic::{Code, Status};
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::runtime::reflector;
+
+use crate::agents::{AgentEndpoint, AgentPool, AgentTls, PoolSettings, TrustedCas};
+use crate::config::Settings;
+use crate::issuer::BUNDLE_KEY;
+use crate::metrics::Metrics;
+use crate::plan::capture_id;
+use crate::webhook::{ClientCas, VerifiedClient};
+
+pub use crate::consts::{API_GROUP as GROUP, API_VERSION as VERSION};
+/// The resource of this API: the PacketCaptureConfigs, by name.
+pub const CAPTURES: &str = "captures";
+/// Where the API server publishes how it calls aggregated APIs.
+const AUTHENTICATION_CONFIG_MAP: (&str, &str) =
+    ("kube-system", "extension-apiserver-authentication");
+/// Agents asked at once when listing files or opening streams.
+const FAN_OUT: usize = 16;
+/// Batches of all nodes waiting for a live reader; beyond them the nodes'
+/// streams wait, and the agents drop for this reader (and count it).
+const MERGE_BATCHES: usize = 64;
+
+/// The headers the API server names the user in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserHeaders {
+    pub user: Vec<String>,
+    pub group: Vec<String>,
+    pub extra_prefix: Vec<String>,
+}
+
+impl UserHeaders {
+    /// The user a request is for: the first user header present; its
+    /// groups and extras.
+    fn user(&self, headers: &HeaderMap) -> Option<UserInfo> {
+        let text = |v: &http::HeaderValue| v.to_str().ok().map(str::to_owned);
+        let username = self
+            .user
+            .iter()
+            .find_map(|h| headers.get(h.as_str()).and_then(text))
+            .filter(|u| !u.is_empty())?;
+        let groups = self
+            .group
+            .iter()
+            .flat_map(|h| headers.get_all(h.as_str()).iter().filter_map(text))
+            .collect();
+        let mut extra = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for (name, value) in headers {
+            let name = name.as_str();
+            for prefix in &self.extra_prefix {
+                let prefix = prefix.to_ascii_lowercase();
+                if let Some(key) = name.strip_prefix(&prefix)
+                    && let Some(value) = text(value)
+                {
+                    extra.entry(unescape(key)).or_default().push(value);
+                }
+            }
+        }
+        Some(UserInfo {
+            username: Some(username),
+            groups: Some(groups),
+            extra: (!extra.is_empty()).then_some(extra),
+            uid: None,
+        })
+    }
+}
+
+/// An extra key as the API server escapes it in a header name (percent
+/// encoding, RFC 3986).
+fn unescape(key: &str) -> String {
+    let bytes = key.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, ..) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A JSON list of strings in the ConfigMap (the API server writes them so).
+fn list(data: &std::collections::BTreeMap<String, String>, key: &str) -> Vec<String> {
+    data.get(key)
+        .and_then(|v| serde_json::from_str(v).ok())
+        .unwrap_or_default()
+}
+
+/// The front proxy's CAs and header names from the API server's ConfigMap.
+pub fn front_proxy(config_map: &ConfigMap) -> Option<(ClientCas, UserHeaders)> {
+    let data = config_map.data.as_ref()?;
+    let pem = data.get("requestheader-client-ca-file")?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()).flatten() {
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        return None;
+    }
+    let cas = ClientCas {
+        roots: Arc::new(roots),
+        allowed_names: list(data, "requestheader-allowed-names"),
+    };
+    let headers = UserHeaders {
+        user: list(data, "requestheader-username-headers"),
+        group: list(data, "requestheader-group-headers"),
+        extra_prefix: list(data, "requestheader-extra-headers-prefix"),
+    };
+    Some((cas, headers))
+}
+
+/// Follows the API server's ConfigMap into `cas` (the server's client
+/// certificate check) and `headers`. Without it (an API server without a
+/// front proxy) the aggregated API refuses every request.
+pub async fn follow_front_proxy(
+    client: Client,
+    cas: watch::Sender<Option<ClientCas>>,
+    headers: watch::Sender<UserHeaders>,
+) -> Infallible {
+    let (namespace, name) = AUTHENTICATION_CONFIG_MAP;
+    let api = Api::<ConfigMap>::namespaced(client, namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut changes = std::pin::pin!(watcher(api, config).default_backoff().applied_objects());
+    loop {
+        match changes.next().await {
+            Some(Ok(cm)) => match front_proxy(&cm) {
+                Some((new_cas, new_headers)) => {
+                    tracing::info!("aggregated API: the API server's front-proxy CA is known");
+                    cas.send_replace(Some(new_cas));
+                    headers.send_replace(new_headers);
+                }
+                None => tracing::warn!(
+                    "aggregated API: {namespace}/{name} has no requestheader-client-ca-file: the API server relays nothing here"
+                ),
+            },
+            Some(Err(e)) => tracing::warn!("aggregated API: watching {namespace}/{name}: {e}"),
+            None => std::future::pending::<()>().await,
+        }
+    }
+}
+
+/// The agents as this replica's API reaches them: its own watches of the
+/// agent pods and the nodes, and the agents' CAs from the ConfigMap the
+/// leader publishes them in (every replica serves the API; only the leader
+/// signs).
+pub async fn agents(
+    settings: &Settings,
+    client: Client,
+    metrics: Arc<Metrics>,
+) -> crate::error::Result<Arc<AgentPool>> {
+    let port = settings.agent_port(&client).await?;
+    let (pods, pod_writer) = reflector::store();
+    let agent_pods = watcher::Config::default().labels(&settings.agent_selector.to_string());
+    let pod_stream = reflector::reflector(
+        pod_writer,
+        watcher(
+            Api::<Pod>::namespaced(client.clone(), &settings.namespace),
+            agent_pods,
+        ),
+    );
+    let (nodes, node_writer) = reflector::store();
+    let node_stream = reflector::reflector(
+        node_writer,
+        watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+    );
+    for (what, stream) in [
+        (
+            "agent pods",
+            pod_stream.default_backoff().map_ok(|_| ()).boxed(),
+        ),
+        (
+            "nodes",
+            node_stream.default_backoff().map_ok(|_| ()).boxed(),
+        ),
+    ] {
+        tokio::spawn(stream.for_each(move |e| async move {
+            if let Err(e) = e {
+                tracing::warn!("aggregated API: watching {what}: {e}");
+            }
+        }));
+    }
+    let tls = if settings.insecure_agent_plaintext {
+        AgentTls::Plaintext
+    } else {
+        let trust = Arc::new(TrustedCas::default());
+        tokio::spawn(follow_agent_cas(
+            Api::namespaced(client.clone(), &settings.namespace),
+            settings.agent_ca_config_map.clone(),
+            trust.clone(),
+        ));
+        AgentTls::Verified(trust)
+    };
+    let pool = PoolSettings {
+        namespace: settings.namespace.clone(),
+        selector: settings.agent_selector.clone(),
+        port,
+        token_file: settings.agent_token_file.clone(),
+        timeout: settings.agent_timeout(),
+        concurrency: settings.agent_concurrency.into(),
+        tls,
+    };
+    Ok(Arc::new(AgentPool::new(pods, nodes, pool, metrics)))
+}
+
+/// Keeps `trust` at the CAs published in the ConfigMap `name`.
+async fn follow_agent_cas(api: Api<ConfigMap>, name: String, trust: Arc<TrustedCas>) {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut changes = std::pin::pin!(watcher(api, config).default_backoff().applied_objects());
+    while let Some(change) = changes.next().await {
+        match change {
+            Ok(cm) => {
+                if let Some(bundle) = cm.data.and_then(|mut d| d.remove(BUNDLE_KEY))
+                    && trust.get().as_ref() != Some(&bundle)
+                {
+                    trust.set(bundle);
+                }
+            }
+            Err(e) => tracing::warn!("aggregated API: watching the ConfigMap {name}: {e}"),
+        }
+    }
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct Relay {
+    pub client: Client,
+    pub agents: Arc<AgentPool>,
+    pub headers: watch::Receiver<UserHeaders>,
+}
+
+pub fn router(relay: Relay) -> Router {
+    let base = format!("/apis/{GROUP}/{VERSION}");
+    Router::new()
+        .route("/apis", get(groups))
+        .route(&format!("/apis/{GROUP}"), get(group))
+        .route(&base, get(resources))
+        .route(&format!("{base}/{CAPTURES}/{{name}}/files"), get(files))
+        .route(
+            &format!("{base}/{CAPTURES}/{{name}}/files/{{node}}/{{file}}"),
+            get(download),
+        )
+        .route(&format!("{base}/{CAPTURES}/{{name}}/packets"), get(packets))
+        .layer(axum::middleware::from_fn(front_proxy_only))
+        .with_state(relay)
+}
+
+/// A Kubernetes `Status` failure, as kubectl and client libraries show it.
+#[derive(Debug)]
+pub struct Failure {
+    code: StatusCode,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let reason = match self.code {
+            StatusCode::UNAUTHORIZED => "Unauthorized",
+            StatusCode::FORBIDDEN => "Forbidden",
+            StatusCode::NOT_FOUND => "NotFound",
+            StatusCode::CONFLICT => "Conflict",
+            StatusCode::BAD_REQUEST => "BadRequest",
+            StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailable",
+            _ => "InternalError",
+        };
+        (
+            self.code,
+            Json(json!({
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Failure",
+                "message": self.message,
+                "reason": reason,
+                "code": self.code.as_u16(),
+            })),
+        )
+            .into_response()
+    }
+}
+
+/// An agent's refusal as the API answers it.
+fn from_agent(node: &str, status: &Status) -> Failure {
+    let code = match status.code() {
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        Code::FailedPrecondition => StatusCode::CONFLICT,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    Failure::new(code, format!("node {node}: {}", status.message()))
+}
+
+/// Nothing under `/apis` answers a connection the API server's front proxy
+/// did not make.
+async fn front_proxy_only(req: Request, next: axum::middleware::Next) -> Response {
+    let verified = req
+        .extensions()
+        .get::<VerifiedClient>()
+        .is_some_and(|v| v.0.is_some());
+    if !verified {
+        return Failure::new(
+            StatusCode::UNAUTHORIZED,
+            format!("{GROUP} is served through the Kubernetes API server only (no front-proxy client certificate)"),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+async fn groups() -> Json<serde_json::Value> {
+    Json(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group_object()]}))
+}
+
+fn group_object() -> serde_json::Value {
+    let version = json!({"groupVersion": format!("{GROUP}/{VERSION}"), "version": VERSION});
+    json!({"kind": "APIGroup", "apiVersion": "v1", "name": GROUP, "versions": [version], "preferredVersion": version})
+}
+
+async fn group() -> Json<serde_json::Value> {
+    Json(group_object())
+}
+
+async fn resources() -> Json<serde_json::Value> {
+    let resource = |name: String, verbs: &[&str]| json!({"name": name, "singularName": "", "namespaced": false, "kind": "PacketCapture", "verbs": verbs});
+    Json(json!({
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": format!("{GROUP}/{VERSION}"),
+        "resources": [
+            resource(format!("{CAPTURES}/files"), &["get"]),
+            resource(format!("{CAPTURES}/packets"), &["get"]),
+        ],
+    }))
+}
+
+/// The user the API server relayed the request for, and the capture, when
+/// that user may read the capture's files.
+async fn authorized(
+    relay: &Relay,
+    headers: &HeaderMap,
+    name: &str,
+) -> Result<(UserInfo, PacketCaptureConfig), Failure> {
+    let user =
+        relay.headers.borrow().user(headers).ok_or_else(|| {
+            Failure::new(StatusCode::UNAUTHORIZED, "the API server named no user")
+        })?;
+    let who = user.username.clone().unwrap_or_default();
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: user.username.clone(),
+            groups: user.groups.clone(),
+            extra: user.extra.clone(),
+            uid: user.uid.clone(),
+            resource_attributes: Some(ResourceAttributes {
+                group: Some(packet_capture_common::crd::GROUP.into()),
+                resource: Some(PLURAL.into()),
+                subresource: Some(FILES_SUBRESOURCE.into()),
+                name: Some(name.into()),
+                verb: Some("get".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = Api::<SubjectAccessReview>::all(relay.client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .map_err(|e| {
+            Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("asking whether {who:?} may read the files: {e}"),
+            )
+        })?;
+    if !answer.status.is_some_and(|s| s.allowed) {
+        return Err(Failure::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "user {who:?} may not get {RESOURCE}/{FILES_SUBRESOURCE} named {name:?}: bind a role that allows it (packet-capture-viewer allows every capture's)"
+            ),
+        ));
+    }
+    let capture = Api::<PacketCaptureConfig>::all(relay.client.clone())
+        .get_opt(name)
+        .await
+        .map_err(|e| {
+            Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("reading {name}: {e}"),
+            )
+        })?
+        .ok_or_else(|| {
+            Failure::new(
+                StatusCode::NOT_FOUND,
+                format!("{RESOURCE} {name:?} not found"),
+            )
+        })?;
+    Ok((user, capture))
+}
+
+/// Whether the agent's file `file` is of capture `name`:
+/// `<name>-<YYYYmmdd>-<HHMMSS>[-<n>].<ext>[.<compression>]`.
+pub fn is_file_of(file: &str, name: &str) -> bool {
+    let Some(rest) = file.strip_prefix(name).and_then(|r| r.strip_prefix('-')) else {
+        return false;
+    };
+    let b = rest.as_bytes();
+    b.len() > 16
+        && b[..8].iter().all(u8::is_ascii_digit)
+        && b[8] == b'-'
+        && b[9..15].iter().all(u8::is_ascii_digit)
+        && matches!(b[15], b'.' | b'-')
+}
+
+#[derive(Debug, Serialize)]
+struct FileJson {
+    name: String,
+    size: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    modified: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct NodeFiles {
+    node: String,
+    address: String,
+    files: Vec<FileJson>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+async fn files(
+    State(relay): State<Relay>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, Failure> {
+    let (user, capture) = authorized(&relay, &headers, &name).await?;
+    // Files written before this capture was created are an earlier
+    // capture's of the same name.
+    let since = capture
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second())
+        .unwrap_or_default();
+    let endpoints: Vec<AgentEndpoint> = relay.agents.endpoints().into_values().collect();
+    let nodes: Vec<NodeFiles> = futures::stream::iter(endpoints)
+        .map(|ep| {
+            let (relay, user, name) = (&relay, &user, &name);
+            async move {
+                let (files, error) = match relay.agents.files_for(&ep, user).await {
+                    Ok(files) => (files, None),
+                    Err(s) => (Vec::new(), Some(from_agent(&ep.node, &s).message)),
+                };
+                let files: Vec<FileJson> = files
+                    .into_iter()
+                    .filter(|f| is_file_of(&f.name, name))
+                    .filter(|f| f.modified.as_ref().is_none_or(|m| m.seconds >= since))
+                    .map(|f| FileJson {
+                        modified: f.modified.and_then(|m| {
+                            k8s_openapi::jiff::Timestamp::new(m.seconds, m.nanos)
+                                .ok()
+                                .map(|t| t.to_string())
+                        }),
+                        name: f.name,
+                        size: f.size,
+                    })
+                    .collect();
+                NodeFiles {
+                    node: ep.node,
+                    address: ep.node_ip,
+                    files,
+                    error,
+                }
+            }
+        })
+        .buffer_unordered(FAN_OUT)
+        .filter(|n| std::future::ready(!n.files.is_empty() || n.error.is_some()))
+        .collect()
+        .await;
+    let mut nodes = nodes;
+    nodes.sort_by(|a, b| a.node.cmp(&b.node));
+    Ok(Json(json!({"capture": name, "nodes": nodes})))
+}
+
+async fn download(
+    State(relay): State<Relay>,
+    Path((name, node, file)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, Failure> {
+    let (user, _) = authorized(&relay, &headers, &name).await?;
+    let not_found = || {
+        Failure::new(
+            StatusCode::NOT_FOUND,
+            format!("no file {file:?} of {name:?} on node {node:?}"),
+        )
+    };
+    if !is_file_of(&file, &name) {
+        return Err(not_found());
+    }
+    let ep = relay.agents.endpoint(&node).ok_or_else(not_found)?;
+    let chunks = relay
+        .agents
+        .download_for(&ep, &file, &user)
+        .await
+        .map_err(|s| from_agent(&node, &s))?;
+    let body = chunks
+        .map_ok(|c| Bytes::from(c.data))
+        .map_err(move |s| std::io::Error::other(format!("node {node}: {}", s.message())));
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+async fn packets(
+    State(relay): State<Relay>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, Failure> {
+    let (user, capture) = authorized(&relay, &headers, &name).await?;
+    let id = capture_id(
+        &capture.uid().unwrap_or_default(),
+        capture.metadata.generation.unwrap_or_default(),
+    );
+    let endpoints: Vec<AgentEndpoint> = relay.agents.endpoints().into_values().collect();
+    let opened: Vec<_> = futures::stream::iter(endpoints)
+        .map(|ep| {
+            let (relay, user, id) = (&relay, &user, &id);
+            async move {
+                let opened = relay.agents.packets_for(&ep, id, user).await;
+                (ep.node, opened)
+            }
+        })
+        .buffer_unordered(FAN_OUT)
+        .collect()
+        .await;
+    let mut streams = Vec::new();
+    for (node, opened) in opened {
+        match opened {
+            Ok(stream) => streams.push((node, stream)),
+            // Not capturing there, or no longer.
+            Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {}
+            Err(s) if s.code() == Code::PermissionDenied => return Err(from_agent(&node, &s)),
+            Err(s) => tracing::warn!(%node, capture = %name, "live packets: {}", s.message()),
+        }
+    }
+    if streams.is_empty() {
+        let phase = capture
+            .status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .map(|p| format!("{p:?}"))
+            .unwrap_or_else(|| "not started".into());
+        return Err(Failure::new(
+            StatusCode::CONFLICT,
+            format!(
+                "capture {name:?} is not running on any node ({phase}); its files: kubectl pcap fetch {name}"
+            ),
+        ));
+    }
+    let snaplen = capture
+        .spec
+        .snaplen
+        .unwrap_or(packet_capture_common::abi::MAX_SNAPLEN);
+    let (sender, batches) = mpsc::channel::<(Arc<str>, PacketBatch)>(MERGE_BATCHES);
+    for (node, mut stream) in streams {
+        let (sender, node): (_, Arc<str>) = (sender.clone(), node.into());
+        tokio::spawn(async move {
+            loop {
+                match stream.message().await {
+                    Ok(Some(batch)) => {
+                        if sender.send((node.clone(), batch)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(s) => {
+                        tracing::info!(%node, "live packets ended: {}", s.message());
+                        break;
+                    }
+                }
+            }
+        });
+    }
+    let mut merge = Merge::new(&name, snaplen);
+    let header = merge.header();
+    let body = futures::stream::once(async move { Ok::<_, Infallible>(Bytes::from(header)) })
+        .chain(
+            tokio_stream_of(batches)
+                .map(move |(node, batch)| Ok(Bytes::from(merge.batch(&node, &batch)))),
+        );
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-pcapng")],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+fn tokio_stream_of<T: Send + 'static>(
+    mut receiver: mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| receiver.poll_recv(cx))
+}
+
+/// The live stream of several nodes as one pcapng section: one interface
+/// block per node and interface, as they first appear.
+pub struct Merge {
+    comment: String,
+    snaplen: u32,
+    interfaces: HashMap<(Arc<str>, String), u32>,
+}
+
+impl Merge {
+    pub fn new(capture: &str, snaplen: u32) -> Self {
+        Self {
+            comment: format!("live packets of capture {capture}, every node"),
+            snaplen,
+            interfaces: HashMap::new(),
+        }
+    }
+
+    pub fn header(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        pcapng::section_header(
+            &mut out,
+            concat!("packet-capture ", env!("CARGO_PKG_VERSION")),
+            &self.comment,
+        );
+        out
+    }
+
+    /// The blocks of one node's batch.
+    pub fn batch(&mut self, node: &Arc<str>, batch: &PacketBatch) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut lost = batch.lost;
+        for packet in &batch.packets {
+            let key = (node.clone(), packet.interface.clone());
+            let next = self.interfaces.len() as u32;
+            let id = *self.interfaces.entry(key).or_insert_with(|| {
+                pcapng::interface_description(
+                    &mut out,
+                    &format!("{node}/{}", packet.interface),
+                    &format!("node {node}"),
+                    self.snaplen,
+                );
+                next
+            });
+            pcapng::enhanced_packet(
+                &mut out,
+                &pcapng::Packet {
+                    interface_id: id,
+                    unix_ns: packet.unix_nanos,
+                    inbound: match packet.direction() {
+                        PacketDirection::In => Some(true),
+                        PacketDirection::Out => Some(false),
+                        PacketDirection::Unspecified => None,
+                    },
+                    orig_len: packet.original_length,
+                    data: &packet.data,
+                    lost: std::mem::take(&mut lost),
+                },
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_belong_to_the_capture_named_before_their_stamp() {
+        assert!(is_file_of("web-20260101-120000.pcapng", "web"));
+        assert!(is_file_of("web-20260101-120000.pcap.gz", "web"));
+        assert!(is_file_of("web-20260101-120000-2.pcap", "web"));
+        assert!(!is_file_of("web-api-20260101-120000.pcap", "web"));
+        assert!(!is_file_of("webb-20260101-120000.pcap", "web"));
+        assert!(!is_file_of("web-2026010-120000.pcap", "web"));
+    }
+
+    #[test]
+    fn the_user_comes_from_the_configured_headers() {
+        let names = UserHeaders {
+            user: vec!["X-Remote-User".into()],
+            group: vec!["X-Remote-Group".into()],
+            extra_prefix: vec!["X-Remote-Extra-".into()],
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("x-remote-user", "alice".parse().unwrap());
+        headers.append("x-remote-group", "dev".parse().unwrap());
+        headers.append("x-remote-group", "system:authenticated".parse().unwrap());
+        headers.append("x-remote-extra-scopes%2fa", "x".parse().unwrap());
+        let user = names.user(&headers).unwrap();
+        assert_eq!(user.username.as_deref(), Some("alice"));
+        assert_eq!(user.groups.unwrap(), ["dev", "system:authenticated"]);
+        assert_eq!(user.extra.unwrap()["scopes/a"], ["x"]);
+        assert!(names.user(&HeaderMap::new()).is_none());
+    }
+}

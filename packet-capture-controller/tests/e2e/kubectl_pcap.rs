@@ -1,0 +1,620 @@
+//! `kubectl pcap` through the aggregated API `pcap.packet.io`: the files of
+//! every node merged into one pcapng (checked against mergecap), live
+//! packets while they are captured, and refusals that name the permission,
+//! with nothing but the API server's address and a user's own token.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
+use kube::Api;
+use kube::runtime::wait::await_condition;
+use packet_capture_common::crd::{OutputFormat, PacketCaptureConfigSpec, Phase};
+use packet_capture_test_support::capfile;
+use packet_capture_test_support::cluster::COMPONENT_NAMESPACE;
+use packet_capture_test_support::workspace_binary;
+use serde_json::json;
+
+use crate::world::{Certs, READER, Setup, WORLD_LABEL, World};
+use crate::{Deletes, kubectl_apply};
+
+const API_SERVICE: &str = "v1.pcap.packet.io";
+const SERVICE: &str = "packet-capture-webhook";
+
+/// The APIService is one for the cluster: one test at a time registers it
+/// for its world's controller.
+static API: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn kubectl_pcap() -> PathBuf {
+    workspace_binary(
+        "kubectl-pcap",
+        "kubectl-pcap",
+        &["kubectl-pcap/src", "packet-capture-common/src"],
+    )
+}
+
+/// The aggregated API on this world's controller, as the chart registers it
+/// (an APIService for the Service of the webhooks' port) with the Service's
+/// endpoint at the controller on the host, where no kube-proxy is needed:
+/// the API server routes to endpoints.
+async fn register_api(w: &World) -> Deletes {
+    let hook = w
+        .webhook
+        .as_ref()
+        .expect("a world with the webhook's server");
+    let ca = hook.ca.as_ref().expect("the webhook's CA (Certs::Dir)");
+    let host = w.cluster.host_ip().to_string();
+    let guard = Deletes(
+        w.cluster,
+        vec![
+            vec!["apiservice".into(), API_SERVICE.into()],
+            vec![
+                "service".into(),
+                SERVICE.into(),
+                "-n".into(),
+                COMPONENT_NAMESPACE.into(),
+            ],
+            vec![
+                "endpointslice".into(),
+                SERVICE.into(),
+                "-n".into(),
+                COMPONENT_NAMESPACE.into(),
+            ],
+            vec![
+                "endpoints".into(),
+                SERVICE.into(),
+                "-n".into(),
+                COMPONENT_NAMESPACE.into(),
+            ],
+        ],
+    );
+    let port = json!([{"name": "https", "port": hook.port, "protocol": "TCP"}]);
+    for object in [
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": SERVICE, "namespace": COMPONENT_NAMESPACE},
+            "spec": {"ports": [{"name": "https", "port": 443, "targetPort": hook.port}]},
+        }),
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": SERVICE, "namespace": COMPONENT_NAMESPACE,
+                         "labels": {"kubernetes.io/service-name": SERVICE}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [host], "conditions": {"ready": true}}],
+            "ports": port,
+        }),
+        json!({
+            "apiVersion": "v1", "kind": "Endpoints",
+            "metadata": {"name": SERVICE, "namespace": COMPONENT_NAMESPACE},
+            "subsets": [{"addresses": [{"ip": host}], "ports": port}],
+        }),
+        json!({
+            "apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService",
+            "metadata": {"name": API_SERVICE},
+            "spec": {
+                "group": "pcap.packet.io", "version": "v1",
+                "groupPriorityMinimum": 1000, "versionPriority": 15,
+                "service": {"name": SERVICE, "namespace": COMPONENT_NAMESPACE, "port": 443},
+                "caBundle": k8s_openapi::ByteString(ca.clone()),
+            },
+        }),
+    ] {
+        let (ok, out) = kubectl_apply(w, &object).await;
+        assert!(ok, "applying {object}: {out}");
+    }
+    let available = await_condition(
+        Api::<APIService>::all(w.client.clone()),
+        API_SERVICE,
+        |s: Option<&APIService>| {
+            s.and_then(|s| s.status.as_ref())
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c.type_ == "Available" && c.status == "True")
+                })
+        },
+    );
+    if tokio::time::timeout(Duration::from_secs(60), available)
+        .await
+        .is_err()
+    {
+        let now = w
+            .cluster
+            .kubectl_run(&["get", "apiservice", API_SERVICE, "-o", "yaml"]);
+        panic!(
+            "{API_SERVICE} not Available within 60 s: {now:?}\n{}",
+            w.controller.log()
+        );
+    }
+    guard
+}
+
+/// A kubeconfig with nothing but the API server's address, its CA and the
+/// token of `account` (in the components' namespace).
+async fn kubeconfig_of(w: &World, account: &str) -> PathBuf {
+    w.cluster
+        .user_kubeconfig(COMPONENT_NAMESPACE, account)
+        .await
+        .unwrap_or_else(|e| panic!("a kubeconfig of {account}: {e}"))
+}
+
+/// `kubectl pcap <args>` as the user of `kubeconfig`: success, stdout,
+/// stderr.
+fn pcap(kubeconfig: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(kubectl_pcap())
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .expect("running kubectl-pcap");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn icmp_capture(w: &World, duration: u32) -> PacketCaptureConfigSpec {
+    PacketCaptureConfigSpec {
+        target_ips: vec![w.pods[0].ip().to_string(), w.pods[1].ip().to_string()],
+        filter: "icmp".into(),
+        duration,
+        output_format: OutputFormat::Pcapng,
+        ..Default::default()
+    }
+}
+
+/// Counts the packet blocks of a pcapng stream read so far, with each
+/// one's timestamp and interface name.
+fn packets_of(stream: &[u8]) -> Vec<(u64, String)> {
+    use pcap_file::pcapng::{Block, PcapNgParser};
+    let Ok((mut rest, mut parser)) = PcapNgParser::new(stream) else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    let mut packets = Vec::new();
+    while let Ok((after, block)) = parser.next_block(rest) {
+        match block {
+            Block::InterfaceDescription(idb) => names.push(
+                idb.options
+                    .iter()
+                    .find_map(|o| match o {
+                        pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption::IfName(n) => Some(n.to_string()),
+                        _ => None,
+                    })
+                    .unwrap_or_default(),
+            ),
+            Block::EnhancedPacket(p) => packets.push((
+                p.timestamp.as_nanos() as u64,
+                names.get(p.interface_id as usize).cloned().unwrap_or_default(),
+            )),
+            _ => {}
+        }
+        rest = after;
+    }
+    packets
+}
+
+#[tokio::test]
+async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
+    let setup = Setup {
+        nodes: 2,
+        webhook: Certs::Dir,
+    };
+    let Some(w) = World::start(
+        "kubectl_pcap_fetches_and_streams_through_the_api_server",
+        setup,
+    )
+    .await
+    else {
+        return;
+    };
+    let _one = API.lock().await;
+    let _api = register_api(&w).await;
+    let reader = kubeconfig_of(&w, READER).await;
+
+    // Straight to the controller, not through the API server: no front
+    // proxy's client certificate, so headers naming a user count for
+    // nothing.
+    let direct = format!(
+        "https://{}:{}/apis/pcap.packet.io/v1/captures/any/files",
+        w.cluster.host_ip(),
+        w.webhook.as_ref().unwrap().port
+    );
+    let out = Command::new("curl")
+        .args([
+            "-sk",
+            "-H",
+            "X-Remote-User: system:admin",
+            "-H",
+            "X-Remote-Group: system:masters",
+        ])
+        .args(["-w", "\n%{http_code}", &direct])
+        .output()
+        .expect("curl");
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        answer.ends_with("\n401") && answer.contains("front-proxy"),
+        "{answer}"
+    );
+
+    // Live: a stream opened before the traffic shows it while the capture
+    // runs, each packet within a second of its capture.
+    let live = w.create(icmp_capture(&w, 30)).await;
+    let name = live.metadata.name.clone().unwrap();
+    w.until_running_on(&name, live.metadata.generation.unwrap(), 2)
+        .await;
+    let mut stream = Command::new(kubectl_pcap())
+        .arg("--kubeconfig")
+        .arg(&reader)
+        .args(["stream", &name])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl pcap stream");
+    let mut stdout = stream.stdout.take().unwrap();
+    let (sender, received) = std::sync::mpsc::channel::<(Vec<u8>, SystemTime)>();
+    let reading = std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || sender.send((buf[..n].to_vec(), SystemTime::now())).is_err() {
+                break;
+            }
+        }
+    });
+    // The section header comes first, as soon as the stream is open.
+    let mut bytes = Vec::new();
+    let (first, _) = received
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the stream's header within 30 s");
+    bytes.extend(first);
+    // Measured on this machine's clock alone: from just before the first
+    // echo request is sent to the chunk that brings it, and to the chunk
+    // that brings the last reply (the pings take 0.8 s).
+    let sent = SystemTime::now();
+    w.ping(0, 1, 5).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut arrivals = Vec::new();
+    while packets_of(&bytes).len() < 10 && Instant::now() < deadline {
+        if let Ok((chunk, at)) = received.recv_timeout(Duration::from_millis(500)) {
+            bytes.extend(chunk);
+            arrivals.push((
+                packets_of(&bytes).len(),
+                at.duration_since(sent).unwrap_or_default(),
+            ));
+        }
+    }
+    let seen = packets_of(&bytes);
+    assert!(
+        seen.len() >= 10,
+        "5 pings and 5 replies streamed, got {seen:?}"
+    );
+    let first = arrivals
+        .iter()
+        .find(|(n, _)| *n > 0)
+        .map(|(_, t)| *t)
+        .unwrap();
+    let last = arrivals.last().map(|(_, t)| *t).unwrap();
+    assert!(
+        first <= Duration::from_secs(1) && last <= Duration::from_millis(1800),
+        "packets reached the reader too late after they were sent (count, time): {arrivals:?}"
+    );
+    let nodes: Vec<String> = w.nodes.iter().map(|n| n.name().to_owned()).collect();
+    for (_, interface) in &seen {
+        assert!(
+            nodes
+                .iter()
+                .any(|n| interface.starts_with(&format!("{n}/"))),
+            "interface {interface:?} is not named node/iface"
+        );
+    }
+    let _ = stream.kill();
+    let _ = stream.wait();
+    drop(received);
+    let _ = reading.join();
+
+    // Fetch: every node's file of a completed capture, merged, equals what
+    // mergecap makes of the files downloaded from each agent.
+    let capture = w.create(icmp_capture(&w, 8)).await;
+    let name = capture.metadata.name.clone().unwrap();
+    w.until_running_on(&name, capture.metadata.generation.unwrap(), 2)
+        .await;
+    w.ping(0, 1, 4).await;
+    let done = w.until_phase(&name, Phase::Completed).await;
+    let status = done.status.unwrap();
+    let dir = w.cluster.dir().join("e2e").join(&w.id);
+    let mut per_node = Vec::new();
+    for node in 0..2 {
+        let downloaded = w.download(node, &w.entry(&status, node).output_file).await;
+        let plain = dir.join(format!("node{node}-plain.pcapng"));
+        std::fs::write(&plain, capfile::bytes(&downloaded)).unwrap();
+        per_node.push(plain);
+    }
+    let expected = dir.join("mergecap.pcapng");
+    let merged = Command::new("mergecap")
+        .arg("-w")
+        .arg(&expected)
+        .args(&per_node)
+        .output()
+        .expect("mergecap (wireshark-common)");
+    assert!(merged.status.success(), "{merged:?}");
+    let fetched = dir.join("fetched.pcapng");
+    let (ok, _, err) = pcap(&reader, &["fetch", &name, "-o", fetched.to_str().unwrap()]);
+    assert!(ok, "kubectl pcap fetch: {err}");
+    let key = |p: &capfile::Packet| (p.time_ns, p.data.clone(), p.orig_len);
+    let ours: Vec<_> = capfile::read(&fetched).iter().map(key).collect();
+    let theirs: Vec<_> = capfile::read(&expected).iter().map(key).collect();
+    assert!(ours.len() >= 8, "4 pings and their replies: {}", ours.len());
+    assert_eq!(ours, theirs, "kubectl pcap fetch differs from mergecap");
+    for packet in capfile::read(&fetched) {
+        assert!(
+            nodes
+                .iter()
+                .any(|n| packet.interface.starts_with(&format!("{n}/"))),
+            "interface {:?} is not named node/iface",
+            packet.interface
+        );
+    }
+
+    // Refused: without the API group's permission the API server says so;
+    // with it but without the capture's files, the controller names the
+    // missing permission.
+    let limited = format!("e2e-pcap-limited-{}", w.id);
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": limited},
+        "rules": [
+            {"apiGroups": ["networking.packet.io"], "resources": ["packetcaptureconfigs"], "verbs": ["get", "list"]},
+            {"apiGroups": ["pcap.packet.io"], "resources": ["captures/files", "captures/packets"], "verbs": ["get"]},
+        ],
+    });
+    let (ok, out) = kubectl_apply(&w, &role).await;
+    assert!(ok, "{out}");
+    let _limited = Deletes(
+        w.cluster,
+        vec![
+            vec!["clusterrole".into(), limited.clone()],
+            vec!["clusterrolebinding".into(), limited.clone()],
+            vec![
+                "serviceaccount".into(),
+                limited.clone(),
+                "-n".into(),
+                COMPONENT_NAMESPACE.into(),
+            ],
+        ],
+    );
+    for args in [
+        vec![
+            "create",
+            "serviceaccount",
+            &limited,
+            "-n",
+            COMPONENT_NAMESPACE,
+        ],
+        vec![
+            "create",
+            "clusterrolebinding",
+            &limited,
+            &format!("--clusterrole={limited}"),
+            &format!("--serviceaccount={COMPONENT_NAMESPACE}:{limited}"),
+        ],
+    ] {
+        w.cluster
+            .kubectl_async(&args)
+            .await
+            .expect("the limited user");
+    }
+    let nobody = format!("e2e-pcap-nobody-{}", w.id);
+    w.cluster
+        .kubectl_async(&[
+            "create",
+            "serviceaccount",
+            &nobody,
+            "-n",
+            COMPONENT_NAMESPACE,
+        ])
+        .await
+        .expect("an account without bindings");
+    let _nobody = Deletes(
+        w.cluster,
+        vec![vec![
+            "serviceaccount".into(),
+            nobody.clone(),
+            "-n".into(),
+            COMPONENT_NAMESPACE.into(),
+        ]],
+    );
+    let out = dir.join("refused.pcapng");
+    let (ok, _, err) = pcap(
+        &kubeconfig_of(&w, &nobody).await,
+        &["fetch", &name, "-o", out.to_str().unwrap()],
+    );
+    assert!(!ok && err.contains("captures/files"), "{err}");
+    let (ok, _, err) = pcap(
+        &kubeconfig_of(&w, &limited).await,
+        &["fetch", &name, "-o", out.to_str().unwrap()],
+    );
+    assert!(
+        !ok && err.contains("packetcaptureconfigs.networking.packet.io/files"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing is written when refused");
+}
+
+/// The README's `kubectl pcap` walkthrough, as written (with this world's
+/// pod for `shop/web-0`, and its label on the capture so that its
+/// controller runs it), by `kubectl` and the plugin on the PATH, as a user
+/// bound to the chart's roles, from a network namespace whose firewall lets
+/// out nothing but connections to the API server.
+#[tokio::test]
+async fn the_readmes_walkthrough_runs_with_nothing_but_the_api_server() {
+    let setup = Setup {
+        nodes: 2,
+        webhook: Certs::Dir,
+    };
+    let Some(w) = World::start(
+        "the_readmes_walkthrough_runs_with_nothing_but_the_api_server",
+        setup,
+    )
+    .await
+    else {
+        return;
+    };
+    let _one = API.lock().await;
+    let _api = register_api(&w).await;
+
+    let user = format!("e2e-pcap-user-{}", w.id);
+    let pods_namespace = w.namespace.name().to_owned();
+    let mut cleanup = vec![vec![
+        "serviceaccount".into(),
+        user.clone(),
+        "-n".into(),
+        COMPONENT_NAMESPACE.into(),
+    ]];
+    w.cluster
+        .kubectl_async(&["create", "serviceaccount", &user, "-n", COMPONENT_NAMESPACE])
+        .await
+        .expect("the user's account");
+    let account = format!("--serviceaccount={COMPONENT_NAMESPACE}:{user}");
+    for role in ["packet-capture-editor", "packet-capture-viewer"] {
+        let binding = format!("{role}-{user}");
+        w.cluster
+            .kubectl_async(&[
+                "create",
+                "clusterrolebinding",
+                &binding,
+                &format!("--clusterrole={role}"),
+                &account,
+            ])
+            .await
+            .unwrap_or_else(|e| panic!("binding {role}: {e}"));
+        cleanup.push(vec!["clusterrolebinding".into(), binding]);
+    }
+    w.cluster
+        .kubectl_async(&[
+            "create",
+            "rolebinding",
+            &user,
+            "-n",
+            &pods_namespace,
+            "--clusterrole=packet-capture-capturer",
+            &account,
+        ])
+        .await
+        .expect("capturing the pods' namespace");
+    let _cleanup = Deletes(w.cluster, cleanup);
+    let kubeconfig = kubeconfig_of(&w, &user).await;
+
+    // The README's block, with this world's pod and label.
+    let readme = std::fs::read_to_string(
+        packet_capture_test_support::cluster::workspace_root().join("README.md"),
+    )
+    .unwrap();
+    let block = readme
+        .split("<!-- walkthrough: kubectl pcap")
+        .nth(1)
+        .and_then(|rest| rest.split("```sh\n").nth(1))
+        .and_then(|rest| rest.split("```").next())
+        .expect("the README's kubectl pcap walkthrough");
+    let pod = format!("{pods_namespace}/{}", w.pods[1].name());
+    let label = format!("--labels {WORLD_LABEL}={}", w.id);
+    let script: String = block
+        .lines()
+        .map(|line| {
+            let line = line.replace("shop/web-0", &pod);
+            if line.starts_with("kubectl pcap create ") {
+                format!("{line} {label}\n")
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect();
+
+    let client = w
+        .cluster
+        .api_only_netns()
+        .expect("a namespace that reaches only the API server");
+    // Nothing else is reachable from there: not an agent, not the
+    // controller.
+    for url in [
+        w.agents[0].url().replace("http://", "https://"),
+        format!(
+            "https://{}:{}/",
+            w.cluster.host_ip(),
+            w.webhook.as_ref().unwrap().port
+        ),
+    ] {
+        let out = client
+            .command("curl")
+            .args(["-sk", "--max-time", "3", &url])
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{url} is reachable from the client's namespace"
+        );
+    }
+    let plugin_dir = kubectl_pcap().parent().unwrap().to_path_buf();
+    let path = format!(
+        "{}:{}:{}",
+        plugin_dir.display(),
+        w.cluster.bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let work = w.cluster.dir().join("e2e").join(&w.id).join("walkthrough");
+    std::fs::create_dir_all(&work).unwrap();
+    let pinging = w.pinging(0, 1);
+    let out = tokio::process::Command::from(client.command("bash"))
+        .args(["-euo", "pipefail", "-c", &script])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("PATH", path)
+        .current_dir(&work)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(180), out)
+        .await
+        .expect("the walkthrough within 3 minutes")
+        .expect("running the walkthrough");
+    drop(pinging);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "the walkthrough failed:\n{script}\nstdout:\n{stdout}\nstderr:\n{stderr}\n{}",
+        w.controller.log()
+    );
+    // The fetched file holds the pod's packets, on its node's interfaces,
+    // named node/iface.
+    let pod_node = w.pods[1].node_name().to_owned();
+    let nodes = [pod_node.as_str()];
+    let target = w.pods[1].ip().to_string();
+    let fields: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.split('\t').count() == 3)
+        .collect();
+    assert!(
+        !fields.is_empty(),
+        "no packets listed from the fetched file:\n{stdout}"
+    );
+    for node in &nodes {
+        assert!(
+            fields.iter().any(|l| l.starts_with(&format!("{node}/"))),
+            "no packet of node {node} in the fetched file:\n{stdout}"
+        );
+    }
+    assert!(fields.iter().all(|l| l.contains(&target)), "{stdout}");
+    // `delete` asked; the controller lets it go once the nodes stopped.
+    let gone = await_condition(w.api(), "web-icmp", |c: Option<&_>| c.is_none());
+    tokio::time::timeout(Duration::from_secs(30), gone)
+        .await
+        .expect("the walkthrough's capture deleted within 30 s")
+        .expect("watching the walkthrough's capture");
+    // The file was written where the user ran it.
+    assert!(work.join("web-icmp.pcapng").exists());
+    // Stopped on request, and completed (not started again).
+    assert!(stdout.contains("stopping on every node"), "{stdout}");
+    assert!(stdout.contains("Completed"), "{stdout}");
+}
