@@ -4,8 +4,8 @@
 //!
 //! The aggregated API is reached through the API server with the kube
 //! client's raw requests, so the kubeconfig's credentials apply and the API
-//! server checks `captures/files` and `captures/packets` before the
-//! controller checks `packetcaptureconfigs/files` for the capture. The
+//! server checks `get` on `captures/proxy` before the controller checks
+//! `packetcaptureconfigs/files` for the capture. The
 //! functions that turn a response into a message take the error, not the
 //! client, so they are tested without a cluster.
 
@@ -55,38 +55,11 @@ pub struct FileEntry {
     pub modified: String,
 }
 
-/// Which endpoint of the aggregated API a request is for; each is its own
-/// subresource in RBAC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// `captures/files`: listing and downloading (`fetch`).
-    Files,
-    /// `captures/packets`: the live stream (`stream`).
-    Packets,
-}
-
-impl Access {
-    /// The resource RBAC rules name, `captures/files` or `captures/packets`.
-    pub fn resource(self) -> &'static str {
-        match self {
-            Self::Files => "captures/files",
-            Self::Packets => "captures/packets",
-        }
-    }
-}
-
-/// Whether a file name from the API can name a local file: one plain
-/// component (letters, digits, `.`, `-`, `_`), not hidden, as the agents
-/// name their files; anything else could reach outside the download
-/// directory.
-pub fn is_plain_file_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 255
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
-}
+/// The subresource every path of the aggregated API goes through: the
+/// controller relays them to the agents. `proxy` is one of the API
+/// server's long-running subresources, so a stream or a large download is
+/// not cut at its request timeout (a minute).
+pub const RELAY_SUBRESOURCE: &str = "captures/proxy";
 
 /// A response body, read as it arrives.
 pub type ByteStream = Pin<Box<dyn AsyncBufRead + Send>>;
@@ -106,7 +79,10 @@ pub fn segment(s: &str) -> String {
 }
 
 fn capture_path(capture: &str) -> String {
-    format!("/apis/{GROUP}/{VERSION}/captures/{}", segment(capture))
+    format!(
+        "/apis/{GROUP}/{VERSION}/captures/{}/proxy",
+        segment(capture)
+    )
 }
 
 /// The path that lists a capture's files.
@@ -170,7 +146,7 @@ pub async fn open_packets(client: &Client, capture: &str) -> Result<ByteStream, 
 
 /// What went wrong with a request to the aggregated API, for the user: a
 /// refusal names the permission missing, a missing or unready API says so.
-pub fn explain_access(err: &kube::Error, capture: &str, access: Access) -> String {
+pub fn explain_access(err: &kube::Error, capture: &str) -> String {
     let kube::Error::Api(status) = err else {
         return format!("cannot reach the API server: {err}");
     };
@@ -181,10 +157,9 @@ pub fn explain_access(err: &kube::Error, capture: &str, access: Access) -> Strin
         403 if message.contains(PLURAL) => message,
         403 => format!(
             "{message}\n\
-             needs RBAC: `get` on `{}` in API group `{GROUP}` (checked by the API server), \
-             and `get` on `{PLURAL}/{FILES_SUBRESOURCE}` in API group `{CRD_GROUP}` for \
-             capture {capture:?} (checked by the controller)",
-            access.resource()
+             needs RBAC: `get` on `{RELAY_SUBRESOURCE}` in API group `{GROUP}` (checked by the \
+             API server), and `get` on `{PLURAL}/{FILES_SUBRESOURCE}` in API group \
+             `{CRD_GROUP}` for capture {capture:?} (checked by the controller)"
         ),
         // The controller knows the group but not the capture.
         404 if message.contains(&format!("\"{capture}\"")) => message,
@@ -283,28 +258,20 @@ mod tests {
     fn paths_encode_each_segment() {
         assert_eq!(
             files_path("web"),
-            "/apis/pcap.packet.io/v1/captures/web/files"
+            "/apis/pcap.packet.io/v1/captures/web/proxy/files"
         );
         assert_eq!(
             file_path("web", "worker-1", "web-20250101-120000.pcap.gz"),
-            "/apis/pcap.packet.io/v1/captures/web/files/worker-1/web-20250101-120000.pcap.gz"
+            "/apis/pcap.packet.io/v1/captures/web/proxy/files/worker-1/web-20250101-120000.pcap.gz"
         );
         assert_eq!(
             file_path("web", "a/b", "../x y"),
-            "/apis/pcap.packet.io/v1/captures/web/files/a%2Fb/..%2Fx%20y"
+            "/apis/pcap.packet.io/v1/captures/web/proxy/files/a%2Fb/..%2Fx%20y"
         );
         assert_eq!(
             packets_path("web"),
-            "/apis/pcap.packet.io/v1/captures/web/packets"
+            "/apis/pcap.packet.io/v1/captures/web/proxy/packets"
         );
-    }
-
-    #[test]
-    fn only_plain_file_names_are_written() {
-        assert!(is_plain_file_name("web-20250101-120000.pcapng.zst"));
-        for bad in ["", ".", "..", "../x", "a/b", ".hidden", "a b", "a\\b"] {
-            assert!(!is_plain_file_name(bad), "{bad:?}");
-        }
     }
 
     #[test]
@@ -328,20 +295,18 @@ mod tests {
         let server = api_error(
             403,
             "Forbidden",
-            r#"captures.pcap.packet.io "web" is forbidden: User "alice" cannot get resource "captures/files" in API group "pcap.packet.io" at the cluster scope"#,
+            r#"captures.pcap.packet.io "web" is forbidden: User "alice" cannot get resource "captures/proxy" in API group "pcap.packet.io" at the cluster scope"#,
         );
-        let m = explain_access(&server, "web", Access::Files);
+        let m = explain_access(&server, "web");
         assert!(
             m.starts_with("captures.pcap.packet.io \"web\" is forbidden"),
             "{m}"
         );
         assert!(
-            m.contains("`get` on `captures/files` in API group `pcap.packet.io`"),
+            m.contains("`get` on `captures/proxy` in API group `pcap.packet.io`"),
             "{m}"
         );
         assert!(m.contains("`packetcaptureconfigs/files`"), "{m}");
-        let m = explain_access(&server, "web", Access::Packets);
-        assert!(m.contains("`get` on `captures/packets`"), "{m}");
 
         let controller = api_error(
             403,
@@ -349,7 +314,7 @@ mod tests {
             r#"User "alice" may not get packetcaptureconfigs/files "web" in networking.packet.io"#,
         );
         assert_eq!(
-            explain_access(&controller, "web", Access::Files),
+            explain_access(&controller, "web"),
             r#"User "alice" may not get packetcaptureconfigs/files "web" in networking.packet.io"#
         );
 
@@ -373,14 +338,14 @@ mod tests {
             (503, "service unavailable"),
             (404, "the server could not find the requested resource"),
         ] {
-            let m = explain_access(&api_error(code, "", message), "web", Access::Files);
+            let m = explain_access(&api_error(code, "", message), "web");
             assert!(m.starts_with(message), "{m}");
             assert!(m.contains("not installed"), "{m}");
             assert!(m.contains("not running"), "{m}");
         }
         let missing = api_error(404, "NotFound", r#"capture "web" not found"#);
         assert_eq!(
-            explain_access(&missing, "web", Access::Files),
+            explain_access(&missing, "web"),
             r#"capture "web" not found"#
         );
 
@@ -507,7 +472,7 @@ mod tests {
     #[tokio::test]
     async fn files_are_listed_and_refusals_come_back_as_statuses() {
         let client = answering(
-            "/apis/pcap.packet.io/v1/captures/web/files",
+            "/apis/pcap.packet.io/v1/captures/web/proxy/files",
             StatusCode::OK,
             r#"{"capture":"web","nodes":[{"node":"n1","address":"10.0.0.1","files":[]}]}"#,
         );
@@ -515,30 +480,30 @@ mod tests {
         assert_eq!(list.nodes[0].node, "n1");
 
         let client = answering(
-            "/apis/pcap.packet.io/v1/captures/web/files",
+            "/apis/pcap.packet.io/v1/captures/web/proxy/files",
             StatusCode::FORBIDDEN,
-            r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"captures.pcap.packet.io \"web\" is forbidden: User \"bob\" cannot get resource \"captures/files\" in API group \"pcap.packet.io\"","reason":"Forbidden","code":403}"#,
+            r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"captures.pcap.packet.io \"web\" is forbidden: User \"bob\" cannot get resource \"captures/proxy\" in API group \"pcap.packet.io\"","reason":"Forbidden","code":403}"#,
         );
         let err = list_files(&client, "web").await.unwrap_err();
-        let m = explain_access(&err, "web", Access::Files);
+        let m = explain_access(&err, "web");
         assert!(m.contains("User \"bob\""), "{m}");
-        assert!(m.contains("needs RBAC: `get` on `captures/files`"), "{m}");
+        assert!(m.contains("needs RBAC: `get` on `captures/proxy`"), "{m}");
 
         let client = answering(
-            "/apis/pcap.packet.io/v1/captures/web/packets",
+            "/apis/pcap.packet.io/v1/captures/web/proxy/packets",
             StatusCode::SERVICE_UNAVAILABLE,
             "service unavailable\n",
         );
         let Err(err) = open_packets(&client, "web").await else {
             panic!("a 503 was taken for a stream");
         };
-        assert!(explain_access(&err, "web", Access::Packets).contains("not available"));
+        assert!(explain_access(&err, "web").contains("not available"));
     }
 
     #[tokio::test]
     async fn a_file_is_read_as_it_is_stored() {
         let client = answering(
-            "/apis/pcap.packet.io/v1/captures/web/files/n1/web-20250101-120000.pcap.gz",
+            "/apis/pcap.packet.io/v1/captures/web/proxy/files/n1/web-20250101-120000.pcap.gz",
             StatusCode::OK,
             "\x1f\u{8b}bytes",
         );

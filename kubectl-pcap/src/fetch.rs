@@ -18,7 +18,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use futures::{StreamExt, TryStreamExt};
-use kubectl_pcap::api::{self, Access, explain_access, explain_crd};
+use k8s_openapi::jiff::Timestamp;
+use kubectl_pcap::api::{self, explain_access, explain_crd};
 use kubectl_pcap::merge::{self, NodeInput, NodeSummary};
 use kubectl_pcap::show;
 use packet_capture_common::crd::{OutputFormat, Phase};
@@ -106,7 +107,7 @@ async fn run(
 
     let list = api::list_files(&cluster.client, name)
         .await
-        .map_err(|e| anyhow!(explain_access(&e, name, Access::Files)))?;
+        .map_err(|e| anyhow!(explain_access(&e, name)))?;
     // Without the object, the files' names tell a text capture.
     let text = |f: &str| {
         let plain = f.strip_suffix(".gz").or_else(|| f.strip_suffix(".zst"));
@@ -125,7 +126,7 @@ async fn run(
         let node_dir = downloads.join(i.to_string());
         std::fs::create_dir(&node_dir)?;
         for file in &node.files {
-            if !api::is_plain_file_name(&file.name) {
+            if !packet_capture_common::validate::plain_file_name(&file.name) {
                 bail!(
                     "node {} lists a file named {:?}, which cannot be a capture file",
                     node.node,
@@ -155,14 +156,20 @@ async fn run(
         .enumerate()
         .filter(|(_, n)| n.error.is_none())
         .map(|(i, n)| {
-            let mut names: Vec<&String> = n.files.iter().map(|f| &f.name).collect();
-            // Rotation stamps sort by time.
-            names.sort();
+            // A node's files in the order they were written: by when each
+            // was last written (rotation closes one before the next), then
+            // by name.
+            let mut files: Vec<_> = n
+                .files
+                .iter()
+                .map(|f| (f.modified.parse::<Timestamp>().ok(), &f.name))
+                .collect();
+            files.sort();
             NodeInput {
                 node: n.node.clone(),
-                files: names
+                files: files
                     .into_iter()
-                    .map(|f| downloads.join(i.to_string()).join(f))
+                    .map(|(_, f)| downloads.join(i.to_string()).join(f))
                     .collect(),
             }
         })
@@ -248,7 +255,7 @@ async fn download(
 ) -> Result<()> {
     let body = api::open_file(&cluster.client, capture, node, file)
         .await
-        .map_err(|e| anyhow!(explain_access(&e, capture, Access::Files)))?;
+        .map_err(|e| anyhow!(explain_access(&e, capture)))?;
     let mut out = tokio::fs::File::create(&path)
         .await
         .with_context(|| format!("creating {}", path.display()))?;

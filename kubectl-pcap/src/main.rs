@@ -21,8 +21,9 @@
 //!
 //! Files and streams come from the controller's aggregated API
 //! (`pcap.packet.io/v1`) through the API server, with the kubeconfig's
-//! credentials: `fetch` needs `get` on `captures/files` and `stream` on
-//! `captures/packets` in that group, and both need `get` on
+//! credentials: `fetch` and `stream` need `get` on `captures/proxy` in that
+//! group (a long-running subresource, so streams outlast the API server's
+//! request timeout), and `get` on
 //! `packetcaptureconfigs/files` in `networking.packet.io` for the capture.
 //! A refusal is printed with the API server's message and the rule it
 //! needs.

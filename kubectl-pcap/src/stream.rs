@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use anyhow::{Result, anyhow};
 use clap::Args;
 use kube::api::{DeleteParams, PostParams};
-use kubectl_pcap::api::{self, Access, CopyError, explain_access, explain_crd};
+use kubectl_pcap::api::{self, CopyError, explain_access, explain_crd};
 use kubectl_pcap::spec::TargetArgs;
 use packet_capture_common::crd::{PacketCaptureConfig, Phase};
 
@@ -30,11 +30,18 @@ pub struct StreamArgs {
     #[arg(conflicts_with_all = [
         "pods", "selector", "all_namespaces", "namespace_selector", "ips", "ports",
         "filter", "duration", "max_packets", "format", "snaplen", "direction", "keep_copies",
+        "labels",
     ])]
     pub name: Option<String>,
 
     #[command(flatten)]
     pub target: TargetArgs,
+
+    /// Labels of the capture it creates, key=value[,key=value...] (a
+    /// controller started with --capture-selector runs only those its
+    /// selector matches)
+    #[arg(long, value_name = "LABELS", value_parser = kubectl_pcap::spec::parse_pairs)]
+    pub labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 pub async fn stream(cluster: &Cluster, args: StreamArgs) -> Result<ExitCode> {
@@ -47,12 +54,11 @@ pub async fn stream(cluster: &Cluster, args: StreamArgs) -> Result<ExitCode> {
                 .target
                 .to_spec(&cluster.namespace, Some(DEFAULT_DURATION))?;
             let name = format!("pcap-stream-{}", suffix());
-            api.create(
-                &PostParams::default(),
-                &PacketCaptureConfig::new(&name, spec),
-            )
-            .await
-            .map_err(|e| anyhow!(explain_crd(&e, &["create"])))?;
+            let mut pcc = PacketCaptureConfig::new(&name, spec);
+            pcc.metadata.labels = args.labels;
+            api.create(&PostParams::default(), &pcc)
+                .await
+                .map_err(|e| anyhow!(explain_crd(&e, &["create"])))?;
             eprintln!("created capture {name}; it is deleted when the stream ends");
             (name, true)
         }
@@ -102,7 +108,7 @@ async fn follow(cluster: &Cluster, name: &str, created: bool) -> Result<()> {
     }
     let body = api::open_packets(&cluster.client, name)
         .await
-        .map_err(|e| anyhow!(explain_access(&e, name, Access::Packets)))?;
+        .map_err(|e| anyhow!(explain_access(&e, name)))?;
     let mut stdout = tokio::io::stdout();
     match api::copy_chunks(body, &mut stdout, true).await {
         Ok(_) => Ok(()),

@@ -86,16 +86,8 @@ pub struct CaptureDir {
     compression: Compression,
 }
 
-/// Whether `name` may name a file of the capture directory: one path
-/// component, not hidden (temporary files are), printable.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 255
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
-}
+/// Whether `name` may name a file of the capture directory.
+pub use packet_capture_common::validate::plain_file_name as valid_name;
 
 /// The capture a file of the directory belongs to: the `<name>` of
 /// `<name>-<YYYYmmdd-HHMMSS>[-<n>].<ext>[.<compression>]`, as

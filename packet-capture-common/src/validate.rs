@@ -210,6 +210,19 @@ impl Default for CaptureLimits {
     }
 }
 
+/// Whether `name` is a plain file name as the agents write them: one path
+/// component (letters, digits, `.`, `-`, `_`), not hidden (temporary
+/// files are). Anything else could name a path outside a directory: the
+/// agents serve only such names, and `kubectl pcap` writes only such names.
+pub fn plain_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+}
+
 /// Parses one `targetIPs` entry: an address (a host route) or a CIDR whose
 /// host bits are zero, as tcpdump's `net` demands. Like the CRD's CEL rule
 /// (Kubernetes' `isIP`/`isCIDR`), it refuses IPv4-mapped IPv6 addresses and

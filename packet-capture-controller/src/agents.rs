@@ -24,7 +24,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::backoff::Backoff;
-use crate::config::LabelSelector;
+use crate::config::{LabelSelector, Settings};
 use crate::metrics::Metrics;
 use crate::slots::{CallSlots, Priority};
 use crate::targets::internal_ip;
@@ -152,6 +152,20 @@ pub struct PoolSettings {
 }
 
 impl PoolSettings {
+    /// What the flags say, with the agents' `port` and how they are
+    /// trusted.
+    pub fn new(settings: &Settings, port: u16, tls: AgentTls) -> Self {
+        Self {
+            namespace: settings.namespace.clone(),
+            selector: settings.agent_selector.clone(),
+            port,
+            token_file: settings.agent_token_file.clone(),
+            timeout: settings.agent_timeout(),
+            concurrency: settings.agent_concurrency.into(),
+            tls,
+        }
+    }
+
     /// Where agents are looked for, as "no agent" messages say it.
     pub fn no_agent(&self) -> String {
         format!(

@@ -3,7 +3,9 @@
 //! server (`kubectl pcap`, `kubectl get --raw`).
 //!
 //! The API server authenticates the user, checks that it may `get`
-//! `captures/files` or `captures/packets` of this group, and relays the
+//! `captures/proxy` of this group (`proxy`: a subresource the API server
+//! counts as long-running, so a stream or a large download is not cut at
+//! its request timeout of a minute), and relays the
 //! request here over TLS as a client of its front-proxy CA, naming the user
 //! in headers (`X-Remote-User`, `X-Remote-Group`, `X-Remote-Extra-*`, as its
 //! ConfigMap `kube-system/extension-apiserver-authentication` says). Only a
@@ -14,9 +16,9 @@
 //! it as a relay (`packet_capture_common::crd::RELAY_VERB`): the controller's account reads nothing
 //! by itself.
 //!
-//! - `GET captures/{name}/files`: every node's files of the capture;
-//! - `GET captures/{name}/files/{node}/{file}`: one file, as stored;
-//! - `GET captures/{name}/packets`: one live pcapng stream of what every
+//! - `GET captures/{name}/proxy/files`: every node's files of the capture;
+//! - `GET captures/{name}/proxy/files/{node}/{file}`: one file, as stored;
+//! - `GET captures/{name}/proxy/packets`: one live pcapng stream of what every
 //!   node records from now on, interfaces named `node/iface`, until the
 //!   capture ends everywhere. A reader slower than the capture loses
 //!   packets (counted in `epb_dropcount`), never slowing the capture.
@@ -62,6 +64,8 @@ use crate::webhook::{ClientCas, VerifiedClient};
 pub use crate::consts::{API_GROUP as GROUP, API_VERSION as VERSION};
 /// The resource of this API: the PacketCaptureConfigs, by name.
 pub const CAPTURES: &str = "captures";
+/// The subresource every path goes through (the relay to the agents).
+pub const RELAY: &str = "proxy";
 /// Where the API server publishes how it calls aggregated APIs.
 const AUTHENTICATION_CONFIG_MAP: (&str, &str) =
     ("kube-system", "extension-apiserver-authentication");
@@ -252,15 +256,7 @@ pub async fn agents(
         ));
         AgentTls::Verified(trust)
     };
-    let pool = PoolSettings {
-        namespace: settings.namespace.clone(),
-        selector: settings.agent_selector.clone(),
-        port,
-        token_file: settings.agent_token_file.clone(),
-        timeout: settings.agent_timeout(),
-        concurrency: settings.agent_concurrency.into(),
-        tls,
-    };
+    let pool = PoolSettings::new(settings, port, tls);
     Ok(Arc::new(AgentPool::new(pods, nodes, pool, metrics)))
 }
 
@@ -296,12 +292,18 @@ pub fn router(relay: Relay) -> Router {
         .route("/apis", get(groups))
         .route(&format!("/apis/{GROUP}"), get(group))
         .route(&base, get(resources))
-        .route(&format!("{base}/{CAPTURES}/{{name}}/files"), get(files))
         .route(
-            &format!("{base}/{CAPTURES}/{{name}}/files/{{node}}/{{file}}"),
+            &format!("{base}/{CAPTURES}/{{name}}/{RELAY}/files"),
+            get(files),
+        )
+        .route(
+            &format!("{base}/{CAPTURES}/{{name}}/{RELAY}/files/{{node}}/{{file}}"),
             get(download),
         )
-        .route(&format!("{base}/{CAPTURES}/{{name}}/packets"), get(packets))
+        .route(
+            &format!("{base}/{CAPTURES}/{{name}}/{RELAY}/packets"),
+            get(packets),
+        )
         .layer(axum::middleware::from_fn(front_proxy_only))
         .with_state(relay)
 }
@@ -397,10 +399,7 @@ async fn resources() -> Json<serde_json::Value> {
         "kind": "APIResourceList",
         "apiVersion": "v1",
         "groupVersion": format!("{GROUP}/{VERSION}"),
-        "resources": [
-            resource(format!("{CAPTURES}/files"), &["get"]),
-            resource(format!("{CAPTURES}/packets"), &["get"]),
-        ],
+        "resources": [resource(format!("{CAPTURES}/{RELAY}"), &["get"])],
     }))
 }
 

@@ -361,15 +361,7 @@ pub async fn run(settings: &Settings, client: Client, metrics: Arc<Metrics>) -> 
         AgentTls::Verified(trust)
     };
     let settings_for_ctx = ContextSettings {
-        pool: PoolSettings {
-            namespace: settings.namespace.clone(),
-            selector: settings.agent_selector.clone(),
-            port,
-            token_file: settings.agent_token_file.clone(),
-            timeout: settings.agent_timeout(),
-            concurrency: settings.agent_concurrency.into(),
-            tls,
-        },
+        pool: PoolSettings::new(settings, port, tls),
         namespace: settings.namespace.clone(),
         identity: settings.identity(),
         timing: Timing::default(),

@@ -21,6 +21,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iputils-ping", "traffic in tests"),
     ("tcpdump", "the oracle the capture tests compare against"),
     ("tshark", "reads every file the agent writes in tests"),
+    (
+        "wireshark-common",
+        "mergecap, which `kubectl pcap fetch`'s merged files are checked against",
+    ),
     ("bpftool", "inspecting loaded programs"),
     (
         "iperf3",

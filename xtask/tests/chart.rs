@@ -163,6 +163,13 @@ fn lint_is_clean_with_default_and_non_default_values() {
 /// kube-system (how it names users of the aggregated API).
 const AUTHENTICATION_READER: &str = "packet-capture-controller-authentication-reader";
 
+/// Whether `doc` belongs in the release's namespace: anything namespaced
+/// but [`AUTHENTICATION_READER`].
+fn in_release_namespace(doc: &Value) -> bool {
+    !cluster_scoped(doc["kind"].as_str().unwrap_or_default())
+        && doc["metadata"]["name"] != AUTHENTICATION_READER
+}
+
 fn cluster_scoped(kind: &str) -> bool {
     kind.starts_with("Cluster")
         || kind.ends_with("WebhookConfiguration")
@@ -180,7 +187,7 @@ fn default_values_render_the_documented_install() {
     );
     for doc in &docs {
         let kind = doc["kind"].as_str().unwrap();
-        if !cluster_scoped(kind) && doc["metadata"]["name"] != AUTHENTICATION_READER {
+        if in_release_namespace(doc) {
             assert_eq!(
                 doc["metadata"]["namespace"].as_str(),
                 Some(NAMESPACE),
@@ -644,15 +651,15 @@ fn every_namespaced_object_goes_to_the_release_namespace_or_the_one_named() {
                 let name = doc["metadata"]["name"].as_str().unwrap();
                 if cluster_scoped(kind) {
                     assert!(doc["metadata"]["namespace"].is_null(), "{kind} {name}");
-                } else if name == AUTHENTICATION_READER {
-                    // Where the API server keeps the ConfigMap it reads.
-                    assert_eq!(doc["metadata"]["namespace"], "kube-system");
-                } else {
+                } else if in_release_namespace(doc) {
                     assert_eq!(
                         doc["metadata"]["namespace"].as_str(),
                         Some(want),
                         "{kind} {name} with {all:?}"
                     );
+                } else {
+                    // Where the API server keeps the ConfigMap it reads.
+                    assert_eq!(doc["metadata"]["namespace"], "kube-system");
                 }
                 if kind == "Namespace" {
                     named.insert(name.to_owned());
@@ -695,7 +702,7 @@ fn the_manifests_make_their_namespace_first_and_install_into_it() {
         for doc in documents(text).unwrap() {
             let kind = doc["kind"].as_str().unwrap();
             assert!(kind != "Namespace", "{file}");
-            if !cluster_scoped(kind) {
+            if in_release_namespace(&doc) {
                 assert_eq!(
                     doc["metadata"]["namespace"].as_str(),
                     Some(NAMESPACE),
@@ -1154,11 +1161,7 @@ fn each_account_gets_exactly_the_access_it_uses() {
     // The roles for people: reading captures and every capture's files;
     // also changing captures; capturing pods' traffic, apart.
     // The same files and live packets through the API server.
-    const PCAP: (&str, &[&str], &[&str]) = (
-        "pcap.packet.io",
-        &["captures/files", "captures/packets"],
-        &["get"],
-    );
+    const PCAP: (&str, &[&str], &[&str]) = ("pcap.packet.io", &["captures/proxy"], &["get"]);
     let viewer: &[(&str, &[&str], &[&str])] = &[
         (PCC, &["packetcaptureconfigs"], &["get", "list", "watch"]),
         (PCC, &["packetcaptureconfigs/files"], &["get"]),

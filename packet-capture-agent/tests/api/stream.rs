@@ -5,7 +5,7 @@
 
 use packet_capture_proto::v1 as pb;
 use packet_capture_test_support::netns::run;
-use packet_capture_test_support::privileged;
+use packet_capture_test_support::{AgentProcess, privileged};
 use serde_json::json;
 
 use crate::common::{Node, RIGHT_IP, Rest, eventually, grpc, json_of, tshark};
@@ -24,21 +24,27 @@ fn packets_in(stream: &[u8]) -> usize {
     n
 }
 
+/// An agent without authentication on a new node, running an ICMP capture
+/// of the right side for a minute: `id` with `spec`'s fields besides.
+async fn icmp_capture(id: &str, spec: serde_json::Value) -> (Node, AgentProcess, Rest) {
+    let node = Node::new();
+    let agent = node.agent(&["--insecure-no-auth"], &[]);
+    let rest = Rest::new(&agent);
+    let mut body = json!({"id": id, "targetIPs": [RIGHT_IP], "duration": 60, "filter": "icmp"});
+    body.as_object_mut()
+        .unwrap()
+        .extend(spec.as_object().unwrap().clone());
+    let started = rest.post("/api/v1/captures", &body).await;
+    assert_eq!(started.status(), 201);
+    (node, agent, rest)
+}
+
 #[tokio::test]
 async fn running_captures_stream_their_packets_live() {
     if !privileged("running_captures_stream_their_packets_live") {
         return;
     }
-    let node = Node::new();
-    let agent = node.agent(&["--insecure-no-auth"], &[]);
-    let rest = Rest::new(&agent);
-    let started = rest
-        .post(
-            "/api/v1/captures",
-            &json!({"id": "live-1", "targetIPs": [RIGHT_IP], "duration": 60, "filter": "icmp", "outputFormat": "pcap"}),
-        )
-        .await;
-    assert_eq!(started.status(), 201);
+    let (node, agent, rest) = icmp_capture("live-1", json!({"outputFormat": "pcap"})).await;
 
     // REST: pcapng as packets come, whatever format the file has.
     let response = rest.get("/api/v1/captures/live-1/packets").await;
@@ -107,16 +113,7 @@ async fn a_slow_reader_loses_packets_from_its_stream_not_from_the_file() {
     if !privileged("a_slow_reader_loses_packets_from_its_stream_not_from_the_file") {
         return;
     }
-    let node = Node::new();
-    let agent = node.agent(&["--insecure-no-auth"], &[]);
-    let rest = Rest::new(&agent);
-    let started = rest
-        .post(
-            "/api/v1/captures",
-            &json!({"id": "slow-1", "targetIPs": [RIGHT_IP], "duration": 60, "maxPackets": 100000, "filter": "icmp"}),
-        )
-        .await;
-    assert_eq!(started.status(), 201);
+    let (node, agent, rest) = icmp_capture("slow-1", json!({"maxPackets": 100000})).await;
     let mut c = grpc(&agent).await;
     let mut batches = c
         .stream_packets(pb::StreamPacketsRequest {

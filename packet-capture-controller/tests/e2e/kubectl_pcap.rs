@@ -27,6 +27,10 @@ const SERVICE: &str = "packet-capture-webhook";
 /// for its world's controller.
 static API: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// How long the live capture runs: longer than the local API server's
+/// request timeout (20 s), which a stream must outlast.
+const LIVE_SECONDS: u32 = 30;
+
 fn kubectl_pcap() -> PathBuf {
     workspace_binary(
         "kubectl-pcap",
@@ -197,29 +201,55 @@ fn packets_of(stream: &[u8]) -> Vec<(u64, String)> {
     packets
 }
 
-#[tokio::test]
-async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
+/// A world of two nodes whose controller serves the aggregated API, which
+/// is registered for it while the guards live.
+async fn with_the_api(
+    test: &str,
+) -> Option<(World, tokio::sync::MutexGuard<'static, ()>, Deletes)> {
     let setup = Setup {
         nodes: 2,
         webhook: Certs::Dir,
     };
-    let Some(w) = World::start(
-        "kubectl_pcap_fetches_and_streams_through_the_api_server",
-        setup,
-    )
-    .await
+    let w = World::start(test, setup).await?;
+    let one = API.lock().await;
+    let api = register_api(&w).await;
+    Some((w, one, api))
+}
+
+/// What a child writes to `stdout`, each read with the time it came, from
+/// a thread of its own; and that thread.
+fn chunks_of(
+    mut stdout: std::process::ChildStdout,
+) -> (
+    std::sync::mpsc::Receiver<(Vec<u8>, SystemTime)>,
+    std::thread::JoinHandle<()>,
+) {
+    let (sender, received) = std::sync::mpsc::channel();
+    let reading = std::thread::spawn(move || {
+        let mut buf = [0u8; 65536];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || sender.send((buf[..n].to_vec(), SystemTime::now())).is_err() {
+                break;
+            }
+        }
+    });
+    (received, reading)
+}
+
+#[tokio::test]
+async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
+    let Some((w, _one, _api)) =
+        with_the_api("kubectl_pcap_fetches_and_streams_through_the_api_server").await
     else {
         return;
     };
-    let _one = API.lock().await;
-    let _api = register_api(&w).await;
     let reader = kubeconfig_of(&w, READER).await;
 
     // Straight to the controller, not through the API server: no front
     // proxy's client certificate, so headers naming a user count for
     // nothing.
     let direct = format!(
-        "https://{}:{}/apis/pcap.packet.io/v1/captures/any/files",
+        "https://{}:{}/apis/pcap.packet.io/v1/captures/any/proxy/files",
         w.cluster.host_ip(),
         w.webhook.as_ref().unwrap().port
     );
@@ -242,7 +272,7 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
 
     // Live: a stream opened before the traffic shows it while the capture
     // runs, each packet within a second of its capture.
-    let live = w.create(icmp_capture(&w, 30)).await;
+    let live = w.create(icmp_capture(&w, LIVE_SECONDS)).await;
     let name = live.metadata.name.clone().unwrap();
     w.until_running_on(&name, live.metadata.generation.unwrap(), 2)
         .await;
@@ -254,19 +284,10 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("kubectl pcap stream");
-    let mut stdout = stream.stdout.take().unwrap();
-    let (sender, received) = std::sync::mpsc::channel::<(Vec<u8>, SystemTime)>();
-    let reading = std::thread::spawn(move || {
-        let mut buf = [0u8; 65536];
-        while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0 || sender.send((buf[..n].to_vec(), SystemTime::now())).is_err() {
-                break;
-            }
-        }
-    });
+    let (received, reading) = chunks_of(stream.stdout.take().unwrap());
     // The section header comes first, as soon as the stream is open.
     let mut bytes = Vec::new();
-    let (first, _) = received
+    let (first, opened) = received
         .recv_timeout(Duration::from_secs(30))
         .expect("the stream's header within 30 s");
     bytes.extend(first);
@@ -310,9 +331,36 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
             "interface {interface:?} is not named node/iface"
         );
     }
-    let _ = stream.kill();
-    let _ = stream.wait();
-    drop(received);
+    // The stream outlasts the API server's request timeout (20 s on the
+    // local control plane, a minute by default): it goes on until the
+    // capture ends, 30 s after it started, then ends cleanly.
+    let pinging = w.pinging(0, 1);
+    let mut last = opened;
+    loop {
+        match received.recv_timeout(Duration::from_secs(40)) {
+            Ok((chunk, at)) => {
+                bytes.extend(chunk);
+                last = at;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = stream.kill();
+                panic!("the stream did not end within 40 s of its last packet");
+            }
+        }
+    }
+    drop(pinging);
+    let ended = stream.wait_with_output().expect("the stream's end");
+    assert!(
+        ended.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ended.stderr)
+    );
+    let lasted = last.duration_since(opened).unwrap_or_default();
+    assert!(
+        lasted >= Duration::from_secs(22),
+        "the stream ended {lasted:?} after it opened, before its capture"
+    );
     let _ = reading.join();
 
     // Fetch: every node's file of a completed capture, merged, equals what
@@ -358,6 +406,58 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
         );
     }
 
+    // A stream of its own: `stream --pod` makes a capture for the stream
+    // alone, and Ctrl-C ends the stream and deletes that capture.
+    let pod = format!("{}/{}", w.namespace.name(), w.pods[1].name());
+    let label = format!("{WORLD_LABEL}={}", w.id);
+    let mut own = Command::new(kubectl_pcap())
+        .arg("--kubeconfig")
+        .arg(w.cluster.kubeconfig())
+        .args([
+            "stream", "--pod", &pod, "--filter", "icmp", "--labels", &label,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl pcap stream --pod");
+    let (received, reading) = chunks_of(own.stdout.take().unwrap());
+    let mut bytes = received
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the stream's header within 60 s")
+        .0;
+    w.ping(0, 1, 3).await;
+    while packets_of(&bytes).len() < 6 {
+        let (chunk, _) = received
+            .recv_timeout(Duration::from_secs(20))
+            .expect("3 pings and their replies within 20 s");
+        bytes.extend(chunk);
+    }
+    let interrupted = Command::new("kill")
+        .args(["-INT", &own.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let out = own.wait_with_output().expect("kubectl pcap stream's end");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "Ctrl-C ends it cleanly: {stderr}");
+    drop(received);
+    let _ = reading.join();
+    let created = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("created capture "))
+        .and_then(|l| l.split(';').next())
+        .unwrap_or_else(|| panic!("no capture named as created: {stderr}"))
+        .to_owned();
+    assert!(
+        stderr.contains(&format!("deleted capture {created}")),
+        "{stderr}"
+    );
+    let gone = await_condition(w.api(), &created, |c: Option<&_>| c.is_none());
+    tokio::time::timeout(Duration::from_secs(30), gone)
+        .await
+        .expect("the stream's own capture gone within 30 s")
+        .expect("watching the stream's own capture");
+
     // Refused: without the API group's permission the API server says so;
     // with it but without the capture's files, the controller names the
     // missing permission.
@@ -367,7 +467,7 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
         "metadata": {"name": limited},
         "rules": [
             {"apiGroups": ["networking.packet.io"], "resources": ["packetcaptureconfigs"], "verbs": ["get", "list"]},
-            {"apiGroups": ["pcap.packet.io"], "resources": ["captures/files", "captures/packets"], "verbs": ["get"]},
+            {"apiGroups": ["pcap.packet.io"], "resources": ["captures/proxy"], "verbs": ["get"]},
         ],
     });
     let (ok, out) = kubectl_apply(&w, &role).await;
@@ -431,7 +531,7 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
         &kubeconfig_of(&w, &nobody).await,
         &["fetch", &name, "-o", out.to_str().unwrap()],
     );
-    assert!(!ok && err.contains("captures/files"), "{err}");
+    assert!(!ok && err.contains("captures/proxy"), "{err}");
     let (ok, _, err) = pcap(
         &kubeconfig_of(&w, &limited).await,
         &["fetch", &name, "-o", out.to_str().unwrap()],
@@ -450,20 +550,11 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
 /// out nothing but connections to the API server.
 #[tokio::test]
 async fn the_readmes_walkthrough_runs_with_nothing_but_the_api_server() {
-    let setup = Setup {
-        nodes: 2,
-        webhook: Certs::Dir,
-    };
-    let Some(w) = World::start(
-        "the_readmes_walkthrough_runs_with_nothing_but_the_api_server",
-        setup,
-    )
-    .await
+    let Some((w, _one, _api)) =
+        with_the_api("the_readmes_walkthrough_runs_with_nothing_but_the_api_server").await
     else {
         return;
     };
-    let _one = API.lock().await;
-    let _api = register_api(&w).await;
 
     let user = format!("e2e-pcap-user-{}", w.id);
     let pods_namespace = w.namespace.name().to_owned();

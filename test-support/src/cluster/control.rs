@@ -127,7 +127,10 @@ impl Starter {
                 "--service-cluster-ip-range={}",
                 super::network::SERVICE_CIDR_V4
             ))
-            .args(["--allow-privileged=true", "--profiling=false", "--v=1"]);
+            .args(["--allow-privileged=true", "--profiling=false", "--v=1"])
+            // Shorter than the default minute, so that a test shows a
+            // stream through an aggregated API outlasting it quickly.
+            .arg("--request-timeout=20s");
         self.start("kube-apiserver", cmd)
     }
 
