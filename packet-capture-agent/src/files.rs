@@ -259,7 +259,13 @@ impl CaptureDir {
             if !valid_name(&name) {
                 continue;
             }
-            let meta = entry.metadata()?;
+            let meta = match entry.metadata() {
+                Ok(meta) => meta,
+                // Gone since the directory was read: compressed (the
+                // original removed once its .gz is complete) or pruned.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
             if !meta.is_file() {
                 continue;
             }
