@@ -28,7 +28,7 @@ use futures::Stream;
 use http::header;
 use tokio::io::AsyncReadExt as _;
 
-use crate::capture::{CaptureStatus, Engine, LiveStream, SetTargetsError, Tapped};
+use crate::capture::{CaptureStatus, Engine, LiveStream, Reader, SetTargetsError, Tapped};
 use crate::files::{self, FileEntry};
 use auth::{Access, Permission};
 pub use auth::{Authorizer, Caller};
@@ -264,10 +264,7 @@ impl Api {
     /// A live stream's packets in batches of what has gathered (waiting
     /// only when nothing has), until the capture ends. Losses are counted
     /// in the metrics as well as in the batch that follows them.
-    pub fn batches(
-        &self,
-        packets: tokio::sync::broadcast::Receiver<Arc<Tapped>>,
-    ) -> impl Stream<Item = Batch> + Send + 'static {
+    pub fn batches(&self, packets: Reader) -> impl Stream<Item = Batch> + Send + 'static {
         use tokio::sync::broadcast::error::{RecvError, TryRecvError};
         let metrics = self.metrics.clone();
         futures::stream::unfold(Some(packets), move |packets| {

@@ -29,7 +29,7 @@ use ipnet::IpNet;
 use packet_capture_common::abi::DEFAULT_RING_BYTES;
 use packet_capture_common::crd::{CaptureState, OutputFormat, STDOUT_OUTPUT_FILE, TargetDirection};
 use packet_capture_common::validate::CaptureLimits;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::ebpf::TcAttach;
 use crate::files::{CaptureDir, Maintenance};
@@ -40,8 +40,8 @@ use backend::{Backend, BackendError, Ended, Running, Selection};
 use copies::Copies;
 use links::LinksError;
 use pods::PodInterfaces;
-pub use sink::Tapped;
-use sink::{Counters, Destination, EndReason, Sink, TAP_PACKETS};
+use sink::{Counters, Destination, EndReason, Sink, Tap, TapHandle};
+pub use sink::{Reader, Tapped};
 
 pub use pcap::OpenError;
 pub use pods::TargetPod;
@@ -115,8 +115,8 @@ pub struct CaptureStatus {
 /// A reader's view of a running capture ([`Engine::stream`]).
 pub struct LiveStream {
     /// Ends when the capture does; a reader that falls behind by
-    /// [`TAP_PACKETS`] is told how many it lost.
-    pub packets: broadcast::Receiver<Arc<Tapped>>,
+    /// [`sink::TAP_PACKETS`] is told how many it lost.
+    pub packets: Reader,
     pub origin: Origin,
     pub snaplen: u32,
 }
@@ -215,9 +215,9 @@ struct Capture {
     /// Where the file will be once complete; None for stdout.
     output_file: Option<PathBuf>,
     counters: Arc<Counters>,
-    /// Live readers subscribe here while the sink, which holds the only
-    /// strong sender, lives: its end ends their streams.
-    tap: broadcast::WeakSender<Arc<Tapped>>,
+    /// Live readers subscribe here while the sink, which holds the tap,
+    /// lives: its end ends their streams.
+    tap: TapHandle,
     /// What its pcapng file says of where it comes from; live streams say
     /// the same.
     origin: Origin,
@@ -477,8 +477,7 @@ impl Engine {
             comment: describe_capture(&req.name, &self.inner.config.node_name, spec),
             owners: Some(Arc::new(PodInterfaces(live_spec.clone()))),
         };
-        let (tap, _) = broadcast::channel(TAP_PACKETS);
-        let weak_tap = tap.downgrade();
+        let (tap, tap_handle) = Tap::new();
         let sink = Sink::new(
             req.id.clone(),
             self.inner.bytes_written.clone(),
@@ -503,7 +502,7 @@ impl Engine {
             start_time,
             output_file,
             counters,
-            tap: weak_tap,
+            tap: tap_handle,
             origin,
             snaplen: spec.snaplen,
             filter_path: running
@@ -620,14 +619,16 @@ impl Engine {
     pub fn stream(&self, id: &str) -> Option<Result<LiveStream, CaptureState>> {
         let capture = self.capture(id)?;
         let state = lock(&capture.life).state;
-        Some(match capture.tap.upgrade().filter(|_| !state.is_final()) {
-            Some(tap) => Ok(LiveStream {
-                packets: tap.subscribe(),
-                origin: capture.origin.clone(),
-                snaplen: capture.snaplen,
-            }),
-            None => Err(state),
-        })
+        Some(
+            match capture.tap.subscribe().filter(|_| !state.is_final()) {
+                Some(packets) => Ok(LiveStream {
+                    packets,
+                    origin: capture.origin.clone(),
+                    snaplen: capture.snaplen,
+                }),
+                None => Err(state),
+            },
+        )
     }
 
     /// The capture's status now and whenever it changes.

@@ -5,7 +5,7 @@
 
 use std::io::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::broadcast;
 
@@ -71,6 +71,69 @@ pub struct Tapped {
 /// snaplen-long packets.
 pub const TAP_PACKETS: usize = 1024;
 
+/// The sink's end of its live readers' channel: sending never waits, a
+/// slow reader loses. Whether anyone reads is an atomic the sink reads for
+/// every packet, rather than the channel's count, which takes its lock.
+pub struct Tap {
+    sender: broadcast::Sender<Arc<Tapped>>,
+    readers: Arc<AtomicUsize>,
+}
+
+/// Subscribes readers to a capture's [`Tap`] while its sink lives.
+#[derive(Clone)]
+pub struct TapHandle {
+    sender: broadcast::WeakSender<Arc<Tapped>>,
+    readers: Arc<AtomicUsize>,
+}
+
+impl Tap {
+    pub fn new() -> (Self, TapHandle) {
+        let (sender, _) = broadcast::channel(TAP_PACKETS);
+        let readers = Arc::new(AtomicUsize::new(0));
+        let handle = TapHandle {
+            sender: sender.downgrade(),
+            readers: readers.clone(),
+        };
+        (Self { sender, readers }, handle)
+    }
+}
+
+impl TapHandle {
+    /// A reader of the packets recorded from now on; `None` once the sink
+    /// has ended.
+    pub fn subscribe(&self) -> Option<Reader> {
+        let packets = self.sender.upgrade()?.subscribe();
+        self.readers.fetch_add(1, Ordering::Relaxed);
+        Some(Reader {
+            packets,
+            readers: self.readers.clone(),
+        })
+    }
+}
+
+/// One live reader, counted while it lives; its packets end when the
+/// capture does.
+pub struct Reader {
+    packets: broadcast::Receiver<Arc<Tapped>>,
+    readers: Arc<AtomicUsize>,
+}
+
+impl Reader {
+    pub async fn recv(&mut self) -> Result<Arc<Tapped>, broadcast::error::RecvError> {
+        self.packets.recv().await
+    }
+
+    pub fn try_recv(&mut self) -> Result<Arc<Tapped>, broadcast::error::TryRecvError> {
+        self.packets.try_recv()
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.readers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pub enum Destination {
     File(Output),
     /// `PACKET:` lines on the agent's standard output.
@@ -98,8 +161,8 @@ pub struct Sink {
     encoder: Encoder,
     destination: Destination,
     counters: Arc<Counters>,
-    /// Live readers' channel: sending never waits, a slow reader loses.
-    tap: broadcast::Sender<Arc<Tapped>>,
+    /// Live readers ([`Tap`]).
+    tap: Tap,
     packets: u64,
     /// Packets gathered in the output buffer, not yet in the file.
     buffered: u64,
@@ -120,7 +183,7 @@ impl Sink {
         mut encoder: Encoder,
         mut destination: Destination,
         counters: Arc<Counters>,
-        tap: broadcast::Sender<Arc<Tapped>>,
+        tap: Tap,
     ) -> Self {
         if let Destination::File(output) = &mut destination {
             // A new, empty file always has room for its header.
@@ -199,9 +262,9 @@ impl Sink {
         }
         self.packets += 1;
         self.counters.packets.store(self.packets, Ordering::Relaxed);
-        if self.tap.receiver_count() > 0 {
+        if self.tap.readers.load(Ordering::Relaxed) > 0 {
             // Fails only when the last reader left in between.
-            let _ = self.tap.send(Arc::new(Tapped {
+            let _ = self.tap.sender.send(Arc::new(Tapped {
                 meta: *meta,
                 interface: names.name(meta.ifindex).into(),
                 data: kept.into(),
