@@ -185,6 +185,10 @@ impl Attachment {
 /// detaches every program (TCX links close with their file descriptors).
 pub struct Kernel {
     ebpf: Ebpf,
+    /// The interfaces captures are taken on, and their kind. The programs
+    /// are attached to them only while a capture runs: an idle agent costs
+    /// the packets nothing.
+    links: HashMap<String, LinkKind>,
     attached: HashMap<String, Attachment>,
     settings: Array<MapData, Settings>,
     ipv4: LpmTrie<MapData, [u8; 4], u64>,
@@ -298,6 +302,7 @@ impl Kernel {
             filtered: take(&mut ebpf, "FILTERED")?,
             _logs: KernelLogs::start(&mut ebpf)?,
             ebpf,
+            links: HashMap::new(),
             attached: HashMap::new(),
             slots: HashMap::new(),
             prefixes: HashMap::new(),
@@ -363,18 +368,56 @@ impl Kernel {
         self.write_settings()
     }
 
+    /// Takes `iface` as one to capture on: attached at once while a capture
+    /// runs, otherwise when the next one starts. Netlink filters an earlier
+    /// agent left on it go now, whatever the attach mode (see
+    /// [`remove_stale_filters`]).
+    pub fn link_up(&mut self, iface: &str, kind: LinkKind) -> Result<(), Error> {
+        self.links.insert(iface.to_owned(), kind);
+        remove_stale_filters(iface);
+        if self.slots.is_empty() {
+            return Ok(());
+        }
+        self.attach(iface, kind)
+    }
+
+    /// Forgets an interface that no longer exists.
+    pub fn link_gone(&mut self, iface: &str) {
+        self.links.remove(iface);
+        self.forget(iface);
+    }
+
+    /// The interfaces captures are taken on.
+    pub fn links(&self) -> impl Iterator<Item = &str> {
+        self.links.keys().map(String::as_str)
+    }
+
+    /// Attaches to every interface captures are taken on; one that refuses
+    /// is left out, and says why.
+    fn attach_links(&mut self) {
+        let links: Vec<(String, LinkKind)> = self
+            .links
+            .iter()
+            .map(|(name, kind)| (name.clone(), *kind))
+            .collect();
+        for (iface, kind) in links {
+            if let Err(e) = self.attach(&iface, kind) {
+                tracing::warn!(iface, error = %e, "cannot capture on this interface");
+            }
+        }
+        let mut attached: Vec<&str> = self.attached.keys().map(String::as_str).collect();
+        attached.sort_unstable();
+        tracing::info!(interfaces = ?attached, "eBPF programs attached");
+    }
+
     /// Attaches the program pair for `kind` to `iface`. Ingress goes first
     /// in the chain and egress last, where tcpdump's taps are, so both see
     /// what tcpdump sees; the programs never change a packet's fate.
-    ///
-    /// Netlink filters an earlier agent left on `iface` go first, whatever
-    /// the attach mode now (see [`remove_stale_filters`]).
     pub fn attach(&mut self, iface: &str, kind: LinkKind) -> Result<(), Error> {
         if self.attached.get(iface).is_some_and(|a| a.kind == kind) {
             return Ok(());
         }
         self.detach(iface);
-        remove_stale_filters(iface);
         let (ingress_name, egress_name) = kind.programs();
         let tcx = self.tcx;
         if !tcx {
@@ -452,7 +495,7 @@ impl Kernel {
     }
 
     /// Forgets the attachments of an interface that no longer exists.
-    pub fn forget(&mut self, iface: &str) {
+    fn forget(&mut self, iface: &str) {
         if let Some(a) = self.attached.remove(iface) {
             for (name, link) in a.links() {
                 if let Ok(program) = classifier(&mut self.ebpf, name) {
@@ -491,26 +534,32 @@ impl Kernel {
         }
     }
 
-    pub fn attached(&self) -> impl Iterator<Item = &str> {
-        self.attached.keys().map(String::as_str)
-    }
-
     /// Makes `slot` select `targets`. The address and port maps are filled
     /// before the slot turns active, so it never sees a half-written set.
+    ///
+    /// The first slot to turn active attaches the programs, which are in
+    /// place before it selects anything: its first packets are not missed.
     pub fn set_slot(&mut self, slot: usize, targets: SlotTargets) -> Result<(), Error> {
         assert!(slot < MAX_SLOTS, "slot {slot} out of range");
+        if self.slots.is_empty() {
+            self.attach_links();
+        }
         self.slots.insert(slot, targets);
         self.sync_maps()?;
         self.write_settings()
     }
 
     /// Stops `slot` from selecting anything: inactive first, then the maps
-    /// and its filters.
+    /// and its filters. The last slot to go detaches the programs.
     pub fn clear_slot(&mut self, slot: usize) -> Result<(), Error> {
         if self.slots.remove(&slot).is_none() {
             return self.clear_filter(slot);
         }
         self.write_settings()?;
+        if self.slots.is_empty() {
+            self.detach_all();
+            tracing::info!("eBPF programs detached: no capture runs");
+        }
         self.sync_maps()?;
         // Again, now that the maps say which lookups the slots left need.
         self.write_settings()?;

@@ -1,7 +1,8 @@
 //! The agent with netlink tc filters (as on kernels before TCX, chosen here
-//! with `--tc-attach netlink`): filters a killed agent left are replaced,
-//! not doubled, when the next one starts; a capture then records each
-//! packet once; and SIGTERM leaves no filter behind.
+//! with `--tc-attach netlink`): an idle agent attaches nothing; filters a
+//! killed agent left are removed when the next one starts, so a capture
+//! then records each packet once; the last capture's end and SIGTERM leave
+//! no filter behind.
 
 use std::path::Path;
 
@@ -83,8 +84,8 @@ fn icmp_types(file: &Path) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn filters_a_killed_agent_left_are_replaced_and_sigterm_removes_them() {
-    if !privileged("filters_a_killed_agent_left_are_replaced_and_sigterm_removes_them") {
+async fn filters_a_killed_agent_left_are_removed_and_none_outlive_the_captures() {
+    if !privileged("filters_a_killed_agent_left_are_removed_and_none_outlive_the_captures") {
         return;
     }
     let node = Netns::new("tnn");
@@ -113,23 +114,22 @@ async fn filters_a_killed_agent_left_are_replaced_and_sigterm_removes_them() {
     };
     let expected = [vec!["tc_ingress"], vec!["tc_egress"], vec!["tc_ingress"]];
 
+    let none = || [vec![], vec![], vec![]];
+
     let mut first = AgentProcess::spawn(&node, AGENT, &args, &[]);
-    let attached = ours();
-    assert_eq!(attached.each_ref().map(|f| names(f)), expected);
+    assert_eq!(ours(), none(), "an idle agent attaches nothing");
     // A capture runs when the agent dies: its slot stays active in the
     // programs it leaves behind.
     Rest::new(&first).start("before-kill").await;
+    let attached = ours();
+    assert_eq!(attached.each_ref().map(|f| names(f)), expected);
     first.signal_and_wait(libc::SIGKILL);
     let left = ours();
     assert_eq!(left, attached, "the filters outlive a killed agent");
 
+    // The next agent removes them as it finds the interfaces, capture or not.
     let mut second = AgentProcess::spawn(&node, AGENT, &args, &[]);
-    let now = ours();
-    assert_eq!(now.each_ref().map(|f| names(f)), expected, "one copy each");
-    for (before, after) in left.iter().zip(&now) {
-        assert_ne!(before[0].1, after[0].1, "the old program was replaced");
-    }
-
+    assert_eq!(ours(), none(), "the killed agent's filters are gone");
     let log = second.log();
     for (iface, hook) in [
         (veth.a.as_str(), "ingress"),
@@ -143,9 +143,14 @@ async fn filters_a_killed_agent_left_are_replaced_and_sigterm_removes_them() {
             "no removal logged for {iface} {hook}:\n{log}"
         );
     }
-    // Each packet once: five echo requests out, five replies in.
     let rest = Rest::new(&second);
     rest.start("after-restart").await;
+    let now = ours();
+    assert_eq!(now.each_ref().map(|f| names(f)), expected, "one copy each");
+    for (before, after) in left.iter().zip(&now) {
+        assert_ne!(before[0].1, after[0].1, "a program of the new agent");
+    }
+    // Each packet once: five echo requests out, five replies in.
     run(node
         .command("ping")
         .args(["-c", "5", "-i", "0.1", "-W", "2", "10.96.0.2"]));
@@ -159,8 +164,12 @@ async fn filters_a_killed_agent_left_are_replaced_and_sigterm_removes_them() {
         types,
         ["0"; 5].into_iter().chain(["8"; 5]).collect::<Vec<_>>()
     );
+    assert_eq!(ours(), none(), "the last capture's end detaches");
 
+    // SIGTERM while a capture runs detaches too.
+    rest.start("at-exit").await;
+    assert_eq!(ours().each_ref().map(|f| names(f)), expected);
     let exit = second.signal_and_wait(libc::SIGTERM);
     assert_eq!(exit.code(), Some(0), "{}", second.log());
-    assert_eq!(ours(), [vec![], vec![], vec![]], "SIGTERM leaves no filter");
+    assert_eq!(ours(), none(), "SIGTERM leaves no filter");
 }

@@ -140,7 +140,7 @@ impl Collector for EngineCollector {
         single(
             &mut encoder,
             "interfaces",
-            "Interfaces being captured on",
+            "Interfaces captures are taken on",
             ConstGauge::new(stats.interfaces as i64),
         )?;
         single(

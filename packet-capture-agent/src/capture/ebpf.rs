@@ -152,15 +152,15 @@ impl Backend for EbpfBackend {
     }
 
     fn interfaces(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.shared.kernel().attached().map(str::to_owned).collect();
+        let mut names: Vec<String> = self.shared.kernel().links().map(str::to_owned).collect();
         names.sort();
         names
     }
 
     fn link_up(&self, link: &Link) {
         let kind = LinkKind::from_arphrd(link.arphrd);
-        match self.shared.kernel().attach(&link.name, kind) {
-            Ok(()) => tracing::info!(iface = link.name, "attached"),
+        match self.shared.kernel().link_up(&link.name, kind) {
+            Ok(()) => tracing::info!(iface = link.name, "interface found"),
             Err(e) => {
                 tracing::warn!(iface = link.name, error = %e, "cannot capture on this interface")
             }
@@ -168,7 +168,7 @@ impl Backend for EbpfBackend {
     }
 
     fn link_gone(&self, name: &str, _index: u32) {
-        self.shared.kernel().forget(name);
+        self.shared.kernel().link_gone(name);
     }
 
     fn set_names(&self, names: HashMap<u32, String>) {

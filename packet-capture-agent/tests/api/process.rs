@@ -167,6 +167,47 @@ async fn sigterm_finishes_files_and_exits_within_10s() {
     }
 }
 
+/// An idle agent leaves every packet alone: the programs go on the
+/// interfaces when the first capture starts, before it selects anything
+/// (its first packet is in its file), and come off when the last one ends.
+#[tokio::test]
+async fn the_programs_are_attached_only_while_captures_run() {
+    if !privileged("the_programs_are_attached_only_while_captures_run") {
+        return;
+    }
+    let node = Node::new();
+    let agent = node.agent(&["--insecure-no-auth"], &[]);
+    let c = Rest::new(&agent);
+    let attached = || crate::common::tc::tc_programs(&node.veth.a);
+    let health = c.json("/health").await;
+    assert_eq!(health["backend"], "ebpf", "{}", agent.log());
+    let interfaces = health["interfaces"].as_array().unwrap();
+    assert!(interfaces.contains(&json!(node.veth.a)), "{health}");
+    assert_eq!(attached(), Vec::<String>::new(), "idle");
+
+    let start = async |id: &str| {
+        let body = json!({"id": id, "duration": 600, "filter": "icmp"});
+        assert_eq!(c.post("/api/v1/captures", &body).await.status(), 201);
+    };
+    let stop = async |id: &str| {
+        let r = c.delete(&format!("/api/v1/captures/{id}")).await;
+        assert!(r.status().is_success(), "{}", r.status());
+        c.ended(id).await
+    };
+    for (round, overlapping) in [("first", "first-overlap"), ("second", "second-overlap")] {
+        start(round).await;
+        assert_eq!(attached(), ["tc_ingress", "tc_egress"], "{round} running");
+        // At once: the first echo request is captured.
+        node.ping(3);
+        start(overlapping).await;
+        let done = stop(round).await;
+        assert_eq!(done["packets"], 6, "{round}: {done}");
+        assert_eq!(attached(), ["tc_ingress", "tc_egress"], "another runs");
+        stop(overlapping).await;
+        assert_eq!(attached(), Vec::<String>::new(), "after {round}");
+    }
+}
+
 #[test]
 fn sigint_stops_the_agent_cleanly() {
     if !privileged("sigint_stops_the_agent_cleanly") {
