@@ -52,7 +52,8 @@ pub struct Args {
 enum Kind {
     /// Nothing: the generator's own rate.
     NoCapture,
-    /// The agent, its programs attached, no capture.
+    /// The agent running with no capture (its programs loaded, attached
+    /// to nothing).
     AgentIdle,
     /// A capture of [`OTHER_IP`].
     TcpdumpOther,
