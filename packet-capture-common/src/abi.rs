@@ -106,8 +106,9 @@ pub struct Settings {
     pub kernel_filter: [u64; 2],
     /// Largest snaplen among the active slots: what the kernel copies.
     pub snaplen: u32,
-    /// Wake the reader only once this many bytes wait in the ring (it also
-    /// polls on a short timer), so a busy ring costs one wake-up per batch.
+    /// Wake the reader only when this many bytes come to wait in the ring
+    /// (it also polls on a short timer), so a busy ring costs one wake-up
+    /// per batch.
     pub wakeup_bytes: u32,
     /// The agent API's IPv6 address (with `api_family` [`API_V6`]).
     pub api_v6: [u8; 16],

@@ -475,6 +475,7 @@ fn emit(
 /// into it, and submits it (or counts it lost when the ring is full).
 #[inline(always)]
 fn emit_in<const N: usize>(ctx: &TcContext, r: &Record) {
+    let waiting_before = RECORDS.query(BPF_RB_AVAIL_DATA as u64);
     let Some(mut entry) = RECORDS.reserve_bytes(N, 0) else {
         count(counter::RING_LOST);
         count_lost(r.mask);
@@ -549,17 +550,25 @@ fn emit_in<const N: usize>(ctx: &TcContext, r: &Record) {
             }
         }
     };
-    if !copied {
-        entry.discard(BPF_RB_NO_WAKEUP as u64);
-        return;
-    }
-    // Batch wake-ups: the reader also polls on a short timer.
-    let flags = if RECORDS.query(BPF_RB_AVAIL_DATA as u64) >= u64::from(r.wakeup_bytes) {
+    // Batched wake-ups: only the reservation that takes the bytes waiting
+    // past the batch size wakes the reader (the reader also polls on a short
+    // timer). Waking on every record past it would raise an IRQ work
+    // interrupt per packet while the reader lags, which costs more than the
+    // copy. The reader sleeps only on an empty ring, and the bytes waiting
+    // are read before and after this reservation, so of concurrent
+    // reservations on several CPUs exactly the one that crosses sees it.
+    let wakeup = u64::from(r.wakeup_bytes);
+    let waiting = RECORDS.query(BPF_RB_AVAIL_DATA as u64);
+    let flags = if waiting_before < wakeup && waiting >= wakeup {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
-    };
-    entry.submit(flags as u64);
+    } as u64;
+    if copied {
+        entry.submit(flags);
+    } else {
+        entry.discard(flags);
+    }
 }
 
 /// Bytes of the common frame, untagged IPv4 without options: the Ethernet
