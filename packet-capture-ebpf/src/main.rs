@@ -555,8 +555,9 @@ fn emit_in<const N: usize>(ctx: &TcContext, r: &Record) {
     // timer). Waking on every record past it would raise an IRQ work
     // interrupt per packet while the reader lags, which costs more than the
     // copy. The reader sleeps only on an empty ring, and the bytes waiting
-    // are read before and after this reservation, so of concurrent
-    // reservations on several CPUs exactly the one that crosses sees it.
+    // are read before and after this reservation, so among concurrent
+    // reservations on several CPUs the one that crosses always sees it (a
+    // neighbour may too: one spare wake-up, never a missed one).
     let wakeup = u64::from(r.wakeup_bytes);
     let waiting = RECORDS.query(BPF_RB_AVAIL_DATA as u64);
     let flags = if waiting_before < wakeup && waiting >= wakeup {
