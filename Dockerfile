@@ -17,7 +17,7 @@
 # `--build-arg BINARIES=prebuilt --build-context bin=target/images/bin`.
 # The builder stage is then not built.
 
-ARG RUST_VERSION=1.95
+ARG RUST_VERSION=1.98
 ARG DEBIAN_RELEASE=bookworm
 ARG BINARIES=builder
 

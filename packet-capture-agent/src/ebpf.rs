@@ -3,6 +3,7 @@
 //! forwarding what they log (aya-log) to `tracing`.
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::thread::JoinHandle;
@@ -16,7 +17,7 @@ use aya::{
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
         links::Link as _,
-        tc::{self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
+        tc::{self, NlOptions, SchedClassifierLink, SchedClassifierLinkId},
     },
     util::KernelVersion,
 };
@@ -251,10 +252,9 @@ impl Kernel {
     /// `ring_bytes` (a power of two, at least a page), and returns them with
     /// the ring buffer the reader takes.
     pub fn load(ring_bytes: u32) -> Result<(Self, RingBuf<MapData>), Error> {
-        // The programs read only the skb and its context, which need no
-        // CO-RE relocation against the kernel's BTF.
+        // The programs read only the skb and its context: no CO-RE
+        // relocation, so the loader never reads the kernel's BTF.
         let mut ebpf = EbpfLoader::new()
-            .btf(None)
             .map_max_entries("RECORDS", ring_bytes)
             .load(OBJECT)?;
         for name in PROGRAMS
@@ -278,9 +278,9 @@ impl Kernel {
             )
             .map_err(Error::ProgramArray)?;
         }
-        // `EbpfLoader::new` parsed the kernel's BTF (megabytes) and the
-        // loader has dropped it: hand the freed heap back to the system
-        // rather than keep it resident for the agent's lifetime.
+        // The loader has dropped its parse of the object and the verifier's
+        // logs: hand the freed heap back to the system rather than keep it
+        // resident for the agent's lifetime.
         // SAFETY: malloc_trim only releases free memory of glibc's heap.
         unsafe { libc::malloc_trim(0) };
         let ring = take(&mut ebpf, "RECORDS")?;
@@ -340,14 +340,15 @@ impl Kernel {
             // The per-CPU notes of the programs, zero meaning "nothing yet".
             let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Cpus(e))?;
             for index in 0..self.diag_state.len() {
-                let zeros = PerCpuValues::try_from(vec![0u64; cpus]).map_err(Error::Cpus)?;
+                let zeros =
+                    PerCpuValues::try_from(vec![0u64; cpus.get() as usize]).map_err(Error::Cpus)?;
                 self.diag_state
                     .set(index, zeros, 0)
                     .map_err(map_err("DIAG_STATE"))?;
             }
         }
         self.diagnostics
-            .set(0, u64::from(on), 0)
+            .set(0, &u64::from(on), 0)
             .map_err(map_err(".bss"))
     }
 
@@ -420,9 +421,13 @@ impl Kernel {
         self.detach(iface);
         let (ingress_name, egress_name) = kind.programs();
         let tcx = self.tcx;
+        let ifname = interface_cstr(iface).map_err(|source| Error::Program {
+            name: ingress_name,
+            source,
+        })?;
         if !tcx {
             // Before TCX the hooks need a clsact qdisc; an existing one is shared.
-            if let Err(e) = tc::qdisc_add_clsact(iface)
+            if let Err(e) = tc::qdisc_add_clsact(&ifname)
                 && !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
             {
                 return Err(Error::Program {
@@ -434,14 +439,20 @@ impl Kernel {
         let attach = |ebpf: &mut Ebpf, name: &'static str, hook, order| {
             let program = classifier(ebpf, name)?;
             let options = if tcx {
-                TcAttachOptions::TcxOrder(order)
+                tc::TcAttach::Tcx {
+                    attach_type: hook,
+                    order,
+                }
             } else {
-                TcAttachOptions::Netlink(NlOptions {
-                    handle: FILTER_HANDLE.into(),
-                    ..Default::default()
-                })
+                tc::TcAttach::Netlink {
+                    parent: hook.into(),
+                    options: NlOptions {
+                        handle: FILTER_HANDLE.into(),
+                        ..Default::default()
+                    },
+                }
             };
-            let result = program.attach_with_options(iface, hook, options);
+            let result = program.attach(&ifname, options);
             result.map_err(|source| Error::Program { name, source })
         };
         let ingress = attach(
@@ -682,7 +693,7 @@ impl Kernel {
             s.snaplen = s.snaplen.max(t.copy_len);
         }
         (s.v4_lookup, s.v6_lookup) = lookups(self.prefixes.keys());
-        self.settings.set(0, s, 0).map_err(map_err("SETTINGS"))
+        self.settings.set(0, &s, 0).map_err(map_err("SETTINGS"))
     }
 
     /// Brings the LPM tries, the hosts maps and the port array in line with
@@ -714,13 +725,13 @@ impl Kernel {
         for (&port, &mask) in &ports {
             if self.port_masks.get(&port) != Some(&mask) {
                 self.ports
-                    .set(u32::from(port), mask, 0)
+                    .set(u32::from(port), &mask, 0)
                     .map_err(map_err("PORTS"))?;
             }
         }
         for &port in self.port_masks.keys().filter(|p| !ports.contains_key(p)) {
             self.ports
-                .set(u32::from(port), 0, 0)
+                .set(u32::from(port), &0, 0)
                 .map_err(map_err("PORTS"))?;
         }
         self.port_masks = ports;
@@ -798,9 +809,9 @@ fn put_prefix<const N: usize>(
     let whole = usize::from(prefix_len) == N * 8;
     match mask {
         Some(mask) => {
-            trie.insert(&key, mask, 0)?;
+            trie.insert(&key, &mask, 0)?;
             if whole {
-                hosts.insert(addr, mask, 0)?;
+                hosts.insert(&addr, &mask, 0)?;
             }
         }
         None => {
@@ -981,7 +992,15 @@ fn interface_name(index: u32) -> Option<String> {
 /// hooks (one per node), so a filter of ours it has not attached itself is
 /// one of those. Failures are only logged: a filter left behind costs time
 /// and memory, not correctness.
+/// An interface's name as aya takes it (the kernel's names hold no NUL).
+fn interface_cstr(iface: &str) -> Result<CString, aya::programs::ProgramError> {
+    CString::new(iface).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e).into())
+}
+
 pub fn remove_stale_filters(iface: &str) {
+    let Ok(name) = interface_cstr(iface) else {
+        return;
+    };
     for (hook, parent, label) in [
         (TcAttachType::Ingress, CLSACT_INGRESS, "ingress"),
         (TcAttachType::Egress, CLSACT_EGRESS, "egress"),
@@ -1000,11 +1019,16 @@ pub fn remove_stale_filters(iface: &str) {
             .filter(|f| f.handle == FILTER_HANDLE && PROGRAMS.contains(&f.name.as_str()));
         for filter in ours {
             let handle = FILTER_HANDLE.into();
-            let removed =
-                match SchedClassifierLink::attached(iface, hook, filter.priority, handle, None) {
-                    Ok(link) => link.detach().map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
+            let removed = match SchedClassifierLink::attached(
+                &name,
+                hook.into(),
+                filter.priority,
+                handle,
+                None,
+            ) {
+                Ok(link) => link.detach().map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
             match removed {
                 Ok(()) => tracing::info!(
                     iface,

@@ -24,9 +24,14 @@
 //! of the many paths that reach it.
 #![no_std]
 #![no_main]
+// `#[classifier]` (aya-ebpf-macros 0.4) makes each program a safe public
+// `extern "C"` function of the kernel's `*mut __sk_buff`, which it wraps in
+// a `TcContext`: the lint fires on the generated code, not on ours.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    EbpfContext as _,
+    bindings::{__sk_buff, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{classifier, map},
     maps::{
@@ -90,8 +95,9 @@ mod diag {
 /// Lines of one kind (short frames, lost records) are logged at most
 /// once a second per CPU: a flood says so, not once a packet.
 const DIAG_INTERVAL_NS: u64 = 1_000_000_000;
-/// Hooks remembered as having said that they run.
-const HOOKS_SEEN_ENTRIES: u32 = 4096;
+/// Hooks remembered as having said that they run: an LRU map is
+/// preallocated, and one that forgot a hook only has it say so again.
+const HOOKS_SEEN_ENTRIES: u32 = 1024;
 
 #[map]
 static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
@@ -160,9 +166,12 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 
 /// Matched packets the ring buffer had no room for, by the mask of slots
 /// that wanted them (user space charges each slot its share). A map keyed
-/// by mask keeps the program free of a per-slot loop.
+/// by mask keeps the program free of a per-slot loop. Not preallocated:
+/// a few masks ever lose packets, and preallocation would hold every
+/// entry's value once per CPU (megabytes on a large node) from load on.
 #[map]
-static LOST_BY_MASK: PerCpuHashMap<u64, u64> = PerCpuHashMap::with_max_entries(LOST_MASKS, 0);
+static LOST_BY_MASK: PerCpuHashMap<u64, u64> =
+    PerCpuHashMap::with_max_entries(LOST_MASKS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 /// What sets one program apart from the others, known when it is compiled.
 trait Hook {
@@ -367,7 +376,7 @@ fn next_filter<H: Hook>(ctx: &TcContext, state: *mut FilterState) {
     if pending == 0 {
         return;
     }
-    let bit = pending & pending.wrapping_neg();
+    let bit = pending.isolate_lowest_one();
     s.pending = pending & !bit;
     let slot = bit_index(bit);
     s.current = slot;
@@ -402,10 +411,16 @@ fn bit_index(bit: u64) -> u32 {
     index
 }
 
+/// The `__sk_buff` the program runs on.
+#[inline(always)]
+fn skb_of(ctx: &TcContext) -> *mut __sk_buff {
+    ctx.as_ptr().cast()
+}
+
 #[inline(always)]
 fn vlan_offloaded(ctx: &TcContext) -> bool {
     // SAFETY: the TC context points at a valid __sk_buff.
-    unsafe { (*ctx.skb.skb).vlan_present != 0 }
+    unsafe { (*skb_of(ctx)).vlan_present != 0 }
 }
 
 /// What a record says besides the packet's bytes and the skb's fields.
@@ -481,7 +496,7 @@ fn emit_in<const N: usize>(ctx: &TcContext, r: &Record) {
         count_lost(r.mask);
         return;
     };
-    let skb = ctx.skb.skb;
+    let skb = skb_of(ctx);
     // SAFETY: the TC context points at a valid __sk_buff.
     let (ifindex, vlan_present, vlan_tci, vlan_proto, protocol) = unsafe {
         (
@@ -823,8 +838,8 @@ fn no_match(any_ip: u64) -> Selectors {
 fn ipv4_slots(settings: &Settings, addr: [u8; 4]) -> u64 {
     match settings.v4_lookup {
         // SAFETY: a copy of the value is taken at once.
-        LOOKUP_EXACT => unsafe { IPV4_HOSTS.get(addr) }.copied().unwrap_or(0),
-        LOOKUP_PREFIX => IPV4.get(Key::new(32, addr)).copied().unwrap_or(0),
+        LOOKUP_EXACT => unsafe { IPV4_HOSTS.get(&addr) }.copied().unwrap_or(0),
+        LOOKUP_PREFIX => IPV4.get(&Key::new(32, addr)).copied().unwrap_or(0),
         _ => 0,
     }
 }
@@ -833,8 +848,8 @@ fn ipv4_slots(settings: &Settings, addr: [u8; 4]) -> u64 {
 fn ipv6_slots(settings: &Settings, addr: [u8; 16]) -> u64 {
     match settings.v6_lookup {
         // SAFETY: a copy of the value is taken at once.
-        LOOKUP_EXACT => unsafe { IPV6_HOSTS.get(addr) }.copied().unwrap_or(0),
-        LOOKUP_PREFIX => IPV6.get(Key::new(128, addr)).copied().unwrap_or(0),
+        LOOKUP_EXACT => unsafe { IPV6_HOSTS.get(&addr) }.copied().unwrap_or(0),
+        LOOKUP_PREFIX => IPV6.get(&Key::new(128, addr)).copied().unwrap_or(0),
         _ => 0,
     }
 }
@@ -879,7 +894,8 @@ fn diagnose<H: Hook>(ctx: &TcContext) {
     // Looked up before inserting: an LRU insert takes a free element even
     // when the key is there, which would churn the map on every packet.
     // Only the CPU whose insert creates the entry says so.
-    if HOOKS_SEEN.get_ptr(hook).is_none() && HOOKS_SEEN.insert(hook, 1, BPF_NOEXIST as u64).is_ok()
+    if HOOKS_SEEN.get_ptr(&hook).is_none()
+        && HOOKS_SEEN.insert(&hook, &1, BPF_NOEXIST as u64).is_ok()
     {
         log_running::<H>(ctx);
     }
@@ -966,7 +982,7 @@ fn diagnostics() -> bool {
 #[inline(always)]
 fn ifindex(ctx: &TcContext) -> u32 {
     // SAFETY: the TC context points at a valid __sk_buff.
-    unsafe { (*ctx.skb.skb).ifindex }
+    unsafe { (*skb_of(ctx)).ifindex }
 }
 
 /// Notes, when diagnostics are on, that this frame ends before the
@@ -1002,14 +1018,14 @@ fn count(index: u32) {
 /// Records a lost packet under the mask of the slots that wanted it.
 #[inline(always)]
 fn count_lost(mask: u64) {
-    if let Some(c) = LOST_BY_MASK.get_ptr_mut(mask) {
+    if let Some(c) = LOST_BY_MASK.get_ptr_mut(&mask) {
         // SAFETY: a per-CPU value is only touched by programs on this CPU.
         unsafe { *c += 1 };
         return;
     }
     // A new mask: this CPU starts at one, the others at zero. When the
     // map is full the loss still shows in RING_LOST, unattributed.
-    if LOST_BY_MASK.insert(mask, 1, 0).is_err() {
+    if LOST_BY_MASK.insert(&mask, &1, 0).is_err() {
         count(counter::LOST_UNATTRIBUTED);
     }
 }

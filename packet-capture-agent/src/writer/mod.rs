@@ -310,18 +310,18 @@ fn pcap_record(out: &mut Vec<u8>, meta: &Meta, data: &[u8]) -> Result<(), Unenco
     let Ok(secs) = u32::try_from(meta.unix_ns / 1_000_000_000) else {
         return Err(Unencodable);
     };
-    let mut header = [0u8; 16];
-    for (field, word) in header.chunks_exact_mut(4).zip([
+    let mut header = [[0u8; 4]; 4];
+    for (field, word) in header.iter_mut().zip([
         secs,
         (meta.unix_ns % 1_000_000_000) as u32,
         data.len() as u32,
         // A record cannot hold more bytes than the packet had on the wire.
         meta.orig_len.max(data.len() as u32),
     ]) {
-        field.copy_from_slice(&word.to_le_bytes());
+        *field = word.to_le_bytes();
     }
-    out.reserve(header.len() + data.len());
-    out.extend_from_slice(&header);
+    out.reserve(size_of_val(&header) + data.len());
+    out.extend_from_slice(header.as_flattened());
     out.extend_from_slice(data);
     Ok(())
 }

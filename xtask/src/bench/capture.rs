@@ -30,6 +30,8 @@ pub struct Ended {
     /// RSS at the end of the run.
     pub rss: u64,
     pub map_memory: u64,
+    /// Of `peak_rss`, the maps' pages mapped into the process.
+    pub maps_in_rss: u64,
 }
 
 /// `tcpdump -i <iface> -w <file> -s <snaplen> -B <KiB> <expression>`.
@@ -90,6 +92,7 @@ impl Tcpdump {
         let peak_rss = procstat::peak_rss(pid)?;
         let rss = procstat::rss(pid)?;
         let map_memory = procstat::bpf_map_memory(pid)?;
+        let maps_in_rss = procstat::mapped_bpf_maps(pid)?;
         let file = self.dump.file().to_path_buf();
         let counts = self.dump.stop().map_err(anyhow::Error::msg)?;
         Ok(Ended {
@@ -100,6 +103,7 @@ impl Tcpdump {
             peak_rss,
             rss,
             map_memory,
+            maps_in_rss,
         })
     }
 }
@@ -246,6 +250,7 @@ impl Agent {
         let peak_rss = procstat::peak_rss(self.pid())?;
         let rss = procstat::rss(self.pid())?;
         let map_memory = procstat::bpf_map_memory(self.pid())?;
+        let maps_in_rss = procstat::mapped_bpf_maps(self.pid())?;
         let number = |k: &str| {
             status[k]
                 .as_u64()
@@ -259,6 +264,7 @@ impl Agent {
             peak_rss,
             rss,
             map_memory,
+            maps_in_rss,
         };
         self.stop()?;
         Ok(ended)

@@ -247,6 +247,10 @@ pub struct Measured {
     /// RSS at the end of the run.
     pub rss: u64,
     pub map_memory: u64,
+    /// Of `peak_rss`, the BPF maps' pages mapped into the process (counted
+    /// in `map_memory` too). Runs recorded before it was measured have 0.
+    #[serde(default)]
+    pub maps_in_rss: u64,
     pub file_bytes: u64,
     /// `tshark -r` read the file without complaint.
     pub valid: bool,
@@ -641,6 +645,7 @@ fn measure(end: &Ended, offered: u64, numbers: u64) -> anyhow::Result<Measured> 
         peak_rss: end.peak_rss,
         rss: end.rss,
         map_memory: end.map_memory,
+        maps_in_rss: end.maps_in_rss,
         file_bytes,
         valid,
         problem,

@@ -80,6 +80,36 @@ pub fn bpf_map_memory(pid: u32) -> anyhow::Result<u64> {
     Ok(maps.values().sum())
 }
 
+/// Resident bytes of the BPF maps a process has mapped (`anon_inode:bpf-map`
+/// in `/proc/<pid>/smaps`): pages its RSS counts that are the maps' own, so
+/// already in [`bpf_map_memory`]. A ring buffer's data pages are mapped
+/// twice (reads across the wrap-around are contiguous), so RSS counts them
+/// twice as well.
+pub fn mapped_bpf_maps(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/smaps");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let mut in_map = false;
+    let mut kib = 0;
+    for line in text.lines() {
+        // A mapping's header starts with its address range; its fields
+        // ("Rss:    12 kB") follow.
+        if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|w| w.contains('-'))
+        {
+            in_map = line.ends_with("anon_inode:bpf-map");
+        } else if in_map && let Some(rest) = line.strip_prefix("Rss:") {
+            kib += rest
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .with_context(|| format!("{path}: {line}"))?;
+        }
+    }
+    Ok(kib * 1024)
+}
+
 /// System-wide CPU time from the `cpu` line of `/proc/stat`, in seconds.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemCpu {
@@ -139,6 +169,7 @@ mod tests {
         let now = rss(me).unwrap();
         assert!(peak_rss(me).unwrap() >= now);
         assert_eq!(bpf_map_memory(me).unwrap(), 0);
+        assert_eq!(mapped_bpf_maps(me).unwrap(), 0);
         let a = SystemCpu::read().unwrap();
         assert!(a.busy > 0.0);
     }

@@ -5,9 +5,10 @@ use aya::programs::{SchedClassifier, TcAttachType};
 /// Names of the programs on the TCX hooks of `iface`, in the calling
 /// thread's namespace (bpftool 7.1 predates TCX and does not list them).
 pub fn tc_programs(iface: &str) -> Vec<String> {
+    let iface = std::ffi::CString::new(iface).expect("an interface name");
     let mut names = Vec::new();
     for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
-        let (_, programs) = SchedClassifier::query_tcx(iface, hook).expect("query TCX");
+        let (_, programs) = SchedClassifier::query_tcx(&iface, hook).expect("query TCX");
         names.extend(
             programs
                 .iter()
