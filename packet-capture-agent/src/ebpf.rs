@@ -982,6 +982,11 @@ fn interface_name(index: u32) -> Option<String> {
     Some(name.to_string_lossy().into_owned())
 }
 
+/// An interface's name as aya takes it (the kernel's names hold no NUL).
+fn interface_cstr(iface: &str) -> Result<CString, aya::programs::ProgramError> {
+    CString::new(iface).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e).into())
+}
+
 /// Removes the netlink tc filters of ours an earlier agent left on `iface`.
 ///
 /// TCX links close with the process that made them; netlink filters stay
@@ -992,13 +997,8 @@ fn interface_name(index: u32) -> Option<String> {
 /// hooks (one per node), so a filter of ours it has not attached itself is
 /// one of those. Failures are only logged: a filter left behind costs time
 /// and memory, not correctness.
-/// An interface's name as aya takes it (the kernel's names hold no NUL).
-fn interface_cstr(iface: &str) -> Result<CString, aya::programs::ProgramError> {
-    CString::new(iface).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e).into())
-}
-
 pub fn remove_stale_filters(iface: &str) {
-    let Ok(name) = interface_cstr(iface) else {
+    let Ok(ifname) = interface_cstr(iface) else {
         return;
     };
     for (hook, parent, label) in [
@@ -1020,7 +1020,7 @@ pub fn remove_stale_filters(iface: &str) {
         for filter in ours {
             let handle = FILTER_HANDLE.into();
             let removed = match SchedClassifierLink::attached(
-                &name,
+                &ifname,
                 hook.into(),
                 filter.priority,
                 handle,
