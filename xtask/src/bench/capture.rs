@@ -26,12 +26,7 @@ pub struct Ended {
     pub dropped: u64,
     /// CPU seconds since `cpu_start`.
     pub cpu: f64,
-    pub peak_rss: u64,
-    /// RSS at the end of the run.
-    pub rss: u64,
-    pub map_memory: u64,
-    /// Of `peak_rss`, the maps' pages mapped into the process.
-    pub maps_in_rss: u64,
+    pub memory: procstat::Memory,
 }
 
 /// `tcpdump -i <iface> -w <file> -s <snaplen> -B <KiB> <expression>`.
@@ -89,10 +84,7 @@ impl Tcpdump {
         }
         let pid = self.pid();
         let cpu = procstat::process_cpu(pid)? - self.cpu_start;
-        let peak_rss = procstat::peak_rss(pid)?;
-        let rss = procstat::rss(pid)?;
-        let map_memory = procstat::bpf_map_memory(pid)?;
-        let maps_in_rss = procstat::mapped_bpf_maps(pid)?;
+        let memory = procstat::Memory::of(pid)?;
         let file = self.dump.file().to_path_buf();
         let counts = self.dump.stop().map_err(anyhow::Error::msg)?;
         Ok(Ended {
@@ -100,10 +92,7 @@ impl Tcpdump {
             packets: counts.captured,
             dropped: counts.dropped,
             cpu,
-            peak_rss,
-            rss,
-            map_memory,
-            maps_in_rss,
+            memory,
         })
     }
 }
@@ -247,10 +236,7 @@ impl Agent {
             bail!("the capture did not stop cleanly: {status}");
         }
         let cpu = procstat::process_cpu(self.pid())? - self.cpu_start;
-        let peak_rss = procstat::peak_rss(self.pid())?;
-        let rss = procstat::rss(self.pid())?;
-        let map_memory = procstat::bpf_map_memory(self.pid())?;
-        let maps_in_rss = procstat::mapped_bpf_maps(self.pid())?;
+        let memory = procstat::Memory::of(self.pid())?;
         let number = |k: &str| {
             status[k]
                 .as_u64()
@@ -261,10 +247,7 @@ impl Agent {
             packets: number("packets")?,
             dropped: number("dropped")?,
             cpu,
-            peak_rss,
-            rss,
-            map_memory,
-            maps_in_rss,
+            memory,
         };
         self.stop()?;
         Ok(ended)

@@ -31,6 +31,30 @@ pub fn process_cpu(pid: u32) -> anyhow::Result<f64> {
     Ok((tick(11)? + tick(12)?) as f64 / ticks_per_second())
 }
 
+/// A process's memory now, in bytes.
+#[derive(Debug, Clone, Default)]
+pub struct Memory {
+    /// Peak resident set size (VmHWM).
+    pub peak_rss: u64,
+    /// Resident set size now (VmRSS).
+    pub rss: u64,
+    /// Its BPF maps ([`bpf_map_memory`]).
+    pub map_memory: u64,
+    /// Of `peak_rss`, the maps' pages mapped into it ([`mapped_bpf_maps`]).
+    pub maps_in_rss: u64,
+}
+
+impl Memory {
+    pub fn of(pid: u32) -> anyhow::Result<Self> {
+        Ok(Self {
+            peak_rss: peak_rss(pid)?,
+            rss: rss(pid)?,
+            map_memory: bpf_map_memory(pid)?,
+            maps_in_rss: mapped_bpf_maps(pid)?,
+        })
+    }
+}
+
 /// Peak resident set size (VmHWM), in bytes.
 pub fn peak_rss(pid: u32) -> anyhow::Result<u64> {
     status_bytes(pid, "VmHWM:")
@@ -44,16 +68,17 @@ pub fn rss(pid: u32) -> anyhow::Result<u64> {
 fn status_bytes(pid: u32, key: &str) -> anyhow::Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
-    let line = text
+    let value = text
         .lines()
-        .find(|l| l.starts_with(key))
+        .find_map(|l| l.strip_prefix(key))
         .with_context(|| format!("no {key} in /proc/{pid}/status"))?;
-    let kib: u64 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .with_context(|| format!("{key} value"))?;
-    Ok(kib * 1024)
+    kib_bytes(value).with_context(|| format!("{key} value"))
+}
+
+/// The bytes of a `/proc` field's value, which is in kB ("   12 kB").
+fn kib_bytes(value: &str) -> Option<u64> {
+    let kib: u64 = value.split_whitespace().next()?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Memory of the BPF maps a process holds descriptors of (the `memlock`
@@ -89,7 +114,7 @@ pub fn mapped_bpf_maps(pid: u32) -> anyhow::Result<u64> {
     let path = format!("/proc/{pid}/smaps");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     let mut in_map = false;
-    let mut kib = 0;
+    let mut bytes = 0;
     for line in text.lines() {
         // A mapping's header starts with its address range; its fields
         // ("Rss:    12 kB") follow.
@@ -99,15 +124,11 @@ pub fn mapped_bpf_maps(pid: u32) -> anyhow::Result<u64> {
             .is_some_and(|w| w.contains('-'))
         {
             in_map = line.ends_with("anon_inode:bpf-map");
-        } else if in_map && let Some(rest) = line.strip_prefix("Rss:") {
-            kib += rest
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse::<u64>().ok())
-                .with_context(|| format!("{path}: {line}"))?;
+        } else if in_map && let Some(value) = line.strip_prefix("Rss:") {
+            bytes += kib_bytes(value).with_context(|| format!("{path}: {line}"))?;
         }
     }
-    Ok(kib * 1024)
+    Ok(bytes)
 }
 
 /// System-wide CPU time from the `cpu` line of `/proc/stat`, in seconds.
