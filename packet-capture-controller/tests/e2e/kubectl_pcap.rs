@@ -27,9 +27,14 @@ const SERVICE: &str = "packet-capture-webhook";
 /// for its world's controller.
 static API: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// How long the live capture runs: longer than the local API server's
-/// request timeout (20 s), which a stream must outlast.
-const LIVE_SECONDS: u32 = 30;
+/// How long a live stream is read before its capture is stopped: longer
+/// than the local API server's request timeout (20 s), which a stream must
+/// outlast.
+const OUTLAST: Duration = Duration::from_secs(25);
+
+/// The live capture's duration: long enough that it is the stop, not its
+/// end, that ends the stream, however late its status says it runs.
+const LIVE_SECONDS: u32 = 300;
 
 fn kubectl_pcap() -> PathBuf {
     workspace_binary(
@@ -332,35 +337,45 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
         );
     }
     // The stream outlasts the API server's request timeout (20 s on the
-    // local control plane, a minute by default): it goes on until the
-    // capture ends, 30 s after it started, then ends cleanly.
+    // local control plane, a minute by default): it goes on while the
+    // capture runs, and ends cleanly once `kubectl pcap stop` has ended it.
     let pinging = w.pinging(0, 1);
-    let mut last = opened;
+    let stop_at = opened + OUTLAST;
+    let mut stopped = None;
     loop {
-        match received.recv_timeout(Duration::from_secs(40)) {
-            Ok((chunk, at)) => {
-                bytes.extend(chunk);
-                last = at;
-            }
+        match received.recv_timeout(Duration::from_millis(500)) {
+            Ok((chunk, _)) => bytes.extend(chunk),
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                let _ = stream.kill();
-                panic!("the stream did not end within 40 s of its last packet");
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        match stopped {
+            None if SystemTime::now() >= stop_at => {
+                let (ok, out, err) = pcap(&w.cluster.kubeconfig(), &["stop", &name, "--wait"]);
+                assert!(ok, "kubectl pcap stop: {out}{err}");
+                stopped = Some(Instant::now());
             }
+            Some(at) if at.elapsed() > Duration::from_secs(40) => {
+                let _ = stream.kill();
+                panic!("the stream did not end within 40 s of its capture's stop");
+            }
+            _ => {}
         }
     }
     drop(pinging);
     let ended = stream.wait_with_output().expect("the stream's end");
     assert!(
+        stopped.is_some(),
+        "the stream ended {:?} after it opened, while its capture ran: {}",
+        SystemTime::now().duration_since(opened).unwrap_or_default(),
+        String::from_utf8_lossy(&ended.stderr)
+    );
+    assert!(
         ended.status.success(),
         "{}",
         String::from_utf8_lossy(&ended.stderr)
     );
-    let lasted = last.duration_since(opened).unwrap_or_default();
-    assert!(
-        lasted >= Duration::from_secs(22),
-        "the stream ended {lasted:?} after it opened, before its capture"
-    );
+    // Stopped by request, it completes with its files kept.
+    w.until_phase(&name, Phase::Completed).await;
     let _ = reading.join();
 
     // Fetch: every node's file of a completed capture, merged, equals what
