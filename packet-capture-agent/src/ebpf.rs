@@ -24,11 +24,12 @@ use aya::{
 use aya_log::EbpfLogger;
 use ipnet::IpNet;
 use packet_capture_common::abi::{
-    API_V4, API_V6, DIRECTION_EGRESS, DIRECTION_INGRESS, LINK_ETHERNET, LINK_RAW_IP, LOOKUP_EXACT,
-    LOOKUP_NONE, LOOKUP_PREFIX, MAX_SLOTS, Settings, counter, filter_program, resume_program,
+    API_V4, API_V6, DIRECTION_EGRESS, DIRECTION_INGRESS, HOST_WORDS, LINK_ETHERNET, LINK_RAW_IP,
+    LOOKUP_EXACT, LOOKUP_NONE, LOOKUP_PREFIX, MAX_SLOTS, Settings, counter, filter_program,
+    host_bit_v4, host_bit_v6, resume_program,
 };
 
-use crate::filter::{Filter, FilterPlace};
+use crate::filter::{ClassicInsn, Filter, FilterPlace};
 use crate::kernel_filter::{self, Access, Ending, Program};
 use packet_capture_common::crd::TargetDirection;
 
@@ -90,6 +91,12 @@ pub enum Error {
         #[source]
         source: aya::programs::ProgramError,
     },
+    #[error("eBPF map {name}: duplicating its descriptor: {source}")]
+    MapFd {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("eBPF map {name}: {source}")]
     Map {
         name: &'static str,
@@ -108,12 +115,16 @@ pub enum Error {
     ProgramArray(#[source] std::io::Error),
 }
 
-/// A capture's filters in the kernel, by link type: held while they are in
-/// the program array.
+/// A capture's filters in the kernel, by link type, each as a program per
+/// direction (see [`filter_program`]): held while they are in the program
+/// array.
 #[derive(Default)]
 struct SlotFilters {
-    programs: [Option<Program>; 2],
+    programs: [Option<[Program; 2]>; 2],
 }
+
+/// The directions, in the order of [`SlotFilters`]' pairs.
+const DIRECTIONS: [u8; 2] = [DIRECTION_INGRESS, DIRECTION_EGRESS];
 
 /// Which programs an interface gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -210,6 +221,10 @@ pub struct Kernel {
     /// programs), and their per-CPU state: translated filters name both.
     filter_programs: MapData,
     filter_state: MapData,
+    /// Second descriptors of `filtered` and of the diagnostics switch, which
+    /// the filter programs name (aya's typed maps do not lend theirs).
+    filtered_fd: OwnedFd,
+    diagnostics_fd: OwnedFd,
     filters: HashMap<usize, SlotFilters>,
     /// Packets each slot's filter rejected in the kernel.
     filtered: PerCpuArray<MapData, u64>,
@@ -239,6 +254,19 @@ fn take_data(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, Error> {
     use aya::maps::Map;
     match ebpf.take_map(name).ok_or(Error::Missing(name))? {
         Map::ProgramArray(data) | Map::PerCpuArray(data) => Ok(data),
+        _ => Err(Error::Missing(name)),
+    }
+}
+
+/// A descriptor of map `name` of its own.
+fn map_fd(ebpf: &Ebpf, name: &'static str) -> Result<OwnedFd, Error> {
+    use aya::maps::Map;
+    match ebpf.map(name).ok_or(Error::Missing(name))? {
+        Map::Array(data) | Map::PerCpuArray(data) => data
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| Error::MapFd { name, source }),
         _ => Err(Error::Missing(name)),
     }
 }
@@ -283,6 +311,8 @@ impl Kernel {
         // resident for the agent's lifetime.
         // SAFETY: malloc_trim only releases free memory of glibc's heap.
         unsafe { libc::malloc_trim(0) };
+        let filtered_fd = map_fd(&ebpf, "FILTERED")?;
+        let diagnostics_fd = map_fd(&ebpf, ".bss")?;
         let ring = take(&mut ebpf, "RECORDS")?;
         let mut kernel = Self {
             settings: take(&mut ebpf, "SETTINGS")?,
@@ -298,6 +328,8 @@ impl Kernel {
             diag_state: take(&mut ebpf, "DIAG_STATE")?,
             filter_programs,
             filter_state: take_data(&mut ebpf, "FILTER_STATE")?,
+            filtered_fd,
+            diagnostics_fd,
             filters: HashMap::new(),
             filtered: take(&mut ebpf, "FILTERED")?,
             _logs: KernelLogs::start(&mut ebpf)?,
@@ -588,39 +620,9 @@ impl Kernel {
             let loaded = filter
                 .classic(link)
                 .map_err(|e| e.to_string())
-                .and_then(|classic| {
-                    let ending = Ending::TailCall {
-                        state: self.filter_state.fd().as_fd(),
-                        programs: self.filter_programs.fd().as_fd(),
-                    };
-                    let name = format!("filter_{slot}");
-                    // The fastest translation this process may load.
-                    let mut refused = None;
-                    let mut loaded = None;
-                    for access in Access::PREFERRED {
-                        let insns = kernel_filter::translate(classic, ending, access)
-                            .map_err(|e| e.to_string())?;
-                        match kernel_filter::load_program(&insns, &name) {
-                            Ok(program) => {
-                                loaded = Some(program);
-                                break;
-                            }
-                            Err(e) => refused = Some(e),
-                        }
-                    }
-                    let program = loaded.ok_or_else(|| {
-                        format!("the kernel refused it: {}", refused.expect("one attempt"))
-                    })?;
-                    kernel_filter::set_program_array(
-                        self.filter_programs.fd().as_fd(),
-                        filter_program(slot as u32, link),
-                        Some(program.fd()),
-                    )
-                    .map_err(|e| format!("FILTER_PROGRAMS: {e}"))?;
-                    Ok(program)
-                });
+                .and_then(|classic| self.load_filter(slot, link, classic));
             match loaded {
-                Ok(program) => filters.programs[usize::from(link)] = Some(program),
+                Ok(programs) => filters.programs[usize::from(link)] = Some(programs),
                 Err(e) => user_space.push(format!("{name} frames: {e}")),
             }
         }
@@ -632,20 +634,76 @@ impl Kernel {
         }
     }
 
+    /// Loads `classic` as `slot`'s filter of `link` frames, one program for
+    /// each direction's hook, in the fastest translation this process may
+    /// load, and puts them in the program array.
+    fn load_filter(
+        &self,
+        slot: usize,
+        link: u8,
+        classic: &[ClassicInsn],
+    ) -> Result<[Program; 2], String> {
+        let name = format!("filter_{slot}");
+        let mut refused = None;
+        let mut loaded = None;
+        for access in Access::PREFERRED {
+            let mut programs = Vec::new();
+            for direction in DIRECTIONS {
+                let ending = Ending::TailCall {
+                    state: self.filter_state.fd().as_fd(),
+                    programs: self.filter_programs.fd().as_fd(),
+                    resume: resume_program(direction, link),
+                    filtered: self.filtered_fd.as_fd(),
+                    diagnostics: self.diagnostics_fd.as_fd(),
+                };
+                let insns =
+                    kernel_filter::translate(classic, ending, access).map_err(|e| e.to_string())?;
+                match kernel_filter::load_program(&insns, &name) {
+                    Ok(program) => programs.push(program),
+                    Err(e) => {
+                        refused = Some(e);
+                        break;
+                    }
+                }
+            }
+            if let Ok(pair) = <[Program; 2]>::try_from(programs) {
+                loaded = Some(pair);
+                break;
+            }
+        }
+        let programs = loaded
+            .ok_or_else(|| format!("the kernel refused it: {}", refused.expect("one attempt")))?;
+        let array = self.filter_programs.fd().as_fd();
+        for (direction, program) in DIRECTIONS.into_iter().zip(&programs) {
+            let index = filter_program(slot as u32, direction, link);
+            if let Err(e) = kernel_filter::set_program_array(array, index, Some(program.fd())) {
+                // Neither direction's program stays behind in the array.
+                for direction in DIRECTIONS {
+                    let index = filter_program(slot as u32, direction, link);
+                    let _ = kernel_filter::set_program_array(array, index, None);
+                }
+                return Err(format!("FILTER_PROGRAMS: {e}"));
+            }
+        }
+        Ok(programs)
+    }
+
     /// Takes `slot`'s filters out of the kernel (after its settings no
     /// longer name them).
     fn clear_filter(&mut self, slot: usize) -> Result<(), Error> {
         let Some(filters) = self.filters.remove(&slot) else {
             return Ok(());
         };
-        for (link, program) in filters.programs.iter().enumerate() {
-            if program.is_some() {
-                kernel_filter::set_program_array(
-                    self.filter_programs.fd().as_fd(),
-                    filter_program(slot as u32, link as u8),
-                    None,
-                )
-                .map_err(Error::ProgramArray)?;
+        for (link, programs) in filters.programs.iter().enumerate() {
+            if programs.is_some() {
+                for direction in DIRECTIONS {
+                    kernel_filter::set_program_array(
+                        self.filter_programs.fd().as_fd(),
+                        filter_program(slot as u32, direction, link as u8),
+                        None,
+                    )
+                    .map_err(Error::ProgramArray)?;
+                }
             }
         }
         Ok(())
@@ -693,6 +751,7 @@ impl Kernel {
             s.snaplen = s.snaplen.max(t.copy_len);
         }
         (s.v4_lookup, s.v6_lookup) = lookups(self.prefixes.keys());
+        s.host_bits = host_bits(self.prefixes.keys());
         self.settings.set(0, &s, 0).map_err(map_err("SETTINGS"))
     }
 
@@ -843,6 +902,19 @@ fn lookups<'a>(prefixes: impl Iterator<Item = &'a IpNet>) -> (u8, u8) {
         *family = (*family).max(lookup);
     }
     (v4, v6)
+}
+
+/// `Settings::host_bits` of the whole addresses among `prefixes`.
+fn host_bits<'a>(prefixes: impl Iterator<Item = &'a IpNet>) -> [u64; HOST_WORDS] {
+    let mut bits = [0; HOST_WORDS];
+    for net in prefixes.filter(|n| n.prefix_len() == n.max_prefix_len()) {
+        let bit = match net.addr() {
+            IpAddr::V4(a) => host_bit_v4(a.octets()),
+            IpAddr::V6(a) => host_bit_v6(a.octets()),
+        };
+        bits[bit as usize / 64] |= 1 << (bit % 64);
+    }
+    bits
 }
 
 /// Whether the subscriber current here logs the programs' DEBUG lines.
@@ -1223,6 +1295,34 @@ mod tests {
             (LOOKUP_PREFIX, LOOKUP_EXACT)
         );
         assert_eq!(of(&["fd00::/64"]), (LOOKUP_NONE, LOOKUP_PREFIX));
+    }
+
+    #[test]
+    fn host_bits_hold_every_targeted_address_and_few_others() {
+        use packet_capture_common::abi::host_bit_set;
+        let targets: Vec<IpNet> = (0..64u32)
+            .map(|i| format!("10.244.{}.{}/32", i / 8, i % 8 * 3 + 2))
+            .chain((0..4).map(|i| format!("fd00::{i:x}/128")))
+            .chain(["10.1.0.0/16".to_owned()])
+            .map(|n| n.parse().unwrap())
+            .collect();
+        let bits = host_bits(targets.iter());
+        for net in &targets[..68] {
+            let bit = match net.addr() {
+                IpAddr::V4(a) => host_bit_v4(a.octets()),
+                IpAddr::V6(a) => host_bit_v6(a.octets()),
+            };
+            assert!(host_bit_set(&bits, bit), "{net}");
+        }
+        // A network sets no bit: its family is looked up in the trie.
+        let set: u32 = bits.iter().map(|w| w.count_ones()).sum();
+        assert!(set <= 68, "{set} bits");
+        // The next addresses of the same pod range mostly find theirs clear.
+        let others = (0..256u32)
+            .map(|i| std::net::Ipv4Addr::new(10, 244, 9, i as u8))
+            .filter(|a| host_bit_set(&bits, host_bit_v4(a.octets())))
+            .count();
+        assert!(others < 96, "{others} of 256 other addresses share a bit");
     }
 
     #[test]

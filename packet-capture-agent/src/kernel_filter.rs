@@ -9,11 +9,13 @@
 //! per instruction and a verifier walk of every opcode on every path. Why a
 //! tail call and not function replacement (`freplace`): a tail call needs
 //! nothing but a program array (kernel 4.2+), where `freplace` needs BTF for
-//! both programs and one stub per capture slot. The cost is two tail calls
-//! per capture that has a filter (out to the filter, back to the resume
-//! program with its verdict), within the kernel's limit of 33 for up to 16
-//! such captures on one packet; past that, the rest are filtered in user
-//! space.
+//! both programs and one stub per capture slot. The cost is at most two
+//! tail calls per capture that has a filter (out to the filter, back to the
+//! resume program with its verdict; a rejected packet nothing else wants
+//! ends in the filter), within the kernel's limit of 33 for up to 16 such
+//! captures on one packet; past that, the rest are filtered in user space.
+//! Both have constant indexes, which the JIT makes direct jumps (see
+//! [`Ending::TailCall`]).
 //!
 //! The translation keeps libpcap's semantics (`bpf_filter`, which
 //! `pcap_offline_filter` runs): A and X are 32-bit and start at zero; a
@@ -25,17 +27,31 @@
 use std::io;
 use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
 
+use packet_capture_common::abi::FilterState;
+
 use crate::filter::ClassicInsn;
 
 /// What a translated program does with its verdict.
 #[derive(Clone, Copy)]
 pub enum Ending<'a> {
     /// Write it (0: reject) to the `verdict` field of the per-CPU
-    /// `FilterState` in `state`, then tail-call the program at the index
-    /// in its `resume` field of `programs`.
+    /// `FilterState` in `state`, then tail-call the program at `resume` of
+    /// `programs`. The index is a constant of the program, so the JIT
+    /// makes the tail call a direct jump (patched when the array changes)
+    /// instead of an indirect one, which costs a retpoline where the
+    /// kernel mitigates Spectre v2.
+    ///
+    /// A rejected packet that no other slot wants and no other filter has
+    /// to see is done here instead: counted in the slot's element of the
+    /// per-CPU `filtered`, without the way back, unless the `u64` at the
+    /// start of the value of `diagnostics` (an array of one element) is
+    /// set, when the resume program has the hook's diagnostics to run.
     TailCall {
         state: BorrowedFd<'a>,
         programs: BorrowedFd<'a>,
+        resume: u32,
+        filtered: BorrowedFd<'a>,
+        diagnostics: BorrowedFd<'a>,
     },
     /// Return it: 0 rejects, anything else accepts (tests run programs
     /// like this with `BPF_PROG_TEST_RUN`).
@@ -168,6 +184,8 @@ const FP: u8 = 10;
 /// 8-byte buffer for loads through the helper.
 const SCRATCH: i16 = -72;
 const BUFFER: i16 = -8;
+/// A 4-byte map key, once the filter has run (in the buffer's place).
+const KEY: i16 = -4;
 
 /// `struct __sk_buff` fields (UAPI, stable).
 const SKB_LEN: i16 = 0;
@@ -180,6 +198,8 @@ const BPF_FUNC_TAIL_CALL: i32 = 12;
 const BPF_FUNC_SKB_LOAD_BYTES: i32 = 26;
 /// `ld_imm64` of a map by file descriptor.
 const BPF_PSEUDO_MAP_FD: u8 = 1;
+/// `ld_imm64` of an address in a map's value, by file descriptor.
+const BPF_PSEUDO_MAP_VALUE: u8 = 2;
 /// Largest offset the verifier allows from a packet pointer.
 const MAX_PACKET_OFF: u32 = 0xffff;
 /// `TC_ACT_UNSPEC`: what the TC programs return, whatever they saw.
@@ -248,6 +268,19 @@ impl Asm {
             fd.as_raw_fd(),
         ));
         self.push(insn(0, 0, 0, 0, 0));
+    }
+
+    /// `dst` = the address `offset` bytes into the value of the array map
+    /// `fd`, which has one element.
+    fn ld_map_value(&mut self, dst: u8, fd: BorrowedFd<'_>, offset: i32) {
+        self.push(insn(
+            op::LD | op::DW | op::IMM,
+            dst,
+            BPF_PSEUDO_MAP_VALUE,
+            0,
+            fd.as_raw_fd(),
+        ));
+        self.push(insn(0, 0, 0, 0, offset));
     }
 
     fn call(&mut self, helper: i32) {
@@ -399,29 +432,56 @@ pub fn translate(
             asm.push(insn(op::ALU | op::MOV | op::X, R0, VERDICT, 0, 0));
             asm.push(insn(op::JMP | op::EXIT, 0, 0, 0, 0));
         }
-        Ending::TailCall { state, programs } => {
+        Ending::TailCall {
+            state,
+            programs,
+            resume,
+            filtered,
+            diagnostics,
+        } => {
+            let field = |offset: usize| offset as i16;
             let exit = asm.label();
+            let back = asm.label();
             // The key (0) of the one per-CPU element.
-            asm.push(insn(op::ST | op::MEM | op::W, FP, 0, -4, 0));
+            asm.push(insn(op::ST | op::MEM | op::W, FP, 0, KEY, 0));
             asm.mov64_reg(R2, FP);
-            asm.add64_imm(R2, -4);
+            asm.add64_imm(R2, KEY.into());
             asm.ld_map_fd(R1, state);
             asm.call(BPF_FUNC_MAP_LOOKUP_ELEM);
             asm.jump(op::JMP | op::JEQ | op::K, R0, 0, 0, exit);
-            asm.push(insn(
-                op::STX | op::MEM | op::W,
-                R0,
-                VERDICT,
-                state_offset(StateField::Verdict),
-                0,
-            ));
-            asm.push(insn(
-                op::LDX | op::MEM | op::W,
-                R3,
-                R0,
-                state_offset(StateField::Resume),
-                0,
-            ));
+            let verdict = field(std::mem::offset_of!(FilterState, verdict));
+            asm.push(insn(op::STX | op::MEM | op::W, R0, VERDICT, verdict, 0));
+            asm.jump(op::JMP | op::JNE | op::K, VERDICT, 0, 0, back);
+            // Rejected: the end of the packet unless another slot still
+            // wants it or has a filter to run.
+            let current = field(std::mem::offset_of!(FilterState, current));
+            asm.push(insn(op::LDX | op::MEM | op::W, R1, R0, current, 0));
+            asm.push(insn(op::ALU64 | op::MOV | op::K, R2, 0, 0, 1));
+            asm.push(insn(op::ALU64 | op::LSH | op::X, R2, R1, 0, 0));
+            asm.push(insn(op::ALU64 | op::XOR | op::K, R2, 0, 0, -1));
+            let mask = field(std::mem::offset_of!(FilterState, mask));
+            asm.push(insn(op::LDX | op::MEM | op::DW, R3, R0, mask, 0));
+            asm.push(insn(op::ALU64 | op::AND | op::X, R3, R2, 0, 0));
+            let pending = field(std::mem::offset_of!(FilterState, pending));
+            asm.push(insn(op::LDX | op::MEM | op::DW, R4, R0, pending, 0));
+            asm.push(insn(op::ALU64 | op::OR | op::X, R3, R4, 0, 0));
+            asm.jump(op::JMP | op::JNE | op::K, R3, 0, 0, back);
+            asm.ld_map_value(R2, diagnostics, 0);
+            asm.push(insn(op::LDX | op::MEM | op::DW, R2, R2, 0, 0));
+            asm.jump(op::JMP | op::JNE | op::K, R2, 0, 0, back);
+            // Counted as the resume program would have.
+            asm.push(insn(op::STX | op::MEM | op::W, FP, R1, KEY, 0));
+            asm.mov64_reg(R2, FP);
+            asm.add64_imm(R2, KEY.into());
+            asm.ld_map_fd(R1, filtered);
+            asm.call(BPF_FUNC_MAP_LOOKUP_ELEM);
+            asm.jump(op::JMP | op::JEQ | op::K, R0, 0, 0, exit);
+            asm.push(insn(op::LDX | op::MEM | op::DW, R1, R0, 0, 0));
+            asm.add64_imm(R1, 1);
+            asm.push(insn(op::STX | op::MEM | op::DW, R0, R1, 0, 0));
+            asm.goto(exit);
+            asm.bind(back);
+            asm.push(insn(op::ALU64 | op::MOV | op::K, R3, 0, 0, resume as i32));
             asm.mov64_reg(R1, CTX);
             asm.ld_map_fd(R2, programs);
             asm.call(BPF_FUNC_TAIL_CALL);
@@ -432,19 +492,6 @@ pub fn translate(
         }
     }
     asm.finish()
-}
-
-enum StateField {
-    Verdict,
-    Resume,
-}
-
-fn state_offset(field: StateField) -> i16 {
-    use packet_capture_common::abi::FilterState;
-    (match field {
-        StateField::Verdict => std::mem::offset_of!(FilterState, verdict),
-        StateField::Resume => std::mem::offset_of!(FilterState, resume),
-    }) as i16
 }
 
 /// Which classic instructions some path from the first reaches (the

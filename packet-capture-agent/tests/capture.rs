@@ -507,6 +507,62 @@ fn filters_run_in_the_kernel() {
     });
 }
 
+/// Captures of the same address with different filters at once: on the
+/// eBPF backend their filters run one after another on each packet, and
+/// a packet one rejects still reaches those that keep it, whether the
+/// rejecting one runs first or last, and one that every filter rejects is
+/// counted by each. Each
+/// file is what tcpdump writes with that capture's expression, and each
+/// capture counts what its own filter rejected.
+#[test]
+fn filters_of_captures_of_the_same_packets_each_decide_for_their_own() {
+    each_backend(
+        "filters_of_captures_of_the_same_packets_each_decide_for_their_own",
+        |lab, engine, rt| {
+            let unfiltered = spec(&[PEER_V4], &[], "");
+            let all = selection_expression(&unfiltered.targets, &[], unfiltered.direction, "");
+            let file = lab.file(&format!("{}.pcap", unique_name("td")));
+            let everything =
+                Tcpdump::start(&lab.node, &lab.veth.a, &all, unfiltered.snaplen, &file);
+            let mut captures = Vec::new();
+            for filter in [
+                "udp and greater 1000",
+                "icmp and greater 1000",
+                "udp",
+                "tcp",
+            ] {
+                let s = spec(&[PEER_V4], &[], filter);
+                let expression = selection_expression(&s.targets, &s.ports, s.direction, &s.filter);
+                let file = lab.file(&format!("{}.pcap", unique_name("td")));
+                let dump = Tcpdump::start(&lab.node, &lab.veth.a, &expression, s.snaplen, &file);
+                captures.push((dump, start(engine, s).id, expression));
+            }
+            flood(&lab.node, PEER_V4, 7000, 10);
+            lab.ping(PEER_V4, 3, 1400);
+            lab.udp(PEER_V4, 7001);
+            lab.tcp_refused(PEER_V4, 8080);
+            // Rejected by every filter.
+            lab.ping(PEER_V4, 2, 56);
+            let (all, _) = everything.finish();
+            for (dump, id, expression) in captures {
+                let ended = stop(engine, rt, &id);
+                let (theirs, counts) = dump.finish();
+                assert_eq!(counts.dropped, 0, "tcpdump dropped packets");
+                let ours = capfile::read(Path::new(&ended.output_file));
+                assert_same(&ours, &theirs, &expression);
+                assert_eq!(
+                    ended.filtered as usize,
+                    all.len() - theirs.len(),
+                    "{ended:?}"
+                );
+                if engine.backend() == "ebpf" {
+                    assert_eq!(ended.filter_path, "kernel");
+                }
+            }
+        },
+    );
+}
+
 /// Three captures of the same targets at once, one per direction: each
 /// gets what tcpdump's `host`, `dst host` or `src host` gets (ARP too), and
 /// the directions split the packets between them.

@@ -104,6 +104,12 @@ pub struct Settings {
     /// [`LINK_RAW_IP`]): their program is in `FILTER_PROGRAMS` at
     /// [`filter_program`].
     pub kernel_filter: [u64; 2],
+    /// A bit for each whole address some slot targets, at [`host_bit_v4`]
+    /// or [`host_bit_v6`]: a packet whose address has its bit clear is
+    /// targeted by no slot, and its hash lookup is skipped (most traffic
+    /// on a node is not what a capture is after). Several addresses may
+    /// share a bit: a set bit only means "look it up".
+    pub host_bits: [u64; HOST_WORDS],
     /// Largest snaplen among the active slots: what the kernel copies.
     pub snaplen: u32,
     /// Wake the reader only when this many bytes come to wait in the ring
@@ -126,6 +132,38 @@ pub struct Settings {
     pub _pad: [u8; 7],
 }
 
+/// Words of `Settings::host_bits`: 512 bits, one in 8 set with 64 target
+/// addresses.
+pub const HOST_WORDS: usize = 8;
+
+/// The bit of `Settings::host_bits` of an IPv4 address.
+#[inline(always)]
+pub fn host_bit_v4(addr: [u8; 4]) -> u32 {
+    host_bit(u32::from_le_bytes(addr))
+}
+
+/// The bit of `Settings::host_bits` of an IPv6 address: its four words
+/// folded into one.
+#[inline(always)]
+pub fn host_bit_v6(addr: [u8; 16]) -> u32 {
+    let word = |i: usize| u32::from_le_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    host_bit(word(0) ^ word(4) ^ word(8) ^ word(12))
+}
+
+/// Fibonacci hashing: the top bits of the product, which every bit of
+/// the address moves.
+#[inline(always)]
+fn host_bit(word: u32) -> u32 {
+    const BITS: u32 = (HOST_WORDS * 64).trailing_zeros();
+    word.wrapping_mul(0x9e37_79b1) >> (32 - BITS)
+}
+
+/// Whether `host_bits` has the bit of an address set.
+#[inline(always)]
+pub fn host_bit_set(host_bits: &[u64; HOST_WORDS], bit: u32) -> bool {
+    host_bits[bit as usize / 64 % HOST_WORDS] >> (bit % 64) & 1 != 0
+}
+
 /// No slot targets an address of the family: nothing to look up.
 pub const LOOKUP_NONE: u8 = 0;
 /// The slots target whole addresses only (/32, /128): a hash lookup
@@ -134,21 +172,28 @@ pub const LOOKUP_EXACT: u8 = 1;
 /// Some slot targets a network: the longest-prefix-match trie.
 pub const LOOKUP_PREFIX: u8 = 2;
 
-/// Entries of the `FILTER_PROGRAMS` program array: a filter per slot and
-/// link type, then the resume program of each hook.
-pub const FILTER_PROGRAM_ENTRIES: u32 = MAX_SLOTS as u32 * 2 + RESUME_PROGRAMS;
+/// Entries of the `FILTER_PROGRAMS` program array: a filter per slot, hook
+/// direction and link type, then the resume program of each hook.
+pub const FILTER_PROGRAM_ENTRIES: u32 = MAX_SLOTS as u32 * HOOKS + HOOKS;
 
-/// Resume programs: one per hook (ingress, egress) and link type.
-pub const RESUME_PROGRAMS: u32 = 4;
+/// Hooks: a direction (ingress, egress) and a link type each.
+pub const HOOKS: u32 = 4;
 
-/// Index of a slot's filter for frames of `link` in `FILTER_PROGRAMS`.
-pub const fn filter_program(slot: u32, link: u8) -> u32 {
-    slot * 2 + link as u32
+/// A hook's place among the [`HOOKS`].
+pub const fn hook_index(direction: u8, link: u8) -> u32 {
+    direction as u32 * 2 + link as u32
+}
+
+/// Index of a slot's filter for the hook of `direction` and `link` in
+/// `FILTER_PROGRAMS`. Each hook has its own copy of a filter, whose tail
+/// call back to the hook's resume program has a constant index.
+pub const fn filter_program(slot: u32, direction: u8, link: u8) -> u32 {
+    slot * HOOKS + hook_index(direction, link)
 }
 
 /// Index of the resume program of a hook in `FILTER_PROGRAMS`.
 pub const fn resume_program(direction: u8, link: u8) -> u32 {
-    MAX_SLOTS as u32 * 2 + direction as u32 * 2 + link as u32
+    MAX_SLOTS as u32 * HOOKS + hook_index(direction, link)
 }
 
 /// Where a packet stands while the captures' filters run in the kernel,
@@ -167,9 +212,6 @@ pub struct FilterState {
     pub current: u32,
     /// What that filter said: 0 rejects.
     pub verdict: u32,
-    /// Where the filter goes back to: the hook's resume program.
-    pub resume: u32,
-    pub _pad: u32,
 }
 
 /// `Settings::api_family` of an IPv4 API address.
