@@ -399,6 +399,7 @@ fn next_filter<H: Hook>(ctx: &TcContext, state: *mut FilterState) {
     // patched when the array changes. One site with the slot in a register
     // would be an indirect jump, which costs a retpoline where the kernel
     // mitigates Spectre v2 (twice per packet and filter, with the way back).
+    const { assert!(MAX_SLOTS == 64, "by_slot! lists every slot") };
     macro_rules! by_slot {
         ($($slot:literal)+) => {
             match slot {
