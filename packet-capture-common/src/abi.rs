@@ -252,8 +252,8 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(RECORD_HEADER_LEN, 48);
-        assert_eq!(core::mem::size_of::<Settings>(), 96);
-        assert_eq!(core::mem::size_of::<FilterState>(), 40);
+        assert_eq!(core::mem::size_of::<Settings>(), 160);
+        assert_eq!(core::mem::size_of::<FilterState>(), 32);
         assert_eq!(core::mem::size_of::<Ipv4Key>(), 8);
         assert_eq!(core::mem::size_of::<Ipv6Key>(), 20);
     }
