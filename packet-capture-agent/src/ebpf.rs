@@ -678,10 +678,7 @@ impl Kernel {
             let index = filter_program(slot as u32, direction, link);
             if let Err(e) = kernel_filter::set_program_array(array, index, Some(program.fd())) {
                 // Neither direction's program stays behind in the array.
-                for direction in DIRECTIONS {
-                    let index = filter_program(slot as u32, direction, link);
-                    let _ = kernel_filter::set_program_array(array, index, None);
-                }
+                let _ = self.remove_filter(slot, link);
                 return Err(format!("FILTER_PROGRAMS: {e}"));
             }
         }
@@ -696,17 +693,24 @@ impl Kernel {
         };
         for (link, programs) in filters.programs.iter().enumerate() {
             if programs.is_some() {
-                for direction in DIRECTIONS {
-                    kernel_filter::set_program_array(
-                        self.filter_programs.fd().as_fd(),
-                        filter_program(slot as u32, direction, link as u8),
-                        None,
-                    )
+                self.remove_filter(slot, link as u8)
                     .map_err(Error::ProgramArray)?;
-                }
             }
         }
         Ok(())
+    }
+
+    /// Empties `slot`'s entries for `link` frames in the program array, in
+    /// both directions (the first error, once both were tried).
+    fn remove_filter(&self, slot: usize, link: u8) -> std::io::Result<()> {
+        let array = self.filter_programs.fd().as_fd();
+        DIRECTIONS
+            .map(|direction| {
+                let index = filter_program(slot as u32, direction, link);
+                kernel_filter::set_program_array(array, index, None)
+            })
+            .into_iter()
+            .collect()
     }
 
     fn write_settings(&mut self) -> Result<(), Error> {

@@ -62,6 +62,16 @@ impl Lab {
         self.dir.path().join("captures")
     }
 
+    /// tcpdump on the node's veth with what `spec` selects and filters as
+    /// its expression, writing a file of its own; and that expression.
+    fn tcpdump_of(&self, spec: &CaptureSpec) -> (Tcpdump, String) {
+        let expression =
+            selection_expression(&spec.targets, &spec.ports, spec.direction, &spec.filter);
+        let file = self.file(&format!("{}.pcap", unique_name("td")));
+        let dump = Tcpdump::start(&self.node, &self.veth.a, &expression, spec.snaplen, &file);
+        (dump, expression)
+    }
+
     /// `ping` from the node.
     fn ping(&self, addr: &str, count: u32, size: u32) {
         run(self.node.command("ping").args([
@@ -511,19 +521,14 @@ fn filters_run_in_the_kernel() {
 /// eBPF backend their filters run one after another on each packet, and
 /// a packet one rejects still reaches those that keep it, whether the
 /// rejecting one runs first or last, and one that every filter rejects is
-/// counted by each. Each
-/// file is what tcpdump writes with that capture's expression, and each
-/// capture counts what its own filter rejected.
+/// counted by each. Each file is what tcpdump writes with that capture's
+/// expression, and each capture counts what its own filter rejected.
 #[test]
 fn filters_of_captures_of_the_same_packets_each_decide_for_their_own() {
     each_backend(
         "filters_of_captures_of_the_same_packets_each_decide_for_their_own",
         |lab, engine, rt| {
-            let unfiltered = spec(&[PEER_V4], &[], "");
-            let all = selection_expression(&unfiltered.targets, &[], unfiltered.direction, "");
-            let file = lab.file(&format!("{}.pcap", unique_name("td")));
-            let everything =
-                Tcpdump::start(&lab.node, &lab.veth.a, &all, unfiltered.snaplen, &file);
+            let (everything, _) = lab.tcpdump_of(&spec(&[PEER_V4], &[], ""));
             let mut captures = Vec::new();
             for filter in [
                 "udp and greater 1000",
@@ -532,9 +537,7 @@ fn filters_of_captures_of_the_same_packets_each_decide_for_their_own() {
                 "tcp",
             ] {
                 let s = spec(&[PEER_V4], &[], filter);
-                let expression = selection_expression(&s.targets, &s.ports, s.direction, &s.filter);
-                let file = lab.file(&format!("{}.pcap", unique_name("td")));
-                let dump = Tcpdump::start(&lab.node, &lab.veth.a, &expression, s.snaplen, &file);
+                let (dump, expression) = lab.tcpdump_of(&s);
                 captures.push((dump, start(engine, s).id, expression));
             }
             flood(&lab.node, PEER_V4, 7000, 10);
@@ -577,9 +580,7 @@ fn direction_keeps_packets_to_or_from_the_targets() {
                     direction,
                     ..spec(&[PEER_V4, PEER_V6], &[], "")
                 };
-                let expression = selection_expression(&s.targets, &s.ports, s.direction, "");
-                let file = lab.file(&format!("{}.pcap", unique_name("td")));
-                let dump = Tcpdump::start(&lab.node, &lab.veth.a, &expression, s.snaplen, &file);
+                let (dump, expression) = lab.tcpdump_of(&s);
                 dumps.push((dump, start(engine, s).id, expression));
             }
             lab.ping(PEER_V4, 3, 56);
@@ -681,15 +682,7 @@ fn overlapping_captures_each_get_their_packets() {
             let mut dumps = Vec::new();
             let mut ids = Vec::new();
             for s in [by_host, by_port] {
-                let expression = selection_expression(&s.targets, &s.ports, s.direction, &s.filter);
-                let file = lab.file(&format!("{}.pcap", unique_name("td")));
-                dumps.push(Tcpdump::start(
-                    &lab.node,
-                    &lab.veth.a,
-                    &expression,
-                    s.snaplen,
-                    &file,
-                ));
+                dumps.push(lab.tcpdump_of(&s).0);
                 ids.push(start(engine, s).id);
             }
             lab.tcp_refused(PEER_V4, 8080);
