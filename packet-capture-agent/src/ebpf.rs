@@ -6,13 +6,14 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
         Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues,
-        RingBuf, lpm_trie::Key,
+        lpm_trie::Key,
     },
     programs::{
         LinkOrder, SchedClassifier, TcAttachType,
@@ -24,13 +25,14 @@ use aya::{
 use aya_log::EbpfLogger;
 use ipnet::IpNet;
 use packet_capture_common::abi::{
-    API_V4, API_V6, DIRECTION_EGRESS, DIRECTION_INGRESS, HOST_WORDS, LINK_ETHERNET, LINK_RAW_IP,
-    LOOKUP_EXACT, LOOKUP_NONE, LOOKUP_PREFIX, MAX_SLOTS, Settings, counter, filter_program,
-    host_bit_v4, host_bit_v6, resume_program,
+    API_V4, API_V6, DIRECTION_EGRESS, DIRECTION_INGRESS, HOST_ENTRY_EMPTY, HOST_TABLE_ENTRIES,
+    HOST_WORDS, LINK_ETHERNET, LINK_RAW_IP, LOOKUP_EXACT, LOOKUP_NONE, LOOKUP_PREFIX, MAX_SLOTS,
+    Settings, counter, filter_program, host_bit_v4, host_bit_v6, host_entry_v4, resume_program,
 };
 
 use crate::filter::{ClassicInsn, Filter, FilterPlace};
 use crate::kernel_filter::{self, Access, Ending, Program};
+use crate::mmap::Mapping;
 use packet_capture_common::crd::TargetDirection;
 
 /// The `tracing` target of what the programs log. Their lines are debug
@@ -93,6 +95,12 @@ pub enum Error {
     },
     #[error("eBPF map {name}: duplicating its descriptor: {source}")]
     MapFd {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("eBPF map {name}: mapping it into memory: {source}")]
+    MapMemory {
         name: &'static str,
         #[source]
         source: std::io::Error,
@@ -208,6 +216,7 @@ pub struct Kernel {
     /// The whole addresses of the tries, for the hash lookups.
     ipv4_hosts: BpfHashMap<MapData, [u8; 4], u64>,
     ipv6_hosts: BpfHashMap<MapData, [u8; 16], u64>,
+    ipv4_host_table: HostTable,
     ports: Array<MapData, u64>,
     counters: PerCpuArray<MapData, u64>,
     lost_by_mask: PerCpuHashMap<MapData, u64, u64>,
@@ -253,7 +262,10 @@ where
 fn take_data(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, Error> {
     use aya::maps::Map;
     match ebpf.take_map(name).ok_or(Error::Missing(name))? {
-        Map::ProgramArray(data) | Map::PerCpuArray(data) => Ok(data),
+        Map::ProgramArray(data)
+        | Map::PerCpuArray(data)
+        | Map::RingBuf(data)
+        | Map::Array(data) => Ok(data),
         _ => Err(Error::Missing(name)),
     }
 }
@@ -279,7 +291,7 @@ impl Kernel {
     /// Loads the programs (the verifier runs here) with a ring buffer of
     /// `ring_bytes` (a power of two, at least a page), and returns them with
     /// the ring buffer the reader takes.
-    pub fn load(ring_bytes: u32) -> Result<(Self, RingBuf<MapData>), Error> {
+    pub fn load(ring_bytes: u32) -> Result<(Self, MapData), Error> {
         // The programs read only the skb and its context: no CO-RE
         // relocation, so the loader never reads the kernel's BTF.
         let mut ebpf = EbpfLoader::new()
@@ -313,13 +325,14 @@ impl Kernel {
         unsafe { libc::malloc_trim(0) };
         let filtered_fd = map_fd(&ebpf, "FILTERED")?;
         let diagnostics_fd = map_fd(&ebpf, ".bss")?;
-        let ring = take(&mut ebpf, "RECORDS")?;
+        let ring = take_data(&mut ebpf, "RECORDS")?;
         let mut kernel = Self {
             settings: take(&mut ebpf, "SETTINGS")?,
             ipv4: take(&mut ebpf, "IPV4")?,
             ipv6: take(&mut ebpf, "IPV6")?,
             ipv4_hosts: take(&mut ebpf, "IPV4_HOSTS")?,
             ipv6_hosts: take(&mut ebpf, "IPV6_HOSTS")?,
+            ipv4_host_table: HostTable::new(take_data(&mut ebpf, "IPV4_HOST_TABLE")?)?,
             ports: take(&mut ebpf, "PORTS")?,
             counters: take(&mut ebpf, "COUNTERS")?,
             lost_by_mask: take(&mut ebpf, "LOST_BY_MASK")?,
@@ -778,6 +791,7 @@ impl Kernel {
             self.put_prefix(net, None)?;
         }
         self.prefixes = prefixes;
+        self.ipv4_host_table.sync(&self.prefixes);
 
         let mut ports: HashMap<u16, u64> = HashMap::new();
         for (&slot, t) in &self.slots {
@@ -906,6 +920,54 @@ fn lookups<'a>(prefixes: impl Iterator<Item = &'a IpNet>) -> (u8, u8) {
         *family = (*family).max(lookup);
     }
     (v4, v6)
+}
+
+/// `IPV4_HOST_TABLE`, written in place through a shared mapping: a word
+/// at a time, with 8-byte stores the programs never see half done.
+struct HostTable {
+    words: Mapping,
+}
+
+impl HostTable {
+    fn new(map: MapData) -> Result<Self, Error> {
+        let len = HOST_TABLE_ENTRIES as usize * size_of::<[u64; 2]>();
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let words =
+            Mapping::new(map.fd().as_fd(), len, prot, 0).map_err(|source| Error::MapMemory {
+                name: "IPV4_HOST_TABLE",
+                source,
+            })?;
+        let mut table = Self { words };
+        table.sync(&HashMap::new());
+        Ok(table)
+    }
+
+    /// Gives each host bit the slots of the lowest targeted IPv4 address
+    /// with that bit (the others are found in `IPV4_HOSTS`), and empties
+    /// the rest; writes only the words that change.
+    fn sync(&mut self, prefixes: &HashMap<IpNet, u64>) {
+        let mut entries = [HOST_ENTRY_EMPTY; HOST_TABLE_ENTRIES as usize];
+        let mut hosts: Vec<([u8; 4], u64)> = prefixes
+            .iter()
+            .filter_map(|(net, &slots)| match net {
+                IpNet::V4(n) if n.prefix_len() == 32 => Some((n.addr().octets(), slots)),
+                _ => None,
+            })
+            .collect();
+        hosts.sort_unstable();
+        for (addr, slots) in hosts.into_iter().rev() {
+            entries[host_bit_v4(addr) as usize] = host_entry_v4(addr, slots);
+        }
+        for (i, word) in entries.into_iter().flatten().enumerate() {
+            // SAFETY: inside the mapping (two words per entry), 8-aligned
+            // (the mapping starts on a page), shared with the programs,
+            // which only read it.
+            let place = unsafe { &*self.words.at(i * 8).cast::<AtomicU64>() };
+            if place.load(Ordering::Relaxed) != word {
+                place.store(word, Ordering::Release);
+            }
+        }
+    }
 }
 
 /// `Settings::host_bits` of the whole addresses among `prefixes`.

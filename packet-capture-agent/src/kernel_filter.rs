@@ -319,14 +319,22 @@ pub fn translate(
     let done = asm.label();
 
     asm.mov64_reg(CTX, R1);
-    for word in 0..8 {
-        asm.push(insn(
-            op::ST | op::MEM | op::DW,
-            FP,
-            0,
-            SCRATCH + 8 * word,
-            0,
-        ));
+    // Classic scratch memory starts at zero; the verifier refuses a read of
+    // stack never written. Most programs never read it: they pay nothing.
+    let reads_scratch = classic.iter().zip(&reachable).any(|(i, &r)| {
+        let code = i.code as u8;
+        r && i.code <= 0xff && matches!(code & 0x07, op::LD | op::LDX) && code & 0xe0 == op::MEM
+    });
+    if reads_scratch {
+        for word in 0..8 {
+            asm.push(insn(
+                op::ST | op::MEM | op::DW,
+                FP,
+                0,
+                SCRATCH + 8 * word,
+                0,
+            ));
+        }
     }
     asm.mov32_imm(A, 0);
     asm.mov32_imm(X, 0);

@@ -8,6 +8,7 @@ pub mod ebpf;
 pub mod files;
 pub mod filter;
 pub mod kernel_filter;
+mod mmap;
 pub mod netlink;
 pub mod sync;
 pub mod tls;

@@ -14,7 +14,7 @@ use packet_capture_agent::capture::{
 };
 use packet_capture_agent::files::{CaptureDir, Compression};
 use packet_capture_agent::filter::selection_expression;
-use packet_capture_common::abi::MAX_SLOTS;
+use packet_capture_common::abi::{MAX_SLOTS, host_bit_v4};
 use packet_capture_common::crd::{CaptureState, OutputFormat, TargetDirection};
 use packet_capture_common::validate::{CaptureLimits, parse_target};
 use packet_capture_test_support::capfile::{self, Packet};
@@ -693,6 +693,67 @@ fn overlapping_captures_each_get_their_packets() {
                 let (theirs, _) = dump.finish();
                 assert_same(&capfile::read(Path::new(&ended.output_file)), &theirs, &id);
             }
+        },
+    );
+}
+
+/// Two targeted addresses whose host bit is the same: the programs' host
+/// table holds one of them, the other is found in the hash map, and when
+/// the first capture ends the table holds the second while the first
+/// address, no longer targeted, still shares its bit.
+#[test]
+fn addresses_sharing_a_host_bit_each_get_their_packets() {
+    each_backend(
+        "addresses_sharing_a_host_bit_each_get_their_packets",
+        |lab, engine, rt| {
+            // Addresses that differ in their last byte only never share a
+            // bit: the second is in another /24, routed to the peer.
+            let first = std::net::Ipv4Addr::new(10, 99, 0, 3);
+            let second = (256..u32::from(u16::MAX))
+                .map(|i| std::net::Ipv4Addr::from(u32::from(first) & 0xffff_0000 | i))
+                .find(|a| host_bit_v4(a.octets()) == host_bit_v4(first.octets()))
+                .expect("an address of 10.99.0.0/16 shares the bit of 10.99.0.3");
+            let (first, second) = (first.to_string(), second.to_string());
+            for addr in [&first, &second] {
+                run(lab.peer.command("ip").args([
+                    "addr",
+                    "add",
+                    &format!("{addr}/32"),
+                    "dev",
+                    &lab.veth.b,
+                ]));
+            }
+            run(lab.node.command("ip").args([
+                "route",
+                "add",
+                &format!("{second}/32"),
+                "dev",
+                &lab.veth.a,
+            ]));
+            let (dump_first, _) = lab.tcpdump_of(&spec(&[&first], &[], ""));
+            let (dump_second, _) = lab.tcpdump_of(&spec(&[&second], &[], ""));
+            let id_first = start(engine, spec(&[&first], &[], "")).id;
+            let id_second = start(engine, spec(&[&second], &[], "")).id;
+            lab.ping(&first, 3, 56);
+            lab.ping(&second, 3, 56);
+            lab.ping(PEER_V4, 2, 56);
+            let ended = stop(engine, rt, &id_first);
+            let (theirs, _) = dump_first.finish();
+            assert_same(
+                &capfile::read(Path::new(&ended.output_file)),
+                &theirs,
+                &first,
+            );
+            lab.ping(&first, 2, 56);
+            lab.ping(&second, 3, 100);
+            let ended = stop(engine, rt, &id_second);
+            let (theirs, _) = dump_second.finish();
+            assert!(theirs.len() >= 12, "tcpdump has all 6 echoes of {second}");
+            assert_same(
+                &capfile::read(Path::new(&ended.output_file)),
+                &theirs,
+                &second,
+            );
         },
     );
 }

@@ -164,6 +164,38 @@ pub fn host_bit_set(host_bits: &[u64; HOST_WORDS], bit: u32) -> bool {
     host_bits[bit as usize / 64 % HOST_WORDS] >> (bit % 64) & 1 != 0
 }
 
+/// Entries of `IPV4_HOST_TABLE`, one per host bit: the slots of one
+/// targeted IPv4 address whose bit it is, read without a hash lookup. The
+/// agent writes the table through a shared mapping, a word at a time, while
+/// the programs read it.
+pub const HOST_TABLE_ENTRIES: u32 = (HOST_WORDS * 64) as u32;
+
+/// The two words of a host table entry that holds `addr` with `slots`.
+/// Each word carries the whole address and half of the slots, so a reader
+/// that gets one word from before a change and one from after it either
+/// finds two different addresses, and takes the hash lookup, or the same
+/// address with every slot's bit as it was at one moment or the other.
+#[inline(always)]
+pub fn host_entry_v4(addr: [u8; 4], slots: u64) -> [u64; 2] {
+    let addr = u64::from(u32::from_ne_bytes(addr)) << 32;
+    [addr | (slots & 0xffff_ffff), addr | (slots >> 32)]
+}
+
+/// A host table entry that holds no address: its words name different
+/// ones, so it matches no packet.
+pub const HOST_ENTRY_EMPTY: [u64; 2] = [0, 1 << 32];
+
+/// The slots of `addr` in a host table entry, if the entry holds it.
+#[inline(always)]
+pub fn host_entry_slots(addr: [u8; 4], entry: [u64; 2]) -> Option<u64> {
+    let addr = u64::from(u32::from_ne_bytes(addr));
+    if entry[0] >> 32 == addr && entry[1] >> 32 == addr {
+        Some((entry[0] & 0xffff_ffff) | (entry[1] << 32))
+    } else {
+        None
+    }
+}
+
 /// No slot targets an address of the family: nothing to look up.
 pub const LOOKUP_NONE: u8 = 0;
 /// The slots target whole addresses only (/32, /128): a hash lookup
@@ -256,5 +288,33 @@ mod tests {
         assert_eq!(core::mem::size_of::<FilterState>(), 32);
         assert_eq!(core::mem::size_of::<Ipv4Key>(), 8);
         assert_eq!(core::mem::size_of::<Ipv6Key>(), 20);
+    }
+
+    #[test]
+    fn host_entries_match_their_address_and_torn_reads_mix_no_two() {
+        let (a, b) = ([10, 0, 0, 1], [10, 0, 0, 2]);
+        let before = host_entry_v4(a, 0x8000_0001_0000_0003);
+        let after = host_entry_v4(a, 0x0000_0001_0000_0000);
+        let other = host_entry_v4(b, u64::MAX);
+        assert_eq!(host_entry_slots(a, before), Some(0x8000_0001_0000_0003));
+        assert_eq!(host_entry_slots(b, before), None);
+        assert_eq!(host_entry_slots(b, other), Some(u64::MAX));
+        for addr in [[0, 0, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0], a] {
+            assert_eq!(host_entry_slots(addr, HOST_ENTRY_EMPTY), None);
+        }
+        // A word of one address and a word of another: neither matches.
+        for entry in [[before[0], other[1]], [other[0], before[1]]] {
+            assert_eq!(host_entry_slots(a, entry), None);
+            assert_eq!(host_entry_slots(b, entry), None);
+        }
+        // Two states of one address: each half of the slots from one.
+        assert_eq!(
+            host_entry_slots(a, [before[0], after[1]]),
+            Some(0x0000_0001_0000_0003)
+        );
+        assert_eq!(
+            host_entry_slots(a, [after[0], before[1]]),
+            Some(0x8000_0001_0000_0000)
+        );
     }
 }

@@ -46,9 +46,10 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use packet_capture_common::abi::{
     API_V4, API_V6, DEFAULT_RING_BYTES, DIRECTION_EGRESS, DIRECTION_INGRESS,
-    FILTER_PROGRAM_ENTRIES, FilterState, LINK_ETHERNET, LINK_RAW_IP, LOOKUP_EXACT, LOOKUP_PREFIX,
-    LOST_MASKS, MAX_PREFIXES, MAX_SLOTS, MAX_SNAPLEN, PORT_ENTRIES, RECORD_HEADER_LEN,
-    RecordHeader, Settings, counter, filter_program, host_bit_set, host_bit_v4, host_bit_v6,
+    FILTER_PROGRAM_ENTRIES, FilterState, HOST_TABLE_ENTRIES, LINK_ETHERNET, LINK_RAW_IP,
+    LOOKUP_EXACT, LOOKUP_PREFIX, LOST_MASKS, MAX_PREFIXES, MAX_SLOTS, MAX_SNAPLEN, PORT_ENTRIES,
+    RECORD_HEADER_LEN, RecordHeader, Settings, counter, filter_program, host_bit_set, host_bit_v4,
+    host_bit_v6, host_entry_slots,
 };
 
 /// Neither pass nor drop: let the next program or filter decide, as if this
@@ -142,6 +143,16 @@ static IPV4_HOSTS: HashMap<[u8; 4], u64> =
 #[map]
 static IPV6_HOSTS: HashMap<[u8; 16], u64> =
     HashMap::with_max_entries(MAX_PREFIXES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Host bit -> one targeted IPv4 address with that bit and its slots
+/// ([`host_entry_v4`]), looked up before `IPV4_HOSTS`: an array lookup the
+/// verifier inlines costs a few instructions, the hash lookup a hash, a
+/// bucket walk and a key compare. An address the entry does not hold (a
+/// second one with the same bit, or an entry read while it changes) is
+/// looked up in `IPV4_HOSTS`, which holds every one.
+#[map]
+static IPV4_HOST_TABLE: Array<[u64; 2]> =
+    Array::with_max_entries(HOST_TABLE_ENTRIES, aya_ebpf::bindings::BPF_F_MMAPABLE);
 
 /// Port number -> slots that target it.
 #[map]
@@ -889,9 +900,27 @@ fn no_match(any_ip: u64) -> Selectors {
 #[inline(always)]
 fn ipv4_slots(settings: &Settings, addr: [u8; 4]) -> u64 {
     match settings.v4_lookup {
-        LOOKUP_EXACT if !host_bit_set(&settings.host_bits, host_bit_v4(addr)) => 0,
-        // SAFETY: a copy of the value is taken at once.
-        LOOKUP_EXACT => unsafe { IPV4_HOSTS.get(&addr) }.copied().unwrap_or(0),
+        LOOKUP_EXACT => {
+            let bit = host_bit_v4(addr);
+            if !host_bit_set(&settings.host_bits, bit) {
+                return 0;
+            }
+            if let Some(entry) = IPV4_HOST_TABLE.get_ptr(bit) {
+                // SAFETY: the entry is inside the map; each word is read
+                // once, whole (the agent writes them with 8-byte stores).
+                let words = unsafe {
+                    [
+                        core::ptr::read_volatile(entry.cast::<u64>()),
+                        core::ptr::read_volatile(entry.cast::<u64>().add(1)),
+                    ]
+                };
+                if let Some(slots) = host_entry_slots(addr, words) {
+                    return slots;
+                }
+            }
+            // SAFETY: a copy of the value is taken at once.
+            unsafe { IPV4_HOSTS.get(&addr) }.copied().unwrap_or(0)
+        }
         LOOKUP_PREFIX => IPV4.get(&Key::new(32, addr)).copied().unwrap_or(0),
         _ => 0,
     }

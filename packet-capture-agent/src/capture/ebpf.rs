@@ -11,13 +11,13 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use aya::maps::{MapData, RingBuf};
 use packet_capture_common::abi::{
     DIRECTION_INGRESS, LINK_RAW_IP, MAX_SLOTS, RECORD_HEADER_LEN, RecordHeader, counter,
 };
 
 use super::backend::{Backend, BackendError, Ended, EndedTx, Running, Selection};
 use super::poll::wait_readable;
+use super::ring::Ring;
 use super::sink::{EndReason, Sink};
 use crate::ebpf::{Kernel, LinkKind, SlotTargets, TcAttach};
 use crate::filter::FilterPlace;
@@ -33,10 +33,6 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// under a flood that refills the ring as fast as it is read, a start or a
 /// stop waits for one batch, not for the flood to end.
 const BATCH: usize = 4096;
-
-/// Bytes the kernel puts before each record in the ring, which also keeps
-/// records 8-byte aligned (`BPF_RINGBUF_HDR_SZ`).
-const RING_RECORD_HEADER: u64 = 8;
 
 enum Command {
     /// Install a sink; the reader answers on `installed` once it is in place.
@@ -116,6 +112,7 @@ impl EbpfBackend {
         ended: EndedTx,
     ) -> Result<Self, BackendError> {
         let (mut kernel, ring) = Kernel::load(ring_bytes)?;
+        let ring = Ring::new(ring, ring_bytes).map_err(BackendError::Reader)?;
         kernel.set_tc_attach(tc_attach);
         kernel.set_own_api(own_api)?;
         for (program, verified, bytes) in kernel.program_sizes() {
@@ -336,18 +333,14 @@ impl Drop for SlotCapture {
 /// A capture asked to end whose records may still be in the ring.
 struct Ending {
     reason: EndReason,
-    /// [`Reader::consumed`] past which none of them can be left.
+    /// [`Ring::position`] past which none of them can be left.
     until: u64,
 }
 
 struct Reader {
-    ring: RingBuf<MapData>,
+    ring: Ring,
     /// The ring's size: at most this many bytes of records wait in it.
     ring_bytes: u64,
-    /// Bytes of records taken from the ring since the reader started (as
-    /// the kernel lays them out; discarded records, which the reader never
-    /// sees, are not counted, so this only ever lags behind).
-    consumed: u64,
     commands: Receiver<Command>,
     /// Readable when commands wait.
     woken: OwnedFd,
@@ -363,7 +356,7 @@ struct Reader {
 
 impl Reader {
     fn new(
-        ring: RingBuf<MapData>,
+        ring: Ring,
         ring_bytes: u32,
         commands: Receiver<Command>,
         woken: OwnedFd,
@@ -372,7 +365,6 @@ impl Reader {
         Self {
             ring,
             ring_bytes: ring_bytes.into(),
-            consumed: 0,
             commands,
             woken,
             ended,
@@ -426,7 +418,7 @@ impl Reader {
             for slot in 0..MAX_SLOTS {
                 let due = self.ending[slot]
                     .as_ref()
-                    .is_some_and(|e| emptied || self.consumed >= e.until);
+                    .is_some_and(|e| emptied || self.ring.position() >= e.until);
                 if due && let Some(e) = self.ending[slot].take() {
                     finish(&mut self.sinks[slot], &self.ended, e.reason);
                 }
@@ -463,7 +455,7 @@ impl Reader {
                 if self.sinks[slot].is_some() && self.ending[slot].is_none() {
                     self.ending[slot] = Some(Ending {
                         reason,
-                        until: self.consumed + self.ring_bytes,
+                        until: self.ring.position() + self.ring_bytes,
                     });
                 }
             }
@@ -486,7 +478,6 @@ impl Reader {
             let Some(item) = self.ring.next() else {
                 return true;
             };
-            self.consumed += (RING_RECORD_HEADER + item.len() as u64).next_multiple_of(8);
             if item.len() < RECORD_HEADER_LEN {
                 continue;
             }

@@ -17,6 +17,7 @@ pub mod links;
 mod pcap;
 mod pods;
 mod poll;
+mod ring;
 pub mod sink;
 
 use std::collections::{BTreeMap, BTreeSet};
