@@ -220,6 +220,7 @@ pub struct Kernel {
     ports: Array<MapData, u64>,
     counters: PerCpuArray<MapData, u64>,
     lost_by_mask: PerCpuHashMap<MapData, u64, u64>,
+    lost_by_slot: PerCpuArray<MapData, u64>,
     /// The programs' `.bss`: `DIAGNOSTICS`, their only mutable global.
     diagnostics: Array<MapData, u64>,
     /// The hooks that have said they run, and the diagnostics' per-CPU
@@ -243,7 +244,7 @@ pub struct Kernel {
     /// What the maps hold now, so updates only touch what changed.
     prefixes: HashMap<IpNet, u64>,
     port_masks: HashMap<u16, u64>,
-    wakeup_bytes: u32,
+    ring_bytes: u32,
     /// Attach with TCX links rather than netlink filters.
     tcx: bool,
     /// The agent API's address: its TCP is never captured.
@@ -336,6 +337,7 @@ impl Kernel {
             ports: take(&mut ebpf, "PORTS")?,
             counters: take(&mut ebpf, "COUNTERS")?,
             lost_by_mask: take(&mut ebpf, "LOST_BY_MASK")?,
+            lost_by_slot: take(&mut ebpf, "LOST_BY_SLOT")?,
             diagnostics: take(&mut ebpf, ".bss")?,
             hooks_seen: take(&mut ebpf, "HOOKS_SEEN")?,
             diag_state: take(&mut ebpf, "DIAG_STATE")?,
@@ -352,7 +354,7 @@ impl Kernel {
             slots: HashMap::new(),
             prefixes: HashMap::new(),
             port_masks: HashMap::new(),
-            wakeup_bytes: ring_bytes / 16,
+            ring_bytes,
             tcx: TcAttach::Auto.tcx(),
             own_api: None,
         };
@@ -728,7 +730,8 @@ impl Kernel {
 
     fn write_settings(&mut self) -> Result<(), Error> {
         let mut s = Settings {
-            wakeup_bytes: self.wakeup_bytes,
+            ring_bytes: self.ring_bytes,
+            wakeup_bytes: self.ring_bytes / 16,
             ..Default::default()
         };
         if let Some(api) = self.own_api {
@@ -863,7 +866,11 @@ impl Kernel {
     /// the agent started (callers keep a baseline per capture).
     pub fn slot_lost(&self, slot: usize) -> Result<u64, Error> {
         let bit = 1u64 << slot;
-        let mut lost = 0;
+        let alone = self
+            .lost_by_slot
+            .get(&(slot as u32), 0)
+            .map_err(map_err("LOST_BY_SLOT"))?;
+        let mut lost: u64 = alone.iter().sum();
         for entry in self.lost_by_mask.iter() {
             let (mask, values) = entry.map_err(map_err("LOST_BY_MASK"))?;
             if mask & bit != 0 {

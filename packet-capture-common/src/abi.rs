@@ -129,7 +129,9 @@ pub struct Settings {
     /// [`LOOKUP_EXACT`] or [`LOOKUP_PREFIX`].
     pub v4_lookup: u8,
     pub v6_lookup: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 2],
+    /// The ring buffer's size in bytes.
+    pub ring_bytes: u32,
 }
 
 /// Words of `Settings::host_bits`: 512 bits, one in 8 set with 64 target

@@ -34,7 +34,10 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{__sk_buff, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{
+        __sk_buff, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_RINGBUF_HDR_SZ,
+    },
     helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{classifier, map},
     maps::{
@@ -186,6 +189,12 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 #[map]
 static LOST_BY_MASK: PerCpuHashMap<u64, u64> =
     PerCpuHashMap::with_max_entries(LOST_MASKS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Lost packets that one slot alone wanted, by slot: the common case of a
+/// flood, counted with an array lookup the verifier inlines rather than a
+/// hash lookup per packet.
+#[map]
+static LOST_BY_SLOT: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SLOTS as u32, 0);
 
 /// What sets one program apart from the others, known when it is compiled.
 trait Hook {
@@ -494,6 +503,7 @@ struct Record {
     orig_len: u32,
     cap_len: u32,
     wakeup_bytes: u32,
+    ring_bytes: u32,
     direction: u8,
     link: u8,
 }
@@ -531,33 +541,45 @@ fn emit(
         orig_len,
         cap_len,
         wakeup_bytes: settings.wakeup_bytes,
+        ring_bytes: settings.ring_bytes,
         direction,
         link,
     };
     let need = RECORD_HEADER_LEN as u32 + cap_len;
     macro_rules! by_size {
         ($($size:literal),+ $(,)?) => {
-            $(if need <= $size {
-                emit_in::<$size>(ctx, &record);
-                return;
-            })+
+            'sized: {
+                $(if need <= $size {
+                    break 'sized emit_in::<$size>(ctx, &record);
+                })+
+                None
+            }
         };
     }
-    // The last holds a header and MAX_SNAPLEN bytes.
-    by_size!(
+    // The last holds a header and MAX_SNAPLEN bytes. Losses are counted
+    // here, once for every size.
+    let lost = by_size!(
         128, 256, 512, 1024, 1536, 1600, 2048, 4096, 9088, 16384, 32768, 65664, 131136, 262192,
     );
+    if let Some(counter) = lost {
+        count(counter);
+        count_lost(mask);
+    }
 }
 
 /// Reserves an `N`-byte record, writes the header and copies the packet
-/// into it, and submits it (or counts it lost when the ring is full).
+/// into it, and submits it; or says which counter the loss goes to.
 #[inline(always)]
-fn emit_in<const N: usize>(ctx: &TcContext, r: &Record) {
+fn emit_in<const N: usize>(ctx: &TcContext, r: &Record) -> Option<u32> {
     let waiting_before = RECORDS.query(BPF_RB_AVAIL_DATA as u64);
+    // A ring that has not the room refuses the reservation anyway; seeing
+    // it from the bytes already waiting spares the ring's lock, which a
+    // flood the reader cannot keep up with would take for every packet.
+    if waiting_before + (BPF_RINGBUF_HDR_SZ as usize + N) as u64 >= u64::from(r.ring_bytes) {
+        return Some(counter::RING_LOST);
+    }
     let Some(mut entry) = RECORDS.reserve_bytes(N, 0) else {
-        count(counter::RING_LOST);
-        count_lost(r.mask);
-        return;
+        return Some(counter::RING_LOST);
     };
     let skb = skb_of(ctx);
     // SAFETY: the TC context points at a valid __sk_buff.
@@ -575,6 +597,7 @@ fn emit_in<const N: usize>(ctx: &TcContext, r: &Record) {
     // SAFETY: the reservation holds N >= 128 bytes, 8-aligned, so the
     // header fits; the copy is bounded by N - RECORD_HEADER_LEN below, which
     // the verifier checks too.
+    let mut lost = None;
     let copied = unsafe {
         // One volatile store per field: LLVM would merge plain stores of
         // zeros into a memset, a byte loop whose variable pointer arithmetic
@@ -620,8 +643,7 @@ fn emit_in<const N: usize>(ctx: &TcContext, r: &Record) {
             if len == 0 {
                 false
             } else if bpf_skb_load_bytes(skb.cast(), 0, data.cast(), len as u32) != 0 {
-                count(counter::LOAD_FAILED);
-                count_lost(r.mask);
+                lost = Some(counter::LOAD_FAILED);
                 false
             } else {
                 true
@@ -648,6 +670,7 @@ fn emit_in<const N: usize>(ctx: &TcContext, r: &Record) {
     } else {
         entry.discard(flags);
     }
+    lost
 }
 
 /// Bytes of the common frame, untagged IPv4 without options: the Ethernet
@@ -1098,9 +1121,17 @@ fn count(index: u32) {
     }
 }
 
-/// Records a lost packet under the mask of the slots that wanted it.
+/// Records a lost packet under the slot, or the mask of the slots, that
+/// wanted it.
 #[inline(always)]
 fn count_lost(mask: u64) {
+    if mask & mask.wrapping_sub(1) == 0 {
+        if let Some(c) = LOST_BY_SLOT.get_ptr_mut(bit_index(mask)) {
+            // SAFETY: a per-CPU value is only touched by programs on this CPU.
+            unsafe { *c += 1 };
+        }
+        return;
+    }
     if let Some(c) = LOST_BY_MASK.get_ptr_mut(&mask) {
         // SAFETY: a per-CPU value is only touched by programs on this CPU.
         unsafe { *c += 1 };
