@@ -181,8 +181,9 @@ static FILTERED: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_SLOTS as u
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// Matched packets the ring buffer had no room for, by the mask of slots
-/// that wanted them (user space charges each slot its share). A map keyed
+/// Matched packets the ring buffer had no room for that several slots
+/// wanted, by the mask of those slots (user space charges each slot its
+/// share; a packet one slot alone wanted is in `LOST_BY_SLOT`). A map keyed
 /// by mask keeps the program free of a per-slot loop. Not preallocated:
 /// a few masks ever lose packets, and preallocation would hold every
 /// entry's value once per CPU (megabytes on a large node) from load on.
