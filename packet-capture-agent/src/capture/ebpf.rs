@@ -128,7 +128,7 @@ impl EbpfBackend {
         let wake = unsafe { OwnedFd::from_raw_fd(raw) };
         let woken = wake.try_clone().map_err(BackendError::Reader)?;
         let reader = spawn_essential("ring-reader".into(), move || {
-            Reader::new(ring, ring_bytes, rx, woken, ended).run()
+            Reader::new(ring, rx, woken, ended).run()
         })
         .map_err(BackendError::Reader)?;
         Ok(Self {
@@ -339,8 +339,6 @@ struct Ending {
 
 struct Reader {
     ring: Ring,
-    /// The ring's size: at most this many bytes of records wait in it.
-    ring_bytes: u64,
     commands: Receiver<Command>,
     /// Readable when commands wait.
     woken: OwnedFd,
@@ -355,16 +353,9 @@ struct Reader {
 }
 
 impl Reader {
-    fn new(
-        ring: Ring,
-        ring_bytes: u32,
-        commands: Receiver<Command>,
-        woken: OwnedFd,
-        ended: EndedTx,
-    ) -> Self {
+    fn new(ring: Ring, commands: Receiver<Command>, woken: OwnedFd, ended: EndedTx) -> Self {
         Self {
             ring,
-            ring_bytes: ring_bytes.into(),
             commands,
             woken,
             ended,
@@ -455,7 +446,7 @@ impl Reader {
                 if self.sinks[slot].is_some() && self.ending[slot].is_none() {
                     self.ending[slot] = Some(Ending {
                         reason,
-                        until: self.ring.position() + self.ring_bytes,
+                        until: self.ring.position() + self.ring.bytes(),
                     });
                 }
             }

@@ -75,6 +75,11 @@ impl Ring {
         Ok(ring)
     }
 
+    /// The ring's size: at most this many bytes of records wait in it.
+    pub fn bytes(&self) -> u64 {
+        self.mask + 1
+    }
+
     /// Bytes of records read since the map was created, discarded ones
     /// included.
     pub fn position(&self) -> u64 {
