@@ -680,22 +680,27 @@ const COMMON_HEAD: usize = ETH_HLEN + IPV4_MIN_LEN + 4;
 
 #[inline(always)]
 fn parse_ethernet(ctx: &TcContext, settings: &Settings) -> Selectors {
-    // The common frame costs one helper call (each costs about as much as
-    // the parsing): every field it needs, read at once.
-    if let Ok(head) = ctx.load::<[u8; COMMON_HEAD]>(0)
-        && head[12] == 0x08
-        && head[13] == 0x00
-        && head[ETH_HLEN] == 0x45
-    {
-        // SAFETY: the IP header and the 4 bytes after it are inside `head`.
-        let (ip, after) = unsafe {
-            let at = head.as_ptr().add(ETH_HLEN);
-            (
-                *at.cast::<[u8; IPV4_MIN_LEN]>(),
-                *at.add(IPV4_MIN_LEN).cast::<[u8; 4]>(),
-            )
-        };
-        return ipv4_selectors(ctx, &ip, ETH_HLEN, Some(after), settings);
+    // The common frame is read in place: its head is nearly always in the
+    // skb's linear area (the bytes from `data` to `data_end`), and loads at
+    // constant offsets there cost less than a helper call, whose copy the
+    // next loads would wait for. A head outside it, and every other frame,
+    // goes through the helper, which reads any offset.
+    let start = ctx.data();
+    if start + COMMON_HEAD <= ctx.data_end() {
+        // SAFETY: the frame's first COMMON_HEAD bytes are in the linear
+        // area, as checked above (the verifier checks it too).
+        let head = unsafe { &*(start as *const [u8; COMMON_HEAD]) };
+        if head[12] == 0x08 && head[13] == 0x00 && head[ETH_HLEN] == 0x45 {
+            // SAFETY: the IP header and the 4 bytes after it are in `head`.
+            let (ip, after) = unsafe {
+                let at = head.as_ptr().add(ETH_HLEN);
+                (
+                    &*at.cast::<[u8; IPV4_MIN_LEN]>(),
+                    *at.add(IPV4_MIN_LEN).cast::<[u8; 4]>(),
+                )
+            };
+            return ipv4_selectors(ctx, ip, ETH_HLEN, Some(after), settings);
+        }
     }
     let mut offset = ETH_HLEN;
     let Ok(mut proto) = ctx.load::<u16>(12).map(u16::from_be) else {
