@@ -137,7 +137,7 @@ struct Measured {
     pps: f64,
     /// Frames the receiver's interface took.
     offered: u64,
-    /// The capturer's process CPU (utime + stime), seconds.
+    /// The capturer's process CPU (user + system), seconds.
     capturer_cpu: Option<f64>,
     /// All CPUs' softirq time, seconds.
     softirq: f64,
@@ -358,7 +358,7 @@ fn markdown(runs: &[Measured], args: &Args) -> String {
          the generator's flood at its top rate, medians of {} runs of {} s. *Rate loss* is the \
          generator's rate against the same frames with nothing capturing (the capturers' work \
          runs in softirq on the sending CPU, so what they cost per packet slows the sender); \
-         *capturer CPU* is the capturer's process (utime + stime) per offered packet; OTHER is \
+         *capturer CPU* is the capturer's process CPU time (user + system) per offered packet; OTHER is \
          {OTHER_IP}, which no packet of the flood names. The agent's ring and tcpdump's buffer \
          are {RING_MB} MiB each.\n\n{}\n\n{}\n\n{END}\n",
         args.seconds,

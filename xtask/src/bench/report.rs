@@ -73,9 +73,6 @@ struct Stats {
     system_ns: f64,
     /// System-wide softirq nanoseconds per offered packet.
     softirq_ns: f64,
-    /// One clock tick of CPU time per captured packet: the resolution of
-    /// `process_ns`.
-    tick_ns: f64,
 }
 
 fn stats(runs: &[&Run], tool: Tool) -> Option<Stats> {
@@ -87,7 +84,6 @@ fn stats(runs: &[&Run], tool: Tool) -> Option<Stats> {
         process_ns: m(&|_, x| 1e9 * x.cpu / x.captured.max(1) as f64)?,
         system_ns: med(runs, |r| Some(system_ns(r)))?,
         softirq_ns: med(runs, |r| Some(softirq_ns(r)))?,
-        tick_ns: m(&|_, x| 1e9 / (super::procstat::ticks_per_second() * x.captured.max(1) as f64))?,
     })
 }
 
@@ -256,8 +252,8 @@ fn loss_table(o: &mut String, report: &Report, size: usize) {
 fn cost_table(o: &mut String, report: &Report, size: usize) {
     let _ = writeln!(
         o,
-        "## {size}-byte frames: CPU\n\n*process* = the capturer's utime + stime \
-         (`/proc/<pid>/stat`) per captured packet; *system* = busy time of all CPUs \
+        "## {size}-byte frames: CPU\n\n*process* = the capturer's CPU time, user and \
+         system (its CPU-time clock), per captured packet; *system* = busy time of all CPUs \
          (`/proc/stat`: user, system, irq, softirq, steal) per offered packet, which includes \
          the generator, the receive path and the kernel side of capturing, and whatever else \
          ran on the machine; in brackets the softirq part of it (the receive path, the TC \
@@ -569,8 +565,7 @@ pub fn targets_section(report: &Report) -> String {
                 }
                 if mode == Mode::Tcpdump {
                     cpu_cells += 1;
-                    // Within one clock tick is a tie.
-                    if a.process_ns > t.process_ns + a.tick_ns.max(t.tick_ns) {
+                    if a.process_ns > t.process_ns {
                         cpu_misses.push(format!(
                             "{at}: {:.0} vs {:.0} ns (+{:.0}%)",
                             a.process_ns,
@@ -722,7 +717,8 @@ again from saved results without running anything.
   its file is whole; tcpdump is asked for its counters (SIGUSR1) until
   captured + dropped = received, then stopped with SIGINT, and its "dropped
   by kernel" is read from its last words. CPU: the capturer's
-  utime + stime from `/proc/<pid>/stat`, and the busy time of all CPUs from
+  CPU-time clock (`clock_getcpuclockid`: user and system time of all its
+  threads, to the nanosecond), and the busy time of all CPUs from
   `/proc/stat` (softirq included), over that window.
 - **Counting**: offered = the receiver veth's `rx_packets` over the run (the
   generator's own count is shown beside it); captured = distinct sequence
@@ -891,7 +887,7 @@ fn cpu_plot(report: &Report, path: &Path) -> anyhow::Result<()> {
     line_chart(
         path,
         "CPU of the capturing process per captured packet (alone)",
-        "ns per packet (utime + stime)",
+        "ns per packet (user + system)",
         &labels,
         &[
             (
