@@ -9,39 +9,44 @@
 //! real repeat (a retransmission, a datagram an application sent twice) and
 //! is kept; so is one seen again after the window.
 
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
-
 use crate::writer::{Direction, Meta};
 
 /// How long after a packet is seen a sighting at another place is taken
 /// for a copy of it. Crossing a node takes microseconds.
 pub const WINDOW_NS: u64 = 20_000_000;
-/// Sightings remembered at most (the oldest are forgotten first).
-const CAPACITY: usize = 16_384;
+/// Sightings remembered: sets of [`WAYS`], chosen by the identity.
+const SETS: usize = 4096;
+const WAYS: usize = 4;
 
-/// Where a packet was seen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Place {
-    ifindex: u32,
-    direction: Direction,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Sighting {
-    at_ns: u64,
-    place: Place,
-}
-
-/// The packets one capture has seen lately. It grows with the traffic, up
-/// to [`CAPACITY`] sightings (under a megabyte), and stays that size.
-#[derive(Debug, Default)]
+/// The packets one capture has seen lately, in a table of fixed size
+/// (16,384 sightings, 384 KiB, its pages taken as the traffic fills them):
+/// a sighting replaces the oldest of its set. A copy is found unless four
+/// other packets of its set came between it and the original, which
+/// crossing a node leaves no time for; one that is not found is recorded,
+/// never another packet dropped.
+#[derive(Debug)]
 pub struct Copies {
-    seen: HashMap<u64, Sighting, BuildHasherDefault<Prehashed>>,
-    /// (when, identity) in the order sightings were recorded, to forget
-    /// them; an entry whose sighting was renewed since is skipped.
-    order: VecDeque<(u64, u64)>,
+    /// Per sighting: the packet's identity, when, and where (the
+    /// interface index and the direction, see [`place`]). An entry never
+    /// written is a sighting in 1970, outside any packet's window.
+    ids: Vec<u64>,
+    at_ns: Vec<u64>,
+    places: Vec<u64>,
+}
+
+impl Default for Copies {
+    fn default() -> Self {
+        // Zeroed vectors come from zeroed pages, touched only when used.
+        Self {
+            ids: vec![0; SETS * WAYS],
+            at_ns: vec![0; SETS * WAYS],
+            places: vec![0; SETS * WAYS],
+        }
+    }
+}
+
+fn place(meta: &Meta) -> u64 {
+    u64::from(meta.ifindex) << 1 | u64::from(meta.direction == Direction::Out)
 }
 
 impl Copies {
@@ -52,42 +57,22 @@ impl Copies {
             return false;
         };
         let now = meta.unix_ns;
-        self.forget_before(now.saturating_sub(WINDOW_NS));
-        let place = Place {
-            ifindex: meta.ifindex,
-            direction: meta.direction,
-        };
-        let sighting = Sighting { at_ns: now, place };
-        match self.seen.entry(id) {
-            Entry::Occupied(first)
-                if first.get().place != place
-                    && now.saturating_sub(first.get().at_ns) < WINDOW_NS =>
-            {
-                return true;
-            }
-            Entry::Occupied(mut first) => *first.get_mut() = sighting,
-            Entry::Vacant(slot) => {
-                slot.insert(sighting);
-            }
+        let here = place(meta);
+        let set = (id as usize % SETS) * WAYS..(id as usize % SETS + 1) * WAYS;
+        let seen = set.clone().find(|&i| self.ids[i] == id);
+        if let Some(i) = seen
+            && self.places[i] != here
+            && now.saturating_sub(self.at_ns[i]) < WINDOW_NS
+        {
+            return true;
         }
-        self.order.push_back((now, id));
+        // A repeat renews its own sighting; a new packet takes the oldest.
+        let slot =
+            seen.unwrap_or_else(|| set.min_by_key(|&i| self.at_ns[i]).expect("a set has ways"));
+        self.ids[slot] = id;
+        self.at_ns[slot] = now;
+        self.places[slot] = here;
         false
-    }
-
-    /// Forgets the sightings from before `t`, and the oldest beyond
-    /// [`CAPACITY`].
-    fn forget_before(&mut self, t: u64) {
-        while let Some(&(at, id)) = self.order.front() {
-            if at >= t && self.order.len() < CAPACITY {
-                break;
-            }
-            self.order.pop_front();
-            if let Entry::Occupied(s) = self.seen.entry(id)
-                && s.get().at_ns == at
-            {
-                s.remove();
-            }
-        }
     }
 }
 
@@ -124,7 +109,7 @@ pub fn identity(frame: &[u8]) -> Option<u64> {
         ethertype = u16::from_be_bytes(frame.get(at..at + 2)?.try_into().ok()?);
     }
     let packet = &frame[at + 2..];
-    let mut hash = Fnv::default();
+    let mut hash = Mix::new(ethertype);
     match ethertype {
         ETHERTYPE_IPV4 => {
             let header_len = usize::from(packet.first()? & 0x0f) * 4;
@@ -149,25 +134,7 @@ pub fn identity(frame: &[u8]) -> Option<u64> {
         ETHERTYPE_ARP => hash.write(packet.get(..28)?),
         _ => return None,
     }
-    Some(hash.0)
-}
-
-/// The map's hasher: an [`identity`] is a hash already, used as it is.
-#[derive(Debug, Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, _: &[u8]) {
-        unreachable!("only u64 keys")
-    }
-
-    fn write_u64(&mut self, id: u64) {
-        self.0 = id;
-    }
+    Some(hash.finish())
 }
 
 /// Up to 8 bytes of `packet` from `start`.
@@ -176,20 +143,46 @@ fn after(packet: &[u8], start: usize) -> &[u8] {
     &packet[start..packet.len().min(start + 8)]
 }
 
-/// 64-bit FNV-1a.
-struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
+/// The hash of an [`identity`]: 8 bytes at a time, each mixed in by a 64 ×
+/// 64 → 128-bit multiply whose halves are folded together (as foldhash
+/// does), and the length of every write at the end, so that bytes moved
+/// from one write to the next change it. A few multiplies a packet, where
+/// a byte at a time (FNV) took one per byte, each waiting for the last.
+struct Mix {
+    hash: u64,
+    /// The writes' lengths, a byte each (none is over 32 bytes).
+    lengths: u64,
 }
 
-impl Fnv {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+/// 2^64 / φ, odd: its bits have no pattern.
+const MULTIPLIER: u64 = 0x9e37_79b9_7f4a_7c15;
+const FINAL_MULTIPLIER: u64 = 0xc2b2_ae3d_27d4_eb4f;
+
+fn folded_multiply(a: u64, b: u64) -> u64 {
+    let product = u128::from(a) * u128::from(b);
+    product as u64 ^ (product >> 64) as u64
+}
+
+impl Mix {
+    /// A hash of the packet kind's bytes: one kind's never meets another's.
+    fn new(kind: u16) -> Self {
+        Self {
+            hash: u64::from(kind),
+            lengths: 0,
         }
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.hash = folded_multiply(self.hash ^ u64::from_le_bytes(word), MULTIPLIER);
+        }
+        self.lengths = self.lengths << 8 | bytes.len() as u64;
+    }
+
+    fn finish(&self) -> u64 {
+        folded_multiply(self.hash ^ self.lengths, FINAL_MULTIPLIER)
     }
 }
 
@@ -258,6 +251,23 @@ mod tests {
     }
 
     #[test]
+    fn packets_that_differ_in_one_field_never_share_an_identity() {
+        // A sender's datagrams: the identification counts up and wraps,
+        // the source port moves on at each wrap.
+        let mut seen = std::collections::HashSet::new();
+        for n in 0..200_000u32 {
+            let mut frame = udp4(1, 64, n as u16, 0x4000);
+            frame[34..36].copy_from_slice(&((n >> 16) as u16).to_be_bytes());
+            assert!(seen.insert(identity(&frame).unwrap()), "datagram {n}");
+        }
+        // A frame cut inside the bytes after the IP header, where what is
+        // cut off is zeros: only the lengths tell them apart.
+        let mut whole = udp4(1, 64, 7, 0x4000);
+        whole[40..42].fill(0);
+        assert_ne!(identity(&whole), identity(&whole[..40]));
+    }
+
+    #[test]
     fn a_packet_is_kept_where_it_is_first_seen() {
         let mut copies = Copies::default();
         let (veth, eth0) = (5, 2);
@@ -276,13 +286,26 @@ mod tests {
     }
 
     #[test]
-    fn what_it_remembers_is_bounded() {
+    fn a_copy_is_found_behind_other_packets_and_what_is_remembered_is_bounded() {
+        let (veth, eth0) = (5, 2);
+        let packet = udp4(1, 64, 7, 0x4000);
+        let others = |n: u32| (0..n).map(|id| udp4(1, 64, 1000 + id as u16, (id >> 16) as u16));
+
         let mut copies = Copies::default();
-        for id in 0..(3 * CAPACITY) as u16 {
-            copies.is_copy(&meta(0, 1, Direction::In), &udp4(1, 64, id, 0));
+        assert!(!copies.is_copy(&meta(0, veth, Direction::In), &packet));
+        for other in others(64) {
+            copies.is_copy(&meta(0, veth, Direction::In), &other);
         }
-        assert!(copies.seen.len() <= CAPACITY && copies.order.len() <= CAPACITY);
-        copies.is_copy(&meta(100, 1, Direction::In), &udp4(1, 64, 0, 0));
-        assert_eq!(copies.seen.len(), 1, "older than the window: forgotten");
+        assert!(copies.is_copy(&meta(1, eth0, Direction::Out), &packet));
+        assert!(!copies.is_copy(&meta(25, eth0, Direction::Out), &packet));
+
+        // Behind more packets than the table holds, the original is
+        // forgotten: its copy is recorded as a packet of its own.
+        let mut copies = Copies::default();
+        assert!(!copies.is_copy(&meta(0, veth, Direction::In), &packet));
+        for other in others((2 * SETS * WAYS) as u32) {
+            copies.is_copy(&meta(0, veth, Direction::In), &other);
+        }
+        assert!(!copies.is_copy(&meta(1, eth0, Direction::Out), &packet));
     }
 }

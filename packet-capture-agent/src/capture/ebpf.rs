@@ -16,7 +16,7 @@ use packet_capture_common::abi::{
 };
 
 use super::backend::{Backend, BackendError, Ended, EndedTx, Running, Selection};
-use super::poll::wait_readable;
+use super::poll::Waiter;
 use super::ring::Ring;
 use super::sink::{EndReason, Sink};
 use crate::ebpf::{Kernel, LinkKind, SlotTargets, TcAttach};
@@ -28,6 +28,10 @@ use crate::writer::{Direction, Meta};
 /// How long records may wait in the ring before the reader looks (the
 /// programs only wake it for a full batch).
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The reader's [`Waiter`] tokens.
+const RING_READY: u64 = 1;
+const WOKEN: u64 = 2;
 
 /// Records the reader hands out before it looks at its commands again:
 /// under a flood that refills the ring as fast as it is read, a start or a
@@ -127,8 +131,13 @@ impl EbpfBackend {
         // SAFETY: a fresh descriptor nobody else owns.
         let wake = unsafe { OwnedFd::from_raw_fd(raw) };
         let woken = wake.try_clone().map_err(BackendError::Reader)?;
+        let waiter = Waiter::new().map_err(BackendError::Reader)?;
+        waiter
+            .watch(ring.as_raw_fd(), RING_READY, true)
+            .and_then(|()| waiter.watch(woken.as_raw_fd(), WOKEN, false))
+            .map_err(BackendError::Reader)?;
         let reader = spawn_essential("ring-reader".into(), move || {
-            Reader::new(ring, rx, woken, ended).run()
+            Reader::new(ring, rx, woken, waiter, ended).run()
         })
         .map_err(BackendError::Reader)?;
         Ok(Self {
@@ -342,6 +351,9 @@ struct Reader {
     commands: Receiver<Command>,
     /// Readable when commands wait.
     woken: OwnedFd,
+    /// Sleeps until the ring has a batch, a command comes, or a while
+    /// passes.
+    waiter: Waiter,
     ended: EndedTx,
     sinks: Vec<Option<Sink>>,
     /// By slot: the end asked for a sink still installed.
@@ -353,11 +365,18 @@ struct Reader {
 }
 
 impl Reader {
-    fn new(ring: Ring, commands: Receiver<Command>, woken: OwnedFd, ended: EndedTx) -> Self {
+    fn new(
+        ring: Ring,
+        commands: Receiver<Command>,
+        woken: OwnedFd,
+        waiter: Waiter,
+        ended: EndedTx,
+    ) -> Self {
         Self {
             ring,
             commands,
             woken,
+            waiter,
             ended,
             sinks: (0..MAX_SLOTS).map(|_| None).collect(),
             ending: (0..MAX_SLOTS).map(|_| None).collect(),
@@ -369,30 +388,35 @@ impl Reader {
     /// Takes the commands, then a batch of records, in turn: a busy ring
     /// delays a command by one batch at most.
     fn run(mut self) {
-        let mut emptied = true;
+        let mut drained = Drained::Empty;
         loop {
-            // A ring that still held records after the last batch is read
-            // on at once. Otherwise, with captures running, records may
-            // wait in the ring without a wake-up (they come in batches):
-            // look every POLL_INTERVAL.
-            if emptied {
-                let active = self.sinks.iter().any(Option::is_some);
-                let timeout = if active {
-                    POLL_INTERVAL
-                } else {
-                    Duration::from_secs(1)
-                };
-                wait_readable(&[self.ring.as_raw_fd(), self.woken.as_raw_fd()], timeout);
+            match drained {
+                Drained::More => {}
+                Drained::Writing => std::thread::yield_now(),
+                // With captures running, records may wait in the ring
+                // without a wake-up (they come in batches): look every
+                // POLL_INTERVAL.
+                Drained::Empty => {
+                    let active = self.sinks.iter().any(Option::is_some);
+                    let timeout = if active {
+                        POLL_INTERVAL
+                    } else {
+                        Duration::from_secs(1)
+                    };
+                    if self.waiter.wait(timeout) & WOKEN != 0 {
+                        let mut count = [0u8; 8];
+                        // SAFETY: reading the eventfd's counter into 8
+                        // bytes we own.
+                        unsafe {
+                            libc::read(
+                                self.woken.as_raw_fd(),
+                                count.as_mut_ptr().cast(),
+                                count.len(),
+                            )
+                        };
+                    }
+                }
             }
-            let mut count = [0u8; 8];
-            // SAFETY: reading the eventfd's counter into 8 bytes we own.
-            unsafe {
-                libc::read(
-                    self.woken.as_raw_fd(),
-                    count.as_mut_ptr().cast(),
-                    count.len(),
-                )
-            };
             // Commands first: a sink must be in place before its records.
             loop {
                 match self.commands.try_recv() {
@@ -405,11 +429,11 @@ impl Reader {
                     Err(TryRecvError::Disconnected) => return,
                 }
             }
-            emptied = self.drain();
+            drained = self.drain();
             for slot in 0..MAX_SLOTS {
                 let due = self.ending[slot]
                     .as_ref()
-                    .is_some_and(|e| emptied || self.ring.position() >= e.until);
+                    .is_some_and(|e| drained == Drained::Empty || self.ring.position() >= e.until);
                 if due && let Some(e) = self.ending[slot].take() {
                     finish(&mut self.sinks[slot], &self.ended, e.reason);
                 }
@@ -461,13 +485,17 @@ impl Reader {
         true
     }
 
-    /// Hands at most [`BATCH`] records to their sinks; whether the ring ran
-    /// empty.
-    fn drain(&mut self) -> bool {
+    /// Hands at most [`BATCH`] records to their sinks; where that left the
+    /// ring.
+    fn drain(&mut self) -> Drained {
         let offset = realtime_offset_ns();
         for _ in 0..BATCH {
             let Some(item) = self.ring.next() else {
-                return true;
+                return if self.ring.is_empty() {
+                    Drained::Empty
+                } else {
+                    Drained::Writing
+                };
             };
             if item.len() < RECORD_HEADER_LEN {
                 continue;
@@ -501,8 +529,20 @@ impl Reader {
                 }
             }
         }
-        false
+        Drained::More
     }
+}
+
+/// Where a batch left the ring.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Drained {
+    /// Records are left: read on at once.
+    More,
+    /// Empty: sleep until the programs' next wake-up.
+    Empty,
+    /// Stopped at a record another CPU is still writing, submitted in a
+    /// moment with no wake-up to say so: look again at once.
+    Writing,
 }
 
 /// Finishes the sink in `place`, if there is one, and reports it ended.

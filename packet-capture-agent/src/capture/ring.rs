@@ -86,6 +86,12 @@ impl Ring {
         self.pos
     }
 
+    /// Whether the last [`Ring::next`] that found no record found the ring
+    /// empty, rather than stopped at a record still being written.
+    pub fn is_empty(&self) -> bool {
+        self.pos == self.produced
+    }
+
     /// The next submitted record, or `None` when the ring holds none whole
     /// (then every byte read has been given back). The record stays valid
     /// until the next call.
