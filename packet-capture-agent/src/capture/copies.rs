@@ -164,7 +164,8 @@ fn folded_multiply(a: u64, b: u64) -> u64 {
 }
 
 impl Mix {
-    /// A hash of the packet kind's bytes: one kind's never meets another's.
+    /// Starts from the packet's kind (its EtherType), so that the same
+    /// bytes of two kinds hash apart.
     fn new(kind: u16) -> Self {
         Self {
             hash: u64::from(kind),
