@@ -58,7 +58,8 @@ impl Copies {
         };
         let now = meta.unix_ns;
         let here = place(meta);
-        let set = (id as usize % SETS) * WAYS..(id as usize % SETS + 1) * WAYS;
+        let first = id as usize % SETS * WAYS;
+        let set = first..first + WAYS;
         let seen = set.clone().find(|&i| self.ids[i] == id);
         if let Some(i) = seen
             && self.places[i] != here
