@@ -4,6 +4,7 @@
 //! with nothing but the API server's address and a user's own token.
 
 use std::io::Read as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
@@ -672,23 +673,38 @@ async fn the_readmes_walkthrough_runs_with_nothing_but_the_api_server() {
     let work = w.cluster.dir().join("e2e").join(&w.id).join("walkthrough");
     std::fs::create_dir_all(&work).unwrap();
     let pinging = w.pinging(0, 1);
-    let out = tokio::process::Command::from(client.command("bash"))
-        .args(["-euo", "pipefail", "-c", &script])
+    // The output goes to files, and the shell traces each step (`-x`), so
+    // that a walkthrough that hangs still says which step it hangs in.
+    let (stdout_path, stderr_path) = (work.join("stdout"), work.join("stderr"));
+    let mut bash = client.command("bash");
+    bash.args(["-xeuo", "pipefail", "-c", &script])
         .env("KUBECONFIG", &kubeconfig)
         .env("PATH", path)
         .current_dir(&work)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(180), out)
-        .await
-        .expect("the walkthrough within 3 minutes")
+        .stdout(std::fs::File::create(&stdout_path).unwrap())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .process_group(0);
+    let mut child = tokio::process::Command::from(bash)
+        .spawn()
         .expect("running the walkthrough");
+    let status = tokio::time::timeout(Duration::from_secs(180), child.wait()).await;
     drop(pinging);
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
+    let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+    let (stdout, stderr) = (read(&stdout_path), read(&stderr_path));
+    let Ok(status) = status else {
+        // The whole group: the step that hangs is a child of the shell.
+        if let Some(pid) = child.id() {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+        }
+        panic!(
+            "the walkthrough did not finish within 3 minutes:\nstdout:\n{stdout}\nstderr:\n{stderr}\n{}",
+            w.controller.log()
+        );
+    };
     assert!(
-        out.status.success(),
+        status.expect("running the walkthrough").success(),
         "the walkthrough failed:\n{script}\nstdout:\n{stdout}\nstderr:\n{stderr}\n{}",
         w.controller.log()
     );
