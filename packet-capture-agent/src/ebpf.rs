@@ -27,7 +27,7 @@ use ipnet::IpNet;
 use packet_capture_common::abi::{
     API_V4, API_V6, DIRECTION_EGRESS, DIRECTION_INGRESS, HOST_ENTRY_EMPTY, HOST_TABLE_ENTRIES,
     HOST_WORDS, LINK_ETHERNET, LINK_RAW_IP, LOOKUP_EXACT, LOOKUP_NONE, LOOKUP_PREFIX, MAX_SLOTS,
-    Settings, counter, filter_program, host_bit_v4, host_bit_v6, host_entry_v4, resume_program,
+    Settings, filter_program, host_bit_v4, host_bit_v6, host_entry_v4, resume_program,
 };
 
 use crate::filter::{ClassicInsn, Filter, FilterPlace};
@@ -847,9 +847,15 @@ impl Kernel {
         Ok(values.iter().sum())
     }
 
-    /// Packets the programs have looked at.
-    pub fn packets_seen(&self) -> Result<u64, Error> {
-        self.counter(counter::SEEN)
+    /// How many times the programs have run, as the kernel counts it while
+    /// its run statistics are on (`aya::sys::enable_stats`); tail calls
+    /// are not runs of their own.
+    pub fn program_runs(&self) -> u64 {
+        self.ebpf
+            .programs()
+            .filter_map(|(_, program)| program.info().ok())
+            .map(|info| info.run_count())
+            .sum()
     }
 
     /// Packets `slot`'s filter rejected in the kernel since the agent

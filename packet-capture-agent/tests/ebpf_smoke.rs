@@ -6,6 +6,7 @@ use std::process::Command;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use aya::sys::{Stats, enable_stats};
 use packet_capture_agent::ebpf::{KERNEL_LOG_TARGET, Kernel, LinkKind, SlotTargets};
 use packet_capture_common::abi::counter;
 use packet_capture_common::logging::LogLevel;
@@ -43,11 +44,12 @@ fn loads_attaches_sees_traffic_and_detaches() {
         .expect("attach to the veth");
     assert_eq!(tc_programs(&veth.a), ["tc_ingress", "tc_egress"]);
 
-    let before = kernel.packets_seen().unwrap();
+    let _stats = enable_stats(Stats::RunTime).expect("the kernel's program run statistics");
+    let before = kernel.program_runs();
     run(Command::new("ping").args(["-c", "3", "-i", "0.2", "-W", "2", "10.99.0.2"]));
     // Three requests out and three replies in, plus whatever ARP/ND the
     // kernel sent: at least six.
-    let seen = kernel.packets_seen().unwrap() - before;
+    let seen = kernel.program_runs() - before;
     assert!(seen >= 6, "the programs saw {seen} packets");
 
     kernel.detach(&veth.a);
@@ -82,11 +84,11 @@ fn other_programs_on_the_hooks_are_left_alone() {
     ours.attach(&veth.a, LinkKind::Ethernet).unwrap();
     assert_eq!(tc_programs(&veth.a).len(), 4);
 
-    let (ours_before, theirs_before) =
-        (ours.packets_seen().unwrap(), theirs.packets_seen().unwrap());
+    let _stats = enable_stats(Stats::RunTime).expect("the kernel's program run statistics");
+    let (ours_before, theirs_before) = (ours.program_runs(), theirs.program_runs());
     run(Command::new("ping").args(["-c", "3", "-i", "0.2", "-W", "2", "10.99.0.2"]));
-    let ours_seen = ours.packets_seen().unwrap() - ours_before;
-    let theirs_seen = theirs.packets_seen().unwrap() - theirs_before;
+    let ours_seen = ours.program_runs() - ours_before;
+    let theirs_seen = theirs.program_runs() - theirs_before;
     assert!(ours_seen >= 6, "ours saw {ours_seen}");
     assert_eq!(
         ours_seen, theirs_seen,

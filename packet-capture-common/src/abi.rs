@@ -38,18 +38,17 @@ pub const LINK_RAW_IP: u8 = 1;
 
 /// Index into the per-CPU `COUNTERS` array.
 pub mod counter {
-    /// Packets the programs looked at.
-    pub const SEEN: u32 = 0;
-    /// Packets that matched at least one slot.
-    pub const MATCHED: u32 = 1;
+    // Only losses are counted: a counter of every packet would cost each
+    // packet a per-CPU update. How often the programs ran, the kernel
+    // counts itself while its run statistics are on (`BPF_ENABLE_STATS`).
     /// Matched packets that could not be written to the ring buffer (full).
-    pub const RING_LOST: u32 = 2;
+    pub const RING_LOST: u32 = 0;
     /// Matched packets whose bytes could not be read from the skb.
-    pub const LOAD_FAILED: u32 = 3;
+    pub const LOAD_FAILED: u32 = 1;
     /// Lost packets whose slot mask found no room in `LOST_BY_MASK`: in
     /// RING_LOST, but charged to no capture.
-    pub const LOST_UNATTRIBUTED: u32 = 4;
-    pub const COUNT: u32 = 5;
+    pub const LOST_UNATTRIBUTED: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Header of one ring-buffer record; `cap_len` packet bytes follow it.

@@ -306,7 +306,6 @@ struct Selectors {
 
 #[inline(always)]
 fn capture<H: Hook>(ctx: &TcContext) {
-    count(counter::SEEN);
     let Some(settings) = SETTINGS.get(0) else {
         return;
     };
@@ -329,7 +328,6 @@ fn capture<H: Hook>(ctx: &TcContext) {
     };
     let mask = settings.active & selectors.ip & port_match;
     if mask != 0 {
-        count(counter::MATCHED);
         dispatch::<H>(ctx, mask, settings);
     }
     if diagnostics() {
