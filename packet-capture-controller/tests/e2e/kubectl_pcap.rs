@@ -18,15 +18,11 @@ use packet_capture_test_support::cluster::COMPONENT_NAMESPACE;
 use packet_capture_test_support::workspace_binary;
 use serde_json::json;
 
-use crate::world::{Certs, READER, Setup, WORLD_LABEL, World};
+use crate::world::{API_SERVICE_TURN, Certs, READER, Setup, WORLD_LABEL, World};
 use crate::{Deletes, kubectl_apply};
 
 const API_SERVICE: &str = "v1.pcap.packet.io";
 const SERVICE: &str = "packet-capture-webhook";
-
-/// The APIService is one for the cluster: one test at a time registers it
-/// for its world's controller.
-static API: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// How long a live stream is read before its capture is stopped: longer
 /// than the local API server's request timeout (20 s), which a stream must
@@ -217,7 +213,7 @@ async fn with_the_api(
         webhook: Certs::Dir,
     };
     let w = World::start(test, setup).await?;
-    let one = API.lock().await;
+    let one = API_SERVICE_TURN.lock().await;
     let api = register_api(&w).await;
     Some((w, one, api))
 }

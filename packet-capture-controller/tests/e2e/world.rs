@@ -79,6 +79,10 @@ pub const WEBHOOK_CONFIGURATION: &str = "packet-capture-webhook";
 /// have not ended.
 pub const MAX_PER_REQUESTER: u32 = 2;
 static CHART_NAMES: Mutex<()> = Mutex::const_new(());
+/// The aggregated API's APIService is one for the cluster: the worlds that
+/// register it for their controller, and the worlds whose controller
+/// fills in its caBundle (self-managed certificates), take turns.
+pub static API_SERVICE_TURN: Mutex<()> = Mutex::const_new(());
 
 /// `kubectl delete` of everything named [`CERT_SECRET`], [`CA_SECRET`] and
 /// [`WEBHOOK_CONFIGURATION`], so that a world starts without them.
@@ -343,6 +347,9 @@ pub struct World {
     pub pods: Vec<SimPod>,
     pub nodes: Vec<SimNode>,
     pub namespace: TestNamespace,
+    /// Held while the world's controller may write the APIService (after
+    /// the controller: released once it is gone).
+    _api_service: Option<MutexGuard<'static, ()>>,
     /// Held while the world may use the chart's names (last: released when
     /// everything else is gone).
     chart_names: Option<MutexGuard<'static, ()>>,
@@ -361,6 +368,10 @@ impl World {
                 Some(guard)
             }
             Certs::Off | Certs::Dir => None,
+        };
+        let api_service = match setup.webhook {
+            Certs::SelfManaged => Some(API_SERVICE_TURN.lock().await),
+            _ => None,
         };
         if setup.webhook == Certs::SelfManaged {
             install_self_managed_rbac(cluster).await;
@@ -477,6 +488,7 @@ impl World {
             pods,
             nodes,
             namespace,
+            _api_service: api_service,
             chart_names,
         })
     }
