@@ -37,6 +37,9 @@ help: ## List the targets
 
 .PHONY: setup
 setup: ## Install what building and testing need (idempotent; run as root)
+	# The workspace's toolchain (rust-toolchain.toml) before the first cargo
+	# call: rustup installs it on demand only where RUSTUP_AUTO_INSTALL allows.
+	rustup toolchain install
 	$(CARGO) xtask setup
 
 .PHONY: build

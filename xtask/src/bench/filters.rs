@@ -43,12 +43,17 @@ pub struct Args {
     #[arg(long)]
     agent: Option<PathBuf>,
     /// Replace this benchmark's section of this report (docs/benchmarks.md).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "runs")]
     out: Option<PathBuf>,
+    /// Only these runs (always with the no-capture run the others are
+    /// measured against), e.g. `--runs agent-other,agent-rejecting` to
+    /// compare two paths or to profile one.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    runs: Option<Vec<Kind>>,
 }
 
 /// What runs beside the flood.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Kind {
     /// Nothing: the generator's own rate.
     NoCapture,
@@ -78,7 +83,7 @@ impl Kind {
     }
 
     /// The runs at frames of `size` bytes.
-    fn at(size: usize) -> Vec<Self> {
+    fn at(size: usize, only: Option<&[Kind]>) -> Vec<Self> {
         let mut kinds = vec![
             Self::NoCapture,
             Self::AgentIdle,
@@ -91,6 +96,13 @@ impl Kind {
                 Self::AgentRejecting,
                 Self::AgentRejectingInUserSpace,
             ]);
+        }
+        if let Some(only) = only {
+            kinds.retain(|k| *k == Self::NoCapture || only.contains(k));
+            // Nothing chosen at this size: not even the baseline.
+            if kinds == [Self::NoCapture] {
+                kinds.clear();
+            }
         }
         kinds
     }
@@ -159,7 +171,7 @@ pub fn run_cli(args: Args) -> anyhow::Result<()> {
     let mut runs = Vec::new();
     for repetition in 1..=args.repetitions {
         for size in SIZES {
-            for kind in Kind::at(size) {
+            for kind in Kind::at(size, args.runs.as_deref()) {
                 step(format!(
                     "{size} B, {}, repetition {repetition}",
                     kind.label()
@@ -300,19 +312,22 @@ fn medians(runs: &[Measured], kind: Kind, size: usize) -> (f64, Option<f64>, f64
     )
 }
 
+/// How much slower the generator sent with `kind` than with nothing
+/// capturing, in percent.
+fn rate_loss(runs: &[Measured], size: usize, kind: Kind) -> f64 {
+    let (base, ..) = medians(runs, Kind::NoCapture, size);
+    let (pps, ..) = medians(runs, kind, size);
+    100.0 * (1.0 - pps / base.max(1.0))
+}
+
 fn markdown(runs: &[Measured], args: &Args) -> String {
-    let verdict = |ok: bool| if ok { "**met**" } else { "**missed**" };
     let mut rows = vec![
         "| frames | run | generator (pkt/s) | rate loss | capturer CPU / offered packet | softirq / offered packet |".to_string(),
         "|---|---|---:|---:|---:|---:|".to_string(),
     ];
-    let loss = |size, kind| {
-        let (base, ..) = medians(runs, Kind::NoCapture, size);
-        let (pps, ..) = medians(runs, kind, size);
-        100.0 * (1.0 - pps / base.max(1.0))
-    };
+    let loss = |size, kind| rate_loss(runs, size, kind);
     for size in SIZES {
-        for kind in Kind::at(size) {
+        for kind in Kind::at(size, args.runs.as_deref()) {
             let (pps, cpu, softirq) = medians(runs, kind, size);
             rows.push(format!(
                 "| {size} B | {} | {pps:.0} | {} | {} | {softirq:.0} ns |",
@@ -326,6 +341,31 @@ fn markdown(runs: &[Measured], args: &Args) -> String {
             ));
         }
     }
+    let targets = match args.runs {
+        None => targets(runs),
+        Some(_) => vec!["Targets are judged on a full run (without `--runs`).".to_string()],
+    };
+    format!(
+        "{BEGIN}\n## What is not captured\n\n`cargo xtask bench filters --seconds {} --repetitions {}`: \
+         the generator's flood at its top rate, medians of {} runs of {} s. *Rate loss* is the \
+         generator's rate against the same frames with nothing capturing (the capturers' work \
+         runs in softirq on the sending CPU, so what they cost per packet slows the sender); \
+         *capturer CPU* is the capturer's process CPU time (user + system) per offered packet; OTHER is \
+         {OTHER_IP}, which no packet of the flood names. The agent's ring and tcpdump's buffer \
+         are {RING_MB} MiB each.\n\n{}\n\n{}\n\n{END}\n",
+        args.seconds,
+        args.repetitions,
+        args.repetitions,
+        args.seconds,
+        rows.join("\n"),
+        targets.join("\n"),
+    )
+}
+
+/// The lines of targets 4b to 4d, from a full run.
+fn targets(runs: &[Measured]) -> Vec<String> {
+    let verdict = |ok: bool| if ok { "**met**" } else { "**missed**" };
+    let loss = |size, kind| rate_loss(runs, size, kind);
     let (_, kernel_cpu, _) = medians(runs, Kind::AgentRejecting, REJECTED_SIZE);
     let (_, user_cpu, _) = medians(runs, Kind::AgentRejectingInUserSpace, REJECTED_SIZE);
     let (kernel_cpu, user_cpu) = (kernel_cpu.unwrap_or(0.0), user_cpu.unwrap_or(0.0));
@@ -353,19 +393,5 @@ fn markdown(runs: &[Measured], args: &Args) -> String {
             verdict(idle < 1.0)
         ));
     }
-    format!(
-        "{BEGIN}\n## What is not captured\n\n`cargo xtask bench filters --seconds {} --repetitions {}`: \
-         the generator's flood at its top rate, medians of {} runs of {} s. *Rate loss* is the \
-         generator's rate against the same frames with nothing capturing (the capturers' work \
-         runs in softirq on the sending CPU, so what they cost per packet slows the sender); \
-         *capturer CPU* is the capturer's process CPU time (user + system) per offered packet; OTHER is \
-         {OTHER_IP}, which no packet of the flood names. The agent's ring and tcpdump's buffer \
-         are {RING_MB} MiB each.\n\n{}\n\n{}\n\n{END}\n",
-        args.seconds,
-        args.repetitions,
-        args.repetitions,
-        args.seconds,
-        rows.join("\n"),
-        targets.join("\n"),
-    )
+    targets
 }
