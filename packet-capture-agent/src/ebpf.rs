@@ -665,6 +665,7 @@ impl Kernel {
             let mut programs = Vec::new();
             for direction in DIRECTIONS {
                 let ending = Ending::TailCall {
+                    slot: slot as u32,
                     state: self.filter_state.fd().as_fd(),
                     programs: self.filter_programs.fd().as_fd(),
                     resume: resume_program(direction, link),

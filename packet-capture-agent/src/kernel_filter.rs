@@ -11,8 +11,8 @@
 //! nothing but a program array (kernel 4.2+), where `freplace` needs BTF for
 //! both programs and one stub per capture slot. The cost is at most two
 //! tail calls per capture that has a filter (out to the filter, back to the
-//! resume program with its verdict; a rejected packet nothing else wants
-//! ends in the filter), within the kernel's limit of 33 for up to 16 such
+//! resume program, which a rejected packet nothing else wants never
+//! needs), within the kernel's limit of 33 for up to 16 such
 //! captures on one packet; past that, the rest are filtered in user space.
 //! Both have constant indexes, which the JIT makes direct jumps (see
 //! [`Ending::TailCall`]).
@@ -34,19 +34,20 @@ use crate::filter::ClassicInsn;
 /// What a translated program does with its verdict.
 #[derive(Clone, Copy)]
 pub enum Ending<'a> {
-    /// Write it (0: reject) to the `verdict` field of the per-CPU
-    /// `FilterState` in `state`, then tail-call the program at `resume` of
-    /// `programs`. The index is a constant of the program, so the JIT
-    /// makes the tail call a direct jump (patched when the array changes)
-    /// instead of an indirect one, which costs a retpoline where the
-    /// kernel mitigates Spectre v2.
+    /// Tail-call the program at `resume` of `programs`, having cleared
+    /// `slot`'s bit from the mask of the per-CPU `FilterState` in `state`
+    /// and counted the packet in the slot's element of the per-CPU
+    /// `filtered` when the filter rejects it. The index is a constant of
+    /// the program, so the JIT makes the tail call a direct jump (patched
+    /// when the array changes) instead of an indirect one, which costs a
+    /// retpoline where the kernel mitigates Spectre v2.
     ///
     /// A rejected packet that no other slot wants and no other filter has
-    /// to see is done here instead: counted in the slot's element of the
-    /// per-CPU `filtered`, without the way back, unless the `u64` at the
+    /// to see ends here, without the way back, unless the `u64` at the
     /// start of the value of `diagnostics` (an array of one element) is
     /// set, when the resume program has the hook's diagnostics to run.
     TailCall {
+        slot: u32,
         state: BorrowedFd<'a>,
         programs: BorrowedFd<'a>,
         resume: u32,
@@ -441,6 +442,7 @@ pub fn translate(
             asm.push(insn(op::JMP | op::EXIT, 0, 0, 0, 0));
         }
         Ending::TailCall {
+            slot,
             state,
             programs,
             resume,
@@ -450,44 +452,45 @@ pub fn translate(
             let field = |offset: usize| offset as i16;
             let exit = asm.label();
             let back = asm.label();
-            // The key (0) of the one per-CPU element.
+            // Accepted: the state stays as the hook left it.
+            asm.jump(op::JMP | op::JNE | op::K, VERDICT, 0, 0, back);
+            // Rejected: the slot's bit leaves the mask (the key, 0, of the
+            // one per-CPU element).
             asm.push(insn(op::ST | op::MEM | op::W, FP, 0, KEY, 0));
             asm.mov64_reg(R2, FP);
             asm.add64_imm(R2, KEY.into());
             asm.ld_map_fd(R1, state);
             asm.call(BPF_FUNC_MAP_LOOKUP_ELEM);
             asm.jump(op::JMP | op::JEQ | op::K, R0, 0, 0, exit);
-            let verdict = field(std::mem::offset_of!(FilterState, verdict));
-            asm.push(insn(op::STX | op::MEM | op::W, R0, VERDICT, verdict, 0));
-            asm.jump(op::JMP | op::JNE | op::K, VERDICT, 0, 0, back);
-            // Rejected: the end of the packet unless another slot still
-            // wants it or has a filter to run.
-            let current = field(std::mem::offset_of!(FilterState, current));
-            asm.push(insn(op::LDX | op::MEM | op::W, R1, R0, current, 0));
-            asm.push(insn(op::ALU64 | op::MOV | op::K, R2, 0, 0, 1));
-            asm.push(insn(op::ALU64 | op::LSH | op::X, R2, R1, 0, 0));
-            asm.push(insn(op::ALU64 | op::XOR | op::K, R2, 0, 0, -1));
             let mask = field(std::mem::offset_of!(FilterState, mask));
-            asm.push(insn(op::LDX | op::MEM | op::DW, R3, R0, mask, 0));
-            asm.push(insn(op::ALU64 | op::AND | op::X, R3, R2, 0, 0));
+            asm.push(insn(op::LDX | op::MEM | op::DW, A, R0, mask, 0));
+            asm.push(insn(op::ALU64 | op::MOV | op::K, R1, 0, 0, 1));
+            asm.push(insn(op::ALU64 | op::LSH | op::K, R1, 0, 0, slot as i32));
+            asm.push(insn(op::ALU64 | op::XOR | op::K, R1, 0, 0, -1));
+            asm.push(insn(op::ALU64 | op::AND | op::X, A, R1, 0, 0));
+            asm.push(insn(op::STX | op::MEM | op::DW, R0, A, mask, 0));
+            // A: what another slot still wants or has to filter, which
+            // survives the counter's lookup.
             let pending = field(std::mem::offset_of!(FilterState, pending));
-            asm.push(insn(op::LDX | op::MEM | op::DW, R4, R0, pending, 0));
-            asm.push(insn(op::ALU64 | op::OR | op::X, R3, R4, 0, 0));
-            asm.jump(op::JMP | op::JNE | op::K, R3, 0, 0, back);
-            asm.ld_map_value(R2, diagnostics, 0);
-            asm.push(insn(op::LDX | op::MEM | op::DW, R2, R2, 0, 0));
-            asm.jump(op::JMP | op::JNE | op::K, R2, 0, 0, back);
-            // Counted as the resume program would have.
-            asm.push(insn(op::STX | op::MEM | op::W, FP, R1, KEY, 0));
+            asm.push(insn(op::LDX | op::MEM | op::DW, R1, R0, pending, 0));
+            asm.push(insn(op::ALU64 | op::OR | op::X, A, R1, 0, 0));
+            asm.push(insn(op::ST | op::MEM | op::W, FP, 0, KEY, slot as i32));
             asm.mov64_reg(R2, FP);
             asm.add64_imm(R2, KEY.into());
             asm.ld_map_fd(R1, filtered);
             asm.call(BPF_FUNC_MAP_LOOKUP_ELEM);
-            asm.jump(op::JMP | op::JEQ | op::K, R0, 0, 0, exit);
+            let counted = asm.label();
+            asm.jump(op::JMP | op::JEQ | op::K, R0, 0, 0, counted);
             asm.push(insn(op::LDX | op::MEM | op::DW, R1, R0, 0, 0));
             asm.add64_imm(R1, 1);
             asm.push(insn(op::STX | op::MEM | op::DW, R0, R1, 0, 0));
-            asm.goto(exit);
+            asm.bind(counted);
+            asm.jump(op::JMP | op::JNE | op::K, A, 0, 0, back);
+            // Nothing else to do for the packet but the hook's diagnostics,
+            // which the resume program runs when they are on.
+            asm.ld_map_value(R2, diagnostics, 0);
+            asm.push(insn(op::LDX | op::MEM | op::DW, R2, R2, 0, 0));
+            asm.jump(op::JMP | op::JEQ | op::K, R2, 0, 0, exit);
             asm.bind(back);
             asm.push(insn(op::ALU64 | op::MOV | op::K, R3, 0, 0, resume as i32));
             asm.mov64_reg(R1, CTX);

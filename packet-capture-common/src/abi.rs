@@ -235,16 +235,15 @@ pub const fn resume_program(direction: u8, link: u8) -> u32 {
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct FilterState {
-    /// Slots that still want the packet.
+    /// Slots that still want the packet: a filter that rejects it clears
+    /// its own bit.
     pub mask: u64,
-    /// Slots whose filter has yet to run.
+    /// Slots whose filter has yet to run (with the bit of one whose program
+    /// could not be reached put back).
     pub pending: u64,
-    /// Slots whose filter ran.
-    pub kernel_filtered: u64,
-    /// The slot whose filter runs now.
-    pub current: u32,
-    /// What that filter said: 0 rejects.
-    pub verdict: u32,
+    /// Slots that had a filter to run when the packet arrived; those of
+    /// them no longer pending ran theirs.
+    pub filters: u64,
 }
 
 /// `Settings::api_family` of an IPv4 API address.
@@ -286,7 +285,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(RECORD_HEADER_LEN, 48);
         assert_eq!(core::mem::size_of::<Settings>(), 160);
-        assert_eq!(core::mem::size_of::<FilterState>(), 32);
+        assert_eq!(core::mem::size_of::<FilterState>(), 24);
         assert_eq!(core::mem::size_of::<Ipv4Key>(), 8);
         assert_eq!(core::mem::size_of::<Ipv6Key>(), 20);
     }

@@ -9,10 +9,11 @@
 //! A capture whose tcpdump filter the agent could translate has it run
 //! here too, before a record is reserved: the filter is a program of its
 //! own (see the agent's `kernel_filter`), reached by tail call from the
-//! hook's program with the packet's state in per-CPU memory, and it goes
-//! back by tail call to the hook's resume program with its verdict (or,
-//! rejecting a packet no other capture wants, counts it and ends). The
-//! resume program runs the next capture's filter, or writes the record.
+//! hook's program with the packet's state in per-CPU memory. A filter that
+//! rejects the packet counts it and takes its capture out of the packet's
+//! mask; it then goes back by tail call to the hook's resume program, or
+//! ends the packet when no other capture wants it. The resume program runs
+//! the next capture's filter, or writes the record.
 //!
 //! Diagnostics (aya-log) say what an operator needs when captures look
 //! empty: that a program runs on an interface, frames too short to parse,
@@ -358,7 +359,7 @@ fn dispatch<H: Hook>(ctx: &TcContext, mask: u64, settings: &Settings) {
             *state = FilterState {
                 mask,
                 pending: filters,
-                ..FilterState::default()
+                filters,
             };
         }
         next_filter::<H>(ctx, state);
@@ -367,26 +368,19 @@ fn dispatch<H: Hook>(ctx: &TcContext, mask: u64, settings: &Settings) {
     emit(ctx, mask, 0, H::DIRECTION, H::LINK, settings);
 }
 
-/// After a capture's filter: takes its verdict, then runs the next
-/// filter or writes the record for the slots that still want the packet.
+/// After a capture's filter (which took its slot out of the mask if it
+/// rejected the packet): runs the next filter, or writes the record for
+/// the slots that still want the packet.
 #[inline(always)]
 fn resume<H: Hook>(ctx: &TcContext) {
     let (Some(settings), Some(state)) = (SETTINGS.get(0), FILTER_STATE.get_ptr_mut(0)) else {
         return;
     };
+    next_filter::<H>(ctx, state);
     // SAFETY: per-CPU memory, only touched by programs on this CPU.
     let (mask, filtered) = unsafe {
-        let s = &mut *state;
-        let bit = 1u64 << (s.current & 63);
-        if s.verdict == 0 {
-            s.mask &= !bit;
-            if let Some(c) = FILTERED.get_ptr_mut(s.current) {
-                *c += 1;
-            }
-        }
-        s.kernel_filtered |= bit;
-        next_filter::<H>(ctx, state);
-        (s.mask, s.kernel_filtered)
+        let s = &*state;
+        (s.mask, s.filters & !s.pending)
     };
     if mask != 0 {
         emit(ctx, mask, filtered, H::DIRECTION, H::LINK, settings);
@@ -398,8 +392,8 @@ fn resume<H: Hook>(ctx: &TcContext) {
 }
 
 /// Tail-calls the filter of the next pending slot; returns only when none
-/// is pending or its program is gone (a capture ending): the slots left
-/// are then filtered in user space.
+/// is pending or its program is gone (a capture ending): that slot and the
+/// ones after it stay pending, and are filtered in user space.
 #[inline(always)]
 fn next_filter<H: Hook>(ctx: &TcContext, state: *mut FilterState) {
     // SAFETY: per-CPU memory, only touched by programs on this CPU.
@@ -410,9 +404,6 @@ fn next_filter<H: Hook>(ctx: &TcContext, state: *mut FilterState) {
     }
     let bit = pending.isolate_lowest_one();
     s.pending = pending & !bit;
-    let slot = bit_index(bit);
-    s.current = slot;
-    s.verdict = 1;
     // One call site per slot, each with its index a constant: the verifier
     // then sees one key per site and the JIT makes each a direct jump,
     // patched when the array changes. One site with the slot in a register
@@ -421,10 +412,9 @@ fn next_filter<H: Hook>(ctx: &TcContext, state: *mut FilterState) {
     const { assert!(MAX_SLOTS == 64, "by_slot! lists every slot") };
     macro_rules! by_slot {
         ($($slot:literal)+) => {
-            match slot {
-                $($slot => tail_call::<H, $slot>(ctx),)+
-                _ => {}
-            }
+            $(if bit == 1 << $slot {
+                tail_call::<H, $slot>(ctx);
+            } else)+ {}
         };
     }
     by_slot!(
@@ -432,6 +422,7 @@ fn next_filter<H: Hook>(ctx: &TcContext, state: *mut FilterState) {
         32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61
         62 63
     );
+    s.pending = pending;
 }
 
 /// Tail-calls `SLOT`'s filter for hook `H`, the index written into the

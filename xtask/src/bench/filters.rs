@@ -345,8 +345,12 @@ fn markdown(runs: &[Measured], args: &Args) -> String {
         None => targets(runs),
         Some(_) => vec!["Targets are judged on a full run (without `--runs`).".to_string()],
     };
+    // This section may be written apart from the full run, on another day
+    // or machine: it names its own.
+    let env = super::environment();
     format!(
-        "{BEGIN}\n## What is not captured\n\n`cargo xtask bench filters --seconds {} --repetitions {}`: \
+        "{BEGIN}\n## What is not captured\n\n`cargo xtask bench filters --seconds {} --repetitions {}` \
+         (commit `{}`, {}, {} cores, kernel {}, {}): \
          the generator's flood at its top rate, medians of {} runs of {} s. *Rate loss* is the \
          generator's rate against the same frames with nothing capturing (the capturers' work \
          runs in softirq on the sending CPU, so what they cost per packet slows the sender); \
@@ -355,6 +359,11 @@ fn markdown(runs: &[Measured], args: &Args) -> String {
          are {RING_MB} MiB each.\n\n{}\n\n{}\n\n{END}\n",
         args.seconds,
         args.repetitions,
+        env.commit,
+        env.cpu_model,
+        env.cores,
+        env.kernel,
+        env.date,
         args.repetitions,
         args.seconds,
         rows.join("\n"),
