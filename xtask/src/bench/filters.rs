@@ -325,7 +325,6 @@ fn markdown(runs: &[Measured], args: &Args) -> String {
         "| frames | run | generator (pkt/s) | rate loss | capturer CPU / offered packet | softirq / offered packet |".to_string(),
         "|---|---|---:|---:|---:|---:|".to_string(),
     ];
-    let loss = |size, kind| rate_loss(runs, size, kind);
     for size in SIZES {
         for kind in Kind::at(size, args.runs.as_deref()) {
             let (pps, cpu, softirq) = medians(runs, kind, size);
@@ -335,13 +334,13 @@ fn markdown(runs: &[Measured], args: &Args) -> String {
                 if kind == Kind::NoCapture {
                     "—".to_string()
                 } else {
-                    format!("{:.1}%", loss(size, kind))
+                    format!("{:.1}%", rate_loss(runs, size, kind))
                 },
                 cpu.map_or("—".into(), |c| format!("{c:.1} ns")),
             ));
         }
     }
-    let targets = match args.runs {
+    let judged = match args.runs {
         None => targets(runs),
         Some(_) => vec!["Targets are judged on a full run (without `--runs`).".to_string()],
     };
@@ -367,7 +366,7 @@ fn markdown(runs: &[Measured], args: &Args) -> String {
         args.repetitions,
         args.seconds,
         rows.join("\n"),
-        targets.join("\n"),
+        judged.join("\n"),
     )
 }
 
