@@ -65,6 +65,17 @@ impl Tcpdump {
         Ok(())
     }
 
+    /// CPU seconds since [`Tcpdump::mark`].
+    pub fn cpu(&self) -> anyhow::Result<f64> {
+        Ok(procstat::process_cpu(self.pid())? - self.cpu_start)
+    }
+
+    /// SIGINT, and its final report.
+    pub fn stop(self) -> anyhow::Result<()> {
+        self.dump.stop().map_err(anyhow::Error::msg)?;
+        Ok(())
+    }
+
     /// Waits until tcpdump has handled every packet its socket took
     /// (captured + dropped = received, from its SIGUSR1 report), then stops
     /// it with SIGINT and reads its final counters.
@@ -82,9 +93,8 @@ impl Tcpdump {
             // block on a timer): ask again shortly.
             std::thread::sleep(COUNTER_POLL);
         }
-        let pid = self.pid();
-        let cpu = procstat::process_cpu(pid)? - self.cpu_start;
-        let memory = procstat::Memory::of(pid)?;
+        let cpu = self.cpu()?;
+        let memory = procstat::Memory::of(self.pid())?;
         let file = self.dump.file().to_path_buf();
         let counts = self.dump.stop().map_err(anyhow::Error::msg)?;
         Ok(Ended {
@@ -235,7 +245,7 @@ impl Agent {
         if status["status"] != "stopped" {
             bail!("the capture did not stop cleanly: {status}");
         }
-        let cpu = procstat::process_cpu(self.pid())? - self.cpu_start;
+        let cpu = self.cpu()?;
         let memory = procstat::Memory::of(self.pid())?;
         let number = |k: &str| {
             status[k]

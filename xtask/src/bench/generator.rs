@@ -7,6 +7,7 @@
 use std::ffi::CString;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -65,6 +66,34 @@ pub struct Sent {
 impl Sent {
     pub fn pps(&self) -> f64 {
         self.packets as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// When a run of the generator ends.
+#[derive(Debug, Clone, Copy)]
+pub enum Until<'a> {
+    /// After this long.
+    Elapsed(Duration),
+    /// When the flood is stopped; meanwhile it counts what it sends.
+    Stopped(&'a Flood),
+}
+
+/// A generator run that others watch and end: the frames sent so far (the
+/// kernel took them, and on a veth that means the receive path has run for
+/// them), and the flag that stops it.
+#[derive(Debug, Default)]
+pub struct Flood {
+    sent: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Flood {
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -132,13 +161,13 @@ pub fn sequence(frame: &[u8], port: u16) -> Option<u64> {
     ))
 }
 
-/// Sends `frame_len`-byte frames of `flow` at `rate` for `duration` from
-/// the calling thread, which must already be in the sender's namespace.
+/// Sends `frame_len`-byte frames of `flow` at `rate` from the calling
+/// thread, which must already be in the sender's namespace, until `until`.
 pub fn send(
     flow: &Flow,
     frame_len: usize,
     rate: Rate,
-    duration: Duration,
+    until: Until<'_>,
     cpu: usize,
 ) -> anyhow::Result<Sent> {
     pin_to(cpu)?;
@@ -170,10 +199,22 @@ pub fn send(
         .collect();
     let mut sent = Sent::default();
     let start = Instant::now();
-    let deadline = start + duration;
+    // A stopped run paces without an end in sight.
+    let duration = match until {
+        Until::Elapsed(d) => d,
+        Until::Stopped(_) => Duration::MAX,
+    };
+    let deadline = start.checked_add(duration);
     loop {
         let now = Instant::now();
-        if now >= deadline {
+        let over = match until {
+            Until::Elapsed(_) => deadline.is_some_and(|d| now >= d),
+            Until::Stopped(flood) => {
+                flood.sent.store(sent.packets, Ordering::Relaxed);
+                flood.stop.load(Ordering::Relaxed)
+            }
+        };
+        if over {
             break;
         }
         let batch = match rate {

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::util::{cargo, cargo_build, root, step};
 use capture::{Agent, AgentCapture, AgentSettings, Ended, Tcpdump};
 pub use generator::Rate;
-use generator::Sent;
+use generator::{Sent, Until};
 use procstat::SystemCpu;
 use topology::{SENDER_IP, Topology, UDP_PORT};
 
@@ -582,7 +582,13 @@ fn run_one(
     let cpu_before = SystemCpu::read()?;
     let start = Instant::now();
     let sent: Sent = topology::in_netns(&topo.sender, || {
-        generator::send(flow, size, rate, config.duration, generator_cpu)
+        generator::send(
+            flow,
+            size,
+            rate,
+            Until::Elapsed(config.duration),
+            generator_cpu,
+        )
     })??;
     let after = topo.receiver_counters()?;
     let agent_end = agent.map(Agent::finish).transpose()?;
