@@ -529,3 +529,44 @@ fn targets(slices: &[Slice]) -> Vec<String> {
     }
     targets
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(kind: Kind, repetition: usize, loss: f64) -> Slice {
+        Slice {
+            kind,
+            size: REJECTED_SIZE,
+            repetition,
+            pps: 100.0 - loss,
+            sent: 1000,
+            capturer_cpu: Some(1e-6),
+            softirq: 0.0,
+            loss: Some(loss),
+        }
+    }
+
+    #[test]
+    fn losses_are_medians_and_pairs_are_of_one_repetition() {
+        let slices = [
+            slice(Kind::AgentOther, 1, 3.0),
+            slice(Kind::TcpdumpOther, 1, 5.0),
+            slice(Kind::AgentOther, 2, 9.0),
+            slice(Kind::TcpdumpOther, 2, 1.0),
+            slice(Kind::AgentOther, 3, 2.0),
+            slice(Kind::TcpdumpOther, 3, 2.0),
+            // A repetition tcpdump has no slice in is no pair.
+            slice(Kind::AgentOther, 4, 0.0),
+        ];
+        assert_eq!(rate_loss(&slices, REJECTED_SIZE, Kind::AgentOther), 3.0);
+        assert_eq!(rate_loss(&slices, REJECTED_SIZE, Kind::TcpdumpOther), 2.0);
+        assert_eq!(rate_loss(&slices, 60, Kind::AgentOther), 0.0);
+        assert_eq!(
+            paired(&slices, REJECTED_SIZE, Kind::AgentOther, Kind::TcpdumpOther),
+            (2, 3)
+        );
+        let (_, cpu, _) = medians(&slices, Kind::AgentOther, REJECTED_SIZE);
+        assert_eq!(cpu, Some(1.0));
+    }
+}
