@@ -41,10 +41,10 @@ const END: &str = "<!-- /filters -->";
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Seconds per slice of the flood.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     seconds: u64,
     /// Slices of each run; the report shows medians.
-    #[arg(long, default_value_t = 9)]
+    #[arg(long, default_value_t = 9, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     repetitions: usize,
     /// The agent binary; by default `cargo build --release -p
     /// packet-capture-agent` builds it.

@@ -80,10 +80,10 @@ pub struct Args {
     #[arg(long)]
     quick: bool,
     /// Seconds per run (default 10).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     seconds: Option<u64>,
     /// Repetitions of each run (default 3); the report shows medians.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     repetitions: Option<usize>,
     /// The agent binary; by default `cargo build --release -p
     /// packet-capture-agent` builds it.
@@ -345,7 +345,7 @@ fn run_cli(args: Args) -> anyhow::Result<()> {
         config.duration = Duration::from_secs(s);
     }
     if let Some(r) = args.repetitions {
-        config.repetitions = r.max(1);
+        config.repetitions = r;
     }
     if let Some(rates) = args.rates {
         config.rates = rates;
