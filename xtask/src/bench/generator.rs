@@ -78,6 +78,16 @@ pub enum Until<'a> {
     Stopped(&'a Flood),
 }
 
+impl Until<'_> {
+    /// The longest the run can last.
+    fn limit(self) -> Duration {
+        match self {
+            Self::Elapsed(d) => d,
+            Self::Stopped(_) => Duration::MAX,
+        }
+    }
+}
+
 /// A generator run that others watch and end: the frames sent so far (the
 /// kernel took them, and on a veth that means the receive path has run for
 /// them), and the flag that stops it.
@@ -199,16 +209,10 @@ pub fn send(
         .collect();
     let mut sent = Sent::default();
     let start = Instant::now();
-    // A stopped run paces without an end in sight.
-    let duration = match until {
-        Until::Elapsed(d) => d,
-        Until::Stopped(_) => Duration::MAX,
-    };
-    let deadline = start.checked_add(duration);
     loop {
         let now = Instant::now();
         let over = match until {
-            Until::Elapsed(_) => deadline.is_some_and(|d| now >= d),
+            Until::Elapsed(d) => now - start >= d,
             Until::Stopped(flood) => {
                 flood.sent.store(sent.packets, Ordering::Relaxed);
                 flood.stop.load(Ordering::Relaxed)
@@ -225,7 +229,7 @@ pub fn send(
                 if behind == 0 {
                     // Pacing: sleep until the next frame is due.
                     let next = (sent.packets + sent.refused + 1) as f64 / pps as f64;
-                    sleep_until(start + Duration::from_secs_f64(next).min(duration));
+                    sleep_until(start + Duration::from_secs_f64(next).min(until.limit()));
                     continue;
                 }
                 (behind as usize).min(MAX_BATCH)
