@@ -87,6 +87,16 @@ fn stats(runs: &[&Run], tool: Tool) -> Option<Stats> {
     })
 }
 
+/// A tool's real drops in each run of a cell, in the order they ran.
+fn drops_each(runs: &[&Run], tool: Tool) -> String {
+    let each: Vec<String> = runs
+        .iter()
+        .filter_map(|r| tool.of(r))
+        .map(|x| thousands(x.real_drops as f64))
+        .collect();
+    each.join(" / ")
+}
+
 fn system_ns(r: &Run) -> f64 {
     1e9 * r.system_busy / r.offered.max(1) as f64
 }
@@ -540,26 +550,37 @@ pub fn targets_section(report: &Report) -> String {
                 } else {
                     Mode::Both
                 };
+                let tcpdump_runs = cell(report, size, rate, mode);
+                let agent_runs = cell(report, size, rate, agent_mode);
                 let (Some(t), Some(a)) = (
-                    stats(&cell(report, size, rate, mode), Tool::Tcpdump),
-                    stats(&cell(report, size, rate, agent_mode), Tool::Agent),
+                    stats(&tcpdump_runs, Tool::Tcpdump),
+                    stats(&agent_runs, Tool::Agent),
                 ) else {
                     continue;
                 };
                 let at = format!("{size} B {rate} {label}");
+                // A median hides a repetition in which tcpdump dropped too.
+                let each = || {
+                    format!(
+                        "per repetition: agent {}, tcpdump {}",
+                        drops_each(&agent_runs, Tool::Agent),
+                        drops_each(&tcpdump_runs, Tool::Tcpdump)
+                    )
+                };
                 if t.real <= 0.0 {
                     zero_cells.push(at.clone());
                     if a.real > 0.0 {
-                        zero_misses.push(format!("{at}: agent {}", thousands(a.real)));
+                        zero_misses.push(format!("{at}: agent {} ({})", thousands(a.real), each()));
                     }
                 } else if Some(size) == largest {
                     tenth.push(at.clone());
                     if a.real > t.real / 10.0 {
                         tenth_misses.push(format!(
-                            "{at}: agent {} vs tcpdump {} ({:.1}× its tenth)",
+                            "{at}: agent {} vs tcpdump {} ({:.1}× its tenth; {})",
                             thousands(a.real),
                             thousands(t.real),
-                            a.real / (t.real / 10.0)
+                            a.real / (t.real / 10.0),
+                            each()
                         ));
                     }
                 }
@@ -920,5 +941,103 @@ fn listed(prefix: &str, items: &[String]) -> String {
         String::new()
     } else {
         format!("{prefix}{}", items.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured(real_drops: i64) -> Measured {
+        Measured {
+            captured: 1_000_000 - real_drops as u64,
+            records: 1_000_000 - real_drops as u64,
+            reported_packets: 1_000_000 - real_drops as u64,
+            reported_drops: real_drops as u64,
+            real_drops,
+            cpu: 1.0,
+            peak_rss: 1 << 23,
+            rss: 1 << 23,
+            map_memory: 0,
+            maps_in_rss: 0,
+            file_bytes: 1 << 30,
+            valid: true,
+            problem: None,
+        }
+    }
+
+    /// Runs of one cell: `(tcpdump's drops, the agent's drops)` per repetition.
+    fn cell_runs(mode: Mode, drops: &[(Option<i64>, Option<i64>)]) -> Vec<Run> {
+        drops
+            .iter()
+            .enumerate()
+            .map(|(i, &(tcpdump, agent))| Run {
+                size: 1442,
+                rate: "200k".into(),
+                rate_kind: Rate::Pps(200_000),
+                mode,
+                repetition: i + 1,
+                generated: 1_000_000,
+                refused: 0,
+                sender_pps: 200_000.0,
+                offered: 1_000_000,
+                rx_dropped: 0,
+                system_busy: 1.0,
+                system_softirq: 0.1,
+                wall: 5.0,
+                tcpdump: tcpdump.map(measured),
+                agent: agent.map(measured),
+            })
+            .collect()
+    }
+
+    /// Tcpdump and the agent drop nothing alone; with both running, tcpdump
+    /// drops in one repetition and the agent in two.
+    fn report() -> Report {
+        let mut runs = cell_runs(Mode::Tcpdump, &[(Some(0), None); 3]);
+        runs.extend(cell_runs(Mode::Agent, &[(None, Some(0)); 3]));
+        runs.extend(cell_runs(
+            Mode::Both,
+            &[
+                (Some(52_275), Some(42_885)),
+                (Some(0), Some(139)),
+                (Some(0), Some(0)),
+            ],
+        ));
+        Report {
+            environment: Default::default(),
+            duration_secs: 5.0,
+            repetitions: 3,
+            ring_mb: 2,
+            tcpdump_buffer_kib: 2048,
+            runs,
+            tcp: None,
+            compression: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn results_read_back_are_written_again_unchanged() {
+        let mut report = report();
+        // A sum of /proc/stat ticks, whose last digit a lossy parse changes.
+        report.runs[0].system_busy = 0.9099999999998545;
+        let json = serde_json::to_string_pretty(&report).unwrap();
+        let read: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(serde_json::to_string_pretty(&read).unwrap(), json);
+    }
+
+    #[test]
+    fn a_missed_cell_names_each_repetitions_drops() {
+        let targets = targets_section(&report());
+        let first = targets
+            .lines()
+            .find(|l| l.starts_with("1. "))
+            .expect("target 1");
+        assert_eq!(
+            first,
+            "1. Where tcpdump drops nothing, the agent drops nothing: **missed** (2 cells; \
+             missed at 1442 B 200k both: agent 139 (per repetition: agent 42,885 / 139 / 0, \
+             tcpdump 52,275 / 0 / 0))."
+        );
     }
 }
