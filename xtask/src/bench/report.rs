@@ -949,10 +949,11 @@ mod tests {
     use super::*;
 
     fn measured(real_drops: i64) -> Measured {
+        let kept = 1_000_000 - real_drops as u64;
         Measured {
-            captured: 1_000_000 - real_drops as u64,
-            records: 1_000_000 - real_drops as u64,
-            reported_packets: 1_000_000 - real_drops as u64,
+            captured: kept,
+            records: kept,
+            reported_packets: kept,
             reported_drops: real_drops as u64,
             real_drops,
             cpu: 1.0,
