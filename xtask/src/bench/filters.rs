@@ -20,7 +20,7 @@ use super::capture::{Agent, AgentCapture, AgentSettings, Tcpdump};
 use super::generator::{self, Flood, Rate, Until};
 use super::procstat::SystemCpu;
 use super::topology::{self, SENDER_IP, Topology, UDP_PORT};
-use super::{SNAPLEN, build_agent, replace_section};
+use super::{SNAPLEN, at_least_one, build_agent, replace_section};
 use crate::util::step;
 
 /// Nothing of a flood of 1442-byte frames passes it.
@@ -41,10 +41,10 @@ const END: &str = "<!-- /filters -->";
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Seconds per slice of the flood.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 3, value_parser = at_least_one::<u64>())]
     seconds: u64,
     /// Slices of each run; the report shows medians.
-    #[arg(long, default_value_t = 9, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, default_value_t = 9, value_parser = at_least_one::<usize>())]
     repetitions: usize,
     /// The agent binary; by default `cargo build --release -p
     /// packet-capture-agent` builds it.

@@ -80,10 +80,10 @@ pub struct Args {
     #[arg(long)]
     quick: bool,
     /// Seconds per run (default 10).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = at_least_one::<u64>())]
     seconds: Option<u64>,
     /// Repetitions of each run (default 3); the report shows medians.
-    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, value_parser = at_least_one::<usize>())]
     repetitions: Option<usize>,
     /// The agent binary; by default `cargo build --release -p
     /// packet-capture-agent` builds it.
@@ -105,6 +105,15 @@ pub struct Args {
     /// saved (the `.json` beside its report).
     #[arg(long, requires = "out", conflicts_with_all = ["quick", "agent"])]
     from_json: Option<PathBuf>,
+}
+
+/// The parser of a count of seconds or repetitions, where zero would measure
+/// nothing.
+fn at_least_one<T>() -> clap::builder::RangedU64ValueParser<T>
+where
+    T: TryFrom<u64> + Clone + Send + Sync + 'static,
+{
+    clap::builder::RangedU64ValueParser::new().range(1..)
 }
 
 fn parse_rate(s: &str) -> Result<Rate, String> {
