@@ -391,15 +391,23 @@ fn resume<H: Hook>(ctx: &TcContext) {
     }
 }
 
+/// Filters one packet runs through in the kernel; those of the slots after
+/// them run in user space.
+const MAX_FILTERS_PER_PACKET: u32 = 16;
+
 /// Tail-calls the filter of the next pending slot; returns only when none
-/// is pending or its program is gone (a capture ending): that slot and the
-/// ones after it stay pending, and are filtered in user space.
+/// is pending, [`MAX_FILTERS_PER_PACKET`] have run, or its program is gone
+/// (a capture ending): that slot and the ones after it stay pending, and
+/// are filtered in user space.
 #[inline(always)]
 fn next_filter<H: Hook>(ctx: &TcContext, state: *mut FilterState) {
     // SAFETY: per-CPU memory, only touched by programs on this CPU.
     let s = unsafe { &mut *state };
     let pending = s.pending;
-    if pending == 0 {
+    // Each filter costs two of the kernel's 33 tail calls per packet (out
+    // and back): past MAX_FILTERS_PER_PACKET a filter's way back would
+    // fail, and the packet with it.
+    if pending == 0 || (s.filters & !pending).count_ones() >= MAX_FILTERS_PER_PACKET {
         return;
     }
     let bit = pending.isolate_lowest_one();
