@@ -243,6 +243,11 @@ struct Inner {
     /// backend set up without the `captures` lock held (those can block).
     /// Taken only while holding `captures`.
     starting: Mutex<BTreeSet<String>>,
+    /// Ends of captures still starting: a busy interface can fill a small
+    /// packet limit before the start has registered its capture. The start
+    /// takes its capture's end from here once it has. Taken only while
+    /// holding `captures`.
+    early_ends: Mutex<Vec<Ended>>,
     maintenance: Maintenance,
     /// Bytes written to capture files, by every sink.
     bytes_written: Arc<AtomicU64>,
@@ -330,6 +335,7 @@ impl Engine {
             backend,
             captures: Mutex::new(BTreeMap::new()),
             starting: Mutex::new(BTreeSet::new()),
+            early_ends: Mutex::default(),
             maintenance,
             bytes_written: Arc::default(),
         });
@@ -405,10 +411,6 @@ impl Engine {
     ) -> Result<CaptureStatus, StartError> {
         let spec = &req.spec;
         let config = &self.inner.config;
-        config
-            .limits
-            .check("", spec.duration.as_secs(), spec.max_packets)
-            .map_err(|e| StartError::Invalid(e.to_string()))?;
         let reserved = {
             let captures = lock(&self.inner.captures);
             if let Some(existing) = captures.get(&req.id) {
@@ -424,6 +426,12 @@ impl Engine {
                     req.id
                 )));
             }
+            // After the one that exists: a controller that restarts adopts
+            // a capture started under limits lowered since.
+            config
+                .limits
+                .check("", spec.duration.as_secs(), spec.max_packets)
+                .map_err(|e| StartError::Invalid(e.to_string()))?;
             let mut starting = lock(&self.inner.starting);
             if starting.contains(&req.id) {
                 return Err(StartError::Unavailable(format!(
@@ -531,10 +539,23 @@ impl Engine {
             engine.end(&id, EndReason::Duration(duration.as_secs()));
         }));
         let mut captures = lock(&self.inner.captures);
-        captures.insert(req.id.clone(), capture);
+        captures.insert(req.id.clone(), capture.clone());
         // Under the same lock, so that no start counts it twice.
         drop(reserved);
         prune_ended(&mut captures);
+        let early_end = {
+            let mut early = lock(&self.inner.early_ends);
+            let at = early.iter().position(|e| e.id == req.id);
+            at.map(|at| early.swap_remove(at))
+        };
+        drop(captures);
+        let status = match early_end {
+            Some(end) => {
+                self.record_end(&capture, end);
+                capture.status.borrow().clone()
+            }
+            None => status,
+        };
         tracing::info!(
             capture = req.id,
             name = req.name,
@@ -721,57 +742,71 @@ impl Engine {
 
     async fn follow_ended(self, mut ended: mpsc::UnboundedReceiver<Ended>) {
         while let Some(e) = ended.recv().await {
-            let Some(capture) = self.capture(&e.id) else {
-                continue;
-            };
-            if let Some(timer) = lock(&capture.timer).take() {
-                timer.abort();
-            }
-            let dropped = self.lost_now(&capture);
-            let (state, message) = match &e.finished.reason {
-                EndReason::MaxPackets(_) | EndReason::Duration(_) | EndReason::FileSize(_) => {
-                    (CaptureState::Completed, e.finished.reason.message())
+            let capture = {
+                let captures = lock(&self.inner.captures);
+                match captures.get(&e.id) {
+                    Some(c) => c.clone(),
+                    None => {
+                        if lock(&self.inner.starting).contains(&e.id) {
+                            lock(&self.inner.early_ends).push(e);
+                        }
+                        continue;
+                    }
                 }
-                EndReason::Stopped | EndReason::Shutdown => {
-                    (CaptureState::Stopped, e.finished.reason.message())
-                }
-                EndReason::Error(msg) => (CaptureState::Failed, msg.clone()),
             };
-            {
-                let mut life = lock(&capture.life);
-                life.state = state;
-                life.message = message;
-                life.end_time = Some(SystemTime::now());
-                life.dropped = Some(dropped);
-                life.file = e.finished.file;
-            }
-            // The losses are frozen above; now the backend takes back what
-            // the capture held (for eBPF, its slot), outside the lock.
-            let running = {
-                let mut running = lock(&capture.running);
-                if let Some(r) = running.as_ref() {
-                    let kernel = r.filtered_in_kernel();
-                    capture
-                        .counters
-                        .filtered_in_kernel
-                        .store(kernel, Ordering::Relaxed);
-                }
-                running.take()
-            };
-            drop(running);
-            let status = self.snapshot(&capture);
-            tracing::info!(
-                capture = status.id,
-                state = %status.state,
-                packets = status.packets,
-                dropped = status.dropped,
-                file = status.output_file,
-                reason = status.message,
-                "capture ended"
-            );
-            capture.status.send_replace(status);
-            self.inner.maintenance.poke();
+            self.record_end(&capture, e);
         }
+    }
+
+    /// Records how `capture` ended and gives back what it held.
+    fn record_end(&self, capture: &Capture, e: Ended) {
+        if let Some(timer) = lock(&capture.timer).take() {
+            timer.abort();
+        }
+        let dropped = self.lost_now(capture);
+        let (state, message) = match &e.finished.reason {
+            EndReason::MaxPackets(_) | EndReason::Duration(_) | EndReason::FileSize(_) => {
+                (CaptureState::Completed, e.finished.reason.message())
+            }
+            EndReason::Stopped | EndReason::Shutdown => {
+                (CaptureState::Stopped, e.finished.reason.message())
+            }
+            EndReason::Error(msg) => (CaptureState::Failed, msg.clone()),
+        };
+        {
+            let mut life = lock(&capture.life);
+            life.state = state;
+            life.message = message;
+            life.end_time = Some(SystemTime::now());
+            life.dropped = Some(dropped);
+            life.file = e.finished.file;
+        }
+        // The losses are frozen above; now the backend takes back what
+        // the capture held (for eBPF, its slot), outside the lock.
+        let running = {
+            let mut running = lock(&capture.running);
+            if let Some(r) = running.as_ref() {
+                let kernel = r.filtered_in_kernel();
+                capture
+                    .counters
+                    .filtered_in_kernel
+                    .store(kernel, Ordering::Relaxed);
+            }
+            running.take()
+        };
+        drop(running);
+        let status = self.snapshot(capture);
+        tracing::info!(
+            capture = status.id,
+            state = %status.state,
+            packets = status.packets,
+            dropped = status.dropped,
+            file = status.output_file,
+            reason = status.message,
+            "capture ended"
+        );
+        capture.status.send_replace(status);
+        self.inner.maintenance.poke();
     }
 
     async fn publish_progress(self) {
