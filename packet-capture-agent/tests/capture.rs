@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use packet_capture_agent::capture::{
@@ -566,6 +567,34 @@ fn filters_of_captures_of_the_same_packets_each_decide_for_their_own() {
     );
 }
 
+/// More captures with a filter on the same packets than the kernel's tail
+/// calls allow filters for (each costs two of 33): the first 16 filter in
+/// the kernel, the others in user space, and every capture gets every
+/// packet its filter keeps.
+#[test]
+fn more_filtered_captures_of_a_packet_than_tail_calls_lose_nothing() {
+    each_backend(
+        "more_filtered_captures_of_a_packet_than_tail_calls_lose_nothing",
+        |lab, engine, rt| {
+            let s = spec(&[PEER_V4], &[], "udp or icmp");
+            let (dump, expression) = lab.tcpdump_of(&s);
+            let ids: Vec<String> = (0..20).map(|_| start(engine, s.clone()).id).collect();
+            lab.udp(PEER_V4, 7001);
+            lab.ping(PEER_V4, 3, 56);
+            lab.tcp_refused(PEER_V4, 8080);
+            let (theirs, counts) = dump.finish();
+            assert_eq!(counts.dropped, 0, "tcpdump dropped packets");
+            assert!(!theirs.is_empty());
+            for id in ids {
+                let ended = stop(engine, rt, &id);
+                assert_eq!(ended.dropped, 0, "{ended:?}");
+                let ours = capfile::read(Path::new(&ended.output_file));
+                assert_same(&ours, &theirs, &expression);
+            }
+        },
+    );
+}
+
 /// Three captures of the same targets at once, one per direction: each
 /// gets what tcpdump's `host`, `dst host` or `src host` gets (ARP too), and
 /// the directions split the packets between them.
@@ -834,6 +863,44 @@ fn max_packets_is_exact() {
         assert_eq!(ended.packets, 5);
         assert_eq!(capfile::read(Path::new(&ended.output_file)).len(), 5);
     });
+}
+
+/// Captures whose packet limit fills while they start (a limit of one on
+/// a flooded address): each still ends as completed, with its one packet.
+#[test]
+fn a_limit_filled_while_the_capture_starts_ends_it() {
+    each_backend(
+        "a_limit_filled_while_the_capture_starts_ends_it",
+        |lab, engine, rt| {
+            let sending = AtomicBool::new(true);
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    lab.node.enter();
+                    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                    while sending.load(Ordering::Relaxed) {
+                        let _ = socket.send_to(&[0x5a; 64], (PEER_V4, 7000));
+                    }
+                });
+                let starts = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    for _ in 0..50 {
+                        let mut s = spec(&[PEER_V4], &[], "");
+                        s.max_packets = 1;
+                        let id = start(engine, s).id;
+                        let status = ended(engine, rt, &id);
+                        assert_eq!(
+                            (status.state, status.packets),
+                            (CaptureState::Completed, 1),
+                            "{status:?}"
+                        );
+                    }
+                }));
+                sending.store(false, Ordering::Relaxed);
+                if let Err(panic) = starts {
+                    std::panic::resume_unwind(panic);
+                }
+            });
+        },
+    );
 }
 
 #[test]
