@@ -60,6 +60,10 @@ pub const MAX_TARGET_IPS: usize = 256;
 pub const MAX_TARGET_PORTS: usize = 256;
 pub const MAX_PODS: usize = 256;
 pub const MAX_FILTER_LEN: usize = 4096;
+/// Longest capture name (the CRD's rule on `metadata.name`): the agents'
+/// file names add a time stamp, a counter, the format's and compression's
+/// extensions and a temporary suffix, and must stay within 255 bytes.
+pub const MAX_NAME_LEN: usize = 200;
 
 pub const DEFAULT_DURATION: u32 = 60;
 pub const DEFAULT_MAX_PACKETS: u32 = 1000;
@@ -84,7 +88,9 @@ pub const DEFAULT_MAX_PACKETS: u32 = 1000;
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new(
         "(has(self.spec.targetIPs) && size(self.spec.targetIPs) > 0) || (has(self.spec.podSelector) && ((has(self.spec.podSelector.pods) && size(self.spec.podSelector.pods) > 0) || (has(self.spec.podSelector.matchLabels) && size(self.spec.podSelector.matchLabels) > 0) || (has(self.spec.podSelector.matchExpressions) && size(self.spec.podSelector.matchExpressions) > 0) || has(self.spec.podSelector.namespaceSelector)))"
-    ).message("spec: at least one of targetIPs, podSelector.pods or a podSelector label or namespace selector must be given").field_path(".spec")
+    ).message("spec: at least one of targetIPs, podSelector.pods or a podSelector label or namespace selector must be given").field_path(".spec"),
+    // MAX_NAME_LEN, which a test holds it to.
+    validation = Rule::new("size(self.metadata.name) <= 200").message("metadata.name: must be at most 200 characters, as the agents' file names add a time stamp and extensions to it")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PacketCaptureConfigSpec {
@@ -113,12 +119,12 @@ pub struct PacketCaptureConfigSpec {
 
     /// How long to capture, in seconds.
     #[serde(default = "default_duration")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = u32::MAX))]
     pub duration: u32,
 
     /// Stop after this many packets on a node.
     #[serde(default = "default_max_packets")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = u32::MAX))]
     pub max_packets: u32,
 
     /// pcap, pcapng, text, or stdout (one `PACKET:` line per packet in the

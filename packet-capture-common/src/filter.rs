@@ -180,9 +180,11 @@ pub fn without_names(expression: &str) -> Result<Cow<'_, str>, FilterError> {
     let mut at = 0;
     while let Some((token, start, end)) = next_token(bytes, at) {
         at = end;
-        let word = &expression[start..end];
         match token {
             Token::Word => {
+                // Words end at ASCII bytes; other tokens may be one byte of
+                // a longer character, which libpcap refuses later.
+                let word = &expression[start..end];
                 let escaped = word.starts_with('\\');
                 let name = if escaped { &word[1..] } else { word };
                 match q.word(previous) {
@@ -876,6 +878,15 @@ mod tests {
         assert!(err.contains("syntax error"), "{err}");
         let err = compile("port 99999").err().unwrap().to_string();
         assert!(err.contains("port"), "{err}");
+        // Characters of more than one byte are libpcap's to refuse, where
+        // they stand and after a word.
+        for expression in ["tcp and é", "é", "port 80 ü", "ip proto \\tcp é"] {
+            let err = compile(expression).err().unwrap();
+            assert!(
+                matches!(err, FilterError::Libpcap(_)),
+                "{expression}: {err}"
+            );
+        }
     }
 
     #[test]

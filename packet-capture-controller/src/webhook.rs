@@ -246,13 +246,15 @@ impl Admission {
     }
 
     /// Everything wrong with an admission request's object. A spec that is
-    /// wrong on its own is not looked into further; an update that leaves
-    /// the spec as it was captures nothing new, so its targets and its
-    /// requester are not checked again (the controller's own updates,
-    /// labels, finalizers).
+    /// wrong on its own is not looked into further. An update that leaves
+    /// the spec as it was captures nothing new and is not checked again
+    /// (the controller's own updates, labels, finalizers, the stop
+    /// annotation): a spec admitted under earlier limits, or while the
+    /// webhook was off, must not keep its object from being stopped or its
+    /// finalizer from being removed.
     pub async fn findings(&self, req: &AdmissionRequest<DynamicObject>) -> Findings {
         let mut found = Findings::default();
-        if !matches!(req.operation, Operation::Create | Operation::Update) {
+        if !asks_for_capture(req) {
             return found;
         }
         let Some(pcc) = &req.object else {
@@ -264,12 +266,12 @@ impl Admission {
         let pcc = match parse(pcc) {
             Ok(p) => p,
             Err(e) => {
-                found.problems.push(format!("spec: {e}"));
+                found.problems.push(e);
                 return found;
             }
         };
         found.problems = spec_problems(&pcc.spec, &self.limits).await;
-        if !found.problems.is_empty() || !asks_for_capture(req) {
+        if !found.problems.is_empty() {
             return found;
         }
         // The mutating webhook recorded the requester; a capture whose
@@ -347,8 +349,11 @@ impl Admission {
     }
 }
 
-fn parse(obj: &DynamicObject) -> std::result::Result<PacketCaptureConfig, serde_json::Error> {
-    serde_json::to_value(obj).and_then(serde_json::from_value)
+/// The capture `obj` holds, or what is wrong with it, naming the field
+/// (`spec.duration: invalid value: …`).
+fn parse(obj: &DynamicObject) -> std::result::Result<PacketCaptureConfig, String> {
+    let value = serde_json::to_value(obj).map_err(|e| format!("object: {e}"))?;
+    serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}", e.path(), e.inner()))
 }
 
 async fn validate(

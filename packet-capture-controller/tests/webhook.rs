@@ -317,6 +317,44 @@ async fn an_update_that_keeps_the_spec_is_not_authorized_again() {
     );
 }
 
+/// A capture admitted under higher limits (or while the webhook was off)
+/// can still be stopped and have its finalizer removed: updates that keep
+/// its spec pass, while a change of that spec is judged by today's limits.
+#[tokio::test]
+async fn an_update_that_keeps_a_spec_over_todays_limits_is_allowed() {
+    let (admission, _api) = mock_with(CaptureLimits {
+        max_duration: 600,
+        max_packets: 5_000,
+    });
+    let old_spec = json!({"targetIPs": ["10.0.0.1"], "duration": 7200, "filter": "port http"});
+    let mut finalizer_removed = request_of(old_spec.clone(), "controller", None, None);
+    let request = finalizer_removed.request.as_mut().unwrap();
+    request.operation = kube::core::admission::Operation::Update;
+    request.old_object = request.object.clone();
+    if let Some(old) = request.old_object.as_mut() {
+        old.metadata.finalizers = Some(vec![packet_capture_controller::consts::FINALIZER.into()]);
+    }
+    assert_eq!(
+        verdict(&admission.review(finalizer_removed).await),
+        (true, String::new())
+    );
+
+    let changed = request_of(
+        json!({"targetIPs": ["10.0.0.1"], "duration": 7201}),
+        "alice",
+        Some(json!({REQUESTED_BY: "alice"})),
+        Some((old_spec, "alice")),
+    );
+    assert_eq!(
+        verdict(&admission.review(changed).await),
+        (
+            false,
+            "spec.duration: 7201 is over this cluster's limit of 600 (MAX_CAPTURE_DURATION)"
+                .to_string()
+        )
+    );
+}
+
 #[tokio::test]
 async fn an_object_that_does_not_parse_is_denied_with_the_field() {
     let (admission, _api) = mock();
@@ -328,7 +366,20 @@ async fn an_object_that_does_not_parse_is_denied_with_the_field() {
     let (allowed, message) = verdict(&r);
     assert!(!allowed);
     assert!(
-        message.starts_with("spec: ") && message.contains("json"),
+        message.starts_with("spec.outputFormat: ") && message.contains("json"),
+        "{message}"
+    );
+    // Beyond what the field holds (the API server takes any integer for
+    // the CRD's uint32 when its maximum is not in the schema).
+    let r = admission
+        .review(admission_of(
+            json!({"targetIPs": ["10.0.0.1"], "duration": 4_294_967_296_u64}),
+        ))
+        .await;
+    let (allowed, message) = verdict(&r);
+    assert!(!allowed);
+    assert!(
+        message.starts_with("spec.duration: invalid value: integer `4294967296`"),
         "{message}"
     );
 }

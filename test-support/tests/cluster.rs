@@ -15,7 +15,7 @@ use kube::api::{Api, DeleteParams, DynamicObject, ObjectMeta, PostParams};
 use kube::core::ApiResource;
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Resource, ResourceExt};
-use packet_capture_common::crd::{PacketCaptureConfig, PacketCaptureConfigSpec};
+use packet_capture_common::crd::{MAX_NAME_LEN, PacketCaptureConfig, PacketCaptureConfigSpec};
 use packet_capture_test_support::cluster::{
     AGENT_SERVICE_ACCOUNT, COMPONENT_NAMESPACE, Cluster, Lifetime, SimNode,
 };
@@ -104,6 +104,16 @@ async fn packet_capture_config_gets_defaults_and_the_server_rejects_bad_specs() 
             json!({"targetIPs": ["10.0.0.1"], "maxPackets": 0}),
             "spec.maxPackets",
         ),
+        // The server takes any integer for a uint32 format; one stored
+        // beyond it would fail every typed list of captures.
+        (
+            json!({"targetIPs": ["10.0.0.1"], "duration": 4_294_967_296_u64}),
+            "spec.duration in body should be less than or equal to 4294967295",
+        ),
+        (
+            json!({"targetIPs": ["10.0.0.1"], "maxPackets": 4_294_967_296_u64}),
+            "spec.maxPackets in body should be less than or equal to 4294967295",
+        ),
         (
             json!({"targetIPs": ["10.0.0.300"]}),
             "each entry must be an IP address or a CIDR without host bits",
@@ -176,10 +186,29 @@ async fn packet_capture_config_gets_defaults_and_the_server_rejects_bad_specs() 
         );
     }
 
+    // The agents' file names add a stamp and extensions to the name.
+    let long_name = |len: usize| pcc(&"n".repeat(len), json!({"targetIPs": ["10.0.0.1"]}));
+    match api.create(&dry_run, &long_name(MAX_NAME_LEN + 1)).await {
+        Err(kube::Error::Api(status)) => assert!(
+            status.message.contains(&format!(
+                "metadata.name: must be at most {MAX_NAME_LEN} characters"
+            )),
+            "{status:?}"
+        ),
+        other => panic!(
+            "a name of {} characters was accepted: {other:?}",
+            MAX_NAME_LEN + 1
+        ),
+    }
+    api.create(&dry_run, &long_name(MAX_NAME_LEN))
+        .await
+        .unwrap_or_else(|e| panic!("a name of {MAX_NAME_LEN} characters was refused: {e}"));
+
     let accepted = [
         json!({"targetIPs": ["10.0.0.0/24", "fd00::/64", "10.0.0.1", "fd00::1", "0.0.0.0/0"]}),
         json!({"targetIPs": ["FD00::/64", "fd00:0::/64", "10.0.0.1/32", "::/0"]}),
         json!({"targetIPs": ["192.168.1.10"], "targetPorts": [1, 80, 65535], "duration": 1, "maxPackets": 1}),
+        json!({"targetIPs": ["10.0.0.1"], "duration": 4_294_967_295_u64, "maxPackets": 4_294_967_295_u64}),
         json!({"podSelector": {"pods": [{"podName": "web-0.x", "namespace": "default"}]}, "outputFormat": "pcapng"}),
         json!({"targetIPs": ["10.1.2.3"], "outputFormat": "stdout", "filter": "tcp port 80", "snaplen": 96}),
         json!({

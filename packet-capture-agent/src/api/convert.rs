@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 use crate::capture::{CaptureSpec, CaptureStatus, StartRequest, TargetPod};
 use crate::files::FileEntry;
 
-/// Longest capture id or name (they end up in file names).
-pub const MAX_ID_LEN: usize = 200;
+/// Longest capture id or name: they end up in file names, and the CRD
+/// allows names this long.
+pub const MAX_ID_LEN: usize = packet_capture_common::crd::MAX_NAME_LEN;
 
 /// A start request as a caller sent it: the body of `POST /api/v1/captures`
 /// with the CRD's field names and defaults, or a `StartCaptureRequest`.
