@@ -339,7 +339,9 @@ pub fn router(api: Api) -> Router {
         // Serving as long as the process runs: the engine is up before the
         // listener opens.
         drop(reporter);
-        service
+        // Open to everyone, like reflection: no larger messages than the
+        // Agent service takes.
+        service.max_decoding_message_size(MAX_BODY_BYTES)
     };
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -349,10 +351,12 @@ pub fn router(api: Api) -> Router {
     // v1 for current clients, v1alpha for older ones (grpcurl tries both).
     let reflection_v1 = reflection()
         .build_v1()
-        .expect("the embedded descriptor sets are valid");
+        .expect("the embedded descriptor sets are valid")
+        .max_decoding_message_size(MAX_BODY_BYTES);
     let reflection_v1alpha = reflection()
         .build_v1alpha()
-        .expect("the embedded descriptor sets are valid");
+        .expect("the embedded descriptor sets are valid")
+        .max_decoding_message_size(MAX_BODY_BYTES);
     let routes = tonic::service::Routes::from(rest::routes().with_state(api.clone()))
         .add_service(grpc::server(api.clone()))
         .add_service(health)

@@ -282,3 +282,24 @@ async fn grpcurl_uses_reflection() {
     let checked = call(&[&target, "grpc.health.v1.Health/Check"]);
     assert!(checked.contains("SERVING"), "{checked}");
 }
+
+/// The services open to every caller (health, reflection) take messages no
+/// larger than the Agent service does.
+#[tokio::test]
+async fn open_grpc_services_refuse_large_messages() {
+    if !privileged("open_grpc_services_refuse_large_messages") {
+        return;
+    }
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let node = Node::new();
+    let agent = node.agent(&["--insecure-no-auth"], &[]);
+    let mut health = HealthClient::new(crate::common::channel(&agent.url(), None).await);
+    let check = |service: String| HealthCheckRequest { service };
+    assert!(health.check(check(String::new())).await.is_ok());
+    let refused = health
+        .check(check("x".repeat(1 << 20)))
+        .await
+        .expect_err("a 1 MiB health check");
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    assert!(health.check(check(String::new())).await.is_ok());
+}
