@@ -171,10 +171,11 @@ pub enum Access {
 const AGENT_SERVICE: &str = "/packetcapture.v1.Agent/";
 
 /// The methods of `packetcapture.v1.Agent` and what each needs.
-const AGENT_METHODS: [(&str, Access); 9] = [
+const AGENT_METHODS: [(&str, Access); 10] = [
     ("Health", Access::Open),
     ("StartCapture", Access::Authenticated),
     ("StopCapture", Access::Authenticated),
+    ("SetTargets", Access::Authenticated),
     ("GetCapture", Access::Authenticated),
     ("ListCaptures", Access::Authenticated),
     ("WatchCapture", Access::Authenticated),
@@ -677,6 +678,26 @@ impl Authorizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every method of the service has its row, so its calls are counted
+    /// under its name, not `unknown`.
+    #[test]
+    fn every_method_of_the_proto_is_listed() {
+        let proto = include_str!("../../../proto/packetcapture/v1/agent.proto");
+        let methods: Vec<&str> = proto
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("rpc "))
+            .filter_map(|l| l.split('(').next())
+            .collect();
+        assert!(!methods.is_empty());
+        for method in &methods {
+            assert!(
+                AGENT_METHODS.iter().any(|(m, _)| m == method),
+                "{method} is not in AGENT_METHODS"
+            );
+        }
+        assert_eq!(methods.len(), AGENT_METHODS.len());
+    }
 
     #[test]
     fn what_each_call_needs() {
