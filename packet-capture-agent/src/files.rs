@@ -229,6 +229,12 @@ impl CaptureDir {
             else {
                 continue;
             };
+            // Only files: a link would be followed by the reads and the
+            // truncation below, to wherever it points.
+            if !entry.file_type()?.is_file() {
+                tracing::warn!(file = %entry.path().display(), "left alone: not a regular file");
+                continue;
+            }
             let temp = entry.path();
             let final_path = self.dir.join(final_name);
             let whole = whole_length(&temp, final_name)?;
@@ -703,6 +709,24 @@ mod tests {
             1,
             "temporary files are gone"
         );
+    }
+
+    /// A temporary name that is a link is left as it is: recovery would
+    /// otherwise read and cut whatever it points to.
+    #[test]
+    fn recovery_follows_no_links() {
+        let (_t, d) = dir();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("precious");
+        let mut bytes = pcap_with(3);
+        bytes.truncate(bytes.len() - 10);
+        fs::write(&target, &bytes).unwrap();
+        let link = d.path().join(".link-20231201-143022.pcap.partial");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(d.recover().unwrap().is_empty());
+        assert_eq!(fs::read(&target).unwrap(), bytes);
+        assert!(fs::symlink_metadata(&link).unwrap().is_symlink());
+        assert!(d.list().unwrap().is_empty());
     }
 
     #[test]
