@@ -174,12 +174,7 @@ async fn run(config: Config, serving: Serving, log: LogControl) -> anyhow::Resul
         "shutting down: no new connections, stopping captures"
     );
     let _ = stop_tx.send(());
-    if tokio::time::timeout(ENGINE_STOP, engine.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("captures did not finish in time");
-    }
+    engine.shutdown(ENGINE_STOP).await;
     match tokio::time::timeout(DRAIN, server).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "serving the API"),

@@ -228,7 +228,7 @@ fn with_engine(
                 }
             );
             body(&engine, &rt);
-            rt.block_on(engine.shutdown());
+            rt.block_on(engine.shutdown(Duration::from_secs(10)));
         })
         .join()
         .expect("engine thread");

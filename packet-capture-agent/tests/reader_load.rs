@@ -240,5 +240,5 @@ fn under_flood(node: &Netns, peer: &Netns, dir: &Path) {
             ended.packets
         );
     });
-    rt.block_on(engine.shutdown());
+    rt.block_on(engine.shutdown(Duration::from_secs(10)));
 }

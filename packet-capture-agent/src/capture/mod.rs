@@ -658,9 +658,10 @@ impl Engine {
         self.capture(id).map(|c| c.status.subscribe())
     }
 
-    /// Ends every running capture (their files are finished) and stops the
-    /// backend, detaching the programs.
-    pub async fn shutdown(&self) {
+    /// Ends every running capture (their files are finished), waiting at
+    /// most `within` for them, and then stops the backend, detaching the
+    /// programs, however the captures fared.
+    pub async fn shutdown(&self, within: Duration) {
         let running: Vec<String> = self
             .list()
             .into_iter()
@@ -676,7 +677,12 @@ impl Engine {
                 });
             }
         }
-        let _ = tokio::time::timeout(STOP_TIMEOUT, futures::future::join_all(waits)).await;
+        if tokio::time::timeout(within, futures::future::join_all(waits))
+            .await
+            .is_err()
+        {
+            tracing::warn!("captures did not finish in time");
+        }
         self.inner.backend.shutdown();
     }
 
