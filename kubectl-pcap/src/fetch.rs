@@ -7,9 +7,17 @@
 //! error and on Ctrl-C too. The merge writes `FILE.part` and renames it to
 //! `FILE` when it is whole, so a file named `FILE` is always complete.
 //!
+//! A capture that has not ended is refused: an agent writes a running
+//! capture's file under a hidden name and lists it only once the capture
+//! has ended there, so there is nothing whole to fetch before (`kubectl
+//! pcap stop NAME --wait` ends it now). When no node returns a file, the
+//! command fails and writes nothing.
+//!
 //! A node the controller could not ask is named on stderr with the reason,
-//! and the command exits with 1 after writing the other nodes' packets, so
-//! a script does not take the file for the whole capture.
+//! and so is a node whose entry in the capture's status counts packets but
+//! that returned no file of it; the command then exits with 1 after writing
+//! the other nodes' packets, so a script does not take the file for the
+//! whole capture.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,10 +27,12 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::jiff::Timestamp;
-use kubectl_pcap::api::{self, explain_access, explain_crd};
+use kubectl_pcap::api::{self, FileList, explain_access, explain_crd};
 use kubectl_pcap::merge::{self, NodeInput, NodeSummary};
 use kubectl_pcap::show;
-use packet_capture_common::crd::{OutputFormat, Phase};
+use packet_capture_common::crd::{
+    OutputFormat, PacketCaptureConfigStatus, Phase, STDOUT_OUTPUT_FILE,
+};
 
 use crate::cluster::{Cluster, Signals};
 
@@ -95,14 +105,7 @@ async fn run(
     };
     if let Some(pcc) = &pcc {
         refuse_unmergeable(name, pcc.spec.output_format)?;
-        if !pcc
-            .status
-            .as_ref()
-            .and_then(|s| s.phase)
-            .is_some_and(Phase::is_final)
-        {
-            eprintln!("capture {name} has not ended: fetching what it has captured so far");
-        }
+        refuse_unended(name, pcc.status.as_ref().and_then(|s| s.phase))?;
     }
 
     let list = api::list_files(&cluster.client, name)
@@ -137,11 +140,31 @@ async fn run(
         }
     }
     let failed: Vec<_> = list.nodes.iter().filter(|n| n.error.is_some()).collect();
-    if jobs.is_empty() && !failed.is_empty() {
+    let unlisted = pcc
+        .as_ref()
+        .and_then(|p| p.status.as_ref())
+        .map(|s| unlisted_nodes(s, &list))
+        .unwrap_or_default();
+    if jobs.is_empty() {
         for n in &failed {
             eprintln!("{}: {}", n.node, n.error.as_deref().unwrap_or_default());
         }
-        bail!("no node's files could be listed");
+        for n in &unlisted {
+            eprintln!("{}", n.not_fetched());
+        }
+        if !failed.is_empty() {
+            bail!("no node's files could be listed");
+        }
+        // Without the object (no `get` on it), whether it has ended is
+        // not known here.
+        let hint = match pcc {
+            Some(_) => String::new(),
+            None => format!(
+                ": if it has not ended, `kubectl pcap stop {name} --wait` first (a node lists \
+                 a capture's file once the capture has ended there)"
+            ),
+        };
+        bail!("no node returned a file of capture {name}{hint}");
     }
 
     futures::stream::iter(jobs)
@@ -213,21 +236,82 @@ async fn run(
             n.error.as_deref().unwrap_or_default()
         );
     }
+    for n in &unlisted {
+        eprintln!("{}", n.not_fetched());
+    }
     let packets: u64 = summaries.iter().map(|s| s.packets).sum();
     eprintln!(
         "{packets} packets from {} nodes written to {written_to}",
         summaries.len()
     );
-    Ok(if failed.is_empty() {
+    let missing = failed.len() + unlisted.len();
+    Ok(if missing == 0 {
         ExitCode::SUCCESS
     } else {
         eprintln!(
-            "{} of {} nodes could not be fetched: the file lacks their packets",
-            failed.len(),
-            list.nodes.len()
+            "{missing} of {} nodes could not be fetched: the file lacks their packets",
+            list.nodes.len() + unlisted.len()
         );
         ExitCode::FAILURE
     })
+}
+
+/// Refuses a capture that has not ended (`phase`, none before the
+/// controller has written one): its nodes list no file of it yet.
+fn refuse_unended(name: &str, phase: Option<Phase>) -> Result<()> {
+    if phase.is_some_and(Phase::is_final) {
+        return Ok(());
+    }
+    let phase = phase.map_or("not started".into(), show::phase_name);
+    bail!(
+        "capture {name} has not ended ({phase}): a node lists a capture's file only once the \
+         capture has ended there. Run `kubectl pcap stop {name} --wait` first, or wait until \
+         `kubectl pcap get {name}` shows Completed or Failed"
+    )
+}
+
+/// A node whose entry in the capture's status counts packets written to a
+/// file, but that the listing did not return.
+#[derive(Debug, PartialEq, Eq)]
+struct Unlisted {
+    node: String,
+    packets: u64,
+}
+
+impl Unlisted {
+    fn not_fetched(&self) -> String {
+        format!(
+            "{}: not fetched: the capture's status counts {} packets there, but the node \
+             returned no file of it",
+            self.node, self.packets
+        )
+    }
+}
+
+/// The nodes of `status.captureFiles` with packets in a file that are not
+/// in `list` at all (a node in it with an error is reported as such). An
+/// entry is keyed by the node's address and names the node, as a listed
+/// node has both.
+fn unlisted_nodes(status: &PacketCaptureConfigStatus, list: &FileList) -> Vec<Unlisted> {
+    status
+        .capture_files
+        .iter()
+        .filter(|(_, e)| e.packets > 0 && e.output_file != STDOUT_OUTPUT_FILE)
+        .filter(|(address, e)| {
+            !list.nodes.iter().any(|n| {
+                (!e.node.is_empty() && n.node == e.node)
+                    || (!address.is_empty() && n.address == **address)
+            })
+        })
+        .map(|(address, e)| Unlisted {
+            node: if e.node.is_empty() {
+                address.clone()
+            } else {
+                e.node.clone()
+            },
+            packets: e.packets,
+        })
+        .collect()
 }
 
 /// Refuses the formats whose files hold no packets to merge.
@@ -291,4 +375,249 @@ fn write_merged(
     std::fs::rename(&part, output)
         .with_context(|| format!("renaming {} to {}", part.display(), output.display()))?;
     Ok(summaries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{Request, Response, StatusCode};
+    use kube::Client;
+    use kube::client::Body;
+    use kubectl_pcap::api::NodeFiles;
+    use pcap_file::pcap::{PcapPacket, PcapWriter};
+    use pcap_file::pcapng::{Block, PcapNgReader};
+    use std::time::Duration;
+
+    const CAPTURE: &str = "/apis/networking.packet.io/v1/packetcaptureconfigs/web";
+    const FILES: &str = "/apis/pcap.packet.io/v1/captures/web/proxy/files";
+    const OK: StatusCode = StatusCode::OK;
+
+    #[test]
+    fn a_capture_is_fetched_only_once_it_has_ended() {
+        for phase in [None, Some(Phase::Starting), Some(Phase::Running)] {
+            let err = refuse_unended("web", phase).unwrap_err().to_string();
+            assert!(err.contains("`kubectl pcap stop web --wait`"), "{err}");
+            assert!(err.starts_with("capture web has not ended"), "{err}");
+        }
+        for phase in [Phase::Completed, Phase::Failed] {
+            assert!(refuse_unended("web", Some(phase)).is_ok(), "{phase:?}");
+        }
+    }
+
+    /// A node's entry in `status.captureFiles`, as the controller writes it.
+    fn entry(node: &str, packets: u64, output_file: &str) -> serde_json::Value {
+        serde_json::json!({"status": "completed", "node": node, "packets": packets,
+            "file_size": 100, "output_file": output_file})
+    }
+
+    fn listed(node: &str, address: &str, files: &[&str], error: Option<&str>) -> NodeFiles {
+        NodeFiles {
+            node: node.into(),
+            address: address.into(),
+            files: files
+                .iter()
+                .map(|f| api::FileEntry {
+                    name: f.to_string(),
+                    size: 100,
+                    modified: String::new(),
+                })
+                .collect(),
+            error: error.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn nodes_with_packets_that_returned_no_file_are_named() {
+        let file = "/var/lib/packet-captures/web-20250101-120000.pcap";
+        let entries: serde_json::Map<String, serde_json::Value> = [
+            ("10.0.0.1", entry("a", 5, file)),
+            // Its file is gone (rotated away, or the node replaced).
+            ("10.0.0.2", entry("b", 3, file)),
+            // Nothing to fetch there.
+            ("10.0.0.3", entry("c", 0, file)),
+            // Listed with an error, reported as such.
+            ("10.0.0.4", entry("d", 7, file)),
+            // An entry without the node's name, found by its address.
+            ("10.0.0.5", entry("", 2, file)),
+            ("10.0.0.6", entry("", 4, file)),
+            // A stdout capture's: no file anywhere.
+            ("10.0.0.7", entry("g", 9, STDOUT_OUTPUT_FILE)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let status: PacketCaptureConfigStatus =
+            serde_json::from_value(serde_json::json!({"captureFiles": entries})).unwrap();
+        let list = FileList {
+            capture: "web".into(),
+            nodes: vec![
+                listed("a", "10.0.0.1", &["web-20250101-120000.pcap"], None),
+                listed("d", "10.0.0.4", &[], Some("agent unreachable")),
+                listed("e", "10.0.0.5", &["web-20250101-120000.pcap"], None),
+            ],
+        };
+        assert_eq!(
+            unlisted_nodes(&status, &list),
+            [
+                Unlisted {
+                    node: "b".into(),
+                    packets: 3
+                },
+                Unlisted {
+                    node: "10.0.0.6".into(),
+                    packets: 4
+                },
+            ]
+        );
+    }
+
+    /// A capture named web in `phase`, its status naming the nodes
+    /// `(name, address, packets)`.
+    fn capture(phase: &str, nodes: &[(&str, &str, u64)]) -> Vec<u8> {
+        let files: serde_json::Map<String, serde_json::Value> = nodes
+            .iter()
+            .map(|(node, address, packets)| {
+                let file = "/var/lib/packet-captures/web-20250101-120000.pcap";
+                (address.to_string(), entry(node, *packets, file))
+            })
+            .collect();
+        serde_json::to_vec(&serde_json::json!({
+            "apiVersion": "networking.packet.io/v1",
+            "kind": "PacketCaptureConfig",
+            "metadata": {"name": "web"},
+            "spec": {"targetIPs": ["10.0.0.9"], "outputFormat": "pcap"},
+            "status": {"phase": phase, "captureFiles": files},
+        }))
+        .unwrap()
+    }
+
+    /// A pcap file of one packet.
+    fn pcap_file() -> Vec<u8> {
+        let mut w = PcapWriter::new(Vec::new()).unwrap();
+        let data = [0u8; 60];
+        w.write_packet(&PcapPacket::new(Duration::from_secs(100), 60, &data).unwrap())
+            .unwrap();
+        w.into_inner()
+    }
+
+    /// A cluster whose API server answers each path it is asked for with
+    /// the status and body given for it, and fails the test on any other; the task
+    /// returns the paths asked, in order, once the client is dropped.
+    fn api_server(
+        answers: Vec<(&'static str, StatusCode, Vec<u8>)>,
+    ) -> (Cluster, tokio::task::JoinHandle<Vec<String>>) {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let asked = tokio::spawn(async move {
+            let mut asked = Vec::new();
+            while let Some((request, send)) = handle.next_request().await {
+                let path = request.uri().path().to_owned();
+                let Some((_, status, body)) = answers.iter().find(|(p, _, _)| *p == path) else {
+                    panic!("unexpected request {path}");
+                };
+                send.send_response(
+                    Response::builder()
+                        .status(*status)
+                        .body(Body::from(body.clone()))
+                        .unwrap(),
+                );
+                asked.push(path);
+            }
+            asked
+        });
+        let cluster = Cluster {
+            client: Client::new(service, "default"),
+            namespace: "default".into(),
+        };
+        (cluster, asked)
+    }
+
+    fn args(output: &Path) -> FetchArgs {
+        FetchArgs {
+            name: "web".into(),
+            output: output.to_path_buf(),
+        }
+    }
+
+    fn packets_in(path: &Path) -> usize {
+        let mut reader = PcapNgReader::new(std::fs::File::open(path).unwrap()).unwrap();
+        let mut packets = 0;
+        while let Some(block) = reader.next_block() {
+            if matches!(block.unwrap().0, Block::EnhancedPacket(_)) {
+                packets += 1;
+            }
+        }
+        packets
+    }
+
+    #[tokio::test]
+    async fn a_running_capture_is_refused_before_anything_is_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("web.pcapng");
+        let (cluster, asked) = api_server(vec![(CAPTURE, OK, capture("Running", &[]))]);
+        let err = fetch(&cluster, args(&out)).await.unwrap_err().to_string();
+        assert!(err.contains("`kubectl pcap stop web --wait`"), "{err}");
+        drop(cluster);
+        assert_eq!(asked.await.unwrap(), [CAPTURE]);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn no_file_from_any_node_fails_and_writes_nothing() {
+        let none = br#"{"capture":"web","nodes":[]}"#.to_vec();
+        let forbidden = br#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Forbidden","code":403,
+            "message":"packetcaptureconfigs.networking.packet.io \"web\" is forbidden"}"#;
+        for (answer, message) in [
+            (
+                (OK, capture("Completed", &[("a", "10.0.0.1", 5)])),
+                "no node returned a file of capture web",
+            ),
+            // A user who may read the files but not the object: whether
+            // the capture has ended is not known, so the message says what
+            // to do if it has not.
+            (
+                (StatusCode::FORBIDDEN, forbidden.to_vec()),
+                "no node returned a file of capture web: if it has not ended, \
+                 `kubectl pcap stop web --wait` first",
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path().join("web.pcapng");
+            let (cluster, _) = api_server(vec![
+                (CAPTURE, answer.0, answer.1),
+                (FILES, OK, none.clone()),
+            ]);
+            let err = fetch(&cluster, args(&out)).await.unwrap_err().to_string();
+            assert!(err.starts_with(message), "{err}");
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_node_with_packets_but_no_file_fails_the_fetch_of_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("web.pcapng");
+        let (cluster, _) = api_server(vec![
+            (
+                CAPTURE,
+                OK,
+                capture("Completed", &[("a", "10.0.0.1", 1), ("b", "10.0.0.2", 3)]),
+            ),
+            (
+                FILES,
+                OK,
+                br#"{"capture":"web","nodes":[{"node":"a","address":"10.0.0.1","files":[
+                    {"name":"web-20250101-120000.pcap","size":100,"modified":"2025-01-01T12:01:00Z"}]}]}"#
+                    .to_vec(),
+            ),
+            (
+                "/apis/pcap.packet.io/v1/captures/web/proxy/files/a/web-20250101-120000.pcap",
+                OK,
+                pcap_file(),
+            ),
+        ]);
+        let code = fetch(&cluster, args(&out)).await.unwrap();
+        assert_eq!(code, ExitCode::FAILURE);
+        // Node a's packet is written all the same.
+        assert_eq!(packets_in(&out), 1);
+    }
 }

@@ -31,8 +31,9 @@
 //! `stop` annotates the capture (`networking.packet.io/stop-requested`):
 //! the controller stops it on every node without starting it again (as a
 //! change of the spec would), and the capture, its status and its files
-//! stay for `get` and `fetch`. `fetch` of a capture
-//! still running takes what its files hold so far.
+//! stay for `get` and `fetch`. `fetch` refuses a capture that has not
+//! ended, since a node lists a capture's file only once it has ended there:
+//! `stop NAME --wait` first.
 //!
 //! `stream` with target flags makes its own capture and deletes it
 //! afterwards; it exits 0 when the capture ends, on Ctrl-C and when the
@@ -73,7 +74,8 @@ enum Command {
     Stop(capture::StopArgs),
     /// Delete a capture (the nodes stop capturing and keep its files)
     Delete(capture::DeleteArgs),
-    /// Download every node's files of a capture, merged into one pcapng
+    /// Download every node's files of an ended capture, merged into one
+    /// pcapng
     Fetch(fetch::FetchArgs),
     /// Write a capture's live pcapng stream to stdout (or make a capture
     /// for it, with the target flags, and delete it afterwards)

@@ -1275,14 +1275,17 @@ fn uninstall_deletes_the_captures_first() {
         strs(&rules[0]["verbs"]),
         ["get", "list", "watch", "delete", "patch"]
     );
-    // Every object of the hook is the hook's, gone after it succeeded.
-    for (kind, name) in [
-        ("ServiceAccount", "packet-capture-uninstall"),
-        ("ClusterRole", "packet-capture-uninstall"),
-        ("ClusterRoleBinding", "packet-capture-uninstall"),
-        ("Job", "packet-capture-uninstall"),
+    // Every object of the hook is the hook's. The account and its access
+    // are gone however it ends; the Job is kept after a failure, for its
+    // logs, until the next uninstall replaces it.
+    const ACCESS: &str = "before-hook-creation,hook-succeeded,hook-failed";
+    for (kind, policy) in [
+        ("ServiceAccount", ACCESS),
+        ("ClusterRole", ACCESS),
+        ("ClusterRoleBinding", ACCESS),
+        ("Job", "before-hook-creation,hook-succeeded"),
     ] {
-        let annotations = &get(&docs, kind, name)["metadata"]["annotations"];
+        let annotations = &get(&docs, kind, "packet-capture-uninstall")["metadata"]["annotations"];
         assert_eq!(
             annotations["helm.sh/hook"].as_str(),
             Some("pre-delete"),
@@ -1290,10 +1293,179 @@ fn uninstall_deletes_the_captures_first() {
         );
         assert_eq!(
             annotations["helm.sh/hook-delete-policy"].as_str(),
-            Some("before-hook-creation,hook-succeeded"),
+            Some(policy),
             "{kind}"
         );
     }
     let off = render(&helm, &["--set", "uninstall.deleteCaptures=false"]).unwrap();
     assert!(find(&off, "Job", "packet-capture-uninstall").is_none());
+}
+
+/// The webhooks' condition, as each configuration must carry it.
+fn assert_skips_captures_being_deleted(docs: &[Value], source: &str) {
+    for kind in [
+        "ValidatingWebhookConfiguration",
+        "MutatingWebhookConfiguration",
+    ] {
+        let conditions =
+            &get(docs, kind, "packet-capture-webhook")["webhooks"][0]["matchConditions"];
+        let conditions = conditions
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{source}: {kind} has no matchConditions"));
+        assert_eq!(conditions.len(), 1, "{source}: {kind}");
+        assert_eq!(
+            conditions[0]["expression"].as_str(),
+            Some("!has(object.metadata.deletionTimestamp)"),
+            "{source}: {kind}"
+        );
+    }
+}
+
+#[test]
+fn the_webhooks_let_captures_being_deleted_through() {
+    // The uninstall job removes the finalizer of a capture the controller
+    // did not finish, an UPDATE; with the controller down and
+    // failurePolicy Fail, a webhook called for it would refuse it, and
+    // `helm uninstall` would fail with the capture stuck.
+    let helm = helm_or_fail();
+    for args in [
+        &[][..],
+        &["-f", NON_DEFAULT_VALUES][..],
+        &["--set", "certManager.enabled=false"][..],
+    ] {
+        let docs = render(&helm, args).unwrap();
+        assert_skips_captures_being_deleted(&docs, &format!("helm template {args:?}"));
+    }
+    let files = generate(&helm).unwrap();
+    let (file, text) = files
+        .iter()
+        .find(|(f, _)| *f == "manifests/webhook.yaml")
+        .expect("manifests/webhook.yaml is generated");
+    assert_skips_captures_being_deleted(&documents(text).unwrap(), file);
+}
+
+/// The `checksum/config` annotations of the agents' and the controller's
+/// pods.
+fn config_checksums(docs: &[Value]) -> (String, String) {
+    let checksum = |kind, name| {
+        get(docs, kind, name)["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{kind} {name} has no checksum/config"))
+            .to_owned()
+    };
+    (
+        checksum("DaemonSet", "packet-capture-agent"),
+        checksum("Deployment", "packet-capture-controller"),
+    )
+}
+
+#[test]
+fn only_the_settings_a_component_reads_at_start_roll_its_pods() {
+    let helm = helm_or_fail();
+    let (agent, controller) = config_checksums(&render(&helm, &[]).unwrap());
+    // Whether the agents' and the controller's pods roll. LOG_LEVEL is
+    // applied while they run, and rolling the agents would fail every
+    // capture running on them.
+    for (set, agents_roll, controller_rolls) in [
+        ("config.logLevel=DEBUG", false, false),
+        ("config.maxCaptureFiles=7", true, false),
+        ("config.maxCaptureFileSizeMb=20", true, false),
+        ("config.maxConcurrentCaptures=8", true, false),
+        ("config.maxCapturesPerRequester=3", false, true),
+        ("config.maxCaptureDuration=3600", true, true),
+        ("config.maxCapturePackets=5000", true, true),
+        ("config.agentPort=9090", true, true),
+    ] {
+        let docs = render(&helm, &["--set", set]).unwrap();
+        let (a, c) = config_checksums(&docs);
+        assert_eq!(a != agent, agents_roll, "agents with {set}");
+        assert_eq!(c != controller, controller_rolls, "controller with {set}");
+    }
+}
+
+#[test]
+fn prometheus_scrapes_the_agents_over_tls_with_their_ca() {
+    let docs = render(&helm_or_fail(), &["--set", "serviceMonitor.enabled=true"]).unwrap();
+    let agent = &get(&docs, "ServiceMonitor", "packet-capture-agent")["spec"]["endpoints"][0];
+    assert_eq!(agent["scheme"].as_str(), Some("https"));
+    let ca = &agent["tlsConfig"]["ca"]["configMap"];
+    assert_eq!(ca["key"].as_str(), Some("ca.crt"));
+    // The ConfigMap the controller publishes the agents' CA in, in the
+    // ServiceMonitor's namespace.
+    let name = ca["name"].as_str().unwrap();
+    assert_eq!(name, "packet-capture-agent-ca");
+    assert!(
+        rules(get(&docs, "Role", "packet-capture-controller")).contains(&(
+            String::new(),
+            "configmaps".into(),
+            "get".into(),
+            vec![name.to_owned()]
+        )),
+        "the controller does not publish {name}"
+    );
+    assert_eq!(
+        agent["port"],
+        get(&docs, "Service", "packet-capture-agent")["spec"]["ports"][0]["name"]
+    );
+    // The controller serves /metrics in plain HTTP (its probes read it so).
+    let controller =
+        &get(&docs, "ServiceMonitor", "packet-capture-controller")["spec"]["endpoints"][0];
+    assert!(controller["scheme"].is_null() && controller["tlsConfig"].is_null());
+}
+
+#[test]
+fn config_values_are_held_to_what_the_binaries_accept() {
+    let helm = helm_or_fail();
+    // One past each limit the agent or the controller refuses at start.
+    for (set, names) in [
+        (
+            "config.maxCaptureFileSizeMb=1048577",
+            "/config/maxCaptureFileSizeMb",
+        ),
+        (
+            "config.maxCaptureFileSizeMb=0",
+            "/config/maxCaptureFileSizeMb",
+        ),
+        ("config.maxCaptureFiles=0", "/config/maxCaptureFiles"),
+        (
+            "config.maxConcurrentCaptures=65",
+            "/config/maxConcurrentCaptures",
+        ),
+        ("config.agentPort=65536", "/config/agentPort"),
+        (
+            "config.maxCaptureDuration=4294967296",
+            "/config/maxCaptureDuration",
+        ),
+        ("config.maxCapturePackets=0", "/config/maxCapturePackets"),
+        (
+            "config.maxCapturesPerRequester=-1",
+            "/config/maxCapturesPerRequester",
+        ),
+    ] {
+        let err = render(&helm, &["--set", set]).unwrap_err();
+        assert!(format!("{err:#}").contains(names), "{set}: {err:#}");
+    }
+    // The largest values, from a values file (whose numbers reach the
+    // templates as floats), are written as the integers the binaries parse.
+    let mut values = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(
+        &mut values,
+        b"config:\n  maxCaptureFiles: 1000000\n  maxCaptureFileSizeMb: 1048576\n  agentPort: 65535\n  \
+          maxCaptureDuration: 4294967295\n  maxCapturePackets: 4294967295\n  \
+          maxConcurrentCaptures: 64\n  maxCapturesPerRequester: 4294967295\n",
+    )
+    .unwrap();
+    let docs = render(&helm, &["-f", values.path().to_str().unwrap()]).unwrap();
+    let config = get(&docs, "ConfigMap", "packet-capture-config");
+    for (key, value) in [
+        ("MAX_CAPTURE_FILES", "1000000"),
+        ("MAX_CAPTURE_FILE_SIZE_MB", "1048576"),
+        ("AGENT_PORT", "65535"),
+        ("MAX_CAPTURE_DURATION", "4294967295"),
+        ("MAX_CAPTURE_PACKETS", "4294967295"),
+        ("MAX_CONCURRENT_CAPTURES", "64"),
+        ("MAX_CAPTURES_PER_REQUESTER", "4294967295"),
+    ] {
+        assert_eq!(config["data"][key].as_str(), Some(value), "{key}");
+    }
 }

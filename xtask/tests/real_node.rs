@@ -708,17 +708,28 @@ async fn helm_install_on_a_real_node_captures_real_pods() {
     world.wait_installed();
     world.kubectl(&["delete", "packetcaptureconfig", "restarted"]);
 
-    // `helm upgrade` with a changed value rolls the pods.
+    // `helm upgrade` of the log level, which the pods follow while they
+    // run, keeps them (and their captures); a setting read at start rolls
+    // them.
+    let upgrade = |setting: &str| {
+        world.helm(&[
+            "upgrade",
+            RELEASE,
+            "charts/packet-capture",
+            "--reuse-values",
+            "--set",
+            setting,
+        ]);
+        world.wait_installed();
+    };
     let before = world.component_pods();
-    world.helm(&[
-        "upgrade",
-        RELEASE,
-        "charts/packet-capture",
-        "--reuse-values",
-        "--set",
-        "config.logLevel=DEBUG",
-    ]);
-    world.wait_installed();
+    upgrade("config.logLevel=DEBUG");
+    assert_eq!(
+        world.component_pods(),
+        before,
+        "a new log level replaced pods"
+    );
+    upgrade("config.maxCaptureDuration=43200");
     let after = world.component_pods();
     for uid in &before {
         assert!(

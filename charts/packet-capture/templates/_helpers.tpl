@@ -86,3 +86,20 @@ packet-capture-ca
 {{- define "packet-capture.webhook.certificate" -}}
 packet-capture-webhook
 {{- end }}
+
+{{/* The hash of the settings a component reads when it starts, for its
+pods' checksum/config annotation: a change to one of them rolls the pods,
+a change to anything else does not (LOG_LEVEL, which they apply while they
+run; the keys the component does not read). Call with (dict "root" $
+"keys" (list "AGENT_PORT" ...)). */}}
+{{- define "packet-capture.configChecksum" -}}
+{{- $data := (include (print .root.Template.BasePath "/config.yaml") .root | fromYaml).data -}}
+{{- $read := dict -}}
+{{- range .keys -}}
+{{- if not (hasKey $data .) -}}
+{{- fail (printf "packet-capture.configChecksum: the ConfigMap has no key %s" .) -}}
+{{- end -}}
+{{- $_ := set $read . (get $data .) -}}
+{{- end -}}
+{{- toJson $read | sha256sum -}}
+{{- end }}
