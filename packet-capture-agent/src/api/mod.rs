@@ -11,13 +11,12 @@ pub mod error;
 pub mod grpc;
 pub mod metrics;
 pub mod rest;
+mod serve;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -35,6 +34,9 @@ pub use auth::{Authorizer, Caller};
 use convert::{Unchecked, UncheckedTargets};
 pub use error::ApiError;
 use metrics::Metrics;
+pub use serve::{
+    HEADER_READ_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, serve,
+};
 
 /// Bytes per chunk of a download, REST and gRPC.
 pub const CHUNK_BYTES: usize = 64 * 1024;
@@ -365,102 +367,6 @@ pub fn router(api: Api) -> Router {
     routes
         .into_axum_router()
         .layer(axum::middleware::from_fn_with_state(api, gate))
-}
-
-/// Connections served at once; more wait in the listen backlog until one
-/// ends, so a flood of idle connections cannot take the agent's memory or
-/// its file descriptors.
-pub const MAX_CONNECTIONS: usize = 256;
-/// A client has this long to send a request's head (HTTP/1.1), so idle or
-/// slow connections do not hold a slot for ever.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// gRPC streams at once on one HTTP/2 connection.
-const MAX_STREAMS_PER_CONNECTION: u32 = 64;
-
-/// Serves the router on the listener until `shutdown` completes; then stops
-/// accepting and lets requests in progress finish. HTTP/1.1 (REST) and
-/// HTTP/2 (gRPC) on one port, over TLS when `tls` is given (a client has
-/// [`HEADER_READ_TIMEOUT`] for its handshake), at most [`MAX_CONNECTIONS`]
-/// connections. Each request knows its peer's address (the authorizer
-/// limits refused tokens per address).
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> io::Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::server::conn::auto;
-    use tower::ServiceExt as _;
-
-    let mut http = auto::Builder::new(TokioExecutor::new());
-    http.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    http.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10));
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (slot, (tcp, peer)) = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = async {
-                // The semaphore is never closed.
-                let slot = slots.clone().acquire_owned().await.ok();
-                (slot, listener.accept().await)
-            } => match accepted {
-                (slot, Ok(connection)) => (slot, connection),
-                (_, Err(e)) => {
-                    // Out of descriptors and the like: wait a little
-                    // rather than spin on the error.
-                    tracing::warn!("accepting a connection: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let service =
-            router
-                .clone()
-                .map_request(move |mut req: http::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ConnectInfo(peer));
-                    req
-                });
-        let service = hyper_util::service::TowerToHyperService::new(service);
-        let (http, tls, watcher) = (http.clone(), tls.clone(), graceful.watcher());
-        tokio::spawn(async move {
-            let served = match tls {
-                None => {
-                    let connection =
-                        http.serve_connection_with_upgrades(TokioIo::new(tcp), service);
-                    watcher.watch(connection.into_owned()).await
-                }
-                Some(tls) => match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(tcp)).await
-                {
-                    Ok(Ok(stream)) => {
-                        let connection =
-                            http.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                        watcher.watch(connection.into_owned()).await
-                    }
-                    Ok(Err(e)) => Err(format!("TLS handshake: {e}").into()),
-                    Err(_) => {
-                        Err(format!("no TLS handshake within {HEADER_READ_TIMEOUT:?}").into())
-                    }
-                },
-            };
-            if let Err(e) = served {
-                tracing::debug!(%peer, "connection: {e}");
-            }
-            drop(slot);
-        });
-    }
-    drop(listener);
-    graceful.shutdown().await;
-    Ok(())
 }
 
 fn is_grpc(req: &Request) -> bool {

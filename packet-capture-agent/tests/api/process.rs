@@ -292,3 +292,109 @@ async fn a_request_head_that_never_ends_is_cut_off() {
         sent.elapsed()
     );
 }
+
+/// A connection that never says which protocol it speaks (nothing at all,
+/// or the start of the HTTP/2 preface) is closed once the header timeout
+/// has passed.
+#[tokio::test]
+async fn a_connection_that_says_nothing_is_cut_off() {
+    use packet_capture_agent::api::HEADER_READ_TIMEOUT;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    if !privileged("a_connection_that_says_nothing_is_cut_off") {
+        return;
+    }
+    let node = Node::new();
+    let agent = node.agent(&["--insecure-no-auth"], &[]);
+    Rest::new(&agent).json("/health").await;
+    let connect = || tokio::net::TcpStream::connect(("127.0.0.1", agent.port()));
+    let mut silent = connect().await.unwrap();
+    let mut preface = connect().await.unwrap();
+    preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let opened = Instant::now();
+    for (what, stream) in [("silent", &mut silent), ("half a preface", &mut preface)] {
+        let mut answer = Vec::new();
+        let closed = tokio::time::timeout(
+            HEADER_READ_TIMEOUT + Duration::from_secs(5),
+            stream.read_to_end(&mut answer),
+        )
+        .await;
+        assert!(
+            closed.is_ok(),
+            "{what}: still open after {:?}",
+            opened.elapsed()
+        );
+        assert!(
+            opened.elapsed() >= HEADER_READ_TIMEOUT - Duration::from_secs(1),
+            "{what}: closed after {:?}, before the timeout",
+            opened.elapsed()
+        );
+    }
+}
+
+/// One address holds at most its share of the connections: the next one
+/// is closed at once, and once its others go it is served again.
+#[tokio::test]
+async fn one_address_cannot_take_every_connection() {
+    use packet_capture_agent::api::MAX_CONNECTIONS_PER_ADDRESS;
+    use tokio::io::AsyncReadExt as _;
+
+    if !privileged("one_address_cannot_take_every_connection") {
+        return;
+    }
+    let node = Node::new();
+    let agent = node.agent(&["--insecure-no-auth"], &[]);
+    let rest = Rest::new(&agent);
+    rest.json("/health").await;
+    let connect = || tokio::net::TcpStream::connect(("127.0.0.1", agent.port()));
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS_PER_ADDRESS {
+        held.push(connect().await.unwrap());
+    }
+    let mut over = connect().await.unwrap();
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), over.read_to_end(&mut answer)).await;
+    assert!(
+        closed.is_ok(),
+        "connection {} was served",
+        MAX_CONNECTIONS_PER_ADDRESS + 1
+    );
+    drop(held);
+    assert_eq!(rest.get("/health").await.status(), 200);
+}
+
+/// An HTTP/2 connection with no request in flight is closed after the idle
+/// timeout, though its client answers every keep-alive ping.
+#[tokio::test]
+async fn an_idle_connection_is_closed() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use packet_capture_agent::api::IDLE_TIMEOUT;
+
+    if !privileged("an_idle_connection_is_closed") {
+        return;
+    }
+    let node = Node::new();
+    let agent = node.agent(&["--insecure-no-auth"], &[]);
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", agent.port()))
+        .await
+        .unwrap();
+    let (mut send, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get("http://agent/health")
+        .body(String::new())
+        .unwrap();
+    let answer = send.send_request(request).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    drop(answer);
+    let answered = Instant::now();
+    let closed = tokio::time::timeout(IDLE_TIMEOUT + Duration::from_secs(15), connection).await;
+    assert!(closed.is_ok(), "still open after {:?}", answered.elapsed());
+    assert!(
+        answered.elapsed() >= IDLE_TIMEOUT - Duration::from_secs(1),
+        "closed after {:?}, before the idle timeout",
+        answered.elapsed()
+    );
+}
