@@ -111,9 +111,12 @@ impl Api {
         req: Unchecked,
     ) -> Result<(CaptureStatus, bool), ApiError> {
         let req = req.validate()?;
+        // The fixed permission first: its answer is cached per caller, so
+        // names made up one per request cost a review each only to a
+        // caller who may capture traffic anyway.
+        self.permit(caller, &Permission::capture_traffic()).await?;
         self.permit(caller, &Permission::capture("update", &req.name))
             .await?;
-        self.permit(caller, &Permission::capture_traffic()).await?;
         let existed = self.engine.get(&req.id).is_some();
         let status = self.engine.start_capture_async(req).await?;
         Ok((status, !existed))
@@ -223,14 +226,20 @@ impl Api {
         if !files::valid_name(name) {
             return Err(files::FileError::BadName(name.to_owned()).into());
         }
-        // A name no capture writes is reported only to a caller who may
-        // read every capture's files, as with unknown capture ids.
-        let capture = files::capture_of(name);
+        // A file that is not there, or of no capture this agent knows, is
+        // reported only to a caller who may read every capture's files, as
+        // with unknown capture ids: names made up one per request then
+        // cost one review, whose answer is cached, not one each.
+        let opened = self.engine.files().open(name);
+        let capture = files::capture_of(name).filter(|capture| {
+            opened.is_ok() || self.engine.list().iter().any(|c| c.name == *capture)
+        });
         self.permit(caller, &Permission::files(capture)).await?;
-        if capture.is_none() {
-            return Err(files::FileError::NotFound(name.to_owned()).into());
-        }
-        let (file, size) = self.engine.files().open(name)?;
+        let (file, size) = match (capture, opened) {
+            (Some(_), Ok(opened)) => opened,
+            (None, Ok(_)) => return Err(files::FileError::NotFound(name.to_owned()).into()),
+            (_, Err(e)) => return Err(e.into()),
+        };
         Ok((chunks(tokio::fs::File::from_std(file)), size))
     }
 }
