@@ -256,13 +256,15 @@ impl CaptureDir {
         Ok(kept)
     }
 
-    /// Completed files (plain and compressed), oldest first.
+    /// Completed capture files (plain and compressed), oldest first. Files
+    /// of other names (one copied in by hand) are neither listed, nor
+    /// compressed, nor removed.
     fn completed(&self) -> io::Result<Vec<(PathBuf, FileEntry)>> {
         let mut files = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if !valid_name(&name) {
+            if !valid_name(&name) || capture_of(&name).is_none() {
                 continue;
             }
             let meta = match entry.metadata() {
@@ -709,6 +711,22 @@ mod tests {
             1,
             "temporary files are gone"
         );
+    }
+
+    /// A file no capture wrote is not the agent's: not listed, and left as
+    /// it is by maintenance.
+    #[test]
+    fn files_of_other_names_are_left_alone() {
+        let (_t, d) = dir();
+        fs::write(d.path().join("debug.pcap"), pcap_with(2)).unwrap();
+        for i in 0..4 {
+            let mut out = d.create("c", "pcap", 1_000 + i, u64::MAX).unwrap();
+            out.append(|b| b.extend_from_slice(&pcap_with(1))).unwrap();
+            out.commit().unwrap();
+        }
+        d.maintain().unwrap();
+        assert!(d.list().unwrap().iter().all(|e| e.name != "debug.pcap"));
+        assert_eq!(fs::read(d.path().join("debug.pcap")).unwrap(), pcap_with(2));
     }
 
     /// A temporary name that is a link is left as it is: recovery would

@@ -80,12 +80,17 @@ async fn metrics(State(api): State<Api>) -> Response {
 
 /// Parses a start request; a problem names the JSON path it is at.
 pub fn parse_start(body: &[u8]) -> Result<Unchecked, ApiError> {
+    parse_object(body)
+}
+
+/// A request body's JSON object, or an error naming the field.
+fn parse_object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     // serde would also take an array of the fields in order.
     if body.trim_ascii_start().first() != Some(&b'{') {
         return Err(ApiError::Invalid("body: must be a JSON object".into()));
     }
     let de = &mut serde_json::Deserializer::from_slice(body);
-    let parsed: Unchecked = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
+    let parsed: T = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         // "." is the document, "?" a place serde could not name.
         let field = if path == "." || path == "?" {
@@ -171,8 +176,7 @@ async fn set_targets(
     id: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<CaptureJson>, ApiError> {
-    let targets: UncheckedTargets = serde_json::from_slice(&body_bytes(body)?)
-        .map_err(|e| ApiError::Invalid(format!("body: {e}")))?;
+    let targets: UncheckedTargets = parse_object(&body_bytes(body)?)?;
     Ok(Json(
         api.set_targets(&caller_of(caller)?, &param("id", id)?, targets)
             .await?
@@ -285,6 +289,18 @@ mod tests {
 
     fn problem(body: &str) -> String {
         parse_start(body.as_bytes()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn target_errors_name_the_field() {
+        let problem = |body: &str| {
+            parse_object::<UncheckedTargets>(body.as_bytes())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(problem(r#"{"targetIPs":[1]}"#).starts_with("targetIPs[0]: invalid type"));
+        assert_eq!(problem(r#"[["10.0.0.1"]]"#), "body: must be a JSON object");
+        assert!(problem(r#"{"targetIPs":[]} x"#).starts_with("body: trailing characters"));
     }
 
     #[test]
