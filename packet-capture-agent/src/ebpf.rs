@@ -205,10 +205,11 @@ impl Attachment {
 /// detaches every program (TCX links close with their file descriptors).
 pub struct Kernel {
     ebpf: Ebpf,
-    /// The interfaces captures are taken on, and their kind. The programs
-    /// are attached to them only while a capture runs: an idle agent costs
-    /// the packets nothing.
-    links: HashMap<String, LinkKind>,
+    /// The interfaces captures are taken on by name, with their kind and
+    /// the index of the interface that has the name now. The programs are
+    /// attached to them only while a capture runs: an idle agent costs the
+    /// packets nothing.
+    links: HashMap<String, (LinkKind, u32)>,
     attached: HashMap<String, Attachment>,
     settings: Array<MapData, Settings>,
     ipv4: LpmTrie<MapData, [u8; 4], u64>,
@@ -420,8 +421,15 @@ impl Kernel {
     /// runs, otherwise when the next one starts. Netlink filters an earlier
     /// agent left on it go now, whatever the attach mode (see
     /// [`remove_stale_filters`]).
-    pub fn link_up(&mut self, iface: &str, kind: LinkKind) -> Result<(), Error> {
-        self.links.insert(iface.to_owned(), kind);
+    pub fn link_up(&mut self, iface: &str, kind: LinkKind, index: u32) -> Result<(), Error> {
+        if let Some((_, was)) = self.links.insert(iface.to_owned(), (kind, index))
+            && was != index
+        {
+            // A new interface with the name of one whose departure was not
+            // heard yet (rtnetlink drops news when its queue overflows):
+            // the old one's programs went with it.
+            self.forget(iface);
+        }
         remove_stale_filters(iface);
         if self.slots.is_empty() {
             return Ok(());
@@ -429,10 +437,13 @@ impl Kernel {
         self.attach(iface, kind)
     }
 
-    /// Forgets an interface that no longer exists.
-    pub fn link_gone(&mut self, iface: &str) {
-        self.links.remove(iface);
-        self.forget(iface);
+    /// Forgets an interface that no longer exists, unless its name is
+    /// another interface's by now.
+    pub fn link_gone(&mut self, iface: &str, index: u32) {
+        if self.links.get(iface).is_some_and(|&(_, now)| now == index) {
+            self.links.remove(iface);
+            self.forget(iface);
+        }
     }
 
     /// The interfaces captures are taken on.
@@ -446,7 +457,7 @@ impl Kernel {
         let links: Vec<(String, LinkKind)> = self
             .links
             .iter()
-            .map(|(name, kind)| (name.clone(), *kind))
+            .map(|(name, &(kind, _))| (name.clone(), kind))
             .collect();
         for (iface, kind) in links {
             if let Err(e) = self.attach(&iface, kind) {

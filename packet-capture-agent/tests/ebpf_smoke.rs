@@ -294,3 +294,50 @@ fn no_diagnostics_without_log_level_debug() {
     let lines = written.kernel_lines();
     assert_eq!(lines.len(), 1, "{lines:#?}");
 }
+
+/// An interface that takes the name of one whose departure was not heard
+/// (rtnetlink drops news when its queue overflows) gets the programs, and
+/// the old one's departure, heard late, leaves the new one attached.
+#[test]
+fn a_name_taken_by_a_new_interface_is_attached_again() {
+    if !privileged("a_name_taken_by_a_new_interface_is_attached_again") {
+        return;
+    }
+    let node = Netns::new("pcl");
+    node.enter();
+    let name = "pcreused";
+    let create = || {
+        run(Command::new("ip").args([
+            "link", "add", name, "type", "veth", "peer", "name", "pcpeer",
+        ]));
+        let c_name = std::ffi::CString::new(name).unwrap();
+        // SAFETY: a NUL-terminated name; the call only reads it.
+        let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+        assert_ne!(index, 0, "{name} exists");
+        index
+    };
+    let (mut kernel, _ring) = Kernel::load(1 << 16).unwrap();
+    kernel.set_slot(0, everything()).unwrap();
+    let old = create();
+    kernel.link_up(name, LinkKind::Ethernet, old).unwrap();
+    assert_eq!(tc_programs(name), ["tc_ingress", "tc_egress"]);
+
+    run(Command::new("ip").args(["link", "del", name]));
+    let new = create();
+    assert_ne!(old, new);
+    kernel.link_up(name, LinkKind::Ethernet, new).unwrap();
+    assert_eq!(
+        tc_programs(name),
+        ["tc_ingress", "tc_egress"],
+        "the new one"
+    );
+    kernel.link_gone(name, old);
+    assert_eq!(
+        tc_programs(name),
+        ["tc_ingress", "tc_egress"],
+        "after the old one's departure"
+    );
+    assert_eq!(kernel.links().collect::<Vec<_>>(), [name]);
+    kernel.link_gone(name, new);
+    assert!(kernel.links().next().is_none());
+}

@@ -165,7 +165,7 @@ impl Backend for EbpfBackend {
 
     fn link_up(&self, link: &Link) {
         let kind = LinkKind::from_arphrd(link.arphrd);
-        match self.shared.kernel().link_up(&link.name, kind) {
+        match self.shared.kernel().link_up(&link.name, kind, link.index) {
             Ok(()) => tracing::info!(iface = link.name, "interface found"),
             Err(e) => {
                 tracing::warn!(iface = link.name, error = %e, "cannot capture on this interface")
@@ -173,8 +173,8 @@ impl Backend for EbpfBackend {
         }
     }
 
-    fn link_gone(&self, name: &str, _index: u32) {
-        self.shared.kernel().link_gone(name);
+    fn link_gone(&self, name: &str, index: u32) {
+        self.shared.kernel().link_gone(name, index);
     }
 
     fn set_names(&self, names: HashMap<u32, String>) {
