@@ -313,6 +313,7 @@ impl Api {
                         Err(TryRecvError::Empty) => break,
                     }
                 }
+                batch.lost += packets.withheld();
                 metrics.stream_lost(batch.lost);
                 if ended && batch.packets.is_empty() && batch.lost == 0 {
                     return None;

@@ -64,12 +64,18 @@ pub struct Tapped {
     pub meta: Meta,
     pub interface: Arc<str>,
     pub data: Box<[u8]>,
+    /// Counts `data` against its tap's [`TAP_BYTES`] while it lives.
+    _held: HeldBytes,
 }
 
 /// Packets held for live readers of one capture: a reader this far behind
-/// loses the oldest. Bounds a capture's memory for readers at this many
-/// snaplen-long packets.
+/// loses the oldest, and is told how many.
 pub const TAP_PACKETS: usize = 1024;
+/// Bytes of packets held for the live readers of one capture (64-KiB
+/// segmentation-offload frames would make [`TAP_PACKETS`] of them 64 MiB):
+/// past it the next packets are withheld from every reader, and each is
+/// told how many.
+pub const TAP_BYTES: usize = 16 << 20;
 
 /// The sink's end of its live readers' channel: sending never waits, a
 /// slow reader loses. Whether anyone reads is an atomic the sink reads for
@@ -77,6 +83,10 @@ pub const TAP_PACKETS: usize = 1024;
 pub struct Tap {
     sender: broadcast::Sender<Arc<Tapped>>,
     readers: Arc<AtomicUsize>,
+    /// Bytes of the packets some reader has yet to take or drop.
+    held: Arc<AtomicUsize>,
+    /// Packets withheld for [`TAP_BYTES`], since the capture started.
+    withheld: Arc<AtomicU64>,
 }
 
 /// Subscribes readers to a capture's [`Tap`] while its sink lives.
@@ -84,17 +94,65 @@ pub struct Tap {
 pub struct TapHandle {
     sender: broadcast::WeakSender<Arc<Tapped>>,
     readers: Arc<AtomicUsize>,
+    withheld: Arc<AtomicU64>,
 }
 
 impl Tap {
     pub fn new() -> (Self, TapHandle) {
         let (sender, _) = broadcast::channel(TAP_PACKETS);
         let readers = Arc::new(AtomicUsize::new(0));
+        let withheld = Arc::new(AtomicU64::new(0));
         let handle = TapHandle {
             sender: sender.downgrade(),
             readers: readers.clone(),
+            withheld: withheld.clone(),
         };
-        (Self { sender, readers }, handle)
+        let held = Arc::default();
+        let tap = Self {
+            sender,
+            readers,
+            held,
+            withheld,
+        };
+        (tap, handle)
+    }
+
+    fn has_readers(&self) -> bool {
+        self.readers.load(Ordering::Relaxed) > 0
+    }
+
+    /// Hands a packet to the readers, unless they hold [`TAP_BYTES`].
+    fn offer(&self, meta: &Meta, interface: &str, data: &[u8]) {
+        let bytes = data.len();
+        if self.held.load(Ordering::Relaxed) + bytes > TAP_BYTES {
+            self.withheld.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.held.fetch_add(bytes, Ordering::Relaxed);
+        // Fails only when the last reader left in between; the packet's
+        // bytes are given back as it is dropped.
+        let _ = self.sender.send(Arc::new(Tapped {
+            meta: *meta,
+            interface: interface.into(),
+            data: data.into(),
+            _held: HeldBytes {
+                bytes,
+                held: self.held.clone(),
+            },
+        }));
+    }
+}
+
+/// Bytes counted in a tap's `held` until dropped.
+#[derive(Debug)]
+struct HeldBytes {
+    bytes: usize,
+    held: Arc<AtomicUsize>,
+}
+
+impl Drop for HeldBytes {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -107,6 +165,8 @@ impl TapHandle {
         Some(Reader {
             packets,
             readers: self.readers.clone(),
+            withheld_seen: self.withheld.load(Ordering::Relaxed),
+            withheld: self.withheld.clone(),
         })
     }
 }
@@ -116,6 +176,10 @@ impl TapHandle {
 pub struct Reader {
     packets: broadcast::Receiver<Arc<Tapped>>,
     readers: Arc<AtomicUsize>,
+    withheld: Arc<AtomicU64>,
+    /// Of `withheld`, those already counted by this reader (or from before
+    /// it came).
+    withheld_seen: u64,
 }
 
 impl Reader {
@@ -125,6 +189,15 @@ impl Reader {
 
     pub fn try_recv(&mut self) -> Result<Arc<Tapped>, broadcast::error::TryRecvError> {
         self.packets.try_recv()
+    }
+
+    /// Packets withheld from this reader (for [`TAP_BYTES`]) since the
+    /// last call.
+    pub fn withheld(&mut self) -> u64 {
+        let now = self.withheld.load(Ordering::Relaxed);
+        let new = now - self.withheld_seen;
+        self.withheld_seen = now;
+        new
     }
 }
 
@@ -262,13 +335,8 @@ impl Sink {
         }
         self.packets += 1;
         self.counters.packets.store(self.packets, Ordering::Relaxed);
-        if self.tap.readers.load(Ordering::Relaxed) > 0 {
-            // Fails only when the last reader left in between.
-            let _ = self.tap.sender.send(Arc::new(Tapped {
-                meta: *meta,
-                interface: names.name(meta.ifindex).into(),
-                data: kept.into(),
-            }));
+        if self.tap.has_readers() {
+            self.tap.offer(meta, names.name(meta.ifindex), kept);
         }
         if self.packets >= self.max_packets {
             return Some(EndReason::MaxPackets(self.max_packets));
@@ -351,5 +419,43 @@ impl Sink {
             }
             Destination::Stdout(_) => Finished { reason, file: None },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::writer::Direction;
+
+    /// A reader that takes nothing holds at most TAP_BYTES: the packets
+    /// past them are withheld and counted, and once it has taken what it
+    /// holds, packets come again.
+    #[test]
+    fn a_slow_reader_holds_at_most_the_taps_bytes() {
+        let (tap, handle) = Tap::new();
+        let mut reader = handle.subscribe().unwrap();
+        let meta = Meta {
+            unix_ns: 0,
+            ifindex: 1,
+            direction: Direction::In,
+            orig_len: 0,
+        };
+        let frame = vec![0u8; 1 << 20];
+        let fit = TAP_BYTES / frame.len();
+        for _ in 0..fit + 5 {
+            tap.offer(&meta, "eth0", &frame);
+        }
+        assert_eq!(reader.withheld(), 5);
+        assert_eq!(reader.withheld(), 0, "counted once");
+        let mut taken = 0;
+        while reader.try_recv().is_ok() {
+            taken += 1;
+        }
+        assert_eq!(taken, fit);
+        tap.offer(&meta, "eth0", &frame);
+        assert!(reader.try_recv().is_ok());
+        assert_eq!(reader.withheld(), 0);
+        // One who comes later is not told of what was withheld before.
+        assert_eq!(handle.subscribe().unwrap().withheld(), 0);
     }
 }
