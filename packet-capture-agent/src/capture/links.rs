@@ -57,6 +57,7 @@ fn run(mut watcher: LinkWatcher, backend: &dyn Backend, ready: oneshot::Sender<i
                 return;
             }
         };
+        let mut up = Vec::new();
         for event in events {
             match event {
                 LinkEvent::Up(link) => {
@@ -64,7 +65,7 @@ fn run(mut watcher: LinkWatcher, backend: &dyn Backend, ready: oneshot::Sender<i
                         if let Some(old) = names.insert(link.index, link.name.clone()) {
                             gone(backend, &old, link.index);
                         }
-                        backend.link_up(&link);
+                        up.push(link);
                     }
                 }
                 LinkEvent::Gone(link) => {
@@ -78,7 +79,12 @@ fn run(mut watcher: LinkWatcher, backend: &dyn Backend, ready: oneshot::Sender<i
                 }
             }
         }
+        // The names first: a file's interface block names the interface of
+        // its first packet once, and for good.
         backend.set_names(names.clone());
+        for link in &up {
+            backend.link_up(link);
+        }
     }
 }
 
@@ -109,6 +115,8 @@ mod tests {
         links: BTreeMap<u32, String>,
         /// Every call in order: `+name` for link_up, `-name` for link_gone.
         calls: Vec<String>,
+        /// What set_names gave last.
+        names: HashMap<u32, String>,
     }
 
     #[derive(Default)]
@@ -149,7 +157,10 @@ mod tests {
         fn link_up(&self, link: &Link) {
             let mut told = self.told.lock().unwrap();
             told.links.insert(link.index, link.name.clone());
-            told.calls.push(format!("+{}", link.name));
+            // Its packets' files must be able to name it.
+            let named = told.names.get(&link.index) == Some(&link.name);
+            let call = if named { "+" } else { "+unnamed " };
+            told.calls.push(format!("{call}{}", link.name));
             self.changed.notify_all();
         }
 
@@ -162,7 +173,9 @@ mod tests {
             self.changed.notify_all();
         }
 
-        fn set_names(&self, _names: HashMap<u32, String>) {}
+        fn set_names(&self, names: HashMap<u32, String>) {
+            self.told.lock().unwrap().names = names;
+        }
 
         fn add(
             &self,
