@@ -147,17 +147,28 @@ pub enum LinkKind {
 }
 
 impl LinkKind {
-    /// From the interface's ARPHRD type: Ethernet, loopback and IEEE 802
-    /// devices carry an Ethernet header; tun, wireguard, ipip, sit, gre and
-    /// ppp devices do not.
-    pub fn from_arphrd(arphrd: u16) -> Self {
-        const ARPHRD_ETHER: u16 = 1;
-        const ARPHRD_IEEE802: u16 = 6;
-        const ARPHRD_LOOPBACK: u16 = 772;
+    /// From the interface's ARPHRD type (`linux/if_arp.h`): Ethernet,
+    /// loopback and IEEE 802 devices carry an Ethernet header; tun,
+    /// wireguard, ipip, sit, gre and ppp devices none. `None` for the
+    /// others (InfiniBand, CAN, 802.11 monitors, nlmon, ...), whose headers
+    /// the programs do not read: their frames would be taken for IP.
+    pub fn from_arphrd(arphrd: u16) -> Option<Self> {
+        const ETHER: u16 = 1;
+        const IEEE802: u16 = 6;
+        const PPP: u16 = 512;
+        const RAWIP: u16 = 519;
+        const TUNNEL: u16 = 768;
+        const TUNNEL6: u16 = 769;
+        const LOOPBACK: u16 = 772;
+        const SIT: u16 = 776;
+        const IPGRE: u16 = 778;
+        const IP6GRE: u16 = 823;
+        const NONE: u16 = 0xfffe;
         match arphrd {
-            ARPHRD_ETHER | ARPHRD_IEEE802 => Self::Ethernet,
-            ARPHRD_LOOPBACK => Self::Loopback,
-            _ => Self::RawIp,
+            ETHER | IEEE802 => Some(Self::Ethernet),
+            LOOPBACK => Some(Self::Loopback),
+            PPP | RAWIP | TUNNEL | TUNNEL6 | SIT | IPGRE | IP6GRE | NONE => Some(Self::RawIp),
+            _ => None,
         }
     }
 
@@ -1435,9 +1446,13 @@ mod tests {
 
     #[test]
     fn link_kinds() {
-        assert_eq!(LinkKind::from_arphrd(1), LinkKind::Ethernet);
-        assert_eq!(LinkKind::from_arphrd(772), LinkKind::Loopback);
-        assert_eq!(LinkKind::from_arphrd(65534), LinkKind::RawIp);
-        assert_eq!(LinkKind::from_arphrd(768), LinkKind::RawIp);
+        assert_eq!(LinkKind::from_arphrd(1), Some(LinkKind::Ethernet));
+        assert_eq!(LinkKind::from_arphrd(772), Some(LinkKind::Loopback));
+        assert_eq!(LinkKind::from_arphrd(65534), Some(LinkKind::RawIp));
+        assert_eq!(LinkKind::from_arphrd(768), Some(LinkKind::RawIp));
+        // InfiniBand, CAN, nlmon: headers of their own.
+        for arphrd in [32, 280, 824] {
+            assert_eq!(LinkKind::from_arphrd(arphrd), None, "{arphrd}");
+        }
     }
 }

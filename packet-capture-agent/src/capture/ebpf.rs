@@ -164,7 +164,14 @@ impl Backend for EbpfBackend {
     }
 
     fn link_up(&self, link: &Link) {
-        let kind = LinkKind::from_arphrd(link.arphrd);
+        let Some(kind) = LinkKind::from_arphrd(link.arphrd) else {
+            tracing::info!(
+                iface = link.name,
+                arphrd = link.arphrd,
+                "not captured: its link-layer header is neither Ethernet nor none"
+            );
+            return;
+        };
         match self.shared.kernel().link_up(&link.name, kind, link.index) {
             Ok(()) => tracing::info!(iface = link.name, "interface found"),
             Err(e) => {
