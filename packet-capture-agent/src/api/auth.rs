@@ -549,18 +549,9 @@ impl Authorizer {
             .get(ON_BEHALF_OF_UID)
             .map(|v| text(v, ON_BEHALF_OF_UID))
             .transpose()?;
-        // Verdicts are cached per relaying token and user.
-        let mut key = Sha256::new();
-        key.update(caller.token);
-        for part in std::iter::once(&name)
-            .chain(uid.iter())
-            .chain(groups.iter())
-        {
-            key.update((part.len() as u64).to_le_bytes());
-            key.update(part.as_bytes());
-        }
+        let key = relayed_key(&caller.token, &name, uid.as_deref(), &groups);
         Ok(Arc::new(User {
-            token: key.finalize().into(),
+            token: key,
             info: UserInfo {
                 username: Some(name),
                 groups: Some(groups),
@@ -675,9 +666,41 @@ impl Authorizer {
     }
 }
 
+/// What a relayed user's verdicts are cached under: the relaying token and
+/// each part of the user, tagged with what it is, so that a uid and a group
+/// of the same text make different users.
+fn relayed_key(relaying: &[u8; 32], name: &str, uid: Option<&str>, groups: &[String]) -> [u8; 32] {
+    let mut key = Sha256::new();
+    key.update(relaying);
+    let parts = std::iter::once((b'n', name))
+        .chain(uid.map(|u| (b'u', u)))
+        .chain(groups.iter().map(|g| (b'g', g.as_str())));
+    for (tag, part) in parts {
+        key.update([tag]);
+        key.update((part.len() as u64).to_le_bytes());
+        key.update(part.as_bytes());
+    }
+    key.finalize().into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relayed_users_differ_by_each_part() {
+        let key = |uid: Option<&str>, groups: &[&str]| {
+            let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+            relayed_key(&[7; 32], "alice", uid, &groups)
+        };
+        assert_ne!(key(Some("g"), &[]), key(None, &["g"]));
+        assert_ne!(key(None, &["a", "b"]), key(None, &["ab"]));
+        assert_eq!(key(Some("u"), &["g"]), key(Some("u"), &["g"]));
+        assert_ne!(
+            relayed_key(&[1; 32], "alice", None, &[]),
+            relayed_key(&[2; 32], "alice", None, &[])
+        );
+    }
 
     /// Every method of the service has its row, so its calls are counted
     /// under its name, not `unknown`.
