@@ -2,6 +2,7 @@
 //! (through the [`AgentPool`], with its retries), their results recorded in
 //! the [`Tracker`], and a `WatchCapture` follow for each node that started.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -14,11 +15,11 @@ use packet_capture_proto::v1::{
 };
 use tonic::Status;
 
-use crate::agents::{AgentPool, retryable};
+use crate::agents::{AgentEndpoint, AgentPool, retryable};
 use crate::config::Timing;
 use crate::events::Events;
 use crate::node::NodeProgress;
-use crate::plan::{Clear, Resource, Retarget, Start, capture_prefix};
+use crate::plan::{Adopt, Clear, Resource, Retarget, Start, capture_id, capture_prefix};
 use crate::targets::SelectedPod;
 use crate::tracker::Tracker;
 
@@ -93,9 +94,12 @@ impl Act<'_> {
             match out {
                 Ok(c) => {
                     tracing::info!(%node, targets = ?r.targets, "capture targets changed");
-                    let mut p = r.progress.clone();
-                    p.update(&c, Timestamp::now());
-                    self.tracker.set(uid, generation, p);
+                    // Merged into what the tracker has now: the answer may
+                    // have waited for other nodes' calls while the watch
+                    // recorded more, even the end.
+                    let id = &r.progress.capture_id;
+                    self.tracker
+                        .modify(uid, generation, node, id, |p| p.merge(&c, Timestamp::now()));
                 }
                 Err(e) => tracing::warn!(
                     %node,
@@ -115,30 +119,71 @@ impl Act<'_> {
         }
     }
 
-    /// Starts the node captures, all at once; each node is recorded and
-    /// followed as soon as its start has answered, not once every node has
-    /// (a node whose start is retried would otherwise leave the others'
-    /// progress unseen meanwhile).
-    pub async fn start(&self, starts: &[Start]) {
+    /// Records a node capture and follows it (`WatchCapture`) until it
+    /// ends.
+    fn track(&self, progress: NodeProgress, ep: &AgentEndpoint) {
         let Resource {
             pcc,
             uid,
             generation,
         } = self.resource;
+        self.tracker.set(uid, generation, progress);
+        self.tracker.follow(
+            ObjectRef::from_obj(pcc),
+            uid,
+            generation,
+            self.pool.clone(),
+            self.timing.watch,
+            ep.clone(),
+        );
+    }
+
+    /// Follows node captures that ran before a controller restart, as the
+    /// status has them until their agents say more.
+    pub fn adopt(&self, adopts: &[Adopt]) {
+        for a in adopts {
+            self.track(a.progress.clone(), &a.endpoint);
+        }
+    }
+
+    /// Looks for the generation's node captures on every agent
+    /// (ListCaptures, all at once) and follows those it finds: after a
+    /// controller restart, a status beyond `MAX_STATUS_NODES` nodes names
+    /// only some of them. An agent that does not answer is logged; its
+    /// node is started again (idempotently) if it is a target.
+    pub async fn adopt_listed(&self, agents: &BTreeMap<String, AgentEndpoint>) {
+        let id = capture_id(self.resource.uid, self.resource.generation);
+        let listed = futures::future::join_all(
+            agents
+                .values()
+                .map(|ep| async move { (ep, self.pool.list(ep, &self.timing.stop).await) }),
+        )
+        .await;
+        for (ep, out) in listed {
+            match out {
+                Ok(captures) => {
+                    if let Some(c) = captures.iter().find(|c| c.id == id) {
+                        let mut p = NodeProgress::new(&ep.node, &ep.node_ip, &id);
+                        p.update(c, Timestamp::now());
+                        self.track(p, ep);
+                    }
+                }
+                Err(e) => tracing::warn!(node = %ep.node, "listing captures: {}", e.message()),
+            }
+        }
+    }
+
+    /// Starts the node captures, all at once; each node is recorded and
+    /// followed as soon as its start has answered, not once every node has
+    /// (a node whose start is retried would otherwise leave the others'
+    /// progress unseen meanwhile).
+    pub async fn start(&self, starts: &[Start]) {
         let mut answered: FuturesUnordered<_> = starts
             .iter()
             .map(|s| async move { (s, self.start_one(s).await) })
             .collect();
         while let Some((s, progress)) = answered.next().await {
-            self.tracker.set(uid, generation, progress);
-            self.tracker.follow(
-                ObjectRef::from_obj(pcc),
-                uid,
-                generation,
-                self.pool.clone(),
-                self.timing.watch,
-                s.endpoint.clone(),
-            );
+            self.track(progress, &s.endpoint);
         }
     }
 

@@ -13,18 +13,19 @@ use futures::StreamExt;
 use futures::channel::mpsc;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use packet_capture_common::crd::PacketCaptureConfig;
+use packet_capture_common::crd::{PacketCaptureConfig, STOP_REQUESTED};
 
 use crate::act::Act;
 use crate::agent_certs;
 use crate::agents::{AgentPool, AgentTls, PoolSettings, TrustedCas};
 use crate::config::{AgentCa, Settings, Timing};
-use crate::consts::FINALIZER;
+use crate::consts::{FIELD_MANAGER, FINALIZER};
 use crate::error::{Error, Result};
 use crate::events::Events;
 use crate::metrics::Metrics;
@@ -165,7 +166,12 @@ async fn apply(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
             (n.clone(), ip)
         })
         .collect();
-    let tracked = ctx.tracker.nodes(uid, generation);
+    let act = ctx.act(resource);
+    let mut tracked = ctx.tracker.nodes(uid, generation);
+    if plan::must_list(&resource, &tracked) {
+        act.adopt_listed(&endpoints).await;
+        tracked = ctx.tracker.nodes(uid, generation);
+    }
     let earlier = ctx.tracker.other_generations(uid, generation);
     let no_agent = ctx.agents.settings().no_agent();
     let plan = plan::plan(&Inputs {
@@ -180,8 +186,12 @@ async fn apply(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
         now: Timestamp::now(),
     });
 
-    let act = ctx.act(resource);
     let report = ctx.report(resource);
+    if let Some(value) = &plan.stale_stop {
+        // Before anything acts: were it left, the next pass would stop the
+        // generation this one starts.
+        drop_stale_stop(ctx, resource, value).await?;
+    }
     if plan.forget_earlier {
         act.forget_earlier();
     }
@@ -206,6 +216,7 @@ async fn apply(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
                 report.starting(nodes).await?;
             }
             act.record(&run.record);
+            act.adopt(&run.adopts);
             act.start(&run.starts).await;
             let (phase, deferred) = report.progress(&ctx.tracker.nodes(uid, generation)).await?;
             Ok(if phase.is_final() {
@@ -217,9 +228,42 @@ async fn apply(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
     }
 }
 
+/// Removes a stop annotation that predates the generation (see
+/// [`Resource::stale_stop`]), only while it has the value the plan saw: a
+/// stop asked for since stays (the patch fails, and the reconcile is
+/// retried).
+async fn drop_stale_stop(ctx: &Context, resource: Resource<'_>, value: &str) -> Result<()> {
+    // JSON pointer escapes: `~` as `~0`, `/` as `~1`.
+    let key = STOP_REQUESTED.replace('~', "~0").replace('/', "~1");
+    let path = format!("/metadata/annotations/{key}");
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+        {"op": "test", "path": path, "value": value},
+        {"op": "remove", "path": path},
+    ]))
+    .map_err(|source| Error::Json {
+        what: "the stop annotation's removal",
+        source,
+    })?;
+    tracing::info!(
+        name = %resource.name(),
+        generation = resource.generation,
+        "removing {STOP_REQUESTED}={value}: it was set before the spec changed"
+    );
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PatchParams::default()
+    };
+    let api: Api<PacketCaptureConfig> = Api::all(ctx.client.clone());
+    api.patch(&resource.name(), &params, &Patch::Json::<()>(patch))
+        .await?;
+    Ok(())
+}
+
 /// On delete: stop the capture on every node that ran it, then let the
 /// finalizer go (an agent that does not answer gets an Event, and does not
-/// hold the deletion).
+/// hold the deletion). A status that counts nodes neither it nor the
+/// tracker names (beyond `MAX_STATUS_NODES`, after a controller restart)
+/// has every agent swept.
 async fn cleanup(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
     let mut nodes: BTreeSet<String> = ctx
         .tracker
@@ -227,10 +271,13 @@ async fn cleanup(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
         .into_iter()
         .map(|p| p.node)
         .collect();
+    let endpoints = ctx.agents.endpoints();
     if let Some(prev) = resource.previous() {
+        if plan::unnamed_nodes(prev, nodes.iter().map(String::as_str)) {
+            nodes.extend(endpoints.keys().cloned());
+        }
         nodes.extend(prev.capture_files.values().map(|e| e.node.clone()));
     }
-    let endpoints = ctx.agents.endpoints();
     let clear: Vec<Clear> = nodes
         .into_iter()
         .map(|node| Clear {

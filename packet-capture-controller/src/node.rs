@@ -146,6 +146,30 @@ impl NodeProgress {
         }
     }
 
+    /// Takes an answer that may be older than what the node's watch has
+    /// reported since (a SetTargets answer is recorded once every node's
+    /// call has returned): its targets and pods always; its state,
+    /// counters and file only if none of them is behind. A node that has
+    /// ended stays as it ended.
+    pub fn merge(&mut self, c: &Capture, now: Timestamp) {
+        let mut answered = self.clone();
+        answered.update(c, now);
+        let behind = self.state.is_final()
+            || (!answered.state.is_final()
+                && ((self.state, answered.state)
+                    == (CaptureState::Running, CaptureState::Starting)
+                    || answered.packets < self.packets
+                    || answered.dropped < self.dropped
+                    || answered.filtered < self.filtered
+                    || answered.file_size < self.file_size));
+        if behind {
+            self.targets = answered.targets;
+            self.pods = answered.pods;
+        } else {
+            *self = answered;
+        }
+    }
+
     /// What the status said about a node (after a controller restart).
     pub fn from_status(node_ip: &str, entry: &NodeCapture, capture_id: &str) -> Self {
         Self {
@@ -274,6 +298,53 @@ mod tests {
                 )
             );
         }
+    }
+
+    #[test]
+    fn an_older_answer_gives_only_its_targets_and_pods() {
+        let answer = |state: v1::CaptureState, packets: u64, target: &str| Capture {
+            state: state as i32,
+            packets,
+            file_size: packets * 100,
+            spec: Some(v1::CaptureSpec {
+                target_ips: vec![target.into()],
+                pods: vec![v1::TargetPod {
+                    namespace: "default".into(),
+                    name: "web".into(),
+                    ips: vec![target.into()],
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // The watch recorded the end while the answer was on its way.
+        let mut p = after(
+            v1::CaptureState::Completed as i32,
+            "duration of 60s elapsed",
+        );
+        p.merge(&answer(v1::CaptureState::Running, 3, "10.0.0.2"), t(8));
+        assert_eq!((p.state, p.packets), (CaptureState::Completed, 5));
+        assert_eq!(p.message.as_deref(), Some("duration of 60s elapsed"));
+        assert_eq!(
+            (p.targets, p.pods),
+            (
+                vec!["10.0.0.2".to_string()],
+                vec!["default/web".to_string()]
+            )
+        );
+        // Counters that went back are an older snapshot.
+        let mut p = after(v1::CaptureState::Running as i32, "");
+        p.merge(&answer(v1::CaptureState::Running, 3, "10.0.0.2"), t(8));
+        assert_eq!(
+            (p.state, p.packets, p.file_size),
+            (CaptureState::Running, 5, 524)
+        );
+        assert_eq!(p.targets, ["10.0.0.2"]);
+        // A newer answer is taken whole, an end included.
+        p.merge(&answer(v1::CaptureState::Running, 9, "10.0.0.3"), t(10));
+        assert_eq!((p.packets, p.file_size), (9, 900));
+        p.merge(&answer(v1::CaptureState::Completed, 9, "10.0.0.3"), t(11));
+        assert_eq!(p.state, CaptureState::Completed);
     }
 
     #[test]

@@ -68,10 +68,23 @@ impl<'a> Resource<'a> {
         status::same_generation(self.previous(), self.generation)
     }
 
-    /// Whether someone asked for the capture to end now
-    /// ([`STOP_REQUESTED`]).
+    /// Whether someone asked for this generation to end now
+    /// ([`STOP_REQUESTED`], set since the controller took the generation
+    /// up: see [`Self::stale_stop`]).
     pub fn stop_requested(&self) -> bool {
-        self.pcc.annotations().contains_key(STOP_REQUESTED)
+        self.pcc.annotations().contains_key(STOP_REQUESTED) && self.stale_stop().is_none()
+    }
+
+    /// The value of a stop annotation that predates this generation: the
+    /// status still describes an earlier one, so the annotation was there
+    /// before the controller took this generation up (it stopped the
+    /// earlier one, and a spec change starts over). It is removed, so it
+    /// stays stale once this generation's status is written.
+    pub fn stale_stop(&self) -> Option<&'a str> {
+        let pcc: &'a PacketCaptureConfig = self.pcc;
+        let value = pcc.annotations().get(STOP_REQUESTED)?;
+        let earlier = self.previous().is_some() && self.same_generation().is_none();
+        earlier.then_some(value.as_str())
     }
 }
 
@@ -101,6 +114,50 @@ fn same_targets(a: &[String], b: &[String]) -> bool {
 /// The prefix of every capture id of a `PacketCaptureConfig`.
 pub fn capture_prefix(uid: &str) -> String {
     format!("{uid}-g")
+}
+
+/// Whether `status` counts nodes that neither its `captureFiles` nor
+/// `known` (the tracker's nodes) name: beyond `MAX_STATUS_NODES` it lists
+/// only the nodes that need attention, so after a controller restart the
+/// others are known only to their agents, and every agent must be asked.
+pub fn unnamed_nodes<'a>(
+    status: &'a PacketCaptureConfigStatus,
+    known: impl IntoIterator<Item = &'a str>,
+) -> bool {
+    let mut named: BTreeSet<&str> = known.into_iter().collect();
+    named.extend(status.capture_files.values().map(|e| e.node.as_str()));
+    status.nodes.is_some_and(|n| n as usize > named.len())
+}
+
+/// Whether the generation's node captures must be looked for on every
+/// agent (ListCaptures) before it is planned: it has not ended and its
+/// status counts nodes that neither the status nor the tracker names.
+pub fn must_list(resource: &Resource, tracked: &BTreeMap<String, NodeProgress>) -> bool {
+    resource.same_generation().is_some_and(|s| {
+        !s.phase.is_some_and(Phase::is_final)
+            && unnamed_nodes(s, tracked.keys().map(String::as_str))
+    })
+}
+
+/// Whether the generation has started: nodes in the tracker, or in its
+/// status (which may count nodes it does not list).
+fn started(
+    tracked: &BTreeMap<String, NodeProgress>,
+    same: Option<&PacketCaptureConfigStatus>,
+) -> bool {
+    !tracked.is_empty()
+        || same.is_some_and(|s| !s.capture_files.is_empty() || s.nodes.unwrap_or(0) > 0)
+}
+
+/// A node whose agent is gone: its capture can neither be stopped nor
+/// followed, so how it ended is unknown.
+fn gone(mut p: NodeProgress, now: Timestamp) -> NodeProgress {
+    let message = format!(
+        "the agent on node {} went away before the capture ended (its pod is gone or not running)",
+        p.node
+    );
+    p.fail(message, true, now);
+    p
 }
 
 /// What a plan is made from.
@@ -141,6 +198,15 @@ pub struct Retarget {
     pub pods: Vec<SelectedPod>,
 }
 
+/// An unfinished node capture that ran before a controller restart, on a
+/// node that is no longer a target or past the deadline: followed as the
+/// status has it, without a start, so its agent says how it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Adopt {
+    pub progress: NodeProgress,
+    pub endpoint: AgentEndpoint,
+}
+
 /// A node capture to start.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Start {
@@ -167,6 +233,9 @@ pub struct Run {
     /// Node outcomes known without asking an agent: adopted from the
     /// status, failed for want of an agent, or past the deadline.
     pub record: Vec<NodeProgress>,
+    /// Unfinished nodes the status lists but the tracker does not follow
+    /// (a controller restart), asked of their agents rather than guessed.
+    pub adopts: Vec<Adopt>,
     pub starts: Vec<Start>,
     /// When to look again if no agent reports anything (the deadline).
     pub requeue: Duration,
@@ -192,6 +261,9 @@ pub struct Plan {
     /// Nodes that ran an earlier generation and have no part in this one
     /// (those that do are swept before their start instead).
     pub clear: Vec<Clear>,
+    /// A stop annotation from before this generation, to remove before
+    /// anything acts (its value: a newer one is left in place).
+    pub stale_stop: Option<String>,
     pub next: Next,
 }
 
@@ -201,6 +273,7 @@ pub fn plan(i: &Inputs) -> Plan {
         return Plan {
             forget_earlier: false,
             clear: Vec::new(),
+            stale_stop: None,
             next: Next::Ended(phase),
         };
     }
@@ -219,6 +292,9 @@ pub fn plan(i: &Inputs) -> Plan {
         && let Some(prev) = i.resource.previous()
     {
         earlier.extend(prev.capture_files.values().map(|e| e.node.as_str()));
+        if unnamed_nodes(prev, i.earlier.iter().map(|p| p.node.as_str())) {
+            earlier.extend(i.agents.keys().map(String::as_str));
+        }
     }
     let clear = earlier
         .into_iter()
@@ -231,6 +307,7 @@ pub fn plan(i: &Inputs) -> Plan {
     Plan {
         forget_earlier: !i.earlier.is_empty(),
         clear,
+        stale_stop: i.resource.stale_stop().map(String::from),
         next: next(i, same),
     }
 }
@@ -238,8 +315,9 @@ pub fn plan(i: &Inputs) -> Plan {
 /// Stopped by request: every node that runs the resource (any generation)
 /// stops now and nothing starts; the nodes' watches report them stopped,
 /// which completes the capture. Nodes the tracker does not follow (listed
-/// by the status before a controller restart) are recorded stopped, those
-/// whose agent is gone failed, as in [`next`].
+/// by the status before a controller restart) are recorded as they ended,
+/// or stopped; those whose agent is gone fail, as in [`next`]. A status
+/// that counts nodes it does not name has every agent swept.
 fn stop(i: &Inputs) -> Plan {
     let same = i.resource.same_generation();
     let id = capture_id(i.resource.uid, i.resource.generation);
@@ -256,28 +334,30 @@ fn stop(i: &Inputs) -> Plan {
     for p in i.tracked.values().filter(|p| !p.state.is_final()) {
         nodes.insert(&p.node);
         if !i.agents.contains_key(&p.node) {
-            let mut p = p.clone();
-            p.fail(
-                format!(
-                    "the agent on node {} went away before the capture ended",
-                    p.node
-                ),
-                true,
-                i.now,
-            );
-            run.record.push(p);
+            run.record.push(gone(p.clone(), i.now));
         }
     }
-    let recorded = same.map(|s| &s.capture_files);
-    for entry in recorded.into_iter().flat_map(|r| r.iter()) {
-        let (ip, entry) = entry;
-        nodes.insert(&entry.node);
-        if !entry.status.is_final() && !i.tracked.contains_key(&entry.node) {
+    if let Some(s) = same {
+        for (ip, entry) in &s.capture_files {
+            nodes.insert(&entry.node);
+            if i.tracked.contains_key(&entry.node) {
+                continue;
+            }
             let mut p = NodeProgress::from_status(ip, entry, &id);
-            p.state = CaptureState::Stopped;
-            p.message = Some(STOPPED_BY_REQUEST.into());
-            p.end_time = Some(i.now);
+            if !p.state.is_final() {
+                if i.agents.contains_key(&p.node) {
+                    // The clear below stops it.
+                    p.state = CaptureState::Stopped;
+                    p.message = Some(STOPPED_BY_REQUEST.into());
+                    p.end_time = Some(i.now);
+                } else {
+                    p = gone(p, i.now);
+                }
+            }
             run.record.push(p);
+        }
+        if unnamed_nodes(s, i.tracked.keys().map(String::as_str)) {
+            nodes.extend(i.agents.keys().map(String::as_str));
         }
     }
     let clear = nodes
@@ -287,11 +367,11 @@ fn stop(i: &Inputs) -> Plan {
             endpoint: i.agents.get(n).cloned(),
         })
         .collect();
-    let started = !i.tracked.is_empty() || recorded.is_some_and(|r| !r.is_empty());
     Plan {
         forget_earlier: !i.earlier.is_empty(),
         clear,
-        next: if started {
+        stale_stop: None,
+        next: if started(i.tracked, same) {
             Next::Run(run)
         } else {
             Next::Fail(Outcome::failed(
@@ -303,8 +383,7 @@ fn stop(i: &Inputs) -> Plan {
 }
 
 fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
-    let recorded = same.map(|s| &s.capture_files);
-    let started = !i.tracked.is_empty() || recorded.is_some_and(|r| !r.is_empty());
+    let started = started(i.tracked, same);
     if !started {
         // A capture is a bounded act: it does not wait for its targets.
         if !i.targets.problems.is_empty() {
@@ -342,10 +421,37 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
     let limit = SignedDuration::from_secs(i64::from(spec.duration))
         + SignedDuration::try_from(i.grace).unwrap_or(SignedDuration::ZERO);
     let mut run = Run::default();
+    let id = capture_id(i.resource.uid, i.resource.generation);
+    let past = start_time.is_some_and(|start| i.now >= start + limit);
 
-    if let Some(start) = start_time
-        && i.now >= start + limit
-    {
+    // The status's entries of nodes the tracker does not follow (written
+    // before a controller restart) are as much a record as the tracker's:
+    // an ended node is kept as it ended; an unfinished one is followed
+    // again (a target node is started again, idempotently, below), or
+    // fails when its agent is gone.
+    let mut untracked: BTreeMap<&str, NodeProgress> = BTreeMap::new();
+    for (ip, entry) in same.iter().flat_map(|s| &s.capture_files) {
+        if !i.tracked.contains_key(&entry.node) {
+            untracked.insert(&entry.node, NodeProgress::from_status(ip, entry, &id));
+        }
+    }
+    for (node, p) in &untracked {
+        if p.state.is_final() {
+            run.record.push(p.clone());
+        } else if past || !i.targets.nodes.contains_key(*node) {
+            match i.agents.get(*node) {
+                // Its agent says how it is (it may have ended meanwhile);
+                // past the deadline, the next pass fails it if not.
+                Some(ep) => run.adopts.push(Adopt {
+                    progress: p.clone(),
+                    endpoint: ep.clone(),
+                }),
+                None => run.record.push(gone(p.clone(), i.now)),
+            }
+        }
+    }
+
+    if past {
         // The agents should have ended every node by now: those that have
         // not fail, and nothing more starts.
         for p in i.tracked.values().filter(|p| !p.state.is_final()) {
@@ -367,7 +473,6 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
 
     // The nodes to start: (the node, starting; its targets and pods; sweep
     // first).
-    let id = capture_id(i.resource.uid, i.resource.generation);
     let mut new_nodes: Vec<(NodeProgress, Vec<String>, Vec<SelectedPod>, bool)> = Vec::new();
     let no_pods = Vec::new();
     for (node, targets) in &i.targets.nodes {
@@ -388,11 +493,9 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
                     });
                 }
             }
-            None => match recorded.and_then(|r| r.get(ip)) {
-                // Ended before a controller restart: kept as it was.
-                Some(entry) if entry.status.is_final() => {
-                    run.record.push(NodeProgress::from_status(ip, entry, &id));
-                }
+            None => match untracked.get(node.as_str()) {
+                // Ended before a controller restart: recorded above.
+                Some(p) if p.state.is_final() => {}
                 _ => {
                     let mut p = NodeProgress::new(node, ip, &id);
                     p.pods = names(pods);
@@ -418,19 +521,7 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
                     });
                 }
             }
-            // With its agent gone the capture can neither be stopped nor
-            // followed: how it ended is unknown.
-            None => {
-                let mut p = p.clone();
-                p.fail(
-                    format!(
-                        "the agent on node {node} went away before the capture ended (its pod is gone or not running)"
-                    ),
-                    true,
-                    i.now,
-                );
-                run.record.push(p);
-            }
+            None => run.record.push(gone(p.clone(), i.now)),
         }
     }
 
@@ -496,6 +587,8 @@ mod tests {
         "no running pod labelled app=packet-capture-agent in namespace kube-system";
     const TARGET: &[&str] = &["10.0.0.1"];
     const OTHER: &[&str] = &["10.0.0.9"];
+    /// What `kubectl pcap stop` writes: when it was asked.
+    const STOP_VALUE: &str = "2023-11-14T22:14:00Z";
 
     fn t0() -> Timestamp {
         Timestamp::from_second(1_700_000_000).unwrap()
@@ -551,6 +644,9 @@ mod tests {
         /// Earlier generations' nodes in the tracker.
         earlier: &'static [(&'static str, CaptureState)],
         status: Was,
+        /// Nodes the status counts but does not list (`captureFilesOmitted`:
+        /// beyond `MAX_STATUS_NODES` it lists only failed or late nodes).
+        unnamed: u32,
         /// Seconds since t0 (the start, when anything started).
         now: i64,
         /// The resource carries the stop annotation.
@@ -566,6 +662,7 @@ mod tests {
         tracked: &[],
         earlier: &[],
         status: Was::Nothing,
+        unnamed: 0,
         now: 0,
         stop: false,
         want: WANT,
@@ -580,8 +677,11 @@ mod tests {
         retargets: &'static [&'static str],
         starting: &'static [&'static str],
         record: &'static [&'static str],
+        adopts: &'static [&'static str],
         starts: &'static [&'static str],
         requeue: u64,
+        /// The value of a stop annotation to remove as stale.
+        stale_stop: Option<&'static str>,
     }
 
     const WANT: Want = Want {
@@ -591,8 +691,10 @@ mod tests {
         retargets: &[],
         starting: &[],
         record: &[],
+        adopts: &[],
         starts: &[],
         requeue: 0,
+        stale_stop: None,
     };
 
     /// The plan's spelling: owned, as [`Want`]'s fields read.
@@ -604,8 +706,10 @@ mod tests {
         retargets: Vec<String>,
         starting: Vec<String>,
         record: Vec<String>,
+        adopts: Vec<String>,
         starts: Vec<String>,
         requeue: u64,
+        stale_stop: Option<String>,
     }
 
     impl Got {
@@ -617,8 +721,10 @@ mod tests {
                 retargets: Vec::new(),
                 starting: Vec::new(),
                 record: Vec::new(),
+                adopts: Vec::new(),
                 starts: Vec::new(),
                 requeue: 0,
+                stale_stop: plan.stale_stop,
             };
             match plan.next {
                 Next::Ended(phase) => got.next = format!("ended {phase:?}"),
@@ -642,6 +748,7 @@ mod tests {
                             None => format!("{} {}", p.node, p.state),
                         })
                         .collect();
+                    got.adopts = run.adopts.iter().map(|a| a.progress.node.clone()).collect();
                     got.starts = run
                         .starts
                         .iter()
@@ -665,8 +772,10 @@ mod tests {
                 retargets: own(w.retargets),
                 starting: own(w.starting),
                 record: own(w.record),
+                adopts: own(w.adopts),
                 starts: own(w.starts),
                 requeue: w.requeue,
+                stale_stop: w.stale_stop.map(String::from),
             }
         }
     }
@@ -684,17 +793,19 @@ mod tests {
         pcc.metadata.uid = Some(UID.into());
         pcc.metadata.generation = Some(GENERATION);
         if case.stop {
-            pcc.metadata.annotations = Some(
-                [(
-                    STOP_REQUESTED.to_string(),
-                    "2023-11-14T22:14:00Z".to_string(),
-                )]
-                .into(),
-            );
+            pcc.metadata.annotations =
+                Some([(STOP_REQUESTED.to_string(), STOP_VALUE.to_string())].into());
         }
         let entry = |node: &str, state| {
             let p = progress(node, 1, state, TARGET);
             (p.node_ip.clone(), p.to_status(OutputFormat::Pcap))
+        };
+        let counted = |listed: usize| {
+            let omitted = case.unnamed;
+            (
+                Some(listed as u32 + omitted),
+                (omitted > 0).then_some(omitted),
+            )
         };
         pcc.status = match case.status {
             Was::Nothing => None,
@@ -702,6 +813,8 @@ mod tests {
                 observed_generation: Some(GENERATION - 1),
                 phase: Some(Phase::Running),
                 capture_files: nodes.iter().map(|n| entry(n, Running)).collect(),
+                nodes: counted(nodes.len()).0,
+                capture_files_omitted: counted(nodes.len()).1,
                 ..Default::default()
             }),
             Was::Same(phase, nodes) => Some(PacketCaptureConfigStatus {
@@ -709,6 +822,8 @@ mod tests {
                 phase: Some(phase),
                 start_time: Some(Time(t0())),
                 capture_files: nodes.iter().map(|(n, s)| entry(n, *s)).collect(),
+                nodes: counted(nodes.len()).0,
+                capture_files_omitted: counted(nodes.len()).1,
                 ..Default::default()
             }),
         };
@@ -1023,7 +1138,7 @@ mod tests {
                     forget: true,
                     clear: &["n1", "n2", "n3"],
                     record: &[
-                        "n2 failed: the agent on node n2 went away before the capture ended",
+                        "n2 failed: the agent on node n2 went away before the capture ended (its pod is gone or not running)",
                         "n1 stopped: stopped by request",
                     ],
                     requeue: 30,
@@ -1033,6 +1148,130 @@ mod tests {
             },
             Case {
                 name: "a stop request before any node started ends the capture",
+                targets: &["n1"],
+                agents: &["n1"],
+                stop: true,
+                want: Want {
+                    next: "fail Stopped: stopped by request (networking.packet.io/stop-requested) before it started on any node",
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "past the deadline after a controller restart, the status's nodes stay: ended ones as they were, the others asked of their agent or failed",
+                targets: &["n1", "n2", "n3", "n4"],
+                agents: &["n1", "n2", "n3"],
+                status: Was::Same(
+                    Phase::Running,
+                    &[
+                        ("n1", Completed),
+                        ("n2", Failed),
+                        ("n3", Running),
+                        ("n4", Running),
+                    ],
+                ),
+                now: 121,
+                want: Want {
+                    record: &[
+                        "n1 completed",
+                        "n2 failed",
+                        "n4 failed: the agent on node n4 went away before the capture ended (its pod is gone or not running)",
+                    ],
+                    adopts: &["n3"],
+                    requeue: 30,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "after a controller restart, the status's nodes that are no longer targets stay: ended ones as they were, the others followed or failed",
+                targets: &["n1"],
+                agents: &["n1", "n2", "n3"],
+                status: Was::Same(
+                    Phase::Running,
+                    &[
+                        ("n1", Running),
+                        ("n2", Running),
+                        ("n3", Completed),
+                        ("n4", Running),
+                    ],
+                ),
+                now: 10,
+                want: Want {
+                    record: &[
+                        "n3 completed",
+                        "n4 failed: the agent on node n4 went away before the capture ended (its pod is gone or not running)",
+                    ],
+                    adopts: &["n2"],
+                    starts: &["n1 50s sweep"],
+                    requeue: 110,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a new generation after a controller restart clears every agent when the old status counts nodes it does not name",
+                targets: &["n1"],
+                agents: &["n1", "n2", "n3"],
+                status: Was::Earlier(&["n2"]),
+                unnamed: 150,
+                want: Want {
+                    clear: &["n2", "n3"],
+                    starting: &["n1"],
+                    starts: &["n1 60s sweep"],
+                    requeue: 120,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a stop request clears every agent when the status counts nodes neither it nor the tracker names",
+                targets: &["n1"],
+                agents: &["n1", "n2", "n3"],
+                status: Was::Same(Phase::Running, &[("n4", Failed)]),
+                unnamed: 150,
+                stop: true,
+                now: 10,
+                want: Want {
+                    clear: &["n1", "n2", "n3", "n4"],
+                    record: &["n4 failed"],
+                    requeue: 30,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a stop request after a controller restart keeps ended nodes as they were",
+                targets: &["n1", "n2"],
+                agents: &["n1", "n2"],
+                status: Was::Same(Phase::Running, &[("n1", Completed), ("n2", Running)]),
+                stop: true,
+                now: 10,
+                want: Want {
+                    clear: &["n1", "n2"],
+                    record: &["n1 completed", "n2 stopped: stopped by request"],
+                    requeue: 30,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a stop annotation from before a spec change is dropped, and the new generation starts",
+                targets: &["n1"],
+                agents: &["n1"],
+                status: Was::Earlier(&["n1"]),
+                stop: true,
+                want: Want {
+                    starting: &["n1"],
+                    starts: &["n1 60s sweep"],
+                    requeue: 120,
+                    stale_stop: Some(STOP_VALUE),
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a stop annotation on a generation that has not written its status yet, with no earlier one, is honoured",
                 targets: &["n1"],
                 agents: &["n1"],
                 stop: true,
@@ -1055,9 +1294,15 @@ mod tests {
                 ..CASE
             },
         ];
-        for case in &cases {
-            assert_eq!(run(case), Got::want(&case.want), "{}", case.name);
-        }
+        // Every case that differs, not just the first.
+        let wrong: Vec<String> = cases
+            .iter()
+            .filter_map(|case| {
+                let (got, want) = (run(case), Got::want(&case.want));
+                (got != want).then(|| format!("{}:\n  got  {got:?}\n  want {want:?}", case.name))
+            })
+            .collect();
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     }
 
     #[test]
@@ -1106,6 +1351,33 @@ mod tests {
         starting.pods = strings(&["default/web"]);
         assert_eq!(start.progress, starting);
         assert_eq!(run.starting.unwrap()["n1"], start.progress);
+    }
+
+    #[test]
+    fn agents_are_listed_only_for_nodes_neither_the_status_nor_the_tracker_names() {
+        let case = |status, unnamed| Case {
+            status,
+            unnamed,
+            ..CASE
+        };
+        let must = |case: &Case, tracked: &[&str]| {
+            let pcc = resource_of(case);
+            let tracked: BTreeMap<String, NodeProgress> = tracked
+                .iter()
+                .map(|n| (n.to_string(), progress(n, GENERATION, Running, TARGET)))
+                .collect();
+            must_list(&Resource::new(&pcc).unwrap(), &tracked)
+        };
+        let wide = case(Was::Same(Phase::Running, &[("n1", Failed)]), 2);
+        assert!(must(&wide, &[]), "after a restart");
+        assert!(must(&wide, &["n1", "n2"]), "one still unknown");
+        assert!(!must(&wide, &["n2", "n3"]), "the tracker knows the rest");
+        let listed = case(Was::Same(Phase::Running, &[("n1", Running)]), 0);
+        assert!(!must(&listed, &[]), "the status names every node");
+        let ended = case(Was::Same(Phase::Completed, &[("n1", Completed)]), 2);
+        assert!(!must(&ended, &[]), "an ended generation");
+        let earlier = case(Was::Earlier(&["n1"]), 2);
+        assert!(!must(&earlier, &[]), "another generation's status");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The ConfigMaps that record a capture's results once it has ended:
 //! `packet-capture-results-<name>` in the controller's namespace, owned by
 //! the `PacketCaptureConfig` (so they go when the capture goes), with every
-//! node's entry; beyond [`SHARD_NODES`] nodes the entries go on in
+//! node's entry; entries that do not fit in [`SHARD_BYTES`] go on in
 //! `packet-capture-results-<name>-2`, `-3`, ...
 
 use std::collections::BTreeMap;
@@ -14,10 +14,57 @@ use packet_capture_common::crd::{NodeCapture, PacketCaptureConfig, PacketCapture
 use crate::consts::{CAPTURE_LABEL, FIELD_MANAGER, MANAGED_BY_LABEL, RESULTS_PREFIX};
 use crate::error::{Error, Result};
 
-/// Nodes per results ConfigMap: each node is there twice (its JSON entry
-/// and a line), about 550 bytes, so a ConfigMap stays well under the 1 MiB
-/// the API server accepts.
-pub const SHARD_NODES: usize = 1000;
+/// The most a results ConfigMap's data holds (keys and values): the API
+/// server refuses a ConfigMap over 1 MiB, and an entry's size varies too
+/// much (up to 16 pod names, the agent's message) to count nodes instead.
+pub const SHARD_BYTES: usize = 900 * 1024;
+
+/// The first line of `files`.
+const FILES_HEADER: &str = "# nodeIP node status packets dropped file_size output_file\n";
+
+/// A node's line in `files`.
+fn file_line(ip: &str, n: &NodeCapture) -> String {
+    format!(
+        "{ip} {} {} {} {} {} {}\n",
+        n.node, n.status, n.packets, n.dropped, n.file_size, n.output_file
+    )
+}
+
+/// The keys every ConfigMap has besides the first one's, with room for
+/// their values but the entries.
+fn shard_overhead() -> usize {
+    "captureFiles.json".len()
+        + "{}".len()
+        + "files".len()
+        + FILES_HEADER.len()
+        + "shard".len()
+        + "99999 of 99999".len()
+}
+
+/// The entries in shards whose data stays under [`SHARD_BYTES`], the first
+/// with room for `first` bytes (the capture's own keys). Each entry costs
+/// what it adds: its JSON (as a map of one, a little more than inside the
+/// whole) and its line.
+fn shards(
+    nodes: &BTreeMap<String, NodeCapture>,
+    first: usize,
+) -> Result<Vec<Vec<(&String, &NodeCapture)>>> {
+    let mut out = vec![Vec::new()];
+    let mut used = first + shard_overhead();
+    for (ip, n) in nodes {
+        let size = json("captureFiles", &BTreeMap::from([(ip, n)]))?.len() + file_line(ip, n).len();
+        let current = out.last_mut().expect("there is always a shard");
+        if used + size > SHARD_BYTES && !current.is_empty() {
+            out.push(Vec::new());
+            used = shard_overhead();
+        }
+        out.last_mut()
+            .expect("there is always a shard")
+            .push((ip, n));
+        used += size;
+    }
+    Ok(out)
+}
 
 /// The results ConfigMap's name (at most 253 characters).
 pub fn config_map_name(capture: &str) -> String {
@@ -60,54 +107,50 @@ pub fn config_maps(
         kind: "PacketCaptureConfig",
         field: "metadata.uid",
     })?;
-    let entries: Vec<(&String, &NodeCapture)> = nodes.iter().collect();
-    let shards: Vec<&[(&String, &NodeCapture)]> = if entries.is_empty() {
-        vec![&[]]
-    } else {
-        entries.chunks(SHARD_NODES).collect()
-    };
+    // The capture's own keys, in the first ConfigMap only.
+    let mut head = BTreeMap::new();
+    head.insert("name".to_string(), name.clone());
+    head.insert("uid".into(), pcc.uid().unwrap_or_default());
+    head.insert(
+        "generation".into(),
+        pcc.metadata.generation.unwrap_or_default().to_string(),
+    );
+    head.insert(
+        "phase".into(),
+        status.phase.map(|p| format!("{p:?}")).unwrap_or_default(),
+    );
+    head.insert("message".into(), status.message.clone().unwrap_or_default());
+    head.insert("startTime".into(), rfc3339(status.start_time.as_ref()));
+    head.insert(
+        "completionTime".into(),
+        rfc3339(status.completion_time.as_ref()),
+    );
+    head.insert("nodes".into(), status.nodes.unwrap_or_default().to_string());
+    head.insert(
+        "packets".into(),
+        status.packets.unwrap_or_default().to_string(),
+    );
+    head.insert(
+        "dropped".into(),
+        status.dropped.unwrap_or_default().to_string(),
+    );
+    head.insert("spec.json".into(), json("spec", &pcc.spec)?);
+    let head_size = head.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let shards = shards(nodes, head_size)?;
     let mut out = Vec::new();
     for (i, shard) in shards.iter().enumerate() {
-        let mut data = BTreeMap::new();
-        if i == 0 {
-            data.insert("name".into(), name.clone());
-            data.insert("uid".into(), pcc.uid().unwrap_or_default());
-            data.insert(
-                "generation".into(),
-                pcc.metadata.generation.unwrap_or_default().to_string(),
-            );
-            data.insert(
-                "phase".into(),
-                status.phase.map(|p| format!("{p:?}")).unwrap_or_default(),
-            );
-            data.insert("message".into(), status.message.clone().unwrap_or_default());
-            data.insert("startTime".into(), rfc3339(status.start_time.as_ref()));
-            data.insert(
-                "completionTime".into(),
-                rfc3339(status.completion_time.as_ref()),
-            );
-            data.insert("nodes".into(), status.nodes.unwrap_or_default().to_string());
-            data.insert(
-                "packets".into(),
-                status.packets.unwrap_or_default().to_string(),
-            );
-            data.insert(
-                "dropped".into(),
-                status.dropped.unwrap_or_default().to_string(),
-            );
-            data.insert("spec.json".into(), json("spec", &pcc.spec)?);
-        }
+        let mut data = if i == 0 {
+            std::mem::take(&mut head)
+        } else {
+            BTreeMap::new()
+        };
         data.insert("shard".into(), format!("{} of {}", i + 1, shards.len()));
         let part: BTreeMap<&String, &NodeCapture> = shard.iter().copied().collect();
         data.insert("captureFiles.json".into(), json("captureFiles", &part)?);
         // One line per node, for people and shell scripts.
-        let mut files =
-            String::from("# nodeIP node status packets dropped file_size output_file\n");
-        for (ip, n) in shard.iter() {
-            files.push_str(&format!(
-                "{ip} {} {} {} {} {} {}\n",
-                n.node, n.status, n.packets, n.dropped, n.file_size, n.output_file
-            ));
+        let mut files = String::from(FILES_HEADER);
+        for (ip, n) in shard {
+            files.push_str(&file_line(ip, n));
         }
         data.insert("files".into(), files);
         out.push(ConfigMap {
@@ -269,14 +312,12 @@ mod tests {
             .iter()
             .map(|c| c.metadata.name.clone().unwrap())
             .collect();
-        assert_eq!(
-            names,
-            [
-                "packet-capture-results-wide",
-                "packet-capture-results-wide-2",
-                "packet-capture-results-wide-3"
-            ]
-        );
+        assert!(names.len() > 1, "{names:?}");
+        let suffixed = (2..=names.len()).map(|i| format!("packet-capture-results-wide-{i}"));
+        let want: Vec<String> = std::iter::once("packet-capture-results-wide".to_string())
+            .chain(suffixed)
+            .collect();
+        assert_eq!(names, want);
         let mut listed = 0;
         for cm in &cms {
             let data = cm.data.as_ref().unwrap();
@@ -285,6 +326,58 @@ mod tests {
             listed += data["files"].lines().count() - 1;
         }
         assert_eq!(listed, 2500, "every node, once");
-        assert_eq!(cms[2].data.as_ref().unwrap()["shard"], "3 of 3");
+        let last = cms.last().unwrap().data.as_ref().unwrap();
+        assert_eq!(last["shard"], format!("{0} of {0}", cms.len()));
+    }
+
+    #[test]
+    fn shards_are_cut_by_size_so_entries_with_many_pods_fit() {
+        let mut pcc = PacketCaptureConfig::new("pods", PacketCaptureConfigSpec::default());
+        pcc.metadata.uid = Some("u-3".into());
+        // 1,000 nodes, each with 16 pods of 40-character names and a
+        // message: about 1.4 MB in all, more than one ConfigMap may hold.
+        let nodes: BTreeMap<String, NodeCapture> = (0..1000)
+            .map(|i| {
+                let entry = NodeCapture {
+                    status: CaptureState::Failed,
+                    output_file: format!("/var/lib/packet-captures/pods-20261201-120000-{i}.pcap"),
+                    file_size: 1 << 20,
+                    node: format!("node-{i:05}.eu-west-1.compute.internal"),
+                    packets: 10_000,
+                    dropped: 0,
+                    filtered: 0,
+                    filter_path: None,
+                    message: Some(format!(
+                        "lost contact with the agent on node node-{i:05} (https://10.0.{}.{}:8080): connection refused",
+                        i / 256,
+                        i % 256
+                    )),
+                    pods: (0..16)
+                        .map(|j| format!("namespace-{i:04}/a-pod-with-a-name-{j:02}-0000"))
+                        .collect(),
+                };
+                assert_eq!(entry.pods[0].len(), 40);
+                (format!("10.0.{}.{}", i / 256, i % 256), entry)
+            })
+            .collect();
+        let status = PacketCaptureConfigStatus {
+            nodes: Some(1000),
+            ..Default::default()
+        };
+        let cms = config_maps(&pcc, &status, &nodes, "ns").unwrap();
+        assert!(cms.len() > 1, "one ConfigMap cannot hold them");
+        let mut seen = BTreeMap::new();
+        for (i, cm) in cms.iter().enumerate() {
+            let data = cm.data.as_ref().unwrap();
+            let size: usize = data.iter().map(|(k, v)| k.len() + v.len()).sum();
+            assert!(size < 900 * 1024, "{:?}: {size} bytes", cm.metadata.name);
+            assert_eq!(data["shard"], format!("{} of {}", i + 1, cms.len()));
+            let part: BTreeMap<String, NodeCapture> =
+                serde_json::from_str(&data["captureFiles.json"]).unwrap();
+            assert_eq!(part.len(), data["files"].lines().count() - 1);
+            seen.extend(part);
+        }
+        assert_eq!(seen, nodes, "every node, once");
+        assert!(cms[0].data.as_ref().unwrap().contains_key("spec.json"));
     }
 }

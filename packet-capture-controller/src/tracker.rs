@@ -27,8 +27,27 @@ struct NodeTrack {
 
 impl Drop for NodeTrack {
     fn drop(&mut self) {
+        self.unwatch();
+    }
+}
+
+impl NodeTrack {
+    fn unwatch(&mut self) {
         if let Some((_, task)) = self.watch.take() {
             task.abort();
+        }
+    }
+
+    /// Changes the progress by `f`, unless the node has ended: it stays as
+    /// it ended (what a reconcile decided or was answered on an earlier
+    /// snapshot must not undo what the watch has recorded since), and its
+    /// watch ends with it.
+    fn change(&mut self, f: impl FnOnce(&mut NodeProgress)) {
+        if !self.progress.state.is_final() {
+            f(&mut self.progress);
+        }
+        if self.progress.state.is_final() {
+            self.unwatch();
         }
     }
 }
@@ -106,7 +125,8 @@ impl Tracker {
     }
 
     /// Records a node's progress (replacing any earlier capture of the node,
-    /// whose watch ends).
+    /// whose watch ends). A node of the same capture that has ended stays as
+    /// it ended.
     pub fn set(&self, uid: &str, generation: i64, progress: NodeProgress) {
         let mut map = self.lock();
         let track = map.entry(uid.to_string()).or_insert_with(|| CrTrack {
@@ -120,7 +140,7 @@ impl Tracker {
             };
         }
         match track.nodes.get_mut(&progress.node) {
-            Some(n) if n.progress.capture_id == progress.capture_id => n.progress = progress,
+            Some(n) if n.progress.capture_id == progress.capture_id => n.change(|p| *p = progress),
             _ => {
                 track.nodes.insert(
                     progress.node.clone(),
@@ -130,6 +150,28 @@ impl Tracker {
                     },
                 );
             }
+        }
+    }
+
+    /// Changes a node's progress by `f` under the lock, if the node still
+    /// runs `capture_id` in `generation`, so nothing its watch records
+    /// meanwhile is lost; a node that has ended stays as it ended.
+    pub fn modify(
+        &self,
+        uid: &str,
+        generation: i64,
+        node: &str,
+        capture_id: &str,
+        f: impl FnOnce(&mut NodeProgress),
+    ) {
+        let mut map = self.lock();
+        if let Some(track) = map
+            .get_mut(uid)
+            .filter(|t| t.generation == generation)
+            .and_then(|t| t.nodes.get_mut(node))
+            .filter(|n| n.progress.capture_id == capture_id)
+        {
+            track.change(f);
         }
     }
 
@@ -284,5 +326,37 @@ async fn follow(
         tracing::debug!(node = %ep.node, id = %key.id, "watch interrupted ({last}); reconnecting");
         tokio::time::sleep(backoff.delay(failures)).await;
         failures += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use packet_capture_common::crd::CaptureState;
+
+    fn tracker() -> Arc<Tracker> {
+        Tracker::new(futures::channel::mpsc::unbounded().0)
+    }
+
+    fn node(state: CaptureState, packets: u64) -> NodeProgress {
+        let mut p = NodeProgress::new("n1", "192.168.0.1", "u-g1");
+        p.state = state;
+        p.packets = packets;
+        p
+    }
+
+    #[test]
+    fn a_node_that_has_ended_stays_as_it_ended() {
+        let t = tracker();
+        t.set("u", 1, node(CaptureState::Running, 3));
+        t.set("u", 1, node(CaptureState::Completed, 5));
+        // A decision or an answer taken from an earlier snapshot.
+        t.set("u", 1, node(CaptureState::Running, 3));
+        t.set("u", 1, node(CaptureState::Failed, 3));
+        let p = &t.nodes("u", 1)["n1"];
+        assert_eq!((p.state, p.packets), (CaptureState::Completed, 5));
+        // Another capture on the node (a new generation) replaces it.
+        t.set("u", 2, node(CaptureState::Running, 0));
+        assert_eq!(t.nodes("u", 2)["n1"].state, CaptureState::Running);
     }
 }

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::runtime::controller::Action;
 use packet_capture_common::crd::{
     CaptureState, OutputFormat, PacketCaptureConfig, PacketCaptureConfigSpec,
-    PacketCaptureConfigStatus, STDOUT_OUTPUT_FILE, TargetDirection,
+    PacketCaptureConfigStatus, STDOUT_OUTPUT_FILE, STOP_REQUESTED, TargetDirection,
 };
 use packet_capture_controller::controller::reconcile;
 use packet_capture_controller::status::COMPLETED_MESSAGE;
@@ -588,4 +588,124 @@ async fn an_unreachable_agent_does_not_block_deletion() {
     task.await.unwrap();
     let (_, c) = fx.agent("n1").only_capture();
     assert_eq!(c.capture_state(), Ok(CaptureState::Stopped));
+}
+
+/// Leaves `node` out of the status's `captureFiles` while still counting
+/// it, as a status beyond `MAX_STATUS_NODES` nodes does.
+fn leave_out(pcc: &mut PacketCaptureConfig, node: &str) {
+    let status = pcc.status.as_mut().unwrap();
+    status.capture_files.retain(|_, e| e.node != node);
+    status.capture_files_omitted = Some(1);
+}
+
+#[tokio::test]
+async fn deleting_after_a_restart_stops_the_nodes_the_status_does_not_name() {
+    let mut fx = Fixture::new(&[up("n1"), up("n2")], vec![]).await;
+    let pcc = pcc("wide", ip_spec(&["10.0.0.1"]));
+    let (_, mut pcc) = start(&mut fx, &pcc, &["Started", "Started"]).await;
+    leave_out(&mut pcc, "n2");
+    let mut fx = fx.restarted();
+    pcc.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+
+    let task = spawn_reconcile(&fx, &pcc);
+    fx.api.event("Stopped").await;
+    fx.api.finalizer_patch("wide", &json(&pcc)).await;
+    task.await.unwrap();
+    for node in ["n1", "n2"] {
+        let (_, c) = fx.agent(node).only_capture();
+        assert_eq!(c.capture_state(), Ok(CaptureState::Stopped), "{node}");
+    }
+}
+
+#[tokio::test]
+async fn a_controller_restarted_after_the_deadline_keeps_every_node_asking_the_agents() {
+    let mut fx = Fixture::new(&[up("n1"), up("n2")], vec![]).await;
+    let pcc = pcc("late", ip_spec(&["10.0.0.1"]));
+    let (_, mut pcc) = start(&mut fx, &pcc, &["Started", "Started"]).await;
+    // n2 completed while the controller was down, and its status entry is
+    // left out; n1 never ends.
+    let (_, cap) = fx.agent("n2").only_capture();
+    fx.agent("n2").complete(&cap.id, 5);
+    leave_out(&mut pcc, "n2");
+    // Back after the deadline (duration 60 s, grace 60 s).
+    pcc.status.as_mut().unwrap().start_time =
+        Some(Time(Timestamp::now() - SignedDuration::from_secs(200)));
+    let mut fx = fx.restarted();
+
+    // (n2's Started Event: the restarted controller cannot tell it was
+    // announced, as it can for a node the status lists.)
+    let (status, _) = finish(&mut fx, &pcc, &["NodeFailed", "Started", "Failed"]).await;
+    assert_eq!(status.nodes, Some(2));
+    let n1 = &status.capture_files["127.0.0.2"];
+    assert_eq!(n1.status, CaptureState::Failed);
+    assert!(
+        n1.message
+            .as_deref()
+            .unwrap()
+            .starts_with("no end reported by the agent within 120s"),
+        "{n1:?}"
+    );
+    let n2 = &status.capture_files["127.0.0.3"];
+    assert_eq!((n2.status, n2.packets), (CaptureState::Completed, 5));
+    for node in ["n1", "n2"] {
+        let calls = fx.agent(node).calls();
+        let starts = calls
+            .iter()
+            .filter(|c| c.starts_with("StartCapture"))
+            .count();
+        assert_eq!(starts, 1, "nothing starts past the deadline: {calls:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_stop_annotation_from_before_a_spec_change_is_removed_and_the_new_generation_runs() {
+    let mut fx = Fixture::new(&[up("n1")], vec![]).await;
+    let pcc = pcc("again", ip_spec(&["10.0.0.1"]));
+    let (_, pcc) = start(&mut fx, &pcc, &["Started"]).await;
+    let (_, cap) = fx.agent("n1").only_capture();
+    fx.agent("n1").complete(&cap.id, 1);
+    fx.until_nodes_end(&pcc).await;
+    let (status, _) = finish(&mut fx, &pcc, &["Completed"]).await;
+    let mut pcc = pcc.clone();
+    pcc.status = Some(status);
+
+    // Stopped during generation 1 (as `kubectl pcap stop` writes it), then
+    // the spec is edited.
+    let asked = "2024-01-01T00:00:00Z";
+    pcc.metadata.annotations = Some([(STOP_REQUESTED.to_string(), asked.to_string())].into());
+    pcc.spec.target_ips = vec!["10.0.0.2".into()];
+    pcc.metadata.generation = Some(2);
+    let task = spawn_reconcile(&fx, &pcc);
+    let patch = fx
+        .api
+        .answer(
+            "PATCH",
+            "/apis/networking.packet.io/v1/packetcaptureconfigs/again",
+            200,
+            |_| json(&pcc),
+        )
+        .await;
+    assert_eq!(patch.content_type, "application/json-patch+json");
+    let path = "/metadata/annotations/networking.packet.io~1stop-requested";
+    assert_eq!(
+        patch.body,
+        serde_json::json!([
+            {"op": "test", "path": path, "value": asked},
+            {"op": "remove", "path": path},
+        ]),
+        "only the value seen is removed"
+    );
+    let starting = fx.api.status_apply("again", &json(&pcc)).await;
+    assert_eq!(applied(&pcc, &starting).0.observed_generation, Some(2));
+    fx.api.event("Started").await;
+    let seen = fx.api.status_apply("again", &json(&pcc)).await;
+    task.await.unwrap();
+    let status = applied(&pcc, &seen).0;
+    assert_eq!(
+        status.phase,
+        Some(packet_capture_common::crd::Phase::Running)
+    );
+    let caps = fx.agent("n1").captures();
+    let new = caps.values().find(|(_, c)| c.id == "uid-again-g2").unwrap();
+    assert_eq!(new.1.capture_state(), Ok(CaptureState::Running));
 }
