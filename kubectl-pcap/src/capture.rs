@@ -174,7 +174,7 @@ pub async fn create(cluster: &Cluster, args: CreateArgs) -> Result<ExitCode> {
 
 /// Success unless the capture failed.
 fn exit_status(pcc: &PacketCaptureConfig) -> ExitCode {
-    match pcc.status.as_ref().and_then(|s| s.phase) {
+    match pcc.current_phase() {
         Some(Phase::Failed) => ExitCode::FAILURE,
         _ => ExitCode::SUCCESS,
     }
@@ -198,16 +198,18 @@ pub async fn wait_for(
         let Some(pcc) = pcc else {
             bail!("capture {name} was deleted (or does not exist)");
         };
-        let status = pcc.status.clone().unwrap_or_default();
-        if status.phase.is_some() && status.phase != last {
-            last = status.phase;
+        // What the status says of an earlier spec is not this capture's.
+        let phase = pcc.current_phase();
+        if phase.is_some() && phase != last {
+            last = phase;
+            let message = pcc.status.as_ref().and_then(|s| s.message.as_deref());
             eprintln!(
                 "{name}: {}{}",
                 show::phase(&pcc),
-                status.message.map(|m| format!(": {m}")).unwrap_or_default()
+                message.map(|m| format!(": {m}")).unwrap_or_default()
             );
         }
-        if status.phase.is_some_and(&done) {
+        if phase.is_some_and(&done) {
             return Ok(pcc);
         }
     }
@@ -366,12 +368,7 @@ pub async fn stop(cluster: &Cluster, args: StopArgs) -> Result<ExitCode> {
         .get(name)
         .await
         .map_err(|e| anyhow!(explain_crd(&e, &["get"])))?;
-    if let Some(phase) = pcc
-        .status
-        .as_ref()
-        .and_then(|s| s.phase)
-        .filter(|p| p.is_final())
-    {
+    if let Some(phase) = pcc.current_phase().filter(|p| p.is_final()) {
         println!(
             "capture {name} has already ended ({}); nothing to stop",
             show::phase_name(phase)

@@ -105,7 +105,7 @@ async fn run(
     };
     if let Some(pcc) = &pcc {
         refuse_unmergeable(name, pcc.spec.output_format)?;
-        refuse_unended(name, pcc.status.as_ref().and_then(|s| s.phase))?;
+        refuse_unended(name, pcc.current_phase())?;
     }
 
     let list = api::list_files(&cluster.client, name)
@@ -559,6 +559,16 @@ mod tests {
         drop(cluster);
         assert_eq!(asked.await.unwrap(), [CAPTURE]);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+        // A spec changed since the status was written: the Completed is
+        // the earlier capture's.
+        let mut changed: serde_json::Value =
+            serde_json::from_slice(&capture("Completed", &[("a", "10.0.0.1", 5)])).unwrap();
+        changed["metadata"]["generation"] = 2.into();
+        changed["status"]["observedGeneration"] = 1.into();
+        let (cluster, _) = api_server(vec![(CAPTURE, OK, changed.to_string().into_bytes())]);
+        let err = fetch(&cluster, args(&out)).await.unwrap_err().to_string();
+        assert!(err.contains("has not ended (not started)"), "{err}");
     }
 
     #[tokio::test]

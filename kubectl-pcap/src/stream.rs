@@ -96,7 +96,7 @@ pub async fn stream(cluster: &Cluster, args: StreamArgs) -> Result<ExitCode> {
 async fn follow(cluster: &Cluster, name: &str, created: bool) -> Result<()> {
     match wait_for(&cluster.captures(), name, |p| p != Phase::Starting).await {
         Ok(pcc) => {
-            if pcc.status.as_ref().and_then(|s| s.phase) == Some(Phase::Failed) {
+            if pcc.current_phase() == Some(Phase::Failed) {
                 let message = pcc.status.and_then(|s| s.message).unwrap_or_default();
                 return Err(anyhow!("capture {name} failed: {message}"));
             }

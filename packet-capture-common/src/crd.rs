@@ -538,9 +538,43 @@ pub struct NodeCapture {
     pub pods: Vec<String>,
 }
 
+impl PacketCaptureConfig {
+    /// The phase of the capture of the spec as it is now: the status's once
+    /// the controller has taken this generation up (`observedGeneration`),
+    /// `None` before (after a spec change, the status still describes the
+    /// capture that change ended).
+    pub fn current_phase(&self) -> Option<Phase> {
+        let status = self.status.as_ref()?;
+        let current = status.observed_generation == self.metadata.generation;
+        current.then_some(status.phase).flatten()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_current_phase_is_of_the_current_generation() {
+        let mut pcc = PacketCaptureConfig::new(
+            "cap",
+            PacketCaptureConfigSpec {
+                target_ips: vec!["10.0.0.1".into()],
+                ..serde_json::from_value(serde_json::json!({})).unwrap()
+            },
+        );
+        assert_eq!(pcc.current_phase(), None);
+        pcc.metadata.generation = Some(1);
+        pcc.status = Some(PacketCaptureConfigStatus {
+            phase: Some(Phase::Completed),
+            observed_generation: Some(1),
+            ..Default::default()
+        });
+        assert_eq!(pcc.current_phase(), Some(Phase::Completed));
+        // The spec changed; the controller has not taken it up yet.
+        pcc.metadata.generation = Some(2);
+        assert_eq!(pcc.current_phase(), None);
+    }
 
     #[test]
     fn label_selectors_match_as_kubernetes_does() {
