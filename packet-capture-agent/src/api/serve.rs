@@ -65,7 +65,7 @@ pub async fn serve(
         .keep_alive_timeout(Duration::from_secs(10));
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let per_address = PerAddress::default();
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let (stopping, stop) = tokio::sync::watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (slot, (tcp, peer)) = tokio::select! {
@@ -105,7 +105,7 @@ pub async fn serve(
             })
         };
         let service = hyper_util::service::TowerToHyperService::new(service);
-        let (http, tls, watcher) = (http.clone(), tls.clone(), graceful.watcher());
+        let (http, tls, mut stop) = (http.clone(), tls.clone(), stop.clone());
         tokio::spawn(async move {
             let opened = async {
                 let tcp = match tls {
@@ -122,10 +122,26 @@ pub async fn serve(
                 Ok(Ok(stream)) => {
                     let connection =
                         http.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    tokio::select! {
-                        served = watcher.watch(connection.into_owned()) => served,
-                        () = activity.idle_for(IDLE_TIMEOUT) => {
-                            Err(format!("closed: no request for {IDLE_TIMEOUT:?}").into())
+                    let mut connection = std::pin::pin!(connection);
+                    // No request for IDLE_TIMEOUT, or the server stopping:
+                    // the connection closes once what is in flight is done,
+                    // and an HTTP/2 client is told so first (GOAWAY), so
+                    // that it sends its next call on a new one.
+                    let closing = async {
+                        tokio::select! {
+                            () = activity.idle_for(IDLE_TIMEOUT) => {}
+                            _ = stop.wait_for(|stopping| *stopping) => {}
+                        }
+                    };
+                    let mut closing = std::pin::pin!(closing);
+                    let mut closed = false;
+                    loop {
+                        tokio::select! {
+                            served = connection.as_mut() => break served,
+                            () = &mut closing, if !closed => {
+                                closed = true;
+                                connection.as_mut().graceful_shutdown();
+                            }
                         }
                     }
                 }
@@ -142,7 +158,9 @@ pub async fn serve(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    let _ = stopping.send(true);
+    // Each connection gives its slot back once it has closed.
+    let _ = slots.acquire_many(MAX_CONNECTIONS as u32).await;
     Ok(())
 }
 
