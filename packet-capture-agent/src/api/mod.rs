@@ -231,9 +231,8 @@ impl Api {
         // with unknown capture ids: names made up one per request then
         // cost one review, whose answer is cached, not one each.
         let opened = self.engine.files().open(name);
-        let capture = files::capture_of(name).filter(|capture| {
-            opened.is_ok() || self.engine.list().iter().any(|c| c.name == *capture)
-        });
+        let capture = files::capture_of(name)
+            .filter(|capture| opened.is_ok() || self.engine.knows_name(capture));
         self.permit(caller, &Permission::files(capture)).await?;
         let (file, size) = match (capture, opened) {
             (Some(_), Ok(opened)) => opened,

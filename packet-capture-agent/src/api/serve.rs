@@ -171,11 +171,11 @@ pub async fn serve(
 async fn first_bytes(mut stream: Stream) -> Result<Prefixed, String> {
     let mut read = Vec::with_capacity(H2_PREFACE.len());
     while read.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&read) {
-        let mut byte = [0; H2_PREFACE.len()];
+        let mut chunk = [0; H2_PREFACE.len()];
         let wanted = H2_PREFACE.len() - read.len();
-        match stream.read(&mut byte[..wanted]).await {
+        match stream.read(&mut chunk[..wanted]).await {
             Ok(0) => return Err("closed before a request".into()),
-            Ok(n) => read.extend_from_slice(&byte[..n]),
+            Ok(n) => read.extend_from_slice(&chunk[..n]),
             Err(e) => return Err(format!("reading: {e}")),
         }
     }

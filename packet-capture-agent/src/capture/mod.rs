@@ -636,6 +636,11 @@ impl Engine {
         captures.iter().map(|c| self.snapshot(c)).collect()
     }
 
+    /// Whether a capture named `name` runs or ran here (and is still kept).
+    pub fn knows_name(&self, name: &str) -> bool {
+        lock(&self.inner.captures).values().any(|c| c.name == name)
+    }
+
     /// The packets the running capture `id` records from now on, and how
     /// to describe them; `None` when there is no such capture, `Some(Err)`
     /// when it has ended.
