@@ -5,14 +5,14 @@
 //! A request is signed only when it comes from the agents' service account
 //! with a token bound to one of its pods (the API server records the pod
 //! in the request's `extra`), and asks for exactly that pod's node: its
-//! name, and addresses the Node lists. Anything else is denied with the
+//! name, and addresses the Node lists. Anything else is refused with the
 //! reason, so that no pod or user can get a certificate for another node's
 //! agent. The CA is the controller's own (self-managed, in the Secret it
 //! also issues the webhook's certificate from) or one that cert-manager or
 //! you keep in a Secret; its bundle is published, without the key, in a
 //! ConfigMap for clients (`grpcurl -cacert`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -31,6 +31,7 @@ use kube::{Api, Client, ResourceExt as _};
 use packet_capture_common::crd::AGENT_SIGNER;
 
 use crate::agents::TrustedCas;
+use crate::backoff::Backoff;
 use crate::issuer::{self, BUNDLE_KEY, Issuer};
 use crate::pki::{self, Authority, Lifetimes, Name};
 
@@ -142,17 +143,25 @@ pub fn judge(
     Ok(request.names.clone())
 }
 
-/// Whether a request still waits for a decision.
-fn pending(csr: &CertificateSigningRequest) -> bool {
-    let status = csr.status.as_ref();
-    let decided = status.and_then(|s| s.conditions.as_ref()).is_some_and(|c| {
-        c.iter()
-            .any(|c| matches!(c.type_.as_str(), "Approved" | "Denied" | "Failed"))
-    });
-    let signed = status
+/// Whether the request has a condition of one of `types`.
+fn has_condition(csr: &CertificateSigningRequest, types: &[&str]) -> bool {
+    csr.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| types.contains(&c.type_.as_str())))
+}
+
+/// Whether a request still waits for its certificate: neither signed, nor
+/// denied, nor failed. An approved one still waits when its approver
+/// stopped between approving and signing (a controller replaced), or when
+/// a person approved it; it is signed only if it passes the checks.
+fn unsigned(csr: &CertificateSigningRequest) -> bool {
+    let signed = csr
+        .status
+        .as_ref()
         .and_then(|s| s.certificate.as_ref())
         .is_some_and(|c| !c.0.is_empty());
-    !decided && !signed
+    !signed && !has_condition(csr, &["Denied", "Failed"])
 }
 
 fn condition(type_: &str, reason: &str, message: String) -> CertificateSigningRequestCondition {
@@ -225,7 +234,8 @@ async fn publish(
     Ok(bundle)
 }
 
-/// Decides one pending request: signed, or denied with the reason.
+/// Decides one unsigned request: approved (unless it is) and signed, or
+/// refused with the reason (denied, or failed if it was approved).
 async fn decide(
     client: &Client,
     settings: &Settings,
@@ -278,19 +288,24 @@ async fn decide(
     });
     let api: Api<CertificateSigningRequest> = Api::all(client.clone());
     let params = PatchParams::apply(FIELD_MANAGER).force();
+    let approved = has_condition(csr, &["Approved"]);
     match verdict {
         Ok(cert) => {
             let node = node_name.unwrap_or_default();
-            let approved = CertificateSigningRequestStatus {
-                conditions: Some(vec![condition(
-                    "Approved",
-                    "AgentOfNode",
-                    format!("the agent pod of node {node} asked for its node's name and addresses"),
-                )]),
-                certificate: None,
-            };
-            api.patch_approval(&name, &params, &Patch::Apply(status_patch(&approved)))
-                .await?;
+            if !approved {
+                let approval = CertificateSigningRequestStatus {
+                    conditions: Some(vec![condition(
+                        "Approved",
+                        "AgentOfNode",
+                        format!(
+                            "the agent pod of node {node} asked for its node's name and addresses"
+                        ),
+                    )]),
+                    certificate: None,
+                };
+                api.patch_approval(&name, &params, &Patch::Apply(status_patch(&approval)))
+                    .await?;
+            }
             let signed = CertificateSigningRequestStatus {
                 conditions: None,
                 certificate: Some(ByteString(cert.into_bytes())),
@@ -304,23 +319,80 @@ async fn decide(
             );
         }
         Err(why) => {
-            let denied = CertificateSigningRequestStatus {
-                conditions: Some(vec![condition(
-                    "Denied",
-                    "NotTheAgentOfTheNode",
-                    why.clone(),
-                )]),
+            // Approved elsewhere, it is no longer ours to deny: as its
+            // signer, the controller fails it instead.
+            let refused = |type_| CertificateSigningRequestStatus {
+                conditions: Some(vec![condition(type_, "NotTheAgentOfTheNode", why.clone())]),
                 certificate: None,
             };
-            api.patch_approval(&name, &params, &Patch::Apply(status_patch(&denied)))
-                .await?;
+            if approved {
+                let failed = status_patch(&refused("Failed"));
+                api.patch_status(&name, &params, &Patch::Apply(failed))
+                    .await?;
+            } else {
+                let denied = status_patch(&refused("Denied"));
+                api.patch_approval(&name, &params, &Patch::Apply(denied))
+                    .await?;
+            }
             tracing::warn!(
                 request = name,
-                "denied a certificate request for the agents' signer: {why}"
+                "refused a certificate request for the agents' signer: {why}"
             );
         }
     }
     Ok(())
+}
+
+/// Retries of a decision that failed on an API error, 1 s doubling to
+/// 16 s, under a minute in all: a request left unsigned waits until its
+/// agent gives up on it and asks again, minutes later.
+const RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(16), 6);
+
+/// Decides `csr`, and after an API error decides it again as it is then,
+/// until it is signed or refused, is gone, or the retries are used up.
+pub async fn settle(
+    client: &Client,
+    settings: &Settings,
+    authority: &Authority,
+    csr: CertificateSigningRequest,
+) {
+    let api: Api<CertificateSigningRequest> = Api::all(client.clone());
+    let name = csr.name_any();
+    // One already approved is read again first: the event may be older
+    // than this controller's own signature.
+    let mut first = Some(csr).filter(|csr| !has_condition(csr, &["Approved"]));
+    let settled = RETRY
+        .retry(
+            || {
+                let (api, name, known) = (&api, &name, first.take());
+                async move {
+                    let csr = match known {
+                        Some(csr) => csr,
+                        None => match api.get_opt(name).await? {
+                            Some(csr) if unsigned(&csr) => csr,
+                            _ => return Ok(()),
+                        },
+                    };
+                    decide(client, settings, authority, &csr).await
+                }
+            },
+            // Deleted while it was being decided.
+            |e| !matches!(e, crate::Error::Kube(kube::Error::Api(s)) if s.code == 404),
+            |_, delay, e| {
+                tracing::warn!(
+                    request = name,
+                    "deciding a certificate request: {e}; again in {delay:?}"
+                );
+                async {}
+            },
+        )
+        .await;
+    if let Err(e) = settled {
+        tracing::warn!(
+            request = name,
+            "deciding a certificate request: {e}; left until its agent asks again"
+        );
+    }
 }
 
 fn status_patch(status: &CertificateSigningRequestStatus) -> serde_json::Value {
@@ -349,6 +421,7 @@ pub async fn run(client: Client, settings: Settings, trust: Arc<TrustedCas>) -> 
     );
     let mut current: Option<(Arc<Authority>, SystemTime)> = None;
     let mut deciding = futures::stream::FuturesUnordered::new();
+    let mut in_flight = HashSet::new();
     loop {
         let fresh = current
             .as_ref()
@@ -384,23 +457,24 @@ pub async fn run(client: Client, settings: Settings, trust: Arc<TrustedCas>) -> 
         };
         tokio::select! {
             next = stream.next(), if deciding.len() < DECIDING_AT_ONCE => match next {
-                Some(Ok(csr)) if pending(&csr) => {
+                // A request's own approval brings it again, still unsigned,
+                // while it is being decided.
+                Some(Ok(csr)) if unsigned(&csr) && in_flight.insert(csr.name_any()) => {
                     let (client, settings, authority) =
                         (client.clone(), settings.clone(), authority.clone());
                     deciding.push(async move {
-                        if let Err(e) = decide(&client, &settings, &authority, &csr).await {
-                            tracing::warn!(
-                                request = csr.name_any(),
-                                "deciding a certificate request: {e}"
-                            );
-                        }
+                        let name = csr.name_any();
+                        settle(&client, &settings, &authority, csr).await;
+                        name
                     });
                 }
                 Some(Err(e)) => tracing::warn!("watching certificate requests: {e}"),
                 None => tokio::time::sleep(Duration::from_secs(1)).await,
                 _ => {}
             },
-            Some(()) = deciding.next() => {}
+            Some(name) = deciding.next() => {
+                in_flight.remove(&name);
+            }
             () = tokio::time::sleep(CA_RECHECK) => {}
         }
     }

@@ -472,8 +472,16 @@ impl World {
             controller.wait_listening(SocketAddr::new(IpAddr::V4(cluster.host_ip()), hook.port));
         }
         // The agents serve once the controller has signed their certificates.
+        let mut unserved = None;
         for agent in &mut agents {
-            agent.until_serving().await.expect("an agent serving");
+            if let Err(e) = agent.until_serving().await {
+                unserved = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = unserved {
+            print_logs(&id, &controller, &agents);
+            panic!("an agent serving: {e}");
         }
         Some(Self {
             cluster,
@@ -827,33 +835,37 @@ impl Drop for World {
             }
         }
         if std::thread::panicking() {
-            let log = self.controller.log();
-            let notable: Vec<&str> = log
-                .lines()
-                .filter(|l| {
-                    [" WARN ", " ERROR ", "agent call failed", "stopped earlier"]
-                        .iter()
-                        .any(|w| l.contains(w))
-                })
-                .collect();
-            eprintln!(
-                "--- world {}: the controller's warnings and failed agent calls ---\n{}",
-                self.id,
-                tail(&notable.join("\n"), 40)
-            );
-            eprintln!(
-                "--- world {}: the controller's log (end) ---\n{}",
-                self.id,
-                tail(&log, 30)
-            );
-            for agent in &self.agents {
-                eprintln!(
-                    "--- the agent {} (end of {}) ---\n{}",
-                    agent.pod_name(),
-                    agent.log_path().display(),
-                    tail(&agent.log(), 30)
-                );
-            }
+            print_logs(&self.id, &self.controller, &self.agents);
         }
+    }
+}
+
+/// What a failed test shows of a world: the controller's warnings and the
+/// ends of its log and of each agent's.
+fn print_logs(id: &str, controller: &Controller, agents: &[SimAgent]) {
+    let log = controller.log();
+    let notable: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            [" WARN ", " ERROR ", "agent call failed", "stopped earlier"]
+                .iter()
+                .any(|w| l.contains(w))
+        })
+        .collect();
+    eprintln!(
+        "--- world {id}: the controller's warnings and failed agent calls ---\n{}",
+        tail(&notable.join("\n"), 40)
+    );
+    eprintln!(
+        "--- world {id}: the controller's log (end) ---\n{}",
+        tail(&log, 30)
+    );
+    for agent in agents {
+        eprintln!(
+            "--- the agent {} (end of {}) ---\n{}",
+            agent.pod_name(),
+            agent.log_path().display(),
+            tail(&agent.log(), 30)
+        );
     }
 }
