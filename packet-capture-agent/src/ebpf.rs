@@ -202,6 +202,9 @@ struct Attachment {
     ingress: SchedClassifierLinkId,
     egress: Option<SchedClassifierLinkId>,
     kind: LinkKind,
+    /// Whether attaching made the interface's clsact qdisc (netlink
+    /// filters only), which then goes with the filters.
+    made_clsact: bool,
 }
 
 impl Attachment {
@@ -494,17 +497,27 @@ impl Kernel {
             name: ingress_name,
             source,
         })?;
-        if !tcx {
-            // Before TCX the hooks need a clsact qdisc; an existing one is shared.
-            if let Err(e) = tc::qdisc_add_clsact(&ifname)
-                && !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
-            {
+        // Before TCX the hooks need a clsact qdisc; an existing one is shared.
+        let made_clsact = match (!tcx).then(|| tc::qdisc_add_clsact(&ifname)) {
+            None => false,
+            Some(Ok(())) => true,
+            Some(Err(tc::TcError::NetlinkError(e))) if e.raw_os_error() == Some(libc::EEXIST) => {
+                false
+            }
+            Some(Err(e)) => {
                 return Err(Error::Program {
                     name: ingress_name,
                     source: e.into(),
                 });
             }
-        }
+        };
+        // Nothing half-attached: what failed leaves no qdisc of ours.
+        let undo = |e| {
+            if made_clsact {
+                release_clsact(iface);
+            }
+            e
+        };
         let attach = |ebpf: &mut Ebpf, name: &'static str, hook, order| {
             let program = classifier(ebpf, name)?;
             let options = if tcx {
@@ -529,7 +542,8 @@ impl Kernel {
             ingress_name,
             TcAttachType::Ingress,
             LinkOrder::first(),
-        )?;
+        )
+        .map_err(undo)?;
         let egress = match egress_name
             .map(|name| {
                 attach(
@@ -543,9 +557,8 @@ impl Kernel {
         {
             Ok(link) => link,
             Err(e) => {
-                // Nothing half-attached: undo the ingress side.
                 let _ = classifier(&mut self.ebpf, ingress_name).map(|p| p.detach(ingress));
-                return Err(e);
+                return Err(undo(e));
             }
         };
         self.attached.insert(
@@ -554,23 +567,29 @@ impl Kernel {
                 ingress,
                 egress,
                 kind,
+                made_clsact,
             },
         );
         Ok(())
     }
 
-    /// Detaches both programs from `iface`. An interface that is gone took
-    /// its attachments with it; that is not an error.
+    /// Detaches both programs from `iface`, and the clsact qdisc attaching
+    /// made. An interface that is gone took its attachments with it; that
+    /// is not an error.
     pub fn detach(&mut self, iface: &str) {
         let Some(a) = self.attached.remove(iface) else {
             return;
         };
+        let made_clsact = a.made_clsact;
         for (name, link) in a.links() {
             if let Ok(program) = classifier(&mut self.ebpf, name)
                 && let Err(e) = program.detach(link)
             {
                 tracing::debug!(iface, program = name, error = %e, "detach");
             }
+        }
+        if made_clsact {
+            release_clsact(iface);
         }
     }
 
@@ -1184,7 +1203,7 @@ pub fn remove_stale_filters(iface: &str) {
         (TcAttachType::Ingress, CLSACT_INGRESS, "ingress"),
         (TcAttachType::Egress, CLSACT_EGRESS, "egress"),
     ] {
-        let filters = match bpf_filters(iface, parent) {
+        let filters = match tc_filters(iface, parent) {
             Ok(filters) => filters,
             Err(e) => {
                 // The interface went meanwhile, or the agent lacks
@@ -1193,34 +1212,30 @@ pub fn remove_stale_filters(iface: &str) {
                 continue;
             }
         };
-        let ours = filters
-            .into_iter()
-            .filter(|f| f.handle == FILTER_HANDLE && PROGRAMS.contains(&f.name.as_str()));
-        for filter in ours {
+        let ours = filters.into_iter().filter_map(|f| {
+            let program = f.program.filter(|p| PROGRAMS.contains(&p.as_str()))?;
+            (f.handle == FILTER_HANDLE).then_some((f.priority, program))
+        });
+        for (priority, program) in ours {
             let handle = FILTER_HANDLE.into();
-            let removed = match SchedClassifierLink::attached(
-                &ifname,
-                hook.into(),
-                filter.priority,
-                handle,
-                None,
-            ) {
-                Ok(link) => link.detach().map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
+            let removed =
+                match SchedClassifierLink::attached(&ifname, hook.into(), priority, handle, None) {
+                    Ok(link) => link.detach().map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
             match removed {
                 Ok(()) => tracing::info!(
                     iface,
                     hook = label,
-                    program = filter.name,
-                    priority = filter.priority,
+                    program,
+                    priority,
                     "removed a tc filter an earlier agent left attached"
                 ),
                 Err(error) => tracing::warn!(
                     iface,
                     hook = label,
-                    program = filter.name,
-                    priority = filter.priority,
+                    program,
+                    priority,
                     error,
                     "cannot remove a tc filter an earlier agent left attached"
                 ),
@@ -1233,40 +1248,44 @@ pub fn remove_stale_filters(iface: &str) {
 const CLSACT_INGRESS: u32 = 0xFFFF_FFF2;
 const CLSACT_EGRESS: u32 = 0xFFFF_FFF3;
 
-/// A netlink tc filter that runs a BPF program.
-struct BpfFilter {
+/// A netlink tc filter, of any kind.
+struct TcFilter {
     priority: u16,
     handle: u32,
-    /// The program's name, as the filter carries it.
-    name: String,
+    /// The name of the BPF program it runs; `None` for other kinds.
+    program: Option<String>,
 }
 
-/// The BPF filters under `parent` (a clsact hook) of `iface`; none when the
-/// interface has no clsact qdisc.
-fn bpf_filters(iface: &str, parent: u32) -> std::io::Result<Vec<BpfFilter>> {
-    use netlink_packet_core::{
-        NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer, NetlinkMessage,
-    };
-    use netlink_packet_route::{RouteNetlinkMessage, tc::TcMessage};
-
+/// The index of interface `iface` in this thread's network namespace.
+fn interface_index(iface: &str) -> std::io::Result<u32> {
     let name = std::ffi::CString::new(iface)?;
     // SAFETY: a NUL-terminated name; the call only reads it.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 {
-        return Err(std::io::Error::last_os_error());
+    match unsafe { libc::if_nametoindex(name.as_ptr()) } {
+        0 => Err(std::io::Error::last_os_error()),
+        index => Ok(index),
     }
-    let mut request = TcMessage::default();
-    request.header.index = index as i32;
-    request.header.parent = parent.into();
-    let mut msg = NetlinkMessage::from(RouteNetlinkMessage::GetTrafficFilter(request));
-    msg.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+}
+
+/// Sends `message` on a new rtnetlink socket and passes each message of the
+/// answer (type, payload) to `each`, until the dump is done or the request
+/// acknowledged; a negative status in the answer is the error returned.
+fn rtnetlink(
+    message: netlink_packet_route::RouteNetlinkMessage,
+    flags: u16,
+    mut each: impl FnMut(u16, &[u8]),
+) -> std::io::Result<()> {
+    use netlink_packet_core::{
+        NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NetlinkBuffer, NetlinkMessage,
+    };
+
+    let mut msg = NetlinkMessage::from(message);
+    msg.header.flags = NLM_F_REQUEST | flags;
     msg.finalize();
     let mut bytes = vec![0; msg.buffer_len()];
     msg.serialize(&mut bytes);
     let mut socket = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_ROUTE)?;
     socket.bind_auto()?;
     socket.send(&bytes, 0)?;
-    let mut filters = Vec::new();
     let mut buf = Vec::with_capacity(64 * 1024);
     loop {
         buf.clear();
@@ -1274,7 +1293,8 @@ fn bpf_filters(iface: &str, parent: u32) -> std::io::Result<Vec<BpfFilter>> {
         let mut rest = &buf[..];
         while let Ok(frame) = NetlinkBuffer::new_checked(rest) {
             match frame.message_type() {
-                // Both start with the status: 0, or a negative errno.
+                // Both start with the status: 0, or a negative errno. An
+                // error message with status 0 is the acknowledgement.
                 NLMSG_DONE | NLMSG_ERROR => {
                     let status = frame
                         .payload()
@@ -1283,12 +1303,9 @@ fn bpf_filters(iface: &str, parent: u32) -> std::io::Result<Vec<BpfFilter>> {
                     if status < 0 {
                         return Err(std::io::Error::from_raw_os_error(-status));
                     }
-                    if frame.message_type() == NLMSG_DONE {
-                        return Ok(filters);
-                    }
+                    return Ok(());
                 }
-                libc::RTM_NEWTFILTER => filters.extend(bpf_filter(frame.payload())),
-                _ => {}
+                other => each(other, frame.payload()),
             }
             // Messages are aligned to four bytes within a datagram.
             rest = rest
@@ -1298,10 +1315,31 @@ fn bpf_filters(iface: &str, parent: u32) -> std::io::Result<Vec<BpfFilter>> {
     }
 }
 
-/// A filter message's priority, handle and program name, if it runs a BPF
-/// program. Decoded attribute by attribute, so that one the crate does not
+/// The filters under `parent` (a clsact hook) of `iface`; none when the
+/// interface has no clsact qdisc.
+fn tc_filters(iface: &str, parent: u32) -> std::io::Result<Vec<TcFilter>> {
+    use netlink_packet_route::{RouteNetlinkMessage, tc::TcMessage};
+
+    let mut request = TcMessage::default();
+    request.header.index = interface_index(iface)? as i32;
+    request.header.parent = parent.into();
+    let mut filters = Vec::new();
+    rtnetlink(
+        RouteNetlinkMessage::GetTrafficFilter(request),
+        netlink_packet_core::NLM_F_DUMP,
+        |kind, payload| {
+            if kind == libc::RTM_NEWTFILTER {
+                filters.extend(tc_filter(payload));
+            }
+        },
+    )?;
+    Ok(filters)
+}
+
+/// A filter message's priority, handle and, for a BPF filter, program
+/// name. Decoded attribute by attribute, so that one the crate does not
 /// know (a newer kernel's) cannot hide the filter.
-fn bpf_filter(payload: &[u8]) -> Option<BpfFilter> {
+fn tc_filter(payload: &[u8]) -> Option<TcFilter> {
     use netlink_packet_core::{Emitable as _, NlasIterator, Parseable as _};
     use netlink_packet_route::tc::{TcFilterBpfOption, TcHeader};
     const TCA_KIND: u16 = 1;
@@ -1324,12 +1362,49 @@ fn bpf_filter(payload: &[u8]) -> Option<BpfFilter> {
             _ => {}
         }
     }
-    Some(BpfFilter {
+    Some(TcFilter {
         // The priority is the upper half of `tcm_info`.
         priority: (header.info >> 16) as u16,
         handle: header.handle.into(),
-        name: name.filter(|_| bpf)?,
+        program: name.filter(|_| bpf),
     })
+}
+
+/// Deletes the clsact qdisc the agent made on `iface`, unless a filter of
+/// anyone's is on it now (deleting the qdisc would delete that too).
+/// Failures are only logged: an empty clsact qdisc costs a branch per
+/// packet, not correctness.
+fn release_clsact(iface: &str) {
+    use netlink_packet_route::RouteNetlinkMessage;
+    use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage};
+
+    let in_use = [CLSACT_INGRESS, CLSACT_EGRESS]
+        .into_iter()
+        .map(|parent| tc_filters(iface, parent).map(|f| !f.is_empty()))
+        .try_fold(false, |any, used| used.map(|used| any || used));
+    let deleted = in_use.and_then(|in_use| {
+        if in_use {
+            tracing::debug!(iface, "the clsact qdisc stays: it holds filters of others");
+            return Ok(());
+        }
+        let mut request = TcMessage::default();
+        request.header.index = interface_index(iface)? as i32;
+        request.header.parent = TcHandle::CLSACT;
+        request.header.handle = TcHandle {
+            major: TcHandle::CLSACT.major,
+            minor: 0,
+        };
+        request.attributes.push(TcAttribute::Kind("clsact".into()));
+        rtnetlink(
+            RouteNetlinkMessage::DelQueueDiscipline(request),
+            netlink_packet_core::NLM_F_ACK,
+            |_, _| {},
+        )
+    });
+    if let Err(e) = deleted {
+        // Gone with its interface, or removed by someone else.
+        tracing::debug!(iface, error = %e, "deleting the clsact qdisc");
+    }
 }
 
 /// For every prefix of every slot, the slots whose networks contain it: the

@@ -1,8 +1,9 @@
 //! The agent with netlink tc filters (as on kernels before TCX, chosen here
-//! with `--tc-attach netlink`): an idle agent attaches nothing; filters a
-//! killed agent left are removed when the next one starts, so a capture
-//! then records each packet once; the last capture's end and SIGTERM leave
-//! no filter behind.
+//! with `--tc-attach netlink`): an idle agent attaches nothing; the clsact
+//! qdisc it made goes with its filters, unless someone else's filter is on
+//! it, and one it did not make stays; filters a killed agent left are
+//! removed when the next one starts, so a capture then records each packet
+//! once; the last capture's end and SIGTERM leave no filter behind.
 
 use std::path::Path;
 
@@ -28,6 +29,12 @@ fn filters(ns: &Netns, dev: &str, hook: &str) -> Vec<(String, String)> {
             Some((after("name")?, after("id")?))
         })
         .collect()
+}
+
+/// Whether `dev` has a clsact qdisc.
+fn has_clsact(ns: &Netns, dev: &str) -> bool {
+    let out = run(ns.command("tc").args(["qdisc", "show", "dev", dev]));
+    String::from_utf8_lossy(&out.stdout).contains("qdisc clsact")
 }
 
 fn names(filters: &[(String, String)]) -> Vec<&str> {
@@ -116,8 +123,47 @@ async fn filters_a_killed_agent_left_are_removed_and_none_outlive_the_captures()
 
     let none = || [vec![], vec![], vec![]];
 
+    // Someone else's clsact qdisc on loopback, without filters yet.
+    run(node
+        .command("tc")
+        .args(["qdisc", "add", "dev", "lo", "clsact"]));
     let mut first = AgentProcess::spawn(&node, AGENT, &args, &[]);
     assert_eq!(ours(), none(), "an idle agent attaches nothing");
+    assert!(!has_clsact(&node, &veth.a), "an idle agent makes no qdisc");
+
+    // The qdisc the agent made goes with its filters; the other one stays.
+    let rest = Rest::new(&first);
+    rest.start("made").await;
+    assert!(has_clsact(&node, &veth.a));
+    rest.stop("made").await;
+    assert_eq!(ours(), none());
+    assert!(!has_clsact(&node, &veth.a), "the agent's own qdisc is gone");
+    assert!(has_clsact(&node, "lo"), "someone else's qdisc stays");
+
+    // A filter someone else put on the agent's qdisc keeps it there.
+    rest.start("shared").await;
+    let foreign = ["dev", &veth.a, "egress", "protocol", "all", "prio", "1"];
+    let u32_match = ["u32", "match", "u32", "0", "0", "flowid", "1:1"];
+    run(node
+        .command("tc")
+        .args(["filter", "add"])
+        .args(foreign)
+        .args(u32_match));
+    rest.stop("shared").await;
+    assert_eq!(ours(), none());
+    assert!(
+        has_clsact(&node, &veth.a),
+        "the qdisc holds another's filter"
+    );
+    let out = run(node
+        .command("tc")
+        .args(["filter", "show"])
+        .args(&foreign[..3]));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("u32"),
+        "the other filter stays"
+    );
+    run(node.command("tc").args(["filter", "del"]).args(foreign));
     // A capture runs when the agent dies: its slot stays active in the
     // programs it leaves behind.
     Rest::new(&first).start("before-kill").await;
