@@ -195,6 +195,16 @@ fn with_engine(
         max_file_bytes,
         own_api,
     } = options;
+    // The engine's log, shown with a failing test's output: every thread
+    // the test starts writes where the test's own output goes.
+    static LOG: std::sync::Once = std::sync::Once::new();
+    LOG.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_ansi(false)
+            .with_env_filter("packet_capture_agent=info")
+            .try_init();
+    });
     std::thread::scope(|s| {
         s.spawn(|| {
             lab.node.enter();
@@ -1184,12 +1194,18 @@ fn flood(from: &Netns, to: &str, port: u16, count: usize) {
 /// Waits for a capture to end by itself.
 fn ended(engine: &Engine, rt: &tokio::runtime::Runtime, id: &str) -> CaptureStatus {
     let mut rx = engine.watch(id).unwrap();
-    rt.block_on(async {
+    let ended = rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|s| s.state.is_final()))
             .await
-            .expect("the capture ends by itself")
-            .map(|s| s.clone())
-            .unwrap()
+            .map(|s| s.map(|s| s.clone()).unwrap())
+    });
+    ended.unwrap_or_else(|_| {
+        panic!(
+            "the {} capture did not end by itself within 20 s: {:?}; interfaces {:?}",
+            engine.backend(),
+            engine.get(id),
+            engine.interfaces()
+        )
     })
 }
 
