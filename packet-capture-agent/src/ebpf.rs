@@ -8,6 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -79,6 +80,23 @@ impl TcAttach {
         }
     }
 }
+
+/// The waits before a TCX attach is tried again when the kernel still has
+/// the program on the hook (EEXIST). A detached link goes only with the
+/// last reference to its file, and a child process forked meanwhile holds
+/// one until its exec closes it: the kernel then releases it. Without the
+/// retries, a capture starting just after the last one ended could find an
+/// interface without programs and see nothing there.
+const TCX_REATTACH_WAITS: [Duration; 8] = [
+    Duration::from_millis(5),
+    Duration::from_millis(10),
+    Duration::from_millis(20),
+    Duration::from_millis(40),
+    Duration::from_millis(80),
+    Duration::from_millis(160),
+    Duration::from_millis(320),
+    Duration::from_millis(640),
+];
 
 /// The object `build.rs` compiled from `packet-capture-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/packet-capture"));
@@ -475,7 +493,8 @@ impl Kernel {
             .collect();
         for (iface, kind) in links {
             if let Err(e) = self.attach(&iface, kind) {
-                tracing::warn!(iface, error = %e, "cannot capture on this interface");
+                let error = crate::capture::error_chain(&e);
+                tracing::warn!(iface, error, "cannot capture on this interface");
             }
         }
         let mut attached: Vec<&str> = self.attached.keys().map(String::as_str).collect();
@@ -518,41 +537,45 @@ impl Kernel {
             }
             e
         };
-        let attach = |ebpf: &mut Ebpf, name: &'static str, hook, order| {
+        let attach = |ebpf: &mut Ebpf, name: &'static str, hook, order: fn() -> LinkOrder| {
             let program = classifier(ebpf, name)?;
-            let options = if tcx {
-                tc::TcAttach::Tcx {
-                    attach_type: hook,
-                    order,
+            let mut waits = TCX_REATTACH_WAITS.iter();
+            loop {
+                let options = if tcx {
+                    tc::TcAttach::Tcx {
+                        attach_type: hook,
+                        order: order(),
+                    }
+                } else {
+                    tc::TcAttach::Netlink {
+                        parent: hook.into(),
+                        options: NlOptions {
+                            handle: FILTER_HANDLE.into(),
+                            ..Default::default()
+                        },
+                    }
+                };
+                match program.attach(&ifname, options) {
+                    Err(aya::programs::ProgramError::SyscallError(e))
+                        if tcx
+                            && e.io_error.raw_os_error() == Some(libc::EEXIST)
+                            && let Some(wait) = waits.next() =>
+                    {
+                        std::thread::sleep(*wait);
+                    }
+                    result => return result.map_err(|source| Error::Program { name, source }),
                 }
-            } else {
-                tc::TcAttach::Netlink {
-                    parent: hook.into(),
-                    options: NlOptions {
-                        handle: FILTER_HANDLE.into(),
-                        ..Default::default()
-                    },
-                }
-            };
-            let result = program.attach(&ifname, options);
-            result.map_err(|source| Error::Program { name, source })
+            }
         };
         let ingress = attach(
             &mut self.ebpf,
             ingress_name,
             TcAttachType::Ingress,
-            LinkOrder::first(),
+            LinkOrder::first,
         )
         .map_err(undo)?;
         let egress = match egress_name
-            .map(|name| {
-                attach(
-                    &mut self.ebpf,
-                    name,
-                    TcAttachType::Egress,
-                    LinkOrder::last(),
-                )
-            })
+            .map(|name| attach(&mut self.ebpf, name, TcAttachType::Egress, LinkOrder::last))
             .transpose()
         {
             Ok(link) => link,

@@ -876,7 +876,8 @@ fn max_packets_is_exact() {
 }
 
 /// Captures whose packet limit fills while they start (a limit of one on
-/// a flooded address): each still ends as completed, with its one packet.
+/// a flooded address): each still ends as completed, with its one packet,
+/// also when the programs the last one detached are still on the hooks.
 #[test]
 fn a_limit_filled_while_the_capture_starts_ends_it() {
     each_backend(
@@ -889,6 +890,14 @@ fn a_limit_filled_while_the_capture_starts_ends_it() {
                     let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
                     while sending.load(Ordering::Relaxed) {
                         let _ = socket.send_to(&[0x5a; 64], (PEER_V4, 7000));
+                    }
+                });
+                // Children forked all the while: each holds the file of a
+                // TCX link the engine detaches until its exec, so the next
+                // capture's attach finds the programs still on the hooks.
+                scope.spawn(|| {
+                    while sending.load(Ordering::Relaxed) {
+                        let _ = std::process::Command::new("true").status();
                     }
                 });
                 let starts = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

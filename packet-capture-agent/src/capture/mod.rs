@@ -879,7 +879,7 @@ fn load_backend(
 
 /// An error and its causes on one line, each cause once: errors here often
 /// repeat their source's words in their own message.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut line = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
