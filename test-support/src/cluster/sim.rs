@@ -215,7 +215,7 @@ impl SimNode {
         .expect("a valid Pod");
         pods.create(&post_params(), &object).await?;
         let ips = [pod.ip().to_string(), pod.ipv6().to_string()];
-        let running = running_status(self, name, &ips, ("main", PAUSE_IMAGE));
+        let running = running_status(self, name, &ips, ("main", PAUSE_IMAGE), true);
         pods.patch_status(name, &patch_params(), &Patch::Merge(&running))
             .await?;
         Ok(pod)
@@ -233,7 +233,8 @@ impl SimNode {
     /// Starts the agent in this node's network namespace (as a hostNetwork
     /// DaemonSet pod would run) with its Pod in [`COMPONENT_NAMESPACE`],
     /// labelled `app=packet-capture-agent`; the Pod shows Running with the
-    /// node's IP only once [`SimAgent::until_serving`] has seen it serve.
+    /// node's IP at once, and ready once [`SimAgent::until_serving`] has
+    /// seen it serve.
     pub async fn launch_agent(&self, options: &AgentOptions) -> Result<SimAgent> {
         let inner = &self.cluster;
         let pod_name = format!("packet-capture-agent-{}", self.name);
@@ -314,18 +315,22 @@ impl SimNode {
             }
         };
         let ips = [self.ip().to_string(), self.ipv6().to_string()];
-        Ok(SimAgent {
+        let status = |ready| running_status(self, &pod_name, &ips, ("agent", AGENT_IMAGE), ready);
+        // Running once its container has started, as a kubelet shows it;
+        // ready once it serves (`until_serving`).
+        let started = status(false);
+        let agent = SimAgent {
             pod: pod_name.clone(),
             pod_exists: true,
             process,
             endpoint: SocketAddr::new(IpAddr::V4(self.ip()), options.port),
             capture_dir,
-            running: Some((
-                pods,
-                running_status(self, &pod_name, &ips, ("agent", AGENT_IMAGE)),
-            )),
+            running: Some((pods.clone(), status(true))),
             ready_timeout: options.ready_timeout,
-        })
+        };
+        pods.patch_status(&pod_name, &patch_params(), &Patch::Merge(&started))
+            .await?;
+        Ok(agent)
     }
 }
 
@@ -342,25 +347,29 @@ impl Drop for SimNode {
     }
 }
 
-/// A pod's status as a kubelet writes it once its container runs and is
-/// ready.
+/// A pod's status as a kubelet writes it once its container runs, and
+/// once it is `ready` too.
 fn running_status(
     node: &SimNode,
     name: &str,
     ips: &[String],
     (container, image): (&str, &str),
+    ready: bool,
 ) -> serde_json::Value {
     let now = now();
-    let condition = |kind: &str| json!({"type": kind, "status": "True", "lastTransitionTime": now});
+    let condition = |kind: &str, holds: bool| {
+        let status = if holds { "True" } else { "False" };
+        json!({"type": kind, "status": status, "lastTransitionTime": now})
+    };
     json!({
         "status": {
             "phase": "Running",
             "conditions": [
-                condition("PodReadyToStartContainers"),
-                condition("Initialized"),
-                condition("Ready"),
-                condition("ContainersReady"),
-                condition("PodScheduled"),
+                condition("PodReadyToStartContainers", true),
+                condition("Initialized", true),
+                condition("Ready", ready),
+                condition("ContainersReady", ready),
+                condition("PodScheduled", true),
             ],
             "hostIP": node.ip().to_string(),
             "hostIPs": [{"ip": node.ip().to_string()}, {"ip": node.ipv6().to_string()}],
@@ -369,8 +378,8 @@ fn running_status(
             "startTime": now,
             "containerStatuses": [{
                 "name": container,
-                "ready": true,
-                "started": true,
+                "ready": ready,
+                "started": ready,
                 "restartCount": 0,
                 "image": image,
                 "imageID": "",
@@ -691,7 +700,7 @@ pub struct SimAgent {
     process: ClusterProcess,
     endpoint: SocketAddr,
     capture_dir: PathBuf,
-    /// Its Pod's Running status, patched in once the agent serves.
+    /// Its Pod's ready status, patched in once the agent serves.
     running: Option<(Api<Pod>, serde_json::Value)>,
     ready_timeout: Duration,
 }
@@ -699,8 +708,7 @@ pub struct SimAgent {
 impl SimAgent {
     /// Waits until the agent serves, which it says once it has its
     /// certificate (up to [`AgentOptions::ready_timeout`]), then marks its
-    /// Pod Running and ready, as a kubelet does once the startup probe
-    /// passes: a controller calls it from then on.
+    /// Pod ready, as a kubelet does once the startup probe passes.
     pub async fn until_serving(&mut self) -> Result<()> {
         let Some((pods, status)) = self.running.take() else {
             return Ok(());
