@@ -124,11 +124,7 @@ async fn answer_write(
     let seen = api
         .answer("PATCH", &path, status, |seen| {
             if status != 200 {
-                return json!({
-                    "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                    "message": "etcdserver: request timed out", "reason": "Timeout",
-                    "code": status,
-                });
+                return api_error(status, "Timeout");
             }
             let mut written = json!(csr);
             written["status"] = seen.body["status"].clone();
@@ -137,6 +133,17 @@ async fn answer_write(
         .await;
     support::apiserver::assert_applied_by_controller(&seen);
     seen.body["status"].clone()
+}
+
+/// The API server's answer to a request that failed with `code`.
+fn api_error(code: u16, reason: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code})
+}
+
+/// Answers the controller's read of the request with `now`, what it is now.
+async fn answer_read(api: &mut ApiServer, now: &CertificateSigningRequest) {
+    let path = format!("{REQUESTS}/{}", now.name_any());
+    api.answer("GET", &path, 200, |_| json!(now)).await;
 }
 
 /// The names of the certificate in a written status.
@@ -173,8 +180,7 @@ async fn an_approved_request_left_unsigned_is_signed_without_a_second_approval()
     let (mut api, task) = spawn_settle(&csr);
     // An approved request may be older than the controller's own signature:
     // it is read again first.
-    let path = format!("{REQUESTS}/{}", csr.name_any());
-    api.answer("GET", &path, 200, |_| json!(csr)).await;
+    answer_read(&mut api, &csr).await;
     answer_checks(&mut api, &pod).await;
     let status = answer_write(&mut api, &csr, "status", 200).await;
     assert_eq!(certificate_names(&status), signed_names());
@@ -189,8 +195,7 @@ async fn an_approved_request_that_fails_the_checks_is_failed_not_denied() {
     replaced.metadata.uid = Some("another-uid".into());
     let csr = request(&pod, &["Approved"]);
     let (mut api, task) = spawn_settle(&csr);
-    let path = format!("{REQUESTS}/{}", csr.name_any());
-    api.answer("GET", &path, 200, |_| json!(csr)).await;
+    answer_read(&mut api, &csr).await;
     answer_checks(&mut api, &replaced).await;
     let status = answer_write(&mut api, &csr, "status", 200).await;
     assert_eq!(condition_types(&status), ["Failed"]);
@@ -213,8 +218,7 @@ async fn a_decision_cut_short_by_an_api_error_is_made_again() {
     answer_checks(&mut api, &pod).await;
     answer_write(&mut api, &csr, "approval", 504).await;
     // Read again, still undecided: checked and written again.
-    let path = format!("{REQUESTS}/{}", csr.name_any());
-    api.answer("GET", &path, 200, |_| json!(csr)).await;
+    answer_read(&mut api, &csr).await;
     answer_checks(&mut api, &pod).await;
     let approval = answer_write(&mut api, &csr, "approval", 200).await;
     assert_eq!(condition_types(&approval), ["Approved"]);
@@ -233,17 +237,12 @@ async fn a_request_deleted_or_decided_meanwhile_is_left_alone() {
         answer_checks(&mut api, &pod).await;
         answer_write(&mut api, &csr, "approval", 500).await;
         match &now {
-            Some(decided) => api.answer("GET", &path, 200, |_| json!(decided)).await,
+            Some(decided) => answer_read(&mut api, decided).await,
             None => {
-                api.answer("GET", &path, 404, |_| {
-                    json!({
-                        "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                        "reason": "NotFound", "code": 404,
-                    })
-                })
-                .await
+                api.answer("GET", &path, 404, |_| api_error(404, "NotFound"))
+                    .await;
             }
-        };
+        }
         settled(task).await;
     }
 }
