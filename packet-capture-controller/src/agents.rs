@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::authentication::v1::UserInfo;
 use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 use packet_capture_common::crd::{
     CaptureState, ON_BEHALF_OF_GROUP, ON_BEHALF_OF_UID, ON_BEHALF_OF_USER,
@@ -27,7 +28,15 @@ use crate::backoff::Backoff;
 use crate::config::{LabelSelector, Settings};
 use crate::metrics::Metrics;
 use crate::slots::{CallSlots, Priority};
-use crate::targets::internal_ip;
+use crate::targets::{internal_ip, pod_phase};
+
+/// Whether a pod's Ready condition holds.
+fn ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
 
 /// A client of one agent: its URI and the CAs it trusts, as built.
 type Cached = (String, Option<String>, AgentClient<Channel>);
@@ -229,19 +238,7 @@ impl AgentPool {
     /// agent pods; host-network pods are reached at their pod IP, others at
     /// their node's InternalIP (the DaemonSet's hostPort).
     pub fn endpoints(&self) -> BTreeMap<String, AgentEndpoint> {
-        let mut pods: Vec<Arc<Pod>> = self.pods.state_filter(|p| {
-            self.is_agent_pod(p)
-                && p.metadata.deletion_timestamp.is_none()
-                && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-        });
-        // The newest pod of a node wins (a DaemonSet rolling update).
-        pods.sort_by(|a, b| {
-            a.metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| t.0)
-                .cmp(&b.metadata.creation_timestamp.as_ref().map(|t| t.0))
-        });
+        let pods = self.live_agent_pods(|p| pod_phase(p) == "Running");
         let scheme = match self.settings.tls {
             AgentTls::Verified(_) => "https",
             AgentTls::Plaintext => "http",
@@ -291,6 +288,43 @@ impl AgentPool {
 
     pub fn endpoint(&self, node: &str) -> Option<AgentEndpoint> {
         self.endpoints().remove(node)
+    }
+
+    /// The nodes whose agent is on its way but cannot take a capture yet,
+    /// with why: the node's newest agent pod is Pending (an image pull, a
+    /// node just joined, a rolling update), or Running but not Ready (its
+    /// startup probe has not passed: it does not serve yet). Captures that
+    /// run there already go on; new ones wait (see `plan`).
+    pub fn unready(&self) -> BTreeMap<String, String> {
+        let mut newest = BTreeMap::new();
+        for pod in self.live_agent_pods(|_| true) {
+            if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) {
+                newest.insert(node, pod);
+            }
+        }
+        newest
+            .into_iter()
+            .filter_map(|(node, pod)| {
+                let name = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+                let why = match pod_phase(&pod) {
+                    "Pending" => format!("its pod {name} is Pending"),
+                    "Running" if !ready(&pod) => format!("its pod {name} is not Ready yet"),
+                    _ => return None,
+                };
+                Some((node, why))
+            })
+            .collect()
+    }
+
+    /// The agent pods that are not being deleted and pass `keep`, oldest
+    /// first, so that a map filled from them keeps each node's newest (a
+    /// DaemonSet rolling update runs two on a node for a while).
+    fn live_agent_pods(&self, keep: impl Fn(&Pod) -> bool) -> Vec<Arc<Pod>> {
+        let mut pods = self.pods.state_filter(|p| {
+            self.is_agent_pod(p) && p.metadata.deletion_timestamp.is_none() && keep(p)
+        });
+        pods.sort_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0));
+        pods
     }
 
     fn lock_clients(&self) -> std::sync::MutexGuard<'_, HashMap<String, Cached>> {
@@ -672,6 +706,68 @@ mod tests {
         assert_eq!(eps["n4"].node_ip, "fd00::4");
         assert_eq!(pool.node_ip("n1"), "192.168.0.1");
         assert_eq!(pool.node_ip("n9"), "n9");
+    }
+
+    #[test]
+    fn agents_on_their_way_are_told_apart_from_ready_ones() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        use k8s_openapi::jiff::Timestamp;
+        let named = |node: &str, name: &str, created: i64| {
+            let mut p = agent_pod(node, "192.168.0.9");
+            p.metadata.name = Some(name.into());
+            p.metadata.creation_timestamp = Some(Time(
+                Timestamp::from_second(1_700_000_000 + created).unwrap(),
+            ));
+            p
+        };
+        let pending = |mut p: Pod| {
+            p.status.as_mut().unwrap().phase = Some("Pending".into());
+            p
+        };
+        let unready = |mut p: Pod| {
+            p.status.as_mut().unwrap().conditions = None;
+            p
+        };
+        let pods = store_of(vec![
+            named("n1", "ready", 0),
+            pending(named("n2", "pulling", 0)),
+            unready(named("n3", "probing", 0)),
+            // A rolling update: the old pod serves until the new one is
+            // ready, and new captures wait for the new one.
+            named("n4", "old", 0),
+            pending(named("n4", "new", 1)),
+            // A pod being deleted is no agent on its way.
+            {
+                let mut p = pending(named("n5", "deleting", 0));
+                p.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+                p
+            },
+            {
+                let mut p = named("n6", "crashed", 0);
+                p.status.as_mut().unwrap().phase = Some("Failed".into());
+                p
+            },
+        ]);
+        let pool = AgentPool::new(
+            pods,
+            store_of(vec![]),
+            settings("/nonexistent".into()),
+            Arc::default(),
+        );
+        let unready = pool.unready();
+        assert_eq!(
+            unready,
+            BTreeMap::from([
+                ("n2".into(), "its pod kube-system/pulling is Pending".into()),
+                (
+                    "n3".into(),
+                    "its pod kube-system/probing is not Ready yet".into()
+                ),
+                ("n4".into(), "its pod kube-system/new is Pending".into()),
+            ])
+        );
+        let endpoints = pool.endpoints();
+        assert_eq!(endpoints.keys().collect::<Vec<_>>(), ["n1", "n3", "n4"]);
     }
 
     #[test]

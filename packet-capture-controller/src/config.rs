@@ -47,6 +47,9 @@ pub struct Timing {
     pub watch: Backoff,
     /// How long after `startTime + duration` a node that has not ended fails.
     pub grace: Duration,
+    /// How long a new node capture waits for its node's agent to be ready
+    /// (a DaemonSet pod still pulling its image or starting up).
+    pub agent_wait: Duration,
     /// Requeue after a failed reconcile.
     pub error_requeue: Duration,
 }
@@ -58,6 +61,7 @@ impl Default for Timing {
             stop: Backoff::new(Duration::from_millis(500), Duration::from_secs(4), 3),
             watch: Backoff::new(Duration::from_secs(1), Duration::from_secs(10), 5),
             grace: Duration::from_secs(60),
+            agent_wait: Duration::from_secs(120),
             error_requeue: Duration::from_secs(10),
         }
     }

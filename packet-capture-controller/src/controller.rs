@@ -154,7 +154,10 @@ async fn apply(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
         generation,
     } = resource;
     let endpoints = ctx.agents.endpoints();
-    let targets = targets::resolve(&pcc.spec, &ctx.caches, &endpoints.keys().cloned().collect());
+    let unready = ctx.agents.unready();
+    // Nodes whose agent is on its way are capture nodes too: they wait.
+    let agent_nodes = endpoints.keys().chain(unready.keys()).cloned().collect();
+    let targets = targets::resolve(&pcc.spec, &ctx.caches, &agent_nodes);
     // Status entries are keyed by the address the node's start reports.
     let node_ips: BTreeMap<String, String> = targets
         .nodes
@@ -178,11 +181,13 @@ async fn apply(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
         resource,
         targets: &targets,
         agents: &endpoints,
+        unready: &unready,
         node_ips: &node_ips,
         tracked: &tracked,
         earlier: &earlier,
         no_agent: &no_agent,
         grace: ctx.timing.grace,
+        agent_wait: ctx.timing.agent_wait,
         now: Timestamp::now(),
     });
 

@@ -42,6 +42,9 @@ pub struct NodeProgress {
     /// The target pods on the node (`namespace/name`), as the agent last
     /// reported them (as planned until it has answered).
     pub pods: Vec<String>,
+    /// Since when the node has been waiting for its agent to be ready: no
+    /// capture runs there yet (see `plan`).
+    pub waiting_since: Option<Timestamp>,
 }
 
 fn timestamp(t: Option<&prost_types::Timestamp>) -> Option<Timestamp> {
@@ -69,6 +72,7 @@ impl NodeProgress {
             unreachable: false,
             targets: Vec::new(),
             pods: Vec::new(),
+            waiting_since: None,
         }
     }
 

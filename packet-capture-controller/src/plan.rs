@@ -167,6 +167,10 @@ pub struct Inputs<'a> {
     pub targets: &'a Targets,
     /// The running agents, by node.
     pub agents: &'a BTreeMap<String, AgentEndpoint>,
+    /// The nodes whose agent is on its way but cannot take a capture yet,
+    /// with why ([`AgentPool::unready`](crate::agents::AgentPool::unready)):
+    /// a new node capture there waits for it, up to `agent_wait`.
+    pub unready: &'a BTreeMap<String, String>,
     /// The address that keys each target node's status entry.
     pub node_ips: &'a BTreeMap<String, String>,
     /// The tracker's nodes of this generation.
@@ -177,6 +181,9 @@ pub struct Inputs<'a> {
     pub no_agent: &'a str,
     /// How long after `startTime + duration` an unfinished node fails.
     pub grace: Duration,
+    /// How long a node waits for its agent to be ready (and no longer than
+    /// the capture's duration, once it runs elsewhere).
+    pub agent_wait: Duration,
     pub now: Timestamp,
 }
 
@@ -332,6 +339,15 @@ fn stop(i: &Inputs) -> Plan {
         .map(|p| p.node.as_str())
         .collect();
     for p in i.tracked.values().filter(|p| !p.state.is_final()) {
+        if p.waiting_since.is_some() {
+            // Nothing runs there to stop.
+            let mut p = p.clone();
+            p.state = CaptureState::Stopped;
+            p.message = Some(STOPPED_BY_REQUEST.into());
+            p.end_time = Some(i.now);
+            run.record.push(p);
+            continue;
+        }
         nodes.insert(&p.node);
         if !i.agents.contains_key(&p.node) {
             run.record.push(gone(p.clone(), i.now));
@@ -456,15 +472,20 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
         // not fail, and nothing more starts.
         for p in i.tracked.values().filter(|p| !p.state.is_final()) {
             let mut p = p.clone();
-            p.fail(
-                format!(
-                    "no end reported by the agent within {}s of the start (duration {}s)",
-                    limit.as_secs(),
-                    spec.duration
-                ),
-                false,
-                i.now,
-            );
+            if p.waiting_since.is_some() {
+                let message = not_ready_in_time(&p, i);
+                p.fail(message, true, i.now);
+            } else {
+                p.fail(
+                    format!(
+                        "no end reported by the agent within {}s of the start (duration {}s)",
+                        limit.as_secs(),
+                        spec.duration
+                    ),
+                    false,
+                    i.now,
+                );
+            }
             run.record.push(p);
         }
         run.requeue = IDLE_REQUEUE;
@@ -479,8 +500,8 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
         let ip = i.node_ips.get(node).map_or(node.as_str(), String::as_str);
         let pods = i.targets.pods.get(node).unwrap_or(&no_pods);
         match i.tracked.get(node) {
-            // An ended node is not restarted.
-            Some(p) if p.state.is_final() => {}
+            // An ended node is not restarted; a waiting one is below.
+            Some(p) if p.state.is_final() || p.waiting_since.is_some() => {}
             Some(p) => {
                 if let Some(ep) = i.agents.get(node)
                     && (!same_targets(&p.targets, targets) || p.pods != names(pods))
@@ -505,6 +526,17 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
         }
     }
     for (node, p) in i.tracked {
+        if p.waiting_since.is_some() && !p.state.is_final() {
+            // Starts once its agent is ready, with the node's targets then
+            // (none if its pods have left meanwhile, as a running node
+            // whose pods left selects nothing).
+            let pods = i.targets.pods.get(node).unwrap_or(&no_pods);
+            let mut p = p.clone();
+            p.pods = names(pods);
+            let targets = i.targets.nodes.get(node).cloned().unwrap_or_default();
+            new_nodes.push((p, targets, pods.clone(), true));
+            continue;
+        }
         if i.targets.nodes.contains_key(node) || p.state.is_final() {
             continue;
         }
@@ -542,18 +574,40 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
                 .collect(),
         );
     }
+    // When the first node to wait for its agent gives up.
+    let mut wait_ends: Option<Timestamp> = None;
     for (mut progress, targets, pods, sweep) in new_nodes {
-        match i.agents.get(&progress.node) {
-            Some(ep) => run.starts.push(Start {
-                progress,
-                endpoint: ep.clone(),
-                targets,
-                pods,
-                sweep,
-                duration,
-            }),
-            None => {
-                let message = format!("no agent on node {}: {}", progress.node, i.no_agent);
+        let node = progress.node.clone();
+        match (i.agents.get(&node), i.unready.get(&node)) {
+            (Some(ep), None) => {
+                progress.waiting_since = None;
+                progress.message = None;
+                run.starts.push(Start {
+                    progress,
+                    endpoint: ep.clone(),
+                    targets,
+                    pods,
+                    sweep,
+                    duration,
+                })
+            }
+            (_, Some(why)) => {
+                let since = *progress.waiting_since.get_or_insert(i.now);
+                let mut until = since + SignedDuration::try_from(i.agent_wait).unwrap_or_default();
+                if started && let Some(start) = start_time {
+                    until = until.min(start + SignedDuration::from_secs(i64::from(spec.duration)));
+                }
+                if i.now < until {
+                    progress.message = Some(format!("waiting for the agent on node {node}: {why}"));
+                    wait_ends = Some(wait_ends.map_or(until, |w| w.min(until)));
+                } else {
+                    let message = not_ready_in_time(&progress, i);
+                    progress.fail(message, true, i.now);
+                }
+                run.record.push(progress);
+            }
+            (None, None) => {
+                let message = format!("no agent on node {node}: {}", i.no_agent);
                 progress.fail(message, true, i.now);
                 run.record.push(progress);
             }
@@ -562,12 +616,28 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
 
     // Nodes starting now start the clock if nothing has yet.
     let start = start_time.or((!run.starts.is_empty()).then_some(i.now));
-    run.requeue = start
-        .map(|s| s + limit)
-        .filter(|deadline| i.now < *deadline)
-        .and_then(|deadline| Duration::try_from(deadline.duration_since(i.now)).ok())
+    let deadline = start.map(|s| s + limit);
+    run.requeue = [deadline, wait_ends]
+        .into_iter()
+        .flatten()
+        .filter(|at| i.now < *at)
+        .min()
+        .and_then(|at| Duration::try_from(at.duration_since(i.now)).ok())
         .map_or(IDLE_REQUEUE, |d| d.max(Duration::from_secs(1)));
     Next::Run(run)
+}
+
+/// Why a node that waited for its agent fails: the agent was not ready
+/// within `agent_wait` or the capture's duration, whichever ended first.
+fn not_ready_in_time(p: &NodeProgress, i: &Inputs) -> String {
+    let waited = p
+        .waiting_since
+        .map_or(0, |since| i.now.duration_since(since).as_secs().max(0));
+    let why = i.unready.get(&p.node).map_or(i.no_agent, String::as_str);
+    format!(
+        "the agent on node {} was not ready in time (waited {waited}s): {why}",
+        p.node
+    )
 }
 
 #[cfg(test)]
@@ -587,6 +657,8 @@ mod tests {
         "no running pod labelled app=packet-capture-agent in namespace kube-system";
     const TARGET: &[&str] = &["10.0.0.1"];
     const OTHER: &[&str] = &["10.0.0.9"];
+    /// How long a node waits for its agent in these cases.
+    const AGENT_WAIT: Duration = Duration::from_secs(90);
     /// What `kubectl pcap stop` writes: when it was asked.
     const STOP_VALUE: &str = "2023-11-14T22:14:00Z";
 
@@ -639,8 +711,13 @@ mod tests {
         missing: &'static [&'static str],
         /// Nodes with a running agent.
         agents: &'static [&'static str],
+        /// Nodes whose agent pod is on its way (Pending, or not Ready).
+        unready: &'static [&'static str],
         /// This generation's nodes in the tracker, with their targets.
         tracked: &'static [(&'static str, CaptureState, &'static [&'static str])],
+        /// This generation's nodes in the tracker that wait for their agent,
+        /// since t0 plus these seconds.
+        waiting: &'static [(&'static str, i64)],
         /// Earlier generations' nodes in the tracker.
         earlier: &'static [(&'static str, CaptureState)],
         status: Was,
@@ -659,7 +736,9 @@ mod tests {
         targets: &[],
         missing: &[],
         agents: &[],
+        unready: &[],
         tracked: &[],
+        waiting: &[],
         earlier: &[],
         status: Was::Nothing,
         unnamed: 0,
@@ -868,10 +947,26 @@ mod tests {
             .iter()
             .map(|n| (n.to_string(), ip(n)))
             .collect();
+        let unready = case
+            .unready
+            .iter()
+            .map(|n| {
+                (
+                    n.to_string(),
+                    format!("its pod kube-system/agent-{n} is Pending"),
+                )
+            })
+            .collect();
+        let waiting = case.waiting.iter().map(|(n, since)| {
+            let mut p = progress(n, GENERATION, Starting, &[]);
+            p.waiting_since = Some(at(*since));
+            (n.to_string(), p)
+        });
         let tracked = case
             .tracked
             .iter()
             .map(|(n, s, t)| (n.to_string(), progress(n, GENERATION, *s, t)))
+            .chain(waiting)
             .collect();
         let earlier: Vec<NodeProgress> = case
             .earlier
@@ -882,11 +977,13 @@ mod tests {
             resource: Resource::new(&pcc).unwrap(),
             targets: &targets,
             agents: &agents,
+            unready: &unready,
             node_ips: &node_ips,
             tracked: &tracked,
             earlier: &earlier,
             no_agent: NO_AGENT,
             grace: Duration::from_secs(60),
+            agent_wait: AGENT_WAIT,
             now: at(case.now),
         });
         Got::of(plan)
@@ -1091,6 +1188,176 @@ mod tests {
                     ],
                     starts: &["n1 60s sweep"],
                     requeue: 120,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a target node whose agent is on its way waits; the others start",
+                targets: &["n1", "n2"],
+                agents: &["n1"],
+                unready: &["n2"],
+                want: Want {
+                    starting: &["n1", "n2"],
+                    record: &[
+                        "n2 starting: waiting for the agent on node n2: its pod kube-system/agent-n2 is Pending",
+                    ],
+                    starts: &["n1 60s sweep"],
+                    requeue: 90,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "an agent that runs but is not ready yet is waited for too",
+                targets: &["n1"],
+                agents: &["n1"],
+                unready: &["n1"],
+                want: Want {
+                    starting: &["n1"],
+                    record: &[
+                        "n1 starting: waiting for the agent on node n1: its pod kube-system/agent-n1 is Pending",
+                    ],
+                    requeue: 90,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a waiting node starts once its agent is ready, for what is left of the duration",
+                targets: &["n1", "n2"],
+                agents: &["n1", "n2"],
+                tracked: &[("n1", Running, TARGET)],
+                waiting: &[("n2", 0)],
+                now: 10,
+                want: Want {
+                    starts: &["n2 50s sweep"],
+                    requeue: 110,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "the first node to start after waiting gets the whole duration",
+                targets: &["n1"],
+                agents: &["n1"],
+                waiting: &[("n1", 0)],
+                now: 10,
+                want: Want {
+                    starts: &["n1 60s sweep"],
+                    requeue: 120,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a waiting node whose pods have left starts all the same, selecting nothing",
+                targets: &["n1"],
+                agents: &["n1", "n2"],
+                tracked: &[("n1", Running, TARGET)],
+                waiting: &[("n2", 0)],
+                now: 10,
+                want: Want {
+                    starts: &["n2 50s sweep"],
+                    requeue: 110,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a node waits for its agent no longer than the agent wait",
+                targets: &["n1"],
+                unready: &["n1"],
+                waiting: &[("n1", 0)],
+                now: 90,
+                want: Want {
+                    record: &[
+                        "n1 failed: the agent on node n1 was not ready in time (waited 90s): its pod kube-system/agent-n1 is Pending",
+                    ],
+                    requeue: 30,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "while the capture runs elsewhere, a node waits until its duration is over",
+                targets: &["n1", "n2"],
+                agents: &["n1"],
+                unready: &["n2"],
+                tracked: &[("n1", Running, TARGET)],
+                waiting: &[("n2", 30)],
+                now: 50,
+                want: Want {
+                    record: &[
+                        "n2 starting: waiting for the agent on node n2: its pod kube-system/agent-n2 is Pending",
+                    ],
+                    requeue: 10,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "and fails when it is",
+                targets: &["n1", "n2"],
+                agents: &["n1"],
+                unready: &["n2"],
+                tracked: &[("n1", Running, TARGET)],
+                waiting: &[("n2", 30)],
+                now: 60,
+                want: Want {
+                    record: &[
+                        "n2 failed: the agent on node n2 was not ready in time (waited 30s): its pod kube-system/agent-n2 is Pending",
+                    ],
+                    requeue: 60,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a waiting node whose agent pod is gone fails",
+                targets: &["n1"],
+                waiting: &[("n1", 0)],
+                now: 10,
+                want: Want {
+                    record: &[
+                        "n1 failed: no agent on node n1: no running pod labelled app=packet-capture-agent in namespace kube-system",
+                    ],
+                    requeue: 30,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "past the deadline a node still waiting for its agent fails for that",
+                targets: &["n1", "n2"],
+                agents: &["n1"],
+                unready: &["n2"],
+                tracked: &[("n1", Running, TARGET)],
+                waiting: &[("n2", 0)],
+                now: 121,
+                want: Want {
+                    record: &[
+                        "n1 failed: no end reported by the agent within 120s of the start (duration 60s)",
+                        "n2 failed: the agent on node n2 was not ready in time (waited 121s): its pod kube-system/agent-n2 is Pending",
+                    ],
+                    requeue: 30,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a stop request stops a waiting node without calling its agent",
+                targets: &["n1", "n2"],
+                agents: &["n1"],
+                unready: &["n2"],
+                tracked: &[("n1", Running, TARGET)],
+                waiting: &[("n2", 0)],
+                stop: true,
+                now: 10,
+                want: Want {
+                    clear: &["n1"],
+                    record: &["n2 stopped: stopped by request"],
+                    requeue: 30,
                     ..WANT
                 },
                 ..CASE
@@ -1334,11 +1601,13 @@ mod tests {
             resource: Resource::new(&pcc).unwrap(),
             targets: &targets,
             agents: &agents,
+            unready: &BTreeMap::new(),
             node_ips: &BTreeMap::from([("n1".to_string(), ip("n1"))]),
             tracked: &BTreeMap::new(),
             earlier: &[],
             no_agent: NO_AGENT,
             grace: Duration::from_secs(60),
+            agent_wait: AGENT_WAIT,
             now: t0(),
         });
         let Next::Run(run) = plan.next else {

@@ -164,10 +164,11 @@ impl Report<'_> {
         Ok((outcome.phase, None))
     }
 
-    /// Events for nodes that started or failed, once each: the status tells
-    /// what an earlier controller process announced already. Beyond
-    /// [`MAX_STATUS_NODES`] nodes one `Started` tells of them all (thousands
-    /// of Events would tell nobody anything), once the first runs.
+    /// Events for nodes that wait for their agent, started or failed, once
+    /// each: the status tells what an earlier controller process announced
+    /// already. Beyond [`MAX_STATUS_NODES`] nodes one `Started` tells of
+    /// them all (thousands of Events would tell nobody anything), once the
+    /// first runs.
     async fn announce_nodes(&self, nodes: &BTreeMap<String, NodeProgress>) {
         let same = self.resource.same_generation();
         let recorded = same.map(|s| &s.capture_files);
@@ -186,7 +187,15 @@ impl Report<'_> {
         for p in nodes.values() {
             let before = recorded.and_then(|r| r.get(&p.node_ip));
             let failed = p.state == CaptureState::Failed;
-            if nodes.len() <= MAX_STATUS_NODES && before.is_none() && !failed {
+            if p.waiting_since.is_some() {
+                let note = p.message.clone().unwrap_or_default();
+                self.announce(Some(&p.node), EventType::Normal, "Waiting", note)
+                    .await;
+                continue;
+            }
+            // A node listed as starting may have waited for its agent.
+            let new = before.is_none_or(|e| e.status == CaptureState::Starting);
+            if nodes.len() <= MAX_STATUS_NODES && new && !failed {
                 self.announce(
                     Some(&p.node),
                     EventType::Normal,

@@ -76,6 +76,18 @@ pub fn summarize(nodes: &BTreeMap<String, NodeProgress>) -> Outcome {
         } else {
             format!("starting the capture on {n} node{}", plural(n))
         };
+        let waiting = nodes
+            .values()
+            .filter(|p| p.waiting_since.is_some() && !p.state.is_final())
+            .count();
+        if waiting > 0 {
+            let whose = if waiting == 1 {
+                "its agent"
+            } else {
+                "their agents"
+            };
+            message.push_str(&format!(", {waiting} waiting for {whose}"));
+        }
         if ended > 0 {
             message.push_str(&format!(", {ended} ended"));
         }
@@ -313,6 +325,12 @@ mod tests {
         assert_eq!(
             summarize(&nodes(&[("a", Completed)])).message,
             COMPLETED_MESSAGE
+        );
+        let mut waiting = nodes(&[("a", Running), ("bb", Starting)]);
+        waiting.get_mut("bb").unwrap().waiting_since = Some(Timestamp::now());
+        assert_eq!(
+            summarize(&waiting).message,
+            "capturing on 1 of 2 nodes, 1 waiting for its agent"
         );
     }
 

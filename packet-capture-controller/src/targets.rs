@@ -121,7 +121,8 @@ fn all_internal_ips(node: &Node) -> impl Iterator<Item = &str> {
         .map(|a| a.address.as_str())
 }
 
-fn pod_phase(pod: &Pod) -> &str {
+/// A pod's phase, `Unknown` while it has none.
+pub fn pod_phase(pod: &Pod) -> &str {
     pod.status
         .as_ref()
         .and_then(|s| s.phase.as_deref())

@@ -3,7 +3,9 @@
 
 #![allow(dead_code)]
 
-use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus, Pod, PodIP, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{
+    Node, NodeAddress, NodeStatus, Pod, PodCondition, PodIP, PodSpec, PodStatus,
+};
 use kube::api::ObjectMeta;
 use kube::runtime::reflector::{Store, store};
 use kube::runtime::watcher;
@@ -12,7 +14,7 @@ use packet_capture_common::crd::{PacketCaptureConfigSpec, PodRef, PodSelector};
 /// Where the agents and the settings live.
 pub const NS: &str = "kube-system";
 
-/// A running, scheduled pod with these IPs.
+/// A running, ready, scheduled pod with these IPs.
 pub fn pod(ns: &str, name: &str, node: &str, ips: &[&str]) -> Pod {
     Pod {
         metadata: ObjectMeta {
@@ -29,6 +31,11 @@ pub fn pod(ns: &str, name: &str, node: &str, ips: &[&str]) -> Pod {
             phase: Some("Running".into()),
             pod_ip: ips.first().map(|s| s.to_string()),
             pod_ips: Some(ips.iter().map(|ip| PodIP { ip: ip.to_string() }).collect()),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
             ..Default::default()
         }),
     }

@@ -464,6 +464,68 @@ async fn a_controller_restart_mid_capture_does_not_duplicate() {
 }
 
 #[tokio::test]
+async fn a_node_whose_agent_is_not_ready_yet_waits_for_it() {
+    let Some(w) = World::start(
+        "a_node_whose_agent_is_not_ready_yet_waits_for_it",
+        TWO_NODES,
+    )
+    .await
+    else {
+        return;
+    };
+    // As a kubelet shows an agent whose startup probe has not passed yet
+    // (a rollout, a node just joined).
+    w.agents[1]
+        .set_ready(false)
+        .await
+        .expect("marking the agent unready");
+    let pcc = w
+        .create(PacketCaptureConfigSpec {
+            pod_selector: pods_spec(&[&w.pods[0], &w.pods[1]]),
+            ..counted()
+        })
+        .await;
+    let name = pcc.name_any();
+    let (ip0, ip1) = (w.nodes[0].ip().to_string(), w.nodes[1].ip().to_string());
+    let waiting = w
+        .until(&name, "node 0 running and node 1 waiting", move |p| {
+            p.status.as_ref().is_some_and(|s| {
+                let state = |ip: &str| s.capture_files.get(ip).map(|e| e.status);
+                state(&ip0) == Some(CaptureState::Running)
+                    && state(&ip1) == Some(CaptureState::Starting)
+            })
+        })
+        .await;
+    let status = waiting.status.unwrap();
+    assert_eq!(status.phase, Some(Phase::Running));
+    let why = w.entry(&status, 1).message.clone().unwrap_or_default();
+    let expected = format!(
+        "waiting for the agent on node {}: its pod {COMPONENT_NAMESPACE}/{} is not Ready yet",
+        w.nodes[1].name(),
+        w.agents[1].pod_name()
+    );
+    assert_eq!(why, expected);
+    let message = status.message.unwrap_or_default();
+    assert!(message.ends_with("1 waiting for its agent"), "{message}");
+    let events: Api<Event> = Api::all(w.client.clone());
+    let event = until_event(&events, &World::uid(&pcc), "Waiting").await;
+    assert_eq!(event.message.as_deref(), Some(expected.as_str()));
+    // Nothing runs there yet.
+    assert!(w.captures_of(1, &World::uid(&pcc)).await.is_empty());
+
+    w.agents[1]
+        .set_ready(true)
+        .await
+        .expect("marking the agent ready");
+    w.until_running_on(&name, 1, 2).await;
+    let pinging = w.pinging(0, 1);
+    let done = w.until_phase(&name, Phase::Completed).await;
+    drop(pinging);
+    w.assert_all_completed_with_pings(done.status.as_ref().unwrap())
+        .await;
+}
+
+#[tokio::test]
 async fn deleting_mid_capture_stops_and_finalizes() {
     let Some(w) = World::start("deleting_mid_capture_stops_and_finalizes", TWO_NODES).await else {
         return;

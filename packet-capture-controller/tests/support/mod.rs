@@ -55,6 +55,7 @@ pub fn fast_timing() -> Timing {
         stop: quick,
         watch: quick,
         grace: Duration::from_secs(60),
+        agent_wait: Duration::from_secs(120),
         error_requeue: Duration::from_secs(1),
     }
 }

@@ -794,6 +794,23 @@ impl SimAgent {
         self.process.kill()
     }
 
+    /// Sets its Pod's Ready condition, as a kubelet does when a probe
+    /// passes or fails: a controller takes a Running agent that is not
+    /// Ready for one still starting up.
+    pub async fn set_ready(&self, ready: bool) -> Result<()> {
+        let pods: Api<Pod> = Api::namespaced(self.process.cluster.client()?, COMPONENT_NAMESPACE);
+        let status = if ready { "True" } else { "False" };
+        let conditions: Vec<serde_json::Value> = ["Ready", "ContainersReady"]
+            .iter()
+            .map(|kind| json!({"type": kind, "status": status, "lastTransitionTime": now()}))
+            .collect();
+        // Strategic merge: the conditions are merged by type.
+        let patch = json!({"status": {"conditions": conditions}});
+        pods.patch_status(&self.pod, &patch_params(), &Patch::Strategic(&patch))
+            .await?;
+        Ok(())
+    }
+
     fn delete_pod(&mut self) {
         if std::mem::take(&mut self.pod_exists) {
             force_delete_pods(&self.process.cluster, COMPONENT_NAMESPACE, &[&self.pod]);

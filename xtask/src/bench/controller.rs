@@ -382,7 +382,8 @@ fn free_loopback_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// A Node and an agent Pod (host network, Running) for each stand-in.
+/// A Node and an agent Pod (host network, Running and Ready) for each
+/// stand-in.
 async fn make_stand_in_objects(client: &Client, count: usize) -> anyhow::Result<()> {
     let nodes: Api<Node> = Api::all(client.clone());
     let pods: Api<Pod> = Api::namespaced(client.clone(), COMPONENT_NAMESPACE);
@@ -410,8 +411,13 @@ async fn make_stand_in_objects(client: &Client, count: usize) -> anyhow::Result<
                     },
                 }))?;
                 pods.create(&PostParams::default(), &pod).await?;
-                let running =
-                    json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
+                // Ready too: the controller starts captures on ready agents.
+                let running = json!({"status": {
+                    "phase": "Running",
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                    "podIP": ip,
+                    "podIPs": [{"ip": ip}],
+                }});
                 pods.patch_status(&pod_name, &PatchParams::default(), &Patch::Merge(&running))
                     .await?;
                 anyhow::Ok(())
