@@ -161,7 +161,9 @@ pub struct Config {
           value_parser = parse_ring_mb)]
     pub ring_buffer_mb: u32,
 
-    /// Serve the API without authentication (for local use without a cluster).
+    /// Serve the API without authentication (for local use without a
+    /// cluster). Refused unless the agent listens on a loopback address:
+    /// anyone who reaches it could capture and read any traffic.
     #[arg(long)]
     pub insecure_no_auth: bool,
 
@@ -262,6 +264,12 @@ impl Config {
     /// How the API is served, or what is wrong with the settings for it.
     pub fn serving(&self) -> Result<Serving, String> {
         let listen = self.listen_address().ip();
+        if self.insecure_no_auth && !listen.is_loopback() {
+            return Err(format!(
+                "AGENT_BIND_ADDRESS: --insecure-no-auth serves the API without authentication, \
+                 which is refused unless the agent listens on a loopback address, not {listen}"
+            ));
+        }
         if self.insecure_plaintext {
             if !listen.is_loopback() {
                 return Err(format!(
@@ -363,6 +371,29 @@ mod tests {
         ] {
             let err = parse(args).unwrap().serving().unwrap_err();
             assert!(err.starts_with(key), "{args:?}: {err}");
+        }
+        // No authentication only where no one else can reach the API.
+        let cert = ["--tls-cert-file", "c.pem", "--tls-key-file", "k.pem"];
+        for (listen, accepted) in [
+            (&["--bind-address", "127.0.0.1"][..], true),
+            (&["--bind-address", "::1"], true),
+            (&[], true),
+            (&["--node-ip", "10.0.0.7"], false),
+            (&["--bind-address", "0.0.0.0"], false),
+            (&["--bind-address", "::"], false),
+        ] {
+            let args = [&["--insecure-no-auth"][..], listen, &cert].concat();
+            let serving = parse(&args).unwrap().serving();
+            match serving {
+                Ok(_) => assert!(accepted, "{args:?} was accepted"),
+                Err(e) => {
+                    assert!(!accepted, "{args:?}: {e}");
+                    assert!(
+                        e.starts_with("AGENT_BIND_ADDRESS: --insecure-no-auth"),
+                        "{args:?}: {e}"
+                    );
+                }
+            }
         }
         assert!(
             parse(&["--tls-cert-file", "c.pem"]).is_err(),

@@ -56,8 +56,13 @@ fn bad_configuration_names_the_key() {
     // on loopback only; a certificate from the cluster needs the node's
     // address; certificate files must be usable.
     for (args, key) in [
+        // Without authentication, only where no one else can reach it.
         (
-            &["--insecure-plaintext", "--bind-address", "10.1.2.3"][..],
+            &["--bind-address", "0.0.0.0"][..],
+            "AGENT_BIND_ADDRESS: --insecure-no-auth",
+        ),
+        (
+            &["--insecure-plaintext", "--bind-address", "10.1.2.3"],
             "AGENT_BIND_ADDRESS",
         ),
         (

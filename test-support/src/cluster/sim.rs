@@ -295,9 +295,6 @@ impl SimNode {
                 .arg("--tls-key-file")
                 .arg(certs.join("tls.key"));
         }
-        if options.insecure_no_auth {
-            cmd.arg("--insecure-no-auth");
-        }
         cmd.args(&options.args);
         cmd.envs(options.env.iter().map(|(k, v)| (k, v)));
         let process = ClusterProcess::spawn(
@@ -542,9 +539,6 @@ pub struct AgentOptions {
     pub binary: PathBuf,
     /// `--port` (AGENT_PORT).
     pub port: u16,
-    /// `--insecure-no-auth`; otherwise the agent authenticates callers with
-    /// the agent service account's kubeconfig (KUBECONFIG).
-    pub insecure_no_auth: bool,
     /// More arguments, after the ones above.
     pub args: Vec<String>,
     /// Labels of its Pod besides `app=packet-capture-agent` (a controller's
@@ -576,7 +570,6 @@ impl AgentOptions {
         Self {
             binary: binary.into(),
             port: 8080,
-            insecure_no_auth: false,
             args: Vec::new(),
             labels: Vec::new(),
             env: Vec::new(),
