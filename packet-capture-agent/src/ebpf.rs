@@ -938,6 +938,27 @@ impl Kernel {
         Ok(values.iter().sum())
     }
 
+    /// Drops the losses counted under slot masks that no `held` slot is
+    /// in. No capture reads them any more: a capture's count is what its
+    /// slot's entries gained since its start, and a slot's entries go only
+    /// once no capture holds it (after its last count was read). Without
+    /// this the map, of
+    /// [`LOST_MASKS`](packet_capture_common::abi::LOST_MASKS) entries,
+    /// would fill over an agent's life, and the losses of new sets of
+    /// captures would count in the ring's total only.
+    pub fn prune_lost(&mut self, held: u64) {
+        let unheld: Vec<u64> = self
+            .lost_by_mask
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|mask| mask & held == 0)
+            .collect();
+        for mask in unheld {
+            // Gone already is as good: nothing else removes entries.
+            let _ = self.lost_by_mask.remove(&mask);
+        }
+    }
+
     /// Packets `slot` matched that the ring buffer had no room for, since
     /// the agent started (callers keep a baseline per capture).
     pub fn slot_lost(&self, slot: usize) -> Result<u64, Error> {

@@ -258,6 +258,55 @@ fn diagnostics_with_log_level_debug() {
     assert_eq!(running, 2, "the hook says again that it runs: {lines:#?}");
 }
 
+/// Losses several captures share are counted under the mask of their
+/// slots. Once no held slot is in a mask its entry goes, so the map does not
+/// fill over an agent's life; the losses of a slot still held stay.
+#[test]
+fn shared_losses_go_once_no_held_slot_is_in_them() {
+    if !privileged("shared_losses_go_once_no_held_slot_is_in_them") {
+        return;
+    }
+    let left = Netns::new("pcl");
+    let right = Netns::new("pcr");
+    let veth = VethPair::new(&left, &["10.99.0.1/24"], &right, &["10.99.0.2/24"]);
+    left.enter();
+    // One page of ring, never read: it fills after a few records.
+    let (mut kernel, _ring) = Kernel::load(4096).unwrap();
+    kernel.attach(&veth.a, LinkKind::Ethernet).unwrap();
+    let socket = PacketSocket::open(&veth.a, 0x0800);
+    let overflow = || {
+        for _ in 0..200 {
+            socket.send(&short_ipv4_frame(30));
+        }
+    };
+    let lost = |kernel: &Kernel| -> Vec<u64> {
+        (0..3).map(|slot| kernel.slot_lost(slot).unwrap()).collect()
+    };
+    // Slots 0, 1 and 2 lose packets together (mask 0b111), then 0 and 1
+    // (0b011).
+    for slot in 0..3 {
+        kernel.set_slot(slot, everything()).unwrap();
+    }
+    overflow();
+    kernel.clear_slot(2).unwrap();
+    let all_three = kernel.slot_lost(2).unwrap();
+    assert!(all_three > 0, "the ring never overflowed");
+    overflow();
+    kernel.clear_slot(0).unwrap();
+    kernel.clear_slot(1).unwrap();
+    let [zero, one, two] = lost(&kernel)[..] else {
+        unreachable!()
+    };
+    assert!(zero > all_three, "no losses of slots 0 and 1 alone");
+    assert_eq!((one, two), (zero, all_three));
+
+    // Slot 2 still held: 0b111 stays, 0b011 goes.
+    kernel.prune_lost(0b100);
+    assert_eq!(lost(&kernel), [all_three; 3]);
+    kernel.prune_lost(0b000);
+    assert_eq!(lost(&kernel), [0; 3]);
+}
+
 /// Without DEBUG the programs keep quiet: no line even about records lost
 /// (a warning, which the INFO filter would show), until a test switches
 /// them on.

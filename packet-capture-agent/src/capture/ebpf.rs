@@ -342,7 +342,13 @@ impl Drop for SlotCapture {
         // is finished before the slot can be handed out again; the reader
         // takes commands in order, so this reaches it before any new Add.
         self.end(EndReason::Stopped);
-        lock(&self.shared.free).push_back(self.slot);
+        let mut free = lock(&self.shared.free);
+        free.push_back(self.slot);
+        // The losses only unheld slots share are nobody's now. Under the
+        // free list's lock, so no capture takes a slot, and its baseline,
+        // meanwhile.
+        let held = free.iter().fold(u64::MAX, |held, slot| held & !(1 << slot));
+        self.shared.kernel().prune_lost(held);
     }
 }
 
