@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client, ResourceExt};
 use packet_capture_common::crd::{
@@ -481,6 +481,7 @@ impl World {
         }
         if let Some(e) = unserved {
             print_logs(&id, &controller, &agents);
+            print_requests(&client, &nodes).await;
             panic!("an agent serving: {e}");
         }
         Some(Self {
@@ -842,6 +843,58 @@ impl Drop for World {
 
 /// What a failed test shows of a world: the controller's warnings and the
 /// ends of its log and of each agent's.
+/// The nodes' certificate requests as the API server has them: whether and
+/// when each was approved, signed or refused, and by whom (its managed
+/// fields), for an agent that got no certificate.
+async fn print_requests(client: &Client, nodes: &[SimNode]) {
+    use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+    let api: Api<CertificateSigningRequest> = Api::all(client.clone());
+    let list = match api.list(&ListParams::default()).await {
+        Ok(list) => list,
+        Err(e) => return eprintln!("--- listing certificate requests: {e} ---"),
+    };
+    for csr in list.items {
+        let name = csr.name_any();
+        let node = nodes
+            .iter()
+            .find(|n| name.starts_with(&format!("packet-capture-agent-{}-", n.name())));
+        if node.is_none() {
+            continue;
+        }
+        let status = csr.status.unwrap_or_default();
+        let conditions: Vec<String> = status
+            .conditions
+            .iter()
+            .flatten()
+            .map(|c| {
+                let at = c.last_update_time.as_ref().map(|t| t.0.to_string());
+                format!("{} {:?} at {}", c.type_, c.reason, at.unwrap_or_default())
+            })
+            .collect();
+        let writers: Vec<String> = csr
+            .metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .map(|m| {
+                format!(
+                    "{} {} {} at {}",
+                    m.manager.as_deref().unwrap_or("?"),
+                    m.operation.as_deref().unwrap_or("?"),
+                    m.subresource.as_deref().unwrap_or("-"),
+                    m.time.as_ref().map(|t| t.0.to_string()).unwrap_or_default()
+                )
+            })
+            .collect();
+        let created = csr.metadata.creation_timestamp.map(|t| t.0.to_string());
+        eprintln!(
+            "--- certificate request {name} (created {}): signed: {}; conditions: {conditions:?}; written by: {writers:?} ---",
+            created.unwrap_or_default(),
+            status.certificate.is_some_and(|c| !c.0.is_empty()),
+        );
+    }
+}
+
 fn print_logs(id: &str, controller: &Controller, agents: &[SimAgent]) {
     let log = controller.log();
     let notable: Vec<&str> = log
