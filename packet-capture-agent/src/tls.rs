@@ -35,6 +35,10 @@ pub const REQUESTED_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long the agent waits for its request to be signed before it asks
 /// again.
 pub const SIGNING_WAIT: Duration = Duration::from_secs(120);
+/// How often a request still waiting is read again: a watch that has
+/// stalled (a connection lost without the client noticing) must not leave
+/// the agent without a certificate until [`SIGNING_WAIT`] ends.
+pub const REREAD: Duration = Duration::from_secs(10);
 /// How often certificate files are looked at for a change.
 pub const FILE_CHECK: Duration = Duration::from_secs(30);
 
@@ -144,7 +148,7 @@ async fn request(
     );
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut verdicts = std::pin::pin!(
-        watcher(api, config)
+        watcher(api.clone(), config)
             .applied_objects()
             .map_err(|e| TlsError::Request {
                 name: name.clone(),
@@ -152,7 +156,30 @@ async fn request(
             })
             .try_filter_map(|csr| futures::future::ready(verdict(&csr)))
     );
-    let signed = verdicts.try_next();
+    let reread = async {
+        loop {
+            tokio::time::sleep(REREAD).await;
+            match api.get(&name).await {
+                Ok(csr) => {
+                    if let Some(v) = verdict(&csr)? {
+                        tracing::warn!(
+                            request = name,
+                            "the request was decided, and its watch had not said so: read again"
+                        );
+                        return Ok::<_, TlsError>(Some(v));
+                    }
+                }
+                // The watch may still answer; the next read may too.
+                Err(e) => tracing::debug!(request = name, "reading the request: {e}"),
+            }
+        }
+    };
+    let signed = async {
+        tokio::select! {
+            v = verdicts.try_next() => v,
+            v = reread => v,
+        }
+    };
     let cert = match tokio::time::timeout(SIGNING_WAIT, signed).await {
         Ok(Ok(Some(cert))) => cert,
         Ok(Ok(None)) => {
@@ -277,4 +304,94 @@ fn file_stamp(source: &Source) -> Option<(SystemTime, SystemTime)> {
 /// (REST) on one port.
 pub fn server_config(slot: Arc<ServingCert>) -> Result<rustls::ServerConfig, rustls::Error> {
     packet_capture_common::tls::server_config(slot, &[b"h2", b"http/1.1"], None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::Json;
+    use axum::extract::State;
+    use axum::http::{StatusCode, Uri};
+    use axum::routing::get;
+    use serde_json::{Value, json};
+    use std::sync::Mutex;
+
+    const REQUESTS: &str = "/apis/certificates.k8s.io/v1/certificatesigningrequests";
+
+    /// The request the agent created, as the API server stores it.
+    type Stored = Arc<Mutex<Option<Value>>>;
+
+    async fn create(
+        State(stored): State<Stored>,
+        Json(mut csr): Json<Value>,
+    ) -> (StatusCode, Json<Value>) {
+        csr["metadata"] = json!({"name": "packet-capture-agent-n1-x", "resourceVersion": "1"});
+        *stored.lock().unwrap() = Some(csr.clone());
+        (StatusCode::CREATED, Json(csr))
+    }
+
+    /// A list shows the request pending; a watch never says anything (a
+    /// stalled connection).
+    async fn list_or_watch(State(stored): State<Stored>, uri: Uri) -> Json<Value> {
+        if uri
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p.starts_with("watch=")))
+        {
+            std::future::pending::<()>().await;
+        }
+        let item = stored.lock().unwrap().clone();
+        Json(json!({
+            "apiVersion": "certificates.k8s.io/v1",
+            "kind": "CertificateSigningRequestList",
+            "metadata": {"resourceVersion": "1"},
+            "items": [item],
+        }))
+    }
+
+    /// A read shows it signed by a CA of the test's own.
+    async fn read(State(stored): State<Stored>) -> Json<Value> {
+        let value = stored.lock().unwrap().clone().expect("created first");
+        let mut csr: CertificateSigningRequest = serde_json::from_value(value).unwrap();
+        let pem = String::from_utf8(csr.spec.request.0.clone()).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let cert = rcgen::CertificateSigningRequestParams::from_pem(&pem)
+            .unwrap()
+            .signed_by(&issuer)
+            .unwrap();
+        csr.status = Some(
+            k8s_openapi::api::certificates::v1::CertificateSigningRequestStatus {
+                certificate: Some(ByteString(cert.pem().into_bytes())),
+                conditions: None,
+            },
+        );
+        Json(serde_json::to_value(csr).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_signature_its_watch_does_not_report_is_read() {
+        let stored = Stored::default();
+        let app = axum::Router::new()
+            .route(REQUESTS, get(list_or_watch).post(create))
+            .route(&format!("{REQUESTS}/{{name}}"), get(read))
+            .with_state(stored);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        let address: IpAddr = "10.0.0.7".parse().unwrap();
+        let source = Source::Cluster {
+            client,
+            node: "n1".into(),
+            addresses: vec![address],
+        };
+        // Read again after REREAD, well before SIGNING_WAIT.
+        let current = tokio::time::timeout(REREAD * 2, source.fetch())
+            .await
+            .expect("the certificate, read once its watch had said nothing")
+            .unwrap();
+        assert!(current.renew_at > SystemTime::now());
+    }
 }
