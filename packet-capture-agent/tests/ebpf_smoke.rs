@@ -25,10 +25,7 @@ fn loads_attaches_sees_traffic_and_detaches() {
     if !privileged("loads_attaches_sees_traffic_and_detaches") {
         return;
     }
-    let left = Netns::new("pcl");
-    let right = Netns::new("pcr");
-    let veth = VethPair::new(&left, &["10.99.0.1/24"], &right, &["10.99.0.2/24"]);
-    left.enter();
+    let (veth, _namespaces) = linked();
 
     let (mut kernel, _ring) = Kernel::load(1 << 20).expect("the verifier accepts the programs");
     // docs/capture.md records these; a change that bloats the programs shows here.
@@ -70,13 +67,10 @@ fn other_programs_on_the_hooks_are_left_alone() {
     if !privileged("other_programs_on_the_hooks_are_left_alone") {
         return;
     }
-    let left = Netns::new("pcl");
-    let right = Netns::new("pcr");
-    let veth = VethPair::new(&left, &["10.99.0.1/24"], &right, &["10.99.0.2/24"]);
-    run(left
+    let (veth, (here, _there)) = linked();
+    run(here
         .command("tc")
         .args(["qdisc", "add", "dev", &veth.a, "clsact"]));
-    left.enter();
 
     let (mut ours, _r1) = Kernel::load(1 << 16).unwrap();
     let (mut theirs, _r2) = Kernel::load(1 << 16).unwrap();
@@ -101,7 +95,7 @@ fn other_programs_on_the_hooks_are_left_alone() {
         ["tc_ingress", "tc_egress"],
         "theirs stay attached"
     );
-    let qdiscs = run(left.command("tc").args(["qdisc", "show", "dev", &veth.a]));
+    let qdiscs = run(here.command("tc").args(["qdisc", "show", "dev", &veth.a]));
     assert!(
         String::from_utf8_lossy(&qdiscs.stdout).contains("clsact"),
         "the clsact qdisc stays"
@@ -174,6 +168,17 @@ impl Written {
     }
 }
 
+/// Two network namespaces linked by a veth pair, 10.99.0.1 on this side
+/// and 10.99.0.2 on the other, with the test's thread on this side: the
+/// pair and the namespaces (this side first), which go when dropped.
+fn linked() -> (VethPair, (Netns, Netns)) {
+    let here = Netns::new("pcl");
+    let there = Netns::new("pcr");
+    let veth = VethPair::new(&here, &["10.99.0.1/24"], &there, &["10.99.0.2/24"]);
+    here.enter();
+    (veth, (here, there))
+}
+
 /// A capture slot that takes every packet whole.
 fn everything() -> SlotTargets {
     SlotTargets {
@@ -191,10 +196,7 @@ fn diagnostics_with_log_level_debug() {
     if !privileged("diagnostics_with_log_level_debug") {
         return;
     }
-    let left = Netns::new("pcl");
-    let right = Netns::new("pcr");
-    let veth = VethPair::new(&left, &["10.99.0.1/24"], &right, &["10.99.0.2/24"]);
-    left.enter();
+    let (veth, _namespaces) = linked();
     let written = Written::default();
     let _subscriber = written.install(LogLevel::Debug);
 
@@ -266,10 +268,7 @@ fn shared_losses_go_once_no_held_slot_is_in_them() {
     if !privileged("shared_losses_go_once_no_held_slot_is_in_them") {
         return;
     }
-    let left = Netns::new("pcl");
-    let right = Netns::new("pcr");
-    let veth = VethPair::new(&left, &["10.99.0.1/24"], &right, &["10.99.0.2/24"]);
-    left.enter();
+    let (veth, _namespaces) = linked();
     // One page of ring, never read: it fills after a few records.
     let (mut kernel, _ring) = Kernel::load(4096).unwrap();
     kernel.attach(&veth.a, LinkKind::Ethernet).unwrap();
@@ -315,10 +314,7 @@ fn no_diagnostics_without_log_level_debug() {
     if !privileged("no_diagnostics_without_log_level_debug") {
         return;
     }
-    let left = Netns::new("pcl");
-    let right = Netns::new("pcr");
-    let veth = VethPair::new(&left, &["10.99.0.1/24"], &right, &["10.99.0.2/24"]);
-    left.enter();
+    let (veth, _namespaces) = linked();
     let written = Written::default();
     let _subscriber = written.install(LogLevel::Info);
 
