@@ -160,6 +160,14 @@ fn gone(mut p: NodeProgress, now: Timestamp) -> NodeProgress {
     p
 }
 
+/// A node stopped by request (the stop annotation).
+fn stopped(mut p: NodeProgress, now: Timestamp) -> NodeProgress {
+    p.state = CaptureState::Stopped;
+    p.message = Some(STOPPED_BY_REQUEST.into());
+    p.end_time = Some(now);
+    p
+}
+
 /// What a plan is made from.
 pub struct Inputs<'a> {
     pub resource: Resource<'a>,
@@ -341,11 +349,7 @@ fn stop(i: &Inputs) -> Plan {
     for p in i.tracked.values().filter(|p| !p.state.is_final()) {
         if p.waiting_since.is_some() {
             // Nothing runs there to stop.
-            let mut p = p.clone();
-            p.state = CaptureState::Stopped;
-            p.message = Some(STOPPED_BY_REQUEST.into());
-            p.end_time = Some(i.now);
-            run.record.push(p);
+            run.record.push(stopped(p.clone(), i.now));
             continue;
         }
         nodes.insert(&p.node);
@@ -363,9 +367,7 @@ fn stop(i: &Inputs) -> Plan {
             if !p.state.is_final() {
                 if i.agents.contains_key(&p.node) {
                     // The clear below stops it.
-                    p.state = CaptureState::Stopped;
-                    p.message = Some(STOPPED_BY_REQUEST.into());
-                    p.end_time = Some(i.now);
+                    p = stopped(p, i.now);
                 } else {
                     p = gone(p, i.now);
                 }
