@@ -171,10 +171,13 @@ async fn run(config: Config, serving: Serving, log: LogControl) -> anyhow::Resul
     };
     tracing::info!(
         signal,
-        "shutting down: no new connections, stopping captures"
+        "shutting down: stopping captures, then closing the API"
     );
-    let _ = stop_tx.send(());
+    // The API answers while the captures end, so that a controller's
+    // watch opened meanwhile (one just started, say) learns how they
+    // ended; new captures are refused.
     engine.shutdown(ENGINE_STOP).await;
+    let _ = stop_tx.send(());
     match tokio::time::timeout(DRAIN, server).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "serving the API"),

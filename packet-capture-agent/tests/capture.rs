@@ -1133,6 +1133,67 @@ fn ebpf_slots_come_back_however_captures_end() {
 }
 
 #[test]
+fn a_shutdown_ends_every_capture_started_before_it_and_refuses_the_rest() {
+    each_backend(
+        "a_shutdown_ends_every_capture_started_before_it_and_refuses_the_rest",
+        |_, engine, rt| {
+            let try_start = || {
+                let id = unique_name("cap");
+                engine.start_capture(StartRequest {
+                    id: id.clone(),
+                    name: id,
+                    spec: spec(&[OTHER_V4], &[], ""),
+                })
+            };
+            // Starts race the shutdown: each one accepted must be ended by
+            // it, and once one is refused for it, all are.
+            let accepted = std::thread::scope(|s| {
+                let starter = s.spawn(|| {
+                    let mut accepted = Vec::new();
+                    loop {
+                        match try_start() {
+                            Ok(status) => accepted.push(status.id),
+                            Err(StartError::Unavailable(m))
+                                if m == "the agent is shutting down" =>
+                            {
+                                break accepted;
+                            }
+                            // Every slot is held: the next try waits for
+                            // the shutdown.
+                            Err(StartError::Unavailable(_)) => std::thread::yield_now(),
+                            Err(e) => panic!("{e:?}"),
+                        }
+                    }
+                });
+                while engine.list().is_empty() {
+                    std::thread::yield_now();
+                }
+                rt.block_on(engine.shutdown(Duration::from_secs(10)));
+                starter.join().expect("the starting thread")
+            });
+            assert!(!accepted.is_empty());
+            for id in &accepted {
+                let status = engine
+                    .watch(id)
+                    .expect("the capture is known")
+                    .borrow()
+                    .clone();
+                assert_eq!(
+                    (status.state, status.message.as_str()),
+                    (CaptureState::Stopped, "stopped: the agent is shutting down"),
+                    "{id}"
+                );
+            }
+            let refused = try_start().expect_err("the engine has shut down");
+            assert!(
+                matches!(&refused, StartError::Unavailable(m) if m == "the agent is shutting down"),
+                "{refused:?}"
+            );
+        },
+    );
+}
+
+#[test]
 fn ring_buffer_losses_are_counted_exactly() {
     if !privileged("ring_buffer_losses_are_counted_exactly") {
         return;

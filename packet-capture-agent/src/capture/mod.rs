@@ -23,7 +23,7 @@ pub mod sink;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
@@ -249,6 +249,11 @@ struct Inner {
     /// takes its capture's end from here once it has. Taken only while
     /// holding `captures`.
     early_ends: Mutex<Vec<Ended>>,
+    /// Set once the engine shuts down, from when starts are refused. A
+    /// start holds it read from its first check to its capture's
+    /// registration, so the shutdown, which takes it to write, waits for
+    /// the starts under way and then finds each of their captures.
+    stopping: RwLock<bool>,
     maintenance: Maintenance,
     /// Bytes written to capture files, by every sink.
     bytes_written: Arc<AtomicU64>,
@@ -337,6 +342,7 @@ impl Engine {
             captures: Mutex::new(BTreeMap::new()),
             starting: Mutex::new(BTreeSet::new()),
             early_ends: Mutex::default(),
+            stopping: RwLock::new(false),
             maintenance,
             bytes_written: Arc::default(),
         });
@@ -412,6 +418,11 @@ impl Engine {
     ) -> Result<CaptureStatus, StartError> {
         let spec = &req.spec;
         let config = &self.inner.config;
+        let stopping = self
+            .inner
+            .stopping
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
         let reserved = {
             let captures = lock(&self.inner.captures);
             if let Some(existing) = captures.get(&req.id) {
@@ -426,6 +437,9 @@ impl Engine {
                     "capture {:?} exists with a different name or spec",
                     req.id
                 )));
+            }
+            if *stopping {
+                return Err(StartError::Unavailable("the agent is shutting down".into()));
             }
             // After the one that exists: a controller that restarts adopts
             // a capture started under limits lowered since.
@@ -550,6 +564,7 @@ impl Engine {
             at.map(|at| early.swap_remove(at))
         };
         drop(captures);
+        drop(stopping);
         let status = match early_end {
             Some(end) => {
                 self.record_end(&capture, end);
@@ -664,10 +679,17 @@ impl Engine {
         self.capture(id).map(|c| c.status.subscribe())
     }
 
-    /// Ends every running capture (their files are finished), waiting at
-    /// most `within` for them, and then stops the backend, detaching the
-    /// programs, however the captures fared.
+    /// Refuses new captures, ends every running one (their files are
+    /// finished), waiting at most `within` for them, and then stops the
+    /// backend, detaching the programs, however the captures fared.
     pub async fn shutdown(&self, within: Duration) {
+        // Waits for the starts under way, which are short and never wait
+        // on the runtime.
+        *self
+            .inner
+            .stopping
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = true;
         let running: Vec<String> = self
             .list()
             .into_iter()

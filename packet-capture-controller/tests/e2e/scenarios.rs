@@ -342,12 +342,13 @@ async fn a_missing_pod_fails_naming_it() {
     assert!(reasons.contains(&"PodNotFound".to_string()), "{reasons:?}");
 }
 
-/// A capture on two nodes during which `lose` takes node 1's agent away:
+/// A capture on two nodes during which `lose` takes node 1's agent away
+/// (and returns its log, shown if the outcome is not the one expected):
 /// the capture fails on node 1 only, for `reason`, and node 0 completes
 /// with the pings. The world and the final status.
 async fn lose_an_agent_mid_capture(
     test: &str,
-    lose: impl FnOnce(&mut World),
+    lose: impl FnOnce(&mut World) -> String,
     reason: &str,
 ) -> Option<(World, PacketCaptureConfigStatus)> {
     let mut w = World::start(test, TWO_NODES).await?;
@@ -357,7 +358,7 @@ async fn lose_an_agent_mid_capture(
         ..counted()
     };
     let (pcc, name) = w.start_capture(spec, 2).await;
-    lose(&mut w);
+    let lost_log = lose(&mut w);
     let pinging = w.pinging(0, 1);
     let done = w.until_phase(&name, Phase::Failed).await;
     drop(pinging);
@@ -371,7 +372,10 @@ async fn lose_an_agent_mid_capture(
         message.contains("capture failed on 1 of 2 nodes") && message.contains("1 node completed"),
         "{message}"
     );
-    assert_eq!(status.conditions[0].reason, reason);
+    assert_eq!(
+        status.conditions[0].reason, reason,
+        "{message}\nnode 1's agent's log:\n{lost_log}"
+    );
     let reasons = event_reasons(&w, &World::uid(&pcc)).await;
     for r in [reason, "Failed"] {
         assert!(reasons.contains(&r.to_string()), "{reasons:?}");
@@ -386,6 +390,7 @@ async fn an_agent_killed_mid_capture_fails_its_node_only() {
         "an_agent_killed_mid_capture_fails_its_node_only",
         |w| {
             w.agents[1].kill().expect("killing the agent");
+            w.agents[1].log()
         },
         "AgentUnreachable",
     )
@@ -404,8 +409,15 @@ async fn an_agent_stopped_mid_capture_fails_its_node() {
     let Some((w, status)) = lose_an_agent_mid_capture(
         "an_agent_stopped_mid_capture_fails_its_node",
         |w| {
-            let exit = w.agents.remove(1).stop().expect("stopping the agent");
-            assert!(exit.success(), "the agent did not stop cleanly: {exit}");
+            let agent = w.agents.remove(1);
+            let log = agent.log_path().to_owned();
+            let exit = agent.stop().expect("stopping the agent");
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            assert!(
+                exit.success(),
+                "the agent did not stop cleanly: {exit}\n{log}"
+            );
+            log
         },
         "NodeFailed",
     )
