@@ -61,7 +61,7 @@ impl Default for Timing {
             stop: Backoff::new(Duration::from_millis(500), Duration::from_secs(4), 3),
             watch: Backoff::new(Duration::from_secs(1), Duration::from_secs(10), 5),
             grace: Duration::from_secs(60),
-            agent_wait: Duration::from_secs(120),
+            agent_wait: Duration::from_secs(Settings::DEFAULT_AGENT_WAIT_SECONDS.into()),
             error_requeue: Duration::from_secs(10),
         }
     }
@@ -126,6 +126,13 @@ pub struct Settings {
     /// Timeout of one call to an agent, in seconds.
     #[arg(long, env = "AGENT_TIMEOUT_SECONDS", default_value_t = 10)]
     pub agent_timeout_seconds: u64,
+
+    /// How long, in seconds, a node capture waits for its node's agent pod
+    /// to be Ready (an image still pulling, a DaemonSet rollout) before the
+    /// node fails.
+    #[arg(long, env = "AGENT_WAIT_SECONDS", default_value_t = Self::DEFAULT_AGENT_WAIT_SECONDS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub agent_wait_seconds: u32,
 
     /// Agent calls in flight at most, over all agents; waiting calls that
     /// stop or read captures go before those that start them.
@@ -273,8 +280,14 @@ pub enum Command {
 }
 
 impl Settings {
+    pub const DEFAULT_AGENT_WAIT_SECONDS: u32 = 120;
+
     pub fn agent_timeout(&self) -> Duration {
         Duration::from_secs(self.agent_timeout_seconds.max(1))
+    }
+
+    pub fn agent_wait(&self) -> Duration {
+        Duration::from_secs(self.agent_wait_seconds.into())
     }
 
     pub fn lease_duration(&self) -> Duration {
@@ -377,6 +390,8 @@ mod tests {
     fn flags_have_the_documented_defaults() {
         let s = Settings::try_parse_from(["packet-capture-controller"]).unwrap();
         assert_eq!(s.namespace, "packet-capture");
+        assert_eq!(s.agent_wait(), Timing::default().agent_wait);
+        assert_eq!(s.agent_wait(), Duration::from_secs(120));
         assert_eq!(s.config_map, "packet-capture-config");
         assert_eq!(s.agent_selector.to_string(), "app=packet-capture-agent");
         assert_eq!(s.capture_selector, None);
@@ -422,6 +437,22 @@ mod tests {
             err.contains("neither an IP address nor a DNS name"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_wait_for_an_agent_is_set_in_seconds_and_never_zero() {
+        let s = Settings::try_parse_from(["packet-capture-controller", "--agent-wait-seconds=600"])
+            .unwrap();
+        assert_eq!(s.agent_wait(), Duration::from_secs(600));
+        for bad in ["0", "-1", "2m"] {
+            let err = Settings::try_parse_from([
+                "packet-capture-controller",
+                &format!("--agent-wait-seconds={bad}"),
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("--agent-wait-seconds"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -416,7 +416,10 @@ pub async fn run(settings: &Settings, client: Client, metrics: Arc<Metrics>) -> 
         pool: PoolSettings::new(settings, port, tls),
         namespace: settings.namespace.clone(),
         identity: settings.identity(),
-        timing: Timing::default(),
+        timing: Timing {
+            agent_wait: settings.agent_wait(),
+            ..Timing::default()
+        },
     };
     let caches = Caches {
         pods,

@@ -18,7 +18,7 @@ use packet_capture_test_support::cluster::COMPONENT_NAMESPACE;
 use packet_capture_test_support::workspace_binary;
 use serde_json::json;
 
-use crate::world::{API_SERVICE_TURN, Certs, READER, Setup, WORLD_LABEL, World};
+use crate::world::{API_SERVICE_TURN, Certs, READER, Setup, TWO_NODES, WORLD_LABEL, World};
 use crate::{Deletes, kubectl_apply};
 
 const API_SERVICE: &str = "v1.pcap.packet.io";
@@ -211,6 +211,7 @@ async fn with_the_api(
     let setup = Setup {
         nodes: 2,
         webhook: Certs::Dir,
+        ..TWO_NODES
     };
     let w = World::start(test, setup).await?;
     let one = API_SERVICE_TURN.lock().await;

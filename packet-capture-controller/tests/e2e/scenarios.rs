@@ -537,6 +537,70 @@ async fn a_node_whose_agent_is_not_ready_yet_waits_for_it() {
         .await;
 }
 
+/// With `--agent-wait-seconds`, a node whose agent never becomes Ready
+/// fails once that wait is over (far sooner than the default 120 s, and
+/// than the world's wait), naming the agent's pod; the other node
+/// completes with the pings.
+#[tokio::test]
+async fn a_node_whose_agent_stays_unready_fails_after_the_wait() {
+    const AGENT_WAIT: u32 = 3;
+    let setup = Setup {
+        agent_wait_seconds: Some(AGENT_WAIT),
+        ..TWO_NODES
+    };
+    let Some(w) = World::start(
+        "a_node_whose_agent_stays_unready_fails_after_the_wait",
+        setup,
+    )
+    .await
+    else {
+        return;
+    };
+    w.agents[1]
+        .set_ready(false)
+        .await
+        .expect("marking the agent unready");
+    let pcc = w
+        .create(PacketCaptureConfigSpec {
+            pod_selector: pods_spec(&[&w.pods[0], &w.pods[1]]),
+            ..counted()
+        })
+        .await;
+    let name = pcc.name_any();
+    let ip1 = w.nodes[1].ip().to_string();
+    let failed = w
+        .until(&name, "node 1 failed", move |p| {
+            p.status.as_ref().is_some_and(|s| {
+                s.capture_files.get(&ip1).map(|e| e.status) == Some(CaptureState::Failed)
+            })
+        })
+        .await;
+    let why = w
+        .entry(failed.status.as_ref().unwrap(), 1)
+        .message
+        .clone()
+        .unwrap_or_default();
+    assert_eq!(
+        why,
+        format!(
+            "the agent on node {} was not ready in time (waited {AGENT_WAIT}s): its pod {COMPONENT_NAMESPACE}/{} is not Ready yet",
+            w.nodes[1].name(),
+            w.agents[1].pod_name()
+        )
+    );
+    assert!(w.captures_of(1, &World::uid(&pcc)).await.is_empty());
+    let pinging = w.pinging(0, 1);
+    let done = w.until_phase(&name, Phase::Failed).await;
+    drop(pinging);
+    let status = done.status.unwrap();
+    assert_eq!(
+        status.conditions[0].reason, "AgentUnreachable",
+        "{status:?}"
+    );
+    let node0 = w.entry(&status, 0);
+    assert_eq!(node0.status, CaptureState::Completed, "{node0:?}");
+}
+
 #[tokio::test]
 async fn deleting_mid_capture_stops_and_finalizes() {
     let Some(w) = World::start("deleting_mid_capture_stops_and_finalizes", TWO_NODES).await else {
@@ -969,6 +1033,7 @@ async fn the_webhook_rejects_bad_specs_naming_the_field() {
     let setup = Setup {
         nodes: 1,
         webhook: Certs::Dir,
+        ..TWO_NODES
     };
     let Some(w) = World::start("the_webhook_rejects_bad_specs_naming_the_field", setup).await
     else {
@@ -1338,6 +1403,7 @@ async fn self_managed_certificates_are_issued_trusted_renewed_and_kept_trusted()
     let setup = Setup {
         nodes: 0,
         webhook: Certs::SelfManaged,
+        ..TWO_NODES
     };
     let Some(mut w) = World::start(
         "self_managed_certificates_are_issued_trusted_renewed_and_kept_trusted",
@@ -1473,6 +1539,7 @@ async fn without_its_certificate_the_controller_runs_and_serves_once_it_appears(
     let setup = Setup {
         nodes: 2,
         webhook: Certs::CertManager,
+        ..TWO_NODES
     };
     let Some(mut w) = World::start(
         "without_its_certificate_the_controller_runs_and_serves_once_it_appears",

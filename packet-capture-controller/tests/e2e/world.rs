@@ -46,6 +46,8 @@ pub struct Setup {
     /// Whether and how the controller serves the validating webhook (on a
     /// free port of the host).
     pub webhook: Certs,
+    /// The controller's `--agent-wait-seconds`; `None`: its default.
+    pub agent_wait_seconds: Option<u32>,
 }
 
 /// Where the world's controller gets the webhook's certificate.
@@ -67,6 +69,7 @@ pub enum Certs {
 pub const TWO_NODES: Setup = Setup {
     nodes: 2,
     webhook: Certs::Off,
+    agent_wait_seconds: None,
 };
 
 /// The names the chart gives the webhook's Secrets and configuration, in
@@ -429,6 +432,9 @@ impl World {
             "--log-level".into(),
             "DEBUG".into(),
         ];
+        if let Some(seconds) = setup.agent_wait_seconds {
+            args.extend(["--agent-wait-seconds".into(), seconds.to_string()]);
+        }
         let port = free_port();
         let webhook_args = |mode: &str| {
             ["--webhook-port", &port.to_string(), "--webhook-certs", mode].map(String::from)
