@@ -477,20 +477,16 @@ async fn a_controller_restart_mid_capture_does_not_duplicate() {
 
 #[tokio::test]
 async fn a_node_whose_agent_is_not_ready_yet_waits_for_it() {
-    let Some(w) = World::start(
-        "a_node_whose_agent_is_not_ready_yet_waits_for_it",
-        TWO_NODES,
-    )
-    .await
+    // Node 1's agent as a kubelet shows one whose startup probe has not
+    // passed yet (a rollout, a node just joined).
+    let setup = Setup {
+        unready_agents: &[1],
+        ..TWO_NODES
+    };
+    let Some(w) = World::start("a_node_whose_agent_is_not_ready_yet_waits_for_it", setup).await
     else {
         return;
     };
-    // As a kubelet shows an agent whose startup probe has not passed yet
-    // (a rollout, a node just joined).
-    w.agents[1]
-        .set_ready(false)
-        .await
-        .expect("marking the agent unready");
     let pcc = w
         .create(PacketCaptureConfigSpec {
             pod_selector: pods_spec(&[&w.pods[0], &w.pods[1]]),
@@ -546,6 +542,7 @@ async fn a_node_whose_agent_stays_unready_fails_after_the_wait() {
     const AGENT_WAIT: u32 = 3;
     let setup = Setup {
         agent_wait_seconds: Some(AGENT_WAIT),
+        unready_agents: &[1],
         ..TWO_NODES
     };
     let Some(w) = World::start(
@@ -556,10 +553,6 @@ async fn a_node_whose_agent_stays_unready_fails_after_the_wait() {
     else {
         return;
     };
-    w.agents[1]
-        .set_ready(false)
-        .await
-        .expect("marking the agent unready");
     let pcc = w
         .create(PacketCaptureConfigSpec {
             pod_selector: pods_spec(&[&w.pods[0], &w.pods[1]]),

@@ -48,6 +48,10 @@ pub struct Setup {
     pub webhook: Certs,
     /// The controller's `--agent-wait-seconds`; `None`: its default.
     pub agent_wait_seconds: Option<u32>,
+    /// Nodes whose agent's Pod is never marked Ready (as while a startup
+    /// probe fails), so the controller never sees it Ready until the test
+    /// marks it so with `SimAgent::set_ready`.
+    pub unready_agents: &'static [usize],
 }
 
 /// Where the world's controller gets the webhook's certificate.
@@ -70,6 +74,7 @@ pub const TWO_NODES: Setup = Setup {
     nodes: 2,
     webhook: Certs::Off,
     agent_wait_seconds: None,
+    unready_agents: &[],
 };
 
 /// The names the chart gives the webhook's Secrets and configuration, in
@@ -393,6 +398,10 @@ impl World {
             let node = cluster.add_node("e2e").await.expect("a node");
             let pod = node.add_pod(namespace.name(), &format!("pod-{i}")).await;
             pods.push(pod.expect("a pod"));
+            let options = AgentOptions {
+                ready: !setup.unready_agents.contains(&i),
+                ..options.clone()
+            };
             agents.push(node.launch_agent(&options).await.expect("an agent"));
             nodes.push(node);
         }

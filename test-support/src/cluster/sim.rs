@@ -322,7 +322,7 @@ impl SimNode {
             process,
             endpoint: SocketAddr::new(IpAddr::V4(self.ip()), options.port),
             capture_dir,
-            running: Some((pods.clone(), status(true))),
+            running: Some((pods.clone(), status(options.ready))),
             ready_timeout: options.ready_timeout,
         };
         pods.patch_status(&pod_name, &patch_params(), &Patch::Merge(&started))
@@ -550,6 +550,10 @@ pub struct AgentOptions {
     pub ready_timeout: Duration,
     /// Whose certificate the agent serves.
     pub tls: AgentTls,
+    /// Whether [`SimAgent::until_serving`] marks its Pod Ready; false: it
+    /// stays Running but not Ready, as while a startup probe fails, until
+    /// [`SimAgent::set_ready`].
+    pub ready: bool,
 }
 
 /// Whose serving certificate a simulated agent presents.
@@ -575,6 +579,7 @@ impl AgentOptions {
             env: Vec::new(),
             ready_timeout: Duration::from_secs(60),
             tls: AgentTls::Signed,
+            ready: true,
         }
     }
 }
@@ -693,7 +698,8 @@ pub struct SimAgent {
     process: ClusterProcess,
     endpoint: SocketAddr,
     capture_dir: PathBuf,
-    /// Its Pod's ready status, patched in once the agent serves.
+    /// Its Pod's status once the agent serves (Ready unless
+    /// [`AgentOptions::ready`] is false), patched in then.
     running: Option<(Api<Pod>, serde_json::Value)>,
     ready_timeout: Duration,
 }
@@ -701,7 +707,8 @@ pub struct SimAgent {
 impl SimAgent {
     /// Waits until the agent serves, which it says once it has its
     /// certificate (up to [`AgentOptions::ready_timeout`]), then marks its
-    /// Pod ready, as a kubelet does once the startup probe passes.
+    /// Pod ready (unless [`AgentOptions::ready`] is false), as a kubelet
+    /// does once the startup probe passes.
     pub async fn until_serving(&mut self) -> Result<()> {
         let Some((pods, status)) = self.running.take() else {
             return Ok(());
