@@ -6,13 +6,15 @@
 //! ever open regular files directly inside the directory.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, SystemTime};
 
+use crate::mmap::Mapping;
 use crate::writer;
 
 /// Suffix of files still being written.
@@ -175,14 +177,23 @@ impl CaptureDir {
                 .open(&temp)
             {
                 Ok(file) => {
-                    return Ok(Output {
+                    let output = Output {
                         file,
                         temp,
                         final_path,
                         buf: Vec::with_capacity(FLUSH_BYTES * 2),
                         written: 0,
                         limit,
-                    });
+                        committed: false,
+                    };
+                    // Another capture of this name may have committed the
+                    // same final name between the check above and this
+                    // temporary file: its rename freed the temporary name.
+                    // Renaming onto it later would replace its file.
+                    if self.on_disk(&file_name).is_some() {
+                        continue;
+                    }
+                    return Ok(output);
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e),
@@ -449,11 +460,20 @@ fn whole_length(path: &Path, final_name: &str) -> io::Result<Option<u64>> {
     if !PLAIN_EXTENSIONS.contains(&extension) {
         return Ok(None);
     }
-    let mut bytes = Vec::new();
-    File::open(path)?.read_to_end(&mut bytes)?;
+    let file = File::open(path)?;
+    let len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+    if len == 0 {
+        return Ok(None);
+    }
+    // Mapped, not read into memory: a file may be up to
+    // MAX_CAPTURE_FILE_SIZE_MB, more than the agent's memory limit. The page
+    // cache holds what the parse touches and can drop it again. Recovery
+    // runs before any capture, so nothing writes to the file meanwhile.
+    let mapping = Mapping::new(file.as_fd(), len, libc::PROT_READ, 0)?;
+    let bytes = mapping.bytes();
     let whole = match extension {
-        "pcap" => writer::pcap_whole_prefix(&bytes),
-        "pcapng" => writer::pcapng_whole_prefix(&bytes),
+        "pcap" => writer::pcap_whole_prefix(bytes),
+        "pcapng" => writer::pcapng_whole_prefix(bytes),
         _ => bytes.iter().rposition(|&b| b == b'\n').map(|i| i + 1),
     };
     Ok(whole.filter(|&n| n > 0).map(|n| n as u64))
@@ -488,6 +508,18 @@ pub struct Output {
     written: u64,
     /// The file may not grow beyond this many bytes.
     limit: u64,
+    /// The file has its final name. Until then dropping the output removes
+    /// it: a capture that never started, or whose file could not be
+    /// finished, leaves nothing behind.
+    committed: bool,
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.temp);
+        }
+    }
 }
 
 /// The record would take the file past its size limit.
@@ -553,17 +585,14 @@ impl Output {
         self.buf.len() >= FLUSH_BYTES
     }
 
-    /// Removes the unfinished file.
-    pub fn abandon(self) {
-        let _ = fs::remove_file(&self.temp);
-    }
-
-    /// Writes what remains and gives the file its final name.
+    /// Writes what remains and gives the file its final name. A file that
+    /// could not be made durable is removed, not presented as finished.
     pub fn commit(mut self) -> io::Result<(PathBuf, u64)> {
         let flushed = self.flush();
         self.file.sync_data()?;
         fs::rename(&self.temp, &self.final_path)?;
-        flushed.map(|()| (self.final_path, self.written))
+        self.committed = true;
+        flushed.map(|()| (self.final_path.clone(), self.written))
     }
 }
 
@@ -573,6 +602,7 @@ mod tests {
     use crate::writer::{Direction, Encoder, Meta};
     use packet_capture_common::crd::OutputFormat;
     use std::collections::HashMap;
+    use std::io::Read;
     use std::os::unix::fs::symlink;
 
     fn dir() -> (tempfile::TempDir, CaptureDir) {
@@ -657,6 +687,17 @@ mod tests {
             assert!(!valid_name(bad), "{bad:?}");
         }
         assert!(valid_name("web-20231201-143022.pcap.gz"));
+    }
+
+    #[test]
+    fn an_output_dropped_before_its_commit_leaves_nothing() {
+        let (t, d) = dir();
+        let mut out = d.create("cap", "pcap", 1_701_441_022, u64::MAX).unwrap();
+        out.append(|b| b.extend_from_slice(&pcap_with(1))).unwrap();
+        out.flush().unwrap();
+        assert_eq!(fs::read_dir(t.path()).unwrap().count(), 1);
+        drop(out);
+        assert_eq!(fs::read_dir(t.path()).unwrap().count(), 0);
     }
 
     #[test]
@@ -812,7 +853,7 @@ mod tests {
             again.final_path().file_name().unwrap(),
             "a-19700101-001640-1.pcap"
         );
-        again.abandon();
+        drop(again);
 
         // Gone altogether: the status keeps what it last knew.
         fs::remove_file(&gz).unwrap();

@@ -85,6 +85,11 @@ impl Filter {
     pub async fn compile_async(expression: &str) -> Result<Self, FilterError> {
         let program = packet_capture_common::filter::compile_async(expression).await?;
         let raw_ip = packet_capture_common::filter::compile_async_for(expression, DLT_RAW).await;
+        // Busy says nothing of the expression: not a reason to run it in
+        // user space on raw-IP interfaces.
+        if let Err(e @ FilterError::Busy(_)) = raw_ip {
+            return Err(e);
+        }
         Ok(Self {
             program,
             raw_ip,

@@ -1,4 +1,5 @@
-//! Shared mappings of BPF maps the agent reads or writes as memory.
+//! Shared mappings of BPF maps the agent reads or writes as memory, and of
+//! files it reads whole.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -39,6 +40,14 @@ impl Mapping {
         }
         let ptr = NonNull::new(ptr.cast()).ok_or_else(io::Error::last_os_error)?;
         Ok(Self { ptr, len })
+    }
+
+    /// The mapping as bytes, for one that nothing writes to while they are
+    /// read (a file nobody else has open).
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` mapped bytes, readable as `new` was asked, and not
+        // written meanwhile (the caller's promise).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
     /// The address `offset` bytes in; callers keep within `len`.

@@ -37,6 +37,10 @@ pub enum FilterError {
     Libpcap(String),
     #[error("libpcap did not compile it within {0:?}; simplify the expression")]
     TimedOut(Duration),
+    /// Every compile slot stayed taken by other filters for the whole
+    /// limit: nothing is known of this one yet, so the caller may retry.
+    #[error("libpcap was busy compiling other filters for {0:?}; try again")]
+    Busy(Duration),
 }
 
 /// What a refused word would have been looked up as, and what to write
@@ -133,8 +137,10 @@ pub async fn compile_async_for(
 
 static COMPILES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(CONCURRENT_COMPILES);
 
-/// [`compile`] on tokio's blocking pool, given up after `limit` (waiting
-/// for one of the `CONCURRENT_COMPILES` slots included). A compile given
+/// [`compile`] on tokio's blocking pool, given up after `limit` once it
+/// holds one of the `CONCURRENT_COMPILES` slots ([`FilterError::TimedOut`]),
+/// or when no slot came free within `limit` ([`FilterError::Busy`]): the
+/// time others' filters take is not held against this one. A compile given
 /// up on runs to its end on its thread and keeps its slot until then, so
 /// that expressions refused for their time cannot pile up threads.
 pub async fn compile_within(
@@ -149,23 +155,20 @@ async fn compile_within_for(
     link: pcap::Linktype,
     limit: Duration,
 ) -> Result<pcap::BpfProgram, FilterError> {
-    let expression = expression.to_owned();
-    let compiled = async move {
-        let slot = COMPILES
-            .acquire()
-            .await
-            .map_err(|e| FilterError::Libpcap(e.to_string()))?;
-        tokio::task::spawn_blocking(move || {
-            let compiled = compile_for(&expression, link);
-            drop(slot);
-            compiled
-        })
+    let slot = tokio::time::timeout(limit, COMPILES.acquire())
         .await
-        .map_err(|e| FilterError::Libpcap(format!("the compile failed: {e}")))?
-    };
+        .map_err(|_| FilterError::Busy(limit))?
+        .map_err(|e| FilterError::Libpcap(e.to_string()))?;
+    let expression = expression.to_owned();
+    let compiled = tokio::task::spawn_blocking(move || {
+        let compiled = compile_for(&expression, link);
+        drop(slot);
+        compiled
+    });
     tokio::time::timeout(limit, compiled)
         .await
         .map_err(|_| FilterError::TimedOut(limit))?
+        .map_err(|e| FilterError::Libpcap(format!("the compile failed: {e}")))?
 }
 
 /// `expression` as libpcap may compile it without looking up a name, or
@@ -1054,5 +1057,16 @@ mod tests {
             "libpcap did not compile it within 10ms; simplify the expression"
         );
         assert!(compile_async(&slow_expression()).await.is_ok());
+
+        // Other filters holding every slot: this one is not refused as
+        // too slow, but told to come back.
+        let taken = COMPILES
+            .acquire_many(CONCURRENT_COMPILES as u32)
+            .await
+            .unwrap();
+        let err = compile_within("tcp", limit).await.err().unwrap();
+        assert_eq!(err, FilterError::Busy(limit));
+        drop(taken);
+        assert!(compile_within("tcp", limit).await.is_ok());
     }
 }

@@ -297,7 +297,12 @@ fn selection(spec: &CaptureSpec) -> Selection {
 }
 
 fn filter_error(e: crate::filter::FilterError) -> StartError {
-    StartError::Invalid(format!("filter: {e}"))
+    match e {
+        // Other captures' filters held every compile slot: the node is
+        // busy, the request may be fine (callers retry Unavailable).
+        crate::filter::FilterError::Busy(_) => StartError::Unavailable(format!("filter: {e}")),
+        e => StartError::Invalid(format!("filter: {e}")),
+    }
 }
 
 /// An id in [`Inner::starting`], taken out when the start has ended, either

@@ -387,11 +387,10 @@ impl Sink {
         self.buffered = 0;
     }
 
-    /// Drops a capture that never started, with its unfinished file.
+    /// Drops a capture that never started, with its unfinished file (an
+    /// [`crate::files::Output`] not committed removes it).
     pub fn abandon(self) {
-        if let Destination::File(output) = self.destination {
-            output.abandon();
-        }
+        drop(self);
     }
 
     /// Ends the capture: the rest is written and the file gets its name.
