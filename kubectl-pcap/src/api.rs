@@ -158,8 +158,10 @@ pub fn explain_access(err: &kube::Error, capture: &str) -> String {
         403 => format!(
             "{message}\n\
              needs RBAC: `get` on `{RELAY_SUBRESOURCE}` in API group `{GROUP}` (checked by the \
-             API server), and `get` on `{PLURAL}/{FILES_SUBRESOURCE}` in API group \
-             `{CRD_GROUP}` for capture {capture:?} (checked by the controller)"
+             API server), and in API group `{CRD_GROUP}` `get` on \
+             `{PLURAL}/{FILES_SUBRESOURCE}` for capture {capture:?}, `list` on `{PLURAL}` and \
+             `get` on capture {capture:?} (checked by the controller and the agents); the \
+             ClusterRole packet-capture-viewer grants them"
         ),
         // The controller knows the group but not the capture.
         404 if message.contains(&format!("\"{capture}\"")) => message,

@@ -475,11 +475,22 @@ pub fn is_file_of(file: &str, name: &str) -> bool {
         return false;
     };
     let b = rest.as_bytes();
-    b.len() > 16
+    let stamped = b.len() > 16
         && b[..8].iter().all(u8::is_ascii_digit)
         && b[8] == b'-'
-        && b[9..15].iter().all(u8::is_ascii_digit)
-        && matches!(b[15], b'.' | b'-')
+        && b[9..15].iter().all(u8::is_ascii_digit);
+    stamped
+        && match b[15] {
+            b'.' => true,
+            // `-<n>.`: a second file in the same second. Anything else is
+            // another capture's whose name starts with this one's and a
+            // stamp (`web-20260101-120000`'s files are not `web`'s).
+            b'-' => {
+                let n = b[16..].iter().take_while(|c| c.is_ascii_digit()).count();
+                n > 0 && b.get(16 + n) == Some(&b'.')
+            }
+            _ => false,
+        }
 }
 
 #[derive(Debug, Serialize)]
@@ -749,6 +760,15 @@ mod tests {
         assert!(!is_file_of("web-api-20260101-120000.pcap", "web"));
         assert!(!is_file_of("webb-20260101-120000.pcap", "web"));
         assert!(!is_file_of("web-2026010-120000.pcap", "web"));
+        assert!(!is_file_of(
+            "web-20260101-120000-20260301-101010.pcap",
+            "web"
+        ));
+        assert!(is_file_of(
+            "web-20260101-120000-20260301-101010.pcap",
+            "web-20260101-120000"
+        ));
+        assert!(!is_file_of("web-20260101-120000-.pcap", "web"));
     }
 
     #[test]

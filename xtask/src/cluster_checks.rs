@@ -263,6 +263,7 @@ pub const QUESTIONS: &[Question] = &[
     q(CTL, "patch", PCC, None, true),
     q(CTL, "update", PCC, None, true),
     sub(q(CTL, "patch", PCC, None, true), "status"),
+    sub(q(CTL, "update", PCC, None, false), "status"),
     sub(q(CTL, "update", PCC, None, true), "finalizers"),
     q(CTL, "create", PCC, None, false),
     q(CTL, "delete", PCC, None, false),
@@ -329,8 +330,9 @@ pub const QUESTIONS: &[Question] = &[
     q(CTL, "update", AGENT_CA_SECRET, NS, false),
     // The agents' certificate requests: read and decided, never made.
     q(CTL, "watch", CSRS, None, true),
-    sub(q(CTL, "update", CSRS, None, true), "approval"),
-    sub(q(CTL, "update", CSRS, None, true), "status"),
+    sub(q(CTL, "patch", CSRS, None, true), "approval"),
+    sub(q(CTL, "patch", CSRS, None, true), "status"),
+    sub(q(CTL, "update", CSRS, None, false), "approval"),
     q(CTL, "create", CSRS, None, false),
     q(CTL, "delete", CSRS, None, false),
     // Its own CA when missing (create cannot be limited to a name).
