@@ -4,8 +4,10 @@
 //! The files are downloaded into a temporary directory next to the output
 //! (the same disk, not a memory-backed /tmp) and merged from there, a
 //! packet per node at a time; the directory is removed afterwards, on
-//! error and on Ctrl-C too. The merge writes `FILE.part` and renames it to
-//! `FILE` when it is whole, so a file named `FILE` is always complete.
+//! error and on Ctrl-C too. The merge writes `.FILE.<random>.part` beside
+//! it, a file made anew (never one, or a link, someone left there), and
+//! renames it to `FILE` when it is whole, so a file named `FILE` is always
+//! complete, and two fetches to one `FILE` do not write into each other.
 //!
 //! A capture that has not ended is refused: an agent writes a running
 //! capture's file under a hidden name and lists it only once the capture
@@ -20,6 +22,7 @@
 //! whole capture.
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -61,11 +64,23 @@ pub async fn fetch(cluster: &Cluster, args: FetchArgs) -> Result<ExitCode> {
         .prefix(".kubectl-pcap-")
         .tempdir_in(&dir)
         .with_context(|| format!("making a download directory in {}", dir.display()))?;
-    let part = (!to_stdout).then(|| {
-        let mut p = args.output.clone().into_os_string();
-        p.push(".part");
-        PathBuf::from(p)
-    });
+    let part = match args.output.file_name() {
+        Some(file_name) if !to_stdout => {
+            let mut prefix = std::ffi::OsString::from(".");
+            prefix.push(file_name);
+            prefix.push(".");
+            let made = tempfile::Builder::new()
+                .prefix(&prefix)
+                .suffix(".part")
+                .permissions(std::fs::Permissions::from_mode(0o666))
+                .tempfile_in(&dir)
+                .with_context(|| format!("making a file in {}", dir.display()))?;
+            // Removed below on failure, renamed over the output on success.
+            Some(made.into_temp_path().keep()?)
+        }
+        Some(_) => None,
+        None => bail!("-o {}: not a file name", args.output.display()),
+    };
 
     let outcome = tokio::select! {
         r = run(cluster, &args, downloads.path(), part.as_deref()) => Ok(r),
@@ -128,6 +143,7 @@ async fn run(
     for (i, node) in list.nodes.iter().enumerate() {
         let node_dir = downloads.join(i.to_string());
         std::fs::create_dir(&node_dir)?;
+        let mut names = std::collections::BTreeSet::new();
         for file in &node.files {
             if !packet_capture_common::validate::plain_file_name(&file.name) {
                 bail!(
@@ -135,6 +151,9 @@ async fn run(
                     node.node,
                     file.name
                 );
+            }
+            if !names.insert(&file.name) {
+                bail!("node {} lists the file {:?} twice", node.node, file.name);
             }
             jobs.push((&node.node, &file.name, node_dir.join(&file.name)));
         }
@@ -363,8 +382,10 @@ fn write_merged(
         out.flush().context("writing to stdout")?;
         return Ok(summaries);
     };
-    let file =
-        std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&part)
+        .with_context(|| format!("opening {}", part.display()))?;
     let (out, summaries) = merge::merge(inputs, comment, std::io::BufWriter::new(file))?;
     let file = out
         .into_inner()

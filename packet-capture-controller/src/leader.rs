@@ -157,7 +157,17 @@ impl LeaderElector {
         let mut renewed = Instant::now();
         loop {
             tokio::time::sleep(self.renew_period()).await;
-            match self.try_acquire_or_renew().await {
+            // A renewal the API server never answers must not keep this
+            // replica acting past the deadline, once a standby may take
+            // the Lease.
+            let left = self.renew_deadline().saturating_sub(renewed.elapsed());
+            let Ok(renewal) = tokio::time::timeout(left, self.try_acquire_or_renew()).await else {
+                return Error::LeadershipLost(format!(
+                    "could not renew the lease within {:?}",
+                    self.renew_deadline()
+                ));
+            };
+            match renewal {
                 Ok(true) => renewed = Instant::now(),
                 Ok(false) => {
                     return Error::LeadershipLost("another replica holds the lease".into());
@@ -189,5 +199,34 @@ impl LeaderElector {
         {
             tracing::warn!("releasing the lease: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_that_hangs_gives_the_lease_up_by_the_deadline() {
+        // An API server that takes the request and never answers.
+        let (service, _handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let duration = Duration::from_secs(15);
+        let elector = LeaderElector::new(
+            Client::new(service, "default"),
+            "packet-capture",
+            "packet-capture-controller",
+            "me",
+            duration,
+        );
+        let start = Instant::now();
+        let lost = tokio::time::timeout(duration * 4, elector.hold())
+            .await
+            .expect("hold() still waits for the renewal");
+        assert!(matches!(lost, Error::LeadershipLost(_)), "{lost}");
+        // Given up before a standby may take the Lease (its duration).
+        assert!(start.elapsed() < duration, "{:?}", start.elapsed());
     }
 }

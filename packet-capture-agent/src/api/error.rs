@@ -31,7 +31,8 @@ pub enum ApiError {
     /// The caller may not do this.
     #[error("{0}")]
     Forbidden(String),
-    /// Too many refused tokens came from the caller's address; it may try
+    /// Too many refused tokens came from the caller's address, or a
+    /// capture has as many live readers as it takes; the caller may try
     /// again after `retry_after` seconds.
     #[error("{message}")]
     RateLimited { message: String, retry_after: u64 },

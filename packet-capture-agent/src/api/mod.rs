@@ -27,7 +27,9 @@ use futures::Stream;
 use http::header;
 use tokio::io::AsyncReadExt as _;
 
-use crate::capture::{CaptureStatus, Engine, LiveStream, Reader, SetTargetsError, Tapped};
+use crate::capture::{
+    CaptureStatus, Engine, LiveStream, NoReader, Reader, SetTargetsError, TAP_READERS, Tapped,
+};
 use crate::files::{self, FileEntry};
 use auth::{Access, Permission};
 pub use auth::{Authorizer, Caller};
@@ -246,6 +248,9 @@ impl Api {
 /// Packets a live reader gets at once, at most: one gRPC message or one
 /// write of the REST stream.
 const BATCH_PACKETS: usize = 256;
+/// Retry-After of a live stream refused for its capture's readers: one
+/// leaves when its client goes.
+const STREAM_RETRY_SECONDS: u64 = 5;
 const BATCH_BYTES: usize = 256 * 1024;
 
 /// Packets of a live stream, as they come, and how many the reader lost
@@ -264,9 +269,16 @@ impl Api {
             .await?;
         match self.engine.stream(id) {
             Some(Ok(stream)) => Ok(stream),
-            Some(Err(state)) => Err(ApiError::FailedPrecondition(format!(
+            Some(Err((NoReader::Ended, state))) => Err(ApiError::FailedPrecondition(format!(
                 "id: capture {id:?} has ended ({state}); its packets are in its file"
             ))),
+            Some(Err((NoReader::Full, _))) => Err(ApiError::RateLimited {
+                message: format!(
+                    "id: capture {id:?} has {TAP_READERS} live readers already, as many as it \
+                     takes; try again when one has gone (its packets are in its file too)"
+                ),
+                retry_after: STREAM_RETRY_SECONDS,
+            }),
             None => Err(ApiError::capture_not_found(id)),
         }
     }

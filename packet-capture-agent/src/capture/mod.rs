@@ -42,7 +42,7 @@ use copies::Copies;
 use links::LinksError;
 use pods::PodInterfaces;
 use sink::{Counters, Destination, EndReason, Sink, Tap, TapHandle};
-pub use sink::{Reader, Tapped};
+pub use sink::{NoReader, Reader, TAP_READERS, Tapped};
 
 pub use pcap::OpenError;
 pub use pods::TargetPod;
@@ -663,19 +663,23 @@ impl Engine {
 
     /// The packets the running capture `id` records from now on, and how
     /// to describe them; `None` when there is no such capture, `Some(Err)`
-    /// when it has ended.
-    pub fn stream(&self, id: &str) -> Option<Result<LiveStream, CaptureState>> {
+    /// when it has ended (with its state) or has all the readers it takes.
+    pub fn stream(&self, id: &str) -> Option<Result<LiveStream, (NoReader, CaptureState)>> {
         let capture = self.capture(id)?;
         let state = lock(&capture.life).state;
+        let subscribed = if state.is_final() {
+            Err(NoReader::Ended)
+        } else {
+            capture.tap.subscribe()
+        };
         Some(
-            match capture.tap.subscribe().filter(|_| !state.is_final()) {
-                Some(packets) => Ok(LiveStream {
+            subscribed
+                .map(|packets| LiveStream {
                     packets,
                     origin: capture.origin.clone(),
                     snaplen: capture.snaplen,
-                }),
-                None => Err(state),
-            },
+                })
+                .map_err(|no| (no, state)),
         )
     }
 

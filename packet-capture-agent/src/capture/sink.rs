@@ -76,6 +76,19 @@ pub const TAP_PACKETS: usize = 1024;
 /// past it the next packets are withheld from every reader, and each is
 /// told how many.
 pub const TAP_BYTES: usize = 16 << 20;
+/// Live readers of one capture at once. Each may hold its own encoded copy
+/// of up to a batch in its connection's buffers, so their number, not the
+/// tap, bounds what a reader that stops reading costs the agent's memory.
+pub const TAP_READERS: usize = 8;
+
+/// Why a capture has no new reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoReader {
+    /// The sink has ended.
+    Ended,
+    /// [`TAP_READERS`] read it already.
+    Full,
+}
 
 /// The sink's end of its live readers' channel: sending never waits, a
 /// slow reader loses. Whether anyone reads is an atomic the sink reads for
@@ -157,13 +170,17 @@ impl Drop for HeldBytes {
 }
 
 impl TapHandle {
-    /// A reader of the packets recorded from now on; `None` once the sink
-    /// has ended.
-    pub fn subscribe(&self) -> Option<Reader> {
-        let packets = self.sender.upgrade()?.subscribe();
-        self.readers.fetch_add(1, Ordering::Relaxed);
-        Some(Reader {
-            packets,
+    /// A reader of the packets recorded from now on, unless the sink has
+    /// ended or has [`TAP_READERS`] already.
+    pub fn subscribe(&self) -> Result<Reader, NoReader> {
+        let sender = self.sender.upgrade().ok_or(NoReader::Ended)?;
+        self.readers
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < TAP_READERS).then_some(n + 1)
+            })
+            .map_err(|_| NoReader::Full)?;
+        Ok(Reader {
+            packets: sender.subscribe(),
             readers: self.readers.clone(),
             withheld_seen: self.withheld.load(Ordering::Relaxed),
             withheld: self.withheld.clone(),
@@ -456,5 +473,20 @@ mod tests {
         assert_eq!(reader.withheld(), 0);
         // One who comes later is not told of what was withheld before.
         assert_eq!(handle.subscribe().unwrap().withheld(), 0);
+    }
+
+    #[test]
+    fn readers_are_counted_up_to_the_limit() {
+        let (tap, handle) = Tap::new();
+        let readers: Vec<Reader> = (0..TAP_READERS)
+            .map(|_| handle.subscribe().unwrap())
+            .collect();
+        assert_eq!(handle.subscribe().err(), Some(NoReader::Full));
+        drop(readers);
+        assert!(!tap.has_readers());
+        let reader = handle.subscribe().unwrap();
+        drop(tap);
+        drop(reader);
+        assert_eq!(handle.subscribe().err(), Some(NoReader::Ended));
     }
 }

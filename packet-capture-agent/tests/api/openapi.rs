@@ -195,6 +195,8 @@ async fn the_openapi_document_describes_the_agent() {
             case("post", captures, captures, w, 201),
             r#"{"id":"doc-5","duration":600,"targetIPs":["10.0.0.2"]}"#,
         ),
+        // Its live readers fill up first.
+        case("get", packets, "/api/v1/captures/doc-5/packets", w, 429),
         with_body(
             case("put", targets, "/api/v1/captures/doc-5/targets", w, 200),
             retarget,
@@ -260,7 +262,15 @@ async fn the_openapi_document_describes_the_agent() {
         "documented responses and test cases differ"
     );
 
+    let mut readers = Vec::new();
     for case in &mut cases {
+        if case.template == packets && case.status == 429 {
+            for _ in 0..8 {
+                let reader = rest.get(&case.path).await;
+                assert_eq!(reader.status(), 200, "a live reader of {}", case.path);
+                readers.push(reader);
+            }
+        }
         if case.template == file && case.status == 200 {
             let done = rest.ended("doc-1").await;
             let output = done["output_file"].as_str().unwrap();

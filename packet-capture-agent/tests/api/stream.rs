@@ -108,6 +108,56 @@ async fn running_captures_stream_their_packets_live() {
     );
 }
 
+/// Each live reader may hold a batch of its own in its connection: a
+/// capture takes a bounded number of them, over REST and gRPC together,
+/// and the one refused is told when to come back.
+#[tokio::test]
+async fn a_capture_takes_a_bounded_number_of_live_readers() {
+    if !privileged("a_capture_takes_a_bounded_number_of_live_readers") {
+        return;
+    }
+    const READERS: usize = 8;
+    let (_node, agent, rest) = icmp_capture("readers-1", json!({})).await;
+    let path = "/api/v1/captures/readers-1/packets";
+    let mut readers = Vec::new();
+    for _ in 0..READERS {
+        let reader = rest.get(path).await;
+        assert_eq!(reader.status(), 200);
+        readers.push(reader);
+    }
+    let refused = rest.get(path).await;
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "5");
+    let err = json_of(refused).await;
+    assert!(
+        err["error"]
+            .as_str()
+            .unwrap()
+            .contains("has 8 live readers already"),
+        "{err}"
+    );
+    let mut c = grpc(&agent).await;
+    let status = c
+        .stream_packets(pb::StreamPacketsRequest {
+            id: "readers-1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+
+    // A reader that goes makes room for another.
+    drop(readers.pop());
+    eventually(
+        "room for a reader",
+        std::time::Duration::from_secs(10),
+        async || {
+            let again = rest.get(path).await;
+            (again.status() == 200).then_some(again)
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_slow_reader_loses_packets_from_its_stream_not_from_the_file() {
     if !privileged("a_slow_reader_loses_packets_from_its_stream_not_from_the_file") {

@@ -554,6 +554,13 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
         "{err}"
     );
     assert!(!out.exists(), "nothing is written when refused");
+    // Nor left half-done beside it, after those fetches or the one above.
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".part") || n.starts_with(".kubectl-pcap-"))
+        .collect();
+    assert!(left.is_empty(), "left in {}: {left:?}", dir.display());
 }
 
 /// The README's `kubectl pcap` walkthrough, as written (with this world's
