@@ -37,7 +37,8 @@ use convert::{Unchecked, UncheckedTargets};
 pub use error::ApiError;
 use metrics::Metrics;
 pub use serve::{
-    HEADER_READ_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS, serve,
+    CLOSE_GRACE, HEADER_READ_TIMEOUT, IDLE_TIMEOUT, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS,
+    MAX_LOCAL_CONNECTIONS, serve,
 };
 
 /// Bytes per chunk of a download, REST and gRPC.

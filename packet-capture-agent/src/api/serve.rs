@@ -1,7 +1,11 @@
 //! The listener: TLS, HTTP/1.1 and HTTP/2 on one port, and the limits that
 //! keep connections from holding the agent: how many at once, how many from
 //! one address, how long a client may take to say something, and how long
-//! a connection may sit with no request.
+//! a connection may sit with nothing in flight for an authorized caller.
+//! Connections from the node's own address (the kubelet's probes run
+//! `packet-capture-agent health` on the node) have slots of their own, so
+//! that clients elsewhere cannot take them all and get the agent
+//! restarted.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -21,10 +25,15 @@ use hyper::body::{Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
-/// Connections served at once; more wait in the listen backlog until one
-/// ends, so a flood of idle connections cannot take the agent's memory or
-/// its file descriptors.
+use super::auth::{self, Access};
+
+/// Connections served at once from other addresses than the node's own;
+/// more are closed as they come, so a flood of idle connections cannot
+/// take the agent's memory or its file descriptors.
 pub const MAX_CONNECTIONS: usize = 256;
+/// Connections served at once from the node's own address (the probes,
+/// and processes on the host network).
+pub const MAX_LOCAL_CONNECTIONS: usize = 16;
 /// Connections one address may hold at once, so that a single client
 /// cannot take every slot from the controller and the probes.
 pub const MAX_CONNECTIONS_PER_ADDRESS: usize = MAX_CONNECTIONS / 8;
@@ -33,8 +42,13 @@ pub const MAX_CONNECTIONS_PER_ADDRESS: usize = MAX_CONNECTIONS / 8;
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with no request in flight for this long is closed (an
 /// HTTP/2 connection answers keep-alive pings for ever otherwise). Clients
-/// open a new one on their next call.
+/// open a new one on their next call. An answer counts as in flight while
+/// its body is sent only for an authorized caller: anyone's else could be
+/// held unsent by a client that never reads (an HTTP/2 window of zero).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// What is still in flight when a connection closes has this long to end
+/// before the connection is cut.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(10);
 /// gRPC streams at once on one HTTP/2 connection.
 const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 /// What an HTTP/2 client sends first (RFC 9113, 3.4).
@@ -64,19 +78,16 @@ pub async fn serve(
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(10));
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let local_slots = Arc::new(tokio::sync::Semaphore::new(MAX_LOCAL_CONNECTIONS));
     let per_address = PerAddress::default();
     let (stopping, stop) = tokio::sync::watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
-        let (slot, (tcp, peer)) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             () = &mut shutdown => break,
-            accepted = async {
-                // The semaphore is never closed.
-                let slot = slots.clone().acquire_owned().await.ok();
-                (slot, listener.accept().await)
-            } => match accepted {
-                (slot, Ok(connection)) => (slot, connection),
-                (_, Err(e)) => {
+            accepted = listener.accept() => match accepted {
+                Ok(connection) => connection,
+                Err(e) => {
                     // Out of descriptors and the like: wait a little
                     // rather than spin on the error.
                     tracing::warn!("accepting a connection: {e}");
@@ -85,22 +96,46 @@ pub async fn serve(
                 }
             },
         };
-        let Some(held) = per_address.take(peer.ip()) else {
-            tracing::debug!(%peer, "refused: {MAX_CONNECTIONS_PER_ADDRESS} connections from this address already");
+        let local = tcp.local_addr().is_ok_and(|a| a.ip() == peer.ip());
+        let (pool, size) = if local {
+            (&local_slots, MAX_LOCAL_CONNECTIONS)
+        } else {
+            (&slots, MAX_CONNECTIONS)
+        };
+        let Ok(slot) = pool.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "refused: {size} connections {} already", if local { "from this node" } else { "from elsewhere" });
             continue;
+        };
+        let held = if local {
+            None
+        } else {
+            let Some(held) = per_address.take(peer.ip()) else {
+                tracing::debug!(%peer, "refused: {MAX_CONNECTIONS_PER_ADDRESS} connections from this address already");
+                continue;
+            };
+            Some(held)
         };
         let activity = Activity::default();
         let service = {
             let (router, activity) = (router.clone(), activity.clone());
             tower::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                // In flight from its head to the end of its answer's body: a
-                // stream (a watch, a download) keeps its connection busy.
+                // In flight from its head to its answer, and to the end of
+                // the answer's body when that is for an authorized caller:
+                // a stream (a watch, a download) keeps its connection busy.
                 let busy = activity.begin();
+                let authenticated = auth::access(req.uri().path()) == Access::Authenticated;
                 req.extensions_mut().insert(ConnectInfo(peer));
                 let answer = router.clone().oneshot(req);
                 async move {
                     let answer = answer.await?;
-                    Ok::<_, Infallible>(answer.map(|body| Body::new(Tracked { body, _busy: busy })))
+                    let authorized = authenticated && answer.status().is_success();
+                    Ok::<_, Infallible>(answer.map(|body| {
+                        if authorized {
+                            Body::new(Tracked { body, _busy: busy })
+                        } else {
+                            body
+                        }
+                    }))
                 }
             })
         };
@@ -135,13 +170,19 @@ pub async fn serve(
                     };
                     let mut closing = std::pin::pin!(closing);
                     let mut closed = false;
+                    let cut = tokio::time::sleep(Duration::MAX);
+                    let mut cut = std::pin::pin!(cut);
                     loop {
                         tokio::select! {
                             served = connection.as_mut() => break served,
                             () = &mut closing, if !closed => {
                                 closed = true;
                                 connection.as_mut().graceful_shutdown();
+                                cut.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
                             }
+                            () = &mut cut => break Err(format!(
+                                "still in flight {CLOSE_GRACE:?} after closing: cut"
+                            ).into()),
                         }
                     }
                 }
@@ -161,6 +202,7 @@ pub async fn serve(
     let _ = stopping.send(true);
     // Each connection gives its slot back once it has closed.
     let _ = slots.acquire_many(MAX_CONNECTIONS as u32).await;
+    let _ = local_slots.acquire_many(MAX_LOCAL_CONNECTIONS as u32).await;
     Ok(())
 }
 

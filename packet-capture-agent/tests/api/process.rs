@@ -311,43 +311,87 @@ async fn a_connection_that_never_finishes_its_request_is_cut_off() {
     }
 }
 
-/// One address holds at most its share of the connections: the next one
-/// is closed at once, and once its others go it is served again.
+/// One address holds at most its share of the connections, and all
+/// addresses but the node's own at most `MAX_CONNECTIONS`: the next one is
+/// closed at once. The node's own address (the kubelet's probes) has slots
+/// of its own, so clients elsewhere cannot get the agent restarted.
 #[tokio::test]
-async fn one_address_cannot_take_every_connection() {
-    use packet_capture_agent::api::MAX_CONNECTIONS_PER_ADDRESS;
-    use tokio::io::AsyncReadExt as _;
+async fn connections_are_bounded_per_address_and_in_all_but_the_nodes_own_have_slots() {
+    use packet_capture_agent::api::{MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS};
+    use std::net::Ipv4Addr;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-    if !privileged("one_address_cannot_take_every_connection") {
+    if !privileged("connections_are_bounded_per_address_and_in_all_but_the_nodes_own_have_slots") {
         return;
     }
     let node = Node::new();
+    // Listening on 127.0.0.1, the node's own address here; clients from
+    // other loopback addresses come from elsewhere.
     let agent = node.agent(&["--insecure-no-auth"], &[]);
-    let rest = Rest::new(&agent);
-    rest.json("/health").await;
-    let connect = || tokio::net::TcpStream::connect(("127.0.0.1", agent.port()));
+    let port = agent.port();
+    let connect_from = |last: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind((Ipv4Addr::new(127, 0, 0, last), 0).into())
+            .unwrap();
+        socket.connect(([127, 0, 0, 1], port).into()).await.unwrap()
+    };
+    // What the probe does: /health from the node's own address.
+    let health = || async {
+        let mut tcp = connect_from(1).await;
+        tcp.write_all(b"GET /health HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
+        String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200")
+    };
+    let refused = |mut tcp: tokio::net::TcpStream| async move {
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(3), tcp.read_to_end(&mut answer))
+            .await
+            .is_ok()
+    };
+    assert!(health().await, "the agent answers");
+
+    // One address holds its share, and no more.
+    let addresses = MAX_CONNECTIONS / MAX_CONNECTIONS_PER_ADDRESS;
     let mut held = Vec::new();
     for _ in 0..MAX_CONNECTIONS_PER_ADDRESS {
-        held.push(connect().await.unwrap());
+        held.push(connect_from(2).await);
     }
-    let mut over = connect().await.unwrap();
-    let mut answer = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(3), over.read_to_end(&mut answer)).await;
     assert!(
-        closed.is_ok(),
-        "connection {} was served",
+        refused(connect_from(2).await).await,
+        "connection {} of one address was served",
         MAX_CONNECTIONS_PER_ADDRESS + 1
     );
+    // Every slot for elsewhere taken: one more address is refused, and the
+    // probe still gets its answer.
+    for last in 3..2 + addresses as u8 {
+        for _ in 0..MAX_CONNECTIONS_PER_ADDRESS {
+            held.push(connect_from(last).await);
+        }
+    }
+    assert_eq!(held.len(), MAX_CONNECTIONS);
+    assert!(
+        refused(connect_from(2 + addresses as u8).await).await,
+        "connection {} from elsewhere was served",
+        MAX_CONNECTIONS + 1
+    );
+    assert!(health().await, "the probe found no slot");
     drop(held);
+    let rest = Rest::new(&agent);
     assert_eq!(rest.get("/health").await.status(), 200);
 }
 
 /// An HTTP/2 connection with no request in flight is closed after the idle
-/// timeout, though its client answers every keep-alive ping.
+/// timeout, though its client answers every keep-alive ping; and so is one
+/// whose client never reads an open route's answer (a window of zero),
+/// which only an authorized caller's answer would keep open.
 #[tokio::test]
 async fn an_idle_connection_is_closed() {
     use hyper_util::rt::{TokioExecutor, TokioIo};
-    use packet_capture_agent::api::IDLE_TIMEOUT;
+    use packet_capture_agent::api::{CLOSE_GRACE, IDLE_TIMEOUT};
 
     if !privileged("an_idle_connection_is_closed") {
         return;
@@ -369,6 +413,23 @@ async fn an_idle_connection_is_closed() {
     assert_eq!(answer.status(), 200);
     drop(answer);
     let answered = Instant::now();
+
+    // A client that takes /metrics' head and never opens its window.
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", agent.port()))
+        .await
+        .unwrap();
+    let (mut stuck_send, stuck) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(0)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let stuck = tokio::spawn(stuck);
+    let request = http::Request::get("http://agent/metrics")
+        .body(String::new())
+        .unwrap();
+    let unread = stuck_send.send_request(request).await.unwrap();
+    assert_eq!(unread.status(), 200);
+
     let closed = tokio::time::timeout(IDLE_TIMEOUT + Duration::from_secs(15), connection).await;
     // Closed as HTTP/2 closes in good order (GOAWAY), not cut.
     assert!(
@@ -381,4 +442,11 @@ async fn an_idle_connection_is_closed() {
         "closed after {:?}, before the idle timeout",
         answered.elapsed()
     );
+    let cut = tokio::time::timeout(CLOSE_GRACE + Duration::from_secs(15), stuck).await;
+    assert!(
+        cut.is_ok(),
+        "a connection whose answer is never read is open {:?} after it",
+        answered.elapsed()
+    );
+    drop(unread);
 }
