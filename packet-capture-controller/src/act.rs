@@ -216,6 +216,7 @@ impl Act<'_> {
             spec: Some(capture_spec(self.resource, s)),
         };
         let pcc = self.resource.pcc;
+        let sent = Timestamp::now();
         let result = self
             .pool
             .start(
@@ -241,7 +242,7 @@ impl Act<'_> {
         let mut progress = s.progress.clone();
         let now = Timestamp::now();
         match result {
-            Ok(c) => progress.update(&c, now),
+            Ok(c) => progress.started(&c, sent, now),
             Err(e) if retryable(&e) => progress.fail(
                 format!(
                     "agent on node {node} ({}) unreachable: {}",

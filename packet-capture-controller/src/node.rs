@@ -84,8 +84,10 @@ impl NodeProgress {
         self.end_time.get_or_insert(now);
     }
 
-    /// Takes the agent's counters, file and times, not its state.
-    fn take_counts(&mut self, c: &Capture) {
+    /// Takes the agent's counters, file and times, not its state. The
+    /// agent's clock may be ahead of the controller's: no time is taken as
+    /// later than `now`. A start, once known, stays.
+    fn take_counts(&mut self, c: &Capture, now: Timestamp) {
         self.packets = c.packets;
         self.dropped = c.dropped;
         self.filtered = c.filtered;
@@ -93,11 +95,11 @@ impl NodeProgress {
         self.output_file = c.output_file.clone();
         self.file_size = c.file_size;
         self.message = (!c.message.is_empty()).then(|| c.message.clone());
-        if let Some(t) = timestamp(c.start_time.as_ref()) {
-            self.start_time = Some(t);
+        if self.start_time.is_none() {
+            self.start_time = timestamp(c.start_time.as_ref()).map(|t| t.min(now));
         }
         if let Some(t) = timestamp(c.end_time.as_ref()) {
-            self.end_time = Some(t);
+            self.end_time = Some(t.min(now));
         }
         if let Some(spec) = &c.spec {
             self.targets = spec.target_ips.clone();
@@ -115,7 +117,7 @@ impl NodeProgress {
     /// its own, as it does when it shuts down: the node fails, as it does
     /// on a state this build does not know.
     pub fn update(&mut self, c: &Capture, now: Timestamp) {
-        self.take_counts(c);
+        self.take_counts(c, now);
         match c.capture_state() {
             Ok(CaptureState::Stopped) if c.message == STOPPED_BY_REQUEST => {
                 self.state = CaptureState::Stopped;
@@ -147,6 +149,20 @@ impl NodeProgress {
         }
         if self.state.is_final() {
             self.end_time.get_or_insert(now);
+        }
+    }
+
+    /// Takes the agent's answer to a start the controller sent at `sent`
+    /// ([`NodeProgress::update`]). A node that had not started before
+    /// starts within the call by the controller's clock, whatever the
+    /// agent's says: the capture's deadline and the time left for nodes
+    /// that start later are reckoned from it, and an agent whose clock is
+    /// behind would otherwise end them all early.
+    pub fn started(&mut self, c: &Capture, sent: Timestamp, now: Timestamp) {
+        let known = self.start_time.is_some();
+        self.update(c, now);
+        if !known {
+            self.start_time = self.start_time.map(|t| t.clamp(sent, now));
         }
     }
 
@@ -240,6 +256,41 @@ mod tests {
             message: message.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_start_is_reckoned_by_the_controllers_clock() {
+        let at = |s: i64| {
+            Some(prost_types::Timestamp {
+                seconds: t(s).as_second(),
+                nanos: 0,
+            })
+        };
+        let running = |start: i64| Capture {
+            start_time: at(start),
+            ..report(v1::CaptureState::Running as i32, "")
+        };
+        // Sent at 10, answered at 11: an agent an hour behind, or ahead,
+        // started within the call; one in step keeps its own time.
+        for (agent, taken) in [(-3600, 10), (3600, 11), (10, 10)] {
+            let mut p = NodeProgress::new("n1", "192.168.0.1", "id");
+            p.started(&running(agent), t(10), t(11));
+            assert_eq!(p.start_time, Some(t(taken)), "agent's clock at {agent}");
+        }
+        // Known already (a node followed again): kept.
+        let mut p = NodeProgress::new("n1", "192.168.0.1", "id");
+        p.start_time = Some(t(2));
+        p.started(&running(-3600), t(10), t(11));
+        assert_eq!(p.start_time, Some(t(2)));
+        // A watch's report never moves it, nor takes an end from the future.
+        p.update(
+            &Capture {
+                end_time: at(3600),
+                ..running(5)
+            },
+            t(20),
+        );
+        assert_eq!((p.start_time, p.end_time), (Some(t(2)), Some(t(20))));
     }
 
     fn after(state: i32, message: &str) -> NodeProgress {
