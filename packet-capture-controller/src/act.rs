@@ -2,7 +2,7 @@
 //! (through the [`AgentPool`], with its retries), their results recorded in
 //! the [`Tracker`], and a `WatchCapture` follow for each node that started.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -64,6 +64,65 @@ impl Act<'_> {
             .into_iter()
             .filter_map(|(node, r)| r.err().map(|e| (node, e)))
             .collect()
+    }
+
+    /// Stops what each node in `plan.clear` should no longer run (see
+    /// [`Act::clear`]), and again what the nodes where that failed before
+    /// still run ([`Tracker::owed_sweeps`]): there the captures of other
+    /// generations, and this one's too unless it runs there now. A node
+    /// whose agent did not answer owes it until one answers; a node with no
+    /// agent pod at all owes nothing (its captures went with its agent).
+    /// Returns whether any node still owes it.
+    pub async fn clear_and_settle(
+        &self,
+        clear: &[Clear],
+        agents: &BTreeMap<String, AgentEndpoint>,
+        unready: &BTreeMap<String, String>,
+    ) -> bool {
+        let uid = self.resource.uid;
+        let name = self.resource.name();
+        let cleared: BTreeSet<&str> = clear.iter().map(|c| c.node.as_str()).collect();
+        let failed = self.clear(clear).await;
+        for c in clear {
+            self.tracker.settle_sweep(uid, &c.node);
+        }
+        for (node, why) in &failed {
+            tracing::warn!(%name, %node, "stopping an earlier generation: {why}; trying again later");
+            self.tracker.owe_sweep(uid, node);
+        }
+        let running = self.tracker.nodes(uid, self.resource.generation);
+        let prefix = capture_prefix(uid);
+        let owed = self.tracker.owed_sweeps(uid);
+        futures::future::join_all(
+            owed.iter()
+                .filter(|n| !cleared.contains(n.as_str()))
+                .map(|node| {
+                    let (prefix, name) = (&prefix, &name);
+                    let keep = running
+                        .get(node)
+                        .filter(|p| !p.state.is_final())
+                        .map(|p| p.capture_id.as_str());
+                    async move {
+                        let Some(ep) = agents.get(node) else {
+                            if !unready.contains_key(node) {
+                                self.tracker.settle_sweep(uid, node);
+                            }
+                            return;
+                        };
+                        match self.pool.sweep(ep, prefix, keep, &self.timing.stop).await {
+                            Ok(stopped) => {
+                                tracing::info!(%name, %node, "stopped {stopped:?}, which an earlier stop could not");
+                                self.tracker.settle_sweep(uid, node);
+                            }
+                            Err(e) => {
+                                tracing::warn!(%name, %node, "stopping an earlier generation: {}; trying again later", e.message())
+                            }
+                        }
+                    }
+                }),
+        )
+        .await;
+        !self.tracker.owed_sweeps(uid).is_empty()
     }
 
     /// Gives running node captures their new targets, all nodes at once.
@@ -207,7 +266,10 @@ impl Act<'_> {
                     tracing::info!(%node, "stopped earlier captures {stopped:?}")
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(%node, "listing earlier captures: {}", e.message()),
+                Err(e) => {
+                    tracing::warn!(%node, "listing earlier captures: {}; trying again later", e.message());
+                    self.tracker.owe_sweep(self.resource.uid, node);
+                }
             }
         }
         let req = StartCaptureRequest {

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::channel::mpsc;
@@ -34,6 +35,10 @@ use crate::report::{Report, StatusWrites};
 use crate::status;
 use crate::targets::{self, Caches};
 use crate::tracker::Tracker;
+
+/// How soon a capture is reconciled again while a node owes a stop that
+/// failed (an agent that did not answer): see `Act::clear_and_settle`.
+const OWED_SWEEP_RETRY: Duration = Duration::from_secs(15);
 
 /// Everything reconcile needs.
 pub struct Context {
@@ -200,17 +205,26 @@ async fn apply(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
     if plan.forget_earlier {
         act.forget_earlier();
     }
-    for (node, why) in act.clear(&plan.clear).await {
-        tracing::warn!(name = %resource.name(), %node, "stopping an earlier generation: {why}");
-    }
+    let owing = act
+        .clear_and_settle(&plan.clear, &endpoints, &unready)
+        .await;
+    // A capture with nothing else to wait for comes back for what the
+    // nodes still owe.
+    let done = || {
+        if owing {
+            Action::requeue(OWED_SWEEP_RETRY)
+        } else {
+            Action::await_change()
+        }
+    };
     match plan.next {
         Next::Ended(phase) => {
             report.ended(phase);
-            Ok(Action::await_change())
+            Ok(done())
         }
         Next::Fail(outcome) => {
             report.failed_before_start(&outcome).await?;
-            Ok(Action::await_change())
+            Ok(done())
         }
         Next::Run(run) => {
             if !targets.problems.is_empty() {
@@ -225,9 +239,13 @@ async fn apply(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
             act.start(&run.starts).await;
             let (phase, deferred) = report.progress(&ctx.tracker.nodes(uid, generation)).await?;
             Ok(if phase.is_final() {
-                Action::await_change()
+                done()
             } else {
-                Action::requeue(deferred.map_or(run.requeue, |d| d.min(run.requeue)))
+                let mut requeue = deferred.map_or(run.requeue, |d| d.min(run.requeue));
+                if owing {
+                    requeue = requeue.min(OWED_SWEEP_RETRY);
+                }
+                Action::requeue(requeue)
             })
         }
     }
@@ -270,12 +288,9 @@ async fn drop_stale_stop(ctx: &Context, resource: Resource<'_>, value: &str) -> 
 /// tracker names (beyond `MAX_STATUS_NODES`, after a controller restart)
 /// has every agent swept.
 async fn cleanup(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
-    let mut nodes: BTreeSet<String> = ctx
-        .tracker
-        .forget(resource.uid)
-        .into_iter()
-        .map(|p| p.node)
-        .collect();
+    // Nodes that owe a stop from an earlier generation too.
+    let mut nodes: BTreeSet<String> = ctx.tracker.owed_sweeps(resource.uid);
+    nodes.extend(ctx.tracker.forget(resource.uid).into_iter().map(|p| p.node));
     let endpoints = ctx.agents.endpoints();
     if let Some(prev) = resource.previous() {
         if plan::unnamed_nodes(prev, nodes.iter().map(String::as_str)) {

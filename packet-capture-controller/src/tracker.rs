@@ -2,7 +2,7 @@
 //! `WatchCapture` task per node capture updates the node's progress and asks
 //! for a reconcile of its `PacketCaptureConfig`, which writes the status.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -61,6 +61,10 @@ struct CrTrack {
 /// The node captures of every `PacketCaptureConfig`, by uid.
 pub struct Tracker {
     inner: Mutex<HashMap<String, CrTrack>>,
+    /// By uid, the nodes where stopping a capture failed (an agent that did
+    /// not answer): they are swept again until one succeeds, whatever
+    /// generation the capture is at by then.
+    owed: Mutex<HashMap<String, BTreeSet<String>>>,
     trigger: UnboundedSender<ObjectRef<PacketCaptureConfig>>,
     watches: AtomicU64,
     this: Weak<Tracker>,
@@ -72,6 +76,7 @@ impl Tracker {
     pub fn new(trigger: UnboundedSender<ObjectRef<PacketCaptureConfig>>) -> Arc<Self> {
         Arc::new_cyclic(|this| Self {
             inner: Mutex::default(),
+            owed: Mutex::default(),
             trigger,
             watches: AtomicU64::new(0),
             this: this.clone(),
@@ -182,8 +187,40 @@ impl Tracker {
         Some(track.progress.clone())
     }
 
-    /// Forgets a capture entirely (its watches end) and returns its nodes.
+    /// Records that `node` still runs a capture of `uid` it was told to
+    /// stop (see [`Tracker::owed_sweeps`]).
+    pub fn owe_sweep(&self, uid: &str, node: &str) {
+        let mut owed = self.owed.lock().unwrap_or_else(|e| e.into_inner());
+        owed.entry(uid.to_string())
+            .or_default()
+            .insert(node.to_string());
+    }
+
+    /// `node` runs no capture of `uid` it should not any more.
+    pub fn settle_sweep(&self, uid: &str, node: &str) {
+        let mut owed = self.owed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(nodes) = owed.get_mut(uid) {
+            nodes.remove(node);
+            if nodes.is_empty() {
+                owed.remove(uid);
+            }
+        }
+    }
+
+    /// The nodes where a capture of `uid` was to be stopped and could not
+    /// be.
+    pub fn owed_sweeps(&self, uid: &str) -> BTreeSet<String> {
+        let owed = self.owed.lock().unwrap_or_else(|e| e.into_inner());
+        owed.get(uid).cloned().unwrap_or_default()
+    }
+
+    /// Forgets a capture entirely (its watches end, and the sweeps it was
+    /// owed: see [`Tracker::owed_sweeps`]) and returns its nodes.
     pub fn forget(&self, uid: &str) -> Vec<NodeProgress> {
+        self.owed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
         let track = self.lock().remove(uid);
         track
             .map(|mut t| {

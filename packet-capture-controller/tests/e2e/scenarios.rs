@@ -663,6 +663,61 @@ async fn editing_the_spec_mid_capture_restarts_it() {
     w.assert_all_completed_with_pings(&status).await;
 }
 
+/// A spec edit that leaves a node out stops its capture there. An agent
+/// that does not answer then (stopped here with SIGSTOP) is told again once
+/// it answers, rather than left capturing what the capture no longer asks
+/// for until its duration ends.
+#[tokio::test]
+async fn a_stop_an_agent_missed_is_made_once_it_answers() {
+    let Some(w) = World::start("a_stop_an_agent_missed_is_made_once_it_answers", TWO_NODES).await
+    else {
+        return;
+    };
+    let pcc = w
+        .create(PacketCaptureConfigSpec {
+            pod_selector: pods_spec(&[&w.pods[0], &w.pods[1]]),
+            ..lasting(600)
+        })
+        .await;
+    let name = pcc.name_any();
+    let uid = World::uid(&pcc);
+    w.until_running_on(&name, 1, 2).await;
+    let signal = |which: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([which, &w.agents[1].pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill {which}");
+    };
+    signal("-STOP");
+    let patch = json!({"spec": {"podSelector": pods_spec(&[&w.pods[0]])}});
+    w.api()
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("editing the spec");
+    // The controller clears the earlier generation before it starts the
+    // new one: node 0 running generation 2 means node 1's stop has failed.
+    w.until_running_on(&name, 2, 1).await;
+    signal("-CONT");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let captures = w.captures_of(1, &uid).await;
+        let old = captures.iter().find(|c| c.id.ends_with("-g1"));
+        if old.is_some_and(|c| c.capture_state() == Ok(CaptureState::Stopped)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 1 still runs generation 1 a minute after its agent answers again: {captures:?}\n{}",
+            w.controller.log()
+        );
+        // The agent tells no one of a stop it has not been asked for.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let done = w.until_running_on(&name, 2, 1).await;
+    assert_eq!(done.status.unwrap().capture_files.len(), 1);
+}
+
 /// How soon a running capture must follow a pod that starts or stops
 /// matching its selector: from the pod's address being known (or its
 /// deletion) to the node's agent capturing the pods that match.
