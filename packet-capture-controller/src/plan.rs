@@ -445,8 +445,8 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
     // The status's entries of nodes the tracker does not follow (written
     // before a controller restart) are as much a record as the tracker's:
     // an ended node is kept as it ended; an unfinished one is followed
-    // again (a target node is started again, idempotently, below), or
-    // fails when its agent is gone.
+    // again (one still starting on a target node is started, idempotently,
+    // below), or fails when its agent is gone.
     let mut untracked: BTreeMap<&str, NodeProgress> = BTreeMap::new();
     for (ip, entry) in same.iter().flat_map(|s| &s.capture_files) {
         if !i.tracked.contains_key(&entry.node) {
@@ -519,6 +519,16 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
             None => match untracked.get(node.as_str()) {
                 // Ended before a controller restart: recorded above.
                 Some(p) if p.state.is_final() => {}
+                // Running before it: followed again. Its agent says how it
+                // is now, or that it no longer knows the capture (it
+                // restarted meanwhile), which fails the node: started
+                // afresh, it would hide that the capture was cut.
+                Some(p) if p.state == CaptureState::Running && i.agents.contains_key(node) => {
+                    run.adopts.push(Adopt {
+                        progress: p.clone(),
+                        endpoint: i.agents[node].clone(),
+                    });
+                }
                 _ => {
                     let mut p = NodeProgress::new(node, ip, &id);
                     p.pods = names(pods);
@@ -1089,14 +1099,18 @@ mod tests {
                 ..CASE
             },
             Case {
-                name: "after a controller restart, running nodes are started again (idempotently)",
-                targets: &["n1", "n2"],
-                agents: &["n1", "n2"],
-                status: Was::Same(Phase::Running, &[("n1", Completed), ("n2", Running)]),
+                name: "after a controller restart, running nodes are followed again, not started; starting ones are started (idempotently)",
+                targets: &["n1", "n2", "n3"],
+                agents: &["n1", "n2", "n3"],
+                status: Was::Same(
+                    Phase::Running,
+                    &[("n1", Completed), ("n2", Running), ("n3", Starting)],
+                ),
                 now: 10,
                 want: Want {
                     record: &["n1 completed"],
-                    starts: &["n2 50s sweep"],
+                    adopts: &["n2"],
+                    starts: &["n3 50s sweep"],
                     requeue: 110,
                     ..WANT
                 },
@@ -1471,8 +1485,7 @@ mod tests {
                         "n3 completed",
                         "n4 failed: the agent on node n4 went away before the capture ended (its pod is gone or not running)",
                     ],
-                    adopts: &["n2"],
-                    starts: &["n1 50s sweep"],
+                    adopts: &["n2", "n1"],
                     requeue: 110,
                     ..WANT
                 },

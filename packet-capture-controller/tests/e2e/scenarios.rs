@@ -475,6 +475,59 @@ async fn a_controller_restart_mid_capture_does_not_duplicate() {
     w.assert_all_completed_with_pings(&status).await;
 }
 
+/// An agent that restarted while the controller was down has lost the
+/// capture (its file ends where the old agent stopped): its node fails,
+/// rather than a new capture being started there as if nothing happened.
+#[tokio::test]
+async fn an_agent_restarted_while_the_controller_was_down_fails_its_node() {
+    let Some(mut w) = World::start(
+        "an_agent_restarted_while_the_controller_was_down_fails_its_node",
+        TWO_NODES,
+    )
+    .await
+    else {
+        return;
+    };
+    let pcc = w
+        .create(PacketCaptureConfigSpec {
+            pod_selector: pods_spec(&[&w.pods[0], &w.pods[1]]),
+            ..lasting(600)
+        })
+        .await;
+    let name = pcc.name_any();
+    let uid = World::uid(&pcc);
+    w.until_running_on(&name, 1, 2).await;
+    w.controller.kill();
+    w.replace_agent(1).await;
+    w.controller.restart();
+    w.agents[1]
+        .until_serving()
+        .await
+        .expect("the new agent serves");
+    let ip1 = w.nodes[1].ip().to_string();
+    let failed = w
+        .until(&name, "node 1 failed", move |p| {
+            p.status.as_ref().is_some_and(|s| {
+                s.capture_files
+                    .get(&ip1)
+                    .is_some_and(|e| e.status == CaptureState::Failed)
+            })
+        })
+        .await;
+    let status = failed.status.unwrap();
+    let why = w.entry(&status, 1).message.clone().unwrap_or_default();
+    // Told by the new agent, or, had it not served in time, by the watch
+    // giving up on it: either way the cut is reported.
+    assert!(
+        why.contains("no longer knows capture") || why.starts_with("lost contact"),
+        "{why}"
+    );
+    assert_eq!(w.entry(&status, 0).status, CaptureState::Running);
+    assert_eq!(status.phase, Some(Phase::Running));
+    let restarted = w.captures_of(1, &uid).await;
+    assert!(restarted.is_empty(), "started afresh: {restarted:?}");
+}
+
 #[tokio::test]
 async fn a_node_whose_agent_is_not_ready_yet_waits_for_it() {
     // Node 1's agent as a kubelet shows one whose startup probe has not

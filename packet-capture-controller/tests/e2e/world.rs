@@ -154,6 +154,14 @@ async fn install_self_managed_rbac(cluster: &Cluster) {
         .await;
 }
 
+/// How a world's agents run: labelled with its id, for its controller.
+fn agent_options(id: &str) -> AgentOptions {
+    AgentOptions {
+        labels: vec![(WORLD_LABEL.into(), id.to_owned())],
+        ..AgentOptions::new(agent_binary())
+    }
+}
+
 /// The agent binary (another package's, so not in `CARGO_BIN_EXE_*`).
 fn agent_binary() -> PathBuf {
     workspace_binary(
@@ -389,10 +397,7 @@ impl World {
         let dir = cluster.dir().join("e2e").join(&id);
         std::fs::create_dir_all(&dir).expect("the world's directory");
         let namespace = cluster.namespace("e2e").await.expect("a namespace");
-        let options = AgentOptions {
-            labels: vec![(WORLD_LABEL.into(), id.clone())],
-            ..AgentOptions::new(agent_binary())
-        };
+        let options = agent_options(&id);
         let (mut nodes, mut pods, mut agents) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..setup.nodes {
             let node = cluster.add_node("e2e").await.expect("a node");
@@ -518,6 +523,22 @@ impl World {
     }
 
     /// The controller's `/readyz` (status line and body).
+    /// Replaces node `node`'s agent with a new process and Pod, as when
+    /// its Pod is deleted and the DaemonSet makes another: the new agent
+    /// knows none of the old one's captures. Returns once it is launched;
+    /// it serves once the controller has signed its certificate
+    /// (`SimAgent::until_serving`).
+    pub async fn replace_agent(&mut self, node: usize) {
+        let old = self.agents.remove(node);
+        let exit = old.stop().expect("stopping the agent");
+        assert!(exit.success(), "the agent did not stop cleanly: {exit}");
+        let agent = self.nodes[node]
+            .launch_agent(&agent_options(&self.id))
+            .await
+            .expect("a new agent");
+        self.agents.insert(node, agent);
+    }
+
     pub async fn readyz(&self) -> String {
         self.metrics_port_get("/readyz").await
     }
