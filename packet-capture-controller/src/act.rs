@@ -266,6 +266,11 @@ impl Act<'_> {
                     tracing::info!(%node, "stopped earlier captures {stopped:?}")
                 }
                 Ok(_) => {}
+                // A first generation has no earlier one to stop: a
+                // previous controller's start of it has this start's id.
+                Err(e) if self.resource.generation <= 1 => {
+                    tracing::warn!(%node, "listing earlier captures: {}", e.message());
+                }
                 Err(e) => {
                     tracing::warn!(%node, "listing earlier captures: {}; trying again later", e.message());
                     self.tracker.owe_sweep(self.resource.uid, node);

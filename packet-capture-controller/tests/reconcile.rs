@@ -483,13 +483,12 @@ async fn a_restarted_controller_adopts_the_running_capture_without_duplicates() 
     assert!(matches!(spawn_reconcile(&fx, &pcc).await.unwrap(), a if a != Action::await_change()));
     let (_, after) = fx.agent("n1").only_capture();
     assert_eq!(before.id, after.id);
-    let starts = fx
-        .agent("n1")
-        .calls()
-        .iter()
-        .filter(|c| c.starts_with("StartCapture"))
-        .count();
-    assert_eq!(starts, 2, "asked again, started once");
+    let calls = fx.agent("n1").calls();
+    let count = |call: &str| calls.iter().filter(|c| c.starts_with(call)).count();
+    // Followed again (its end below is learnt by the new watch), not
+    // started again: an agent that had forgotten the capture says so
+    // rather than start a new one.
+    assert_eq!(count("StartCapture"), 1, "{calls:?}");
 
     fx.agent("n1").complete(&after.id, 2);
     fx.until_nodes_end(&pcc).await;
