@@ -426,9 +426,19 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
             ));
         }
         if i.targets.nodes.is_empty() {
+            // Agents elsewhere: the selector is what to change.
+            let with_agents: BTreeSet<&String> = i.agents.keys().chain(i.unready.keys()).collect();
+            let why = if i.resource.spec().node_selector.is_some() && !with_agents.is_empty() {
+                format!(
+                    "spec.nodeSelector selects none of the {} nodes that run one",
+                    with_agents.len()
+                )
+            } else {
+                i.no_agent.to_string()
+            };
             return Next::Fail(Outcome::failed(
                 "NoAgents",
-                format!("no agent to capture on: {}", i.no_agent),
+                format!("no agent to capture on: {why}"),
             ));
         }
     }
@@ -740,6 +750,8 @@ mod tests {
         now: i64,
         /// The resource carries the stop annotation.
         stop: bool,
+        /// The spec has a `nodeSelector`.
+        node_selector: bool,
         want: Want,
     }
 
@@ -756,6 +768,7 @@ mod tests {
         unnamed: 0,
         now: 0,
         stop: false,
+        node_selector: false,
         want: WANT,
     };
 
@@ -883,6 +896,12 @@ mod tests {
         );
         pcc.metadata.uid = Some(UID.into());
         pcc.metadata.generation = Some(GENERATION);
+        if case.node_selector {
+            pcc.spec.node_selector = Some(packet_capture_common::crd::LabelSelector {
+                match_labels: [("zone".to_string(), "a".to_string())].into(),
+                ..Default::default()
+            });
+        }
         if case.stop {
             pcc.metadata.annotations =
                 Some([(STOP_REQUESTED.to_string(), STOP_VALUE.to_string())].into());
@@ -1150,6 +1169,17 @@ mod tests {
                     next: "fail NoAgents: no agent to capture on: no running pod labelled app=packet-capture-agent in namespace kube-system",
                     forget: true,
                     clear: &["n1"],
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a nodeSelector that leaves out every node with an agent says so",
+                agents: &["n1", "n2"],
+                unready: &["n3"],
+                node_selector: true,
+                want: Want {
+                    next: "fail NoAgents: no agent to capture on: spec.nodeSelector selects none of the 3 nodes that run one",
                     ..WANT
                 },
                 ..CASE

@@ -1045,7 +1045,8 @@ fn each_account_gets_exactly_the_access_it_uses() {
         (
             PCC,
             &["packetcaptureconfigs/status"],
-            &["get", "patch", "update"],
+            // Server-side apply only.
+            &["patch"],
         ),
         (PCC, &["packetcaptureconfigs/finalizers"], &["update"]),
         // Reads relayed for users by the aggregated API.
@@ -1072,7 +1073,7 @@ fn each_account_gets_exactly_the_access_it_uses() {
                 "certificatesigningrequests/approval",
                 "certificatesigningrequests/status",
             ],
-            &["update", "patch"],
+            &["patch"],
         ),
     ];
     // As the signer of the agents' certificates only.

@@ -136,8 +136,20 @@ impl EbpfBackend {
             .watch(ring.as_raw_fd(), RING_READY, true)
             .and_then(|()| waiter.watch(woken.as_raw_fd(), WOKEN, false))
             .map_err(BackendError::Reader)?;
+        // Finishing a capture (the rest of its file written and made
+        // durable) may take a while on a busy disk: on a thread of its own,
+        // so that the reader goes on with the other captures' records.
+        let (finishing, to_finish) = std::sync::mpsc::channel::<(Sink, EndReason)>();
+        spawn_essential("capture-finisher".into(), move || {
+            for (sink, reason) in to_finish {
+                let id = sink.id.clone();
+                let finished = sink.finish(reason);
+                let _ = ended.send(Ended { id, finished });
+            }
+        })
+        .map_err(BackendError::Reader)?;
         let reader = spawn_essential("ring-reader".into(), move || {
-            Reader::new(ring, rx, woken, waiter, ended).run()
+            Reader::new(ring, rx, woken, waiter, finishing).run()
         })
         .map_err(BackendError::Reader)?;
         Ok(Self {
@@ -367,7 +379,8 @@ struct Reader {
     /// Sleeps until the ring has a batch, a command comes, or a while
     /// passes.
     waiter: Waiter,
-    ended: EndedTx,
+    /// Where ended sinks go to be finished.
+    finishing: Sender<(Sink, EndReason)>,
     sinks: Vec<Option<Sink>>,
     /// By slot: the end asked for a sink still installed.
     ending: Vec<Option<Ending>>,
@@ -383,14 +396,14 @@ impl Reader {
         commands: Receiver<Command>,
         woken: OwnedFd,
         waiter: Waiter,
-        ended: EndedTx,
+        finishing: Sender<(Sink, EndReason)>,
     ) -> Self {
         Self {
             ring,
             commands,
             woken,
             waiter,
-            ended,
+            finishing,
             sinks: (0..MAX_SLOTS).map(|_| None).collect(),
             ending: (0..MAX_SLOTS).map(|_| None).collect(),
             names: HashMap::new(),
@@ -448,12 +461,12 @@ impl Reader {
                     .as_ref()
                     .is_some_and(|e| drained == Drained::Empty || self.ring.position() >= e.until);
                 if due && let Some(e) = self.ending[slot].take() {
-                    finish(&mut self.sinks[slot], &self.ended, e.reason);
+                    finish(&mut self.sinks[slot], &self.finishing, e.reason);
                 }
                 if let Some(sink) = self.sinks[slot].as_mut()
                     && let Err(reason) = sink.flush()
                 {
-                    finish(&mut self.sinks[slot], &self.ended, reason);
+                    finish(&mut self.sinks[slot], &self.finishing, reason);
                 }
             }
         }
@@ -538,7 +551,7 @@ impl Reader {
                 if let Some(sink) = self.sinks[slot].as_mut()
                     && let Some(reason) = sink.offer(&meta, frame, &self.names, filtered_in_kernel)
                 {
-                    finish(&mut self.sinks[slot], &self.ended, reason);
+                    finish(&mut self.sinks[slot], &self.finishing, reason);
                 }
             }
         }
@@ -558,12 +571,11 @@ enum Drained {
     Writing,
 }
 
-/// Finishes the sink in `place`, if there is one, and reports it ended.
-fn finish(place: &mut Option<Sink>, ended: &EndedTx, reason: EndReason) {
+/// Hands the sink in `place`, if there is one, to the finisher, which
+/// finishes it and reports it ended.
+fn finish(place: &mut Option<Sink>, finishing: &Sender<(Sink, EndReason)>, reason: EndReason) {
     if let Some(sink) = place.take() {
-        let id = sink.id.clone();
-        let finished = sink.finish(reason);
-        let _ = ended.send(Ended { id, finished });
+        let _ = finishing.send((sink, reason));
     }
 }
 

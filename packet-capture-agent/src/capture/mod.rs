@@ -399,7 +399,10 @@ impl Engine {
     }
 
     /// [`Engine::start_capture`] with the filter compiled on tokio's
-    /// blocking pool, within a time limit.
+    /// blocking pool, within a time limit, and the start itself there too:
+    /// loading a filter's programs (the kernel's verifier) and attaching to
+    /// every interface may take a while, which the API's other requests
+    /// must not wait behind.
     pub async fn start_capture_async(
         &self,
         req: StartRequest,
@@ -413,7 +416,10 @@ impl Engine {
         } else {
             None
         };
-        self.start_filtered(req, filter)
+        let engine = self.clone();
+        tokio::task::spawn_blocking(move || engine.start_filtered(req, filter))
+            .await
+            .map_err(|e| StartError::Unavailable(format!("starting the capture: {e}")))?
     }
 
     fn start_filtered(
