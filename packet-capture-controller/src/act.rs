@@ -13,7 +13,7 @@ use kube::runtime::reflector::ObjectRef;
 use packet_capture_proto::v1::{
     CaptureSpec, Direction, OutputFormat, StartCaptureRequest, TargetPod,
 };
-use tonic::Status;
+use tonic::{Code, Status};
 
 use crate::agents::{AgentEndpoint, AgentPool, retryable};
 use crate::config::Timing;
@@ -310,6 +310,15 @@ impl Act<'_> {
         let now = Timestamp::now();
         match result {
             Ok(c) => progress.started(&c, sent, now),
+            // Still full after the retries: the agent answered.
+            Err(e) if e.code() == Code::ResourceExhausted => progress.fail(
+                format!(
+                    "agent on node {node} has no room for the capture: {}",
+                    e.message()
+                ),
+                false,
+                now,
+            ),
             Err(e) if retryable(&e) => progress.fail(
                 format!(
                     "agent on node {node} ({}) unreachable: {}",

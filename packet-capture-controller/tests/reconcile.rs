@@ -346,6 +346,33 @@ async fn failed_starts_are_retried_and_announced_once() {
     assert_eq!(fx.agent("n1").captures().len(), 1);
 }
 
+/// An agent that answers it has no room fails its node for that reason,
+/// once the retries are spent: it is not an agent the controller cannot
+/// reach.
+#[tokio::test]
+async fn a_node_whose_agent_has_no_room_fails_for_that() {
+    let mut fx = Fixture::new(&[up("n1"), up("n2")], vec![]).await;
+    fx.agent("n2").be_full();
+    let pcc = pcc("full", ip_spec(&["10.0.0.1"]));
+    let (events, status, _) =
+        reconcile_seen(&mut fx, &pcc, &["Retrying", "Started", "NodeFailed"]).await;
+    let note = events[2].body["note"].as_str().unwrap();
+    assert!(
+        note.starts_with(
+            "node n2: agent on node n2 has no room for the capture: this node runs 16 captures"
+        ),
+        "{note}"
+    );
+    assert_eq!(
+        status.capture_files["127.0.0.3"].status,
+        CaptureState::Failed
+    );
+    assert_eq!(
+        status.capture_files["127.0.0.2"].status,
+        CaptureState::Running
+    );
+}
+
 #[tokio::test]
 async fn an_agent_that_never_answers_fails_only_its_node() {
     let mut fx = Fixture::new(&[up("n1"), down("n2")], vec![]).await;

@@ -39,6 +39,11 @@ pub enum ApiError {
     /// The node (or the cluster, for authentication) cannot serve it now.
     #[error("{0}")]
     Unavailable(String),
+    /// The node runs as many captures as it may: 503 over REST, as other
+    /// reasons it cannot run one now, and RESOURCE_EXHAUSTED over gRPC, so
+    /// the controller tells it apart from an agent it cannot reach.
+    #[error("{0}")]
+    Full(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -54,7 +59,7 @@ impl ApiError {
             Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::Full(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -70,6 +75,7 @@ impl ApiError {
             Self::Forbidden(_) => tonic::Code::PermissionDenied,
             Self::RateLimited { .. } => tonic::Code::ResourceExhausted,
             Self::Unavailable(_) => tonic::Code::Unavailable,
+            Self::Full(_) => tonic::Code::ResourceExhausted,
             Self::Internal(_) => tonic::Code::Internal,
         }
     }
@@ -129,6 +135,7 @@ impl From<StartError> for ApiError {
             StartError::Invalid(m) => Self::Invalid(m),
             StartError::Conflict(m) => Self::Conflict(format!("id: {m}")),
             StartError::Unavailable(m) => Self::Unavailable(m),
+            StartError::Full(m) => Self::Full(m),
         }
     }
 }

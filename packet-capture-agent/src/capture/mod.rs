@@ -131,9 +131,12 @@ pub enum StartError {
     /// Another capture has this id.
     #[error("{0}")]
     Conflict(String),
-    /// The node cannot run it now (all slots used, disk, backend).
+    /// The node cannot run it now (disk, backend, shutting down).
     #[error("{0}")]
     Unavailable(String),
+    /// The node runs as many captures as it may (MAX_CONCURRENT_CAPTURES).
+    #[error("{0}")]
+    Full(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -471,7 +474,7 @@ impl Engine {
                     .filter(|c| lock(&c.life).state == CaptureState::Running)
                     .count();
             if running >= config.max_running {
-                return Err(StartError::Unavailable(format!(
+                return Err(StartError::Full(format!(
                     "this node runs {running} captures, its limit (MAX_CONCURRENT_CAPTURES)"
                 )));
             }

@@ -409,6 +409,21 @@ async fn the_configured_limits_hold_and_are_named() {
         json_of(r).await["error"],
         "this node runs 1 captures, its limit (MAX_CONCURRENT_CAPTURES)"
     );
+    // Over gRPC the controller tells it from an agent it cannot reach.
+    let full = crate::common::grpc(&agent)
+        .await
+        .start_capture(packet_capture_proto::v1::StartCaptureRequest {
+            id: "two".into(),
+            spec: Some(packet_capture_proto::v1::CaptureSpec {
+                duration_seconds: 60,
+                max_packets: 100,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(full.code(), tonic::Code::ResourceExhausted, "{full}");
     // Once the first has ended there is room again.
     assert_eq!(c.delete("/api/v1/captures/one").await.status(), 200);
     assert_eq!(

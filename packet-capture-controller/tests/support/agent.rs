@@ -24,6 +24,8 @@ struct State {
     captures: BTreeMap<String, (StartCaptureRequest, watch::Sender<Capture>)>,
     calls: Vec<String>,
     fail_starts: u32,
+    /// What the failing starts answer.
+    full: bool,
     down: bool,
 }
 
@@ -112,6 +114,14 @@ impl FakeAgent {
     /// The next `n` StartCapture calls fail with UNAVAILABLE.
     pub fn fail_starts(&self, n: u32) {
         self.lock().fail_starts = n;
+    }
+
+    /// Every StartCapture from now on fails as an agent that runs as many
+    /// captures as it may does (RESOURCE_EXHAUSTED).
+    pub fn be_full(&self) {
+        let mut state = self.lock();
+        state.fail_starts = u32::MAX;
+        state.full = true;
     }
 
     /// Ends a capture as its duration would, with `packets` written.
@@ -206,7 +216,13 @@ impl Agent for FakeAgent {
         let mut state = self.lock();
         if state.fail_starts > 0 {
             state.fail_starts -= 1;
-            return Err(Status::unavailable("not ready yet"));
+            return Err(if state.full {
+                Status::resource_exhausted(
+                    "this node runs 16 captures, its limit (MAX_CONCURRENT_CAPTURES)",
+                )
+            } else {
+                Status::unavailable("not ready yet")
+            });
         }
         if let Some((existing, tx)) = state.captures.get(&req.id) {
             if existing.spec != req.spec {
