@@ -346,6 +346,28 @@ async fn failed_starts_are_retried_and_announced_once() {
     assert_eq!(fx.agent("n1").captures().len(), 1);
 }
 
+/// Reconciles a capture on n1 and n2 whose start fails on n2 (after the
+/// retries) with the Event `reason`: n1 runs, n2 has failed. The note of
+/// n2's Event, the status and the resource.
+async fn n2_fails_to_start(
+    fx: &mut Fixture,
+    name: &str,
+    reason: &str,
+) -> (String, PacketCaptureConfigStatus, PacketCaptureConfig) {
+    let pcc = pcc(name, ip_spec(&["10.0.0.1"]));
+    let (events, status, pcc) = reconcile_seen(fx, &pcc, &["Retrying", "Started", reason]).await;
+    assert_eq!(
+        status.capture_files["127.0.0.3"].status,
+        CaptureState::Failed
+    );
+    assert_eq!(
+        status.capture_files["127.0.0.2"].status,
+        CaptureState::Running
+    );
+    let note = events[2].body["note"].as_str().unwrap().to_owned();
+    (note, status, pcc)
+}
+
 /// An agent that answers it has no room fails its node for that reason,
 /// once the retries are spent: it is not an agent the controller cannot
 /// reach.
@@ -353,45 +375,23 @@ async fn failed_starts_are_retried_and_announced_once() {
 async fn a_node_whose_agent_has_no_room_fails_for_that() {
     let mut fx = Fixture::new(&[up("n1"), up("n2")], vec![]).await;
     fx.agent("n2").be_full();
-    let pcc = pcc("full", ip_spec(&["10.0.0.1"]));
-    let (events, status, _) =
-        reconcile_seen(&mut fx, &pcc, &["Retrying", "Started", "NodeFailed"]).await;
-    let note = events[2].body["note"].as_str().unwrap();
+    let (note, _, _) = n2_fails_to_start(&mut fx, "full", "NodeFailed").await;
     assert!(
         note.starts_with(
             "node n2: agent on node n2 has no room for the capture: this node runs 16 captures"
         ),
         "{note}"
     );
-    assert_eq!(
-        status.capture_files["127.0.0.3"].status,
-        CaptureState::Failed
-    );
-    assert_eq!(
-        status.capture_files["127.0.0.2"].status,
-        CaptureState::Running
-    );
 }
 
 #[tokio::test]
 async fn an_agent_that_never_answers_fails_only_its_node() {
     let mut fx = Fixture::new(&[up("n1"), down("n2")], vec![]).await;
-    let pcc = pcc("half", ip_spec(&["10.0.0.1"]));
-    let (events, status, pcc) =
-        reconcile_seen(&mut fx, &pcc, &["Retrying", "Started", "AgentUnreachable"]).await;
-    let note = events[2].body["note"].as_str().unwrap();
+    let (note, status, pcc) = n2_fails_to_start(&mut fx, "half", "AgentUnreachable").await;
     assert!(note.starts_with("node n2: agent on node n2"), "{note}");
     assert_eq!(
         status.phase,
         Some(packet_capture_common::crd::Phase::Running)
-    );
-    assert_eq!(
-        status.capture_files["127.0.0.3"].status,
-        CaptureState::Failed
-    );
-    assert_eq!(
-        status.capture_files["127.0.0.2"].status,
-        CaptureState::Running
     );
 
     let (_, cap) = fx.agent("n1").only_capture();

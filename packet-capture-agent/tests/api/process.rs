@@ -398,37 +398,33 @@ async fn an_idle_connection_is_closed() {
     }
     let node = Node::new();
     let agent = node.agent(&["--insecure-no-auth"], &[]);
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", agent.port()))
-        .await
-        .unwrap();
-    let (mut send, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    let connection = tokio::spawn(connection);
-    let request = http::Request::get("http://agent/health")
-        .body(String::new())
-        .unwrap();
-    let answer = send.send_request(request).await.unwrap();
-    assert_eq!(answer.status(), 200);
+    // An HTTP/2 connection whose client offers `window` bytes of each
+    // answer at first: its sender, its task, and the head of the answer
+    // to GET `path`.
+    let get = |path: &str, window: u32| {
+        let (port, uri) = (agent.port(), format!("http://agent{path}"));
+        async move {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            let (mut send, connection) =
+                hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .initial_stream_window_size(window)
+                    .handshake::<_, String>(TokioIo::new(tcp))
+                    .await
+                    .unwrap();
+            let connection = tokio::spawn(connection);
+            let request = http::Request::get(uri).body(String::new()).unwrap();
+            let answer = send.send_request(request).await.unwrap();
+            assert_eq!(answer.status(), 200);
+            (send, connection, answer)
+        }
+    };
+    let (_send, connection, answer) = get("/health", 65_535).await;
     drop(answer);
     let answered = Instant::now();
-
     // A client that takes /metrics' head and never opens its window.
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", agent.port()))
-        .await
-        .unwrap();
-    let (mut stuck_send, stuck) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(0)
-        .handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    let stuck = tokio::spawn(stuck);
-    let request = http::Request::get("http://agent/metrics")
-        .body(String::new())
-        .unwrap();
-    let unread = stuck_send.send_request(request).await.unwrap();
-    assert_eq!(unread.status(), 200);
+    let (_stuck_send, stuck, unread) = get("/metrics", 0).await;
 
     let closed = tokio::time::timeout(IDLE_TIMEOUT + Duration::from_secs(15), connection).await;
     // Closed as HTTP/2 closes in good order (GOAWAY), not cut.

@@ -84,6 +84,17 @@ fn lasting(duration: u32) -> PacketCaptureConfigSpec {
     }
 }
 
+/// A capture of both pods of a two-node world, for ten minutes, once it
+/// runs on both nodes: its name and uid.
+async fn capture_both_for_minutes(w: &World) -> (String, String) {
+    let spec = PacketCaptureConfigSpec {
+        pod_selector: pods_spec(&[&w.pods[0], &w.pods[1]]),
+        ..lasting(600)
+    };
+    let (pcc, name) = w.start_capture(spec, 2).await;
+    (name, World::uid(&pcc))
+}
+
 /// The /16 of an IPv4 address: a CIDR, not a known address, so it goes to
 /// every node with an agent.
 fn net16(ip: std::net::Ipv4Addr) -> String {
@@ -488,15 +499,7 @@ async fn an_agent_restarted_while_the_controller_was_down_fails_its_node() {
     else {
         return;
     };
-    let pcc = w
-        .create(PacketCaptureConfigSpec {
-            pod_selector: pods_spec(&[&w.pods[0], &w.pods[1]]),
-            ..lasting(600)
-        })
-        .await;
-    let name = pcc.name_any();
-    let uid = World::uid(&pcc);
-    w.until_running_on(&name, 1, 2).await;
+    let (name, uid) = capture_both_for_minutes(&w).await;
     w.controller.kill();
     w.replace_agent(1).await;
     w.controller.restart();
@@ -652,13 +655,8 @@ async fn deleting_mid_capture_stops_and_finalizes() {
     let Some(w) = World::start("deleting_mid_capture_stops_and_finalizes", TWO_NODES).await else {
         return;
     };
-    let spec = PacketCaptureConfigSpec {
-        pod_selector: pods_spec(&[&w.pods[0], &w.pods[1]]),
-        ..lasting(600)
-    };
-    let (pcc, name) = w.start_capture(spec, 2).await;
+    let (name, uid) = capture_both_for_minutes(&w).await;
     w.ping(0, 1, 5).await;
-    let uid = World::uid(&pcc);
     w.delete_capture(&name, &uid).await;
     for i in 0..2 {
         let captures = w.captures_of(i, &uid).await;
@@ -726,15 +724,7 @@ async fn a_stop_an_agent_missed_is_made_once_it_answers() {
     else {
         return;
     };
-    let pcc = w
-        .create(PacketCaptureConfigSpec {
-            pod_selector: pods_spec(&[&w.pods[0], &w.pods[1]]),
-            ..lasting(600)
-        })
-        .await;
-    let name = pcc.name_any();
-    let uid = World::uid(&pcc);
-    w.until_running_on(&name, 1, 2).await;
+    let (name, uid) = capture_both_for_minutes(&w).await;
     let signal = |which: &str| {
         let sent = std::process::Command::new("kill")
             .args([which, &w.agents[1].pid().to_string()])
@@ -764,7 +754,8 @@ async fn a_stop_an_agent_missed_is_made_once_it_answers() {
             "node 1 still runs generation 1 a minute after its agent answers again: {captures:?}\n{}",
             w.controller.log()
         );
-        // The agent tells no one of a stop it has not been asked for.
+        // Nothing tells the test when the controller's retry comes: the
+        // agent's captures are asked again.
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let done = w.until_running_on(&name, 2, 1).await;
