@@ -23,6 +23,12 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Kernel buffer per socket, as tcpdump's default.
 const BUFFER_BYTES: i32 = 2 << 20;
 
+/// Bytes read from one socket in one round at most: under a flood faster
+/// than the thread, a round would otherwise never end, its commands (a
+/// stop) would wait and its buffer grow. What is left is read next round,
+/// so only then may packets of two sockets be written out of time order.
+const ROUND_BYTES: usize = BUFFER_BYTES as usize;
+
 enum Command {
     Link(Link),
     LinkGone(u32),
@@ -422,7 +428,8 @@ impl Worker {
         self.arena.clear();
         let mut gone = Vec::new();
         for (i, h) in self.handles.iter_mut().enumerate() {
-            loop {
+            let round_start = self.arena.len();
+            while self.arena.len() - round_start < ROUND_BYTES {
                 let packet = match h.cap.next_packet() {
                     Ok(p) => p,
                     Err(pcap::Error::TimeoutExpired) => break,
