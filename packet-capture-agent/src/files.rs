@@ -22,7 +22,7 @@ const PARTIAL: &str = ".partial";
 /// Mode of capture files: owner read-write, group read.
 const FILE_MODE: u32 = 0o640;
 /// Extensions of the files captures write.
-const PLAIN_EXTENSIONS: [&str; 3] = ["pcap", "pcapng", "txt"];
+use packet_capture_common::validate::{COMPRESSED_EXTENSIONS, PLAIN_EXTENSIONS};
 /// How often maintenance runs when no capture ends.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -37,8 +37,8 @@ impl Compression {
 
     pub fn extension(self) -> &'static str {
         match self {
-            Self::Gzip => "gz",
-            Self::Zstd => "zst",
+            Self::Gzip => COMPRESSED_EXTENSIONS[0],
+            Self::Zstd => COMPRESSED_EXTENSIONS[1],
         }
     }
 }
@@ -91,37 +91,7 @@ pub struct CaptureDir {
 /// Whether `name` may name a file of the capture directory.
 pub use packet_capture_common::validate::plain_file_name as valid_name;
 
-/// The capture a file of the directory belongs to: the `<name>` of
-/// `<name>-<YYYYmmdd-HHMMSS>[-<n>].<ext>[.<compression>]`, as
-/// [`CaptureDir::create`] and maintenance name them. `None` for any other
-/// name. Access to a file is access to its capture's files.
-pub fn capture_of(file_name: &str) -> Option<&str> {
-    fn digits(s: &str, n: usize) -> bool {
-        s.len() == n && s.bytes().all(|b| b.is_ascii_digit())
-    }
-    fn stamped(s: &str) -> Option<&str> {
-        let (s, time) = s.rsplit_once('-')?;
-        let (name, date) = s.rsplit_once('-')?;
-        (digits(date, 8) && digits(time, 6) && !name.is_empty()).then_some(name)
-    }
-    let mut rest = file_name;
-    if let Some((base, ext)) = rest.rsplit_once('.')
-        && Compression::ALL.iter().any(|c| c.extension() == ext)
-    {
-        rest = base;
-    }
-    let (base, ext) = rest.rsplit_once('.')?;
-    if !PLAIN_EXTENSIONS.contains(&ext) {
-        return None;
-    }
-    // `-<n>` only follows a whole stamp: try the stamp at the end first.
-    stamped(base).or_else(|| {
-        let (stamp, n) = base.rsplit_once('-')?;
-        (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| stamped(stamp))
-            .flatten()
-    })
-}
+pub use packet_capture_common::validate::capture_of;
 
 impl CaptureDir {
     pub fn new(
@@ -184,13 +154,13 @@ impl CaptureDir {
                         buf: Vec::with_capacity(FLUSH_BYTES * 2),
                         written: 0,
                         limit,
-                        committed: false,
                     };
                     // Another capture of this name may have committed the
                     // same final name between the check above and this
                     // temporary file: its rename freed the temporary name.
                     // Renaming onto it later would replace its file.
                     if self.on_disk(&file_name).is_some() {
+                        output.abandon();
                         continue;
                     }
                     return Ok(output);
@@ -508,18 +478,6 @@ pub struct Output {
     written: u64,
     /// The file may not grow beyond this many bytes.
     limit: u64,
-    /// The file has its final name. Until then dropping the output removes
-    /// it: a capture that never started, or whose file could not be
-    /// finished, leaves nothing behind.
-    committed: bool,
-}
-
-impl Drop for Output {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = fs::remove_file(&self.temp);
-        }
-    }
 }
 
 /// The record would take the file past its size limit.
@@ -585,14 +543,24 @@ impl Output {
         self.buf.len() >= FLUSH_BYTES
     }
 
+    /// Removes the unfinished file: a capture that never started. (An
+    /// output merely dropped, as by a thread that panicked, leaves its file
+    /// for [`CaptureDir::recover`] at the next start.)
+    pub fn abandon(self) {
+        let _ = fs::remove_file(&self.temp);
+    }
+
     /// Writes what remains and gives the file its final name. A file that
-    /// could not be made durable is removed, not presented as finished.
+    /// could not be made durable (a full disk) is removed, not presented as
+    /// finished, and does not go on taking the space.
     pub fn commit(mut self) -> io::Result<(PathBuf, u64)> {
         let flushed = self.flush();
-        self.file.sync_data()?;
+        if let Err(e) = self.file.sync_data() {
+            self.abandon();
+            return Err(e);
+        }
         fs::rename(&self.temp, &self.final_path)?;
-        self.committed = true;
-        flushed.map(|()| (self.final_path.clone(), self.written))
+        flushed.map(|()| (self.final_path, self.written))
     }
 }
 
@@ -690,14 +658,22 @@ mod tests {
     }
 
     #[test]
-    fn an_output_dropped_before_its_commit_leaves_nothing() {
+    fn an_abandoned_output_leaves_nothing_and_a_dropped_one_is_recovered() {
         let (t, d) = dir();
-        let mut out = d.create("cap", "pcap", 1_701_441_022, u64::MAX).unwrap();
-        out.append(|b| b.extend_from_slice(&pcap_with(1))).unwrap();
-        out.flush().unwrap();
-        assert_eq!(fs::read_dir(t.path()).unwrap().count(), 1);
-        drop(out);
-        assert_eq!(fs::read_dir(t.path()).unwrap().count(), 0);
+        let files = || fs::read_dir(t.path()).unwrap().count();
+        let output = || {
+            let mut out = d.create("cap", "pcap", 1_701_441_022, u64::MAX).unwrap();
+            out.append(|b| b.extend_from_slice(&pcap_with(1))).unwrap();
+            out.flush().unwrap();
+            out
+        };
+        output().abandon();
+        assert_eq!(files(), 0);
+        // Dropped as by a thread that panicked: the next start has it.
+        drop(output());
+        assert_eq!(files(), 1);
+        assert_eq!(d.recover().unwrap().len(), 1);
+        assert_eq!(d.list().unwrap().len(), 1);
     }
 
     #[test]
@@ -853,7 +829,7 @@ mod tests {
             again.final_path().file_name().unwrap(),
             "a-19700101-001640-1.pcap"
         );
-        drop(again);
+        again.abandon();
 
         // Gone altogether: the status keeps what it last knew.
         fs::remove_file(&gz).unwrap();

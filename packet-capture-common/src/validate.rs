@@ -223,6 +223,44 @@ pub fn plain_file_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
 }
 
+/// The extensions of capture files: their format's, then maybe their
+/// compression's (gzip, zstd).
+pub const PLAIN_EXTENSIONS: [&str; 3] = ["pcap", "pcapng", "txt"];
+pub const COMPRESSED_EXTENSIONS: [&str; 2] = ["gz", "zst"];
+
+/// The capture a file of an agent's capture directory belongs to: the
+/// `<name>` of `<name>-<YYYYmmdd-HHMMSS>[-<n>].<ext>[.<compression>]`, as
+/// the agents name them, read from the right (a name may hold `-` and
+/// `.`). `None` for any other name. Access to a file is access to its
+/// capture's files.
+pub fn capture_of(file_name: &str) -> Option<&str> {
+    fn digits(s: &str, n: usize) -> bool {
+        s.len() == n && s.bytes().all(|b| b.is_ascii_digit())
+    }
+    fn stamped(s: &str) -> Option<&str> {
+        let (s, time) = s.rsplit_once('-')?;
+        let (name, date) = s.rsplit_once('-')?;
+        (digits(date, 8) && digits(time, 6) && !name.is_empty()).then_some(name)
+    }
+    let mut rest = file_name;
+    if let Some((base, ext)) = rest.rsplit_once('.')
+        && COMPRESSED_EXTENSIONS.contains(&ext)
+    {
+        rest = base;
+    }
+    let (base, ext) = rest.rsplit_once('.')?;
+    if !PLAIN_EXTENSIONS.contains(&ext) {
+        return None;
+    }
+    // `-<n>` only follows a whole stamp: try the stamp at the end first.
+    stamped(base).or_else(|| {
+        let (stamp, n) = base.rsplit_once('-')?;
+        (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| stamped(stamp))
+            .flatten()
+    })
+}
+
 /// Parses one `targetIPs` entry: an address (a host route) or a CIDR whose
 /// host bits are zero, as tcpdump's `net` demands. Like the CRD's CEL rule
 /// (Kubernetes' `isIP`/`isCIDR`), it refuses IPv4-mapped IPv6 addresses and

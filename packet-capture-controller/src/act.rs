@@ -16,6 +16,7 @@ use packet_capture_proto::v1::{
 use tonic::{Code, Status};
 
 use crate::agents::{AgentEndpoint, AgentPool, retryable};
+use crate::backoff::Backoff;
 use crate::config::Timing;
 use crate::events::Events;
 use crate::node::NodeProgress;
@@ -68,17 +69,18 @@ impl Act<'_> {
 
     /// Stops what each node in `plan.clear` should no longer run (see
     /// [`Act::clear`]), and again what the nodes where that failed before
-    /// still run ([`Tracker::owed_sweeps`]): there the captures of other
-    /// generations, and this one's too unless it runs there now. A node
-    /// whose agent did not answer owes it until one answers; a node with no
-    /// agent pod at all owes nothing (its captures went with its agent).
-    /// Returns whether any node still owes it.
+    /// still run ([`Tracker::owed_sweeps`], those whose time has come, with
+    /// one call each: a reconcile is not held up for long by an agent that
+    /// still does not answer): there the captures of other generations,
+    /// and this one's too unless it runs there now. A node whose agent did
+    /// not answer owes it until one answers; a node with no agent pod at
+    /// all owes nothing (its captures went with its agent).
     pub async fn clear_and_settle(
         &self,
         clear: &[Clear],
         agents: &BTreeMap<String, AgentEndpoint>,
         unready: &BTreeMap<String, String>,
-    ) -> bool {
+    ) {
         let uid = self.resource.uid;
         let name = self.resource.name();
         let cleared: BTreeSet<&str> = clear.iter().map(|c| c.node.as_str()).collect();
@@ -92,12 +94,16 @@ impl Act<'_> {
         }
         let running = self.tracker.nodes(uid, self.resource.generation);
         let prefix = capture_prefix(uid);
-        let owed = self.tracker.owed_sweeps(uid);
+        let once = Backoff {
+            retries: 0,
+            ..self.timing.stop
+        };
+        let due = self.tracker.due_sweeps(uid);
         futures::future::join_all(
-            owed.iter()
+            due.iter()
                 .filter(|n| !cleared.contains(n.as_str()))
                 .map(|node| {
-                    let (prefix, name) = (&prefix, &name);
+                    let (prefix, name, once) = (&prefix, &name, &once);
                     let keep = running
                         .get(node)
                         .filter(|p| !p.state.is_final())
@@ -109,7 +115,7 @@ impl Act<'_> {
                             }
                             return;
                         };
-                        match self.pool.sweep(ep, prefix, keep, &self.timing.stop).await {
+                        match self.pool.sweep(ep, prefix, keep, once).await {
                             Ok(stopped) => {
                                 tracing::info!(%name, %node, "stopped {stopped:?}, which an earlier stop could not");
                                 self.tracker.settle_sweep(uid, node);
@@ -122,7 +128,6 @@ impl Act<'_> {
                 }),
         )
         .await;
-        !self.tracker.owed_sweeps(uid).is_empty()
     }
 
     /// Gives running node captures their new targets, all nodes at once.
@@ -310,10 +315,12 @@ impl Act<'_> {
         let now = Timestamp::now();
         match result {
             Ok(c) => progress.started(&c, sent, now),
-            // Still full after the retries: the agent answered.
+            // The agent answered, after the retries, that it cannot take
+            // it now (it runs as many captures as it may, or refused too
+            // many tokens): not an agent the controller cannot reach.
             Err(e) if e.code() == Code::ResourceExhausted => progress.fail(
                 format!(
-                    "agent on node {node} has no room for the capture: {}",
+                    "agent on node {node} could not take the capture: {}",
                     e.message()
                 ),
                 false,

@@ -44,6 +44,7 @@ use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client, ResourceExt as _};
 use packet_capture_common::crd::{FILES_SUBRESOURCE, PLURAL, PacketCaptureConfig, RESOURCE};
 use packet_capture_common::pcapng;
+use packet_capture_common::validate::capture_of;
 use packet_capture_proto::v1::{PacketBatch, PacketDirection};
 use rustls::pki_types::pem::PemObject as _;
 use serde::Serialize;
@@ -333,9 +334,10 @@ impl IntoResponse for Failure {
             StatusCode::CONFLICT => "Conflict",
             StatusCode::BAD_REQUEST => "BadRequest",
             StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailable",
+            StatusCode::TOO_MANY_REQUESTS => "TooManyRequests",
             _ => "InternalError",
         };
-        (
+        let mut response = (
             self.code,
             Json(json!({
                 "kind": "Status",
@@ -347,7 +349,15 @@ impl IntoResponse for Failure {
                 "code": self.code.as_u16(),
             })),
         )
-            .into_response()
+            .into_response();
+        if self.code == StatusCode::TOO_MANY_REQUESTS {
+            // As the agents answer it: a live reader leaves when its
+            // client goes.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        }
+        response
     }
 }
 
@@ -358,6 +368,8 @@ fn from_agent(node: &str, status: &Status) -> Failure {
         Code::NotFound => StatusCode::NOT_FOUND,
         Code::InvalidArgument => StatusCode::BAD_REQUEST,
         Code::FailedPrecondition => StatusCode::CONFLICT,
+        // A capture with as many live readers as it takes.
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     Failure::new(code, format!("node {node}: {}", status.message()))
@@ -468,29 +480,10 @@ async fn authorized(
     Ok((user, capture))
 }
 
-/// Whether the agent's file `file` is of capture `name`:
-/// `<name>-<YYYYmmdd>-<HHMMSS>[-<n>].<ext>[.<compression>]`.
+/// Whether the agent's file `file` is of capture `name`, as the agents
+/// tell (`capture_of`).
 pub fn is_file_of(file: &str, name: &str) -> bool {
-    let Some(rest) = file.strip_prefix(name).and_then(|r| r.strip_prefix('-')) else {
-        return false;
-    };
-    let b = rest.as_bytes();
-    let stamped = b.len() > 16
-        && b[..8].iter().all(u8::is_ascii_digit)
-        && b[8] == b'-'
-        && b[9..15].iter().all(u8::is_ascii_digit);
-    stamped
-        && match b[15] {
-            b'.' => true,
-            // `-<n>.`: a second file in the same second. Anything else is
-            // another capture's whose name starts with this one's and a
-            // stamp (`web-20260101-120000`'s files are not `web`'s).
-            b'-' => {
-                let n = b[16..].iter().take_while(|c| c.is_ascii_digit()).count();
-                n > 0 && b.get(16 + n) == Some(&b'.')
-            }
-            _ => false,
-        }
+    capture_of(file) == Some(name)
 }
 
 #[derive(Debug, Serialize)]
@@ -623,7 +616,11 @@ async fn packets(
             Ok(stream) => streams.push((node, stream)),
             // Not capturing there, or no longer.
             Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) => {}
-            Err(s) if s.code() == Code::PermissionDenied => return Err(from_agent(&node, &s)),
+            // Refused, or the capture has all the live readers it takes
+            // there: the stream would lack that node's packets.
+            Err(s) if matches!(s.code(), Code::PermissionDenied | Code::ResourceExhausted) => {
+                return Err(from_agent(&node, &s));
+            }
             Err(s) => tracing::warn!(%node, capture = %name, "live packets: {}", s.message()),
         }
     }
@@ -650,7 +647,13 @@ async fn packets(
         let (sender, node): (_, Arc<str>) = (sender.clone(), node.into());
         tokio::spawn(async move {
             loop {
-                match stream.message().await {
+                // A client that has gone frees the agent's reader at once,
+                // not at the node's next batch.
+                let message = tokio::select! {
+                    () = sender.closed() => break,
+                    message = stream.message() => message,
+                };
+                match message {
                     Ok(Some(batch)) => {
                         if sender.send((node.clone(), batch)).await.is_err() {
                             break;
@@ -769,6 +772,10 @@ mod tests {
             "web-20260101-120000"
         ));
         assert!(!is_file_of("web-20260101-120000-.pcap", "web"));
+        assert!(!is_file_of(
+            "web-20260101-120000.x-20260301-101010.pcap",
+            "web"
+        ));
     }
 
     #[test]

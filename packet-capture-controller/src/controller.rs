@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
 use futures::channel::mpsc;
@@ -34,11 +33,7 @@ use crate::plan::{self, Clear, Inputs, Next, Resource};
 use crate::report::{Report, StatusWrites};
 use crate::status;
 use crate::targets::{self, Caches};
-use crate::tracker::Tracker;
-
-/// How soon a capture is reconciled again while a node owes a stop that
-/// failed (an agent that did not answer): see `Act::clear_and_settle`.
-const OWED_SWEEP_RETRY: Duration = Duration::from_secs(15);
+use crate::tracker::{OWED_SWEEP_RETRY, Tracker};
 
 /// Everything reconcile needs.
 pub struct Context {
@@ -205,13 +200,13 @@ async fn apply(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
     if plan.forget_earlier {
         act.forget_earlier();
     }
-    let owing = act
-        .clear_and_settle(&plan.clear, &endpoints, &unready)
+    act.clear_and_settle(&plan.clear, &endpoints, &unready)
         .await;
     // A capture with nothing else to wait for comes back for what the
-    // nodes still owe.
+    // nodes still owe (a start's sweep may owe one too: asked once done).
+    let owing = || !ctx.tracker.owed_sweeps(uid).is_empty();
     let done = || {
-        if owing {
+        if owing() {
             Action::requeue(OWED_SWEEP_RETRY)
         } else {
             Action::await_change()
@@ -242,7 +237,7 @@ async fn apply(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
                 done()
             } else {
                 let mut requeue = deferred.map_or(run.requeue, |d| d.min(run.requeue));
-                if owing {
+                if owing() {
                     requeue = requeue.min(OWED_SWEEP_RETRY);
                 }
                 Action::requeue(requeue)

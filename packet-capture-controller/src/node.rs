@@ -162,7 +162,9 @@ impl NodeProgress {
         let known = self.start_time.is_some();
         self.update(c, now);
         if !known {
-            self.start_time = self.start_time.map(|t| t.clamp(sent, now));
+            // Not `clamp`: a wall clock stepped back between the two
+            // readings must not panic.
+            self.start_time = self.start_time.map(|t| t.max(sent).min(now));
         }
     }
 

@@ -430,7 +430,7 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
             let with_agents: BTreeSet<&String> = i.agents.keys().chain(i.unready.keys()).collect();
             let why = if i.resource.spec().node_selector.is_some() && !with_agents.is_empty() {
                 format!(
-                    "spec.nodeSelector selects none of the {} nodes that run one",
+                    "spec.nodeSelector leaves out the nodes the targets are on ({} nodes run one)",
                     with_agents.len()
                 )
             } else {
@@ -532,13 +532,16 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
                 // Running before it: followed again. Its agent says how it
                 // is now, or that it no longer knows the capture (it
                 // restarted meanwhile), which fails the node: started
-                // afresh, it would hide that the capture was cut.
-                Some(p) if p.state == CaptureState::Running && i.agents.contains_key(node) => {
-                    run.adopts.push(Adopt {
+                // afresh, it would hide that the capture was cut. With no
+                // running agent pod (a new one still Pending) the agent
+                // that ran it is gone.
+                Some(p) if p.state == CaptureState::Running => match i.agents.get(node) {
+                    Some(ep) => run.adopts.push(Adopt {
                         progress: p.clone(),
-                        endpoint: i.agents[node].clone(),
-                    });
-                }
+                        endpoint: ep.clone(),
+                    }),
+                    None => run.record.push(gone(p.clone(), i.now)),
+                },
                 _ => {
                     let mut p = NodeProgress::new(node, ip, &id);
                     p.pods = names(pods);
@@ -1136,6 +1139,23 @@ mod tests {
                 ..CASE
             },
             Case {
+                name: "after a controller restart, a running node whose agent pod is new (Pending) failed: the agent that ran it is gone",
+                targets: &["n1", "n2"],
+                agents: &["n2"],
+                unready: &["n1"],
+                status: Was::Same(Phase::Running, &[("n1", Running), ("n2", Running)]),
+                now: 10,
+                want: Want {
+                    record: &[
+                        "n1 failed: the agent on node n1 went away before the capture ended (its pod is gone or not running)",
+                    ],
+                    adopts: &["n2"],
+                    requeue: 110,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
                 name: "a new generation forgets the old one and clears its nodes that have no part in the new",
                 targets: &["n1", "n2"],
                 agents: &["n1", "n2", "n3"],
@@ -1179,7 +1199,7 @@ mod tests {
                 unready: &["n3"],
                 node_selector: true,
                 want: Want {
-                    next: "fail NoAgents: no agent to capture on: spec.nodeSelector selects none of the 3 nodes that run one",
+                    next: "fail NoAgents: no agent to capture on: spec.nodeSelector leaves out the nodes the targets are on (3 nodes run one)",
                     ..WANT
                 },
                 ..CASE

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use futures::channel::mpsc::UnboundedSender;
 use k8s_openapi::jiff::Timestamp;
@@ -16,6 +17,11 @@ use tonic::Code;
 use crate::agents::{AgentEndpoint, AgentPool};
 use crate::backoff::Backoff;
 use crate::node::NodeProgress;
+
+/// How long a node that owes a sweep waits before it is tried again (see
+/// [`Tracker::owed_sweeps`]); the capture is reconciled that often while
+/// one is owed.
+pub const OWED_SWEEP_RETRY: Duration = Duration::from_secs(15);
 
 /// A node's progress, and the watch that follows it.
 struct NodeTrack {
@@ -62,9 +68,9 @@ struct CrTrack {
 pub struct Tracker {
     inner: Mutex<HashMap<String, CrTrack>>,
     /// By uid, the nodes where stopping a capture failed (an agent that did
-    /// not answer): they are swept again until one succeeds, whatever
-    /// generation the capture is at by then.
-    owed: Mutex<HashMap<String, BTreeSet<String>>>,
+    /// not answer), each with when to try again: they are swept again until
+    /// one succeeds, whatever generation the capture is at by then.
+    owed: Mutex<HashMap<String, BTreeMap<String, Instant>>>,
     trigger: UnboundedSender<ObjectRef<PacketCaptureConfig>>,
     watches: AtomicU64,
     this: Weak<Tracker>,
@@ -188,12 +194,29 @@ impl Tracker {
     }
 
     /// Records that `node` still runs a capture of `uid` it was told to
-    /// stop (see [`Tracker::owed_sweeps`]).
+    /// stop (see [`Tracker::owed_sweeps`]), to be tried again after
+    /// [`OWED_SWEEP_RETRY`].
     pub fn owe_sweep(&self, uid: &str, node: &str) {
         let mut owed = self.owed.lock().unwrap_or_else(|e| e.into_inner());
         owed.entry(uid.to_string())
             .or_default()
-            .insert(node.to_string());
+            .insert(node.to_string(), Instant::now() + OWED_SWEEP_RETRY);
+    }
+
+    /// The owed nodes of `uid` whose time to try again has come; each is
+    /// not due again for [`OWED_SWEEP_RETRY`], however the try goes.
+    pub fn due_sweeps(&self, uid: &str) -> Vec<String> {
+        let now = Instant::now();
+        let mut owed = self.owed.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(nodes) = owed.get_mut(uid) else {
+            return Vec::new();
+        };
+        let mut due = Vec::new();
+        for (node, next) in nodes.iter_mut().filter(|(_, next)| **next <= now) {
+            *next = now + OWED_SWEEP_RETRY;
+            due.push(node.clone());
+        }
+        due
     }
 
     /// `node` runs no capture of `uid` it should not any more.
@@ -211,7 +234,9 @@ impl Tracker {
     /// be.
     pub fn owed_sweeps(&self, uid: &str) -> BTreeSet<String> {
         let owed = self.owed.lock().unwrap_or_else(|e| e.into_inner());
-        owed.get(uid).cloned().unwrap_or_default()
+        owed.get(uid)
+            .map(|nodes| nodes.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Forgets a capture entirely (its watches end, and the sweeps it was

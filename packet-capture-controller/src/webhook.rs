@@ -31,6 +31,7 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview
 use kube::runtime::events::EventType;
 use kube::{Api, Client, ResourceExt as _};
 use packet_capture_common::crd::{PacketCaptureConfig, PacketCaptureConfigSpec, REQUESTED_BY};
+use packet_capture_common::filter::FilterError;
 use packet_capture_common::tls;
 pub use packet_capture_common::tls::{ServingCert, certified_key};
 use packet_capture_common::validate::CaptureLimits;
@@ -61,10 +62,14 @@ pub async fn spec_problems(spec: &PacketCaptureConfigSpec, limits: &CaptureLimit
         && !problems.iter().any(|p| p.starts_with("spec.filter"))
         && let Err(e) = packet_capture_common::filter::compile_async(&spec.filter).await
     {
-        problems.push(format!(
-            "spec.filter: {:?} is not a valid tcpdump filter: {e}",
-            spec.filter
-        ));
+        problems.push(match e {
+            // Nothing is known of this filter: the request may come again.
+            FilterError::Busy(_) => format!("spec.filter: could not be checked now: {e}"),
+            e => format!(
+                "spec.filter: {:?} is not a valid tcpdump filter: {e}",
+                spec.filter
+            ),
+        });
     }
     problems
 }

@@ -378,7 +378,7 @@ async fn a_node_whose_agent_has_no_room_fails_for_that() {
     let (note, _, _) = n2_fails_to_start(&mut fx, "full", "NodeFailed").await;
     assert!(
         note.starts_with(
-            "node n2: agent on node n2 has no room for the capture: this node runs 16 captures"
+            "node n2: agent on node n2 could not take the capture: this node runs 16 captures"
         ),
         "{note}"
     );

@@ -208,9 +208,10 @@ impl Backend for EbpfBackend {
         selection: &Selection,
         sink: Sink,
     ) -> Result<Box<dyn Running>, BackendError> {
-        let slot = lock(&self.shared.free)
-            .pop_front()
-            .ok_or(BackendError::Full(MAX_SLOTS))?;
+        let Some(slot) = lock(&self.shared.free).pop_front() else {
+            sink.abandon();
+            return Err(BackendError::Full(MAX_SLOTS));
+        };
         // From here the handle owns the slot: any early return drops it,
         // which gives the slot back.
         let mut handle = SlotCapture {

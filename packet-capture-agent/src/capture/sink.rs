@@ -404,10 +404,11 @@ impl Sink {
         self.buffered = 0;
     }
 
-    /// Drops a capture that never started, with its unfinished file (an
-    /// [`crate::files::Output`] not committed removes it).
+    /// Drops a capture that never started, with its unfinished file.
     pub fn abandon(self) {
-        drop(self);
+        if let Destination::File(output) = self.destination {
+            output.abandon();
+        }
     }
 
     /// Ends the capture: the rest is written and the file gets its name.

@@ -522,7 +522,6 @@ impl World {
         })
     }
 
-    /// The controller's `/readyz` (status line and body).
     /// Replaces node `node`'s agent with a new process and Pod, as when
     /// its Pod is deleted and the DaemonSet makes another: the new agent
     /// knows none of the old one's captures. Returns once it is launched;
@@ -539,6 +538,7 @@ impl World {
         self.agents.insert(node, agent);
     }
 
+    /// The controller's `/readyz` (status line and body).
     pub async fn readyz(&self) -> String {
         self.metrics_port_get("/readyz").await
     }
