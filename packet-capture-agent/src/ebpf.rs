@@ -666,8 +666,22 @@ impl Kernel {
         if self.slots.is_empty() {
             self.attach_links();
         }
-        self.slots.insert(slot, targets);
-        self.sync_maps()?;
+        let before = self.slots.insert(slot, targets);
+        if let Err(e) = self.sync_maps() {
+            // Back to the targets the slot had (none for a new capture):
+            // they fitted, and the removals come first.
+            match before {
+                Some(targets) => self.slots.insert(slot, targets),
+                None => self.slots.remove(&slot),
+            };
+            if let Err(again) = self.sync_maps() {
+                tracing::error!(slot, "the targets maps could not be restored: {again}");
+            }
+            if self.slots.is_empty() {
+                self.detach_all();
+            }
+            return Err(e);
+        }
         self.write_settings()
     }
 
@@ -846,25 +860,42 @@ impl Kernel {
     }
 
     /// Brings the LPM tries, the hosts maps and the port array in line with
-    /// the slots.
+    /// the slots. Entries that go are removed before new ones are added, so
+    /// a retarget needs no more room than the larger of its two sets. What
+    /// the maps hold stays recorded entry by entry, so after a failure (a
+    /// map full) the next call puts right whatever this one left.
     fn sync_maps(&mut self) -> Result<(), Error> {
-        let prefixes = prefix_masks(self.slots.iter().map(|(&s, t)| (s, &t.nets[..])));
-        for (net, &mask) in &prefixes {
-            if self.prefixes.get(net) != Some(&mask) {
-                self.put_prefix(net, Some(mask))?;
-            }
-        }
-        let gone: Vec<IpNet> = self
+        let wanted = prefix_masks(self.slots.iter().map(|(&s, t)| (s, &t.nets[..])));
+        let gone = self
             .prefixes
             .keys()
-            .filter(|n| !prefixes.contains_key(n))
-            .copied()
-            .collect();
-        for net in &gone {
-            self.put_prefix(net, None)?;
+            .filter(|n| !wanted.contains_key(n))
+            .map(|&net| (net, None));
+        let changed = wanted
+            .iter()
+            .filter(|&(net, mask)| self.prefixes.get(net) != Some(mask))
+            .map(|(&net, &mask)| (net, Some(mask)));
+        let updates: Vec<(IpNet, Option<u64>)> = gone.chain(changed).collect();
+        let mut result = Ok(());
+        for (net, mask) in updates {
+            result = self.put_prefix(&net, mask);
+            match (mask, result.is_ok()) {
+                (Some(mask), true) => {
+                    self.prefixes.insert(net, mask);
+                }
+                // A failed insert leaves the entry in neither map
+                // (`put_prefix`); a failed removal may have left it.
+                (Some(_), false) | (None, true) => {
+                    self.prefixes.remove(&net);
+                }
+                (None, false) => {}
+            }
+            if result.is_err() {
+                break;
+            }
         }
-        self.prefixes = prefixes;
         self.ipv4_host_table.sync(&self.prefixes);
+        result?;
 
         let mut ports: HashMap<u16, u64> = HashMap::new();
         for (&slot, t) in &self.slots {
@@ -872,19 +903,20 @@ impl Kernel {
                 *ports.entry(p).or_default() |= 1 << slot;
             }
         }
-        for (&port, &mask) in &ports {
-            if self.port_masks.get(&port) != Some(&mask) {
-                self.ports
-                    .set(u32::from(port), &mask, 0)
-                    .map_err(map_err("PORTS"))?;
-            }
-        }
-        for &port in self.port_masks.keys().filter(|p| !ports.contains_key(p)) {
+        let gone = self.port_masks.keys().filter(|p| !ports.contains_key(p));
+        let changed = ports
+            .iter()
+            .filter(|&(port, mask)| self.port_masks.get(port) != Some(mask))
+            .map(|(port, _)| port);
+        let updates: Vec<u16> = gone.chain(changed).copied().collect();
+        for port in updates {
+            let mask = ports.get(&port).copied().unwrap_or(0);
             self.ports
-                .set(u32::from(port), &0, 0)
+                .set(u32::from(port), &mask, 0)
                 .map_err(map_err("PORTS"))?;
+            self.port_masks.insert(port, mask);
         }
-        self.port_masks = ports;
+        self.port_masks.retain(|_, &mut mask| mask != 0);
         Ok(())
     }
 
@@ -926,6 +958,15 @@ impl Kernel {
             .filter_map(|(_, program)| program.info().ok())
             .map(|info| info.run_count())
             .sum()
+    }
+
+    /// The prefixes the tries hold, read back from the kernel, with the
+    /// slots each selects: what the programs look up.
+    pub fn selected_prefixes(&self) -> Result<HashMap<IpNet, u64>, Error> {
+        let mut out = HashMap::new();
+        read_trie(&self.ipv4, &mut out).map_err(map_err("IPV4"))?;
+        read_trie(&self.ipv6, &mut out).map_err(map_err("IPV6"))?;
+        Ok(out)
     }
 
     /// Packets `slot`'s filter rejected in the kernel since the agent
@@ -988,21 +1029,63 @@ fn put_prefix<const N: usize>(
 ) -> Result<(), aya::maps::MapError> {
     let key = Key::new(u32::from(prefix_len), addr);
     let whole = usize::from(prefix_len) == N * 8;
+    let remove = |trie: &mut LpmTrie<MapData, [u8; N], u64>,
+                  hosts: &mut BpfHashMap<MapData, [u8; N], u64>| {
+        let from_trie = absent_is_removed(trie.remove(&key));
+        let from_hosts = if whole {
+            absent_is_removed(hosts.remove(&addr))
+        } else {
+            Ok(())
+        };
+        from_trie.and(from_hosts)
+    };
     match mask {
         Some(mask) => {
-            trie.insert(&key, &mask, 0)?;
-            if whole {
-                hosts.insert(&addr, &mask, 0)?;
+            let inserted = trie.insert(&key, &mask, 0).and_then(|()| {
+                if whole {
+                    hosts.insert(&addr, &mask, 0)
+                } else {
+                    Ok(())
+                }
+            });
+            if inserted.is_err() {
+                // Not in one map and missing from the other: the entry
+                // goes from both, and the caller records it as absent.
+                let _ = remove(trie, hosts);
             }
+            inserted
         }
-        None => {
-            trie.remove(&key)?;
-            if whole {
-                hosts.remove(&addr)?;
-            }
-        }
+        None => remove(trie, hosts),
+    }
+}
+
+/// Adds what one family's trie holds to `out`.
+fn read_trie<const N: usize>(
+    trie: &LpmTrie<MapData, [u8; N], u64>,
+    out: &mut HashMap<IpNet, u64>,
+) -> Result<(), aya::maps::MapError>
+where
+    IpAddr: From<[u8; N]>,
+{
+    for entry in trie.iter() {
+        let (key, mask) = entry?;
+        let len = u8::try_from(key.prefix_len()).expect("a prefix length fits a byte");
+        let net = IpNet::new(IpAddr::from(key.data()), len).expect("the trie's prefixes are valid");
+        out.insert(net, mask);
     }
     Ok(())
+}
+
+/// A removal of an entry that is not there has done what it was for.
+fn absent_is_removed(removed: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match removed {
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        removed => removed,
+    }
 }
 
 /// How the programs look up each family's addresses, given every prefix

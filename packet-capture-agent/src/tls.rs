@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures::TryStreamExt as _;
+use futures::StreamExt as _;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::certificates::v1::{
     CertificateSigningRequest, CertificateSigningRequestSpec,
@@ -147,14 +147,22 @@ async fn request(
         "asked for a serving certificate for {node} {addresses:?}"
     );
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    // A watch error (the API server busy, a connection cut) is waited
+    // out: only a verdict or the end of SIGNING_WAIT ends the wait, which
+    // a new request with a new key would only start again.
     let mut verdicts = std::pin::pin!(
         watcher(api.clone(), config)
+            .default_backoff()
             .applied_objects()
-            .map_err(|e| TlsError::Request {
-                name: name.clone(),
-                message: format!("watching it: {e}"),
+            .filter_map(|event| {
+                futures::future::ready(match event {
+                    Ok(csr) => verdict(&csr).transpose(),
+                    Err(e) => {
+                        tracing::debug!(request = name, "watching the request: {e}");
+                        None
+                    }
+                })
             })
-            .try_filter_map(|csr| futures::future::ready(verdict(&csr)))
     );
     let reread = async {
         loop {
@@ -176,7 +184,7 @@ async fn request(
     };
     let signed = async {
         tokio::select! {
-            v = verdicts.try_next() => v,
+            v = verdicts.next() => v.transpose(),
             v = reread => v,
         }
     };

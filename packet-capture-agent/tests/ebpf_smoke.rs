@@ -2,13 +2,16 @@
 //! of a veth, sees real traffic, and leaves nothing behind when detached;
 //! its diagnostics reach `tracing` with `LOG_LEVEL=DEBUG`, and only then.
 
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use aya::sys::{Stats, enable_stats};
-use packet_capture_agent::ebpf::{KERNEL_LOG_TARGET, Kernel, LinkKind, SlotTargets};
-use packet_capture_common::abi::counter;
+use ipnet::IpNet;
+use packet_capture_agent::ebpf::{KERNEL_LOG_TARGET, Kernel, LinkKind, SlotTargets, prefix_masks};
+use packet_capture_common::abi::{MAX_PREFIXES, counter};
 use packet_capture_common::logging::LogLevel;
 use packet_capture_test_support::{Netns, VethPair, netns::run, privileged};
 use packet_socket::{PacketSocket, short_ipv4_frame};
@@ -385,4 +388,81 @@ fn a_name_taken_by_a_new_interface_is_attached_again() {
     assert_eq!(kernel.links().collect::<Vec<_>>(), [name]);
     kernel.link_gone(name, new);
     assert!(kernel.links().next().is_none());
+}
+
+/// The address maps hold `MAX_PREFIXES` entries. A retarget that keeps
+/// them full fits (the old addresses go before the new come); one past
+/// their size, or a new capture with no room, is refused and leaves the
+/// maps as they were: nothing of it stays to select for the slot's next
+/// capture.
+#[test]
+fn a_retarget_at_the_maps_size_fits_and_one_past_it_changes_nothing() {
+    if !privileged("a_retarget_at_the_maps_size_fits_and_one_past_it_changes_nothing") {
+        return;
+    }
+    let (mut kernel, _ring) = Kernel::load(1 << 16).unwrap();
+    let hosts = |first: u32, count: u32| -> Vec<IpNet> {
+        (first..first + count)
+            .map(|i| IpNet::from(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))))
+            .collect()
+    };
+    let only = |nets: &[IpNet]| SlotTargets {
+        nets: nets.to_vec(),
+        only_nets: true,
+        ..everything()
+    };
+    let selecting = |slots: &[(usize, &[IpNet])]| prefix_masks(slots.iter().copied());
+    let room = MAX_PREFIXES;
+    let first = hosts(0, room - 256);
+    let (second, third) = (hosts(room, 256), hosts(room + 256, 256));
+    kernel.set_slot(0, only(&first)).unwrap();
+    kernel
+        .set_slot(1, only(&second))
+        .expect("the maps' last 256 entries");
+    kernel
+        .set_slot(1, only(&third))
+        .expect("256 other addresses in their place");
+    let full = selecting(&[(0, &first), (1, &third)]);
+    assert_holds(&kernel, &full);
+
+    // Ten of the 256 go, twelve come: one past the maps' size, found once
+    // the ten have gone and ten have come.
+    let refused = kernel.set_slot(1, only(&hosts(room + 266, 258)));
+    let e = refused.expect_err("more addresses than the maps hold");
+    assert!(e.to_string().contains("IPV4"), "{e}");
+    assert_holds(&kernel, &full);
+    kernel
+        .set_slot(2, only(&hosts(2 * room, 1)))
+        .expect_err("no room for a new capture");
+    assert_holds(&kernel, &full);
+
+    // Slot 1 ends: exactly its room is free again for slot 2.
+    kernel.clear_slot(1).unwrap();
+    let fourth = hosts(2 * room, 256);
+    kernel
+        .set_slot(2, only(&fourth))
+        .expect("the room slot 1 left");
+    let now = selecting(&[(0, &first), (2, &fourth)]);
+    assert_holds(&kernel, &now);
+}
+
+/// The address maps hold `expected` and nothing else, or the first
+/// differences are named.
+fn assert_holds(kernel: &Kernel, expected: &HashMap<IpNet, u64>) {
+    let held = kernel.selected_prefixes().unwrap();
+    let extra = held
+        .iter()
+        .filter(|&(net, mask)| expected.get(net) != Some(mask))
+        .map(|(net, mask)| format!("{net} held for {mask:#b}"));
+    let missing = expected
+        .iter()
+        .filter(|(net, _)| !held.contains_key(net))
+        .map(|(net, mask)| format!("{net} missing for {mask:#b}"));
+    let differences: Vec<String> = extra.chain(missing).take(8).collect();
+    assert!(
+        differences.is_empty(),
+        "{} entries held, {} expected: {differences:?}",
+        held.len(),
+        expected.len()
+    );
 }

@@ -25,7 +25,7 @@ use k8s_openapi::api::certificates::v1::{
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client, ResourceExt as _};
 use packet_capture_common::crd::AGENT_SIGNER;
@@ -344,8 +344,8 @@ async fn decide(
 }
 
 /// Retries of a decision that failed on an API error, 1 s doubling to
-/// 16 s, under a minute in all: a request left unsigned waits until its
-/// agent gives up on it and asks again, minutes later.
+/// 16 s, under a minute in all; a request left unsigned is taken up again
+/// by the next look at the pending ones ([`PENDING_RECHECK`]).
 const RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(16), 6);
 
 /// Decides `csr`, and after an API error decides it again as it is then,
@@ -390,7 +390,7 @@ pub async fn settle(
     if let Err(e) = settled {
         tracing::warn!(
             request = name,
-            "deciding a certificate request: {e}; left until its agent asks again"
+            "deciding a certificate request: {e}; tried again with the pending ones"
         );
     }
 }
@@ -407,18 +407,29 @@ fn status_patch(status: &CertificateSigningRequestStatus) -> serde_json::Value {
 /// starts (a DaemonSet rollout), and each decision is a few API calls.
 const DECIDING_AT_ONCE: usize = 16;
 
+/// How often the pending requests are listed, besides the watch: one whose
+/// decision gave up on API errors, or that a stalled watch did not bring,
+/// must not leave its agent without a certificate until it asks again.
+const PENDING_RECHECK: Duration = Duration::from_secs(15);
+
 /// Keeps the CA current (trusted in `trust`, published for clients) and
 /// decides every request for [`AGENT_SIGNER`] as it comes, up to
 /// [`DECIDING_AT_ONCE`] at a time. Runs on the leader; errors are logged
 /// and retried.
 pub async fn run(client: Client, settings: Settings, trust: Arc<TrustedCas>) -> Infallible {
     let requests: Api<CertificateSigningRequest> = Api::all(client.clone());
-    let config = watcher::Config::default().fields(&format!("spec.signerName={AGENT_SIGNER}"));
+    let signer = format!("spec.signerName={AGENT_SIGNER}");
+    let config = watcher::Config::default().fields(&signer);
     let mut stream = std::pin::pin!(
-        watcher(requests, config)
+        watcher(requests.clone(), config)
             .default_backoff()
             .applied_objects()
     );
+    let mut recheck = tokio::time::interval(PENDING_RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Requests to decide as room comes: from the watch, and those a list
+    // found pending.
+    let mut waiting = std::collections::VecDeque::new();
     let mut current: Option<(Arc<Authority>, SystemTime)> = None;
     let mut deciding = futures::stream::FuturesUnordered::new();
     let mut in_flight = HashSet::new();
@@ -455,25 +466,35 @@ pub async fn run(client: Client, settings: Settings, trust: Arc<TrustedCas>) -> 
         let Some((authority, _)) = &current else {
             continue;
         };
+        while deciding.len() < DECIDING_AT_ONCE
+            && let Some(csr) = waiting.pop_front()
+        {
+            // A request's own approval brings it again, still unsigned,
+            // while it is being decided.
+            if unsigned(&csr) && in_flight.insert(csr.name_any()) {
+                let (client, settings, authority) =
+                    (client.clone(), settings.clone(), authority.clone());
+                deciding.push(async move {
+                    let name = csr.name_any();
+                    settle(&client, &settings, &authority, csr).await;
+                    name
+                });
+            }
+        }
         tokio::select! {
             next = stream.next(), if deciding.len() < DECIDING_AT_ONCE => match next {
-                // A request's own approval brings it again, still unsigned,
-                // while it is being decided.
-                Some(Ok(csr)) if unsigned(&csr) && in_flight.insert(csr.name_any()) => {
-                    let (client, settings, authority) =
-                        (client.clone(), settings.clone(), authority.clone());
-                    deciding.push(async move {
-                        let name = csr.name_any();
-                        settle(&client, &settings, &authority, csr).await;
-                        name
-                    });
-                }
+                Some(Ok(csr)) => waiting.push_back(csr),
                 Some(Err(e)) => tracing::warn!("watching certificate requests: {e}"),
                 None => tokio::time::sleep(Duration::from_secs(1)).await,
-                _ => {}
             },
             Some(name) = deciding.next() => {
                 in_flight.remove(&name);
+            }
+            _ = recheck.tick(), if waiting.is_empty() => {
+                match requests.list(&ListParams::default().fields(&signer)).await {
+                    Ok(list) => waiting.extend(list.items.into_iter().filter(unsigned)),
+                    Err(e) => tracing::warn!("listing the pending certificate requests: {e}"),
+                }
             }
             () = tokio::time::sleep(CA_RECHECK) => {}
         }
