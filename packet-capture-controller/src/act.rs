@@ -165,12 +165,17 @@ impl Act<'_> {
                     self.tracker
                         .modify(uid, generation, node, id, |p| p.merge(&c, Timestamp::now()));
                 }
-                Err(e) => tracing::warn!(
-                    %node,
-                    "setting the targets of {}: {}",
-                    r.progress.capture_id,
-                    e.message()
-                ),
+                Err(e) => {
+                    let note = format!(
+                        "node {node} keeps its earlier targets: setting the new ones failed ({}); tried again at the next reconcile",
+                        e.message()
+                    );
+                    tracing::warn!(%node, capture = r.progress.capture_id, "{note}");
+                    let pcc = self.resource.pcc;
+                    self.events
+                        .publish(pcc, Some(node), EventType::Warning, "TargetsKept", note)
+                        .await;
+                }
             }
         }
     }
