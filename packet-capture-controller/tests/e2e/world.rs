@@ -488,6 +488,12 @@ impl World {
             }
         };
         let mut controller = Controller::start(cluster, format!("controller-{id}"), args);
+        // Serving metrics, it has passed its start-up checks: one that
+        // exits fails here with its log rather than as agents left unsigned.
+        controller.wait_listening(SocketAddr::new(
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+            metrics_port,
+        ));
         if let Some(hook) = &webhook {
             controller.wait_listening(SocketAddr::new(IpAddr::V4(cluster.host_ip()), hook.port));
         }
@@ -500,6 +506,7 @@ impl World {
             }
         }
         if let Some(e) = unserved {
+            controller.assert_running();
             print_logs(&id, &controller, &agents);
             print_requests(&client, &nodes).await;
             panic!("an agent serving: {e}");
