@@ -27,7 +27,7 @@ use kube::{Api, Client, ResourceExt};
 use packet_capture_common::crd::{LabelOperator, LabelSelector, PacketCaptureConfigSpec};
 use packet_capture_common::validate::parse_target;
 
-use crate::targets::pod_ips;
+use crate::targets::{Granted, pod_ips};
 
 /// The verb on `pods` that allows capturing their traffic.
 pub const CAPTURE_VERB: &str = "capture";
@@ -283,6 +283,19 @@ pub async fn may_capture(client: &Client, user: &UserInfo, scope: &Scope) -> kub
     Ok(answer.status.is_some_and(|s| s.allowed))
 }
 
+/// Checks whether `user` may capture `spec`'s targets: [`holders`],
+/// [`needs`] and [`check`] in one.
+pub async fn authorize(
+    client: &Client,
+    spec: &PacketCaptureConfigSpec,
+    user: &UserInfo,
+) -> Result<Verdict, String> {
+    let holders = holders(client, spec)
+        .await
+        .map_err(|e| format!("spec: could not look up the pods and nodes of the targets: {e}"))?;
+    Ok(check(client, user, &needs(spec, &holders)).await)
+}
+
 /// The verdict on a spec's targets for one user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
@@ -290,6 +303,21 @@ pub struct Verdict {
     pub problems: Vec<String>,
     /// The scopes the user was found to hold, for the record.
     pub granted: Vec<Scope>,
+}
+
+impl Verdict {
+    /// Where the user was found allowed to capture, as the capture records
+    /// it.
+    pub fn authorized_in(&self) -> Granted {
+        let mut namespaces = BTreeSet::new();
+        for scope in &self.granted {
+            match scope {
+                Scope::Cluster => return Granted::Everywhere,
+                Scope::Namespace(ns) => namespaces.insert(ns.clone()),
+            };
+        }
+        Granted::Namespaces(namespaces)
+    }
 }
 
 /// Checks `needs` against `user`'s permissions. With the cluster-wide

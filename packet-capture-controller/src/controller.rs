@@ -19,7 +19,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use packet_capture_common::crd::{PacketCaptureConfig, STOP_REQUESTED};
+use packet_capture_common::crd::{AUTHORIZED_IN, PacketCaptureConfig, STOP_REQUESTED};
 
 use crate::act::Act;
 use crate::agent_certs;
@@ -32,7 +32,7 @@ use crate::metrics::Metrics;
 use crate::plan::{self, Clear, Inputs, Next, Resource};
 use crate::report::{Report, StatusWrites};
 use crate::status;
-use crate::targets::{self, Caches};
+use crate::targets::{self, Caches, Granted};
 use crate::tracker::{OWED_SWEEP_RETRY, Tracker};
 
 /// Everything reconcile needs.
@@ -157,7 +157,11 @@ async fn apply(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
     let unready = ctx.agents.unready();
     // Nodes whose agent is on its way are capture nodes too: they wait.
     let agent_nodes = endpoints.keys().chain(unready.keys()).cloned().collect();
-    let targets = targets::resolve(&pcc.spec, &ctx.caches, &agent_nodes);
+    let authorized = pcc
+        .annotations()
+        .get(AUTHORIZED_IN)
+        .map(|v| Granted::parse(v));
+    let targets = targets::resolve(&pcc.spec, authorized.as_ref(), &ctx.caches, &agent_nodes);
     // Status entries are keyed by the address the node's start reports.
     let node_ips: BTreeMap<String, String> = targets
         .nodes

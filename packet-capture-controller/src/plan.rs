@@ -671,7 +671,7 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use packet_capture_common::crd::{CaptureState, OutputFormat, PodRef};
 
-    use crate::targets::PodProblem;
+    use crate::targets::TargetProblem;
 
     use CaptureState::{Completed, Failed, Running, Starting};
 
@@ -955,12 +955,12 @@ mod tests {
             problems: case
                 .missing
                 .iter()
-                .map(|name| PodProblem {
-                    pod: PodRef {
+                .map(|name| {
+                    let pod = PodRef {
                         pod_name: name.to_string(),
                         namespace: "default".into(),
-                    },
-                    reason: "not found".into(),
+                    };
+                    TargetProblem::pod(&pod, "not found".into())
                 })
                 .collect(),
         };

@@ -13,23 +13,66 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
+
 use packet_capture_common::crd::{PacketCaptureConfigSpec, PodRef, PodSelector};
 use packet_capture_common::validate::parse_target;
 
-/// A target pod that cannot be captured (yet), and why, naming it.
+/// A target that cannot be captured (yet), and why: a pod (`pod ns/name`)
+/// or a `targetIPs` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodProblem {
-    pub pod: PodRef,
+pub struct TargetProblem {
+    pub target: String,
     pub reason: String,
 }
 
-impl std::fmt::Display for PodProblem {
+impl TargetProblem {
+    pub fn pod(pod: &PodRef, reason: String) -> Self {
+        Self {
+            target: format!("pod {}/{}", pod.namespace, pod.pod_name),
+            reason,
+        }
+    }
+}
+
+impl std::fmt::Display for TargetProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "pod {}/{} {}",
-            self.pod.namespace, self.pod.pod_name, self.reason
+        write!(f, "{} {}", self.target, self.reason)
+    }
+}
+
+/// Where a requester was found allowed to capture, as
+/// [`AUTHORIZED_IN`](packet_capture_common::crd::AUTHORIZED_IN) records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Granted {
+    Everywhere,
+    Namespaces(BTreeSet<String>),
+}
+
+impl Granted {
+    /// Reads the annotation's value (namespace names hold no commas).
+    pub fn parse(value: &str) -> Self {
+        if value.trim() == "*" {
+            return Self::Everywhere;
+        }
+        Self::Namespaces(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|ns| !ns.is_empty())
+                .map(String::from)
+                .collect(),
         )
+    }
+}
+
+impl std::fmt::Display for Granted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Everywhere => f.write_str("*"),
+            Self::Namespaces(ns) => {
+                f.write_str(&ns.iter().map(String::as_str).collect::<Vec<_>>().join(","))
+            }
+        }
     }
 }
 
@@ -40,7 +83,7 @@ pub struct Targets {
     pub nodes: BTreeMap<String, Vec<String>>,
     /// The selected pods on each node, sorted by name.
     pub pods: BTreeMap<String, Vec<SelectedPod>>,
-    pub problems: Vec<PodProblem>,
+    pub problems: Vec<TargetProblem>,
 }
 
 /// A target pod on its node.
@@ -172,11 +215,14 @@ pub fn selects_by_labels(selector: &PodSelector, pod: &Pod, caches: &Caches) -> 
         })
 }
 
-/// Computes the per-node targets of `spec`. `agent_nodes` are the nodes with
-/// a running agent; pods on other nodes are still planned (their node then
-/// fails with "no agent").
+/// Computes the per-node targets of `spec`, whose requester was found
+/// allowed to capture pods where `authorized` says (none recorded: the
+/// webhook is off, or the capture predates the record). `agent_nodes` are
+/// the nodes with a running agent; pods on other nodes are still planned
+/// (their node then fails with "no agent").
 pub fn resolve(
     spec: &PacketCaptureConfigSpec,
+    authorized: Option<&Granted>,
     caches: &Caches,
     agent_nodes: &BTreeSet<String>,
 ) -> Targets {
@@ -188,23 +234,21 @@ pub fn resolve(
     let mut out = Targets::default();
     let mut targets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut pods: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+    let shared = shared_addresses(&caches.pods);
     if let Some(selector) = &spec.pod_selector {
         let mut selected: Vec<(String, String, Vec<String>)> = Vec::new();
         for r in &selector.pods {
             let key = ObjectRef::new(&r.pod_name).within(&r.namespace);
             let found = caches.pods.get(&key).ok_or_else(|| "not found".to_owned());
             match found.and_then(|pod| capturable(&pod)) {
-                Ok((node, _)) if !allowed(&node) => out.problems.push(PodProblem {
-                    pod: r.clone(),
-                    reason: format!("is on node {node}, which spec.nodeSelector leaves out"),
-                }),
+                Ok((node, _)) if !allowed(&node) => out.problems.push(TargetProblem::pod(
+                    r,
+                    format!("is on node {node}, which spec.nodeSelector leaves out"),
+                )),
                 Ok((node, ips)) => {
                     selected.push((node, format!("{}/{}", r.namespace, r.pod_name), ips))
                 }
-                Err(reason) => out.problems.push(PodProblem {
-                    pod: r.clone(),
-                    reason,
-                }),
+                Err(reason) => out.problems.push(TargetProblem::pod(r, reason)),
             }
         }
         if selector.by_labels() {
@@ -219,7 +263,6 @@ pub fn resolve(
                 }
             }
         }
-        let shared = shared_addresses(&caches.pods);
         for (node, name, ips) in selected {
             // An address that another live pod also reports is not known to
             // be this pod's (one of them is stale): it is left out rather
@@ -235,13 +278,22 @@ pub fn resolve(
 
     if !spec.target_ips.is_empty() {
         let owners = address_owners(&caches.pods, &caches.nodes);
-        for entry in &spec.target_ips {
+        for (i, entry) in spec.target_ips.iter().enumerate() {
             // The webhook and the schema reject what does not parse; here an
             // entry that does not is matched as is on every node.
             let single = parse_target(entry)
                 .ok()
                 .filter(|net| net.prefix_len() == net.max_prefix_len())
                 .map(|net| net.addr());
+            if let Some(Granted::Namespaces(namespaces)) = authorized
+                && let Some(reason) = outside(single, namespaces, &caches.pods, &shared)
+            {
+                out.problems.push(TargetProblem {
+                    target: format!("spec.targetIPs[{i}] {entry}"),
+                    reason,
+                });
+                continue;
+            }
             let nodes: Vec<&String> = match single.and_then(|ip| owners.get(&ip)) {
                 Some(node) => vec![node],
                 None => agent_nodes.iter().collect(),
@@ -269,6 +321,46 @@ pub fn resolve(
         })
         .collect();
     out
+}
+
+/// Why a `targetIPs` entry (`single`, if it is one address) is left out
+/// for a requester found allowed to capture pods only in `namespaces`: it
+/// was admitted as the address of a pod there, and is captured only while
+/// a running pod there holds it, never once the cluster has given it to a
+/// pod of another namespace.
+fn outside(
+    single: Option<IpAddr>,
+    namespaces: &BTreeSet<String>,
+    pods: &Store<Pod>,
+    shared: &BTreeSet<String>,
+) -> Option<String> {
+    let within = namespaces
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let Some(ip) = single else {
+        return Some(format!(
+            "is a range, and the requester was authorized to capture pods only in namespaces {within}"
+        ));
+    };
+    let holder = pods.state().into_iter().find(|p| {
+        !host_network(p)
+            && capturable(p).is_ok()
+            && pod_ips(p)
+                .iter()
+                .any(|a| a.parse() == Ok(ip) && !shared.contains(a))
+    });
+    match holder {
+        Some(pod) if namespaces.contains(&pod.namespace().unwrap_or_default()) => None,
+        Some(pod) => Some(format!(
+            "is now the address of pod {}, outside the namespaces the requester was authorized to capture pods in ({within}): left out",
+            pod_name(&pod)
+        )),
+        None => Some(format!(
+            "is no running pod's address now, and the requester was authorized to capture only pods' addresses (in {within}): left out"
+        )),
+    }
 }
 
 /// Addresses that more than one pod that may hold an address (not
@@ -345,6 +437,15 @@ mod tests {
     use crate::test_objects::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use packet_capture_common::crd::LabelSelector;
+
+    /// Resolves as for a capture with no [`Granted`] recorded.
+    fn resolve(
+        spec: &PacketCaptureConfigSpec,
+        caches: &Caches,
+        agents: &BTreeSet<String>,
+    ) -> Targets {
+        super::resolve(spec, None, caches, agents)
+    }
 
     fn spec(ips: &[&str], pods: &[(&str, &str)]) -> PacketCaptureConfigSpec {
         spec_of(ips, pods)
@@ -632,5 +733,42 @@ mod tests {
             resolved.problems[0].to_string(),
             "pod shop/db is on node n2, which spec.nodeSelector leaves out"
         );
+    }
+
+    #[test]
+    fn a_requester_allowed_in_some_namespaces_captures_addresses_of_pods_there_only() {
+        let (caches, agents) = fixture();
+        let ips = ["10.1.1.5", "10.1.2.7", "10.1.9.9", "10.1.0.0/16"];
+        let in_default = Granted::parse("default");
+        let resolved = super::resolve(&spec(&ips, &[]), Some(&in_default), &caches, &agents);
+        assert_eq!(nodes_of(&resolved), [("n1", vec!["10.1.1.5"])]);
+        let problems: Vec<String> = resolved.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            problems,
+            [
+                "spec.targetIPs[1] 10.1.2.7 is now the address of pod shop/db, outside the namespaces the requester was authorized to capture pods in (default): left out",
+                "spec.targetIPs[2] 10.1.9.9 is no running pod's address now, and the requester was authorized to capture only pods' addresses (in default): left out",
+                "spec.targetIPs[3] 10.1.0.0/16 is a range, and the requester was authorized to capture pods only in namespaces default",
+            ]
+        );
+        // Allowed everywhere, or nothing recorded: every entry, as before.
+        for authorized in [Some(&Granted::parse("*")), None] {
+            let resolved = super::resolve(&spec(&ips, &[]), authorized, &caches, &agents);
+            assert!(resolved.problems.is_empty(), "{:?}", resolved.problems);
+            assert_eq!(
+                resolved.nodes["n1"],
+                ["10.1.0.0/16", "10.1.1.5", "10.1.9.9"]
+            );
+        }
+    }
+
+    #[test]
+    fn granted_scopes_round_trip_through_their_annotation() {
+        let some = Granted::Namespaces(["shop".into(), "default".into()].into());
+        assert_eq!(some.to_string(), "default,shop");
+        assert_eq!(Granted::parse("default, shop"), some);
+        assert_eq!(Granted::Everywhere.to_string(), "*");
+        assert_eq!(Granted::parse("*"), Granted::Everywhere);
+        assert_eq!(Granted::parse(""), Granted::Namespaces(BTreeSet::new()));
     }
 }

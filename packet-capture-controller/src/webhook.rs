@@ -30,7 +30,9 @@ use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::runtime::events::EventType;
 use kube::{Api, Client, ResourceExt as _};
-use packet_capture_common::crd::{PacketCaptureConfig, PacketCaptureConfigSpec, REQUESTED_BY};
+use packet_capture_common::crd::{
+    AUTHORIZED_IN, PacketCaptureConfig, PacketCaptureConfigSpec, REQUESTED_BY,
+};
 use packet_capture_common::filter::FilterError;
 use packet_capture_common::tls;
 pub use packet_capture_common::tls::{ServingCert, certified_key};
@@ -44,6 +46,7 @@ use tower::ServiceExt as _;
 use crate::access;
 use crate::error::{Error, Result};
 use crate::events::Events;
+use crate::targets::Granted;
 
 /// What is wrong with a spec on its own: the common validation and the
 /// filter (compiled off the async threads, within a time limit; names
@@ -125,26 +128,38 @@ fn asks_for_capture(req: &AdmissionRequest<DynamicObject>) -> bool {
     }
 }
 
-/// The requester recorded on `obj`, if any.
-fn requester_of(obj: &DynamicObject) -> Option<&str> {
-    obj.annotations().get(REQUESTED_BY).map(String::as_str)
+/// The value of `obj`'s annotation `key`, if any.
+fn annotation<'o>(obj: &'o DynamicObject, key: &str) -> Option<&'o str> {
+    obj.annotations().get(key).map(String::as_str)
 }
 
-/// The JSON patch that makes `obj`'s [`REQUESTED_BY`] annotation `want`
-/// (removed for `None`); `None` when it already is.
-fn requester_patch(obj: &DynamicObject, want: Option<&str>) -> Option<json_patch::Patch> {
-    if requester_of(obj) == want {
-        return None;
-    }
-    let path = format!("/metadata/annotations/{}", REQUESTED_BY.replace('/', "~1"));
-    let op = match (want, obj.metadata.annotations.is_some()) {
-        (None, _) => json!({"op": "remove", "path": path}),
-        (Some(who), true) => json!({"op": "add", "path": path, "value": who}),
-        (Some(who), false) => {
-            json!({"op": "add", "path": "/metadata/annotations", "value": {REQUESTED_BY: who}})
+/// The JSON patch that makes each annotation `key` of `obj` the value
+/// wanted (removed for `None`); `None` when all already are.
+fn annotations_patch(
+    obj: &DynamicObject,
+    wants: &[(&str, Option<&str>)],
+) -> Option<json_patch::Patch> {
+    let mut has_annotations = obj.metadata.annotations.is_some();
+    let mut ops = Vec::new();
+    for &(key, want) in wants {
+        if annotation(obj, key) == want {
+            continue;
         }
-    };
-    Some(serde_json::from_value(json!([op])).expect("a JSON patch"))
+        // JSON pointer escapes: `~` as `~0`, `/` as `~1`.
+        let path = format!(
+            "/metadata/annotations/{}",
+            key.replace('~', "~0").replace('/', "~1")
+        );
+        ops.push(match want {
+            None => json!({"op": "remove", "path": path}),
+            Some(value) if has_annotations => json!({"op": "add", "path": path, "value": value}),
+            Some(value) => {
+                has_annotations = true;
+                json!({"op": "add", "path": "/metadata/annotations", "value": {key: value}})
+            }
+        });
+    }
+    (!ops.is_empty()).then(|| serde_json::from_value(json!(ops)).expect("a JSON patch"))
 }
 
 /// What the webhook found about one request.
@@ -178,10 +193,16 @@ impl Admission {
         }
     }
 
-    /// Answers one mutating AdmissionReview: the requesting user becomes
-    /// the capture's requester when it asks for a capture; any other update
-    /// keeps the requester it had (an edit of the annotation is undone).
-    pub fn mutate(&self, review: AdmissionReview<DynamicObject>) -> AdmissionReview<DynamicObject> {
+    /// Answers one mutating AdmissionReview. When it asks for a capture,
+    /// the requesting user becomes the capture's requester, and where they
+    /// may capture its targets is recorded ([`AUTHORIZED_IN`]: nothing when
+    /// it cannot be found out; the validating webhook then refuses the
+    /// capture anyway). Any other update keeps what the capture had (an
+    /// edit of either annotation is undone).
+    pub async fn mutate(
+        &self,
+        review: AdmissionReview<DynamicObject>,
+    ) -> AdmissionReview<DynamicObject> {
         let req: AdmissionRequest<DynamicObject> = match review.try_into() {
             Ok(r) => r,
             Err(e) => return AdmissionResponse::invalid(e.to_string()).into_review(),
@@ -190,12 +211,27 @@ impl Admission {
         let Some(obj) = &req.object else {
             return resp.into_review();
         };
-        let want = if asks_for_capture(&req) {
-            req.user_info.username.as_deref()
+        let (requester, authorized) = if asks_for_capture(&req) {
+            let granted = match parse(obj) {
+                Ok(pcc) => access::authorize(&self.client, &pcc.spec, &req.user_info)
+                    .await
+                    .map_or_else(
+                        |_| Granted::Namespaces(Default::default()),
+                        |v| v.authorized_in(),
+                    ),
+                Err(_) => Granted::Namespaces(Default::default()),
+            };
+            (req.user_info.username.clone(), Some(granted.to_string()))
         } else {
-            req.old_object.as_ref().and_then(requester_of)
+            let old = req.old_object.as_ref();
+            let kept = |key| old.and_then(|o| annotation(o, key)).map(String::from);
+            (kept(REQUESTED_BY), kept(AUTHORIZED_IN))
         };
-        match requester_patch(obj, want) {
+        let wants = [
+            (REQUESTED_BY, requester.as_deref()),
+            (AUTHORIZED_IN, authorized.as_deref()),
+        ];
+        match annotations_patch(obj, &wants) {
             None => resp.into_review(),
             Some(patch) => match resp.with_patch(patch) {
                 Ok(r) => r.into_review(),
@@ -296,17 +332,13 @@ impl Admission {
         found
             .problems
             .extend(self.requester_problem(user, &pcc.name_any()).await);
-        let holders = match access::holders(&self.client, &pcc.spec).await {
-            Ok(h) => h,
+        let verdict = match access::authorize(&self.client, &pcc.spec, &req.user_info).await {
+            Ok(v) => v,
             Err(e) => {
-                found.problems.push(format!(
-                    "spec: could not look up the pods and nodes of the targets: {e}"
-                ));
+                found.problems.push(e);
                 return found;
             }
         };
-        let needs = access::needs(&pcc.spec, &holders);
-        let verdict = access::check(&self.client, &req.user_info, &needs).await;
         found.problems.extend(verdict.problems.iter().cloned());
         found.access = Some(verdict);
         found
@@ -372,7 +404,7 @@ async fn mutate(
     State(admission): State<Admission>,
     Json(body): Json<AdmissionReview<DynamicObject>>,
 ) -> Json<AdmissionReview<DynamicObject>> {
-    Json(admission.mutate(body))
+    Json(admission.mutate(body).await)
 }
 
 pub fn router(admission: Admission) -> Router {

@@ -10,7 +10,7 @@ mod support;
 use kube::Client;
 use kube::core::DynamicObject;
 use kube::core::admission::AdmissionReview;
-use packet_capture_common::crd::REQUESTED_BY;
+use packet_capture_common::crd::{AUTHORIZED_IN, REQUESTED_BY};
 use packet_capture_common::validate::CaptureLimits;
 use packet_capture_controller::webhook::Admission;
 use serde_json::{Value, json};
@@ -462,80 +462,121 @@ fn request_of(
         request["operation"] = "UPDATE".into();
         let mut old = request["object"].clone();
         old["spec"] = old_spec;
-        old["metadata"]["annotations"] = json!({REQUESTED_BY: old_requester});
+        old["metadata"]["annotations"] =
+            json!({REQUESTED_BY: old_requester, AUTHORIZED_IN: "shop"});
         request["oldObject"] = old;
     }
     serde_json::from_value(review).unwrap()
 }
 
-/// The object after the mutating webhook's patch.
-fn mutated(admission: &Admission, review: AdmissionReview<DynamicObject>) -> Value {
-    let mut object = serde_json::to_value(review.request.as_ref().unwrap().object.clone()).unwrap();
-    let answer = admission.mutate(review);
-    let resp = answer.response.unwrap();
-    assert!(resp.allowed);
-    if let Some(patch) = &resp.patch {
-        let patch: json_patch::Patch = serde_json::from_slice(patch).unwrap();
-        json_patch::patch(&mut object, &patch).unwrap();
-    }
-    object
+/// The object after the mutating webhook's patch, from a task: a request
+/// that asks for a capture is authorized meanwhile, with API calls the
+/// test answers.
+fn mutated(
+    admission: &Admission,
+    review: AdmissionReview<DynamicObject>,
+) -> tokio::task::JoinHandle<Value> {
+    let admission = admission.clone();
+    tokio::spawn(async move {
+        let mut object =
+            serde_json::to_value(review.request.as_ref().unwrap().object.clone()).unwrap();
+        let answer = admission.mutate(review).await;
+        let resp = answer.response.unwrap();
+        assert!(resp.allowed);
+        if let Some(patch) = &resp.patch {
+            let patch: json_patch::Patch = serde_json::from_slice(patch).unwrap();
+            json_patch::patch(&mut object, &patch).unwrap();
+        }
+        object
+    })
+}
+
+/// Answers what authorizing `targetIPs: [10.244.1.5]` asks: the nodes,
+/// the pods of node-1 (whose pod CIDR holds it: shop/web), and whether the
+/// user may capture in namespace shop.
+async fn authorize_shop_web(api: &mut ApiServer, allowed: bool) {
+    api.answer("GET", "/api/v1/nodes", 200, |_| nodes()).await;
+    api.answer("GET", "/api/v1/pods", 200, |_| {
+        list("PodList", vec![pod("shop", "web", "10.244.1.5", false)])
+    })
+    .await;
+    let sar = access_review(api, allowed).await;
+    assert_eq!(sar["resourceAttributes"]["namespace"], "shop");
 }
 
 #[tokio::test]
-async fn the_requester_is_whoever_asks_for_the_capture() {
-    let (admission, _api) = mock();
-    let spec = json!({"targetIPs": ["10.0.0.1"]});
+async fn the_requester_and_where_they_may_capture_are_recorded_when_they_ask() {
+    let (admission, mut api) = mock();
+    let spec = json!({"targetIPs": ["10.244.1.5"]});
     let wider = json!({"targetIPs": ["10.0.0.0/24"]});
-    let requester = |object: &Value| {
-        object["metadata"]["annotations"][REQUESTED_BY]
+    let annotation = |object: &Value, key: &str| {
+        object["metadata"]["annotations"][key]
             .as_str()
             .map(String::from)
     };
-    // A create: the requesting user, with or without other annotations, and
-    // whatever the creator wrote there.
+    // A create: the requesting user, and the namespaces they were found
+    // allowed to capture the targets in, with or without other
+    // annotations, and whatever the creator wrote there.
     for annotations in [
         None,
         Some(json!({"team": "net"})),
-        Some(json!({REQUESTED_BY: "bob"})),
+        Some(json!({REQUESTED_BY: "bob", AUTHORIZED_IN: "*"})),
     ] {
-        let object = mutated(
+        let task = mutated(
             &admission,
             request_of(spec.clone(), "alice", annotations.clone(), None),
         );
+        authorize_shop_web(&mut api, true).await;
+        let object = task.await.unwrap();
         assert_eq!(
-            requester(&object).as_deref(),
+            annotation(&object, REQUESTED_BY).as_deref(),
             Some("alice"),
             "{annotations:?}"
         );
+        assert_eq!(annotation(&object, AUTHORIZED_IN).as_deref(), Some("shop"));
         if annotations.is_some_and(|a| a.get("team").is_some()) {
             assert_eq!(object["metadata"]["annotations"]["team"], "net");
         }
     }
-    // An update that keeps the spec keeps the requester, even when it
-    // removes or rewrites the annotation.
-    for annotations in [None, Some(json!({REQUESTED_BY: "carol"})), Some(json!({}))] {
+    // Not allowed there: nothing is recorded as allowed (the validating
+    // webhook refuses the capture).
+    let task = mutated(&admission, request_of(spec.clone(), "alice", None, None));
+    authorize_shop_web(&mut api, false).await;
+    let object = task.await.unwrap();
+    assert_eq!(annotation(&object, AUTHORIZED_IN).as_deref(), Some(""));
+    // An update that keeps the spec keeps both, even when it removes or
+    // rewrites them: nothing is asked.
+    for annotations in [
+        None,
+        Some(json!({REQUESTED_BY: "carol", AUTHORIZED_IN: "*"})),
+        Some(json!({})),
+    ] {
         let update = request_of(
             spec.clone(),
             "carol",
             annotations,
             Some((spec.clone(), "alice")),
         );
-        assert_eq!(
-            requester(&mutated(&admission, update)).as_deref(),
-            Some("alice")
-        );
+        let object = mutated(&admission, update).await.unwrap();
+        assert_eq!(annotation(&object, REQUESTED_BY).as_deref(), Some("alice"));
+        assert_eq!(annotation(&object, AUTHORIZED_IN).as_deref(), Some("shop"));
     }
-    // One that changes the spec asks for a new capture: its user requests it.
+    // One that changes the spec asks for a new capture: its user requests
+    // it, allowed everywhere for a range.
     let update = request_of(
         wider,
         "carol",
-        Some(json!({REQUESTED_BY: "alice"})),
+        Some(json!({REQUESTED_BY: "alice", AUTHORIZED_IN: "shop"})),
         Some((spec, "alice")),
     );
-    assert_eq!(
-        requester(&mutated(&admission, update)).as_deref(),
-        Some("carol")
-    );
+    let task = mutated(&admission, update);
+    api.answer("GET", "/api/v1/nodes", 200, |_| nodes()).await;
+    let sar = access_review(&mut api, true).await;
+    assert_eq!(sar["user"], "carol");
+    assert_eq!(sar["resourceAttributes"].get("namespace"), None);
+    let object = task.await.unwrap();
+    assert_eq!(annotation(&object, REQUESTED_BY).as_deref(), Some("carol"));
+    assert_eq!(annotation(&object, AUTHORIZED_IN).as_deref(), Some("*"));
 }
 
 #[tokio::test]

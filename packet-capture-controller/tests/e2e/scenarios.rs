@@ -28,8 +28,9 @@ use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::wait::await_condition;
 use kube::{Api, ResourceExt};
 use packet_capture_common::crd::{
-    CaptureState, LabelSelector, OutputFormat, PacketCaptureConfig, PacketCaptureConfigSpec,
-    PacketCaptureConfigStatus, Phase, PodRef, PodSelector, REQUESTED_BY, STDOUT_OUTPUT_FILE,
+    AUTHORIZED_IN, CaptureState, LabelSelector, OutputFormat, PacketCaptureConfig,
+    PacketCaptureConfigSpec, PacketCaptureConfigStatus, Phase, PodRef, PodSelector, REQUESTED_BY,
+    STDOUT_OUTPUT_FILE,
 };
 use packet_capture_controller::{issuer, pki};
 use packet_capture_test_support::cluster::{COMPONENT_NAMESPACE, Cluster, SimPod};
@@ -779,29 +780,15 @@ async fn until_following(
     pods: Vec<String>,
     since: std::time::Instant,
 ) {
-    // An agent tells no one of a capture it is about to start, so it is
-    // asked until it has the pods or the time is up.
-    let deadline = since + FOLLOW_WITHIN;
-    let captured = |c: &packet_capture_proto::v1::Capture| {
-        let spec = c.spec.clone().unwrap_or_default();
+    until_agent_captures(w, uid, node, &format!("pods {pods:?}"), since, |spec| {
         let on: Vec<String> = spec
             .pods
             .iter()
             .map(|p| format!("{}/{}", p.namespace, p.name))
             .collect();
-        c.capture_state() == Ok(CaptureState::Running) && spec.only_targets && on == pods
-    };
-    loop {
-        let now = w.captures_of(node, uid).await;
-        if now.iter().any(captured) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node {node}'s agent did not capture pods {pods:?} within {FOLLOW_WITHIN:?}: {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        on == pods
+    })
+    .await;
     let ip = w.nodes[node].ip().to_string();
     w.until(
         name,
@@ -815,6 +802,37 @@ async fn until_following(
         },
     )
     .await;
+}
+
+/// Waits until node `node`'s agent runs capture `uid` with only its
+/// targets, and `selects` (`what`) of them, failing unless that took at
+/// most [`FOLLOW_WITHIN`] from `since`.
+async fn until_agent_captures(
+    w: &World,
+    uid: &str,
+    node: usize,
+    what: &str,
+    since: std::time::Instant,
+    selects: impl Fn(&packet_capture_proto::v1::CaptureSpec) -> bool,
+) {
+    // An agent tells no one of a capture it is about to start, so it is
+    // asked until it has the targets or the time is up.
+    let deadline = since + FOLLOW_WITHIN;
+    let captured = |c: &packet_capture_proto::v1::Capture| {
+        let spec = c.spec.clone().unwrap_or_default();
+        c.capture_state() == Ok(CaptureState::Running) && spec.only_targets && selects(&spec)
+    };
+    loop {
+        let now = w.captures_of(node, uid).await;
+        if now.iter().any(captured) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {node}'s agent did not capture {what} within {FOLLOW_WITHIN:?}: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Pings from `from` to `to` until `count` are answered (within 10 s: a
@@ -1163,37 +1181,15 @@ async fn the_webhook_rejects_bad_specs_naming_the_field() {
     // captures a pod only with "capture" on pods in its namespace, and a
     // node's address or a wide range only with it in every namespace.
     let ns = w.namespace.name();
-    let creator = w
-        .cluster
-        .token_for(ns, "creator", &[])
-        .await
-        .expect("a token for the creator");
-    let user = format!("system:serviceaccount:{ns}:creator");
-    let subject = format!("--serviceaccount={ns}:creator");
+    let Creator {
+        api: as_creator,
+        user,
+        subject,
+    } = creator(&w, &mut cleanup).await;
     let cluster_capturer = format!("packet-capture-capturer-{}", w.id);
-    let editor = format!("packet-capture-editor-{}", w.id);
-    for binding in [&editor, &cluster_capturer] {
-        cleanup
-            .1
-            .push(vec!["clusterrolebinding".into(), binding.clone()]);
-    }
-    w.cluster
-        .kubectl_async(&[
-            "create",
-            "clusterrolebinding",
-            &editor,
-            "--clusterrole=packet-capture-editor",
-            &subject,
-        ])
-        .await
-        .expect("binding the editor role");
-    let mut config = w.cluster.config();
-    config.auth_info = kube::config::AuthInfo {
-        token: Some(creator.into()),
-        ..Default::default()
-    };
-    let as_creator: Api<PacketCaptureConfig> =
-        Api::all(kube::Client::try_from(config).expect("a client for the creator"));
+    cleanup
+        .1
+        .push(vec!["clusterrolebinding".into(), cluster_capturer.clone()]);
     let pod = &w.pods[0];
     let spec_of = |targets: serde_json::Value| {
         let mut c: PacketCaptureConfig = serde_json::from_value(object(&w, targets)).unwrap();
@@ -1256,18 +1252,7 @@ async fn the_webhook_rejects_bad_specs_naming_the_field() {
         ])
         .await
         .expect("letting the creator view the namespace");
-    w.cluster
-        .kubectl_async(&[
-            "create",
-            "rolebinding",
-            "creator-captures",
-            "-n",
-            ns,
-            "--clusterrole=packet-capture-capturer",
-            &subject,
-        ])
-        .await
-        .expect("letting the creator capture in the namespace");
+    captures_in_its_namespace(&w, &subject).await;
     until_admitted(
         &as_creator,
         &of_pod,
@@ -1391,6 +1376,148 @@ async fn the_webhook_rejects_bad_specs_naming_the_field() {
         .create(&dry_run(), &of_node)
         .await
         .expect("the creator may capture a node's address");
+    drop(cleanup);
+}
+
+/// A user who may create captures (packet-capture-editor) and, until
+/// given more, capture nothing: the service account `creator` of the
+/// world's namespace.
+struct Creator {
+    /// Captures as the creator.
+    api: Api<PacketCaptureConfig>,
+    user: String,
+    /// `--serviceaccount=NS:creator`, for kubectl's bindings.
+    subject: String,
+}
+
+/// Makes the world's [`Creator`]; its bindings go with `cleanup`.
+async fn creator(w: &World, cleanup: &mut Deletes) -> Creator {
+    let ns = w.namespace.name();
+    let token = w
+        .cluster
+        .token_for(ns, "creator", &[])
+        .await
+        .expect("a token for the creator");
+    let subject = format!("--serviceaccount={ns}:creator");
+    let editor = format!("packet-capture-editor-{}", w.id);
+    cleanup
+        .1
+        .push(vec!["clusterrolebinding".into(), editor.clone()]);
+    w.cluster
+        .kubectl_async(&[
+            "create",
+            "clusterrolebinding",
+            &editor,
+            "--clusterrole=packet-capture-editor",
+            &subject,
+        ])
+        .await
+        .expect("binding the editor role");
+    let mut config = w.cluster.config();
+    config.auth_info = kube::config::AuthInfo {
+        token: Some(token.into()),
+        ..Default::default()
+    };
+    Creator {
+        api: Api::all(kube::Client::try_from(config).expect("a client for the creator")),
+        user: format!("system:serviceaccount:{ns}:creator"),
+        subject,
+    }
+}
+
+/// Lets `subject` capture pods in the world's namespace.
+async fn captures_in_its_namespace(w: &World, subject: &str) {
+    w.cluster
+        .kubectl_async(&[
+            "create",
+            "rolebinding",
+            "creator-captures",
+            "-n",
+            w.namespace.name(),
+            "--clusterrole=packet-capture-capturer",
+            subject,
+        ])
+        .await
+        .expect("letting the creator capture in the namespace");
+}
+
+/// Someone allowed to capture only in one namespace captures a pod's
+/// address there while a pod there holds it: once the pod is gone its
+/// address is left out (the mutating webhook recorded where the creator
+/// may capture), and the pod of another namespace the cluster gives it to
+/// next is not captured.
+#[tokio::test]
+async fn a_pod_address_given_to_another_namespace_is_not_captured() {
+    let setup = Setup {
+        webhook: Certs::Dir,
+        ..TWO_NODES
+    };
+    let Some(w) = World::start(
+        "a_pod_address_given_to_another_namespace_is_not_captured",
+        setup,
+    )
+    .await
+    else {
+        return;
+    };
+    let registration_name = format!("packet-capture-webhook-{}", w.id);
+    let ca = w.webhook.as_ref().and_then(|h| h.ca.clone());
+    let mut cleanup = register(&w, &registration_name, ca).await;
+    until_the_webhook_denies(&w).await;
+    let ns = w.namespace.name().to_string();
+    let creator = creator(&w, &mut cleanup).await;
+    captures_in_its_namespace(&w, &creator.subject).await;
+    let web = w.nodes[0].add_pod(&ns, "web").await.expect("pod web");
+    let reused = web.ip();
+    let mut capture: PacketCaptureConfig =
+        serde_json::from_value(object(&w, json!({"targetIPs": [reused.to_string()]}))).unwrap();
+    capture.spec.duration = 600;
+    until_admitted(
+        &creator.api,
+        &capture,
+        "capture in its namespace still refused",
+    )
+    .await;
+    let created = creator
+        .api
+        .create(&PostParams::default(), &capture)
+        .await
+        .expect("the creator's capture of its pod's address");
+    assert_eq!(created.annotations().get(AUTHORIZED_IN), Some(&ns));
+    let (name, uid) = (created.name_any(), World::uid(&created));
+    w.until_running_on(&name, 1, 1).await;
+    ping_between(&w.pods[1], &web, 3).await;
+
+    let since = std::time::Instant::now();
+    drop(web);
+    until_agent_captures(&w, &uid, 0, "no address", since, |spec| {
+        spec.target_ips.is_empty()
+    })
+    .await;
+    let elsewhere = w.cluster.namespace("e2e").await.expect("another namespace");
+    let other = w.nodes[0]
+        .add_pod(elsewhere.name(), "other")
+        .await
+        .expect("pod other");
+    assert_eq!(
+        other.ip(),
+        reused,
+        "the simulated CNI hands the address out again"
+    );
+    ping_between(&w.pods[1], &other, 4).await;
+
+    w.delete_capture(&name, &uid).await;
+    let captures = w.captures_of(0, &uid).await;
+    assert_eq!(captures.len(), 1, "one capture: {captures:?}");
+    let packets = w.packets_in(0, &captures[0].output_file).await;
+    let requests = packets
+        .iter()
+        .filter(|p| p.dst == reused.to_string() && p.icmp_type == "8")
+        .count();
+    assert_eq!(
+        requests, 3,
+        "web's pings, and none of the pod of another namespace that got its address: {packets:?}"
+    );
     drop(cleanup);
 }
 
