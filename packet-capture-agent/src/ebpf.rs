@@ -680,6 +680,10 @@ impl Kernel {
             if self.slots.is_empty() {
                 self.detach_all();
             }
+            // The lookups the maps held meanwhile may have changed.
+            if let Err(again) = self.write_settings() {
+                tracing::error!(slot, "the settings could not be restored: {again}");
+            }
             return Err(e);
         }
         self.write_settings()
@@ -696,10 +700,13 @@ impl Kernel {
             self.detach_all();
             tracing::info!("eBPF programs detached: no capture runs");
         }
-        self.sync_maps()?;
+        // The slot is inactive already: its filters go even when the maps
+        // could not all be put right (the next sync tries again).
+        let synced = self.sync_maps();
         // Again, now that the maps say which lookups the slots left need.
         self.write_settings()?;
-        self.clear_filter(slot)
+        self.clear_filter(slot)?;
+        synced
     }
 
     /// Runs `filter` in the kernel for `slot`, for the frames of each link
@@ -878,17 +885,24 @@ impl Kernel {
         let updates: Vec<(IpNet, Option<u64>)> = gone.chain(changed).collect();
         let mut result = Ok(());
         for (net, mask) in updates {
-            result = self.put_prefix(&net, mask);
+            let existed = self.prefixes.contains_key(&net);
+            result = self.put_prefix(&net, mask, existed);
             match (mask, result.is_ok()) {
                 (Some(mask), true) => {
                     self.prefixes.insert(net, mask);
                 }
-                // A failed insert leaves the entry in neither map
-                // (`put_prefix`); a failed removal may have left it.
-                (Some(_), false) | (None, true) => {
+                // A failed insert of a new entry leaves it in neither map
+                // (`put_prefix`).
+                (Some(_), false) if !existed => {
                     self.prefixes.remove(&net);
                 }
-                (None, false) => {}
+                (None, true) => {
+                    self.prefixes.remove(&net);
+                }
+                // A failed change keeps the entry, with its old mask or the
+                // new one, and its record says to write it again; a failed
+                // removal may have left it.
+                (Some(_), false) | (None, false) => {}
             }
             if result.is_err() {
                 break;
@@ -922,7 +936,7 @@ impl Kernel {
 
     /// Sets the slots of `net` in its family's trie (and hosts map, for a
     /// whole address), or removes it (`None`).
-    fn put_prefix(&mut self, net: &IpNet, mask: Option<u64>) -> Result<(), Error> {
+    fn put_prefix(&mut self, net: &IpNet, mask: Option<u64>, existed: bool) -> Result<(), Error> {
         match net {
             IpNet::V4(n) => put_prefix(
                 &mut self.ipv4,
@@ -930,6 +944,7 @@ impl Kernel {
                 n.addr().octets(),
                 n.prefix_len(),
                 mask,
+                existed,
             )
             .map_err(map_err("IPV4")),
             IpNet::V6(n) => put_prefix(
@@ -938,6 +953,7 @@ impl Kernel {
                 n.addr().octets(),
                 n.prefix_len(),
                 mask,
+                existed,
             )
             .map_err(map_err("IPV6")),
         }
@@ -1020,12 +1036,15 @@ impl Kernel {
 }
 
 /// [`Kernel::put_prefix`] for one family's maps (addresses of `N` bytes).
+/// A new entry (`existed` false) that fails to go in is taken out of
+/// both maps again; one that existed is left as it is, live.
 fn put_prefix<const N: usize>(
     trie: &mut LpmTrie<MapData, [u8; N], u64>,
     hosts: &mut BpfHashMap<MapData, [u8; N], u64>,
     addr: [u8; N],
     prefix_len: u8,
     mask: Option<u64>,
+    existed: bool,
 ) -> Result<(), aya::maps::MapError> {
     let key = Key::new(u32::from(prefix_len), addr);
     let whole = usize::from(prefix_len) == N * 8;
@@ -1048,7 +1067,7 @@ fn put_prefix<const N: usize>(
                     Ok(())
                 }
             });
-            if inserted.is_err() {
+            if inserted.is_err() && !existed {
                 // Not in one map and missing from the other: the entry
                 // goes from both, and the caller records it as absent.
                 let _ = remove(trie, hosts);

@@ -158,7 +158,7 @@ async fn request(
                 futures::future::ready(match event {
                     Ok(csr) => verdict(&csr).transpose(),
                     Err(e) => {
-                        tracing::debug!(request = name, "watching the request: {e}");
+                        tracing::warn!(request = name, "watching the request: {e}");
                         None
                     }
                 })

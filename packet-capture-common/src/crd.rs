@@ -53,9 +53,9 @@ pub const STOPPED_BY_REQUEST: &str = "stopped by request";
 pub const REQUESTED_BY: &str = "networking.packet.io/requested-by";
 
 /// The annotation saying where the requester was found allowed to capture
-/// pods when the spec was admitted: `*` (every namespace) or namespaces,
-/// comma-separated. Set by the controller's mutating webhook, like
-/// [`REQUESTED_BY`]. Without `*`, each `targetIPs` entry was a pod's
+/// pods when a spec with `targetIPs` was admitted: `*` (every namespace) or
+/// namespaces, comma-separated. Set by the controller's mutating webhook,
+/// like [`REQUESTED_BY`]. Without `*`, each `targetIPs` entry was a pod's
 /// address in one of them, and is captured only while it still is.
 pub const AUTHORIZED_IN: &str = "networking.packet.io/authorized-in";
 

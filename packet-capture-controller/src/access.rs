@@ -303,21 +303,47 @@ pub struct Verdict {
     pub problems: Vec<String>,
     /// The scopes the user was found to hold, for the record.
     pub granted: Vec<Scope>,
+    /// Some permission could not be checked (an API error).
+    pub incomplete: bool,
 }
 
-impl Verdict {
-    /// Where the user was found allowed to capture, as the capture records
-    /// it.
-    pub fn authorized_in(&self) -> Granted {
-        let mut namespaces = BTreeSet::new();
-        for scope in &self.granted {
-            match scope {
-                Scope::Cluster => return Granted::Everywhere,
-                Scope::Namespace(ns) => namespaces.insert(ns.clone()),
-            };
-        }
-        Granted::Namespaces(namespaces)
+/// Where `user` may capture, for a capture of `spec`'s `targetIPs` to
+/// record: every namespace, or the namespaces its targets need that they
+/// may capture in. An error when that cannot be found out now.
+pub async fn authorized_in(
+    client: &Client,
+    spec: &PacketCaptureConfigSpec,
+    user: &UserInfo,
+) -> Result<Granted, String> {
+    let holders = holders(client, spec)
+        .await
+        .map_err(|e| format!("could not look up the pods and nodes of the targets: {e}"))?;
+    let needs = needs(spec, &holders);
+    let verdict = check(client, user, &needs).await;
+    if verdict.incomplete {
+        return Err(verdict.problems.join("; "));
     }
+    let mut namespaces = BTreeSet::new();
+    for scope in verdict.granted {
+        match scope {
+            Scope::Cluster => return Ok(Granted::Everywhere),
+            Scope::Namespace(ns) => namespaces.insert(ns),
+        };
+    }
+    // Someone who may capture everywhere follows addresses wherever they
+    // go, even when these targets did not need it (then it was not asked).
+    if needs.cluster.is_empty() {
+        match may_capture(client, user, &Scope::Cluster).await {
+            Ok(true) => return Ok(Granted::Everywhere),
+            Ok(false) => {}
+            Err(e) => {
+                return Err(format!(
+                    "could not check whether the user may capture pods in every namespace: {e}"
+                ));
+            }
+        }
+    }
+    Ok(Granted::Namespaces(namespaces))
 }
 
 /// Checks `needs` against `user`'s permissions. With the cluster-wide
@@ -328,6 +354,7 @@ pub async fn check(client: &Client, user: &UserInfo, needs: &Needs) -> Verdict {
     let mut verdict = Verdict {
         problems: Vec::new(),
         granted: Vec::new(),
+        incomplete: false,
     };
     if !needs.cluster.is_empty() {
         match may_capture(client, user, &Scope::Cluster).await {
@@ -343,6 +370,7 @@ pub async fn check(client: &Client, user: &UserInfo, needs: &Needs) -> Verdict {
                 }
             }
             Err(e) => {
+                verdict.incomplete = true;
                 for (field, _) in &needs.cluster {
                     verdict.problems.push(format!(
                         "{field}: could not check whether user {who:?} may capture pods in every namespace: {e}"
@@ -358,9 +386,12 @@ pub async fn check(client: &Client, user: &UserInfo, needs: &Needs) -> Verdict {
             Ok(false) => verdict.problems.push(format!(
                 "{field}: {why}: user {who:?} may not \"capture\" pods in namespace {ns:?}"
             )),
-            Err(e) => verdict.problems.push(format!(
-                "{field}: could not check whether user {who:?} may capture pods in namespace {ns:?}: {e}"
-            )),
+            Err(e) => {
+                verdict.incomplete = true;
+                verdict.problems.push(format!(
+                    "{field}: could not check whether user {who:?} may capture pods in namespace {ns:?}: {e}"
+                ));
+            }
         }
     }
     verdict

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -132,9 +133,11 @@ impl Act<'_> {
 
     /// Gives running node captures their new targets, all nodes at once.
     /// A node whose agent does not take them keeps its old ones (and the
-    /// next reconcile tries again); its watch reports whatever else
-    /// happens to it.
-    pub async fn retarget(&self, retargets: &[Retarget]) {
+    /// capture comes back within [`RETARGET_RETRY`] to try again: an
+    /// address to leave out may be one its requester may no longer
+    /// capture); its watch reports whatever else happens to it. Says
+    /// whether every node took them.
+    pub async fn retarget(&self, retargets: &[Retarget]) -> bool {
         let Resource {
             uid, generation, ..
         } = self.resource;
@@ -153,6 +156,7 @@ impl Act<'_> {
             (r, out)
         }))
         .await;
+        let mut all_taken = true;
         for (r, out) in results {
             let node = &r.progress.node;
             match out {
@@ -166,18 +170,20 @@ impl Act<'_> {
                         .modify(uid, generation, node, id, |p| p.merge(&c, Timestamp::now()));
                 }
                 Err(e) => {
+                    all_taken = false;
                     let note = format!(
-                        "node {node} keeps its earlier targets: setting the new ones failed ({}); tried again at the next reconcile",
+                        "node {node} keeps its earlier targets: setting the new ones failed ({}); tried again",
                         e.message()
                     );
                     tracing::warn!(%node, capture = r.progress.capture_id, "{note}");
                     let pcc = self.resource.pcc;
                     self.events
-                        .publish(pcc, Some(node), EventType::Warning, "TargetsKept", note)
+                        .announce(pcc, Some(node), EventType::Warning, "TargetsKept", note)
                         .await;
                 }
             }
         }
+        all_taken
     }
 
     /// Records node outcomes decided without an agent call.
@@ -349,6 +355,9 @@ impl Act<'_> {
         progress
     }
 }
+
+/// How soon a capture comes back to set targets a node did not take.
+pub const RETARGET_RETRY: Duration = Duration::from_secs(10);
 
 /// The target pods as the agent API spells them.
 fn target_pods(pods: &[SelectedPod]) -> Vec<TargetPod> {

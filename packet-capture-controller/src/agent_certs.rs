@@ -12,7 +12,7 @@
 //! you keep in a Secret; its bundle is published, without the key, in a
 //! ConfigMap for clients (`grpcurl -cacert`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -407,6 +407,19 @@ fn status_patch(status: &CertificateSigningRequestStatus) -> serde_json::Value {
 /// starts (a DaemonSet rollout), and each decision is a few API calls.
 const DECIDING_AT_ONCE: usize = 16;
 
+/// Queues `csr` to be decided unless it is already queued or being
+/// decided: a copy from before that decision would be decided again.
+fn enqueue(
+    waiting: &mut VecDeque<CertificateSigningRequest>,
+    in_flight: &HashSet<String>,
+    csr: CertificateSigningRequest,
+) {
+    let name = csr.name_any();
+    if !in_flight.contains(&name) && !waiting.iter().any(|w| w.name_any() == name) {
+        waiting.push_back(csr);
+    }
+}
+
 /// How often the pending requests are listed, besides the watch: one whose
 /// decision gave up on API errors, or that a stalled watch did not bring,
 /// must not leave its agent without a certificate until it asks again.
@@ -429,7 +442,7 @@ pub async fn run(client: Client, settings: Settings, trust: Arc<TrustedCas>) -> 
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Requests to decide as room comes: from the watch, and those a list
     // found pending.
-    let mut waiting = std::collections::VecDeque::new();
+    let mut waiting = VecDeque::new();
     let mut current: Option<(Arc<Authority>, SystemTime)> = None;
     let mut deciding = futures::stream::FuturesUnordered::new();
     let mut in_flight = HashSet::new();
@@ -483,7 +496,7 @@ pub async fn run(client: Client, settings: Settings, trust: Arc<TrustedCas>) -> 
         }
         tokio::select! {
             next = stream.next(), if deciding.len() < DECIDING_AT_ONCE => match next {
-                Some(Ok(csr)) => waiting.push_back(csr),
+                Some(Ok(csr)) => enqueue(&mut waiting, &in_flight, csr),
                 Some(Err(e)) => tracing::warn!("watching certificate requests: {e}"),
                 None => tokio::time::sleep(Duration::from_secs(1)).await,
             },
@@ -492,7 +505,11 @@ pub async fn run(client: Client, settings: Settings, trust: Arc<TrustedCas>) -> 
             }
             _ = recheck.tick(), if waiting.is_empty() => {
                 match requests.list(&ListParams::default().fields(&signer)).await {
-                    Ok(list) => waiting.extend(list.items.into_iter().filter(unsigned)),
+                    Ok(list) => {
+                        for csr in list.items.into_iter().filter(unsigned) {
+                            enqueue(&mut waiting, &in_flight, csr);
+                        }
+                    }
                     Err(e) => tracing::warn!("listing the pending certificate requests: {e}"),
                 }
             }

@@ -21,7 +21,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use packet_capture_common::crd::{AUTHORIZED_IN, PacketCaptureConfig, STOP_REQUESTED};
 
-use crate::act::Act;
+use crate::act::{Act, RETARGET_RETRY};
 use crate::agent_certs;
 use crate::agents::{AgentPool, AgentTls, PoolSettings, TrustedCas};
 use crate::config::{AgentCa, Settings, Timing};
@@ -229,7 +229,7 @@ async fn apply(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
             if !targets.problems.is_empty() {
                 tracing::info!(name = %resource.name(), "targets gone during the capture: {:?}", targets.problems);
             }
-            act.retarget(&run.retargets).await;
+            let retargeted = act.retarget(&run.retargets).await;
             if let Some(nodes) = &run.starting {
                 report.starting(nodes).await?;
             }
@@ -243,6 +243,9 @@ async fn apply(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
                 let mut requeue = deferred.map_or(run.requeue, |d| d.min(run.requeue));
                 if owing() {
                     requeue = requeue.min(OWED_SWEEP_RETRY);
+                }
+                if !retargeted {
+                    requeue = requeue.min(RETARGET_RETRY);
                 }
                 Action::requeue(requeue)
             })

@@ -278,6 +278,10 @@ pub fn resolve(
 
     if !spec.target_ips.is_empty() {
         let owners = address_owners(&caches.pods, &caches.nodes);
+        let holders = match authorized {
+            Some(Granted::Namespaces(_)) => address_holders(&caches.pods, &shared),
+            _ => HashMap::new(),
+        };
         for (i, entry) in spec.target_ips.iter().enumerate() {
             // The webhook and the schema reject what does not parse; here an
             // entry that does not is matched as is on every node.
@@ -286,7 +290,7 @@ pub fn resolve(
                 .filter(|net| net.prefix_len() == net.max_prefix_len())
                 .map(|net| net.addr());
             if let Some(Granted::Namespaces(namespaces)) = authorized
-                && let Some(reason) = outside(single, namespaces, &caches.pods, &shared)
+                && let Some(reason) = outside(single, namespaces, &holders)
             {
                 out.problems.push(TargetProblem {
                     target: format!("spec.targetIPs[{i}] {entry}"),
@@ -323,6 +327,28 @@ pub fn resolve(
     out
 }
 
+/// The pods that may hold an address (not finished, not host-network) by
+/// each address only they report: who holds a `targetIPs` address now, as
+/// namespace and `namespace/name`. A pod still starting or being deleted
+/// holds its address until it is gone.
+fn address_holders(
+    pods: &Store<Pod>,
+    shared: &BTreeSet<String>,
+) -> HashMap<IpAddr, (String, String)> {
+    let mut out = HashMap::new();
+    for pod in pods.state() {
+        if !may_hold_address(&pod) {
+            continue;
+        }
+        for ip in pod_ips(&pod).iter().filter(|ip| !shared.contains(*ip)) {
+            if let Ok(ip) = ip.parse() {
+                out.insert(ip, (pod.namespace().unwrap_or_default(), pod_name(&pod)));
+            }
+        }
+    }
+    out
+}
+
 /// Why a `targetIPs` entry (`single`, if it is one address) is left out
 /// for a requester found allowed to capture pods only in `namespaces`: it
 /// was admitted as the address of a pod there, and is captured only while
@@ -331,8 +357,7 @@ pub fn resolve(
 fn outside(
     single: Option<IpAddr>,
     namespaces: &BTreeSet<String>,
-    pods: &Store<Pod>,
-    shared: &BTreeSet<String>,
+    holders: &HashMap<IpAddr, (String, String)>,
 ) -> Option<String> {
     let within = namespaces
         .iter()
@@ -344,23 +369,21 @@ fn outside(
             "is a range, and the requester was authorized to capture pods only in namespaces {within}"
         ));
     };
-    let holder = pods.state().into_iter().find(|p| {
-        !host_network(p)
-            && capturable(p).is_ok()
-            && pod_ips(p)
-                .iter()
-                .any(|a| a.parse() == Ok(ip) && !shared.contains(a))
-    });
-    match holder {
-        Some(pod) if namespaces.contains(&pod.namespace().unwrap_or_default()) => None,
-        Some(pod) => Some(format!(
-            "is now the address of pod {}, outside the namespaces the requester was authorized to capture pods in ({within}): left out",
-            pod_name(&pod)
+    match holders.get(&ip) {
+        Some((ns, _)) if namespaces.contains(ns) => None,
+        Some((_, pod)) => Some(format!(
+            "is now the address of pod {pod}, outside the namespaces the requester was authorized to capture pods in ({within}): left out"
         )),
         None => Some(format!(
-            "is no running pod's address now, and the requester was authorized to capture only pods' addresses (in {within}): left out"
+            "is no pod's address now (or not one pod's alone), and the requester was authorized to capture only pods' addresses (in {within}): left out"
         )),
     }
+}
+
+/// Whether `pod` may hold an address of its own: not finished, not on its
+/// node's network.
+fn may_hold_address(pod: &Pod) -> bool {
+    !host_network(pod) && !matches!(pod_phase(pod), "Succeeded" | "Failed")
 }
 
 /// Addresses that more than one pod that may hold an address (not
@@ -368,7 +391,7 @@ fn outside(
 fn shared_addresses(pods: &Store<Pod>) -> BTreeSet<String> {
     let mut seen: HashMap<String, usize> = HashMap::new();
     for pod in pods.state() {
-        if host_network(&pod) || matches!(pod_phase(&pod), "Succeeded" | "Failed") {
+        if !may_hold_address(&pod) {
             continue;
         }
         for ip in pod_ips(&pod) {
@@ -427,8 +450,18 @@ pub fn spec_mentions_pod(spec: &PacketCaptureConfigSpec, pod: &Pod, caches: &Cac
         .is_some_and(|s| selects_by_labels(s, pod, caches));
     by_name
         || by_labels
-        || (!spec.target_ips.is_empty()
-            && pod_ips(pod).iter().any(|ip| spec.target_ips.contains(ip)))
+        || pod_ips(pod)
+            .iter()
+            .any(|ip| spec.target_ips.iter().any(|t| names_address(t, ip)))
+}
+
+/// Whether the target `entry` is the single address `ip`, however each is
+/// written (`10.1.1.5/32`, an IPv6 address in any case or with zeros).
+pub fn names_address(entry: &str, ip: &str) -> bool {
+    let single = parse_target(entry)
+        .ok()
+        .filter(|net| net.prefix_len() == net.max_prefix_len());
+    single.is_some_and(|net| ip.parse() == Ok(net.addr()))
 }
 
 #[cfg(test)]
@@ -582,6 +615,17 @@ mod tests {
             &caches
         ));
         assert!(spec_mentions_pod(&spec(&["10.1.1.5"], &[]), &web, &caches));
+        assert!(spec_mentions_pod(
+            &spec(&["10.1.1.5/32"], &[]),
+            &web,
+            &caches
+        ));
+        let web6 = labelled("default", "web", "n1", "fd00:1::5", &[]);
+        assert!(spec_mentions_pod(
+            &spec(&["FD00:1:0::5"], &[]),
+            &web6,
+            &caches
+        ));
         assert!(spec_mentions_pod(
             &by_labels(&[("app", "web")], None),
             &web,
@@ -747,7 +791,7 @@ mod tests {
             problems,
             [
                 "spec.targetIPs[1] 10.1.2.7 is now the address of pod shop/db, outside the namespaces the requester was authorized to capture pods in (default): left out",
-                "spec.targetIPs[2] 10.1.9.9 is no running pod's address now, and the requester was authorized to capture only pods' addresses (in default): left out",
+                "spec.targetIPs[2] 10.1.9.9 is no pod's address now (or not one pod's alone), and the requester was authorized to capture only pods' addresses (in default): left out",
                 "spec.targetIPs[3] 10.1.0.0/16 is a range, and the requester was authorized to capture pods only in namespaces default",
             ]
         );

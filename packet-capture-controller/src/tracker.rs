@@ -107,13 +107,17 @@ impl Tracker {
             .unwrap_or_default()
     }
 
-    /// Whether a node capture of `uid` selects any of `ips` now.
+    /// Whether a node capture of `uid` selects any of `ips` now, by
+    /// address.
     pub fn captures_any(&self, uid: &str, ips: &[String]) -> bool {
         !ips.is_empty()
             && self.lock().get(uid).is_some_and(|t| {
-                t.nodes
-                    .values()
-                    .any(|n| n.progress.targets.iter().any(|t| ips.contains(t)))
+                t.nodes.values().any(|n| {
+                    n.progress
+                        .targets
+                        .iter()
+                        .any(|t| ips.iter().any(|ip| crate::targets::names_address(t, ip)))
+                })
             })
     }
 

@@ -46,7 +46,6 @@ use tower::ServiceExt as _;
 use crate::access;
 use crate::error::{Error, Result};
 use crate::events::Events;
-use crate::targets::Granted;
 
 /// What is wrong with a spec on its own: the common validation and the
 /// filter (compiled off the async threads, within a time limit; names
@@ -195,10 +194,11 @@ impl Admission {
 
     /// Answers one mutating AdmissionReview. When it asks for a capture,
     /// the requesting user becomes the capture's requester, and where they
-    /// may capture its targets is recorded ([`AUTHORIZED_IN`]: nothing when
-    /// it cannot be found out; the validating webhook then refuses the
-    /// capture anyway). Any other update keeps what the capture had (an
-    /// edit of either annotation is undone).
+    /// may capture is recorded for its `targetIPs` ([`AUTHORIZED_IN`]; none
+    /// without them). Any other update keeps what the capture had (an edit
+    /// of either annotation is undone). It refuses only what it cannot find
+    /// out now (an API error), which asking again may overcome; whether
+    /// the targets are allowed is the validating webhook's to say.
     pub async fn mutate(
         &self,
         review: AdmissionReview<DynamicObject>,
@@ -212,16 +212,24 @@ impl Admission {
             return resp.into_review();
         };
         let (requester, authorized) = if asks_for_capture(&req) {
-            let granted = match parse(obj) {
-                Ok(pcc) => access::authorize(&self.client, &pcc.spec, &req.user_info)
-                    .await
-                    .map_or_else(
-                        |_| Granted::Namespaces(Default::default()),
-                        |v| v.authorized_in(),
-                    ),
-                Err(_) => Granted::Namespaces(Default::default()),
+            let authorized = match parse(obj) {
+                Ok(pcc) if !pcc.spec.target_ips.is_empty() => {
+                    match access::authorized_in(&self.client, &pcc.spec, &req.user_info).await {
+                        Ok(granted) => Some(granted.to_string()),
+                        Err(e) => {
+                            return resp
+                                .deny(format!(
+                                    "metadata.annotations[{AUTHORIZED_IN}]: could not find out where the requester may capture: {e}"
+                                ))
+                                .into_review();
+                        }
+                    }
+                }
+                // Without targetIPs nothing follows an address; a spec
+                // that does not parse is refused by the validating webhook.
+                _ => None,
             };
-            (req.user_info.username.clone(), Some(granted.to_string()))
+            (req.user_info.username.clone(), authorized)
         } else {
             let old = req.old_object.as_ref();
             let kept = |key| old.and_then(|o| annotation(o, key)).map(String::from);

@@ -492,16 +492,18 @@ fn mutated(
 }
 
 /// Answers what authorizing `targetIPs: [10.244.1.5]` asks: the nodes,
-/// the pods of node-1 (whose pod CIDR holds it: shop/web), and whether the
-/// user may capture in namespace shop.
-async fn authorize_shop_web(api: &mut ApiServer, allowed: bool) {
+/// the pods of node-1 (whose pod CIDR holds it: shop/web), whether the
+/// user may capture in namespace shop, then in every namespace.
+async fn authorize_shop_web(api: &mut ApiServer, in_shop: bool, everywhere: bool) {
     api.answer("GET", "/api/v1/nodes", 200, |_| nodes()).await;
     api.answer("GET", "/api/v1/pods", 200, |_| {
         list("PodList", vec![pod("shop", "web", "10.244.1.5", false)])
     })
     .await;
-    let sar = access_review(api, allowed).await;
+    let sar = access_review(api, in_shop).await;
     assert_eq!(sar["resourceAttributes"]["namespace"], "shop");
+    let sar = access_review(api, everywhere).await;
+    assert_eq!(sar["resourceAttributes"].get("namespace"), None);
 }
 
 #[tokio::test]
@@ -526,7 +528,7 @@ async fn the_requester_and_where_they_may_capture_are_recorded_when_they_ask() {
             &admission,
             request_of(spec.clone(), "alice", annotations.clone(), None),
         );
-        authorize_shop_web(&mut api, true).await;
+        authorize_shop_web(&mut api, true, false).await;
         let object = task.await.unwrap();
         assert_eq!(
             annotation(&object, REQUESTED_BY).as_deref(),
@@ -539,11 +541,42 @@ async fn the_requester_and_where_they_may_capture_are_recorded_when_they_ask() {
         }
     }
     // Not allowed there: nothing is recorded as allowed (the validating
-    // webhook refuses the capture).
-    let task = mutated(&admission, request_of(spec.clone(), "alice", None, None));
-    authorize_shop_web(&mut api, false).await;
-    let object = task.await.unwrap();
-    assert_eq!(annotation(&object, AUTHORIZED_IN).as_deref(), Some(""));
+    // webhook refuses the capture). Allowed everywhere: everywhere, though
+    // the targets did not need it.
+    for (in_shop, everywhere, recorded) in [(false, false, ""), (true, true, "*")] {
+        let task = mutated(&admission, request_of(spec.clone(), "alice", None, None));
+        authorize_shop_web(&mut api, in_shop, everywhere).await;
+        let object = task.await.unwrap();
+        assert_eq!(
+            annotation(&object, AUTHORIZED_IN).as_deref(),
+            Some(recorded)
+        );
+    }
+    // Without targetIPs nothing follows an address: nothing is asked or
+    // recorded.
+    let by_name = json!({"podSelector": {"pods": [{"podName": "web", "namespace": "shop"}]}});
+    let object = mutated(&admission, request_of(by_name, "alice", None, None))
+        .await
+        .unwrap();
+    assert_eq!(annotation(&object, REQUESTED_BY).as_deref(), Some("alice"));
+    assert_eq!(annotation(&object, AUTHORIZED_IN), None);
+    // What cannot be found out now is refused, to be asked again.
+    let admission_now = admission.clone();
+    let review = request_of(spec.clone(), "alice", None, None);
+    let task = tokio::spawn(async move { admission_now.mutate(review).await });
+    api.answer("GET", "/api/v1/nodes", 500, |_| {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError", "code": 500})
+    })
+    .await;
+    let resp = task.await.unwrap().response.unwrap();
+    assert!(!resp.allowed);
+    assert!(
+        resp.result.message.starts_with(&format!(
+            "metadata.annotations[{AUTHORIZED_IN}]: could not find out where the requester may capture: could not look up the pods and nodes of the targets"
+        )),
+        "{}",
+        resp.result.message
+    );
     // An update that keeps the spec keeps both, even when it removes or
     // rewrites them: nothing is asked.
     for annotations in [
