@@ -284,16 +284,18 @@ pub async fn may_capture(client: &Client, user: &UserInfo, scope: &Scope) -> kub
 }
 
 /// Checks whether `user` may capture `spec`'s targets: [`holders`],
-/// [`needs`] and [`check`] in one.
+/// [`needs`] and [`check`] in one; the needs come with the verdict.
 pub async fn authorize(
     client: &Client,
     spec: &PacketCaptureConfigSpec,
     user: &UserInfo,
-) -> Result<Verdict, String> {
+) -> Result<(Needs, Verdict), String> {
     let holders = holders(client, spec)
         .await
-        .map_err(|e| format!("spec: could not look up the pods and nodes of the targets: {e}"))?;
-    Ok(check(client, user, &needs(spec, &holders)).await)
+        .map_err(|e| format!("could not look up the pods and nodes of the targets: {e}"))?;
+    let needs = needs(spec, &holders);
+    let verdict = check(client, user, &needs).await;
+    Ok((needs, verdict))
 }
 
 /// The verdict on a spec's targets for one user.
@@ -315,11 +317,7 @@ pub async fn authorized_in(
     spec: &PacketCaptureConfigSpec,
     user: &UserInfo,
 ) -> Result<Granted, String> {
-    let holders = holders(client, spec)
-        .await
-        .map_err(|e| format!("could not look up the pods and nodes of the targets: {e}"))?;
-    let needs = needs(spec, &holders);
-    let verdict = check(client, user, &needs).await;
+    let (needs, verdict) = authorize(client, spec, user).await?;
     if verdict.incomplete {
         return Err(verdict.problems.join("; "));
     }

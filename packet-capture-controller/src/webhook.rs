@@ -341,9 +341,9 @@ impl Admission {
             .problems
             .extend(self.requester_problem(user, &pcc.name_any()).await);
         let verdict = match access::authorize(&self.client, &pcc.spec, &req.user_info).await {
-            Ok(v) => v,
+            Ok((_, v)) => v,
             Err(e) => {
-                found.problems.push(e);
+                found.problems.push(format!("spec: {e}"));
                 return found;
             }
         };

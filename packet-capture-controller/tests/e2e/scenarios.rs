@@ -835,6 +835,37 @@ async fn until_agent_captures(
     }
 }
 
+/// A pod `other` in `ns` with `labels` on node 0, which the simulated CNI
+/// gives `reused`, the address of the pod last removed there, pinged 4
+/// times from pod 1.
+async fn given_the_address(
+    w: &World,
+    ns: &str,
+    labels: &[(&str, &str)],
+    reused: std::net::Ipv4Addr,
+) -> SimPod {
+    let other = w.nodes[0]
+        .add_labelled_pod(ns, "other", labels)
+        .await
+        .expect("pod other");
+    assert_eq!(
+        other.ip(),
+        reused,
+        "the simulated CNI hands the address out again"
+    );
+    ping_between(&w.pods[1], &other, 4).await;
+    other
+}
+
+/// The ping requests to `ip` among `packets`.
+fn pings_to(packets: &[world::Packet], ip: std::net::Ipv4Addr) -> usize {
+    let ip = ip.to_string();
+    packets
+        .iter()
+        .filter(|p| p.dst == ip && p.icmp_type == "8")
+        .count()
+}
+
 /// Pings from `from` to `to` until `count` are answered (within 10 s: a
 /// pod that got a departed pod's address is reached once the neighbours
 /// have learnt its new link address).
@@ -917,24 +948,9 @@ async fn a_label_selector_follows_pods_as_they_come_and_go() {
     let since = std::time::Instant::now();
     drop(web_a);
     until_following(&w, (&name, &uid), 0, Vec::new(), since).await;
-    let other = w.nodes[0]
-        .add_labelled_pod(&ns, "other", &[("tier", "db")])
-        .await
-        .expect("pod other");
-    assert_eq!(
-        other.ip(),
-        reused,
-        "the simulated CNI hands the address out again"
-    );
-    ping_between(&w.pods[1], &other, 4).await;
+    let _other = given_the_address(&w, &ns, &[("tier", "db")], reused).await;
 
     w.delete_capture(&name, &uid).await;
-    let requests_to = |packets: &[world::Packet], ip: String| {
-        packets
-            .iter()
-            .filter(|p| p.dst == ip && p.icmp_type == "8")
-            .count()
-    };
     for (node, pod, ip, pings) in [(0, "web-a", reused, 3), (1, "web-b", web_b.ip(), 3)] {
         let captures = w.captures_of(node, &uid).await;
         assert_eq!(
@@ -945,7 +961,7 @@ async fn a_label_selector_follows_pods_as_they_come_and_go() {
         let file = &captures[0].output_file;
         let packets = w.packets_in(node, file).await;
         assert_eq!(
-            requests_to(&packets, ip.to_string()),
+            pings_to(&packets, ip),
             pings,
             "node {node}: {pod}'s pings, and none of a pod that got its address later: {packets:?}"
         );
@@ -1118,6 +1134,16 @@ fn dry_run() -> PostParams {
     }
 }
 
+/// Registers the world's webhook (its own CA, from [`Certs::Dir`]) and
+/// waits until the API server calls it.
+async fn webhook_registered(w: &World) -> Deletes {
+    let name = format!("packet-capture-webhook-{}", w.id);
+    let ca = w.webhook.as_ref().and_then(|h| h.ca.clone());
+    let registered = register(w, &name, ca).await;
+    until_the_webhook_denies(w).await;
+    registered
+}
+
 /// Waits until the API server calls the world's webhook and it denies a
 /// bad filter, naming the field. The API server picks a registration or a
 /// new caBundle up from its informer, and the webhook may still wait for
@@ -1149,10 +1175,7 @@ async fn the_webhook_rejects_bad_specs_naming_the_field() {
     else {
         return;
     };
-    let registration_name = format!("packet-capture-webhook-{}", w.id);
-    let ca = w.webhook.as_ref().and_then(|h| h.ca.clone());
-    let mut cleanup = register(&w, &registration_name, ca).await;
-    until_the_webhook_denies(&w).await;
+    let mut cleanup = webhook_registered(&w).await;
 
     let (ok, said) = kubectl_apply(&w, &bad_filter(&w)).await;
     assert!(!ok && said.contains(BAD_FILTER_DENIED), "{said}");
@@ -1460,10 +1483,7 @@ async fn a_pod_address_given_to_another_namespace_is_not_captured() {
     else {
         return;
     };
-    let registration_name = format!("packet-capture-webhook-{}", w.id);
-    let ca = w.webhook.as_ref().and_then(|h| h.ca.clone());
-    let mut cleanup = register(&w, &registration_name, ca).await;
-    until_the_webhook_denies(&w).await;
+    let mut cleanup = webhook_registered(&w).await;
     let ns = w.namespace.name().to_string();
     let creator = creator(&w, &mut cleanup).await;
     captures_in_its_namespace(&w, &creator.subject).await;
@@ -1495,27 +1515,15 @@ async fn a_pod_address_given_to_another_namespace_is_not_captured() {
     })
     .await;
     let elsewhere = w.cluster.namespace("e2e").await.expect("another namespace");
-    let other = w.nodes[0]
-        .add_pod(elsewhere.name(), "other")
-        .await
-        .expect("pod other");
-    assert_eq!(
-        other.ip(),
-        reused,
-        "the simulated CNI hands the address out again"
-    );
-    ping_between(&w.pods[1], &other, 4).await;
+    let _other = given_the_address(&w, elsewhere.name(), &[], reused).await;
 
     w.delete_capture(&name, &uid).await;
     let captures = w.captures_of(0, &uid).await;
     assert_eq!(captures.len(), 1, "one capture: {captures:?}");
     let packets = w.packets_in(0, &captures[0].output_file).await;
-    let requests = packets
-        .iter()
-        .filter(|p| p.dst == reused.to_string() && p.icmp_type == "8")
-        .count();
     assert_eq!(
-        requests, 3,
+        pings_to(&packets, reused),
+        3,
         "web's pings, and none of the pod of another namespace that got its address: {packets:?}"
     );
     drop(cleanup);
