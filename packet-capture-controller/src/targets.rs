@@ -13,7 +13,6 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
-
 use packet_capture_common::crd::{PacketCaptureConfigSpec, PodRef, PodSelector};
 use packet_capture_common::validate::parse_target;
 
