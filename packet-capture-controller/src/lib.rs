@@ -21,7 +21,7 @@
 //! | 2 | [`results`] | the results ConfigMap written when a capture ends |
 //! | 2 | [`events`] | Events, each announcement once per generation |
 //! | 2 | [`access`] | whose traffic a capture's creator may capture |
-//! | 3 | [`webhook`] | the validating admission webhook over TLS |
+//! | 3 | [`webhook`] | the validating and mutating admission webhooks over TLS |
 //! | 2 | [`leader`] | Lease-based leader election |
 //! | 2 | [`uninstall`] | deleting every capture before the chart goes (a Helm pre-delete hook) |
 //! | 2 | [`issuer`] | the controller's own CA in a Secret, issuing certificates into Secrets |

@@ -351,8 +351,8 @@ fn address_holders(
 /// Why a `targetIPs` entry (`single`, if it is one address) is left out
 /// for a requester found allowed to capture pods only in `namespaces`: it
 /// was admitted as the address of a pod there, and is captured only while
-/// a running pod there holds it, never once the cluster has given it to a
-/// pod of another namespace.
+/// a pod there (not finished) holds it, never once the cluster has given
+/// it to a pod of another namespace.
 fn outside(
     single: Option<IpAddr>,
     namespaces: &BTreeSet<String>,
