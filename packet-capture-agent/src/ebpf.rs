@@ -886,27 +886,17 @@ impl Kernel {
         let mut result = Ok(());
         for (net, mask) in updates {
             let existed = self.prefixes.contains_key(&net);
+            // A failure leaves the record as it was: a new entry that failed
+            // is in neither map (`put_prefix`), and a changed or removed one
+            // is written again by the next sync.
             result = self.put_prefix(&net, mask, existed);
-            match (mask, result.is_ok()) {
-                (Some(mask), true) => {
-                    self.prefixes.insert(net, mask);
-                }
-                // A failed insert of a new entry leaves it in neither map
-                // (`put_prefix`).
-                (Some(_), false) if !existed => {
-                    self.prefixes.remove(&net);
-                }
-                (None, true) => {
-                    self.prefixes.remove(&net);
-                }
-                // A failed change keeps the entry, with its old mask or the
-                // new one, and its record says to write it again; a failed
-                // removal may have left it.
-                (Some(_), false) | (None, false) => {}
-            }
             if result.is_err() {
                 break;
             }
+            match mask {
+                Some(mask) => self.prefixes.insert(net, mask),
+                None => self.prefixes.remove(&net),
+            };
         }
         self.ipv4_host_table.sync(&self.prefixes);
         result?;

@@ -284,10 +284,7 @@ pub fn resolve(
         for (i, entry) in spec.target_ips.iter().enumerate() {
             // The webhook and the schema reject what does not parse; here an
             // entry that does not is matched as is on every node.
-            let single = parse_target(entry)
-                .ok()
-                .filter(|net| net.prefix_len() == net.max_prefix_len())
-                .map(|net| net.addr());
+            let single = single_address(entry);
             if let Some(Granted::Namespaces(namespaces)) = authorized
                 && let Some(reason) = outside(single, namespaces, &holders)
             {
@@ -457,10 +454,16 @@ pub fn spec_mentions_pod(spec: &PacketCaptureConfigSpec, pod: &Pod, caches: &Cac
 /// Whether the target `entry` is the single address `ip`, however each is
 /// written (`10.1.1.5/32`, an IPv6 address in any case or with zeros).
 pub fn names_address(entry: &str, ip: &str) -> bool {
-    let single = parse_target(entry)
+    single_address(entry).is_some_and(|single| ip.parse() == Ok(single))
+}
+
+/// The one address a target entry names, if it names one (`10.1.1.5`,
+/// `10.1.1.5/32`), not a range.
+fn single_address(entry: &str) -> Option<IpAddr> {
+    parse_target(entry)
         .ok()
-        .filter(|net| net.prefix_len() == net.max_prefix_len());
-    single.is_some_and(|net| ip.parse() == Ok(net.addr()))
+        .filter(|net| net.prefix_len() == net.max_prefix_len())
+        .map(|net| net.addr())
 }
 
 #[cfg(test)]
