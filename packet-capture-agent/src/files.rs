@@ -10,8 +10,8 @@ use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use crate::mmap::Mapping;
@@ -40,6 +40,11 @@ impl Compression {
             Self::Gzip => COMPRESSED_EXTENSIONS[0],
             Self::Zstd => COMPRESSED_EXTENSIONS[1],
         }
+    }
+
+    /// The name of `file_name`'s compressed copy.
+    fn name_of(self, file_name: &str) -> String {
+        format!("{file_name}.{}", self.extension())
     }
 }
 
@@ -86,6 +91,10 @@ pub struct CaptureDir {
     dir: PathBuf,
     max_files: usize,
     compression: Compression,
+    /// Held while a compressed copy replaces its plain file (a rename, then
+    /// a removal); true once the agent stops, from when no copy replaces
+    /// its file, so that an exit never leaves a capture twice.
+    stopped: Mutex<bool>,
 }
 
 /// Whether `name` may name a file of the capture directory.
@@ -105,6 +114,7 @@ impl CaptureDir {
             dir,
             max_files,
             compression,
+            stopped: Mutex::new(false),
         })
     }
 
@@ -176,9 +186,7 @@ impl CaptureDir {
     /// when it ran). Its path and size.
     fn on_disk(&self, file_name: &str) -> Option<(PathBuf, u64)> {
         let plain = std::iter::once(file_name.to_owned());
-        let compressed = Compression::ALL
-            .iter()
-            .map(|c| format!("{file_name}.{}", c.extension()));
+        let compressed = Compression::ALL.iter().map(|c| c.name_of(file_name));
         plain.chain(compressed).find_map(|name| {
             let path = self.dir.join(name);
             fs::metadata(&path).ok().map(|m| (path, m.len()))
@@ -198,7 +206,8 @@ impl CaptureDir {
 
     /// At start: temporary files left by an interrupted capture become whole
     /// files cut at their last whole record, or go; half-written compressed
-    /// copies go (their plain file is still there). Returns what was kept.
+    /// copies go (their plain file is still there), and so does a plain
+    /// file next to its whole copy. Returns what was kept.
     pub fn recover(&self) -> io::Result<Vec<PathBuf>> {
         let mut kept = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
@@ -232,6 +241,19 @@ impl CaptureDir {
                     fs::remove_file(&temp)?;
                     tracing::info!(file = %temp.display(), "removed an unfinished file");
                 }
+            }
+        }
+        // The agent died between a copy's rename and the removal of its
+        // plain file: the copy is whole, renamed in only once synced.
+        for (path, entry) in self.completed()? {
+            let replaced = is_plain(&path)
+                && Compression::ALL.iter().any(|c| {
+                    fs::symlink_metadata(self.dir.join(c.name_of(&entry.name)))
+                        .is_ok_and(|m| m.is_file())
+                });
+            if replaced {
+                fs::remove_file(&path)?;
+                tracing::info!(file = %path.display(), "removed a file already compressed");
             }
         }
         Ok(kept)
@@ -317,7 +339,10 @@ impl CaptureDir {
         std::thread::Builder::new()
             .name("files".into())
             .spawn(move || dir.maintain_on_request(&rx))?;
-        Ok(Maintenance { poke: tx })
+        Ok(Maintenance {
+            poke: tx,
+            dir: self.clone(),
+        })
     }
 
     fn maintain_on_request(&self, requests: &Receiver<()>) {
@@ -362,9 +387,9 @@ impl CaptureDir {
         Ok(())
     }
 
-    fn compress(&self, path: &Path) -> io::Result<PathBuf> {
+    fn compress(&self, path: &Path) -> io::Result<()> {
         let file_name = path.file_name().unwrap_or_default().to_string_lossy();
-        let compressed_name = format!("{file_name}.{}", self.compression.extension());
+        let compressed_name = self.compression.name_of(&file_name);
         let target = self.dir.join(&compressed_name);
         let temp = self.dir.join(format!(".{compressed_name}{PARTIAL}"));
         let mut input = File::open(path)?;
@@ -399,9 +424,13 @@ impl CaptureDir {
         out.sync_all()?;
         // The compressed copy keeps the capture's time, so age ordering holds.
         out.set_modified(modified)?;
+        let stopped = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
+        if *stopped {
+            fs::remove_file(&temp)?;
+            return Ok(());
+        }
         fs::rename(&temp, &target)?;
-        fs::remove_file(path)?;
-        Ok(target)
+        fs::remove_file(path)
     }
 }
 
@@ -409,11 +438,23 @@ impl CaptureDir {
 #[derive(Debug)]
 pub struct Maintenance {
     poke: Sender<()>,
+    dir: Arc<CaptureDir>,
 }
 
 impl Maintenance {
     pub fn poke(&self) {
         let _ = self.poke.send(());
+    }
+
+    /// Waits for a compressed copy replacing its file, and keeps any other
+    /// from doing so: after this, the process may exit at any time without
+    /// leaving a capture both plain and compressed.
+    pub fn stop(&self) {
+        *self
+            .dir
+            .stopped
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = true;
     }
 }
 
@@ -768,18 +809,7 @@ mod tests {
     fn maintain_compresses_all_but_the_newest_and_keeps_max_files() {
         let (_t, d) = dir();
         for i in 0..5 {
-            let mut out = d
-                .create(&format!("c{i}"), "pcap", 1_000 + i, u64::MAX)
-                .unwrap();
-            out.append(|b| b.extend_from_slice(&pcap_with(10))).unwrap();
-            let (path, _) = out.commit().unwrap();
-            let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000 + i as u64);
-            File::options()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_modified(t)
-                .unwrap();
+            finished_at(&d, &format!("c{i}"), 1_000 + i);
         }
         d.maintain().unwrap();
         let names: Vec<String> = d.list().unwrap().into_iter().map(|e| e.name).collect();
@@ -795,6 +825,65 @@ mod tests {
         let mut plain = Vec::new();
         gz.read_to_end(&mut plain).unwrap();
         assert_eq!(plain, pcap_with(10));
+    }
+
+    /// A finished file of 10 packets, named and last written at `secs`.
+    fn finished_at(d: &CaptureDir, name: &str, secs: i64) -> PathBuf {
+        let mut out = d.create(name, "pcap", secs, u64::MAX).unwrap();
+        out.append(|b| b.extend_from_slice(&pcap_with(10))).unwrap();
+        let (path, _) = out.commit().unwrap();
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64);
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+        path
+    }
+
+    /// Two finished files, the first one older: maintenance compresses it.
+    fn two_finished(d: &CaptureDir) -> [PathBuf; 2] {
+        [("a", 1_000), ("b", 2_000)].map(|(name, secs)| finished_at(d, name, secs))
+    }
+
+    fn names_in(d: &CaptureDir) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn once_stopped_no_file_is_replaced_by_its_copy() {
+        let (_t, d) = dir();
+        let d = Arc::new(d);
+        let maintenance = d.spawn_maintenance().unwrap();
+        maintenance.stop();
+        two_finished(&d);
+        d.maintain().unwrap();
+        assert_eq!(
+            names_in(&d),
+            ["a-19700101-001640.pcap", "b-19700101-003320.pcap"]
+        );
+    }
+
+    #[test]
+    fn recovery_removes_a_plain_file_next_to_its_whole_copy() {
+        let (_t, d) = dir();
+        let [a, b] = two_finished(&d);
+        d.maintain().unwrap();
+        // As if the agent died after the copy's rename.
+        fs::write(&a, pcap_with(10)).unwrap();
+        assert_eq!(names_in(&d).len(), 3);
+        d.recover().unwrap();
+        assert_eq!(
+            names_in(&d),
+            ["a-19700101-001640.pcap.gz", "b-19700101-003320.pcap"]
+        );
+        assert_eq!(fs::read(&b).unwrap(), pcap_with(10));
     }
 
     #[test]

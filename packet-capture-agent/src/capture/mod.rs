@@ -699,7 +699,8 @@ impl Engine {
 
     /// Refuses new captures, ends every running one (their files are
     /// finished), waiting at most `within` for them, and then stops the
-    /// backend, detaching the programs, however the captures fared.
+    /// backend, detaching the programs, however the captures fared, and
+    /// the replacing of files by their compressed copies.
     pub async fn shutdown(&self, within: Duration) {
         // Waits for the starts under way, which are short and never wait
         // on the runtime.
@@ -730,6 +731,7 @@ impl Engine {
             tracing::warn!("captures did not finish in time");
         }
         self.inner.backend.shutdown();
+        self.inner.maintenance.stop();
     }
 
     fn capture(&self, id: &str) -> Option<Arc<Capture>> {
