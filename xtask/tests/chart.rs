@@ -1389,6 +1389,11 @@ fn prometheus_scrapes_the_agents_over_tls_with_their_ca() {
     let docs = render(&helm_or_fail(), &["--set", "serviceMonitor.enabled=true"]).unwrap();
     let agent = &get(&docs, "ServiceMonitor", "packet-capture-agent")["spec"]["endpoints"][0];
     assert_eq!(agent["scheme"].as_str(), Some("https"));
+    // The agents' /metrics takes the scraper's own token.
+    assert_eq!(
+        agent["bearerTokenFile"].as_str(),
+        Some("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    );
     let ca = &agent["tlsConfig"]["ca"]["configMap"];
     assert_eq!(ca["key"].as_str(), Some("ca.crt"));
     // The ConfigMap the controller publishes the agents' CA in, in the
@@ -1412,6 +1417,53 @@ fn prometheus_scrapes_the_agents_over_tls_with_their_ca() {
     let controller =
         &get(&docs, "ServiceMonitor", "packet-capture-controller")["spec"]["endpoints"][0];
     assert!(controller["scheme"].is_null() && controller["tlsConfig"].is_null());
+}
+
+#[test]
+fn metrics_readers_are_bound_to_get_metrics_only() {
+    let helm = helm_or_fail();
+    let docs = render(&helm, &[]).unwrap();
+    let role = get(&docs, "ClusterRole", "packet-capture-metrics-reader");
+    let want: Value =
+        serde_yaml::from_str("[{nonResourceURLs: [/metrics], verbs: [get]}]").unwrap();
+    assert_eq!(role["rules"], want);
+    assert!(find(&docs, "ClusterRoleBinding", "packet-capture-metrics-reader").is_none());
+
+    let docs = render(
+        &helm,
+        &[
+            "--set",
+            "rbac.metricsReaders[0].kind=ServiceAccount",
+            "--set",
+            "rbac.metricsReaders[0].name=prometheus-k8s",
+            "--set",
+            "rbac.metricsReaders[0].namespace=monitoring",
+        ],
+    )
+    .unwrap();
+    let binding = get(&docs, "ClusterRoleBinding", "packet-capture-metrics-reader");
+    assert_eq!(
+        binding["roleRef"]["name"].as_str(),
+        Some("packet-capture-metrics-reader")
+    );
+    let want: Value = serde_yaml::from_str(
+        "[{kind: ServiceAccount, name: prometheus-k8s, namespace: monitoring}]",
+    )
+    .unwrap();
+    assert_eq!(binding["subjects"], want);
+
+    // A service account is nobody without its namespace.
+    let err = render(
+        &helm,
+        &[
+            "--set",
+            "rbac.metricsReaders[0].kind=ServiceAccount",
+            "--set",
+            "rbac.metricsReaders[0].name=prometheus-k8s",
+        ],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("/rbac/metricsReaders/0"), "{err}");
 }
 
 #[test]

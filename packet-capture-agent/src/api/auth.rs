@@ -1,6 +1,8 @@
 //! Who may call what: a bearer token checked with the cluster's TokenReview
 //! (for this agent's audience), then a SubjectAccessReview for the verb the
-//! call needs on `packetcaptureconfigs.networking.packet.io`. Verdicts on
+//! call needs on `packetcaptureconfigs.networking.packet.io`. `/metrics`
+//! takes a token for the cluster's own audience (what Prometheus sends) and
+//! `get` on the non-resource URL `/metrics`. Verdicts on
 //! tokens the cluster authenticated are kept for a short while so that a
 //! busy caller costs two reviews per [`CACHE_TTL`], not two per request.
 //!
@@ -22,7 +24,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, header};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInfo};
 use k8s_openapi::api::authorization::v1::{
-    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    NonResourceAttributes, ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
 use kube::api::PostParams;
 use lru::LruCache;
@@ -64,7 +66,13 @@ pub enum Resource {
     CaptureFiles,
     /// `pods` (core): whose traffic may be captured, verb `capture`.
     Pods,
+    /// The non-resource URL [`METRICS_PATH`].
+    Metrics,
 }
+
+/// Where the agent's metrics are served, and the non-resource URL a
+/// scraper needs `get` on.
+pub const METRICS_PATH: &str = "/metrics";
 
 /// A permission a call needs, as a SubjectAccessReview asks it. `name`
 /// `None` asks for every object (a rule without `resourceNames`).
@@ -115,6 +123,16 @@ impl Permission {
         matches!(self.verb, "get" | "list")
     }
 
+    /// Reading the agent's metrics, which name its captures: `get` on the
+    /// non-resource URL `/metrics`, as kube-rbac-proxy asks.
+    pub fn metrics() -> Self {
+        Self {
+            verb: "get",
+            resource: Resource::Metrics,
+            name: None,
+        }
+    }
+
     /// Capturing any pod's or node's traffic: `capture` on pods in every
     /// namespace. The agent sees only addresses, not whose they are, so a
     /// capture started on it directly needs this; a PacketCaptureConfig's
@@ -127,19 +145,33 @@ impl Permission {
         }
     }
 
-    fn attributes(&self) -> ResourceAttributes {
+    /// `spec` asking for this permission.
+    fn asked_in(&self, spec: SubjectAccessReviewSpec) -> SubjectAccessReviewSpec {
+        let verb = Some(self.verb.into());
         let (group, resource, subresource) = match self.resource {
             Resource::Captures => (GROUP, PLURAL, None),
             Resource::CaptureFiles => (GROUP, PLURAL, Some(FILES_SUBRESOURCE)),
             Resource::Pods => ("", "pods", None),
+            Resource::Metrics => {
+                return SubjectAccessReviewSpec {
+                    non_resource_attributes: Some(NonResourceAttributes {
+                        path: Some(METRICS_PATH.into()),
+                        verb,
+                    }),
+                    ..spec
+                };
+            }
         };
-        ResourceAttributes {
-            group: Some(group.into()),
-            resource: Some(resource.into()),
-            subresource: subresource.map(Into::into),
-            name: self.name.clone(),
-            verb: Some(self.verb.into()),
-            ..Default::default()
+        SubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                group: Some(group.into()),
+                resource: Some(resource.into()),
+                subresource: subresource.map(Into::into),
+                name: self.name.clone(),
+                verb,
+                ..Default::default()
+            }),
+            ..spec
         }
     }
 }
@@ -150,6 +182,7 @@ impl std::fmt::Display for Permission {
             Resource::Captures => write!(f, "{} {RESOURCE}", self.verb)?,
             Resource::CaptureFiles => write!(f, "{} {RESOURCE}/{FILES_SUBRESOURCE}", self.verb)?,
             Resource::Pods => return write!(f, "{} pods in every namespace", self.verb),
+            Resource::Metrics => return write!(f, "{} {METRICS_PATH}", self.verb),
         }
         match &self.name {
             Some(name) => write!(f, " named {name:?}"),
@@ -161,27 +194,40 @@ impl std::fmt::Display for Permission {
 /// What a request needs before its handler runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
-    /// Nothing: health, metrics, gRPC health and reflection.
+    /// Nothing: health, gRPC health and reflection.
     Open,
-    /// A token the cluster authenticates; the handler then asks for the
-    /// [`Permission`] of what it touches.
-    Authenticated,
+    /// A token the cluster authenticates for `Audience`; the handler then
+    /// asks for the [`Permission`] of what it touches.
+    Authenticated(Audience),
 }
+
+/// Whom a token must be meant for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Audience {
+    /// This agent (`--token-audience`): the controller's and operators'
+    /// calls. A token for it is of no use against the API server.
+    Agent,
+    /// The API server itself, as a pod's own service account token is:
+    /// what a scraper such as Prometheus sends. Taken for `/metrics` only.
+    Cluster,
+}
+
+const AGENT_CALL: Access = Access::Authenticated(Audience::Agent);
 
 const AGENT_SERVICE: &str = "/packetcapture.v1.Agent/";
 
 /// The methods of `packetcapture.v1.Agent` and what each needs.
 const AGENT_METHODS: [(&str, Access); 10] = [
     ("Health", Access::Open),
-    ("StartCapture", Access::Authenticated),
-    ("StopCapture", Access::Authenticated),
-    ("SetTargets", Access::Authenticated),
-    ("GetCapture", Access::Authenticated),
-    ("ListCaptures", Access::Authenticated),
-    ("WatchCapture", Access::Authenticated),
-    ("ListFiles", Access::Authenticated),
-    ("DownloadFile", Access::Authenticated),
-    ("StreamPackets", Access::Authenticated),
+    ("StartCapture", AGENT_CALL),
+    ("StopCapture", AGENT_CALL),
+    ("SetTargets", AGENT_CALL),
+    ("GetCapture", AGENT_CALL),
+    ("ListCaptures", AGENT_CALL),
+    ("WatchCapture", AGENT_CALL),
+    ("ListFiles", AGENT_CALL),
+    ("DownloadFile", AGENT_CALL),
+    ("StreamPackets", AGENT_CALL),
 ];
 
 fn agent_method(path: &str) -> Option<(&'static str, Access)> {
@@ -192,19 +238,23 @@ fn agent_method(path: &str) -> Option<(&'static str, Access)> {
             .find(|(m, _)| *m == method)
             .copied()
             // Unknown methods of the service: closed, like the known ones.
-            .unwrap_or(("unknown", Access::Authenticated)),
+            .unwrap_or(("unknown", AGENT_CALL)),
     )
 }
 
-/// What a request needs, from its path. The health and metrics endpoints,
-/// gRPC health and reflection are open; the capture and file calls need an
-/// authenticated caller.
+/// What a request needs, from its path. The health endpoints, gRPC health
+/// and reflection are open; the capture and file calls need a caller
+/// authenticated for this agent, the metrics one authenticated for the
+/// cluster.
 pub fn access(path: &str) -> Access {
     if let Some((_, access)) = agent_method(path) {
         return access;
     }
     if path == "/api" || path.starts_with("/api/") {
-        return Access::Authenticated;
+        return AGENT_CALL;
+    }
+    if path == METRICS_PATH {
+        return Access::Authenticated(Audience::Cluster);
     }
     Access::Open
 }
@@ -424,8 +474,9 @@ pub enum Caller {
 pub struct Authorizer {
     client: kube::Client,
     audience: String,
-    /// Users of the tokens the cluster authenticated.
-    users: Mutex<TtlCache<TokenHash, Arc<User>>>,
+    /// Users of the tokens the cluster authenticated, by the audience
+    /// they were authenticated for.
+    users: Mutex<TtlCache<(Audience, TokenHash), Arc<User>>>,
     /// Verdicts on permissions of authenticated users.
     verdicts: Mutex<TtlCache<(TokenHash, Permission), Decision>>,
     limiter: FailureLimiter,
@@ -454,11 +505,12 @@ impl Authorizer {
 
     /// The user of the request's token (from `headers`, sent from
     /// `source`, see [`source_address`]), as the cluster authenticates it
-    /// for this agent's audience.
+    /// for `audience`.
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,
         source: IpAddr,
+        audience: Audience,
     ) -> Result<Arc<User>, ApiError> {
         if let Some(value) = headers.get(header::AUTHORIZATION)
             && value.len() > MAX_AUTHORIZATION_BYTES
@@ -476,7 +528,7 @@ impl Authorizer {
         let hash = token_hash(token);
         // A token the cluster accepted is answered from the cache, also
         // while its source is blocked for others' refused tokens.
-        if let Some(user) = lock(&self.users).get(&hash, Instant::now()) {
+        if let Some(user) = lock(&self.users).get(&(audience, hash), Instant::now()) {
             return Ok(user);
         }
         let admitted = match self.limiter.admit(source, Instant::now()) {
@@ -495,7 +547,7 @@ impl Authorizer {
                 });
             }
         };
-        let reviewed = self.token_review(token).await;
+        let reviewed = self.token_review(token, audience).await;
         // Users of tokens the cluster authenticated are kept; a refused
         // token is not (it would let anyone fill the cache), nor is a
         // cluster that could not answer (asked again next time).
@@ -505,7 +557,7 @@ impl Authorizer {
                 info,
                 relayed_by: None,
             });
-            lock(&self.users).put(hash, user.clone(), Instant::now());
+            lock(&self.users).put((audience, hash), user.clone(), Instant::now());
             user
         });
         if admitted.end(matches!(reviewed, Err(ApiError::Unauthenticated(_)))) {
@@ -605,11 +657,16 @@ impl Authorizer {
         }
     }
 
-    async fn token_review(&self, token: &str) -> Result<UserInfo, ApiError> {
+    async fn token_review(&self, token: &str, audience: Audience) -> Result<UserInfo, ApiError> {
+        let audiences = match audience {
+            Audience::Agent => Some(vec![self.audience.clone()]),
+            // Left out, the API server reviews for its own audiences.
+            Audience::Cluster => None,
+        };
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_owned()),
-                audiences: Some(vec![self.audience.clone()]),
+                audiences,
             },
             ..Default::default()
         };
@@ -623,10 +680,11 @@ impl Authorizer {
         }
         // An authenticator that ignores audiences answers without them; the
         // token is then not known to be meant for this agent.
-        if !status
-            .audiences
-            .unwrap_or_default()
-            .contains(&self.audience)
+        if audience == Audience::Agent
+            && !status
+                .audiences
+                .unwrap_or_default()
+                .contains(&self.audience)
         {
             return Err(ApiError::Unauthenticated(format!(
                 "authorization: the token is not for the audience {:?}",
@@ -639,14 +697,13 @@ impl Authorizer {
     async fn access_review(&self, user: &User, permission: &Permission) -> Decision {
         let info = &user.info;
         let access = SubjectAccessReview {
-            spec: SubjectAccessReviewSpec {
+            spec: permission.asked_in(SubjectAccessReviewSpec {
                 user: info.username.clone(),
                 groups: info.groups.clone(),
                 uid: info.uid.clone(),
                 extra: info.extra.clone(),
-                resource_attributes: Some(permission.attributes()),
                 ..Default::default()
-            },
+            }),
             ..Default::default()
         };
         let access = self.create("SubjectAccessReview", &access).await?;
@@ -724,10 +781,12 @@ mod tests {
 
     #[test]
     fn what_each_call_needs() {
-        use Access::{Authenticated as A, Open as O};
+        use Access::Open as O;
+        const A: Access = AGENT_CALL;
         for (path, want) in [
             ("/health", O),
-            ("/metrics", O),
+            ("/metrics", Access::Authenticated(Audience::Cluster)),
+            ("/metrics/x", O),
             ("/api/v1/captures", A),
             ("/api/v1/captures/x", A),
             ("/api/v1/files", A),
@@ -752,32 +811,37 @@ mod tests {
 
     #[test]
     fn permissions_ask_what_rbac_rules_name() {
-        let attrs = |p: &Permission| serde_json::to_value(p.attributes()).unwrap();
+        let attrs = |p: &Permission| serde_json::to_value(p.asked_in(Default::default())).unwrap();
         for (permission, sar, said) in [
             (
                 Permission::captures("list"),
-                serde_json::json!({"group": "networking.packet.io", "resource": "packetcaptureconfigs", "verb": "list"}),
+                serde_json::json!({"resourceAttributes": {"group": "networking.packet.io", "resource": "packetcaptureconfigs", "verb": "list"}}),
                 "list packetcaptureconfigs.networking.packet.io",
             ),
             (
                 Permission::capture("update", "web"),
-                serde_json::json!({"group": "networking.packet.io", "resource": "packetcaptureconfigs", "verb": "update", "name": "web"}),
+                serde_json::json!({"resourceAttributes": {"group": "networking.packet.io", "resource": "packetcaptureconfigs", "verb": "update", "name": "web"}}),
                 "update packetcaptureconfigs.networking.packet.io named \"web\"",
             ),
             (
                 Permission::files(Some("web")),
-                serde_json::json!({"group": "networking.packet.io", "resource": "packetcaptureconfigs", "subresource": "files", "verb": "get", "name": "web"}),
+                serde_json::json!({"resourceAttributes": {"group": "networking.packet.io", "resource": "packetcaptureconfigs", "subresource": "files", "verb": "get", "name": "web"}}),
                 "get packetcaptureconfigs.networking.packet.io/files named \"web\"",
             ),
             (
                 Permission::files(None),
-                serde_json::json!({"group": "networking.packet.io", "resource": "packetcaptureconfigs", "subresource": "files", "verb": "get"}),
+                serde_json::json!({"resourceAttributes": {"group": "networking.packet.io", "resource": "packetcaptureconfigs", "subresource": "files", "verb": "get"}}),
                 "get packetcaptureconfigs.networking.packet.io/files",
             ),
             (
                 Permission::capture_traffic(),
-                serde_json::json!({"group": "", "resource": "pods", "verb": "capture"}),
+                serde_json::json!({"resourceAttributes": {"group": "", "resource": "pods", "verb": "capture"}}),
                 "capture pods in every namespace",
+            ),
+            (
+                Permission::metrics(),
+                serde_json::json!({"nonResourceAttributes": {"path": "/metrics", "verb": "get"}}),
+                "get /metrics",
             ),
         ] {
             assert_eq!(attrs(&permission), sar, "{said}");
@@ -1082,7 +1146,7 @@ mod tests {
     /// Authenticates `token`, dropping who it is.
     async fn authenticate(authorizer: &Authorizer, token: &str, source: IpAddr) -> Decision {
         authorizer
-            .authenticate(&bearer(token), source)
+            .authenticate(&bearer(token), source, Audience::Agent)
             .await
             .map(|_| ())
     }
@@ -1189,7 +1253,7 @@ mod tests {
             (&files, Ok(()), 4),
         ] {
             let user = authorizer
-                .authenticate(&bearer("good-1"), source)
+                .authenticate(&bearer("good-1"), source, Audience::Agent)
                 .await
                 .unwrap();
             let d = authorizer.authorize(&user, permission).await;

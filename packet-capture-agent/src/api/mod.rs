@@ -31,7 +31,7 @@ use crate::capture::{
     CaptureStatus, Engine, LiveStream, NoReader, Reader, SetTargetsError, TAP_READERS, Tapped,
 };
 use crate::files::{self, FileEntry};
-use auth::{Access, Permission};
+use auth::{Access, Audience, Permission};
 pub use auth::{Authorizer, Caller};
 use convert::{Unchecked, UncheckedTargets};
 pub use error::ApiError;
@@ -409,17 +409,20 @@ async fn gate(State(api): State<Api>, mut req: Request, next: Next) -> Response 
         None => "unmatched".to_owned(),
     };
     let response = match (auth::access(&path), &api.auth) {
-        (Access::Authenticated, Some(authorizer)) => {
+        (Access::Authenticated(audience), Some(authorizer)) => {
             let peer = req
                 .extensions()
                 .get::<ConnectInfo<SocketAddr>>()
                 .map(|c| c.0.ip());
             let user = match authorizer
-                .authenticate(req.headers(), auth::source_address(peer))
+                .authenticate(req.headers(), auth::source_address(peer), audience)
                 .await
             {
-                Ok(user) => authorizer.on_behalf(user, req.headers()).await,
-                Err(e) => Err(e),
+                // Only the agent's own calls are relayed.
+                Ok(user) if audience == Audience::Agent => {
+                    authorizer.on_behalf(user, req.headers()).await
+                }
+                other => other,
             };
             match user {
                 Ok(user) => {

@@ -11,6 +11,7 @@ use axum::{Extension, Json, Router};
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 
+use super::auth::Permission;
 use super::convert::{CaptureJson, FileJson, Unchecked, UncheckedTargets};
 use super::{Api, ApiError, Caller, MAX_BODY_BYTES};
 
@@ -70,12 +71,17 @@ async fn health(State(api): State<Api>) -> Json<HealthJson> {
     })
 }
 
-async fn metrics(State(api): State<Api>) -> Response {
-    (
+async fn metrics(
+    State(api): State<Api>,
+    caller: Option<Extension<Caller>>,
+) -> Result<Response, ApiError> {
+    api.permit(&caller_of(caller)?, &Permission::metrics())
+        .await?;
+    Ok((
         [(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)],
         api.metrics.render(),
     )
-        .into_response()
+        .into_response())
 }
 
 /// Parses a start request; a problem names the JSON path it is at.

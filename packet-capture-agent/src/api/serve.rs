@@ -123,7 +123,7 @@ pub async fn serve(
                 // the answer's body when that is for an authorized caller:
                 // a stream (a watch, a download) keeps its connection busy.
                 let busy = activity.begin();
-                let authenticated = auth::access(req.uri().path()) == Access::Authenticated;
+                let authenticated = auth::access(req.uri().path()) != Access::Open;
                 req.extensions_mut().insert(ConnectInfo(peer));
                 let answer = router.clone().oneshot(req);
                 async move {

@@ -20,8 +20,8 @@ use packet_capture_test_support::privileged;
 use serde_json::Value;
 
 use crate::common::apiserver::{
-    EDITOR_RULES, FakeApiServer, Identity, NAMED_READER_RULES, READER_RULES, Tokens, WRITER_RULES,
-    check_auth,
+    APISERVER_AUDIENCE, EDITOR_RULES, FakeApiServer, Identity, NAMED_READER_RULES, READER_RULES,
+    Tokens, WRITER_RULES, check_auth,
 };
 use crate::common::{AGENT, Node, Rest, grpc_at, with_token};
 
@@ -69,8 +69,14 @@ async fn auth_against_a_token_review_endpoint() {
             identity(
                 "apiserver-token",
                 "writer-elsewhere",
-                "https://kubernetes.default.svc",
+                APISERVER_AUDIENCE,
                 WRITER_RULES,
+            ),
+            identity(
+                "scraper-token",
+                "scraper",
+                APISERVER_AUDIENCE,
+                &["get /metrics"],
             ),
         ],
     );
@@ -83,6 +89,7 @@ async fn auth_against_a_token_review_endpoint() {
         named_reader: "named-token".into(),
         nobody: "nobody-token".into(),
         wrong_audience: "apiserver-token".into(),
+        scraper: "scraper-token".into(),
     };
     let agent = node.agent(&[], &[("KUBECONFIG", kubeconfig.to_str().unwrap())]);
     check_auth(&agent.url(), None, &tokens).await;
@@ -111,20 +118,20 @@ async fn auth_against_a_token_review_endpoint() {
         .map(|(_, body)| body)
         .collect();
     assert!(!reviews.is_empty());
+    // Tokens are reviewed for the agent's audience, but for /metrics,
+    // where the apiserver's own is asked for (by naming none).
+    let agents = serde_json::json!([AUDIENCE]);
     for r in &reviews {
-        assert_eq!(
-            r["spec"]["audiences"],
-            serde_json::json!(["packet-capture-agent"]),
-            "{r}"
-        );
+        let audiences = &r["spec"]["audiences"];
+        assert!(audiences == &agents || audiences.is_null(), "{r}");
     }
-    // Users of accepted tokens are cached: one TokenReview per token,
-    // though each called many times over REST and gRPC. A refused token is
-    // not: one review per request (5 REST, 3 gRPC).
-    let reviewed = |token: &str| {
+    // Users of accepted tokens are cached: one TokenReview per token and
+    // audience, though each called many times over REST and gRPC. A
+    // refused token is not: one review per request.
+    let reviewed = |token: &str, audiences: &Value| {
         reviews
             .iter()
-            .filter(|r| r["spec"]["token"] == token)
+            .filter(|r| r["spec"]["token"] == token && &r["spec"]["audiences"] == audiences)
             .count()
     };
     for token in [
@@ -133,9 +140,14 @@ async fn auth_against_a_token_review_endpoint() {
         "editor-token",
         "named-token",
     ] {
-        assert_eq!(reviewed(token), 1, "{token}");
+        assert_eq!(reviewed(token, &agents), 1, "{token}");
     }
-    assert_eq!(reviewed("garbage"), 8);
+    // 5 REST and 3 gRPC calls, and /metrics once.
+    assert_eq!(reviewed("garbage", &agents), 8);
+    assert_eq!(reviewed("garbage", &Value::Null), 1);
+    for token in ["apiserver-token", "scraper-token"] {
+        assert_eq!(reviewed(token, &Value::Null), 1, "{token}");
+    }
 
     let access: Vec<&Value> = requests
         .iter()
@@ -148,6 +160,11 @@ async fn auth_against_a_token_review_endpoint() {
             .iter()
             .filter(|s| s["user"] == user)
             .map(|s| {
+                let url = &s["nonResourceAttributes"];
+                if !url.is_null() {
+                    let (verb, path) = (url["verb"].as_str(), url["path"].as_str());
+                    return format!("{} {}", verb.unwrap(), path.unwrap());
+                }
                 let a = &s["resourceAttributes"];
                 let sub = a["subresource"]
                     .as_str()
@@ -194,10 +211,9 @@ async fn auth_against_a_token_review_endpoint() {
         "{:?}",
         asked("editor")
     );
-    assert!(
-        asked("writer-elsewhere").is_empty(),
-        "refused tokens get no access review"
-    );
+    // Refused for the agent, it is asked only what /metrics needs.
+    assert_eq!(asked("writer-elsewhere"), ["get /metrics"]);
+    assert_eq!(asked("scraper"), ["get /metrics"]);
     for s in &access {
         assert_eq!(s["uid"], "0b7f6c1e-uid", "{s}");
         assert_eq!(
@@ -233,7 +249,8 @@ impl Drop for Cleanup<'_> {
 /// bound to packet-capture-editor stops but may not start (no `capture`);
 /// one allowed the files of `auth-1` by name sees and downloads those only;
 /// an account without a binding gets 403; no token and a token for the
-/// apiserver's own audience get 401.
+/// apiserver's own audience get 401, but on `/metrics`, which an account
+/// bound to packet-capture-metrics-reader reads with such a token.
 #[tokio::test]
 async fn auth_against_the_local_control_plane() {
     let Some(cluster) = Cluster::for_test("auth_against_the_local_control_plane").await else {
@@ -267,6 +284,7 @@ async fn auth_against_the_local_control_plane() {
         ("packet-capture-viewer", "reader"),
         ("packet-capture-editor", "editor"),
         (named_role.as_str(), "named"),
+        ("packet-capture-metrics-reader", "scraper"),
     ] {
         let binding = format!("{role}-{}-{account}", ns.name());
         cluster
@@ -291,12 +309,20 @@ async fn auth_against_the_local_control_plane() {
         ((ns.name(), "nobody"), &[AUDIENCE]),
         // The apiserver's own audience.
         (controller, &[]),
+        ((ns.name(), "scraper"), &[]),
     ] {
         let token = cluster.token_for(namespace, account, audiences).await;
         issued.push(token.unwrap_or_else(|e| panic!("a token for {namespace}/{account}: {e}")));
     }
-    let [writer, reader, editor, named_reader, nobody, wrong_audience] =
-        <[String; 6]>::try_from(issued).unwrap();
+    let [
+        writer,
+        reader,
+        editor,
+        named_reader,
+        nobody,
+        wrong_audience,
+        scraper,
+    ] = <[String; 7]>::try_from(issued).unwrap();
     let tokens = Tokens {
         writer,
         reader,
@@ -304,6 +330,7 @@ async fn auth_against_the_local_control_plane() {
         named_reader,
         nobody,
         wrong_audience,
+        scraper,
     };
     let node = cluster.add_node("auth").await.unwrap();
     // No controller signs certificates here: the agent serves one the

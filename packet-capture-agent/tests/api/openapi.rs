@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use packet_capture_test_support::privileged;
 use serde_json::Value;
 
-use crate::common::apiserver::{FakeApiServer, Identity};
+use crate::common::apiserver::{APISERVER_AUDIENCE, FakeApiServer, Identity};
 use crate::common::{Node, Rest};
 
 const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/agent-api.yaml");
@@ -141,6 +141,22 @@ async fn the_openapi_document_describes_the_agent() {
                 audience: "packet-capture-agent",
                 rules: &[],
             },
+            Identity {
+                token: "prometheus",
+                username: "prometheus",
+                uid: "3",
+                groups: &[],
+                audience: APISERVER_AUDIENCE,
+                rules: &["get /metrics"],
+            },
+            Identity {
+                token: "outsider",
+                username: "outsider",
+                uid: "4",
+                groups: &[],
+                audience: APISERVER_AUDIENCE,
+                rules: &[],
+            },
         ],
     );
     let config_dir = tempfile::tempdir().unwrap();
@@ -160,7 +176,9 @@ async fn the_openapi_document_describes_the_agent() {
 
     let mut cases = vec![
         case("get", "/health", "/health", None, 200),
-        case("get", "/metrics", "/metrics", None, 200),
+        case("get", "/metrics", "/metrics", Some("prometheus"), 200),
+        case("get", "/metrics", "/metrics", w, 401),
+        case("get", "/metrics", "/metrics", Some("outsider"), 403),
         with_body(case("post", captures, captures, w, 201), start),
         with_body(case("post", captures, captures, w, 200), start),
         with_body(

@@ -423,8 +423,8 @@ async fn an_idle_connection_is_closed() {
     let (_send, connection, answer) = get("/health", 65_535).await;
     drop(answer);
     let answered = Instant::now();
-    // A client that takes /metrics' head and never opens its window.
-    let (_stuck_send, stuck, unread) = get("/metrics", 0).await;
+    // A client that takes /health's head and never opens its window.
+    let (_stuck_send, stuck, unread) = get("/health", 0).await;
 
     let closed = tokio::time::timeout(IDLE_TIMEOUT + Duration::from_secs(15), connection).await;
     // Closed as HTTP/2 closes in good order (GOAWAY), not cut.

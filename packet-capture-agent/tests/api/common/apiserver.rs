@@ -21,6 +21,8 @@ use super::{Rest, channel, with_token};
 
 /// The credential the agent itself must present to the fake apiserver.
 pub const AGENT_CREDENTIAL: &str = "agent-credential";
+/// The fake apiserver's own audience: a TokenReview naming none asks for it.
+pub const APISERVER_AUDIENCE: &str = "https://kubernetes.default.svc";
 
 /// What the controller may do on the agents: read, start and stop any
 /// capture, and capture any traffic (as manifests/rbac.yaml grants it).
@@ -63,14 +65,18 @@ pub struct Tokens {
     pub named_reader: String,
     /// Authenticated, with no right on packetcaptureconfigs.
     pub nobody: String,
-    /// Valid for another audience only.
+    /// Valid for the apiserver's audience only, with the writer's rights.
     pub wrong_audience: String,
+    /// Valid for the apiserver's audience, allowed `get /metrics` only
+    /// (packet-capture-metrics-reader), as Prometheus' own token is.
+    pub scraper: String,
 }
 
 /// Checks who may do what over REST and gRPC on the agent at `url` (which
 /// authenticates with a cluster's review APIs): 401 without or with a
-/// refused token, 403 without the right, success with it; health and
-/// metrics open; files only to whom may read their capture's.
+/// refused token, 403 without the right, success with it; health open,
+/// metrics for a token of the apiserver's audience allowed `get /metrics`;
+/// files only to whom may read their capture's.
 pub async fn check_auth(url: &str, ca: Option<&[u8]>, tokens: &Tokens) {
     let rest = Rest::trusting(url, ca);
     let body = |id: &str| json!({"id": id, "duration": 30, "targetIPs": ["10.77.0.2"]});
@@ -88,15 +94,25 @@ pub async fn check_auth(url: &str, ca: Option<&[u8]>, tokens: &Tokens) {
     let writer = Some(tokens.writer.as_str());
     let editor = Some(tokens.editor.as_str());
     let named = Some(tokens.named_reader.as_str());
-    // (caller, method, path, status), in order.
+    let wrong_audience = Some(tokens.wrong_audience.as_str());
+    let scraper = Some(tokens.scraper.as_str());
+    // (caller, method, path, status), in order. The metrics name the
+    // captures: for a token of the apiserver's audience (what Prometheus
+    // sends) that may `get /metrics`. Its users are remembered apart: the
+    // same tokens are refused for the capture calls below.
     let mut steps = vec![
         (None, get.clone(), "/health", 200),
-        (None, get.clone(), "/metrics", 200),
+        (None, get.clone(), "/metrics", 401),
+        (Some("garbage"), get.clone(), "/metrics", 401),
+        (reader, get.clone(), "/metrics", 401),
+        (wrong_audience, get.clone(), "/metrics", 403),
+        (scraper, get.clone(), "/metrics", 200),
+        (scraper, get.clone(), captures, 401),
     ];
     for (token, status) in [
         (None, 401),
         (Some("garbage"), 401),
-        (Some(tokens.wrong_audience.as_str()), 401),
+        (wrong_audience, 401),
         (Some(tokens.nobody.as_str()), 403),
     ] {
         for (method, path) in [
@@ -327,8 +343,9 @@ pub struct Identity {
     pub uid: &'static str,
     pub groups: &'static [&'static str],
     pub audience: &'static str,
-    /// What it may do, as RBAC would allow it: `"<verb> <resource>[/<subresource>][:<name>]"`,
-    /// e.g. `"capture pods"`, `"get packetcaptureconfigs/files:auth-1"`.
+    /// What it may do, as RBAC would allow it: `"<verb> <resource>[/<subresource>][:<name>]"`
+    /// or `"<verb> <path>"`, e.g. `"capture pods"`,
+    /// `"get packetcaptureconfigs/files:auth-1"`, `"get /metrics"`.
     pub rules: &'static [&'static str],
 }
 
@@ -457,7 +474,7 @@ async fn token_review(
     let audiences: Vec<&str> = body["spec"]["audiences"]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
+        .unwrap_or_else(|| vec![APISERVER_AUDIENCE]);
     let status = match fake.identities.iter().find(|i| i.token == token) {
         Some(i) if audiences.contains(&i.audience) => json!({
             "authenticated": true,
@@ -483,11 +500,17 @@ async fn token_review(
     })))
 }
 
-/// Whether `rule` (see [`Identity::rules`]) allows what `attrs` (a
-/// SubjectAccessReview's resourceAttributes) ask, as RBAC decides: a rule
-/// without a name allows every name, one with a name only that name.
-fn allows(rule: &str, attrs: &Value) -> bool {
+/// Whether `rule` (see [`Identity::rules`]) allows what a
+/// SubjectAccessReview's `spec` asks, as RBAC decides: a rule without a
+/// name allows every name, one with a name only that name; a rule of a
+/// path (`"get /metrics"`) allows that non-resource URL.
+fn allows(rule: &str, spec: &Value) -> bool {
     let (verb, what) = rule.split_once(' ').unwrap();
+    if what.starts_with('/') {
+        let url = &spec["nonResourceAttributes"];
+        return url["verb"] == verb && url["path"] == what;
+    }
+    let attrs = &spec["resourceAttributes"];
     let (what, name) = match what.split_once(':') {
         Some((what, name)) => (what, Some(name)),
         None => (what, None),
@@ -515,11 +538,10 @@ async fn access_review(
 ) -> Result<Json<Value>, StatusCode> {
     receive(&fake, &headers, "SubjectAccessReview", &body)?;
     let spec = &body["spec"];
-    let attrs = &spec["resourceAttributes"];
     let allowed = fake
         .identities
         .iter()
-        .any(|i| spec["user"] == i.username && i.rules.iter().any(|rule| allows(rule, attrs)));
+        .any(|i| spec["user"] == i.username && i.rules.iter().any(|rule| allows(rule, spec)));
     Ok(Json(json!({
         "apiVersion": "authorization.k8s.io/v1",
         "kind": "SubjectAccessReview",
