@@ -4,7 +4,8 @@
 //! takes a token for the cluster's own audience (what Prometheus sends) and
 //! `get` on the non-resource URL `/metrics`. Verdicts on
 //! tokens the cluster authenticated are kept for a short while so that a
-//! busy caller costs two reviews per [`CACHE_TTL`], not two per request.
+//! busy caller costs two reviews per [`CACHE_TTL`] (a scraper per
+//! [`SCRAPER_CACHE_TTL`]), not two per request.
 //!
 //! Whoever reaches the port can send tokens, so each step is bounded: an
 //! `authorization` value over [`MAX_AUTHORIZATION_BYTES`] is refused unread;
@@ -39,6 +40,11 @@ use crate::sync::lock;
 
 /// How long a verdict is reused.
 pub const CACHE_TTL: Duration = Duration::from_secs(30);
+/// How long a scraper's token and its right to `/metrics` are reused:
+/// longer than a scrape interval, so that every agent of a large cluster
+/// does not ask the API server twice per scrape. A revoked right still
+/// reads the metrics this long.
+pub const SCRAPER_CACHE_TTL: Duration = Duration::from_secs(120);
 /// Verdicts kept at most (callers are few: the controller and operators).
 pub const CACHE_ENTRIES: usize = 1024;
 /// The longest `authorization` header (gRPC: metadata) looked at. A
@@ -285,32 +291,30 @@ fn token_hash(token: &str) -> TokenHash {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// Entries that expire `ttl` after they were put, at most `capacity` of
-/// them (the least recently used goes first).
+/// Entries that expire the time given with each after it was put, at
+/// most `capacity` of them (the least recently used goes first).
 struct TtlCache<K: Hash + Eq, V> {
-    ttl: Duration,
     entries: LruCache<K, (Instant, V)>,
 }
 
 impl<K: Hash + Eq, V: Clone> TtlCache<K, V> {
-    fn new(capacity: usize, ttl: Duration) -> Self {
+    fn new(capacity: usize) -> Self {
         Self {
-            ttl,
             entries: LruCache::new(NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN)),
         }
     }
 
     fn get(&mut self, key: &K, now: Instant) -> Option<V> {
-        let (at, value) = self.entries.get(key)?;
-        if now.saturating_duration_since(*at) < self.ttl {
+        let (expires, value) = self.entries.get(key)?;
+        if now < *expires {
             return Some(value.clone());
         }
         self.entries.pop(key);
         None
     }
 
-    fn put(&mut self, key: K, value: V, now: Instant) {
-        self.entries.put(key, (now, value));
+    fn put(&mut self, key: K, value: V, now: Instant, ttl: Duration) {
+        self.entries.put(key, (now + ttl, value));
     }
 
     #[cfg(test)]
@@ -487,8 +491,8 @@ impl Authorizer {
         Self {
             client,
             audience: audience.into(),
-            users: Mutex::new(TtlCache::new(CACHE_ENTRIES, CACHE_TTL)),
-            verdicts: Mutex::new(TtlCache::new(CACHE_ENTRIES, CACHE_TTL)),
+            users: Mutex::new(TtlCache::new(CACHE_ENTRIES)),
+            verdicts: Mutex::new(TtlCache::new(CACHE_ENTRIES)),
             limiter: FailureLimiter::new(MAX_FAILURES, FAILURE_WINDOW, BLOCK_FOR, LIMITED_SOURCES),
         }
     }
@@ -557,7 +561,11 @@ impl Authorizer {
                 info,
                 relayed_by: None,
             });
-            lock(&self.users).put((audience, hash), user.clone(), Instant::now());
+            let ttl = match audience {
+                Audience::Agent => CACHE_TTL,
+                Audience::Cluster => SCRAPER_CACHE_TTL,
+            };
+            lock(&self.users).put((audience, hash), user.clone(), Instant::now(), ttl);
             user
         });
         if admitted.end(matches!(reviewed, Err(ApiError::Unauthenticated(_)))) {
@@ -622,8 +630,13 @@ impl Authorizer {
             return decision;
         }
         let decision = self.access_review(user, permission).await;
-        if matches!(decision, Ok(()) | Err(ApiError::Forbidden(_))) {
-            lock(&self.verdicts).put(key, decision.clone(), Instant::now());
+        let ttl = match (&decision, permission.resource) {
+            (Ok(()), Resource::Metrics) => Some(SCRAPER_CACHE_TTL),
+            (Ok(()) | Err(ApiError::Forbidden(_)), _) => Some(CACHE_TTL),
+            _ => None,
+        };
+        if let Some(ttl) = ttl {
+            lock(&self.verdicts).put(key, decision.clone(), Instant::now(), ttl);
         }
         decision
     }
@@ -946,10 +959,15 @@ mod tests {
             ),
         ] {
             let t0 = Instant::now();
-            let mut cache = TtlCache::new(2, Duration::from_secs(30));
+            let mut cache = TtlCache::new(2);
             for (i, op) in script.into_iter().enumerate() {
                 match op {
-                    Put(token, verb, t) => cache.put((token_hash(token), verb), (), at(t0, t)),
+                    Put(token, verb, t) => cache.put(
+                        (token_hash(token), verb),
+                        (),
+                        at(t0, t),
+                        Duration::from_secs(30),
+                    ),
                     Get(token, verb, t, there) => assert_eq!(
                         cache.get(&(token_hash(token), verb), at(t0, t)).is_some(),
                         there,
@@ -1149,6 +1167,26 @@ mod tests {
             .authenticate(&bearer(token), source, Audience::Agent)
             .await
             .map(|_| ())
+    }
+
+    #[tokio::test]
+    async fn users_are_remembered_per_audience() {
+        let (client, counter) = cluster(false);
+        let authorizer = Authorizer::new(client, "agent");
+        let source = IpAddr::from([10, 0, 0, 1]);
+        for (audience, reviewed) in [
+            (Audience::Cluster, 1),
+            (Audience::Cluster, 1),
+            (Audience::Agent, 2),
+            (Audience::Agent, 2),
+            (Audience::Cluster, 2),
+        ] {
+            let user = authorizer
+                .authenticate(&bearer("good-1"), source, audience)
+                .await;
+            assert!(user.is_ok(), "{audience:?}");
+            assert_eq!(reviews(&counter), reviewed, "{audience:?}");
+        }
     }
 
     #[tokio::test]

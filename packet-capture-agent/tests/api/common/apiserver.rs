@@ -129,6 +129,8 @@ pub async fn check_auth(url: &str, ca: Option<&[u8]>, tokens: &Tokens) {
         // The reader reads, and may not change anything.
         (reader, get.clone(), captures, 200),
         (reader, get.clone(), files, 200),
+        // Known for the agent's audience, still not for the metrics.
+        (reader, get.clone(), "/metrics", 401),
         (reader, post.clone(), captures, 403),
         // Changing captures is not capturing traffic.
         (editor, post.clone(), captures, 403),
