@@ -7,7 +7,9 @@ use std::collections::BTreeSet;
 use packet_capture_test_support::privileged;
 use serde_json::Value;
 
-use crate::common::apiserver::{APISERVER_AUDIENCE, FakeApiServer, Identity};
+use packet_capture_agent::api::auth::MAX_FAILURES;
+
+use crate::common::apiserver::{APISERVER_AUDIENCE, FakeApiServer, Identity, UNREVIEWABLE};
 use crate::common::{Node, Rest};
 
 const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/agent-api.yaml");
@@ -252,12 +254,44 @@ async fn the_openapi_document_describes_the_agent() {
         case("get", file, "/api/v1/files/x.pcap", None, 401),
         case("get", file, "/api/v1/files/x.pcap", n, 403),
         case("get", file, "/api/v1/files/missing.pcap", w, 404),
-        // Last: without its capture directory the node cannot start captures.
-        with_body(
-            case("post", captures, captures, w, 503),
-            r#"{"id":"doc-4"}"#,
-        ),
     ];
+    // Every route that needs a token, with a body where it takes one.
+    let guarded = [
+        ("post", captures, captures, Some(start)),
+        ("get", captures, captures, None),
+        ("get", capture, "/api/v1/captures/doc-5", None),
+        ("delete", capture, "/api/v1/captures/doc-5", None),
+        (
+            "put",
+            targets,
+            "/api/v1/captures/doc-5/targets",
+            Some(retarget),
+        ),
+        ("get", packets, "/api/v1/captures/doc-5/packets", None),
+        ("get", files, files, None),
+        ("get", file, "/api/v1/files/x.pcap", None),
+        ("get", "/metrics", "/metrics", None),
+    ];
+    let on_every_guarded_route = |token, status| {
+        guarded.map(|(method, template, path, body)| {
+            let c = case(method, template, path, Some(token), status);
+            match body {
+                Some(b) => with_body(c, b),
+                None => c,
+            }
+        })
+    };
+    // The cluster fails the token's review.
+    cases.extend(on_every_guarded_route(UNREVIEWABLE, 503));
+    // Without its capture directory the node cannot start captures.
+    cases.push(with_body(
+        case("post", captures, captures, w, 503),
+        r#"{"id":"doc-4"}"#,
+    ));
+    // Last: once this address has had MAX_FAILURES tokens refused, an
+    // unknown token is refused unreviewed.
+    const REFUSED: &str = "refused-token";
+    cases.extend(on_every_guarded_route(REFUSED, 429));
 
     // The cases cover exactly what the document lists.
     let mut documented = BTreeSet::new();
@@ -281,8 +315,9 @@ async fn the_openapi_document_describes_the_agent() {
     );
 
     let mut readers = Vec::new();
+    let mut flooded = false;
     for case in &mut cases {
-        if case.template == packets && case.status == 429 {
+        if case.template == packets && case.status == 429 && case.token == w {
             for _ in 0..8 {
                 let reader = rest.get(&case.path).await;
                 assert_eq!(reader.status(), 200, "a live reader of {}", case.path);
@@ -303,8 +338,20 @@ async fn the_openapi_document_describes_the_agent() {
                 .await;
             assert_eq!(started.status(), 201);
         }
-        if case.status == 503 {
+        if case.status == 503 && case.token == w {
             std::fs::remove_dir_all(node.dir.path()).unwrap();
+        }
+        if case.token == Some(REFUSED) && !flooded {
+            for i in 0..MAX_FAILURES {
+                let r = rest
+                    .with_token(Some(&format!("made-up-{i}")))
+                    .get(captures)
+                    .await;
+                // 429 once the tokens refused earlier and these reach it.
+                let status = r.status().as_u16();
+                assert!(matches!(status, 401 | 429), "made-up token {i}: {status}");
+            }
+            flooded = true;
         }
         let method: reqwest::Method = case.method.to_uppercase().parse().unwrap();
         let mut req = rest.with_token(case.token).request(method, &case.path);

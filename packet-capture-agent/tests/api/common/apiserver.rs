@@ -23,6 +23,9 @@ use super::{Rest, channel, with_token};
 pub const AGENT_CREDENTIAL: &str = "agent-credential";
 /// The fake apiserver's own audience: a TokenReview naming none asks for it.
 pub const APISERVER_AUDIENCE: &str = "https://kubernetes.default.svc";
+/// A token whose review the fake apiserver fails (500), as a cluster in
+/// trouble would.
+pub const UNREVIEWABLE: &str = "unreviewable-token";
 
 /// What the controller may do on the agents: read, start and stop any
 /// capture, and capture any traffic (as manifests/rbac.yaml grants it).
@@ -473,6 +476,9 @@ async fn token_review(
 ) -> Result<Json<Value>, StatusCode> {
     receive(&fake, &headers, "TokenReview", &body)?;
     let token = body["spec"]["token"].as_str().unwrap_or_default();
+    if token == UNREVIEWABLE {
+        return Err(StatusCode::INTERNAL_SERVER_ERROR);
+    }
     let audiences: Vec<&str> = body["spec"]["audiences"]
         .as_array()
         .map(|a| a.iter().filter_map(Value::as_str).collect())
