@@ -299,38 +299,20 @@ async fn auth_against_the_local_control_plane() {
             .unwrap_or_else(|e| panic!("binding {role}: {e}"));
         bindings.push(Cleanup(cluster, vec!["clusterrolebinding".into(), binding]));
     }
-    let controller = (COMPONENT_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT);
-    let mut issued = Vec::new();
-    for ((namespace, account), audiences) in [
-        (controller, &[AUDIENCE][..]),
-        ((ns.name(), "reader"), &[AUDIENCE]),
-        ((ns.name(), "editor"), &[AUDIENCE]),
-        ((ns.name(), "named"), &[AUDIENCE]),
-        ((ns.name(), "nobody"), &[AUDIENCE]),
-        // The apiserver's own audience.
-        (controller, &[]),
-        ((ns.name(), "scraper"), &[]),
-    ] {
+    let token = async |namespace: &str, account: &str, audiences: &[&str]| {
         let token = cluster.token_for(namespace, account, audiences).await;
-        issued.push(token.unwrap_or_else(|e| panic!("a token for {namespace}/{account}: {e}")));
-    }
-    let [
-        writer,
-        reader,
-        editor,
-        named_reader,
-        nobody,
-        wrong_audience,
-        scraper,
-    ] = <[String; 7]>::try_from(issued).unwrap();
+        token.unwrap_or_else(|e| panic!("a token for {namespace}/{account}: {e}"))
+    };
+    let (system, controller) = (COMPONENT_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT);
     let tokens = Tokens {
-        writer,
-        reader,
-        editor,
-        named_reader,
-        nobody,
-        wrong_audience,
-        scraper,
+        writer: token(system, controller, &[AUDIENCE]).await,
+        reader: token(ns.name(), "reader", &[AUDIENCE]).await,
+        editor: token(ns.name(), "editor", &[AUDIENCE]).await,
+        named_reader: token(ns.name(), "named", &[AUDIENCE]).await,
+        nobody: token(ns.name(), "nobody", &[AUDIENCE]).await,
+        // The apiserver's own audience.
+        wrong_audience: token(system, controller, &[]).await,
+        scraper: token(ns.name(), "scraper", &[]).await,
     };
     let node = cluster.add_node("auth").await.unwrap();
     // No controller signs certificates here: the agent serves one the
