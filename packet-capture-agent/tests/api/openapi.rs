@@ -329,7 +329,9 @@ async fn the_openapi_document_describes_the_agent() {
             let output = done["output_file"].as_str().unwrap();
             case.path = format!("/api/v1/files/{}", output.rsplit('/').next().unwrap());
         }
-        if case.template == packets {
+        // The writer's own calls: after the flood below its token could
+        // be refused unreviewed once its cached verdict expires.
+        if case.template == packets && case.token == w {
             rest.ended("doc-1").await;
         }
         if case.template == packets && case.status == 200 {
@@ -341,17 +343,24 @@ async fn the_openapi_document_describes_the_agent() {
         if case.status == 503 && case.token == w {
             std::fs::remove_dir_all(node.dir.path()).unwrap();
         }
+        // Made-up tokens until the address is refused unreviewed: tokens
+        // refused earlier count too, unless their window has passed.
         if case.token == Some(REFUSED) && !flooded {
-            for i in 0..MAX_FAILURES {
+            for i in 0..=2 * MAX_FAILURES {
                 let r = rest
                     .with_token(Some(&format!("made-up-{i}")))
                     .get(captures)
                     .await;
-                // 429 once the tokens refused earlier and these reach it.
-                let status = r.status().as_u16();
-                assert!(matches!(status, 401 | 429), "made-up token {i}: {status}");
+                match r.status().as_u16() {
+                    401 => {}
+                    429 => {
+                        flooded = true;
+                        break;
+                    }
+                    status => panic!("made-up token {i}: {status}"),
+                }
             }
-            flooded = true;
+            assert!(flooded, "no 429 after {} refused tokens", 2 * MAX_FAILURES);
         }
         let method: reqwest::Method = case.method.to_uppercase().parse().unwrap();
         let mut req = rest.with_token(case.token).request(method, &case.path);
