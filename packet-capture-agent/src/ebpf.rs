@@ -27,14 +27,18 @@ use aya_log::EbpfLogger;
 use ipnet::IpNet;
 use packet_capture_common::abi::{
     API_V4, API_V6, DIRECTION_EGRESS, DIRECTION_INGRESS, HOST_ENTRY_EMPTY, HOST_TABLE_ENTRIES,
-    HOST_WORDS, LINK_ETHERNET, LINK_RAW_IP, LOOKUP_EXACT, LOOKUP_NONE, LOOKUP_PREFIX, MAX_SLOTS,
-    Settings, filter_program, host_bit_v4, host_bit_v6, host_entry_v4, resume_program,
+    HOST_WORDS, LINK_ETHERNET, LINK_RAW_IP, LOOKUP_EXACT, LOOKUP_NONE, LOOKUP_PREFIX, MAX_PREFIXES,
+    MAX_SLOTS, Settings, filter_program, host_bit_v4, host_bit_v6, host_entry_v4, resume_program,
 };
 
 use crate::filter::{ClassicInsn, Filter, FilterPlace};
 use crate::kernel_filter::{self, Access, Ending, Program};
 use crate::mmap::Mapping;
-use packet_capture_common::crd::TargetDirection;
+use packet_capture_common::crd::{MAX_TARGET_IPS, TargetDirection};
+
+// Every slot's targets fit in the address maps at once: a start or a
+// change of targets never finds them full (changes remove first).
+const _: () = assert!(MAX_SLOTS * MAX_TARGET_IPS <= MAX_PREFIXES as usize);
 
 /// The `tracing` target of what the programs log. Their lines are debug
 /// (and lost records warnings), and the programs log only while the agent
