@@ -11,10 +11,11 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use crate::mmap::Mapping;
+use crate::sync::lock;
 use crate::writer;
 
 /// Suffix of files still being written.
@@ -424,7 +425,8 @@ impl CaptureDir {
         out.sync_all()?;
         // The compressed copy keeps the capture's time, so age ordering holds.
         out.set_modified(modified)?;
-        let stopped = self.stopped.lock().unwrap_or_else(PoisonError::into_inner);
+        // Held to the end: shutdown waits for the rename and the removal.
+        let stopped = lock(&self.stopped);
         if *stopped {
             fs::remove_file(&temp)?;
             return Ok(());
@@ -450,11 +452,7 @@ impl Maintenance {
     /// from doing so: after this, the process may exit at any time without
     /// leaving a capture both plain and compressed.
     pub fn stop(&self) {
-        *self
-            .dir
-            .stopped
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = true;
+        *lock(&self.dir.stopped) = true;
     }
 }
 
