@@ -27,18 +27,14 @@ use aya_log::EbpfLogger;
 use ipnet::IpNet;
 use packet_capture_common::abi::{
     API_V4, API_V6, DIRECTION_EGRESS, DIRECTION_INGRESS, HOST_ENTRY_EMPTY, HOST_TABLE_ENTRIES,
-    HOST_WORDS, LINK_ETHERNET, LINK_RAW_IP, LOOKUP_EXACT, LOOKUP_NONE, LOOKUP_PREFIX, MAX_PREFIXES,
-    MAX_SLOTS, Settings, filter_program, host_bit_v4, host_bit_v6, host_entry_v4, resume_program,
+    HOST_WORDS, LINK_ETHERNET, LINK_RAW_IP, LOOKUP_EXACT, LOOKUP_NONE, LOOKUP_PREFIX, MAX_SLOTS,
+    Settings, filter_program, host_bit_v4, host_bit_v6, host_entry_v4, resume_program,
 };
 
 use crate::filter::{ClassicInsn, Filter, FilterPlace};
 use crate::kernel_filter::{self, Access, Ending, Program};
 use crate::mmap::Mapping;
-use packet_capture_common::crd::{MAX_TARGET_IPS, TargetDirection};
-
-// Every slot's targets fit in the address maps at once: a start or a
-// change of targets never finds them full (changes remove first).
-const _: () = assert!(MAX_SLOTS * MAX_TARGET_IPS <= MAX_PREFIXES as usize);
+use packet_capture_common::crd::TargetDirection;
 
 /// The `tracing` target of what the programs log. Their lines are debug
 /// (and lost records warnings), and the programs log only while the agent
@@ -143,6 +139,23 @@ pub enum Error {
     Cpus(#[source] std::io::Error),
     #[error("eBPF program array FILTER_PROGRAMS: {0}")]
     ProgramArray(#[source] std::io::Error),
+}
+
+impl Error {
+    /// Whether an address map had no room for an entry: the maps hold
+    /// `MAX_PREFIXES` distinct prefixes per family, all captures together.
+    pub fn is_full(&self) -> bool {
+        match self {
+            Self::Map {
+                source: aya::maps::MapError::SyscallError(e),
+                ..
+            } => {
+                // A full hash map answers E2BIG, a full trie ENOSPC.
+                matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A capture's filters in the kernel, by link type, each as a program per

@@ -1108,7 +1108,7 @@ fn ebpf_slots_come_back_however_captures_end() {
                 })
                 .expect_err("every slot is held");
             assert!(
-                matches!(&err, StartError::Unavailable(m) if m.contains("captures already")),
+                matches!(&err, StartError::Full(m) if m.contains("captures already")),
                 "{err:?}"
             );
         };

@@ -64,6 +64,11 @@ pub const STDOUT_OUTPUT_FILE: &str = "Packet capture logs are in stdout format";
 
 /// Limits that keep the CEL rules cheap and a spec readable.
 pub const MAX_TARGET_IPS: usize = 256;
+/// Most targets one capture has on one node, as the agents take them: the
+/// spec's `targetIPs` (up to 256) and the addresses of the pods selected
+/// there (a node runs a few hundred pods at most, each with one address per
+/// family).
+pub const MAX_NODE_TARGETS: usize = 1024;
 pub const MAX_TARGET_PORTS: usize = 256;
 pub const MAX_PODS: usize = 256;
 pub const MAX_FILTER_LEN: usize = 4096;

@@ -72,15 +72,13 @@ impl Validator {
         });
     }
 
-    /// Checks `targetIPs` and returns the parsed networks.
-    pub fn target_ips(&mut self, ips: &[String]) -> Vec<IpNet> {
-        if ips.len() > MAX_TARGET_IPS {
+    /// Checks `targetIPs`, at most `max` of them, and returns the parsed
+    /// networks.
+    pub fn target_ips(&mut self, ips: &[String], max: usize) -> Vec<IpNet> {
+        if ips.len() > max {
             self.error(
                 "targetIPs",
-                format!(
-                    "{} entries, at most {MAX_TARGET_IPS} are allowed",
-                    ips.len()
-                ),
+                format!("{} entries, at most {max} are allowed", ips.len()),
             );
         }
         let mut nets = Vec::with_capacity(ips.len());
@@ -410,7 +408,7 @@ impl PacketCaptureConfigSpec {
         if let Some(nodes) = &self.node_selector {
             v.selector("nodeSelector", nodes);
         }
-        v.target_ips(&self.target_ips);
+        v.target_ips(&self.target_ips, MAX_TARGET_IPS);
         if pods.len() > MAX_PODS {
             v.error(
                 "podSelector.pods",

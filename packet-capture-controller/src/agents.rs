@@ -95,6 +95,10 @@ impl TokenFile {
     }
 }
 
+/// Largest answer taken from an agent: ListCaptures names every capture a
+/// node holds, each with up to 1024 targets and the names of their pods.
+const MAX_ANSWER_BYTES: usize = 64 << 20;
+
 /// Whether a failed call is worth trying again.
 pub fn retryable(status: &Status) -> bool {
     matches!(
@@ -363,7 +367,7 @@ impl AgentPool {
             .keep_alive_timeout(self.settings.timeout)
             .keep_alive_while_idle(true)
             .connect_lazy();
-        let client = AgentClient::new(channel);
+        let client = AgentClient::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES);
         clients.insert(ep.node.clone(), (ep.uri.clone(), trusted, client.clone()));
         Ok(client)
     }

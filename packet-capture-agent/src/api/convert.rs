@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ipnet::IpNet;
 use packet_capture_common::abi::MAX_SNAPLEN;
 use packet_capture_common::crd::{
-    CaptureState, DEFAULT_DURATION, DEFAULT_MAX_PACKETS, OutputFormat, TargetDirection,
+    CaptureState, DEFAULT_DURATION, DEFAULT_MAX_PACKETS, MAX_NODE_TARGETS, OutputFormat,
+    TargetDirection,
 };
 use packet_capture_common::validate::{FieldError, ValidationErrors, Validator};
 use packet_capture_proto::v1 as pb;
@@ -187,7 +188,7 @@ impl Unchecked {
             }
             _ => self.id.clone(),
         };
-        let targets = v.target_ips(&self.target_ips);
+        let targets = v.target_ips(&self.target_ips, MAX_NODE_TARGETS);
         let pods = target_pods(&mut v, &self.pods);
         v.target_ports(&self.target_ports);
         let duration = count(&mut v, "duration", self.duration);
@@ -283,7 +284,7 @@ pub struct UncheckedTargets {
 impl UncheckedTargets {
     pub fn validate(&self) -> Result<(Vec<IpNet>, Vec<TargetPod>), ValidationErrors> {
         let mut v = Validator::new("");
-        let targets = v.target_ips(&self.target_ips);
+        let targets = v.target_ips(&self.target_ips, MAX_NODE_TARGETS);
         let pods = target_pods(&mut v, &self.pods);
         v.finish()?;
         Ok((targets, pods))

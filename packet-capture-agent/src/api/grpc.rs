@@ -8,10 +8,10 @@ use pb::agent_server::{Agent, AgentServer};
 use tonic::{Request, Response, Status};
 
 use super::convert::{Unchecked, UncheckedTargets};
-use super::{Api, ApiError, Caller, MAX_BODY_BYTES};
+use super::{Api, ApiError, Caller, MAX_REQUEST_BYTES};
 
 pub fn server(api: Api) -> AgentServer<AgentService> {
-    AgentServer::new(AgentService { api }).max_decoding_message_size(MAX_BODY_BYTES)
+    AgentServer::new(AgentService { api }).max_decoding_message_size(MAX_REQUEST_BYTES)
 }
 
 pub struct AgentService {

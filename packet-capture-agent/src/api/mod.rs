@@ -43,8 +43,13 @@ pub use serve::{
 
 /// Bytes per chunk of a download, REST and gRPC.
 pub const CHUNK_BYTES: usize = 64 * 1024;
-/// Largest request body (REST) or message (gRPC) the API accepts.
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Largest request body (REST) or Agent-service message (gRPC): a node's
+/// share of a capture, `MAX_NODE_TARGETS` addresses and the names of their
+/// pods, takes a few hundred KiB at most. Every route that reads a body
+/// takes a token first.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Largest message of the services open to everyone (health, reflection).
+pub const MAX_OPEN_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// What every request handler shares. Cheap to clone.
 #[derive(Clone)]
@@ -146,7 +151,7 @@ impl Api {
                 SetTargetsError::Ended => ApiError::FailedPrecondition(format!(
                     "id: capture {id:?} has ended; its targets cannot change"
                 )),
-                SetTargetsError::Backend(m) => ApiError::Unavailable(m),
+                SetTargetsError::Refused(e) => e.into(),
             })
     }
 
@@ -363,9 +368,8 @@ pub fn router(api: Api) -> Router {
         // Serving as long as the process runs: the engine is up before the
         // listener opens.
         drop(reporter);
-        // Open to everyone, like reflection: no larger messages than the
-        // Agent service takes.
-        service.max_decoding_message_size(MAX_BODY_BYTES)
+        // Open to everyone, like reflection: small messages only.
+        service.max_decoding_message_size(MAX_OPEN_MESSAGE_BYTES)
     };
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -376,11 +380,11 @@ pub fn router(api: Api) -> Router {
     let reflection_v1 = reflection()
         .build_v1()
         .expect("the embedded descriptor sets are valid")
-        .max_decoding_message_size(MAX_BODY_BYTES);
+        .max_decoding_message_size(MAX_OPEN_MESSAGE_BYTES);
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .expect("the embedded descriptor sets are valid")
-        .max_decoding_message_size(MAX_BODY_BYTES);
+        .max_decoding_message_size(MAX_OPEN_MESSAGE_BYTES);
     let routes = tonic::service::Routes::from(rest::routes().with_state(api.clone()))
         .add_service(grpc::server(api.clone()))
         .add_service(health)

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::auth::Permission;
 use super::convert::{CaptureJson, FileJson, Unchecked, UncheckedTargets};
-use super::{Api, ApiError, Caller, MAX_BODY_BYTES};
+use super::{Api, ApiError, Caller, MAX_REQUEST_BYTES};
 
 pub fn routes() -> Router<Api> {
     Router::new()
@@ -28,7 +28,7 @@ pub fn routes() -> Router<Api> {
         .route("/api/v1/captures/{id}/packets", get(stream_packets))
         .route("/api/v1/files", get(list_files))
         .route("/api/v1/files/{name}", get(download_file))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
 }
@@ -130,7 +130,7 @@ async fn start_capture(
 fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|r| match r.status() {
         StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::TooLarge(format!("body: larger than {MAX_BODY_BYTES} bytes"))
+            ApiError::TooLarge(format!("body: larger than {MAX_REQUEST_BYTES} bytes"))
         }
         _ => ApiError::Invalid(format!("body: {}", r.body_text())),
     })

@@ -126,12 +126,31 @@ pub enum BackendError {
     ReaderStopped,
     #[error("programming the kernel maps: {0}")]
     Maps(#[source] crate::ebpf::Error),
+    #[error(
+        "the node's address maps have no room for these targets ({} distinct \
+         prefixes per family, all captures together)",
+        packet_capture_common::abi::MAX_PREFIXES
+    )]
+    MapsFull(#[source] crate::ebpf::Error),
+    #[error("targetIPs: {count} entries, the libpcap backend takes at most {max}")]
+    TooManyTargets { count: usize, max: usize },
     #[error("libpcap could not open any interface: {}", join(.0))]
     NoInterface(Vec<super::pcap::OpenError>),
     #[error("starting the ring-buffer reader: {0}")]
     Reader(#[source] std::io::Error),
     #[error("starting the capture thread: {0}")]
     Thread(#[source] std::io::Error),
+}
+
+impl BackendError {
+    /// The error of programming the maps, telling full ones apart.
+    pub fn of_maps(e: crate::ebpf::Error) -> Self {
+        if e.is_full() {
+            Self::MapsFull(e)
+        } else {
+            Self::Maps(e)
+        }
+    }
 }
 
 fn join(errors: &[super::pcap::OpenError]) -> String {

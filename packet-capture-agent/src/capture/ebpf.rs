@@ -247,7 +247,7 @@ impl Backend for EbpfBackend {
         if let Err(e) = kernel.set_slot(slot, slot_targets(selection)) {
             drop(kernel);
             self.shared.commands.send(Command::Discard { slot });
-            return Err(BackendError::Maps(e));
+            return Err(BackendError::of_maps(e));
         }
         Ok(Box::new(handle))
     }
@@ -335,7 +335,7 @@ impl Running for SlotCapture {
         self.shared
             .kernel()
             .set_slot(self.slot, slot_targets(selection))
-            .map_err(BackendError::Maps)
+            .map_err(BackendError::of_maps)
     }
 
     /// The kernel stops selecting first, then the reader finishes the sink

@@ -134,9 +134,20 @@ pub enum StartError {
     /// The node cannot run it now (disk, backend, shutting down).
     #[error("{0}")]
     Unavailable(String),
-    /// The node runs as many captures as it may (MAX_CONCURRENT_CAPTURES).
+    /// The node runs as many captures as it may (MAX_CONCURRENT_CAPTURES),
+    /// or has no room for their targets.
     #[error("{0}")]
     Full(String),
+}
+
+impl From<BackendError> for StartError {
+    fn from(e: BackendError) -> Self {
+        match e {
+            BackendError::Full(_) | BackendError::MapsFull(_) => Self::Full(e.to_string()),
+            BackendError::TooManyTargets { .. } => Self::Invalid(e.to_string()),
+            e => Self::Unavailable(e.to_string()),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,8 +156,10 @@ pub enum SetTargetsError {
     NotFound,
     #[error("the capture has ended")]
     Ended,
-    #[error("{0}")]
-    Backend(String),
+    /// The backend did not take the targets (the capture keeps its old
+    /// ones), as a start would have been refused.
+    #[error(transparent)]
+    Refused(StartError),
 }
 
 /// Why the engine could not start.
@@ -528,11 +541,7 @@ impl Engine {
             counters.clone(),
             tap,
         );
-        let running = self
-            .inner
-            .backend
-            .add(&req.id, &selection, sink)
-            .map_err(|e| StartError::Unavailable(e.to_string()))?;
+        let running = self.inner.backend.add(&req.id, &selection, sink)?;
         let capture = Arc::new(Capture {
             id: req.id.clone(),
             name: req.name.clone(),
@@ -622,7 +631,7 @@ impl Engine {
             spec.pods = pods;
             running
                 .retarget(&selection(&spec))
-                .map_err(|e| SetTargetsError::Backend(e.to_string()))?;
+                .map_err(|e| SetTargetsError::Refused(e.into()))?;
             tracing::info!(
                 capture = id,
                 targets = spec.targets.len(),

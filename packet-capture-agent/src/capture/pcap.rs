@@ -49,8 +49,23 @@ struct SocketFilter {
 /// An expression no packet matches (none is shorter than 0 bytes).
 const NOTHING: &str = "less 0";
 
+/// Most targets a capture's sockets select: libpcap's optimizer takes
+/// seconds on each socket's expression past this many hosts (2.7 s at 256,
+/// a minute at 1024), and past about 350 its program is longer than a
+/// socket filter may be.
+const MAX_TARGETS: usize = 256;
+
 impl SocketFilter {
-    fn new(selection: &Selection, own_api: Option<std::net::SocketAddr>) -> Self {
+    fn new(
+        selection: &Selection,
+        own_api: Option<std::net::SocketAddr>,
+    ) -> Result<Self, BackendError> {
+        if selection.targets.len() > MAX_TARGETS {
+            return Err(BackendError::TooManyTargets {
+                count: selection.targets.len(),
+                max: MAX_TARGETS,
+            });
+        }
         let mut expression = if !selection.any_address() && selection.targets.is_empty() {
             NOTHING.to_owned()
         } else {
@@ -64,10 +79,10 @@ impl SocketFilter {
         if let Some(api) = own_api {
             expression = without_own_api(&expression, api);
         }
-        Self {
+        Ok(Self {
             expression,
             snaplen: selection.copy_len,
-        }
+        })
     }
 
     /// The expression for a socket: Ethernet frames may carry VLAN tags,
@@ -228,7 +243,13 @@ impl Backend for PcapBackend {
         selection: &Selection,
         sink: Sink,
     ) -> Result<Box<dyn Running>, BackendError> {
-        let filter = SocketFilter::new(selection, self.own_api);
+        let filter = match SocketFilter::new(selection, self.own_api) {
+            Ok(filter) => filter,
+            Err(e) => {
+                sink.abandon();
+                return Err(e);
+            }
+        };
         let has_filter = sink.filter().is_some();
         let (commands, rx) = std::sync::mpsc::channel();
         // Listed before the interfaces are read: an interface that comes
@@ -312,7 +333,7 @@ impl Running for ThreadCapture {
     /// Returns once the capture's thread has given every socket the new
     /// filter (at its next round, within [`POLL_INTERVAL`]).
     fn retarget(&self, selection: &Selection) -> Result<(), BackendError> {
-        let filter = SocketFilter::new(selection, self.own_api);
+        let filter = SocketFilter::new(selection, self.own_api)?;
         let (done, applied) = std::sync::mpsc::sync_channel(1);
         self.commands
             .send(Command::Retarget(filter, done))

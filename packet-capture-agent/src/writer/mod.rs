@@ -111,9 +111,28 @@ struct Pcapng {
 }
 
 /// pcap-file encodes the headers into a `Vec`, whose writes cannot fail,
-/// from values it accepts (fixed ones, and interface names far shorter than
-/// an option's 64 KiB), which it checks before it writes anything.
+/// from values it accepts (fixed ones, interface names far shorter than an
+/// option's 64 KiB, and the comment cut to fit one), which it checks before
+/// it writes anything.
 const VEC_WRITES: &str = "writing to a Vec cannot fail";
+
+/// Most bytes a pcapng option's value holds.
+const MAX_OPTION_BYTES: usize = u16::MAX as usize;
+
+/// Cuts `text` to what one pcapng option holds, at a character boundary,
+/// and marks the cut.
+fn fit_option(text: &mut String) {
+    const CUT: &str = " …";
+    if text.len() <= MAX_OPTION_BYTES {
+        return;
+    }
+    let mut end = MAX_OPTION_BYTES - CUT.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(CUT);
+}
 
 impl Encoder {
     pub fn new(format: OutputFormat, snaplen: u32) -> Self {
@@ -137,7 +156,10 @@ impl Encoder {
     }
 
     /// pcapng files say where they come from.
-    pub fn with_origin(self, origin: Origin) -> Self {
+    /// Names the capture in what the file says of itself. A comment longer
+    /// than a pcapng option (a capture of a thousand addresses) is cut.
+    pub fn with_origin(self, mut origin: Origin) -> Self {
+        fit_option(&mut origin.comment);
         Self { origin, ..self }
     }
 
@@ -501,6 +523,31 @@ mod tests {
                 concat!("packet-capture ", env!("CARGO_PKG_VERSION")).into()
             )]
         );
+    }
+
+    #[test]
+    fn a_comment_longer_than_an_option_is_cut_to_fit_it() {
+        // The cut at the option's size falls inside a three-byte character.
+        let comment = "é".repeat(11) + &"€".repeat(30_000);
+        let mut encoder = Encoder::new(OutputFormat::Pcapng, 1000).with_origin(Origin {
+            comment: comment.clone(),
+            ..Origin::default()
+        });
+        let mut bytes = Vec::new();
+        encoder.file_header(&mut bytes);
+        let reader = PcapNgReader::new(&bytes[..]).unwrap();
+        let kept = reader
+            .section()
+            .options
+            .iter()
+            .find_map(|o| match o {
+                SectionHeaderOption::Common(CommonOption::Comment(c)) => Some(c.to_string()),
+                _ => None,
+            })
+            .expect("the comment");
+        let cut = kept.strip_suffix(" …").expect("marked as cut");
+        assert!(comment.starts_with(cut));
+        assert!(kept.len() <= MAX_OPTION_BYTES && kept.len() > MAX_OPTION_BYTES - 4);
     }
 
     #[test]

@@ -283,8 +283,8 @@ async fn grpcurl_uses_reflection() {
     assert!(checked.contains("SERVING"), "{checked}");
 }
 
-/// The services open to every caller (health, reflection) take messages no
-/// larger than the Agent service does.
+/// The services open to every caller (health, reflection) take messages of
+/// at most 64 KiB, where the Agent service takes a MiB.
 #[tokio::test]
 async fn open_grpc_services_refuse_large_messages() {
     if !privileged("open_grpc_services_refuse_large_messages") {
@@ -297,9 +297,101 @@ async fn open_grpc_services_refuse_large_messages() {
     let check = |service: String| HealthCheckRequest { service };
     assert!(health.check(check(String::new())).await.is_ok());
     let refused = health
-        .check(check("x".repeat(1 << 20)))
+        .check(check("x".repeat(100_000)))
         .await
-        .expect_err("a 1 MiB health check");
+        .expect_err("a 100 kB health check");
     assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
     assert!(health.check(check(String::new())).await.is_ok());
+}
+
+/// The address maps hold 16384 prefixes per family, every capture's
+/// together. A start that finds them full is RESOURCE_EXHAUSTED (as a node
+/// at its limit of captures: no agent the controller cannot reach) and
+/// leaves nothing; a change of targets that does not fit keeps the old
+/// ones.
+#[tokio::test]
+async fn full_address_maps_refuse_a_start_as_exhausted_and_leave_nothing() {
+    if !privileged("full_address_maps_refuse_a_start_as_exhausted_and_leave_nothing") {
+        return;
+    }
+    use packet_capture_common::abi::MAX_PREFIXES;
+    use packet_capture_common::crd::MAX_NODE_TARGETS;
+    let node = Node::new();
+    let agent = node.agent(
+        &["--insecure-no-auth"],
+        &[
+            ("CAPTURE_BACKEND", "ebpf"),
+            ("MAX_CONCURRENT_CAPTURES", "64"),
+        ],
+    );
+    let mut c = grpc(&agent).await;
+    // The `n`th capture's first `count` addresses, none another's.
+    let addresses = |n: usize, count: usize| -> Vec<String> {
+        (0..count)
+            .map(|i| std::net::Ipv4Addr::from(0x0a00_0000 + (n * MAX_NODE_TARGETS + i) as u32))
+            .map(|a| a.to_string())
+            .collect()
+    };
+    let start = |n: usize, count: usize| {
+        let mut req = ping_capture(&format!("full-{n}"), 4);
+        req.spec.as_mut().unwrap().target_ips = addresses(n, count);
+        req
+    };
+    // Captures of one address short of the most, and one of the rest: the
+    // maps are full, and each capture could take one more.
+    let (room, each) = (MAX_PREFIXES as usize, MAX_NODE_TARGETS - 1);
+    let sizes: Vec<usize> = (0..room / each)
+        .map(|_| each)
+        .chain([room % each])
+        .collect();
+    for (n, &count) in sizes.iter().enumerate() {
+        c.start_capture(start(n, count)).await.unwrap();
+    }
+    let refused = sizes.len();
+    let err = c.start_capture(start(refused, 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message()
+            .starts_with("the node's address maps have no room"),
+        "{err:?}"
+    );
+    let listed = c
+        .list_captures(pb::ListCapturesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .captures;
+    assert_eq!(listed.len(), refused, "the refused start left no capture");
+    let files: Vec<_> = std::fs::read_dir(node.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(files.len(), refused, "nor a file: {files:?}");
+
+    // The first capture's targets and one address more: no room.
+    let err = c
+        .set_targets(pb::SetTargetsRequest {
+            id: "full-0".into(),
+            target_ips: addresses(0, each + 1),
+            pods: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let kept = c
+        .get_capture(pb::GetCaptureRequest {
+            id: "full-0".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kept.spec.unwrap().target_ips, addresses(0, each), "kept");
+
+    // One capture ends: its room takes the refused one.
+    c.stop_capture(pb::StopCaptureRequest {
+        id: "full-1".into(),
+    })
+    .await
+    .unwrap();
+    c.start_capture(start(refused, 1)).await.unwrap();
 }

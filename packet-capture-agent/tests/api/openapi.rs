@@ -195,7 +195,7 @@ async fn the_openapi_document_describes_the_agent() {
         ),
         with_body(
             case("post", captures, captures, w, 413),
-            &format!(r#"{{"id":"doc-3","filter":"{}"}}"#, "x".repeat(70_000)),
+            &format!(r#"{{"id":"doc-3","filter":"{}"}}"#, "x".repeat(1 << 20)),
         ),
         case("get", captures, captures, w, 200),
         case("get", captures, captures, None, 401),

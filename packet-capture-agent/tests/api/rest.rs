@@ -215,7 +215,7 @@ async fn rest_bad_input_is_refused_and_starts_nothing() {
     let node = Node::new();
     let agent = node.agent(&["--insecure-no-auth"], &[]);
     let c = Rest::new(&agent);
-    let huge = format!(r#"{{"id":"a","filter":"{}"}}"#, "x".repeat(70_000));
+    let huge = format!(r#"{{"id":"a","filter":"{}"}}"#, "x".repeat(1 << 20));
     let long_filter = format!(r#"{{"id":"a","filter":"{}"}}"#, "x".repeat(5_000));
     let long_id = format!(r#"{{"id":"{}"}}"#, "a".repeat(201));
     let cases: Vec<(&str, u16, &str)> = vec![
@@ -323,7 +323,7 @@ async fn rest_bad_input_is_refused_and_starts_nothing() {
         (r#"{"id":"ok","name":"../x"}"#, 400, "name: "),
         (long_id.as_str(), 400, "id: longer than 200 characters"),
         (long_filter.as_str(), 400, "filter: 5000 bytes long"),
-        (huge.as_str(), 413, "body: larger than 65536 bytes"),
+        (huge.as_str(), 413, "body: larger than 1048576 bytes"),
     ];
     for (body, status, error) in cases {
         let r = c
@@ -430,4 +430,112 @@ async fn the_configured_limits_hold_and_are_named() {
         c.post("/api/v1/captures", &within("two")).await.status(),
         201
     );
+}
+
+/// A node's share of a large selection: 1024 targets and the long names of
+/// their pods, far more than 64 KiB, start a capture (REST) and change its
+/// targets (gRPC); the file names every target; one target more is refused
+/// by name and changes nothing.
+#[tokio::test]
+async fn a_thousand_targets_and_their_pods_are_one_request() {
+    if !privileged("a_thousand_targets_and_their_pods_are_one_request") {
+        return;
+    }
+    use packet_capture_common::crd::MAX_NODE_TARGETS;
+    use packet_capture_proto::v1 as pb;
+    let node = Node::new();
+    let agent = node.agent(&["--insecure-no-auth"], &[("CAPTURE_BACKEND", "ebpf")]);
+    let c = Rest::new(&agent);
+    let mut grpc = crate::common::grpc(&agent).await;
+    // The pinged address, and pods' addresses no packet here has.
+    let elsewhere = |n: usize| format!("fd00:1234:5678:9abc::{n:x}");
+    let ips: Vec<String> = std::iter::once(RIGHT_IP.to_owned())
+        .chain((1..MAX_NODE_TARGETS).map(elsewhere))
+        .collect();
+    let pod = |i: usize, ip: &str| pb::TargetPod {
+        namespace: "a-namespace-of-the-shop".into(),
+        name: format!("checkout-deployment-7d9f8b6c5d-{i:05}"),
+        ips: vec![ip.to_owned()],
+    };
+    let pods: Vec<pb::TargetPod> = ips.iter().enumerate().map(|(i, ip)| pod(i, ip)).collect();
+    let pods_json: Vec<serde_json::Value> = pods
+        .iter()
+        .map(|p| json!({"namespace": p.namespace, "name": p.name, "ips": p.ips}))
+        .collect();
+    let body = json!({
+        "id": "many-1", "targetIPs": ips, "pods": pods_json, "duration": 60, "maxPackets": 4,
+        "outputFormat": "pcapng", "filter": "icmp"
+    });
+    assert!(body.to_string().len() > 128 * 1024, "a large request");
+    let r = c.post("/api/v1/captures", &body).await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+
+    let targets = |ips: Vec<String>, pods: Vec<pb::TargetPod>| pb::SetTargetsRequest {
+        id: "many-1".into(),
+        target_ips: ips,
+        pods,
+    };
+    let mut more = ips.clone();
+    more.push(elsewhere(MAX_NODE_TARGETS));
+    let err = grpc
+        .set_targets(targets(more, pods.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .starts_with("targetIPs: 1025 entries, at most 1024 are allowed"),
+        "{err:?}"
+    );
+    // The same addresses again, now as the controller sends a change.
+    let kept = grpc
+        .set_targets(targets(ips.clone(), pods))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kept.spec.unwrap().target_ips.len(), MAX_NODE_TARGETS);
+
+    node.ping(2);
+    let done = c.ended("many-1").await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let file = std::path::PathBuf::from(done["output_file"].as_str().unwrap());
+    assert_eq!(tshark(&file, &["icmp.type"]), ["8", "0", "8", "0"]);
+    let info = packet_capture_test_support::netns::run(
+        std::process::Command::new("capinfos").arg("-k").arg(&file),
+    );
+    let info = String::from_utf8_lossy(&info.stdout);
+    let last = elsewhere(MAX_NODE_TARGETS - 1);
+    assert!(
+        info.contains(&format!("host {last}")),
+        "the comment names every target:\n{info}"
+    );
+}
+
+/// libpcap compiles each socket's selection, in seconds past 256 hosts:
+/// that backend refuses more by name, and nothing of the capture stays.
+#[tokio::test]
+async fn the_libpcap_backend_refuses_more_than_256_targets() {
+    if !privileged("the_libpcap_backend_refuses_more_than_256_targets") {
+        return;
+    }
+    let node = Node::new();
+    let agent = node.agent(&["--insecure-no-auth"], &[("CAPTURE_BACKEND", "pcap")]);
+    let c = Rest::new(&agent);
+    let ips: Vec<String> = (0..257)
+        .map(|n| format!("10.99.{}.{}", n / 256, n % 256))
+        .collect();
+    let r = c
+        .post(
+            "/api/v1/captures",
+            &json!({"id": "many-2", "targetIPs": ips}),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    let err = json_of(r).await;
+    assert_eq!(
+        err["error"], "targetIPs: 257 entries, the libpcap backend takes at most 256",
+        "{err}"
+    );
+    assert_eq!(c.json("/api/v1/captures").await["captures"], json!([]));
+    assert_eq!(c.json("/api/v1/files").await["files"], json!([]));
 }
