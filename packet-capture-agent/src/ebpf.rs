@@ -895,11 +895,14 @@ impl Kernel {
             .keys()
             .filter(|n| !wanted.contains_key(n))
             .map(|&net| (net, None));
-        let changed = wanted
+        let (changed, new): (Vec<_>, Vec<_>) = wanted
             .iter()
             .filter(|&(net, mask)| self.prefixes.get(net) != Some(mask))
-            .map(|(&net, &mask)| (net, Some(mask)));
-        let updates: Vec<(IpNet, Option<u64>)> = gone.chain(changed).collect();
+            .map(|(&net, &mask)| (net, Some(mask)))
+            .partition(|(net, _)| self.prefixes.contains_key(net));
+        // Removals first, then entries that stay, then new ones: a trie at
+        // its size refuses even an update in place before Linux 6.13.
+        let updates: Vec<(IpNet, Option<u64>)> = gone.chain(changed).chain(new).collect();
         let mut result = Ok(());
         for (net, mask) in updates {
             let existed = self.prefixes.contains_key(&net);

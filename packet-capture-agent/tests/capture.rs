@@ -1160,7 +1160,9 @@ fn a_shutdown_ends_every_capture_started_before_it_and_refuses_the_rest() {
                             }
                             // Every slot is held: the next try waits for
                             // the shutdown.
-                            Err(StartError::Unavailable(_)) => std::thread::yield_now(),
+                            Err(StartError::Full(_) | StartError::Unavailable(_)) => {
+                                std::thread::yield_now()
+                            }
                             Err(e) => panic!("{e:?}"),
                         }
                     }

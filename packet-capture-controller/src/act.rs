@@ -327,8 +327,9 @@ impl Act<'_> {
         match result {
             Ok(c) => progress.started(&c, sent, now),
             // The agent answered, after the retries, that it cannot take
-            // it now (it runs as many captures as it may, or refused too
-            // many tokens): not an agent the controller cannot reach.
+            // it now (it runs as many captures as it may, its address maps
+            // have no room for the targets, or it refused too many
+            // tokens): not an agent the controller cannot reach.
             Err(e) if e.code() == Code::ResourceExhausted => progress.fail(
                 format!(
                     "agent on node {node} could not take the capture: {}",

@@ -39,7 +39,8 @@ pub enum ApiError {
     /// The node (or the cluster, for authentication) cannot serve it now.
     #[error("{0}")]
     Unavailable(String),
-    /// The node runs as many captures as it may: 503 over REST, as other
+    /// The node runs as many captures as it may, or has no room for their
+    /// targets in its address maps: 503 over REST, as other
     /// reasons it cannot run one now, and RESOURCE_EXHAUSTED over gRPC, so
     /// the controller tells it apart from an agent it cannot reach.
     #[error("{0}")]

@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -45,10 +45,10 @@ pub use serve::{
 pub const CHUNK_BYTES: usize = 64 * 1024;
 /// Largest request body (REST) or Agent-service message (gRPC): a node's
 /// share of a capture, `MAX_NODE_TARGETS` addresses and the names of their
-/// pods, takes a few hundred KiB at most. Every route that reads a body
-/// takes a token first.
+/// pods, takes a few hundred KiB at most.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
-/// Largest message of the services open to everyone (health, reflection).
+/// Largest request body of a route open to everyone (health, reflection),
+/// and message of the services open to everyone.
 pub const MAX_OPEN_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// What every request handler shares. Cheap to clone.
@@ -453,8 +453,14 @@ async fn gate(State(api): State<Api>, mut req: Request, next: Next) -> Response 
             req.extensions_mut().insert(Caller::Anyone);
             next.run(req).await
         }
-        // Open routes get no caller: a handler that asks for one fails.
-        (Access::Open, Some(_)) => next.run(req).await,
+        // Open routes get no caller: a handler that asks for one fails. Nor
+        // more than a small body: the Agent service's own limit is for the
+        // calls that take a token, and its Health is open.
+        (Access::Open, Some(_)) => {
+            let req = req
+                .map(|body| Body::new(http_body_util::Limited::new(body, MAX_OPEN_MESSAGE_BYTES)));
+            next.run(req).await
+        }
     };
     let code = if grpc {
         response

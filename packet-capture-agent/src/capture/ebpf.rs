@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -43,7 +43,7 @@ enum Command {
     Add {
         slot: usize,
         sink: Box<Sink>,
-        installed: std::sync::mpsc::SyncSender<()>,
+        installed: SyncSender<()>,
     },
     /// End a capture once what the kernel selected for it has been read;
     /// the kernel no longer selects for its slot.
@@ -51,9 +51,11 @@ enum Command {
         slot: usize,
         reason: EndReason,
     },
-    /// Forget a capture that never started, and its file.
+    /// Forget a capture that never started, and its file; answers once
+    /// the file is gone.
     Discard {
         slot: usize,
+        discarded: SyncSender<()>,
     },
     Names(HashMap<u32, String>),
     Shutdown,
@@ -246,7 +248,13 @@ impl Backend for EbpfBackend {
         handle.filtered_baseline = kernel.slot_filtered(slot).unwrap_or(0);
         if let Err(e) = kernel.set_slot(slot, slot_targets(selection)) {
             drop(kernel);
-            self.shared.commands.send(Command::Discard { slot });
+            let (discarded, done) = std::sync::mpsc::sync_channel(1);
+            self.shared
+                .commands
+                .send(Command::Discard { slot, discarded });
+            // Once the reader has removed the file: nothing of the refused
+            // capture is left (a reader that stopped ends the agent).
+            let _ = done.recv();
             return Err(BackendError::of_maps(e));
         }
         Ok(Box::new(handle))
@@ -501,10 +509,11 @@ impl Reader {
                     });
                 }
             }
-            Command::Discard { slot } => {
+            Command::Discard { slot, discarded } => {
                 if let Some(sink) = self.sinks[slot].take() {
                     sink.abandon();
                 }
+                let _ = discarded.send(());
             }
             Command::Names(names) => self.names = names,
             Command::Shutdown => return false,

@@ -155,9 +155,8 @@ impl Encoder {
         self.lost += n;
     }
 
-    /// pcapng files say where they come from.
-    /// Names the capture in what the file says of itself. A comment longer
-    /// than a pcapng option (a capture of a thousand addresses) is cut.
+    /// Names the capture in what a pcapng file says of itself. A comment
+    /// longer than a pcapng option (the longest selections) is cut.
     pub fn with_origin(self, mut origin: Origin) -> Self {
         fit_option(&mut origin.comment);
         Self { origin, ..self }

@@ -226,6 +226,10 @@ async fn the_openapi_document_describes_the_agent() {
             r#"{"targetIPs":["10.0.0.1/33"]}"#,
         ),
         with_body(
+            case("put", targets, "/api/v1/captures/doc-5/targets", w, 413),
+            &format!(r#"{{"targetIPs":["{}"]}}"#, "x".repeat(1 << 20)),
+        ),
+        with_body(
             case("put", targets, "/api/v1/captures/doc-5/targets", None, 401),
             retarget,
         ),

@@ -512,7 +512,8 @@ async fn a_thousand_targets_and_their_pods_are_one_request() {
 }
 
 /// libpcap compiles each socket's selection, in seconds past 256 hosts:
-/// that backend refuses more by name, and nothing of the capture stays.
+/// that backend refuses more by name, at the start (nothing of the capture
+/// stays) and as new targets (the capture keeps its own).
 #[tokio::test]
 async fn the_libpcap_backend_refuses_more_than_256_targets() {
     if !privileged("the_libpcap_backend_refuses_more_than_256_targets") {
@@ -538,4 +539,28 @@ async fn the_libpcap_backend_refuses_more_than_256_targets() {
     );
     assert_eq!(c.json("/api/v1/captures").await["captures"], json!([]));
     assert_eq!(c.json("/api/v1/files").await["files"], json!([]));
+    let entries = std::fs::read_dir(node.dir.path()).unwrap().count();
+    assert_eq!(entries, 0, "no unfinished file either");
+
+    let r = c
+        .post(
+            "/api/v1/captures",
+            &json!({"id": "many-3", "targetIPs": [RIGHT_IP], "duration": 60}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let r = c
+        .request(reqwest::Method::PUT, "/api/v1/captures/many-3/targets")
+        .json(&json!({ "targetIPs": ips }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let err = json_of(r).await;
+    assert_eq!(
+        err["error"], "targetIPs: 257 entries, the libpcap backend takes at most 256",
+        "{err}"
+    );
+    let kept = c.json("/api/v1/captures/many-3").await;
+    assert_eq!(kept["spec"]["targetIPs"], json!([RIGHT_IP]), "{kept}");
 }
