@@ -27,8 +27,8 @@ use aya_log::EbpfLogger;
 use ipnet::IpNet;
 use packet_capture_common::abi::{
     API_V4, API_V6, DIRECTION_EGRESS, DIRECTION_INGRESS, HOST_ENTRY_EMPTY, HOST_TABLE_ENTRIES,
-    HOST_WORDS, LINK_ETHERNET, LINK_RAW_IP, LOOKUP_EXACT, LOOKUP_NONE, LOOKUP_PREFIX, MAX_SLOTS,
-    Settings, filter_program, host_bit_v4, host_bit_v6, host_entry_v4, resume_program,
+    HOST_WORDS, LINK_ETHERNET, LINK_RAW_IP, LOOKUP_EXACT, LOOKUP_NONE, LOOKUP_PREFIX, MAX_PREFIXES,
+    MAX_SLOTS, Settings, filter_program, host_bit_v4, host_bit_v6, host_entry_v4, resume_program,
 };
 
 use crate::filter::{ClassicInsn, Filter, FilterPlace};
@@ -139,22 +139,14 @@ pub enum Error {
     Cpus(#[source] std::io::Error),
     #[error("eBPF program array FILTER_PROGRAMS: {0}")]
     ProgramArray(#[source] std::io::Error),
+    #[error("eBPF map {map}: {wanted} prefixes wanted, it holds {MAX_PREFIXES}")]
+    Full { map: &'static str, wanted: usize },
 }
 
 impl Error {
-    /// Whether an address map had no room for an entry: the maps hold
-    /// `MAX_PREFIXES` distinct prefixes per family, all captures together.
+    /// Whether the address maps had no room for the prefixes wanted.
     pub fn is_full(&self) -> bool {
-        match self {
-            Self::Map {
-                source: aya::maps::MapError::SyscallError(e),
-                ..
-            } => {
-                // A full hash map answers E2BIG, a full trie ENOSPC.
-                matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
-            }
-            _ => false,
-        }
+        matches!(self, Self::Full { .. })
     }
 }
 
@@ -890,19 +882,25 @@ impl Kernel {
     /// map full) the next call puts right whatever this one left.
     fn sync_maps(&mut self) -> Result<(), Error> {
         let wanted = prefix_masks(self.slots.iter().map(|(&s, t)| (s, &t.nets[..])));
+        // Refused before anything is written, and so the tries, one entry
+        // larger, never reach their size.
+        for (map, v4) in [("IPV4", true), ("IPV6", false)] {
+            let count = wanted.keys().filter(|n| n.addr().is_ipv4() == v4).count();
+            if count > MAX_PREFIXES as usize {
+                return Err(Error::Full { map, wanted: count });
+            }
+        }
         let gone = self
             .prefixes
             .keys()
             .filter(|n| !wanted.contains_key(n))
             .map(|&net| (net, None));
-        let (changed, new): (Vec<_>, Vec<_>) = wanted
+        let changed = wanted
             .iter()
             .filter(|&(net, mask)| self.prefixes.get(net) != Some(mask))
-            .map(|(&net, &mask)| (net, Some(mask)))
-            .partition(|(net, _)| self.prefixes.contains_key(net));
-        // Removals first, then entries that stay, then new ones: a trie at
-        // its size refuses even an update in place before Linux 6.13.
-        let updates: Vec<(IpNet, Option<u64>)> = gone.chain(changed).chain(new).collect();
+            .map(|(&net, &mask)| (net, Some(mask)));
+        // Removals first: the maps never hold more than what is wanted.
+        let updates: Vec<(IpNet, Option<u64>)> = gone.chain(changed).collect();
         let mut result = Ok(());
         for (net, mask) in updates {
             let existed = self.prefixes.contains_key(&net);

@@ -425,8 +425,8 @@ fn a_retarget_at_the_maps_size_fits_and_one_past_it_changes_nothing() {
     let full = selecting(&[(0, &first), (1, &third)]);
     assert_holds(&kernel, &full);
 
-    // Ten of the 256 go, twelve come: one past the maps' size, found once
-    // the ten have gone and ten have come.
+    // Ten of the 256 go, twelve come: one past the maps' size, refused
+    // before anything is written.
     let refused = kernel.set_slot(1, only(&hosts(room + 266, 258)));
     let e = refused.expect_err("more addresses than the maps hold");
     assert!(e.to_string().contains("IPV4"), "{e}");

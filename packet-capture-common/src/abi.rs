@@ -20,9 +20,9 @@ pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
 /// Entries of the port map: one per port number.
 pub const PORT_ENTRIES: u32 = 65_536;
 
-/// Entries of each address map (LPM trie and hash map): distinct prefixes
-/// of a family, every slot's together. They can fill (64 slots of up to
-/// 1024 targets each); a start or change that finds no room is refused.
+/// Distinct prefixes of a family the address maps hold, every slot's
+/// together. They can fill (64 slots of up to 1024 targets each): the
+/// agent refuses a start or change past it before it writes anything.
 pub const MAX_PREFIXES: u32 = 16_384;
 
 /// Distinct slot masks whose losses are counted apart.

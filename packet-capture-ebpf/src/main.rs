@@ -130,13 +130,15 @@ static DIAG_STATE: PerCpuArray<u64> = PerCpuArray::with_max_entries(diag::ENTRIE
 
 /// IPv4 prefix -> slots whose targets contain it (the agent folds the slots
 /// of every shorter prefix into each entry, so the longest match is enough).
+/// One entry more than the agent fills ([`MAX_PREFIXES`]): before Linux
+/// 6.13 a trie at its size refuses even an update in place.
 #[map]
 static IPV4: LpmTrie<[u8; 4], u64> =
-    LpmTrie::with_max_entries(MAX_PREFIXES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+    LpmTrie::with_max_entries(MAX_PREFIXES + 1, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 #[map]
 static IPV6: LpmTrie<[u8; 16], u64> =
-    LpmTrie::with_max_entries(MAX_PREFIXES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+    LpmTrie::with_max_entries(MAX_PREFIXES + 1, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 /// Whole addresses -> slots that target them: looked up instead of the
 /// tries while no slot targets a network ([`LOOKUP_EXACT`]).

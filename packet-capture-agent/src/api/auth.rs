@@ -222,6 +222,9 @@ const AGENT_CALL: Access = Access::Authenticated(Audience::Agent);
 
 const AGENT_SERVICE: &str = "/packetcapture.v1.Agent/";
 
+/// The one call of the Agent service open to everyone.
+pub const AGENT_HEALTH: &str = "/packetcapture.v1.Agent/Health";
+
 /// The methods of `packetcapture.v1.Agent` and what each needs.
 const AGENT_METHODS: [(&str, Access); 10] = [
     ("Health", Access::Open),

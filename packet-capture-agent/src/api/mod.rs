@@ -47,8 +47,8 @@ pub const CHUNK_BYTES: usize = 64 * 1024;
 /// share of a capture, `MAX_NODE_TARGETS` addresses and the names of their
 /// pods, takes a few hundred KiB at most.
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
-/// Largest request body of a route open to everyone (health, reflection),
-/// and message of the services open to everyone.
+/// Largest message of the gRPC calls open to everyone (health, reflection,
+/// the Agent service's Health).
 pub const MAX_OPEN_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// What every request handler shares. Cheap to clone.
@@ -402,6 +402,21 @@ fn is_grpc(req: &Request) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
+/// The body of a call open to everyone in a service whose other calls take
+/// large messages (the Agent service's Health): no more than the open
+/// services take, refused as they refuse it.
+fn open_message(body: Body) -> Body {
+    use http_body_util::BodyExt as _;
+    // A unary call's body: the message after its 5-byte header.
+    Body::new(
+        http_body_util::Limited::new(body, MAX_OPEN_MESSAGE_BYTES + 5).map_err(|_| {
+            tonic::Status::out_of_range(format!(
+                "the message is larger than {MAX_OPEN_MESSAGE_BYTES} bytes"
+            ))
+        }),
+    )
+}
+
 /// In front of every route: checks the caller's right to the call and
 /// counts the request.
 async fn gate(State(api): State<Api>, mut req: Request, next: Next) -> Response {
@@ -412,6 +427,9 @@ async fn gate(State(api): State<Api>, mut req: Request, next: Next) -> Response 
         Some(m) => m.as_str().to_owned(),
         None => "unmatched".to_owned(),
     };
+    if path == auth::AGENT_HEALTH {
+        req = req.map(open_message);
+    }
     let response = match (auth::access(&path), &api.auth) {
         (Access::Authenticated(audience), Some(authorizer)) => {
             let peer = req
@@ -453,14 +471,8 @@ async fn gate(State(api): State<Api>, mut req: Request, next: Next) -> Response 
             req.extensions_mut().insert(Caller::Anyone);
             next.run(req).await
         }
-        // Open routes get no caller: a handler that asks for one fails. Nor
-        // more than a small body: the Agent service's own limit is for the
-        // calls that take a token, and its Health is open.
-        (Access::Open, Some(_)) => {
-            let req = req
-                .map(|body| Body::new(http_body_util::Limited::new(body, MAX_OPEN_MESSAGE_BYTES)));
-            next.run(req).await
-        }
+        // Open routes get no caller: a handler that asks for one fails.
+        (Access::Open, Some(_)) => next.run(req).await,
     };
     let code = if grpc {
         response

@@ -127,9 +127,8 @@ pub enum BackendError {
     #[error("programming the kernel maps: {0}")]
     Maps(#[source] crate::ebpf::Error),
     #[error(
-        "the node's address maps have no room for these targets ({} distinct \
-         prefixes per family, all captures together)",
-        packet_capture_common::abi::MAX_PREFIXES
+        "the node's address maps have no room for these targets: {0} (every \
+         capture's distinct prefixes together)"
     )]
     MapsFull(#[source] crate::ebpf::Error),
     #[error("targetIPs: {count} entries, the libpcap backend takes at most {max}")]

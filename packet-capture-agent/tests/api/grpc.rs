@@ -293,12 +293,7 @@ async fn open_grpc_services_refuse_large_messages() {
     }
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let node = Node::new();
-    // Authenticating (no token is ever accepted): the open calls are what
-    // anyone can send.
-    let server = crate::common::apiserver::FakeApiServer::start(&node.left, vec![]);
-    let config_dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.kubeconfig(config_dir.path());
-    let agent = node.agent(&[], &[("KUBECONFIG", kubeconfig.to_str().unwrap())]);
+    let agent = node.agent(&["--insecure-no-auth"], &[]);
     let channel = crate::common::channel(&agent.url(), None).await;
     let mut health = HealthClient::new(channel.clone());
     let check = |service: String| HealthCheckRequest { service };
@@ -326,8 +321,12 @@ async fn open_grpc_services_refuse_large_messages() {
     let refused = agent_health(check("x".repeat(100_000)))
         .await
         .expect_err("a 100 kB Agent/Health call");
-    assert_eq!(refused.code(), Code::Unknown, "{refused:?}");
-    assert_eq!(refused.message(), "length limit exceeded", "{refused:?}");
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    assert_eq!(
+        refused.message(),
+        "the message is larger than 65536 bytes",
+        "{refused:?}"
+    );
 }
 
 /// The address maps hold 16384 prefixes per family, every capture's
@@ -360,7 +359,10 @@ async fn full_address_maps_refuse_a_start_as_exhausted_and_leave_nothing() {
     };
     let start = |n: usize, count: usize| {
         let mut req = ping_capture(&format!("full-{n}"), 4);
-        req.spec.as_mut().unwrap().target_ips = addresses(n, count);
+        let spec = req.spec.as_mut().unwrap();
+        spec.target_ips = addresses(n, count);
+        // Outlasts the test: no capture ends to make room.
+        spec.duration_seconds = 3600;
         req
     };
     // Captures of one address short of the most, and one of the rest: the
