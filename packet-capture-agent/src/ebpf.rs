@@ -876,10 +876,12 @@ impl Kernel {
     }
 
     /// Brings the LPM tries, the hosts maps and the port array in line with
-    /// the slots. Entries that go are removed before new ones are added, so
-    /// a retarget needs no more room than the larger of its two sets. What
-    /// the maps hold stays recorded entry by entry, so after a failure (a
-    /// map full) the next call puts right whatever this one left.
+    /// the slots. More prefixes than the maps hold are refused before
+    /// anything is written; entries that go are removed before new ones are
+    /// added, so a retarget needs no more room than the larger of its two
+    /// sets. What the maps hold stays recorded entry by entry, so after a
+    /// failure (the kernel out of memory) the next call puts right whatever
+    /// this one left.
     fn sync_maps(&mut self) -> Result<(), Error> {
         let wanted = prefix_masks(self.slots.iter().map(|(&s, t)| (s, &t.nets[..])));
         // Refused before anything is written, and so the tries, one entry

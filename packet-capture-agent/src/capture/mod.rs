@@ -292,6 +292,33 @@ fn describe_capture(name: &str, node: &str, spec: &CaptureSpec) -> String {
     )
 }
 
+/// What a capture keeps of `old` when the targets it was given, `wanted`,
+/// were refused: only the old targets (and their pods) that `wanted` names.
+fn kept_of(old: &CaptureSpec, wanted: &CaptureSpec) -> CaptureSpec {
+    let targets: Vec<IpNet> = old
+        .targets
+        .iter()
+        .filter(|t| wanted.targets.contains(t))
+        .copied()
+        .collect();
+    let pods = old
+        .pods
+        .iter()
+        .filter(|p| {
+            p.ips
+                .iter()
+                .any(|ip| targets.iter().any(|t| t.contains(ip)))
+        })
+        .cloned()
+        .collect();
+    CaptureSpec {
+        targets,
+        only_targets: true,
+        pods,
+        ..old.clone()
+    }
+}
+
 fn has_filter(req: &StartRequest) -> bool {
     !req.spec.filter.trim().is_empty()
 }
@@ -609,7 +636,9 @@ impl Engine {
 
     /// Makes a running capture select `targets` (and only them) from now
     /// on, in place: its file, counters and other targets go on. `pods`
-    /// are the target pods among them.
+    /// are the target pods among them. Targets the backend refuses (no
+    /// room in the maps) still take away what they leave out: the capture
+    /// keeps only those of its old targets the new ones name.
     pub fn set_targets(
         &self,
         id: &str,
@@ -617,7 +646,7 @@ impl Engine {
         pods: Vec<TargetPod>,
     ) -> Result<CaptureStatus, SetTargetsError> {
         let capture = self.capture(id).ok_or(SetTargetsError::NotFound)?;
-        {
+        let result = {
             // Under the handle's lock, as `end` is: a capture that ended is
             // not made to select again.
             let running = lock(&capture.running);
@@ -625,23 +654,42 @@ impl Engine {
                 Some(r) if !lock(&capture.life).state.is_final() => r,
                 _ => return Err(SetTargetsError::Ended),
             };
-            let mut spec = lock(&capture.spec).clone();
-            spec.targets = targets;
-            spec.only_targets = true;
-            spec.pods = pods;
-            running
-                .retarget(&selection(&spec))
-                .map_err(|e| SetTargetsError::Refused(e.into()))?;
-            tracing::info!(
-                capture = id,
-                targets = spec.targets.len(),
-                "capture targets set"
-            );
-            *lock(&capture.spec) = spec;
-        }
+            let old = lock(&capture.spec).clone();
+            let wanted = CaptureSpec {
+                targets,
+                only_targets: true,
+                pods,
+                ..old.clone()
+            };
+            match running.retarget(&selection(&wanted)) {
+                Ok(()) => {
+                    tracing::info!(
+                        capture = id,
+                        targets = wanted.targets.len(),
+                        "capture targets set"
+                    );
+                    *lock(&capture.spec) = wanted;
+                    Ok(())
+                }
+                Err(e) => {
+                    let kept = kept_of(&old, &wanted);
+                    // Fewer than the slot holds now: they fit.
+                    if kept.targets != old.targets || !old.only_targets {
+                        match running.retarget(&selection(&kept)) {
+                            Ok(()) => *lock(&capture.spec) = kept,
+                            Err(e) => tracing::error!(
+                                capture = id,
+                                "the targets the change leaves out could not be taken out: {e}"
+                            ),
+                        }
+                    }
+                    Err(SetTargetsError::Refused(e.into()))
+                }
+            }
+        };
         let status = self.snapshot(&capture);
         capture.status.send_replace(status.clone());
-        Ok(status)
+        result.map(|()| status)
     }
 
     /// Stops a running capture and waits until its file is finished.

@@ -396,24 +396,35 @@ async fn full_address_maps_refuse_a_start_as_exhausted_and_leave_nothing() {
         .collect();
     assert_eq!(files.len(), refused, "nor a file: {files:?}");
 
-    // The first capture's targets and one address more: no room.
-    let err = c
-        .set_targets(pb::SetTargetsRequest {
-            id: "full-0".into(),
-            target_ips: addresses(0, each + 1),
-            pods: vec![],
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    let kept = c
-        .get_capture(pb::GetCaptureRequest {
-            id: "full-0".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(kept.spec.unwrap().target_ips, addresses(0, each), "kept");
+    // The first capture's targets and one address more: no room, and the
+    // capture keeps what it had.
+    let mut set_first = async |target_ips: Vec<String>| {
+        let err = c
+            .set_targets(pb::SetTargetsRequest {
+                id: "full-0".into(),
+                target_ips,
+                pods: vec![],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        let kept = c
+            .get_capture(pb::GetCaptureRequest {
+                id: "full-0".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        kept.spec.unwrap().target_ips
+    };
+    assert_eq!(set_first(addresses(0, each + 1)).await, addresses(0, each));
+    // Its first address out, two new in: no room, and the one left out is
+    // out even so.
+    let fewer = addresses(0, each).split_off(1);
+    assert_eq!(
+        set_first([fewer.clone(), addresses(refused, 2)].concat()).await,
+        fewer
+    );
 
     // One capture ends: its room takes the refused one.
     c.stop_capture(pb::StopCaptureRequest {

@@ -488,12 +488,12 @@ async fn a_thousand_targets_and_their_pods_are_one_request() {
         "{err:?}"
     );
     // The same addresses again, now as the controller sends a change.
-    let kept = grpc
+    let changed = grpc
         .set_targets(targets(ips.clone(), pods))
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(kept.spec.unwrap().target_ips.len(), MAX_NODE_TARGETS);
+    assert_eq!(changed.spec.unwrap().target_ips.len(), MAX_NODE_TARGETS);
 
     node.ping(2);
     let done = c.ended("many-1").await;
@@ -549,18 +549,23 @@ async fn the_libpcap_backend_refuses_more_than_256_targets() {
         )
         .await;
     assert_eq!(r.status(), 201);
-    let r = c
-        .request(reqwest::Method::PUT, "/api/v1/captures/many-3/targets")
-        .json(&json!({ "targetIPs": ips }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let err = json_of(r).await;
-    assert_eq!(
-        err["error"], "targetIPs: 257 entries, the libpcap backend takes at most 256",
-        "{err}"
-    );
-    let kept = c.json("/api/v1/captures/many-3").await;
-    assert_eq!(kept["spec"]["targetIPs"], json!([RIGHT_IP]), "{kept}");
+    // Refused, the capture keeps those of its targets the new ones name.
+    let refused_change = async |ips: &[String]| {
+        let r = c
+            .request(reqwest::Method::PUT, "/api/v1/captures/many-3/targets")
+            .json(&json!({ "targetIPs": ips }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400);
+        let err = json_of(r).await;
+        assert_eq!(
+            err["error"], "targetIPs: 257 entries, the libpcap backend takes at most 256",
+            "{err}"
+        );
+        c.json("/api/v1/captures/many-3").await["spec"]["targetIPs"].clone()
+    };
+    let with_peer = [&ips[..256], &[RIGHT_IP.to_owned()]].concat();
+    assert_eq!(refused_change(&with_peer).await, json!([RIGHT_IP]));
+    assert_eq!(refused_change(&ips).await, json!([]));
 }
