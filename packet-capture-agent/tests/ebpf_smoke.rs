@@ -425,7 +425,7 @@ fn a_retarget_at_the_maps_size_fits_and_one_past_it_changes_nothing() {
     let full = selecting(&[(0, &first), (1, &third)]);
     assert_holds(&kernel, &full);
 
-    // Ten of the 256 go, twelve come: one past the maps' size, refused
+    // Ten of the 256 go, twelve come: two past the maps' size, refused
     // before anything is written.
     let refused = kernel.set_slot(1, only(&hosts(room + 266, 258)));
     let e = refused.expect_err("more addresses than the maps hold");

@@ -132,7 +132,8 @@ impl Act<'_> {
     }
 
     /// Gives running node captures their new targets, all nodes at once.
-    /// A node whose agent does not take them keeps its old ones (and the
+    /// A node whose agent does not take them keeps its old ones, or those
+    /// the new ones still name when it had no room for them (and the
     /// capture comes back within [`RETARGET_RETRY`] to try again: an
     /// address to leave out may be one its requester may no longer
     /// capture); its watch reports whatever else happens to it. Says
@@ -172,7 +173,7 @@ impl Act<'_> {
                 Err(e) => {
                     all_taken = false;
                     let note = format!(
-                        "node {node} keeps its earlier targets: setting the new ones failed ({}); tried again",
+                        "node {node} did not take the new targets ({}): it keeps its earlier ones, or those of them the new ones name; tried again",
                         e.message()
                     );
                     tracing::warn!(%node, capture = r.progress.capture_id, "{note}");

@@ -409,10 +409,14 @@ fn open_message(body: Body) -> Body {
     use http_body_util::BodyExt as _;
     // A unary call's body: the message after its 5-byte header.
     Body::new(
-        http_body_util::Limited::new(body, MAX_OPEN_MESSAGE_BYTES + 5).map_err(|_| {
-            tonic::Status::out_of_range(format!(
-                "the message is larger than {MAX_OPEN_MESSAGE_BYTES} bytes"
-            ))
+        http_body_util::Limited::new(body, MAX_OPEN_MESSAGE_BYTES + 5).map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                tonic::Status::out_of_range(format!(
+                    "the message is larger than {MAX_OPEN_MESSAGE_BYTES} bytes"
+                ))
+            } else {
+                tonic::Status::from_error(e)
+            }
         }),
     )
 }

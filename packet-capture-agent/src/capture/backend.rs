@@ -130,7 +130,7 @@ pub enum BackendError {
         "the node's address maps have no room for these targets: {0} (every \
          capture's distinct prefixes together)"
     )]
-    MapsFull(#[source] crate::ebpf::Error),
+    MapsFull(crate::ebpf::Error),
     #[error("targetIPs: {count} entries, the libpcap backend takes at most {max}")]
     TooManyTargets { count: usize, max: usize },
     #[error("libpcap could not open any interface: {}", join(.0))]

@@ -156,8 +156,9 @@ pub enum SetTargetsError {
     NotFound,
     #[error("the capture has ended")]
     Ended,
-    /// The backend did not take the targets (the capture keeps its old
-    /// ones), as a start would have been refused.
+    /// The backend did not take the targets, as a start would have been
+    /// refused (without room for them, the capture keeps those of its old
+    /// ones the new list covers; otherwise all its old ones).
     #[error(transparent)]
     Refused(StartError),
 }
@@ -293,15 +294,16 @@ fn describe_capture(name: &str, node: &str, spec: &CaptureSpec) -> String {
 }
 
 /// What a capture keeps of `old` when the targets it was given, `wanted`,
-/// were refused: only the old targets (and their pods) that `wanted` names.
+/// were refused: only the old targets `wanted` covers, and the pods of
+/// `wanted` among them.
 fn kept_of(old: &CaptureSpec, wanted: &CaptureSpec) -> CaptureSpec {
     let targets: Vec<IpNet> = old
         .targets
         .iter()
-        .filter(|t| wanted.targets.contains(t))
+        .filter(|t| wanted.targets.iter().any(|w| w.contains(*t)))
         .copied()
         .collect();
-    let pods = old
+    let pods = wanted
         .pods
         .iter()
         .filter(|p| {
@@ -646,7 +648,7 @@ impl Engine {
         pods: Vec<TargetPod>,
     ) -> Result<CaptureStatus, SetTargetsError> {
         let capture = self.capture(id).ok_or(SetTargetsError::NotFound)?;
-        let result = {
+        let refused = {
             // Under the handle's lock, as `end` is: a capture that ended is
             // not made to select again.
             let running = lock(&capture.running);
@@ -669,27 +671,48 @@ impl Engine {
                         "capture targets set"
                     );
                     *lock(&capture.spec) = wanted;
-                    Ok(())
+                    None
                 }
-                Err(e) => {
+                // Refused before the backend changed anything: what the
+                // capture keeps is fewer than it holds, so it fits.
+                Err(e @ (BackendError::MapsFull(_) | BackendError::TooManyTargets { .. })) => {
                     let kept = kept_of(&old, &wanted);
-                    // Fewer than the slot holds now: they fit.
-                    if kept.targets != old.targets || !old.only_targets {
+                    if kept != old {
                         match running.retarget(&selection(&kept)) {
-                            Ok(()) => *lock(&capture.spec) = kept,
-                            Err(e) => tracing::error!(
+                            Ok(()) => {
+                                tracing::info!(
+                                    capture = id,
+                                    targets = kept.targets.len(),
+                                    "capture targets narrowed to those still wanted: {e}"
+                                );
+                                *lock(&capture.spec) = kept;
+                            }
+                            Err(again) => tracing::error!(
                                 capture = id,
-                                "the targets the change leaves out could not be taken out: {e}"
+                                "the targets the change leaves out could not be taken out: {again}"
                             ),
                         }
                     }
-                    Err(SetTargetsError::Refused(e.into()))
+                    Some(e)
                 }
+                Err(e) => Some(e),
             }
         };
         let status = self.snapshot(&capture);
-        capture.status.send_replace(status.clone());
-        result.map(|()| status)
+        // Never over an end recorded meanwhile, and after a refusal only
+        // if the capture narrowed.
+        capture.status.send_if_modified(|current| {
+            let publish =
+                !current.state.is_final() && (refused.is_none() || current.spec != status.spec);
+            if publish {
+                *current = status.clone();
+            }
+            publish
+        });
+        match refused {
+            None => Ok(status),
+            Some(e) => Err(SetTargetsError::Refused(e.into())),
+        }
     }
 
     /// Stops a running capture and waits until its file is finished.
@@ -1030,5 +1053,57 @@ fn prune_ended(captures: &mut BTreeMap<String, Arc<Capture>>) {
     let excess = ended.len() - ENDED_KEPT;
     for (_, id) in ended.into_iter().take(excess) {
         captures.remove(&id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(targets: &[&str], pods: &[(&str, &[&str])]) -> CaptureSpec {
+        CaptureSpec {
+            targets: targets.iter().map(|t| t.parse().unwrap()).collect(),
+            only_targets: false,
+            pods: pods
+                .iter()
+                .map(|(name, ips)| TargetPod {
+                    name: (*name).to_owned(),
+                    ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+                })
+                .collect(),
+            ports: vec![80],
+            duration: Duration::from_secs(60),
+            max_packets: 10,
+            format: OutputFormat::Pcapng,
+            filter: "tcp".into(),
+            snaplen: 96,
+            direction: TargetDirection::Both,
+            keep_copies: false,
+        }
+    }
+
+    #[test]
+    fn a_refused_change_keeps_the_old_targets_it_covers_and_their_new_pods() {
+        let old = spec(
+            &["10.0.0.1/32", "10.0.0.9/32", "fd00::1/128"],
+            &[
+                ("shop/a", &["10.0.0.1", "fd00::1"]),
+                ("shop/b", &["10.0.0.9"]),
+            ],
+        );
+        let wanted = spec(
+            &["10.0.0.0/29", "fd00::2/128"],
+            &[("shop/a2", &["10.0.0.1"]), ("shop/c", &["fd00::2"])],
+        );
+        let kept = kept_of(&old, &wanted);
+        assert_eq!(kept.targets, ["10.0.0.1/32".parse::<IpNet>().unwrap()]);
+        assert!(kept.only_targets, "an empty list would select everything");
+        let names: Vec<&str> = kept.pods.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["shop/a2"], "the pods as the change names them");
+        assert_eq!((kept.ports, kept.filter), (old.ports, old.filter));
+
+        // A capture of every address keeps none.
+        let kept = kept_of(&spec(&[], &[]), &wanted);
+        assert!(kept.targets.is_empty() && kept.only_targets);
     }
 }

@@ -426,11 +426,14 @@ async fn full_address_maps_refuse_a_start_as_exhausted_and_leave_nothing() {
         fewer
     );
 
-    // One capture ends: its room takes the refused one.
+    // One capture ends: its room takes the refused one (two addresses: the
+    // one its narrowing freed is not enough).
+    let err = c.start_capture(start(refused, 2)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     c.stop_capture(pb::StopCaptureRequest {
         id: "full-1".into(),
     })
     .await
     .unwrap();
-    c.start_capture(start(refused, 1)).await.unwrap();
+    c.start_capture(start(refused, 2)).await.unwrap();
 }

@@ -563,9 +563,14 @@ async fn the_libpcap_backend_refuses_more_than_256_targets() {
             err["error"], "targetIPs: 257 entries, the libpcap backend takes at most 256",
             "{err}"
         );
-        c.json("/api/v1/captures/many-3").await["spec"]["targetIPs"].clone()
+        let spec = c.json("/api/v1/captures/many-3").await["spec"].clone();
+        (spec["targetIPs"].clone(), spec["onlyTargets"].clone())
     };
     let with_peer = [&ips[..256], &[RIGHT_IP.to_owned()]].concat();
-    assert_eq!(refused_change(&with_peer).await, json!([RIGHT_IP]));
-    assert_eq!(refused_change(&ips).await, json!([]));
+    assert_eq!(
+        refused_change(&with_peer).await,
+        (json!([RIGHT_IP]), json!(true))
+    );
+    // None of the new ones is the peer: it goes, and nothing is selected.
+    assert_eq!(refused_change(&ips).await, (json!([]), json!(true)));
 }
