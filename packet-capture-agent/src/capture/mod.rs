@@ -638,9 +638,10 @@ impl Engine {
 
     /// Makes a running capture select `targets` (and only them) from now
     /// on, in place: its file, counters and other targets go on. `pods`
-    /// are the target pods among them. Targets the backend refuses (no
-    /// room in the maps) still take away what they leave out: the capture
-    /// keeps only those of its old targets the new ones name.
+    /// are the target pods among them. Targets the backend refuses for lack
+    /// of room (its maps, or the libpcap backend's limit) still take away
+    /// what they leave out: the capture keeps only those of its old targets
+    /// the new ones cover.
     pub fn set_targets(
         &self,
         id: &str,
