@@ -143,13 +143,6 @@ pub enum Error {
     Full { map: &'static str, wanted: usize },
 }
 
-impl Error {
-    /// Whether the address maps had no room for the prefixes wanted.
-    pub fn is_full(&self) -> bool {
-        matches!(self, Self::Full { .. })
-    }
-}
-
 /// A capture's filters in the kernel, by link type, each as a program per
 /// direction (see [`filter_program`]): held while they are in the program
 /// array.

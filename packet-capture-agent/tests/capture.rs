@@ -1071,7 +1071,7 @@ fn the_status_names_the_file_as_it_is_on_disk_after_compression() {
                 capfile::read(Path::new(&now.output_file)).len() as u64,
                 first.packets
             );
-            let listed = engine.list();
+            let listed = engine.list("");
             let listed = listed.iter().find(|s| s.id == first.id).unwrap();
             assert_eq!(
                 (&listed.output_file, listed.file_size),
@@ -1167,7 +1167,7 @@ fn a_shutdown_ends_every_capture_started_before_it_and_refuses_the_rest() {
                         }
                     }
                 });
-                while engine.list().is_empty() {
+                while engine.list("").is_empty() {
                     std::thread::yield_now();
                 }
                 rt.block_on(engine.shutdown(Duration::from_secs(10)));

@@ -229,17 +229,18 @@ impl Act<'_> {
     /// node is started again (idempotently) if it is a target.
     pub async fn adopt_listed(&self, agents: &BTreeMap<String, AgentEndpoint>) {
         let id = capture_id(self.resource.uid, self.resource.generation);
+        let id = id.as_str();
         let listed = futures::future::join_all(
             agents
                 .values()
-                .map(|ep| async move { (ep, self.pool.list(ep, &self.timing.stop).await) }),
+                .map(|ep| async move { (ep, self.pool.list(ep, id, &self.timing.stop).await) }),
         )
         .await;
         for (ep, out) in listed {
             match out {
                 Ok(captures) => {
                     if let Some(c) = captures.iter().find(|c| c.id == id) {
-                        let mut p = NodeProgress::new(&ep.node, &ep.node_ip, &id);
+                        let mut p = NodeProgress::new(&ep.node, &ep.node_ip, id);
                         p.update(c, Timestamp::now());
                         self.track(p, ep);
                     }

@@ -95,8 +95,9 @@ impl TokenFile {
     }
 }
 
-/// Largest answer taken from an agent: ListCaptures names every capture a
-/// node holds, each with up to 1024 targets and the names of their pods.
+/// Largest answer taken from an agent: ListCaptures names every capture of
+/// one resource a node holds (each generation's), each with up to 1024
+/// targets and the names of their pods.
 const MAX_ANSWER_BYTES: usize = 64 << 20;
 
 /// Whether a failed call is worth trying again.
@@ -615,12 +616,16 @@ impl AgentPool {
         .await
     }
 
+    /// The agent's captures whose id starts with `id_prefix`.
     pub async fn list(
         &self,
         ep: &AgentEndpoint,
+        id_prefix: &str,
         backoff: &Backoff,
     ) -> Result<Vec<Capture>, Status> {
-        let req = ListCapturesRequest {};
+        let req = ListCapturesRequest {
+            id_prefix: id_prefix.into(),
+        };
         self.retrying(ep, "ListCaptures", req, backoff, |mut c, r| async move {
             c.list_captures(r).await
         })
@@ -638,10 +643,11 @@ impl AgentPool {
         backoff: &Backoff,
     ) -> Result<Vec<String>, Status> {
         let mut stopped = Vec::new();
-        for c in self.list(ep, backoff).await? {
+        for c in self.list(ep, prefix, backoff).await? {
             // A state this build does not know is taken as unfinished: stopping
             // a capture that has ended does no harm.
             let ended = c.capture_state().is_ok_and(CaptureState::is_final);
+            // The prefix again: an agent of an earlier version lists all.
             if c.id.starts_with(prefix) && Some(c.id.as_str()) != keep && !ended {
                 match self.stop(ep, &c.id, backoff).await {
                     Ok(_) => stopped.push(c.id),

@@ -89,7 +89,8 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::ListCapturesRequest>,
     ) -> Result<Response<pb::ListCapturesResponse>, Status> {
-        let captures = self.api.list(&caller_of(&req)?).await?;
+        let caller = caller_of(&req)?;
+        let captures = self.api.list(&caller, &req.get_ref().id_prefix).await?;
         Ok(Response::new(pb::ListCapturesResponse {
             captures: captures.into_iter().map(Into::into).collect(),
         }))

@@ -123,7 +123,7 @@ fn per_capture<'a, M: EncodeMetric>(
 impl Collector for EngineCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
         let engine = &self.0;
-        let captures = engine.list();
+        let captures = engine.list("");
         let stats = engine.stats();
         single(
             &mut encoder,

@@ -179,9 +179,13 @@ impl Api {
             .ok_or_else(|| ApiError::capture_not_found(id))
     }
 
-    pub async fn list(&self, caller: &Caller) -> Result<Vec<CaptureStatus>, ApiError> {
+    pub async fn list(
+        &self,
+        caller: &Caller,
+        id_prefix: &str,
+    ) -> Result<Vec<CaptureStatus>, ApiError> {
         self.permit(caller, &Permission::captures("list")).await?;
-        Ok(self.engine.list())
+        Ok(self.engine.list(id_prefix))
     }
 
     /// The files `caller` may read: with `list` on captures (which shows

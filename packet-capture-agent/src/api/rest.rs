@@ -3,13 +3,13 @@
 //! `docs/agent-api.yaml` documents it.
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Extension, Json, Router};
 use http::{HeaderValue, StatusCode, header};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::auth::Permission;
 use super::convert::{CaptureJson, FileJson, Unchecked, UncheckedTargets};
@@ -141,11 +141,21 @@ struct CapturesJson {
     captures: Vec<CaptureJson>,
 }
 
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListQuery {
+    /// Only the captures whose id starts with this.
+    #[serde(default)]
+    id_prefix: String,
+}
+
 async fn list_captures(
     State(api): State<Api>,
     caller: Option<Extension<Caller>>,
+    query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<CapturesJson>, ApiError> {
-    let captures = api.list(&caller_of(caller)?).await?;
+    let Query(query) = query.map_err(|r| ApiError::Invalid(format!("query: {}", r.body_text())))?;
+    let captures = api.list(&caller_of(caller)?, &query.id_prefix).await?;
     Ok(Json(CapturesJson {
         captures: captures.into_iter().map(Into::into).collect(),
     }))

@@ -144,10 +144,9 @@ pub enum BackendError {
 impl BackendError {
     /// The error of programming the maps, telling full ones apart.
     pub fn of_maps(e: crate::ebpf::Error) -> Self {
-        if e.is_full() {
-            Self::MapsFull(e)
-        } else {
-            Self::Maps(e)
+        match e {
+            crate::ebpf::Error::Full { .. } => Self::MapsFull(e),
+            e => Self::Maps(e),
         }
     }
 }

@@ -23,7 +23,7 @@ pub mod sink;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
@@ -351,15 +351,37 @@ fn filter_error(e: crate::filter::FilterError) -> StartError {
 }
 
 /// An id in [`Inner::starting`], taken out when the start has ended, either
-/// way (the capture is in `captures` by then, or it failed).
+/// way: [`Reservation::release`] once the capture is in `captures`, or on
+/// drop when the start failed. Either way with the end its capture met
+/// while starting, so that none waits for a later start under the id.
 struct Reservation<'a> {
-    starting: &'a Mutex<BTreeSet<String>>,
+    inner: &'a Inner,
     id: &'a str,
+    released: bool,
+}
+
+impl Reservation<'_> {
+    /// The end the capture met while it was starting, if any. `_captures`
+    /// is the held lock under which `starting` and `early_ends` change.
+    fn release(mut self, _captures: &MutexGuard<BTreeMap<String, Arc<Capture>>>) -> Option<Ended> {
+        self.released = true;
+        self.take()
+    }
+
+    fn take(&self) -> Option<Ended> {
+        lock(&self.inner.starting).remove(self.id);
+        let mut early = lock(&self.inner.early_ends);
+        let at = early.iter().position(|e| e.id == self.id);
+        at.map(|at| early.swap_remove(at))
+    }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        lock(self.starting).remove(self.id);
+        if !self.released {
+            let _captures = lock(&self.inner.captures);
+            self.take();
+        }
     }
 }
 
@@ -522,8 +544,9 @@ impl Engine {
             }
             starting.insert(req.id.clone());
             Reservation {
-                starting: &self.inner.starting,
+                inner: &self.inner,
                 id: &req.id,
+                released: false,
             }
         };
         let start_time = SystemTime::now();
@@ -608,13 +631,8 @@ impl Engine {
         let mut captures = lock(&self.inner.captures);
         captures.insert(req.id.clone(), capture.clone());
         // Under the same lock, so that no start counts it twice.
-        drop(reserved);
+        let early_end = reserved.release(&captures);
         prune_ended(&mut captures);
-        let early_end = {
-            let mut early = lock(&self.inner.early_ends);
-            let at = early.iter().position(|e| e.id == req.id);
-            at.map(|at| early.swap_remove(at))
-        };
         drop(captures);
         drop(stopping);
         let status = match early_end {
@@ -741,8 +759,13 @@ impl Engine {
         self.capture(id).map(|c| self.snapshot(&c))
     }
 
-    pub fn list(&self) -> Vec<CaptureStatus> {
-        let captures: Vec<Arc<Capture>> = lock(&self.inner.captures).values().cloned().collect();
+    /// The captures whose id starts with `id_prefix`, by id.
+    pub fn list(&self, id_prefix: &str) -> Vec<CaptureStatus> {
+        let captures: Vec<Arc<Capture>> = lock(&self.inner.captures)
+            .range(id_prefix.to_owned()..)
+            .take_while(|(id, _)| id.starts_with(id_prefix))
+            .map(|(_, c)| c.clone())
+            .collect();
         captures.iter().map(|c| self.snapshot(c)).collect()
     }
 
@@ -791,7 +814,7 @@ impl Engine {
             .write()
             .unwrap_or_else(PoisonError::into_inner) = true;
         let running: Vec<String> = self
-            .list()
+            .list("")
             .into_iter()
             .filter(|s| !s.state.is_final())
             .map(|s| s.id)

@@ -554,7 +554,7 @@ async fn a_flood_of_bogus_tokens_costs_neither_memory_nor_reviews() {
     );
     assert_eq!(writer.get("/api/v1/captures").await.status(), 200);
     let mut c = grpc_at(&agent.url()).await;
-    let list = |token: &str| with_token(pb::ListCapturesRequest {}, Some(token));
+    let list = |token: &str| with_token(pb::ListCapturesRequest::default(), Some(token));
     let code = |r: Result<tonic::Response<pb::ListCapturesResponse>, tonic::Status>| {
         r.map(|_| tonic::Code::Ok).unwrap_or_else(|s| s.code())
     };

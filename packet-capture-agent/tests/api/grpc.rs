@@ -105,7 +105,7 @@ async fn grpc_capture_watch_and_download() {
     let err = c.start_capture(huge).await.unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
     let listed = c
-        .list_captures(pb::ListCapturesRequest {})
+        .list_captures(pb::ListCapturesRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -384,12 +384,28 @@ async fn full_address_maps_refuse_a_start_as_exhausted_and_leave_nothing() {
         "{err:?}"
     );
     let listed = c
-        .list_captures(pb::ListCapturesRequest {})
+        .list_captures(pb::ListCapturesRequest::default())
         .await
         .unwrap()
         .into_inner()
         .captures;
     assert_eq!(listed.len(), refused, "the refused start left no capture");
+    // By the start of their ids, as the controller lists one resource's.
+    let listed = c
+        .list_captures(pb::ListCapturesRequest {
+            id_prefix: "full-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .captures;
+    let ids: Vec<&str> = listed.iter().map(|c| c.id.as_str()).collect();
+    let mut wanted: Vec<String> = (0..refused)
+        .map(|n| format!("full-{n}"))
+        .filter(|id| id.starts_with("full-1"))
+        .collect();
+    wanted.sort();
+    assert_eq!(ids, wanted, "by id");
     let files: Vec<_> = std::fs::read_dir(node.dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())

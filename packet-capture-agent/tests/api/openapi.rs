@@ -198,6 +198,7 @@ async fn the_openapi_document_describes_the_agent() {
             &format!(r#"{{"id":"doc-3","filter":"{}"}}"#, "x".repeat(1 << 20)),
         ),
         case("get", captures, captures, w, 200),
+        case("get", captures, "/api/v1/captures?idPrefix=doc-", w, 200),
         case("get", captures, captures, None, 401),
         case("get", captures, captures, n, 403),
         case("get", capture, "/api/v1/captures/doc-1", w, 200),

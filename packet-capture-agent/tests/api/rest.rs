@@ -87,6 +87,21 @@ async fn rest_capture_end_to_end() {
     let list = c.json("/api/v1/captures").await;
     assert_eq!(list["captures"].as_array().unwrap().len(), 1);
     assert_eq!(list["captures"][0]["id"], "ping-1");
+    // By the start of the id (percent-encoded as any query value).
+    for (prefix, count) in [
+        ("ping", 1),
+        ("ping-1", 1),
+        ("ping-2", 0),
+        ("%70ing", 1),
+        ("", 1),
+    ] {
+        let list = c.json(&format!("/api/v1/captures?idPrefix={prefix}")).await;
+        assert_eq!(
+            list["captures"].as_array().unwrap().len(),
+            count,
+            "{prefix}: {list}"
+        );
+    }
 
     // The file: listed, downloaded byte for byte, readable by tshark.
     let output = std::path::PathBuf::from(done["output_file"].as_str().unwrap());

@@ -690,14 +690,13 @@ impl World {
         let list = self
             .agent(node)
             .await
-            .list_captures(self.authed(ListCapturesRequest {}))
+            .list_captures(self.authed(ListCapturesRequest {
+                id_prefix: uid.into(),
+            }))
             .await
             .expect("ListCaptures")
             .into_inner();
         list.captures
-            .into_iter()
-            .filter(|c| c.id.starts_with(uid))
-            .collect()
     }
 
     /// Downloads the file a capture wrote on `node` (or its compressed

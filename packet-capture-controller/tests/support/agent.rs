@@ -297,11 +297,17 @@ impl Agent for FakeAgent {
 
     async fn list_captures(
         &self,
-        _: Request<ListCapturesRequest>,
+        req: Request<ListCapturesRequest>,
     ) -> Result<Response<ListCapturesResponse>, Status> {
         self.check_up("ListCaptures".into())?;
+        let prefix = req.into_inner().id_prefix;
         Ok(Response::new(ListCapturesResponse {
-            captures: self.captures().into_values().map(|(_, c)| c).collect(),
+            captures: self
+                .captures()
+                .into_values()
+                .map(|(_, c)| c)
+                .filter(|c| c.id.starts_with(&prefix))
+                .collect(),
         }))
     }
 

@@ -200,11 +200,12 @@ impl Agent for StandIns {
         req: Request<pb::ListCapturesRequest>,
     ) -> Result<Response<pb::ListCapturesResponse>, Status> {
         let at = node(&req)?;
+        let prefix = &req.get_ref().id_prefix;
         let captures = self
             .books()
             .captures
             .iter()
-            .filter(|((ip, _), _)| *ip == at)
+            .filter(|((ip, id), _)| *ip == at && id.starts_with(prefix.as_str()))
             .map(|(_, tx)| tx.borrow().clone())
             .collect();
         Ok(Response::new(pb::ListCapturesResponse { captures }))

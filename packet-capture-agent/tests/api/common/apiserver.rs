@@ -256,7 +256,7 @@ pub async fn check_auth(url: &str, ca: Option<&[u8]>, tokens: &Tokens) {
         served.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
-    let list = |token: Option<&str>| with_token(pb::ListCapturesRequest {}, token);
+    let list = |token: Option<&str>| with_token(pb::ListCapturesRequest::default(), token);
     let start = |token: Option<&str>| {
         with_token(
             pb::StartCaptureRequest {
