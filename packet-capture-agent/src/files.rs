@@ -164,6 +164,7 @@ impl CaptureDir {
                         final_path,
                         buf: Vec::with_capacity(FLUSH_BYTES * 2),
                         written: 0,
+                        header: 0,
                         limit,
                     };
                     // Another capture of this name may have committed the
@@ -515,6 +516,9 @@ pub struct Output {
     buf: Vec<u8>,
     /// Bytes in the file, all of them whole records.
     written: u64,
+    /// Bytes of the file's header: a file with fewer is not one of its
+    /// format.
+    header: u64,
     /// The file may not grow beyond this many bytes.
     limit: u64,
 }
@@ -544,6 +548,19 @@ impl Output {
             return Err(Full);
         }
         Ok(())
+    }
+
+    /// Gathers the file's header, first of all.
+    pub fn append_header(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<(), Full> {
+        self.append(encode)?;
+        self.header = self.buf.len() as u64;
+        Ok(())
+    }
+
+    /// Whether the file on disk lacks its header: before the first flush,
+    /// or once a failed one cut the file back to before its end.
+    pub fn lacks_header(&self) -> bool {
+        self.written < self.header
     }
 
     /// Writes the gathered records. On failure the file is cut back to its
@@ -590,10 +607,17 @@ impl Output {
     }
 
     /// Writes what remains and gives the file its final name. A file that
-    /// could not be made durable (a full disk) is removed, not presented as
-    /// finished, and does not go on taking the space.
+    /// could not be made durable or lacks its header (a full disk) is
+    /// removed, not presented as finished, and does not go on taking the
+    /// space.
     pub fn commit(mut self) -> io::Result<(PathBuf, u64)> {
         let flushed = self.flush();
+        if self.lacks_header() {
+            self.abandon();
+            return Err(flushed.err().unwrap_or_else(|| {
+                io::Error::other("a failed write left the file without its header")
+            }));
+        }
         if let Err(e) = self.file.sync_data() {
             self.abandon();
             return Err(e);

@@ -1597,7 +1597,7 @@ fn a_full_disk_fails_the_capture_and_keeps_the_file_readable() {
             let _ = Command::new("umount").arg(&self.0).status();
         }
     }
-    let _unmount = Unmount(mount);
+    let _unmount = Unmount(mount.clone());
     with_engine(&lab, Options::with(BackendChoice::Ebpf), |engine, rt| {
         let status = start(engine, spec(&[PEER_V4], &[7777], ""));
         flood(&lab.peer, NODE_V4, 7777, 2_000);
@@ -1614,6 +1614,43 @@ fn a_full_disk_fails_the_capture_and_keeps_the_file_readable() {
             "the status counts what the file holds"
         );
         assert!(in_file > 0 && ended.dropped > 0, "{ended:?}");
+
+        // Full before a capture starts: not even the header fits, and no
+        // empty file is left under a capture file's name.
+        let filler = mount.join(".filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let err = loop {
+            if let Err(e) = std::io::Write::write_all(&mut file, &[0; 4096]) {
+                break e;
+            }
+        };
+        assert_eq!(err.kind(), std::io::ErrorKind::StorageFull, "{err}");
+        let status = start(engine, spec(&[PEER_V4], &[7777], ""));
+        flood(&lab.peer, NODE_V4, 7777, 100);
+        let ended = stop(engine, rt, &status.id);
+        assert_eq!(ended.state, CaptureState::Failed, "{ended:?}");
+        assert!(
+            ended.message.contains("No space left on device")
+                && ended.message.contains("the file is removed"),
+            "{}",
+            ended.message
+        );
+        let mut left: Vec<String> = std::fs::read_dir(&mount)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let second = Path::new(&status.output_file).file_name();
+        assert!(
+            left.iter()
+                .all(|name| Some(std::ffi::OsStr::new(name)) != second),
+            "{left:?}"
+        );
+        assert_eq!(
+            left.len(),
+            2,
+            "the first capture's file and the filler: {left:?}"
+        );
     });
 }
 

@@ -277,7 +277,7 @@ impl Sink {
     ) -> Self {
         if let Destination::File(output) = &mut destination {
             // A new, empty file always has room for its header.
-            let _ = output.append(|b| encoder.file_header(b));
+            let _ = output.append_header(|b| encoder.file_header(b));
             counters.bytes.store(output.size(), Ordering::Relaxed);
         }
         Self {
@@ -376,10 +376,12 @@ impl Sink {
                     Ok(())
                 }
                 Err(e) => {
-                    let message = format!(
-                        "writing {}: {e}; the file ends at the last whole packet",
-                        output.final_path().display()
-                    );
+                    let kept = if output.lacks_header() {
+                        "not even its header fit: the file is removed"
+                    } else {
+                        "the file ends at the last whole packet"
+                    };
+                    let message = format!("writing {}: {e}; {kept}", output.final_path().display());
                     self.lose_buffered();
                     Err(EndReason::Error(message))
                 }
@@ -429,7 +431,11 @@ impl Sink {
                         }
                     }
                     Err(e) => Finished {
-                        reason: EndReason::Error(format!("finishing {}: {e}", path.display())),
+                        // The write that failed first says why.
+                        reason: match reason {
+                            EndReason::Error(_) => reason,
+                            _ => EndReason::Error(format!("finishing {}: {e}", path.display())),
+                        },
                         file: None,
                     },
                 }
