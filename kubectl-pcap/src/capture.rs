@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::{WatchStreamExt, wait, watcher};
+use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use kubectl_pcap::api::explain_crd;
 use kubectl_pcap::show;
@@ -16,7 +16,7 @@ use kubectl_pcap::spec::TargetArgs;
 use packet_capture_common::crd::{GROUP, PacketCaptureConfig, Phase, STOP_REQUESTED};
 use serde::Serialize;
 
-use crate::cluster::{Cluster, watch_error};
+use crate::cluster::{Cluster, lasting};
 
 /// How kubectl names an object of this kind in its messages.
 fn object(name: &str) -> String {
@@ -186,15 +186,38 @@ pub async fn wait_ended(api: &Api<PacketCaptureConfig>, name: &str) -> Result<Pa
     wait_for(api, name, Phase::is_final).await
 }
 
+/// How long a wait lets the controller take a capture up before it asks
+/// whether one runs for it.
+const UNTAKEN_AFTER: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Follows the capture until `done` holds for its phase.
 pub async fn wait_for(
     api: &Api<PacketCaptureConfig>,
     name: &str,
     done: impl Fn(Phase) -> bool,
 ) -> Result<PacketCaptureConfig> {
-    let mut changes = std::pin::pin!(watcher::watch_object(api.clone(), name));
+    let mut changes = std::pin::pin!(lasting(watcher::watch_object(api.clone(), name)));
     let mut last = None;
-    while let Some(pcc) = changes.try_next().await.map_err(watch_error)? {
+    // A controller that has not taken the capture up for this long may
+    // not be running, or not be the one for it: the wait says so.
+    let mut untaken = std::pin::pin!(tokio::time::sleep(UNTAKEN_AFTER));
+    let mut told = false;
+    loop {
+        let pcc = tokio::select! {
+            pcc = changes.try_next() => pcc?,
+            () = &mut untaken, if !told && last.is_none() => {
+                told = true;
+                eprintln!(
+                    "{name}: no controller has taken it up after {}s: is the controller \
+                     running, and does its --capture-selector match the capture's labels?",
+                    UNTAKEN_AFTER.as_secs()
+                );
+                continue;
+            }
+        };
+        let Some(pcc) = pcc else {
+            bail!("the watch of capture {name} ended");
+        };
         let Some(pcc) = pcc else {
             bail!("capture {name} was deleted (or does not exist)");
         };
@@ -213,7 +236,6 @@ pub async fn wait_for(
             return Ok(pcc);
         }
     }
-    bail!("the watch of capture {name} ended")
 }
 
 pub async fn list(cluster: &Cluster, args: ListArgs) -> Result<ExitCode> {
@@ -230,11 +252,11 @@ pub async fn list(cluster: &Cluster, args: ListArgs) -> Result<ExitCode> {
     }
     // The watch lists first (Init .. InitDone), then reports each change;
     // after a relist it reports every object again, as kubectl does.
-    let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+    let mut events = std::pin::pin!(lasting(watcher(api, watcher::Config::default())));
     let mut initial = Some(Vec::new());
     let mut widths = Vec::new();
     while let Some(event) = events.next().await {
-        let (pcc, deleted) = match event.map_err(watch_error)? {
+        let (pcc, deleted) = match event? {
             watcher::Event::Init => continue,
             watcher::Event::InitApply(p) => match &mut initial {
                 Some(items) => {
@@ -338,9 +360,9 @@ pub async fn get(cluster: &Cluster, args: GetArgs) -> Result<ExitCode> {
         show(&pcc)?;
         return Ok(ExitCode::SUCCESS);
     }
-    let mut changes = std::pin::pin!(watcher::watch_object(api, &args.name));
+    let mut changes = std::pin::pin!(lasting(watcher::watch_object(api, &args.name)));
     let mut first = true;
-    while let Some(pcc) = changes.try_next().await.map_err(watch_error)? {
+    while let Some(pcc) = changes.try_next().await? {
         let Some(pcc) = pcc else {
             if first {
                 bail!("capture {} not found", args.name);
@@ -400,9 +422,13 @@ pub async fn delete(cluster: &Cluster, args: DeleteArgs) -> Result<ExitCode> {
     // A Status means it is gone already; an object, that it is going
     // (finalizers first).
     if let (true, Some(uid)) = (args.wait, deleted.left().and_then(|p| p.uid())) {
-        wait::await_condition(api, &args.name, wait::conditions::is_deleted(&uid))
-            .await
-            .map_err(|wait::Error::ProbeFailed(e)| watch_error(e))?;
+        let mut changes = std::pin::pin!(lasting(watcher::watch_object(api, &args.name)));
+        while let Some(pcc) = changes.try_next().await? {
+            // Gone, or another object under the name since.
+            if pcc.is_none_or(|p| p.uid().as_deref() != Some(&uid)) {
+                break;
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use futures::{Stream, StreamExt};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Config};
 use kubectl_pcap::api::explain_crd;
 use kubectl_pcap::spec::parse_duration;
@@ -111,6 +112,40 @@ impl Global {
     }
 }
 
+/// A watch that outlasts what the API server recovers from (a dropped or
+/// timed-out connection, a restart, an expired resource version, a 5xx):
+/// it says so on stderr and watches again after a backoff. What is an
+/// answer about the request itself (no permission, no such resource type)
+/// ends it.
+pub fn lasting<S, T>(watch: S) -> impl Stream<Item = Result<T>>
+where
+    S: Stream<Item = Result<T, watcher::Error>>,
+{
+    watch.default_backoff().filter_map(|item| async move {
+        match item {
+            Ok(v) => Some(Ok(v)),
+            Err(e) if passing(&e) => {
+                eprintln!("warning: {}; watching again", watch_error(e));
+                None
+            }
+            Err(e) => Some(Err(watch_error(e))),
+        }
+    })
+}
+
+/// Whether a watch's error may pass: anything but a client error (4xx)
+/// other than a timeout, an expired resource version or throttling.
+fn passing(e: &watcher::Error) -> bool {
+    let code = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s))
+        | watcher::Error::WatchError(s) => s.code,
+        _ => return true,
+    };
+    !(400..500).contains(&code) || matches!(code, 408 | 410 | 429)
+}
+
 /// A watch that failed, explained with the RBAC it needs.
 pub fn watch_error(e: watcher::Error) -> anyhow::Error {
     let e = match e {
@@ -130,6 +165,8 @@ pub enum Stop {
     Interrupt,
     /// SIGTERM.
     Terminate,
+    /// SIGHUP: the terminal or session went away.
+    HangUp,
 }
 
 impl Stop {
@@ -139,15 +176,17 @@ impl Stop {
         match self {
             Self::Interrupt => 130,
             Self::Terminate => 143,
+            Self::HangUp => 129,
         }
     }
 }
 
-/// SIGINT and SIGTERM, caught from creation on: a signal that arrives
-/// while a command is between steps is seen at its next wait.
+/// SIGINT, SIGTERM and SIGHUP, caught from creation on: a signal that
+/// arrives while a command is between steps is seen at its next wait.
 pub struct Signals {
     interrupt: Signal,
     terminate: Signal,
+    hang_up: Signal,
 }
 
 impl Signals {
@@ -155,6 +194,7 @@ impl Signals {
         Ok(Self {
             interrupt: signal(SignalKind::interrupt()).context("catching SIGINT")?,
             terminate: signal(SignalKind::terminate()).context("catching SIGTERM")?,
+            hang_up: signal(SignalKind::hangup()).context("catching SIGHUP")?,
         })
     }
 
@@ -162,6 +202,7 @@ impl Signals {
         tokio::select! {
             _ = self.interrupt.recv() => Stop::Interrupt,
             _ = self.terminate.recv() => Stop::Terminate,
+            _ = self.hang_up.recv() => Stop::HangUp,
         }
     }
 }
@@ -169,6 +210,26 @@ impl Signals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_watch_rides_out_what_the_api_server_recovers_from() {
+        let status = |code| kube::core::Status::failure("", "").with_code(code).boxed();
+        let api = |code| kube::Error::Api(status(code));
+        for (e, passes) in [
+            (watcher::Error::WatchFailed(api(500)), true),
+            (watcher::Error::WatchFailed(api(503)), true),
+            (watcher::Error::WatchError(status(410)), true),
+            (watcher::Error::WatchStartFailed(api(429)), true),
+            (watcher::Error::InitialListFailed(api(408)), true),
+            (watcher::Error::NoResourceVersion, true),
+            (watcher::Error::InitialListFailed(api(403)), false),
+            (watcher::Error::InitialListFailed(api(404)), false),
+            (watcher::Error::WatchStartFailed(api(401)), false),
+            (watcher::Error::WatchError(status(400)), false),
+        ] {
+            assert_eq!(passing(&e), passes, "{e:?}");
+        }
+    }
 
     #[test]
     fn a_zero_timeout_waits_forever() {

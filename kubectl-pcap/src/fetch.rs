@@ -28,7 +28,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use kubectl_pcap::api::{self, FileList, explain_access, explain_crd};
 use kubectl_pcap::merge::{self, NodeInput, NodeSummary};
@@ -186,17 +186,35 @@ async fn run(
         bail!("no node returned a file of capture {name}{hint}");
     }
 
-    futures::stream::iter(jobs)
-        .map(|(node, file, path)| download(cluster, name, node, file, path))
-        .buffer_unordered(PARALLEL_DOWNLOADS)
-        .try_collect::<Vec<()>>()
-        .await?;
+    // A node with a file that did not download is left out, as one whose
+    // listing failed: the others are still merged.
+    let with_files: std::collections::BTreeSet<&String> = jobs.iter().map(|j| j.0).collect();
+    let downloaded: Vec<(&String, Result<()>)> =
+        futures::stream::iter(jobs)
+            .map(|(node, file, path)| async move {
+                (node, download(cluster, name, node, file, path).await)
+            })
+            .buffer_unordered(PARALLEL_DOWNLOADS)
+            .collect()
+            .await;
+    let mut undownloaded = std::collections::BTreeMap::new();
+    for (node, result) in downloaded {
+        if let Err(e) = result {
+            undownloaded.entry(node).or_insert(format!("{e:#}"));
+        }
+    }
+    if undownloaded.len() == with_files.len() {
+        for (node, error) in &undownloaded {
+            eprintln!("{node}: {error}");
+        }
+        bail!("no node's files could be downloaded");
+    }
 
     let inputs: Vec<NodeInput> = list
         .nodes
         .iter()
         .enumerate()
-        .filter(|(_, n)| n.error.is_none())
+        .filter(|(_, n)| n.error.is_none() && !undownloaded.contains_key(&n.node))
         .map(|(i, n)| {
             // A node's files in the order they were written: by when each
             // was last written (rotation closes one before the next), then
@@ -255,6 +273,9 @@ async fn run(
             n.error.as_deref().unwrap_or_default()
         );
     }
+    for (node, error) in &undownloaded {
+        eprintln!("{node}: not fetched: {error}");
+    }
     for n in &unlisted {
         eprintln!("{}", n.not_fetched());
     }
@@ -263,7 +284,7 @@ async fn run(
         "{packets} packets from {} nodes written to {written_to}",
         summaries.len()
     );
-    let missing = failed.len() + unlisted.len();
+    let missing = failed.len() + undownloaded.len() + unlisted.len();
     Ok(if missing == 0 {
         ExitCode::SUCCESS
     } else {

@@ -3,25 +3,31 @@
 //! they are captured.
 //!
 //! With target flags instead of a name, it creates a capture for the
-//! stream and deletes it when the stream ends, on Ctrl-C or SIGTERM, and
-//! when stdout is closed (the reader downstream quit); a capture it did not
-//! create is never deleted.
+//! stream and deletes it when the stream ends, on Ctrl-C, SIGTERM or SIGHUP,
+//! and when stdout is closed (the reader downstream quit); a capture it did
+//! not create is never deleted. When the capture's end ends the stream, its
+//! phase and message go to stderr, and a failed one exits 1.
 
 use std::io;
 use std::process::ExitCode;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Result, anyhow, bail};
 use clap::Args;
 use kube::api::{DeleteParams, PostParams};
 use kubectl_pcap::api::{self, CopyError, explain_access, explain_crd};
 use kubectl_pcap::spec::TargetArgs;
 use packet_capture_common::crd::{PacketCaptureConfig, Phase};
 
-use crate::capture::wait_for;
+use crate::capture::{wait_ended, wait_for};
 use crate::cluster::{Cluster, Signals, Stop};
 
 /// How long a capture made for a stream runs unless `--duration` says.
 const DEFAULT_DURATION: u32 = 300;
+
+/// How long the command waits on the API server once the stream has
+/// ended: for the capture's final phase, and to delete one it made (then
+/// it gives up and says how to delete it).
+const SETTLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(15);
 
 #[derive(Args, Debug)]
 pub struct StreamArgs {
@@ -68,32 +74,67 @@ pub async fn stream(cluster: &Cluster, args: StreamArgs) -> Result<ExitCode> {
         r = follow(cluster, &name, created) => Ok(r),
         stop = signals.recv() => Err(stop),
     };
+    // How the capture ended, when that ended the stream (the wait tells
+    // its phase; the status may trail the stream's end a moment).
+    let ended = match &outcome {
+        Ok(Ok(Followed::Ended)) => tokio::select! {
+            pcc = tokio::time::timeout(SETTLE_WITHIN, wait_ended(&api, &name)) => {
+                pcc.ok().and_then(Result::ok)
+            }
+            _ = signals.recv() => None,
+        },
+        _ => None,
+    };
 
     if created {
-        match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => eprintln!("deleted capture {name}"),
-            // Someone else deleted it already.
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(e) => {
-                return Err(anyhow!(
-                    "{}\ncapture {name} was not deleted: delete it with `kubectl delete pcc {name}`",
-                    explain_crd(&e, &["delete"])
-                ));
+        let not_deleted = |why: String| {
+            format!(
+                "{why}\ncapture {name} was not deleted: delete it with `kubectl delete pcc {name}`"
+            )
+        };
+        let params = DeleteParams::default();
+        let deleting = tokio::time::timeout(SETTLE_WITHIN, api.delete(&name, &params));
+        tokio::select! {
+            deleted = deleting => match deleted {
+                Ok(Ok(_)) => eprintln!("deleted capture {name}"),
+                // Someone else deleted it already.
+                Ok(Err(kube::Error::Api(s))) if s.code == 404 => {}
+                Ok(Err(e)) => bail!(not_deleted(explain_crd(&e, &["delete"]))),
+                Err(_) => bail!(not_deleted(format!(
+                    "the API server did not answer the delete within {}s",
+                    SETTLE_WITHIN.as_secs()
+                ))),
+            },
+            // Asked again: the user would rather go now.
+            stop = signals.recv() => {
+                eprintln!("{}", not_deleted("interrupted".into()));
+                return Ok(ExitCode::from(stop.status()));
             }
         }
     }
     match outcome {
-        Ok(Ok(())) | Err(Stop::Interrupt) => Ok(ExitCode::SUCCESS),
+        Ok(Ok(_)) if ended.as_ref().and_then(|p| p.current_phase()) == Some(Phase::Failed) => {
+            Ok(ExitCode::FAILURE)
+        }
+        Ok(Ok(_)) | Err(Stop::Interrupt) => Ok(ExitCode::SUCCESS),
         Ok(Err(e)) => Err(e),
         Err(stop) => Ok(ExitCode::from(stop.status())),
     }
+}
+
+/// Why a stream stopped without an error.
+enum Followed {
+    /// The capture ended on every node.
+    Ended,
+    /// Stdout was closed: the reader downstream quit.
+    ReaderQuit,
 }
 
 /// Waits until the capture has started (one just created, by this command
 /// or right before it, is still starting), then copies its stream to
 /// stdout until the capture has ended on every node or stdout is closed
 /// (the reader downstream quit, which ends the stream as Ctrl-C does).
-async fn follow(cluster: &Cluster, name: &str, created: bool) -> Result<()> {
+async fn follow(cluster: &Cluster, name: &str, created: bool) -> Result<Followed> {
     match wait_for(&cluster.captures(), name, |p| p != Phase::Starting).await {
         Ok(pcc) => {
             if pcc.current_phase() == Some(Phase::Failed) {
@@ -111,8 +152,10 @@ async fn follow(cluster: &Cluster, name: &str, created: bool) -> Result<()> {
         .map_err(|e| anyhow!(explain_access(&e, name)))?;
     let mut stdout = tokio::io::stdout();
     match api::copy_chunks(body, &mut stdout, true).await {
-        Ok(_) => Ok(()),
-        Err(CopyError::Write(e)) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Ok(_) => Ok(Followed::Ended),
+        Err(CopyError::Write(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+            Ok(Followed::ReaderQuit)
+        }
         Err(e) => Err(anyhow!("streaming capture {name}: {e}")),
     }
 }

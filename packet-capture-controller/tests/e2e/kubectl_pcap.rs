@@ -367,10 +367,15 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
         SystemTime::now().duration_since(opened).unwrap_or_default(),
         String::from_utf8_lossy(&ended.stderr)
     );
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert!(ended.status.success(), "{stderr}");
+    // It says how the capture ended.
     assert!(
-        ended.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ended.stderr)
+        stderr
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with(&format!("{name}: Completed"))),
+        "{stderr}"
     );
     // Stopped by request, it completes with its files kept.
     w.until_phase(&name, Phase::Completed).await;
