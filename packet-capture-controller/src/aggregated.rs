@@ -42,7 +42,9 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client, ResourceExt as _};
-use packet_capture_common::crd::{FILES_SUBRESOURCE, PLURAL, PacketCaptureConfig, RESOURCE};
+use packet_capture_common::crd::{
+    CaptureState, FILES_SUBRESOURCE, PLURAL, PacketCaptureConfig, RESOURCE,
+};
 use packet_capture_common::pcapng;
 use packet_capture_common::validate::capture_of;
 use packet_capture_proto::v1::{PacketBatch, PacketDirection};
@@ -50,7 +52,7 @@ use rustls::pki_types::pem::PemObject as _;
 use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
-use tonic::{Code, Status};
+use tonic::{Code, Status, Streaming};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::runtime::reflector;
@@ -643,31 +645,7 @@ async fn packets(
         .snaplen
         .unwrap_or(packet_capture_common::abi::MAX_SNAPLEN);
     let (sender, batches) = mpsc::channel::<(Arc<str>, PacketBatch)>(MERGE_BATCHES);
-    for (node, mut stream) in streams {
-        let (sender, node): (_, Arc<str>) = (sender.clone(), node.into());
-        tokio::spawn(async move {
-            loop {
-                // A client that has gone frees the agent's reader at once,
-                // not at the node's next batch.
-                let message = tokio::select! {
-                    () = sender.closed() => break,
-                    message = stream.message() => message,
-                };
-                match message {
-                    Ok(Some(batch)) => {
-                        if sender.send((node.clone(), batch)).await.is_err() {
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(s) => {
-                        tracing::info!(%node, "live packets ended: {}", s.message());
-                        break;
-                    }
-                }
-            }
-        });
-    }
+    tokio::spawn(follow_nodes(relay, user, capture, id, streams, sender));
     let mut merge = Merge::new(&name, snaplen);
     let header = merge.header();
     let body = futures::stream::once(async move { Ok::<_, Infallible>(Bytes::from(header)) })
@@ -680,6 +658,125 @@ async fn packets(
         Body::from_stream(body),
     )
         .into_response())
+}
+
+/// Where the live packets of each node go, to be merged.
+type Batches = mpsc::Sender<(Arc<str>, PacketBatch)>;
+
+/// Passes a node's live packets on until its capture ends there or the
+/// client has gone.
+async fn forward(sender: Batches, node: Arc<str>, mut stream: Streaming<PacketBatch>) {
+    loop {
+        // A client that has gone frees the agent's reader at once, not at
+        // the node's next batch.
+        let message = tokio::select! {
+            () = sender.closed() => return,
+            message = stream.message() => message,
+        };
+        match message {
+            Ok(Some(batch)) => {
+                if sender.send((node.clone(), batch)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(s) => {
+                tracing::info!(%node, "live packets ended: {}", s.message());
+                return;
+            }
+        }
+    }
+}
+
+/// Passes on the live packets of the nodes `streams` come from, and of the
+/// nodes that start capturing after the stream opened (a selected pod that
+/// came later, a node slower to start) as the capture's status names them
+/// running. The stream ends when every node's packets have, unless the
+/// status names a running node not taken in yet, or when the client has
+/// gone. The status is followed until the capture has ended or its spec
+/// changed (another generation is another capture on the agents).
+async fn follow_nodes(
+    relay: Relay,
+    user: UserInfo,
+    capture: PacketCaptureConfig,
+    id: String,
+    streams: Vec<(String, Streaming<PacketBatch>)>,
+    sender: Batches,
+) {
+    let name = capture.name_any();
+    let mut nodes = tokio::task::JoinSet::new();
+    let mut attached = std::collections::BTreeSet::new();
+    for (node, stream) in streams {
+        nodes.spawn(forward(sender.clone(), node.as_str().into(), stream));
+        attached.insert(node);
+    }
+    let api = Api::<PacketCaptureConfig>::all(relay.client.clone());
+    let mut changes = std::pin::pin!(watcher::watch_object(api, &name).default_backoff());
+    let mut watching = true;
+    // Running nodes the status names that are not taken in yet.
+    let mut pending = Vec::new();
+    loop {
+        let change = tokio::select! {
+            () = sender.closed() => return,
+            change = changes.next(), if watching => {
+                // A watch does not end; were it to, nothing more comes.
+                watching &= change.is_some();
+                change
+            }
+            Some(_) = nodes.join_next() => None,
+        };
+        match change {
+            Some(Ok(Some(pcc))) => {
+                if pcc.uid() != capture.uid()
+                    || pcc.metadata.generation != capture.metadata.generation
+                {
+                    watching = false;
+                } else if let Some(phase) = pcc.current_phase() {
+                    watching = !phase.is_final();
+                    pending = pcc
+                        .status
+                        .unwrap_or_default()
+                        .capture_files
+                        .into_values()
+                        .filter(|n| {
+                            n.status == CaptureState::Running && !attached.contains(&n.node)
+                        })
+                        .map(|n| n.node)
+                        .collect();
+                }
+            }
+            // Deleted: its captures end on the agents.
+            Some(Ok(None)) => watching = false,
+            Some(Err(e)) => {
+                tracing::debug!(capture = %name, "watching for nodes to take into its live packets: {e}");
+            }
+            None => {}
+        }
+        if !pending.is_empty() {
+            let endpoints = relay.agents.endpoints();
+            for node in std::mem::take(&mut pending) {
+                let Some(ep) = endpoints.get(&node) else {
+                    continue;
+                };
+                match relay.agents.packets_for(ep, &id, &user).await {
+                    Ok(stream) => {
+                        nodes.spawn(forward(sender.clone(), node.as_str().into(), stream));
+                        attached.insert(node);
+                    }
+                    // Not known there yet: the next status tries again.
+                    Err(s) if s.code() == Code::NotFound => pending.push(node),
+                    // Ended there meanwhile.
+                    Err(s) if s.code() == Code::FailedPrecondition => {}
+                    Err(s) => {
+                        tracing::warn!(%node, capture = %name, "live packets: {}", s.message())
+                    }
+                }
+            }
+        }
+        if nodes.is_empty() && (!watching || pending.is_empty()) {
+            return;
+        }
+    }
 }
 
 fn tokio_stream_of<T: Send + 'static>(

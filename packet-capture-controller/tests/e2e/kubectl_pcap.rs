@@ -12,7 +12,9 @@ use std::time::{Duration, Instant, SystemTime};
 use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
 use kube::Api;
 use kube::runtime::wait::await_condition;
-use packet_capture_common::crd::{OutputFormat, PacketCaptureConfigSpec, Phase};
+use packet_capture_common::crd::{
+    LabelSelector, OutputFormat, PacketCaptureConfigSpec, Phase, PodSelector,
+};
 use packet_capture_test_support::capfile;
 use packet_capture_test_support::cluster::COMPONENT_NAMESPACE;
 use packet_capture_test_support::workspace_binary;
@@ -748,4 +750,112 @@ async fn the_readmes_walkthrough_runs_with_nothing_but_the_api_server() {
     // Stopped on request, and completed (not started again).
     assert!(stdout.contains("stopping on every node"), "{stdout}");
     assert!(stdout.contains("Completed"), "{stdout}");
+}
+
+/// A stream opened while its capture runs on one node takes in a node that
+/// starts later: there, a pod its selector matches, scheduled since.
+#[tokio::test]
+async fn a_stream_takes_in_the_nodes_that_start_after_it_opened() {
+    let Some((w, _one, _api)) =
+        with_the_api("a_stream_takes_in_the_nodes_that_start_after_it_opened").await
+    else {
+        return;
+    };
+    let reader = kubeconfig_of(&w, READER).await;
+    let ns = w.namespace.name().to_string();
+    let web = [("tier", "web")];
+    let _web_a = w.nodes[0]
+        .add_labelled_pod(&ns, "web-a", &web)
+        .await
+        .expect("pod web-a");
+    let spec = PacketCaptureConfigSpec {
+        pod_selector: Some(PodSelector {
+            labels: LabelSelector {
+                match_labels: [("tier".to_string(), "web".to_string())].into(),
+                ..Default::default()
+            },
+            namespace_selector: Some(LabelSelector {
+                match_labels: [("kubernetes.io/metadata.name".to_string(), ns.clone())].into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        filter: "icmp".into(),
+        duration: LIVE_SECONDS,
+        output_format: OutputFormat::Pcapng,
+        ..Default::default()
+    };
+    let live = w.create(spec).await;
+    let name = live.metadata.name.clone().unwrap();
+    let generation = live.metadata.generation.unwrap();
+    w.until_running_on(&name, generation, 1).await;
+    let mut stream = Command::new(kubectl_pcap())
+        .arg("--kubeconfig")
+        .arg(&reader)
+        .args(["stream", &name])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl pcap stream");
+    let (received, reading) = chunks_of(stream.stdout.take().unwrap());
+    let mut bytes = received
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the stream's header within 30 s")
+        .0;
+
+    // Scaled up: a pod on the other node, which starts capturing there.
+    let web_b = w.nodes[1]
+        .add_labelled_pod(&ns, "web-b", &web)
+        .await
+        .expect("pod web-b");
+    w.until_running_on(&name, generation, 2).await;
+    // Pinged until its packets come: the stream has them from when it took
+    // the node in, just after the status said it runs.
+    let _pinging = tokio::process::Command::from(w.pods[0].command("ping"))
+        .args(["-n", "-q", "-i", "0.2"])
+        .arg(web_b.ip().to_string())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ping");
+    let late = format!("{}/", w.nodes[1].name());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !packets_of(&bytes).iter().any(|(_, i)| i.starts_with(&late)) {
+        assert!(
+            Instant::now() < deadline,
+            "no packet of node {late} within 30 s: {:?}",
+            packets_of(&bytes)
+        );
+        if let Ok((chunk, _)) = received.recv_timeout(Duration::from_millis(500)) {
+            bytes.extend(chunk);
+        }
+    }
+
+    // Stopped, the capture ends on both nodes, and so does the stream.
+    let (ok, out, err) = pcap(&w.cluster.kubeconfig(), &["stop", &name, "--wait"]);
+    assert!(ok, "kubectl pcap stop: {out}{err}");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        match received.recv_timeout(Duration::from_millis(500)) {
+            Ok(_) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if Instant::now() > deadline {
+                    let _ = stream.kill();
+                    panic!("the stream did not end within 40 s of its capture's stop");
+                }
+            }
+        }
+    }
+    let ended = stream.wait_with_output().expect("the stream's end");
+    let stderr = String::from_utf8_lossy(&ended.stderr);
+    assert!(ended.status.success(), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with(&format!("{name}: Completed"))),
+        "{stderr}"
+    );
+    let _ = reading.join();
 }
