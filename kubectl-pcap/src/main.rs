@@ -36,9 +36,14 @@
 //! `stop NAME --wait` first.
 //!
 //! `stream` with target flags makes its own capture and deletes it
-//! afterwards; it exits 0 when the capture ends, on Ctrl-C and when the
-//! reader of its output quits, and 143 on SIGTERM (after the deletion), as
-//! a shell reports a process ended by it.
+//! afterwards; it exits 0 when the capture ends (1 when it failed), on
+//! Ctrl-C and when the reader of its output quits, and 143 on SIGTERM or
+//! 129 on SIGHUP (after the deletion), as a shell reports a process ended
+//! by it.
+//!
+//! The commands that only print (`ls`, `get`, `create`, `stop`, `delete`)
+//! end quietly, as other Unix tools do, when the reader of their output
+//! quits (`kubectl pcap ls -o yaml | head`).
 
 mod capture;
 mod cluster;
@@ -85,6 +90,13 @@ enum Command {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Fetch(_) | Command::Stream(_)) {
+        // Rust ignores SIGPIPE, so a print to a closed pipe would panic;
+        // `fetch` and `stream` clean up on a closed pipe instead.
+        // SAFETY: sets the process's disposition of SIGPIPE, for which
+        // nothing here has a handler, back to the default.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = async {
         let cluster = cli.global.connect().await?;
         match cli.command {

@@ -272,18 +272,29 @@ impl CaptureDir {
             if !valid_name(&name) || capture_of(&name).is_none() {
                 continue;
             }
-            let meta = match entry.metadata() {
-                Ok(meta) => meta,
-                // Gone since the directory was read: compressed (the
-                // original removed once its .gz is complete) or pruned.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            let (path, name, meta) = match entry.metadata() {
+                Ok(meta) => (entry.path(), name, meta),
+                // Gone since the directory was read: pruned, or compressed
+                // (the original removed once its copy is complete), and
+                // the read may have begun before the copy was there.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    let copy = Compression::ALL.iter().find_map(|c| {
+                        let name = c.name_of(&name);
+                        let path = self.dir.join(&name);
+                        fs::symlink_metadata(&path).ok().map(|m| (path, name, m))
+                    });
+                    match copy {
+                        Some(copy) => copy,
+                        None => continue,
+                    }
+                }
                 Err(e) => return Err(e),
             };
             if !meta.is_file() {
                 continue;
             }
             files.push((
-                entry.path(),
+                path,
                 FileEntry {
                     name,
                     size: meta.len(),
@@ -292,6 +303,8 @@ impl CaptureDir {
             ));
         }
         files.sort_by(|a, b| (a.1.modified, &a.1.name).cmp(&(b.1.modified, &b.1.name)));
+        // A copy found for its gone original may be read from the directory too.
+        files.dedup_by(|a, b| a.1.name == b.1.name);
         Ok(files)
     }
 
