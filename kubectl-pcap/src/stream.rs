@@ -151,12 +151,53 @@ async fn follow(cluster: &Cluster, name: &str, created: bool) -> Result<Followed
         .await
         .map_err(|e| anyhow!(explain_access(&e, name)))?;
     let mut stdout = tokio::io::stdout();
-    match api::copy_chunks(body, &mut stdout, true).await {
+    let copied = tokio::select! {
+        copied = api::copy_chunks(body, &mut stdout, true) => copied,
+        // Gone while no packet came to write: a write would say so only
+        // with the next packet, which a quiet capture may never have.
+        () = reader_gone() => return Ok(Followed::ReaderQuit),
+    };
+    match copied {
         Ok(_) => Ok(Followed::Ended),
         Err(CopyError::Write(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
             Ok(Followed::ReaderQuit)
         }
         Err(e) => Err(anyhow!("streaming capture {name}: {e}")),
+    }
+}
+
+/// Resolves once stdout is a pipe or socket whose reader has gone (poll
+/// reports an error or hang-up on it); never for a file or a terminal,
+/// which poll reports neither of.
+async fn reader_gone() {
+    let (gone, seen) = tokio::sync::oneshot::channel();
+    // A thread of its own, not the runtime's blocking pool: it may wait as
+    // long as the process lives, and the runtime waits for its pool's
+    // threads at exit.
+    std::thread::spawn(move || {
+        let mut stdout = libc::pollfd {
+            fd: libc::STDOUT_FILENO,
+            events: 0,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: one pollfd, valid for the call.
+            if unsafe { libc::poll(&mut stdout, 1, -1) } < 0 {
+                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // The writes tell instead.
+                return;
+            }
+            if stdout.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                let _ = gone.send(());
+            }
+            // Else POLLNVAL: not a descriptor poll can watch.
+            return;
+        }
+    });
+    if seen.await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

@@ -478,6 +478,40 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
         .expect("the stream's own capture gone within 30 s")
         .expect("watching the stream's own capture");
 
+    // A reader that quits while nothing is captured (a filter no packet
+    // matches) ends the stream too, and its capture goes.
+    let mut quiet = Command::new(kubectl_pcap())
+        .arg("--kubeconfig")
+        .arg(w.cluster.kubeconfig())
+        .args([
+            "stream",
+            "--pod",
+            &pod,
+            "--filter",
+            "udp port 9",
+            "--labels",
+            &label,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl pcap stream --pod");
+    let mut stdout = quiet.stdout.take().unwrap();
+    let mut header = [0u8; 4];
+    stdout.read_exact(&mut header).expect("the stream's header");
+    drop(stdout);
+    let pid = quiet.id().to_string();
+    let (done, ended) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(quiet.wait_with_output()));
+    let Ok(out) = ended.recv_timeout(Duration::from_secs(30)) else {
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        panic!("the stream went on for 30 s after its reader quit");
+    };
+    let out = out.expect("kubectl pcap stream's end");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(stderr.contains("deleted capture "), "{stderr}");
+
     // Refused: without the API group's permission the API server says so;
     // with it but without the capture's files, the controller names the
     // missing permission.
