@@ -273,8 +273,8 @@ pub enum Next {
 pub struct Plan {
     /// Drop the tracker's nodes of earlier generations (their watches end).
     pub forget_earlier: bool,
-    /// Nodes that ran an earlier generation and have no part in this one
-    /// (those that do are swept before their start instead).
+    /// Nodes that ran an earlier generation where this one neither runs
+    /// nor starts now (those where it starts are swept before the start).
     pub clear: Vec<Clear>,
     /// A stop annotation from before this generation, to remove before
     /// anything acts (its value: a newer one is left in place).
@@ -311,9 +311,26 @@ pub fn plan(i: &Inputs) -> Plan {
             earlier.extend(i.agents.keys().map(String::as_str));
         }
     }
+    let next = next(i, same);
+    // Where this generation runs or starts now: a start sweeps its node
+    // first, and a clear would stop this generation's capture too. Every
+    // other node of an earlier one is cleared, targets included: one that
+    // waits for its agent may never start, nor one of a generation that
+    // fails.
+    let this: BTreeSet<&str> = match &next {
+        Next::Run(run) => run
+            .starts
+            .iter()
+            .map(|s| &s.progress)
+            .chain(run.adopts.iter().map(|a| &a.progress))
+            .chain(i.tracked.values().filter(|p| p.waiting_since.is_none()))
+            .map(|p| p.node.as_str())
+            .collect(),
+        Next::Ended(_) | Next::Fail(_) => BTreeSet::new(),
+    };
     let clear = earlier
         .into_iter()
-        .filter(|n| !i.targets.nodes.contains_key(*n))
+        .filter(|n| !this.contains(n))
         .map(|n| Clear {
             node: n.to_string(),
             endpoint: i.agents.get(n).cloned(),
@@ -323,7 +340,7 @@ pub fn plan(i: &Inputs) -> Plan {
         forget_earlier: !i.earlier.is_empty(),
         clear,
         stale_stop: i.resource.stale_stop().map(String::from),
-        next: next(i, same),
+        next,
     }
 }
 
@@ -1178,6 +1195,39 @@ mod tests {
                 agents: &["n1"],
                 want: Want {
                     next: "fail PodNotFound: pod default/ghost not found; pod default/gone not found",
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a new generation that fails clears every node of the earlier one, its targets too",
+                targets: &["n1", "n2"],
+                missing: &["ghost"],
+                agents: &["n1", "n2"],
+                earlier: &[("n1", Running), ("n2", Running)],
+                want: Want {
+                    next: "fail PodNotFound: pod default/ghost not found",
+                    forget: true,
+                    clear: &["n1", "n2"],
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a target node of a new generation that waits for its agent is cleared of the earlier one (it may never start)",
+                targets: &["n1", "n2"],
+                agents: &["n1", "n2"],
+                unready: &["n2"],
+                earlier: &[("n1", Running), ("n2", Running)],
+                want: Want {
+                    forget: true,
+                    clear: &["n2"],
+                    starting: &["n1", "n2"],
+                    record: &[
+                        "n2 starting: waiting for the agent on node n2: its pod kube-system/agent-n2 is Pending",
+                    ],
+                    starts: &["n1 60s sweep"],
+                    requeue: 90,
                     ..WANT
                 },
                 ..CASE
