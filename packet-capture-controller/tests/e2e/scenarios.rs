@@ -715,6 +715,51 @@ async fn editing_the_spec_mid_capture_restarts_it() {
     w.assert_all_completed_with_pings(&status).await;
 }
 
+/// A spec edit whose generation fails (a pod it names does not exist)
+/// stops the earlier generation, also on the nodes the new one names: no
+/// capture goes on that nothing follows.
+#[tokio::test]
+async fn an_edit_that_fails_stops_the_earlier_generation() {
+    let Some(w) = World::start("an_edit_that_fails_stops_the_earlier_generation", TWO_NODES).await
+    else {
+        return;
+    };
+    let pcc = w
+        .create(PacketCaptureConfigSpec {
+            pod_selector: pods_spec(&[&w.pods[0]]),
+            ..lasting(600)
+        })
+        .await;
+    let name = pcc.name_any();
+    let uid = World::uid(&pcc);
+    w.until_running_on(&name, 1, 1).await;
+    let mut with_ghost = pods_spec(&[&w.pods[0]]).unwrap();
+    with_ghost.pods.push(PodRef {
+        pod_name: "ghost".into(),
+        namespace: w.pods[0].namespace().to_string(),
+    });
+    let patch = json!({"spec": {"podSelector": with_ghost}});
+    w.api()
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("editing the spec");
+    let failed = w
+        .until(&name, "generation 2 failed", |p| {
+            p.current_phase() == Some(Phase::Failed)
+        })
+        .await;
+    let message = failed.status.unwrap().message.unwrap_or_default();
+    assert!(message.contains("ghost"), "{message}");
+    // The status is written after the nodes are cleared.
+    let node0 = w.captures_of(0, &uid).await;
+    assert_eq!(node0.len(), 1, "{node0:?}");
+    assert_eq!(
+        node0[0].capture_state(),
+        Ok(CaptureState::Stopped),
+        "{node0:?}"
+    );
+}
+
 /// A spec edit that leaves a node out stops its capture there. An agent
 /// that does not answer then (stopped here with SIGSTOP) is told again once
 /// it answers, rather than left capturing what the capture no longer asks
