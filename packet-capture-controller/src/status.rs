@@ -235,14 +235,14 @@ pub fn build(
     now: Timestamp,
 ) -> PacketCaptureConfigStatus {
     let same = same_generation(prev, generation);
-    // Set once a node has started (or failed to).
-    let start_time = if nodes.values().all(|p| p.state == CaptureState::Starting) {
-        None
-    } else {
-        same.and_then(|s| s.start_time.clone())
-            .or_else(|| nodes.values().filter_map(|p| p.start_time).min().map(Time))
-            .or(Some(Time(now)))
-    };
+    // Set once a node has started capturing: a node that failed before it
+    // could (no agent, a start refused) starts the duration of no other.
+    let began =
+        |p: &NodeProgress| !matches!(p.state, CaptureState::Starting | CaptureState::Failed);
+    let start_time = same
+        .and_then(|s| s.start_time.clone())
+        .or_else(|| nodes.values().filter_map(|p| p.start_time).min().map(Time))
+        .or_else(|| nodes.values().any(began).then_some(Time(now)));
     let completion_time = if outcome.phase.is_final() {
         same.filter(|s| s.phase.is_some_and(Phase::is_final))
             .and_then(|s| s.completion_time.clone())
@@ -418,6 +418,16 @@ mod tests {
         // A new generation starts afresh.
         let next = build(Some(&first), 2, &n, &pcap, &summarize(&n), t1);
         assert_eq!(next.start_time, Some(Time(t1)));
+
+        // A node that failed before it started (no agent) starts no
+        // clock: a node still waiting for its agent gets the whole
+        // duration once it starts.
+        let n = nodes(&[("a", Failed), ("bb", Starting)]);
+        let waiting = build(None, 1, &n, &pcap, &summarize(&n), t0);
+        assert_eq!(waiting.start_time, None);
+        let n = nodes(&[("a", Failed), ("bb", Running)]);
+        let running = build(Some(&waiting), 1, &n, &pcap, &summarize(&n), t1);
+        assert_eq!(running.start_time, Some(Time(t1)));
     }
 
     fn spec(output_format: OutputFormat) -> PacketCaptureConfigSpec {
