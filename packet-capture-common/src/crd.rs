@@ -89,7 +89,6 @@ pub const DEFAULT_MAX_PACKETS: u32 = 1000;
     plural = "packetcaptureconfigs",
     singular = "packetcaptureconfig",
     shortname = "pcc",
-    category = "all",
     doc = "Captures packets on the cluster's nodes, selected by IP, CIDR, pod, port and a tcpdump filter",
     status = "PacketCaptureConfigStatus",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
@@ -565,6 +564,17 @@ impl PacketCaptureConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_resource_type_is_in_no_category() {
+        // Cluster-scoped: in `all`, `kubectl get all -n NS` would fail for
+        // whoever may not list captures, and `kubectl delete all --all -n
+        // NS` would delete every capture in the cluster.
+        use kube::CustomResourceExt;
+        let names = PacketCaptureConfig::crd().spec.names;
+        assert_eq!(names.categories, None);
+        assert_eq!(names.short_names, Some(vec!["pcc".to_string()]));
+    }
 
     #[test]
     fn the_current_phase_is_of_the_current_generation() {

@@ -1522,3 +1522,26 @@ fn config_values_are_held_to_what_the_binaries_accept() {
         assert_eq!(config["data"][key].as_str(), Some(value), "{key}");
     }
 }
+
+/// A pod template carries nothing of the chart's own version: a chart
+/// upgrade alone would otherwise roll every agent, and an agent's restart
+/// fails the captures running on its node.
+#[test]
+fn a_new_chart_version_alone_rolls_no_pod() {
+    let docs = render(&helm_or_fail(), &["--namespace", NAMESPACE]).unwrap();
+    for (kind, name) in [
+        ("DaemonSet", "packet-capture-agent"),
+        ("Deployment", "packet-capture-controller"),
+    ] {
+        let workload = get(&docs, kind, name);
+        assert!(
+            workload["metadata"]["labels"]["helm.sh/chart"].is_string(),
+            "{kind} {name} itself names its chart"
+        );
+        let labels = &workload["spec"]["template"]["metadata"]["labels"];
+        assert!(
+            labels["helm.sh/chart"].is_null(),
+            "{kind} {name}: {labels:?}"
+        );
+    }
+}

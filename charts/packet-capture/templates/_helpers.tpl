@@ -11,11 +11,17 @@ app.kubernetes.io/name: packet-capture
 
 {{/* The labels that are not in a selector. */}}
 {{- define "packet-capture.commonLabels" -}}
+{{ include "packet-capture.podCommonLabels" . }}
+helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version | replace "+" "_" }}
+{{- end }}
+
+{{/* Those of a pod template: not the chart's version, whose change alone
+would roll every agent and fail the captures running there. */}}
+{{- define "packet-capture.podCommonLabels" -}}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/part-of: packet-capture
 app.kubernetes.io/managed-by: {{ .Release.Service }}
-helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version | replace "+" "_" }}
 {{- end }}
 
 {{/* Selector of the controller's pods (immutable). */}}
@@ -40,6 +46,13 @@ app.kubernetes.io/component: controller
 {{ include "packet-capture.commonLabels" . }}
 {{ include "packet-capture.agent.selector" . }}
 app.kubernetes.io/component: agent
+{{- end }}
+
+{{/* A pod template's labels; call with (dict "root" $ "component" "agent"). */}}
+{{- define "packet-capture.podLabels" -}}
+{{ include "packet-capture.podCommonLabels" .root }}
+{{ include (printf "packet-capture.%s.selector" .component) .root }}
+app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{- define "packet-capture.webhook.labels" -}}
