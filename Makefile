@@ -99,6 +99,7 @@ deploy: ## Install with kubectl in the README's order (the webhook and the agent
 		$(KUBECTL) apply -f manifests/webhook.yaml -f manifests/agent/ca.yaml; \
 	else \
 		echo "cert-manager is not installed: skipped manifests/webhook.yaml and manifests/agent/ca.yaml (install cert-manager, then apply them); the controller signs the agents' certificates with its own CA"; \
+		echo "WARNING: without the webhook nothing checks a capture's targets: whoever may create a PacketCaptureConfig captures any pod's traffic, and kubectl pcap fetch/stream have no API. helm install has the webhook without cert-manager (self-managed certificates)." >&2; \
 	fi
 
 .PHONY: status

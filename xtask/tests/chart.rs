@@ -1012,6 +1012,21 @@ fn contradictory_values_fail_with_a_clear_message() {
         format!("{err:#}").contains("controller.replicas > 1 needs controller.leaderElection"),
         "{err:#}"
     );
+    let err = render(&helm, &["--set", "controller.replicas=0"]).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("controller.replicas: 0 with webhook.enabled"),
+        "{err:#}"
+    );
+    render(
+        &helm,
+        &[
+            "--set",
+            "controller.replicas=0",
+            "--set",
+            "webhook.enabled=false",
+        ],
+    )
+    .expect("no controller and no webhook");
     // values.schema.json names the value and what it may be.
     for (set, names) in [
         ("webhook.failurePolicy=Maybe", "/webhook/failurePolicy"),
@@ -1040,7 +1055,7 @@ fn each_account_gets_exactly_the_access_it_uses() {
         (
             PCC,
             &["packetcaptureconfigs"],
-            &["get", "list", "watch", "patch", "update"],
+            &["get", "list", "watch", "patch"],
         ),
         (
             PCC,
