@@ -363,6 +363,9 @@ fn stop(i: &Inputs) -> Plan {
         .filter(|p| !p.state.is_final())
         .map(|p| p.node.as_str())
         .collect();
+    // A stop that an agent keeps failing is no reason to wait past the
+    // time every node should have ended anyway.
+    let past = first_start(i, same).is_some_and(|start| i.now >= start + end_limit(i));
     for p in i.tracked.values().filter(|p| !p.state.is_final()) {
         if p.waiting_since.is_some() {
             // Nothing runs there to stop.
@@ -372,6 +375,10 @@ fn stop(i: &Inputs) -> Plan {
         nodes.insert(&p.node);
         if !i.agents.contains_key(&p.node) {
             run.record.push(gone(p.clone(), i.now));
+        } else if past {
+            let mut p = p.clone();
+            p.fail(no_end(i), false, i.now);
+            run.record.push(p);
         }
     }
     if let Some(s) = same {
@@ -417,6 +424,28 @@ fn stop(i: &Inputs) -> Plan {
     }
 }
 
+/// When the generation's first node started capturing.
+fn first_start(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Option<Timestamp> {
+    same.and_then(|s| s.start_time.as_ref().map(|t| t.0))
+        .or_else(|| i.tracked.values().filter_map(|p| p.start_time).min())
+}
+
+/// How long after the first start every node should have ended: the
+/// duration and the grace for the agents to report it.
+fn end_limit(i: &Inputs) -> SignedDuration {
+    SignedDuration::from_secs(i64::from(i.resource.spec().duration))
+        + SignedDuration::try_from(i.grace).unwrap_or(SignedDuration::ZERO)
+}
+
+/// Why a node that has not ended by then fails.
+fn no_end(i: &Inputs) -> String {
+    format!(
+        "no end reported by the agent within {}s of the start (duration {}s)",
+        end_limit(i).as_secs(),
+        i.resource.spec().duration
+    )
+}
+
 fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
     let started = started(i.tracked, same);
     if !started {
@@ -460,11 +489,8 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
         }
     }
     let spec = i.resource.spec();
-    let start_time = same
-        .and_then(|s| s.start_time.as_ref().map(|t| t.0))
-        .or_else(|| i.tracked.values().filter_map(|p| p.start_time).min());
-    let limit = SignedDuration::from_secs(i64::from(spec.duration))
-        + SignedDuration::try_from(i.grace).unwrap_or(SignedDuration::ZERO);
+    let start_time = first_start(i, same);
+    let limit = end_limit(i);
     let mut run = Run::default();
     let id = capture_id(i.resource.uid, i.resource.generation);
     let past = start_time.is_some_and(|start| i.now >= start + limit);
@@ -505,15 +531,7 @@ fn next(i: &Inputs, same: Option<&PacketCaptureConfigStatus>) -> Next {
                 let message = not_ready_in_time(&p, i);
                 p.fail(message, true, i.now);
             } else {
-                p.fail(
-                    format!(
-                        "no end reported by the agent within {}s of the start (duration {}s)",
-                        limit.as_secs(),
-                        spec.duration
-                    ),
-                    false,
-                    i.now,
-                );
+                p.fail(no_end(i), false, i.now);
             }
             run.record.push(p);
         }
@@ -1503,6 +1521,24 @@ mod tests {
                 now: 10,
                 want: Want {
                     clear: &["n1"],
+                    requeue: 30,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a stop request still unanswered past the deadline fails the node, as without a stop",
+                targets: &["n1"],
+                agents: &["n1"],
+                tracked: &[("n1", Running, TARGET)],
+                status: Was::Same(Phase::Running, &[("n1", Running)]),
+                stop: true,
+                now: 121,
+                want: Want {
+                    clear: &["n1"],
+                    record: &[
+                        "n1 failed: no end reported by the agent within 120s of the start (duration 60s)",
+                    ],
                     requeue: 30,
                     ..WANT
                 },
