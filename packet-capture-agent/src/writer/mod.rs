@@ -348,10 +348,16 @@ fn pcap_record(out: &mut Vec<u8>, meta: &Meta, data: &[u8]) -> Result<(), Unenco
 }
 
 /// Length of the longest prefix of a pcap `file` made of whole records (the
-/// header included), or `None` when the header itself is not whole.
+/// header included), or `None` when the header itself is not whole. A
+/// record no writer of ours makes ends it too: a power loss can leave a
+/// file's tail as zeros, which would read as empty packets of 1970.
 pub fn pcap_whole_prefix(file: &[u8]) -> Option<usize> {
     let (mut rest, parser) = PcapParser::new(file).ok()?;
-    while let Ok((after, _)) = parser.next_raw_packet(rest) {
+    let snaplen = parser.header().snaplen;
+    while let Ok((after, record)) = parser.next_raw_packet(rest) {
+        if record.orig_len == 0 || record.incl_len > record.orig_len || record.incl_len > snaplen {
+            break;
+        }
         rest = after;
     }
     Some(file.len() - rest.len())
@@ -568,6 +574,15 @@ mod tests {
             assert_eq!(whole_prefix(&two), Some(two.len()), "{format:?}");
             assert_eq!(whole_prefix(&two[..two.len() - 1]), Some(one), "{format:?}");
             assert_eq!(whole_prefix(&two[..10]), None, "{format:?}: a cut header");
+            // Zeros where a power loss left the tail unwritten.
+            let mut zeroed = two.clone();
+            zeroed.truncate(one);
+            zeroed.resize(one + 4096, 0);
+            assert_eq!(
+                whole_prefix(&zeroed),
+                Some(one),
+                "{format:?}: a zeroed tail"
+            );
         }
     }
 
