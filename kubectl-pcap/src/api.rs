@@ -165,6 +165,9 @@ pub fn explain_access(err: &kube::Error, capture: &str) -> String {
         ),
         // The controller knows the group but not the capture.
         404 if message.contains(&format!("\"{capture}\"")) => message,
+        // The controller answers, but could not ask the API server (its
+        // access review, or the capture): it runs, so the hint would mislead.
+        503 if message.starts_with("asking whether ") || message.starts_with("reading ") => message,
         404 | 503 => format!(
             "{message}\n\
              the aggregated API {GROUP}/{VERSION} is not available: it is not installed \
@@ -350,6 +353,14 @@ mod tests {
             explain_access(&missing, "web"),
             r#"capture "web" not found"#
         );
+        // The controller runs, but could not ask the API server.
+        for message in [
+            r#"asking whether "alice" may read the files: connection reset"#,
+            "reading web: connection reset",
+        ] {
+            let m = explain_access(&api_error(503, "", message), "web");
+            assert_eq!(m, message);
+        }
 
         let no_crd = api_error(
             404,

@@ -47,7 +47,8 @@ pub struct FetchArgs {
     /// The capture's name
     pub name: String,
 
-    /// The merged pcapng to write; - for stdout
+    /// The merged pcapng to write; - for stdout (the nodes' files are
+    /// downloaded to $TMPDIR first, else beside the output)
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: PathBuf,
 }
