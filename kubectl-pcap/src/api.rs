@@ -166,8 +166,14 @@ pub fn explain_access(err: &kube::Error, capture: &str) -> String {
         // The controller knows the group but not the capture.
         404 if message.contains(&format!("\"{capture}\"")) => message,
         // The controller answers, but could not ask the API server (its
-        // access review, or the capture): it runs, so the hint would mislead.
-        503 if message.starts_with("asking whether ") || message.starts_with("reading ") => message,
+        // access review, or the capture) or a node's agent: it runs, so the
+        // hint would mislead.
+        503 if ["asking whether ", "reading ", "node "]
+            .iter()
+            .any(|p| message.starts_with(p)) =>
+        {
+            message
+        }
         404 | 503 => format!(
             "{message}\n\
              the aggregated API {GROUP}/{VERSION} is not available: it is not installed \
@@ -357,6 +363,7 @@ mod tests {
         for message in [
             r#"asking whether "alice" may read the files: connection reset"#,
             "reading web: connection reset",
+            "node n2: the agent did not answer: connection refused",
         ] {
             let m = explain_access(&api_error(503, "", message), "web");
             assert_eq!(m, message);

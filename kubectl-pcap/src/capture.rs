@@ -127,8 +127,8 @@ fn print_object<T: Serialize>(value: &T, format: ObjectFormat) -> Result<()> {
         meta.remove("managedFields");
     }
     match format {
-        ObjectFormat::Json => println!("{}", serde_json::to_string_pretty(&value)?),
-        ObjectFormat::Yaml => print!("{}", serde_yaml::to_string(&value)?),
+        ObjectFormat::Json => outln!("{}", serde_json::to_string_pretty(&value)?),
+        ObjectFormat::Yaml => out!("{}", serde_yaml::to_string(&value)?),
     }
     Ok(())
 }
@@ -154,7 +154,7 @@ pub async fn create(cluster: &Cluster, args: CreateArgs) -> Result<ExitCode> {
     };
     match args.output {
         Some(format) => print_object(&created, format)?,
-        None => println!(
+        None => outln!(
             "{} created{}",
             object(&args.name),
             match dry_run {
@@ -168,7 +168,7 @@ pub async fn create(cluster: &Cluster, args: CreateArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let ended = wait_ended(&cluster.captures(), &args.name).await?;
-    print!("{}", show::details(&ended, Timestamp::now()));
+    out!("{}", show::details(&ended, Timestamp::now()));
     Ok(exit_status(&ended))
 }
 
@@ -183,25 +183,27 @@ fn exit_status(pcc: &PacketCaptureConfig) -> ExitCode {
 /// Follows the capture until its phase is Completed or Failed, telling
 /// stderr of each new phase on the way.
 pub async fn wait_ended(api: &Api<PacketCaptureConfig>, name: &str) -> Result<PacketCaptureConfig> {
-    wait_for(api, name, Phase::is_final).await
+    wait_for(api, name, Phase::is_final, true).await
 }
 
 /// How long a wait lets the controller take a capture up before it asks
 /// whether one runs for it.
 const UNTAKEN_AFTER: std::time::Duration = std::time::Duration::from_secs(15);
 
-/// Follows the capture until `done` holds for its phase.
+/// Follows the capture until `done` holds for its phase; `tell_untaken`:
+/// saying so when no controller has taken it up after [`UNTAKEN_AFTER`].
 pub async fn wait_for(
     api: &Api<PacketCaptureConfig>,
     name: &str,
     done: impl Fn(Phase) -> bool,
+    tell_untaken: bool,
 ) -> Result<PacketCaptureConfig> {
     let mut changes = std::pin::pin!(lasting(watcher::watch_object(api.clone(), name)));
     let mut last = None;
     // A controller that has not taken the capture up for this long may
     // not be running, or not be the one for it: the wait says so.
     let mut untaken = std::pin::pin!(tokio::time::sleep(UNTAKEN_AFTER));
-    let mut told = false;
+    let mut told = !tell_untaken;
     loop {
         let pcc = tokio::select! {
             pcc = changes.try_next() => pcc?,
@@ -293,7 +295,7 @@ fn print_list(items: &[PacketCaptureConfig], format: Option<ListFormat>) -> Vec<
             if items.is_empty() {
                 eprintln!("No captures found.");
             } else {
-                print!("{}", show::table(&header, &rows));
+                out!("{}", show::table(&header, &rows));
             }
             show::widths(&header, &rows)
         }
@@ -321,11 +323,11 @@ fn print_change(
             if deleted {
                 row[1] = "Deleted".into();
             }
-            println!("{}", show::line(widths, &row));
+            outln!("{}", show::line(widths, &row));
         }
         Some(ListFormat::Yaml | ListFormat::Json) => {
             if format == Some(ListFormat::Yaml) {
-                println!("---");
+                outln!("---");
             }
             if let Err(e) = print_object(pcc, object_format(format)) {
                 eprintln!("error: {e}");
@@ -347,7 +349,7 @@ pub async fn get(cluster: &Cluster, args: GetArgs) -> Result<ExitCode> {
         match args.output {
             Some(format) => print_object(pcc, format),
             None => {
-                print!("{}", show::details(pcc, Timestamp::now()));
+                out!("{}", show::details(pcc, Timestamp::now()));
                 Ok(())
             }
         }
@@ -367,11 +369,11 @@ pub async fn get(cluster: &Cluster, args: GetArgs) -> Result<ExitCode> {
             if first {
                 bail!("capture {} not found", args.name);
             }
-            println!("{} deleted", object(&args.name));
+            outln!("{} deleted", object(&args.name));
             return Ok(ExitCode::SUCCESS);
         };
         if !first && args.output != Some(ObjectFormat::Json) {
-            println!("{}", if args.output.is_some() { "---" } else { "" });
+            outln!("{}", if args.output.is_some() { "---" } else { "" });
         }
         first = false;
         show(&pcc)?;
@@ -391,7 +393,7 @@ pub async fn stop(cluster: &Cluster, args: StopArgs) -> Result<ExitCode> {
         .await
         .map_err(|e| anyhow!(explain_crd(&e, &["get"])))?;
     if let Some(phase) = pcc.current_phase().filter(|p| p.is_final()) {
-        println!(
+        outln!(
             "capture {name} has already ended ({}); nothing to stop",
             show::phase_name(phase)
         );
@@ -403,12 +405,12 @@ pub async fn stop(cluster: &Cluster, args: StopArgs) -> Result<ExitCode> {
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(|e| anyhow!(explain_crd(&e, &["patch"])))?;
-    println!("capture {name} stopping on every node; it and its files are kept");
+    outln!("capture {name} stopping on every node; it and its files are kept");
     if !args.wait {
         return Ok(ExitCode::SUCCESS);
     }
     let ended = wait_ended(&api, name).await?;
-    print!("{}", show::details(&ended, Timestamp::now()));
+    out!("{}", show::details(&ended, Timestamp::now()));
     Ok(exit_status(&ended))
 }
 
@@ -418,7 +420,7 @@ pub async fn delete(cluster: &Cluster, args: DeleteArgs) -> Result<ExitCode> {
         .delete(&args.name, &DeleteParams::default())
         .await
         .map_err(|e| anyhow!(explain_crd(&e, &["delete"])))?;
-    println!("{} deleted", object(&args.name));
+    outln!("{} deleted", object(&args.name));
     // A Status means it is gone already; an object, that it is going
     // (finalizers first).
     if let (true, Some(uid)) = (args.wait, deleted.left().and_then(|p| p.uid())) {

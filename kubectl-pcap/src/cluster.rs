@@ -133,16 +133,26 @@ where
     })
 }
 
-/// Whether a watch's error may pass: anything but a client error (4xx)
-/// other than a timeout, an expired resource version or throttling.
+/// Whether a watch's error may pass: a lost connection, or an answer
+/// other than a client error (4xx), except a timeout, an expired resource
+/// version or throttling. Not the request's or the credentials' own
+/// failures: the same again would fail again.
 fn passing(e: &watcher::Error) -> bool {
-    let code = match e {
-        watcher::Error::InitialListFailed(kube::Error::Api(s))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-        | watcher::Error::WatchFailed(kube::Error::Api(s))
-        | watcher::Error::WatchError(s) => s.code,
-        _ => return true,
+    let e = match e {
+        watcher::Error::InitialListFailed(e)
+        | watcher::Error::WatchStartFailed(e)
+        | watcher::Error::WatchFailed(e) => e,
+        watcher::Error::WatchError(s) => return passing_code(s.code),
+        watcher::Error::NoResourceVersion => return true,
     };
+    match e {
+        kube::Error::Api(s) => passing_code(s.code),
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => true,
+        _ => false,
+    }
+}
+
+fn passing_code(code: u16) -> bool {
     !(400..500).contains(&code) || matches!(code, 408 | 410 | 429)
 }
 
@@ -156,6 +166,19 @@ pub fn watch_error(e: watcher::Error) -> anyhow::Error {
         other => return anyhow::Error::new(other),
     };
     anyhow::anyhow!(explain_crd(&e, &["list", "watch"]))
+}
+
+/// Writes to stdout, for the macros `out!` and `outln!` (main.rs).
+pub fn write_stdout(text: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(text).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
 }
 
 /// How a command was asked to stop.
@@ -198,6 +221,11 @@ impl Signals {
         })
     }
 
+    /// Waits for a SIGINT; other signals pass.
+    pub async fn interrupted(&mut self) {
+        while self.recv().await != Stop::Interrupt {}
+    }
+
     pub async fn recv(&mut self) -> Stop {
         tokio::select! {
             _ = self.interrupt.recv() => Stop::Interrupt,
@@ -226,6 +254,18 @@ mod tests {
             (watcher::Error::InitialListFailed(api(404)), false),
             (watcher::Error::WatchStartFailed(api(401)), false),
             (watcher::Error::WatchError(status(400)), false),
+            (
+                watcher::Error::WatchFailed(kube::Error::ReadEvents(std::io::Error::from(
+                    std::io::ErrorKind::ConnectionReset,
+                ))),
+                true,
+            ),
+            (
+                watcher::Error::WatchFailed(kube::Error::SerdeError(
+                    serde_json::from_str::<u8>("not an event").unwrap_err(),
+                )),
+                false,
+            ),
         ] {
             assert_eq!(passing(&e), passes, "{e:?}");
         }

@@ -42,8 +42,25 @@
 //! by it.
 //!
 //! The commands that only print (`ls`, `get`, `create`, `stop`, `delete`)
-//! end quietly, as other Unix tools do, when the reader of their output
-//! quits (`kubectl pcap ls -o yaml | head`).
+//! end quietly when the reader of their output quits (`kubectl pcap ls -o
+//! yaml | head`).
+
+/// `print!` to stdout; a reader that quit ends the command quietly (exit
+/// 0), not with the panic `print!` makes of it. SIGPIPE stays ignored, as
+/// Rust sets it: a connection the API server reset must fail a write, not
+/// end the process.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cluster::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// `println!` as [`out!`] does `print!`.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cluster::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
 
 mod capture;
 mod cluster;
@@ -90,13 +107,6 @@ enum Command {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Fetch(_) | Command::Stream(_)) {
-        // Rust ignores SIGPIPE, so a print to a closed pipe would panic;
-        // `fetch` and `stream` clean up on a closed pipe instead.
-        // SAFETY: sets the process's disposition of SIGPIPE, for which
-        // nothing here has a handler, back to the default.
-        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    }
     let result = async {
         let cluster = cli.global.connect().await?;
         match cli.command {

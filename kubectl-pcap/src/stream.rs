@@ -18,7 +18,7 @@ use kubectl_pcap::api::{self, CopyError, explain_access, explain_crd};
 use kubectl_pcap::spec::TargetArgs;
 use packet_capture_common::crd::{PacketCaptureConfig, Phase};
 
-use crate::capture::{wait_ended, wait_for};
+use crate::capture::wait_for;
 use crate::cluster::{Cluster, Signals, Stop};
 
 /// How long a capture made for a stream runs unless `--duration` says.
@@ -77,12 +77,22 @@ pub async fn stream(cluster: &Cluster, args: StreamArgs) -> Result<ExitCode> {
     // How the capture ended, when that ended the stream (the wait tells
     // its phase; the status may trail the stream's end a moment).
     let ended = match &outcome {
-        Ok(Ok(Followed::Ended)) => tokio::select! {
-            pcc = tokio::time::timeout(SETTLE_WITHIN, wait_ended(&api, &name)) => {
-                pcc.ok().and_then(Result::ok)
+        Ok(Ok(Followed::Ended)) => {
+            let wait = wait_for(&api, &name, Phase::is_final, false);
+            tokio::select! {
+                pcc = tokio::time::timeout(SETTLE_WITHIN, wait) => match pcc {
+                    Ok(pcc) => pcc.ok(),
+                    Err(_) => {
+                        eprintln!(
+                            "{name}: its status did not say how it ended within {}s",
+                            SETTLE_WITHIN.as_secs()
+                        );
+                        None
+                    }
+                },
+                _ = signals.recv() => None,
             }
-            _ = signals.recv() => None,
-        },
+        }
         _ => None,
     };
 
@@ -105,10 +115,11 @@ pub async fn stream(cluster: &Cluster, args: StreamArgs) -> Result<ExitCode> {
                     SETTLE_WITHIN.as_secs()
                 ))),
             },
-            // Asked again: the user would rather go now.
-            stop = signals.recv() => {
+            // Ctrl-C again: the user would rather go now. (Not a repeated
+            // SIGHUP or SIGTERM: a session that closes sends more than one.)
+            () = signals.interrupted() => {
                 eprintln!("{}", not_deleted("interrupted".into()));
-                return Ok(ExitCode::from(stop.status()));
+                return Ok(ExitCode::from(Stop::Interrupt.status()));
             }
         }
     }
@@ -135,7 +146,7 @@ enum Followed {
 /// stdout until the capture has ended on every node or stdout is closed
 /// (the reader downstream quit, which ends the stream as Ctrl-C does).
 async fn follow(cluster: &Cluster, name: &str, created: bool) -> Result<Followed> {
-    match wait_for(&cluster.captures(), name, |p| p != Phase::Starting).await {
+    match wait_for(&cluster.captures(), name, |p| p != Phase::Starting, true).await {
         Ok(pcc) => {
             if pcc.current_phase() == Some(Phase::Failed) {
                 let message = pcc.status.and_then(|s| s.message).unwrap_or_default();

@@ -713,6 +713,9 @@ async fn follow_nodes(
     let api = Api::<PacketCaptureConfig>::all(relay.client.clone());
     let mut changes = std::pin::pin!(watcher::watch_object(api, &name).default_backoff());
     let mut watching = true;
+    // Whether the status has been read since the stream opened: a node may
+    // have started between the read the stream opened with and the watch.
+    let mut read = false;
     // Running nodes the status names that are not taken in yet.
     let mut pending = Vec::new();
     loop {
@@ -727,6 +730,7 @@ async fn follow_nodes(
         };
         match change {
             Some(Ok(Some(pcc))) => {
+                read = true;
                 if pcc.uid() != capture.uid()
                     || pcc.metadata.generation != capture.metadata.generation
                 {
@@ -746,7 +750,10 @@ async fn follow_nodes(
                 }
             }
             // Deleted: its captures end on the agents.
-            Some(Ok(None)) => watching = false,
+            Some(Ok(None)) => {
+                read = true;
+                watching = false;
+            }
             Some(Err(e)) => {
                 tracing::debug!(capture = %name, "watching for nodes to take into its live packets: {e}");
             }
@@ -755,7 +762,10 @@ async fn follow_nodes(
         if !pending.is_empty() {
             let endpoints = relay.agents.endpoints();
             for node in std::mem::take(&mut pending) {
+                // An agent this replica does not see yet: the next status
+                // tries again.
                 let Some(ep) = endpoints.get(&node) else {
+                    pending.push(node);
                     continue;
                 };
                 match relay.agents.packets_for(ep, &id, &user).await {
@@ -773,7 +783,7 @@ async fn follow_nodes(
                 }
             }
         }
-        if nodes.is_empty() && (!watching || pending.is_empty()) {
+        if nodes.is_empty() && (!watching || (read && pending.is_empty())) {
             return;
         }
     }

@@ -237,8 +237,9 @@ pub fn build(
     let same = same_generation(prev, generation);
     // Set once a node has started capturing: a node that failed before it
     // could (no agent, a start refused) starts the duration of no other.
+    // (A node stopped or failed before it started has no start time.)
     let began =
-        |p: &NodeProgress| !matches!(p.state, CaptureState::Starting | CaptureState::Failed);
+        |p: &NodeProgress| matches!(p.state, CaptureState::Running | CaptureState::Completed);
     let start_time = same
         .and_then(|s| s.start_time.clone())
         .or_else(|| nodes.values().filter_map(|p| p.start_time).min().map(Time))
@@ -428,6 +429,10 @@ mod tests {
         let n = nodes(&[("a", Failed), ("bb", Running)]);
         let running = build(Some(&waiting), 1, &n, &pcap, &summarize(&n), t1);
         assert_eq!(running.start_time, Some(Time(t1)));
+        // Nor does one stopped by request before it started.
+        let n = nodes(&[("a", Stopped)]);
+        let stopped = build(None, 1, &n, &pcap, &summarize(&n), t0);
+        assert_eq!(stopped.start_time, None);
     }
 
     fn spec(output_format: OutputFormat) -> PacketCaptureConfigSpec {

@@ -261,7 +261,7 @@ pub const QUESTIONS: &[Question] = &[
     q(CTL, "list", PCC, None, true),
     q(CTL, "watch", PCC, None, true),
     q(CTL, "patch", PCC, None, true),
-    q(CTL, "update", PCC, None, false),
+    q(CTL, "update", PCC, None, true),
     sub(q(CTL, "patch", PCC, None, true), "status"),
     sub(q(CTL, "update", PCC, None, false), "status"),
     sub(q(CTL, "update", PCC, None, true), "finalizers"),

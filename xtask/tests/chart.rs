@@ -1055,7 +1055,7 @@ fn each_account_gets_exactly_the_access_it_uses() {
         (
             PCC,
             &["packetcaptureconfigs"],
-            &["get", "list", "watch", "patch"],
+            &["get", "list", "watch", "patch", "update"],
         ),
         (
             PCC,

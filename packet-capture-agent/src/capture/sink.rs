@@ -422,6 +422,8 @@ impl Sink {
         match self.destination {
             Destination::File(output) => {
                 let path = output.final_path().to_path_buf();
+                // The failed write that left it so has said the file goes.
+                let headerless = output.lacks_header();
                 match output.commit() {
                     Ok((path, size)) => {
                         self.counters.bytes.store(size, Ordering::Relaxed);
@@ -431,9 +433,12 @@ impl Sink {
                         }
                     }
                     Err(e) => Finished {
-                        // The write that failed first says why.
                         reason: match reason {
-                            EndReason::Error(_) => reason,
+                            EndReason::Error(_) if headerless => reason,
+                            EndReason::Error(first) => EndReason::Error(format!(
+                                "{first}; then finishing {}: {e}",
+                                path.display()
+                            )),
                             _ => EndReason::Error(format!("finishing {}: {e}", path.display())),
                         },
                         file: None,
