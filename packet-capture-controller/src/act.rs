@@ -42,10 +42,11 @@ impl Act<'_> {
     }
 
     /// Stops every unfinished capture of the resource on each node, all
-    /// nodes at once; returns the nodes where that failed, and why.
-    pub async fn clear(&self, nodes: &[Clear]) -> Vec<(String, String)> {
+    /// nodes at once; for each node, how many it stopped, or why that
+    /// failed.
+    pub async fn clear(&self, nodes: &[Clear]) -> Vec<(String, Result<usize, String>)> {
         let prefix = capture_prefix(self.resource.uid);
-        let results = futures::future::join_all(nodes.iter().map(|c| {
+        futures::future::join_all(nodes.iter().map(|c| {
             let prefix = &prefix;
             async move {
                 let out = match &c.endpoint {
@@ -53,19 +54,22 @@ impl Act<'_> {
                         .pool
                         .sweep(ep, prefix, None, &self.timing.stop)
                         .await
+                        .map(|stopped| stopped.len())
                         .map_err(|e| {
-                            format!("agent at {} did not answer: {}", ep.uri, e.message())
+                            let answer = match e.code() {
+                                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
+                                    "did not answer"
+                                }
+                                _ => "refused the stop",
+                            };
+                            format!("agent at {} {answer}: {}", ep.uri, e.message())
                         }),
                     None => Err("no agent runs on the node".to_string()),
                 };
                 (c.node.clone(), out)
             }
         }))
-        .await;
-        results
-            .into_iter()
-            .filter_map(|(node, r)| r.err().map(|e| (node, e)))
-            .collect()
+        .await
     }
 
     /// Stops what each node in `plan.clear` should no longer run (see
@@ -85,7 +89,12 @@ impl Act<'_> {
         let uid = self.resource.uid;
         let name = self.resource.name();
         let cleared: BTreeSet<&str> = clear.iter().map(|c| c.node.as_str()).collect();
-        let failed = self.clear(clear).await;
+        let failed: Vec<(String, String)> = self
+            .clear(clear)
+            .await
+            .into_iter()
+            .filter_map(|(node, out)| out.err().map(|why| (node, why)))
+            .collect();
         for c in clear {
             self.tracker.settle_sweep(uid, &c.node);
         }

@@ -291,14 +291,28 @@ async fn drop_stale_stop(ctx: &Context, resource: Resource<'_>, value: &str) -> 
 /// has every agent swept.
 async fn cleanup(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
     // Nodes that owe a stop from an earlier generation too.
-    let mut nodes: BTreeSet<String> = ctx.tracker.owed_sweeps(resource.uid);
-    nodes.extend(ctx.tracker.forget(resource.uid).into_iter().map(|p| p.node));
+    let owed = ctx.tracker.owed_sweeps(resource.uid);
+    let mut nodes = owed.clone();
+    // Nodes whose capture has ended: with no agent left there, nothing of
+    // it runs to stop.
+    let mut ended = BTreeSet::new();
+    for p in ctx.tracker.forget(resource.uid) {
+        if p.state.is_final() {
+            ended.insert(p.node.clone());
+        }
+        nodes.insert(p.node);
+    }
     let endpoints = ctx.agents.endpoints();
     if let Some(prev) = resource.previous() {
         if plan::unnamed_nodes(prev, nodes.iter().map(String::as_str)) {
             nodes.extend(endpoints.keys().cloned());
         }
-        nodes.extend(prev.capture_files.values().map(|e| e.node.clone()));
+        for e in prev.capture_files.values() {
+            if e.status.is_final() {
+                ended.insert(e.node.clone());
+            }
+            nodes.insert(e.node.clone());
+        }
     }
     let clear: Vec<Clear> = nodes
         .into_iter()
@@ -307,10 +321,20 @@ async fn cleanup(resource: Resource<'_>, ctx: &Context) -> Result<Action> {
             node,
         })
         .collect();
-    let failures = ctx.act(resource).clear(&clear).await;
-    ctx.report(resource)
-        .deleted(clear.len() - failures.len(), &failures)
-        .await;
+    let results = ctx.act(resource).clear(&clear).await;
+    let stopped = results
+        .iter()
+        .filter(|(_, out)| matches!(out, Ok(n) if *n > 0))
+        .count();
+    let failures: Vec<(String, String)> = results
+        .into_iter()
+        .filter_map(|(node, out)| {
+            let nothing_runs =
+                ended.contains(&node) && !owed.contains(&node) && !endpoints.contains_key(&node);
+            out.err().filter(|_| !nothing_runs).map(|why| (node, why))
+        })
+        .collect();
+    ctx.report(resource).deleted(stopped, &failures).await;
     Ok(Action::await_change())
 }
 

@@ -224,8 +224,9 @@ impl Report<'_> {
         }
     }
 
-    /// A deleted resource: its `stopped` nodes, and those where the stop
-    /// failed (node, why), which do not hold the deletion.
+    /// A deleted resource: how many nodes had captures to stop and stopped
+    /// them, and those where the stop failed (node, why), which do not hold
+    /// the deletion.
     pub async fn deleted(&self, stopped: usize, failures: &[(String, String)]) {
         let pcc = self.resource.pcc;
         for (node, why) in failures {

@@ -593,6 +593,28 @@ async fn deleting_stops_the_captures_then_releases_the_finalizer() {
     }
 }
 
+/// A capture that ended stops nothing when deleted, so no Event says it
+/// did.
+#[tokio::test]
+async fn deleting_an_ended_capture_says_nothing_of_stopping() {
+    let mut fx = Fixture::new(&[up("n1"), up("n2")], vec![]).await;
+    let pcc = pcc("done", ip_spec(&["10.0.0.1"]));
+    let (_, mut pcc) = start(&mut fx, &pcc, &["Started", "Started"]).await;
+    for node in ["n1", "n2"] {
+        let (_, cap) = fx.agent(node).only_capture();
+        fx.agent(node).complete(&cap.id, 3);
+    }
+    fx.until_nodes_end(&pcc).await;
+    let (status, _) = finish(&mut fx, &pcc, &["Completed"]).await;
+    pcc.status = Some(status);
+    pcc.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+
+    let task = spawn_reconcile(&fx, &pcc);
+    // The finalizer goes next: no Stopped before it.
+    fx.api.finalizer_patch("done", &json(&pcc)).await;
+    task.await.unwrap();
+}
+
 #[tokio::test]
 async fn an_unreachable_agent_does_not_block_deletion() {
     let mut fx = Fixture::new(&[up("n1"), down("n2")], vec![]).await;
