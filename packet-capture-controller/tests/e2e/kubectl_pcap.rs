@@ -12,15 +12,15 @@ use std::time::{Duration, Instant, SystemTime};
 use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
 use kube::Api;
 use kube::runtime::wait::await_condition;
-use packet_capture_common::crd::{
-    LabelSelector, OutputFormat, PacketCaptureConfigSpec, Phase, PodSelector,
-};
+use packet_capture_common::crd::{OutputFormat, PacketCaptureConfigSpec, Phase};
 use packet_capture_test_support::capfile;
 use packet_capture_test_support::cluster::COMPONENT_NAMESPACE;
 use packet_capture_test_support::workspace_binary;
 use serde_json::json;
 
-use crate::world::{API_SERVICE_TURN, Certs, READER, Setup, TWO_NODES, WORLD_LABEL, World};
+use crate::world::{
+    API_SERVICE_TURN, Certs, READER, Setup, TWO_NODES, WORLD_LABEL, World, labelled,
+};
 use crate::{Deletes, kubectl_apply};
 
 const API_SERVICE: &str = "v1.pcap.packet.io";
@@ -174,6 +174,19 @@ fn icmp_capture(w: &World, duration: u32) -> PacketCaptureConfigSpec {
     }
 }
 
+/// `kubectl pcap stream ARGS` with `kubeconfig`, its output piped.
+fn stream_with(kubeconfig: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(kubectl_pcap())
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("stream")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl pcap stream")
+}
+
 /// Counts the packet blocks of a pcapng stream read so far, with each
 /// one's timestamp and interface name.
 fn packets_of(stream: &[u8]) -> Vec<(u64, String)> {
@@ -281,14 +294,7 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
     let name = live.metadata.name.clone().unwrap();
     w.until_running_on(&name, live.metadata.generation.unwrap(), 2)
         .await;
-    let mut stream = Command::new(kubectl_pcap())
-        .arg("--kubeconfig")
-        .arg(&reader)
-        .args(["stream", &name])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl pcap stream");
+    let mut stream = stream_with(&reader, &[&name]);
     let (received, reading) = chunks_of(stream.stdout.take().unwrap());
     // The section header comes first, as soon as the stream is open.
     let mut bytes = Vec::new();
@@ -430,16 +436,10 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
     // alone, and Ctrl-C ends the stream and deletes that capture.
     let pod = format!("{}/{}", w.namespace.name(), w.pods[1].name());
     let label = format!("{WORLD_LABEL}={}", w.id);
-    let mut own = Command::new(kubectl_pcap())
-        .arg("--kubeconfig")
-        .arg(w.cluster.kubeconfig())
-        .args([
-            "stream", "--pod", &pod, "--filter", "icmp", "--labels", &label,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl pcap stream --pod");
+    let mut own = stream_with(
+        &w.cluster.kubeconfig(),
+        &["--pod", &pod, "--filter", "icmp", "--labels", &label],
+    );
     let (received, reading) = chunks_of(own.stdout.take().unwrap());
     let mut bytes = received
         .recv_timeout(Duration::from_secs(60))
@@ -480,22 +480,10 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
 
     // A reader that quits while nothing is captured (a filter no packet
     // matches) ends the stream too, and its capture goes.
-    let mut quiet = Command::new(kubectl_pcap())
-        .arg("--kubeconfig")
-        .arg(w.cluster.kubeconfig())
-        .args([
-            "stream",
-            "--pod",
-            &pod,
-            "--filter",
-            "udp port 9",
-            "--labels",
-            &label,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl pcap stream --pod");
+    let mut quiet = stream_with(
+        &w.cluster.kubeconfig(),
+        &["--pod", &pod, "--filter", "udp port 9", "--labels", &label],
+    );
     let mut stdout = quiet.stdout.take().unwrap();
     let mut header = [0u8; 4];
     stdout.read_exact(&mut header).expect("the stream's header");
@@ -803,17 +791,7 @@ async fn a_stream_takes_in_the_nodes_that_start_after_it_opened() {
         .await
         .expect("pod web-a");
     let spec = PacketCaptureConfigSpec {
-        pod_selector: Some(PodSelector {
-            labels: LabelSelector {
-                match_labels: [("tier".to_string(), "web".to_string())].into(),
-                ..Default::default()
-            },
-            namespace_selector: Some(LabelSelector {
-                match_labels: [("kubernetes.io/metadata.name".to_string(), ns.clone())].into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
+        pod_selector: labelled(&ns, &web),
         filter: "icmp".into(),
         duration: LIVE_SECONDS,
         output_format: OutputFormat::Pcapng,
@@ -823,14 +801,7 @@ async fn a_stream_takes_in_the_nodes_that_start_after_it_opened() {
     let name = live.metadata.name.clone().unwrap();
     let generation = live.metadata.generation.unwrap();
     w.until_running_on(&name, generation, 1).await;
-    let mut stream = Command::new(kubectl_pcap())
-        .arg("--kubeconfig")
-        .arg(&reader)
-        .args(["stream", &name])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl pcap stream");
+    let mut stream = stream_with(&reader, &[&name]);
     let (received, reading) = chunks_of(stream.stdout.take().unwrap());
     let mut bytes = received
         .recv_timeout(Duration::from_secs(30))

@@ -28,9 +28,8 @@ use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::wait::await_condition;
 use kube::{Api, ResourceExt};
 use packet_capture_common::crd::{
-    AUTHORIZED_IN, CaptureState, LabelSelector, OutputFormat, PacketCaptureConfig,
-    PacketCaptureConfigSpec, PacketCaptureConfigStatus, Phase, PodRef, PodSelector, REQUESTED_BY,
-    STDOUT_OUTPUT_FILE,
+    AUTHORIZED_IN, CaptureState, OutputFormat, PacketCaptureConfig, PacketCaptureConfigSpec,
+    PacketCaptureConfigStatus, Phase, PodRef, PodSelector, REQUESTED_BY, STDOUT_OUTPUT_FILE,
 };
 use packet_capture_controller::{issuer, pki};
 use packet_capture_test_support::cluster::{COMPONENT_NAMESPACE, Cluster, SimPod};
@@ -41,7 +40,7 @@ use serde_json::json;
 
 use world::{
     CA_SECRET, CERT_SECRET, Certs, MAX_PER_REQUESTER, Setup, TWO_NODES, WEBHOOK_CONFIGURATION,
-    WORLD_LABEL, World,
+    WORLD_LABEL, World, labelled,
 };
 
 const COMPLETED: &str = "Packet capture completed on all nodes";
@@ -953,17 +952,7 @@ async fn a_label_selector_follows_pods_as_they_come_and_go() {
         .await
         .expect("pod web-a");
     let spec = PacketCaptureConfigSpec {
-        pod_selector: Some(PodSelector {
-            labels: LabelSelector {
-                match_labels: [("tier".to_string(), "web".to_string())].into(),
-                ..Default::default()
-            },
-            namespace_selector: Some(LabelSelector {
-                match_labels: [("kubernetes.io/metadata.name".to_string(), ns.clone())].into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
+        pod_selector: labelled(&ns, &web),
         output_format: OutputFormat::Pcapng,
         ..lasting(600)
     };

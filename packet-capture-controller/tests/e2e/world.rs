@@ -15,8 +15,8 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client, ResourceExt};
 use packet_capture_common::crd::{
-    CaptureState, NodeCapture, PacketCaptureConfig, PacketCaptureConfigSpec,
-    PacketCaptureConfigStatus, Phase,
+    CaptureState, LabelSelector, NodeCapture, PacketCaptureConfig, PacketCaptureConfigSpec,
+    PacketCaptureConfigStatus, Phase, PodSelector,
 };
 use packet_capture_proto::v1::agent_client::AgentClient;
 use packet_capture_proto::v1::{
@@ -33,6 +33,22 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// The label that ties captures and agents to their world's controller.
 pub const WORLD_LABEL: &str = "e2e.packet.io/world";
+
+/// The pods of namespace `ns` that carry `labels`.
+pub fn labelled(ns: &str, labels: &[(&str, &str)]) -> Option<PodSelector> {
+    let selector = |pairs: &[(&str, &str)]| LabelSelector {
+        match_labels: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    Some(PodSelector {
+        labels: selector(labels),
+        namespace_selector: Some(selector(&[("kubernetes.io/metadata.name", ns)])),
+        ..Default::default()
+    })
+}
 /// The audience of the controller's token for the agents.
 pub const AUDIENCE: &str = "packet-capture-agent";
 /// Longest wait for one status change.
