@@ -8,6 +8,8 @@
 //! it, a file made anew (never one, or a link, someone left there), and
 //! renames it to `FILE` when it is whole, so a file named `FILE` is always
 //! complete, and two fetches to one `FILE` do not write into each other.
+//! A file its node compresses between the listing and the download is
+//! downloaded as its compressed copy.
 //!
 //! A capture that has not ended is refused: an agent writes a running
 //! capture's file under a hidden name and lists it only once the capture
@@ -36,6 +38,7 @@ use kubectl_pcap::show;
 use packet_capture_common::crd::{
     OutputFormat, PacketCaptureConfigStatus, Phase, STDOUT_OUTPUT_FILE,
 };
+use packet_capture_common::validate::COMPRESSED_EXTENSIONS;
 
 use crate::cluster::{Cluster, Signals};
 
@@ -156,7 +159,7 @@ async fn run(
             if !names.insert(&file.name) {
                 bail!("node {} lists the file {:?} twice", node.node, file.name);
             }
-            jobs.push((&node.node, &file.name, node_dir.join(&file.name)));
+            jobs.push((&node.node, &file.name, node_dir.clone()));
         }
     }
     let failed: Vec<_> = list.nodes.iter().filter(|n| n.error.is_some()).collect();
@@ -190,18 +193,24 @@ async fn run(
     // A node with a file that did not download is left out, as one whose
     // listing failed: the others are still merged.
     let with_files: std::collections::BTreeSet<&String> = jobs.iter().map(|j| j.0).collect();
-    let downloaded: Vec<(&String, Result<()>)> =
-        futures::stream::iter(jobs)
-            .map(|(node, file, path)| async move {
-                (node, download(cluster, name, node, file, path).await)
-            })
-            .buffer_unordered(PARALLEL_DOWNLOADS)
-            .collect()
-            .await;
+    let downloaded: Vec<(&String, &String, Result<String>)> = futures::stream::iter(jobs)
+        .map(|(node, file, dir)| async move {
+            (node, file, download(cluster, name, node, file, &dir).await)
+        })
+        .buffer_unordered(PARALLEL_DOWNLOADS)
+        .collect()
+        .await;
     let mut undownloaded = std::collections::BTreeMap::new();
-    for (node, result) in downloaded {
-        if let Err(e) = result {
-            undownloaded.entry(node).or_insert(format!("{e:#}"));
+    // Each listed file's name as downloaded (see `download`).
+    let mut stored = std::collections::BTreeMap::new();
+    for (node, file, result) in downloaded {
+        match result {
+            Ok(as_stored) => {
+                stored.insert((node, file), as_stored);
+            }
+            Err(e) => {
+                undownloaded.entry(node).or_insert(format!("{e:#}"));
+            }
         }
     }
     if undownloaded.len() == with_files.len() {
@@ -230,7 +239,7 @@ async fn run(
                 node: n.node.clone(),
                 files: files
                     .into_iter()
-                    .map(|(_, f)| downloads.join(i.to_string()).join(f))
+                    .map(|(_, f)| downloads.join(i.to_string()).join(&stored[&(&n.node, f)]))
                     .collect(),
             }
         })
@@ -370,24 +379,51 @@ fn refuse_unmergeable(name: &str, format: OutputFormat) -> Result<()> {
     }
 }
 
-/// Downloads one file as the node stores it.
+/// Downloads one file as the node stores it into `dir`, and returns the
+/// name it is stored under there: a plain file the node compressed since
+/// it listed it (it compresses every finished file but its newest, so
+/// another capture's file finishing is enough) is downloaded as its
+/// compressed copy.
 async fn download(
     cluster: &Cluster,
     capture: &str,
     node: &str,
     file: &str,
-    path: PathBuf,
-) -> Result<()> {
-    let body = api::open_file(&cluster.client, capture, node, file)
-        .await
-        .map_err(|e| anyhow!(explain_access(&e, capture)))?;
+    dir: &Path,
+) -> Result<String> {
+    let plain = !COMPRESSED_EXTENSIONS
+        .iter()
+        .any(|ext| file.ends_with(&format!(".{ext}")));
+    let copies = COMPRESSED_EXTENSIONS
+        .iter()
+        .filter(|_| plain)
+        .map(|ext| format!("{file}.{ext}"));
+    let open = |name: String| async move {
+        api::open_file(&cluster.client, capture, node, &name)
+            .await
+            .map(|body| (name, body))
+    };
+    let gone = |r: &Result<_, kube::Error>| matches!(r, Err(kube::Error::Api(s)) if s.code == 404);
+    let mut opened = open(file.to_owned()).await;
+    for copy in copies {
+        if !gone(&opened) {
+            break;
+        }
+        let tried = open(copy).await;
+        // When no copy is there either, the listed name's answer is told.
+        if !gone(&tried) {
+            opened = tried;
+        }
+    }
+    let (name, body) = opened.map_err(|e| anyhow!(explain_access(&e, capture)))?;
+    let path = dir.join(&name);
     let mut out = tokio::fs::File::create(&path)
         .await
         .with_context(|| format!("creating {}", path.display()))?;
     api::copy_chunks(body, &mut out, false)
         .await
-        .with_context(|| format!("downloading {file} from node {node}"))?;
-    Ok(())
+        .with_context(|| format!("downloading {name} from node {node}"))?;
+    Ok(name)
 }
 
 /// Merges into `part` and renames it to `output` once whole, or into
@@ -672,5 +708,51 @@ mod tests {
         assert_eq!(code, ExitCode::FAILURE);
         // Node a's packet is written all the same.
         assert_eq!(packets_in(&out), 1);
+    }
+
+    #[tokio::test]
+    async fn a_file_compressed_since_it_was_listed_is_fetched_as_its_copy() {
+        const PLAIN: &str =
+            "/apis/pcap.packet.io/v1/captures/web/proxy/files/a/web-20250101-120000.pcap";
+        const GZ: &str =
+            "/apis/pcap.packet.io/v1/captures/web/proxy/files/a/web-20250101-120000.pcap.gz";
+        const ZST: &str =
+            "/apis/pcap.packet.io/v1/captures/web/proxy/files/a/web-20250101-120000.pcap.zst";
+        let listed = br#"{"capture":"web","nodes":[{"node":"a","address":"10.0.0.1","files":[
+            {"name":"web-20250101-120000.pcap","size":100,"modified":"2025-01-01T12:01:00Z"}]}]}"#;
+        let gone = br#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound",
+            "code":404,"message":"name: no file web-20250101-120000.pcap"}"#;
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gzip.write_all(&pcap_file()).unwrap();
+        let gzip = gzip.finish().unwrap();
+        let not_found = StatusCode::NOT_FOUND;
+
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("web.pcapng");
+        let (cluster, asked) = api_server(vec![
+            (CAPTURE, OK, capture("Completed", &[("a", "10.0.0.1", 1)])),
+            (FILES, OK, listed.to_vec()),
+            (PLAIN, not_found, gone.to_vec()),
+            (GZ, OK, gzip),
+        ]);
+        let code = fetch(&cluster, args(&out)).await.unwrap();
+        assert_eq!(code, ExitCode::SUCCESS);
+        assert_eq!(packets_in(&out), 1);
+        drop(cluster);
+        assert_eq!(asked.await.unwrap(), [CAPTURE, FILES, PLAIN, GZ]);
+
+        // Gone under every name (removed past the node's file limit): the
+        // node is named with the answer for the name it listed.
+        let (cluster, asked) = api_server(vec![
+            (CAPTURE, OK, capture("Completed", &[("a", "10.0.0.1", 1)])),
+            (FILES, OK, listed.to_vec()),
+            (PLAIN, not_found, gone.to_vec()),
+            (GZ, not_found, Vec::new()),
+            (ZST, not_found, Vec::new()),
+        ]);
+        let err = fetch(&cluster, args(&out)).await.unwrap_err().to_string();
+        assert_eq!(err, "no node's files could be downloaded");
+        drop(cluster);
+        assert_eq!(asked.await.unwrap(), [CAPTURE, FILES, PLAIN, GZ, ZST]);
     }
 }
