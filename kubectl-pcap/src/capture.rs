@@ -13,7 +13,7 @@ use kube::{Api, ResourceExt};
 use kubectl_pcap::api::explain_crd;
 use kubectl_pcap::show;
 use kubectl_pcap::spec::TargetArgs;
-use packet_capture_common::crd::{GROUP, PacketCaptureConfig, Phase, STOP_REQUESTED};
+use packet_capture_common::crd::{GROUP, PacketCaptureConfig, Phase, STOP_REQUESTED, stop_value};
 use serde::Serialize;
 
 use crate::cluster::{Cluster, lasting};
@@ -382,9 +382,9 @@ pub async fn get(cluster: &Cluster, args: GetArgs) -> Result<ExitCode> {
 }
 
 /// Ends a running capture now on every node by annotating it
-/// (`STOP_REQUESTED`), which the controller acts on: unlike a change of the
-/// spec, it does not start the capture again, and the capture, its status
-/// and its files stay.
+/// (`STOP_REQUESTED`, naming the generation read here), which the
+/// controller acts on: unlike a change of the spec, it does not start the
+/// capture again, and the capture, its status and its files stay.
 pub async fn stop(cluster: &Cluster, args: StopArgs) -> Result<ExitCode> {
     let api = cluster.captures();
     let name = &args.name;
@@ -400,7 +400,9 @@ pub async fn stop(cluster: &Cluster, args: StopArgs) -> Result<ExitCode> {
         return Ok(exit_status(&pcc));
     }
     let patch = serde_json::json!({
-        "metadata": {"annotations": {STOP_REQUESTED: Timestamp::now().to_string()}},
+        "metadata": {"annotations": {
+            STOP_REQUESTED: stop_value(pcc.metadata.generation.unwrap_or_default(), Timestamp::now()),
+        }},
     });
     api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await

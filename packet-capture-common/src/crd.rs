@@ -37,10 +37,24 @@ pub const AGENT_SIGNER: &str = "networking.packet.io/agent-serving";
 
 /// The annotation that ends a running capture now (`kubectl pcap stop`):
 /// the controller stops it on every node and it completes, keeping its
-/// status and files. Its value says who asked and when; only its presence
-/// counts. Unlike a change of the spec, it does not start the capture
-/// again.
+/// status and files. Unlike a change of the spec, it does not start the
+/// capture again. Its value names the generation it stops and when it was
+/// asked ([`stop_value`]); a value that names none (set by hand) stops the
+/// generation the controller has taken up.
 pub const STOP_REQUESTED: &str = "networking.packet.io/stop-requested";
+
+/// The [`STOP_REQUESTED`] value that stops `generation`, asked at `asked`:
+/// `generation 2, 2026-12-05T23:40:00Z`.
+pub fn stop_value(generation: i64, asked: impl std::fmt::Display) -> String {
+    format!("generation {generation}, {asked}")
+}
+
+/// The generation a [`STOP_REQUESTED`] value names ([`stop_value`]), if it
+/// names one.
+pub fn stopped_generation(value: &str) -> Option<i64> {
+    let (generation, _) = value.strip_prefix("generation ")?.split_once(',')?;
+    generation.parse().ok()
+}
 
 /// The message of a node capture that ended because a caller allowed to
 /// (the controller, for [`STOP_REQUESTED`] or a deletion) asked its agent
@@ -574,6 +588,22 @@ mod tests {
         let names = PacketCaptureConfig::crd().spec.names;
         assert_eq!(names.categories, None);
         assert_eq!(names.short_names, Some(vec!["pcc".to_string()]));
+    }
+
+    #[test]
+    fn a_stop_value_names_its_generation() {
+        let value = stop_value(12, "2026-12-05T23:40:00Z");
+        assert_eq!(value, "generation 12, 2026-12-05T23:40:00Z");
+        assert_eq!(stopped_generation(&value), Some(12));
+        for by_hand in [
+            "2026-12-05T23:40:00Z",
+            "true",
+            "generation 2",
+            "generation x, now",
+            "",
+        ] {
+            assert_eq!(stopped_generation(by_hand), None, "{by_hand:?}");
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 use packet_capture_common::crd::{
     CaptureState, PacketCaptureConfig, PacketCaptureConfigSpec, PacketCaptureConfigStatus, Phase,
-    STOP_REQUESTED, STOPPED_BY_REQUEST,
+    STOP_REQUESTED, STOPPED_BY_REQUEST, stopped_generation,
 };
 use packet_capture_common::validate::parse_target;
 
@@ -75,16 +75,21 @@ impl<'a> Resource<'a> {
         self.pcc.annotations().contains_key(STOP_REQUESTED) && self.stale_stop().is_none()
     }
 
-    /// The value of a stop annotation that predates this generation: the
-    /// status still describes an earlier one, so the annotation was there
-    /// before the controller took this generation up (it stopped the
-    /// earlier one, and a spec change starts over). It is removed, so it
-    /// stays stale once this generation's status is written.
+    /// The value of a stop annotation that predates this generation (it
+    /// stopped an earlier one, and a spec change starts over): one that
+    /// names an earlier generation, as `kubectl pcap stop` writes it, or
+    /// one that names none (set by hand) while the status still describes
+    /// an earlier generation, so it was there before the controller took
+    /// this one up. It is removed, so it stays stale once this generation's
+    /// status is written.
     pub fn stale_stop(&self) -> Option<&'a str> {
         let pcc: &'a PacketCaptureConfig = self.pcc;
         let value = pcc.annotations().get(STOP_REQUESTED)?;
-        let earlier = self.previous().is_some() && self.same_generation().is_none();
-        earlier.then_some(value.as_str())
+        let stale = match stopped_generation(value) {
+            Some(stopped) => stopped < self.generation,
+            None => self.previous().is_some() && self.same_generation().is_none(),
+        };
+        stale.then_some(value.as_str())
     }
 }
 
@@ -296,21 +301,7 @@ pub fn plan(i: &Inputs) -> Plan {
         return stop(i);
     }
     let same = i.resource.same_generation();
-    // What earlier generations ran, in this process or before it.
-    let mut earlier: BTreeSet<&str> = i
-        .earlier
-        .iter()
-        .filter(|p| !p.state.is_final())
-        .map(|p| p.node.as_str())
-        .collect();
-    if same.is_none()
-        && let Some(prev) = i.resource.previous()
-    {
-        earlier.extend(prev.capture_files.values().map(|e| e.node.as_str()));
-        if unnamed_nodes(prev, i.earlier.iter().map(|p| p.node.as_str())) {
-            earlier.extend(i.agents.keys().map(String::as_str));
-        }
-    }
+    let earlier = earlier_nodes(i, same);
     let next = next(i, same);
     // Where this generation runs or starts now: a start sweeps its node
     // first, and a clear would stop this generation's capture too. Every
@@ -344,6 +335,29 @@ pub fn plan(i: &Inputs) -> Plan {
     }
 }
 
+/// The nodes where earlier generations may still run, in this process or
+/// before it (`same`: the status, if it describes this generation).
+fn earlier_nodes<'a>(
+    i: &Inputs<'a>,
+    same: Option<&PacketCaptureConfigStatus>,
+) -> BTreeSet<&'a str> {
+    let mut earlier: BTreeSet<&str> = i
+        .earlier
+        .iter()
+        .filter(|p| !p.state.is_final())
+        .map(|p| p.node.as_str())
+        .collect();
+    if same.is_none()
+        && let Some(prev) = i.resource.previous()
+    {
+        earlier.extend(prev.capture_files.values().map(|e| e.node.as_str()));
+        if unnamed_nodes(prev, i.earlier.iter().map(|p| p.node.as_str())) {
+            earlier.extend(i.agents.keys().map(String::as_str));
+        }
+    }
+    earlier
+}
+
 /// Stopped by request: every node that runs the resource (any generation)
 /// stops now and nothing starts; the nodes' watches report them stopped,
 /// which completes the capture. Nodes the tracker does not follow (listed
@@ -357,12 +371,7 @@ fn stop(i: &Inputs) -> Plan {
         requeue: IDLE_REQUEUE,
         ..Run::default()
     };
-    let mut nodes: BTreeSet<&str> = i
-        .earlier
-        .iter()
-        .filter(|p| !p.state.is_final())
-        .map(|p| p.node.as_str())
-        .collect();
+    let mut nodes = earlier_nodes(i, same);
     // A stop that an agent keeps failing is no reason to wait past the
     // time every node should have ended anyway.
     let past = first_start(i, same).is_some_and(|start| i.now >= start + end_limit(i));
@@ -719,8 +728,12 @@ mod tests {
     const OTHER: &[&str] = &["10.0.0.9"];
     /// How long a node waits for its agent in these cases.
     const AGENT_WAIT: Duration = Duration::from_secs(90);
-    /// What `kubectl pcap stop` writes: when it was asked.
-    const STOP_VALUE: &str = "2023-11-14T22:14:00Z";
+    /// What `kubectl pcap stop` writes for this generation.
+    const STOP_VALUE: &str = "generation 2, 2023-11-14T22:14:00Z";
+    /// What it wrote for the generation before.
+    const STOP_EARLIER: &str = "generation 1, 2023-11-14T22:14:00Z";
+    /// A value set by hand, naming no generation.
+    const STOP_BY_HAND: &str = "2023-11-14T22:14:00Z";
 
     fn t0() -> Timestamp {
         Timestamp::from_second(1_700_000_000).unwrap()
@@ -786,8 +799,8 @@ mod tests {
         unnamed: u32,
         /// Seconds since t0 (the start, when anything started).
         now: i64,
-        /// The resource carries the stop annotation.
-        stop: bool,
+        /// The stop annotation's value, if the resource carries it.
+        stop: Option<&'static str>,
         /// The spec has a `nodeSelector`.
         node_selector: bool,
         want: Want,
@@ -805,7 +818,7 @@ mod tests {
         status: Was::Nothing,
         unnamed: 0,
         now: 0,
-        stop: false,
+        stop: None,
         node_selector: false,
         want: WANT,
     };
@@ -940,9 +953,9 @@ mod tests {
                 ..Default::default()
             });
         }
-        if case.stop {
+        if let Some(value) = case.stop {
             pcc.metadata.annotations =
-                Some([(STOP_REQUESTED.to_string(), STOP_VALUE.to_string())].into());
+                Some([(STOP_REQUESTED.to_string(), value.to_string())].into());
         }
         let entry = |node: &str, state| {
             let p = progress(node, 1, state, TARGET);
@@ -1486,7 +1499,7 @@ mod tests {
                 unready: &["n2"],
                 tracked: &[("n1", Running, TARGET)],
                 waiting: &[("n2", 0)],
-                stop: true,
+                stop: Some(STOP_VALUE),
                 now: 10,
                 want: Want {
                     clear: &["n1"],
@@ -1517,7 +1530,7 @@ mod tests {
                 agents: &["n1", "n2"],
                 tracked: &[("n1", Running, TARGET)],
                 status: Was::Same(Phase::Running, &[("n1", Running)]),
-                stop: true,
+                stop: Some(STOP_VALUE),
                 now: 10,
                 want: Want {
                     clear: &["n1"],
@@ -1532,7 +1545,7 @@ mod tests {
                 agents: &["n1"],
                 tracked: &[("n1", Running, TARGET)],
                 status: Was::Same(Phase::Running, &[("n1", Running)]),
-                stop: true,
+                stop: Some(STOP_VALUE),
                 now: 121,
                 want: Want {
                     clear: &["n1"],
@@ -1551,7 +1564,7 @@ mod tests {
                 tracked: &[("n2", Running, TARGET)],
                 earlier: &[("n3", Running)],
                 status: Was::Same(Phase::Running, &[("n1", Running), ("n2", Running)]),
-                stop: true,
+                stop: Some(STOP_VALUE),
                 now: 10,
                 want: Want {
                     forget: true,
@@ -1569,7 +1582,7 @@ mod tests {
                 name: "a stop request before any node started ends the capture",
                 targets: &["n1"],
                 agents: &["n1"],
-                stop: true,
+                stop: Some(STOP_VALUE),
                 want: Want {
                     next: "fail Stopped: stopped by request (networking.packet.io/stop-requested) before it started on any node",
                     ..WANT
@@ -1648,7 +1661,7 @@ mod tests {
                 agents: &["n1", "n2", "n3"],
                 status: Was::Same(Phase::Running, &[("n4", Failed)]),
                 unnamed: 150,
-                stop: true,
+                stop: Some(STOP_VALUE),
                 now: 10,
                 want: Want {
                     clear: &["n1", "n2", "n3", "n4"],
@@ -1663,7 +1676,7 @@ mod tests {
                 targets: &["n1", "n2"],
                 agents: &["n1", "n2"],
                 status: Was::Same(Phase::Running, &[("n1", Completed), ("n2", Running)]),
-                stop: true,
+                stop: Some(STOP_VALUE),
                 now: 10,
                 want: Want {
                     clear: &["n1", "n2"],
@@ -1678,12 +1691,54 @@ mod tests {
                 targets: &["n1"],
                 agents: &["n1"],
                 status: Was::Earlier(&["n1"]),
-                stop: true,
+                stop: Some(STOP_EARLIER),
                 want: Want {
                     starting: &["n1"],
                     starts: &["n1 60s sweep"],
                     requeue: 120,
-                    stale_stop: Some(STOP_VALUE),
+                    stale_stop: Some(STOP_EARLIER),
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a stop annotation set by hand while the status is an earlier generation's is taken for that one's",
+                targets: &["n1"],
+                agents: &["n1"],
+                status: Was::Earlier(&["n1"]),
+                stop: Some(STOP_BY_HAND),
+                want: Want {
+                    starting: &["n1"],
+                    starts: &["n1 60s sweep"],
+                    requeue: 120,
+                    stale_stop: Some(STOP_BY_HAND),
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a stop of this generation asked before its status was written stops the earlier one's nodes and starts nothing",
+                targets: &["n1", "n2"],
+                agents: &["n1", "n2"],
+                status: Was::Earlier(&["n1", "n3"]),
+                stop: Some(STOP_VALUE),
+                want: Want {
+                    next: "fail Stopped: stopped by request (networking.packet.io/stop-requested) before it started on any node",
+                    clear: &["n1", "n3"],
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a stop of this generation while it runs is no stale one",
+                targets: &["n1"],
+                agents: &["n1"],
+                tracked: &[("n1", Running, TARGET)],
+                status: Was::Same(Phase::Running, &[("n1", Running)]),
+                stop: Some(STOP_VALUE),
+                want: Want {
+                    clear: &["n1"],
+                    requeue: 30,
                     ..WANT
                 },
                 ..CASE
@@ -1692,7 +1747,7 @@ mod tests {
                 name: "a stop annotation on a generation that has not written its status yet, with no earlier one, is honoured",
                 targets: &["n1"],
                 agents: &["n1"],
-                stop: true,
+                stop: Some(STOP_VALUE),
                 want: Want {
                     next: "fail Stopped: stopped by request (networking.packet.io/stop-requested) before it started on any node",
                     ..WANT

@@ -13,7 +13,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::runtime::controller::Action;
 use packet_capture_common::crd::{
     CaptureState, OutputFormat, PacketCaptureConfig, PacketCaptureConfigSpec,
-    PacketCaptureConfigStatus, STDOUT_OUTPUT_FILE, STOP_REQUESTED, TargetDirection,
+    PacketCaptureConfigStatus, STDOUT_OUTPUT_FILE, STOP_REQUESTED, TargetDirection, stop_value,
 };
 use packet_capture_controller::controller::reconcile;
 use packet_capture_controller::status::COMPLETED_MESSAGE;
@@ -719,7 +719,7 @@ async fn a_stop_annotation_from_before_a_spec_change_is_removed_and_the_new_gene
 
     // Stopped during generation 1 (as `kubectl pcap stop` writes it), then
     // the spec is edited.
-    let asked = "2024-01-01T00:00:00Z";
+    let asked = &stop_value(1, "2024-01-01T00:00:00Z");
     pcc.metadata.annotations = Some([(STOP_REQUESTED.to_string(), asked.to_string())].into());
     pcc.spec.target_ips = vec!["10.0.0.2".into()];
     pcc.metadata.generation = Some(2);

@@ -10,9 +10,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService;
-use kube::Api;
 use kube::runtime::wait::await_condition;
-use packet_capture_common::crd::{OutputFormat, PacketCaptureConfigSpec, Phase};
+use kube::{Api, ResourceExt as _};
+use packet_capture_common::crd::{
+    OutputFormat, PacketCaptureConfigSpec, Phase, STOP_REQUESTED, stopped_generation,
+};
 use packet_capture_test_support::capfile;
 use packet_capture_test_support::cluster::COMPONENT_NAMESPACE;
 use packet_capture_test_support::workspace_binary;
@@ -385,8 +387,15 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
             .is_some_and(|l| l.starts_with(&format!("{name}: Completed"))),
         "{stderr}"
     );
-    // Stopped by request, it completes with its files kept.
-    w.until_phase(&name, Phase::Completed).await;
+    // Stopped by request, it completes with its files kept; the request
+    // names the generation it stopped, so a later spec edit starts over.
+    let done = w.until_phase(&name, Phase::Completed).await;
+    let asked = done.annotations().get(STOP_REQUESTED).cloned();
+    assert_eq!(
+        asked.as_deref().and_then(stopped_generation),
+        done.metadata.generation,
+        "{STOP_REQUESTED}: {asked:?}"
+    );
     let _ = reading.join();
 
     // Fetch: every node's file of a completed capture, merged, equals what
