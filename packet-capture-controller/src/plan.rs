@@ -69,8 +69,8 @@ impl<'a> Resource<'a> {
     }
 
     /// Whether someone asked for this generation to end now
-    /// ([`STOP_REQUESTED`], set since the controller took the generation
-    /// up: see [`Self::stale_stop`]).
+    /// ([`STOP_REQUESTED`], not one left from an earlier generation: see
+    /// [`Self::stale_stop`]).
     pub fn stop_requested(&self) -> bool {
         self.pcc.annotations().contains_key(STOP_REQUESTED) && self.stale_stop().is_none()
     }
