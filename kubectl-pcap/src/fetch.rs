@@ -38,7 +38,7 @@ use kubectl_pcap::show;
 use packet_capture_common::crd::{
     OutputFormat, PacketCaptureConfigStatus, Phase, STDOUT_OUTPUT_FILE,
 };
-use packet_capture_common::validate::COMPRESSED_EXTENSIONS;
+use packet_capture_common::validate::{COMPRESSED_EXTENSIONS, strip_compression};
 
 use crate::cluster::{Cluster, Signals};
 
@@ -131,10 +131,7 @@ async fn run(
         .await
         .map_err(|e| anyhow!(explain_access(&e, name)))?;
     // Without the object, the files' names tell a text capture.
-    let text = |f: &str| {
-        let plain = f.strip_suffix(".gz").or_else(|| f.strip_suffix(".zst"));
-        plain.unwrap_or(f).ends_with(".txt")
-    };
+    let text = |f: &str| strip_compression(f).unwrap_or(f).ends_with(".txt");
     if list
         .nodes
         .iter()
@@ -391,12 +388,9 @@ async fn download(
     file: &str,
     dir: &Path,
 ) -> Result<String> {
-    let plain = !COMPRESSED_EXTENSIONS
-        .iter()
-        .any(|ext| file.ends_with(&format!(".{ext}")));
     let copies = COMPRESSED_EXTENSIONS
         .iter()
-        .filter(|_| plain)
+        .filter(|_| strip_compression(file).is_none())
         .map(|ext| format!("{file}.{ext}"));
     let open = |name: String| async move {
         api::open_file(&cluster.client, capture, node, &name)

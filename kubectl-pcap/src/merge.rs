@@ -31,6 +31,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
+use packet_capture_common::validate::strip_compression;
 use pcap_file::Endianness;
 use pcap_file::pcap::{PcapReader, PcapTsResolution};
 use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketBlock;
@@ -109,10 +110,7 @@ pub fn pcap_interface_name(file_name: &str) -> &str {
         let (name, date) = s.rsplit_once('-')?;
         (digits(date, 8) && digits(time, 6) && !name.is_empty()).then_some(name)
     }
-    let name = file_name
-        .strip_suffix(".gz")
-        .or_else(|| file_name.strip_suffix(".zst"))
-        .unwrap_or(file_name);
+    let name = strip_compression(file_name).unwrap_or(file_name);
     let stem = name.rsplit_once('.').map_or(name, |(stem, _)| stem);
     unstamped(stem)
         .or_else(|| {

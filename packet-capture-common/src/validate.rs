@@ -226,6 +226,12 @@ pub fn plain_file_name(name: &str) -> bool {
 pub const PLAIN_EXTENSIONS: [&str; 3] = ["pcap", "pcapng", "txt"];
 pub const COMPRESSED_EXTENSIONS: [&str; 2] = ["gz", "zst"];
 
+/// `file_name` without its compression's extension, if it has one.
+pub fn strip_compression(file_name: &str) -> Option<&str> {
+    let (base, ext) = file_name.rsplit_once('.')?;
+    COMPRESSED_EXTENSIONS.contains(&ext).then_some(base)
+}
+
 /// The capture a file of an agent's capture directory belongs to: the
 /// `<name>` of `<name>-<YYYYmmdd-HHMMSS>[-<n>].<ext>[.<compression>]`, as
 /// the agents name them, read from the right (a name may hold `-` and
@@ -240,12 +246,7 @@ pub fn capture_of(file_name: &str) -> Option<&str> {
         let (name, date) = s.rsplit_once('-')?;
         (digits(date, 8) && digits(time, 6) && !name.is_empty()).then_some(name)
     }
-    let mut rest = file_name;
-    if let Some((base, ext)) = rest.rsplit_once('.')
-        && COMPRESSED_EXTENSIONS.contains(&ext)
-    {
-        rest = base;
-    }
+    let rest = strip_compression(file_name).unwrap_or(file_name);
     let (base, ext) = rest.rsplit_once('.')?;
     if !PLAIN_EXTENSIONS.contains(&ext) {
         return None;
