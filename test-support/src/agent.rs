@@ -36,12 +36,24 @@ impl AgentProcess {
     /// `listening on <addr>:<port>` line. Panics with the agent's output if
     /// it exits or does not get there in [`START_TIMEOUT`].
     pub fn spawn(ns: &Netns, binary: &str, args: &[&str], envs: &[(&str, &str)]) -> Self {
+        Self::spawn_with_stdout(ns, binary, args, envs, Stdio::null())
+    }
+
+    /// [`spawn`](Self::spawn), with the agent's standard output (where
+    /// `PACKET:` lines go) on `stdout`.
+    pub fn spawn_with_stdout(
+        ns: &Netns,
+        binary: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        stdout: Stdio,
+    ) -> Self {
         let mut cmd = ns.command(binary);
         cmd.args(args)
             .env_remove("KUBECONFIG")
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::piped());
         let mut agent = Self::start(cmd);
         let line = agent

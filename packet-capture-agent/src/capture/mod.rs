@@ -19,6 +19,7 @@ mod pods;
 mod poll;
 mod ring;
 pub mod sink;
+mod stdout;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -552,7 +553,7 @@ impl Engine {
         let start_time = SystemTime::now();
         let counters = Arc::new(Counters::default());
         let destination = match spec.format.extension() {
-            None => Destination::Stdout(Vec::with_capacity(64 * 1024)),
+            None => Destination::stdout(),
             Some(ext) => {
                 let secs = start_time
                     .duration_since(UNIX_EPOCH)
@@ -571,7 +572,7 @@ impl Engine {
         };
         let output_file = match &destination {
             Destination::File(o) => Some(o.final_path().to_path_buf()),
-            Destination::Stdout(_) => None,
+            Destination::Stdout { .. } => None,
         };
         let selection = selection(spec);
         let live_spec = Arc::new(Mutex::new(req.spec.clone()));

@@ -3,13 +3,13 @@
 //! A sink lives on the thread that reads packets and is called once per
 //! packet that matched the capture's targets, without allocating.
 
-use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::broadcast;
 
 use super::copies::Copies;
+use super::stdout::Lines;
 use crate::files::{Full, Output};
 use crate::filter::Filter;
 use crate::writer::{Encoder, InterfaceNames, Meta};
@@ -224,10 +224,27 @@ impl Drop for Reader {
     }
 }
 
+/// How long a capture's end waits for its lines to reach the standard
+/// output; a pipe that takes nothing for that long is not being read.
+const STDOUT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub enum Destination {
     File(Output),
-    /// `PACKET:` lines on the agent's standard output.
-    Stdout(Vec<u8>),
+    /// `PACKET:` lines on the agent's standard output, gathered in `buf`.
+    Stdout {
+        buf: Vec<u8>,
+        out: Lines,
+    },
+}
+
+impl Destination {
+    /// Lines on the agent's standard output.
+    pub fn stdout() -> Self {
+        Self::Stdout {
+            buf: Vec::with_capacity(64 * 1024),
+            out: Lines::stdout(),
+        }
+    }
 }
 
 /// What a sink leaves behind when it ends.
@@ -254,7 +271,8 @@ pub struct Sink {
     /// Live readers ([`Tap`]).
     tap: Tap,
     packets: u64,
-    /// Packets gathered in the output buffer, not yet in the file.
+    /// Packets gathered in the output buffer, not yet in the file (or
+    /// handed to the standard output's writer).
     buffered: u64,
     /// Whether a packet the encoder refused was logged (once per capture:
     /// the same cause would refuse every packet after it).
@@ -334,12 +352,9 @@ impl Sink {
                     return Some(EndReason::FileSize(output.size()));
                 }
                 self.counters.bytes.store(output.size(), Ordering::Relaxed);
-                if encoded.is_ok() {
-                    self.buffered += 1;
-                }
                 encoded
             }
-            Destination::Stdout(buf) => self.encoder.encode(buf, meta, kept, names),
+            Destination::Stdout { buf, .. } => self.encoder.encode(buf, meta, kept, names),
         };
         if let Err(e) = encoded {
             // Nothing of the packet was written: it is lost, and counted so.
@@ -350,6 +365,7 @@ impl Sink {
             }
             return None;
         }
+        self.buffered += 1;
         self.packets += 1;
         self.counters.packets.store(self.packets, Ordering::Relaxed);
         if self.tap.has_readers() {
@@ -366,7 +382,8 @@ impl Sink {
 
     /// Writes what has gathered. A failed write loses the buffered packets
     /// (counted as dropped) and ends the capture; the file keeps its whole
-    /// records.
+    /// records. Lines the standard output has no room for lose their
+    /// packets too, but the capture goes on.
     pub fn flush(&mut self) -> Result<(), EndReason> {
         match &mut self.destination {
             Destination::File(output) => match output.flush_counted() {
@@ -386,11 +403,18 @@ impl Sink {
                     Err(EndReason::Error(message))
                 }
             },
-            Destination::Stdout(buf) => {
+            Destination::Stdout { buf, out } => {
                 if !buf.is_empty() {
-                    let mut out = std::io::stdout().lock();
-                    let _ = out.write_all(buf).and_then(|()| out.flush());
-                    buf.clear();
+                    // The next lines are likely as many as these.
+                    let lines = std::mem::replace(buf, Vec::with_capacity(buf.len()));
+                    match out.send(lines, self.buffered, &self.counters) {
+                        Ok(()) => self.buffered = 0,
+                        Err(refused) => {
+                            *buf = refused;
+                            buf.clear();
+                            self.lose_buffered();
+                        }
+                    }
                 }
                 Ok(())
             }
@@ -445,7 +469,12 @@ impl Sink {
                     },
                 }
             }
-            Destination::Stdout(_) => Finished { reason, file: None },
+            Destination::Stdout { out, .. } => {
+                // The end is told after the capture's lines, unless the
+                // standard output is not being read.
+                out.written(STDOUT_WAIT);
+                Finished { reason, file: None }
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use packet_capture_test_support::agent::run_to_exit;
 use packet_capture_test_support::privileged;
 use serde_json::json;
 
-use crate::common::{AGENT, Node, Rest, tshark};
+use crate::common::{AGENT, LEFT_IP, Node, Rest, tshark};
 
 #[test]
 fn bad_configuration_names_the_key() {
@@ -445,4 +445,94 @@ async fn an_idle_connection_is_closed() {
         answered.elapsed()
     );
     drop(unread);
+}
+
+/// A standard output nobody reads stalls no capture: the `stdout`
+/// capture's lines wait up to a bound and the packets of the lines past it
+/// are dropped and counted; the node's other capture keeps every packet it
+/// gets, both stop when asked, and what was counted as logged is logged
+/// once the output is read.
+#[tokio::test]
+async fn a_standard_output_nobody_reads_stalls_no_capture() {
+    if !privileged("a_standard_output_nobody_reads_stalls_no_capture") {
+        return;
+    }
+    let node = Node::new();
+    let (unread, stdout) = std::io::pipe().unwrap();
+    let mut agent = node.agent_with_stdout(&["--insecure-no-auth"], &[], stdout.into());
+    let c = Rest::new(&agent);
+    for (id, format) in [("lines", "stdout"), ("file", "pcap")] {
+        let body = json!({"id": id, "duration": 600, "maxPackets": 10_000_000,
+                          "outputFormat": format, "filter": "udp"});
+        assert_eq!(c.post("/api/v1/captures", &body).await.status(), 201);
+    }
+
+    // Datagrams until the agent says its output is not being read (its
+    // pipe's 64 KiB and the agent's queue are full), then some more.
+    let jammed = std::sync::atomic::AtomicBool::new(false);
+    let sent = std::thread::scope(|s| {
+        let flood = s.spawn(|| {
+            node.right.enter();
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            let mut sent = 0u64;
+            let mut after = 0;
+            while after < 1000 {
+                if socket.send_to(b"not read", (LEFT_IP, 9)).is_ok() {
+                    sent += 1;
+                    after += u32::from(jammed.load(std::sync::atomic::Ordering::Relaxed));
+                }
+            }
+            sent
+        });
+        let said = agent.wait_for_log(
+            "the standard output is not being read",
+            Duration::from_secs(60),
+        );
+        jammed.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(said.is_some(), "never full: {}", agent.log());
+        flood.join().unwrap()
+    });
+
+    let stop = async |id: &str| {
+        let r = c.delete(&format!("/api/v1/captures/{id}")).await;
+        assert!(r.status().is_success(), "{}", r.status());
+        c.ended(id).await
+    };
+    let file = stop("file").await;
+    let lines = stop("lines").await;
+    for done in [&file, &lines] {
+        let (packets, dropped) = (
+            done["packets"].as_u64().unwrap(),
+            done["dropped"].as_u64().unwrap(),
+        );
+        assert_eq!(
+            packets + dropped,
+            sent,
+            "every datagram is kept or counted lost: {done}"
+        );
+    }
+    assert!(
+        lines["dropped"].as_u64().unwrap() > file["dropped"].as_u64().unwrap(),
+        "{lines} {file}"
+    );
+
+    // Read now, the output holds one line per packet counted as logged.
+    let logged = lines["packets"].as_u64().unwrap();
+    let (line, lines_read) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for l in std::io::BufReader::new(unread).lines() {
+            if l.unwrap().contains("PACKET: ") {
+                let _ = line.send(());
+            }
+        }
+    });
+    for n in 0..logged {
+        lines_read
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("{n} of {logged} lines came out"));
+    }
+    assert_eq!(agent.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    reader.join().unwrap();
+    assert_eq!(lines_read.try_iter().count(), 0, "more lines than packets");
 }

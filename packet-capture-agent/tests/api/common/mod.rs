@@ -54,6 +54,16 @@ impl Node {
     /// `--insecure-no-auth`), and `envs`; on 127.0.0.1, over plain HTTP
     /// unless `args` give TLS certificate files.
     pub fn agent(&self, args: &[&str], envs: &[(&str, &str)]) -> AgentProcess {
+        self.agent_with_stdout(args, envs, std::process::Stdio::null())
+    }
+
+    /// [`agent`](Self::agent), with its standard output on `stdout`.
+    pub fn agent_with_stdout(
+        &self,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        stdout: std::process::Stdio,
+    ) -> AgentProcess {
         let dir = self.dir.path().to_str().expect("a UTF-8 path");
         let mut all = vec![
             "--capture-dir",
@@ -68,7 +78,7 @@ impl Node {
             all.push("--insecure-plaintext");
         }
         all.extend_from_slice(args);
-        AgentProcess::spawn(&self.left, AGENT, &all, envs)
+        AgentProcess::spawn_with_stdout(&self.left, AGENT, &all, envs, stdout)
     }
 
     /// `count` pings from left to right, 0.1 s apart, all answered.
