@@ -39,6 +39,8 @@ fn shard_overhead() -> usize {
         + FILES_HEADER.len()
         + "shard".len()
         + "99999 of 99999".len()
+        + "generation".len()
+        + i64::MIN.to_string().len()
 }
 
 /// The entries in shards whose data stays under [`SHARD_BYTES`], the first
@@ -107,14 +109,11 @@ pub fn config_maps(
         kind: "PacketCaptureConfig",
         field: "metadata.uid",
     })?;
+    let generation = pcc.metadata.generation.unwrap_or_default().to_string();
     // The capture's own keys, in the first ConfigMap only.
     let mut head = BTreeMap::new();
     head.insert("name".to_string(), name.clone());
     head.insert("uid".into(), pcc.uid().unwrap_or_default());
-    head.insert(
-        "generation".into(),
-        pcc.metadata.generation.unwrap_or_default().to_string(),
-    );
     head.insert(
         "phase".into(),
         status.phase.map(|p| format!("{p:?}")).unwrap_or_default(),
@@ -145,6 +144,10 @@ pub fn config_maps(
             BTreeMap::new()
         };
         data.insert("shard".into(), format!("{} of {}", i + 1, shards.len()));
+        // In every shard: a later generation cut into fewer shards leaves
+        // the earlier one's last shards (no rights to delete them), which
+        // this tells apart.
+        data.insert("generation".into(), generation.clone());
         let part: BTreeMap<&String, &NodeCapture> = shard.iter().copied().collect();
         data.insert("captureFiles.json".into(), json("captureFiles", &part)?);
         // One line per node, for people and shell scripts.
@@ -334,6 +337,7 @@ mod tests {
     fn shards_are_cut_by_size_so_entries_with_many_pods_fit() {
         let mut pcc = PacketCaptureConfig::new("pods", PacketCaptureConfigSpec::default());
         pcc.metadata.uid = Some("u-3".into());
+        pcc.metadata.generation = Some(7);
         // 1,000 nodes, each with 16 pods of 40-character names and a
         // message: about 1.4 MB in all, more than one ConfigMap may hold.
         let nodes: BTreeMap<String, NodeCapture> = (0..1000)
@@ -372,6 +376,7 @@ mod tests {
             let size: usize = data.iter().map(|(k, v)| k.len() + v.len()).sum();
             assert!(size < 900 * 1024, "{:?}: {size} bytes", cm.metadata.name);
             assert_eq!(data["shard"], format!("{} of {}", i + 1, cms.len()));
+            assert_eq!(data["generation"], "7", "every shard says its generation");
             let part: BTreeMap<String, NodeCapture> =
                 serde_json::from_str(&data["captureFiles.json"]).unwrap();
             assert_eq!(part.len(), data["files"].lines().count() - 1);
