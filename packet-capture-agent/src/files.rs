@@ -631,7 +631,11 @@ impl Output {
                 io::Error::other("a failed write left the file without its header")
             }));
         }
-        if let Err(e) = self.file.sync_data() {
+        // Files age from when they were finished, not from their last
+        // write: a long capture that matched little early on is the newest
+        // file, not one to compress or remove first.
+        let finished = self.file.set_modified(SystemTime::now());
+        if let Err(e) = finished.and_then(|()| self.file.sync_data()) {
             self.abandon();
             return Err(e);
         }
@@ -889,6 +893,37 @@ mod tests {
             .collect();
         names.sort();
         names
+    }
+
+    /// A capture that wrote its last packet long before it ended is the
+    /// newest file once it has ended: it stays plain, and the ones that
+    /// ended before it are compressed.
+    #[test]
+    fn a_file_ages_from_when_it_was_finished() {
+        let (_t, d) = dir();
+        let mut long = d.create("long", "pcap", 1_000, u64::MAX).unwrap();
+        long.append(|b| b.extend_from_slice(&pcap_with(10)))
+            .unwrap();
+        long.flush().unwrap();
+        let ago = |secs| SystemTime::now() - std::time::Duration::from_secs(secs);
+        long.file.set_modified(ago(3600)).unwrap();
+        let short = finished_at(&d, "short", 2_000);
+        File::options()
+            .write(true)
+            .open(&short)
+            .unwrap()
+            .set_modified(ago(600))
+            .unwrap();
+        let (path, _) = long.commit().unwrap();
+        d.maintain().unwrap();
+        let names: Vec<String> = d.list().unwrap().into_iter().map(|e| e.name).collect();
+        assert_eq!(
+            names,
+            [
+                path.file_name().unwrap().to_str().unwrap(),
+                "short-19700101-003320.pcap.gz"
+            ]
+        );
     }
 
     #[test]
