@@ -228,6 +228,9 @@ impl Drop for Reader {
 /// output; a pipe that takes nothing for that long is not being read.
 const STDOUT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Lines gathered before they are handed to the standard output's writer.
+const STDOUT_CHUNK: usize = 256 * 1024;
+
 pub enum Destination {
     File(Output),
     /// `PACKET:` lines on the agent's standard output, gathered in `buf`.
@@ -367,7 +370,9 @@ impl Sink {
         }
         self.buffered += 1;
         self.packets += 1;
-        self.counters.packets.store(self.packets, Ordering::Relaxed);
+        // Added, not stored: the standard output's writer takes back the
+        // packets of lines it fails to write.
+        self.counters.packets.fetch_add(1, Ordering::Relaxed);
         if self.tap.has_readers() {
             self.tap.offer(meta, names.name(meta.ifindex), kept);
         }
@@ -376,6 +381,9 @@ impl Sink {
         }
         match &self.destination {
             Destination::File(output) if output.wants_flush() => self.flush().err(),
+            // Handed over in chunks well under what may wait, however
+            // many packets a backend offers between flushes.
+            Destination::Stdout { buf, .. } if buf.len() >= STDOUT_CHUNK => self.flush().err(),
             _ => None,
         }
     }
@@ -423,7 +431,9 @@ impl Sink {
 
     fn lose_buffered(&mut self) {
         self.packets -= self.buffered;
-        self.counters.packets.store(self.packets, Ordering::Relaxed);
+        self.counters
+            .packets
+            .fetch_sub(self.buffered, Ordering::Relaxed);
         self.counters
             .dropped
             .fetch_add(self.buffered, Ordering::Relaxed);

@@ -23,13 +23,15 @@ pub const QUEUE_BYTES: usize = 8 << 20;
 #[derive(Clone)]
 pub struct Lines {
     to_writer: Sender<Chunk>,
+    /// Bytes queued that the writer has not taken yet.
     queued: Arc<AtomicUsize>,
     limit: usize,
     /// Set while lines are refused, so that it is said once each time.
     refusing: Arc<AtomicBool>,
-    /// Set when a wait for the lines ran out, until the writer takes its
-    /// next chunk: captures ending meanwhile (all of them, at shutdown) do
-    /// not wait each in turn for an output nobody reads.
+    /// Set when a wait for the lines ran out, until the writer has taken
+    /// every chunk queued: captures ending meanwhile (all of them, at
+    /// shutdown) do not wait each in turn for an output read slowly or
+    /// not at all.
     stalled: Arc<AtomicBool>,
 }
 
@@ -128,21 +130,24 @@ fn write_lines(
 ) {
     let mut failed = false;
     for chunk in chunks {
-        // Taking a chunk, the writer is no longer stuck on the one before.
-        stalled.store(false, Ordering::Relaxed);
         match chunk {
             Chunk::Lines {
                 bytes,
                 packets,
                 counters,
             } => {
+                // Taken: the queue has room for as much again.
+                if queued.fetch_sub(bytes.len(), Ordering::Relaxed) == bytes.len() {
+                    stalled.store(false, Ordering::Relaxed);
+                }
                 if let Err(e) = out.write_all(&bytes).and_then(|()| out.flush()) {
+                    // Counted as logged when queued: they are lost instead.
+                    counters.packets.fetch_sub(packets, Ordering::Relaxed);
                     counters.dropped.fetch_add(packets, Ordering::Relaxed);
                     if !std::mem::replace(&mut failed, true) {
                         tracing::warn!("writing PACKET: lines to the standard output: {e}");
                     }
                 }
-                queued.fetch_sub(bytes.len(), Ordering::Relaxed);
             }
             Chunk::Barrier(done) => {
                 let _ = done.send(());
@@ -194,7 +199,7 @@ mod tests {
     #[test]
     fn a_pipe_nobody_reads_refuses_lines_past_the_limit() {
         let held = Held::default();
-        let lines = Lines::spawn(held.clone(), 10);
+        let lines = Lines::spawn(held.clone(), 8);
         let counters = Arc::new(Counters::default());
         assert_eq!(lines.send(b"one\n".to_vec(), 1, &counters), Ok(()));
         assert_eq!(lines.send(b"two\n".to_vec(), 1, &counters), Ok(()));
@@ -213,7 +218,7 @@ mod tests {
             "a stalled output is not waited for again"
         );
         held.release();
-        // Once the second line is out, the writer is moving again.
+        // Once the second line is out, the writer has taken all there was.
         held.until_taken(b"one\ntwo\n".len());
         assert!(lines.written(Duration::from_secs(10)));
         assert_eq!(lines.send(b"four\n".to_vec(), 1, &counters), Ok(()));
@@ -237,8 +242,10 @@ mod tests {
     fn lines_that_fail_count_their_packets_dropped() {
         let lines = Lines::spawn(Broken, 1 << 20);
         let counters = Arc::new(Counters::default());
+        counters.packets.store(5, Ordering::Relaxed);
         lines.send(b"a\nb\nc\n".to_vec(), 3, &counters).unwrap();
         assert!(lines.written(Duration::from_secs(10)));
+        assert_eq!(counters.packets.load(Ordering::Relaxed), 2);
         assert_eq!(counters.dropped.load(Ordering::Relaxed), 3);
         assert_eq!(lines.queued.load(Ordering::Relaxed), 0);
     }
