@@ -268,6 +268,20 @@ pub fn access(path: &str) -> Access {
     Access::Open
 }
 
+/// Whether a request's body is a capture's spec or targets (a start, a
+/// change of targets): the only bodies of up to
+/// [`MAX_REQUEST_BYTES`](super::MAX_REQUEST_BYTES).
+pub fn carries_spec(method: &http::Method, path: &str) -> bool {
+    if let Some((call, _)) = agent_method(path) {
+        return call == "StartCapture" || call == "SetTargets";
+    }
+    match path.strip_prefix("/api/v1/captures") {
+        Some("") => method == http::Method::POST,
+        Some(id) => id.ends_with("/targets") && method == http::Method::PUT,
+        None => false,
+    }
+}
+
 /// The label a gRPC request is counted under: the method for the Agent
 /// service (a bounded set), the matched service route otherwise.
 pub fn grpc_route(path: &str, matched: &str) -> String {
@@ -420,8 +434,8 @@ impl FailureLimiter {
     }
 }
 
-/// A review counted as under way for its source until it ends (also when
-/// the request is dropped half way, e.g. the client went away).
+/// A review counted as under way for its source until it ends, or until
+/// the request is dropped half way (the client went away).
 struct Admitted<'a> {
     limiter: &'a FailureLimiter,
     source: IpAddr,
@@ -437,8 +451,11 @@ impl Admitted<'_> {
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
+        // Given up half way counts as refused: else a client that cancels
+        // each request once its review has started (an HTTP/2 reset) would
+        // have tokens reviewed without limit.
         if !self.ended {
-            self.limiter.end(self.source, false, Instant::now());
+            self.limiter.end(self.source, true, Instant::now());
         }
     }
 }
@@ -1307,6 +1324,21 @@ mod tests {
         }
         assert_eq!(lock(&authorizer.users).len(), 1);
         assert_eq!(lock(&authorizer.verdicts).len(), 3);
+    }
+
+    #[test]
+    fn a_review_given_up_half_way_counts_as_refused() {
+        let limiter = FailureLimiter::new(2, Duration::from_secs(60), Duration::from_secs(60), 8);
+        let source = IpAddr::from([10, 0, 0, 1]);
+        for _ in 0..2 {
+            limiter.admit(source, Instant::now()).unwrap();
+            drop(Admitted {
+                limiter: &limiter,
+                source,
+                ended: false,
+            });
+        }
+        assert!(limiter.admit(source, Instant::now()).is_err(), "blocked");
     }
 
     #[tokio::test(start_paused = true)]

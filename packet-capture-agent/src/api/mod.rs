@@ -454,9 +454,28 @@ async fn gate(State(api): State<Api>, mut req: Request, next: Next) -> Response 
                 }
                 other => other,
             };
+            // Any pod can have a token for this agent: a body of up to
+            // MAX_REQUEST_BYTES (a capture's spec or targets) is read only
+            // for a caller who may capture traffic, every other body is
+            // cut at MAX_OPEN_MESSAGE_BYTES.
+            let spec = auth::carries_spec(req.method(), &path);
+            let user = match user {
+                Ok(user) if spec => {
+                    let caller = Caller::User(user);
+                    api.permit(&caller, &Permission::capture_traffic())
+                        .await
+                        .map(|()| caller)
+                }
+                other => other.map(Caller::User),
+            };
             match user {
-                Ok(user) => {
-                    req.extensions_mut().insert(Caller::User(user));
+                Ok(caller) => {
+                    if !spec {
+                        req = req.map(|body| {
+                            Body::new(http_body_util::Limited::new(body, MAX_OPEN_MESSAGE_BYTES))
+                        });
+                    }
+                    req.extensions_mut().insert(caller);
                     next.run(req).await
                 }
                 Err(e) => {

@@ -40,6 +40,10 @@ pub const MAX_CONNECTIONS_PER_ADDRESS: usize = MAX_CONNECTIONS / 8;
 /// A client has this long for its TLS handshake, for the first bytes that
 /// tell HTTP/1.1 from HTTP/2, and for each HTTP/1.1 request head.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request's body must have arrived whole this long after its head: a
+/// body sent a byte at a time would keep its request, and so its
+/// connection, in flight for ever.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with no request in flight for this long is closed (an
 /// HTTP/2 connection answers keep-alive pings for ever otherwise). Clients
 /// open a new one on their next call. An answer counts as in flight while
@@ -125,6 +129,10 @@ pub async fn serve(
                 let busy = activity.begin();
                 let authenticated = auth::access(req.uri().path()) != Access::Open;
                 req.extensions_mut().insert(ConnectInfo(peer));
+                let req = req.map(|body| Deadline {
+                    body,
+                    expires: Box::pin(tokio::time::sleep(BODY_READ_TIMEOUT)),
+                });
                 let answer = router.clone().oneshot(req);
                 async move {
                     let answer = answer.await?;
@@ -283,6 +291,42 @@ impl hyper::body::Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A request body that fails once [`BODY_READ_TIMEOUT`] has passed
+/// before its end.
+struct Deadline {
+    body: hyper::body::Incoming,
+    expires: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl hyper::body::Body for Deadline {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        match self.expires.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                "not whole within {BODY_READ_TIMEOUT:?} of the request's head"
+            )
+            .into()))),
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {

@@ -580,3 +580,101 @@ async fn a_flood_of_bogus_tokens_costs_neither_memory_nor_reviews() {
         "{log}"
     );
 }
+
+/// What a request's head and the first bytes of its body get: the status
+/// and the body of the answer. The rest of the body is never sent.
+fn head_only(port: u16, head: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // Past the agent's own limits: no answer by then is a failure.
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(b"{\"id\":").unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until the answer's end (the agent closes after an error on a body it
+    // did not read) or its JSON body is whole.
+    while let Ok(n @ 1..) = s.read(&mut buf) {
+        answer.extend_from_slice(&buf[..n]);
+        if answer.ends_with(b"}") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {text:?}"));
+    (status, text)
+}
+
+/// Any pod can have a token for the agent's audience: a body of up to
+/// 1 MiB (a start's spec, new targets) is read only for a caller who may
+/// capture traffic, a call's other bodies are cut at 64 KiB, and a body
+/// must be whole within 10 s of its head.
+#[tokio::test]
+async fn bodies_are_read_only_for_whom_they_concern_and_only_so_long() {
+    if !privileged("bodies_are_read_only_for_whom_they_concern_and_only_so_long") {
+        return;
+    }
+    let node = Node::new();
+    let server = FakeApiServer::start(
+        &node.left,
+        vec![
+            identity(
+                "writer-token",
+                CONTROLLER_USER.as_str(),
+                AUDIENCE,
+                WRITER_RULES,
+            ),
+            identity("reader-token", "reader", AUDIENCE, READER_RULES),
+        ],
+    );
+    let config_dir = tempfile::tempdir().unwrap();
+    let kubeconfig = server.kubeconfig(config_dir.path());
+    let agent = node.agent(&[], &[("KUBECONFIG", kubeconfig.to_str().unwrap())]);
+    let head = |method: &str, path: &str, token: &str| {
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n"
+        )
+    };
+
+    // Refused on its head, its body unread.
+    for (method, path) in [
+        ("POST", "/api/v1/captures"),
+        ("PUT", "/api/v1/captures/auth-1/targets"),
+    ] {
+        let (status, answer) = head_only(agent.port(), &head(method, path, "reader-token"));
+        assert_eq!(status, 403, "{method} {path}: {answer}");
+        assert!(answer.contains("authorization: "), "{answer}");
+    }
+    // Read for a caller who may capture, but not waited for past 10 s.
+    let started = Instant::now();
+    let (status, answer) = head_only(
+        agent.port(),
+        &head("POST", "/api/v1/captures", "writer-token"),
+    );
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer.contains("body: "), "{answer}");
+    assert!(answer.contains("not whole within 10s"), "{answer}");
+    assert!(started.elapsed() >= Duration::from_secs(10), "{answer}");
+
+    // A read's message over 64 KiB is cut, even for a caller it concerns.
+    let mut c = grpc_at(&agent.url()).await;
+    let big = pb::ListCapturesRequest {
+        id_prefix: "x".repeat(100 * 1024),
+    };
+    let err = c
+        .list_captures(with_token(big, Some("writer-token")))
+        .await
+        .expect_err("a 100 KiB message is cut");
+    assert!(err.message().contains("length limit"), "{err:?}");
+    let small = pb::ListCapturesRequest {
+        id_prefix: "x".repeat(1024),
+    };
+    c.list_captures(with_token(small, Some("writer-token")))
+        .await
+        .expect("a small message is read");
+}
