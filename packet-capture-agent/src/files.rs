@@ -195,6 +195,12 @@ impl CaptureDir {
         })
     }
 
+    /// Whether a capture file was written as `file_name` and is still
+    /// there, plain or compressed since.
+    pub fn holds(&self, file_name: &str) -> bool {
+        self.on_disk(file_name).is_some()
+    }
+
     /// A finished capture file as it is now: after compression its name
     /// ends in `.gz` or `.zst` and its size is the compressed size. A file
     /// no longer there (removed beyond `max_files`) keeps what it was.

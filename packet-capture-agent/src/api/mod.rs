@@ -241,10 +241,14 @@ impl Api {
         // A file that is not there, or of no capture this agent knows, is
         // reported only to a caller who may read every capture's files, as
         // with unknown capture ids: names made up one per request then
-        // cost one review, whose answer is cached, not one each.
+        // cost one review, whose answer is cached, not one each. A file
+        // compressed since it was listed is its capture's even when the
+        // agent has forgotten the capture: its reader is told 404, and
+        // asks for the copy.
         let opened = self.engine.files().open(name);
-        let capture = files::capture_of(name)
-            .filter(|capture| opened.is_ok() || self.engine.knows_name(capture));
+        let capture = files::capture_of(name).filter(|capture| {
+            opened.is_ok() || self.engine.knows_name(capture) || self.engine.files().holds(name)
+        });
         self.permit(caller, &Permission::files(capture)).await?;
         let (file, size) = match (capture, opened) {
             (Some(_), Ok(opened)) => opened,

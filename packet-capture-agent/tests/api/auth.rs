@@ -227,6 +227,30 @@ async fn auth_against_a_token_review_endpoint() {
             "{s}"
         );
     }
+    // A file compressed since it was listed, of a capture this agent does
+    // not know (it ran before the agent started): whom it concerns is told
+    // 404 for the listed name, and gets the copy.
+    let agent = node.agent(&[], &[("KUBECONFIG", kubeconfig.to_str().unwrap())]);
+    let rest = Rest::trusting(&agent.url(), None);
+    let listed = "auth-1-20240101-000000.pcap";
+    std::fs::write(node.dir.path().join(format!("{listed}.gz")), b"a copy").unwrap();
+    for (token, plain, copy) in [
+        ("named-token", 404, 200),
+        ("reader-token", 404, 200),
+        ("nobody-token", 403, 403),
+    ] {
+        let r = rest.with_token(Some(token));
+        assert_eq!(
+            r.get(&format!("/api/v1/files/{listed}")).await.status(),
+            plain,
+            "{token}"
+        );
+        assert_eq!(
+            r.get(&format!("/api/v1/files/{listed}.gz")).await.status(),
+            copy,
+            "{token}"
+        );
+    }
 }
 
 /// Deletes a cluster-scoped object (kind, name) on drop, even when the
