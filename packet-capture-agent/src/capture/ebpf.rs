@@ -138,12 +138,25 @@ impl EbpfBackend {
             .watch(ring.as_raw_fd(), RING_READY, true)
             .and_then(|()| waiter.watch(woken.as_raw_fd(), WOKEN, false))
             .map_err(BackendError::Reader)?;
+        let shared = Arc::new(Shared {
+            kernel: Mutex::new(kernel),
+            commands: Commands { queue, wake },
+            free: Mutex::new((0..MAX_SLOTS).collect()),
+            kernel_filters,
+        });
         // Finishing a capture (the rest of its file written and made
         // durable) may take a while on a busy disk: on a thread of its own,
         // so that the reader goes on with the other captures' records.
-        let (finishing, to_finish) = std::sync::mpsc::channel::<(Sink, EndReason)>();
+        let (finishing, to_finish) = std::sync::mpsc::channel::<(usize, Sink, EndReason)>();
+        let kernel = shared.clone();
         spawn_essential("capture-finisher".into(), move || {
-            for (sink, reason) in to_finish {
+            for (slot, sink, reason) in to_finish {
+                // A capture that ended by itself (a limit, an error) is
+                // still selected: the kernel stops first, so that neither
+                // its records nor its losses go on growing while it is
+                // finished. The slot is handed out again only once it is
+                // reported ended, after this.
+                kernel.deselect(slot);
                 let id = sink.id.clone();
                 let finished = sink.finish(reason);
                 let _ = ended.send(Ended { id, finished });
@@ -155,12 +168,7 @@ impl EbpfBackend {
         })
         .map_err(BackendError::Reader)?;
         Ok(Self {
-            shared: Arc::new(Shared {
-                kernel: Mutex::new(kernel),
-                commands: Commands { queue, wake },
-                free: Mutex::new((0..MAX_SLOTS).collect()),
-                kernel_filters,
-            }),
+            shared,
             reader: Mutex::new(Some(reader)),
         })
     }
@@ -389,7 +397,7 @@ struct Reader {
     /// passes.
     waiter: Waiter,
     /// Where ended sinks go to be finished.
-    finishing: Sender<(Sink, EndReason)>,
+    finishing: Sender<(usize, Sink, EndReason)>,
     sinks: Vec<Option<Sink>>,
     /// By slot: the end asked for a sink still installed.
     ending: Vec<Option<Ending>>,
@@ -405,7 +413,7 @@ impl Reader {
         commands: Receiver<Command>,
         woken: OwnedFd,
         waiter: Waiter,
-        finishing: Sender<(Sink, EndReason)>,
+        finishing: Sender<(usize, Sink, EndReason)>,
     ) -> Self {
         Self {
             ring,
@@ -470,12 +478,12 @@ impl Reader {
                     .as_ref()
                     .is_some_and(|e| drained == Drained::Empty || self.ring.position() >= e.until);
                 if due && let Some(e) = self.ending[slot].take() {
-                    finish(&mut self.sinks[slot], &self.finishing, e.reason);
+                    finish(&mut self.sinks, slot, &self.finishing, e.reason);
                 }
                 if let Some(sink) = self.sinks[slot].as_mut()
                     && let Err(reason) = sink.flush()
                 {
-                    finish(&mut self.sinks[slot], &self.finishing, reason);
+                    finish(&mut self.sinks, slot, &self.finishing, reason);
                 }
             }
         }
@@ -561,7 +569,7 @@ impl Reader {
                 if let Some(sink) = self.sinks[slot].as_mut()
                     && let Some(reason) = sink.offer(&meta, frame, &self.names, filtered_in_kernel)
                 {
-                    finish(&mut self.sinks[slot], &self.finishing, reason);
+                    finish(&mut self.sinks, slot, &self.finishing, reason);
                 }
             }
         }
@@ -581,11 +589,16 @@ enum Drained {
     Writing,
 }
 
-/// Hands the sink in `place`, if there is one, to the finisher, which
+/// Hands the sink in `slot`, if there is one, to the finisher, which
 /// finishes it and reports it ended.
-fn finish(place: &mut Option<Sink>, finishing: &Sender<(Sink, EndReason)>, reason: EndReason) {
-    if let Some(sink) = place.take() {
-        let _ = finishing.send((sink, reason));
+fn finish(
+    sinks: &mut [Option<Sink>],
+    slot: usize,
+    finishing: &Sender<(usize, Sink, EndReason)>,
+    reason: EndReason,
+) {
+    if let Some(sink) = sinks[slot].take() {
+        let _ = finishing.send((slot, sink, reason));
     }
 }
 
