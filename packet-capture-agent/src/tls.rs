@@ -41,6 +41,10 @@ pub const SIGNING_WAIT: Duration = Duration::from_secs(120);
 pub const REREAD: Duration = Duration::from_secs(10);
 /// How often certificate files are looked at for a change.
 pub const FILE_CHECK: Duration = Duration::from_secs(30);
+/// The least time between two renewals: a certificate issued already two
+/// thirds into its life (its CA, which caps it, about to expire) would
+/// otherwise be asked for again at once, in a loop.
+pub const RENEW_AT_MOST_EVERY: Duration = Duration::from_secs(60);
 
 /// Where the serving certificate comes from.
 pub enum Source {
@@ -243,6 +247,16 @@ fn verdict(csr: &CertificateSigningRequest) -> Result<Option<Result<Vec<u8>, Str
         .map(|c| Ok(c.0.clone())))
 }
 
+/// When a certificate just put in place is replaced: when it says, but a
+/// requested one not before [`RENEW_AT_MOST_EVERY`].
+fn next_renewal(files: bool, renew_at: SystemTime, now: SystemTime) -> SystemTime {
+    if files {
+        renew_at
+    } else {
+        renew_at.max(now + RENEW_AT_MOST_EVERY)
+    }
+}
+
 /// Puts a certificate from `source` into `slot`, says so on `first`, and
 /// keeps it current: replaced when due (files: when they changed), retried
 /// with backoff on failure (before the first one the API is not served;
@@ -277,7 +291,7 @@ pub async fn keep_current(
                 if let Some(first) = first.take() {
                     let _ = first.send(());
                 }
-                due = next.renew_at;
+                due = next_renewal(files, next.renew_at, SystemTime::now());
                 stamp = seen;
                 wait = Duration::from_secs(1);
             }
@@ -376,6 +390,16 @@ mod tests {
             },
         );
         Json(serde_json::to_value(csr).unwrap())
+    }
+
+    #[test]
+    fn a_requested_certificate_already_due_is_not_asked_for_again_at_once() {
+        let now = SystemTime::now();
+        let past = now - Duration::from_secs(3600);
+        let later = now + Duration::from_secs(7200);
+        assert_eq!(next_renewal(false, past, now), now + RENEW_AT_MOST_EVERY);
+        assert_eq!(next_renewal(false, later, now), later);
+        assert_eq!(next_renewal(true, now + FILE_CHECK, now), now + FILE_CHECK);
     }
 
     #[tokio::test]
