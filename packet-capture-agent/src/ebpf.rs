@@ -663,6 +663,11 @@ impl Kernel {
     ///
     /// The first slot to turn active attaches the programs, which are in
     /// place before it selects anything: its first packets are not missed.
+    /// Whether `slot` selects packets (set, and not cleared since).
+    pub fn selects(&self, slot: usize) -> bool {
+        self.slots.contains_key(&slot)
+    }
+
     pub fn set_slot(&mut self, slot: usize, targets: SlotTargets) -> Result<(), Error> {
         assert!(slot < MAX_SLOTS, "slot {slot} out of range");
         if self.slots.is_empty() {

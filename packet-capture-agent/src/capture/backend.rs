@@ -139,6 +139,9 @@ pub enum BackendError {
     Reader(#[source] std::io::Error),
     #[error("starting the capture thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The capture no longer selects packets: it is ending.
+    #[error("the capture has ended")]
+    Ended,
 }
 
 impl BackendError {

@@ -348,8 +348,13 @@ impl Running for SlotCapture {
     /// The maps change in place: an address in both the old and the new
     /// targets keeps its entry, so none of its packets is missed.
     fn retarget(&self, selection: &Selection) -> Result<(), BackendError> {
-        self.shared
-            .kernel()
+        let mut kernel = self.shared.kernel();
+        // Asked to end, or ended by itself: a change of targets racing the
+        // end must not make the slot select again.
+        if !kernel.selects(self.slot) {
+            return Err(BackendError::Ended);
+        }
+        kernel
             .set_slot(self.slot, slot_targets(selection))
             .map_err(BackendError::of_maps)
     }

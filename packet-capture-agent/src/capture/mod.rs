@@ -693,6 +693,7 @@ impl Engine {
                     *lock(&capture.spec) = wanted;
                     None
                 }
+                Err(BackendError::Ended) => return Err(SetTargetsError::Ended),
                 // Refused before the backend changed anything: what the
                 // capture keeps is fewer than it holds, so it fits.
                 Err(e @ (BackendError::MapsFull(_) | BackendError::TooManyTargets { .. })) => {
