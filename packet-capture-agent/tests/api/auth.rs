@@ -13,6 +13,7 @@ use packet_capture_agent::api::auth::{
     BLOCK_FOR, CACHE_TTL, MAX_AUTHORIZATION_BYTES, MAX_FAILURES,
 };
 use packet_capture_proto::v1 as pb;
+use packet_capture_test_support::agent::AgentProcess;
 use packet_capture_test_support::cluster::{
     AgentOptions, AgentTls, COMPONENT_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, Cluster,
 };
@@ -45,6 +46,13 @@ fn identity(
         audience,
         rules,
     }
+}
+
+/// An agent on `node` that asks `server` about every token, through a
+/// kubeconfig written in `dir`.
+fn agent_asking(node: &Node, server: &FakeApiServer, dir: &tempfile::TempDir) -> AgentProcess {
+    let kubeconfig = server.kubeconfig(dir.path());
+    node.agent(&[], &[("KUBECONFIG", kubeconfig.to_str().unwrap())])
 }
 
 #[tokio::test]
@@ -81,7 +89,6 @@ async fn auth_against_a_token_review_endpoint() {
         ],
     );
     let config_dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.kubeconfig(config_dir.path());
     let tokens = Tokens {
         writer: "writer-token".into(),
         reader: "reader-token".into(),
@@ -91,7 +98,7 @@ async fn auth_against_a_token_review_endpoint() {
         wrong_audience: "apiserver-token".into(),
         scraper: "scraper-token".into(),
     };
-    let agent = node.agent(&[], &[("KUBECONFIG", kubeconfig.to_str().unwrap())]);
+    let agent = agent_asking(&node, &server, &config_dir);
     check_auth(&agent.url(), None, &tokens).await;
     // Names made up one per request: refused after the permissions asked
     // for every capture, whose answers are cached, never one review each.
@@ -230,7 +237,7 @@ async fn auth_against_a_token_review_endpoint() {
     // A file compressed since it was listed, of a capture this agent does
     // not know (it ran before the agent started): whom it concerns is told
     // 404 for the listed name, and gets the copy.
-    let agent = node.agent(&[], &[("KUBECONFIG", kubeconfig.to_str().unwrap())]);
+    let agent = agent_asking(&node, &server, &config_dir);
     let rest = Rest::trusting(&agent.url(), None);
     let listed = "auth-1-20240101-000000.pcap";
     std::fs::write(node.dir.path().join(format!("{listed}.gz")), b"a copy").unwrap();
@@ -469,8 +476,7 @@ async fn a_flood_of_bogus_tokens_costs_neither_memory_nor_reviews() {
         )],
     );
     let config_dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.kubeconfig(config_dir.path());
-    let agent = node.agent(&[], &[("KUBECONFIG", kubeconfig.to_str().unwrap())]);
+    let agent = agent_asking(&node, &server, &config_dir);
     let rest = Rest::at(&agent.url());
     let writer = rest.with_token(Some("writer-token"));
     assert_eq!(writer.get("/api/v1/captures").await.status(), 200);
@@ -656,8 +662,7 @@ async fn bodies_are_read_only_for_whom_they_concern_and_only_so_long() {
         ],
     );
     let config_dir = tempfile::tempdir().unwrap();
-    let kubeconfig = server.kubeconfig(config_dir.path());
-    let agent = node.agent(&[], &[("KUBECONFIG", kubeconfig.to_str().unwrap())]);
+    let agent = agent_asking(&node, &server, &config_dir);
     let head = |method: &str, path: &str, token: &str| {
         format!(
             "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
