@@ -877,14 +877,21 @@ mod tests {
         let mut out = d.create(name, "pcap", secs, u64::MAX).unwrap();
         out.append(|b| b.extend_from_slice(&pcap_with(10))).unwrap();
         let (path, _) = out.commit().unwrap();
-        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64);
+        set_time(
+            &path,
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64),
+        );
+        path
+    }
+
+    /// Makes `path` look last written at `t`.
+    fn set_time(path: &Path, t: SystemTime) {
         File::options()
             .write(true)
-            .open(&path)
+            .open(path)
             .unwrap()
             .set_modified(t)
             .unwrap();
-        path
     }
 
     /// Two finished files, the first one older: maintenance compresses it.
@@ -914,12 +921,7 @@ mod tests {
         let ago = |secs| SystemTime::now() - std::time::Duration::from_secs(secs);
         long.file.set_modified(ago(3600)).unwrap();
         let short = finished_at(&d, "short", 2_000);
-        File::options()
-            .write(true)
-            .open(&short)
-            .unwrap()
-            .set_modified(ago(600))
-            .unwrap();
+        set_time(&short, ago(600));
         let (path, _) = long.commit().unwrap();
         d.maintain().unwrap();
         let names: Vec<String> = d.list().unwrap().into_iter().map(|e| e.name).collect();

@@ -148,7 +148,7 @@ impl EbpfBackend {
         // durable) may take a while on a busy disk: on a thread of its own,
         // so that the reader goes on with the other captures' records.
         let (finishing, to_finish) = std::sync::mpsc::channel::<(usize, Sink, EndReason)>();
-        let kernel = shared.clone();
+        let finisher_shared = shared.clone();
         spawn_essential("capture-finisher".into(), move || {
             for (slot, sink, reason) in to_finish {
                 // A capture that ended by itself (a limit, an error) is
@@ -156,7 +156,7 @@ impl EbpfBackend {
                 // its records nor its losses go on growing while it is
                 // finished. The slot is handed out again only once it is
                 // reported ended, after this.
-                kernel.deselect(slot);
+                finisher_shared.deselect(slot);
                 let id = sink.id.clone();
                 let finished = sink.finish(reason);
                 let _ = ended.send(Ended { id, finished });

@@ -100,10 +100,12 @@ impl Lines {
             packets,
             counters: counters.clone(),
         };
-        self.to_writer.send(chunk).map_err(|e| match e.0 {
-            Chunk::Lines { bytes, .. } => bytes,
-            Chunk::Barrier(_) => unreachable!("a chunk of lines was sent"),
-        })
+        // The writer is gone (it panicked): nothing it is given is written.
+        if let Err(mpsc::SendError(Chunk::Lines { bytes, .. })) = self.to_writer.send(chunk) {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return Err(bytes);
+        }
+        Ok(())
     }
 
     /// Waits, at most `wait` (not at all while the output is stalled),
