@@ -711,6 +711,43 @@ fn targets_change_in_place_without_a_gap() {
     );
 }
 
+/// Changes of targets, one after another, while a capture reaches its
+/// packet limit: each is applied or refused as ended (none applied to a
+/// capture that has ended, none failed otherwise), and the capture ends
+/// with exactly its limit.
+#[test]
+fn a_change_of_targets_racing_the_captures_end_is_refused_as_ended() {
+    each_backend(
+        "a_change_of_targets_racing_the_captures_end_is_refused_as_ended",
+        |lab, engine, rt| {
+            let mut s = spec(&[PEER_V4], &[], "icmp");
+            s.max_packets = 20;
+            let id = start(engine, s).id;
+            let targets = vec![parse_target(PEER_V4).unwrap()];
+            let mut flood = lab
+                .node
+                .command("ping")
+                .args(["-c", "100", "-i", "0.01", "-W", "2", PEER_V4])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            let refused = loop {
+                if let Err(e) = engine.set_targets(&id, targets.clone(), Vec::new()) {
+                    break e;
+                }
+            };
+            assert!(flood.wait().unwrap().success(), "the flood went unanswered");
+            assert!(
+                matches!(refused, SetTargetsError::Ended),
+                "a change racing the end: {refused:?}"
+            );
+            let ended = ended(engine, rt, &id);
+            assert_eq!(ended.message, "reached maxPackets (20)", "{ended:?}");
+            assert_eq!(capfile::read(Path::new(&ended.output_file)).len(), 20);
+        },
+    );
+}
+
 #[test]
 fn overlapping_captures_each_get_their_packets() {
     each_backend(

@@ -331,14 +331,16 @@ impl Running for ThreadCapture {
     }
 
     /// Returns once the capture's thread has given every socket the new
-    /// filter (at its next round, within [`POLL_INTERVAL`]).
+    /// filter (at its next round, within [`POLL_INTERVAL`]). A thread that
+    /// is gone, or ends first (a stop queued before, maxPackets reached on
+    /// the packets read first), refuses it as ended.
     fn retarget(&self, selection: &Selection) -> Result<(), BackendError> {
         let filter = SocketFilter::new(selection, self.own_api)?;
         let (done, applied) = std::sync::mpsc::sync_channel(1);
         self.commands
             .send(Command::Retarget(filter, done))
-            .map_err(|_| BackendError::ReaderStopped)?;
-        applied.recv().map_err(|_| BackendError::ReaderStopped)
+            .map_err(|_| BackendError::Ended)?;
+        applied.recv().map_err(|_| BackendError::Ended)
     }
 
     fn end(&self, reason: EndReason) {
@@ -405,11 +407,12 @@ impl Worker {
                 Ok(Command::LinkGone(index)) => self.drop_link(index),
                 Ok(Command::Names(names)) => self.names = names,
                 Ok(Command::Retarget(filter, done)) => {
-                    let ended = self.retarget(filter);
-                    let _ = done.send(());
-                    if let Some(reason) = ended {
+                    // A capture that ends before its sockets take the new
+                    // filter leaves `done` unanswered: the change is refused.
+                    if let Some(reason) = self.retarget(filter) {
                         return Some(Some(reason));
                     }
+                    let _ = done.send(());
                 }
                 Ok(Command::Stop(reason)) => return Some(Some(self.read_rest().unwrap_or(reason))),
                 Err(TryRecvError::Empty) => return Some(None),
