@@ -25,7 +25,8 @@ fn main() -> anyhow::Result<()> {
         let tls = serving != Serving::Plaintext;
         return health(config.local_address(), tls, Duration::from_secs(timeout));
     }
-    let log = packet_capture_common::logging::init(config.log_level).map_err(anyhow::Error::msg)?;
+    let (log, _flushed) =
+        packet_capture_common::logging::init(config.log_level).map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -37,6 +37,7 @@ pub fn spawn_essential<T: Send + 'static>(
                     tracing::error!(
                         "thread {name} panicked ({what}); the agent exits so that it is restarted"
                     );
+                    packet_capture_common::logging::flush();
                     std::process::exit(PANIC_EXIT_CODE);
                 }
             },

@@ -5,9 +5,12 @@
 //! `packet_capture`) log at the chosen level; third-party crates stay at
 //! `WARN` unless the level is `DEBUG`, which shows everything.
 
+use std::collections::VecDeque;
 use std::fmt;
+use std::io::Write;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
 
 use tracing_subscriber::{EnvFilter, Registry, reload};
 
@@ -99,27 +102,206 @@ impl LogControl {
 
 /// Installs the global subscriber: human-readable lines on stderr, coloured
 /// only on a terminal (not in `kubectl logs`), at a level that can change
-/// while the process runs.
+/// while the process runs. The lines are written by a thread of their own
+/// ([`Spool`]); the [`Flushed`] guard waits for them when dropped.
 ///
 /// Returns an error when a subscriber is already installed (a second call).
-pub fn init(level: LogLevel) -> Result<LogControl, String> {
+pub fn init(level: LogLevel) -> Result<(LogControl, Flushed), String> {
     use std::io::IsTerminal as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     let (filter, handle) = reload::Layer::new(level.filter());
+    let stderr = STDERR.get_or_init(|| Spool::spawn(std::io::stderr(), LOG_QUEUE_BYTES));
     tracing_subscriber::registry()
         .with(filter)
         .with(
             tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
+                .with_writer(stderr.clone())
                 .with_ansi(std::io::stderr().is_terminal()),
         )
         .try_init()
         .map_err(|e| e.to_string())?;
-    Ok(LogControl {
+    let control = LogControl {
         filter: handle,
         level: Arc::new(Mutex::new(level)),
-    })
+    };
+    Ok((control, Flushed))
+}
+
+/// The most bytes of log lines waiting for standard error.
+pub const LOG_QUEUE_BYTES: usize = 1 << 20;
+
+/// How long the process's end waits for its log lines to be written.
+const FLUSH_WAIT: Duration = Duration::from_secs(1);
+
+static STDERR: OnceLock<Spool> = OnceLock::new();
+
+/// Waits, at most a second, until the log lines logged so far are written:
+/// for an exit that skips destructors.
+pub fn flush() {
+    if let Some(stderr) = STDERR.get() {
+        stderr.written(FLUSH_WAIT);
+    }
+}
+
+/// Calls [`flush`] when dropped, at the end of `main`.
+#[must_use = "the log lines are flushed when it is dropped"]
+pub struct Flushed;
+
+impl Drop for Flushed {
+    fn drop(&mut self) {
+        flush();
+    }
+}
+
+/// Log lines on their way to an output, written by a thread of their own.
+///
+/// The log pipe belongs to the container runtime. When it stops reading, a
+/// write blocks, and a thread that logged would stall with it: the agent's
+/// ring reader, the API's workers. So at most a bounded number of bytes
+/// wait; the lines past them are dropped, and where they were the output
+/// says how many.
+#[derive(Clone)]
+struct Spool(Arc<SpoolShared>);
+
+struct SpoolShared {
+    queue: Mutex<Queue>,
+    /// Signalled when lines are queued and when a batch is written.
+    changed: Condvar,
+    limit: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    entries: VecDeque<Entry>,
+    /// Bytes queued or being written.
+    bytes: usize,
+    /// Whether the writer holds a batch it has not finished writing.
+    writing: bool,
+}
+
+enum Entry {
+    Line(Vec<u8>),
+    /// So many lines did not fit, here.
+    Dropped(u64),
+}
+
+impl Spool {
+    /// Starts a thread that writes to `out`, holding at most `limit` bytes.
+    fn spawn(out: impl Write + Send + 'static, limit: usize) -> Self {
+        let shared = Arc::new(SpoolShared {
+            queue: Mutex::default(),
+            changed: Condvar::new(),
+            limit,
+        });
+        let writer = shared.clone();
+        std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(move || writer.write_out(out))
+            .expect("spawning the thread that writes log lines");
+        Self(shared)
+    }
+
+    /// Queues one line (or what one event wrote), unless it does not fit.
+    fn push(&self, line: &[u8]) {
+        let mut queue = self.0.lock();
+        if queue.bytes + line.len() > self.0.limit {
+            match queue.entries.back_mut() {
+                Some(Entry::Dropped(n)) => *n += 1,
+                _ => queue.entries.push_back(Entry::Dropped(1)),
+            }
+        } else {
+            queue.bytes += line.len();
+            queue.entries.push_back(Entry::Line(line.to_vec()));
+        }
+        drop(queue);
+        self.0.changed.notify_all();
+    }
+
+    /// Waits, at most `wait`, until everything queued is written; returns
+    /// whether it was.
+    pub fn written(&self, wait: Duration) -> bool {
+        let queue = self.0.lock();
+        let (queue, timeout) = self
+            .0
+            .changed
+            .wait_timeout_while(queue, wait, |q| q.writing || !q.entries.is_empty())
+            .unwrap_or_else(PoisonError::into_inner);
+        drop(queue);
+        !timeout.timed_out()
+    }
+}
+
+impl SpoolShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes batches of what is queued for as long as the process runs.
+    /// Write errors are ignored: there is nowhere left to report them.
+    fn write_out(&self, out: impl Write) {
+        let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+        let mut queue = self.lock();
+        loop {
+            queue = self
+                .changed
+                .wait_while(queue, |q| q.entries.is_empty())
+                .unwrap_or_else(PoisonError::into_inner);
+            let batch = std::mem::take(&mut queue.entries);
+            queue.writing = true;
+            drop(queue);
+            let mut bytes = 0;
+            for entry in batch {
+                match entry {
+                    Entry::Line(line) => {
+                        bytes += line.len();
+                        let _ = out.write_all(&line);
+                    }
+                    Entry::Dropped(n) => {
+                        let _ = dropped_notice(&mut out, n, self.limit);
+                    }
+                }
+            }
+            let _ = out.flush();
+            queue = self.lock();
+            queue.bytes -= bytes;
+            queue.writing = false;
+            self.changed.notify_all();
+        }
+    }
+}
+
+/// The line that stands for `n` lines dropped, in the format of the others.
+fn dropped_notice(out: &mut impl Write, n: u64, limit: usize) -> std::io::Result<()> {
+    use tracing_subscriber::fmt::format::Writer;
+    use tracing_subscriber::fmt::time::{FormatTime as _, SystemTime};
+    let mut now = String::new();
+    let _ = SystemTime.format_time(&mut Writer::new(&mut now));
+    writeln!(
+        out,
+        "{now}  WARN packet_capture::logging: {n} log lines were dropped here: \
+         the log was not being read ({limit} bytes of lines waited)"
+    )
+}
+
+/// One event's writer: the fmt layer writes each event whole, at once.
+impl Write for &Spool {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        self.push(line);
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Spool {
+    type Writer = &'a Spool;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self
+    }
 }
 
 /// Follows `LOG_LEVEL` in the ConfigMap `namespace/name` for as long as the
@@ -182,6 +364,71 @@ pub async fn follow_config_map(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An output nobody reads stalls no one who logs: the lines past the
+    /// limit are dropped, and once the output is read it says how many,
+    /// where they were.
+    #[test]
+    fn an_output_nobody_reads_loses_lines_not_the_loggers() {
+        use std::io::BufRead as _;
+        // Far more than the pipe (64 KiB), the writer's buffer (64 KiB)
+        // and the queue hold.
+        const LINES: usize = 5000;
+        let line = |i: usize| format!("line {i:05} {}", "x".repeat(100));
+        let (unread, pipe) = std::io::pipe().unwrap();
+        let spool = Spool::spawn(pipe, 16 * 1024);
+        let logger = spool.clone();
+        let (done, logged) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for i in 0..LINES {
+                (&logger)
+                    .write_all(format!("{}\n", line(i)).as_bytes())
+                    .unwrap();
+            }
+            let _ = done.send(());
+        });
+        // Bounded, so that a logger that waits fails the test, not hangs it.
+        logged
+            .recv_timeout(Duration::from_secs(60))
+            .expect("a logger waited for the output");
+
+        let reader = std::thread::spawn(move || {
+            std::io::BufReader::new(unread)
+                .lines()
+                .map(Result::unwrap)
+                .take_while(|l| l != "last")
+                .collect::<Vec<_>>()
+        });
+        assert!(
+            spool.written(Duration::from_secs(60)),
+            "the queue drains once read"
+        );
+        (&spool).write_all(b"last\n").unwrap();
+        let out = reader.join().unwrap();
+        let (mut next, mut notices) = (0, 0);
+        for l in &out {
+            match l.split_once("  WARN packet_capture::logging: ") {
+                Some((_, notice)) => {
+                    notices += 1;
+                    let n: usize = notice.split(' ').next().unwrap().parse().unwrap();
+                    assert!(notice.ends_with("(16384 bytes of lines waited)"), "{l}");
+                    next += n;
+                }
+                None => {
+                    assert_eq!(
+                        l,
+                        &line(next),
+                        "lines in order, a notice where some were dropped"
+                    );
+                    next += 1;
+                }
+            }
+        }
+        assert_eq!(next, LINES, "every line written or counted");
+        // A writer slower than the logger drops lines before the pipe is
+        // full too: a notice for each run of them.
+        assert!(notices > 0, "lines were dropped");
+    }
 
     #[test]
     fn parses_the_seed_levels() {

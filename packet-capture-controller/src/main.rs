@@ -4,7 +4,7 @@ use packet_capture_controller::config::{Command, Settings};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::parse();
-    let log =
+    let (log, _flushed) =
         packet_capture_common::logging::init(settings.log_level).map_err(anyhow::Error::msg)?;
     if let Some(Command::DeleteCaptures { timeout_seconds }) = settings.command {
         let client = kube::Client::try_default().await?;

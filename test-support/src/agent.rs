@@ -16,6 +16,8 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 struct Log {
     lines: Vec<String>,
     closed: bool,
+    /// Set while stderr is not read ([`AgentProcess::hold_log`]).
+    held: bool,
 }
 
 #[derive(Default)]
@@ -84,8 +86,11 @@ impl AgentProcess {
         let log = Arc::new(SharedLog::default());
         let shared = log.clone();
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
+            let mut lines = BufReader::new(stderr).lines();
+            loop {
+                let log = shared.log.lock().expect("log");
+                drop(shared.changed.wait_while(log, |l| l.held).expect("log"));
+                let Some(Ok(line)) = lines.next() else { break };
                 eprintln!("agent: {line}");
                 shared.log.lock().expect("log").lines.push(line);
                 shared.changed.notify_all();
@@ -136,12 +141,30 @@ impl AgentProcess {
         }
     }
 
+    /// Stops reading the agent's stderr until the guard is dropped, as a
+    /// container runtime that stops reading the log pipe: once the pipe
+    /// is full, the agent's writes to it block.
+    pub fn hold_log(&self) -> HeldLog<'_> {
+        self.log.log.lock().expect("log").held = true;
+        HeldLog(&self.log)
+    }
+
     /// Sends `signal` (e.g. `libc::SIGTERM`) and waits for the exit.
     pub fn signal_and_wait(&mut self, signal: i32) -> ExitStatus {
         // SAFETY: kill has no memory effects; the pid is our child's.
         let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
         assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
         self.child.wait().expect("waiting for the agent")
+    }
+}
+
+/// The agent's stderr unread while it lives ([`AgentProcess::hold_log`]).
+pub struct HeldLog<'a>(&'a SharedLog);
+
+impl Drop for HeldLog<'_> {
+    fn drop(&mut self) {
+        self.0.log.lock().expect("log").held = false;
+        self.0.changed.notify_all();
     }
 }
 

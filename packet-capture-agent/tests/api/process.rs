@@ -8,7 +8,8 @@ use packet_capture_test_support::agent::run_to_exit;
 use packet_capture_test_support::privileged;
 use serde_json::json;
 
-use crate::common::{AGENT, LEFT_IP, Node, Rest, tshark};
+use crate::common::{AGENT, LEFT_IP, Node, Rest, grpc, tshark};
+use packet_capture_proto::v1 as pb;
 
 #[test]
 fn bad_configuration_names_the_key() {
@@ -535,4 +536,66 @@ async fn a_standard_output_nobody_reads_stalls_no_capture() {
     assert_eq!(agent.signal_and_wait(libc::SIGTERM).code(), Some(0));
     reader.join().unwrap();
     assert_eq!(lines_read.try_iter().count(), 0, "more lines than packets");
+}
+
+/// A runtime that stops reading the agent's standard error (its log)
+/// stalls none of the agent's threads: at DEBUG, where every gRPC call logs
+/// its HTTP/2 frames, calls are still answered, a capture still counts
+/// every packet and stops when asked, and SIGTERM still ends the agent.
+/// The lines past what may wait are dropped, and once the log is read it
+/// says how many.
+#[tokio::test]
+async fn a_log_nobody_reads_stalls_no_capture() {
+    if !privileged("a_log_nobody_reads_stalls_no_capture") {
+        return;
+    }
+    let node = Node::new();
+    let mut agent = node.agent(&["--insecure-no-auth"], &[("LOG_LEVEL", "DEBUG")]);
+    let c = Rest::new(&agent);
+    let mut g = grpc(&agent).await;
+    let held = agent.hold_log();
+    let body = json!({"id": "held", "duration": 600, "maxPackets": 10_000_000,
+                      "outputFormat": "pcap", "filter": "udp"});
+    assert_eq!(c.post("/api/v1/captures", &body).await.status(), 201);
+
+    // About 900 bytes of log each: several times what the pipe and the
+    // agent's queue hold together.
+    const CALLS: usize = 4000;
+    for n in 0..CALLS {
+        let call = g.list_captures(pb::ListCapturesRequest::default());
+        tokio::time::timeout(Duration::from_secs(30), call)
+            .await
+            .unwrap_or_else(|_| panic!("call {n} of {CALLS} was not answered"))
+            .unwrap();
+    }
+    // Then traffic, with the log full.
+    let sent = std::thread::scope(|s| {
+        s.spawn(|| {
+            node.right.enter();
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            (0..2000)
+                .filter(|_| socket.send_to(b"log held", (LEFT_IP, 9)).is_ok())
+                .count() as u64
+        })
+        .join()
+        .unwrap()
+    });
+    let r = c.delete("/api/v1/captures/held").await;
+    assert!(r.status().is_success(), "{}", r.status());
+    let done = c.ended("held").await;
+    let (packets, dropped) = (
+        done["packets"].as_u64().unwrap(),
+        done["dropped"].as_u64().unwrap(),
+    );
+    assert_eq!(
+        packets + dropped,
+        sent,
+        "every datagram kept or counted lost: {done}"
+    );
+    assert!(packets > 0, "{done}");
+
+    drop(held);
+    let said = agent.wait_for_log("log lines were dropped here", Duration::from_secs(60));
+    assert!(said.is_some(), "the log was never full: {}", agent.log());
+    assert_eq!(agent.signal_and_wait(libc::SIGTERM).code(), Some(0));
 }
