@@ -154,6 +154,17 @@ fn started(
         || same.is_some_and(|s| !s.capture_files.is_empty() || s.nodes.unwrap_or(0) > 0)
 }
 
+/// Whether every node the generation has had only waited for its agent,
+/// which is no start: none ran, and the status has no start time.
+fn only_waited(
+    tracked: &BTreeMap<String, NodeProgress>,
+    same: Option<&PacketCaptureConfigStatus>,
+) -> bool {
+    !tracked.is_empty()
+        && tracked.values().all(|p| p.waiting_since.is_some())
+        && same.is_none_or(|s| s.start_time.is_none())
+}
+
 /// A node whose agent is gone: its capture can neither be stopped nor
 /// followed, so how it ended is unknown.
 fn gone(mut p: NodeProgress, now: Timestamp) -> NodeProgress {
@@ -422,7 +433,7 @@ fn stop(i: &Inputs) -> Plan {
         forget_earlier: !i.earlier.is_empty(),
         clear,
         stale_stop: None,
-        next: if started(i.tracked, same) {
+        next: if started(i.tracked, same) && !only_waited(i.tracked, same) {
             Next::Run(run)
         } else {
             Next::Fail(Outcome::failed(
@@ -1574,6 +1585,19 @@ mod tests {
                         "n1 stopped: stopped by request",
                     ],
                     requeue: 30,
+                    ..WANT
+                },
+                ..CASE
+            },
+            Case {
+                name: "a stop request while every node waits for its agent ends the capture as stopped before it started",
+                targets: &["n1", "n2"],
+                unready: &["n1", "n2"],
+                waiting: &[("n1", 0), ("n2", 0)],
+                stop: Some(STOP_VALUE),
+                now: 10,
+                want: Want {
+                    next: "fail Stopped: stopped by request (networking.packet.io/stop-requested) before it started on any node",
                     ..WANT
                 },
                 ..CASE

@@ -187,7 +187,8 @@ impl Report<'_> {
         for p in nodes.values() {
             let before = recorded.and_then(|r| r.get(&p.node_ip));
             let failed = p.state == CaptureState::Failed;
-            if p.waiting_since.is_some() {
+            // A node that failed after waiting is told as failed, below.
+            if p.waiting_since.is_some() && !p.state.is_final() {
                 let note = p.message.clone().unwrap_or_default();
                 self.announce(Some(&p.node), EventType::Normal, "Waiting", note)
                     .await;

@@ -646,6 +646,12 @@ async fn a_node_whose_agent_stays_unready_fails_after_the_wait() {
         status.conditions[0].reason, "AgentUnreachable",
         "{status:?}"
     );
+    // The node's own Event says so too, as for any node that fails.
+    let reasons = event_reasons(&w, &World::uid(&pcc)).await;
+    assert!(
+        reasons.contains(&"AgentUnreachable".to_string()),
+        "{reasons:?}"
+    );
     let node0 = w.entry(&status, 0);
     assert_eq!(node0.status, CaptureState::Completed, "{node0:?}");
 }
