@@ -8,6 +8,11 @@
 //! it, a file made anew (never one, or a link, someone left there), and
 //! renames it to `FILE` when it is whole, so a file named `FILE` is always
 //! complete, and two fetches to one `FILE` do not write into each other.
+//! A `FILE` that is a link gets the same where it leads (the link stays);
+//! one that exists and is not a regular file (a FIFO Wireshark reads,
+//! `/dev/null`) is written straight into, as stdout (`-o -`) is, with the
+//! downloads in $TMPDIR. A reader of stdout or a FIFO that quits ends the
+//! command quietly.
 //! A file its node compresses between the listing and the download is
 //! downloaded as its compressed copy.
 //!
@@ -35,9 +40,7 @@ use k8s_openapi::jiff::Timestamp;
 use kubectl_pcap::api::{self, FileList, explain_access, explain_crd};
 use kubectl_pcap::merge::{self, NodeInput, NodeSummary};
 use kubectl_pcap::show;
-use packet_capture_common::crd::{
-    OutputFormat, PacketCaptureConfigStatus, Phase, STDOUT_OUTPUT_FILE,
-};
+use packet_capture_common::crd::{OutputFormat, PacketCaptureConfigStatus, Phase, names_no_file};
 use packet_capture_common::validate::{COMPRESSED_EXTENSIONS, strip_compression};
 
 use crate::cluster::{Cluster, Signals};
@@ -51,25 +54,53 @@ pub struct FetchArgs {
     pub name: String,
 
     /// The merged pcapng to write; - for stdout (the nodes' files are
-    /// downloaded to $TMPDIR first, else beside the output)
+    /// downloaded to $TMPDIR first, else beside the output); a FIFO or
+    /// device is written into
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: PathBuf,
 }
 
+/// Where the merged pcapng goes.
+#[derive(Clone)]
+enum Destination {
+    /// Made whole as `part` beside `output`, then renamed over it.
+    File { part: PathBuf, output: PathBuf },
+    /// Written straight into: stdout (`None`), or an existing file that is
+    /// not a regular one (a FIFO a reader waits on, `/dev/null`), which a
+    /// rename would replace.
+    Straight(Option<PathBuf>),
+}
+
+impl Destination {
+    fn name(&self) -> String {
+        match self {
+            Self::File { output, .. } | Self::Straight(Some(output)) => {
+                output.display().to_string()
+            }
+            Self::Straight(None) => "stdout".into(),
+        }
+    }
+}
+
 pub async fn fetch(cluster: &Cluster, args: FetchArgs) -> Result<ExitCode> {
     let mut signals = Signals::new()?;
-    let to_stdout = args.output.as_os_str() == "-";
-    let dir = match args.output.parent() {
-        Some(p) if !to_stdout && !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ if to_stdout => std::env::temp_dir(),
-        _ => PathBuf::from("."),
+    let output = output_of(&args.output)?;
+    let dir = match &output {
+        Some(file) => file.parent().map(Path::to_path_buf).unwrap_or_default(),
+        None => std::env::temp_dir(),
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        dir
     };
     let downloads = tempfile::Builder::new()
         .prefix(".kubectl-pcap-")
         .tempdir_in(&dir)
         .with_context(|| format!("making a download directory in {}", dir.display()))?;
-    let part = match args.output.file_name() {
-        Some(file_name) if !to_stdout => {
+    let destination = match output {
+        Some(output) => {
+            let file_name = output.file_name().expect("a file's path");
             let mut prefix = std::ffi::OsString::from(".");
             prefix.push(file_name);
             prefix.push(".");
@@ -80,17 +111,18 @@ pub async fn fetch(cluster: &Cluster, args: FetchArgs) -> Result<ExitCode> {
                 .tempfile_in(&dir)
                 .with_context(|| format!("making a file in {}", dir.display()))?;
             // Removed below on failure, renamed over the output on success.
-            Some(made.into_temp_path().keep()?)
+            let part = made.into_temp_path().keep()?;
+            Destination::File { part, output }
         }
-        Some(_) => None,
-        None => bail!("-o {}: not a file name", args.output.display()),
+        None if args.output.as_os_str() == "-" => Destination::Straight(None),
+        None => Destination::Straight(Some(args.output.clone())),
     };
 
     let outcome = tokio::select! {
-        r = run(cluster, &args, downloads.path(), part.as_deref()) => Ok(r),
+        r = run(cluster, &args, downloads.path(), &destination) => Ok(r),
         stop = signals.recv() => Err(stop),
     };
-    if let Some(part) = &part
+    if let Destination::File { part, .. } = &destination
         && !matches!(outcome, Ok(Ok(_)))
     {
         let _ = std::fs::remove_file(part);
@@ -99,7 +131,13 @@ pub async fn fetch(cluster: &Cluster, args: FetchArgs) -> Result<ExitCode> {
     match outcome {
         Ok(r) => r,
         Err(stop) => {
-            eprintln!("interrupted: nothing was written");
+            match &destination {
+                Destination::File { .. } => eprintln!("interrupted: nothing was written"),
+                Destination::Straight(_) => eprintln!(
+                    "interrupted: what {} got, if anything, is not the whole capture",
+                    destination.name()
+                ),
+            }
             // The merge may still be running on a blocking thread, which
             // the runtime would wait for.
             std::process::exit(stop.status().into());
@@ -107,11 +145,39 @@ pub async fn fetch(cluster: &Cluster, args: FetchArgs) -> Result<ExitCode> {
     }
 }
 
+/// The regular file `-o` names, following links (a link stays, and its
+/// target gets the file); `None` for stdout (`-`) and for an existing file
+/// that is not a regular one, which is written straight into.
+fn output_of(output: &Path) -> Result<Option<PathBuf>> {
+    if output.as_os_str() == "-" {
+        return Ok(None);
+    }
+    let given = output.display();
+    if output.file_name().is_none() {
+        bail!("-o {given}: not a file name");
+    }
+    match std::fs::symlink_metadata(output) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(output.into())),
+        Err(e) => bail!("-o {given}: {e}"),
+        Ok(_) => {}
+    }
+    let real = std::fs::canonicalize(output).with_context(|| {
+        format!("-o {given}: a link to nowhere (the merged file is written where it leads)")
+    })?;
+    let kind = std::fs::metadata(&real)
+        .with_context(|| format!("-o {given}"))?
+        .file_type();
+    if kind.is_dir() {
+        bail!("-o {given}: a directory; give the file to write");
+    }
+    Ok(kind.is_file().then_some(real))
+}
+
 async fn run(
     cluster: &Cluster,
     args: &FetchArgs,
     downloads: &Path,
-    part: Option<&Path>,
+    destination: &Destination,
 ) -> Result<ExitCode> {
     let name = &args.name;
     // The object only tells early what a text or stdout capture is, and
@@ -246,15 +312,17 @@ async fn run(
         "capture {name}, merged by kubectl-pcap from nodes {}",
         nodes.join(", ")
     );
-    let output = args.output.clone();
-    let written_to = match part {
-        Some(_) => args.output.display().to_string(),
-        None => "stdout".into(),
+    let written_to = destination.name();
+    let into = destination.clone();
+    let merged = tokio::task::spawn_blocking(move || write_merged(inputs, &comment, &into)).await?;
+    let summaries = match merged {
+        Ok(summaries) => summaries,
+        // `fetch -o - | tshark -c 10 -r -`: the reader had what it wanted.
+        Err(e) if matches!(destination, Destination::Straight(_)) && reader_quit(&e) => {
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => return Err(e),
     };
-    let part = part.map(Path::to_path_buf);
-    let summaries =
-        tokio::task::spawn_blocking(move || write_merged(inputs, &comment, part, &output))
-            .await??;
 
     let rows: Vec<Vec<String>> = list
         .nodes
@@ -343,7 +411,7 @@ fn unlisted_nodes(status: &PacketCaptureConfigStatus, list: &FileList) -> Vec<Un
     status
         .capture_files
         .iter()
-        .filter(|(_, e)| e.packets > 0 && e.output_file != STDOUT_OUTPUT_FILE)
+        .filter(|(_, e)| e.packets > 0 && !names_no_file(&e.output_file))
         .filter(|(address, e)| {
             !list.nodes.iter().any(|n| {
                 (!e.node.is_empty() && n.node == e.node)
@@ -368,6 +436,10 @@ fn refuse_unmergeable(name: &str, format: OutputFormat) -> Result<()> {
         OutputFormat::Text => bail!(
             "capture {name} writes text lines (outputFormat: text), not packets: there is \
              nothing to merge into a pcapng"
+        ),
+        OutputFormat::Stream => bail!(
+            "capture {name} writes no files (outputFormat: stream): its packets went only to \
+             its live streams (kubectl pcap stream {name} while it runs)"
         ),
         OutputFormat::Stdout => bail!(
             "capture {name} writes no files (outputFormat: stdout): its packets are in the \
@@ -420,23 +492,34 @@ async fn download(
     Ok(name)
 }
 
-/// Merges into `part` and renames it to `output` once whole, or into
-/// stdout when there is no `part`.
+/// Merges into `destination`: a file's part, renamed over it once whole,
+/// or straight into stdout or the file.
 fn write_merged(
     inputs: Vec<NodeInput>,
     comment: &str,
-    part: Option<PathBuf>,
-    output: &Path,
+    destination: &Destination,
 ) -> Result<Vec<NodeSummary>> {
-    let Some(part) = part else {
-        let stdout = std::io::stdout().lock();
-        let (mut out, summaries) = merge::merge(inputs, comment, std::io::BufWriter::new(stdout))?;
-        out.flush().context("writing to stdout")?;
-        return Ok(summaries);
+    let (part, output) = match destination {
+        Destination::File { part, output } => (part, output),
+        Destination::Straight(path) => {
+            let out: Box<dyn Write> = match path {
+                None => Box::new(std::io::stdout().lock()),
+                Some(path) => Box::new(
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(path)
+                        .with_context(|| format!("opening {}", path.display()))?,
+                ),
+            };
+            let (mut out, summaries) = merge::merge(inputs, comment, std::io::BufWriter::new(out))?;
+            out.flush()
+                .with_context(|| format!("writing to {}", destination.name()))?;
+            return Ok(summaries);
+        }
     };
     let file = std::fs::OpenOptions::new()
         .write(true)
-        .open(&part)
+        .open(part)
         .with_context(|| format!("opening {}", part.display()))?;
     let (out, summaries) = merge::merge(inputs, comment, std::io::BufWriter::new(file))?;
     let file = out
@@ -445,9 +528,18 @@ fn write_merged(
         .with_context(|| format!("writing {}", part.display()))?;
     file.sync_all()
         .with_context(|| format!("writing {}", part.display()))?;
-    std::fs::rename(&part, output)
+    std::fs::rename(part, output)
         .with_context(|| format!("renaming {} to {}", part.display(), output.display()))?;
     Ok(summaries)
+}
+
+/// Whether writing failed because the reader of a pipe went away.
+fn reader_quit(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 #[cfg(test)]
@@ -514,7 +606,10 @@ mod tests {
             ("10.0.0.5", entry("", 2, file)),
             ("10.0.0.6", entry("", 4, file)),
             // A stdout capture's: no file anywhere.
-            ("10.0.0.7", entry("g", 9, STDOUT_OUTPUT_FILE)),
+            (
+                "10.0.0.7",
+                entry("g", 9, packet_capture_common::crd::STDOUT_OUTPUT_FILE),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -748,5 +843,117 @@ mod tests {
         assert_eq!(err, "no node's files could be downloaded");
         drop(cluster);
         assert_eq!(asked.await.unwrap(), [CAPTURE, FILES, PLAIN, GZ, ZST]);
+    }
+    /// `-o` through a link writes where the link leads and leaves the link;
+    /// `-o` a FIFO writes into it (its reader gets the pcapng) and leaves
+    /// the FIFO; a link to nowhere and a directory are refused, naming -o.
+    #[tokio::test]
+    async fn links_and_fifos_are_written_through_not_replaced() {
+        const PLAIN: &str =
+            "/apis/pcap.packet.io/v1/captures/web/proxy/files/a/web-20250101-120000.pcap";
+        let listed = br#"{"capture":"web","nodes":[{"node":"a","address":"10.0.0.1","files":[
+            {"name":"web-20250101-120000.pcap","size":100,"modified":"2025-01-01T12:01:00Z"}]}]}"#;
+        let answers = || {
+            vec![
+                (CAPTURE, OK, capture("Completed", &[("a", "10.0.0.1", 1)])),
+                (FILES, OK, listed.to_vec()),
+                (PLAIN, OK, pcap_file()),
+            ]
+        };
+        let dir = tempfile::tempdir().unwrap();
+
+        let target = dir.path().join("real.pcapng");
+        std::fs::write(&target, b"an older fetch").unwrap();
+        let link = dir.path().join("latest.pcapng");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let (cluster, _) = api_server(answers());
+        assert_eq!(
+            fetch(&cluster, args(&link)).await.unwrap(),
+            ExitCode::SUCCESS
+        );
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_symlink());
+        assert_eq!(packets_in(&target), 1);
+
+        let fifo = dir.path().join("wireshark.fifo");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid C string; mkfifo touches nothing else.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let reader = std::thread::spawn({
+            let fifo = fifo.clone();
+            move || std::fs::read(fifo).unwrap()
+        });
+        let (cluster, _) = api_server(answers());
+        assert_eq!(
+            fetch(&cluster, args(&fifo)).await.unwrap(),
+            ExitCode::SUCCESS
+        );
+        let read = reader.join().unwrap();
+        let mut got = PcapNgReader::new(read.as_slice()).unwrap();
+        let mut packets = 0;
+        while let Some(block) = got.next_block() {
+            packets += usize::from(matches!(block.unwrap().0, Block::EnhancedPacket(_)));
+        }
+        assert_eq!(packets, 1);
+        use std::os::unix::fs::FileTypeExt as _;
+        assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+
+        let nowhere = dir.path().join("dangling.pcapng");
+        std::os::unix::fs::symlink(dir.path().join("gone/x.pcapng"), &nowhere).unwrap();
+        let (cluster, _) = api_server(answers());
+        let err = fetch(&cluster, args(&nowhere))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("-o {}: a link to nowhere", nowhere.display())),
+            "{err}"
+        );
+        let (cluster, _) = api_server(answers());
+        let err = fetch(&cluster, args(dir.path()))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with(": a directory; give the file to write"),
+            "{err}"
+        );
+        // Nothing left behind: the files made above, and no part or
+        // download directory.
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "dangling.pcapng",
+                "latest.pcapng",
+                "real.pcapng",
+                "wireshark.fifo"
+            ]
+        );
+    }
+
+    /// A pipe whose reader has gone fails the merge with what tells a
+    /// reader that quit.
+    #[test]
+    fn a_reader_that_quit_is_told_from_other_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.pcap");
+        std::fs::write(&file, pcap_file()).unwrap();
+        let input = || {
+            vec![NodeInput {
+                node: "a".into(),
+                files: vec![file.clone()],
+            }]
+        };
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let err = anyhow::Error::from(merge::merge(input(), "", writer).unwrap_err());
+        assert!(reader_quit(&err), "{err:#}");
+        std::fs::write(&file, b"not a capture").unwrap();
+        let err = anyhow::Error::from(merge::merge(input(), "", Vec::new()).unwrap_err());
+        assert!(!reader_quit(&err), "{err:#}");
     }
 }

@@ -36,7 +36,8 @@
 //! `stop NAME --wait` first.
 //!
 //! `stream` with target flags makes its own capture and deletes it
-//! afterwards; it exits 0 when the capture ends (1 when it failed), on
+//! afterwards; it exits 0 when the capture completes (1 when it failed or
+//! its end is not known), on
 //! Ctrl-C and when the reader of its output quits, and 143 on SIGTERM or
 //! 129 on SIGHUP (after the deletion), as a shell reports a process ended
 //! by it.

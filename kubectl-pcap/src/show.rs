@@ -2,7 +2,7 @@
 //! as kubectl writes them, sizes in binary units.
 
 use k8s_openapi::jiff::Timestamp;
-use packet_capture_common::crd::{PacketCaptureConfig, Phase, STDOUT_OUTPUT_FILE};
+use packet_capture_common::crd::{PacketCaptureConfig, Phase, names_no_file};
 
 /// Columns of `ls`, and the extra ones of `ls -o wide`.
 pub const LIST_COLUMNS: [&str; 6] = ["NAME", "PHASE", "NODES", "PACKETS", "DROPPED", "AGE"];
@@ -182,7 +182,7 @@ pub fn details(pcc: &PacketCaptureConfig, now: Timestamp) -> String {
         let rows: Vec<Vec<String>> = nodes
             .iter()
             .map(|(address, n)| {
-                let file = if n.output_file == STDOUT_OUTPUT_FILE || n.output_file.is_empty() {
+                let file = if names_no_file(&n.output_file) {
                     "-".to_string()
                 } else {
                     n.output_file

@@ -73,9 +73,11 @@ pub struct TargetArgs {
     #[arg(long, value_name = "N")]
     pub max_packets: Option<u32>,
 
-    /// What the nodes write: pcap, pcapng, text or stdout (the agents' logs)
-    #[arg(long, value_name = "FORMAT", default_value = "pcapng", value_parser = parse_format)]
-    pub format: OutputFormat,
+    /// What the nodes write: pcap, pcapng (the default), text, stdout (the
+    /// agents' logs) or stream (nothing: live streams only, as `stream`
+    /// makes its own captures)
+    #[arg(long, value_name = "FORMAT", value_parser = parse_format)]
+    pub format: Option<OutputFormat>,
 
     /// Bytes kept of each packet (1-262144)
     #[arg(long, value_name = "BYTES")]
@@ -207,7 +209,7 @@ impl TargetArgs {
                 .or(default_duration)
                 .unwrap_or(defaults.duration),
             max_packets: self.max_packets.unwrap_or(defaults.max_packets),
-            output_format: self.format,
+            output_format: self.format.unwrap_or(OutputFormat::Pcapng),
             filter: self.filter.clone(),
             snaplen: self.snaplen,
             direction: self.direction,

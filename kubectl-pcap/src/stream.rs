@@ -5,8 +5,11 @@
 //! With target flags instead of a name, it creates a capture for the
 //! stream and deletes it when the stream ends, on Ctrl-C, SIGTERM or SIGHUP,
 //! and when stdout is closed (the reader downstream quit); a capture it did
-//! not create is never deleted. When the capture's end ends the stream, its
-//! phase and message go to stderr, and a failed one exits 1.
+//! not create is never deleted. The capture it makes writes no files
+//! (`outputFormat: stream`): deleted with the stream, they could not be
+//! fetched. When the capture's end ends the stream, its phase and message
+//! go to stderr; one that failed, or whose end the status does not tell,
+//! exits 1.
 
 use std::io;
 use std::process::ExitCode;
@@ -16,7 +19,7 @@ use clap::Args;
 use kube::api::{DeleteParams, PostParams};
 use kubectl_pcap::api::{self, CopyError, explain_access, explain_crd};
 use kubectl_pcap::spec::TargetArgs;
-use packet_capture_common::crd::{PacketCaptureConfig, Phase};
+use packet_capture_common::crd::{OutputFormat, PacketCaptureConfig, Phase};
 
 use crate::capture::wait_for;
 use crate::cluster::{Cluster, Signals, Stop};
@@ -56,9 +59,19 @@ pub async fn stream(cluster: &Cluster, args: StreamArgs) -> Result<ExitCode> {
     let (name, created) = match args.name {
         Some(name) => (name, false),
         None => {
-            let spec = args
+            // Nothing to write on the nodes: the capture is deleted with
+            // the stream, and its files with it could not be fetched.
+            if let Some(format) = args.target.format.filter(|f| *f != OutputFormat::Stream) {
+                bail!(
+                    "--format {format}: the capture a stream makes writes no files \
+                     (outputFormat: stream); to keep files, `kubectl pcap create` the capture \
+                     and stream it by name"
+                );
+            }
+            let mut spec = args
                 .target
                 .to_spec(&cluster.namespace, Some(DEFAULT_DURATION))?;
+            spec.output_format = OutputFormat::Stream;
             let name = format!("pcap-stream-{}", suffix());
             let mut pcc = PacketCaptureConfig::new(&name, spec);
             pcc.metadata.labels = args.labels;
@@ -119,18 +132,31 @@ pub async fn stream(cluster: &Cluster, args: StreamArgs) -> Result<ExitCode> {
             // SIGHUP or SIGTERM: a session that closes sends more than one.)
             () = signals.interrupted() => {
                 eprintln!("{}", not_deleted("interrupted".into()));
-                return Ok(ExitCode::from(Stop::Interrupt.status()));
+                exit_now(Stop::Interrupt.status());
             }
         }
     }
     match outcome {
-        Ok(Ok(_)) if ended.as_ref().and_then(|p| p.current_phase()) == Some(Phase::Failed) => {
-            Ok(ExitCode::FAILURE)
+        Ok(Ok(Followed::Ended)) => {
+            Ok(match ended.as_ref().and_then(|p| p.current_phase()) {
+                Some(Phase::Completed) => ExitCode::SUCCESS,
+                // Failed, or not known to have ended: the stream may lack
+                // packets the capture meant to give.
+                _ => ExitCode::FAILURE,
+            })
         }
-        Ok(Ok(_)) | Err(Stop::Interrupt) => Ok(ExitCode::SUCCESS),
+        Ok(Ok(Followed::ReaderQuit)) => Ok(ExitCode::SUCCESS),
         Ok(Err(e)) => Err(e),
-        Err(stop) => Ok(ExitCode::from(stop.status())),
+        Err(Stop::Interrupt) => exit_now(0),
+        Err(stop) => exit_now(stop.status()),
     }
+}
+
+/// Exits at once. A write to stdout may still wait, on the runtime's
+/// blocking pool, for a reader that stopped reading, and the runtime would
+/// wait for it at the end of `main`.
+fn exit_now(status: u8) -> ! {
+    std::process::exit(status.into())
 }
 
 /// Why a stream stopped without an error.

@@ -76,6 +76,16 @@ pub const AUTHORIZED_IN: &str = "networking.packet.io/authorized-in";
 /// What `output_file` says for stdout captures, which write no file.
 pub const STDOUT_OUTPUT_FILE: &str = "Packet capture logs are in stdout format";
 
+/// What `output_file` says for stream captures, which write no file.
+pub const STREAM_OUTPUT_FILE: &str =
+    "No file: the packets went to live streams only (outputFormat: stream)";
+
+/// Whether a node's `output_file` names no file: empty, or the note of a
+/// format that writes none.
+pub fn names_no_file(output_file: &str) -> bool {
+    output_file.is_empty() || [STDOUT_OUTPUT_FILE, STREAM_OUTPUT_FILE].contains(&output_file)
+}
+
 /// Limits that keep the CEL rules cheap and a spec readable.
 pub const MAX_TARGET_IPS: usize = 256;
 /// Most targets one capture has on one node, as the agents take them: the
@@ -152,8 +162,9 @@ pub struct PacketCaptureConfigSpec {
     #[schemars(range(min = 1, max = u32::MAX))]
     pub max_packets: u32,
 
-    /// pcap, pcapng, text, or stdout (one `PACKET:` line per packet in the
-    /// agent's log, no file).
+    /// pcap, pcapng, text, stdout (one `PACKET:` line per packet in the
+    /// agent's log, no file), or stream (no file: the packets go only to
+    /// live streams, `kubectl pcap stream`).
     #[serde(default)]
     pub output_format: OutputFormat,
 
@@ -369,10 +380,20 @@ pub enum OutputFormat {
     Pcapng,
     Text,
     Stdout,
+    /// No file and no lines: the packets go only to live readers of the
+    /// capture (`kubectl pcap stream`), as `kubectl pcap stream` with
+    /// target flags makes its captures, which it deletes afterwards.
+    Stream,
 }
 
 impl OutputFormat {
-    pub const ALL: [OutputFormat; 4] = [Self::Pcap, Self::Pcapng, Self::Text, Self::Stdout];
+    pub const ALL: [OutputFormat; 5] = [
+        Self::Pcap,
+        Self::Pcapng,
+        Self::Text,
+        Self::Stdout,
+        Self::Stream,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -380,16 +401,27 @@ impl OutputFormat {
             Self::Pcapng => "pcapng",
             Self::Text => "text",
             Self::Stdout => "stdout",
+            Self::Stream => "stream",
         }
     }
 
-    /// Extension of the files this format writes; `None` for stdout.
+    /// Extension of the files this format writes; `None` for the formats
+    /// that write none.
     pub fn extension(self) -> Option<&'static str> {
         match self {
             Self::Pcap => Some("pcap"),
             Self::Pcapng => Some("pcapng"),
             Self::Text => Some("txt"),
-            Self::Stdout => None,
+            Self::Stdout | Self::Stream => None,
+        }
+    }
+
+    /// What a node's `output_file` says for a format that writes no file.
+    pub fn no_file(self) -> Option<&'static str> {
+        match self {
+            Self::Stdout => Some(STDOUT_OUTPUT_FILE),
+            Self::Stream => Some(STREAM_OUTPUT_FILE),
+            Self::Pcap | Self::Pcapng | Self::Text => None,
         }
     }
 }

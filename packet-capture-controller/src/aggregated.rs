@@ -633,11 +633,16 @@ async fn packets(
             .and_then(|s| s.phase)
             .map(|p| format!("{p:?}"))
             .unwrap_or_else(|| "not started".into());
+        let files = match capture.spec.output_format.no_file() {
+            None => format!("its files: kubectl pcap fetch {name}"),
+            Some(_) => format!(
+                "it writes no files (outputFormat: {})",
+                capture.spec.output_format
+            ),
+        };
         return Err(Failure::new(
             StatusCode::CONFLICT,
-            format!(
-                "capture {name:?} is not running on any node ({phase}); its files: kubectl pcap fetch {name}"
-            ),
+            format!("capture {name:?} is not running on any node ({phase}); {files}"),
         ));
     }
     let snaplen = capture

@@ -8,9 +8,7 @@
 //! this controller does not know.
 
 use k8s_openapi::jiff::Timestamp;
-use packet_capture_common::crd::{
-    CaptureState, NodeCapture, OutputFormat, STDOUT_OUTPUT_FILE, STOPPED_BY_REQUEST,
-};
+use packet_capture_common::crd::{CaptureState, NodeCapture, OutputFormat, STOPPED_BY_REQUEST};
 use packet_capture_proto::v1::Capture;
 
 /// At most this many pod names per node in the status; the rest are
@@ -210,10 +208,9 @@ impl NodeProgress {
 
     /// The node's entry in `status.captureFiles`.
     pub fn to_status(&self, format: OutputFormat) -> NodeCapture {
-        let (output_file, file_size) = if format == OutputFormat::Stdout {
-            (STDOUT_OUTPUT_FILE.to_string(), 0)
-        } else {
-            (self.output_file.clone(), self.file_size)
+        let (output_file, file_size) = match format.no_file() {
+            Some(note) => (note.to_string(), 0),
+            None => (self.output_file.clone(), self.file_size),
         };
         NodeCapture {
             status: self.state,
@@ -242,6 +239,7 @@ fn listed(pods: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use packet_capture_common::crd::{STDOUT_OUTPUT_FILE, STREAM_OUTPUT_FILE};
     use packet_capture_proto::v1;
 
     fn t(s: i64) -> Timestamp {
@@ -418,10 +416,12 @@ mod tests {
             (back.state, back.packets, back.dropped, back.message),
             (p.state, 5, 1, p.message.clone())
         );
-        let stdout = p.to_status(OutputFormat::Stdout);
-        assert_eq!(
-            (stdout.output_file.as_str(), stdout.file_size),
-            (STDOUT_OUTPUT_FILE, 0)
-        );
+        for (format, note) in [
+            (OutputFormat::Stdout, STDOUT_OUTPUT_FILE),
+            (OutputFormat::Stream, STREAM_OUTPUT_FILE),
+        ] {
+            let entry = p.to_status(format);
+            assert_eq!((entry.output_file.as_str(), entry.file_size), (note, 0));
+        }
     }
 }

@@ -61,6 +61,7 @@ impl From<OutputFormat> for v1::OutputFormat {
             OutputFormat::Pcapng => Self::Pcapng,
             OutputFormat::Text => Self::Text,
             OutputFormat::Stdout => Self::Stdout,
+            OutputFormat::Stream => Self::Stream,
         }
     }
 }
@@ -73,6 +74,7 @@ impl From<v1::OutputFormat> for OutputFormat {
             v1::OutputFormat::Pcapng => Self::Pcapng,
             v1::OutputFormat::Text => Self::Text,
             v1::OutputFormat::Stdout => Self::Stdout,
+            v1::OutputFormat::Stream => Self::Stream,
         }
     }
 }

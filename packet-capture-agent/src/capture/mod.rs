@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use packet_capture_common::abi::DEFAULT_RING_BYTES;
-use packet_capture_common::crd::{CaptureState, OutputFormat, STDOUT_OUTPUT_FILE, TargetDirection};
+use packet_capture_common::crd::{CaptureState, OutputFormat, TargetDirection};
 use packet_capture_common::validate::CaptureLimits;
 use tokio::sync::{mpsc, watch};
 
@@ -552,9 +552,10 @@ impl Engine {
         };
         let start_time = SystemTime::now();
         let counters = Arc::new(Counters::default());
-        let destination = match spec.format.extension() {
-            None => Destination::stdout(),
-            Some(ext) => {
+        let destination = match (spec.format, spec.format.extension()) {
+            (OutputFormat::Stream, _) => Destination::Live,
+            (_, None) => Destination::stdout(),
+            (_, Some(ext)) => {
                 let secs = start_time
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default()
@@ -572,7 +573,7 @@ impl Engine {
         };
         let output_file = match &destination {
             Destination::File(o) => Some(o.final_path().to_path_buf()),
-            Destination::Stdout { .. } => None,
+            Destination::Stdout { .. } | Destination::Live => None,
         };
         let selection = selection(spec);
         let live_spec = Arc::new(Mutex::new(req.spec.clone()));
@@ -861,7 +862,10 @@ impl Engine {
                 path.display().to_string(),
                 c.counters.bytes.load(Ordering::Relaxed),
             ),
-            (None, None) => (STDOUT_OUTPUT_FILE.to_owned(), 0),
+            (None, None) => {
+                let format = lock(&c.spec).format;
+                (format.no_file().unwrap_or_default().to_owned(), 0)
+            }
         };
         CaptureStatus {
             id: c.id.clone(),

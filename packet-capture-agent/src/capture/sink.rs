@@ -238,6 +238,8 @@ pub enum Destination {
         buf: Vec<u8>,
         out: Lines,
     },
+    /// Nowhere but the live readers ([`Tap`]): `outputFormat: stream`.
+    Live,
 }
 
 impl Destination {
@@ -358,6 +360,7 @@ impl Sink {
                 encoded
             }
             Destination::Stdout { buf, .. } => self.encoder.encode(buf, meta, kept, names),
+            Destination::Live => Ok(()),
         };
         if let Err(e) = encoded {
             // Nothing of the packet was written: it is lost, and counted so.
@@ -426,6 +429,10 @@ impl Sink {
                 }
                 Ok(())
             }
+            Destination::Live => {
+                self.buffered = 0;
+                Ok(())
+            }
         }
     }
 
@@ -485,6 +492,7 @@ impl Sink {
                 out.written(STDOUT_WAIT);
                 Finished { reason, file: None }
             }
+            Destination::Live => Finished { reason, file: None },
         }
     }
 }

@@ -205,7 +205,7 @@ impl Encoder {
                 self.pcapng.write(out, &section).expect(VEC_WRITES);
                 self.pcapng.ids.clear();
             }
-            OutputFormat::Text | OutputFormat::Stdout => {}
+            OutputFormat::Text | OutputFormat::Stdout | OutputFormat::Stream => {}
         }
     }
 
@@ -237,6 +237,8 @@ impl Encoder {
                 out.extend_from_slice(b"PACKET: ");
                 text_line(out, meta, data, names);
             }
+            // Nothing is written: the live readers get the packet itself.
+            OutputFormat::Stream => {}
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 //! traffic, which loses packets from its stream (counted) while the file
 //! gets every one.
 
+use packet_capture_common::crd::STREAM_OUTPUT_FILE;
 use packet_capture_proto::v1 as pb;
 use packet_capture_test_support::netns::run;
 use packet_capture_test_support::{AgentProcess, privileged};
@@ -106,6 +107,40 @@ async fn running_captures_stream_their_packets_live() {
         rest.get("/api/v1/captures/nope/packets").await.status(),
         404
     );
+}
+
+/// `outputFormat: stream`: the packets go to the live readers and nowhere
+/// else. Nothing is in the capture directory or its listing once the
+/// capture has ended, its status says there is no file, and `packets`
+/// counts what it kept.
+#[tokio::test]
+async fn a_stream_capture_writes_nothing_on_the_node() {
+    if !privileged("a_stream_capture_writes_nothing_on_the_node") {
+        return;
+    }
+    let (node, _agent, rest) = icmp_capture("live-only", json!({"outputFormat": "stream"})).await;
+    let mut body = rest.get("/api/v1/captures/live-only/packets").await;
+    assert_eq!(body.status(), 200);
+    node.ping(3);
+    let mut bytes = Vec::new();
+    while packets_in(&bytes) < 6 {
+        bytes.extend(body.chunk().await.unwrap().expect("more of the stream"));
+    }
+    rest.delete("/api/v1/captures/live-only").await;
+    while let Some(more) = body.chunk().await.unwrap() {
+        bytes.extend(more);
+    }
+    assert_eq!(packets_in(&bytes), 6);
+    let done = rest.ended("live-only").await;
+    assert_eq!(done["packets"], 6, "{done}");
+    assert_eq!(done["output_file"], STREAM_OUTPUT_FILE, "{done}");
+    assert_eq!(done["file_size"], 0, "{done}");
+    assert_eq!(rest.json("/api/v1/files").await["files"], json!([]));
+    let left: Vec<_> = std::fs::read_dir(node.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 /// Each live reader may hold a batch of its own in its connection: a

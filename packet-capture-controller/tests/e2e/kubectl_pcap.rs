@@ -486,6 +486,14 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
         .await
         .expect("the stream's own capture gone within 30 s")
         .expect("watching the stream's own capture");
+    // It wrote no file, which no one could have fetched once it was gone.
+    for node in 0..w.nodes.len() {
+        let files = w.files_on(node).await;
+        assert!(
+            !files.iter().any(|f| f.starts_with(&format!("{created}-"))),
+            "node {node} keeps a file of the stream's own capture: {files:?}"
+        );
+    }
 
     // A reader that quits while nothing is captured (a filter no packet
     // matches) ends the stream too, and its capture goes.

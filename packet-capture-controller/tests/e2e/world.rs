@@ -715,6 +715,20 @@ impl World {
         list.captures
     }
 
+    /// The names of the files `node`'s agent lists (ListFiles).
+    pub async fn files_on(&self, node: usize) -> Vec<String> {
+        self.agent(node)
+            .await
+            .list_files(self.as_reader(ListFilesRequest {}))
+            .await
+            .expect("ListFiles")
+            .into_inner()
+            .files
+            .into_iter()
+            .map(|f| f.name)
+            .collect()
+    }
+
     /// Downloads the file a capture wrote on `node` (or its compressed
     /// copy) through DownloadFile; where it is now.
     pub async fn download(&self, node: usize, output_file: &str) -> PathBuf {
@@ -722,20 +736,15 @@ impl World {
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or_else(|| panic!("no file name in {output_file:?}"));
-        let mut agent = self.agent(node).await;
-        let files = agent
-            .list_files(self.as_reader(ListFilesRequest {}))
-            .await
-            .expect("ListFiles")
-            .into_inner()
-            .files;
+        let files = self.files_on(node).await;
         let file = files
             .iter()
-            .find(|f| f.name == name || f.name.starts_with(&format!("{name}.")))
+            .find(|f| *f == name || f.starts_with(&format!("{name}.")))
             .unwrap_or_else(|| panic!("node {node} lists no {name}: {files:?}"))
-            .name
             .clone();
-        let mut stream = agent
+        let mut stream = self
+            .agent(node)
+            .await
             .download_file(self.as_reader(DownloadFileRequest { name: file.clone() }))
             .await
             .expect("DownloadFile")
