@@ -88,6 +88,17 @@ impl Lab {
         ]));
     }
 
+    /// `count` pings from the node 10 ms apart, sent while the test goes
+    /// on.
+    fn ping_flood(&self, addr: &str, count: u32) -> std::process::Child {
+        self.node
+            .command("ping")
+            .args(["-c", &count.to_string(), "-i", "0.01", "-W", "2", addr])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     /// A UDP datagram from the node to `addr:port` (nobody listens: the
     /// peer answers with ICMP port unreachable).
     fn udp(&self, addr: &str, port: u16) {
@@ -681,13 +692,7 @@ fn targets_change_in_place_without_a_gap() {
                     .expect("targets set");
                 assert!(status.spec.only_targets, "{status:?}");
             };
-            let mut flood = lab
-                .node
-                .command("ping")
-                .args(["-c", "300", "-i", "0.01", "-W", "2", PEER_V4])
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap();
+            let mut flood = lab.ping_flood(PEER_V4, 300);
             lab.ping(OTHER_V4, 2, 56);
             set(&[PEER_V4, OTHER_V4]);
             lab.ping(OTHER_V4, 3, 56);
@@ -724,13 +729,7 @@ fn a_change_of_targets_racing_the_captures_end_is_refused_as_ended() {
             s.max_packets = 20;
             let id = start(engine, s).id;
             let targets = vec![parse_target(PEER_V4).unwrap()];
-            let mut flood = lab
-                .node
-                .command("ping")
-                .args(["-c", "100", "-i", "0.01", "-W", "2", PEER_V4])
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap();
+            let mut flood = lab.ping_flood(PEER_V4, 100);
             let refused = loop {
                 if let Err(e) = engine.set_targets(&id, targets.clone(), Vec::new()) {
                     break e;

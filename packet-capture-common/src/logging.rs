@@ -220,7 +220,7 @@ impl Spool {
 
     /// Waits, at most `wait`, until everything queued is written; returns
     /// whether it was.
-    pub fn written(&self, wait: Duration) -> bool {
+    fn written(&self, wait: Duration) -> bool {
         let queue = self.0.lock();
         let (queue, timeout) = self
             .0

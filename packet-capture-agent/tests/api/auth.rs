@@ -48,6 +48,21 @@ fn identity(
     }
 }
 
+/// The controller's token, which may do everything.
+fn writer() -> Identity {
+    identity(
+        "writer-token",
+        CONTROLLER_USER.as_str(),
+        AUDIENCE,
+        WRITER_RULES,
+    )
+}
+
+/// A reader's token.
+fn reader() -> Identity {
+    identity("reader-token", "reader", AUDIENCE, READER_RULES)
+}
+
 /// An agent on `node` that asks `server` about every token, through a
 /// kubeconfig written in `dir`.
 fn agent_asking(node: &Node, server: &FakeApiServer, dir: &tempfile::TempDir) -> AgentProcess {
@@ -64,13 +79,8 @@ async fn auth_against_a_token_review_endpoint() {
     let server = FakeApiServer::start(
         &node.left,
         vec![
-            identity(
-                "writer-token",
-                CONTROLLER_USER.as_str(),
-                AUDIENCE,
-                WRITER_RULES,
-            ),
-            identity("reader-token", "reader", AUDIENCE, READER_RULES),
+            writer(),
+            reader(),
             identity("editor-token", "editor", AUDIENCE, EDITOR_RULES),
             identity("named-token", "named", AUDIENCE, NAMED_READER_RULES),
             identity("nobody-token", "nobody", AUDIENCE, &[]),
@@ -466,15 +476,7 @@ async fn a_flood_of_bogus_tokens_costs_neither_memory_nor_reviews() {
         return;
     }
     let node = Node::new();
-    let server = FakeApiServer::start(
-        &node.left,
-        vec![identity(
-            "writer-token",
-            CONTROLLER_USER.as_str(),
-            AUDIENCE,
-            WRITER_RULES,
-        )],
-    );
+    let server = FakeApiServer::start(&node.left, vec![writer()]);
     let config_dir = tempfile::tempdir().unwrap();
     let agent = agent_asking(&node, &server, &config_dir);
     let rest = Rest::at(&agent.url());
@@ -649,18 +651,7 @@ async fn bodies_are_read_only_for_whom_they_concern_and_only_so_long() {
         return;
     }
     let node = Node::new();
-    let server = FakeApiServer::start(
-        &node.left,
-        vec![
-            identity(
-                "writer-token",
-                CONTROLLER_USER.as_str(),
-                AUDIENCE,
-                WRITER_RULES,
-            ),
-            identity("reader-token", "reader", AUDIENCE, READER_RULES),
-        ],
-    );
+    let server = FakeApiServer::start(&node.left, vec![writer(), reader()]);
     let config_dir = tempfile::tempdir().unwrap();
     let agent = agent_asking(&node, &server, &config_dir);
     let head = |method: &str, path: &str, token: &str| {
