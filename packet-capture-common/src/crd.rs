@@ -83,7 +83,10 @@ pub const STREAM_OUTPUT_FILE: &str =
 /// Whether a node's `output_file` names no file: empty, or the note of a
 /// format that writes none.
 pub fn names_no_file(output_file: &str) -> bool {
-    output_file.is_empty() || [STDOUT_OUTPUT_FILE, STREAM_OUTPUT_FILE].contains(&output_file)
+    output_file.is_empty()
+        || OutputFormat::ALL
+            .iter()
+            .any(|f| f.no_file() == Some(output_file))
 }
 
 /// Limits that keep the CEL rules cheap and a spec readable.
