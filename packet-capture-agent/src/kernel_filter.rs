@@ -545,12 +545,21 @@ fn load(asm: &mut Asm, access: Access, dst: u8, index: Option<u8>, k: u32, size:
         (Access::Direct, Some(_)) => k <= MAX_PACKET_OFF,
     };
     if fits_directly {
-        // R1 = offset, bounded for the verifier; R2 = data + offset.
+        // R2 = a packet pointer and `offset` what the load adds to it; R1 =
+        // the end of the load, compared with the packet's end.
+        let mut offset = 0;
         match index {
             None => {
+                // A load's own offset is 16 bits, signed: a larger k moves
+                // R2 instead.
+                let (moved, rest) = if k <= i16::MAX as u32 { (0, k) } else { (k, 0) };
                 asm.push(insn(op::LDX | op::MEM | op::W, R2, CTX, SKB_DATA, 0));
+                if moved > 0 {
+                    asm.add64_imm(R2, moved as i32);
+                }
                 asm.mov64_reg(R1, R2);
-                asm.add64_imm(R1, (k + size) as i32);
+                asm.add64_imm(R1, (rest + size) as i32);
+                offset = rest as i16;
             }
             Some(x) => {
                 asm.mov64_reg(R1, x);
@@ -570,7 +579,6 @@ fn load(asm: &mut Asm, access: Access, dst: u8, index: Option<u8>, k: u32, size:
         }
         asm.push(insn(op::LDX | op::MEM | op::W, R3, CTX, SKB_DATA_END, 0));
         asm.jump(op::JMP | op::JGT | op::X, R1, R3, 0, slow);
-        let offset = if index.is_none() { k as i16 } else { 0 };
         asm.push(insn(
             op::LDX | op::MEM | size_code(size),
             dst,
@@ -673,12 +681,12 @@ fn alu(asm: &mut Asm, code: u8, k: u32, done: usize) -> Option<()> {
             if by_x {
                 // libpcap: a shift by 32 or more gives 0 (eBPF would shift
                 // by X mod 32).
-                let small = asm.label();
+                let past_31 = asm.label();
                 let shifted = asm.label();
-                asm.jump(op::JMP32 | op::JGT | op::K, X, 0, 31, small);
+                asm.jump(op::JMP32 | op::JGT | op::K, X, 0, 31, past_31);
                 asm.push(insn(op::ALU | aop | op::X, A, X, 0, 0));
                 asm.goto(shifted);
-                asm.bind(small);
+                asm.bind(past_31);
                 asm.mov32_imm(A, 0);
                 asm.bind(shifted);
                 return Some(());

@@ -4,7 +4,8 @@
 //! its verdict must equal `pcap_offline_filter`'s on the same frame, for
 //! Ethernet frames and for frames that start at the IP header, with loads
 //! read directly, directly at constant offsets only, and through
-//! `bpf_skb_load_bytes`.
+//! `bpf_skb_load_bytes`; then the same for expressions drawn at random
+//! (from a fixed seed) on the corpus damaged.
 
 use packet_capture_agent::filter::ClassicInsn;
 use packet_capture_agent::kernel_filter::{Access, Ending, load_program, translate};
@@ -431,6 +432,9 @@ fn expressions() -> Vec<String> {
         "ip[8] ^ 0xff == 191",
         "ip[1] | 3 == 3",
         "ether[len - 1] == 0x33",
+        // Past a load instruction's 16-bit signed offset.
+        "udp or ether[40000] == 0",
+        "tcp or ip6[65000:2] != 1",
         "ip[2:2] / ip[1] > 0",
     ];
     let primitives = [
@@ -472,103 +476,326 @@ fn expressions() -> Vec<String> {
     all
 }
 
+/// What running `expressions` on the corpus found.
+#[derive(Default)]
+struct Comparison {
+    compiled: usize,
+    raw_ip_compiled: usize,
+    compared: usize,
+    mismatches: Vec<String>,
+    /// (expression, libpcap's verdict) for every verdict seen.
+    verdicts: std::collections::HashSet<(String, bool)>,
+    untranslatable: std::collections::BTreeSet<String>,
+}
+
+impl Comparison {
+    /// Each expression libpcap compiles, for Ethernet `frames` and raw-IP
+    /// `packets`, in each access translation, run by the kernel and by
+    /// libpcap on every frame.
+    fn run(
+        expressions: &[String],
+        frames: &[(String, Vec<u8>)],
+        packets: &[(String, Vec<u8>)],
+    ) -> Self {
+        let mut c = Comparison::default();
+        for expression in expressions {
+            let ethernet = match packet_capture_agent::filter::Filter::compile(expression) {
+                Ok(filter) => filter,
+                // Combinations such as `tcp and udp`, which the agent refuses.
+                Err(e) if e.to_string().contains("rejects all packets") => continue,
+                Err(e) => panic!("{expression:?}: {e}"),
+            };
+            c.compiled += 1;
+            for (link, corpus) in [(0u8, frames), (1u8, packets)] {
+                let Ok(classic) = ethernet.classic(link) else {
+                    continue;
+                };
+                c.raw_ip_compiled += usize::from(link == 1);
+                for access in [Access::Direct, Access::ConstantOffsets, Access::Helper] {
+                    let insns = match translate(classic, Ending::Return, access) {
+                        Ok(insns) => insns,
+                        Err(e) => {
+                            c.untranslatable.insert(format!("{expression:?}: {e}"));
+                            continue;
+                        }
+                    };
+                    let program = load_program(&insns, "filter_test")
+                        .unwrap_or_else(|e| panic!("{expression:?} ({access:?}): {e}"));
+                    for (name, frame) in corpus {
+                        let kernel = program.test_run(frame).unwrap_or_else(|e| {
+                            panic!("BPF_PROG_TEST_RUN on {name} ({} bytes): {e}", frame.len())
+                        }) != 0;
+                        let libpcap = libpcap_accepts(classic, frame);
+                        c.compared += 1;
+                        c.verdicts.insert((expression.clone(), libpcap));
+                        if kernel != libpcap {
+                            c.mismatches.push(format!(
+                                "{expression:?} on {name} (link {link}, {access:?}): kernel {kernel}, libpcap {libpcap}"
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        c
+    }
+
+    /// Fails on any verdict that differs, and on any expression the kernel
+    /// cannot run but libpcap's `protochain` loops.
+    fn assert_agreed(&self) {
+        let unexpected: Vec<&String> = self
+            .untranslatable
+            .iter()
+            .filter(|e| !e.contains("protochain"))
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "no kernel translation: {unexpected:#?}"
+        );
+        assert!(
+            self.mismatches.is_empty(),
+            "{} verdicts differ:\n{}",
+            self.mismatches.len(),
+            self.mismatches
+                .iter()
+                .take(30)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+
+    /// How many expressions both accepted and rejected a frame.
+    fn both_ways(&self, expressions: &[String]) -> usize {
+        expressions
+            .iter()
+            .filter(|e| {
+                self.verdicts.contains(&((*e).clone(), true))
+                    && self.verdicts.contains(&((*e).clone(), false))
+            })
+            .count()
+    }
+}
+
+/// The kernel's test run needs more than an Ethernet header.
+fn runnable(corpus: Vec<(String, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
+    corpus.into_iter().filter(|(_, f)| f.len() > 14).collect()
+}
+
 #[test]
 fn kernel_verdicts_equal_libpcaps() {
     if !privileged("kernel_verdicts_equal_libpcaps") {
         return;
     }
     let packets = ip_packets();
-    let frames = ethernet_frames(&packets);
+    let frames = runnable(ethernet_frames(&packets));
+    let packets = runnable(packets);
     let expressions = expressions();
     assert!(
         expressions.len() >= 300,
         "{} expressions",
         expressions.len()
     );
-    let mut compared = 0usize;
-    let mut compiled = 0usize;
-    let mut raw_ip_compiled = 0usize;
-    let mut mismatches = Vec::new();
-    let mut verdicts = std::collections::HashSet::new();
-    let mut untranslatable = std::collections::BTreeSet::new();
-    for expression in &expressions {
-        let ethernet = match packet_capture_agent::filter::Filter::compile(expression) {
-            Ok(filter) => filter,
-            // Combinations such as `tcp and udp`, which the agent refuses.
-            Err(e) if e.to_string().contains("rejects all packets") => continue,
-            Err(e) => panic!("{expression:?}: {e}"),
-        };
-        compiled += 1;
-        for (link, corpus) in [(0u8, &frames), (1u8, &packets)] {
-            let Ok(classic) = ethernet.classic(link) else {
-                continue;
-            };
-            raw_ip_compiled += usize::from(link == 1);
-            for access in [Access::Direct, Access::ConstantOffsets, Access::Helper] {
-                let insns = match translate(classic, Ending::Return, access) {
-                    Ok(insns) => insns,
-                    Err(e) => {
-                        untranslatable.insert(format!("{expression:?}: {e}"));
-                        continue;
-                    }
-                };
-                let program = load_program(&insns, "filter_test")
-                    .unwrap_or_else(|e| panic!("{expression:?} ({access:?}): {e}"));
-                // The kernel's test run needs more than an Ethernet header.
-                for (name, frame) in corpus.iter().filter(|(_, f)| f.len() > 14) {
-                    let kernel = program.test_run(frame).unwrap_or_else(|e| {
-                        panic!("BPF_PROG_TEST_RUN on {name} ({} bytes): {e}", frame.len())
-                    }) != 0;
-                    let libpcap = libpcap_accepts(classic, frame);
-                    compared += 1;
-                    verdicts.insert((expression.as_str(), libpcap));
-                    if kernel != libpcap {
-                        mismatches.push(format!(
-                            "{expression:?} on {name} (link {link}, {access:?}): kernel {kernel}, libpcap {libpcap}"
-                        ));
-                    }
-                }
+    let c = Comparison::run(&expressions, &frames, &packets);
+    assert!(c.compiled >= 300, "{} expressions compiled", c.compiled);
+    eprintln!(
+        "{} expressions ({} also for raw IP), {} Ethernet frames, {} IP packets: {} verdicts compared",
+        c.compiled,
+        c.raw_ip_compiled,
+        frames.len(),
+        packets.len(),
+        c.compared
+    );
+    c.assert_agreed();
+    assert!(!c.untranslatable.is_empty(), "protochain jumps back");
+    // The corpus must make most expressions both accept and reject
+    // something, or the comparison proves little.
+    let both = c.both_ways(&expressions);
+    assert!(
+        both * 10 >= c.compiled * 8,
+        "only {both} of {} expressions both accept and reject a frame of the corpus",
+        c.compiled
+    );
+}
+
+/// xorshift64: the same numbers on every run, so a failure repeats.
+struct Numbers(u64);
+
+impl Numbers {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+
+    fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
+        from[self.below(from.len())]
+    }
+}
+
+/// An arithmetic expression of packet bytes, `len` and constants, as deep
+/// as `depth` allows: divisions by zero, shifts by 32 or more, loads past
+/// the end and at offsets a load instruction cannot hold.
+fn random_value(n: &mut Numbers, depth: u32) -> String {
+    let constants = [
+        "0",
+        "1",
+        "2",
+        "5",
+        "31",
+        "32",
+        "33",
+        "255",
+        "256",
+        "0xffff",
+        "0xffffffff",
+        "1442",
+    ];
+    let offsets = [
+        "0", "1", "2", "6", "8", "9", "12", "13", "14", "20", "40", "54", "1500", "2100", "40000",
+        "65535",
+    ];
+    match n.below(if depth >= 2 { 3 } else { 5 }) {
+        0 => n.pick(&constants).to_string(),
+        1 => "len".to_string(),
+        2 => format!(
+            "{}[{}:{}]",
+            n.pick(&["ether", "ip", "ip6", "tcp", "udp", "icmp", "icmp6"]),
+            n.pick(&offsets),
+            n.pick(&["1", "2", "4"])
+        ),
+        3 => format!(
+            "{}[{}]",
+            n.pick(&["ether", "ip", "tcp", "udp"]),
+            random_value(n, depth + 1)
+        ),
+        _ => format!(
+            "({} {} {})",
+            random_value(n, depth + 1),
+            n.pick(&["+", "-", "*", "/", "%", "&", "|", "^", "<<", ">>"]),
+            random_value(n, depth + 1)
+        ),
+    }
+}
+
+/// A filter of primitives and comparisons joined by `not`, `and`, `or`.
+fn random_expression(n: &mut Numbers, depth: u32) -> String {
+    let primitives = [
+        "tcp",
+        "udp",
+        "icmp",
+        "icmp6",
+        "ip",
+        "ip6",
+        "arp",
+        "sctp",
+        "vlan",
+        "vlan 100",
+        "mpls",
+        "pppoes",
+        "ip proto 17",
+        "port 80",
+        "port 53",
+        "src port 40000",
+        "dst portrange 50-600",
+        "host 10.0.0.1",
+        "dst host 192.168.7.9",
+        "host fd00::1",
+        "net 10.0.0.0/8",
+        "net fd00::/64",
+        "ether host 02:00:00:00:00:0a",
+        "ether broadcast",
+        "ip multicast",
+        "ip6 multicast",
+        "greater 100",
+        "less 60",
+        "greater 1442",
+        "llc",
+        "stp",
+        "tcp[tcpflags] & tcp-syn != 0",
+        "icmp[icmptype] == icmp-echo",
+        "ip[6:2] & 0x1fff != 0",
+        "ip6[6] == 44",
+        "arp net 10.0.0.0/24",
+    ];
+    match n.below(if depth >= 2 { 2 } else { 5 }) {
+        0 => n.pick(&primitives).to_string(),
+        1 => format!(
+            "{} {} {}",
+            random_value(n, 0),
+            n.pick(&["==", "!=", ">", "<", ">=", "<="]),
+            random_value(n, 0)
+        ),
+        2 => format!("not {}", random_expression(n, depth + 1)),
+        op => format!(
+            "({} {} {})",
+            random_expression(n, depth + 1),
+            if op == 3 { "and" } else { "or" },
+            random_expression(n, depth + 1)
+        ),
+    }
+}
+
+/// The corpus with bytes of each frame's headers changed, and cut short,
+/// as far as the kernel's test run takes such frames.
+fn damaged(corpus: &[(String, Vec<u8>)], n: &mut Numbers) -> Vec<(String, Vec<u8>)> {
+    let everything = packet_capture_agent::filter::Filter::compile("").unwrap();
+    let accepts_all = translate(
+        everything.classic(0).unwrap(),
+        Ending::Return,
+        Access::Helper,
+    );
+    let accepts_all = load_program(&accepts_all.unwrap(), "filter_probe").unwrap();
+    let mut out = Vec::new();
+    for (name, frame) in corpus {
+        for i in 0..4 {
+            let mut f = frame.clone();
+            for _ in 0..=n.below(4) {
+                let at = n.below(f.len().min(80));
+                f[at] = n.below(256) as u8;
+            }
+            if i % 2 == 1 {
+                f.truncate(15 + n.below(f.len() - 14));
+            }
+            if accepts_all.test_run(&f).is_ok() {
+                out.push((format!("{name}, damaged {i}"), f));
             }
         }
     }
-    assert!(compiled >= 300, "{compiled} expressions compiled");
-    eprintln!(
-        "{compiled} expressions ({raw_ip_compiled} also for raw IP), {} Ethernet frames, {} IP packets: {compared} verdicts compared",
-        frames.len(),
-        packets.len()
-    );
-    // libpcap loops (jumps back) for `protochain`, which classic BPF in a
-    // kernel cannot; everything else runs in the kernel.
-    let unexpected: Vec<&String> = untranslatable
-        .iter()
-        .filter(|e| !e.contains("protochain"))
+    out
+}
+
+#[test]
+fn random_filters_on_damaged_frames_agree_too() {
+    if !privileged("random_filters_on_damaged_frames_agree_too") {
+        return;
+    }
+    let mut n = Numbers(0x9e37_79b9_7f4a_7c15);
+    let packets = runnable(ip_packets());
+    let frames = runnable(ethernet_frames(&packets));
+    let frames = damaged(&frames, &mut n);
+    let packets = damaged(&packets, &mut n);
+    // Those libpcap compiles (it refuses a constant shift by 32 or more,
+    // and the agent those that reject every packet).
+    let expressions: Vec<String> = std::iter::repeat_with(|| random_expression(&mut n, 0))
+        .filter(|e| packet_capture_agent::filter::Filter::compile(e).is_ok())
+        .take(500)
         .collect();
-    assert!(
-        unexpected.is_empty(),
-        "no kernel translation: {unexpected:#?}"
+    let c = Comparison::run(&expressions, &frames, &packets);
+    eprintln!(
+        "{} random expressions compiled ({} also for raw IP), {} damaged Ethernet frames, {} IP packets: {} verdicts compared",
+        c.compiled,
+        c.raw_ip_compiled,
+        frames.len(),
+        packets.len(),
+        c.compared
     );
-    assert!(!untranslatable.is_empty(), "protochain jumps back");
+    c.assert_agreed();
+    let both = c.both_ways(&expressions);
     assert!(
-        mismatches.is_empty(),
-        "{} verdicts differ:\n{}",
-        mismatches.len(),
-        mismatches
-            .iter()
-            .take(30)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    // The corpus must make most expressions both accept and reject
-    // something, or the comparison proves little.
-    let both = expressions
-        .iter()
-        .filter(|e| {
-            verdicts.contains(&(e.as_str(), true)) && verdicts.contains(&(e.as_str(), false))
-        })
-        .count();
-    assert!(
-        both * 10 >= compiled * 8,
-        "only {both} of {compiled} expressions both accept and reject a frame of the corpus"
+        both * 2 >= c.compiled,
+        "only {both} of {} expressions both accept and reject a frame",
+        c.compiled
     );
 }
