@@ -9,6 +9,7 @@
 
 use packet_capture_agent::filter::ClassicInsn;
 use packet_capture_agent::kernel_filter::{Access, Ending, load_program, translate};
+use packet_capture_test_support::frames::*;
 use packet_capture_test_support::privileged;
 
 #[repr(C)]
@@ -47,8 +48,6 @@ fn libpcap_accepts(insns: &[ClassicInsn], frame: &[u8]) -> bool {
     unsafe { pcap_offline_filter(&prog, &hdr, frame.as_ptr()) != 0 }
 }
 
-const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
-const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
 const V4_A: [u8; 4] = [10, 0, 0, 1];
 const V4_B: [u8; 4] = [10, 0, 1, 2];
 const V4_C: [u8; 4] = [192, 168, 7, 9];
@@ -56,119 +55,11 @@ const V6_A: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const V6_B: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 const V6_MCAST: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 2];
 
-fn ethernet(dst: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    [&dst[..], &MAC_A, &ethertype.to_be_bytes(), payload].concat()
-}
-
-/// `payload` behind VLAN tags (outer first), as the wire carries them.
-fn tagged(tags: &[(u16, u16)], ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut frame = [&MAC_B[..], &MAC_A].concat();
-    for &(tpid, vid) in tags {
-        frame.extend_from_slice(&tpid.to_be_bytes());
-        frame.extend_from_slice(&vid.to_be_bytes());
-    }
-    frame.extend_from_slice(&ethertype.to_be_bytes());
-    frame.extend_from_slice(payload);
-    frame
-}
-
-fn ipv4_with(
-    proto: u8,
-    src: [u8; 4],
-    dst: [u8; 4],
-    frag: u16,
-    options: &[u8],
-    payload: &[u8],
-) -> Vec<u8> {
-    let header_len = 20 + options.len();
-    let total = (header_len + payload.len()) as u16;
-    let mut p = vec![0x40 | (header_len / 4) as u8, 0];
-    p.extend_from_slice(&total.to_be_bytes());
-    p.extend_from_slice(&[0x12, 0x34]);
-    p.extend_from_slice(&frag.to_be_bytes());
-    p.extend_from_slice(&[64, proto, 0, 0]);
-    p.extend_from_slice(&src);
-    p.extend_from_slice(&dst);
-    p.extend_from_slice(options);
-    p.extend_from_slice(payload);
-    p
-}
-
-fn ipv4(proto: u8, src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
-    ipv4_with(proto, src, dst, 0x4000, &[], payload)
-}
-
-fn ipv6(next: u8, src: [u8; 16], dst: [u8; 16], payload: &[u8]) -> Vec<u8> {
-    let mut p = vec![0x60, 0, 0, 0];
-    p.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-    p.extend_from_slice(&[next, 64]);
-    p.extend_from_slice(&src);
-    p.extend_from_slice(&dst);
-    p.extend_from_slice(payload);
-    p
-}
-
-/// An IPv6 extension header of 8 bytes (hop-by-hop, routing, destination
-/// options) before `rest`.
-fn ext6(next: u8, rest: &[u8]) -> Vec<u8> {
-    [&[next, 0, 1, 4, 0, 0, 0, 0][..], rest].concat()
-}
-
-fn frag6(next: u8, offset: u16, more: bool, rest: &[u8]) -> Vec<u8> {
-    let field = (offset << 3) | u16::from(more);
-    [&[next, 0][..], &field.to_be_bytes(), &[0, 0, 0, 7], rest].concat()
-}
-
-fn tcp(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
-    let mut s = Vec::new();
-    s.extend_from_slice(&sport.to_be_bytes());
-    s.extend_from_slice(&dport.to_be_bytes());
-    s.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    s.extend_from_slice(payload);
-    s
-}
-
-fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut s = Vec::new();
-    s.extend_from_slice(&sport.to_be_bytes());
-    s.extend_from_slice(&dport.to_be_bytes());
-    s.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    s.extend_from_slice(&[0, 0]);
-    s.extend_from_slice(payload);
-    s
-}
-
-fn icmp(kind: u8, code: u8) -> Vec<u8> {
-    vec![kind, code, 0, 0, 0, 1, 0, 1, b'p', b'i', b'n', b'g']
-}
-
-fn arp(op: u16, spa: [u8; 4], tpa: [u8; 4]) -> Vec<u8> {
-    let mut p = vec![0, 1, 0x08, 0, 6, 4];
-    p.extend_from_slice(&op.to_be_bytes());
-    p.extend_from_slice(&MAC_A);
-    p.extend_from_slice(&spa);
-    p.extend_from_slice(&[0; 6]);
-    p.extend_from_slice(&tpa);
-    p
-}
-
-const TCP: u8 = 6;
-const UDP: u8 = 17;
-const ICMP: u8 = 1;
-const ICMP6: u8 = 58;
-const SCTP: u8 = 132;
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-const PSH: u8 = 0x08;
-const FIN: u8 = 0x01;
-const RST: u8 = 0x04;
-
 /// IP packets (what raw-IP interfaces carry), by name.
 fn ip_packets() -> Vec<(String, Vec<u8>)> {
     let payload: Vec<u8> = (0..200u16).map(|i| i as u8).collect();
     let flood = vec![0x5au8; 1442 - 14 - 20 - 8];
     let big = vec![0x33u8; 2100];
-    let sctp = [&80u16.to_be_bytes()[..], &9999u16.to_be_bytes(), &[0; 8]].concat();
     let packets = vec![
         (
             "v4 tcp syn",
@@ -201,7 +92,7 @@ fn ip_packets() -> Vec<(String, Vec<u8>)> {
         ("v4 udp big", ipv4(UDP, V4_B, V4_A, &udp(4789, 6081, &big))),
         ("v4 icmp echo", ipv4(ICMP, V4_A, V4_B, &icmp(8, 0))),
         ("v4 icmp unreachable", ipv4(ICMP, V4_B, V4_A, &icmp(3, 1))),
-        ("v4 sctp", ipv4(SCTP, V4_A, V4_B, &sctp)),
+        ("v4 sctp", ipv4(SCTP, V4_A, V4_B, &sctp(80, 9999))),
         (
             "v4 first fragment",
             ipv4_with(UDP, V4_A, V4_B, 0x2000, &[], &udp(1000, 53, &payload)),
@@ -265,7 +156,7 @@ fn ip_packets() -> Vec<(String, Vec<u8>)> {
             "v6 later fragment",
             ipv6(44, V6_A, V6_B, &frag6(UDP, 100, false, &payload[..40])),
         ),
-        ("v6 sctp", ipv6(SCTP, V6_B, V6_A, &sctp)),
+        ("v6 sctp", ipv6(SCTP, V6_B, V6_A, &sctp(80, 9999))),
     ];
     packets
         .into_iter()
@@ -618,26 +509,10 @@ fn kernel_verdicts_equal_libpcaps() {
     );
 }
 
-/// xorshift64: the same numbers on every run, so a failure repeats.
-struct Numbers(u64);
-
-impl Numbers {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n as u64) as usize
-    }
-
-    fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
-        from[self.below(from.len())]
-    }
-}
-
 /// An arithmetic expression of packet bytes, `len` and constants, as deep
 /// as `depth` allows: divisions by zero, shifts by 32 or more, loads past
 /// the end and at offsets a load instruction cannot hold.
-fn random_value(n: &mut Numbers, depth: u32) -> String {
+fn random_value(n: &mut Seeded, depth: u32) -> String {
     let constants = [
         "0",
         "1",
@@ -680,7 +555,7 @@ fn random_value(n: &mut Numbers, depth: u32) -> String {
 }
 
 /// A filter of primitives and comparisons joined by `not`, `and`, `or`.
-fn random_expression(n: &mut Numbers, depth: u32) -> String {
+fn random_expression(n: &mut Seeded, depth: u32) -> String {
     let primitives = [
         "tcp",
         "udp",
@@ -739,7 +614,7 @@ fn random_expression(n: &mut Numbers, depth: u32) -> String {
 
 /// The corpus with bytes of each frame's headers changed, and cut short,
 /// as far as the kernel's test run takes such frames.
-fn damaged(corpus: &[(String, Vec<u8>)], n: &mut Numbers) -> Vec<(String, Vec<u8>)> {
+fn damaged(corpus: &[(String, Vec<u8>)], n: &mut Seeded) -> Vec<(String, Vec<u8>)> {
     let everything = packet_capture_agent::filter::Filter::compile("").unwrap();
     let accepts_all = translate(
         everything.classic(0).unwrap(),
@@ -771,7 +646,7 @@ fn random_filters_on_damaged_frames_agree_too() {
     if !privileged("random_filters_on_damaged_frames_agree_too") {
         return;
     }
-    let mut n = Numbers(0x9e37_79b9_7f4a_7c15);
+    let mut n = Seeded(0x9e37_79b9_7f4a_7c15);
     let packets = runnable(ip_packets());
     let frames = runnable(ethernet_frames(&packets));
     let frames = damaged(&frames, &mut n);

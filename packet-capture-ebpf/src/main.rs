@@ -303,7 +303,7 @@ struct Selectors {
     /// Slots whose IP targets match (or who have none).
     ip: u64,
     /// Source and destination ports, when the packet is the first (or only)
-    /// fragment of TCP, UDP or SCTP.
+    /// fragment of TCP, UDP or SCTP; 0 for a destination port cut off.
     ports: Option<(u16, u16)>,
 }
 
@@ -728,19 +728,19 @@ fn parse_network(ctx: &TcContext, proto: u16, offset: usize, settings: &Settings
         ETH_P_IPV6 => parse_ipv6(ctx, offset, settings),
         // libpcap's `host`/`net` match ARP's sender and target addresses.
         ETH_P_ARP | ETH_P_RARP => {
-            let spa = ctx.load::<[u8; 4]>(offset + 14);
-            let tpa = ctx.load::<[u8; 4]>(offset + 24);
-            match (spa, tpa) {
-                // As libpcap's `src host` and `dst host` do for ARP.
-                (Ok(s), Ok(t)) => Selectors {
-                    ip: settings.any_ip
-                        | by_direction(settings, ipv4_slots(settings, s), ipv4_slots(settings, t)),
-                    ports: None,
-                },
-                _ => {
-                    too_short(offset + ARP_LEN);
-                    no_match(settings.any_ip)
-                }
+            let Ok(spa) = ctx.load::<[u8; 4]>(offset + 14) else {
+                too_short(offset + ARP_LEN);
+                return no_match(settings.any_ip);
+            };
+            // As libpcap's `src host` and `dst host` do for ARP.
+            let from = ipv4_slots(settings, spa);
+            let to = match ctx.load::<[u8; 4]>(offset + 24) {
+                Ok(tpa) => ipv4_slots(settings, tpa),
+                Err(_) => cut_off(offset + ARP_LEN),
+            };
+            Selectors {
+                ip: settings.any_ip | by_direction(settings, from, to),
+                ports: None,
             }
         }
         _ => no_match(settings.any_ip),
@@ -750,8 +750,15 @@ fn parse_network(ctx: &TcContext, proto: u16, offset: usize, settings: &Settings
 #[inline(always)]
 fn parse_ipv4(ctx: &TcContext, offset: usize, settings: &Settings) -> Selectors {
     let Ok(header) = ctx.load::<[u8; IPV4_MIN_LEN]>(offset) else {
-        too_short(offset + IPV4_MIN_LEN);
-        return no_match(settings.any_ip);
+        let Ok(src) = ctx.load::<[u8; 4]>(offset + 12) else {
+            too_short(offset + IPV4_MIN_LEN);
+            return no_match(settings.any_ip);
+        };
+        let to = cut_off(offset + IPV4_MIN_LEN);
+        return Selectors {
+            ip: settings.any_ip | by_direction(settings, ipv4_slots(settings, src), to),
+            ports: None,
+        };
     };
     ipv4_selectors(ctx, &header, offset, None, settings)
 }
@@ -767,10 +774,10 @@ fn ipv4_selectors(
     after: Option<[u8; 4]>,
     settings: &Settings,
 ) -> Selectors {
+    // As libpcap's: the EtherType (or skb->protocol) says IPv4, whatever
+    // the version field, and the transport header is where the header
+    // length says, even inside the header.
     let header_len = usize::from(header[0] & 0x0f) * 4;
-    if header[0] >> 4 != 4 || header_len < IPV4_MIN_LEN {
-        return no_match(settings.any_ip);
-    }
     let frag = u16::from_be_bytes([header[6], header[7]]);
     let protocol = header[9];
     let src = [header[12], header[13], header[14], header[15]];
@@ -811,8 +818,15 @@ fn ipv4_selectors(
 #[inline(always)]
 fn parse_ipv6(ctx: &TcContext, offset: usize, settings: &Settings) -> Selectors {
     let Ok(header) = ctx.load::<[u8; IPV6_LEN]>(offset) else {
-        too_short(offset + IPV6_LEN);
-        return no_match(settings.any_ip);
+        let Ok(src) = ctx.load::<[u8; 16]>(offset + 8) else {
+            too_short(offset + IPV6_LEN);
+            return no_match(settings.any_ip);
+        };
+        let to = cut_off(offset + IPV6_LEN);
+        return Selectors {
+            ip: settings.any_ip | by_direction(settings, ipv6_slots(settings, src), to),
+            ports: None,
+        };
     };
     let mut next = header[6];
     // SAFETY: both addresses are inside the 40-byte header.
@@ -900,7 +914,13 @@ fn transport_ports(ctx: &TcContext, protocol: u8, offset: usize) -> Option<(u16,
     }
     let Ok(ports) = ctx.load::<[u8; 4]>(offset) else {
         too_short(offset + 4);
-        return None;
+        // libpcap's `port` tests the source port first, so a frame cut
+        // after it still matches by it. No capture selects port 0, which
+        // stands for the destination port here.
+        return ctx
+            .load::<[u8; 2]>(offset)
+            .ok()
+            .map(|sport| (u16::from_be_bytes(sport), 0));
     };
     Some((
         u16::from_be_bytes([ports[0], ports[1]]),
@@ -1094,6 +1114,15 @@ fn diagnostics() -> bool {
 fn ifindex(ctx: &TcContext) -> u32 {
     // SAFETY: the TC context points at a valid __sk_buff.
     unsafe { (*skb_of(ctx)).ifindex }
+}
+
+/// The slots a destination address cut off by the frame's end matches:
+/// none. libpcap's `host` tests the source first, so such a frame still
+/// matches by its source.
+#[inline(always)]
+fn cut_off(needed: usize) -> u64 {
+    too_short(needed);
+    0
 }
 
 /// Notes, when diagnostics are on, that this frame ends before the

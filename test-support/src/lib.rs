@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod capfile;
 pub mod cluster;
+pub mod frames;
 pub mod netns;
 pub mod tcpdump;
 pub mod tools;
