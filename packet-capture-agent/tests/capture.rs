@@ -1442,15 +1442,7 @@ fn probing_frames(n: &mut Seeded) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     for src in V4 {
         for dst in V4.into_iter().filter(|d| *d != src) {
-            let (sport, dport) = (
-                *n.pick(&[53, 80, 443, 40000]),
-                *n.pick(&[53, 80, 443, 40000]),
-            );
-            let l4 = [
-                (TCP, frames::tcp(sport, dport, SYN, &[])),
-                (UDP, frames::udp(sport, dport, b"data")),
-                (SCTP, frames::sctp(sport, dport)),
-            ];
+            let l4 = transports(n);
             for (proto, l4) in &l4 {
                 out.push(v4(&frames::ipv4(*proto, src, dst, l4)));
             }
@@ -1499,15 +1491,7 @@ fn probing_frames(n: &mut Seeded) -> Vec<Vec<u8>> {
     }
     for src in V6 {
         for dst in V6.into_iter().filter(|d| *d != src) {
-            let (sport, dport) = (
-                *n.pick(&[53, 80, 443, 40000]),
-                *n.pick(&[53, 80, 443, 40000]),
-            );
-            let l4 = [
-                (TCP, frames::tcp(sport, dport, SYN, &[])),
-                (UDP, frames::udp(sport, dport, b"data")),
-                (SCTP, frames::sctp(sport, dport)),
-            ];
+            let l4 = transports(n);
             for (proto, l4) in &l4 {
                 out.push(v6(&frames::ipv6(*proto, src, dst, l4)));
             }
@@ -1539,6 +1523,20 @@ fn probing_frames(n: &mut Seeded) -> Vec<Vec<u8>> {
     }
     out
 }
+
+/// A TCP SYN, a UDP datagram and an SCTP header, between ports drawn from
+/// those [`probing_spec`] names, each with its protocol number.
+fn transports(n: &mut Seeded) -> [(u8, Vec<u8>); 3] {
+    let (sport, dport) = (*n.pick(&PROBED_PORTS), *n.pick(&PROBED_PORTS));
+    [
+        (TCP, frames::tcp(sport, dport, SYN, &[])),
+        (UDP, frames::udp(sport, dport, b"data")),
+        (SCTP, frames::sctp(sport, dport)),
+    ]
+}
+
+/// The ports of the probing frames and captures.
+const PROBED_PORTS: [u16; 4] = [53, 80, 443, 40000];
 
 /// A capture of 0 to 2 targets (addresses and CIDRs, some holding none of
 /// the frames' addresses), 0 to 2 ports, a direction and a filter.
@@ -1581,7 +1579,7 @@ fn probing_spec(n: &mut Seeded) -> CaptureSpec {
     }
     let mut ports = Vec::new();
     for _ in 0..n.below(3) {
-        let p = *n.pick(&[53, 80, 443, 40000]);
+        let p = *n.pick(&PROBED_PORTS);
         if !ports.contains(&p) {
             ports.push(p);
         }

@@ -734,12 +734,11 @@ fn parse_network(ctx: &TcContext, proto: u16, offset: usize, settings: &Settings
             };
             // As libpcap's `src host` and `dst host` do for ARP.
             let from = ipv4_slots(settings, spa);
-            let to = match ctx.load::<[u8; 4]>(offset + 24) {
-                Ok(tpa) => ipv4_slots(settings, tpa),
-                Err(_) => cut_off(offset + ARP_LEN),
+            let Ok(tpa) = ctx.load::<[u8; 4]>(offset + 24) else {
+                return source_only(settings, from, offset + ARP_LEN);
             };
             Selectors {
-                ip: settings.any_ip | by_direction(settings, from, to),
+                ip: settings.any_ip | by_direction(settings, from, ipv4_slots(settings, tpa)),
                 ports: None,
             }
         }
@@ -754,11 +753,7 @@ fn parse_ipv4(ctx: &TcContext, offset: usize, settings: &Settings) -> Selectors 
             too_short(offset + IPV4_MIN_LEN);
             return no_match(settings.any_ip);
         };
-        let to = cut_off(offset + IPV4_MIN_LEN);
-        return Selectors {
-            ip: settings.any_ip | by_direction(settings, ipv4_slots(settings, src), to),
-            ports: None,
-        };
+        return source_only(settings, ipv4_slots(settings, src), offset + IPV4_MIN_LEN);
     };
     ipv4_selectors(ctx, &header, offset, None, settings)
 }
@@ -822,11 +817,7 @@ fn parse_ipv6(ctx: &TcContext, offset: usize, settings: &Settings) -> Selectors 
             too_short(offset + IPV6_LEN);
             return no_match(settings.any_ip);
         };
-        let to = cut_off(offset + IPV6_LEN);
-        return Selectors {
-            ip: settings.any_ip | by_direction(settings, ipv6_slots(settings, src), to),
-            ports: None,
-        };
+        return source_only(settings, ipv6_slots(settings, src), offset + IPV6_LEN);
     };
     let mut next = header[6];
     // SAFETY: both addresses are inside the 40-byte header.
@@ -1116,13 +1107,16 @@ fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*skb_of(ctx)).ifindex }
 }
 
-/// The slots a destination address cut off by the frame's end matches:
-/// none. libpcap's `host` tests the source first, so such a frame still
-/// matches by its source.
+/// What a frame cut inside its destination address (before `needed`
+/// bytes) selects: the slots its source matches, `from`, as libpcap's
+/// `host` tests the source first; no ports.
 #[inline(always)]
-fn cut_off(needed: usize) -> u64 {
+fn source_only(settings: &Settings, from: u64, needed: usize) -> Selectors {
     too_short(needed);
-    0
+    Selectors {
+        ip: settings.any_ip | by_direction(settings, from, 0),
+        ports: None,
+    }
 }
 
 /// Notes, when diagnostics are on, that this frame ends before the
