@@ -1372,10 +1372,10 @@ fn vlan_tags_are_kept_as_libpcap_shows_them() {
 /// 802.1ad tags, ARP and RARP, version and header-length fields that lie,
 /// padding, and frames cut short inside each header (a frame cut after its
 /// source address or port matches by it, as libpcap's `host` and `port`
-/// test the source first). 24 random captures from a fixed seed, eight at a
-/// time, in pcap, pcapng and text, each compared with `pcap_offline_filter`
-/// on the frames sent (text: a line for each), and the files read by
-/// tshark.
+/// test the source first), sent into the node and out of it. 24 random
+/// captures from a fixed seed, eight at a time, in pcap, pcapng and text,
+/// each compared with `pcap_offline_filter` on the frames sent (text: a
+/// line for each), and the files read by tshark.
 /// On eBPF only: the libpcap backend selects with libpcap itself, and its
 /// sockets' rings have room for few frames on interfaces with offloads
 /// (libpcap gives each frame 64 KiB there), fewer than this burst of 318
@@ -1389,12 +1389,18 @@ fn crafted_frames_are_selected_as_libpcap_selects_them() {
     with_engine(&lab, Options::with(BackendChoice::Ebpf), |engine, rt| {
         let mut n = Seeded(0x5eed_cafe);
         let mut expected_some = 0;
-        for _ in 0..3 {
+        for round in 0..3 {
             let frames = probing_frames(&mut n);
             let specs: Vec<CaptureSpec> = (0..8).map(|_| probing_spec(&mut n)).collect();
             let started: Vec<CaptureStatus> =
                 specs.iter().map(|s| start(engine, s.clone())).collect();
-            send_frames(&lab.peer, &lab.veth.b, frames.iter().map(Vec::as_slice));
+            // Into the node (its ingress hook), then out of it (egress).
+            let (from, iface) = if round % 2 == 0 {
+                (&lab.peer, &lab.veth.b)
+            } else {
+                (&lab.node, &lab.veth.a)
+            };
+            send_frames(from, iface, frames.iter().map(Vec::as_slice));
             for (spec, status) in specs.iter().zip(started) {
                 let ended = stop(engine, rt, &status.id);
                 let (expression, theirs) = libpcap_selects(spec, &frames);
