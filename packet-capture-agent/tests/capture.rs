@@ -257,6 +257,21 @@ fn with_engine(
     });
 }
 
+/// Waits until the engine follows `iface` (its programs attached there, or
+/// its sockets opened), which it learns from netlink a moment after the
+/// interface appears.
+fn until_followed(engine: &Engine, iface: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !engine.interfaces().iter().any(|i| i == iface) {
+        assert!(
+            Instant::now() < deadline,
+            "{iface} never attached: {:?}",
+            engine.interfaces()
+        );
+        std::thread::yield_now();
+    }
+}
+
 fn spec(targets: &[&str], ports: &[u16], filter: &str) -> CaptureSpec {
     CaptureSpec {
         targets: targets
@@ -851,16 +866,7 @@ fn interfaces_created_after_start_are_captured() {
             let running =
                 (engine.backend() == "ebpf").then(|| start(engine, spec(&["10.97.0.2"], &[], "")));
             let late = VethPair::new(&lab.node, &["10.97.0.1/24"], &lab.peer, &["10.97.0.2/24"]);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !engine.interfaces().contains(&late.a) {
-                assert!(
-                    Instant::now() < deadline,
-                    "{} never attached: {:?}",
-                    late.a,
-                    engine.interfaces()
-                );
-                std::thread::yield_now();
-            }
+            until_followed(engine, &late.a);
             let file = lab.file("late.pcap");
             let dump = Tcpdump::start(&lab.node, &late.a, "host 10.97.0.2", 262_144, &file);
             let status = start(engine, spec(&["10.97.0.2"], &[], ""));
@@ -882,12 +888,9 @@ fn interfaces_created_after_start_are_captured() {
             }
             // And when it goes, the engine lets go of it.
             run(Command::new("ip").args(["-n", lab.node.name(), "link", "del", &late.a]));
+            let deadline = Instant::now() + Duration::from_secs(10);
             while engine.interfaces().contains(&late.a) {
-                assert!(
-                    Instant::now() < deadline + Duration::from_secs(10),
-                    "{} still listed",
-                    late.a
-                );
+                assert!(Instant::now() < deadline, "{} still listed", late.a);
                 std::thread::yield_now();
             }
         },
@@ -1399,11 +1402,7 @@ fn crafted_frames_are_selected_as_libpcap_selects_them() {
         ] {
             run(lab.node.command("sysctl").args(["-q", "-w", setting]));
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !engine.interfaces().iter().any(|i| i == "pcprobe0") {
-            assert!(Instant::now() < deadline, "pcprobe0 never attached");
-            std::thread::yield_now();
-        }
+        until_followed(engine, "pcprobe0");
         let mut n = Seeded(0x5eed_cafe);
         let mut expected_some = 0;
         for round in 0..4 {
@@ -1917,11 +1916,7 @@ fn link_less_interfaces_get_an_ethernet_header() {
         "link_less_interfaces_get_an_ethernet_header",
         |lab, engine, rt| {
             let _tun = TunResponder::start(&lab.node, "pctun0", "10.94.0.1/24");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !engine.interfaces().iter().any(|i| i == "pctun0") {
-                assert!(Instant::now() < deadline, "pctun0 never attached");
-                std::thread::yield_now();
-            }
+            until_followed(engine, "pctun0");
             let oracle = lab.file("tun.pcap");
             let dump = Tcpdump::start(&lab.node, "pctun0", "host 10.94.0.2", 262_144, &oracle);
             let status = start(engine, spec(&["10.94.0.2"], &[], ""));
