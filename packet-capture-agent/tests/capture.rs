@@ -1377,8 +1377,9 @@ fn vlan_tags_are_kept_as_libpcap_shows_them() {
 /// source address or port matches by it, as libpcap's `host` and `port`
 /// test the source first), sent into the node and out of it, and their IP
 /// packets into a tun (no link header). 32 random captures from a fixed
-/// seed, eight at a time, in pcap, pcapng and text,
-/// each compared with `pcap_offline_filter` on the frames sent (text: a
+/// seed, eight at a time, in pcap, pcapng and text, keeping copies or not,
+/// each compared with `pcap_offline_filter` on the frames sent, target by
+/// target and port by port (text: a
 /// line for each), and the files read by tshark.
 /// On eBPF only: the libpcap backend selects with libpcap itself, and its
 /// sockets' rings have room for few frames on interfaces with offloads
@@ -1651,6 +1652,8 @@ fn probing_spec(n: &mut Seeded) -> CaptureSpec {
     }
     let mut spec = spec(&targets, &ports, n.pick(&filters));
     spec.format = *n.pick(&[OutputFormat::Pcap, OutputFormat::Pcapng, OutputFormat::Text]);
+    // Each frame passes one place once: copies kept or not, the same.
+    spec.keep_copies = n.below(2) == 1;
     if !targets.is_empty() {
         spec.direction = *n.pick(&[
             TargetDirection::Both,
