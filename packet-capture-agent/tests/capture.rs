@@ -1379,8 +1379,8 @@ fn vlan_tags_are_kept_as_libpcap_shows_them() {
 /// packets into a tun (no link header). 32 random captures from a fixed
 /// seed, eight at a time, in pcap, pcapng and text, keeping copies or not,
 /// each compared with `pcap_offline_filter` on the frames sent, target by
-/// target and port by port (text: a
-/// line for each), and the files read by tshark.
+/// target and port by port (text: a line for each), and the files read by
+/// tshark.
 /// On eBPF only: the libpcap backend selects with libpcap itself, and its
 /// sockets' rings have room for few frames on interfaces with offloads
 /// (libpcap gives each frame 64 KiB there), fewer than this burst of 318

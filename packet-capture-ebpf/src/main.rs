@@ -1121,7 +1121,7 @@ fn source_only(settings: &Settings, from: u64, needed: usize) -> Selectors {
 
 /// Notes, when diagnostics are on, that this frame ends before the
 /// `needed` bytes of the headers that would give its addresses or ports,
-/// so that only captures without targets and ports can match it.
+/// so that it matches only by those it holds whole.
 #[inline(always)]
 fn too_short(needed: usize) {
     if diagnostics() {
