@@ -132,17 +132,10 @@ struct Handle {
     /// The link carries no Ethernet header (DLT_RAW): one is put in front.
     raw_ip: bool,
     cap: pcap::Capture<pcap::Active>,
-    /// Packets read from the socket.
-    read: u64,
-}
-
-impl Handle {
-    /// Whether every packet the kernel queued on the socket has been read.
-    fn caught_up(&mut self) -> bool {
-        self.cap.stats().map_or(true, |s| {
-            self.read >= u64::from(s.received.saturating_sub(s.dropped))
-        })
-    }
+    /// The last read emptied the socket's ring. The kernel's counts cannot
+    /// tell this: they include the other direction's packets, which libpcap
+    /// skips without handing them over.
+    drained: bool,
 }
 
 fn open(link: &Link, direction: Direction, filter: &SocketFilter) -> Result<Handle, OpenError> {
@@ -185,7 +178,7 @@ fn open(link: &Link, direction: Direction, filter: &SocketFilter) -> Result<Hand
         direction,
         raw_ip,
         cap,
-        read: 0,
+        drained: false,
     })
 }
 
@@ -421,17 +414,15 @@ impl Worker {
         }
     }
 
-    /// Reads until every socket has handed over what its kernel side
-    /// queued: what arrived before the stop belongs to the capture.
+    /// Reads until every socket's ring is empty, for at most a second
+    /// under a flood: what arrived before the stop belongs to the capture.
     fn read_rest(&mut self) -> Option<EndReason> {
         let deadline = std::time::Instant::now() + Duration::from_secs(1);
         loop {
             if let Some(reason) = self.read_all() {
                 return Some(reason);
             }
-            if self.handles.iter_mut().all(Handle::caught_up)
-                || std::time::Instant::now() > deadline
-            {
+            if self.handles.iter().all(|h| h.drained) || std::time::Instant::now() > deadline {
                 return None;
             }
             wait_readable(&self.fds(), Duration::from_millis(5));
@@ -453,17 +444,20 @@ impl Worker {
         let mut gone = Vec::new();
         for (i, h) in self.handles.iter_mut().enumerate() {
             let round_start = self.arena.len();
+            h.drained = false;
             while self.arena.len() - round_start < ROUND_BYTES {
                 let packet = match h.cap.next_packet() {
                     Ok(p) => p,
-                    Err(pcap::Error::TimeoutExpired) => break,
+                    Err(pcap::Error::TimeoutExpired) => {
+                        h.drained = true;
+                        break;
+                    }
                     Err(e) => {
                         tracing::debug!(iface = h.name, error = %e, "socket closed");
                         gone.push(i);
                         break;
                     }
                 };
-                h.read += 1;
                 let start = self.arena.len();
                 let mut orig_len = packet.header.len;
                 if h.raw_ip {
