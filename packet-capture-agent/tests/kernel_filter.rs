@@ -217,21 +217,16 @@ fn ethernet_frames(packets: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
     frames
 }
 
+/// The protocol primitives both the chosen and the random expressions
+/// start from.
+const PROTOCOLS: [&str; 10] = [
+    "tcp", "udp", "icmp", "icmp6", "ip", "ip6", "arp", "sctp", "vlan", "vlan 100",
+];
+
 /// Expressions chosen for what they exercise, then combinations of
 /// primitives with `not`, `and` and `or`.
 fn expressions() -> Vec<String> {
     let hand_picked = [
-        "",
-        "tcp",
-        "udp",
-        "icmp",
-        "icmp6",
-        "ip",
-        "ip6",
-        "arp",
-        "sctp",
-        "vlan",
-        "vlan 100",
         "vlan 200",
         "vlan and tcp",
         "vlan 100 and tcp port 80",
@@ -348,7 +343,11 @@ fn expressions() -> Vec<String> {
         "ether broadcast",
         "icmp6",
     ];
-    let mut all: Vec<String> = hand_picked.iter().map(|s| s.to_string()).collect();
+    let mut all: Vec<String> = std::iter::once("")
+        .chain(PROTOCOLS)
+        .chain(hand_picked)
+        .map(String::from)
+        .collect();
     for p in primitives {
         all.push(format!("not {p}"));
     }
@@ -431,6 +430,14 @@ impl Comparison {
         c
     }
 
+    /// Says in the test's output what was compared.
+    fn report(&self, expressions: &str, frames: &str, frame_count: usize, packet_count: usize) {
+        eprintln!(
+            "{} {expressions} ({} also for raw IP), {frame_count} {frames}, {packet_count} IP packets: {} verdicts compared",
+            self.compiled, self.raw_ip_compiled, self.compared
+        );
+    }
+
     /// Fails on any verdict that differs, and on any expression the kernel
     /// cannot run but libpcap's `protochain` loops.
     fn assert_agreed(&self) {
@@ -489,13 +496,11 @@ fn kernel_verdicts_equal_libpcaps() {
     );
     let c = Comparison::run(&expressions, &frames, &packets);
     assert!(c.compiled >= 300, "{} expressions compiled", c.compiled);
-    eprintln!(
-        "{} expressions ({} also for raw IP), {} Ethernet frames, {} IP packets: {} verdicts compared",
-        c.compiled,
-        c.raw_ip_compiled,
+    c.report(
+        "expressions",
+        "Ethernet frames",
         frames.len(),
         packets.len(),
-        c.compared
     );
     c.assert_agreed();
     assert!(!c.untranslatable.is_empty(), "protochain jumps back");
@@ -556,17 +561,7 @@ fn random_value(n: &mut Seeded, depth: u32) -> String {
 
 /// A filter of primitives and comparisons joined by `not`, `and`, `or`.
 fn random_expression(n: &mut Seeded, depth: u32) -> String {
-    let primitives = [
-        "tcp",
-        "udp",
-        "icmp",
-        "icmp6",
-        "ip",
-        "ip6",
-        "arp",
-        "sctp",
-        "vlan",
-        "vlan 100",
+    let others = [
         "mpls",
         "pppoes",
         "ip proto 17",
@@ -594,6 +589,7 @@ fn random_expression(n: &mut Seeded, depth: u32) -> String {
         "ip6[6] == 44",
         "arp net 10.0.0.0/24",
     ];
+    let primitives: Vec<&str> = PROTOCOLS.into_iter().chain(others).collect();
     match n.below(if depth >= 2 { 2 } else { 5 }) {
         0 => n.pick(&primitives).to_string(),
         1 => format!(
@@ -658,13 +654,11 @@ fn random_filters_on_damaged_frames_agree_too() {
         .take(500)
         .collect();
     let c = Comparison::run(&expressions, &frames, &packets);
-    eprintln!(
-        "{} random expressions compiled ({} also for raw IP), {} damaged Ethernet frames, {} IP packets: {} verdicts compared",
-        c.compiled,
-        c.raw_ip_compiled,
+    c.report(
+        "random expressions compiled",
+        "damaged Ethernet frames",
         frames.len(),
         packets.len(),
-        c.compared
     );
     c.assert_agreed();
     let both = c.both_ways(&expressions);
