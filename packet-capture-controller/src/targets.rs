@@ -239,12 +239,15 @@ pub fn resolve(
         for r in &selector.pods {
             let key = ObjectRef::new(&r.pod_name).within(&r.namespace);
             let found = caches.pods.get(&key).ok_or_else(|| "not found".to_owned());
-            match found.and_then(|pod| capturable(&pod)) {
-                Ok((node, _)) if !allowed(&node) => out.problems.push(TargetProblem::pod(
+            match found.and_then(|pod| Ok((capturable(&pod)?, pod))) {
+                Ok(((node, _), _)) if !allowed(&node) => out.problems.push(TargetProblem::pod(
                     r,
                     format!("is on node {node}, which spec.nodeSelector leaves out"),
                 )),
-                Ok((node, ips)) => {
+                Ok(((node, _), pod)) if let Some(reason) = node_wide(&pod, &node, authorized) => {
+                    out.problems.push(TargetProblem::pod(r, reason))
+                }
+                Ok(((node, ips), _)) => {
                     selected.push((node, format!("{}/{}", r.namespace, r.pod_name), ips))
                 }
                 Err(reason) => out.problems.push(TargetProblem::pod(r, reason)),
@@ -373,6 +376,19 @@ fn outside(
         None => Some(format!(
             "is no pod's address now (or not one pod's alone), and the requester was authorized to capture only pods' addresses (in {within}): left out"
         )),
+    }
+}
+
+/// Why a named pod on `node` is left out for a requester found allowed to
+/// capture pods only in some namespaces: it is on its node's network now
+/// (recreated so after admission, where capturing it needed every
+/// namespace), and its address would capture the whole node.
+fn node_wide(pod: &Pod, node: &str, authorized: Option<&Granted>) -> Option<String> {
+    match authorized {
+        Some(only @ Granted::Namespaces(_)) if host_network(pod) => Some(format!(
+            "is on the host network of node {node} now, and the requester was authorized to capture pods only in namespaces {only}: left out"
+        )),
+        _ => None,
     }
 }
 
@@ -804,6 +820,32 @@ mod tests {
             assert_eq!(
                 resolved.nodes["n1"],
                 ["10.1.0.0/16", "10.1.1.5", "10.1.9.9"]
+            );
+        }
+    }
+
+    #[test]
+    fn a_named_pod_now_on_the_host_network_needs_a_requester_allowed_everywhere() {
+        let mut db = pod("shop", "db", "n2", &["192.168.0.2"]);
+        db.spec.as_mut().unwrap().host_network = Some(true);
+        let caches = caches(vec![db, pod("default", "web", "n1", &["10.1.1.5"])]);
+        let agents = ["n1", "n2"].iter().map(|s| s.to_string()).collect();
+        let named = spec(&[], &[("shop", "db"), ("default", "web")]);
+        let in_both = Granted::parse("default,shop");
+        let resolved = super::resolve(&named, Some(&in_both), &caches, &agents);
+        assert_eq!(nodes_of(&resolved), [("n1", vec!["10.1.1.5"])]);
+        assert_eq!(
+            resolved.problems[0].to_string(),
+            "pod shop/db is on the host network of node n2 now, and the requester was authorized to capture pods only in namespaces default,shop: left out"
+        );
+        // Allowed everywhere (as the webhook requires for a host-network
+        // pod), or nothing recorded: the node's address, as before.
+        for authorized in [Some(&Granted::Everywhere), None] {
+            let resolved = super::resolve(&named, authorized, &caches, &agents);
+            assert!(resolved.problems.is_empty(), "{:?}", resolved.problems);
+            assert_eq!(
+                nodes_of(&resolved),
+                [("n1", vec!["10.1.1.5"]), ("n2", vec!["192.168.0.2"])]
             );
         }
     }

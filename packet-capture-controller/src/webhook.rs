@@ -116,6 +116,18 @@ pub struct Admission {
     events: Arc<Events>,
 }
 
+/// Whether `spec` names targets whose meaning may change while it runs, so
+/// that where its requester may capture is worth recording: an address in
+/// `targetIPs` may pass to another pod, and a named pod may be recreated on
+/// its node's network.
+fn follows_what_may_change(spec: &PacketCaptureConfigSpec) -> bool {
+    !spec.target_ips.is_empty()
+        || spec
+            .pod_selector
+            .as_ref()
+            .is_some_and(|s| !s.pods.is_empty())
+}
+
 /// Whether `req` asks for a capture: a create, or an update that changes
 /// the spec (anything else captures nothing new).
 fn asks_for_capture(req: &AdmissionRequest<DynamicObject>) -> bool {
@@ -194,11 +206,12 @@ impl Admission {
 
     /// Answers one mutating AdmissionReview. When it asks for a capture,
     /// the requesting user becomes the capture's requester, and where they
-    /// may capture is recorded for its `targetIPs` ([`AUTHORIZED_IN`]; none
-    /// without them). Any other update keeps what the capture had (an edit
-    /// of either annotation is undone). It refuses only what it cannot find
-    /// out now (an API error), which asking again may overcome; whether
-    /// the targets are allowed is the validating webhook's to say.
+    /// may capture is recorded for its `targetIPs` and named pods
+    /// ([`AUTHORIZED_IN`]; none without either). Any other update keeps
+    /// what the capture had (an edit of either annotation is undone). It
+    /// refuses only what it cannot find out now (an API error), which
+    /// asking again may overcome; whether the targets are allowed is the
+    /// validating webhook's to say.
     pub async fn mutate(
         &self,
         review: AdmissionReview<DynamicObject>,
@@ -213,7 +226,7 @@ impl Admission {
         };
         let (requester, authorized) = if asks_for_capture(&req) {
             let authorized = match parse(obj) {
-                Ok(pcc) if !pcc.spec.target_ips.is_empty() => {
+                Ok(pcc) if follows_what_may_change(&pcc.spec) => {
                     match access::authorized_in(&self.client, &pcc.spec, &req.user_info).await {
                         Ok(granted) => Some(granted.to_string()),
                         Err(e) => {
@@ -225,8 +238,9 @@ impl Admission {
                         }
                     }
                 }
-                // Without targetIPs nothing follows an address; a spec
-                // that does not parse is refused by the validating webhook.
+                // Pods selected by labels are never host-network ones; a
+                // spec that does not parse is refused by the validating
+                // webhook.
                 _ => None,
             };
             (req.user_info.username.clone(), authorized)

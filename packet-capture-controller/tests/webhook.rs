@@ -552,10 +552,26 @@ async fn the_requester_and_where_they_may_capture_are_recorded_when_they_ask() {
             Some(recorded)
         );
     }
-    // Without targetIPs nothing follows an address: nothing is asked or
-    // recorded.
+    // A named pod may be recreated on its node's network: where its
+    // requester may capture is recorded too (the pod, then shop, then
+    // every namespace).
     let by_name = json!({"podSelector": {"pods": [{"podName": "web", "namespace": "shop"}]}});
-    let object = mutated(&admission, request_of(by_name, "alice", None, None))
+    let task = mutated(&admission, request_of(by_name, "alice", None, None));
+    api.answer("GET", "/api/v1/namespaces/shop/pods/web", 200, |_| {
+        pod("shop", "web", "10.244.1.5", false)
+    })
+    .await;
+    let sar = access_review(&mut api, true).await;
+    assert_eq!(sar["resourceAttributes"]["namespace"], "shop");
+    let sar = access_review(&mut api, false).await;
+    assert_eq!(sar["resourceAttributes"].get("namespace"), None);
+    let object = task.await.unwrap();
+    assert_eq!(annotation(&object, REQUESTED_BY).as_deref(), Some("alice"));
+    assert_eq!(annotation(&object, AUTHORIZED_IN).as_deref(), Some("shop"));
+    // Pods selected by labels are never host-network ones, and no address
+    // is followed: nothing is asked or recorded.
+    let by_labels = json!({"podSelector": {"matchLabels": {"app": "web"}}});
+    let object = mutated(&admission, request_of(by_labels, "alice", None, None))
         .await
         .unwrap();
     assert_eq!(annotation(&object, REQUESTED_BY).as_deref(), Some("alice"));

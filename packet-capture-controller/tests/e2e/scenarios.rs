@@ -23,7 +23,7 @@ use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, RuleWithOperations, ValidatingWebhook,
     ValidatingWebhookConfiguration, WebhookClientConfig,
 };
-use k8s_openapi::api::core::v1::{ConfigMap, Event, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Pod, Secret};
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::runtime::wait::await_condition;
 use kube::{Api, ResourceExt};
@@ -1569,6 +1569,114 @@ async fn a_pod_address_given_to_another_namespace_is_not_captured() {
         3,
         "web's pings, and none of the pod of another namespace that got its address: {packets:?}"
     );
+    drop(cleanup);
+}
+
+/// Someone allowed to capture only in one namespace names a pod there;
+/// the pod is recreated on its node's network while the capture runs.
+/// Its address is then the node's, which capturing needs every namespace
+/// for (the webhook's rule at admission): the pod is left out, and the
+/// node's agent is not given its node's address.
+#[tokio::test]
+async fn a_named_pod_recreated_on_the_host_network_is_left_out() {
+    let setup = Setup {
+        webhook: Certs::Dir,
+        ..TWO_NODES
+    };
+    let Some(w) = World::start(
+        "a_named_pod_recreated_on_the_host_network_is_left_out",
+        setup,
+    )
+    .await
+    else {
+        return;
+    };
+    let mut cleanup = webhook_registered(&w).await;
+    let ns = w.namespace.name().to_string();
+    let creator = creator(&w, &mut cleanup).await;
+    captures_in_its_namespace(&w, &creator.subject).await;
+    let web = w.nodes[0].add_pod(&ns, "web").await.expect("pod web");
+    let spec =
+        json!({"podSelector": {"pods": [{"podName": "web", "namespace": ns}]}, "duration": 600});
+    let capture: PacketCaptureConfig = serde_json::from_value(object(&w, spec)).unwrap();
+    until_admitted(
+        &creator.api,
+        &capture,
+        "capture in its namespace still refused",
+    )
+    .await;
+    let created = creator
+        .api
+        .create(&PostParams::default(), &capture)
+        .await
+        .expect("the creator's capture of its pod");
+    assert_eq!(created.annotations().get(AUTHORIZED_IN), Some(&ns));
+    let (name, uid) = (created.name_any(), World::uid(&created));
+    w.until_running_on(&name, 1, 1).await;
+
+    let since = std::time::Instant::now();
+    drop(web);
+    until_agent_captures(
+        &w,
+        (&uid, 0),
+        "no address",
+        (since, Duration::from_secs(30)),
+        |spec| spec.target_ips.is_empty(),
+    )
+    .await;
+    let node = &w.nodes[0];
+    let pods: Api<Pod> = Api::namespaced(w.client.clone(), &ns);
+    let on_host: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "web", "namespace": ns},
+        "spec": {
+            "nodeName": node.name(),
+            "hostNetwork": true,
+            "containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}],
+        },
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &on_host)
+        .await
+        .expect("web again, on the host network");
+    let address = node.ip().to_string();
+    let running = json!({"status": {
+        "phase": "Running",
+        "hostIP": address,
+        "podIP": address,
+        "podIPs": [{"ip": address}],
+    }});
+    pods.patch_status("web", &PatchParams::default(), &Patch::Merge(&running))
+        .await
+        .expect("web running with its node's address");
+
+    let left_out = format!(
+        "pod {ns}/web\", reason: \"is on the host network of node {} now",
+        node.name()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !w.controller.log().contains(&left_out) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the controller did not leave out web on the host network: {}",
+            w.controller.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let captures = w.captures_of(0, &uid).await;
+    let targets: Vec<Vec<String>> = captures
+        .iter()
+        .map(|c| c.spec.clone().unwrap_or_default().target_ips)
+        .collect();
+    assert_eq!(
+        targets,
+        [Vec::<String>::new()],
+        "node 0 captures: {captures:?}"
+    );
+
+    w.delete_capture(&name, &uid).await;
+    pods.delete("web", &kube::api::DeleteParams::default().grace_period(0))
+        .await
+        .expect("web deleted");
     drop(cleanup);
 }
 
