@@ -225,6 +225,8 @@ struct Attachment {
     /// Whether attaching made the interface's clsact qdisc (netlink
     /// filters only), which then goes with the filters.
     made_clsact: bool,
+    /// The interface's index when attached.
+    index: Option<u32>,
 }
 
 impl Attachment {
@@ -245,6 +247,10 @@ pub struct Kernel {
     /// packets nothing.
     links: HashMap<String, (LinkKind, u32)>,
     attached: HashMap<String, Attachment>,
+    /// The interfaces (by index) whose clsact qdisc attaching made: a
+    /// rename forgets the attachment under the old name, not who made the
+    /// qdisc that the attachment under the new name finds.
+    clsact_made: HashSet<u32>,
     settings: Array<MapData, Settings>,
     ipv4: LpmTrie<MapData, [u8; 4], u64>,
     ipv6: LpmTrie<MapData, [u8; 16], u64>,
@@ -386,6 +392,7 @@ impl Kernel {
             ebpf,
             links: HashMap::new(),
             attached: HashMap::new(),
+            clsact_made: HashSet::new(),
             slots: HashMap::new(),
             prefixes: HashMap::new(),
             port_masks: HashMap::new(),
@@ -478,6 +485,11 @@ impl Kernel {
             self.links.remove(iface);
             self.forget(iface);
         }
+        // Renamed, it keeps its qdisc; gone (or moved to another
+        // namespace), the qdisc went with it.
+        if !interface_exists(index) {
+            self.clsact_made.remove(&index);
+        }
     }
 
     /// The interfaces captures are taken on.
@@ -518,12 +530,14 @@ impl Kernel {
             name: ingress_name,
             source,
         })?;
-        // Before TCX the hooks need a clsact qdisc; an existing one is shared.
+        // Before TCX the hooks need a clsact qdisc; an existing one is
+        // shared, unless attaching made it under an earlier name.
+        let index = interface_index(iface).ok();
         let made_clsact = match (!tcx).then(|| tc::qdisc_add_clsact(&ifname)) {
             None => false,
             Some(Ok(())) => true,
             Some(Err(tc::TcError::NetlinkError(e))) if e.raw_os_error() == Some(libc::EEXIST) => {
-                false
+                index.is_some_and(|i| self.clsact_made.contains(&i))
             }
             Some(Err(e)) => {
                 return Err(Error::Program {
@@ -531,13 +545,6 @@ impl Kernel {
                     source: e.into(),
                 });
             }
-        };
-        // Nothing half-attached: what failed leaves no qdisc of ours.
-        let undo = |e| {
-            if made_clsact {
-                release_clsact(iface);
-            }
-            e
         };
         let attach = |ebpf: &mut Ebpf, name: &'static str, hook, order: fn() -> LinkOrder| {
             let program = classifier(ebpf, name)?;
@@ -569,23 +576,32 @@ impl Kernel {
                 }
             }
         };
-        let ingress = attach(
-            &mut self.ebpf,
-            ingress_name,
-            TcAttachType::Ingress,
-            LinkOrder::first,
-        )
-        .map_err(undo)?;
-        let egress = match egress_name
-            .map(|name| attach(&mut self.ebpf, name, TcAttachType::Egress, LinkOrder::last))
-            .transpose()
-        {
-            Ok(link) => link,
+        let ebpf = &mut self.ebpf;
+        let links = attach(ebpf, ingress_name, TcAttachType::Ingress, LinkOrder::first).and_then(
+            |ingress| match egress_name
+                .map(|name| attach(ebpf, name, TcAttachType::Egress, LinkOrder::last))
+                .transpose()
+            {
+                Ok(egress) => Ok((ingress, egress)),
+                Err(e) => {
+                    let _ = classifier(ebpf, ingress_name).map(|p| p.detach(ingress));
+                    Err(e)
+                }
+            },
+        );
+        let (ingress, egress) = match links {
+            Ok(links) => links,
             Err(e) => {
-                let _ = classifier(&mut self.ebpf, ingress_name).map(|p| p.detach(ingress));
-                return Err(undo(e));
+                // Nothing half-attached: what failed leaves no qdisc of ours.
+                if made_clsact {
+                    self.release_own_clsact(iface, index);
+                }
+                return Err(e);
             }
         };
+        if made_clsact && let Some(i) = index {
+            self.clsact_made.insert(i);
+        }
         self.attached.insert(
             iface.to_owned(),
             Attachment {
@@ -593,6 +609,7 @@ impl Kernel {
                 egress,
                 kind,
                 made_clsact,
+                index,
             },
         );
         Ok(())
@@ -605,7 +622,7 @@ impl Kernel {
         let Some(a) = self.attached.remove(iface) else {
             return;
         };
-        let made_clsact = a.made_clsact;
+        let (made_clsact, index) = (a.made_clsact, a.index);
         for (name, link) in a.links() {
             if let Ok(program) = classifier(&mut self.ebpf, name)
                 && let Err(e) = program.detach(link)
@@ -614,7 +631,15 @@ impl Kernel {
             }
         }
         if made_clsact {
-            release_clsact(iface);
+            self.release_own_clsact(iface, index);
+        }
+    }
+
+    /// Deletes the clsact qdisc attaching made on `iface` (at `index`).
+    fn release_own_clsact(&mut self, iface: &str, index: Option<u32>) {
+        release_clsact(iface);
+        if let Some(i) = index {
+            self.clsact_made.remove(&i);
         }
     }
 
@@ -1411,6 +1436,13 @@ struct TcFilter {
 }
 
 /// The index of interface `iface` in this thread's network namespace.
+/// Whether an interface has `index` in this network namespace.
+fn interface_exists(index: u32) -> bool {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `name` has the IF_NAMESIZE bytes the call may write.
+    !unsafe { libc::if_indextoname(index, name.as_mut_ptr()) }.is_null()
+}
+
 fn interface_index(iface: &str) -> std::io::Result<u32> {
     let name = std::ffi::CString::new(iface)?;
     // SAFETY: a NUL-terminated name; the call only reads it.

@@ -3,7 +3,8 @@
 //! qdisc it made goes with its filters, unless someone else's filter is on
 //! it, and one it did not make stays; filters a killed agent left are
 //! removed when the next one starts, so a capture then records each packet
-//! once; the last capture's end and SIGTERM leave no filter behind.
+//! once; an interface renamed during a capture keeps no qdisc of ours; the
+//! last capture's end and SIGTERM leave no filter behind.
 
 use std::path::Path;
 
@@ -39,6 +40,38 @@ fn has_clsact(ns: &Netns, dev: &str) -> bool {
 
 fn names(filters: &[(String, String)]) -> Vec<&str> {
     filters.iter().map(|(name, _)| name.as_str()).collect()
+}
+
+/// Renames `from` to `to` (a link must be down for that), and up again.
+fn rename(ns: &Netns, from: &str, to: &str) {
+    run(ns.command("ip").args(["link", "set", "dev", from, "down"]));
+    run(ns
+        .command("ip")
+        .args(["link", "set", "dev", from, "name", to]));
+    run(ns.command("ip").args(["link", "set", "dev", to, "up"]));
+}
+
+/// Waits until the agent has said `n` times that it found `iface` (it
+/// says so once it has taken up the interface, and attached when a
+/// capture runs).
+fn until_found(agent: &AgentProcess, iface: &str, n: usize) {
+    let named = format!("iface=\"{iface}\"");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let log = agent.log();
+        let found = log
+            .lines()
+            .filter(|l| l.contains("interface found") && l.contains(&named))
+            .count();
+        if found >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not find {iface} {n} times:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// The agent's REST API, from a thread inside its namespace.
@@ -140,6 +173,30 @@ async fn filters_a_killed_agent_left_are_removed_and_none_outlive_the_captures()
     assert!(!has_clsact(&node, &veth.a), "the agent's own qdisc is gone");
     assert!(has_clsact(&node, "lo"), "someone else's qdisc stays");
 
+    // Renamed while a capture runs: the qdisc the agent made under the old
+    // name goes with its filters under the new one.
+    rest.start("renamed").await;
+    assert!(has_clsact(&node, &veth.a));
+    let renamed = "tnrenamed";
+    rename(&node, &veth.a, renamed);
+    until_found(&first, renamed, 1);
+    assert_eq!(
+        [
+            filters(&node, renamed, "ingress"),
+            filters(&node, renamed, "egress")
+        ]
+        .each_ref()
+        .map(|f| names(f)),
+        [["tc_ingress"], ["tc_egress"]],
+        "one filter on each hook under the new name"
+    );
+    rest.stop("renamed").await;
+    assert!(filters(&node, renamed, "ingress").is_empty());
+    assert!(filters(&node, renamed, "egress").is_empty());
+    assert!(!has_clsact(&node, renamed), "the agent's own qdisc is gone");
+    rename(&node, renamed, &veth.a);
+    until_found(&first, &veth.a, 2);
+
     // A filter someone else put on the agent's qdisc keeps it there.
     rest.start("shared").await;
     let foreign = ["dev", &veth.a, "egress", "protocol", "all", "prio", "1"];
@@ -164,6 +221,7 @@ async fn filters_a_killed_agent_left_are_removed_and_none_outlive_the_captures()
         "the other filter stays"
     );
     run(node.command("tc").args(["filter", "del"]).args(foreign));
+
     // A capture runs when the agent dies: its slot stays active in the
     // programs it leaves behind.
     Rest::new(&first).start("before-kill").await;
