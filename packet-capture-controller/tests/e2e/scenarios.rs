@@ -1504,33 +1504,35 @@ async fn captures_in_its_namespace(w: &World, subject: &str) {
         .expect("letting the creator capture in the namespace");
 }
 
-/// Someone allowed to capture only in one namespace captures a pod's
-/// address there while a pod there holds it: once the pod is gone its
-/// address is left out (the mutating webhook recorded where the creator
-/// may capture), and the pod of another namespace the cluster gives it to
-/// next is not captured.
-#[tokio::test]
-async fn a_pod_address_given_to_another_namespace_is_not_captured() {
+/// A capture by a creator allowed to capture only in the world's
+/// namespace, of the targets `spec` gives for pod `web` there (on node 0),
+/// admitted, recorded as allowed in that namespace alone, and running on
+/// node 0.
+struct InOneNamespace {
+    /// The bindings; dropped first, before the world.
+    cleanup: Deletes,
+    ns: String,
+    web: SimPod,
+    name: String,
+    uid: String,
+}
+
+async fn captured_in_one_namespace(
+    test: &str,
+    spec: impl FnOnce(&str, &SimPod) -> serde_json::Value,
+) -> Option<(InOneNamespace, World)> {
     let setup = Setup {
         webhook: Certs::Dir,
         ..TWO_NODES
     };
-    let Some(w) = World::start(
-        "a_pod_address_given_to_another_namespace_is_not_captured",
-        setup,
-    )
-    .await
-    else {
-        return;
-    };
+    let w = World::start(test, setup).await?;
     let mut cleanup = webhook_registered(&w).await;
     let ns = w.namespace.name().to_string();
     let creator = creator(&w, &mut cleanup).await;
     captures_in_its_namespace(&w, &creator.subject).await;
     let web = w.nodes[0].add_pod(&ns, "web").await.expect("pod web");
-    let reused = web.ip();
     let mut capture: PacketCaptureConfig =
-        serde_json::from_value(object(&w, json!({"targetIPs": [reused.to_string()]}))).unwrap();
+        serde_json::from_value(object(&w, spec(&ns, &web))).unwrap();
     capture.spec.duration = 600;
     until_admitted(
         &creator.api,
@@ -1542,26 +1544,56 @@ async fn a_pod_address_given_to_another_namespace_is_not_captured() {
         .api
         .create(&PostParams::default(), &capture)
         .await
-        .expect("the creator's capture of its pod's address");
+        .expect("the creator's capture in its namespace");
     assert_eq!(created.annotations().get(AUTHORIZED_IN), Some(&ns));
     let (name, uid) = (created.name_any(), World::uid(&created));
     w.until_running_on(&name, 1, 1).await;
-    ping_between(&w.pods[1], &web, 3).await;
+    let one = InOneNamespace {
+        cleanup,
+        ns,
+        web,
+        name,
+        uid,
+    };
+    Some((one, w))
+}
 
+/// Deletes `web`, then waits until node 0's agent captures no address for
+/// the capture `uid`: within a generous bound, since what matters is that
+/// the address has gone before the next pod can get it.
+async fn until_web_is_gone(w: &World, web: SimPod, uid: &str) {
     let since = std::time::Instant::now();
     drop(web);
-    // Within a generous bound: what matters is that the address has gone
-    // before the next pod can get it.
     let within = Duration::from_secs(30);
-    until_agent_captures(&w, (&uid, 0), "no address", (since, within), |spec| {
+    until_agent_captures(w, (uid, 0), "no address", (since, within), |spec| {
         spec.target_ips.is_empty()
     })
     .await;
+}
+
+/// Someone allowed to capture only in one namespace captures a pod's
+/// address there while a pod there holds it: once the pod is gone its
+/// address is left out (the mutating webhook recorded where the creator
+/// may capture), and the pod of another namespace the cluster gives it to
+/// next is not captured.
+#[tokio::test]
+async fn a_pod_address_given_to_another_namespace_is_not_captured() {
+    let Some((one, w)) = captured_in_one_namespace(
+        "a_pod_address_given_to_another_namespace_is_not_captured",
+        |_, web| json!({"targetIPs": [web.ip().to_string()]}),
+    )
+    .await
+    else {
+        return;
+    };
+    let reused = one.web.ip();
+    ping_between(&w.pods[1], &one.web, 3).await;
+    until_web_is_gone(&w, one.web, &one.uid).await;
     let elsewhere = w.cluster.namespace("e2e").await.expect("another namespace");
     let _other = given_the_address(&w, elsewhere.name(), &[], reused).await;
 
-    w.delete_capture(&name, &uid).await;
-    let captures = w.captures_of(0, &uid).await;
+    w.delete_capture(&one.name, &one.uid).await;
+    let captures = w.captures_of(0, &one.uid).await;
     assert_eq!(captures.len(), 1, "one capture: {captures:?}");
     let packets = w.packets_in(0, &captures[0].output_file).await;
     assert_eq!(
@@ -1569,7 +1601,7 @@ async fn a_pod_address_given_to_another_namespace_is_not_captured() {
         3,
         "web's pings, and none of the pod of another namespace that got its address: {packets:?}"
     );
-    drop(cleanup);
+    drop(one.cleanup);
 }
 
 /// Someone allowed to capture only in one namespace names a pod there;
@@ -1579,55 +1611,19 @@ async fn a_pod_address_given_to_another_namespace_is_not_captured() {
 /// node's agent is not given its node's address.
 #[tokio::test]
 async fn a_named_pod_recreated_on_the_host_network_is_left_out() {
-    let setup = Setup {
-        webhook: Certs::Dir,
-        ..TWO_NODES
-    };
-    let Some(w) = World::start(
+    let Some((one, w)) = captured_in_one_namespace(
         "a_named_pod_recreated_on_the_host_network_is_left_out",
-        setup,
+        |ns, _| json!({"podSelector": {"pods": [{"podName": "web", "namespace": ns}]}}),
     )
     .await
     else {
         return;
     };
-    let mut cleanup = webhook_registered(&w).await;
-    let ns = w.namespace.name().to_string();
-    let creator = creator(&w, &mut cleanup).await;
-    captures_in_its_namespace(&w, &creator.subject).await;
-    let web = w.nodes[0].add_pod(&ns, "web").await.expect("pod web");
-    let spec =
-        json!({"podSelector": {"pods": [{"podName": "web", "namespace": ns}]}, "duration": 600});
-    let capture: PacketCaptureConfig = serde_json::from_value(object(&w, spec)).unwrap();
-    until_admitted(
-        &creator.api,
-        &capture,
-        "capture in its namespace still refused",
-    )
-    .await;
-    let created = creator
-        .api
-        .create(&PostParams::default(), &capture)
-        .await
-        .expect("the creator's capture of its pod");
-    assert_eq!(created.annotations().get(AUTHORIZED_IN), Some(&ns));
-    let (name, uid) = (created.name_any(), World::uid(&created));
-    w.until_running_on(&name, 1, 1).await;
-
-    let since = std::time::Instant::now();
-    drop(web);
-    until_agent_captures(
-        &w,
-        (&uid, 0),
-        "no address",
-        (since, Duration::from_secs(30)),
-        |spec| spec.target_ips.is_empty(),
-    )
-    .await;
+    until_web_is_gone(&w, one.web, &one.uid).await;
     let node = &w.nodes[0];
-    let pods: Api<Pod> = Api::namespaced(w.client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(w.client.clone(), &one.ns);
     let on_host: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "web", "namespace": ns},
+        "metadata": {"name": "web", "namespace": one.ns},
         "spec": {
             "nodeName": node.name(),
             "hostNetwork": true,
@@ -1650,7 +1646,8 @@ async fn a_named_pod_recreated_on_the_host_network_is_left_out() {
         .expect("web running with its node's address");
 
     let left_out = format!(
-        "pod {ns}/web\", reason: \"is on the host network of node {} now",
+        "pod {}/web\", reason: \"is on the host network of node {} now",
+        one.ns,
         node.name()
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -1662,7 +1659,7 @@ async fn a_named_pod_recreated_on_the_host_network_is_left_out() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let captures = w.captures_of(0, &uid).await;
+    let captures = w.captures_of(0, &one.uid).await;
     let targets: Vec<Vec<String>> = captures
         .iter()
         .map(|c| c.spec.clone().unwrap_or_default().target_ips)
@@ -1673,11 +1670,11 @@ async fn a_named_pod_recreated_on_the_host_network_is_left_out() {
         "node 0 captures: {captures:?}"
     );
 
-    w.delete_capture(&name, &uid).await;
+    w.delete_capture(&one.name, &one.uid).await;
     pods.delete("web", &kube::api::DeleteParams::default().grace_period(0))
         .await
         .expect("web deleted");
-    drop(cleanup);
+    drop(one.cleanup);
 }
 
 /// Dry runs of `capture` until the API server admits it: a new binding
