@@ -56,22 +56,12 @@ fn rename(ns: &Netns, from: &str, to: &str) {
 /// capture runs).
 fn until_found(agent: &AgentProcess, iface: &str, n: usize) {
     let named = format!("iface=\"{iface}\"");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let log = agent.log();
-        let found = log
-            .lines()
-            .filter(|l| l.contains("interface found") && l.contains(&named))
-            .count();
-        if found >= n {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the agent did not find {iface} {n} times:\n{log}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let found = ["interface found", named.as_str()];
+    assert!(
+        agent.wait_for_log_lines(&found, n, std::time::Duration::from_secs(10)),
+        "the agent did not find {iface} {n} times:\n{}",
+        agent.log()
+    );
 }
 
 /// The agent's REST API, from a thread inside its namespace.

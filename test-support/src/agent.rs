@@ -127,11 +127,36 @@ impl AgentProcess {
     /// Waits until a log line contains `needle` and returns that line; `None`
     /// if the agent's stderr closes or `timeout` passes first.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Option<String> {
+        self.wait_for_lines(timeout, |lines| {
+            lines.iter().find(|l| l.contains(needle)).cloned()
+        })
+    }
+
+    /// Waits until `n` log lines contain every one of `needles`; false if
+    /// the agent's stderr closes or `timeout` passes first.
+    pub fn wait_for_log_lines(&self, needles: &[&str], n: usize, timeout: Duration) -> bool {
+        self.wait_for_lines(timeout, |lines| {
+            let matching = lines
+                .iter()
+                .filter(|l| needles.iter().all(|needle| l.contains(needle)));
+            (matching.count() >= n).then_some(())
+        })
+        .is_some()
+    }
+
+    /// Waits, woken by each new line, until `found` finds something in the
+    /// log's lines; `None` if the agent's stderr closes or `timeout` passes
+    /// first.
+    fn wait_for_lines<T>(
+        &self,
+        timeout: Duration,
+        mut found: impl FnMut(&[String]) -> Option<T>,
+    ) -> Option<T> {
         let deadline = Instant::now() + timeout;
         let mut log = self.log.log.lock().expect("log");
         loop {
-            if let Some(line) = log.lines.iter().find(|l| l.contains(needle)) {
-                return Some(line.clone());
+            if let Some(t) = found(&log.lines) {
+                return Some(t);
             }
             let left = deadline.checked_duration_since(Instant::now())?;
             if log.closed {
