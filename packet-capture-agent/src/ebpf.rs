@@ -222,10 +222,9 @@ struct Attachment {
     ingress: SchedClassifierLinkId,
     egress: Option<SchedClassifierLinkId>,
     kind: LinkKind,
-    /// Whether attaching made the interface's clsact qdisc (netlink
-    /// filters only), which then goes with the filters.
-    made_clsact: bool,
-    /// The interface's index when attached.
+    /// The interface's index when attached: if attaching made its clsact
+    /// qdisc (netlink filters only, [`Kernel::clsact_made`]), the qdisc
+    /// goes with the filters.
     index: Option<u32>,
 }
 
@@ -531,21 +530,19 @@ impl Kernel {
             source,
         })?;
         // Before TCX the hooks need a clsact qdisc; an existing one is
-        // shared, unless attaching made it under an earlier name.
+        // shared (and stays ours if attaching made it under an earlier name).
         let index = interface_index(iface).ok();
-        let made_clsact = match (!tcx).then(|| tc::qdisc_add_clsact(&ifname)) {
-            None => false,
-            Some(Ok(())) => true,
-            Some(Err(tc::TcError::NetlinkError(e))) if e.raw_os_error() == Some(libc::EEXIST) => {
-                index.is_some_and(|i| self.clsact_made.contains(&i))
-            }
+        match (!tcx).then(|| tc::qdisc_add_clsact(&ifname)) {
+            Some(Ok(())) => self.clsact_made.extend(index),
+            Some(Err(tc::TcError::NetlinkError(e))) if e.raw_os_error() == Some(libc::EEXIST) => {}
             Some(Err(e)) => {
                 return Err(Error::Program {
                     name: ingress_name,
                     source: e.into(),
                 });
             }
-        };
+            None => {}
+        }
         let attach = |ebpf: &mut Ebpf, name: &'static str, hook, order: fn() -> LinkOrder| {
             let program = classifier(ebpf, name)?;
             let mut waits = TCX_REATTACH_WAITS.iter();
@@ -593,22 +590,16 @@ impl Kernel {
             Ok(links) => links,
             Err(e) => {
                 // Nothing half-attached: what failed leaves no qdisc of ours.
-                if made_clsact {
-                    self.release_own_clsact(iface, index);
-                }
+                self.release_own_clsact(iface, index);
                 return Err(e);
             }
         };
-        if made_clsact && let Some(i) = index {
-            self.clsact_made.insert(i);
-        }
         self.attached.insert(
             iface.to_owned(),
             Attachment {
                 ingress,
                 egress,
                 kind,
-                made_clsact,
                 index,
             },
         );
@@ -622,7 +613,7 @@ impl Kernel {
         let Some(a) = self.attached.remove(iface) else {
             return;
         };
-        let (made_clsact, index) = (a.made_clsact, a.index);
+        let index = a.index;
         for (name, link) in a.links() {
             if let Ok(program) = classifier(&mut self.ebpf, name)
                 && let Err(e) = program.detach(link)
@@ -630,16 +621,13 @@ impl Kernel {
                 tracing::debug!(iface, program = name, error = %e, "detach");
             }
         }
-        if made_clsact {
-            self.release_own_clsact(iface, index);
-        }
+        self.release_own_clsact(iface, index);
     }
 
-    /// Deletes the clsact qdisc attaching made on `iface` (at `index`).
+    /// Deletes the clsact qdisc of `iface` (at `index`) if attaching made it.
     fn release_own_clsact(&mut self, iface: &str, index: Option<u32>) {
-        release_clsact(iface);
-        if let Some(i) = index {
-            self.clsact_made.remove(&i);
+        if index.is_some_and(|i| self.clsact_made.remove(&i)) {
+            release_clsact(iface);
         }
     }
 
@@ -1435,14 +1423,14 @@ struct TcFilter {
     program: Option<String>,
 }
 
-/// The index of interface `iface` in this thread's network namespace.
-/// Whether an interface has `index` in this network namespace.
+/// Whether an interface has `index` in this thread's network namespace.
 fn interface_exists(index: u32) -> bool {
     let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
     // SAFETY: `name` has the IF_NAMESIZE bytes the call may write.
     !unsafe { libc::if_indextoname(index, name.as_mut_ptr()) }.is_null()
 }
 
+/// The index of interface `iface` in this thread's network namespace.
 fn interface_index(iface: &str) -> std::io::Result<u32> {
     let name = std::ffi::CString::new(iface)?;
     // SAFETY: a NUL-terminated name; the call only reads it.

@@ -310,8 +310,9 @@ pub struct Verdict {
 }
 
 /// Where `user` may capture, for a capture of `spec`'s `targetIPs` and
-/// named pods to record: every namespace, or the namespaces its targets need that they
-/// may capture in. An error when that cannot be found out now.
+/// named pods to record: every namespace, or the namespaces its targets
+/// need that they may capture in. An error when that cannot be found out
+/// now.
 pub async fn authorized_in(
     client: &Client,
     spec: &PacketCaptureConfigSpec,
