@@ -369,7 +369,8 @@ fn account(controller: &mut ClusterProcess, kill: bool) -> anyhow::Result<(f64, 
     let refused = controller
         .log()
         .lines()
-        .filter(|l| l.contains("413") || l.contains("too large") || l.contains("Too large"))
+        // kube's API error names the code; a bare "413" is in timestamps.
+        .filter(|l| l.contains("code: 413") || l.to_ascii_lowercase().contains("too large"))
         .count();
     if kill {
         controller.kill()?;
