@@ -457,11 +457,16 @@ impl AgentPool {
         &self,
         ep: &AgentEndpoint,
         name: &str,
+        range: Option<&str>,
         user: &UserInfo,
-    ) -> Result<Streaming<FileChunk>, Status> {
-        let req = DownloadFileRequest { name: name.into() };
+    ) -> Result<Response<Streaming<FileChunk>>, Status> {
+        let req = DownloadFileRequest {
+            name: name.into(),
+            range: range.unwrap_or_default().into(),
+        };
+        // The response whole: its metadata says which bytes it holds.
         self.relayed(ep, "DownloadFile", req, user, |mut c, r| async move {
-            c.download_file(r).await
+            c.download_file(r).await.map(Response::new)
         })
         .await
     }

@@ -316,6 +316,8 @@ pub fn router(relay: Relay) -> Router {
 pub struct Failure {
     code: StatusCode,
     message: String,
+    /// A refused range's `Content-Range`: the file's size.
+    content_range: Option<header::HeaderValue>,
 }
 
 impl Failure {
@@ -323,6 +325,7 @@ impl Failure {
         Self {
             code,
             message: message.into(),
+            content_range: None,
         }
     }
 }
@@ -337,6 +340,7 @@ impl IntoResponse for Failure {
             StatusCode::BAD_REQUEST => "BadRequest",
             StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailable",
             StatusCode::TOO_MANY_REQUESTS => "TooManyRequests",
+            StatusCode::RANGE_NOT_SATISFIABLE => "RequestedRangeNotSatisfiable",
             _ => "InternalError",
         };
         let mut response = (
@@ -359,6 +363,9 @@ impl IntoResponse for Failure {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
         }
+        if let Some(range) = self.content_range {
+            response.headers_mut().insert(header::CONTENT_RANGE, range);
+        }
         response
     }
 }
@@ -372,9 +379,20 @@ fn from_agent(node: &str, status: &Status) -> Failure {
         Code::FailedPrecondition => StatusCode::CONFLICT,
         // A capture with as many live readers as it takes.
         Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        // A download's range beyond its file.
+        Code::OutOfRange => StatusCode::RANGE_NOT_SATISFIABLE,
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
-    Failure::new(code, format!("node {node}: {}", status.message()))
+    Failure {
+        content_range: content_range(status.metadata()),
+        ..Failure::new(code, format!("node {node}: {}", status.message()))
+    }
+}
+
+/// The `content-range` an agent's download answer carries, as a header.
+fn content_range(metadata: &tonic::metadata::MetadataMap) -> Option<header::HeaderValue> {
+    let value = metadata.get("content-range")?.to_str().ok()?;
+    header::HeaderValue::from_str(value).ok()
 }
 
 /// Nothing under `/apis` answers a connection the API server's front proxy
@@ -575,19 +593,63 @@ async fn download(
         return Err(not_found());
     }
     let ep = relay.agents.endpoint(&node).ok_or_else(not_found)?;
-    let chunks = relay
+    // Passed on as the agent's own REST API takes them (an If-Range: the
+    // whole file, as no validator was ever given).
+    let range = headers
+        .get(header::RANGE)
+        .filter(|_| !headers.contains_key(header::IF_RANGE))
+        .and_then(|v| v.to_str().ok());
+    let answer = relay
         .agents
-        .download_for(&ep, &file, &user)
+        .download_for(&ep, &file, range, &user)
         .await
         .map_err(|s| from_agent(&node, &s))?;
-    let body = chunks
+    let content_range = content_range(answer.metadata());
+    let size = answer
+        .metadata()
+        .get("file-size")
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let body = answer
+        .into_inner()
         .map_ok(|c| Bytes::from(c.data))
         .map_err(move |s| std::io::Error::other(format!("node {node}: {}", s.message())));
-    Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream")],
+    let mut response = (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream"),
+            (header::ACCEPT_RANGES, "bytes"),
+        ],
         Body::from_stream(body),
     )
-        .into_response())
+        .into_response();
+    let length = match &content_range {
+        Some(range) => part_length(range),
+        None => size,
+    };
+    if let Some(length) = length {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, header::HeaderValue::from(length));
+    }
+    if let Some(range) = content_range {
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+        response.headers_mut().insert(header::CONTENT_RANGE, range);
+    }
+    Ok(response)
+}
+
+/// How many bytes a `Content-Range: bytes FIRST-LAST/SIZE` holds.
+fn part_length(range: &header::HeaderValue) -> Option<u64> {
+    let (first, last) = range
+        .to_str()
+        .ok()?
+        .strip_prefix("bytes ")?
+        .split_once('/')?
+        .0
+        .split_once('-')?;
+    last.parse::<u64>()
+        .ok()?
+        .checked_sub(first.parse().ok()?)?
+        .checked_add(1)
 }
 
 async fn packets(

@@ -45,6 +45,9 @@ pub enum ApiError {
     /// the controller tells it apart from an agent it cannot reach.
     #[error("{0}")]
     Full(String),
+    /// A download's `Range` holds no byte of its file of `size` bytes.
+    #[error("{message}")]
+    RangeNotSatisfiable { message: String, size: u64 },
     #[error("{0}")]
     Internal(String),
 }
@@ -61,6 +64,7 @@ impl ApiError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) | Self::Full(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -77,6 +81,7 @@ impl ApiError {
             Self::RateLimited { .. } => tonic::Code::ResourceExhausted,
             Self::Unavailable(_) => tonic::Code::Unavailable,
             Self::Full(_) => tonic::Code::ResourceExhausted,
+            Self::RangeNotSatisfiable { .. } => tonic::Code::OutOfRange,
             Self::Internal(_) => tonic::Code::Internal,
         }
     }
@@ -89,6 +94,14 @@ impl ApiError {
 
     pub fn capture_not_found(id: &str) -> Self {
         Self::NotFound(format!("id: no capture {id:?}"))
+    }
+
+    /// `Content-Range` of a refused range: the file's size (RFC 9110 15.5.17).
+    pub(crate) fn content_range(&self) -> Option<String> {
+        match self {
+            Self::RangeNotSatisfiable { size, .. } => Some(format!("bytes */{size}")),
+            _ => None,
+        }
     }
 }
 
@@ -114,13 +127,23 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
+        if let Some(range) = self
+            .content_range()
+            .and_then(|r| HeaderValue::from_str(&r).ok())
+        {
+            response.headers_mut().insert(header::CONTENT_RANGE, range);
+        }
         response
     }
 }
 
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
-        tonic::Status::new(e.code(), e.to_string())
+        let mut status = tonic::Status::new(e.code(), e.to_string());
+        if let Some(range) = e.content_range().and_then(|r| r.parse().ok()) {
+            status.metadata_mut().insert("content-range", range);
+        }
+        status
     }
 }
 

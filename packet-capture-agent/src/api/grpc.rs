@@ -134,15 +134,22 @@ impl Agent for AgentService {
         req: Request<pb::DownloadFileRequest>,
     ) -> Result<Response<Self::DownloadFileStream>, Status> {
         let caller = caller_of(&req)?;
-        let name = req.into_inner().name;
-        let (chunks, _) = self.api.download(&caller, &name).await?;
+        let pb::DownloadFileRequest { name, range } = req.into_inner();
+        let range = (!range.is_empty()).then_some(range.as_str());
+        let (chunks, sent) = self.api.download(&caller, &name, range).await?;
         let chunks = chunks.map(move |c| match c {
             Ok(data) => Ok(pb::FileChunk {
                 data: data.to_vec(),
             }),
             Err(e) => Err(Status::internal(format!("reading {name:?}: {e}"))),
         });
-        Ok(Response::new(Box::pin(chunks)))
+        let mut response = Response::new(Box::pin(chunks) as Self::DownloadFileStream);
+        let metadata = response.metadata_mut();
+        metadata.insert("file-size", sent.size.into());
+        if let Some(range) = sent.content_range().and_then(|r| r.parse().ok()) {
+            metadata.insert("content-range", range);
+        }
+        Ok(response)
     }
 
     type StreamPacketsStream = Streamed<pb::PacketBatch>;

@@ -14,7 +14,7 @@ pub mod rest;
 mod serve;
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, Seek as _};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -228,13 +228,16 @@ impl Api {
         Ok(shown)
     }
 
-    /// A capture file's bytes in chunks, and its size, when `caller` may
-    /// `get` the files of the file's capture (see [`files::capture_of`]).
+    /// A capture file's bytes in chunks, all of them or the part an HTTP
+    /// `Range` value asks for ([`requested_part`]), and what they are, when
+    /// `caller` may `get` the files of the file's capture (see
+    /// [`files::capture_of`]).
     pub async fn download(
         &self,
         caller: &Caller,
         name: &str,
-    ) -> Result<(impl Stream<Item = io::Result<Bytes>> + Send + 'static, u64), ApiError> {
+        range: Option<&str>,
+    ) -> Result<(impl Stream<Item = io::Result<Bytes>> + Send + 'static, Sent), ApiError> {
         if !files::valid_name(name) {
             return Err(files::FileError::BadName(name.to_owned()).into());
         }
@@ -250,13 +253,95 @@ impl Api {
             opened.is_ok() || self.engine.knows_name(capture) || self.engine.files().holds(name)
         });
         self.permit(caller, &Permission::files(capture)).await?;
-        let (file, size) = match (capture, opened) {
+        let (mut file, size) = match (capture, opened) {
             (Some(_), Ok(opened)) => opened,
             (None, Ok(_)) => return Err(files::FileError::NotFound(name.to_owned()).into()),
             (_, Err(e)) => return Err(e.into()),
         };
-        Ok((chunks(tokio::fs::File::from_std(file)), size))
+        let part = match range {
+            Some(range) => requested_part(range, size)?,
+            None => None,
+        };
+        let sent = Sent { size, part };
+        let bytes = sent.bytes();
+        file.seek(io::SeekFrom::Start(bytes.start))
+            .map_err(|e| ApiError::Internal(format!("name: reading {name:?}: {e}")))?;
+        let file = tokio::fs::File::from_std(file).take(bytes.end - bytes.start);
+        Ok((chunks(file), sent))
     }
+}
+
+/// What a download sends of its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    /// The file's size.
+    pub size: u64,
+    /// The bytes a `Range` asked for; `None`: the whole file.
+    pub part: Option<std::ops::Range<u64>>,
+}
+
+impl Sent {
+    fn bytes(&self) -> std::ops::Range<u64> {
+        self.part.clone().unwrap_or(0..self.size)
+    }
+
+    /// How many bytes are sent.
+    pub fn content_length(&self) -> u64 {
+        let bytes = self.bytes();
+        bytes.end - bytes.start
+    }
+
+    /// `Content-Range` of a part (RFC 9110 14.4).
+    pub fn content_range(&self) -> Option<String> {
+        let part = self.part.as_ref()?;
+        Some(format!(
+            "bytes {}-{}/{}",
+            part.start,
+            part.end - 1,
+            self.size
+        ))
+    }
+}
+
+/// The part of a file of `size` bytes that an HTTP `Range` value asks for
+/// (RFC 9110 14.1.2): one range of bytes, `bytes=FIRST-[LAST]` or
+/// `bytes=-LAST_N`. Anything else (several ranges, another unit, a value
+/// that does not parse) is ignored, as the RFC lets a server do: `None`,
+/// the whole file. A range that holds no byte of the file is refused.
+pub fn requested_part(range: &str, size: u64) -> Result<Option<std::ops::Range<u64>>, ApiError> {
+    let Some((unit, spec)) = range.split_once('=') else {
+        return Ok(None);
+    };
+    if !unit.trim().eq_ignore_ascii_case("bytes") || spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((first, last)) = spec.split_once('-') else {
+        return Ok(None);
+    };
+    let (first, last) = (first.trim(), last.trim());
+    // Digits only: `parse` would take a sign.
+    let number = |s: &str| {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u64>().ok())
+            .flatten()
+    };
+    let wanted = match (number(first), number(last)) {
+        // The last N bytes.
+        (None, Some(n)) if first.is_empty() => {
+            (n > 0 && size > 0).then(|| size.saturating_sub(n)..size)
+        }
+        (Some(first), None) if last.is_empty() => (first < size).then_some(first..size),
+        (Some(first), Some(last)) if first <= last => {
+            (first < size).then(|| first..last.saturating_add(1).min(size))
+        }
+        _ => return Ok(None),
+    };
+    wanted
+        .map(Some)
+        .ok_or_else(|| ApiError::RangeNotSatisfiable {
+            message: format!("Range: {range:?} asks for none of the file's {size} bytes"),
+            size,
+        })
 }
 
 /// Packets a live reader gets at once, at most: one gRPC message or one
@@ -350,7 +435,9 @@ impl Api {
 }
 
 /// Reads a file in chunks of [`CHUNK_BYTES`] (the last one shorter).
-fn chunks(file: tokio::fs::File) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+fn chunks(
+    file: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
     futures::stream::try_unfold(file, |mut file| async move {
         let mut buf = vec![0; CHUNK_BYTES];
         let mut filled = 0;
@@ -518,4 +605,64 @@ async fn gate(State(api): State<Api>, mut req: Request, next: Next) -> Response 
     api.metrics
         .request(if grpc { "grpc" } else { "rest" }, route, code);
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_range_is_one_range_of_bytes_of_the_file() {
+        for (range, part) in [
+            ("bytes=0-", Some(0..100)),
+            ("bytes=10-", Some(10..100)),
+            ("bytes=10-19", Some(10..20)),
+            ("bytes=99-99", Some(99..100)),
+            ("bytes=10-1000", Some(10..100)),
+            ("bytes=-30", Some(70..100)),
+            ("bytes=-1000", Some(0..100)),
+            (" Bytes = 5 - 6 ", Some(5..7)),
+            // Ignored: the whole file.
+            ("bytes=0-1,5-6", None),
+            ("items=0-1", None),
+            ("bytes=5-4", None),
+            ("bytes=-", None),
+            ("bytes=a-", None),
+            ("bytes=+1-", None),
+            ("bytes=1", None),
+            ("bytes", None),
+            ("bytes=99999999999999999999-", None),
+        ] {
+            assert_eq!(requested_part(range, 100).unwrap(), part, "{range}");
+        }
+        for (range, size) in [
+            ("bytes=100-", 100),
+            ("bytes=100-200", 100),
+            ("bytes=-0", 100),
+            ("bytes=0-", 0),
+            ("bytes=-5", 0),
+        ] {
+            let refused = requested_part(range, size).unwrap_err();
+            assert_eq!(refused.status(), http::StatusCode::RANGE_NOT_SATISFIABLE);
+            assert!(refused.to_string().starts_with("Range: "), "{refused}");
+            assert_eq!(refused.content_range(), Some(format!("bytes */{size}")));
+        }
+    }
+
+    #[test]
+    fn a_part_says_which_bytes_it_holds() {
+        let whole = Sent {
+            size: 100,
+            part: None,
+        };
+        assert_eq!((whole.content_length(), whole.content_range()), (100, None));
+        let part = Sent {
+            size: 100,
+            part: Some(10..20),
+        };
+        assert_eq!(
+            (part.content_length(), part.content_range().as_deref()),
+            (10, Some("bytes 10-19/100"))
+        );
+    }
 }

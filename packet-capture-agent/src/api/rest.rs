@@ -8,7 +8,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Extension, Json, Router};
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::{Deserialize, Serialize};
 
 use super::auth::Permission;
@@ -243,16 +243,37 @@ async fn download_file(
     State(api): State<Api>,
     caller: Option<Extension<Caller>>,
     name: Result<Path<String>, PathRejection>,
+    request: HeaderMap,
 ) -> Result<Response, ApiError> {
     let name = param("name", name)?;
-    let (chunks, size) = api.download(&caller_of(caller)?, &name).await?;
+    // An If-Range names a version of the file this API never gave (no ETag,
+    // no Last-Modified: a file does not change once listed), so the whole
+    // file is sent, as RFC 9110 13.1.5 says.
+    let range = request
+        .get(header::RANGE)
+        .filter(|_| !request.contains_key(header::IF_RANGE))
+        .and_then(|v| v.to_str().ok());
+    let (chunks, sent) = api.download(&caller_of(caller)?, &name, range).await?;
     let mut response = Body::from_stream(chunks).into_response();
+    let content_range = sent
+        .content_range()
+        .and_then(|r| HeaderValue::from_str(&r).ok());
+    if content_range.is_some() {
+        *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+    }
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(content_type(&name)),
     );
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    headers.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(sent.content_length()),
+    );
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Some(range) = content_range {
+        headers.insert(header::CONTENT_RANGE, range);
+    }
     // Valid names are plain ASCII without quotes.
     if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
         headers.insert(header::CONTENT_DISPOSITION, v);

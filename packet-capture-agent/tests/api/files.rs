@@ -1,12 +1,13 @@
 //! Downloads serve only regular files directly inside the capture
 //! directory: no `..`, no absolute paths, no encoded tricks, no symbolic
-//! links, no directories; REST and gRPC alike.
+//! links, no directories; REST and gRPC alike. A download resumes from a
+//! byte range.
 
 use packet_capture_proto::v1 as pb;
 use packet_capture_test_support::privileged;
 use tonic::Code;
 
-use crate::common::{Node, Rest, grpc, grpc_download, raw_get};
+use crate::common::{Node, Rest, grpc, grpc_download, json_of, raw_get};
 
 const MADE: &str = "made-20260101-000000.pcap";
 
@@ -84,7 +85,10 @@ async fn downloads_stay_inside_the_capture_dir() {
         ("missing.pcap", Code::NotFound),
     ] {
         let err = g
-            .download_file(pb::DownloadFileRequest { name: name.into() })
+            .download_file(pb::DownloadFileRequest {
+                name: name.into(),
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), code, "{name:?}: {err:?}");
@@ -103,4 +107,112 @@ async fn downloads_stay_inside_the_capture_dir() {
     let bytes = chunks.concat();
     assert_eq!(sizes, [65_536, 65_536, 150_000 - 2 * 65_536]);
     assert_eq!(bytes, made);
+}
+
+#[tokio::test]
+async fn a_download_resumes_from_where_it_broke_off() {
+    if !privileged("a_download_resumes_from_where_it_broke_off") {
+        return;
+    }
+    let node = Node::new();
+    let made: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(node.dir.path().join(MADE), &made).unwrap();
+    let agent = node.agent(&["--insecure-no-auth"], &[]);
+    let rest = Rest::new(&agent);
+    let path = format!("/api/v1/files/{MADE}");
+    let get = |range: &str, if_range: Option<&str>| {
+        let mut req = rest
+            .request(reqwest::Method::GET, &path)
+            .header("range", range);
+        if let Some(v) = if_range {
+            req = req.header("if-range", v);
+        }
+        async move { req.send().await.unwrap() }
+    };
+
+    // One range: 206 and those bytes, the last ones however many are asked.
+    for (range, bytes) in [
+        ("bytes=100000-", 100_000..150_000),
+        ("bytes=10-19", 10..20),
+        ("bytes=149990-200000", 149_990..150_000),
+        ("bytes=-5", 149_995..150_000),
+    ] {
+        let r = get(range, None).await;
+        assert_eq!(r.status(), 206, "{range}");
+        let content_range = format!("bytes {}-{}/150000", bytes.start, bytes.end - 1);
+        assert_eq!(r.headers()["content-range"], content_range.as_str());
+        assert_eq!(
+            r.headers()["content-length"],
+            bytes.clone().count().to_string().as_str()
+        );
+        assert_eq!(
+            r.bytes().await.unwrap(),
+            made[bytes.start..bytes.end],
+            "{range}"
+        );
+    }
+    // None of the file's bytes: 416, naming the header and the size.
+    let r = get("bytes=150000-", None).await;
+    assert_eq!(r.status(), 416);
+    assert_eq!(r.headers()["content-range"], "bytes */150000");
+    let error = json_of(r).await["error"].as_str().unwrap().to_owned();
+    assert!(error.starts_with("Range: \"bytes=150000-\""), "{error}");
+    // Several ranges, another unit, or a version of the file named (this
+    // API names none): the whole file.
+    for (range, if_range) in [
+        ("bytes=0-1,5-6", None),
+        ("lines=1-2", None),
+        ("bytes=10-", Some("\"an-etag\"")),
+    ] {
+        let r = get(range, if_range).await;
+        assert_eq!(r.status(), 200, "{range}");
+        assert_eq!(r.headers()["accept-ranges"], "bytes");
+        assert_eq!(r.bytes().await.unwrap(), made, "{range}");
+    }
+
+    // curl -C - finishes a file that holds the first bytes.
+    let partial = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(partial.path(), &made[..70_000]).unwrap();
+    let curl = std::process::Command::new("curl")
+        .args(["-sSf", "-C", "-", "-o"])
+        .arg(partial.path())
+        .arg(format!("{}{path}", agent.url()))
+        .output()
+        .expect("curl");
+    assert!(curl.status.success(), "{curl:?}");
+    assert_eq!(std::fs::read(partial.path()).unwrap(), made);
+
+    // gRPC: the same range, the part's bytes said in the metadata.
+    let mut g = grpc(&agent).await;
+    let answer = g
+        .download_file(pb::DownloadFileRequest {
+            name: MADE.into(),
+            range: "bytes=70000-".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(answer.metadata().get("file-size").unwrap(), "150000");
+    assert_eq!(
+        answer.metadata().get("content-range").unwrap(),
+        "bytes 70000-149999/150000"
+    );
+    let mut stream = answer.into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        bytes.extend(chunk.data);
+    }
+    assert_eq!(bytes, made[70_000..]);
+    let refused = g
+        .download_file(pb::DownloadFileRequest {
+            name: MADE.into(),
+            range: "bytes=-0".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::OutOfRange);
+    assert_eq!(
+        refused.metadata().get("content-range").unwrap(),
+        "bytes */150000"
+    );
+    assert!(refused.message().starts_with("Range: "), "{refused:?}");
 }

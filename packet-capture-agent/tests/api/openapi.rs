@@ -23,6 +23,8 @@ struct Case {
     path: String,
     token: Option<&'static str>,
     body: Option<String>,
+    /// A `Range` header.
+    range: Option<&'static str>,
     status: u16,
 }
 
@@ -39,12 +41,18 @@ fn case(
         path: path.to_owned(),
         token,
         body: None,
+        range: None,
         status,
     }
 }
 
 fn with_body(mut c: Case, body: &str) -> Case {
     c.body = Some(body.to_owned());
+    c
+}
+
+fn with_range(mut c: Case, range: &'static str) -> Case {
+    c.range = Some(range);
     c
 }
 
@@ -253,8 +261,11 @@ async fn the_openapi_document_describes_the_agent() {
         case("get", files, files, w, 200),
         case("get", files, files, None, 401),
         case("get", files, files, n, 403),
-        // {name} of the 200 case is filled in once the capture has a file.
+        // {name} of the 200, 206 and 416 cases is filled in once the
+        // capture has a file.
         case("get", file, "", w, 200),
+        with_range(case("get", file, "", w, 206), "bytes=4-"),
+        with_range(case("get", file, "", w, 416), "bytes=1000000-"),
         case("get", file, "/api/v1/files/%2Fetc%2Fpasswd", w, 400),
         case("get", file, "/api/v1/files/x.pcap", None, 401),
         case("get", file, "/api/v1/files/x.pcap", n, 403),
@@ -329,7 +340,7 @@ async fn the_openapi_document_describes_the_agent() {
                 readers.push(reader);
             }
         }
-        if case.template == file && case.status == 200 {
+        if case.template == file && matches!(case.status, 200 | 206 | 416) {
             let done = rest.ended("doc-1").await;
             let output = done["output_file"].as_str().unwrap();
             case.path = format!("/api/v1/files/{}", output.rsplit('/').next().unwrap());
@@ -373,6 +384,9 @@ async fn the_openapi_document_describes_the_agent() {
             req = req
                 .header("content-type", "application/json")
                 .body(b.clone());
+        }
+        if let Some(range) = case.range {
+            req = req.header("range", range);
         }
         let r = req.send().await.unwrap();
         let what = format!("{} {} ({:?})", case.method, case.path, case.token);

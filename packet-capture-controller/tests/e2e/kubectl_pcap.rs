@@ -256,6 +256,51 @@ fn chunks_of(
     (received, reading)
 }
 
+/// A part of one node's file `downloaded` (from its agent) through the API
+/// server, as `curl -C -` asks to resume a download: 206 with the bytes from
+/// there on, or 416 with the file's size for a start past its end.
+async fn parts_through_the_api_server(w: &World, capture: &str, node: &str, downloaded: &Path) {
+    let whole = std::fs::read(downloaded).unwrap();
+    let prefix = "node0-";
+    let file = downloaded.file_name().unwrap().to_str().unwrap();
+    let file = file.strip_prefix(prefix).unwrap();
+    let client = w.cluster.client().unwrap();
+    let get = |range: &str| {
+        let request = http::Request::get(format!(
+            "/apis/pcap.packet.io/v1/captures/{capture}/proxy/files/{node}/{file}"
+        ))
+        .header(http::header::RANGE, range)
+        .body(Vec::new())
+        .unwrap();
+        let client = client.clone();
+        async move {
+            let response = client.send(request.map(Into::into)).await.unwrap();
+            let (parts, body) = response.into_parts();
+            let body = axum::body::to_bytes(axum::body::Body::new(body), usize::MAX)
+                .await
+                .unwrap();
+            (parts, body)
+        }
+    };
+    let size = whole.len();
+    let (head, body) = get("bytes=10-").await;
+    assert_eq!(head.status, 206, "{body:?}");
+    assert_eq!(
+        head.headers[http::header::CONTENT_RANGE],
+        format!("bytes 10-{}/{size}", size - 1).as_str()
+    );
+    assert_eq!(head.headers[http::header::ACCEPT_RANGES], "bytes");
+    assert_eq!(body, whole[10..]);
+    let (head, body) = get(&format!("bytes={size}-")).await;
+    assert_eq!(head.status, 416, "{body:?}");
+    assert_eq!(
+        head.headers[http::header::CONTENT_RANGE],
+        format!("bytes */{size}").as_str()
+    );
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("Range: "), "{body}");
+}
+
 #[tokio::test]
 async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
     let Some((w, _one, _api)) =
@@ -414,6 +459,10 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
         let plain = dir.join(format!("node{node}-plain.pcapng"));
         std::fs::write(&plain, capfile::bytes(&downloaded)).unwrap();
         per_node.push(plain);
+        if node == 0 {
+            let node = &w.entry(&status, node).node;
+            parts_through_the_api_server(&w, &name, node, &downloaded).await;
+        }
     }
     let expected = dir.join("mergecap.pcapng");
     let merged = Command::new("mergecap")

@@ -745,7 +745,10 @@ impl World {
         let mut stream = self
             .agent(node)
             .await
-            .download_file(self.as_reader(DownloadFileRequest { name: file.clone() }))
+            .download_file(self.as_reader(DownloadFileRequest {
+                name: file.clone(),
+                ..Default::default()
+            }))
             .await
             .expect("DownloadFile")
             .into_inner();

@@ -275,6 +275,7 @@ pub async fn check_auth(url: &str, ca: Option<&[u8]>, tokens: &Tokens) {
         with_token(
             pb::DownloadFileRequest {
                 name: name.to_owned(),
+                ..Default::default()
             },
             token,
         )

@@ -233,7 +233,10 @@ pub async fn channel(url: &str, ca: Option<&[u8]>) -> Channel {
 /// A file downloaded over gRPC, chunk by chunk.
 pub async fn grpc_download(client: &mut AgentClient<Channel>, name: &str) -> Vec<Vec<u8>> {
     let mut stream = client
-        .download_file(packet_capture_proto::v1::DownloadFileRequest { name: name.into() })
+        .download_file(packet_capture_proto::v1::DownloadFileRequest {
+            name: name.into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
