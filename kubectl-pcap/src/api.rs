@@ -135,6 +135,44 @@ pub async fn open_file(
     Ok(Box::pin(body))
 }
 
+/// Opens one stored file from byte `from` on, to go on with a download that
+/// broke off: the answer must be that part (206, its `Content-Range`
+/// starting at `from`), never the whole file again.
+pub async fn open_file_from(
+    client: &Client,
+    capture: &str,
+    node: &str,
+    file: &str,
+    from: u64,
+) -> anyhow::Result<ByteStream> {
+    use futures::TryStreamExt as _;
+    use http_body_util::BodyExt as _;
+
+    let request = http::Request::get(file_path(capture, node, file))
+        .header(http::header::ACCEPT, "application/octet-stream")
+        .header(http::header::RANGE, format!("bytes={from}-"))
+        .body(kube::client::Body::empty())?;
+    let answer = client.send(request).await?;
+    let status = answer.status();
+    let range = answer
+        .headers()
+        .get(http::header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if status != http::StatusCode::PARTIAL_CONTENT || !range.starts_with(&format!("bytes {from}-"))
+    {
+        anyhow::bail!(
+            "asked for its bytes from {from} on, the API server answered {status} \
+             (Content-Range {range:?}), not that part"
+        );
+    }
+    let body = answer
+        .into_body()
+        .into_data_stream()
+        .map_err(io::Error::other);
+    Ok(Box::pin(body.into_async_read()))
+}
+
 /// Opens the live pcapng stream of `capture`, which ends when the capture
 /// has ended on every node.
 pub async fn open_packets(client: &Client, capture: &str) -> Result<ByteStream, kube::Error> {

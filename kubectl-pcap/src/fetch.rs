@@ -14,7 +14,9 @@
 //! downloads in $TMPDIR. A reader of stdout or a FIFO that quits ends the
 //! command quietly.
 //! A file its node compresses between the listing and the download is
-//! downloaded as its compressed copy.
+//! downloaded as its compressed copy. A download that breaks off goes on
+//! from the byte where it broke off (a `Range` request, whose answer must
+//! be that part), up to [`RESUMES`] times.
 //!
 //! A capture that has not ended is refused: an agent writes a running
 //! capture's file under a hidden name and lists it only once the capture
@@ -42,11 +44,15 @@ use kubectl_pcap::merge::{self, NodeInput, NodeSummary};
 use kubectl_pcap::show;
 use packet_capture_common::crd::{OutputFormat, PacketCaptureConfigStatus, Phase, names_no_file};
 use packet_capture_common::validate::{COMPRESSED_EXTENSIONS, strip_compression};
+use tokio::io::AsyncWriteExt as _;
 
 use crate::cluster::{Cluster, Signals};
 
 /// Files downloaded at the same time.
 const PARALLEL_DOWNLOADS: usize = 4;
+/// How often a file's download that broke off goes on from where it broke
+/// off (a `Range` request) before its node is given up.
+const RESUMES: u32 = 5;
 
 #[derive(Args, Debug)]
 pub struct FetchArgs {
@@ -481,15 +487,31 @@ async fn download(
             opened = tried;
         }
     }
-    let (name, body) = opened.map_err(|e| anyhow!(explain_access(&e, capture)))?;
+    let (name, mut body) = opened.map_err(|e| anyhow!(explain_access(&e, capture)))?;
     let path = dir.join(&name);
     let mut out = tokio::fs::File::create(&path)
         .await
         .with_context(|| format!("creating {}", path.display()))?;
-    api::copy_chunks(body, &mut out, false)
-        .await
-        .with_context(|| format!("downloading {name} from node {node}"))?;
-    Ok(name)
+    let downloading = || format!("downloading {name} from node {node}");
+    let mut resumed = 0;
+    loop {
+        let broke = match api::copy_chunks(body, &mut out, false).await {
+            Ok(_) => return Ok(name),
+            Err(api::CopyError::Read(e)) if resumed < RESUMES => e,
+            Err(e) => return Err(e).with_context(downloading),
+        };
+        resumed += 1;
+        // Every byte read was handed to the file before the next read; once
+        // flushed, the file's length is where to go on from.
+        out.flush().await.with_context(downloading)?;
+        let from = out.metadata().await.with_context(downloading)?.len();
+        eprintln!(
+            "{node}: the download of {name} broke off at byte {from} ({broke}): going on from there"
+        );
+        body = api::open_file_from(&cluster.client, capture, node, &name, from)
+            .await
+            .with_context(downloading)?;
+    }
 }
 
 /// Merges into `destination`: a file's part, renamed over it once whole,
@@ -556,6 +578,11 @@ mod tests {
     const CAPTURE: &str = "/apis/networking.packet.io/v1/packetcaptureconfigs/web";
     const FILES: &str = "/apis/pcap.packet.io/v1/captures/web/proxy/files";
     const OK: StatusCode = StatusCode::OK;
+    /// Node a's file, and the listing that names it.
+    const PLAIN: &str =
+        "/apis/pcap.packet.io/v1/captures/web/proxy/files/a/web-20250101-120000.pcap";
+    const LISTED: &[u8] = br#"{"capture":"web","nodes":[{"node":"a","address":"10.0.0.1","files":[
+        {"name":"web-20250101-120000.pcap","size":100,"modified":"2025-01-01T12:01:00Z"}]}]}"#;
 
     #[test]
     fn a_capture_is_fetched_only_once_it_has_ended() {
@@ -668,26 +695,75 @@ mod tests {
         w.into_inner()
     }
 
+    /// What the API server stand-in answers to a GET of `path` with this
+    /// `Range` header (or none): `status`, `headers` and `body`, broken off
+    /// with an error after `breaks_after` bytes.
+    struct Answer {
+        path: &'static str,
+        range: Option<&'static str>,
+        status: StatusCode,
+        headers: Vec<(http::HeaderName, String)>,
+        body: Vec<u8>,
+        breaks_after: Option<usize>,
+    }
+
+    impl From<(&'static str, StatusCode, Vec<u8>)> for Answer {
+        fn from((path, status, body): (&'static str, StatusCode, Vec<u8>)) -> Self {
+            Self {
+                path,
+                range: None,
+                status,
+                headers: Vec::new(),
+                body,
+                breaks_after: None,
+            }
+        }
+    }
+
+    /// A body that can break off, as a connection does.
+    type Served = http_body_util::channel::Channel<bytes::Bytes, std::io::Error>;
+
     /// A cluster whose API server answers each path it is asked for with
     /// the status and body given for it, and fails the test on any other; the task
     /// returns the paths asked, in order, once the client is dropped.
     fn api_server(
         answers: Vec<(&'static str, StatusCode, Vec<u8>)>,
     ) -> (Cluster, tokio::task::JoinHandle<Vec<String>>) {
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        answering(answers.into_iter().map(Answer::from).collect())
+    }
+
+    /// [`api_server`] with whole [`Answer`]s.
+    fn answering(answers: Vec<Answer>) -> (Cluster, tokio::task::JoinHandle<Vec<String>>) {
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Served>>();
         let asked = tokio::spawn(async move {
             let mut asked = Vec::new();
             while let Some((request, send)) = handle.next_request().await {
                 let path = request.uri().path().to_owned();
-                let Some((_, status, body)) = answers.iter().find(|(p, _, _)| *p == path) else {
-                    panic!("unexpected request {path}");
+                let range = request
+                    .headers()
+                    .get(http::header::RANGE)
+                    .map(|v| v.to_str().unwrap().to_owned());
+                let Some(answer) = answers
+                    .iter()
+                    .find(|a| a.path == path && a.range.map(str::to_owned) == range)
+                else {
+                    panic!("unexpected request {path} (Range {range:?})");
                 };
-                send.send_response(
-                    Response::builder()
-                        .status(*status)
-                        .body(Body::from(body.clone()))
-                        .unwrap(),
-                );
+                let sent = answer.breaks_after.unwrap_or(answer.body.len());
+                // Room for the one frame: the body is whole before it is read.
+                let (mut tx, body) = Served::new(1);
+                if sent > 0 {
+                    let data = bytes::Bytes::copy_from_slice(&answer.body[..sent]);
+                    tx.send_data(data).await.unwrap();
+                }
+                if answer.breaks_after.is_some() {
+                    tx.abort(std::io::Error::other("connection reset by peer"));
+                }
+                let mut response = Response::builder().status(answer.status);
+                for (name, value) in &answer.headers {
+                    response = response.header(name, value);
+                }
+                send.send_response(response.body(body).unwrap());
                 asked.push(path);
             }
             asked
@@ -801,14 +877,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_file_compressed_since_it_was_listed_is_fetched_as_its_copy() {
-        const PLAIN: &str =
-            "/apis/pcap.packet.io/v1/captures/web/proxy/files/a/web-20250101-120000.pcap";
         const GZ: &str =
             "/apis/pcap.packet.io/v1/captures/web/proxy/files/a/web-20250101-120000.pcap.gz";
         const ZST: &str =
             "/apis/pcap.packet.io/v1/captures/web/proxy/files/a/web-20250101-120000.pcap.zst";
-        let listed = br#"{"capture":"web","nodes":[{"node":"a","address":"10.0.0.1","files":[
-            {"name":"web-20250101-120000.pcap","size":100,"modified":"2025-01-01T12:01:00Z"}]}]}"#;
         let gone = br#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound",
             "code":404,"message":"name: no file web-20250101-120000.pcap"}"#;
         let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -820,7 +892,7 @@ mod tests {
         let out = dir.path().join("web.pcapng");
         let (cluster, asked) = api_server(vec![
             (CAPTURE, OK, capture("Completed", &[("a", "10.0.0.1", 1)])),
-            (FILES, OK, listed.to_vec()),
+            (FILES, OK, LISTED.to_vec()),
             (PLAIN, not_found, gone.to_vec()),
             (GZ, OK, gzip),
         ]);
@@ -834,7 +906,7 @@ mod tests {
         // node is named with the answer for the name it listed.
         let (cluster, asked) = api_server(vec![
             (CAPTURE, OK, capture("Completed", &[("a", "10.0.0.1", 1)])),
-            (FILES, OK, listed.to_vec()),
+            (FILES, OK, LISTED.to_vec()),
             (PLAIN, not_found, gone.to_vec()),
             (GZ, not_found, Vec::new()),
             (ZST, not_found, Vec::new()),
@@ -844,19 +916,78 @@ mod tests {
         drop(cluster);
         assert_eq!(asked.await.unwrap(), [CAPTURE, FILES, PLAIN, GZ, ZST]);
     }
+
+    /// A download that breaks off goes on from the byte where it broke off
+    /// (a Range), as often as it breaks, and the merged file is whole; the
+    /// whole file again in answer to the Range is not taken for the rest.
+    #[tokio::test]
+    async fn a_download_that_breaks_off_goes_on_from_there() {
+        let file = pcap_file();
+        let size = file.len();
+        let first = |breaks_after| {
+            vec![
+                Answer::from((CAPTURE, OK, capture("Completed", &[("a", "10.0.0.1", 1)]))),
+                Answer::from((FILES, OK, LISTED.to_vec())),
+                Answer {
+                    breaks_after: Some(breaks_after),
+                    ..Answer::from((PLAIN, OK, file.clone()))
+                },
+            ]
+        };
+        let part = |range, from: usize, breaks_after| Answer {
+            range: Some(range),
+            headers: vec![(
+                http::header::CONTENT_RANGE,
+                format!("bytes {from}-{}/{size}", size - 1),
+            )],
+            breaks_after,
+            ..Answer::from((PLAIN, StatusCode::PARTIAL_CONTENT, file[from..].to_vec()))
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("web.pcapng");
+
+        let mut answers = first(30);
+        answers.push(part("bytes=30-", 30, Some(20)));
+        answers.push(part("bytes=50-", 50, None));
+        let (cluster, asked) = answering(answers);
+        let code = fetch(&cluster, args(&out)).await.unwrap();
+        assert_eq!(code, ExitCode::SUCCESS);
+        assert_eq!(packets_in(&out), 1);
+        drop(cluster);
+        assert_eq!(asked.await.unwrap(), [CAPTURE, FILES, PLAIN, PLAIN, PLAIN]);
+
+        let (cluster, _) = answering(vec![
+            Answer {
+                breaks_after: Some(30),
+                ..Answer::from((PLAIN, OK, file.clone()))
+            },
+            Answer {
+                range: Some("bytes=30-"),
+                ..Answer::from((PLAIN, OK, file.clone()))
+            },
+        ]);
+        let name = "web-20250101-120000.pcap";
+        let err = download(&cluster, "web", "a", name, dir.path())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            format!(
+                "downloading {name} from node a: asked for its bytes from 30 on, the API server \
+                 answered 200 OK (Content-Range \"\"), not that part"
+            )
+        );
+    }
+
     /// `-o` through a link writes where the link leads and leaves the link;
     /// `-o` a FIFO writes into it (its reader gets the pcapng) and leaves
     /// the FIFO; a link to nowhere and a directory are refused, naming -o.
     #[tokio::test]
     async fn links_and_fifos_are_written_through_not_replaced() {
-        const PLAIN: &str =
-            "/apis/pcap.packet.io/v1/captures/web/proxy/files/a/web-20250101-120000.pcap";
-        let listed = br#"{"capture":"web","nodes":[{"node":"a","address":"10.0.0.1","files":[
-            {"name":"web-20250101-120000.pcap","size":100,"modified":"2025-01-01T12:01:00Z"}]}]}"#;
         let answers = || {
             vec![
                 (CAPTURE, OK, capture("Completed", &[("a", "10.0.0.1", 1)])),
-                (FILES, OK, listed.to_vec()),
+                (FILES, OK, LISTED.to_vec()),
                 (PLAIN, OK, pcap_file()),
             ]
         };
