@@ -384,13 +384,13 @@ fn from_agent(node: &str, status: &Status) -> Failure {
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     Failure {
-        content_range: content_range(status.metadata()),
+        content_range: agent_content_range(status.metadata()),
         ..Failure::new(code, format!("node {node}: {}", status.message()))
     }
 }
 
 /// The `content-range` an agent's download answer carries, as a header.
-fn content_range(metadata: &tonic::metadata::MetadataMap) -> Option<header::HeaderValue> {
+fn agent_content_range(metadata: &tonic::metadata::MetadataMap) -> Option<header::HeaderValue> {
     let value = metadata.get("content-range")?.to_str().ok()?;
     header::HeaderValue::from_str(value).ok()
 }
@@ -604,7 +604,7 @@ async fn download(
         .download_for(&ep, &file, range, &user)
         .await
         .map_err(|s| from_agent(&node, &s))?;
-    let content_range = content_range(answer.metadata());
+    let content_range = agent_content_range(answer.metadata());
     let size = answer
         .metadata()
         .get("file-size")
