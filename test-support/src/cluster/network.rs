@@ -225,7 +225,7 @@ impl Plan {
     /// Pod `pod` on node `node`: a namespace linked to the node's `cni0`.
     pub fn create_pod(&self, node: u8, node_netns: &str, pod: u8, netns: &str) -> Result<()> {
         add_netns(netns)?;
-        let host_end = format!("veth{pod}");
+        let host_end = pod_link(pod);
         ip(
             None,
             &[
@@ -256,6 +256,16 @@ impl Plan {
         ip(node_ns, &["-6", "neigh", "flush", "to", &a6])
     }
 
+    /// Removes pod `pod` of the node in `node_netns`: its link first, which
+    /// goes at once, then its namespace. A namespace's links go only once
+    /// nothing holds it (a process of the pod may still run), so without
+    /// that the next pod given the same index could find the link's name
+    /// taken.
+    pub fn delete_pod(&self, node_netns: &str, pod: u8, netns: &str) {
+        let _ = ip(Some(node_netns), &["link", "del", &pod_link(pod)]);
+        delete_netns(netns);
+    }
+
     fn route(&self, netns: Option<&str>, to: u8) -> Result<()> {
         let via4 = self.node_v4(to).to_string();
         let via6 = self.node_v6(to).to_string();
@@ -280,6 +290,11 @@ impl Plan {
         let _ = ip(netns, &["route", "del", &self.pod_cidr_v4(to)]);
         let _ = ip(netns, &["-6", "route", "del", &self.pod_cidr_v6(to)]);
     }
+}
+
+/// The node's end of pod `pod`'s link.
+fn pod_link(pod: u8) -> String {
+    format!("veth{pod}")
 }
 
 fn add_netns(name: &str) -> Result<()> {

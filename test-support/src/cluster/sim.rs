@@ -395,6 +395,7 @@ pub struct SimPod {
     name: String,
     node: String,
     node_index: u8,
+    node_netns: String,
     index: u8,
     netns: String,
 }
@@ -441,6 +442,7 @@ impl SimPod {
             name: name.to_string(),
             node: node.name.clone(),
             node_index: node.index,
+            node_netns: node.netns.clone(),
             index,
             netns,
         };
@@ -506,7 +508,9 @@ impl Drop for SimPod {
             .network
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        super::network::delete_netns(&self.netns);
+        inner
+            .plan
+            .delete_pod(&self.node_netns, self.index, &self.netns);
         inner.record(|s| s.pods.retain(|p| p.netns != self.netns));
     }
 }
