@@ -456,14 +456,9 @@ impl AgentPool {
     pub async fn download_for(
         &self,
         ep: &AgentEndpoint,
-        name: &str,
-        range: Option<&str>,
+        req: DownloadFileRequest,
         user: &UserInfo,
     ) -> Result<Response<Streaming<FileChunk>>, Status> {
-        let req = DownloadFileRequest {
-            name: name.into(),
-            range: range.unwrap_or_default().into(),
-        };
         // The response whole: its metadata says which bytes it holds.
         self.relayed(ep, "DownloadFile", req, user, |mut c, r| async move {
             c.download_file(r).await.map(Response::new)

@@ -47,7 +47,7 @@ use packet_capture_common::crd::{
 };
 use packet_capture_common::pcapng;
 use packet_capture_common::validate::capture_of;
-use packet_capture_proto::v1::{PacketBatch, PacketDirection};
+use packet_capture_proto::v1::{DownloadFileRequest, PacketBatch, PacketDirection};
 use rustls::pki_types::pem::PemObject as _;
 use serde::Serialize;
 use serde_json::json;
@@ -593,15 +593,24 @@ async fn download(
         return Err(not_found());
     }
     let ep = relay.agents.endpoint(&node).ok_or_else(not_found)?;
-    // Passed on as the agent's own REST API takes them (an If-Range: the
-    // whole file, as no validator was ever given).
-    let range = headers
-        .get(header::RANGE)
-        .filter(|_| !headers.contains_key(header::IF_RANGE))
-        .and_then(|v| v.to_str().ok());
+    // Passed on for the agent to answer, as its own REST API does (a value
+    // that is not text passed on as one that cannot parse).
+    let value_of = |name| {
+        headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
     let answer = relay
         .agents
-        .download_for(&ep, &file, range, &user)
+        .download_for(
+            &ep,
+            DownloadFileRequest {
+                name: file,
+                range: value_of(header::RANGE).unwrap_or_default(),
+                if_range: value_of(header::IF_RANGE).unwrap_or_default(),
+            },
+            &user,
+        )
         .await
         .map_err(|s| from_agent(&node, &s))?;
     let content_range = agent_content_range(answer.metadata());

@@ -134,9 +134,16 @@ impl Agent for AgentService {
         req: Request<pb::DownloadFileRequest>,
     ) -> Result<Response<Self::DownloadFileStream>, Status> {
         let caller = caller_of(&req)?;
-        let pb::DownloadFileRequest { name, range } = req.into_inner();
+        let pb::DownloadFileRequest {
+            name,
+            range,
+            if_range,
+        } = req.into_inner();
         let range = (!range.is_empty()).then_some(range.as_str());
-        let (chunks, sent) = self.api.download(&caller, &name, range).await?;
+        let (chunks, sent) = self
+            .api
+            .download(&caller, &name, range, !if_range.is_empty())
+            .await?;
         let chunks = chunks.map(move |c| match c {
             Ok(data) => Ok(pb::FileChunk {
                 data: data.to_vec(),

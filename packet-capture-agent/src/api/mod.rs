@@ -231,12 +231,16 @@ impl Api {
     /// A capture file's bytes in chunks, all of them or the part an HTTP
     /// `Range` value asks for ([`requested_part`]), and what they are, when
     /// `caller` may `get` the files of the file's capture (see
-    /// [`files::capture_of`]).
+    /// [`files::capture_of`]). A `Range` beside an `If-Range` (`if_range`)
+    /// is ignored: that names a version of the file this API never gave
+    /// (no ETag, no Last-Modified: a file does not change once listed), so
+    /// the whole file is sent, as RFC 9110 13.1.5 says.
     pub async fn download(
         &self,
         caller: &Caller,
         name: &str,
         range: Option<&str>,
+        if_range: bool,
     ) -> Result<(impl Stream<Item = io::Result<Bytes>> + Send + 'static, Sent), ApiError> {
         if !files::valid_name(name) {
             return Err(files::FileError::BadName(name.to_owned()).into());
@@ -258,7 +262,7 @@ impl Api {
             (None, Ok(_)) => return Err(files::FileError::NotFound(name.to_owned()).into()),
             (_, Err(e)) => return Err(e.into()),
         };
-        let part = match range {
+        let part = match range.filter(|_| !if_range) {
             Some(range) => requested_part(range, size)?,
             None => None,
         };

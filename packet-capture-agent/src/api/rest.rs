@@ -246,14 +246,11 @@ async fn download_file(
     request: HeaderMap,
 ) -> Result<Response, ApiError> {
     let name = param("name", name)?;
-    // An If-Range names a version of the file this API never gave (no ETag,
-    // no Last-Modified: a file does not change once listed), so the whole
-    // file is sent, as RFC 9110 13.1.5 says.
-    let range = request
-        .get(header::RANGE)
-        .filter(|_| !request.contains_key(header::IF_RANGE))
-        .and_then(|v| v.to_str().ok());
-    let (chunks, sent) = api.download(&caller_of(caller)?, &name, range).await?;
+    let range = request.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let if_range = request.contains_key(header::IF_RANGE);
+    let (chunks, sent) = api
+        .download(&caller_of(caller)?, &name, range, if_range)
+        .await?;
     let mut response = Body::from_stream(chunks).into_response();
     let content_range = sent
         .content_range()

@@ -188,6 +188,7 @@ async fn a_download_resumes_from_where_it_broke_off() {
         .download_file(pb::DownloadFileRequest {
             name: MADE.into(),
             range: "bytes=70000-".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -206,6 +207,7 @@ async fn a_download_resumes_from_where_it_broke_off() {
         .download_file(pb::DownloadFileRequest {
             name: MADE.into(),
             range: "bytes=-0".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -215,4 +217,20 @@ async fn a_download_resumes_from_where_it_broke_off() {
         "bytes */150000"
     );
     assert!(refused.message().starts_with("Range: "), "{refused:?}");
+    // With an If-Range: the whole file, no part in the metadata.
+    let whole = g
+        .download_file(pb::DownloadFileRequest {
+            name: MADE.into(),
+            range: "bytes=-0".into(),
+            if_range: "\"an-etag\"".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(whole.metadata().get("content-range"), None);
+    let mut stream = whole.into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        bytes.extend(chunk.data);
+    }
+    assert_eq!(bytes, made);
 }

@@ -258,20 +258,23 @@ fn chunks_of(
 
 /// A part of one node's file `downloaded` (from its agent) through the API
 /// server, as `curl -C -` asks to resume a download: 206 with the bytes from
-/// there on, or 416 with the file's size for a start past its end.
+/// there on, or 416 with the file's size for a start past its end; and the
+/// whole file for a range beside an If-Range (no validator is ever given).
 async fn parts_through_the_api_server(w: &World, capture: &str, node: &str, downloaded: &Path) {
     let whole = std::fs::read(downloaded).unwrap();
     let prefix = "node0-";
     let file = downloaded.file_name().unwrap().to_str().unwrap();
     let file = file.strip_prefix(prefix).unwrap();
     let client = w.cluster.client().unwrap();
-    let get = |range: &str| {
-        let request = http::Request::get(format!(
+    let get_if = |range: &str, if_range: Option<&str>| {
+        let mut request = http::Request::get(format!(
             "/apis/pcap.packet.io/v1/captures/{capture}/proxy/files/{node}/{file}"
         ))
-        .header(http::header::RANGE, range)
-        .body(Vec::new())
-        .unwrap();
+        .header(http::header::RANGE, range);
+        if let Some(v) = if_range {
+            request = request.header(http::header::IF_RANGE, v);
+        }
+        let request = request.body(Vec::new()).unwrap();
         let client = client.clone();
         async move {
             let response = client.send(request.map(Into::into)).await.unwrap();
@@ -282,6 +285,7 @@ async fn parts_through_the_api_server(w: &World, capture: &str, node: &str, down
             (parts, body)
         }
     };
+    let get = |range: &str| get_if(range, None);
     let size = whole.len();
     let (head, body) = get("bytes=10-").await;
     assert_eq!(head.status, 206, "{body:?}");
@@ -299,6 +303,9 @@ async fn parts_through_the_api_server(w: &World, capture: &str, node: &str, down
     );
     let body = String::from_utf8_lossy(&body);
     assert!(body.contains("Range: "), "{body}");
+    let (head, body) = get_if("bytes=10-", Some("\"an-etag\"")).await;
+    assert_eq!(head.status, 200, "{body:?}");
+    assert_eq!(body, whole);
 }
 
 #[tokio::test]
