@@ -135,42 +135,83 @@ pub async fn open_file(
     Ok(Box::pin(body))
 }
 
+/// Why a download that broke off could not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    /// The file is not stored under its name any more: its node has
+    /// compressed it since.
+    #[error("it is no longer there ({0})")]
+    Gone(http::StatusCode),
+    /// Nothing answered, or the API server, the controller or the agent
+    /// could not answer now (a 5xx): asking again later may do.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Any other answer than the part asked for: never appended.
+    #[error(
+        "asked for its bytes from {from} on, the API server answered {status} \
+         (Content-Range {range:?}), not that part"
+    )]
+    NotThatPart {
+        from: u64,
+        status: http::StatusCode,
+        range: String,
+    },
+}
+
 /// Opens one stored file from byte `from` on, to go on with a download that
 /// broke off: the answer must be that part (206, its `Content-Range`
-/// starting at `from`), never the whole file again.
+/// starting at `from`), never the whole file again. `None`: the file holds
+/// no byte from there on (416 for a file of `from` bytes), so the download
+/// was whole when it broke off.
 pub async fn open_file_from(
     client: &Client,
     capture: &str,
     node: &str,
     file: &str,
     from: u64,
-) -> anyhow::Result<ByteStream> {
+) -> Result<Option<ByteStream>, ResumeError> {
     use futures::TryStreamExt as _;
+    use http::StatusCode;
     use http_body_util::BodyExt as _;
 
     let request = http::Request::get(file_path(capture, node, file))
         .header(http::header::ACCEPT, "application/octet-stream")
         .header(http::header::RANGE, format!("bytes={from}-"))
-        .body(kube::client::Body::empty())?;
-    let answer = client.send(request).await?;
+        .body(kube::client::Body::empty())
+        .map_err(|e| ResumeError::Unavailable(e.to_string()))?;
+    let answer = client
+        .send(request)
+        .await
+        .map_err(|e| ResumeError::Unavailable(e.to_string()))?;
     let status = answer.status();
     let range = answer
         .headers()
         .get(http::header::CONTENT_RANGE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    if status != http::StatusCode::PARTIAL_CONTENT || !range.starts_with(&format!("bytes {from}-"))
-    {
-        anyhow::bail!(
-            "asked for its bytes from {from} on, the API server answered {status} \
-             (Content-Range {range:?}), not that part"
-        );
+        .unwrap_or_default()
+        .to_owned();
+    match status {
+        StatusCode::PARTIAL_CONTENT if range.starts_with(&format!("bytes {from}-")) => {}
+        StatusCode::RANGE_NOT_SATISFIABLE if range == format!("bytes */{from}") => return Ok(None),
+        StatusCode::NOT_FOUND => return Err(ResumeError::Gone(status)),
+        s if s.is_server_error() => {
+            return Err(ResumeError::Unavailable(format!(
+                "the API server answered {s}"
+            )));
+        }
+        _ => {
+            return Err(ResumeError::NotThatPart {
+                from,
+                status,
+                range,
+            });
+        }
     }
     let body = answer
         .into_body()
         .into_data_stream()
         .map_err(io::Error::other);
-    Ok(Box::pin(body.into_async_read()))
+    Ok(Some(Box::pin(body.into_async_read())))
 }
 
 /// Opens the live pcapng stream of `capture`, which ends when the capture

@@ -16,7 +16,8 @@
 //! A file its node compresses between the listing and the download is
 //! downloaded as its compressed copy. A download that breaks off goes on
 //! from the byte where it broke off (a `Range` request, whose answer must
-//! be that part), up to [`RESUMES`] times.
+//! be that part), after a pause that doubles each time, up to [`RESUMES`]
+//! times; one compressed meanwhile starts again as the copy.
 //!
 //! A capture that has not ended is refused: an agent writes a running
 //! capture's file under a hidden name and lists it only once the capture
@@ -50,9 +51,12 @@ use crate::cluster::{Cluster, Signals};
 
 /// Files downloaded at the same time.
 const PARALLEL_DOWNLOADS: usize = 4;
-/// How often a file's download that broke off goes on from where it broke
-/// off (a `Range` request) before its node is given up.
-const RESUMES: u32 = 5;
+/// How often a file's download that broke off is asked for again from
+/// where it broke off (a `Range` request) before its node is given up.
+const RESUMES: u32 = 6;
+/// The pause before the first of those; each next one is twice as long
+/// (31.5 s in all: an API server or controller that restarts is back).
+const FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
 
 #[derive(Args, Debug)]
 pub struct FetchArgs {
@@ -454,18 +458,16 @@ fn refuse_unmergeable(name: &str, format: OutputFormat) -> Result<()> {
     }
 }
 
-/// Downloads one file as the node stores it into `dir`, and returns the
-/// name it is stored under there: a plain file the node compressed since
-/// it listed it (it compresses every finished file but its newest, so
-/// another capture's file finishing is enough) is downloaded as its
-/// compressed copy.
-async fn download(
+/// Opens one file of a node as the node stores it, and returns the name
+/// it is stored under: a plain file the node compressed since it listed it
+/// (it compresses every finished file but its newest, so another capture's
+/// file finishing is enough) is opened as its compressed copy.
+async fn open_as_stored(
     cluster: &Cluster,
     capture: &str,
     node: &str,
     file: &str,
-    dir: &Path,
-) -> Result<String> {
+) -> Result<(String, api::ByteStream)> {
     let copies = COMPRESSED_EXTENSIONS
         .iter()
         .filter(|_| strip_compression(file).is_none())
@@ -487,30 +489,84 @@ async fn download(
             opened = tried;
         }
     }
-    let (name, mut body) = opened.map_err(|e| anyhow!(explain_access(&e, capture)))?;
-    let path = dir.join(&name);
-    let mut out = tokio::fs::File::create(&path)
-        .await
-        .with_context(|| format!("creating {}", path.display()))?;
-    let downloading = || format!("downloading {name} from node {node}");
-    let mut resumed = 0;
+    opened.map_err(|e| anyhow!(explain_access(&e, capture)))
+}
+
+/// Downloads one file as the node stores it ([`open_as_stored`]) into
+/// `dir`, and returns the name it is stored under there. A download that
+/// breaks off is asked for again from where it broke off, after a pause
+/// that doubles each time, as is an answer to that which says the API
+/// server is unavailable, up to [`RESUMES`] times in all; one its node has
+/// compressed meanwhile starts again as the copy.
+async fn download(
+    cluster: &Cluster,
+    capture: &str,
+    node: &str,
+    file: &str,
+    dir: &Path,
+) -> Result<String> {
+    let (mut name, mut body) = open_as_stored(cluster, capture, node, file).await?;
+    let create = |name: &str| {
+        let path = dir.join(name);
+        async move {
+            tokio::fs::File::create(&path)
+                .await
+                .with_context(|| format!("creating {}", path.display()))
+        }
+    };
+    let mut out = create(&name).await?;
+    let downloading = |name: &str| format!("downloading {name} from node {node}");
+    let mut pause = FIRST_PAUSE;
+    let mut resumes = 0;
     loop {
-        let broke = match api::copy_chunks(body, &mut out, false).await {
+        let mut broke = match api::copy_chunks(body, &mut out, false).await {
             Ok(_) => return Ok(name),
-            Err(api::CopyError::Read(e)) if resumed < RESUMES => e,
-            Err(e) => return Err(e).with_context(downloading),
+            Err(e @ api::CopyError::Write(_)) => return Err(e).with_context(|| downloading(&name)),
+            Err(api::CopyError::Read(e)) => e.to_string(),
         };
-        resumed += 1;
         // Every byte read was handed to the file before the next read; once
         // flushed, the file's length is where to go on from.
-        out.flush().await.with_context(downloading)?;
-        let from = out.metadata().await.with_context(downloading)?.len();
-        eprintln!(
-            "{node}: the download of {name} broke off at byte {from} ({broke}): going on from there"
-        );
-        body = api::open_file_from(&cluster.client, capture, node, &name, from)
+        out.flush().await.with_context(|| downloading(&name))?;
+        let from = out
+            .metadata()
             .await
-            .with_context(downloading)?;
+            .with_context(|| downloading(&name))?
+            .len();
+        body = loop {
+            if resumes == RESUMES {
+                bail!(
+                    "{}: broke off at byte {from} ({broke}), and could not go on in {RESUMES} tries",
+                    downloading(&name)
+                );
+            }
+            resumes += 1;
+            eprintln!(
+                "{node}: the download of {name} broke off at byte {from} ({broke}): going on from \
+                 there in {pause:?}"
+            );
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+            match api::open_file_from(&cluster.client, capture, node, &name, from).await {
+                Ok(Some(rest)) => break rest,
+                Ok(None) => return Ok(name),
+                Err(api::ResumeError::Unavailable(why)) => broke = why,
+                Err(api::ResumeError::Gone(_)) if strip_compression(&name).is_none() => {
+                    let (copy, whole) = open_as_stored(cluster, capture, node, &name)
+                        .await
+                        .with_context(|| downloading(&name))?;
+                    eprintln!(
+                        "{node}: {name} was compressed meanwhile: downloading {copy} from the start"
+                    );
+                    tokio::fs::remove_file(dir.join(&name))
+                        .await
+                        .with_context(|| downloading(&name))?;
+                    out = create(&copy).await?;
+                    name = copy;
+                    break whole;
+                }
+                Err(e) => return Err(e).with_context(|| downloading(&name)),
+            }
+        };
     }
 }
 
@@ -698,6 +754,7 @@ mod tests {
     /// What the API server stand-in answers to a GET of `path` with this
     /// `Range` header (or none): `status`, `headers` and `body`, broken off
     /// with an error after `breaks_after` bytes.
+    #[derive(Clone)]
     struct Answer {
         path: &'static str,
         range: Option<&'static str>,
@@ -725,7 +782,9 @@ mod tests {
 
     /// A cluster whose API server answers each path it is asked for with
     /// the status and body given for it, and fails the test on any other; the task
-    /// returns the paths asked, in order, once the client is dropped.
+    /// returns the paths asked, in order, once the client is dropped. A
+    /// request given several answers gets them in turn, the last one from
+    /// then on.
     fn api_server(
         answers: Vec<(&'static str, StatusCode, Vec<u8>)>,
     ) -> (Cluster, tokio::task::JoinHandle<Vec<String>>) {
@@ -733,7 +792,7 @@ mod tests {
     }
 
     /// [`api_server`] with whole [`Answer`]s.
-    fn answering(answers: Vec<Answer>) -> (Cluster, tokio::task::JoinHandle<Vec<String>>) {
+    fn answering(mut answers: Vec<Answer>) -> (Cluster, tokio::task::JoinHandle<Vec<String>>) {
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Served>>();
         let asked = tokio::spawn(async move {
             let mut asked = Vec::new();
@@ -743,11 +802,14 @@ mod tests {
                     .headers()
                     .get(http::header::RANGE)
                     .map(|v| v.to_str().unwrap().to_owned());
-                let Some(answer) = answers
-                    .iter()
-                    .find(|a| a.path == path && a.range.map(str::to_owned) == range)
-                else {
+                let asks = |a: &Answer| a.path == path && a.range.map(str::to_owned) == range;
+                let Some(at) = answers.iter().position(asks) else {
                     panic!("unexpected request {path} (Range {range:?})");
+                };
+                let answer = if answers[at + 1..].iter().any(asks) {
+                    answers.remove(at)
+                } else {
+                    answers[at].clone()
                 };
                 let sent = answer.breaks_after.unwrap_or(answer.body.len());
                 // Room for the one frame: the body is whole before it is read.
@@ -918,8 +980,11 @@ mod tests {
     }
 
     /// A download that breaks off goes on from the byte where it broke off
-    /// (a Range), as often as it breaks, and the merged file is whole; the
-    /// whole file again in answer to the Range is not taken for the rest.
+    /// (a Range), as often as it breaks or finds the API server unavailable,
+    /// and the merged file is whole; a file compressed meanwhile is
+    /// downloaded as its copy, and one that broke off after its last byte
+    /// is whole; the whole file again in answer to the Range is not taken
+    /// for the rest.
     #[tokio::test]
     async fn a_download_that_breaks_off_goes_on_from_there() {
         let file = pcap_file();
@@ -946,15 +1011,56 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("web.pcapng");
 
+        let fetched = |answers| async {
+            let (cluster, asked) = answering(answers);
+            let code = fetch(&cluster, args(&out)).await.unwrap();
+            assert_eq!(code, ExitCode::SUCCESS);
+            assert_eq!(packets_in(&out), 1);
+            drop(cluster);
+            asked.await.unwrap()
+        };
+
         let mut answers = first(30);
         answers.push(part("bytes=30-", 30, Some(20)));
         answers.push(part("bytes=50-", 50, None));
-        let (cluster, asked) = answering(answers);
-        let code = fetch(&cluster, args(&out)).await.unwrap();
-        assert_eq!(code, ExitCode::SUCCESS);
-        assert_eq!(packets_in(&out), 1);
-        drop(cluster);
-        assert_eq!(asked.await.unwrap(), [CAPTURE, FILES, PLAIN, PLAIN, PLAIN]);
+        let asked = fetched(answers).await;
+        assert_eq!(asked, [CAPTURE, FILES, PLAIN, PLAIN, PLAIN]);
+
+        // Unavailable, then there.
+        let mut answers = first(30);
+        answers.push(Answer {
+            range: Some("bytes=30-"),
+            ..Answer::from((PLAIN, StatusCode::SERVICE_UNAVAILABLE, Vec::new()))
+        });
+        answers.push(part("bytes=30-", 30, None));
+        let asked = fetched(answers).await;
+        assert_eq!(asked, [CAPTURE, FILES, PLAIN, PLAIN, PLAIN]);
+
+        // Compressed meanwhile: its copy, from the start.
+        let gz = format!("{PLAIN}.gz");
+        let gz: &'static str = gz.leak();
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gzip.write_all(&file).unwrap();
+        let not_found = || Answer::from((PLAIN, StatusCode::NOT_FOUND, Vec::new()));
+        let mut answers = first(30);
+        answers.push(not_found());
+        answers.push(Answer {
+            range: Some("bytes=30-"),
+            ..not_found()
+        });
+        answers.push(Answer::from((gz, OK, gzip.finish().unwrap())));
+        let asked = fetched(answers).await;
+        assert_eq!(asked, [CAPTURE, FILES, PLAIN, PLAIN, PLAIN, gz]);
+
+        // Broken off after the last byte: nothing more to ask for.
+        let mut answers = first(size);
+        answers.push(Answer {
+            range: Some(format!("bytes={size}-").leak()),
+            headers: vec![(http::header::CONTENT_RANGE, format!("bytes */{size}"))],
+            ..Answer::from((PLAIN, StatusCode::RANGE_NOT_SATISFIABLE, Vec::new()))
+        });
+        let asked = fetched(answers).await;
+        assert_eq!(asked, [CAPTURE, FILES, PLAIN, PLAIN]);
 
         let (cluster, _) = answering(vec![
             Answer {
