@@ -2,7 +2,8 @@
 //! `packet-capture-results-<name>` in the controller's namespace, owned by
 //! the `PacketCaptureConfig` (so they go when the capture goes), with every
 //! node's entry; entries that do not fit in [`SHARD_BYTES`] go on in
-//! `packet-capture-results-<name>-2`, `-3`, ...
+//! `packet-capture-results--2-<name>`, `--3-<name>`, ... (see
+//! [`shard_name`]).
 
 use std::collections::BTreeMap;
 
@@ -68,24 +69,42 @@ fn shards(
     Ok(out)
 }
 
-/// The results ConfigMap's name (at most 253 characters).
+/// The longest name of an object (a DNS subdomain).
+const MAX_NAME: usize = 253;
+
+/// The results ConfigMap's name.
 pub fn config_map_name(capture: &str) -> String {
     shard_name(capture, 1)
 }
 
-/// The name of the `shard`th results ConfigMap (1: the first, unsuffixed).
+/// The name of the `shard`th results ConfigMap (1: the first), one no other
+/// capture's results can have, at most [`MAX_NAME`] characters.
+///
+/// The first is `packet-capture-results-<capture>`. The others are
+/// `packet-capture-results--<shard>-<capture>`: a capture's name starts
+/// with a letter or digit, so no first ConfigMap's name has a `-` after the
+/// prefix, and the shard's number ends at the next `-`. A capture whose
+/// name is too long for that (a name may have 253 characters) has in its
+/// place the name cut and 16 hex digits of the name's SHA-256 after it,
+/// [`MAX_NAME`] characters in all, the first ConfigMap too (`--1-`): an
+/// uncut name is always shorter, so neither is taken for the other. The
+/// digits keep the name valid however the cut ends (`-` or `.`).
 fn shard_name(capture: &str, shard: usize) -> String {
-    let suffix = if shard == 1 {
-        String::new()
-    } else {
-        format!("-{shard}")
-    };
-    let mut name = format!("{RESULTS_PREFIX}{capture}");
-    name.truncate(253 - suffix.len());
-    while name.ends_with(['-', '.']) {
-        name.pop();
+    use sha2::{Digest as _, Sha256};
+
+    let whole = format!("{RESULTS_PREFIX}{capture}");
+    if shard == 1 && whole.len() <= MAX_NAME {
+        return whole;
     }
-    name + &suffix
+    let head = format!("{RESULTS_PREFIX}-{shard}-");
+    let room = MAX_NAME - head.len();
+    if capture.len() < room {
+        return head + capture;
+    }
+    let digest = Sha256::digest(capture.as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    // Names are ASCII: any byte is a character boundary.
+    format!("{head}{}{hex}", &capture[..room - hex.len()])
 }
 
 fn json<T: serde::Serialize>(what: &'static str, v: &T) -> Result<String> {
@@ -216,11 +235,56 @@ mod tests {
     use super::*;
     use packet_capture_common::crd::{CaptureState, PacketCaptureConfigSpec, Phase};
 
+    /// A DNS subdomain, as the API server checks an object's name.
+    fn valid_name(name: &str) -> bool {
+        let label = |l: &str| {
+            l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && l.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && l.ends_with(|c: char| c.is_ascii_alphanumeric())
+        };
+        name.len() <= MAX_NAME && name.split('.').all(label)
+    }
+
     #[test]
     fn names_fit() {
         assert_eq!(config_map_name("web"), "packet-capture-results-web");
+        assert_eq!(shard_name("web", 2), "packet-capture-results--2-web");
         assert_eq!(config_map_name(&"a".repeat(253)).len(), 253);
         assert_eq!(label_value(&format!("{}-x", "b".repeat(62))).len(), 62);
+    }
+
+    /// No two captures' results share a ConfigMap: not a capture named
+    /// like another's shard, not two long names alike but for their ends;
+    /// and every name is one the API server takes.
+    #[test]
+    fn no_two_captures_results_share_a_name() {
+        let mut captures = vec![
+            "web".to_string(),
+            "web-2".into(),
+            "web--2".into(),
+            "2-web".into(),
+            "1-web".into(),
+        ];
+        captures.extend((220..=253).map(|n| "z".repeat(n)));
+        // Long names alike but for their ends, cut at a `-`, a `.` or
+        // between letters.
+        for shift in 0..5 {
+            for end in ["x", "y", "x-1", "x.1"] {
+                captures.push(format!("{}{}{end}", "x".repeat(shift), "a.b-c".repeat(49)));
+            }
+        }
+        let mut seen = std::collections::HashMap::new();
+        for capture in &captures {
+            assert!(valid_name(capture), "{capture}");
+            for shard in 1..=12 {
+                let name = shard_name(capture, shard);
+                assert!(valid_name(&name), "{capture} {shard}: {name}");
+                if let Some(other) = seen.insert(name.clone(), (capture, shard)) {
+                    panic!("{name}: {capture} {shard} and {other:?}");
+                }
+            }
+        }
     }
 
     #[test]
@@ -316,7 +380,7 @@ mod tests {
             .map(|c| c.metadata.name.clone().unwrap())
             .collect();
         assert!(names.len() > 1, "{names:?}");
-        let suffixed = (2..=names.len()).map(|i| format!("packet-capture-results-wide-{i}"));
+        let suffixed = (2..=names.len()).map(|i| format!("packet-capture-results--{i}-wide"));
         let want: Vec<String> = std::iter::once("packet-capture-results-wide".to_string())
             .chain(suffixed)
             .collect();
