@@ -11,11 +11,13 @@
 
 use std::io;
 use std::pin::Pin;
+use std::time::Duration;
 
 use futures::{AsyncBufRead, AsyncBufReadExt};
 use kube::Client;
 use kube::core::Status;
 use packet_capture_common::crd::{FILES_SUBRESOURCE, GROUP as CRD_GROUP, PLURAL, RESOURCE};
+use pcap_file::pcapng::{PcapNgParseError, PcapNgParser};
 use serde::Deserialize;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
@@ -287,12 +289,60 @@ pub fn explain_crd(err: &kube::Error, verbs: &[&str]) -> String {
     }
 }
 
+/// An error in a line: the API server's code and message, or what failed
+/// on the way.
+pub fn in_a_line(err: &kube::Error) -> String {
+    match err {
+        kube::Error::Api(status) => format!(
+            "the API server answered {}: {}",
+            status.code,
+            status_message(status)
+        ),
+        other => other.to_string(),
+    }
+}
+
 /// The status's message, or its reason and code when it has none.
 fn status_message(status: &Status) -> String {
     if status.message.is_empty() {
         format!("{} ({})", status.reason, status.code)
     } else {
         status.message.clone()
+    }
+}
+
+/// The pauses before each new try to go on after a connection broke off or
+/// the API server was unavailable: 0.5 s, doubling each time, for
+/// [`Backoff::TRIES`] tries (63.5 s in all: time for an API server or a
+/// controller that restarts).
+#[derive(Debug)]
+pub struct Backoff {
+    tried: u32,
+    pause: Duration,
+}
+
+impl Backoff {
+    pub const TRIES: u32 = 7;
+    const FIRST_PAUSE: Duration = Duration::from_millis(500);
+
+    /// The pause before the next try, or `None` once every try is spent.
+    pub fn next_pause(&mut self) -> Option<Duration> {
+        if self.tried == Self::TRIES {
+            return None;
+        }
+        self.tried += 1;
+        let pause = self.pause;
+        self.pause *= 2;
+        Some(pause)
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            tried: 0,
+            pause: Self::FIRST_PAUSE,
+        }
     }
 }
 
@@ -306,13 +356,81 @@ pub enum CopyError {
     Write(#[source] io::Error),
 }
 
-/// Copies a response body to `to` chunk by chunk as it arrives, flushing
-/// after each when `flush_each` (a live stream, so a reader downstream sees
-/// each packet as it comes); returns the bytes copied.
+/// The most of one pcapng block a live stream holds back until the block
+/// is whole: far more than a packet of the largest snaplen (262,144 bytes)
+/// with its options; a stream that needs more is not pcapng.
+const MAX_PARTIAL_BLOCK: usize = 16 << 20;
+/// The type of a pcapng section header block.
+const SECTION_HEADER: [u8; 4] = [0x0a, 0x0d, 0x0d, 0x0a];
+
+/// Holds a live pcapng stream's bytes back until they make whole blocks,
+/// so that what is written ends between two blocks however the stream
+/// breaks off, and another stream's section can follow it.
+#[derive(Default)]
+pub struct WholeBlocks {
+    held: Vec<u8>,
+    /// The section's parser, from its header block on.
+    parser: Option<PcapNgParser>,
+}
+
+impl WholeBlocks {
+    /// Holds `chunk` after what it held; returns how many of the held
+    /// bytes, from the first, now make whole blocks.
+    fn hold(&mut self, chunk: &[u8]) -> io::Result<usize> {
+        self.held.extend_from_slice(chunk);
+        let mut whole = 0;
+        loop {
+            let rest = &self.held[whole..];
+            let not_pcapng = |why: String| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("not a pcapng stream: {why}"),
+                )
+            };
+            // A section begins with its header block, whose type reads the
+            // same in either byte order.
+            if self.parser.is_none() && rest.len() >= 4 && rest[..4] != SECTION_HEADER {
+                return Err(not_pcapng(format!("it begins with {:02x?}", &rest[..4])));
+            }
+            let parsed = match self.parser.as_mut() {
+                Some(parser) => parser.next_raw_block(rest).map(|(left, _)| (left, None)),
+                None => PcapNgParser::new(rest).map(|(left, parser)| (left, Some(parser))),
+            };
+            match parsed {
+                Ok((left, section)) => {
+                    whole = self.held.len() - left.len();
+                    if section.is_some() {
+                        self.parser = section;
+                    }
+                }
+                Err(PcapNgParseError::IncompleteBuffer(needed, _))
+                    if needed <= MAX_PARTIAL_BLOCK =>
+                {
+                    return Ok(whole);
+                }
+                Err(e) => return Err(not_pcapng(e.to_string())),
+            }
+        }
+    }
+
+    /// Forgets the part of a block it holds, which a stream that broke off
+    /// never finished, and the section: the next stream begins its own.
+    /// Returns how many bytes it dropped.
+    pub fn break_off(&mut self) -> usize {
+        self.parser = None;
+        std::mem::take(&mut self.held).len()
+    }
+}
+
+/// Copies a response body to `to` chunk by chunk as it arrives; returns
+/// the bytes read. A `live` stream is written as its blocks are whole, and
+/// flushed after each chunk, so a reader downstream sees each packet as it
+/// comes; one that ends inside a block broke off (`UnexpectedEof`), and
+/// what it held of the block stays held.
 pub async fn copy_chunks<W: AsyncWrite + Unpin>(
     mut from: impl AsyncBufRead + Unpin,
     to: &mut W,
-    flush_each: bool,
+    mut live: Option<&mut WholeBlocks>,
 ) -> Result<u64, CopyError> {
     let mut total = 0u64;
     loop {
@@ -321,24 +439,35 @@ pub async fn copy_chunks<W: AsyncWrite + Unpin>(
             break;
         }
         let n = chunk.len();
-        to.write_all(chunk).await.map_err(CopyError::Write)?;
-        if flush_each {
-            to.flush().await.map_err(CopyError::Write)?;
+        match live.as_deref_mut() {
+            None => to.write_all(chunk).await.map_err(CopyError::Write)?,
+            Some(blocks) => {
+                let whole = blocks.hold(chunk).map_err(CopyError::Read)?;
+                to.write_all(&blocks.held[..whole])
+                    .await
+                    .map_err(CopyError::Write)?;
+                blocks.held.drain(..whole);
+                to.flush().await.map_err(CopyError::Write)?;
+            }
         }
         from.consume_unpin(n);
         total += n as u64;
     }
     to.flush().await.map_err(CopyError::Write)?;
+    if let Some(blocks) = live.filter(|b| !b.held.is_empty()) {
+        return Err(CopyError::Read(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("the stream ended {} bytes into a block", blocks.held.len()),
+        )));
+    }
     Ok(total)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures::TryStreamExt;
     use http::{Request, Response, StatusCode};
     use kube::client::Body;
-    use std::task::{Context, Poll};
 
     fn api_error(code: u16, reason: &str, message: &str) -> kube::Error {
         kube::Error::Api(Status::failure(message, reason).with_code(code).boxed())
@@ -475,81 +604,6 @@ mod tests {
         );
     }
 
-    /// Records what was written and where each flush fell.
-    #[derive(Default)]
-    struct Recorder {
-        data: Vec<u8>,
-        flushed_at: Vec<usize>,
-        broken: bool,
-    }
-
-    impl AsyncWrite for Recorder {
-        fn poll_write(
-            mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<io::Result<usize>> {
-            if self.broken {
-                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-            }
-            self.data.extend_from_slice(buf);
-            Poll::Ready(Ok(buf.len()))
-        }
-        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            let at = self.data.len();
-            self.flushed_at.push(at);
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    fn chunks(parts: &[&'static [u8]]) -> impl AsyncBufRead + Unpin {
-        futures::stream::iter(parts.iter().map(|p| Ok::<_, io::Error>(p.to_vec())))
-            .into_async_read()
-    }
-
-    #[tokio::test]
-    async fn a_stream_is_flushed_at_every_chunk() {
-        let mut out = Recorder::default();
-        let n = copy_chunks(chunks(&[b"abc", b"de", b"f"]), &mut out, true)
-            .await
-            .unwrap();
-        assert_eq!(n, 6);
-        assert_eq!(out.data, b"abcdef");
-        assert_eq!(out.flushed_at, [3, 5, 6, 6]);
-
-        let mut out = Recorder::default();
-        copy_chunks(chunks(&[b"abc", b"de"]), &mut out, false)
-            .await
-            .unwrap();
-        assert_eq!(out.flushed_at, [5]);
-    }
-
-    #[tokio::test]
-    async fn a_closed_output_is_a_write_error_and_a_broken_body_a_read_error() {
-        let mut out = Recorder {
-            broken: true,
-            ..Default::default()
-        };
-        match copy_chunks(chunks(&[b"abc"]), &mut out, true).await {
-            Err(CopyError::Write(e)) => assert_eq!(e.kind(), io::ErrorKind::BrokenPipe),
-            other => panic!("{other:?}"),
-        }
-        let broken = futures::stream::iter([
-            Ok(b"abc".to_vec()),
-            Err(io::Error::other("connection reset")),
-        ])
-        .into_async_read();
-        let mut out = Recorder::default();
-        assert!(matches!(
-            copy_chunks(broken, &mut out, true).await,
-            Err(CopyError::Read(_))
-        ));
-        assert_eq!(out.data, b"abc");
-    }
-
     /// A client whose API server answers the one request it gets with
     /// `status` and `body`, after checking the request's path.
     fn answering(path: &'static str, status: StatusCode, body: &'static str) -> Client {
@@ -609,8 +663,8 @@ mod tests {
         let body = open_file(&client, "web", "n1", "web-20250101-120000.pcap.gz")
             .await
             .unwrap();
-        let mut out = Recorder::default();
-        copy_chunks(body, &mut out, false).await.unwrap();
-        assert_eq!(out.data, "\x1f\u{8b}bytes".as_bytes());
+        let mut out = Vec::new();
+        copy_chunks(body, &mut out, None).await.unwrap();
+        assert_eq!(out, "\x1f\u{8b}bytes".as_bytes());
     }
 }

@@ -133,18 +133,22 @@ where
     })
 }
 
-/// Whether a watch's error may pass: a lost connection, or an answer
-/// other than a client error (4xx), except a timeout, an expired resource
-/// version or throttling. Not the request's or the credentials' own
-/// failures: the same again would fail again.
+/// Whether a watch's error may pass (see [`transient`]).
 fn passing(e: &watcher::Error) -> bool {
-    let e = match e {
+    match e {
         watcher::Error::InitialListFailed(e)
         | watcher::Error::WatchStartFailed(e)
-        | watcher::Error::WatchFailed(e) => e,
-        watcher::Error::WatchError(s) => return passing_code(s.code),
-        watcher::Error::NoResourceVersion => return true,
-    };
+        | watcher::Error::WatchFailed(e) => transient(e),
+        watcher::Error::WatchError(s) => passing_code(s.code),
+        watcher::Error::NoResourceVersion => true,
+    }
+}
+
+/// Whether a request's error may pass, so that asking again may succeed: a
+/// lost connection, or an answer other than a client error (4xx), except a
+/// timeout, an expired resource version or throttling. Not the request's or
+/// the credentials' own failures: the same again would fail again.
+pub fn transient(e: &kube::Error) -> bool {
     match e {
         kube::Error::Api(s) => passing_code(s.code),
         kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => true,

@@ -16,8 +16,9 @@
 //! A file its node compresses between the listing and the download is
 //! downloaded as its compressed copy. A download that breaks off goes on
 //! from the byte where it broke off (a `Range` request, whose answer must
-//! be that part), after a pause that doubles each time, up to [`RESUMES`]
-//! times; one compressed meanwhile starts again as the copy.
+//! be that part), after a pause that doubles each time, up to
+//! [`api::Backoff::TRIES`] times; one compressed meanwhile starts again as
+//! the copy.
 //!
 //! A capture that has not ended is refused: an agent writes a running
 //! capture's file under a hidden name and lists it only once the capture
@@ -51,12 +52,6 @@ use crate::cluster::{Cluster, Signals};
 
 /// Files downloaded at the same time.
 const PARALLEL_DOWNLOADS: usize = 4;
-/// How often a file's download that broke off is asked for again from
-/// where it broke off (a `Range` request) before its node is given up.
-const RESUMES: u32 = 6;
-/// The pause before the first of those; each next one is twice as long
-/// (31.5 s in all: an API server or controller that restarts is back).
-const FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
 
 #[derive(Args, Debug)]
 pub struct FetchArgs {
@@ -496,8 +491,8 @@ async fn open_as_stored(
 /// `dir`, and returns the name it is stored under there. A download that
 /// breaks off is asked for again from where it broke off, after a pause
 /// that doubles each time, as is an answer to that which says the API
-/// server is unavailable, up to [`RESUMES`] times in all; one its node has
-/// compressed meanwhile starts again as the copy.
+/// server is unavailable, up to [`api::Backoff::TRIES`] times in all; one
+/// its node has compressed meanwhile starts again as the copy.
 async fn download(
     cluster: &Cluster,
     capture: &str,
@@ -516,10 +511,9 @@ async fn download(
     };
     let mut out = create(&name).await?;
     let downloading = |name: &str| format!("downloading {name} from node {node}");
-    let mut pause = FIRST_PAUSE;
-    let mut resumes = 0;
+    let mut backoff = api::Backoff::default();
     loop {
-        let mut broke = match api::copy_chunks(body, &mut out, false).await {
+        let mut broke = match api::copy_chunks(body, &mut out, None).await {
             Ok(_) => return Ok(name),
             Err(e @ api::CopyError::Write(_)) => return Err(e).with_context(|| downloading(&name)),
             Err(api::CopyError::Read(e)) => e.to_string(),
@@ -533,19 +527,18 @@ async fn download(
             .with_context(|| downloading(&name))?
             .len();
         body = loop {
-            if resumes == RESUMES {
+            let Some(pause) = backoff.next_pause() else {
                 bail!(
-                    "{}: broke off at byte {from} ({broke}), and could not go on in {RESUMES} tries",
-                    downloading(&name)
+                    "{}: broke off at byte {from} ({broke}), and could not go on in {} tries",
+                    downloading(&name),
+                    api::Backoff::TRIES
                 );
-            }
-            resumes += 1;
+            };
             eprintln!(
                 "{node}: the download of {name} broke off at byte {from} ({broke}): going on from \
                  there in {pause:?}"
             );
             tokio::time::sleep(pause).await;
-            pause *= 2;
             match api::open_file_from(&cluster.client, capture, node, &name, from).await {
                 Ok(Some(rest)) => break rest,
                 Ok(None) => return Ok(name),
@@ -623,9 +616,8 @@ fn reader_quit(e: &anyhow::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{Request, Response, StatusCode};
-    use kube::Client;
-    use kube::client::Body;
+    use crate::stand_in::{Answer, answering, api_server};
+    use http::StatusCode;
     use kubectl_pcap::api::NodeFiles;
     use pcap_file::pcap::{PcapPacket, PcapWriter};
     use pcap_file::pcapng::{Block, PcapNgReader};
@@ -749,92 +741,6 @@ mod tests {
         w.write_packet(&PcapPacket::new(Duration::from_secs(100), 60, &data).unwrap())
             .unwrap();
         w.into_inner()
-    }
-
-    /// What the API server stand-in answers to a GET of `path` with this
-    /// `Range` header (or none): `status`, `headers` and `body`, broken off
-    /// with an error after `breaks_after` bytes.
-    #[derive(Clone)]
-    struct Answer {
-        path: &'static str,
-        range: Option<&'static str>,
-        status: StatusCode,
-        headers: Vec<(http::HeaderName, String)>,
-        body: Vec<u8>,
-        breaks_after: Option<usize>,
-    }
-
-    impl From<(&'static str, StatusCode, Vec<u8>)> for Answer {
-        fn from((path, status, body): (&'static str, StatusCode, Vec<u8>)) -> Self {
-            Self {
-                path,
-                range: None,
-                status,
-                headers: Vec::new(),
-                body,
-                breaks_after: None,
-            }
-        }
-    }
-
-    /// A body that can break off, as a connection does.
-    type Served = http_body_util::channel::Channel<bytes::Bytes, std::io::Error>;
-
-    /// A cluster whose API server answers each path it is asked for with
-    /// the status and body given for it, and fails the test on any other; the task
-    /// returns the paths asked, in order, once the client is dropped. A
-    /// request given several answers gets them in turn, the last one from
-    /// then on.
-    fn api_server(
-        answers: Vec<(&'static str, StatusCode, Vec<u8>)>,
-    ) -> (Cluster, tokio::task::JoinHandle<Vec<String>>) {
-        answering(answers.into_iter().map(Answer::from).collect())
-    }
-
-    /// [`api_server`] with whole [`Answer`]s.
-    fn answering(mut answers: Vec<Answer>) -> (Cluster, tokio::task::JoinHandle<Vec<String>>) {
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Served>>();
-        let asked = tokio::spawn(async move {
-            let mut asked = Vec::new();
-            while let Some((request, send)) = handle.next_request().await {
-                let path = request.uri().path().to_owned();
-                let range = request
-                    .headers()
-                    .get(http::header::RANGE)
-                    .map(|v| v.to_str().unwrap().to_owned());
-                let asks = |a: &Answer| a.path == path && a.range.map(str::to_owned) == range;
-                let Some(at) = answers.iter().position(asks) else {
-                    panic!("unexpected request {path} (Range {range:?})");
-                };
-                let answer = if answers[at + 1..].iter().any(asks) {
-                    answers.remove(at)
-                } else {
-                    answers[at].clone()
-                };
-                let sent = answer.breaks_after.unwrap_or(answer.body.len());
-                // Room for the one frame: the body is whole before it is read.
-                let (mut tx, body) = Served::new(1);
-                if sent > 0 {
-                    let data = bytes::Bytes::copy_from_slice(&answer.body[..sent]);
-                    tx.send_data(data).await.unwrap();
-                }
-                if answer.breaks_after.is_some() {
-                    tx.abort(std::io::Error::other("connection reset by peer"));
-                }
-                let mut response = Response::builder().status(answer.status);
-                for (name, value) in &answer.headers {
-                    response = response.header(name, value);
-                }
-                send.send_response(response.body(body).unwrap());
-                asked.push(path);
-            }
-            asked
-        });
-        let cluster = Cluster {
-            client: Client::new(service, "default"),
-            namespace: "default".into(),
-        };
-        (cluster, asked)
     }
 
     fn args(output: &Path) -> FetchArgs {

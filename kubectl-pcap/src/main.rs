@@ -66,6 +66,8 @@ macro_rules! outln {
 mod capture;
 mod cluster;
 mod fetch;
+#[cfg(test)]
+mod stand_in;
 mod stream;
 
 use std::process::ExitCode;

@@ -9,10 +9,12 @@
 //! (`outputFormat: stream`): deleted with the stream, they could not be
 //! fetched. When the capture's end ends the stream, its phase and message
 //! go to stderr; one that failed, or whose end the status does not tell,
-//! exits 1.
+//! exits 1. A stream that breaks off is opened again and goes on in a new
+//! pcapng section after the last whole block (see [`follow`]).
 
 use std::io;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
 use clap::Args;
@@ -20,6 +22,7 @@ use kube::api::{DeleteParams, PostParams};
 use kubectl_pcap::api::{self, CopyError, explain_access, explain_crd};
 use kubectl_pcap::spec::TargetArgs;
 use packet_capture_common::crd::{OutputFormat, PacketCaptureConfig, Phase};
+use tokio::io::AsyncWrite;
 
 use crate::capture::wait_for;
 use crate::cluster::{Cluster, Signals, Stop};
@@ -30,7 +33,7 @@ const DEFAULT_DURATION: u32 = 300;
 /// How long the command waits on the API server once the stream has
 /// ended: for the capture's final phase, and to delete one it made (then
 /// it gives up and says how to delete it).
-const SETTLE_WITHIN: std::time::Duration = std::time::Duration::from_secs(15);
+const SETTLE_WITHIN: Duration = Duration::from_secs(15);
 
 #[derive(Args, Debug)]
 pub struct StreamArgs {
@@ -83,8 +86,9 @@ pub async fn stream(cluster: &Cluster, args: StreamArgs) -> Result<ExitCode> {
         }
     };
 
+    let mut stdout = tokio::io::stdout();
     let outcome = tokio::select! {
-        r = follow(cluster, &name, created) => Ok(r),
+        r = follow(cluster, &name, created, &mut stdout) => Ok(r),
         stop = signals.recv() => Err(stop),
     };
     // How the capture ended, when that ended the stream (the wait tells
@@ -169,9 +173,21 @@ enum Followed {
 
 /// Waits until the capture has started (one just created, by this command
 /// or right before it, is still starting), then copies its stream to
-/// stdout until the capture has ended on every node or stdout is closed
+/// `out` until the capture has ended on every node or `out` is closed
 /// (the reader downstream quit, which ends the stream as Ctrl-C does).
-async fn follow(cluster: &Cluster, name: &str, created: bool) -> Result<Followed> {
+///
+/// A stream that ends is opened again, after a pause that doubles each
+/// time ([`api::Backoff`]): the end was the capture's when the API server
+/// then says it runs nowhere (409); else it was the connection's (an API
+/// server or controller that restarts), and the new stream's section goes
+/// on from the last whole block, stderr saying that what was captured
+/// meanwhile is not in it.
+async fn follow<W: AsyncWrite + Unpin>(
+    cluster: &Cluster,
+    name: &str,
+    created: bool,
+    out: &mut W,
+) -> Result<Followed> {
     match wait_for(&cluster.captures(), name, |p| p != Phase::Starting, true).await {
         Ok(pcc) => {
             if pcc.current_phase() == Some(Phase::Failed) {
@@ -184,22 +200,77 @@ async fn follow(cluster: &Cluster, name: &str, created: bool) -> Result<Followed
         // whether it runs.
         Err(_) => {}
     }
-    let body = api::open_packets(&cluster.client, name)
+    let mut body = api::open_packets(&cluster.client, name)
         .await
         .map_err(|e| anyhow!(explain_access(&e, name)))?;
-    let mut stdout = tokio::io::stdout();
-    let copied = tokio::select! {
-        copied = api::copy_chunks(body, &mut stdout, true) => copied,
-        // Gone while no packet came to write: a write would say so only
-        // with the next packet, which a quiet capture may never have.
-        () = reader_gone() => return Ok(Followed::ReaderQuit),
-    };
-    match copied {
-        Ok(_) => Ok(Followed::Ended),
-        Err(CopyError::Write(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
-            Ok(Followed::ReaderQuit)
+    let mut blocks = api::WholeBlocks::default();
+    let mut backoff = api::Backoff::default();
+    // Gone while no packet came to write: a write would say so only with
+    // the next packet, which a quiet capture may never have.
+    let mut reader_gone = std::pin::pin!(reader_gone());
+    loop {
+        let opened = Instant::now();
+        let copied = tokio::select! {
+            copied = api::copy_chunks(body, out, Some(&mut blocks)) => copied,
+            () = &mut reader_gone => return Ok(Followed::ReaderQuit),
+        };
+        let broke = match copied {
+            Ok(_) => None,
+            Err(CopyError::Write(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+                return Ok(Followed::ReaderQuit);
+            }
+            Err(CopyError::Read(e)) if e.kind() != io::ErrorKind::InvalidData => {
+                Some(e.to_string())
+            }
+            Err(e) => bail!("streaming capture {name}: {e}"),
+        };
+        blocks.break_off();
+        if opened.elapsed() >= STEADY {
+            backoff = api::Backoff::default();
         }
-        Err(e) => Err(anyhow!("streaming capture {name}: {e}")),
+        match reopen(cluster, name, broke, &mut backoff).await? {
+            Some(again) => body = again,
+            None => return Ok(Followed::Ended),
+        }
+    }
+}
+
+/// A stream that lasted this long broke off on its own: the next one gets
+/// every try again.
+const STEADY: Duration = Duration::from_secs(60);
+
+/// Opens the stream of `name` again after it ended, or broke off (`broke`
+/// says why); `None` once the capture runs on no node (409): the stream's
+/// end was the capture's.
+async fn reopen(
+    cluster: &Cluster,
+    name: &str,
+    mut broke: Option<String>,
+    backoff: &mut api::Backoff,
+) -> Result<Option<api::ByteStream>> {
+    loop {
+        let Some(pause) = backoff.next_pause() else {
+            bail!(
+                "streaming capture {name}: {}; it could not be opened again in {} tries",
+                broke.unwrap_or_else(|| "it ended".into()),
+                api::Backoff::TRIES
+            );
+        };
+        if let Some(why) = &broke {
+            eprintln!("{name}: the stream broke off ({why}): opening it again in {pause:?}");
+        }
+        tokio::time::sleep(pause).await;
+        match api::open_packets(&cluster.client, name).await {
+            Ok(body) => {
+                eprintln!(
+                    "{name}: the stream goes on; packets captured while it was closed are not in it"
+                );
+                return Ok(Some(body));
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => return Ok(None),
+            Err(e) if crate::cluster::transient(&e) => broke = Some(api::in_a_line(&e)),
+            Err(e) => bail!(explain_access(&e, name)),
+        }
     }
 }
 
@@ -245,4 +316,189 @@ fn suffix() -> String {
     (0..5)
         .map(|_| CHARS[fastrand::usize(..CHARS.len())] as char)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stand_in::{Answer, Recorder, answering, chunks, section};
+    use futures::TryStreamExt as _;
+    use http::StatusCode;
+    use kubectl_pcap::api::{WholeBlocks, copy_chunks};
+
+    #[tokio::test]
+    async fn a_live_stream_is_written_in_whole_blocks_flushed_at_every_chunk() {
+        let (section, ends) = section(3);
+        // Cut inside the header, inside the interface, at the end of the
+        // first packet, and inside the third.
+        let cuts = [5, ends[1] - 4, ends[2], ends[3] + 9, section.len()];
+        let parts: Vec<&'static [u8]> = cuts
+            .iter()
+            .scan(0, |from, &to| {
+                let part = section[*from..to].to_vec().leak() as &'static [u8];
+                *from = to;
+                Some(part)
+            })
+            .collect();
+        let mut out = Recorder::default();
+        let mut blocks = WholeBlocks::default();
+        let n = copy_chunks(chunks(&parts), &mut out, Some(&mut blocks))
+            .await
+            .unwrap();
+        assert_eq!(n, section.len() as u64);
+        assert_eq!(out.data, section);
+        // Each flush falls where a block ends: none in the header, the
+        // header alone, the interface and a packet, the second packet, and
+        // the rest.
+        assert_eq!(
+            out.flushed_at,
+            [0, ends[0], ends[2], ends[3], section.len(), section.len()]
+        );
+
+        let mut out = Recorder::default();
+        copy_chunks(chunks(&[b"abc", b"de"]), &mut out, None)
+            .await
+            .unwrap();
+        assert_eq!(out.data, b"abcde");
+        assert_eq!(out.flushed_at, [5]);
+    }
+
+    /// A live stream that breaks off, or ends, inside a block leaves that
+    /// block out, and another section can follow what was written; bytes
+    /// that are not pcapng are refused as such.
+    #[tokio::test]
+    async fn a_live_stream_that_breaks_off_leaves_no_part_of_a_block() {
+        let (section, ends) = section(2);
+        let cut: &'static [u8] = section[..ends[2] + 7].to_vec().leak();
+        let broken =
+            futures::stream::iter([Ok(cut.to_vec()), Err(io::Error::other("connection reset"))])
+                .into_async_read();
+        let mut out = Recorder::default();
+        let mut blocks = WholeBlocks::default();
+        assert!(matches!(
+            copy_chunks(broken, &mut out, Some(&mut blocks)).await,
+            Err(CopyError::Read(e)) if e.kind() == io::ErrorKind::Other
+        ));
+        assert_eq!(out.data, section[..ends[2]]);
+        assert_eq!(blocks.break_off(), 7);
+        // The next stream's section follows.
+        copy_chunks(
+            chunks(&[section.clone().leak()]),
+            &mut out,
+            Some(&mut blocks),
+        )
+        .await
+        .unwrap();
+        let mut reader = pcap_file::pcapng::PcapNgReader::new(&out.data[..]).unwrap();
+        let mut packets = 0;
+        while let Some(block) = reader.next_block() {
+            if matches!(
+                block.unwrap().0,
+                pcap_file::pcapng::Block::EnhancedPacket(_)
+            ) {
+                packets += 1;
+            }
+        }
+        assert_eq!(packets, 1 + 2);
+
+        // Ended inside a block: broken off too.
+        let mut out = Recorder::default();
+        let mut blocks = WholeBlocks::default();
+        match copy_chunks(chunks(&[cut]), &mut out, Some(&mut blocks)).await {
+            Err(CopyError::Read(e)) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(out.data, section[..ends[2]]);
+
+        let mut blocks = WholeBlocks::default();
+        let html = chunks(&[b"<html><body>502 Bad Gateway</body></html>"]);
+        match copy_chunks(html, &mut Recorder::default(), Some(&mut blocks)).await {
+            Err(CopyError::Read(e)) => {
+                assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+                assert!(e.to_string().starts_with("not a pcapng stream"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_closed_output_is_a_write_error_and_a_broken_body_a_read_error() {
+        let mut out = Recorder {
+            broken: true,
+            ..Default::default()
+        };
+        match copy_chunks(chunks(&[b"abc"]), &mut out, None).await {
+            Err(CopyError::Write(e)) => assert_eq!(e.kind(), io::ErrorKind::BrokenPipe),
+            other => panic!("{other:?}"),
+        }
+        let broken = futures::stream::iter([
+            Ok(b"abc".to_vec()),
+            Err(io::Error::other("connection reset")),
+        ])
+        .into_async_read();
+        let mut out = Recorder::default();
+        assert!(matches!(
+            copy_chunks(broken, &mut out, None).await,
+            Err(CopyError::Read(_))
+        ));
+        assert_eq!(out.data, b"abc");
+    }
+
+    const WATCH: &str = "/apis/networking.packet.io/v1/packetcaptureconfigs";
+    const PACKETS: &str = "/apis/pcap.packet.io/v1/captures/web/proxy/packets";
+
+    fn status(code: u16, reason: &str) -> Vec<u8> {
+        serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": reason, "reason": reason, "code": code})
+        .to_string()
+        .into_bytes()
+    }
+
+    /// A stream that breaks off inside a block is opened again (after an
+    /// API server that is unavailable for a moment) and goes on from its
+    /// last whole block with the new stream's section; once that ends, the
+    /// capture runs nowhere (409), and the stream has ended with it.
+    #[tokio::test]
+    async fn a_stream_that_breaks_off_goes_on_from_its_last_whole_block() {
+        let (first, ends) = section(3);
+        let (second, _) = section(2);
+        let (cluster, asked) = answering(vec![
+            // A reader who may not watch the capture: the stream says.
+            Answer::from((WATCH, StatusCode::FORBIDDEN, status(403, "Forbidden"))),
+            Answer {
+                breaks_after: Some(ends[3] + 9),
+                ..Answer::from((PACKETS, StatusCode::OK, first.clone()))
+            },
+            Answer::from((
+                PACKETS,
+                StatusCode::SERVICE_UNAVAILABLE,
+                status(503, "ServiceUnavailable"),
+            )),
+            Answer::from((PACKETS, StatusCode::OK, second.clone())),
+            Answer::from((PACKETS, StatusCode::CONFLICT, status(409, "Conflict"))),
+        ]);
+        let mut out = Vec::new();
+        let followed = follow(&cluster, "web", false, &mut out).await.unwrap();
+        assert!(matches!(followed, Followed::Ended));
+        assert_eq!(out, [&first[..ends[3]], &second[..]].concat());
+        drop(cluster);
+        assert_eq!(
+            asked.await.unwrap(),
+            [WATCH, PACKETS, PACKETS, PACKETS, PACKETS]
+        );
+
+        // Not pcapng: no other try.
+        let (cluster, asked) = answering(vec![
+            Answer::from((WATCH, StatusCode::FORBIDDEN, status(403, "Forbidden"))),
+            Answer::from((PACKETS, StatusCode::OK, b"<html>".repeat(3))),
+        ]);
+        let err = follow(&cluster, "web", false, &mut Vec::new())
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("not a pcapng stream"), "{err}");
+        drop(cluster);
+        assert_eq!(asked.await.unwrap(), [WATCH, PACKETS]);
+    }
 }

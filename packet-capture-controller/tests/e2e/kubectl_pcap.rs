@@ -189,6 +189,21 @@ fn stream_with(kubeconfig: &Path, args: &[&str]) -> std::process::Child {
         .expect("kubectl pcap stream")
 }
 
+/// The sections of a pcapng stream read so far: one per time the stream
+/// was opened.
+fn sections_of(stream: &[u8]) -> usize {
+    use pcap_file::pcapng::{Block, PcapNgParser};
+    let Ok((mut rest, mut parser)) = PcapNgParser::new(stream) else {
+        return 0;
+    };
+    let mut sections = 1;
+    while let Ok((after, block)) = parser.next_block(rest) {
+        sections += usize::from(matches!(block, Block::SectionHeader(_)));
+        rest = after;
+    }
+    sections
+}
+
 /// Counts the packet blocks of a pcapng stream read so far, with each
 /// one's timestamp and interface name.
 fn packets_of(stream: &[u8]) -> Vec<(u64, String)> {
@@ -200,6 +215,8 @@ fn packets_of(stream: &[u8]) -> Vec<(u64, String)> {
     let mut packets = Vec::new();
     while let Ok((after, block)) = parser.next_block(rest) {
         match block {
+            // Each section names its interfaces anew.
+            Block::SectionHeader(_) => names.clear(),
             Block::InterfaceDescription(idb) => names.push(
                 idb.options
                     .iter()
@@ -310,7 +327,7 @@ async fn parts_through_the_api_server(w: &World, capture: &str, node: &str, down
 
 #[tokio::test]
 async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
-    let Some((w, _one, _api)) =
+    let Some((mut w, _one, _api)) =
         with_the_api("kubectl_pcap_fetches_and_streams_through_the_api_server").await
     else {
         return;
@@ -396,11 +413,40 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
             "interface {interface:?} is not named node/iface"
         );
     }
+    // The controller restarts (a crash, a rollout): the stream breaks off,
+    // is opened again once the API server reaches the controller, and goes
+    // on in a section of its own with what is captured from then on.
+    let pinging = w.pinging(0, 1);
+    w.controller.kill();
+    w.controller.restart();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let reopened = loop {
+        match received.recv_timeout(Duration::from_millis(500)) {
+            Ok((chunk, at)) => {
+                bytes.extend(chunk);
+                if sections_of(&bytes) > 1 {
+                    break at;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let ended = stream.wait_with_output().expect("the stream's end");
+                panic!(
+                    "the stream ended at the controller's restart: {}",
+                    String::from_utf8_lossy(&ended.stderr)
+                );
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => assert!(
+                Instant::now() < deadline,
+                "the stream did not go on within 90 s of the controller's restart"
+            ),
+        }
+    };
+    // Packets that come from now on are the new section's.
+    let before_restart = packets_of(&bytes).len();
     // The stream outlasts the API server's request timeout (20 s on the
     // local control plane, a minute by default): it goes on while the
     // capture runs, and ends cleanly once `kubectl pcap stop` has ended it.
-    let pinging = w.pinging(0, 1);
-    let stop_at = opened + OUTLAST;
+    let stop_at = reopened + OUTLAST;
     let mut stopped = None;
     loop {
         match received.recv_timeout(Duration::from_millis(500)) {
@@ -431,6 +477,15 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
     );
     let stderr = String::from_utf8_lossy(&ended.stderr);
     assert!(ended.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{name}: the stream broke off"))
+            && stderr.contains(&format!("{name}: the stream goes on")),
+        "{stderr}"
+    );
+    assert!(
+        packets_of(&bytes).len() > before_restart,
+        "no packet streamed after the controller's restart"
+    );
     // It says how the capture ended.
     assert!(
         stderr
