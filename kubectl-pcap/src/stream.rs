@@ -98,7 +98,7 @@ pub async fn stream(cluster: &Cluster, args: StreamArgs) -> Result<ExitCode> {
             let wait = wait_for(&api, &name, Phase::is_final, false);
             tokio::select! {
                 pcc = tokio::time::timeout(SETTLE_WITHIN, wait) => match pcc {
-                    Ok(pcc) => pcc.ok(),
+                    Ok(pcc) => pcc.map_err(|e| eprintln!("{name}: {e:#}")).ok(),
                     Err(_) => {
                         eprintln!(
                             "{name}: its status did not say how it ended within {}s",
@@ -240,8 +240,8 @@ async fn follow<W: AsyncWrite + Unpin>(
 const STEADY: Duration = Duration::from_secs(60);
 
 /// Opens the stream of `name` again after it ended, or broke off (`broke`
-/// says why); `None` once the capture runs on no node (409): the stream's
-/// end was the capture's.
+/// says why); `None` once the capture runs on no node (409), or is gone
+/// (404): the stream's end was the capture's.
 async fn reopen(
     cluster: &Cluster,
     name: &str,
@@ -267,7 +267,8 @@ async fn reopen(
                 );
                 return Ok(Some(body));
             }
-            Err(kube::Error::Api(s)) if s.code == 409 => return Ok(None),
+            // It runs nowhere, or is gone.
+            Err(kube::Error::Api(s)) if matches!(s.code, 404 | 409) => return Ok(None),
             Err(e) if crate::cluster::transient(&e) => broke = Some(api::in_a_line(&e)),
             Err(e) => bail!(explain_access(&e, name)),
         }

@@ -417,6 +417,7 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
     // is opened again once the API server reaches the controller, and goes
     // on in a section of its own with what is captured from then on.
     let pinging = w.pinging(0, 1);
+    let killed = SystemTime::now();
     w.controller.kill();
     w.controller.restart();
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -441,6 +442,10 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
             ),
         }
     };
+    eprintln!(
+        "the stream went on {:?} after the controller was killed",
+        reopened.duration_since(killed).unwrap_or_default()
+    );
     // Packets that come from now on are the new section's.
     let before_restart = packets_of(&bytes).len();
     // The stream outlasts the API server's request timeout (20 s on the
