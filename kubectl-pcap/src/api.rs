@@ -141,7 +141,7 @@ pub async fn open_file(
 #[derive(Debug, thiserror::Error)]
 pub enum ResumeError {
     /// The file is not stored under its name any more: its node has
-    /// compressed it since.
+    /// compressed it since (or removed it, past its limit of files).
     #[error("it is no longer there ({0})")]
     Gone(http::StatusCode),
     /// Nothing answered, or the API server, the controller or the agent

@@ -10,7 +10,7 @@ use futures::{Stream, StreamExt};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Config};
-use kubectl_pcap::api::explain_crd;
+use kubectl_pcap::api::{Backoff, explain_crd, in_a_line};
 use kubectl_pcap::spec::parse_duration;
 use packet_capture_common::crd::PacketCaptureConfig;
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -131,6 +131,33 @@ where
             Err(e) => Some(Err(watch_error(e))),
         }
     })
+}
+
+/// Sends a request (`send`) until it is answered, fails for good (not
+/// [`transient`]), or has failed [`Backoff::TRIES`] times more: each
+/// failure that may pass is said on stderr (`what` failed), with the pause
+/// before the next try. So a command rides out an API server or a
+/// controller that restarts.
+pub async fn persisting<T, F>(
+    what: &str,
+    mut send: impl FnMut() -> F,
+) -> std::result::Result<T, kube::Error>
+where
+    F: std::future::Future<Output = std::result::Result<T, kube::Error>>,
+{
+    let mut backoff = Backoff::default();
+    loop {
+        match send().await {
+            Err(e) if transient(&e) => {
+                let Some(pause) = backoff.next_pause() else {
+                    return Err(e);
+                };
+                eprintln!("{what}: {}: asking again in {pause:?}", in_a_line(&e));
+                tokio::time::sleep(pause).await;
+            }
+            answered => return answered,
+        }
+    }
 }
 
 /// Whether a watch's error may pass (see [`transient`]).

@@ -13,12 +13,14 @@
 //! `/dev/null`) is written straight into, as stdout (`-o -`) is, with the
 //! downloads in $TMPDIR. A reader of stdout or a FIFO that quits ends the
 //! command quietly.
-//! A file its node compresses between the listing and the download is
-//! downloaded as its compressed copy. A download that breaks off goes on
-//! from the byte where it broke off (a `Range` request, whose answer must
-//! be that part), after a pause that doubles each time, up to
-//! [`api::Backoff::TRIES`] times; one compressed meanwhile starts again as
-//! the copy.
+//! A request that nothing answers, or that is answered 5xx (an API server
+//! or a controller that restarts), is sent again after a pause
+//! ([`persisting`]). A file its node compresses between the listing and
+//! the download is downloaded as its compressed copy. A download that
+//! breaks off goes on from the byte where it broke off (a `Range` request,
+//! whose answer must be that part), after a pause that doubles each time,
+//! up to [`api::Backoff::TRIES`] times; one compressed meanwhile starts
+//! again as the copy.
 //!
 //! A capture that has not ended is refused: an agent writes a running
 //! capture's file under a hidden name and lists it only once the capture
@@ -48,7 +50,7 @@ use packet_capture_common::crd::{OutputFormat, PacketCaptureConfigStatus, Phase,
 use packet_capture_common::validate::{COMPRESSED_EXTENSIONS, strip_compression};
 use tokio::io::AsyncWriteExt as _;
 
-use crate::cluster::{Cluster, Signals};
+use crate::cluster::{Cluster, Signals, persisting};
 
 /// Files downloaded at the same time.
 const PARALLEL_DOWNLOADS: usize = 4;
@@ -188,7 +190,8 @@ async fn run(
     // The object only tells early what a text or stdout capture is, and
     // whether it still runs; reading files needs other permissions, which
     // the aggregated API checks, so a refusal here is not the answer.
-    let pcc = match cluster.captures().get(name).await {
+    let captures = cluster.captures();
+    let pcc = match persisting(name, || captures.get(name)).await {
         Ok(pcc) => Some(pcc),
         Err(kube::Error::Api(s)) if s.code == 403 => None,
         Err(e) => bail!(explain_crd(&e, &["get"])),
@@ -198,9 +201,11 @@ async fn run(
         refuse_unended(name, pcc.current_phase())?;
     }
 
-    let list = api::list_files(&cluster.client, name)
-        .await
-        .map_err(|e| anyhow!(explain_access(&e, name)))?;
+    let list = persisting("listing the files", || {
+        api::list_files(&cluster.client, name)
+    })
+    .await
+    .map_err(|e| anyhow!(explain_access(&e, name)))?;
     // Without the object, the files' names tell a text capture.
     let text = |f: &str| strip_compression(f).unwrap_or(f).ends_with(".txt");
     if list
@@ -468,9 +473,12 @@ async fn open_as_stored(
         .filter(|_| strip_compression(file).is_none())
         .map(|ext| format!("{file}.{ext}"));
     let open = |name: String| async move {
-        api::open_file(&cluster.client, capture, node, &name)
-            .await
-            .map(|body| (name, body))
+        let what = format!("{node}: {name}");
+        persisting(&what, || {
+            api::open_file(&cluster.client, capture, node, &name)
+        })
+        .await
+        .map(|body| (name, body))
     };
     let gone = |r: &Result<_, kube::Error>| matches!(r, Err(kube::Error::Api(s)) if s.code == 404);
     let mut opened = open(file.to_owned()).await;
@@ -883,6 +891,27 @@ mod tests {
         assert_eq!(err, "no node's files could be downloaded");
         drop(cluster);
         assert_eq!(asked.await.unwrap(), [CAPTURE, FILES, PLAIN, GZ, ZST]);
+    }
+
+    /// An API server that cannot answer for a moment (503: the controller
+    /// restarts) is asked again, for the listing and for each file.
+    #[tokio::test]
+    async fn an_api_server_unavailable_for_a_moment_is_asked_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("web.pcapng");
+        let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+        let (cluster, asked) = api_server(vec![
+            (CAPTURE, OK, capture("Completed", &[("a", "10.0.0.1", 1)])),
+            (FILES, unavailable, b"service unavailable".to_vec()),
+            (FILES, OK, LISTED.to_vec()),
+            (PLAIN, unavailable, b"service unavailable".to_vec()),
+            (PLAIN, OK, pcap_file()),
+        ]);
+        let code = fetch(&cluster, args(&out)).await.unwrap();
+        assert_eq!(code, ExitCode::SUCCESS);
+        assert_eq!(packets_in(&out), 1);
+        drop(cluster);
+        assert_eq!(asked.await.unwrap(), [CAPTURE, FILES, FILES, PLAIN, PLAIN]);
     }
 
     /// A download that breaks off goes on from the byte where it broke off

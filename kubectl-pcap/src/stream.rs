@@ -25,7 +25,7 @@ use packet_capture_common::crd::{OutputFormat, PacketCaptureConfig, Phase};
 use tokio::io::AsyncWrite;
 
 use crate::capture::wait_for;
-use crate::cluster::{Cluster, Signals, Stop};
+use crate::cluster::{Cluster, Signals, Stop, persisting, transient};
 
 /// How long a capture made for a stream runs unless `--duration` says.
 const DEFAULT_DURATION: u32 = 300;
@@ -200,7 +200,7 @@ async fn follow<W: AsyncWrite + Unpin>(
         // whether it runs.
         Err(_) => {}
     }
-    let mut body = api::open_packets(&cluster.client, name)
+    let mut body = persisting(name, || api::open_packets(&cluster.client, name))
         .await
         .map_err(|e| anyhow!(explain_access(&e, name)))?;
     let mut blocks = api::WholeBlocks::default();
@@ -269,7 +269,7 @@ async fn reopen(
             }
             // It runs nowhere, or is gone.
             Err(kube::Error::Api(s)) if matches!(s.code, 404 | 409) => return Ok(None),
-            Err(e) if crate::cluster::transient(&e) => broke = Some(api::in_a_line(&e)),
+            Err(e) if transient(&e) => broke = Some(api::in_a_line(&e)),
             Err(e) => bail!(explain_access(&e, name)),
         }
     }

@@ -7,7 +7,7 @@ use packet_capture_proto::v1 as pb;
 use packet_capture_test_support::privileged;
 use tonic::Code;
 
-use crate::common::{Node, Rest, grpc, grpc_download, json_of, raw_get};
+use crate::common::{Node, Rest, chunks_of, grpc, grpc_download, json_of, raw_get};
 
 const MADE: &str = "made-20260101-000000.pcap";
 
@@ -197,12 +197,10 @@ async fn a_download_resumes_from_where_it_broke_off() {
         answer.metadata().get("content-range").unwrap(),
         "bytes 70000-149999/150000"
     );
-    let mut stream = answer.into_inner();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = stream.message().await.unwrap() {
-        bytes.extend(chunk.data);
-    }
-    assert_eq!(bytes, made[70_000..]);
+    assert_eq!(
+        chunks_of(answer.into_inner()).await.concat(),
+        made[70_000..]
+    );
     let refused = g
         .download_file(pb::DownloadFileRequest {
             name: MADE.into(),
@@ -227,10 +225,5 @@ async fn a_download_resumes_from_where_it_broke_off() {
         .await
         .unwrap();
     assert_eq!(whole.metadata().get("content-range"), None);
-    let mut stream = whole.into_inner();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = stream.message().await.unwrap() {
-        bytes.extend(chunk.data);
-    }
-    assert_eq!(bytes, made);
+    assert_eq!(chunks_of(whole.into_inner()).await.concat(), made);
 }

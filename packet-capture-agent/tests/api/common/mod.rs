@@ -232,7 +232,7 @@ pub async fn channel(url: &str, ca: Option<&[u8]>) -> Channel {
 
 /// A file downloaded over gRPC, chunk by chunk.
 pub async fn grpc_download(client: &mut AgentClient<Channel>, name: &str) -> Vec<Vec<u8>> {
-    let mut stream = client
+    let stream = client
         .download_file(packet_capture_proto::v1::DownloadFileRequest {
             name: name.into(),
             ..Default::default()
@@ -240,6 +240,13 @@ pub async fn grpc_download(client: &mut AgentClient<Channel>, name: &str) -> Vec
         .await
         .unwrap()
         .into_inner();
+    chunks_of(stream).await
+}
+
+/// A download's chunks, read to its end.
+pub async fn chunks_of(
+    mut stream: tonic::Streaming<packet_capture_proto::v1::FileChunk>,
+) -> Vec<Vec<u8>> {
     let mut chunks = Vec::new();
     while let Some(chunk) = stream.message().await.unwrap() {
         chunks.push(chunk.data);
