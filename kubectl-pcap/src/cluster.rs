@@ -134,18 +134,18 @@ where
 }
 
 /// Sends a request (`send`) until it is answered, fails for good (not
-/// [`transient`]), or has failed [`Backoff::TRIES`] times more: each
-/// failure that may pass is said on stderr (`what` failed), with the pause
-/// before the next try. So a command rides out an API server or a
-/// controller that restarts.
+/// [`transient`]), or `backoff` has no pause left: each failure that may
+/// pass is said on stderr (`what` failed), with the pause before the next
+/// try. So a command rides out an API server or a controller that
+/// restarts.
 pub async fn persisting<T, F>(
     what: &str,
+    backoff: &mut Backoff,
     mut send: impl FnMut() -> F,
 ) -> std::result::Result<T, kube::Error>
 where
     F: std::future::Future<Output = std::result::Result<T, kube::Error>>,
 {
-    let mut backoff = Backoff::default();
     loop {
         match send().await {
             Err(e) if transient(&e) => {
@@ -175,7 +175,7 @@ fn passing(e: &watcher::Error) -> bool {
 /// lost connection, or an answer other than a client error (4xx), except a
 /// timeout, an expired resource version or throttling. Not the request's or
 /// the credentials' own failures: the same again would fail again.
-pub fn transient(e: &kube::Error) -> bool {
+fn transient(e: &kube::Error) -> bool {
     match e {
         kube::Error::Api(s) => passing_code(s.code),
         kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) => true,

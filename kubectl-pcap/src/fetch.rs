@@ -43,7 +43,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
-use kubectl_pcap::api::{self, FileList, explain_access, explain_crd};
+use kubectl_pcap::api::{self, Backoff, FileList, explain_access, explain_crd};
 use kubectl_pcap::merge::{self, NodeInput, NodeSummary};
 use kubectl_pcap::show;
 use packet_capture_common::crd::{OutputFormat, PacketCaptureConfigStatus, Phase, names_no_file};
@@ -191,7 +191,7 @@ async fn run(
     // whether it still runs; reading files needs other permissions, which
     // the aggregated API checks, so a refusal here is not the answer.
     let captures = cluster.captures();
-    let pcc = match persisting(name, || captures.get(name)).await {
+    let pcc = match persisting(name, &mut Backoff::default(), || captures.get(name)).await {
         Ok(pcc) => Some(pcc),
         Err(kube::Error::Api(s)) if s.code == 403 => None,
         Err(e) => bail!(explain_crd(&e, &["get"])),
@@ -201,7 +201,7 @@ async fn run(
         refuse_unended(name, pcc.current_phase())?;
     }
 
-    let list = persisting("listing the files", || {
+    let list = persisting("listing the files", &mut Backoff::default(), || {
         api::list_files(&cluster.client, name)
     })
     .await
@@ -474,7 +474,7 @@ async fn open_as_stored(
         .map(|ext| format!("{file}.{ext}"));
     let open = |name: String| async move {
         let what = format!("{node}: {name}");
-        persisting(&what, || {
+        persisting(&what, &mut Backoff::default(), || {
             api::open_file(&cluster.client, capture, node, &name)
         })
         .await

@@ -25,7 +25,7 @@ use packet_capture_common::crd::{OutputFormat, PacketCaptureConfig, Phase};
 use tokio::io::AsyncWrite;
 
 use crate::capture::wait_for;
-use crate::cluster::{Cluster, Signals, Stop, persisting, transient};
+use crate::cluster::{Cluster, Signals, Stop, persisting};
 
 /// How long a capture made for a stream runs unless `--duration` says.
 const DEFAULT_DURATION: u32 = 300;
@@ -200,11 +200,13 @@ async fn follow<W: AsyncWrite + Unpin>(
         // whether it runs.
         Err(_) => {}
     }
-    let mut body = persisting(name, || api::open_packets(&cluster.client, name))
-        .await
-        .map_err(|e| anyhow!(explain_access(&e, name)))?;
-    let mut blocks = api::WholeBlocks::default();
     let mut backoff = api::Backoff::default();
+    let mut body = persisting(name, &mut backoff, || {
+        api::open_packets(&cluster.client, name)
+    })
+    .await
+    .map_err(|e| anyhow!(explain_access(&e, name)))?;
+    let mut blocks = api::WholeBlocks::default();
     // Gone while no packet came to write: a write would say so only with
     // the next packet, which a quiet capture may never have.
     let mut reader_gone = std::pin::pin!(reader_gone());
@@ -240,38 +242,37 @@ async fn follow<W: AsyncWrite + Unpin>(
 const STEADY: Duration = Duration::from_secs(60);
 
 /// Opens the stream of `name` again after it ended, or broke off (`broke`
-/// says why); `None` once the capture runs on no node (409), or is gone
-/// (404): the stream's end was the capture's.
+/// says why), after the next pause of `backoff` ([`persisting`] then
+/// rides out an API server that is unavailable); `None` once the capture
+/// runs on no node (409), or is gone (404): the stream's end was the
+/// capture's.
 async fn reopen(
     cluster: &Cluster,
     name: &str,
-    mut broke: Option<String>,
+    broke: Option<String>,
     backoff: &mut api::Backoff,
 ) -> Result<Option<api::ByteStream>> {
-    loop {
-        let Some(pause) = backoff.next_pause() else {
-            bail!(
-                "streaming capture {name}: {}; it could not be opened again in {} tries",
-                broke.unwrap_or_else(|| "it ended".into()),
-                api::Backoff::TRIES
+    let Some(pause) = backoff.next_pause() else {
+        bail!(
+            "streaming capture {name}: {}; it could not be opened again in {} tries",
+            broke.unwrap_or_else(|| "it ended".into()),
+            api::Backoff::TRIES
+        );
+    };
+    if let Some(why) = &broke {
+        eprintln!("{name}: the stream broke off ({why}): opening it again in {pause:?}");
+    }
+    tokio::time::sleep(pause).await;
+    match persisting(name, backoff, || api::open_packets(&cluster.client, name)).await {
+        Ok(body) => {
+            eprintln!(
+                "{name}: the stream goes on; packets captured while it was closed are not in it"
             );
-        };
-        if let Some(why) = &broke {
-            eprintln!("{name}: the stream broke off ({why}): opening it again in {pause:?}");
+            Ok(Some(body))
         }
-        tokio::time::sleep(pause).await;
-        match api::open_packets(&cluster.client, name).await {
-            Ok(body) => {
-                eprintln!(
-                    "{name}: the stream goes on; packets captured while it was closed are not in it"
-                );
-                return Ok(Some(body));
-            }
-            // It runs nowhere, or is gone.
-            Err(kube::Error::Api(s)) if matches!(s.code, 404 | 409) => return Ok(None),
-            Err(e) if transient(&e) => broke = Some(api::in_a_line(&e)),
-            Err(e) => bail!(explain_access(&e, name)),
-        }
+        // It runs nowhere, or is gone.
+        Err(kube::Error::Api(s)) if matches!(s.code, 404 | 409) => Ok(None),
+        Err(e) => bail!(explain_access(&e, name)),
     }
 }
 
