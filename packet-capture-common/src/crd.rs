@@ -27,10 +27,42 @@ pub const FILES_SUBRESOURCE: &str = "files";
 /// permissions, not the caller's.
 pub const RELAY_VERB: &str = "relay";
 /// Who a relayed agent call is for: the user's name, each of its groups
-/// (one header each), its uid.
+/// (one header each), its uid, and each value of its `extra` (one header
+/// each, [`on_behalf_extra`]).
 pub const ON_BEHALF_OF_USER: &str = "packet-capture-on-behalf-of-user";
 pub const ON_BEHALF_OF_GROUP: &str = "packet-capture-on-behalf-of-group";
 pub const ON_BEHALF_OF_UID: &str = "packet-capture-on-behalf-of-uid";
+pub const ON_BEHALF_OF_EXTRA: &str = "packet-capture-on-behalf-of-extra";
+
+/// What is percent-encoded in an [`ON_BEHALF_OF_EXTRA`] header: all but
+/// RFC 3986's unreserved characters, so `=` only parts key from value and
+/// any text (`/` in keys, UTF-8 in values) is a header value, also in gRPC
+/// metadata.
+const EXTRA_ENCODED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// The [`ON_BEHALF_OF_EXTRA`] header of one value of an `extra` key:
+/// `KEY=VALUE`, both percent-encoded.
+pub fn on_behalf_extra(key: &str, value: &str) -> String {
+    let encoded = |s| percent_encoding::utf8_percent_encode(s, EXTRA_ENCODED);
+    format!("{}={}", encoded(key), encoded(value))
+}
+
+/// The key and value an [`ON_BEHALF_OF_EXTRA`] header holds; `None` when
+/// it is not `KEY=VALUE` of percent-encoded UTF-8 with a key.
+pub fn parse_on_behalf_extra(header: &str) -> Option<(String, String)> {
+    let (key, value) = header.split_once('=')?;
+    let decoded = |s| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .ok()
+            .map(|s| s.into_owned())
+    };
+    Some((decoded(key).filter(|k| !k.is_empty())?, decoded(value)?))
+}
 /// The signer of the agents' serving certificates: the agents ask for
 /// theirs with CertificateSigningRequests for it, the controller signs.
 pub const AGENT_SIGNER: &str = "networking.packet.io/agent-serving";
@@ -613,6 +645,29 @@ impl PacketCaptureConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Any key and value go through the header and come back as they were;
+    /// what is not one is refused.
+    #[test]
+    fn an_extra_value_goes_through_its_header() {
+        for (key, value) in [
+            ("authentication.kubernetes.io/credential-id", "JTI=7f"),
+            ("scopes", "a b, c%d"),
+            ("k=e=y", ""),
+            ("é", "ünïcode ✓"),
+        ] {
+            let header = on_behalf_extra(key, value);
+            assert!(http::HeaderValue::from_str(&header).is_ok(), "{header}");
+            assert_eq!(header.matches('=').count(), 1, "{header}");
+            assert_eq!(
+                parse_on_behalf_extra(&header),
+                Some((key.to_owned(), value.to_owned()))
+            );
+        }
+        for bad in ["no-equals", "=value", "%ff=x", "k=%c3"] {
+            assert_eq!(parse_on_behalf_extra(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn the_resource_type_is_in_no_category() {

@@ -13,7 +13,8 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 use packet_capture_common::crd::{
-    CaptureState, ON_BEHALF_OF_GROUP, ON_BEHALF_OF_UID, ON_BEHALF_OF_USER,
+    CaptureState, ON_BEHALF_OF_EXTRA, ON_BEHALF_OF_GROUP, ON_BEHALF_OF_UID, ON_BEHALF_OF_USER,
+    on_behalf_extra,
 };
 use packet_capture_proto::v1::agent_client::AgentClient;
 use packet_capture_proto::v1::{
@@ -21,6 +22,7 @@ use packet_capture_proto::v1::{
     ListFilesRequest, PacketBatch, SetTargetsRequest, StartCaptureRequest, StopCaptureRequest,
     StreamPacketsRequest, TargetPod, WatchCaptureRequest,
 };
+use tonic::metadata::MetadataMap;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
 
@@ -417,21 +419,7 @@ impl AgentPool {
         Fut: Future<Output = Result<Response<R>, Status>>,
     {
         let mut req = self.request(msg);
-        let metadata = req.metadata_mut();
-        let value = |v: &str| {
-            v.parse()
-                .map_err(|_| Status::invalid_argument(format!("user {v:?}: not a header value")))
-        };
-        metadata.insert(
-            ON_BEHALF_OF_USER,
-            value(user.username.as_deref().unwrap_or_default())?,
-        );
-        for group in user.groups.iter().flatten() {
-            metadata.append(ON_BEHALF_OF_GROUP, value(group)?);
-        }
-        if let Some(uid) = &user.uid {
-            metadata.insert(ON_BEHALF_OF_UID, value(uid)?);
-        }
+        on_behalf_of(user, req.metadata_mut())?;
         self.call_for(ep, method, req, call).await
     }
 
@@ -670,11 +658,81 @@ impl AgentPool {
     }
 }
 
+/// Names `user` in the `ON_BEHALF_OF_*` headers of a relayed call.
+fn on_behalf_of(user: &UserInfo, metadata: &mut MetadataMap) -> Result<(), Status> {
+    let value = |v: &str| {
+        v.parse()
+            .map_err(|_| Status::invalid_argument(format!("user {v:?}: not a header value")))
+    };
+    metadata.insert(
+        ON_BEHALF_OF_USER,
+        value(user.username.as_deref().unwrap_or_default())?,
+    );
+    for group in user.groups.iter().flatten() {
+        metadata.append(ON_BEHALF_OF_GROUP, value(group)?);
+    }
+    if let Some(uid) = &user.uid {
+        metadata.insert(ON_BEHALF_OF_UID, value(uid)?);
+    }
+    for (key, values) in user.extra.iter().flatten() {
+        for v in values {
+            metadata.append(ON_BEHALF_OF_EXTRA, value(&on_behalf_extra(key, v))?);
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_objects::{agent_pod, node, pod, store_of};
+    use packet_capture_common::crd::parse_on_behalf_extra;
     use std::io::Write;
+
+    /// The whole user goes with a relayed call, `extra` with keys and
+    /// values of any text, so that the agent asks for the same user the API
+    /// server authenticated.
+    #[test]
+    fn a_relayed_call_names_the_whole_user() {
+        let user = UserInfo {
+            username: Some("alice".into()),
+            groups: Some(vec!["team".into(), "system:authenticated".into()]),
+            uid: Some("42".into()),
+            extra: Some(
+                [
+                    (
+                        "scopes/a".to_owned(),
+                        vec!["x y".to_owned(), "é".to_owned()],
+                    ),
+                    ("b".to_owned(), vec![]),
+                ]
+                .into(),
+            ),
+        };
+        let mut metadata = MetadataMap::new();
+        on_behalf_of(&user, &mut metadata).unwrap();
+        let all = |key| -> Vec<&str> {
+            metadata
+                .get_all(key)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect()
+        };
+        assert_eq!(all(ON_BEHALF_OF_USER), ["alice"]);
+        assert_eq!(all(ON_BEHALF_OF_GROUP), ["team", "system:authenticated"]);
+        assert_eq!(all(ON_BEHALF_OF_UID), ["42"]);
+        let extra: Vec<_> = all(ON_BEHALF_OF_EXTRA)
+            .into_iter()
+            .map(|h| parse_on_behalf_extra(h).unwrap())
+            .collect();
+        assert_eq!(
+            extra,
+            [
+                ("scopes/a".into(), "x y".into()),
+                ("scopes/a".into(), "é".into())
+            ]
+        );
+    }
 
     fn settings(token_file: PathBuf) -> PoolSettings {
         PoolSettings {

@@ -109,7 +109,9 @@ impl UserHeaders {
                 if let Some(key) = name.strip_prefix(&prefix)
                     && let Some(value) = text(value)
                 {
-                    extra.entry(unescape(key)).or_default().push(value);
+                    // The API server percent-encodes the key (RFC 3986).
+                    let key = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
+                    extra.entry(key.into_owned()).or_default().push(value);
                 }
             }
         }
@@ -120,32 +122,6 @@ impl UserHeaders {
             uid: None,
         })
     }
-}
-
-/// An extra key as the API server escapes it in a header name (percent
-/// encoding, RFC 3986).
-fn unescape(key: &str) -> String {
-    let bytes = key.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (
-            bytes[i],
-            bytes.get(i + 1).copied().and_then(hex),
-            bytes.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (b, ..) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A JSON list of strings in the ConfigMap (the API server writes them so).

@@ -16,6 +16,7 @@
 //! 429 (gRPC `RESOURCE_EXHAUSTED`) without a review for [`BLOCK_FOR`]
 //! (`FailureLimiter`, which remembers [`LIMITED_SOURCES`] addresses).
 
+use std::collections::BTreeMap;
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroUsize;
@@ -30,8 +31,8 @@ use k8s_openapi::api::authorization::v1::{
 use kube::api::PostParams;
 use lru::LruCache;
 use packet_capture_common::crd::{
-    FILES_SUBRESOURCE, GROUP, ON_BEHALF_OF_GROUP, ON_BEHALF_OF_UID, ON_BEHALF_OF_USER, PLURAL,
-    RELAY_VERB, RESOURCE,
+    FILES_SUBRESOURCE, GROUP, ON_BEHALF_OF_EXTRA, ON_BEHALF_OF_GROUP, ON_BEHALF_OF_UID,
+    ON_BEHALF_OF_USER, PLURAL, RELAY_VERB, RESOURCE, parse_on_behalf_extra,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -629,14 +630,24 @@ impl Authorizer {
             .get(ON_BEHALF_OF_UID)
             .map(|v| text(v, ON_BEHALF_OF_UID))
             .transpose()?;
-        let key = relayed_key(&caller.token, &name, uid.as_deref(), &groups);
+        let mut extra = BTreeMap::<String, Vec<String>>::new();
+        for header in headers.get_all(ON_BEHALF_OF_EXTRA) {
+            let (key, value) = parse_on_behalf_extra(&text(header, ON_BEHALF_OF_EXTRA)?)
+                .ok_or_else(|| {
+                    ApiError::Invalid(format!(
+                        "{ON_BEHALF_OF_EXTRA}: not KEY=VALUE of percent-encoded UTF-8"
+                    ))
+                })?;
+            extra.entry(key).or_default().push(value);
+        }
+        let key = relayed_key(&caller.token, &name, uid.as_deref(), &groups, &extra);
         Ok(Arc::new(User {
             token: key,
             info: UserInfo {
                 username: Some(name),
                 groups: Some(groups),
                 uid,
-                extra: None,
+                extra: (!extra.is_empty()).then_some(extra),
             },
             relayed_by: Some(caller.name().to_owned()),
         }))
@@ -759,12 +770,22 @@ impl Authorizer {
 /// What a relayed user's verdicts are cached under: the relaying token and
 /// each part of the user, tagged with what it is, so that a uid and a group
 /// of the same text make different users.
-fn relayed_key(relaying: &[u8; 32], name: &str, uid: Option<&str>, groups: &[String]) -> [u8; 32] {
+fn relayed_key(
+    relaying: &[u8; 32],
+    name: &str,
+    uid: Option<&str>,
+    groups: &[String],
+    extra: &BTreeMap<String, Vec<String>>,
+) -> [u8; 32] {
     let mut key = Sha256::new();
     key.update(relaying);
+    let extra = extra.iter().flat_map(|(k, values)| {
+        std::iter::once((b'k', k.as_str())).chain(values.iter().map(|v| (b'v', v.as_str())))
+    });
     let parts = std::iter::once((b'n', name))
         .chain(uid.map(|u| (b'u', u)))
-        .chain(groups.iter().map(|g| (b'g', g.as_str())));
+        .chain(groups.iter().map(|g| (b'g', g.as_str())))
+        .chain(extra);
     for (tag, part) in parts {
         key.update([tag]);
         key.update((part.len() as u64).to_le_bytes());
@@ -781,14 +802,28 @@ mod tests {
     fn relayed_users_differ_by_each_part() {
         let key = |uid: Option<&str>, groups: &[&str]| {
             let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
-            relayed_key(&[7; 32], "alice", uid, &groups)
+            relayed_key(&[7; 32], "alice", uid, &groups, &BTreeMap::new())
         };
         assert_ne!(key(Some("g"), &[]), key(None, &["g"]));
+        let extra = |pairs: &[(&str, &[&str])]| {
+            let extra = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.iter().map(|v| v.to_string()).collect()))
+                .collect();
+            relayed_key(&[7; 32], "alice", None, &[], &extra)
+        };
+        assert_ne!(extra(&[]), extra(&[("a", &[])]));
+        assert_ne!(extra(&[("a", &["b"])]), extra(&[("ab", &[])]));
+        assert_ne!(
+            extra(&[("a", &["b", "c"])]),
+            extra(&[("a", &["b"]), ("c", &[])])
+        );
+        assert_ne!(extra(&[("g", &[])]), key(None, &["g"]));
         assert_ne!(key(None, &["a", "b"]), key(None, &["ab"]));
         assert_eq!(key(Some("u"), &["g"]), key(Some("u"), &["g"]));
         assert_ne!(
-            relayed_key(&[1; 32], "alice", None, &[]),
-            relayed_key(&[2; 32], "alice", None, &[])
+            relayed_key(&[1; 32], "alice", None, &[], &BTreeMap::new()),
+            relayed_key(&[2; 32], "alice", None, &[], &BTreeMap::new())
         );
     }
 

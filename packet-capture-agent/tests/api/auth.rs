@@ -85,6 +85,12 @@ async fn auth_against_a_token_review_endpoint() {
             identity("named-token", "named", AUDIENCE, NAMED_READER_RULES),
             identity("nobody-token", "nobody", AUDIENCE, &[]),
             identity(
+                "relayer-token",
+                "relayer",
+                AUDIENCE,
+                &["relay packetcaptureconfigs/files"],
+            ),
+            identity(
                 "apiserver-token",
                 "writer-elsewhere",
                 APISERVER_AUDIENCE,
@@ -268,6 +274,49 @@ async fn auth_against_a_token_review_endpoint() {
             "{token}"
         );
     }
+    check_relayed_extra(&rest, &server, &format!("/api/v1/files/{listed}.gz")).await;
+}
+
+/// A relayed call is decided for the whole user the relay names: its
+/// `extra` too, as the API server gave it to the relay (an authorizer
+/// other than RBAC may decide by it). A malformed one is refused.
+async fn check_relayed_extra(rest: &Rest, server: &FakeApiServer, path: &str) {
+    use packet_capture_common::crd::{ON_BEHALF_OF_EXTRA, ON_BEHALF_OF_USER, on_behalf_extra};
+    let relayed = |extra: &[String]| {
+        let mut req = rest
+            .with_token(Some("relayer-token"))
+            .request(reqwest::Method::GET, path)
+            .header(ON_BEHALF_OF_USER, "reader");
+        for e in extra {
+            req = req.header(ON_BEHALF_OF_EXTRA, e);
+        }
+        req.send()
+    };
+    let extra = [
+        on_behalf_extra("scopes.example.com/files", "read ✓"),
+        on_behalf_extra("scopes.example.com/files", "a=b"),
+        on_behalf_extra("team", "net"),
+    ];
+    assert_eq!(relayed(&extra).await.unwrap().status(), 200);
+    let reviews = server.requests();
+    let asked = reviews
+        .iter()
+        .rev()
+        .find(|(kind, body)| kind == "SubjectAccessReview" && body["spec"]["user"] == "reader")
+        .expect("the relayed user's review");
+    assert_eq!(
+        asked.1["spec"]["extra"],
+        serde_json::json!({"scopes.example.com/files": ["read ✓", "a=b"], "team": ["net"]}),
+        "{}",
+        asked.1
+    );
+    let r = relayed(&["no-equals-sign".to_owned()]).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let err: Value = r.json().await.unwrap();
+    assert!(
+        err["error"].as_str().unwrap().contains(ON_BEHALF_OF_EXTRA),
+        "{err}"
+    );
 }
 
 /// Deletes a cluster-scoped object (kind, name) on drop, even when the
