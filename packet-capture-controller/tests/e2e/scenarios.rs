@@ -793,22 +793,42 @@ async fn a_stop_an_agent_missed_is_made_once_it_answers() {
     // new one: node 0 running generation 2 means node 1's stop has failed.
     w.until_running_on(&name, 2, 1).await;
     signal("-CONT");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let captures = w.captures_of(1, &uid).await;
-        let old = captures.iter().find(|c| c.id.ends_with("-g1"));
-        if old.is_some_and(|c| c.capture_state() == Ok(CaptureState::Stopped)) {
-            break;
+    let old = w
+        .captures_of(1, &uid)
+        .await
+        .into_iter()
+        .find(|c| c.id.ends_with("-g1"))
+        .expect("node 1 keeps generation 1");
+    let mut changes = w
+        .agent(1)
+        .await
+        .watch_capture(
+            w.authed(packet_capture_proto::v1::WatchCaptureRequest { id: old.id.clone() }),
+        )
+        .await
+        .expect("WatchCapture")
+        .into_inner();
+    let ended = async {
+        while let Some(c) = changes.message().await.expect("WatchCapture") {
+            if c.capture_state().is_ok_and(|s| s.is_final()) {
+                return c;
+            }
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node 1 still runs generation 1 a minute after its agent answers again: {captures:?}\n{}",
-            w.controller.log()
-        );
-        // Nothing tells the test when the controller's retry comes: the
-        // agent's captures are asked again.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+        panic!("WatchCapture of {} ended before the capture", old.id)
+    };
+    let ended = tokio::time::timeout(Duration::from_secs(60), ended)
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "node 1 still runs generation 1 a minute after its agent answers again\n{}",
+                w.controller.log()
+            )
+        });
+    assert_eq!(
+        ended.capture_state(),
+        Ok(CaptureState::Stopped),
+        "{ended:?}"
+    );
     let done = w.until_running_on(&name, 2, 1).await;
     assert_eq!(done.status.unwrap().capture_files.len(), 1);
 }
