@@ -16,8 +16,13 @@ use std::time::Duration;
 use futures::{AsyncBufRead, AsyncBufReadExt};
 use kube::Client;
 use kube::core::Status;
-use packet_capture_common::crd::{FILES_SUBRESOURCE, GROUP as CRD_GROUP, PLURAL, RESOURCE};
-use pcap_file::pcapng::{PcapNgParseError, PcapNgParser};
+use packet_capture_common::crd::{
+    FILES_SUBRESOURCE, GROUP as CRD_GROUP, PLURAL, RESOURCE, STREAM_CAPTURE_ID,
+};
+use pcap_file::pcapng::blocks::enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption};
+use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
+use pcap_file::pcapng::blocks::opt_common::CommonOption;
+use pcap_file::pcapng::{Block, PcapNgParseError, PcapNgParser};
 use serde::Deserialize;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
@@ -216,13 +221,59 @@ pub async fn open_file_from(
     Ok(Some(Box::pin(body.into_async_read())))
 }
 
+/// A live stream, and the capture it streams as its
+/// [`STREAM_CAPTURE_ID`] header names it (to go on where it broke off).
+pub struct LiveStream {
+    pub body: ByteStream,
+    pub capture_id: Option<String>,
+}
+
 /// Opens the live pcapng stream of `capture`, which ends when the capture
-/// has ended on every node.
-pub async fn open_packets(client: &Client, capture: &str) -> Result<ByteStream, kube::Error> {
-    let body = client
-        .request_stream(get(packets_path(capture), "application/vnd.tcpdump.pcap")?)
-        .await?;
-    Ok(Box::pin(body))
+/// has ended on every node. `resume`: the stream broke off, after these
+/// blocks of that capture id; it goes on after each node's last packet.
+pub async fn open_packets(
+    client: &Client,
+    capture: &str,
+    resume: Option<(&str, &WholeBlocks)>,
+) -> Result<LiveStream, kube::Error> {
+    use futures::TryStreamExt as _;
+    use http_body_util::BodyExt as _;
+
+    let mut path = packets_path(capture);
+    if let Some((id, blocks)) = resume {
+        path.push_str(&format!("?resume={}", segment(id)));
+        for (node, number) in &blocks.after {
+            path.push_str(&format!("&after={}:{number}", segment(node)));
+        }
+    }
+    let request = http::Request::get(path)
+        .header(http::header::ACCEPT, "application/x-pcapng")
+        .body(kube::client::Body::empty())
+        .map_err(kube::Error::HttpError)?;
+    let answer = client.send(request).await?;
+    let status = answer.status();
+    if status.is_client_error() || status.is_server_error() {
+        // As kube's own requests read an error: a Status, or its text.
+        let body = answer.into_body().collect().await?.to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        let status = serde_json::from_str::<Status>(&text).unwrap_or_else(|_| {
+            Status::failure(text.trim(), "Failed to parse error data").with_code(status.as_u16())
+        });
+        return Err(kube::Error::Api(status.boxed()));
+    }
+    let capture_id = answer
+        .headers()
+        .get(STREAM_CAPTURE_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = answer
+        .into_body()
+        .into_data_stream()
+        .map_err(io::Error::other);
+    Ok(LiveStream {
+        body: Box::pin(body.into_async_read()),
+        capture_id,
+    })
 }
 
 /// What went wrong with a request to the aggregated API, for the user: a
@@ -363,14 +414,23 @@ const MAX_PARTIAL_BLOCK: usize = 16 << 20;
 /// The type of a pcapng section header block.
 const SECTION_HEADER: [u8; 4] = [0x0a, 0x0d, 0x0d, 0x0a];
 
+/// The option of an enhanced packet block that numbers it (pcapng's
+/// `epb_packetid`): a live stream numbers each node's packets.
+const EPB_PACKETID: u16 = 5;
+
 /// Holds a live pcapng stream's bytes back until they make whole blocks,
 /// so that what is written ends between two blocks however the stream
-/// breaks off, and another stream's section can follow it.
+/// breaks off, and another stream's section can follow it; and keeps the
+/// number of each node's last packet in them, for a stream that goes on
+/// after them.
 #[derive(Default)]
 pub struct WholeBlocks {
     held: Vec<u8>,
     /// The section's parser, from its header block on.
     parser: Option<PcapNgParser>,
+    /// Node -> the `epb_packetid` of its last packet (its interfaces are
+    /// named `NODE/IFACE`).
+    after: std::collections::BTreeMap<String, u64>,
 }
 
 impl WholeBlocks {
@@ -393,7 +453,14 @@ impl WholeBlocks {
                 return Err(not_pcapng(format!("it begins with {:02x?}", &rest[..4])));
             }
             let parsed = match self.parser.as_mut() {
-                Some(parser) => parser.next_raw_block(rest).map(|(left, _)| (left, None)),
+                Some(parser) => parser.next_block(rest).map(|(left, block)| {
+                    if let Block::EnhancedPacket(packet) = &block
+                        && let Some((node, number)) = numbered(parser, packet)
+                    {
+                        self.after.insert(node, number);
+                    }
+                    (left, None)
+                }),
                 None => PcapNgParser::new(rest).map(|(left, parser)| (left, Some(parser))),
             };
             match parsed {
@@ -420,6 +487,33 @@ impl WholeBlocks {
         self.parser = None;
         std::mem::take(&mut self.held).len()
     }
+
+    /// Forgets the packets' numbers: they were another capture's (a new
+    /// generation).
+    pub fn forget_numbers(&mut self) {
+        self.after.clear();
+    }
+}
+
+/// The node and number of a live stream's packet, when it has them.
+fn numbered(parser: &PcapNgParser, packet: &EnhancedPacketBlock<'_>) -> Option<(String, u64)> {
+    let number = packet.options.iter().find_map(|o| match o {
+        EnhancedPacketOption::Common(CommonOption::Unknown(u)) if u.code == EPB_PACKETID => {
+            let bytes: [u8; 8] = u.value.as_ref().try_into().ok()?;
+            Some(match parser.section().endianness {
+                pcap_file::Endianness::Big => u64::from_be_bytes(bytes),
+                pcap_file::Endianness::Little => u64::from_le_bytes(bytes),
+            })
+        }
+        _ => None,
+    })?;
+    let interface = parser.interfaces().get(packet.interface_id as usize)?;
+    let name = interface.options.iter().find_map(|o| match o {
+        InterfaceDescriptionOption::IfName(name) => Some(name),
+        _ => None,
+    })?;
+    let (node, _) = name.split_once('/')?;
+    Some((node.to_owned(), number))
 }
 
 /// Copies a response body to `to` chunk by chunk as it arrives; returns
@@ -647,7 +741,7 @@ mod tests {
             StatusCode::SERVICE_UNAVAILABLE,
             "service unavailable\n",
         );
-        let Err(err) = open_packets(&client, "web").await else {
+        let Err(err) = open_packets(&client, "web", None).await else {
             panic!("a 503 was taken for a stream");
         };
         assert!(explain_access(&err, "web").contains("not available"));

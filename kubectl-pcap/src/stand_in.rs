@@ -44,7 +44,8 @@ pub type Served = http_body_util::channel::Channel<bytes::Bytes, std::io::Error>
 
 /// A cluster whose API server answers each path it is asked for with
 /// the status and body given for it, and fails the test on any other; the task
-/// returns the paths asked, in order, once the client is dropped. A
+/// returns the paths asked (with the queries of the aggregated API's), in
+/// order, once the client is dropped. A
 /// request given several answers gets them in turn, the last one from
 /// then on.
 pub fn api_server(
@@ -60,6 +61,14 @@ pub fn answering(mut answers: Vec<Answer>) -> (Cluster, tokio::task::JoinHandle<
         let mut asked = Vec::new();
         while let Some((request, send)) = handle.next_request().await {
             let path = request.uri().path().to_owned();
+            // The queries of the aggregated API's paths are the commands'
+            // own; those kube adds to its lists and watches are not.
+            let recorded = match request.uri().query() {
+                Some(query) if path.starts_with("/apis/pcap.packet.io/") => {
+                    format!("{path}?{query}")
+                }
+                _ => path.clone(),
+            };
             let range = request
                 .headers()
                 .get(http::header::RANGE)
@@ -88,7 +97,7 @@ pub fn answering(mut answers: Vec<Answer>) -> (Cluster, tokio::task::JoinHandle<
                 response = response.header(name, value);
             }
             send.send_response(response.body(body).unwrap());
-            asked.push(path);
+            asked.push(recorded);
         }
         asked
     });
@@ -155,6 +164,7 @@ pub fn section(packets: u8) -> (Vec<u8>, Vec<usize>) {
                 orig_len: 61,
                 data: &data,
                 lost: 0,
+                number: Some(u64::from(i) + 1),
             },
         );
         ends.push(out.len());

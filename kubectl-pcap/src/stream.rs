@@ -180,8 +180,11 @@ enum Followed {
 /// time ([`api::Backoff`]): the end was the capture's when the API server
 /// then says it runs nowhere (409); else it was the connection's (an API
 /// server or controller that restarts), and the new stream's section goes
-/// on from the last whole block, stderr saying that what was captured
-/// meanwhile is not in it.
+/// on from the last whole block. It asks for the packets after the last
+/// one each node's blocks brought, of the capture (generation) the stream
+/// named: the nodes keep the latest for a while, and count in the next
+/// packet's drop count what they no longer kept. A stream of another
+/// generation starts from then on, as stderr says.
 async fn follow<W: AsyncWrite + Unpin>(
     cluster: &Cluster,
     name: &str,
@@ -201,8 +204,8 @@ async fn follow<W: AsyncWrite + Unpin>(
         Err(_) => {}
     }
     let mut backoff = api::Backoff::default();
-    let mut body = persisting(name, &mut backoff, || {
-        api::open_packets(&cluster.client, name)
+    let mut live = persisting(name, &mut backoff, || {
+        api::open_packets(&cluster.client, name, None)
     })
     .await
     .map_err(|e| anyhow!(explain_access(&e, name)))?;
@@ -213,7 +216,7 @@ async fn follow<W: AsyncWrite + Unpin>(
     loop {
         let opened = Instant::now();
         let copied = tokio::select! {
-            copied = api::copy_chunks(body, out, Some(&mut blocks)) => copied,
+            copied = api::copy_chunks(live.body, out, Some(&mut blocks)) => copied,
             () = &mut reader_gone => return Ok(Followed::ReaderQuit),
         };
         let broke = match copied {
@@ -230,10 +233,25 @@ async fn follow<W: AsyncWrite + Unpin>(
         if opened.elapsed() >= STEADY {
             backoff = api::Backoff::default();
         }
-        match reopen(cluster, name, broke, &mut backoff).await? {
-            Some(again) => body = again,
+        let resume = live.capture_id.as_deref().map(|id| (id, &blocks));
+        let again = match reopen(cluster, name, broke, resume, &mut backoff).await? {
+            Some(again) => again,
             None => return Ok(Followed::Ended),
+        };
+        match (&live.capture_id, &again.capture_id) {
+            (Some(before), Some(now)) if before == now => eprintln!(
+                "{name}: the stream goes on after the last packet it brought from each node; \
+                 what a node no longer kept is counted in its next packet's drop count \
+                 (frame.drop_count)"
+            ),
+            _ => {
+                blocks.forget_numbers();
+                eprintln!(
+                    "{name}: the stream goes on; packets captured while it was closed are not in it"
+                );
+            }
         }
+        live = again;
     }
 }
 
@@ -250,8 +268,9 @@ async fn reopen(
     cluster: &Cluster,
     name: &str,
     broke: Option<String>,
+    resume: Option<(&str, &api::WholeBlocks)>,
     backoff: &mut api::Backoff,
-) -> Result<Option<api::ByteStream>> {
+) -> Result<Option<api::LiveStream>> {
     let Some(pause) = backoff.next_pause() else {
         bail!(
             "streaming capture {name}: {}; it could not be opened again in {} tries",
@@ -263,13 +282,12 @@ async fn reopen(
         eprintln!("{name}: the stream broke off ({why}): opening it again in {pause:?}");
     }
     tokio::time::sleep(pause).await;
-    match persisting(name, backoff, || api::open_packets(&cluster.client, name)).await {
-        Ok(body) => {
-            eprintln!(
-                "{name}: the stream goes on; packets captured while it was closed are not in it"
-            );
-            Ok(Some(body))
-        }
+    match persisting(name, backoff, || {
+        api::open_packets(&cluster.client, name, resume)
+    })
+    .await
+    {
+        Ok(live) => Ok(Some(live)),
         // It runs nowhere, or is gone.
         Err(kube::Error::Api(s)) if matches!(s.code, 404 | 409) => Ok(None),
         Err(e) => bail!(explain_access(&e, name)),
@@ -458,25 +476,40 @@ mod tests {
 
     /// A stream that breaks off inside a block is opened again (after an
     /// API server that is unavailable for a moment) and goes on from its
-    /// last whole block with the new stream's section; once that ends, the
-    /// capture runs nowhere (409), and the stream has ended with it.
+    /// last whole block with the new stream's section, asking for the
+    /// packets after the last one it brought from each node of the capture
+    /// it streamed; once that ends, the capture runs nowhere (409), and the
+    /// stream has ended with it.
     #[tokio::test]
     async fn a_stream_that_breaks_off_goes_on_from_its_last_whole_block() {
         let (first, ends) = section(3);
-        let (second, _) = section(2);
+        let (second, _) = section(1);
+        let of = |id: &str, answer: Answer| Answer {
+            headers: vec![(
+                http::HeaderName::from_static(packet_capture_common::crd::STREAM_CAPTURE_ID),
+                id.into(),
+            )],
+            ..answer
+        };
         let (cluster, asked) = answering(vec![
             // A reader who may not watch the capture: the stream says.
             Answer::from((WATCH, StatusCode::FORBIDDEN, status(403, "Forbidden"))),
-            Answer {
-                breaks_after: Some(ends[3] + 9),
-                ..Answer::from((PACKETS, StatusCode::OK, first.clone()))
-            },
+            of(
+                "u1-g1",
+                Answer {
+                    breaks_after: Some(ends[3] + 9),
+                    ..Answer::from((PACKETS, StatusCode::OK, first.clone()))
+                },
+            ),
             Answer::from((
                 PACKETS,
                 StatusCode::SERVICE_UNAVAILABLE,
                 status(503, "ServiceUnavailable"),
             )),
-            Answer::from((PACKETS, StatusCode::OK, second.clone())),
+            of(
+                "u1-g1",
+                Answer::from((PACKETS, StatusCode::OK, second.clone())),
+            ),
             Answer::from((PACKETS, StatusCode::CONFLICT, status(409, "Conflict"))),
         ]);
         let mut out = Vec::new();
@@ -484,9 +517,17 @@ mod tests {
         assert!(matches!(followed, Followed::Ended));
         assert_eq!(out, [&first[..ends[3]], &second[..]].concat());
         drop(cluster);
+        // Packets 1 and 2 of node n1 were whole when it broke off.
+        let resumed = format!("{PACKETS}?resume=u1-g1&after=n1:2");
         assert_eq!(
             asked.await.unwrap(),
-            [WATCH, PACKETS, PACKETS, PACKETS, PACKETS]
+            [
+                WATCH,
+                PACKETS,
+                &resumed,
+                &resumed,
+                &format!("{PACKETS}?resume=u1-g1&after=n1:1")
+            ]
         );
 
         // Not pcapng: no other try.

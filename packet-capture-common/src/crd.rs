@@ -63,6 +63,11 @@ pub fn parse_on_behalf_extra(header: &str) -> Option<(String, String)> {
     };
     Some((decoded(key).filter(|k| !k.is_empty())?, decoded(value)?))
 }
+/// The response header of a capture's live stream (the aggregated API's
+/// `packets`) that names the capture it streams (its id on the agents, of
+/// one generation), for a reader whose stream broke off to go on where it
+/// was (`?resume=ID&after=NODE:NUMBER`).
+pub const STREAM_CAPTURE_ID: &str = "packet-capture-id";
 /// The signer of the agents' serving certificates: the agents ask for
 /// theirs with CertificateSigningRequests for it, the controller signs.
 pub const AGENT_SIGNER: &str = "networking.packet.io/agent-serving";

@@ -18,6 +18,7 @@ const IF_DESCRIPTION: u16 = 3;
 const IF_TSRESOL: u16 = 9;
 const EPB_FLAGS: u16 = 2;
 const EPB_DROPCOUNT: u16 = 4;
+const EPB_PACKETID: u16 = 5;
 /// The link type of every interface block: Ethernet.
 pub const LINKTYPE_ETHERNET: u16 = 1;
 
@@ -34,6 +35,10 @@ pub struct Packet<'a> {
     pub data: &'a [u8],
     /// Packets lost just before this one (epb_dropcount), 0 for none.
     pub lost: u64,
+    /// Its number among the packets of its capture on its node
+    /// (epb_packetid): live streams give it, to go on after it when they
+    /// break off.
+    pub number: Option<u64>,
 }
 
 fn padding(len: usize) -> usize {
@@ -119,9 +124,10 @@ pub fn enhanced_packet(out: &mut Vec<u8>, p: &Packet<'_>) {
     let flags = p.inbound.map_or(0, |inbound| if inbound { 1 } else { 2 });
     let flags_len = if flags != 0 { 4 + 4 } else { 0 };
     let dropcount_len = if p.lost > 0 { 4 + 8 } else { 0 };
+    let number_len = if p.number.is_some() { 4 + 8 } else { 0 };
     // Header, body, data and its padding, the options, end of options,
     // trailing length.
-    let total = (8 + 20 + data.len() + pad + flags_len + dropcount_len + 4 + 4) as u32;
+    let total = (8 + 20 + data.len() + pad + flags_len + dropcount_len + number_len + 4 + 4) as u32;
     out.reserve(total as usize);
     for word in [
         EPB,
@@ -146,6 +152,11 @@ pub fn enhanced_packet(out: &mut Vec<u8>, p: &Packet<'_>) {
         out.extend_from_slice(&8u16.to_le_bytes());
         out.extend_from_slice(&p.lost.to_le_bytes());
     }
+    if let Some(number) = p.number {
+        out.extend_from_slice(&EPB_PACKETID.to_le_bytes());
+        out.extend_from_slice(&8u16.to_le_bytes());
+        out.extend_from_slice(&number.to_le_bytes());
+    }
     out.extend_from_slice(&OPT_ENDOFOPT.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&total.to_le_bytes());
@@ -169,6 +180,7 @@ mod tests {
                 orig_len: 60,
                 data: &[0xab; 13],
                 lost: 7,
+                number: Some(42),
             },
         );
         // Walk the blocks: each length is a multiple of 4 and repeated at

@@ -459,9 +459,13 @@ impl AgentPool {
         &self,
         ep: &AgentEndpoint,
         id: &str,
+        after: Option<u64>,
         user: &UserInfo,
     ) -> Result<Streaming<PacketBatch>, Status> {
-        let req = StreamPacketsRequest { id: id.into() };
+        let req = StreamPacketsRequest {
+            id: id.into(),
+            after,
+        };
         self.relayed(ep, "StreamPackets", req, user, |mut c, r| async move {
             c.stream_packets(r).await
         })

@@ -23,12 +23,12 @@
 //!   capture ends everywhere. A reader slower than the capture loses
 //!   packets (counted in `epb_dropcount`), never slowing the capture.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -43,7 +43,7 @@ use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client, ResourceExt as _};
 use packet_capture_common::crd::{
-    CaptureState, FILES_SUBRESOURCE, PLURAL, PacketCaptureConfig, RESOURCE,
+    CaptureState, FILES_SUBRESOURCE, PLURAL, PacketCaptureConfig, RESOURCE, STREAM_CAPTURE_ID,
 };
 use packet_capture_common::pcapng;
 use packet_capture_common::validate::capture_of;
@@ -637,22 +637,71 @@ fn part_length(range: &header::HeaderValue) -> Option<u64> {
         .checked_add(1)
 }
 
+/// Where a reader whose stream broke off goes on: the capture it read
+/// (`resume`, as its stream's [`STREAM_CAPTURE_ID`] header said; another
+/// generation's numbers are not this one's) and, for each node, the
+/// number (`epb_packetid`) of the last packet it got (`after=NODE:NUMBER`).
+#[derive(Debug, Default, PartialEq)]
+struct Resume {
+    capture: String,
+    after: BTreeMap<String, u64>,
+}
+
+impl Resume {
+    fn from_query(query: Option<&str>) -> Result<Self, Failure> {
+        let mut resume = Self::default();
+        let pairs = query
+            .unwrap_or_default()
+            .split('&')
+            .filter(|p| !p.is_empty());
+        for pair in pairs {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+            let bad = |why: &str| {
+                Failure::new(StatusCode::BAD_REQUEST, format!("{key}={value:?}: {why}"))
+            };
+            match key {
+                "resume" => resume.capture = value.into_owned(),
+                "after" => {
+                    let (node, number) = value
+                        .rsplit_once(':')
+                        .ok_or_else(|| bad("not NODE:NUMBER"))?;
+                    let number = number
+                        .parse()
+                        .map_err(|_| bad("the number is not a whole number"))?;
+                    resume.after.insert(node.to_owned(), number);
+                }
+                _ => return Err(bad("not a parameter of the stream (resume, after)")),
+            }
+        }
+        Ok(resume)
+    }
+}
+
 async fn packets(
     State(relay): State<Relay>,
     Path(name): Path<String>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, Failure> {
+    let resume = Resume::from_query(query.as_deref())?;
     let (user, capture) = authorized(&relay, &headers, &name).await?;
     let id = capture_id(
         &capture.uid().unwrap_or_default(),
         capture.metadata.generation.unwrap_or_default(),
     );
+    let after = Arc::new(if resume.capture == id {
+        resume.after
+    } else {
+        BTreeMap::new()
+    });
     let endpoints: Vec<AgentEndpoint> = relay.agents.endpoints().into_values().collect();
     let opened: Vec<_> = futures::stream::iter(endpoints)
         .map(|ep| {
             let (relay, user, id) = (&relay, &user, &id);
+            let after = after.get(&ep.node).copied();
             async move {
-                let opened = relay.agents.packets_for(&ep, id, user).await;
+                let opened = relay.agents.packets_for(&ep, id, after, user).await;
                 (ep.node, opened)
             }
         })
@@ -697,7 +746,17 @@ async fn packets(
         .snaplen
         .unwrap_or(packet_capture_common::abi::MAX_SNAPLEN);
     let (sender, batches) = mpsc::channel::<(Arc<str>, PacketBatch)>(MERGE_BATCHES);
-    tokio::spawn(follow_nodes(relay, user, capture, id, streams, sender));
+    let mut response_headers = HeaderMap::new();
+    response_headers.insert(
+        header::CONTENT_TYPE,
+        "application/x-pcapng".parse().unwrap(),
+    );
+    if let Ok(v) = id.parse() {
+        response_headers.insert(STREAM_CAPTURE_ID, v);
+    }
+    tokio::spawn(follow_nodes(
+        relay, user, capture, id, after, streams, sender,
+    ));
     let mut merge = Merge::new(&name, snaplen);
     let header = merge.header();
     let body = futures::stream::once(async move { Ok::<_, Infallible>(Bytes::from(header)) })
@@ -705,11 +764,7 @@ async fn packets(
             tokio_stream_of(batches)
                 .map(move |(node, batch)| Ok(Bytes::from(merge.batch(&node, &batch)))),
         );
-    Ok((
-        [(header::CONTENT_TYPE, "application/x-pcapng")],
-        Body::from_stream(body),
-    )
-        .into_response())
+    Ok((response_headers, Body::from_stream(body)).into_response())
 }
 
 /// Where the live packets of each node go, to be merged.
@@ -752,6 +807,7 @@ async fn follow_nodes(
     user: UserInfo,
     capture: PacketCaptureConfig,
     id: String,
+    after: Arc<BTreeMap<String, u64>>,
     streams: Vec<(String, Streaming<PacketBatch>)>,
     sender: Batches,
 ) {
@@ -820,7 +876,8 @@ async fn follow_nodes(
                     pending.push(node);
                     continue;
                 };
-                match relay.agents.packets_for(ep, &id, &user).await {
+                let after = after.get(&node).copied();
+                match relay.agents.packets_for(ep, &id, after, &user).await {
                     Ok(stream) => {
                         nodes.spawn(forward(sender.clone(), node.as_str().into(), stream));
                         attached.insert(node);
@@ -903,6 +960,8 @@ impl Merge {
                     orig_len: packet.original_length,
                     data: &packet.data,
                     lost: std::mem::take(&mut lost),
+                    // 0 from an agent that does not number them.
+                    number: (packet.number > 0).then_some(packet.number),
                 },
             );
         }
@@ -913,6 +972,35 @@ impl Merge {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reader coming back names the capture it read and the last packet
+    /// of each node; anything else is refused, naming the parameter.
+    #[test]
+    fn a_stream_goes_on_after_the_packets_it_names() {
+        assert_eq!(Resume::from_query(None).unwrap(), Resume::default());
+        let resume =
+            Resume::from_query(Some("resume=u-1-g2&after=node-a:7&after=node%2Db:0")).unwrap();
+        assert_eq!(resume.capture, "u-1-g2");
+        assert_eq!(
+            resume.after,
+            BTreeMap::from([("node-a".into(), 7), ("node-b".into(), 0)])
+        );
+        for (query, problem) in [
+            ("after=node-a", "after=\"node-a\": not NODE:NUMBER"),
+            (
+                "after=node-a:-1",
+                "after=\"node-a:-1\": the number is not a whole number",
+            ),
+            (
+                "since=5",
+                "since=\"5\": not a parameter of the stream (resume, after)",
+            ),
+        ] {
+            let refused = Resume::from_query(Some(query)).unwrap_err();
+            assert_eq!(refused.code, StatusCode::BAD_REQUEST);
+            assert_eq!(refused.message, problem);
+        }
+    }
 
     #[test]
     fn files_belong_to_the_capture_named_before_their_stamp() {

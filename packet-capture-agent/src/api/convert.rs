@@ -465,6 +465,7 @@ impl From<super::Batch> for pb::PacketBatch {
                     } as i32,
                     original_length: p.meta.orig_len,
                     data: p.data.to_vec(),
+                    number: p.number,
                 })
                 .collect(),
             lost: batch.lost,

@@ -166,7 +166,8 @@ impl Agent for AgentService {
         req: Request<pb::StreamPacketsRequest>,
     ) -> Result<Response<Self::StreamPacketsStream>, Status> {
         let caller = caller_of(&req)?;
-        let live = self.api.stream(&caller, &req.into_inner().id).await?;
+        let req = req.into_inner();
+        let live = self.api.stream(&caller, &req.id, req.after).await?;
         let batches = self
             .api
             .batches(live.packets)

@@ -364,13 +364,19 @@ pub struct Batch {
 }
 
 impl Api {
-    /// The packets the running capture `id` records from now on, for
-    /// `caller` if it may read the capture's files.
-    pub async fn stream(&self, caller: &Caller, id: &str) -> Result<LiveStream, ApiError> {
+    /// The packets the running capture `id` records from now on, or from
+    /// `after` its packet of that number on (a reader whose stream broke
+    /// off), for `caller` if it may read the capture's files.
+    pub async fn stream(
+        &self,
+        caller: &Caller,
+        id: &str,
+        after: Option<u64>,
+    ) -> Result<LiveStream, ApiError> {
         let status = self.capture(caller, "get", id).await?;
         self.permit(caller, &Permission::files(Some(&status.name)))
             .await?;
-        match self.engine.stream(id) {
+        match self.engine.stream(id, after) {
             Some(Ok(stream)) => Ok(stream),
             Some(Err((NoReader::Ended, state))) => Err(ApiError::FailedPrecondition(format!(
                 "id: capture {id:?} has ended ({state}); its packets are in its file"
@@ -390,7 +396,6 @@ impl Api {
     /// only when nothing has), until the capture ends. Losses are counted
     /// in the metrics as well as in the batch that follows them.
     pub fn batches(&self, packets: Reader) -> impl Stream<Item = Batch> + Send + 'static {
-        use tokio::sync::broadcast::error::{RecvError, TryRecvError};
         let metrics = self.metrics.clone();
         futures::stream::unfold(Some(packets), move |packets| {
             let metrics = metrics.clone();
@@ -400,34 +405,26 @@ impl Api {
                     packets: Vec::new(),
                     lost: 0,
                 };
-                let mut ended = false;
                 // Wait for the first, then take what is there.
-                loop {
-                    match packets.recv().await {
-                        Ok(p) => {
-                            batch.packets.push(p);
-                            break;
-                        }
-                        Err(RecvError::Lagged(n)) => batch.lost += n,
-                        Err(RecvError::Closed) => {
-                            ended = true;
-                            break;
-                        }
+                let mut ended = match packets.recv().await {
+                    Ok(p) => {
+                        batch.packets.push(p);
+                        false
                     }
-                }
+                    Err(_) => true,
+                };
                 let mut bytes = 0;
                 while !ended && batch.packets.len() < BATCH_PACKETS && bytes < BATCH_BYTES {
                     match packets.try_recv() {
-                        Ok(p) => {
+                        Ok(Some(p)) => {
                             bytes += p.data.len();
                             batch.packets.push(p);
                         }
-                        Err(TryRecvError::Lagged(n)) => batch.lost += n,
-                        Err(TryRecvError::Closed) => ended = true,
-                        Err(TryRecvError::Empty) => break,
+                        Ok(None) => break,
+                        Err(_) => ended = true,
                     }
                 }
-                batch.lost += packets.withheld();
+                batch.lost = packets.lost();
                 metrics.stream_lost(batch.lost);
                 if ended && batch.packets.is_empty() && batch.lost == 0 {
                     return None;

@@ -278,20 +278,32 @@ async fn download_file(
     Ok(response)
 }
 
-/// The packets a running capture records from now on, as one pcapng
-/// stream (`tshark -r -`, `wireshark -k -i -`), written as they come; it
-/// ends with the capture. Packets this reader lost for reading too slowly
+#[derive(Deserialize)]
+struct StreamQuery {
+    /// The number (`epb_packetid`) of the last packet a reader got before
+    /// its stream broke off.
+    after: Option<u64>,
+}
+
+/// The packets a running capture records from now on (or after the one
+/// `?after=` numbers), as one pcapng stream (`tshark -r -`,
+/// `wireshark -k -i -`), written as they come; it ends with the capture.
+/// Each packet's number is its `epb_packetid`; packets this reader lost
 /// are counted in the next packet's `epb_dropcount`.
 async fn stream_packets(
     State(api): State<Api>,
     caller: Option<Extension<Caller>>,
     id: Result<Path<String>, PathRejection>,
+    query: Result<Query<StreamQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     use futures::StreamExt as _;
     use packet_capture_common::crd::OutputFormat;
     use std::collections::HashMap;
 
-    let live = api.stream(&caller_of(caller)?, &param("id", id)?).await?;
+    let Query(query) = query.map_err(|r| ApiError::Invalid(format!("query: {}", r.body_text())))?;
+    let live = api
+        .stream(&caller_of(caller)?, &param("id", id)?, query.after)
+        .await?;
     let mut encoder =
         crate::writer::Encoder::new(OutputFormat::Pcapng, live.snaplen).with_origin(live.origin);
     let mut header = Vec::new();
@@ -304,6 +316,7 @@ async fn stream_packets(
             names
                 .entry(packet.meta.ifindex)
                 .or_insert_with(|| packet.interface.to_string());
+            encoder.number(packet.number);
             // pcapng holds any time: nothing is refused.
             let _ = encoder.encode(&mut out, &packet.meta, &packet.data, &names);
         }

@@ -777,16 +777,22 @@ impl Engine {
         lock(&self.inner.captures).values().any(|c| c.name == name)
     }
 
-    /// The packets the running capture `id` records from now on, and how
-    /// to describe them; `None` when there is no such capture, `Some(Err)`
-    /// when it has ended (with its state) or has all the readers it takes.
-    pub fn stream(&self, id: &str) -> Option<Result<LiveStream, (NoReader, CaptureState)>> {
+    /// The packets the running capture `id` records from now on (or from
+    /// `after` its packet of that number, as far as they are kept: see
+    /// [`sink::REPLAY_FOR`]), and how to describe them; `None` when there
+    /// is no such capture, `Some(Err)` when it has ended (with its state)
+    /// or has all the readers it takes.
+    pub fn stream(
+        &self,
+        id: &str,
+        after: Option<u64>,
+    ) -> Option<Result<LiveStream, (NoReader, CaptureState)>> {
         let capture = self.capture(id)?;
         let state = lock(&capture.life).state;
         let subscribed = if state.is_final() {
             Err(NoReader::Ended)
         } else {
-            capture.tap.subscribe()
+            capture.tap.subscribe(after)
         };
         Some(
             subscribed

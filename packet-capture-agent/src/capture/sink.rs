@@ -3,8 +3,10 @@
 //! A sink lives on the thread that reads packets and is called once per
 //! packet that matched the capture's targets, without allocating.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
@@ -12,6 +14,7 @@ use super::copies::Copies;
 use super::stdout::Lines;
 use crate::files::{Full, Output};
 use crate::filter::Filter;
+use crate::sync::lock;
 use crate::writer::{Encoder, InterfaceNames, Meta};
 
 /// Counters a capture publishes while it runs.
@@ -61,6 +64,8 @@ impl EndReason {
 /// A recorded packet, for live readers ([`crate::capture::Engine::stream`]).
 #[derive(Debug)]
 pub struct Tapped {
+    /// Its number among the packets the capture recorded, from 1.
+    pub number: u64,
     pub meta: Meta,
     pub interface: Arc<str>,
     pub data: Box<[u8]>,
@@ -80,6 +85,11 @@ pub const TAP_BYTES: usize = 16 << 20;
 /// of up to a batch in its connection's buffers, so their number, not the
 /// tap, bounds what a reader that stops reading costs the agent's memory.
 pub const TAP_READERS: usize = 8;
+/// How long a capture keeps its latest packets (at most [`TAP_PACKETS`],
+/// within [`TAP_BYTES`]) once its last live reader has gone, for a reader
+/// whose stream broke off to come back for what it missed: longer than
+/// `kubectl pcap stream` tries to open its stream again (63.5 s).
+pub const REPLAY_FOR: Duration = Duration::from_secs(90);
 
 /// Why a capture has no new reader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,61 +100,122 @@ pub enum NoReader {
     Full,
 }
 
+/// What a capture's sink and its live readers share.
+struct Shared {
+    readers: AtomicUsize,
+    /// The number of the last packet recorded.
+    recorded: AtomicU64,
+    /// The latest packets, oldest first, kept while someone reads and for
+    /// [`REPLAY_FOR`] after. Locked while a packet is kept and sent, and
+    /// while a reader subscribes, so that a reader coming back gets each
+    /// packet once: from here or from the channel.
+    recent: Mutex<VecDeque<Arc<Tapped>>>,
+    /// Until when (milliseconds from `since`) the packets are kept with no
+    /// reader.
+    keep_until: AtomicU64,
+    since: Instant,
+}
+
+impl Shared {
+    fn now(&self) -> u64 {
+        self.since.elapsed().as_millis() as u64
+    }
+}
+
 /// The sink's end of its live readers' channel: sending never waits, a
 /// slow reader loses. Whether anyone reads is an atomic the sink reads for
 /// every packet, rather than the channel's count, which takes its lock.
 pub struct Tap {
     sender: broadcast::Sender<Arc<Tapped>>,
-    readers: Arc<AtomicUsize>,
-    /// Bytes of the packets some reader has yet to take or drop.
+    shared: Arc<Shared>,
+    /// Bytes of the packets some reader has yet to take or drop, or that
+    /// are kept in `recent`.
     held: Arc<AtomicUsize>,
-    /// Packets withheld for [`TAP_BYTES`], since the capture started.
-    withheld: Arc<AtomicU64>,
+    /// The number of the last packet recorded.
+    recorded: u64,
+    /// Whether `recent` may hold packets.
+    keeping: bool,
 }
 
 /// Subscribes readers to a capture's [`Tap`] while its sink lives.
 #[derive(Clone)]
 pub struct TapHandle {
     sender: broadcast::WeakSender<Arc<Tapped>>,
-    readers: Arc<AtomicUsize>,
-    withheld: Arc<AtomicU64>,
+    shared: Arc<Shared>,
 }
 
 impl Tap {
     pub fn new() -> (Self, TapHandle) {
         let (sender, _) = broadcast::channel(TAP_PACKETS);
-        let readers = Arc::new(AtomicUsize::new(0));
-        let withheld = Arc::new(AtomicU64::new(0));
+        let shared = Arc::new(Shared {
+            readers: AtomicUsize::new(0),
+            recorded: AtomicU64::new(0),
+            recent: Mutex::default(),
+            keep_until: AtomicU64::new(0),
+            since: Instant::now(),
+        });
         let handle = TapHandle {
             sender: sender.downgrade(),
-            readers: readers.clone(),
-            withheld: withheld.clone(),
+            shared: shared.clone(),
         };
-        let held = Arc::default();
         let tap = Self {
             sender,
-            readers,
-            held,
-            withheld,
+            shared,
+            held: Arc::default(),
+            recorded: 0,
+            keeping: false,
         };
         (tap, handle)
     }
 
-    fn has_readers(&self) -> bool {
-        self.readers.load(Ordering::Relaxed) > 0
+    /// Numbers a recorded packet; whether to [`Tap::offer`] it: while a
+    /// reader reads or may come back.
+    fn record(&mut self) -> bool {
+        self.recorded += 1;
+        // Relaxed, as the readers' count below: a packet recorded at the
+        // very moment a reader comes may reach it or be counted lost to it.
+        self.shared.recorded.store(self.recorded, Ordering::Relaxed);
+        self.streamed()
     }
 
-    /// Hands a packet to the readers, unless they hold [`TAP_BYTES`].
+    /// Whether a reader reads, or may come back for what it missed.
+    fn streamed(&mut self) -> bool {
+        // Acquire: a count the last reader lowered comes with how long it
+        // asked for the packets to be kept.
+        if self.shared.readers.load(Ordering::Acquire) > 0 {
+            self.keeping = true;
+            return true;
+        }
+        if !self.keeping {
+            return false;
+        }
+        if self.shared.now() < self.shared.keep_until.load(Ordering::Relaxed) {
+            return true;
+        }
+        // No one came back in time.
+        self.keeping = false;
+        lock(&self.shared.recent).clear();
+        false
+    }
+
+    /// Hands the packet just recorded to the readers and keeps it, unless the readers hold
+    /// [`TAP_BYTES`]: the packets kept for readers who come back make room
+    /// first.
     fn offer(&self, meta: &Meta, interface: &str, data: &[u8]) {
         let bytes = data.len();
+        let mut recent = lock(&self.shared.recent);
+        while recent.len() >= TAP_PACKETS
+            || (self.held.load(Ordering::Relaxed) + bytes > TAP_BYTES && !recent.is_empty())
+        {
+            recent.pop_front();
+        }
         if self.held.load(Ordering::Relaxed) + bytes > TAP_BYTES {
-            self.withheld.fetch_add(1, Ordering::Relaxed);
+            // Withheld: the readers count it by the numbers that follow.
             return;
         }
         self.held.fetch_add(bytes, Ordering::Relaxed);
-        // Fails only when the last reader left in between; the packet's
-        // bytes are given back as it is dropped.
-        let _ = self.sender.send(Arc::new(Tapped {
+        let packet = Arc::new(Tapped {
+            number: self.recorded,
             meta: *meta,
             interface: interface.into(),
             data: data.into(),
@@ -152,7 +223,10 @@ impl Tap {
                 bytes,
                 held: self.held.clone(),
             },
-        }));
+        });
+        recent.push_back(packet.clone());
+        // Fails only when no reader is there to take it.
+        let _ = self.sender.send(packet);
     }
 }
 
@@ -171,19 +245,39 @@ impl Drop for HeldBytes {
 
 impl TapHandle {
     /// A reader of the packets recorded from now on, unless the sink has
-    /// ended or has [`TAP_READERS`] already.
-    pub fn subscribe(&self) -> Result<Reader, NoReader> {
+    /// ended or has [`TAP_READERS`] already. A reader that comes back
+    /// `after` the packet it last got gets first the packets after it that
+    /// are still kept ([`REPLAY_FOR`]), and is told how many are not.
+    pub fn subscribe(&self, after: Option<u64>) -> Result<Reader, NoReader> {
         let sender = self.sender.upgrade().ok_or(NoReader::Ended)?;
-        self.readers
+        self.shared
+            .readers
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 (n < TAP_READERS).then_some(n + 1)
             })
             .map_err(|_| NoReader::Full)?;
+        let recent = lock(&self.shared.recent);
+        let packets = sender.subscribe();
+        let recorded = self.shared.recorded.load(Ordering::Relaxed);
+        let (replay, next) = match after {
+            Some(after) => {
+                let after = after.min(recorded);
+                let replay = recent
+                    .iter()
+                    .filter(|p| p.number > after)
+                    .cloned()
+                    .collect();
+                (replay, after + 1)
+            }
+            None => (VecDeque::new(), recorded + 1),
+        };
+        drop(recent);
         Ok(Reader {
-            packets: sender.subscribe(),
-            readers: self.readers.clone(),
-            withheld_seen: self.withheld.load(Ordering::Relaxed),
-            withheld: self.withheld.clone(),
+            replay,
+            packets,
+            shared: self.shared.clone(),
+            next,
+            lost: 0,
         })
     }
 }
@@ -191,36 +285,82 @@ impl TapHandle {
 /// One live reader, counted while it lives; its packets end when the
 /// capture does.
 pub struct Reader {
+    /// Kept packets it came back for, to be read before the channel.
+    replay: VecDeque<Arc<Tapped>>,
     packets: broadcast::Receiver<Arc<Tapped>>,
-    readers: Arc<AtomicUsize>,
-    withheld: Arc<AtomicU64>,
-    /// Of `withheld`, those already counted by this reader (or from before
-    /// it came).
-    withheld_seen: u64,
+    shared: Arc<Shared>,
+    /// The number of the packet it is to get next.
+    next: u64,
+    /// Packets it will not get (it fell behind, they were withheld, or
+    /// they were not kept), found since [`Reader::lost`] was last called.
+    lost: u64,
 }
 
+/// The capture has ended and its reader has taken every packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ended;
+
 impl Reader {
-    pub async fn recv(&mut self) -> Result<Arc<Tapped>, broadcast::error::RecvError> {
-        self.packets.recv().await
+    /// Counts the packets skipped before `p`.
+    fn take(&mut self, p: Arc<Tapped>) -> Arc<Tapped> {
+        self.lost += p.number.saturating_sub(self.next);
+        self.next = self.next.max(p.number + 1);
+        p
     }
 
-    pub fn try_recv(&mut self) -> Result<Arc<Tapped>, broadcast::error::TryRecvError> {
-        self.packets.try_recv()
+    /// Counts the packets after the last one taken that never came.
+    fn ended(&mut self) -> Ended {
+        // The channel's close came after the sink's last store.
+        let last = self.shared.recorded.load(Ordering::Relaxed);
+        self.lost += (last + 1).saturating_sub(self.next);
+        self.next = self.next.max(last + 1);
+        Ended
     }
 
-    /// Packets withheld from this reader (for [`TAP_BYTES`]) since the
-    /// last call.
-    pub fn withheld(&mut self) -> u64 {
-        let now = self.withheld.load(Ordering::Relaxed);
-        let new = now - self.withheld_seen;
-        self.withheld_seen = now;
-        new
+    pub async fn recv(&mut self) -> Result<Arc<Tapped>, Ended> {
+        use broadcast::error::RecvError;
+        if let Some(p) = self.replay.pop_front() {
+            return Ok(self.take(p));
+        }
+        loop {
+            match self.packets.recv().await {
+                Ok(p) => return Ok(self.take(p)),
+                // Counted by the numbers of the packets that follow.
+                Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return Err(self.ended()),
+            }
+        }
+    }
+
+    /// The next packet if one is there now.
+    pub fn try_recv(&mut self) -> Result<Option<Arc<Tapped>>, Ended> {
+        use broadcast::error::TryRecvError;
+        if let Some(p) = self.replay.pop_front() {
+            return Ok(Some(self.take(p)));
+        }
+        loop {
+            match self.packets.try_recv() {
+                Ok(p) => return Ok(Some(self.take(p))),
+                Err(TryRecvError::Lagged(_)) => {}
+                Err(TryRecvError::Empty) => return Ok(None),
+                Err(TryRecvError::Closed) => return Err(self.ended()),
+            }
+        }
+    }
+
+    /// Packets this reader will not get, found since the last call.
+    pub fn lost(&mut self) -> u64 {
+        std::mem::take(&mut self.lost)
     }
 }
 
 impl Drop for Reader {
     fn drop(&mut self) {
-        self.readers.fetch_sub(1, Ordering::Relaxed);
+        // Before the count falls: a sink that finds no reader finds how
+        // long to keep packets for one who comes back.
+        let until = self.shared.now() + REPLAY_FOR.as_millis() as u64;
+        self.shared.keep_until.store(until, Ordering::Relaxed);
+        self.shared.readers.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -376,7 +516,7 @@ impl Sink {
         // Added, not stored: the standard output's writer takes back the
         // packets of lines it fails to write.
         self.counters.packets.fetch_add(1, Ordering::Relaxed);
-        if self.tap.has_readers() {
+        if self.tap.record() {
             self.tap.offer(meta, names.name(meta.ifindex), kept);
         }
         if self.packets >= self.max_packets {
@@ -502,50 +642,118 @@ mod tests {
     use super::*;
     use crate::writer::Direction;
 
+    const META: Meta = Meta {
+        unix_ns: 0,
+        ifindex: 1,
+        direction: Direction::In,
+        orig_len: 0,
+    };
+
+    /// Records a packet as the sink does.
+    fn record(tap: &mut Tap, frame: &[u8]) {
+        if tap.record() {
+            tap.offer(&META, "eth0", frame);
+        }
+    }
+
+    /// The numbers of the packets `reader` has now.
+    fn numbers(reader: &mut Reader) -> Vec<u64> {
+        std::iter::from_fn(|| reader.try_recv().ok().flatten().map(|p| p.number)).collect()
+    }
+
     /// A reader that takes nothing holds at most TAP_BYTES: the packets
-    /// past them are withheld and counted, and once it has taken what it
-    /// holds, packets come again.
+    /// past them are withheld, and counted lost once a later one comes or
+    /// the capture ends; once it has taken what it holds, packets come
+    /// again.
     #[test]
     fn a_slow_reader_holds_at_most_the_taps_bytes() {
-        let (tap, handle) = Tap::new();
-        let mut reader = handle.subscribe().unwrap();
-        let meta = Meta {
-            unix_ns: 0,
-            ifindex: 1,
-            direction: Direction::In,
-            orig_len: 0,
-        };
+        let (mut tap, handle) = Tap::new();
+        let mut reader = handle.subscribe(None).unwrap();
         let frame = vec![0u8; 1 << 20];
         let fit = TAP_BYTES / frame.len();
         for _ in 0..fit + 5 {
-            tap.offer(&meta, "eth0", &frame);
+            record(&mut tap, &frame);
         }
-        assert_eq!(reader.withheld(), 5);
-        assert_eq!(reader.withheld(), 0, "counted once");
-        let mut taken = 0;
-        while reader.try_recv().is_ok() {
-            taken += 1;
-        }
-        assert_eq!(taken, fit);
-        tap.offer(&meta, "eth0", &frame);
-        assert!(reader.try_recv().is_ok());
-        assert_eq!(reader.withheld(), 0);
+        assert_eq!(numbers(&mut reader).len(), fit);
+        record(&mut tap, &frame);
+        assert_eq!(numbers(&mut reader), [fit as u64 + 6]);
+        assert_eq!(reader.lost(), 5);
+        assert_eq!(reader.lost(), 0, "counted once");
         // One who comes later is not told of what was withheld before.
-        assert_eq!(handle.subscribe().unwrap().withheld(), 0);
+        let mut later = handle.subscribe(None).unwrap();
+        for _ in 0..fit + 2 {
+            record(&mut tap, &frame);
+        }
+        drop(tap);
+        assert_eq!(numbers(&mut reader).len(), fit);
+        assert_eq!(reader.try_recv().err(), Some(Ended));
+        assert_eq!(reader.lost(), 2, "withheld at the end");
+        let _ = numbers(&mut later);
+        assert_eq!(later.try_recv().err(), Some(Ended));
+        assert_eq!(later.lost(), 2);
+    }
+
+    /// A reader whose stream broke off comes back after the last packet it
+    /// got: it gets each packet after it once, those still kept first,
+    /// and is told how many are not kept any more.
+    #[test]
+    fn a_reader_that_comes_back_gets_what_it_missed() {
+        let (mut tap, handle) = Tap::new();
+        let frame = [7u8; 60];
+        // Not kept before anyone reads.
+        record(&mut tap, &frame);
+        let mut first = handle.subscribe(None).unwrap();
+        for _ in 0..3 {
+            record(&mut tap, &frame);
+        }
+        assert_eq!(first.try_recv().unwrap().unwrap().number, 2);
+        drop(first);
+        record(&mut tap, &frame);
+        let mut back = handle.subscribe(Some(2)).unwrap();
+        record(&mut tap, &frame);
+        assert_eq!(numbers(&mut back), [3, 4, 5, 6]);
+        assert_eq!(back.lost(), 0);
+        drop(back);
+
+        // Gone past what is kept: told how many it missed.
+        for _ in 0..TAP_PACKETS + 10 {
+            record(&mut tap, &frame);
+        }
+        let mut late = handle.subscribe(Some(6)).unwrap();
+        let got = numbers(&mut late);
+        assert_eq!(got.len(), TAP_PACKETS);
+        assert_eq!(got[0], 17);
+        assert_eq!(late.lost(), 10);
+        // Asking after a packet not recorded yet: from now on.
+        drop(late);
+        let mut ahead = handle.subscribe(Some(1_000_000)).unwrap();
+        record(&mut tap, &frame);
+        assert_eq!(numbers(&mut ahead), [1041]);
+        assert_eq!(ahead.lost(), 0);
+        drop(ahead);
+
+        // No one came back in time: nothing is kept.
+        tap.shared.keep_until.store(0, Ordering::Relaxed);
+        record(&mut tap, &frame);
+        assert!(lock(&tap.shared.recent).is_empty());
+        let mut too_late = handle.subscribe(Some(1041)).unwrap();
+        record(&mut tap, &frame);
+        assert_eq!(numbers(&mut too_late), [1043]);
+        assert_eq!(too_late.lost(), 1);
     }
 
     #[test]
     fn readers_are_counted_up_to_the_limit() {
         let (tap, handle) = Tap::new();
         let readers: Vec<Reader> = (0..TAP_READERS)
-            .map(|_| handle.subscribe().unwrap())
+            .map(|_| handle.subscribe(None).unwrap())
             .collect();
-        assert_eq!(handle.subscribe().err(), Some(NoReader::Full));
+        assert_eq!(handle.subscribe(None).err(), Some(NoReader::Full));
         drop(readers);
-        assert!(!tap.has_readers());
-        let reader = handle.subscribe().unwrap();
+        assert_eq!(tap.shared.readers.load(Ordering::Relaxed), 0);
+        let reader = handle.subscribe(None).unwrap();
         drop(tap);
         drop(reader);
-        assert_eq!(handle.subscribe().err(), Some(NoReader::Ended));
+        assert_eq!(handle.subscribe(None).err(), Some(NoReader::Ended));
     }
 }

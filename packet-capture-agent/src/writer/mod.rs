@@ -99,6 +99,9 @@ pub struct Encoder {
     /// Packets lost just before the next one, which says so (pcapng's
     /// `epb_dropcount`); only live streams lose packets this way.
     lost: u64,
+    /// The next packet's number (pcapng's `epb_packetid`): live streams
+    /// number their packets.
+    number: Option<u64>,
 }
 
 /// What a pcapng file needs carried from block to block.
@@ -146,6 +149,7 @@ impl Encoder {
                 ids: HashMap::new(),
             },
             lost: 0,
+            number: None,
         }
     }
 
@@ -153,6 +157,11 @@ impl Encoder {
     /// next packet's block.
     pub fn lost(&mut self, n: u64) {
         self.lost += n;
+    }
+
+    /// The next packet's number, which pcapng records in its block.
+    pub fn number(&mut self, number: u64) {
+        self.number = Some(number);
     }
 
     /// Names the capture in what a pcapng file says of itself. A comment
@@ -230,7 +239,8 @@ impl Encoder {
                         &self.origin,
                     ),
                 };
-                enhanced_packet(out, id, meta, data, std::mem::take(&mut self.lost));
+                let (lost, number) = (std::mem::take(&mut self.lost), self.number.take());
+                enhanced_packet(out, id, meta, data, lost, number);
             }
             OutputFormat::Text => text_line(out, meta, data, names),
             OutputFormat::Stdout => {
@@ -299,7 +309,8 @@ impl Pcapng {
 
 /// An enhanced packet block, little-endian with a nanosecond timestamp (as
 /// the section header and the interface blocks say), with the direction in
-/// epb_flags, and the packets lost before it in epb_dropcount when any were.
+/// epb_flags, the packets lost before it in epb_dropcount when any were,
+/// and its number in epb_packetid when it has one.
 ///
 /// Written by hand rather than by pcap-file's block encoder, which made the
 /// pcapng writer five times slower (docs/capture.md, "Writer throughput"):
@@ -307,7 +318,14 @@ impl Pcapng {
 /// length), writes each field through `io::Write`, converts the timestamp
 /// through u128 arithmetic, and takes the options as a `Vec`. The tests read
 /// these blocks back with pcap-file's reader and with tshark.
-fn enhanced_packet(out: &mut Vec<u8>, interface_id: u32, meta: &Meta, data: &[u8], lost: u64) {
+fn enhanced_packet(
+    out: &mut Vec<u8>,
+    interface_id: u32,
+    meta: &Meta,
+    data: &[u8],
+    lost: u64,
+    number: Option<u64>,
+) {
     pcapng::enhanced_packet(
         out,
         &pcapng::Packet {
@@ -317,6 +335,7 @@ fn enhanced_packet(out: &mut Vec<u8>, interface_id: u32, meta: &Meta, data: &[u8
             orig_len: meta.orig_len,
             data,
             lost,
+            number,
         },
     );
 }

@@ -217,6 +217,13 @@ async fn the_openapi_document_describes_the_agent() {
         case("get", packets, "/api/v1/captures/doc-1/packets", None, 401),
         case("get", packets, "/api/v1/captures/doc-1/packets", n, 403),
         case("get", packets, "/api/v1/captures/doc-1/packets", w, 409),
+        case(
+            "get",
+            packets,
+            "/api/v1/captures/doc-6/packets?after=-1",
+            w,
+            400,
+        ),
         // Started just before, for two seconds: the stream ends with it.
         case("get", packets, "/api/v1/captures/doc-6/packets", w, 200),
         // A capture that outlasts the test, for new targets.

@@ -13,16 +13,31 @@ use crate::common::{Node, RIGHT_IP, Rest, eventually, grpc, json_of, tshark};
 
 /// The packet blocks in a pcapng stream so far.
 fn packets_in(stream: &[u8]) -> usize {
+    numbers_in(stream).len()
+}
+
+/// The number (`epb_packetid`) of each packet block in a pcapng stream so
+/// far.
+fn numbers_in(stream: &[u8]) -> Vec<Option<u64>> {
+    use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketOption;
+    use pcap_file::pcapng::blocks::opt_common::CommonOption;
     use pcap_file::pcapng::{Block, PcapNgParser};
     let Ok((mut rest, mut parser)) = PcapNgParser::new(stream) else {
-        return 0;
+        return Vec::new();
     };
-    let mut n = 0;
+    let mut numbers = Vec::new();
     while let Ok((after, block)) = parser.next_block(rest) {
-        n += usize::from(matches!(block, Block::EnhancedPacket(_)));
+        if let Block::EnhancedPacket(p) = block {
+            numbers.push(p.options.iter().find_map(|o| match o {
+                EnhancedPacketOption::Common(CommonOption::Unknown(u)) if u.code == 5 => {
+                    u.value.as_ref().try_into().ok().map(u64::from_le_bytes)
+                }
+                _ => None,
+            }));
+        }
         rest = after;
     }
-    n
+    numbers
 }
 
 /// An agent without authentication on a new node, running an ICMP capture
@@ -57,6 +72,7 @@ async fn running_captures_stream_their_packets_live() {
     let mut batches = c
         .stream_packets(pb::StreamPacketsRequest {
             id: "live-1".into(),
+            after: None,
         })
         .await
         .unwrap()
@@ -84,6 +100,34 @@ async fn running_captures_stream_their_packets_live() {
             .count(),
         3
     );
+    // Numbered from the capture's first packet, in both.
+    let numbered: Vec<u64> = streamed.iter().map(|p| p.number).collect();
+    assert_eq!(numbered, [1, 2, 3, 4, 5, 6]);
+    assert_eq!(numbers_in(&bytes), [1, 2, 3, 4, 5, 6].map(Some));
+    // A reader whose stream broke off comes back after the last packet it
+    // got: the packets after it first, kept for it, then on live.
+    let mut again = c
+        .stream_packets(pb::StreamPacketsRequest {
+            id: "live-1".into(),
+            after: Some(2),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let batch = again.message().await.unwrap().expect("the kept packets");
+    assert_eq!(batch.lost, 0);
+    let kept: Vec<u64> = batch.packets.iter().map(|p| p.number).collect();
+    assert_eq!(kept, [3, 4, 5, 6]);
+    let mut back = rest.get("/api/v1/captures/live-1/packets?after=4").await;
+    assert_eq!(back.status(), 200);
+    let mut resumed = Vec::new();
+    while packets_in(&resumed) < 2 {
+        resumed.extend(back.chunk().await.unwrap().expect("more of the stream"));
+    }
+    assert_eq!(numbers_in(&resumed), [Some(5), Some(6)]);
+    let refused = rest.get("/api/v1/captures/live-1/packets?after=x").await;
+    assert_eq!(refused.status(), 400);
+    drop((again, back));
     // What was streamed so far is a pcapng file tshark reads.
     let file = node.dir.path().join("streamed.pcapng");
     std::fs::write(&file, &bytes).unwrap();
@@ -175,6 +219,7 @@ async fn a_capture_takes_a_bounded_number_of_live_readers() {
     let status = c
         .stream_packets(pb::StreamPacketsRequest {
             id: "readers-1".into(),
+            after: None,
         })
         .await
         .unwrap_err();
@@ -203,6 +248,7 @@ async fn a_slow_reader_loses_packets_from_its_stream_not_from_the_file() {
     let mut batches = c
         .stream_packets(pb::StreamPacketsRequest {
             id: "slow-1".into(),
+            after: None,
         })
         .await
         .unwrap()

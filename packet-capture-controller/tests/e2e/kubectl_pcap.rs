@@ -3,6 +3,7 @@
 //! packets while they are captured, and refusals that name the permission,
 //! with nothing but the API server's address and a user's own token.
 
+use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -217,24 +218,76 @@ fn packets_of(stream: &[u8]) -> Vec<(u64, String)> {
         match block {
             // Each section names its interfaces anew.
             Block::SectionHeader(_) => names.clear(),
-            Block::InterfaceDescription(idb) => names.push(
-                idb.options
-                    .iter()
-                    .find_map(|o| match o {
-                        pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption::IfName(n) => Some(n.to_string()),
-                        _ => None,
-                    })
-                    .unwrap_or_default(),
-            ),
+            Block::InterfaceDescription(idb) => names.push(interface_name(&idb)),
             Block::EnhancedPacket(p) => packets.push((
                 p.timestamp.as_nanos() as u64,
-                names.get(p.interface_id as usize).cloned().unwrap_or_default(),
+                names
+                    .get(p.interface_id as usize)
+                    .cloned()
+                    .unwrap_or_default(),
             )),
             _ => {}
         }
         rest = after;
     }
     packets
+}
+
+/// An interface block's name (`if_name`).
+fn interface_name(
+    idb: &pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionBlock<'_>,
+) -> String {
+    use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
+    idb.options
+        .iter()
+        .find_map(|o| match o {
+            InterfaceDescriptionOption::IfName(n) => Some(n.to_string()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+/// Each node's packets in a pcapng stream read so far, in order: the
+/// number the stream gives each (`epb_packetid`) and the packets it says
+/// were lost just before it (`epb_dropcount`).
+fn numbers_of(stream: &[u8]) -> BTreeMap<String, Vec<(u64, u64)>> {
+    use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketOption;
+    use pcap_file::pcapng::blocks::opt_common::CommonOption;
+    use pcap_file::pcapng::{Block, PcapNgParser};
+    let mut numbers = BTreeMap::<String, Vec<(u64, u64)>>::new();
+    let Ok((mut rest, mut parser)) = PcapNgParser::new(stream) else {
+        return numbers;
+    };
+    let mut nodes = Vec::new();
+    while let Ok((after, block)) = parser.next_block(rest) {
+        match block {
+            Block::SectionHeader(_) => nodes.clear(),
+            Block::InterfaceDescription(idb) => {
+                let name = interface_name(&idb);
+                nodes.push(name.split_once('/').map(|(node, _)| node.to_owned()));
+            }
+            Block::EnhancedPacket(p) => {
+                let (mut number, mut lost) = (None, 0);
+                for option in &p.options {
+                    match option {
+                        EnhancedPacketOption::DropCount(n) => lost = *n,
+                        EnhancedPacketOption::Common(CommonOption::Unknown(u)) if u.code == 5 => {
+                            number = u.value.as_ref().try_into().ok().map(u64::from_le_bytes)
+                        }
+                        _ => {}
+                    }
+                }
+                let node = nodes[p.interface_id as usize].clone();
+                numbers
+                    .entry(node.expect("an interface named node/iface"))
+                    .or_default()
+                    .push((number.expect("a numbered packet"), lost));
+            }
+            _ => {}
+        }
+        rest = after;
+    }
+    numbers
 }
 
 /// A world of two nodes whose controller serves the aggregated API, which
@@ -491,6 +544,31 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
         packets_of(&bytes).len() > before_restart,
         "no packet streamed after the controller's restart"
     );
+    // Nothing the nodes captured while the stream was closed is missing:
+    // each node's packets follow one another by number, across sections,
+    // or the stream says how many are not there.
+    assert!(
+        stderr.contains(&format!(
+            "{name}: the stream goes on after the last packet it brought from each node"
+        )),
+        "{stderr}"
+    );
+    let numbers = numbers_of(&bytes);
+    assert!(!numbers.is_empty());
+    for (node, numbers) in &numbers {
+        for pair in numbers.windows(2) {
+            let ((before, _), (next, lost)) = (pair[0], pair[1]);
+            assert_eq!(
+                next,
+                before + 1 + lost,
+                "node {node}'s packets skip from {before} to {next} (lost {lost}): {numbers:?}"
+            );
+        }
+        assert!(
+            numbers.iter().all(|&(_, lost)| lost == 0),
+            "node {node} lost packets at the restart: {numbers:?}"
+        );
+    }
     // It says how the capture ended.
     assert!(
         stderr
