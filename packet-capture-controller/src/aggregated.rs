@@ -684,8 +684,8 @@ async fn packets(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, Failure> {
-    let resume = Resume::from_query(query.as_deref())?;
     let (user, capture) = authorized(&relay, &headers, &name).await?;
+    let resume = Resume::from_query(query.as_deref())?;
     let id = capture_id(
         &capture.uid().unwrap_or_default(),
         capture.metadata.generation.unwrap_or_default(),

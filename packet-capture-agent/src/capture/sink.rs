@@ -230,6 +230,14 @@ impl Tap {
     }
 }
 
+impl Drop for Tap {
+    fn drop(&mut self) {
+        // The capture has ended: no reader can come back for these, and an
+        // ended capture's handle is kept for its status.
+        lock(&self.shared.recent).clear();
+    }
+}
+
 /// Bytes counted in a tap's `held` until dropped.
 #[derive(Debug)]
 struct HeldBytes {
@@ -740,6 +748,13 @@ mod tests {
         record(&mut tap, &frame);
         assert_eq!(numbers(&mut too_late), [1043]);
         assert_eq!(too_late.lost(), 1);
+
+        // Nothing is kept once the capture has ended.
+        record(&mut tap, &frame);
+        assert_eq!(lock(&handle.shared.recent).len(), 2);
+        drop(tap);
+        assert!(lock(&handle.shared.recent).is_empty());
+        assert_eq!(handle.subscribe(Some(1043)).err(), Some(NoReader::Ended));
     }
 
     #[test]
