@@ -20,7 +20,6 @@ use packet_capture_common::crd::{
     FILES_SUBRESOURCE, GROUP as CRD_GROUP, PLURAL, RESOURCE, STREAM_CAPTURE_ID,
 };
 use pcap_file::pcapng::blocks::enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption};
-use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
 use pcap_file::pcapng::blocks::opt_common::CommonOption;
 use pcap_file::pcapng::{Block, PcapNgParseError, PcapNgParser};
 use serde::Deserialize;
@@ -508,11 +507,7 @@ fn numbered(parser: &PcapNgParser, packet: &EnhancedPacketBlock<'_>) -> Option<(
         _ => None,
     })?;
     let interface = parser.interfaces().get(packet.interface_id as usize)?;
-    let name = interface.options.iter().find_map(|o| match o {
-        InterfaceDescriptionOption::IfName(name) => Some(name),
-        _ => None,
-    })?;
-    let (node, _) = name.split_once('/')?;
+    let (node, _) = crate::merge::if_name(interface)?.split_once('/')?;
     Some((node.to_owned(), number))
 }
 

@@ -406,13 +406,8 @@ fn named(
     node: &str,
     id: usize,
 ) -> InterfaceDescriptionBlock<'static> {
-    let name = idb
-        .options
-        .iter()
-        .find_map(|o| match o {
-            InterfaceDescriptionOption::IfName(n) => Some(n.to_string()),
-            _ => None,
-        })
+    let name = if_name(&idb)
+        .map(str::to_owned)
         .unwrap_or_else(|| format!("if{id}"));
     idb.options
         .retain(|o| !matches!(o, InterfaceDescriptionOption::IfName(_)));
@@ -447,6 +442,14 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     s
+}
+
+/// An interface block's name (`if_name`), when it has one.
+pub fn if_name<'a>(idb: &'a InterfaceDescriptionBlock<'_>) -> Option<&'a str> {
+    idb.options.iter().find_map(|o| match o {
+        InterfaceDescriptionOption::IfName(name) => Some(name.as_ref()),
+        _ => None,
+    })
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use kubectl_pcap::merge::{NodeInput, NodeSummary, merge};
+use kubectl_pcap::merge::{NodeInput, NodeSummary, if_name, merge};
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapTsResolution, PcapWriter};
 use pcap_file::pcapng::blocks::enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption};
 use pcap_file::pcapng::blocks::interface_description::{
@@ -187,16 +187,6 @@ fn read(path: &Path) -> Merged {
         interfaces: reader.interfaces().to_vec(),
         packets,
     }
-}
-
-fn if_name(idb: &InterfaceDescriptionBlock) -> String {
-    idb.options
-        .iter()
-        .find_map(|o| match o {
-            InterfaceDescriptionOption::IfName(n) => Some(n.to_string()),
-            _ => None,
-        })
-        .unwrap_or_default()
 }
 
 /// Runs a Wireshark tool, failing the test when it is not installed.
@@ -394,7 +384,11 @@ fn interfaces_are_named_by_node_and_keep_their_description() {
     let merged = read(&merged_path);
 
     // One block per interface of each node, however many files.
-    let names: Vec<String> = merged.interfaces.iter().map(if_name).collect();
+    let names: Vec<String> = merged
+        .interfaces
+        .iter()
+        .map(|i| if_name(i).unwrap_or_default().to_owned())
+        .collect();
     assert_eq!(
         names,
         [

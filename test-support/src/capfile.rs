@@ -5,6 +5,10 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use pcap_file::pcapng::blocks::interface_description::{
+    InterfaceDescriptionBlock, InterfaceDescriptionOption,
+};
+
 /// One packet of a capture file.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Packet {
@@ -91,8 +95,6 @@ fn read_pcap(bytes: &[u8]) -> Result<Vec<Packet>, pcap_file::pcap::PcapReadError
 fn read_pcapng(bytes: &[u8]) -> Result<Vec<Packet>, pcap_file::pcapng::PcapNgReadError> {
     use pcap_file::pcapng::blocks::Block;
     use pcap_file::pcapng::blocks::enhanced_packet::EnhancedPacketOption;
-    use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
-
     let mut reader = pcap_file::pcapng::PcapNgReader::new(bytes)?;
     let mut packets = Vec::new();
     while let Some(block) = reader.next_block() {
@@ -101,14 +103,7 @@ fn read_pcapng(bytes: &[u8]) -> Result<Vec<Packet>, pcap_file::pcapng::PcapNgRea
             continue;
         };
         let iface = &state.interfaces()[epb.interface_id as usize];
-        let interface = iface
-            .options
-            .iter()
-            .find_map(|o| match o {
-                InterfaceDescriptionOption::IfName(name) => Some(name.to_string()),
-                _ => None,
-            })
-            .unwrap_or_default();
+        let interface = if_name(iface).unwrap_or_default().to_owned();
         // epb_flags: the low two bits are the direction.
         let direction = epb
             .options
@@ -190,4 +185,12 @@ fn count_read_by(tool: &str, args: &[&str], expected: fn(&str) -> bool, path: &P
         complaints.join("\n")
     );
     String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// An interface block's name (`if_name`), when it has one.
+pub fn if_name<'a>(idb: &'a InterfaceDescriptionBlock<'_>) -> Option<&'a str> {
+    idb.options.iter().find_map(|o| match o {
+        InterfaceDescriptionOption::IfName(name) => Some(name.as_ref()),
+        _ => None,
+    })
 }

@@ -16,7 +16,7 @@ use kube::{Api, ResourceExt as _};
 use packet_capture_common::crd::{
     OutputFormat, PacketCaptureConfigSpec, Phase, STOP_REQUESTED, stopped_generation,
 };
-use packet_capture_test_support::capfile;
+use packet_capture_test_support::capfile::{self, if_name};
 use packet_capture_test_support::cluster::COMPONENT_NAMESPACE;
 use packet_capture_test_support::workspace_binary;
 use serde_json::json;
@@ -218,7 +218,9 @@ fn packets_of(stream: &[u8]) -> Vec<(u64, String)> {
         match block {
             // Each section names its interfaces anew.
             Block::SectionHeader(_) => names.clear(),
-            Block::InterfaceDescription(idb) => names.push(interface_name(&idb)),
+            Block::InterfaceDescription(idb) => {
+                names.push(if_name(&idb).unwrap_or_default().to_owned())
+            }
             Block::EnhancedPacket(p) => packets.push((
                 p.timestamp.as_nanos() as u64,
                 names
@@ -231,20 +233,6 @@ fn packets_of(stream: &[u8]) -> Vec<(u64, String)> {
         rest = after;
     }
     packets
-}
-
-/// An interface block's name (`if_name`).
-fn interface_name(
-    idb: &pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionBlock<'_>,
-) -> String {
-    use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
-    idb.options
-        .iter()
-        .find_map(|o| match o {
-            InterfaceDescriptionOption::IfName(n) => Some(n.to_string()),
-            _ => None,
-        })
-        .unwrap_or_default()
 }
 
 /// Each node's packets in a pcapng stream read so far, in order: the
@@ -263,8 +251,8 @@ fn numbers_of(stream: &[u8]) -> BTreeMap<String, Vec<(u64, u64)>> {
         match block {
             Block::SectionHeader(_) => nodes.clear(),
             Block::InterfaceDescription(idb) => {
-                let name = interface_name(&idb);
-                nodes.push(name.split_once('/').map(|(node, _)| node.to_owned()));
+                let node = if_name(&idb).and_then(|name| name.split_once('/'));
+                nodes.push(node.map(|(node, _)| node.to_owned()));
             }
             Block::EnhancedPacket(p) => {
                 let (mut number, mut lost) = (None, 0);
