@@ -456,7 +456,13 @@ impl WholeBlocks {
                     if let Block::EnhancedPacket(packet) = &block
                         && let Some((node, number)) = numbered(parser, packet)
                     {
-                        self.after.insert(node, number);
+                        // A node's name is allocated once, not per packet.
+                        match self.after.get_mut(node) {
+                            Some(last) => *last = number,
+                            None => {
+                                self.after.insert(node.to_owned(), number);
+                            }
+                        }
                     }
                     (left, None)
                 }),
@@ -495,7 +501,10 @@ impl WholeBlocks {
 }
 
 /// The node and number of a live stream's packet, when it has them.
-fn numbered(parser: &PcapNgParser, packet: &EnhancedPacketBlock<'_>) -> Option<(String, u64)> {
+fn numbered<'p>(
+    parser: &'p PcapNgParser,
+    packet: &EnhancedPacketBlock<'_>,
+) -> Option<(&'p str, u64)> {
     let number = packet.options.iter().find_map(|o| match o {
         EnhancedPacketOption::Common(CommonOption::Unknown(u)) if u.code == EPB_PACKETID => {
             let bytes: [u8; 8] = u.value.as_ref().try_into().ok()?;
@@ -508,7 +517,7 @@ fn numbered(parser: &PcapNgParser, packet: &EnhancedPacketBlock<'_>) -> Option<(
     })?;
     let interface = parser.interfaces().get(packet.interface_id as usize)?;
     let (node, _) = crate::merge::if_name(interface)?.split_once('/')?;
-    Some((node.to_owned(), number))
+    Some((node, number))
 }
 
 /// Copies a response body to `to` chunk by chunk as it arrives; returns

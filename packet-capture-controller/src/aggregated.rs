@@ -746,14 +746,8 @@ async fn packets(
         .snaplen
         .unwrap_or(packet_capture_common::abi::MAX_SNAPLEN);
     let (sender, batches) = mpsc::channel::<(Arc<str>, PacketBatch)>(MERGE_BATCHES);
-    let mut response_headers = HeaderMap::new();
-    response_headers.insert(
-        header::CONTENT_TYPE,
-        "application/x-pcapng".parse().unwrap(),
-    );
-    if let Ok(v) = id.parse() {
-        response_headers.insert(STREAM_CAPTURE_ID, v);
-    }
+    // A uid and a generation: always a header value.
+    let id_header = header::HeaderValue::try_from(id.as_str()).ok();
     tokio::spawn(follow_nodes(
         relay, user, capture, id, after, streams, sender,
     ));
@@ -764,7 +758,15 @@ async fn packets(
             tokio_stream_of(batches)
                 .map(move |(node, batch)| Ok(Bytes::from(merge.batch(&node, &batch)))),
         );
-    Ok((response_headers, Body::from_stream(body)).into_response())
+    let mut response = (
+        [(header::CONTENT_TYPE, "application/x-pcapng")],
+        Body::from_stream(body),
+    )
+        .into_response();
+    if let Some(id) = id_header {
+        response.headers_mut().insert(STREAM_CAPTURE_ID, id);
+    }
+    Ok(response)
 }
 
 /// Where the live packets of each node go, to be merged.
