@@ -192,10 +192,20 @@ impl Plan {
             netns,
             &["net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"],
         )?;
+        // The addresses may be a departed node's: the host and the other
+        // nodes forget that node's link address (as they would on its
+        // gratuitous ARP) rather than sending to it until the entry goes
+        // stale.
+        let (a4, a6) = (
+            self.node_v4(node).to_string(),
+            self.node_v6(node).to_string(),
+        );
         for (other, other_ns) in others {
             self.route(Some(netns), *other)?;
             self.route(Some(other_ns), node)?;
+            forget_neighbour(Some(other_ns), &a4, &a6)?;
         }
+        forget_neighbour(None, &a4, &a6)?;
         self.route(None, node)
     }
 
@@ -252,8 +262,7 @@ impl Plan {
             self.pod_v4(node, pod).to_string(),
             self.pod_v6(node, pod).to_string(),
         );
-        ip(node_ns, &["neigh", "flush", "to", &a4])?;
-        ip(node_ns, &["-6", "neigh", "flush", "to", &a6])
+        forget_neighbour(node_ns, &a4, &a6)
     }
 
     /// Removes pod `pod` of the node in `node_netns`: its link first, which
@@ -290,6 +299,12 @@ impl Plan {
         let _ = ip(netns, &["route", "del", &self.pod_cidr_v4(to)]);
         let _ = ip(netns, &["-6", "route", "del", &self.pod_cidr_v6(to)]);
     }
+}
+
+/// Drops the neighbour entries of an address pair in `netns`.
+fn forget_neighbour(netns: Option<&str>, v4: &str, v6: &str) -> Result<()> {
+    ip(netns, &["neigh", "flush", "to", v4])?;
+    ip(netns, &["-6", "neigh", "flush", "to", v6])
 }
 
 /// The node's end of pod `pod`'s link.
