@@ -24,6 +24,8 @@ pub struct Ended {
     pub packets: u64,
     /// Packets it says it lost.
     pub dropped: u64,
+    /// What a live reader of the agent's capture got, as it wrote it.
+    pub streamed: Option<PathBuf>,
     /// CPU seconds since `cpu_start`.
     pub cpu: f64,
     pub memory: procstat::Memory,
@@ -101,6 +103,7 @@ impl Tcpdump {
             file,
             packets: counts.captured,
             dropped: counts.dropped,
+            streamed: None,
             cpu,
             memory,
         })
@@ -115,6 +118,9 @@ pub struct AgentSettings {
     /// `--filters-in-user-space`: the filter runs after the ring, as
     /// before the kernel ran it.
     pub filters_in_user_space: bool,
+    /// A reader of the capture's live packets (REST, pcapng) for as long
+    /// as it runs, as `kubectl pcap stream` would be.
+    pub live_reader: bool,
 }
 
 /// A capture to ask the agent for.
@@ -136,6 +142,16 @@ pub struct Agent {
     ns_name: String,
     cpu_start: f64,
     id: String,
+    /// Where a live reader writes, when the settings ask for one.
+    stream_file: Option<PathBuf>,
+    reader: Option<LiveReader>,
+}
+
+/// `curl` reading `GET /api/v1/captures/{id}/packets` into a file.
+struct LiveReader {
+    curl: std::process::Child,
+    _headers: std::io::BufReader<std::process::ChildStdout>,
+    file: PathBuf,
 }
 
 impl Agent {
@@ -184,6 +200,8 @@ impl Agent {
             ns_name: ns.name().to_owned(),
             cpu_start: 0.0,
             id: "bench".into(),
+            stream_file: settings.live_reader.then(|| dir.join("live.pcapng")),
+            reader: None,
         })
     }
 
@@ -213,8 +231,8 @@ impl Agent {
         serde_json::from_str(&text).with_context(|| format!("{method} {path}: {text}"))
     }
 
-    /// `POST /api/v1/captures`.
-    pub fn start_capture(&self, c: &AgentCapture) -> anyhow::Result<()> {
+    /// `POST /api/v1/captures`, and the live reader once the capture runs.
+    pub fn start_capture(&mut self, c: &AgentCapture) -> anyhow::Result<()> {
         let body = serde_json::json!({
             "id": self.id,
             "targetIPs": [c.target_ip],
@@ -229,7 +247,46 @@ impl Agent {
         if status["status"] != "running" {
             bail!("the capture did not start: {status}");
         }
+        if let Some(file) = &self.stream_file {
+            self.reader = Some(self.read_live(file)?);
+        }
         Ok(())
+    }
+
+    /// Starts reading the capture's live packets into `file`; returns once
+    /// the agent has answered, and so has taken the reader in: every packet
+    /// from then on is the reader's.
+    fn read_live(&self, file: &Path) -> anyhow::Result<LiveReader> {
+        use std::io::BufRead as _;
+        let url = format!("{}/api/v1/captures/{}/packets", self.process.url(), self.id);
+        let mut curl = packet_capture_test_support::netns::command_in(&self.ns_name, "curl")
+            .args(["-sS", "--fail", "--no-buffer", "--dump-header", "-", "-o"])
+            .arg(file)
+            .arg(&url)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting curl for the live packets")?;
+        // The headers come once the agent has taken the reader in; curl's
+        // output stays open until it exits, so that it can write them all.
+        let mut headers = std::io::BufReader::new(curl.stdout.take().context("curl's output")?);
+        let mut status = String::new();
+        headers
+            .read_line(&mut status)
+            .context("reading the live packets' status line")?;
+        if !status.contains(" 200") {
+            let _ = curl.kill();
+            let _ = curl.wait();
+            bail!("GET {url}: {}", status.trim_end());
+        }
+        let mut line = String::new();
+        while headers.read_line(&mut line)? > 0 && !line.trim().is_empty() {
+            line.clear();
+        }
+        Ok(LiveReader {
+            curl,
+            _headers: headers,
+            file: file.to_owned(),
+        })
     }
 
     /// Marks the start of the measured window.
@@ -240,11 +297,22 @@ impl Agent {
 
     /// `DELETE /api/v1/captures/{id}` (it returns once the file is whole),
     /// then the agent's numbers, then SIGTERM.
-    pub fn finish(self) -> anyhow::Result<Ended> {
+    pub fn finish(mut self) -> anyhow::Result<Ended> {
         let status = self.call("DELETE", &format!("/api/v1/captures/{}", self.id), None)?;
         if status["status"] != "stopped" {
             bail!("the capture did not stop cleanly: {status}");
         }
+        // The stream ends with the capture.
+        let streamed = match self.reader.take() {
+            Some(mut reader) => {
+                let exit = reader.curl.wait()?;
+                if !exit.success() {
+                    bail!("the live reader exited with {exit}");
+                }
+                Some(reader.file)
+            }
+            None => None,
+        };
         let cpu = self.cpu()?;
         let memory = procstat::Memory::of(self.pid())?;
         let number = |k: &str| {
@@ -256,6 +324,7 @@ impl Agent {
             file: PathBuf::from(status["output_file"].as_str().context("no output_file")?),
             packets: number("packets")?,
             dropped: number("dropped")?,
+            streamed,
             cpu,
             memory,
         };

@@ -329,8 +329,9 @@ impl Capturer {
                 binary: bench.binary.to_path_buf(),
                 ring_mb: RING_MB,
                 filters_in_user_space,
+                live_reader: false,
             };
-            let agent = Agent::start(&bench.topo.receiver, &settings, &dir.join("agent"))?;
+            let mut agent = Agent::start(&bench.topo.receiver, &settings, &dir.join("agent"))?;
             if let Some(c) = &capture {
                 agent.start_capture(c)?;
             }

@@ -101,6 +101,11 @@ pub struct Args {
     /// Skip the TCP bulk run and the compression timing.
     #[arg(long)]
     udp_only: bool,
+    /// Read each agent capture's live packets (its REST stream, pcapng)
+    /// while it runs, as `kubectl pcap stream` would, and count what the
+    /// reader got.
+    #[arg(long, conflicts_with = "from_json")]
+    live_reader: bool,
     /// Run nothing: write the report (`--out`) again from the results a run
     /// saved (the `.json` beside its report).
     #[arg(long, requires = "out", conflicts_with_all = ["quick", "agent"])]
@@ -207,6 +212,7 @@ impl Config {
                 binary: agent,
                 ring_mb: 2,
                 filters_in_user_space: false,
+                live_reader: false,
             },
             tcpdump_buffer_kib: 2048,
             tcp: Some(tcp::TcpConfig::default()),
@@ -261,6 +267,9 @@ pub struct Measured {
     #[serde(default)]
     pub maps_in_rss: u64,
     pub file_bytes: u64,
+    /// Distinct sequence numbers a live reader got (`--live-reader`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streamed: Option<u64>,
     /// `tshark -r` read the file without complaint.
     pub valid: bool,
     /// What tshark said when it did not.
@@ -365,6 +374,7 @@ fn run_cli(args: Args) -> anyhow::Result<()> {
     if let Some(modes) = args.modes {
         config.modes = modes;
     }
+    config.agent.live_reader = args.live_reader;
     if args.udp_only {
         config.tcp = None;
         config.compression = false;
@@ -525,8 +535,12 @@ pub fn run(config: &Config, command: &str) -> anyhow::Result<Report> {
 fn log_run(run: &Run) {
     let describe = |name: &str, m: &Option<Measured>| {
         m.as_ref().map(|m| {
+            let streamed = m
+                .streamed
+                .map(|s| format!(" streamed {s}"))
+                .unwrap_or_default();
             format!(
-                " {name}: captured {} real drops {} reported {} cpu {:.2}s",
+                " {name}: captured {} real drops {} reported {} cpu {:.2}s{streamed}",
                 m.captured, m.real_drops, m.reported_drops, m.cpu
             )
         })
@@ -557,7 +571,7 @@ fn run_one(
         .join(format!("{size}-{rate}-{mode:?}-{repetition}"));
     std::fs::create_dir_all(&dir)?;
     let mut agent = if mode.agent() {
-        let a = Agent::start(&topo.receiver, &config.agent, &dir.join("agent"))?;
+        let mut a = Agent::start(&topo.receiver, &config.agent, &dir.join("agent"))?;
         a.start_capture(&AgentCapture {
             target_ip: SENDER_IP.to_string(),
             port: Some(UDP_PORT),
@@ -650,6 +664,10 @@ fn measure(end: &Ended, offered: u64, numbers: u64) -> anyhow::Result<Measured> 
     let seq = pcapfile::sequences(&end.file, UDP_PORT, numbers)?;
     let (valid, problem) = tshark_verdict(tshark)?;
     let file_bytes = std::fs::metadata(&end.file)?.len();
+    let streamed = match &end.streamed {
+        Some(file) => Some(pcapfile::sequences(file, UDP_PORT, numbers)?.unique),
+        None => None,
+    };
     Ok(Measured {
         captured: seq.unique,
         records: seq.records,
@@ -662,6 +680,7 @@ fn measure(end: &Ended, offered: u64, numbers: u64) -> anyhow::Result<Measured> 
         map_memory: end.memory.map_memory,
         maps_in_rss: end.memory.maps_in_rss,
         file_bytes,
+        streamed,
         valid,
         problem,
     })

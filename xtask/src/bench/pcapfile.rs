@@ -8,15 +8,37 @@ use std::path::Path;
 use anyhow::Context as _;
 
 /// Calls `each(orig_len, data)` for every record of a pcap file (micro- or
-/// nanosecond, either byte order), streamed with pcap-file; returns the
-/// file's snaplen.
+/// nanosecond, either byte order) or of a pcapng file (a live reader's),
+/// streamed with pcap-file; returns the file's snaplen (pcapng: its first
+/// interface's).
 pub fn for_each(path: &Path, mut each: impl FnMut(u32, &[u8])) -> anyhow::Result<u32> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    use std::io::{Read as _, Seek as _};
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut magic = [0u8; 4];
+    let pcapng = file.read_exact(&mut magic).is_ok() && magic == [0x0a, 0x0d, 0x0d, 0x0a];
+    file.rewind()?;
+    let reading = || format!("reading {}", path.display());
+    if pcapng {
+        use pcap_file::pcapng::Block;
+        let mut reader = pcap_file::pcapng::PcapNgReader::with_capacity(file, 1 << 20)
+            .with_context(|| format!("{}: not a pcapng file", path.display()))?;
+        let mut snaplen = None;
+        while let Some(block) = reader.next_block() {
+            match block.with_context(reading)?.0 {
+                Block::InterfaceDescription(idb) => {
+                    snaplen.get_or_insert(idb.snaplen);
+                }
+                Block::EnhancedPacket(epb) => each(epb.original_len, &epb.data),
+                _ => {}
+            }
+        }
+        return Ok(snaplen.unwrap_or(0));
+    }
     let mut reader = pcap_file::pcap::PcapReader::with_capacity(file, 1 << 20)
         .with_context(|| format!("{}: not a pcap file", path.display()))?;
     let snaplen = reader.header().snaplen;
     while let Some(packet) = reader.next_packet() {
-        let packet = packet.with_context(|| format!("reading {}", path.display()))?;
+        let packet = packet.with_context(reading)?;
         each(packet.orig_len(), packet.data());
     }
     Ok(snaplen)

@@ -213,6 +213,7 @@ pub fn markdown(report: &Report, plots: &[String]) -> String {
     }
     tax_table(&mut o, report);
     memory_table(&mut o, report);
+    live_reader_table(&mut o, report);
     validity(&mut o, report);
     tcp_section(&mut o, report);
     compression_section(&mut o, report);
@@ -401,6 +402,57 @@ fn memory_table(o: &mut String, report: &Report) {
                 mib(m.total),
                 end_rss(report, tool).map_or("–".into(), mib)
             );
+        }
+    }
+    let _ = writeln!(o);
+}
+
+/// What a live reader of each agent capture got (`--live-reader`), against
+/// what the capture's file holds; nothing when no run had one.
+fn live_reader_table(o: &mut String, report: &Report) {
+    if !report
+        .runs
+        .iter()
+        .any(|r| r.agent.as_ref().is_some_and(|a| a.streamed.is_some()))
+    {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "## Live reader\n\nEvery agent capture had a reader of its live packets \
+         (`GET /api/v1/captures/{{id}}/packets` with curl into a file, as `kubectl pcap \
+         stream` reads them): the distinct frames in the capture's file and in what the \
+         reader got, and what the reader lost of the file's (medians).\n"
+    );
+    let _ = writeln!(
+        o,
+        "| frames | rate | mode | in the file | streamed | lost by the reader |\n\
+         |---:|---:|---|---:|---:|---:|"
+    );
+    for size in sizes(report) {
+        for rate in rates(report) {
+            for mode in [Mode::Agent, Mode::Both] {
+                let runs = cell(report, size, rate, mode);
+                let m = |f: &dyn Fn(&Measured) -> Option<f64>| {
+                    med(&runs, |r| r.agent.as_ref().and_then(f))
+                };
+                let (Some(file), Some(streamed), Some(lost)) = (
+                    m(&|a| Some(a.captured as f64)),
+                    m(&|a| a.streamed.map(|s| s as f64)),
+                    m(&|a| a.streamed.map(|s| a.captured as f64 - s as f64)),
+                ) else {
+                    continue;
+                };
+                let _ = writeln!(
+                    o,
+                    "| {size} B | {rate} | {} | {} | {} | {} ({:.2}%) |",
+                    mode.label(),
+                    thousands(file),
+                    thousands(streamed),
+                    thousands(lost),
+                    100.0 * lost / file.max(1.0)
+                );
+            }
         }
     }
     let _ = writeln!(o);
@@ -700,8 +752,10 @@ only the medians) and the plots. Run it as root on an otherwise idle
 machine: `cargo xtask bench --out docs/benchmarks.md` (about 40 minutes);
 `--quick` runs one paced rate and "max" for 1 s per run; `--seconds`,
 `--repetitions`, `--rates 300k,max`, `--sizes 1442`, `--modes none,agent` and
-`--udp-only` (no TCP run, no compression timing) pick a part; `--agent`
-takes a prebuilt binary (by default it runs `cargo build --release -p
+`--udp-only` (no TCP run, no compression timing) pick a part;
+`--live-reader` gives every agent capture a reader of its live packets
+(curl on its REST stream, into a file) and adds a table of what the reader
+got; `--agent` takes a prebuilt binary (by default it runs `cargo build --release -p
 packet-capture-agent`); `--from-json docs/benchmarks.json` writes the report
 again from saved results without running anything.
 
@@ -962,6 +1016,7 @@ mod tests {
             map_memory: 0,
             maps_in_rss: 0,
             file_bytes: 1 << 30,
+            streamed: None,
             valid: true,
             problem: None,
         }

@@ -86,7 +86,7 @@ pub fn run(tcp: &TcpConfig, config: &Config, topo: &Topology) -> anyhow::Result<
     }
     // The server's later output is not needed; keep its pipe drained.
     std::thread::spawn(move || lines.for_each(drop));
-    let agent = Agent::start(
+    let mut agent = Agent::start(
         &topo.receiver,
         &AgentSettings {
             ring_mb: tcp.buffer_mb,
