@@ -116,9 +116,8 @@ pub struct CaptureStatus {
 
 /// A reader's view of a running capture ([`Engine::stream`]).
 pub struct LiveStream {
-    /// Ends when the capture does; a reader that falls behind by
-    /// [`sink::TAP_PACKETS`] or [`sink::TAP_BYTES`] is told how many it
-    /// lost.
+    /// Ends when the capture does; a reader that falls behind by more
+    /// than [`sink::TAP_BYTES`] is told how many it lost.
     pub packets: Reader,
     pub origin: Origin,
     pub snaplen: u32,

@@ -4,11 +4,11 @@
 //! packet that matched the capture's targets, without allocating.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::broadcast;
+use tokio::sync::Notify;
 
 use super::copies::Copies;
 use super::stdout::Lines;
@@ -69,27 +69,31 @@ pub struct Tapped {
     pub meta: Meta,
     pub interface: Arc<str>,
     pub data: Box<[u8]>,
-    /// Counts `data` against its tap's [`TAP_BYTES`] while it lives.
+    /// Counts it against its tap's [`TAP_BYTES`] while it lives.
     _held: HeldBytes,
 }
 
-/// Packets held for live readers of one capture: a reader this far behind
-/// loses the oldest, and is told how many.
-pub const TAP_PACKETS: usize = 1024;
-/// Bytes of packets held for the live readers of one capture (64-KiB
-/// segmentation-offload frames would make [`TAP_PACKETS`] of them 64 MiB):
-/// past it the next packets are withheld from every reader, and each is
-/// told how many.
+/// Bytes of packets held for the live readers of one capture, each counted
+/// with [`PACKET_OVERHEAD`]: the latest packets, which a reader this far
+/// behind loses the oldest of, and what readers have taken but not yet
+/// sent. Past it the next packets are withheld from every reader, and
+/// each is told how many.
 pub const TAP_BYTES: usize = 16 << 20;
+/// What a held packet costs beside its bytes: the [`Tapped`], its `Arc`,
+/// its place in the queue and the allocator's headers. Counted so that
+/// small frames cannot hold many times [`TAP_BYTES`].
+const PACKET_OVERHEAD: usize = 160;
 /// Live readers of one capture at once. Each may hold its own encoded copy
 /// of up to a batch in its connection's buffers, so their number, not the
 /// tap, bounds what a reader that stops reading costs the agent's memory.
 pub const TAP_READERS: usize = 8;
-/// How long a capture keeps its latest packets (at most [`TAP_PACKETS`],
-/// within [`TAP_BYTES`]) once its last live reader has gone, for a reader
-/// whose stream broke off to come back for what it missed: longer than
-/// `kubectl pcap stream` tries to open its stream again (63.5 s).
+/// How long a capture keeps its latest packets (within [`TAP_BYTES`])
+/// once its last live reader has gone, for a reader whose stream broke off
+/// to come back for what it missed: longer than `kubectl pcap stream`
+/// tries to open its stream again (63.5 s).
 pub const REPLAY_FOR: Duration = Duration::from_secs(90);
+/// Packets a reader takes from the queue at a time.
+const READ_CHUNK: usize = 256;
 
 /// Why a capture has no new reader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,65 +109,80 @@ struct Shared {
     readers: AtomicUsize,
     /// The number of the last packet recorded.
     recorded: AtomicU64,
-    /// The latest packets, oldest first, kept while someone reads and for
-    /// [`REPLAY_FOR`] after. Locked while a packet is kept and sent, and
-    /// while a reader subscribes, so that a reader coming back gets each
-    /// packet once: from here or from the channel.
-    recent: Mutex<VecDeque<Arc<Tapped>>>,
+    queue: Mutex<Queue>,
+    /// Set by a reader about to wait for packets; the sink wakes the
+    /// readers only then, not for every packet.
+    waiting: AtomicBool,
+    arrived: Notify,
     /// Until when (milliseconds from `since`) the packets are kept with no
     /// reader.
     keep_until: AtomicU64,
     since: Instant,
 }
 
+/// The packets every live reader reads from, each at its own place: while
+/// someone reads and for [`REPLAY_FOR`] after, the latest within
+/// [`TAP_BYTES`], oldest first, numbers rising.
+#[derive(Default)]
+struct Queue {
+    packets: VecDeque<Arc<Tapped>>,
+    /// The sink has ended: no more packets, and no new reader.
+    ended: bool,
+}
+
 impl Shared {
     fn now(&self) -> u64 {
         self.since.elapsed().as_millis() as u64
     }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        lock(&self.queue)
+    }
 }
 
-/// The sink's end of its live readers' channel: sending never waits, a
-/// slow reader loses. Whether anyone reads is an atomic the sink reads for
-/// every packet, rather than the channel's count, which takes its lock.
+/// The sink's end of its live readers' queue: it never waits for a
+/// reader, a slow reader loses. Whether anyone reads is an atomic the sink
+/// reads for every packet, rather than anything behind the queue's lock.
 pub struct Tap {
-    sender: broadcast::Sender<Arc<Tapped>>,
     shared: Arc<Shared>,
-    /// Bytes of the packets some reader has yet to take or drop, or that
-    /// are kept in `recent`.
+    /// Bytes (with [`PACKET_OVERHEAD`]) of the packets queued or taken by
+    /// a reader and not yet sent.
     held: Arc<AtomicUsize>,
     /// The number of the last packet recorded.
     recorded: u64,
-    /// Whether `recent` may hold packets.
+    /// Whether the queue may hold packets.
     keeping: bool,
+    /// The name of the interface of the last packet queued, shared by the
+    /// packets that follow on it.
+    interface: Option<Arc<str>>,
 }
 
 /// Subscribes readers to a capture's [`Tap`] while its sink lives.
 #[derive(Clone)]
 pub struct TapHandle {
-    sender: broadcast::WeakSender<Arc<Tapped>>,
     shared: Arc<Shared>,
 }
 
 impl Tap {
     pub fn new() -> (Self, TapHandle) {
-        let (sender, _) = broadcast::channel(TAP_PACKETS);
         let shared = Arc::new(Shared {
             readers: AtomicUsize::new(0),
             recorded: AtomicU64::new(0),
-            recent: Mutex::default(),
+            queue: Mutex::default(),
+            waiting: AtomicBool::new(false),
+            arrived: Notify::new(),
             keep_until: AtomicU64::new(0),
             since: Instant::now(),
         });
         let handle = TapHandle {
-            sender: sender.downgrade(),
             shared: shared.clone(),
         };
         let tap = Self {
-            sender,
             shared,
             held: Arc::default(),
             recorded: 0,
             keeping: false,
+            interface: None,
         };
         (tap, handle)
     }
@@ -194,47 +213,65 @@ impl Tap {
         }
         // No one came back in time.
         self.keeping = false;
-        lock(&self.shared.recent).clear();
+        self.shared.queue().packets.clear();
         false
     }
 
-    /// Hands the packet just recorded to the readers and keeps it, unless the readers hold
-    /// [`TAP_BYTES`]: the packets kept for readers who come back make room
-    /// first.
-    fn offer(&self, meta: &Meta, interface: &str, data: &[u8]) {
-        let bytes = data.len();
-        let mut recent = lock(&self.shared.recent);
-        while recent.len() >= TAP_PACKETS
-            || (self.held.load(Ordering::Relaxed) + bytes > TAP_BYTES && !recent.is_empty())
+    /// Queues the packet just recorded for the readers, unless what they
+    /// hold besides the queue leaves no room for it within [`TAP_BYTES`]:
+    /// the oldest queued packets make room first.
+    fn offer(&mut self, meta: &Meta, interface: &str, data: &[u8]) {
+        let cost = data.len() + PACKET_OVERHEAD;
+        let interface = match &self.interface {
+            Some(name) if **name == *interface => name.clone(),
+            _ => self.interface.insert(interface.into()).clone(),
+        };
         {
-            recent.pop_front();
+            let mut queue = self.shared.queue();
+            while self.held.load(Ordering::Relaxed) + cost > TAP_BYTES {
+                if queue.packets.pop_front().is_none() {
+                    // Withheld: the readers count it by the numbers that
+                    // follow.
+                    return;
+                }
+            }
+            self.held.fetch_add(cost, Ordering::Relaxed);
+            queue.packets.push_back(Arc::new(Tapped {
+                number: self.recorded,
+                meta: *meta,
+                interface,
+                data: data.into(),
+                _held: HeldBytes {
+                    bytes: cost,
+                    held: self.held.clone(),
+                },
+            }));
         }
-        if self.held.load(Ordering::Relaxed) + bytes > TAP_BYTES {
-            // Withheld: the readers count it by the numbers that follow.
-            return;
+        // A reader that found nothing set it before it looked, under the
+        // queue's lock, so it is seen here after the packet it missed; the
+        // swap (a locked instruction) only when it is.
+        if self.shared.waiting.load(Ordering::Relaxed)
+            && self.shared.waiting.swap(false, Ordering::AcqRel)
+        {
+            self.shared.arrived.notify_waiters();
         }
-        self.held.fetch_add(bytes, Ordering::Relaxed);
-        let packet = Arc::new(Tapped {
-            number: self.recorded,
-            meta: *meta,
-            interface: interface.into(),
-            data: data.into(),
-            _held: HeldBytes {
-                bytes,
-                held: self.held.clone(),
-            },
-        });
-        recent.push_back(packet.clone());
-        // Fails only when no reader is there to take it.
-        let _ = self.sender.send(packet);
     }
 }
 
 impl Drop for Tap {
     fn drop(&mut self) {
-        // The capture has ended: no reader can come back for these, and an
-        // ended capture's handle is kept for its status.
-        lock(&self.shared.recent).clear();
+        // The capture has ended. Its readers take what is queued for them;
+        // once none is left nothing is kept: no reader can come back for
+        // it, and an ended capture's handle is kept for its status.
+        {
+            let mut queue = self.shared.queue();
+            queue.ended = true;
+            if self.shared.readers.load(Ordering::Relaxed) == 0 {
+                queue.packets.clear();
+            }
+        }
+        self.shared.waiting.store(false, Ordering::Relaxed);
+        self.shared.arrived.notify_waiters();
     }
 }
 
@@ -257,34 +294,22 @@ impl TapHandle {
     /// `after` the packet it last got gets first the packets after it that
     /// are still kept ([`REPLAY_FOR`]), and is told how many are not.
     pub fn subscribe(&self, after: Option<u64>) -> Result<Reader, NoReader> {
-        let sender = self.sender.upgrade().ok_or(NoReader::Ended)?;
+        let queue = self.shared.queue();
+        if queue.ended {
+            return Err(NoReader::Ended);
+        }
         self.shared
             .readers
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 (n < TAP_READERS).then_some(n + 1)
             })
             .map_err(|_| NoReader::Full)?;
-        let recent = lock(&self.shared.recent);
-        let packets = sender.subscribe();
         let recorded = self.shared.recorded.load(Ordering::Relaxed);
-        let (replay, next) = match after {
-            Some(after) => {
-                let after = after.min(recorded);
-                let replay = recent
-                    .iter()
-                    .filter(|p| p.number > after)
-                    .cloned()
-                    .collect();
-                (replay, after + 1)
-            }
-            None => (VecDeque::new(), recorded + 1),
-        };
-        drop(recent);
+        drop(queue);
         Ok(Reader {
-            replay,
-            packets,
+            taken: VecDeque::new(),
             shared: self.shared.clone(),
-            next,
+            next: after.unwrap_or(recorded).min(recorded) + 1,
             lost: 0,
         })
     }
@@ -293,9 +318,8 @@ impl TapHandle {
 /// One live reader, counted while it lives; its packets end when the
 /// capture does.
 pub struct Reader {
-    /// Kept packets it came back for, to be read before the channel.
-    replay: VecDeque<Arc<Tapped>>,
-    packets: broadcast::Receiver<Arc<Tapped>>,
+    /// Packets taken from the queue, to be read before it.
+    taken: VecDeque<Arc<Tapped>>,
     shared: Arc<Shared>,
     /// The number of the packet it is to get next.
     next: u64,
@@ -309,51 +333,58 @@ pub struct Reader {
 pub struct Ended;
 
 impl Reader {
-    /// Counts the packets skipped before `p`.
-    fn take(&mut self, p: Arc<Tapped>) -> Arc<Tapped> {
+    /// The next packet taken, its number counted.
+    fn next_taken(&mut self) -> Option<Arc<Tapped>> {
+        let p = self.taken.pop_front()?;
         self.lost += p.number.saturating_sub(self.next);
-        self.next = self.next.max(p.number + 1);
-        p
+        self.next = p.number + 1;
+        Some(p)
     }
 
-    /// Counts the packets after the last one taken that never came.
-    fn ended(&mut self) -> Ended {
-        // The channel's close came after the sink's last store.
+    /// Takes the queued packets from `next` on, up to [`READ_CHUNK`];
+    /// whether there were any. When there were none and the sink has
+    /// ended, counts the packets after the last one taken that never came.
+    fn take(&mut self) -> Result<bool, Ended> {
+        let queue = self.shared.queue();
+        let from = queue.packets.partition_point(|p| p.number < self.next);
+        self.taken
+            .extend(queue.packets.range(from..).take(READ_CHUNK).cloned());
+        if !self.taken.is_empty() {
+            return Ok(true);
+        }
+        if !queue.ended {
+            return Ok(false);
+        }
+        // The sink's last store came before it marked the queue ended.
         let last = self.shared.recorded.load(Ordering::Relaxed);
         self.lost += (last + 1).saturating_sub(self.next);
         self.next = self.next.max(last + 1);
-        Ended
+        Err(Ended)
     }
 
     pub async fn recv(&mut self) -> Result<Arc<Tapped>, Ended> {
-        use broadcast::error::RecvError;
-        if let Some(p) = self.replay.pop_front() {
-            return Ok(self.take(p));
-        }
         loop {
-            match self.packets.recv().await {
-                Ok(p) => return Ok(self.take(p)),
-                // Counted by the numbers of the packets that follow.
-                Err(RecvError::Lagged(_)) => {}
-                Err(RecvError::Closed) => return Err(self.ended()),
+            if let Some(p) = self.next_taken() {
+                return Ok(p);
+            }
+            let shared = self.shared.clone();
+            let arrived = shared.arrived.notified();
+            let mut arrived = std::pin::pin!(arrived);
+            arrived.as_mut().enable();
+            // Before looking: a packet queued after the look finds it set.
+            shared.waiting.store(true, Ordering::Release);
+            if !self.take()? {
+                arrived.await;
             }
         }
     }
 
     /// The next packet if one is there now.
     pub fn try_recv(&mut self) -> Result<Option<Arc<Tapped>>, Ended> {
-        use broadcast::error::TryRecvError;
-        if let Some(p) = self.replay.pop_front() {
-            return Ok(Some(self.take(p)));
+        if self.taken.is_empty() && !self.take()? {
+            return Ok(None);
         }
-        loop {
-            match self.packets.try_recv() {
-                Ok(p) => return Ok(Some(self.take(p))),
-                Err(TryRecvError::Lagged(_)) => {}
-                Err(TryRecvError::Empty) => return Ok(None),
-                Err(TryRecvError::Closed) => return Err(self.ended()),
-            }
-        }
+        Ok(self.next_taken())
     }
 
     /// Packets this reader will not get, found since the last call.
@@ -368,7 +399,12 @@ impl Drop for Reader {
         // long to keep packets for one who comes back.
         let until = self.shared.now() + REPLAY_FOR.as_millis() as u64;
         self.shared.keep_until.store(until, Ordering::Relaxed);
-        self.shared.readers.fetch_sub(1, Ordering::Release);
+        let mut queue = self.shared.queue();
+        let last = self.shared.readers.fetch_sub(1, Ordering::Release) == 1;
+        // The last reader of an ended capture: no one else can come.
+        if last && queue.ended {
+            queue.packets.clear();
+        }
     }
 }
 
@@ -669,36 +705,86 @@ mod tests {
         std::iter::from_fn(|| reader.try_recv().ok().flatten().map(|p| p.number)).collect()
     }
 
-    /// A reader that takes nothing holds at most TAP_BYTES: the packets
-    /// past them are withheld, and counted lost once a later one comes or
-    /// the capture ends; once it has taken what it holds, packets come
-    /// again.
+    /// A reader that falls behind by more than the tap holds loses the
+    /// oldest packets; what readers have taken counts against TAP_BYTES
+    /// too until they let go, and past it packets are withheld. Each loss
+    /// is counted once: by the numbers that follow, or at the capture's
+    /// end.
     #[test]
     fn a_slow_reader_holds_at_most_the_taps_bytes() {
         let (mut tap, handle) = Tap::new();
         let mut reader = handle.subscribe(None).unwrap();
         let frame = vec![0u8; 1 << 20];
-        let fit = TAP_BYTES / frame.len();
+        let fit = (TAP_BYTES / (frame.len() + PACKET_OVERHEAD)) as u64;
         for _ in 0..fit + 5 {
             record(&mut tap, &frame);
         }
-        assert_eq!(numbers(&mut reader).len(), fit);
-        record(&mut tap, &frame);
-        assert_eq!(numbers(&mut reader), [fit as u64 + 6]);
+        let first = reader.try_recv().unwrap().unwrap();
+        assert_eq!(first.number, 6);
         assert_eq!(reader.lost(), 5);
         assert_eq!(reader.lost(), 0, "counted once");
-        // One who comes later is not told of what was withheld before.
+        // It has taken the rest: no room for the next two.
+        record(&mut tap, &frame);
+        record(&mut tap, &frame);
+        drop(first);
+        assert_eq!(numbers(&mut reader), (7..=fit + 5).collect::<Vec<_>>());
+        record(&mut tap, &frame);
+        assert_eq!(numbers(&mut reader), [fit + 8]);
+        assert_eq!(reader.lost(), 2);
+        drop(reader);
+
+        // One who comes later is not told of what was withheld before;
+        // what is withheld at the end is counted at the end.
         let mut later = handle.subscribe(None).unwrap();
-        for _ in 0..fit + 2 {
+        for _ in 0..fit {
             record(&mut tap, &frame);
         }
+        let holding = later.try_recv().unwrap().unwrap();
+        assert_eq!(holding.number, fit + 9);
+        record(&mut tap, &frame);
+        record(&mut tap, &frame);
         drop(tap);
-        assert_eq!(numbers(&mut reader).len(), fit);
-        assert_eq!(reader.try_recv().err(), Some(Ended));
-        assert_eq!(reader.lost(), 2, "withheld at the end");
-        let _ = numbers(&mut later);
+        drop(holding);
+        assert_eq!(numbers(&mut later).len() as u64, fit - 1);
         assert_eq!(later.try_recv().err(), Some(Ended));
-        assert_eq!(later.lost(), 2);
+        assert_eq!(later.lost(), 2, "withheld at the end");
+        assert_eq!(later.try_recv().err(), Some(Ended));
+        assert_eq!(later.lost(), 0);
+    }
+
+    /// Small frames do not fill the tap by their number: a burst of them
+    /// waits for a reader that reads after it.
+    #[test]
+    fn a_burst_of_small_frames_waits_for_its_reader() {
+        let (mut tap, handle) = Tap::new();
+        let mut reader = handle.subscribe(None).unwrap();
+        for _ in 0..20_000 {
+            record(&mut tap, &[1u8; 60]);
+        }
+        assert_eq!(numbers(&mut reader), (1..=20_000).collect::<Vec<_>>());
+        assert_eq!(reader.lost(), 0);
+    }
+
+    /// A reader waiting for packets wakes for the next one, and at the
+    /// capture's end.
+    #[tokio::test]
+    async fn a_waiting_reader_wakes_for_a_packet_and_for_the_end() {
+        let (mut tap, handle) = Tap::new();
+        let mut reader = handle.subscribe(None).unwrap();
+        let (first_tx, first) = tokio::sync::oneshot::channel();
+        let waiting = tokio::spawn(async move {
+            let _ = first_tx.send(reader.recv().await.map(|p| p.number));
+            reader.recv().await.map(|p| p.number)
+        });
+        const WITHIN: Duration = Duration::from_secs(10);
+        // The reader runs until it waits (one thread: it runs now).
+        tokio::task::yield_now().await;
+        record(&mut tap, &[1u8; 60]);
+        let first = tokio::time::timeout(WITHIN, first).await;
+        assert_eq!(first.expect("woken").unwrap(), Ok(1));
+        drop(tap);
+        let second = tokio::time::timeout(WITHIN, waiting).await;
+        assert_eq!(second.expect("woken").unwrap(), Err(Ended));
     }
 
     /// A reader whose stream broke off comes back after the last packet it
@@ -724,37 +810,44 @@ mod tests {
         drop(back);
 
         // Gone past what is kept: told how many it missed.
-        for _ in 0..TAP_PACKETS + 10 {
-            record(&mut tap, &frame);
+        let big = vec![0u8; 1 << 20];
+        let fit = (TAP_BYTES / (big.len() + PACKET_OVERHEAD)) as u64;
+        for _ in 0..fit + 10 {
+            record(&mut tap, &big);
         }
         let mut late = handle.subscribe(Some(6)).unwrap();
         let got = numbers(&mut late);
-        assert_eq!(got.len(), TAP_PACKETS);
-        assert_eq!(got[0], 17);
+        assert_eq!(got, (17..=fit + 16).collect::<Vec<_>>());
         assert_eq!(late.lost(), 10);
         // Asking after a packet not recorded yet: from now on.
         drop(late);
         let mut ahead = handle.subscribe(Some(1_000_000)).unwrap();
         record(&mut tap, &frame);
-        assert_eq!(numbers(&mut ahead), [1041]);
+        assert_eq!(numbers(&mut ahead), [fit + 17]);
         assert_eq!(ahead.lost(), 0);
         drop(ahead);
 
         // No one came back in time: nothing is kept.
         tap.shared.keep_until.store(0, Ordering::Relaxed);
         record(&mut tap, &frame);
-        assert!(lock(&tap.shared.recent).is_empty());
-        let mut too_late = handle.subscribe(Some(1041)).unwrap();
+        assert!(tap.shared.queue().packets.is_empty());
+        let mut too_late = handle.subscribe(Some(fit + 17)).unwrap();
         record(&mut tap, &frame);
-        assert_eq!(numbers(&mut too_late), [1043]);
+        assert_eq!(numbers(&mut too_late), [fit + 19]);
         assert_eq!(too_late.lost(), 1);
 
-        // Nothing is kept once the capture has ended.
+        // A reader takes what was queued for it before the end; nothing is
+        // kept once the last one has gone.
         record(&mut tap, &frame);
-        assert_eq!(lock(&handle.shared.recent).len(), 2);
         drop(tap);
-        assert!(lock(&handle.shared.recent).is_empty());
-        assert_eq!(handle.subscribe(Some(1043)).err(), Some(NoReader::Ended));
+        assert_eq!(handle.shared.queue().packets.len(), 2);
+        assert_eq!(numbers(&mut too_late), [fit + 20]);
+        drop(too_late);
+        assert!(handle.shared.queue().packets.is_empty());
+        assert_eq!(
+            handle.subscribe(Some(fit + 20)).err(),
+            Some(NoReader::Ended)
+        );
     }
 
     #[test]

@@ -43,8 +43,17 @@ fn numbers_in(stream: &[u8]) -> Vec<Option<u64>> {
 /// An agent without authentication on a new node, running an ICMP capture
 /// of the right side for a minute: `id` with `spec`'s fields besides.
 async fn icmp_capture(id: &str, spec: serde_json::Value) -> (Node, AgentProcess, Rest) {
+    icmp_capture_by(&["--insecure-no-auth"], id, spec).await
+}
+
+/// [`icmp_capture`] by an agent started with `args`.
+async fn icmp_capture_by(
+    args: &[&str],
+    id: &str,
+    spec: serde_json::Value,
+) -> (Node, AgentProcess, Rest) {
     let node = Node::new();
-    let agent = node.agent(&["--insecure-no-auth"], &[]);
+    let agent = node.agent(args, &[]);
     let rest = Rest::new(&agent);
     let mut body = json!({"id": id, "targetIPs": [RIGHT_IP], "duration": 60, "filter": "icmp"});
     body.as_object_mut()
@@ -243,7 +252,14 @@ async fn a_slow_reader_loses_packets_from_its_stream_not_from_the_file() {
     if !privileged("a_slow_reader_loses_packets_from_its_stream_not_from_the_file") {
         return;
     }
-    let (node, agent, rest) = icmp_capture("slow-1", json!({"maxPackets": 100000})).await;
+    const FRAMES: u64 = 24_000;
+    // A file that holds the whole flood (36 MB) besides.
+    let (node, agent, rest) = icmp_capture_by(
+        &["--insecure-no-auth", "--max-capture-file-size-mb", "64"],
+        "slow-1",
+        json!({"maxPackets": 100000}),
+    )
+    .await;
     let mut c = grpc(&agent).await;
     let mut batches = c
         .stream_packets(pb::StreamPacketsRequest {
@@ -253,18 +269,20 @@ async fn a_slow_reader_loses_packets_from_its_stream_not_from_the_file() {
         .await
         .unwrap()
         .into_inner();
-    // A reader that reads nothing while 6000 full-size packets (8.6 MB)
-    // pass, at a pace the test agent's 1 MiB ring keeps up with.
+    // A reader that reads nothing while 24,000 full-size frames (36 MB,
+    // past the tap's 16 MiB and what the connection buffers) pass, at a
+    // pace the test agent's 1 MiB ring keeps up with: 2000 pings of 8000
+    // bytes, each way in 6 fragments.
     run(node
         .left
         .command("ping")
-        .args(["-q", "-i", "0.002", "-s", "1400", "-c", "3000", RIGHT_IP]));
+        .args(["-q", "-i", "0.004", "-s", "8000", "-c", "2000", RIGHT_IP]));
     let status = eventually(
         "the flood in the file",
         std::time::Duration::from_secs(30),
         async || {
             let status = json_of(rest.get("/api/v1/captures/slow-1").await).await;
-            (status["packets"].as_u64() == Some(6000)).then_some(status)
+            (status["packets"].as_u64() == Some(FRAMES)).then_some(status)
         },
     )
     .await;
@@ -277,7 +295,7 @@ async fn a_slow_reader_loses_packets_from_its_stream_not_from_the_file() {
         lost += batch.lost;
     }
     assert!(lost > 0, "the reader lost nothing: {received} received");
-    assert_eq!(received + lost, 6000, "received {received}, lost {lost}");
+    assert_eq!(received + lost, FRAMES, "received {received}, lost {lost}");
     let metrics = rest.get("/metrics").await.text().await.unwrap();
     assert!(
         metrics.contains(&format!(
