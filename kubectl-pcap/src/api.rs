@@ -430,6 +430,9 @@ pub struct WholeBlocks {
     /// Node -> the `epb_packetid` of its last packet (its interfaces are
     /// named `NODE/IFACE`).
     after: std::collections::BTreeMap<String, u64>,
+    /// Packets the whole blocks say were lost before them
+    /// (`epb_dropcount`).
+    lost: u64,
 }
 
 impl WholeBlocks {
@@ -453,14 +456,15 @@ impl WholeBlocks {
             }
             let parsed = match self.parser.as_mut() {
                 Some(parser) => parser.next_block(rest).map(|(left, block)| {
-                    if let Block::EnhancedPacket(packet) = &block
-                        && let Some((node, number)) = numbered(parser, packet)
-                    {
-                        // A node's name is allocated once, not per packet.
-                        match self.after.get_mut(node) {
-                            Some(last) => *last = number,
-                            None => {
-                                self.after.insert(node.to_owned(), number);
+                    if let Block::EnhancedPacket(packet) = &block {
+                        self.lost += dropped_before(packet);
+                        if let Some((node, number)) = numbered(parser, packet) {
+                            // A node's name is allocated once, not per packet.
+                            match self.after.get_mut(node) {
+                                Some(last) => *last = number,
+                                None => {
+                                    self.after.insert(node.to_owned(), number);
+                                }
                             }
                         }
                     }
@@ -498,6 +502,25 @@ impl WholeBlocks {
     pub fn forget_numbers(&mut self) {
         self.after.clear();
     }
+
+    /// Packets the blocks written so far say were lost before them: the
+    /// nodes' live readers fell behind, or no longer kept them for a
+    /// stream that came back.
+    pub fn lost(&self) -> u64 {
+        self.lost
+    }
+}
+
+/// A packet's `epb_dropcount`, 0 without one.
+fn dropped_before(packet: &EnhancedPacketBlock<'_>) -> u64 {
+    packet
+        .options
+        .iter()
+        .map(|o| match o {
+            EnhancedPacketOption::DropCount(n) => *n,
+            _ => 0,
+        })
+        .sum()
 }
 
 /// The node and number of a live stream's packet, when it has them.
@@ -749,6 +772,42 @@ mod tests {
             panic!("a 503 was taken for a stream");
         };
         assert!(explain_access(&err, "web").contains("not available"));
+    }
+
+    /// The drop counts of the whole blocks written add up; the block a
+    /// stream broke off inside is neither written nor counted.
+    #[tokio::test]
+    async fn the_packets_lost_before_whole_blocks_are_counted() {
+        use packet_capture_common::pcapng;
+        let mut section = Vec::new();
+        pcapng::section_header(&mut section, "test", "");
+        pcapng::interface_description(&mut section, "n1/eth0", "", 65535);
+        let mut ends = Vec::new();
+        for (number, lost) in [(1, 0), (5, 3), (6, 0), (9, 2)] {
+            pcapng::enhanced_packet(
+                &mut section,
+                &pcapng::Packet {
+                    interface_id: 0,
+                    unix_ns: 0,
+                    inbound: None,
+                    orig_len: 1,
+                    data: &[0],
+                    lost,
+                    number: Some(number),
+                },
+            );
+            ends.push(section.len());
+        }
+        let mut blocks = WholeBlocks::default();
+        let mut out = Vec::new();
+        let broken = futures::io::Cursor::new(section[..ends[3] - 1].to_vec());
+        let copied = copy_chunks(broken, &mut out, Some(&mut blocks)).await;
+        assert!(
+            matches!(copied, Err(CopyError::Read(e)) if e.kind() == io::ErrorKind::UnexpectedEof)
+        );
+        assert_eq!(out, &section[..ends[2]]);
+        assert_eq!(blocks.lost(), 3);
+        assert_eq!(blocks.after, [("n1".to_owned(), 6)].into());
     }
 
     #[tokio::test]

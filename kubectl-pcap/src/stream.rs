@@ -213,16 +213,16 @@ async fn follow<W: AsyncWrite + Unpin>(
     // Gone while no packet came to write: a write would say so only with
     // the next packet, which a quiet capture may never have.
     let mut reader_gone = std::pin::pin!(reader_gone());
-    loop {
+    let followed = loop {
         let opened = Instant::now();
         let copied = tokio::select! {
             copied = api::copy_chunks(live.body, out, Some(&mut blocks)) => copied,
-            () = &mut reader_gone => return Ok(Followed::ReaderQuit),
+            () = &mut reader_gone => break Followed::ReaderQuit,
         };
         let broke = match copied {
             Ok(_) => None,
             Err(CopyError::Write(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
-                return Ok(Followed::ReaderQuit);
+                break Followed::ReaderQuit;
             }
             Err(CopyError::Read(e)) if e.kind() != io::ErrorKind::InvalidData => {
                 Some(e.to_string())
@@ -236,7 +236,7 @@ async fn follow<W: AsyncWrite + Unpin>(
         let resume = live.capture_id.as_deref().map(|id| (id, &blocks));
         let again = match reopen(cluster, name, broke, resume, &mut backoff).await? {
             Some(again) => again,
-            None => return Ok(Followed::Ended),
+            None => break Followed::Ended,
         };
         match (&live.capture_id, &again.capture_id) {
             (Some(before), Some(now)) if before == now => eprintln!(
@@ -252,7 +252,18 @@ async fn follow<W: AsyncWrite + Unpin>(
             }
         }
         live = again;
+    };
+    // Said per packet in the stream, where a reader downstream may not
+    // look: the total, once.
+    if blocks.lost() > 0 {
+        eprintln!(
+            "{name}: {} packets the nodes captured are not in the stream: it fell behind \
+             them, or they were no longer kept when it came back (each packet after a gap \
+             counts it in frame.drop_count)",
+            blocks.lost()
+        );
     }
+    Ok(followed)
 }
 
 /// A stream that lasted this long broke off on its own: the next one gets
