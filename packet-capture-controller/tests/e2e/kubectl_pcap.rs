@@ -443,7 +443,8 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
     let last = arrivals.last().map(|(_, t)| *t).unwrap();
     assert!(
         first <= Duration::from_secs(1) && last <= Duration::from_millis(1800),
-        "packets reached the reader too late after they were sent (count, time): {arrivals:?}"
+        "packets reached the reader too late after they were sent (count, time): {arrivals:?}; \
+         the packets (time, interface) in the order they came: {seen:?}"
     );
     let nodes: Vec<String> = w.nodes.iter().map(|n| n.name().to_owned()).collect();
     for (_, interface) in &seen {
