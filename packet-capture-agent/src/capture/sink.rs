@@ -270,7 +270,6 @@ impl Drop for Tap {
                 queue.packets.clear();
             }
         }
-        self.shared.waiting.store(false, Ordering::Relaxed);
         self.shared.arrived.notify_waiters();
     }
 }
