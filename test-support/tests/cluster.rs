@@ -466,6 +466,101 @@ async fn pod_traffic_to_another_node_crosses_both_nodes() {
     assert!(out.status.success(), "the host cannot reach a pod: {out:?}");
 }
 
+/// A node or a pod that goes leaves the others' way to their bridge's
+/// addresses as it was: the host (on the node network's bridge) and a pod's
+/// gateway (its node's `cni0`). A bridge that took its link address from
+/// its lowest port would take another when that port went, and the others
+/// would go on sending to the departed one while their neighbour entries
+/// stayed reachable.
+#[tokio::test]
+async fn the_host_and_a_pods_gateway_stay_reachable_when_a_node_or_pod_goes() {
+    let Some(cluster) =
+        Cluster::for_test("the_host_and_a_pods_gateway_stay_reachable_when_a_node_or_pod_goes")
+            .await
+    else {
+        return;
+    };
+    let ns = cluster.namespace("leaving").await.unwrap();
+    let stays = cluster.add_node("stays").await.unwrap();
+    let leaves = cluster.add_node("leaves").await.unwrap();
+    let pod = stays.add_pod(ns.name(), "stays").await.unwrap();
+    let other = stays.add_pod(ns.name(), "leaves").await.unwrap();
+    // The ports of those that go get the lowest link address there is.
+    lowest_link_address(None, leaves.netns());
+    lowest_link_address(Some(stays.netns()), other.netns());
+    let gateways: [IpAddr; 2] = [gateway(pod.ip()).into(), gateway_v6(pod.ipv6()).into()];
+    let host: [IpAddr; 2] = [cluster.host_ip().into(), cluster.host_ipv6().into()];
+    let node_pings = |to: IpAddr| {
+        let out = stays
+            .command("ping")
+            .args(["-n", "-c", "1", "-W", "2", &to.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "node {} to {to}: {out:?}",
+            stays.name()
+        );
+    };
+    // Their neighbour entries are fresh.
+    for to in host {
+        node_pings(to);
+    }
+    for to in gateways {
+        pod.ping(to, 1).unwrap();
+    }
+    drop(leaves);
+    drop(other);
+    for to in host {
+        node_pings(to);
+    }
+    for to in gateways {
+        pod.ping(to, 1)
+            .unwrap_or_else(|e| panic!("pod {} to its gateway {to}: {e}", pod.name()));
+    }
+}
+
+/// Gives the far end of `eth0` in `netns` (a port of a bridge in
+/// `bridge_netns`, the host's when `None`) the lowest unicast link address.
+fn lowest_link_address(bridge_netns: Option<&str>, netns: &str) {
+    let ip = |ns: Option<&str>, args: &[&str]| {
+        let mut cmd = Command::new("ip");
+        if let Some(ns) = ns {
+            cmd.args(["-n", ns]);
+        }
+        let out = cmd.args(args).output().unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+        serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null)
+    };
+    let eth0 = ip(Some(netns), &["-j", "link", "show", "dev", "eth0"]);
+    let peer = eth0[0]["link_index"].as_u64().expect("eth0 is a veth");
+    let links = ip(bridge_netns, &["-j", "link", "show"]);
+    let port = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["ifindex"].as_u64() == Some(peer))
+        .and_then(|l| l["ifname"].as_str())
+        .expect("the far end of eth0")
+        .to_owned();
+    ip(
+        bridge_netns,
+        &["link", "set", "dev", &port, "address", "02:00:00:00:00:01"],
+    );
+}
+
+/// A pod's gateway: `.1` of its /24 and `::1` of its /64.
+fn gateway(pod: std::net::Ipv4Addr) -> std::net::Ipv4Addr {
+    let [a, b, c, _] = pod.octets();
+    std::net::Ipv4Addr::new(a, b, c, 1)
+}
+
+fn gateway_v6(pod: std::net::Ipv6Addr) -> std::net::Ipv6Addr {
+    let mut segments = pod.segments();
+    segments[4..].copy_from_slice(&[0, 0, 0, 1]);
+    std::net::Ipv6Addr::from(segments)
+}
+
 /// Polls `ss` until something listens on TCP `port` (a listener offers no
 /// event to another process).
 fn wait_listening(ss: &Command, port: u16) {

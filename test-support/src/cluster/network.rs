@@ -10,6 +10,13 @@
 //! | node `i`'s pod CIDR, bridge `cni0` in the node holds `.1` | `10.(100+s).i.0/24` | `fd70:s:i::/64` |
 //! | pod `k` (2..=254) on node `i`: `eth0` in its namespace | `10.(100+s).i.k` | `fd70:s:i::k` |
 //!
+//! Both kinds of bridge have a link address of their own ([`Plan::bridge_mac`],
+//! [`Plan::cni_mac`]). A Linux bridge given none takes the lowest of its
+//! ports', and takes another when that port goes: the host and every node
+//! (or every pod of a node) would go on sending to the departed one until
+//! their neighbour entries went stale, half a minute and more, cut off from
+//! the bridge's addresses meanwhile.
+//!
 //! Every node routes each other node's pod CIDR to that node's address, so
 //! a packet from a pod on node A to a pod on node B leaves A's `eth0`,
 //! crosses the bridge and enters B's `eth0`, as with a simple CNI. The root
@@ -47,6 +54,17 @@ impl Plan {
 
     pub fn bridge(&self) -> String {
         format!("pcbr{}", self.slot)
+    }
+
+    /// The link address of the node network's bridge: locally administered
+    /// (`02:`), `70:63` for "pc", then the slot.
+    fn bridge_mac(&self) -> String {
+        format!("02:70:63:{:02x}:00:01", self.slot)
+    }
+
+    /// The link address of node `node`'s pod bridge.
+    fn cni_mac(&self, node: u8) -> String {
+        format!("02:70:63:{:02x}:{node:02x}:01", self.slot)
     }
 
     /// The host's address on the node network.
@@ -132,7 +150,11 @@ impl Plan {
     /// The bridge of the node network, with the host's addresses on it.
     pub fn create_bridge(&self) -> Result<()> {
         let br = self.bridge();
-        ip(None, &["link", "add", &br, "type", "bridge"])?;
+        let mac = self.bridge_mac();
+        ip(
+            None,
+            &["link", "add", &br, "address", &mac, "type", "bridge"],
+        )?;
         ip(
             None,
             &[
@@ -182,7 +204,11 @@ impl Plan {
         ip(ns, &["addr", "add", &v4, "dev", "eth0"])?;
         ip(ns, &["addr", "add", &v6, "dev", "eth0", "nodad"])?;
         ip(ns, &["link", "set", "eth0", "up"])?;
-        ip(ns, &["link", "add", "cni0", "type", "bridge"])?;
+        let mac = self.cni_mac(node);
+        ip(
+            ns,
+            &["link", "add", "cni0", "address", &mac, "type", "bridge"],
+        )?;
         let gw4 = format!("{}/24", self.pod_v4(node, 1));
         let gw6 = format!("{}/64", self.pod_v6(node, 1));
         ip(ns, &["addr", "add", &gw4, "dev", "cni0"])?;
@@ -362,6 +388,8 @@ mod tests {
         assert_eq!(p.pod_cidr_v6(12), "fd70:3:c::/64");
         assert_eq!(p.pod_v4(2, 5).to_string(), "10.103.2.5");
         assert_eq!(p.pod_v6(12, 5).to_string(), "fd70:3:c::5");
+        assert_eq!(p.bridge_mac(), "02:70:63:03:00:01");
+        assert_eq!(p.cni_mac(240), "02:70:63:03:f0:01");
         assert!(p.uplink(240).len() <= 15);
         assert!(Plan::new(Plan::SLOTS - 1).uplink(Plan::MAX_NODES).len() <= 15);
     }
