@@ -449,8 +449,8 @@ impl From<CaptureStatus> for pb::Capture {
     }
 }
 
-impl From<super::Batch> for pb::PacketBatch {
-    fn from(batch: super::Batch) -> Self {
+impl From<crate::capture::Batch> for pb::PacketBatch {
+    fn from(batch: crate::capture::Batch) -> Self {
         use crate::writer::Direction;
         Self {
             packets: batch

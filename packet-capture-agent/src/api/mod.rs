@@ -28,7 +28,7 @@ use http::header;
 use tokio::io::AsyncReadExt as _;
 
 use crate::capture::{
-    CaptureStatus, Engine, LiveStream, NoReader, Reader, SetTargetsError, TAP_READERS, Tapped,
+    Batch, CaptureStatus, Engine, LiveStream, NoReader, Reader, SetTargetsError, TAP_READERS,
 };
 use crate::files::{self, FileEntry};
 use auth::{Access, Audience, Permission};
@@ -351,17 +351,10 @@ pub fn requested_part(range: &str, size: u64) -> Result<Option<std::ops::Range<u
 /// Packets a live reader gets at once, at most: one gRPC message or one
 /// write of the REST stream.
 const BATCH_PACKETS: usize = 256;
+const BATCH_BYTES: usize = 256 * 1024;
 /// Retry-After of a live stream refused for its capture's readers: one
 /// leaves when its client goes.
 const STREAM_RETRY_SECONDS: u64 = 5;
-const BATCH_BYTES: usize = 256 * 1024;
-
-/// Packets of a live stream, as they come, and how many the reader lost
-/// before them.
-pub struct Batch {
-    pub packets: Vec<Arc<Tapped>>,
-    pub lost: u64,
-}
 
 impl Api {
     /// The packets the running capture `id` records from now on, or from
@@ -393,43 +386,16 @@ impl Api {
     }
 
     /// A live stream's packets in batches of what has gathered (waiting
-    /// only when nothing has), until the capture ends. Losses are counted
-    /// in the metrics as well as in the batch that follows them.
+    /// only when nothing has; see [`Reader::next_batch`]), until the
+    /// capture ends. Losses are counted in the metrics too.
     pub fn batches(&self, packets: Reader) -> impl Stream<Item = Batch> + Send + 'static {
         let metrics = self.metrics.clone();
-        futures::stream::unfold(Some(packets), move |packets| {
+        futures::stream::unfold(packets, move |mut packets| {
             let metrics = metrics.clone();
             async move {
-                let mut packets = packets?;
-                let mut batch = Batch {
-                    packets: Vec::new(),
-                    lost: 0,
-                };
-                // Wait for the first, then take what is there.
-                let mut ended = match packets.recv().await {
-                    Ok(p) => {
-                        batch.packets.push(p);
-                        false
-                    }
-                    Err(_) => true,
-                };
-                let mut bytes = 0;
-                while !ended && batch.packets.len() < BATCH_PACKETS && bytes < BATCH_BYTES {
-                    match packets.try_recv() {
-                        Ok(Some(p)) => {
-                            bytes += p.data.len();
-                            batch.packets.push(p);
-                        }
-                        Ok(None) => break,
-                        Err(_) => ended = true,
-                    }
-                }
-                batch.lost = packets.lost();
+                let batch = packets.next_batch(BATCH_PACKETS, BATCH_BYTES).await?;
                 metrics.stream_lost(batch.lost);
-                if ended && batch.packets.is_empty() && batch.lost == 0 {
-                    return None;
-                }
-                Some((batch, (!ended).then_some(packets)))
+                Some((batch, packets))
             }
         })
     }

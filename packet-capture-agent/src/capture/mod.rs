@@ -42,8 +42,8 @@ use backend::{Backend, BackendError, Ended, Running, Selection};
 use copies::Copies;
 use links::LinksError;
 use pods::PodInterfaces;
+pub use sink::{Batch, NoReader, Reader, TAP_READERS, Tapped};
 use sink::{Counters, Destination, EndReason, Sink, Tap, TapHandle};
-pub use sink::{NoReader, Reader, TAP_READERS, Tapped};
 
 pub use pcap::OpenError;
 pub use pods::TargetPod;

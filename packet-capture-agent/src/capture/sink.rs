@@ -327,6 +327,13 @@ pub struct Reader {
     lost: u64,
 }
 
+/// Packets of a live stream, as they come, and how many the reader lost
+/// just before the first of them (with no packets: after the last one).
+pub struct Batch {
+    pub packets: Vec<Arc<Tapped>>,
+    pub lost: u64,
+}
+
 /// The capture has ended and its reader has taken every packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ended;
@@ -384,6 +391,46 @@ impl Reader {
             return Ok(None);
         }
         Ok(self.next_taken())
+    }
+
+    /// The next packet if one is there now and follows the last one read,
+    /// none lost between.
+    fn try_recv_following(&mut self) -> Result<Option<Arc<Tapped>>, Ended> {
+        if self.taken.is_empty() && !self.take()? {
+            return Ok(None);
+        }
+        if self.taken.front().is_some_and(|p| p.number != self.next) {
+            return Ok(None);
+        }
+        Ok(self.next_taken())
+    }
+
+    /// Waits for a packet, then takes those that follow it and are there
+    /// now, up to `max_packets` or `max_bytes` of them. A packet after a
+    /// gap opens the next batch, so that a batch's `lost` are the packets
+    /// lost just before its first one; those lost after the last packet
+    /// come in a batch of their own, with no packets. `None` once the
+    /// capture has ended and all of that was told.
+    pub async fn next_batch(&mut self, max_packets: usize, max_bytes: usize) -> Option<Batch> {
+        let first = self.recv().await;
+        let lost = self.lost();
+        let Ok(first) = first else {
+            return (lost > 0).then(|| Batch {
+                packets: Vec::new(),
+                lost,
+            });
+        };
+        let mut bytes = first.data.len();
+        let mut packets = vec![first];
+        while packets.len() < max_packets && bytes < max_bytes {
+            // The end, or a gap: the next batch tells what was lost.
+            let Ok(Some(p)) = self.try_recv_following() else {
+                break;
+            };
+            bytes += p.data.len();
+            packets.push(p);
+        }
+        Some(Batch { packets, lost })
     }
 
     /// Packets this reader will not get, found since the last call.
@@ -749,6 +796,50 @@ mod tests {
         assert_eq!(later.lost(), 2, "withheld at the end");
         assert_eq!(later.try_recv().err(), Some(Ended));
         assert_eq!(later.lost(), 0);
+    }
+
+    /// A batch's losses are those just before its first packet: a packet
+    /// after a gap opens the next batch, and what was lost after the last
+    /// packet comes alone, at the end.
+    #[tokio::test]
+    async fn a_batch_ends_before_a_gap() {
+        let (mut tap, handle) = Tap::new();
+        let mut reader = handle.subscribe(None).unwrap();
+        let numbers = |b: &Batch| b.packets.iter().map(|p| p.number).collect::<Vec<_>>();
+        for _ in 0..3 {
+            record(&mut tap, &[1u8; 60]);
+        }
+        let first = reader.next_batch(2, usize::MAX).await.unwrap();
+        assert_eq!((numbers(&first), first.lost), (vec![1, 2], 0));
+        drop(first);
+        // Packet 3 is the reader's already; those after it go before it
+        // reads again.
+        let big = vec![0u8; 1 << 20];
+        let fit = (TAP_BYTES / (big.len() + PACKET_OVERHEAD)) as u64;
+        for _ in 0..fit + 5 {
+            record(&mut tap, &big);
+        }
+        let second = reader.next_batch(1000, usize::MAX).await.unwrap();
+        assert_eq!((numbers(&second), second.lost), (vec![3], 0));
+        let third = reader.next_batch(1000, usize::MAX).await.unwrap();
+        let got = numbers(&third);
+        assert!(third.lost > 0, "{got:?}");
+        assert_eq!(got[0], 4 + third.lost, "lost just before it");
+        assert_eq!(*got.last().unwrap(), fit + 8);
+        assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "{got:?}");
+        drop((second, third));
+        for _ in 0..fit {
+            record(&mut tap, &big);
+        }
+        let holding = reader.next_batch(1000, usize::MAX).await.unwrap();
+        assert_eq!((holding.packets.len() as u64, holding.lost), (fit, 0));
+        // Withheld while the reader holds the tap's bytes: lost at the end.
+        record(&mut tap, &big);
+        record(&mut tap, &big);
+        drop(tap);
+        let tail = reader.next_batch(1000, usize::MAX).await.unwrap();
+        assert_eq!((numbers(&tail), tail.lost), (vec![], 2));
+        assert!(reader.next_batch(1000, usize::MAX).await.is_none());
     }
 
     /// Small frames do not fill the tap by their number: a burst of them

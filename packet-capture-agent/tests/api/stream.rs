@@ -288,10 +288,23 @@ async fn a_slow_reader_loses_packets_from_its_stream_not_from_the_file() {
     .await;
     assert_eq!(status["dropped"], 0, "{status}");
     rest.delete("/api/v1/captures/slow-1").await;
-    // Now read: fewer packets than were captured, and the rest counted.
-    let (mut received, mut lost) = (0u64, 0u64);
+    // Now read: fewer packets than were captured, and the rest counted,
+    // each loss just before the packet it preceded (or at the end).
+    let (mut received, mut lost, mut last) = (0u64, 0u64, 0u64);
     while let Some(batch) = batches.message().await.unwrap() {
-        received += batch.packets.len() as u64;
+        let numbers: Vec<u64> = batch.packets.iter().map(|p| p.number).collect();
+        let next = numbers.first().copied().unwrap_or(FRAMES + 1);
+        assert_eq!(
+            batch.lost,
+            next - last - 1,
+            "after packet {last}: {numbers:?}"
+        );
+        assert!(
+            numbers.windows(2).all(|w| w[1] == w[0] + 1),
+            "a gap inside a batch: {numbers:?}"
+        );
+        last = numbers.last().copied().unwrap_or(last);
+        received += numbers.len() as u64;
         lost += batch.lost;
     }
     assert!(lost > 0, "the reader lost nothing: {received} received");
