@@ -2,43 +2,106 @@
 //! `packet-capture-ebpf/rust-toolchain.toml` and leaves the object in OUT_DIR,
 //! where `main` embeds it.
 
-use std::{fs, path::Path};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
-use anyhow::{Context as _, anyhow};
+use anyhow::{Context as _, anyhow, bail, ensure};
+
+/// The programs' package, and its binary: the object the agent embeds, under
+/// the same name in OUT_DIR.
+const PROGRAMS: &str = "packet-capture-ebpf";
+const OBJECT: &str = "packet-capture";
 
 fn main() -> anyhow::Result<()> {
     // Read at run time: the compiled build script is shared by every checkout
     // that uses the same target directory, so a path baked in at compile time
     // would build another checkout's programs.
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
-    let ebpf_dir = Path::new(&manifest_dir).join("../packet-capture-ebpf");
+    let ebpf_dir = Path::new(&manifest_dir)
+        .join("../packet-capture-ebpf")
+        .canonicalize()
+        .context("resolving ../packet-capture-ebpf")?;
     let toolchain_file = ebpf_dir.join("rust-toolchain.toml");
-    println!("cargo:rerun-if-changed={}", toolchain_file.display());
+    println!("cargo::rerun-if-changed={}", toolchain_file.display());
+    // The build dependency on the programs' package covers its library; the
+    // binaries are what is embedded.
+    println!("cargo::rerun-if-changed={}", ebpf_dir.display());
     let toolchain = pinned_toolchain(
         &fs::read_to_string(&toolchain_file)
             .with_context(|| format!("reading {}", toolchain_file.display()))?,
     )
     .ok_or_else(|| anyhow!("no channel = \"...\" in {}", toolchain_file.display()))?;
-
-    let root_dir = ebpf_dir
-        .canonicalize()
-        .with_context(|| format!("resolving {}", ebpf_dir.display()))?;
-    let root_dir = root_dir
-        .to_str()
-        .ok_or_else(|| anyhow!("non-UTF-8 path {}", root_dir.display()))?;
-    aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "packet-capture-ebpf",
-            root_dir,
-            ..Default::default()
-        }],
-        aya_build::Toolchain::Custom(&toolchain),
-    )
-    .context(
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR")?);
+    let built = build_programs(&ebpf_dir, &toolchain, &out_dir).context(
         "building the eBPF programs failed; `make setup` installs the pinned toolchain, rust-src and bpf-linker",
     )?;
-    let out_dir = std::env::var("OUT_DIR").context("OUT_DIR")?;
-    strip_dwarf(&Path::new(&out_dir).join("packet-capture"))
+    let object = out_dir.join(OBJECT);
+    fs::copy(&built, &object)
+        .with_context(|| format!("copying {} to {}", built.display(), object.display()))?;
+    strip_dwarf(&object)
+}
+
+/// `cargo build` of the programs for bpfel with the pinned toolchain;
+/// returns the path of the linked object.
+///
+/// Its target directory is one per profile directory of the outer build
+/// (`<target>/[<triple>/]<profile>/ebpf`), not one per OUT_DIR: every build of
+/// the agent with other features, or for clippy, gets a new OUT_DIR, and in
+/// its own target directory each would compile `core` for BPF again. cargo
+/// locks the shared one while it builds.
+fn build_programs(ebpf_dir: &Path, toolchain: &str, out_dir: &Path) -> anyhow::Result<PathBuf> {
+    let endian = std::env::var("CARGO_CFG_TARGET_ENDIAN").context("CARGO_CFG_TARGET_ENDIAN")?;
+    ensure!(
+        endian == "little",
+        "the programs are built for bpfel, the byte order of the agent's targets; \
+         this target is {endian}-endian"
+    );
+    // aya-ebpf's architecture-dependent definitions follow the machine the
+    // agent runs on.
+    let arch = std::env::var("CARGO_CFG_TARGET_ARCH").context("CARGO_CFG_TARGET_ARCH")?;
+    let target_dir = out_dir
+        .ancestors()
+        .nth(3)
+        .with_context(|| {
+            format!(
+                "OUT_DIR {} is not <profile>/build/<pkg>/out",
+                out_dir.display()
+            )
+        })?
+        .join("ebpf");
+    let output = Command::new("rustup")
+        .args(["run", toolchain, "cargo", "build", "--package", PROGRAMS])
+        .args(["--bins", "--release", "--target", "bpfel-unknown-none"])
+        .args(["-Z", "build-std=core", "--message-format=json"])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .current_dir(ebpf_dir)
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!("--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf"),
+        )
+        // The outer build's compiler is not the pinned one.
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .output()
+        .context("running rustup (is it on PATH?)")?;
+    // cargo's progress and the compiler's messages, shown by the outer cargo.
+    for line in String::from_utf8_lossy(&output.stderr).lines() {
+        println!("cargo::warning={line}");
+    }
+    if !output.status.success() {
+        bail!("cargo build of {PROGRAMS} failed ({})", output.status);
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == OBJECT)
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .with_context(|| format!("cargo named no {OBJECT} executable of {PROGRAMS}"))
 }
 
 /// Removes the DWARF sections from the object at `path`, keeping its BTF.

@@ -16,7 +16,7 @@ pub fn build() -> anyhow::Result<()> {
         "--message-format=json",
     ]))?;
     // cargo's build-script-executed message names the agent's OUT_DIR, where
-    // aya-build leaves the object.
+    // the build script leaves the object.
     let out_dir = out
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
