@@ -178,7 +178,7 @@ struct Bench<'a> {
 pub fn run_cli(args: Args) -> anyhow::Result<()> {
     let binary = match &args.agent {
         Some(path) => path.clone(),
-        None => build_agent(true)?,
+        None => build_agent()?,
     };
     let topo = Topology::new()?;
     let flow = topo.flow()?;

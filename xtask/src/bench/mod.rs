@@ -352,7 +352,7 @@ fn run_cli(args: Args) -> anyhow::Result<()> {
     }
     let agent = match args.agent {
         Some(path) => path,
-        None => build_agent(true)?,
+        None => build_agent()?,
     };
     let mut config = if args.quick {
         Config::quick(agent)
@@ -419,24 +419,28 @@ fn write_report(report: &Report, out: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the agent (`release` or the dev profile) and returns its path.
-pub fn build_agent(release: bool) -> anyhow::Result<PathBuf> {
-    let mut cmd = cargo();
-    cmd.args([
+/// Builds the agent (`release`) and returns its path.
+pub fn build_agent() -> anyhow::Result<PathBuf> {
+    agent_executable(cargo().args([
         "build",
+        "--release",
         "-p",
         "packet-capture-agent",
         "--bin",
         "packet-capture-agent",
-    ]);
-    if release {
-        cmd.arg("--release");
-    }
-    cargo_build(&mut cmd)
-        .context("building the agent")?
+    ]))
+    .context("building the agent")
+}
+
+/// The agent's executable among what the cargo command `cmd` built (not
+/// the test harness of its `main.rs`, which has the same target name).
+fn agent_executable(cmd: &mut std::process::Command) -> anyhow::Result<PathBuf> {
+    cargo_build(cmd)?
         .iter()
         .filter(|m| {
-            m["reason"] == "compiler-artifact" && m["target"]["name"] == "packet-capture-agent"
+            m["reason"] == "compiler-artifact"
+                && m["target"]["name"] == "packet-capture-agent"
+                && m["profile"]["test"] == false
         })
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
         .context("cargo did not name the agent's executable")
@@ -791,7 +795,17 @@ mod tests {
         if !packet_capture_test_support::privileged("the_harness_runs_at_a_tiny_scale") {
             return;
         }
-        let agent = build_agent(false).expect("building the agent");
+        // The agent as `cargo test --workspace` builds it: inside `make test`
+        // that is done already, where `cargo build -p packet-capture-agent`
+        // would compile its dependencies again, with other features.
+        let agent = agent_executable(cargo().args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "packet-capture-ebpf",
+            "--no-run",
+        ]))
+        .expect("building the agent");
         let config = Config {
             rates: vec![Rate::Pps(5_000)],
             sizes: vec![200],
