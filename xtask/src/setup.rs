@@ -95,12 +95,18 @@ const BPF_LINKER_VERSION: &str = "0.13";
 pub fn install() -> anyhow::Result<()> {
     foreign_architecture()?;
     apt_packages()?;
-    rust_components()?;
-    rust_targets()?;
-    ebpf_toolchain()?;
-    bpf_linker()?;
     go_toolchain()?;
-    control_plane_binaries()?;
+    // On a fresh machine the control plane's Go build is minutes of compiling
+    // and the Rust toolchains are mostly downloads: they go side by side.
+    let control_plane = std::thread::spawn(control_plane_binaries);
+    let rust = rust_components()
+        .and_then(|()| rust_targets())
+        .and_then(|()| ebpf_toolchain())
+        .and_then(|()| bpf_linker());
+    let control_plane = control_plane
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    rust.and(control_plane)?;
     step("setup complete");
     Ok(())
 }
