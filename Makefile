@@ -28,6 +28,7 @@ TIMEOUT ?= 120s
 # it there with the pinned toolchain.
 EBPF_CLIPPY := cd packet-capture-ebpf && $(CARGO) clippy --release --target bpfel-unknown-none -Z build-std=core -- -D warnings
 CRD := packetcaptureconfigs.networking.packet.io
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
 .DEFAULT_GOAL := help
 
@@ -56,6 +57,12 @@ lint: ## cargo fmt --check, clippy -D warnings (user space and eBPF), CRD and ma
 
 .PHONY: test
 test: setup lint ## Set up, then run every test (as root: the tests use BPF and network namespaces), then cross-build arm64
+	# The images' release build (both platforms, each binary optimised as a
+	# whole on one core: most of a first run's build time) starts at the
+	# lowest CPU priority beside the tests, most of which wait on packets and
+	# the API server; the image tests find it done or wait for the rest.
+	mkdir -p "$(TARGET_DIR)"
+	nice -n 19 $(CARGO) xtask images --binaries-only > "$(TARGET_DIR)/images-binaries.log" 2>&1 &
 	$(CARGO) test --workspace --exclude packet-capture-ebpf --no-fail-fast
 	# --release: the images' arm64 build, which the image tests made already.
 	$(CARGO) xtask cross-check --release

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, ensure};
 
-use crate::util::{cargo, cargo_build, output, step};
+use crate::util::{cargo, cargo_build, output, step, target_dir};
 
 /// The Rust target of the arm64 images.
 pub const TARGET: &str = "aarch64-unknown-linux-gnu";
@@ -86,7 +86,7 @@ fn workspace_packages() -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-/// What a cross build produced.
+/// What a build produced for one target.
 #[derive(Debug, Default)]
 pub struct Built {
     /// Executable name -> path.
@@ -95,11 +95,20 @@ pub struct Built {
     pub ebpf_object: Option<PathBuf>,
 }
 
-/// `cargo build --target aarch64-unknown-linux-gnu` of every binary in the
-/// workspace but the excluded ones.
-pub fn build(release: bool) -> anyhow::Result<Built> {
+/// One `cargo build --target <t>...` of every binary in the workspace but the
+/// excluded ones, for each of `targets` (Rust target triples), returned in
+/// their order. One cargo for all targets, so that the single-threaded
+/// whole-program optimisation of one target's binaries runs beside the
+/// other's on a second core.
+///
+/// In a target directory of its own, `<target>/cross`: cargo locks a target
+/// directory for the whole of a build, and `make test` runs this one, the
+/// images' release build, beside the tests of the other.
+pub fn build(release: bool, targets: &[&str]) -> anyhow::Result<Vec<Built>> {
     let mut cmd = cargo();
-    cmd.args(["build", "--target", TARGET, "--workspace", "--bins"])
+    cmd.env("CARGO_TARGET_DIR", target_dir()?.join("cross"))
+        .args(["build", "--workspace", "--bins"])
+        .args(targets.iter().flat_map(|t| ["--target", t]))
         .args(EXCLUDED.iter().flat_map(|p| ["--exclude", p]))
         .envs(ENV);
     if release {
@@ -107,19 +116,28 @@ pub fn build(release: bool) -> anyhow::Result<Built> {
     }
     let messages = cargo_build(&mut cmd).with_context(|| {
         format!(
-            "cross-compiling for {TARGET}; `cargo xtask setup` installs the target, \
-             gcc-aarch64-linux-gnu and libpcap0.8-dev:arm64"
+            "building for {}; `cargo xtask setup` installs the {TARGET} target, \
+             gcc-aarch64-linux-gnu and libpcap0.8-dev:arm64",
+            targets.join(", ")
         )
     })?;
-    let mut built = Built::default();
+    let mut built: Vec<Built> = targets.iter().map(|_| Built::default()).collect();
+    // With `--target`, everything built for a target lies under
+    // `<target dir>/<triple>/`.
+    let built_for = |path: &str| {
+        targets
+            .iter()
+            .position(|t| Path::new(path).components().any(|c| c.as_os_str() == *t))
+    };
     for message in messages {
         match message["reason"].as_str() {
             Some("compiler-artifact") => {
                 if let (Some(name), Some(exe)) = (
                     message["target"]["name"].as_str(),
                     message["executable"].as_str(),
-                ) {
-                    built.executables.insert(name.to_owned(), exe.into());
+                ) && let Some(i) = built_for(exe)
+                {
+                    built[i].executables.insert(name.to_owned(), exe.into());
                 }
             }
             Some("build-script-executed")
@@ -127,9 +145,11 @@ pub fn build(release: bool) -> anyhow::Result<Built> {
                     .as_str()
                     .is_some_and(|id| id.contains("packet-capture-agent")) =>
             {
-                built.ebpf_object = message["out_dir"]
-                    .as_str()
-                    .map(|dir| Path::new(dir).join("packet-capture"));
+                if let Some(dir) = message["out_dir"].as_str()
+                    && let Some(i) = built_for(dir)
+                {
+                    built[i].ebpf_object = Some(Path::new(dir).join("packet-capture"));
+                }
             }
             _ => {}
         }
@@ -180,7 +200,8 @@ pub fn verify(built: &Built, packages: &[String]) -> anyhow::Result<Vec<String>>
 
 pub fn run(release: bool) -> anyhow::Result<()> {
     let packages = workspace_packages()?;
-    let built = build(release)?;
+    // One `Built` per target asked for.
+    let built = build(release, &[TARGET])?.swap_remove(0);
     for line in verify(&built, &packages)? {
         step(line);
     }

@@ -21,7 +21,7 @@ use packet_capture_test_support::cluster::import_image;
 use packet_capture_test_support::{on_path, tools::cache_dir};
 
 use crate::cross;
-use crate::util::{cargo, cargo_build, output, root, run, step, target_dir};
+use crate::util::{output, root, run, step, target_dir};
 
 /// The images, by the Dockerfile stage that builds each.
 pub const COMPONENTS: [&str; 2] = ["agent", "controller"];
@@ -61,6 +61,10 @@ pub struct Args {
     /// The image tag and the images' org.opencontainers.image.version.
     #[arg(long, env = "TAG", default_value = env!("CARGO_PKG_VERSION"))]
     pub tag: String,
+    /// Only build the release binaries the images take, for each platform,
+    /// into `<target>/images/bin/<arch>/`, and stop.
+    #[arg(long, conflicts_with = "load")]
+    pub binaries_only: bool,
     /// buildah's storage driver; `vfs` where overlay mounts are not allowed
     /// (slower, and it takes several times the disk space).
     #[arg(long, default_value = "overlay")]
@@ -71,6 +75,7 @@ impl Default for Args {
     fn default() -> Self {
         Args {
             load: false,
+            binaries_only: false,
             cluster: crate::cluster::DEFAULT_NAME.into(),
             containerd_address: None,
             platforms: vec!["linux/amd64".into(), "linux/arm64".into()],
@@ -122,6 +127,14 @@ impl Arch {
         match self {
             Arch::Amd64 => "x86_64",
             Arch::Arm64 => "aarch64",
+        }
+    }
+
+    /// The Rust target its binaries are built for.
+    fn rust_target(self) -> &'static str {
+        match self {
+            Arch::Amd64 => "x86_64-unknown-linux-gnu",
+            Arch::Arm64 => cross::TARGET,
         }
     }
 
@@ -180,25 +193,29 @@ impl Buildah {
     }
 }
 
-/// Everything up to the archives; `run` adds the report and `--load`.
-pub fn build(args: &Args) -> anyhow::Result<Vec<Image>> {
+/// The architectures of `--platforms`.
+fn architectures(args: &Args) -> anyhow::Result<Vec<Arch>> {
     let arches = args
         .platforms
         .iter()
         .map(|p| Arch::from_platform(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
     ensure!(!arches.is_empty(), "no platforms");
+    Ok(arches)
+}
+
+/// Everything up to the archives; `run` adds the report and `--load`.
+pub fn build(args: &Args) -> anyhow::Result<Vec<Image>> {
+    let arches = architectures(args)?;
     prerequisites(&arches, args.load)?;
     for &arch in &arches {
         if arch != Arch::host() {
             binfmt(arch)?;
         }
     }
-    let out = target_dir()?.join("images");
+    let out = output_dir()?;
     let bin_dir = out.join("bin");
-    for &arch in &arches {
-        binaries(arch, &bin_dir.join(arch.name()))?;
-    }
+    binaries(&arches, &bin_dir)?;
     let buildah = Buildah::new(&args.storage_driver);
     let names = COMPONENTS.map(|c| format!("{}/packet-capture-{c}:{}", args.registry, args.tag));
     forget(&buildah, &[BASE_IMAGE, &names[0], &names[1]])?;
@@ -290,12 +307,18 @@ fn push(buildah: &Buildah, name: &str, archive: &Path) -> anyhow::Result<()> {
 
 /// The runtime stages' base image as an archive (`build` writes it).
 pub fn base_archive() -> anyhow::Result<PathBuf> {
-    Ok(target_dir()?
-        .join("images")
-        .join(format!("debian-{DEBIAN_RELEASE}-slim.oci.tar")))
+    Ok(output_dir()?.join(format!("debian-{DEBIAN_RELEASE}-slim.oci.tar")))
+}
+
+/// `<target>/images`: the binaries (`bin/<arch>/`) and the archives.
+fn output_dir() -> anyhow::Result<PathBuf> {
+    Ok(target_dir()?.join("images"))
 }
 
 pub fn run_cli(args: Args) -> anyhow::Result<()> {
+    if args.binaries_only {
+        return binaries(&architectures(&args)?, &output_dir()?.join("bin"));
+    }
     let start = Instant::now();
     let images = build(&args)?;
     for image in &images {
@@ -439,49 +462,47 @@ fn binfmt(arch: Arch) -> anyhow::Result<()> {
         .with_context(|| format!("registering qemu-{} with binfmt_misc", arch.qemu()))
 }
 
-/// Release builds of the agent and the controller for `arch`, copied into
-/// `dir` (the Dockerfile's `bin` context takes `<arch>/<binary>`).
-fn binaries(arch: Arch, dir: &Path) -> anyhow::Result<()> {
-    let executables = if arch == Arch::host() {
-        let mut cmd = cargo();
-        cmd.args(["build", "--release"])
-            .args(cross::BINARIES.iter().flat_map(|b| ["-p", b]));
-        let mut found = BTreeMap::new();
-        for message in cargo_build(&mut cmd)? {
-            if let (Some(name), Some(exe)) = (
-                message["target"]["name"].as_str(),
-                message["executable"].as_str(),
-            ) {
-                found.insert(name.to_owned(), PathBuf::from(exe));
+/// Release builds of the agent and the controller for each of `arches`,
+/// copied into `dir/<arch>/` (the Dockerfile's `bin` context). Built like
+/// `cargo xtask cross-check --release` (every binary of the workspace), so
+/// that its arm64 build after this one has nothing left to do.
+fn binaries(arches: &[Arch], dir: &Path) -> anyhow::Result<()> {
+    if let Some(foreign) = arches
+        .iter()
+        .find(|&&a| a != Arch::host() && a != Arch::Arm64)
+    {
+        bail!(
+            "building for {} on this host is not supported",
+            foreign.name()
+        );
+    }
+    let targets: Vec<&str> = arches.iter().map(|a| a.rust_target()).collect();
+    let built = cross::build(true, &targets)?;
+    for (&arch, built) in arches.iter().zip(built) {
+        if arch == Arch::Arm64 {
+            for line in cross::verify(&built, &cross::BINARIES.map(String::from))? {
+                step(line);
             }
         }
-        found
-    } else if arch == Arch::Arm64 {
-        let built = cross::build(true)?;
-        let packages = cross::BINARIES.map(String::from);
-        for line in cross::verify(&built, &packages)? {
-            step(line);
+        let dir = dir.join(arch.name());
+        fs::create_dir_all(&dir)?;
+        for bin in cross::BINARIES {
+            let path = built
+                .executables
+                .get(bin)
+                .with_context(|| format!("cargo built no {bin} for {}", arch.name()))?;
+            let machine = cross::elf_id(path)?.machine;
+            ensure!(
+                machine == arch.elf_machine(),
+                "{} is for ELF machine {machine}, not {}",
+                path.display(),
+                arch.name()
+            );
+            fs::copy(path, dir.join(bin))
+                .with_context(|| format!("copying {} to {}", path.display(), dir.display()))?;
         }
-        built.executables
-    } else {
-        bail!("building for {} on this host is not supported", arch.name());
-    };
-    fs::create_dir_all(dir)?;
-    for bin in cross::BINARIES {
-        let path = executables
-            .get(bin)
-            .with_context(|| format!("cargo built no {bin} for {}", arch.name()))?;
-        let machine = cross::elf_id(path)?.machine;
-        ensure!(
-            machine == arch.elf_machine(),
-            "{} is for ELF machine {machine}, not {}",
-            path.display(),
-            arch.name()
-        );
-        fs::copy(path, dir.join(bin))
-            .with_context(|| format!("copying {} to {}", path.display(), dir.display()))?;
+        step(format!("{} binaries in {}", arch.name(), dir.display()));
     }
-    step(format!("{} binaries in {}", arch.name(), dir.display()));
     Ok(())
 }
 
