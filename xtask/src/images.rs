@@ -463,9 +463,9 @@ fn binfmt(arch: Arch) -> anyhow::Result<()> {
 }
 
 /// Release builds of the agent and the controller for each of `arches`,
-/// copied into `dir/<arch>/` (the Dockerfile's `bin` context). Built like
-/// `cargo xtask cross-check --release` (every binary of the workspace), so
-/// that its arm64 build after this one has nothing left to do.
+/// copied into `dir/<arch>/` (the Dockerfile's `bin` context). The build of
+/// `cargo xtask cross-check --release`, so that its arm64 build after this
+/// one has nothing left to do.
 fn binaries(arches: &[Arch], dir: &Path) -> anyhow::Result<()> {
     if let Some(foreign) = arches
         .iter()
@@ -480,7 +480,7 @@ fn binaries(arches: &[Arch], dir: &Path) -> anyhow::Result<()> {
     let built = cross::build(true, &targets)?;
     for (&arch, built) in arches.iter().zip(built) {
         if arch == Arch::Arm64 {
-            for line in cross::verify(&built, &cross::BINARIES.map(String::from))? {
+            for line in cross::verify(&built)? {
                 step(line);
             }
         }
