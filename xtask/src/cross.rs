@@ -77,14 +77,14 @@ pub fn elf_id(path: &Path) -> anyhow::Result<ElfId> {
 pub struct Built {
     /// Executable name -> path.
     pub executables: BTreeMap<String, PathBuf>,
-    /// The eBPF object the agent embeds, when the agent was built.
+    /// The eBPF object the agent embeds.
     pub ebpf_object: Option<PathBuf>,
 }
 
 /// One `cargo build --target <t>...` of [`BINARIES`] for each of `targets`
-/// (Rust target triples), returned in their order. One cargo for all targets, so that the single-threaded
-/// whole-program optimisation of one target's binaries runs beside the
-/// other's on a second core.
+/// (Rust target triples), returned in their order: one cargo for all
+/// targets, so that the single-threaded links of one target's binaries can
+/// run beside the other's.
 ///
 /// In a target directory of its own, `<target>/cross`: cargo locks a target
 /// directory for the whole of a build, and `make test` runs this one, the
