@@ -38,7 +38,8 @@ pub const ENV: [(&str, &str); 4] = [
     ),
 ];
 
-const EM_AARCH64: u16 = 183;
+pub const EM_X86_64: u16 = 62;
+pub const EM_AARCH64: u16 = 183;
 const EM_BPF: u16 = 247;
 
 /// The parts of an ELF header that say what it runs on.
@@ -142,26 +143,27 @@ pub fn build(release: bool, targets: &[&str]) -> anyhow::Result<Vec<Built>> {
     Ok(built)
 }
 
-/// Checks that each expected binary was built for aarch64 and that the eBPF
-/// object is bpfel; returns what it checked, one line each.
-pub fn verify(built: &Built) -> anyhow::Result<Vec<String>> {
+/// Checks that each of [`BINARIES`] was built as a 64-bit little-endian
+/// executable for ELF machine `machine` (`name`), and that the eBPF object is
+/// bpfel; returns what it checked, one line each.
+pub fn verify(built: &Built, machine: u16, name: &str) -> anyhow::Result<Vec<String>> {
     let mut report = Vec::new();
     for bin in BINARIES {
         let path = built
             .executables
             .get(bin)
-            .with_context(|| format!("cargo built no {bin} executable for {TARGET}"))?;
+            .with_context(|| format!("cargo built no {bin} executable for {name}"))?;
         let id = elf_id(path)?;
         ensure!(
             id == ElfId {
                 bits64: true,
                 little_endian: true,
-                machine: EM_AARCH64
+                machine
             },
-            "{} is {id:?}, not a 64-bit little-endian aarch64 executable",
+            "{} is {id:?}, not a 64-bit little-endian {name} executable",
             path.display()
         );
-        report.push(format!("{bin}: aarch64 ELF at {}", path.display()));
+        report.push(format!("{bin}: {name} ELF at {}", path.display()));
     }
     let object = built
         .ebpf_object
@@ -180,7 +182,7 @@ pub fn verify(built: &Built) -> anyhow::Result<Vec<String>> {
 pub fn run(release: bool) -> anyhow::Result<()> {
     // One `Built` per target asked for.
     let built = build(release, &[TARGET])?.swap_remove(0);
-    for line in verify(&built)? {
+    for line in verify(&built, EM_AARCH64, "aarch64")? {
         step(line);
     }
     step(format!("the arm64 binaries build for {TARGET}"));
@@ -198,7 +200,7 @@ mod tests {
         let id = elf_id(&me).unwrap();
         assert!(id.bits64 && id.little_endian);
         let expected = if cfg!(target_arch = "x86_64") {
-            62
+            EM_X86_64
         } else {
             EM_AARCH64
         };
@@ -215,7 +217,7 @@ mod tests {
 
     #[test]
     fn a_missing_or_foreign_binary_fails_the_check() {
-        let err = verify(&Built::default()).unwrap_err();
+        let err = verify(&Built::default(), EM_AARCH64, "aarch64").unwrap_err();
         assert!(err.to_string().contains("packet-capture-agent"), "{err}");
 
         let mut built = Built::default();
@@ -224,7 +226,7 @@ mod tests {
                 .executables
                 .insert(bin.into(), std::env::current_exe().unwrap());
         }
-        let err = verify(&built).unwrap_err();
+        let err = verify(&built, EM_AARCH64, "aarch64").unwrap_err();
         assert!(
             err.to_string()
                 .contains("not a 64-bit little-endian aarch64"),

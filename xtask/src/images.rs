@@ -141,8 +141,8 @@ impl Arch {
     /// The ELF e_machine of its executables.
     fn elf_machine(self) -> u16 {
         match self {
-            Arch::Amd64 => 62,
-            Arch::Arm64 => 183,
+            Arch::Amd64 => cross::EM_X86_64,
+            Arch::Arm64 => cross::EM_AARCH64,
         }
     }
 }
@@ -213,9 +213,7 @@ pub fn build(args: &Args) -> anyhow::Result<Vec<Image>> {
             binfmt(arch)?;
         }
     }
-    let out = output_dir()?;
-    let bin_dir = out.join("bin");
-    binaries(&arches, &bin_dir)?;
+    let bin_dir = binaries(&arches)?;
     let buildah = Buildah::new(&args.storage_driver);
     let names = COMPONENTS.map(|c| format!("{}/packet-capture-{c}:{}", args.registry, args.tag));
     forget(&buildah, &[BASE_IMAGE, &names[0], &names[1]])?;
@@ -264,6 +262,7 @@ pub fn build(args: &Args) -> anyhow::Result<Vec<Image>> {
             ["--tag", &runtime(arch)],
         ))?;
     }
+    let out = output_dir()?;
     let mut images = Vec::new();
     for (component, name) in COMPONENTS.into_iter().zip(names) {
         step(format!("building {name} for {platforms}"));
@@ -317,7 +316,7 @@ fn output_dir() -> anyhow::Result<PathBuf> {
 
 pub fn run_cli(args: Args) -> anyhow::Result<()> {
     if args.binaries_only {
-        return binaries(&architectures(&args)?, &output_dir()?.join("bin"));
+        return binaries(&architectures(&args)?).map(drop);
     }
     let start = Instant::now();
     let images = build(&args)?;
@@ -463,10 +462,11 @@ fn binfmt(arch: Arch) -> anyhow::Result<()> {
 }
 
 /// Release builds of the agent and the controller for each of `arches`,
-/// copied into `dir/<arch>/` (the Dockerfile's `bin` context). The build of
-/// `cargo xtask cross-check --release`, so that its arm64 build after this
-/// one has nothing left to do.
-fn binaries(arches: &[Arch], dir: &Path) -> anyhow::Result<()> {
+/// copied into `<target>/images/bin/<arch>/`; returns that `bin` directory
+/// (the Dockerfile's `bin` context). The build of `cargo xtask cross-check
+/// --release`, so that its arm64 build after this one has nothing left to
+/// do.
+fn binaries(arches: &[Arch]) -> anyhow::Result<PathBuf> {
     if let Some(foreign) = arches
         .iter()
         .find(|&&a| a != Arch::host() && a != Arch::Arm64)
@@ -478,32 +478,21 @@ fn binaries(arches: &[Arch], dir: &Path) -> anyhow::Result<()> {
     }
     let targets: Vec<&str> = arches.iter().map(|a| a.rust_target()).collect();
     let built = cross::build(true, &targets)?;
+    let bin_dir = output_dir()?.join("bin");
     for (&arch, built) in arches.iter().zip(built) {
-        if arch == Arch::Arm64 {
-            for line in cross::verify(&built)? {
-                step(line);
-            }
+        for line in cross::verify(&built, arch.elf_machine(), arch.qemu())? {
+            step(line);
         }
-        let dir = dir.join(arch.name());
+        let dir = bin_dir.join(arch.name());
         fs::create_dir_all(&dir)?;
         for bin in cross::BINARIES {
-            let path = built
-                .executables
-                .get(bin)
-                .with_context(|| format!("cargo built no {bin} for {}", arch.name()))?;
-            let machine = cross::elf_id(path)?.machine;
-            ensure!(
-                machine == arch.elf_machine(),
-                "{} is for ELF machine {machine}, not {}",
-                path.display(),
-                arch.name()
-            );
+            let path = &built.executables[bin];
             fs::copy(path, dir.join(bin))
                 .with_context(|| format!("copying {} to {}", path.display(), dir.display()))?;
         }
         step(format!("{} binaries in {}", arch.name(), dir.display()));
     }
-    Ok(())
+    Ok(bin_dir)
 }
 
 /// Drops cached images the build must not reuse, or that would pile up.

@@ -385,25 +385,27 @@ impl Reader {
         }
     }
 
+    /// Whether a packet is there now, taking from the queue if need be.
+    fn any_now(&mut self) -> Result<bool, Ended> {
+        Ok(!self.taken.is_empty() || self.take()?)
+    }
+
     /// The next packet if one is there now, whatever was lost before it.
     #[cfg(test)]
     fn try_recv(&mut self) -> Result<Option<Arc<Tapped>>, Ended> {
-        if self.taken.is_empty() && !self.take()? {
-            return Ok(None);
-        }
-        Ok(self.next_taken())
+        Ok(if self.any_now()? {
+            self.next_taken()
+        } else {
+            None
+        })
     }
 
     /// The next packet if one is there now and follows the last one read,
     /// none lost between.
     fn try_recv_following(&mut self) -> Result<Option<Arc<Tapped>>, Ended> {
-        if self.taken.is_empty() && !self.take()? {
-            return Ok(None);
-        }
-        if self.taken.front().is_some_and(|p| p.number != self.next) {
-            return Ok(None);
-        }
-        Ok(self.next_taken())
+        let following =
+            self.any_now()? && self.taken.front().is_some_and(|p| p.number == self.next);
+        Ok(if following { self.next_taken() } else { None })
     }
 
     /// Waits for a packet, then takes those that follow it and are there
