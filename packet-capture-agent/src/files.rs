@@ -8,7 +8,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -322,8 +322,8 @@ impl CaptureDir {
     }
 
     /// Opens a file for download: a valid name of a regular file directly in
-    /// the directory, never through a symbolic link.
-    pub fn open(&self, name: &str) -> Result<(File, u64), FileError> {
+    /// the directory, never through a symbolic link; with its metadata.
+    pub fn open(&self, name: &str) -> Result<(File, fs::Metadata), FileError> {
         if !valid_name(name) {
             return Err(FileError::BadName(name.to_owned()));
         }
@@ -348,7 +348,7 @@ impl CaptureDir {
         if !meta.is_file() {
             return Err(FileError::NotFound(name.to_owned()));
         }
-        Ok((file, meta.size()))
+        Ok((file, meta))
     }
 
     /// Runs [`CaptureDir::maintain`] on a thread of the lowest priority:
@@ -657,6 +657,7 @@ mod tests {
     use packet_capture_common::crd::OutputFormat;
     use std::collections::HashMap;
     use std::io::Read;
+    use std::os::unix::fs::MetadataExt as _;
     use std::os::unix::fs::symlink;
 
     fn dir() -> (tempfile::TempDir, CaptureDir) {
@@ -1009,7 +1010,7 @@ mod tests {
         fs::write(t.path().join("ok.pcap"), b"x").unwrap();
         symlink("/etc/passwd", t.path().join("link.pcap")).unwrap();
         fs::create_dir(t.path().join("sub.pcap")).unwrap();
-        assert_eq!(d.open("ok.pcap").unwrap().1, 1);
+        assert_eq!(d.open("ok.pcap").unwrap().1.len(), 1);
         for (name, want) in [
             ("link.pcap", "no capture file"),
             ("sub.pcap", "no capture file"),

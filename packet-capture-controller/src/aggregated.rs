@@ -360,14 +360,18 @@ fn from_agent(node: &str, status: &Status) -> Failure {
         _ => StatusCode::SERVICE_UNAVAILABLE,
     };
     Failure {
-        content_range: agent_content_range(status.metadata()),
+        content_range: agent_header(status.metadata(), &header::CONTENT_RANGE),
         ..Failure::new(code, format!("node {node}: {}", status.message()))
     }
 }
 
-/// The `content-range` an agent's download answer carries, as a header.
-fn agent_content_range(metadata: &tonic::metadata::MetadataMap) -> Option<header::HeaderValue> {
-    let value = metadata.get("content-range")?.to_str().ok()?;
+/// The value of `name` that an agent's download answer carries in its
+/// metadata, as the header of that name.
+fn agent_header(
+    metadata: &tonic::metadata::MetadataMap,
+    name: &header::HeaderName,
+) -> Option<header::HeaderValue> {
+    let value = metadata.get(name.as_str())?.to_str().ok()?;
     header::HeaderValue::from_str(value).ok()
 }
 
@@ -589,7 +593,12 @@ async fn download(
         )
         .await
         .map_err(|s| from_agent(&node, &s))?;
-    let content_range = agent_content_range(answer.metadata());
+    let content_range = agent_header(answer.metadata(), &header::CONTENT_RANGE);
+    // The file's validators, for an If-Range that goes on with it.
+    let validators: Vec<_> = [header::ETAG, header::LAST_MODIFIED]
+        .into_iter()
+        .filter_map(|name| Some((name.clone(), agent_header(answer.metadata(), &name)?)))
+        .collect();
     let size = answer
         .metadata()
         .get("file-size")
@@ -615,6 +624,7 @@ async fn download(
             .headers_mut()
             .insert(header::CONTENT_LENGTH, header::HeaderValue::from(length));
     }
+    response.headers_mut().extend(validators);
     if let Some(range) = content_range {
         *response.status_mut() = StatusCode::PARTIAL_CONTENT;
         response.headers_mut().insert(header::CONTENT_RANGE, range);

@@ -140,10 +140,8 @@ impl Agent for AgentService {
             if_range,
         } = req.into_inner();
         let range = (!range.is_empty()).then_some(range.as_str());
-        let (chunks, sent) = self
-            .api
-            .download(&caller, &name, range, !if_range.is_empty())
-            .await?;
+        let if_range = (!if_range.is_empty()).then_some(if_range.as_str());
+        let (chunks, sent) = self.api.download(&caller, &name, range, if_range).await?;
         let chunks = chunks.map(move |c| match c {
             Ok(data) => Ok(pb::FileChunk {
                 data: data.to_vec(),
@@ -153,6 +151,11 @@ impl Agent for AgentService {
         let mut response = Response::new(Box::pin(chunks) as Self::DownloadFileStream);
         let metadata = response.metadata_mut();
         metadata.insert("file-size", sent.size.into());
+        for (name, value) in sent.validators() {
+            if let Ok(value) = value.parse() {
+                metadata.insert(name, value);
+            }
+        }
         if let Some(range) = sent.content_range().and_then(|r| r.parse().ok()) {
             metadata.insert("content-range", range);
         }

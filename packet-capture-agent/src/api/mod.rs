@@ -231,16 +231,16 @@ impl Api {
     /// A capture file's bytes in chunks, all of them or the part an HTTP
     /// `Range` value asks for ([`requested_part`]), and what they are, when
     /// `caller` may `get` the files of the file's capture (see
-    /// [`files::capture_of`]). A `Range` beside an `If-Range` (`if_range`)
-    /// is ignored: that names a version of the file this API never gave
-    /// (no ETag, no Last-Modified: a file does not change once listed), so
-    /// the whole file is sent, as RFC 9110 13.1.5 says.
+    /// [`files::capture_of`]). Beside an `If-Range` value (`if_range`), the
+    /// `Range` holds only if that names the file as it is (its ETag or
+    /// Last-Modified date, [`Version`]); else the whole file is sent, as
+    /// RFC 9110 13.1.5 says.
     pub async fn download(
         &self,
         caller: &Caller,
         name: &str,
         range: Option<&str>,
-        if_range: bool,
+        if_range: Option<&str>,
     ) -> Result<(impl Stream<Item = io::Result<Bytes>> + Send + 'static, Sent), ApiError> {
         if !files::valid_name(name) {
             return Err(files::FileError::BadName(name.to_owned()).into());
@@ -257,16 +257,22 @@ impl Api {
             opened.is_ok() || self.engine.knows_name(capture) || self.engine.files().holds(name)
         });
         self.permit(caller, &Permission::files(capture)).await?;
-        let (mut file, size) = match (capture, opened) {
+        let (mut file, meta) = match (capture, opened) {
             (Some(_), Ok(opened)) => opened,
             (None, Ok(_)) => return Err(files::FileError::NotFound(name.to_owned()).into()),
             (_, Err(e)) => return Err(e.into()),
         };
-        let part = match range.filter(|_| !if_range) {
+        let version = Version::of(&meta);
+        let size = meta.len();
+        let part = match range.filter(|_| if_range.is_none_or(|v| version.is_named_by(v))) {
             Some(range) => requested_part(range, size)?,
             None => None,
         };
-        let sent = Sent { size, part };
+        let sent = Sent {
+            size,
+            part,
+            version,
+        };
         let bytes = sent.bytes();
         file.seek(io::SeekFrom::Start(bytes.start))
             .map_err(|e| ApiError::Internal(format!("name: reading {name:?}: {e}")))?;
@@ -282,6 +288,7 @@ pub struct Sent {
     pub size: u64,
     /// The bytes a `Range` asked for; `None`: the whole file.
     pub part: Option<std::ops::Range<u64>>,
+    pub version: Version,
 }
 
 impl Sent {
@@ -295,6 +302,17 @@ impl Sent {
         bytes.end - bytes.start
     }
 
+    /// The file's `etag` and `last-modified` (header names, as gRPC
+    /// metadata keys are, in lower case), those it has.
+    pub fn validators(&self) -> impl Iterator<Item = (&'static str, String)> {
+        [
+            ("etag", Some(self.version.etag.clone())),
+            ("last-modified", self.version.last_modified()),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value?)))
+    }
+
     /// `Content-Range` of a part (RFC 9110 14.4).
     pub fn content_range(&self) -> Option<String> {
         let part = self.part.as_ref()?;
@@ -304,6 +322,60 @@ impl Sent {
             part.end - 1,
             self.size
         ))
+    }
+}
+
+/// The validators of a file as it is now (RFC 9110 8.8), which a download
+/// sends as `ETag` and `Last-Modified`, and an `If-Range` names to go on
+/// with the same file. A capture file does not change once it is there
+/// (it is written under another name, then renamed), so both are strong;
+/// the ETag also changes when a file is replaced by one of the same name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version {
+    pub etag: String,
+    /// None for a time HTTP cannot write (before 1970, after 9999).
+    pub modified: Option<httpdate::HttpDate>,
+}
+
+/// 10000-01-01: HTTP dates have four digits of year.
+const HTTP_DATES_END: u64 = 253_402_300_800;
+
+/// `time` as an HTTP date, if one can say it (1970 to 9999).
+fn http_date(time: std::time::SystemTime) -> Option<httpdate::HttpDate> {
+    let since_epoch = time.duration_since(std::time::UNIX_EPOCH).ok()?;
+    (since_epoch.as_secs() < HTTP_DATES_END).then(|| time.into())
+}
+
+impl Version {
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt as _;
+        Self {
+            etag: format!(
+                "\"{:x}-{:x}-{:x}.{:x}\"",
+                meta.ino(),
+                meta.len(),
+                meta.mtime(),
+                meta.mtime_nsec()
+            ),
+            modified: meta.modified().ok().and_then(http_date),
+        }
+    }
+
+    /// Whether an `If-Range` value names this version: its ETag, compared
+    /// strongly (a weak one never matches), or its Last-Modified date, to
+    /// the second, in any of HTTP's date formats.
+    pub fn is_named_by(&self, if_range: &str) -> bool {
+        let value = if_range.trim();
+        if value.starts_with('"') || value.starts_with("W/") {
+            return value == self.etag;
+        }
+        self.modified
+            .is_some_and(|modified| value.parse::<httpdate::HttpDate>().ok() == Some(modified))
+    }
+
+    /// The `Last-Modified` value.
+    pub fn last_modified(&self) -> Option<String> {
+        self.modified.map(|d| d.to_string())
     }
 }
 
@@ -617,15 +689,92 @@ mod tests {
     }
 
     #[test]
+    fn an_if_range_names_a_version_by_its_etag_or_its_date() {
+        use std::time::{Duration, UNIX_EPOCH};
+        // Thu, 01 Jan 2026 00:00:00 GMT.
+        let midnight = UNIX_EPOCH + Duration::from_secs(1_767_225_600);
+        let version = Version {
+            etag: "\"a-96-1\"".into(),
+            modified: Some(midnight.into()),
+        };
+        assert_eq!(
+            version.last_modified().as_deref(),
+            Some("Thu, 01 Jan 2026 00:00:00 GMT")
+        );
+        for named in [
+            "\"a-96-1\"",
+            " \"a-96-1\" ",
+            "Thu, 01 Jan 2026 00:00:00 GMT",
+            "Thursday, 01-Jan-26 00:00:00 GMT",
+            "Thu Jan  1 00:00:00 2026",
+        ] {
+            assert!(version.is_named_by(named), "{named}");
+        }
+        for other in [
+            "W/\"a-96-1\"",
+            "\"a-96-2\"",
+            "a-96-1",
+            "Thu, 01 Jan 2026 00:00:01 GMT",
+            "2026-01-01T00:00:00Z",
+            "",
+        ] {
+            assert!(!version.is_named_by(other), "{other}");
+        }
+        let undated = Version {
+            modified: None,
+            ..version
+        };
+        assert!(!undated.is_named_by("Thu, 01 Jan 1970 00:00:00 GMT"));
+    }
+
+    /// A time HTTP cannot say is left out, never a panic; the ETag changes
+    /// with the time and the size.
+    #[test]
+    fn a_version_of_any_file() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let version_at = |time| {
+            file.as_file().set_modified(time).unwrap();
+            Version::of(&file.as_file().metadata().unwrap())
+        };
+        let midnight = version_at(UNIX_EPOCH + Duration::from_secs(1_767_225_600));
+        assert!(midnight.modified.is_some());
+        // (Most file systems cannot keep a time past 9999.)
+        assert_eq!(
+            http_date(UNIX_EPOCH + Duration::from_secs(HTTP_DATES_END)),
+            None
+        );
+        let unwritable = [
+            UNIX_EPOCH - Duration::from_secs(86_400),
+            UNIX_EPOCH - Duration::from_secs(1),
+        ]
+        .map(version_at);
+        for version in &unwritable {
+            assert_eq!(version.last_modified(), None);
+            assert_ne!(version.etag, midnight.etag);
+        }
+        assert_ne!(unwritable[0].etag, unwritable[1].etag);
+        let later =
+            version_at(UNIX_EPOCH + Duration::from_secs(1_767_225_600) + Duration::from_nanos(1));
+        assert_ne!(later.etag, midnight.etag);
+        std::fs::write(file.path(), b"x").unwrap();
+        let grown = version_at(UNIX_EPOCH + Duration::from_secs(1_767_225_600));
+        assert_ne!(grown.etag, midnight.etag);
+    }
+
+    #[test]
     fn a_part_says_which_bytes_it_holds() {
+        let version = Version::of(&std::fs::metadata(env!("CARGO_MANIFEST_DIR")).unwrap());
         let whole = Sent {
             size: 100,
             part: None,
+            version: version.clone(),
         };
         assert_eq!((whole.content_length(), whole.content_range()), (100, None));
         let part = Sent {
             size: 100,
             part: Some(10..20),
+            version,
         };
         assert_eq!(
             (part.content_length(), part.content_range().as_deref()),

@@ -247,7 +247,10 @@ async fn download_file(
 ) -> Result<Response, ApiError> {
     let name = param("name", name)?;
     let range = request.get(header::RANGE).and_then(|v| v.to_str().ok());
-    let if_range = request.contains_key(header::IF_RANGE);
+    // A value that is not text names no version of the file.
+    let if_range = request
+        .get(header::IF_RANGE)
+        .map(|v| v.to_str().unwrap_or_default());
     let (chunks, sent) = api
         .download(&caller_of(caller)?, &name, range, if_range)
         .await?;
@@ -268,6 +271,11 @@ async fn download_file(
         HeaderValue::from(sent.content_length()),
     );
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    for (name, value) in sent.validators() {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
     if let Some(range) = content_range {
         headers.insert(header::CONTENT_RANGE, range);
     }

@@ -157,18 +157,54 @@ async fn a_download_resumes_from_where_it_broke_off() {
     assert_eq!(r.headers()["content-range"], "bytes */150000");
     let error = json_of(r).await["error"].as_str().unwrap().to_owned();
     assert!(error.starts_with("Range: \"bytes=150000-\""), "{error}");
-    // Several ranges, another unit, or a version of the file named (this
-    // API names none): the whole file.
+    // The file's validators: a strong ETag and its modification time.
+    let whole = get("bytes=0-", None).await;
+    let header = |name| whole.headers()[name].to_str().unwrap().to_owned();
+    let (etag, modified) = (header("etag"), header("last-modified"));
+    assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
+    let weak = format!("W/{etag}");
+    // An If-Range naming the file as it is: the part.
+    for if_range in [&*etag, &modified] {
+        let r = get("bytes=10-19", Some(if_range)).await;
+        assert_eq!(r.status(), 206, "{if_range}");
+        assert_eq!(r.headers()["etag"], etag.as_str());
+        assert_eq!(r.bytes().await.unwrap(), made[10..20], "{if_range}");
+    }
+    // Several ranges, another unit, or another version of the file named
+    // (a weak ETag never matches): the whole file.
     for (range, if_range) in [
         ("bytes=0-1,5-6", None),
         ("lines=1-2", None),
         ("bytes=10-", Some("\"an-etag\"")),
+        ("bytes=10-", Some(&*weak)),
+        ("bytes=10-", Some("Thu, 01 Jan 1970 00:00:00 GMT")),
+        ("bytes=10-", Some("yesterday")),
     ] {
         let r = get(range, if_range).await;
-        assert_eq!(r.status(), 200, "{range}");
+        assert_eq!(r.status(), 200, "{range} {if_range:?}");
         assert_eq!(r.headers()["accept-ranges"], "bytes");
         assert_eq!(r.bytes().await.unwrap(), made, "{range}");
     }
+
+    // curl -R dates its copy with the file's Last-Modified.
+    let copy = tempfile::NamedTempFile::new().unwrap();
+    let curl = std::process::Command::new("curl")
+        .args(["-sSfR", "-o"])
+        .arg(copy.path())
+        .arg(format!("{}{path}", agent.url()))
+        .output()
+        .expect("curl");
+    assert!(curl.status.success(), "{curl:?}");
+    let mtime = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .unwrap()
+            .modified()
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    assert_eq!(mtime(copy.path()), mtime(&node.dir.path().join(MADE)));
 
     // curl -C - finishes a file that holds the first bytes.
     let partial = tempfile::NamedTempFile::new().unwrap();
@@ -215,7 +251,22 @@ async fn a_download_resumes_from_where_it_broke_off() {
         "bytes */150000"
     );
     assert!(refused.message().starts_with("Range: "), "{refused:?}");
-    // With an If-Range: the whole file, no part in the metadata.
+    // The same validators; an If-Range naming the file: the part.
+    let part = g
+        .download_file(pb::DownloadFileRequest {
+            name: MADE.into(),
+            range: "bytes=149990-".into(),
+            if_range: etag.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(part.metadata().get("etag").unwrap(), etag.as_str());
+    assert_eq!(
+        part.metadata().get("last-modified").unwrap(),
+        modified.as_str()
+    );
+    assert_eq!(chunks_of(part.into_inner()).await.concat(), made[149_990..]);
+    // With an If-Range naming another: the whole file, no part in the metadata.
     let whole = g
         .download_file(pb::DownloadFileRequest {
             name: MADE.into(),
@@ -226,4 +277,15 @@ async fn a_download_resumes_from_where_it_broke_off() {
         .unwrap();
     assert_eq!(whole.metadata().get("content-range"), None);
     assert_eq!(chunks_of(whole.into_inner()).await.concat(), made);
+
+    // A file put in its place under the same name, of the same size, is
+    // another version: a download that named the first gets it whole.
+    let other: Vec<u8> = made.iter().map(|b| b ^ 0xff).collect();
+    let replacement = node.dir.path().join("replacement.tmp");
+    std::fs::write(&replacement, &other).unwrap();
+    std::fs::rename(&replacement, node.dir.path().join(MADE)).unwrap();
+    let r = get("bytes=70000-", Some(&etag)).await;
+    assert_eq!(r.status(), 200);
+    assert_ne!(r.headers()["etag"], etag.as_str());
+    assert_eq!(r.bytes().await.unwrap(), other);
 }

@@ -316,8 +316,9 @@ fn chunks_of(
 
 /// A part of one node's file `downloaded` (from its agent) through the API
 /// server, as `curl -C -` asks to resume a download: 206 with the bytes from
-/// there on, or 416 with the file's size for a start past its end; and the
-/// whole file for a range beside an If-Range (no validator is ever given).
+/// there on, or 416 with the file's size for a start past its end; with the
+/// agent's validators (ETag, Last-Modified), which an If-Range names to go
+/// on with the same file, and the whole file for an If-Range naming another.
 async fn parts_through_the_api_server(w: &World, capture: &str, node: &str, downloaded: &Path) {
     let whole = std::fs::read(downloaded).unwrap();
     let prefix = "node0-";
@@ -353,6 +354,12 @@ async fn parts_through_the_api_server(w: &World, capture: &str, node: &str, down
     );
     assert_eq!(head.headers[http::header::ACCEPT_RANGES], "bytes");
     assert_eq!(body, whole[10..]);
+    for validator in [http::header::ETAG, http::header::LAST_MODIFIED] {
+        let value = head.headers[&validator].to_str().unwrap();
+        let (again, body) = get_if("bytes=20-", Some(value)).await;
+        assert_eq!(again.status, 206, "{validator}: {body:?}");
+        assert_eq!(body, whole[20..], "{validator}");
+    }
     let (head, body) = get(&format!("bytes={size}-")).await;
     assert_eq!(head.status, 416, "{body:?}");
     assert_eq!(
