@@ -125,20 +125,64 @@ pub async fn list_files(client: &Client, capture: &str) -> Result<FileList, kube
         .await
 }
 
-/// Opens one stored file (its bytes as the node keeps them).
+/// One stored file as it is read: its bytes as the node keeps them, and
+/// its ETag, which names this version of it to go on with.
+pub struct StoredFile {
+    pub body: ByteStream,
+    pub etag: Option<String>,
+}
+
+/// Opens one stored file.
 pub async fn open_file(
     client: &Client,
     capture: &str,
     node: &str,
     file: &str,
-) -> Result<ByteStream, kube::Error> {
-    let body = client
-        .request_stream(get(
-            file_path(capture, node, file),
-            "application/octet-stream",
-        )?)
-        .await?;
-    Ok(Box::pin(body))
+) -> Result<StoredFile, kube::Error> {
+    let answer = send(
+        client,
+        get(file_path(capture, node, file), "application/octet-stream")?,
+    )
+    .await?;
+    Ok(StoredFile {
+        etag: etag_of(&answer),
+        body: body_of(answer),
+    })
+}
+
+fn etag_of<B>(answer: &http::Response<B>) -> Option<String> {
+    let etag = answer.headers().get(http::header::ETAG)?.to_str().ok()?;
+    Some(etag.to_owned())
+}
+
+fn body_of(answer: http::Response<kube::client::Body>) -> ByteStream {
+    use futures::TryStreamExt as _;
+    use http_body_util::BodyExt as _;
+    let body = answer
+        .into_body()
+        .into_data_stream()
+        .map_err(io::Error::other);
+    Box::pin(body.into_async_read())
+}
+
+/// Sends `request`; an answer of 4xx or 5xx is an error, read as kube reads
+/// those of its own requests: a Status, or its text.
+async fn send(
+    client: &Client,
+    request: http::Request<Vec<u8>>,
+) -> Result<http::Response<kube::client::Body>, kube::Error> {
+    use http_body_util::BodyExt as _;
+    let answer = client.send(request.map(Into::into)).await?;
+    let status = answer.status();
+    if status.is_client_error() || status.is_server_error() {
+        let body = answer.into_body().collect().await?.to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        let status = serde_json::from_str::<Status>(&text).unwrap_or_else(|_| {
+            Status::failure(text.trim(), "Failed to parse error data").with_code(status.as_u16())
+        });
+        return Err(kube::Error::Api(status.boxed()));
+    }
+    Ok(answer)
 }
 
 /// Why a download that broke off could not go on.
@@ -152,6 +196,12 @@ pub enum ResumeError {
     /// could not answer now (a 5xx): asking again later may do.
     #[error("{0}")]
     Unavailable(String),
+    /// Another file is stored under its name now: never appended.
+    #[error(
+        "another file of that name is there now (ETag {now}, not {was}): the bytes \
+         downloaded are of the one before"
+    )]
+    Replaced { was: String, now: String },
     /// Any other answer than the part asked for: never appended.
     #[error(
         "asked for its bytes from {from} on, the API server answered {status} \
@@ -166,23 +216,27 @@ pub enum ResumeError {
 
 /// Opens one stored file from byte `from` on, to go on with a download that
 /// broke off: the answer must be that part (206, its `Content-Range`
-/// starting at `from`), never the whole file again. `None`: the file holds
-/// no byte from there on (416 for a file of `from` bytes), so the download
-/// was whole when it broke off.
+/// starting at `from`), never the whole file again. With the `etag` the
+/// download began with, the part comes only from that same file (an
+/// `If-Range`). `None`: the file holds no byte from there on (416 for a
+/// file of `from` bytes), so the download was whole when it broke off.
 pub async fn open_file_from(
     client: &Client,
     capture: &str,
     node: &str,
     file: &str,
     from: u64,
+    etag: Option<&str>,
 ) -> Result<Option<ByteStream>, ResumeError> {
-    use futures::TryStreamExt as _;
     use http::StatusCode;
-    use http_body_util::BodyExt as _;
 
-    let request = http::Request::get(file_path(capture, node, file))
+    let mut request = http::Request::get(file_path(capture, node, file))
         .header(http::header::ACCEPT, "application/octet-stream")
-        .header(http::header::RANGE, format!("bytes={from}-"))
+        .header(http::header::RANGE, format!("bytes={from}-"));
+    if let Some(etag) = etag {
+        request = request.header(http::header::IF_RANGE, etag);
+    }
+    let request = request
         .body(kube::client::Body::empty())
         .map_err(|e| ResumeError::Unavailable(e.to_string()))?;
     let answer = client
@@ -205,6 +259,15 @@ pub async fn open_file_from(
                 "the API server answered {s}"
             )));
         }
+        StatusCode::OK
+            if let (Some(was), Some(now)) = (etag, etag_of(&answer))
+                && was != now =>
+        {
+            return Err(ResumeError::Replaced {
+                was: was.to_owned(),
+                now,
+            });
+        }
         _ => {
             return Err(ResumeError::NotThatPart {
                 from,
@@ -213,11 +276,7 @@ pub async fn open_file_from(
             });
         }
     }
-    let body = answer
-        .into_body()
-        .into_data_stream()
-        .map_err(io::Error::other);
-    Ok(Some(Box::pin(body.into_async_read())))
+    Ok(Some(body_of(answer)))
 }
 
 /// A live stream, and the capture it streams as its
@@ -235,9 +294,6 @@ pub async fn open_packets(
     capture: &str,
     resume: Option<(&str, &WholeBlocks)>,
 ) -> Result<LiveStream, kube::Error> {
-    use futures::TryStreamExt as _;
-    use http_body_util::BodyExt as _;
-
     let mut path = packets_path(capture);
     if let Some((id, blocks)) = resume {
         path.push_str(&format!("?resume={}", segment(id)));
@@ -245,32 +301,14 @@ pub async fn open_packets(
             path.push_str(&format!("&after={}:{number}", segment(node)));
         }
     }
-    let request = http::Request::get(path)
-        .header(http::header::ACCEPT, "application/x-pcapng")
-        .body(kube::client::Body::empty())
-        .map_err(kube::Error::HttpError)?;
-    let answer = client.send(request).await?;
-    let status = answer.status();
-    if status.is_client_error() || status.is_server_error() {
-        // As kube's own requests read an error: a Status, or its text.
-        let body = answer.into_body().collect().await?.to_bytes();
-        let text = String::from_utf8_lossy(&body);
-        let status = serde_json::from_str::<Status>(&text).unwrap_or_else(|_| {
-            Status::failure(text.trim(), "Failed to parse error data").with_code(status.as_u16())
-        });
-        return Err(kube::Error::Api(status.boxed()));
-    }
+    let answer = send(client, get(path, "application/x-pcapng")?).await?;
     let capture_id = answer
         .headers()
         .get(STREAM_CAPTURE_ID)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let body = answer
-        .into_body()
-        .into_data_stream()
-        .map_err(io::Error::other);
     Ok(LiveStream {
-        body: Box::pin(body.into_async_read()),
+        body: body_of(answer),
         capture_id,
     })
 }
@@ -819,7 +857,8 @@ mod tests {
         );
         let body = open_file(&client, "web", "n1", "web-20250101-120000.pcap.gz")
             .await
-            .unwrap();
+            .unwrap()
+            .body;
         let mut out = Vec::new();
         copy_chunks(body, &mut out, None).await.unwrap();
         assert_eq!(out, "\x1f\u{8b}bytes".as_bytes());

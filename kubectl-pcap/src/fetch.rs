@@ -18,7 +18,8 @@
 //! ([`persisting`]). A file its node compresses between the listing and
 //! the download is downloaded as its compressed copy. A download that
 //! breaks off goes on from the byte where it broke off (a `Range` request,
-//! whose answer must be that part), after a pause that doubles each time,
+//! whose answer must be that part of the same file: an `If-Range` names
+//! the ETag it began with), after a pause that doubles each time,
 //! up to [`api::Backoff::TRIES`] times; one compressed meanwhile starts
 //! again as the copy.
 //!
@@ -467,7 +468,7 @@ async fn open_as_stored(
     capture: &str,
     node: &str,
     file: &str,
-) -> Result<(String, api::ByteStream)> {
+) -> Result<(String, api::StoredFile)> {
     let copies = COMPRESSED_EXTENSIONS
         .iter()
         .filter(|_| strip_compression(file).is_none())
@@ -508,7 +509,8 @@ async fn download(
     file: &str,
     dir: &Path,
 ) -> Result<String> {
-    let (mut name, mut body) = open_as_stored(cluster, capture, node, file).await?;
+    let (mut name, opened) = open_as_stored(cluster, capture, node, file).await?;
+    let api::StoredFile { mut body, mut etag } = opened;
     let create = |name: &str| {
         let path = dir.join(name);
         async move {
@@ -547,7 +549,9 @@ async fn download(
                  there in {pause:?}"
             );
             tokio::time::sleep(pause).await;
-            match api::open_file_from(&cluster.client, capture, node, &name, from).await {
+            let resumed =
+                api::open_file_from(&cluster.client, capture, node, &name, from, etag.as_deref());
+            match resumed.await {
                 Ok(Some(rest)) => break rest,
                 Ok(None) => return Ok(name),
                 Err(api::ResumeError::Unavailable(why)) => broke = why,
@@ -555,6 +559,7 @@ async fn download(
                     let (copy, whole) = open_as_stored(cluster, capture, node, &name)
                         .await
                         .with_context(|| downloading(&name))?;
+                    etag = whole.etag;
                     eprintln!(
                         "{node}: {name} was compressed meanwhile: downloading {copy} from the start"
                     );
@@ -563,7 +568,7 @@ async fn download(
                         .with_context(|| downloading(&name))?;
                     out = create(&copy).await?;
                     name = copy;
-                    break whole;
+                    break whole.body;
                 }
                 Err(e) => return Err(e).with_context(|| downloading(&name)),
             }
@@ -637,6 +642,8 @@ mod tests {
     /// Node a's file, and the listing that names it.
     const PLAIN: &str =
         "/apis/pcap.packet.io/v1/captures/web/proxy/files/a/web-20250101-120000.pcap";
+    /// Node a's file's ETag.
+    const ETAG: &str = "\"v1\"";
     const LISTED: &[u8] = br#"{"capture":"web","nodes":[{"node":"a","address":"10.0.0.1","files":[
         {"name":"web-20250101-120000.pcap","size":100,"modified":"2025-01-01T12:01:00Z"}]}]}"#;
 
@@ -915,11 +922,12 @@ mod tests {
     }
 
     /// A download that breaks off goes on from the byte where it broke off
-    /// (a Range), as often as it breaks or finds the API server unavailable,
-    /// and the merged file is whole; a file compressed meanwhile is
-    /// downloaded as its copy, and one that broke off after its last byte
-    /// is whole; the whole file again in answer to the Range is not taken
-    /// for the rest.
+    /// (a Range, with an If-Range naming the ETag it began with), as often
+    /// as it breaks or finds the API server unavailable, and the merged file
+    /// is whole; a file compressed meanwhile is downloaded as its copy, and
+    /// one that broke off after its last byte is whole; the whole file
+    /// again in answer to the Range is not taken for the rest, nor is
+    /// another file put under its name.
     #[tokio::test]
     async fn a_download_that_breaks_off_goes_on_from_there() {
         let file = pcap_file();
@@ -930,12 +938,14 @@ mod tests {
                 Answer::from((FILES, OK, LISTED.to_vec())),
                 Answer {
                     breaks_after: Some(breaks_after),
+                    headers: vec![(http::header::ETAG, ETAG.into())],
                     ..Answer::from((PLAIN, OK, file.clone()))
                 },
             ]
         };
         let part = |range, from: usize, breaks_after| Answer {
             range: Some(range),
+            if_range: Some(ETAG),
             headers: vec![(
                 http::header::CONTENT_RANGE,
                 format!("bytes {from}-{}/{size}", size - 1),
@@ -965,6 +975,7 @@ mod tests {
         let mut answers = first(30);
         answers.push(Answer {
             range: Some("bytes=30-"),
+            if_range: Some(ETAG),
             ..Answer::from((PLAIN, StatusCode::SERVICE_UNAVAILABLE, Vec::new()))
         });
         answers.push(part("bytes=30-", 30, None));
@@ -981,6 +992,7 @@ mod tests {
         answers.push(not_found());
         answers.push(Answer {
             range: Some("bytes=30-"),
+            if_range: Some(ETAG),
             ..not_found()
         });
         answers.push(Answer::from((gz, OK, gzip.finish().unwrap())));
@@ -991,13 +1003,25 @@ mod tests {
         let mut answers = first(size);
         answers.push(Answer {
             range: Some(format!("bytes={size}-").leak()),
+            if_range: Some(ETAG),
             headers: vec![(http::header::CONTENT_RANGE, format!("bytes */{size}"))],
             ..Answer::from((PLAIN, StatusCode::RANGE_NOT_SATISFIABLE, Vec::new()))
         });
         let asked = fetched(answers).await;
         assert_eq!(asked, [CAPTURE, FILES, PLAIN, PLAIN]);
 
-        let (cluster, _) = answering(vec![
+        // Another file under its name (the whole of it, another ETag), or
+        // the whole file again from an agent that gives no ETag (of an
+        // earlier version): neither is taken for the rest.
+        let name = "web-20250101-120000.pcap";
+        let mut replaced = first(30).split_off(2);
+        replaced.push(Answer {
+            range: Some("bytes=30-"),
+            if_range: Some(ETAG),
+            headers: vec![(http::header::ETAG, "\"v2\"".into())],
+            ..Answer::from((PLAIN, OK, file.clone()))
+        });
+        let without_etag = vec![
             Answer {
                 breaks_after: Some(30),
                 ..Answer::from((PLAIN, OK, file.clone()))
@@ -1006,18 +1030,31 @@ mod tests {
                 range: Some("bytes=30-"),
                 ..Answer::from((PLAIN, OK, file.clone()))
             },
-        ]);
-        let name = "web-20250101-120000.pcap";
-        let err = download(&cluster, "web", "a", name, dir.path())
-            .await
-            .unwrap_err();
-        assert_eq!(
-            format!("{err:#}"),
-            format!(
-                "downloading {name} from node a: asked for its bytes from 30 on, the API server \
-                 answered 200 OK (Content-Range \"\"), not that part"
-            )
-        );
+        ];
+        for (answers, problem) in [
+            (
+                replaced,
+                format!(
+                    "another file of that name is there now (ETag \"v2\", not {ETAG}): the \
+                     bytes downloaded are of the one before"
+                ),
+            ),
+            (
+                without_etag,
+                "asked for its bytes from 30 on, the API server answered 200 OK (Content-Range \
+                 \"\"), not that part"
+                    .to_owned(),
+            ),
+        ] {
+            let (cluster, _) = answering(answers);
+            let err = download(&cluster, "web", "a", name, dir.path())
+                .await
+                .unwrap_err();
+            assert_eq!(
+                format!("{err:#}"),
+                format!("downloading {name} from node a: {problem}")
+            );
+        }
     }
 
     /// `-o` through a link writes where the link leads and leaves the link;

@@ -13,13 +13,14 @@ use tokio::io::AsyncWrite;
 
 use crate::cluster::Cluster;
 
-/// What the API server stand-in answers to a GET of `path` with this
-/// `Range` header (or none): `status`, `headers` and `body`, broken off
-/// with an error after `breaks_after` bytes.
+/// What the API server stand-in answers to a GET of `path` with these
+/// `Range` and `If-Range` headers (or none): `status`, `headers` and
+/// `body`, broken off with an error after `breaks_after` bytes.
 #[derive(Clone)]
 pub struct Answer {
     pub path: &'static str,
     pub range: Option<&'static str>,
+    pub if_range: Option<&'static str>,
     pub status: StatusCode,
     pub headers: Vec<(http::HeaderName, String)>,
     pub body: Vec<u8>,
@@ -31,6 +32,7 @@ impl From<(&'static str, StatusCode, Vec<u8>)> for Answer {
         Self {
             path,
             range: None,
+            if_range: None,
             status,
             headers: Vec::new(),
             body,
@@ -69,13 +71,16 @@ pub fn answering(mut answers: Vec<Answer>) -> (Cluster, tokio::task::JoinHandle<
                 }
                 _ => path.clone(),
             };
-            let range = request
-                .headers()
-                .get(http::header::RANGE)
-                .map(|v| v.to_str().unwrap().to_owned());
-            let asks = |a: &Answer| a.path == path && a.range.map(str::to_owned) == range;
+            let headers = request.headers();
+            let header = |name| Some(headers.get(name)?.to_str().unwrap().to_owned());
+            let (range, if_range) = (header(http::header::RANGE), header(http::header::IF_RANGE));
+            let asks = |a: &Answer| {
+                a.path == path
+                    && a.range.map(str::to_owned) == range
+                    && a.if_range.map(str::to_owned) == if_range
+            };
             let Some(at) = answers.iter().position(asks) else {
-                panic!("unexpected request {path} (Range {range:?})");
+                panic!("unexpected request {path} (Range {range:?}, If-Range {if_range:?})");
             };
             let answer = if answers[at + 1..].iter().any(asks) {
                 answers.remove(at)
