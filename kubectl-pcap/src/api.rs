@@ -150,11 +150,13 @@ pub async fn open_file(
     })
 }
 
+/// The ETag an answer names its file's version by, if any.
 fn etag_of<B>(answer: &http::Response<B>) -> Option<String> {
     let etag = answer.headers().get(http::header::ETAG)?.to_str().ok()?;
     Some(etag.to_owned())
 }
 
+/// An answer's body, read as it comes.
 fn body_of(answer: http::Response<kube::client::Body>) -> ByteStream {
     use futures::TryStreamExt as _;
     use http_body_util::BodyExt as _;

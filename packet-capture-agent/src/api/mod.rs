@@ -288,7 +288,7 @@ pub struct Sent {
     pub size: u64,
     /// The bytes a `Range` asked for; `None`: the whole file.
     pub part: Option<std::ops::Range<u64>>,
-    pub version: Version,
+    version: Version,
 }
 
 impl Sent {
@@ -331,10 +331,10 @@ impl Sent {
 /// (it is written under another name, then renamed), so both are strong;
 /// the ETag also changes when a file is replaced by one of the same name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Version {
-    pub etag: String,
+struct Version {
+    etag: String,
     /// None for a time HTTP cannot write (before 1970, after 9999).
-    pub modified: Option<httpdate::HttpDate>,
+    modified: Option<httpdate::HttpDate>,
 }
 
 /// 10000-01-01: HTTP dates have four digits of year.
@@ -347,7 +347,7 @@ fn http_date(time: std::time::SystemTime) -> Option<httpdate::HttpDate> {
 }
 
 impl Version {
-    pub fn of(meta: &std::fs::Metadata) -> Self {
+    fn of(meta: &std::fs::Metadata) -> Self {
         use std::os::unix::fs::MetadataExt as _;
         Self {
             etag: format!(
@@ -364,7 +364,7 @@ impl Version {
     /// Whether an `If-Range` value names this version: its ETag, compared
     /// strongly (a weak one never matches), or its Last-Modified date, to
     /// the second, in any of HTTP's date formats.
-    pub fn is_named_by(&self, if_range: &str) -> bool {
+    fn is_named_by(&self, if_range: &str) -> bool {
         let value = if_range.trim();
         if value.starts_with('"') || value.starts_with("W/") {
             return value == self.etag;
@@ -374,7 +374,7 @@ impl Version {
     }
 
     /// The `Last-Modified` value.
-    pub fn last_modified(&self) -> Option<String> {
+    fn last_modified(&self) -> Option<String> {
         self.modified.map(|d| d.to_string())
     }
 }
