@@ -232,19 +232,22 @@ pub async fn open_file_from(
 ) -> Result<Option<ByteStream>, ResumeError> {
     use http::StatusCode;
 
-    let mut request = http::Request::get(file_path(capture, node, file))
-        .header(http::header::ACCEPT, "application/octet-stream")
-        .header(http::header::RANGE, format!("bytes={from}-"));
-    if let Some(etag) = etag {
-        request = request.header(http::header::IF_RANGE, etag);
+    let unavailable = |e: kube::Error| ResumeError::Unavailable(e.to_string());
+    let mut request =
+        get(file_path(capture, node, file), "application/octet-stream").map_err(unavailable)?;
+    let headers = request.headers_mut();
+    let range = format!("bytes={from}-");
+    headers.insert(
+        http::header::RANGE,
+        range.parse().expect("digits are a header value"),
+    );
+    if let Some(etag) = etag.and_then(|e| e.parse().ok()) {
+        headers.insert(http::header::IF_RANGE, etag);
     }
-    let request = request
-        .body(kube::client::Body::empty())
-        .map_err(|e| ResumeError::Unavailable(e.to_string()))?;
     let answer = client
-        .send(request)
+        .send(request.map(Into::into))
         .await
-        .map_err(|e| ResumeError::Unavailable(e.to_string()))?;
+        .map_err(unavailable)?;
     let status = answer.status();
     let range = answer
         .headers()

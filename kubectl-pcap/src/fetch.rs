@@ -509,8 +509,8 @@ async fn download(
     file: &str,
     dir: &Path,
 ) -> Result<String> {
-    let (mut name, opened) = open_as_stored(cluster, capture, node, file).await?;
-    let api::StoredFile { mut body, mut etag } = opened;
+    let (mut name, api::StoredFile { mut body, mut etag }) =
+        open_as_stored(cluster, capture, node, file).await?;
     let create = |name: &str| {
         let path = dir.join(name);
         async move {
