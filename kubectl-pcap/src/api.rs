@@ -16,100 +16,20 @@ use std::time::Duration;
 use futures::{AsyncBufRead, AsyncBufReadExt};
 use kube::Client;
 use kube::core::Status;
+use packet_capture_common::aggregated::{
+    API_SERVICE, GROUP, RELAY_SUBRESOURCE, VERSION, file_path, files_path, packets_path, segment,
+};
+pub use packet_capture_common::aggregated::{FileEntry, FileList, NodeFiles};
 use packet_capture_common::crd::{
     FILES_SUBRESOURCE, GROUP as CRD_GROUP, PLURAL, RESOURCE, STREAM_CAPTURE_ID,
 };
 use pcap_file::pcapng::blocks::enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption};
 use pcap_file::pcapng::blocks::opt_common::CommonOption;
 use pcap_file::pcapng::{Block, PcapNgParseError, PcapNgParser};
-use serde::Deserialize;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-
-/// The aggregated API's group and version.
-pub const GROUP: &str = "pcap.packet.io";
-pub const VERSION: &str = "v1";
-/// The APIService that registers the group with the API server.
-pub const API_SERVICE: &str = "v1.pcap.packet.io";
-
-/// `GET .../captures/{name}/files`: each node's files of a capture.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct FileList {
-    pub capture: String,
-    #[serde(default)]
-    pub nodes: Vec<NodeFiles>,
-}
-
-/// One node's files, or why the controller could not ask the node.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct NodeFiles {
-    pub node: String,
-    #[serde(default)]
-    pub address: String,
-    #[serde(default)]
-    pub files: Vec<FileEntry>,
-    #[serde(default)]
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct FileEntry {
-    pub name: String,
-    /// Bytes as stored on the node (compressed, for `.gz` and `.zst`).
-    pub size: u64,
-    /// RFC 3339.
-    #[serde(default)]
-    pub modified: String,
-}
-
-/// The subresource every path of the aggregated API goes through: the
-/// controller relays them to the agents. `proxy` is one of the API
-/// server's long-running subresources, so a stream or a large download is
-/// not cut at its request timeout (a minute).
-pub const RELAY_SUBRESOURCE: &str = "captures/proxy";
 
 /// A response body, read as it arrives.
 pub type ByteStream = Pin<Box<dyn AsyncBufRead + Send>>;
-
-/// Percent-encodes one path segment (anything but RFC 3986's unreserved
-/// characters), so a name can never reach another path.
-pub fn segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn capture_path(capture: &str) -> String {
-    format!(
-        "/apis/{GROUP}/{VERSION}/captures/{}/proxy",
-        segment(capture)
-    )
-}
-
-/// The path that lists a capture's files.
-pub fn files_path(capture: &str) -> String {
-    format!("{}/files", capture_path(capture))
-}
-
-/// The path of one file of one node.
-pub fn file_path(capture: &str, node: &str, file: &str) -> String {
-    format!(
-        "{}/files/{}/{}",
-        capture_path(capture),
-        segment(node),
-        segment(file)
-    )
-}
-
-/// The path of the live, merged pcapng stream.
-pub fn packets_path(capture: &str) -> String {
-    format!("{}/packets", capture_path(capture))
-}
 
 fn get(path: String, accept: &str) -> Result<http::Request<Vec<u8>>, kube::Error> {
     http::Request::get(path)
@@ -635,26 +555,6 @@ mod tests {
 
     fn api_error(code: u16, reason: &str, message: &str) -> kube::Error {
         kube::Error::Api(Status::failure(message, reason).with_code(code).boxed())
-    }
-
-    #[test]
-    fn paths_encode_each_segment() {
-        assert_eq!(
-            files_path("web"),
-            "/apis/pcap.packet.io/v1/captures/web/proxy/files"
-        );
-        assert_eq!(
-            file_path("web", "worker-1", "web-20250101-120000.pcap.gz"),
-            "/apis/pcap.packet.io/v1/captures/web/proxy/files/worker-1/web-20250101-120000.pcap.gz"
-        );
-        assert_eq!(
-            file_path("web", "a/b", "../x y"),
-            "/apis/pcap.packet.io/v1/captures/web/proxy/files/a%2Fb/..%2Fx%20y"
-        );
-        assert_eq!(
-            packets_path("web"),
-            "/apis/pcap.packet.io/v1/captures/web/proxy/packets"
-        );
     }
 
     #[test]

@@ -306,7 +306,13 @@ async fn run(
             let mut files: Vec<_> = n
                 .files
                 .iter()
-                .map(|f| (f.modified.parse::<Timestamp>().ok(), &f.name))
+                .map(|f| {
+                    let modified = f
+                        .modified
+                        .as_deref()
+                        .and_then(|m| m.parse::<Timestamp>().ok());
+                    (modified, &f.name)
+                })
                 .collect();
             files.sort();
             NodeInput {
@@ -674,7 +680,7 @@ mod tests {
                 .map(|f| api::FileEntry {
                     name: f.to_string(),
                     size: 100,
-                    modified: String::new(),
+                    modified: None,
                 })
                 .collect(),
             error: error.map(Into::into),

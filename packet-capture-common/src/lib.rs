@@ -9,6 +9,8 @@
 pub mod abi;
 
 #[cfg(feature = "user")]
+pub mod aggregated;
+#[cfg(feature = "user")]
 pub mod crd;
 #[cfg(feature = "filter")]
 pub mod filter;

@@ -42,6 +42,9 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client, ResourceExt as _};
+use packet_capture_common::aggregated::{
+    CAPTURES, FileEntry, FileList, GROUP, NodeFiles, RELAY, VERSION,
+};
 use packet_capture_common::crd::{
     CaptureState, FILES_SUBRESOURCE, PLURAL, PacketCaptureConfig, RESOURCE, STREAM_CAPTURE_ID,
 };
@@ -49,7 +52,6 @@ use packet_capture_common::pcapng;
 use packet_capture_common::validate::capture_of;
 use packet_capture_proto::v1::{DownloadFileRequest, PacketBatch, PacketDirection};
 use rustls::pki_types::pem::PemObject as _;
-use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status, Streaming};
@@ -64,11 +66,6 @@ use crate::metrics::Metrics;
 use crate::plan::capture_id;
 use crate::webhook::{ClientCas, VerifiedClient};
 
-pub use crate::consts::{API_GROUP as GROUP, API_VERSION as VERSION};
-/// The resource of this API: the PacketCaptureConfigs, by name.
-pub const CAPTURES: &str = "captures";
-/// The subresource every path goes through (the relay to the agents).
-pub const RELAY: &str = "proxy";
 /// Where the API server publishes how it calls aggregated APIs.
 const AUTHENTICATION_CONFIG_MAP: (&str, &str) =
     ("kube-system", "extension-apiserver-authentication");
@@ -486,28 +483,11 @@ pub fn is_file_of(file: &str, name: &str) -> bool {
     capture_of(file) == Some(name)
 }
 
-#[derive(Debug, Serialize)]
-struct FileJson {
-    name: String,
-    size: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    modified: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-struct NodeFiles {
-    node: String,
-    address: String,
-    files: Vec<FileJson>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
-}
-
 async fn files(
     State(relay): State<Relay>,
     Path(name): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, Failure> {
+) -> Result<Json<FileList>, Failure> {
     let (user, capture) = authorized(&relay, &headers, &name).await?;
     // Files written before this capture was created are an earlier
     // capture's of the same name.
@@ -526,11 +506,11 @@ async fn files(
                     Ok(files) => (files, None),
                     Err(s) => (Vec::new(), Some(from_agent(&ep.node, &s).message)),
                 };
-                let files: Vec<FileJson> = files
+                let files: Vec<FileEntry> = files
                     .into_iter()
                     .filter(|f| is_file_of(&f.name, name))
                     .filter(|f| f.modified.as_ref().is_none_or(|m| m.seconds >= since))
-                    .map(|f| FileJson {
+                    .map(|f| FileEntry {
                         modified: f.modified.and_then(|m| {
                             k8s_openapi::jiff::Timestamp::new(m.seconds, m.nanos)
                                 .ok()
@@ -554,7 +534,10 @@ async fn files(
         .await;
     let mut nodes = nodes;
     nodes.sort_by(|a, b| a.node.cmp(&b.node));
-    Ok(Json(json!({"capture": name, "nodes": nodes})))
+    Ok(Json(FileList {
+        capture: name,
+        nodes,
+    }))
 }
 
 async fn download(

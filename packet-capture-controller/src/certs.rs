@@ -37,12 +37,12 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client, Resource};
+use packet_capture_common::aggregated::API_SERVICE;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::backoff::Backoff;
 use crate::config::{CertSource, Settings};
-use crate::consts::API_SERVICE;
 use crate::error::Result;
 use crate::issuer::{self, Issuer};
 use crate::metrics::{Metrics, Status};

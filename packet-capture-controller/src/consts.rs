@@ -21,9 +21,3 @@ pub const CAPTURE_LABEL: &str = "networking.packet.io/capture";
 
 /// The condition summarising a capture.
 pub const READY_CONDITION: &str = "Ready";
-
-/// The aggregated API the controller serves (files and live packets).
-pub const API_GROUP: &str = "pcap.packet.io";
-pub const API_VERSION: &str = "v1";
-/// Its APIService, whose caBundle the self-managed issuer fills in.
-pub const API_SERVICE: &str = "v1.pcap.packet.io";
