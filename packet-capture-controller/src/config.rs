@@ -277,6 +277,27 @@ pub enum Command {
         #[arg(long, default_value_t = 60)]
         timeout_seconds: u64,
     },
+    /// Captures this pod's own traffic end to end (the webhook, the
+    /// controller, its node's agent, the status, and with --fetch the file
+    /// through the aggregated API), then deletes the capture: the chart's
+    /// `helm test`. Needs POD_NAME, POD_NAMESPACE and NODE_NAME.
+    CheckInstall {
+        /// The capture's name; one of that name is deleted first.
+        #[arg(long, default_value = "packet-capture-test")]
+        capture: String,
+        /// The node this pod runs on.
+        #[arg(long, env = "NODE_NAME")]
+        node: String,
+        /// Packets to capture (the capture's maxPackets).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+        packets: u32,
+        /// How long each step may take, in seconds.
+        #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(2..))]
+        timeout_seconds: u64,
+        /// Also read the file through the aggregated API pcap.packet.io.
+        #[arg(long)]
+        fetch: bool,
+    },
 }
 
 impl Settings {

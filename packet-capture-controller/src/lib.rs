@@ -24,6 +24,7 @@
 //! | 3 | [`webhook`] | the validating and mutating admission webhooks over TLS |
 //! | 2 | [`leader`] | Lease-based leader election |
 //! | 2 | [`uninstall`] | deleting every capture before the chart goes (a Helm pre-delete hook) |
+//! | 3 | [`install_check`] | a capture of its own pod, end to end (the chart's `helm test`) |
 //! | 2 | [`issuer`] | the controller's own CA in a Secret, issuing certificates into Secrets |
 //! | 4 | [`certs`] | the webhook's serving certificate: files, a Secret, or self-managed |
 //! | 3 | [`agents`] | agent discovery, one gRPC client per agent, bearer token, retries |
@@ -49,6 +50,7 @@ pub mod consts;
 pub mod controller;
 pub mod error;
 pub mod events;
+pub mod install_check;
 pub mod issuer;
 pub mod leader;
 pub mod metrics;

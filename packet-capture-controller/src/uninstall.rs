@@ -36,11 +36,10 @@ pub async fn delete_captures(client: Client, selector: &str, wait: Duration) -> 
     let gone = join_all(captures.items.iter().map(|pcc| {
         let name = pcc.name_any();
         let uid = pcc.uid().unwrap_or_default();
-        let api = api.clone();
+        let api = &api;
         async move {
-            let deleted = conditions::is_deleted(&uid);
-            let waited = tokio::time::timeout(wait, await_condition(api, &name, deleted)).await;
-            (name, matches!(waited, Ok(Ok(_))))
+            let gone = gone_within(api, &name, &uid, wait).await;
+            (name, gone)
         }
     }))
     .await;
@@ -53,6 +52,18 @@ pub async fn delete_captures(client: Client, selector: &str, wait: Duration) -> 
         remove_finalizer(&api, &name).await?;
     }
     Ok(count)
+}
+
+/// Whether the capture `name` of `uid` is gone, or goes within `wait`.
+pub async fn gone_within(
+    api: &Api<PacketCaptureConfig>,
+    name: &str,
+    uid: &str,
+    wait: Duration,
+) -> bool {
+    let deleted = conditions::is_deleted(uid);
+    let waited = tokio::time::timeout(wait, await_condition(api.clone(), name, deleted)).await;
+    matches!(waited, Ok(Ok(_)))
 }
 
 async fn remove_finalizer(api: &Api<PacketCaptureConfig>, name: &str) -> Result<()> {

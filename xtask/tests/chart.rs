@@ -1291,30 +1291,122 @@ fn uninstall_deletes_the_captures_first() {
         strs(&rules[0]["verbs"]),
         ["get", "list", "watch", "delete", "patch"]
     );
-    // Every object of the hook is the hook's. The account and its access
-    // are gone however it ends; the Job is kept after a failure, for its
-    // logs, until the next uninstall replaces it.
-    const ACCESS: &str = "before-hook-creation,hook-succeeded,hook-failed";
-    for (kind, policy) in [
-        ("ServiceAccount", ACCESS),
-        ("ClusterRole", ACCESS),
-        ("ClusterRoleBinding", ACCESS),
+    assert_hook(
+        &docs,
+        "packet-capture-uninstall",
+        "pre-delete",
+        &["ServiceAccount", "ClusterRole", "ClusterRoleBinding"],
         ("Job", "before-hook-creation,hook-succeeded"),
-    ] {
-        let annotations = &get(&docs, kind, "packet-capture-uninstall")["metadata"]["annotations"];
-        assert_eq!(
-            annotations["helm.sh/hook"].as_str(),
-            Some("pre-delete"),
-            "{kind}"
-        );
+    );
+    let off = render(&helm, &["--set", "uninstall.deleteCaptures=false"]).unwrap();
+    assert!(find(&off, "Job", "packet-capture-uninstall").is_none());
+}
+
+/// Every object named `name` of `access` and `run` is a `hook` of Helm's.
+/// The account and its access (`access`) are gone however it ends; what
+/// runs, `run` (its kind and deletion policy), is kept at least after a
+/// failure, for its log, until the hook runs again.
+fn assert_hook(docs: &[Value], name: &str, hook: &str, access: &[&str], run: (&str, &str)) {
+    const GONE: &str = "before-hook-creation,hook-succeeded,hook-failed";
+    let kinds = access.iter().map(|kind| (*kind, GONE));
+    for (kind, policy) in kinds.chain([run]) {
+        let annotations = &get(docs, kind, name)["metadata"]["annotations"];
+        assert_eq!(annotations["helm.sh/hook"].as_str(), Some(hook), "{kind}");
         assert_eq!(
             annotations["helm.sh/hook-delete-policy"].as_str(),
             Some(policy),
             "{kind}"
         );
     }
-    let off = render(&helm, &["--set", "uninstall.deleteCaptures=false"]).unwrap();
-    assert!(find(&off, "Job", "packet-capture-uninstall").is_none());
+}
+
+#[test]
+fn helm_test_captures_its_own_pod_with_access_to_that_alone() {
+    let helm = helm_or_fail();
+    const TEST: &str = "packet-capture-test";
+    const PCC: &str = "networking.packet.io";
+    for webhook in [true, false] {
+        let docs = render(&helm, &["--set", &format!("webhook.enabled={webhook}")]).unwrap();
+        let pod = get(&docs, "Pod", TEST);
+        let spec = &pod["spec"];
+        let c = named(&spec["containers"], "check-install", "container");
+        let mut args = vec!["check-install", "--timeout-seconds=60"];
+        if webhook {
+            args.push("--fetch");
+        }
+        assert_eq!(strs(&c["args"]), args);
+        let controller = get(&docs, "Deployment", "packet-capture-controller");
+        assert_eq!(c["image"], container(controller, "controller")["image"]);
+        for (name, field) in [
+            ("POD_NAME", "metadata.name"),
+            ("POD_NAMESPACE", "metadata.namespace"),
+            ("NODE_NAME", "spec.nodeName"),
+        ] {
+            assert_eq!(
+                env(c, name)["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+                Some(field)
+            );
+        }
+        // It runs where an agent runs, which captures it.
+        let agent = &get(&docs, "DaemonSet", "packet-capture-agent")["spec"]["template"]["spec"];
+        assert_eq!(spec["nodeSelector"], agent["nodeSelector"]);
+        assert_eq!(spec["tolerations"], agent["tolerations"]);
+        assert_eq!(spec["serviceAccountName"].as_str(), Some(TEST));
+        assert_eq!(
+            spec["securityContext"]["runAsNonRoot"].as_bool(),
+            Some(true)
+        );
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(strs(&c["securityContext"]["capabilities"]["drop"]), ["ALL"]);
+        // Its own capture, by name wherever RBAC can name it; its file
+        // through the aggregated API when there is one; capturing pods in
+        // its own namespace only.
+        let mut own = vec![
+            (PCC, &["packetcaptureconfigs"][..], &["create"][..], &[][..]),
+            (
+                PCC,
+                &["packetcaptureconfigs"],
+                &["get", "list", "watch", "delete"],
+                &[TEST][..],
+            ),
+        ];
+        if webhook {
+            own.push(("pcap.packet.io", &["captures/proxy"], &["get"], &[TEST]));
+            own.push((PCC, &["packetcaptureconfigs/files"], &["get"], &[TEST]));
+        }
+        assert_eq!(rules(get(&docs, "ClusterRole", TEST)), named_grants(&own));
+        let role = get(&docs, "Role", TEST);
+        assert_eq!(role["metadata"]["namespace"], pod["metadata"]["namespace"]);
+        assert_eq!(
+            rules(role),
+            named_grants(&[
+                ("", &["pods"], &["capture"], &[]),
+                ("", &["pods"], &["get", "list", "watch"], &[TEST]),
+            ])
+        );
+        assert_hook(
+            &docs,
+            TEST,
+            "test",
+            &[
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+            ],
+            // Kept after success too: `helm test --logs` reads its log
+            // after the hooks' deletion.
+            ("Pod", "before-hook-creation"),
+        );
+    }
+    let docs = render(&helm, &["--set", "test.timeoutSeconds=300"]).unwrap();
+    let c = named(
+        &get(&docs, "Pod", TEST)["spec"]["containers"],
+        "check-install",
+        "container",
+    );
+    assert!(strs(&c["args"]).contains(&"--timeout-seconds=300"));
 }
 
 /// The webhooks' condition, as each configuration must carry it.

@@ -522,6 +522,30 @@ async fn helm_install_on_a_real_node_captures_real_pods() {
     assert_eq!(health["backend"], "ebpf", "{health}");
     assert_eq!(health["node"], world.node.name(), "{health}");
 
+    // `helm test`: a pod of the release captures its own traffic end to
+    // end and reads its file back through the aggregated API. Its capture
+    // and its access are gone afterwards; its pod stays, for its log.
+    let tested = world.helm(&["test", RELEASE, "--logs", WAIT]);
+    for line in ["read through the API server", "check passed"] {
+        assert!(tested.contains(line), "no {line:?} in:\n{tested}");
+    }
+    let left = world.kubectl(&[
+        "get",
+        "packetcaptureconfigs,clusterroles,clusterrolebindings",
+        "-o",
+        "name",
+    ]);
+    assert!(!left.contains("packet-capture-test"), "{left}");
+    let left = world.kubectl(&[
+        "get",
+        "serviceaccounts,roles,rolebindings",
+        "-n",
+        NS,
+        "-o",
+        "name",
+    ]);
+    assert!(!left.contains("packet-capture-test"), "{left}");
+
     // Two real pods, the client connecting to the server until the capture
     // has its packets (a closed port: each try is a SYN and a RST).
     let server = world.pod("server", "exec sleep infinity");
@@ -647,7 +671,14 @@ async fn helm_install_on_a_real_node_captures_real_pods() {
     );
 
     // Day 2: the logs of the agents, as the README's troubleshooting reads them.
-    let logs = world.kubectl(&["logs", "-n", NS, "-l", "app=packet-capture-agent"]);
+    let logs = world.kubectl(&[
+        "logs",
+        "-n",
+        NS,
+        "-l",
+        "app=packet-capture-agent",
+        "--tail=-1",
+    ]);
     assert!(logs.contains("listening on"), "{logs}");
     world.kubectl(&["delete", "packetcaptureconfig", "pods"]);
 
