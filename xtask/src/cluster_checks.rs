@@ -100,6 +100,41 @@ fn servable(docs: &[Value], served: &[String]) -> anyhow::Result<(String, Vec<St
     Ok((yaml, skipped))
 }
 
+/// Dry-runs the chart's bare Pods (`helm test`'s). A Pod is admitted only
+/// once its service account exists, which a dry run of the same apply
+/// never makes: the accounts (from `others`) are made for the dry run, and
+/// deleted after it however it went.
+fn dry_run_pods(
+    t: &Tools,
+    pods: &[Value],
+    others: &[Value],
+    served: &[String],
+) -> anyhow::Result<()> {
+    if pods.is_empty() {
+        return Ok(());
+    }
+    let accounts: Vec<Value> = others
+        .iter()
+        .filter(|d| d["kind"] == "ServiceAccount")
+        .filter(|sa| {
+            pods.iter().any(|p| {
+                p["spec"]["serviceAccountName"] == sa["metadata"]["name"]
+                    && p["metadata"]["namespace"] == sa["metadata"]["namespace"]
+            })
+        })
+        .cloned()
+        .collect();
+    let (accounts, _) = servable(&accounts, served)?;
+    let (pods, _) = servable(pods, served)?;
+    t.ok(&["apply", "-f", "-"], Some(&accounts))?;
+    let checked = t.ok(&["apply", "--dry-run=server", "-f", "-"], Some(&pods));
+    t.ok(
+        &["delete", "--ignore-not-found", "-f", "-"],
+        Some(&accounts),
+    )?;
+    checked.map(drop)
+}
+
 /// Installs the CRD (for real: custom resources cannot be dry-run without it)
 /// and waits until it is served.
 pub fn install_crd(t: &Tools) -> anyhow::Result<()> {
@@ -140,10 +175,14 @@ pub fn validate_server_side(t: &Tools) -> anyhow::Result<Vec<String>> {
             )),
         )?;
         let docs = documents(&template(&t.helm, args)?)?;
-        let (yaml, left_out) = servable(&docs, &served)?;
+        let (pods, others): (Vec<Value>, Vec<Value>) =
+            docs.into_iter().partition(|d| d["kind"] == "Pod");
+        let (yaml, left_out) = servable(&others, &served)?;
         t.ok(&["apply", "--dry-run=server", "-f", "-"], Some(&yaml))
             .with_context(|| format!("the chart with {label}"))?;
         skipped.extend(left_out);
+        dry_run_pods(t, &pods, &others, &served)
+            .with_context(|| format!("the chart's pods with {label}"))?;
     }
     for (_, file) in FILES {
         let docs = documents(&std::fs::read_to_string(root().join(file))?)?;
