@@ -22,3 +22,5 @@ pub mod pcapng;
 pub mod tls;
 #[cfg(feature = "user")]
 pub mod validate;
+#[cfg(feature = "user")]
+pub mod validators;

@@ -50,6 +50,7 @@ use packet_capture_common::crd::{
 };
 use packet_capture_common::pcapng;
 use packet_capture_common::validate::capture_of;
+use packet_capture_common::validators::Validators;
 use packet_capture_proto::v1::{DownloadFileRequest, PacketBatch, PacketDirection};
 use rustls::pki_types::pem::PemObject as _;
 use serde_json::json;
@@ -582,6 +583,27 @@ async fn download(
         .into_iter()
         .filter_map(|name| Some((name.clone(), agent_header(answer.metadata(), &name)?)))
         .collect();
+    // The asker's copy is still the file: 304, and the agent's answer is
+    // dropped unread (RFC 9110 13.2.2 puts these conditions before the
+    // range, which the agent was asked for before its validators were
+    // known).
+    let validator = |name| {
+        validators
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.to_str().ok())
+    };
+    let file = Validators::from_headers(
+        validator(&header::ETAG).unwrap_or_default(),
+        validator(&header::LAST_MODIFIED),
+    );
+    let if_none_match = value_of(header::IF_NONE_MATCH);
+    let if_modified_since = value_of(header::IF_MODIFIED_SINCE);
+    if file.not_modified(if_none_match.as_deref(), if_modified_since.as_deref()) {
+        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        response.headers_mut().extend(validators);
+        return Ok(response);
+    }
     let size = answer
         .metadata()
         .get("file-size")

@@ -8,7 +8,7 @@ use pb::agent_server::{Agent, AgentServer};
 use tonic::{Request, Response, Status};
 
 use super::convert::{Unchecked, UncheckedTargets};
-use super::{Api, ApiError, Caller, MAX_REQUEST_BYTES};
+use super::{Api, ApiError, Caller, Conditions, MAX_REQUEST_BYTES};
 
 pub fn server(api: Api) -> AgentServer<AgentService> {
     AgentServer::new(AgentService { api }).max_decoding_message_size(MAX_REQUEST_BYTES)
@@ -139,9 +139,15 @@ impl Agent for AgentService {
             range,
             if_range,
         } = req.into_inner();
-        let range = (!range.is_empty()).then_some(range.as_str());
-        let if_range = (!if_range.is_empty()).then_some(if_range.as_str());
-        let (chunks, sent) = self.api.download(&caller, &name, range, if_range).await?;
+        fn given(v: &str) -> Option<&str> {
+            (!v.is_empty()).then_some(v)
+        }
+        let asked = Conditions {
+            range: given(&range),
+            if_range: given(&if_range),
+            ..Default::default()
+        };
+        let (chunks, sent) = self.api.download(&caller, &name, asked).await?;
         let chunks = chunks.map(move |c| match c {
             Ok(data) => Ok(pb::FileChunk {
                 data: data.to_vec(),

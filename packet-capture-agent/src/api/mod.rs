@@ -25,6 +25,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use http::header;
+use packet_capture_common::validators::{Validators, http_date};
 use tokio::io::AsyncReadExt as _;
 
 use crate::capture::{
@@ -231,16 +232,17 @@ impl Api {
     /// A capture file's bytes in chunks, all of them or the part an HTTP
     /// `Range` value asks for ([`requested_part`]), and what they are, when
     /// `caller` may `get` the files of the file's capture (see
-    /// [`files::capture_of`]). Beside an `If-Range` value (`if_range`), the
-    /// `Range` holds only if that names the file as it is (its ETag or
-    /// Last-Modified date, [`Version`]); else the whole file is sent, as
-    /// RFC 9110 13.1.5 says.
+    /// [`files::capture_of`]). The request's conditions name the file as
+    /// it is or not (its ETag or Last-Modified date, [`Validators`]), as
+    /// RFC 9110 13.2.2 orders them: a copy that is still the file
+    /// (`If-None-Match`, `If-Modified-Since`) gets no bytes
+    /// ([`Sent::not_modified`]); beside an `If-Range` that names another
+    /// version, the `Range` is ignored and the whole file sent.
     pub async fn download(
         &self,
         caller: &Caller,
         name: &str,
-        range: Option<&str>,
-        if_range: Option<&str>,
+        asked: Conditions<'_>,
     ) -> Result<(impl Stream<Item = io::Result<Bytes>> + Send + 'static, Sent), ApiError> {
         if !files::valid_name(name) {
             return Err(files::FileError::BadName(name.to_owned()).into());
@@ -262,15 +264,21 @@ impl Api {
             (None, Ok(_)) => return Err(files::FileError::NotFound(name.to_owned()).into()),
             (_, Err(e)) => return Err(e.into()),
         };
-        let version = Version::of(&meta);
+        let version = validators_of(&meta);
         let size = meta.len();
-        let part = match range.filter(|_| if_range.is_none_or(|v| version.is_named_by(v))) {
+        let not_modified = version.not_modified(asked.if_none_match, asked.if_modified_since);
+        let range = asked
+            .range
+            .filter(|_| !not_modified)
+            .filter(|_| asked.if_range.is_none_or(|v| version.is_named_by(v)));
+        let part = match range {
             Some(range) => requested_part(range, size)?,
             None => None,
         };
         let sent = Sent {
             size,
             part,
+            not_modified,
             version,
         };
         let bytes = sent.bytes();
@@ -281,6 +289,17 @@ impl Api {
     }
 }
 
+/// What a download asks beside the file's name: HTTP's `Range`, and the
+/// conditions on the file's validators (none of them over gRPC but
+/// `If-Range`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Conditions<'a> {
+    pub range: Option<&'a str>,
+    pub if_range: Option<&'a str>,
+    pub if_none_match: Option<&'a str>,
+    pub if_modified_since: Option<&'a str>,
+}
+
 /// What a download sends of its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sent {
@@ -288,12 +307,18 @@ pub struct Sent {
     pub size: u64,
     /// The bytes a `Range` asked for; `None`: the whole file.
     pub part: Option<std::ops::Range<u64>>,
-    version: Version,
+    /// The asker's copy is still the file: no bytes (304 Not Modified).
+    pub not_modified: bool,
+    version: Validators,
 }
 
 impl Sent {
     fn bytes(&self) -> std::ops::Range<u64> {
-        self.part.clone().unwrap_or(0..self.size)
+        match &self.part {
+            _ if self.not_modified => 0..0,
+            Some(part) => part.clone(),
+            None => 0..self.size,
+        }
     }
 
     /// How many bytes are sent.
@@ -325,57 +350,20 @@ impl Sent {
     }
 }
 
-/// The validators of a file as it is now (RFC 9110 8.8), which a download
-/// sends as `ETag` and `Last-Modified`, and an `If-Range` names to go on
-/// with the same file. A capture file does not change once it is there
-/// (it is written under another name, then renamed), so both are strong;
-/// the ETag also changes when a file is replaced by one of the same name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Version {
-    etag: String,
-    /// None for a time HTTP cannot write (before 1970, after 9999).
-    modified: Option<httpdate::HttpDate>,
-}
-
-/// 10000-01-01: HTTP dates have four digits of year.
-const HTTP_DATES_END: u64 = 253_402_300_800;
-
-/// `time` as an HTTP date, if one can say it (1970 to 9999).
-fn http_date(time: std::time::SystemTime) -> Option<httpdate::HttpDate> {
-    let since_epoch = time.duration_since(std::time::UNIX_EPOCH).ok()?;
-    (since_epoch.as_secs() < HTTP_DATES_END).then(|| time.into())
-}
-
-impl Version {
-    fn of(meta: &std::fs::Metadata) -> Self {
-        use std::os::unix::fs::MetadataExt as _;
-        Self {
-            etag: format!(
-                "\"{:x}-{:x}-{:x}.{:x}\"",
-                meta.ino(),
-                meta.len(),
-                meta.mtime(),
-                meta.mtime_nsec()
-            ),
-            modified: meta.modified().ok().and_then(http_date),
-        }
-    }
-
-    /// Whether an `If-Range` value names this version: its ETag, compared
-    /// strongly (a weak one never matches), or its Last-Modified date, to
-    /// the second, in any of HTTP's date formats.
-    fn is_named_by(&self, if_range: &str) -> bool {
-        let value = if_range.trim();
-        if value.starts_with('"') || value.starts_with("W/") {
-            return value == self.etag;
-        }
-        self.modified
-            .is_some_and(|modified| value.parse::<httpdate::HttpDate>().ok() == Some(modified))
-    }
-
-    /// The `Last-Modified` value.
-    fn last_modified(&self) -> Option<String> {
-        self.modified.map(|d| d.to_string())
+/// A file's validators as it is now. The ETag also changes when a file is
+/// replaced by one of the same name (its inode), or by the same file
+/// written again.
+fn validators_of(meta: &std::fs::Metadata) -> Validators {
+    use std::os::unix::fs::MetadataExt as _;
+    Validators {
+        etag: format!(
+            "\"{:x}-{:x}-{:x}.{:x}\"",
+            meta.ino(),
+            meta.len(),
+            meta.mtime(),
+            meta.mtime_nsec()
+        ),
+        modified: meta.modified().ok().and_then(http_date),
     }
 }
 
@@ -688,45 +676,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_if_range_names_a_version_by_its_etag_or_its_date() {
-        use std::time::{Duration, UNIX_EPOCH};
-        // Thu, 01 Jan 2026 00:00:00 GMT.
-        let midnight = UNIX_EPOCH + Duration::from_secs(1_767_225_600);
-        let version = Version {
-            etag: "\"a-96-1\"".into(),
-            modified: Some(midnight.into()),
-        };
-        assert_eq!(
-            version.last_modified().as_deref(),
-            Some("Thu, 01 Jan 2026 00:00:00 GMT")
-        );
-        for named in [
-            "\"a-96-1\"",
-            " \"a-96-1\" ",
-            "Thu, 01 Jan 2026 00:00:00 GMT",
-            "Thursday, 01-Jan-26 00:00:00 GMT",
-            "Thu Jan  1 00:00:00 2026",
-        ] {
-            assert!(version.is_named_by(named), "{named}");
-        }
-        for other in [
-            "W/\"a-96-1\"",
-            "\"a-96-2\"",
-            "a-96-1",
-            "Thu, 01 Jan 2026 00:00:01 GMT",
-            "2026-01-01T00:00:00Z",
-            "",
-        ] {
-            assert!(!version.is_named_by(other), "{other}");
-        }
-        let undated = Version {
-            modified: None,
-            ..version
-        };
-        assert!(!undated.is_named_by("Thu, 01 Jan 1970 00:00:00 GMT"));
-    }
-
     /// A time HTTP cannot say is left out, never a panic; the ETag changes
     /// with the time and the size.
     #[test]
@@ -735,15 +684,10 @@ mod tests {
         let file = tempfile::NamedTempFile::new().unwrap();
         let version_at = |time| {
             file.as_file().set_modified(time).unwrap();
-            Version::of(&file.as_file().metadata().unwrap())
+            validators_of(&file.as_file().metadata().unwrap())
         };
         let midnight = version_at(UNIX_EPOCH + Duration::from_secs(1_767_225_600));
         assert!(midnight.modified.is_some());
-        // (Most file systems cannot keep a time past 9999.)
-        assert_eq!(
-            http_date(UNIX_EPOCH + Duration::from_secs(HTTP_DATES_END)),
-            None
-        );
         let unwritable = [
             UNIX_EPOCH - Duration::from_secs(86_400),
             UNIX_EPOCH - Duration::from_secs(1),
@@ -764,21 +708,26 @@ mod tests {
 
     #[test]
     fn a_part_says_which_bytes_it_holds() {
-        let version = Version::of(&std::fs::metadata(env!("CARGO_MANIFEST_DIR")).unwrap());
+        let version = validators_of(&std::fs::metadata(env!("CARGO_MANIFEST_DIR")).unwrap());
         let whole = Sent {
             size: 100,
             part: None,
+            not_modified: false,
             version: version.clone(),
         };
         assert_eq!((whole.content_length(), whole.content_range()), (100, None));
         let part = Sent {
-            size: 100,
             part: Some(10..20),
-            version,
+            ..whole.clone()
         };
         assert_eq!(
             (part.content_length(), part.content_range().as_deref()),
             (10, Some("bytes 10-19/100"))
         );
+        let kept = Sent {
+            not_modified: true,
+            ..whole
+        };
+        assert_eq!((kept.content_length(), kept.content_range()), (0, None));
     }
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::Permission;
 use super::convert::{CaptureJson, FileJson, Unchecked, UncheckedTargets};
-use super::{Api, ApiError, Caller, MAX_REQUEST_BYTES};
+use super::{Api, ApiError, Caller, Conditions, MAX_REQUEST_BYTES, Sent};
 
 pub fn routes() -> Router<Api> {
     Router::new()
@@ -246,14 +246,21 @@ async fn download_file(
     request: HeaderMap,
 ) -> Result<Response, ApiError> {
     let name = param("name", name)?;
-    let range = request.get(header::RANGE).and_then(|v| v.to_str().ok());
     // A value that is not text names no version of the file.
-    let if_range = request
-        .get(header::IF_RANGE)
-        .map(|v| v.to_str().unwrap_or_default());
-    let (chunks, sent) = api
-        .download(&caller_of(caller)?, &name, range, if_range)
-        .await?;
+    let text = |name| request.get(name).map(|v| v.to_str().unwrap_or_default());
+    let asked = Conditions {
+        range: request.get(header::RANGE).and_then(|v| v.to_str().ok()),
+        if_range: text(header::IF_RANGE),
+        if_none_match: text(header::IF_NONE_MATCH),
+        if_modified_since: text(header::IF_MODIFIED_SINCE),
+    };
+    let (chunks, sent) = api.download(&caller_of(caller)?, &name, asked).await?;
+    if sent.not_modified {
+        // The asker's copy is the file (RFC 9110 15.4.5).
+        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        insert_validators(response.headers_mut(), &sent);
+        return Ok(response);
+    }
     let mut response = Body::from_stream(chunks).into_response();
     let content_range = sent
         .content_range()
@@ -271,11 +278,7 @@ async fn download_file(
         HeaderValue::from(sent.content_length()),
     );
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    for (name, value) in sent.validators() {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            headers.insert(name, value);
-        }
-    }
+    insert_validators(headers, &sent);
     if let Some(range) = content_range {
         headers.insert(header::CONTENT_RANGE, range);
     }
@@ -284,6 +287,15 @@ async fn download_file(
         headers.insert(header::CONTENT_DISPOSITION, v);
     }
     Ok(response)
+}
+
+/// The file's `ETag` and `Last-Modified`, with every answer to a download.
+fn insert_validators(headers: &mut HeaderMap, sent: &Sent) {
+    for (name, value) in sent.validators() {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    }
 }
 
 #[derive(Deserialize)]

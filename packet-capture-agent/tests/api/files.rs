@@ -186,6 +186,46 @@ async fn a_download_resumes_from_where_it_broke_off() {
         assert_eq!(r.bytes().await.unwrap(), made, "{range}");
     }
 
+    // A copy that is still the file: 304, its validators, no bytes. The
+    // ETag is compared weakly here; If-None-Match decides alone when it is
+    // there, and before the range.
+    let conditional = |conditions: &[(&str, &str)]| {
+        let mut req = rest.request(reqwest::Method::GET, &path);
+        for (name, value) in conditions {
+            req = req.header(*name, *value);
+        }
+        async move { req.send().await.unwrap() }
+    };
+    let in_1970 = "Thu, 01 Jan 1970 00:00:00 GMT";
+    for conditions in [
+        &[("if-none-match", &*etag)][..],
+        &[("if-none-match", &*weak)],
+        &[("if-none-match", "\"other\", *")],
+        &[("if-modified-since", &*modified)],
+        &[("if-modified-since", "Sat, 01 Jan 2050 00:00:00 GMT")],
+        &[("if-none-match", &*etag), ("if-modified-since", in_1970)],
+        &[("if-none-match", &*etag), ("range", "bytes=10-19")],
+    ] {
+        let r = conditional(conditions).await;
+        assert_eq!(r.status(), 304, "{conditions:?}");
+        assert_eq!(r.headers()["etag"], etag.as_str());
+        assert_eq!(r.headers()["last-modified"], modified.as_str());
+        assert!(r.bytes().await.unwrap().is_empty(), "{conditions:?}");
+    }
+    for conditions in [
+        &[("if-none-match", "\"other\"")][..],
+        &[("if-modified-since", in_1970)],
+        &[("if-modified-since", "yesterday")],
+        &[
+            ("if-none-match", "\"other\""),
+            ("if-modified-since", &*modified),
+        ],
+    ] {
+        let r = conditional(conditions).await;
+        assert_eq!(r.status(), 200, "{conditions:?}");
+        assert_eq!(r.bytes().await.unwrap(), made, "{conditions:?}");
+    }
+
     // curl -R dates its copy with the file's Last-Modified.
     let copy = tempfile::NamedTempFile::new().unwrap();
     let curl = std::process::Command::new("curl")
@@ -205,6 +245,19 @@ async fn a_download_resumes_from_where_it_broke_off() {
             .as_secs()
     };
     assert_eq!(mtime(copy.path()), mtime(&node.dir.path().join(MADE)));
+    // Fetched again over that copy only if the file is newer (curl -z:
+    // If-Modified-Since the copy's time): 304, and the copy stays.
+    let curl = std::process::Command::new("curl")
+        .args(["-sSf", "-w", "%{http_code}", "-z"])
+        .arg(copy.path())
+        .arg("-o")
+        .arg(copy.path())
+        .arg(format!("{}{path}", agent.url()))
+        .output()
+        .expect("curl");
+    assert!(curl.status.success(), "{curl:?}");
+    assert_eq!(String::from_utf8_lossy(&curl.stdout), "304");
+    assert_eq!(std::fs::read(copy.path()).unwrap(), made);
 
     // curl -C - finishes a file that holds the first bytes.
     let partial = tempfile::NamedTempFile::new().unwrap();

@@ -318,20 +318,21 @@ fn chunks_of(
 /// server, as `curl -C -` asks to resume a download: 206 with the bytes from
 /// there on, or 416 with the file's size for a start past its end; with the
 /// agent's validators (ETag, Last-Modified), which an If-Range names to go
-/// on with the same file, and the whole file for an If-Range naming another.
+/// on with the same file, and the whole file for an If-Range naming another;
+/// 304 for a copy an If-None-Match or If-Modified-Since says is the file.
 async fn parts_through_the_api_server(w: &World, capture: &str, node: &str, downloaded: &Path) {
+    use http::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, RANGE};
     let whole = std::fs::read(downloaded).unwrap();
     let prefix = "node0-";
     let file = downloaded.file_name().unwrap().to_str().unwrap();
     let file = file.strip_prefix(prefix).unwrap();
     let client = w.cluster.client().unwrap();
-    let get_if = |range: &str, if_range: Option<&str>| {
+    let get_with = |headers: Vec<(http::header::HeaderName, String)>| {
         let mut request = http::Request::get(format!(
             "/apis/pcap.packet.io/v1/captures/{capture}/proxy/files/{node}/{file}"
-        ))
-        .header(http::header::RANGE, range);
-        if let Some(v) = if_range {
-            request = request.header(http::header::IF_RANGE, v);
+        ));
+        for (name, value) in headers {
+            request = request.header(name, value);
         }
         let request = request.body(Vec::new()).unwrap();
         let client = client.clone();
@@ -343,6 +344,11 @@ async fn parts_through_the_api_server(w: &World, capture: &str, node: &str, down
                 .unwrap();
             (parts, body)
         }
+    };
+    let get_if = |range: &str, if_range: Option<&str>| {
+        let mut headers = vec![(RANGE, range.to_owned())];
+        headers.extend(if_range.map(|v| (IF_RANGE, v.to_owned())));
+        get_with(headers)
     };
     let get = |range: &str| get_if(range, None);
     let size = whole.len();
@@ -369,6 +375,23 @@ async fn parts_through_the_api_server(w: &World, capture: &str, node: &str, down
     let body = String::from_utf8_lossy(&body);
     assert!(body.contains("Range: "), "{body}");
     let (head, body) = get_if("bytes=10-", Some("\"an-etag\"")).await;
+    assert_eq!(head.status, 200, "{body:?}");
+    assert_eq!(body, whole);
+    let etag = head.headers[http::header::ETAG]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let modified = head.headers[http::header::LAST_MODIFIED]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    for condition in [(IF_NONE_MATCH, etag.clone()), (IF_MODIFIED_SINCE, modified)] {
+        let (head, body) = get_with(vec![condition.clone()]).await;
+        assert_eq!(head.status, 304, "{condition:?}: {body:?}");
+        assert_eq!(head.headers[http::header::ETAG], etag.as_str());
+        assert!(body.is_empty(), "{condition:?}");
+    }
+    let (head, body) = get_with(vec![(IF_NONE_MATCH, "\"an-etag\"".into())]).await;
     assert_eq!(head.status, 200, "{body:?}");
     assert_eq!(body, whole);
 }
