@@ -9,7 +9,9 @@
 //! file, and the status reports the packets. With the aggregated API, the
 //! file is then read through the API server, as `kubectl pcap fetch` reads
 //! it, and its records counted. The capture is deleted at the end however
-//! the check went, and one of that name left by an earlier run first.
+//! the check went, and one of that name left by an earlier run first (a
+//! capture of that name the check did not make is left alone, and the
+//! check fails saying so).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,7 +20,7 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail};
 use futures::AsyncReadExt as _;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::{DeleteParams, PostParams, Preconditions};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::{Api, Client, ResourceExt as _};
 use packet_capture_common::aggregated::{API_SERVICE, file_path};
@@ -104,7 +106,9 @@ async fn capture(
             ..Default::default()
         },
     );
-    pcc.metadata.labels = Some(check.labels.clone());
+    let mut labels = check.labels.clone();
+    labels.insert(MADE_BY.0.into(), MADE_BY.1.into());
+    pcc.metadata.labels = Some(labels);
     api.create(&PostParams::default(), &pcc)
         .await
         .map_err(|e| match e {
@@ -290,13 +294,40 @@ fn pcap_records(bytes: &[u8]) -> anyhow::Result<u64> {
     Ok(records)
 }
 
-/// Deletes the capture, if there is one, and waits until it is gone (the
-/// controller has stopped it on the agents).
+/// The label the check's captures carry: a capture of that name without it
+/// is someone else's, and never deleted.
+const MADE_BY: (&str, &str) = (
+    "app.kubernetes.io/managed-by",
+    "packet-capture-check-install",
+);
+
+fn made_by_the_check(pcc: &PacketCaptureConfig) -> bool {
+    pcc.labels().get(MADE_BY.0).map(String::as_str) == Some(MADE_BY.1)
+}
+
+/// Deletes the check's capture, if there is one, and waits until it is gone
+/// (the controller has stopped it on the agents).
 async fn delete(api: &Api<PacketCaptureConfig>, name: &str, wait: Duration) -> anyhow::Result<()> {
     let Some(pcc) = api.get_opt(name).await? else {
         return Ok(());
     };
-    match api.delete(name, &DeleteParams::default()).await {
+    if !made_by_the_check(&pcc) {
+        bail!(
+            "a capture named {name} is there that this check did not make (it has no label {}={}): \
+             it is left alone; delete or rename it, or name the check's capture otherwise (--capture)",
+            MADE_BY.0,
+            MADE_BY.1
+        );
+    }
+    // That one, not another made under its name meanwhile.
+    let only_that_one = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: pcc.uid(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(name, &only_that_one).await {
         Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
         other => other.map(drop)?,
     }
@@ -428,6 +459,16 @@ mod tests {
         assert!(is_not_found(&api(404)));
         assert!(!is_not_found(&api(403)));
         assert!(!is_not_found(&anyhow!("GET /x: not available")));
+    }
+
+    #[test]
+    fn only_the_checks_own_capture_is_its_to_delete() {
+        let mut pcc = PacketCaptureConfig::new("packet-capture-test", Default::default());
+        assert!(!made_by_the_check(&pcc));
+        pcc.metadata.labels = Some(BTreeMap::from([(MADE_BY.0.into(), "Helm".into())]));
+        assert!(!made_by_the_check(&pcc));
+        pcc.metadata.labels = Some(BTreeMap::from([(MADE_BY.0.into(), MADE_BY.1.into())]));
+        assert!(made_by_the_check(&pcc));
     }
 
     #[test]

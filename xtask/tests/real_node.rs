@@ -522,6 +522,33 @@ async fn helm_install_on_a_real_node_captures_real_pods() {
     assert_eq!(health["backend"], "ebpf", "{health}");
     assert_eq!(health["node"], world.node.name(), "{health}");
 
+    // `helm test` leaves alone a capture of its capture's name that it did
+    // not make, and fails saying so.
+    let theirs = json!({
+        "apiVersion": "networking.packet.io/v1",
+        "kind": "PacketCaptureConfig",
+        "metadata": {"name": "packet-capture-test"},
+        "spec": {"targetIPs": ["10.0.0.1"], "duration": 600},
+    });
+    world.apply(&theirs);
+    let refused = world
+        .cluster
+        .helm()
+        .args(["test", RELEASE, "--logs", WAIT, "--namespace", NS])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(!refused.status.success(), "{said}");
+    assert!(said.contains("that this check did not make"), "{said}");
+    let kept = world.json(&["get", "packetcaptureconfig", "packet-capture-test"]);
+    assert!(kept["metadata"]["deletionTimestamp"].is_null(), "{kept}");
+    world.kubectl(&["delete", "packetcaptureconfig", "packet-capture-test"]);
+
     // `helm test`: a pod of the release captures its own traffic end to
     // end and reads its file back through the aggregated API. Its capture
     // and its access are gone afterwards; its pod stays, for its log.
