@@ -587,16 +587,8 @@ async fn download(
     // dropped unread (RFC 9110 13.2.2 puts these conditions before the
     // range, which the agent was asked for before its validators were
     // known).
-    let validator = |name| {
-        validators
-            .iter()
-            .find(|(n, _)| n == name)
-            .and_then(|(_, v)| v.to_str().ok())
-    };
-    let file = Validators::from_headers(
-        validator(&header::ETAG).unwrap_or_default(),
-        validator(&header::LAST_MODIFIED),
-    );
+    let text = |name| answer.metadata().get(name).and_then(|v| v.to_str().ok());
+    let file = Validators::from_headers(text("etag").unwrap_or_default(), text("last-modified"));
     let if_none_match = value_of(header::IF_NONE_MATCH);
     let if_modified_since = value_of(header::IF_MODIFIED_SINCE);
     if file.not_modified(if_none_match.as_deref(), if_modified_since.as_deref()) {
