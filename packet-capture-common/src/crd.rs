@@ -33,35 +33,64 @@ pub const ON_BEHALF_OF_USER: &str = "packet-capture-on-behalf-of-user";
 pub const ON_BEHALF_OF_GROUP: &str = "packet-capture-on-behalf-of-group";
 pub const ON_BEHALF_OF_UID: &str = "packet-capture-on-behalf-of-uid";
 pub const ON_BEHALF_OF_EXTRA: &str = "packet-capture-on-behalf-of-extra";
+/// Present, as [`PERCENT_ENCODED`], when the user, group and uid headers of
+/// a relayed call are percent-encoded UTF-8 ([`percent_encode`]), as the
+/// `extra` ones always are. The controller encodes them only for a user one
+/// of whose names a header cannot carry as it is ([`is_plain_header_value`]),
+/// so that agents that do not know this header still read every other
+/// user; such an agent reads the encoded name (`j%C3%B6rg`), which no one
+/// holds, and refuses, rather than reading someone else.
+pub const ON_BEHALF_OF_ENCODING: &str = "packet-capture-on-behalf-of-encoding";
+/// The one value of [`ON_BEHALF_OF_ENCODING`].
+pub const PERCENT_ENCODED: &str = "percent";
 
-/// What is percent-encoded in an [`ON_BEHALF_OF_EXTRA`] header: all but
+/// What is percent-encoded in the `ON_BEHALF_OF_*` headers: all but
 /// RFC 3986's unreserved characters, so `=` only parts key from value and
 /// any text (`/` in keys, UTF-8 in values) is a header value, also in gRPC
 /// metadata.
-const EXTRA_ENCODED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+const ON_BEHALF_ENCODED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'.')
     .remove(b'_')
     .remove(b'~');
 
+/// `text` as an `ON_BEHALF_OF_*` header value that carries any text.
+pub fn percent_encode(text: &str) -> String {
+    percent_encoding::utf8_percent_encode(text, ON_BEHALF_ENCODED).to_string()
+}
+
+/// The text [`percent_encode`] made `encoded` from; `None` when it is not
+/// percent-encoded UTF-8.
+pub fn percent_decode(encoded: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(encoded)
+        .decode_utf8()
+        .ok()
+        .map(|s| s.into_owned())
+}
+
+/// Whether `text` is a header value as it is, read back the same by every
+/// HTTP parser and gRPC's ASCII metadata: visible ASCII and spaces between,
+/// none at either end (parsers trim them).
+pub fn is_plain_header_value(text: &str) -> bool {
+    text.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+        && !text.starts_with(' ')
+        && !text.ends_with(' ')
+}
+
 /// The [`ON_BEHALF_OF_EXTRA`] header of one value of an `extra` key:
 /// `KEY=VALUE`, both percent-encoded.
 pub fn on_behalf_extra(key: &str, value: &str) -> String {
-    let encoded = |s| percent_encoding::utf8_percent_encode(s, EXTRA_ENCODED);
-    format!("{}={}", encoded(key), encoded(value))
+    format!("{}={}", percent_encode(key), percent_encode(value))
 }
 
 /// The key and value an [`ON_BEHALF_OF_EXTRA`] header holds; `None` when
 /// it is not `KEY=VALUE` of percent-encoded UTF-8 with a key.
 pub fn parse_on_behalf_extra(header: &str) -> Option<(String, String)> {
     let (key, value) = header.split_once('=')?;
-    let decoded = |s| {
-        percent_encoding::percent_decode_str(s)
-            .decode_utf8()
-            .ok()
-            .map(|s| s.into_owned())
-    };
-    Some((decoded(key).filter(|k| !k.is_empty())?, decoded(value)?))
+    Some((
+        percent_decode(key).filter(|k| !k.is_empty())?,
+        percent_decode(value)?,
+    ))
 }
 /// The response header of a capture's live stream (the aggregated API's
 /// `packets`) that names the capture it streams (its id on the agents, of
@@ -672,6 +701,23 @@ mod tests {
         for bad in ["no-equals", "=value", "%ff=x", "k=%c3"] {
             assert_eq!(parse_on_behalf_extra(bad), None, "{bad}");
         }
+    }
+
+    /// A name a header carries as it is goes as it is; any other goes
+    /// percent-encoded, and comes back as it was.
+    #[test]
+    fn a_name_goes_through_a_header_plain_or_encoded() {
+        for plain in ["alice", "system:serviceaccount:ns:a", "a b", "100%"] {
+            assert!(is_plain_header_value(plain), "{plain}");
+        }
+        for other in ["jörg", "Zoë Ünicode", " lead", "trail ", "tab\tx", "a\nb"] {
+            assert!(!is_plain_header_value(other), "{other}");
+            let header = percent_encode(other);
+            assert!(is_plain_header_value(&header), "{header}");
+            assert_eq!(percent_decode(&header).as_deref(), Some(other));
+        }
+        assert_eq!(percent_encode("jörg:x"), "j%C3%B6rg%3Ax");
+        assert_eq!(percent_decode("%c3"), None);
     }
 
     #[test]

@@ -13,8 +13,8 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 use packet_capture_common::crd::{
-    CaptureState, ON_BEHALF_OF_EXTRA, ON_BEHALF_OF_GROUP, ON_BEHALF_OF_UID, ON_BEHALF_OF_USER,
-    on_behalf_extra,
+    CaptureState, ON_BEHALF_OF_ENCODING, ON_BEHALF_OF_EXTRA, ON_BEHALF_OF_GROUP, ON_BEHALF_OF_UID,
+    ON_BEHALF_OF_USER, PERCENT_ENCODED, is_plain_header_value, on_behalf_extra, percent_encode,
 };
 use packet_capture_proto::v1::agent_client::AgentClient;
 use packet_capture_proto::v1::{
@@ -22,7 +22,7 @@ use packet_capture_proto::v1::{
     ListFilesRequest, PacketBatch, SetTargetsRequest, StartCaptureRequest, StopCaptureRequest,
     StreamPacketsRequest, TargetPod, WatchCaptureRequest,
 };
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
 
@@ -419,7 +419,7 @@ impl AgentPool {
         Fut: Future<Output = Result<Response<R>, Status>>,
     {
         let mut req = self.request(msg);
-        on_behalf_of(user, req.metadata_mut())?;
+        on_behalf_of(user, req.metadata_mut());
         self.call_for(ep, method, req, call).await
     }
 
@@ -662,28 +662,44 @@ impl AgentPool {
     }
 }
 
-/// Names `user` in the `ON_BEHALF_OF_*` headers of a relayed call.
-fn on_behalf_of(user: &UserInfo, metadata: &mut MetadataMap) -> Result<(), Status> {
-    let value = |v: &str| {
-        v.parse()
-            .map_err(|_| Status::invalid_argument(format!("user {v:?}: not a header value")))
+/// Names `user` in the `ON_BEHALF_OF_*` headers of a relayed call: its
+/// names as they are when a header carries each as it is, else all of them
+/// percent-encoded (`ON_BEHALF_OF_ENCODING`).
+fn on_behalf_of(user: &UserInfo, metadata: &mut MetadataMap) {
+    let name = user.username.as_deref().unwrap_or_default();
+    let groups = user.groups.iter().flatten().map(String::as_str);
+    let encoded = !std::iter::once(name)
+        .chain(groups.clone())
+        .chain(user.uid.as_deref())
+        .all(is_plain_header_value);
+    let value = |text: &str| -> MetadataValue<Ascii> {
+        let text = if encoded {
+            percent_encode(text)
+        } else {
+            text.to_owned()
+        };
+        text.parse()
+            .expect("a plain header value, or percent-encoded one")
     };
-    metadata.insert(
-        ON_BEHALF_OF_USER,
-        value(user.username.as_deref().unwrap_or_default())?,
-    );
-    for group in user.groups.iter().flatten() {
-        metadata.append(ON_BEHALF_OF_GROUP, value(group)?);
+    if encoded {
+        metadata.insert(
+            ON_BEHALF_OF_ENCODING,
+            MetadataValue::from_static(PERCENT_ENCODED),
+        );
+    }
+    metadata.insert(ON_BEHALF_OF_USER, value(name));
+    for group in groups {
+        metadata.append(ON_BEHALF_OF_GROUP, value(group));
     }
     if let Some(uid) = &user.uid {
-        metadata.insert(ON_BEHALF_OF_UID, value(uid)?);
+        metadata.insert(ON_BEHALF_OF_UID, value(uid));
     }
     for (key, values) in user.extra.iter().flatten() {
         for v in values {
-            metadata.append(ON_BEHALF_OF_EXTRA, value(&on_behalf_extra(key, v))?);
+            let header = on_behalf_extra(key, v);
+            metadata.append(ON_BEHALF_OF_EXTRA, header.parse().expect("percent-encoded"));
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -692,6 +708,15 @@ mod tests {
     use crate::test_objects::{agent_pod, node, pod, store_of};
     use packet_capture_common::crd::parse_on_behalf_extra;
     use std::io::Write;
+
+    /// Every value of `key` in `metadata`.
+    fn values<'a>(metadata: &'a MetadataMap, key: &str) -> Vec<&'a str> {
+        metadata
+            .get_all(key)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    }
 
     /// The whole user goes with a relayed call, `extra` with keys and
     /// values of any text, so that the agent asks for the same user the API
@@ -714,14 +739,8 @@ mod tests {
             ),
         };
         let mut metadata = MetadataMap::new();
-        on_behalf_of(&user, &mut metadata).unwrap();
-        let all = |key| -> Vec<&str> {
-            metadata
-                .get_all(key)
-                .iter()
-                .map(|v| v.to_str().unwrap())
-                .collect()
-        };
+        on_behalf_of(&user, &mut metadata);
+        let all = |key| values(&metadata, key);
         assert_eq!(all(ON_BEHALF_OF_USER), ["alice"]);
         assert_eq!(all(ON_BEHALF_OF_GROUP), ["team", "system:authenticated"]);
         assert_eq!(all(ON_BEHALF_OF_UID), ["42"]);
@@ -736,6 +755,29 @@ mod tests {
                 ("scopes/a".into(), "é".into())
             ]
         );
+        assert!(metadata.get(ON_BEHALF_OF_ENCODING).is_none());
+    }
+
+    /// A user one of whose names a header cannot carry as it is goes with
+    /// all of them percent-encoded, and says so.
+    #[test]
+    fn a_relayed_call_for_a_name_beyond_ascii_encodes_it() {
+        let user = UserInfo {
+            username: Some("alice".into()),
+            groups: Some(vec!["équipe".into(), "system:authenticated".into()]),
+            uid: Some("42".into()),
+            extra: None,
+        };
+        let mut metadata = MetadataMap::new();
+        on_behalf_of(&user, &mut metadata);
+        let all = |key| values(&metadata, key);
+        assert_eq!(all(ON_BEHALF_OF_ENCODING), [PERCENT_ENCODED]);
+        assert_eq!(all(ON_BEHALF_OF_USER), ["alice"]);
+        assert_eq!(
+            all(ON_BEHALF_OF_GROUP),
+            ["%C3%A9quipe", "system%3Aauthenticated"]
+        );
+        assert_eq!(all(ON_BEHALF_OF_UID), ["42"]);
     }
 
     fn settings(token_file: PathBuf) -> PoolSettings {

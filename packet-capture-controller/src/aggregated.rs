@@ -80,20 +80,25 @@ const MERGE_BATCHES: usize = 64;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UserHeaders {
     pub user: Vec<String>,
+    pub uid: Vec<String>,
     pub group: Vec<String>,
     pub extra_prefix: Vec<String>,
 }
 
 impl UserHeaders {
-    /// The user a request is for: the first user header present; its
-    /// groups and extras.
+    /// The user a request is for: the first user header present; its uid,
+    /// groups and extras. The API server writes names as they are, UTF-8
+    /// beyond ASCII too.
     fn user(&self, headers: &HeaderMap) -> Option<UserInfo> {
-        let text = |v: &http::HeaderValue| v.to_str().ok().map(str::to_owned);
-        let username = self
-            .user
-            .iter()
-            .find_map(|h| headers.get(h.as_str()).and_then(text))
-            .filter(|u| !u.is_empty())?;
+        let text =
+            |v: &http::HeaderValue| std::str::from_utf8(v.as_bytes()).ok().map(str::to_owned);
+        let first = |names: &[String]| {
+            names
+                .iter()
+                .find_map(|h| headers.get(h.as_str()).and_then(text))
+                .filter(|v| !v.is_empty())
+        };
+        let username = first(&self.user)?;
         let groups = self
             .group
             .iter()
@@ -117,7 +122,7 @@ impl UserHeaders {
             username: Some(username),
             groups: Some(groups),
             extra: (!extra.is_empty()).then_some(extra),
-            uid: None,
+            uid: first(&self.uid),
         })
     }
 }
@@ -146,6 +151,7 @@ pub fn front_proxy(config_map: &ConfigMap) -> Option<(ClientCas, UserHeaders)> {
     };
     let headers = UserHeaders {
         user: list(data, "requestheader-username-headers"),
+        uid: list(data, "requestheader-uid-headers"),
         group: list(data, "requestheader-group-headers"),
         extra_prefix: list(data, "requestheader-extra-headers-prefix"),
     };
@@ -1038,18 +1044,25 @@ mod tests {
     fn the_user_comes_from_the_configured_headers() {
         let names = UserHeaders {
             user: vec!["X-Remote-User".into()],
+            uid: vec!["X-Remote-Uid".into()],
             group: vec!["X-Remote-Group".into()],
             extra_prefix: vec!["X-Remote-Extra-".into()],
         };
+        // As the API server writes them: UTF-8 bytes, not only ASCII.
+        let raw = |s: &str| http::HeaderValue::from_bytes(s.as_bytes()).unwrap();
         let mut headers = HeaderMap::new();
-        headers.insert("x-remote-user", "alice".parse().unwrap());
-        headers.append("x-remote-group", "dev".parse().unwrap());
-        headers.append("x-remote-group", "system:authenticated".parse().unwrap());
-        headers.append("x-remote-extra-scopes%2fa", "x".parse().unwrap());
+        headers.insert("x-remote-user", raw("jörg"));
+        headers.insert("x-remote-uid", raw("ü-42"));
+        headers.append("x-remote-group", raw("équipe"));
+        headers.append("x-remote-group", raw("system:authenticated"));
+        headers.append("x-remote-extra-scopes%2fa", raw("x é"));
         let user = names.user(&headers).unwrap();
-        assert_eq!(user.username.as_deref(), Some("alice"));
-        assert_eq!(user.groups.unwrap(), ["dev", "system:authenticated"]);
-        assert_eq!(user.extra.unwrap()["scopes/a"], ["x"]);
+        assert_eq!(user.username.as_deref(), Some("jörg"));
+        assert_eq!(user.uid.as_deref(), Some("ü-42"));
+        assert_eq!(user.groups.unwrap(), ["équipe", "system:authenticated"]);
+        assert_eq!(user.extra.unwrap()["scopes/a"], ["x é"]);
         assert!(names.user(&HeaderMap::new()).is_none());
+        headers.remove("x-remote-uid");
+        assert_eq!(names.user(&headers).unwrap().uid, None);
     }
 }

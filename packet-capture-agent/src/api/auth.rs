@@ -31,8 +31,9 @@ use k8s_openapi::api::authorization::v1::{
 use kube::api::PostParams;
 use lru::LruCache;
 use packet_capture_common::crd::{
-    FILES_SUBRESOURCE, GROUP, ON_BEHALF_OF_EXTRA, ON_BEHALF_OF_GROUP, ON_BEHALF_OF_UID,
-    ON_BEHALF_OF_USER, PLURAL, RELAY_VERB, RESOURCE, parse_on_behalf_extra,
+    FILES_SUBRESOURCE, GROUP, ON_BEHALF_OF_ENCODING, ON_BEHALF_OF_EXTRA, ON_BEHALF_OF_GROUP,
+    ON_BEHALF_OF_UID, ON_BEHALF_OF_USER, PERCENT_ENCODED, PLURAL, RELAY_VERB, RESOURCE,
+    parse_on_behalf_extra, percent_decode,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -611,10 +612,29 @@ impl Authorizer {
         let Some(name) = headers.get(ON_BEHALF_OF_USER) else {
             return Ok(caller);
         };
-        let text = |v: &http::HeaderValue, header: &str| {
+        let encoded = match headers.get(ON_BEHALF_OF_ENCODING) {
+            None => false,
+            Some(v) if v == PERCENT_ENCODED => true,
+            Some(_) => {
+                return Err(ApiError::Invalid(format!(
+                    "{ON_BEHALF_OF_ENCODING}: not {PERCENT_ENCODED:?}"
+                )));
+            }
+        };
+        let header_text = |v: &http::HeaderValue, header: &str| {
             v.to_str()
                 .map(str::to_owned)
                 .map_err(|_| ApiError::Invalid(format!("{header}: not a valid header value")))
+        };
+        // The user's names, as the controller wrote them (`extra` is always
+        // percent-encoded, key and value apart).
+        let text = |v: &http::HeaderValue, header: &str| {
+            let v = header_text(v, header)?;
+            if !encoded {
+                return Ok(v);
+            }
+            percent_decode(&v)
+                .ok_or_else(|| ApiError::Invalid(format!("{header}: not percent-encoded UTF-8")))
         };
         let name = text(name, ON_BEHALF_OF_USER)?;
         if name.is_empty() {
@@ -632,7 +652,7 @@ impl Authorizer {
             .transpose()?;
         let mut extra = BTreeMap::<String, Vec<String>>::new();
         for header in headers.get_all(ON_BEHALF_OF_EXTRA) {
-            let (key, value) = parse_on_behalf_extra(&text(header, ON_BEHALF_OF_EXTRA)?)
+            let (key, value) = parse_on_behalf_extra(&header_text(header, ON_BEHALF_OF_EXTRA)?)
                 .ok_or_else(|| {
                     ApiError::Invalid(format!(
                         "{ON_BEHALF_OF_EXTRA}: not KEY=VALUE of percent-encoded UTF-8"

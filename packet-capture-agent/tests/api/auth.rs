@@ -426,7 +426,10 @@ async fn auth_against_the_local_control_plane() {
 /// the user's permissions, only by a caller that may `relay`, and only
 /// reads.
 async fn check_relay(url: &str, ca: &[u8], tokens: &Tokens, namespace: &str) {
-    use packet_capture_common::crd::{ON_BEHALF_OF_GROUP, ON_BEHALF_OF_USER};
+    use packet_capture_common::crd::{
+        ON_BEHALF_OF_ENCODING, ON_BEHALF_OF_GROUP, ON_BEHALF_OF_USER, PERCENT_ENCODED,
+        percent_encode,
+    };
     let rest = Rest::trusting(url, Some(ca));
     let files = rest
         .with_token(Some(&tokens.reader))
@@ -470,6 +473,49 @@ async fn check_relay(url: &str, ca: &[u8], tokens: &Tokens, namespace: &str) {
         err["error"].as_str().unwrap().contains(&account("nobody")),
         "{err}"
     );
+    // Names a header cannot carry as they are come percent-encoded, and
+    // say so: the reader's name so encoded is the reader.
+    let encoded = |user: String, encoding: &str| {
+        rest.with_token(Some(&tokens.writer))
+            .request(get.clone(), &download)
+            .header(ON_BEHALF_OF_ENCODING, encoding)
+            .header(ON_BEHALF_OF_USER, user)
+            .header(ON_BEHALF_OF_GROUP, percent_encode("system:authenticated"))
+            .send()
+    };
+    let r = encoded(percent_encode(&account("reader")), PERCENT_ENCODED)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A name beyond ASCII that may not read is refused, named as it is.
+    let r = encoded(percent_encode("jörg"), PERCENT_ENCODED)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let err: Value = r.json().await.unwrap();
+    assert!(err["error"].as_str().unwrap().contains("jörg"), "{err}");
+    // Read as it is (by an agent that knows no encoding), an encoded name
+    // is no one's.
+    let r = relayed(
+        &tokens.writer,
+        &percent_encode(&account("reader")),
+        get.clone(),
+        &download,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 403);
+    // An encoding other than percent, or a name that is not
+    // percent-encoded UTF-8, is refused, naming the header.
+    for (user, encoding, header) in [
+        ("%C3", PERCENT_ENCODED, ON_BEHALF_OF_USER),
+        ("reader", "base64", ON_BEHALF_OF_ENCODING),
+    ] {
+        let r = encoded(user.into(), encoding).await.unwrap();
+        assert_eq!(r.status(), 400, "{user} {encoding}");
+        let err: Value = r.json().await.unwrap();
+        assert!(err["error"].as_str().unwrap().contains(header), "{err}");
+    }
     // A caller that may read but not relay cannot speak for others.
     let r = relayed(&tokens.reader, &account("editor"), get.clone(), &download)
         .await

@@ -22,7 +22,8 @@ use packet_capture_test_support::workspace_binary;
 use serde_json::json;
 
 use crate::world::{
-    API_SERVICE_TURN, Certs, READER, Setup, TWO_NODES, WORLD_LABEL, World, labelled,
+    API_SERVICE_TURN, Certs, READER, READER_BEYOND_ASCII, Setup, TWO_NODES, WORLD_LABEL, World,
+    labelled,
 };
 use crate::{Deletes, kubectl_apply};
 
@@ -319,9 +320,10 @@ fn chunks_of(
 /// there on, or 416 with the file's size for a start past its end; with the
 /// agent's validators (ETag, Last-Modified), which an If-Range names to go
 /// on with the same file, and the whole file for an If-Range naming another;
-/// 304 for a copy an If-None-Match or If-Modified-Since says is the file.
+/// 304 for a copy an If-None-Match or If-Modified-Since says is the file;
+/// the whole file for a user whose name is beyond ASCII.
 async fn parts_through_the_api_server(w: &World, capture: &str, node: &str, downloaded: &Path) {
-    use http::header::{IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, RANGE};
+    use http::header::{HeaderName, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_RANGE, RANGE};
     let whole = std::fs::read(downloaded).unwrap();
     let prefix = "node0-";
     let file = downloaded.file_name().unwrap().to_str().unwrap();
@@ -393,6 +395,26 @@ async fn parts_through_the_api_server(w: &World, capture: &str, node: &str, down
     }
     let (head, body) = get_with(vec![(IF_NONE_MATCH, "\"an-etag\"".into())]).await;
     assert_eq!(head.status, 200, "{body:?}");
+    assert_eq!(body, whole);
+    // For a user whose names are beyond ASCII, which the API server sends
+    // as UTF-8 and the controller relays percent-encoded.
+    let impersonated = vec![
+        (
+            HeaderName::from_static("impersonate-user"),
+            READER_BEYOND_ASCII.into(),
+        ),
+        (HeaderName::from_static("impersonate-uid"), "ü-1".into()),
+        (
+            HeaderName::from_static("impersonate-group"),
+            "système".into(),
+        ),
+        (
+            HeaderName::from_static("impersonate-group"),
+            "system:authenticated".into(),
+        ),
+    ];
+    let (head, body) = get_with(impersonated).await;
+    assert_eq!(head.status, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(body, whole);
 }
 

@@ -227,6 +227,13 @@ async fn install(cluster: &Cluster) {
                     "--clusterrole=packet-capture-viewer",
                     &format!("--serviceaccount={COMPONENT_NAMESPACE}:{READER}"),
                 ],
+                &[
+                    "create",
+                    "clusterrolebinding",
+                    &format!("{READER}-beyond-ascii"),
+                    "--clusterrole=packet-capture-viewer",
+                    &format!("--user={READER_BEYOND_ASCII}"),
+                ],
             ] {
                 if let Err(e) = cluster.kubectl_async(args).await
                     && !e.to_string().contains("AlreadyExists")
@@ -241,6 +248,9 @@ async fn install(cluster: &Cluster) {
 /// The service account, bound to packet-capture-viewer, that the tests
 /// download capture files with.
 pub const READER: &str = "e2e-capture-reader";
+/// A user, bound to packet-capture-viewer, whose name no header carries as
+/// it is; the tests impersonate it.
+pub const READER_BEYOND_ASCII: &str = "Zoë Ünicode";
 
 /// A port nothing listens on now (the controller binds it on all addresses).
 pub fn free_port() -> u16 {
