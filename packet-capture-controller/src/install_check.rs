@@ -1,7 +1,9 @@
 //! `packet-capture-controller check-install`: what the chart's `helm test`
 //! runs, from a pod of the release.
 //!
-//! The pod captures its own traffic, the requests it sends the API server
+//! First every node the agents' DaemonSet is for must run a ready agent of
+//! its current template (an agent is ready once it serves its API, its
+//! programs loaded). Then the pod captures its own traffic, the requests it sends the API server
 //! meanwhile. That passes through every part a user's capture needs: the
 //! webhook admits the capture (the pod's account may capture the pods of
 //! its namespace), the controller finds the pod's node and starts the
@@ -19,6 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use futures::AsyncReadExt as _;
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, PostParams, Preconditions};
 use kube::runtime::wait::{await_condition, conditions};
@@ -51,9 +54,20 @@ pub struct Check {
     pub fetch: bool,
 }
 
-/// What the capture got on the pod's node.
+/// The agents' DaemonSet, in the check's namespace.
+const AGENTS: &str = "packet-capture-agent";
+
+/// What the check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checked {
+    /// The nodes with a ready agent.
+    pub agents: i32,
+    pub captured: Captured,
+}
+
+/// What the capture got on the pod's node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Captured {
     pub packets: u64,
     pub file: String,
     /// The records of the file read through the aggregated API, when it
@@ -64,13 +78,63 @@ pub struct Checked {
 /// Runs the check; the error says which part failed, with what the status
 /// showed.
 pub async fn check_install(client: Client, check: &Check) -> anyhow::Result<Checked> {
+    let agents = agents_ready(&client, check).await?;
+    tracing::info!(nodes = agents, "every node's agent is ready");
     let api: Api<PacketCaptureConfig> = Api::all(client.clone());
     delete(&api, &check.capture, check.wait).await?;
-    let checked = capture(&client, &api, check).await;
+    let captured = capture(&client, &api, check).await;
     let deleted = delete(&api, &check.capture, check.wait).await;
-    let checked = checked?;
+    let captured = captured?;
     deleted?;
-    Ok(checked)
+    Ok(Checked { agents, captured })
+}
+
+/// The number of nodes with an agent, once each runs a ready one of the
+/// DaemonSet's current template.
+async fn agents_ready(client: &Client, check: &Check) -> anyhow::Result<i32> {
+    let api: Api<DaemonSet> = Api::namespaced(client.clone(), &check.namespace);
+    let ready = |ds: Option<&DaemonSet>| ds.is_some_and(|ds| not_ready(ds).is_none());
+    match tokio::time::timeout(check.wait, await_condition(api.clone(), AGENTS, ready)).await {
+        Ok(Ok(ds)) => Ok(ds
+            .and_then(|ds| ds.status)
+            .map_or(0, |s| s.desired_number_scheduled)),
+        Ok(Err(e)) => Err(anyhow!(e).context(format!("watching daemonset/{AGENTS}"))),
+        Err(_) => {
+            let why = match api.get_opt(AGENTS).await? {
+                Some(ds) => not_ready(&ds).unwrap_or_else(|| "ready only now".into()),
+                None => format!("there is no daemonset/{AGENTS}"),
+            };
+            bail!(
+                "the agents were not ready within {:?}: {why} \
+                 (kubectl rollout status -n {ns} daemonset/{AGENTS}; \
+                 kubectl get pods -n {ns} -l app={AGENTS} -o wide)",
+                check.wait,
+                ns = check.namespace
+            )
+        }
+    }
+}
+
+/// What keeps the agents' DaemonSet from being ready everywhere, if
+/// anything: a template its controller has not taken up, no node to run
+/// on, or nodes without a ready agent of the current template.
+fn not_ready(ds: &DaemonSet) -> Option<String> {
+    let status = ds.status.clone().unwrap_or_default();
+    if status.observed_generation < ds.metadata.generation {
+        return Some("its controller has not taken up its latest template yet".into());
+    }
+    let desired = status.desired_number_scheduled;
+    if desired == 0 {
+        return Some("no node is to run an agent (agent.nodeSelector, agent.tolerations)".into());
+    }
+    let ready = status.number_ready;
+    let updated = status.updated_number_scheduled.unwrap_or_default();
+    let available = status.number_available.unwrap_or_default();
+    (ready < desired || updated < desired || available < desired).then(|| {
+        format!(
+            "of {desired} nodes, {ready} have a ready agent, {updated} one of the current template"
+        )
+    })
 }
 
 /// The capture of the checking pod, until it has ended, then its file.
@@ -78,7 +142,7 @@ async fn capture(
     client: &Client,
     api: &Api<PacketCaptureConfig>,
     check: &Check,
-) -> anyhow::Result<Checked> {
+) -> anyhow::Result<Captured> {
     // A capture of a pod that is not Running yet fails at once, and the
     // kubelet reports this one's start a moment after it has started.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &check.namespace);
@@ -176,7 +240,7 @@ async fn capture(
     } else {
         None
     };
-    Ok(Checked {
+    Ok(Captured {
         packets: entry.packets,
         file: entry.output_file.clone(),
         fetched,
@@ -424,6 +488,38 @@ mod tests {
         );
         let empty = node_entry(&empty, "a").unwrap_err().to_string();
         assert!(empty.starts_with("node a captured nothing"), "{empty}");
+    }
+
+    #[test]
+    fn the_agents_are_ready_once_every_node_runs_a_ready_current_one() {
+        use k8s_openapi::api::apps::v1::DaemonSetStatus;
+        let daemonset = |generation, observed, desired, ready, updated| DaemonSet {
+            metadata: kube::api::ObjectMeta {
+                generation: Some(generation),
+                ..Default::default()
+            },
+            status: Some(DaemonSetStatus {
+                observed_generation: Some(observed),
+                desired_number_scheduled: desired,
+                number_ready: ready,
+                number_available: Some(ready),
+                updated_number_scheduled: Some(updated),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(not_ready(&daemonset(2, 2, 3, 3, 3)), None);
+        assert_eq!(
+            not_ready(&daemonset(2, 2, 3, 2, 3)).unwrap(),
+            "of 3 nodes, 2 have a ready agent, 3 one of the current template"
+        );
+        // A rollout: ready everywhere, but one node still runs the old one.
+        assert!(not_ready(&daemonset(2, 2, 3, 3, 2)).is_some());
+        let stale = not_ready(&daemonset(3, 2, 3, 3, 3)).unwrap();
+        assert!(stale.contains("not taken up"), "{stale}");
+        let none = not_ready(&daemonset(1, 1, 0, 0, 0)).unwrap();
+        assert!(none.contains("no node"), "{none}");
+        assert!(not_ready(&DaemonSet::default()).is_some());
     }
 
     #[test]

@@ -42,9 +42,10 @@ async fn main() -> anyhow::Result<()> {
             };
             let checked = check_install(kube::Client::try_default().await?, &check).await?;
             tracing::info!(
-                packets = checked.packets,
-                file = %checked.file,
-                fetched = ?checked.fetched,
+                agents = checked.agents,
+                packets = checked.captured.packets,
+                file = %checked.captured.file,
+                fetched = ?checked.captured.fetched,
                 "the installation captures: check passed"
             );
         }

@@ -1321,7 +1321,7 @@ fn assert_hook(docs: &[Value], name: &str, hook: &str, access: &[&str], run: (&s
 }
 
 #[test]
-fn helm_test_captures_its_own_pod_with_access_to_that_alone() {
+fn helm_test_checks_the_agents_and_captures_its_own_pod_with_access_to_that_alone() {
     let helm = helm_or_fail();
     const TEST: &str = "packet-capture-test";
     const PCC: &str = "networking.packet.io";
@@ -1348,7 +1348,8 @@ fn helm_test_captures_its_own_pod_with_access_to_that_alone() {
             );
         }
         // It runs where an agent runs, which captures it.
-        let agent = &get(&docs, "DaemonSet", "packet-capture-agent")["spec"]["template"]["spec"];
+        let agent_daemonset = get(&docs, "DaemonSet", "packet-capture-agent");
+        let agent = &agent_daemonset["spec"]["template"]["spec"];
         assert_eq!(spec["nodeSelector"], agent["nodeSelector"]);
         assert_eq!(spec["tolerations"], agent["tolerations"]);
         assert_eq!(spec["serviceAccountName"].as_str(), Some(TEST));
@@ -1360,7 +1361,7 @@ fn helm_test_captures_its_own_pod_with_access_to_that_alone() {
         assert_eq!(strs(&c["securityContext"]["capabilities"]["drop"]), ["ALL"]);
         // Its own capture, by name wherever RBAC can name it; its file
         // through the aggregated API when there is one; capturing pods in
-        // its own namespace only.
+        // its own namespace only; reading the agents' DaemonSet.
         let mut own = vec![
             (PCC, &["packetcaptureconfigs"][..], &["create"][..], &[][..]),
             (
@@ -1382,6 +1383,12 @@ fn helm_test_captures_its_own_pod_with_access_to_that_alone() {
             named_grants(&[
                 ("", &["pods"], &["capture"], &[]),
                 ("", &["pods"], &["get", "list", "watch"], &[TEST]),
+                (
+                    "apps",
+                    &["daemonsets"],
+                    &["get", "list", "watch"],
+                    &[agent_daemonset["metadata"]["name"].as_str().unwrap()],
+                ),
             ])
         );
         assert_hook(

@@ -549,11 +549,16 @@ async fn helm_install_on_a_real_node_captures_real_pods() {
     assert!(kept["metadata"]["deletionTimestamp"].is_null(), "{kept}");
     world.kubectl(&["delete", "packetcaptureconfig", "packet-capture-test"]);
 
-    // `helm test`: a pod of the release captures its own traffic end to
-    // end and reads its file back through the aggregated API. Its capture
-    // and its access are gone afterwards; its pod stays, for its log.
+    // `helm test`: the node's agent is ready, and a pod of the release
+    // captures its own traffic end to end and reads its file back through
+    // the aggregated API. Its capture and its access are gone afterwards;
+    // its pod stays, for its log.
     let tested = world.helm(&["test", RELEASE, "--logs", WAIT]);
-    for line in ["read through the API server", "check passed"] {
+    for line in [
+        "every node's agent is ready nodes=1",
+        "read through the API server",
+        "check passed",
+    ] {
         assert!(tested.contains(line), "no {line:?} in:\n{tested}");
     }
     let left = world.kubectl(&[
