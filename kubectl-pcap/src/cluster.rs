@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use futures::{Stream, StreamExt};
+use http::{HeaderName, HeaderValue};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Config};
@@ -59,6 +60,36 @@ pub struct Global {
         help_heading = "Global options"
     )]
     pub request_timeout: Duration,
+
+    /// The user to act as (kubectl's impersonation: your user needs
+    /// `impersonate` on it)
+    #[arg(
+        long = "as",
+        global = true,
+        value_name = "USER",
+        help_heading = "Global options"
+    )]
+    pub as_user: Option<String>,
+
+    /// A group to act as, with --as (repeatable)
+    #[arg(
+        long,
+        global = true,
+        value_name = "GROUP",
+        requires = "as_user",
+        help_heading = "Global options"
+    )]
+    pub as_group: Vec<String>,
+
+    /// The uid to act as, with --as
+    #[arg(
+        long,
+        global = true,
+        value_name = "UID",
+        requires = "as_user",
+        help_heading = "Global options"
+    )]
+    pub as_uid: Option<String>,
 }
 
 /// kubectl's `--request-timeout`: a duration, `0` for none.
@@ -100,6 +131,15 @@ impl Global {
             (None, Some(_)) => Config::from_kubeconfig(&options).await?,
             (None, None) => Config::infer().await?,
         };
+        if let Some(user) = &self.as_user {
+            config.headers.extend(self.impersonation(user)?);
+            // In place of the kubeconfig's own `as`, as kubectl does.
+            let auth = &mut config.auth_info;
+            auth.impersonate = None;
+            auth.impersonate_groups = None;
+            auth.impersonate_uid = None;
+            auth.impersonate_user_extra = None;
+        }
         let timeout = (!self.request_timeout.is_zero()).then_some(self.request_timeout);
         config.read_timeout = timeout;
         config.write_timeout = timeout;
@@ -109,6 +149,24 @@ impl Global {
             .unwrap_or_else(|| config.default_namespace.clone());
         let client = Client::try_from(config).context("making the Kubernetes client")?;
         Ok(Cluster { client, namespace })
+    }
+
+    /// The headers that act as `user` and the --as-group and --as-uid
+    /// given: names as they are, UTF-8 too, as kubectl sends them.
+    fn impersonation(&self, user: &str) -> Result<Vec<(HeaderName, HeaderValue)>> {
+        let header = |name: &'static str, flag: &str, value: &str| {
+            HeaderValue::from_bytes(value.as_bytes())
+                .map(|value| (HeaderName::from_static(name), value))
+                .with_context(|| format!("{flag} {value:?}: not a header value"))
+        };
+        let mut headers = vec![header("impersonate-user", "--as", user)?];
+        for group in &self.as_group {
+            headers.push(header("impersonate-group", "--as-group", group)?);
+        }
+        if let Some(uid) = &self.as_uid {
+            headers.push(header("impersonate-uid", "--as-uid", uid)?);
+        }
+        Ok(headers)
     }
 }
 

@@ -201,4 +201,29 @@ mod tests {
             std::time::Duration::from_secs(10)
         );
     }
+
+    /// kubectl's impersonation flags; a group or uid only with a user.
+    #[test]
+    fn impersonation_is_kubectls() {
+        let cli = Cli::try_parse_from([
+            "kubectl-pcap",
+            "ls",
+            "--as",
+            "Zoë",
+            "--as-group",
+            "équipe",
+            "--as-group",
+            "system:authenticated",
+            "--as-uid",
+            "7",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.as_user.as_deref(), Some("Zoë"));
+        assert_eq!(cli.global.as_group, ["équipe", "system:authenticated"]);
+        assert_eq!(cli.global.as_uid.as_deref(), Some("7"));
+        for alone in [["--as-group", "g"], ["--as-uid", "7"]] {
+            let err = Cli::try_parse_from(["kubectl-pcap", "ls", alone[0], alone[1]]).unwrap_err();
+            assert!(err.to_string().contains("--as <USER>"), "{err}");
+        }
+    }
 }
