@@ -20,6 +20,7 @@ use packet_capture_common::crd::{CaptureState, OutputFormat, TargetDirection};
 use packet_capture_common::validate::{CaptureLimits, parse_target};
 use packet_capture_test_support::capfile::{self, Packet};
 use packet_capture_test_support::frames::{self, ICMP, ICMP6, MAC_B, SCTP, SYN, Seeded, TCP, UDP};
+use packet_capture_test_support::fs_events::Removal;
 use packet_capture_test_support::netns::run;
 use packet_capture_test_support::{Netns, Tcpdump, VethPair, privileged, unique_name};
 
@@ -1100,18 +1101,17 @@ fn the_status_names_the_file_as_it_is_on_disk_after_compression() {
             let first = stop(engine, rt, &first.id);
             assert!(first.output_file.ends_with(".pcap"), "{first:?}");
             // Maintenance keeps the newest file plain: once a second capture
-            // has ended, the first one is compressed.
+            // has ended, the first one is compressed, and the plain one
+            // removed.
+            let plain = Removal::watch(Path::new(&first.output_file)).unwrap();
             let second = start(engine, spec(&[PEER_V4], &[], "icmp"));
             stop(engine, rt, &second.id);
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let now = loop {
-                let status = engine.get(&first.id).expect("the capture is kept");
-                if status.output_file.ends_with(".gz") {
-                    break status;
-                }
-                assert!(Instant::now() < deadline, "never compressed: {status:?}");
-                std::thread::sleep(Duration::from_millis(20));
-            };
+            assert!(
+                plain.within(Duration::from_secs(20)).unwrap(),
+                "never compressed: {:?}",
+                engine.get(&first.id)
+            );
+            let now = engine.get(&first.id).expect("the capture is kept");
             assert_eq!(now.output_file, format!("{}.gz", first.output_file));
             assert!(!Path::new(&first.output_file).exists());
             let on_disk = std::fs::metadata(&now.output_file).unwrap().len();

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod capfile;
 pub mod cluster;
 pub mod frames;
+pub mod fs_events;
 pub mod netns;
 pub mod tcpdump;
 pub mod tools;
