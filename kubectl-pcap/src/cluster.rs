@@ -16,7 +16,7 @@ use kubectl_pcap::spec::parse_duration;
 use packet_capture_common::crd::PacketCaptureConfig;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Default)]
 pub struct Global {
     /// The kubeconfig file (default: $KUBECONFIG, or ~/.kube/config, or the
     /// pod's service account)
@@ -36,6 +36,24 @@ pub struct Global {
         help_heading = "Global options"
     )]
     pub context: Option<String>,
+
+    /// The kubeconfig cluster to use, in place of the context's
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAME",
+        help_heading = "Global options"
+    )]
+    pub cluster: Option<String>,
+
+    /// The kubeconfig user to use, in place of the context's
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAME",
+        help_heading = "Global options"
+    )]
+    pub user: Option<String>,
 
     /// The namespace of `--pod NAME` and of `--selector` (default: the
     /// context's)
@@ -118,18 +136,32 @@ impl Global {
     /// The client the kubeconfig (or the pod's service account) describes.
     /// Nothing is sent until a command asks.
     pub async fn connect(&self) -> Result<Cluster> {
+        let config = self.config().await?;
+        let namespace = self
+            .namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone());
+        let client = Client::try_from(config).context("making the Kubernetes client")?;
+        Ok(Cluster { client, namespace })
+    }
+
+    /// What the flags and the kubeconfig say to connect to, and as whom.
+    async fn config(&self) -> Result<Config> {
         let options = KubeConfigOptions {
             context: self.context.clone(),
-            ..Default::default()
+            cluster: self.cluster.clone(),
+            user: self.user.clone(),
         };
-        let mut config = match (&self.kubeconfig, &self.context) {
-            (Some(path), _) => {
+        let chosen =
+            options.context.is_some() || options.cluster.is_some() || options.user.is_some();
+        let mut config = match &self.kubeconfig {
+            Some(path) => {
                 let kubeconfig = Kubeconfig::read_from(path)
                     .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
                 Config::from_custom_kubeconfig(kubeconfig, &options).await?
             }
-            (None, Some(_)) => Config::from_kubeconfig(&options).await?,
-            (None, None) => Config::infer().await?,
+            None if chosen => Config::from_kubeconfig(&options).await?,
+            None => Config::infer().await?,
         };
         if let Some(user) = &self.as_user {
             config.headers.extend(self.impersonation(user)?);
@@ -143,12 +175,7 @@ impl Global {
         let timeout = (!self.request_timeout.is_zero()).then_some(self.request_timeout);
         config.read_timeout = timeout;
         config.write_timeout = timeout;
-        let namespace = self
-            .namespace
-            .clone()
-            .unwrap_or_else(|| config.default_namespace.clone());
-        let client = Client::try_from(config).context("making the Kubernetes client")?;
-        Ok(Cluster { client, namespace })
+        Ok(config)
     }
 
     /// The headers that act as `user` and the --as-group and --as-uid
@@ -358,6 +385,80 @@ mod tests {
         ] {
             assert_eq!(passing(&e), passes, "{e:?}");
         }
+    }
+
+    /// --context, --cluster and --user pick from the kubeconfig as kubectl
+    /// does; --as acts as another user in place of the kubeconfig's `as`.
+    #[tokio::test]
+    async fn the_flags_pick_the_cluster_and_the_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config");
+        std::fs::write(
+            &path,
+            r#"apiVersion: v1
+kind: Config
+clusters:
+  - name: a
+    cluster: {server: "https://a.example:6443"}
+  - name: b
+    cluster: {server: "https://b.example:6443"}
+users:
+  - name: alice
+    user: {username: alice, password: x}
+  - name: bob
+    user: {username: bob, password: y, as: carol}
+contexts:
+  - name: ctx
+    context: {cluster: a, user: alice, namespace: shop}
+current-context: ctx
+"#,
+        )
+        .unwrap();
+        let with = |cluster: Option<&str>, user: Option<&str>, as_user: Option<&str>| Global {
+            kubeconfig: Some(path.clone()),
+            cluster: cluster.map(Into::into),
+            user: user.map(Into::into),
+            as_user: as_user.map(Into::into),
+            ..Default::default()
+        };
+        let picked = |global: Global| async move {
+            let config = global.config().await.unwrap();
+            let impersonated: Vec<_> = config
+                .headers
+                .iter()
+                .filter(|(name, _)| name == "impersonate-user")
+                .map(|(_, value)| value.to_str().unwrap().to_owned())
+                .collect();
+            (
+                config.cluster_url.host().unwrap().to_owned(),
+                config.auth_info.username.unwrap(),
+                config.auth_info.impersonate,
+                impersonated,
+                config.default_namespace,
+            )
+        };
+        let none = Vec::<String>::new();
+        assert_eq!(
+            picked(with(None, None, None)).await,
+            (
+                "a.example".into(),
+                "alice".into(),
+                None,
+                none.clone(),
+                "shop".into()
+            )
+        );
+        assert_eq!(picked(with(Some("b"), None, None)).await.0, "b.example");
+        let bob = picked(with(None, Some("bob"), None)).await;
+        assert_eq!((bob.0.as_str(), bob.1.as_str()), ("a.example", "bob"));
+        assert_eq!(bob.2.as_deref(), Some("carol"));
+        let as_dave = picked(with(None, Some("bob"), Some("dave"))).await;
+        assert_eq!((as_dave.2, as_dave.3), (None, vec!["dave".to_owned()]));
+        let unknown = with(Some("nowhere"), None, None)
+            .config()
+            .await
+            .unwrap_err();
+        assert!(format!("{unknown:#}").ends_with(": nowhere"), "{unknown:#}");
     }
 
     #[test]
