@@ -16,6 +16,7 @@
 //! kubectl pcap fetch web -o web.pcapng
 //! kubectl pcap stream web | tshark -r -
 //! kubectl pcap stream --pod shop/web-0 | wireshark -k -i -
+//! kubectl pcap extcap --install      # Wireshark's interface `kubernetes`
 //! kubectl pcap delete web --wait
 //! ```
 //!
@@ -65,6 +66,7 @@ macro_rules! outln {
 
 mod capture;
 mod cluster;
+mod extcap;
 mod fetch;
 #[cfg(test)]
 mod stand_in;
@@ -105,14 +107,22 @@ enum Command {
     /// Write a capture's live pcapng stream to stdout (or make a capture
     /// for it, with the target flags, and delete it afterwards)
     Stream(stream::StreamArgs),
+    /// Be Wireshark's extcap: its interface `kubernetes` is a capture's
+    /// live stream (`--install` sets it up)
+    Extcap(extcap::ExtcapArgs),
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = async {
+        let command = match cli.command {
+            // Wireshark asks most of its questions with no cluster at hand.
+            Command::Extcap(args) => return extcap::run(&cli.global, args).await,
+            command => command,
+        };
         let cluster = cli.global.connect().await?;
-        match cli.command {
+        match command {
             Command::Create(args) => capture::create(&cluster, args).await,
             Command::Ls(args) => capture::list(&cluster, args).await,
             Command::Get(args) => capture::get(&cluster, args).await,
@@ -120,6 +130,7 @@ async fn main() -> ExitCode {
             Command::Delete(args) => capture::delete(&cluster, args).await,
             Command::Fetch(args) => fetch::fetch(&cluster, args).await,
             Command::Stream(args) => stream::stream(&cluster, args).await,
+            Command::Extcap(_) => unreachable!("answered above"),
         }
     }
     .await;

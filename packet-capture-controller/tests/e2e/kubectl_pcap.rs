@@ -1035,6 +1035,159 @@ async fn the_readmes_walkthrough_runs_with_nothing_but_the_api_server() {
 
 /// A stream opened while its capture runs on one node takes in a node that
 /// starts later: there, a pod its selector matches, scheduled since.
+/// Wireshark's extcap: `kubectl pcap extcap --install` writes the launcher,
+/// tshark (as a user without privileges: Wireshark reads no extcap folder
+/// of root's choosing) lists the interface `kubernetes`, and a capture on
+/// it with a capture filter is a stream of the pod named in its options,
+/// from a capture made for it and deleted when tshark stops.
+#[tokio::test]
+async fn tshark_captures_a_pod_through_the_kubernetes_interface() {
+    let Some((w, _one, _api)) =
+        with_the_api("tshark_captures_a_pod_through_the_kubernetes_interface").await
+    else {
+        return;
+    };
+    use std::os::unix::fs::PermissionsExt as _;
+    // Outside root's home, which tshark's user cannot enter.
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().to_owned();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    let extcap = dir.join("extcap");
+    // tshark's user reads the binary, the launcher and the kubeconfig.
+    let binary = dir.join("kubectl-pcap");
+    std::fs::copy(kubectl_pcap(), &binary).unwrap();
+    // With its certificates in it: their files are in root's home.
+    let kubeconfig = dir.join("kubeconfig");
+    let flat = w
+        .cluster
+        .kubectl_async(&["config", "view", "--raw", "--flatten"])
+        .await
+        .unwrap();
+    std::fs::write(&kubeconfig, flat).unwrap();
+    let installed = Command::new(&binary)
+        .args(["extcap", "--install"])
+        .arg(&extcap)
+        .output()
+        .unwrap();
+    assert!(installed.status.success(), "{installed:?}");
+    for path in [&dir, &extcap, &binary, &kubeconfig] {
+        let mode = if path.is_dir() || *path == binary {
+            0o755
+        } else {
+            0o644
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let tshark = |args: &[&str]| {
+        let mut cmd = Command::new("tshark");
+        cmd.args(args)
+            .env("HOME", &dir)
+            .env("WIRESHARK_EXTCAP_DIR", &extcap)
+            .current_dir(&dir)
+            .uid(65534)
+            .gid(65534);
+        cmd
+    };
+    let listed = tshark(&["-D"]).output().expect("tshark -D");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.contains("kubernetes (Kubernetes pods (kubectl pcap))"),
+        "{listed}"
+    );
+
+    let pod = format!("{}/{}", w.namespace.name(), w.pods[1].name());
+    let out = dir.join("tshark.pcapng");
+    let option = |name: &str, value: &str| format!("extcap.kubernetes.{name}:{value}");
+    // Its stderr into a file: dumpcap, which it starts, holds a pipe open.
+    let said = dir.join("tshark.stderr");
+    let mut capturing = tshark(&[
+        "-i",
+        "kubernetes",
+        "-o",
+        &option("pods", &pod),
+        "-o",
+        &option("labels", &format!("{WORLD_LABEL}={}", w.id)),
+        "-o",
+        &option("kubeconfig", kubeconfig.to_str().unwrap()),
+        "-f",
+        "icmp",
+        "-c",
+        "6",
+        "-w",
+        out.to_str().unwrap(),
+    ])
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&said).unwrap())
+    .spawn()
+    .expect("tshark -i kubernetes");
+    let said = || std::fs::read_to_string(&said).unwrap_or_default();
+    // Pings until tshark has its six packets: when the stream opens is
+    // tshark's to know.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let done = loop {
+        if let Some(done) = capturing.try_wait().unwrap() {
+            break done;
+        }
+        if Instant::now() > deadline {
+            // SIGTERM, so that it ends dumpcap and the extcap too.
+            let _ = Command::new("kill")
+                .args(["-TERM", &capturing.id().to_string()])
+                .status();
+            let _ = capturing.wait();
+            panic!("tshark got no 6 packets in 90 s: {}", said());
+        }
+        w.ping(0, 1, 1).await;
+    };
+    assert!(done.success(), "{}", said());
+    // A stream that went well says nothing Wireshark would show as an
+    // error.
+    assert!(!said().contains("extcap"), "{}", said());
+    let packets = capfile::read(&out);
+    assert_eq!(packets.len(), 6, "{}", said());
+    let target = w.pods[1].ip().to_string();
+    let listed = Command::new("tshark")
+        .arg("-r")
+        .arg(&out)
+        .args([
+            "-T",
+            "fields",
+            "-e",
+            "frame.interface_name",
+            "-e",
+            "ip.addr",
+        ])
+        .args(["-e", "icmp.type"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for line in listed.lines() {
+        let fields: Vec<&str> = line.split('\t').collect();
+        assert!(
+            w.nodes
+                .iter()
+                .any(|n| fields[0].starts_with(&format!("{}/", n.name()))),
+            "{line}"
+        );
+        assert!(fields[1].contains(&target), "{line}");
+        assert!(matches!(fields[2], "0" | "8"), "only ICMP echo: {line}");
+    }
+    // The capture made for it goes with the stream.
+    let made = w
+        .api()
+        .list(&kube::api::ListParams::default().labels(&format!("{WORLD_LABEL}={}", w.id)))
+        .await
+        .unwrap();
+    for capture in made.items.iter().map(|c| c.name_any()) {
+        if capture.starts_with("pcap-stream-") {
+            let gone = await_condition(w.api(), &capture, |c: Option<&_>| c.is_none());
+            tokio::time::timeout(Duration::from_secs(30), gone)
+                .await
+                .unwrap_or_else(|_| panic!("{capture} is left"))
+                .unwrap();
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_stream_takes_in_the_nodes_that_start_after_it_opened() {
     let Some((w, _one, _api)) =
