@@ -799,15 +799,7 @@ async fn a_stop_an_agent_missed_is_made_once_it_answers() {
         .into_iter()
         .find(|c| c.id.ends_with("-g1"))
         .expect("node 1 keeps generation 1");
-    let mut changes = w
-        .agent(1)
-        .await
-        .watch_capture(
-            w.authed(packet_capture_proto::v1::WatchCaptureRequest { id: old.id.clone() }),
-        )
-        .await
-        .expect("WatchCapture")
-        .into_inner();
+    let mut changes = w.watch_capture(1, &old.id).await;
     let ended = async {
         while let Some(c) = changes.message().await.expect("WatchCapture") {
             if c.capture_state().is_ok_and(|s| s.is_final()) {
@@ -885,23 +877,40 @@ async fn until_agent_captures(
     (since, within): (std::time::Instant, Duration),
     selects: impl Fn(&packet_capture_proto::v1::CaptureSpec) -> bool,
 ) {
-    // An agent tells no one of a capture it is about to start, so it is
-    // asked until it has the targets or the time is up.
     let deadline = since + within;
+    let running =
+        |c: &packet_capture_proto::v1::Capture| c.capture_state() == Ok(CaptureState::Running);
     let captured = |c: &packet_capture_proto::v1::Capture| {
         let spec = c.spec.clone().unwrap_or_default();
-        c.capture_state() == Ok(CaptureState::Running) && spec.only_targets && selects(&spec)
+        running(c) && spec.only_targets && selects(&spec)
     };
     loop {
         let now = w.captures_of(node, uid).await;
         if now.iter().any(captured) {
             break;
         }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
         assert!(
-            std::time::Instant::now() < deadline,
+            !left.is_zero(),
             "node {node}'s agent did not capture {what} within {within:?}: {now:?}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        match now.iter().find(|c| running(c)) {
+            // A change of its targets comes as a change of its status.
+            Some(c) => {
+                let mut changes = w.watch_capture(node, &c.id).await;
+                let _ = tokio::time::timeout(left, async {
+                    while let Ok(Some(c)) = changes.message().await {
+                        if captured(&c) {
+                            return;
+                        }
+                    }
+                })
+                .await;
+            }
+            // An agent tells no one of a capture it is about to start: it
+            // is asked again.
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use packet_capture_common::crd::{
 };
 use packet_capture_proto::v1::agent_client::AgentClient;
 use packet_capture_proto::v1::{
-    Capture, DownloadFileRequest, ListCapturesRequest, ListFilesRequest,
+    Capture, DownloadFileRequest, ListCapturesRequest, ListFilesRequest, WatchCaptureRequest,
 };
 use packet_capture_test_support::cluster::{
     AgentOptions, COMPONENT_NAMESPACE, CONTROLLER_SERVICE_ACCOUNT, Cluster, ClusterProcess,
@@ -723,6 +723,17 @@ impl World {
             .expect("ListCaptures")
             .into_inner();
         list.captures
+    }
+
+    /// Capture `id` as `node`'s agent has it, now and at each change
+    /// (WatchCapture).
+    pub async fn watch_capture(&self, node: usize, id: &str) -> tonic::Streaming<Capture> {
+        self.agent(node)
+            .await
+            .watch_capture(self.authed(WatchCaptureRequest { id: id.into() }))
+            .await
+            .expect("WatchCapture")
+            .into_inner()
     }
 
     /// The names of the files `node`'s agent lists (ListFiles).
