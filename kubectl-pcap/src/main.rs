@@ -66,6 +66,7 @@ macro_rules! outln {
 
 mod capture;
 mod cluster;
+mod complete;
 mod extcap;
 mod fetch;
 #[cfg(test)]
@@ -74,7 +75,7 @@ mod stream;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(name = "kubectl-pcap", bin_name = "kubectl pcap", version)]
@@ -114,6 +115,12 @@ enum Command {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    // kubectl's completion of `kubectl pcap ...`: the words as typed, not
+    // yet a command line clap would take (see `complete`).
+    let mut args = std::env::args();
+    if args.nth(1).as_deref() == Some("__complete") {
+        return complete::complete(Cli::command(), args.collect()).await;
+    }
     let cli = Cli::parse();
     let result = async {
         let command = match cli.command {

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -645,6 +646,42 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
     let theirs: Vec<_> = capfile::read(&expected).iter().map(key).collect();
     assert!(ours.len() >= 8, "4 pings and their replies: {}", ours.len());
     assert_eq!(ours, theirs, "kubectl pcap fetch differs from mergecap");
+    // Tab completion through kubectl: the capture's name, with its phase,
+    // from the cluster of the kubeconfig typed after `pcap`.
+    let completing = dir.join("completion");
+    std::fs::create_dir_all(&completing).unwrap();
+    std::os::unix::fs::symlink(kubectl_pcap(), completing.join("kubectl-pcap")).unwrap();
+    let launcher = completing.join("kubectl_complete-pcap");
+    std::fs::write(
+        &launcher,
+        "#!/bin/sh\nexec kubectl-pcap __complete \"$@\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &launcher,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        completing.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let prefix = &name[..name.len() - 1];
+    let completed = Command::new(w.cluster.bin_dir().join("kubectl"))
+        .args(["__complete", "pcap", "--kubeconfig"])
+        .arg(&reader)
+        .args(["fetch", prefix])
+        .env("PATH", path)
+        .env_remove("KUBECONFIG")
+        .output()
+        .unwrap();
+    let completed = String::from_utf8_lossy(&completed.stdout);
+    assert!(
+        completed.lines().any(|l| l == format!("{name}\tCompleted")),
+        "{completed}"
+    );
+    assert_eq!(completed.lines().last(), Some(":4"), "{completed}");
     // The same, as a user whose names are beyond ASCII, impersonated as
     // kubectl does: the API server sends them to the controller as UTF-8,
     // and the controller relays them to the agents percent-encoded.
@@ -1047,7 +1084,6 @@ async fn tshark_captures_a_pod_through_the_kubernetes_interface() {
     else {
         return;
     };
-    use std::os::unix::fs::PermissionsExt as _;
     // Outside root's home, which tshark's user cannot enter.
     let scratch = tempfile::tempdir().unwrap();
     let dir = scratch.path().to_owned();

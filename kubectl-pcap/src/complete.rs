@@ -1,0 +1,285 @@
+//! `__complete`: shell completion through kubectl. kubectl (1.26 and
+//! later) completes `kubectl pcap ...` by running `kubectl_complete-pcap`
+//! from the PATH with the words typed after `pcap`, the last one the word
+//! being completed, and reads the answer in cobra's form: one candidate a
+//! line (a tab, then what it is), then `:DIRECTIVE`. The launcher
+//! `kubectl_complete-pcap` runs `kubectl pcap __complete "$@"`.
+//!
+//! Subcommands and flags come from the command line's own definition;
+//! capture names (for the commands that take one) from the cluster, with
+//! the kubeconfig, context and user the typed words name, each with its
+//! phase.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Command;
+use kube::api::ListParams;
+use kube::{Api, ResourceExt as _};
+use packet_capture_common::crd::PacketCaptureConfig;
+
+use crate::cluster::Global;
+
+/// Cobra's directives: let the shell complete file names, or not.
+const FILES: u8 = 0;
+const NO_FILES: u8 = 4;
+
+/// How long a lookup in the cluster may hold up the shell.
+const LOOKUP_WITHIN: Duration = Duration::from_secs(5);
+
+/// The subcommands whose one positional argument is a capture's name.
+const TAKE_A_CAPTURE: &[&str] = &["get", "stop", "delete", "fetch", "stream"];
+
+/// The flags whose value is a file.
+const FILE_VALUED: &[&str] = &["kubeconfig", "output"];
+
+/// What is there to complete.
+#[derive(Debug, PartialEq, Eq)]
+enum Wanted {
+    /// These candidates, as they are.
+    Words(Vec<(String, String)>),
+    /// A capture's name, beginning with the word.
+    Capture,
+    /// A file name: the shell's own completion.
+    File,
+}
+
+/// Answers kubectl's completion of `words` (the last one being completed).
+pub async fn complete(cli: Command, words: Vec<String>) -> ExitCode {
+    let (typed, word) = match words.split_last() {
+        Some((word, typed)) => (typed.to_vec(), word.clone()),
+        None => (Vec::new(), String::new()),
+    };
+    let (candidates, directive) = match wanted(&cli, &typed, &word) {
+        Wanted::Words(words) => (words, NO_FILES),
+        Wanted::File => (Vec::new(), FILES),
+        Wanted::Capture => (captures(&typed, &word).await, NO_FILES),
+    };
+    for (candidate, about) in candidates {
+        if about.is_empty() {
+            outln!("{candidate}");
+        } else {
+            outln!("{candidate}\t{about}");
+        }
+    }
+    outln!(":{directive}");
+    ExitCode::SUCCESS
+}
+
+/// What completes `word` after `typed`.
+fn wanted(cli: &Command, typed: &[String], word: &str) -> Wanted {
+    let sub = typed.iter().find_map(|w| {
+        cli.get_subcommands().find(|s| {
+            !s.is_hide_set() && (s.get_name() == w || s.get_all_aliases().any(|a| a == w))
+        })
+    });
+    // The value of the flag before it.
+    if let Some(flag) = typed.last().and_then(|w| flag_named(cli, sub, w))
+        && flag.get_action().takes_values()
+    {
+        let long = flag.get_long().unwrap_or_default();
+        return if FILE_VALUED.contains(&long) {
+            Wanted::File
+        } else {
+            Wanted::Words(Vec::new())
+        };
+    }
+    if word.starts_with('-') {
+        let flags = sub
+            .into_iter()
+            .flat_map(Command::get_arguments)
+            .chain(cli.get_arguments())
+            .filter(|a| !a.is_hide_set())
+            .filter_map(|a| {
+                let long = format!("--{}", a.get_long()?);
+                let about = a
+                    .get_help()
+                    .map(|h| first_line(&h.to_string()))
+                    .unwrap_or_default();
+                Some((long, about))
+            });
+        return Wanted::Words(starting_with(flags, word));
+    }
+    match sub {
+        None => {
+            let subcommands = cli.get_subcommands().filter(|s| !s.is_hide_set()).map(|s| {
+                let about = s
+                    .get_about()
+                    .map(|h| first_line(&h.to_string()))
+                    .unwrap_or_default();
+                (s.get_name().to_owned(), about)
+            });
+            Wanted::Words(starting_with(subcommands, word))
+        }
+        Some(sub) if TAKE_A_CAPTURE.contains(&sub.get_name()) && !names_one(cli, sub, typed) => {
+            Wanted::Capture
+        }
+        Some(_) => Wanted::Words(Vec::new()),
+    }
+}
+
+/// The flag `word` is (`--name`, `-n`), of `sub` or global.
+fn flag_named<'a>(cli: &'a Command, sub: Option<&'a Command>, word: &str) -> Option<&'a clap::Arg> {
+    let is = |a: &&clap::Arg| match (word.strip_prefix("--"), word.strip_prefix('-')) {
+        (Some(long), _) => a.get_long() == Some(long),
+        (None, Some(short)) => {
+            let mut chars = short.chars();
+            matches!((chars.next(), chars.next()), (Some(c), None) if a.get_short() == Some(c))
+        }
+        _ => false,
+    };
+    sub.into_iter()
+        .flat_map(Command::get_arguments)
+        .chain(cli.get_arguments())
+        .find(is)
+}
+
+/// Whether the words after `sub` already hold its positional argument.
+fn names_one(cli: &Command, sub: &Command, typed: &[String]) -> bool {
+    let after = typed
+        .iter()
+        .skip_while(|w| *w != sub.get_name() && !sub.get_all_aliases().any(|a| a == *w))
+        .skip(1);
+    let mut value_next = false;
+    for w in after {
+        if value_next {
+            value_next = false;
+        } else if w.starts_with('-') {
+            value_next = !w.contains('=')
+                && flag_named(cli, Some(sub), w).is_some_and(|f| f.get_action().takes_values());
+        } else {
+            return true;
+        }
+    }
+    false
+}
+
+fn starting_with(
+    candidates: impl Iterator<Item = (String, String)>,
+    word: &str,
+) -> Vec<(String, String)> {
+    let mut out: Vec<_> = candidates.filter(|(c, _)| c.starts_with(word)).collect();
+    out.sort();
+    out.dedup_by(|a, b| a.0 == b.0);
+    out
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or_default().to_owned()
+}
+
+/// The captures whose names begin with `word`, each with its phase, from
+/// the cluster the typed words name; none when it cannot be asked.
+async fn captures(typed: &[String], word: &str) -> Vec<(String, String)> {
+    let global = connection_flags(typed);
+    let listed = async {
+        let cluster = global.connect().await.ok()?;
+        let api: Api<PacketCaptureConfig> = Api::all(cluster.client);
+        api.list(&ListParams::default()).await.ok()
+    };
+    let Ok(Some(list)) = tokio::time::timeout(LOOKUP_WITHIN, listed).await else {
+        return Vec::new();
+    };
+    let captures = list.items.iter().map(|p| {
+        let phase = p
+            .current_phase()
+            .map(|ph| format!("{ph:?}"))
+            .unwrap_or_default();
+        (p.name_any(), phase)
+    });
+    starting_with(captures, word)
+}
+
+/// The flags among the typed words that say which cluster to ask, and as
+/// whom.
+fn connection_flags(typed: &[String]) -> Global {
+    let mut global = Global::default();
+    let mut words = typed.iter();
+    while let Some(w) = words.next() {
+        let (flag, inline) = match w.split_once('=') {
+            Some((flag, value)) => (flag, Some(value.to_owned())),
+            None => (w.as_str(), None),
+        };
+        let slot = match flag {
+            "--kubeconfig" => None,
+            "--context" => Some(&mut global.context),
+            "--cluster" => Some(&mut global.cluster),
+            "--user" => Some(&mut global.user),
+            "--as" => Some(&mut global.as_user),
+            _ => continue,
+        };
+        let Some(value) = inline.or_else(|| words.next().cloned()) else {
+            break;
+        };
+        match slot {
+            Some(slot) => *slot = Some(value),
+            None => global.kubeconfig = Some(value.into()),
+        }
+    }
+    global
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    fn wanted_after(typed: &[&str], word: &str) -> Wanted {
+        let typed: Vec<String> = typed.iter().map(|w| (*w).to_owned()).collect();
+        wanted(&crate::Cli::command(), &typed, word)
+    }
+
+    fn names(wanted: Wanted) -> Vec<String> {
+        match wanted {
+            Wanted::Words(words) => words.into_iter().map(|(w, _)| w).collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn subcommands_flags_and_names_complete_where_each_goes() {
+        assert_eq!(names(wanted_after(&[], "st")), ["stop", "stream"]);
+        assert!(names(wanted_after(&[], "")).contains(&"fetch".to_owned()));
+        assert!(!names(wanted_after(&[], "")).contains(&"__complete".to_owned()));
+        assert_eq!(wanted_after(&["get"], ""), Wanted::Capture);
+        assert_eq!(
+            wanted_after(&["--context", "a", "fetch"], "w"),
+            Wanted::Capture
+        );
+        assert_eq!(wanted_after(&["fetch", "-o"], ""), Wanted::File);
+        assert_eq!(wanted_after(&["get", "--kubeconfig"], ""), Wanted::File);
+        assert_eq!(wanted_after(&["get", "web"], ""), Wanted::Words(Vec::new()));
+        assert_eq!(
+            wanted_after(&["stream", "--request-timeout", "5s"], ""),
+            Wanted::Capture
+        );
+        assert_eq!(wanted_after(&["ls"], ""), Wanted::Words(Vec::new()));
+        assert_eq!(
+            wanted_after(&["create", "--duration"], ""),
+            Wanted::Words(Vec::new())
+        );
+        let flags = names(wanted_after(&["fetch"], "--"));
+        assert!(flags.contains(&"--output".to_owned()), "{flags:?}");
+        assert!(flags.contains(&"--context".to_owned()), "{flags:?}");
+        assert_eq!(
+            names(wanted_after(&["create"], "--max-")),
+            ["--max-packets"]
+        );
+    }
+
+    #[test]
+    fn the_typed_words_name_the_cluster() {
+        let typed: Vec<String> = ["--kubeconfig=/k", "get", "--context", "c", "--user", "u"]
+            .iter()
+            .map(|w| (*w).to_owned())
+            .collect();
+        let global = connection_flags(&typed);
+        assert_eq!(
+            global.kubeconfig.as_deref(),
+            Some(std::path::Path::new("/k"))
+        );
+        assert_eq!(global.context.as_deref(), Some("c"));
+        assert_eq!(global.user.as_deref(), Some("u"));
+        assert_eq!(global.cluster, None);
+    }
+}
