@@ -6,15 +6,18 @@
 //! `kubectl_complete-pcap` runs `kubectl pcap __complete "$@"`.
 //!
 //! Subcommands and flags come from the command line's own definition;
-//! capture names (for the commands that take one) from the cluster, with
-//! the kubeconfig, context and user the typed words name, each with its
-//! phase.
+//! capture names (for the commands that take one, each with its phase),
+//! namespaces (`-n`) and pods (`--pod`) from the cluster, with the
+//! kubeconfig, context and user the typed words name; contexts
+//! (`--context`) from the kubeconfig.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Command;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::ListParams;
+use kube::config::Kubeconfig;
 use kube::{Api, ResourceExt as _};
 use packet_capture_common::crd::PacketCaptureConfig;
 
@@ -38,8 +41,14 @@ const FILE_VALUED: &[&str] = &["kubeconfig", "output"];
 enum Wanted {
     /// These candidates, as they are.
     Words(Vec<(String, String)>),
-    /// A capture's name, beginning with the word.
+    /// A capture's name.
     Capture,
+    /// A namespace's name.
+    Namespace,
+    /// A pod: NAME in the namespace of `-n` or the context, or NS/NAME.
+    Pod,
+    /// A context of the kubeconfig.
+    Context,
     /// A file name: the shell's own completion.
     File,
 }
@@ -53,7 +62,7 @@ pub async fn complete(cli: Command, words: Vec<String>) -> ExitCode {
     let (candidates, directive) = match wanted(&cli, &typed, &word) {
         Wanted::Words(words) => (words, NO_FILES),
         Wanted::File => (Vec::new(), FILES),
-        Wanted::Capture => (captures(&typed, &word).await, NO_FILES),
+        lookup => (looked_up(lookup, &typed, &word).await, NO_FILES),
     };
     for (candidate, about) in candidates {
         if about.is_empty() {
@@ -77,11 +86,12 @@ fn wanted(cli: &Command, typed: &[String], word: &str) -> Wanted {
     if let Some(flag) = typed.last().and_then(|w| flag_named(cli, sub, w))
         && flag.get_action().takes_values()
     {
-        let long = flag.get_long().unwrap_or_default();
-        return if FILE_VALUED.contains(&long) {
-            Wanted::File
-        } else {
-            Wanted::Words(Vec::new())
+        return match flag.get_long().unwrap_or_default() {
+            long if FILE_VALUED.contains(&long) => Wanted::File,
+            "namespace" => Wanted::Namespace,
+            "pod" => Wanted::Pod,
+            "context" => Wanted::Context,
+            _ => Wanted::Words(Vec::new()),
         };
     }
     if word.starts_with('-') {
@@ -168,26 +178,69 @@ fn first_line(text: &str) -> String {
     text.lines().next().unwrap_or_default().to_owned()
 }
 
-/// The captures whose names begin with `word`, each with its phase, from
-/// the cluster the typed words name; none when it cannot be asked.
-async fn captures(typed: &[String], word: &str) -> Vec<(String, String)> {
+/// What the cluster (or the kubeconfig) has of `lookup` beginning with
+/// `word`; nothing when it cannot be asked, within [`LOOKUP_WITHIN`].
+async fn looked_up(lookup: Wanted, typed: &[String], word: &str) -> Vec<(String, String)> {
     let global = connection_flags(typed);
-    let listed = async {
+    let found = async {
+        if lookup == Wanted::Context {
+            let kubeconfig = match &global.kubeconfig {
+                Some(path) => Kubeconfig::read_from(path),
+                None => Kubeconfig::read(),
+            };
+            let contexts = kubeconfig.ok()?.contexts.into_iter();
+            return Some(contexts.map(|c| (c.name, String::new())).collect());
+        }
         let cluster = global.connect().await.ok()?;
-        let api: Api<PacketCaptureConfig> = Api::all(cluster.client);
-        api.list(&ListParams::default()).await.ok()
+        let list = ListParams::default();
+        let found: Vec<(String, String)> = match lookup {
+            Wanted::Capture => Api::<PacketCaptureConfig>::all(cluster.client)
+                .list(&list)
+                .await
+                .ok()?
+                .items
+                .iter()
+                .map(|p| {
+                    let phase = p.current_phase().map(|ph| format!("{ph:?}"));
+                    (p.name_any(), phase.unwrap_or_default())
+                })
+                .collect(),
+            Wanted::Namespace => Api::<Namespace>::all(cluster.client)
+                .list(&list)
+                .await
+                .ok()?
+                .items
+                .iter()
+                .map(|n| (n.name_any(), String::new()))
+                .collect(),
+            Wanted::Pod => {
+                let (namespace, prefix) = match word.split_once('/') {
+                    Some((namespace, _)) => (namespace.to_owned(), format!("{namespace}/")),
+                    None => (cluster.namespace, String::new()),
+                };
+                Api::<Pod>::namespaced(cluster.client, &namespace)
+                    .list(&list)
+                    .await
+                    .ok()?
+                    .items
+                    .iter()
+                    .map(|p| {
+                        let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+                        (
+                            format!("{prefix}{}", p.name_any()),
+                            node.unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        Some(found)
     };
-    let Ok(Some(list)) = tokio::time::timeout(LOOKUP_WITHIN, listed).await else {
-        return Vec::new();
-    };
-    let captures = list.items.iter().map(|p| {
-        let phase = p
-            .current_phase()
-            .map(|ph| format!("{ph:?}"))
-            .unwrap_or_default();
-        (p.name_any(), phase)
-    });
-    starting_with(captures, word)
+    match tokio::time::timeout(LOOKUP_WITHIN, found).await {
+        Ok(Some(found)) => starting_with(found.into_iter(), word),
+        _ => Vec::new(),
+    }
 }
 
 /// The flags among the typed words that say which cluster to ask, and as
@@ -206,6 +259,7 @@ fn connection_flags(typed: &[String]) -> Global {
             "--cluster" => Some(&mut global.cluster),
             "--user" => Some(&mut global.user),
             "--as" => Some(&mut global.as_user),
+            "-n" | "--namespace" => Some(&mut global.namespace),
             _ => continue,
         };
         let Some(value) = inline.or_else(|| words.next().cloned()) else {
@@ -269,10 +323,19 @@ mod tests {
 
     #[test]
     fn the_typed_words_name_the_cluster() {
-        let typed: Vec<String> = ["--kubeconfig=/k", "get", "--context", "c", "--user", "u"]
-            .iter()
-            .map(|w| (*w).to_owned())
-            .collect();
+        let typed: Vec<String> = [
+            "--kubeconfig=/k",
+            "get",
+            "--context",
+            "c",
+            "--user",
+            "u",
+            "-n",
+            "shop",
+        ]
+        .iter()
+        .map(|w| (*w).to_owned())
+        .collect();
         let global = connection_flags(&typed);
         assert_eq!(
             global.kubeconfig.as_deref(),
@@ -280,6 +343,7 @@ mod tests {
         );
         assert_eq!(global.context.as_deref(), Some("c"));
         assert_eq!(global.user.as_deref(), Some("u"));
+        assert_eq!(global.namespace.as_deref(), Some("shop"));
         assert_eq!(global.cluster, None);
     }
 }

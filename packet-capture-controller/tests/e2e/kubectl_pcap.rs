@@ -667,21 +667,31 @@ async fn kubectl_pcap_fetches_and_streams_through_the_api_server() {
         completing.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let prefix = &name[..name.len() - 1];
-    let completed = Command::new(w.cluster.bin_dir().join("kubectl"))
-        .args(["__complete", "pcap", "--kubeconfig"])
-        .arg(&reader)
-        .args(["fetch", prefix])
-        .env("PATH", path)
-        .env_remove("KUBECONFIG")
-        .output()
-        .unwrap();
-    let completed = String::from_utf8_lossy(&completed.stdout);
+    let complete = |kubeconfig: &Path, words: &[&str]| {
+        let out = Command::new(w.cluster.bin_dir().join("kubectl"))
+            .args(["__complete", "pcap", "--kubeconfig"])
+            .arg(kubeconfig)
+            .args(words)
+            .env("PATH", &path)
+            .env_remove("KUBECONFIG")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let completed = complete(&reader, &["fetch", &name[..name.len() - 1]]);
     assert!(
         completed.lines().any(|l| l == format!("{name}\tCompleted")),
         "{completed}"
     );
     assert_eq!(completed.lines().last(), Some(":4"), "{completed}");
+    // Pods, and namespaces, for who may list them.
+    let ns = w.namespace.name();
+    let admin = w.cluster.kubeconfig();
+    let pods = complete(&admin, &["create", "x", "--pod", &format!("{ns}/")]);
+    let pod = format!("{ns}/{}\t{}", w.pods[1].name(), w.nodes[1].name());
+    assert!(pods.lines().any(|l| l == pod), "{pod} in {pods}");
+    let namespaces = complete(&admin, &["stream", "-n", &ns[..ns.len() - 1]]);
+    assert!(namespaces.lines().any(|l| l == ns), "{namespaces}");
     // The same, as a user whose names are beyond ASCII, impersonated as
     // kubectl does: the API server sends them to the controller as UTF-8,
     // and the controller relays them to the agents percent-encoded.
