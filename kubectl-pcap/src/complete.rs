@@ -77,7 +77,7 @@ pub async fn complete(cli: Command, words: Vec<String>) -> ExitCode {
 
 /// What completes `word` after `typed`.
 fn wanted(cli: &Command, typed: &[String], word: &str) -> Wanted {
-    let sub = typed.iter().find_map(|w| {
+    let sub = positionals(cli, None, typed).next().and_then(|w| {
         cli.get_subcommands().find(|s| {
             !s.is_hide_set() && (s.get_name() == w || s.get_all_aliases().any(|a| a == w))
         })
@@ -121,7 +121,11 @@ fn wanted(cli: &Command, typed: &[String], word: &str) -> Wanted {
             });
             Wanted::Words(starting_with(subcommands, word))
         }
-        Some(sub) if TAKE_A_CAPTURE.contains(&sub.get_name()) && !names_one(cli, sub, typed) => {
+        // Its first positional word is the subcommand itself.
+        Some(sub)
+            if TAKE_A_CAPTURE.contains(&sub.get_name())
+                && positionals(cli, Some(sub), typed).nth(1).is_none() =>
+        {
             Wanted::Capture
         }
         Some(_) => Wanted::Words(Vec::new()),
@@ -144,24 +148,25 @@ fn flag_named<'a>(cli: &'a Command, sub: Option<&'a Command>, word: &str) -> Opt
         .find(is)
 }
 
-/// Whether the words after `sub` already hold its positional argument.
-fn names_one(cli: &Command, sub: &Command, typed: &[String]) -> bool {
-    let after = typed
-        .iter()
-        .skip_while(|w| *w != sub.get_name() && !sub.get_all_aliases().any(|a| a == *w))
-        .skip(1);
+/// The words that are neither flags nor their values, flags of `sub` or
+/// global.
+fn positionals<'a>(
+    cli: &'a Command,
+    sub: Option<&'a Command>,
+    words: &'a [String],
+) -> impl Iterator<Item = &'a String> {
     let mut value_next = false;
-    for w in after {
-        if value_next {
-            value_next = false;
-        } else if w.starts_with('-') {
-            value_next = !w.contains('=')
-                && flag_named(cli, Some(sub), w).is_some_and(|f| f.get_action().takes_values());
-        } else {
-            return true;
+    words.iter().filter(move |w| {
+        if std::mem::take(&mut value_next) {
+            return false;
         }
-    }
-    false
+        if w.starts_with('-') {
+            value_next = !w.contains('=')
+                && flag_named(cli, sub, w).is_some_and(|f| f.get_action().takes_values());
+            return false;
+        }
+        true
+    })
 }
 
 fn starting_with(
@@ -308,6 +313,12 @@ mod tests {
             Wanted::Capture
         );
         assert_eq!(wanted_after(&["ls"], ""), Wanted::Words(Vec::new()));
+        // A flag's value that is a subcommand's name is the value.
+        assert_eq!(
+            wanted_after(&["--context", "get", "ls"], ""),
+            Wanted::Words(Vec::new())
+        );
+        assert_eq!(wanted_after(&["fetch", "-o", "web"], ""), Wanted::Capture);
         assert_eq!(
             wanted_after(&["create", "--duration"], ""),
             Wanted::Words(Vec::new())
