@@ -197,55 +197,54 @@ async fn looked_up(lookup: Wanted, typed: &[String], word: &str) -> Vec<(String,
             return Some(contexts.map(|c| (c.name, String::new())).collect());
         }
         let cluster = global.connect().await.ok()?;
-        let list = ListParams::default();
-        let found: Vec<(String, String)> = match lookup {
-            Wanted::Capture => Api::<PacketCaptureConfig>::all(cluster.client)
-                .list(&list)
-                .await
-                .ok()?
-                .items
-                .iter()
-                .map(|p| {
+        match lookup {
+            Wanted::Capture => {
+                let api = Api::<PacketCaptureConfig>::all(cluster.client);
+                listed(api, "", |p| {
                     let phase = p.current_phase().map(|ph| format!("{ph:?}"));
-                    (p.name_any(), phase.unwrap_or_default())
+                    phase.unwrap_or_default()
                 })
-                .collect(),
-            Wanted::Namespace => Api::<Namespace>::all(cluster.client)
-                .list(&list)
                 .await
-                .ok()?
-                .items
-                .iter()
-                .map(|n| (n.name_any(), String::new()))
-                .collect(),
+            }
+            Wanted::Namespace => {
+                listed(Api::<Namespace>::all(cluster.client), "", |_| String::new()).await
+            }
             Wanted::Pod => {
                 let (namespace, prefix) = match word.split_once('/') {
                     Some((namespace, _)) => (namespace.to_owned(), format!("{namespace}/")),
                     None => (cluster.namespace, String::new()),
                 };
-                Api::<Pod>::namespaced(cluster.client, &namespace)
-                    .list(&list)
-                    .await
-                    .ok()?
-                    .items
-                    .iter()
-                    .map(|p| {
-                        let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
-                        (
-                            format!("{prefix}{}", p.name_any()),
-                            node.unwrap_or_default(),
-                        )
-                    })
-                    .collect()
+                let api = Api::<Pod>::namespaced(cluster.client, &namespace);
+                listed(api, &prefix, |p| {
+                    let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+                    node.unwrap_or_default()
+                })
+                .await
             }
-            _ => Vec::new(),
-        };
-        Some(found)
+            _ => None,
+        }
     };
     match tokio::time::timeout(LOOKUP_WITHIN, found).await {
         Ok(Some(found)) => starting_with(found.into_iter(), word),
         _ => Vec::new(),
     }
+}
+
+/// Each object `api` lists, by `prefix` and its name, with `about` it.
+async fn listed<K>(
+    api: Api<K>,
+    prefix: &str,
+    about: impl Fn(&K) -> String,
+) -> Option<Vec<(String, String)>>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let list = api.list(&ListParams::default()).await.ok()?;
+    let named = list
+        .items
+        .iter()
+        .map(|o| (format!("{prefix}{}", o.name_any()), about(o)));
+    Some(named.collect())
 }
 
 /// The flags among the typed words that say which cluster to ask, and as
