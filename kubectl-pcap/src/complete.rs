@@ -86,6 +86,14 @@ fn wanted(cli: &Command, typed: &[String], word: &str) -> Wanted {
     if let Some(flag) = typed.last().and_then(|w| flag_named(cli, sub, w))
         && flag.get_action().takes_values()
     {
+        let values = flag.get_possible_values();
+        if !values.is_empty() {
+            let values = values.iter().filter(|v| !v.is_hide_set()).map(|v| {
+                let about = v.get_help().map(|h| first_line(&h.to_string()));
+                (v.get_name().to_owned(), about.unwrap_or_default())
+            });
+            return Wanted::Words(starting_with(values, word));
+        }
         return match flag.get_long().unwrap_or_default() {
             long if FILE_VALUED.contains(&long) => Wanted::File,
             "namespace" => Wanted::Namespace,

@@ -76,7 +76,7 @@ pub struct TargetArgs {
     /// What the nodes write: pcap, pcapng (the default), text, stdout (the
     /// agents' logs) or stream (nothing: live streams only, as `stream`
     /// makes its own captures)
-    #[arg(long, value_name = "FORMAT", value_parser = parse_format)]
+    #[arg(long, value_name = "FORMAT", value_parser = one_of(&OutputFormat::ALL, OutputFormat::as_str))]
     pub format: Option<OutputFormat>,
 
     /// Bytes kept of each packet (1-262144)
@@ -85,7 +85,12 @@ pub struct TargetArgs {
 
     /// Which packets of the targets: both, ingress (received) or egress
     /// (sent)
-    #[arg(long, value_name = "DIRECTION", default_value = "both", value_parser = parse_direction)]
+    #[arg(
+        long,
+        value_name = "DIRECTION",
+        default_value = "both",
+        value_parser = one_of(&TargetDirection::ALL, TargetDirection::as_str)
+    )]
     pub direction: TargetDirection,
 
     /// Record a packet at every interface of a node it crosses, not once
@@ -343,15 +348,19 @@ pub fn parse_duration(s: &str) -> Result<u32, String> {
     }
 }
 
-fn parse_format(s: &str) -> Result<OutputFormat, String> {
-    s.parse()
-}
-
-fn parse_direction(s: &str) -> Result<TargetDirection, String> {
-    TargetDirection::ALL
-        .into_iter()
-        .find(|d| d.as_str() == s)
-        .ok_or_else(|| format!("{s:?} is not a direction (both, ingress or egress)"))
+/// A flag's parser that takes one of `values` by its `name`: --help lists
+/// them, and completion offers them.
+fn one_of<T: Copy + Send + Sync + 'static>(
+    values: &'static [T],
+    name: fn(T) -> &'static str,
+) -> impl clap::builder::TypedValueParser<Value = T> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(values.iter().map(|v| name(*v))).map(move |s| {
+        *values
+            .iter()
+            .find(|v| name(**v) == s)
+            .expect("one of the possible values")
+    })
 }
 
 #[cfg(test)]
@@ -568,12 +577,12 @@ mod tests {
             (
                 &["--ip", "10.0.0.1", "--format", "json"],
                 "--format",
-                "output format",
+                "possible values: pcap, pcapng, text, stdout, stream",
             ),
             (
                 &["--ip", "10.0.0.1", "--direction", "in"],
                 "--direction",
-                "direction",
+                "possible values: both, ingress, egress",
             ),
             (&["-A", "--ip", "10.0.0.1"], "--selector", ""),
             (&[], "--pod", "nothing to capture"),

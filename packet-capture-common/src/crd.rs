@@ -508,7 +508,10 @@ impl std::str::FromStr for OutputFormat {
         Self::ALL
             .into_iter()
             .find(|f| f.as_str() == s)
-            .ok_or_else(|| format!("{s:?} is not an output format (pcap, pcapng, text or stdout)"))
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.map(Self::as_str).into();
+                format!("{s:?} is not an output format ({})", names.join(", "))
+            })
     }
 }
 
