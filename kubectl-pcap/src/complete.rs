@@ -84,7 +84,7 @@ fn wanted(cli: &Command, typed: &[String], word: &str) -> Wanted {
     });
     // The value of the flag before it.
     if let Some(flag) = typed.last().and_then(|w| flag_named(cli, sub, w))
-        && flag.get_action().takes_values()
+        && takes_next_word(flag)
     {
         let values = flag.get_possible_values();
         if !values.is_empty() {
@@ -156,6 +156,12 @@ fn flag_named<'a>(cli: &'a Command, sub: Option<&'a Command>, word: &str) -> Opt
         .find(is)
 }
 
+/// Whether `flag` takes the next word as its value (`--dry-run` takes one
+/// only after `=`).
+fn takes_next_word(flag: &clap::Arg) -> bool {
+    flag.get_action().takes_values() && !flag.is_require_equals_set()
+}
+
 /// The words that are neither flags nor their values, flags of `sub` or
 /// global.
 fn positionals<'a>(
@@ -169,8 +175,7 @@ fn positionals<'a>(
             return false;
         }
         if w.starts_with('-') {
-            value_next = !w.contains('=')
-                && flag_named(cli, sub, w).is_some_and(|f| f.get_action().takes_values());
+            value_next = !w.contains('=') && flag_named(cli, sub, w).is_some_and(takes_next_word);
             return false;
         }
         true
@@ -336,6 +341,24 @@ mod tests {
         assert_eq!(
             names(wanted_after(&["create"], "--max-")),
             ["--max-packets"]
+        );
+        assert_eq!(wanted_after(&["create", "--pod"], "sh"), Wanted::Pod);
+        assert_eq!(wanted_after(&["stream", "-n"], ""), Wanted::Namespace);
+        assert_eq!(wanted_after(&["--context"], ""), Wanted::Context);
+        // A flag's possible values.
+        assert_eq!(
+            names(wanted_after(&["create", "--format"], "pcap")),
+            ["pcap", "pcapng"]
+        );
+        assert_eq!(
+            names(wanted_after(&["stream", "--direction"], "")),
+            ["both", "egress", "ingress"]
+        );
+        assert_eq!(names(wanted_after(&["ls", "-o"], "y")), ["yaml"]);
+        // Its value only after `=`: the next word is not one.
+        assert_eq!(
+            wanted_after(&["create", "--dry-run"], "c"),
+            Wanted::Words(Vec::new())
         );
     }
 
