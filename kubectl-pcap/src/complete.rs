@@ -88,10 +88,10 @@ fn wanted(cli: &Command, typed: &[String], word: &str) -> Wanted {
     {
         let values = flag.get_possible_values();
         if !values.is_empty() {
-            let values = values.iter().filter(|v| !v.is_hide_set()).map(|v| {
-                let about = v.get_help().map(|h| first_line(&h.to_string()));
-                (v.get_name().to_owned(), about.unwrap_or_default())
-            });
+            let values = values
+                .iter()
+                .filter(|v| !v.is_hide_set())
+                .map(|v| (v.get_name().to_owned(), first_line(v.get_help())));
             return Wanted::Words(starting_with(values, word));
         }
         return match flag.get_long().unwrap_or_default() {
@@ -108,25 +108,15 @@ fn wanted(cli: &Command, typed: &[String], word: &str) -> Wanted {
             .flat_map(Command::get_arguments)
             .chain(cli.get_arguments())
             .filter(|a| !a.is_hide_set())
-            .filter_map(|a| {
-                let long = format!("--{}", a.get_long()?);
-                let about = a
-                    .get_help()
-                    .map(|h| first_line(&h.to_string()))
-                    .unwrap_or_default();
-                Some((long, about))
-            });
+            .filter_map(|a| Some((format!("--{}", a.get_long()?), first_line(a.get_help()))));
         return Wanted::Words(starting_with(flags, word));
     }
     match sub {
         None => {
-            let subcommands = cli.get_subcommands().filter(|s| !s.is_hide_set()).map(|s| {
-                let about = s
-                    .get_about()
-                    .map(|h| first_line(&h.to_string()))
-                    .unwrap_or_default();
-                (s.get_name().to_owned(), about)
-            });
+            let subcommands = cli
+                .get_subcommands()
+                .filter(|s| !s.is_hide_set())
+                .map(|s| (s.get_name().to_owned(), first_line(s.get_about())));
             Wanted::Words(starting_with(subcommands, word))
         }
         // Its first positional word is the subcommand itself.
@@ -192,7 +182,9 @@ fn starting_with(
     out
 }
 
-fn first_line(text: &str) -> String {
+/// The first line of a help text, what a candidate is; empty without one.
+fn first_line(help: Option<&clap::builder::StyledStr>) -> String {
+    let text = help.map(ToString::to_string).unwrap_or_default();
     text.lines().next().unwrap_or_default().to_owned()
 }
 
